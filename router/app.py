@@ -1,0 +1,211 @@
+"""Builds the daemon from a Config and runs its lifecycle.
+
+Start inside-out: validator and routes, journal, targets, delivery workers, then the HTTP
+runner and finally the listening socket; /readyz turns 200 last. Stop in reverse: close the
+socket and finish in-flight requests, let each worker deliver what it holds within
+`shutdown.drain_timeout_s`, dead-letter what is still undelivered (never drop it silently),
+close the targets, and log one summary line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from router import __version__
+from router.config import Config
+from router.deadletter import DeadLetters, Failure
+from router.delivery import DeliveryWorker
+from router.ingest import Ingest, json_response
+from router.journal import MemoryJournal
+from router.metrics import IngestStats, TargetStats
+from router.resources import schemas_dir
+from router.routing import RouteTable
+from router.targets import Target, build_target
+from router.validation import EventValidator
+
+log = logging.getLogger(__name__)
+
+
+class Daemon:
+    """One running event-router: its components, its HTTP app, and their lifecycle."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        schemas = Path(config.validation.schemas_dir) if config.validation.schemas_dir else None
+        self.validator = EventValidator(
+            schemas or schemas_dir(), unknown_actions=config.validation.unknown_actions
+        )
+        self.routes = RouteTable(config.routes, config.settings.default_targets)
+        target_ids = [target.id for target in config.targets]
+        self.journal = MemoryJournal(target_ids)
+        self.dead_letters = DeadLetters(Path(config.storage.path) / "deadletter")
+        self.ingest_stats = IngestStats()
+        self.target_stats = {target_id: TargetStats() for target_id in target_ids}
+        self.targets: dict[str, Target] = {t.id: build_target(t) for t in config.targets}
+        self.workers: dict[str, DeliveryWorker] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
+        self.ready = False
+        self.app = self._build_app()
+
+    def _build_app(self) -> web.Application:
+        ingest = Ingest(
+            server=self.config.server,
+            validator=self.validator,
+            routes=self.routes,
+            journal=self.journal,
+            stats=self.ingest_stats,
+            target_stats=self.target_stats,
+        )
+        app = web.Application(client_max_size=self.config.server.max_body_bytes)
+        app.router.add_post("/v1/events", ingest.handle)
+        app.router.add_get("/v1/status", self._status)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        return app
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful when the config asks for port 0)."""
+        assert self._runner is not None, "the daemon is not started"
+        return int(self._runner.addresses[0][1])
+
+    async def start(self) -> None:
+        for target_id, target in self.targets.items():
+            try:
+                await target.start()
+            except Exception:
+                # One broken target must not keep the others from starting; its worker will
+                # keep retrying and its write_status tells the story.
+                log.exception("target %s failed to start", target_id)
+        for target_config in self.config.targets:
+            worker = DeliveryWorker(
+                self.targets[target_config.id],
+                target_config,
+                self.journal,
+                self.dead_letters,
+                self.target_stats[target_config.id],
+            )
+            self.workers[target_config.id] = worker
+            self._tasks[target_config.id] = asyncio.create_task(
+                worker.run(), name=f"deliver:{target_config.id}"
+            )
+        # We inflate gzip ourselves, with a cap; aiohttp's own inflation has none.
+        self._runner = web.AppRunner(
+            self.app,
+            auto_decompress=False,
+            handle_signals=False,
+            access_log=None,
+            shutdown_timeout=self.config.shutdown.drain_timeout_s,
+        )
+        await self._runner.setup()
+        server = self.config.server
+        self._site = web.TCPSite(self._runner, server.host, server.port)
+        await self._site.start()
+        self.ready = True
+        log.info(
+            "event-router %s ready on http://%s:%d with %d targets and %d routes",
+            __version__,
+            server.host,
+            self.port,
+            len(self.targets),
+            len(self.config.routes),
+        )
+
+    async def stop(self) -> None:
+        self.ready = False
+        if self._runner is not None:
+            await self._runner.cleanup()  # stops listening, then waits for in-flight requests
+        for worker in self.workers.values():
+            worker.stopping.set()
+        if self._tasks:
+            _, late = await asyncio.wait(
+                self._tasks.values(), timeout=self.config.shutdown.drain_timeout_s
+            )
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        undelivered = await self._dead_letter_remaining()
+        for target in self.targets.values():
+            await target.close()
+        self.dead_letters.close()
+        totals = {
+            k: sum(getattr(s, k) for s in self.target_stats.values())
+            for k in ("received", "delivered", "dead_lettered")
+        }
+        log.info(
+            "event-router stopped: accepted %d events, delivered %d, dead-lettered %d "
+            "(%d undelivered at shutdown)",
+            self.ingest_stats.accepted,
+            totals["delivered"],
+            totals["dead_lettered"],
+            undelivered,
+        )
+
+    async def _dead_letter_remaining(self) -> int:
+        """What the drain did not deliver is dead-lettered: the memory journal cannot keep it."""
+        count = 0
+        for target_id in self.targets:
+            entries = self.journal.drain(target_id)
+            if not entries:
+                continue
+            failure = Failure(
+                reason="shutdown_undelivered",
+                message=f"not delivered within shutdown.drain_timeout_s "
+                f"({self.config.shutdown.drain_timeout_s}s)",
+            )
+            await self.dead_letters.write(target_id, entries, failure)
+            self.target_stats[target_id].dead_lettered += len(entries)
+            count += len(entries)
+            log.warning(
+                "target %s: %d events undelivered at shutdown were dead-lettered",
+                target_id,
+                len(entries),
+            )
+        return count
+
+    def status(self) -> dict[str, Any]:
+        """The books: ingest counters and, per target, received = delivered + dead + pending."""
+        targets = {}
+        for target_id, stats in self.target_stats.items():
+            targets[target_id] = {
+                "target_type": self.config.target(target_id).target_type,
+                "received": stats.received,
+                "delivered": stats.delivered,
+                "dead_lettered": stats.dead_lettered,
+                "pending": self.journal.pending(target_id),
+                "oldest_pending_age_s": round(self.journal.oldest_pending_age_s(target_id), 3),
+                "retries": stats.retries,
+                "batches": stats.batches,
+                "write_status": stats.write_status.as_dict(),
+            }
+        ingest = self.ingest_stats
+        return {
+            "version": __version__,
+            "ready": self.ready,
+            "ingest": {
+                "requests": ingest.requests,
+                "accepted": ingest.accepted,
+                "rejected": ingest.rejected,
+                "unrouted": ingest.unrouted,
+                "refused_requests": dict(ingest.refused_requests),
+            },
+            "targets": targets,
+        }
+
+    async def _status(self, request: web.Request) -> web.Response:
+        return json_response(self.status())
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return json_response({"status": "alive"})
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        if self.ready:
+            return json_response({"status": "ready"})
+        return json_response({"status": "not ready"}, status=503)

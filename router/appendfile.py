@@ -1,0 +1,62 @@
+"""Durable appends to a private file: what file targets and dead letters have in common.
+
+Files are created 0600 and missing directories 0700, because audit archives are evidence and
+may name people. Every append is one `write` loop followed, when asked, by `fsync`, so a line
+that was reported written survives a crash of the process or of the machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+
+
+def make_private_dirs(directory: Path) -> None:
+    """Create `directory` and any missing parents with mode 0700 (existing ones are left alone)."""
+    missing = []
+    for parent in [directory, *directory.parents]:
+        if parent.exists():
+            break
+        missing.append(parent)
+    for path in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, DIR_MODE)
+
+
+class AppendOnlyFile:
+    """One file opened for appending; blocking calls, meant to run in a worker thread."""
+
+    def __init__(self, path: Path, *, fsync: bool = True) -> None:
+        self.path = path
+        self.fsync = fsync
+        self._fd: int | None = None
+
+    def open(self) -> None:
+        if self._fd is None:
+            make_private_dirs(self.path.parent)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
+
+    def size(self) -> int:
+        self.open()
+        assert self._fd is not None
+        return os.fstat(self._fd).st_size
+
+    def append(self, data: bytes) -> None:
+        """Write all of `data` at the end of the file, then fsync if configured."""
+        self.open()
+        assert self._fd is not None
+        view = memoryview(data)
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+        if self.fsync:
+            os.fsync(self._fd)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

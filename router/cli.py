@@ -1,0 +1,107 @@
+"""The command line: `event-router serve | check`. The only place that calls asyncio.run()
+and sys.exit().
+
+Exit codes: 0 success, 1 runtime failure, 2 a config that cannot be used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from router import __version__
+from router.config import Config, load_config
+from router.errors import ConfigError
+from router.logformat import setup_logging
+from router.resources import default_config_path
+
+log = logging.getLogger("router")
+
+EXIT_RUNTIME = 1
+EXIT_CONFIG = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="event-router",
+        description="Validate, route and deliver IBM Cloud Activity Tracker audit events.",
+    )
+    parser.add_argument("--version", action="version", version=f"event-router {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the daemon")
+    serve.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="YAML config (default: the embedded config/router.yaml)",
+    )
+    serve.add_argument("--host", help="listen on this address instead of server.host")
+    serve.add_argument("--port", type=int, help="listen on this port instead of server.port")
+    serve.add_argument("--log-format", choices=["json", "text"], default="json")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+
+    check = commands.add_parser(
+        "check", help="validate a config exactly as serve would; exit 0 only when clean"
+    )
+    check.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="YAML config (default: the embedded config/router.yaml)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    config_path = args.config or default_config_path()
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        print(f"{exc.source}: {len(exc.problems)} problem(s)", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
+    if args.command == "check":
+        print(
+            f"{config_path}: OK ({len(config.targets)} targets, {len(config.routes)} routes, "
+            f"{len(config.settings.default_targets)} default targets)"
+        )
+        return
+    server = replace(
+        config.server,
+        host=args.host or config.server.host,
+        port=config.server.port if args.port is None else args.port,
+    )
+    setup_logging(args.log_format, args.log_level)
+    try:
+        asyncio.run(_serve(replace(config, server=server)))
+    except ConfigError as exc:
+        log.error("cannot start: %s", exc)
+        sys.exit(EXIT_CONFIG)
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        sys.exit(EXIT_RUNTIME)
+
+
+async def _serve(config: Config) -> None:
+    from router.app import Daemon
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    daemon = Daemon(config)
+    try:
+        await daemon.start()
+        await stop.wait()
+        log.info("stop requested; draining")
+    finally:
+        await daemon.stop()

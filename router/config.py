@@ -1,0 +1,339 @@
+"""Loads a YAML config into frozen dataclasses: YAML -> JSON Schema -> dataclasses -> cross-checks.
+
+The dataclasses below are the one place defaults live; `schemas/config.schema.json` checks the
+shape and names but repeats no default. `event-router check` and `serve` share `load_config`,
+so a config that passes `check` is exactly a config that `serve` runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, cast
+
+import jsonschema
+import yaml
+
+from router.errors import ConfigError
+from router.resources import schemas_dir
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServerConfig:
+    """The ingest listener and the limits it enforces on a request."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_body_bytes: int = 5 * MiB
+    # A gzip body may inflate to this much; past it the request is a 413 (gzip bomb guard).
+    max_inflated_bytes: int = 20 * MiB
+    max_events_per_request: int = 10_000
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StorageConfig:
+    """Where state lives: dead letters now, the durable journal later."""
+
+    path: str = "./var"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ValidationConfig:
+    """How strictly events are checked beyond the base event schema."""
+
+    unknown_actions: Literal["reject", "accept"] = "reject"
+    schemas_dir: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ShutdownConfig:
+    """How long SIGTERM waits for the workers to deliver what they hold."""
+
+    drain_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BatchConfig:
+    """A batch goes out when full (max_events or max_bytes) or max_wait_s after its first event."""
+
+    max_events: int = 500
+    max_bytes: int = 1 * MiB
+    max_wait_s: float = 0.2
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetryConfig:
+    """Exponential backoff with full jitter, bounded both by attempts and by age."""
+
+    max_attempts: int = 8
+    max_age_s: float = 300.0
+    initial_backoff_s: float = 0.5
+    max_backoff_s: float = 30.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FileEndpointConfig:
+    """An NDJSON archive on local disk, rotated by size."""
+
+    path: str
+    max_bytes: int = 100 * MiB
+    max_files: int = 10
+    fsync: bool = True
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HttpEndpointConfig:
+    """An HTTP(S) endpoint that takes a JSON array of events per POST."""
+
+    url: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+    timeout_s: float = 10.0
+    tls_verify: bool = True
+
+
+EndpointConfig = FileEndpointConfig | HttpEndpointConfig
+
+# target_type -> (the key of its endpoint object, the dataclass that holds it)
+ENDPOINTS: Mapping[str, tuple[str, type[EndpointConfig]]] = {
+    "file": ("file_endpoint", FileEndpointConfig),
+    "http": ("http_endpoint", HttpEndpointConfig),
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TargetConfig:
+    """A destination, named the atracker way (`id`, `name`, `target_type`, `<type>_endpoint`)."""
+
+    id: str
+    name: str
+    target_type: str
+    endpoint: EndpointConfig
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    retry: RetryConfig = field(default_factory=RetryConfig)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RuleConfig:
+    """One routing rule: atracker's `locations` + `target_ids`, plus our `actions` globs."""
+
+    locations: tuple[str, ...]
+    target_ids: tuple[str, ...]
+    actions: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RouteConfig:
+    """An independent route; its rules are tried in order and the first match wins."""
+
+    id: str
+    name: str
+    rules: tuple[RuleConfig, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SettingsConfig:
+    """Account-wide settings; `default_targets` take events that no rule sent anywhere."""
+
+    default_targets: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    """Everything `serve` needs, checked and resolved."""
+
+    server: ServerConfig = field(default_factory=ServerConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
+    targets: tuple[TargetConfig, ...] = ()
+    routes: tuple[RouteConfig, ...] = ()
+    settings: SettingsConfig = field(default_factory=SettingsConfig)
+
+    def target(self, target_id: str) -> TargetConfig:
+        """The target with this id (the config's cross-checks guarantee it exists)."""
+        for target in self.targets:
+            if target.id == target_id:
+                return target
+        raise KeyError(target_id)
+
+
+def format_path(parts: Iterable[str | int]) -> str:
+    """`["routes", 1, "rules", 0]` -> `routes[1].rules[0]`: how every problem names its place."""
+    out = ""
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read, check and resolve the YAML file at `path`; raise ConfigError listing every problem."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(source, [f"cannot read the file: {exc.strerror or exc}"]) from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(source, [f"not valid YAML: {exc}"]) from exc
+    return parse_config(data if data is not None else {}, source)
+
+
+def parse_config(data: Any, source: str = "<config>") -> Config:
+    """Check `data` (parsed YAML) against the config schema and cross-check it."""
+    problems = _schema_problems(data)
+    if problems:
+        raise ConfigError(source, problems)
+    problems = []
+    config = _build(data, problems)
+    problems.extend(_cross_check(config, data))
+    if problems:
+        raise ConfigError(source, problems)
+    return config
+
+
+_CONFIG_VALIDATOR: jsonschema.protocols.Validator | None = None
+
+
+def _schema_problems(data: Any) -> list[str]:
+    global _CONFIG_VALIDATOR
+    if _CONFIG_VALIDATOR is None:
+        schema = json.loads((schemas_dir() / "config.schema.json").read_text(encoding="utf-8"))
+        cls = jsonschema.validators.validator_for(schema)
+        cls.check_schema(schema)
+        _CONFIG_VALIDATOR = cls(schema)
+    errors = sorted(_CONFIG_VALIDATOR.iter_errors(data), key=lambda e: list(map(str, e.path)))
+    return [f"{format_path(error.absolute_path)}: {_describe(error)}" for error in errors]
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    if error.validator == "additionalProperties":
+        schema = error.schema if isinstance(error.schema, dict) else {}
+        extra = sorted(
+            set(cast(dict[str, Any], error.instance)) - set(schema.get("properties", {}))
+        )
+        return "unknown key " + ", ".join(repr(k) for k in extra)
+    return str(error.message)
+
+
+_REF = re.compile(r"\$\{(env|file):([^}]+)\}")
+
+
+def _resolve(value: str, where: str, problems: list[str]) -> str:
+    """Expand `${env:NAME}` and `${file:/path}` so secrets stay out of the YAML."""
+
+    def expand(match: re.Match[str]) -> str:
+        kind, ref = match.group(1), match.group(2)
+        if kind == "env":
+            if ref not in os.environ:
+                problems.append(f"{where}: environment variable {ref!r} is not set")
+                return ""
+            return os.environ[ref]
+        try:
+            return Path(ref).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            problems.append(f"{where}: cannot read {ref!r}: {exc.strerror or exc}")
+            return ""
+
+    return _REF.sub(expand, value)
+
+
+def _section(cls: type[Any], data: Mapping[str, Any] | None) -> Any:
+    """Build a dataclass from a mapping whose keys the schema has already checked."""
+    known = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in (data or {}).items() if k in known})
+
+
+def _build(data: Mapping[str, Any], problems: list[str]) -> Config:
+    delivery = data.get("delivery") or {}
+    targets = []
+    for i, raw in enumerate(data.get("targets") or []):
+        key, endpoint_cls = ENDPOINTS[raw["target_type"]]
+        endpoint = dict(raw[key])
+        if "headers" in endpoint:
+            endpoint["headers"] = {
+                name: _resolve(str(v), f"targets[{i}].{key}.headers.{name}", problems)
+                for name, v in endpoint["headers"].items()
+            }
+        if "url" in endpoint:
+            endpoint["url"] = _resolve(endpoint["url"], f"targets[{i}].{key}.url", problems)
+        targets.append(
+            TargetConfig(
+                id=raw["id"],
+                name=raw.get("name", raw["id"]),
+                target_type=raw["target_type"],
+                endpoint=_section(endpoint_cls, endpoint),
+                batch=_section(BatchConfig, {**delivery.get("batch", {}), **raw.get("batch", {})}),
+                retry=_section(RetryConfig, {**delivery.get("retry", {}), **raw.get("retry", {})}),
+            )
+        )
+    routes = tuple(
+        RouteConfig(
+            id=str(raw.get("id", raw["name"])),
+            name=raw["name"],
+            rules=tuple(
+                RuleConfig(
+                    locations=tuple(rule["locations"]),
+                    target_ids=tuple(rule["target_ids"]),
+                    actions=tuple(rule.get("actions", ())),
+                )
+                for rule in raw["rules"]
+            ),
+        )
+        for raw in data.get("routes") or []
+    )
+    settings = data.get("settings") or {}
+    return Config(
+        server=_section(ServerConfig, data.get("server")),
+        storage=_section(StorageConfig, data.get("storage")),
+        validation=_section(ValidationConfig, data.get("validation")),
+        shutdown=_section(ShutdownConfig, data.get("shutdown")),
+        targets=tuple(targets),
+        routes=routes,
+        settings=SettingsConfig(default_targets=tuple(settings.get("default_targets", ()))),
+    )
+
+
+def _cross_check(config: Config, data: Mapping[str, Any]) -> list[str]:
+    """What a schema cannot say: ids must be unique and every reference must resolve."""
+    problems: list[str] = []
+    known: dict[str, int] = {}
+    for i, target in enumerate(config.targets):
+        if target.id in known:
+            first = known[target.id]
+            problems.append(
+                f"targets[{i}].id: duplicate target id {target.id!r} (also targets[{first}])"
+            )
+        known.setdefault(target.id, i)
+    route_ids: dict[str, int] = {}
+    for r, route in enumerate(config.routes):
+        if route.id in route_ids:
+            problems.append(
+                f"routes[{r}]: duplicate route id {route.id!r} (also routes[{route_ids[route.id]}])"
+            )
+        route_ids.setdefault(route.id, r)
+        raw_rules = cast(list[Mapping[str, Any]], data["routes"][r]["rules"])
+        for k, rule in enumerate(route.rules):
+            for t, target_id in enumerate(rule.target_ids):
+                if target_id not in known:
+                    problems.append(
+                        f"routes[{r}].rules[{k}].target_ids[{t}]: unknown target {target_id!r}"
+                    )
+            if "filter" in raw_rules[k]:
+                problems.append(
+                    f"routes[{r}].rules[{k}].filter: rule filters need the query language, which "
+                    "this version does not have yet; remove the filter (it would not be ignored)"
+                )
+    for t, target_id in enumerate(config.settings.default_targets):
+        if target_id not in known:
+            problems.append(f"settings.default_targets[{t}]: unknown target {target_id!r}")
+    return problems

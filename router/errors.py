@@ -1,0 +1,76 @@
+"""The exception tree of event-router (shaped like httpx's).
+
+    RouterError
+    ├── ConfigError(source, problems)      a config file that cannot be used; lists every problem
+    ├── RequestError(status, code, msg)    a whole ingest request refused (4xx), before any event
+    └── DeliveryError(target_id)           one batch could not be delivered to one target
+        ├── RetryableDeliveryError         try again later (connection, timeout, 408, 429, 5xx)
+        └── PermanentDeliveryError         retrying cannot help (other 4xx, unwritable file)
+
+A per-event validation problem is not an exception: `validation.validate` returns a list of
+`Problem`s, because one request carries many events and each gets its own answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class RouterError(Exception):
+    """Root of every error event-router raises on purpose."""
+
+
+class ConfigError(RouterError):
+    """A configuration that cannot be used; `problems` holds every finding, with its path."""
+
+    def __init__(self, source: str, problems: Sequence[str]) -> None:
+        self.source = source
+        self.problems = list(problems)
+        super().__init__(f"{source}: " + "; ".join(self.problems))
+
+
+class RequestError(RouterError):
+    """An ingest request refused as a whole; becomes an HTTP 4xx answer."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        self.status = status
+        self.code = code
+        self.message = message
+        super().__init__(f"{status} {code}: {message}")
+
+
+class DeliveryError(RouterError):
+    """A batch could not be delivered to `target_id`."""
+
+    def __init__(
+        self,
+        target_id: str,
+        message: str,
+        *,
+        status: int | None = None,
+        response_excerpt: str = "",
+    ) -> None:
+        self.target_id = target_id
+        self.status = status
+        self.response_excerpt = response_excerpt
+        super().__init__(f"target {target_id}: {message}")
+
+
+class RetryableDeliveryError(DeliveryError):
+    """A failure that may pass: the batch is tried again after a backoff."""
+
+    def __init__(
+        self,
+        target_id: str,
+        message: str,
+        *,
+        status: int | None = None,
+        response_excerpt: str = "",
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(target_id, message, status=status, response_excerpt=response_excerpt)
+        self.retry_after_s = retry_after_s
+
+
+class PermanentDeliveryError(DeliveryError):
+    """A failure that retrying cannot fix: the batch goes to the dead-letter file."""

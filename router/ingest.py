@@ -1,0 +1,196 @@
+"""`POST /v1/events`: read the body within limits, decode it, answer per event.
+
+A body is one JSON object, a JSON array of objects, or NDJSON (one object per line), plain or
+gzip-compressed. A request refused as a whole gets a 4xx with `{"error": {"code", "message"}}`;
+otherwise each event gets its own result, EventBridge-style, and the request answers 202 when
+at least one event was accepted (400 when none was). The answer is sent only after the journal
+has taken every accepted event.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from router.config import ServerConfig
+from router.errors import RequestError
+from router.events import Event
+from router.journal import Journal
+from router.metrics import IngestStats, TargetStats
+from router.routing import RouteTable
+from router.validation import EventValidator, Problem
+
+log = logging.getLogger(__name__)
+
+JSON_TYPES = frozenset({"application/json"})
+NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "application/jsonl"})
+READ_CHUNK_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Malformed:
+    """An NDJSON line that is not JSON: rejected on its own, the other lines still count."""
+
+    message: str
+
+
+@dataclass(slots=True)
+class Ingest:
+    """Everything the ingest handler needs, built once by the app."""
+
+    server: ServerConfig
+    validator: EventValidator
+    routes: RouteTable
+    journal: Journal
+    stats: IngestStats
+    target_stats: Mapping[str, TargetStats]
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.stats.requests += 1
+        try:
+            items = decode(await self.read_body(request), request.content_type)
+            if not items:
+                raise RequestError(400, "no_events", "the body holds no event")
+            if len(items) > self.server.max_events_per_request:
+                raise RequestError(
+                    413,
+                    "too_many_events",
+                    f"{len(items)} events in one request; the limit is "
+                    f"{self.server.max_events_per_request}",
+                )
+        except RequestError as exc:
+            self.stats.refuse(exc.code)
+            return error_response(exc)
+        return await self.accept(items)
+
+    async def read_body(self, request: web.Request) -> bytes:
+        """The body, inflated if gzip, refused past the configured sizes."""
+        limit = self.server.max_body_bytes
+        if request.content_type not in JSON_TYPES | NDJSON_TYPES:
+            raise RequestError(
+                415,
+                "unsupported_media_type",
+                f"Content-Type {request.content_type!r} is not supported; send "
+                "application/json or application/x-ndjson",
+            )
+        if request.content_length is not None and request.content_length > limit:
+            raise _too_large(limit)
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := await request.content.read(READ_CHUNK_BYTES):
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding == "gzip":
+            return inflate(body, self.server.max_inflated_bytes)
+        if encoding != "identity":
+            raise RequestError(
+                415,
+                "unsupported_encoding",
+                f"Content-Encoding {encoding!r} is not supported; send gzip or identity",
+            )
+        return body
+
+    async def accept(self, items: list[Any]) -> web.Response:
+        results: list[dict[str, Any]] = []
+        routed: list[tuple[Event, Mapping[str, str]]] = []
+        for index, item in enumerate(items):
+            problems = (
+                [Problem("", item.message)]
+                if isinstance(item, Malformed)
+                else self.validator.validate(item)
+            )
+            if problems:
+                result: dict[str, Any] = {"index": index, "status": "rejected"}
+                if isinstance(item, dict) and isinstance(item.get("id"), str):
+                    result["id"] = item["id"]
+                result["errors"] = [p.as_dict() for p in problems]
+                results.append(result)
+                continue
+            event = Event.from_body(item)
+            decision = self.routes.match(event.location, event.action)
+            routed.append((event, decision.targets))
+            results.append({"index": index, "id": event.id, "status": "accepted"})
+        await self.journal.append(routed)
+        for _, targets in routed:
+            if not targets:
+                self.stats.unrouted += 1
+            for target_id in targets:
+                self.target_stats[target_id].received += 1
+        accepted = len(routed)
+        self.stats.accepted += accepted
+        self.stats.rejected += len(items) - accepted
+        body = {"accepted": accepted, "rejected": len(items) - accepted, "results": results}
+        return json_response(body, status=202 if accepted else 400)
+
+
+def decode(body: bytes, content_type: str) -> list[Any]:
+    """The events in a body: a list for a JSON array or NDJSON, a one-item list for an object."""
+    if content_type in NDJSON_TYPES:
+        return [_decode_line(number, line) for number, line in _lines(body)]
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise RequestError(
+            400,
+            "malformed_json",
+            f"invalid JSON at line {exc.lineno} column {exc.colno} (byte {exc.pos}): {exc.msg}",
+        ) from exc
+    return value if isinstance(value, list) else [value]
+
+
+def _lines(body: bytes) -> list[tuple[int, bytes]]:
+    return [(n, line) for n, line in enumerate(body.split(b"\n"), start=1) if line.strip()]
+
+
+def _decode_line(number: int, line: bytes) -> Any:
+    try:
+        return orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        return Malformed(f"line {number}: invalid JSON at column {exc.colno}: {exc.msg}")
+
+
+def inflate(body: bytes, max_bytes: int) -> bytes:
+    """Gunzip `body`, refusing to produce more than `max_bytes` (a gzip bomb stops there)."""
+    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    try:
+        out = inflater.decompress(body, max_bytes + 1)
+        if len(out) > max_bytes or inflater.unconsumed_tail:
+            raise RequestError(
+                413,
+                "inflated_body_too_large",
+                f"the gzip body inflates past server.max_inflated_bytes ({max_bytes} bytes)",
+            )
+        out += inflater.flush()
+    except zlib.error as exc:
+        raise RequestError(400, "malformed_gzip", f"the body is not valid gzip: {exc}") from exc
+    if not inflater.eof:
+        raise RequestError(400, "malformed_gzip", "the gzip body is truncated")
+    return out
+
+
+def _too_large(limit: int) -> RequestError:
+    return RequestError(
+        413, "body_too_large", f"the body is larger than server.max_body_bytes ({limit} bytes)"
+    )
+
+
+def json_response(body: Any, *, status: int = 200, **kwargs: Any) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(body), status=status, content_type="application/json", **kwargs
+    )
+
+
+def error_response(error: RequestError) -> web.Response:
+    return json_response(
+        {"error": {"code": error.code, "message": error.message}}, status=error.status
+    )

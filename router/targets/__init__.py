@@ -1,0 +1,52 @@
+"""The Target protocol and the registry of target types.
+
+A target is small: it sends one batch and classifies failures as retryable or permanent. It
+never retries by itself; batching, retries, dead letters and write_status live in delivery.py,
+once, for every target type. A new target type is one module and one line in TARGET_TYPES.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Final, Protocol
+
+from router.config import TargetConfig
+from router.events import Event
+
+
+class Target(Protocol):
+    """A destination for batches of events."""
+
+    id: str
+
+    async def start(self) -> None:
+        """Open files or sessions. Called once before the first send."""
+
+    async def send(self, batch: Sequence[Event]) -> None:
+        """Deliver the whole batch or raise Retryable/PermanentDeliveryError."""
+
+    async def close(self) -> None:
+        """Release resources; safe to call more than once."""
+
+
+def _file(config: TargetConfig) -> Target:
+    from router.targets.file import FileTarget
+
+    return FileTarget.from_config(config)
+
+
+def _http(config: TargetConfig) -> Target:
+    from router.targets.http import HttpTarget
+
+    return HttpTarget.from_config(config)
+
+
+TARGET_TYPES: Final[Mapping[str, Callable[[TargetConfig], Target]]] = {
+    "file": _file,
+    "http": _http,
+}
+
+
+def build_target(config: TargetConfig) -> Target:
+    """The Target for a configured target (the config schema guarantees a known type)."""
+    return TARGET_TYPES[config.target_type](config)

@@ -1,0 +1,141 @@
+"""Checks events against schemas/: the base event model, then the producing service's catalogue.
+
+Schemas are compiled once at start-up. `validate` reports every problem of an event, each with a
+JSON pointer, so a producer can fix all of them in one round trip.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import jsonschema
+
+from router.errors import ConfigError
+from router.events import action_service, crn_service
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One thing wrong with an event: where (a JSON pointer) and what."""
+
+    path: str
+    message: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"path": self.path, "message": self.message}
+
+
+@dataclass(frozen=True, slots=True)
+class Catalogue:
+    """The actions one service may emit (schemas/catalog/<service>.json)."""
+
+    service: str
+    actions: frozenset[str]
+    source: str
+
+
+def _pointer(parts: Any) -> str:
+    return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in parts)
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(str(path), [f"cannot load schema: {exc}"]) from exc
+
+
+def load_catalogues(schemas: Path) -> dict[str, Catalogue]:
+    """Every catalogue under schemas/catalog/, checked against schemas/catalog.schema.json."""
+    meta = jsonschema.Draft202012Validator(_load_json(schemas / "catalog.schema.json"))
+    catalogues: dict[str, Catalogue] = {}
+    for path in sorted((schemas / "catalog").glob("*.json")):
+        doc = _load_json(path)
+        problems = [
+            f"{_pointer(e.absolute_path) or '/'}: {e.message}" for e in meta.iter_errors(doc)
+        ]
+        if problems:
+            raise ConfigError(str(path), problems)
+        if doc["service"] in catalogues:
+            raise ConfigError(str(path), [f"service {doc['service']!r} has two catalogues"])
+        catalogues[doc["service"]] = Catalogue(
+            service=doc["service"], actions=frozenset(doc["actions"]), source=path.name
+        )
+    return catalogues
+
+
+class EventValidator:
+    """Validates event bodies; build one at start-up and share it."""
+
+    def __init__(self, schemas: Path, *, unknown_actions: str = "reject") -> None:
+        schema = _load_json(schemas / "event.schema.json")
+        cls = jsonschema.validators.validator_for(schema)
+        cls.check_schema(schema)
+        self._validator = cls(schema)
+        self.catalogues: Mapping[str, Catalogue] = load_catalogues(schemas)
+        self._reject_unknown_actions = unknown_actions == "reject"
+
+    def validate(self, event: Any) -> list[Problem]:
+        """Every problem of `event`; an empty list means it may be accepted."""
+        if not isinstance(event, dict):
+            return [Problem("", f"an event must be a JSON object, not {_json_type(event)}")]
+        problems = [self._problem(e) for e in self._validator.iter_errors(event)]
+        if not problems and self._reject_unknown_actions:
+            problems.extend(self._catalogue_problems(event))
+        problems.sort(key=lambda p: p.path)
+        return problems
+
+    def _catalogue_problems(self, event: dict[str, Any]) -> list[Problem]:
+        action = event["action"]
+        services = {crn_service(event["logSourceCRN"]), action_service(action)}
+        return [
+            Problem(
+                "/action",
+                f"{action!r} is not an action of the {name} catalogue ({catalogue.source})",
+            )
+            for name in sorted(services)
+            if (catalogue := self.catalogues.get(name)) and action not in catalogue.actions
+        ]
+
+    @staticmethod
+    def _problem(error: jsonschema.ValidationError) -> Problem:
+        path = _pointer(error.absolute_path)
+        if error.validator == "required":
+            # Point at the missing field itself, not at the object that lacks it.
+            missing = error.message.split("'")[1] if "'" in error.message else ""
+            return Problem(f"{path}/{missing}", "required field is missing")
+        schema = error.schema if isinstance(error.schema, dict) else {}
+        if error.validator == "pattern" and "x-error" in schema:
+            return Problem(path, f"{_excerpt(error.instance)} {schema['x-error']}")
+        if error.validator == "type":
+            return Problem(
+                path, f"must be of type {error.validator_value}, not {_json_type(error.instance)}"
+            )
+        if error.validator == "enum":
+            allowed = ", ".join(map(str, cast(list[Any], error.validator_value)))
+            return Problem(path, f"{_excerpt(error.instance)} is not one of: {allowed}")
+        if error.validator == "const":
+            return Problem(path, f"must be {error.validator_value!r}")
+        return Problem(path, error.message)
+
+
+def _excerpt(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {
+        bool: "boolean",
+        int: "integer",
+        float: "number",
+        str: "string",
+        list: "array",
+        dict: "object",
+    }.get(type(value), type(value).__name__)

@@ -1,0 +1,253 @@
+"""POST /v1/events against a real daemon on 127.0.0.1: decoding, limits, per-event answers."""
+
+from __future__ import annotations
+
+import gzip
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from router.app import Daemon
+from tests.conftest import StartDaemon
+from tests.fakes import make_event, read_ndjson, wait_for
+
+
+def file_target(target_id: str, path: Path) -> dict[str, Any]:
+    return {"id": target_id, "target_type": "file", "file_endpoint": {"path": str(path)}}
+
+
+@pytest.fixture
+async def archive(start_daemon: StartDaemon, tmp_path: Path) -> tuple[Daemon, Path]:
+    """A daemon whose one file target takes every event."""
+    path = tmp_path / "archive.ndjson"
+    daemon = await start_daemon(
+        {
+            "server": {"host": "127.0.0.1", "port": 0, "max_body_bytes": 64 * 1024,
+                       "max_inflated_bytes": 256 * 1024, "max_events_per_request": 50},
+            "targets": [file_target("archive", path)],
+            "routes": [{"name": "all", "rules": [{"locations": ["*"], "target_ids": ["archive"]}]}],
+        }
+    )
+    return daemon, path
+
+
+async def post(
+    daemon: Daemon,
+    body: bytes | Any,
+    *,
+    content_type: str = "application/json",
+    headers: dict[str, str] | None = None,
+) -> tuple[int, Any]:
+    data = body if isinstance(body, bytes) else orjson.dumps(body)
+    async with aiohttp.ClientSession() as session, session.post(
+        f"http://127.0.0.1:{daemon.port}/v1/events",
+        data=data,
+        headers={"Content-Type": content_type, **(headers or {})},
+    ) as resp:
+        return resp.status, await resp.json(content_type=None)
+
+
+async def test_single_event_is_accepted_given_an_id_and_archived(archive: tuple[Daemon, Path]) -> None:
+    daemon, path = archive
+    status, body = await post(daemon, make_event())
+    assert status == 202
+    assert body["accepted"] == 1 and body["rejected"] == 0
+    event_id = body["results"][0]["id"]
+    assert uuid.UUID(event_id).version == 4
+    await wait_for(lambda: len(read_ndjson(path)) == 1, what="the event in the archive")
+    archived = read_ndjson(path)[0]
+    assert archived["id"] == event_id
+    assert archived["action"] == "secrets-manager.secret.create"
+
+
+async def test_producer_id_is_kept(archive: tuple[Daemon, Path]) -> None:
+    daemon, path = archive
+    status, body = await post(daemon, make_event(id="evt-42"))
+    assert status == 202 and body["results"][0]["id"] == "evt-42"
+    await wait_for(lambda: len(read_ndjson(path)) == 1)
+    assert read_ndjson(path)[0]["id"] == "evt-42"
+
+
+async def test_array_gets_one_result_per_event_in_order(archive: tuple[Daemon, Path]) -> None:
+    daemon, path = archive
+    bad = make_event(id="bad-1", outcome="maybe")
+    bad["reason"]["reasonCode"] = "201"
+    status, body = await post(daemon, [make_event(), bad, make_event()])
+    assert status == 202
+    assert body["accepted"] == 2 and body["rejected"] == 1
+    assert [r["status"] for r in body["results"]] == ["accepted", "rejected", "accepted"]
+    rejected = body["results"][1]
+    assert rejected["index"] == 1 and rejected["id"] == "bad-1"
+    assert {e["path"] for e in rejected["errors"]} == {"/outcome", "/reason/reasonCode"}
+    await wait_for(lambda: len(read_ndjson(path)) == 2)
+
+
+async def test_all_rejected_is_400_with_the_same_body(archive: tuple[Daemon, Path]) -> None:
+    daemon, _ = archive
+    event = make_event()
+    del event["eventTime"]
+    status, body = await post(daemon, [event, 7])
+    assert status == 400
+    assert body["accepted"] == 0 and body["rejected"] == 2
+    assert body["results"][0]["errors"] == [
+        {"path": "/eventTime", "message": "required field is missing"}
+    ]
+    assert body["results"][1]["errors"][0]["path"] == ""
+
+
+async def test_unknown_secrets_manager_action_is_rejected(archive: tuple[Daemon, Path]) -> None:
+    daemon, _ = archive
+    status, body = await post(daemon, make_event(action="secrets-manager.secret.steal"))
+    assert status == 400
+    assert body["results"][0]["errors"][0]["path"] == "/action"
+    assert "secrets-manager catalogue" in body["results"][0]["errors"][0]["message"]
+
+
+async def test_ndjson_malformed_line_is_rejected_alone(archive: tuple[Daemon, Path]) -> None:
+    daemon, path = archive
+    lines = [orjson.dumps(make_event()), b'{"action": ', orjson.dumps(make_event()), b""]
+    status, body = await post(daemon, b"\n".join(lines), content_type="application/x-ndjson")
+    assert status == 202
+    assert [r["status"] for r in body["results"]] == ["accepted", "rejected", "accepted"]
+    assert body["results"][1]["errors"][0]["message"].startswith("line 2: invalid JSON")
+    await wait_for(lambda: len(read_ndjson(path)) == 2)
+
+
+async def test_gzip_body_is_inflated(archive: tuple[Daemon, Path]) -> None:
+    daemon, path = archive
+    body = gzip.compress(orjson.dumps([make_event() for _ in range(3)]))
+    status, answer = await post(daemon, body, headers={"Content-Encoding": "gzip"})
+    assert status == 202 and answer["accepted"] == 3
+    await wait_for(lambda: len(read_ndjson(path)) == 3)
+
+
+async def test_gzip_bomb_is_refused_with_413(archive: tuple[Daemon, Path]) -> None:
+    daemon, _ = archive
+    bomb = gzip.compress(b"[" + b" " * (10 * 1024 * 1024) + b"]")
+    assert len(bomb) < 64 * 1024
+    status, body = await post(daemon, bomb, headers={"Content-Encoding": "gzip"})
+    assert status == 413
+    assert body["error"]["code"] == "inflated_body_too_large"
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "status", "code"),
+    [
+        (b"not gzip at all", {"Content-Encoding": "gzip"}, 400, "malformed_gzip"),
+        (gzip.compress(b"[]")[:-6], {"Content-Encoding": "gzip"}, 400, "malformed_gzip"),
+        (b"{}", {"Content-Encoding": "br"}, 415, "unsupported_encoding"),
+        (b'{"action": }', {}, 400, "malformed_json"),
+        (b"[]", {}, 400, "no_events"),
+        (b"", {}, 400, "malformed_json"),
+    ],
+)
+async def test_bad_bodies_are_refused_with_a_clear_4xx(
+    archive: tuple[Daemon, Path], body: bytes, headers: dict[str, str], status: int, code: str
+) -> None:
+    daemon, _ = archive
+    got, answer = await post(daemon, body, headers=headers)
+    assert (got, answer["error"]["code"]) == (status, code)
+    assert answer["error"]["message"]
+
+
+async def test_malformed_json_names_the_position(archive: tuple[Daemon, Path]) -> None:
+    daemon, _ = archive
+    status, body = await post(daemon, b'{"action": "x",\n  "outcome": }')
+    assert status == 400
+    assert "line 2 column" in body["error"]["message"]
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/xml", "multipart/form-data"])
+async def test_wrong_content_type_is_415(archive: tuple[Daemon, Path], content_type: str) -> None:
+    daemon, _ = archive
+    status, body = await post(daemon, make_event(), content_type=content_type)
+    assert status == 415
+    assert content_type in body["error"]["message"]
+
+
+async def test_body_over_the_limit_is_413(archive: tuple[Daemon, Path]) -> None:
+    daemon, _ = archive
+    big = [make_event(message="x" * 1000) for _ in range(80)]
+    status, body = await post(daemon, big)
+    assert status == 413
+    assert body["error"]["code"] == "body_too_large"
+
+
+async def test_chunked_body_over_the_limit_is_413(archive: tuple[Daemon, Path]) -> None:
+    daemon, _ = archive
+
+    async def chunks() -> Any:
+        for _ in range(100):
+            yield b" " * 1024
+
+    async with aiohttp.ClientSession() as session, session.post(
+        f"http://127.0.0.1:{daemon.port}/v1/events",
+        data=chunks(),
+        headers={"Content-Type": "application/json"},
+    ) as resp:
+        assert resp.status == 413
+
+
+async def test_too_many_events_is_413(archive: tuple[Daemon, Path]) -> None:
+    daemon, _ = archive
+    status, body = await post(daemon, [make_event() for _ in range(51)])
+    assert status == 413
+    assert body["error"]["code"] == "too_many_events"
+
+
+async def test_readyz_and_healthz(archive: tuple[Daemon, Path]) -> None:
+    daemon, _ = archive
+    async with aiohttp.ClientSession() as session:
+        for path in ("/healthz", "/readyz"):
+            async with session.get(f"http://127.0.0.1:{daemon.port}{path}") as resp:
+                assert resp.status == 200
+
+
+async def test_events_land_in_the_files_their_routes_name(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    us, eu, rest = tmp_path / "us.ndjson", tmp_path / "eu.ndjson", tmp_path / "rest.ndjson"
+    daemon = await start_daemon(
+        {
+            "targets": [file_target("us", us), file_target("eu", eu), file_target("rest", rest)],
+            "routes": [
+                {"name": "us", "rules": [{"locations": ["us-south", "us-east"], "target_ids": ["us"]}]},
+                {"name": "eu", "rules": [{"locations": ["eu-de"], "target_ids": ["eu"]}]},
+            ],
+            "settings": {"default_targets": ["rest"]},
+        }
+    )
+    events = [
+        make_event(id="u1", location="us-south"),
+        make_event(id="e1", location="eu-de-2"),
+        make_event(id="g1", location=""),
+        make_event(id="g2", location="global"),
+        make_event(id="t1", location="jp-tok"),
+    ]
+    status, _ = await post(daemon, events)
+    assert status == 202
+    await wait_for(lambda: sum(daemon.journal.pending(t) for t in ("us", "eu", "rest")) == 0)
+    assert [e["id"] for e in read_ndjson(us)] == ["u1"]
+    assert [e["id"] for e in read_ndjson(eu)] == ["e1"]
+    assert [e["id"] for e in read_ndjson(rest)] == ["g1", "g2", "t1"]
+
+
+async def test_unrouted_events_are_counted(start_daemon: StartDaemon, tmp_path: Path) -> None:
+    daemon = await start_daemon(
+        {
+            "targets": [file_target("us", tmp_path / "us.ndjson")],
+            "routes": [{"name": "us", "rules": [{"locations": ["us-south"], "target_ids": ["us"]}]}],
+        }
+    )
+    status, body = await post(daemon, [make_event(location="eu-de"), make_event()])
+    assert status == 202 and body["accepted"] == 2
+    async with aiohttp.ClientSession() as session, session.get(
+        f"http://127.0.0.1:{daemon.port}/v1/status"
+    ) as resp:
+        report = await resp.json()
+    assert report["ingest"]["unrouted"] == 1
+    assert report["targets"]["us"]["received"] == 1

@@ -1,0 +1,97 @@
+"""The daemon as a real process: `serve` from a config file, SIGTERM drains, bad config refused."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import aiohttp
+import orjson
+import yaml
+
+from tests.fakes import make_event, read_ndjson, wait_for
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_config(tmp_path: Path, port: int) -> Path:
+    config = {
+        "server": {"host": "127.0.0.1", "port": port},
+        "storage": {"path": str(tmp_path / "var")},
+        "targets": [
+            {"id": "archive", "target_type": "file",
+             "file_endpoint": {"path": str(tmp_path / "var" / "events.ndjson")}}
+        ],
+        "routes": [{"name": "all", "rules": [{"locations": ["*"], "target_ids": ["archive"]}]}],
+    }
+    path = tmp_path / "router.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+async def ready(port: int) -> bool:
+    try:
+        async with aiohttp.ClientSession() as session, session.get(
+            f"http://127.0.0.1:{port}/readyz"
+        ) as resp:
+            return resp.status == 200
+    except aiohttp.ClientConnectionError:
+        return False
+
+
+async def test_sigterm_drains_and_exits_zero(tmp_path: Path) -> None:
+    port = free_port()
+    config = write_config(tmp_path, port)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "router", "serve", "--config", str(config),
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        await wait_for(lambda: ready(port), what="the daemon to be ready")
+        async with aiohttp.ClientSession() as session, session.post(
+            f"http://127.0.0.1:{port}/v1/events",
+            data=orjson.dumps([make_event() for _ in range(50)]),
+            headers={"Content-Type": "application/json"},
+        ) as resp:
+            assert resp.status == 202
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 15) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert len(read_ndjson(tmp_path / "var" / "events.ndjson")) == 50
+    assert proc.stderr is not None
+    log = [orjson.loads(line) for line in (await proc.stderr.read()).splitlines()]
+    assert any("stopped" in line["message"] and "delivered 50" in line["message"] for line in log)
+    assert all({"time", "level", "logger", "message"} <= line.keys() for line in log)
+
+
+async def test_serve_refuses_a_bad_config_with_exit_2(tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("targets: []\nroutes:\n  - name: r\n    rules: [{locations: ['*'], target_ids: [nope]}]\n")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "router", "serve", "--config", str(config),
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 15)
+    assert proc.returncode == 2
+    assert "routes[0].rules[0].target_ids[0]: unknown target 'nope'" in err.decode()
+
+
+async def test_embedded_default_config_passes_check() -> None:
+    env = {**os.environ}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "router", "check", stdout=asyncio.subprocess.PIPE, env=env,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 15)
+    assert proc.returncode == 0
+    assert b"OK (1 targets, 1 routes" in out

@@ -1,16 +1,18 @@
 """Builds the daemon from a Config and runs its lifecycle.
 
-Start inside-out: validator and routes, journal, targets, delivery workers, then the HTTP
-runner and finally the listening socket; /readyz turns 200 last. Stop in reverse: close the
-socket and finish in-flight requests, let each worker deliver what it holds within
-`shutdown.drain_timeout_s`, dead-letter what is still undelivered (never drop it silently),
-close the targets, and log one summary line.
+Start inside-out: validator and routes, journal (recovering what a previous run left, and
+dead-lettering the backlog of targets the config no longer has), targets, delivery workers,
+then the HTTP runner and finally the listening socket; /readyz turns 200 last. Stop in reverse:
+close the socket and finish in-flight requests, let each worker deliver what it holds within
+`shutdown.drain_timeout_s` (what is left stays in the journal for the next start), close the
+targets and the journal, and log one summary line.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ from router.config import Config
 from router.deadletter import DeadLetters, Failure
 from router.delivery import DeliveryWorker
 from router.ingest import Ingest, json_response
-from router.journal import MemoryJournal
+from router.journal import SqliteJournal
 from router.metrics import IngestStats, TargetStats
 from router.resources import schemas_dir
 from router.routing import RouteTable
@@ -42,7 +44,7 @@ class Daemon:
         )
         self.routes = RouteTable(config.routes, config.settings.default_targets)
         target_ids = [target.id for target in config.targets]
-        self.journal = MemoryJournal(target_ids)
+        self.journal = SqliteJournal(config.storage, target_ids)
         self.dead_letters = DeadLetters(Path(config.storage.path) / "deadletter")
         self.ingest_stats = IngestStats()
         self.target_stats = {target_id: TargetStats() for target_id in target_ids}
@@ -61,7 +63,7 @@ class Daemon:
             routes=self.routes,
             journal=self.journal,
             stats=self.ingest_stats,
-            target_stats=self.target_stats,
+            retry_after_when_full_s=self.config.storage.full_retry_after_s,
         )
         app = web.Application(client_max_size=self.config.server.max_body_bytes)
         app.router.add_post("/v1/events", ingest.handle)
@@ -77,6 +79,8 @@ class Daemon:
         return int(self._runner.addresses[0][1])
 
     async def start(self) -> None:
+        await self.journal.open()
+        await self._dead_letter_removed_targets()
         for target_id, target in self.targets.items():
             try:
                 await target.start()
@@ -131,56 +135,49 @@ class Daemon:
             for task in late:
                 task.cancel()
             await asyncio.gather(*self._tasks.values(), return_exceptions=True)
-        undelivered = await self._dead_letter_remaining()
         for target in self.targets.values():
             await target.close()
         self.dead_letters.close()
-        totals = {
-            k: sum(getattr(s, k) for s in self.target_stats.values())
-            for k in ("received", "delivered", "dead_lettered")
-        }
+        books = [self.journal.books(target_id) for target_id in self.targets]
+        await self.journal.close()
         log.info(
-            "event-router stopped: accepted %d events, delivered %d, dead-lettered %d "
-            "(%d undelivered at shutdown)",
+            "event-router stopped: accepted %d events this run; %d delivered, %d dead-lettered, "
+            "%d pending in the journal for the next start",
             self.ingest_stats.accepted,
-            totals["delivered"],
-            totals["dead_lettered"],
-            undelivered,
+            sum(b.delivered for b in books),
+            sum(b.dead_lettered for b in books),
+            sum(b.pending for b in books),
         )
 
-    async def _dead_letter_remaining(self) -> int:
-        """What the drain did not deliver is dead-lettered: the memory journal cannot keep it."""
-        count = 0
-        for target_id in self.targets:
-            entries = self.journal.drain(target_id)
-            if not entries:
-                continue
+    async def _dead_letter_removed_targets(self) -> None:
+        """A target gone from the config leaves its backlog as dead letters, not lost."""
+        for target_id, entries in list(self.journal.orphans.items()):
             failure = Failure(
-                reason="shutdown_undelivered",
-                message=f"not delivered within shutdown.drain_timeout_s "
-                f"({self.config.shutdown.drain_timeout_s}s)",
+                reason="target_removed",
+                message=f"target {target_id!r} is no longer in the configuration",
             )
             await self.dead_letters.write(target_id, entries, failure)
-            self.target_stats[target_id].dead_lettered += len(entries)
-            count += len(entries)
+            await self.journal.forget_orphans(target_id)
             log.warning(
-                "target %s: %d events undelivered at shutdown were dead-lettered",
+                "target %s was removed from the config: %d pending events dead-lettered",
                 target_id,
                 len(entries),
             )
-        return count
 
     def status(self) -> dict[str, Any]:
         """The books: ingest counters and, per target, received = delivered + dead + pending."""
         targets = {}
+        now = time.time()
         for target_id, stats in self.target_stats.items():
+            books = self.journal.books(target_id)
+            oldest = books.oldest_received_at
             targets[target_id] = {
                 "target_type": self.config.target(target_id).target_type,
-                "received": stats.received,
-                "delivered": stats.delivered,
-                "dead_lettered": stats.dead_lettered,
-                "pending": self.journal.pending(target_id),
-                "oldest_pending_age_s": round(self.journal.oldest_pending_age_s(target_id), 3),
+                "received": books.received,
+                "delivered": books.delivered,
+                "dead_lettered": books.dead_lettered,
+                "pending": books.pending,
+                "oldest_pending_age_s": round(now - oldest, 3) if oldest else 0.0,
                 "retries": stats.retries,
                 "batches": stats.batches,
                 "write_status": stats.write_status.as_dict(),
@@ -195,6 +192,14 @@ class Daemon:
                 "rejected": ingest.rejected,
                 "unrouted": ingest.unrouted,
                 "refused_requests": dict(ingest.refused_requests),
+                "journal_full": ingest.journal_full,
+            },
+            "journal": {
+                "path": str(self.journal.path),
+                "healthy": self.journal.healthy,
+                "used_bytes": self.journal.used_bytes,
+                "max_bytes": self.config.storage.max_bytes,
+                "quarantined_records": self.journal.quarantined,
             },
             "targets": targets,
         }

@@ -38,9 +38,20 @@ class ServerConfig:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StorageConfig:
-    """Where state lives: dead letters now, the durable journal later."""
+    """The durable journal and the dead letters, under `path`.
+
+    fsync: `always` — a 2xx means the events are on disk (concurrent requests share one fsync);
+    `interval` — on disk within fsync_interval_ms, safe against a process crash at once;
+    `never` — the OS decides, safe against a process crash, not a power cut.
+    """
 
     path: str = "./var"
+    fsync: Literal["always", "interval", "never"] = "always"
+    fsync_interval_ms: int = 1000
+    max_bytes: int = 1024 * MiB
+    when_full: Literal["reject"] = "reject"
+    # Told to producers in Retry-After when the journal is full.
+    full_retry_after_s: int = 5
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -2,8 +2,9 @@
 
 This is the only module that imports tenacity. A batch ends in exactly one of two ways: the
 target took it (delivered), or it is written to the target's dead-letter file with the reason
-(permanent failure, or retries exhausted by attempts or by age). Only then does the target's
-cursor move, so a slow or failing target holds up nobody but itself.
+(permanent failure, retries exhausted by attempts or by age, or a journal record that failed its
+checksum). Only then does the target's cursor move, so a slow or failing target holds up nobody
+but itself.
 """
 
 from __future__ import annotations
@@ -34,6 +35,11 @@ log = logging.getLogger(__name__)
 # When even the dead-letter file cannot be written (disk full), wait this long and try again:
 # the batch stays in the journal, nothing is acknowledged, nothing is lost.
 DEAD_LETTER_RETRY_S = 1.0
+
+CORRUPT_RECORD = Failure(
+    reason="journal_corrupt",
+    message="the journal record failed its checksum; its raw bytes are kept as an excerpt",
+)
 
 
 class DeliveryWorker:
@@ -71,12 +77,16 @@ class DeliveryWorker:
             )
             if not batch:
                 return
-            failure = await self._send(batch)
-            if failure is None:
-                self.stats.delivered += len(batch)
-            else:
-                await self._dead_letter(batch, failure)
-            self.journal.ack(self.config.id, len(batch))
+            dead = 0
+            corrupt = [entry for entry in batch if entry.event.corrupt]
+            if corrupt:
+                await self._dead_letter(corrupt, CORRUPT_RECORD)
+                dead += len(corrupt)
+            sendable = [entry for entry in batch if not entry.event.corrupt]
+            if sendable and (failure := await self._send(sendable)) is not None:
+                await self._dead_letter(sendable, failure)
+                dead += len(sendable)
+            await self.journal.ack(self.config.id, batch, dead_lettered=dead)
 
     async def _send(self, batch: Sequence[Entry]) -> Failure | None:
         """Send with retries; None when delivered, else why it was given up."""
@@ -157,5 +167,4 @@ class DeliveryWorker:
                 )
                 await asyncio.sleep(DEAD_LETTER_RETRY_S)
                 continue
-            self.stats.dead_lettered += len(batch)
             return

@@ -57,6 +57,8 @@ class Event:
     action: str
     received_at: float = field(default_factory=time.time)
     _encoded: bytes | None = field(default=None, repr=False)
+    # True for a journal record that failed its checksum: it is dead-lettered, never sent.
+    corrupt: bool = False
 
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> Event:
@@ -70,6 +72,15 @@ class Event:
             location=crn_location(crn),
             service=crn_service(crn),
             action=body["action"],
+        )
+
+    @classmethod
+    def corrupt_record(cls, seq: int, raw: bytes | None) -> Event:
+        """Stands in for an unreadable journal record, so that its fate is still written down."""
+        excerpt = (raw or b"")[:512].decode("utf-8", "replace")
+        body = {"journal_seq": seq, "raw_excerpt": excerpt}
+        return cls(
+            id=f"journal-seq-{seq}", body=body, location="", service="", action="", corrupt=True
         )
 
     def encoded(self) -> bytes:

@@ -4,12 +4,14 @@ A body is one JSON object, a JSON array of objects, or NDJSON (one object per li
 gzip-compressed. A request refused as a whole gets a 4xx with `{"error": {"code", "message"}}`;
 otherwise each event gets its own result, EventBridge-style, and the request answers 202 when
 at least one event was accepted (400 when none was). The answer is sent only after the journal
-has taken every accepted event.
+has made every accepted event durable; a full or failing journal answers 503 with Retry-After,
+and then no event of the request was accepted.
 """
 
 from __future__ import annotations
 
 import logging
+import sqlite3
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,8 +23,8 @@ from aiohttp import web
 from router.config import ServerConfig
 from router.errors import RequestError
 from router.events import Event
-from router.journal import Journal
-from router.metrics import IngestStats, TargetStats
+from router.journal import Journal, JournalFullError
+from router.metrics import IngestStats
 from router.routing import RouteTable
 from router.validation import EventValidator, Problem
 
@@ -49,7 +51,7 @@ class Ingest:
     routes: RouteTable
     journal: Journal
     stats: IngestStats
-    target_stats: Mapping[str, TargetStats]
+    retry_after_when_full_s: int
 
     async def handle(self, request: web.Request) -> web.Response:
         self.stats.requests += 1
@@ -120,12 +122,28 @@ class Ingest:
             decision = self.routes.match(event.location, event.action)
             routed.append((event, decision.targets))
             results.append({"index": index, "id": event.id, "status": "accepted"})
-        await self.journal.append(routed)
-        for _, targets in routed:
-            if not targets:
-                self.stats.unrouted += 1
-            for target_id in targets:
-                self.target_stats[target_id].received += 1
+        try:
+            await self.journal.append(routed)
+        except JournalFullError as exc:
+            self.stats.journal_full += 1
+            return json_response(
+                {"error": {"code": "journal_full", "message": f"{exc}; retry later"}},
+                status=503,
+                headers={"Retry-After": str(self.retry_after_when_full_s)},
+            )
+        except (OSError, sqlite3.Error) as exc:
+            log.error("journal append failed: %s", exc)
+            return json_response(
+                {
+                    "error": {
+                        "code": "journal_unavailable",
+                        "message": "the journal cannot take events now; retry later",
+                    }
+                },
+                status=503,
+                headers={"Retry-After": str(self.retry_after_when_full_s)},
+            )
+        self.stats.unrouted += sum(1 for _, targets in routed if not targets)
         accepted = len(routed)
         self.stats.accepted += accepted
         self.stats.rejected += len(items) - accepted

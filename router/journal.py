@@ -1,40 +1,94 @@
-"""The hand-off between ingest and delivery: one ordered backlog (cursor) per target.
+"""The durable hand-off between ingest and delivery: one backlog (cursor) per target, on disk.
 
-Ingest calls `append` once per request with every accepted event and the targets its routes
-chose; when `append` returns, the events are the journal's responsibility. Each delivery worker
-reads batches for its own target with `next_batch` and moves that target's cursor with `ack`
-once the batch is delivered or dead-lettered, so targets progress independently.
+Ingest calls `append` with every accepted event and the targets its routes chose; `append`
+returns only once those events are durable under `storage.path` (per `storage.fsync`), and only
+then does the producer get its 2xx. Each delivery worker reads its own target's backlog with
+`next_batch` and settles a batch with `ack` once the target took it or it was dead-lettered, so
+targets progress independently and a target that took an event never gets it again because
+another target failed. After a crash at most the batch in flight per target is sent again.
 
-`MemoryJournal` keeps the backlog in process memory: it survives target outages but not a
-crash. At shutdown, what it still holds is handed back by `drain` so that the caller can
-dead-letter it rather than lose it silently. A durable journal implements the same protocol.
+Storage is SQLite in WAL mode (stdlib, crash-safe, checksummed WAL frames, so a torn tail is
+discarded by SQLite itself) with our own CRC32 per record on top, checked on every read:
+
+    events(seq, event_id, received_at, body, crc)      one row per accepted, routed event
+    deliveries(target, seq, route)                     one row per event still owed to a target
+    books(target, received, delivered, dead_lettered)  moved in the same transactions
+
+Concurrent `append` calls share one transaction and one fsync (group commit). All SQLite work
+runs on one dedicated thread so the event loop never blocks on disk. A record whose CRC does
+not match, or a database file that fails its integrity check at start-up, is quarantined with a
+log line and a counter; the intact records are still delivered.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import sqlite3
 import time
-from collections import deque
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Protocol
+import zlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
 
-from router.events import Event
+import orjson
+
+from router.appendfile import make_private_dirs
+from router.config import StorageConfig
+from router.errors import RouterError
+from router.events import Event, crn_location, crn_service
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DB_NAME = "journal.db"
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY, event_id TEXT NOT NULL, received_at REAL NOT NULL,
+    body BLOB NOT NULL, crc INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS deliveries (
+    target TEXT NOT NULL, seq INTEGER NOT NULL, route TEXT NOT NULL,
+    PRIMARY KEY (target, seq)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS books (
+    target TEXT PRIMARY KEY, received INTEGER NOT NULL DEFAULT 0,
+    delivered INTEGER NOT NULL DEFAULT 0, dead_lettered INTEGER NOT NULL DEFAULT 0);
+"""
+SYNCHRONOUS = {"always": "FULL", "interval": "NORMAL", "never": "OFF"}
+
+
+class JournalFullError(RouterError):
+    """The journal holds storage.max_bytes; ingest answers 503 until targets drain it."""
 
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    """One event queued for one target, with the route that sent it there."""
+    """One event owed to one target, with the route that sent it there."""
 
+    seq: int
     event: Event
     route: str
+
+
+@dataclass(slots=True)
+class Books:
+    """Per target: received = delivered + dead_lettered + pending, at every moment."""
+
+    received: int = 0
+    delivered: int = 0
+    dead_lettered: int = 0
+    pending: int = 0
+    oldest_received_at: float | None = None
 
 
 class Journal(Protocol):
     """What ingest and delivery need from the hand-off between them."""
 
     async def append(self, routed: Sequence[tuple[Event, Mapping[str, str]]]) -> None:
-        """Take responsibility for each event for each of its targets (target id -> route)."""
+        """Make each event durable for each of its targets (target id -> route name)."""
 
     async def next_batch(
         self,
@@ -45,38 +99,253 @@ class Journal(Protocol):
         max_wait_s: float,
         stopping: asyncio.Event,
     ) -> list[Entry]:
-        """The next batch for a target; empty only once `stopping` is set and nothing is left."""
+        """The target's next batch; empty only once `stopping` is set and nothing is left."""
 
-    def ack(self, target_id: str, count: int) -> None:
-        """The first `count` entries of the target's backlog are done (delivered or dead)."""
+    async def ack(self, target_id: str, batch: Sequence[Entry], *, dead_lettered: int) -> None:
+        """The batch is settled for the target: `dead_lettered` of it written as dead letters,
+        the rest delivered."""
 
-    def pending(self, target_id: str) -> int:
-        """Entries appended for the target and not yet acknowledged."""
-
-    def oldest_pending_age_s(self, target_id: str) -> float:
-        """Seconds since the oldest pending entry of the target was received (0 if none)."""
+    def books(self, target_id: str) -> Books:
+        """The target's counters."""
 
 
-class _Backlog:
-    __slots__ = ("entries", "wakeup")
-
-    def __init__(self) -> None:
-        self.entries: deque[Entry] = deque()
-        self.wakeup = asyncio.Event()
+@dataclass(slots=True)
+class _Pending:
+    routed: Sequence[tuple[Event, Mapping[str, str]]]
+    done: asyncio.Future[None]
 
 
-class MemoryJournal:
-    """An in-process journal: per-target deques, no durability."""
+@dataclass(slots=True)
+class _Target:
+    books: Books = field(default_factory=Books)
+    cursor: int = 0  # every delivery row of this target with seq <= cursor is settled
+    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def __init__(self, target_ids: Sequence[str]) -> None:
-        self._backlogs = {target_id: _Backlog() for target_id in target_ids}
+
+class SqliteJournal:
+    """The durable journal. `open()` recovers state; `close()` checkpoints and closes."""
+
+    def __init__(self, storage: StorageConfig, target_ids: Sequence[str]) -> None:
+        self.config = storage
+        self.directory = Path(storage.path)
+        self.path = self.directory / DB_NAME
+        self._targets = {target_id: _Target() for target_id in target_ids}
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal")
+        self._db: sqlite3.Connection | None = None
+        self._next_seq = 1
+        self._committed_seq = 0  # written and counted in the books; reclaim never passes it
+        self._queue: list[_Pending] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._interval_syncer: asyncio.Task[None] | None = None
+        self.used_bytes = 0
+        self.quarantined = 0
+        self.healthy = True
+        # Events owed to targets that the config no longer has: the caller dead-letters them.
+        self.orphans: dict[str, list[Entry]] = {}
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        await self._run(self._open_sync)
+        if self.config.fsync == "interval":
+            self._interval_syncer = asyncio.create_task(
+                self._sync_every_interval(), name="journal-fsync"
+            )
+
+    async def close(self) -> None:
+        if self._interval_syncer is not None:
+            self._interval_syncer.cancel()
+            await asyncio.gather(self._interval_syncer, return_exceptions=True)
+        if self._flusher is not None:
+            await asyncio.gather(self._flusher, return_exceptions=True)
+        if self._db is not None:
+            await self._run(self._close_sync)
+        self._executor.shutdown(wait=True)
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def _connect(self, path: Path) -> sqlite3.Connection:
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA synchronous={SYNCHRONOUS[self.config.fsync]}")
+        db.executescript(SCHEMA)
+        return db
+
+    def _open_sync(self) -> None:
+        make_private_dirs(self.directory)
+        if self.path.exists() and not self._intact(self.path):
+            self._quarantine_file()
+        self.path.touch(mode=0o600, exist_ok=True)
+        self._db = self._connect(self.path)
+        db = self._db
+        self._committed_seq = db.execute("SELECT MAX(seq) FROM events").fetchone()[0] or 0
+        self._next_seq = self._committed_seq + 1
+        for target_id, target in self._targets.items():
+            db.execute("INSERT OR IGNORE INTO books(target) VALUES (?)", (target_id,))
+            received, delivered, dead = db.execute(
+                "SELECT received, delivered, dead_lettered FROM books WHERE target = ?",
+                (target_id,),
+            ).fetchone()
+            pending = db.execute(
+                "SELECT COUNT(*) FROM deliveries WHERE target = ?", (target_id,)
+            ).fetchone()[0]
+            target.books = Books(received, delivered, dead, pending)
+        for (target_id,) in db.execute("SELECT DISTINCT target FROM deliveries").fetchall():
+            if target_id not in self._targets:
+                self.orphans[target_id] = self._read_sync(target_id, 0, 1 << 62)
+        self._update_size()
+        pending = sum(t.books.pending for t in self._targets.values())
+        log.info(
+            "journal %s opened: %d pending deliveries, %d bytes",
+            self.path,
+            pending,
+            self.used_bytes,
+        )
+
+    def _close_sync(self) -> None:
+        assert self._db is not None
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self._db.close()
+        self._db = None
+
+    @staticmethod
+    def _intact(path: Path) -> bool:
+        try:
+            db = sqlite3.connect(path)
+            try:
+                return bool(db.execute("PRAGMA quick_check").fetchone()[0] == "ok")
+            finally:
+                db.close()
+        except sqlite3.DatabaseError:
+            return False
+
+    def _quarantine_file(self) -> None:
+        """Move a damaged database aside and copy every record that can still be read."""
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        aside = self.path.with_name(f"{DB_NAME}.corrupt-{stamp}")
+        for suffix in ("", "-wal", "-shm"):
+            src = self.path.with_name(DB_NAME + suffix)
+            if src.exists():
+                src.rename(aside.with_name(aside.name + suffix))
+        log.error("journal %s failed its integrity check; moved to %s, salvaging", self.path, aside)
+        fresh = self._connect(self.path)
+        try:
+            old = sqlite3.connect(f"file:{aside}?mode=ro", uri=True)
+        except sqlite3.DatabaseError:
+            log.error("journal %s cannot be opened at all; nothing salvaged", aside)
+            fresh.close()
+            return
+        saved = lost = 0
+        with fresh:
+            for table, key in (("events", "seq"), ("deliveries", "seq"), ("books", "rowid")):
+                table_saved, table_lost = _salvage(old, fresh, table, key)
+                saved += table_saved
+                lost += table_lost
+        old.close()
+        fresh.close()
+        self.quarantined += lost
+        log.error(
+            "journal salvage: %d rows copied, %d unreadable rows skipped (kept in %s)",
+            saved,
+            lost,
+            aside,
+        )
+
+    # -- append (group commit) -----------------------------------------------------------------
 
     async def append(self, routed: Sequence[tuple[Event, Mapping[str, str]]]) -> None:
-        for event, targets in routed:
-            for target_id, route in targets.items():
-                backlog = self._backlogs[target_id]
-                backlog.entries.append(Entry(event, route))
-                backlog.wakeup.set()
+        routed = [(event, targets) for event, targets in routed if targets]
+        if not routed:
+            return
+        if self.config.max_bytes and self.used_bytes >= self.config.max_bytes:
+            raise JournalFullError(
+                f"the journal holds {self.used_bytes} bytes, storage.max_bytes is "
+                f"{self.config.max_bytes}"
+            )
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(routed, done))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush(), name="journal-flush")
+        await asyncio.shield(done)
+
+    async def _flush(self) -> None:
+        """Write everything queued in one transaction; requests queued meanwhile go next."""
+        while self._queue:
+            group, self._queue = self._queue, []
+            rows, deliveries, received = self._rows(group)
+            try:
+                await self._run(self._write_sync, rows, deliveries, received)
+            except Exception as exc:
+                self.healthy = False
+                log.exception("journal write failed")
+                for pending in group:
+                    if not pending.done.done():
+                        pending.done.set_exception(exc)
+                continue
+            self.healthy = True
+            self._committed_seq = max(self._committed_seq, max(row[0] for row in rows))
+            for target_id, count in received.items():
+                target = self._targets[target_id]
+                target.books.received += count
+                target.books.pending += count
+                target.wakeup.set()
+            for pending in group:
+                if not pending.done.done():
+                    pending.done.set_result(None)
+
+    def _rows(
+        self, group: Sequence[_Pending]
+    ) -> tuple[list[tuple[Any, ...]], list[tuple[str, int, str]], dict[str, int]]:
+        rows: list[tuple[Any, ...]] = []
+        deliveries: list[tuple[str, int, str]] = []
+        received: dict[str, int] = {}
+        for pending in group:
+            for event, targets in pending.routed:
+                seq = self._next_seq
+                self._next_seq += 1
+                body = event.encoded()
+                rows.append((seq, event.id, event.received_at, body, zlib.crc32(body)))
+                for target_id, route in targets.items():
+                    deliveries.append((target_id, seq, route))
+                    received[target_id] = received.get(target_id, 0) + 1
+        return rows, deliveries, received
+
+    def _write_sync(
+        self,
+        rows: list[tuple[Any, ...]],
+        deliveries: list[tuple[str, int, str]],
+        received: dict[str, int],
+    ) -> None:
+        db = self._db
+        assert db is not None
+        with _transaction(db):
+            db.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?)", rows)
+            db.executemany("INSERT INTO deliveries VALUES (?, ?, ?)", deliveries)
+            db.executemany(
+                "UPDATE books SET received = received + ? WHERE target = ?",
+                [(count, target_id) for target_id, count in received.items()],
+            )
+        self._update_size()
+
+    def _update_size(self) -> None:
+        assert self._db is not None
+        page_size = self._db.execute("PRAGMA page_size").fetchone()[0]
+        pages = self._db.execute("PRAGMA page_count").fetchone()[0]
+        free = self._db.execute("PRAGMA freelist_count").fetchone()[0]
+        self.used_bytes = (pages - free) * page_size
+
+    async def _sync_every_interval(self) -> None:
+        """fsync: interval — commits reach the OS at once and the disk every interval."""
+        while True:
+            await asyncio.sleep(self.config.fsync_interval_ms / 1000)
+            await self._run(self._checkpoint_sync)
+
+    def _checkpoint_sync(self) -> None:
+        if self._db is not None:
+            self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+    # -- read and settle -----------------------------------------------------------------------
 
     async def next_batch(
         self,
@@ -87,48 +356,184 @@ class MemoryJournal:
         max_wait_s: float,
         stopping: asyncio.Event,
     ) -> list[Entry]:
-        backlog = self._backlogs[target_id]
-        while not backlog.entries:
+        target = self._targets[target_id]
+        while not target.books.pending:
             if stopping.is_set():
                 return []
-            backlog.wakeup.clear()
-            await _first_of(backlog.wakeup, stopping)
+            target.wakeup.clear()
+            await _first_of(target.wakeup, stopping)
         # Linger for more events, up to max_wait_s after the first one, unless stopping.
         deadline = time.monotonic() + max_wait_s
-        while len(backlog.entries) < max_events and not stopping.is_set():
+        while target.books.pending < max_events and not stopping.is_set():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            backlog.wakeup.clear()
-            await _first_of(backlog.wakeup, stopping, timeout_s=remaining)
+            target.wakeup.clear()
+            await _first_of(target.wakeup, stopping, timeout_s=remaining)
+        entries = await self._run(self._read_sync, target_id, target.cursor, max_events)
         batch: list[Entry] = []
         size = 0
-        for entry in backlog.entries:
+        for entry in entries:
             entry_bytes = len(entry.event.encoded()) + 1
-            if batch and (len(batch) >= max_events or size + entry_bytes > max_bytes):
+            if batch and size + entry_bytes > max_bytes:
                 break
             batch.append(entry)
             size += entry_bytes
+        if batch:
+            target.books.oldest_received_at = batch[0].event.received_at
         return batch
 
-    def ack(self, target_id: str, count: int) -> None:
-        entries = self._backlogs[target_id].entries
-        for _ in range(count):
-            entries.popleft()
+    def _read_sync(self, target_id: str, after: int, limit: int) -> list[Entry]:
+        assert self._db is not None
+        rows = self._db.execute(
+            "SELECT d.seq, d.route, e.received_at, e.body, e.crc FROM deliveries d "
+            "LEFT JOIN events e ON e.seq = d.seq "
+            "WHERE d.target = ? AND d.seq > ? ORDER BY d.seq LIMIT ?",
+            (target_id, after, limit),
+        ).fetchall()
+        entries = []
+        for seq, route, received_at, body, crc in rows:
+            entries.append(Entry(seq, self._decode(seq, received_at, body, crc), route))
+        return entries
 
-    def pending(self, target_id: str) -> int:
-        return len(self._backlogs[target_id].entries)
+    def _decode(self, seq: int, received_at: float | None, body: bytes | None, crc: int) -> Event:
+        """Rebuild an Event; a record that fails its checksum becomes a quarantine marker."""
+        if body is None or received_at is None or zlib.crc32(body) != crc:
+            self.quarantined += 1
+            log.error("journal record %d is missing or fails its checksum; quarantined", seq)
+            return Event.corrupt_record(seq, body)
+        try:
+            data = orjson.loads(body)
+            crn = data["logSourceCRN"]
+            return Event(
+                id=data["id"],
+                body=data,
+                location=crn_location(crn),
+                service=crn_service(crn),
+                action=data["action"],
+                received_at=received_at,
+                _encoded=bytes(body),
+            )
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            self.quarantined += 1
+            log.error("journal record %d passes its checksum but is not an event; quarantined", seq)
+            return Event.corrupt_record(seq, body)
 
-    def oldest_pending_age_s(self, target_id: str) -> float:
-        entries = self._backlogs[target_id].entries
-        return max(0.0, time.time() - entries[0].event.received_at) if entries else 0.0
+    async def ack(self, target_id: str, batch: Sequence[Entry], *, dead_lettered: int) -> None:
+        if not batch:
+            return
+        target = self._targets[target_id]
+        last = batch[-1].seq
+        delivered = len(batch) - dead_lettered
+        reclaim_through = self._reclaim_bound(target_id, last, len(batch))
+        await self._run(self._ack_sync, target_id, last, delivered, dead_lettered, reclaim_through)
+        target.cursor = last
+        target.books.pending -= len(batch)
+        target.books.delivered += delivered
+        target.books.dead_lettered += dead_lettered
+        if not target.books.pending:
+            target.books.oldest_received_at = None
 
-    def drain(self, target_id: str) -> list[Entry]:
-        """Remove and return everything still pending for a target (used at shutdown)."""
-        entries = self._backlogs[target_id].entries
-        out = list(entries)
-        entries.clear()
-        return out
+    def _reclaim_bound(self, target_id: str, last: int, count: int) -> int:
+        """Events with seq <= the bound are settled for every target and can be deleted."""
+        bound = self._committed_seq
+        for other_id, other in self._targets.items():
+            if other_id == target_id:
+                if other.books.pending > count:
+                    bound = min(bound, last)
+            elif other.books.pending:
+                bound = min(bound, other.cursor)
+        return bound if not self.orphans else 0
+
+    def _ack_sync(
+        self, target_id: str, last: int, delivered: int, dead_lettered: int, reclaim_through: int
+    ) -> None:
+        db = self._db
+        assert db is not None
+        with _transaction(db):
+            db.execute("DELETE FROM deliveries WHERE target = ? AND seq <= ?", (target_id, last))
+            db.execute(
+                "UPDATE books SET delivered = delivered + ?, dead_lettered = dead_lettered + ? "
+                "WHERE target = ?",
+                (delivered, dead_lettered, target_id),
+            )
+            if reclaim_through > 0:
+                db.execute("DELETE FROM events WHERE seq <= ?", (reclaim_through,))
+        self._update_size()
+
+    async def forget_orphans(self, target_id: str) -> None:
+        """Drop the deliveries of a removed target once its events are dead-lettered."""
+        entries = self.orphans.pop(target_id, [])
+        await self._run(self._forget_sync, target_id, len(entries))
+
+    def _forget_sync(self, target_id: str, count: int) -> None:
+        assert self._db is not None
+        with _transaction(self._db) as db:
+            db.execute("DELETE FROM deliveries WHERE target = ?", (target_id,))
+            db.execute(
+                "UPDATE books SET dead_lettered = dead_lettered + ? WHERE target = ?",
+                (count, target_id),
+            )
+
+    def books(self, target_id: str) -> Books:
+        return self._targets[target_id].books
+
+    def pending_total(self) -> int:
+        return sum(t.books.pending for t in self._targets.values())
+
+
+@contextmanager
+def _transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any error."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+def _key_bounds(old: sqlite3.Connection, table: str, key: str) -> tuple[int, int] | None:
+    try:
+        low, high = old.execute(f"SELECT MIN({key}), MAX({key}) FROM {table}").fetchone()
+    except sqlite3.DatabaseError:
+        return None
+    return None if low is None else (int(low), int(high))
+
+
+def _salvage(
+    old: sqlite3.Connection, fresh: sqlite3.Connection, table: str, key: str
+) -> tuple[int, int]:
+    """Copy the readable rows of `table`; a key range that raises is halved until the damage is
+    pinned to single keys, which are counted as lost. Returns (rows saved, keys lost)."""
+    # An event's seq also lives in deliveries: its bounds still help when the events b-tree
+    # cannot even tell its own first and last key.
+    tables = [table, "deliveries"] if table == "events" else [table]
+    bounds = [b for t in tables if (b := _key_bounds(old, t, key))]
+    if not bounds:
+        return 0, 0
+    low, high = min(b[0] for b in bounds), max(b[1] for b in bounds)
+    saved = lost = 0
+    ranges = [(low, high + 1)]
+    while ranges:
+        start, end = ranges.pop()
+        try:
+            rows = old.execute(
+                f"SELECT * FROM {table} WHERE {key} >= ? AND {key} < ?", (start, end)
+            ).fetchall()
+        except sqlite3.DatabaseError:
+            if end - start == 1:
+                lost += 1
+            else:
+                middle = (start + end) // 2
+                ranges += [(middle, end), (start, middle)]
+            continue
+        if rows:
+            marks = ", ".join("?" * len(rows[0]))
+            fresh.executemany(f"INSERT OR IGNORE INTO {table} VALUES ({marks})", rows)
+            saved += len(rows)
+    return saved, lost
 
 
 async def _first_of(*events: asyncio.Event, timeout_s: float | None = None) -> None:

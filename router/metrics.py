@@ -1,9 +1,7 @@
-"""Counters, kept per target and for ingest; /v1/status shows them.
+"""Counters for ingest and for delivery attempts; /v1/status shows them.
 
-Per target the books must balance at every moment:
-    received = delivered + dead_lettered + pending
-where `pending` comes from the journal. Each counter moves only after the fact it counts
-(the journal took the event, the target took the batch, the dead letter was written).
+The books that must balance (received = delivered + dead_lettered + pending) are kept by the
+journal, in the same transactions that move events, so they survive restarts.
 """
 
 from __future__ import annotations
@@ -32,11 +30,8 @@ class WriteStatus:
 
 @dataclass(slots=True)
 class TargetStats:
-    """What happened to the events given to one target."""
+    """How delivery to one target is going."""
 
-    received: int = 0
-    delivered: int = 0
-    dead_lettered: int = 0
     retries: int = 0
     batches: int = 0
     write_status: WriteStatus = field(default_factory=WriteStatus)
@@ -56,6 +51,7 @@ class IngestStats:
     accepted: int = 0
     rejected: int = 0
     unrouted: int = 0
+    journal_full: int = 0
     refused_requests: dict[str, int] = field(default_factory=dict)
 
     def refuse(self, code: str) -> None:

@@ -84,14 +84,19 @@ class EventValidator:
         if not isinstance(event, dict):
             return [Problem("", f"an event must be a JSON object, not {_json_type(event)}")]
         problems = [self._problem(e) for e in self._validator.iter_errors(event)]
-        if not problems and self._reject_unknown_actions:
+        if self._reject_unknown_actions and not any(p.path == "/action" for p in problems):
             problems.extend(self._catalogue_problems(event))
         problems.sort(key=lambda p: p.path)
         return problems
 
     def _catalogue_problems(self, event: dict[str, Any]) -> list[Problem]:
-        action = event["action"]
-        services = {crn_service(event["logSourceCRN"]), action_service(action)}
+        """Checked beside the schema's findings, so a producer learns everything in one answer."""
+        action, crn = event.get("action"), event.get("logSourceCRN")
+        if not isinstance(action, str):
+            return []
+        services = {action_service(action)}
+        if isinstance(crn, str):
+            services.add(crn_service(crn))
         return [
             Problem(
                 "/action",

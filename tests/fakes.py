@@ -111,7 +111,9 @@ class ScriptedReceiver:
         if status == 0:
             await asyncio.sleep(self.hang_s)
             status = 200
-        return web.Response(status=status, text=f"status {status}", headers=self.headers.get(status))
+        return web.Response(
+            status=status, text=f"status {status}", headers=self.headers.get(status)
+        )
 
     @property
     def delivered_events(self) -> list[dict[str, Any]]:

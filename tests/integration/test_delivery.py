@@ -27,7 +27,9 @@ def everything_to(*target_ids: str) -> list[dict[str, Any]]:
 
 def assert_books_balance(daemon: Daemon) -> None:
     for target_id, row in daemon.status()["targets"].items():
-        assert row["received"] == row["delivered"] + row["dead_lettered"] + row["pending"], target_id
+        assert row["received"] == row["delivered"] + row["dead_lettered"] + row["pending"], (
+            target_id
+        )
 
 
 def settled(daemon: Daemon) -> bool:
@@ -69,7 +71,11 @@ async def test_400_is_permanent_and_dead_lettered_with_the_reason(
     assert len(letters) == 1
     letter = letters[0]
     assert letter["event"]["id"] == "e-400"
-    assert (letter["target_id"], letter["route"], letter["reason"]) == ("siem", "all", "permanent_status")
+    assert (letter["target_id"], letter["route"], letter["reason"]) == (
+        "siem",
+        "all",
+        "permanent_status",
+    )
     assert letter["status"] == 400 and letter["response_excerpt"] == "status 400"
     assert letter["attempts"] == 1
     assert letter["first_attempt_at"] and letter["last_attempt_at"]
@@ -109,7 +115,9 @@ async def test_a_hang_past_the_timeout_is_retried(
     await wait_for(lambda: settled(daemon))
     assert len(siem.requests) == 2
     assert daemon.status()["targets"]["siem"]["delivered"] == 1
-    assert "timed out" in daemon.status()["targets"]["siem"]["write_status"]["reason_for_last_failure"]
+    assert (
+        "timed out" in daemon.status()["targets"]["siem"]["write_status"]["reason_for_last_failure"]
+    )
 
 
 async def test_429_retry_after_is_honoured(
@@ -204,7 +212,9 @@ async def test_batches_respect_max_events(
     siem = await receiver_factory([200])
     daemon = await start_daemon(
         {
-            "targets": [http_target("siem", siem.url) | {"batch": {"max_events": 7, "max_wait_s": 0.2}}],
+            "targets": [
+                http_target("siem", siem.url) | {"batch": {"max_events": 7, "max_wait_s": 0.2}}
+            ],
             "routes": everything_to("siem"),
         }
     )
@@ -259,24 +269,3 @@ async def test_file_target_rotates_by_size_with_private_modes(
     assert stat.S_IMODE((tmp_path / "archive").stat().st_mode) == 0o700
     lines = [e for f in present for e in read_ndjson(f)]
     assert len(lines) <= 20 and len(lines) == len({e["id"] for e in lines})
-
-
-async def test_shutdown_dead_letters_what_could_not_be_delivered(
-    start_daemon: StartDaemon, receiver_factory: ReceiverFactory, tmp_path: Path
-) -> None:
-    down = await receiver_factory([503])
-    daemon = await start_daemon(
-        {
-            "targets": [http_target("down", down.url) | {"retry": {"max_attempts": 10_000}}],
-            "routes": everything_to("down"),
-            "shutdown": {"drain_timeout_s": 0.3},
-        }
-    )
-    await post(daemon, [make_event() for _ in range(4)])
-    await wait_for(lambda: len(down.requests) >= 1)
-    await daemon.stop()
-    letters = read_ndjson(tmp_path / "var" / "deadletter" / "down.ndjson")
-    assert len(letters) == 4
-    assert {letter["reason"] for letter in letters} == {"shutdown_undelivered"}
-    assert_books_balance(daemon)
-    assert daemon.status()["targets"]["down"]["dead_lettered"] == 4

@@ -26,8 +26,13 @@ async def archive(start_daemon: StartDaemon, tmp_path: Path) -> tuple[Daemon, Pa
     path = tmp_path / "archive.ndjson"
     daemon = await start_daemon(
         {
-            "server": {"host": "127.0.0.1", "port": 0, "max_body_bytes": 64 * 1024,
-                       "max_inflated_bytes": 256 * 1024, "max_events_per_request": 50},
+            "server": {
+                "host": "127.0.0.1",
+                "port": 0,
+                "max_body_bytes": 64 * 1024,
+                "max_inflated_bytes": 256 * 1024,
+                "max_events_per_request": 50,
+            },
             "targets": [file_target("archive", path)],
             "routes": [{"name": "all", "rules": [{"locations": ["*"], "target_ids": ["archive"]}]}],
         }
@@ -43,15 +48,20 @@ async def post(
     headers: dict[str, str] | None = None,
 ) -> tuple[int, Any]:
     data = body if isinstance(body, bytes) else orjson.dumps(body)
-    async with aiohttp.ClientSession() as session, session.post(
-        f"http://127.0.0.1:{daemon.port}/v1/events",
-        data=data,
-        headers={"Content-Type": content_type, **(headers or {})},
-    ) as resp:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"http://127.0.0.1:{daemon.port}/v1/events",
+            data=data,
+            headers={"Content-Type": content_type, **(headers or {})},
+        ) as resp,
+    ):
         return resp.status, await resp.json(content_type=None)
 
 
-async def test_single_event_is_accepted_given_an_id_and_archived(archive: tuple[Daemon, Path]) -> None:
+async def test_single_event_is_accepted_given_an_id_and_archived(
+    archive: tuple[Daemon, Path],
+) -> None:
     daemon, path = archive
     status, body = await post(daemon, make_event())
     assert status == 202
@@ -184,11 +194,14 @@ async def test_chunked_body_over_the_limit_is_413(archive: tuple[Daemon, Path]) 
         for _ in range(100):
             yield b" " * 1024
 
-    async with aiohttp.ClientSession() as session, session.post(
-        f"http://127.0.0.1:{daemon.port}/v1/events",
-        data=chunks(),
-        headers={"Content-Type": "application/json"},
-    ) as resp:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"http://127.0.0.1:{daemon.port}/v1/events",
+            data=chunks(),
+            headers={"Content-Type": "application/json"},
+        ) as resp,
+    ):
         assert resp.status == 413
 
 
@@ -215,7 +228,10 @@ async def test_events_land_in_the_files_their_routes_name(
         {
             "targets": [file_target("us", us), file_target("eu", eu), file_target("rest", rest)],
             "routes": [
-                {"name": "us", "rules": [{"locations": ["us-south", "us-east"], "target_ids": ["us"]}]},
+                {
+                    "name": "us",
+                    "rules": [{"locations": ["us-south", "us-east"], "target_ids": ["us"]}],
+                },
                 {"name": "eu", "rules": [{"locations": ["eu-de"], "target_ids": ["eu"]}]},
             ],
             "settings": {"default_targets": ["rest"]},
@@ -230,7 +246,7 @@ async def test_events_land_in_the_files_their_routes_name(
     ]
     status, _ = await post(daemon, events)
     assert status == 202
-    await wait_for(lambda: sum(daemon.journal.pending(t) for t in ("us", "eu", "rest")) == 0)
+    await wait_for(lambda: daemon.journal.pending_total() == 0)
     assert [e["id"] for e in read_ndjson(us)] == ["u1"]
     assert [e["id"] for e in read_ndjson(eu)] == ["e1"]
     assert [e["id"] for e in read_ndjson(rest)] == ["g1", "g2", "t1"]
@@ -240,14 +256,17 @@ async def test_unrouted_events_are_counted(start_daemon: StartDaemon, tmp_path: 
     daemon = await start_daemon(
         {
             "targets": [file_target("us", tmp_path / "us.ndjson")],
-            "routes": [{"name": "us", "rules": [{"locations": ["us-south"], "target_ids": ["us"]}]}],
+            "routes": [
+                {"name": "us", "rules": [{"locations": ["us-south"], "target_ids": ["us"]}]}
+            ],
         }
     )
     status, body = await post(daemon, [make_event(location="eu-de"), make_event()])
     assert status == 202 and body["accepted"] == 2
-    async with aiohttp.ClientSession() as session, session.get(
-        f"http://127.0.0.1:{daemon.port}/v1/status"
-    ) as resp:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{daemon.port}/v1/status") as resp,
+    ):
         report = await resp.json()
     assert report["ingest"]["unrouted"] == 1
     assert report["targets"]["us"]["received"] == 1

@@ -27,8 +27,11 @@ def write_config(tmp_path: Path, port: int) -> Path:
         "server": {"host": "127.0.0.1", "port": port},
         "storage": {"path": str(tmp_path / "var")},
         "targets": [
-            {"id": "archive", "target_type": "file",
-             "file_endpoint": {"path": str(tmp_path / "var" / "events.ndjson")}}
+            {
+                "id": "archive",
+                "target_type": "file",
+                "file_endpoint": {"path": str(tmp_path / "var" / "events.ndjson")},
+            }
         ],
         "routes": [{"name": "all", "rules": [{"locations": ["*"], "target_ids": ["archive"]}]}],
     }
@@ -39,9 +42,10 @@ def write_config(tmp_path: Path, port: int) -> Path:
 
 async def ready(port: int) -> bool:
     try:
-        async with aiohttp.ClientSession() as session, session.get(
-            f"http://127.0.0.1:{port}/readyz"
-        ) as resp:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{port}/readyz") as resp,
+        ):
             return resp.status == 200
     except aiohttp.ClientConnectionError:
         return False
@@ -51,16 +55,24 @@ async def test_sigterm_drains_and_exits_zero(tmp_path: Path) -> None:
     port = free_port()
     config = write_config(tmp_path, port)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "router", "serve", "--config", str(config),
+        sys.executable,
+        "-m",
+        "router",
+        "serve",
+        "--config",
+        str(config),
         stderr=asyncio.subprocess.PIPE,
     )
     try:
         await wait_for(lambda: ready(port), what="the daemon to be ready")
-        async with aiohttp.ClientSession() as session, session.post(
-            f"http://127.0.0.1:{port}/v1/events",
-            data=orjson.dumps([make_event() for _ in range(50)]),
-            headers={"Content-Type": "application/json"},
-        ) as resp:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                f"http://127.0.0.1:{port}/v1/events",
+                data=orjson.dumps([make_event() for _ in range(50)]),
+                headers={"Content-Type": "application/json"},
+            ) as resp,
+        ):
             assert resp.status == 202
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 15) == 0
@@ -71,15 +83,22 @@ async def test_sigterm_drains_and_exits_zero(tmp_path: Path) -> None:
     assert len(read_ndjson(tmp_path / "var" / "events.ndjson")) == 50
     assert proc.stderr is not None
     log = [orjson.loads(line) for line in (await proc.stderr.read()).splitlines()]
-    assert any("stopped" in line["message"] and "delivered 50" in line["message"] for line in log)
+    assert any("stopped" in line["message"] and "50 delivered" in line["message"] for line in log)
     assert all({"time", "level", "logger", "message"} <= line.keys() for line in log)
 
 
 async def test_serve_refuses_a_bad_config_with_exit_2(tmp_path: Path) -> None:
     config = tmp_path / "bad.yaml"
-    config.write_text("targets: []\nroutes:\n  - name: r\n    rules: [{locations: ['*'], target_ids: [nope]}]\n")
+    config.write_text(
+        "targets: []\nroutes:\n  - name: r\n    rules: [{locations: ['*'], target_ids: [nope]}]\n"
+    )
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "router", "serve", "--config", str(config),
+        sys.executable,
+        "-m",
+        "router",
+        "serve",
+        "--config",
+        str(config),
         stderr=asyncio.subprocess.PIPE,
     )
     _, err = await asyncio.wait_for(proc.communicate(), 15)
@@ -90,7 +109,12 @@ async def test_serve_refuses_a_bad_config_with_exit_2(tmp_path: Path) -> None:
 async def test_embedded_default_config_passes_check() -> None:
     env = {**os.environ}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "router", "check", stdout=asyncio.subprocess.PIPE, env=env,
+        sys.executable,
+        "-m",
+        "router",
+        "check",
+        stdout=asyncio.subprocess.PIPE,
+        env=env,
     )
     out, _ = await asyncio.wait_for(proc.communicate(), 15)
     assert proc.returncode == 0

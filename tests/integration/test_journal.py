@@ -1,0 +1,209 @@
+"""The durable journal: restarts, removed targets, a full journal, corrupt records and files."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from router.app import Daemon
+from tests.conftest import StartDaemon
+from tests.fakes import ScriptedReceiver, make_event, read_ndjson, wait_for
+from tests.integration.test_delivery import (
+    assert_books_balance,
+    everything_to,
+    http_target,
+    settled,
+)
+from tests.integration.test_ingest import file_target, post
+
+ReceiverFactory = Callable[..., Awaitable[ScriptedReceiver]]
+
+
+def damage(path: Path) -> None:
+    """Garbage over two pages in the middle of the file (the events b-tree lives there)."""
+    with open(path, "r+b") as f:
+        f.seek(path.stat().st_size // 2)
+        f.write(b"\xff" * 8192)
+
+
+def patient(target: dict[str, Any]) -> dict[str, Any]:
+    """A target that retries for as long as a test needs."""
+    return target | {"retry": {"max_attempts": 100_000, "max_age_s": 3600}}
+
+
+async def test_pending_events_survive_a_restart_and_the_books_too(
+    start_daemon: StartDaemon, receiver_factory: ReceiverFactory
+) -> None:
+    siem = await receiver_factory([503])
+    config = {
+        "targets": [patient(http_target("siem", siem.url))],
+        "routes": everything_to("siem"),
+        "shutdown": {"drain_timeout_s": 0.2},
+    }
+    first = await start_daemon(config)
+    _, body = await post(first, [make_event() for _ in range(5)])
+    ids = [r["id"] for r in body["results"]]
+    await wait_for(lambda: len(siem.requests) >= 1)
+    await first.stop()
+    assert first.status()["targets"]["siem"]["pending"] == 5
+
+    siem.statuses = [200]
+    second = await start_daemon(config)
+    await wait_for(lambda: settled(second))
+    assert [e["id"] for e in siem.delivered_events] == ids
+    row = second.status()["targets"]["siem"]
+    assert (row["received"], row["delivered"], row["dead_lettered"]) == (5, 5, 0)
+    assert_books_balance(second)
+
+
+async def test_a_target_removed_from_the_config_has_its_backlog_dead_lettered(
+    start_daemon: StartDaemon, receiver_factory: ReceiverFactory, tmp_path: Path
+) -> None:
+    siem = await receiver_factory([503])
+    archive = tmp_path / "archive.ndjson"
+    first = await start_daemon(
+        {
+            "targets": [patient(http_target("siem", siem.url)), file_target("archive", archive)],
+            "routes": everything_to("siem", "archive"),
+            "shutdown": {"drain_timeout_s": 0.2},
+        }
+    )
+    await post(first, [make_event(id=f"e{i}") for i in range(3)])
+    await wait_for(lambda: len(read_ndjson(archive)) == 3)
+    await first.stop()
+
+    second = await start_daemon(
+        {"targets": [file_target("archive", archive)], "routes": everything_to("archive")}
+    )
+    letters = read_ndjson(tmp_path / "var" / "deadletter" / "siem.ndjson")
+    assert [letter["event"]["id"] for letter in letters] == ["e0", "e1", "e2"]
+    assert {letter["reason"] for letter in letters} == {"target_removed"}
+    assert {letter["route"] for letter in letters} == {"all"}
+    # The removed target's backlog no longer pins the journal: new events flow and are reclaimed.
+    await post(second, make_event(id="after"))
+    await wait_for(lambda: settled(second))
+    assert [e["id"] for e in read_ndjson(archive)] == ["e0", "e1", "e2", "after"]
+    with sqlite3.connect(tmp_path / "var" / "journal.db") as db:
+        assert db.execute("SELECT COUNT(*) FROM deliveries").fetchone()[0] == 0
+        assert db.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 0
+
+
+async def test_a_full_journal_answers_503_then_resumes_when_the_target_drains(
+    start_daemon: StartDaemon, receiver_factory: ReceiverFactory
+) -> None:
+    siem = await receiver_factory([503])
+    daemon = await start_daemon(
+        {
+            "storage": {"path": str(Path(siem.url).name), "max_bytes": 65536},
+            "targets": [patient(http_target("siem", siem.url))],
+            "routes": everything_to("siem"),
+            "shutdown": {"drain_timeout_s": 0.2},
+        }
+    )
+    accepted: list[str] = []
+    refused = None
+    for _ in range(200):
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                f"http://127.0.0.1:{daemon.port}/v1/events",
+                json=[make_event() for _ in range(10)],
+            ) as resp,
+        ):
+            if resp.status == 503:
+                refused = resp
+                answer = await resp.json()
+                break
+            assert resp.status == 202
+            accepted += [r["id"] for r in (await resp.json())["results"]]
+    assert refused is not None, "the journal never filled"
+    assert refused.headers["Retry-After"] == "5"
+    assert answer["error"]["code"] == "journal_full"
+    assert daemon.status()["ingest"]["journal_full"] == 1
+
+    siem.statuses = [200]
+    await wait_for(lambda: settled(daemon), what="the backlog to drain")
+    assert [e["id"] for e in siem.delivered_events] == accepted
+    status, _ = await post(daemon, make_event(id="after-drain"))
+    assert status == 202
+    await wait_for(lambda: settled(daemon))
+    assert siem.delivered_events[-1]["id"] == "after-drain"
+    assert_books_balance(daemon)
+
+
+async def test_a_record_failing_its_checksum_is_dead_lettered_and_the_rest_delivered(
+    start_daemon: StartDaemon, receiver_factory: ReceiverFactory, tmp_path: Path
+) -> None:
+    siem = await receiver_factory([503])
+    config = {
+        "targets": [patient(http_target("siem", siem.url))],
+        "routes": everything_to("siem"),
+        "shutdown": {"drain_timeout_s": 0.2},
+    }
+    first = await start_daemon(config)
+    await post(first, [make_event(id=f"e{i}") for i in range(4)])
+    await first.stop()
+    with sqlite3.connect(tmp_path / "var" / "journal.db") as db:
+        db.execute("UPDATE events SET body = CAST('{\"tampered\": true}' AS BLOB) WHERE seq = 2")
+
+    siem.statuses = [200]
+    second = await start_daemon(config)
+    await wait_for(lambda: settled(second))
+    assert [e["id"] for e in siem.delivered_events] == ["e0", "e2", "e3"]
+    [letter] = read_ndjson(tmp_path / "var" / "deadletter" / "siem.ndjson")
+    assert letter["reason"] == "journal_corrupt"
+    assert letter["event"]["journal_seq"] == 2
+    assert second.status()["journal"]["quarantined_records"] == 1
+    row = second.status()["targets"]["siem"]
+    assert (row["received"], row["delivered"], row["dead_lettered"]) == (4, 3, 1)
+
+
+async def test_a_damaged_journal_file_is_quarantined_and_intact_records_delivered(
+    start_daemon: StartDaemon, receiver_factory: ReceiverFactory, tmp_path: Path
+) -> None:
+    siem = await receiver_factory([503])
+    config = {
+        "targets": [patient(http_target("siem", siem.url))],
+        "routes": everything_to("siem"),
+        "shutdown": {"drain_timeout_s": 0.2},
+    }
+    first = await start_daemon(config)
+    big = "x" * 3000  # several pages of events, so damage hits some and spares others
+    for i in range(20):
+        await post(first, [make_event(id=f"e{i}-{j}", message=big) for j in range(10)])
+    await first.stop()
+    damage(tmp_path / "var" / "journal.db")
+
+    siem.statuses = [200]
+    second = await start_daemon(config)
+    assert second.ready
+    quarantined = list((tmp_path / "var").glob("journal.db.corrupt-*"))
+    assert quarantined, "the damaged file is kept aside for inspection"
+    await wait_for(lambda: settled(second), what="the intact records to be delivered")
+    delivered = {e["id"] for e in siem.delivered_events}
+    letters = read_ndjson(tmp_path / "var" / "deadletter" / "siem.ndjson")
+    assert 0 < len(delivered) < 200
+    # Every event is accounted for: delivered, or dead-lettered as corrupt, or in a region
+    # the salvage could not read at all (reported as quarantined).
+    assert len(delivered) + len(letters) <= 200
+    assert second.status()["journal"]["quarantined_records"] >= 1
+    assert_books_balance(second)
+
+
+async def test_fsync_modes_all_deliver(start_daemon: StartDaemon, tmp_path: Path) -> None:
+    for mode in ("always", "interval", "never"):
+        path = tmp_path / f"{mode}.ndjson"
+        daemon: Daemon = await start_daemon(
+            {
+                "storage": {"path": str(tmp_path / mode), "fsync": mode, "fsync_interval_ms": 50},
+                "targets": [file_target("archive", path)],
+                "routes": everything_to("archive"),
+            }
+        )
+        await post(daemon, [make_event() for _ in range(3)])
+        await wait_for(lambda p=path: len(read_ndjson(p)) == 3)
+        await daemon.stop()

@@ -16,13 +16,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from router import __version__
 from router.config import Config
-from router.deadletter import DeadLetters, Failure
+from router.deadletter import DeadLetters, Failure, Letter, LetterFilter, parse_since
 from router.delivery import DeliveryWorker
-from router.ingest import Ingest, json_response
+from router.errors import RequestError
+from router.events import Event
+from router.ingest import Ingest, error_response, json_response
 from router.journal import SqliteJournal
 from router.metrics import IngestStats, TargetStats
 from router.resources import schemas_dir
@@ -31,6 +34,8 @@ from router.targets import Target, build_target
 from router.validation import EventValidator
 
 log = logging.getLogger(__name__)
+
+REDRIVE_CHUNK = 500
 
 
 class Daemon:
@@ -68,6 +73,7 @@ class Daemon:
         app = web.Application(client_max_size=self.config.server.max_body_bytes)
         app.router.add_post("/v1/events", ingest.handle)
         app.router.add_get("/v1/status", self._status)
+        app.router.add_post("/v1/deadletters/{target}/redrive", self._redrive)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         return app
@@ -203,6 +209,43 @@ class Daemon:
             },
             "targets": targets,
         }
+
+    async def _redrive(self, request: web.Request) -> web.StreamResponse:
+        """Put a target's dead letters (optionally by reason, since a time) back on the journal
+        for that target only. Streams NDJSON progress lines: {"done": n, "total": m}."""
+        target_id = request.match_info["target"]
+        if target_id not in self.targets:
+            return error_response(RequestError(404, "unknown_target", f"no target {target_id!r}"))
+        try:
+            since = request.query.get("since")
+            wanted = LetterFilter(
+                reason=request.query.get("reason"),
+                since=parse_since(since) if since else None,
+            )
+        except ValueError as exc:
+            return error_response(RequestError(400, "bad_filter", str(exc)))
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await response.prepare(request)
+
+        def redrivable(letter: Letter) -> bool:
+            return wanted(letter) and not self.validator.validate(letter["event"])
+
+        async with self.dead_letters.take(target_id, redrivable) as taken:
+            total = len(taken.letters)
+            await response.write(orjson.dumps({"done": 0, "total": total}) + b"\n")
+            while taken.done < total:
+                chunk = taken.letters[taken.done : taken.done + REDRIVE_CHUNK]
+                await self.journal.append(
+                    [
+                        (Event.from_body(letter["event"]), {target_id: letter.get("route", "")})
+                        for letter in chunk
+                    ]
+                )
+                taken.done += len(chunk)
+                await response.write(orjson.dumps({"done": taken.done, "total": total}) + b"\n")
+        log.info("target %s: %d dead letters redriven", target_id, total)
+        await response.write_eof()
+        return response
 
     async def _status(self, request: web.Request) -> web.Response:
         return json_response(self.status())

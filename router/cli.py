@@ -1,4 +1,4 @@
-"""The command line: `event-router serve | check`. The only place that calls asyncio.run()
+"""The command line: `event-router serve | check | dlq`. The only place that calls asyncio.run()
 and sys.exit().
 
 Exit codes: 0 success, 1 runtime failure, 2 a config that cannot be used.
@@ -56,6 +56,31 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="YAML config (default: the embedded config/router.yaml)",
     )
+    dlq = commands.add_parser("dlq", help="dead letters: list, show, redrive")
+    dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
+    dlq_list = dlq_commands.add_parser("list", help="letters per target, by reason")
+    dlq_show = dlq_commands.add_parser("show", help="print a target's letters")
+    dlq_redrive = dlq_commands.add_parser(
+        "redrive", help="put a target's letters back on the journal, for that target only"
+    )
+    for sub in (dlq_list, dlq_show, dlq_redrive):
+        sub.add_argument(
+            "--config",
+            type=Path,
+            default=None,
+            help="YAML config (default: the embedded config/router.yaml)",
+        )
+    for sub in (dlq_show, dlq_redrive):
+        sub.add_argument("--target", required=True, help="target id")
+        sub.add_argument("--reason", help="only letters with this reason, e.g. retries_exhausted")
+        sub.add_argument(
+            "--since",
+            help="only letters whose last attempt is at or after this "
+            "ISO 8601 time, e.g. 2026-11-24T10:00:00Z",
+        )
+    dlq_show.add_argument("--limit", type=int, help="at most this many letters")
+    dlq_show.add_argument("--format", choices=["ndjson", "table"], default="table")
+    dlq_redrive.add_argument("--url", help="the daemon's base URL (default: from the config)")
     return parser
 
 
@@ -69,6 +94,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
+    if args.command == "dlq":
+        sys.exit(_dlq(args, config))
     if args.command == "check":
         print(
             f"{config_path}: OK ({len(config.targets)} targets, {len(config.routes)} routes, "
@@ -89,6 +116,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     except OSError as exc:
         log.error("cannot start: %s", exc)
         sys.exit(EXIT_RUNTIME)
+
+
+def _dlq(args: argparse.Namespace, config: Config) -> int:
+    from router import dlq
+    from router.deadletter import LetterFilter, parse_since
+
+    if args.dlq_command == "list":
+        return dlq.list_letters(config)
+    try:
+        since = parse_since(args.since) if args.since else None
+    except ValueError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_CONFIG
+    if args.dlq_command == "show":
+        return dlq.show_letters(
+            config, args.target, LetterFilter(args.reason, since), limit=args.limit, fmt=args.format
+        )
+    query = {k: v for k, v in (("reason", args.reason), ("since", args.since)) if v}
+    return asyncio.run(dlq.redrive(config, args.target, query, url=args.url))
 
 
 async def _serve(config: Config) -> None:

@@ -1,15 +1,22 @@
 """Dead letters: one JSON line per event that a target will not get, with the reason.
 
 Files live at `<storage.path>/deadletter/<target id>.ndjson` (0600, fsynced), so an operator can
-prove what happened to every accepted event that never reached a target, and redrive it later.
+prove what happened to every accepted event that never reached a target, and redrive it:
+`take` removes the matching letters from the file, but only after the caller has put their
+events back on the journal; a crash in between leaves them in both places (sent again, never
+lost).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import os
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -17,12 +24,17 @@ from router.appendfile import AppendOnlyFile
 from router.journal import Entry
 from router.metrics import utc_iso
 
+Letter = dict[str, Any]
+
+# A journal record that failed its checksum holds no event, so it can be shown, not redriven.
+UNREDRIVABLE_REASONS = frozenset({"journal_corrupt"})
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Failure:
     """Why a batch was given up, and the evidence for it."""
 
-    reason: str  # permanent_status, permanent_error, retries_exhausted, shutdown_undelivered
+    reason: str  # permanent_status, permanent_error, retries_exhausted, target_removed, ...
     message: str
     status: int | None = None
     response_excerpt: str = ""
@@ -31,15 +43,75 @@ class Failure:
     last_attempt_at: float | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class LetterFilter:
+    """Which letters a `dlq` command applies to."""
+
+    reason: str | None = None
+    since: datetime | None = None
+
+    def __call__(self, letter: Letter) -> bool:
+        if self.reason is not None and letter.get("reason") != self.reason:
+            return False
+        if self.since is not None:
+            at = letter.get("last_attempt_at") or letter.get("received_at") or ""
+            try:
+                return datetime.fromisoformat(at.replace("Z", "+00:00")) >= self.since
+            except (AttributeError, ValueError):
+                return False
+        return True
+
+
+def parse_since(text: str) -> datetime:
+    """`--since` / `?since=`: an ISO 8601 time (a bare date is midnight UTC); naive means UTC."""
+    try:
+        when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise ValueError(f"since: {text!r} is not an ISO 8601 time") from exc
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def read_letters(path: Path) -> Iterator[Letter]:
+    """Every letter of a dead-letter file; a line that is not JSON is reported, not skipped."""
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed below, generator
+    except FileNotFoundError:
+        return
+    with f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield orjson.loads(line)
+            except orjson.JSONDecodeError:
+                yield {
+                    "reason": "unreadable_line",
+                    "line": number,
+                    "raw_excerpt": line[:200].decode("utf-8", "replace"),
+                }
+
+
+@dataclass(slots=True)
+class Taken:
+    """Letters taken out for a redrive, and how many of them are back on the journal."""
+
+    letters: list[Letter]
+    done: int = 0
+
+
 class DeadLetters:
-    """Appends dead letters to one file per target."""
+    """Appends dead letters to one file per target; takes them back out for a redrive."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self._files: dict[str, AppendOnlyFile] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
 
     def path(self, target_id: str) -> Path:
         return self.directory / f"{target_id}.ndjson"
+
+    def _lock(self, target_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(target_id, asyncio.Lock())
 
     async def write(self, target_id: str, entries: Sequence[Entry], failure: Failure) -> None:
         lines = b"".join(
@@ -61,10 +133,51 @@ class DeadLetters:
             + b"\n"
             for entry in entries
         )
-        file = self._files.get(target_id)
-        if file is None:
-            file = self._files[target_id] = AppendOnlyFile(self.path(target_id))
-        await asyncio.to_thread(file.append, lines)
+        async with self._lock(target_id):
+            file = self._files.get(target_id)
+            if file is None:
+                file = self._files[target_id] = AppendOnlyFile(self.path(target_id))
+            await asyncio.to_thread(file.append, lines)
+
+    @asynccontextmanager
+    async def take(self, target_id: str, wanted: Callable[[Letter], bool]) -> AsyncIterator[Taken]:
+        """Yield the wanted, redrivable letters. The caller counts in `done` those it has put
+        back on the journal, in order; at the end of the block, even on error, the file is
+        rewritten without them. New letters wait meanwhile, so none is lost in the rewrite."""
+        async with self._lock(target_id):
+            path = self.path(target_id)
+            letters = await asyncio.to_thread(lambda: list(read_letters(path)))
+            taken = Taken(
+                [
+                    letter
+                    for letter in letters
+                    if "event" in letter
+                    and letter.get("reason") not in UNREDRIVABLE_REASONS
+                    and wanted(letter)
+                ]
+            )
+            try:
+                yield taken
+            finally:
+                if taken.done:
+                    gone = {id(letter) for letter in taken.letters[: taken.done]}
+                    kept = [letter for letter in letters if id(letter) not in gone]
+                    await asyncio.to_thread(self._rewrite, target_id, kept)
+
+    def _rewrite(self, target_id: str, kept: list[Letter]) -> None:
+        """Atomically replace the file (temp file, fsync, rename); the appender reopens."""
+        path = self.path(target_id)
+        file = self._files.pop(target_id, None)
+        if file is not None:
+            file.close()
+        temp = path.with_name(path.name + ".tmp")
+        temp.unlink(missing_ok=True)
+        staged = AppendOnlyFile(temp)
+        try:
+            staged.append(b"".join(orjson.dumps(letter) + b"\n" for letter in kept))
+        finally:
+            staged.close()
+        os.replace(temp, path)
 
     def close(self) -> None:
         for file in self._files.values():

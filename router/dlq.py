@@ -1,0 +1,129 @@
+"""`event-router dlq list | show | redrive`: what operators do with dead letters.
+
+`list` and `show` read the dead-letter files directly (the daemon need not run). `redrive` asks
+the running daemon, which owns the journal, to put the letters back on it for one target; the
+daemon streams its progress and this module draws it as a bar on stderr.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any, TextIO
+from urllib.parse import urlencode
+
+import aiohttp
+import orjson
+
+from router.config import Config
+from router.deadletter import LetterFilter, read_letters
+
+TABLE_COLUMNS = ("last_attempt_at", "reason", "status", "event_id", "action", "route")
+
+
+def deadletter_dir(config: Config) -> Path:
+    return Path(config.storage.path) / "deadletter"
+
+
+def list_letters(config: Config, out: TextIO = sys.stdout) -> int:
+    """One line per target: how many letters, by reason, and the time span they cover."""
+    files = sorted(deadletter_dir(config).glob("*.ndjson"))
+    if not files:
+        print(f"no dead letters under {deadletter_dir(config)}", file=out)
+        return 0
+    print(f"{'target':<24} {'letters':>8}  {'first':<24} {'last':<24} reasons", file=out)
+    for path in files:
+        reasons: Counter[str] = Counter()
+        times = []
+        for letter in read_letters(path):
+            reasons[str(letter.get("reason"))] += 1
+            if at := letter.get("last_attempt_at") or letter.get("received_at"):
+                times.append(at)
+        by_reason = ", ".join(f"{reason}={n}" for reason, n in reasons.most_common())
+        first, last = (min(times), max(times)) if times else ("-", "-")
+        print(
+            f"{path.stem:<24} {sum(reasons.values()):>8}  {first:<24} {last:<24} {by_reason}",
+            file=out,
+        )
+    return 0
+
+
+def show_letters(
+    config: Config,
+    target_id: str,
+    wanted: LetterFilter,
+    *,
+    limit: int | None,
+    fmt: str,
+    out: TextIO = sys.stdout,
+) -> int:
+    """The target's letters that match, as NDJSON or a readable table."""
+    shown = 0
+    if fmt == "table":
+        print("  ".join(f"{c:<24}" for c in TABLE_COLUMNS).rstrip(), file=out)
+    for letter in read_letters(deadletter_dir(config) / f"{target_id}.ndjson"):
+        if not wanted(letter):
+            continue
+        if limit is not None and shown >= limit:
+            break
+        shown += 1
+        if fmt == "table":
+            print("  ".join(f"{_cell(letter, c):<24}" for c in TABLE_COLUMNS).rstrip(), file=out)
+        else:
+            print(orjson.dumps(letter).decode(), file=out)
+    if fmt == "table":
+        print(f"({shown} letters)", file=out)
+    return 0
+
+
+def _cell(letter: dict[str, Any], column: str) -> str:
+    event = letter.get("event") or {}
+    value = {"event_id": event.get("id"), "action": event.get("action")}.get(
+        column, letter.get(column)
+    )
+    return "-" if value is None else str(value)
+
+
+async def redrive(
+    config: Config,
+    target_id: str,
+    query: dict[str, str],
+    *,
+    url: str | None,
+    err: TextIO = sys.stderr,
+) -> int:
+    """Ask the daemon to redrive; draw its progress. Exit code 0 when it finished."""
+    base = url or f"http://{config.server.host}:{config.server.port}"
+    endpoint = f"{base.rstrip('/')}/v1/deadletters/{target_id}/redrive"
+    if query:
+        endpoint += "?" + urlencode(query)
+    done = total = 0
+    try:
+        async with aiohttp.ClientSession() as session, session.post(endpoint) as resp:
+            if resp.status != 200:
+                body = await resp.json(content_type=None)
+                print(f"redrive refused: {resp.status} {body['error']['message']}", file=err)
+                return 1
+            async for line in resp.content:
+                if line.strip():
+                    progress = orjson.loads(line)
+                    done, total = progress["done"], progress["total"]
+                    draw_progress(done, total, err)
+    except aiohttp.ClientError as exc:
+        print(f"cannot reach the daemon at {base}: {exc}", file=err)
+        return 1
+    print(file=err)
+    if done < total:
+        print(f"redrive stopped after {done} of {total} letters", file=err)
+        return 1
+    print(f"redrove {done} dead letters of target {target_id} back onto the journal", file=err)
+    return 0
+
+
+def draw_progress(done: int, total: int, out: TextIO, width: int = 40) -> None:
+    """`[#########.........]  450/1000  45%`, redrawn in place."""
+    filled = width * done // total if total else width
+    percent = 100 * done // total if total else 100
+    out.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done:>8}/{total:<8} {percent:3d}%")
+    out.flush()

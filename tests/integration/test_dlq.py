@@ -1,0 +1,128 @@
+"""Dead letters an operator can list, show and redrive, for one target only."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+import yaml
+
+from router.cli import main
+from tests.conftest import StartDaemon
+from tests.fakes import ScriptedReceiver, make_event, read_ndjson, wait_for
+from tests.integration.test_delivery import assert_books_balance, http_target, settled
+from tests.integration.test_ingest import file_target, post
+
+ReceiverFactory = Callable[..., Awaitable[ScriptedReceiver]]
+
+
+async def run_cli(*args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "router",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_redrive_sends_dead_letters_again_to_their_target_only(
+    start_daemon: StartDaemon,
+    receiver_factory: ReceiverFactory,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    siem = await receiver_factory([400, 400, 500])
+    archive = tmp_path / "archive.ndjson"
+    config = {
+        "targets": [
+            http_target("siem", siem.url)
+            | {"retry": {"max_attempts": 1}, "batch": {"max_events": 2}},
+            file_target("archive", archive),
+        ],
+        "routes": [
+            {"name": "all", "rules": [{"locations": ["*"], "target_ids": ["siem", "archive"]}]}
+        ],
+    }
+    daemon = await start_daemon(config)
+    await post(daemon, [make_event(id=f"e{i}") for i in range(6)])
+    await wait_for(lambda: settled(daemon))
+    letters = read_ndjson(tmp_path / "var" / "deadletter" / "siem.ndjson")
+    assert [letter["reason"] for letter in letters] == ["permanent_status"] * 4 + [
+        "retries_exhausted"
+    ] * 2
+
+    # list and show read the files; the daemon need not be asked.
+    config_file = tmp_path / "router.yaml"
+    config_file.write_text(yaml.safe_dump({**config, "storage": {"path": str(tmp_path / "var")}}))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["dlq", "list", "--config", str(config_file)])
+    assert exit_info.value.code == 0
+    listing = capsys.readouterr().out
+    assert (
+        "siem" in listing and "permanent_status=4" in listing and "retries_exhausted=2" in listing
+    )
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "dlq",
+                "show",
+                "--config",
+                str(config_file),
+                "--target",
+                "siem",
+                "--reason",
+                "retries_exhausted",
+                "--format",
+                "ndjson",
+            ]
+        )
+    shown = [yaml.safe_load(line) for line in capsys.readouterr().out.splitlines()]
+    assert [letter["event"]["id"] for letter in shown] == ["e4", "e5"]
+
+    # Redrive only the permanent failures, through the real CLI against the running daemon.
+    siem.statuses = [200]
+    before = len(siem.requests)
+    code, _, err = await run_cli(
+        "dlq",
+        "redrive",
+        "--config",
+        str(config_file),
+        "--target",
+        "siem",
+        "--reason",
+        "permanent_status",
+        "--url",
+        f"http://127.0.0.1:{daemon.port}",
+    )
+    assert code == 0, err
+    assert "4/4" in err and "redrove 4 dead letters" in err
+    await wait_for(lambda: settled(daemon))
+    redelivered = [e["id"] for r in siem.requests[before:] for e in r.body]
+    assert redelivered == ["e0", "e1", "e2", "e3"]
+    assert len(read_ndjson(archive)) == 6, "the other target gets nothing again"
+    remaining = read_ndjson(tmp_path / "var" / "deadletter" / "siem.ndjson")
+    assert [letter["event"]["id"] for letter in remaining] == ["e4", "e5"]
+    row = daemon.status()["targets"]["siem"]
+    assert (row["received"], row["delivered"], row["dead_lettered"]) == (10, 4, 6)
+    assert_books_balance(daemon)
+
+
+async def test_redrive_of_an_unknown_target_is_refused(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    daemon = await start_daemon(
+        {"targets": [file_target("archive", tmp_path / "a.ndjson")], "routes": []}
+    )
+    code, _, err = await run_cli(
+        "dlq", "redrive", "--target", "nope", "--url", f"http://127.0.0.1:{daemon.port}"
+    )
+    assert code == 1
+    assert "404" in err and "no target 'nope'" in err

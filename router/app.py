@@ -254,6 +254,8 @@ class Daemon:
         return json_response({"status": "alive"})
 
     async def _readyz(self, request: web.Request) -> web.Response:
-        if self.ready:
-            return json_response({"status": "ready"})
-        return json_response({"status": "not ready"}, status=503)
+        if not self.ready:
+            return json_response({"status": "not ready"}, status=503)
+        if not self.journal.healthy:
+            return json_response({"status": "journal unhealthy"}, status=503)
+        return json_response({"status": "ready"})

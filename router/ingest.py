@@ -209,6 +209,11 @@ def json_response(body: Any, *, status: int = 200, **kwargs: Any) -> web.Respons
 
 
 def error_response(error: RequestError) -> web.Response:
-    return json_response(
+    response = json_response(
         {"error": {"code": error.code, "message": error.message}}, status=error.status
     )
+    if error.status == 413:
+        # The rest of the body was never read: close the connection rather than keep it (and
+        # a shutdown) waiting for bytes nobody will read.
+        response.force_close()
+    return response

@@ -57,6 +57,8 @@ CREATE TABLE IF NOT EXISTS books (
     target TEXT PRIMARY KEY, received INTEGER NOT NULL DEFAULT 0,
     delivered INTEGER NOT NULL DEFAULT 0, dead_lettered INTEGER NOT NULL DEFAULT 0);
 """
+FREE_PAGES_BEFORE_SHRINK = 4096
+SHRINK_STEP_PAGES = 1024
 SYNCHRONOUS = {"always": "FULL", "interval": "NORMAL", "never": "OFF"}
 
 
@@ -167,6 +169,9 @@ class SqliteJournal:
 
     def _connect(self, path: Path) -> sqlite3.Connection:
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        # Only takes effect on a new file: pages freed by reclaimed events can then be returned
+        # to the file system after a large backlog drains (see _give_back_space).
+        db.execute("PRAGMA auto_vacuum=INCREMENTAL")
         db.execute("PRAGMA journal_mode=WAL")
         db.execute(f"PRAGMA synchronous={SYNCHRONOUS[self.config.fsync]}")
         db.executescript(SCHEMA)
@@ -459,7 +464,16 @@ class SqliteJournal:
             )
             if reclaim_through > 0:
                 db.execute("DELETE FROM events WHERE seq <= ?", (reclaim_through,))
+        self._give_back_space()
         self._update_size()
+
+    def _give_back_space(self) -> None:
+        """Shrink the file a step at a time once many pages are free, so that a drained
+        backlog does not keep its disk space forever, and no single ack pays for all of it."""
+        assert self._db is not None
+        if self._db.execute("PRAGMA freelist_count").fetchone()[0] > FREE_PAGES_BEFORE_SHRINK:
+            # executescript steps the pragma to completion; execute() frees one page only.
+            self._db.executescript(f"PRAGMA incremental_vacuum({SHRINK_STEP_PAGES});")
 
     async def forget_orphans(self, target_id: str) -> None:
         """Drop the deliveries of a removed target once its events are dead-lettered."""

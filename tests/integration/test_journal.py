@@ -10,6 +10,7 @@ from typing import Any
 import aiohttp
 
 from router.app import Daemon
+from router.journal import FREE_PAGES_BEFORE_SHRINK
 from tests.conftest import StartDaemon
 from tests.fakes import ScriptedReceiver, make_event, read_ndjson, wait_for
 from tests.integration.test_delivery import (
@@ -207,3 +208,27 @@ async def test_fsync_modes_all_deliver(start_daemon: StartDaemon, tmp_path: Path
         await post(daemon, [make_event() for _ in range(3)])
         await wait_for(lambda p=path: len(read_ndjson(p)) == 3)
         await daemon.stop()
+
+
+async def test_a_drained_backlog_gives_its_disk_space_back(
+    start_daemon: StartDaemon, receiver_factory: ReceiverFactory, tmp_path: Path
+) -> None:
+    siem = await receiver_factory([503])
+    daemon = await start_daemon(
+        {"targets": [patient(http_target("siem", siem.url))], "routes": everything_to("siem")}
+    )
+    filler = "x" * 4000
+    for _ in range(40):
+        await post(daemon, [make_event(message=filler) for _ in range(125)])
+    full = daemon.status()["journal"]["used_bytes"]
+    assert full > 20_000_000
+    siem.statuses = [200]
+    await wait_for(lambda: settled(daemon), timeout_s=30)
+    journal = tmp_path / "var" / "journal.db"
+    with sqlite3.connect(journal) as db:
+        free_pages = db.execute("PRAGMA freelist_count").fetchone()[0]
+        page_size = db.execute("PRAGMA page_size").fetchone()[0]
+    assert daemon.status()["journal"]["used_bytes"] < full // 10
+    # Without giving space back the whole backlog (over 6,000 pages) would stay on the freelist.
+    assert full // page_size > FREE_PAGES_BEFORE_SHRINK * 3 // 2
+    assert free_pages <= FREE_PAGES_BEFORE_SHRINK, "freed pages were returned to the file system"

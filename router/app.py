@@ -68,7 +68,8 @@ class Daemon:
             routes=self.routes,
             journal=self.journal,
             stats=self.ingest_stats,
-            retry_after_when_full_s=self.config.storage.full_retry_after_s,
+            storage=self.config.storage,
+            dead_letters=self.dead_letters,
         )
         app = web.Application(client_max_size=self.config.server.max_body_bytes)
         app.router.add_post("/v1/events", ingest.handle)
@@ -186,6 +187,7 @@ class Daemon:
                 "oldest_pending_age_s": round(now - oldest, 3) if oldest else 0.0,
                 "retries": stats.retries,
                 "batches": stats.batches,
+                "worker_errors": stats.worker_errors,
                 "write_status": stats.write_status.as_dict(),
             }
         ingest = self.ingest_stats
@@ -199,6 +201,7 @@ class Daemon:
                 "unrouted": ingest.unrouted,
                 "refused_requests": dict(ingest.refused_requests),
                 "journal_full": ingest.journal_full,
+                "dropped_buffer_full": ingest.dropped_buffer_full,
             },
             "journal": {
                 "path": str(self.journal.path),

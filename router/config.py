@@ -49,7 +49,9 @@ class StorageConfig:
     fsync: Literal["always", "interval", "never"] = "always"
     fsync_interval_ms: int = 1000
     max_bytes: int = 1024 * MiB
-    when_full: Literal["reject"] = "reject"
+    # reject: 503 + Retry-After. drop_oldest_per_target: dead-letter the oldest events of the
+    # largest backlog (reason dropped_buffer_full) to make room; only if an operator chooses it.
+    when_full: Literal["reject", "drop_oldest_per_target"] = "reject"
     # Told to producers in Retry-After when the journal is full.
     full_retry_after_s: int = 5
 

@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 # the batch stays in the journal, nothing is acknowledged, nothing is lost.
 DEAD_LETTER_RETRY_S = 1.0
 
+WORKER_RESTART_S = 1.0
+
 CORRUPT_RECORD = Failure(
     reason="journal_corrupt",
     message="the journal record failed its checksum; its raw bytes are kept as an excerpt",
@@ -65,7 +67,21 @@ class DeliveryWorker:
         )
 
     async def run(self) -> None:
-        """Deliver batches until `stopping` is set and nothing is left for this target."""
+        """Deliver batches until `stopping` is set and nothing is left for this target.
+
+        This is a task boundary: an unexpected error is logged and counted, and the worker
+        carries on after a pause (the batch stays in the journal), rather than dying silently
+        and leaving the target's backlog to grow unseen."""
+        while True:
+            try:
+                await self._deliver_until_stopped()
+                return
+            except Exception:
+                self.stats.worker_errors += 1
+                log.exception("target %s: delivery worker failed; restarting", self.config.id)
+                await asyncio.sleep(WORKER_RESTART_S)
+
+    async def _deliver_until_stopped(self) -> None:
         batch_config = self.config.batch
         while True:
             batch = await self.journal.next_batch(

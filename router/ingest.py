@@ -20,7 +20,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from router.config import ServerConfig
+from router.config import ServerConfig, StorageConfig
+from router.deadletter import DeadLetters, Failure
 from router.errors import RequestError
 from router.events import Event
 from router.journal import Journal, JournalFullError
@@ -33,6 +34,13 @@ log = logging.getLogger(__name__)
 JSON_TYPES = frozenset({"application/json"})
 NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "application/jsonl"})
 READ_CHUNK_BYTES = 64 * 1024
+# storage.when_full: drop_oldest_per_target sheds this many events at a time, a few times at most.
+SHED_EVENTS = 1000
+MAX_SHEDS_PER_REQUEST = 10
+DROPPED_BUFFER_FULL = Failure(
+    reason="dropped_buffer_full",
+    message="the journal was full and storage.when_full is drop_oldest_per_target",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +59,8 @@ class Ingest:
     routes: RouteTable
     journal: Journal
     stats: IngestStats
-    retry_after_when_full_s: int
+    storage: StorageConfig
+    dead_letters: DeadLetters
 
     async def handle(self, request: web.Request) -> web.Response:
         self.stats.requests += 1
@@ -123,13 +132,13 @@ class Ingest:
             routed.append((event, decision.targets))
             results.append({"index": index, "id": event.id, "status": "accepted"})
         try:
-            await self.journal.append(routed)
+            await self._append(routed)
         except JournalFullError as exc:
             self.stats.journal_full += 1
             return json_response(
                 {"error": {"code": "journal_full", "message": f"{exc}; retry later"}},
                 status=503,
-                headers={"Retry-After": str(self.retry_after_when_full_s)},
+                headers={"Retry-After": str(self.storage.full_retry_after_s)},
             )
         except (OSError, sqlite3.Error) as exc:
             log.error("journal append failed: %s", exc)
@@ -141,7 +150,7 @@ class Ingest:
                     }
                 },
                 status=503,
-                headers={"Retry-After": str(self.retry_after_when_full_s)},
+                headers={"Retry-After": str(self.storage.full_retry_after_s)},
             )
         self.stats.unrouted += sum(1 for _, targets in routed if not targets)
         accepted = len(routed)
@@ -149,6 +158,36 @@ class Ingest:
         self.stats.rejected += len(items) - accepted
         body = {"accepted": accepted, "rejected": len(items) - accepted, "results": results}
         return json_response(body, status=202 if accepted else 400)
+
+    async def _append(self, routed: list[tuple[Event, Mapping[str, str]]]) -> None:
+        """Append; when the journal is full and the operator chose drop_oldest_per_target, make
+        room by dead-lettering the oldest events of the stuck target, then try again."""
+        for _ in range(MAX_SHEDS_PER_REQUEST):
+            try:
+                await self.journal.append(routed)
+                return
+            except JournalFullError:
+                if self.storage.when_full != "drop_oldest_per_target" or not await self._shed():
+                    raise
+        await self.journal.append(routed)
+
+    async def _shed(self) -> int:
+        """Dead-letter up to SHED_EVENTS of the stuck target's oldest events (never the batch
+        its worker holds); how many went."""
+        for target_id in self.journal.shed_order():
+            async with self.journal.shed(target_id, SHED_EVENTS) as entries:
+                if entries:
+                    await self.dead_letters.write(target_id, entries, DROPPED_BUFFER_FULL)
+            if entries:
+                self.stats.dropped_buffer_full += len(entries)
+                log.warning(
+                    "journal full: the %d oldest events of target %s dead-lettered "
+                    "(dropped_buffer_full)",
+                    len(entries),
+                    target_id,
+                )
+                return len(entries)
+        return 0
 
 
 def decode(body: bytes, content_type: str) -> list[Any]:

@@ -27,9 +27,9 @@ import logging
 import sqlite3
 import time
 import zlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -110,6 +110,12 @@ class Journal(Protocol):
     def books(self, target_id: str) -> Books:
         """The target's counters."""
 
+    def shed_order(self) -> list[str]:
+        """Targets with a backlog, the stuck one (oldest pending event) first."""
+
+    def shed(self, target_id: str, count: int) -> AbstractAsyncContextManager[list[Entry]]:
+        """The target's oldest pending entries, removed once the caller dead-lettered them."""
+
 
 @dataclass(slots=True)
 class _Pending:
@@ -121,7 +127,11 @@ class _Pending:
 class _Target:
     books: Books = field(default_factory=Books)
     cursor: int = 0  # every delivery row of this target with seq <= cursor is settled
+    in_flight_through: int = 0  # the last seq of the batch its worker holds (0: none)
+    in_flight_since: float = float("inf")  # when the worker took that batch (monotonic)
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    # Held while the worker reads a batch and while shedding, so they never take the same rows.
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 class SqliteJournal:
@@ -135,7 +145,6 @@ class SqliteJournal:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal")
         self._db: sqlite3.Connection | None = None
         self._next_seq = 1
-        self._committed_seq = 0  # written and counted in the books; reclaim never passes it
         self._queue: list[_Pending] = []
         self._flusher: asyncio.Task[None] | None = None
         self._interval_syncer: asyncio.Task[None] | None = None
@@ -184,8 +193,7 @@ class SqliteJournal:
         self.path.touch(mode=0o600, exist_ok=True)
         self._db = self._connect(self.path)
         db = self._db
-        self._committed_seq = db.execute("SELECT MAX(seq) FROM events").fetchone()[0] or 0
-        self._next_seq = self._committed_seq + 1
+        self._next_seq = (db.execute("SELECT MAX(seq) FROM events").fetchone()[0] or 0) + 1
         for target_id, target in self._targets.items():
             db.execute("INSERT OR IGNORE INTO books(target) VALUES (?)", (target_id,))
             received, delivered, dead = db.execute(
@@ -289,7 +297,6 @@ class SqliteJournal:
                         pending.done.set_exception(exc)
                 continue
             self.healthy = True
-            self._committed_seq = max(self._committed_seq, max(row[0] for row in rows))
             for target_id, count in received.items():
                 target = self._targets[target_id]
                 target.books.received += count
@@ -362,31 +369,32 @@ class SqliteJournal:
         stopping: asyncio.Event,
     ) -> list[Entry]:
         target = self._targets[target_id]
-        while not target.books.pending:
-            if stopping.is_set():
-                return []
+        while True:
+            while not target.books.pending:
+                if stopping.is_set():
+                    return []
+                target.wakeup.clear()
+                await _first_of(target.wakeup, stopping)
+            # Linger for more events, up to max_wait_s after the first one, unless stopping.
+            deadline = time.monotonic() + max_wait_s
+            while target.books.pending < max_events and not stopping.is_set():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                target.wakeup.clear()
+                await _first_of(target.wakeup, stopping, timeout_s=remaining)
+            async with target.lock:
+                entries = await self._run(self._read_sync, target_id, target.cursor, max_events)
+                batch = _fit(entries, max_bytes)
+                if batch:
+                    # Marked in flight under the lock, so shedding can never take these rows.
+                    target.books.oldest_received_at = batch[0].event.received_at
+                    target.in_flight_through = batch[-1].seq
+                    target.in_flight_since = time.monotonic()
+                    return batch
+            # What was counted was shed before it could be read: wait for more.
             target.wakeup.clear()
-            await _first_of(target.wakeup, stopping)
-        # Linger for more events, up to max_wait_s after the first one, unless stopping.
-        deadline = time.monotonic() + max_wait_s
-        while target.books.pending < max_events and not stopping.is_set():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            target.wakeup.clear()
-            await _first_of(target.wakeup, stopping, timeout_s=remaining)
-        entries = await self._run(self._read_sync, target_id, target.cursor, max_events)
-        batch: list[Entry] = []
-        size = 0
-        for entry in entries:
-            entry_bytes = len(entry.event.encoded()) + 1
-            if batch and size + entry_bytes > max_bytes:
-                break
-            batch.append(entry)
-            size += entry_bytes
-        if batch:
-            target.books.oldest_received_at = batch[0].event.received_at
-        return batch
+            await _first_of(target.wakeup, stopping, timeout_s=1.0)
 
     def _read_sync(self, target_id: str, after: int, limit: int) -> list[Entry]:
         assert self._db is not None
@@ -430,28 +438,18 @@ class SqliteJournal:
         target = self._targets[target_id]
         last = batch[-1].seq
         delivered = len(batch) - dead_lettered
-        reclaim_through = self._reclaim_bound(target_id, last, len(batch))
-        await self._run(self._ack_sync, target_id, last, delivered, dead_lettered, reclaim_through)
+        await self._run(self._ack_sync, target_id, batch[0].seq, last, delivered, dead_lettered)
         target.cursor = last
+        target.in_flight_through = 0
+        target.in_flight_since = float("inf")
         target.books.pending -= len(batch)
         target.books.delivered += delivered
         target.books.dead_lettered += dead_lettered
         if not target.books.pending:
             target.books.oldest_received_at = None
 
-    def _reclaim_bound(self, target_id: str, last: int, count: int) -> int:
-        """Events with seq <= the bound are settled for every target and can be deleted."""
-        bound = self._committed_seq
-        for other_id, other in self._targets.items():
-            if other_id == target_id:
-                if other.books.pending > count:
-                    bound = min(bound, last)
-            elif other.books.pending:
-                bound = min(bound, other.cursor)
-        return bound if not self.orphans else 0
-
     def _ack_sync(
-        self, target_id: str, last: int, delivered: int, dead_lettered: int, reclaim_through: int
+        self, target_id: str, first: int, last: int, delivered: int, dead_lettered: int
     ) -> None:
         db = self._db
         assert db is not None
@@ -462,8 +460,10 @@ class SqliteJournal:
                 "WHERE target = ?",
                 (delivered, dead_lettered, target_id),
             )
-            if reclaim_through > 0:
-                db.execute("DELETE FROM events WHERE seq <= ?", (reclaim_through,))
+            db.execute(
+                f"DELETE FROM events WHERE seq BETWEEN ? AND ? AND {self._unowned()}",
+                (first, last, *self._owners()),
+            )
         self._give_back_space()
         self._update_size()
 
@@ -474,6 +474,51 @@ class SqliteJournal:
         if self._db.execute("PRAGMA freelist_count").fetchone()[0] > FREE_PAGES_BEFORE_SHRINK:
             # executescript steps the pragma to completion; execute() frees one page only.
             self._db.executescript(f"PRAGMA incremental_vacuum({SHRINK_STEP_PAGES});")
+
+    def shed_order(self) -> list[str]:
+        """Targets with a backlog, the stuck one first: the one whose worker has held its
+        batch the longest (retrying against a target that is down), then by oldest event."""
+        backlogged = [
+            (
+                t.in_flight_since,
+                t.books.oldest_received_at or float("inf"),
+                -t.books.pending,
+                target_id,
+            )
+            for target_id, t in self._targets.items()
+            if t.books.pending
+        ]
+        return [target_id for *_, target_id in sorted(backlogged)]
+
+    @asynccontextmanager
+    async def shed(self, target_id: str, count: int) -> AsyncIterator[list[Entry]]:
+        """storage.when_full: drop_oldest_per_target. Yields the target's oldest `count`
+        pending entries past the batch in flight; when the block ends without error (the caller
+        has written them as dead letters) they leave the journal, counted as dead-lettered."""
+        target = self._targets[target_id]
+        async with target.lock:
+            after = max(target.cursor, target.in_flight_through)
+            entries = await self._run(self._read_sync, target_id, after, count)
+            yield entries
+            if entries:
+                seqs = [(target_id, entry.seq) for entry in entries]
+                await self._run(self._shed_sync, target_id, seqs)
+                target.books.pending -= len(entries)
+                target.books.dead_lettered += len(entries)
+
+    def _shed_sync(self, target_id: str, seqs: list[tuple[str, int]]) -> None:
+        assert self._db is not None
+        with _transaction(self._db) as db:
+            db.executemany("DELETE FROM deliveries WHERE target = ? AND seq = ?", seqs)
+            db.executemany(
+                f"DELETE FROM events WHERE seq = ? AND {self._unowned()}",
+                [(seq, *self._owners()) for _, seq in seqs],
+            )
+            db.execute(
+                "UPDATE books SET dead_lettered = dead_lettered + ? WHERE target = ?",
+                (len(seqs), target_id),
+            )
+        self._update_size()
 
     async def forget_orphans(self, target_id: str) -> None:
         """Drop the deliveries of a removed target once its events are dead-lettered."""
@@ -488,6 +533,19 @@ class SqliteJournal:
                 "UPDATE books SET dead_lettered = dead_lettered + ? WHERE target = ?",
                 (count, target_id),
             )
+            db.execute(f"DELETE FROM events WHERE {self._unowned()}", self._owners())
+
+    def _owners(self) -> tuple[str, ...]:
+        """Every target that may still have delivery rows: configured ones and orphans."""
+        return (*self._targets, *self.orphans)
+
+    def _unowned(self) -> str:
+        """SQL: the event row is owed to no target any more, so its space can be reclaimed.
+        Naming the targets lets SQLite use the (target, seq) primary key for each lookup."""
+        marks = ", ".join("?" * len(self._owners()))
+        return (
+            f"NOT EXISTS (SELECT 1 FROM deliveries WHERE target IN ({marks}) AND seq = events.seq)"
+        )
 
     def books(self, target_id: str) -> Books:
         return self._targets[target_id].books
@@ -548,6 +606,19 @@ def _salvage(
             fresh.executemany(f"INSERT OR IGNORE INTO {table} VALUES ({marks})", rows)
             saved += len(rows)
     return saved, lost
+
+
+def _fit(entries: list[Entry], max_bytes: int) -> list[Entry]:
+    """The leading entries that fit in max_bytes (always at least one)."""
+    batch: list[Entry] = []
+    size = 0
+    for entry in entries:
+        entry_bytes = len(entry.event.encoded()) + 1
+        if batch and size + entry_bytes > max_bytes:
+            break
+        batch.append(entry)
+        size += entry_bytes
+    return batch
 
 
 async def _first_of(*events: asyncio.Event, timeout_s: float | None = None) -> None:

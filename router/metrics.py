@@ -34,6 +34,7 @@ class TargetStats:
 
     retries: int = 0
     batches: int = 0
+    worker_errors: int = 0
     write_status: WriteStatus = field(default_factory=WriteStatus)
 
     def record_failure(self, reason: str, at: float) -> None:
@@ -52,6 +53,7 @@ class IngestStats:
     rejected: int = 0
     unrouted: int = 0
     journal_full: int = 0
+    dropped_buffer_full: int = 0
     refused_requests: dict[str, int] = field(default_factory=dict)
 
     def refuse(self, code: str) -> None:

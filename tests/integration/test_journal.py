@@ -232,3 +232,51 @@ async def test_a_drained_backlog_gives_its_disk_space_back(
     # Without giving space back the whole backlog (over 6,000 pages) would stay on the freelist.
     assert full // page_size > FREE_PAGES_BEFORE_SHRINK * 3 // 2
     assert free_pages <= FREE_PAGES_BEFORE_SHRINK, "freed pages were returned to the file system"
+
+
+async def test_drop_oldest_per_target_dead_letters_the_oldest_when_full(
+    start_daemon: StartDaemon, receiver_factory: ReceiverFactory, tmp_path: Path
+) -> None:
+    down = await receiver_factory([503])
+    archive = tmp_path / "archive.ndjson"
+    max_bytes = 1024 * 1024
+    daemon = await start_daemon(
+        {
+            "storage": {
+                "path": str(tmp_path / "var"),
+                "max_bytes": max_bytes,
+                "when_full": "drop_oldest_per_target",
+            },
+            "targets": [
+                # Batches in flight are never dropped; small ones leave the room to shed.
+                patient(http_target("down", down.url)) | {"batch": {"max_events": 10}},
+                file_target("archive", archive) | {"batch": {"max_events": 50}},
+            ],
+            "routes": everything_to("down", "archive"),
+            "shutdown": {"drain_timeout_s": 0.2},
+        }
+    )
+    posted: list[str] = []
+    for n in range(100):
+        ids = [f"e{n}-{i}" for i in range(20)]
+        status, _ = await post(daemon, [make_event(id=i, message="x" * 500) for i in ids])
+        assert status == 202, "drop_oldest_per_target does not refuse ingest"
+        posted += ids
+    assert daemon.status()["ingest"]["dropped_buffer_full"] > 0
+    assert daemon.status()["journal"]["used_bytes"] <= max_bytes + 65536
+    await wait_for(lambda: daemon.journal.books("archive").pending == 0)
+
+    def letters(target_id: str) -> list[str]:
+        rows = read_ndjson(tmp_path / "var" / "deadletter" / f"{target_id}.ndjson")
+        assert {row["reason"] for row in rows} <= {"dropped_buffer_full"}
+        return [row["event"]["id"] for row in rows]
+
+    # The stuck target lost its oldest events to dead letters, in order, but never the batch
+    # its worker holds (it keeps retrying e0-0 .. e0-9 against the 503s).
+    dropped = letters("down")
+    assert dropped and dropped == posted[10 : 10 + len(dropped)]
+    # Nothing vanished: every event is delivered, dead-lettered or still pending, per target.
+    archived = [e["id"] for e in read_ndjson(archive)]
+    assert sorted(archived + letters("archive")) == sorted(posted)
+    assert daemon.status()["targets"]["down"]["pending"] == len(posted) - len(dropped)
+    assert_books_balance(daemon)

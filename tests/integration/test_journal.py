@@ -94,12 +94,12 @@ async def test_a_target_removed_from_the_config_has_its_backlog_dead_lettered(
 
 
 async def test_a_full_journal_answers_503_then_resumes_when_the_target_drains(
-    start_daemon: StartDaemon, receiver_factory: ReceiverFactory
+    start_daemon: StartDaemon, receiver_factory: ReceiverFactory, tmp_path: Path
 ) -> None:
     siem = await receiver_factory([503])
     daemon = await start_daemon(
         {
-            "storage": {"path": str(Path(siem.url).name), "max_bytes": 65536},
+            "storage": {"path": str(tmp_path / "var"), "max_bytes": 65536},
             "targets": [patient(http_target("siem", siem.url))],
             "routes": everything_to("siem"),
             "shutdown": {"drain_timeout_s": 0.2},

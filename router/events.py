@@ -61,8 +61,15 @@ class Event:
     corrupt: bool = False
 
     @classmethod
-    def from_body(cls, body: dict[str, Any]) -> Event:
-        """Wrap a body that passed validation; assigns an id when the producer sent none."""
+    def from_body(
+        cls,
+        body: dict[str, Any],
+        *,
+        received_at: float | None = None,
+        encoded: bytes | None = None,
+    ) -> Event:
+        """Wrap a body that passed validation; assigns an id when the producer sent none.
+        The journal passes the original receive time and the bytes it stored."""
         if not body.get("id"):
             body["id"] = new_event_id()
         crn = body["logSourceCRN"]
@@ -72,6 +79,8 @@ class Event:
             location=crn_location(crn),
             service=crn_service(crn),
             action=body["action"],
+            received_at=time.time() if received_at is None else received_at,
+            _encoded=encoded,
         )
 
     @classmethod

@@ -39,7 +39,7 @@ import orjson
 from router.appendfile import make_private_dirs
 from router.config import StorageConfig
 from router.errors import RouterError
-from router.events import Event, crn_location, crn_service
+from router.events import Event
 
 log = logging.getLogger(__name__)
 
@@ -416,18 +416,8 @@ class SqliteJournal:
             log.error("journal record %d is missing or fails its checksum; quarantined", seq)
             return Event.corrupt_record(seq, body)
         try:
-            data = orjson.loads(body)
-            crn = data["logSourceCRN"]
-            return Event(
-                id=data["id"],
-                body=data,
-                location=crn_location(crn),
-                service=crn_service(crn),
-                action=data["action"],
-                received_at=received_at,
-                _encoded=bytes(body),
-            )
-        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return Event.from_body(orjson.loads(body), received_at=received_at, encoded=body)
+        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
             self.quarantined += 1
             log.error("journal record %d passes its checksum but is not an event; quarantined", seq)
             return Event.corrupt_record(seq, body)

@@ -1,14 +1,17 @@
-"""Load generator: drives a real `event-router serve` subprocess and a null server on loopback.
+"""Load generator: drives real `event-router serve` subprocesses and a null server on loopback.
 
-`python -m bench.load [--seconds S | --requests N] [--concurrency C] [--json PATH]`
+`python -m bench.load [--seconds S | --requests N] [--concurrency C] [--fsync always,never]
+[--json PATH]`
 
 For each scenario (one event per POST, then a JSON array of `--batch-size` events per POST) the
 same aiohttp client keeps `--concurrency` requests in flight against, first, the real daemon
-(a file target takes every event, fsync on, as in the default config) and then a "null ingest"
-server that runs inside this process and answers 202 without looking at the body. The report
-gives accepted events/s, ack latency p50/p99, errors, the daemon's CPU and memory, the ratio
-router/null, and a correctness check: every event the client got a 2xx for was counted by the
-daemon and written exactly once to the NDJSON archive. See bench/README.md.
+once per `storage.fsync` mode in `--fsync` (a fresh daemon and journal each time; a file target
+takes every event, as in the default config) and then a "null ingest" server that runs inside
+this process and answers 202 without looking at the body. The report gives accepted events/s,
+ack latency p50/p99, errors, the daemon's CPU and memory, the ratio router/null per mode, the
+cost of durability (fsync never / fsync always, per scenario), and for every daemon run a
+correctness check: every event the client got a 2xx for was counted by the daemon and written
+exactly once to the NDJSON archive. See bench/README.md.
 """
 
 from __future__ import annotations
@@ -41,6 +44,10 @@ from tests.fakes import make_event
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TARGET_ID = "archive"
+# storage.fsync values (router/config.py StorageConfig); the cost of durability compares every
+# other mode measured against `always`.
+FSYNC_MODES = ("always", "interval", "never")
+DURABLE_MODE = "always"
 # location label -> the CRN location segment make_event puts in logSourceCRN ("" means global)
 LOCATIONS = {"us-south": "us-south", "eu-de": "eu-de", "global": ""}
 ACTIONS = (
@@ -143,15 +150,24 @@ def proc_cpu_s(pid: int) -> float:
 
 @dataclass(slots=True)
 class RssSampler:
-    """Polls VmRSS of a process while a run lasts; keeps the largest value seen."""
+    """Polls VmRSS of a process every `interval_s` while a run lasts; keeps the largest value
+    seen and every sample as (seconds since start, kB)."""
 
     pid: int
+    interval_s: float = RSS_SAMPLE_S
     max_kb: int = 0
+    samples: list[tuple[float, int]] = field(default_factory=list, repr=False)
+    _started: float = field(default_factory=time.monotonic)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
+        self._started = time.monotonic()
         self._task = asyncio.create_task(self._poll(), name=f"rss:{self.pid}")
+
+    def elapsed_s(self) -> float:
+        """Seconds since start(), on the clock of `samples`."""
+        return time.monotonic() - self._started
 
     async def stop(self) -> int:
         self._stop.set()
@@ -164,12 +180,13 @@ class RssSampler:
         rss = proc_status_kb(self.pid, "VmRSS")
         if rss is not None:
             self.max_kb = max(self.max_kb, rss)
+            self.samples.append((time.monotonic() - self._started, rss))
 
     async def _poll(self) -> None:
         while not self._stop.is_set():
             self._sample()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), RSS_SAMPLE_S)
+                await asyncio.wait_for(self._stop.wait(), self.interval_s)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,6 +219,7 @@ class RunResult:
     scenario: str
     server: str
     events_per_request: int
+    fsync: str | None = None  # storage.fsync of the daemon; None for the null server
     requests: int = 0
     ok_requests: int = 0
     ok_events: int = 0
@@ -234,6 +252,7 @@ class RunResult:
         return {
             "scenario": self.scenario,
             "server": self.server,
+            "fsync": self.fsync,
             "events_per_request": self.events_per_request,
             "requests": self.requests,
             "ok_requests": self.ok_requests,
@@ -278,14 +297,15 @@ async def drive(
     errors: ErrorLog,
     *,
     server: str,
+    fsync: str | None = None,
     daemon_pid: int | None = None,
 ) -> RunResult:
     """Keep `load.concurrency` POSTs in flight until the time or request budget is spent."""
-    result = RunResult(scenario.name, server, scenario.events_per_request)
+    result = RunResult(scenario.name, server, scenario.events_per_request, fsync=fsync)
     bodies = scenario.bodies
     budget_s = load.max_seconds if load.requests is not None else load.seconds
     issued = 0
-    where = f"{server}/{scenario.name}"
+    where = "/".join(part for part in (server, fsync, scenario.name) if part)
     connector = aiohttp.TCPConnector(limit=load.concurrency)
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
     sampler = RssSampler(daemon_pid) if daemon_pid is not None else None
@@ -345,12 +365,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def write_config(workdir: Path, port: int) -> tuple[Path, Path]:
-    """A config like the embedded default: one file target that takes every event."""
+def archive_config(workdir: Path, port: int, fsync: str) -> tuple[dict[str, Any], Path]:
+    """A config like the embedded default, with `storage.fsync` set: one file target that takes
+    every event. Returns the config and the path of the NDJSON archive."""
     archive = workdir / "var" / "events.ndjson"
     config = {
         "server": {"host": "127.0.0.1", "port": port},
-        "storage": {"path": str(workdir / "var")},
+        "storage": {"path": str(workdir / "var"), "fsync": fsync},
         "shutdown": {"drain_timeout_s": DRAIN_TIMEOUT_S},
         "targets": [
             {
@@ -358,6 +379,7 @@ def write_config(workdir: Path, port: int) -> tuple[Path, Path]:
                 "name": "Bench archive",
                 "target_type": "file",
                 # Default rotation size (so rotation is exercised); enough files to keep all.
+                # The archive's own fsync stays at its default (on) in every storage.fsync mode.
                 "file_endpoint": {"path": str(archive), "max_files": 100},
             }
         ],
@@ -365,9 +387,7 @@ def write_config(workdir: Path, port: int) -> tuple[Path, Path]:
             {"name": "everything", "rules": [{"locations": ["*"], "target_ids": [TARGET_ID]}]}
         ],
     }
-    path = workdir / "router.yaml"
-    path.write_text(json.dumps(config, indent=2), encoding="utf-8")  # JSON is YAML
-    return path, archive
+    return config, archive
 
 
 @dataclass(slots=True)
@@ -377,16 +397,25 @@ class DaemonProcess:
     proc: asyncio.subprocess.Process
     base_url: str
     log_path: Path
-    archive: Path
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
+    def log_lines(self) -> list[str]:
+        return self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()
 
-async def start_daemon(workdir: Path) -> DaemonProcess:
-    port = free_port()
-    config_path, archive = write_config(workdir, port)
+    def print_log_tail(self, lines: int = 20) -> None:
+        print("the run failed; the daemon's log ends with:", file=sys.stderr)
+        for line in self.log_lines()[-lines:]:
+            print(f"  {line[:500]}", file=sys.stderr)
+
+
+async def spawn_daemon(workdir: Path, config: dict[str, Any]) -> DaemonProcess:
+    """Write `config` to `workdir/router.yaml` and start `python -m router serve` on it; its
+    stderr (warnings and errors) goes to `workdir/daemon.log`."""
+    config_path = workdir / "router.yaml"
+    config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")  # JSON is YAML
     log_path = workdir / "daemon.log"
     log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
@@ -406,7 +435,8 @@ async def start_daemon(workdir: Path) -> DaemonProcess:
         )
     finally:
         os.close(log_fd)  # the child has its own copy
-    return DaemonProcess(proc, f"http://127.0.0.1:{port}", log_path, archive)
+    server = config["server"]
+    return DaemonProcess(proc, f"http://{server['host']}:{server['port']}", log_path)
 
 
 async def wait_ready(daemon: DaemonProcess, session: aiohttp.ClientSession) -> None:
@@ -448,17 +478,26 @@ async def settle(
         await asyncio.sleep(0.05)
 
 
-async def stop_daemon(daemon: DaemonProcess) -> tuple[int | None, float]:
+async def stop_daemon(
+    daemon: DaemonProcess, timeout_s: float = EXIT_TIMEOUT_S
+) -> tuple[int | None, float]:
     """SIGTERM, then wait for the drain; (exit code or None if it had to be killed, seconds)."""
     started = time.monotonic()
     daemon.proc.send_signal(signal.SIGTERM)
     try:
-        code = await asyncio.wait_for(daemon.proc.wait(), EXIT_TIMEOUT_S)
+        code = await asyncio.wait_for(daemon.proc.wait(), timeout_s)
     except TimeoutError:
         daemon.proc.kill()
         await daemon.proc.wait()
         return None, time.monotonic() - started
     return code, time.monotonic() - started
+
+
+async def kill_if_running(daemon: DaemonProcess) -> None:
+    """After a failed run: the daemon must not outlive the bench."""
+    if daemon.proc.returncode is None:
+        daemon.proc.kill()
+        await daemon.proc.wait()
 
 
 def read_archive(archive: Path) -> tuple[int, int, int]:
@@ -477,6 +516,133 @@ def read_archive(archive: Path) -> tuple[int, int, int]:
                     lines += 1
                     ids.add(orjson.loads(line).get("id", ""))
     return lines, len(ids), present
+
+
+@dataclass(slots=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "ok": self.ok, "detail": self.detail}
+
+
+@dataclass(slots=True)
+class DaemonRun:
+    """One daemon's life in the bench: its fsync mode, its scenarios, memory, exit, checks."""
+
+    fsync: str
+    runs: list[RunResult] = field(default_factory=list)
+    checks: list[Check] = field(default_factory=list)
+    idle_rss_kb: int = 0
+    hwm_kb: int = 0
+    end_rss_kb: int = 0
+    exit_code: int | None = None
+    stop_s: float = 0.0
+    log: list[str] = field(default_factory=list)
+
+    @property
+    def events_acked(self) -> int:
+        return sum(r.ok_events for r in self.runs)
+
+    def as_dict(self) -> dict[str, Any]:
+        vmhwm_mb = round(self.hwm_kb / 1024, 1)
+        return {
+            "fsync": self.fsync,
+            "idle_rss_mb": round(self.idle_rss_kb / 1024, 1),
+            # VmHWM can lag VmRSS by a little (the kernel folds per-thread RSS counters in
+            # lazily), so the peak is the larger of it and the highest VmRSS sample.
+            "vmhwm_mb": vmhwm_mb,
+            "rss_sample_max_mb": max((r.daemon_rss_max_mb or 0.0 for r in self.runs), default=0),
+            "peak_rss_mb": max(vmhwm_mb, *(r.daemon_rss_max_mb or 0.0 for r in self.runs)),
+            "end_rss_mb": round(self.end_rss_kb / 1024, 1),
+            "exit_code": self.exit_code,
+            "stop_s": round(self.stop_s, 3),
+            "log_lines": len(self.log),
+            "log_tail": self.log[-10:],
+            "correctness": {
+                "pass": all(c.ok for c in self.checks),
+                "events_acked": self.events_acked,
+                "checks": [c.as_dict() for c in self.checks],
+            },
+        }
+
+
+async def run_daemon(
+    fsync: str, scenarios: Sequence[Scenario], load: Load, errors: ErrorLog, workdir: Path
+) -> DaemonRun:
+    """Start a fresh daemon with `storage.fsync: <fsync>`, run every scenario against it, stop
+    it with SIGTERM and check that every event it acknowledged was archived exactly once."""
+    config, archive = archive_config(workdir, free_port(), fsync)
+    daemon = await spawn_daemon(workdir, config)
+    result = DaemonRun(fsync)
+    try:
+        async with aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
+        ) as control:
+            await wait_ready(daemon, control)
+            result.idle_rss_kb = proc_status_kb(daemon.pid, "VmRSS") or 0
+            url = f"{daemon.base_url}/v1/events"
+            for scenario in scenarios:
+                print(f"router    fsync {fsync:<8} {scenario.name:<10} ...", file=sys.stderr)
+                run = await drive(
+                    url,
+                    scenario,
+                    load,
+                    errors,
+                    server="router",
+                    fsync=fsync,
+                    daemon_pid=daemon.pid,
+                )
+                status = await get_status(control, daemon.base_url)
+                run.backlog_at_end = pending(status)
+                _, waited, _ = await settle(control, daemon.base_url, SETTLE_TIMEOUT_S)
+                run.drain_s = round(waited, 3)
+                result.runs.append(run)
+            status, _, settled = await settle(control, daemon.base_url, SETTLE_TIMEOUT_S)
+        result.hwm_kb = proc_status_kb(daemon.pid, "VmHWM") or 0
+        result.end_rss_kb = proc_status_kb(daemon.pid, "VmRSS") or 0
+        result.exit_code, result.stop_s = await stop_daemon(daemon)
+    except BaseException:
+        daemon.print_log_tail()
+        raise
+    finally:
+        await kill_if_running(daemon)
+    lines, distinct_ids, files = await asyncio.to_thread(read_archive, archive)
+    result.log = daemon.log_lines()
+
+    sent = result.events_acked
+    target = status["targets"][TARGET_ID]
+    ingest = status["ingest"]
+    result.checks = [
+        Check("pending 0 after the run", settled, f"pending {pending(status)}"),
+        Check(
+            "ingest.accepted == events acked 2xx",
+            ingest["accepted"] == sent,
+            f"{ingest['accepted']} vs {sent}",
+        ),
+        Check(
+            "nothing rejected or refused",
+            ingest["rejected"] == 0 and not ingest["refused_requests"],
+            f"rejected {ingest['rejected']}, refused {ingest['refused_requests']}",
+        ),
+        Check(
+            "target delivered == events acked 2xx, none dead-lettered",
+            target["delivered"] == sent and target["dead_lettered"] == 0,
+            f"delivered {target['delivered']}, dead-lettered {target['dead_lettered']}",
+        ),
+        Check(
+            "NDJSON lines == events acked 2xx", lines == sent, f"{lines} lines in {files} file(s)"
+        ),
+        Check("every line a distinct id", distinct_ids == lines, f"{distinct_ids} distinct ids"),
+        Check(
+            "SIGTERM exits 0",
+            result.exit_code == 0,
+            f"exit {result.exit_code} after {result.stop_s:.2f}s",
+        ),
+    ]
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -503,11 +669,39 @@ async def start_null_server() -> tuple[web.AppRunner, str]:
 # The run and its report
 
 
-@dataclass(slots=True)
-class Check:
-    name: str
-    ok: bool
-    detail: str
+def durability_cost(
+    daemons: Sequence[DaemonRun], scenarios: Sequence[Scenario]
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per mode other than `always`, per scenario: both modes' figures and mode/always events/s.
+
+    Empty unless `always` was measured along with at least one other mode."""
+    by_mode = {d.fsync: {r.scenario: r for r in d.runs} for d in daemons}
+    if DURABLE_MODE not in by_mode:
+        return {}
+    cost: dict[str, dict[str, dict[str, Any]]] = {}
+    for mode, runs in by_mode.items():
+        if mode == DURABLE_MODE:
+            continue
+        cost[mode] = {}
+        for scenario in scenarios:
+            durable, fast = by_mode[DURABLE_MODE][scenario.name], runs[scenario.name]
+            ratio = fast.events_per_s / durable.events_per_s if durable.events_per_s else math.nan
+            cost[mode][scenario.name] = {
+                "events_per_s": {
+                    DURABLE_MODE: round(durable.events_per_s, 1),
+                    mode: round(fast.events_per_s, 1),
+                },
+                "p50_ms": {
+                    DURABLE_MODE: round(durable.percentile_ms(0.50), 3),
+                    mode: round(fast.percentile_ms(0.50), 3),
+                },
+                "p99_ms": {
+                    DURABLE_MODE: round(durable.percentile_ms(0.99), 3),
+                    mode: round(fast.percentile_ms(0.99), 3),
+                },
+                f"ratio_{mode}_over_{DURABLE_MODE}": round(ratio, 3),
+            }
+    return cost
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -519,87 +713,41 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     scenarios = build_scenarios(args.batch_size)
     errors = ErrorLog()
-    router_runs: list[RunResult] = []
+    daemons: list[DaemonRun] = []
     null_runs: list[RunResult] = []
     with contextlib.ExitStack() as stack:
         if args.keep:
             workdir = Path(tempfile.mkdtemp(prefix="event-router-bench-"))
         else:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="er-bench-")))
-        daemon = await start_daemon(workdir)
-        try:
-            async with aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
-            ) as control:
-                await wait_ready(daemon, control)
-                idle_rss_kb = proc_status_kb(daemon.pid, "VmRSS") or 0
-                url = f"{daemon.base_url}/v1/events"
-                for scenario in scenarios:
-                    print(f"router    {scenario.name:<10} ...", file=sys.stderr, flush=True)
-                    result = await drive(
-                        url, scenario, load, errors, server="router", daemon_pid=daemon.pid
-                    )
-                    status = await get_status(control, daemon.base_url)
-                    result.backlog_at_end = pending(status)
-                    _, waited, _ = await settle(control, daemon.base_url, SETTLE_TIMEOUT_S)
-                    result.drain_s = round(waited, 3)
-                    router_runs.append(result)
-                status, _, settled = await settle(control, daemon.base_url, SETTLE_TIMEOUT_S)
-            hwm_kb = proc_status_kb(daemon.pid, "VmHWM") or 0
-            end_rss_kb = proc_status_kb(daemon.pid, "VmRSS") or 0
-            exit_code, stop_s = await stop_daemon(daemon)
-        except BaseException:
-            tail = daemon.log_path.read_text(encoding="utf-8", errors="replace").splitlines()
-            print("the run failed; the daemon's log ends with:", file=sys.stderr)
-            for line in tail[-20:]:
-                print(f"  {line[:500]}", file=sys.stderr)
-            raise
-        finally:
-            if daemon.proc.returncode is None:
-                daemon.proc.kill()
-                await daemon.proc.wait()
-        lines, distinct_ids, files = await asyncio.to_thread(read_archive, daemon.archive)
-        daemon_log = daemon.log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+        for fsync in args.fsync:
+            # A fresh daemon and journal per mode, so no run inherits another's file or cache.
+            daemon_dir = workdir / f"fsync-{fsync}"
+            daemon_dir.mkdir()
+            daemons.append(await run_daemon(fsync, scenarios, load, errors, daemon_dir))
 
     runner, null_url = await start_null_server()
     try:
         for scenario in scenarios:
-            print(f"null      {scenario.name:<10} ...", file=sys.stderr, flush=True)
+            print(f"null      {'':<14} {scenario.name:<10} ...", file=sys.stderr, flush=True)
             null_runs.append(await drive(null_url, scenario, load, errors, server="null"))
     finally:
         await runner.cleanup()
 
-    sent = sum(r.ok_events for r in router_runs)
-    target = status["targets"][TARGET_ID]
-    ingest = status["ingest"]
-    checks = [
-        Check("pending 0 after the run", settled, f"pending {pending(status)}"),
-        Check(
-            "ingest.accepted == events acked 2xx",
-            ingest["accepted"] == sent,
-            f"{ingest['accepted']} vs {sent}",
-        ),
-        Check(
-            "nothing rejected or refused",
-            ingest["rejected"] == 0 and not ingest["refused_requests"],
-            f"rejected {ingest['rejected']}, refused {ingest['refused_requests']}",
-        ),
-        Check(
-            "target delivered == events acked 2xx, none dead-lettered",
-            target["delivered"] == sent and target["dead_lettered"] == 0,
-            f"delivered {target['delivered']}, dead-lettered {target['dead_lettered']}",
-        ),
-        Check(
-            "NDJSON lines == events acked 2xx", lines == sent, f"{lines} lines in {files} file(s)"
-        ),
-        Check("every line a distinct id", distinct_ids == lines, f"{distinct_ids} distinct ids"),
-        Check("SIGTERM exits 0", exit_code == 0, f"exit {exit_code} after {stop_s:.2f}s"),
-    ]
+    null_by_scenario = {n.scenario: n for n in null_runs}
     ratios = {
-        r.scenario: (r.events_per_s / n.events_per_s if n.events_per_s else math.nan)
-        for r, n in zip(router_runs, null_runs, strict=True)
+        d.fsync: {
+            r.scenario: round(
+                r.events_per_s / null_by_scenario[r.scenario].events_per_s
+                if null_by_scenario[r.scenario].events_per_s
+                else math.nan,
+                3,
+            )
+            for r in d.runs
+        }
+        for d in daemons
     }
-    report = {
+    report: dict[str, Any] = {
         "meta": {
             "python": platform.python_version(),
             "aiohttp": aiohttp.__version__,
@@ -608,31 +756,18 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "seconds": None if load.requests is not None else load.seconds,
             "requests": load.requests,
             "batch_size": args.batch_size,
+            "fsync": list(args.fsync),
             "event_bytes": round(sum(map(len, scenarios[0].bodies)) / len(scenarios[0].bodies)),
-            "target": "file, fsync on, default batch (500 events / 1 MiB / 0.2 s)",
+            "target": "file (its own fsync on), default batch (500 events / 1 MiB / 0.2 s)",
         },
-        "runs": [r.as_dict() for r in router_runs + null_runs],
-        "ratio_router_over_null": {k: round(v, 3) for k, v in ratios.items()},
-        "daemon": {
-            "idle_rss_mb": round(idle_rss_kb / 1024, 1),
-            # VmHWM can lag VmRSS by a little (the kernel folds per-thread RSS counters in
-            # lazily), so the peak is the larger of it and the highest VmRSS sample.
-            "vmhwm_mb": round(hwm_kb / 1024, 1),
-            "peak_rss_mb": max(
-                round(hwm_kb / 1024, 1),
-                *(r.daemon_rss_max_mb or 0.0 for r in router_runs),
-            ),
-            "end_rss_mb": round(end_rss_kb / 1024, 1),
-            "exit_code": exit_code,
-            "stop_s": round(stop_s, 3),
-            "log_lines": len(daemon_log),
-            "log_tail": daemon_log[-10:],
-        },
+        "runs": [r.as_dict() for d in daemons for r in d.runs] + [n.as_dict() for n in null_runs],
+        "ratio_router_over_null": ratios,
+        "cost_of_durability": durability_cost(daemons, scenarios),
+        "daemons": [d.as_dict() for d in daemons],
         "errors": {"total": errors.total, "by_kind": dict(errors.counts.most_common(20))},
         "correctness": {
-            "pass": all(c.ok for c in checks),
-            "events_acked": sent,
-            "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in checks],
+            "pass": all(c.ok for d in daemons for c in d.checks),
+            "events_acked": sum(d.events_acked for d in daemons),
         },
     }
     if args.keep:
@@ -640,8 +775,33 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+def format_durability(cost: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
+    out: list[str] = []
+    for mode, scenarios in cost.items():
+        out += [
+            "",
+            f"cost of durability: storage.fsync {DURABLE_MODE} vs {mode} "
+            f"(same client and load; ratio = {mode} events/s / {DURABLE_MODE} events/s)",
+        ]
+        a, b = DURABLE_MODE[:6], mode[:6]
+        header = (
+            f"{'scenario':<10}{'events/s ' + a:>16}{b:>9}{'ratio':>8}"
+            f"{'p50 ms ' + a:>16}{b:>9}{'p99 ms ' + a:>16}{b:>9}"
+        )
+        out += [header, "-" * len(header)]
+        for name, c in scenarios.items():
+            eps, p50, p99 = c["events_per_s"], c["p50_ms"], c["p99_ms"]
+            ratio = c[f"ratio_{mode}_over_{DURABLE_MODE}"]
+            out.append(
+                f"{name:<10}{eps[DURABLE_MODE]:>16.0f}{eps[mode]:>9.0f}{ratio:>7.2f}x"
+                f"{p50[DURABLE_MODE]:>16.2f}{p50[mode]:>9.2f}"
+                f"{p99[DURABLE_MODE]:>16.2f}{p99[mode]:>9.2f}"
+            )
+    return out
+
+
 def format_report(report: dict[str, Any]) -> str:
-    meta, daemon = report["meta"], report["daemon"]
+    meta = report["meta"]
     budget = (
         f"{meta['requests']} requests" if meta["requests"] is not None else f"{meta['seconds']}s"
     )
@@ -649,11 +809,12 @@ def format_report(report: dict[str, Any]) -> str:
         "",
         f"event-router load: {budget} per scenario, {meta['concurrency']} in flight, "
         f"{meta['cpus']} CPUs, Python {meta['python']}, aiohttp {meta['aiohttp']}, "
-        f"~{meta['event_bytes']} B/event, target {meta['target']}",
+        f"~{meta['event_bytes']} B/event, storage.fsync {','.join(meta['fsync'])}, "
+        f"target {meta['target']}",
         "",
     ]
     header = (
-        f"{'server':<7}{'scenario':<10}{'requests':>9}{'events':>9}{'errors':>7}"
+        f"{'server':<7}{'fsync':<7}{'scenario':<10}{'requests':>9}{'events':>9}{'errors':>7}"
         f"{'events/s':>10}{'req/s':>8}{'p50 ms':>8}{'p99 ms':>8}{'max ms':>8}"
         f"{'cli CPU':>8}{'rtr CPU':>8}{'RSS MB':>8}{'backlog':>8}{'drain s':>8}"
     )
@@ -668,7 +829,8 @@ def format_report(report: dict[str, Any]) -> str:
     for run in report["runs"]:
         lat = run["latency_ms"]
         out.append(
-            f"{run['server']:<7}{run['scenario']:<10}{run['requests']:>9}{run['ok_events']:>9}"
+            f"{run['server']:<7}{run['fsync'] or '-':<7}{run['scenario']:<10}"
+            f"{run['requests']:>9}{run['ok_events']:>9}"
             f"{run['errors']:>7}{run['events_per_s']:>10.0f}{run['requests_per_s']:>8.0f}"
             f"{lat['p50']:>8.2f}{lat['p99']:>8.2f}{lat['max']:>8.1f}"
             f"{pct(run['client_cpu_pct']):>8}{pct(run['daemon_cpu_pct']):>8}"
@@ -677,27 +839,55 @@ def format_report(report: dict[str, Any]) -> str:
             + ("  (cut short by --max-seconds)" if run["cut_short"] else "")
         )
     out.append("")
-    for scenario, ratio in report["ratio_router_over_null"].items():
-        out.append(f"ratio router/null events/s, {scenario:<10} {ratio:6.3f}")
-    out.append(
-        f"daemon RSS: idle {daemon['idle_rss_mb']} MB, peak {daemon['peak_rss_mb']} MB "
-        f"(VmHWM {daemon['vmhwm_mb']} MB, highest VmRSS sample "
-        f"{max(r['daemon_rss_max_mb'] or 0.0 for r in report['runs'])} MB), "
-        f"at end {daemon['end_rss_mb']} MB"
-    )
+    for fsync, ratios in report["ratio_router_over_null"].items():
+        for scenario, ratio in ratios.items():
+            out.append(f"ratio router/null events/s, fsync {fsync:<7} {scenario:<10} {ratio:6.3f}")
+    cost = report["cost_of_durability"]
+    if cost:
+        out += format_durability(cost)
+    else:
+        out.append(f"(no cost of durability: --fsync needs {DURABLE_MODE} and another mode)")
+    out.append("")
+    for daemon in report["daemons"]:
+        out.append(
+            f"daemon fsync {daemon['fsync']}: RSS idle {daemon['idle_rss_mb']} MB, "
+            f"peak {daemon['peak_rss_mb']} MB (VmHWM {daemon['vmhwm_mb']} MB, highest VmRSS "
+            f"sample {daemon['rss_sample_max_mb']} MB), at end {daemon['end_rss_mb']} MB"
+        )
     out.append(f"errors: {report['errors']['total']}")
     for kind, count in report["errors"]["by_kind"].items():
         out.append(f"  {count:>7} x {kind}")
-    if daemon["log_lines"]:
-        out.append(f"daemon logged {daemon['log_lines']} line(s) at warning or above; last ones:")
-        out += [f"  {line[:300]}" for line in daemon["log_tail"]]
-    out.append("")
-    correctness = report["correctness"]
-    for check in correctness["checks"]:
-        out.append(f"  [{'ok' if check['ok'] else 'FAIL'}] {check['name']}: {check['detail']}")
-    verdict = "PASS" if correctness["pass"] else "FAIL"
-    out.append(f"correctness: {verdict} ({correctness['events_acked']} events acked 2xx)")
+    for daemon in report["daemons"]:
+        if daemon["log_lines"]:
+            out.append(
+                f"daemon fsync {daemon['fsync']} logged {daemon['log_lines']} line(s) at "
+                "warning or above; last ones:"
+            )
+            out += [f"  {line[:300]}" for line in daemon["log_tail"]]
+    for daemon in report["daemons"]:
+        correctness = daemon["correctness"]
+        out.append("")
+        for check in correctness["checks"]:
+            out.append(f"  [{'ok' if check['ok'] else 'FAIL'}] {check['name']}: {check['detail']}")
+        verdict = "PASS" if correctness["pass"] else "FAIL"
+        out.append(
+            f"correctness, fsync {daemon['fsync']}: {verdict} "
+            f"({correctness['events_acked']} events acked 2xx)"
+        )
+    verdict = "PASS" if report["correctness"]["pass"] else "FAIL"
+    out.append(f"correctness: {verdict}")
     return "\n".join(out)
+
+
+def fsync_modes(value: str) -> tuple[str, ...]:
+    """`--fsync always,never` -> ("always", "never"): known modes, each once, in that order."""
+    modes = tuple(mode.strip() for mode in value.split(",") if mode.strip())
+    unknown = [mode for mode in modes if mode not in FSYNC_MODES]
+    if not modes or unknown or len(set(modes)) != len(modes):
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated list of distinct modes from {', '.join(FSYNC_MODES)}"
+        )
+    return modes
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -718,8 +908,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--concurrency", type=int, default=32, help="requests in flight")
     parser.add_argument("--batch-size", type=int, default=100, help="events per batch request")
+    parser.add_argument(
+        "--fsync",
+        type=fsync_modes,
+        default=(DURABLE_MODE, "never"),
+        help="storage.fsync modes to run the daemon with, one daemon run each, in this order "
+        "(default always,never)",
+    )
     parser.add_argument("--json", type=Path, help="also write the report as JSON here")
-    parser.add_argument("--keep", action="store_true", help="keep the daemon's temp directory")
+    parser.add_argument("--keep", action="store_true", help="keep the daemons' temp directory")
     return parser
 
 

@@ -110,12 +110,35 @@ class HttpEndpointConfig:
     tls_verify: bool = True
 
 
-EndpointConfig = FileEndpointConfig | HttpEndpointConfig
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CloudLogsEndpointConfig:
+    """An IBM Cloud Logs instance (Coralogix-compatible `/logs/v1/singles`), reached with an
+    IAM token exchanged for `api_key`. The ingress URL is derived from `target_crn` unless
+    `ingress_url` overrides it (Coralogix, a test server)."""
+
+    target_crn: str
+    api_key: str = field(repr=False)
+    ingress_url: str | None = None
+    iam_url: str = "https://iam.cloud.ibm.com"
+    private: bool = False
+    application_name: str = "ibm-audit-event"
+    # Default: `<service>:<instance>` of each event's logSourceCRN, as IBM's own routing does.
+    subsystem_name: str | None = None
+    computer_name: str | None = None  # default: this host's name
+    timeout_s: float = 30.0
+    tls_verify: bool = True
+    # Cloud Logs takes up to 2 MB per request and 32 KB per log record.
+    max_request_bytes: int = 2_000_000
+    max_event_bytes: int = 32 * 1024
+
+
+EndpointConfig = FileEndpointConfig | HttpEndpointConfig | CloudLogsEndpointConfig
 
 # target_type -> (the key of its endpoint object, the dataclass that holds it)
 ENDPOINTS: Mapping[str, tuple[str, type[EndpointConfig]]] = {
     "file": ("file_endpoint", FileEndpointConfig),
     "http": ("http_endpoint", HttpEndpointConfig),
+    "cloud_logs": ("cloudlogs_endpoint", CloudLogsEndpointConfig),
 }
 
 
@@ -260,6 +283,15 @@ def _resolve(value: str, where: str, problems: list[str]) -> str:
     return _REF.sub(expand, value)
 
 
+def _resolve_all(value: Any, where: str, problems: list[str]) -> Any:
+    """References may stand in any string of an endpoint, and in its headers' values."""
+    if isinstance(value, str):
+        return _resolve(value, where, problems)
+    if isinstance(value, dict):
+        return {k: _resolve_all(v, f"{where}.{k}", problems) for k, v in value.items()}
+    return value
+
+
 def _section(cls: type[Any], data: Mapping[str, Any] | None) -> Any:
     """Build a dataclass from a mapping whose keys the schema has already checked."""
     known = {f.name for f in fields(cls)}
@@ -271,14 +303,10 @@ def _build(data: Mapping[str, Any], problems: list[str]) -> Config:
     targets = []
     for i, raw in enumerate(data.get("targets") or []):
         key, endpoint_cls = ENDPOINTS[raw["target_type"]]
-        endpoint = dict(raw[key])
-        if "headers" in endpoint:
-            endpoint["headers"] = {
-                name: _resolve(str(v), f"targets[{i}].{key}.headers.{name}", problems)
-                for name, v in endpoint["headers"].items()
-            }
-        if "url" in endpoint:
-            endpoint["url"] = _resolve(endpoint["url"], f"targets[{i}].{key}.url", problems)
+        endpoint = {
+            name: _resolve_all(value, f"targets[{i}].{key}.{name}", problems)
+            for name, value in raw[key].items()
+        }
         targets.append(
             TargetConfig(
                 id=raw["id"],

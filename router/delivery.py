@@ -38,10 +38,17 @@ DEAD_LETTER_RETRY_S = 1.0
 
 WORKER_RESTART_S = 1.0
 
-CORRUPT_RECORD = Failure(
-    reason="journal_corrupt",
-    message="the journal record failed its checksum; its raw bytes are kept as an excerpt",
-)
+UNSENDABLE_MESSAGES = {
+    "journal_corrupt": "the journal record failed its checksum; its raw bytes are an excerpt",
+    "too_large": "the event is larger than the target takes, so retrying cannot help",
+    "too_old": "the event is older than the target accepts, so it would be dropped silently",
+    "too_far_in_future": "the event time is further ahead than the target accepts",
+}
+
+
+def unsendable_failure(reason: str) -> Failure:
+    """The dead-letter record for events refused before any attempt."""
+    return Failure(reason=reason, message=UNSENDABLE_MESSAGES.get(reason, reason))
 
 
 class DeliveryWorker:
@@ -94,11 +101,21 @@ class DeliveryWorker:
             if not batch:
                 return
             dead = 0
-            corrupt = [entry for entry in batch if entry.event.corrupt]
-            if corrupt:
-                await self._dead_letter(corrupt, CORRUPT_RECORD)
-                dead += len(corrupt)
-            sendable = [entry for entry in batch if not entry.event.corrupt]
+            sendable: list[Entry] = []
+            refused: dict[str, list[Entry]] = {}
+            for entry in batch:
+                reason = (
+                    "journal_corrupt"
+                    if entry.event.corrupt
+                    else (self.target.unsendable(entry.event))
+                )
+                if reason is None:
+                    sendable.append(entry)
+                else:
+                    refused.setdefault(reason, []).append(entry)
+            for reason, entries in refused.items():
+                await self._dead_letter(entries, unsendable_failure(reason))
+                dead += len(entries)
             if sendable and (failure := await self._send(sendable)) is not None:
                 await self._dead_letter(sendable, failure)
                 dead += len(sendable)

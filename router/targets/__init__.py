@@ -22,6 +22,10 @@ class Target(Protocol):
     async def start(self) -> None:
         """Open files or sessions. Called once before the first send."""
 
+    def unsendable(self, event: Event) -> str | None:
+        """Why this event can never be sent here (e.g. `too_large`), or None. Such an event is
+        dead-lettered with that reason at once, not retried, and the rest of its batch goes."""
+
     async def send(self, batch: Sequence[Event]) -> None:
         """Deliver the whole batch or raise Retryable/PermanentDeliveryError."""
 
@@ -41,9 +45,16 @@ def _http(config: TargetConfig) -> Target:
     return HttpTarget.from_config(config)
 
 
+def _cloud_logs(config: TargetConfig) -> Target:
+    from router.targets.cloud_logs import CloudLogsTarget
+
+    return CloudLogsTarget.from_config(config)
+
+
 TARGET_TYPES: Final[Mapping[str, Callable[[TargetConfig], Target]]] = {
     "file": _file,
     "http": _http,
+    "cloud_logs": _cloud_logs,
 }
 
 

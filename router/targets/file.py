@@ -36,6 +36,9 @@ class FileTarget:
     async def start(self) -> None:
         await asyncio.to_thread(self._file.open)
 
+    def unsendable(self, event: Event) -> str | None:
+        return None
+
     async def send(self, batch: Sequence[Event]) -> None:
         data = b"".join(event.encoded() + b"\n" for event in batch)
         try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import email.utils
 import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import aiohttp
 
@@ -47,6 +47,56 @@ def batch_key(batch: Sequence[Event]) -> str:
     return digest.hexdigest()
 
 
+def new_session(timeout_s: float, tls_verify: bool) -> aiohttp.ClientSession:
+    """A keep-alive session for one target, with its timeout and TLS verification."""
+    return aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=timeout_s),
+        connector=aiohttp.TCPConnector(ssl=tls_verify),
+        headers={"User-Agent": f"event-router/{__version__}"},
+    )
+
+
+async def raise_for_status(target_id: str, url: str, resp: aiohttp.ClientResponse) -> None:
+    """Classify an answer: 2xx returns; 408, 429 and 5xx are retryable (with Retry-After);
+    any other status is permanent. Shared by every target that speaks HTTP."""
+    if 200 <= resp.status < 300:
+        return
+    excerpt = (await resp.content.read(EXCERPT_BYTES)).decode("utf-8", "replace")
+    message = f"HTTP {resp.status} from {url}"
+    if resp.status in RETRYABLE_STATUSES or resp.status >= 500:
+        raise RetryableDeliveryError(
+            target_id,
+            message,
+            status=resp.status,
+            response_excerpt=excerpt,
+            retry_after_s=parse_retry_after(resp.headers.get("Retry-After")),
+        )
+    raise PermanentDeliveryError(target_id, message, status=resp.status, response_excerpt=excerpt)
+
+
+async def post(
+    session: aiohttp.ClientSession,
+    target_id: str,
+    url: str,
+    body: bytes,
+    headers: Mapping[str, str],
+    *,
+    on_status: Callable[[aiohttp.ClientResponse], Awaitable[None]] | None = None,
+) -> None:
+    """POST one body; connection errors and timeouts become retryable errors. `on_status` may
+    look at the answer first (e.g. a 401 that calls for a new token)."""
+    try:
+        async with session.post(url, data=body, headers=headers) as resp:
+            if on_status is not None:
+                await on_status(resp)
+            await raise_for_status(target_id, url, resp)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        kind = "timed out" if isinstance(exc, TimeoutError) else str(exc)
+        raise RetryableDeliveryError(
+            target_id, f"POST {url}: {kind or type(exc).__name__}"
+        ) from exc
+
+
 class HttpTarget:
     """Sends batches to one HTTP endpoint over a shared keep-alive session."""
 
@@ -62,11 +112,10 @@ class HttpTarget:
 
     async def start(self) -> None:
         if self._session is None:
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self.endpoint.timeout_s),
-                connector=aiohttp.TCPConnector(ssl=self.endpoint.tls_verify),
-                headers={"User-Agent": f"event-router/{__version__}"},
-            )
+            self._session = new_session(self.endpoint.timeout_s, self.endpoint.tls_verify)
+
+    def unsendable(self, event: Event) -> str | None:
+        return None
 
     async def send(self, batch: Sequence[Event]) -> None:
         await self.start()
@@ -77,28 +126,7 @@ class HttpTarget:
             "Idempotency-Key": batch_key(batch),
             **self.endpoint.headers,
         }
-        try:
-            async with self._session.post(self.endpoint.url, data=body, headers=headers) as resp:
-                if 200 <= resp.status < 300:
-                    return
-                excerpt = (await resp.content.read(EXCERPT_BYTES)).decode("utf-8", "replace")
-                message = f"HTTP {resp.status} from {self.endpoint.url}"
-                if resp.status in RETRYABLE_STATUSES or resp.status >= 500:
-                    raise RetryableDeliveryError(
-                        self.id,
-                        message,
-                        status=resp.status,
-                        response_excerpt=excerpt,
-                        retry_after_s=parse_retry_after(resp.headers.get("Retry-After")),
-                    )
-                raise PermanentDeliveryError(
-                    self.id, message, status=resp.status, response_excerpt=excerpt
-                )
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            kind = "timed out" if isinstance(exc, TimeoutError) else str(exc)
-            raise RetryableDeliveryError(
-                self.id, f"POST {self.endpoint.url}: {kind or type(exc).__name__}"
-            ) from exc
+        await post(self._session, self.id, self.endpoint.url, body, headers)
 
     async def close(self) -> None:
         if self._session is not None:

@@ -1,0 +1,149 @@
+"""The `cloud_logs` target: IBM Cloud Logs (and Coralogix), `POST /logs/v1/singles`.
+
+Each event becomes one log record the way IBM's own routing writes audit events into Cloud Logs:
+`applicationName` `ibm-audit-event`, `subsystemName` `<service>:<instance>` from the event's
+logSourceCRN, the event object as `text`, its `eventTime` as `timestamp` (ms) and its severity
+mapped normal -> 3 (Info), warning -> 4 (Warn), critical -> 6 (Critical).
+
+A batch is split into requests under `max_request_bytes` (2 MB). An event that can never be
+taken is refused before any attempt, so it is dead-lettered with the reason instead of retried
+for ever: over `max_event_bytes` (32 KB) is `too_large`, and an eventTime older than 24 hours
+or more than 4 hours ahead is `too_old` / `too_far_in_future` (Cloud Logs would drop it while
+answering 200). On 401/403 the IAM token is refreshed and the request tried once more before
+the failure counts.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator, Sequence
+from datetime import datetime
+
+import aiohttp
+import orjson
+
+from router.config import CloudLogsEndpointConfig, TargetConfig
+from router.errors import PermanentDeliveryError
+from router.events import Event, crn_parts
+from router.iam import IamTokenSource
+from router.targets.http import new_session, post
+
+INGEST_PATH = "/logs/v1/singles"
+SEVERITY = {"normal": 3, "warning": 4, "critical": 6}
+OLDEST_S = 24 * 3600
+FURTHEST_AHEAD_S = 4 * 3600
+AUTH_STATUSES = frozenset({401, 403})
+
+
+def ingress_url(target_crn: str, *, private: bool = False) -> str:
+    """`https://<guid>.ingress[.private].<region>.logs.cloud.ibm.com` from the instance CRN."""
+    parts = crn_parts(target_crn)
+    region, guid = parts[5], parts[7]
+    network = "ingress.private" if private else "ingress"
+    return f"https://{guid}.{network}.{region}.logs.cloud.ibm.com"
+
+
+def event_ms(event: Event) -> int | None:
+    """The eventTime in ms since the epoch (the schema guarantees an ISO 8601 time)."""
+    try:
+        return int(datetime.fromisoformat(event.body["eventTime"]).timestamp() * 1000)
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+class CloudLogsTarget:
+    """Sends audit events to one Cloud Logs instance."""
+
+    def __init__(self, target_id: str, endpoint: CloudLogsEndpointConfig) -> None:
+        self.id = target_id
+        self.endpoint = endpoint
+        base = endpoint.ingress_url or ingress_url(endpoint.target_crn, private=endpoint.private)
+        self.url = base.rstrip("/") + INGEST_PATH
+        self.computer_name = endpoint.computer_name or socket.gethostname()
+        self.tokens = IamTokenSource.shared(endpoint.iam_url, endpoint.api_key)
+        self._session: aiohttp.ClientSession | None = None
+
+    @classmethod
+    def from_config(cls, config: TargetConfig) -> CloudLogsTarget:
+        assert isinstance(config.endpoint, CloudLogsEndpointConfig)
+        return cls(config.id, config.endpoint)
+
+    async def start(self) -> None:
+        if self._session is None:
+            self._session = new_session(self.endpoint.timeout_s, self.endpoint.tls_verify)
+
+    def unsendable(self, event: Event) -> str | None:
+        if len(self._record(event)) > self.endpoint.max_event_bytes:
+            return "too_large"
+        ms = event_ms(event)
+        now_ms = time.time() * 1000
+        if ms is not None and ms < now_ms - OLDEST_S * 1000:
+            return "too_old"
+        if ms is not None and ms > now_ms + FURTHEST_AHEAD_S * 1000:
+            return "too_far_in_future"
+        return None
+
+    def _record(self, event: Event) -> bytes:
+        """One log record; the event's stored JSON is spliced in as `text`, not re-encoded."""
+        crn = crn_parts(event.body.get("logSourceCRN", ""))
+        head = {
+            "applicationName": self.endpoint.application_name,
+            "subsystemName": self.endpoint.subsystem_name or f"{crn[4]}:{crn[7]}",
+            "computerName": self.computer_name,
+            "severity": SEVERITY.get(event.body.get("severity", ""), 3),
+        }
+        ms = event_ms(event)
+        if ms is not None:
+            head["timestamp"] = ms
+        return orjson.dumps(head)[:-1] + b',"text":' + event.encoded() + b"}"
+
+    def _requests(self, batch: Sequence[Event]) -> Iterator[bytes]:
+        """JSON arrays of records, each under max_request_bytes."""
+        records: list[bytes] = []
+        size = 2
+        for event in batch:
+            record = self._record(event)
+            if records and size + len(record) + 1 > self.endpoint.max_request_bytes:
+                yield b"[" + b",".join(records) + b"]"
+                records, size = [], 2
+            records.append(record)
+            size += len(record) + 1
+        if records:
+            yield b"[" + b",".join(records) + b"]"
+
+    async def send(self, batch: Sequence[Event]) -> None:
+        await self.start()
+        for body in self._requests(batch):
+            await self._post(body)
+
+    async def _post(self, body: bytes) -> None:
+        assert self._session is not None
+        for attempt in (1, 2):
+            token = await self.tokens.token(self._session, self.id)
+            refused = False
+
+            async def check_auth(resp: aiohttp.ClientResponse) -> None:
+                nonlocal refused
+                refused = resp.status in AUTH_STATUSES
+
+            try:
+                await post(
+                    self._session,
+                    self.id,
+                    self.url,
+                    body,
+                    {"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
+                    on_status=check_auth,
+                )
+                return
+            except PermanentDeliveryError:
+                if not refused or attempt == 2:
+                    raise
+                # The token expired or was revoked early: fetch a new one and try once more.
+                self.tokens.invalidate(token)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None

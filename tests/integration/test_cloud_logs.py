@@ -1,0 +1,256 @@
+"""The cloud_logs target against a loopback IAM + Cloud Logs ingress speaking the real protocol."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from router.app import Daemon
+from router.iam import IamTokenSource
+from router.targets.cloud_logs import ingress_url
+from tests.conftest import StartDaemon
+from tests.fake_cloud_logs import API_KEY, FakeCloudLogs
+from tests.fakes import INSTANCE, make_event, read_ndjson, wait_for
+from tests.integration.test_delivery import assert_books_balance, everything_to, settled
+from tests.integration.test_ingest import post
+
+LOGS_CRN = "crn:v1:bluemix:public:logs:us-south:a/a1b2c3d4:4a7e3c1b-0000-4c1d-9e2f-5a6b7c8d9e0f::"
+
+
+@pytest.fixture
+async def cloud_logs() -> AsyncIterator[FakeCloudLogs]:
+    server = await FakeCloudLogs().start()
+    IamTokenSource._shared.clear()  # each test gets its own token cache
+    yield server
+    await server.stop()
+
+
+def logs_target(server: FakeCloudLogs, **endpoint: Any) -> dict[str, Any]:
+    return {
+        "id": "logs",
+        "target_type": "cloud_logs",
+        "cloudlogs_endpoint": {
+            "target_crn": LOGS_CRN,
+            "api_key": "${env:IBMCLOUD_API_KEY}",
+            "ingress_url": server.url,
+            "iam_url": server.url,
+            "computer_name": "router-1",
+            **endpoint,
+        },
+        "retry": {"max_attempts": 5},
+    }
+
+
+@pytest.fixture
+def api_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IBMCLOUD_API_KEY", API_KEY)
+
+
+def now_iso(delta: timedelta = timedelta()) -> str:
+    return (datetime.now(UTC) + delta).isoformat(timespec="milliseconds").replace("+00:00", "+0000")
+
+
+async def start(start_daemon: StartDaemon, server: FakeCloudLogs, **endpoint: Any) -> Daemon:
+    return await start_daemon(
+        {"targets": [logs_target(server, **endpoint)], "routes": everything_to("logs")}
+    )
+
+
+def test_ingress_url_is_derived_from_the_instance_crn() -> None:
+    assert ingress_url(LOGS_CRN) == (
+        "https://4a7e3c1b-0000-4c1d-9e2f-5a6b7c8d9e0f.ingress.us-south.logs.cloud.ibm.com"
+    )
+    assert ingress_url(LOGS_CRN, private=True) == (
+        "https://4a7e3c1b-0000-4c1d-9e2f-5a6b7c8d9e0f.ingress.private.us-south.logs.cloud.ibm.com"
+    )
+
+
+async def test_events_arrive_with_every_documented_field(
+    start_daemon: StartDaemon, cloud_logs: FakeCloudLogs, api_key: None
+) -> None:
+    daemon = await start(start_daemon, cloud_logs)
+    when = now_iso()
+    events = [
+        make_event(id="n", severity="normal", eventTime=when),
+        make_event(id="w", severity="warning", eventTime=when),
+        make_event(id="c", severity="critical", eventTime=when),
+    ]
+    await post(daemon, events)
+    await wait_for(lambda: settled(daemon))
+    assert cloud_logs.problems == []
+    by_id = {record["text"]["id"]: record for record in cloud_logs.records}
+    assert {k: by_id[k]["severity"] for k in "nwc"} == {"n": 3, "w": 4, "c": 6}
+    record = by_id["n"]
+    assert record["applicationName"] == "ibm-audit-event"
+    assert record["subsystemName"] == f"secrets-manager:{INSTANCE}"
+    assert record["computerName"] == "router-1"
+    assert record["timestamp"] == int(datetime.fromisoformat(when).timestamp() * 1000)
+    assert record["text"]["action"] == "secrets-manager.secret.create"
+    assert cloud_logs.requests[0]["authorization"] == "Bearer token-1"
+
+
+async def test_the_token_is_cached_between_batches(
+    start_daemon: StartDaemon, cloud_logs: FakeCloudLogs, api_key: None
+) -> None:
+    daemon = await start(start_daemon, cloud_logs)
+    for _ in range(3):
+        await post(daemon, make_event(eventTime=now_iso()))
+        await wait_for(lambda: settled(daemon))
+    assert len(cloud_logs.records) == 3
+    assert cloud_logs.token_requests == 1
+
+
+async def test_an_expired_token_is_refreshed_once_and_the_batch_goes_through(
+    start_daemon: StartDaemon, cloud_logs: FakeCloudLogs, api_key: None
+) -> None:
+    daemon = await start(start_daemon, cloud_logs)
+    await post(daemon, make_event(eventTime=now_iso()))
+    await wait_for(lambda: settled(daemon))
+    cloud_logs.expire_all_tokens()  # the server forgets the token before its stated lifetime
+    await post(daemon, make_event(id="after-expiry", eventTime=now_iso()))
+    await wait_for(lambda: settled(daemon))
+    assert [r["status"] for r in cloud_logs.requests] == [200, 401, 200]
+    assert cloud_logs.token_requests == 2
+    assert cloud_logs.records[-1]["text"]["id"] == "after-expiry"
+    row = daemon.status()["targets"]["logs"]
+    assert (row["delivered"], row["dead_lettered"], row["retries"]) == (2, 0, 0)
+
+
+async def test_a_token_is_refreshed_at_80_percent_of_its_lifetime(
+    cloud_logs: FakeCloudLogs,
+) -> None:
+    import aiohttp
+
+    now = [1000.0]
+    source = IamTokenSource(cloud_logs.url, API_KEY, clock=lambda: now[0])
+    async with aiohttp.ClientSession() as session:
+        first = await source.token(session, "logs")
+        now[0] += 0.79 * cloud_logs.expires_in_s
+        assert await source.token(session, "logs") == first
+        now[0] += 0.02 * cloud_logs.expires_in_s
+        assert await source.token(session, "logs") != first
+    assert cloud_logs.token_requests == 2
+
+
+async def test_concurrent_callers_share_one_refresh(cloud_logs: FakeCloudLogs) -> None:
+    import asyncio
+
+    import aiohttp
+
+    source = IamTokenSource(cloud_logs.url, API_KEY)
+    async with aiohttp.ClientSession() as session:
+        tokens = await asyncio.gather(*(source.token(session, "logs") for _ in range(10)))
+    assert set(tokens) == {"token-1"}
+    assert cloud_logs.token_requests == 1
+
+
+async def test_401_twice_is_permanent_and_dead_lettered(
+    start_daemon: StartDaemon, cloud_logs: FakeCloudLogs, api_key: None, tmp_path: Path
+) -> None:
+    cloud_logs.ingress_statuses = [401]
+    daemon = await start(start_daemon, cloud_logs)
+    await post(daemon, make_event(eventTime=now_iso()))
+    await wait_for(lambda: settled(daemon))
+    assert len(cloud_logs.requests) == 2, "one retry with a fresh token, then give up"
+    assert cloud_logs.token_requests == 2
+    [letter] = read_ndjson(tmp_path / "var" / "deadletter" / "logs.ndjson")
+    assert (letter["reason"], letter["status"]) == ("permanent_status", 401)
+
+
+async def test_429_with_retry_after_then_200(
+    start_daemon: StartDaemon, cloud_logs: FakeCloudLogs, api_key: None
+) -> None:
+    cloud_logs.ingress_statuses = [429, 0]
+    cloud_logs.retry_after = "1"
+    daemon = await start(start_daemon, cloud_logs)
+    await post(daemon, make_event(eventTime=now_iso()))
+    await wait_for(lambda: settled(daemon))
+    assert [r["status"] for r in cloud_logs.requests] == [429, 200]
+    assert daemon.status()["targets"]["logs"]["retries"] == 1
+
+
+async def test_500s_are_retried(
+    start_daemon: StartDaemon, cloud_logs: FakeCloudLogs, api_key: None
+) -> None:
+    cloud_logs.ingress_statuses = [500, 502, 503, 0]
+    daemon = await start(start_daemon, cloud_logs)
+    await post(daemon, make_event(eventTime=now_iso()))
+    await wait_for(lambda: settled(daemon))
+    assert [r["status"] for r in cloud_logs.requests] == [500, 502, 503, 200]
+    assert len(cloud_logs.records) == 1
+
+
+async def test_unsendable_events_are_dead_lettered_at_once_and_the_rest_delivered(
+    start_daemon: StartDaemon, cloud_logs: FakeCloudLogs, api_key: None, tmp_path: Path
+) -> None:
+    daemon = await start(start_daemon, cloud_logs)
+    events = [
+        make_event(id="ok", eventTime=now_iso()),
+        make_event(id="big", eventTime=now_iso(), requestData={"blob": "x" * 40_000}),
+        make_event(id="old", eventTime=now_iso(-timedelta(hours=25))),
+        make_event(id="future", eventTime=now_iso(timedelta(hours=5))),
+    ]
+    await post(daemon, events)
+    await wait_for(lambda: settled(daemon))
+    assert [r["text"]["id"] for r in cloud_logs.records] == ["ok"]
+    letters = {
+        r["event"]["id"]: r for r in read_ndjson(tmp_path / "var" / "deadletter" / "logs.ndjson")
+    }
+    assert {k: v["reason"] for k, v in letters.items()} == {
+        "big": "too_large",
+        "old": "too_old",
+        "future": "too_far_in_future",
+    }
+    assert all(v["attempts"] == 0 for v in letters.values())
+    assert len(cloud_logs.requests) == 1
+    assert_books_balance(daemon)
+
+
+async def test_batches_are_split_under_the_request_size_limit(
+    start_daemon: StartDaemon, cloud_logs: FakeCloudLogs, api_key: None
+) -> None:
+    daemon = await start(start_daemon, cloud_logs, max_request_bytes=20_000)
+    await post(daemon, [make_event(eventTime=now_iso(), message="m" * 2000) for _ in range(40)])
+    await wait_for(lambda: settled(daemon))
+    assert len(cloud_logs.records) == 40
+    assert len(cloud_logs.requests) > 1
+    assert all(r["bytes"] <= 20_000 for r in cloud_logs.requests)
+
+
+async def test_the_api_key_never_leaks(
+    start_daemon: StartDaemon,
+    cloud_logs: FakeCloudLogs,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    wrong_key = "wrong-key-SHOULD-NOT-APPEAR-anywhere-42"
+    monkeypatch.setenv("IBMCLOUD_API_KEY", wrong_key)
+    caplog.set_level(logging.DEBUG)
+    daemon = await start_daemon(
+        {
+            "targets": [logs_target(cloud_logs) | {"retry": {"max_attempts": 2}}],
+            "routes": everything_to("logs"),
+        }
+    )
+    await post(daemon, make_event(eventTime=now_iso()))
+    await wait_for(lambda: settled(daemon))
+    status = daemon.status()
+    write_status = status["targets"]["logs"]["write_status"]
+    assert write_status["status"] == "failed"
+    assert "IAM token request" in write_status["reason_for_last_failure"]
+    letters = (tmp_path / "var" / "deadletter" / "logs.ndjson").read_text()
+    assert "Provided API key could not be found" in letters
+    for where, text in (
+        ("logs", caplog.text),
+        ("status", orjson.dumps(status).decode()),
+        ("dead letters", letters),
+        ("target repr", repr(daemon.targets["logs"].__dict__)),
+    ):
+        assert wrong_key not in text, f"the API key leaked into {where}"

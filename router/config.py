@@ -34,6 +34,8 @@ class ServerConfig:
     # A gzip body may inflate to this much; past it the request is a 413 (gzip bomb guard).
     max_inflated_bytes: int = 20 * MiB
     max_events_per_request: int = 10_000
+    # Requests decoded and validated at once; more wait their turn with their body unread.
+    max_concurrent_requests: int = 16
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

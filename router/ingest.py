@@ -10,11 +10,12 @@ and then no event of the request was accepted.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sqlite3
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -61,9 +62,20 @@ class Ingest:
     stats: IngestStats
     storage: StorageConfig
     dead_letters: DeadLetters
+    _slots: asyncio.Semaphore = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._slots = asyncio.Semaphore(self.server.max_concurrent_requests)
 
     async def handle(self, request: web.Request) -> web.Response:
+        """One request at a time per slot: a request beyond `server.max_concurrent_requests`
+        waits with its body unread (in the kernel's buffers, pushing back on the producer), so
+        the daemon's memory is bounded by the slots, not by how many producers send at once."""
         self.stats.requests += 1
+        async with self._slots:
+            return await self._handle(request)
+
+    async def _handle(self, request: web.Request) -> web.Response:
         try:
             items = decode(await self.read_body(request), request.content_type)
             if not items:

@@ -182,6 +182,9 @@ class SqliteJournal:
         # to the file system after a large backlog drains (see _give_back_space).
         db.execute("PRAGMA auto_vacuum=INCREMENTAL")
         db.execute("PRAGMA journal_mode=WAL")
+        # This SQLite build zeroes every deleted record by default, which writes each delivered
+        # event's page a second time; FAST still overwrites in place where that costs no I/O.
+        db.execute("PRAGMA secure_delete=FAST")
         db.execute(f"PRAGMA synchronous={SYNCHRONOUS[self.config.fsync]}")
         db.executescript(SCHEMA)
         return db

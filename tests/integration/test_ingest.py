@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import uuid
 from pathlib import Path
@@ -270,3 +271,21 @@ async def test_unrouted_events_are_counted(start_daemon: StartDaemon, tmp_path: 
         report = await resp.json()
     assert report["ingest"]["unrouted"] == 1
     assert report["targets"]["us"]["received"] == 1
+
+
+async def test_requests_past_the_concurrency_limit_wait_their_turn(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    path = tmp_path / "archive.ndjson"
+    daemon = await start_daemon(
+        {
+            "server": {"host": "127.0.0.1", "port": 0, "max_concurrent_requests": 1},
+            "targets": [file_target("archive", path)],
+            "routes": [{"name": "all", "rules": [{"locations": ["*"], "target_ids": ["archive"]}]}],
+        }
+    )
+    answers = await asyncio.gather(
+        *(post(daemon, [make_event() for _ in range(5)]) for _ in range(20))
+    )
+    assert [status for status, _ in answers] == [202] * 20
+    await wait_for(lambda: len(read_ndjson(path)) == 100)

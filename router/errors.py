@@ -3,6 +3,7 @@
     RouterError
     ├── ConfigError(source, problems)      a config file that cannot be used; lists every problem
     ├── RequestError(status, code, msg)    a whole ingest request refused (4xx), before any event
+    ├── QueryError(message, column)        a query that does not parse; points at the column
     └── DeliveryError(target_id)           one batch could not be delivered to one target
         ├── RetryableDeliveryError         try again later (connection, timeout, 408, 429, 5xx)
         └── PermanentDeliveryError         retrying cannot help (other 4xx, unwritable file)
@@ -37,6 +38,15 @@ class RequestError(RouterError):
         self.code = code
         self.message = message
         super().__init__(f"{status} {code}: {message}")
+
+
+class QueryError(RouterError):
+    """A query that does not parse. `column` is 1-based, so a caret can point at the spot."""
+
+    def __init__(self, message: str, column: int) -> None:
+        self.message = message
+        self.column = column
+        super().__init__(f"column {column}: {message}")
 
 
 class DeliveryError(RouterError):

@@ -22,6 +22,7 @@ from router.errors import ConfigError
 from router.resources import schemas_dir
 
 MiB = 1024 * 1024
+MIN_SIGNING_SECRET = 16  # an HMAC key shorter than this is guessable
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -103,6 +104,34 @@ class FileEndpointConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class HttpAuthConfig:
+    """`bearer` sends `Authorization: Bearer <token>`; `basic` sends username and password."""
+
+    type: Literal["bearer", "basic"]
+    token: str | None = field(default=None, repr=False)
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SigningConfig:
+    """HMAC-SHA256 over `<unix time>.<body>` with a shared secret, sent as
+    `<header>: t=<unix time>,v1=<hex>` so a receiver can verify the body and refuse replays."""
+
+    secret: str = field(repr=False)
+    header: str = "X-Event-Router-Signature"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TlsClientConfig:
+    """A CA bundle to trust instead of the system's, and a client certificate for mTLS."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class HttpEndpointConfig:
     """An HTTP(S) endpoint that takes a JSON array of events per POST."""
 
@@ -110,6 +139,17 @@ class HttpEndpointConfig:
     headers: Mapping[str, str] = field(default_factory=dict)
     timeout_s: float = 10.0
     tls_verify: bool = True
+    auth: HttpAuthConfig | None = None
+    signing: SigningConfig | None = None
+    tls: TlsClientConfig | None = None
+
+
+# Sub-objects of endpoints that are dataclasses of their own.
+NESTED_SECTIONS: Mapping[str, type[Any]] = {
+    "auth": HttpAuthConfig,
+    "signing": SigningConfig,
+    "tls": TlsClientConfig,
+}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -309,6 +349,14 @@ def _build(data: Mapping[str, Any], problems: list[str]) -> Config:
             name: _resolve_all(value, f"targets[{i}].{key}.{name}", problems)
             for name, value in raw[key].items()
         }
+        for name, section_cls in NESTED_SECTIONS.items():
+            if isinstance(endpoint.get(name), dict):
+                endpoint[name] = _section(section_cls, endpoint[name])
+        signing = endpoint.get("signing")
+        if isinstance(signing, SigningConfig) and len(signing.secret) < MIN_SIGNING_SECRET:
+            problems.append(
+                f"targets[{i}].{key}.signing.secret: at least {MIN_SIGNING_SECRET} characters"
+            )
         targets.append(
             TargetConfig(
                 id=raw["id"],

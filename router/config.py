@@ -18,7 +18,8 @@ from typing import Any, Literal, cast
 import jsonschema
 import yaml
 
-from router.errors import ConfigError
+from router.errors import ConfigError, QueryError
+from router.query import Query, parse
 from router.resources import schemas_dir
 
 MiB = 1024 * 1024
@@ -198,11 +199,13 @@ class TargetConfig:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RuleConfig:
-    """One routing rule: atracker's `locations` + `target_ids`, plus our `actions` globs."""
+    """One routing rule: atracker's `locations` + `target_ids`, plus our `actions` globs and
+    `filter`, a query (router.query) parsed and compiled when the config is loaded."""
 
     locations: tuple[str, ...]
     target_ids: tuple[str, ...]
     actions: tuple[str, ...] = ()
+    filter: Query | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -376,11 +379,12 @@ def _build(data: Mapping[str, Any], problems: list[str]) -> Config:
                     locations=tuple(rule["locations"]),
                     target_ids=tuple(rule["target_ids"]),
                     actions=tuple(rule.get("actions", ())),
+                    filter=_rule_filter(rule, f"routes[{r}].rules[{k}].filter", problems),
                 )
-                for rule in raw["rules"]
+                for k, rule in enumerate(raw["rules"])
             ),
         )
-        for raw in data.get("routes") or []
+        for r, raw in enumerate(data.get("routes") or [])
     )
     settings = data.get("settings") or {}
     return Config(
@@ -392,6 +396,17 @@ def _build(data: Mapping[str, Any], problems: list[str]) -> Config:
         routes=routes,
         settings=SettingsConfig(default_targets=tuple(settings.get("default_targets", ()))),
     )
+
+
+def _rule_filter(rule: Mapping[str, Any], where: str, problems: list[str]) -> Query | None:
+    """Parse a rule's filter once, at load time, so a bad one stops `check` and `serve`."""
+    if "filter" not in rule:
+        return None
+    try:
+        return parse(rule["filter"])
+    except QueryError as exc:
+        problems.append(f"{where}: {exc} in {rule['filter']!r}")
+        return None
 
 
 def _cross_check(config: Config, data: Mapping[str, Any]) -> list[str]:
@@ -412,18 +427,12 @@ def _cross_check(config: Config, data: Mapping[str, Any]) -> list[str]:
                 f"routes[{r}]: duplicate route id {route.id!r} (also routes[{route_ids[route.id]}])"
             )
         route_ids.setdefault(route.id, r)
-        raw_rules = cast(list[Mapping[str, Any]], data["routes"][r]["rules"])
         for k, rule in enumerate(route.rules):
             for t, target_id in enumerate(rule.target_ids):
                 if target_id not in known:
                     problems.append(
                         f"routes[{r}].rules[{k}].target_ids[{t}]: unknown target {target_id!r}"
                     )
-            if "filter" in raw_rules[k]:
-                problems.append(
-                    f"routes[{r}].rules[{k}].filter: rule filters need the query language, which "
-                    "this version does not have yet; remove the filter (it would not be ignored)"
-                )
     for t, target_id in enumerate(config.settings.default_targets):
         if target_id not in known:
             problems.append(f"settings.default_targets[{t}]: unknown target {target_id!r}")

@@ -140,7 +140,7 @@ class Ingest:
                 results.append(result)
                 continue
             event = Event.from_body(item)
-            decision = self.routes.match(event.location, event.action)
+            decision = self.routes.match(event)
             routed.append((event, decision.targets))
             results.append({"index": index, "id": event.id, "status": "accepted"})
         try:

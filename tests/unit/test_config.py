@@ -346,10 +346,15 @@ ERROR_CASES = [
         id="http-url-with-other-scheme",
     ),
     pytest.param(
-        minimal(routes=route_with_rule(filter="severity:critical")),
-        "routes[0].rules[0].filter: rule filters need the query language, which this version "
-        "does not have yet",
-        id="rule-filter",
+        minimal(routes=route_with_rule(filter="severity:critical AND")),
+        "routes[0].rules[0].filter: column 22: expected a term after AND, found the end of the "
+        "query in 'severity:critical AND'",
+        id="rule-filter-that-does-not-parse",
+    ),
+    pytest.param(
+        minimal(routes=route_with_rule(filter="")),
+        "routes[0].rules[0].filter: '' should be non-empty",
+        id="empty-rule-filter",
     ),
     pytest.param(
         minimal(routes=route_with_rule(locations=["US South"])),
@@ -390,10 +395,35 @@ def test_bad_config_raises_config_error_naming_the_path(data: Any, expected: str
     assert any(p.startswith(expected) for p in problems), problems
 
 
-def test_rule_filter_problem_says_the_query_language_is_not_there_yet() -> None:
-    [problem] = problems_of(minimal(routes=route_with_rule(filter="severity:critical")))
-    assert "query language" in problem
-    assert "not have yet" in problem
+def test_rule_filter_is_parsed_and_compiled_at_load_time() -> None:
+    config = parse_config(minimal(routes=route_with_rule(filter="reason.reasonType:Unauthorized")))
+    query = config.routes[0].rules[0].filter
+    assert query is not None
+    assert str(query) == "reason.reasonType:Unauthorized"
+    assert query.matches({"reason": {"reasonType": "unauthorized"}})
+    assert not query.matches({"reason": {"reasonType": "Created"}})
+
+
+def test_a_rule_without_filter_has_none() -> None:
+    assert parse_config(minimal()).routes[0].rules[0].filter is None
+
+
+def test_every_bad_filter_is_reported_with_its_rule() -> None:
+    routes = [
+        {"name": "a", "rules": [{"locations": ["*"], "target_ids": [], "filter": "(x"}]},
+        {
+            "name": "b",
+            "rules": [
+                {"locations": ["*"], "target_ids": ["archive"], "filter": "ok"},
+                {"locations": ["*"], "target_ids": ["nope"], "filter": "code:>abc"},
+            ],
+        },
+    ]
+    assert problems_of(minimal(routes=routes)) == [
+        "routes[0].rules[0].filter: column 1: this '(' is never closed in '(x'",
+        "routes[1].rules[1].filter: column 7: expected a number after 'code:>' in 'code:>abc'",
+        "routes[1].rules[1].target_ids[0]: unknown target 'nope'",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -542,6 +572,7 @@ def test_check_command_without_config_checks_the_embedded_default(
             id="cross-check-problems",
         ),
         pytest.param(minimal(colour="blue", server={"port": "eighty"}), id="schema-problems"),
+        pytest.param(minimal(routes=route_with_rule(filter="host:x OR")), id="bad-filter"),
     ],
 )
 def test_check_command_exits_2_and_prints_every_problem_for_a_bad_config(

@@ -3,19 +3,41 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 
 from router.config import RouteConfig, RuleConfig
+from router.events import Event
+from router.query import parse
 from router.routing import RouteTable, location_matches
 
 SM_CREATE = "secrets-manager.secret.create"
 DEFAULT = "(default_targets)"
 
 
-def rule(locations: list[str], target_ids: list[str], actions: Sequence[str] = ()) -> RuleConfig:
+def rule(
+    locations: list[str],
+    target_ids: list[str],
+    actions: Sequence[str] = (),
+    filter: str | None = None,
+) -> RuleConfig:
     return RuleConfig(
-        locations=tuple(locations), target_ids=tuple(target_ids), actions=tuple(actions)
+        locations=tuple(locations),
+        target_ids=tuple(target_ids),
+        actions=tuple(actions),
+        filter=parse(filter) if filter is not None else None,
+    )
+
+
+def event(location: str, action: str = SM_CREATE, **body: Any) -> Event:
+    """An accepted event as ingest hands it to routing (location already derived)."""
+    return Event(
+        id="e-1",
+        body={"action": action, **body},
+        location=location,
+        service=action.partition(".")[0],
+        action=action,
     )
 
 
@@ -30,7 +52,7 @@ def targets(
     action: str = SM_CREATE,
     default_targets: Sequence[str] = (),
 ) -> dict[str, str]:
-    return dict(RouteTable(routes, default_targets).match(location, action).targets)
+    return dict(RouteTable(routes, default_targets).match(event(location, action)).targets)
 
 
 # -- routes and rules ------------------------------------------------------------------------
@@ -166,7 +188,7 @@ def test_rule_with_empty_target_ids_matches_sends_nowhere_and_stops_its_route(
 def test_event_without_route_goes_to_default_targets(
     routes: list[RouteConfig], location: str
 ) -> None:
-    decision = RouteTable(routes, ["archive", "backup"]).match(location, SM_CREATE)
+    decision = RouteTable(routes, ["archive", "backup"]).match(event(location))
     assert dict(decision.targets) == {"archive": DEFAULT, "backup": DEFAULT}
     assert decision.routed is True
 
@@ -194,7 +216,7 @@ def test_default_targets_are_not_used_when_a_route_sent_the_event() -> None:
 def test_event_without_route_or_default_targets_is_not_routed(
     routes: list[RouteConfig], location: str
 ) -> None:
-    decision = RouteTable(routes, []).match(location, SM_CREATE)
+    decision = RouteTable(routes, []).match(event(location))
     assert dict(decision.targets) == {}
     assert decision.routed is False
 
@@ -284,15 +306,92 @@ def test_decision_names_the_first_route_that_sent_each_target() -> None:
 
 
 def test_decision_names_default_targets_with_default_targets_marker() -> None:
-    decision = RouteTable([], ["archive"]).match("us-south", SM_CREATE)
+    decision = RouteTable([], ["archive"]).match(event("us-south"))
     assert decision.targets == {"archive": "(default_targets)"}
 
 
 def test_match_gives_the_same_decision_on_repeated_calls() -> None:
     table = RouteTable(INDEPENDENT_ROUTES, ["fallback"])
-    first = table.match("us-south", SM_CREATE)
-    assert table.match("us-south", SM_CREATE) == first
-    assert dict(table.match("eu-de", SM_CREATE).targets) == {
+    first = table.match(event("us-south"))
+    assert table.match(event("us-south")) == first
+    assert dict(table.match(event("eu-de")).targets) == {
         "archive": "all",
         "eu-logs": "frankfurt",
     }
+
+
+# -- filters ---------------------------------------------------------------------------------
+
+UNAUTHORIZED = {"reason": {"reasonCode": 401, "reasonType": "Unauthorized"}}
+CREATED = {"reason": {"reasonCode": 201, "reasonType": "Created"}}
+ALERTING = [
+    route("alerts", rule(["*"], ["webhook"], filter="reason.reasonType:Unauthorized")),
+    route("archive", rule(["*"], ["archive"])),
+]
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (UNAUTHORIZED, {"webhook": "alerts", "archive": "archive"}),
+        (CREATED, {"archive": "archive"}),
+        ({}, {"archive": "archive"}),
+    ],
+)
+def test_rule_with_filter_matches_only_events_that_pass_it(
+    body: dict[str, Any], expected: dict[str, str]
+) -> None:
+    table = RouteTable(ALERTING, [])
+    assert dict(table.match(event("us-south", **body)).targets) == expected
+
+
+@pytest.mark.parametrize(
+    ("location", "body", "expected"),
+    [
+        ("us-south", UNAUTHORIZED, {"siem": "r"}),
+        ("us-south", CREATED, {"archive": "r"}),
+        ("eu-de", UNAUTHORIZED, {"archive": "r"}),
+    ],
+)
+def test_rule_whose_filter_fails_falls_through_to_the_next_rule(
+    location: str, body: dict[str, Any], expected: dict[str, str]
+) -> None:
+    routes = [
+        route(
+            "r",
+            rule(["us-south"], ["siem"], filter="reason.reasonCode:>=400"),
+            rule(["*"], ["archive"]),
+        )
+    ]
+    assert dict(RouteTable(routes, []).match(event(location, **body)).targets) == expected
+
+
+@pytest.mark.parametrize(
+    ("action", "body", "expected"),
+    [
+        ("kms.key.create", UNAUTHORIZED, {"siem": "r"}),
+        ("kms.key.create", CREATED, {"fallback": DEFAULT}),
+        (SM_CREATE, UNAUTHORIZED, {"fallback": DEFAULT}),
+    ],
+)
+def test_rule_needs_location_actions_and_filter_to_match(
+    action: str, body: dict[str, Any], expected: dict[str, str]
+) -> None:
+    routes = [route("r", rule(["*"], ["siem"], actions=["kms.*"], filter="reason.reasonCode:401"))]
+    decision = RouteTable(routes, ["fallback"]).match(event("us-south", action, **body))
+    assert dict(decision.targets) == expected
+
+
+def test_filtered_rule_sending_nowhere_still_stops_its_route() -> None:
+    routes = [route("r", rule(["*"], [], filter="outcome:failure"), rule(["*"], ["archive"]))]
+    table = RouteTable(routes, ["fallback"])
+    assert dict(table.match(event("us-south", outcome="failure")).targets) == {"fallback": DEFAULT}
+    assert dict(table.match(event("us-south", outcome="success")).targets) == {"archive": "r"}
+
+
+def test_decisions_with_filters_are_not_reused_across_events_of_the_same_location() -> None:
+    # The (location, action) cache must not keep the first event's filtered outcome.
+    table = RouteTable(ALERTING, [])
+    assert "webhook" in table.match(event("us-south", **UNAUTHORIZED)).targets
+    assert "webhook" not in table.match(event("us-south", **CREATED)).targets
+    assert "webhook" in table.match(event("us-south", **UNAUTHORIZED)).targets

@@ -102,6 +102,7 @@ class Daemon:
                 self.journal,
                 self.dead_letters,
                 self.target_stats[target_config.id],
+                probe_first=self.config.startup.validate_targets,
             )
             self.workers[target_config.id] = worker
             self._tasks[target_config.id] = asyncio.create_task(

@@ -1,5 +1,5 @@
-"""The command line: `event-router serve | check | dlq`. The only place that calls asyncio.run()
-and sys.exit().
+"""The command line: `event-router serve | check | validate-target | dlq | ...`.
+The only place that calls asyncio.run() and sys.exit().
 
 Exit codes: 0 success, 1 runtime failure, 2 a config that cannot be used.
 """
@@ -56,6 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="YAML config (default: the embedded config/router.yaml)",
     )
+    validate = commands.add_parser(
+        "validate-target", help="send one real test event to a target and report the outcome"
+    )
+    validate.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="YAML config (default: the embedded config/router.yaml)",
+    )
+    validate.add_argument("target_id", metavar="ID", help="the target's id")
+
     dlq = commands.add_parser("dlq", help="dead letters: list, show, redrive")
     dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
     dlq_list = dlq_commands.add_parser("list", help="letters per target, by reason")
@@ -94,6 +105,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
+    if args.command == "validate-target":
+        sys.exit(asyncio.run(_validate_target(config, args.target_id)))
     if args.command == "dlq":
         sys.exit(_dlq(args, config))
     if args.command == "check":
@@ -116,6 +129,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     except OSError as exc:
         log.error("cannot start: %s", exc)
         sys.exit(EXIT_RUNTIME)
+
+
+async def _validate_target(config: Config, target_id: str) -> int:
+    from router.probe import probe
+    from router.targets import build_target
+
+    try:
+        target_config = config.target(target_id)
+    except KeyError:
+        known = ", ".join(t.id for t in config.targets) or "none"
+        print(f"no target {target_id!r} in the config (targets: {known})", file=sys.stderr)
+        return EXIT_CONFIG
+    target = build_target(target_config)
+    try:
+        result = await probe(target)
+    finally:
+        await target.close()
+    print(f"{'OK' if result.ok else 'FAILED'}: {result.message}")
+    return 0 if result.ok else EXIT_RUNTIME
 
 
 def _dlq(args: argparse.Namespace, config: Config) -> int:

@@ -218,6 +218,14 @@ class RouteConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class StartupConfig:
+    """What the daemon checks as it starts."""
+
+    # Send each target one real test event (event-router.target.validate) before its backlog.
+    validate_targets: bool = True
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SettingsConfig:
     """Account-wide settings; `default_targets` take events that no rule sent anywhere."""
 
@@ -235,6 +243,7 @@ class Config:
     targets: tuple[TargetConfig, ...] = ()
     routes: tuple[RouteConfig, ...] = ()
     settings: SettingsConfig = field(default_factory=SettingsConfig)
+    startup: StartupConfig = field(default_factory=StartupConfig)
 
     def target(self, target_id: str) -> TargetConfig:
         """The target with this id (the config's cross-checks guarantee it exists)."""
@@ -395,6 +404,7 @@ def _build(data: Mapping[str, Any], problems: list[str]) -> Config:
         targets=tuple(targets),
         routes=routes,
         settings=SettingsConfig(default_targets=tuple(settings.get("default_targets", ()))),
+        startup=_section(StartupConfig, data.get("startup")),
     )
 
 

@@ -28,6 +28,7 @@ from router.deadletter import DeadLetters, Failure
 from router.errors import DeliveryError, PermanentDeliveryError, RetryableDeliveryError
 from router.journal import Entry, Journal
 from router.metrics import TargetStats
+from router.probe import probe
 from router.targets import Target
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,10 @@ class DeliveryWorker:
         journal: Journal,
         dead_letters: DeadLetters,
         stats: TargetStats,
+        *,
+        probe_first: bool = False,
     ) -> None:
+        self.probe_first = probe_first
         self.target = target
         self.config = config
         self.journal = journal
@@ -89,6 +93,14 @@ class DeliveryWorker:
                 await asyncio.sleep(WORKER_RESTART_S)
 
     async def _deliver_until_stopped(self) -> None:
+        if self.probe_first:
+            # The test write goes first, from this task, so it never races a batch.
+            self.probe_first = False
+            result = await probe(self.target, self.stats)
+            if result.ok:
+                log.info("%s", result.message)
+            else:
+                log.error("target validation failed: %s", result.message)
         batch_config = self.config.batch
         while True:
             batch = await self.journal.next_batch(

@@ -63,6 +63,7 @@ async def test_kill_9_under_load_loses_no_acknowledged_event(tmp_path: Path) -> 
             {
                 "server": {"host": "127.0.0.1", "port": port},
                 "storage": {"path": str(tmp_path / "var"), "fsync": "always"},
+                "startup": {"validate_targets": False},
                 "targets": [
                     {
                         "id": "archive",

@@ -34,6 +34,7 @@ def write_config(tmp_path: Path, port: int) -> Path:
             }
         ],
         "routes": [{"name": "all", "rules": [{"locations": ["*"], "target_ids": ["archive"]}]}],
+        "startup": {"validate_targets": False},
     }
     path = tmp_path / "router.yaml"
     path.write_text(yaml.safe_dump(config))

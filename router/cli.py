@@ -92,11 +92,38 @@ def build_parser() -> argparse.ArgumentParser:
     dlq_show.add_argument("--limit", type=int, help="at most this many letters")
     dlq_show.add_argument("--format", choices=["ndjson", "table"], default="table")
     dlq_redrive.add_argument("--url", help="the daemon's base URL (default: from the config)")
+    _add_query_command(commands)
     return parser
+
+
+def _add_query_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    query = commands.add_parser(
+        "query", help="search file-target archives (rotated and gzipped too) with a query"
+    )
+    query.add_argument("query", metavar="QUERY", help="e.g. 'host:secrets-manager outcome:failure'")
+    query.add_argument(
+        "paths",
+        metavar="PATH",
+        type=Path,
+        nargs="+",
+        help="an archive file (its rotations are read too) or a directory of archives",
+    )
+    query.add_argument("--since", help="eventTime at or after this ISO 8601 time")
+    query.add_argument("--until", help="eventTime before this ISO 8601 time")
+    query.add_argument("--limit", type=int, help="at most this many events (the oldest first)")
+    query.add_argument("--format", choices=["ndjson", "table"], default="ndjson")
+    query.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a progress bar on stderr (default: on a terminal, for large archives)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if args.command == "query":
+        sys.exit(_query(args))
     config_path = args.config or default_config_path()
     try:
         config = load_config(config_path)
@@ -183,3 +210,30 @@ async def _serve(config: Config) -> None:
         log.info("stop requested; draining")
     finally:
         await daemon.stop()
+
+
+def _query(args: argparse.Namespace) -> int:
+    """`query` reads archives directly: it needs no config and no running daemon."""
+    from router.query import QueryError, parse
+    from router.search import describe_query_error, parse_time, search
+
+    try:
+        query = parse(args.query)
+    except QueryError as exc:
+        print(describe_query_error(args.query, exc), file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        since = parse_time(args.since, "--since") if args.since else None
+        until = parse_time(args.until, "--until") if args.until else None
+    except ValueError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_CONFIG
+    return search(
+        query,
+        args.paths,
+        since=since,
+        until=until,
+        limit=args.limit,
+        fmt=args.format,
+        progress=args.progress,
+    )

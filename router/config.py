@@ -175,13 +175,35 @@ class CloudLogsEndpointConfig:
     max_event_bytes: int = 32 * 1024
 
 
-EndpointConfig = FileEndpointConfig | HttpEndpointConfig | CloudLogsEndpointConfig
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SyslogEndpointConfig:
+    """A syslog receiver (a SIEM, rsyslog, syslog-ng): RFC 5424 messages over TCP with octet
+    counting (RFC 6587), or over TLS (RFC 5425)."""
+
+    host: str
+    port: int | None = None  # default: 514 for tcp, 6514 for tls
+    transport: Literal["tcp", "tls"] = "tcp"
+    tls_verify: bool = True
+    tls: TlsClientConfig | None = None
+    facility: int = 13  # log audit
+    app_name: str | None = None  # default: the event's service (logSourceCRN)
+    hostname: str | None = None  # default: this host's name
+    sd_id: str = "audit@32473"
+    bom: bool = True  # RFC 5424: a UTF-8 MSG starts with a BOM
+    timeout_s: float = 10.0
+    max_message_bytes: int = 64 * 1024
+
+
+EndpointConfig = (
+    FileEndpointConfig | HttpEndpointConfig | CloudLogsEndpointConfig | SyslogEndpointConfig
+)
 
 # target_type -> (the key of its endpoint object, the dataclass that holds it)
 ENDPOINTS: Mapping[str, tuple[str, type[EndpointConfig]]] = {
     "file": ("file_endpoint", FileEndpointConfig),
     "http": ("http_endpoint", HttpEndpointConfig),
     "cloud_logs": ("cloudlogs_endpoint", CloudLogsEndpointConfig),
+    "syslog": ("syslog_endpoint", SyslogEndpointConfig),
 }
 
 

@@ -51,10 +51,17 @@ def _cloud_logs(config: TargetConfig) -> Target:
     return CloudLogsTarget.from_config(config)
 
 
+def _syslog(config: TargetConfig) -> Target:
+    from router.targets.syslog import SyslogTarget
+
+    return SyslogTarget.from_config(config)
+
+
 TARGET_TYPES: Final[Mapping[str, Callable[[TargetConfig], Target]]] = {
     "file": _file,
     "http": _http,
     "cloud_logs": _cloud_logs,
+    "syslog": _syslog,
 }
 
 

@@ -1,0 +1,144 @@
+"""The `syslog` target: RFC 5424 messages over TCP with octet counting, or over TLS.
+
+SIEMs ingest syslog. Each event becomes one message:
+
+    <PRI>1 TIMESTAMP HOSTNAME APP-NAME - MSGID [SD-ID id=".." action=".." ...] BOM{event JSON}
+
+PRI = facility (default 13, log audit) * 8 + the event's severity (normal -> 6 informational,
+warning -> 4 warning, critical -> 2 critical); TIMESTAMP is the eventTime; APP-NAME the event's
+service; MSGID its action (cut to RFC 5424's 32 characters; the whole action is in the
+structured data and the JSON). Frames are `<length> <message>` (RFC 6587 octet counting), so a
+message may hold any byte, newlines included.
+
+TCP acknowledges bytes, not messages: a batch counts as delivered once the kernel took it, and
+a connection that breaks afterwards can lose what was in flight without either side noticing.
+That is syslog's own limit (RELP exists for it); an audit trail that must be provable end to end
+should prefer the http or cloud_logs targets, and use syslog as a feed for a SIEM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+from router.config import SyslogEndpointConfig, TargetConfig
+from router.errors import RetryableDeliveryError
+from router.events import Event
+from router.targets.http import tls_context
+
+SEVERITY = {"normal": 6, "warning": 4, "critical": 2}
+BOM = b"\xef\xbb\xbf"
+DEFAULT_PORTS = {"tcp": 514, "tls": 6514}
+MSGID_MAX = 32
+APP_NAME_MAX = 48
+
+
+def sd_escape(value: str) -> str:
+    """RFC 5424 PARAM-VALUE: `"`, `\\` and `]` are escaped with a backslash."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("]", "\\]")
+
+
+def header_token(value: str, limit: int) -> str:
+    """A header field: printable US-ASCII without spaces, `-` when empty, cut to its limit."""
+    cleaned = "".join(c for c in value if "!" <= c <= "~")[:limit]
+    return cleaned or "-"
+
+
+def timestamp(event: Event) -> str:
+    """The eventTime as RFC 5424 wants it: RFC 3339, at most 6 fraction digits, Z or +hh:mm."""
+    try:
+        when = datetime.fromisoformat(event.body["eventTime"])
+    except (KeyError, TypeError, ValueError):
+        when = datetime.fromtimestamp(event.received_at, UTC)
+    return when.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+class SyslogTarget:
+    """Writes octet-counted RFC 5424 frames on one kept-open connection."""
+
+    def __init__(self, target_id: str, endpoint: SyslogEndpointConfig) -> None:
+        self.id = target_id
+        self.endpoint = endpoint
+        self.port = endpoint.port or DEFAULT_PORTS[endpoint.transport]
+        self.hostname = header_token(endpoint.hostname or socket.gethostname(), 255)
+        self._ssl: bool | ssl.SSLContext = (
+            tls_context(endpoint.tls_verify, endpoint.tls) if endpoint.transport == "tls" else False
+        )
+        self._writer: asyncio.StreamWriter | None = None
+
+    @classmethod
+    def from_config(cls, config: TargetConfig) -> SyslogTarget:
+        assert isinstance(config.endpoint, SyslogEndpointConfig)
+        return cls(config.id, config.endpoint)
+
+    async def start(self) -> None:
+        """Connections are opened on first send, so a receiver that is down delays nothing."""
+
+    def message(self, event: Event) -> bytes:
+        """One RFC 5424 message (without its frame)."""
+        body = event.body
+        pri = self.endpoint.facility * 8 + SEVERITY.get(body.get("severity", ""), 6)
+        app = header_token(self.endpoint.app_name or event.service or "event-router", APP_NAME_MAX)
+        params = {
+            "id": event.id,
+            "action": event.action,
+            "outcome": str(body.get("outcome", "")),
+            "location": event.location,
+        }
+        sd = " ".join(f'{name}="{sd_escape(value)}"' for name, value in params.items())
+        head = (
+            f"<{pri}>1 {timestamp(event)} {self.hostname} {app} - "
+            f"{header_token(event.action, MSGID_MAX)} [{self.endpoint.sd_id} {sd}] "
+        )
+        return head.encode() + (BOM if self.endpoint.bom else b"") + event.encoded()
+
+    def unsendable(self, event: Event) -> str | None:
+        if len(self.message(event)) > self.endpoint.max_message_bytes:
+            return "too_large"
+        return None
+
+    async def send(self, batch: Sequence[Event]) -> None:
+        frames = b"".join(
+            str(len(message)).encode() + b" " + message
+            for message in (self.message(event) for event in batch)
+        )
+        try:
+            writer = await self._connection()
+            writer.write(frames)
+            await asyncio.wait_for(writer.drain(), self.endpoint.timeout_s)
+        except (OSError, TimeoutError, ssl.SSLError) as exc:
+            await self.close()  # the next attempt starts on a fresh connection
+            where = f"{self.endpoint.host}:{self.port}"
+            raise RetryableDeliveryError(
+                self.id, f"syslog {self.endpoint.transport} to {where}: {exc or type(exc).__name__}"
+            ) from exc
+
+    async def _connection(self) -> asyncio.StreamWriter:
+        writer = self._writer
+        if writer is not None and writer.is_closing():
+            await self.close()  # the receiver went away; what it had is out of our hands
+            writer = None
+        if writer is None:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(
+                    self.endpoint.host,
+                    self.port,
+                    ssl=self._ssl or None,
+                    server_hostname=self.endpoint.host if self._ssl else None,
+                ),
+                self.endpoint.timeout_s,
+            )
+            self._writer = writer
+        assert writer is not None
+        return writer
+
+    async def close(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.close()
+            with contextlib.suppress(OSError, ssl.SSLError):
+                await writer.wait_closed()

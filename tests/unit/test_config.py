@@ -322,7 +322,7 @@ ERROR_CASES = [
     ),
     pytest.param(
         minimal(targets=[{"id": "archive", "target_type": "kafka"}]),
-        "targets[0].target_type: 'kafka' is not one of ['file', 'http', 'cloud_logs']",
+        "targets[0].target_type: 'kafka' is not one of ['file', 'http', 'cloud_logs', 'syslog']",
         id="wrong-target-type",
     ),
     pytest.param(

@@ -30,6 +30,7 @@ from router.journal import SqliteJournal
 from router.metrics import IngestStats, TargetStats
 from router.resources import schemas_dir
 from router.routing import RouteTable
+from router.tail import TailHub
 from router.targets import Target, build_target
 from router.validation import EventValidator
 
@@ -59,6 +60,7 @@ class Daemon:
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
         self.ready = False
+        self.tail = TailHub()
         self.app = self._build_app()
 
     def _build_app(self) -> web.Application:
@@ -70,10 +72,12 @@ class Daemon:
             stats=self.ingest_stats,
             storage=self.config.storage,
             dead_letters=self.dead_letters,
+            tail=self.tail,
         )
         app = web.Application(client_max_size=self.config.server.max_body_bytes)
         app.router.add_post("/v1/events", ingest.handle)
         app.router.add_get("/v1/status", self._status)
+        app.router.add_get("/v1/tail", self.tail.handle)
         app.router.add_post("/v1/deadletters/{target}/redrive", self._redrive)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
@@ -132,6 +136,7 @@ class Daemon:
 
     async def stop(self) -> None:
         self.ready = False
+        self.tail.close()  # a tail stream would hold up the runner's cleanup
         if self._runner is not None:
             await self._runner.cleanup()  # stops listening, then waits for in-flight requests
         for worker in self.workers.values():

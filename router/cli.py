@@ -93,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     dlq_show.add_argument("--format", choices=["ndjson", "table"], default="table")
     dlq_redrive.add_argument("--url", help="the daemon's base URL (default: from the config)")
     _add_query_command(commands)
+    _add_tail_command(commands)
     return parser
 
 
@@ -120,6 +121,19 @@ def _add_query_command(commands: argparse._SubParsersAction[argparse.ArgumentPar
     )
 
 
+def _add_tail_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    tail = commands.add_parser("tail", help="follow the accepted events that match a query")
+    tail.add_argument("query", metavar="QUERY", nargs="?", default="", help="default: every event")
+    tail.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="YAML config, for the daemon's address (default: the embedded config/router.yaml)",
+    )
+    tail.add_argument("--url", help="the daemon's base URL (default: from the config)")
+    tail.add_argument("--limit", type=int, help="stop after this many events")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "query":
@@ -136,6 +150,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(asyncio.run(_validate_target(config, args.target_id)))
     if args.command == "dlq":
         sys.exit(_dlq(args, config))
+    if args.command == "tail":
+        sys.exit(_tail(args, config))
     if args.command == "check":
         print(
             f"{config_path}: OK ({len(config.targets)} targets, {len(config.routes)} routes, "
@@ -237,3 +253,13 @@ def _query(args: argparse.Namespace) -> int:
         fmt=args.format,
         progress=args.progress,
     )
+
+
+def _tail(args: argparse.Namespace, config: Config) -> int:
+    from router.tail import follow
+
+    url = args.url or f"http://{config.server.host}:{config.server.port}"
+    try:
+        return asyncio.run(follow(url, args.query, limit=args.limit))
+    except KeyboardInterrupt:
+        return 0  # Ctrl-C is how a tail ends

@@ -28,6 +28,7 @@ from router.events import Event
 from router.journal import Journal, JournalFullError
 from router.metrics import IngestStats
 from router.routing import RouteTable
+from router.tail import TailHub
 from router.validation import EventValidator, Problem
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class Ingest:
     stats: IngestStats
     storage: StorageConfig
     dead_letters: DeadLetters
+    tail: TailHub | None = None
     _slots: asyncio.Semaphore = field(init=False)
 
     def __post_init__(self) -> None:
@@ -164,6 +166,8 @@ class Ingest:
                 status=503,
                 headers={"Retry-After": str(self.storage.full_retry_after_s)},
             )
+        if self.tail is not None:
+            self.tail.publish(event for event, _ in routed)
         self.stats.unrouted += sum(1 for _, targets in routed if not targets)
         accepted = len(routed)
         self.stats.accepted += accepted

@@ -1,0 +1,186 @@
+"""The live tail: GET /v1/tail streams matching events as SSE; `event-router tail` follows it."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from router.app import Daemon
+from router.cli import main
+from router.events import Event
+from router.query import parse
+from router.tail import SseMessage, TailHub, follow, sse_messages
+from tests.conftest import StartDaemon
+from tests.fakes import make_event, wait_for
+from tests.integration.test_ingest import file_target, post
+
+
+def denied(event_id: str) -> dict[str, Any]:
+    return make_event(
+        id=event_id,
+        action="secrets-manager.secret.read",
+        outcome="failure",
+        reason={"reasonCode": 401, "reasonType": "Unauthorized"},
+    )
+
+
+@pytest.fixture
+async def daemon(start_daemon: StartDaemon, tmp_path: Path) -> Daemon:
+    return await start_daemon(
+        {
+            "targets": [file_target("archive", tmp_path / "archive.ndjson")],
+            "routes": [{"name": "all", "rules": [{"locations": ["*"], "target_ids": ["archive"]}]}],
+        }
+    )
+
+
+async def open_tail(
+    session: aiohttp.ClientSession, daemon: Daemon, query: str
+) -> tuple[aiohttp.ClientResponse, AsyncIterator[SseMessage]]:
+    resp = await session.get(f"http://127.0.0.1:{daemon.port}/v1/tail", params={"query": query})
+    return resp, aiter(sse_messages(resp.content))
+
+
+async def next_message(messages: AsyncIterator[SseMessage]) -> SseMessage:
+    return await asyncio.wait_for(anext(messages), timeout=10)
+
+
+async def test_tail_streams_only_matching_events_as_they_are_accepted(daemon: Daemon) -> None:
+    async with aiohttp.ClientSession() as session:
+        resp, messages = await open_tail(
+            session, daemon, "host:secrets-manager reason.reasonType:Unauthorized"
+        )
+        assert resp.status == 200
+        assert resp.headers["Content-Type"] == "text/event-stream"
+        ready = await next_message(messages)
+        assert ready == SseMessage(
+            "ready", '{"query":"host:secrets-manager reason.reasonType:Unauthorized"}'
+        )
+        status, _ = await post(daemon, [make_event(id="ok-1"), denied("d-1"), make_event()])
+        assert status == 202
+        await post(daemon, denied("d-2"))
+        first, second = await next_message(messages), await next_message(messages)
+        assert [first.event, second.event] == ["event", "event"]
+        assert [orjson.loads(m.data)["id"] for m in (first, second)] == ["d-1", "d-2"]
+        assert orjson.loads(first.data)["reason"]["reasonType"] == "Unauthorized"
+        resp.close()
+    # A client that left is noticed at the next write (an event, or the keep-alive).
+    await post(daemon, denied("d-3"))
+    await wait_for(lambda: not daemon.tail.subscribers, what="the subscriber to go")
+
+
+async def test_rejected_events_are_not_tailed(daemon: Daemon) -> None:
+    async with aiohttp.ClientSession() as session:
+        resp, messages = await open_tail(session, daemon, "outcome:failure")
+        await next_message(messages)
+        bad = denied("bad")
+        del bad["eventTime"]
+        await post(daemon, [bad, denied("good")])
+        message = await next_message(messages)
+        assert orjson.loads(message.data)["id"] == "good"
+        resp.close()
+
+
+async def test_bad_tail_query_is_400_with_the_column(daemon: Daemon) -> None:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(
+            f"http://127.0.0.1:{daemon.port}/v1/tail", params={"query": "outcome:failure OR"}
+        ) as resp,
+    ):
+        assert resp.status == 400
+        body = await resp.json()
+    assert body["error"]["code"] == "bad_query"
+    assert body["error"]["column"] == 19
+    assert "expected a term after OR" in body["error"]["message"]
+
+
+async def test_stopping_the_daemon_ends_open_tails(daemon: Daemon) -> None:
+    async with aiohttp.ClientSession() as session:
+        resp, messages = await open_tail(session, daemon, "outcome:failure")
+        await next_message(messages)
+        await asyncio.wait_for(daemon.stop(), timeout=5)
+        with pytest.raises(StopAsyncIteration):
+            await next_message(messages)
+        resp.close()
+
+
+def run_cli(*argv: str) -> int:
+    """main() as a thread runs it: asyncio would not let a SystemExit pass through a task."""
+    try:
+        main(list(argv))
+    except SystemExit as exited:
+        return int(exited.code or 0)
+    return 0
+
+
+async def test_tail_command_prints_matching_events_as_ndjson(
+    daemon: Daemon, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"http://127.0.0.1:{daemon.port}"
+    # The command runs its own event loop (asyncio.run), so it gets a thread of its own.
+    command = asyncio.create_task(
+        asyncio.to_thread(run_cli, "tail", "reason.reasonCode:>=400", "--url", url, "--limit", "2")
+    )
+    await wait_for(lambda: len(daemon.tail.subscribers) == 1, what="the command to subscribe")
+    await post(daemon, [denied("d-1"), make_event(id="ok"), denied("d-2"), denied("d-3")])
+    assert await asyncio.wait_for(command, timeout=10) == 0
+    out, err = capsys.readouterr()
+    assert [orjson.loads(line)["id"] for line in out.splitlines()] == ["d-1", "d-2"]
+    assert f"tailing {url} for reason.reasonCode:>=400" in err
+
+
+async def test_tail_command_points_at_a_bad_query(daemon: Daemon) -> None:
+    err = io.StringIO()
+    code = await follow(f"http://127.0.0.1:{daemon.port}", "(outcome:failure", err=err)
+    assert code == 2
+    assert err.getvalue().splitlines() == [
+        "bad query: this '(' is never closed",
+        "  (outcome:failure",
+        "  ^",
+    ]
+
+
+async def test_tail_command_without_a_daemon_exits_1(unused_tcp_port: int) -> None:
+    err = io.StringIO()
+    assert await follow(f"http://127.0.0.1:{unused_tcp_port}", "x", err=err) == 1
+    assert "cannot reach the daemon" in err.getvalue()
+
+
+# -- the hub: a slow subscriber loses its own events, ingest never waits -------------------
+
+
+def accepted(body: dict[str, Any]) -> Event:
+    return Event.from_body(body)
+
+
+async def test_slow_subscriber_drops_and_counts_without_blocking_publish() -> None:
+    hub = TailHub(queue_events=3)
+    slow = hub.subscribe(parse("outcome:failure"))
+    everything = hub.subscribe(None)
+    hub.publish([accepted(denied(f"d-{i}")) for i in range(5)])
+    hub.publish([accepted(make_event(id="ok"))])
+    assert slow.queue.qsize() == 3 and slow.dropped == 2
+    assert everything.queue.qsize() == 3 and everything.dropped == 3
+    kept = [orjson.loads(slow.queue.get_nowait())["id"] for _ in range(3)]
+    assert kept == ["d-0", "d-1", "d-2"]
+
+
+async def test_dropped_events_are_announced_before_the_next_event(daemon: Daemon) -> None:
+    async with aiohttp.ClientSession() as session:
+        resp, messages = await open_tail(session, daemon, "outcome:failure")
+        await next_message(messages)
+        [subscriber] = daemon.tail.subscribers
+        subscriber.dropped = 7  # as if a burst had overflowed its queue
+        await post(daemon, denied("after"))
+        dropped, event = await next_message(messages), await next_message(messages)
+        assert dropped == SseMessage("dropped", '{"dropped":7}')
+        assert orjson.loads(event.data)["id"] == "after"
+        resp.close()

@@ -9,8 +9,10 @@ costs ingest nothing and loses only its own view.
 
 The stream: `event: ready` once subscribed (data: the canonical query), then `event: event`
 with the event's JSON as data and its id as the SSE id, `event: dropped` as above, and a
-comment line every KEEPALIVE_S so proxies keep the connection. Unauthenticated for now, like
-every endpoint: it is as private as the listener it is bound to.
+comment line every KEEPALIVE_S so proxies keep the connection. A client that went away is
+noticed at the next write (an event or the keep-alive), when its subscription ends; until then
+its queue can only fill up, never grow. Unauthenticated for now, like every endpoint: it is as
+private as the listener it is bound to.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from router.delivery import DeliveryWorker
 from router.errors import RequestError
 from router.events import Event
 from router.ingest import Ingest, error_response, json_response
-from router.journal import SqliteJournal
+from router.journal import Entry, SqliteJournal
 from router.metrics import IngestStats, TargetStats
 from router.resources import schemas_dir
 from router.routing import RouteTable
@@ -91,7 +91,8 @@ class Daemon:
 
     async def start(self) -> None:
         await self.journal.open()
-        await self._dead_letter_removed_targets()
+        for target_id in sorted(self.journal.orphans):
+            await self._retire(target_id)
         for target_id, target in self.targets.items():
             try:
                 await target.start()
@@ -162,19 +163,22 @@ class Daemon:
             sum(b.pending for b in books),
         )
 
-    async def _dead_letter_removed_targets(self) -> None:
+    async def _retire(self, target_id: str) -> None:
         """A target gone from the config leaves its backlog as dead letters, not lost."""
-        for target_id, entries in list(self.journal.orphans.items()):
-            failure = Failure(
-                reason="target_removed",
-                message=f"target {target_id!r} is no longer in the configuration",
-            )
+        failure = Failure(
+            reason="target_removed",
+            message=f"target {target_id!r} is no longer in the configuration",
+        )
+
+        async def dead_letter(entries: list[Entry]) -> None:
             await self.dead_letters.write(target_id, entries, failure)
-            await self.journal.forget_orphans(target_id)
+
+        count = await self.journal.retire(target_id, dead_letter)
+        if count:
             log.warning(
                 "target %s was removed from the config: %d pending events dead-lettered",
                 target_id,
-                len(entries),
+                count,
             )
 
     def status(self) -> dict[str, Any]:

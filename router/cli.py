@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -25,6 +26,7 @@ log = logging.getLogger("router")
 
 EXIT_RUNTIME = 1
 EXIT_CONFIG = 2
+TOKEN_ENV = "EVENT_ROUTER_TOKEN"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     dlq_show.add_argument("--limit", type=int, help="at most this many letters")
     dlq_show.add_argument("--format", choices=["ndjson", "table"], default="table")
     dlq_redrive.add_argument("--url", help="the daemon's base URL (default: from the config)")
+    dlq_redrive.add_argument(
+        "--token-file",
+        type=Path,
+        help="a file holding an admin token (default: the EVENT_ROUTER_TOKEN variable)",
+    )
     _add_query_command(commands)
     _add_tail_command(commands)
     return parser
@@ -209,7 +216,20 @@ def _dlq(args: argparse.Namespace, config: Config) -> int:
             config, args.target, LetterFilter(args.reason, since), limit=args.limit, fmt=args.format
         )
     query = {k: v for k, v in (("reason", args.reason), ("since", args.since)) if v}
-    return asyncio.run(dlq.redrive(config, args.target, query, url=args.url))
+    try:
+        token = admin_token(args.token_file)
+    except OSError as exc:
+        print(f"cannot read the token file: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    return asyncio.run(dlq.redrive(config, args.target, query, url=args.url, token=token))
+
+
+def admin_token(token_file: Path | None) -> str | None:
+    """The token a client command sends: from --token-file, else $EVENT_ROUTER_TOKEN. Never
+    an argument of its own, which `ps` would show to every user."""
+    if token_file is not None:
+        return token_file.read_text(encoding="utf-8").strip()
+    return os.environ.get(TOKEN_ENV) or None
 
 
 async def _serve(config: Config) -> None:

@@ -7,6 +7,7 @@ so a config that passes `check` is exactly a config that `serve` runs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -255,6 +256,40 @@ class SettingsConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class TokenConfig:
+    """A bearer token, kept only as the SHA-256 digest of its value (given as `sha256:` or
+    hashed from a `${env:}`/`${file:}` reference when the config is loaded)."""
+
+    name: str
+    digest: bytes = field(repr=False)
+    # An ingest token limited to these services (logSourceCRN segment 4); empty means any.
+    services: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RefusalEventsConfig:
+    """How many refused attempts become self-events: a token bucket per client address and
+    one for all clients; what the buckets refuse is counted and summed up in one event per
+    `summary_interval_s`."""
+
+    per_client_burst: int = 5
+    per_client_per_s: float = 0.2
+    global_burst: int = 50
+    global_per_s: float = 5.0
+    summary_interval_s: float = 60.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuthConfig:
+    """Who may send (ingest tokens) and who may administer (admin tokens). Without an `auth`
+    section the daemon is open, as it is bound to loopback by default."""
+
+    ingest_tokens: tuple[TokenConfig, ...] = ()
+    admin_tokens: tuple[TokenConfig, ...] = ()
+    refusal_events: RefusalEventsConfig = field(default_factory=RefusalEventsConfig)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     """Everything `serve` needs, checked and resolved."""
 
@@ -266,6 +301,7 @@ class Config:
     routes: tuple[RouteConfig, ...] = ()
     settings: SettingsConfig = field(default_factory=SettingsConfig)
     startup: StartupConfig = field(default_factory=StartupConfig)
+    auth: AuthConfig | None = None
 
     def target(self, target_id: str) -> TargetConfig:
         """The target with this id (the config's cross-checks guarantee it exists)."""
@@ -427,6 +463,39 @@ def _build(data: Mapping[str, Any], problems: list[str]) -> Config:
         routes=routes,
         settings=SettingsConfig(default_targets=tuple(settings.get("default_targets", ()))),
         startup=_section(StartupConfig, data.get("startup")),
+        auth=_auth(data["auth"], problems) if "auth" in data else None,
+    )
+
+
+MIN_TOKEN_CHARS = 16  # a bearer token shorter than this is guessable
+
+
+def _auth(data: Mapping[str, Any] | None, problems: list[str]) -> AuthConfig:
+    """Tokens become digests here; the plain value of a referenced token is not kept."""
+    data = data or {}
+    kinds: dict[str, tuple[TokenConfig, ...]] = {}
+    for kind in ("ingest_tokens", "admin_tokens"):
+        tokens = []
+        for i, raw in enumerate(data.get(kind) or []):
+            where = f"auth.{kind}[{i}]"
+            if "sha256" in raw:
+                digest = bytes.fromhex(raw["sha256"])
+            else:
+                before = len(problems)
+                value = _resolve(raw["token"], f"{where}.token", problems)
+                if len(problems) == before and len(value) < MIN_TOKEN_CHARS:
+                    problems.append(f"{where}.token: at least {MIN_TOKEN_CHARS} characters")
+                digest = hashlib.sha256(value.encode()).digest()
+            tokens.append(
+                TokenConfig(
+                    name=raw["name"], digest=digest, services=tuple(raw.get("services", ()))
+                )
+            )
+        kinds[kind] = tuple(tokens)
+    return AuthConfig(
+        ingest_tokens=kinds["ingest_tokens"],
+        admin_tokens=kinds["admin_tokens"],
+        refusal_events=_section(RefusalEventsConfig, data.get("refusal_events")),
     )
 
 
@@ -468,4 +537,28 @@ def _cross_check(config: Config, data: Mapping[str, Any]) -> list[str]:
     for t, target_id in enumerate(config.settings.default_targets):
         if target_id not in known:
             problems.append(f"settings.default_targets[{t}]: unknown target {target_id!r}")
+    if config.auth is not None:
+        problems.extend(_token_problems(config.auth))
+    return problems
+
+
+def _token_problems(auth: AuthConfig) -> list[str]:
+    """A name must say which token was used, and a value must say which token it is."""
+    problems: list[str] = []
+    names: dict[str, str] = {}
+    digests: dict[bytes, str] = {}
+    for kind, tokens in (
+        ("ingest_tokens", auth.ingest_tokens),
+        ("admin_tokens", auth.admin_tokens),
+    ):
+        for i, token in enumerate(tokens):
+            where = f"auth.{kind}[{i}]"
+            if token.name in names:
+                problems.append(
+                    f"{where}.name: duplicate token name {token.name!r} (also {names[token.name]})"
+                )
+            names.setdefault(token.name, where)
+            if token.digest in digests:
+                problems.append(f"{where}: the same token as {digests[token.digest]}")
+            digests.setdefault(token.digest, where)
     return problems

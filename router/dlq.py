@@ -91,16 +91,22 @@ async def redrive(
     query: dict[str, str],
     *,
     url: str | None,
+    token: str | None = None,
     err: TextIO = sys.stderr,
 ) -> int:
-    """Ask the daemon to redrive; draw its progress. Exit code 0 when it finished."""
+    """Ask the daemon to redrive (with an admin token when it has auth on); draw its
+    progress. Exit code 0 when it finished."""
     base = url or f"http://{config.server.host}:{config.server.port}"
     endpoint = f"{base.rstrip('/')}/v1/deadletters/{target_id}/redrive"
     if query:
         endpoint += "?" + urlencode(query)
     done = total = 0
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        async with aiohttp.ClientSession() as session, session.post(endpoint) as resp:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(endpoint, headers=headers) as resp,
+        ):
             if resp.status != 200:
                 body = await resp.json(content_type=None)
                 print(f"redrive refused: {resp.status} {body['error']['message']}", file=err)

@@ -21,9 +21,10 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from router.auth import CALLER, Caller, Refusals
 from router.config import ServerConfig, StorageConfig
 from router.deadletter import DeadLetters, Failure
-from router.errors import RequestError
+from router.errors import RequestError, RouterError
 from router.events import Event
 from router.journal import Journal, JournalFullError
 from router.metrics import IngestStats
@@ -64,6 +65,7 @@ class Ingest:
     storage: StorageConfig
     dead_letters: DeadLetters
     tail: TailHub | None = None
+    refusals: Refusals | None = None
     _slots: asyncio.Semaphore = field(init=False)
 
     def __post_init__(self) -> None:
@@ -92,7 +94,7 @@ class Ingest:
         except RequestError as exc:
             self.stats.refuse(exc.code)
             return error_response(exc)
-        return await self.accept(items)
+        return await self.accept(items, request.get(CALLER))
 
     async def read_body(self, request: web.Request) -> bytes:
         """The body, inflated if gzip, refused past the configured sizes."""
@@ -125,15 +127,26 @@ class Ingest:
             )
         return body
 
-    async def accept(self, items: list[Any]) -> web.Response:
+    async def accept_own(self, body: dict[str, Any]) -> None:
+        """Journal an event of the router itself, routed like any producer's."""
+        response = await self.accept([body])
+        if response.status != 202:
+            raise RouterError(f"the router's own event was refused: {response.text}")
+
+    async def accept(self, items: list[Any], caller: Caller | None = None) -> web.Response:
+        """Validate, route and journal; `caller` (when auth is on) may limit the services."""
         results: list[dict[str, Any]] = []
         routed: list[tuple[Event, Mapping[str, str]]] = []
+        forbidden = 0
         for index, item in enumerate(items):
             problems = (
                 [Problem("", item.message)]
                 if isinstance(item, Malformed)
                 else self.validator.validate(item)
             )
+            if not problems and caller is not None and caller.principal is not None:
+                problems = caller.principal.problems(item)
+                forbidden += bool(problems)
             if problems:
                 result: dict[str, Any] = {"index": index, "status": "rejected"}
                 if isinstance(item, dict) and isinstance(item.get("id"), str):
@@ -172,6 +185,10 @@ class Ingest:
         accepted = len(routed)
         self.stats.accepted += accepted
         self.stats.rejected += len(items) - accepted
+        if forbidden and caller is not None and self.refusals is not None:
+            await self.refusals.record(
+                caller, 403, f"{forbidden} events of a service the token may not send for"
+            )
         body = {"accepted": accepted, "rejected": len(items) - accepted, "results": results}
         return json_response(body, status=202 if accepted else 400)
 

@@ -27,7 +27,7 @@ import logging
 import sqlite3
 import time
 import zlib
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
@@ -57,6 +57,7 @@ CREATE TABLE IF NOT EXISTS books (
     target TEXT PRIMARY KEY, received INTEGER NOT NULL DEFAULT 0,
     delivered INTEGER NOT NULL DEFAULT 0, dead_lettered INTEGER NOT NULL DEFAULT 0);
 """
+RETIRE_CHUNK = 1000
 FREE_PAGES_BEFORE_SHRINK = 4096
 SHRINK_STEP_PAGES = 1024
 SYNCHRONOUS = {"always": "FULL", "interval": "NORMAL", "never": "OFF"}
@@ -151,8 +152,9 @@ class SqliteJournal:
         self.used_bytes = 0
         self.quarantined = 0
         self.healthy = True
-        # Events owed to targets that the config no longer has: the caller dead-letters them.
-        self.orphans: dict[str, list[Entry]] = {}
+        # Targets the config no longer has but the journal still owes events: the caller
+        # retires them (dead letters with reason target_removed) before anything else.
+        self.orphans: set[str] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -209,7 +211,7 @@ class SqliteJournal:
             target.books = Books(received, delivered, dead, pending)
         for (target_id,) in db.execute("SELECT DISTINCT target FROM deliveries").fetchall():
             if target_id not in self._targets:
-                self.orphans[target_id] = self._read_sync(target_id, 0, 1 << 62)
+                self.orphans.add(target_id)
         self._update_size()
         pending = sum(t.books.pending for t in self._targets.values())
         log.info(
@@ -513,20 +515,43 @@ class SqliteJournal:
             )
         self._update_size()
 
-    async def forget_orphans(self, target_id: str) -> None:
-        """Drop the deliveries of a removed target once its events are dead-lettered."""
-        entries = self.orphans.pop(target_id, [])
-        await self._run(self._forget_sync, target_id, len(entries))
+    async def add_target(self, target_id: str) -> None:
+        """A target joins at run time (a config reload): it gets its books and a cursor."""
+        if target_id in self._targets:
+            return
+        self._targets[target_id] = target = _Target()
+        target.books = await self._run(self._books_sync, target_id)
 
-    def _forget_sync(self, target_id: str, count: int) -> None:
+    def _books_sync(self, target_id: str) -> Books:
         assert self._db is not None
-        with _transaction(self._db) as db:
-            db.execute("DELETE FROM deliveries WHERE target = ?", (target_id,))
-            db.execute(
-                "UPDATE books SET dead_lettered = dead_lettered + ? WHERE target = ?",
-                (count, target_id),
-            )
-            db.execute(f"DELETE FROM events WHERE {self._unowned()}", self._owners())
+        self._db.execute("INSERT OR IGNORE INTO books(target) VALUES (?)", (target_id,))
+        received, delivered, dead = self._db.execute(
+            "SELECT received, delivered, dead_lettered FROM books WHERE target = ?", (target_id,)
+        ).fetchone()
+        pending = self._db.execute(
+            "SELECT COUNT(*) FROM deliveries WHERE target = ?", (target_id,)
+        ).fetchone()[0]
+        return Books(received, delivered, dead, pending)
+
+    async def retire(
+        self, target_id: str, dead_letter: Callable[[list[Entry]], Awaitable[None]]
+    ) -> int:
+        """A target leaves (an orphan at start-up, or removed by a reload; its worker has
+        stopped): hand everything still owed to it to `dead_letter`, a chunk at a time so a
+        large backlog never sits in memory, drop it from the journal, and forget the target.
+        Returns how many events were dead-lettered."""
+        target = self._targets.get(target_id)
+        total = 0
+        while entries := await self._run(self._read_sync, target_id, 0, RETIRE_CHUNK):
+            await dead_letter(entries)
+            await self._run(self._shed_sync, target_id, [(target_id, e.seq) for e in entries])
+            total += len(entries)
+            if target is not None:
+                target.books.pending -= len(entries)
+                target.books.dead_lettered += len(entries)
+        self._targets.pop(target_id, None)
+        self.orphans.discard(target_id)
+        return total
 
     def _owners(self) -> tuple[str, ...]:
         """Every target that may still have delivery rows: configured ones and orphans."""

@@ -9,14 +9,13 @@ recorded in the target's write_status, and blocks nothing else.
 
 from __future__ import annotations
 
-import socket
 import time
 from dataclasses import dataclass
 
-from router import __version__
 from router.errors import DeliveryError
 from router.events import Event
-from router.metrics import TargetStats, utc_iso
+from router.metrics import TargetStats
+from router.selfevent import instance_crn, router_event
 from router.targets import Target
 
 ACTION = "event-router.target.validate"
@@ -24,35 +23,16 @@ ACTION = "event-router.target.validate"
 
 def validation_event(target_id: str) -> Event:
     """A schema-valid Activity Tracker event from the router itself, naming the target."""
-    host = socket.gethostname().lower()
-    instance = "".join(c if c.isalnum() or c == "-" else "-" for c in host) or "router"
-    crn = f"crn:v1:local:local:event-router:global:a/local:{instance}::"
-    target_crn = f"crn:v1:local:local:event-router:global:a/local:{instance}:target:{target_id}"
     return Event.from_body(
-        {
-            "action": ACTION,
-            "eventTime": utc_iso(time.time()).replace("Z", "+00:00"),
-            "initiator": {
-                "id": f"event-router-{instance}",
-                "name": "event-router",
-                "typeURI": "service/security/clientid",
-                "credential": {"type": "token"},
-                "host": {"address": "", "agent": f"event-router/{__version__}"},
-            },
-            "target": {
-                "id": target_crn,
+        router_event(
+            action=ACTION,
+            message=f"event-router: validate target {target_id}",
+            target={
+                "id": instance_crn(f"target:{target_id}"),
                 "name": target_id,
                 "typeURI": "event-router/target",
             },
-            "outcome": "success",
-            "reason": {"reasonCode": 200, "reasonType": "OK"},
-            "severity": "normal",
-            "observer": {"name": "ActivityTracker"},
-            "logSourceCRN": crn,
-            "message": f"event-router: validate target {target_id}",
-            "saveServiceCopy": False,
-            "dataEvent": False,
-        }
+        )
     )
 
 

@@ -1,0 +1,348 @@
+"""Who may call what: bearer tokens checked in constant time, and every refusal written down
+as an Activity Tracker event of the router itself.
+
+    route                                   needs
+    GET /healthz, /readyz, /openapi.json    nothing (probes and the API description)
+    POST /v1/events                         an ingest token
+    anything else (status, tail, redrive)   an admin token
+
+Routes not in OPEN_ROUTES or INGEST_ROUTES need an admin token, so an endpoint added later is
+closed until someone decides otherwise. A missing or unknown token is a 401 with
+`WWW-Authenticate: Bearer realm="event-router"`; a known token on a route its kind does not
+open is a 403. Tokens are kept as SHA-256 digests and the digest of what a caller presents is
+compared with every one of them by `hmac.compare_digest`, so neither the answer nor its timing
+tells how close a guess came.
+
+Each refusal becomes an `event-router.instance.login` event (outcome failure, 401
+Unauthorized or 403 Forbidden, severity critical, the caller's address, never the token),
+routed and journaled like any producer's event, so `reason.reasonType:Unauthorized` finds
+attacks on the router too. Token buckets (one per client address, one for all) keep an
+attacker from filling the journal with them: what the buckets refuse is counted, and one
+summary event per `refusal_events.summary_interval_s` says how many and from where.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import orjson
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from router.config import AuthConfig, RefusalEventsConfig, TokenConfig
+from router.events import crn_service
+from router.selfevent import instance_crn, router_event
+from router.validation import Problem
+
+log = logging.getLogger(__name__)
+
+INGEST: Final = "ingest"
+ADMIN: Final = "admin"
+LOGIN_ACTION: Final = "event-router.instance.login"
+REALM: Final = 'Bearer realm="event-router"'
+OPEN_ROUTES: Final = frozenset({"/healthz", "/readyz", "/openapi.json"})
+INGEST_ROUTES: Final = frozenset({"/v1/events"})
+# Per-client buckets kept at most; beyond, the least recently refused client is forgotten.
+MAX_TRACKED_CLIENTS: Final = 10_000
+# Client addresses named in a summary event, the busiest first.
+SUMMARY_CLIENTS: Final = 20
+MAX_AGENT_CHARS: Final = 256
+
+EmitEvent = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """A caller whose token matched: the token's name, its kind, and the services it may
+    speak for (empty: any)."""
+
+    name: str
+    kind: str
+    services: frozenset[str] = frozenset()
+
+    def problems(self, event: dict[str, Any]) -> list[Problem]:
+        """A valid event this principal may not send: another service's audit trail."""
+        if not self.services:
+            return []
+        service = crn_service(event["logSourceCRN"])
+        if service in self.services:
+            return []
+        allowed = ", ".join(sorted(self.services))
+        return [
+            Problem(
+                "/logSourceCRN",
+                f"token {self.name!r} may send events of {allowed} only, not of {service!r}",
+            )
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who made a request, as far as the router can tell; never holds the token."""
+
+    address: str
+    agent: str
+    endpoint: str
+    principal: Principal | None = None
+
+
+CALLER: Final = web.RequestKey("caller", Caller)
+
+
+def caller_of(request: web.Request, principal: Principal | None = None) -> Caller:
+    route = request.match_info.route
+    resource = route.resource.canonical if route.resource is not None else "?"
+    return Caller(
+        address=request.remote or "",
+        agent=request.headers.get("User-Agent", "")[:MAX_AGENT_CHARS],
+        endpoint=f"{request.method} {resource}",
+        principal=principal,
+    )
+
+
+class TokenTable:
+    """The configured tokens; finds the one a caller presents."""
+
+    def __init__(self, auth: AuthConfig) -> None:
+        self._entries: list[tuple[bytes, Principal]] = [
+            *_principals(auth.ingest_tokens, INGEST),
+            *_principals(auth.admin_tokens, ADMIN),
+        ]
+
+    def lookup(self, presented: str) -> Principal | None:
+        """The principal of `presented`. Every digest is compared, found or not, in constant
+        time each, so timing reveals neither which token nor how much of it matched."""
+        digest = hashlib.sha256(presented.encode("utf-8", "surrogateescape")).digest()
+        found = None
+        for known, principal in self._entries:
+            if hmac.compare_digest(digest, known) and found is None:
+                found = principal
+        return found
+
+
+def _principals(tokens: Iterable[TokenConfig], kind: str) -> list[tuple[bytes, Principal]]:
+    return [(t.digest, Principal(t.name, kind, frozenset(t.services))) for t in tokens]
+
+
+def bearer_token(request: web.Request) -> str | None:
+    """The token of `Authorization: Bearer <token>` (the scheme in any case), or None."""
+    scheme, _, token = request.headers.get("Authorization", "").strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        return None
+    return token
+
+
+@dataclass(slots=True)
+class TokenBucket:
+    """`burst` at once, refilled at `per_s`."""
+
+    burst: float
+    per_s: float
+    tokens: float = -1.0
+    at: float = 0.0
+
+    def take(self, now: float) -> bool:
+        if self.tokens < 0:
+            self.tokens, self.at = self.burst, now
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.per_s)
+        self.at = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+
+@dataclass(slots=True)
+class Refusals:
+    """Turns refused attempts into self-events, within the rate limits."""
+
+    config: RefusalEventsConfig
+    emit: EmitEvent
+    clock: Callable[[], float] = time.monotonic
+    refused: Counter[str] = field(default_factory=Counter)  # by reasonType
+    recorded: int = 0
+    suppressed_total: int = 0
+    _global: TokenBucket = field(init=False)
+    _clients: OrderedDict[str, TokenBucket] = field(default_factory=OrderedDict)
+    _suppressed: Counter[str] = field(default_factory=Counter)
+    _pending: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self._global = TokenBucket(self.config.global_burst, self.config.global_per_s)
+
+    def _allowed(self, address: str) -> bool:
+        now = self.clock()
+        bucket = self._clients.pop(address, None) or TokenBucket(
+            self.config.per_client_burst, self.config.per_client_per_s
+        )
+        self._clients[address] = bucket  # most recent last
+        while len(self._clients) > MAX_TRACKED_CLIENTS:
+            self._clients.popitem(last=False)
+        return bucket.take(now) and self._global.take(now)
+
+    async def record(self, caller: Caller, status: int, why: str) -> None:
+        """One refused attempt: an event now, or a count for the next summary."""
+        reason_type = "Unauthorized" if status == 401 else "Forbidden"
+        self.refused[reason_type] += 1
+        if not self._allowed(caller.address):
+            self._suppressed[caller.address] += 1
+            self.suppressed_total += 1
+            self._pending.set()
+            return
+        await self._emit(refusal_event(caller, status, reason_type, why))
+
+    async def _emit(self, body: dict[str, Any]) -> None:
+        try:
+            await self.emit(body)
+            self.recorded += 1
+        except Exception:
+            # An audit event that cannot be written must not turn a 401 into a 500.
+            log.exception("could not record a refused attempt")
+
+    async def summarize(self) -> None:
+        """One event for the attempts the buckets kept out of the journal since the last."""
+        self._pending.clear()
+        if not self._suppressed:
+            return
+        suppressed, self._suppressed = self._suppressed, Counter()
+        total = sum(suppressed.values())
+        await self._emit(summary_event(total, suppressed))
+
+    async def run(self) -> None:
+        """Sum up suppressed refusals once per interval while there are any."""
+        while True:
+            await self._pending.wait()
+            await asyncio.sleep(self.config.summary_interval_s)
+            await self.summarize()
+
+
+def refusal_event(caller: Caller, status: int, reason_type: str, why: str) -> dict[str, Any]:
+    principal = caller.principal
+    body = router_event(
+        action=LOGIN_ACTION,
+        message=f"event-router: refused {caller.endpoint} from {caller.address or 'unknown'}: "
+        f"{why}",
+        target={
+            "id": instance_crn("endpoint:" + caller.endpoint.replace(":", "")),
+            "name": caller.endpoint,
+            "typeURI": "event-router/endpoint",
+        },
+        outcome="failure",
+        reason_code=status,
+        reason_type=reason_type,
+        severity="critical",
+        initiator={
+            "id": principal.name if principal else "anonymous",
+            "name": principal.name if principal else "anonymous",
+            "typeURI": "service/security/clientid",
+            "credential": {"type": "token" if principal else "unknown"},
+            "host": {"address": caller.address, "agent": caller.agent},
+        },
+    )
+    body["reason"]["reasonForFailure"] = why
+    return body
+
+
+def summary_event(total: int, by_address: Counter[str]) -> dict[str, Any]:
+    busiest = dict(by_address.most_common(SUMMARY_CLIENTS))
+    body = router_event(
+        action=LOGIN_ACTION,
+        message=f"event-router: {total} more refused attempts from {len(by_address)} "
+        "addresses, not recorded one by one (rate limit)",
+        target={
+            "id": instance_crn(":"),
+            "name": "event-router",
+            "typeURI": "event-router/instance",
+        },
+        outcome="failure",
+        reason_code=401,
+        reason_type="Unauthorized",
+        severity="critical",
+        extra={"requestData": {"suppressed_attempts": total, "by_address": busiest}},
+    )
+    body["initiator"]["host"]["address"] = next(iter(busiest), "")
+    body["reason"]["reasonForFailure"] = "rate-limited refusals"
+    return body
+
+
+@dataclass(slots=True)
+class Guard:
+    """The middleware that applies the route table, and the refusal recorder behind it."""
+
+    auth: AuthConfig | None
+    refusals: Refusals
+    _tokens: TokenTable | None = None
+    _task: asyncio.Task[None] | None = None
+
+    @classmethod
+    def build(cls, auth: AuthConfig | None, emit: EmitEvent) -> Guard:
+        refusals = Refusals(auth.refusal_events if auth else RefusalEventsConfig(), emit)
+        return cls(auth, refusals, TokenTable(auth) if auth else None)
+
+    async def start(self) -> None:
+        if self.auth is None:
+            log.warning(
+                "no auth section in the config: every endpoint is open to anyone who can "
+                "reach the listener; configure auth.ingest_tokens and auth.admin_tokens"
+            )
+            return
+        self._task = asyncio.create_task(self.refusals.run(), name="auth:refusal-summary")
+
+    async def stop(self) -> None:
+        """Write the last summary while the journal is still open."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self.refusals.summarize()
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "enabled": self.auth is not None,
+            "refused": dict(self.refusals.refused),
+            "refusal_events": self.refusals.recorded,
+            "refusal_events_suppressed": self.refusals.suppressed_total,
+        }
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        route = request.match_info.route.resource
+        if self._tokens is None or route is None or route.canonical in OPEN_ROUTES:
+            return await handler(request)
+        need = INGEST if route.canonical in INGEST_ROUTES else ADMIN
+        presented = bearer_token(request)
+        principal = self._tokens.lookup(presented) if presented is not None else None
+        if principal is None:
+            why = "no bearer token" if presented is None else "unknown token"
+            await self.refusals.record(caller_of(request), 401, why)
+            return _refusal(401, "unauthorized", f"{why}; send Authorization: Bearer <token>")
+        if principal.kind != need:
+            why = f"token {principal.name!r} is an {principal.kind} token, not an {need} token"
+            await self.refusals.record(caller_of(request, principal), 403, why)
+            return _refusal(403, "forbidden", why)
+        request[CALLER] = caller_of(request, principal)
+        return await handler(request)
+
+
+def _refusal(status: int, code: str, message: str) -> web.Response:
+    headers = {"WWW-Authenticate": REALM} if status == 401 else {}
+    response = web.Response(
+        body=orjson.dumps({"error": {"code": code, "message": message}}),
+        status=status,
+        content_type="application/json",
+        headers=headers,
+    )
+    # The body was never read; do not keep the connection waiting for it.
+    response.force_close()
+    return response

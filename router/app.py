@@ -20,6 +20,7 @@ import orjson
 from aiohttp import web
 
 from router import __version__
+from router.auth import Guard
 from router.config import Config
 from router.deadletter import DeadLetters, Failure, Letter, LetterFilter, parse_since
 from router.delivery import DeliveryWorker
@@ -64,6 +65,10 @@ class Daemon:
         self.app = self._build_app()
 
     def _build_app(self) -> web.Application:
+        async def record(body: dict[str, Any]) -> None:
+            await ingest.accept_own(body)  # bound below; called only once requests arrive
+
+        self.guard = Guard.build(self.config.auth, record)
         ingest = Ingest(
             server=self.config.server,
             validator=self.validator,
@@ -73,8 +78,11 @@ class Daemon:
             storage=self.config.storage,
             dead_letters=self.dead_letters,
             tail=self.tail,
+            refusals=self.guard.refusals,
         )
-        app = web.Application(client_max_size=self.config.server.max_body_bytes)
+        app = web.Application(
+            client_max_size=self.config.server.max_body_bytes, middlewares=[self.guard.middleware]
+        )
         app.router.add_post("/v1/events", ingest.handle)
         app.router.add_get("/v1/status", self._status)
         app.router.add_get("/v1/tail", self.tail.handle)
@@ -93,6 +101,7 @@ class Daemon:
         await self.journal.open()
         for target_id in sorted(self.journal.orphans):
             await self._retire(target_id)
+        await self.guard.start()
         for target_id, target in self.targets.items():
             try:
                 await target.start()
@@ -140,6 +149,7 @@ class Daemon:
         self.tail.close()  # a tail stream would hold up the runner's cleanup
         if self._runner is not None:
             await self._runner.cleanup()  # stops listening, then waits for in-flight requests
+        await self.guard.stop()
         for worker in self.workers.values():
             worker.stopping.set()
         if self._tasks:
@@ -213,6 +223,7 @@ class Daemon:
                 "journal_full": ingest.journal_full,
                 "dropped_buffer_full": ingest.dropped_buffer_full,
             },
+            "auth": self.guard.stats(),
             "journal": {
                 "path": str(self.journal.path),
                 "healthy": self.journal.healthy,

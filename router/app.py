@@ -31,6 +31,7 @@ from router.journal import Entry, SqliteJournal
 from router.metrics import IngestStats, TargetStats
 from router.resources import schemas_dir
 from router.routing import RouteTable
+from router.servertls import server_context
 from router.tail import TailHub
 from router.targets import Target, build_target
 from router.validation import EventValidator
@@ -61,6 +62,9 @@ class Daemon:
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
         self.ready = False
+        # Loaded before anything starts: a certificate that does not load stops `serve` early.
+        tls = config.server.tls
+        self._ssl = server_context(tls) if tls is not None else None
         self.tail = TailHub()
         self.app = self._build_app()
 
@@ -132,12 +136,13 @@ class Daemon:
         )
         await self._runner.setup()
         server = self.config.server
-        self._site = web.TCPSite(self._runner, server.host, server.port)
+        self._site = web.TCPSite(self._runner, server.host, server.port, ssl_context=self._ssl)
         await self._site.start()
         self.ready = True
         log.info(
-            "event-router %s ready on http://%s:%d with %d targets and %d routes",
+            "event-router %s ready on %s://%s:%d with %d targets and %d routes",
             __version__,
+            "https" if self._ssl else "http",
             server.host,
             self.port,
             len(self.targets),

@@ -28,6 +28,16 @@ MIN_SIGNING_SECRET = 16  # an HMAC key shorter than this is guessable
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ServerTlsConfig:
+    """TLS for the listener (TLS 1.2 at least). With `client_ca_file`, every client must show a
+    certificate that CA signed (mutual TLS), before any token is looked at."""
+
+    cert_file: str
+    key_file: str
+    client_ca_file: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ServerConfig:
     """The ingest listener and the limits it enforces on a request."""
 
@@ -39,6 +49,7 @@ class ServerConfig:
     max_events_per_request: int = 10_000
     # Requests decoded and validated at once; more wait their turn with their body unread.
     max_concurrent_requests: int = 16
+    tls: ServerTlsConfig | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -455,7 +466,7 @@ def _build(data: Mapping[str, Any], problems: list[str]) -> Config:
     )
     settings = data.get("settings") or {}
     return Config(
-        server=_section(ServerConfig, data.get("server")),
+        server=_server(data.get("server") or {}, problems),
         storage=_section(StorageConfig, data.get("storage")),
         validation=_section(ValidationConfig, data.get("validation")),
         shutdown=_section(ShutdownConfig, data.get("shutdown")),
@@ -497,6 +508,17 @@ def _auth(data: Mapping[str, Any] | None, problems: list[str]) -> AuthConfig:
         admin_tokens=kinds["admin_tokens"],
         refusal_events=_section(RefusalEventsConfig, data.get("refusal_events")),
     )
+
+
+def _server(data: Mapping[str, Any], problems: list[str]) -> ServerConfig:
+    """The listener; its TLS files must be readable now, so that `check` finds a wrong path."""
+    tls = data.get("tls")
+    if tls is None:
+        return cast(ServerConfig, _section(ServerConfig, data))
+    for key in ("cert_file", "key_file", "client_ca_file"):
+        if key in tls and not os.access(tls[key], os.R_OK):
+            problems.append(f"server.tls.{key}: cannot read {tls[key]!r}")
+    return cast(ServerConfig, _section(ServerConfig, {**data, "tls": ServerTlsConfig(**tls)}))
 
 
 def _rule_filter(rule: Mapping[str, Any], where: str, problems: list[str]) -> Query | None:

@@ -96,7 +96,8 @@ async def redrive(
 ) -> int:
     """Ask the daemon to redrive (with an admin token when it has auth on); draw its
     progress. Exit code 0 when it finished."""
-    base = url or f"http://{config.server.host}:{config.server.port}"
+    scheme = "https" if config.server.tls else "http"
+    base = url or f"{scheme}://{config.server.host}:{config.server.port}"
     endpoint = f"{base.rstrip('/')}/v1/deadletters/{target_id}/redrive"
     if query:
         endpoint += "?" + urlencode(query)

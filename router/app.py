@@ -29,6 +29,7 @@ from router.events import Event
 from router.ingest import Ingest, error_response, json_response
 from router.journal import Entry, SqliteJournal
 from router.metrics import IngestStats, TargetStats
+from router.prometheus import CONTENT_TYPE, DaemonMetrics
 from router.resources import schemas_dir
 from router.routing import RouteTable
 from router.servertls import server_context
@@ -66,6 +67,7 @@ class Daemon:
         tls = config.server.tls
         self._ssl = server_context(tls) if tls is not None else None
         self.tail = TailHub()
+        self.metrics = DaemonMetrics(self)
         self.app = self._build_app()
 
     def _build_app(self) -> web.Application:
@@ -93,6 +95,7 @@ class Daemon:
         app.router.add_post("/v1/deadletters/{target}/redrive", self._redrive)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._metrics)
         return app
 
     @property
@@ -121,6 +124,7 @@ class Daemon:
                 self.dead_letters,
                 self.target_stats[target_config.id],
                 probe_first=self.config.startup.validate_targets,
+                send_seconds=self.metrics.send_seconds,
             )
             self.workers[target_config.id] = worker
             self._tasks[target_config.id] = asyncio.create_task(
@@ -281,6 +285,9 @@ class Daemon:
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return json_response({"status": "alive"})
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
     async def _readyz(self, request: web.Request) -> web.Response:
         if not self.ready:

@@ -106,6 +106,8 @@ class DeadLetters:
         self.directory = directory
         self._files: dict[str, AppendOnlyFile] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        # Letters this process wrote, by (target id, reason): /metrics reads it.
+        self.written: dict[tuple[str, str], int] = {}
 
     def path(self, target_id: str) -> Path:
         return self.directory / f"{target_id}.ndjson"
@@ -138,6 +140,8 @@ class DeadLetters:
             if file is None:
                 file = self._files[target_id] = AppendOnlyFile(self.path(target_id))
             await asyncio.to_thread(file.append, lines)
+        key = (target_id, failure.reason)
+        self.written[key] = self.written.get(key, 0) + len(entries)
 
     @asynccontextmanager
     async def take(self, target_id: str, wanted: Callable[[Letter], bool]) -> AsyncIterator[Taken]:

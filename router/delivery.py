@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Sequence
 
+from prometheus_client import Histogram
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -64,8 +65,10 @@ class DeliveryWorker:
         stats: TargetStats,
         *,
         probe_first: bool = False,
+        send_seconds: Histogram | None = None,
     ) -> None:
         self.probe_first = probe_first
+        self.send_seconds = send_seconds  # labelled (target, outcome); /metrics shows it
         self.target = target
         self.config = config
         self.journal = journal
@@ -151,11 +154,14 @@ class DeliveryWorker:
             async for attempt in retrying:
                 with attempt:
                     attempts += 1
+                    started = time.monotonic()
                     try:
                         await self.target.send(events)
                     except DeliveryError as exc:
+                        self._observe_send(started, "failed")
                         self.stats.record_failure(str(exc), time.time())
                         raise
+                    self._observe_send(started, "delivered")
             self.stats.record_success()
             return None
         except DeliveryError as exc:
@@ -180,6 +186,10 @@ class DeliveryWorker:
                 first_attempt_at=first_attempt,
                 last_attempt_at=time.time(),
             )
+
+    def _observe_send(self, started: float, outcome: str) -> None:
+        if self.send_seconds is not None:
+            self.send_seconds.labels(self.config.id, outcome).observe(time.monotonic() - started)
 
     def _wait(self, state: RetryCallState) -> float:
         """Exponential backoff with full jitter, or the target's Retry-After if longer."""

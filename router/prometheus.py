@@ -1,0 +1,216 @@
+"""`GET /metrics`: the daemon's counters and books in Prometheus' text format, read at scrape time.
+
+One source of truth: a custom collector reads what /v1/status shows (IngestStats, TargetStats,
+the journal's Books, the dead-letter counts) when Prometheus scrapes, so nothing is counted
+twice and the books that survive restarts stay the journal's. The one number only metrics
+need, how long a batch send takes, is a Histogram that delivery.py observes. Every Daemon has
+its own CollectorRegistry, so several daemons in one process (the tests) never mix.
+
+Counters that come from the journal's books (`*_received_total`, `*_delivered_total`,
+`*_dead_lettered_total`) count since the journal was created, not since the process started;
+Prometheus only needs them never to go down, and they do not.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Final
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from router import __version__
+
+if TYPE_CHECKING:
+    from router.app import Daemon
+
+CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
+
+# A batch send is one HTTP request or file append: milliseconds when healthy, up to the
+# target's timeout (10 s for http, 30 s for cloud_logs) when not.
+SEND_BUCKETS_S: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class DaemonMetrics:
+    """The registry behind one daemon's /metrics and the send-latency histogram it feeds."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.registry = CollectorRegistry()
+        self.send_seconds = Histogram(
+            "event_router_batch_send_seconds",
+            "Time one attempt to send a batch to a target took, by outcome (delivered, failed).",
+            ["target", "outcome"],
+            buckets=SEND_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.registry.register(DaemonCollector(daemon))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class DaemonCollector(Collector):
+    """Reads the daemon's counters at scrape time."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    def describe(self) -> Iterable[Metric]:
+        # Nothing to check at registration: the names below are fixed and unique.
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        yield from self._process()
+        yield from self._ingest()
+        yield from self._targets()
+        yield from self._journal()
+        yield from self._auth()
+
+    def _process(self) -> Iterable[Metric]:
+        info = GaugeMetricFamily(
+            "event_router_build_info", "The running event-router version.", labels=["version"]
+        )
+        info.add_metric([__version__], 1)
+        yield info
+        yield GaugeMetricFamily(
+            "event_router_ready",
+            "1 while /readyz answers 200 (started, not stopping, journal healthy).",
+            value=int(self.daemon.ready and self.daemon.journal.healthy),
+        )
+
+    def _ingest(self) -> Iterable[Metric]:
+        stats = self.daemon.ingest_stats
+        yield CounterMetricFamily(
+            "event_router_ingest_requests", "POST /v1/events requests.", value=stats.requests
+        )
+        refused = CounterMetricFamily(
+            "event_router_ingest_requests_refused",
+            "Requests refused as a whole, by error code (malformed_json, body_too_large, "
+            "journal_full, ...); none of their events was accepted.",
+            labels=["code"],
+        )
+        for code, count in sorted(
+            {**stats.refused_requests, "journal_full": stats.journal_full}.items()
+        ):
+            refused.add_metric([code], count)
+        yield refused
+        yield CounterMetricFamily(
+            "event_router_events_received",
+            "Events decoded from requests that were not refused (accepted + rejected).",
+            value=stats.accepted + stats.rejected,
+        )
+        yield CounterMetricFamily(
+            "event_router_events_accepted",
+            "Events accepted: durable in the journal before the answer.",
+            value=stats.accepted,
+        )
+        yield CounterMetricFamily(
+            "event_router_events_rejected",
+            "Events rejected one by one (schema, catalogue or an NDJSON line that is not JSON); "
+            "the answer lists each problem.",
+            value=stats.rejected,
+        )
+        yield CounterMetricFamily(
+            "event_router_events_unrouted",
+            "Accepted events that no rule and no default target sent anywhere.",
+            value=stats.unrouted,
+        )
+
+    def _targets(self) -> Iterable[Metric]:
+        daemon = self.daemon
+        families = {
+            name: CounterMetricFamily(f"event_router_target_{name}", doc, labels=["target"])
+            for name, doc in (
+                ("received", "Events the journal owes the target (since the journal was created)."),
+                ("delivered", "Events the target took."),
+                ("dead_lettered", "Events written to the target's dead-letter file."),
+                ("retries", "Failed send attempts that were retried."),
+                ("batches", "Batches sent (each with its retries)."),
+                ("worker_errors", "Unexpected errors the target's delivery worker survived."),
+            )
+        }
+        pending = GaugeMetricFamily(
+            "event_router_target_pending", "Events waiting in the journal.", labels=["target"]
+        )
+        oldest = GaugeMetricFamily(
+            "event_router_target_oldest_pending_age_seconds",
+            "Age of the oldest event waiting for the target; 0 with nothing pending.",
+            labels=["target"],
+        )
+        failing = GaugeMetricFamily(
+            "event_router_target_failing",
+            "1 while the target's latest send attempt failed (atracker's write_status).",
+            labels=["target"],
+        )
+        now = time.time()
+        for target_id, stats in daemon.target_stats.items():
+            books = daemon.journal.books(target_id)
+            values = {
+                "received": books.received,
+                "delivered": books.delivered,
+                "dead_lettered": books.dead_lettered,
+                "retries": stats.retries,
+                "batches": stats.batches,
+                "worker_errors": stats.worker_errors,
+            }
+            for name, value in values.items():
+                families[name].add_metric([target_id], value)
+            pending.add_metric([target_id], books.pending)
+            age = now - books.oldest_received_at if books.oldest_received_at else 0.0
+            oldest.add_metric([target_id], max(age, 0.0))
+            failing.add_metric([target_id], int(stats.write_status.status != "success"))
+        yield from families.values()
+        yield pending
+        yield oldest
+        yield failing
+        letters = CounterMetricFamily(
+            "event_router_dead_letters",
+            "Dead letters written by this process, by target and reason (permanent_status, "
+            "retries_exhausted, target_removed, dropped_buffer_full, journal_corrupt, ...).",
+            labels=["target", "reason"],
+        )
+        for (target_id, reason), count in sorted(daemon.dead_letters.written.items()):
+            letters.add_metric([target_id, reason], count)
+        yield letters
+
+    def _journal(self) -> Iterable[Metric]:
+        journal = self.daemon.journal
+        yield GaugeMetricFamily(
+            "event_router_journal_used_bytes",
+            "Bytes the journal's pages hold.",
+            value=journal.used_bytes,
+        )
+        yield GaugeMetricFamily(
+            "event_router_journal_max_bytes",
+            "storage.max_bytes: past it ingest answers 503 journal_full.",
+            value=self.daemon.config.storage.max_bytes,
+        )
+        yield GaugeMetricFamily(
+            "event_router_journal_healthy",
+            "1 while the journal can be written.",
+            value=int(journal.healthy),
+        )
+        yield CounterMetricFamily(
+            "event_router_journal_quarantined_records",
+            "Journal records that failed their checksum (dead-lettered as journal_corrupt).",
+            value=journal.quarantined,
+        )
+
+    def _auth(self) -> Iterable[Metric]:
+        refusals = self.daemon.guard.refusals
+        refused = CounterMetricFamily(
+            "event_router_auth_refusals",
+            "Requests refused for their token: Unauthorized (401, none or unknown) or "
+            "Forbidden (403, the wrong kind or service).",
+            labels=["reason"],
+        )
+        for reason in ("Unauthorized", "Forbidden"):
+            refused.add_metric([reason], refusals.refused.get(reason, 0))
+        yield refused
+        yield CounterMetricFamily(
+            "event_router_auth_refusal_events_suppressed",
+            "Refusals the rate limits kept out of the journal (counted in summary events).",
+            value=refusals.suppressed_total,
+        )

@@ -21,6 +21,7 @@ from router.config import Config, load_config
 from router.errors import ConfigError
 from router.logformat import setup_logging
 from router.resources import default_config_path
+from router.sdnotify import notify
 
 log = logging.getLogger("router")
 
@@ -239,13 +240,27 @@ async def _serve(config: Config) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, _reload_requested)
     daemon = Daemon(config)
     try:
         await daemon.start()
+        # READY=1 exactly when /readyz turns 200: systemd starts dependent units only then.
+        notify(
+            "READY=1", f"STATUS=serving on port {daemon.port} with {len(daemon.targets)} targets"
+        )
         await stop.wait()
         log.info("stop requested; draining")
     finally:
+        notify("STOPPING=1", "STATUS=draining: delivering what the workers hold, then stopping")
         await daemon.stop()
+
+
+def _reload_requested() -> None:
+    """SIGHUP (systemd's ExecReload). The hook for config reload; until that exists the daemon
+    must not die of it (SIGHUP's default action) and says so. Logs go to stderr (journald or
+    the container runtime keeps them) and file targets rotate their own archives, so there is
+    no handle to reopen."""
+    log.warning("SIGHUP received: config reload is not implemented yet; still running")
 
 
 def _query(args: argparse.Namespace) -> int:

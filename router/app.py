@@ -30,6 +30,7 @@ from router.ingest import Ingest, error_response, json_response
 from router.journal import Entry, SqliteJournal
 from router.metrics import IngestStats, TargetStats
 from router.prometheus import CONTENT_TYPE, DaemonMetrics
+from router.redaction import Redactor
 from router.resources import schemas_dir
 from router.routing import RouteTable
 from router.servertls import server_context
@@ -51,6 +52,7 @@ class Daemon:
         self.validator = EventValidator(
             schemas or schemas_dir(), unknown_actions=config.validation.unknown_actions
         )
+        self.redactor = Redactor.from_schemas(schemas or schemas_dir(), config.redaction)
         self.routes = RouteTable(config.routes, config.settings.default_targets)
         target_ids = [target.id for target in config.targets]
         self.journal = SqliteJournal(config.storage, target_ids)
@@ -85,6 +87,7 @@ class Daemon:
             dead_letters=self.dead_letters,
             tail=self.tail,
             refusals=self.guard.refusals,
+            redactor=self.redactor,
         )
         app = web.Application(
             client_max_size=self.config.server.max_body_bytes, middlewares=[self.guard.middleware]

@@ -301,6 +301,25 @@ class AuthConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class RedactionKeyConfig:
+    """An extra key to redact: a name (at any depth of requestData/responseData, in any
+    spelling) or a dotted path from the event root (`requestData.vault.unseal_key`)."""
+
+    key: str
+    action: Literal["drop", "mask", "hash"] = "mask"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RedactionConfig:
+    """Keys redacted at ingest beside those the event schema marks `x-sensitive`. `hash_key`
+    keys the HMAC of `hash`; without one a random key is drawn at each start, so hashes
+    correlate within one run only."""
+
+    keys: tuple[RedactionKeyConfig, ...] = ()
+    hash_key: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     """Everything `serve` needs, checked and resolved."""
 
@@ -313,6 +332,7 @@ class Config:
     settings: SettingsConfig = field(default_factory=SettingsConfig)
     startup: StartupConfig = field(default_factory=StartupConfig)
     auth: AuthConfig | None = None
+    redaction: RedactionConfig = field(default_factory=RedactionConfig)
 
     def target(self, target_id: str) -> TargetConfig:
         """The target with this id (the config's cross-checks guarantee it exists)."""
@@ -475,7 +495,25 @@ def _build(data: Mapping[str, Any], problems: list[str]) -> Config:
         settings=SettingsConfig(default_targets=tuple(settings.get("default_targets", ()))),
         startup=_section(StartupConfig, data.get("startup")),
         auth=_auth(data["auth"], problems) if "auth" in data else None,
+        redaction=_redaction(data.get("redaction") or {}, problems),
     )
+
+
+MIN_HASH_KEY_CHARS = 16
+
+
+def _redaction(data: Mapping[str, Any], problems: list[str]) -> RedactionConfig:
+    keys = tuple(
+        RedactionKeyConfig(key=raw) if isinstance(raw, str) else RedactionKeyConfig(**raw)
+        for raw in data.get("keys", ())
+    )
+    hash_key = None
+    if "hash_key" in data:
+        before = len(problems)
+        hash_key = _resolve(data["hash_key"], "redaction.hash_key", problems)
+        if len(problems) == before and len(hash_key) < MIN_HASH_KEY_CHARS:
+            problems.append(f"redaction.hash_key: at least {MIN_HASH_KEY_CHARS} characters")
+    return RedactionConfig(keys=keys, hash_key=hash_key)
 
 
 MIN_TOKEN_CHARS = 16  # a bearer token shorter than this is guessable

@@ -28,6 +28,7 @@ from router.errors import RequestError, RouterError
 from router.events import Event
 from router.journal import Journal, JournalFullError
 from router.metrics import IngestStats
+from router.redaction import Redactor
 from router.routing import RouteTable
 from router.tail import TailHub
 from router.validation import EventValidator, Problem
@@ -66,6 +67,7 @@ class Ingest:
     dead_letters: DeadLetters
     tail: TailHub | None = None
     refusals: Refusals | None = None
+    redactor: Redactor | None = None
     _slots: asyncio.Semaphore = field(init=False)
 
     def __post_init__(self) -> None:
@@ -154,6 +156,8 @@ class Ingest:
                 result["errors"] = [p.as_dict() for p in problems]
                 results.append(result)
                 continue
+            if self.redactor is not None:
+                self.redactor.redact(item)  # before the journal: nothing after it sees a secret
             event = Event.from_body(item)
             decision = self.routes.match(event)
             routed.append((event, decision.targets))

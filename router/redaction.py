@@ -1,0 +1,173 @@
+"""Redaction at ingest: sensitive values are removed, masked or hashed before an event is
+journaled, so no target, dead letter, tail, log line or metric can ever see them.
+
+The policy comes from two places. The event schema marks keys with `x-sensitive: drop | mask
+| hash`; under an object marked `x-redact-nested` (requestData and responseData) a marked key
+counts at any depth and in any spelling (`apiKey`, `API_KEY`, `api-key` are one key), since
+services nest their details freely. The config's `redaction.keys` adds names and dotted
+paths. `hash` is HMAC-SHA256 under `redaction.hash_key`: equal values give equal hashes, so an
+analyst can still see that two events carried the same key, without learning it.
+
+An event that lost anything says so in a top-level `redaction` object: `by`, `count` and the
+JSON pointers of the first MAX_RECORDED_PATHS places (a producer's own `redaction` field is
+replaced). Redaction runs after validation; it only touches keys the event schema does not
+require, so a redacted event still passes the schema.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import pathlib
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+import orjson
+
+from router.config import RedactionConfig
+
+log = logging.getLogger(__name__)
+
+MASK: Final = "[REDACTED]"
+HASH_PREFIX: Final = "hmac-sha256:"
+MAX_RECORDED_PATHS: Final = 50
+NESTED_SCOPES: Final = ("requestData", "responseData")
+ACTIONS: Final = frozenset({"drop", "mask", "hash"})
+
+Path = tuple[str, ...]
+
+
+def normalize(key: str) -> str:
+    """One spelling per key: case-folded, only letters and digits."""
+    return re.sub(r"[^0-9a-z]", "", key.casefold())
+
+
+def _pointer(parts: Iterator[str | int] | tuple[str | int, ...]) -> str:
+    return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in parts)
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """Which keys go, and how: exact paths from the event root, and normalized key names
+    that count anywhere below a scope."""
+
+    exact: Mapping[Path, str]
+    nested: Mapping[Path, Mapping[str, str]]
+
+    @classmethod
+    def from_schema(cls, schema: Mapping[str, Any], config: RedactionConfig) -> Policy:
+        exact: dict[Path, str] = {}
+        nested: dict[Path, dict[str, str]] = {}
+        _collect(schema, schema, (), exact, nested, depth=0)
+        for rule in config.keys:
+            if "." in rule.key:
+                exact[tuple(rule.key.split("."))] = rule.action
+            else:
+                for scope in NESTED_SCOPES:
+                    nested.setdefault((scope,), {})[normalize(rule.key)] = rule.action
+        return cls(exact, nested)
+
+
+def _collect(
+    root: Mapping[str, Any],
+    node: Mapping[str, Any],
+    path: Path,
+    exact: dict[Path, str],
+    nested: dict[Path, dict[str, str]],
+    depth: int,
+) -> None:
+    """Walk `properties` (following local $refs) and gather the x-sensitive marks."""
+    if depth > 32:
+        return
+    ref = node.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#/"):
+        target: Any = root
+        for part in ref[2:].split("/"):
+            target = target.get(part, {}) if isinstance(target, Mapping) else {}
+        node = {**target, **{k: v for k, v in node.items() if k != "$ref"}}
+    is_scope = node.get("x-redact-nested") is True
+    for key, sub in (node.get("properties") or {}).items():
+        if not isinstance(sub, Mapping):
+            continue
+        action = sub.get("x-sensitive")
+        if action in ACTIONS:
+            if is_scope:
+                nested.setdefault(path, {})[normalize(key)] = action
+            else:
+                exact[(*path, key)] = action
+        _collect(root, sub, (*path, key), exact, nested, depth + 1)
+
+
+class Redactor:
+    """Applies a Policy to event bodies, in place."""
+
+    def __init__(self, policy: Policy, hash_key: str | None) -> None:
+        self.policy = policy
+        if hash_key is None:
+            log.info("redaction.hash_key is not set: hashed values correlate within this run only")
+        self._key = hash_key.encode() if hash_key is not None else os.urandom(32)
+        self.redacted_events = 0
+        self.redacted_values = 0
+
+    @classmethod
+    def from_schemas(cls, schemas: pathlib.Path, config: RedactionConfig) -> Redactor:
+        """The policy of `<schemas>/event.schema.json` plus the config's keys."""
+        schema = orjson.loads((schemas / "event.schema.json").read_bytes())
+        return cls(Policy.from_schema(schema, config), config.hash_key)
+
+    def hash(self, value: Any) -> str:
+        data = (
+            value.encode()
+            if isinstance(value, str)
+            else orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+        )
+        return HASH_PREFIX + hmac.new(self._key, data, hashlib.sha256).hexdigest()
+
+    def _apply(self, parent: dict[str, Any], key: str, action: str) -> None:
+        if action == "drop":
+            del parent[key]
+        elif action == "mask":
+            parent[key] = MASK
+        else:
+            parent[key] = self.hash(parent[key])
+
+    def redact(self, event: dict[str, Any]) -> int:
+        """Redact `event` in place; how many values went. Iterative, so depth costs no stack."""
+        places: list[tuple[str | int, ...]] = []
+        for path, action in self.policy.exact.items():
+            parent: Any = event
+            for part in path[:-1]:
+                parent = parent.get(part) if isinstance(parent, dict) else None
+            if isinstance(parent, dict) and path[-1] in parent:
+                self._apply(parent, path[-1], action)
+                places.append(path)
+        for scope, keys in self.policy.nested.items():
+            node: Any = event
+            for part in scope:
+                node = node.get(part) if isinstance(node, dict) else None
+            stack: list[tuple[Any, tuple[str | int, ...]]] = [(node, scope)]
+            while stack:
+                node, where = stack.pop()
+                if isinstance(node, dict):
+                    for key in list(node):
+                        found = keys.get(normalize(key))
+                        if found is not None:
+                            self._apply(node, key, found)
+                            places.append((*where, key))
+                        else:
+                            stack.append((node[key], (*where, key)))
+                elif isinstance(node, list):
+                    stack.extend((item, (*where, i)) for i, item in enumerate(node))
+        if places:
+            event["redaction"] = {
+                "by": "event-router",
+                "count": len(places),
+                "paths": sorted(_pointer(p) for p in places)[:MAX_RECORDED_PATHS],
+            }
+            self.redacted_events += 1
+            self.redacted_values += len(places)
+        return len(places)

@@ -1,0 +1,115 @@
+"""The redaction policy: what the schema marks, what the config adds, how each action looks."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+from router.config import RedactionConfig, RedactionKeyConfig, parse_config
+from router.errors import ConfigError
+from router.redaction import HASH_PREFIX, MASK, Redactor, normalize
+from router.resources import schemas_dir
+from router.validation import EventValidator
+from tests.fakes import make_event
+
+KEY = "a-hash-key-of-some-length"
+
+
+def redactor(*keys: RedactionKeyConfig) -> Redactor:
+    return Redactor.from_schemas(schemas_dir(), RedactionConfig(keys=keys, hash_key=KEY))
+
+
+@pytest.mark.parametrize("spelling", ["api_key", "apiKey", "API-KEY", "Api_Key", "apikey"])
+def test_every_spelling_of_a_key_is_one_key(spelling: str) -> None:
+    assert normalize(spelling) == "apikey"
+
+
+def test_schema_marked_keys_are_redacted_at_any_depth_with_their_action() -> None:
+    event = make_event(
+        requestData={
+            "secret_type": "arbitrary",
+            "Payload": "the secret itself",
+            "versions": [{"PASSWORD": "hunter2", "meta": {"api-key": "k-123"}}],
+        },
+        responseData={"apiKey": "k-123", "certificate": {"pem": "-----BEGIN"}},
+    )
+    assert redactor().redact(event) == 5
+    assert event["requestData"] == {
+        "secret_type": "arbitrary",
+        "versions": [{"PASSWORD": MASK, "meta": {"api-key": event["responseData"]["apiKey"]}}],
+    }
+    hashed = event["responseData"]["apiKey"]
+    assert hashed.startswith(HASH_PREFIX) and "k-123" not in hashed
+    assert "certificate" not in event["responseData"]
+    assert event["redaction"] == {
+        "by": "event-router",
+        "count": 5,
+        "paths": [
+            "/requestData/Payload",
+            "/requestData/versions/0/PASSWORD",
+            "/requestData/versions/0/meta/api-key",
+            "/responseData/apiKey",
+            "/responseData/certificate",
+        ],
+    }
+    assert EventValidator(schemas_dir()).validate(event) == []
+
+
+def test_equal_values_hash_equal_only_under_the_same_key() -> None:
+    a, b = redactor(), redactor()
+    assert a.hash("k-123") == b.hash("k-123") != a.hash("k-124")
+    other = Redactor.from_schemas(schemas_dir(), RedactionConfig(hash_key="another-key-of-length"))
+    assert other.hash("k-123") != a.hash("k-123")
+
+
+def test_an_event_without_sensitive_keys_is_untouched() -> None:
+    event = make_event()
+    before = copy.deepcopy(event)
+    assert redactor().redact(event) == 0
+    assert event == before
+
+
+def test_config_adds_names_and_paths() -> None:
+    r = redactor(
+        RedactionKeyConfig(key="unseal_key", action="drop"),
+        RedactionKeyConfig(key="requestData.vault.role_id", action="hash"),
+    )
+    event = make_event(
+        requestData={"x": [{"Unseal-Key": "u"}], "vault": {"role_id": "r", "other": "o"}}
+    )
+    assert r.redact(event) == 2
+    assert event["requestData"]["x"] == [{}]
+    assert event["requestData"]["vault"]["role_id"].startswith(HASH_PREFIX)
+    assert event["requestData"]["vault"]["other"] == "o"
+
+
+def test_deep_nesting_costs_no_recursion() -> None:
+    deep: dict[str, Any] = {"password": "p"}
+    for _ in range(5000):
+        deep = {"n": [deep]}
+    event = make_event(requestData=deep)
+    assert redactor().redact(event) == 1
+
+
+@pytest.mark.parametrize(
+    ("redaction", "expected"),
+    [
+        ({"keys": ["initiator.name"]}, "redaction.keys[0]"),
+        ({"keys": [{"key": "x", "action": "shred"}]}, "redaction.keys[0]"),
+        ({"hash_key": "a-literal-key-value"}, "redaction.hash_key"),
+    ],
+)
+def test_bad_redaction_config_is_reported(redaction: dict[str, Any], expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"redaction": redaction})
+    assert any(p.startswith(expected) for p in info.value.problems), info.value.problems
+
+
+def test_hash_key_comes_from_a_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HASH_KEY", "0123456789abcdef0123")
+    config = parse_config({"redaction": {"hash_key": "${env:HASH_KEY}", "keys": ["x"]}})
+    assert config.redaction.hash_key == "0123456789abcdef0123"
+    assert config.redaction.keys == (RedactionKeyConfig(key="x", action="mask"),)
+    assert "0123456789abcdef0123" not in repr(config)

@@ -140,6 +140,9 @@ class Daemon:
             handle_signals=False,
             access_log=None,
             shutdown_timeout=self.config.shutdown.drain_timeout_s,
+            max_line_size=self.config.server.max_header_bytes,
+            max_field_size=self.config.server.max_header_bytes,
+            keepalive_timeout=self.config.server.keepalive_timeout_s,
         )
         await self._runner.setup()
         server = self.config.server

@@ -49,6 +49,16 @@ class ServerConfig:
     max_events_per_request: int = 10_000
     # Requests decoded and validated at once; more wait their turn with their body unread.
     max_concurrent_requests: int = 16
+    # An event nesting deeper, or holding a longer string or key, is rejected on its own.
+    max_depth: int = 32
+    max_string_chars: int = 64 * 1024
+    # The request line and each header line; past it the request is a 400 before any handler.
+    max_header_bytes: int = 8190
+    # The whole body must arrive within this, or the request is a 408 (slow clients hold a
+    # request slot while they send).
+    read_timeout_s: float = 30.0
+    # An idle keep-alive connection is closed after this.
+    keepalive_timeout_s: float = 75.0
     tls: ServerTlsConfig | None = None
 
 

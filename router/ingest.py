@@ -27,6 +27,7 @@ from router.deadletter import DeadLetters, Failure
 from router.errors import RequestError, RouterError
 from router.events import Event
 from router.journal import Journal, JournalFullError
+from router.limits import shape_problems
 from router.metrics import IngestStats
 from router.redaction import Redactor
 from router.routing import RouteTable
@@ -112,11 +113,20 @@ class Ingest:
             raise _too_large(limit)
         chunks: list[bytes] = []
         size = 0
-        while chunk := await request.content.read(READ_CHUNK_BYTES):
-            size += len(chunk)
-            if size > limit:
-                raise _too_large(limit)
-            chunks.append(chunk)
+        try:
+            async with asyncio.timeout(self.server.read_timeout_s):
+                while chunk := await request.content.read(READ_CHUNK_BYTES):
+                    size += len(chunk)
+                    if size > limit:
+                        raise _too_large(limit)
+                    chunks.append(chunk)
+        except TimeoutError as exc:
+            raise RequestError(
+                408,
+                "request_timeout",
+                f"the body did not arrive within server.read_timeout_s "
+                f"({self.server.read_timeout_s} s)",
+            ) from exc
         body = b"".join(chunks)
         encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
         if encoding == "gzip":
@@ -144,7 +154,7 @@ class Ingest:
             problems = (
                 [Problem("", item.message)]
                 if isinstance(item, Malformed)
-                else self.validator.validate(item)
+                else self._shape_problems(item) or self.validator.validate(item)
             )
             if not problems and caller is not None and caller.principal is not None:
                 problems = caller.principal.problems(item)
@@ -195,6 +205,13 @@ class Ingest:
             )
         body = {"accepted": accepted, "rejected": len(items) - accepted, "results": results}
         return json_response(body, status=202 if accepted else 400)
+
+    def _shape_problems(self, item: Any) -> list[Problem]:
+        return shape_problems(
+            item,
+            max_depth=self.server.max_depth,
+            max_string_chars=self.server.max_string_chars,
+        )
 
     async def _append(self, routed: list[tuple[Event, Mapping[str, str]]]) -> None:
         """Append; when the journal is full and the operator chose drop_oldest_per_target, make
@@ -288,7 +305,7 @@ def error_response(error: RequestError) -> web.Response:
     response = json_response(
         {"error": {"code": error.code, "message": error.message}}, status=error.status
     )
-    if error.status == 413:
+    if error.status in (408, 413):
         # The rest of the body was never read: close the connection rather than keep it (and
         # a shutdown) waiting for bytes nobody will read.
         response.force_close()

@@ -53,6 +53,7 @@ class Daemon:
             schemas or schemas_dir(), unknown_actions=config.validation.unknown_actions
         )
         self.redactor = Redactor.from_schemas(schemas or schemas_dir(), config.redaction)
+        self._openapi_doc: bytes | None = None
         self.routes = RouteTable(config.routes, config.settings.default_targets)
         target_ids = [target.id for target in config.targets]
         self.journal = SqliteJournal(config.storage, target_ids)
@@ -98,6 +99,7 @@ class Daemon:
         app.router.add_post("/v1/deadletters/{target}/redrive", self._redrive)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/openapi.json", self._openapi)
         app.router.add_get("/metrics", self._metrics)
         return app
 
@@ -294,6 +296,13 @@ class Daemon:
 
     async def _metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+    async def _openapi(self, request: web.Request) -> web.Response:
+        """The API described (schemas/openapi.json, kept by hand; the fuzz test holds it true)."""
+        if self._openapi_doc is None:
+            path = schemas_dir() / "openapi.json"  # the daemon's API, not the event model
+            self._openapi_doc = await asyncio.to_thread(path.read_bytes)
+        return web.Response(body=self._openapi_doc, content_type="application/json")
 
     async def _readyz(self, request: web.Request) -> web.Response:
         if not self.ready:

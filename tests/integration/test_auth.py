@@ -159,7 +159,7 @@ async def test_an_admin_token_cannot_ingest_and_an_ingest_token_cannot_administe
 
 async def test_probes_stay_open(guarded: tuple[Daemon, Path]) -> None:
     daemon, _ = guarded
-    for path in ("/healthz", "/readyz"):
+    for path in ("/healthz", "/readyz", "/openapi.json"):
         status, _, _ = await call(daemon, "GET", path)
         assert status == 200, path
 

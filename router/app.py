@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,18 +22,20 @@ from aiohttp import web
 
 from router import __version__
 from router.auth import Guard
-from router.config import Config
+from router.config import Config, TargetConfig, load_config
 from router.deadletter import DeadLetters, Failure, Letter, LetterFilter, parse_since
 from router.delivery import DeliveryWorker
-from router.errors import RequestError
+from router.errors import ConfigError, RequestError, RouterError
 from router.events import Event
 from router.ingest import Ingest, error_response, json_response
 from router.journal import Entry, SqliteJournal
 from router.metrics import IngestStats, TargetStats
 from router.prometheus import CONTENT_TYPE, DaemonMetrics
 from router.redaction import Redactor
+from router.reload import ReloadPlan, config_digest, plan_reload
 from router.resources import schemas_dir
 from router.routing import RouteTable
+from router.selfevent import instance_crn, router_event
 from router.servertls import server_context
 from router.tail import TailHub
 from router.targets import Target, build_target
@@ -69,6 +72,8 @@ class Daemon:
         # Loaded before anything starts: a certificate that does not load stops `serve` early.
         tls = config.server.tls
         self._ssl = server_context(tls) if tls is not None else None
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._reload_lock = asyncio.Lock()
         self.tail = TailHub()
         self.metrics = DaemonMetrics(self)
         self.app = self._build_app()
@@ -78,7 +83,7 @@ class Daemon:
             await ingest.accept_own(body)  # bound below; called only once requests arrive
 
         self.guard = Guard.build(self.config.auth, record)
-        ingest = Ingest(
+        self.ingest = ingest = Ingest(
             server=self.config.server,
             validator=self.validator,
             routes=self.routes,
@@ -111,6 +116,7 @@ class Daemon:
 
     async def start(self) -> None:
         await self.journal.open()
+        self.journal.on_orphan = self._retire_soon
         for target_id in sorted(self.journal.orphans):
             await self._retire(target_id)
         await self.guard.start()
@@ -122,19 +128,7 @@ class Daemon:
                 # keep retrying and its write_status tells the story.
                 log.exception("target %s failed to start", target_id)
         for target_config in self.config.targets:
-            worker = DeliveryWorker(
-                self.targets[target_config.id],
-                target_config,
-                self.journal,
-                self.dead_letters,
-                self.target_stats[target_config.id],
-                probe_first=self.config.startup.validate_targets,
-                send_seconds=self.metrics.send_seconds,
-            )
-            self.workers[target_config.id] = worker
-            self._tasks[target_config.id] = asyncio.create_task(
-                worker.run(), name=f"deliver:{target_config.id}"
-            )
+            self._start_worker(target_config)
         # We inflate gzip ourselves, with a cap; aiohttp's own inflation has none.
         self._runner = web.AppRunner(
             self.app,
@@ -176,6 +170,7 @@ class Daemon:
             for task in late:
                 task.cancel()
             await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        await asyncio.gather(*self._retiring, return_exceptions=True)
         for target in self.targets.values():
             await target.close()
         self.dead_letters.close()
@@ -189,6 +184,166 @@ class Daemon:
             sum(b.dead_lettered for b in books),
             sum(b.pending for b in books),
         )
+
+    def _start_worker(self, target_config: TargetConfig) -> None:
+        worker = DeliveryWorker(
+            self.targets[target_config.id],
+            target_config,
+            self.journal,
+            self.dead_letters,
+            self.target_stats[target_config.id],
+            probe_first=self.config.startup.validate_targets,
+            send_seconds=self.metrics.send_seconds,
+        )
+        self.workers[target_config.id] = worker
+        self._tasks[target_config.id] = asyncio.create_task(
+            worker.run(), name=f"deliver:{target_config.id}"
+        )
+
+    async def _stop_worker(self, target_id: str) -> None:
+        """Let the target's worker deliver what it can within the drain timeout, then stop it
+        and close the target. Whatever it did not deliver stays in the journal."""
+        worker, task = self.workers.pop(target_id), self._tasks.pop(target_id)
+        worker.stopping.set()
+        _, late = await asyncio.wait([task], timeout=self.config.shutdown.drain_timeout_s)
+        for pending in late:
+            pending.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await self.targets.pop(target_id).close()
+
+    async def reload_from(
+        self,
+        path: str | Path,
+        *,
+        initiator: str = "signal",
+        adjust: Callable[[Config], Config] | None = None,
+    ) -> bool:
+        """Load the config file and apply it; a config that fails to load or to apply leaves
+        the running one in place, and says why (log line and audit event). True if applied.
+        `adjust` applies the command line's overrides, as at start."""
+        try:
+            new = load_config(path)
+            if adjust is not None:
+                new = adjust(new)
+            await self.reload(new, initiator=initiator)
+        except ConfigError as exc:
+            log.error("config reload refused, still running the previous config: %s", exc)
+            if exc.source != "reload":  # plan refusals are audited by reload() itself
+                await self._audit_reload(self.config, None, None, initiator, str(exc))
+            return False
+        return True
+
+    async def reload(self, new: Config, *, initiator: str = "signal") -> ReloadPlan:
+        """Apply a new config while running (SIGHUP): refuse it whole if it changes what cannot
+        change live; otherwise swap routes, settings and validation atomically for ingest, add
+        and start new targets, restart changed ones (their backlog stays), and retire removed
+        ones (delivered within the drain timeout, the rest dead-lettered target_removed)."""
+        async with self._reload_lock:
+            return await self._reload(new, initiator)
+
+    async def _reload(self, new: Config, initiator: str) -> ReloadPlan:
+        old = self.config
+        plan = plan_reload(old, new)
+        if plan.refused:
+            await self._audit_reload(old, new, plan, initiator, "; ".join(plan.refused))
+            raise ConfigError("reload", list(plan.refused))
+        validator = self.validator
+        if new.validation != old.validation:
+            schemas = new.validation.schemas_dir
+            validator = EventValidator(
+                Path(schemas) if schemas else schemas_dir(),
+                unknown_actions=new.validation.unknown_actions,
+            )
+        redactor = self.redactor
+        if new.redaction != old.redaction:
+            schemas = new.validation.schemas_dir
+            redactor = Redactor.from_schemas(
+                Path(schemas) if schemas else schemas_dir(), new.redaction
+            )
+        routes = RouteTable(new.routes, new.settings.default_targets)
+        fresh = {t.id: t for t in new.targets if t.id in plan.added + plan.changed}
+        built = {target_id: build_target(config) for target_id, config in fresh.items()}
+        for target_id in plan.added:
+            await self.journal.add_target(target_id)
+            self.target_stats[target_id] = TargetStats()
+        # From here on every new request routes with the new table; requests that routed with
+        # the old one have all reached the journal (or will, via its retired-target path).
+        async with self.ingest.paused():
+            self.config = new
+            self.validator = self.ingest.validator = validator
+            self.routes = self.ingest.routes = routes
+            self.redactor = self.ingest.redactor = redactor
+        for target_id in plan.changed + plan.removed:
+            await self._stop_worker(target_id)
+        for target_id in plan.removed:
+            await self._retire(target_id)
+            self.target_stats.pop(target_id, None)
+        for target_id, target in built.items():
+            self.targets[target_id] = target
+            try:
+                await target.start()
+            except Exception:
+                log.exception("target %s failed to start", target_id)
+            self._start_worker(fresh[target_id])
+        log.info(
+            "config reloaded: %d targets added, %d changed, %d removed; %d routes",
+            len(plan.added),
+            len(plan.changed),
+            len(plan.removed),
+            len(new.routes),
+        )
+        await self._audit_reload(old, new, plan, initiator, None)
+        return plan
+
+    async def _audit_reload(
+        self,
+        old: Config,
+        new: Config | None,
+        plan: ReloadPlan | None,
+        initiator: str,
+        failure: str | None,
+    ) -> None:
+        """Every reload, applied or refused, is an event from the router itself."""
+        body = router_event(
+            action="event-router.config.reload",
+            message=f"event-router: reload config {'failed' if failure else 'applied'}",
+            target={
+                "id": instance_crn("config:router.yaml"),
+                "name": "configuration",
+                "typeURI": "event-router/config",
+            },
+            outcome="failure" if failure else "success",
+            reason_code=400 if failure else 200,
+            reason_type="Bad Request" if failure else "OK",
+            severity="warning",
+            initiator={
+                "id": f"event-router-{initiator}",
+                "name": initiator,
+                "typeURI": "service/security/clientid",
+                "credential": {"type": "token"},
+            },
+            extra={
+                "requestData": {
+                    "updateType": "config",
+                    "initialValue": config_digest(old),
+                    "newValue": config_digest(new) if new else None,
+                    "targetsAdded": list(plan.added) if plan else [],
+                    "targetsChanged": list(plan.changed) if plan else [],
+                    "targetsRemoved": list(plan.removed) if plan else [],
+                    **({"reasonForFailure": failure} if failure else {}),
+                }
+            },
+        )
+        try:
+            await self.ingest.accept_own(body)
+        except RouterError:
+            log.exception("the reload's audit event could not be journaled")
+
+    def _retire_soon(self, target_id: str) -> None:
+        """The journal found rows for a target a reload just retired: retire them too."""
+        task = asyncio.create_task(self._retire(target_id), name=f"retire:{target_id}")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     async def _retire(self, target_id: str) -> None:
         """A target gone from the config leaves its backlog as dead letters, not lost."""

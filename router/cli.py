@@ -12,7 +12,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -166,14 +166,22 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"{len(config.settings.default_targets)} default targets)"
         )
         return
-    server = replace(
-        config.server,
-        host=args.host or config.server.host,
-        port=config.server.port if args.port is None else args.port,
-    )
+
+    def overrides(loaded: Config) -> Config:
+        """--host/--port win over the file, at start and at every reload."""
+        return replace(
+            loaded,
+            server=replace(
+                loaded.server,
+                host=args.host or loaded.server.host,
+                port=loaded.server.port if args.port is None else args.port,
+            ),
+        )
+
+    server = overrides(config).server
     setup_logging(args.log_format, args.log_level)
     try:
-        asyncio.run(_serve(replace(config, server=server)))
+        asyncio.run(_serve(config_path, replace(config, server=server), overrides))
     except ConfigError as exc:
         log.error("cannot start: %s", exc)
         sys.exit(EXIT_CONFIG)
@@ -233,15 +241,29 @@ def admin_token(token_file: Path | None) -> str | None:
     return os.environ.get(TOKEN_ENV) or None
 
 
-async def _serve(config: Config) -> None:
+async def _serve(path: Path, config: Config, overrides: Callable[[Config], Config]) -> None:
     from router.app import Daemon
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, _reload_requested)
     daemon = Daemon(config)
+    reloads: set[asyncio.Task[bool]] = set()
+
+    async def reload() -> bool:
+        notify("RELOADING=1", "STATUS=reloading the config")
+        applied = await daemon.reload_from(path, initiator="signal", adjust=overrides)
+        notify("READY=1", f"STATUS={'reloaded' if applied else 'reload refused; see the log'}")
+        return applied
+
+    def reload_requested() -> None:
+        """SIGHUP (systemd's ExecReload): reload the config file; reloads run one at a time."""
+        task = asyncio.create_task(reload(), name="reload")
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload_requested)
     try:
         await daemon.start()
         # READY=1 exactly when /readyz turns 200: systemd starts dependent units only then.
@@ -251,16 +273,10 @@ async def _serve(config: Config) -> None:
         await stop.wait()
         log.info("stop requested; draining")
     finally:
+        loop.remove_signal_handler(signal.SIGHUP)
+        await asyncio.gather(*reloads, return_exceptions=True)
         notify("STOPPING=1", "STATUS=draining: delivering what the workers hold, then stopping")
         await daemon.stop()
-
-
-def _reload_requested() -> None:
-    """SIGHUP (systemd's ExecReload). The hook for config reload; until that exists the daemon
-    must not die of it (SIGHUP's default action) and says so. Logs go to stderr (journald or
-    the container runtime keeps them) and file targets rotate their own archives, so there is
-    no handle to reopen."""
-    log.warning("SIGHUP received: config reload is not implemented yet; still running")
 
 
 def _query(args: argparse.Namespace) -> int:

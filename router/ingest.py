@@ -14,7 +14,8 @@ import asyncio
 import logging
 import sqlite3
 import zlib
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,6 +74,18 @@ class Ingest:
 
     def __post_init__(self) -> None:
         self._slots = asyncio.Semaphore(self.server.max_concurrent_requests)
+
+    @asynccontextmanager
+    async def paused(self) -> AsyncIterator[None]:
+        """Hold every request slot: requests in flight finish, new ones wait. A reload swaps
+        the routes inside, so no request routes with one table and journals with the other."""
+        for _ in range(self.server.max_concurrent_requests):
+            await self._slots.acquire()
+        try:
+            yield
+        finally:
+            for _ in range(self.server.max_concurrent_requests):
+                self._slots.release()
 
     async def handle(self, request: web.Request) -> web.Response:
         """One request at a time per slot: a request beyond `server.max_concurrent_requests`

@@ -155,6 +155,7 @@ class SqliteJournal:
         # Targets the config no longer has but the journal still owes events: the caller
         # retires them (dead letters with reason target_removed) before anything else.
         self.orphans: set[str] = set()
+        self.on_orphan: Callable[[str], None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -303,7 +304,14 @@ class SqliteJournal:
                 continue
             self.healthy = True
             for target_id, count in received.items():
-                target = self._targets[target_id]
+                target = self._targets.get(target_id)
+                if target is None:
+                    # Routed just before a reload retired this target: the rows are owed to
+                    # no running worker, so they are retired (dead-lettered) as an orphan.
+                    self.orphans.add(target_id)
+                    if self.on_orphan is not None:
+                        self.on_orphan(target_id)
+                    continue
                 target.books.received += count
                 target.books.pending += count
                 target.wakeup.set()

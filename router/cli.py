@@ -140,6 +140,11 @@ def _add_tail_command(commands: argparse._SubParsersAction[argparse.ArgumentPars
     )
     tail.add_argument("--url", help="the daemon's base URL (default: from the config)")
     tail.add_argument("--limit", type=int, help="stop after this many events")
+    tail.add_argument(
+        "--token-file",
+        type=Path,
+        help="a file holding an admin token (default: the EVENT_ROUTER_TOKEN variable)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -311,6 +316,7 @@ def _tail(args: argparse.Namespace, config: Config) -> int:
 
     url = args.url or f"http://{config.server.host}:{config.server.port}"
     try:
-        return asyncio.run(follow(url, args.query, limit=args.limit))
+        token = admin_token(args.token_file)
+        return asyncio.run(follow(url, args.query, limit=args.limit, token=token))
     except KeyboardInterrupt:
         return 0  # Ctrl-C is how a tail ends

@@ -384,7 +384,7 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
         raise ConfigError(source, problems)
     problems = []
     config = _build(data, problems)
-    problems.extend(_cross_check(config, data))
+    problems.extend(_cross_check(config))
     if problems:
         raise ConfigError(source, problems)
     return config
@@ -544,6 +544,8 @@ def _auth(data: Mapping[str, Any] | None, problems: list[str]) -> AuthConfig:
                 value = _resolve(raw["token"], f"{where}.token", problems)
                 if len(problems) == before and len(value) < MIN_TOKEN_CHARS:
                     problems.append(f"{where}.token: at least {MIN_TOKEN_CHARS} characters")
+                if len(problems) > before:
+                    continue  # reported; an unresolved token must not look like a duplicate
                 digest = hashlib.sha256(value.encode()).digest()
             tokens.append(
                 TokenConfig(
@@ -580,7 +582,7 @@ def _rule_filter(rule: Mapping[str, Any], where: str, problems: list[str]) -> Qu
         return None
 
 
-def _cross_check(config: Config, data: Mapping[str, Any]) -> list[str]:
+def _cross_check(config: Config) -> list[str]:
     """What a schema cannot say: ids must be unique and every reference must resolve."""
     problems: list[str] = []
     known: dict[str, int] = {}

@@ -26,8 +26,9 @@ def deadletter_dir(config: Config) -> Path:
     return Path(config.storage.path) / "deadletter"
 
 
-def list_letters(config: Config, out: TextIO = sys.stdout) -> int:
+def list_letters(config: Config, out: TextIO | None = None) -> int:
     """One line per target: how many letters, by reason, and the time span they cover."""
+    out = out or sys.stdout
     files = sorted(deadletter_dir(config).glob("*.ndjson"))
     if not files:
         print(f"no dead letters under {deadletter_dir(config)}", file=out)
@@ -56,9 +57,10 @@ def show_letters(
     *,
     limit: int | None,
     fmt: str,
-    out: TextIO = sys.stdout,
+    out: TextIO | None = None,
 ) -> int:
     """The target's letters that match, as NDJSON or a readable table."""
+    out = out or sys.stdout
     shown = 0
     if fmt == "table":
         print("  ".join(f"{c:<24}" for c in TABLE_COLUMNS).rstrip(), file=out)
@@ -92,10 +94,11 @@ async def redrive(
     *,
     url: str | None,
     token: str | None = None,
-    err: TextIO = sys.stderr,
+    err: TextIO | None = None,
 ) -> int:
     """Ask the daemon to redrive (with an admin token when it has auth on); draw its
     progress. Exit code 0 when it finished."""
+    err = err or sys.stderr
     scheme = "https" if config.server.tls else "http"
     base = url or f"{scheme}://{config.server.host}:{config.server.port}"
     endpoint = f"{base.rstrip('/')}/v1/deadletters/{target_id}/redrive"

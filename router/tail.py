@@ -176,6 +176,7 @@ async def follow(
     query: str,
     *,
     limit: int | None = None,
+    token: str | None = None,
     out: TextIO | None = None,
     err: TextIO | None = None,
 ) -> int:
@@ -189,7 +190,13 @@ async def follow(
     try:
         async with (
             aiohttp.ClientSession(timeout=timeout) as session,
-            session.get(url, headers={"Accept": "text/event-stream"}) as resp,
+            session.get(
+                url,
+                headers={
+                    "Accept": "text/event-stream",
+                    **({"Authorization": f"Bearer {token}"} if token else {}),
+                },
+            ) as resp,
         ):
             if resp.status != 200:
                 body = await resp.json(content_type=None)

@@ -184,3 +184,45 @@ async def test_dropped_events_are_announced_before_the_next_event(daemon: Daemon
         assert dropped == SseMessage("dropped", '{"dropped":7}')
         assert orjson.loads(event.data)["id"] == "after"
         resp.close()
+
+
+async def test_tail_command_sends_the_admin_token(
+    start_daemon: StartDaemon,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import hashlib
+
+    admin = "an-admin-token-long-enough-0001"
+    daemon = await start_daemon(
+        {
+            "auth": {
+                "admin_tokens": [
+                    {"name": "ops", "sha256": hashlib.sha256(admin.encode()).hexdigest()}
+                ]
+            },
+            "targets": [file_target("archive", tmp_path / "archive.ndjson")],
+            "routes": [{"name": "all", "rules": [{"locations": ["*"], "target_ids": ["archive"]}]}],
+        }
+    )
+    url = f"http://127.0.0.1:{daemon.port}"
+    assert await asyncio.to_thread(run_cli, "tail", "--url", url, "--limit", "1") == 1
+    assert "401" in capsys.readouterr().err
+    (tmp_path / "admin.token").write_text(admin + "\n")
+    command = asyncio.create_task(
+        asyncio.to_thread(
+            run_cli,
+            "tail",
+            "--url",
+            url,
+            "--limit",
+            "1",
+            "--token-file",
+            str(tmp_path / "admin.token"),
+        )
+    )
+    await wait_for(lambda: len(daemon.tail.subscribers) == 1, what="the command to subscribe")
+    await daemon.ingest.accept([make_event(id="seen")])
+    assert await asyncio.wait_for(command, timeout=10) == 0
+    assert orjson.loads(capsys.readouterr().out)["id"] == "seen"

@@ -92,3 +92,20 @@ def test_a_short_referenced_token_is_refused(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("SHORT_TOKEN", "short")
     problems = problems_of({"ingest_tokens": [{"name": "a", "token": "${env:SHORT_TOKEN}"}]})
     assert problems == ["auth.ingest_tokens[0].token: at least 16 characters"]
+
+
+def test_unset_token_variables_are_reported_once_each_not_as_duplicates(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("NO_SUCH_INGEST_TOKEN", raising=False)
+    monkeypatch.delenv("NO_SUCH_ADMIN_TOKEN", raising=False)
+    problems = problems_of(
+        {
+            "ingest_tokens": [{"name": "p", "token": "${env:NO_SUCH_INGEST_TOKEN}"}],
+            "admin_tokens": [{"name": "o", "token": "${env:NO_SUCH_ADMIN_TOKEN}"}],
+        }
+    )
+    assert problems == [
+        "auth.ingest_tokens[0].token: environment variable 'NO_SUCH_INGEST_TOKEN' is not set",
+        "auth.admin_tokens[0].token: environment variable 'NO_SUCH_ADMIN_TOKEN' is not set",
+    ]

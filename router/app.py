@@ -21,8 +21,9 @@ import orjson
 from aiohttp import web
 
 from router import __version__
+from router.api import ConfigSource, ManagementApi
 from router.auth import Guard
-from router.config import Config, TargetConfig, load_config
+from router.config import Config, TargetConfig, parse_config, read_config_data
 from router.deadletter import DeadLetters, Failure, Letter, LetterFilter, parse_since
 from router.delivery import DeliveryWorker
 from router.errors import ConfigError, RequestError, RouterError
@@ -30,6 +31,7 @@ from router.events import Event
 from router.ingest import Ingest, error_response, json_response
 from router.journal import Entry, SqliteJournal
 from router.metrics import IngestStats, TargetStats
+from router.probe import ProbeResult, probe
 from router.prometheus import CONTENT_TYPE, DaemonMetrics
 from router.redaction import Redactor
 from router.reload import ReloadPlan, config_digest, plan_reload
@@ -49,8 +51,10 @@ REDRIVE_CHUNK = 500
 class Daemon:
     """One running event-router: its components, its HTTP app, and their lifecycle."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, source: ConfigSource | None = None) -> None:
         self.config = config
+        # The config as data and its file: what the management API edits and writes back.
+        self.source = source or ConfigSource(None, {})
         schemas = Path(config.validation.schemas_dir) if config.validation.schemas_dir else None
         self.validator = EventValidator(
             schemas or schemas_dir(), unknown_actions=config.validation.unknown_actions
@@ -106,6 +110,7 @@ class Daemon:
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/openapi.json", self._openapi)
         app.router.add_get("/metrics", self._metrics)
+        ManagementApi(self).routes(app)
         return app
 
     @property
@@ -222,10 +227,12 @@ class Daemon:
         the running one in place, and says why (log line and audit event). True if applied.
         `adjust` applies the command line's overrides, as at start."""
         try:
-            new = load_config(path)
+            data = read_config_data(path)
+            new = parse_config(data, str(path))
             if adjust is not None:
                 new = adjust(new)
             await self.reload(new, initiator=initiator)
+            self.source = ConfigSource(Path(path), data)
         except ConfigError as exc:
             log.error("config reload refused, still running the previous config: %s", exc)
             if exc.source != "reload":  # plan refusals are audited by reload() itself
@@ -233,19 +240,22 @@ class Daemon:
             return False
         return True
 
-    async def reload(self, new: Config, *, initiator: str = "signal") -> ReloadPlan:
+    async def reload(
+        self, new: Config, *, initiator: str = "signal", audit: bool = True
+    ) -> ReloadPlan:
         """Apply a new config while running (SIGHUP): refuse it whole if it changes what cannot
         change live; otherwise swap routes, settings and validation atomically for ingest, add
         and start new targets, restart changed ones (their backlog stays), and retire removed
         ones (delivered within the drain timeout, the rest dead-lettered target_removed)."""
         async with self._reload_lock:
-            return await self._reload(new, initiator)
+            return await self._reload(new, initiator, audit)
 
-    async def _reload(self, new: Config, initiator: str) -> ReloadPlan:
+    async def _reload(self, new: Config, initiator: str, audit: bool) -> ReloadPlan:
         old = self.config
         plan = plan_reload(old, new)
         if plan.refused:
-            await self._audit_reload(old, new, plan, initiator, "; ".join(plan.refused))
+            if audit:
+                await self._audit_reload(old, new, plan, initiator, "; ".join(plan.refused))
             raise ConfigError("reload", list(plan.refused))
         validator = self.validator
         if new.validation != old.validation:
@@ -292,7 +302,8 @@ class Daemon:
             len(plan.removed),
             len(new.routes),
         )
-        await self._audit_reload(old, new, plan, initiator, None)
+        if audit:
+            await self._audit_reload(old, new, plan, initiator, None)
         return plan
 
     async def _audit_reload(
@@ -334,10 +345,19 @@ class Daemon:
                 }
             },
         )
+        await self.record_own(body)
+
+    async def record_own(self, body: dict[str, Any]) -> None:
+        """Journal an event of the router itself; a failure is logged, never raised into the
+        operation it reports on."""
         try:
             await self.ingest.accept_own(body)
-        except RouterError:
-            log.exception("the reload's audit event could not be journaled")
+        except (RouterError, OSError):
+            log.exception("the router's own %s event could not be journaled", body["action"])
+
+    async def probe_target(self, target_id: str) -> ProbeResult:
+        """A test write to a running target (the API's validate), recorded in write_status."""
+        return await probe(self.targets[target_id], self.target_stats[target_id])
 
     def _retire_soon(self, target_id: str) -> None:
         """The journal found rows for a target a reload just retired: retire them too."""

@@ -247,13 +247,15 @@ def admin_token(token_file: Path | None) -> str | None:
 
 
 async def _serve(path: Path, config: Config, overrides: Callable[[Config], Config]) -> None:
+    from router.api import ConfigSource
     from router.app import Daemon
+    from router.config import read_config_data
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    daemon = Daemon(config)
+    daemon = Daemon(config, ConfigSource(path, read_config_data(path)))
     reloads: set[asyncio.Task[bool]] = set()
 
     async def reload() -> bool:

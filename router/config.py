@@ -365,6 +365,12 @@ def format_path(parts: Iterable[str | int]) -> str:
 
 def load_config(path: str | os.PathLike[str]) -> Config:
     """Read, check and resolve the YAML file at `path`; raise ConfigError listing every problem."""
+    return parse_config(read_config_data(path), str(path))
+
+
+def read_config_data(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The YAML file as data, references unresolved: what the management API edits and
+    writes back, so secrets stay references in the file."""
     source = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -374,7 +380,9 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(source, [f"not valid YAML: {exc}"]) from exc
-    return parse_config(data if data is not None else {}, source)
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(source, ["(top level): the config must be a mapping"])
+    return data or {}
 
 
 def parse_config(data: Any, source: str = "<config>") -> Config:

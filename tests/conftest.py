@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from router.api import ConfigSource
 from router.app import Daemon
 from router.config import parse_config
 from tests.fakes import ScriptedReceiver
@@ -36,7 +37,7 @@ async def start_daemon(tmp_path: Path) -> AsyncIterator[StartDaemon]:
             "startup": {"validate_targets": False},
             **data,
         }
-        daemon = Daemon(parse_config(data))
+        daemon = Daemon(parse_config(data), ConfigSource(None, data))
         await daemon.start()
         daemons.append(daemon)
         return daemon

@@ -235,7 +235,8 @@ class Daemon:
             self.source = ConfigSource(Path(path), data)
         except ConfigError as exc:
             log.error("config reload refused, still running the previous config: %s", exc)
-            if exc.source != "reload":  # plan refusals are audited by reload() itself
+            if exc.source != "reload":  # plan refusals are audited and counted by reload()
+                self._count_reload("refused")
                 await self._audit_reload(self.config, None, None, initiator, str(exc))
             return False
         return True
@@ -248,7 +249,17 @@ class Daemon:
         and start new targets, restart changed ones (their backlog stays), and retire removed
         ones (delivered within the drain timeout, the rest dead-lettered target_removed)."""
         async with self._reload_lock:
-            return await self._reload(new, initiator, audit)
+            try:
+                plan = await self._reload(new, initiator, audit)
+            except ConfigError:
+                self._count_reload("refused")
+                raise
+            self._count_reload("applied")
+            return plan
+
+    def _count_reload(self, outcome: str) -> None:
+        reloads = self.ingest_stats.reloads
+        reloads[outcome] = reloads.get(outcome, 0) + 1
 
     async def _reload(self, new: Config, initiator: str, audit: bool) -> ReloadPlan:
         old = self.config

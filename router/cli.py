@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import logging
 import os
 import signal
@@ -271,6 +272,11 @@ async def _serve(path: Path, config: Config, overrides: Callable[[Config], Confi
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, reload_requested)
+    watcher: asyncio.Task[None] | None = None
+    if config.reload.watch:
+        watcher = asyncio.create_task(
+            _watch(path, config.reload.watch_interval_s, reload_requested), name="config-watch"
+        )
     try:
         await daemon.start()
         # READY=1 exactly when /readyz turns 200: systemd starts dependent units only then.
@@ -281,9 +287,36 @@ async def _serve(path: Path, config: Config, overrides: Callable[[Config], Confi
         log.info("stop requested; draining")
     finally:
         loop.remove_signal_handler(signal.SIGHUP)
+        if watcher is not None:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
         await asyncio.gather(*reloads, return_exceptions=True)
         notify("STOPPING=1", "STATUS=draining: delivering what the workers hold, then stopping")
         await daemon.stop()
+
+
+async def _watch(path: Path, interval_s: float, changed: Callable[[], None]) -> None:
+    """reload.watch: call `changed` when the file's content changes (checked by mtime and size
+    first, then by digest, so a touch alone does not reload)."""
+
+    def fingerprint() -> tuple[float, int, str] | None:
+        try:
+            stat = path.stat()
+            return stat.st_mtime, stat.st_size, hashlib.sha256(path.read_bytes()).hexdigest()
+        except OSError:
+            return None  # being replaced: look again next time
+
+    last = await asyncio.to_thread(fingerprint)
+    while True:
+        await asyncio.sleep(interval_s)
+        current = await asyncio.to_thread(fingerprint)
+        if current is None or last is None or current[:2] == last[:2]:
+            last = current or last
+            continue
+        if current[2] != last[2]:
+            log.info("config file %s changed; reloading", path)
+            changed()
+        last = current
 
 
 def _query(args: argparse.Namespace) -> int:

@@ -262,6 +262,17 @@ class RouteConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ReloadConfig:
+    """Reload the config file when it changes (opt-in; SIGHUP always reloads). The file's
+    modification time, size and content digest are checked every `watch_interval_s`: the
+    standard library has no file-change notification, and a check every few seconds costs
+    nothing next to ingest."""
+
+    watch: bool = False
+    watch_interval_s: float = 2.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class StartupConfig:
     """What the daemon checks as it starts."""
 
@@ -341,6 +352,7 @@ class Config:
     routes: tuple[RouteConfig, ...] = ()
     settings: SettingsConfig = field(default_factory=SettingsConfig)
     startup: StartupConfig = field(default_factory=StartupConfig)
+    reload: ReloadConfig = field(default_factory=ReloadConfig)
     auth: AuthConfig | None = None
     redaction: RedactionConfig = field(default_factory=RedactionConfig)
 
@@ -512,6 +524,7 @@ def _build(data: Mapping[str, Any], problems: list[str]) -> Config:
         routes=routes,
         settings=SettingsConfig(default_targets=tuple(settings.get("default_targets", ()))),
         startup=_section(StartupConfig, data.get("startup")),
+        reload=_section(ReloadConfig, data.get("reload")),
         auth=_auth(data["auth"], problems) if "auth" in data else None,
         redaction=_redaction(data.get("redaction") or {}, problems),
     )

@@ -158,21 +158,33 @@ class Ingest:
         if response.status != 202:
             raise RouterError(f"the router's own event was refused: {response.text}")
 
+    def _problems(self, item: Any, caller: Caller | None) -> tuple[str, list[Problem]]:
+        """What is wrong with one item, and the reason it is counted under (for metrics):
+        malformed, limits, schema, catalogue (only its action is unknown) or forbidden."""
+        if isinstance(item, Malformed):
+            return "malformed", [Problem("", item.message)]
+        if problems := self._shape_problems(item):
+            return "limits", problems
+        if problems := self.validator.validate(item):
+            catalogue = all(p.path == "/action" and "catalogue" in p.message for p in problems)
+            return ("catalogue" if catalogue else "schema"), problems
+        principal = caller.principal if caller is not None else None
+        if principal is not None and (problems := principal.problems(item)):
+            return "forbidden", problems
+        return "", []
+
     async def accept(self, items: list[Any], caller: Caller | None = None) -> web.Response:
         """Validate, route and journal; `caller` (when auth is on) may limit the services."""
         results: list[dict[str, Any]] = []
         routed: list[tuple[Event, Mapping[str, str]]] = []
         forbidden = 0
         for index, item in enumerate(items):
-            problems = (
-                [Problem("", item.message)]
-                if isinstance(item, Malformed)
-                else self._shape_problems(item) or self.validator.validate(item)
-            )
-            if not problems and caller is not None and caller.principal is not None:
-                problems = caller.principal.problems(item)
-                forbidden += bool(problems)
+            reason, problems = self._problems(item, caller)
+            forbidden += reason == "forbidden"
             if problems:
+                self.stats.rejected_by_reason[reason] = (
+                    self.stats.rejected_by_reason.get(reason, 0) + 1
+                )
                 result: dict[str, Any] = {"index": index, "status": "rejected"}
                 if isinstance(item, dict) and isinstance(item.get("id"), str):
                     result["id"] = item["id"]

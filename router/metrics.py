@@ -55,6 +55,8 @@ class IngestStats:
     journal_full: int = 0
     dropped_buffer_full: int = 0
     refused_requests: dict[str, int] = field(default_factory=dict)
+    rejected_by_reason: dict[str, int] = field(default_factory=dict)
+    reloads: dict[str, int] = field(default_factory=dict)  # by outcome: applied, refused
 
     def refuse(self, code: str) -> None:
         self.refused_requests[code] = self.refused_requests.get(code, 0) + 1

@@ -112,6 +112,24 @@ class DaemonCollector(Collector):
             "the answer lists each problem.",
             value=stats.rejected,
         )
+        by_reason = CounterMetricFamily(
+            "event_router_events_rejected_by_reason",
+            "Rejected events by reason: malformed (not JSON), limits (depth, string length), "
+            "schema, catalogue (an action the service does not have), forbidden (another "
+            "service's event for a limited token).",
+            labels=["reason"],
+        )
+        for reason, count in sorted(stats.rejected_by_reason.items()):
+            by_reason.add_metric([reason], count)
+        yield by_reason
+        reloads = CounterMetricFamily(
+            "event_router_config_reloads",
+            "Config reloads (SIGHUP or the management API), by outcome: applied or refused.",
+            labels=["outcome"],
+        )
+        for outcome, count in sorted(stats.reloads.items()):
+            reloads.add_metric([outcome], count)
+        yield reloads
         yield CounterMetricFamily(
             "event_router_events_unrouted",
             "Accepted events that no rule and no default target sent anywhere.",

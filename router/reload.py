@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from router.config import Config
 
-RESTART_ONLY = ("server", "storage", "shutdown", "auth")
+RESTART_ONLY = ("server", "storage", "shutdown", "auth", "reload")
 
 
 @dataclass(frozen=True, slots=True)

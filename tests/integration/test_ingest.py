@@ -94,6 +94,7 @@ async def test_array_gets_one_result_per_event_in_order(archive: tuple[Daemon, P
     rejected = body["results"][1]
     assert rejected["index"] == 1 and rejected["id"] == "bad-1"
     assert {e["path"] for e in rejected["errors"]} == {"/outcome", "/reason/reasonCode"}
+    assert daemon.ingest_stats.rejected_by_reason == {"schema": 1}
     await wait_for(lambda: len(read_ndjson(path)) == 2)
 
 
@@ -116,6 +117,7 @@ async def test_unknown_secrets_manager_action_is_rejected(archive: tuple[Daemon,
     assert status == 400
     assert body["results"][0]["errors"][0]["path"] == "/action"
     assert "secrets-manager catalogue" in body["results"][0]["errors"][0]["message"]
+    assert daemon.ingest_stats.rejected_by_reason == {"catalogue": 1}
 
 
 async def test_ndjson_malformed_line_is_rejected_alone(archive: tuple[Daemon, Path]) -> None:

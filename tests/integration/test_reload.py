@@ -66,6 +66,7 @@ async def test_a_reload_adds_a_target_and_a_route(
         )
     )
     assert (plan.added, plan.removed, plan.changed) == (("extra",), (), ())
+    assert daemon.ingest_stats.reloads == {"applied": 1}
     await post(daemon, make_event(id="after"))
     await wait_for(lambda: settled(daemon))
 
@@ -157,6 +158,7 @@ async def test_a_reload_that_changes_the_listener_is_refused_and_nothing_changes
     with pytest.raises(ConfigError) as error:
         await daemon.reload(parse_config(new))
     assert error.value.problems == ["server: changes here need a restart"]
+    assert daemon.ingest_stats.reloads == {"refused": 1}
     assert [t.id for t in daemon.config.targets] == ["archive"]
     await wait_for(
         lambda: any(e["action"] == "event-router.config.reload" for e in read_ndjson(archive))
@@ -280,6 +282,65 @@ async def test_sighup_reloads_the_config_file(tmp_path: Path) -> None:
             if e["action"] == "event-router.config.reload"
         ]
         assert outcomes == ["success", "failure"]
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 15) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_reload_watch_applies_a_changed_file(tmp_path: Path) -> None:
+    port = free_port()
+    archive, extra = tmp_path / "archive.ndjson", tmp_path / "extra.ndjson"
+    base = {
+        "server": {"host": "127.0.0.1", "port": port},
+        "storage": {"path": str(tmp_path / "var")},
+        "startup": {"validate_targets": False},
+        "reload": {"watch": True, "watch_interval_s": 0.05},
+    }
+    config = tmp_path / "router.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                **base,
+                "targets": [file_target("archive", archive)],
+                "routes": everything_to("archive"),
+            }
+        )
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "router",
+        "serve",
+        "--config",
+        str(config),
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        await wait_for(lambda: ready(port))
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    **base,
+                    "targets": [file_target("archive", archive), file_target("extra", extra)],
+                    "routes": everything_to("archive", "extra"),
+                }
+            )
+        )
+
+        async def targets() -> list[str]:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(f"http://127.0.0.1:{port}/v1/status") as resp,
+            ):
+                return list((await resp.json())["targets"])
+
+        async def has_extra() -> bool:
+            return "extra" in await targets()
+
+        await wait_for(has_extra, what="the watched change to be applied")
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 15) == 0
     finally:

@@ -377,7 +377,40 @@ def format_path(parts: Iterable[str | int]) -> str:
 
 def load_config(path: str | os.PathLike[str]) -> Config:
     """Read, check and resolve the YAML file at `path`; raise ConfigError listing every problem."""
-    return parse_config(read_config_data(path), str(path))
+    data = read_config_data(path)
+    exposed = secret_literals(data)
+    if exposed:
+        mode = os.stat(path).st_mode
+        if mode & 0o044:
+            raise ConfigError(
+                str(path),
+                [
+                    f"{where}: a secret written in a file other users can read (mode "
+                    f"{mode & 0o777:04o}); chmod 600 the file, or use ${{env:NAME}} or "
+                    "${file:/path}"
+                    for where in exposed
+                ],
+            )
+    return parse_config(data, str(path))
+
+
+SECRET_KEYS = frozenset({"api_key", "token", "password", "secret", "hash_key"})
+
+
+def secret_literals(data: Any, where: str = "") -> list[str]:
+    """The paths of secrets written as literals rather than `${env:}`/`${file:}` references."""
+    found: list[str] = []
+    if isinstance(data, dict):
+        for key, value in data.items():
+            path = f"{where}.{key}" if where else str(key)
+            if key in SECRET_KEYS and isinstance(value, str) and "${" not in value:
+                found.append(path)
+            else:
+                found.extend(secret_literals(value, path))
+    elif isinstance(data, list):
+        for i, value in enumerate(data):
+            found.extend(secret_literals(value, f"{where}[{i}]"))
+    return found
 
 
 def read_config_data(path: str | os.PathLike[str]) -> dict[str, Any]:

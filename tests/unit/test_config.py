@@ -615,3 +615,42 @@ def test_every_dataclass_field_has_a_schema_property() -> None:
         assert {f.name for f in fields(cls)} == set(schema["properties"][key]["properties"]), key
     assert {f.name for f in fields(BatchConfig)} == set(schema["$defs"]["batch"]["properties"])
     assert {f.name for f in fields(RetryConfig)} == set(schema["$defs"]["retry"]["properties"])
+
+
+SECRET_CONFIG = """
+targets:
+  - id: siem
+    target_type: http
+    http_endpoint:
+      url: https://siem.example/ingest
+      auth: {type: bearer, token: a-literal-token-value}
+routes: []
+"""
+
+
+@pytest.mark.parametrize(("mode", "refused"), [(0o644, True), (0o640, True), (0o600, False)])
+def test_secret_literals_in_a_file_others_can_read_are_refused(
+    tmp_path: Path, mode: int, refused: bool
+) -> None:
+    path = tmp_path / "router.yaml"
+    path.write_text(SECRET_CONFIG)
+    path.chmod(mode)
+    if not refused:
+        load_config(path)
+        return
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert error.value.problems == [
+        f"targets[0].http_endpoint.auth.token: a secret written in a file other users can read "
+        f"(mode {mode:04o}); chmod 600 the file, or use ${{env:NAME}} or ${{file:/path}}"
+    ]
+
+
+def test_secret_references_may_live_in_a_readable_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SIEM_TOKEN", "from-the-environment")
+    path = tmp_path / "router.yaml"
+    path.write_text(SECRET_CONFIG.replace("a-literal-token-value", '"${env:SIEM_TOKEN}"'))
+    path.chmod(0o644)
+    assert load_config(path).targets[0].id == "siem"

@@ -31,6 +31,17 @@ BODY_EXAMPLES = 150
 TRIED: dict[str, int] = {"schemathesis": 0, "hypothesis_bodies": 0}
 
 
+MAX_PEAK_RSS_MB = 300
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The process's high-water resident set (VmHWM), in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM in /proc status")
+
+
 class Served:
     """A daemon process and where it listens."""
 
@@ -161,8 +172,13 @@ def test_every_accepted_event_passes_the_schema(served: Served) -> None:
     assert len(archived) <= accepted
     for event in archived:
         assert validator.validate(event) == [], event
+    peak_mb = peak_rss_mb(served.process.pid)
     print(
         f"\nfuzz: {TRIED['schemathesis']} schemathesis cases, {TRIED['hypothesis_bodies']} "
-        f"generated bodies; {accepted} events accepted, {len(archived)} archived and re-validated"
+        f"generated bodies; {accepted} events accepted, {len(archived)} archived and re-validated; "
+        f"daemon peak RSS {peak_mb:.0f} MB"
     )
+    # Memory stays bounded: bodies are capped (256 KiB here, inflated 20 MiB) and requests
+    # limited in number, so no input may grow the daemon far past its idle ~50 MB.
+    assert peak_mb < MAX_PEAK_RSS_MB
     assert TRIED["schemathesis"] > 0 and TRIED["hypothesis_bodies"] >= BODY_EXAMPLES

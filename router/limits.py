@@ -19,9 +19,38 @@ def _pointer(parts: tuple[str | int, ...]) -> str:
     return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in parts)
 
 
+def _fits(node: Any, depth: int, max_depth: int, max_chars: int) -> bool:
+    """The fast path for the common case: no paths built, stops at the first excess. Its
+    recursion is bounded by max_depth, since it stops one level past it."""
+    if isinstance(node, str):
+        return len(node) <= max_chars
+    if isinstance(node, dict):
+        if depth > max_depth:
+            return False
+        for key, value in node.items():
+            if len(key) > max_chars:
+                return False
+            if isinstance(value, str | dict | list) and not _fits(
+                value, depth + 1, max_depth, max_chars
+            ):
+                return False
+        return True
+    if isinstance(node, list):
+        if depth > max_depth:
+            return False
+        return all(
+            _fits(item, depth + 1, max_depth, max_chars)
+            for item in node
+            if isinstance(item, str | dict | list)
+        )
+    return True
+
+
 def shape_problems(event: Any, *, max_depth: int, max_string_chars: int) -> list[Problem]:
     """Where `event` nests deeper than `max_depth` or holds a string (or key) longer than
     `max_string_chars`; an empty list when it does neither."""
+    if _fits(event, 1, max_depth, max_string_chars):
+        return []  # nearly every event: the detailed walk below runs only to name the places
     problems: list[Problem] = []
     stack: list[tuple[Any, int, tuple[str | int, ...]]] = [(event, 1, ())]
     while stack and len(problems) < MAX_PROBLEMS:

@@ -23,8 +23,7 @@ import orjson
 import pytest
 import yaml
 
-from tests.fakes import make_event, read_ndjson, wait_for
-from tests.integration.test_process import free_port
+from tests.fakes import free_port, make_event, read_ndjson, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 CONTAINERFILE = REPO / "deploy" / "container" / "Containerfile"

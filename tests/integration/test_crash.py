@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -12,26 +11,20 @@ import aiohttp
 import orjson
 import yaml
 
-from tests.fakes import ScriptedReceiver, make_event, read_ndjson, wait_for
-from tests.integration.test_process import free_port, ready
+from tests.fakes import (
+    ScriptedReceiver,
+    free_port,
+    make_event,
+    read_ndjson,
+    reap,
+    serve,
+    terminate,
+    wait_for,
+)
 
 POSTERS = 8
 EVENTS_PER_POST = 10
 LOAD_S = 1.5
-
-
-async def start(config: Path, port: int) -> asyncio.subprocess.Process:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "router",
-        "serve",
-        "--config",
-        str(config),
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    await wait_for(lambda: ready(port), what="the daemon to be ready")
-    return proc
 
 
 async def load(port: int, acked: list[str], stop_at: float, worker: int) -> None:
@@ -83,7 +76,7 @@ async def test_kill_9_under_load_loses_no_acknowledged_event(tmp_path: Path) -> 
     )
     proc: asyncio.subprocess.Process | None = None
     try:
-        proc = await start(config, port)
+        proc = await serve(config, port)
         acked: list[str] = []
         stop_at = time.monotonic() + LOAD_S + 5
         posters = [
@@ -97,7 +90,7 @@ async def test_kill_9_under_load_loses_no_acknowledged_event(tmp_path: Path) -> 
         await asyncio.gather(*posters)
         assert acked, "nothing was acknowledged before the kill"
 
-        proc = await start(config, port)
+        proc = await serve(config, port)
 
         async def drained() -> bool:
             async with (
@@ -108,12 +101,9 @@ async def test_kill_9_under_load_loses_no_acknowledged_event(tmp_path: Path) -> 
             return all(t["pending"] == 0 for t in status["targets"].values())
 
         await wait_for(drained, timeout_s=30, what="the journal to drain after the restart")
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proc.wait(), 15) == 0
+        assert await terminate(proc) == 0
     finally:
-        if proc is not None and proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        await reap(proc)
         await receiver.stop()
 
     archived = [e["id"] for e in read_ndjson(archive)]

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import socket
 import sys
 from pathlib import Path
 
@@ -13,13 +11,15 @@ import aiohttp
 import orjson
 import yaml
 
-from tests.fakes import make_event, read_ndjson, wait_for
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.fakes import (
+    free_port,
+    make_event,
+    read_ndjson,
+    reap,
+    serve,
+    spawn,
+    terminate,
+)
 
 
 def write_config(tmp_path: Path, port: int) -> Path:
@@ -41,31 +41,11 @@ def write_config(tmp_path: Path, port: int) -> Path:
     return path
 
 
-async def ready(port: int) -> bool:
-    try:
-        async with (
-            aiohttp.ClientSession() as session,
-            session.get(f"http://127.0.0.1:{port}/readyz") as resp,
-        ):
-            return resp.status == 200
-    except aiohttp.ClientConnectionError:
-        return False
-
-
 async def test_sigterm_drains_and_exits_zero(tmp_path: Path) -> None:
     port = free_port()
     config = write_config(tmp_path, port)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "router",
-        "serve",
-        "--config",
-        str(config),
-        stderr=asyncio.subprocess.PIPE,
-    )
+    proc = await serve(config, port, stderr=asyncio.subprocess.PIPE)
     try:
-        await wait_for(lambda: ready(port), what="the daemon to be ready")
         async with (
             aiohttp.ClientSession() as session,
             session.post(
@@ -75,12 +55,9 @@ async def test_sigterm_drains_and_exits_zero(tmp_path: Path) -> None:
             ) as resp,
         ):
             assert resp.status == 202
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proc.wait(), 15) == 0
+        assert await terminate(proc) == 0
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        await reap(proc)
     assert len(read_ndjson(tmp_path / "var" / "events.ndjson")) == 50
     assert proc.stderr is not None
     log = [orjson.loads(line) for line in (await proc.stderr.read()).splitlines()]
@@ -93,15 +70,7 @@ async def test_serve_refuses_a_bad_config_with_exit_2(tmp_path: Path) -> None:
     config.write_text(
         "targets: []\nroutes:\n  - name: r\n    rules: [{locations: ['*'], target_ids: [nope]}]\n"
     )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "router",
-        "serve",
-        "--config",
-        str(config),
-        stderr=asyncio.subprocess.PIPE,
-    )
+    proc = await spawn(config, stderr=asyncio.subprocess.PIPE)
     _, err = await asyncio.wait_for(proc.communicate(), 15)
     assert proc.returncode == 2
     assert "routes[0].rules[0].target_ids[0]: unknown target 'nope'" in err.decode()

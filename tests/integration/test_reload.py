@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from router.app import Daemon
 from router.config import parse_config
 from router.errors import ConfigError
 from tests.conftest import StartDaemon
-from tests.fakes import make_event, read_ndjson, wait_for
+from tests.fakes import free_port, make_event, read_ndjson, reap, serve, terminate, wait_for
 from tests.integration.test_delivery import (
     ReceiverFactory,
     assert_books_balance,
@@ -27,7 +26,6 @@ from tests.integration.test_delivery import (
     settled,
 )
 from tests.integration.test_ingest import file_target, post
-from tests.integration.test_process import free_port, ready
 
 
 def with_base(daemon: Daemon, data: dict[str, Any]) -> dict[str, Any]:
@@ -233,17 +231,8 @@ async def test_sighup_reloads_the_config_file(tmp_path: Path) -> None:
             }
         )
     )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "router",
-        "serve",
-        "--config",
-        str(config),
-        stderr=asyncio.subprocess.DEVNULL,
-    )
+    proc = await serve(config, port)
     try:
-        await wait_for(lambda: ready(port))
         config.write_text(
             yaml.safe_dump(
                 {
@@ -282,12 +271,9 @@ async def test_sighup_reloads_the_config_file(tmp_path: Path) -> None:
             if e["action"] == "event-router.config.reload"
         ]
         assert outcomes == ["success", "failure"]
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proc.wait(), 15) == 0
+        assert await terminate(proc) == 0
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        await reap(proc)
 
 
 async def test_reload_watch_applies_a_changed_file(tmp_path: Path) -> None:
@@ -309,17 +295,8 @@ async def test_reload_watch_applies_a_changed_file(tmp_path: Path) -> None:
             }
         )
     )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "router",
-        "serve",
-        "--config",
-        str(config),
-        stderr=asyncio.subprocess.DEVNULL,
-    )
+    proc = await serve(config, port)
     try:
-        await wait_for(lambda: ready(port))
         config.write_text(
             yaml.safe_dump(
                 {
@@ -341,9 +318,6 @@ async def test_reload_watch_applies_a_changed_file(tmp_path: Path) -> None:
             return "extra" in await targets()
 
         await wait_for(has_extra, what="the watched change to be applied")
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proc.wait(), 15) == 0
+        assert await terminate(proc) == 0
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        await reap(proc)

@@ -15,10 +15,9 @@ import orjson
 import pytest
 
 from tests.conftest import StartDaemon
-from tests.fakes import make_event, wait_for
+from tests.fakes import free_port, make_event, wait_for
 from tests.integration.test_delivery import everything_to, settled
 from tests.integration.test_ingest import post
-from tests.integration.test_process import free_port
 
 RSYSLOG_CONF = """
 global(workDirectory="{work}" maxMessageSize="64k")

@@ -20,8 +20,8 @@ import pytest
 
 from router.config import ShutdownConfig
 from router.sdnotify import notify
-from tests.fakes import make_event
-from tests.integration.test_process import free_port, ready, write_config
+from tests.fakes import free_port, make_event, ready, spawn
+from tests.integration.test_process import write_config
 
 REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "deploy" / "systemd" / "event-router.service"
@@ -67,15 +67,8 @@ async def test_daemon_notifies_ready_reloading_and_stopping(
     sock, path = notify_socket
     port = free_port()
     config = write_config(tmp_path, port)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "router",
-        "serve",
-        "--config",
-        str(config),
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "NOTIFY_SOCKET": path},
+    proc = await spawn(
+        config, stderr=asyncio.subprocess.PIPE, env={**os.environ, "NOTIFY_SOCKET": path}
     )
     try:
         first = await receive(sock)

@@ -31,6 +31,23 @@ EXIT_CONFIG = 2
 TOKEN_ENV = "EVENT_ROUTER_TOKEN"
 
 
+def _config_option(parser: argparse.ArgumentParser, what: str = "YAML config") -> None:
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help=f"{what} (default: the embedded config/router.yaml)",
+    )
+
+
+def _token_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--token-file",
+        type=Path,
+        help="a file holding an admin token (default: the EVENT_ROUTER_TOKEN variable)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="event-router",
@@ -40,12 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the daemon")
-    serve.add_argument(
-        "--config",
-        type=Path,
-        default=None,
-        help="YAML config (default: the embedded config/router.yaml)",
-    )
+    _config_option(serve)
     serve.add_argument("--host", help="listen on this address instead of server.host")
     serve.add_argument("--port", type=int, help="listen on this port instead of server.port")
     serve.add_argument("--log-format", choices=["json", "text"], default="json")
@@ -54,21 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser(
         "check", help="validate a config exactly as serve would; exit 0 only when clean"
     )
-    check.add_argument(
-        "--config",
-        type=Path,
-        default=None,
-        help="YAML config (default: the embedded config/router.yaml)",
-    )
+    _config_option(check)
     validate = commands.add_parser(
         "validate-target", help="send one real test event to a target and report the outcome"
     )
-    validate.add_argument(
-        "--config",
-        type=Path,
-        default=None,
-        help="YAML config (default: the embedded config/router.yaml)",
-    )
+    _config_option(validate)
     validate.add_argument("target_id", metavar="ID", help="the target's id")
 
     dlq = commands.add_parser("dlq", help="dead letters: list, show, redrive")
@@ -79,12 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         "redrive", help="put a target's letters back on the journal, for that target only"
     )
     for sub in (dlq_list, dlq_show, dlq_redrive):
-        sub.add_argument(
-            "--config",
-            type=Path,
-            default=None,
-            help="YAML config (default: the embedded config/router.yaml)",
-        )
+        _config_option(sub)
     for sub in (dlq_show, dlq_redrive):
         sub.add_argument("--target", required=True, help="target id")
         sub.add_argument("--reason", help="only letters with this reason, e.g. retries_exhausted")
@@ -96,11 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     dlq_show.add_argument("--limit", type=int, help="at most this many letters")
     dlq_show.add_argument("--format", choices=["ndjson", "table"], default="table")
     dlq_redrive.add_argument("--url", help="the daemon's base URL (default: from the config)")
-    dlq_redrive.add_argument(
-        "--token-file",
-        type=Path,
-        help="a file holding an admin token (default: the EVENT_ROUTER_TOKEN variable)",
-    )
+    _token_option(dlq_redrive)
     _add_query_command(commands)
     _add_tail_command(commands)
     return parser
@@ -133,19 +126,10 @@ def _add_query_command(commands: argparse._SubParsersAction[argparse.ArgumentPar
 def _add_tail_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     tail = commands.add_parser("tail", help="follow the accepted events that match a query")
     tail.add_argument("query", metavar="QUERY", nargs="?", default="", help="default: every event")
-    tail.add_argument(
-        "--config",
-        type=Path,
-        default=None,
-        help="YAML config, for the daemon's address (default: the embedded config/router.yaml)",
-    )
+    _config_option(tail, "YAML config, for the daemon's address")
     tail.add_argument("--url", help="the daemon's base URL (default: from the config)")
     tail.add_argument("--limit", type=int, help="stop after this many events")
-    tail.add_argument(
-        "--token-file",
-        type=Path,
-        help="a file holding an admin token (default: the EVENT_ROUTER_TOKEN variable)",
-    )
+    _token_option(tail)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -74,7 +74,7 @@ def http_target(**endpoint: Any) -> dict[str, Any]:
 def test_shipped_config_loads_cleanly(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Examples keep secrets as ${env:NAME} references; give each one a value, as a deployment would.
     for name in re.findall(r"\$\{env:([^}]+)\}", path.read_text(encoding="utf-8")):
-        monkeypatch.setenv(name, "value-from-environment")
+        monkeypatch.setenv(name, f"{name.lower()}-value-from-the-environment")
     config = load_config(path)
     assert isinstance(config, Config)
     assert config.targets, f"{path.name} defines no target"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -46,19 +45,35 @@ def new_event_id() -> str:
     return str(uuid.uuid4())
 
 
-@dataclass(slots=True)
 class Event:
-    """An accepted event: its body (with `id` set) and the facts routing needs."""
+    """An accepted event: its id, when it arrived, its body and its JSON bytes.
 
-    id: str
-    body: dict[str, Any]
-    location: str
-    service: str
-    action: str
-    received_at: float = field(default_factory=time.time)
-    _encoded: bytes | None = field(default=None, repr=False)
-    # True for a journal record that failed its checksum: it is dead-lettered, never sent.
-    corrupt: bool = False
+    An event read back from the journal keeps only its stored bytes until something needs
+    the body: the file and http targets send the bytes as they are, so draining a backlog
+    does not parse every event again. The routing facts (location, service, action) are
+    derived from the body once, when first asked for.
+    """
+
+    __slots__ = ("_body", "_encoded", "_facts", "corrupt", "id", "received_at")
+
+    def __init__(
+        self,
+        *,
+        id: str,
+        body: dict[str, Any] | None = None,
+        encoded: bytes | None = None,
+        received_at: float | None = None,
+        corrupt: bool = False,
+    ) -> None:
+        if body is None and encoded is None:
+            raise ValueError("an event needs its body or its encoded bytes")
+        self.id = id
+        self._body = body
+        self._encoded = encoded
+        self.received_at = time.time() if received_at is None else received_at
+        # True for a journal record that failed its checksum: it is dead-lettered, never sent.
+        self.corrupt = corrupt
+        self._facts: tuple[str, str, str] | None = ("", "", "") if corrupt else None
 
     @classmethod
     def from_body(
@@ -68,32 +83,53 @@ class Event:
         received_at: float | None = None,
         encoded: bytes | None = None,
     ) -> Event:
-        """Wrap a body that passed validation; assigns an id when the producer sent none.
-        The journal passes the original receive time and the bytes it stored."""
+        """Wrap a body that passed validation; assigns an id when the producer sent none."""
         if not body.get("id"):
             body["id"] = new_event_id()
-        crn = body["logSourceCRN"]
-        return cls(
-            id=body["id"],
-            body=body,
-            location=crn_location(crn),
-            service=crn_service(crn),
-            action=body["action"],
-            received_at=time.time() if received_at is None else received_at,
-            _encoded=encoded,
-        )
+        return cls(id=body["id"], body=body, encoded=encoded, received_at=received_at)
+
+    @classmethod
+    def stored(cls, event_id: str, encoded: bytes, received_at: float) -> Event:
+        """An event as the journal kept it: parsed only if a target needs its fields."""
+        return cls(id=event_id, encoded=encoded, received_at=received_at)
 
     @classmethod
     def corrupt_record(cls, seq: int, raw: bytes | None) -> Event:
         """Stands in for an unreadable journal record, so that its fate is still written down."""
         excerpt = (raw or b"")[:512].decode("utf-8", "replace")
         body = {"journal_seq": seq, "raw_excerpt": excerpt}
-        return cls(
-            id=f"journal-seq-{seq}", body=body, location="", service="", action="", corrupt=True
-        )
+        return cls(id=f"journal-seq-{seq}", body=body, corrupt=True)
+
+    @property
+    def body(self) -> dict[str, Any]:
+        if self._body is None:
+            assert self._encoded is not None
+            self._body = orjson.loads(self._encoded)
+        return self._body
+
+    def _routing_facts(self) -> tuple[str, str, str]:
+        if self._facts is None:
+            crn = self.body["logSourceCRN"]
+            self._facts = (crn_location(crn), crn_service(crn), self.body["action"])
+        return self._facts
+
+    @property
+    def location(self) -> str:
+        return self._routing_facts()[0]
+
+    @property
+    def service(self) -> str:
+        return self._routing_facts()[1]
+
+    @property
+    def action(self) -> str:
+        return self._routing_facts()[2]
 
     def encoded(self) -> bytes:
         """The body as compact JSON, computed once and shared by every target."""
         if self._encoded is None:
             self._encoded = orjson.dumps(self.body)
         return self._encoded
+
+    def __repr__(self) -> str:
+        return f"Event(id={self.id!r})"

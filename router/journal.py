@@ -34,8 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-import orjson
-
 from router.appendfile import make_private_dirs
 from router.config import StorageConfig
 from router.errors import RouterError
@@ -412,28 +410,37 @@ class SqliteJournal:
     def _read_sync(self, target_id: str, after: int, limit: int) -> list[Entry]:
         assert self._db is not None
         rows = self._db.execute(
-            "SELECT d.seq, d.route, e.received_at, e.body, e.crc FROM deliveries d "
+            "SELECT d.seq, d.route, e.event_id, e.received_at, e.body, e.crc FROM deliveries d "
             "LEFT JOIN events e ON e.seq = d.seq "
             "WHERE d.target = ? AND d.seq > ? ORDER BY d.seq LIMIT ?",
             (target_id, after, limit),
         ).fetchall()
         entries = []
-        for seq, route, received_at, body, crc in rows:
-            entries.append(Entry(seq, self._decode(seq, received_at, body, crc), route))
+        for seq, route, event_id, received_at, body, crc in rows:
+            entries.append(Entry(seq, self._decode(seq, event_id, received_at, body, crc), route))
         return entries
 
-    def _decode(self, seq: int, received_at: float | None, body: bytes | None, crc: int) -> Event:
-        """Rebuild an Event; a record that fails its checksum becomes a quarantine marker."""
-        if body is None or received_at is None or zlib.crc32(body) != crc:
+    def _decode(
+        self,
+        seq: int,
+        event_id: str | None,
+        received_at: float | None,
+        body: bytes | None,
+        crc: int | None,
+    ) -> Event:
+        """The stored event, unparsed; a record that is missing or fails its checksum (or
+        is not a JSON object) becomes a quarantine marker that is dead-lettered, not sent."""
+        if (
+            body is None
+            or event_id is None
+            or received_at is None
+            or zlib.crc32(body) != crc
+            or not body.startswith(b"{")
+        ):
             self.quarantined += 1
             log.error("journal record %d is missing or fails its checksum; quarantined", seq)
             return Event.corrupt_record(seq, body)
-        try:
-            return Event.from_body(orjson.loads(body), received_at=received_at, encoded=body)
-        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
-            self.quarantined += 1
-            log.error("journal record %d passes its checksum but is not an event; quarantined", seq)
-            return Event.corrupt_record(seq, body)
+        return Event.stored(event_id, bytes(body), received_at)
 
     async def ack(self, target_id: str, batch: Sequence[Entry], *, dead_lettered: int) -> None:
         if not batch:

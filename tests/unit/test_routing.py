@@ -31,14 +31,12 @@ def rule(
 
 
 def event(location: str, action: str = SM_CREATE, **body: Any) -> Event:
-    """An accepted event as ingest hands it to routing (location already derived)."""
-    return Event(
-        id="e-1",
-        body={"action": action, **body},
-        location=location,
-        service=action.partition(".")[0],
-        action=action,
-    )
+    """An accepted event as ingest hands it to routing; its location comes from its CRN."""
+    service = action.partition(".")[0]
+    crn = f"crn:v1:bluemix:public:{service}:{location}:a/acct:instance::"
+    event = Event(id="e-1", body={"action": action, "logSourceCRN": crn, **body})
+    assert event.location == location
+    return event
 
 
 def route(name: str, *rules: RuleConfig) -> RouteConfig:

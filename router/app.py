@@ -30,6 +30,7 @@ from router.errors import ConfigError, RequestError, RouterError
 from router.events import Event
 from router.ingest import Ingest, error_response, json_response
 from router.journal import Entry, SqliteJournal
+from router.listener import DeadlineSite
 from router.metrics import IngestStats, TargetStats
 from router.probe import ProbeResult, probe
 from router.prometheus import CONTENT_TYPE, DaemonMetrics
@@ -71,7 +72,7 @@ class Daemon:
         self.workers: dict[str, DeliveryWorker] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._runner: web.AppRunner | None = None
-        self._site: web.TCPSite | None = None
+        self._site: DeadlineSite | None = None
         self.ready = False
         # Loaded before anything starts: a certificate that does not load stops `serve` early.
         tls = config.server.tls
@@ -147,7 +148,13 @@ class Daemon:
         )
         await self._runner.setup()
         server = self.config.server
-        self._site = web.TCPSite(self._runner, server.host, server.port, ssl_context=self._ssl)
+        self._site = DeadlineSite(
+            self._runner,
+            server.host,
+            server.port,
+            ssl_context=self._ssl,
+            header_timeout_s=server.header_timeout_s,
+        )
         await self._site.start()
         self.ready = True
         log.info(

@@ -57,6 +57,8 @@ class ServerConfig:
     # The whole body must arrive within this, or the request is a 408 (slow clients hold a
     # request slot while they send).
     read_timeout_s: float = 30.0
+    # A connection must send its first request's headers within this (slowloris guard).
+    header_timeout_s: float = 10.0
     # An idle keep-alive connection is closed after this.
     keepalive_timeout_s: float = 75.0
     tls: ServerTlsConfig | None = None

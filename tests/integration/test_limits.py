@@ -108,3 +108,28 @@ async def test_a_client_that_sends_its_body_too_slowly_gets_408(limited: Daemon)
     # Other clients are not held up.
     status, _ = await post(limited, make_event())
     assert status == 202
+
+
+async def test_a_connection_that_trickles_its_headers_is_closed(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    daemon = await start_daemon(
+        {
+            "server": {"host": "127.0.0.1", "port": 0, "header_timeout_s": 0.3},
+            "targets": [file_target("archive", tmp_path / "archive.ndjson")],
+            "routes": [{"name": "all", "rules": [{"locations": ["*"], "target_ids": ["archive"]}]}],
+        }
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
+    writer.write(b"POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and never the blank line
+    await writer.drain()
+    assert await asyncio.wait_for(reader.read(), timeout=10) == b"", "the server closed it"
+    writer.close()
+    # Whole headers in time are served as usual, on a fresh connection and a kept-alive one.
+    reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
+    for _ in range(2):
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        await writer.drain()
+        assert (await asyncio.wait_for(reader.readline(), timeout=10)).startswith(b"HTTP/1.1 200")
+        await asyncio.wait_for(reader.readuntil(b'"alive"}'), timeout=10)
+    writer.close()

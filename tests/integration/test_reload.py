@@ -213,43 +213,48 @@ async def test_reloads_under_load_lose_nothing(start_daemon: StartDaemon, tmp_pa
     assert_books_balance(daemon)
 
 
+class ConfigFile:
+    """A config file for a daemon process: an archive target, optionally an `extra` one."""
+
+    def __init__(self, tmp_path: Path, port: int, **sections: Any) -> None:
+        self.path = tmp_path / "router.yaml"
+        self.archive, self.extra = tmp_path / "archive.ndjson", tmp_path / "extra.ndjson"
+        self.base = {
+            "server": {"host": "127.0.0.1", "port": port},
+            "storage": {"path": str(tmp_path / "var")},
+            "startup": {"validate_targets": False},
+            **sections,
+        }
+
+    def write(self, *, extra: bool) -> None:
+        targets = [file_target("archive", self.archive)]
+        if extra:
+            targets.append(file_target("extra", self.extra))
+        routes = everything_to(*(t["id"] for t in targets))
+        self.path.write_text(yaml.safe_dump({**self.base, "targets": targets, "routes": routes}))
+
+
+async def status_targets(port: int) -> list[str]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}/v1/status") as resp,
+    ):
+        return list((await resp.json())["targets"])
+
+
 async def test_sighup_reloads_the_config_file(tmp_path: Path) -> None:
     port = free_port()
-    archive, extra = tmp_path / "archive.ndjson", tmp_path / "extra.ndjson"
-    base = {
-        "server": {"host": "127.0.0.1", "port": port},
-        "storage": {"path": str(tmp_path / "var")},
-        "startup": {"validate_targets": False},
-    }
-    config = tmp_path / "router.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                **base,
-                "targets": [file_target("archive", archive)],
-                "routes": everything_to("archive"),
-            }
-        )
-    )
+    files = ConfigFile(tmp_path, port)
+    files.write(extra=False)
+    archive, extra = files.archive, files.extra
+    config = files.path
     proc = await serve(config, port)
     try:
-        config.write_text(
-            yaml.safe_dump(
-                {
-                    **base,
-                    "targets": [file_target("archive", archive), file_target("extra", extra)],
-                    "routes": everything_to("archive", "extra"),
-                }
-            )
-        )
+        files.write(extra=True)
         proc.send_signal(signal.SIGHUP)
 
         async def extra_routed() -> bool:
-            async with (
-                aiohttp.ClientSession() as session,
-                session.get(f"http://127.0.0.1:{port}/v1/status") as resp,
-            ):
-                return "extra" in (await resp.json())["targets"]
+            return "extra" in await status_targets(port)
 
         await wait_for(extra_routed, what="the reload to take effect")
         config.write_text("targets: [oops")  # a broken file: the running config stays
@@ -278,44 +283,14 @@ async def test_sighup_reloads_the_config_file(tmp_path: Path) -> None:
 
 async def test_reload_watch_applies_a_changed_file(tmp_path: Path) -> None:
     port = free_port()
-    archive, extra = tmp_path / "archive.ndjson", tmp_path / "extra.ndjson"
-    base = {
-        "server": {"host": "127.0.0.1", "port": port},
-        "storage": {"path": str(tmp_path / "var")},
-        "startup": {"validate_targets": False},
-        "reload": {"watch": True, "watch_interval_s": 0.05},
-    }
-    config = tmp_path / "router.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                **base,
-                "targets": [file_target("archive", archive)],
-                "routes": everything_to("archive"),
-            }
-        )
-    )
-    proc = await serve(config, port)
+    files = ConfigFile(tmp_path, port, reload={"watch": True, "watch_interval_s": 0.05})
+    files.write(extra=False)
+    proc = await serve(files.path, port)
     try:
-        config.write_text(
-            yaml.safe_dump(
-                {
-                    **base,
-                    "targets": [file_target("archive", archive), file_target("extra", extra)],
-                    "routes": everything_to("archive", "extra"),
-                }
-            )
-        )
-
-        async def targets() -> list[str]:
-            async with (
-                aiohttp.ClientSession() as session,
-                session.get(f"http://127.0.0.1:{port}/v1/status") as resp,
-            ):
-                return list((await resp.json())["targets"])
+        files.write(extra=True)
 
         async def has_extra() -> bool:
-            return "extra" in await targets()
+            return "extra" in await status_targets(port)
 
         await wait_for(has_extra, what="the watched change to be applied")
         assert await terminate(proc) == 0

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
-import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -30,8 +29,9 @@ import orjson
 import yaml
 from aiohttp import web
 
+from router.appendfile import replace_atomically
 from router.auth import CALLER
-from router.config import ENDPOINTS, Config, parse_config
+from router.config import ENDPOINTS, SECRET_KEYS, Config, parse_config
 from router.errors import ConfigError
 from router.metrics import utc_iso
 from router.reload import config_digest
@@ -43,7 +43,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MASK = "REDACTED"
-SECRET_KEYS = frozenset({"api_key", "token", "password", "secret"})
 METADATA_FILE = "api-metadata.json"
 
 
@@ -117,23 +116,7 @@ class Metadata:
                 "settings": self.settings,
             }
         )
-        _atomic_write(self.path, body)
-
-
-def _atomic_write(path: Path, body: bytes, *, keep_previous: bool = False) -> None:
-    """Temp file, fsync, rename: a crash leaves the old file or the new one, never half."""
-    temp = path.with_name(path.name + ".tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        view = memoryview(body)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if keep_previous and path.exists():
-        os.replace(path, path.with_name(path.name + ".prev"))
-    os.replace(temp, path)
+        replace_atomically(self.path, body)
 
 
 Handler = Callable[[web.Request], Awaitable[web.Response]]
@@ -269,7 +252,7 @@ class ManagementApi:
             self.daemon.source = ConfigSource(source.path, data)
             if source.path is not None:
                 text = yaml.safe_dump(data, sort_keys=False).encode()
-                await asyncio.to_thread(_atomic_write, source.path, text, keep_previous=True)
+                await asyncio.to_thread(replace_atomically, source.path, text, keep_previous=True)
             await asyncio.to_thread(self.meta.save)
             await self._audit(request, action, subject, old, new, None)
             return result

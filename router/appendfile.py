@@ -60,3 +60,18 @@ class AppendOnlyFile:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def replace_atomically(path: Path, data: bytes, *, keep_previous: bool = False) -> None:
+    """Write a private temp file, fsync it, rename it over `path`: a crash leaves the old file
+    or the new one, never half of either. `keep_previous` keeps the old one as `<path>.prev`."""
+    temp = path.with_name(path.name + ".tmp")
+    temp.unlink(missing_ok=True)
+    staged = AppendOnlyFile(temp)
+    try:
+        staged.append(data)
+    finally:
+        staged.close()
+    if keep_previous and path.exists():
+        os.replace(path, path.with_name(path.name + ".prev"))
+    os.replace(temp, path)

@@ -10,7 +10,6 @@ lost).
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from router.appendfile import AppendOnlyFile
+from router.appendfile import AppendOnlyFile, replace_atomically
 from router.journal import Entry
 from router.metrics import utc_iso
 
@@ -174,14 +173,7 @@ class DeadLetters:
         file = self._files.pop(target_id, None)
         if file is not None:
             file.close()
-        temp = path.with_name(path.name + ".tmp")
-        temp.unlink(missing_ok=True)
-        staged = AppendOnlyFile(temp)
-        try:
-            staged.append(b"".join(orjson.dumps(letter) + b"\n" for letter in kept))
-        finally:
-            staged.close()
-        os.replace(temp, path)
+        replace_atomically(path, b"".join(orjson.dumps(letter) + b"\n" for letter in kept))
 
     def close(self) -> None:
         for file in self._files.values():

@@ -583,9 +583,6 @@ class SqliteJournal:
     def books(self, target_id: str) -> Books:
         return self._targets[target_id].books
 
-    def pending_total(self) -> int:
-        return sum(t.books.pending for t in self._targets.values())
-
 
 @contextmanager
 def _transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:

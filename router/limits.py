@@ -10,13 +10,9 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from router.validation import Problem
+from router.validation import Problem, json_pointer
 
 MAX_PROBLEMS: Final = 10
-
-
-def _pointer(parts: tuple[str | int, ...]) -> str:
-    return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in parts)
 
 
 def _fits(node: Any, depth: int, max_depth: int, max_chars: int) -> bool:
@@ -59,7 +55,7 @@ def shape_problems(event: Any, *, max_depth: int, max_string_chars: int) -> list
             if len(node) > max_string_chars:
                 problems.append(
                     Problem(
-                        _pointer(path),
+                        json_pointer(path),
                         f"a string of {len(node)} characters; the limit is "
                         f"server.max_string_chars ({max_string_chars})",
                     )
@@ -67,7 +63,9 @@ def shape_problems(event: Any, *, max_depth: int, max_string_chars: int) -> list
         elif isinstance(node, dict | list):
             if depth > max_depth:
                 problems.append(
-                    Problem(_pointer(path), f"nested deeper than server.max_depth ({max_depth})")
+                    Problem(
+                        json_pointer(path), f"nested deeper than server.max_depth ({max_depth})"
+                    )
                 )
                 continue
             if isinstance(node, list):
@@ -77,7 +75,7 @@ def shape_problems(event: Any, *, max_depth: int, max_string_chars: int) -> list
                 if len(key) > max_string_chars:
                     problems.append(
                         Problem(
-                            _pointer(path),
+                            json_pointer(path),
                             f"a key of {len(key)} characters; the limit is "
                             f"server.max_string_chars ({max_string_chars})",
                         )

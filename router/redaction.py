@@ -22,13 +22,14 @@ import logging
 import os
 import pathlib
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
 import orjson
 
 from router.config import RedactionConfig
+from router.validation import json_pointer
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +45,6 @@ Path = tuple[str, ...]
 def normalize(key: str) -> str:
     """One spelling per key: case-folded, only letters and digits."""
     return re.sub(r"[^0-9a-z]", "", key.casefold())
-
-
-def _pointer(parts: Iterator[str | int] | tuple[str | int, ...]) -> str:
-    return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in parts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +163,7 @@ class Redactor:
             event["redaction"] = {
                 "by": "event-router",
                 "count": len(places),
-                "paths": sorted(_pointer(p) for p in places)[:MAX_RECORDED_PATHS],
+                "paths": sorted(json_pointer(p) for p in places)[:MAX_RECORDED_PATHS],
             }
             self.redacted_events += 1
             self.redacted_values += len(places)

@@ -11,7 +11,7 @@ each with a JSON pointer, so a producer can fix all of them in one round trip.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -43,7 +43,8 @@ class Catalogue:
     source: str
 
 
-def _pointer(parts: Any) -> str:
+def json_pointer(parts: Iterable[str | int]) -> str:
+    """RFC 6901: `("requestData", "a/b", 0)` -> `/requestData/a~1b/0`."""
     return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in parts)
 
 
@@ -61,7 +62,7 @@ def load_catalogues(schemas: Path) -> dict[str, Catalogue]:
     for path in sorted((schemas / "catalog").glob("*.json")):
         doc = _load_json(path)
         problems = [
-            f"{_pointer(e.absolute_path) or '/'}: {e.message}" for e in meta.iter_errors(doc)
+            f"{json_pointer(e.absolute_path) or '/'}: {e.message}" for e in meta.iter_errors(doc)
         ]
         if problems:
             raise ConfigError(str(path), problems)
@@ -118,7 +119,7 @@ class EventValidator:
 
     @staticmethod
     def _problem(error: jsonschema.ValidationError) -> Problem:
-        path = _pointer(error.absolute_path)
+        path = json_pointer(error.absolute_path)
         if error.validator == "required":
             # Point at the missing field itself, not at the object that lacks it.
             missing = error.message.split("'")[1] if "'" in error.message else ""

@@ -23,7 +23,7 @@ from aiohttp import web
 from router import __version__
 from router.api import ConfigSource, ManagementApi
 from router.auth import Guard
-from router.config import Config, TargetConfig, parse_config, read_config_data
+from router.config import Config, TargetConfig, load_config_and_data
 from router.deadletter import DeadLetters, Failure, Letter, LetterFilter, parse_since
 from router.delivery import DeliveryWorker
 from router.errors import ConfigError, RequestError, RouterError
@@ -234,8 +234,7 @@ class Daemon:
         the running one in place, and says why (log line and audit event). True if applied.
         `adjust` applies the command line's overrides, as at start."""
         try:
-            data = read_config_data(path)
-            new = parse_config(data, str(path))
+            new, data = load_config_and_data(path)
             if adjust is not None:
                 new = adjust(new)
             await self.reload(new, initiator=initiator)

@@ -16,9 +16,10 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from router import __version__
-from router.config import Config, load_config
+from router.config import Config, load_config_and_data
 from router.errors import ConfigError
 from router.logformat import setup_logging
 from router.resources import default_config_path
@@ -138,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(_query(args))
     config_path = args.config or default_config_path()
     try:
-        config = load_config(config_path)
+        config, data = load_config_and_data(config_path)
     except ConfigError as exc:
         print(f"{exc.source}: {len(exc.problems)} problem(s)", file=sys.stderr)
         for problem in exc.problems:
@@ -171,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     server = overrides(config).server
     setup_logging(args.log_format, args.log_level)
     try:
-        asyncio.run(_serve(config_path, replace(config, server=server), overrides))
+        asyncio.run(_serve(config_path, data, replace(config, server=server), overrides))
     except ConfigError as exc:
         log.error("cannot start: %s", exc)
         sys.exit(EXIT_CONFIG)
@@ -231,16 +232,17 @@ def admin_token(token_file: Path | None) -> str | None:
     return os.environ.get(TOKEN_ENV) or None
 
 
-async def _serve(path: Path, config: Config, overrides: Callable[[Config], Config]) -> None:
+async def _serve(
+    path: Path, data: dict[str, Any], config: Config, overrides: Callable[[Config], Config]
+) -> None:
     from router.api import ConfigSource
     from router.app import Daemon
-    from router.config import read_config_data
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    daemon = Daemon(config, ConfigSource(path, read_config_data(path)))
+    daemon = Daemon(config, ConfigSource(path, data))
     reloads: set[asyncio.Task[bool]] = set()
 
     async def reload() -> bool:

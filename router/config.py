@@ -379,6 +379,12 @@ def format_path(parts: Iterable[str | int]) -> str:
 
 def load_config(path: str | os.PathLike[str]) -> Config:
     """Read, check and resolve the YAML file at `path`; raise ConfigError listing every problem."""
+    return load_config_and_data(path)[0]
+
+
+def load_config_and_data(path: str | os.PathLike[str]) -> tuple[Config, dict[str, Any]]:
+    """The config and the data it came from (references unresolved), read once, through the
+    same checks at start-up, on `check` and on every reload."""
     data = read_config_data(path)
     exposed = secret_literals(data)
     if exposed:
@@ -393,7 +399,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
                     for where in exposed
                 ],
             )
-    return parse_config(data, str(path))
+    return parse_config(data, str(path)), data
 
 
 SECRET_KEYS = frozenset({"api_key", "token", "password", "secret", "hash_key"})

@@ -296,3 +296,36 @@ async def test_reload_watch_applies_a_changed_file(tmp_path: Path) -> None:
         assert await terminate(proc) == 0
     finally:
         await reap(proc)
+
+
+async def test_a_reload_of_a_readable_file_with_a_secret_literal_is_refused(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    daemon = await start_daemon(
+        {
+            "targets": [file_target("archive", tmp_path / "a.ndjson")],
+            "routes": everything_to("archive"),
+        }
+    )
+    path = tmp_path / "router.yaml"
+    data = with_base(
+        daemon,
+        {
+            "targets": [
+                file_target("archive", tmp_path / "a.ndjson"),
+                http_target(
+                    "siem",
+                    "https://siem.example/in",
+                    auth={"type": "bearer", "token": "a-literal-token"},
+                ),
+            ],
+            "routes": everything_to("archive"),
+        },
+    )
+    path.write_text(yaml.safe_dump(data))
+    path.chmod(0o644)
+    assert await daemon.reload_from(path) is False
+    assert [t.id for t in daemon.config.targets] == ["archive"]
+    path.chmod(0o600)
+    assert await daemon.reload_from(path) is True
+    assert [t.id for t in daemon.config.targets] == ["archive", "siem"]

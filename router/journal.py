@@ -23,7 +23,9 @@ log line and a counter; the intact records are still delivered.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
+import os
 import sqlite3
 import time
 import zlib
@@ -36,7 +38,7 @@ from typing import Any, Protocol, TypeVar
 
 from router.appendfile import make_private_dirs
 from router.config import StorageConfig
-from router.errors import RouterError
+from router.errors import RouterError, StorageLockedError
 from router.events import Event
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DB_NAME = "journal.db"
+LOCK_NAME = "journal.lock"
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY, event_id TEXT NOT NULL, received_at REAL NOT NULL,
@@ -143,6 +146,7 @@ class SqliteJournal:
         self._targets = {target_id: _Target() for target_id in target_ids}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal")
         self._db: sqlite3.Connection | None = None
+        self._lock_fd: int | None = None
         self._next_seq = 1
         self._queue: list[_Pending] = []
         self._flusher: asyncio.Task[None] | None = None
@@ -173,6 +177,30 @@ class SqliteJournal:
         if self._db is not None:
             await self._run(self._close_sync)
         self._executor.shutdown(wait=True)
+        self._unlock()
+
+    def _lock(self) -> None:
+        """Own `storage.path` for the life of the process: a second daemon on the same journal
+        would hand out the same sequence numbers and settle the other's deliveries. The kernel
+        drops the lock when the process dies, even by kill -9, so a stale lock cannot exist."""
+        path = self.directory / LOCK_NAME
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode("ascii", "replace").strip()
+            os.close(fd)
+            raise StorageLockedError(
+                str(self.directory), int(holder) if holder.isdigit() else None
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -192,6 +220,7 @@ class SqliteJournal:
 
     def _open_sync(self) -> None:
         make_private_dirs(self.directory)
+        self._lock()
         if self.path.exists() and not self._intact(self.path):
             self._quarantine_file()
         self.path.touch(mode=0o600, exist_ok=True)

@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import yaml
 
 from router.app import Daemon
 from router.journal import FREE_PAGES_BEFORE_SHRINK
 from tests.conftest import StartDaemon
-from tests.fakes import ScriptedReceiver, make_event, read_ndjson, wait_for
+from tests.fakes import (
+    ScriptedReceiver,
+    free_port,
+    make_event,
+    read_ndjson,
+    reap,
+    serve,
+    spawn,
+    terminate,
+    wait_for,
+)
 from tests.integration.test_delivery import (
     assert_books_balance,
     everything_to,
@@ -280,3 +293,62 @@ async def test_drop_oldest_per_target_dead_letters_the_oldest_when_full(
     assert sorted(archived + letters("archive")) == sorted(posted)
     assert daemon.status()["targets"]["down"]["pending"] == len(posted) - len(dropped)
     assert_books_balance(daemon)
+
+
+def serve_config(tmp_path: Path, name: str, port: int, storage: Path) -> Path:
+    """A config for a real `serve` process; configs that share `storage` differ only in port."""
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "server": {"host": "127.0.0.1", "port": port},
+                "storage": {"path": str(storage)},
+                "startup": {"validate_targets": False},
+                "targets": [file_target("archive", storage / "archive.ndjson")],
+                "routes": everything_to("archive"),
+            }
+        )
+    )
+    return path
+
+
+async def test_a_second_daemon_on_the_same_storage_path_exits_2_naming_the_holder(
+    tmp_path: Path,
+) -> None:
+    storage = tmp_path / "var"
+    first_port, second_port = free_port(), free_port()
+    first_config = serve_config(tmp_path, "first", first_port, storage)
+    second_config = serve_config(tmp_path, "second", second_port, storage)
+    first: asyncio.subprocess.Process | None = None
+    second: asyncio.subprocess.Process | None = None
+    try:
+        first = await serve(first_config, first_port)
+        second = await spawn(second_config, stderr=asyncio.subprocess.PIPE)
+        _, stderr = await asyncio.wait_for(second.communicate(), 30)
+        message = stderr.decode()
+        assert second.returncode == 2, message
+        assert str(storage) in message
+        assert f"pid {first.pid}" in message
+        # `check` reads the config only: the running daemon does not stand in its way.
+        check = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "router", "check", "--config", str(second_config)
+        )
+        assert await check.wait() == 0
+        # The first daemon still owns the journal and keeps its promise.
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                f"http://127.0.0.1:{first_port}/v1/events", json=[make_event(id="solo")]
+            ) as resp,
+        ):
+            assert resp.status == 202
+        await wait_for(
+            lambda: [e["id"] for e in read_ndjson(storage / "archive.ndjson")] == ["solo"]
+        )
+        assert await terminate(first) == 0
+        # Once the holder is gone the lock goes with it: the other config can start.
+        second = await serve(second_config, second_port)
+        assert await terminate(second) == 0
+    finally:
+        await reap(first)
+        await reap(second)

@@ -296,22 +296,32 @@ def _decode_line(number: int, line: bytes) -> Any:
 
 
 def inflate(body: bytes, max_bytes: int) -> bytes:
-    """Gunzip `body`, refusing to produce more than `max_bytes` (a gzip bomb stops there)."""
-    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    """Gunzip `body`, every member of it (`cat a.gz b.gz` is valid gzip, and some shippers send
+    it), refusing to produce more than `max_bytes` in all (a gzip bomb stops there). Bytes after
+    the last member that are not another member make the body malformed, never ignored."""
+    out: list[bytes] = []
+    size = 0
+    rest = body
     try:
-        out = inflater.decompress(body, max_bytes + 1)
-        if len(out) > max_bytes or inflater.unconsumed_tail:
-            raise RequestError(
-                413,
-                "inflated_body_too_large",
-                f"the gzip body inflates past server.max_inflated_bytes ({max_bytes} bytes)",
-            )
-        out += inflater.flush()
+        while True:
+            inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+            chunk = inflater.decompress(rest, max_bytes - size + 1)
+            size += len(chunk)
+            if size > max_bytes or inflater.unconsumed_tail:
+                raise RequestError(
+                    413,
+                    "inflated_body_too_large",
+                    f"the gzip body inflates past server.max_inflated_bytes ({max_bytes} bytes)",
+                )
+            out.append(chunk)
+            if not inflater.eof:
+                raise RequestError(400, "malformed_gzip", "the gzip body is truncated")
+            rest = inflater.unused_data
+            if not rest:
+                return b"".join(out)
     except zlib.error as exc:
-        raise RequestError(400, "malformed_gzip", f"the body is not valid gzip: {exc}") from exc
-    if not inflater.eof:
-        raise RequestError(400, "malformed_gzip", "the gzip body is truncated")
-    return out
+        where = "bytes after a gzip member are not gzip" if out else "the body is not valid gzip"
+        raise RequestError(400, "malformed_gzip", f"{where}: {exc}") from exc
 
 
 def _too_large(limit: int) -> RequestError:

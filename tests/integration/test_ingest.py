@@ -138,6 +138,30 @@ async def test_gzip_body_is_inflated(archive: tuple[Daemon, Path]) -> None:
     await wait_for(lambda: len(read_ndjson(path)) == 3)
 
 
+async def test_every_gzip_member_is_inflated(archive: tuple[Daemon, Path]) -> None:
+    """`cat a.gz b.gz` (and some shippers) send several members: each one's events count."""
+    daemon, path = archive
+    first = gzip.compress(orjson.dumps(make_event(id="first")) + b"\n")
+    second = gzip.compress(orjson.dumps(make_event(id="second")) + b"\n")
+    status, answer = await post(
+        daemon,
+        first + second,
+        content_type="application/x-ndjson",
+        headers={"Content-Encoding": "gzip"},
+    )
+    assert (status, answer["accepted"]) == (202, 2)
+    await wait_for(lambda: [e["id"] for e in read_ndjson(path)] == ["first", "second"])
+
+
+async def test_members_past_the_inflated_limit_together_are_413(
+    archive: tuple[Daemon, Path],
+) -> None:
+    daemon, _ = archive
+    member = gzip.compress(b" " * (200 * 1024))  # 256 KiB is the limit; two members pass it
+    status, answer = await post(daemon, member + member, headers={"Content-Encoding": "gzip"})
+    assert (status, answer["error"]["code"]) == (413, "inflated_body_too_large")
+
+
 async def test_gzip_bomb_is_refused_with_413(archive: tuple[Daemon, Path]) -> None:
     daemon, _ = archive
     bomb = gzip.compress(b"[" + b" " * (10 * 1024 * 1024) + b"]")
@@ -152,6 +176,13 @@ async def test_gzip_bomb_is_refused_with_413(archive: tuple[Daemon, Path]) -> No
     [
         (b"not gzip at all", {"Content-Encoding": "gzip"}, 400, "malformed_gzip"),
         (gzip.compress(b"[]")[:-6], {"Content-Encoding": "gzip"}, 400, "malformed_gzip"),
+        (gzip.compress(b"[{}]") + b"trailing", {"Content-Encoding": "gzip"}, 400, "malformed_gzip"),
+        (
+            gzip.compress(b"[{}]") + gzip.compress(b"]")[:-4],
+            {"Content-Encoding": "gzip"},
+            400,
+            "malformed_gzip",
+        ),
         (b"{}", {"Content-Encoding": "br"}, 415, "unsupported_encoding"),
         (b'{"action": }', {}, 400, "malformed_json"),
         (b"[]", {}, 400, "no_events"),

@@ -401,7 +401,8 @@ class Daemon:
             )
 
     def status(self) -> dict[str, Any]:
-        """The books: ingest counters and, per target, received = delivered + dead + pending."""
+        """The books: ingest counters and, per target, received = delivered + dead + pending
+        + lost (lost: what a damaged journal's salvage could not recover)."""
         targets = {}
         now = time.time()
         for target_id, stats in self.target_stats.items():
@@ -413,6 +414,7 @@ class Daemon:
                 "delivered": books.delivered,
                 "dead_lettered": books.dead_lettered,
                 "pending": books.pending,
+                "lost": books.lost,
                 "oldest_pending_age_s": round(now - oldest, 3) if oldest else 0.0,
                 "retries": stats.retries,
                 "batches": stats.batches,
@@ -439,6 +441,7 @@ class Daemon:
                 "used_bytes": self.journal.used_bytes,
                 "max_bytes": self.config.storage.max_bytes,
                 "quarantined_records": self.journal.quarantined,
+                "lost_records": self.journal.lost_records,
             },
             "targets": targets,
         }

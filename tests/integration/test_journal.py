@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import sys
 from collections.abc import Awaitable, Callable
@@ -10,10 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 import yaml
 
 from router.app import Daemon
 from router.journal import FREE_PAGES_BEFORE_SHRINK
+from router.metrics import utc_iso
 from tests.conftest import StartDaemon
 from tests.fakes import (
     ScriptedReceiver,
@@ -163,6 +166,7 @@ async def test_a_record_failing_its_checksum_is_dead_lettered_and_the_rest_deliv
     await first.stop()
     with sqlite3.connect(tmp_path / "var" / "journal.db") as db:
         db.execute("UPDATE events SET body = CAST('{\"tampered\": true}' AS BLOB) WHERE seq = 2")
+        [(received_at,)] = db.execute("SELECT received_at FROM events WHERE seq = 2")
 
     siem.statuses = [200]
     second = await start_daemon(config)
@@ -171,6 +175,9 @@ async def test_a_record_failing_its_checksum_is_dead_lettered_and_the_rest_deliv
     [letter] = read_ndjson(tmp_path / "var" / "deadletter" / "siem.ndjson")
     assert letter["reason"] == "journal_corrupt"
     assert letter["event"]["journal_seq"] == 2
+    # The id and arrival time columns survived: the letter keeps them (`dlq show` shows the id).
+    assert letter["event"]["id"] == "e1"
+    assert letter["received_at"] == utc_iso(received_at)
     assert second.status()["journal"]["quarantined_records"] == 1
     row = second.status()["targets"]["siem"]
     assert (row["received"], row["delivered"], row["dead_lettered"]) == (4, 3, 1)
@@ -201,10 +208,14 @@ async def test_a_damaged_journal_file_is_quarantined_and_intact_records_delivere
     delivered = {e["id"] for e in siem.delivered_events}
     letters = read_ndjson(tmp_path / "var" / "deadletter" / "siem.ndjson")
     assert 0 < len(delivered) < 200
-    # Every event is accounted for: delivered, or dead-lettered as corrupt, or in a region
-    # the salvage could not read at all (reported as quarantined).
-    assert len(delivered) + len(letters) <= 200
-    assert second.status()["journal"]["quarantined_records"] >= 1
+    # Every event is accounted for exactly: delivered, dead-lettered as corrupt (counted once
+    # each as quarantined), or in pages the salvage could not read at all (counted as lost).
+    status = second.status()
+    assert status["journal"]["quarantined_records"] == len(letters)
+    assert status["journal"]["lost_records"] >= 1
+    assert len(delivered) + len(letters) + status["journal"]["lost_records"] == 200
+    assert {letter["reason"] for letter in letters} <= {"journal_corrupt"}
+    assert all(letter["event"]["id"].startswith("e") for letter in letters)
     assert_books_balance(second)
 
 
@@ -352,3 +363,62 @@ async def test_a_second_daemon_on_the_same_storage_path_exits_2_naming_the_holde
     finally:
         await reap(first)
         await reap(second)
+
+
+async def test_a_truncated_journal_recovers_every_surviving_record_and_counts_the_rest_lost(
+    start_daemon: StartDaemon,
+    receiver_factory: ReceiverFactory,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    siem = await receiver_factory([200])
+    config = {
+        "targets": [patient(http_target("siem", siem.url))],
+        "routes": everything_to("siem"),
+        "shutdown": {"drain_timeout_s": 0.2},
+    }
+    first = await start_daemon(config)
+    # Delivered first: their rows are deleted and their pages reused, and must not come back.
+    delivered_first = {f"d{i}" for i in range(300)}
+    await post(first, [make_event(id=i) for i in sorted(delivered_first)])
+    await wait_for(lambda: settled(first))
+    siem.statuses = [503]
+    posted: set[str] = set()
+    for n in range(20):
+        ids = [f"e{n}-{i}" for i in range(100)]
+        await post(first, [make_event(id=i) for i in ids])
+        posted.update(ids)
+    await first.stop()
+    journal = tmp_path / "var" / "journal.db"
+    os.truncate(journal, journal.stat().st_size // 2)
+
+    second = await start_daemon(config)
+    row = second.status()["targets"]["siem"]
+    recovered, lost = row["pending"], row["lost"]
+    print(f"truncated to half: {recovered} of 2000 recovered, {lost} lost")
+    assert recovered > 0 and lost > 0
+    assert (row["received"], row["delivered"]) == (2300, 300)
+    assert row["received"] == row["delivered"] + row["dead_lettered"] + recovered + lost
+    assert second.status()["journal"]["lost_records"] == lost
+    assert any(
+        record.levelname == "ERROR" and f"{lost} lost" in record.getMessage()
+        for record in caplog.records
+    ), "the loss is reported in an ERROR line with its count"
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{second.port}/metrics") as resp,
+    ):
+        assert f"event_router_journal_lost_records_total {float(lost)}" in await resp.text()
+    for suffix in ("", "-wal", "-shm"):
+        mode = journal.with_name(journal.name + suffix).stat().st_mode & 0o777
+        assert mode == 0o600, f"journal.db{suffix} is {mode:o} after the salvage"
+
+    before = len(siem.requests)
+    siem.statuses = [200]
+    await wait_for(lambda: settled(second), what="the recovered events to be delivered")
+    arrived = [e["id"] for r in siem.requests[before:] if r.status == 200 for e in r.body]
+    assert len(set(arrived)) == recovered, "every recovered event reaches the target"
+    assert set(arrived) <= posted, "no event delivered before the truncation came back"
+    row = second.status()["targets"]["siem"]
+    assert (row["delivered"], row["pending"], row["lost"]) == (300 + recovered, 0, lost)
+    assert_books_balance(second)

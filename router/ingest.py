@@ -28,7 +28,7 @@ from router.deadletter import DeadLetters, Failure
 from router.errors import RequestError, RouterError
 from router.events import Event
 from router.journal import Journal, JournalFullError
-from router.limits import shape_problems
+from router.limits import exact_numbers, number_problems, shape_problems
 from router.metrics import IngestStats
 from router.redaction import Redactor
 from router.routing import RouteTable
@@ -54,6 +54,14 @@ class Malformed:
     """An NDJSON line that is not JSON: rejected on its own, the other lines still count."""
 
     message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Altered:
+    """An event holding a number decoding would change: rejected on its own, with the paths."""
+
+    problems: list[Problem]
+    id: str | None
 
 
 @dataclass(slots=True)
@@ -163,6 +171,8 @@ class Ingest:
         malformed, limits, schema, catalogue (only its action is unknown) or forbidden."""
         if isinstance(item, Malformed):
             return "malformed", [Problem("", item.message)]
+        if isinstance(item, Altered):
+            return "limits", item.problems
         if problems := self._shape_problems(item):
             return "limits", problems
         if problems := self.validator.validate(item):
@@ -186,8 +196,11 @@ class Ingest:
                     self.stats.rejected_by_reason.get(reason, 0) + 1
                 )
                 result: dict[str, Any] = {"index": index, "status": "rejected"}
+                item_id = item.id if isinstance(item, Altered) else None
                 if isinstance(item, dict) and isinstance(item.get("id"), str):
-                    result["id"] = item["id"]
+                    item_id = item["id"]
+                if item_id is not None:
+                    result["id"] = item_id
                 result["errors"] = [p.as_dict() for p in problems]
                 results.append(result)
                 continue
@@ -281,7 +294,22 @@ def decode(body: bytes, content_type: str) -> list[Any]:
             "malformed_json",
             f"invalid JSON at line {exc.lineno} column {exc.colno} (byte {exc.pos}): {exc.msg}",
         ) from exc
-    return value if isinstance(value, list) else [value]
+    exact = exact_numbers(body)
+    if isinstance(value, list):
+        if isinstance(exact, list) and len(exact) == len(value):
+            return [
+                _faithful(item, exact_item) for item, exact_item in zip(value, exact, strict=True)
+            ]
+        return value
+    return [_faithful(value, exact)]
+
+
+def _faithful(item: Any, exact: Any) -> Any:
+    """The decoded item, or Altered when decoding changed one of its numbers."""
+    if exact is None or not (problems := number_problems(exact)):
+        return item
+    item_id = item.get("id") if isinstance(item, dict) else None
+    return Altered(problems, item_id if isinstance(item_id, str) else None)
 
 
 def _lines(body: bytes) -> list[tuple[int, bytes]]:
@@ -290,9 +318,10 @@ def _lines(body: bytes) -> list[tuple[int, bytes]]:
 
 def _decode_line(number: int, line: bytes) -> Any:
     try:
-        return orjson.loads(line)
+        item = orjson.loads(line)
     except orjson.JSONDecodeError as exc:
         return Malformed(f"line {number}: invalid JSON at column {exc.colno}: {exc.msg}")
+    return _faithful(item, exact_numbers(line))
 
 
 def inflate(body: bytes, max_bytes: int) -> bytes:

@@ -189,11 +189,14 @@ class Daemon:
         books = [self.journal.books(target_id) for target_id in self.targets]
         await self.journal.close()
         log.info(
-            "event-router stopped: accepted %d events this run; %d delivered, %d dead-lettered, "
-            "%d pending in the journal for the next start",
+            "event-router stopped: this run: accepted %d events; all-time (the journal's books): "
+            "%d received, %d delivered, %d dead-lettered, %d lost; %d pending in the journal for "
+            "the next start",
             self.ingest_stats.accepted,
+            sum(b.received for b in books),
             sum(b.delivered for b in books),
             sum(b.dead_lettered for b in books),
+            sum(b.lost for b in books),
             sum(b.pending for b in books),
         )
 

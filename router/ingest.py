@@ -221,6 +221,7 @@ class Ingest:
             )
         except (OSError, sqlite3.Error) as exc:
             log.error("journal append failed: %s", exc)
+            self.stats.refuse("journal_unavailable")
             return json_response(
                 {
                     "error": {

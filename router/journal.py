@@ -261,9 +261,14 @@ class SqliteJournal:
 
     def _close_sync(self) -> None:
         assert self._db is not None
-        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        self._db.close()
-        self._db = None
+        try:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            # A full disk, say: the log keeps every commit, and the next open replays it.
+            log.warning("journal checkpoint at close failed (%s); the WAL keeps it", exc)
+        finally:
+            self._db.close()
+            self._db = None
 
     @staticmethod
     def _intact(path: Path) -> bool:

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 
@@ -72,10 +73,10 @@ def lines_by_id(path: Path, key: Callable[[Any], object]) -> Counter[object]:
 
 
 async def test_a_full_disk_neither_tears_nor_repeats_archive_lines_or_dead_letters(
+    tmpfs: Mount,  # first, so that it is unmounted after the daemon stops
     start_daemon: StartDaemon,
     receiver_factory: ReceiverFactory,
     tmp_path: Path,
-    tmpfs: Mount,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     archive_disk = tmpfs(tmp_path / "archive-disk", "2m")
@@ -118,4 +119,45 @@ async def test_a_full_disk_neither_tears_nor_repeats_archive_lines_or_dead_lette
     )
     assert sorted(letters) == sorted(posted)
     assert {count for count in letters.values()} == {1}, "a dead letter was written twice"
+    assert_books_balance(daemon)
+
+
+async def test_a_full_journal_disk_answers_503_journal_unavailable_counted_then_recovers(
+    tmpfs: Mount, start_daemon: StartDaemon, receiver_factory: ReceiverFactory, tmp_path: Path
+) -> None:
+    storage = tmpfs(tmp_path / "var", "1m")
+    siem = await receiver_factory([503])  # down: the backlog stays in the journal and grows
+    daemon = await start_daemon(
+        {
+            "storage": {"path": str(storage)},
+            "targets": [patient(http_target("siem", siem.url))],
+            "routes": everything_to("siem"),
+            "shutdown": {"drain_timeout_s": 0.2},
+        }
+    )
+    accepted: list[str] = []
+    answer = None
+    for n in range(100):
+        ids = [f"e{n}-{i}" for i in range(20)]
+        status, answer = await post(daemon, [make_event(id=i, message="x" * 2500) for i in ids])
+        if status == 503:
+            break
+        assert status == 202
+        accepted += ids
+    assert answer is not None and answer["error"]["code"] == "journal_unavailable"
+    assert daemon.status()["ingest"]["refused_requests"]["journal_unavailable"] == 1
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{daemon.port}/metrics") as resp,
+    ):
+        metrics = await resp.text()
+    assert 'event_router_ingest_requests_refused_total{code="journal_unavailable"} 1.0' in metrics
+
+    grow(storage, "64m")
+    status, _ = await post(daemon, make_event(id="after"))
+    assert status == 202
+    siem.statuses = [200]
+    await wait_for(lambda: settled(daemon), what="the backlog to drain")
+    delivered = [e["id"] for e in siem.delivered_events]
+    assert sorted(delivered) == sorted([*accepted, "after"]), "the refused request left nothing"
     assert_books_balance(daemon)

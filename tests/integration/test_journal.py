@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sqlite3
 import sys
@@ -75,6 +76,24 @@ async def test_pending_events_survive_a_restart_and_the_books_too(
     row = second.status()["targets"]["siem"]
     assert (row["received"], row["delivered"], row["dead_lettered"]) == (5, 5, 0)
     assert_books_balance(second)
+
+
+async def test_the_stop_line_says_which_counts_are_this_runs_and_which_all_time(
+    start_daemon: StartDaemon, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="router.app")
+    archive = tmp_path / "archive.ndjson"
+    config = {"targets": [file_target("archive", archive)], "routes": everything_to("archive")}
+    for run, count in enumerate((3, 2)):
+        daemon = await start_daemon(config)
+        await post(daemon, [make_event() for _ in range(count)])
+        await wait_for(lambda d=daemon: settled(d))
+        caplog.clear()
+        await daemon.stop()
+        [line] = [r.getMessage() for r in caplog.records if "stopped" in r.getMessage()]
+        assert f"this run: accepted {count} events" in line
+        total = 3 + 2 * run
+        assert f"all-time (the journal's books): {total} received, {total} delivered" in line
 
 
 async def test_a_target_removed_from_the_config_has_its_backlog_dead_lettered(

@@ -315,6 +315,12 @@ class SqliteJournal:
         each surviving event whose delivery rows are gone to the targets the books say are
         owed events (at least once: better sent twice than lost), and write books that still
         balance, with what is missing as lost. Returns (deliveries recovered, deliveries lost)."""
+        gone = dict(
+            fresh.execute(
+                "SELECT target, COUNT(*) FROM deliveries WHERE seq NOT IN (SELECT seq FROM events) "
+                "GROUP BY target"
+            )
+        )
         fresh.execute("DELETE FROM deliveries WHERE seq NOT IN (SELECT seq FROM events)")
         pending = dict(fresh.execute("SELECT target, COUNT(*) FROM deliveries GROUP BY target"))
 
@@ -326,6 +332,10 @@ class SqliteJournal:
             heirs = [t for t in sorted(books) if owed(t) > pending.get(t, 0)]
         else:  # the books' page is gone too: every target may be owed them
             heirs = sorted(set(pending) | set(self._targets))
+            log.error(
+                "journal salvage: the books did not survive; the counts start again from what "
+                "was recovered, and the lost count below is a lower bound"
+            )
         unowned = [
             seq
             for (seq,) in fresh.execute(
@@ -339,14 +349,16 @@ class SqliteJournal:
         fresh.execute("DELETE FROM events WHERE seq NOT IN (SELECT seq FROM deliveries)")
         pending = dict(fresh.execute("SELECT target, COUNT(*) FROM deliveries GROUP BY target"))
         lost_now = 0
-        for target_id in sorted(set(books) | set(pending)):
+        for target_id in sorted(set(books) | set(pending) | set(gone)):
             delivered, dead, lost = 0, 0, 0
             if target_id in books:
                 _, delivered, dead, *previous = books[target_id]
                 lost = sum(previous)
                 missing = max(0, owed(target_id) - pending.get(target_id, 0))
-                lost += missing
-                lost_now += missing
+            else:  # only the delivery rows whose events are gone tell what was lost
+                missing = gone.get(target_id, 0)
+            lost += missing
+            lost_now += missing
             received = delivered + dead + pending.get(target_id, 0) + lost
             fresh.execute(
                 "INSERT INTO books(target, received, delivered, dead_lettered, lost) "

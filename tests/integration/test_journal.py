@@ -48,6 +48,16 @@ def damage(path: Path) -> None:
         f.write(b"\xff" * 8192)
 
 
+def overwrite_root_page(path: Path, table: str) -> None:
+    """Garbage over the page that holds `table` (a small table: all of it)."""
+    with sqlite3.connect(path) as db:
+        [(root,)] = db.execute("SELECT rootpage FROM sqlite_master WHERE name = ?", (table,))
+        page_size = db.execute("PRAGMA page_size").fetchone()[0]
+    with open(path, "r+b") as f:
+        f.seek((root - 1) * page_size)
+        f.write(b"\xff" * page_size)
+
+
 def patient(target: dict[str, Any]) -> dict[str, Any]:
     """A target that retries for as long as a test needs."""
     return target | {"retry": {"max_attempts": 100_000, "max_age_s": 3600}}
@@ -440,4 +450,29 @@ async def test_a_truncated_journal_recovers_every_surviving_record_and_counts_th
     assert set(arrived) <= posted, "no event delivered before the truncation came back"
     row = second.status()["targets"]["siem"]
     assert (row["delivered"], row["pending"], row["lost"]) == (300 + recovered, 0, lost)
+    assert_books_balance(second)
+
+
+async def test_a_journal_whose_books_page_is_gone_still_delivers_every_surviving_event(
+    start_daemon: StartDaemon,
+    receiver_factory: ReceiverFactory,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    siem = await receiver_factory([503])
+    config = {
+        "targets": [patient(http_target("siem", siem.url))],
+        "routes": everything_to("siem"),
+        "shutdown": {"drain_timeout_s": 0.2},
+    }
+    first = await start_daemon(config)
+    await post(first, [make_event(id=f"e{i}") for i in range(50)])
+    await first.stop()
+    overwrite_root_page(tmp_path / "var" / "journal.db", "books")
+
+    siem.statuses = [200]
+    second = await start_daemon(config)
+    assert any("books did not survive" in r.getMessage() for r in caplog.records)
+    await wait_for(lambda: settled(second), what="the surviving events to be delivered")
+    assert sorted(e["id"] for e in siem.delivered_events) == sorted(f"e{i}" for i in range(50))
     assert_books_balance(second)

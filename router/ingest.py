@@ -28,7 +28,7 @@ from router.deadletter import DeadLetters, Failure
 from router.errors import RequestError, RouterError
 from router.events import Event
 from router.journal import Journal, JournalFullError
-from router.limits import exact_numbers, number_problems, shape_problems
+from router.limits import exact_numbers, may_alter_numbers, number_problems, shape_problems
 from router.metrics import IngestStats
 from router.redaction import Redactor
 from router.routing import RouteTable
@@ -286,7 +286,8 @@ class Ingest:
 def decode(body: bytes, content_type: str) -> list[Any]:
     """The events in a body: a list for a JSON array or NDJSON, a one-item list for an object."""
     if content_type in NDJSON_TYPES:
-        return [_decode_line(number, line) for number, line in _lines(body)]
+        suspect = may_alter_numbers(body)
+        return [_decode_line(number, line, suspect) for number, line in _lines(body)]
     try:
         value = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -295,7 +296,7 @@ def decode(body: bytes, content_type: str) -> list[Any]:
             "malformed_json",
             f"invalid JSON at line {exc.lineno} column {exc.colno} (byte {exc.pos}): {exc.msg}",
         ) from exc
-    exact = exact_numbers(body)
+    exact = exact_numbers(body) if may_alter_numbers(body) else None
     if isinstance(value, list):
         if isinstance(exact, list) and len(exact) == len(value):
             return [
@@ -317,12 +318,13 @@ def _lines(body: bytes) -> list[tuple[int, bytes]]:
     return [(n, line) for n, line in enumerate(body.split(b"\n"), start=1) if line.strip()]
 
 
-def _decode_line(number: int, line: bytes) -> Any:
+def _decode_line(number: int, line: bytes, suspect: bool) -> Any:
+    """One NDJSON line; `suspect`: the body may hold a number decoding would change."""
     try:
         item = orjson.loads(line)
     except orjson.JSONDecodeError as exc:
         return Malformed(f"line {number}: invalid JSON at column {exc.colno}: {exc.msg}")
-    return _faithful(item, exact_numbers(line))
+    return _faithful(item, exact_numbers(line) if suspect and may_alter_numbers(line) else None)
 
 
 def inflate(body: bytes, max_bytes: int) -> bytes:

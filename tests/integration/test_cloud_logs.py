@@ -16,7 +16,7 @@ from router.iam import IamTokenSource
 from router.targets.cloud_logs import ingress_url
 from tests.conftest import StartDaemon
 from tests.fake_cloud_logs import API_KEY, FakeCloudLogs
-from tests.fakes import INSTANCE, make_event, read_ndjson, wait_for
+from tests.fakes import INSTANCE, RedirectingReceiver, make_event, read_ndjson, wait_for
 from tests.integration.test_delivery import assert_books_balance, everything_to, settled
 from tests.integration.test_ingest import post
 
@@ -254,3 +254,23 @@ async def test_the_api_key_never_leaks(
         ("target repr", repr(daemon.targets["logs"].__dict__)),
     ):
         assert wrong_key not in text, f"the API key leaked into {where}"
+
+
+async def test_a_redirected_ingress_is_not_followed_and_dead_letters_with_its_location(
+    start_daemon: StartDaemon, cloud_logs: FakeCloudLogs, api_key: None, tmp_path: Path
+) -> None:
+    gateway = await RedirectingReceiver(status=302).start()
+    try:
+        daemon = await start(start_daemon, cloud_logs, ingress_url=gateway.base)
+        await post(daemon, [make_event(id=f"r{i}", eventTime=now_iso()) for i in range(3)])
+        await wait_for(lambda: settled(daemon), what="the batch to settle")
+        assert [(m, p) for m, p, _ in gateway.requests] == [("POST", "/logs/v1/singles")]
+        letters = read_ndjson(tmp_path / "var" / "deadletter" / "logs.ndjson")
+        assert len(letters) == 3
+        assert all(gateway.location in letter["message"] for letter in letters)
+        assert {(letter["reason"], letter["status"]) for letter in letters} == {
+            ("permanent_status", 302)
+        }
+        assert_books_balance(daemon)
+    finally:
+        await gateway.stop()

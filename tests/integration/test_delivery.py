@@ -11,7 +11,7 @@ import pytest
 
 from router.app import Daemon
 from tests.conftest import StartDaemon
-from tests.fakes import ScriptedReceiver, make_event, read_ndjson, wait_for
+from tests.fakes import RedirectingReceiver, ScriptedReceiver, make_event, read_ndjson, wait_for
 from tests.integration.test_ingest import file_target, post
 
 ReceiverFactory = Callable[..., Awaitable[ScriptedReceiver]]
@@ -269,3 +269,29 @@ async def test_file_target_rotates_by_size_with_private_modes(
     assert stat.S_IMODE((tmp_path / "archive").stat().st_mode) == 0o700
     lines = [e for f in present for e in read_ndjson(f)]
     assert len(lines) <= 20 and len(lines) == len({e["id"] for e in lines})
+
+
+@pytest.mark.parametrize("status", [302, 307])
+async def test_a_redirect_is_not_followed_and_dead_letters_with_its_location(
+    start_daemon: StartDaemon, tmp_path: Path, status: int
+) -> None:
+    gateway = await RedirectingReceiver(status=status, location_userinfo="sso:hunter2@").start()
+    try:
+        daemon = await start_daemon(
+            {"targets": [http_target("siem", gateway.url)], "routes": everything_to("siem")}
+        )
+        await post(daemon, [make_event(id=f"r{i}") for i in range(5)])
+        await wait_for(lambda: settled(daemon), what="the batch to settle")
+        assert [(method, path) for method, path, _ in gateway.requests] == [("POST", "/ingest")]
+        letters = read_ndjson(tmp_path / "var" / "deadletter" / "siem.ndjson")
+        assert sorted(letter["event"]["id"] for letter in letters) == [f"r{i}" for i in range(5)]
+        for letter in letters:
+            assert (letter["reason"], letter["status"]) == ("permanent_status", status)
+            assert gateway.location.replace("sso:hunter2@", "***@") in letter["message"]
+            assert "hunter2" not in letter["message"]
+        row = daemon.status()["targets"]["siem"]
+        assert (row["delivered"], row["dead_lettered"]) == (0, 5)
+        assert row["write_status"]["status"] == "failed"
+        assert_books_balance(daemon)
+    finally:
+        await gateway.stop()

@@ -21,8 +21,10 @@ from tenacity import (
     retry_if_exception_type,
     stop_after_attempt,
     stop_after_delay,
+    stop_any,
     wait_random_exponential,
 )
+from tenacity.stop import stop_base
 
 from router.config import TargetConfig
 from router.deadletter import DeadLetters, Failure
@@ -51,6 +53,30 @@ UNSENDABLE_MESSAGES = {
 def unsendable_failure(reason: str) -> Failure:
     """The dead-letter record for events refused before any attempt."""
     return Failure(reason=reason, message=UNSENDABLE_MESSAGES.get(reason, reason))
+
+
+def _retry_after(state: RetryCallState) -> float | None:
+    """The Retry-After of the attempt that just failed, if the target sent one."""
+    error = state.outcome.exception() if state.outcome else None
+    if isinstance(error, RetryableDeliveryError):
+        return error.retry_after_s
+    return None
+
+
+class RetryAfterOutlastsAgeStop(stop_base):
+    """Stop now when the target asks to be left alone for longer than the batch may still wait
+    (retry.max_age_s): a retry before its Retry-After would only be refused again, and waiting
+    for it would hold the batch past its age. `fired` says this stop, not another, ended it."""
+
+    def __init__(self, max_age_s: float) -> None:
+        self.max_age_s = max_age_s
+        self.fired = False
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        retry_after = _retry_after(retry_state)
+        left = self.max_age_s - (retry_state.seconds_since_start or 0.0)
+        self.fired = retry_after is not None and retry_after > left
+        return self.fired
 
 
 class DeliveryWorker:
@@ -143,9 +169,14 @@ class DeliveryWorker:
         first_attempt = time.time()
         attempts = 0
         self.stats.batches += 1
+        outlasted = RetryAfterOutlastsAgeStop(retry.max_age_s)
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(RetryableDeliveryError),
-            stop=stop_after_attempt(retry.max_attempts) | stop_after_delay(retry.max_age_s),
+            stop=stop_any(
+                stop_after_attempt(retry.max_attempts),
+                stop_after_delay(retry.max_age_s),
+                outlasted,
+            ),
             wait=self._wait,
             before_sleep=self._before_sleep,
             reraise=True,
@@ -167,6 +198,13 @@ class DeliveryWorker:
         except DeliveryError as exc:
             permanent = isinstance(exc, PermanentDeliveryError)
             reason = "retries_exhausted"
+            message = str(exc)
+            if outlasted.fired and isinstance(exc, RetryableDeliveryError):
+                reason = "retry_after_exceeds_max_age"
+                message += (
+                    f"; Retry-After asks for {exc.retry_after_s:.0f}s, longer than "
+                    f"retry.max_age_s ({retry.max_age_s:g}s) lets the batch wait"
+                )
             if permanent:
                 reason = "permanent_status" if exc.status is not None else "permanent_error"
             log.warning(
@@ -175,11 +213,11 @@ class DeliveryWorker:
                 len(batch),
                 reason,
                 attempts,
-                exc,
+                message,
             )
             return Failure(
                 reason=reason,
-                message=str(exc),
+                message=message,
                 status=exc.status,
                 response_excerpt=exc.response_excerpt,
                 attempts=attempts,
@@ -192,12 +230,16 @@ class DeliveryWorker:
             self.send_seconds.labels(self.config.id, outcome).observe(time.monotonic() - started)
 
     def _wait(self, state: RetryCallState) -> float:
-        """Exponential backoff with full jitter, or the target's Retry-After if longer."""
-        backoff = self._backoff(state)
-        error = state.outcome.exception() if state.outcome else None
-        if isinstance(error, RetryableDeliveryError) and error.retry_after_s is not None:
-            return max(backoff, error.retry_after_s)
-        return backoff
+        """Exponential backoff with full jitter, or the target's Retry-After if longer; never
+        longer than max_backoff_s nor past max_age_s, so a server's Retry-After cannot hold a
+        batch beyond the limits the operator set."""
+        retry = self.config.retry
+        wait = self._backoff(state)
+        retry_after = _retry_after(state)
+        if retry_after is not None:
+            wait = max(wait, retry_after)
+        left = retry.max_age_s - (state.seconds_since_start or 0.0)
+        return max(0.0, min(wait, retry.max_backoff_s, left))
 
     def _before_sleep(self, state: RetryCallState) -> None:
         self.stats.retries += 1

@@ -125,7 +125,11 @@ async def test_429_retry_after_is_honoured(
 ) -> None:
     siem = await receiver_factory([429, 200], headers={429: {"Retry-After": "1"}})
     daemon = await start_daemon(
-        {"targets": [http_target("siem", siem.url)], "routes": everything_to("siem")}
+        {
+            # Retry-After is honoured within max_backoff_s (see the cap below).
+            "targets": [http_target("siem", siem.url) | {"retry": {"max_backoff_s": 5}}],
+            "routes": everything_to("siem"),
+        }
     )
     await post(daemon, make_event())
     await wait_for(lambda: settled(daemon))
@@ -295,3 +299,44 @@ async def test_a_redirect_is_not_followed_and_dead_letters_with_its_location(
         assert_books_balance(daemon)
     finally:
         await gateway.stop()
+
+
+async def test_a_retry_after_longer_than_max_age_dead_letters_now(
+    start_daemon: StartDaemon, receiver_factory: ReceiverFactory, tmp_path: Path
+) -> None:
+    siem = await receiver_factory([503], headers={503: {"Retry-After": "3600"}})
+    daemon = await start_daemon(
+        {
+            "targets": [http_target("siem", siem.url) | {"retry": {"max_age_s": 3}}],
+            "routes": everything_to("siem"),
+        }
+    )
+    await post(daemon, [make_event(id="a"), make_event(id="b")])
+    # Generous: the point is that it happens at all (before this, it waited an hour).
+    await wait_for(lambda: settled(daemon), timeout_s=15, what="the batch to be dead-lettered")
+    letters = read_ndjson(tmp_path / "var" / "deadletter" / "siem.ndjson")
+    assert sorted(letter["event"]["id"] for letter in letters) == ["a", "b"]
+    for letter in letters:
+        assert (letter["reason"], letter["status"]) == ("retry_after_exceeds_max_age", 503)
+        assert "3600" in letter["message"]
+    assert len(siem.requests) == 1, "no retry can come before the server's Retry-After"
+    row = daemon.status()["targets"]["siem"]
+    assert (row["delivered"], row["dead_lettered"]) == (0, 2)
+    assert_books_balance(daemon)
+
+
+async def test_a_retry_after_is_capped_at_max_backoff(
+    start_daemon: StartDaemon, receiver_factory: ReceiverFactory
+) -> None:
+    siem = await receiver_factory([503, 200], headers={503: {"Retry-After": "120"}})
+    daemon = await start_daemon(
+        {
+            "targets": [http_target("siem", siem.url) | {"retry": {"max_backoff_s": 0.5}}],
+            "routes": everything_to("siem"),
+        }
+    )
+    await post(daemon, make_event(id="capped"))
+    await wait_for(lambda: settled(daemon), timeout_s=15, what="the retry within max_backoff_s")
+    assert [r.status for r in siem.requests] == [503, 200]
+    assert [e["id"] for e in siem.delivered_events] == ["capped"]
+    assert_books_balance(daemon)

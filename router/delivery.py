@@ -157,10 +157,25 @@ class DeliveryWorker:
             for reason, entries in refused.items():
                 await self._dead_letter(entries, unsendable_failure(reason))
                 dead += len(entries)
-            if sendable and (failure := await self._send(sendable)) is not None:
-                await self._dead_letter(sendable, failure)
-                dead += len(sendable)
+            dead += await self._send_each_request(sendable)
             await self.journal.ack(self.config.id, batch, dead_lettered=dead)
+
+    async def _send_each_request(self, sendable: Sequence[Entry]) -> int:
+        """Send the batch in the requests the target cuts it into, each retried and settled on
+        its own: a failure of one request neither sends an earlier one again nor dead-letters
+        events an earlier one delivered. Returns how many events were dead-lettered."""
+        if not sendable:
+            return 0
+        dead = 0
+        start = 0
+        for request in self.target.requests([entry.event for entry in sendable]):
+            entries = sendable[start : start + len(request)]
+            start += len(request)
+            if (failure := await self._send(entries)) is not None:
+                await self._dead_letter(entries, failure)
+                dead += len(entries)
+        assert start == len(sendable), "a target's requests() must cover the batch in order"
+        return dead
 
     async def _send(self, batch: Sequence[Entry]) -> Failure | None:
         """Send with retries; None when delivered, else why it was given up."""

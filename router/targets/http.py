@@ -20,7 +20,7 @@ import hashlib
 import hmac
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -174,6 +174,9 @@ class HttpTarget:
 
     def unsendable(self, event: Event) -> str | None:
         return None
+
+    def requests(self, batch: Sequence[Event]) -> Iterator[Sequence[Event]]:
+        yield batch  # one request (one write) takes the whole batch
 
     async def send(self, batch: Sequence[Event]) -> None:
         await self.start()

@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import socket
 import ssl
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 
 from router.config import SyslogEndpointConfig, TargetConfig
@@ -107,6 +107,9 @@ class SyslogTarget:
         if len(self.message(event)) > self.endpoint.max_message_bytes:
             return "too_large"
         return None
+
+    def requests(self, batch: Sequence[Event]) -> Iterator[Sequence[Event]]:
+        yield batch  # one request (one write) takes the whole batch
 
     async def send(self, batch: Sequence[Event]) -> None:
         frames = b"".join(

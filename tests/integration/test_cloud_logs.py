@@ -274,3 +274,33 @@ async def test_a_redirected_ingress_is_not_followed_and_dead_letters_with_its_lo
         assert_books_balance(daemon)
     finally:
         await gateway.stop()
+
+
+@pytest.mark.parametrize(("second", "stored", "dead"), [(503, 6, 0), (400, 3, 3)])
+async def test_each_request_of_a_split_batch_settles_on_its_own(
+    start_daemon: StartDaemon,
+    cloud_logs: FakeCloudLogs,
+    api_key: None,
+    tmp_path: Path,
+    second: int,
+    stored: int,
+    dead: int,
+) -> None:
+    """A batch too big for one request goes as several; a failure of the second must not
+    send the first again (503) nor dead-letter events the first already stored (400)."""
+    cloud_logs.ingress_statuses = [0, second, 0]
+    daemon = await start(start_daemon, cloud_logs, max_request_bytes=20_000)
+    ids = [f"s{i}" for i in range(6)]
+    await post(daemon, [make_event(id=i, eventTime=now_iso(), message="m" * 5000) for i in ids])
+    await wait_for(lambda: settled(daemon), what="the batch to settle")
+    assert cloud_logs.requests[0]["status"] == 200 and cloud_logs.requests[1]["status"] == second
+    stored_ids = [record["text"]["id"] for record in cloud_logs.records]
+    assert len(stored_ids) == len(set(stored_ids)) == stored, "no event stored twice"
+    letters = read_ndjson(tmp_path / "var" / "deadletter" / "logs.ndjson")
+    lettered = {letter["event"]["id"] for letter in letters}
+    assert len(letters) == dead
+    assert lettered.isdisjoint(stored_ids), "dead letters only for events not stored"
+    assert lettered | set(stored_ids) == set(ids)
+    row = daemon.status()["targets"]["logs"]
+    assert (row["delivered"], row["dead_lettered"]) == (stored, dead)
+    assert_books_balance(daemon)

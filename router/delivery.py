@@ -28,7 +28,12 @@ from tenacity.stop import stop_base
 
 from router.config import TargetConfig
 from router.deadletter import DeadLetters, Failure
-from router.errors import DeliveryError, PermanentDeliveryError, RetryableDeliveryError
+from router.errors import (
+    DeliveryError,
+    PermanentDeliveryError,
+    RetryableDeliveryError,
+    UnexpectedDeliveryError,
+)
 from router.journal import Entry, Journal
 from router.metrics import TargetStats
 from router.probe import probe
@@ -207,6 +212,17 @@ class DeliveryWorker:
                         self._observe_send(started, "failed")
                         self.stats.record_failure(str(exc), time.time())
                         raise
+                    except Exception as exc:
+                        # The boundary of the target's code: what it raises here is no delivery
+                        # outcome it classified, so it is permanent (a restarting worker would
+                        # send the same batch into the same error for ever).
+                        log.exception("target %s: unexpected error in send", self.config.id)
+                        error = UnexpectedDeliveryError(
+                            self.config.id, f"{type(exc).__name__}: {exc}"
+                        )
+                        self._observe_send(started, "failed")
+                        self.stats.record_failure(str(error), time.time())
+                        raise error from exc
                     self._observe_send(started, "delivered")
             self.stats.record_success()
             return None
@@ -222,6 +238,8 @@ class DeliveryWorker:
                 )
             if permanent:
                 reason = "permanent_status" if exc.status is not None else "permanent_error"
+            if isinstance(exc, UnexpectedDeliveryError):
+                reason = "unexpected_error"
             log.warning(
                 "target %s: %d events dead-lettered (%s) after %d attempts: %s",
                 self.config.id,

@@ -304,3 +304,31 @@ async def test_each_request_of_a_split_batch_settles_on_its_own(
     row = daemon.status()["targets"]["logs"]
     assert (row["delivered"], row["dead_lettered"]) == (stored, dead)
     assert_books_balance(daemon)
+
+
+async def test_an_unexpected_error_in_send_is_a_permanent_failure_not_a_stall(
+    start_daemon: StartDaemon, cloud_logs: FakeCloudLogs, api_key: None, tmp_path: Path
+) -> None:
+    """An IAM token with a newline (no config check can see it) makes aiohttp raise a
+    ValueError, not a DeliveryError; the batch is dead-lettered with the exception's class and
+    message instead of being retried by a restarting worker for ever."""
+    cloud_logs.token_suffix = "\n"
+    daemon = await start_daemon(
+        {
+            "targets": [logs_target(cloud_logs) | {"retry": {"max_age_s": 3}}],
+            "routes": everything_to("logs"),
+        }
+    )
+    await post(daemon, [make_event(id=i, eventTime=now_iso()) for i in ("u1", "u2")])
+    await wait_for(lambda: settled(daemon), timeout_s=15, what="the batch to be dead-lettered")
+    letters = read_ndjson(tmp_path / "var" / "deadletter" / "logs.ndjson")
+    assert sorted(letter["event"]["id"] for letter in letters) == ["u1", "u2"]
+    for letter in letters:
+        assert letter["reason"] == "unexpected_error"
+        assert "ValueError" in letter["message"] and "control character" in letter["message"]
+    assert cloud_logs.records == []
+    row = daemon.status()["targets"]["logs"]
+    assert (row["delivered"], row["dead_lettered"], row["worker_errors"]) == (0, 2, 0)
+    assert row["write_status"]["status"] == "failed"
+    assert "ValueError" in row["write_status"]["reason_for_last_failure"]
+    assert_books_balance(daemon)

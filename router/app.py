@@ -417,6 +417,7 @@ class Daemon:
                 "retries": stats.retries,
                 "batches": stats.batches,
                 "worker_errors": stats.worker_errors,
+                "worker_failing": stats.worker_failing,
                 "write_status": stats.write_status.as_dict(),
             }
         ingest = self.ingest_stats
@@ -501,4 +502,11 @@ class Daemon:
             return json_response({"status": "not ready"}, status=503)
         if not self.journal.healthy:
             return json_response({"status": "journal unhealthy"}, status=503)
+        if failing := self.failing_workers():
+            return json_response({"status": "delivery failing", "targets": failing}, status=503)
         return json_response({"status": "ready"})
+
+    def failing_workers(self) -> list[str]:
+        """Targets whose delivery worker keeps failing (not a target that refuses a batch:
+        that is retried, then dead-lettered; a failing worker settles nothing at all)."""
+        return sorted(t for t, stats in self.target_stats.items() if stats.worker_failing)

@@ -114,15 +114,19 @@ class DeliveryWorker:
     async def run(self) -> None:
         """Deliver batches until `stopping` is set and nothing is left for this target.
 
-        This is a task boundary: an unexpected error is logged and counted, and the worker
-        carries on after a pause (the batch stays in the journal), rather than dying silently
-        and leaving the target's backlog to grow unseen."""
+        This is a task boundary: an unexpected error is logged, counted and shown in the
+        target's write_status, and the worker carries on after a pause (the batch stays in the
+        journal), rather than dying silently and leaving the target's backlog to grow unseen.
+        A worker that keeps failing turns /readyz to 503 (TargetStats.worker_failing)."""
         while True:
             try:
                 await self._deliver_until_stopped()
                 return
-            except Exception:
-                self.stats.worker_errors += 1
+            except Exception as exc:
+                self.stats.record_worker_error(
+                    f"target {self.config.id}: delivery worker failed: {type(exc).__name__}: {exc}",
+                    time.time(),
+                )
                 log.exception("target %s: delivery worker failed; restarting", self.config.id)
                 await asyncio.sleep(WORKER_RESTART_S)
 
@@ -164,6 +168,7 @@ class DeliveryWorker:
                 dead += len(entries)
             dead += await self._send_each_request(sendable)
             await self.journal.ack(self.config.id, batch, dead_lettered=dead)
+            self.stats.worker_errors_in_a_row = 0
 
     async def _send_each_request(self, sendable: Sequence[Entry]) -> int:
         """Send the batch in the requests the target cuts it into, each retried and settled on

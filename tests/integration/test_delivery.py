@@ -7,9 +7,14 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
+from router.api import ConfigSource
 from router.app import Daemon
+from router.config import parse_config
+from router.events import Event
+from router.targets.file import FileTarget
 from tests.conftest import StartDaemon
 from tests.fakes import RedirectingReceiver, ScriptedReceiver, make_event, read_ndjson, wait_for
 from tests.integration.test_ingest import file_target, post
@@ -340,3 +345,71 @@ async def test_a_retry_after_is_capped_at_max_backoff(
     assert [r.status for r in siem.requests] == [503, 200]
     assert [e["id"] for e in siem.delivered_events] == ["capped"]
     assert_books_balance(daemon)
+
+
+class FlawedFileTarget(FileTarget):
+    """A real file target with a bug in its own code while `flawed`: its per-event check
+    raises, outside any send, so the worker itself fails on every batch (as it would on a
+    journal it cannot read) and can only restart."""
+
+    flawed = True
+
+    def unsendable(self, event: Event) -> str | None:
+        if self.flawed:
+            raise RuntimeError("bug: cannot classify the event")
+        return None
+
+
+async def readyz(daemon: Daemon) -> tuple[int, Any]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{daemon.port}/readyz") as resp,
+    ):
+        return resp.status, await resp.json()
+
+
+async def test_a_worker_that_keeps_failing_shows_in_write_status_metrics_and_readyz(
+    tmp_path: Path,
+) -> None:
+    from tests.integration.test_metrics import scrape, value
+
+    archive = tmp_path / "archive.ndjson"
+    data = {
+        "server": {"host": "127.0.0.1", "port": 0},
+        "storage": {"path": str(tmp_path / "var")},
+        "startup": {"validate_targets": False},
+        "targets": [file_target("archive", archive)],
+        "routes": everything_to("archive"),
+    }
+    config = parse_config(data)
+    daemon = Daemon(config, ConfigSource(None, data))
+    target = FlawedFileTarget.from_config(config.target("archive"))
+    daemon.targets["archive"] = target
+    await daemon.start()
+    try:
+        assert (await readyz(daemon))[0] == 200
+        await post(daemon, make_event(id="kept"))
+
+        async def not_ready() -> bool:
+            return (await readyz(daemon))[0] == 503
+
+        await wait_for(not_ready, timeout_s=20, what="/readyz to show the failing worker")
+        assert (await readyz(daemon))[1] == {"status": "delivery failing", "targets": ["archive"]}
+        row = daemon.status()["targets"]["archive"]
+        assert row["worker_failing"] and row["worker_errors"] >= 3
+        assert row["write_status"]["status"] == "failed"
+        assert "RuntimeError: bug" in row["write_status"]["reason_for_last_failure"]
+        assert (row["pending"], row["delivered"], row["dead_lettered"]) == (1, 0, 0)
+        assert_books_balance(daemon)
+        samples = await scrape(daemon)
+        assert value(samples, "event_router_target_worker_failing", target="archive") == 1
+        assert value(samples, "event_router_ready") == 0
+
+        target.flawed = False  # fixed (a reload, a journal back): the backlog goes, /readyz too
+        await wait_for(lambda: settled(daemon), timeout_s=20, what="the kept event to go out")
+        assert [e["id"] for e in read_ndjson(archive)] == ["kept"]
+        assert await readyz(daemon) == (200, {"status": "ready"})
+        assert not daemon.status()["targets"]["archive"]["worker_failing"]
+        assert_books_balance(daemon)
+    finally:
+        await daemon.stop()

@@ -102,22 +102,29 @@ class CloudLogsTarget:
     def requests(self, batch: Sequence[Event]) -> Iterator[Sequence[Event]]:
         """Runs of events whose records fit in one request under max_request_bytes; the
         worker settles each on its own."""
-        group: list[Event] = []
+        for events, _ in self._grouped(batch):
+            yield events
+
+    def _grouped(self, batch: Sequence[Event]) -> Iterator[tuple[list[Event], list[bytes]]]:
+        """The runs of `requests`, with their records."""
+        events: list[Event] = []
+        records: list[bytes] = []
         size = 2  # the brackets of the JSON array
         for event in batch:
-            record_bytes = len(self._record(event)) + 1  # and a comma
-            if group and size + record_bytes > self.endpoint.max_request_bytes:
-                yield group
-                group, size = [], 2
-            group.append(event)
-            size += record_bytes
-        if group:
-            yield group
+            record = self._record(event)
+            if records and size + len(record) + 1 > self.endpoint.max_request_bytes:
+                yield events, records
+                events, records, size = [], [], 2
+            events.append(event)
+            records.append(record)
+            size += len(record) + 1  # and a comma
+        if records:
+            yield events, records
 
     async def send(self, batch: Sequence[Event]) -> None:
         await self.start()
-        for group in self.requests(batch):
-            await self._post(b"[" + b",".join(self._record(event) for event in group) + b"]")
+        for _, records in self._grouped(batch):
+            await self._post(b"[" + b",".join(records) + b"]")
 
     async def _post(self, body: bytes) -> None:
         assert self._session is not None

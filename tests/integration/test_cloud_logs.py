@@ -332,3 +332,17 @@ async def test_an_unexpected_error_in_send_is_a_permanent_failure_not_a_stall(
     assert row["write_status"]["status"] == "failed"
     assert "ValueError" in row["write_status"]["reason_for_last_failure"]
     assert_books_balance(daemon)
+
+
+async def test_a_test_write_that_raises_unexpectedly_is_a_failed_validation(
+    start_daemon: StartDaemon, cloud_logs: FakeCloudLogs, api_key: None
+) -> None:
+    """The API's validate (and the start-up test write) report the exception, not a 500."""
+    cloud_logs.token_suffix = "\n"
+    daemon = await start(start_daemon, cloud_logs)
+    result = await daemon.probe_target("logs")
+    assert not result.ok and "ValueError" in result.message
+    row = daemon.status()["targets"]["logs"]
+    assert row["write_status"]["status"] == "failed"
+    assert "ValueError" in row["write_status"]["reason_for_last_failure"]
+    assert_books_balance(daemon)

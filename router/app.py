@@ -404,6 +404,7 @@ class Daemon:
         """The books: ingest counters and, per target, received = delivered + dead + pending."""
         targets = {}
         now = time.time()
+        failing = self.failing_workers()
         for target_id, stats in self.target_stats.items():
             books = self.journal.books(target_id)
             oldest = books.oldest_received_at
@@ -417,7 +418,7 @@ class Daemon:
                 "retries": stats.retries,
                 "batches": stats.batches,
                 "worker_errors": stats.worker_errors,
-                "worker_failing": stats.worker_failing,
+                "worker_failing": target_id in failing,
                 "write_status": stats.write_status.as_dict(),
             }
         ingest = self.ingest_stats
@@ -507,6 +508,12 @@ class Daemon:
         return json_response({"status": "ready"})
 
     def failing_workers(self) -> list[str]:
-        """Targets whose delivery worker keeps failing (not a target that refuses a batch:
-        that is retried, then dead-lettered; a failing worker settles nothing at all)."""
-        return sorted(t for t, stats in self.target_stats.items() if stats.worker_failing)
+        """Targets whose delivery worker keeps failing while events wait for it (not a target
+        that refuses a batch: that is retried, then dead-lettered; a failing worker settles
+        nothing at all). Only with a backlog: a worker whose failures passed while it had
+        nothing to do must not keep /readyz at 503, or no producer would ever send it work."""
+        return sorted(
+            target_id
+            for target_id, stats in self.target_stats.items()
+            if stats.worker_failing and self.journal.books(target_id).pending > 0
+        )

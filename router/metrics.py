@@ -29,7 +29,8 @@ class WriteStatus:
 
 
 # A delivery worker that failed this many times in a row without settling a batch is
-# "failing": its target gets nothing until someone looks, so /readyz and the metrics say so.
+# "failing" (while events wait for it): its target gets nothing until someone looks, so
+# /readyz and the metrics say so.
 WORKER_FAILING_AFTER = 3
 
 

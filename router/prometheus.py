@@ -174,6 +174,7 @@ class DaemonCollector(Collector):
             labels=["target"],
         )
         now = time.time()
+        failing_workers = daemon.failing_workers()
         for target_id, stats in daemon.target_stats.items():
             books = daemon.journal.books(target_id)
             values = {
@@ -190,7 +191,7 @@ class DaemonCollector(Collector):
             age = now - books.oldest_received_at if books.oldest_received_at else 0.0
             oldest.add_metric([target_id], max(age, 0.0))
             failing.add_metric([target_id], int(stats.write_status.status != "success"))
-            worker_failing.add_metric([target_id], int(stats.worker_failing))
+            worker_failing.add_metric([target_id], int(target_id in failing_workers))
         yield from families.values()
         yield pending
         yield oldest

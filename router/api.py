@@ -31,8 +31,9 @@ from aiohttp import web
 
 from router.appendfile import replace_atomically
 from router.auth import CALLER
-from router.config import ENDPOINTS, SECRET_KEYS, Config, parse_config
+from router.config import ENDPOINTS, Config, parse_config
 from router.errors import ConfigError
+from router.masking import masked
 from router.metrics import utc_iso
 from router.reload import config_digest
 from router.selfevent import instance_crn, router_event
@@ -42,7 +43,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MASK = "REDACTED"
 METADATA_FILE = "api-metadata.json"
 
 
@@ -70,15 +70,6 @@ def error_body(status: int, code: str, message: str) -> bytes:
             "errors": [{"code": code, "message": message}],
         }
     )
-
-
-def masked(value: Any) -> Any:
-    """Endpoint data with every credential replaced by REDACTED, at any depth."""
-    if isinstance(value, dict):
-        return {k: MASK if k in SECRET_KEYS else masked(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [masked(v) for v in value]
-    return value
 
 
 @dataclass(slots=True)
@@ -203,7 +194,7 @@ class ManagementApi:
             "name": raw.get("name", target_id),
             "crn": instance_crn(f"target:{target_id}"),
             "target_type": raw["target_type"],
-            key: masked(raw[key]),
+            key: masked(raw[key], key),
             "write_status": stats.write_status.as_dict() if stats else {"status": "success"},
             "created_at": self.meta.created.get(f"target:{target_id}", ""),
             "updated_at": self.meta.updated.get(f"target:{target_id}", ""),
@@ -514,11 +505,14 @@ class ManagementApi:
         return self._json(self.settings_model(), status=201)
 
 
-def _keep_masked(new: Any, old: Any) -> Any:
-    """A client that read a target back sends REDACTED for its secrets: keep the old value."""
+def _keep_masked(new: Any, old: Any, key: str = "") -> Any:
+    """A client that read a target back sends what it was shown (REDACTED secrets, masked
+    URLs and headers): where a value is exactly the masked form of the stored one, keep the
+    stored one."""
     if isinstance(new, dict) and isinstance(old, dict):
+        shown = masked(old, key)
         return {
-            k: old.get(k) if v == MASK and k in SECRET_KEYS else _keep_masked(v, old.get(k))
+            k: old[k] if k in old and v == shown.get(k) else _keep_masked(v, old.get(k), k)
             for k, v in new.items()
         }
     return new

@@ -20,6 +20,7 @@ import jsonschema
 import yaml
 
 from router.errors import ConfigError, QueryError
+from router.masking import SECRET_KEYS
 from router.query import Query, parse
 from router.resources import schemas_dir
 
@@ -400,9 +401,6 @@ def load_config_and_data(path: str | os.PathLike[str]) -> tuple[Config, dict[str
                 ],
             )
     return parse_config(data, str(path)), data
-
-
-SECRET_KEYS = frozenset({"api_key", "token", "password", "secret", "hash_key"})
 
 
 def secret_literals(data: Any, where: str = "") -> list[str]:

@@ -258,3 +258,54 @@ async def test_validate_refreshes_write_status(
     assert status == 200
     assert target["write_status"]["status"] == "failed"
     assert "500" in target["write_status"]["reason_for_last_failure"]
+
+
+async def test_secrets_in_target_urls_and_headers_reach_no_log_status_letter_or_answer(
+    start_daemon: StartDaemon,
+    receiver_factory: ReceiverFactory,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    (tmp_path / "password").write_text("SUPERSECRET-password\n")
+    siem = await receiver_factory([400])
+    host = siem.url.split("://", 1)[1]
+    url = f"http://svc:${{file:{tmp_path / 'password'}}}@{host}?token=QUERY-SECRET&tenant=a"
+    daemon = await start_daemon(
+        {
+            "auth": auth(),
+            "targets": [
+                {
+                    "id": "siem",
+                    "target_type": "http",
+                    "http_endpoint": {
+                        "url": url,
+                        "headers": {"X-Api-Key": "HEADER-SECRET", "X-Tenant": "audit"},
+                    },
+                }
+            ],
+            "routes": [{"name": "all", "rules": [{"locations": ["*"], "target_ids": ["siem"]}]}],
+        }
+    )
+    secrets = ("SUPERSECRET-password", "QUERY-SECRET", "HEADER-SECRET")
+    await daemon.ingest.accept([make_event(id="to-siem")])
+    await wait_for(lambda: settled(daemon))
+    assert siem.requests[0].headers["X-Api-Key"] == "HEADER-SECRET"
+    failure = daemon.status()["targets"]["siem"]["write_status"]["reason_for_last_failure"]
+    assert "svc:REDACTED@" in failure and "token=REDACTED" in failure
+    letters = (tmp_path / "var" / "deadletter" / "siem.ndjson").read_text()
+    shown = [failure, letters, caplog.text]
+    api = Client(daemon)
+    status, target = await api.call("GET", "/api/v2/targets/siem")
+    assert status == 200
+    endpoint = target["http_endpoint"]
+    assert endpoint["headers"] == {"X-Api-Key": "REDACTED", "X-Tenant": "audit"}
+    assert endpoint["url"].startswith("http://svc:REDACTED@")
+    shown.append(str(target))
+    for text in shown:
+        assert not any(secret in text for secret in secrets), text
+    # What was read back and sent again keeps the real URL and header.
+    status, _ = await api.call("PUT", "/api/v2/targets/siem", {"http_endpoint": endpoint})
+    assert status == 200
+    kept = daemon.config.target("siem").endpoint
+    assert "SUPERSECRET-password" in kept.url  # type: ignore[union-attr]
+    assert kept.headers["X-Api-Key"] == "HEADER-SECRET"  # type: ignore[union-attr]

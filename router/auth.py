@@ -40,7 +40,7 @@ from aiohttp.typedefs import Handler
 
 from router.config import AuthConfig, RefusalEventsConfig, TokenConfig
 from router.events import crn_service
-from router.selfevent import instance_crn, router_event
+from router.selfevent import clip, instance_crn, router_event
 from router.validation import Problem
 
 log = logging.getLogger(__name__)
@@ -249,7 +249,7 @@ def refusal_event(caller: Caller, status: int, reason_type: str, why: str) -> di
             "host": {"address": caller.address, "agent": caller.agent},
         },
     )
-    body["reason"]["reasonForFailure"] = why
+    body["reason"]["reasonForFailure"] = clip(why)
     return body
 
 

@@ -449,6 +449,7 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
     return config
 
 
+MAX_QUOTED_VALUE_CHARS = 100
 _CONFIG_VALIDATOR: jsonschema.protocols.Validator | None = None
 
 
@@ -470,7 +471,12 @@ def _describe(error: jsonschema.ValidationError) -> str:
             set(cast(dict[str, Any], error.instance)) - set(schema.get("properties", {}))
         )
         return "unknown key " + ", ".join(repr(k) for k in extra)
-    return str(error.message)
+    message = str(error.message)
+    if isinstance(error.instance, str) and len(error.instance) > MAX_QUOTED_VALUE_CHARS:
+        # A problem names the place; a 100,000-character value quoted whole helps nobody.
+        short = f"{error.instance[:MAX_QUOTED_VALUE_CHARS]!r}... ({len(error.instance)} characters)"
+        message = message.replace(repr(error.instance), short)
+    return message
 
 
 _REF = re.compile(r"\$\{(env|file):([^}]+)\}")

@@ -309,3 +309,32 @@ async def test_secrets_in_target_urls_and_headers_reach_no_log_status_letter_or_
     kept = daemon.config.target("siem").endpoint
     assert "SUPERSECRET-password" in kept.url  # type: ignore[union-attr]
     assert kept.headers["X-Api-Key"] == "HEADER-SECRET"  # type: ignore[union-attr]
+
+
+async def test_a_refused_admin_action_is_recorded_even_when_it_quotes_a_huge_value(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    status, error = await Client(daemon).call(
+        "POST",
+        "/api/v2/targets",
+        {
+            "name": "n" * 100_000,
+            "target_type": "file",
+            "file_endpoint": {"path": str(tmp_path / "huge.ndjson")},
+        },
+    )
+    assert status == 400 and error["errors"][0]["code"] == "invalid_value"
+    assert daemon.config.targets == daemon.config.targets[:1]
+
+    def refused() -> list[dict[str, Any]]:
+        return [
+            e
+            for e in read_ndjson(tmp_path / "archive.ndjson")
+            if e["action"] == "event-router.target.create"
+        ]
+
+    await wait_for(lambda: len(refused()) == 1, what="the refused create's audit event")
+    event = refused()[0]
+    assert event["outcome"] == "failure" and event["initiator"]["name"] == "ops-alice"
+    failure = event["requestData"]["reasonForFailure"]
+    assert "does not match" in failure and len(failure) < 5000

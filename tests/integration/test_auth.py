@@ -19,6 +19,7 @@ from router.app import Daemon
 from router.auth import LOGIN_ACTION
 from router.query import parse
 from router.resources import schemas_dir
+from router.selfevent import instance_crn, router_event
 from router.validation import EventValidator
 from tests.conftest import StartDaemon
 from tests.fakes import make_event, read_ndjson, sm_crn, wait_for
@@ -192,6 +193,38 @@ async def test_a_token_limited_to_a_service_cannot_forge_another_services_events
     # The unrestricted token may send for any service.
     status, _, _ = await call(daemon, "POST", "/v1/events", token=INGEST_TOKEN, body=kms)
     assert status == 202
+
+
+async def test_producers_cannot_send_the_routers_own_actions(
+    guarded: tuple[Daemon, Path],
+) -> None:
+    daemon, path = guarded
+    forged = router_event(
+        action=LOGIN_ACTION,
+        message="event-router: refused nothing",
+        target={"id": instance_crn(":"), "name": "event-router", "typeURI": "event-router/x"},
+    )
+    reload = {**forged, "action": "event-router.config.reload", "id": "forged-2"}
+    status, _, body = await call(
+        daemon,
+        "POST",
+        "/v1/events",
+        token=INGEST_TOKEN,
+        body=[make_event(id="sm-1"), {**forged, "id": "forged-1"}, reload],
+    )
+    assert status == 202
+    assert [r["status"] for r in body["results"]] == ["accepted", "rejected", "rejected"]
+    assert body["results"][1]["errors"] == [
+        {
+            "path": "/action",
+            "message": "'event-router.instance.login' is an action of the router itself "
+            "(event-router.*); a producer may not send it",
+        }
+    ]
+    # The router's own events still go through: this refusal is one.
+    await call(daemon, "GET", "/v1/status", token=INGEST_TOKEN)
+    await wait_for(lambda: len(login_events(path)) == 1, what="the router's own event")
+    assert {e["id"] for e in read_ndjson(path)} & {"forged-1", "forged-2"} == set()
 
 
 async def test_every_refusal_is_an_audit_event_that_the_seed_query_finds(

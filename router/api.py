@@ -22,6 +22,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -57,9 +58,10 @@ class ConfigSource:
 class ApiError(Exception):
     """An answer in atracker's error shape."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, subject: str | None = None) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
+        self.subject = subject  # what a refused change was about, for its audit event
 
 
 def error_body(status: int, code: str, message: str) -> bytes:
@@ -89,6 +91,13 @@ class Metadata:
             return cls(path)
         data = orjson.loads(path.read_bytes())
         return cls(path, data["created"], data["updated"], data["versions"], data["settings"])
+
+    def snapshot(self) -> tuple[dict[str, Any], ...]:
+        """Everything a change may edit, to put back if the change is refused."""
+        return copy.deepcopy((self.created, self.updated, self.versions, self.settings))
+
+    def restore(self, saved: tuple[dict[str, Any], ...]) -> None:
+        self.created, self.updated, self.versions, self.settings = saved
 
     def touch(self, key: str, *, created: bool = False) -> None:
         now = utc_iso(time.time())
@@ -124,25 +133,39 @@ class ManagementApi:
 
     def routes(self, app: web.Application) -> None:
         add = app.router.add_route
-        add("POST", "/api/v2/targets", self._wrap(self.create_target))
+        add("POST", "/api/v2/targets", self._wrap(self.create_target, "target.create"))
         add("GET", "/api/v2/targets", self._wrap(self.list_targets))
         add("GET", "/api/v2/targets/{id}", self._wrap(self.get_target))
-        add("PUT", "/api/v2/targets/{id}", self._wrap(self.replace_target))
-        add("DELETE", "/api/v2/targets/{id}", self._wrap(self.delete_target))
-        add("POST", "/api/v2/targets/{id}/validate", self._wrap(self.validate_target))
-        add("POST", "/api/v2/routes", self._wrap(self.create_route))
+        add("PUT", "/api/v2/targets/{id}", self._wrap(self.replace_target, "target.update"))
+        add("DELETE", "/api/v2/targets/{id}", self._wrap(self.delete_target, "target.delete"))
+        add(
+            "POST",
+            "/api/v2/targets/{id}/validate",
+            self._wrap(self.validate_target, "target.validate"),
+        )
+        add("POST", "/api/v2/routes", self._wrap(self.create_route, "route.create"))
         add("GET", "/api/v2/routes", self._wrap(self.list_routes))
         add("GET", "/api/v2/routes/{id}", self._wrap(self.get_route))
-        add("PUT", "/api/v2/routes/{id}", self._wrap(self.replace_route))
-        add("DELETE", "/api/v2/routes/{id}", self._wrap(self.delete_route))
+        add("PUT", "/api/v2/routes/{id}", self._wrap(self.replace_route, "route.update"))
+        add("DELETE", "/api/v2/routes/{id}", self._wrap(self.delete_route, "route.delete"))
         add("GET", "/api/v2/settings", self._wrap(self.get_settings))
-        add("PUT", "/api/v2/settings", self._wrap(self.put_settings))
+        add("PUT", "/api/v2/settings", self._wrap(self.put_settings, "setting.update"))
 
-    def _wrap(self, handler: Handler) -> Handler:
+    def _wrap(self, handler: Handler, action: str | None = None) -> Handler:
+        """Errors in atracker's shape; a refused change (`action`) is always audited, whatever
+        refused it: the body, a lookup or the config check."""
+
         async def wrapped(request: web.Request) -> web.Response:
             try:
                 return await handler(request)
             except ApiError as exc:
+                if action is not None:
+                    kind = action.split(".", 1)[0]
+                    subject = exc.subject or f"{kind}:{request.match_info.get('id', 'account')}"
+                    config = self.daemon.config
+                    await self._audit(
+                        request, action, subject, config, None, exc.message, status=exc.status
+                    )
                 return web.Response(
                     body=error_body(exc.status, exc.code, exc.message),
                     status=exc.status,
@@ -232,14 +255,23 @@ class ManagementApi:
         async with self._lock:
             source = self.daemon.source
             data = copy.deepcopy(source.data)
-            result = edit(data)
+            saved = self.meta.snapshot()
             old = self.daemon.config
             try:
-                new = parse_config(data, "api")
+                result = edit(data)
+                # In a thread: the config's own ${file:} references are read again.
+                new = await asyncio.to_thread(parse_config, data, "api")
                 await self.daemon.reload(new, initiator=self._who(request), audit=False)
             except ConfigError as exc:
-                await self._audit(request, action, subject, old, None, "; ".join(exc.problems))
-                raise ApiError(400, "invalid_value", "; ".join(exc.problems)) from exc
+                self.meta.restore(saved)
+                raise ApiError(400, "invalid_value", "; ".join(exc.problems), subject) from exc
+            except ApiError as exc:
+                self.meta.restore(saved)  # a refused change changes nothing, versions included
+                exc.subject = subject
+                raise
+            except BaseException:
+                self.meta.restore(saved)
+                raise
             self.daemon.source = ConfigSource(source.path, data)
             if source.path is not None:
                 text = yaml.safe_dump(data, sort_keys=False).encode()
@@ -262,6 +294,8 @@ class ManagementApi:
         old: Config,
         new: Config | None,
         failure: str | None,
+        *,
+        status: int = 400,
     ) -> None:
         caller = request.get(CALLER)
         who = self._who(request)
@@ -275,8 +309,8 @@ class ManagementApi:
                 "typeURI": f"event-router/{subject.split(':', 1)[0]}",
             },
             outcome="failure" if failure else "success",
-            reason_code=400 if failure else 200,
-            reason_type="Bad Request" if failure else "OK",
+            reason_code=status if failure else 200,
+            reason_type=HTTPStatus(status).phrase if failure else "OK",
             severity="warning" if failure or action.endswith("delete") else "normal",
             initiator={
                 "id": f"token-{who}",

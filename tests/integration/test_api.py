@@ -338,3 +338,41 @@ async def test_a_refused_admin_action_is_recorded_even_when_it_quotes_a_huge_val
     assert event["outcome"] == "failure" and event["initiator"]["name"] == "ops-alice"
     failure = event["requestData"]["reasonForFailure"]
     assert "does not match" in failure and len(failure) < 5000
+
+
+async def test_a_refused_change_changes_nothing_version_included(daemon: Daemon) -> None:
+    api = Client(daemon)
+    before = (await api.call("GET", "/api/v2/settings"))[1]
+    status, _ = await api.call(
+        "PUT",
+        "/api/v2/settings",
+        {
+            "default_targets": ["ghost"],
+            "metadata_region_primary": "eu-de",
+            "private_api_endpoint_only": True,
+        },
+    )
+    assert status == 400
+    assert (await api.call("GET", "/api/v2/settings"))[1] == before
+    status, route = await api.call(
+        "POST", "/api/v2/routes", {"name": "r", "rules": [{"target_ids": ["archive"]}]}
+    )
+    assert status == 201 and route["version"] == 0
+    for _ in range(2):
+        status, _ = await api.call(
+            "PUT", f"/api/v2/routes/{route['id']}", {"name": "r", "rules": [{"target_ids": ["x"]}]}
+        )
+        assert status == 400
+    assert (await api.call("GET", f"/api/v2/routes/{route['id']}"))[1] == route
+    # Each refusal is on the record, whatever refused it (here a 404 too).
+    assert (await api.call("DELETE", "/api/v2/routes/nope"))[0] == 404
+    expected = ["setting.update", "route.update", "route.update", "route.delete"]
+
+    def failures() -> list[str]:
+        return [
+            e["action"].removeprefix("event-router.")
+            for e in read_ndjson(Path(daemon.config.target("archive").endpoint.path))  # type: ignore[union-attr]
+            if e["action"].startswith("event-router.") and e["outcome"] == "failure"
+        ]
+
+    await wait_for(lambda: failures() == expected, what="four refusals audited")

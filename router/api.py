@@ -178,6 +178,13 @@ class ManagementApi:
 
     @staticmethod
     async def _body(request: web.Request) -> dict[str, Any]:
+        if request.content_type != "application/json":
+            # A browser may send text/plain across sites without asking first; JSON it may not.
+            raise ApiError(
+                415,
+                "unsupported_media_type",
+                f"Content-Type {request.content_type!r}: send application/json",
+            )
         try:
             body = orjson.loads(await request.read())
         except orjson.JSONDecodeError as exc:

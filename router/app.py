@@ -87,7 +87,7 @@ class Daemon:
         async def record(body: dict[str, Any]) -> None:
             await ingest.accept_own(body)  # bound below; called only once requests arrive
 
-        self.guard = Guard.build(self.config.auth, record)
+        self.guard = Guard.build(self.config.auth, record, self.config.server)
         self.ingest = ingest = Ingest(
             server=self.config.server,
             validator=self.validator,

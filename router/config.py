@@ -62,6 +62,9 @@ class ServerConfig:
     header_timeout_s: float = 10.0
     # An idle keep-alive connection is closed after this.
     keepalive_timeout_s: float = 75.0
+    # Names besides host, localhost and this host's name that a daemon without auth answers
+    # to (the Host header; a DNS rebinding defence, router/auth.py). IP addresses always pass.
+    allowed_hosts: tuple[str, ...] = ()
     tls: ServerTlsConfig | None = None
 
 
@@ -628,6 +631,8 @@ def _auth(data: Mapping[str, Any] | None, problems: list[str]) -> AuthConfig:
 
 def _server(data: Mapping[str, Any], problems: list[str]) -> ServerConfig:
     """The listener; its TLS files must be readable now, so that `check` finds a wrong path."""
+    if "allowed_hosts" in data:
+        data = {**data, "allowed_hosts": tuple(data["allowed_hosts"])}
     tls = data.get("tls")
     if tls is None:
         return cast(ServerConfig, _section(ServerConfig, data))

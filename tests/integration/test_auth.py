@@ -304,6 +304,106 @@ async def test_without_auth_everything_is_open_and_the_daemon_warns(
     assert status == 200 and body["auth"]["enabled"] is False
 
 
+@pytest.fixture
+async def open_daemon(start_daemon: StartDaemon, tmp_path: Path) -> Daemon:
+    """The quick start's shape: no auth section, loopback only."""
+    return await start_daemon(
+        {
+            "targets": [file_target("archive", tmp_path / "a.ndjson")],
+            "routes": [{"name": "all", "rules": [{"locations": ["*"], "target_ids": ["archive"]}]}],
+        }
+    )
+
+
+async def test_without_admin_tokens_api_changes_are_refused_and_reads_stay_open(
+    open_daemon: Daemon, tmp_path: Path
+) -> None:
+    daemon = open_daemon
+    new_target = {
+        "target_type": "file",
+        "file_endpoint": {"path": str(tmp_path / "var" / "journal.db")},
+    }
+    for method, path, body in (
+        ("POST", "/api/v2/targets", new_target),
+        ("PUT", "/api/v2/targets/archive", {"name": "x"}),
+        ("DELETE", "/api/v2/routes/all", None),
+        ("POST", "/api/v2/targets/archive/validate", None),
+    ):
+        status, _, answer = await call(daemon, method, path, body=body)
+        assert status == 403, (method, path)
+        assert "auth.admin_tokens" in answer["error"]["message"]
+    assert (await call(daemon, "GET", "/api/v2/targets"))[0] == 200
+    assert [t.id for t in daemon.config.targets] == ["archive"]
+    assert [r.name for r in daemon.config.routes] == ["all"]
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:{port}", "127.0.0.1.nip.io"])
+async def test_an_open_daemon_answers_only_to_its_own_names(open_daemon: Daemon, host: str) -> None:
+    """DNS rebinding: a page on evil.example whose name now points at 127.0.0.1 sends
+    `Host: evil.example`; the daemon, with no token to ask for, must not answer it."""
+    daemon = open_daemon
+    headers = {"Host": host.format(port=daemon.port)}
+    for method, path in (("GET", "/v1/status"), ("GET", "/api/v2/targets"), ("POST", "/v1/events")):
+        body = make_event() if method == "POST" else None
+        status, _, answer = await call(daemon, method, path, body=body, headers=headers)
+        assert status == 403, (method, path)
+        assert answer["error"]["code"] == "unknown_host"
+    for own in ("127.0.0.1", f"127.0.0.1:{daemon.port}", f"localhost:{daemon.port}"):
+        status, _, _ = await call(daemon, "GET", "/v1/status", headers={"Host": own})
+        assert status == 200, own
+    # Probes answer whatever the name (a load balancer's health check may use any).
+    assert (await call(daemon, "GET", "/healthz", headers=headers))[0] == 200
+
+
+async def test_a_change_from_another_origin_is_refused(
+    guarded: tuple[Daemon, Path], open_daemon: Daemon, tmp_path: Path
+) -> None:
+    daemon, _ = guarded
+    body = {"target_type": "file", "file_endpoint": {"path": str(tmp_path / "b.ndjson")}}
+    for origin in ("http://evil.example", "null", f"http://127.0.0.1:{daemon.port + 1}"):
+        status, _, answer = await call(
+            daemon,
+            "POST",
+            "/api/v2/targets",
+            token=ADMIN_TOKEN,
+            body=body,
+            headers={"Origin": origin},
+        )
+        assert status == 403 and answer["error"]["code"] == "cross_origin", origin
+    assert [t.id for t in daemon.config.targets] == ["archive"]
+    status, _, _ = await call(
+        open_daemon,
+        "POST",
+        "/v1/deadletters/archive/redrive",
+        headers={"Origin": "http://evil.example"},
+    )
+    assert status == 403
+    # The daemon's own origin may (a page it served, a same-origin tool).
+    own = {"Origin": f"http://127.0.0.1:{daemon.port}"}
+    status, _, _ = await call(
+        daemon, "POST", "/api/v2/targets", token=ADMIN_TOKEN, body=body, headers=own
+    )
+    assert status == 201
+
+
+async def test_api_changes_must_be_json(guarded: tuple[Daemon, Path], tmp_path: Path) -> None:
+    daemon, _ = guarded
+    body = orjson.dumps(
+        {"target_type": "file", "file_endpoint": {"path": str(tmp_path / "b.ndjson")}}
+    )
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"http://127.0.0.1:{daemon.port}/api/v2/targets",
+            data=body,
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "text/plain"},
+        ) as resp,
+    ):
+        assert resp.status == 415
+        assert (await resp.json())["errors"][0]["code"] == "unsupported_media_type"
+    assert [t.id for t in daemon.config.targets] == ["archive"]
+
+
 async def run_cli(*args: str, env: dict[str, str]) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -32,7 +33,16 @@ from aiohttp import web
 
 from router.appendfile import replace_atomically
 from router.auth import CALLER
-from router.config import ENDPOINTS, Config, parse_config
+from router.config import (
+    API_METADATA_FILE,
+    ENDPOINTS,
+    Config,
+    FileEndpointConfig,
+    archive_roots,
+    parse_config,
+    references,
+    target_listener_problems,
+)
 from router.errors import ConfigError
 from router.masking import masked
 from router.metrics import utc_iso
@@ -43,8 +53,6 @@ if TYPE_CHECKING:
     from router.app import Daemon
 
 log = logging.getLogger(__name__)
-
-METADATA_FILE = "api-metadata.json"
 
 
 @dataclass(slots=True)
@@ -128,7 +136,7 @@ class ManagementApi:
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
         storage = Path(daemon.config.storage.path)
-        self.meta = Metadata.load(storage / METADATA_FILE if daemon.source.path else None)
+        self.meta = Metadata.load(storage / API_METADATA_FILE if daemon.source.path else None)
         self._lock = asyncio.Lock()
 
     def routes(self, app: web.Application) -> None:
@@ -266,8 +274,9 @@ class ManagementApi:
             old = self.daemon.config
             try:
                 result = edit(data)
-                # In a thread: the config's own ${file:} references are read again.
-                new = await asyncio.to_thread(parse_config, data, "api")
+                # In a thread: the config's own ${file:} references are read again, and a
+                # target's host may be looked up.
+                new = await asyncio.to_thread(self._check, source.data, data)
                 await self.daemon.reload(new, initiator=self._who(request), audit=False)
             except ConfigError as exc:
                 self.meta.restore(saved)
@@ -286,6 +295,41 @@ class ManagementApi:
             await asyncio.to_thread(self.meta.save)
             await self._audit(request, action, subject, old, new, None)
             return result
+
+    def _check(self, before: dict[str, Any], after: dict[str, Any]) -> Config:
+        """The edited config, checked as `check` would and, for what the API changed, as an
+        admin token's reach requires: no references, file targets under the archive roots,
+        no target pointing back at this daemon."""
+        old = {str(t.get("id")): t for t in before.get("targets") or []}
+        raw = after.get("targets") or []
+        problems = [
+            f"{where}: a reference; ${{env:}} and ${{file:}} are for the operator's config "
+            "file, the API does not resolve them"
+            for i, target in enumerate(raw)
+            for where in references(target, f"targets[{i}]")
+            if not _same_at(where.removeprefix(f"targets[{i}]"), target, old.get(target.get("id")))
+        ]
+        if problems:
+            raise ConfigError("api", problems)
+        new = parse_config(after, "api")
+        running = self.daemon.config
+        roots = archive_roots(running)
+        was = {t.id: t for t in running.targets}
+        for i, target in enumerate(new.targets):
+            before_target = was.get(target.id)
+            if before_target is not None and before_target.endpoint == target.endpoint:
+                continue  # the same endpoint: the operator's own, or checked when it came
+            endpoint = target.endpoint
+            if isinstance(endpoint, FileEndpointConfig):
+                problem = root_problem(endpoint.path, roots)
+                if problem is not None:
+                    problems.append(f"targets[{i}].file_endpoint.path: {problem}")
+            problems.extend(
+                target_listener_problems(i, target, running.server.host, self.daemon.port)
+            )
+        if problems:
+            raise ConfigError("api", problems)
+        return new
 
     @staticmethod
     def _who(request: web.Request) -> str:
@@ -544,6 +588,33 @@ class ManagementApi:
 
         await self._apply(request, "setting.update", "setting:account", edit)
         return self._json(self.settings_model(), status=201)
+
+
+def root_problem(path: str, roots: tuple[Path, ...]) -> str | None:
+    """Why the API may not put a file target at `path` (None if it may): outside every
+    archive root once resolved, symlinks followed."""
+    if "\x00" in path:
+        return None  # the config's own check names it
+    resolved = Path(path).resolve()
+    if any(resolved.is_relative_to(root) for root in roots):
+        return None
+    allowed = ", ".join(repr(str(root)) for root in roots) or "none"
+    return (
+        f"{path!r} is outside the archive roots ({allowed}); the API writes files only there "
+        "(storage.archive_roots, by default the directories of the config's file targets)"
+    )
+
+
+def _same_at(where: str, new: Any, old: Any) -> bool:
+    """Whether `new` and `old` hold the same value at the dotted/indexed path `where`."""
+    for part in re.findall(r"\.([^.\[]+)|\[(\d+)\]", where):
+        key, index = part
+        try:
+            new = new[key] if key else new[int(index)]
+            old = old[key] if key else old[int(index)]
+        except (KeyError, IndexError, TypeError):
+            return False
+    return bool(new == old)
 
 
 def _keep_masked(new: Any, old: Any, key: str = "") -> Any:

@@ -4,6 +4,7 @@ them, against a real daemon: models, status codes, errors, masking, persistence,
 from __future__ import annotations
 
 import hashlib
+import os
 import uuid
 from pathlib import Path
 from typing import Any
@@ -176,7 +177,18 @@ async def test_credentials_come_back_masked_and_stay_references_in_the_file(
         "storage": {"path": str(tmp_path / "var")},
         "startup": {"validate_targets": False},
         "auth": auth(),
-        "targets": [file_target("archive", tmp_path / "archive.ndjson")],
+        "targets": [
+            file_target("archive", tmp_path / "archive.ndjson"),
+            # The operator's reference, in the operator's file (the API refuses references).
+            {
+                "id": "siem",
+                "target_type": "http",
+                "http_endpoint": {
+                    "url": siem.url,
+                    "auth": {"type": "bearer", "token": "${env:SIEM_TOKEN}"},
+                },
+            },
+        ],
         "routes": [{"name": "all", "rules": [{"locations": ["*"], "target_ids": ["archive"]}]}],
     }
     path.write_text(yaml.safe_dump(data))
@@ -184,19 +196,13 @@ async def test_credentials_come_back_masked_and_stay_references_in_the_file(
     await daemon.start()
     try:
         api = Client(daemon)
-        status, target = await api.call(
+        status, _ = await api.call(
             "POST",
             "/api/v2/targets",
-            {
-                "name": "siem",
-                "target_type": "http",
-                "http_endpoint": {
-                    "url": siem.url,
-                    "auth": {"type": "bearer", "token": "${env:SIEM_TOKEN}"},
-                },
-            },
+            {"target_type": "file", "file_endpoint": {"path": str(tmp_path / "extra.ndjson")}},
         )
         assert status == 201
+        status, target = await api.call("GET", "/api/v2/targets/siem")
         assert target["http_endpoint"]["auth"] == {"type": "bearer", "token": "REDACTED"}
         # A client that sends back what it read keeps the secret (REDACTED is not a value).
         status, renamed = await api.call(
@@ -224,7 +230,11 @@ async def test_credentials_come_back_masked_and_stay_references_in_the_file(
 
     # A restart comes back with what the API changed.
     again = Daemon(parse_config(yaml.safe_load(path.read_text())), ConfigSource(path, {}))
-    assert [t.name for t in again.config.targets] == ["archive", "siem-2"]
+    assert [t.name for t in again.config.targets] == [
+        "archive",
+        "siem-2",
+        again.config.targets[2].id,
+    ]
     audit = [
         e
         for e in read_ndjson(tmp_path / "archive.ndjson")
@@ -376,3 +386,80 @@ async def test_a_refused_change_changes_nothing_version_included(daemon: Daemon)
         ]
 
     await wait_for(lambda: failures() == expected, what="four refusals audited")
+
+
+async def test_file_targets_from_the_api_stay_under_the_archive_roots(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    """The root is the directory of the YAML's own file target (tmp_path)."""
+    api = Client(daemon)
+    (tmp_path / "escape").symlink_to("/etc")
+    (tmp_path / "var" / "deadletter").mkdir(parents=True, exist_ok=True)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    refused = {
+        "../../../../../../x.ndjson": "outside the archive roots",
+        "~/.ssh/authorized_keys": "outside the archive roots",
+        str(tmp_path / "escape" / "x.ndjson"): "outside the archive roots",
+        "/dev/null": "a device, FIFO or socket",
+        "/proc/self/mem": "outside the archive roots",
+        "/tmp": "a directory",
+        str(tmp_path): "a directory",
+        str(fifo): "a device, FIFO or socket",
+        str(tmp_path / "a\x00b.ndjson"): "a NUL byte",
+        str(tmp_path / "var" / "journal.db"): "the journal's own files",
+        str(tmp_path / "var" / "deadletter" / "x.ndjson"): "the dead-letter directory",
+        str(tmp_path / "archive.ndjson"): "already writes",
+    }
+    for path, why in refused.items():
+        status, error = await api.call(
+            "POST", "/api/v2/targets", {"target_type": "file", "file_endpoint": {"path": path}}
+        )
+        message = error["errors"][0]["message"] if error else ""
+        assert status == 400, path
+        assert "targets[1].file_endpoint.path: " in message and why in message, message
+    status, error = await api.call(
+        "PUT", "/api/v2/targets/archive", {"file_endpoint": {"path": "/tmp/elsewhere.ndjson"}}
+    )
+    assert status == 400 and "outside the archive roots" in error["errors"][0]["message"]
+    assert [t.id for t in daemon.config.targets] == ["archive"]
+    assert daemon.config.target("archive").endpoint.path == str(tmp_path / "archive.ndjson")  # type: ignore[union-attr]
+    ok = tmp_path / "sub" / "ok.ndjson"
+    status, _ = await api.call(
+        "POST", "/api/v2/targets", {"target_type": "file", "file_endpoint": {"path": str(ok)}}
+    )
+    assert status == 201
+
+
+async def test_references_in_api_bodies_are_refused(
+    daemon: Daemon, receiver_factory: ReceiverFactory, tmp_path: Path
+) -> None:
+    siem = await receiver_factory([200])
+    api = Client(daemon)
+    secret = tmp_path / "admin-token"
+    secret.write_text("the-admin-token-value\n")
+    for endpoint in (
+        {"url": siem.url, "headers": {"X-Leak": f"${{file:{secret}}}"}},
+        {"url": siem.url + "?home=${env:HOME}"},
+        {"url": siem.url, "auth": {"type": "bearer", "token": "${file:/dev/zero}"}},
+    ):
+        status, error = await api.call(
+            "POST", "/api/v2/targets", {"target_type": "http", "http_endpoint": endpoint}
+        )
+        assert status == 400
+        assert "a reference" in error["errors"][0]["message"]
+        assert "targets[1].http_endpoint." in error["errors"][0]["message"]
+    assert [t.id for t in daemon.config.targets] == ["archive"] and siem.requests == []
+
+
+async def test_a_target_pointing_at_the_daemon_itself_is_refused(daemon: Daemon) -> None:
+    api = Client(daemon)
+    for url in (
+        f"http://127.0.0.1:{daemon.port}/v1/events",
+        f"http://localhost:{daemon.port}/v1/events",
+    ):
+        status, error = await api.call(
+            "POST", "/api/v2/targets", {"target_type": "http", "http_endpoint": {"url": url}}
+        )
+        assert status == 400 and "own listener" in error["errors"][0]["message"], url
+    assert [t.id for t in daemon.config.targets] == ["archive"]

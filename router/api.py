@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import io
 import logging
 import re
 import time
@@ -28,8 +29,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
-import yaml
 from aiohttp import web
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.error import YAMLError
 
 from router.appendfile import replace_atomically
 from router.auth import CALLER
@@ -290,8 +293,7 @@ class ManagementApi:
                 raise
             self.daemon.source = ConfigSource(source.path, data)
             if source.path is not None:
-                text = yaml.safe_dump(data, sort_keys=False).encode()
-                await asyncio.to_thread(replace_atomically, source.path, text, keep_previous=True)
+                await asyncio.to_thread(write_back, source.path, data)
             await asyncio.to_thread(self.meta.save)
             await self._audit(request, action, subject, old, new, None)
             return result
@@ -588,6 +590,61 @@ class ManagementApi:
 
         await self._apply(request, "setting.update", "setting:account", edit)
         return self._json(self.settings_model(), status=201)
+
+
+def write_back(path: Path, data: dict[str, Any]) -> None:
+    """Write the edited config over its file, keeping the operator's comments, key order and
+    layout wherever the data did not change (round-trip YAML), atomically, with the previous
+    file kept as `<file>.prev`."""
+    round_trip = YAML()  # the round-trip loader and dumper: comments are part of the data
+    round_trip.preserve_quotes = True
+    round_trip.width = 100
+    round_trip.indent(mapping=2, sequence=4, offset=2)  # `  - id:`, as config/router.yaml
+    try:
+        document = round_trip.load(path.read_text(encoding="utf-8"))
+    except (OSError, YAMLError):
+        document = None
+    if not isinstance(document, CommentedMap):
+        document = CommentedMap()
+    out = io.StringIO()
+    round_trip.dump(_merge(document, data), out)
+    replace_atomically(path, out.getvalue().encode(), keep_previous=True)
+
+
+def _merge(old: Any, new: Any) -> Any:
+    """`new`, built on the nodes of `old` where they hold the same place, so the comments
+    attached to them stay. Lists of objects are matched by `id` (or `name`), others by
+    position."""
+    if isinstance(new, dict) and isinstance(old, CommentedMap):
+        for key in [k for k in old if k not in new]:
+            del old[key]
+        for position, (key, value) in enumerate(new.items()):
+            if key not in old:
+                # At its place, not after the map's last key: a comment trailing the map
+                # (before the next section) belongs to the last key and must stay last.
+                old.insert(min(position, len(old)), key, value)
+            elif old[key] != value:
+                old[key] = _merge(old[key], value)
+        return old
+    if isinstance(new, list) and isinstance(old, CommentedSeq):
+        wanted = [_item_key(item, i) for i, item in enumerate(new)]
+        for i in reversed(range(len(old))):
+            if _item_key(old[i], i) not in wanted:
+                del old[i]
+        for i, item in enumerate(new):
+            if i < len(old) and _item_key(old[i], i) == wanted[i]:
+                old[i] = _merge(old[i], item) if old[i] != item else old[i]
+            else:
+                old.insert(i, item)
+        del old[len(new) :]
+        return old
+    return new
+
+
+def _item_key(item: Any, index: int) -> Any:
+    if isinstance(item, dict) and ("id" in item or "name" in item):
+        return ("key", str(item.get("id", item.get("name"))))
+    return ("index", index)
 
 
 def root_problem(path: str, roots: tuple[Path, ...]) -> str | None:

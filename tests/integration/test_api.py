@@ -4,7 +4,9 @@ them, against a real daemon: models, status codes, errors, masking, persistence,
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import subprocess
 import uuid
 from pathlib import Path
 from typing import Any
@@ -463,3 +465,82 @@ async def test_a_target_pointing_at_the_daemon_itself_is_refused(daemon: Daemon)
         )
         assert status == 400 and "own listener" in error["errors"][0]["message"], url
     assert [t.id for t in daemon.config.targets] == ["archive"]
+
+
+COMMENTED = """\
+# The operator's config: every comment here must survive the API's write-back.
+server:
+  host: 127.0.0.1   # loopback only
+  port: 0
+
+storage:
+  path: {var}        # the journal lives here
+
+startup: {{validate_targets: false}}
+
+targets:
+  # The archive, first and foremost.
+  - id: archive
+    name: Local archive
+    target_type: file
+    file_endpoint:
+      path: {archive}   # rotated by size
+
+routes:
+  - name: all
+    rules:
+      - locations: ["*"]      # every location
+        target_ids: [archive]
+
+# Who may change all this.
+auth: {auth}
+"""
+
+
+async def test_write_back_keeps_comments_and_key_order(tmp_path: Path) -> None:
+    path = tmp_path / "router.yaml"
+    text = COMMENTED.format(
+        var=tmp_path / "var",
+        archive=tmp_path / "archive.ndjson",
+        auth=json.dumps(auth()),  # a JSON flow mapping is YAML too
+    )
+    path.write_text(text)
+    data = yaml.safe_load(text)
+    daemon = Daemon(parse_config(data), ConfigSource(path, data))
+    await daemon.start()
+    try:
+        api = Client(daemon)
+        status, target = await api.call(
+            "POST",
+            "/api/v2/targets",
+            {"target_type": "file", "file_endpoint": {"path": str(tmp_path / "b.ndjson")}},
+        )
+        assert status == 201
+        status, _ = await api.call(
+            "PUT",
+            "/api/v2/routes/all",
+            {
+                "name": "all",
+                "rules": [{"locations": ["*"], "target_ids": ["archive", target["id"]]}],
+            },
+        )
+        assert status == 200
+    finally:
+        await daemon.stop()
+    written = path.read_text()
+    comments = [line.split("#", 1)[1] for line in text.splitlines() if "#" in line]
+    for comment in comments:
+        assert comment in written, comment
+    assert list(yaml.safe_load(written)) == list(data), "top-level key order"
+    assert yaml.safe_load(written) == daemon.source.data
+    previous = path.with_name("router.yaml.prev").read_text()  # the file before the last change
+    assert all(comment in previous for comment in comments)
+    assert written.startswith(text.split("targets:")[0]), "untouched sections stay as written"
+
+
+def test_prev_files_are_not_tracked() -> None:
+    repo = Path(__file__).resolve().parents[2]
+    ignored = subprocess.run(
+        ["git", "-C", str(repo), "check-ignore", "-q", "config/router.yaml.prev"], check=False
+    )
+    assert ignored.returncode == 0

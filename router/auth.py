@@ -366,8 +366,11 @@ class Guard:
         self, request: web.Request, handler: Handler, changes: bool
     ) -> web.StreamResponse:
         """No auth section: answer only to the daemon's own names, and change no config."""
-        if not self.is_own_host(request.host):
-            why = f"Host {request.host[:MAX_AGENT_CHARS]!r} is not one of this daemon's names"
+        # The header itself: aiohttp's request.host falls back to a name lookup without one.
+        # Browsers always send Host; a client without it is no rebinding page.
+        host = request.headers.get("Host")
+        if host is not None and not self.is_own_host(host):
+            why = f"Host {host[:MAX_AGENT_CHARS]!r} is not one of this daemon's names"
             await self.refusals.record(caller_of(request), 403, why)
             return _refusal(
                 403,
@@ -424,7 +427,8 @@ def same_origin(request: web.Request) -> bool:
     if len(parts) != 2:
         return False  # `null`: a sandboxed page, a file, a redirect across origins
     scheme, netloc = parts
-    return scheme == request.scheme and netloc.rstrip("/") == request.host.strip().lower()
+    host = request.headers.get("Host", "").strip().lower()
+    return scheme == request.scheme and netloc.rstrip("/") == host
 
 
 def _refusal(status: int, code: str, message: str) -> web.Response:

@@ -349,6 +349,10 @@ class Guard:
         if self._tokens is None:
             return await self._open(request, handler, changes)
         need = INGEST if route.canonical in INGEST_ROUTES else ADMIN
+        if need == ADMIN and self.auth is not None and not self.auth.admin_tokens:
+            why = "no admin token is configured"
+            await self.refusals.record(caller_of(request), 403, why)
+            return _refusal(403, "forbidden", f"{why}; configure auth.admin_tokens")
         presented = bearer_token(request)
         principal = self._tokens.lookup(presented) if presented is not None else None
         if principal is None:

@@ -337,6 +337,21 @@ async def test_without_admin_tokens_api_changes_are_refused_and_reads_stay_open(
     assert [r.name for r in daemon.config.routes] == ["all"]
 
 
+async def test_with_ingest_tokens_only_the_admin_endpoints_say_what_to_configure(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    daemon = await start_daemon(
+        {
+            "auth": {"ingest_tokens": [{"name": "p", "sha256": "00" * 32}]},
+            "targets": [file_target("archive", tmp_path / "a.ndjson")],
+            "routes": [],
+        }
+    )
+    for method, path in (("POST", "/api/v2/targets"), ("GET", "/v1/status")):
+        status, _, answer = await call(daemon, method, path, token=INGEST_TOKEN, body={})
+        assert status == 403 and "auth.admin_tokens" in answer["error"]["message"], path
+
+
 @pytest.mark.parametrize("host", ["evil.example", "evil.example:{port}", "127.0.0.1.nip.io"])
 async def test_an_open_daemon_answers_only_to_its_own_names(open_daemon: Daemon, host: str) -> None:
     """DNS rebinding: a page on evil.example whose name now points at 127.0.0.1 sends

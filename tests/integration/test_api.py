@@ -302,7 +302,10 @@ async def test_secrets_in_target_urls_and_headers_reach_no_log_status_letter_or_
     await daemon.ingest.accept([make_event(id="to-siem")])
     await wait_for(lambda: settled(daemon))
     assert siem.requests[0].headers["X-Api-Key"] == "HEADER-SECRET"
-    failure = daemon.status()["targets"]["siem"]["write_status"]["reason_for_last_failure"]
+    books = daemon.status()["targets"]["siem"]
+    assert books["received"] == books["delivered"] + books["dead_lettered"] + books["pending"]
+    assert books["dead_lettered"] == 1
+    failure = books["write_status"]["reason_for_last_failure"]
     assert "svc:REDACTED@" in failure and "token=REDACTED" in failure
     letters = (tmp_path / "var" / "deadletter" / "siem.ndjson").read_text()
     shown = [failure, letters, caplog.text]

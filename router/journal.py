@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from router.appendfile import make_private_dirs
-from router.config import StorageConfig
+from router.config import JOURNAL_FILE, JOURNAL_LOCK_FILE, StorageConfig
 from router.errors import RouterError, StorageLockedError
 from router.events import Event
 from router.salvage import BooksRow, DeliveryRow, EventRow, scan
@@ -50,8 +50,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-DB_NAME = "journal.db"
-LOCK_NAME = "journal.lock"
+DB_NAME = JOURNAL_FILE
+LOCK_NAME = JOURNAL_LOCK_FILE
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY, event_id TEXT NOT NULL, received_at REAL NOT NULL,

@@ -78,7 +78,7 @@ def kafka_jars(version: str = VERSION) -> list[Path]:
         if shutil.which("java") is None or shutil.which("mvn") is None:
             missing("java or mvn", "apt-get install default-jre-headless maven")
         done = subprocess.run(
-            [str(FETCH_SCRIPT), version], capture_output=True, text=True, check=False
+            ["bash", str(FETCH_SCRIPT), version], capture_output=True, text=True, check=False
         )
         if done.returncode != 0:
             raise PeerError(f"{FETCH_SCRIPT} {version} failed:\n{done.stdout}{done.stderr}")

@@ -228,8 +228,16 @@ async def test_s3_put_get_list_and_an_aborted_multipart_upload_leaves_nothing(
     body = gzip.compress(b'{"id": "e-1"}\n{"id": "e-2"}\n')
     key = f"{ACCOUNT}/us-south/2026-11-30T23/20261130T2300Z+0000_obj.log"
     s3_server.create_bucket("audit")
+    authorizations: list[str] = []
+    s3.meta.events.register(
+        "before-send.s3.PutObject",
+        lambda request, **_: authorizations.append(request.headers["Authorization"].decode()),
+    )
 
     await s3.put_object(Bucket="audit", Key=key, Body=body, ContentEncoding="gzip")
+
+    assert authorizations[0].startswith(f"AWS4-HMAC-SHA256 Credential={s3_server.access_key_id}/")
+    assert f"/{s3_server.region}/s3/aws4_request" in authorizations[0]
 
     got = await s3.get_object(Bucket="audit", Key=key)
     async with got["Body"] as stream:

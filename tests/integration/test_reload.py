@@ -14,10 +14,22 @@ import pytest
 import yaml
 
 from router.app import Daemon
-from router.config import parse_config
+from router.config import StorageConfig, parse_config
 from router.errors import ConfigError
+from router.events import Event
+from router.journal import SqliteJournal
 from tests.conftest import StartDaemon
-from tests.fakes import free_port, make_event, read_ndjson, reap, serve, terminate, wait_for
+from tests.fakes import (
+    free_port,
+    make_event,
+    read_ndjson,
+    ready,
+    reap,
+    serve,
+    spawn,
+    terminate,
+    wait_for,
+)
 from tests.integration.test_delivery import (
     ReceiverFactory,
     assert_books_balance,
@@ -329,3 +341,129 @@ async def test_a_reload_of_a_readable_file_with_a_secret_literal_is_refused(
     path.chmod(0o600)
     assert await daemon.reload_from(path) is True
     assert [t.id for t in daemon.config.targets] == ["archive", "siem"]
+
+
+async def status_books(port: int) -> dict[str, dict[str, Any]]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}/v1/status") as resp,
+    ):
+        assert resp.status == 200
+        targets: dict[str, dict[str, Any]] = (await resp.json())["targets"]
+        return targets
+
+
+def books_balance(targets: dict[str, dict[str, Any]]) -> bool:
+    return all(
+        row["received"] == row["delivered"] + row["dead_lettered"] + row["pending"]
+        for row in targets.values()
+    )
+
+
+async def orphan_backlog(storage: Path, target_id: str, count: int) -> None:
+    """A journal that owes `count` events to a target no config has (a previous run's), so
+    that the next start-up is busy retiring them for a while."""
+    journal = SqliteJournal(StorageConfig(path=str(storage), fsync="never"), [target_id])
+    await journal.open()
+    try:
+        for start in range(0, count, 5000):
+            await journal.append(
+                [
+                    (Event.from_body(make_event(id=f"orphan-{n}")), {target_id: "all"})
+                    for n in range(start, min(count, start + 5000))
+                ]
+            )
+    finally:
+        await journal.close()
+
+
+async def test_a_sighup_during_start_up_gives_each_target_one_worker(tmp_path: Path) -> None:
+    port = free_port()
+    files = ConfigFile(tmp_path, port)
+    files.write(extra=False)
+    await orphan_backlog(tmp_path / "var", "gone", 60_000)
+    letters = tmp_path / "var" / "deadletter" / "gone.ndjson"
+    proc = await spawn(files.path)
+    try:
+        # Start-up is retiring the orphan backlog: the port is not open yet.
+        await wait_for(lambda: letters.exists() and letters.stat().st_size > 0, timeout_s=30)
+        files.write(extra=True)
+        proc.send_signal(signal.SIGHUP)
+        assert not await ready(port), "start-up was still under way when SIGHUP came"
+        await wait_for(lambda: ready(port), timeout_s=30, what="the daemon to be ready")
+
+        async def extra_running() -> bool:
+            return "extra" in await status_targets(port)
+
+        await wait_for(extra_running, what="the reload to add the extra target")
+        ids = [f"e{n}" for n in range(1000)]
+        async with aiohttp.ClientSession() as session:
+            for start in range(0, len(ids), 100):
+                async with session.post(
+                    f"http://127.0.0.1:{port}/v1/events",
+                    json=[make_event(id=i) for i in ids[start : start + 100]],
+                ) as resp:
+                    assert resp.status == 202
+
+        def delivered_to_extra() -> list[str]:
+            wanted = set(ids)
+            return [e["id"] for e in read_ndjson(files.extra) if e["id"] in wanted]
+
+        await wait_for(lambda: set(delivered_to_extra()) == set(ids), timeout_s=30)
+
+        async def drained() -> bool:
+            return all(row["pending"] == 0 for row in (await status_books(port)).values())
+
+        extra = delivered_to_extra()
+        assert len(extra) == len(ids), f"{len(extra) - len(ids)} events delivered twice"
+        await wait_for(drained, timeout_s=30, what="delivery of every event")
+        books = await status_books(port)
+        assert books["extra"]["delivered"] == books["extra"]["received"]
+        assert books_balance(books), books
+        assert len(read_ndjson(letters)) == 60_000
+        assert await terminate(proc) == 0
+    finally:
+        await reap(proc)
+
+
+async def test_status_answers_while_a_removed_target_drains(
+    start_daemon: StartDaemon, receiver_factory: ReceiverFactory, tmp_path: Path
+) -> None:
+    down = await receiver_factory([503])
+    archive = tmp_path / "archive.ndjson"
+    daemon = await start_daemon(
+        {
+            "targets": [
+                http_target("down", down.url)
+                | {"retry": {"max_attempts": 100_000, "max_age_s": 3600}},
+                file_target("archive", archive),
+            ],
+            "routes": everything_to("down", "archive"),
+            "shutdown": {"drain_timeout_s": 2},
+        }
+    )
+    await post(daemon, [make_event(id=f"e{i}") for i in range(3)])
+    await wait_for(lambda: len(down.requests) >= 1)
+    reload = asyncio.create_task(
+        daemon.reload(
+            parse_config(
+                with_base(
+                    daemon,
+                    {
+                        "targets": [file_target("archive", archive)],
+                        "routes": everything_to("archive"),
+                    },
+                )
+            )
+        )
+    )
+    await wait_for(lambda: "down" not in {t.id for t in daemon.config.targets})
+    books = await status_books(daemon.port)  # the removed target drains for 2 s meanwhile
+    assert not reload.done()
+    assert books["down"]["target_type"] == "http" and books["down"]["pending"] == 3
+    assert books_balance(books)
+    await reload
+    books = await status_books(daemon.port)
+    assert "down" not in books and books_balance(books)
+    letters = read_ndjson(tmp_path / "var" / "deadletter" / "down.ndjson")
+    assert sorted(letter["event"]["id"] for letter in letters) == ["e0", "e1", "e2"]

@@ -472,6 +472,7 @@ class Daemon:
                 "used_bytes": self.journal.used_bytes,
                 "max_bytes": self.config.storage.max_bytes,
                 "quarantined_records": self.journal.quarantined,
+                "checkpoint_errors": self.journal.checkpoint_errors,
             },
             "targets": targets,
         }

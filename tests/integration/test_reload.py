@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from tests.integration.test_delivery import (
     assert_books_balance,
     everything_to,
     http_target,
+    journal_write_locked,
     settled,
 )
 from tests.integration.test_ingest import file_target, post
@@ -467,3 +469,109 @@ async def test_status_answers_while_a_removed_target_drains(
     assert "down" not in books and books_balance(books)
     letters = read_ndjson(tmp_path / "var" / "deadletter" / "down.ndjson")
     assert sorted(letter["event"]["id"] for letter in letters) == ["e0", "e1", "e2"]
+
+
+async def test_a_worker_stopped_during_its_ack_leaves_books_that_match_the_journal(
+    start_daemon: StartDaemon, receiver_factory: ReceiverFactory, tmp_path: Path
+) -> None:
+    siem = await receiver_factory([503])
+    patient = {"retry": {"max_attempts": 100_000, "max_age_s": 3600}}
+    daemon = await start_daemon(
+        {
+            "targets": [http_target("siem", siem.url) | patient],
+            "routes": everything_to("siem"),
+            "shutdown": {"drain_timeout_s": 0.2},
+        }
+    )
+    _, body = await post(daemon, [make_event() for _ in range(3)])
+    ids = [r["id"] for r in body["results"]]
+    await wait_for(lambda: len(siem.requests) >= 1)
+    stopped = daemon.workers["siem"]
+    with journal_write_locked(tmp_path / "var"):
+        siem.statuses = [200]
+        # The next attempt delivers; its ack then waits for the journal's write lock, and a
+        # reload that changes the target stops the worker there, at the drain timeout.
+        await wait_for(lambda: len(siem.delivered_events) == 3)
+        changed = http_target("siem", siem.url) | patient | {"batch": {"max_events": 50}}
+        await daemon.reload(
+            parse_config(
+                with_base(daemon, {"targets": [changed], "routes": everything_to("siem")})
+            ),
+            audit=False,
+        )
+        assert daemon.workers["siem"] is not stopped
+    # The ack commits once the lock is free; the cursor and books follow the commit.
+    await wait_for(lambda: settled(daemon), what="the books to show the batch settled")
+    assert [e["id"] for e in siem.delivered_events] == ids
+    row = daemon.status()["targets"]["siem"]
+    assert (row["received"], row["delivered"], row["pending"]) == (3, 3, 0)
+    assert_books_balance(daemon)
+
+
+async def test_a_shed_during_the_retire_of_a_removed_target_dead_letters_each_event_once(
+    start_daemon: StartDaemon, receiver_factory: ReceiverFactory, tmp_path: Path
+) -> None:
+    down = await receiver_factory([503])
+    archive = tmp_path / "archive.ndjson"
+    max_bytes = 1024 * 1024
+    storage = {
+        "path": str(tmp_path / "var"),
+        "max_bytes": max_bytes,
+        "when_full": "drop_oldest_per_target",
+    }
+    daemon = await start_daemon(
+        {
+            "storage": storage,
+            "targets": [
+                http_target("down", down.url)
+                | {
+                    "retry": {"max_attempts": 100_000, "max_age_s": 3600},
+                    "batch": {"max_events": 10},
+                },
+                file_target("archive", archive),
+            ],
+            "routes": everything_to("down", "archive"),
+            "shutdown": {"drain_timeout_s": 0},
+        }
+    )
+    accepted: list[str] = []
+    # Fill the journal: the stuck target's backlog holds every event, so it stays full.
+    while True:
+        await wait_for(lambda: daemon.journal.books("archive").pending == 0)
+        if daemon.journal.used_bytes >= max_bytes:
+            break
+        ids = [f"e{len(accepted) + i}" for i in range(50)]
+        status, _ = await post(daemon, [make_event(id=i, message="x" * 500) for i in ids])
+        assert status == 202
+        accepted += ids
+    removal = with_base(
+        daemon,
+        {
+            "storage": storage,
+            "targets": [file_target("archive", archive)],
+            "routes": everything_to("archive"),
+        },
+    )
+    letter_lock = daemon.dead_letters._lock("down")
+    # The stuck target's dead-letter file is busy (as during a redrive) while the reload retires
+    # the target and a producer's event needs room: both would take its oldest events.
+    async with daemon.dead_letters.take("down", lambda letter: False):
+        reload = asyncio.create_task(daemon.reload(parse_config(removal), audit=False))
+        await wait_for(
+            lambda: bool(letter_lock._waiters), what="the retire to wait for the dead-letter file"
+        )
+        shedding = asyncio.create_task(daemon.ingest.accept([make_event(id="late")]))
+        await asyncio.sleep(0)  # the shed starts (and, unguarded, reads the same oldest rows)
+    await reload
+    response = await shedding
+    assert response.status == 202
+    await wait_for(lambda: settled(daemon))
+    letters = Counter(
+        letter["event"]["id"]
+        for letter in read_ndjson(tmp_path / "var" / "deadletter" / "down.ndjson")
+    )
+    twice = [event_id for event_id, count in letters.items() if count > 1]
+    assert not twice, f"{len(twice)} events have two dead letters (a redrive sends them twice)"
+    assert set(letters) == set(accepted), "every event owed to the removed target has a letter"
+    assert [e["id"] for e in read_ndjson(archive)] == [*accepted, "late"]
+    assert_books_balance(daemon)

@@ -249,6 +249,9 @@ class Daemon:
         `adjust` applies the command line's overrides, as at start. The file is read under
         config_lock, so an API edit waiting for the lock builds on what it applied."""
         async with self.config_lock:
+            if not self.ready:  # start-up failed, or the daemon is stopping: nothing to apply to
+                log.warning("config reload skipped: the daemon is not running")
+                return False
             try:
                 new, data = load_config_and_data(path)
                 if adjust is not None:

@@ -215,6 +215,11 @@ class DaemonCollector(Collector):
             "Journal records that failed their checksum (dead-lettered as journal_corrupt).",
             value=journal.quarantined,
         )
+        yield CounterMetricFamily(
+            "event_router_journal_checkpoint_errors",
+            "fsync: interval checkpoints that failed (each is tried again the next interval).",
+            value=journal.checkpoint_errors,
+        )
 
     def _auth(self) -> Iterable[Metric]:
         refusals = self.daemon.guard.refusals

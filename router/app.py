@@ -23,7 +23,7 @@ from aiohttp import web
 from router import __version__
 from router.api import ConfigSource, ManagementApi
 from router.auth import Guard
-from router.config import Config, TargetConfig, load_config_and_data
+from router.config import Config, TargetConfig, config_warnings, load_config_and_data
 from router.deadletter import DeadLetters, Failure, Letter, LetterFilter, parse_since
 from router.delivery import DeliveryWorker
 from router.errors import ConfigError, RequestError, RouterError
@@ -65,7 +65,7 @@ class Daemon:
         self.routes = RouteTable(config.routes, config.settings.default_targets)
         target_ids = [target.id for target in config.targets]
         self.journal = SqliteJournal(config.storage, target_ids)
-        self.dead_letters = DeadLetters(Path(config.storage.path) / "deadletter")
+        self.dead_letters = DeadLetters(config.storage.dead_letter_dir())
         self.ingest_stats = IngestStats()
         self.target_stats = {target_id: TargetStats() for target_id in target_ids}
         self.targets: dict[str, Target] = {t.id: build_target(t) for t in config.targets}
@@ -91,7 +91,7 @@ class Daemon:
         async def record(body: dict[str, Any]) -> None:
             await ingest.accept_own(body)  # bound below; called only once requests arrive
 
-        self.guard = Guard.build(self.config.auth, record)
+        self.guard = Guard.build(self.config.auth, record, self.config.server)
         self.ingest = ingest = Ingest(
             server=self.config.server,
             validator=self.validator,
@@ -136,6 +136,8 @@ class Daemon:
         for target_id in sorted(self.journal.orphans):
             await self._retire(target_id)
         await self.guard.start()
+        for warning in config_warnings(self.config):
+            log.warning("config: %s", warning)
         for target_id, target in self.targets.items():
             try:
                 await target.start()
@@ -199,11 +201,14 @@ class Daemon:
         books = [self.journal.books(target_id) for target_id in self.targets]
         await self.journal.close()
         log.info(
-            "event-router stopped: accepted %d events this run; %d delivered, %d dead-lettered, "
-            "%d pending in the journal for the next start",
+            "event-router stopped: this run: accepted %d events; all-time (the journal's books): "
+            "%d received, %d delivered, %d dead-lettered, %d lost; %d pending in the journal for "
+            "the next start",
             self.ingest_stats.accepted,
+            sum(b.received for b in books),
             sum(b.delivered for b in books),
             sum(b.dead_lettered for b in books),
+            sum(b.lost for b in books),
             sum(b.pending for b in books),
         )
 
@@ -253,7 +258,9 @@ class Daemon:
                 log.warning("config reload skipped: the daemon is not running")
                 return False
             try:
-                new, data = load_config_and_data(path)
+                # In a thread: ${file:} references are read from disk, and never on the event
+                # loop.
+                new, data = await asyncio.to_thread(load_config_and_data, path)
                 if adjust is not None:
                     new = adjust(new)
                 await self.apply(new, initiator=initiator)
@@ -437,9 +444,11 @@ class Daemon:
         return leaving if leaving is not None else self.config.target(target_id)
 
     def status(self) -> dict[str, Any]:
-        """The books: ingest counters and, per target, received = delivered + dead + pending."""
+        """The books: ingest counters and, per target, received = delivered + dead + pending
+        + lost (lost: what a damaged journal's salvage could not recover)."""
         targets = {}
         now = time.time()
+        failing = self.failing_workers()
         for target_id, stats in self.target_stats.items():
             books = self.journal.books(target_id)
             oldest = books.oldest_received_at
@@ -449,10 +458,12 @@ class Daemon:
                 "delivered": books.delivered,
                 "dead_lettered": books.dead_lettered,
                 "pending": books.pending,
+                "lost": books.lost,
                 "oldest_pending_age_s": round(now - oldest, 3) if oldest else 0.0,
                 "retries": stats.retries,
                 "batches": stats.batches,
                 "worker_errors": stats.worker_errors,
+                "worker_failing": target_id in failing,
                 "write_status": stats.write_status.as_dict(),
             }
         ingest = self.ingest_stats
@@ -475,6 +486,7 @@ class Daemon:
                 "used_bytes": self.journal.used_bytes,
                 "max_bytes": self.config.storage.max_bytes,
                 "quarantined_records": self.journal.quarantined,
+                "lost_records": self.journal.lost_records,
                 "checkpoint_errors": self.journal.checkpoint_errors,
             },
             "targets": targets,
@@ -538,4 +550,17 @@ class Daemon:
             return json_response({"status": "not ready"}, status=503)
         if not self.journal.healthy:
             return json_response({"status": "journal unhealthy"}, status=503)
+        if failing := self.failing_workers():
+            return json_response({"status": "delivery failing", "targets": failing}, status=503)
         return json_response({"status": "ready"})
+
+    def failing_workers(self) -> list[str]:
+        """Targets whose delivery worker keeps failing while events wait for it (not a target
+        that refuses a batch: that is retried, then dead-lettered; a failing worker settles
+        nothing at all). Only with a backlog: a worker whose failures passed while it had
+        nothing to do must not keep /readyz at 503, or no producer would ever send it work."""
+        return sorted(
+            target_id
+            for target_id, stats in self.target_stats.items()
+            if stats.worker_failing and self.journal.books(target_id).pending > 0
+        )

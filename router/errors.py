@@ -4,9 +4,11 @@
     ├── ConfigError(source, problems)      a config file that cannot be used; lists every problem
     ├── RequestError(status, code, msg)    a whole ingest request refused (4xx), before any event
     ├── QueryError(message, column)        a query that does not parse; points at the column
+    ├── StorageLockedError(path, pid)      another process holds storage.path
     └── DeliveryError(target_id)           one batch could not be delivered to one target
         ├── RetryableDeliveryError         try again later (connection, timeout, 408, 429, 5xx)
         └── PermanentDeliveryError         retrying cannot help (other 4xx, unwritable file)
+            └── UnexpectedDeliveryError    a target raised something else (a bug, a refused input)
 
 A per-event validation problem is not an exception: `validation.validate` returns a list of
 `Problem`s, because one request carries many events and each gets its own answer.
@@ -15,6 +17,8 @@ A per-event validation problem is not an exception: `validation.validate` return
 from __future__ import annotations
 
 from collections.abc import Sequence
+
+from router.masking import mask_text
 
 
 class RouterError(Exception):
@@ -49,6 +53,19 @@ class QueryError(RouterError):
         super().__init__(f"column {column}: {message}")
 
 
+class StorageLockedError(RouterError):
+    """Another process (`pid`, None when it cannot be told) holds the journal under `path`."""
+
+    def __init__(self, path: str, pid: int | None) -> None:
+        self.path = path
+        self.pid = pid
+        holder = f"pid {pid}" if pid is not None else "a process whose pid is unknown"
+        super().__init__(
+            f"storage.path {path} is in use by another event-router ({holder}); two daemons "
+            "on one journal would lose events: give each its own storage.path"
+        )
+
+
 class DeliveryError(RouterError):
     """A batch could not be delivered to `target_id`."""
 
@@ -62,8 +79,10 @@ class DeliveryError(RouterError):
     ) -> None:
         self.target_id = target_id
         self.status = status
-        self.response_excerpt = response_excerpt
-        super().__init__(f"target {target_id}: {message}")
+        # Masked here, once for every target: the message and the excerpt go on to the log,
+        # /v1/status and the dead letter, and a URL in them may carry a password or a token.
+        self.response_excerpt = mask_text(response_excerpt)
+        super().__init__(f"target {target_id}: {mask_text(message)}")
 
 
 class RetryableDeliveryError(DeliveryError):
@@ -84,3 +103,10 @@ class RetryableDeliveryError(DeliveryError):
 
 class PermanentDeliveryError(DeliveryError):
     """A failure that retrying cannot fix: the batch goes to the dead-letter file."""
+
+
+class UnexpectedDeliveryError(PermanentDeliveryError):
+    """A target's send raised something that is not a DeliveryError: a bug, or an input its
+    client refuses (aiohttp's ValueError for a control character in a header). Retrying
+    cannot help, so the batch is dead-lettered with the exception's class and message rather
+    than holding up the target for ever."""

@@ -640,8 +640,16 @@ def _rule_filter(rule: Mapping[str, Any], where: str, problems: list[str]) -> Qu
     try:
         return parse(rule["filter"])
     except QueryError as exc:
-        problems.append(f"{where}: {exc} in {rule['filter']!r}")
+        problems.append(f"{where}: {exc} in {_excerpt(rule['filter'], exc.column)}")
         return None
+
+
+def _excerpt(text: str, column: int, around: int = 40) -> str:
+    """A long filter quoted only around the column a problem names (a problem is one line)."""
+    start, end = max(column - 1 - around, 0), column - 1 + around
+    if start == 0 and end >= len(text):
+        return repr(text)
+    return ("..." if start else "") + repr(text[start:end]) + ("..." if end < len(text) else "")
 
 
 def _cross_check(config: Config) -> list[str]:

@@ -15,7 +15,7 @@ import pytest
 from router.app import Daemon
 from router.cli import main
 from router.events import Event
-from router.query import parse
+from router.query import MAX_NESTING, parse
 from router.tail import SseMessage, TailHub, follow, sse_messages
 from tests.conftest import StartDaemon
 from tests.fakes import make_event, wait_for
@@ -100,6 +100,22 @@ async def test_bad_tail_query_is_400_with_the_column(daemon: Daemon) -> None:
     assert body["error"]["code"] == "bad_query"
     assert body["error"]["column"] == 19
     assert "expected a term after OR" in body["error"]["message"]
+
+
+@pytest.mark.parametrize("query", ["(" * 1000 + "outcome:failure" + ")" * 1000, "-" * 5000 + "x"])
+async def test_a_tail_query_nested_too_deep_is_400_with_the_column(
+    daemon: Daemon, query: str
+) -> None:
+    # It used to overflow the parser's stack: a 500 and a traceback in the log.
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{daemon.port}/v1/tail", params={"query": query}) as resp,
+    ):
+        assert resp.status == 400
+        body = await resp.json()
+    assert body["error"]["code"] == "bad_query"
+    assert body["error"]["column"] == MAX_NESTING + 1
+    assert "nested deeper than" in body["error"]["message"]
 
 
 async def test_stopping_the_daemon_ends_open_tails(daemon: Daemon) -> None:

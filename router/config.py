@@ -47,8 +47,15 @@ class ServerConfig:
     # A gzip body may inflate to this much; past it the request is a 413 (gzip bomb guard).
     max_inflated_bytes: int = 20 * MiB
     max_events_per_request: int = 10_000
-    # Requests decoded and validated at once; more wait their turn with their body unread.
+    # Requests decoded, validated and journaled at once, once their body has arrived; more
+    # wait their turn with their body in memory (a slow sender holds no turn while it sends).
     max_concurrent_requests: int = 16
+    # Bytes of request bodies held at once, arriving or waiting for a turn; past it a request
+    # is a 503 server_busy with Retry-After (memory stays bounded however many clients send).
+    max_body_bytes_in_flight: int = 64 * MiB
+    # Bodies one client address sends at once; more from it wait, unread, within
+    # read_timeout_s (one address holds at most this many times max_body_bytes).
+    max_bodies_per_client: int = 8
     # An event nesting deeper, or holding a longer string or key, is rejected on its own.
     max_depth: int = 32
     max_string_chars: int = 64 * 1024
@@ -728,6 +735,13 @@ def _excerpt(text: str, column: int, around: int = 40) -> str:
 def _cross_check(config: Config) -> list[str]:
     """What a schema cannot say: ids must be unique and every reference must resolve."""
     problems: list[str] = []
+    server = config.server
+    if server.max_body_bytes_in_flight < server.max_body_bytes:
+        problems.append(
+            f"server.max_body_bytes_in_flight: {server.max_body_bytes_in_flight} is less than "
+            f"server.max_body_bytes ({server.max_body_bytes}), so a body of the largest size "
+            "allowed could never be taken"
+        )
     known: dict[str, int] = {}
     for i, target in enumerate(config.targets):
         if target.id in known:

@@ -13,7 +13,7 @@ import pytest
 
 from router.app import Daemon
 from tests.conftest import StartDaemon
-from tests.fakes import make_event
+from tests.fakes import make_event, wait_for
 from tests.integration.test_ingest import file_target, post
 
 
@@ -133,3 +133,120 @@ async def test_a_connection_that_trickles_its_headers_is_closed(
         assert (await asyncio.wait_for(reader.readline(), timeout=10)).startswith(b"HTTP/1.1 200")
         await asyncio.wait_for(reader.readuntil(b'"alive"}'), timeout=10)
     writer.close()
+
+
+# -- slow bodies: a client that stalls holds its own bytes, not other producers' turns -------
+
+# The issue's bound for a normal POST while others stall (it used to wait 29.5 s).
+ANSWER_S = 1.0
+
+
+def everything_to_archive(tmp_path: Path, **server: Any) -> dict[str, Any]:
+    return {
+        "server": {"host": "127.0.0.1", "port": 0, **server},
+        # The body's journey is under test here, not the disk's.
+        "storage": {"path": str(tmp_path / "var"), "fsync": "never"},
+        "targets": [file_target("archive", tmp_path / "archive.ndjson")],
+        "routes": [{"name": "all", "rules": [{"locations": ["*"], "target_ids": ["archive"]}]}],
+    }
+
+
+async def stall_body(
+    daemon: Daemon, source: str, *, length: int = 1000, sent: bytes = b'{"action":'
+) -> asyncio.StreamWriter:
+    """A real connection from `source` (any 127.x address reaches the loopback listener) that
+    sends its headers and the start of its body, then nothing more."""
+    _, writer = await asyncio.open_connection("127.0.0.1", daemon.port, local_addr=(source, 0))
+    writer.write(
+        b"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (length, sent)
+    )
+    await writer.drain()
+    return writer
+
+
+async def post_from(source: str, daemon: Daemon, body: Any) -> tuple[int, Any]:
+    async with (
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(source, 0))) as session,
+        session.post(
+            f"http://127.0.0.1:{daemon.port}/v1/events",
+            data=orjson.dumps(body),
+            headers={"Content-Type": "application/json"},
+        ) as resp,
+    ):
+        return resp.status, await resp.json(content_type=None)
+
+
+async def hang_up(writers: list[asyncio.StreamWriter]) -> None:
+    for writer in writers:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def test_stalled_bodies_do_not_hold_up_other_producers(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    daemon = await start_daemon(everything_to_archive(tmp_path))
+    assert daemon.config.server.max_concurrent_requests == 16
+    # 16 producers' connections, from 4 addresses, each 10 bytes into its body and stalled:
+    # they used to hold every request slot until server.read_timeout_s.
+    stalled = [await stall_body(daemon, f"127.0.0.{2 + i % 4}") for i in range(16)]
+    try:
+        await wait_for(lambda: daemon.ingest_stats.requests == 16, what="16 bodies on their way")
+        status, body = await asyncio.wait_for(post(daemon, make_event()), timeout=ANSWER_S)
+        assert status == 202 and body["accepted"] == 1
+    finally:
+        await hang_up(stalled)
+    await wait_for(lambda: daemon.ingest.bodies.held_bytes == 0, what="the bytes given back")
+
+
+async def test_one_client_address_reads_a_bounded_number_of_bodies_at_once(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    daemon = await start_daemon(everything_to_archive(tmp_path, max_bodies_per_client=2))
+    bodies = daemon.ingest.bodies
+    stalled = [await stall_body(daemon, "127.0.0.2") for _ in range(2)]
+    try:
+        await wait_for(lambda: bodies.reading("127.0.0.2") == 2, what="two bodies being read")
+        # A third request from the same address waits its turn, its body unread...
+        third = asyncio.create_task(post_from("127.0.0.2", daemon, make_event(id="third")))
+        await wait_for(lambda: bodies.waiting("127.0.0.2") == 1, what="the third to wait")
+        # ...while other addresses are served at once.
+        status, _ = await asyncio.wait_for(post(daemon, make_event()), timeout=ANSWER_S)
+        assert status == 202
+        assert not third.done()
+        await hang_up(stalled[:1])
+        status, body = await asyncio.wait_for(third, timeout=10)
+        assert status == 202 and body["results"][0]["id"] == "third"
+    finally:
+        await hang_up(stalled)
+    await wait_for(lambda: bodies.reading("127.0.0.2") == 0, what="every turn given back")
+
+
+async def test_bodies_in_flight_are_bounded_in_bytes(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    daemon = await start_daemon(
+        everything_to_archive(tmp_path, max_body_bytes=40_000, max_body_bytes_in_flight=64_000)
+    )
+    bodies = daemon.ingest.bodies
+    sent = b"[" + b" " * 29_999
+    stalled = [
+        await stall_body(daemon, source, length=40_000, sent=sent)
+        for source in ("127.0.0.2", "127.0.0.3")
+    ]
+    try:
+        await wait_for(lambda: bodies.held_bytes == 60_000, what="60,000 bytes held")
+        events = [make_event() for _ in range(5)]
+        assert len(orjson.dumps(events)) > 4_000
+        status, body = await asyncio.wait_for(post(daemon, events), timeout=ANSWER_S)
+        assert status == 503 and body["error"]["code"] == "server_busy"
+        assert "server.max_body_bytes_in_flight (64000 bytes)" in body["error"]["message"]
+        await hang_up(stalled[:1])
+        await wait_for(lambda: bodies.held_bytes == 30_000, what="the first body's bytes")
+        status, body = await post(daemon, events)
+        assert status == 202 and body["accepted"] == 5
+    finally:
+        await hang_up(stalled)
+    await wait_for(lambda: bodies.held_bytes == 0, what="every byte given back")
+    assert daemon.ingest_stats.refused_requests["server_busy"] == 1

@@ -23,14 +23,14 @@ from aiohttp import web
 from router import __version__
 from router.api import ConfigSource, ManagementApi
 from router.auth import Guard
-from router.config import Config, TargetConfig, load_config_and_data
+from router.config import Config, RefusalEventsConfig, TargetConfig, load_config_and_data
 from router.deadletter import DeadLetters, Failure, Letter, LetterFilter, parse_since
 from router.delivery import DeliveryWorker
 from router.errors import ConfigError, RequestError, RouterError
 from router.events import Event
 from router.ingest import Ingest, error_response, json_response
 from router.journal import Entry, SqliteJournal
-from router.listener import DeadlineSite
+from router.listener import ClientFaultLog, DeadlineSite
 from router.metrics import IngestStats, TargetStats
 from router.probe import ProbeResult, probe
 from router.prometheus import CONTENT_TYPE, DaemonMetrics
@@ -80,6 +80,8 @@ class Daemon:
         self._retiring: set[asyncio.Task[None]] = set()
         self._reload_lock = asyncio.Lock()
         self.tail = TailHub()
+        auth = config.auth
+        self.client_faults = ClientFaultLog(auth.refusal_events if auth else RefusalEventsConfig())
         self.metrics = DaemonMetrics(self)
         self.app = self._build_app()
 
@@ -145,6 +147,7 @@ class Daemon:
             max_line_size=self.config.server.max_header_bytes,
             max_field_size=self.config.server.max_header_bytes,
             keepalive_timeout=self.config.server.keepalive_timeout_s,
+            logger=self.client_faults,
         )
         await self._runner.setup()
         server = self.config.server
@@ -172,6 +175,7 @@ class Daemon:
         self.tail.close()  # a tail stream would hold up the runner's cleanup
         if self._runner is not None:
             await self._runner.cleanup()  # stops listening, then waits for in-flight requests
+        self.client_faults.summarize()
         await self.guard.stop()
         for worker in self.workers.values():
             worker.stopping.set()

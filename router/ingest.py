@@ -181,6 +181,10 @@ class Ingest:
         async with self.bodies.hold() as held:
             try:
                 body = await self.read_body(request, held)
+            except ConnectionError:
+                # aiohttp's handler logs it (listener.ClientFaultLog: a warning, not a trace).
+                self.stats.refuse("client_disconnected")
+                raise
             except RequestError as exc:
                 self.stats.refuse(exc.code)
                 response = error_response(exc)

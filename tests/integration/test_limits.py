@@ -4,6 +4,7 @@ size and clients that send their body too slowly."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import orjson
 import pytest
 
 from router.app import Daemon
+from router.config import RefusalEventsConfig
 from tests.conftest import StartDaemon
 from tests.fakes import make_event, wait_for
 from tests.integration.test_ingest import file_target, post
@@ -250,3 +252,75 @@ async def test_bodies_in_flight_are_bounded_in_bytes(
         await hang_up(stalled)
     await wait_for(lambda: bodies.held_bytes == 0, what="every byte given back")
     assert daemon.ingest_stats.refused_requests["server_busy"] == 1
+
+
+# -- client faults: one WARNING line each, within a rate limit, never a traceback ------------
+
+MALFORMED = [
+    b"GET / HTTX/1.1\r\n\r\n",
+    b"GET /\x00 HTTP/1.1\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
+    b"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Length: x\r\n\r\n",
+]
+
+
+async def send_raw(daemon: Daemon, data: bytes) -> bytes:
+    """Send `data` on a fresh connection; everything the daemon answers, until it closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), timeout=10)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def test_malformed_requests_log_one_warning_line_each_within_a_rate_limit(
+    start_daemon: StartDaemon, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    daemon = await start_daemon(everything_to_archive(tmp_path))
+    caplog.clear()
+    sent = 1000
+    for batch in range(sent // 20):
+        answers = await asyncio.gather(
+            *(send_raw(daemon, MALFORMED[(batch + i) % len(MALFORMED)]) for i in range(20))
+        )
+        assert all(b"HTTP/1.0 400 Bad Request" in answer for answer in answers)
+    await daemon.stop()
+    # It was 690 KB of ERROR tracebacks from aiohttp's parser.
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    assert "Traceback" not in caplog.text
+    refused = [r for r in caplog.records if r.name == "router.listener"]
+    one_by_one = [r for r in refused if r.getMessage().startswith("refused a request from")]
+    burst = RefusalEventsConfig().per_client_burst
+    assert 1 <= len(one_by_one) <= burst
+    assert all(r.levelno == logging.WARNING and "\n" not in r.getMessage() for r in refused)
+    assert "127.0.0.1: 400 " in one_by_one[0].getMessage()
+    # What the limit held back is summed up, at the latest when the daemon stops.
+    assert refused[-1].getMessage() == (
+        f"{sent - len(one_by_one)} more refused requests, not logged one by one (rate limit); "
+        "the most from 127.0.0.1 (" + str(sent - len(one_by_one)) + ")"
+    )
+    assert len(caplog.text) < 10_000
+
+
+async def test_a_client_that_hangs_up_mid_body_is_a_warning_not_a_traceback(
+    start_daemon: StartDaemon, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    daemon = await start_daemon(everything_to_archive(tmp_path))
+    await hang_up([await stall_body(daemon, "127.0.0.2")])
+    await wait_for(
+        lambda: daemon.ingest_stats.refused_requests.get("client_disconnected") == 1,
+        what="the hang-up to be noticed",
+    )
+    await wait_for(lambda: any(r.name == "router.listener" for r in caplog.records))
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "router.listener"]
+    assert line.startswith("refused a request from 127.0.0.2: the client went away")
+    # Nothing is held for it.
+    assert daemon.ingest.bodies.held_bytes == 0
+    status, _ = await post(daemon, make_event())
+    assert status == 202

@@ -79,7 +79,10 @@ class Daemon:
         self._ssl = server_context(tls) if tls is not None else None
         self._retiring: set[asyncio.Task[None]] = set()
         self._reload_lock = asyncio.Lock()
-        self.tail = TailHub()
+        self.tail = TailHub(
+            max_clients=config.server.max_tail_clients,
+            write_timeout_s=config.server.tail_write_timeout_s,
+        )
         auth = config.auth
         self.client_faults = ClientFaultLog(auth.refusal_events if auth else RefusalEventsConfig())
         self.metrics = DaemonMetrics(self)
@@ -128,6 +131,7 @@ class Daemon:
         for target_id in sorted(self.journal.orphans):
             await self._retire(target_id)
         await self.guard.start()
+        self.tail.start()
         for target_id, target in self.targets.items():
             try:
                 await target.start()
@@ -172,7 +176,7 @@ class Daemon:
 
     async def stop(self) -> None:
         self.ready = False
-        self.tail.close()  # a tail stream would hold up the runner's cleanup
+        await self.tail.stop()  # a tail stream would hold up the runner's cleanup
         if self._runner is not None:
             await self._runner.cleanup()  # stops listening, then waits for in-flight requests
         self.client_faults.summarize()

@@ -68,6 +68,10 @@ class ServerConfig:
     header_timeout_s: float = 10.0
     # An idle keep-alive connection is closed after this.
     keepalive_timeout_s: float = 75.0
+    # Clients of GET /v1/tail at once; past it, 503 too_many_tail_clients.
+    max_tail_clients: int = 32
+    # A tail client that takes nothing for this long (it stopped reading) is dropped.
+    tail_write_timeout_s: float = 10.0
     tls: ServerTlsConfig | None = None
 
 

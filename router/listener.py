@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
+from collections.abc import Callable
 from typing import Any, Final
 
 from aiohttp import web
@@ -97,6 +98,20 @@ def describe(error: BaseException) -> str:
     return text if len(text) <= MAX_QUOTED_CHARS else text[: MAX_QUOTED_CHARS - 3] + "..."
 
 
+# The connections open now, by transport: how a long-lived handler (the tail) learns at once
+# that its client has gone, rather than at its next write.
+_OPEN: dict[asyncio.BaseTransport, HeaderDeadline] = {}
+
+
+def on_close(transport: asyncio.BaseTransport | None, callback: Callable[[], None]) -> None:
+    """Call `callback` when the connection of `transport` closes (at once if it has)."""
+    connection = _OPEN.get(transport) if transport is not None else None
+    if connection is None:
+        callback()
+        return
+    connection.closed_callbacks.append(callback)
+
+
 class HeaderDeadline(asyncio.Protocol):
     """Wraps aiohttp's protocol for one connection; passes everything through unchanged."""
 
@@ -106,9 +121,11 @@ class HeaderDeadline(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._tail = b""
         self._transport: asyncio.BaseTransport | None = None
+        self.closed_callbacks: list[Callable[[], None]] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport
+        _OPEN[transport] = self
         self._timer = asyncio.get_running_loop().call_later(self._timeout_s, self._expire)
         self._inner.connection_made(transport)
 
@@ -130,6 +147,11 @@ class HeaderDeadline(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         self._inner.connection_lost(exc)
+        if self._transport is not None:
+            _OPEN.pop(self._transport, None)
+        callbacks, self.closed_callbacks = self.closed_callbacks, []
+        for callback in callbacks:
+            callback()
 
     def pause_writing(self) -> None:
         self._inner.pause_writing()

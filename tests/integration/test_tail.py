@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -179,14 +180,104 @@ def accepted(body: dict[str, Any]) -> Event:
 
 async def test_slow_subscriber_drops_and_counts_without_blocking_publish() -> None:
     hub = TailHub(queue_events=3)
-    slow = hub.subscribe(parse("outcome:failure"))
-    everything = hub.subscribe(None)
-    hub.publish([accepted(denied(f"d-{i}")) for i in range(5)])
-    hub.publish([accepted(make_event(id="ok"))])
-    assert slow.queue.qsize() == 3 and slow.dropped == 2
-    assert everything.queue.qsize() == 3 and everything.dropped == 3
-    kept = [orjson.loads(slow.queue.get_nowait())["id"] for _ in range(3)]
-    assert kept == ["d-0", "d-1", "d-2"]
+    hub.start()
+    try:
+        slow = hub.subscribe(parse("outcome:failure"))
+        everything = hub.subscribe(None)
+        hub.publish([accepted(denied(f"d-{i}")) for i in range(5)])
+        hub.publish([accepted(make_event(id="ok"))])
+        await wait_for(lambda: hub.backlog == 0, what="the fan-out to take both batches")
+        await wait_for(lambda: everything.dropped == 3, what="the fan-out to finish")
+        assert len(slow.pending) == 3 and slow.dropped == 2
+        assert len(everything.pending) == 3
+        kept = [message.split(b"\nid: ")[1].split(b"\n")[0] for message in slow.take()]
+        assert kept == [b"d-0", b"d-1", b"d-2"]
+    finally:
+        await hub.stop()
+
+
+async def test_ingest_queues_a_batch_once_however_many_clients_tail(daemon: Daemon) -> None:
+    # 300 idle tails made ingest 10x slower: it matched and queued every event for every one.
+    subscribers = [daemon.tail.subscribe(None) for _ in range(300)]
+    await daemon.ingest.accept([make_event(id=f"e-{i}") for i in range(20)])
+    # Ingest has returned; the fan-out task has not run yet: one batch queued, no client fed.
+    assert daemon.tail.backlog == 1
+    assert not any(s.pending for s in subscribers)
+    await wait_for(
+        lambda: all(len(s.pending) == 20 for s in subscribers), what="every client to be fed"
+    )
+    # One SSE message per event, encoded once and shared by every client.
+    assert len({id(message) for s in subscribers for message in s.pending}) == 20
+
+
+async def test_a_tail_client_that_does_not_read_is_dropped(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    daemon = await start_daemon(
+        {
+            "server": {"host": "127.0.0.1", "port": 0, "tail_write_timeout_s": 0.5},
+            "storage": {"path": str(tmp_path / "var"), "fsync": "never"},
+            "targets": [file_target("archive", tmp_path / "archive.ndjson")],
+            "routes": [{"name": "all", "rules": [{"locations": ["*"], "target_ids": ["archive"]}]}],
+        }
+    )
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills after a few events
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", daemon.port))
+    _, writer = await asyncio.open_connection(sock=sock)
+    writer.write(b"GET /v1/tail HTTP/1.1\r\nHost: x\r\n\r\n")  # and never read a byte
+    try:
+        await wait_for(lambda: len(daemon.tail.subscribers) == 1, what="the client to subscribe")
+        batch = [make_event() for _ in range(200)]
+        deadline = asyncio.get_running_loop().time() + 30
+        while daemon.tail.subscribers:
+            assert asyncio.get_running_loop().time() < deadline, "the client was never dropped"
+            status, _ = await post(daemon, batch)
+            assert status == 202  # ingest never waits for the tail
+        assert daemon.tail.dropped_clients == 1
+        # Others tail on as usual.
+        async with aiohttp.ClientSession() as session:
+            resp, messages = await open_tail(session, daemon, "")
+            assert (await next_message(messages)).event == "ready"
+            await post(daemon, make_event(id="after"))
+            assert orjson.loads((await next_message(messages)).data)["id"] == "after"
+            resp.close()
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def test_tail_clients_past_the_cap_are_refused_with_503(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    daemon = await start_daemon(
+        {
+            "server": {"host": "127.0.0.1", "port": 0, "max_tail_clients": 2},
+            "targets": [file_target("archive", tmp_path / "archive.ndjson")],
+            "routes": [{"name": "all", "rules": [{"locations": ["*"], "target_ids": ["archive"]}]}],
+        }
+    )
+    url = f"http://127.0.0.1:{daemon.port}"
+    async with aiohttp.ClientSession() as session:
+        first, _ = await open_tail(session, daemon, "")
+        second, _ = await open_tail(session, daemon, "outcome:failure")
+        assert first.status == second.status == 200
+        async with session.get(f"{url}/v1/tail") as third:
+            assert third.status == 503
+            assert third.headers["Retry-After"]
+            error = (await third.json())["error"]
+        assert error["code"] == "too_many_tail_clients"
+        assert "server.max_tail_clients (2)" in error["message"]
+        err = io.StringIO()
+        assert await follow(url, "", err=err) == 1
+        assert "tail refused: 503" in err.getvalue()
+        first.close()
+        await wait_for(lambda: len(daemon.tail.subscribers) == 1, what="the first to leave")
+        third_again, messages = await open_tail(session, daemon, "")
+        assert third_again.status == 200 and (await next_message(messages)).event == "ready"
+        second.close()
+        third_again.close()
 
 
 async def test_dropped_events_are_announced_before_the_next_event(daemon: Daemon) -> None:

@@ -77,6 +77,18 @@ async def test_tail_streams_only_matching_events_as_they_are_accepted(daemon: Da
     await wait_for(lambda: not daemon.tail.subscribers, what="the subscriber to go")
 
 
+async def test_an_event_id_with_line_breaks_cannot_forge_a_message(daemon: Daemon) -> None:
+    forged_id = "x\nevent: dropped\ndata: {}\n\nevent: event"
+    async with aiohttp.ClientSession() as session:
+        resp, messages = await open_tail(session, daemon, "")
+        await next_message(messages)
+        await post(daemon, [make_event(id=forged_id), make_event(id="next")])
+        first, second = await next_message(messages), await next_message(messages)
+        assert first.event == second.event == "event"
+        assert [orjson.loads(m.data)["id"] for m in (first, second)] == [forged_id, "next"]
+        resp.close()
+
+
 async def test_rejected_events_are_not_tailed(daemon: Daemon) -> None:
     async with aiohttp.ClientSession() as session:
         resp, messages = await open_tail(session, daemon, "outcome:failure")

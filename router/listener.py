@@ -91,7 +91,9 @@ class ClientFaultLog(logging.LoggerAdapter[logging.Logger]):
 def describe(error: BaseException) -> str:
     """A client fault in one short line: a status and what was wrong, whitespace folded."""
     if isinstance(error, HttpProcessingError):
-        text = f"{error.code} {error.message}"
+        # aiohttp's message may end with the offending line and a caret under the spot.
+        lines = [line for line in error.message.splitlines() if line.strip() not in ("", "^")]
+        text = f"{error.code} {' '.join(lines)}"
     else:
         text = f"the client went away ({type(error).__name__}: {error})"
     text = " ".join(text.split())

@@ -736,3 +736,11 @@ def test_aliases_are_bounded_in_all_not_one_by_one(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert f"aliases here expand to more than {MAX_ALIAS_NODES} nodes" in info.value.problems[0]
+
+
+def test_bytes_in_flight_below_the_largest_body_is_a_problem() -> None:
+    data = minimal(server={"max_body_bytes": 2 * MiB, "max_body_bytes_in_flight": MiB})
+    assert problems_of(data) == [
+        f"server.max_body_bytes_in_flight: {MiB} is less than server.max_body_bytes "
+        f"({2 * MiB}), so a body of the largest size allowed could never be taken"
+    ]

@@ -23,7 +23,13 @@ from aiohttp import web
 from router import __version__
 from router.api import ConfigSource, ManagementApi
 from router.auth import Guard
-from router.config import Config, RefusalEventsConfig, TargetConfig, load_config_and_data
+from router.config import (
+    Config,
+    RefusalEventsConfig,
+    TargetConfig,
+    config_warnings,
+    load_config_and_data,
+)
 from router.deadletter import DeadLetters, Failure, Letter, LetterFilter, parse_since
 from router.delivery import DeliveryWorker
 from router.errors import ConfigError, RequestError, RouterError
@@ -65,7 +71,7 @@ class Daemon:
         self.routes = RouteTable(config.routes, config.settings.default_targets)
         target_ids = [target.id for target in config.targets]
         self.journal = SqliteJournal(config.storage, target_ids)
-        self.dead_letters = DeadLetters(Path(config.storage.path) / "deadletter")
+        self.dead_letters = DeadLetters(config.storage.dead_letter_dir())
         self.ingest_stats = IngestStats()
         self.target_stats = {target_id: TargetStats() for target_id in target_ids}
         self.targets: dict[str, Target] = {t.id: build_target(t) for t in config.targets}
@@ -92,7 +98,7 @@ class Daemon:
         async def record(body: dict[str, Any]) -> None:
             await ingest.accept_own(body)  # bound below; called only once requests arrive
 
-        self.guard = Guard.build(self.config.auth, record)
+        self.guard = Guard.build(self.config.auth, record, self.config.server)
         self.ingest = ingest = Ingest(
             server=self.config.server,
             validator=self.validator,
@@ -132,6 +138,8 @@ class Daemon:
             await self._retire(target_id)
         await self.guard.start()
         self.tail.start()
+        for warning in config_warnings(self.config):
+            log.warning("config: %s", warning)
         for target_id, target in self.targets.items():
             try:
                 await target.start()
@@ -242,7 +250,8 @@ class Daemon:
         the running one in place, and says why (log line and audit event). True if applied.
         `adjust` applies the command line's overrides, as at start."""
         try:
-            new, data = load_config_and_data(path)
+            # In a thread: ${file:} references are read from disk, and never on the event loop.
+            new, data = await asyncio.to_thread(load_config_and_data, path)
             if adjust is not None:
                 new = adjust(new)
             await self.reload(new, initiator=initiator)
@@ -412,6 +421,7 @@ class Daemon:
         """The books: ingest counters and, per target, received = delivered + dead + pending."""
         targets = {}
         now = time.time()
+        failing = self.failing_workers()
         for target_id, stats in self.target_stats.items():
             books = self.journal.books(target_id)
             oldest = books.oldest_received_at
@@ -425,6 +435,7 @@ class Daemon:
                 "retries": stats.retries,
                 "batches": stats.batches,
                 "worker_errors": stats.worker_errors,
+                "worker_failing": target_id in failing,
                 "write_status": stats.write_status.as_dict(),
             }
         ingest = self.ingest_stats
@@ -509,4 +520,17 @@ class Daemon:
             return json_response({"status": "not ready"}, status=503)
         if not self.journal.healthy:
             return json_response({"status": "journal unhealthy"}, status=503)
+        if failing := self.failing_workers():
+            return json_response({"status": "delivery failing", "targets": failing}, status=503)
         return json_response({"status": "ready"})
+
+    def failing_workers(self) -> list[str]:
+        """Targets whose delivery worker keeps failing while events wait for it (not a target
+        that refuses a batch: that is retried, then dead-lettered; a failing worker settles
+        nothing at all). Only with a backlog: a worker whose failures passed while it had
+        nothing to do must not keep /readyz at 503, or no producer would ever send it work."""
+        return sorted(
+            target_id
+            for target_id, stats in self.target_stats.items()
+            if stats.worker_failing and self.journal.books(target_id).pending > 0
+        )

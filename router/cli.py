@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from router import __version__
-from router.config import Config, load_config_and_data
+from router.config import Config, config_warnings, load_config_and_data
 from router.errors import ConfigError
 from router.logformat import setup_logging
 from router.resources import default_config_path
@@ -152,6 +152,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "tail":
         sys.exit(_tail(args, config))
     if args.command == "check":
+        for warning in config_warnings(config):
+            print(f"warning: {warning}", file=sys.stderr)
         print(
             f"{config_path}: OK ({len(config.targets)} targets, {len(config.routes)} routes, "
             f"{len(config.settings.default_targets)} default targets)"

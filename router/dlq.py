@@ -23,7 +23,7 @@ TABLE_COLUMNS = ("last_attempt_at", "reason", "status", "event_id", "action", "r
 
 
 def deadletter_dir(config: Config) -> Path:
-    return Path(config.storage.path) / "deadletter"
+    return config.storage.dead_letter_dir()
 
 
 def list_letters(config: Config, out: TextIO | None = None) -> int:

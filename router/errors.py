@@ -7,6 +7,7 @@
     └── DeliveryError(target_id)           one batch could not be delivered to one target
         ├── RetryableDeliveryError         try again later (connection, timeout, 408, 429, 5xx)
         └── PermanentDeliveryError         retrying cannot help (other 4xx, unwritable file)
+            └── UnexpectedDeliveryError    a target raised something else (a bug, a refused input)
 
 A per-event validation problem is not an exception: `validation.validate` returns a list of
 `Problem`s, because one request carries many events and each gets its own answer.
@@ -15,6 +16,8 @@ A per-event validation problem is not an exception: `validation.validate` return
 from __future__ import annotations
 
 from collections.abc import Sequence
+
+from router.masking import mask_text
 
 
 class RouterError(Exception):
@@ -62,8 +65,10 @@ class DeliveryError(RouterError):
     ) -> None:
         self.target_id = target_id
         self.status = status
-        self.response_excerpt = response_excerpt
-        super().__init__(f"target {target_id}: {message}")
+        # Masked here, once for every target: the message and the excerpt go on to the log,
+        # /v1/status and the dead letter, and a URL in them may carry a password or a token.
+        self.response_excerpt = mask_text(response_excerpt)
+        super().__init__(f"target {target_id}: {mask_text(message)}")
 
 
 class RetryableDeliveryError(DeliveryError):
@@ -84,3 +89,10 @@ class RetryableDeliveryError(DeliveryError):
 
 class PermanentDeliveryError(DeliveryError):
     """A failure that retrying cannot fix: the batch goes to the dead-letter file."""
+
+
+class UnexpectedDeliveryError(PermanentDeliveryError):
+    """A target's send raised something that is not a DeliveryError: a bug, or an input its
+    client refuses (aiohttp's ValueError for a control character in a header). Retrying
+    cannot help, so the batch is dead-lettered with the exception's class and message rather
+    than holding up the target for ever."""

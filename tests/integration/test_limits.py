@@ -94,7 +94,7 @@ async def post_raw_status(daemon: Daemon, headers: dict[str, str]) -> tuple[int,
 async def test_a_client_that_sends_its_body_too_slowly_gets_408(limited: Daemon) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", limited.port)
     writer.write(
-        b"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         b'Content-Length: 1000\r\n\r\n{"action": '
     )
     await writer.drain()
@@ -160,7 +160,7 @@ async def stall_body(
     sends its headers and the start of its body, then nothing more."""
     _, writer = await asyncio.open_connection("127.0.0.1", daemon.port, local_addr=(source, 0))
     writer.write(
-        b"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         b"Content-Length: %d\r\n\r\n%s" % (length, sent)
     )
     await writer.drain()
@@ -259,8 +259,8 @@ async def test_bodies_in_flight_are_bounded_in_bytes(
 MALFORMED = [
     b"GET / HTTX/1.1\r\n\r\n",
     b"GET /\x00 HTTP/1.1\r\n\r\n",
-    b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
-    b"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Length: x\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nBad Header\r\n\r\n",
+    b"POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: x\r\n\r\n",
 ]
 
 

@@ -238,7 +238,7 @@ async def test_a_tail_client_that_does_not_read_is_dropped(
     sock.setblocking(False)
     await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", daemon.port))
     _, writer = await asyncio.open_connection(sock=sock)
-    writer.write(b"GET /v1/tail HTTP/1.1\r\nHost: x\r\n\r\n")  # and never read a byte
+    writer.write(b"GET /v1/tail HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")  # and never read a byte
     try:
         await wait_for(lambda: len(daemon.tail.subscribers) == 1, what="the client to subscribe")
         batch = [make_event() for _ in range(200)]

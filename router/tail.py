@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import sys
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
@@ -49,6 +50,9 @@ QUEUE_EVENTS = 1000
 # Batches waiting for the fan-out task; past it a batch is dropped for every subscriber.
 INBOX_BATCHES: Final = 1000
 KEEPALIVE_S = 15.0
+# The kernel's send buffer of a tail connection: ~200 events in flight to a client, enough to
+# stream thousands a second over a LAN.
+SEND_BUFFER_BYTES: Final = 256 * 1024
 # Events accepted within this interval reach the clients together (one wake and one write
 # each): what a client costs depends on the interval, not on the rate of requests.
 FLUSH_S: Final = 0.1
@@ -226,6 +230,7 @@ class TailHub:
                 "X-Accel-Buffering": "no",
             }
         )
+        _bound_send_buffer(request)
         await response.prepare(request)
         subscriber = self.subscribe(query)
         on_close(request.transport, subscriber.close)  # a client that leaves frees its place
@@ -272,6 +277,16 @@ class TailHub:
                 await response.write(data)
         except TimeoutError as exc:
             raise SlowClientError from exc
+
+
+def _bound_send_buffer(request: web.Request) -> None:
+    """A fixed, small kernel send buffer for a tail connection: a client that stops reading
+    holds that much of the kernel's memory, not the megabytes autotuning would grow to, and
+    its writes block (and it is dropped) sooner."""
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
 
 
 def sse_event(event: Event) -> bytes:

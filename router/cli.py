@@ -1,7 +1,8 @@
 """The command line: `event-router serve | check | validate-target | dlq | ...`.
 The only place that calls asyncio.run() and sys.exit().
 
-Exit codes: 0 success, 1 runtime failure, 2 a config that cannot be used.
+Exit codes: 0 success, 1 runtime failure, 2 a config that cannot be used (or a storage.path
+another daemon holds).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 from router import __version__
 from router.config import Config, config_warnings, load_config_and_data
-from router.errors import ConfigError
+from router.errors import ConfigError, StorageLockedError
 from router.logformat import setup_logging
 from router.resources import default_config_path
 from router.sdnotify import notify
@@ -175,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     setup_logging(args.log_format, args.log_level)
     try:
         asyncio.run(_serve(config_path, data, replace(config, server=server), overrides))
-    except ConfigError as exc:
+    except (ConfigError, StorageLockedError) as exc:
         log.error("cannot start: %s", exc)
         sys.exit(EXIT_CONFIG)
     except OSError as exc:

@@ -23,14 +23,20 @@ from aiohttp import web
 from router import __version__
 from router.api import ConfigSource, ManagementApi
 from router.auth import Guard
-from router.config import Config, TargetConfig, config_warnings, load_config_and_data
+from router.config import (
+    Config,
+    RefusalEventsConfig,
+    TargetConfig,
+    config_warnings,
+    load_config_and_data,
+)
 from router.deadletter import DeadLetters, Failure, Letter, LetterFilter, parse_since
 from router.delivery import DeliveryWorker
 from router.errors import ConfigError, RequestError, RouterError
 from router.events import Event
 from router.ingest import Ingest, error_response, json_response
 from router.journal import Entry, SqliteJournal
-from router.listener import DeadlineSite
+from router.listener import ClientFaultLog, DeadlineSite
 from router.metrics import IngestStats, TargetStats
 from router.probe import ProbeResult, probe
 from router.prometheus import CONTENT_TYPE, DaemonMetrics
@@ -78,8 +84,17 @@ class Daemon:
         tls = config.server.tls
         self._ssl = server_context(tls) if tls is not None else None
         self._retiring: set[asyncio.Task[None]] = set()
-        self._reload_lock = asyncio.Lock()
-        self.tail = TailHub()
+        # Held across every read-edit-apply of the running config: start-up, reloads (SIGHUP,
+        # reload.watch) and management API edits, so none of them sees another half done.
+        self.config_lock = asyncio.Lock()
+        # Targets a reload removed whose backlog is still being retired: shown until gone.
+        self._leaving: dict[str, TargetConfig] = {}
+        self.tail = TailHub(
+            max_clients=config.server.max_tail_clients,
+            write_timeout_s=config.server.tail_write_timeout_s,
+        )
+        auth = config.auth
+        self.client_faults = ClientFaultLog(auth.refusal_events if auth else RefusalEventsConfig())
         self.metrics = DaemonMetrics(self)
         self.app = self._build_app()
 
@@ -121,11 +136,18 @@ class Daemon:
         return int(self._runner.addresses[0][1])
 
     async def start(self) -> None:
+        # A reload asked for during start-up (SIGHUP, reload.watch) waits until it is done,
+        # then applies to the config start-up ran with.
+        async with self.config_lock:
+            await self._start()
+
+    async def _start(self) -> None:
         await self.journal.open()
         self.journal.on_orphan = self._retire_soon
         for target_id in sorted(self.journal.orphans):
             await self._retire(target_id)
         await self.guard.start()
+        self.tail.start()
         for warning in config_warnings(self.config):
             log.warning("config: %s", warning)
         for target_id, target in self.targets.items():
@@ -147,6 +169,7 @@ class Daemon:
             max_line_size=self.config.server.max_header_bytes,
             max_field_size=self.config.server.max_header_bytes,
             keepalive_timeout=self.config.server.keepalive_timeout_s,
+            logger=self.client_faults,
         )
         await self._runner.setup()
         server = self.config.server
@@ -171,9 +194,10 @@ class Daemon:
 
     async def stop(self) -> None:
         self.ready = False
-        self.tail.close()  # a tail stream would hold up the runner's cleanup
+        await self.tail.stop()  # a tail stream would hold up the runner's cleanup
         if self._runner is not None:
             await self._runner.cleanup()  # stops listening, then waits for in-flight requests
+        self.client_faults.summarize()
         await self.guard.stop()
         for worker in self.workers.values():
             worker.stopping.set()
@@ -203,6 +227,10 @@ class Daemon:
         )
 
     def _start_worker(self, target_config: TargetConfig) -> None:
+        """One worker per target, ever: two would read the same cursor and send every batch
+        twice, so a second one for a target that has a worker is refused."""
+        if target_config.id in self._tasks:
+            raise RuntimeError(f"target {target_config.id} already has a delivery worker")
         worker = DeliveryWorker(
             self.targets[target_config.id],
             target_config,
@@ -237,20 +265,26 @@ class Daemon:
     ) -> bool:
         """Load the config file and apply it; a config that fails to load or to apply leaves
         the running one in place, and says why (log line and audit event). True if applied.
-        `adjust` applies the command line's overrides, as at start."""
-        try:
-            # In a thread: ${file:} references are read from disk, and never on the event loop.
-            new, data = await asyncio.to_thread(load_config_and_data, path)
-            if adjust is not None:
-                new = adjust(new)
-            await self.reload(new, initiator=initiator)
-            self.source = ConfigSource(Path(path), data)
-        except ConfigError as exc:
-            log.error("config reload refused, still running the previous config: %s", exc)
-            if exc.source != "reload":  # plan refusals are audited and counted by reload()
-                self._count_reload("refused")
-                await self._audit_reload(self.config, None, None, initiator, str(exc))
-            return False
+        `adjust` applies the command line's overrides, as at start. The file is read under
+        config_lock, so an API edit waiting for the lock builds on what it applied."""
+        async with self.config_lock:
+            if not self.ready:  # start-up failed, or the daemon is stopping: nothing to apply to
+                log.warning("config reload skipped: the daemon is not running")
+                return False
+            try:
+                # In a thread: ${file:} references are read from disk, and never on the event
+                # loop.
+                new, data = await asyncio.to_thread(load_config_and_data, path)
+                if adjust is not None:
+                    new = adjust(new)
+                await self.apply(new, initiator=initiator)
+                self.source = ConfigSource(Path(path), data)
+            except ConfigError as exc:
+                log.error("config reload refused, still running the previous config: %s", exc)
+                if exc.source != "reload":  # plan refusals are audited and counted by apply()
+                    self._count_reload("refused")
+                    await self._audit_reload(self.config, None, None, initiator, str(exc))
+                return False
         return True
 
     async def reload(
@@ -260,14 +294,23 @@ class Daemon:
         change live; otherwise swap routes, settings and validation atomically for ingest, add
         and start new targets, restart changed ones (their backlog stays), and retire removed
         ones (delivered within the drain timeout, the rest dead-lettered target_removed)."""
-        async with self._reload_lock:
-            try:
-                plan = await self._reload(new, initiator, audit)
-            except ConfigError:
-                self._count_reload("refused")
-                raise
-            self._count_reload("applied")
-            return plan
+        async with self.config_lock:
+            return await self.apply(new, initiator=initiator, audit=audit)
+
+    async def apply(
+        self, new: Config, *, initiator: str = "signal", audit: bool = True
+    ) -> ReloadPlan:
+        """`reload` for a caller that already holds config_lock, because it built `new` from
+        the running config and nothing may change that in between (the management API)."""
+        if not self.config_lock.locked():
+            raise RuntimeError("Daemon.apply needs config_lock held")
+        try:
+            plan = await self._reload(new, initiator, audit)
+        except ConfigError:
+            self._count_reload("refused")
+            raise
+        self._count_reload("applied")
+        return plan
 
     def _count_reload(self, outcome: str) -> None:
         reloads = self.ingest_stats.reloads
@@ -299,6 +342,8 @@ class Daemon:
         for target_id in plan.added:
             await self.journal.add_target(target_id)
             self.target_stats[target_id] = TargetStats()
+        for target_id in plan.removed:
+            self._leaving[target_id] = old.target(target_id)
         # From here on every new request routes with the new table; requests that routed with
         # the old one have all reached the journal (or will, via its retired-target path).
         async with self.ingest.paused():
@@ -311,6 +356,7 @@ class Daemon:
         for target_id in plan.removed:
             await self._retire(target_id)
             self.target_stats.pop(target_id, None)
+            del self._leaving[target_id]
         for target_id, target in built.items():
             self.targets[target_id] = target
             try:
@@ -406,6 +452,11 @@ class Daemon:
                 count,
             )
 
+    def _target_config(self, target_id: str) -> TargetConfig:
+        """A running target's config, or a removed one's while its backlog is retired."""
+        leaving = self._leaving.get(target_id)
+        return leaving if leaving is not None else self.config.target(target_id)
+
     def status(self) -> dict[str, Any]:
         """The books: ingest counters and, per target, received = delivered + dead + pending
         + lost (lost: what a damaged journal's salvage could not recover)."""
@@ -416,7 +467,7 @@ class Daemon:
             books = self.journal.books(target_id)
             oldest = books.oldest_received_at
             targets[target_id] = {
-                "target_type": self.config.target(target_id).target_type,
+                "target_type": self._target_config(target_id).target_type,
                 "received": books.received,
                 "delivered": books.delivered,
                 "dead_lettered": books.dead_lettered,
@@ -450,6 +501,7 @@ class Daemon:
                 "max_bytes": self.config.storage.max_bytes,
                 "quarantined_records": self.journal.quarantined,
                 "lost_records": self.journal.lost_records,
+                "checkpoint_errors": self.journal.checkpoint_errors,
             },
             "targets": targets,
         }

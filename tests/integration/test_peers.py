@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import aiobotocore.session
@@ -296,6 +298,24 @@ async def publish_acked(js: JetStreamContext, subject: str, event_id: str) -> bo
     return not ack.duplicate
 
 
+async def publish_until_acked(js: JetStreamContext, subject: str, event_id: str) -> None:
+    """Publish until the stream acknowledges, as a replicated journal must.
+
+    A new R3 stream, or one whose leader died, has no leader for a moment: the publish times
+    out or finds no responders. The retry carries the same Nats-Msg-Id, so nothing is stored
+    twice.
+    """
+
+    async def stored() -> bool:
+        try:
+            await publish_acked(js, subject, event_id)
+        except (TimeoutError, nats.errors.Error):
+            return False
+        return True
+
+    await eventually(stored, timeout_s=30, what=f"{event_id} acknowledged")
+
+
 async def test_jetstream_dedups_by_msg_id_and_a_durable_pull_consumer_acks_to_zero(
     nats_server: NatsServer,
 ) -> None:
@@ -333,25 +353,15 @@ async def test_jetstream_cluster_keeps_taking_publishes_with_the_stream_leader_k
         js = nc.jetstream(timeout=2)
         await js.add_stream(StreamConfig(name="REPLICATED", subjects=["rep.>"], num_replicas=3))
         for i in range(5):
-            await publish_acked(js, "rep.in", f"r-{i}")
+            await publish_until_acked(js, "rep.in", f"r-{i}")
         info = await js.stream_info("REPLICATED")
         assert info.cluster is not None and len(info.cluster.replicas or []) == 2
         leader = next(n for n in nats_cluster.nodes if n.server_name == info.cluster.leader)
 
         await leader.akill()
 
-        # Until a new leader is elected a publish may time out; the retry carries the same
-        # Nats-Msg-Id, so nothing is stored twice.
         for i in range(5, 15):
-
-            async def stored(event_id: str = f"r-{i}") -> bool:
-                try:
-                    await publish_acked(js, "rep.in", event_id)
-                except (TimeoutError, nats.errors.Error):
-                    return False
-                return True
-
-            await eventually(stored, timeout_s=30, what=f"r-{i} acknowledged")
+            await publish_until_acked(js, "rep.in", f"r-{i}")
 
         state = (await js.stream_info("REPLICATED")).state
         assert state.messages == 15
@@ -366,3 +376,51 @@ async def test_jetstream_cluster_keeps_taking_publishes_with_the_stream_leader_k
         await eventually(caught_up, timeout_s=30, what="the restarted node to hold all 15")
     finally:
         await nc.close()
+
+
+# The helpers themselves -------------------------------------------------------------------
+
+
+def test_a_peer_whose_port_was_taken_before_it_bound_starts_on_fresh_ports(
+    tmp_path: Path,
+) -> None:
+    server = NatsServer(tmp_path / "nats")
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", server.port))
+        squatter.listen()
+        taken = server.port
+        with server:
+            assert server.port != taken
+            assert len(server.start_seconds) == 1
+            assert nats_healthz(server)
+
+
+@pytest.mark.timeout(180)
+def test_kafka_whose_port_was_taken_before_it_bound_starts_on_fresh_ports(
+    tmp_path: Path,
+) -> None:
+    broker = KafkaBroker(tmp_path / "kafka", tls=False)
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", broker.sasl_port))
+        squatter.listen()
+        taken = broker.sasl_port
+        with broker:
+            assert broker.sasl_port != taken
+            assert "Address already in use" in broker.log_path.read_text()
+
+
+def test_a_cluster_whose_route_port_was_taken_lays_out_fresh_ports(tmp_path: Path) -> None:
+    cluster = NatsCluster(tmp_path / "cluster")
+    routes = cluster.nodes[2].routes
+    assert routes is not None
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", routes.port))
+        squatter.listen()
+        with cluster:
+            assert cluster.nodes[2].routes is not None
+            assert cluster.nodes[2].routes.port != routes.port
+            assert all(nats_healthz(node) for node in cluster.nodes)
+
+
+def nats_healthz(server: NatsServer) -> bool:
+    return bool(server.monitor("/healthz") == {"status": "ok"})

@@ -27,6 +27,9 @@ import pytest
 POLL_S = 0.05
 """How often a readiness condition is checked: often enough that waiting adds little."""
 
+BIND_ATTEMPTS = 3
+"""First starts tried with fresh ports when a port was taken between picking and binding."""
+
 _RUNNING: set[subprocess.Popen[bytes]] = set()
 
 
@@ -104,8 +107,11 @@ class ServerProcess:
 
     # What a subclass provides.
 
+    def choose_ports(self) -> None:
+        """Pick the server's ports (in `__init__`, and again after a lost bind race)."""
+
     def prepare(self) -> None:
-        """Once, before the first start: write configuration, format storage."""
+        """Before the first start (again after new ports): write configuration, storage."""
 
     def command(self) -> list[str]:
         """The server's argv."""
@@ -136,11 +142,32 @@ class ServerProcess:
         return self._proc.pid
 
     def start(self) -> Self:
-        """Start the server and wait until it is ready; a no-op when it runs."""
+        """Start the server and wait until it is ready; a no-op when it runs.
+
+        A port picked by `free_ports` is free when picked, not when the server binds it: a
+        process elsewhere on the machine can take it in between. A first start that lost that
+        race picks new ports and tries again; a restart keeps its ports (clients know them).
+        """
         if self.running:
             return self
-        self.spawn()
-        return self.wait_ready()
+        for attempt in range(1, BIND_ATTEMPTS + 1):
+            self.spawn()
+            try:
+                return self.wait_ready()
+            except PeerError:
+                if self.start_seconds or attempt == BIND_ATTEMPTS or not self.lost_bind_race():
+                    raise
+                self.choose_ports()
+                self.ports_changed()
+        raise AssertionError("unreachable")
+
+    def ports_changed(self) -> None:
+        """New ports were chosen: the next start prepares (writes its configuration) again."""
+        self._prepared = False
+
+    def lost_bind_race(self) -> bool:
+        """Did the latest start fail because one of its ports was taken?"""
+        return "address already in use" in self.log_since_start().lower()
 
     def spawn(self) -> None:
         """Start the process without waiting (servers that become ready together, a cluster)."""

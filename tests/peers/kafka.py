@@ -118,8 +118,12 @@ class KafkaBroker(ServerProcess):
         self.api_key = api_key
         self.tls: ServerTls | None = None
         self._with_tls = tls
-        self.port, self.sasl_port, self.sasl_ssl_port, self.controller_port = free_ports(4)
         self._classpath = ""
+        self.cluster_id = cluster_id()
+        self.choose_ports()
+
+    def choose_ports(self) -> None:
+        self.port, self.sasl_port, self.sasl_ssl_port, self.controller_port = free_ports(4)
 
     @property
     def bootstrap(self) -> str:
@@ -156,7 +160,7 @@ class KafkaBroker(ServerProcess):
         formatted = subprocess.run(
             [
                 java(), *JVM_OPTIONS, "-cp", self._classpath, "kafka.tools.StorageTool",
-                "format", "--cluster-id", cluster_id(),
+                "format", "--ignore-formatted", "--cluster-id", self.cluster_id,
                 "--config", str(self.workdir / "server.properties"),
             ],
             capture_output=True, text=True, check=False, cwd=self.workdir,

@@ -23,7 +23,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, ClassVar, Self
 
-from tests.peers._process import ServerProcess, free_ports, missing, wait_until
+from tests.peers._process import (
+    BIND_ATTEMPTS,
+    PeerError,
+    ServerProcess,
+    free_ports,
+    missing,
+    wait_until,
+)
 
 
 def nats_server() -> str:
@@ -81,6 +88,11 @@ class NatsServer(ServerProcess):
         self.routes = routes
         self.port, self.monitor_port = ports if ports is not None else free_ports(2)
 
+    def choose_ports(self) -> None:
+        """Only a node alone picks its own ports; a cluster lays out all its nodes' together."""
+        if self.routes is None:
+            self.port, self.monitor_port = free_ports(2)
+
     @property
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
@@ -131,22 +143,27 @@ class NatsCluster:
     """Three (or `size`) JetStream nodes routed together on loopback; nodes can die and return."""
 
     def __init__(self, workdir: Path, *, size: int = 3, name: str = "event-router") -> None:
-        ports = free_ports(3 * size)
-        route_ports = ports[2 * size :]
+        self.name = name
         self.nodes = [
-            NatsServer(
-                workdir / f"n{i + 1}",
-                server_name=f"n{i + 1}",
-                ports=(ports[2 * i], ports[2 * i + 1]),
-                routes=Routes(
-                    cluster_name=name,
-                    port=route_ports[i],
-                    peer_ports=tuple(p for j, p in enumerate(route_ports) if j != i),
-                ),
-            )
+            NatsServer(workdir / f"n{i + 1}", server_name=f"n{i + 1}", ports=(0, 0))
             for i in range(size)
         ]
         self.start_seconds: list[float] = []
+        self._lay_out()
+
+    def _lay_out(self) -> None:
+        """Give every node fresh client, monitoring and route ports, each routing to the rest."""
+        size = len(self.nodes)
+        ports = free_ports(3 * size)
+        route_ports = ports[2 * size :]
+        for i, node in enumerate(self.nodes):
+            node.port, node.monitor_port = ports[2 * i], ports[2 * i + 1]
+            node.routes = Routes(
+                cluster_name=self.name,
+                port=route_ports[i],
+                peer_ports=tuple(p for j, p in enumerate(route_ports) if j != i),
+            )
+            node.ports_changed()
 
     @property
     def urls(self) -> list[str]:
@@ -154,23 +171,39 @@ class NatsCluster:
         return [node.url for node in self.nodes]
 
     def start(self) -> Self:
-        """Start every node at once and wait until each is healthy (meta leader elected)."""
-        try:
-            for node in self.nodes:
-                if not node.running:
-                    node.spawn()
-            for node in self.nodes:
-                node.wait_ready()
-            wait_until(
-                self.routed,
-                timeout_s=NatsServer.start_timeout_s,
-                what="every node to route to every other",
-            )
-        except BaseException:
-            self.stop()
-            raise
+        """Start every node at once and wait until each is healthy (meta leader elected).
+
+        A first start whose node lost a port to another process lays out new ports for all
+        (the routes name them) and tries again, as `ServerProcess.start` does for one server.
+        """
+        for attempt in range(1, BIND_ATTEMPTS + 1):
+            try:
+                self._start_all()
+            except PeerError:
+                lost = any(node.lost_bind_race() for node in self.nodes if node.start_seconds == [])
+                self.stop()
+                if self.start_seconds or attempt == BIND_ATTEMPTS or not lost:
+                    raise
+                self._lay_out()
+            except BaseException:
+                self.stop()
+                raise
+            else:
+                break
         self.start_seconds.append(max(node.start_seconds[-1] for node in self.nodes))
         return self
+
+    def _start_all(self) -> None:
+        for node in self.nodes:
+            if not node.running:
+                node.spawn()
+        for node in self.nodes:
+            node.wait_ready()
+        wait_until(
+            self.routed,
+            timeout_s=NatsServer.start_timeout_s,
+            what="every node to route to every other",
+        )
 
     def routed(self) -> bool:
         """Does every running node route to every other running node?"""

@@ -49,9 +49,12 @@ class MotoServer(ServerProcess):
     name = "moto"
     start_timeout_s: ClassVar[float] = 60.0  # importing moto takes seconds on a busy machine
 
-    def __init__(self, workdir: Path, *, port: int | None = None) -> None:
+    def __init__(self, workdir: Path) -> None:
         super().__init__(workdir)
-        self.port = port if port is not None else free_ports(1)[0]
+        self.choose_ports()
+
+    def choose_ports(self) -> None:
+        self.port = free_ports(1)[0]
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
@@ -76,8 +79,11 @@ class Forwarder(ServerProcess):
 
     def __init__(self, workdir: Path, *, target_port: int) -> None:
         super().__init__(workdir)
-        self.port = free_ports(1)[0]
         self.target_port = target_port
+        self.choose_ports()
+
+    def choose_ports(self) -> None:
+        self.port = free_ports(1)[0]
 
     def command(self) -> list[str]:
         script = Path(__file__).with_name("_tcp_forward.py")
@@ -117,6 +123,7 @@ class S3Server:
 
     def start(self) -> Self:
         self.store.start()
+        self.front.target_port = self.store.port  # the store's first start may move it
         self.front.start()
         return self
 

@@ -279,7 +279,9 @@ class StartupConfig:
     """What the daemon checks as it starts."""
 
     # Send each target one real test event (event-router.target.validate) before its backlog.
-    validate_targets: bool = True
+    # Off by default, as atracker validates on request (`event-router validate-target`, the
+    # API's validate): on every start it would put a synthetic event at the top of archives.
+    validate_targets: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

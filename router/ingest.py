@@ -270,29 +270,61 @@ class Ingest:
 
 
 def decode(body: bytes, content_type: str) -> list[Any]:
-    """The events in a body: a list for a JSON array or NDJSON, a one-item list for an object."""
+    """The events in a body: a list for a JSON array or NDJSON, a one-item list for an object.
+    An empty (or all-whitespace) body holds no event: the caller answers `no_events`."""
     if content_type in NDJSON_TYPES:
-        return [_decode_line(number, line) for number, line in _lines(body)]
+        return [_decode_line(number, start, line) for number, start, line in _lines(body)]
     try:
         value = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise RequestError(
-            400,
-            "malformed_json",
-            f"invalid JSON at line {exc.lineno} column {exc.colno} (byte {exc.pos}): {exc.msg}",
-        ) from exc
+        if not body.strip():
+            return []
+        if utf8 := _utf8_error(body):
+            offset, reason = utf8
+            line = body.count(b"\n", 0, offset) + 1
+            column = offset - (body.rfind(b"\n", 0, offset) + 1) + 1
+            message = f"invalid UTF-8 at line {line} column {column} (byte {offset}): {reason}"
+        else:
+            message = (
+                f"invalid JSON at line {exc.lineno} column {exc.colno} (byte {exc.pos}): {exc.msg}"
+            )
+        raise RequestError(400, "malformed_json", message) from exc
     return value if isinstance(value, list) else [value]
 
 
-def _lines(body: bytes) -> list[tuple[int, bytes]]:
-    return [(n, line) for n, line in enumerate(body.split(b"\n"), start=1) if line.strip()]
+def _lines(body: bytes) -> list[tuple[int, int, bytes]]:
+    """(line number, offset of its first byte in the body, line) for each non-blank line."""
+    lines = []
+    start = 0
+    for number, line in enumerate(body.split(b"\n"), start=1):
+        if line.strip():
+            lines.append((number, start, line))
+        start += len(line) + 1
+    return lines
 
 
-def _decode_line(number: int, line: bytes) -> Any:
+def _decode_line(number: int, start: int, line: bytes) -> Any:
     try:
         return orjson.loads(line)
     except orjson.JSONDecodeError as exc:
+        if utf8 := _utf8_error(line):
+            offset, reason = utf8
+            return Malformed(
+                f"line {number}: invalid UTF-8 at column {offset + 1} "
+                f"(byte {start + offset}): {reason}"
+            )
         return Malformed(f"line {number}: invalid JSON at column {exc.colno}: {exc.msg}")
+
+
+def _utf8_error(data: bytes) -> tuple[int, str] | None:
+    """Where `data` stops being UTF-8, and why; None when it is UTF-8. orjson refuses such
+    input as a whole, at "byte 0" with a message about surrogates, so a producer would never
+    find the byte; Python's decoder names it. Only called once orjson has refused the data."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return exc.start, str(exc.reason)
+    return None
 
 
 def inflate(body: bytes, max_bytes: int) -> bytes:

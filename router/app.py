@@ -31,6 +31,7 @@ from router.events import Event
 from router.ingest import Ingest, error_response, json_response
 from router.journal import Entry, SqliteJournal
 from router.listener import DeadlineSite
+from router.logformat import counted
 from router.metrics import IngestStats, TargetStats
 from router.probe import ProbeResult, probe
 from router.prometheus import CONTENT_TYPE, DaemonMetrics
@@ -158,13 +159,13 @@ class Daemon:
         await self._site.start()
         self.ready = True
         log.info(
-            "event-router %s ready on %s://%s:%d with %d targets and %d routes",
+            "event-router %s ready on %s://%s:%d with %s and %s",
             __version__,
             "https" if self._ssl else "http",
             server.host,
             self.port,
-            len(self.targets),
-            len(self.config.routes),
+            counted(len(self.targets), "target"),
+            counted(len(self.config.routes), "route"),
         )
 
     async def stop(self) -> None:
@@ -189,9 +190,9 @@ class Daemon:
         books = [self.journal.books(target_id) for target_id in self.targets]
         await self.journal.close()
         log.info(
-            "event-router stopped: accepted %d events this run; %d delivered, %d dead-lettered, "
+            "event-router stopped: accepted %s this run; %d delivered, %d dead-lettered, "
             "%d pending in the journal for the next start",
-            self.ingest_stats.accepted,
+            counted(self.ingest_stats.accepted, "event"),
             sum(b.delivered for b in books),
             sum(b.dead_lettered for b in books),
             sum(b.pending for b in books),
@@ -313,11 +314,11 @@ class Daemon:
                 log.exception("target %s failed to start", target_id)
             self._start_worker(fresh[target_id])
         log.info(
-            "config reloaded: %d targets added, %d changed, %d removed; %d routes",
-            len(plan.added),
+            "config reloaded: %s added, %d changed, %d removed; %s",
+            counted(len(plan.added), "target"),
             len(plan.changed),
             len(plan.removed),
-            len(new.routes),
+            counted(len(new.routes), "route"),
         )
         if audit:
             await self._audit_reload(old, new, plan, initiator, None)
@@ -395,9 +396,9 @@ class Daemon:
         count = await self.journal.retire(target_id, dead_letter)
         if count:
             log.warning(
-                "target %s was removed from the config: %d pending events dead-lettered",
+                "target %s was removed from the config: %s dead-lettered",
                 target_id,
-                count,
+                counted(count, "pending event"),
             )
 
     def status(self) -> dict[str, Any]:
@@ -476,7 +477,7 @@ class Daemon:
                 )
                 taken.done += len(chunk)
                 await response.write(orjson.dumps({"done": taken.done, "total": total}) + b"\n")
-        log.info("target %s: %d dead letters redriven", target_id, total)
+        log.info("target %s: %s redriven", target_id, counted(total, "dead letter"))
         await response.write_eof()
         return response
 

@@ -21,7 +21,7 @@ from typing import Any
 from router import __version__
 from router.config import Config, load_config_and_data
 from router.errors import ConfigError
-from router.logformat import setup_logging
+from router.logformat import counted, setup_logging
 from router.resources import default_config_path
 from router.sdnotify import notify
 
@@ -141,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         config, data = load_config_and_data(config_path)
     except ConfigError as exc:
-        print(f"{exc.source}: {len(exc.problems)} problem(s)", file=sys.stderr)
+        print(f"{exc.source}: {counted(len(exc.problems), 'problem')}", file=sys.stderr)
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
@@ -153,8 +153,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(_tail(args, config))
     if args.command == "check":
         print(
-            f"{config_path}: OK ({len(config.targets)} targets, {len(config.routes)} routes, "
-            f"{len(config.settings.default_targets)} default targets)"
+            f"{config_path}: OK ({counted(len(config.targets), 'target')}, "
+            f"{counted(len(config.routes), 'route')}, "
+            f"{counted(len(config.settings.default_targets), 'default target')})"
         )
         return
 
@@ -267,7 +268,8 @@ async def _serve(
         await daemon.start()
         # READY=1 exactly when /readyz turns 200: systemd starts dependent units only then.
         notify(
-            "READY=1", f"STATUS=serving on port {daemon.port} with {len(daemon.targets)} targets"
+            "READY=1",
+            f"STATUS=serving on port {daemon.port} with {counted(len(daemon.targets), 'target')}",
         )
         await stop.wait()
         log.info("stop requested; draining")

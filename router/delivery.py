@@ -28,6 +28,7 @@ from router.config import TargetConfig
 from router.deadletter import DeadLetters, Failure
 from router.errors import DeliveryError, PermanentDeliveryError, RetryableDeliveryError
 from router.journal import Entry, Journal
+from router.logformat import counted
 from router.metrics import TargetStats
 from router.probe import probe
 from router.targets import Target
@@ -170,11 +171,11 @@ class DeliveryWorker:
             if permanent:
                 reason = "permanent_status" if exc.status is not None else "permanent_error"
             log.warning(
-                "target %s: %d events dead-lettered (%s) after %d attempts: %s",
+                "target %s: %s dead-lettered (%s) after %s: %s",
                 self.config.id,
-                len(batch),
+                counted(len(batch), "event"),
                 reason,
-                attempts,
+                counted(attempts, "attempt"),
                 exc,
             )
             return Failure(

@@ -18,6 +18,7 @@ import orjson
 
 from router.config import Config
 from router.deadletter import LetterFilter, read_letters
+from router.logformat import counted
 
 TABLE_COLUMNS = ("last_attempt_at", "reason", "status", "event_id", "action", "route")
 
@@ -75,7 +76,7 @@ def show_letters(
         else:
             print(orjson.dumps(letter).decode(), file=out)
     if fmt == "table":
-        print(f"({shown} letters)", file=out)
+        print(f"({counted(shown, 'letter')})", file=out)
     return 0
 
 
@@ -125,9 +126,12 @@ async def redrive(
         return 1
     print(file=err)
     if done < total:
-        print(f"redrive stopped after {done} of {total} letters", file=err)
+        print(f"redrive stopped after {done} of {counted(total, 'letter')}", file=err)
         return 1
-    print(f"redrove {done} dead letters of target {target_id} back onto the journal", file=err)
+    print(
+        f"redrove {counted(done, 'dead letter')} of target {target_id} back onto the journal",
+        file=err,
+    )
     return 0
 
 

@@ -29,6 +29,7 @@ from router.errors import RequestError, RouterError
 from router.events import Event
 from router.journal import Journal, JournalFullError
 from router.limits import shape_problems
+from router.logformat import counted
 from router.metrics import IngestStats
 from router.redaction import Redactor
 from router.routing import RouteTable
@@ -226,7 +227,9 @@ class Ingest:
         self.stats.rejected += len(items) - accepted
         if forbidden and caller is not None and self.refusals is not None:
             await self.refusals.record(
-                caller, 403, f"{forbidden} events of a service the token may not send for"
+                caller,
+                403,
+                f"{counted(forbidden, 'event')} of a service the token may not send for",
             )
         body = {"accepted": accepted, "rejected": len(items) - accepted, "results": results}
         return json_response(body, status=202 if accepted else 400)
@@ -260,9 +263,8 @@ class Ingest:
             if entries:
                 self.stats.dropped_buffer_full += len(entries)
                 log.warning(
-                    "journal full: the %d oldest events of target %s dead-lettered "
-                    "(dropped_buffer_full)",
-                    len(entries),
+                    "journal full: the oldest %s of target %s dead-lettered (dropped_buffer_full)",
+                    counted(len(entries), "event"),
                     target_id,
                 )
                 return len(entries)

@@ -38,6 +38,7 @@ from router.appendfile import make_private_dirs
 from router.config import StorageConfig
 from router.errors import RouterError
 from router.events import Event
+from router.logformat import counted
 
 log = logging.getLogger(__name__)
 
@@ -214,9 +215,9 @@ class SqliteJournal:
         self._update_size()
         pending = sum(t.books.pending for t in self._targets.values())
         log.info(
-            "journal %s opened: %d pending deliveries, %d bytes",
+            "journal %s opened: %s, %d bytes",
             self.path,
-            pending,
+            counted(pending, "pending delivery", "pending deliveries"),
             self.used_bytes,
         )
 
@@ -263,9 +264,9 @@ class SqliteJournal:
         fresh.close()
         self.quarantined += lost
         log.error(
-            "journal salvage: %d rows copied, %d unreadable rows skipped (kept in %s)",
-            saved,
-            lost,
+            "journal salvage: %s copied, %s skipped (kept in %s)",
+            counted(saved, "row"),
+            counted(lost, "unreadable row"),
             aside,
         )
 

@@ -190,7 +190,7 @@ def test_installed_wheel_finds_its_schemas_and_default_config(
         timeout=60,
     )
     assert check.returncode == 0, check.stderr
-    assert "OK (1 targets" in check.stdout
+    assert "OK (1 target," in check.stdout
 
 
 async def healthcheck(command: list[str]) -> int:

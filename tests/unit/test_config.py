@@ -552,7 +552,7 @@ def test_check_command_prints_ok_for_a_good_config(
     )
     main(["check", "--config", str(path)])
     out, err = capsys.readouterr()
-    assert out == f"{path}: OK (1 targets, 1 routes, 1 default targets)\n"
+    assert out == f"{path}: OK (1 target, 1 route, 1 default target)\n"
     assert err == ""
 
 
@@ -561,7 +561,7 @@ def test_check_command_without_config_checks_the_embedded_default(
 ) -> None:
     main(["check"])
     out, _ = capsys.readouterr()
-    assert out.endswith("router.yaml: OK (1 targets, 1 routes, 0 default targets)\n")
+    assert out.endswith("router.yaml: OK (1 target, 1 route, 0 default targets)\n")
 
 
 @pytest.mark.parametrize(
@@ -587,7 +587,7 @@ def test_check_command_exits_2_and_prints_every_problem_for_a_bad_config(
     out, err = capsys.readouterr()
     assert out == ""
     assert err.splitlines() == [
-        f"{path}: {len(problems)} problem(s)",
+        f"{path}: {len(problems)} problem{'' if len(problems) == 1 else 's'}",
         *(f"  {p}" for p in problems),
     ]
 

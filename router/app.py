@@ -461,12 +461,14 @@ class Daemon:
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await response.prepare(request)
 
-        def redrivable(letter: Letter) -> bool:
-            return wanted(letter) and not self.validator.validate(letter["event"])
+        def refuse(letter: Letter) -> str | None:
+            return "invalid_event" if self.validator.validate(letter["event"]) else None
 
-        async with self.dead_letters.take(target_id, redrivable) as taken:
+        async with self.dead_letters.take(target_id, wanted, refuse) as taken:
             total = len(taken.letters)
-            await response.write(orjson.dumps({"done": 0, "total": total}) + b"\n")
+            # What matched but stays in the file, by why, so the client can say so.
+            first = {"done": 0, "total": total, "skipped": taken.skipped}
+            await response.write(orjson.dumps(first) + b"\n")
             while taken.done < total:
                 chunk = taken.letters[taken.done : taken.done + REDRIVE_CHUNK]
                 await self.journal.append(

@@ -519,6 +519,7 @@ def _build(data: Mapping[str, Any], problems: list[str]) -> Config:
     targets = []
     for i, raw in enumerate(data.get("targets") or []):
         key, endpoint_cls = ENDPOINTS[raw["target_type"]]
+        before = len(problems)
         endpoint = {
             name: _resolve_all(value, f"targets[{i}].{key}.{name}", problems)
             for name, value in raw[key].items()
@@ -527,10 +528,15 @@ def _build(data: Mapping[str, Any], problems: list[str]) -> Config:
             if isinstance(endpoint.get(name), dict):
                 endpoint[name] = _section(section_cls, endpoint[name])
         signing = endpoint.get("signing")
-        if isinstance(signing, SigningConfig) and len(signing.secret) < MIN_SIGNING_SECRET:
-            problems.append(
-                f"targets[{i}].{key}.signing.secret: at least {MIN_SIGNING_SECRET} characters"
-            )
+        where = f"targets[{i}].{key}.signing.secret"
+        # A reference that did not resolve is reported once, as such, not also as too short.
+        unresolved = any(p.startswith(f"{where}: ") for p in problems[before:])
+        if (
+            isinstance(signing, SigningConfig)
+            and not unresolved
+            and len(signing.secret) < MIN_SIGNING_SECRET
+        ):
+            problems.append(f"{where}: at least {MIN_SIGNING_SECRET} characters")
         targets.append(
             TargetConfig(
                 id=raw["id"],

@@ -157,7 +157,11 @@ async def redrive(
         print(f"{counted(count, 'letter')} left in the file, {why}: {because}", file=err)
     if not total:
         if skipped:
-            print(f"nothing redriven: no matching letter of target {target_id} can be", file=err)
+            print(
+                f"nothing redriven: none of the matching letters of target {target_id} "
+                "can be redriven",
+                file=err,
+            )
             return 1
         print(f"no dead letters of target {target_id} match; nothing to redrive", file=err)
         return 0

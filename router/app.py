@@ -405,6 +405,7 @@ class Daemon:
         """The books: ingest counters and, per target, received = delivered + dead + pending."""
         targets = {}
         now = time.time()
+        failing = self.failing_workers()
         for target_id, stats in self.target_stats.items():
             books = self.journal.books(target_id)
             oldest = books.oldest_received_at
@@ -418,6 +419,7 @@ class Daemon:
                 "retries": stats.retries,
                 "batches": stats.batches,
                 "worker_errors": stats.worker_errors,
+                "worker_failing": target_id in failing,
                 "write_status": stats.write_status.as_dict(),
             }
         ingest = self.ingest_stats
@@ -504,4 +506,17 @@ class Daemon:
             return json_response({"status": "not ready"}, status=503)
         if not self.journal.healthy:
             return json_response({"status": "journal unhealthy"}, status=503)
+        if failing := self.failing_workers():
+            return json_response({"status": "delivery failing", "targets": failing}, status=503)
         return json_response({"status": "ready"})
+
+    def failing_workers(self) -> list[str]:
+        """Targets whose delivery worker keeps failing while events wait for it (not a target
+        that refuses a batch: that is retried, then dead-lettered; a failing worker settles
+        nothing at all). Only with a backlog: a worker whose failures passed while it had
+        nothing to do must not keep /readyz at 503, or no producer would ever send it work."""
+        return sorted(
+            target_id
+            for target_id, stats in self.target_stats.items()
+            if stats.worker_failing and self.journal.books(target_id).pending > 0
+        )

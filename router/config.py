@@ -508,6 +508,40 @@ def _resolve_all(value: Any, where: str, problems: list[str]) -> Any:
     return value
 
 
+# What an HTTP client refuses to put in a header (it raises at send time, so a target would
+# fail on every batch): control characters other than HTAB in a value, and names that are not
+# RFC 9110 tokens. A newline is the usual culprit, from an ${env:} value; ${file:} values are
+# stripped of surrounding whitespace already, so only a control character inside remains.
+_HEADER_VALUE_FORBIDDEN = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def _header_problems(endpoint: Mapping[str, Any], where: str) -> list[str]:
+    """Headers an endpoint sends (its `headers`, a bearer token, the signature header's name)
+    that no HTTP client would send. The value is never shown: it may be a secret."""
+    problems = []
+    values: dict[str, Any] = {
+        f"{where}.headers.{name}": value for name, value in (endpoint.get("headers") or {}).items()
+    }
+    for name in endpoint.get("headers") or {}:
+        if not _HEADER_NAME.fullmatch(name):
+            problems.append(f"{where}.headers: {name!r} is not a valid header name")
+    auth = endpoint.get("auth")
+    if isinstance(auth, HttpAuthConfig) and auth.type == "bearer":
+        values[f"{where}.auth.token"] = auth.token
+    signing = endpoint.get("signing")
+    if isinstance(signing, SigningConfig) and not _HEADER_NAME.fullmatch(signing.header):
+        problems.append(f"{where}.signing.header: {signing.header!r} is not a valid header name")
+    for path, value in values.items():
+        found = _HEADER_VALUE_FORBIDDEN.search(value) if isinstance(value, str) else None
+        if found:
+            problems.append(
+                f"{path}: a control character ({found.group()!r}) in a header value, which "
+                "an HTTP client refuses to send (an ${env:} value ending in a newline?)"
+            )
+    return problems
+
+
 def _section(cls: type[Any], data: Mapping[str, Any] | None) -> Any:
     """Build a dataclass from a mapping whose keys the schema has already checked."""
     known = {f.name for f in fields(cls)}
@@ -527,6 +561,7 @@ def _build(data: Mapping[str, Any], problems: list[str]) -> Config:
         for name, section_cls in NESTED_SECTIONS.items():
             if isinstance(endpoint.get(name), dict):
                 endpoint[name] = _section(section_cls, endpoint[name])
+        problems.extend(_header_problems(endpoint, f"targets[{i}].{key}"))
         signing = endpoint.get("signing")
         where = f"targets[{i}].{key}.signing.secret"
         # A reference that did not resolve is reported once, as such, not also as too short.

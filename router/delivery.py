@@ -21,12 +21,19 @@ from tenacity import (
     retry_if_exception_type,
     stop_after_attempt,
     stop_after_delay,
+    stop_any,
     wait_random_exponential,
 )
+from tenacity.stop import stop_base
 
 from router.config import TargetConfig
 from router.deadletter import DeadLetters, Failure
-from router.errors import DeliveryError, PermanentDeliveryError, RetryableDeliveryError
+from router.errors import (
+    DeliveryError,
+    PermanentDeliveryError,
+    RetryableDeliveryError,
+    UnexpectedDeliveryError,
+)
 from router.journal import Entry, Journal
 from router.logformat import counted
 from router.metrics import TargetStats
@@ -52,6 +59,30 @@ UNSENDABLE_MESSAGES = {
 def unsendable_failure(reason: str) -> Failure:
     """The dead-letter record for events refused before any attempt."""
     return Failure(reason=reason, message=UNSENDABLE_MESSAGES.get(reason, reason))
+
+
+def _retry_after(state: RetryCallState) -> float | None:
+    """The Retry-After of the attempt that just failed, if the target sent one."""
+    error = state.outcome.exception() if state.outcome else None
+    if isinstance(error, RetryableDeliveryError):
+        return error.retry_after_s
+    return None
+
+
+class RetryAfterOutlastsAgeStop(stop_base):
+    """Stop now when the target asks to be left alone for longer than the batch may still wait
+    (retry.max_age_s): a retry before its Retry-After would only be refused again, and waiting
+    for it would hold the batch past its age. `fired` says this stop, not another, ended it."""
+
+    def __init__(self, max_age_s: float) -> None:
+        self.max_age_s = max_age_s
+        self.fired = False
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        retry_after = _retry_after(retry_state)
+        left = self.max_age_s - (retry_state.seconds_since_start or 0.0)
+        self.fired = retry_after is not None and retry_after > left
+        return self.fired
 
 
 class DeliveryWorker:
@@ -84,15 +115,19 @@ class DeliveryWorker:
     async def run(self) -> None:
         """Deliver batches until `stopping` is set and nothing is left for this target.
 
-        This is a task boundary: an unexpected error is logged and counted, and the worker
-        carries on after a pause (the batch stays in the journal), rather than dying silently
-        and leaving the target's backlog to grow unseen."""
+        This is a task boundary: an unexpected error is logged, counted and shown in the
+        target's write_status, and the worker carries on after a pause (the batch stays in the
+        journal), rather than dying silently and leaving the target's backlog to grow unseen.
+        A worker that keeps failing turns /readyz to 503 (TargetStats.worker_failing)."""
         while True:
             try:
                 await self._deliver_until_stopped()
                 return
-            except Exception:
-                self.stats.worker_errors += 1
+            except Exception as exc:
+                self.stats.record_worker_error(
+                    f"target {self.config.id}: delivery worker failed: {type(exc).__name__}: {exc}",
+                    time.time(),
+                )
                 log.exception("target %s: delivery worker failed; restarting", self.config.id)
                 await asyncio.sleep(WORKER_RESTART_S)
 
@@ -132,10 +167,26 @@ class DeliveryWorker:
             for reason, entries in refused.items():
                 await self._dead_letter(entries, unsendable_failure(reason))
                 dead += len(entries)
-            if sendable and (failure := await self._send(sendable)) is not None:
-                await self._dead_letter(sendable, failure)
-                dead += len(sendable)
+            dead += await self._send_each_request(sendable)
             await self.journal.ack(self.config.id, batch, dead_lettered=dead)
+            self.stats.worker_errors_in_a_row = 0
+
+    async def _send_each_request(self, sendable: Sequence[Entry]) -> int:
+        """Send the batch in the requests the target cuts it into, each retried and settled on
+        its own: a failure of one request neither sends an earlier one again nor dead-letters
+        events an earlier one delivered. Returns how many events were dead-lettered."""
+        if not sendable:
+            return 0
+        dead = 0
+        start = 0
+        for request in self.target.requests([entry.event for entry in sendable]):
+            entries = sendable[start : start + len(request)]
+            start += len(request)
+            if (failure := await self._send(entries)) is not None:
+                await self._dead_letter(entries, failure)
+                dead += len(entries)
+        assert start == len(sendable), "a target's requests() must cover the batch in order"
+        return dead
 
     async def _send(self, batch: Sequence[Entry]) -> Failure | None:
         """Send with retries; None when delivered, else why it was given up."""
@@ -144,9 +195,14 @@ class DeliveryWorker:
         first_attempt = time.time()
         attempts = 0
         self.stats.batches += 1
+        outlasted = RetryAfterOutlastsAgeStop(retry.max_age_s)
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(RetryableDeliveryError),
-            stop=stop_after_attempt(retry.max_attempts) | stop_after_delay(retry.max_age_s),
+            stop=stop_any(
+                stop_after_attempt(retry.max_attempts),
+                stop_after_delay(retry.max_age_s),
+                outlasted,
+            ),
             wait=self._wait,
             before_sleep=self._before_sleep,
             reraise=True,
@@ -162,25 +218,45 @@ class DeliveryWorker:
                         self._observe_send(started, "failed")
                         self.stats.record_failure(str(exc), time.time())
                         raise
+                    except Exception as exc:
+                        # The boundary of the target's code: what it raises here is no delivery
+                        # outcome it classified, so it is permanent (a restarting worker would
+                        # send the same batch into the same error for ever).
+                        log.exception("target %s: unexpected error in send", self.config.id)
+                        error = UnexpectedDeliveryError(
+                            self.config.id, f"{type(exc).__name__}: {exc}"
+                        )
+                        self._observe_send(started, "failed")
+                        self.stats.record_failure(str(error), time.time())
+                        raise error from exc
                     self._observe_send(started, "delivered")
             self.stats.record_success()
             return None
         except DeliveryError as exc:
             permanent = isinstance(exc, PermanentDeliveryError)
             reason = "retries_exhausted"
+            message = str(exc)
+            if outlasted.fired and isinstance(exc, RetryableDeliveryError):
+                reason = "retry_after_exceeds_max_age"
+                message += (
+                    f"; Retry-After asks for {exc.retry_after_s:.0f}s, longer than "
+                    f"retry.max_age_s ({retry.max_age_s:g}s) lets the batch wait"
+                )
             if permanent:
                 reason = "permanent_status" if exc.status is not None else "permanent_error"
+            if isinstance(exc, UnexpectedDeliveryError):
+                reason = "unexpected_error"
             log.warning(
                 "target %s: %s dead-lettered (%s) after %s: %s",
                 self.config.id,
                 counted(len(batch), "event"),
                 reason,
                 counted(attempts, "attempt"),
-                exc,
+                message,
             )
             return Failure(
                 reason=reason,
-                message=str(exc),
+                message=message,
                 status=exc.status,
                 response_excerpt=exc.response_excerpt,
                 attempts=attempts,
@@ -193,12 +269,16 @@ class DeliveryWorker:
             self.send_seconds.labels(self.config.id, outcome).observe(time.monotonic() - started)
 
     def _wait(self, state: RetryCallState) -> float:
-        """Exponential backoff with full jitter, or the target's Retry-After if longer."""
-        backoff = self._backoff(state)
-        error = state.outcome.exception() if state.outcome else None
-        if isinstance(error, RetryableDeliveryError) and error.retry_after_s is not None:
-            return max(backoff, error.retry_after_s)
-        return backoff
+        """Exponential backoff with full jitter, or the target's Retry-After if longer; never
+        longer than max_backoff_s nor past max_age_s, so a server's Retry-After cannot hold a
+        batch beyond the limits the operator set."""
+        retry = self.config.retry
+        wait = self._backoff(state)
+        retry_after = _retry_after(state)
+        if retry_after is not None:
+            wait = max(wait, retry_after)
+        left = retry.max_age_s - (state.seconds_since_start or 0.0)
+        return max(0.0, min(wait, retry.max_backoff_s, left))
 
     def _before_sleep(self, state: RetryCallState) -> None:
         self.stats.retries += 1

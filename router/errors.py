@@ -7,6 +7,7 @@
     └── DeliveryError(target_id)           one batch could not be delivered to one target
         ├── RetryableDeliveryError         try again later (connection, timeout, 408, 429, 5xx)
         └── PermanentDeliveryError         retrying cannot help (other 4xx, unwritable file)
+            └── UnexpectedDeliveryError    a target raised something else (a bug, a refused input)
 
 A per-event validation problem is not an exception: `validation.validate` returns a list of
 `Problem`s, because one request carries many events and each gets its own answer.
@@ -84,3 +85,10 @@ class RetryableDeliveryError(DeliveryError):
 
 class PermanentDeliveryError(DeliveryError):
     """A failure that retrying cannot fix: the batch goes to the dead-letter file."""
+
+
+class UnexpectedDeliveryError(PermanentDeliveryError):
+    """A target's send raised something that is not a DeliveryError: a bug, or an input its
+    client refuses (aiohttp's ValueError for a control character in a header). Retrying
+    cannot help, so the batch is dead-lettered with the exception's class and message rather
+    than holding up the target for ever."""

@@ -76,6 +76,7 @@ class IamTokenSource:
                 self.token_url,
                 data={"grant_type": GRANT_TYPE, "apikey": self._api_key},
                 headers={"Accept": "application/json"},
+                allow_redirects=False,  # a redirect would carry the request elsewhere as a GET
             ) as resp:
                 if resp.status != 200:
                     excerpt = (await resp.content.read(EXCERPT_BYTES)).decode("utf-8", "replace")

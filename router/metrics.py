@@ -28,6 +28,12 @@ class WriteStatus:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
+# A delivery worker that failed this many times in a row without settling a batch is
+# "failing" (while events wait for it): its target gets nothing until someone looks, so
+# /readyz and the metrics say so.
+WORKER_FAILING_AFTER = 3
+
+
 @dataclass(slots=True)
 class TargetStats:
     """How delivery to one target is going."""
@@ -35,10 +41,21 @@ class TargetStats:
     retries: int = 0
     batches: int = 0
     worker_errors: int = 0
+    worker_errors_in_a_row: int = 0  # since the worker last settled a batch
     write_status: WriteStatus = field(default_factory=WriteStatus)
 
     def record_failure(self, reason: str, at: float) -> None:
         self.write_status = WriteStatus("failed", utc_iso(at), reason)
+
+    def record_worker_error(self, reason: str, at: float) -> None:
+        """The worker itself failed (not a send it classified); it restarts after a pause."""
+        self.worker_errors += 1
+        self.worker_errors_in_a_row += 1
+        self.record_failure(reason, at)
+
+    @property
+    def worker_failing(self) -> bool:
+        return self.worker_errors_in_a_row >= WORKER_FAILING_AFTER
 
     def record_success(self) -> None:
         self.write_status.status = "success"

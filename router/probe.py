@@ -9,6 +9,7 @@ recorded in the target's write_status, and blocks nothing else.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -17,6 +18,8 @@ from router.events import Event
 from router.metrics import TargetStats
 from router.selfevent import instance_crn, router_event
 from router.targets import Target
+
+log = logging.getLogger(__name__)
 
 ACTION = "event-router.target.validate"
 
@@ -62,6 +65,15 @@ async def probe(target: Target, stats: TargetStats | None = None) -> ProbeResult
         if stats is not None:
             stats.record_failure(f"target {target.id}: {exc}", time.time())
         return ProbeResult(target.id, False, f"target {target.id}: {exc}")
+    except Exception as exc:
+        # The boundary of the target's code, as in delivery: a test write that raises
+        # something else (aiohttp refusing a header) is a failed validation, reported, not
+        # an error that takes the worker or the API request down.
+        log.exception("target %s: unexpected error in the test write", target.id)
+        message = f"target {target.id}: unexpected {type(exc).__name__}: {exc}"
+        if stats is not None:
+            stats.record_failure(message, time.time())
+        return ProbeResult(target.id, False, message)
     if stats is not None:
         stats.record_success()
     return ProbeResult(target.id, True, f"target {target.id} took the test event {event.id}")

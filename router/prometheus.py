@@ -76,8 +76,13 @@ class DaemonCollector(Collector):
         yield info
         yield GaugeMetricFamily(
             "event_router_ready",
-            "1 while /readyz answers 200 (started, not stopping, journal healthy).",
-            value=int(self.daemon.ready and self.daemon.journal.healthy),
+            "1 while /readyz answers 200 (started, not stopping, journal healthy, no delivery "
+            "worker failing).",
+            value=int(
+                self.daemon.ready
+                and self.daemon.journal.healthy
+                and not self.daemon.failing_workers()
+            ),
         )
 
     def _ingest(self) -> Iterable[Metric]:
@@ -162,7 +167,14 @@ class DaemonCollector(Collector):
             "1 while the target's latest send attempt failed (atracker's write_status).",
             labels=["target"],
         )
+        worker_failing = GaugeMetricFamily(
+            "event_router_target_worker_failing",
+            "1 while the target's delivery worker keeps failing without settling a batch "
+            "(/readyz answers 503).",
+            labels=["target"],
+        )
         now = time.time()
+        failing_workers = daemon.failing_workers()
         for target_id, stats in daemon.target_stats.items():
             books = daemon.journal.books(target_id)
             values = {
@@ -179,10 +191,12 @@ class DaemonCollector(Collector):
             age = now - books.oldest_received_at if books.oldest_received_at else 0.0
             oldest.add_metric([target_id], max(age, 0.0))
             failing.add_metric([target_id], int(stats.write_status.status != "success"))
+            worker_failing.add_metric([target_id], int(target_id in failing_workers))
         yield from families.values()
         yield pending
         yield oldest
         yield failing
+        yield worker_failing
         letters = CounterMetricFamily(
             "event_router_dead_letters",
             "Dead letters written by this process, by target and reason (permanent_status, "

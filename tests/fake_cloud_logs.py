@@ -37,6 +37,7 @@ class FakeCloudLogs:
     expires_in_s: float = 3600
     ingress_statuses: Sequence[int] = (0,)
     retry_after: str | None = None
+    token_suffix: str = ""  # e.g. "\n": a token no HTTP client can put in a header
     token_requests: int = 0
     tokens: dict[str, float] = field(default_factory=dict)  # token -> expiry (monotonic)
     requests: list[dict[str, Any]] = field(default_factory=list)
@@ -73,7 +74,7 @@ class FakeCloudLogs:
                 {"errorCode": "BXNIM0415E", "errorMessage": "Provided API key could not be found"},
                 status=400,
             )
-        token = f"token-{self.token_requests}"
+        token = f"token-{self.token_requests}{self.token_suffix}"
         self.tokens[token] = time.monotonic() + self.expires_in_s
         return web.json_response(
             {

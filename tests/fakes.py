@@ -101,7 +101,8 @@ class ScriptedReceiver:
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
         port = self._runner.addresses[0][1]
-        self.url = f"http://127.0.0.1:{port}/ingest"
+        self.base = f"http://127.0.0.1:{port}"
+        self.url = f"{self.base}/ingest"
         return self
 
     async def stop(self) -> None:
@@ -124,6 +125,47 @@ class ScriptedReceiver:
     def delivered_events(self) -> list[dict[str, Any]]:
         """Events in requests that were answered 2xx."""
         return [e for r in self.requests if 200 <= r.status < 300 for e in r.body]
+
+
+@dataclass
+class RedirectingReceiver:
+    """An SSO gateway or an http->https proxy in front of a SIEM: a POST to any path but
+    /landing is answered `status` (302) with a Location to /landing, which answers 200 to any
+    method. It records
+    every request as (method, path, body), so a test sees whether a client followed."""
+
+    status: int = 302
+    location_userinfo: str = ""  # e.g. "user:secret@", to check it is masked where shown
+    requests: list[tuple[str, str, bytes]] = field(default_factory=list)
+    url: str = ""
+    base: str = ""
+    location: str = ""
+    _runner: web.AppRunner | None = None
+
+    async def start(self) -> RedirectingReceiver:
+        app = web.Application()
+        app.router.add_route("*", "/landing", self._land)
+        app.router.add_post("/{tail:.*}", self._redirect)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+        port = self._runner.addresses[0][1]
+        self.base = f"http://127.0.0.1:{port}"
+        self.url = f"{self.base}/ingest"
+        self.location = f"http://{self.location_userinfo}127.0.0.1:{port}/landing"
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _redirect(self, request: web.Request) -> web.Response:
+        self.requests.append((request.method, request.path, await request.read()))
+        return web.Response(status=self.status, headers={"Location": self.location})
+
+    async def _land(self, request: web.Request) -> web.Response:
+        self.requests.append((request.method, request.path, await request.read()))
+        return web.Response(status=200, text="welcome")
 
 
 async def wait_for(

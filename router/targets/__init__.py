@@ -7,7 +7,7 @@ once, for every target type. A new target type is one module and one line in TAR
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Final, Protocol
 
 from router.config import TargetConfig
@@ -25,6 +25,12 @@ class Target(Protocol):
     def unsendable(self, event: Event) -> str | None:
         """Why this event can never be sent here (e.g. `too_large`), or None. Such an event is
         dead-lettered with that reason at once, not retried, and the rest of its batch goes."""
+
+    def requests(self, batch: Sequence[Event]) -> Iterator[Sequence[Event]]:
+        """The batch cut into what goes out in one request each, in order. The worker sends,
+        retries and settles each on its own, so a failed second request neither sends the
+        first again nor dead-letters events the first already stored. Most targets take a
+        batch in one request: `yield batch`."""
 
     async def send(self, batch: Sequence[Event]) -> None:
         """Deliver the whole batch or raise Retryable/PermanentDeliveryError."""

@@ -5,7 +5,8 @@ Each event becomes one log record the way IBM's own routing writes audit events 
 logSourceCRN, the event object as `text`, its `eventTime` as `timestamp` (ms) and its severity
 mapped normal -> 3 (Info), warning -> 4 (Warn), critical -> 6 (Critical).
 
-A batch is split into requests under `max_request_bytes` (2 MB). An event that can never be
+A batch is split into requests under `max_request_bytes` (2 MB), each sent, retried and
+settled (delivered or dead-lettered) on its own by the worker. An event that can never be
 taken is refused before any attempt, so it is dead-lettered with the reason instead of retried
 for ever: over `max_event_bytes` (32 KB) is `too_large`, and an eventTime older than 24 hours
 or more than 4 hours ahead is `too_old` / `too_far_in_future` (Cloud Logs would drop it while
@@ -98,24 +99,32 @@ class CloudLogsTarget:
             head["timestamp"] = ms
         return orjson.dumps(head)[:-1] + b',"text":' + event.encoded() + b"}"
 
-    def _requests(self, batch: Sequence[Event]) -> Iterator[bytes]:
-        """JSON arrays of records, each under max_request_bytes."""
+    def requests(self, batch: Sequence[Event]) -> Iterator[Sequence[Event]]:
+        """Runs of events whose records fit in one request under max_request_bytes; the
+        worker settles each on its own."""
+        for events, _ in self._grouped(batch):
+            yield events
+
+    def _grouped(self, batch: Sequence[Event]) -> Iterator[tuple[list[Event], list[bytes]]]:
+        """The runs of `requests`, with their records."""
+        events: list[Event] = []
         records: list[bytes] = []
-        size = 2
+        size = 2  # the brackets of the JSON array
         for event in batch:
             record = self._record(event)
             if records and size + len(record) + 1 > self.endpoint.max_request_bytes:
-                yield b"[" + b",".join(records) + b"]"
-                records, size = [], 2
+                yield events, records
+                events, records, size = [], [], 2
+            events.append(event)
             records.append(record)
-            size += len(record) + 1
+            size += len(record) + 1  # and a comma
         if records:
-            yield b"[" + b",".join(records) + b"]"
+            yield events, records
 
     async def send(self, batch: Sequence[Event]) -> None:
         await self.start()
-        for body in self._requests(batch):
-            await self._post(body)
+        for _, records in self._grouped(batch):
+            await self._post(b"[" + b",".join(records) + b"]")
 
     async def _post(self, body: bytes) -> None:
         assert self._session is not None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from router.appendfile import AppendOnlyFile
@@ -38,6 +38,9 @@ class FileTarget:
 
     def unsendable(self, event: Event) -> str | None:
         return None
+
+    def requests(self, batch: Sequence[Event]) -> Iterator[Sequence[Event]]:
+        yield batch  # one request (one write) takes the whole batch
 
     async def send(self, batch: Sequence[Event]) -> None:
         data = b"".join(event.encoded() + b"\n" for event in batch)

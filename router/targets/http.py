@@ -5,8 +5,11 @@ receiver can check the body and refuse replays), a CA bundle and a client certif
 
 Failures are classified like Fluent Bit's out_http: connection errors, timeouts, 408, 429 and
 5xx may pass and are retryable (a Retry-After header is honoured); any other non-2xx answer is
-permanent. Each batch carries an `Idempotency-Key` derived from its event ids, so a receiver
-can drop a batch it already took when a retry follows a lost response.
+permanent. Redirects are never followed: a client that follows a 301/302/303 turns the POST
+into a body-less GET whose 200 would count as delivered (an SSO gateway or an http->https
+proxy does this), so a 3xx is a permanent failure that names its Location. Each batch carries
+an `Idempotency-Key` derived from its event ids, so a receiver can drop a batch it already took
+when a retry follows a lost response.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import hashlib
 import hmac
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -91,13 +95,25 @@ def auth_header(auth: HttpAuthConfig | None) -> dict[str, str]:
     return {"Authorization": "Basic " + base64.b64encode(credentials).decode("ascii")}
 
 
+def without_userinfo(url: str) -> str:
+    """A URL fit for a log line or a dead letter: any `user:password@` becomes `***@`."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
+
+
 async def raise_for_status(target_id: str, url: str, resp: aiohttp.ClientResponse) -> None:
     """Classify an answer: 2xx returns; 408, 429 and 5xx are retryable (with Retry-After);
-    any other status is permanent. Shared by every target that speaks HTTP."""
+    any other status is permanent, a redirect included (it is never followed, see above).
+    Shared by every target that speaks HTTP."""
     if 200 <= resp.status < 300:
         return
     excerpt = (await resp.content.read(EXCERPT_BYTES)).decode("utf-8", "replace")
     message = f"HTTP {resp.status} from {url}"
+    if 300 <= resp.status < 400:
+        location = without_userinfo(resp.headers.get("Location", "(none)"))
+        message += f": a redirect to {location}, not followed (configure the final URL)"
     if resp.status in RETRYABLE_STATUSES or resp.status >= 500:
         raise RetryableDeliveryError(
             target_id,
@@ -121,7 +137,7 @@ async def post(
     """POST one body; connection errors and timeouts become retryable errors. `on_status` may
     look at the answer first (e.g. a 401 that calls for a new token)."""
     try:
-        async with session.post(url, data=body, headers=headers) as resp:
+        async with session.post(url, data=body, headers=headers, allow_redirects=False) as resp:
             if on_status is not None:
                 await on_status(resp)
             await raise_for_status(target_id, url, resp)
@@ -158,6 +174,9 @@ class HttpTarget:
 
     def unsendable(self, event: Event) -> str | None:
         return None
+
+    def requests(self, batch: Sequence[Event]) -> Iterator[Sequence[Event]]:
+        yield batch  # one request (one write) takes the whole batch
 
     async def send(self, batch: Sequence[Event]) -> None:
         await self.start()

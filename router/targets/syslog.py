@@ -10,10 +10,16 @@ service; MSGID its action (cut to RFC 5424's 32 characters; the whole action is 
 structured data and the JSON). Frames are `<length> <message>` (RFC 6587 octet counting), so a
 message may hold any byte, newlines included.
 
+The connection is kept open between batches, with its reader: a receiver that restarts or
+closes an idle connection shows as end-of-file there, and the next batch then goes on a new
+connection instead of into the closed one (where the kernel would take it and the peer answer
+with a reset, after we had counted it delivered).
+
 TCP acknowledges bytes, not messages: a batch counts as delivered once the kernel took it, and
-a connection that breaks afterwards can lose what was in flight without either side noticing.
-That is syslog's own limit (RELP exists for it); an audit trail that must be provable end to end
-should prefer the http or cloud_logs targets, and use syslog as a feed for a SIEM.
+a receiver that dies after that (or closes the connection while the batch is on its way) loses
+it without either side noticing. That is syslog's own limit (only RELP acknowledges messages);
+an audit trail that must be provable end to end should prefer the http or cloud_logs targets,
+and use syslog as a feed for a SIEM.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import asyncio
 import contextlib
 import socket
 import ssl
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 
 from router.config import SyslogEndpointConfig, TargetConfig
@@ -68,6 +74,7 @@ class SyslogTarget:
         self._ssl: bool | ssl.SSLContext = (
             tls_context(endpoint.tls_verify, endpoint.tls) if endpoint.transport == "tls" else False
         )
+        self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
 
     @classmethod
@@ -101,6 +108,9 @@ class SyslogTarget:
             return "too_large"
         return None
 
+    def requests(self, batch: Sequence[Event]) -> Iterator[Sequence[Event]]:
+        yield batch  # one request (one write) takes the whole batch
+
     async def send(self, batch: Sequence[Event]) -> None:
         frames = b"".join(
             str(len(message)).encode() + b" " + message
@@ -117,13 +127,21 @@ class SyslogTarget:
                 self.id, f"syslog {self.endpoint.transport} to {where}: {exc or type(exc).__name__}"
             ) from exc
 
+    def _peer_gone(self) -> bool:
+        """Has the receiver closed the connection? Syslog receivers send nothing, so end of
+        file on the reader is the only sign of a peer that closed (a restart, an idle
+        timeout); a write into that connection would be taken by our kernel and lost."""
+        writer, reader = self._writer, self._reader
+        if writer is None or reader is None:
+            return False
+        return writer.is_closing() or reader.at_eof() or reader.exception() is not None
+
     async def _connection(self) -> asyncio.StreamWriter:
+        if self._peer_gone():
+            await self.close()  # what the receiver had before it closed is out of our hands
         writer = self._writer
-        if writer is not None and writer.is_closing():
-            await self.close()  # the receiver went away; what it had is out of our hands
-            writer = None
         if writer is None:
-            _, writer = await asyncio.wait_for(
+            self._reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(
                     self.endpoint.host,
                     self.port,
@@ -137,7 +155,7 @@ class SyslogTarget:
         return writer
 
     async def close(self) -> None:
-        writer, self._writer = self._writer, None
+        writer, self._writer, self._reader = self._writer, None, None
         if writer is not None:
             writer.close()
             with contextlib.suppress(OSError, ssl.SSLError):

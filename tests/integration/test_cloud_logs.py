@@ -16,7 +16,7 @@ from router.iam import IamTokenSource
 from router.targets.cloud_logs import ingress_url
 from tests.conftest import StartDaemon
 from tests.fake_cloud_logs import API_KEY, FakeCloudLogs
-from tests.fakes import INSTANCE, make_event, read_ndjson, wait_for
+from tests.fakes import INSTANCE, RedirectingReceiver, make_event, read_ndjson, wait_for
 from tests.integration.test_delivery import assert_books_balance, everything_to, settled
 from tests.integration.test_ingest import post
 
@@ -254,3 +254,95 @@ async def test_the_api_key_never_leaks(
         ("target repr", repr(daemon.targets["logs"].__dict__)),
     ):
         assert wrong_key not in text, f"the API key leaked into {where}"
+
+
+async def test_a_redirected_ingress_is_not_followed_and_dead_letters_with_its_location(
+    start_daemon: StartDaemon, cloud_logs: FakeCloudLogs, api_key: None, tmp_path: Path
+) -> None:
+    gateway = await RedirectingReceiver(status=302).start()
+    try:
+        daemon = await start(start_daemon, cloud_logs, ingress_url=gateway.base)
+        await post(daemon, [make_event(id=f"r{i}", eventTime=now_iso()) for i in range(3)])
+        await wait_for(lambda: settled(daemon), what="the batch to settle")
+        assert [(m, p) for m, p, _ in gateway.requests] == [("POST", "/logs/v1/singles")]
+        letters = read_ndjson(tmp_path / "var" / "deadletter" / "logs.ndjson")
+        assert len(letters) == 3
+        assert all(gateway.location in letter["message"] for letter in letters)
+        assert {(letter["reason"], letter["status"]) for letter in letters} == {
+            ("permanent_status", 302)
+        }
+        assert_books_balance(daemon)
+    finally:
+        await gateway.stop()
+
+
+@pytest.mark.parametrize(("second", "stored", "dead"), [(503, 6, 0), (400, 3, 3)])
+async def test_each_request_of_a_split_batch_settles_on_its_own(
+    start_daemon: StartDaemon,
+    cloud_logs: FakeCloudLogs,
+    api_key: None,
+    tmp_path: Path,
+    second: int,
+    stored: int,
+    dead: int,
+) -> None:
+    """A batch too big for one request goes as several; a failure of the second must not
+    send the first again (503) nor dead-letter events the first already stored (400)."""
+    cloud_logs.ingress_statuses = [0, second, 0]
+    daemon = await start(start_daemon, cloud_logs, max_request_bytes=20_000)
+    ids = [f"s{i}" for i in range(6)]
+    await post(daemon, [make_event(id=i, eventTime=now_iso(), message="m" * 5000) for i in ids])
+    await wait_for(lambda: settled(daemon), what="the batch to settle")
+    assert cloud_logs.requests[0]["status"] == 200 and cloud_logs.requests[1]["status"] == second
+    stored_ids = [record["text"]["id"] for record in cloud_logs.records]
+    assert len(stored_ids) == len(set(stored_ids)) == stored, "no event stored twice"
+    letters = read_ndjson(tmp_path / "var" / "deadletter" / "logs.ndjson")
+    lettered = {letter["event"]["id"] for letter in letters}
+    assert len(letters) == dead
+    assert lettered.isdisjoint(stored_ids), "dead letters only for events not stored"
+    assert lettered | set(stored_ids) == set(ids)
+    row = daemon.status()["targets"]["logs"]
+    assert (row["delivered"], row["dead_lettered"]) == (stored, dead)
+    assert_books_balance(daemon)
+
+
+async def test_an_unexpected_error_in_send_is_a_permanent_failure_not_a_stall(
+    start_daemon: StartDaemon, cloud_logs: FakeCloudLogs, api_key: None, tmp_path: Path
+) -> None:
+    """An IAM token with a newline (no config check can see it) makes aiohttp raise a
+    ValueError, not a DeliveryError; the batch is dead-lettered with the exception's class and
+    message instead of being retried by a restarting worker for ever."""
+    cloud_logs.token_suffix = "\n"
+    daemon = await start_daemon(
+        {
+            "targets": [logs_target(cloud_logs) | {"retry": {"max_age_s": 3}}],
+            "routes": everything_to("logs"),
+        }
+    )
+    await post(daemon, [make_event(id=i, eventTime=now_iso()) for i in ("u1", "u2")])
+    await wait_for(lambda: settled(daemon), timeout_s=15, what="the batch to be dead-lettered")
+    letters = read_ndjson(tmp_path / "var" / "deadletter" / "logs.ndjson")
+    assert sorted(letter["event"]["id"] for letter in letters) == ["u1", "u2"]
+    for letter in letters:
+        assert letter["reason"] == "unexpected_error"
+        assert "ValueError" in letter["message"] and "control character" in letter["message"]
+    assert cloud_logs.records == []
+    row = daemon.status()["targets"]["logs"]
+    assert (row["delivered"], row["dead_lettered"], row["worker_errors"]) == (0, 2, 0)
+    assert row["write_status"]["status"] == "failed"
+    assert "ValueError" in row["write_status"]["reason_for_last_failure"]
+    assert_books_balance(daemon)
+
+
+async def test_a_test_write_that_raises_unexpectedly_is_a_failed_validation(
+    start_daemon: StartDaemon, cloud_logs: FakeCloudLogs, api_key: None
+) -> None:
+    """The API's validate (and the start-up test write) report the exception, not a 500."""
+    cloud_logs.token_suffix = "\n"
+    daemon = await start(start_daemon, cloud_logs)
+    result = await daemon.probe_target("logs")
+    assert not result.ok and "ValueError" in result.message
+    row = daemon.status()["targets"]["logs"]
+    assert row["write_status"]["status"] == "failed"
+    assert "ValueError" in row["write_status"]["reason_for_last_failure"]
+    assert_books_balance(daemon)

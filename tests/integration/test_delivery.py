@@ -7,11 +7,16 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
+from router.api import ConfigSource
 from router.app import Daemon
+from router.config import parse_config
+from router.events import Event
+from router.targets.file import FileTarget
 from tests.conftest import StartDaemon
-from tests.fakes import ScriptedReceiver, make_event, read_ndjson, wait_for
+from tests.fakes import RedirectingReceiver, ScriptedReceiver, make_event, read_ndjson, wait_for
 from tests.integration.test_ingest import file_target, post
 
 ReceiverFactory = Callable[..., Awaitable[ScriptedReceiver]]
@@ -125,7 +130,11 @@ async def test_429_retry_after_is_honoured(
 ) -> None:
     siem = await receiver_factory([429, 200], headers={429: {"Retry-After": "1"}})
     daemon = await start_daemon(
-        {"targets": [http_target("siem", siem.url)], "routes": everything_to("siem")}
+        {
+            # Retry-After is honoured within max_backoff_s (see the cap below).
+            "targets": [http_target("siem", siem.url) | {"retry": {"max_backoff_s": 5}}],
+            "routes": everything_to("siem"),
+        }
     )
     await post(daemon, make_event())
     await wait_for(lambda: settled(daemon))
@@ -269,3 +278,138 @@ async def test_file_target_rotates_by_size_with_private_modes(
     assert stat.S_IMODE((tmp_path / "archive").stat().st_mode) == 0o700
     lines = [e for f in present for e in read_ndjson(f)]
     assert len(lines) <= 20 and len(lines) == len({e["id"] for e in lines})
+
+
+@pytest.mark.parametrize("status", [302, 307])
+async def test_a_redirect_is_not_followed_and_dead_letters_with_its_location(
+    start_daemon: StartDaemon, tmp_path: Path, status: int
+) -> None:
+    gateway = await RedirectingReceiver(status=status, location_userinfo="sso:hunter2@").start()
+    try:
+        daemon = await start_daemon(
+            {"targets": [http_target("siem", gateway.url)], "routes": everything_to("siem")}
+        )
+        await post(daemon, [make_event(id=f"r{i}") for i in range(5)])
+        await wait_for(lambda: settled(daemon), what="the batch to settle")
+        assert [(method, path) for method, path, _ in gateway.requests] == [("POST", "/ingest")]
+        letters = read_ndjson(tmp_path / "var" / "deadletter" / "siem.ndjson")
+        assert sorted(letter["event"]["id"] for letter in letters) == [f"r{i}" for i in range(5)]
+        for letter in letters:
+            assert (letter["reason"], letter["status"]) == ("permanent_status", status)
+            assert gateway.location.replace("sso:hunter2@", "***@") in letter["message"]
+            assert "hunter2" not in letter["message"]
+        row = daemon.status()["targets"]["siem"]
+        assert (row["delivered"], row["dead_lettered"]) == (0, 5)
+        assert row["write_status"]["status"] == "failed"
+        assert_books_balance(daemon)
+    finally:
+        await gateway.stop()
+
+
+async def test_a_retry_after_longer_than_max_age_dead_letters_now(
+    start_daemon: StartDaemon, receiver_factory: ReceiverFactory, tmp_path: Path
+) -> None:
+    siem = await receiver_factory([503], headers={503: {"Retry-After": "3600"}})
+    daemon = await start_daemon(
+        {
+            "targets": [http_target("siem", siem.url) | {"retry": {"max_age_s": 3}}],
+            "routes": everything_to("siem"),
+        }
+    )
+    await post(daemon, [make_event(id="a"), make_event(id="b")])
+    # Generous: the point is that it happens at all (before this, it waited an hour).
+    await wait_for(lambda: settled(daemon), timeout_s=15, what="the batch to be dead-lettered")
+    letters = read_ndjson(tmp_path / "var" / "deadletter" / "siem.ndjson")
+    assert sorted(letter["event"]["id"] for letter in letters) == ["a", "b"]
+    for letter in letters:
+        assert (letter["reason"], letter["status"]) == ("retry_after_exceeds_max_age", 503)
+        assert "3600" in letter["message"]
+    assert len(siem.requests) == 1, "no retry can come before the server's Retry-After"
+    row = daemon.status()["targets"]["siem"]
+    assert (row["delivered"], row["dead_lettered"]) == (0, 2)
+    assert_books_balance(daemon)
+
+
+async def test_a_retry_after_is_capped_at_max_backoff(
+    start_daemon: StartDaemon, receiver_factory: ReceiverFactory
+) -> None:
+    siem = await receiver_factory([503, 200], headers={503: {"Retry-After": "120"}})
+    daemon = await start_daemon(
+        {
+            "targets": [http_target("siem", siem.url) | {"retry": {"max_backoff_s": 0.5}}],
+            "routes": everything_to("siem"),
+        }
+    )
+    await post(daemon, make_event(id="capped"))
+    await wait_for(lambda: settled(daemon), timeout_s=15, what="the retry within max_backoff_s")
+    assert [r.status for r in siem.requests] == [503, 200]
+    assert [e["id"] for e in siem.delivered_events] == ["capped"]
+    assert_books_balance(daemon)
+
+
+class FlawedFileTarget(FileTarget):
+    """A real file target with a bug in its own code while `flawed`: its per-event check
+    raises, outside any send, so the worker itself fails on every batch (as it would on a
+    journal it cannot read) and can only restart."""
+
+    flawed = True
+
+    def unsendable(self, event: Event) -> str | None:
+        if self.flawed:
+            raise RuntimeError("bug: cannot classify the event")
+        return None
+
+
+async def readyz(daemon: Daemon) -> tuple[int, Any]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{daemon.port}/readyz") as resp,
+    ):
+        return resp.status, await resp.json()
+
+
+async def test_a_worker_that_keeps_failing_shows_in_write_status_metrics_and_readyz(
+    tmp_path: Path,
+) -> None:
+    from tests.integration.test_metrics import scrape, value
+
+    archive = tmp_path / "archive.ndjson"
+    data = {
+        "server": {"host": "127.0.0.1", "port": 0},
+        "storage": {"path": str(tmp_path / "var")},
+        "startup": {"validate_targets": False},
+        "targets": [file_target("archive", archive)],
+        "routes": everything_to("archive"),
+    }
+    config = parse_config(data)
+    daemon = Daemon(config, ConfigSource(None, data))
+    target = FlawedFileTarget.from_config(config.target("archive"))
+    daemon.targets["archive"] = target
+    await daemon.start()
+    try:
+        assert (await readyz(daemon))[0] == 200
+        await post(daemon, make_event(id="kept"))
+
+        async def not_ready() -> bool:
+            return (await readyz(daemon))[0] == 503
+
+        await wait_for(not_ready, timeout_s=20, what="/readyz to show the failing worker")
+        assert (await readyz(daemon))[1] == {"status": "delivery failing", "targets": ["archive"]}
+        row = daemon.status()["targets"]["archive"]
+        assert row["worker_failing"] and row["worker_errors"] >= 3
+        assert row["write_status"]["status"] == "failed"
+        assert "RuntimeError: bug" in row["write_status"]["reason_for_last_failure"]
+        assert (row["pending"], row["delivered"], row["dead_lettered"]) == (1, 0, 0)
+        assert_books_balance(daemon)
+        samples = await scrape(daemon)
+        assert value(samples, "event_router_target_worker_failing", target="archive") == 1
+        assert value(samples, "event_router_ready") == 0
+
+        target.flawed = False  # fixed (a reload, a journal back): the backlog goes, /readyz too
+        await wait_for(lambda: settled(daemon), timeout_s=20, what="the kept event to go out")
+        assert [e["id"] for e in read_ndjson(archive)] == ["kept"]
+        assert await readyz(daemon) == (200, {"status": "ready"})
+        assert not daemon.status()["targets"]["archive"]["worker_failing"]
+        assert_books_balance(daemon)
+    finally:
+        await daemon.stop()

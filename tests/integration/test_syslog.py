@@ -196,3 +196,41 @@ async def test_a_message_over_the_limit_is_dead_lettered_as_too_large(
     assert len(frames) == 1 and b'id="small"' in frames[0]
     letter = orjson.loads((tmp_path / "var" / "deadletter" / "siem.ndjson").read_bytes())
     assert (letter["event"]["id"], letter["reason"]) == ("big", "too_large")
+
+
+async def test_a_receiver_that_closed_its_side_between_batches_gets_every_event(
+    start_daemon: StartDaemon,
+) -> None:
+    """A receiver restart or idle timeout closes the connection between batches; the next
+    batch must go on a new connection, not into the half-closed one (counted, never read)."""
+    frames: list[bytes] = []
+    closed = asyncio.Event()
+
+    async def take_one_frame_then_close(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        length = await reader.readuntil(b" ")
+        frames.append(await reader.readexactly(int(length[:-1])))
+        writer.close()
+        await writer.wait_closed()
+        closed.set()
+
+    server = await asyncio.start_server(take_one_frame_then_close, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        daemon = await start_daemon(
+            {"targets": [syslog_target(port)], "routes": everything_to("siem")}
+        )
+        for n in range(1, 4):
+            closed.clear()
+            await post(daemon, make_event(id=f"b{n}"))
+            await wait_for(lambda: settled(daemon), what=f"batch {n} to settle")
+            await wait_for(lambda n=n: len(frames) == n, what=f"the receiver to hold {n} events")
+            await asyncio.wait_for(closed.wait(), 10)  # the receiver closed before the next
+        assert [f.split(b'id="')[1][:2] for f in frames] == [b"b1", b"b2", b"b3"]
+        row = daemon.status()["targets"]["siem"]
+        assert (row["received"], row["delivered"], row["pending"]) == (3, 3, 0)
+        assert row["received"] == row["delivered"] + row["dead_lettered"] + row["pending"]
+    finally:
+        server.close()
+        await server.wait_closed()

@@ -505,6 +505,43 @@ def test_unreadable_file_reference_is_a_problem_naming_the_header(tmp_path: Path
     )
 
 
+def test_a_control_character_in_a_header_from_a_reference_is_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """aiohttp refuses such a header at send time (ValueError), which would stall the target:
+    the config says so at load time, naming where, never showing the value."""
+    monkeypatch.setenv("SIEM_TOKEN", "s3cret-token-from-env\n")  # `export X=$(cat f; echo)`
+    inner = tmp_path / "key"
+    inner.write_text("tok\r\nX-Injected: 1\n", encoding="utf-8")
+    target = http_target(
+        headers={"X-Api-Key": f"${{file:{inner}}}", "X-Tenant": "audit\x7f"},
+        auth={"type": "bearer", "token": "${env:SIEM_TOKEN}"},
+    )
+    problems = problems_of(minimal(targets=[ARCHIVE, target]))
+    assert sorted(p.split(":")[0] for p in problems) == [
+        "targets[1].http_endpoint.auth.token",
+        "targets[1].http_endpoint.headers.X-Api-Key",
+        "targets[1].http_endpoint.headers.X-Tenant",
+    ]
+    assert all("control character" in p for p in problems)
+    assert not any("s3cret" in p or "Injected" in p for p in problems)
+
+
+def test_a_header_name_that_is_not_a_token_is_refused() -> None:
+    target = http_target(headers={"X-Bad\nName": "v", "X Space": "v"})
+    problems = problems_of(minimal(targets=[ARCHIVE, target]))
+    assert len(problems) == 2 and all("not a valid header name" in p for p in problems)
+
+
+def test_a_tab_in_a_header_value_and_a_file_ending_in_a_newline_are_fine(tmp_path: Path) -> None:
+    secret = tmp_path / "token"
+    secret.write_text("tok-123\n", encoding="utf-8")
+    target = http_target(headers={"X-Api-Key": f"${{file:{secret}}}", "X-List": "a,\tb"})
+    endpoint = parse_config(minimal(targets=[ARCHIVE, target])).target("siem").endpoint
+    assert isinstance(endpoint, HttpEndpointConfig)
+    assert endpoint.headers == {"X-Api-Key": "tok-123", "X-List": "a,\tb"}
+
+
 # -- load_config -----------------------------------------------------------------------------
 
 

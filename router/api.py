@@ -17,22 +17,37 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import io
 import logging
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
-import yaml
 from aiohttp import web
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.error import YAMLError
 
 from router.appendfile import replace_atomically
 from router.auth import CALLER
-from router.config import ENDPOINTS, SECRET_KEYS, Config, parse_config
+from router.config import (
+    API_METADATA_FILE,
+    ENDPOINTS,
+    Config,
+    FileEndpointConfig,
+    archive_roots,
+    parse_config,
+    references,
+    target_listener_problems,
+)
 from router.errors import ConfigError
+from router.masking import masked
 from router.metrics import utc_iso
 from router.reload import config_digest
 from router.selfevent import instance_crn, router_event
@@ -41,9 +56,6 @@ if TYPE_CHECKING:
     from router.app import Daemon
 
 log = logging.getLogger(__name__)
-
-MASK = "REDACTED"
-METADATA_FILE = "api-metadata.json"
 
 
 @dataclass(slots=True)
@@ -57,9 +69,10 @@ class ConfigSource:
 class ApiError(Exception):
     """An answer in atracker's error shape."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, subject: str | None = None) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
+        self.subject = subject  # what a refused change was about, for its audit event
 
 
 def error_body(status: int, code: str, message: str) -> bytes:
@@ -70,15 +83,6 @@ def error_body(status: int, code: str, message: str) -> bytes:
             "errors": [{"code": code, "message": message}],
         }
     )
-
-
-def masked(value: Any) -> Any:
-    """Endpoint data with every credential replaced by REDACTED, at any depth."""
-    if isinstance(value, dict):
-        return {k: MASK if k in SECRET_KEYS else masked(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [masked(v) for v in value]
-    return value
 
 
 @dataclass(slots=True)
@@ -98,6 +102,13 @@ class Metadata:
             return cls(path)
         data = orjson.loads(path.read_bytes())
         return cls(path, data["created"], data["updated"], data["versions"], data["settings"])
+
+    def snapshot(self) -> tuple[dict[str, Any], ...]:
+        """Everything a change may edit, to put back if the change is refused."""
+        return copy.deepcopy((self.created, self.updated, self.versions, self.settings))
+
+    def restore(self, saved: tuple[dict[str, Any], ...]) -> None:
+        self.created, self.updated, self.versions, self.settings = saved
 
     def touch(self, key: str, *, created: bool = False) -> None:
         now = utc_iso(time.time())
@@ -128,30 +139,44 @@ class ManagementApi:
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
         storage = Path(daemon.config.storage.path)
-        self.meta = Metadata.load(storage / METADATA_FILE if daemon.source.path else None)
+        self.meta = Metadata.load(storage / API_METADATA_FILE if daemon.source.path else None)
         self._lock = asyncio.Lock()
 
     def routes(self, app: web.Application) -> None:
         add = app.router.add_route
-        add("POST", "/api/v2/targets", self._wrap(self.create_target))
+        add("POST", "/api/v2/targets", self._wrap(self.create_target, "target.create"))
         add("GET", "/api/v2/targets", self._wrap(self.list_targets))
         add("GET", "/api/v2/targets/{id}", self._wrap(self.get_target))
-        add("PUT", "/api/v2/targets/{id}", self._wrap(self.replace_target))
-        add("DELETE", "/api/v2/targets/{id}", self._wrap(self.delete_target))
-        add("POST", "/api/v2/targets/{id}/validate", self._wrap(self.validate_target))
-        add("POST", "/api/v2/routes", self._wrap(self.create_route))
+        add("PUT", "/api/v2/targets/{id}", self._wrap(self.replace_target, "target.update"))
+        add("DELETE", "/api/v2/targets/{id}", self._wrap(self.delete_target, "target.delete"))
+        add(
+            "POST",
+            "/api/v2/targets/{id}/validate",
+            self._wrap(self.validate_target, "target.validate"),
+        )
+        add("POST", "/api/v2/routes", self._wrap(self.create_route, "route.create"))
         add("GET", "/api/v2/routes", self._wrap(self.list_routes))
         add("GET", "/api/v2/routes/{id}", self._wrap(self.get_route))
-        add("PUT", "/api/v2/routes/{id}", self._wrap(self.replace_route))
-        add("DELETE", "/api/v2/routes/{id}", self._wrap(self.delete_route))
+        add("PUT", "/api/v2/routes/{id}", self._wrap(self.replace_route, "route.update"))
+        add("DELETE", "/api/v2/routes/{id}", self._wrap(self.delete_route, "route.delete"))
         add("GET", "/api/v2/settings", self._wrap(self.get_settings))
-        add("PUT", "/api/v2/settings", self._wrap(self.put_settings))
+        add("PUT", "/api/v2/settings", self._wrap(self.put_settings, "setting.update"))
 
-    def _wrap(self, handler: Handler) -> Handler:
+    def _wrap(self, handler: Handler, action: str | None = None) -> Handler:
+        """Errors in atracker's shape; a refused change (`action`) is always audited, whatever
+        refused it: the body, a lookup or the config check."""
+
         async def wrapped(request: web.Request) -> web.Response:
             try:
                 return await handler(request)
             except ApiError as exc:
+                if action is not None:
+                    kind = action.split(".", 1)[0]
+                    subject = exc.subject or f"{kind}:{request.match_info.get('id', 'account')}"
+                    config = self.daemon.config
+                    await self._audit(
+                        request, action, subject, config, None, exc.message, status=exc.status
+                    )
                 return web.Response(
                     body=error_body(exc.status, exc.code, exc.message),
                     status=exc.status,
@@ -164,6 +189,13 @@ class ManagementApi:
 
     @staticmethod
     async def _body(request: web.Request) -> dict[str, Any]:
+        if request.content_type != "application/json":
+            # A browser may send text/plain across sites without asking first; JSON it may not.
+            raise ApiError(
+                415,
+                "unsupported_media_type",
+                f"Content-Type {request.content_type!r}: send application/json",
+            )
         try:
             body = orjson.loads(await request.read())
         except orjson.JSONDecodeError as exc:
@@ -203,7 +235,7 @@ class ManagementApi:
             "name": raw.get("name", target_id),
             "crn": instance_crn(f"target:{target_id}"),
             "target_type": raw["target_type"],
-            key: masked(raw[key]),
+            key: masked(raw[key], key),
             "write_status": stats.write_status.as_dict() if stats else {"status": "success"},
             "created_at": self.meta.created.get(f"target:{target_id}", ""),
             "updated_at": self.meta.updated.get(f"target:{target_id}", ""),
@@ -241,21 +273,65 @@ class ManagementApi:
         async with self._lock:
             source = self.daemon.source
             data = copy.deepcopy(source.data)
-            result = edit(data)
+            saved = self.meta.snapshot()
             old = self.daemon.config
             try:
-                new = parse_config(data, "api")
+                result = edit(data)
+                # In a thread: the config's own ${file:} references are read again, and a
+                # target's host may be looked up.
+                new = await asyncio.to_thread(self._check, source.data, data)
                 await self.daemon.reload(new, initiator=self._who(request), audit=False)
             except ConfigError as exc:
-                await self._audit(request, action, subject, old, None, "; ".join(exc.problems))
-                raise ApiError(400, "invalid_value", "; ".join(exc.problems)) from exc
+                self.meta.restore(saved)
+                raise ApiError(400, "invalid_value", "; ".join(exc.problems), subject) from exc
+            except ApiError as exc:
+                self.meta.restore(saved)  # a refused change changes nothing, versions included
+                exc.subject = subject
+                raise
+            except BaseException:
+                self.meta.restore(saved)
+                raise
             self.daemon.source = ConfigSource(source.path, data)
             if source.path is not None:
-                text = yaml.safe_dump(data, sort_keys=False).encode()
-                await asyncio.to_thread(replace_atomically, source.path, text, keep_previous=True)
+                await asyncio.to_thread(write_back, source.path, data)
             await asyncio.to_thread(self.meta.save)
             await self._audit(request, action, subject, old, new, None)
             return result
+
+    def _check(self, before: dict[str, Any], after: dict[str, Any]) -> Config:
+        """The edited config, checked as `check` would and, for what the API changed, as an
+        admin token's reach requires: no references, file targets under the archive roots,
+        no target pointing back at this daemon."""
+        old = {str(t.get("id")): t for t in before.get("targets") or []}
+        raw = after.get("targets") or []
+        problems = [
+            f"{where}: a reference; ${{env:}} and ${{file:}} are for the operator's config "
+            "file, the API does not resolve them"
+            for i, target in enumerate(raw)
+            for where in references(target, f"targets[{i}]")
+            if not _same_at(where.removeprefix(f"targets[{i}]"), target, old.get(target.get("id")))
+        ]
+        if problems:
+            raise ConfigError("api", problems)
+        new = parse_config(after, "api")
+        running = self.daemon.config
+        roots = archive_roots(running)
+        was = {t.id: t for t in running.targets}
+        for i, target in enumerate(new.targets):
+            before_target = was.get(target.id)
+            if before_target is not None and before_target.endpoint == target.endpoint:
+                continue  # the same endpoint: the operator's own, or checked when it came
+            endpoint = target.endpoint
+            if isinstance(endpoint, FileEndpointConfig):
+                problem = root_problem(endpoint.path, roots)
+                if problem is not None:
+                    problems.append(f"targets[{i}].file_endpoint.path: {problem}")
+            problems.extend(
+                target_listener_problems(i, target, running.server.host, self.daemon.port)
+            )
+        if problems:
+            raise ConfigError("api", problems)
+        return new
 
     @staticmethod
     def _who(request: web.Request) -> str:
@@ -271,6 +347,8 @@ class ManagementApi:
         old: Config,
         new: Config | None,
         failure: str | None,
+        *,
+        status: int = 400,
     ) -> None:
         caller = request.get(CALLER)
         who = self._who(request)
@@ -284,8 +362,8 @@ class ManagementApi:
                 "typeURI": f"event-router/{subject.split(':', 1)[0]}",
             },
             outcome="failure" if failure else "success",
-            reason_code=400 if failure else 200,
-            reason_type="Bad Request" if failure else "OK",
+            reason_code=status if failure else 200,
+            reason_type=HTTPStatus(status).phrase if failure else "OK",
             severity="warning" if failure or action.endswith("delete") else "normal",
             initiator={
                 "id": f"token-{who}",
@@ -514,11 +592,96 @@ class ManagementApi:
         return self._json(self.settings_model(), status=201)
 
 
-def _keep_masked(new: Any, old: Any) -> Any:
-    """A client that read a target back sends REDACTED for its secrets: keep the old value."""
+def write_back(path: Path, data: dict[str, Any]) -> None:
+    """Write the edited config over its file, keeping the operator's comments, key order and
+    layout wherever the data did not change (round-trip YAML), atomically, with the previous
+    file kept as `<file>.prev`."""
+    round_trip = YAML()  # the round-trip loader and dumper: comments are part of the data
+    round_trip.preserve_quotes = True
+    round_trip.width = 100
+    round_trip.indent(mapping=2, sequence=4, offset=2)  # `  - id:`, as config/router.yaml
+    try:
+        document = round_trip.load(path.read_text(encoding="utf-8"))
+    except (OSError, YAMLError):
+        document = None
+    if not isinstance(document, CommentedMap):
+        document = CommentedMap()
+    out = io.StringIO()
+    round_trip.dump(_merge(document, data), out)
+    replace_atomically(path, out.getvalue().encode(), keep_previous=True)
+
+
+def _merge(old: Any, new: Any) -> Any:
+    """`new`, built on the nodes of `old` where they hold the same place, so the comments
+    attached to them stay. Lists of objects are matched by `id` (or `name`), others by
+    position."""
+    if isinstance(new, dict) and isinstance(old, CommentedMap):
+        for key in [k for k in old if k not in new]:
+            del old[key]
+        for position, (key, value) in enumerate(new.items()):
+            if key not in old:
+                # At its place, not after the map's last key: a comment trailing the map
+                # (before the next section) belongs to the last key and must stay last.
+                old.insert(min(position, len(old)), key, value)
+            elif old[key] != value:
+                old[key] = _merge(old[key], value)
+        return old
+    if isinstance(new, list) and isinstance(old, CommentedSeq):
+        wanted = [_item_key(item, i) for i, item in enumerate(new)]
+        for i in reversed(range(len(old))):
+            if _item_key(old[i], i) not in wanted:
+                del old[i]
+        for i, item in enumerate(new):
+            if i < len(old) and _item_key(old[i], i) == wanted[i]:
+                old[i] = _merge(old[i], item) if old[i] != item else old[i]
+            else:
+                old.insert(i, item)
+        del old[len(new) :]
+        return old
+    return new
+
+
+def _item_key(item: Any, index: int) -> Any:
+    if isinstance(item, dict) and ("id" in item or "name" in item):
+        return ("key", str(item.get("id", item.get("name"))))
+    return ("index", index)
+
+
+def root_problem(path: str, roots: tuple[Path, ...]) -> str | None:
+    """Why the API may not put a file target at `path` (None if it may): outside every
+    archive root once resolved, symlinks followed."""
+    if "\x00" in path:
+        return None  # the config's own check names it
+    resolved = Path(path).resolve()
+    if any(resolved.is_relative_to(root) for root in roots):
+        return None
+    allowed = ", ".join(repr(str(root)) for root in roots) or "none"
+    return (
+        f"{path!r} is outside the archive roots ({allowed}); the API writes files only there "
+        "(storage.archive_roots, by default the directories of the config's file targets)"
+    )
+
+
+def _same_at(where: str, new: Any, old: Any) -> bool:
+    """Whether `new` and `old` hold the same value at the dotted/indexed path `where`."""
+    for part in re.findall(r"\.([^.\[]+)|\[(\d+)\]", where):
+        key, index = part
+        try:
+            new = new[key] if key else new[int(index)]
+            old = old[key] if key else old[int(index)]
+        except (KeyError, IndexError, TypeError):
+            return False
+    return bool(new == old)
+
+
+def _keep_masked(new: Any, old: Any, key: str = "") -> Any:
+    """A client that read a target back sends what it was shown (REDACTED secrets, masked
+    URLs and headers): where a value is exactly the masked form of the stored one, keep the
+    stored one."""
     if isinstance(new, dict) and isinstance(old, dict):
+        shown = masked(old, key)
         return {
-            k: old.get(k) if v == MASK and k in SECRET_KEYS else _keep_masked(v, old.get(k))
+            k: old[k] if k in old and v == shown.get(k) else _keep_masked(v, old.get(k), k)
             for k, v in new.items()
         }
     return new

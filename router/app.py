@@ -23,7 +23,7 @@ from aiohttp import web
 from router import __version__
 from router.api import ConfigSource, ManagementApi
 from router.auth import Guard
-from router.config import Config, TargetConfig, load_config_and_data
+from router.config import Config, TargetConfig, config_warnings, load_config_and_data
 from router.deadletter import DeadLetters, Failure, Letter, LetterFilter, parse_since
 from router.delivery import DeliveryWorker
 from router.errors import ConfigError, RequestError, RouterError
@@ -66,7 +66,7 @@ class Daemon:
         self.routes = RouteTable(config.routes, config.settings.default_targets)
         target_ids = [target.id for target in config.targets]
         self.journal = SqliteJournal(config.storage, target_ids)
-        self.dead_letters = DeadLetters(Path(config.storage.path) / "deadletter")
+        self.dead_letters = DeadLetters(config.storage.dead_letter_dir())
         self.ingest_stats = IngestStats()
         self.target_stats = {target_id: TargetStats() for target_id in target_ids}
         self.targets: dict[str, Target] = {t.id: build_target(t) for t in config.targets}
@@ -88,7 +88,7 @@ class Daemon:
         async def record(body: dict[str, Any]) -> None:
             await ingest.accept_own(body)  # bound below; called only once requests arrive
 
-        self.guard = Guard.build(self.config.auth, record)
+        self.guard = Guard.build(self.config.auth, record, self.config.server)
         self.ingest = ingest = Ingest(
             server=self.config.server,
             validator=self.validator,
@@ -127,6 +127,8 @@ class Daemon:
         for target_id in sorted(self.journal.orphans):
             await self._retire(target_id)
         await self.guard.start()
+        for warning in config_warnings(self.config):
+            log.warning("config: %s", warning)
         for target_id, target in self.targets.items():
             try:
                 await target.start()
@@ -235,7 +237,8 @@ class Daemon:
         the running one in place, and says why (log line and audit event). True if applied.
         `adjust` applies the command line's overrides, as at start."""
         try:
-            new, data = load_config_and_data(path)
+            # In a thread: ${file:} references are read from disk, and never on the event loop.
+            new, data = await asyncio.to_thread(load_config_and_data, path)
             if adjust is not None:
                 new = adjust(new)
             await self.reload(new, initiator=initiator)

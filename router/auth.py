@@ -13,6 +13,18 @@ open is a 403. Tokens are kept as SHA-256 digests and the digest of what a calle
 compared with every one of them by `hmac.compare_digest`, so neither the answer nor its timing
 tells how close a guess came.
 
+Browsers are callers too, on behalf of whatever page they show. A request that changes
+something (any method but GET, HEAD and OPTIONS) and carries an `Origin` other than the
+daemon's own is refused (403 `cross_origin`): no page elsewhere may post to the daemon, with
+or without tokens. Without an `auth` section there is no token to ask for, so two more doors
+close: management API changes (`/api/v2/...`, anything but a read) are refused with a 403 that
+says to configure `auth.admin_tokens` (reads stay open, as the daemon listens on loopback by
+default), and a request whose `Host` is not one of the daemon's own names (403
+`unknown_host`) is refused before any handler: a page on `evil.example` whose DNS name is
+rebound to 127.0.0.1 sends `Host: evil.example`. The daemon's names are `server.host`,
+`localhost`, this host's name, any IP address (a rebinding attack needs a DNS name it
+controls), and `server.allowed_hosts`. Probes answer any name.
+
 Each refusal becomes an `event-router.instance.login` event (outcome failure, 401
 Unauthorized or 403 Forbidden, severity critical, the caller's address, never the token),
 routed and journaled like any producer's event, so `reason.reasonType:Unauthorized` finds
@@ -27,7 +39,9 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import ipaddress
 import logging
+import socket
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
@@ -38,9 +52,9 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from router.config import AuthConfig, RefusalEventsConfig, TokenConfig
+from router.config import AuthConfig, RefusalEventsConfig, ServerConfig, TokenConfig
 from router.events import crn_service
-from router.selfevent import instance_crn, router_event
+from router.selfevent import clip, instance_crn, router_event
 from router.validation import Problem
 
 log = logging.getLogger(__name__)
@@ -51,6 +65,8 @@ LOGIN_ACTION: Final = "event-router.instance.login"
 REALM: Final = 'Bearer realm="event-router"'
 OPEN_ROUTES: Final = frozenset({"/healthz", "/readyz", "/openapi.json"})
 INGEST_ROUTES: Final = frozenset({"/v1/events"})
+SAFE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
+API_PREFIX: Final = "/api/v2/"
 # Per-client buckets kept at most; beyond, the least recently refused client is forgotten.
 MAX_TRACKED_CLIENTS: Final = 10_000
 # Client addresses named in a summary event, the busiest first.
@@ -249,7 +265,7 @@ def refusal_event(caller: Caller, status: int, reason_type: str, why: str) -> di
             "host": {"address": caller.address, "agent": caller.agent},
         },
     )
-    body["reason"]["reasonForFailure"] = why
+    body["reason"]["reasonForFailure"] = clip(why)
     return body
 
 
@@ -284,10 +300,15 @@ class Guard:
     _tokens: TokenTable | None = None
     _task: asyncio.Task[None] | None = None
 
+    own_hosts: frozenset[str] = frozenset()
+
     @classmethod
-    def build(cls, auth: AuthConfig | None, emit: EmitEvent) -> Guard:
+    def build(
+        cls, auth: AuthConfig | None, emit: EmitEvent, server: ServerConfig | None = None
+    ) -> Guard:
         refusals = Refusals(auth.refusal_events if auth else RefusalEventsConfig(), emit)
-        return cls(auth, refusals, TokenTable(auth) if auth else None)
+        hosts = own_host_names(server or ServerConfig())
+        return cls(auth, refusals, TokenTable(auth) if auth else None, own_hosts=hosts)
 
     async def start(self) -> None:
         if self.auth is None:
@@ -318,9 +339,20 @@ class Guard:
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         route = request.match_info.route.resource
-        if self._tokens is None or route is None or route.canonical in OPEN_ROUTES:
+        if route is None or route.canonical in OPEN_ROUTES:
             return await handler(request)
+        changes = request.method not in SAFE_METHODS
+        if changes and not same_origin(request):
+            why = f"Origin {request.headers['Origin']!r} is not this daemon's"
+            await self.refusals.record(caller_of(request), 403, why)
+            return _refusal(403, "cross_origin", f"{why}; changes come from its own origin only")
+        if self._tokens is None:
+            return await self._open(request, handler, changes)
         need = INGEST if route.canonical in INGEST_ROUTES else ADMIN
+        if need == ADMIN and self.auth is not None and not self.auth.admin_tokens:
+            why = "no admin token is configured"
+            await self.refusals.record(caller_of(request), 403, why)
+            return _refusal(403, "forbidden", f"{why}; configure auth.admin_tokens")
         presented = bearer_token(request)
         principal = self._tokens.lookup(presented) if presented is not None else None
         if principal is None:
@@ -333,6 +365,74 @@ class Guard:
             return _refusal(403, "forbidden", why)
         request[CALLER] = caller_of(request, principal)
         return await handler(request)
+
+    async def _open(
+        self, request: web.Request, handler: Handler, changes: bool
+    ) -> web.StreamResponse:
+        """No auth section: answer only to the daemon's own names, and change no config."""
+        # The header itself: aiohttp's request.host falls back to a name lookup without one.
+        # Browsers always send Host; a client without it is no rebinding page.
+        host = request.headers.get("Host")
+        if host is not None and not self.is_own_host(host):
+            why = f"Host {host[:MAX_AGENT_CHARS]!r} is not one of this daemon's names"
+            await self.refusals.record(caller_of(request), 403, why)
+            return _refusal(
+                403,
+                "unknown_host",
+                f"{why}; without auth tokens it answers only to server.host, localhost, its "
+                "host name, IP addresses and server.allowed_hosts (DNS rebinding defence)",
+            )
+        if changes and request.path.startswith(API_PREFIX):
+            why = "no admin token is configured, so the management API only reads"
+            await self.refusals.record(caller_of(request), 403, why)
+            return _refusal(
+                403,
+                "forbidden",
+                f"{why}; configure auth.admin_tokens (and auth.ingest_tokens) to change "
+                "targets, routes and settings through it",
+            )
+        return await handler(request)
+
+    def is_own_host(self, host: str) -> bool:
+        """Whether `Host: host` names this daemon (see the module docstring)."""
+        name = host_name(host)
+        if name in self.own_hosts:
+            return True
+        try:
+            ipaddress.ip_address(name)
+        except ValueError:
+            return False
+        return True
+
+
+def host_name(host: str) -> str:
+    """The name of a `Host` header or an origin's netloc, without port or IPv6 brackets."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    name, _, port = host.rpartition(":")
+    return name if name and port.isdigit() else host
+
+
+def own_host_names(server: ServerConfig) -> frozenset[str]:
+    return frozenset(
+        name.lower()
+        for name in (server.host, "localhost", socket.gethostname(), *server.allowed_hosts)
+    )
+
+
+def same_origin(request: web.Request) -> bool:
+    """No `Origin` (not a browser, or a same-origin GET) or one naming the host and port
+    the request was sent to, with the scheme it came in on."""
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return True
+    parts = origin.strip().lower().split("://", 1)
+    if len(parts) != 2:
+        return False  # `null`: a sandboxed page, a file, a redirect across origins
+    scheme, netloc = parts
+    host = request.headers.get("Host", "").strip().lower()
+    return scheme == request.scheme and netloc.rstrip("/") == host
 
 
 def _refusal(status: int, code: str, message: str) -> web.Response:

@@ -23,7 +23,7 @@ from typing import Any
 
 from router import __version__
 from router.completion import SHELLS, script
-from router.config import Config, load_config_and_data
+from router.config import Config, config_warnings, load_config_and_data
 from router.errors import ConfigError
 from router.logformat import counted, setup_logging
 from router.resources import default_config_path
@@ -219,6 +219,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "tail":
         sys.exit(_tail(args, config))
     if args.command == "check":
+        for warning in config_warnings(config):
+            print(f"warning: {warning}", file=sys.stderr)
         print(
             f"{config_path}: OK ({counted(len(config.targets), 'target')}, "
             f"{counted(len(config.routes), 'route')}, "

@@ -8,22 +8,33 @@ so a config that passes `check` is exactly a config that `serve` runs.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import os
 import re
+import socket
+import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, cast
+from urllib.parse import urlsplit
 
 import jsonschema
 import yaml
 
 from router.errors import ConfigError, QueryError
+from router.masking import SECRET_KEYS
 from router.query import Query, parse
 from router.resources import schemas_dir
 
 MiB = 1024 * 1024
+# The names of what lives under storage.path (router/journal.py, router/deadletter.py, api).
+JOURNAL_FILE = "journal.db"
+DEAD_LETTER_DIR = "deadletter"
+API_METADATA_FILE = "api-metadata.json"
+# A ${file:} reference is a secret, not a document: past this it is refused, not read.
+MAX_REFERENCE_BYTES = 64 * 1024
 MIN_SIGNING_SECRET = 16  # an HMAC key shorter than this is guessable
 
 
@@ -61,6 +72,9 @@ class ServerConfig:
     header_timeout_s: float = 10.0
     # An idle keep-alive connection is closed after this.
     keepalive_timeout_s: float = 75.0
+    # Names besides host, localhost and this host's name that a daemon without auth answers
+    # to (the Host header; a DNS rebinding defence, router/auth.py). IP addresses always pass.
+    allowed_hosts: tuple[str, ...] = ()
     tls: ServerTlsConfig | None = None
 
 
@@ -82,6 +96,18 @@ class StorageConfig:
     when_full: Literal["reject", "drop_oldest_per_target"] = "reject"
     # Told to producers in Retry-After when the journal is full.
     full_retry_after_s: int = 5
+    # Where the management API may put file targets (symlinks followed). Empty: the
+    # directories of the file targets this config defines, the operator's own choice.
+    archive_roots: tuple[str, ...] = ()
+
+    def journal_files(self) -> tuple[Path, ...]:
+        """The journal's own files (and the API's metadata), which no target may write."""
+        base = Path(self.path)
+        names = (JOURNAL_FILE, f"{JOURNAL_FILE}-wal", f"{JOURNAL_FILE}-shm", API_METADATA_FILE)
+        return tuple(base / name for name in names)
+
+    def dead_letter_dir(self) -> Path:
+        return Path(self.path) / DEAD_LETTER_DIR
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -404,9 +430,6 @@ def load_config_and_data(path: str | os.PathLike[str]) -> tuple[Config, dict[str
     return parse_config(data, str(path)), data
 
 
-SECRET_KEYS = frozenset({"api_key", "token", "password", "secret", "hash_key"})
-
-
 def secret_literals(data: Any, where: str = "") -> list[str]:
     """The paths of secrets written as literals rather than `${env:}`/`${file:}` references."""
     found: list[str] = []
@@ -453,6 +476,7 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
     return config
 
 
+MAX_QUOTED_VALUE_CHARS = 100
 _CONFIG_VALIDATOR: jsonschema.protocols.Validator | None = None
 
 
@@ -474,10 +498,26 @@ def _describe(error: jsonschema.ValidationError) -> str:
             set(cast(dict[str, Any], error.instance)) - set(schema.get("properties", {}))
         )
         return "unknown key " + ", ".join(repr(k) for k in extra)
-    return str(error.message)
+    message = str(error.message)
+    if isinstance(error.instance, str) and len(error.instance) > MAX_QUOTED_VALUE_CHARS:
+        # A problem names the place; a 100,000-character value quoted whole helps nobody.
+        short = f"{error.instance[:MAX_QUOTED_VALUE_CHARS]!r}... ({len(error.instance)} characters)"
+        message = message.replace(repr(error.instance), short)
+    return message
 
 
 _REF = re.compile(r"\$\{(env|file):([^}]+)\}")
+
+
+def references(value: Any, where: str) -> list[str]:
+    """The places in `value` (any depth) that hold a `${env:}`/`${file:}` reference."""
+    if isinstance(value, str):
+        return [where] if _REF.search(value) else []
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in references(v, f"{where}.{k}")]
+    if isinstance(value, list):
+        return [p for n, v in enumerate(value) for p in references(v, f"{where}[{n}]")]
+    return []
 
 
 def _resolve(value: str, where: str, problems: list[str]) -> str:
@@ -491,12 +531,36 @@ def _resolve(value: str, where: str, problems: list[str]) -> str:
                 return ""
             return os.environ[ref]
         try:
-            return Path(ref).read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            problems.append(f"{where}: cannot read {ref!r}: {exc.strerror or exc}")
+            return read_reference(ref)
+        except (OSError, ValueError) as exc:
+            problems.append(f"{where}: cannot read {ref!r}: {getattr(exc, 'strerror', 0) or exc}")
             return ""
 
     return _REF.sub(expand, value)
+
+
+def read_reference(path: str) -> str:
+    """The value of `${file:path}`: a regular file of at most MAX_REFERENCE_BYTES, read
+    without blocking on a FIFO (opened non-blocking, refused by its type) and without
+    filling memory from a device such as /dev/zero."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError("not a regular file")
+        data = b""
+        while len(data) <= MAX_REFERENCE_BYTES and (
+            chunk := os.read(fd, MAX_REFERENCE_BYTES + 1 - len(data))
+        ):
+            data += chunk
+    finally:
+        os.close(fd)
+    if len(data) > MAX_REFERENCE_BYTES:
+        raise ValueError(f"larger than {MAX_REFERENCE_BYTES} bytes")
+    try:
+        return data.decode("utf-8").strip()
+    except UnicodeDecodeError as exc:
+        raise ValueError("not UTF-8 text") from exc
 
 
 def _resolve_all(value: Any, where: str, problems: list[str]) -> Any:
@@ -601,7 +665,7 @@ def _build(data: Mapping[str, Any], problems: list[str]) -> Config:
     settings = data.get("settings") or {}
     return Config(
         server=_server(data.get("server") or {}, problems),
-        storage=_section(StorageConfig, data.get("storage")),
+        storage=_storage(data.get("storage") or {}),
         validation=_section(ValidationConfig, data.get("validation")),
         shutdown=_section(ShutdownConfig, data.get("shutdown")),
         targets=tuple(targets),
@@ -612,6 +676,12 @@ def _build(data: Mapping[str, Any], problems: list[str]) -> Config:
         auth=_auth(data["auth"], problems) if "auth" in data else None,
         redaction=_redaction(data.get("redaction") or {}, problems),
     )
+
+
+def _storage(data: Mapping[str, Any]) -> StorageConfig:
+    if "archive_roots" in data:
+        data = {**data, "archive_roots": tuple(data["archive_roots"])}
+    return cast(StorageConfig, _section(StorageConfig, data))
 
 
 MIN_HASH_KEY_CHARS = 16
@@ -667,6 +737,8 @@ def _auth(data: Mapping[str, Any] | None, problems: list[str]) -> AuthConfig:
 
 def _server(data: Mapping[str, Any], problems: list[str]) -> ServerConfig:
     """The listener; its TLS files must be readable now, so that `check` finds a wrong path."""
+    if "allowed_hosts" in data:
+        data = {**data, "allowed_hosts": tuple(data["allowed_hosts"])}
     tls = data.get("tls")
     if tls is None:
         return cast(ServerConfig, _section(ServerConfig, data))
@@ -716,7 +788,130 @@ def _cross_check(config: Config) -> list[str]:
             problems.append(f"settings.default_targets[{t}]: unknown target {target_id!r}")
     if config.auth is not None:
         problems.extend(_token_problems(config.auth))
+    problems.extend(file_target_problems(config))
+    if config.server.port:
+        problems.extend(listener_problems(config, config.server.host, config.server.port))
     return problems
+
+
+def file_target_problems(config: Config) -> list[str]:
+    """What no file target may write, wherever its config came from: something that is not a
+    regular file (a directory, a device, a FIFO), the journal's own files or the dead-letter
+    directory, or the same file as another target."""
+    problems: list[str] = []
+    reserved = {path.resolve() for path in config.storage.journal_files()}
+    dead_letters = config.storage.dead_letter_dir().resolve()
+    seen: dict[Path, int] = {}
+    for i, target in enumerate(config.targets):
+        if not isinstance(target.endpoint, FileEndpointConfig):
+            continue
+        where = f"targets[{i}].file_endpoint.path"
+        problem = file_path_problem(target.endpoint.path)
+        if problem is not None:
+            problems.append(f"{where}: {problem}")
+            continue
+        path = Path(target.endpoint.path).resolve()
+        if path in reserved:
+            problems.append(f"{where}: {str(path)!r} is one of the journal's own files")
+        elif path.is_relative_to(dead_letters):
+            problems.append(f"{where}: {str(path)!r} is in the dead-letter directory")
+        elif path in seen:
+            problems.append(
+                f"{where}: targets[{seen[path]}] already writes {str(path)!r}; two targets "
+                "writing one file interleave and rotate each other's lines"
+            )
+        seen.setdefault(path, i)
+    return problems
+
+
+def file_path_problem(path: str) -> str | None:
+    """Why `path` cannot be an archive (None if it can): a NUL byte, or an existing
+    non-regular file. A file that does not exist yet is created at start."""
+    if "\x00" in path:
+        return "a NUL byte in the path"
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"cannot look at {path!r}: {exc.strerror or exc}"
+    if stat.S_ISREG(mode):
+        return None
+    kind = "a directory" if stat.S_ISDIR(mode) else "a device, FIFO or socket"
+    return f"{path!r} is {kind}, not a regular file"
+
+
+def archive_roots(config: Config) -> tuple[Path, ...]:
+    """Where the management API may put file targets: storage.archive_roots, or else the
+    directories of the config's own file targets; resolved, symlinks followed."""
+    roots = config.storage.archive_roots or tuple(
+        str(Path(t.endpoint.path).parent)
+        for t in config.targets
+        if isinstance(t.endpoint, FileEndpointConfig) and "\x00" not in t.endpoint.path
+    )
+    return tuple(dict.fromkeys(Path(root).resolve() for root in roots))
+
+
+def listener_problems(config: Config, host: str, port: int) -> list[str]:
+    """A target that would send events back to this daemon's own listener loops them for
+    ever (each delivery is a new ingest)."""
+    problems: list[str] = []
+    for i, target in enumerate(config.targets):
+        problems.extend(target_listener_problems(i, target, host, port))
+    return problems
+
+
+def target_listener_problems(i: int, target: TargetConfig, host: str, port: int) -> list[str]:
+    endpoint = target.endpoint
+    urls: list[tuple[str, str]] = []
+    if isinstance(endpoint, HttpEndpointConfig):
+        urls.append(("http_endpoint.url", endpoint.url))
+    elif isinstance(endpoint, CloudLogsEndpointConfig):
+        if endpoint.ingress_url:
+            urls.append(("cloudlogs_endpoint.ingress_url", endpoint.ingress_url))
+        urls.append(("cloudlogs_endpoint.iam_url", endpoint.iam_url))
+    return [
+        f"targets[{i}].{key}: points at this daemon's own listener ({host}:{port}); its "
+        "events would come back as new events for ever"
+        for key, url in urls
+        if reaches_listener(url, host, port)
+    ]
+
+
+def reaches_listener(url: str, host: str, port: int) -> bool:
+    """Whether `url` names the address and port this daemon listens on (a wildcard listen
+    address is reached through loopback and this host's own addresses)."""
+    try:
+        parts = urlsplit(url)
+        target_port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return False
+    if target_port != port or not parts.hostname:
+        return False
+    target = _addresses(parts.hostname)
+    listen = _addresses(host)
+    if any(address.is_unspecified for address in listen):
+        own = _addresses(socket.gethostname())
+        return any(a.is_loopback or a.is_unspecified or a in own for a in target)
+    return bool(target & listen)
+
+
+def _addresses(host: str) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        return set()
+    return {ipaddress.ip_address(str(info[4][0]).partition("%")[0]) for info in infos}
+
+
+def config_warnings(config: Config) -> list[str]:
+    """What `check` questions without refusing: the config works, but likely not as meant."""
+    warnings = []
+    if not config.targets:
+        warnings.append(
+            "targets: none; accepted events go nowhere (counted as unrouted in /v1/status)"
+        )
+    return warnings
 
 
 def _token_problems(auth: AuthConfig) -> list[str]:

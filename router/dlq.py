@@ -32,7 +32,7 @@ USAGE_REFUSALS = frozenset({"unknown_target", "bad_filter"})
 
 
 def deadletter_dir(config: Config) -> Path:
-    return Path(config.storage.path) / "deadletter"
+    return config.storage.dead_letter_dir()
 
 
 def list_letters(config: Config, out: TextIO | None = None) -> int:

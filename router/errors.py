@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from router.masking import mask_text
+
 
 class RouterError(Exception):
     """Root of every error event-router raises on purpose."""
@@ -63,8 +65,10 @@ class DeliveryError(RouterError):
     ) -> None:
         self.target_id = target_id
         self.status = status
-        self.response_excerpt = response_excerpt
-        super().__init__(f"target {target_id}: {message}")
+        # Masked here, once for every target: the message and the excerpt go on to the log,
+        # /v1/status and the dead letter, and a URL in them may carry a password or a token.
+        self.response_excerpt = mask_text(response_excerpt)
+        super().__init__(f"target {target_id}: {mask_text(message)}")
 
 
 class RetryableDeliveryError(DeliveryError):

@@ -33,6 +33,7 @@ from router.logformat import counted
 from router.metrics import IngestStats
 from router.redaction import Redactor
 from router.routing import RouteTable
+from router.selfevent import SERVICE
 from router.tail import TailHub
 from router.validation import EventValidator, Problem
 
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 
 JSON_TYPES = frozenset({"application/json"})
 NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "application/jsonl"})
+# The router's own actions (router/selfevent.py); producers may not send them.
+OWN_ACTION_PREFIX = f"{SERVICE}."
 READ_CHUNK_BYTES = 64 * 1024
 # storage.when_full: drop_oldest_per_target sheds this many events at a time, a few times at most.
 SHED_EVENTS = 1000
@@ -155,13 +158,16 @@ class Ingest:
 
     async def accept_own(self, body: dict[str, Any]) -> None:
         """Journal an event of the router itself, routed like any producer's."""
-        response = await self.accept([body])
+        response = await self.accept([body], own=True)
         if response.status != 202:
             raise RouterError(f"the router's own event was refused: {response.text}")
 
-    def _problems(self, item: Any, caller: Caller | None) -> tuple[str, list[Problem]]:
+    def _problems(
+        self, item: Any, caller: Caller | None, own: bool = False
+    ) -> tuple[str, list[Problem]]:
         """What is wrong with one item, and the reason it is counted under (for metrics):
-        malformed, limits, schema, catalogue (only its action is unknown) or forbidden."""
+        malformed, limits, schema, catalogue (only its action is unknown), forbidden, or
+        reserved (a producer sending one of the router's own actions)."""
         if isinstance(item, Malformed):
             return "malformed", [Problem("", item.message)]
         if problems := self._shape_problems(item):
@@ -169,18 +175,23 @@ class Ingest:
         if problems := self.validator.validate(item):
             catalogue = all(p.path == "/action" and "catalogue" in p.message for p in problems)
             return ("catalogue" if catalogue else "schema"), problems
+        if not own and (problems := reserved_action(item)):
+            return "reserved", problems
         principal = caller.principal if caller is not None else None
         if principal is not None and (problems := principal.problems(item)):
             return "forbidden", problems
         return "", []
 
-    async def accept(self, items: list[Any], caller: Caller | None = None) -> web.Response:
-        """Validate, route and journal; `caller` (when auth is on) may limit the services."""
+    async def accept(
+        self, items: list[Any], caller: Caller | None = None, *, own: bool = False
+    ) -> web.Response:
+        """Validate, route and journal; `caller` (when auth is on) may limit the services.
+        Only the router's own events (`own`) may carry its actions."""
         results: list[dict[str, Any]] = []
         routed: list[tuple[Event, Mapping[str, str]]] = []
         forbidden = 0
         for index, item in enumerate(items):
-            reason, problems = self._problems(item, caller)
+            reason, problems = self._problems(item, caller, own)
             forbidden += reason == "forbidden"
             if problems:
                 self.stats.rejected_by_reason[reason] = (
@@ -269,6 +280,21 @@ class Ingest:
                 )
                 return len(entries)
         return 0
+
+
+def reserved_action(item: dict[str, Any]) -> list[Problem]:
+    """A producer's event that claims to be the router's: its login refusals, reloads and
+    API changes must not be forgeable by anyone holding an ingest token."""
+    action = item.get("action")
+    if isinstance(action, str) and action.lower().startswith(OWN_ACTION_PREFIX):
+        return [
+            Problem(
+                "/action",
+                f"{action!r} is an action of the router itself ({OWN_ACTION_PREFIX}*); "
+                "a producer may not send it",
+            )
+        ]
+    return []
 
 
 def decode(body: bytes, content_type: str) -> list[Any]:

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from router.appendfile import make_private_dirs
-from router.config import StorageConfig
+from router.config import JOURNAL_FILE, StorageConfig
 from router.errors import RouterError
 from router.events import Event
 from router.logformat import counted
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-DB_NAME = "journal.db"
+DB_NAME = JOURNAL_FILE
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY, event_id TEXT NOT NULL, received_at REAL NOT NULL,

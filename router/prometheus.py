@@ -121,7 +121,7 @@ class DaemonCollector(Collector):
             "event_router_events_rejected_by_reason",
             "Rejected events by reason: malformed (not JSON), limits (depth, string length), "
             "schema, catalogue (an action the service does not have), forbidden (another "
-            "service's event for a limited token).",
+            "service's event for a limited token), reserved (an action of the router itself).",
             labels=["reason"],
         )
         for reason, count in sorted(stats.rejected_by_reason.items()):

@@ -17,6 +17,28 @@ from router import __version__
 from router.metrics import utc_iso
 
 SERVICE = "event-router"
+# What an event of the router quotes (a refused name, a config problem) is cut to this many
+# characters, so the event stays far below server.max_string_chars: an audit event that is
+# itself rejected would leave the action it reports unrecorded.
+MAX_QUOTED_CHARS = 2000
+
+
+def clip(text: str, limit: int = MAX_QUOTED_CHARS) -> str:
+    """`text`, or its start and how much was cut."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
+def clipped(value: Any) -> Any:
+    """Every string of `value`, at any depth, clipped."""
+    if isinstance(value, str):
+        return clip(value)
+    if isinstance(value, dict):
+        return {k: clipped(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [clipped(v) for v in value]
+    return value
 
 
 @functools.cache
@@ -44,9 +66,9 @@ def router_event(
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The body of a schema-valid event from this router. The initiator defaults to the
-    router itself; `extra` adds fields such as `requestData`."""
+    router itself; `extra` adds fields such as `requestData`. Quoted values are clipped."""
     instance = instance_name()
-    return {
+    body = {
         "action": action,
         "eventTime": utc_iso(time.time()).replace("Z", "+00:00"),
         "initiator": initiator
@@ -68,3 +90,5 @@ def router_event(
         "dataEvent": False,
         **(extra or {}),
     }
+    result: dict[str, Any] = clipped(body)
+    return result

@@ -21,7 +21,6 @@ import hmac
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -29,6 +28,7 @@ from router import __version__
 from router.config import HttpAuthConfig, HttpEndpointConfig, TargetConfig, TlsClientConfig
 from router.errors import PermanentDeliveryError, RetryableDeliveryError
 from router.events import Event
+from router.masking import mask_url
 
 RETRYABLE_STATUSES = frozenset({408, 429})
 EXCERPT_BYTES = 512
@@ -95,14 +95,6 @@ def auth_header(auth: HttpAuthConfig | None) -> dict[str, str]:
     return {"Authorization": "Basic " + base64.b64encode(credentials).decode("ascii")}
 
 
-def without_userinfo(url: str) -> str:
-    """A URL fit for a log line or a dead letter: any `user:password@` becomes `***@`."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
-
-
 async def raise_for_status(target_id: str, url: str, resp: aiohttp.ClientResponse) -> None:
     """Classify an answer: 2xx returns; 408, 429 and 5xx are retryable (with Retry-After);
     any other status is permanent, a redirect included (it is never followed, see above).
@@ -112,7 +104,7 @@ async def raise_for_status(target_id: str, url: str, resp: aiohttp.ClientRespons
     excerpt = (await resp.content.read(EXCERPT_BYTES)).decode("utf-8", "replace")
     message = f"HTTP {resp.status} from {url}"
     if 300 <= resp.status < 400:
-        location = without_userinfo(resp.headers.get("Location", "(none)"))
+        location = mask_url(resp.headers.get("Location", "(none)"))
         message += f": a redirect to {location}, not followed (configure the final URL)"
     if resp.status in RETRYABLE_STATUSES or resp.status >= 500:
         raise RetryableDeliveryError(

@@ -4,6 +4,9 @@ them, against a real daemon: models, status codes, errors, masking, persistence,
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import subprocess
 import uuid
 from pathlib import Path
 from typing import Any
@@ -176,7 +179,18 @@ async def test_credentials_come_back_masked_and_stay_references_in_the_file(
         "storage": {"path": str(tmp_path / "var")},
         "startup": {"validate_targets": False},
         "auth": auth(),
-        "targets": [file_target("archive", tmp_path / "archive.ndjson")],
+        "targets": [
+            file_target("archive", tmp_path / "archive.ndjson"),
+            # The operator's reference, in the operator's file (the API refuses references).
+            {
+                "id": "siem",
+                "target_type": "http",
+                "http_endpoint": {
+                    "url": siem.url,
+                    "auth": {"type": "bearer", "token": "${env:SIEM_TOKEN}"},
+                },
+            },
+        ],
         "routes": [{"name": "all", "rules": [{"locations": ["*"], "target_ids": ["archive"]}]}],
     }
     path.write_text(yaml.safe_dump(data))
@@ -184,19 +198,13 @@ async def test_credentials_come_back_masked_and_stay_references_in_the_file(
     await daemon.start()
     try:
         api = Client(daemon)
-        status, target = await api.call(
+        status, _ = await api.call(
             "POST",
             "/api/v2/targets",
-            {
-                "name": "siem",
-                "target_type": "http",
-                "http_endpoint": {
-                    "url": siem.url,
-                    "auth": {"type": "bearer", "token": "${env:SIEM_TOKEN}"},
-                },
-            },
+            {"target_type": "file", "file_endpoint": {"path": str(tmp_path / "extra.ndjson")}},
         )
         assert status == 201
+        status, target = await api.call("GET", "/api/v2/targets/siem")
         assert target["http_endpoint"]["auth"] == {"type": "bearer", "token": "REDACTED"}
         # A client that sends back what it read keeps the secret (REDACTED is not a value).
         status, renamed = await api.call(
@@ -224,7 +232,11 @@ async def test_credentials_come_back_masked_and_stay_references_in_the_file(
 
     # A restart comes back with what the API changed.
     again = Daemon(parse_config(yaml.safe_load(path.read_text())), ConfigSource(path, {}))
-    assert [t.name for t in again.config.targets] == ["archive", "siem-2"]
+    assert [t.name for t in again.config.targets] == [
+        "archive",
+        "siem-2",
+        again.config.targets[2].id,
+    ]
     audit = [
         e
         for e in read_ndjson(tmp_path / "archive.ndjson")
@@ -258,3 +270,280 @@ async def test_validate_refreshes_write_status(
     assert status == 200
     assert target["write_status"]["status"] == "failed"
     assert "500" in target["write_status"]["reason_for_last_failure"]
+
+
+async def test_secrets_in_target_urls_and_headers_reach_no_log_status_letter_or_answer(
+    start_daemon: StartDaemon,
+    receiver_factory: ReceiverFactory,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    (tmp_path / "password").write_text("SUPERSECRET-password\n")
+    siem = await receiver_factory([400])
+    host = siem.url.split("://", 1)[1]
+    url = f"http://svc:${{file:{tmp_path / 'password'}}}@{host}?token=QUERY-SECRET&tenant=a"
+    daemon = await start_daemon(
+        {
+            "auth": auth(),
+            "targets": [
+                {
+                    "id": "siem",
+                    "target_type": "http",
+                    "http_endpoint": {
+                        "url": url,
+                        "headers": {"X-Api-Key": "HEADER-SECRET", "X-Tenant": "audit"},
+                    },
+                }
+            ],
+            "routes": [{"name": "all", "rules": [{"locations": ["*"], "target_ids": ["siem"]}]}],
+        }
+    )
+    secrets = ("SUPERSECRET-password", "QUERY-SECRET", "HEADER-SECRET")
+    await daemon.ingest.accept([make_event(id="to-siem")])
+    await wait_for(lambda: settled(daemon))
+    assert siem.requests[0].headers["X-Api-Key"] == "HEADER-SECRET"
+    books = daemon.status()["targets"]["siem"]
+    assert books["received"] == books["delivered"] + books["dead_lettered"] + books["pending"]
+    assert books["dead_lettered"] == 1
+    failure = books["write_status"]["reason_for_last_failure"]
+    assert "svc:REDACTED@" in failure and "token=REDACTED" in failure
+    letters = (tmp_path / "var" / "deadletter" / "siem.ndjson").read_text()
+    shown = [failure, letters, caplog.text]
+    api = Client(daemon)
+    status, target = await api.call("GET", "/api/v2/targets/siem")
+    assert status == 200
+    endpoint = target["http_endpoint"]
+    assert endpoint["headers"] == {"X-Api-Key": "REDACTED", "X-Tenant": "audit"}
+    assert endpoint["url"].startswith("http://svc:REDACTED@")
+    shown.append(str(target))
+    for text in shown:
+        assert not any(secret in text for secret in secrets), text
+    # What was read back and sent again keeps the real URL and header.
+    status, _ = await api.call("PUT", "/api/v2/targets/siem", {"http_endpoint": endpoint})
+    assert status == 200
+    kept = daemon.config.target("siem").endpoint
+    assert "SUPERSECRET-password" in kept.url  # type: ignore[union-attr]
+    assert kept.headers["X-Api-Key"] == "HEADER-SECRET"  # type: ignore[union-attr]
+
+
+async def test_a_refused_admin_action_is_recorded_even_when_it_quotes_a_huge_value(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    status, error = await Client(daemon).call(
+        "POST",
+        "/api/v2/targets",
+        {
+            "name": "n" * 100_000,
+            "target_type": "file",
+            "file_endpoint": {"path": str(tmp_path / "huge.ndjson")},
+        },
+    )
+    assert status == 400 and error["errors"][0]["code"] == "invalid_value"
+    assert daemon.config.targets == daemon.config.targets[:1]
+
+    def refused() -> list[dict[str, Any]]:
+        return [
+            e
+            for e in read_ndjson(tmp_path / "archive.ndjson")
+            if e["action"] == "event-router.target.create"
+        ]
+
+    await wait_for(lambda: len(refused()) == 1, what="the refused create's audit event")
+    event = refused()[0]
+    assert event["outcome"] == "failure" and event["initiator"]["name"] == "ops-alice"
+    failure = event["requestData"]["reasonForFailure"]
+    assert "does not match" in failure and len(failure) < 5000
+
+
+async def test_a_refused_change_changes_nothing_version_included(daemon: Daemon) -> None:
+    api = Client(daemon)
+    before = (await api.call("GET", "/api/v2/settings"))[1]
+    status, _ = await api.call(
+        "PUT",
+        "/api/v2/settings",
+        {
+            "default_targets": ["ghost"],
+            "metadata_region_primary": "eu-de",
+            "private_api_endpoint_only": True,
+        },
+    )
+    assert status == 400
+    assert (await api.call("GET", "/api/v2/settings"))[1] == before
+    status, route = await api.call(
+        "POST", "/api/v2/routes", {"name": "r", "rules": [{"target_ids": ["archive"]}]}
+    )
+    assert status == 201 and route["version"] == 0
+    for _ in range(2):
+        status, _ = await api.call(
+            "PUT", f"/api/v2/routes/{route['id']}", {"name": "r", "rules": [{"target_ids": ["x"]}]}
+        )
+        assert status == 400
+    assert (await api.call("GET", f"/api/v2/routes/{route['id']}"))[1] == route
+    # Each refusal is on the record, whatever refused it (here a 404 too).
+    assert (await api.call("DELETE", "/api/v2/routes/nope"))[0] == 404
+    expected = ["setting.update", "route.update", "route.update", "route.delete"]
+
+    def failures() -> list[str]:
+        return [
+            e["action"].removeprefix("event-router.")
+            for e in read_ndjson(Path(daemon.config.target("archive").endpoint.path))  # type: ignore[union-attr]
+            if e["action"].startswith("event-router.") and e["outcome"] == "failure"
+        ]
+
+    await wait_for(lambda: failures() == expected, what="four refusals audited")
+
+
+async def test_file_targets_from_the_api_stay_under_the_archive_roots(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    """The root is the directory of the YAML's own file target (tmp_path)."""
+    api = Client(daemon)
+    (tmp_path / "escape").symlink_to("/etc")
+    (tmp_path / "var" / "deadletter").mkdir(parents=True, exist_ok=True)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    refused = {
+        "../../../../../../x.ndjson": "outside the archive roots",
+        "~/.ssh/authorized_keys": "outside the archive roots",
+        str(tmp_path / "escape" / "x.ndjson"): "outside the archive roots",
+        "/dev/null": "a device, FIFO or socket",
+        "/proc/self/mem": "outside the archive roots",
+        "/tmp": "a directory",
+        str(tmp_path): "a directory",
+        str(fifo): "a device, FIFO or socket",
+        str(tmp_path / "a\x00b.ndjson"): "a NUL byte",
+        str(tmp_path / "var" / "journal.db"): "the journal's own files",
+        str(tmp_path / "var" / "deadletter" / "x.ndjson"): "the dead-letter directory",
+        str(tmp_path / "archive.ndjson"): "already writes",
+    }
+    for path, why in refused.items():
+        status, error = await api.call(
+            "POST", "/api/v2/targets", {"target_type": "file", "file_endpoint": {"path": path}}
+        )
+        message = error["errors"][0]["message"] if error else ""
+        assert status == 400, path
+        assert "targets[1].file_endpoint.path: " in message and why in message, message
+    status, error = await api.call(
+        "PUT", "/api/v2/targets/archive", {"file_endpoint": {"path": "/tmp/elsewhere.ndjson"}}
+    )
+    assert status == 400 and "outside the archive roots" in error["errors"][0]["message"]
+    assert [t.id for t in daemon.config.targets] == ["archive"]
+    assert daemon.config.target("archive").endpoint.path == str(tmp_path / "archive.ndjson")  # type: ignore[union-attr]
+    ok = tmp_path / "sub" / "ok.ndjson"
+    status, _ = await api.call(
+        "POST", "/api/v2/targets", {"target_type": "file", "file_endpoint": {"path": str(ok)}}
+    )
+    assert status == 201
+
+
+async def test_references_in_api_bodies_are_refused(
+    daemon: Daemon, receiver_factory: ReceiverFactory, tmp_path: Path
+) -> None:
+    siem = await receiver_factory([200])
+    api = Client(daemon)
+    secret = tmp_path / "admin-token"
+    secret.write_text("the-admin-token-value\n")
+    for endpoint in (
+        {"url": siem.url, "headers": {"X-Leak": f"${{file:{secret}}}"}},
+        {"url": siem.url + "?home=${env:HOME}"},
+        {"url": siem.url, "auth": {"type": "bearer", "token": "${file:/dev/zero}"}},
+    ):
+        status, error = await api.call(
+            "POST", "/api/v2/targets", {"target_type": "http", "http_endpoint": endpoint}
+        )
+        assert status == 400
+        assert "a reference" in error["errors"][0]["message"]
+        assert "targets[1].http_endpoint." in error["errors"][0]["message"]
+    assert [t.id for t in daemon.config.targets] == ["archive"] and siem.requests == []
+
+
+async def test_a_target_pointing_at_the_daemon_itself_is_refused(daemon: Daemon) -> None:
+    api = Client(daemon)
+    for url in (
+        f"http://127.0.0.1:{daemon.port}/v1/events",
+        f"http://localhost:{daemon.port}/v1/events",
+    ):
+        status, error = await api.call(
+            "POST", "/api/v2/targets", {"target_type": "http", "http_endpoint": {"url": url}}
+        )
+        assert status == 400 and "own listener" in error["errors"][0]["message"], url
+    assert [t.id for t in daemon.config.targets] == ["archive"]
+
+
+COMMENTED = """\
+# The operator's config: every comment here must survive the API's write-back.
+server:
+  host: 127.0.0.1   # loopback only
+  port: 0
+
+storage:
+  path: {var}        # the journal lives here
+
+startup: {{validate_targets: false}}
+
+targets:
+  # The archive, first and foremost.
+  - id: archive
+    name: Local archive
+    target_type: file
+    file_endpoint:
+      path: {archive}   # rotated by size
+
+routes:
+  - name: all
+    rules:
+      - locations: ["*"]      # every location
+        target_ids: [archive]
+
+# Who may change all this.
+auth: {auth}
+"""
+
+
+async def test_write_back_keeps_comments_and_key_order(tmp_path: Path) -> None:
+    path = tmp_path / "router.yaml"
+    text = COMMENTED.format(
+        var=tmp_path / "var",
+        archive=tmp_path / "archive.ndjson",
+        auth=json.dumps(auth()),  # a JSON flow mapping is YAML too
+    )
+    path.write_text(text)
+    data = yaml.safe_load(text)
+    daemon = Daemon(parse_config(data), ConfigSource(path, data))
+    await daemon.start()
+    try:
+        api = Client(daemon)
+        status, target = await api.call(
+            "POST",
+            "/api/v2/targets",
+            {"target_type": "file", "file_endpoint": {"path": str(tmp_path / "b.ndjson")}},
+        )
+        assert status == 201
+        status, _ = await api.call(
+            "PUT",
+            "/api/v2/routes/all",
+            {
+                "name": "all",
+                "rules": [{"locations": ["*"], "target_ids": ["archive", target["id"]]}],
+            },
+        )
+        assert status == 200
+    finally:
+        await daemon.stop()
+    written = path.read_text()
+    comments = [line.split("#", 1)[1] for line in text.splitlines() if "#" in line]
+    for comment in comments:
+        assert comment in written, comment
+    assert list(yaml.safe_load(written)) == list(data), "top-level key order"
+    assert yaml.safe_load(written) == daemon.source.data
+    previous = path.with_name("router.yaml.prev").read_text()  # the file before the last change
+    assert all(comment in previous for comment in comments)
+    assert written.startswith(text.split("targets:")[0]), "untouched sections stay as written"
+
+
+def test_prev_files_are_not_tracked() -> None:
+    repo = Path(__file__).resolve().parents[2]
+    ignored = subprocess.run(
+        ["git", "-C", str(repo), "check-ignore", "-q", "config/router.yaml.prev"], check=False
+    )
+    assert ignored.returncode == 0

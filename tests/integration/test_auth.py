@@ -19,6 +19,7 @@ from router.app import Daemon
 from router.auth import LOGIN_ACTION
 from router.query import parse
 from router.resources import schemas_dir
+from router.selfevent import instance_crn, router_event
 from router.validation import EventValidator
 from tests.conftest import StartDaemon
 from tests.fakes import make_event, read_ndjson, sm_crn, wait_for
@@ -194,6 +195,38 @@ async def test_a_token_limited_to_a_service_cannot_forge_another_services_events
     assert status == 202
 
 
+async def test_producers_cannot_send_the_routers_own_actions(
+    guarded: tuple[Daemon, Path],
+) -> None:
+    daemon, path = guarded
+    forged = router_event(
+        action=LOGIN_ACTION,
+        message="event-router: refused nothing",
+        target={"id": instance_crn(":"), "name": "event-router", "typeURI": "event-router/x"},
+    )
+    reload = {**forged, "action": "event-router.config.reload", "id": "forged-2"}
+    status, _, body = await call(
+        daemon,
+        "POST",
+        "/v1/events",
+        token=INGEST_TOKEN,
+        body=[make_event(id="sm-1"), {**forged, "id": "forged-1"}, reload],
+    )
+    assert status == 202
+    assert [r["status"] for r in body["results"]] == ["accepted", "rejected", "rejected"]
+    assert body["results"][1]["errors"] == [
+        {
+            "path": "/action",
+            "message": "'event-router.instance.login' is an action of the router itself "
+            "(event-router.*); a producer may not send it",
+        }
+    ]
+    # The router's own events still go through: this refusal is one.
+    await call(daemon, "GET", "/v1/status", token=INGEST_TOKEN)
+    await wait_for(lambda: len(login_events(path)) == 1, what="the router's own event")
+    assert {e["id"] for e in read_ndjson(path)} & {"forged-1", "forged-2"} == set()
+
+
 async def test_every_refusal_is_an_audit_event_that_the_seed_query_finds(
     guarded: tuple[Daemon, Path], tmp_path: Path
 ) -> None:
@@ -269,6 +302,121 @@ async def test_without_auth_everything_is_open_and_the_daemon_warns(
     assert status == 202
     status, _, body = await call(daemon, "GET", "/v1/status")
     assert status == 200 and body["auth"]["enabled"] is False
+
+
+@pytest.fixture
+async def open_daemon(start_daemon: StartDaemon, tmp_path: Path) -> Daemon:
+    """The quick start's shape: no auth section, loopback only."""
+    return await start_daemon(
+        {
+            "targets": [file_target("archive", tmp_path / "a.ndjson")],
+            "routes": [{"name": "all", "rules": [{"locations": ["*"], "target_ids": ["archive"]}]}],
+        }
+    )
+
+
+async def test_without_admin_tokens_api_changes_are_refused_and_reads_stay_open(
+    open_daemon: Daemon, tmp_path: Path
+) -> None:
+    daemon = open_daemon
+    new_target = {
+        "target_type": "file",
+        "file_endpoint": {"path": str(tmp_path / "var" / "journal.db")},
+    }
+    for method, path, body in (
+        ("POST", "/api/v2/targets", new_target),
+        ("PUT", "/api/v2/targets/archive", {"name": "x"}),
+        ("DELETE", "/api/v2/routes/all", None),
+        ("POST", "/api/v2/targets/archive/validate", None),
+    ):
+        status, _, answer = await call(daemon, method, path, body=body)
+        assert status == 403, (method, path)
+        assert "auth.admin_tokens" in answer["error"]["message"]
+    assert (await call(daemon, "GET", "/api/v2/targets"))[0] == 200
+    assert [t.id for t in daemon.config.targets] == ["archive"]
+    assert [r.name for r in daemon.config.routes] == ["all"]
+
+
+async def test_with_ingest_tokens_only_the_admin_endpoints_say_what_to_configure(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    daemon = await start_daemon(
+        {
+            "auth": {"ingest_tokens": [{"name": "p", "sha256": "00" * 32}]},
+            "targets": [file_target("archive", tmp_path / "a.ndjson")],
+            "routes": [],
+        }
+    )
+    for method, path in (("POST", "/api/v2/targets"), ("GET", "/v1/status")):
+        status, _, answer = await call(daemon, method, path, token=INGEST_TOKEN, body={})
+        assert status == 403 and "auth.admin_tokens" in answer["error"]["message"], path
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:{port}", "127.0.0.1.nip.io"])
+async def test_an_open_daemon_answers_only_to_its_own_names(open_daemon: Daemon, host: str) -> None:
+    """DNS rebinding: a page on evil.example whose name now points at 127.0.0.1 sends
+    `Host: evil.example`; the daemon, with no token to ask for, must not answer it."""
+    daemon = open_daemon
+    headers = {"Host": host.format(port=daemon.port)}
+    for method, path in (("GET", "/v1/status"), ("GET", "/api/v2/targets"), ("POST", "/v1/events")):
+        body = make_event() if method == "POST" else None
+        status, _, answer = await call(daemon, method, path, body=body, headers=headers)
+        assert status == 403, (method, path)
+        assert answer["error"]["code"] == "unknown_host"
+    for own in ("127.0.0.1", f"127.0.0.1:{daemon.port}", f"localhost:{daemon.port}"):
+        status, _, _ = await call(daemon, "GET", "/v1/status", headers={"Host": own})
+        assert status == 200, own
+    # Probes answer whatever the name (a load balancer's health check may use any).
+    assert (await call(daemon, "GET", "/healthz", headers=headers))[0] == 200
+
+
+async def test_a_change_from_another_origin_is_refused(
+    guarded: tuple[Daemon, Path], open_daemon: Daemon, tmp_path: Path
+) -> None:
+    daemon, _ = guarded
+    body = {"target_type": "file", "file_endpoint": {"path": str(tmp_path / "b.ndjson")}}
+    for origin in ("http://evil.example", "null", f"http://127.0.0.1:{daemon.port + 1}"):
+        status, _, answer = await call(
+            daemon,
+            "POST",
+            "/api/v2/targets",
+            token=ADMIN_TOKEN,
+            body=body,
+            headers={"Origin": origin},
+        )
+        assert status == 403 and answer["error"]["code"] == "cross_origin", origin
+    assert [t.id for t in daemon.config.targets] == ["archive"]
+    status, _, _ = await call(
+        open_daemon,
+        "POST",
+        "/v1/deadletters/archive/redrive",
+        headers={"Origin": "http://evil.example"},
+    )
+    assert status == 403
+    # The daemon's own origin may (a page it served, a same-origin tool).
+    own = {"Origin": f"http://127.0.0.1:{daemon.port}"}
+    status, _, _ = await call(
+        daemon, "POST", "/api/v2/targets", token=ADMIN_TOKEN, body=body, headers=own
+    )
+    assert status == 201
+
+
+async def test_api_changes_must_be_json(guarded: tuple[Daemon, Path], tmp_path: Path) -> None:
+    daemon, _ = guarded
+    body = orjson.dumps(
+        {"target_type": "file", "file_endpoint": {"path": str(tmp_path / "b.ndjson")}}
+    )
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"http://127.0.0.1:{daemon.port}/api/v2/targets",
+            data=body,
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "text/plain"},
+        ) as resp,
+    ):
+        assert resp.status == 415
+        assert (await resp.json())["errors"][0]["code"] == "unsupported_media_type"
+    assert [t.id for t in daemon.config.targets] == ["archive"]
 
 
 async def run_cli(*args: str, env: dict[str, str]) -> tuple[int, str]:

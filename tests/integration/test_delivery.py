@@ -296,7 +296,7 @@ async def test_a_redirect_is_not_followed_and_dead_letters_with_its_location(
         assert sorted(letter["event"]["id"] for letter in letters) == [f"r{i}" for i in range(5)]
         for letter in letters:
             assert (letter["reason"], letter["status"]) == ("permanent_status", status)
-            assert gateway.location.replace("sso:hunter2@", "***@") in letter["message"]
+            assert gateway.location.replace("sso:hunter2@", "sso:REDACTED@") in letter["message"]
             assert "hunter2" not in letter["message"]
         row = daemon.status()["targets"]["siem"]
         assert (row["delivered"], row["dead_lettered"]) == (0, 5)

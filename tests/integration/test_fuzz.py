@@ -5,6 +5,7 @@ passes the event schema. The number of inputs tried is printed at the end (pytes
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -32,6 +33,16 @@ TRIED: dict[str, int] = {"schemathesis": 0, "hypothesis_bodies": 0}
 
 
 MAX_PEAK_RSS_MB = 300
+INGEST_TOKEN = "fuzz-ingest-token-0123456789"
+ADMIN_TOKEN = "fuzz-admin-token-0123456789"
+
+
+def sha256(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -61,6 +72,12 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
             {"id": "archive", "target_type": "file", "file_endpoint": {"path": str(archive)}}
         ],
         "routes": [{"name": "all", "rules": [{"locations": ["*"], "target_ids": ["archive"]}]}],
+        # With tokens, so that the management API's changes are fuzzed too (a daemon without
+        # admin tokens refuses them all).
+        "auth": {
+            "ingest_tokens": [{"name": "fuzz", "sha256": sha256(INGEST_TOKEN)}],
+            "admin_tokens": [{"name": "fuzz-admin", "sha256": sha256(ADMIN_TOKEN)}],
+        },
     }
     config_file = root / "router.yaml"
     config_file.write_text(yaml.safe_dump(config))
@@ -103,7 +120,8 @@ def test_schemathesis_finds_no_server_error(served: Served) -> None:
         @given(case=operation.as_strategy())
         def call(case: Any) -> None:
             TRIED["schemathesis"] += 1
-            response = case.call(base_url=served.url, timeout=30)
+            token = INGEST_TOKEN if case.operation.path == "/v1/events" else ADMIN_TOKEN
+            response = case.call(base_url=served.url, timeout=30, headers=bearer(token))
             case.validate_response(response, checks=[not_a_server_error])
             assert served.process.poll() is None, "the daemon died"
 
@@ -153,7 +171,7 @@ def test_generated_bodies_get_no_server_error(
     served: Served, body: bytes, content_type: str, encoding: str | None
 ) -> None:
     TRIED["hypothesis_bodies"] += 1
-    headers = {"Content-Type": content_type}
+    headers = {"Content-Type": content_type, **bearer(INGEST_TOKEN)}
     if encoding is not None:
         headers["Content-Encoding"] = encoding
     response = requests.post(f"{served.url}/v1/events", data=body, headers=headers, timeout=30)
@@ -165,7 +183,7 @@ def test_generated_bodies_get_no_server_error(
 def test_every_accepted_event_passes_the_schema(served: Served) -> None:
     """Runs after the fuzzers (pytest keeps a module's order)."""
     validator = EventValidator(schemas_dir())
-    status = requests.get(f"{served.url}/v1/status", timeout=10).json()
+    status = requests.get(f"{served.url}/v1/status", headers=bearer(ADMIN_TOKEN), timeout=10).json()
     accepted = status["ingest"]["accepted"]
     # The archive may trail the journal by a batch; compare what has arrived.
     archived = read_ndjson(served.archive)

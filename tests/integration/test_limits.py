@@ -92,7 +92,7 @@ async def post_raw_status(daemon: Daemon, headers: dict[str, str]) -> tuple[int,
 async def test_a_client_that_sends_its_body_too_slowly_gets_408(limited: Daemon) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", limited.port)
     writer.write(
-        b"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         b'Content-Length: 1000\r\n\r\n{"action": '
     )
     await writer.drain()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 from dataclasses import fields
 from pathlib import Path
@@ -14,6 +15,7 @@ import yaml
 
 from router.cli import main
 from router.config import (
+    MAX_REFERENCE_BYTES,
     BatchConfig,
     Config,
     FileEndpointConfig,
@@ -25,6 +27,7 @@ from router.config import (
     ShutdownConfig,
     StorageConfig,
     ValidationConfig,
+    archive_roots,
     load_config,
     parse_config,
 )
@@ -198,7 +201,8 @@ def test_delivery_section_gives_defaults_and_a_target_overrides_single_fields(
 
 
 def test_target_override_does_not_leak_into_other_targets() -> None:
-    own = {**ARCHIVE, "id": "own", "batch": {"max_events": 10}}
+    own = {**ARCHIVE, "id": "own", "file_endpoint": {"path": "/tmp/own.ndjson"}}
+    own["batch"] = {"max_events": 10}
     config = parse_config(minimal(delivery=DELIVERY, targets=[ARCHIVE, own]))
     assert [t.batch.max_events for t in config.targets] == [100, 10]
 
@@ -691,3 +695,127 @@ def test_secret_references_may_live_in_a_readable_file(
     path.write_text(SECRET_CONFIG.replace("a-literal-token-value", '"${env:SIEM_TOKEN}"'))
     path.chmod(0o644)
     assert load_config(path).targets[0].id == "siem"
+
+
+# -- what `check` questions ------------------------------------------------------------------
+
+
+def file_targets(*paths: str | Path, storage: str | Path = "./var") -> dict[str, Any]:
+    return minimal(
+        storage={"path": str(storage)},
+        targets=[
+            {"id": f"t{i}", "target_type": "file", "file_endpoint": {"path": str(path)}}
+            for i, path in enumerate(paths)
+        ],
+        routes=[],
+    )
+
+
+def test_two_targets_writing_one_file_is_a_problem(tmp_path: Path) -> None:
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    (tmp_path / "real").mkdir()
+    data = file_targets(tmp_path / "real" / "a.ndjson", tmp_path / "link" / "a.ndjson")
+    problems = problems_of(data)
+    assert len(problems) == 1
+    assert problems[0].startswith("targets[1].file_endpoint.path: targets[0] already writes")
+
+
+def test_a_file_target_in_the_journals_files_or_dead_letters_is_a_problem(tmp_path: Path) -> None:
+    var = tmp_path / "var"
+    data = file_targets(
+        var / "journal.db",
+        var / "journal.db-wal",
+        var / "deadletter" / "t0.ndjson",
+        var / "events.ndjson",  # beside the journal, as the embedded config has it: fine
+        storage=var,
+    )
+    assert problems_of(data) == [
+        f"targets[0].file_endpoint.path: {str(var / 'journal.db')!r} is one of the journal's "
+        "own files",
+        f"targets[1].file_endpoint.path: {str(var / 'journal.db-wal')!r} is one of the "
+        "journal's own files",
+        f"targets[2].file_endpoint.path: {str(var / 'deadletter' / 't0.ndjson')!r} is in the "
+        "dead-letter directory",
+    ]
+
+
+def test_directories_devices_and_fifos_are_no_archive(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "fifo")
+    data = file_targets(tmp_path, "/dev/null", tmp_path / "fifo", tmp_path / "a\x00b")
+    assert [p.split(": ", 1)[1] for p in problems_of(data)] == [
+        f"{str(tmp_path)!r} is a directory, not a regular file",
+        "'/dev/null' is a device, FIFO or socket, not a regular file",
+        f"{str(tmp_path / 'fifo')!r} is a device, FIFO or socket, not a regular file",
+        "a NUL byte in the path",
+    ]
+
+
+def test_a_yaml_file_target_outside_any_root_stays_allowed(tmp_path: Path) -> None:
+    config = parse_config(file_targets(tmp_path / "anywhere" / "a.ndjson"))
+    assert archive_roots(config) == ((tmp_path / "anywhere").resolve(),)
+    explicit = parse_config(
+        {**file_targets(tmp_path / "a.ndjson"), "storage": {"archive_roots": ["/srv/audit"]}}
+    )
+    assert archive_roots(explicit) == (Path("/srv/audit"),)
+
+
+def test_a_target_pointing_at_the_listener_is_a_problem() -> None:
+    data = minimal(
+        server={"host": "127.0.0.1", "port": 8080},
+        targets=[
+            ARCHIVE,
+            {**SIEM, "http_endpoint": {"url": "http://localhost:8080/v1/events"}},
+            {**SIEM, "id": "other-port", "http_endpoint": {"url": "http://127.0.0.1:8081/"}},
+        ],
+    )
+    assert problems_of(data) == [
+        "targets[1].http_endpoint.url: points at this daemon's own listener (127.0.0.1:8080); "
+        "its events would come back as new events for ever"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("make", "why"),
+    [
+        pytest.param(lambda d: os.mkfifo(d / "ref") or d / "ref", "not a regular file", id="fifo"),
+        pytest.param(lambda d: Path("/dev/zero"), "not a regular file", id="device"),
+        pytest.param(lambda d: d, "not a regular file", id="directory"),
+        pytest.param(
+            lambda d: (d / "big").write_bytes(b"x" * (MAX_REFERENCE_BYTES + 1)) and d / "big",
+            f"larger than {MAX_REFERENCE_BYTES} bytes",
+            id="too-large",
+        ),
+    ],
+)
+def test_file_references_are_read_bounded_and_never_block(
+    make: Any, why: str, tmp_path: Path
+) -> None:
+    ref = make(tmp_path)
+    data = minimal(
+        targets=[
+            ARCHIVE,
+            {
+                **SIEM,
+                "http_endpoint": {
+                    "url": SIEM["http_endpoint"]["url"],
+                    "headers": {"X": f"${{file:{ref}}}"},
+                },
+            },
+        ]
+    )
+    assert problems_of(data) == [
+        f"targets[1].http_endpoint.headers.X: cannot read {str(ref)!r}: {why}"
+    ]
+
+
+def test_check_warns_about_a_config_without_targets(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "empty.yaml"
+    path.write_text(yaml.safe_dump({"routes": []}), encoding="utf-8")
+    main(["check", "--config", str(path)])
+    out, err = capsys.readouterr()
+    assert out == f"{path}: OK (0 targets, 0 routes, 0 default targets)\n"
+    assert err == (
+        "warning: targets: none; accepted events go nowhere (counted as unrouted in /v1/status)\n"
+    )

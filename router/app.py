@@ -192,11 +192,14 @@ class Daemon:
         books = [self.journal.books(target_id) for target_id in self.targets]
         await self.journal.close()
         log.info(
-            "event-router stopped: accepted %s this run; %d delivered, %d dead-lettered, "
-            "%d pending in the journal for the next start",
+            "event-router stopped: this run: accepted %s; all-time (the journal's books): "
+            "%d received, %d delivered, %d dead-lettered, %d lost; %d pending in the journal for "
+            "the next start",
             counted(self.ingest_stats.accepted, "event"),
+            sum(b.received for b in books),
             sum(b.delivered for b in books),
             sum(b.dead_lettered for b in books),
+            sum(b.lost for b in books),
             sum(b.pending for b in books),
         )
 
@@ -405,7 +408,8 @@ class Daemon:
             )
 
     def status(self) -> dict[str, Any]:
-        """The books: ingest counters and, per target, received = delivered + dead + pending."""
+        """The books: ingest counters and, per target, received = delivered + dead + pending
+        + lost (lost: what a damaged journal's salvage could not recover)."""
         targets = {}
         now = time.time()
         failing = self.failing_workers()
@@ -418,6 +422,7 @@ class Daemon:
                 "delivered": books.delivered,
                 "dead_lettered": books.dead_lettered,
                 "pending": books.pending,
+                "lost": books.lost,
                 "oldest_pending_age_s": round(now - oldest, 3) if oldest else 0.0,
                 "retries": stats.retries,
                 "batches": stats.batches,
@@ -445,6 +450,7 @@ class Daemon:
                 "used_bytes": self.journal.used_bytes,
                 "max_bytes": self.config.storage.max_bytes,
                 "quarantined_records": self.journal.quarantined,
+                "lost_records": self.journal.lost_records,
             },
             "targets": targets,
         }

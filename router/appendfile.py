@@ -2,7 +2,10 @@
 
 Files are created 0600 and missing directories 0700, because audit archives are evidence and
 may name people. Every append is one `write` loop followed, when asked, by `fsync`, so a line
-that was reported written survives a crash of the process or of the machine.
+that was reported written survives a crash of the process or of the machine. An append is all
+or nothing: one that fails part-way (a full disk writes what fits, then raises) cuts the file
+back to its length before the append, so the caller's retry neither tears a line nor repeats
+the lines that did fit.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ class AppendOnlyFile:
         self.path = path
         self.fsync = fsync
         self._fd: int | None = None
+        # Where a failed append began, when cutting the file back failed too: done first next time.
+        self._cut_to: int | None = None
 
     def open(self) -> None:
         if self._fd is None:
@@ -46,18 +51,44 @@ class AppendOnlyFile:
         return os.fstat(self._fd).st_size
 
     def append(self, data: bytes) -> None:
-        """Write all of `data` at the end of the file, then fsync if configured."""
+        """Write all of `data` at the end of the file, then fsync if configured; on failure
+        the file is as it was before (the error is raised)."""
         self.open()
-        assert self._fd is not None
-        view = memoryview(data)
-        while view:
-            written = os.write(self._fd, view)
-            view = view[written:]
-        if self.fsync:
-            os.fsync(self._fd)
+        fd = self._fd
+        assert fd is not None
+        start = os.fstat(fd).st_size
+        if self._cut_to is not None:
+            if self._cut_to < start:  # never grow a file that was meanwhile replaced
+                os.ftruncate(fd, self._cut_to)
+                start = self._cut_to
+            self._cut_to = None
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            if self.fsync:
+                os.fsync(fd)
+        except OSError:
+            self._cut_back(fd, start)
+            raise
+
+    def _cut_back(self, fd: int, length: int) -> None:
+        """Drop what a failed append wrote. If even that fails, the next append does it first
+        (a write there cannot start past `length` meanwhile: this object is the only writer)."""
+        try:
+            os.ftruncate(fd, length)
+            if self.fsync:
+                os.fsync(fd)
+        except OSError:
+            self._cut_to = length
 
     def close(self) -> None:
         if self._fd is not None:
+            if self._cut_to is not None:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, self._cut_to)
+                self._cut_to = None
             os.close(self._fd)
             self._fd = None
 

@@ -4,7 +4,8 @@ The only place that calls asyncio.run() and sys.exit().
 Exit codes, the same for every command (EXIT_CODES, shown in every --help): 0 done, 1 failed
 (nothing could be done: a port in use, a daemon out of reach, a target that fails its test
 write, letters none of which can be redriven), 2 a usage or config error (argparse's own code:
-an unknown option or target, a bad query, time or count, a config that does not load).
+an unknown option or target, a bad query, time or count, a config that does not load, a
+storage.path another daemon holds).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 from router import __version__
 from router.completion import SHELLS, script
 from router.config import Config, config_warnings, load_config_and_data
-from router.errors import ConfigError
+from router.errors import ConfigError, StorageLockedError
 from router.logformat import counted, setup_logging
 from router.resources import default_config_path
 from router.sdnotify import notify
@@ -40,7 +41,7 @@ exit codes (every command):
   1  failed: nothing could be done (a port in use, the daemon out of reach, a target that
      fails its test write, dead letters none of which can be redriven)
   2  usage or config error: an unknown option or target, a bad query, time or count,
-     a config that does not load or does not pass check"""
+     a config that does not load or does not pass check, a storage.path another daemon holds"""
 
 
 def _positive_count(text: str) -> int:
@@ -243,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     setup_logging(args.log_format, args.log_level)
     try:
         asyncio.run(_serve(config_path, data, replace(config, server=server), overrides))
-    except ConfigError as exc:
+    except (ConfigError, StorageLockedError) as exc:
         log.error("cannot start: %s", exc)
         sys.exit(EXIT_CONFIG)
     except OSError as exc:

@@ -31,6 +31,7 @@ from router.resources import schemas_dir
 MiB = 1024 * 1024
 # The names of what lives under storage.path (router/journal.py, router/deadletter.py, api).
 JOURNAL_FILE = "journal.db"
+JOURNAL_LOCK_FILE = "journal.lock"  # held by the one daemon that owns the journal
 DEAD_LETTER_DIR = "deadletter"
 API_METADATA_FILE = "api-metadata.json"
 # A ${file:} reference is a secret, not a document: past this it is refused, not read.
@@ -103,7 +104,13 @@ class StorageConfig:
     def journal_files(self) -> tuple[Path, ...]:
         """The journal's own files (and the API's metadata), which no target may write."""
         base = Path(self.path)
-        names = (JOURNAL_FILE, f"{JOURNAL_FILE}-wal", f"{JOURNAL_FILE}-shm", API_METADATA_FILE)
+        names = (
+            JOURNAL_FILE,
+            f"{JOURNAL_FILE}-wal",
+            f"{JOURNAL_FILE}-shm",
+            JOURNAL_LOCK_FILE,
+            API_METADATA_FILE,
+        )
         return tuple(base / name for name in names)
 
     def dead_letter_dir(self) -> Path:

@@ -4,6 +4,7 @@
     ├── ConfigError(source, problems)      a config file that cannot be used; lists every problem
     ├── RequestError(status, code, msg)    a whole ingest request refused (4xx), before any event
     ├── QueryError(message, column)        a query that does not parse; points at the column
+    ├── StorageLockedError(path, pid)      another process holds storage.path
     └── DeliveryError(target_id)           one batch could not be delivered to one target
         ├── RetryableDeliveryError         try again later (connection, timeout, 408, 429, 5xx)
         └── PermanentDeliveryError         retrying cannot help (other 4xx, unwritable file)
@@ -50,6 +51,19 @@ class QueryError(RouterError):
         self.message = message
         self.column = column
         super().__init__(f"column {column}: {message}")
+
+
+class StorageLockedError(RouterError):
+    """Another process (`pid`, None when it cannot be told) holds the journal under `path`."""
+
+    def __init__(self, path: str, pid: int | None) -> None:
+        self.path = path
+        self.pid = pid
+        holder = f"pid {pid}" if pid is not None else "a process whose pid is unknown"
+        super().__init__(
+            f"storage.path {path} is in use by another event-router ({holder}); two daemons "
+            "on one journal would lose events: give each its own storage.path"
+        )
 
 
 class DeliveryError(RouterError):

@@ -94,11 +94,23 @@ class Event:
         return cls(id=event_id, encoded=encoded, received_at=received_at)
 
     @classmethod
-    def corrupt_record(cls, seq: int, raw: bytes | None) -> Event:
-        """Stands in for an unreadable journal record, so that its fate is still written down."""
+    def corrupt_record(
+        cls,
+        seq: int,
+        raw: bytes | None,
+        *,
+        event_id: str | None = None,
+        received_at: float | None = None,
+    ) -> Event:
+        """Stands in for an unreadable journal record, so that its fate is still written down,
+        under the event's own id and arrival time when those columns survived."""
         excerpt = (raw or b"")[:512].decode("utf-8", "replace")
-        body = {"journal_seq": seq, "raw_excerpt": excerpt}
-        return cls(id=f"journal-seq-{seq}", body=body, corrupt=True)
+        body: dict[str, Any] = {"journal_seq": seq, "raw_excerpt": excerpt}
+        if event_id is not None:
+            body["id"] = event_id
+        return cls(
+            id=event_id or f"journal-seq-{seq}", body=body, received_at=received_at, corrupt=True
+        )
 
     @property
     def body(self) -> dict[str, Any]:

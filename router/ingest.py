@@ -28,7 +28,7 @@ from router.deadletter import DeadLetters, Failure
 from router.errors import RequestError, RouterError
 from router.events import Event
 from router.journal import Journal, JournalFullError
-from router.limits import shape_problems
+from router.limits import exact_numbers, may_alter_numbers, number_problems, shape_problems
 from router.logformat import counted
 from router.metrics import IngestStats
 from router.redaction import Redactor
@@ -58,6 +58,14 @@ class Malformed:
     """An NDJSON line that is not JSON: rejected on its own, the other lines still count."""
 
     message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Altered:
+    """An event holding a number decoding would change: rejected on its own, with the paths."""
+
+    problems: list[Problem]
+    id: str | None
 
 
 @dataclass(slots=True)
@@ -170,6 +178,8 @@ class Ingest:
         reserved (a producer sending one of the router's own actions)."""
         if isinstance(item, Malformed):
             return "malformed", [Problem("", item.message)]
+        if isinstance(item, Altered):
+            return "limits", item.problems
         if problems := self._shape_problems(item):
             return "limits", problems
         if problems := self.validator.validate(item):
@@ -198,8 +208,11 @@ class Ingest:
                     self.stats.rejected_by_reason.get(reason, 0) + 1
                 )
                 result: dict[str, Any] = {"index": index, "status": "rejected"}
+                item_id = item.id if isinstance(item, Altered) else None
                 if isinstance(item, dict) and isinstance(item.get("id"), str):
-                    result["id"] = item["id"]
+                    item_id = item["id"]
+                if item_id is not None:
+                    result["id"] = item_id
                 result["errors"] = [p.as_dict() for p in problems]
                 results.append(result)
                 continue
@@ -220,6 +233,7 @@ class Ingest:
             )
         except (OSError, sqlite3.Error) as exc:
             log.error("journal append failed: %s", exc)
+            self.stats.refuse("journal_unavailable")
             return json_response(
                 {
                     "error": {
@@ -301,7 +315,8 @@ def decode(body: bytes, content_type: str) -> list[Any]:
     """The events in a body: a list for a JSON array or NDJSON, a one-item list for an object.
     An empty (or all-whitespace) body holds no event: the caller answers `no_events`."""
     if content_type in NDJSON_TYPES:
-        return [_decode_line(number, start, line) for number, start, line in _lines(body)]
+        suspect = may_alter_numbers(body)
+        return [_decode_line(number, start, line, suspect) for number, start, line in _lines(body)]
     try:
         value = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -317,7 +332,22 @@ def decode(body: bytes, content_type: str) -> list[Any]:
                 f"invalid JSON at line {exc.lineno} column {exc.colno} (byte {exc.pos}): {exc.msg}"
             )
         raise RequestError(400, "malformed_json", message) from exc
-    return value if isinstance(value, list) else [value]
+    exact = exact_numbers(body) if may_alter_numbers(body) else None
+    if isinstance(value, list):
+        if isinstance(exact, list) and len(exact) == len(value):
+            return [
+                _faithful(item, exact_item) for item, exact_item in zip(value, exact, strict=True)
+            ]
+        return value
+    return [_faithful(value, exact)]
+
+
+def _faithful(item: Any, exact: Any) -> Any:
+    """The decoded item, or Altered when decoding changed one of its numbers."""
+    if exact is None or not (problems := number_problems(exact)):
+        return item
+    item_id = item.get("id") if isinstance(item, dict) else None
+    return Altered(problems, item_id if isinstance(item_id, str) else None)
 
 
 def _lines(body: bytes) -> list[tuple[int, int, bytes]]:
@@ -331,9 +361,11 @@ def _lines(body: bytes) -> list[tuple[int, int, bytes]]:
     return lines
 
 
-def _decode_line(number: int, start: int, line: bytes) -> Any:
+def _decode_line(number: int, start: int, line: bytes, suspect: bool) -> Any:
+    """One NDJSON line, which starts at byte `start` of the body; `suspect`: the body may hold
+    a number decoding would change."""
     try:
-        return orjson.loads(line)
+        item = orjson.loads(line)
     except orjson.JSONDecodeError as exc:
         if utf8 := _utf8_error(line):
             offset, reason = utf8
@@ -342,6 +374,7 @@ def _decode_line(number: int, start: int, line: bytes) -> Any:
                 f"(byte {start + offset}): {reason}"
             )
         return Malformed(f"line {number}: invalid JSON at column {exc.colno}: {exc.msg}")
+    return _faithful(item, exact_numbers(line) if suspect and may_alter_numbers(line) else None)
 
 
 def _utf8_error(data: bytes) -> tuple[int, str] | None:
@@ -356,22 +389,32 @@ def _utf8_error(data: bytes) -> tuple[int, str] | None:
 
 
 def inflate(body: bytes, max_bytes: int) -> bytes:
-    """Gunzip `body`, refusing to produce more than `max_bytes` (a gzip bomb stops there)."""
-    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    """Gunzip `body`, every member of it (`cat a.gz b.gz` is valid gzip, and some shippers send
+    it), refusing to produce more than `max_bytes` in all (a gzip bomb stops there). Bytes after
+    the last member that are not another member make the body malformed, never ignored."""
+    out: list[bytes] = []
+    size = 0
+    rest = body
     try:
-        out = inflater.decompress(body, max_bytes + 1)
-        if len(out) > max_bytes or inflater.unconsumed_tail:
-            raise RequestError(
-                413,
-                "inflated_body_too_large",
-                f"the gzip body inflates past server.max_inflated_bytes ({max_bytes} bytes)",
-            )
-        out += inflater.flush()
+        while True:
+            inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+            chunk = inflater.decompress(rest, max_bytes - size + 1)
+            size += len(chunk)
+            if size > max_bytes or inflater.unconsumed_tail:
+                raise RequestError(
+                    413,
+                    "inflated_body_too_large",
+                    f"the gzip body inflates past server.max_inflated_bytes ({max_bytes} bytes)",
+                )
+            out.append(chunk)
+            if not inflater.eof:
+                raise RequestError(400, "malformed_gzip", "the gzip body is truncated")
+            rest = inflater.unused_data
+            if not rest:
+                return b"".join(out)
     except zlib.error as exc:
-        raise RequestError(400, "malformed_gzip", f"the body is not valid gzip: {exc}") from exc
-    if not inflater.eof:
-        raise RequestError(400, "malformed_gzip", "the gzip body is truncated")
-    return out
+        where = "bytes after a gzip member are not gzip" if out else "the body is not valid gzip"
+        raise RequestError(400, "malformed_gzip", f"{where}: {exc}") from exc
 
 
 def _too_large(limit: int) -> RequestError:

@@ -12,18 +12,24 @@ discarded by SQLite itself) with our own CRC32 per record on top, checked on eve
 
     events(seq, event_id, received_at, body, crc)      one row per accepted, routed event
     deliveries(target, seq, route)                     one row per event still owed to a target
-    books(target, received, delivered, dead_lettered)  moved in the same transactions
+    books(target, received, delivered, dead_lettered, lost)  moved in the same transactions
 
 Concurrent `append` calls share one transaction and one fsync (group commit). All SQLite work
 runs on one dedicated thread so the event loop never blocks on disk. A record whose CRC does
-not match, or a database file that fails its integrity check at start-up, is quarantined with a
-log line and a counter; the intact records are still delivered.
+not match is quarantined with a log line and a counter, and dead-lettered. A database file that
+fails its integrity check at start-up is moved aside and every record whose bytes survive is
+read back from its pages (router/salvage.py); what did not survive is counted as lost in the
+books, so received = delivered + dead_lettered + pending + lost still holds. The process holds
+an exclusive lock on the directory for its life: one journal, one daemon.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
+import mmap
+import os
 import sqlite3
 import time
 import zlib
@@ -35,16 +41,18 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from router.appendfile import make_private_dirs
-from router.config import JOURNAL_FILE, StorageConfig
-from router.errors import RouterError
+from router.config import JOURNAL_FILE, JOURNAL_LOCK_FILE, StorageConfig
+from router.errors import RouterError, StorageLockedError
 from router.events import Event
 from router.logformat import counted
+from router.salvage import BooksRow, DeliveryRow, EventRow, scan
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 DB_NAME = JOURNAL_FILE
+LOCK_NAME = JOURNAL_LOCK_FILE
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY, event_id TEXT NOT NULL, received_at REAL NOT NULL,
@@ -54,8 +62,13 @@ CREATE TABLE IF NOT EXISTS deliveries (
     PRIMARY KEY (target, seq)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS books (
     target TEXT PRIMARY KEY, received INTEGER NOT NULL DEFAULT 0,
-    delivered INTEGER NOT NULL DEFAULT 0, dead_lettered INTEGER NOT NULL DEFAULT 0);
+    delivered INTEGER NOT NULL DEFAULT 0, dead_lettered INTEGER NOT NULL DEFAULT 0,
+    lost INTEGER NOT NULL DEFAULT 0);
 """
+# A journal made before books had its `lost` column gets it on open.
+ADD_LOST = "ALTER TABLE books ADD COLUMN lost INTEGER NOT NULL DEFAULT 0"
+# The route of a delivery that salvage restored from a surviving event alone.
+SALVAGED_ROUTE = "salvaged"
 RETIRE_CHUNK = 1000
 FREE_PAGES_BEFORE_SHRINK = 4096
 SHRINK_STEP_PAGES = 1024
@@ -77,13 +90,15 @@ class Entry:
 
 @dataclass(slots=True)
 class Books:
-    """Per target: received = delivered + dead_lettered + pending, at every moment."""
+    """Per target: received = delivered + dead_lettered + pending + lost, at every moment.
+    `lost` moves only when a damaged journal is salvaged: events whose bytes did not survive."""
 
     received: int = 0
     delivered: int = 0
     dead_lettered: int = 0
     pending: int = 0
     oldest_received_at: float | None = None
+    lost: int = 0
 
 
 class Journal(Protocol):
@@ -144,12 +159,16 @@ class SqliteJournal:
         self._targets = {target_id: _Target() for target_id in target_ids}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal")
         self._db: sqlite3.Connection | None = None
+        self._lock_fd: int | None = None
         self._next_seq = 1
         self._queue: list[_Pending] = []
         self._flusher: asyncio.Task[None] | None = None
         self._interval_syncer: asyncio.Task[None] | None = None
         self.used_bytes = 0
         self.quarantined = 0
+        self._quarantined_seqs: set[int] = set()
+        # Deliveries whose events did not survive a damaged file, summed over the books.
+        self.lost_records = 0
         self.healthy = True
         # Targets the config no longer has but the journal still owes events: the caller
         # retires them (dead letters with reason target_removed) before anything else.
@@ -174,6 +193,30 @@ class SqliteJournal:
         if self._db is not None:
             await self._run(self._close_sync)
         self._executor.shutdown(wait=True)
+        self._unlock()
+
+    def _lock(self) -> None:
+        """Own `storage.path` for the life of the process: a second daemon on the same journal
+        would hand out the same sequence numbers and settle the other's deliveries. The kernel
+        drops the lock when the process dies, even by kill -9, so a stale lock cannot exist."""
+        path = self.directory / LOCK_NAME
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode("ascii", "replace").strip()
+            os.close(fd)
+            raise StorageLockedError(
+                str(self.directory), int(holder) if holder.isdigit() else None
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -189,10 +232,13 @@ class SqliteJournal:
         db.execute("PRAGMA secure_delete=FAST")
         db.execute(f"PRAGMA synchronous={SYNCHRONOUS[self.config.fsync]}")
         db.executescript(SCHEMA)
+        if "lost" not in {row[1] for row in db.execute("PRAGMA table_info(books)")}:
+            db.execute(ADD_LOST)
         return db
 
     def _open_sync(self) -> None:
         make_private_dirs(self.directory)
+        self._lock()
         if self.path.exists() and not self._intact(self.path):
             self._quarantine_file()
         self.path.touch(mode=0o600, exist_ok=True)
@@ -200,15 +246,8 @@ class SqliteJournal:
         db = self._db
         self._next_seq = (db.execute("SELECT MAX(seq) FROM events").fetchone()[0] or 0) + 1
         for target_id, target in self._targets.items():
-            db.execute("INSERT OR IGNORE INTO books(target) VALUES (?)", (target_id,))
-            received, delivered, dead = db.execute(
-                "SELECT received, delivered, dead_lettered FROM books WHERE target = ?",
-                (target_id,),
-            ).fetchone()
-            pending = db.execute(
-                "SELECT COUNT(*) FROM deliveries WHERE target = ?", (target_id,)
-            ).fetchone()[0]
-            target.books = Books(received, delivered, dead, pending)
+            target.books = self._books_sync(target_id)
+        self.lost_records = db.execute("SELECT COALESCE(SUM(lost), 0) FROM books").fetchone()[0]
         for (target_id,) in db.execute("SELECT DISTINCT target FROM deliveries").fetchall():
             if target_id not in self._targets:
                 self.orphans.add(target_id)
@@ -223,9 +262,14 @@ class SqliteJournal:
 
     def _close_sync(self) -> None:
         assert self._db is not None
-        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        self._db.close()
-        self._db = None
+        try:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            # A full disk, say: the log keeps every commit, and the next open replays it.
+            log.warning("journal checkpoint at close failed (%s); the WAL keeps it", exc)
+        finally:
+            self._db.close()
+            self._db = None
 
     @staticmethod
     def _intact(path: Path) -> bool:
@@ -239,7 +283,8 @@ class SqliteJournal:
             return False
 
     def _quarantine_file(self) -> None:
-        """Move a damaged database aside and copy every record that can still be read."""
+        """Move a damaged database aside (kept for inspection) and build a fresh journal from
+        every record its pages still hold; report, and book as lost, what they do not."""
         stamp = time.strftime("%Y%m%dT%H%M%S")
         aside = self.path.with_name(f"{DB_NAME}.corrupt-{stamp}")
         for suffix in ("", "-wal", "-shm"):
@@ -247,28 +292,81 @@ class SqliteJournal:
             if src.exists():
                 src.rename(aside.with_name(aside.name + suffix))
         log.error("journal %s failed its integrity check; moved to %s, salvaging", self.path, aside)
+        # Created 0600 before SQLite opens it: SQLite gives -wal and -shm the file's own mode.
+        os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         fresh = self._connect(self.path)
         try:
-            old = sqlite3.connect(f"file:{aside}?mode=ro", uri=True)
-        except sqlite3.DatabaseError:
-            log.error("journal %s cannot be opened at all; nothing salvaged", aside)
+            with _transaction(fresh):
+                books = _copy_salvaged(aside, fresh)
+                recovered, lost = self._settle_salvaged(fresh, books)
+        finally:
             fresh.close()
-            return
-        saved = lost = 0
-        with fresh:
-            for table, key in (("events", "seq"), ("deliveries", "seq"), ("books", "rowid")):
-                table_saved, table_lost = _salvage(old, fresh, table, key)
-                saved += table_saved
-                lost += table_lost
-        old.close()
-        fresh.close()
-        self.quarantined += lost
         log.error(
-            "journal salvage: %s copied, %s skipped (kept in %s)",
-            counted(saved, "row"),
-            counted(lost, "unreadable row"),
+            "journal salvage: %s recovered from %s, %d lost (their records did not "
+            "survive; counted in the books as lost)",
+            counted(recovered, "delivery", "deliveries"),
             aside,
+            lost,
         )
+
+    def _settle_salvaged(
+        self, fresh: sqlite3.Connection, books: dict[str, tuple[int, ...]]
+    ) -> tuple[int, int]:
+        """Make the salvaged rows a journal again: drop deliveries whose event is gone, give
+        each surviving event whose delivery rows are gone to the targets the books say are
+        owed events (at least once: better sent twice than lost), and write books that still
+        balance, with what is missing as lost. Returns (deliveries recovered, deliveries lost)."""
+        gone = dict(
+            fresh.execute(
+                "SELECT target, COUNT(*) FROM deliveries WHERE seq NOT IN (SELECT seq FROM events) "
+                "GROUP BY target"
+            )
+        )
+        fresh.execute("DELETE FROM deliveries WHERE seq NOT IN (SELECT seq FROM events)")
+        pending = dict(fresh.execute("SELECT target, COUNT(*) FROM deliveries GROUP BY target"))
+
+        def owed(target_id: str) -> int:
+            received, delivered, dead, *lost = books[target_id]
+            return received - delivered - dead - sum(lost)
+
+        if books:
+            heirs = [t for t in sorted(books) if owed(t) > pending.get(t, 0)]
+        else:  # the books' page is gone too: every target may be owed them
+            heirs = sorted(set(pending) | set(self._targets))
+            log.error(
+                "journal salvage: the books did not survive; the counts start again from what "
+                "was recovered, and the lost count below is a lower bound"
+            )
+        unowned = [
+            seq
+            for (seq,) in fresh.execute(
+                "SELECT seq FROM events WHERE seq NOT IN (SELECT seq FROM deliveries)"
+            )
+        ]
+        fresh.executemany(
+            "INSERT INTO deliveries VALUES (?, ?, ?)",
+            [(t, seq, SALVAGED_ROUTE) for t in heirs for seq in unowned],
+        )
+        fresh.execute("DELETE FROM events WHERE seq NOT IN (SELECT seq FROM deliveries)")
+        pending = dict(fresh.execute("SELECT target, COUNT(*) FROM deliveries GROUP BY target"))
+        lost_now = 0
+        for target_id in sorted(set(books) | set(pending) | set(gone)):
+            delivered, dead, lost = 0, 0, 0
+            if target_id in books:
+                _, delivered, dead, *previous = books[target_id]
+                lost = sum(previous)
+                missing = max(0, owed(target_id) - pending.get(target_id, 0))
+            else:  # only the delivery rows whose events are gone tell what was lost
+                missing = gone.get(target_id, 0)
+            lost += missing
+            lost_now += missing
+            received = delivered + dead + pending.get(target_id, 0) + lost
+            fresh.execute(
+                "INSERT INTO books(target, received, delivered, dead_lettered, lost) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (target_id, received, delivered, dead, lost),
+            )
+        return sum(pending.values()), lost_now
 
     # -- append (group commit) -----------------------------------------------------------------
 
@@ -438,9 +536,12 @@ class SqliteJournal:
             or zlib.crc32(body) != crc
             or not body.startswith(b"{")
         ):
-            self.quarantined += 1
-            log.error("journal record %d is missing or fails its checksum; quarantined", seq)
-            return Event.corrupt_record(seq, body)
+            # A batch that did not fit is read again: count and log each record once.
+            if seq not in self._quarantined_seqs:
+                self._quarantined_seqs.add(seq)
+                self.quarantined += 1
+                log.error("journal record %d is missing or fails its checksum; quarantined", seq)
+            return Event.corrupt_record(seq, body, event_id=event_id, received_at=received_at)
         return Event.stored(event_id, bytes(body), received_at)
 
     async def ack(self, target_id: str, batch: Sequence[Entry], *, dead_lettered: int) -> None:
@@ -541,13 +642,14 @@ class SqliteJournal:
     def _books_sync(self, target_id: str) -> Books:
         assert self._db is not None
         self._db.execute("INSERT OR IGNORE INTO books(target) VALUES (?)", (target_id,))
-        received, delivered, dead = self._db.execute(
-            "SELECT received, delivered, dead_lettered FROM books WHERE target = ?", (target_id,)
+        received, delivered, dead, lost = self._db.execute(
+            "SELECT received, delivered, dead_lettered, lost FROM books WHERE target = ?",
+            (target_id,),
         ).fetchone()
         pending = self._db.execute(
             "SELECT COUNT(*) FROM deliveries WHERE target = ?", (target_id,)
         ).fetchone()[0]
-        return Books(received, delivered, dead, pending)
+        return Books(received, delivered, dead, pending, lost=lost)
 
     async def retire(
         self, target_id: str, dead_letter: Callable[[list[Entry]], Awaitable[None]]
@@ -597,46 +699,34 @@ def _transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     db.execute("COMMIT")
 
 
-def _key_bounds(old: sqlite3.Connection, table: str, key: str) -> tuple[int, int] | None:
-    try:
-        low, high = old.execute(f"SELECT MIN({key}), MAX({key}) FROM {table}").fetchone()
-    except sqlite3.DatabaseError:
-        return None
-    return None if low is None else (int(low), int(high))
-
-
-def _salvage(
-    old: sqlite3.Connection, fresh: sqlite3.Connection, table: str, key: str
-) -> tuple[int, int]:
-    """Copy the readable rows of `table`; a key range that raises is halved until the damage is
-    pinned to single keys, which are counted as lost. Returns (rows saved, keys lost)."""
-    # An event's seq also lives in deliveries: its bounds still help when the events b-tree
-    # cannot even tell its own first and last key.
-    tables = [table, "deliveries"] if table == "events" else [table]
-    bounds = [b for t in tables if (b := _key_bounds(old, t, key))]
-    if not bounds:
-        return 0, 0
-    low, high = min(b[0] for b in bounds), max(b[1] for b in bounds)
-    saved = lost = 0
-    ranges = [(low, high + 1)]
-    while ranges:
-        start, end = ranges.pop()
+def _copy_salvaged(aside: Path, fresh: sqlite3.Connection) -> dict[str, tuple[int, ...]]:
+    """Copy every row the damaged file's pages (and its log) still hold into `fresh`; an
+    intact copy of an event wins over one that fails its checksum. Returns the books rows."""
+    books: dict[str, tuple[int, ...]] = {}
+    wal_path = aside.with_name(aside.name + "-wal")
+    wal = wal_path.read_bytes() if wal_path.exists() else b""
+    with open(aside, "rb") as f:
+        empty = os.fstat(f.fileno()).st_size == 0
+        data = b"" if empty else mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         try:
-            rows = old.execute(
-                f"SELECT * FROM {table} WHERE {key} >= ? AND {key} < ?", (start, end)
-            ).fetchall()
-        except sqlite3.DatabaseError:
-            if end - start == 1:
-                lost += 1
-            else:
-                middle = (start + end) // 2
-                ranges += [(middle, end), (start, middle)]
-            continue
-        if rows:
-            marks = ", ".join("?" * len(rows[0]))
-            fresh.executemany(f"INSERT OR IGNORE INTO {table} VALUES ({marks})", rows)
-            saved += len(rows)
-    return saved, lost
+            for row in scan(data, wal):
+                if isinstance(row, EventRow):
+                    fresh.execute(
+                        f"INSERT OR {'REPLACE' if row.intact else 'IGNORE'} INTO events "
+                        "VALUES (?, ?, ?, ?, ?)",
+                        (row.seq, row.event_id, row.received_at, row.body, row.crc),
+                    )
+                elif isinstance(row, DeliveryRow):
+                    fresh.execute(
+                        "INSERT OR IGNORE INTO deliveries VALUES (?, ?, ?)",
+                        (row.target, row.seq, row.route),
+                    )
+                elif isinstance(row, BooksRow):
+                    books[row.target] = row.counts
+        finally:
+            if isinstance(data, mmap.mmap):
+                data.close()
+    return books
 
 
 def _fit(entries: list[Entry], max_bytes: int) -> list[Entry]:

@@ -1,18 +1,45 @@
-"""The shape limits of one decoded event: how deep it nests and how long its strings are.
+"""The shape limits of one decoded event: how deep it nests, how long its strings are, and
+whether its numbers survive decoding.
 
 Checked before the schema sees an event, because the validators recurse and because an event
 that no target could take should be refused at the door with a clear answer rather than
 dead-lettered later. The walk is iterative, so depth costs no stack, and it stops after
 MAX_PROBLEMS findings so that the answer stays small whatever the input.
+
+Numbers: orjson keeps integers from -2**63 to 2**64-1 exactly and reads every other number as a
+64-bit float, so 2**70 would be stored as 1.1805916207174113e+21, an audit field altered in
+transit. An event holding a number the float cannot hold as written (by value: 1.50 is stored
+as 1.5, the same number) is rejected with the number's path instead. Finding one needs the
+literal text, so only a body with a long number literal (or a three-digit exponent) is parsed
+a second time, by the standard library, keeping every number exact.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import re
+from decimal import Decimal
 from typing import Any, Final
 
 from router.validation import Problem, json_pointer
 
 MAX_PROBLEMS: Final = 10
+INT_RANGE: Final = range(-(2**63), 2**64)  # what orjson keeps exactly
+# A number needs at least 16 digits (a point among them) or a three-digit exponent before a
+# 64-bit integer or float can fail to hold it; anything else is decided by one scan of the bytes.
+# The scan first maps every byte to its class (C speed): digits and points to 0, e/E to e,
+# signs to -, whitespace to a space, and ':', ',' and '[' (where a number can start) to ':'.
+# The pattern then starts with a literal, which keeps ids such as "...6a2e-1111..." out of it
+# and lets the regex engine skip ahead; a rare false match only costs the second parse.
+_CLASSES = bytearray(b"x" * 256)
+for _chars, _class in ((b"0123456789.", b"0"), (b"eE", b"e"), (b"+-", b"-"), (b" \t\r\n", b" ")):
+    for _char in _chars:
+        _CLASSES[_char] = _class[0]
+for _char in b":,[":
+    _CLASSES[_char] = ord(":")
+NUMBER_CLASSES: Final = bytes(_CLASSES)
+SUSPECT_NUMBER: Final = re.compile(rb": *-?0(?:0{15}|0*e-?000)")
 
 
 def _fits(node: Any, depth: int, max_depth: int, max_chars: int) -> bool:
@@ -83,3 +110,45 @@ def shape_problems(event: Any, *, max_depth: int, max_string_chars: int) -> list
                     break
                 stack.append((value, depth + 1, (*path, key)))
     return sorted(problems, key=lambda p: p.path)
+
+
+def may_alter_numbers(text: bytes) -> bool:
+    """Could decoding `text` change one of its numbers? False for nearly every body, from one
+    scan of its bytes; True sends it to `exact_numbers`."""
+    return SUSPECT_NUMBER.search(text.translate(NUMBER_CLASSES)) is not None
+
+
+def exact_numbers(text: bytes) -> Any | None:
+    """`text` parsed again with every number kept exact (int, Decimal); None if it does not
+    parse that way (the caller's decoder has the last word on what is JSON)."""
+    try:
+        return json.loads(text, parse_float=Decimal)
+    except ValueError:  # not JSON after all, or an integer with too many digits to convert
+        return None
+
+
+def number_problems(exact: Any) -> list[Problem]:
+    """The numbers of one event (parsed by `exact_numbers`) that decoding would change."""
+    problems: list[Problem] = []
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(exact, ())]
+    while stack and len(problems) < MAX_PROBLEMS:
+        node, path = stack.pop()
+        if isinstance(node, dict):
+            stack.extend((value, (*path, key)) for key, value in reversed(node.items()))
+        elif isinstance(node, list):
+            stack.extend((value, (*path, i)) for i, value in reversed(list(enumerate(node))))
+        elif isinstance(node, bool):
+            continue
+        elif isinstance(node, int) and node not in INT_RANGE:
+            problems.append(Problem(json_pointer(path), "integer outside the 64-bit range"))
+        elif isinstance(node, Decimal):
+            stored = float(node)
+            if not math.isfinite(stored) or Decimal(repr(stored)) != node:
+                problems.append(
+                    Problem(
+                        json_pointer(path),
+                        f"a 64-bit float cannot hold this number as written; it would be "
+                        f"stored as {stored!r}",
+                    )
+                )
+    return problems

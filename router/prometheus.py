@@ -149,6 +149,7 @@ class DaemonCollector(Collector):
                 ("received", "Events the journal owes the target (since the journal was created)."),
                 ("delivered", "Events the target took."),
                 ("dead_lettered", "Events written to the target's dead-letter file."),
+                ("lost", "Events a damaged journal's salvage could not recover (books)."),
                 ("retries", "Failed send attempts that were retried."),
                 ("batches", "Batches sent (each with its retries)."),
                 ("worker_errors", "Unexpected errors the target's delivery worker survived."),
@@ -181,6 +182,7 @@ class DaemonCollector(Collector):
                 "received": books.received,
                 "delivered": books.delivered,
                 "dead_lettered": books.dead_lettered,
+                "lost": books.lost,
                 "retries": stats.retries,
                 "batches": stats.batches,
                 "worker_errors": stats.worker_errors,
@@ -228,6 +230,12 @@ class DaemonCollector(Collector):
             "event_router_journal_quarantined_records",
             "Journal records that failed their checksum (dead-lettered as journal_corrupt).",
             value=journal.quarantined,
+        )
+        yield CounterMetricFamily(
+            "event_router_journal_lost_records",
+            "Deliveries a damaged journal's salvage could not recover: their records did not "
+            "survive (the books count them as lost).",
+            value=journal.lost_records,
         )
 
     def _auth(self) -> Iterable[Metric]:

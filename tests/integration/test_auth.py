@@ -306,9 +306,11 @@ async def test_without_auth_everything_is_open_and_the_daemon_warns(
 
 @pytest.fixture
 async def open_daemon(start_daemon: StartDaemon, tmp_path: Path) -> Daemon:
-    """The quick start's shape: no auth section, loopback only."""
+    """The quick start's shape: no auth section, loopback only. Its own storage.path, so that
+    a test can run it beside `guarded` (one journal belongs to one daemon)."""
     return await start_daemon(
         {
+            "storage": {"path": str(tmp_path / "open-var")},
             "targets": [file_target("archive", tmp_path / "a.ndjson")],
             "routes": [{"name": "all", "rules": [{"locations": ["*"], "target_ids": ["archive"]}]}],
         }
@@ -321,7 +323,7 @@ async def test_without_admin_tokens_api_changes_are_refused_and_reads_stay_open(
     daemon = open_daemon
     new_target = {
         "target_type": "file",
-        "file_endpoint": {"path": str(tmp_path / "var" / "journal.db")},
+        "file_endpoint": {"path": str(daemon.journal.path)},
     }
     for method, path, body in (
         ("POST", "/api/v2/targets", new_target),

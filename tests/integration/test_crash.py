@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
 from pathlib import Path
@@ -117,3 +118,80 @@ async def test_kill_9_under_load_loses_no_acknowledged_event(tmp_path: Path) -> 
     }
     print(f"acked {len(acked)}; duplicates after kill -9: {duplicates}")
     assert all(d <= 500 for d in duplicates.values())
+
+
+async def test_a_journal_truncated_after_sigterm_gives_back_every_surviving_event(
+    tmp_path: Path,
+) -> None:
+    """The reproduction of issue 10: target down, 2000 events, SIGTERM, journal cut in half."""
+    siem = await ScriptedReceiver(statuses=[503]).start()
+    port = free_port()
+    config = tmp_path / "router.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "server": {"host": "127.0.0.1", "port": port},
+                "storage": {"path": str(tmp_path / "var")},
+                "startup": {"validate_targets": False},
+                "shutdown": {"drain_timeout_s": 0.5},
+                "targets": [
+                    {
+                        "id": "siem",
+                        "target_type": "http",
+                        "http_endpoint": {"url": siem.url},
+                        "retry": {"max_attempts": 100_000, "max_age_s": 3600, "max_backoff_s": 0.2},
+                    }
+                ],
+                "routes": [
+                    {"name": "all", "rules": [{"locations": ["*"], "target_ids": ["siem"]}]}
+                ],
+            }
+        )
+    )
+    base = f"http://127.0.0.1:{port}"
+    proc: asyncio.subprocess.Process | None = None
+    try:
+        proc = await serve(config, port)
+        posted: set[str] = set()
+        async with aiohttp.ClientSession() as session:
+            for n in range(20):
+                ids = [f"e{n}-{i}" for i in range(100)]
+                async with session.post(
+                    f"{base}/v1/events", json=[make_event(id=i) for i in ids]
+                ) as resp:
+                    assert resp.status == 202
+                posted.update(ids)
+        assert await terminate(proc) == 0
+        journal = tmp_path / "var" / "journal.db"
+        os.truncate(journal, journal.stat().st_size // 2)
+
+        proc = await serve(config, port)
+        async with aiohttp.ClientSession() as session, session.get(f"{base}/v1/status") as resp:
+            status = await resp.json()
+        row = status["targets"]["siem"]
+        print(
+            f"after SIGTERM and truncation: {row['pending']} of 2000 recovered, {row['lost']} lost"
+        )
+        assert row["pending"] > 0 and row["received"] == 2000
+        assert (
+            row["received"]
+            == row["delivered"] + row["dead_lettered"] + row["pending"] + row["lost"]
+        )
+        assert status["journal"]["lost_records"] == row["lost"]
+
+        siem.statuses = [200]
+
+        async def drained() -> bool:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(f"{base}/v1/status") as resp,
+            ):
+                return bool((await resp.json())["targets"]["siem"]["pending"] == 0)
+
+        await wait_for(drained, timeout_s=30, what="the recovered events to be delivered")
+        assert await terminate(proc) == 0
+    finally:
+        await reap(proc)
+        await siem.stop()
+    delivered = {e["id"] for e in siem.delivered_events}
+    assert len(delivered) == row["pending"] and delivered <= posted

@@ -35,7 +35,8 @@ class Row:
     says: str = ""  # a fragment the output (stdout + stderr) must hold
 
 
-# {config}: a clean config (targets archive and broken); {bad}: a config with an unknown key;
+# {config}: a clean config (targets archive and broken), the running daemon's storage.path;
+# {own}: the same with a storage.path of its own; {bad}: a config with an unknown key;
 # {url}: a running daemon; {dead_url}: a port nobody listens on; {busy}: a port in use;
 # {archive}: an archive file with one event; {tmp}: the test's directory.
 CONFIG = "--config {config}"
@@ -47,7 +48,10 @@ TABLE: dict[str, Row] = {
     # serve exits 0 after a drain: tests/integration/test_process.py (SIGTERM drains)
     "serve: unknown option": Row("serve --bogus", USAGE),
     "serve: bad config": Row("serve --config {bad}", USAGE, "1 problem"),
-    "serve: port in use": Row(f"serve {CONFIG} --port {{busy}}", FAILED, "cannot start"),
+    "serve: port in use": Row("serve --config {own} --port {busy}", FAILED, "cannot start"),
+    "serve: storage.path held by the running daemon": Row(
+        f"serve {CONFIG}", USAGE, "in use by another event-router"
+    ),
     "check: clean": Row(f"check {CONFIG}", DONE, "OK (2 targets"),
     "check: bad config": Row("check --config {bad}", USAGE, "1 problem"),
     "check: missing file": Row("check --config {tmp}/absent.yaml", USAGE),
@@ -158,6 +162,8 @@ async def test_every_command_follows_the_exit_code_convention(
     }
     config = tmp_path / "router.yaml"
     config.write_text(yaml.safe_dump(data), encoding="utf-8")
+    own = tmp_path / "own.yaml"
+    own.write_text(yaml.safe_dump({**data, "storage": {"path": str(tmp_path / "own")}}))
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({**data, "surprise": 1}), encoding="utf-8")
     archive = tmp_path / "events.ndjson"
@@ -166,6 +172,7 @@ async def test_every_command_follows_the_exit_code_convention(
     daemon: Daemon = await start_daemon(data)
     values = {
         "config": str(config),
+        "own": str(own),
         "bad": str(bad),
         "url": f"http://127.0.0.1:{daemon.port}",
         "dead_url": dead_url,

@@ -130,12 +130,90 @@ async def test_ndjson_malformed_line_is_rejected_alone(archive: tuple[Daemon, Pa
     await wait_for(lambda: len(read_ndjson(path)) == 2)
 
 
+def with_number(literal: bytes, **fields: Any) -> bytes:
+    """An event whose requestData.n is `literal` exactly as written (orjson cannot write some)."""
+    event = make_event(requestData={"n": "NUMBER"}, **fields)
+    return orjson.dumps(event).replace(b'"NUMBER"', literal)
+
+
+@pytest.mark.parametrize(
+    ("literal", "message"),
+    [
+        (b"1180591620717411303424", "integer outside the 64-bit range"),  # 2**70
+        (b"18446744073709551616", "integer outside the 64-bit range"),  # 2**64
+        (b"-9223372036854775809", "integer outside the 64-bit range"),  # -2**63 - 1
+        (b"0.1000000000000000055511151231257827", "a 64-bit float"),
+        (b"12345678.123456789", "a 64-bit float"),
+        (b"1e-400", "a 64-bit float"),
+    ],
+)
+async def test_a_number_the_decoder_would_change_rejects_its_event_naming_the_path(
+    archive: tuple[Daemon, Path], literal: bytes, message: str
+) -> None:
+    daemon, path = archive
+    status, body = await post(daemon, with_number(literal, id="altered"))
+    assert status == 400
+    [result] = body["results"]
+    assert result["id"] == "altered"
+    [problem] = result["errors"]
+    assert problem["path"] == "/requestData/n"
+    assert message in problem["message"]
+    # In an array or NDJSON only that event is rejected; its neighbours are archived.
+    good = orjson.dumps(make_event(id="kept"))
+    for data, content_type in (
+        (b"[" + good + b"," + with_number(literal) + b"]", "application/json"),
+        (good + b"\n" + with_number(literal) + b"\n", "application/x-ndjson"),
+    ):
+        status, body = await post(daemon, data, content_type=content_type)
+        assert status == 202
+        assert [r["status"] for r in body["results"]] == ["accepted", "rejected"]
+        assert body["results"][1]["errors"][0]["path"] == "/requestData/n"
+    await wait_for(lambda: [e["id"] for e in read_ndjson(path)] == ["kept", "kept"])
+
+
+async def test_numbers_a_64_bit_value_holds_are_kept_exactly(archive: tuple[Daemon, Path]) -> None:
+    daemon, path = archive
+    literals = [b"18446744073709551615", b"-9223372036854775808", b"0.1", b"1.5", b"1e300"]
+    for n, literal in enumerate(literals):
+        status, _ = await post(daemon, with_number(literal, id=f"n{n}"))
+        assert status == 202
+    await wait_for(lambda: len(read_ndjson(path)) == len(literals))
+    lines = path.read_bytes().splitlines()
+    assert b'"n":18446744073709551615}' in lines[0]
+    assert b'"n":-9223372036854775808}' in lines[1]
+    assert [e["requestData"]["n"] for e in read_ndjson(path)[2:]] == [0.1, 1.5, 1e300]
+
+
 async def test_gzip_body_is_inflated(archive: tuple[Daemon, Path]) -> None:
     daemon, path = archive
     body = gzip.compress(orjson.dumps([make_event() for _ in range(3)]))
     status, answer = await post(daemon, body, headers={"Content-Encoding": "gzip"})
     assert status == 202 and answer["accepted"] == 3
     await wait_for(lambda: len(read_ndjson(path)) == 3)
+
+
+async def test_every_gzip_member_is_inflated(archive: tuple[Daemon, Path]) -> None:
+    """`cat a.gz b.gz` (and some shippers) send several members: each one's events count."""
+    daemon, path = archive
+    first = gzip.compress(orjson.dumps(make_event(id="first")) + b"\n")
+    second = gzip.compress(orjson.dumps(make_event(id="second")) + b"\n")
+    status, answer = await post(
+        daemon,
+        first + second,
+        content_type="application/x-ndjson",
+        headers={"Content-Encoding": "gzip"},
+    )
+    assert (status, answer["accepted"]) == (202, 2)
+    await wait_for(lambda: [e["id"] for e in read_ndjson(path)] == ["first", "second"])
+
+
+async def test_members_past_the_inflated_limit_together_are_413(
+    archive: tuple[Daemon, Path],
+) -> None:
+    daemon, _ = archive
+    member = gzip.compress(b" " * (200 * 1024))  # 256 KiB is the limit; two members pass it
+    status, answer = await post(daemon, member + member, headers={"Content-Encoding": "gzip"})
+    assert (status, answer["error"]["code"]) == (413, "inflated_body_too_large")
 
 
 async def test_gzip_bomb_is_refused_with_413(archive: tuple[Daemon, Path]) -> None:
@@ -152,6 +230,13 @@ async def test_gzip_bomb_is_refused_with_413(archive: tuple[Daemon, Path]) -> No
     [
         (b"not gzip at all", {"Content-Encoding": "gzip"}, 400, "malformed_gzip"),
         (gzip.compress(b"[]")[:-6], {"Content-Encoding": "gzip"}, 400, "malformed_gzip"),
+        (gzip.compress(b"[{}]") + b"trailing", {"Content-Encoding": "gzip"}, 400, "malformed_gzip"),
+        (
+            gzip.compress(b"[{}]") + gzip.compress(b"]")[:-4],
+            {"Content-Encoding": "gzip"},
+            400,
+            "malformed_gzip",
+        ),
         (b"{}", {"Content-Encoding": "br"}, 415, "unsupported_encoding"),
         (b'{"action": }', {}, 400, "malformed_json"),
         (b"[]", {}, 400, "no_events"),

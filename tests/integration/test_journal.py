@@ -2,17 +2,34 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import os
 import sqlite3
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
+import yaml
 
 from router.app import Daemon
 from router.journal import FREE_PAGES_BEFORE_SHRINK
+from router.metrics import utc_iso
 from tests.conftest import StartDaemon
-from tests.fakes import ScriptedReceiver, make_event, read_ndjson, wait_for
+from tests.fakes import (
+    ScriptedReceiver,
+    free_port,
+    make_event,
+    read_ndjson,
+    reap,
+    serve,
+    spawn,
+    terminate,
+    wait_for,
+)
 from tests.integration.test_delivery import (
     assert_books_balance,
     everything_to,
@@ -29,6 +46,16 @@ def damage(path: Path) -> None:
     with open(path, "r+b") as f:
         f.seek(path.stat().st_size // 2)
         f.write(b"\xff" * 8192)
+
+
+def overwrite_root_page(path: Path, table: str) -> None:
+    """Garbage over the page that holds `table` (a small table: all of it)."""
+    with sqlite3.connect(path) as db:
+        [(root,)] = db.execute("SELECT rootpage FROM sqlite_master WHERE name = ?", (table,))
+        page_size = db.execute("PRAGMA page_size").fetchone()[0]
+    with open(path, "r+b") as f:
+        f.seek((root - 1) * page_size)
+        f.write(b"\xff" * page_size)
 
 
 def patient(target: dict[str, Any]) -> dict[str, Any]:
@@ -59,6 +86,24 @@ async def test_pending_events_survive_a_restart_and_the_books_too(
     row = second.status()["targets"]["siem"]
     assert (row["received"], row["delivered"], row["dead_lettered"]) == (5, 5, 0)
     assert_books_balance(second)
+
+
+async def test_the_stop_line_says_which_counts_are_this_runs_and_which_all_time(
+    start_daemon: StartDaemon, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="router.app")
+    archive = tmp_path / "archive.ndjson"
+    config = {"targets": [file_target("archive", archive)], "routes": everything_to("archive")}
+    for run, count in enumerate((3, 2)):
+        daemon = await start_daemon(config)
+        await post(daemon, [make_event() for _ in range(count)])
+        await wait_for(lambda d=daemon: settled(d))
+        caplog.clear()
+        await daemon.stop()
+        [line] = [r.getMessage() for r in caplog.records if "stopped" in r.getMessage()]
+        assert f"this run: accepted {count} events" in line
+        total = 3 + 2 * run
+        assert f"all-time (the journal's books): {total} received, {total} delivered" in line
 
 
 async def test_a_target_removed_from_the_config_has_its_backlog_dead_lettered(
@@ -140,8 +185,11 @@ async def test_a_record_failing_its_checksum_is_dead_lettered_and_the_rest_deliv
     start_daemon: StartDaemon, receiver_factory: ReceiverFactory, tmp_path: Path
 ) -> None:
     siem = await receiver_factory([503])
+    # One event per batch: every read takes the rows after it too, so the damaged record is
+    # read (and must be counted) more than once.
+    one_per_batch = {"batch": {"max_bytes": 1024}}
     config = {
-        "targets": [patient(http_target("siem", siem.url))],
+        "targets": [patient(http_target("siem", siem.url)) | one_per_batch],
         "routes": everything_to("siem"),
         "shutdown": {"drain_timeout_s": 0.2},
     }
@@ -150,6 +198,7 @@ async def test_a_record_failing_its_checksum_is_dead_lettered_and_the_rest_deliv
     await first.stop()
     with sqlite3.connect(tmp_path / "var" / "journal.db") as db:
         db.execute("UPDATE events SET body = CAST('{\"tampered\": true}' AS BLOB) WHERE seq = 2")
+        [(received_at,)] = db.execute("SELECT received_at FROM events WHERE seq = 2")
 
     siem.statuses = [200]
     second = await start_daemon(config)
@@ -158,6 +207,9 @@ async def test_a_record_failing_its_checksum_is_dead_lettered_and_the_rest_deliv
     [letter] = read_ndjson(tmp_path / "var" / "deadletter" / "siem.ndjson")
     assert letter["reason"] == "journal_corrupt"
     assert letter["event"]["journal_seq"] == 2
+    # The id and arrival time columns survived: the letter keeps them (`dlq show` shows the id).
+    assert letter["event"]["id"] == "e1"
+    assert letter["received_at"] == utc_iso(received_at)
     assert second.status()["journal"]["quarantined_records"] == 1
     row = second.status()["targets"]["siem"]
     assert (row["received"], row["delivered"], row["dead_lettered"]) == (4, 3, 1)
@@ -188,10 +240,14 @@ async def test_a_damaged_journal_file_is_quarantined_and_intact_records_delivere
     delivered = {e["id"] for e in siem.delivered_events}
     letters = read_ndjson(tmp_path / "var" / "deadletter" / "siem.ndjson")
     assert 0 < len(delivered) < 200
-    # Every event is accounted for: delivered, or dead-lettered as corrupt, or in a region
-    # the salvage could not read at all (reported as quarantined).
-    assert len(delivered) + len(letters) <= 200
-    assert second.status()["journal"]["quarantined_records"] >= 1
+    # Every event is accounted for exactly: delivered, dead-lettered as corrupt (counted once
+    # each as quarantined), or in pages the salvage could not read at all (counted as lost).
+    status = second.status()
+    assert status["journal"]["quarantined_records"] == len(letters)
+    assert status["journal"]["lost_records"] >= 1
+    assert len(delivered) + len(letters) + status["journal"]["lost_records"] == 200
+    assert {letter["reason"] for letter in letters} <= {"journal_corrupt"}
+    assert all(letter["event"]["id"].startswith("e") for letter in letters)
     assert_books_balance(second)
 
 
@@ -280,3 +336,146 @@ async def test_drop_oldest_per_target_dead_letters_the_oldest_when_full(
     assert sorted(archived + letters("archive")) == sorted(posted)
     assert daemon.status()["targets"]["down"]["pending"] == len(posted) - len(dropped)
     assert_books_balance(daemon)
+
+
+def serve_config(tmp_path: Path, name: str, port: int, storage: Path) -> Path:
+    """A config for a real `serve` process; configs that share `storage` differ only in port."""
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "server": {"host": "127.0.0.1", "port": port},
+                "storage": {"path": str(storage)},
+                "startup": {"validate_targets": False},
+                "targets": [file_target("archive", storage / "archive.ndjson")],
+                "routes": everything_to("archive"),
+            }
+        )
+    )
+    return path
+
+
+async def test_a_second_daemon_on_the_same_storage_path_exits_2_naming_the_holder(
+    tmp_path: Path,
+) -> None:
+    storage = tmp_path / "var"
+    first_port, second_port = free_port(), free_port()
+    first_config = serve_config(tmp_path, "first", first_port, storage)
+    second_config = serve_config(tmp_path, "second", second_port, storage)
+    first: asyncio.subprocess.Process | None = None
+    second: asyncio.subprocess.Process | None = None
+    try:
+        first = await serve(first_config, first_port)
+        second = await spawn(second_config, stderr=asyncio.subprocess.PIPE)
+        _, stderr = await asyncio.wait_for(second.communicate(), 30)
+        message = stderr.decode()
+        assert second.returncode == 2, message
+        assert str(storage) in message
+        assert f"pid {first.pid}" in message
+        # `check` reads the config only: the running daemon does not stand in its way.
+        check = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "router", "check", "--config", str(second_config)
+        )
+        assert await check.wait() == 0
+        # The first daemon still owns the journal and keeps its promise.
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                f"http://127.0.0.1:{first_port}/v1/events", json=[make_event(id="solo")]
+            ) as resp,
+        ):
+            assert resp.status == 202
+        await wait_for(
+            lambda: [e["id"] for e in read_ndjson(storage / "archive.ndjson")] == ["solo"]
+        )
+        assert await terminate(first) == 0
+        # Once the holder is gone the lock goes with it: the other config can start.
+        second = await serve(second_config, second_port)
+        assert await terminate(second) == 0
+    finally:
+        await reap(first)
+        await reap(second)
+
+
+async def test_a_truncated_journal_recovers_every_surviving_record_and_counts_the_rest_lost(
+    start_daemon: StartDaemon,
+    receiver_factory: ReceiverFactory,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    siem = await receiver_factory([200])
+    config = {
+        "targets": [patient(http_target("siem", siem.url))],
+        "routes": everything_to("siem"),
+        "shutdown": {"drain_timeout_s": 0.2},
+    }
+    first = await start_daemon(config)
+    # Delivered first: their rows are deleted and their pages reused, and must not come back.
+    delivered_first = {f"d{i}" for i in range(300)}
+    await post(first, [make_event(id=i) for i in sorted(delivered_first)])
+    await wait_for(lambda: settled(first))
+    siem.statuses = [503]
+    posted: set[str] = set()
+    for n in range(20):
+        ids = [f"e{n}-{i}" for i in range(100)]
+        await post(first, [make_event(id=i) for i in ids])
+        posted.update(ids)
+    await first.stop()
+    journal = tmp_path / "var" / "journal.db"
+    os.truncate(journal, journal.stat().st_size // 2)
+
+    second = await start_daemon(config)
+    row = second.status()["targets"]["siem"]
+    recovered, lost = row["pending"], row["lost"]
+    print(f"truncated to half: {recovered} of 2000 recovered, {lost} lost")
+    assert recovered > 0 and lost > 0
+    assert (row["received"], row["delivered"]) == (2300, 300)
+    assert row["received"] == row["delivered"] + row["dead_lettered"] + recovered + lost
+    assert second.status()["journal"]["lost_records"] == lost
+    assert any(
+        record.levelname == "ERROR" and f"{lost} lost" in record.getMessage()
+        for record in caplog.records
+    ), "the loss is reported in an ERROR line with its count"
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{second.port}/metrics") as resp,
+    ):
+        assert f"event_router_journal_lost_records_total {float(lost)}" in await resp.text()
+    for suffix in ("", "-wal", "-shm"):
+        mode = journal.with_name(journal.name + suffix).stat().st_mode & 0o777
+        assert mode == 0o600, f"journal.db{suffix} is {mode:o} after the salvage"
+
+    before = len(siem.requests)
+    siem.statuses = [200]
+    await wait_for(lambda: settled(second), what="the recovered events to be delivered")
+    arrived = [e["id"] for r in siem.requests[before:] if r.status == 200 for e in r.body]
+    assert len(set(arrived)) == recovered, "every recovered event reaches the target"
+    assert set(arrived) <= posted, "no event delivered before the truncation came back"
+    row = second.status()["targets"]["siem"]
+    assert (row["delivered"], row["pending"], row["lost"]) == (300 + recovered, 0, lost)
+    assert_books_balance(second)
+
+
+async def test_a_journal_whose_books_page_is_gone_still_delivers_every_surviving_event(
+    start_daemon: StartDaemon,
+    receiver_factory: ReceiverFactory,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    siem = await receiver_factory([503])
+    config = {
+        "targets": [patient(http_target("siem", siem.url))],
+        "routes": everything_to("siem"),
+        "shutdown": {"drain_timeout_s": 0.2},
+    }
+    first = await start_daemon(config)
+    await post(first, [make_event(id=f"e{i}") for i in range(50)])
+    await first.stop()
+    overwrite_root_page(tmp_path / "var" / "journal.db", "books")
+
+    siem.statuses = [200]
+    second = await start_daemon(config)
+    assert any("books did not survive" in r.getMessage() for r in caplog.records)
+    await wait_for(lambda: settled(second), what="the surviving events to be delivered")
+    assert sorted(e["id"] for e in siem.delivered_events) == sorted(f"e{i}" for i in range(50))
+    assert_books_balance(second)

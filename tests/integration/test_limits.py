@@ -105,6 +105,7 @@ async def test_a_client_that_sends_its_body_too_slowly_gets_408(limited: Daemon)
         await writer.wait_closed()
     assert head.startswith(b"HTTP/1.1 408")
     assert orjson.loads(body)["error"]["code"] == "request_timeout"
+    assert limited.status()["ingest"]["refused_requests"]["request_timeout"] == 1
     # Other clients are not held up.
     status, _ = await post(limited, make_event())
     assert status == 202

@@ -727,6 +727,7 @@ def test_a_file_target_in_the_journals_files_or_dead_letters_is_a_problem(tmp_pa
         var / "journal.db-wal",
         var / "deadletter" / "t0.ndjson",
         var / "events.ndjson",  # beside the journal, as the embedded config has it: fine
+        var / "journal.lock",
         storage=var,
     )
     assert problems_of(data) == [
@@ -736,6 +737,8 @@ def test_a_file_target_in_the_journals_files_or_dead_letters_is_a_problem(tmp_pa
         "journal's own files",
         f"targets[2].file_endpoint.path: {str(var / 'deadletter' / 't0.ndjson')!r} is in the "
         "dead-letter directory",
+        f"targets[4].file_endpoint.path: {str(var / 'journal.lock')!r} is one of the "
+        "journal's own files",
     ]
 
 

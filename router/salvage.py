@@ -1,0 +1,318 @@
+"""Salvage: the journal's rows read straight from the pages of a damaged SQLite file.
+
+SQLite reaches a row only through its b-tree: once a file is truncated, or an interior page is
+overwritten, every row below the lost page is out of its reach, though the row's bytes are still
+on disk. So salvage does not ask SQLite. It reads every page of the file on its own (the format
+is documented at https://www.sqlite.org/fileformat2.html), with the newest committed copy of a
+page from the write-ahead log in place of the file's, parses the cells of every table and index
+page, follows overflow chains as far as they survive, and returns the journal's rows by shape:
+
+    events      table leaf, (NULL = seq as rowid, TEXT, REAL, BLOB, INTEGER); kept only when
+                the CRC matches its body, so garbage never passes for an event
+    deliveries  index page (WITHOUT ROWID), (TEXT, INTEGER, TEXT)
+    books       table leaf, (TEXT, INTEGER, INTEGER, INTEGER[, INTEGER])
+
+Pages on the freelist hold settled rows that were not yet overwritten; they are skipped (by the
+freelist and by the pointer map), so salvage never resurrects what was already delivered.
+Everything here is pure: bytes in, rows out.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from mmap import mmap
+
+MAGIC = b"SQLite format 3\x00"
+WAL_MAGICS = (0x377F0682, 0x377F0683)
+WAL_HEADER_BYTES = 32
+WAL_FRAME_HEADER_BYTES = 24
+DEFAULT_PAGE_SIZE = 4096
+TABLE_LEAF, INDEX_LEAF, INDEX_INTERIOR = 13, 10, 2
+PTRMAP_FREE = 2
+MAX_RECORD_BYTES = 1 << 30  # no journal record comes near; a larger length is garbage
+
+Value = int | float | str | bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class EventRow:
+    """One events row as stored, with whether its CRC matched its body."""
+
+    seq: int
+    event_id: str
+    received_at: float
+    body: bytes
+    crc: int
+
+    @property
+    def intact(self) -> bool:
+        return zlib.crc32(self.body) == self.crc
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryRow:
+    """One delivery still owed: (target, seq, route)."""
+
+    target: str
+    seq: int
+    route: str
+
+
+@dataclass(frozen=True, slots=True)
+class BooksRow:
+    """One target's counters: received, delivered, dead_lettered and, when present, lost."""
+
+    target: str
+    counts: tuple[int, ...]
+
+
+Row = EventRow | DeliveryRow | BooksRow
+
+
+class Pages(Mapping[int, bytes]):
+    """The file's whole pages by number (from 1), read on demand so that a large journal is
+    never in memory at once; the log's newest committed copy of a page wins over the file's."""
+
+    def __init__(self, db: bytes | mmap, wal: bytes) -> None:
+        self.db = db
+        self.size = _page_size(db)
+        self.header = bytes(db[:100])
+        self.count = len(db) // self.size  # a torn last page is dropped
+        self.logged = _wal_pages(wal, self.size)
+        self.usable = self.size - (self.header[20] if self.header.startswith(MAGIC) else 0)
+
+    def __getitem__(self, number: int) -> bytes:
+        if number in self.logged:
+            return self.logged[number]
+        if not 1 <= number <= self.count:
+            raise KeyError(number)
+        return bytes(self.db[(number - 1) * self.size : number * self.size])
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(sorted(set(range(1, self.count + 1)) | set(self.logged)))
+
+    def __len__(self) -> int:
+        return len(set(range(1, self.count + 1)) | set(self.logged))
+
+
+def scan(db: bytes | mmap, wal: bytes = b"") -> Iterator[Row]:
+    """Every journal row whose bytes survive in the database file `db` (bytes or an mmap) and
+    its write-ahead log `wal`, in page order. An events row may come more than once (a page
+    and an older copy of it elsewhere); prefer the intact one."""
+    pages = Pages(db, wal)
+    skip = _free_pages(pages) | _ptrmap_pages(pages) | {1}
+    for number in pages:
+        if number in skip:
+            continue
+        for kind, rowid, values in _cells(pages[number], pages, pages.usable):
+            row = _classify(kind, rowid, values)
+            if row is not None:
+                yield row
+
+
+def _classify(kind: int, rowid: int | None, values: list[Value]) -> Row | None:
+    if kind == TABLE_LEAF and rowid is not None:
+        match values:
+            case [None, str(event_id), int() | float() as at, bytes(body), int(crc)]:
+                return EventRow(rowid, event_id, float(at), body, crc)
+            case [str(target), int(), int(), int(), *rest] if all(type(v) is int for v in rest):
+                return BooksRow(target, tuple(v for v in values[1:] if isinstance(v, int)))
+    elif kind in (INDEX_LEAF, INDEX_INTERIOR):
+        match values:
+            case [str(target), int(seq), str(route)]:
+                return DeliveryRow(target, seq, route)
+    return None
+
+
+def _page_size(db: bytes | mmap) -> int:
+    header = bytes(db[:100])
+    if header.startswith(MAGIC) and len(header) == 100:
+        size = int.from_bytes(header[16:18], "big")
+        size = 65536 if size == 1 else size
+        if size >= 512 and size & (size - 1) == 0:
+            return size
+    return DEFAULT_PAGE_SIZE
+
+
+def _wal_pages(wal: bytes, page_size: int) -> dict[int, bytes]:
+    """The newest copy of each page in the log, counting only frames up to the last commit
+    of the log's current generation (its salt); frames after it were never committed."""
+    if len(wal) < WAL_HEADER_BYTES:
+        return {}
+    magic, _, wal_page_size, _, salt1, salt2 = struct.unpack(">6I", wal[:24])
+    if magic not in WAL_MAGICS or wal_page_size != page_size:
+        return {}
+    committed: dict[int, bytes] = {}
+    pending: dict[int, bytes] = {}
+    offset = WAL_HEADER_BYTES
+    while offset + WAL_FRAME_HEADER_BYTES + page_size <= len(wal):
+        number, commit, frame_salt1, frame_salt2 = struct.unpack(">4I", wal[offset : offset + 16])
+        if (frame_salt1, frame_salt2) != (salt1, salt2):
+            break
+        start = offset + WAL_FRAME_HEADER_BYTES
+        pending[number] = wal[start : start + page_size]
+        if commit:
+            committed.update(pending)
+            pending.clear()
+        offset = start + page_size
+    return committed
+
+
+def _free_pages(pages: Pages) -> set[int]:
+    """Trunk and leaf pages of the freelist, as far as its chain survives."""
+    header = pages.header
+    if not header.startswith(MAGIC):
+        return set()
+    free: set[int] = set()
+    trunk = int.from_bytes(header[32:36], "big")
+    while trunk and trunk in pages and trunk not in free:
+        free.add(trunk)
+        page = pages[trunk]
+        count = min(int.from_bytes(page[4:8], "big"), (pages.usable - 8) // 4)
+        free.update(int.from_bytes(page[8 + 4 * i : 12 + 4 * i], "big") for i in range(count))
+        trunk = int.from_bytes(page[:4], "big")
+    return free
+
+
+def _ptrmap_pages(pages: Pages) -> set[int]:
+    """With auto_vacuum the pointer map pages say which pages are free: those, and the map's
+    own pages (which are no b-tree)."""
+    header = pages.header
+    if not header.startswith(MAGIC) or not int.from_bytes(header[52:56], "big"):
+        return set()
+    per_map = pages.usable // 5
+    skip: set[int] = set()
+    number = 2
+    last = max(pages, default=0)
+    while number <= last:
+        skip.add(number)
+        page = pages.get(number)
+        if page is not None:
+            for i in range(per_map):
+                if page[5 * i] == PTRMAP_FREE:
+                    skip.add(number + 1 + i)
+        number += per_map + 1
+    return skip
+
+
+def _cells(
+    page: bytes, pages: Mapping[int, bytes], usable: int
+) -> Iterator[tuple[int, int | None, list[Value]]]:
+    """(page kind, rowid of a table cell, column values) for each cell that parses."""
+    kind = page[0]
+    if kind not in (TABLE_LEAF, INDEX_LEAF, INDEX_INTERIOR):
+        return
+    count = int.from_bytes(page[3:5], "big")
+    pointers = 8 if kind != INDEX_INTERIOR else 12
+    for i in range(count):
+        at = pointers + 2 * i
+        if at + 2 > len(page):
+            return
+        cell = int.from_bytes(page[at : at + 2], "big")
+        try:
+            yield _cell(kind, page, cell, pages, usable)
+        except (IndexError, ValueError, UnicodeDecodeError, struct.error):
+            continue  # a damaged cell: the others on the page may still be whole
+
+
+def _cell(
+    kind: int, page: bytes, at: int, pages: Mapping[int, bytes], usable: int
+) -> tuple[int, int | None, list[Value]]:
+    if kind == INDEX_INTERIOR:
+        at += 4  # the left child's page number
+    size, at = _varint(page, at)
+    if size > MAX_RECORD_BYTES:
+        raise ValueError("not a record")
+    rowid = None
+    if kind == TABLE_LEAF:
+        rowid, at = _varint(page, at)
+    payload = _payload(kind, page, at, size, pages, usable)
+    return kind, rowid, _record(payload)
+
+
+def _payload(
+    kind: int, page: bytes, at: int, size: int, pages: Mapping[int, bytes], usable: int
+) -> bytes:
+    """The cell's payload: the part on the page, then its overflow pages in turn."""
+    most = usable - 35 if kind == TABLE_LEAF else (usable - 12) * 64 // 255 - 23
+    least = (usable - 12) * 32 // 255 - 23
+    if size <= most:
+        if at + size > len(page):
+            raise ValueError("cell runs past its page")
+        return page[at : at + size]
+    local = least + (size - least) % (usable - 4)
+    if local > most:
+        local = least
+    parts = [page[at : at + local]]
+    got = local
+    overflow = int.from_bytes(page[at + local : at + local + 4], "big")
+    seen: set[int] = set()
+    while got < size:
+        next_page = pages.get(overflow)
+        if next_page is None or overflow in seen:
+            raise ValueError("overflow chain broken")
+        seen.add(overflow)
+        take = min(size - got, usable - 4)
+        parts.append(next_page[4 : 4 + take])
+        got += take
+        overflow = int.from_bytes(next_page[:4], "big")
+    return b"".join(parts)
+
+
+def _record(payload: bytes) -> list[Value]:
+    header_size, at = _varint(payload, 0)
+    if header_size > len(payload):
+        raise ValueError("record header runs past the payload")
+    types = []
+    while at < header_size:
+        serial, at = _varint(payload, at)
+        types.append(serial)
+    values: list[Value] = []
+    at = header_size
+    for serial in types:
+        value, at = _value(payload, at, serial)
+        values.append(value)
+    if at != len(payload):
+        raise ValueError("record length does not match its header")
+    return values
+
+
+INT_BYTES = {1: 1, 2: 2, 3: 3, 4: 4, 5: 6, 6: 8}
+
+
+def _value(data: bytes, at: int, serial: int) -> tuple[Value, int]:
+    if serial == 0:
+        return None, at
+    if serial in INT_BYTES:
+        end = at + INT_BYTES[serial]
+        if end > len(data):
+            raise ValueError("value runs past the payload")
+        return int.from_bytes(data[at:end], "big", signed=True), end
+    if serial == 7:
+        return struct.unpack(">d", data[at : at + 8])[0], at + 8
+    if serial in (8, 9):
+        return serial - 8, at
+    if serial >= 12:
+        length = (serial - 12) // 2
+        end = at + length
+        if end > len(data):
+            raise ValueError("value runs past the payload")
+        raw = data[at:end]
+        return (raw if serial % 2 == 0 else raw.decode("utf-8")), end
+    raise ValueError(f"reserved serial type {serial}")
+
+
+def _varint(data: bytes, at: int) -> tuple[int, int]:
+    """SQLite's big-endian varint: 7 bits a byte, the ninth byte whole."""
+    value = 0
+    for i in range(9):
+        byte = data[at + i]
+        if i == 8:
+            return (value << 8) | byte, at + 9
+        value = (value << 7) | (byte & 0x7F)
+        if not byte & 0x80:
+            return value, at + i + 1
+    raise ValueError("unreachable")

@@ -1,0 +1,163 @@
+"""A full disk under the archive and the dead letters: no torn line, no line twice.
+
+On a real, small tmpfs: appends fail part-way with ENOSPC while batches are retried, then the
+mount grows and everything drains. Needs root (mount); skipped with the reason otherwise.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from tests.conftest import StartDaemon
+from tests.fakes import ScriptedReceiver, make_event, wait_for
+from tests.integration.test_delivery import (
+    assert_books_balance,
+    everything_to,
+    http_target,
+    settled,
+)
+from tests.integration.test_ingest import file_target, post
+from tests.integration.test_journal import patient
+
+ReceiverFactory = Callable[..., Awaitable[ScriptedReceiver]]
+Mount = Callable[[Path, str], Path]
+
+
+@pytest.fixture
+def tmpfs() -> Iterator[Mount]:
+    """Mount a tmpfs of a given size (`mount(path, "2m")`); unmounted at the end."""
+    mounted: list[Path] = []
+
+    def mount(path: Path, size: str) -> Path:
+        path.mkdir(parents=True, exist_ok=True)
+        if shutil.which("mount") is None:
+            pytest.skip("no mount command: the full-disk test needs a real small tmpfs")
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode:
+            pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in reversed(mounted):
+        subprocess.run(["umount", "--lazy", str(path)], check=False)
+
+
+def grow(path: Path, size: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,size={size}", str(path)], check=True)
+
+
+def lines_by_id(path: Path, key: Callable[[Any], object]) -> Counter[object]:
+    """How often each id occurs; every line must be one whole JSON object."""
+    counts: Counter[object] = Counter()
+    for number, line in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            counts[key(orjson.loads(line))] += 1
+        except orjson.JSONDecodeError:
+            raise AssertionError(f"{path.name} line {number} is not JSON: {line[:120]!r}") from None
+    return counts
+
+
+async def test_a_full_disk_neither_tears_nor_repeats_archive_lines_or_dead_letters(
+    tmpfs: Mount,  # first, so that it is unmounted after the daemon stops
+    start_daemon: StartDaemon,
+    receiver_factory: ReceiverFactory,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    archive_disk = tmpfs(tmp_path / "archive-disk", "2m")
+    letters_disk = tmpfs(tmp_path / "var" / "deadletter", "1m")
+    refuses = await receiver_factory([400])  # every batch of this target is a dead letter
+    archive = archive_disk / "archive.ndjson"
+    daemon = await start_daemon(
+        {
+            "targets": [
+                patient(file_target("archive", archive)),
+                patient(http_target("refuses", refuses.url)),
+            ],
+            "routes": everything_to("archive", "refuses"),
+        }
+    )
+    posted: list[str] = []
+    for n in range(60):
+        ids = [f"e{n}-{i}" for i in range(50)]
+        status, _ = await post(daemon, [make_event(id=i, message="x" * 2500) for i in ids])
+        assert status == 202
+        posted += ids
+    # Both disks fill part-way through a batch, and the appends are retried while full.
+    await wait_for(
+        lambda: daemon.target_stats["archive"].retries >= 3, what="the archive disk to fill"
+    )
+    await wait_for(
+        lambda: sum("cannot write dead letters" in r.getMessage() for r in caplog.records) >= 2,
+        what="the dead-letter disk to fill",
+    )
+    grow(archive_disk, "64m")
+    grow(letters_disk, "64m")
+    await wait_for(lambda: settled(daemon), timeout_s=30, what="everything to drain")
+
+    archived = lines_by_id(archive, lambda event: event["id"])
+    assert sorted(archived) == sorted(posted)
+    assert {count for count in archived.values()} == {1}, "an archive line was written twice"
+    letters = lines_by_id(
+        letters_disk / "refuses.ndjson",
+        lambda letter: letter["event"]["id"],
+    )
+    assert sorted(letters) == sorted(posted)
+    assert {count for count in letters.values()} == {1}, "a dead letter was written twice"
+    assert_books_balance(daemon)
+
+
+async def test_a_full_journal_disk_answers_503_journal_unavailable_counted_then_recovers(
+    tmpfs: Mount, start_daemon: StartDaemon, receiver_factory: ReceiverFactory, tmp_path: Path
+) -> None:
+    storage = tmpfs(tmp_path / "var", "1m")
+    siem = await receiver_factory([503])  # down: the backlog stays in the journal and grows
+    daemon = await start_daemon(
+        {
+            "storage": {"path": str(storage)},
+            "targets": [patient(http_target("siem", siem.url))],
+            "routes": everything_to("siem"),
+            "shutdown": {"drain_timeout_s": 0.2},
+        }
+    )
+    accepted: list[str] = []
+    answer = None
+    for n in range(100):
+        ids = [f"e{n}-{i}" for i in range(20)]
+        status, answer = await post(daemon, [make_event(id=i, message="x" * 2500) for i in ids])
+        if status == 503:
+            break
+        assert status == 202
+        accepted += ids
+    assert answer is not None and answer["error"]["code"] == "journal_unavailable"
+    assert daemon.status()["ingest"]["refused_requests"]["journal_unavailable"] == 1
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{daemon.port}/metrics") as resp,
+    ):
+        metrics = await resp.text()
+    assert 'event_router_ingest_requests_refused_total{code="journal_unavailable"} 1.0' in metrics
+
+    grow(storage, "64m")
+    status, _ = await post(daemon, make_event(id="after"))
+    assert status == 202
+    siem.statuses = [200]
+    await wait_for(lambda: settled(daemon), what="the backlog to drain")
+    delivered = [e["id"] for e in siem.delivered_events]
+    assert sorted(delivered) == sorted([*accepted, "after"]), "the refused request left nothing"
+    assert_books_balance(daemon)

@@ -23,14 +23,20 @@ from aiohttp import web
 from router import __version__
 from router.api import ConfigSource, ManagementApi
 from router.auth import Guard
-from router.config import Config, TargetConfig, config_warnings, load_config_and_data
+from router.config import (
+    Config,
+    RefusalEventsConfig,
+    TargetConfig,
+    config_warnings,
+    load_config_and_data,
+)
 from router.deadletter import DeadLetters, Failure, Letter, LetterFilter, parse_since
 from router.delivery import DeliveryWorker
 from router.errors import ConfigError, RequestError, RouterError
 from router.events import Event
 from router.ingest import Ingest, error_response, json_response
 from router.journal import Entry, SqliteJournal
-from router.listener import DeadlineSite
+from router.listener import ClientFaultLog, DeadlineSite
 from router.logformat import counted
 from router.metrics import IngestStats, TargetStats
 from router.probe import ProbeResult, probe
@@ -80,7 +86,12 @@ class Daemon:
         self._ssl = server_context(tls) if tls is not None else None
         self._retiring: set[asyncio.Task[None]] = set()
         self._reload_lock = asyncio.Lock()
-        self.tail = TailHub()
+        self.tail = TailHub(
+            max_clients=config.server.max_tail_clients,
+            write_timeout_s=config.server.tail_write_timeout_s,
+        )
+        auth = config.auth
+        self.client_faults = ClientFaultLog(auth.refusal_events if auth else RefusalEventsConfig())
         self.metrics = DaemonMetrics(self)
         self.app = self._build_app()
 
@@ -127,6 +138,7 @@ class Daemon:
         for target_id in sorted(self.journal.orphans):
             await self._retire(target_id)
         await self.guard.start()
+        self.tail.start()
         for warning in config_warnings(self.config):
             log.warning("config: %s", warning)
         for target_id, target in self.targets.items():
@@ -148,6 +160,7 @@ class Daemon:
             max_line_size=self.config.server.max_header_bytes,
             max_field_size=self.config.server.max_header_bytes,
             keepalive_timeout=self.config.server.keepalive_timeout_s,
+            logger=self.client_faults,
         )
         await self._runner.setup()
         server = self.config.server
@@ -172,9 +185,10 @@ class Daemon:
 
     async def stop(self) -> None:
         self.ready = False
-        self.tail.close()  # a tail stream would hold up the runner's cleanup
+        await self.tail.stop()  # a tail stream would hold up the runner's cleanup
         if self._runner is not None:
             await self._runner.cleanup()  # stops listening, then waits for in-flight requests
+        self.client_faults.summarize()
         await self.guard.stop()
         for worker in self.workers.values():
             worker.stopping.set()

@@ -180,6 +180,30 @@ class TokenBucket:
 
 
 @dataclass(slots=True)
+class RateLimit:
+    """A token bucket per client address and one for all, sized by `refusal_events`: how
+    many refusals are written down one by one (as events, or as log lines)."""
+
+    config: RefusalEventsConfig
+    clock: Callable[[], float] = time.monotonic
+    _global: TokenBucket = field(init=False)
+    _clients: OrderedDict[str, TokenBucket] = field(default_factory=OrderedDict)
+
+    def __post_init__(self) -> None:
+        self._global = TokenBucket(self.config.global_burst, self.config.global_per_s)
+
+    def allowed(self, address: str) -> bool:
+        now = self.clock()
+        bucket = self._clients.pop(address, None) or TokenBucket(
+            self.config.per_client_burst, self.config.per_client_per_s
+        )
+        self._clients[address] = bucket  # most recent last
+        while len(self._clients) > MAX_TRACKED_CLIENTS:
+            self._clients.popitem(last=False)
+        return bucket.take(now) and self._global.take(now)
+
+
+@dataclass(slots=True)
 class Refusals:
     """Turns refused attempts into self-events, within the rate limits."""
 
@@ -189,23 +213,15 @@ class Refusals:
     refused: Counter[str] = field(default_factory=Counter)  # by reasonType
     recorded: int = 0
     suppressed_total: int = 0
-    _global: TokenBucket = field(init=False)
-    _clients: OrderedDict[str, TokenBucket] = field(default_factory=OrderedDict)
+    _limit: RateLimit = field(init=False)
     _suppressed: Counter[str] = field(default_factory=Counter)
     _pending: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
-        self._global = TokenBucket(self.config.global_burst, self.config.global_per_s)
+        self._limit = RateLimit(self.config, self.clock)
 
     def _allowed(self, address: str) -> bool:
-        now = self.clock()
-        bucket = self._clients.pop(address, None) or TokenBucket(
-            self.config.per_client_burst, self.config.per_client_per_s
-        )
-        self._clients[address] = bucket  # most recent last
-        while len(self._clients) > MAX_TRACKED_CLIENTS:
-            self._clients.popitem(last=False)
-        return bucket.take(now) and self._global.take(now)
+        return self._limit.allowed(address)
 
     async def record(self, caller: Caller, status: int, why: str) -> None:
         """One refused attempt: an event now, or a count for the next summary."""

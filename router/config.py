@@ -17,7 +17,7 @@ import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Final, Literal, cast
 from urllib.parse import urlsplit
 
 import jsonschema
@@ -59,8 +59,15 @@ class ServerConfig:
     # A gzip body may inflate to this much; past it the request is a 413 (gzip bomb guard).
     max_inflated_bytes: int = 20 * MiB
     max_events_per_request: int = 10_000
-    # Requests decoded and validated at once; more wait their turn with their body unread.
+    # Requests decoded, validated and journaled at once, once their body has arrived; more
+    # wait their turn with their body in memory (a slow sender holds no turn while it sends).
     max_concurrent_requests: int = 16
+    # Bytes of request bodies held at once, arriving or waiting for a turn; past it a request
+    # is a 503 server_busy with Retry-After (memory stays bounded however many clients send).
+    max_body_bytes_in_flight: int = 64 * MiB
+    # Bodies one client address sends at once; more from it wait, unread, within
+    # read_timeout_s (one address holds at most this many times max_body_bytes).
+    max_bodies_per_client: int = 8
     # An event nesting deeper, or holding a longer string or key, is rejected on its own.
     max_depth: int = 32
     max_string_chars: int = 64 * 1024
@@ -73,6 +80,10 @@ class ServerConfig:
     header_timeout_s: float = 10.0
     # An idle keep-alive connection is closed after this.
     keepalive_timeout_s: float = 75.0
+    # Clients of GET /v1/tail at once; past it, 503 too_many_tail_clients.
+    max_tail_clients: int = 32
+    # A tail client that takes nothing for this long (it stopped reading) is dropped.
+    tail_write_timeout_s: float = 10.0
     # Names besides host, localhost and this host's name that a daemon without auth answers
     # to (the Host header; a DNS rebinding defence, router/auth.py). IP addresses always pass.
     allowed_hosts: tuple[str, ...] = ()
@@ -453,6 +464,75 @@ def secret_literals(data: Any, where: str = "") -> list[str]:
     return found
 
 
+# Nodes that aliases may repeat, in all, and levels a document may nest: far more than a config
+# needs, far less than a "billion laughs" file expands to (every walk over the data, from the
+# secret check to the schema, would take minutes) or the loader's recursion can take.
+MAX_ALIAS_NODES: Final = 10_000
+MAX_YAML_DEPTH: Final = 64
+
+
+class BoundedLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader that counts, as it composes, the nodes aliases repeat: an alias
+    costs the size of what it names, written out. Past MAX_ALIAS_NODES, or past MAX_YAML_DEPTH
+    levels, or an alias inside the node it names (a loop), the file is refused before any of it
+    is built, so the refusal costs what the file's text costs, not what it would expand to."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._repeated = 0
+        self._depth = 0
+        self._open_anchors: set[str] = set()
+        self._sizes: dict[int, int] = {}  # id(node) -> nodes written out; composed nodes live on
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        event = self.peek_event()  # type: ignore[no-untyped-call]
+        if isinstance(event, yaml.AliasEvent):
+            if event.anchor in self._open_anchors:
+                raise self._refuse(
+                    f"alias *{event.anchor} refers to a node that holds it (a loop)", event
+                )
+            node = super().compose_node(parent, index)
+            assert node is not None  # an alias names a composed node, or PyYAML refused it
+            self._repeated += self._size(node)
+            if self._repeated > MAX_ALIAS_NODES:
+                raise self._refuse(
+                    f"aliases here expand to more than {MAX_ALIAS_NODES} nodes in all (a YAML "
+                    "alias bomb?); write the repeated parts out, or repeat less",
+                    event,
+                )
+            return node
+        anchor = event.anchor
+        self._depth += 1
+        if self._depth > MAX_YAML_DEPTH:
+            raise self._refuse(f"nested deeper than {MAX_YAML_DEPTH} levels", event)
+        if anchor is not None:
+            self._open_anchors.add(anchor)
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+            self._open_anchors.discard(anchor)
+
+    def _size(self, node: yaml.Node) -> int:
+        """How many nodes `node` stands for once its aliases are written out (memoised, so a
+        shared node is counted once however often it is shared)."""
+        size = self._sizes.get(id(node))
+        if size is None:
+            if isinstance(node, yaml.SequenceNode):
+                size = 1 + sum(self._size(item) for item in node.value)
+            elif isinstance(node, yaml.MappingNode):
+                size = 1 + sum(self._size(k) + self._size(v) for k, v in node.value)
+            else:
+                size = 1
+            self._sizes[id(node)] = size
+        return size
+
+    @staticmethod
+    def _refuse(problem: str, event: yaml.Event) -> yaml.YAMLError:
+        mark = cast(yaml.Mark | None, event.start_mark)
+        return yaml.composer.ComposerError(None, None, problem, mark)
+
+
 def read_config_data(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The YAML file as data, references unresolved: what the management API edits and
     writes back, so secrets stay references in the file."""
@@ -461,10 +541,14 @@ def read_config_data(path: str | os.PathLike[str]) -> dict[str, Any]:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(source, [f"cannot read the file: {exc.strerror or exc}"]) from exc
+    loader = BoundedLoader(text)
+    loader.name = source  # a problem's mark names the operator's file, not "<unicode string>"
     try:
-        data = yaml.safe_load(text)
+        data = loader.get_single_data()
     except yaml.YAMLError as exc:
         raise ConfigError(source, [f"not valid YAML: {exc}"]) from exc
+    finally:
+        loader.dispose()
     if data is not None and not isinstance(data, dict):
         raise ConfigError(source, ["(top level): the config must be a mapping"])
     return data or {}
@@ -762,13 +846,28 @@ def _rule_filter(rule: Mapping[str, Any], where: str, problems: list[str]) -> Qu
     try:
         return parse(rule["filter"])
     except QueryError as exc:
-        problems.append(f"{where}: {exc} in {rule['filter']!r}")
+        problems.append(f"{where}: {exc} in {_excerpt(rule['filter'], exc.column)}")
         return None
+
+
+def _excerpt(text: str, column: int, around: int = 40) -> str:
+    """A long filter quoted only around the column a problem names (a problem is one line)."""
+    start, end = max(column - 1 - around, 0), column - 1 + around
+    if start == 0 and end >= len(text):
+        return repr(text)
+    return ("..." if start else "") + repr(text[start:end]) + ("..." if end < len(text) else "")
 
 
 def _cross_check(config: Config) -> list[str]:
     """What a schema cannot say: ids must be unique and every reference must resolve."""
     problems: list[str] = []
+    server = config.server
+    if server.max_body_bytes_in_flight < server.max_body_bytes:
+        problems.append(
+            f"server.max_body_bytes_in_flight: {server.max_body_bytes_in_flight} is less than "
+            f"server.max_body_bytes ({server.max_body_bytes}), so a body of the largest size "
+            "allowed could never be taken"
+        )
     known: dict[str, int] = {}
     for i, target in enumerate(config.targets):
         if target.id in known:

@@ -1,5 +1,13 @@
 """`POST /v1/events`: read the body within limits, decode it, answer per event.
 
+A body is read before the request takes one of `server.max_concurrent_requests` turns for
+the work (inflating, decoding, validating, journaling), so a client that sends slowly holds
+only its own connection and bytes, never another producer's turn. What slow or many senders
+can hold is bounded twice (`InFlight`): every byte of every body being read or waiting counts
+against `server.max_body_bytes_in_flight` (past it: 503 server_busy), and one client address
+reads at most `server.max_bodies_per_client` bodies at once (its others wait, unread, within
+`server.read_timeout_s`), so one address alone cannot use up the bytes.
+
 A body is one JSON object, a JSON array of objects, or NDJSON (one object per line), plain or
 gzip-compressed. A request refused as a whole gets a 4xx with `{"error": {"code", "message"}}`;
 otherwise each event gets its own result, EventBridge-style, and the request answers 202 when
@@ -47,6 +55,8 @@ READ_CHUNK_BYTES = 64 * 1024
 # storage.when_full: drop_oldest_per_target sheds this many events at a time, a few times at most.
 SHED_EVENTS = 1000
 MAX_SHEDS_PER_REQUEST = 10
+# Told to a producer refused for the bytes in flight: they free up as bodies arrive.
+BUSY_RETRY_AFTER_S = 1
 DROPPED_BUFFER_FULL = Failure(
     reason="dropped_buffer_full",
     message="the journal was full and storage.when_full is drop_oldest_per_target",
@@ -69,6 +79,79 @@ class Altered:
 
 
 @dataclass(slots=True)
+class _Turns:
+    """One client address's bodies: a semaphore of its turns, and who uses or waits for one."""
+
+    semaphore: asyncio.Semaphore
+    users: int = 0
+    reading: int = 0
+
+
+@dataclass(slots=True)
+class InFlight:
+    """The bytes of request bodies held at once, and the bodies each client reads at once."""
+
+    max_bytes: int
+    per_client: int
+    held_bytes: int = 0
+    _clients: dict[str, _Turns] = field(default_factory=dict)
+
+    @asynccontextmanager
+    async def turn(self, address: str) -> AsyncIterator[None]:
+        """One of the address's `per_client` turns to read a body; waits for one if need be.
+        An address is forgotten when it has no body in flight, so the table stays small."""
+        turns = self._clients.get(address)
+        if turns is None:
+            turns = self._clients[address] = _Turns(asyncio.Semaphore(self.per_client))
+        turns.users += 1
+        try:
+            async with turns.semaphore:
+                turns.reading += 1
+                try:
+                    yield
+                finally:
+                    turns.reading -= 1
+        finally:
+            turns.users -= 1
+            if not turns.users:
+                del self._clients[address]
+
+    def reading(self, address: str) -> int:
+        turns = self._clients.get(address)
+        return turns.reading if turns else 0
+
+    def waiting(self, address: str) -> int:
+        turns = self._clients.get(address)
+        return turns.users - turns.reading if turns else 0
+
+    @asynccontextmanager
+    async def hold(self) -> AsyncIterator[Held]:
+        """A request's share of the bytes, all given back when the request ends, however."""
+        held = Held(self)
+        try:
+            yield held
+        finally:
+            self.held_bytes -= held.size
+
+
+@dataclass(slots=True)
+class Held:
+    """The bytes one request holds."""
+
+    budget: InFlight
+    size: int = 0
+
+    def take(self, size: int) -> bool:
+        """Hold `size` more bytes, if the budget has them (never waits: a body that waited
+        for bytes held by stalled bodies would stall too)."""
+        if self.budget.held_bytes + size > self.budget.max_bytes:
+            return False
+        self.budget.held_bytes += size
+        self.size += size
+        return True
+
+
+@dataclass(slots=True)
 class Ingest:
     """Everything the ingest handler needs, built once by the app."""
 
@@ -83,9 +166,13 @@ class Ingest:
     refusals: Refusals | None = None
     redactor: Redactor | None = None
     _slots: asyncio.Semaphore = field(init=False)
+    bodies: InFlight = field(init=False)
 
     def __post_init__(self) -> None:
         self._slots = asyncio.Semaphore(self.server.max_concurrent_requests)
+        self.bodies = InFlight(
+            self.server.max_body_bytes_in_flight, self.server.max_bodies_per_client
+        )
 
     @asynccontextmanager
     async def paused(self) -> AsyncIterator[None]:
@@ -100,16 +187,30 @@ class Ingest:
                 self._slots.release()
 
     async def handle(self, request: web.Request) -> web.Response:
-        """One request at a time per slot: a request beyond `server.max_concurrent_requests`
-        waits with its body unread (in the kernel's buffers, pushing back on the producer), so
-        the daemon's memory is bounded by the slots, not by how many producers send at once."""
+        """Read the body (no turn held), then take one of `server.max_concurrent_requests`
+        turns for the work: a slow sender never keeps another producer waiting."""
         self.stats.requests += 1
-        async with self._slots:
-            return await self._handle(request)
+        async with self.bodies.hold() as held:
+            try:
+                body = await self.read_body(request, held)
+            except ConnectionError:
+                # aiohttp's handler logs it (listener.ClientFaultLog: a warning, not a trace).
+                self.stats.refuse("client_disconnected")
+                raise
+            except RequestError as exc:
+                self.stats.refuse(exc.code)
+                response = error_response(exc)
+                if exc.status == 503:
+                    response.headers["Retry-After"] = str(BUSY_RETRY_AFTER_S)
+                return response
+            async with self._slots:
+                return await self._handle(request, body)
 
-    async def _handle(self, request: web.Request) -> web.Response:
+    async def _handle(self, request: web.Request, body: bytes) -> web.Response:
         try:
-            items = decode(await self.read_body(request), request.content_type)
+            if content_encoding(request) == "gzip":
+                body = inflate(body, self.server.max_inflated_bytes)
+            items = decode(body, request.content_type)
             if not items:
                 raise RequestError(400, "no_events", "the body holds no event")
             if len(items) > self.server.max_events_per_request:
@@ -124,8 +225,10 @@ class Ingest:
             return error_response(exc)
         return await self.accept(items, request.get(CALLER))
 
-    async def read_body(self, request: web.Request) -> bytes:
-        """The body, inflated if gzip, refused past the configured sizes."""
+    async def read_body(self, request: web.Request, held: Held) -> bytes:
+        """The body as sent, refused past server.max_body_bytes, past the bytes in flight, or
+        when it does not arrive within server.read_timeout_s (waiting for the client's turn
+        included)."""
         limit = self.server.max_body_bytes
         if request.content_type not in JSON_TYPES | NDJSON_TYPES:
             raise RequestError(
@@ -134,16 +237,22 @@ class Ingest:
                 f"Content-Type {request.content_type!r} is not supported; send "
                 "application/json or application/x-ndjson",
             )
+        content_encoding(request)  # refused before the body is read
         if request.content_length is not None and request.content_length > limit:
             raise _too_large(limit)
         chunks: list[bytes] = []
         size = 0
         try:
-            async with asyncio.timeout(self.server.read_timeout_s):
+            async with (
+                asyncio.timeout(self.server.read_timeout_s),
+                self.bodies.turn(request.remote or ""),
+            ):
                 while chunk := await request.content.read(READ_CHUNK_BYTES):
                     size += len(chunk)
                     if size > limit:
                         raise _too_large(limit)
+                    if not held.take(len(chunk)):
+                        raise self._busy()
                     chunks.append(chunk)
         except TimeoutError as exc:
             raise RequestError(
@@ -152,17 +261,15 @@ class Ingest:
                 f"the body did not arrive within server.read_timeout_s "
                 f"({self.server.read_timeout_s} s)",
             ) from exc
-        body = b"".join(chunks)
-        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
-        if encoding == "gzip":
-            return inflate(body, self.server.max_inflated_bytes)
-        if encoding != "identity":
-            raise RequestError(
-                415,
-                "unsupported_encoding",
-                f"Content-Encoding {encoding!r} is not supported; send gzip or identity",
-            )
-        return body
+        return b"".join(chunks)
+
+    def _busy(self) -> RequestError:
+        return RequestError(
+            503,
+            "server_busy",
+            f"request bodies in flight have reached server.max_body_bytes_in_flight "
+            f"({self.server.max_body_bytes_in_flight} bytes); retry later",
+        )
 
     async def accept_own(self, body: dict[str, Any]) -> None:
         """Journal an event of the router itself, routed like any producer's."""
@@ -294,6 +401,18 @@ class Ingest:
                 )
                 return len(entries)
         return 0
+
+
+def content_encoding(request: web.Request) -> str:
+    """`gzip` or `identity`, checked before the body is read."""
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("gzip", "identity"):
+        raise RequestError(
+            415,
+            "unsupported_encoding",
+            f"Content-Encoding {encoding!r} is not supported; send gzip or identity",
+        )
+    return encoding
 
 
 def reserved_action(item: dict[str, Any]) -> list[Problem]:
@@ -433,7 +552,7 @@ def error_response(error: RequestError) -> web.Response:
     response = json_response(
         {"error": {"code": error.code, "message": error.message}}, status=error.status
     )
-    if error.status in (408, 413):
+    if error.status in (408, 413, 503):
         # The rest of the body was never read: close the connection rather than keep it (and
         # a shutdown) waiting for bytes nobody will read.
         response.force_close()

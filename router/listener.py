@@ -1,4 +1,5 @@
-"""The listening socket: aiohttp's TCP site, plus a deadline on a connection's first headers.
+"""The listening socket: aiohttp's TCP site, a deadline on a connection's first headers, and
+what is logged about clients that break the protocol.
 
 aiohttp bounds a request's body (server.read_timeout_s) and an idle keep-alive connection,
 but not a client that opens a connection and trickles its headers byte by byte (slowloris):
@@ -6,15 +7,111 @@ such connections would pile up, each holding a socket, before any handler or lim
 Each connection here must deliver the end of its first request's headers (a blank line)
 within `server.header_timeout_s`, or it is closed. Later requests on a kept-alive connection
 are bounded by the keep-alive timeout while idle and by the read timeout once they start.
+
+A malformed request or a client that hangs up mid-body is the client's fault, not the
+daemon's: aiohttp would log each as an ERROR with a traceback (690 KB for 1000 bad request
+lines). `ClientFaultLog`, the logger aiohttp's handlers report to, makes each one WARNING line
+instead, within the same rate limits as refused tokens (`auth.refusal_events`), and sums up
+what the limits held back in one line per `summary_interval_s`. Any other error keeps its
+ERROR and its traceback: that one is ours.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections import Counter
+from collections.abc import Callable
+from typing import Any, Final
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+
+from router.auth import RateLimit
+from router.config import RefusalEventsConfig
+
+log = logging.getLogger(__name__)
 
 HEADERS_END = b"\r\n\r\n"
+# A client's words quoted in a log line are cut here (the line stays one short line).
+MAX_QUOTED_CHARS: Final = 200
+# Addresses named in a summary line, the busiest first.
+SUMMARY_ADDRESSES: Final = 5
+CLIENT_FAULTS: Final = (HttpProcessingError, ConnectionError)
+
+
+class ClientFaultLog(logging.LoggerAdapter[logging.Logger]):
+    """The logger aiohttp's request handlers report to (`AppRunner(logger=...)`): a client
+    fault is one rate-limited WARNING line; anything else passes to aiohttp's own logger."""
+
+    def __init__(self, limits: RefusalEventsConfig) -> None:
+        super().__init__(logging.getLogger("aiohttp.server"))
+        self._limit = RateLimit(limits)
+        self._interval_s = limits.summary_interval_s
+        self._suppressed: Counter[str] = Counter()
+        self._summary: asyncio.TimerHandle | None = None
+
+    def exception(self, msg: object, *args: object, **kwargs: Any) -> None:
+        error = kwargs.get("exc_info")
+        if not isinstance(error, CLIENT_FAULTS):
+            super().exception(msg, *args, **kwargs)
+            return
+        # aiohttp says "Error handling request from %s" with the peer's address, or nothing.
+        address = str(args[0]) if args and args[0] is not None else "an unknown address"
+        self.refused(address, describe(error))
+
+    def refused(self, address: str, why: str) -> None:
+        """One WARNING line, or a count for the next summary line."""
+        if self._limit.allowed(address):
+            log.warning("refused a request from %s: %s", address, why)
+            return
+        self._suppressed[address] += 1
+        if self._summary is None:
+            loop = asyncio.get_running_loop()
+            self._summary = loop.call_later(self._interval_s, self.summarize)
+
+    def summarize(self) -> None:
+        """The line for what the rate limit held back since the last one (at stop, too)."""
+        if self._summary is not None:
+            self._summary.cancel()
+            self._summary = None
+        if not self._suppressed:
+            return
+        suppressed, self._suppressed = self._suppressed, Counter()
+        busiest = ", ".join(
+            f"{address} ({count})" for address, count in suppressed.most_common(SUMMARY_ADDRESSES)
+        )
+        log.warning(
+            "%d more refused requests, not logged one by one (rate limit); the most from %s",
+            sum(suppressed.values()),
+            busiest,
+        )
+
+
+def describe(error: BaseException) -> str:
+    """A client fault in one short line: a status and what was wrong, whitespace folded."""
+    if isinstance(error, HttpProcessingError):
+        # aiohttp's message may end with the offending line and a caret under the spot.
+        lines = [line for line in error.message.splitlines() if line.strip() not in ("", "^")]
+        text = f"{error.code} {' '.join(lines)}"
+    else:
+        text = f"the client went away ({type(error).__name__}: {error})"
+    text = " ".join(text.split())
+    return text if len(text) <= MAX_QUOTED_CHARS else text[: MAX_QUOTED_CHARS - 3] + "..."
+
+
+# The connections open now, by transport: how a long-lived handler (the tail) learns at once
+# that its client has gone, rather than at its next write.
+_OPEN: dict[asyncio.BaseTransport, HeaderDeadline] = {}
+
+
+def on_close(transport: asyncio.BaseTransport | None, callback: Callable[[], None]) -> None:
+    """Call `callback` when the connection of `transport` closes (at once if it has)."""
+    connection = _OPEN.get(transport) if transport is not None else None
+    if connection is None:
+        callback()
+        return
+    connection.closed_callbacks.append(callback)
 
 
 class HeaderDeadline(asyncio.Protocol):
@@ -26,9 +123,11 @@ class HeaderDeadline(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._tail = b""
         self._transport: asyncio.BaseTransport | None = None
+        self.closed_callbacks: list[Callable[[], None]] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport
+        _OPEN[transport] = self
         self._timer = asyncio.get_running_loop().call_later(self._timeout_s, self._expire)
         self._inner.connection_made(transport)
 
@@ -50,6 +149,11 @@ class HeaderDeadline(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         self._inner.connection_lost(exc)
+        if self._transport is not None:
+            _OPEN.pop(self._transport, None)
+        callbacks, self.closed_callbacks = self.closed_callbacks, []
+        for callback in callbacks:
+            callback()
 
     def pause_writing(self) -> None:
         self._inner.pause_writing()

@@ -23,6 +23,10 @@ action:B), as Activity Tracker's documented queries imply, while the explicit op
 their usual Boolean order: `a AND b OR c` is (a AND b) OR c. `AND`, `OR` and `NOT` are
 operators only in upper case; parentheses group.
 
+Parentheses and NOT nest at most MAX_NESTING levels deep: a deeper query is a QueryError at
+the column of the level too many, like any other syntax error, rather than a stack overflow in
+the recursive parser (or in compiling and printing the tree it would build).
+
 A parsed query is compiled once into a tree of closures, so evaluating it costs a few
 microseconds; `str(query)` prints a canonical form that parses back to the same query.
 """
@@ -42,6 +46,7 @@ from router.errors import QueryError
 from router.events import GLOBAL, crn_parts
 
 __all__ = [
+    "MAX_NESTING",
     "And",
     "Compare",
     "Exists",
@@ -363,6 +368,9 @@ def _print(node: Node) -> str:
 _FIELD = re.compile(r"[\w@$][\w@$-]*(?:\.[\w@$][\w@$-]*)*:")
 _NUMBER = re.compile(r"[+-]?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?")
 _ENDS_TERM = frozenset("()")
+# Levels of parentheses and NOT, together: far more than a person writes, far less than the
+# interpreter's stack (each level costs the parser four frames).
+MAX_NESTING: Final = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -530,6 +538,7 @@ class _Parser:
         self.end_column = len(text) + 1
         self.tokens = _Lexer(text).tokens()
         self.index = 0
+        self.depth = 0
 
     def peek(self) -> _Token | None:
         return self.tokens[self.index] if self.index < len(self.tokens) else None
@@ -573,29 +582,37 @@ class _Parser:
         if token is None:
             what = f"after {after}" if after else "here"
             raise QueryError(f"expected a term {what}, found the end of the query", self.end_column)
-        if token.kind == "NOT":
-            self.take()
-            return Not(self.unary("NOT"))
         if token.kind == "term":
             self.take()
             assert token.node is not None
             return token.node
-        if token.kind == "(":
+        if token.kind in ("NOT", "("):
             self.take()
-            if (inner := self.peek()) is not None and inner.kind == ")":
-                raise QueryError("empty parentheses", token.column)
-            if inner is None:
-                raise QueryError("this '(' is never closed", token.column)
-            node = self.juxtaposed()
-            if self.peek() is None:
-                raise QueryError("this '(' is never closed", token.column)
-            self.take()
+            self.depth += 1
+            if self.depth > MAX_NESTING:
+                raise QueryError(
+                    f"parentheses and NOT nested deeper than {MAX_NESTING} levels", token.column
+                )
+            node = Not(self.unary("NOT")) if token.kind == "NOT" else self.group(token)
+            self.depth -= 1
             return node
         if token.kind == ")" and after is None:
             raise QueryError("this ')' closes nothing", token.column)
         if after is None:
             raise QueryError(f"{token.kind} needs a term on its left", token.column)
         raise QueryError(f"expected a term after {after}, found {token.kind}", token.column)
+
+    def group(self, opened: _Token) -> Node:
+        """What a '(' holds, up to and including its ')'."""
+        if (inner := self.peek()) is not None and inner.kind == ")":
+            raise QueryError("empty parentheses", opened.column)
+        if inner is None:
+            raise QueryError("this '(' is never closed", opened.column)
+        node = self.juxtaposed()
+        if self.peek() is None:
+            raise QueryError("this '(' is never closed", opened.column)
+        self.take()
+        return node
 
 
 def _join(kind: type[And] | type[Or], operands: list[Node]) -> Node:

@@ -1,18 +1,26 @@
 """The live tail: `GET /v1/tail?query=...` streams accepted events that match a query as
 Server-Sent Events, and `event-router tail 'QUERY'` follows that stream in a terminal.
 
-Ingest hands every accepted event (after the journal has it) to `TailHub.publish`, which is
-synchronous and never waits: each subscriber has a bounded queue, and an event that finds the
-queue full is dropped for that subscriber and counted. The subscriber is told, with a
-`dropped` event carrying the running count, before its next event. A slow client therefore
-costs ingest nothing and loses only its own view.
+Ingest hands each batch of accepted events (after the journal has it) to `TailHub.publish`,
+which queues the batch once and returns: what it costs ingest does not depend on how many
+clients tail. A background task (`tail:fan-out`) takes what arrived within FLUSH_S, encodes
+each event's SSE message once, matches it once per distinct query, and hands every subscriber
+its share in one call (so a client costs the fan-out once per interval, not once per event
+or request); each subscriber holds at most
+`QUEUE_EVENTS` of them, and an event that finds no room is dropped for that subscriber and
+counted (it is told, with a `dropped` event carrying the running count, before its next
+events). When the fan-out falls behind, whole batches are dropped for everyone, and counted
+the same way, so ingest never waits for it.
+
+A client's stream writes everything waiting for it at once; a write that does not complete
+within `server.tail_write_timeout_s` (a client that stopped reading) drops the client: its
+connection is closed, its queue freed. A client that hangs up is noticed at once (the
+listener tells), not at the next write. At most `server.max_tail_clients` clients tail at once;
+the next one gets 503 `too_many_tail_clients`.
 
 The stream: `event: ready` once subscribed (data: the canonical query), then `event: event`
 with the event's JSON as data and its id as the SSE id, `event: dropped` as above, and a
-comment line every KEEPALIVE_S so proxies keep the connection. A client that went away is
-noticed at the next write (an event or the keep-alive), when its subscription ends; until then
-its queue can only fill up, never grow. Unauthenticated for now, like every endpoint: it is as
-private as the listener it is bound to.
+comment line every KEEPALIVE_S so proxies keep the connection.
 """
 
 from __future__ import annotations
@@ -20,10 +28,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import sys
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import Final, TextIO
 from urllib.parse import urlencode
 
 import aiohttp
@@ -32,35 +41,106 @@ from aiohttp import web
 
 from router.errors import QueryError
 from router.events import Event
+from router.listener import on_close
 from router.logformat import counted
 from router.query import Query, parse
 
 log = logging.getLogger(__name__)
 
 QUEUE_EVENTS = 1000
+# Batches waiting for the fan-out task; past it a batch is dropped for every subscriber.
+INBOX_BATCHES: Final = 1000
 KEEPALIVE_S = 15.0
-_CLOSED = b""  # the sentinel a closing hub puts in every queue
+# The kernel's send buffer of a tail connection: ~200 events in flight to a client, enough to
+# stream thousands a second over a LAN.
+SEND_BUFFER_BYTES: Final = 256 * 1024
+# Events accepted within this interval reach the clients together (one wake and one write
+# each): what a client costs depends on the interval, not on the rate of requests.
+FLUSH_S: Final = 0.1
+# Told to a client refused past the cap: tails are long-lived, a slot frees up slowly.
+FULL_RETRY_AFTER_S: Final = 30
+# An SSE id must not hold a line break (it would end the field and start another).
+_ID_UNSAFE: Final = str.maketrans({"\r": None, "\n": None, "\0": None})
 
 
 @dataclass(eq=False, slots=True)
 class Subscriber:
-    """One client of the tail: its query, its bounded queue and what it missed."""
+    """One client of the tail: its query, the messages waiting for it, and what it missed."""
 
     query: Query | None
-    queue: asyncio.Queue[bytes] = field(default_factory=lambda: asyncio.Queue(QUEUE_EVENTS))
+    limit: int = QUEUE_EVENTS
+    since: int = 0  # the last batch published before it subscribed: it gets only later ones
+    pending: list[bytes] = field(default_factory=list)  # SSE messages, oldest first
     dropped: int = 0
     closed: bool = False
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def offer(self, messages: list[bytes]) -> None:
+        """Keep what fits in the queue; count the rest as dropped."""
+        room = max(self.limit - len(self.pending), 0)
+        if len(messages) > room:
+            self.dropped += len(messages) - room
+            messages = messages[:room]
+        if messages:
+            self.pending.extend(messages)
+            self.wake.set()
+
+    def take(self) -> list[bytes]:
+        """Everything waiting, to be written at once."""
+        taken, self.pending = self.pending, []
+        self.wake.clear()
+        return taken
+
+    def close(self) -> None:
+        self.closed = True
+        self.wake.set()
 
 
-@dataclass(slots=True)
+class SlowClientError(Exception):
+    """A tail client did not take a write within server.tail_write_timeout_s."""
+
+
 class TailHub:
-    """Fans accepted events out to the subscribers whose query they match."""
+    """Fans accepted events out to the subscribers whose query they match, from a task of
+    its own (`start`, `stop`), so that ingest only queues each batch once."""
 
-    subscribers: set[Subscriber] = field(default_factory=set)
-    queue_events: int = QUEUE_EVENTS
+    def __init__(
+        self,
+        *,
+        max_clients: int = 32,
+        write_timeout_s: float = 10.0,
+        queue_events: int = QUEUE_EVENTS,
+    ) -> None:
+        self.subscribers: set[Subscriber] = set()
+        self.max_clients = max_clients
+        self.write_timeout_s = write_timeout_s
+        self.queue_events = queue_events
+        self.dropped_clients = 0
+        self.refused_clients = 0
+        self._inbox: asyncio.Queue[tuple[int, list[Event]]] = asyncio.Queue(INBOX_BATCHES)
+        self._published = 0  # batches published so far: each batch's number
+        self._lost = 0  # events of batches the inbox had no room for, not yet told
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def backlog(self) -> int:
+        """Batches published and not yet fanned out."""
+        return self._inbox.qsize()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._fan_out(), name="tail:fan-out")
+
+    async def stop(self) -> None:
+        """End every stream (so that no request keeps the daemon waiting), then the task."""
+        self.close()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
 
     def subscribe(self, query: Query | None) -> Subscriber:
-        subscriber = Subscriber(query, asyncio.Queue(self.queue_events))
+        subscriber = Subscriber(query, self.queue_events, since=self._published)
         self.subscribers.add(subscriber)
         return subscriber
 
@@ -68,38 +148,82 @@ class TailHub:
         self.subscribers.discard(subscriber)
 
     def publish(self, events: Iterable[Event]) -> None:
-        """Offer accepted events to every subscriber; never blocks (drops and counts)."""
+        """Queue a batch of accepted events for the fan-out, once, whoever tails; never
+        blocks (a batch that finds the queue full is dropped for everyone, and counted)."""
         if not self.subscribers:
             return
-        for event in events:
-            for subscriber in self.subscribers:
-                if subscriber.query is not None and not subscriber.query.matches(event.body):
-                    continue
-                try:
-                    subscriber.queue.put_nowait(event.encoded())
-                except asyncio.QueueFull:
-                    subscriber.dropped += 1
+        batch = list(events)
+        self._published += 1
+        try:
+            self._inbox.put_nowait((self._published, batch))
+        except asyncio.QueueFull:
+            self._lost += len(batch)
 
     def close(self) -> None:
-        """Ends every stream (at shutdown), so that no request keeps the daemon waiting."""
         for subscriber in self.subscribers:
-            subscriber.closed = True
-            with contextlib.suppress(asyncio.QueueEmpty):
-                subscriber.queue.get_nowait()  # make room for the sentinel
-            subscriber.queue.put_nowait(_CLOSED)
+            subscriber.close()
+
+    async def _fan_out(self) -> None:
+        while True:
+            batches = [await self._inbox.get()]
+            # What arrives within FLUSH_S goes out together: a client wakes and is written to
+            # once per interval, however many requests brought the events.
+            await asyncio.sleep(FLUSH_S)
+            while not self._inbox.empty():
+                batches.append(self._inbox.get_nowait())
+            try:
+                self._offer(batches)
+            except Exception:
+                # A task boundary: one bad batch must not end the tail for everyone.
+                log.exception("the tail could not fan out %d batches", len(batches))
+
+    def _offer(self, batches: list[tuple[int, list[Event]]]) -> None:
+        """Encode each event once and match it once per distinct query, then give every
+        subscriber its share in one call (only of batches published after it subscribed)."""
+        lost, self._lost = self._lost, 0
+        messages = [
+            (number, event, sse_event(event)) for number, batch in batches for event in batch
+        ]
+        shares: dict[tuple[Query | None, int], list[bytes]] = {}
+        first = batches[0][0]
+        for subscriber in list(self.subscribers):
+            subscriber.dropped += lost
+            query, since = subscriber.query, max(subscriber.since, first - 1)
+            share = shares.get((query, since))
+            if share is None:
+                share = shares[(query, since)] = [
+                    message
+                    for number, event, message in messages
+                    if number > since and (query is None or query.matches(event.body))
+                ]
+            subscriber.offer(share)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        """`GET /v1/tail?query=...`: 400 `bad_query` (with the column) or an SSE stream."""
+        """`GET /v1/tail?query=...`: 503 past the cap, 400 `bad_query` (with the column), or
+        an SSE stream."""
+        if len(self.subscribers) >= self.max_clients:
+            self.refused_clients += 1
+            body = {
+                "error": {
+                    "code": "too_many_tail_clients",
+                    "message": f"server.max_tail_clients ({self.max_clients}) clients tail "
+                    "already; try again when one has left",
+                }
+            }
+            return web.json_response(
+                body,
+                status=503,
+                dumps=_dumps,
+                headers={"Retry-After": str(FULL_RETRY_AFTER_S)},
+            )
         text = request.query.get("query", "")
         query: Query | None = None
         if text.strip():
             try:
                 query = parse(text)
             except QueryError as exc:
-                body = {
-                    "error": {"code": "bad_query", "message": exc.message, "column": exc.column}
-                }
-                return web.json_response(body, status=400, dumps=_dumps)
+                error = {"code": "bad_query", "message": exc.message, "column": exc.column}
+                return web.json_response({"error": error}, status=400, dumps=_dumps)
         response = web.StreamResponse(
             headers={
                 "Content-Type": "text/event-stream",
@@ -107,14 +231,25 @@ class TailHub:
                 "X-Accel-Buffering": "no",
             }
         )
+        _bound_send_buffer(request)
         await response.prepare(request)
         subscriber = self.subscribe(query)
+        on_close(request.transport, subscriber.close)  # a client that leaves frees its place
         try:
             ready = orjson.dumps({"query": str(query) if query else ""})
-            await response.write(b"event: ready\ndata: " + ready + b"\n\n")
+            await self._write(response, b"event: ready\ndata: " + ready + b"\n\n")
             await self._stream(subscriber, response)
         except ConnectionResetError:
             pass  # the client went away; nothing to tell anyone
+        except SlowClientError:
+            self.dropped_clients += 1
+            log.info(
+                "tail client %s dropped: it took nothing for %s s (server.tail_write_timeout_s)",
+                request.remote,
+                self.write_timeout_s,
+            )
+            if request.transport is not None:
+                request.transport.abort()  # what it has not read is thrown away
         finally:
             self.unsubscribe(subscriber)
         return response
@@ -123,21 +258,42 @@ class TailHub:
         told = 0
         while not subscriber.closed:
             try:
-                encoded = await asyncio.wait_for(subscriber.queue.get(), KEEPALIVE_S)
+                async with asyncio.timeout(KEEPALIVE_S):
+                    await subscriber.wake.wait()
             except TimeoutError:
-                await response.write(b": keep-alive\n\n")
+                await self._write(response, b": keep-alive\n\n")
                 continue
-            if encoded == _CLOSED or subscriber.closed:
+            if subscriber.closed:
                 break
+            messages = subscriber.take()
             if subscriber.dropped != told:
                 told = subscriber.dropped
-                await response.write(
-                    b"event: dropped\ndata: " + orjson.dumps({"dropped": told}) + b"\n\n"
-                )
-            event_id = orjson.loads(encoded).get("id", "")
-            await response.write(
-                b"event: event\nid: " + str(event_id).encode() + b"\ndata: " + encoded + b"\n\n"
-            )
+                notice = b"event: dropped\ndata: " + orjson.dumps({"dropped": told}) + b"\n\n"
+                messages.insert(0, notice)
+            await self._write(response, b"".join(messages))
+
+    async def _write(self, response: web.StreamResponse, data: bytes) -> None:
+        try:
+            async with asyncio.timeout(self.write_timeout_s):
+                await response.write(data)
+        except TimeoutError as exc:
+            raise SlowClientError from exc
+
+
+def _bound_send_buffer(request: web.Request) -> None:
+    """A fixed, small kernel send buffer for a tail connection: a client that stops reading
+    holds that much of the kernel's memory, not the megabytes autotuning would grow to, and
+    its writes block (and it is dropped) sooner."""
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+
+
+def sse_event(event: Event) -> bytes:
+    """An accepted event as one SSE message (built once, shared by every subscriber)."""
+    event_id = event.id.translate(_ID_UNSAFE).encode()
+    return b"event: event\nid: " + event_id + b"\ndata: " + event.encoded() + b"\n\n"
 
 
 def _dumps(value: object) -> str:

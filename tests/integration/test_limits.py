@@ -4,6 +4,7 @@ size and clients that send their body too slowly."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +13,9 @@ import orjson
 import pytest
 
 from router.app import Daemon
+from router.config import RefusalEventsConfig
 from tests.conftest import StartDaemon
-from tests.fakes import make_event
+from tests.fakes import make_event, wait_for
 from tests.integration.test_ingest import file_target, post
 
 
@@ -134,3 +136,192 @@ async def test_a_connection_that_trickles_its_headers_is_closed(
         assert (await asyncio.wait_for(reader.readline(), timeout=10)).startswith(b"HTTP/1.1 200")
         await asyncio.wait_for(reader.readuntil(b'"alive"}'), timeout=10)
     writer.close()
+
+
+# -- slow bodies: a client that stalls holds its own bytes, not other producers' turns -------
+
+# The issue's bound for a normal POST while others stall (it used to wait 29.5 s).
+ANSWER_S = 1.0
+
+
+def everything_to_archive(tmp_path: Path, **server: Any) -> dict[str, Any]:
+    return {
+        "server": {"host": "127.0.0.1", "port": 0, **server},
+        # The body's journey is under test here, not the disk's.
+        "storage": {"path": str(tmp_path / "var"), "fsync": "never"},
+        "targets": [file_target("archive", tmp_path / "archive.ndjson")],
+        "routes": [{"name": "all", "rules": [{"locations": ["*"], "target_ids": ["archive"]}]}],
+    }
+
+
+async def stall_body(
+    daemon: Daemon, source: str, *, length: int = 1000, sent: bytes = b'{"action":'
+) -> asyncio.StreamWriter:
+    """A real connection from `source` (any 127.x address reaches the loopback listener) that
+    sends its headers and the start of its body, then nothing more."""
+    _, writer = await asyncio.open_connection("127.0.0.1", daemon.port, local_addr=(source, 0))
+    writer.write(
+        b"POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (length, sent)
+    )
+    await writer.drain()
+    return writer
+
+
+async def post_from(source: str, daemon: Daemon, body: Any) -> tuple[int, Any]:
+    async with (
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(source, 0))) as session,
+        session.post(
+            f"http://127.0.0.1:{daemon.port}/v1/events",
+            data=orjson.dumps(body),
+            headers={"Content-Type": "application/json"},
+        ) as resp,
+    ):
+        return resp.status, await resp.json(content_type=None)
+
+
+async def hang_up(writers: list[asyncio.StreamWriter]) -> None:
+    for writer in writers:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def test_stalled_bodies_do_not_hold_up_other_producers(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    daemon = await start_daemon(everything_to_archive(tmp_path))
+    assert daemon.config.server.max_concurrent_requests == 16
+    # 16 producers' connections, from 4 addresses, each 10 bytes into its body and stalled:
+    # they used to hold every request slot until server.read_timeout_s.
+    stalled = [await stall_body(daemon, f"127.0.0.{2 + i % 4}") for i in range(16)]
+    try:
+        await wait_for(lambda: daemon.ingest_stats.requests == 16, what="16 bodies on their way")
+        status, body = await asyncio.wait_for(post(daemon, make_event()), timeout=ANSWER_S)
+        assert status == 202 and body["accepted"] == 1
+    finally:
+        await hang_up(stalled)
+    await wait_for(lambda: daemon.ingest.bodies.held_bytes == 0, what="the bytes given back")
+
+
+async def test_one_client_address_reads_a_bounded_number_of_bodies_at_once(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    daemon = await start_daemon(everything_to_archive(tmp_path, max_bodies_per_client=2))
+    bodies = daemon.ingest.bodies
+    stalled = [await stall_body(daemon, "127.0.0.2") for _ in range(2)]
+    try:
+        await wait_for(lambda: bodies.reading("127.0.0.2") == 2, what="two bodies being read")
+        # A third request from the same address waits its turn, its body unread...
+        third = asyncio.create_task(post_from("127.0.0.2", daemon, make_event(id="third")))
+        await wait_for(lambda: bodies.waiting("127.0.0.2") == 1, what="the third to wait")
+        # ...while other addresses are served at once.
+        status, _ = await asyncio.wait_for(post(daemon, make_event()), timeout=ANSWER_S)
+        assert status == 202
+        assert not third.done()
+        await hang_up(stalled[:1])
+        status, body = await asyncio.wait_for(third, timeout=10)
+        assert status == 202 and body["results"][0]["id"] == "third"
+    finally:
+        await hang_up(stalled)
+    await wait_for(lambda: bodies.reading("127.0.0.2") == 0, what="every turn given back")
+
+
+async def test_bodies_in_flight_are_bounded_in_bytes(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    daemon = await start_daemon(
+        everything_to_archive(tmp_path, max_body_bytes=40_000, max_body_bytes_in_flight=64_000)
+    )
+    bodies = daemon.ingest.bodies
+    sent = b"[" + b" " * 29_999
+    stalled = [
+        await stall_body(daemon, source, length=40_000, sent=sent)
+        for source in ("127.0.0.2", "127.0.0.3")
+    ]
+    try:
+        await wait_for(lambda: bodies.held_bytes == 60_000, what="60,000 bytes held")
+        events = [make_event() for _ in range(5)]
+        assert len(orjson.dumps(events)) > 4_000
+        status, body = await asyncio.wait_for(post(daemon, events), timeout=ANSWER_S)
+        assert status == 503 and body["error"]["code"] == "server_busy"
+        assert "server.max_body_bytes_in_flight (64000 bytes)" in body["error"]["message"]
+        await hang_up(stalled[:1])
+        await wait_for(lambda: bodies.held_bytes == 30_000, what="the first body's bytes")
+        status, body = await post(daemon, events)
+        assert status == 202 and body["accepted"] == 5
+    finally:
+        await hang_up(stalled)
+    await wait_for(lambda: bodies.held_bytes == 0, what="every byte given back")
+    assert daemon.ingest_stats.refused_requests["server_busy"] == 1
+
+
+# -- client faults: one WARNING line each, within a rate limit, never a traceback ------------
+
+MALFORMED = [
+    b"GET / HTTX/1.1\r\n\r\n",
+    b"GET /\x00 HTTP/1.1\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nBad Header\r\n\r\n",
+    b"POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: x\r\n\r\n",
+]
+
+
+async def send_raw(daemon: Daemon, data: bytes) -> bytes:
+    """Send `data` on a fresh connection; everything the daemon answers, until it closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), timeout=10)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def test_malformed_requests_log_one_warning_line_each_within_a_rate_limit(
+    start_daemon: StartDaemon, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    daemon = await start_daemon(everything_to_archive(tmp_path))
+    caplog.clear()
+    sent = 1000
+    for batch in range(sent // 20):
+        answers = await asyncio.gather(
+            *(send_raw(daemon, MALFORMED[(batch + i) % len(MALFORMED)]) for i in range(20))
+        )
+        assert all(b"HTTP/1.0 400 Bad Request" in answer for answer in answers)
+    await daemon.stop()
+    # It was 690 KB of ERROR tracebacks from aiohttp's parser.
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    assert "Traceback" not in caplog.text
+    refused = [r for r in caplog.records if r.name == "router.listener"]
+    one_by_one = [r for r in refused if r.getMessage().startswith("refused a request from")]
+    burst = RefusalEventsConfig().per_client_burst
+    assert 1 <= len(one_by_one) <= burst
+    assert all(r.levelno == logging.WARNING and "\n" not in r.getMessage() for r in refused)
+    assert "127.0.0.1: 400 " in one_by_one[0].getMessage()
+    # What the limit held back is summed up, at the latest when the daemon stops.
+    assert refused[-1].getMessage() == (
+        f"{sent - len(one_by_one)} more refused requests, not logged one by one (rate limit); "
+        "the most from 127.0.0.1 (" + str(sent - len(one_by_one)) + ")"
+    )
+    assert len(caplog.text) < 10_000
+
+
+async def test_a_client_that_hangs_up_mid_body_is_a_warning_not_a_traceback(
+    start_daemon: StartDaemon, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    daemon = await start_daemon(everything_to_archive(tmp_path))
+    await hang_up([await stall_body(daemon, "127.0.0.2")])
+    await wait_for(
+        lambda: daemon.ingest_stats.refused_requests.get("client_disconnected") == 1,
+        what="the hang-up to be noticed",
+    )
+    await wait_for(lambda: any(r.name == "router.listener" for r in caplog.records))
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "router.listener"]
+    assert line.startswith("refused a request from 127.0.0.2: the client went away")
+    # Nothing is held for it.
+    assert daemon.ingest.bodies.held_bytes == 0
+    status, _ = await post(daemon, make_event())
+    assert status == 202

@@ -8,9 +8,12 @@ from typing import Any
 
 import orjson
 import pytest
+import yaml
 
 from router.cli import main
+from router.query import MAX_NESTING
 from tests.fakes import make_event
+from tests.integration.test_ingest import file_target
 
 
 def ndjson(events: list[dict[str, Any]]) -> bytes:
@@ -164,6 +167,40 @@ def test_bad_query_exits_2_with_a_caret_under_the_column(
     assert first.startswith("bad query: ")
     assert echoed == f"  {query}"
     assert caret == caret_line
+
+
+def test_a_query_nested_too_deep_exits_2_with_a_caret_under_the_column(
+    archive: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # It used to overflow the parser's stack: a traceback and exit 1.
+    query = "(" * 10_000 + "outcome:failure" + ")" * 10_000
+    code, out, err = run(capsys, query, str(archive))
+    assert code == 2 and out == ""
+    first, _, caret = err.splitlines()
+    assert first == f"bad query: parentheses and NOT nested deeper than {MAX_NESTING} levels"
+    assert caret == "  " + " " * MAX_NESTING + "^"
+
+
+def test_check_refuses_a_route_filter_nested_too_deep(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "router.yaml"
+    deep = "NOT " * 10_000 + "outcome:failure"
+    rule = {"locations": ["*"], "target_ids": ["archive"], "filter": deep}
+    config = {
+        "targets": [file_target("archive", tmp_path / "archive.ndjson")],
+        "routes": [{"name": "all", "rules": [rule]}],
+    }
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    with pytest.raises(SystemExit) as exited:
+        main(["check", "--config", str(path)])
+    out, err = capsys.readouterr()
+    assert exited.value.code == 2 and out == ""
+    column = 4 * MAX_NESTING + 1
+    assert err.splitlines()[1:] == [
+        f"  routes[0].rules[0].filter: column {column}: parentheses and NOT nested deeper than "
+        f"{MAX_NESTING} levels in ...{'NOT ' * 20!r}..."
+    ]
 
 
 def test_bad_time_exits_2(archive: Path, capsys: pytest.CaptureFixture[str]) -> None:

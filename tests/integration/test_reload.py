@@ -26,6 +26,7 @@ from tests.integration.test_delivery import (
     settled,
 )
 from tests.integration.test_ingest import file_target, post
+from tests.unit.test_config import alias_bomb
 
 
 def with_base(daemon: Daemon, data: dict[str, Any]) -> dict[str, Any]:
@@ -329,3 +330,20 @@ async def test_a_reload_of_a_readable_file_with_a_secret_literal_is_refused(
     path.chmod(0o600)
     assert await daemon.reload_from(path) is True
     assert [t.id for t in daemon.config.targets] == ["archive", "siem"]
+
+
+async def test_a_reload_of_a_yaml_alias_bomb_is_refused_at_once(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    daemon = await start_daemon(
+        {
+            "targets": [file_target("archive", tmp_path / "a.ndjson")],
+            "routes": everything_to("archive"),
+        }
+    )
+    path = tmp_path / "router.yaml"
+    path.write_text(alias_bomb(), encoding="utf-8")
+    # Held the event loop (ingest, health checks) for minutes before the loader counted.
+    assert await asyncio.wait_for(daemon.reload_from(path), timeout=5) is False
+    assert [t.id for t in daemon.config.targets] == ["archive"]
+    assert daemon.ingest_stats.reloads == {"refused": 1}

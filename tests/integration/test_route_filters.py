@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from router.query import MAX_NESTING
 from tests.conftest import StartDaemon
 from tests.fakes import make_event, read_ndjson, wait_for
+from tests.integration.test_api import Client, auth
 from tests.integration.test_delivery import ReceiverFactory, http_target, settled
 from tests.integration.test_ingest import file_target, post
 
@@ -95,3 +97,24 @@ async def test_filter_failing_falls_through_to_the_next_rule_of_the_route(
     await wait_for(lambda: settled(daemon))
     assert [e["id"] for e in read_ndjson(alerts)] == ["a"]
     assert [e["id"] for e in read_ndjson(rest)] == ["b", "c"]
+
+
+async def test_a_route_filter_nested_too_deep_is_refused_by_the_api_with_the_column(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    # It used to overflow the parser's stack: a 500 from the management API.
+    daemon = await start_daemon(
+        {
+            "auth": auth(),
+            "targets": [file_target("archive", tmp_path / "archive.ndjson")],
+            "routes": [{"name": "all", "rules": [{"locations": ["*"], "target_ids": ["archive"]}]}],
+        }
+    )
+    deep = "(" * 10_000 + "outcome:failure" + ")" * 10_000
+    rule = {"locations": ["*"], "target_ids": ["archive"], "filter": deep}
+    status, body = await Client(daemon).call(
+        "POST", "/api/v2/routes", {"name": "deep", "rules": [rule]}
+    )
+    assert status == 400
+    assert f"column {MAX_NESTING + 1}: parentheses and NOT nested deeper" in str(body)
+    assert [route.name for route in daemon.config.routes] == ["all"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import pytest
 from router.app import Daemon
 from router.cli import main
 from router.events import Event
-from router.query import parse
+from router.query import MAX_NESTING, parse
 from router.tail import SseMessage, TailHub, follow, sse_messages
 from tests.conftest import StartDaemon
 from tests.fakes import make_event, wait_for
@@ -76,6 +77,18 @@ async def test_tail_streams_only_matching_events_as_they_are_accepted(daemon: Da
     await wait_for(lambda: not daemon.tail.subscribers, what="the subscriber to go")
 
 
+async def test_an_event_id_with_line_breaks_cannot_forge_a_message(daemon: Daemon) -> None:
+    forged_id = "x\nevent: dropped\ndata: {}\n\nevent: event"
+    async with aiohttp.ClientSession() as session:
+        resp, messages = await open_tail(session, daemon, "")
+        await next_message(messages)
+        await post(daemon, [make_event(id=forged_id), make_event(id="next")])
+        first, second = await next_message(messages), await next_message(messages)
+        assert first.event == second.event == "event"
+        assert [orjson.loads(m.data)["id"] for m in (first, second)] == [forged_id, "next"]
+        resp.close()
+
+
 async def test_rejected_events_are_not_tailed(daemon: Daemon) -> None:
     async with aiohttp.ClientSession() as session:
         resp, messages = await open_tail(session, daemon, "outcome:failure")
@@ -100,6 +113,22 @@ async def test_bad_tail_query_is_400_with_the_column(daemon: Daemon) -> None:
     assert body["error"]["code"] == "bad_query"
     assert body["error"]["column"] == 19
     assert "expected a term after OR" in body["error"]["message"]
+
+
+@pytest.mark.parametrize("query", ["(" * 1000 + "outcome:failure" + ")" * 1000, "-" * 5000 + "x"])
+async def test_a_tail_query_nested_too_deep_is_400_with_the_column(
+    daemon: Daemon, query: str
+) -> None:
+    # It used to overflow the parser's stack: a 500 and a traceback in the log.
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{daemon.port}/v1/tail", params={"query": query}) as resp,
+    ):
+        assert resp.status == 400
+        body = await resp.json()
+    assert body["error"]["code"] == "bad_query"
+    assert body["error"]["column"] == MAX_NESTING + 1
+    assert "nested deeper than" in body["error"]["message"]
 
 
 async def test_stopping_the_daemon_ends_open_tails(daemon: Daemon) -> None:
@@ -163,14 +192,104 @@ def accepted(body: dict[str, Any]) -> Event:
 
 async def test_slow_subscriber_drops_and_counts_without_blocking_publish() -> None:
     hub = TailHub(queue_events=3)
-    slow = hub.subscribe(parse("outcome:failure"))
-    everything = hub.subscribe(None)
-    hub.publish([accepted(denied(f"d-{i}")) for i in range(5)])
-    hub.publish([accepted(make_event(id="ok"))])
-    assert slow.queue.qsize() == 3 and slow.dropped == 2
-    assert everything.queue.qsize() == 3 and everything.dropped == 3
-    kept = [orjson.loads(slow.queue.get_nowait())["id"] for _ in range(3)]
-    assert kept == ["d-0", "d-1", "d-2"]
+    hub.start()
+    try:
+        slow = hub.subscribe(parse("outcome:failure"))
+        everything = hub.subscribe(None)
+        hub.publish([accepted(denied(f"d-{i}")) for i in range(5)])
+        hub.publish([accepted(make_event(id="ok"))])
+        await wait_for(lambda: hub.backlog == 0, what="the fan-out to take both batches")
+        await wait_for(lambda: everything.dropped == 3, what="the fan-out to finish")
+        assert len(slow.pending) == 3 and slow.dropped == 2
+        assert len(everything.pending) == 3
+        kept = [message.split(b"\nid: ")[1].split(b"\n")[0] for message in slow.take()]
+        assert kept == [b"d-0", b"d-1", b"d-2"]
+    finally:
+        await hub.stop()
+
+
+async def test_ingest_queues_a_batch_once_however_many_clients_tail(daemon: Daemon) -> None:
+    # 300 idle tails made ingest 10x slower: it matched and queued every event for every one.
+    subscribers = [daemon.tail.subscribe(None) for _ in range(300)]
+    await daemon.ingest.accept([make_event(id=f"e-{i}") for i in range(20)])
+    # Ingest has returned; the fan-out task has not run yet: one batch queued, no client fed.
+    assert daemon.tail.backlog == 1
+    assert not any(s.pending for s in subscribers)
+    await wait_for(
+        lambda: all(len(s.pending) == 20 for s in subscribers), what="every client to be fed"
+    )
+    # One SSE message per event, encoded once and shared by every client.
+    assert len({id(message) for s in subscribers for message in s.pending}) == 20
+
+
+async def test_a_tail_client_that_does_not_read_is_dropped(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    daemon = await start_daemon(
+        {
+            "server": {"host": "127.0.0.1", "port": 0, "tail_write_timeout_s": 0.5},
+            "storage": {"path": str(tmp_path / "var"), "fsync": "never"},
+            "targets": [file_target("archive", tmp_path / "archive.ndjson")],
+            "routes": [{"name": "all", "rules": [{"locations": ["*"], "target_ids": ["archive"]}]}],
+        }
+    )
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills after a few events
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", daemon.port))
+    _, writer = await asyncio.open_connection(sock=sock)
+    writer.write(b"GET /v1/tail HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")  # and never read a byte
+    try:
+        await wait_for(lambda: len(daemon.tail.subscribers) == 1, what="the client to subscribe")
+        batch = [make_event() for _ in range(200)]
+        deadline = asyncio.get_running_loop().time() + 30
+        while daemon.tail.subscribers:
+            assert asyncio.get_running_loop().time() < deadline, "the client was never dropped"
+            status, _ = await post(daemon, batch)
+            assert status == 202  # ingest never waits for the tail
+        assert daemon.tail.dropped_clients == 1
+        # Others tail on as usual.
+        async with aiohttp.ClientSession() as session:
+            resp, messages = await open_tail(session, daemon, "")
+            assert (await next_message(messages)).event == "ready"
+            await post(daemon, make_event(id="after"))
+            assert orjson.loads((await next_message(messages)).data)["id"] == "after"
+            resp.close()
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def test_tail_clients_past_the_cap_are_refused_with_503(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    daemon = await start_daemon(
+        {
+            "server": {"host": "127.0.0.1", "port": 0, "max_tail_clients": 2},
+            "targets": [file_target("archive", tmp_path / "archive.ndjson")],
+            "routes": [{"name": "all", "rules": [{"locations": ["*"], "target_ids": ["archive"]}]}],
+        }
+    )
+    url = f"http://127.0.0.1:{daemon.port}"
+    async with aiohttp.ClientSession() as session:
+        first, _ = await open_tail(session, daemon, "")
+        second, _ = await open_tail(session, daemon, "outcome:failure")
+        assert first.status == second.status == 200
+        async with session.get(f"{url}/v1/tail") as third:
+            assert third.status == 503
+            assert third.headers["Retry-After"]
+            error = (await third.json())["error"]
+        assert error["code"] == "too_many_tail_clients"
+        assert "server.max_tail_clients (2)" in error["message"]
+        err = io.StringIO()
+        assert await follow(url, "", err=err) == 1
+        assert "tail refused: 503" in err.getvalue()
+        first.close()
+        await wait_for(lambda: len(daemon.tail.subscribers) == 1, what="the first to leave")
+        third_again, messages = await open_tail(session, daemon, "")
+        assert third_again.status == 200 and (await next_message(messages)).event == "ready"
+        second.close()
+        third_again.close()
 
 
 async def test_dropped_events_are_announced_before_the_next_event(daemon: Daemon) -> None:

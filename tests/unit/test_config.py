@@ -6,6 +6,7 @@ import copy
 import json
 import os
 import re
+import time
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,9 @@ import yaml
 
 from router.cli import main
 from router.config import (
+    MAX_ALIAS_NODES,
     MAX_REFERENCE_BYTES,
+    MAX_YAML_DEPTH,
     BatchConfig,
     Config,
     FileEndpointConfig,
@@ -695,6 +698,93 @@ def test_secret_references_may_live_in_a_readable_file(
     path.write_text(SECRET_CONFIG.replace("a-literal-token-value", '"${env:SIEM_TOKEN}"'))
     path.chmod(0o644)
     assert load_config(path).targets[0].id == "siem"
+
+
+# -- YAML that would hang or crash the loader ------------------------------------------------
+
+
+def alias_bomb(levels: int = 9) -> str:
+    """ "Billion laughs": each level lists the one before nine times, by alias."""
+    lines = ['x0: &x0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"x{n}: &x{n} [{', '.join([f'*x{n - 1}'] * 9)}]" for n in range(1, levels + 1)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        pytest.param(alias_bomb(), "aliases here expand to more than", id="alias-bomb"),
+        pytest.param(
+            "routes: &loop [*loop]\n", "alias *loop refers to a node that holds it", id="loop"
+        ),
+        pytest.param(
+            "targets: " + "[" * 10_000 + "]" * 10_000 + "\n",
+            f"nested deeper than {MAX_YAML_DEPTH} levels",
+            id="deep",
+        ),
+    ],
+)
+def test_check_refuses_yaml_that_would_hang_or_crash_the_loader_at_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, message: str
+) -> None:
+    # The alias bomb used to hold `check` at full CPU for minutes; the loop and the deep list
+    # ended in a RecursionError traceback.
+    path = tmp_path / "bomb.yaml"
+    path.write_text(text, encoding="utf-8")
+    started = time.monotonic()
+    with pytest.raises(SystemExit) as info:
+        main(["check", "--config", str(path)])
+    assert time.monotonic() - started < 1.0  # the issue's bound; the refusal takes microseconds
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{path}: 1 problem(s)" in err
+    assert "not valid YAML: " in err and message in err
+    assert f'in "{path}", line ' in err  # where, in the operator's own file
+
+
+def test_aliases_within_the_bound_load_as_if_written_out(tmp_path: Path) -> None:
+    path = tmp_path / "router.yaml"
+    path.write_text(
+        "targets:\n"
+        "  - {id: archive, target_type: file, file_endpoint: {path: /tmp/a.ndjson}}\n"
+        "routes:\n"
+        "  - name: us\n"
+        "    rules: [&to_archive {locations: [us-south], target_ids: [archive]}]\n"
+        "  - name: eu\n"
+        "    rules: [{<<: *to_archive, locations: [eu-de]}, *to_archive]\n",
+        encoding="utf-8",
+    )
+    written_out = minimal(
+        routes=[
+            {"name": "us", "rules": [{"locations": ["us-south"], "target_ids": ["archive"]}]},
+            {
+                "name": "eu",
+                "rules": [
+                    {"locations": ["eu-de"], "target_ids": ["archive"]},
+                    {"locations": ["us-south"], "target_ids": ["archive"]},
+                ],
+            },
+        ]
+    )
+    assert load_config(path) == parse_config(written_out)
+
+
+def test_aliases_are_bounded_in_all_not_one_by_one(tmp_path: Path) -> None:
+    # Each alias stays small, but together they repeat more than the bound allows.
+    many = MAX_ALIAS_NODES // 3 + 1
+    path = tmp_path / "router.yaml"
+    path.write_text("x: &pair [a, b]\ny: [" + ", ".join(["*pair"] * many) + "]\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert f"aliases here expand to more than {MAX_ALIAS_NODES} nodes" in info.value.problems[0]
+
+
+def test_bytes_in_flight_below_the_largest_body_is_a_problem() -> None:
+    data = minimal(server={"max_body_bytes": 2 * MiB, "max_body_bytes_in_flight": MiB})
+    assert problems_of(data) == [
+        f"server.max_body_bytes_in_flight: {MiB} is less than server.max_body_bytes "
+        f"({2 * MiB}), so a body of the largest size allowed could never be taken"
+    ]
 
 
 # -- what `check` questions ------------------------------------------------------------------

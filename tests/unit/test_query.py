@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from router.query import (
+    MAX_NESTING,
     And,
     Compare,
     Exists,
@@ -412,6 +413,35 @@ def test_bad_query_raises_query_error_at_the_column(query: str, column: int, mes
     assert caught.value.column == column, caught.value
     assert message in caught.value.message
     assert str(caught.value).startswith(f"column {column}: ")
+
+
+# -- nesting ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("opener", "closer"),
+    [("(", ")"), ("NOT ", ""), ("-", ""), ("(-", ")"), ("NOT (", ")")],
+    ids=["parentheses", "NOT", "minus", "parenthesis-minus", "NOT-parenthesis"],
+)
+def test_nesting_past_the_limit_is_a_query_error_at_the_column(opener: str, closer: str) -> None:
+    # 10,000 levels used to overflow the interpreter's stack (RecursionError, an HTTP 500).
+    text = opener * 10_000 + "outcome:success" + closer * 10_000
+    with pytest.raises(QueryError) as caught:
+        parse(text)
+    levels_per_opener = opener.count("(") + opener.count("NOT") + opener.count("-")
+    allowed_openers = MAX_NESTING // levels_per_opener
+    assert caught.value.column == len(opener) * allowed_openers + 1, caught.value
+    assert f"nested deeper than {MAX_NESTING} levels" in caught.value.message
+
+
+def test_nesting_up_to_the_limit_parses_and_matches() -> None:
+    half = MAX_NESTING // 2
+    text = "(NOT " * half + "outcome:success" + ")" * half
+    query = parse(text)
+    assert query.matches(EVENT) is (half % 2 == 0)
+    assert parse(str(query)) == query
+    # Siblings are not nesting: a long flat query is fine.
+    assert parse(" OR ".join(f"(id:{i})" for i in range(5000))).matches(EVENT) is False
 
 
 # -- printing --------------------------------------------------------------------------------

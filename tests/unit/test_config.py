@@ -737,7 +737,7 @@ def test_check_refuses_yaml_that_would_hang_or_crash_the_loader_at_once(
     assert time.monotonic() - started < 1.0  # the issue's bound; the refusal takes microseconds
     assert info.value.code == 2
     err = capsys.readouterr().err
-    assert f"{path}: 1 problem(s)" in err
+    assert f"{path}: 1 problem\n" in err
     assert "not valid YAML: " in err and message in err
     assert f'in "{path}", line ' in err  # where, in the operator's own file
 

@@ -140,7 +140,6 @@ class ManagementApi:
         self.daemon = daemon
         storage = Path(daemon.config.storage.path)
         self.meta = Metadata.load(storage / API_METADATA_FILE if daemon.source.path else None)
-        self._lock = asyncio.Lock()
 
     def routes(self, app: web.Application) -> None:
         add = app.router.add_route
@@ -270,7 +269,9 @@ class ManagementApi:
     ) -> Any:
         """Edit a copy of the config data, check it as `check` would, apply it through the
         reload path, persist it, and audit the change. Nothing changes if any step refuses."""
-        async with self._lock:
+        # The daemon's config lock, held from the copy to the write: a SIGHUP reload waiting
+        # for it applies on top of this edit, and this edit waits for a reload under way.
+        async with self.daemon.config_lock:
             source = self.daemon.source
             data = copy.deepcopy(source.data)
             saved = self.meta.snapshot()
@@ -280,7 +281,7 @@ class ManagementApi:
                 # In a thread: the config's own ${file:} references are read again, and a
                 # target's host may be looked up.
                 new = await asyncio.to_thread(self._check, source.data, data)
-                await self.daemon.reload(new, initiator=self._who(request), audit=False)
+                await self.daemon.apply(new, initiator=self._who(request), audit=False)
             except ConfigError as exc:
                 self.meta.restore(saved)
                 raise ApiError(400, "invalid_value", "; ".join(exc.problems), subject) from exc

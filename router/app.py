@@ -85,7 +85,11 @@ class Daemon:
         tls = config.server.tls
         self._ssl = server_context(tls) if tls is not None else None
         self._retiring: set[asyncio.Task[None]] = set()
-        self._reload_lock = asyncio.Lock()
+        # Held across every read-edit-apply of the running config: start-up, reloads (SIGHUP,
+        # reload.watch) and management API edits, so none of them sees another half done.
+        self.config_lock = asyncio.Lock()
+        # Targets a reload removed whose backlog is still being retired: shown until gone.
+        self._leaving: dict[str, TargetConfig] = {}
         self.tail = TailHub(
             max_clients=config.server.max_tail_clients,
             write_timeout_s=config.server.tail_write_timeout_s,
@@ -133,6 +137,12 @@ class Daemon:
         return int(self._runner.addresses[0][1])
 
     async def start(self) -> None:
+        # A reload asked for during start-up (SIGHUP, reload.watch) waits until it is done,
+        # then applies to the config start-up ran with.
+        async with self.config_lock:
+            await self._start()
+
+    async def _start(self) -> None:
         await self.journal.open()
         self.journal.on_orphan = self._retire_soon
         for target_id in sorted(self.journal.orphans):
@@ -218,6 +228,10 @@ class Daemon:
         )
 
     def _start_worker(self, target_config: TargetConfig) -> None:
+        """One worker per target, ever: two would read the same cursor and send every batch
+        twice, so a second one for a target that has a worker is refused."""
+        if target_config.id in self._tasks:
+            raise RuntimeError(f"target {target_config.id} already has a delivery worker")
         worker = DeliveryWorker(
             self.targets[target_config.id],
             target_config,
@@ -252,20 +266,26 @@ class Daemon:
     ) -> bool:
         """Load the config file and apply it; a config that fails to load or to apply leaves
         the running one in place, and says why (log line and audit event). True if applied.
-        `adjust` applies the command line's overrides, as at start."""
-        try:
-            # In a thread: ${file:} references are read from disk, and never on the event loop.
-            new, data = await asyncio.to_thread(load_config_and_data, path)
-            if adjust is not None:
-                new = adjust(new)
-            await self.reload(new, initiator=initiator)
-            self.source = ConfigSource(Path(path), data)
-        except ConfigError as exc:
-            log.error("config reload refused, still running the previous config: %s", exc)
-            if exc.source != "reload":  # plan refusals are audited and counted by reload()
-                self._count_reload("refused")
-                await self._audit_reload(self.config, None, None, initiator, str(exc))
-            return False
+        `adjust` applies the command line's overrides, as at start. The file is read under
+        config_lock, so an API edit waiting for the lock builds on what it applied."""
+        async with self.config_lock:
+            if not self.ready:  # start-up failed, or the daemon is stopping: nothing to apply to
+                log.warning("config reload skipped: the daemon is not running")
+                return False
+            try:
+                # In a thread: ${file:} references are read from disk, and never on the event
+                # loop.
+                new, data = await asyncio.to_thread(load_config_and_data, path)
+                if adjust is not None:
+                    new = adjust(new)
+                await self.apply(new, initiator=initiator)
+                self.source = ConfigSource(Path(path), data)
+            except ConfigError as exc:
+                log.error("config reload refused, still running the previous config: %s", exc)
+                if exc.source != "reload":  # plan refusals are audited and counted by apply()
+                    self._count_reload("refused")
+                    await self._audit_reload(self.config, None, None, initiator, str(exc))
+                return False
         return True
 
     async def reload(
@@ -275,14 +295,23 @@ class Daemon:
         change live; otherwise swap routes, settings and validation atomically for ingest, add
         and start new targets, restart changed ones (their backlog stays), and retire removed
         ones (delivered within the drain timeout, the rest dead-lettered target_removed)."""
-        async with self._reload_lock:
-            try:
-                plan = await self._reload(new, initiator, audit)
-            except ConfigError:
-                self._count_reload("refused")
-                raise
-            self._count_reload("applied")
-            return plan
+        async with self.config_lock:
+            return await self.apply(new, initiator=initiator, audit=audit)
+
+    async def apply(
+        self, new: Config, *, initiator: str = "signal", audit: bool = True
+    ) -> ReloadPlan:
+        """`reload` for a caller that already holds config_lock, because it built `new` from
+        the running config and nothing may change that in between (the management API)."""
+        if not self.config_lock.locked():
+            raise RuntimeError("Daemon.apply needs config_lock held")
+        try:
+            plan = await self._reload(new, initiator, audit)
+        except ConfigError:
+            self._count_reload("refused")
+            raise
+        self._count_reload("applied")
+        return plan
 
     def _count_reload(self, outcome: str) -> None:
         reloads = self.ingest_stats.reloads
@@ -314,6 +343,8 @@ class Daemon:
         for target_id in plan.added:
             await self.journal.add_target(target_id)
             self.target_stats[target_id] = TargetStats()
+        for target_id in plan.removed:
+            self._leaving[target_id] = old.target(target_id)
         # From here on every new request routes with the new table; requests that routed with
         # the old one have all reached the journal (or will, via its retired-target path).
         async with self.ingest.paused():
@@ -326,6 +357,7 @@ class Daemon:
         for target_id in plan.removed:
             await self._retire(target_id)
             self.target_stats.pop(target_id, None)
+            del self._leaving[target_id]
         for target_id, target in built.items():
             self.targets[target_id] = target
             try:
@@ -421,6 +453,11 @@ class Daemon:
                 counted(count, "pending event"),
             )
 
+    def _target_config(self, target_id: str) -> TargetConfig:
+        """A running target's config, or a removed one's while its backlog is retired."""
+        leaving = self._leaving.get(target_id)
+        return leaving if leaving is not None else self.config.target(target_id)
+
     def status(self) -> dict[str, Any]:
         """The books: ingest counters and, per target, received = delivered + dead + pending
         + lost (lost: what a damaged journal's salvage could not recover)."""
@@ -431,7 +468,7 @@ class Daemon:
             books = self.journal.books(target_id)
             oldest = books.oldest_received_at
             targets[target_id] = {
-                "target_type": self.config.target(target_id).target_type,
+                "target_type": self._target_config(target_id).target_type,
                 "received": books.received,
                 "delivered": books.delivered,
                 "dead_lettered": books.dead_lettered,
@@ -465,6 +502,7 @@ class Daemon:
                 "max_bytes": self.config.storage.max_bytes,
                 "quarantined_records": self.journal.quarantined,
                 "lost_records": self.journal.lost_records,
+                "checkpoint_errors": self.journal.checkpoint_errors,
             },
             "targets": targets,
         }

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 from collections.abc import Sequence
 
@@ -45,6 +46,9 @@ log = logging.getLogger(__name__)
 # When even the dead-letter file cannot be written (disk full), wait this long and try again:
 # the batch stays in the journal, nothing is acknowledged, nothing is lost.
 DEAD_LETTER_RETRY_S = 1.0
+# When the journal cannot record a settled batch (locked, disk full), wait this long and record
+# it again; the batch is never sent (or dead-lettered) a second time for it.
+ACK_RETRY_S = 1.0
 
 WORKER_RESTART_S = 1.0
 
@@ -168,8 +172,27 @@ class DeliveryWorker:
                 await self._dead_letter(entries, unsendable_failure(reason))
                 dead += len(entries)
             dead += await self._send_each_request(sendable)
-            await self.journal.ack(self.config.id, batch, dead_lettered=dead)
+            await self._ack(batch, dead)
             self.stats.worker_errors_in_a_row = 0
+
+    async def _ack(self, batch: Sequence[Entry], dead: int) -> None:
+        """Record the batch's known outcome, retrying until the journal takes it. Letting the
+        error restart the worker would read the batch again from the old cursor and send it
+        (and write its dead letters) a second time."""
+        while True:
+            try:
+                await self.journal.ack(self.config.id, batch, dead_lettered=dead)
+            except (sqlite3.Error, OSError) as exc:
+                log.error(
+                    "target %s: cannot record a settled batch of %d events in the journal (%s); "
+                    "retrying the record, not the send",
+                    self.config.id,
+                    len(batch),
+                    exc,
+                )
+                await asyncio.sleep(ACK_RETRY_S)
+                continue
+            return
 
     async def _send_each_request(self, sendable: Sequence[Entry]) -> int:
         """Send the batch in the requests the target cuts it into, each retried and settled on

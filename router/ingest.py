@@ -382,7 +382,7 @@ class Ingest:
                 return
             except JournalFullError:
                 if self.storage.when_full != "drop_oldest_per_target" or not await self._shed():
-                    raise
+                    break  # nothing shed, but a retire it waited for may have made room
         await self.journal.append(routed)
 
     async def _shed(self) -> int:

@@ -73,6 +73,9 @@ RETIRE_CHUNK = 1000
 FREE_PAGES_BEFORE_SHRINK = 4096
 SHRINK_STEP_PAGES = 1024
 SYNCHRONOUS = {"always": "FULL", "interval": "NORMAL", "never": "OFF"}
+# While the journal is unhealthy (a write failed), a small write is tried this often, so that
+# /readyz turns 200 again once the disk takes writes, without waiting for a producer.
+HEALTH_PROBE_S = 1.0
 
 
 class JournalFullError(RouterError):
@@ -164,11 +167,17 @@ class SqliteJournal:
         self._queue: list[_Pending] = []
         self._flusher: asyncio.Task[None] | None = None
         self._interval_syncer: asyncio.Task[None] | None = None
+        self._prober: asyncio.Task[None] | None = None
+        # Acks under way: shielded from a cancelled worker, awaited by close().
+        self._settling: set[asyncio.Task[None]] = set()
+        self._retire_locks: dict[str, asyncio.Lock] = {}
         self.used_bytes = 0
         self.quarantined = 0
         self._quarantined_seqs: set[int] = set()
         # Deliveries whose events did not survive a damaged file, summed over the books.
         self.lost_records = 0
+        self.checkpoint_errors = 0
+        # False from a failed write until the next successful one (/readyz answers 503).
         self.healthy = True
         # Targets the config no longer has but the journal still owes events: the caller
         # retires them (dead letters with reason target_removed) before anything else.
@@ -185,9 +194,11 @@ class SqliteJournal:
             )
 
     async def close(self) -> None:
-        if self._interval_syncer is not None:
-            self._interval_syncer.cancel()
-            await asyncio.gather(self._interval_syncer, return_exceptions=True)
+        for task in (self._interval_syncer, self._prober):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        await asyncio.gather(*self._settling, return_exceptions=True)
         if self._flusher is not None:
             await asyncio.gather(self._flusher, return_exceptions=True)
         if self._db is not None:
@@ -220,6 +231,30 @@ class SqliteJournal:
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def _write_failed(self) -> None:
+        """A write failed: unhealthy until a write succeeds, and one is tried every
+        HEALTH_PROBE_S meanwhile, since nothing else may write (no producer, no backlog)."""
+        self.healthy = False
+        if self._prober is None or self._prober.done():
+            self._prober = asyncio.create_task(self._probe_until_healthy(), name="journal-probe")
+
+    async def _probe_until_healthy(self) -> None:
+        while not self.healthy:
+            await asyncio.sleep(HEALTH_PROBE_S)
+            try:
+                await self._run(self._probe_sync)
+            except (sqlite3.Error, OSError) as exc:
+                log.debug("journal still not writable: %s", exc)
+                continue
+            self.healthy = True
+            log.info("journal %s is writable again", self.path)
+
+    def _probe_sync(self) -> None:
+        """A real write (a page of the books table rewritten to the WAL), changing nothing."""
+        if self._db is not None:
+            with _transaction(self._db) as db:
+                db.execute("UPDATE books SET received = received")
 
     def _connect(self, path: Path) -> sqlite3.Connection:
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -393,7 +428,7 @@ class SqliteJournal:
             try:
                 await self._run(self._write_sync, rows, deliveries, received)
             except Exception as exc:
-                self.healthy = False
+                self._write_failed()
                 log.exception("journal write failed")
                 for pending in group:
                     if not pending.done.done():
@@ -458,14 +493,27 @@ class SqliteJournal:
         self.used_bytes = (pages - free) * page_size
 
     async def _sync_every_interval(self) -> None:
-        """fsync: interval — commits reach the OS at once and the disk every interval."""
+        """fsync: interval — commits reach the OS at once and the disk every interval. A
+        checkpoint that fails (disk full, I/O error) is logged and counted, and the next
+        interval tries again: the commits are safe in the WAL meanwhile."""
         while True:
             await asyncio.sleep(self.config.fsync_interval_ms / 1000)
-            await self._run(self._checkpoint_sync)
+            try:
+                copied = await self._run(self._checkpoint_sync)
+            except (sqlite3.Error, OSError) as exc:
+                self.checkpoint_errors += 1
+                self._write_failed()
+                log.error("journal checkpoint failed (%s); trying again next interval", exc)
+                continue
+            if copied:  # pages reached the database file: it takes writes
+                self.healthy = True
 
-    def _checkpoint_sync(self) -> None:
-        if self._db is not None:
-            self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+    def _checkpoint_sync(self) -> int:
+        """How many WAL frames the checkpoint copied into the database file."""
+        if self._db is None:
+            return 0
+        _, _, copied = self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        return max(int(copied), 0)
 
     # -- read and settle -----------------------------------------------------------------------
 
@@ -545,13 +593,35 @@ class SqliteJournal:
         return Event.stored(event_id, bytes(body), received_at)
 
     async def ack(self, target_id: str, batch: Sequence[Entry], *, dead_lettered: int) -> None:
+        """Settle the batch. A caller cancelled meanwhile (a worker stopped at the drain
+        timeout) does not cancel the settling: once the commit may happen, the cursor and the
+        books in memory must follow it, or they would show the batch pending forever. Safe to
+        call again after it raised: a batch already settled is not counted twice."""
         if not batch:
             return
+        settling = asyncio.create_task(
+            self._settle(target_id, batch, dead_lettered), name=f"journal-ack:{target_id}"
+        )
+        self._settling.add(settling)
+        settling.add_done_callback(self._settled)
+        await asyncio.shield(settling)
+
+    def _settled(self, task: asyncio.Task[None]) -> None:
+        self._settling.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: the caller (if still waiting) handles it
+
+    async def _settle(self, target_id: str, batch: Sequence[Entry], dead_lettered: int) -> None:
         target = self._targets[target_id]
         last = batch[-1].seq
         delivered = len(batch) - dead_lettered
-        await self._run(self._ack_sync, target_id, batch[0].seq, last, delivered, dead_lettered)
-        target.cursor = last
+        try:
+            await self._run(self._ack_sync, target_id, batch[0].seq, last, delivered, dead_lettered)
+        except (sqlite3.Error, OSError):
+            self._write_failed()
+            raise
+        self.healthy = True
+        target.cursor = max(target.cursor, last)
         target.in_flight_through = 0
         target.in_flight_since = float("inf")
         target.books.pending -= len(batch)
@@ -566,12 +636,15 @@ class SqliteJournal:
         db = self._db
         assert db is not None
         with _transaction(db):
-            db.execute("DELETE FROM deliveries WHERE target = ? AND seq <= ?", (target_id, last))
-            db.execute(
-                "UPDATE books SET delivered = delivered + ?, dead_lettered = dead_lettered + ? "
-                "WHERE target = ?",
-                (delivered, dead_lettered, target_id),
-            )
+            settled = db.execute(
+                "DELETE FROM deliveries WHERE target = ? AND seq <= ?", (target_id, last)
+            ).rowcount
+            if settled:  # none: an earlier attempt committed, then failed after the commit
+                db.execute(
+                    "UPDATE books SET delivered = delivered + ?, dead_lettered = dead_lettered + ? "
+                    "WHERE target = ?",
+                    (delivered, dead_lettered, target_id),
+                )
             db.execute(
                 f"DELETE FROM events WHERE seq BETWEEN ? AND ? AND {self._unowned()}",
                 (first, last, *self._owners()),
@@ -606,31 +679,43 @@ class SqliteJournal:
     async def shed(self, target_id: str, count: int) -> AsyncIterator[list[Entry]]:
         """storage.when_full: drop_oldest_per_target. Yields the target's oldest `count`
         pending entries past the batch in flight; when the block ends without error (the caller
-        has written them as dead letters) they leave the journal, counted as dead-lettered."""
-        target = self._targets[target_id]
+        has written them as dead letters) they leave the journal, counted as dead-lettered.
+        Under the target's lock, which a retire holds too, so no row is dead-lettered twice."""
+        target = self._targets.get(target_id)
+        if target is None:  # retired meanwhile: nothing left to shed
+            yield []
+            return
         async with target.lock:
+            if self._targets.get(target_id) is not target:
+                # Retired while we waited; rows routed to it since belong to that retire.
+                yield []
+                return
             after = max(target.cursor, target.in_flight_through)
             entries = await self._run(self._read_sync, target_id, after, count)
             yield entries
             if entries:
                 seqs = [(target_id, entry.seq) for entry in entries]
-                await self._run(self._shed_sync, target_id, seqs)
-                target.books.pending -= len(entries)
-                target.books.dead_lettered += len(entries)
+                removed = await self._run(self._shed_sync, target_id, seqs)
+                target.books.pending -= removed
+                target.books.dead_lettered += removed
 
-    def _shed_sync(self, target_id: str, seqs: list[tuple[str, int]]) -> None:
+    def _shed_sync(self, target_id: str, seqs: list[tuple[str, int]]) -> int:
+        """Remove these delivery rows; the books move by the rows actually removed."""
         assert self._db is not None
         with _transaction(self._db) as db:
-            db.executemany("DELETE FROM deliveries WHERE target = ? AND seq = ?", seqs)
+            removed = db.executemany(
+                "DELETE FROM deliveries WHERE target = ? AND seq = ?", seqs
+            ).rowcount
             db.executemany(
                 f"DELETE FROM events WHERE seq = ? AND {self._unowned()}",
                 [(seq, *self._owners()) for _, seq in seqs],
             )
             db.execute(
                 "UPDATE books SET dead_lettered = dead_lettered + ? WHERE target = ?",
-                (len(seqs), target_id),
+                (removed, target_id),
             )
         self._update_size()
+        return max(removed, 0)
 
     async def add_target(self, target_id: str) -> None:
         """A target joins at run time (a config reload): it gets its books and a cursor."""
@@ -657,19 +742,33 @@ class SqliteJournal:
         """A target leaves (an orphan at start-up, or removed by a reload; its worker has
         stopped): hand everything still owed to it to `dead_letter`, a chunk at a time so a
         large backlog never sits in memory, drop it from the journal, and forget the target.
-        Returns how many events were dead-lettered."""
-        target = self._targets.get(target_id)
-        total = 0
-        while entries := await self._run(self._read_sync, target_id, 0, RETIRE_CHUNK):
-            await dead_letter(entries)
-            await self._run(self._shed_sync, target_id, [(target_id, e.seq) for e in entries])
-            total += len(entries)
-            if target is not None:
-                target.books.pending -= len(entries)
-                target.books.dead_lettered += len(entries)
-        self._targets.pop(target_id, None)
-        self.orphans.discard(target_id)
-        return total
+        Returns how many events were dead-lettered.
+
+        Each chunk is read, dead-lettered and removed under the target's lock, as a shed is,
+        so a full journal shedding this target meanwhile never takes the same rows; and one
+        retire at a time per target (a reload's and one for late rows routed just before it)."""
+        async with self._retire_lock(target_id):
+            target = self._targets.get(target_id)
+            lock = target.lock if target is not None else asyncio.Lock()
+            total = 0
+            while True:
+                async with lock:
+                    entries = await self._run(self._read_sync, target_id, 0, RETIRE_CHUNK)
+                    if not entries:
+                        break
+                    await dead_letter(entries)
+                    seqs = [(target_id, e.seq) for e in entries]
+                    removed = await self._run(self._shed_sync, target_id, seqs)
+                total += removed
+                if target is not None:
+                    target.books.pending -= removed
+                    target.books.dead_lettered += removed
+            self._targets.pop(target_id, None)
+            self.orphans.discard(target_id)
+            return total
+
+    def _retire_lock(self, target_id: str) -> asyncio.Lock:
+        return self._retire_locks.setdefault(target_id, asyncio.Lock())
 
     def _owners(self) -> tuple[str, ...]:
         """Every target that may still have delivery rows: configured ones and orphans."""
@@ -693,10 +792,13 @@ def _transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     db.execute("BEGIN IMMEDIATE")
     try:
         yield db
+        db.execute("COMMIT")
     except BaseException:
-        db.execute("ROLLBACK")
+        # A COMMIT that failed (busy, I/O error) leaves the transaction open: end it, or every
+        # later BEGIN on this connection would fail.
+        if db.in_transaction:
+            db.execute("ROLLBACK")
         raise
-    db.execute("COMMIT")
 
 
 def _copy_salvaged(aside: Path, fresh: sqlite3.Connection) -> dict[str, tuple[int, ...]]:

@@ -237,6 +237,11 @@ class DaemonCollector(Collector):
             "survive (the books count them as lost).",
             value=journal.lost_records,
         )
+        yield CounterMetricFamily(
+            "event_router_journal_checkpoint_errors",
+            "fsync: interval checkpoints that failed (each is tried again the next interval).",
+            value=journal.checkpoint_errors,
+        )
 
     def _auth(self) -> Iterable[Metric]:
         refusals = self.daemon.guard.refusals

@@ -3,6 +3,7 @@ them, against a real daemon: models, status codes, errors, masking, persistence,
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -20,7 +21,13 @@ from router.app import Daemon
 from router.config import parse_config
 from tests.conftest import StartDaemon
 from tests.fakes import make_event, read_ndjson, wait_for
-from tests.integration.test_delivery import ReceiverFactory, settled
+from tests.integration.test_delivery import (
+    ReceiverFactory,
+    assert_books_balance,
+    everything_to,
+    http_target,
+    settled,
+)
 from tests.integration.test_ingest import file_target
 
 ADMIN = "an-admin-token-for-the-api-0001"
@@ -270,6 +277,61 @@ async def test_validate_refreshes_write_status(
     assert status == 200
     assert target["write_status"]["status"] == "failed"
     assert "500" in target["write_status"]["reason_for_last_failure"]
+
+
+async def test_an_api_edit_during_a_sighup_reload_keeps_both_changes(
+    receiver_factory: ReceiverFactory, tmp_path: Path
+) -> None:
+    down = await receiver_factory([503])
+    path = tmp_path / "router.yaml"
+    stuck = http_target("down", down.url) | {"retry": {"max_attempts": 100_000, "max_age_s": 3600}}
+    data = {
+        "server": {"host": "127.0.0.1", "port": 0},
+        "storage": {"path": str(tmp_path / "var")},
+        "startup": {"validate_targets": False},
+        "shutdown": {"drain_timeout_s": 2},
+        "auth": auth(),
+        "targets": [file_target("archive", tmp_path / "archive.ndjson"), stuck],
+        "routes": everything_to("archive", "down"),
+    }
+    path.write_text(yaml.safe_dump(data))
+    path.chmod(0o600)
+    daemon = Daemon(parse_config(data), ConfigSource(path, data))
+    await daemon.start()
+    try:
+        await daemon.ingest.accept([make_event(id="held")])
+        await wait_for(lambda: len(down.requests) >= 1, what="the stuck target's first attempt")
+        # The file gains a target and changes the stuck one, whose worker holds the reload
+        # for the drain timeout: the API edit arrives meanwhile.
+        changed = stuck | {"retry": {"max_attempts": 100_000, "max_age_s": 3601}}
+        extra = file_target("extra", tmp_path / "extra.ndjson")
+        path.write_text(yaml.safe_dump(data | {"targets": [data["targets"][0], changed, extra]}))
+        reload = asyncio.create_task(daemon.reload_from(path))
+        await wait_for(
+            lambda: "extra" in {t.id for t in daemon.config.targets},
+            what="the reload to be under way",
+        )
+        assert not reload.done()
+        status, _ = await Client(daemon).call(
+            "PUT",
+            "/api/v2/settings",
+            {
+                "default_targets": ["archive"],
+                "metadata_region_primary": "us-south",
+                "private_api_endpoint_only": False,
+            },
+        )
+        assert status == 201
+        assert await reload is True
+        running = daemon.config
+        assert [t.id for t in running.targets] == ["archive", "down", "extra"]
+        assert running.settings.default_targets == ("archive",)
+        written = yaml.safe_load(path.read_text())
+        assert [t["id"] for t in written["targets"]] == ["archive", "down", "extra"]
+        assert written["settings"]["default_targets"] == ["archive"]
+        assert_books_balance(daemon)
+    finally:
+        await daemon.stop()
 
 
 async def test_secrets_in_target_urls_and_headers_reach_no_log_status_letter_or_answer(

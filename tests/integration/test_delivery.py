@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import sqlite3
 import stat
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,19 @@ def assert_books_balance(daemon: Daemon) -> None:
 
 def settled(daemon: Daemon) -> bool:
     return all(row["pending"] == 0 for row in daemon.status()["targets"].values())
+
+
+@contextmanager
+def journal_write_locked(storage: Path) -> Iterator[None]:
+    """Another process-like connection holds the journal's write lock (BEGIN IMMEDIATE) until
+    the block ends: every write of the daemon waits for it, up to SQLite's busy timeout."""
+    blocker = sqlite3.connect(storage / "journal.db", isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")
+        yield
+        blocker.execute("ROLLBACK")
+    finally:
+        blocker.close()
 
 
 async def test_503_503_200_delivers_once_after_two_retries(
@@ -277,6 +292,33 @@ async def test_file_target_rotates_by_size_with_private_modes(
     assert stat.S_IMODE((tmp_path / "archive").stat().st_mode) == 0o700
     lines = [e for f in present for e in read_ndjson(f)]
     assert len(lines) <= 20 and len(lines) == len({e["id"] for e in lines})
+
+
+async def test_a_failed_ack_is_retried_without_sending_the_batch_again(
+    start_daemon: StartDaemon, receiver_factory: ReceiverFactory, tmp_path: Path
+) -> None:
+    siem = await receiver_factory([0, 200], hang_s=1.0)
+    daemon = await start_daemon(
+        {"targets": [http_target("siem", siem.url)], "routes": everything_to("siem")}
+    )
+    _, body = await post(daemon, [make_event() for _ in range(3)])
+    ids = [r["id"] for r in body["results"]]
+    await wait_for(lambda: len(siem.requests) >= 1, what="the batch to be in flight")
+    # The receiver answers 200 while the journal cannot be written for longer than SQLite's
+    # busy timeout (5 s): the ack fails at least once.
+    with journal_write_locked(tmp_path / "var"):
+        await wait_for(
+            lambda: not daemon.journal.healthy or len(siem.requests) > 1,
+            timeout_s=30,
+            what="the ack to fail",
+        )
+    await wait_for(lambda: settled(daemon), timeout_s=30)
+    assert [e["id"] for e in siem.delivered_events] == ids, "the batch was sent exactly once"
+    assert len(siem.requests) == 1
+    row = daemon.status()["targets"]["siem"]
+    assert (row["received"], row["delivered"], row["dead_lettered"]) == (3, 3, 0)
+    assert daemon.journal.healthy, "the successful ack cleared the journal's unhealthy flag"
+    assert_books_balance(daemon)
 
 
 @pytest.mark.parametrize("status", [302, 307])

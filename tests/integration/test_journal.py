@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import sqlite3
 import sys
 from collections.abc import Awaitable, Callable
@@ -34,6 +35,7 @@ from tests.integration.test_delivery import (
     assert_books_balance,
     everything_to,
     http_target,
+    journal_write_locked,
     settled,
 )
 from tests.integration.test_ingest import file_target, post
@@ -479,3 +481,82 @@ async def test_a_journal_whose_books_page_is_gone_still_delivers_every_surviving
     await wait_for(lambda: settled(second), what="the surviving events to be delivered")
     assert sorted(e["id"] for e in siem.delivered_events) == sorted(f"e{i}" for i in range(50))
     assert_books_balance(second)
+
+
+async def readyz(daemon: Daemon) -> int:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{daemon.port}/readyz") as resp,
+    ):
+        return resp.status
+
+
+async def test_readyz_turns_200_when_the_journal_recovers_without_another_post(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    archive = tmp_path / "archive.ndjson"
+    daemon = await start_daemon(
+        {"targets": [file_target("archive", archive)], "routes": everything_to("archive")}
+    )
+    with journal_write_locked(tmp_path / "var"):
+        status, body = await post(daemon, make_event(id="refused"))
+        assert status == 503 and body["error"]["code"] == "journal_unavailable"
+        assert await readyz(daemon) == 503
+    # No producer posts again (a load balancer that obeys /readyz would not send one).
+
+    async def ready_again() -> bool:
+        return await readyz(daemon) == 200
+
+    await wait_for(ready_again, what="/readyz to turn 200 once the journal can be written")
+    status, _ = await post(daemon, make_event(id="after"))
+    assert status == 202
+    await wait_for(lambda: settled(daemon))
+    assert [e["id"] for e in read_ndjson(archive)] == ["after"]
+    assert_books_balance(daemon)
+
+
+async def test_a_failed_checkpoint_is_logged_and_the_interval_sync_carries_on(
+    start_daemon: StartDaemon,
+    receiver_factory: ReceiverFactory,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    down = await receiver_factory([503])
+    storage = {"path": str(tmp_path / "var"), "fsync": "interval", "fsync_interval_ms": 20}
+    daemon = await start_daemon(
+        {
+            "storage": storage,
+            "targets": [patient(http_target("down", down.url))],
+            "routes": everything_to("down"),
+            "shutdown": {"drain_timeout_s": 0.2},
+        }
+    )
+    for _ in range(100):
+        await post(daemon, [make_event(message="x" * 500) for _ in range(5)])
+    db = tmp_path / "var" / "journal.db"
+    reader = sqlite3.connect(db)
+    try:
+        reader.execute("PRAGMA wal_checkpoint(PASSIVE)")  # the backlog is in the file now
+    finally:
+        reader.close()
+    full = db.stat().st_size
+    # A file-size limit at the database's size (what a quota or a full disk does): new events
+    # still reach the WAL (written again from its start once all of it was checkpointed), but
+    # the checkpoint that would grow the database file fails.
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (full, limits[1]))
+    try:
+        status, _ = await post(daemon, [make_event(message="y" * 500) for _ in range(20)])
+        assert status == 202
+        await wait_for(
+            lambda: any("checkpoint failed" in r.getMessage() for r in caplog.records),
+            what="the failed checkpoint to be logged",
+        )
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+    assert daemon.status()["journal"]["checkpoint_errors"] >= 1
+    # The next interval checkpoints again: the new events reach the database file.
+    await wait_for(lambda: db.stat().st_size > full, what="a checkpoint after the failure")
+    assert any(r.levelno == logging.ERROR for r in caplog.records if "checkpoint" in r.getMessage())
+    assert daemon.status()["targets"]["down"]["pending"] == 520
+    assert_books_balance(daemon)

@@ -106,6 +106,7 @@ async def test_metrics_count_deliveries_retries_dead_letters_and_rejections(
     ) == len(ok.requests)
     assert value(samples, "event_router_journal_used_bytes") > 0
     assert value(samples, "event_router_journal_quarantined_records_total") == 0
+    assert value(samples, "event_router_journal_checkpoint_errors_total") == 0
     assert value(samples, "event_router_journal_healthy") == 1
     assert value(samples, "event_router_ready") == 1
 

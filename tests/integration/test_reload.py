@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -14,15 +15,28 @@ import pytest
 import yaml
 
 from router.app import Daemon
-from router.config import parse_config
+from router.config import StorageConfig, parse_config
 from router.errors import ConfigError
+from router.events import Event
+from router.journal import SqliteJournal
 from tests.conftest import StartDaemon
-from tests.fakes import free_port, make_event, read_ndjson, reap, serve, terminate, wait_for
+from tests.fakes import (
+    free_port,
+    make_event,
+    read_ndjson,
+    ready,
+    reap,
+    serve,
+    spawn,
+    terminate,
+    wait_for,
+)
 from tests.integration.test_delivery import (
     ReceiverFactory,
     assert_books_balance,
     everything_to,
     http_target,
+    journal_write_locked,
     settled,
 )
 from tests.integration.test_ingest import file_target, post
@@ -330,6 +344,238 @@ async def test_a_reload_of_a_readable_file_with_a_secret_literal_is_refused(
     path.chmod(0o600)
     assert await daemon.reload_from(path) is True
     assert [t.id for t in daemon.config.targets] == ["archive", "siem"]
+
+
+async def status_books(port: int) -> dict[str, dict[str, Any]]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}/v1/status") as resp,
+    ):
+        assert resp.status == 200
+        targets: dict[str, dict[str, Any]] = (await resp.json())["targets"]
+        return targets
+
+
+def books_balance(targets: dict[str, dict[str, Any]]) -> bool:
+    return all(
+        row["received"] == row["delivered"] + row["dead_lettered"] + row["pending"]
+        for row in targets.values()
+    )
+
+
+async def orphan_backlog(storage: Path, target_id: str, count: int) -> None:
+    """A journal that owes `count` events to a target no config has (a previous run's), so
+    that the next start-up is busy retiring them for a while."""
+    journal = SqliteJournal(StorageConfig(path=str(storage), fsync="never"), [target_id])
+    await journal.open()
+    try:
+        for start in range(0, count, 5000):
+            await journal.append(
+                [
+                    (Event.from_body(make_event(id=f"orphan-{n}")), {target_id: "all"})
+                    for n in range(start, min(count, start + 5000))
+                ]
+            )
+    finally:
+        await journal.close()
+
+
+async def test_a_sighup_during_start_up_gives_each_target_one_worker(tmp_path: Path) -> None:
+    port = free_port()
+    files = ConfigFile(tmp_path, port)
+    files.write(extra=False)
+    await orphan_backlog(tmp_path / "var", "gone", 60_000)
+    letters = tmp_path / "var" / "deadletter" / "gone.ndjson"
+    proc = await spawn(files.path)
+    try:
+        # Start-up is retiring the orphan backlog: the port is not open yet.
+        await wait_for(lambda: letters.exists() and letters.stat().st_size > 0, timeout_s=30)
+        files.write(extra=True)
+        proc.send_signal(signal.SIGHUP)
+        assert not await ready(port), "start-up was still under way when SIGHUP came"
+        await wait_for(lambda: ready(port), timeout_s=30, what="the daemon to be ready")
+
+        async def extra_running() -> bool:
+            return "extra" in await status_targets(port)
+
+        await wait_for(extra_running, what="the reload to add the extra target")
+        ids = [f"e{n}" for n in range(1000)]
+        async with aiohttp.ClientSession() as session:
+            for start in range(0, len(ids), 100):
+                async with session.post(
+                    f"http://127.0.0.1:{port}/v1/events",
+                    json=[make_event(id=i) for i in ids[start : start + 100]],
+                ) as resp:
+                    assert resp.status == 202
+
+        def delivered_to_extra() -> list[str]:
+            wanted = set(ids)
+            return [e["id"] for e in read_ndjson(files.extra) if e["id"] in wanted]
+
+        await wait_for(lambda: set(delivered_to_extra()) == set(ids), timeout_s=30)
+
+        async def drained() -> bool:
+            return all(row["pending"] == 0 for row in (await status_books(port)).values())
+
+        extra = delivered_to_extra()
+        assert len(extra) == len(ids), f"{len(extra) - len(ids)} events delivered twice"
+        await wait_for(drained, timeout_s=30, what="delivery of every event")
+        books = await status_books(port)
+        assert books["extra"]["delivered"] == books["extra"]["received"]
+        assert books_balance(books), books
+        assert len(read_ndjson(letters)) == 60_000
+        assert await terminate(proc) == 0
+    finally:
+        await reap(proc)
+
+
+async def test_status_answers_while_a_removed_target_drains(
+    start_daemon: StartDaemon, receiver_factory: ReceiverFactory, tmp_path: Path
+) -> None:
+    down = await receiver_factory([503])
+    archive = tmp_path / "archive.ndjson"
+    daemon = await start_daemon(
+        {
+            "targets": [
+                http_target("down", down.url)
+                | {"retry": {"max_attempts": 100_000, "max_age_s": 3600}},
+                file_target("archive", archive),
+            ],
+            "routes": everything_to("down", "archive"),
+            "shutdown": {"drain_timeout_s": 2},
+        }
+    )
+    await post(daemon, [make_event(id=f"e{i}") for i in range(3)])
+    await wait_for(lambda: len(down.requests) >= 1)
+    reload = asyncio.create_task(
+        daemon.reload(
+            parse_config(
+                with_base(
+                    daemon,
+                    {
+                        "targets": [file_target("archive", archive)],
+                        "routes": everything_to("archive"),
+                    },
+                )
+            )
+        )
+    )
+    await wait_for(lambda: "down" not in {t.id for t in daemon.config.targets})
+    books = await status_books(daemon.port)  # the removed target drains for 2 s meanwhile
+    assert not reload.done()
+    assert books["down"]["target_type"] == "http" and books["down"]["pending"] == 3
+    assert books_balance(books)
+    await reload
+    books = await status_books(daemon.port)
+    assert "down" not in books and books_balance(books)
+    letters = read_ndjson(tmp_path / "var" / "deadletter" / "down.ndjson")
+    assert sorted(letter["event"]["id"] for letter in letters) == ["e0", "e1", "e2"]
+
+
+async def test_a_worker_stopped_during_its_ack_leaves_books_that_match_the_journal(
+    start_daemon: StartDaemon, receiver_factory: ReceiverFactory, tmp_path: Path
+) -> None:
+    siem = await receiver_factory([503])
+    patient = {"retry": {"max_attempts": 100_000, "max_age_s": 3600}}
+    daemon = await start_daemon(
+        {
+            "targets": [http_target("siem", siem.url) | patient],
+            "routes": everything_to("siem"),
+            "shutdown": {"drain_timeout_s": 0.2},
+        }
+    )
+    _, body = await post(daemon, [make_event() for _ in range(3)])
+    ids = [r["id"] for r in body["results"]]
+    await wait_for(lambda: len(siem.requests) >= 1)
+    stopped = daemon.workers["siem"]
+    with journal_write_locked(tmp_path / "var"):
+        siem.statuses = [200]
+        # The next attempt delivers; its ack then waits for the journal's write lock, and a
+        # reload that changes the target stops the worker there, at the drain timeout.
+        await wait_for(lambda: len(siem.delivered_events) == 3)
+        changed = http_target("siem", siem.url) | patient | {"batch": {"max_events": 50}}
+        await daemon.reload(
+            parse_config(
+                with_base(daemon, {"targets": [changed], "routes": everything_to("siem")})
+            ),
+            audit=False,
+        )
+        assert daemon.workers["siem"] is not stopped
+    # The ack commits once the lock is free; the cursor and books follow the commit.
+    await wait_for(lambda: settled(daemon), what="the books to show the batch settled")
+    assert [e["id"] for e in siem.delivered_events] == ids
+    row = daemon.status()["targets"]["siem"]
+    assert (row["received"], row["delivered"], row["pending"]) == (3, 3, 0)
+    assert_books_balance(daemon)
+
+
+async def test_a_shed_during_the_retire_of_a_removed_target_dead_letters_each_event_once(
+    start_daemon: StartDaemon, receiver_factory: ReceiverFactory, tmp_path: Path
+) -> None:
+    down = await receiver_factory([503])
+    archive = tmp_path / "archive.ndjson"
+    max_bytes = 1024 * 1024
+    storage = {
+        "path": str(tmp_path / "var"),
+        "max_bytes": max_bytes,
+        "when_full": "drop_oldest_per_target",
+    }
+    daemon = await start_daemon(
+        {
+            "storage": storage,
+            "targets": [
+                http_target("down", down.url)
+                | {
+                    "retry": {"max_attempts": 100_000, "max_age_s": 3600},
+                    "batch": {"max_events": 10},
+                },
+                file_target("archive", archive),
+            ],
+            "routes": everything_to("down", "archive"),
+            "shutdown": {"drain_timeout_s": 0},
+        }
+    )
+    accepted: list[str] = []
+    # Fill the journal: the stuck target's backlog holds every event, so it stays full.
+    while True:
+        await wait_for(lambda: daemon.journal.books("archive").pending == 0)
+        if daemon.journal.used_bytes >= max_bytes:
+            break
+        ids = [f"e{len(accepted) + i}" for i in range(50)]
+        status, _ = await post(daemon, [make_event(id=i, message="x" * 500) for i in ids])
+        assert status == 202
+        accepted += ids
+    removal = with_base(
+        daemon,
+        {
+            "storage": storage,
+            "targets": [file_target("archive", archive)],
+            "routes": everything_to("archive"),
+        },
+    )
+    letter_lock = daemon.dead_letters._lock("down")
+    # The stuck target's dead-letter file is busy (as during a redrive) while the reload retires
+    # the target and a producer's event needs room: both would take its oldest events.
+    async with daemon.dead_letters.take("down", lambda letter: False):
+        reload = asyncio.create_task(daemon.reload(parse_config(removal), audit=False))
+        await wait_for(
+            lambda: bool(letter_lock._waiters), what="the retire to wait for the dead-letter file"
+        )
+        shedding = asyncio.create_task(daemon.ingest.accept([make_event(id="late")]))
+        await asyncio.sleep(0)  # the shed starts (and, unguarded, reads the same oldest rows)
+    await reload
+    response = await shedding
+    assert response.status == 202
+    await wait_for(lambda: settled(daemon))
+    letters = Counter(
+        letter["event"]["id"]
+        for letter in read_ndjson(tmp_path / "var" / "deadletter" / "down.ndjson")
+    )
+    twice = [event_id for event_id, count in letters.items() if count > 1]
+    assert not twice, f"{len(twice)} events have two dead letters (a redrive sends them twice)"
+    assert set(letters) == set(accepted), "every event owed to the removed target has a letter"
+    assert [e["id"] for e in read_ndjson(archive)] == [*accepted, "late"]
+    assert_books_balance(daemon)
 
 
 async def test_a_reload_of_a_yaml_alias_bomb_is_refused_at_once(

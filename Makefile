@@ -6,8 +6,9 @@ CONFIG ?= config/router.yaml
 .PHONY: run test lint bench clean
 
 # `make run`: create .venv, install, start the daemon on the embedded default config.
+# Quiet: on a first run the daemon's own log lines are all that is printed.
 run: $(VENV)/.installed
-	$(BIN)/event-router serve --config $(CONFIG)
+	@$(BIN)/event-router serve --config $(CONFIG)
 
 # `make test`: create .venv, install with the test extras, run the whole suite.
 test: $(VENV)/.installed-test
@@ -22,13 +23,13 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python -m bench.load
 
 $(VENV)/.created:
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	touch $@
+	@$(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -m pip install --quiet --upgrade pip
+	@touch $@
 
 $(VENV)/.installed: pyproject.toml $(VENV)/.created
-	$(BIN)/python -m pip install --quiet -e .
-	touch $@
+	@$(BIN)/python -m pip install --quiet -e .
+	@touch $@
 
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.created
 	$(BIN)/python -m pip install --quiet -e ".[test]"

@@ -37,6 +37,7 @@ from router.events import Event
 from router.ingest import Ingest, error_response, json_response
 from router.journal import Entry, SqliteJournal
 from router.listener import ClientFaultLog, DeadlineSite
+from router.logformat import counted
 from router.metrics import IngestStats, TargetStats
 from router.probe import ProbeResult, probe
 from router.prometheus import CONTENT_TYPE, DaemonMetrics
@@ -183,13 +184,13 @@ class Daemon:
         await self._site.start()
         self.ready = True
         log.info(
-            "event-router %s ready on %s://%s:%d with %d targets and %d routes",
+            "event-router %s ready on %s://%s:%d with %s and %s",
             __version__,
             "https" if self._ssl else "http",
             server.host,
             self.port,
-            len(self.targets),
-            len(self.config.routes),
+            counted(len(self.targets), "target"),
+            counted(len(self.config.routes), "route"),
         )
 
     async def stop(self) -> None:
@@ -215,10 +216,10 @@ class Daemon:
         books = [self.journal.books(target_id) for target_id in self.targets]
         await self.journal.close()
         log.info(
-            "event-router stopped: this run: accepted %d events; all-time (the journal's books): "
+            "event-router stopped: this run: accepted %s; all-time (the journal's books): "
             "%d received, %d delivered, %d dead-lettered, %d lost; %d pending in the journal for "
             "the next start",
-            self.ingest_stats.accepted,
+            counted(self.ingest_stats.accepted, "event"),
             sum(b.received for b in books),
             sum(b.delivered for b in books),
             sum(b.dead_lettered for b in books),
@@ -365,11 +366,11 @@ class Daemon:
                 log.exception("target %s failed to start", target_id)
             self._start_worker(fresh[target_id])
         log.info(
-            "config reloaded: %d targets added, %d changed, %d removed; %d routes",
-            len(plan.added),
+            "config reloaded: %s added, %d changed, %d removed; %s",
+            counted(len(plan.added), "target"),
             len(plan.changed),
             len(plan.removed),
-            len(new.routes),
+            counted(len(new.routes), "route"),
         )
         if audit:
             await self._audit_reload(old, new, plan, initiator, None)
@@ -447,9 +448,9 @@ class Daemon:
         count = await self.journal.retire(target_id, dead_letter)
         if count:
             log.warning(
-                "target %s was removed from the config: %d pending events dead-lettered",
+                "target %s was removed from the config: %s dead-lettered",
                 target_id,
-                count,
+                counted(count, "pending event"),
             )
 
     def _target_config(self, target_id: str) -> TargetConfig:
@@ -523,12 +524,14 @@ class Daemon:
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await response.prepare(request)
 
-        def redrivable(letter: Letter) -> bool:
-            return wanted(letter) and not self.validator.validate(letter["event"])
+        def refuse(letter: Letter) -> str | None:
+            return "invalid_event" if self.validator.validate(letter["event"]) else None
 
-        async with self.dead_letters.take(target_id, redrivable) as taken:
+        async with self.dead_letters.take(target_id, wanted, refuse) as taken:
             total = len(taken.letters)
-            await response.write(orjson.dumps({"done": 0, "total": total}) + b"\n")
+            # What matched but stays in the file, by why, so the client can say so.
+            first = {"done": 0, "total": total, "skipped": taken.skipped}
+            await response.write(orjson.dumps(first) + b"\n")
             while taken.done < total:
                 chunk = taken.letters[taken.done : taken.done + REDRIVE_CHUNK]
                 await self.journal.append(
@@ -539,7 +542,7 @@ class Daemon:
                 )
                 taken.done += len(chunk)
                 await response.write(orjson.dumps({"done": taken.done, "total": total}) + b"\n")
-        log.info("target %s: %d dead letters redriven", target_id, total)
+        log.info("target %s: %s redriven", target_id, counted(total, "dead letter"))
         await response.write_eof()
         return response
 

@@ -54,6 +54,7 @@ from aiohttp.typedefs import Handler
 
 from router.config import AuthConfig, RefusalEventsConfig, ServerConfig, TokenConfig
 from router.events import crn_service
+from router.logformat import counted
 from router.selfevent import clip, instance_crn, router_event
 from router.validation import Problem
 
@@ -289,8 +290,9 @@ def summary_event(total: int, by_address: Counter[str]) -> dict[str, Any]:
     busiest = dict(by_address.most_common(SUMMARY_CLIENTS))
     body = router_event(
         action=LOGIN_ACTION,
-        message=f"event-router: {total} more refused attempts from {len(by_address)} "
-        "addresses, not recorded one by one (rate limit)",
+        message=f"event-router: {counted(total, 'more refused attempt')} from "
+        f"{counted(len(by_address), 'address', 'addresses')}, not recorded one by one "
+        "(rate limit)",
         target={
             "id": instance_crn(":"),
             "name": "event-router",

@@ -1,8 +1,11 @@
 """The command line: `event-router serve | check | validate-target | dlq | ...`.
 The only place that calls asyncio.run() and sys.exit().
 
-Exit codes: 0 success, 1 runtime failure, 2 a config that cannot be used (or a storage.path
-another daemon holds).
+Exit codes, the same for every command (EXIT_CODES, shown in every --help): 0 done, 1 failed
+(nothing could be done: a port in use, a daemon out of reach, a target that fails its test
+write, letters none of which can be redriven), 2 a usage or config error (argparse's own code:
+an unknown option or target, a bad query, time or count, a config that does not load, a
+storage.path another daemon holds).
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from router import __version__
+from router.completion import SHELLS, script
 from router.config import Config, config_warnings, load_config_and_data
 from router.errors import ConfigError, StorageLockedError
-from router.logformat import setup_logging
+from router.logformat import counted, setup_logging
 from router.resources import default_config_path
 from router.sdnotify import notify
 
@@ -31,6 +35,34 @@ log = logging.getLogger("router")
 EXIT_RUNTIME = 1
 EXIT_CONFIG = 2
 TOKEN_ENV = "EVENT_ROUTER_TOKEN"
+EXIT_CODES = """\
+exit codes (every command):
+  0  done (a search or a redrive that matches nothing is done too)
+  1  failed: nothing could be done (a port in use, the daemon out of reach, a target that
+     fails its test write, dead letters none of which can be redriven)
+  2  usage or config error: an unknown option or target, a bad query, time or count,
+     a config that does not load or does not pass check, a storage.path another daemon holds"""
+
+
+def _positive_count(text: str) -> int:
+    """--limit: a count of at least 1; anything else is a usage error (exit 2), not a silent
+    empty answer."""
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a count of 1 or more")
+    return count
+
+
+def _command(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], name: str, text: str
+) -> argparse.ArgumentParser:
+    """A sub-command whose --help ends with the exit codes, like the top-level --help."""
+    return commands.add_parser(
+        name, help=text, epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
 
 
 def _config_option(parser: argparse.ArgumentParser, what: str = "YAML config") -> None:
@@ -54,33 +86,46 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="event-router",
         description="Validate, route and deliver IBM Cloud Activity Tracker audit events.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"event-router {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="run the daemon")
+    serve = _command(commands, "serve", "run the daemon")
     _config_option(serve)
     serve.add_argument("--host", help="listen on this address instead of server.host")
     serve.add_argument("--port", type=int, help="listen on this port instead of server.port")
-    serve.add_argument("--log-format", choices=["json", "text"], default="json")
-    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    serve.add_argument(
+        "--log-format",
+        choices=["json", "text"],
+        default="json",
+        help="log lines on stderr as JSON objects (for journald and log shippers) or as "
+        "plain text (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        default="info",
+        help="the least severe level logged (default: %(default)s)",
+    )
 
-    check = commands.add_parser(
-        "check", help="validate a config exactly as serve would; exit 0 only when clean"
+    check = _command(
+        commands, "check", "validate a config exactly as serve would; exit 0 only when clean"
     )
     _config_option(check)
-    validate = commands.add_parser(
-        "validate-target", help="send one real test event to a target and report the outcome"
+    validate = _command(
+        commands, "validate-target", "send one real test event to a target and report the outcome"
     )
     _config_option(validate)
     validate.add_argument("target_id", metavar="ID", help="the target's id")
 
-    dlq = commands.add_parser("dlq", help="dead letters: list, show, redrive")
+    dlq = _command(commands, "dlq", "dead letters: list, show, redrive")
     dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
-    dlq_list = dlq_commands.add_parser("list", help="letters per target, by reason")
-    dlq_show = dlq_commands.add_parser("show", help="print a target's letters")
-    dlq_redrive = dlq_commands.add_parser(
-        "redrive", help="put a target's letters back on the journal, for that target only"
+    dlq_list = _command(dlq_commands, "list", "letters per target, by reason")
+    dlq_show = _command(dlq_commands, "show", "print a target's letters")
+    dlq_redrive = _command(
+        dlq_commands, "redrive", "put a target's letters back on the journal, for that target only"
     )
     for sub in (dlq_list, dlq_show, dlq_redrive):
         _config_option(sub)
@@ -92,18 +137,29 @@ def build_parser() -> argparse.ArgumentParser:
             help="only letters whose last attempt is at or after this "
             "ISO 8601 time, e.g. 2026-11-24T10:00:00Z",
         )
-    dlq_show.add_argument("--limit", type=int, help="at most this many letters")
-    dlq_show.add_argument("--format", choices=["ndjson", "table"], default="table")
+    dlq_show.add_argument("--limit", type=_positive_count, help="at most this many letters")
+    dlq_show.add_argument(
+        "--format",
+        choices=["ndjson", "table"],
+        default="table",
+        help="the letters as JSON lines or a readable table (default: %(default)s)",
+    )
     dlq_redrive.add_argument("--url", help="the daemon's base URL (default: from the config)")
     _token_option(dlq_redrive)
     _add_query_command(commands)
     _add_tail_command(commands)
+    completion = _command(
+        commands,
+        "completion",
+        "print a shell completion script: source <(event-router completion bash)",
+    )
+    completion.add_argument("shell", choices=SHELLS, help="the shell to complete in")
     return parser
 
 
 def _add_query_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    query = commands.add_parser(
-        "query", help="search file-target archives (rotated and gzipped too) with a query"
+    query = _command(
+        commands, "query", "search file-target archives (rotated and gzipped too) with a query"
     )
     query.add_argument("query", metavar="QUERY", help="e.g. 'host:secrets-manager outcome:failure'")
     query.add_argument(
@@ -115,8 +171,15 @@ def _add_query_command(commands: argparse._SubParsersAction[argparse.ArgumentPar
     )
     query.add_argument("--since", help="eventTime at or after this ISO 8601 time")
     query.add_argument("--until", help="eventTime before this ISO 8601 time")
-    query.add_argument("--limit", type=int, help="at most this many events (the oldest first)")
-    query.add_argument("--format", choices=["ndjson", "table"], default="ndjson")
+    query.add_argument(
+        "--limit", type=_positive_count, help="at most this many events (the oldest first)"
+    )
+    query.add_argument(
+        "--format",
+        choices=["ndjson", "table"],
+        default="ndjson",
+        help="the archived lines as they are, or a summary table (default: %(default)s)",
+    )
     query.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
@@ -126,23 +189,27 @@ def _add_query_command(commands: argparse._SubParsersAction[argparse.ArgumentPar
 
 
 def _add_tail_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    tail = commands.add_parser("tail", help="follow the accepted events that match a query")
+    tail = _command(commands, "tail", "follow the accepted events that match a query")
     tail.add_argument("query", metavar="QUERY", nargs="?", default="", help="default: every event")
     _config_option(tail, "YAML config, for the daemon's address")
     tail.add_argument("--url", help="the daemon's base URL (default: from the config)")
-    tail.add_argument("--limit", type=int, help="stop after this many events")
+    tail.add_argument("--limit", type=_positive_count, help="stop after this many events")
     _token_option(tail)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "completion":
+        print(script(parser, args.shell), end="")
+        return
     if args.command == "query":
         sys.exit(_query(args))
     config_path = args.config or default_config_path()
     try:
         config, data = load_config_and_data(config_path)
     except ConfigError as exc:
-        print(f"{exc.source}: {len(exc.problems)} problem(s)", file=sys.stderr)
+        print(f"{exc.source}: {counted(len(exc.problems), 'problem')}", file=sys.stderr)
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
@@ -156,8 +223,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         for warning in config_warnings(config):
             print(f"warning: {warning}", file=sys.stderr)
         print(
-            f"{config_path}: OK ({len(config.targets)} targets, {len(config.routes)} routes, "
-            f"{len(config.settings.default_targets)} default targets)"
+            f"{config_path}: OK ({counted(len(config.targets), 'target')}, "
+            f"{counted(len(config.routes), 'route')}, "
+            f"{counted(len(config.settings.default_targets), 'default target')})"
         )
         return
 
@@ -270,7 +338,8 @@ async def _serve(
         await daemon.start()
         # READY=1 exactly when /readyz turns 200: systemd starts dependent units only then.
         notify(
-            "READY=1", f"STATUS=serving on port {daemon.port} with {len(daemon.targets)} targets"
+            "READY=1",
+            f"STATUS=serving on port {daemon.port} with {counted(len(daemon.targets), 'target')}",
         )
         await stop.wait()
         log.info("stop requested; draining")
@@ -341,6 +410,10 @@ def _tail(args: argparse.Namespace, config: Config) -> int:
     url = args.url or f"http://{config.server.host}:{config.server.port}"
     try:
         token = admin_token(args.token_file)
+    except OSError as exc:
+        print(f"cannot read the token file: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
         return asyncio.run(follow(url, args.query, limit=args.limit, token=token))
     except KeyboardInterrupt:
         return 0  # Ctrl-C is how a tail ends

@@ -323,7 +323,9 @@ class StartupConfig:
     """What the daemon checks as it starts."""
 
     # Send each target one real test event (event-router.target.validate) before its backlog.
-    validate_targets: bool = True
+    # Off by default, as atracker validates on request (`event-router validate-target`, the
+    # API's validate): on every start it would put a synthetic event at the top of archives.
+    validate_targets: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -706,6 +708,7 @@ def _build(data: Mapping[str, Any], problems: list[str]) -> Config:
     targets = []
     for i, raw in enumerate(data.get("targets") or []):
         key, endpoint_cls = ENDPOINTS[raw["target_type"]]
+        before = len(problems)
         endpoint = {
             name: _resolve_all(value, f"targets[{i}].{key}.{name}", problems)
             for name, value in raw[key].items()
@@ -715,10 +718,15 @@ def _build(data: Mapping[str, Any], problems: list[str]) -> Config:
                 endpoint[name] = _section(section_cls, endpoint[name])
         problems.extend(_header_problems(endpoint, f"targets[{i}].{key}"))
         signing = endpoint.get("signing")
-        if isinstance(signing, SigningConfig) and len(signing.secret) < MIN_SIGNING_SECRET:
-            problems.append(
-                f"targets[{i}].{key}.signing.secret: at least {MIN_SIGNING_SECRET} characters"
-            )
+        where = f"targets[{i}].{key}.signing.secret"
+        # A reference that did not resolve is reported once, as such, not also as too short.
+        unresolved = any(p.startswith(f"{where}: ") for p in problems[before:])
+        if (
+            isinstance(signing, SigningConfig)
+            and not unresolved
+            and len(signing.secret) < MIN_SIGNING_SECRET
+        ):
+            problems.append(f"{where}: at least {MIN_SIGNING_SECRET} characters")
         targets.append(
             TargetConfig(
                 id=raw["id"],

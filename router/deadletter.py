@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -70,6 +70,14 @@ def parse_since(text: str) -> datetime:
     return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
+def unredrivable(letter: Letter) -> str | None:
+    """Why a letter can never be redriven (its reason, or `unreadable_line`); None if it can."""
+    if "event" not in letter:
+        return str(letter.get("reason", "unreadable_line"))
+    reason = letter.get("reason")
+    return str(reason) if reason in UNREDRIVABLE_REASONS else None
+
+
 def read_letters(path: Path) -> Iterator[Letter]:
     """Every letter of a dead-letter file; a line that is not JSON is reported, not skipped."""
     try:
@@ -92,10 +100,12 @@ def read_letters(path: Path) -> Iterator[Letter]:
 
 @dataclass(slots=True)
 class Taken:
-    """Letters taken out for a redrive, and how many of them are back on the journal."""
+    """Letters taken out for a redrive, and how many of them are back on the journal; and,
+    by why, the letters that matched but cannot be redriven (they stay in the file)."""
 
     letters: list[Letter]
     done: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
 
 
 class DeadLetters:
@@ -143,22 +153,29 @@ class DeadLetters:
         self.written[key] = self.written.get(key, 0) + len(entries)
 
     @asynccontextmanager
-    async def take(self, target_id: str, wanted: Callable[[Letter], bool]) -> AsyncIterator[Taken]:
-        """Yield the wanted, redrivable letters. The caller counts in `done` those it has put
-        back on the journal, in order; at the end of the block, even on error, the file is
-        rewritten without them. New letters wait meanwhile, so none is lost in the rewrite."""
+    async def take(
+        self,
+        target_id: str,
+        wanted: Callable[[Letter], bool],
+        refuse: Callable[[Letter], str | None] = lambda _: None,
+    ) -> AsyncIterator[Taken]:
+        """Yield the wanted, redrivable letters (`refuse` may name why one is not; its count
+        goes to `skipped`, as do letters without an event). The caller counts in `done` those
+        it has put back on the journal, in order; at the end of the block, even on error, the
+        file is rewritten without them. New letters wait meanwhile, so none is lost in the
+        rewrite."""
         async with self._lock(target_id):
             path = self.path(target_id)
             letters = await asyncio.to_thread(lambda: list(read_letters(path)))
-            taken = Taken(
-                [
-                    letter
-                    for letter in letters
-                    if "event" in letter
-                    and letter.get("reason") not in UNREDRIVABLE_REASONS
-                    and wanted(letter)
-                ]
-            )
+            taken = Taken([])
+            for letter in letters:
+                if not wanted(letter):
+                    continue
+                why = unredrivable(letter) or refuse(letter)
+                if why is None:
+                    taken.letters.append(letter)
+                else:
+                    taken.skipped[why] = taken.skipped.get(why, 0) + 1
             try:
                 yield taken
             finally:

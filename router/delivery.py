@@ -36,6 +36,7 @@ from router.errors import (
     UnexpectedDeliveryError,
 )
 from router.journal import Entry, Journal
+from router.logformat import counted
 from router.metrics import TargetStats
 from router.probe import probe
 from router.targets import Target
@@ -269,11 +270,11 @@ class DeliveryWorker:
             if isinstance(exc, UnexpectedDeliveryError):
                 reason = "unexpected_error"
             log.warning(
-                "target %s: %d events dead-lettered (%s) after %d attempts: %s",
+                "target %s: %s dead-lettered (%s) after %s: %s",
                 self.config.id,
-                len(batch),
+                counted(len(batch), "event"),
                 reason,
-                attempts,
+                counted(attempts, "attempt"),
                 message,
             )
             return Failure(

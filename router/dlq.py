@@ -18,8 +18,17 @@ import orjson
 
 from router.config import Config
 from router.deadletter import LetterFilter, read_letters
+from router.logformat import counted
 
 TABLE_COLUMNS = ("last_attempt_at", "reason", "status", "event_id", "action", "route")
+# Why letters the daemon skipped in a redrive stay where they are (the daemon names the why).
+SKIPPED_BECAUSE = {
+    "journal_corrupt": "the journal record failed its checksum, so there is no event to send",
+    "invalid_event": "the event does not pass the daemon's validation now",
+    "unreadable_line": "the line in the dead-letter file is not JSON",
+}
+# Answers of the daemon that mean the command was wrong, not that the redrive failed.
+USAGE_REFUSALS = frozenset({"unknown_target", "bad_filter"})
 
 
 def deadletter_dir(config: Config) -> Path:
@@ -59,12 +68,23 @@ def show_letters(
     fmt: str,
     out: TextIO | None = None,
 ) -> int:
-    """The target's letters that match, as NDJSON or a readable table."""
+    """The target's letters that match, as NDJSON or a readable table. A target that is
+    neither in the config nor has a dead-letter file (a removed target's letters still show)
+    is a usage error: exit 2."""
     out = out or sys.stdout
+    path = deadletter_dir(config) / f"{target_id}.ndjson"
+    known = [t.id for t in config.targets]
+    if target_id not in known and not path.exists():
+        print(
+            f"no target {target_id!r} in the config and no dead letters for it "
+            f"(targets: {', '.join(known) or 'none'})",
+            file=sys.stderr,
+        )
+        return 2
     shown = 0
     if fmt == "table":
         print("  ".join(f"{c:<24}" for c in TABLE_COLUMNS).rstrip(), file=out)
-    for letter in read_letters(deadletter_dir(config) / f"{target_id}.ndjson"):
+    for letter in read_letters(path):
         if not wanted(letter):
             continue
         if limit is not None and shown >= limit:
@@ -75,7 +95,7 @@ def show_letters(
         else:
             print(orjson.dumps(letter).decode(), file=out)
     if fmt == "table":
-        print(f"({shown} letters)", file=out)
+        print(f"({counted(shown, 'letter')})", file=out)
     return 0
 
 
@@ -97,7 +117,8 @@ async def redrive(
     err: TextIO | None = None,
 ) -> int:
     """Ask the daemon to redrive (with an admin token when it has auth on); draw its
-    progress. Exit code 0 when it finished."""
+    progress. Exit code 0 when it finished (nothing matching is nothing to do), 1 when it
+    failed or when letters matched but none could be redriven, 2 for an unknown target."""
     err = err or sys.stderr
     scheme = "https" if config.server.tls else "http"
     base = url or f"{scheme}://{config.server.host}:{config.server.port}"
@@ -105,6 +126,7 @@ async def redrive(
     if query:
         endpoint += "?" + urlencode(query)
     done = total = 0
+    skipped: dict[str, int] = {}
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
         async with (
@@ -114,20 +136,39 @@ async def redrive(
             if resp.status != 200:
                 body = await resp.json(content_type=None)
                 print(f"redrive refused: {resp.status} {body['error']['message']}", file=err)
-                return 1
+                return 2 if body["error"].get("code") in USAGE_REFUSALS else 1
             async for line in resp.content:
                 if line.strip():
                     progress = orjson.loads(line)
                     done, total = progress["done"], progress["total"]
-                    draw_progress(done, total, err)
+                    skipped = progress.get("skipped", skipped)
+                    if total:
+                        draw_progress(done, total, err)
     except aiohttp.ClientError as exc:
         print(f"cannot reach the daemon at {base}: {exc}", file=err)
         return 1
-    print(file=err)
+    if total:
+        print(file=err)
     if done < total:
-        print(f"redrive stopped after {done} of {total} letters", file=err)
+        print(f"redrive stopped after {done} of {counted(total, 'letter')}", file=err)
         return 1
-    print(f"redrove {done} dead letters of target {target_id} back onto the journal", file=err)
+    for why, count in sorted(skipped.items()):
+        because = SKIPPED_BECAUSE.get(why, "it cannot be redriven")
+        print(f"{counted(count, 'letter')} left in the file, {why}: {because}", file=err)
+    if not total:
+        if skipped:
+            print(
+                f"nothing redriven: none of the matching letters of target {target_id} "
+                "can be redriven",
+                file=err,
+            )
+            return 1
+        print(f"no dead letters of target {target_id} match; nothing to redrive", file=err)
+        return 0
+    print(
+        f"redrove {counted(done, 'dead letter')} of target {target_id} back onto the journal",
+        file=err,
+    )
     return 0
 
 

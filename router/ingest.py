@@ -37,6 +37,7 @@ from router.errors import RequestError, RouterError
 from router.events import Event
 from router.journal import Journal, JournalFullError
 from router.limits import exact_numbers, may_alter_numbers, number_problems, shape_problems
+from router.logformat import counted
 from router.metrics import IngestStats
 from router.redaction import Redactor
 from router.routing import RouteTable
@@ -358,7 +359,9 @@ class Ingest:
         self.stats.rejected += len(items) - accepted
         if forbidden and caller is not None and self.refusals is not None:
             await self.refusals.record(
-                caller, 403, f"{forbidden} events of a service the token may not send for"
+                caller,
+                403,
+                f"{counted(forbidden, 'event')} of a service the token may not send for",
             )
         body = {"accepted": accepted, "rejected": len(items) - accepted, "results": results}
         return json_response(body, status=202 if accepted else 400)
@@ -392,9 +395,8 @@ class Ingest:
             if entries:
                 self.stats.dropped_buffer_full += len(entries)
                 log.warning(
-                    "journal full: the %d oldest events of target %s dead-lettered "
-                    "(dropped_buffer_full)",
-                    len(entries),
+                    "journal full: the oldest %s of target %s dead-lettered (dropped_buffer_full)",
+                    counted(len(entries), "event"),
                     target_id,
                 )
                 return len(entries)
@@ -429,18 +431,26 @@ def reserved_action(item: dict[str, Any]) -> list[Problem]:
 
 
 def decode(body: bytes, content_type: str) -> list[Any]:
-    """The events in a body: a list for a JSON array or NDJSON, a one-item list for an object."""
+    """The events in a body: a list for a JSON array or NDJSON, a one-item list for an object.
+    An empty (or all-whitespace) body holds no event: the caller answers `no_events`."""
     if content_type in NDJSON_TYPES:
         suspect = may_alter_numbers(body)
-        return [_decode_line(number, line, suspect) for number, line in _lines(body)]
+        return [_decode_line(number, start, line, suspect) for number, start, line in _lines(body)]
     try:
         value = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise RequestError(
-            400,
-            "malformed_json",
-            f"invalid JSON at line {exc.lineno} column {exc.colno} (byte {exc.pos}): {exc.msg}",
-        ) from exc
+        if not body.strip():
+            return []
+        if utf8 := _utf8_error(body):
+            offset, reason = utf8
+            line = body.count(b"\n", 0, offset) + 1
+            column = offset - (body.rfind(b"\n", 0, offset) + 1) + 1
+            message = f"invalid UTF-8 at line {line} column {column} (byte {offset}): {reason}"
+        else:
+            message = (
+                f"invalid JSON at line {exc.lineno} column {exc.colno} (byte {exc.pos}): {exc.msg}"
+            )
+        raise RequestError(400, "malformed_json", message) from exc
     exact = exact_numbers(body) if may_alter_numbers(body) else None
     if isinstance(value, list):
         if isinstance(exact, list) and len(exact) == len(value):
@@ -459,17 +469,42 @@ def _faithful(item: Any, exact: Any) -> Any:
     return Altered(problems, item_id if isinstance(item_id, str) else None)
 
 
-def _lines(body: bytes) -> list[tuple[int, bytes]]:
-    return [(n, line) for n, line in enumerate(body.split(b"\n"), start=1) if line.strip()]
+def _lines(body: bytes) -> list[tuple[int, int, bytes]]:
+    """(line number, offset of its first byte in the body, line) for each non-blank line."""
+    lines = []
+    start = 0
+    for number, line in enumerate(body.split(b"\n"), start=1):
+        if line.strip():
+            lines.append((number, start, line))
+        start += len(line) + 1
+    return lines
 
 
-def _decode_line(number: int, line: bytes, suspect: bool) -> Any:
-    """One NDJSON line; `suspect`: the body may hold a number decoding would change."""
+def _decode_line(number: int, start: int, line: bytes, suspect: bool) -> Any:
+    """One NDJSON line, which starts at byte `start` of the body; `suspect`: the body may hold
+    a number decoding would change."""
     try:
         item = orjson.loads(line)
     except orjson.JSONDecodeError as exc:
+        if utf8 := _utf8_error(line):
+            offset, reason = utf8
+            return Malformed(
+                f"line {number}: invalid UTF-8 at column {offset + 1} "
+                f"(byte {start + offset}): {reason}"
+            )
         return Malformed(f"line {number}: invalid JSON at column {exc.colno}: {exc.msg}")
     return _faithful(item, exact_numbers(line) if suspect and may_alter_numbers(line) else None)
+
+
+def _utf8_error(data: bytes) -> tuple[int, str] | None:
+    """Where `data` stops being UTF-8, and why; None when it is UTF-8. orjson refuses such
+    input as a whole, at "byte 0" with a message about surrogates, so a producer would never
+    find the byte; Python's decoder names it. Only called once orjson has refused the data."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return exc.start, str(exc.reason)
+    return None
 
 
 def inflate(body: bytes, max_bytes: int) -> bytes:

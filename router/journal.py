@@ -44,6 +44,7 @@ from router.appendfile import make_private_dirs
 from router.config import JOURNAL_FILE, JOURNAL_LOCK_FILE, StorageConfig
 from router.errors import RouterError, StorageLockedError
 from router.events import Event
+from router.logformat import counted
 from router.salvage import BooksRow, DeliveryRow, EventRow, scan
 
 log = logging.getLogger(__name__)
@@ -288,9 +289,9 @@ class SqliteJournal:
         self._update_size()
         pending = sum(t.books.pending for t in self._targets.values())
         log.info(
-            "journal %s opened: %d pending deliveries, %d bytes",
+            "journal %s opened: %s, %d bytes",
             self.path,
-            pending,
+            counted(pending, "pending delivery", "pending deliveries"),
             self.used_bytes,
         )
 
@@ -336,9 +337,9 @@ class SqliteJournal:
         finally:
             fresh.close()
         log.error(
-            "journal salvage: %d deliveries recovered from %s, %d lost (their records did not "
+            "journal salvage: %s recovered from %s, %d lost (their records did not "
             "survive; counted in the books as lost)",
-            recovered,
+            counted(recovered, "delivery", "deliveries"),
             aside,
             lost,
         )

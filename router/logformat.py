@@ -1,7 +1,8 @@
 """Log lines as JSON objects (for journald, containers and log shippers) or plain text.
 
 Log calls use %-style arguments and name things by id; no event body is ever logged, so an
-event's content cannot leak through the logs.
+event's content cannot leak through the logs. Counts in log lines and command output read as
+English does (`1 target`, `2 targets`) through `counted`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         return orjson.dumps(line).decode()
+
+
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """`1 target`, `0 targets`, `2 entries` (with `plural` for a noun that is not just +s)."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
 
 
 def setup_logging(fmt: str = "json", level: str = "info") -> None:

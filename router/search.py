@@ -28,6 +28,7 @@ import orjson
 from router.deadletter import parse_since
 from router.errors import QueryError
 from router.events import crn_location
+from router.logformat import counted
 from router.query import Query
 
 LARGE_ARCHIVE_BYTES = 64 * 1024 * 1024
@@ -206,10 +207,12 @@ def search(
     if bar is not None:
         bar.finish()
     if fmt == "table":
-        print(f"({stats.matched} events in {stats.files} files)", file=out)
+        print(f"({counted(stats.matched, 'event')} in {counted(stats.files, 'file')})", file=out)
     if stats.not_json:
         shown = ", ".join(stats.not_json[:5]) + (" ..." if len(stats.not_json) > 5 else "")
-        print(f"{len(stats.not_json)} lines were not JSON and were skipped: {shown}", file=err)
+        were = "was" if len(stats.not_json) == 1 else "were"
+        lines = counted(len(stats.not_json), "line")
+        print(f"{lines} {were} not JSON and {were} skipped: {shown}", file=err)
     return 0
 
 

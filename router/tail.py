@@ -42,6 +42,7 @@ from aiohttp import web
 from router.errors import QueryError
 from router.events import Event
 from router.listener import on_close
+from router.logformat import counted
 from router.query import Query, parse
 
 log = logging.getLogger(__name__)
@@ -369,7 +370,7 @@ async def follow(
                     print(f"tailing {base_url} for {query or 'every event'}", file=err)
                 elif message.event == "dropped":
                     dropped = orjson.loads(message.data)["dropped"]
-                    print(f"(too slow: {dropped} events dropped so far)", file=err)
+                    print(f"(too slow: {counted(dropped, 'event')} dropped so far)", file=err)
                 elif message.event == "event":
                     print(message.data, file=out, flush=True)
                     shown += 1

@@ -186,7 +186,7 @@ async def test_a_token_limited_to_a_service_cannot_forge_another_services_events
     assert event["reason"] == {
         "reasonCode": 403,
         "reasonType": "Forbidden",
-        "reasonForFailure": "1 events of a service the token may not send for",
+        "reasonForFailure": "1 event of a service the token may not send for",
     }
     assert event["initiator"]["name"] == "sm-producer"
     assert [e["id"] for e in read_ndjson(path) if e["action"] != LOGIN_ACTION] == ["sm-1"]

@@ -124,5 +124,5 @@ async def test_redrive_of_an_unknown_target_is_refused(
     code, _, err = await run_cli(
         "dlq", "redrive", "--target", "nope", "--url", f"http://127.0.0.1:{daemon.port}"
     )
-    assert code == 1
+    assert code == 2, "an unknown target is a usage error, as for dlq show and validate-target"
     assert "404" in err and "no target 'nope'" in err

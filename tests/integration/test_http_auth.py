@@ -99,6 +99,28 @@ def test_a_short_signing_secret_is_refused() -> None:
     ]
 
 
+def test_an_unset_signing_secret_is_reported_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The variable is not set: that is the problem; its (empty) length is not a second one."""
+    monkeypatch.delenv("NO_SUCH_HMAC_SECRET", raising=False)
+    with pytest.raises(ConfigError) as error:
+        parse_config(
+            {
+                "targets": [
+                    http_target(
+                        "siem",
+                        "https://x.example",
+                        signing={"secret": "${env:NO_SUCH_HMAC_SECRET}"},
+                    )
+                ],
+                "routes": everything_to("siem"),
+            }
+        )
+    assert error.value.problems == [
+        "targets[0].http_endpoint.signing.secret: "
+        "environment variable 'NO_SUCH_HMAC_SECRET' is not set"
+    ]
+
+
 @pytest.fixture
 async def mtls_server(pki: Path) -> AsyncIterator[tuple[str, list[str]]]:
     """An HTTPS server that requires a client certificate signed by the test CA."""

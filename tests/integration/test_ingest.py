@@ -240,7 +240,10 @@ async def test_gzip_bomb_is_refused_with_413(archive: tuple[Daemon, Path]) -> No
         (b"{}", {"Content-Encoding": "br"}, 415, "unsupported_encoding"),
         (b'{"action": }', {}, 400, "malformed_json"),
         (b"[]", {}, 400, "no_events"),
-        (b"", {}, 400, "malformed_json"),
+        # An empty body holds no event, as README says: not malformed JSON.
+        (b"", {}, 400, "no_events"),
+        (b" \r\n\t", {}, 400, "no_events"),
+        (gzip.compress(b""), {"Content-Encoding": "gzip"}, 400, "no_events"),
     ],
 )
 async def test_bad_bodies_are_refused_with_a_clear_4xx(
@@ -257,6 +260,36 @@ async def test_malformed_json_names_the_position(archive: tuple[Daemon, Path]) -
     status, body = await post(daemon, b'{"action": "x",\n  "outcome": }')
     assert status == 400
     assert "line 2 column" in body["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b'{"message": "caf\xe9"}', "invalid UTF-8 at line 1 column 17 (byte 16): invalid"),
+        (b'{"a": 1,\n "b": "\xff"}', "invalid UTF-8 at line 2 column 8 (byte 16): invalid"),
+        (b'["ok", "\xc3"]', "invalid UTF-8 at line 1 column 9 (byte 8): invalid continuation"),
+    ],
+)
+async def test_invalid_utf8_names_its_real_byte_offset(
+    archive: tuple[Daemon, Path], body: bytes, message: str
+) -> None:
+    daemon, _ = archive
+    status, answer = await post(daemon, body)
+    assert (status, answer["error"]["code"]) == (400, "malformed_json")
+    assert answer["error"]["message"].startswith(message), answer["error"]["message"]
+
+
+async def test_invalid_utf8_in_an_ndjson_line_is_rejected_alone_with_its_offset(
+    archive: tuple[Daemon, Path],
+) -> None:
+    daemon, path = archive
+    lines = [orjson.dumps(make_event()), b'{"message": "\xe9t\xe9"}']
+    status, body = await post(daemon, b"\n".join(lines), content_type="application/x-ndjson")
+    assert status == 202
+    [error] = body["results"][1]["errors"]
+    offset = len(lines[0]) + 1 + 13
+    assert error["message"].startswith(f"line 2: invalid UTF-8 at column 14 (byte {offset}): ")
+    await wait_for(lambda: len(read_ndjson(path)) == 1)
 
 
 @pytest.mark.parametrize("content_type", ["text/plain", "application/xml", "multipart/form-data"])

@@ -7,14 +7,17 @@ from pathlib import Path
 import pytest
 import yaml
 
+from router.api import ConfigSource
+from router.app import Daemon
 from router.cli import main
+from router.config import parse_config
 from router.probe import ACTION, validation_event
 from router.resources import schemas_dir
 from router.validation import EventValidator
 from tests.conftest import StartDaemon
-from tests.fakes import read_ndjson, wait_for
+from tests.fakes import make_event, read_ndjson, wait_for
 from tests.integration.test_delivery import ReceiverFactory, everything_to, http_target
-from tests.integration.test_ingest import file_target
+from tests.integration.test_ingest import file_target, post
 
 
 def test_the_test_event_passes_the_routers_own_validation() -> None:
@@ -48,6 +51,26 @@ async def test_start_up_validation_reports_a_failing_target_and_blocks_nothing(
     assert status["archive"]["write_status"] == {"status": "success"}
     # A test write is not an accepted event: the books do not count it.
     assert status["archive"]["received"] == 0
+
+
+async def test_by_default_a_start_writes_no_test_event_into_the_targets(tmp_path: Path) -> None:
+    """startup.validate_targets is off unless asked for: an archive holds only what producers
+    sent (the probe, when on, goes before the backlog, so it would be the first line)."""
+    archive = tmp_path / "archive.ndjson"
+    data = {
+        "server": {"host": "127.0.0.1", "port": 0},
+        "storage": {"path": str(tmp_path / "var")},
+        "targets": [file_target("archive", archive)],
+        "routes": everything_to("archive"),
+    }
+    daemon = Daemon(parse_config(data), ConfigSource(None, data))
+    await daemon.start()
+    try:
+        assert (await post(daemon, make_event(id="first-real-event")))[0] == 202
+        await wait_for(lambda: len(read_ndjson(archive)) >= 1, what="the event in the archive")
+        assert [e["id"] for e in read_ndjson(archive)] == ["first-real-event"]
+    finally:
+        await daemon.stop()
 
 
 def write_config(tmp_path: Path, url: str) -> Path:

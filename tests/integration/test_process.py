@@ -88,4 +88,4 @@ async def test_embedded_default_config_passes_check() -> None:
     )
     out, _ = await asyncio.wait_for(proc.communicate(), 15)
     assert proc.returncode == 0
-    assert b"OK (1 targets, 1 routes" in out
+    assert b"OK (1 target, 1 route" in out

@@ -140,6 +140,16 @@ def test_table_format(archive: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert lines[3] == "(2 events in 4 files)"
 
 
+def test_the_summary_says_one_event_in_one_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "events.ndjson"
+    path.write_bytes(ndjson([at(1, id="only")]))
+    code, out, _ = run(capsys, "id:only", str(path), "--format", "table")
+    assert code == 0
+    assert out.splitlines()[-1] == "(1 event in 1 file)"
+
+
 @pytest.mark.parametrize(
     ("query", "caret_line"),
     [
@@ -225,7 +235,7 @@ def test_lines_that_are_not_json_are_reported(
     path.write_bytes(ndjson([at(1, id="a")]) + b'{"action": "x\n' + ndjson([at(2, id="b")]))
     code, out, err = run(capsys, "host:secrets-manager", str(path))
     assert code == 0 and ids(out) == ["a", "b"]
-    assert err == f"1 lines were not JSON and were skipped: {path}:2\n"
+    assert err == f"1 line was not JSON and was skipped: {path}:2\n"
 
 
 def test_a_path_without_archives_exits_1(

@@ -596,7 +596,7 @@ def test_check_command_prints_ok_for_a_good_config(
     )
     main(["check", "--config", str(path)])
     out, err = capsys.readouterr()
-    assert out == f"{path}: OK (1 targets, 1 routes, 1 default targets)\n"
+    assert out == f"{path}: OK (1 target, 1 route, 1 default target)\n"
     assert err == ""
 
 
@@ -605,7 +605,7 @@ def test_check_command_without_config_checks_the_embedded_default(
 ) -> None:
     main(["check"])
     out, _ = capsys.readouterr()
-    assert out.endswith("router.yaml: OK (1 targets, 1 routes, 0 default targets)\n")
+    assert out.endswith("router.yaml: OK (1 target, 1 route, 0 default targets)\n")
 
 
 @pytest.mark.parametrize(
@@ -631,7 +631,7 @@ def test_check_command_exits_2_and_prints_every_problem_for_a_bad_config(
     out, err = capsys.readouterr()
     assert out == ""
     assert err.splitlines() == [
-        f"{path}: {len(problems)} problem(s)",
+        f"{path}: {len(problems)} problem{'' if len(problems) == 1 else 's'}",
         *(f"  {p}" for p in problems),
     ]
 
@@ -737,7 +737,7 @@ def test_check_refuses_yaml_that_would_hang_or_crash_the_loader_at_once(
     assert time.monotonic() - started < 1.0  # the issue's bound; the refusal takes microseconds
     assert info.value.code == 2
     err = capsys.readouterr().err
-    assert f"{path}: 1 problem(s)" in err
+    assert f"{path}: 1 problem\n" in err
     assert "not valid YAML: " in err and message in err
     assert f'in "{path}", line ' in err  # where, in the operator's own file
 

@@ -27,6 +27,7 @@ from router.errors import ConfigError, QueryError
 from router.masking import SECRET_KEYS
 from router.query import Query, parse
 from router.resources import schemas_dir
+from router.targets import event_streams
 
 MiB = 1024 * 1024
 # The names of what lives under storage.path (router/journal.py, router/deadletter.py, api).
@@ -263,7 +264,11 @@ class SyslogEndpointConfig:
 
 
 EndpointConfig = (
-    FileEndpointConfig | HttpEndpointConfig | CloudLogsEndpointConfig | SyslogEndpointConfig
+    FileEndpointConfig
+    | HttpEndpointConfig
+    | CloudLogsEndpointConfig
+    | SyslogEndpointConfig
+    | event_streams.EventStreamsEndpointConfig
 )
 
 # target_type -> (the key of its endpoint object, the dataclass that holds it)
@@ -272,6 +277,18 @@ ENDPOINTS: Mapping[str, tuple[str, type[EndpointConfig]]] = {
     "http": ("http_endpoint", HttpEndpointConfig),
     "cloud_logs": ("cloudlogs_endpoint", CloudLogsEndpointConfig),
     "syslog": ("syslog_endpoint", SyslogEndpointConfig),
+    "event_streams": ("eventstreams_endpoint", event_streams.EventStreamsEndpointConfig),
+}
+# Endpoint types whose sub-objects are their own (the Kafka client's tls and sasl).
+TYPE_NESTED_SECTIONS: Mapping[str, Mapping[str, type[Any]]] = {
+    "event_streams": {
+        "tls": event_streams.KafkaTlsConfig,
+        "sasl": event_streams.KafkaSaslConfig,
+    },
+}
+# Endpoint schemas that live in their target's module, added to the target section at load.
+MODULE_ENDPOINT_SCHEMAS: Mapping[str, tuple[str, Mapping[str, Any]]] = {
+    "event_streams": ("eventstreams_endpoint", event_streams.ENDPOINT_SCHEMA),
 }
 
 
@@ -575,11 +592,33 @@ def _schema_problems(data: Any) -> list[str]:
     global _CONFIG_VALIDATOR
     if _CONFIG_VALIDATOR is None:
         schema = json.loads((schemas_dir() / "config.schema.json").read_text(encoding="utf-8"))
+        _add_module_endpoints(schema)
         cls = jsonschema.validators.validator_for(schema)
         cls.check_schema(schema)
         _CONFIG_VALIDATOR = cls(schema)
     errors = sorted(_CONFIG_VALIDATOR.iter_errors(data), key=lambda e: list(map(str, e.path)))
     return [f"{format_path(error.absolute_path)}: {_describe(error)}" for error in errors]
+
+
+def _add_module_endpoints(schema: dict[str, Any]) -> None:
+    """Add the target types whose endpoint schema lives in their module to the target
+    section: the type's name, its endpoint, and the rule that the type needs that endpoint
+    and no other (other types' rules do not know it, so it is refused by name here)."""
+    target = schema["$defs"]["target"]
+    for name, (key, endpoint) in MODULE_ENDPOINT_SCHEMAS.items():
+        target["properties"]["target_type"]["enum"].append(name)
+        target["properties"][key] = endpoint
+        others = [k for k in target["properties"] if k.endswith("_endpoint") and k != key]
+        target["allOf"].append(
+            {
+                "if": {"properties": {"target_type": {"const": name}}, "required": ["target_type"]},
+                "then": {
+                    "required": [key],
+                    "not": {"anyOf": [{"required": [other]} for other in others]},
+                },
+                "else": {"not": {"required": [key]}},
+            }
+        )
 
 
 def _describe(error: jsonschema.ValidationError) -> str:
@@ -713,7 +752,8 @@ def _build(data: Mapping[str, Any], problems: list[str]) -> Config:
             name: _resolve_all(value, f"targets[{i}].{key}.{name}", problems)
             for name, value in raw[key].items()
         }
-        for name, section_cls in NESTED_SECTIONS.items():
+        nested = TYPE_NESTED_SECTIONS.get(raw["target_type"], NESTED_SECTIONS)
+        for name, section_cls in nested.items():
             if isinstance(endpoint.get(name), dict):
                 endpoint[name] = _section(section_cls, endpoint[name])
         problems.extend(_header_problems(endpoint, f"targets[{i}].{key}"))

@@ -14,6 +14,7 @@ import logging
 import sqlite3
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 
 from prometheus_client import Histogram
 from tenacity import (
@@ -205,14 +206,16 @@ class DeliveryWorker:
         for request in self.target.requests([entry.event for entry in sendable]):
             entries = sendable[start : start + len(request)]
             start += len(request)
-            if (failure := await self._send(entries)) is not None:
-                await self._dead_letter(entries, failure)
-                dead += len(entries)
+            for failed, failure in await self._send(entries):
+                await self._dead_letter(failed, failure)
+                dead += len(failed)
         assert start == len(sendable), "a target's requests() must cover the batch in order"
         return dead
 
-    async def _send(self, batch: Sequence[Entry]) -> Failure | None:
-        """Send with retries; None when delivered, else why it was given up."""
+    async def _send(self, batch: Sequence[Entry]) -> list[tuple[Sequence[Entry], Failure]]:
+        """Send with retries; what was given up and why (nothing when all was delivered).
+        A target that refused only some events names them (PermanentDeliveryError.refused):
+        only those are given up, each with its own reason, and the rest were delivered."""
         events = [entry.event for entry in batch]
         retry = self.config.retry
         first_attempt = time.time()
@@ -254,7 +257,7 @@ class DeliveryWorker:
                         raise error from exc
                     self._observe_send(started, "delivered")
             self.stats.record_success()
-            return None
+            return []
         except DeliveryError as exc:
             permanent = isinstance(exc, PermanentDeliveryError)
             reason = "retries_exhausted"
@@ -269,15 +272,16 @@ class DeliveryWorker:
                 reason = "permanent_status" if exc.status is not None else "permanent_error"
             if isinstance(exc, UnexpectedDeliveryError):
                 reason = "unexpected_error"
+            refused = exc.refused if isinstance(exc, PermanentDeliveryError) else None
             log.warning(
                 "target %s: %s dead-lettered (%s) after %s: %s",
                 self.config.id,
-                counted(len(batch), "event"),
+                counted(len(batch) if refused is None else len(refused), "event"),
                 reason,
                 counted(attempts, "attempt"),
                 message,
             )
-            return Failure(
+            failure = Failure(
                 reason=reason,
                 message=message,
                 status=exc.status,
@@ -286,6 +290,16 @@ class DeliveryWorker:
                 first_attempt_at=first_attempt,
                 last_attempt_at=time.time(),
             )
+            if refused is None:
+                return [(batch, failure)]
+            by_reason: dict[str, list[Entry]] = {}
+            for entry in batch:
+                if entry.event.id in refused:
+                    by_reason.setdefault(refused[entry.event.id], []).append(entry)
+            return [
+                (entries, replace(failure, message=f"{message}: {why}"))
+                for why, entries in by_reason.items()
+            ]
 
     def _observe_send(self, started: float, outcome: str) -> None:
         if self.send_seconds is not None:

@@ -7,7 +7,8 @@
     ├── StorageLockedError(path, pid)      another process holds storage.path
     └── DeliveryError(target_id)           one batch could not be delivered to one target
         ├── RetryableDeliveryError         try again later (connection, timeout, 408, 429, 5xx)
-        └── PermanentDeliveryError         retrying cannot help (other 4xx, unwritable file)
+        └── PermanentDeliveryError         retrying cannot help (other 4xx, unwritable file),
+            │                              for the batch or for the events it names
             └── UnexpectedDeliveryError    a target raised something else (a bug, a refused input)
 
 A per-event validation problem is not an exception: `validation.validate` returns a list of
@@ -16,7 +17,7 @@ A per-event validation problem is not an exception: `validation.validate` return
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from router.masking import mask_text
 
@@ -102,7 +103,23 @@ class RetryableDeliveryError(DeliveryError):
 
 
 class PermanentDeliveryError(DeliveryError):
-    """A failure that retrying cannot fix: the batch goes to the dead-letter file."""
+    """A failure that retrying cannot fix: the batch goes to the dead-letter file.
+
+    With `refused` (event id -> why), only those events were refused and the target took
+    every other event of the request (a Kafka broker judges each message): only they are
+    dead-lettered, each with its own reason, and the rest count as delivered."""
+
+    def __init__(
+        self,
+        target_id: str,
+        message: str,
+        *,
+        status: int | None = None,
+        response_excerpt: str = "",
+        refused: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(target_id, message, status=status, response_excerpt=response_excerpt)
+        self.refused = None if refused is None else {k: mask_text(v) for k, v in refused.items()}
 
 
 class UnexpectedDeliveryError(PermanentDeliveryError):

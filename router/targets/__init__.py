@@ -8,10 +8,13 @@ once, for every target type. A new target type is one module and one line in TAR
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
-from router.config import TargetConfig
 from router.events import Event
+
+if TYPE_CHECKING:
+    # Only named in annotations: router.config imports the endpoint configs of target modules.
+    from router.config import TargetConfig
 
 
 class Target(Protocol):
@@ -63,11 +66,19 @@ def _syslog(config: TargetConfig) -> Target:
     return SyslogTarget.from_config(config)
 
 
+def _event_streams(config: TargetConfig) -> Target:
+    from router.targets.event_streams import EventStreamsEndpointConfig, EventStreamsTarget
+
+    assert isinstance(config.endpoint, EventStreamsEndpointConfig)
+    return EventStreamsTarget(config.id, config.endpoint)
+
+
 TARGET_TYPES: Final[Mapping[str, Callable[[TargetConfig], Target]]] = {
     "file": _file,
     "http": _http,
     "cloud_logs": _cloud_logs,
     "syslog": _syslog,
+    "event_streams": _event_streams,
 }
 
 

@@ -1,0 +1,523 @@
+"""The `event_streams` target: IBM Event Streams, which is Apache Kafka, through aiokafka.
+
+One Kafka message per event: the key is the event id, the value the event's JSON as it was
+stored, and the headers are atracker's own (`type`=`audit`, `account` from the logSourceCRN's
+`a/<account>` scope, `region` the target's region, `location` the event's location). IBM
+Event Streams takes SASL PLAIN over TLS with the user `token` and an API key as the password;
+for other Kafka clusters `tls` may be off or trust another CA, and `sasl` may be SCRAM or none.
+
+The producer is idempotent with acks=all, and a batch counts as delivered only when Kafka
+acknowledged every one of its messages. Every message of a batch is handed to the producer at
+once and the acknowledgements are awaited together, for at most `timeout_s`. A message's
+future is kept across the worker's retries: a retry waits again for a message still in
+flight (the producer itself re-sends it under the same sequence number, so the broker keeps it
+once) and sends only what failed, never a message Kafka already acknowledged. Failures:
+connections, timeouts and what Kafka marks retriable are retryable; refused credentials,
+topic and cluster authorisation are permanent for the batch; a message the broker refuses as
+too large (sent alone, since Kafka judges a whole record batch) is permanent for that event
+only, which the worker dead-letters while the rest of the batch counts as delivered.
+
+Across a crash of the daemon the promise is at-least-once: a message Kafka stored whose
+acknowledgement the journal never recorded is sent again, by a new producer, after restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.conn import create_conn
+from aiokafka.errors import (
+    AuthenticationFailedError,
+    ClusterAuthorizationFailedError,
+    CorruptRecordException,
+    IllegalSaslStateError,
+    InvalidProducerEpoch,
+    InvalidProducerIdMapping,
+    InvalidTopicError,
+    KafkaError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    OutOfOrderSequenceNumber,
+    ProducerClosed,
+    ProducerFenced,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+    SaslAuthenticationFailed,
+    TopicAuthorizationFailedError,
+    TransactionalIdAuthorizationFailed,
+    UnknownProducerId,
+    UnsupportedSaslMechanismError,
+)
+
+from router import __version__
+from router.errors import PermanentDeliveryError, RetryableDeliveryError
+from router.events import Event, crn_parts
+
+log = logging.getLogger(__name__)
+
+EVENT_STREAMS_USER: Final = "token"
+"""IBM Event Streams' SASL user name; the password is the API key."""
+
+RECORD_OVERHEAD_BYTES: Final = 512
+"""Room a message takes beside its key, value and headers (record and batch framing)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KafkaTlsConfig:
+    """A CA bundle to trust instead of the system's, and a client certificate for mTLS."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KafkaSaslConfig:
+    """How the client authenticates; the password is always the endpoint's `api_key`."""
+
+    mechanism: Literal["plain", "scram-sha-256", "scram-sha-512", "none"] = "plain"
+    username: str = EVENT_STREAMS_USER
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EventStreamsEndpointConfig:
+    """An Event Streams instance (or any Kafka cluster) and the topic events go to.
+
+    atracker's fields are `target_crn`, `brokers` (the `kafka_brokers_sasl` values), `topic`,
+    `api_key` and `service_to_service_enabled`; the rest are extensions with the defaults
+    Event Streams needs."""
+
+    brokers: Sequence[str]
+    topic: str
+    target_crn: str | None = None
+    api_key: str | None = field(default=None, repr=False)
+    # atracker's field, kept and returned; this daemon has no identity of its own to use yet,
+    # so an api_key is still what authenticates.
+    service_to_service_enabled: bool = False
+    # true: TLS with the system's CAs (Event Streams); false: plaintext; or a CA/cert to use.
+    tls: KafkaTlsConfig | bool = True
+    sasl: KafkaSaslConfig = field(default_factory=KafkaSaslConfig)
+    # The `region` header; default: the region of target_crn, else each event's location.
+    region: str | None = None
+    client_id: str = f"event-router/{__version__}"
+    # How long one attempt waits for Kafka to acknowledge a batch's messages.
+    timeout_s: float = 30.0
+    # Event Streams and Kafka take 1 MB per message by default (max.message.bytes).
+    max_message_bytes: int = 1_000_000
+
+
+_TLS_SCHEMA: Final[Mapping[str, Any]] = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "ca_file": {"type": "string", "minLength": 1},
+        "cert_file": {"type": "string", "minLength": 1},
+        "key_file": {"type": "string", "minLength": 1},
+    },
+    "dependentRequired": {"key_file": ["cert_file"]},
+}
+
+# The JSON Schema of `eventstreams_endpoint`. The character rules of atracker's own fields are
+# its API's (3-1000 characters, `^[a-zA-Z0-9 -._:\/]+$`); `api_key` is required unless SASL
+# is off, as it is the SASL password.
+ENDPOINT_SCHEMA: Final[Mapping[str, Any]] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["brokers", "topic"],
+    "properties": {
+        "target_crn": {"type": "string", "minLength": 3, "maxLength": 1000},
+        "brokers": {
+            "type": "array",
+            "minItems": 1,
+            "items": {"type": "string", "pattern": "^[^\\s:/]+:[0-9]{1,5}$"},
+        },
+        "topic": {"type": "string", "pattern": "^[a-zA-Z0-9._-]{1,249}$"},
+        "api_key": {
+            "type": "string",
+            "minLength": 1,
+            "description": "Use a reference: ${env:NAME} or ${file:/path}",
+        },
+        "service_to_service_enabled": {"type": "boolean"},
+        "tls": {"oneOf": [{"type": "boolean"}, _TLS_SCHEMA]},
+        "sasl": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "mechanism": {"enum": ["plain", "scram-sha-256", "scram-sha-512", "none"]},
+                "username": {"type": "string", "minLength": 1},
+            },
+        },
+        "region": {"type": "string", "minLength": 1},
+        "client_id": {"type": "string", "minLength": 1},
+        "timeout_s": {"type": "number", "exclusiveMinimum": 0},
+        "max_message_bytes": {"type": "integer", "minimum": 1024},
+    },
+    "if": {
+        "properties": {
+            "sasl": {"properties": {"mechanism": {"const": "none"}}, "required": ["mechanism"]}
+        },
+        "required": ["sasl"],
+    },
+    "then": {},
+    "else": {"required": ["api_key"]},
+}
+
+# Refused for every message of the batch: retrying with the same credentials cannot help.
+PERMANENT_FOR_BATCH: Final = (
+    AuthenticationFailedError,
+    SaslAuthenticationFailed,
+    IllegalSaslStateError,
+    UnsupportedSaslMechanismError,
+    TopicAuthorizationFailedError,
+    ClusterAuthorizationFailedError,
+    TransactionalIdAuthorizationFailed,
+    InvalidTopicError,
+)
+# The producer's sequence numbers no longer match the broker's, for good: aiokafka lets a
+# batch that waited past request_timeout_ms for a leader expire after it took its sequence
+# numbers, and every later batch is then out of order. Retryable, with a new producer.
+PRODUCER_BROKEN: Final = (
+    OutOfOrderSequenceNumber,
+    UnknownProducerId,
+    InvalidProducerEpoch,
+    InvalidProducerIdMapping,
+    ProducerFenced,
+)
+RETRYABLE: Final = (*PRODUCER_BROKEN, KafkaTimeoutError, ProducerClosed, TimeoutError, OSError)
+# Refused for one message: the others of its batch may go.
+TOO_LARGE: Final = (MessageSizeTooLargeError, RecordTooLargeError, RecordListTooLargeError)
+PERMANENT_FOR_EVENT: Final = (*TOO_LARGE, CorruptRecordException)
+
+
+def describe(exc: BaseException) -> str:
+    """`MessageSizeTooLargeError: [Error 10] ...`: the class says what Kafka answered."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """What may pass: lost connections, timeouts, leader elections and what Kafka itself
+    marks retriable. A producer closed under us (a reload) is retried by a new one."""
+    if isinstance(exc, PERMANENT_FOR_BATCH + PERMANENT_FOR_EVENT):
+        return False
+    if isinstance(exc, RETRYABLE):
+        return True
+    return bool(getattr(exc, "retriable", False))
+
+
+def security_protocol(endpoint: EventStreamsEndpointConfig) -> str:
+    sasl = endpoint.sasl.mechanism != "none"
+    if endpoint.tls is False:
+        return "SASL_PLAINTEXT" if sasl else "PLAINTEXT"
+    return "SASL_SSL" if sasl else "SSL"
+
+
+def ssl_context(endpoint: EventStreamsEndpointConfig) -> ssl.SSLContext | None:
+    """The system's trust store, or the configured CA (and client certificate)."""
+    if endpoint.tls is False:
+        return None
+    tls = endpoint.tls if isinstance(endpoint.tls, KafkaTlsConfig) else KafkaTlsConfig()
+    context = ssl.create_default_context(cafile=tls.ca_file)
+    if tls.cert_file:
+        context.load_cert_chain(tls.cert_file, tls.key_file)
+    return context
+
+
+def client_settings(endpoint: EventStreamsEndpointConfig) -> dict[str, Any]:
+    """What aiokafka needs to reach and authenticate to the cluster (producer and probe)."""
+    settings: dict[str, Any] = {
+        "client_id": endpoint.client_id,
+        "security_protocol": security_protocol(endpoint),
+        "ssl_context": ssl_context(endpoint),
+        "request_timeout_ms": int(endpoint.timeout_s * 1000),
+    }
+    if endpoint.sasl.mechanism != "none":
+        settings |= {
+            "sasl_mechanism": endpoint.sasl.mechanism.upper(),
+            "sasl_plain_username": endpoint.sasl.username,
+            "sasl_plain_password": endpoint.api_key,
+        }
+    return settings
+
+
+def headers(event: Event, region: str | None) -> list[tuple[str, bytes]]:
+    """atracker's headers: `type`, `account` (the logSourceCRN's `a/<account>` scope),
+    `region` (the target's region) and `location` (the event's)."""
+    scope = crn_parts(event.body.get("logSourceCRN", ""))[6]
+    account = scope[2:] if scope.startswith("a/") else ""
+    return [
+        ("type", b"audit"),
+        ("account", account.encode()),
+        ("region", (region or event.location).encode()),
+        ("location", event.location.encode()),
+    ]
+
+
+@dataclass(slots=True)
+class _Flight:
+    """One event's message: its future from the producer, and whether it went alone."""
+
+    future: asyncio.Future[Any]
+    alone: bool = False
+
+
+class EventStreamsTarget:
+    """Produces each event as one Kafka message to one topic."""
+
+    def __init__(self, target_id: str, endpoint: EventStreamsEndpointConfig) -> None:
+        self.id = target_id
+        self.endpoint = endpoint
+        crn_region = crn_parts(endpoint.target_crn)[5] if endpoint.target_crn else ""
+        self.region = endpoint.region or crn_region or None
+        self._producer: AIOKafkaProducer | None = None
+        self._connecting = asyncio.Lock()
+        # event id -> its message in flight or acknowledged, kept until its batch is settled.
+        self._flights: dict[str, _Flight] = {}
+
+    async def start(self) -> None:
+        """Connect; a failure is raised classified, and the next send tries again."""
+        await self._connect()
+
+    async def _connect(self) -> AIOKafkaProducer:
+        async with self._connecting:
+            if self._producer is not None:
+                return self._producer
+            producer = AIOKafkaProducer(
+                bootstrap_servers=list(self.endpoint.brokers),
+                acks="all",
+                enable_idempotence=True,
+                max_request_size=self.endpoint.max_message_bytes + RECORD_OVERHEAD_BYTES,
+                **client_settings(self.endpoint),
+            )
+            try:
+                await producer.start()
+            except (KafkaError, OSError) as exc:
+                await producer.stop()
+                raise await self._why_unreachable(exc) from exc
+            self._producer = producer
+            return producer
+
+    async def _why_unreachable(
+        self, exc: BaseException
+    ) -> RetryableDeliveryError | PermanentDeliveryError:
+        """aiokafka says only "Unable to bootstrap"; one connection of our own to each broker
+        says why: refused credentials are permanent, an unreachable broker is not."""
+        reasons = []
+        settings = client_settings(self.endpoint)
+        for broker in self.endpoint.brokers:
+            host, _, port = broker.rpartition(":")
+            try:
+                conn = await create_conn(host, int(port), **settings)
+            except (KafkaError, OSError, TimeoutError) as error:
+                if isinstance(error, PERMANENT_FOR_BATCH):
+                    sasl = self.endpoint.sasl
+                    return PermanentDeliveryError(
+                        self.id,
+                        f"Kafka at {broker} refused the credentials (SASL {sasl.mechanism} as "
+                        f"{sasl.username!r}; is api_key right?): {describe(error)}",
+                    )
+                reasons.append(f"{broker}: {describe(error)}")
+            else:
+                conn.close()
+        detail = "; ".join(reasons) or describe(exc)
+        return RetryableDeliveryError(self.id, f"cannot connect to Kafka ({detail})")
+
+    def unsendable(self, event: Event) -> str | None:
+        if len(event.encoded()) + len(event.id) > self.endpoint.max_message_bytes:
+            return "too_large"
+        return None
+
+    def requests(self, batch: Sequence[Event]) -> Iterator[Sequence[Event]]:
+        yield batch  # every message goes at once; the batch is settled when all are acked
+
+    async def send(self, batch: Sequence[Event]) -> None:
+        if self._producer is not None and self._broken():
+            await self._renew()
+        producer = await self._connect()
+        self._forget_others(batch)
+        refused: dict[str, str] = {}
+        try:
+            for event in batch:
+                flight = self._flights.get(event.id)
+                if flight is None:
+                    await self._produce(producer, event, refused)
+                elif flight.future.done() and (error := _failure(flight.future)) is not None:
+                    if isinstance(error, TOO_LARGE) and not flight.alone:
+                        continue  # goes alone below
+                    if not is_retryable(error):
+                        refused[event.id] = describe(error)
+                    else:
+                        await self._produce(producer, event, refused)
+                # else: acknowledged by an earlier attempt, or still in flight: not sent again
+            await self._await([f.future for i, f in self._flights.items() if i in self._ids(batch)])
+            for event in batch:
+                flight = self._flights.get(event.id)
+                if flight is None or flight.alone or not flight.future.done():
+                    continue
+                if isinstance(_failure(flight.future), TOO_LARGE):
+                    # Kafka judges a whole record batch: alone, the message is judged itself.
+                    await self._produce(producer, event, refused, alone=True)
+                    if event.id in self._flights:
+                        await self._await([self._flights[event.id].future])
+        except (KafkaError, OSError) as exc:
+            self._raise_for(exc)
+        self._settle(batch, refused)
+
+    def _broken(self) -> bool:
+        """Did Kafka refuse a message because the producer's own state is off, or did the
+        producer's sender task end (aiokafka ends it on some of those errors)?"""
+        sender = getattr(self._producer, "_sender", None)
+        task = getattr(sender, "sender_task", None)
+        if task is not None and task.done():
+            return True
+        return any(
+            f.future.done() and isinstance(_failure(f.future), PRODUCER_BROKEN)
+            for f in self._flights.values()
+        )
+
+    async def _renew(self) -> None:
+        """Replace a broken producer with a new one (a new producer id). What the old one
+        still had in flight is given up and sent again by the new one: Kafka may have stored
+        some of it, which is the one way a duplicate arises within a daemon's run."""
+        log.warning("target %s: Kafka refused the producer's sequence; starting a new one", self.id)
+        producer, self._producer = self._producer, None
+        self._flights = {
+            event_id: flight
+            for event_id, flight in self._flights.items()
+            if flight.future.done() and _failure(flight.future) is None
+        }
+        if producer is not None:
+            await _stop(producer, self.endpoint.timeout_s, self.id)
+
+    @staticmethod
+    def _ids(batch: Sequence[Event]) -> set[str]:
+        return {event.id for event in batch}
+
+    def _forget_others(self, batch: Sequence[Event]) -> None:
+        """Drop what was kept for batches given up on (dead-lettered) once they are done."""
+        wanted = self._ids(batch)
+        for event_id in [i for i, f in self._flights.items() if i not in wanted]:
+            if self._flights[event_id].future.done():
+                del self._flights[event_id]
+
+    async def _produce(
+        self,
+        producer: AIOKafkaProducer,
+        event: Event,
+        refused: dict[str, str],
+        *,
+        alone: bool = False,
+    ) -> None:
+        """Hand one message to the producer; one it refuses at once is refused for good."""
+        try:
+            future = await producer.send(
+                self.endpoint.topic,
+                value=event.encoded(),
+                key=event.id.encode(),
+                headers=headers(event, self.region),
+            )
+        except PERMANENT_FOR_EVENT as exc:
+            self._flights.pop(event.id, None)
+            refused[event.id] = describe(exc)
+            return
+        self._flights[event.id] = _Flight(future, alone=alone)
+
+    async def _await(self, futures: list[asyncio.Future[Any]]) -> None:
+        """Wait for the acknowledgements, at most timeout_s; what is still in flight stays so
+        (the producer keeps sending it) and is waited for again by the next attempt."""
+        if futures:
+            await asyncio.wait(futures, timeout=self.endpoint.timeout_s)
+
+    def _settle(self, batch: Sequence[Event], refused: dict[str, str]) -> None:
+        """Raise unless Kafka acknowledged every message that was not refused for good."""
+        waiting = 0
+        failures: dict[str, int] = {}
+        for event in batch:
+            if event.id in refused:
+                continue
+            flight = self._flights[event.id]
+            if not flight.future.done():
+                waiting += 1
+                continue
+            error = _failure(flight.future)
+            if error is None:
+                continue
+            if isinstance(error, PERMANENT_FOR_BATCH):
+                self._forget(batch)
+                raise PermanentDeliveryError(
+                    self.id,
+                    f"Kafka refused the messages to topic {self.endpoint.topic!r}: "
+                    f"{describe(error)}",
+                )
+            if is_retryable(error):
+                failures[describe(error)] = failures.get(describe(error), 0) + 1
+            else:
+                refused[event.id] = describe(error)
+        if waiting or failures:
+            parts = [f"{waiting} not acknowledged within {self.endpoint.timeout_s:g}s"] * bool(
+                waiting
+            )
+            parts += [f"{n} failed: {why}" for why, n in failures.items()]
+            raise RetryableDeliveryError(
+                self.id,
+                f"{len(batch)} messages to topic {self.endpoint.topic!r}: " + "; ".join(parts),
+            )
+        self._forget(batch)
+        if refused:
+            raise PermanentDeliveryError(
+                self.id,
+                f"Kafka refused {len(refused)} of {len(batch)} messages to topic "
+                f"{self.endpoint.topic!r}; the rest were acknowledged",
+                refused=refused,
+            )
+
+    def _forget(self, batch: Sequence[Event]) -> None:
+        for event in batch:
+            self._flights.pop(event.id, None)
+
+    def _raise_for(self, exc: BaseException) -> None:
+        if is_retryable(exc):
+            raise RetryableDeliveryError(self.id, f"producing to Kafka: {describe(exc)}") from exc
+        raise PermanentDeliveryError(self.id, f"producing to Kafka: {describe(exc)}") from exc
+
+    async def close(self) -> None:
+        """Flush what is in flight for at most timeout_s, then stop. Messages still
+        unacknowledged stay pending in the journal and go again after a restart."""
+        producer, self._producer = self._producer, None
+        self._flights.clear()
+        if producer is not None:
+            await _stop(producer, self.endpoint.timeout_s, self.id)
+
+
+async def _stop(producer: AIOKafkaProducer, timeout_s: float, target_id: str) -> None:
+    """Flush for at most `timeout_s`, then stop: an idempotent producer retries for ever, so
+    its sender task is cancelled first when the flush does not end (aiokafka's stop() would
+    wait for it)."""
+    try:
+        await asyncio.wait_for(producer.flush(), timeout_s)
+    except (KafkaError, TimeoutError) as exc:
+        log.warning(
+            "target %s: closing a producer with messages unacknowledged (%r)", target_id, exc
+        )
+        sender = getattr(producer, "_sender", None)
+        task = getattr(sender, "sender_task", None)
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, KafkaError):
+                await task
+    await producer.stop()
+
+
+def _failure(future: asyncio.Future[Any]) -> BaseException | None:
+    """A done future's exception (a cancelled one counts as a retryable failure)."""
+    if future.cancelled():
+        closed: BaseException = ProducerClosed()
+        return closed
+    return future.exception()

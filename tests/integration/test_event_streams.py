@@ -1,0 +1,331 @@
+"""The event_streams target against a real Apache Kafka 4 broker (KRaft) on loopback.
+
+A real daemon (in-process, real journal) produces to the broker of tests/peers/kafka.py; the
+tests read the topic back with a consumer, to its end offsets, so a duplicate or a missing
+message is seen. The IBM way (SASL PLAIN as `token` with the API key, over TLS) delivers every
+event once with its key and atracker's headers; a wrong key fails permanently and visibly; the
+broker stopped under load is retried until it is back, and then everything is there once; a
+message over the broker's limit is dead-lettered alone, with its reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.helpers import create_ssl_context
+
+from router.app import Daemon
+from tests.conftest import StartDaemon
+from tests.fakes import ACCOUNT, make_event, read_ndjson, wait_for
+from tests.integration.test_delivery import assert_books_balance, everything_to, settled
+from tests.integration.test_ingest import post
+from tests.peers.kafka import KafkaBroker
+
+pytestmark = pytest.mark.peers
+
+ES_CRN = "crn:v1:bluemix:public:messagehub:eu-de:a/a1b2c3d4:7e1b2c3d-0000-4c1d-9e2f-5a6b7c8d9e0f::"
+
+
+@pytest.fixture(scope="module")
+def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBroker]:
+    with KafkaBroker(tmp_path_factory.mktemp("kafka")) as broker:
+        yield broker
+
+
+@pytest.fixture
+def api_key(monkeypatch: pytest.MonkeyPatch, kafka: KafkaBroker) -> str:
+    monkeypatch.setenv("EVENT_STREAMS_API_KEY", kafka.api_key)
+    return kafka.api_key
+
+
+def es_target(topic: str, brokers: str, **endpoint: Any) -> dict[str, Any]:
+    return {
+        "id": "es",
+        "target_type": "event_streams",
+        "eventstreams_endpoint": {
+            "target_crn": ES_CRN,
+            "brokers": [brokers],
+            "topic": topic,
+            **endpoint,
+        },
+    }
+
+
+def ibm_way(kafka: KafkaBroker) -> dict[str, Any]:
+    """What an Event Streams target needs: SASL PLAIN as `token` over TLS (our CA here)."""
+    return {"api_key": "${env:EVENT_STREAMS_API_KEY}", "tls": {"ca_file": str(kafka.ca_file)}}
+
+
+def plaintext() -> dict[str, Any]:
+    return {"tls": False, "sasl": {"mechanism": "none"}}
+
+
+async def read_topic(bootstrap: str, topic: str, **auth: Any) -> list[Any]:
+    """Every record of the topic's only partition, from its start to its end offset now."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, **auth)
+    await consumer.start()
+    try:
+        partition = TopicPartition(topic, 0)
+        consumer.assign([partition])
+        await consumer.seek_to_beginning(partition)
+        end = (await consumer.end_offsets([partition]))[partition]
+        records: list[Any] = []
+
+        async def read_to_end() -> bool:
+            for batch in (await consumer.getmany(partition, timeout_ms=200)).values():
+                records.extend(batch)
+            return await consumer.position(partition) >= end
+
+        await wait_for(read_to_end, timeout_s=60, what=f"{end} records of {topic}")
+        return records
+    finally:
+        await consumer.stop()
+
+
+async def create_topic(kafka: KafkaBroker, topic: str, **configs: str) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, 1, 1, topic_configs=configs)])
+    finally:
+        await admin.close()
+
+
+def letters(tmp_path: Path) -> list[dict[str, Any]]:
+    return read_ndjson(tmp_path / "var" / "deadletter" / "es.ndjson")
+
+
+def row(daemon: Daemon) -> dict[str, Any]:
+    result: dict[str, Any] = daemon.status()["targets"]["es"]
+    return result
+
+
+@pytest.mark.timeout(180)
+async def test_every_event_arrives_once_with_its_key_and_atrackers_headers(
+    start_daemon: StartDaemon, kafka: KafkaBroker, api_key: str, tmp_path: Path
+) -> None:
+    daemon = await start_daemon(
+        {
+            "targets": [
+                es_target("audit-once", kafka.sasl_ssl_bootstrap, **ibm_way(kafka)),
+                {
+                    "id": "archive",
+                    "target_type": "file",
+                    "file_endpoint": {"path": str(tmp_path / "archive.ndjson")},
+                },
+            ],
+            "routes": everything_to("es", "archive"),
+        }
+    )
+    events = [make_event(id=f"once-{i}", location="us-south") for i in range(40)]
+    events += [make_event(id=f"once-g{i}", location="") for i in range(5)]
+    for start in range(0, len(events), 15):
+        status, _ = await post(daemon, events[start : start + 15])
+        assert status == 202
+    await wait_for(lambda: settled(daemon), timeout_s=60, what="every event delivered")
+
+    auth = {
+        "security_protocol": "SASL_SSL",
+        "ssl_context": create_ssl_context(cafile=str(kafka.ca_file)),
+        "sasl_mechanism": "PLAIN",
+        "sasl_plain_username": "token",
+        "sasl_plain_password": api_key,
+    }
+    records = await read_topic(kafka.sasl_ssl_bootstrap, "audit-once", **auth)
+    keys = [r.key.decode() for r in records]
+    assert sorted(keys) == sorted(e["id"] for e in events), "each event once, nothing else"
+
+    stored = {line_id(line): line for line in archive_lines(tmp_path / "archive.ndjson")}
+    for record in records:
+        assert record.value == stored[record.key.decode()], "the event's JSON as stored"
+        headers = {k: bytes(v).decode() for k, v in record.headers}
+        location = "global" if record.key.startswith(b"once-g") else "us-south"
+        assert headers == {
+            "type": "audit",
+            "account": ACCOUNT,
+            "region": "eu-de",  # the Event Streams instance's region, from target_crn
+            "location": location,
+        }
+    es = row(daemon)
+    assert (es["delivered"], es["dead_lettered"], es["pending"]) == (len(events), 0, 0)
+    assert es["write_status"]["status"] == "success"
+    assert_books_balance(daemon)
+
+
+def archive_lines(path: Path) -> list[bytes]:
+    return [line for line in path.read_bytes().split(b"\n") if line]
+
+
+def line_id(line: bytes) -> str:
+    return str(orjson.loads(line)["id"])
+
+
+@pytest.mark.timeout(180)
+async def test_validate_writes_a_test_message_to_the_topic(
+    start_daemon: StartDaemon, kafka: KafkaBroker, api_key: str
+) -> None:
+    daemon = await start_daemon(
+        {
+            "targets": [
+                es_target(
+                    "audit-validate",
+                    kafka.sasl_bootstrap,
+                    api_key="${env:EVENT_STREAMS_API_KEY}",
+                    tls=False,
+                )
+            ],
+            "routes": everything_to("es"),
+        }
+    )
+    result = await daemon.probe_target("es")
+    assert result.ok, result.message
+    records = await read_topic(kafka.bootstrap, "audit-validate")
+    assert len(records) == 1
+    assert orjson.loads(records[0].value)["action"] == "event-router.target.validate"
+    assert row(daemon)["write_status"]["status"] == "success"
+
+
+@pytest.mark.timeout(180)
+async def test_a_wrong_api_key_fails_permanently_and_says_so(
+    start_daemon: StartDaemon,
+    kafka: KafkaBroker,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("EVENT_STREAMS_API_KEY", "not-the-api-key")
+    daemon = await start_daemon(
+        {
+            "targets": [es_target("audit-refused", kafka.sasl_ssl_bootstrap, **ibm_way(kafka))],
+            "routes": everything_to("es"),
+        }
+    )
+    result = await daemon.probe_target("es")
+    assert not result.ok
+    assert "refused the credentials" in result.message
+    assert "SaslAuthenticationFailed" in result.message
+
+    await post(daemon, [make_event(id="refused-1"), make_event(id="refused-2")])
+    await wait_for(lambda: settled(daemon), timeout_s=60, what="the events settled")
+    dead = letters(tmp_path)
+    assert sorted(letter["event"]["id"] for letter in dead) == ["refused-1", "refused-2"]
+    assert {letter["reason"] for letter in dead} == {"permanent_error"}
+    assert all(letter["attempts"] == 1 for letter in dead), "not retried"
+    assert "refused the credentials" in dead[0]["message"]
+    assert "not-the-api-key" not in dead[0]["message"]
+    status = row(daemon)["write_status"]
+    assert status["status"] == "failed"
+    assert "refused the credentials" in status["reason_for_last_failure"]
+    assert_books_balance(daemon)
+
+
+@pytest.mark.timeout(300)
+async def test_the_broker_stopped_under_load_is_retried_and_everything_arrives_once(
+    start_daemon: StartDaemon, kafka: KafkaBroker, tmp_path: Path
+) -> None:
+    daemon = await start_daemon(
+        {
+            "targets": [
+                es_target("audit-outage", kafka.bootstrap, timeout_s=2, **plaintext())
+                | {
+                    "retry": {
+                        "max_attempts": 1000,
+                        "max_age_s": 600,
+                        "initial_backoff_s": 0.2,
+                        "max_backoff_s": 1,
+                    },
+                    "batch": {"max_events": 50, "max_wait_s": 0.05},
+                }
+            ],
+            "routes": everything_to("es"),
+        }
+    )
+    sent: list[str] = []
+
+    async def load(rounds: int, prefix: str) -> None:
+        for n in range(rounds):
+            ids = [f"{prefix}-{n}-{i}" for i in range(20)]
+            status, _ = await post(daemon, [make_event(id=event_id) for event_id in ids])
+            assert status == 202
+            sent.extend(ids)
+            await asyncio.sleep(0.02)  # a steady stream, not one burst
+
+    before = asyncio.create_task(load(30, "before"))
+    await wait_for(lambda: row(daemon)["delivered"] >= 100, timeout_s=60, what="delivery")
+    await kafka.astop()  # mid-stream: batches in flight lose their broker
+    await before
+    await load(10, "during")
+    await wait_for(
+        lambda: row(daemon)["retries"] >= 2, timeout_s=60, what="retries while the broker is down"
+    )
+    assert row(daemon)["pending"] > 0
+    assert row(daemon)["write_status"]["status"] == "failed"
+    await kafka.astart()
+    await load(5, "after")
+    await wait_for(lambda: settled(daemon), timeout_s=120, what="the backlog delivered")
+
+    records = await read_topic(kafka.bootstrap, "audit-outage")
+    keys = [r.key.decode() for r in records]
+    assert len(keys) == len(set(keys)), "no message twice within the producer's session"
+    assert sorted(keys) == sorted(sent)
+    es = row(daemon)
+    assert (es["delivered"], es["dead_lettered"]) == (len(sent), 0)
+    assert es["write_status"]["status"] == "success"
+    assert letters(tmp_path) == []
+    assert_books_balance(daemon)
+
+
+@pytest.mark.timeout(180)
+async def test_a_message_over_the_brokers_limit_is_dead_lettered_alone(
+    start_daemon: StartDaemon, kafka: KafkaBroker, tmp_path: Path
+) -> None:
+    # Smaller than the batch of small events, so Kafka first refuses them all together.
+    await create_topic(kafka, "audit-limit", **{"max.message.bytes": "6000"})
+    daemon = await start_daemon(
+        {
+            "targets": [es_target("audit-limit", kafka.bootstrap, **plaintext())],
+            "routes": everything_to("es"),
+        }
+    )
+    small = [make_event(id=f"small-{i}") for i in range(12)]
+    big = make_event(id="big", requestData={"blob": "x" * 20_000})
+    status, _ = await post(daemon, [*small[:6], big, *small[6:]])
+    assert status == 202
+    await wait_for(lambda: settled(daemon), timeout_s=60, what="the batch settled")
+
+    records = await read_topic(kafka.bootstrap, "audit-limit")
+    assert sorted(r.key.decode() for r in records) == sorted(e["id"] for e in small)
+    [letter] = letters(tmp_path)
+    assert letter["event"]["id"] == "big"
+    assert letter["reason"] == "permanent_error"
+    assert "MessageSizeTooLargeError" in letter["message"]
+    es = row(daemon)
+    assert (es["delivered"], es["dead_lettered"]) == (len(small), 1)
+    assert_books_balance(daemon)
+
+
+@pytest.mark.timeout(180)
+async def test_an_event_over_max_message_bytes_is_dead_lettered_before_any_attempt(
+    start_daemon: StartDaemon, kafka: KafkaBroker, tmp_path: Path
+) -> None:
+    daemon = await start_daemon(
+        {
+            "targets": [
+                es_target("audit-preflight", kafka.bootstrap, max_message_bytes=4096, **plaintext())
+            ],
+            "routes": everything_to("es"),
+        }
+    )
+    await post(daemon, [make_event(id="fits"), make_event(id="huge", message="y" * 5000)])
+    await wait_for(lambda: settled(daemon), timeout_s=60, what="the batch settled")
+    [letter] = letters(tmp_path)
+    assert (letter["event"]["id"], letter["reason"], letter["attempts"]) == ("huge", "too_large", 0)
+    records = await read_topic(kafka.bootstrap, "audit-preflight")
+    assert [r.key for r in records] == [b"fits"]
+    assert_books_balance(daemon)

@@ -24,6 +24,8 @@ from aiokafka.helpers import create_ssl_context
 from router.app import Daemon
 from tests.conftest import StartDaemon
 from tests.fakes import ACCOUNT, make_event, read_ndjson, wait_for
+from tests.integration.test_api import Client
+from tests.integration.test_api import auth as api_auth
 from tests.integration.test_delivery import assert_books_balance, everything_to, settled
 from tests.integration.test_ingest import post
 from tests.peers.kafka import KafkaBroker
@@ -329,3 +331,38 @@ async def test_an_event_over_max_message_bytes_is_dead_lettered_before_any_attem
     records = await read_topic(kafka.bootstrap, "audit-preflight")
     assert [r.key for r in records] == [b"fits"]
     assert_books_balance(daemon)
+
+
+@pytest.mark.timeout(180)
+async def test_the_management_api_creates_and_validates_an_event_streams_target(
+    start_daemon: StartDaemon, kafka: KafkaBroker, tmp_path: Path
+) -> None:
+    daemon = await start_daemon({"auth": api_auth(), "targets": [], "routes": []})
+    api = Client(daemon)
+    body = {
+        "name": "audit to event streams",
+        "target_type": "event_streams",
+        "eventstreams_endpoint": {
+            "target_crn": ES_CRN,
+            "brokers": [kafka.sasl_bootstrap],
+            "topic": "audit-api",
+            "api_key": kafka.api_key,
+            "service_to_service_enabled": False,
+            "tls": False,  # the extension this loopback listener needs
+        },
+    }
+    status, target = await api.call("POST", "/api/v2/targets", body)
+    assert status == 201, target
+    assert target["eventstreams_endpoint"]["api_key"] == "REDACTED"
+    assert target["eventstreams_endpoint"]["brokers"] == [kafka.sasl_bootstrap]
+    status, validated = await api.call("POST", f"/api/v2/targets/{target['id']}/validate")
+    assert status == 200 and validated["write_status"]["status"] == "success"
+    [record] = await read_topic(kafka.bootstrap, "audit-api")
+    assert orjson.loads(record.value)["action"] == "event-router.target.validate"
+
+    wrong = {**body, "eventstreams_endpoint": {**body["eventstreams_endpoint"], "api_key": "nope"}}
+    status, refused = await api.call("POST", "/api/v2/targets", wrong | {"name": "wrong key"})
+    assert status == 201
+    status, validated = await api.call("POST", f"/api/v2/targets/{refused['id']}/validate")
+    assert validated["write_status"]["status"] == "failed"
+    assert "refused the credentials" in validated["write_status"]["reason_for_last_failure"]

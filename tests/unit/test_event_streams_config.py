@@ -3,9 +3,11 @@ clusters, and what cannot work is refused by `check` with the field's path."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from aiokafka.errors import (
     KafkaConnectionError,
     KafkaTimeoutError,
@@ -143,3 +145,17 @@ def test_failures_are_classified() -> None:
     ]
     assert [is_retryable(e) for e in retryable] == [True] * len(retryable)
     assert [is_retryable(e) for e in permanent] == [False] * len(permanent)
+
+
+def test_the_readme_example_is_a_valid_target(monkeypatch: pytest.MonkeyPatch) -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### `event_streams`", 1)[1]
+    block = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    monkeypatch.setenv("EVENT_STREAMS_API_KEY", "an-api-key")
+    config = parse_config({"targets": yaml.safe_load(block)})
+    es = config.targets[0].endpoint
+    assert isinstance(es, EventStreamsEndpointConfig)
+    assert (es.topic, es.api_key, es.tls, es.timeout_s) == ("audit-events", "an-api-key", True, 30)
+    assert es == EventStreamsEndpointConfig(
+        target_crn=es.target_crn, brokers=es.brokers, topic=es.topic, api_key=es.api_key
+    ), "the example sets atracker's fields only; the rest are defaults"

@@ -29,7 +29,7 @@ import logging
 import ssl
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, NoReturn
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.conn import create_conn
@@ -64,6 +64,10 @@ log = logging.getLogger(__name__)
 
 EVENT_STREAMS_USER: Final = "token"
 """IBM Event Streams' SASL user name; the password is the API key."""
+
+CLOSE_FLUSH_S: Final = 5.0
+"""How long closing waits for messages in flight. Their batch is still pending in the journal
+and goes again after a restart whatever happens; waiting only spares duplicates."""
 
 RECORD_OVERHEAD_BYTES: Final = 512
 """Room a message takes beside its key, value and headers (record and batch framing)."""
@@ -394,7 +398,7 @@ class EventStreamsTarget:
             if flight.future.done() and _failure(flight.future) is None
         }
         if producer is not None:
-            await _stop(producer, self.endpoint.timeout_s, self.id)
+            await _stop(producer, min(self.endpoint.timeout_s, CLOSE_FLUSH_S), self.id)
 
     @staticmethod
     def _ids(batch: Sequence[Event]) -> set[str]:
@@ -450,12 +454,7 @@ class EventStreamsTarget:
             if error is None:
                 continue
             if isinstance(error, PERMANENT_FOR_BATCH):
-                self._forget(batch)
-                raise PermanentDeliveryError(
-                    self.id,
-                    f"Kafka refused the messages to topic {self.endpoint.topic!r}: "
-                    f"{describe(error)}",
-                )
+                self._refuse_all(batch, error)
             if is_retryable(error):
                 failures[describe(error)] = failures.get(describe(error), 0) + 1
             else:
@@ -478,6 +477,24 @@ class EventStreamsTarget:
                 refused=refused,
             )
 
+    def _refuse_all(self, batch: Sequence[Event], error: BaseException) -> NoReturn:
+        """Credentials or authorisation refused: permanent for every message not yet
+        acknowledged (one Kafka took before the refusal stays delivered)."""
+        acked = {
+            event.id
+            for event in batch
+            if (flight := self._flights.get(event.id)) is not None
+            and flight.future.done()
+            and _failure(flight.future) is None
+        }
+        self._forget(batch)
+        message = f"Kafka refused the messages to topic {self.endpoint.topic!r}: {describe(error)}"
+        if not acked:
+            raise PermanentDeliveryError(self.id, message)
+        why = describe(error)
+        refused = {event.id: why for event in batch if event.id not in acked}
+        raise PermanentDeliveryError(self.id, message, refused=refused)
+
     def _forget(self, batch: Sequence[Event]) -> None:
         for event in batch:
             self._flights.pop(event.id, None)
@@ -488,12 +505,12 @@ class EventStreamsTarget:
         raise PermanentDeliveryError(self.id, f"producing to Kafka: {describe(exc)}") from exc
 
     async def close(self) -> None:
-        """Flush what is in flight for at most timeout_s, then stop. Messages still
+        """Flush what is in flight for a few seconds, then stop. Messages still
         unacknowledged stay pending in the journal and go again after a restart."""
         producer, self._producer = self._producer, None
         self._flights.clear()
         if producer is not None:
-            await _stop(producer, self.endpoint.timeout_s, self.id)
+            await _stop(producer, min(self.endpoint.timeout_s, CLOSE_FLUSH_S), self.id)
 
 
 async def _stop(producer: AIOKafkaProducer, timeout_s: float, target_id: str) -> None:

@@ -15,7 +15,9 @@ once) and sends only what failed, never a message Kafka already acknowledged. Fa
 connections, timeouts and what Kafka marks retriable are retryable; refused credentials,
 topic and cluster authorisation are permanent for the batch; a message the broker refuses as
 too large (sent alone, since Kafka judges a whole record batch) is permanent for that event
-only, which the worker dead-letters while the rest of the batch counts as delivered.
+only, which the worker dead-letters while the rest of the batch counts as delivered. When
+Kafka no longer accepts the producer's sequence numbers (aiokafka can let a batch expire
+during a long outage after it took its numbers), a new producer takes over.
 
 Across a crash of the daemon the promise is at-least-once: a message Kafka stored whose
 acknowledgement the journal never recorded is sent again, by a new producer, after restart.

@@ -21,14 +21,14 @@ from router.app import Daemon
 from router.config import parse_config
 from tests.conftest import StartDaemon
 from tests.fakes import make_event, read_ndjson, wait_for
-from tests.integration.test_delivery import (
+from tests.helpers import (
     ReceiverFactory,
     assert_books_balance,
     everything_to,
+    file_target,
     http_target,
     settled,
 )
-from tests.integration.test_ingest import file_target
 
 ADMIN = "an-admin-token-for-the-api-0001"
 INGEST = "an-ingest-token-for-the-api-001"

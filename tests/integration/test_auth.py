@@ -23,7 +23,7 @@ from router.selfevent import instance_crn, router_event
 from router.validation import EventValidator
 from tests.conftest import StartDaemon
 from tests.fakes import make_event, read_ndjson, sm_crn, wait_for
-from tests.integration.test_ingest import file_target
+from tests.helpers import file_target
 
 INGEST_TOKEN = "ingest-token-0123456789abcdef"
 SM_TOKEN = "sm-only-token-0123456789abcdef"

@@ -16,7 +16,7 @@ from router.app import Daemon
 from router.config import RefusalEventsConfig
 from tests.conftest import StartDaemon
 from tests.fakes import make_event, wait_for
-from tests.integration.test_ingest import file_target, post
+from tests.helpers import file_target, post
 
 
 @pytest.fixture

@@ -16,8 +16,7 @@ from router.resources import schemas_dir
 from router.validation import EventValidator
 from tests.conftest import StartDaemon
 from tests.fakes import make_event, read_ndjson, wait_for
-from tests.integration.test_delivery import ReceiverFactory, everything_to, http_target
-from tests.integration.test_ingest import file_target, post
+from tests.helpers import ReceiverFactory, everything_to, file_target, http_target, post
 
 
 def test_the_test_event_passes_the_routers_own_validation() -> None:

@@ -20,26 +20,23 @@ from router.errors import ConfigError
 from router.events import Event
 from router.journal import SqliteJournal
 from tests.conftest import StartDaemon
-from tests.fakes import (
-    free_port,
-    make_event,
-    read_ndjson,
-    ready,
-    reap,
-    serve,
-    spawn,
-    terminate,
-    wait_for,
-)
-from tests.integration.test_delivery import (
+from tests.fakes import make_event, read_ndjson, wait_for
+from tests.helpers import (
     ReceiverFactory,
     assert_books_balance,
     everything_to,
+    file_target,
+    free_port,
     http_target,
     journal_write_locked,
+    post,
+    ready,
+    reap,
+    serve,
     settled,
+    spawn,
+    terminate,
 )
-from tests.integration.test_ingest import file_target, post
 from tests.unit.test_config import alias_bomb
 
 

@@ -16,7 +16,7 @@ from router.errors import ConfigError
 from router.servertls import server_context
 from tests.conftest import StartDaemon
 from tests.fakes import make_event
-from tests.integration.test_ingest import file_target
+from tests.helpers import file_target
 
 
 def tls_config(pki: Path, tmp_path: Path, **tls: Any) -> dict[str, Any]:

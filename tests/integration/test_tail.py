@@ -20,7 +20,7 @@ from router.query import MAX_NESTING, parse
 from router.tail import SseMessage, TailHub, follow, sse_messages
 from tests.conftest import StartDaemon
 from tests.fakes import make_event, wait_for
-from tests.integration.test_ingest import file_target, post
+from tests.helpers import file_target, post
 
 
 def denied(event_id: str) -> dict[str, Any]:

@@ -397,7 +397,7 @@ async def test_a_worker_that_keeps_failing_shows_in_write_status_metrics_and_rea
     }
     config = parse_config(data)
     daemon = Daemon(config, ConfigSource(None, data))
-    target = FlawedFileTarget.from_config(config.target("archive"))
+    target = FlawedFileTarget("archive", config.target("archive").endpoint)
     daemon.targets["archive"] = target
     await daemon.start()
     try:

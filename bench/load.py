@@ -36,8 +36,8 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from router.intake.validation import EventValidator
 from router.resources import schemas_dir
-from router.validation import EventValidator
 from tests.fakes import make_event
 from tests.helpers import free_port, ready, reap, spawn, terminate
 

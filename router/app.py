@@ -34,14 +34,15 @@ from router.deadletter import DeadLetters, Failure, Letter, LetterFilter, parse_
 from router.delivery import DeliveryWorker
 from router.errors import ConfigError, RequestError, RouterError
 from router.events import Event
-from router.ingest import Ingest, error_response, json_response
+from router.intake.http import Ingest, error_response, json_response
+from router.intake.redaction import Redactor
+from router.intake.validation import EventValidator
 from router.journal import Entry, SqliteJournal
 from router.listener import ClientFaultLog, DeadlineSite
 from router.logformat import counted
 from router.metrics import IngestStats, TargetStats
 from router.probe import ProbeResult, probe
 from router.prometheus import CONTENT_TYPE, DaemonMetrics
-from router.redaction import Redactor
 from router.reload import ReloadPlan, config_digest, plan_reload
 from router.resources import schemas_dir
 from router.routing import RouteTable
@@ -49,7 +50,6 @@ from router.selfevent import instance_crn, router_event
 from router.servertls import server_context
 from router.tail import TailHub
 from router.targets import Target, build_target
-from router.validation import EventValidator
 
 log = logging.getLogger(__name__)
 

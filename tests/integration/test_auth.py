@@ -17,10 +17,10 @@ import pytest
 
 from router.app import Daemon
 from router.auth import LOGIN_ACTION
+from router.intake.validation import EventValidator
 from router.query import parse
 from router.resources import schemas_dir
 from router.selfevent import instance_crn, router_event
-from router.validation import EventValidator
 from tests.conftest import StartDaemon
 from tests.fakes import make_event, read_ndjson, sm_crn, wait_for
 from tests.helpers import file_target

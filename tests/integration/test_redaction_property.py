@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from router.redaction import HASH_PREFIX, MASK
+from router.intake.redaction import HASH_PREFIX, MASK
 from tests.conftest import StartDaemon
 from tests.fakes import make_event, read_ndjson, wait_for
 from tests.helpers import ReceiverFactory, everything_to, file_target, http_target, post

@@ -35,15 +35,15 @@ from router.config import ServerConfig, StorageConfig
 from router.deadletter import DeadLetters, Failure
 from router.errors import RequestError, RouterError
 from router.events import Event
+from router.intake.limits import exact_numbers, may_alter_numbers, number_problems, shape_problems
+from router.intake.redaction import Redactor
+from router.intake.validation import EventValidator, Problem
 from router.journal import Journal, JournalFullError
-from router.limits import exact_numbers, may_alter_numbers, number_problems, shape_problems
 from router.logformat import counted
 from router.metrics import IngestStats
-from router.redaction import Redactor
 from router.routing import RouteTable
 from router.selfevent import SERVICE
 from router.tail import TailHub
-from router.validation import EventValidator, Problem
 
 log = logging.getLogger(__name__)
 

@@ -34,6 +34,7 @@ from router.deadletter import DeadLetters, Failure, Letter, LetterFilter, parse_
 from router.delivery import DeliveryWorker
 from router.errors import ConfigError, RequestError, RouterError
 from router.events import Event
+from router.intake.accept import Acceptor
 from router.intake.http import Ingest, error_response, json_response
 from router.intake.redaction import Redactor
 from router.intake.validation import EventValidator
@@ -101,10 +102,10 @@ class Daemon:
 
     def _build_app(self) -> web.Application:
         async def record(body: dict[str, Any]) -> None:
-            await ingest.accept_own(body)  # bound below; called only once requests arrive
+            await acceptor.accept_own(body)  # bound below; called only once requests arrive
 
         self.guard = Guard.build(self.config.auth, record, self.config.server)
-        self.ingest = ingest = Ingest(
+        self.acceptor = acceptor = Acceptor(
             server=self.config.server,
             validator=self.validator,
             routes=self.routes,
@@ -115,6 +116,9 @@ class Daemon:
             tail=self.tail,
             refusals=self.guard.refusals,
             redactor=self.redactor,
+        )
+        self.ingest = ingest = Ingest(
+            server=self.config.server, stats=self.ingest_stats, acceptor=acceptor
         )
         app = web.Application(
             client_max_size=self.config.server.max_body_bytes, middlewares=[self.guard.middleware]
@@ -347,11 +351,9 @@ class Daemon:
             self._leaving[target_id] = old.target(target_id)
         # From here on every new request routes with the new table; requests that routed with
         # the old one have all reached the journal (or will, via its retired-target path).
-        async with self.ingest.paused():
-            self.config = new
-            self.validator = self.ingest.validator = validator
-            self.routes = self.ingest.routes = routes
-            self.redactor = self.ingest.redactor = redactor
+        await self.acceptor.swap(validator=validator, routes=routes, redactor=redactor)
+        self.config = new  # no await since the swap: no offer sees one without the other
+        self.validator, self.routes, self.redactor = validator, routes, redactor
         for target_id in plan.changed + plan.removed:
             await self._stop_worker(target_id)
         for target_id in plan.removed:
@@ -421,7 +423,7 @@ class Daemon:
         """Journal an event of the router itself; a failure is logged, never raised into the
         operation it reports on."""
         try:
-            await self.ingest.accept_own(body)
+            await self.acceptor.accept_own(body)
         except (RouterError, OSError):
             log.exception("the router's own %s event could not be journaled", body["action"])
 

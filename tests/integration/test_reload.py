@@ -558,11 +558,11 @@ async def test_a_shed_during_the_retire_of_a_removed_target_dead_letters_each_ev
         await wait_for(
             lambda: bool(letter_lock._waiters), what="the retire to wait for the dead-letter file"
         )
-        shedding = asyncio.create_task(daemon.ingest.accept([make_event(id="late")]))
+        shedding = asyncio.create_task(daemon.acceptor.accept([make_event(id="late")]))
         await asyncio.sleep(0)  # the shed starts (and, unguarded, reads the same oldest rows)
     await reload
-    response = await shedding
-    assert response.status == 202
+    outcome = await shedding
+    assert outcome.accepted == 1 and outcome.refusal is None
     await wait_for(lambda: settled(daemon))
     letters = Counter(
         letter["event"]["id"]

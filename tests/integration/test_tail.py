@@ -211,7 +211,7 @@ async def test_slow_subscriber_drops_and_counts_without_blocking_publish() -> No
 async def test_ingest_queues_a_batch_once_however_many_clients_tail(daemon: Daemon) -> None:
     # 300 idle tails made ingest 10x slower: it matched and queued every event for every one.
     subscribers = [daemon.tail.subscribe(None) for _ in range(300)]
-    await daemon.ingest.accept([make_event(id=f"e-{i}") for i in range(20)])
+    await daemon.acceptor.accept([make_event(id=f"e-{i}") for i in range(20)])
     # Ingest has returned; the fan-out task has not run yet: one batch queued, no client fed.
     assert daemon.tail.backlog == 1
     assert not any(s.pending for s in subscribers)
@@ -342,6 +342,6 @@ async def test_tail_command_sends_the_admin_token(
         )
     )
     await wait_for(lambda: len(daemon.tail.subscribers) == 1, what="the command to subscribe")
-    await daemon.ingest.accept([make_event(id="seen")])
+    await daemon.acceptor.accept([make_event(id="seen")])
     assert await asyncio.wait_for(command, timeout=10) == 0
     assert orjson.loads(capsys.readouterr().out)["id"] == "seen"

@@ -103,3 +103,22 @@ def test_only_the_command_line_imports_the_daemon() -> None:
     assert importers == {"router.cli"}
     hinted = {name for name, path in MODULES.items() if DAEMON in imports(path, type_hints=True)}
     assert hinted - {"router.cli"} == DAEMON_TYPE_HINTS
+
+
+def test_the_acceptor_knows_no_http() -> None:
+    # Any way in (HTTP, another process, a NATS subject) hands items to the acceptor.
+    path = MODULES["router.intake.accept"]
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    top = {
+        alias.name.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    } | {
+        node.module.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module
+    }
+    assert "aiohttp" not in top
+    http_side = {"router.intake.http", "router.auth", "router.tail", "router.listener"}
+    assert not imports(path, type_hints=False) & http_side

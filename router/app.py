@@ -38,7 +38,7 @@ from router.intake.accept import Acceptor
 from router.intake.http import Ingest, error_response, json_response
 from router.intake.redaction import Redactor
 from router.intake.validation import EventValidator
-from router.journal import Entry, SqliteJournal
+from router.journal.sqlite import Entry, SqliteJournal
 from router.listener import ClientFaultLog, DeadlineSite
 from router.logformat import counted
 from router.metrics import IngestStats, TargetStats

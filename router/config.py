@@ -36,7 +36,7 @@ from router.targets.file import FileEndpointConfig
 from router.targets.http import HttpAuthConfig, HttpEndpointConfig, SigningConfig
 
 MiB = 1024 * 1024
-# The names of what lives under storage.path (router/journal.py, router/deadletter.py, api).
+# The names of what lives under storage.path (router/journal/sqlite.py, router/deadletter.py, api).
 JOURNAL_FILE = "journal.db"
 JOURNAL_LOCK_FILE = "journal.lock"  # held by the one daemon that owns the journal
 DEAD_LETTER_DIR = "deadletter"

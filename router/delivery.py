@@ -35,7 +35,7 @@ from router.errors import (
     RetryableDeliveryError,
     UnexpectedDeliveryError,
 )
-from router.journal import Entry, Journal
+from router.journal.sqlite import Entry, Journal
 from router.logformat import counted
 from router.metrics import TargetStats
 from router.probe import probe

@@ -32,7 +32,7 @@ from router.events import Event
 from router.intake.limits import shape_problems
 from router.intake.redaction import Redactor
 from router.intake.validation import EventValidator, Problem
-from router.journal import Journal, JournalFullError
+from router.journal.sqlite import Journal, JournalFullError
 from router.logformat import counted
 from router.metrics import IngestStats
 from router.routing import RouteTable

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from router.app import Daemon
-from router.journal import FREE_PAGES_BEFORE_SHRINK
+from router.journal.sqlite import FREE_PAGES_BEFORE_SHRINK
 from router.metrics import utc_iso
 from tests.conftest import StartDaemon
 from tests.fakes import ScriptedReceiver, make_event, read_ndjson, wait_for

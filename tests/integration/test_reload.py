@@ -18,7 +18,7 @@ from router.app import Daemon
 from router.config import StorageConfig, parse_config
 from router.errors import ConfigError
 from router.events import Event
-from router.journal import SqliteJournal
+from router.journal.sqlite import SqliteJournal
 from tests.conftest import StartDaemon
 from tests.fakes import make_event, read_ndjson, wait_for
 from tests.helpers import (

@@ -18,7 +18,7 @@ Concurrent `append` calls share one transaction and one fsync (group commit). Al
 runs on one dedicated thread so the event loop never blocks on disk. A record whose CRC does
 not match is quarantined with a log line and a counter, and dead-lettered. A database file that
 fails its integrity check at start-up is moved aside and every record whose bytes survive is
-read back from its pages (router/salvage.py); what did not survive is counted as lost in the
+read back from its pages (router/journal/salvage.py); what did not survive is counted as lost in the
 books, so received = delivered + dead_lettered + pending + lost still holds. The process holds
 an exclusive lock on the directory for its life: one journal, one daemon.
 """
@@ -44,8 +44,8 @@ from router.appendfile import make_private_dirs
 from router.config import JOURNAL_FILE, JOURNAL_LOCK_FILE, StorageConfig
 from router.errors import RouterError, StorageLockedError
 from router.events import Event
+from router.journal.salvage import BooksRow, DeliveryRow, EventRow, scan
 from router.logformat import counted
-from router.salvage import BooksRow, DeliveryRow, EventRow, scan
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,8 @@ from router.intake.accept import Acceptor
 from router.intake.http import Ingest, error_response, json_response
 from router.intake.redaction import Redactor
 from router.intake.validation import EventValidator
-from router.journal.sqlite import Entry, SqliteJournal
+from router.journal import Entry
+from router.journal.sqlite import SqliteJournal
 from router.listener import ClientFaultLog, DeadlineSite
 from router.logformat import counted
 from router.metrics import IngestStats, TargetStats

@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 
 from router.appendfile import AppendOnlyFile, replace_atomically
-from router.journal.sqlite import Entry
+from router.journal import Entry
 from router.metrics import utc_iso
 
 Letter = dict[str, Any]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from router.events import Event
 from router.intake.limits import shape_problems
 from router.intake.redaction import Redactor
 from router.intake.validation import EventValidator, Problem
-from router.journal.sqlite import Journal, JournalFullError
+from router.journal import Journal, JournalFullError, JournalUnavailableError
 from router.logformat import counted
 from router.metrics import IngestStats
 from router.routing import RouteTable
@@ -193,7 +192,7 @@ class Acceptor:
                         "journal_full", f"{exc}; retry later", self.storage.full_retry_after_s
                     )
                 )
-            except (OSError, sqlite3.Error) as exc:
+            except (OSError, JournalUnavailableError) as exc:
                 log.error("journal append failed: %s", exc)
                 self.stats.refuse("journal_unavailable")
                 return Outcome(

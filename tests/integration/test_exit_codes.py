@@ -19,7 +19,7 @@ from router.app import Daemon
 from router.deadletter import DeadLetters, Failure
 from router.delivery import unsendable_failure
 from router.events import Event
-from router.journal.sqlite import Entry
+from router.journal import Entry
 from tests.conftest import StartDaemon
 from tests.fakes import make_event
 from tests.helpers import everything_to, file_target, free_port, http_target

@@ -122,3 +122,22 @@ def test_the_acceptor_knows_no_http() -> None:
     assert "aiohttp" not in top
     http_side = {"router.intake.http", "router.auth", "router.tail", "router.listener"}
     assert not imports(path, type_hints=False) & http_side
+
+
+def test_nothing_sqlite_leaks_past_the_journals_sqlite_backend() -> None:
+    # Intake and delivery see the Journal protocol; only the daemon picks the backend.
+    for name, path in MODULES.items():
+        if name.startswith("router.journal") or name == DAEMON:
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        modules = {
+            alias.name
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Import)
+            for alias in node.names
+        }
+        modules |= {
+            node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+        }
+        assert "sqlite3" not in modules, name
+        assert "router.journal.sqlite" not in modules, name

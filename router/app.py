@@ -21,8 +21,6 @@ import orjson
 from aiohttp import web
 
 from router import __version__
-from router.api import ConfigSource, ManagementApi
-from router.auth import Guard
 from router.config import (
     Config,
     RefusalEventsConfig,
@@ -40,17 +38,19 @@ from router.intake.redaction import Redactor
 from router.intake.validation import EventValidator
 from router.journal import Entry
 from router.journal.sqlite import SqliteJournal
-from router.listener import ClientFaultLog, DeadlineSite
-from router.logformat import counted
-from router.metrics import IngestStats, TargetStats
+from router.observe.logformat import counted
+from router.observe.metrics import IngestStats, TargetStats
+from router.observe.prometheus import CONTENT_TYPE, DaemonMetrics
 from router.probe import ProbeResult, probe
-from router.prometheus import CONTENT_TYPE, DaemonMetrics
 from router.reload import ReloadPlan, config_digest, plan_reload
 from router.resources import schemas_dir
 from router.routing import RouteTable
 from router.selfevent import instance_crn, router_event
-from router.servertls import server_context
-from router.tail import TailHub
+from router.server.api import ConfigSource, ManagementApi
+from router.server.auth import Guard
+from router.server.listener import ClientFaultLog, DeadlineSite
+from router.server.servertls import server_context
+from router.server.tail import TailHub
 from router.targets import Target, build_target
 
 log = logging.getLogger(__name__)

@@ -35,8 +35,8 @@ from router.errors import (
     UnexpectedDeliveryError,
 )
 from router.journal import Entry, Journal, JournalUnavailableError
-from router.logformat import counted
-from router.metrics import TargetStats
+from router.observe.logformat import counted
+from router.observe.metrics import TargetStats
 from router.probe import probe
 from router.targets import Target
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from router.errors import DeliveryError
 from router.events import Event
-from router.metrics import TargetStats
+from router.observe.metrics import TargetStats
 from router.selfevent import instance_crn, router_event
 from router.targets import Target
 

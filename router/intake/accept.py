@@ -32,14 +32,14 @@ from router.intake.limits import shape_problems
 from router.intake.redaction import Redactor
 from router.intake.validation import EventValidator, Problem
 from router.journal import Journal, JournalFullError, JournalUnavailableError
-from router.logformat import counted
-from router.metrics import IngestStats
+from router.observe.logformat import counted
+from router.observe.metrics import IngestStats
 from router.routing import RouteTable
 from router.selfevent import SERVICE
 
 if TYPE_CHECKING:  # what an acceptor is handed, not what it imports: they speak HTTP
-    from router.auth import Caller, Refusals
-    from router.tail import TailHub
+    from router.server.auth import Caller, Refusals
+    from router.server.tail import TailHub
 
 log = logging.getLogger(__name__)
 

@@ -30,12 +30,12 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from router.auth import CALLER
 from router.config import ServerConfig
 from router.errors import RequestError
 from router.intake.accept import Acceptor, Altered, Malformed, Outcome
 from router.intake.limits import exact_numbers, may_alter_numbers, number_problems
-from router.metrics import IngestStats
+from router.observe.metrics import IngestStats
+from router.server.auth import CALLER
 
 log = logging.getLogger(__name__)
 

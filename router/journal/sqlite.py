@@ -46,7 +46,7 @@ from router.errors import StorageLockedError
 from router.events import Event
 from router.journal import Books, Entry, JournalFullError, JournalUnavailableError
 from router.journal.salvage import BooksRow, DeliveryRow, EventRow, scan
-from router.logformat import counted
+from router.observe.logformat import counted
 
 log = logging.getLogger(__name__)
 

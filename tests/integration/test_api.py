@@ -16,9 +16,9 @@ import aiohttp
 import pytest
 import yaml
 
-from router.api import ConfigSource
 from router.app import Daemon
 from router.config import parse_config
+from router.server.api import ConfigSource
 from tests.conftest import StartDaemon
 from tests.fakes import make_event, read_ndjson, wait_for
 from tests.helpers import (

@@ -9,10 +9,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from router.api import ConfigSource
 from router.app import Daemon
 from router.config import parse_config
 from router.events import Event
+from router.server.api import ConfigSource
 from router.targets.file import FileTarget
 from tests.conftest import StartDaemon
 from tests.fakes import RedirectingReceiver, ScriptedReceiver, make_event, read_ndjson, wait_for

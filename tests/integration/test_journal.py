@@ -17,7 +17,7 @@ import yaml
 
 from router.app import Daemon
 from router.journal.sqlite import FREE_PAGES_BEFORE_SHRINK
-from router.metrics import utc_iso
+from router.observe.metrics import utc_iso
 from tests.conftest import StartDaemon
 from tests.fakes import ScriptedReceiver, make_event, read_ndjson, wait_for
 from tests.helpers import (

@@ -13,7 +13,7 @@ import pytest
 from router.app import Daemon
 from router.config import ServerTlsConfig, parse_config
 from router.errors import ConfigError
-from router.servertls import server_context
+from router.server.servertls import server_context
 from tests.conftest import StartDaemon
 from tests.fakes import make_event
 from tests.helpers import file_target

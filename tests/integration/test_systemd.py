@@ -19,7 +19,7 @@ import orjson
 import pytest
 
 from router.config import ShutdownConfig
-from router.sdnotify import notify
+from router.observe.sdnotify import notify
 from tests.fakes import make_event
 from tests.helpers import free_port, ready, spawn
 from tests.integration.test_process import write_config

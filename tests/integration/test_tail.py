@@ -17,7 +17,7 @@ from router.app import Daemon
 from router.cli import main
 from router.events import Event
 from router.query import MAX_NESTING, parse
-from router.tail import SseMessage, TailHub, follow, sse_messages
+from router.server.tail import SseMessage, TailHub, follow, sse_messages
 from tests.conftest import StartDaemon
 from tests.fakes import make_event, wait_for
 from tests.helpers import file_target, post

@@ -41,9 +41,9 @@ from aiohttp import web
 
 from router.errors import QueryError
 from router.events import Event
-from router.listener import on_close
-from router.logformat import counted
+from router.observe.logformat import counted
 from router.query import Query, parse
+from router.server.listener import on_close
 
 log = logging.getLogger(__name__)
 

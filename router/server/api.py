@@ -35,7 +35,6 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import YAMLError
 
 from router.appendfile import replace_atomically
-from router.auth import CALLER
 from router.config import (
     API_METADATA_FILE,
     Config,
@@ -46,9 +45,10 @@ from router.config import (
 )
 from router.errors import ConfigError
 from router.masking import masked
-from router.metrics import utc_iso
+from router.observe.metrics import utc_iso
 from router.reload import config_digest
 from router.selfevent import instance_crn, router_event
+from router.server.auth import CALLER
 from router.targets import TARGET_TYPES
 from router.targets.file import FileEndpointConfig
 

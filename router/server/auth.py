@@ -55,7 +55,7 @@ from aiohttp.typedefs import Handler
 from router.config import AuthConfig, RefusalEventsConfig, ServerConfig, TokenConfig
 from router.events import crn_service
 from router.intake.validation import Problem
-from router.logformat import counted
+from router.observe.logformat import counted
 from router.selfevent import clip, instance_crn, router_event
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ import orjson
 
 from router.config import Config
 from router.deadletter import LetterFilter, read_letters
-from router.logformat import counted
+from router.observe.logformat import counted
 
 TABLE_COLUMNS = ("last_attempt_at", "reason", "status", "event_id", "action", "route")
 # Why letters the daemon skipped in a redrive stay where they are (the daemon names the why).

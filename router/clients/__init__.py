@@ -1,0 +1,3 @@
+"""The command line's clients: of a running daemon (dlq's redrive, tail) and of the archives
+on disk (search, dlq's list and show).
+"""

@@ -405,9 +405,10 @@ def _query(args: argparse.Namespace) -> int:
 
 
 def _tail(args: argparse.Namespace, config: Config) -> int:
-    from router.server.tail import follow
+    from router.clients import base_url
+    from router.clients.tail import follow
 
-    url = args.url or f"http://{config.server.host}:{config.server.port}"
+    url = base_url(config, args.url)
     try:
         token = admin_token(args.token_file)
     except OSError as exc:

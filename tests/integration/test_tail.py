@@ -15,9 +15,10 @@ import pytest
 
 from router.app import Daemon
 from router.cli import main
+from router.clients.tail import SseMessage, follow, sse_messages
 from router.events import Event
 from router.query import MAX_NESTING, parse
-from router.server.tail import SseMessage, TailHub, follow, sse_messages
+from router.server.tail import TailHub
 from tests.conftest import StartDaemon
 from tests.fakes import make_event, wait_for
 from tests.helpers import file_target, post

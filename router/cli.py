@@ -306,7 +306,7 @@ def admin_token(token_file: Path | None) -> str | None:
 async def _serve(
     path: Path, data: dict[str, Any], config: Config, overrides: Callable[[Config], Config]
 ) -> None:
-    from router.app import Daemon
+    from router.daemon import Daemon
     from router.server.api import ConfigSource
 
     stop = asyncio.Event()

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from router.app import Daemon
 from router.config import parse_config
+from router.daemon import Daemon
 from router.server.api import ConfigSource
 from tests.fakes import ScriptedReceiver
 

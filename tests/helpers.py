@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from router.app import Daemon
+from router.daemon import Daemon
 from tests.fakes import ScriptedReceiver, wait_for
 
 ReceiverFactory = Callable[..., Awaitable[ScriptedReceiver]]

@@ -53,7 +53,7 @@ from router.targets import TARGET_TYPES
 from router.targets.file import FileEndpointConfig
 
 if TYPE_CHECKING:
-    from router.app import Daemon
+    from router.daemon import Daemon
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ import aiohttp
 import pytest
 import yaml
 
-from router.app import Daemon
 from router.config import parse_config
+from router.daemon import Daemon
 from router.server.api import ConfigSource
 from tests.conftest import StartDaemon
 from tests.fakes import make_event, read_ndjson, wait_for

@@ -15,7 +15,7 @@ import aiohttp
 import orjson
 import pytest
 
-from router.app import Daemon
+from router.daemon import Daemon
 from router.intake.validation import EventValidator
 from router.query import parse
 from router.resources import schemas_dir

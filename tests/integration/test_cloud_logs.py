@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 import pytest
 
-from router.app import Daemon
+from router.daemon import Daemon
 from router.iam import IamTokenSource
 from router.targets.cloud_logs import ingress_url
 from tests.conftest import StartDaemon

@@ -9,8 +9,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from router.app import Daemon
 from router.config import parse_config
+from router.daemon import Daemon
 from router.events import Event
 from router.server.api import ConfigSource
 from router.targets.file import FileTarget

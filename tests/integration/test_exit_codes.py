@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from router.app import Daemon
+from router.daemon import Daemon
 from router.deadletter import DeadLetters, Failure
 from router.delivery import unsendable_failure
 from router.events import Event

@@ -12,7 +12,7 @@ import aiohttp
 import orjson
 import pytest
 
-from router.app import Daemon
+from router.daemon import Daemon
 from tests.conftest import StartDaemon
 from tests.fakes import make_event, read_ndjson, wait_for
 from tests.helpers import file_target, post

@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 import yaml
 
-from router.app import Daemon
+from router.daemon import Daemon
 from router.journal.sqlite import FREE_PAGES_BEFORE_SHRINK
 from router.observe.metrics import utc_iso
 from tests.conftest import StartDaemon
@@ -84,7 +84,7 @@ async def test_pending_events_survive_a_restart_and_the_books_too(
 async def test_the_stop_line_says_which_counts_are_this_runs_and_which_all_time(
     start_daemon: StartDaemon, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="router.app")
+    caplog.set_level(logging.INFO, logger="router.daemon")
     archive = tmp_path / "archive.ndjson"
     config = {"targets": [file_target("archive", archive)], "routes": everything_to("archive")}
     for run, count in enumerate((3, 2)):

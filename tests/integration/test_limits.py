@@ -12,8 +12,8 @@ import aiohttp
 import orjson
 import pytest
 
-from router.app import Daemon
 from router.config import RefusalEventsConfig
+from router.daemon import Daemon
 from tests.conftest import StartDaemon
 from tests.fakes import make_event, wait_for
 from tests.helpers import file_target, post

@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from router.app import Daemon
+from router.daemon import Daemon
 from tests.conftest import StartDaemon
 from tests.fakes import ScriptedReceiver, make_event, wait_for
 from tests.helpers import everything_to, file_target, http_target, post, settled

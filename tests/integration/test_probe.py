@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from router.app import Daemon
 from router.cli import main
 from router.config import parse_config
+from router.daemon import Daemon
 from router.intake.validation import EventValidator
 from router.probe import ACTION, validation_event
 from router.resources import schemas_dir

@@ -14,8 +14,8 @@ import orjson
 import pytest
 import yaml
 
-from router.app import Daemon
 from router.config import StorageConfig, parse_config
+from router.daemon import Daemon
 from router.errors import ConfigError
 from router.events import Event
 from router.journal.sqlite import SqliteJournal

@@ -10,8 +10,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from router.app import Daemon
 from router.config import ServerTlsConfig, parse_config
+from router.daemon import Daemon
 from router.errors import ConfigError
 from router.server.servertls import server_context
 from tests.conftest import StartDaemon

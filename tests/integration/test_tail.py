@@ -13,9 +13,9 @@ import aiohttp
 import orjson
 import pytest
 
-from router.app import Daemon
 from router.cli import main
 from router.clients.tail import SseMessage, follow, sse_messages
+from router.daemon import Daemon
 from router.events import Event
 from router.query import MAX_NESTING, parse
 from router.server.tail import TailHub

@@ -9,7 +9,7 @@ from pathlib import Path
 import router
 
 ROOT = Path(router.__file__).resolve().parent
-DAEMON = "router.app"  # the module that holds Daemon
+DAEMON = "router.daemon"  # the module that holds Daemon
 # Modules that still name the Daemon for their type hints only (under TYPE_CHECKING), reading
 # its attributes; issue 11 gives them narrow interfaces instead. The list only shrinks.
 DAEMON_TYPE_HINTS = {"router.server.api", "router.observe.prometheus"}

@@ -25,23 +25,22 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.helpers import create_ssl_context
 
-from router.app import Daemon
+from router.daemon import Daemon
 from tests.conftest import StartDaemon
-from tests.fakes import (
-    ACCOUNT,
+from tests.fakes import ACCOUNT, make_event, read_ndjson, wait_for
+from tests.helpers import (
+    assert_books_balance,
+    everything_to,
     free_port,
-    make_event,
-    read_ndjson,
+    post,
     reap,
     serve,
+    settled,
     terminate,
-    wait_for,
 )
 from tests.integration.test_api import Client
 from tests.integration.test_api import auth as api_auth
 from tests.integration.test_crash import load
-from tests.integration.test_delivery import assert_books_balance, everything_to, settled
-from tests.integration.test_ingest import post
 from tests.peers.kafka import KafkaBroker
 
 pytestmark = pytest.mark.peers

@@ -34,11 +34,12 @@ from router.deadletter import DeadLetters, Failure, Letter, LetterFilter, parse_
 from router.delivery import DeliveryWorker
 from router.errors import ConfigError, RequestError, RouterError
 from router.events import Event
+from router.evidence import Evidence
 from router.ingest import Ingest, error_response, json_response
 from router.journal import Entry, SqliteJournal
 from router.listener import ClientFaultLog, DeadlineSite
 from router.logformat import counted
-from router.metrics import IngestStats, TargetStats
+from router.metrics import IngestStats, TargetStats, utc_iso
 from router.probe import ProbeResult, probe
 from router.prometheus import CONTENT_TYPE, DaemonMetrics
 from router.redaction import Redactor
@@ -49,6 +50,7 @@ from router.selfevent import instance_crn, router_event
 from router.servertls import server_context
 from router.tail import TailHub
 from router.targets import Target, build_target
+from router.targets.file import FileTarget
 from router.validation import EventValidator
 
 log = logging.getLogger(__name__)
@@ -73,6 +75,8 @@ class Daemon:
         target_ids = [target.id for target in config.targets]
         self.journal = SqliteJournal(config.storage, target_ids)
         self.dead_letters = DeadLetters(config.storage.dead_letter_dir())
+        self.evidence = Evidence(config.evidence, self.journal, config.storage.dead_letter_dir())
+        self.dead_letters.chain_for = self.evidence.chain
         self.ingest_stats = IngestStats()
         self.target_stats = {target_id: TargetStats() for target_id in target_ids}
         self.targets: dict[str, Target] = {t.id: build_target(t) for t in config.targets}
@@ -144,6 +148,9 @@ class Daemon:
 
     async def _start(self) -> None:
         await self.journal.open()
+        await self.evidence.open()
+        for target in self.targets.values():
+            self._chain(target)
         self.journal.on_orphan = self._retire_soon
         for target_id in sorted(self.journal.orphans):
             await self._retire(target_id)
@@ -210,6 +217,7 @@ class Daemon:
                 task.cancel()
             await asyncio.gather(*self._tasks.values(), return_exceptions=True)
         await asyncio.gather(*self._retiring, return_exceptions=True)
+        await self.evidence.close()  # the final checkpoints, before the archives close
         for target in self.targets.values():
             await target.close()
         self.dead_letters.close()
@@ -255,6 +263,8 @@ class Daemon:
         for pending in late:
             pending.cancel()
         await asyncio.gather(task, return_exceptions=True)
+        await self.evidence.checkpoint(target_id)
+        self.evidence.detach(target_id)
         await self.targets.pop(target_id).close()
 
     async def reload_from(
@@ -359,6 +369,7 @@ class Daemon:
             self.target_stats.pop(target_id, None)
             del self._leaving[target_id]
         for target_id, target in built.items():
+            self._chain(target)
             self.targets[target_id] = target
             try:
                 await target.start()
@@ -416,6 +427,11 @@ class Daemon:
             },
         )
         await self.record_own(body)
+
+    def _chain(self, target: Target) -> None:
+        """A file target writes its archive as a chain (router/evidence), when evidence is on."""
+        if isinstance(target, FileTarget):
+            target.chain = self.evidence.attach(target.id, target.write_line)
 
     async def record_own(self, body: dict[str, Any]) -> None:
         """Journal an event of the router itself; a failure is logged, never raised into the
@@ -481,6 +497,14 @@ class Daemon:
                 "worker_failing": target_id in failing,
                 "write_status": stats.write_status.as_dict(),
             }
+            chain = self.evidence.chains.get(target_id)
+            if chain is not None:
+                at = chain.checkpointed_at
+                targets[target_id]["evidence"] = {
+                    "chain_seq": chain.seq,
+                    "checkpoint_seq": chain.checkpointed_seq,
+                    "last_checkpoint_at": utc_iso(at) if at is not None else None,
+                }
         ingest = self.ingest_stats
         return {
             "version": __version__,

@@ -1,0 +1,405 @@
+"""Evidence: the file target's hash chain, signed checkpoints, and `event-router verify`.
+
+Every archive here is written by a real daemon; tampering with it is then reported at the exact
+place, and an untouched one verifies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import functools
+import gzip
+import io
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from router.api import ConfigSource
+from router.app import Daemon
+from router.config import parse_config
+from router.evidence.canonical import split_line
+from router.evidence.checkpoint import PREFIX, SIG_MEMBER, is_checkpoint
+from router.evidence.keys import generate, load_public
+from router.evidence.verify import EN_DASH, Broken, Report, Verifier, verify_files
+from tests.conftest import FAST_DELIVERY, StartDaemon
+from tests.fakes import make_event, wait_for
+from tests.integration.test_delivery import assert_books_balance, everything_to, settled
+from tests.integration.test_ingest import post
+
+HINT = " (dead letters: give their file too)"
+
+
+def chained_file_target(path: Path, **endpoint: Any) -> dict[str, Any]:
+    return {
+        "id": "us",
+        "target_type": "file",
+        "file_endpoint": {"path": str(path), "fsync": False, **endpoint},
+    }
+
+
+def verify(paths: list[Path], key: Path | None = None, **kwargs: Any) -> Report:
+    public = load_public(key) if key is not None else None
+    return verify_files(paths, Verifier(public_key=public, **kwargs))
+
+
+def archive_files(directory: Path, name: str = "us.ndjson") -> list[Path]:
+    return sorted(directory.glob(name + "*"))
+
+
+async def write_archive(
+    start_daemon: StartDaemon,
+    tmp_path: Path,
+    *,
+    events: int = 60,
+    per_post: int = 10,
+    **endpoint: Any,
+) -> tuple[Daemon, Path, Path]:
+    """A daemon with one chained, signed file target took `events` events (and its start-up
+    test write) and stopped: returns it, the archive directory and the public key."""
+    key, public = generate(tmp_path / "signing.key")
+    directory = tmp_path / "archive"
+    daemon = await start_daemon(
+        {
+            "targets": [chained_file_target(directory / "us.ndjson", **endpoint)],
+            "routes": everything_to("us"),
+            "startup": {"validate_targets": True},
+            "evidence": {"signing_key_file": str(key), "checkpoint_every_events": 7},
+        }
+    )
+    for start in range(0, events, per_post):
+        batch = [make_event(id=f"e-{n}") for n in range(start, start + per_post)]
+        status, _ = await post(daemon, batch)
+        assert status == 202
+        await wait_for(lambda: settled(daemon), what="delivery")
+    assert_books_balance(daemon)
+    await daemon.stop()
+    return daemon, directory, public
+
+
+def event_places(path: Path) -> list[tuple[int, int]]:
+    """(line number, seq) of every chained line of a file."""
+    places = []
+    for number, line in enumerate(path.read_bytes().split(b"\n"), start=1):
+        found = split_line(line) if line and not is_checkpoint(line) else None
+        if found is not None:
+            places.append((number, found[1].seq))
+    return places
+
+
+def middle_run(path: Path) -> tuple[int, int]:
+    """A chained line in the middle of the file whose neighbours are chained lines too."""
+    places = event_places(path)
+    for i in range(len(places) // 2, len(places) - 1):
+        (before, _), (number, seq), (after, _) = places[i - 1], places[i], places[i + 1]
+        if before == number - 1 and after == number + 1:
+            return number, seq
+    raise AssertionError("no run of three chained lines")
+
+
+def lines_of(path: Path) -> list[bytes]:
+    return path.read_bytes().splitlines(keepends=True)
+
+
+async def test_the_daemon_writes_a_chain_that_verifies_with_signed_checkpoints(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    _, directory, public = await write_archive(start_daemon, tmp_path)
+    lines = lines_of(directory / "us.ndjson")
+    first = orjson.loads(lines[0])
+    assert first["action"] == "event-router.target.validate", "the test write is in the chain"
+    assert set(first["_chain"]) == {"seq", "prev", "hash"} and first["_chain"]["seq"] == 1
+    assert any(is_checkpoint(line) for line in lines)
+    report = verify(archive_files(directory), public)
+    assert report.ok, report.broken
+    assert (report.events, report.dead_letters, report.resent) == (61, 0, 0)
+    assert report.signed_checkpoints == report.checkpoints >= 6  # one per batch of 10, at least
+    assert report.head_seq == report.last_checkpoint_seq == 61, "the shutdown checkpoint"
+    assert not report.warnings
+
+
+TAMPERINGS = [
+    "line deleted",
+    "field edited",
+    "lines swapped",
+    "file truncated",
+    "line inserted",
+]
+
+
+@pytest.mark.parametrize("tampering", TAMPERINGS)
+async def test_tampering_is_reported_at_its_exact_place(
+    start_daemon: StartDaemon, tmp_path: Path, tampering: str
+) -> None:
+    _, directory, public = await write_archive(start_daemon, tmp_path)
+    path = directory / "us.ndjson"
+    number, seq = middle_run(path)
+    lines = lines_of(path)
+    i = number - 1
+    if tampering == "line deleted":
+        del lines[i]
+        expected = f"gap: seq {seq} missing between {path}:{number - 1} and {path}:{number}{HINT}"
+    elif tampering == "field edited":
+        lines[i] = lines[i].replace(b'"id":"e-', b'"id":"x-', 1)
+        expected = f"{path}:{number}: hash does not match the chain (the line was changed)"
+    elif tampering == "lines swapped":
+        lines[i], lines[i + 1] = lines[i + 1], lines[i]
+        expected = f"gap: seq {seq} missing between {path}:{number - 1} and {path}:{number}{HINT}"
+    elif tampering == "file truncated":
+        cut = len(b"".join(lines[:i])) + len(lines[i]) // 2
+        path.write_bytes(b"".join(lines)[:cut])
+        lines = []
+        expected = f"{path}:{number}: torn last line (the file was cut)"
+    else:  # a copy of the line before, inserted
+        lines.insert(i, lines[i - 1])
+        expected = (
+            f"{path}:{number}: seq {seq - 1} out of order: seq {seq} was expected after "
+            f"{path}:{number - 1} (a line inserted, moved or repeated)"
+        )
+    if lines:
+        path.write_bytes(b"".join(lines))
+    report = verify(archive_files(directory), public)
+    assert report.broken == expected
+
+
+async def test_a_removed_rotated_file_is_a_gap_naming_both_sides(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    _, directory, public = await write_archive(
+        start_daemon, tmp_path, per_post=2, max_bytes=8192, max_files=100
+    )
+    files = archive_files(directory)
+    assert len(files) >= 4, files
+    assert verify(files, public).ok
+    older, removed, newer = (directory / f"us.ndjson.{n}" for n in (3, 2, 1))
+    first_gone, last_gone = event_places(removed)[0][1], event_places(removed)[-1][1]
+    removed.unlink()
+    report = verify(archive_files(directory), public)
+    assert report.broken == (
+        f"gap: seq {first_gone}{EN_DASH}{last_gone} missing between "
+        f"{older}:{event_places(older)[-1][0]} and {newer}:{event_places(newer)[0][0]}{HINT}"
+    )
+
+
+async def test_gzipped_rotations_verify_and_a_missing_oldest_needs_partial(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    _, directory, public = await write_archive(
+        start_daemon, tmp_path, per_post=2, max_bytes=8192, max_files=100
+    )
+    for path in archive_files(directory):
+        if path.name != "us.ndjson":
+            path.with_name(path.name + ".gz").write_bytes(gzip.compress(path.read_bytes()))
+            path.unlink()
+    assert verify(archive_files(directory), public).ok
+    rotated = [path for path in archive_files(directory) if path.name != "us.ndjson"]
+    oldest = max(rotated, key=lambda path: int(path.name.split(".")[2]))
+    oldest.unlink()
+    assert verify(archive_files(directory), public).broken.startswith(f"gap: seq 1{EN_DASH}")
+    assert verify(archive_files(directory), public, partial=True).ok
+
+
+async def test_a_checkpoint_re_signed_with_another_key_is_reported(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    _, directory, public = await write_archive(start_daemon, tmp_path)
+    path = directory / "us.ndjson"
+    lines = lines_of(path)
+    i = next(i for i, line in enumerate(lines) if is_checkpoint(line))
+    payload = lines[i][len(PREFIX) : lines[i].rfind(SIG_MEMBER)]
+    forged = base64.b64encode(Ed25519PrivateKey.generate().sign(payload))
+    lines[i] = PREFIX + payload + SIG_MEMBER + b'"' + forged + b'"}\n'
+    path.write_bytes(b"".join(lines))
+    report = verify(archive_files(directory), public)
+    assert report.broken == (
+        f"{path}:{i + 1}: checkpoint signature does not verify with the public key"
+    )
+    # Without the public key the chain still verifies, and says what it could not check.
+    unchecked = verify(archive_files(directory))
+    assert unchecked.ok
+    assert any("give --public-key" in warning for warning in unchecked.warnings)
+
+
+async def test_without_a_key_checkpoints_are_unsigned_and_verify_warns(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    path = tmp_path / "us.ndjson"
+    daemon = await start_daemon(
+        {"targets": [chained_file_target(path)], "routes": everything_to("us")}
+    )
+    await post(daemon, [make_event() for _ in range(5)])
+    await wait_for(lambda: settled(daemon), what="delivery")
+    await daemon.stop()
+    report = verify([path])
+    assert report.ok and report.events == 5
+    assert report.warnings == ["1 checkpoints are unsigned (no signing key)"]
+    _, public = generate(tmp_path / "k")
+    assert verify([path], public).broken == (
+        f"{path}:6: checkpoint is unsigned, but a public key was given"
+    )
+
+
+async def test_dead_letters_take_their_places_and_the_chain_survives_a_reload(
+    tmp_path: Path,
+) -> None:
+    """A file target that cannot write (its path is a directory) dead-letters 3 events; a
+    reload points it at a file, which takes 4 more and the reload's own audit event. The
+    archive and the dead-letter file together are one chain, and account for every event the
+    target received."""
+    broken = tmp_path / "not-yet-a-directory"
+    retry = {"max_attempts": 1, "initial_backoff_s": 0.01}
+    data: dict[str, Any] = {
+        "targets": [{**chained_file_target(broken), "retry": retry}],
+        "routes": everything_to("us"),
+    }
+    full = {
+        "server": {"host": "127.0.0.1", "port": 0},
+        "storage": {"path": str(tmp_path / "var")},
+        "delivery": FAST_DELIVERY,
+        "startup": {"validate_targets": False},
+        **data,
+    }
+    daemon = Daemon(parse_config(full), ConfigSource(None, full))
+    broken.mkdir()  # after the config check, before the start: every write fails
+    await daemon.start()
+    try:
+        await dead_letters_then_reload(daemon, full, tmp_path)
+    finally:
+        if daemon.ready:
+            await daemon.stop()
+
+
+async def dead_letters_then_reload(daemon: Daemon, data: dict[str, Any], tmp_path: Path) -> None:
+    await post(daemon, [make_event() for _ in range(3)])
+    await wait_for(lambda: settled(daemon), what="dead letters")
+    archive = tmp_path / "us.ndjson"
+    await daemon.reload(parse_config({**data, "targets": [chained_file_target(archive)]}))
+    await post(daemon, [make_event() for _ in range(4)])
+    await wait_for(lambda: settled(daemon), what="delivery")
+    row = daemon.status()["targets"]["us"]
+    # 4 events and the router's own audit event of the reload.
+    assert (row["received"], row["delivered"], row["dead_lettered"]) == (8, 5, 3)
+    assert row["evidence"]["chain_seq"] == 8
+    await daemon.stop()
+    letters = tmp_path / "var" / "deadletter" / "us.ndjson"
+    report = verify([archive, letters])
+    assert report.ok, report.broken
+    assert (report.events, report.dead_letters) == (5, 3)
+    assert report.events + report.dead_letters == row["received"]
+    # The archive alone misses the dead letters' places, and says where to find them.
+    alone = verify([archive])
+    assert alone.broken == (
+        f"gap: seq 1{EN_DASH}3 missing between the start of the chain and {archive}:1"
+        " (dead letters: give their file too)"
+    )
+
+
+# -- the property: any single-byte change fails verify ------------------------------------------
+
+
+@functools.cache
+def sample_archive() -> tuple[bytes, bytes]:
+    """A small signed archive from a real daemon, and its public key (PEM)."""
+    import tempfile
+
+    async def run(tmp: Path) -> tuple[bytes, bytes]:
+        key, public = generate(tmp / "k")
+        data = {
+            "server": {"host": "127.0.0.1", "port": 0},
+            "storage": {"path": str(tmp / "var")},
+            "delivery": FAST_DELIVERY,
+            "targets": [chained_file_target(tmp / "us.ndjson")],
+            "routes": everything_to("us"),
+            "evidence": {"signing_key_file": str(key), "checkpoint_every_events": 3},
+            "startup": {"validate_targets": True},
+        }
+        daemon = Daemon(parse_config(data), ConfigSource(None, data))
+        await daemon.start()
+        for n in range(3):
+            await post(daemon, [make_event(id=f"p-{n}-{i}") for i in range(3)])
+            await wait_for(lambda: settled(daemon), what="delivery")
+        await daemon.stop()
+        return (tmp / "us.ndjson").read_bytes(), public.read_bytes()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return asyncio.run(run(Path(tmp)))
+
+
+def verify_bytes(data: bytes, public_pem: bytes, tmp: Path) -> Report:
+    pub = tmp / "k.pub"
+    pub.write_bytes(public_pem)
+    verifier = Verifier(public_key=load_public(pub))
+    try:
+        verifier.archive("us.ndjson", io.BytesIO(data))
+        return verifier.finish()
+    except Broken as exc:
+        verifier.report.broken = str(exc)
+        return verifier.report
+
+
+def test_the_sample_archive_verifies(tmp_path: Path) -> None:
+    data, public = sample_archive()
+    report = verify_bytes(data, public, tmp_path)
+    assert report.ok and report.events == 10 and report.signed_checkpoints >= 3
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(position=st.floats(min_value=0, max_value=1, exclude_max=True), new=st.integers(0, 255))
+def test_any_single_byte_change_fails_verify(tmp_path: Path, position: float, new: int) -> None:
+    data, public = sample_archive()
+    i = int(position * len(data))
+    if data[i] == new:
+        new = (new + 1) % 256
+    changed = data[:i] + bytes([new]) + data[i + 1 :]
+    assert not verify_bytes(changed, public, tmp_path).ok, (i, data[i], new)
+
+
+# -- the command line ---------------------------------------------------------------------------
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "router", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_keygen_writes_a_private_key_0600_and_its_public_key(tmp_path: Path) -> None:
+    out = tmp_path / "signing.key"
+    done = run_cli("keygen", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert out.stat().st_mode & 0o777 == 0o600
+    assert b"PUBLIC KEY" in (tmp_path / "signing.key.pub").read_bytes()
+    again = run_cli("keygen", "--out", str(out))
+    assert again.returncode == 2 and "never overwrites" in again.stderr
+
+
+async def test_verify_command_exit_codes(start_daemon: StartDaemon, tmp_path: Path) -> None:
+    _, directory, public = await write_archive(start_daemon, tmp_path, events=20)
+    files = [str(p) for p in archive_files(directory)]
+    ok = run_cli("verify", "--public-key", str(public), *files)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert ok.stdout.startswith("OK: 21 events and 0 dead letters verified")
+    path = directory / "us.ndjson"
+    number, _ = middle_run(path)
+    lines = lines_of(path)
+    lines[number - 1] = lines[number - 1].replace(b'"id":"e-', b'"id":"y-', 1)
+    path.write_bytes(b"".join(lines))
+    broken = run_cli("verify", "--public-key", str(public), *files)
+    assert broken.returncode == 1
+    assert broken.stdout.splitlines()[0] == (
+        f"BROKEN: {path}:{number}: hash does not match the chain (the line was changed)"
+    )
+    assert "before the break:" in broken.stdout
+    assert run_cli("verify", str(tmp_path / "nope.ndjson")).returncode == 2
+    assert run_cli("verify").returncode == 2
+    shutil.rmtree(directory)

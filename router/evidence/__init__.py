@@ -124,8 +124,8 @@ class Evidence:
             return False
         if moved >= self.config.checkpoint_every_events:
             return True
-        last = chain.checkpointed_at
-        return last is None or time.time() - last >= self.config.checkpoint_every_s
+        last = chain.checkpointed_at or chain.opened_at
+        return time.time() - last >= self.config.checkpoint_every_s
 
     async def _after_write(self, chain: Chain) -> None:
         """Called by a chained write, under the chain's lock, once its lines are written."""

@@ -20,6 +20,7 @@ import asyncio
 import gzip
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -39,6 +40,7 @@ class Chain:
         self.lock = asyncio.Lock()
         self.checkpointed_seq = 0  # the seq the last checkpoint covered
         self.checkpointed_at: float | None = None  # when (epoch seconds)
+        self.opened_at = time.time()  # the first checkpoint_every_s counts from here
         # Set by Evidence: writes a checkpoint when due (count or time) after a write.
         self.after_write: Callable[[Chain], Awaitable[None]] | None = None
 

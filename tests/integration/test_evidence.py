@@ -39,6 +39,7 @@ from tests.fakes import free_port, make_event, read_ndjson, reap, serve, termina
 from tests.integration.test_crash import load
 from tests.integration.test_delivery import assert_books_balance, everything_to, settled
 from tests.integration.test_ingest import post
+from tests.integration.test_metrics import scrape, value
 
 HINT = " (dead letters: give their file too)"
 
@@ -529,3 +530,27 @@ async def test_a_torn_last_line_is_cut_at_start_and_the_chain_goes_on(
     report = verify([path], public)
     assert report.ok, report.broken
     assert report.head_seq == 1 + 10 + 1 + 5, "two start-up test writes, 15 events"
+
+
+async def test_status_and_metrics_show_each_chain_head_and_last_checkpoint(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    daemon = await start_daemon(
+        {
+            "targets": [chained_file_target(tmp_path / "us.ndjson")],
+            "routes": everything_to("us"),
+            "evidence": {"checkpoint_every_events": 4},
+        }
+    )
+    before = time.time()
+    await post(daemon, [make_event() for _ in range(5)])
+    await wait_for(lambda: settled(daemon), what="delivery")
+    evidence = daemon.status()["targets"]["us"]["evidence"]
+    assert (evidence["chain_seq"], evidence["checkpoint_seq"]) == (5, 5)
+    samples = await scrape(daemon)
+    assert value(samples, "event_router_chain_head_seq", target="us") == 5
+    assert value(samples, "event_router_chain_checkpoint_seq", target="us") == 5
+    at = value(samples, "event_router_chain_last_checkpoint_timestamp_seconds", target="us")
+    assert before <= at <= time.time()
+    assert evidence["last_checkpoint_at"].startswith(time.strftime("%Y-", time.gmtime(at)))
+    assert value(samples, "event_router_chain_checkpoint_errors_total") == 0

@@ -20,7 +20,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from router import __version__
 from router.completion import SHELLS, script
@@ -29,6 +29,10 @@ from router.errors import ConfigError, StorageLockedError
 from router.logformat import counted, setup_logging
 from router.resources import default_config_path
 from router.sdnotify import notify
+
+if TYPE_CHECKING:
+    from router.probe import ProbeResult
+    from router.targets import Target
 
 log = logging.getLogger("router")
 
@@ -304,7 +308,10 @@ async def _validate_target(config: Config, target_id: str) -> int:
         return EXIT_CONFIG
     target = build_target(target_config)
     try:
-        result = await probe(target)
+        if target_config.target_type == "file" and config.evidence.enabled:
+            result = await _open_chained_archive(target)
+        else:
+            result = await probe(target)
     finally:
         await target.close()
     print(f"{'OK' if result.ok else 'FAILED'}: {result.message}")
@@ -365,6 +372,24 @@ def _verify(args: argparse.Namespace) -> int:
         return EXIT_RUNTIME
     print(f"OK: {report.summary()}")
     return 0
+
+
+async def _open_chained_archive(target: Target) -> ProbeResult:
+    """A file target whose archive is an evidence chain gets no test line from here: only the
+    daemon, which holds the chain's head, may take a place in it (its start-up validation and
+    the API's validate do write one). Opening the file for appending is the test."""
+    from router.probe import ProbeResult
+
+    try:
+        await target.start()
+    except OSError as exc:
+        return ProbeResult(target.id, False, f"target {target.id}: {exc}")
+    return ProbeResult(
+        target.id,
+        True,
+        f"target {target.id} can be written (no test event: its archive is an evidence chain, "
+        "written by the daemon only)",
+    )
 
 
 def _dlq(args: argparse.Namespace, config: Config) -> int:

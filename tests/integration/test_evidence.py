@@ -554,3 +554,19 @@ async def test_status_and_metrics_show_each_chain_head_and_last_checkpoint(
     assert before <= at <= time.time()
     assert evidence["last_checkpoint_at"].startswith(time.strftime("%Y-", time.gmtime(at)))
     assert value(samples, "event_router_chain_checkpoint_errors_total") == 0
+
+
+async def test_validate_target_on_the_command_line_leaves_a_chained_archive_intact(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """Only the daemon holds the chain's head: `event-router validate-target` opens a chained
+    archive for appending but writes no test line, which would break the chain."""
+    daemon, directory, public = await write_archive(start_daemon, tmp_path, events=10)
+    config = tmp_path / "router.yaml"
+    config.write_text(yaml.safe_dump(daemon.source.data))
+    before = (directory / "us.ndjson").read_bytes()
+    done = await asyncio.to_thread(run_cli, "validate-target", "--config", str(config), "us")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "no test event" in done.stdout
+    assert (directory / "us.ndjson").read_bytes() == before
+    assert verify(archive_files(directory), public).ok

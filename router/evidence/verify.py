@@ -18,6 +18,8 @@ counted, not faulted: each of their places is a valid link.
 from __future__ import annotations
 
 import gzip
+import heapq
+import math
 import re
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -116,6 +118,7 @@ class Verifier:
         self._head: Link | None = None
         self._head_place = "the start of the chain"
         self._letters: dict[int, _Letter] = {}
+        self._letter_seqs: list[int] = []  # a heap of the letters' seqs
         self._letter_files = 0
         self._recent_ids: deque[str] = deque()
         self._recent_set: set[str] = set()
@@ -140,6 +143,7 @@ class Verifier:
             if link.seq in self._letters:
                 raise Broken(place, f"seq {link.seq} appears twice in the dead letters")
             self._letters[link.seq] = _Letter(place, canonical, link)
+            heapq.heappush(self._letter_seqs, link.seq)
 
     def archive(self, name: str, lines: Iterable[bytes]) -> None:
         self.report.files += 1
@@ -166,11 +170,7 @@ class Verifier:
 
     def finish(self) -> Report:
         """The report once every file was read (`Broken` raised meanwhile goes in it too)."""
-        if self._letters:
-            self._fill_letters(max(self._letters))
-        if self._letters:  # letters at places the archive had already passed
-            seq = min(self._letters)
-            raise Broken(self._letters[seq].place, f"seq {seq} repeats a place of the archive")
+        self._fill_letters(math.inf)
         report = self.report
         report.head_seq = self._head.seq if self._head is not None else 0
         if report.checkpoints == 0 and report.head_seq:
@@ -206,10 +206,11 @@ class Verifier:
         if self.progress is not None and self._lines % PROGRESS_EVERY == 0:
             self.progress(self._lines)
 
-    def _fill_letters(self, through: int) -> None:
-        """Dead letters take their places up to seq `through` (as far as they go on)."""
-        while self._next_seq() <= through and (letter := self._letters.get(self._next_seq())):
-            del self._letters[letter.link.seq]
+    def _fill_letters(self, through: float) -> None:
+        """Dead letters take their places up to seq `through`, lowest first (a missing place
+        before one of them is a gap named at that letter)."""
+        while self._letter_seqs and self._letter_seqs[0] <= through:
+            letter = self._letters.pop(heapq.heappop(self._letter_seqs))
             self._take(letter.place, letter.canonical, letter.link, letter=True)
 
     def _next_seq(self) -> int:

@@ -25,6 +25,7 @@ from router.api import ConfigSource, ManagementApi
 from router.auth import Guard
 from router.config import (
     Config,
+    FileEndpointConfig,
     RefusalEventsConfig,
     TargetConfig,
     config_warnings,
@@ -35,6 +36,8 @@ from router.delivery import DeliveryWorker
 from router.errors import ConfigError, RequestError, RouterError
 from router.events import Event
 from router.evidence import Evidence
+from router.evidence.receipt import Receipts, find_in_archive, find_in_letters
+from router.evidence.receipt import archive_files as receipt_archive_files
 from router.ingest import Ingest, error_response, json_response
 from router.journal import Entry, SqliteJournal
 from router.listener import ClientFaultLog, DeadlineSite
@@ -127,6 +130,7 @@ class Daemon:
         app.router.add_get("/v1/status", self._status)
         app.router.add_get("/v1/tail", self.tail.handle)
         app.router.add_post("/v1/deadletters/{target}/redrive", self._redrive)
+        app.router.add_get("/v1/receipts/{id}", self._receipt)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/openapi.json", self._openapi)
@@ -149,6 +153,8 @@ class Daemon:
     async def _start(self) -> None:
         await self.journal.open()
         await self.evidence.open()
+        if self.config.evidence.enabled and self.config.evidence.receipts:
+            self.ingest.receipts = Receipts.load_or_create(Path(self.config.storage.path))
         for target in self.targets.values():
             self._chain(target)
         self.journal.on_orphan = self._retire_soon
@@ -569,6 +575,46 @@ class Daemon:
         log.info("target %s: %s redriven", target_id, counted(total, "dead letter"))
         await response.write_eof()
         return response
+
+    async def _receipt(self, request: web.Request) -> web.Response:
+        """Where an accepted event is, per target: pending, delivered (a file target: at which
+        chain place, file and line) or dead-lettered with the reason. 404 when found nowhere
+        (a target of another type that took it keeps no record of it here)."""
+        event_id = request.match_info["id"]
+        where: dict[str, Any] = {
+            target_id: {"state": "pending"}
+            for target_id in await self.journal.pending_for(event_id)
+        }
+        archives = {
+            t.id: Path(t.endpoint.path)
+            for t in self.config.targets
+            if isinstance(t.endpoint, FileEndpointConfig) and t.id not in where
+        }
+        letters = self.config.storage.dead_letter_dir()
+
+        def scan() -> dict[str, Any]:
+            found: dict[str, Any] = {}
+            for target_id, live in archives.items():
+                if (hit := find_in_archive(receipt_archive_files(live), event_id)) is not None:
+                    found[target_id] = hit
+            for path in sorted(letters.glob("*.ndjson")):
+                target_id = path.name.removesuffix(".ndjson")
+                if target_id in where or target_id in found:
+                    continue
+                if (hit := find_in_letters(path, event_id)) is not None:
+                    found[target_id] = hit
+            return found
+
+        where.update(await asyncio.to_thread(scan))
+        if not where:
+            return error_response(
+                RequestError(
+                    404,
+                    "not_found",
+                    f"no event {event_id!r} in the journal, the file archives or the dead letters",
+                )
+            )
+        return json_response({"id": event_id, "targets": where})
 
     async def _status(self, request: web.Request) -> web.Response:
         return json_response(self.status())

@@ -152,6 +152,8 @@ class EvidenceConfig:
     signing_key_file: str | None = None
     checkpoint_every_events: int = 10_000
     checkpoint_every_s: float = 60.0
+    # A MAC'd receipt per accepted event in the ingest answer (router/evidence/receipt.py).
+    receipts: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

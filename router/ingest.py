@@ -35,6 +35,7 @@ from router.config import ServerConfig, StorageConfig
 from router.deadletter import DeadLetters, Failure
 from router.errors import RequestError, RouterError
 from router.events import Event
+from router.evidence.receipt import Receipts
 from router.journal import Journal, JournalFullError
 from router.limits import exact_numbers, may_alter_numbers, number_problems, shape_problems
 from router.logformat import counted
@@ -165,6 +166,7 @@ class Ingest:
     tail: TailHub | None = None
     refusals: Refusals | None = None
     redactor: Redactor | None = None
+    receipts: Receipts | None = None  # evidence.receipts: one per accepted event in the answer
     _slots: asyncio.Semaphore = field(init=False)
     bodies: InFlight = field(init=False)
 
@@ -329,6 +331,8 @@ class Ingest:
             decision = self.routes.match(event)
             routed.append((event, decision.targets))
             results.append({"index": index, "id": event.id, "status": "accepted"})
+            if self.receipts is not None:
+                results[-1]["receipt"] = self.receipts.issue(event)
         try:
             await self._append(routed)
         except JournalFullError as exc:

@@ -804,6 +804,21 @@ class SqliteJournal:
 
         return await self._run(read)
 
+    async def pending_for(self, event_id: str) -> list[str]:
+        """The targets an event (by id) is still owed to: what a receipt's lookup shows as
+        pending. A scan of the events table: for an admin's question, not the hot path."""
+
+        def read() -> list[str]:
+            assert self._db is not None
+            rows = self._db.execute(
+                "SELECT DISTINCT d.target FROM events e JOIN deliveries d ON d.seq = e.seq "
+                "WHERE e.event_id = ? ORDER BY d.target",
+                (event_id,),
+            ).fetchall()
+            return [target for (target,) in rows]
+
+        return await self._run(read)
+
     async def save_chain(
         self, target_id: str, seq: int, head_hash: bytes, checkpoint: bytes, at: float
     ) -> None:

@@ -10,6 +10,7 @@ import asyncio
 import base64
 import functools
 import gzip
+import hashlib
 import io
 import shutil
 import signal
@@ -573,3 +574,85 @@ async def test_validate_target_on_the_command_line_leaves_a_chained_archive_inta
     assert "no test event" in done.stdout
     assert (directory / "us.ndjson").read_bytes() == before
     assert verify(archive_files(directory), public).ok
+
+
+# -- receipts -------------------------------------------------------------------------------------
+
+
+async def get_json(daemon: Daemon, path: str) -> tuple[int, Any]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{daemon.port}{path}") as resp,
+    ):
+        return resp.status, await resp.json()
+
+
+async def test_receipts_name_each_event_and_say_where_it_is(
+    start_daemon: StartDaemon, receiver_factory: Any, tmp_path: Path
+) -> None:
+    """Each accepted event gets a receipt whose digest is the SHA-256 of its archive line's
+    canonical bytes; GET /v1/receipts/{id} says where it is for each target: delivered at a
+    chain place, dead-lettered with the reason, or pending."""
+    refuses = await receiver_factory([400])
+    down = await receiver_factory([503])
+    archive = tmp_path / "us.ndjson"
+    daemon = await start_daemon(
+        {
+            "targets": [
+                chained_file_target(archive),
+                {"id": "refuses", "target_type": "http", "http_endpoint": {"url": refuses.url}},
+                {
+                    "id": "down",
+                    "target_type": "http",
+                    "http_endpoint": {"url": down.url},
+                    "retry": {"max_attempts": 1000, "max_age_s": 600},
+                },
+            ],
+            "routes": everything_to("us", "refuses", "down"),
+            "evidence": {"receipts": True},
+            "shutdown": {"drain_timeout_s": 0.2},  # "down" never takes its events
+        }
+    )
+    status, answer = await post(daemon, [make_event(id="r-1"), make_event(id="r-2")])
+    assert status == 202
+    receipts = [result["receipt"] for result in answer["results"]]
+    assert [r["id"] for r in receipts] == ["r-1", "r-2"]
+    assert all(daemon.ingest.receipts and daemon.ingest.receipts.genuine(r) for r in receipts)
+    assert daemon.ingest.receipts is not None
+    assert not daemon.ingest.receipts.genuine({**receipts[0], "digest": receipts[1]["digest"]})
+    await wait_for(
+        lambda: (
+            daemon.status()["targets"]["us"]["delivered"] == 2
+            and daemon.status()["targets"]["refuses"]["dead_lettered"] == 2
+        ),
+        what="the archive and the dead letters",
+    )
+    code, where = await get_json(daemon, "/v1/receipts/r-2")
+    assert code == 200, where
+    targets = where["targets"]
+    assert targets["down"] == {"state": "pending"}
+    assert targets["refuses"]["state"] == "dead_lettered"
+    assert targets["refuses"]["reason"] == "permanent_status"
+    delivered = targets["us"]
+    assert (delivered["state"], delivered["seq"], delivered["file"]) == (
+        "delivered",
+        2,
+        str(archive),
+    )
+    assert delivered["digest"] == receipts[1]["digest"], "the receipt names the archive line"
+    line = lines_of(archive)[delivered["line"] - 1].rstrip(b"\n")
+    found = split_line(line)
+    assert found is not None
+    assert "sha256:" + hashlib.sha256(found[0]).hexdigest() == receipts[1]["digest"]
+    code, missing = await get_json(daemon, "/v1/receipts/nobody")
+    assert code == 404 and missing["error"]["code"] == "not_found"
+
+
+async def test_without_receipts_the_ingest_answer_is_unchanged(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    daemon = await start_daemon(
+        {"targets": [chained_file_target(tmp_path / "us.ndjson")], "routes": everything_to("us")}
+    )
+    _, answer = await post(daemon, [make_event(id="plain")])
+    assert answer["results"] == [{"index": 0, "id": "plain", "status": "accepted"}]

@@ -36,8 +36,7 @@ from router.delivery import DeliveryWorker
 from router.errors import ConfigError, RequestError, RouterError
 from router.events import Event
 from router.evidence import Evidence
-from router.evidence.receipt import Receipts, find_in_archive, find_in_letters
-from router.evidence.receipt import archive_files as receipt_archive_files
+from router.evidence.receipt import Receipts, locate
 from router.ingest import Ingest, error_response, json_response
 from router.journal import Entry, SqliteJournal
 from router.listener import ClientFaultLog, DeadlineSite
@@ -591,21 +590,7 @@ class Daemon:
             if isinstance(t.endpoint, FileEndpointConfig) and t.id not in where
         }
         letters = self.config.storage.dead_letter_dir()
-
-        def scan() -> dict[str, Any]:
-            found: dict[str, Any] = {}
-            for target_id, live in archives.items():
-                if (hit := find_in_archive(receipt_archive_files(live), event_id)) is not None:
-                    found[target_id] = hit
-            for path in sorted(letters.glob("*.ndjson")):
-                target_id = path.name.removesuffix(".ndjson")
-                if target_id in where or target_id in found:
-                    continue
-                if (hit := find_in_letters(path, event_id)) is not None:
-                    found[target_id] = hit
-            return found
-
-        where.update(await asyncio.to_thread(scan))
+        where.update(await asyncio.to_thread(locate, event_id, archives, letters, skip=where))
         if not where:
             return error_response(
                 RequestError(

@@ -123,3 +123,28 @@ def find_in_letters(path: Path, event_id: str) -> dict[str, Any] | None:
 def archive_files(live: Path) -> list[Path]:
     """A file target's live archive and its rotations (gzipped ones too)."""
     return [live, *live.parent.glob(live.name + ".*")]
+
+
+def locate(
+    event_id: str,
+    archives: Mapping[str, Path],
+    letters_dir: Path,
+    *,
+    skip: Iterable[str] = (),
+) -> dict[str, Any]:
+    """Per target (but those in `skip`, already known as pending): the event's archive line
+    (file targets, by their live path) or its dead letter. Blocking: run it in a thread."""
+    known = set(skip)
+    found: dict[str, Any] = {}
+    for target_id, live in archives.items():
+        if target_id in known:
+            continue
+        if (hit := find_in_archive(archive_files(live), event_id)) is not None:
+            found[target_id] = hit
+    for path in sorted(letters_dir.glob("*.ndjson")):
+        target_id = path.name.removesuffix(".ndjson")
+        if target_id in known or target_id in found:
+            continue
+        if (hit := find_in_letters(path, event_id)) is not None:
+            found[target_id] = hit
+    return found

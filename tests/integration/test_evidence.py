@@ -656,3 +656,13 @@ async def test_without_receipts_the_ingest_answer_is_unchanged(
     )
     _, answer = await post(daemon, [make_event(id="plain")])
     assert answer["results"] == [{"index": 0, "id": "plain", "status": "accepted"}]
+
+
+def test_query_never_matches_a_checkpoint_line(tmp_path: Path) -> None:
+    data, _ = sample_archive()
+    archive = tmp_path / "us.ndjson"
+    archive.write_bytes(data)
+    done = run_cli("query", "NOT id:nobody", str(archive))
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 10 and not any(line.startswith('{"_checkpoint":') for line in lines)

@@ -78,7 +78,7 @@ class Daemon:
         self.journal = SqliteJournal(config.storage, target_ids)
         self.dead_letters = DeadLetters(config.storage.dead_letter_dir())
         self.evidence = Evidence(config.evidence, self.journal, config.storage.dead_letter_dir())
-        self.dead_letters.chain_for = self.evidence.chain
+        self.dead_letters.chain_for = self.evidence.letters_chain
         self.ingest_stats = IngestStats()
         self.target_stats = {target_id: TargetStats() for target_id in target_ids}
         self.targets: dict[str, Target] = {t.id: build_target(t) for t in config.targets}

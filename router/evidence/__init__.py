@@ -99,6 +99,14 @@ class Evidence:
             chain.after_write = self._after_write
         return chain
 
+    def letters_chain(self, target_id: str) -> Chain | None:
+        """The chain a dead letter for this target takes a place in: a chained (file) target's,
+        also once it left the config (retired); None for other targets, whose deliveries take
+        no places, so their dead letters alone would look like a whole chain."""
+        if target_id in self.chains or target_id in self._stored:
+            return self.chain(target_id)
+        return None
+
     def attach(
         self, target_id: str, write_line: Callable[[bytes], Awaitable[None]]
     ) -> Chain | None:

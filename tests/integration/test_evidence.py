@@ -666,3 +666,26 @@ def test_query_never_matches_a_checkpoint_line(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert len(lines) == 10 and not any(line.startswith('{"_checkpoint":') for line in lines)
+
+
+async def test_only_chained_targets_dead_letters_take_places(
+    start_daemon: StartDaemon, receiver_factory: Any, tmp_path: Path
+) -> None:
+    """An http target's deliveries take no places, so its dead letters carry no _chain: alone
+    they would look like a whole chain."""
+    refuses = await receiver_factory([400])
+    daemon = await start_daemon(
+        {
+            "targets": [
+                chained_file_target(tmp_path / "us.ndjson"),
+                {"id": "refuses", "target_type": "http", "http_endpoint": {"url": refuses.url}},
+            ],
+            "routes": everything_to("us", "refuses"),
+        }
+    )
+    await post(daemon, [make_event() for _ in range(3)])
+    await wait_for(lambda: settled(daemon), what="delivery and dead letters")
+    letters = read_ndjson(tmp_path / "var" / "deadletter" / "refuses.ndjson")
+    assert len(letters) == 3 and not any("_chain" in letter for letter in letters)
+    assert "evidence" not in daemon.status()["targets"]["refuses"]
+    assert daemon.status()["targets"]["us"]["evidence"]["chain_seq"] == 3

@@ -154,12 +154,19 @@ class DeadLetters:
         if chain is None:
             await self._append(target_id, b"".join(letter + b"\n" for letter in letters))
         else:
-            async with chain.lock:
-                lines, head = chain.link(letters)
-                await self._append(target_id, b"".join(line + b"\n" for line in lines))
-                chain.advance(head)
+            # Shielded as a file target's chained write is: a cancelled caller leaves the
+            # append, the head and the lock to end together.
+            await asyncio.shield(
+                asyncio.ensure_future(self._append_chained(target_id, chain, letters))
+            )
         key = (target_id, failure.reason)
         self.written[key] = self.written.get(key, 0) + len(entries)
+
+    async def _append_chained(self, target_id: str, chain: Chain, letters: list[bytes]) -> None:
+        async with chain.lock:
+            lines, head = chain.link(letters)
+            await self._append(target_id, b"".join(line + b"\n" for line in lines))
+            chain.advance(head)
 
     async def _append(self, target_id: str, lines: bytes) -> None:
         async with self._lock(target_id):

@@ -64,6 +64,11 @@ class FileTarget:
         if chain is None:
             await self._send(b"".join(event.encoded() + b"\n" for event in batch))
             return
+        # A worker cancelled at the drain timeout must not let go of the chain while its
+        # write still runs in a thread: the write, the head and the lock end together.
+        await asyncio.shield(asyncio.ensure_future(self._send_chained(chain, batch)))
+
+    async def _send_chained(self, chain: Chain, batch: Sequence[Event]) -> None:
         async with chain.lock:
             lines, head = chain.link([event.encoded() for event in batch])
             await self._send(b"".join(line + b"\n" for line in lines))

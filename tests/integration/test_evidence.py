@@ -30,11 +30,15 @@ from hypothesis import strategies as st
 
 from router.api import ConfigSource
 from router.app import Daemon
-from router.config import parse_config
+from router.config import EvidenceConfig, FileEndpointConfig, StorageConfig, parse_config
+from router.events import Event
+from router.evidence import Evidence
 from router.evidence.canonical import split_line
 from router.evidence.checkpoint import PREFIX, SIG_MEMBER, is_checkpoint
 from router.evidence.keys import generate, load_public
 from router.evidence.verify import EN_DASH, Broken, Report, Verifier, verify_files
+from router.journal import SqliteJournal
+from router.targets.file import FileTarget
 from tests.conftest import FAST_DELIVERY, StartDaemon
 from tests.fakes import free_port, make_event, read_ndjson, reap, serve, terminate, wait_for
 from tests.integration.test_crash import load
@@ -689,3 +693,34 @@ async def test_only_chained_targets_dead_letters_take_places(
     assert len(letters) == 3 and not any("_chain" in letter for letter in letters)
     assert "evidence" not in daemon.status()["targets"]["refuses"]
     assert daemon.status()["targets"]["us"]["evidence"]["chain_seq"] == 3
+
+
+async def test_a_send_cancelled_mid_write_keeps_the_chain_until_the_write_is_done(
+    tmp_path: Path,
+) -> None:
+    """A worker cancelled at the drain timeout while its write runs in a thread: the write
+    goes on, so the chain's lock and head must wait for it, or the shutdown checkpoint is
+    written with the old head among (or between) the new lines."""
+    storage = tmp_path / "var"
+    journal = SqliteJournal(StorageConfig(path=str(storage)), ["us"])
+    await journal.open()
+    evidence = Evidence(EvidenceConfig(), journal, storage / "deadletter")
+    await evidence.open()
+    path = tmp_path / "us.ndjson"
+    target = FileTarget("us", FileEndpointConfig(path=str(path)))
+    target.chain = evidence.attach("us", target.write_line)
+    await target.start()
+    try:
+        await target.send([Event.from_body(make_event(id="first"))])
+        batch = [Event.from_body(make_event(id=f"c-{n}")) for n in range(3000)]
+        send = asyncio.create_task(target.send(batch))
+        await wait_for(lambda: path.stat().st_size > 100_000, what="the write to be under way")
+        send.cancel()
+        await asyncio.gather(send, return_exceptions=True)
+        await evidence.close()  # the shutdown checkpoint
+    finally:
+        await target.close()
+        await journal.close()
+    report = verify([path])
+    assert report.ok, report.broken
+    assert report.head_seq == report.last_checkpoint_seq == 3001

@@ -30,7 +30,7 @@ from router.deadletter import read_letters
 from router.events import Event
 from router.evidence.canonical import CanonicalError, split_line
 from router.evidence.verify import archive_order, open_lines
-from router.metrics import utc_iso
+from router.observe.metrics import utc_iso
 
 KEY_FILE = "receipts.key"
 KEY_BYTES = 32

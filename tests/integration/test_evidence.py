@@ -28,22 +28,30 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from router.api import ConfigSource
-from router.app import Daemon
-from router.config import EvidenceConfig, FileEndpointConfig, StorageConfig, parse_config
+from router.config import EvidenceConfig, StorageConfig, parse_config
+from router.daemon import Daemon
 from router.events import Event
-from router.evidence import Evidence
 from router.evidence.canonical import split_line
 from router.evidence.checkpoint import PREFIX, SIG_MEMBER, is_checkpoint
 from router.evidence.keys import generate, load_public
+from router.evidence.registry import Evidence
 from router.evidence.verify import EN_DASH, Broken, Report, Verifier, verify_files
-from router.journal import SqliteJournal
-from router.targets.file import FileTarget
+from router.journal.sqlite import SqliteJournal
+from router.server.api import ConfigSource
+from router.targets.file import FileEndpointConfig, FileTarget
 from tests.conftest import FAST_DELIVERY, StartDaemon
-from tests.fakes import free_port, make_event, read_ndjson, reap, serve, terminate, wait_for
+from tests.fakes import make_event, read_ndjson, wait_for
+from tests.helpers import (
+    assert_books_balance,
+    everything_to,
+    free_port,
+    post,
+    reap,
+    serve,
+    settled,
+    terminate,
+)
 from tests.integration.test_crash import load
-from tests.integration.test_delivery import assert_books_balance, everything_to, settled
-from tests.integration.test_ingest import post
 from tests.integration.test_metrics import scrape, value
 
 HINT = " (dead letters: give their file too)"
@@ -621,9 +629,9 @@ async def test_receipts_name_each_event_and_say_where_it_is(
     assert status == 202
     receipts = [result["receipt"] for result in answer["results"]]
     assert [r["id"] for r in receipts] == ["r-1", "r-2"]
-    assert all(daemon.ingest.receipts and daemon.ingest.receipts.genuine(r) for r in receipts)
-    assert daemon.ingest.receipts is not None
-    assert not daemon.ingest.receipts.genuine({**receipts[0], "digest": receipts[1]["digest"]})
+    assert all(daemon.acceptor.receipts and daemon.acceptor.receipts.genuine(r) for r in receipts)
+    assert daemon.acceptor.receipts is not None
+    assert not daemon.acceptor.receipts.genuine({**receipts[0], "digest": receipts[1]["digest"]})
     await wait_for(
         lambda: (
             daemon.status()["targets"]["us"]["delivered"] == 2

@@ -17,7 +17,7 @@ import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Final, Literal, cast
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias, cast
 from urllib.parse import urlsplit
 
 import jsonschema
@@ -27,6 +27,9 @@ from router.errors import ConfigError, QueryError
 from router.masking import SECRET_KEYS
 from router.query import Query, parse
 from router.resources import schemas_dir
+
+if TYPE_CHECKING:
+    from router.targets.cos import CosEndpointConfig
 
 MiB = 1024 * 1024
 # The names of what lives under storage.path (router/journal.py, router/deadletter.py, api).
@@ -214,7 +217,7 @@ class HttpEndpointConfig:
 
 
 # Sub-objects of endpoints that are dataclasses of their own.
-NESTED_SECTIONS: Mapping[str, type[Any]] = {
+NESTED_SECTIONS: dict[str, type[Any]] = {
     "auth": HttpAuthConfig,
     "signing": SigningConfig,
     "tls": TlsClientConfig,
@@ -262,17 +265,26 @@ class SyslogEndpointConfig:
     max_message_bytes: int = 64 * 1024
 
 
-EndpointConfig = (
-    FileEndpointConfig | HttpEndpointConfig | CloudLogsEndpointConfig | SyslogEndpointConfig
-)
+if TYPE_CHECKING:
+    EndpointConfig: TypeAlias = (
+        FileEndpointConfig
+        | HttpEndpointConfig
+        | CloudLogsEndpointConfig
+        | SyslogEndpointConfig
+        | CosEndpointConfig
+    )
 
 # target_type -> (the key of its endpoint object, the dataclass that holds it)
-ENDPOINTS: Mapping[str, tuple[str, type[EndpointConfig]]] = {
+ENDPOINTS: dict[str, tuple[str, type[EndpointConfig]]] = {
     "file": ("file_endpoint", FileEndpointConfig),
     "http": ("http_endpoint", HttpEndpointConfig),
     "cloud_logs": ("cloudlogs_endpoint", CloudLogsEndpointConfig),
     "syslog": ("syslog_endpoint", SyslogEndpointConfig),
 }
+# Per-type batch defaults (under `delivery.batch` and the target's own `batch`).
+TYPE_BATCH_DEFAULTS: dict[str, Mapping[str, Any]] = {}
+# Endpoint schemas that live in their target's module, added to the target section at load.
+TYPE_SCHEMAS: dict[str, tuple[str, Mapping[str, Any]]] = {}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -575,11 +587,31 @@ def _schema_problems(data: Any) -> list[str]:
     global _CONFIG_VALIDATOR
     if _CONFIG_VALIDATOR is None:
         schema = json.loads((schemas_dir() / "config.schema.json").read_text(encoding="utf-8"))
+        _add_type_schemas(schema)
         cls = jsonschema.validators.validator_for(schema)
         cls.check_schema(schema)
         _CONFIG_VALIDATOR = cls(schema)
     errors = sorted(_CONFIG_VALIDATOR.iter_errors(data), key=lambda e: list(map(str, e.path)))
     return [f"{format_path(error.absolute_path)}: {_describe(error)}" for error in errors]
+
+
+def _add_type_schemas(schema: dict[str, Any]) -> None:
+    """Put the endpoint schemas that target modules own (TYPE_SCHEMAS) into the target
+    section: the type in target_type's enum, its endpoint as a property, required for that
+    type and refused for any other."""
+    target = schema["$defs"]["target"]
+    for name, (key, endpoint_schema) in TYPE_SCHEMAS.items():
+        target["properties"]["target_type"]["enum"].append(name)
+        target["properties"][key] = endpoint_schema
+        for rule in target["allOf"]:
+            rule["then"]["not"]["anyOf"].append({"required": [key]})
+        others = [{"required": [k]} for k, _ in ENDPOINTS.values() if k != key]
+        target["allOf"].append(
+            {
+                "if": {"properties": {"target_type": {"const": name}}, "required": ["target_type"]},
+                "then": {"required": [key], "not": {"anyOf": others}},
+            }
+        )
 
 
 def _describe(error: jsonschema.ValidationError) -> str:
@@ -733,7 +765,14 @@ def _build(data: Mapping[str, Any], problems: list[str]) -> Config:
                 name=raw.get("name", raw["id"]),
                 target_type=raw["target_type"],
                 endpoint=_section(endpoint_cls, endpoint),
-                batch=_section(BatchConfig, {**delivery.get("batch", {}), **raw.get("batch", {})}),
+                batch=_section(
+                    BatchConfig,
+                    {
+                        **TYPE_BATCH_DEFAULTS.get(raw["target_type"], {}),
+                        **delivery.get("batch", {}),
+                        **raw.get("batch", {}),
+                    },
+                ),
                 retry=_section(RetryConfig, {**delivery.get("retry", {}), **raw.get("retry", {})}),
             )
         )
@@ -1040,3 +1079,13 @@ def _token_problems(auth: AuthConfig) -> list[str]:
                 problems.append(f"{where}: the same token as {digests[token.digest]}")
             digests.setdefault(token.digest, where)
     return problems
+
+
+# The COS target owns its endpoint config, schema and batch defaults (router/targets/cos.py).
+# Registered last: that module imports the target package, which imports this module.
+from router.targets import cos as _cos  # noqa: E402
+
+ENDPOINTS["cloud_object_storage"] = ("cos_endpoint", _cos.CosEndpointConfig)
+NESTED_SECTIONS["hmac_keys"] = _cos.HmacKeysConfig
+TYPE_BATCH_DEFAULTS["cloud_object_storage"] = _cos.BATCH_DEFAULTS
+TYPE_SCHEMAS["cloud_object_storage"] = ("cos_endpoint", _cos.ENDPOINT_SCHEMA)

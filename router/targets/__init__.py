@@ -27,7 +27,8 @@ class Target(Protocol):
         dead-lettered with that reason at once, not retried, and the rest of its batch goes."""
 
     def requests(self, batch: Sequence[Event]) -> Iterator[Sequence[Event]]:
-        """The batch cut into what goes out in one request each, in order. The worker sends,
+        """The batch cut into what goes out in one request each, each event in exactly one
+        (in order, or grouped: the COS target makes one object per account). The worker sends,
         retries and settles each on its own, so a failed second request neither sends the
         first again nor dead-letters events the first already stored. Most targets take a
         batch in one request: `yield batch`."""
@@ -63,11 +64,18 @@ def _syslog(config: TargetConfig) -> Target:
     return SyslogTarget.from_config(config)
 
 
+def _cos(config: TargetConfig) -> Target:
+    from router.targets.cos import CosTarget
+
+    return CosTarget.from_config(config)
+
+
 TARGET_TYPES: Final[Mapping[str, Callable[[TargetConfig], Target]]] = {
     "file": _file,
     "http": _http,
     "cloud_logs": _cloud_logs,
     "syslog": _syslog,
+    "cloud_object_storage": _cos,
 }
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from router.config import BatchConfig, parse_config
 from router.errors import PermanentDeliveryError, RetryableDeliveryError
@@ -168,3 +170,18 @@ def test_s3_errors_are_classified(status: int, code: str, kind: type[Exception])
 def test_a_retry_after_on_throttling_is_honoured() -> None:
     error = classify("cos", "PUT x", s3_error(503, "SlowDown", {"retry-after": "7"}))
     assert isinstance(error, RetryableDeliveryError) and error.retry_after_s == 7.0
+
+
+def test_the_readme_example_loads_with_the_documented_defaults(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### `cloud_object_storage`", 1)[1]
+    block = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    monkeypatch.setenv("IBMCLOUD_API_KEY", "a-key")
+    [target] = parse_config(minimal(targets=yaml.safe_load(block), routes=[])).targets
+    assert target.target_type == "cloud_object_storage"
+    assert isinstance(target.endpoint, CosEndpointConfig)
+    assert CosTarget(target.id, target.endpoint).region == "us-south"
+    assert "max_bytes: 8388608, max_wait_s: 60, max_events: 20000" in block
+    assert target.batch == BatchConfig(max_events=20_000, max_bytes=8 * MiB, max_wait_s=60.0)

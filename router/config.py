@@ -1015,6 +1015,10 @@ def target_listener_problems(i: int, target: TargetConfig, host: str, port: int)
         if endpoint.ingress_url:
             urls.append(("cloudlogs_endpoint.ingress_url", endpoint.ingress_url))
         urls.append(("cloudlogs_endpoint.iam_url", endpoint.iam_url))
+    elif isinstance(endpoint, _cos.CosEndpointConfig):
+        urls.append(("cos_endpoint.endpoint", _cos.endpoint_url(endpoint.endpoint)))
+        if endpoint.hmac_keys is None:
+            urls.append(("cos_endpoint.iam_url", endpoint.iam_url))
     return [
         f"targets[{i}].{key}: points at this daemon's own listener ({host}:{port}); its "
         "events would come back as new events for ever"

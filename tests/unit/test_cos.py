@@ -185,3 +185,12 @@ def test_the_readme_example_loads_with_the_documented_defaults(
     assert CosTarget(target.id, target.endpoint).region == "us-south"
     assert "max_bytes: 8388608, max_wait_s: 60, max_events: 20000" in block
     assert target.batch == BatchConfig(max_events=20_000, max_bytes=8 * MiB, max_wait_s=60.0)
+
+
+def test_a_cos_endpoint_pointing_at_the_listener_is_a_problem() -> None:
+    data = minimal(server={"host": "127.0.0.1", "port": 8080}, targets=[cos()], routes=[])
+    data["targets"][0]["cos_endpoint"]["endpoint"] = "http://localhost:8080"
+    assert problems_of(data) == [
+        "targets[0].cos_endpoint.endpoint: points at this daemon's own listener "
+        "(127.0.0.1:8080); its events would come back as new events for ever"
+    ]

@@ -37,7 +37,7 @@ import re
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
@@ -363,6 +363,33 @@ class CosTarget:
             TimeoutError,
         ) as exc:
             raise RetryableDeliveryError(self.id, f"{where}: {exc}") from exc
+
+    async def objects(self, prefix: str = "") -> AsyncIterator[tuple[str, bytes]]:
+        """The objects under `prefix` in key order, as (key, body as stored): what
+        `event-router query cos://TARGET/PREFIX` reads. A failure raises a DeliveryError."""
+        await self.start()
+        assert self._client is not None
+        where = f"{self.url}/{self.endpoint.bucket}/{prefix}"
+        try:
+            pages = self._client.get_paginator("list_objects_v2")
+            await self._token()
+            async for page in pages.paginate(Bucket=self.endpoint.bucket, Prefix=prefix):
+                for item in page.get("Contents", []):
+                    key = item["Key"]
+                    await self._token()  # the bearer of a long listing may need renewing
+                    got = await self._client.get_object(Bucket=self.endpoint.bucket, Key=key)
+                    async with got["Body"] as stream:
+                        body = await stream.read()
+                    yield key, body
+        except botocore.exceptions.ClientError as exc:
+            raise classify(self.id, f"GET {where}", exc.response) from exc
+        except (
+            botocore.exceptions.HTTPClientError,
+            botocore.exceptions.ConnectionError,
+            aiohttp.ClientError,
+            TimeoutError,
+        ) as exc:
+            raise RetryableDeliveryError(self.id, f"GET {where}: {exc}") from exc
 
     async def close(self) -> None:
         stack, self._stack, self._client = self._stack, None, None

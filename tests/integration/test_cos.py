@@ -7,6 +7,7 @@ needs S3's error answers (503 SlowDown, 500 InternalError) or to see the request
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import re
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -18,10 +19,15 @@ import aiobotocore.session
 import aiohttp
 import orjson
 import pytest
+import yaml
 from aiohttp import web
 from botocore.config import Config
 
+from router.cli import main
+from router.config import parse_config
+from router.events import Event
 from router.iam import IamTokenSource
+from router.targets.cos import CosEndpointConfig, CosTarget
 from tests.conftest import StartDaemon
 from tests.fake_cloud_logs import API_KEY, FakeCloudLogs
 from tests.fakes import ACCOUNT, INSTANCE, make_event, read_ndjson, wait_for
@@ -388,3 +394,62 @@ async def test_validate_writes_a_test_object_and_a_refused_write_is_cos_write_te
         "access_key_id": "test-hmac-access-key-id",
         "secret_access_key": "REDACTED",
     }
+
+
+def test_query_reads_the_objects_a_cos_target_wrote(
+    s3_server: S3Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    s3_server.reset()
+    s3_server.start()  # a no-op when the front runs
+    s3_server.create_bucket(BUCKET)
+    target = cos_target(s3_server.endpoint_url)
+    endpoint = parse_config({"targets": [target]}).targets[0].endpoint
+    assert isinstance(endpoint, CosEndpointConfig)
+    events = [
+        make_event(id="q-1", outcome="failure"),
+        in_account(OTHER_ACCOUNT, id="q-2", outcome="failure"),
+        make_event(id="q-3"),
+    ]
+
+    async def write() -> None:
+        writer = CosTarget("cos", endpoint)
+        try:
+            await writer.send([Event.from_body(event) for event in events])
+            await writer.send([Event.from_body(make_event(id="q-4", outcome="failure"))])
+        finally:
+            await writer.close()
+
+    asyncio.run(write())
+    config = tmp_path / "router.yaml"
+    config.write_text(yaml.safe_dump({"targets": [target], "routes": []}))
+
+    code, out, err = run(capsys, "outcome:failure", "cos://cos", "--config", str(config))
+    assert (code, err) == (0, "")
+    # Key order: per account, then in the order written (the names sort by time).
+    assert ids_of(out) == ["q-1", "q-4", "q-2"]
+    code, out, _ = run(
+        capsys, "outcome:failure", f"cos://cos/{OTHER_ACCOUNT}/", "--config", str(config)
+    )
+    assert (code, ids_of(out)) == (0, ["q-2"])
+    code, out, _ = run(
+        capsys, "outcome:failure", "cos://cos", "--limit", "1", "--config", str(config)
+    )
+    assert len(ids_of(out)) == 1
+
+    code, _, err = run(capsys, "outcome:failure", "cos://nope", "--config", str(config))
+    assert code == 2 and "no cloud_object_storage target 'nope'" in err
+    code, _, err = run(
+        capsys, "outcome:failure", "cos://cos/no-such-prefix/", "--config", str(config)
+    )
+    assert code == 1 and "no objects" in err
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exited:
+        main(["query", *argv])
+    out, err = capsys.readouterr()
+    return int(exited.value.code or 0), out, err
+
+
+def ids_of(out: str) -> list[str]:
+    return [orjson.loads(line)["id"] for line in out.splitlines()]

@@ -27,6 +27,7 @@ itself: retries live in router/delivery.py.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import gzip
@@ -70,9 +71,10 @@ DEFAULT_REGION = "us-south"
 NO_ACCOUNT = "unknown-account"
 
 # A batch becomes one object per account. An object closes on size or age:
-# - max_bytes 8 MiB of NDJSON: audit events gzip about 8-10:1, so objects of ~1 MB, which a
-#   reader (event-router query, a SIEM pulling the bucket) fetches in one request and a batch
-#   holds in memory without trouble, and far below the 5 GB of a single PUT;
+# - max_bytes 8 MiB of NDJSON: varied audit events gzip about 14:1 (measured: 7.4 MB -> 0.53 MB,
+#   0.12 s, in a thread), so objects under 1 MB, which a reader (event-router query, a SIEM
+#   pulling the bucket) fetches in one request, a batch holds in memory without trouble, and
+#   far below the 5 GB of a single PUT;
 # - max_wait_s 60: an event is in the bucket within a minute of its arrival (atracker's objects
 #   carry the minute in their names) and a quiet account makes at most 60 objects an hour;
 # - max_events 20,000: ~400 bytes each at 8 MiB, so it rarely closes a batch before max_bytes.
@@ -223,6 +225,12 @@ def ndjson_gzip(events: Sequence[Event]) -> bytes:
     return gzip.compress(b"".join(event.encoded() + b"\n" for event in events), compresslevel=6)
 
 
+def packed(events: Sequence[Event]) -> tuple[bytes, str]:
+    """The object's body and its Content-MD5 (base64 of the body's MD5)."""
+    body = ndjson_gzip(events)
+    return body, base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode()
+
+
 def by_account(batch: Sequence[Event]) -> dict[str, list[Event]]:
     """The batch's events per account, accounts in order of first appearance."""
     groups: dict[str, list[Event]] = {}
@@ -318,8 +326,8 @@ class CosTarget:
 
     async def _write(self, account: str, events: Sequence[Event]) -> None:
         name = self._name(account, events)
-        body = ndjson_gzip(events)
-        md5 = base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode()
+        # Off the event loop: 8 MiB take ~0.2 s to gzip, a pause ingest would feel.
+        body, md5 = await asyncio.to_thread(packed, events)
         for attempt in (1, 2):
             token = await self._token()
             try:

@@ -354,21 +354,29 @@ class CosTarget:
         assert self._client is not None
         where = f"PUT {self.url}/{self.endpoint.bucket}/{name}"
         try:
-            await self._client.put_object(
-                Bucket=self.endpoint.bucket,
-                Key=name,
-                Body=body,
-                ContentMD5=md5,
-                ContentType="application/x-ndjson",
-                ContentEncoding="gzip",
-            )
+            # A deadline for the whole request: with a hung store, botocore's read timeout
+            # alone did not end a PUT (still waiting after 10 s with read_timeout 0.5 s; the
+            # PUT first waits for `100 Continue`, which aiohttp's read timeout seems not to
+            # cover).
+            async with asyncio.timeout(self.endpoint.timeout_s):
+                await self._client.put_object(
+                    Bucket=self.endpoint.bucket,
+                    Key=name,
+                    Body=body,
+                    ContentMD5=md5,
+                    ContentType="application/x-ndjson",
+                    ContentEncoding="gzip",
+                )
         except botocore.exceptions.ClientError as exc:
             raise classify(self.id, where, exc.response) from exc
+        except TimeoutError as exc:
+            raise RetryableDeliveryError(
+                self.id, f"{where}: no answer within {self.endpoint.timeout_s:g}s"
+            ) from exc
         except (
             botocore.exceptions.HTTPClientError,
             botocore.exceptions.ConnectionError,
             aiohttp.ClientError,
-            TimeoutError,
         ) as exc:
             raise RetryableDeliveryError(self.id, f"{where}: {exc}") from exc
 

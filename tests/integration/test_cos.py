@@ -277,6 +277,33 @@ async def test_an_outage_mid_batch_leaves_nothing_half_written_and_everything_ar
     assert_books_balance(daemon)
 
 
+async def test_a_hung_store_times_out_and_a_late_write_is_overwritten_not_duplicated(
+    start_daemon: StartDaemon, s3_server: S3Server, s3: Any
+) -> None:
+    daemon = await start_daemon(
+        {
+            "targets": [cos_target(s3_server.endpoint_url, timeout_s=0.5)],
+            "routes": everything_to("cos"),
+        }
+    )
+    s3_server.pause()  # PUTs go out and hang: each attempt times out
+    try:
+        await post(daemon, [make_event(id=f"h-{i}") for i in range(20)])
+        stats = daemon.target_stats["cos"]
+        await wait_for(lambda: stats.retries >= 2, timeout_s=20, what="timed-out attempts")
+    finally:
+        s3_server.resume()  # the hung PUTs now reach the store, late, under the same name
+    await wait_for(lambda: settled(daemon), timeout_s=20, what="everything settled")
+
+    found = await objects(s3)
+    assert ids(found) == sorted(f"h-{i}" for i in range(20))
+    assert len(found) == 1, "every attempt wrote the same object"
+    row = daemon.status()["targets"]["cos"]
+    assert (row["delivered"], row["dead_lettered"]) == (20, 0)
+    assert "no answer within 0.5s" in str(stats.write_status.reason_for_last_failure)
+    assert_books_balance(daemon)
+
+
 async def test_a_missing_bucket_is_permanent_and_dead_letters_with_the_reason(
     start_daemon: StartDaemon, s3_server: S3Server, s3: Any, tmp_path: Path
 ) -> None:

@@ -42,7 +42,6 @@ from bench.load import (
     RssSampler,
     build_events,
     check_events,
-    free_port,
     get_status,
     kill_if_running,
     pending,
@@ -52,6 +51,7 @@ from bench.load import (
     stop_daemon,
     wait_ready,
 )
+from tests.helpers import free_port
 
 TARGET_ID = "downstream"
 ID_PREFIX = "bl-"
@@ -431,7 +431,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             async with aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=CONTROL_TIMEOUT_S)
             ) as control:
-                await wait_ready(daemon, control)
+                await wait_ready(daemon)
                 idle_rss_kb = proc_status_kb(daemon.pid, "VmRSS") or 0
                 written_before = proc_write_bytes(daemon.pid)
                 sampler.start()

@@ -23,8 +23,6 @@ import json
 import math
 import os
 import platform
-import signal
-import socket
 import sys
 import tempfile
 import time
@@ -38,9 +36,10 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from router.intake.validation import EventValidator
 from router.resources import schemas_dir
-from router.validation import EventValidator
 from tests.fakes import make_event
+from tests.helpers import free_port, ready, reap, spawn, terminate
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TARGET_ID = "archive"
@@ -358,13 +357,6 @@ async def drive(
 # The real daemon
 
 
-def free_port() -> int:
-    """A port nobody listens on right now (the daemon is told it on its command line)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def archive_config(workdir: Path, port: int, fsync: str) -> tuple[dict[str, Any], Path]:
     """A config like the embedded default, with `storage.fsync` set: one file target that takes
     every event. Returns the config and the path of the NDJSON archive."""
@@ -397,8 +389,13 @@ class DaemonProcess:
     """`event-router serve` in a subprocess, its base URL, and where its stderr goes."""
 
     proc: asyncio.subprocess.Process
-    base_url: str
+    host: str
+    port: int
     log_path: Path
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
 
     @property
     def pid(self) -> int:
@@ -421,13 +418,8 @@ async def spawn_daemon(workdir: Path, config: dict[str, Any]) -> DaemonProcess:
     log_path = workdir / "daemon.log"
     log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "router",
-            "serve",
-            "--config",
-            str(config_path),
+        proc = await spawn(
+            config_path,
             "--log-level",
             "warning",
             cwd=REPO_ROOT,
@@ -438,18 +430,17 @@ async def spawn_daemon(workdir: Path, config: dict[str, Any]) -> DaemonProcess:
     finally:
         os.close(log_fd)  # the child has its own copy
     server = config["server"]
-    return DaemonProcess(proc, f"http://{server['host']}:{server['port']}", log_path)
+    return DaemonProcess(proc, server["host"], server["port"], log_path)
 
 
-async def wait_ready(daemon: DaemonProcess, session: aiohttp.ClientSession) -> None:
+async def wait_ready(daemon: DaemonProcess) -> None:
+    """Until /readyz answers 200 (tests.helpers.ready); a daemon that exits first fails."""
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         if daemon.proc.returncode is not None:
             raise RuntimeError(f"the daemon exited with {daemon.proc.returncode} during start-up")
-        with contextlib.suppress(aiohttp.ClientError):
-            async with session.get(f"{daemon.base_url}/readyz") as response:
-                if response.status == 200:
-                    return
+        if await ready(daemon.port, daemon.host):
+            return
         await asyncio.sleep(0.05)
     raise RuntimeError(f"the daemon was not ready within {READY_TIMEOUT_S}s")
 
@@ -485,21 +476,17 @@ async def stop_daemon(
 ) -> tuple[int | None, float]:
     """SIGTERM, then wait for the drain; (exit code or None if it had to be killed, seconds)."""
     started = time.monotonic()
-    daemon.proc.send_signal(signal.SIGTERM)
     try:
-        code = await asyncio.wait_for(daemon.proc.wait(), timeout_s)
+        code = await terminate(daemon.proc, timeout_s)
     except TimeoutError:
-        daemon.proc.kill()
-        await daemon.proc.wait()
+        await reap(daemon.proc)
         return None, time.monotonic() - started
     return code, time.monotonic() - started
 
 
 async def kill_if_running(daemon: DaemonProcess) -> None:
     """After a failed run: the daemon must not outlive the bench."""
-    if daemon.proc.returncode is None:
-        daemon.proc.kill()
-        await daemon.proc.wait()
+    await reap(daemon.proc)
 
 
 def read_archive(archive: Path) -> tuple[int, int, int]:
@@ -583,7 +570,7 @@ async def run_daemon(
         async with aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
         ) as control:
-            await wait_ready(daemon, control)
+            await wait_ready(daemon)
             result.idle_rss_kb = proc_status_kb(daemon.pid, "VmRSS") or 0
             url = f"{daemon.base_url}/v1/events"
             for scenario in scenarios:

@@ -26,9 +26,9 @@ from router import __version__
 from router.completion import SHELLS, script
 from router.config import Config, config_warnings, load_config_and_data
 from router.errors import ConfigError, StorageLockedError
-from router.logformat import counted, setup_logging
+from router.observe.logformat import counted, setup_logging
+from router.observe.sdnotify import notify
 from router.resources import default_config_path
-from router.sdnotify import notify
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -279,7 +279,7 @@ async def _validate_target(config: Config, target_id: str) -> int:
 
 
 def _dlq(args: argparse.Namespace, config: Config) -> int:
-    from router import dlq
+    from router.clients import dlq
     from router.deadletter import LetterFilter, parse_since
 
     if args.dlq_command == "list":
@@ -313,8 +313,8 @@ def admin_token(token_file: Path | None) -> str | None:
 async def _serve(
     path: Path, data: dict[str, Any], config: Config, overrides: Callable[[Config], Config]
 ) -> None:
-    from router.api import ConfigSource
-    from router.app import Daemon
+    from router.daemon import Daemon
+    from router.server.api import ConfigSource
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -386,8 +386,8 @@ async def _watch(path: Path, interval_s: float, changed: Callable[[], None]) -> 
 
 def _query(args: argparse.Namespace) -> int:
     """`query` reads archives directly: it needs no config and no running daemon."""
+    from router.clients.search import describe_query_error, parse_time, search
     from router.query import QueryError, parse
-    from router.search import describe_query_error, parse_time, search
 
     try:
         query = parse(args.query)
@@ -430,8 +430,8 @@ def _query_bucket(
 ) -> int:
     """Search the objects of a cloud_object_storage target, with its endpoint and
     credentials from the config, as the daemon resolves them."""
+    from router.clients.search import search_bucket
     from router.errors import DeliveryError
-    from router.search import search_bucket
     from router.targets.cos import CosEndpointConfig, CosTarget
 
     target_id, _, prefix = path.removeprefix(COS_SCHEME).lstrip("/").partition("/")
@@ -469,9 +469,10 @@ def _query_bucket(
 
 
 def _tail(args: argparse.Namespace, config: Config) -> int:
-    from router.tail import follow
+    from router.clients import base_url
+    from router.clients.tail import follow
 
-    url = args.url or f"http://{config.server.host}:{config.server.port}"
+    url = base_url(config, args.url)
     try:
         token = admin_token(args.token_file)
     except OSError as exc:

@@ -1,8 +1,11 @@
 """Loads a YAML config into frozen dataclasses: YAML -> JSON Schema -> dataclasses -> cross-checks.
 
 The dataclasses below are the one place defaults live; `schemas/config.schema.json` checks the
-shape and names but repeats no default. `event-router check` and `serve` share `load_config`,
-so a config that passes `check` is exactly a config that `serve` runs.
+shape and names but repeats no default. A target's endpoint belongs to its type: the dataclass
+and the JSON Schema of each endpoint live in its module under router/targets/, and
+`config_schema()` completes the schema's target section from `TARGET_TYPES`.
+`event-router check` and `serve` share `load_config`, so a config that passes `check` is
+exactly a config that `serve` runs.
 """
 
 from __future__ import annotations
@@ -15,9 +18,9 @@ import re
 import socket
 import stat
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias, cast
+from typing import Any, Final, Literal, cast, get_args, get_type_hints
 from urllib.parse import urlsplit
 
 import jsonschema
@@ -27,12 +30,14 @@ from router.errors import ConfigError, QueryError
 from router.masking import SECRET_KEYS
 from router.query import Query, parse
 from router.resources import schemas_dir
-
-if TYPE_CHECKING:
-    from router.targets.cos import CosEndpointConfig
+from router.targets import TARGET_TYPES
+from router.targets.cloud_logs import CloudLogsEndpointConfig
+from router.targets.cos import CosEndpointConfig, endpoint_url
+from router.targets.file import FileEndpointConfig
+from router.targets.http import HttpAuthConfig, HttpEndpointConfig, SigningConfig
 
 MiB = 1024 * 1024
-# The names of what lives under storage.path (router/journal.py, router/deadletter.py, api).
+# The names of what lives under storage.path (router/journal/sqlite.py, router/deadletter.py, api).
 JOURNAL_FILE = "journal.db"
 JOURNAL_LOCK_FILE = "journal.lock"  # held by the one daemon that owns the journal
 DEAD_LETTER_DIR = "deadletter"
@@ -166,135 +171,13 @@ class RetryConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class FileEndpointConfig:
-    """An NDJSON archive on local disk, rotated by size."""
-
-    path: str
-    max_bytes: int = 100 * MiB
-    max_files: int = 10
-    fsync: bool = True
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class HttpAuthConfig:
-    """`bearer` sends `Authorization: Bearer <token>`; `basic` sends username and password."""
-
-    type: Literal["bearer", "basic"]
-    token: str | None = field(default=None, repr=False)
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SigningConfig:
-    """HMAC-SHA256 over `<unix time>.<body>` with a shared secret, sent as
-    `<header>: t=<unix time>,v1=<hex>` so a receiver can verify the body and refuse replays."""
-
-    secret: str = field(repr=False)
-    header: str = "X-Event-Router-Signature"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class TlsClientConfig:
-    """A CA bundle to trust instead of the system's, and a client certificate for mTLS."""
-
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class HttpEndpointConfig:
-    """An HTTP(S) endpoint that takes a JSON array of events per POST."""
-
-    url: str
-    headers: Mapping[str, str] = field(default_factory=dict)
-    timeout_s: float = 10.0
-    tls_verify: bool = True
-    auth: HttpAuthConfig | None = None
-    signing: SigningConfig | None = None
-    tls: TlsClientConfig | None = None
-
-
-# Sub-objects of endpoints that are dataclasses of their own.
-NESTED_SECTIONS: dict[str, type[Any]] = {
-    "auth": HttpAuthConfig,
-    "signing": SigningConfig,
-    "tls": TlsClientConfig,
-}
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class CloudLogsEndpointConfig:
-    """An IBM Cloud Logs instance (Coralogix-compatible `/logs/v1/singles`), reached with an
-    IAM token exchanged for `api_key`. The ingress URL is derived from `target_crn` unless
-    `ingress_url` overrides it (Coralogix, a test server)."""
-
-    target_crn: str
-    api_key: str = field(repr=False)
-    ingress_url: str | None = None
-    iam_url: str = "https://iam.cloud.ibm.com"
-    private: bool = False
-    application_name: str = "ibm-audit-event"
-    # Default: `<service>:<instance>` of each event's logSourceCRN, as IBM's own routing does.
-    subsystem_name: str | None = None
-    computer_name: str | None = None  # default: this host's name
-    timeout_s: float = 30.0
-    tls_verify: bool = True
-    # Cloud Logs takes up to 2 MB per request and 32 KB per log record.
-    max_request_bytes: int = 2_000_000
-    max_event_bytes: int = 32 * 1024
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SyslogEndpointConfig:
-    """A syslog receiver (a SIEM, rsyslog, syslog-ng): RFC 5424 messages over TCP with octet
-    counting (RFC 6587), or over TLS (RFC 5425)."""
-
-    host: str
-    port: int | None = None  # default: 514 for tcp, 6514 for tls
-    transport: Literal["tcp", "tls"] = "tcp"
-    tls_verify: bool = True
-    tls: TlsClientConfig | None = None
-    facility: int = 13  # log audit
-    app_name: str | None = None  # default: the event's service (logSourceCRN)
-    hostname: str | None = None  # default: this host's name
-    sd_id: str = "audit@32473"
-    bom: bool = True  # RFC 5424: a UTF-8 MSG starts with a BOM
-    timeout_s: float = 10.0
-    max_message_bytes: int = 64 * 1024
-
-
-if TYPE_CHECKING:
-    EndpointConfig: TypeAlias = (
-        FileEndpointConfig
-        | HttpEndpointConfig
-        | CloudLogsEndpointConfig
-        | SyslogEndpointConfig
-        | CosEndpointConfig
-    )
-
-# target_type -> (the key of its endpoint object, the dataclass that holds it)
-ENDPOINTS: dict[str, tuple[str, type[EndpointConfig]]] = {
-    "file": ("file_endpoint", FileEndpointConfig),
-    "http": ("http_endpoint", HttpEndpointConfig),
-    "cloud_logs": ("cloudlogs_endpoint", CloudLogsEndpointConfig),
-    "syslog": ("syslog_endpoint", SyslogEndpointConfig),
-}
-# Per-type batch defaults (under `delivery.batch` and the target's own `batch`).
-TYPE_BATCH_DEFAULTS: dict[str, Mapping[str, Any]] = {}
-# Endpoint schemas that live in their target's module, added to the target section at load.
-TYPE_SCHEMAS: dict[str, tuple[str, Mapping[str, Any]]] = {}
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
 class TargetConfig:
     """A destination, named the atracker way (`id`, `name`, `target_type`, `<type>_endpoint`)."""
 
     id: str
     name: str
     target_type: str
-    endpoint: EndpointConfig
+    endpoint: object  # the config_class of its type in TARGET_TYPES
     batch: BatchConfig = field(default_factory=BatchConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
 
@@ -580,38 +463,50 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
 
 
 MAX_QUOTED_VALUE_CHARS = 100
-_CONFIG_VALIDATOR: jsonschema.protocols.Validator | None = None
+# The validator, and the registry of target types it was built from (a test may add a type).
+_CONFIG_VALIDATOR: tuple[tuple[tuple[str, int], ...], jsonschema.protocols.Validator] | None = None
+
+
+def config_schema() -> dict[str, Any]:
+    """schemas/config.schema.json with its target section completed from TARGET_TYPES:
+    target_type's enum, and one `allOf` entry per type. An entry applies when target_type
+    names its type; it requires the type's endpoint object, checks it against the schema the
+    type's module ships, and refuses any other key (so another type's endpoint too). Each
+    entry names only its own type, so the section grows by one entry per type."""
+    schema: dict[str, Any] = json.loads(
+        (schemas_dir() / "config.schema.json").read_text(encoding="utf-8")
+    )
+    target = schema["$defs"]["target"]
+    common = dict.fromkeys(target["properties"], True)
+    target["properties"]["target_type"] = {"enum": list(TARGET_TYPES)}
+    target["allOf"] = [
+        {
+            "if": {"properties": {"target_type": {"const": name}}, "required": ["target_type"]},
+            "then": {
+                "properties": {**common, kind.endpoint_key: kind.schema},
+                "required": [kind.endpoint_key],
+                "additionalProperties": False,
+            },
+        }
+        for name, kind in TARGET_TYPES.items()
+    ]
+    return schema
+
+
+def _validator() -> jsonschema.protocols.Validator:
+    global _CONFIG_VALIDATOR
+    registry = tuple((name, id(kind)) for name, kind in TARGET_TYPES.items())
+    if _CONFIG_VALIDATOR is None or _CONFIG_VALIDATOR[0] != registry:
+        schema = config_schema()
+        cls = jsonschema.validators.validator_for(schema)
+        cls.check_schema(schema)
+        _CONFIG_VALIDATOR = (registry, cls(schema))
+    return _CONFIG_VALIDATOR[1]
 
 
 def _schema_problems(data: Any) -> list[str]:
-    global _CONFIG_VALIDATOR
-    if _CONFIG_VALIDATOR is None:
-        schema = json.loads((schemas_dir() / "config.schema.json").read_text(encoding="utf-8"))
-        _add_type_schemas(schema)
-        cls = jsonschema.validators.validator_for(schema)
-        cls.check_schema(schema)
-        _CONFIG_VALIDATOR = cls(schema)
-    errors = sorted(_CONFIG_VALIDATOR.iter_errors(data), key=lambda e: list(map(str, e.path)))
+    errors = sorted(_validator().iter_errors(data), key=lambda e: list(map(str, e.path)))
     return [f"{format_path(error.absolute_path)}: {_describe(error)}" for error in errors]
-
-
-def _add_type_schemas(schema: dict[str, Any]) -> None:
-    """Put the endpoint schemas that target modules own (TYPE_SCHEMAS) into the target
-    section: the type in target_type's enum, its endpoint as a property, required for that
-    type and refused for any other."""
-    target = schema["$defs"]["target"]
-    for name, (key, endpoint_schema) in TYPE_SCHEMAS.items():
-        target["properties"]["target_type"]["enum"].append(name)
-        target["properties"][key] = endpoint_schema
-        for rule in target["allOf"]:
-            rule["then"]["not"]["anyOf"].append({"required": [key]})
-        others = [{"required": [k]} for k, _ in ENDPOINTS.values() if k != key]
-        target["allOf"].append(
-            {
-                "if": {"properties": {"target_type": {"const": name}}, "required": ["target_type"]},
-                "then": {"required": [key], "not": {"anyOf": others}},
-            }
-        )
 
 
 def _describe(error: jsonschema.ValidationError) -> str:
@@ -735,17 +630,30 @@ def _section(cls: type[Any], data: Mapping[str, Any] | None) -> Any:
     return cls(**{k: v for k, v in (data or {}).items() if k in known})
 
 
+def _nested_sections(cls: type[Any]) -> dict[str, type[Any]]:
+    """The fields of an endpoint dataclass that are dataclasses of their own (`auth`,
+    `signing`, `tls`): their mappings become those dataclasses."""
+    hints = get_type_hints(cls)
+    nested = {}
+    for f in fields(cls):
+        for kind in get_args(hints[f.name]) or (hints[f.name],):
+            if isinstance(kind, type) and is_dataclass(kind):
+                nested[f.name] = kind
+    return nested
+
+
 def _build(data: Mapping[str, Any], problems: list[str]) -> Config:
     delivery = data.get("delivery") or {}
     targets = []
     for i, raw in enumerate(data.get("targets") or []):
-        key, endpoint_cls = ENDPOINTS[raw["target_type"]]
+        kind = TARGET_TYPES[raw["target_type"]]  # each type's module owns its endpoint
+        key, endpoint_cls = kind.endpoint_key, kind.config_class
         before = len(problems)
         endpoint = {
             name: _resolve_all(value, f"targets[{i}].{key}.{name}", problems)
             for name, value in raw[key].items()
         }
-        for name, section_cls in NESTED_SECTIONS.items():
+        for name, section_cls in _nested_sections(endpoint_cls).items():
             if isinstance(endpoint.get(name), dict):
                 endpoint[name] = _section(section_cls, endpoint[name])
         problems.extend(_header_problems(endpoint, f"targets[{i}].{key}"))
@@ -768,7 +676,7 @@ def _build(data: Mapping[str, Any], problems: list[str]) -> Config:
                 batch=_section(
                     BatchConfig,
                     {
-                        **TYPE_BATCH_DEFAULTS.get(raw["target_type"], {}),
+                        **TARGET_TYPES[raw["target_type"]].batch_defaults,
                         **delivery.get("batch", {}),
                         **raw.get("batch", {}),
                     },
@@ -1015,8 +923,8 @@ def target_listener_problems(i: int, target: TargetConfig, host: str, port: int)
         if endpoint.ingress_url:
             urls.append(("cloudlogs_endpoint.ingress_url", endpoint.ingress_url))
         urls.append(("cloudlogs_endpoint.iam_url", endpoint.iam_url))
-    elif isinstance(endpoint, _cos.CosEndpointConfig):
-        urls.append(("cos_endpoint.endpoint", _cos.endpoint_url(endpoint.endpoint)))
+    elif isinstance(endpoint, CosEndpointConfig):
+        urls.append(("cos_endpoint.endpoint", endpoint_url(endpoint.endpoint)))
         if endpoint.hmac_keys is None:
             urls.append(("cos_endpoint.iam_url", endpoint.iam_url))
     return [
@@ -1083,13 +991,3 @@ def _token_problems(auth: AuthConfig) -> list[str]:
                 problems.append(f"{where}: the same token as {digests[token.digest]}")
             digests.setdefault(token.digest, where)
     return problems
-
-
-# The COS target owns its endpoint config, schema and batch defaults (router/targets/cos.py).
-# Registered last: that module imports the target package, which imports this module.
-from router.targets import cos as _cos  # noqa: E402
-
-ENDPOINTS["cloud_object_storage"] = ("cos_endpoint", _cos.CosEndpointConfig)
-NESTED_SECTIONS["hmac_keys"] = _cos.HmacKeysConfig
-TYPE_BATCH_DEFAULTS["cloud_object_storage"] = _cos.BATCH_DEFAULTS
-TYPE_SCHEMAS["cloud_object_storage"] = ("cos_endpoint", _cos.ENDPOINT_SCHEMA)

@@ -21,7 +21,7 @@ import orjson
 
 from router.appendfile import AppendOnlyFile, replace_atomically
 from router.journal import Entry
-from router.metrics import utc_iso
+from router.observe.metrics import utc_iso
 
 Letter = dict[str, Any]
 

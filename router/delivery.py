@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 import time
 from collections.abc import Sequence
 
@@ -35,9 +34,9 @@ from router.errors import (
     RetryableDeliveryError,
     UnexpectedDeliveryError,
 )
-from router.journal import Entry, Journal
-from router.logformat import counted
-from router.metrics import TargetStats
+from router.journal import Entry, Journal, JournalUnavailableError
+from router.observe.logformat import counted
+from router.observe.metrics import TargetStats
 from router.probe import probe
 from router.targets import Target
 
@@ -182,7 +181,7 @@ class DeliveryWorker:
         while True:
             try:
                 await self.journal.ack(self.config.id, batch, dead_lettered=dead)
-            except (sqlite3.Error, OSError) as exc:
+            except (JournalUnavailableError, OSError) as exc:
                 log.error(
                     "target %s: cannot record a settled batch of %d events in the journal (%s); "
                     "retrying the record, not the send",

@@ -1,7 +1,8 @@
 """Target validation: send one real test event (`event-router.target.validate`) and report.
 
 atracker test-writes to a target when it is created; we do the same from `event-router
-validate-target` and, unless `delivery.validate_on_start` is off, for every target at start-up.
+validate-target`, from the management API's validate, and, when `startup.validate_targets` is
+on (it is off by default), for every target at start-up.
 The test event goes straight to the target, not through the journal: it proves the target
 takes events, it is not an audit event anyone produced. A failure is reported loudly and
 recorded in the target's write_status, and blocks nothing else.
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 
 from router.errors import DeliveryError
 from router.events import Event
-from router.metrics import TargetStats
+from router.observe.metrics import TargetStats
 from router.selfevent import instance_crn, router_event
 from router.targets import Target
 

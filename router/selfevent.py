@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from router import __version__
-from router.metrics import utc_iso
+from router.observe.metrics import utc_iso
 
 SERVICE = "event-router"
 # What an event of the router quotes (a refused name, a config problem) is cut to this many

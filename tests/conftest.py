@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from router.api import ConfigSource
-from router.app import Daemon
 from router.config import parse_config
+from router.daemon import Daemon
+from router.server.api import ConfigSource
 from tests.fakes import ScriptedReceiver
 
 FAST_DELIVERY = {

@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
-import signal
-import socket
-import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 import orjson
 from aiohttp import web
 
@@ -191,55 +186,3 @@ def read_ndjson(path: Any) -> list[dict[str, Any]]:
             return [orjson.loads(line) for line in f if line.strip()]
     except FileNotFoundError:
         return []
-
-
-def free_port() -> int:
-    """A port nobody listens on now, for a daemon that runs as its own process."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def ready(port: int) -> bool:
-    """Does the daemon on `port` answer /readyz with 200?"""
-    try:
-        async with (
-            aiohttp.ClientSession() as session,
-            session.get(f"http://127.0.0.1:{port}/readyz") as resp,
-        ):
-            return resp.status == 200
-    except aiohttp.ClientConnectionError:
-        return False
-
-
-async def spawn(
-    config: Any,
-    *,
-    stderr: int | None = asyncio.subprocess.DEVNULL,
-    env: dict[str, str] | None = None,
-) -> asyncio.subprocess.Process:
-    """`python -m router serve --config F` as a real process (not waited for)."""
-    return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "router", "serve", "--config", str(config), stderr=stderr, env=env
-    )
-
-
-async def serve(config: Any, port: int, **kwargs: Any) -> asyncio.subprocess.Process:
-    """`spawn`, then wait until /readyz answers 200."""
-    proc = await spawn(config, **kwargs)
-    await wait_for(lambda: ready(port), what="the daemon to be ready")
-    return proc
-
-
-async def terminate(proc: asyncio.subprocess.Process, timeout_s: float = 15) -> int:
-    """SIGTERM and wait for the exit code (the drain's own promise is under test)."""
-    proc.send_signal(signal.SIGTERM)
-    return await asyncio.wait_for(proc.wait(), timeout_s)
-
-
-async def reap(proc: asyncio.subprocess.Process | None) -> None:
-    """A test's `finally`: kill the process if the test left it running."""
-    if proc is not None and proc.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()

@@ -18,17 +18,72 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any, Final
 
 import aiohttp
 import orjson
 
-from router.config import CloudLogsEndpointConfig, TargetConfig
 from router.errors import PermanentDeliveryError
 from router.events import Event, crn_parts
 from router.iam import IamTokenSource
 from router.targets.http import new_session, post
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CloudLogsEndpointConfig:
+    """An IBM Cloud Logs instance (Coralogix-compatible `/logs/v1/singles`), reached with an
+    IAM token exchanged for `api_key`. The ingress URL is derived from `target_crn` unless
+    `ingress_url` overrides it (Coralogix, a test server)."""
+
+    target_crn: str
+    api_key: str = field(repr=False)
+    ingress_url: str | None = None
+    iam_url: str = "https://iam.cloud.ibm.com"
+    private: bool = False
+    application_name: str = "ibm-audit-event"
+    # Default: `<service>:<instance>` of each event's logSourceCRN, as IBM's own routing does.
+    subsystem_name: str | None = None
+    computer_name: str | None = None  # default: this host's name
+    timeout_s: float = 30.0
+    tls_verify: bool = True
+    # Cloud Logs takes up to 2 MB per request and 32 KB per log record.
+    max_request_bytes: int = 2_000_000
+    max_event_bytes: int = 32 * 1024
+
+
+# The JSON Schema of `cloudlogs_endpoint` (the config loader puts it in the target section).
+ENDPOINT_SCHEMA: Final[Mapping[str, Any]] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["target_crn", "api_key"],
+    "properties": {
+        "target_crn": {
+            "type": "string",
+            "pattern": "^crn:v1:[a-z0-9-]+:(public|dedicated|local):logs:[a-z0-9-]+:[^:]*:"
+            "[0-9a-fA-F-]+:[^:]*:[^:]*$",
+            "description": "CRN of the Cloud Logs instance: its region and instance GUID give "
+            "the ingress URL",
+        },
+        "api_key": {
+            "type": "string",
+            "minLength": 1,
+            "description": "Use a reference: ${env:NAME} or ${file:/path}",
+        },
+        "ingress_url": {"type": "string", "pattern": "^https?://"},
+        "iam_url": {"type": "string", "pattern": "^https?://"},
+        "private": {"type": "boolean"},
+        "application_name": {"type": "string", "minLength": 1},
+        "subsystem_name": {"type": "string", "minLength": 1},
+        "computer_name": {"type": "string", "minLength": 1},
+        "timeout_s": {"type": "number", "exclusiveMinimum": 0},
+        "tls_verify": {"type": "boolean"},
+        "max_request_bytes": {"type": "integer", "minimum": 1024},
+        "max_event_bytes": {"type": "integer", "minimum": 1024},
+    },
+}
 
 INGEST_PATH = "/logs/v1/singles"
 SEVERITY = {"normal": 3, "warning": 4, "critical": 6}
@@ -64,11 +119,6 @@ class CloudLogsTarget:
         self.computer_name = endpoint.computer_name or socket.gethostname()
         self.tokens = IamTokenSource.shared(endpoint.iam_url, endpoint.api_key)
         self._session: aiohttp.ClientSession | None = None
-
-    @classmethod
-    def from_config(cls, config: TargetConfig) -> CloudLogsTarget:
-        assert isinstance(config.endpoint, CloudLogsEndpointConfig)
-        return cls(config.id, config.endpoint)
 
     async def start(self) -> None:
         if self._session is None:

@@ -57,8 +57,6 @@ from router.targets.http import batch_key, new_session, parse_retry_after
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
 
-    from router.config import TargetConfig
-
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
@@ -256,11 +254,6 @@ class CosTarget:
         self._stack: contextlib.AsyncExitStack | None = None
         self._client: S3Client | None = None
         self._session: aiohttp.ClientSession | None = None  # for IAM tokens only
-
-    @classmethod
-    def from_config(cls, config: TargetConfig) -> CosTarget:
-        assert isinstance(config.endpoint, CosEndpointConfig)
-        return cls(config.id, config.endpoint)
 
     async def start(self) -> None:
         if self._client is not None:

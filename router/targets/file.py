@@ -9,13 +9,38 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Final
 
 from router.appendfile import AppendOnlyFile
-from router.config import FileEndpointConfig, TargetConfig
 from router.errors import RetryableDeliveryError
 from router.events import Event
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FileEndpointConfig:
+    """An NDJSON archive on local disk, rotated by size."""
+
+    path: str
+    max_bytes: int = 100 * 1024 * 1024
+    max_files: int = 10
+    fsync: bool = True
+
+
+# The JSON Schema of `file_endpoint` (the config loader puts it in the target section).
+ENDPOINT_SCHEMA: Final[Mapping[str, Any]] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["path"],
+    "properties": {
+        "path": {"type": "string", "minLength": 1},
+        "max_bytes": {"type": "integer", "minimum": 1024},
+        "max_files": {"type": "integer", "minimum": 1},
+        "fsync": {"type": "boolean"},
+    },
+}
 
 
 class FileTarget:
@@ -27,11 +52,6 @@ class FileTarget:
         self.max_bytes = endpoint.max_bytes
         self.max_files = endpoint.max_files
         self._file = AppendOnlyFile(self.path, fsync=endpoint.fsync)
-
-    @classmethod
-    def from_config(cls, config: TargetConfig) -> FileTarget:
-        assert isinstance(config.endpoint, FileEndpointConfig)
-        return cls(config.id, config.endpoint)
 
     async def start(self) -> None:
         await asyncio.to_thread(self._file.open)

@@ -21,17 +21,122 @@ import hmac
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
 
 import aiohttp
 
 from router import __version__
-from router.config import HttpAuthConfig, HttpEndpointConfig, TargetConfig, TlsClientConfig
 from router.errors import PermanentDeliveryError, RetryableDeliveryError
 from router.events import Event
 from router.masking import mask_url
 
 RETRYABLE_STATUSES = frozenset({408, 429})
 EXCERPT_BYTES = 512
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HttpAuthConfig:
+    """`bearer` sends `Authorization: Bearer <token>`; `basic` sends username and password."""
+
+    type: Literal["bearer", "basic"]
+    token: str | None = field(default=None, repr=False)
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SigningConfig:
+    """HMAC-SHA256 over `<unix time>.<body>` with a shared secret, sent as
+    `<header>: t=<unix time>,v1=<hex>` so a receiver can verify the body and refuse replays."""
+
+    secret: str = field(repr=False)
+    header: str = "X-Event-Router-Signature"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TlsClientConfig:
+    """A CA bundle to trust instead of the system's, and a client certificate for mTLS."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HttpEndpointConfig:
+    """An HTTP(S) endpoint that takes a JSON array of events per POST."""
+
+    url: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+    timeout_s: float = 10.0
+    tls_verify: bool = True
+    auth: HttpAuthConfig | None = None
+    signing: SigningConfig | None = None
+    tls: TlsClientConfig | None = None
+
+
+# The JSON Schema of a `tls` object (the http and syslog endpoints have one).
+TLS_SCHEMA: Final[Mapping[str, Any]] = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "ca_file": {"type": "string", "minLength": 1},
+        "cert_file": {"type": "string", "minLength": 1},
+        "key_file": {"type": "string", "minLength": 1},
+    },
+    "dependentRequired": {"key_file": ["cert_file"]},
+}
+
+# The JSON Schema of `http_endpoint` (the config loader puts it in the target section).
+ENDPOINT_SCHEMA: Final[Mapping[str, Any]] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["url"],
+    "properties": {
+        "url": {"type": "string", "pattern": "^https?://"},
+        "headers": {"type": "object", "additionalProperties": {"type": "string"}},
+        "timeout_s": {"type": "number", "exclusiveMinimum": 0},
+        "tls_verify": {"type": "boolean"},
+        "auth": {
+            "oneOf": [
+                {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["type", "token"],
+                    "properties": {
+                        "type": {"const": "bearer"},
+                        "token": {"type": "string", "minLength": 1},
+                    },
+                },
+                {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["type", "username", "password"],
+                    "properties": {
+                        "type": {"const": "basic"},
+                        "username": {"type": "string", "minLength": 1},
+                        "password": {"type": "string"},
+                    },
+                },
+            ]
+        },
+        "signing": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["secret"],
+            "properties": {
+                "secret": {
+                    "type": "string",
+                    "minLength": 1,
+                    "description": "Use a reference: ${env:NAME} or ${file:/path}",
+                },
+                "header": {"type": "string", "pattern": "^[A-Za-z0-9-]+$"},
+            },
+        },
+        "tls": TLS_SCHEMA,
+    },
+}
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -152,11 +257,6 @@ class HttpTarget:
             **endpoint.headers,
         }
         self._session: aiohttp.ClientSession | None = None
-
-    @classmethod
-    def from_config(cls, config: TargetConfig) -> HttpTarget:
-        assert isinstance(config.endpoint, HttpEndpointConfig)
-        return cls(config.id, config.endpoint)
 
     async def start(self) -> None:
         if self._session is None:

@@ -28,13 +28,59 @@ import asyncio
 import contextlib
 import socket
 import ssl
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any, Final, Literal
 
-from router.config import SyslogEndpointConfig, TargetConfig
 from router.errors import RetryableDeliveryError
 from router.events import Event
-from router.targets.http import tls_context
+from router.targets.http import TLS_SCHEMA, TlsClientConfig, tls_context
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SyslogEndpointConfig:
+    """A syslog receiver (a SIEM, rsyslog, syslog-ng): RFC 5424 messages over TCP with octet
+    counting (RFC 6587), or over TLS (RFC 5425)."""
+
+    host: str
+    port: int | None = None  # default: 514 for tcp, 6514 for tls
+    transport: Literal["tcp", "tls"] = "tcp"
+    tls_verify: bool = True
+    tls: TlsClientConfig | None = None
+    facility: int = 13  # log audit
+    app_name: str | None = None  # default: the event's service (logSourceCRN)
+    hostname: str | None = None  # default: this host's name
+    sd_id: str = "audit@32473"
+    bom: bool = True  # RFC 5424: a UTF-8 MSG starts with a BOM
+    timeout_s: float = 10.0
+    max_message_bytes: int = 64 * 1024
+
+
+# The JSON Schema of `syslog_endpoint` (the config loader puts it in the target section).
+ENDPOINT_SCHEMA: Final[Mapping[str, Any]] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["host"],
+    "properties": {
+        "host": {"type": "string", "minLength": 1},
+        "port": {"type": "integer", "minimum": 1, "maximum": 65535},
+        "transport": {"enum": ["tcp", "tls"]},
+        "tls_verify": {"type": "boolean"},
+        "tls": TLS_SCHEMA,
+        "facility": {"type": "integer", "minimum": 0, "maximum": 23},
+        "app_name": {"type": "string", "pattern": "^[!-~]{1,48}$"},
+        "hostname": {"type": "string", "pattern": "^[!-~]{1,255}$"},
+        "sd_id": {
+            "type": "string",
+            "pattern": "^[!#-<>-\\\\^-~]{1,32}$",
+            "description": 'RFC 5424 SD-ID: printable ASCII except = ] " and space',
+        },
+        "bom": {"type": "boolean"},
+        "timeout_s": {"type": "number", "exclusiveMinimum": 0},
+        "max_message_bytes": {"type": "integer", "minimum": 480},
+    },
+}
 
 SEVERITY = {"normal": 6, "warning": 4, "critical": 2}
 BOM = b"\xef\xbb\xbf"
@@ -76,11 +122,6 @@ class SyslogTarget:
         )
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
-
-    @classmethod
-    def from_config(cls, config: TargetConfig) -> SyslogTarget:
-        assert isinstance(config.endpoint, SyslogEndpointConfig)
-        return cls(config.id, config.endpoint)
 
     async def start(self) -> None:
         """Connections are opened on first send, so a receiver that is down delays nothing."""

@@ -16,19 +16,19 @@ import aiohttp
 import pytest
 import yaml
 
-from router.api import ConfigSource
-from router.app import Daemon
 from router.config import parse_config
+from router.daemon import Daemon
+from router.server.api import ConfigSource
 from tests.conftest import StartDaemon
 from tests.fakes import make_event, read_ndjson, wait_for
-from tests.integration.test_delivery import (
+from tests.helpers import (
     ReceiverFactory,
     assert_books_balance,
     everything_to,
+    file_target,
     http_target,
     settled,
 )
-from tests.integration.test_ingest import file_target
 
 ADMIN = "an-admin-token-for-the-api-0001"
 INGEST = "an-ingest-token-for-the-api-001"
@@ -119,7 +119,7 @@ async def test_targets_routes_and_settings_round_trip(daemon: Daemon, tmp_path: 
     assert status == 200 and replaced["version"] == 1
     assert replaced["rules"][0]["actions"] == ["secrets-manager.secret.*"]
 
-    await daemon.ingest.accept([make_event(id="us-1", location="us-east")])
+    await daemon.acceptor.accept([make_event(id="us-1", location="us-east")])
     await wait_for(lambda: settled(daemon))
     assert [e["id"] for e in read_ndjson(tmp_path / "us.ndjson")] == ["us-1"]
 
@@ -228,7 +228,7 @@ async def test_credentials_come_back_masked_and_stay_references_in_the_file(
                 "rules": [{"locations": ["*"], "target_ids": ["archive", target["id"]]}],
             },
         )
-        await daemon.ingest.accept([make_event(id="to-siem")])
+        await daemon.acceptor.accept([make_event(id="to-siem")])
         await wait_for(lambda: any(e["id"] == "to-siem" for e in siem.delivered_events))
         assert siem.requests[-1].headers["Authorization"] == "Bearer the-real-siem-token"
         written = path.read_text()
@@ -299,7 +299,7 @@ async def test_an_api_edit_during_a_sighup_reload_keeps_both_changes(
     daemon = Daemon(parse_config(data), ConfigSource(path, data))
     await daemon.start()
     try:
-        await daemon.ingest.accept([make_event(id="held")])
+        await daemon.acceptor.accept([make_event(id="held")])
         await wait_for(lambda: len(down.requests) >= 1, what="the stuck target's first attempt")
         # The file gains a target and changes the stuck one, whose worker holds the reload
         # for the drain timeout: the API edit arrives meanwhile.
@@ -361,7 +361,7 @@ async def test_secrets_in_target_urls_and_headers_reach_no_log_status_letter_or_
         }
     )
     secrets = ("SUPERSECRET-password", "QUERY-SECRET", "HEADER-SECRET")
-    await daemon.ingest.accept([make_event(id="to-siem")])
+    await daemon.acceptor.accept([make_event(id="to-siem")])
     await wait_for(lambda: settled(daemon))
     assert siem.requests[0].headers["X-Api-Key"] == "HEADER-SECRET"
     books = daemon.status()["targets"]["siem"]

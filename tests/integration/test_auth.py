@@ -15,15 +15,15 @@ import aiohttp
 import orjson
 import pytest
 
-from router.app import Daemon
-from router.auth import LOGIN_ACTION
+from router.daemon import Daemon
+from router.intake.validation import EventValidator
 from router.query import parse
 from router.resources import schemas_dir
 from router.selfevent import instance_crn, router_event
-from router.validation import EventValidator
+from router.server.auth import LOGIN_ACTION
 from tests.conftest import StartDaemon
 from tests.fakes import make_event, read_ndjson, sm_crn, wait_for
-from tests.integration.test_ingest import file_target
+from tests.helpers import file_target
 
 INGEST_TOKEN = "ingest-token-0123456789abcdef"
 SM_TOKEN = "sm-only-token-0123456789abcdef"
@@ -293,7 +293,7 @@ async def test_refusal_events_are_rate_limited_and_summed_up(
 async def test_without_auth_everything_is_open_and_the_daemon_warns(
     start_daemon: StartDaemon, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="router.auth"):
+    with caplog.at_level(logging.WARNING, logger="router.server.auth"):
         daemon = await start_daemon(
             {"targets": [file_target("archive", tmp_path / "a.ndjson")], "routes": []}
         )

@@ -11,14 +11,13 @@ from typing import Any
 import orjson
 import pytest
 
-from router.app import Daemon
+from router.daemon import Daemon
 from router.iam import IamTokenSource
 from router.targets.cloud_logs import ingress_url
 from tests.conftest import StartDaemon
 from tests.fake_cloud_logs import API_KEY, FakeCloudLogs
 from tests.fakes import INSTANCE, RedirectingReceiver, make_event, read_ndjson, wait_for
-from tests.integration.test_delivery import assert_books_balance, everything_to, settled
-from tests.integration.test_ingest import post
+from tests.helpers import assert_books_balance, everything_to, post, settled
 
 LOGS_CRN = "crn:v1:bluemix:public:logs:us-south:a/a1b2c3d4:4a7e3c1b-0000-4c1d-9e2f-5a6b7c8d9e0f::"
 

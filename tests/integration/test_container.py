@@ -23,7 +23,8 @@ import orjson
 import pytest
 import yaml
 
-from tests.fakes import free_port, make_event, read_ndjson, wait_for
+from tests.fakes import make_event, read_ndjson, wait_for
+from tests.helpers import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 CONTAINERFILE = REPO / "deploy" / "container" / "Containerfile"

@@ -12,16 +12,8 @@ import aiohttp
 import orjson
 import yaml
 
-from tests.fakes import (
-    ScriptedReceiver,
-    free_port,
-    make_event,
-    read_ndjson,
-    reap,
-    serve,
-    terminate,
-    wait_for,
-)
+from tests.fakes import ScriptedReceiver, make_event, read_ndjson, wait_for
+from tests.helpers import free_port, reap, serve, terminate
 
 POSTERS = 8
 EVENTS_PER_POST = 10

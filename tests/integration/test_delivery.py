@@ -2,57 +2,30 @@
 
 from __future__ import annotations
 
-import sqlite3
 import stat
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from router.api import ConfigSource
-from router.app import Daemon
 from router.config import parse_config
+from router.daemon import Daemon
 from router.events import Event
+from router.server.api import ConfigSource
 from router.targets.file import FileTarget
 from tests.conftest import StartDaemon
 from tests.fakes import RedirectingReceiver, ScriptedReceiver, make_event, read_ndjson, wait_for
-from tests.integration.test_ingest import file_target, post
-
-ReceiverFactory = Callable[..., Awaitable[ScriptedReceiver]]
-
-
-def http_target(target_id: str, url: str, **endpoint: Any) -> dict[str, Any]:
-    return {"id": target_id, "target_type": "http", "http_endpoint": {"url": url, **endpoint}}
-
-
-def everything_to(*target_ids: str) -> list[dict[str, Any]]:
-    return [{"name": "all", "rules": [{"locations": ["*"], "target_ids": list(target_ids)}]}]
-
-
-def assert_books_balance(daemon: Daemon) -> None:
-    for target_id, row in daemon.status()["targets"].items():
-        books = row["delivered"] + row["dead_lettered"] + row["pending"] + row["lost"]
-        assert row["received"] == books, target_id
-
-
-def settled(daemon: Daemon) -> bool:
-    return all(row["pending"] == 0 for row in daemon.status()["targets"].values())
-
-
-@contextmanager
-def journal_write_locked(storage: Path) -> Iterator[None]:
-    """Another process-like connection holds the journal's write lock (BEGIN IMMEDIATE) until
-    the block ends: every write of the daemon waits for it, up to SQLite's busy timeout."""
-    blocker = sqlite3.connect(storage / "journal.db", isolation_level=None)
-    try:
-        blocker.execute("BEGIN IMMEDIATE")
-        yield
-        blocker.execute("ROLLBACK")
-    finally:
-        blocker.close()
+from tests.helpers import (
+    ReceiverFactory,
+    assert_books_balance,
+    everything_to,
+    file_target,
+    http_target,
+    journal_write_locked,
+    post,
+    settled,
+)
 
 
 async def test_503_503_200_delivers_once_after_two_retries(
@@ -424,7 +397,7 @@ async def test_a_worker_that_keeps_failing_shows_in_write_status_metrics_and_rea
     }
     config = parse_config(data)
     daemon = Daemon(config, ConfigSource(None, data))
-    target = FlawedFileTarget.from_config(config.target("archive"))
+    target = FlawedFileTarget("archive", config.target("archive").endpoint)
     daemon.targets["archive"] = target
     await daemon.start()
     try:

@@ -13,8 +13,7 @@ import yaml
 from router.cli import main
 from tests.conftest import StartDaemon
 from tests.fakes import ScriptedReceiver, make_event, read_ndjson, wait_for
-from tests.integration.test_delivery import assert_books_balance, http_target, settled
-from tests.integration.test_ingest import file_target, post
+from tests.helpers import assert_books_balance, file_target, http_target, post, settled
 
 ReceiverFactory = Callable[..., Awaitable[ScriptedReceiver]]
 

@@ -15,15 +15,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from router.app import Daemon
+from router.daemon import Daemon
 from router.deadletter import DeadLetters, Failure
 from router.delivery import unsendable_failure
 from router.events import Event
 from router.journal import Entry
 from tests.conftest import StartDaemon
-from tests.fakes import free_port, make_event
-from tests.integration.test_delivery import everything_to, http_target
-from tests.integration.test_ingest import file_target
+from tests.fakes import make_event
+from tests.helpers import everything_to, file_target, free_port, http_target
 
 DONE, FAILED, USAGE = 0, 1, 2
 

@@ -19,14 +19,15 @@ import pytest
 
 from tests.conftest import StartDaemon
 from tests.fakes import ScriptedReceiver, make_event, wait_for
-from tests.integration.test_delivery import (
+from tests.helpers import (
     assert_books_balance,
     everything_to,
+    file_target,
     http_target,
+    patient,
+    post,
     settled,
 )
-from tests.integration.test_ingest import file_target, post
-from tests.integration.test_journal import patient
 
 ReceiverFactory = Callable[..., Awaitable[ScriptedReceiver]]
 Mount = Callable[[Path, str], Path]

@@ -23,8 +23,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
 
+from router.intake.validation import EventValidator
 from router.resources import schemas_dir
-from router.validation import EventValidator
 from tests.fakes import make_event, read_ndjson
 
 SCHEMATHESIS_EXAMPLES = 100  # per operation, at most

@@ -17,8 +17,7 @@ from router.config import parse_config
 from router.errors import ConfigError
 from tests.conftest import StartDaemon
 from tests.fakes import ScriptedReceiver, make_event, wait_for
-from tests.integration.test_delivery import ReceiverFactory, everything_to, http_target, settled
-from tests.integration.test_ingest import post
+from tests.helpers import ReceiverFactory, everything_to, http_target, post, settled
 
 SECRET = "a-shared-secret-of-some-length"
 TOLERANCE_S = 300

@@ -12,13 +12,10 @@ import aiohttp
 import orjson
 import pytest
 
-from router.app import Daemon
+from router.daemon import Daemon
 from tests.conftest import StartDaemon
 from tests.fakes import make_event, read_ndjson, wait_for
-
-
-def file_target(target_id: str, path: Path) -> dict[str, Any]:
-    return {"id": target_id, "target_type": "file", "file_endpoint": {"path": str(path)}}
+from tests.helpers import file_target, post
 
 
 @pytest.fixture
@@ -39,25 +36,6 @@ async def archive(start_daemon: StartDaemon, tmp_path: Path) -> tuple[Daemon, Pa
         }
     )
     return daemon, path
-
-
-async def post(
-    daemon: Daemon,
-    body: bytes | Any,
-    *,
-    content_type: str = "application/json",
-    headers: dict[str, str] | None = None,
-) -> tuple[int, Any]:
-    data = body if isinstance(body, bytes) else orjson.dumps(body)
-    async with (
-        aiohttp.ClientSession() as session,
-        session.post(
-            f"http://127.0.0.1:{daemon.port}/v1/events",
-            data=data,
-            headers={"Content-Type": content_type, **(headers or {})},
-        ) as resp,
-    ):
-        return resp.status, await resp.json(content_type=None)
 
 
 async def test_single_event_is_accepted_given_an_id_and_archived(

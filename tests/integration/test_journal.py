@@ -10,35 +10,31 @@ import sqlite3
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
 import yaml
 
-from router.app import Daemon
-from router.journal import FREE_PAGES_BEFORE_SHRINK
-from router.metrics import utc_iso
+from router.daemon import Daemon
+from router.journal.sqlite import FREE_PAGES_BEFORE_SHRINK
+from router.observe.metrics import utc_iso
 from tests.conftest import StartDaemon
-from tests.fakes import (
-    ScriptedReceiver,
-    free_port,
-    make_event,
-    read_ndjson,
-    reap,
-    serve,
-    spawn,
-    terminate,
-    wait_for,
-)
-from tests.integration.test_delivery import (
+from tests.fakes import ScriptedReceiver, make_event, read_ndjson, wait_for
+from tests.helpers import (
     assert_books_balance,
     everything_to,
+    file_target,
+    free_port,
     http_target,
     journal_write_locked,
+    patient,
+    post,
+    reap,
+    serve,
     settled,
+    spawn,
+    terminate,
 )
-from tests.integration.test_ingest import file_target, post
 
 ReceiverFactory = Callable[..., Awaitable[ScriptedReceiver]]
 
@@ -58,11 +54,6 @@ def overwrite_root_page(path: Path, table: str) -> None:
     with open(path, "r+b") as f:
         f.seek((root - 1) * page_size)
         f.write(b"\xff" * page_size)
-
-
-def patient(target: dict[str, Any]) -> dict[str, Any]:
-    """A target that retries for as long as a test needs."""
-    return target | {"retry": {"max_attempts": 100_000, "max_age_s": 3600}}
 
 
 async def test_pending_events_survive_a_restart_and_the_books_too(
@@ -93,7 +84,7 @@ async def test_pending_events_survive_a_restart_and_the_books_too(
 async def test_the_stop_line_says_which_counts_are_this_runs_and_which_all_time(
     start_daemon: StartDaemon, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="router.app")
+    caplog.set_level(logging.INFO, logger="router.daemon")
     archive = tmp_path / "archive.ndjson"
     config = {"targets": [file_target("archive", archive)], "routes": everything_to("archive")}
     for run, count in enumerate((3, 2)):
@@ -253,7 +244,13 @@ async def test_a_damaged_journal_file_is_quarantined_and_intact_records_delivere
     assert_books_balance(second)
 
 
-async def test_fsync_modes_all_deliver(start_daemon: StartDaemon, tmp_path: Path) -> None:
+async def test_each_fsync_mode_sets_the_journals_sync_level_and_delivers(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """`storage.fsync` reaches the journal: always syncs every commit (FULL), interval syncs
+    the WAL on a timer of its own (NORMAL, plus a checkpoint task), never leaves it to the OS
+    (OFF); and every mode still delivers what it took."""
+    sync_level = {"always": 2, "interval": 1, "never": 0}  # PRAGMA synchronous values
     for mode in ("always", "interval", "never"):
         path = tmp_path / f"{mode}.ndjson"
         daemon: Daemon = await start_daemon(
@@ -263,6 +260,12 @@ async def test_fsync_modes_all_deliver(start_daemon: StartDaemon, tmp_path: Path
                 "routes": everything_to("archive"),
             }
         )
+        journal = daemon.journal
+        level = await journal._run(
+            lambda j=journal: j._db.execute("PRAGMA synchronous").fetchone()[0]
+        )
+        assert level == sync_level[mode], mode
+        assert (journal._interval_syncer is not None) == (mode == "interval"), mode
         await post(daemon, [make_event() for _ in range(3)])
         await wait_for(lambda p=path: len(read_ndjson(p)) == 3)
         await daemon.stop()

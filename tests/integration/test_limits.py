@@ -12,11 +12,11 @@ import aiohttp
 import orjson
 import pytest
 
-from router.app import Daemon
 from router.config import RefusalEventsConfig
+from router.daemon import Daemon
 from tests.conftest import StartDaemon
 from tests.fakes import make_event, wait_for
-from tests.integration.test_ingest import file_target, post
+from tests.helpers import file_target, post
 
 
 @pytest.fixture
@@ -293,7 +293,7 @@ async def test_malformed_requests_log_one_warning_line_each_within_a_rate_limit(
     # It was 690 KB of ERROR tracebacks from aiohttp's parser.
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
     assert "Traceback" not in caplog.text
-    refused = [r for r in caplog.records if r.name == "router.listener"]
+    refused = [r for r in caplog.records if r.name == "router.server.listener"]
     one_by_one = [r for r in refused if r.getMessage().startswith("refused a request from")]
     burst = RefusalEventsConfig().per_client_burst
     assert 1 <= len(one_by_one) <= burst
@@ -317,9 +317,9 @@ async def test_a_client_that_hangs_up_mid_body_is_a_warning_not_a_traceback(
         lambda: daemon.ingest_stats.refused_requests.get("client_disconnected") == 1,
         what="the hang-up to be noticed",
     )
-    await wait_for(lambda: any(r.name == "router.listener" for r in caplog.records))
+    await wait_for(lambda: any(r.name == "router.server.listener" for r in caplog.records))
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
-    (line,) = [r.getMessage() for r in caplog.records if r.name == "router.listener"]
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "router.server.listener"]
     assert line.startswith("refused a request from 127.0.0.2: the client went away")
     # Nothing is held for it.
     assert daemon.ingest.bodies.held_bytes == 0

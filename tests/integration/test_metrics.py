@@ -9,12 +9,11 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from router.app import Daemon
+from router.daemon import Daemon
 from tests.conftest import StartDaemon
 from tests.fakes import ScriptedReceiver, make_event, wait_for
+from tests.helpers import everything_to, file_target, http_target, post, settled
 from tests.integration.test_auth import ADMIN_TOKEN, INGEST_TOKEN, auth_config
-from tests.integration.test_delivery import everything_to, http_target, settled
-from tests.integration.test_ingest import file_target, post
 
 ReceiverFactory = Callable[..., Awaitable[ScriptedReceiver]]
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

@@ -7,17 +7,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from router.api import ConfigSource
-from router.app import Daemon
 from router.cli import main
 from router.config import parse_config
+from router.daemon import Daemon
+from router.intake.validation import EventValidator
 from router.probe import ACTION, validation_event
 from router.resources import schemas_dir
-from router.validation import EventValidator
+from router.server.api import ConfigSource
 from tests.conftest import StartDaemon
 from tests.fakes import make_event, read_ndjson, wait_for
-from tests.integration.test_delivery import ReceiverFactory, everything_to, http_target
-from tests.integration.test_ingest import file_target, post
+from tests.helpers import ReceiverFactory, everything_to, file_target, http_target, post
 
 
 def test_the_test_event_passes_the_routers_own_validation() -> None:

@@ -11,15 +11,8 @@ import aiohttp
 import orjson
 import yaml
 
-from tests.fakes import (
-    free_port,
-    make_event,
-    read_ndjson,
-    reap,
-    serve,
-    spawn,
-    terminate,
-)
+from tests.fakes import make_event, read_ndjson
+from tests.helpers import free_port, reap, serve, spawn, terminate
 
 
 def write_config(tmp_path: Path, port: int) -> Path:

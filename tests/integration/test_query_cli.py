@@ -13,7 +13,7 @@ import yaml
 from router.cli import main
 from router.query import MAX_NESTING
 from tests.fakes import make_event
-from tests.integration.test_ingest import file_target
+from tests.helpers import file_target
 
 
 def ndjson(events: list[dict[str, Any]]) -> bytes:

@@ -24,7 +24,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tests.fakes import free_port, read_ndjson, ready, wait_for
+from tests.fakes import read_ndjson, wait_for
+from tests.helpers import free_port, ready
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"

@@ -15,11 +15,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from router.redaction import HASH_PREFIX, MASK
+from router.intake.redaction import HASH_PREFIX, MASK
 from tests.conftest import StartDaemon
 from tests.fakes import make_event, read_ndjson, wait_for
-from tests.integration.test_delivery import ReceiverFactory, everything_to, http_target
-from tests.integration.test_ingest import file_target, post
+from tests.helpers import ReceiverFactory, everything_to, file_target, http_target, post
 
 # Marked in the event schema (x-sensitive) or, for vault_token, added by the config below.
 SENSITIVE = (

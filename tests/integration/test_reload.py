@@ -14,32 +14,29 @@ import orjson
 import pytest
 import yaml
 
-from router.app import Daemon
 from router.config import StorageConfig, parse_config
+from router.daemon import Daemon
 from router.errors import ConfigError
 from router.events import Event
-from router.journal import SqliteJournal
+from router.journal.sqlite import SqliteJournal
 from tests.conftest import StartDaemon
-from tests.fakes import (
-    free_port,
-    make_event,
-    read_ndjson,
-    ready,
-    reap,
-    serve,
-    spawn,
-    terminate,
-    wait_for,
-)
-from tests.integration.test_delivery import (
+from tests.fakes import make_event, read_ndjson, wait_for
+from tests.helpers import (
     ReceiverFactory,
     assert_books_balance,
     everything_to,
+    file_target,
+    free_port,
     http_target,
     journal_write_locked,
+    post,
+    ready,
+    reap,
+    serve,
     settled,
+    spawn,
+    terminate,
 )
-from tests.integration.test_ingest import file_target, post
 from tests.unit.test_config import alias_bomb
 
 
@@ -561,11 +558,11 @@ async def test_a_shed_during_the_retire_of_a_removed_target_dead_letters_each_ev
         await wait_for(
             lambda: bool(letter_lock._waiters), what="the retire to wait for the dead-letter file"
         )
-        shedding = asyncio.create_task(daemon.ingest.accept([make_event(id="late")]))
+        shedding = asyncio.create_task(daemon.acceptor.accept([make_event(id="late")]))
         await asyncio.sleep(0)  # the shed starts (and, unguarded, reads the same oldest rows)
     await reload
-    response = await shedding
-    assert response.status == 202
+    outcome = await shedding
+    assert outcome.accepted == 1 and outcome.refusal is None
     await wait_for(lambda: settled(daemon))
     letters = Counter(
         letter["event"]["id"]

@@ -8,9 +8,8 @@ from typing import Any
 from router.query import MAX_NESTING
 from tests.conftest import StartDaemon
 from tests.fakes import make_event, read_ndjson, wait_for
+from tests.helpers import ReceiverFactory, file_target, http_target, post, settled
 from tests.integration.test_api import Client, auth
-from tests.integration.test_delivery import ReceiverFactory, http_target, settled
-from tests.integration.test_ingest import file_target, post
 
 
 def unauthorized(**fields: Any) -> dict[str, Any]:

@@ -10,13 +10,13 @@ from typing import Any
 import aiohttp
 import pytest
 
-from router.app import Daemon
 from router.config import ServerTlsConfig, parse_config
+from router.daemon import Daemon
 from router.errors import ConfigError
-from router.servertls import server_context
+from router.server.servertls import server_context
 from tests.conftest import StartDaemon
 from tests.fakes import make_event
-from tests.integration.test_ingest import file_target
+from tests.helpers import file_target
 
 
 def tls_config(pki: Path, tmp_path: Path, **tls: Any) -> dict[str, Any]:

@@ -15,9 +15,8 @@ import orjson
 import pytest
 
 from tests.conftest import StartDaemon
-from tests.fakes import free_port, make_event, wait_for
-from tests.integration.test_delivery import everything_to, settled
-from tests.integration.test_ingest import post
+from tests.fakes import make_event, wait_for
+from tests.helpers import everything_to, free_port, post, settled
 
 RSYSLOG_CONF = """
 global(workDirectory="{work}" maxMessageSize="64k")

@@ -19,8 +19,9 @@ import orjson
 import pytest
 
 from router.config import ShutdownConfig
-from router.sdnotify import notify
-from tests.fakes import free_port, make_event, ready, spawn
+from router.observe.sdnotify import notify
+from tests.fakes import make_event
+from tests.helpers import free_port, ready, spawn
 from tests.integration.test_process import write_config
 
 REPO = Path(__file__).resolve().parents[2]

@@ -13,14 +13,15 @@ import aiohttp
 import orjson
 import pytest
 
-from router.app import Daemon
 from router.cli import main
+from router.clients.tail import SseMessage, follow, sse_messages
+from router.daemon import Daemon
 from router.events import Event
 from router.query import MAX_NESTING, parse
-from router.tail import SseMessage, TailHub, follow, sse_messages
+from router.server.tail import TailHub
 from tests.conftest import StartDaemon
 from tests.fakes import make_event, wait_for
-from tests.integration.test_ingest import file_target, post
+from tests.helpers import file_target, post
 
 
 def denied(event_id: str) -> dict[str, Any]:
@@ -211,7 +212,7 @@ async def test_slow_subscriber_drops_and_counts_without_blocking_publish() -> No
 async def test_ingest_queues_a_batch_once_however_many_clients_tail(daemon: Daemon) -> None:
     # 300 idle tails made ingest 10x slower: it matched and queued every event for every one.
     subscribers = [daemon.tail.subscribe(None) for _ in range(300)]
-    await daemon.ingest.accept([make_event(id=f"e-{i}") for i in range(20)])
+    await daemon.acceptor.accept([make_event(id=f"e-{i}") for i in range(20)])
     # Ingest has returned; the fan-out task has not run yet: one batch queued, no client fed.
     assert daemon.tail.backlog == 1
     assert not any(s.pending for s in subscribers)
@@ -342,6 +343,6 @@ async def test_tail_command_sends_the_admin_token(
         )
     )
     await wait_for(lambda: len(daemon.tail.subscribers) == 1, what="the command to subscribe")
-    await daemon.ingest.accept([make_event(id="seen")])
+    await daemon.acceptor.accept([make_event(id="seen")])
     assert await asyncio.wait_for(command, timeout=10) == 0
     assert orjson.loads(capsys.readouterr().out)["id"] == "seen"

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from router.auth import TokenTable
 from router.config import parse_config
 from router.errors import ConfigError
+from router.server.auth import TokenTable
 
 DIGEST = hashlib.sha256(b"a-token-of-enough-length").hexdigest()
 

@@ -21,8 +21,6 @@ from router.config import (
     MAX_YAML_DEPTH,
     BatchConfig,
     Config,
-    FileEndpointConfig,
-    HttpEndpointConfig,
     RetryConfig,
     RouteConfig,
     RuleConfig,
@@ -36,6 +34,8 @@ from router.config import (
 )
 from router.errors import ConfigError
 from router.resources import schemas_dir
+from router.targets.file import FileEndpointConfig
+from router.targets.http import HttpEndpointConfig
 
 MiB = 1024 * 1024
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "config"

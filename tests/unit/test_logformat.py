@@ -6,8 +6,8 @@ from collections import Counter
 
 import pytest
 
-from router.auth import summary_event
-from router.logformat import counted
+from router.observe.logformat import counted
+from router.server.auth import summary_event
 
 
 @pytest.mark.parametrize(

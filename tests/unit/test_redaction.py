@@ -9,9 +9,9 @@ import pytest
 
 from router.config import RedactionConfig, RedactionKeyConfig, parse_config
 from router.errors import ConfigError
-from router.redaction import HASH_PREFIX, MASK, Redactor, normalize
+from router.intake.redaction import HASH_PREFIX, MASK, Redactor, normalize
+from router.intake.validation import EventValidator
 from router.resources import schemas_dir
-from router.validation import EventValidator
 from tests.fakes import make_event
 
 KEY = "a-hash-key-of-some-length"

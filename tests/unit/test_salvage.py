@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from router.journal import SCHEMA
-from router.salvage import BooksRow, DeliveryRow, EventRow, scan
+from router.journal.salvage import BooksRow, DeliveryRow, EventRow, scan
+from router.journal.sqlite import SCHEMA
 
 
 def journal(path: Path, bodies: list[bytes]) -> sqlite3.Connection:

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from router.config import SyslogEndpointConfig
 from router.events import Event
-from router.targets.syslog import SyslogTarget, header_token, sd_escape
+from router.targets.syslog import SyslogEndpointConfig, SyslogTarget, header_token, sd_escape
 from tests.fakes import make_event
 
 

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from router.events import Event, action_service, crn_location, crn_parts, crn_service
+from router.intake.validation import EventValidator, Problem, load_catalogues
 from router.resources import schemas_dir
-from router.validation import EventValidator, Problem, load_catalogues
 from tests.fakes import ACCOUNT, INSTANCE, make_event, sm_crn
 
 # The Secrets Manager documentation page the catalogue was written from (kept beside the repo).

@@ -1,5 +1,6 @@
 """The live tail: `GET /v1/tail?query=...` streams accepted events that match a query as
-Server-Sent Events, and `event-router tail 'QUERY'` follows that stream in a terminal.
+Server-Sent Events (`event-router tail 'QUERY'`, router/clients/tail.py, follows that stream
+in a terminal).
 
 Ingest hands each batch of accepted events (after the journal has it) to `TailHub.publish`,
 which queues the batch once and returns: what it costs ingest does not depend on how many
@@ -29,21 +30,17 @@ import asyncio
 import contextlib
 import logging
 import socket
-import sys
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Final, TextIO
-from urllib.parse import urlencode
+from typing import Final
 
-import aiohttp
 import orjson
 from aiohttp import web
 
 from router.errors import QueryError
 from router.events import Event
-from router.listener import on_close
-from router.logformat import counted
 from router.query import Query, parse
+from router.server.listener import on_close
 
 log = logging.getLogger(__name__)
 
@@ -298,86 +295,3 @@ def sse_event(event: Event) -> bytes:
 
 def _dumps(value: object) -> str:
     return orjson.dumps(value).decode()
-
-
-@dataclass(frozen=True, slots=True)
-class SseMessage:
-    """One Server-Sent Event: its type and its (joined) data."""
-
-    event: str
-    data: str
-
-
-async def sse_messages(content: aiohttp.StreamReader) -> AsyncIterator[SseMessage]:
-    """Parse an SSE stream (the subset the tail sends: event, id, data, comments)."""
-    kind, data = "message", list[str]()
-    async for raw in content:
-        line = raw.decode("utf-8").rstrip("\r\n")
-        if not line:
-            if data:
-                yield SseMessage(kind, "\n".join(data))
-            kind, data = "message", []
-        elif line.startswith(":"):
-            continue
-        else:
-            name, _, value = line.partition(":")
-            value = value.removeprefix(" ")
-            if name == "event":
-                kind = value
-            elif name == "data":
-                data.append(value)
-
-
-async def follow(
-    base_url: str,
-    query: str,
-    *,
-    limit: int | None = None,
-    token: str | None = None,
-    out: TextIO | None = None,
-    err: TextIO | None = None,
-) -> int:
-    """`event-router tail`: print matching events as NDJSON until interrupted (or `limit`
-    events). The exit code: 0, 1 when the daemon cannot be reached, 2 for a bad query."""
-    out = out or sys.stdout
-    err = err or sys.stderr
-    url = f"{base_url.rstrip('/')}/v1/tail?{urlencode({'query': query})}"
-    shown = 0
-    timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
-    try:
-        async with (
-            aiohttp.ClientSession(timeout=timeout) as session,
-            session.get(
-                url,
-                headers={
-                    "Accept": "text/event-stream",
-                    **({"Authorization": f"Bearer {token}"} if token else {}),
-                },
-            ) as resp,
-        ):
-            if resp.status != 200:
-                body = await resp.json(content_type=None)
-                error = body.get("error", {})
-                if error.get("code") == "bad_query":
-                    column = int(error["column"])
-                    print(f"bad query: {error['message']}\n  {query}", file=err)
-                    print(f"  {' ' * (column - 1)}^", file=err)
-                    return 2
-                print(f"tail refused: {resp.status} {error.get('message', '')}", file=err)
-                return 1
-            async for message in sse_messages(resp.content):
-                if message.event == "ready":
-                    print(f"tailing {base_url} for {query or 'every event'}", file=err)
-                elif message.event == "dropped":
-                    dropped = orjson.loads(message.data)["dropped"]
-                    print(f"(too slow: {counted(dropped, 'event')} dropped so far)", file=err)
-                elif message.event == "event":
-                    print(message.data, file=out, flush=True)
-                    shown += 1
-                    if limit is not None and shown >= limit:
-                        return 0
-    except aiohttp.ClientError as exc:
-        print(f"cannot reach the daemon at {base_url}: {exc}", file=err)
-        return 1
-    print("the daemon ended the stream", file=err)
-    return 0

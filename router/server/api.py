@@ -35,12 +35,9 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import YAMLError
 
 from router.appendfile import replace_atomically
-from router.auth import CALLER
 from router.config import (
     API_METADATA_FILE,
-    ENDPOINTS,
     Config,
-    FileEndpointConfig,
     archive_roots,
     parse_config,
     references,
@@ -48,12 +45,15 @@ from router.config import (
 )
 from router.errors import ConfigError
 from router.masking import masked
-from router.metrics import utc_iso
+from router.observe.metrics import utc_iso
 from router.reload import config_digest
 from router.selfevent import instance_crn, router_event
+from router.server.auth import CALLER
+from router.targets import TARGET_TYPES
+from router.targets.file import FileEndpointConfig
 
 if TYPE_CHECKING:
-    from router.app import Daemon
+    from router.daemon import Daemon
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +233,7 @@ class ManagementApi:
 
     def target_model(self, raw: dict[str, Any]) -> dict[str, Any]:
         target_id = raw["id"]
-        key = ENDPOINTS[raw["target_type"]][0]
+        key = TARGET_TYPES[raw["target_type"]].endpoint_key
         stats = self.daemon.target_stats.get(target_id)
         model: dict[str, Any] = {
             "id": target_id,
@@ -404,13 +404,13 @@ class ManagementApi:
         body = await self._body(request)
         target_id = str(uuid.uuid4())
         target_type = str(body.get("target_type"))
-        if target_type not in ENDPOINTS:
+        if target_type not in TARGET_TYPES:
             raise ApiError(
                 400,
                 "invalid_value",
-                f"target_type {target_type!r} is not one of {sorted(ENDPOINTS)}",
+                f"target_type {target_type!r} is not one of {sorted(TARGET_TYPES)}",
             )
-        key = ENDPOINTS[target_type][0]
+        key = TARGET_TYPES[target_type].endpoint_key
         raw = {
             "id": target_id,
             "name": body.get("name", target_id),
@@ -435,7 +435,7 @@ class ManagementApi:
             raw = self._find(self._targets(data), target_id, "target")
             if "target_type" in body and body["target_type"] != raw["target_type"]:
                 raise ApiError(400, "invalid_value", "the target_type of a target cannot change")
-            key = ENDPOINTS[raw["target_type"]][0]
+            key = TARGET_TYPES[raw["target_type"]].endpoint_key
             if "name" in body:
                 raw["name"] = body["name"]
             if key in body:

@@ -27,8 +27,8 @@ from typing import Any, Final
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from router.auth import RateLimit
 from router.config import RefusalEventsConfig
+from router.server.auth import RateLimit
 
 log = logging.getLogger(__name__)
 

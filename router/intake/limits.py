@@ -22,7 +22,7 @@ import re
 from decimal import Decimal
 from typing import Any, Final
 
-from router.validation import Problem, json_pointer
+from router.intake.validation import Problem, json_pointer
 
 MAX_PROBLEMS: Final = 10
 INT_RANGE: Final = range(-(2**63), 2**64)  # what orjson keeps exactly

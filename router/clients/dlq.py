@@ -16,9 +16,10 @@ from urllib.parse import urlencode
 import aiohttp
 import orjson
 
+from router.clients import base_url
 from router.config import Config
 from router.deadletter import LetterFilter, read_letters
-from router.logformat import counted
+from router.observe.logformat import counted
 
 TABLE_COLUMNS = ("last_attempt_at", "reason", "status", "event_id", "action", "route")
 # Why letters the daemon skipped in a redrive stay where they are (the daemon names the why).
@@ -120,8 +121,7 @@ async def redrive(
     progress. Exit code 0 when it finished (nothing matching is nothing to do), 1 when it
     failed or when letters matched but none could be redriven, 2 for an unknown target."""
     err = err or sys.stderr
-    scheme = "https" if config.server.tls else "http"
-    base = url or f"{scheme}://{config.server.host}:{config.server.port}"
+    base = base_url(config, url)
     endpoint = f"{base.rstrip('/')}/v1/deadletters/{target_id}/redrive"
     if query:
         endpoint += "?" + urlencode(query)

@@ -24,7 +24,7 @@ from prometheus_client.registry import Collector
 from router import __version__
 
 if TYPE_CHECKING:
-    from router.app import Daemon
+    from router.daemon import Daemon
 
 CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
 

@@ -18,7 +18,7 @@ Concurrent `append` calls share one transaction and one fsync (group commit). Al
 runs on one dedicated thread so the event loop never blocks on disk. A record whose CRC does
 not match is quarantined with a log line and a counter, and dead-lettered. A database file that
 fails its integrity check at start-up is moved aside and every record whose bytes survive is
-read back from its pages (router/salvage.py); what did not survive is counted as lost in the
+read back from its pages (router/journal/salvage.py); what did not survive is counted as lost in the
 books, so received = delivered + dead_lettered + pending + lost still holds. The process holds
 an exclusive lock on the directory for its life: one journal, one daemon.
 """
@@ -35,17 +35,18 @@ import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from router.appendfile import make_private_dirs
 from router.config import JOURNAL_FILE, JOURNAL_LOCK_FILE, StorageConfig
-from router.errors import RouterError, StorageLockedError
+from router.errors import StorageLockedError
 from router.events import Event
-from router.logformat import counted
-from router.salvage import BooksRow, DeliveryRow, EventRow, scan
+from router.journal import Books, Entry, JournalFullError, JournalUnavailableError
+from router.journal.salvage import BooksRow, DeliveryRow, EventRow, scan
+from router.observe.logformat import counted
 
 log = logging.getLogger(__name__)
 
@@ -78,61 +79,13 @@ SYNCHRONOUS = {"always": "FULL", "interval": "NORMAL", "never": "OFF"}
 HEALTH_PROBE_S = 1.0
 
 
-class JournalFullError(RouterError):
-    """The journal holds storage.max_bytes; ingest answers 503 until targets drain it."""
-
-
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """One event owed to one target, with the route that sent it there."""
-
-    seq: int
-    event: Event
-    route: str
-
-
-@dataclass(slots=True)
-class Books:
-    """Per target: received = delivered + dead_lettered + pending + lost, at every moment.
-    `lost` moves only when a damaged journal is salvaged: events whose bytes did not survive."""
-
-    received: int = 0
-    delivered: int = 0
-    dead_lettered: int = 0
-    pending: int = 0
-    oldest_received_at: float | None = None
-    lost: int = 0
-
-
-class Journal(Protocol):
-    """What ingest and delivery need from the hand-off between them."""
-
-    async def append(self, routed: Sequence[tuple[Event, Mapping[str, str]]]) -> None:
-        """Make each event durable for each of its targets (target id -> route name)."""
-
-    async def next_batch(
-        self,
-        target_id: str,
-        *,
-        max_events: int,
-        max_bytes: int,
-        max_wait_s: float,
-        stopping: asyncio.Event,
-    ) -> list[Entry]:
-        """The target's next batch; empty only once `stopping` is set and nothing is left."""
-
-    async def ack(self, target_id: str, batch: Sequence[Entry], *, dead_lettered: int) -> None:
-        """The batch is settled for the target: `dead_lettered` of it written as dead letters,
-        the rest delivered."""
-
-    def books(self, target_id: str) -> Books:
-        """The target's counters."""
-
-    def shed_order(self) -> list[str]:
-        """Targets with a backlog, the stuck one (oldest pending event) first."""
-
-    def shed(self, target_id: str, count: int) -> AbstractAsyncContextManager[list[Entry]]:
-        """The target's oldest pending entries, removed once the caller dead-lettered them."""
+@contextmanager
+def _unavailable_on_sqlite_errors() -> Iterator[None]:
+    """SQLite's errors leave the journal as JournalUnavailableError: what is SQLite stays here."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise JournalUnavailableError(str(exc)) from exc
 
 
 @dataclass(slots=True)
@@ -418,7 +371,8 @@ class SqliteJournal:
         self._queue.append(_Pending(routed, done))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush(), name="journal-flush")
-        await asyncio.shield(done)
+        with _unavailable_on_sqlite_errors():
+            await asyncio.shield(done)
 
     async def _flush(self) -> None:
         """Write everything queued in one transaction; requests queued meanwhile go next."""
@@ -604,7 +558,8 @@ class SqliteJournal:
         )
         self._settling.add(settling)
         settling.add_done_callback(self._settled)
-        await asyncio.shield(settling)
+        with _unavailable_on_sqlite_errors():
+            await asyncio.shield(settling)
 
     def _settled(self, task: asyncio.Task[None]) -> None:
         self._settling.discard(task)

@@ -31,7 +31,7 @@ import orjson
 from router.deadletter import parse_since
 from router.errors import QueryError
 from router.events import crn_location
-from router.logformat import counted
+from router.observe.logformat import counted
 from router.query import Query
 
 LARGE_ARCHIVE_BYTES = 64 * 1024 * 1024

@@ -1,4 +1,4 @@
-"""`POST /v1/events`: read the body within limits, decode it, answer per event.
+"""`POST /v1/events`: read the body within limits, decode it, hand it to the acceptor, answer.
 
 A body is read before the request takes one of `server.max_concurrent_requests` turns for
 the work (inflating, decoding, validating, journaling), so a client that sends slowly holds
@@ -10,19 +10,19 @@ reads at most `server.max_bodies_per_client` bodies at once (its others wait, un
 
 A body is one JSON object, a JSON array of objects, or NDJSON (one object per line), plain or
 gzip-compressed. A request refused as a whole gets a 4xx with `{"error": {"code", "message"}}`;
-otherwise each event gets its own result, EventBridge-style, and the request answers 202 when
-at least one event was accepted (400 when none was). The answer is sent only after the journal
-has made every accepted event durable; a full or failing journal answers 503 with Retry-After,
-and then no event of the request was accepted.
+otherwise the acceptor (router/intake/accept.py) gives each event its own result,
+EventBridge-style, and the request answers 202 when at least one event was accepted (400 when
+none was). The answer is sent only after the journal has made every accepted event durable; a
+full or failing journal answers 503 with Retry-After, and then no event of the request was
+accepted. This module is the only part of intake that knows HTTP.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 import zlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,52 +30,20 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from router.auth import CALLER, Caller, Refusals
-from router.config import ServerConfig, StorageConfig
-from router.deadletter import DeadLetters, Failure
-from router.errors import RequestError, RouterError
-from router.events import Event
-from router.journal import Journal, JournalFullError
-from router.limits import exact_numbers, may_alter_numbers, number_problems, shape_problems
-from router.logformat import counted
-from router.metrics import IngestStats
-from router.redaction import Redactor
-from router.routing import RouteTable
-from router.selfevent import SERVICE
-from router.tail import TailHub
-from router.validation import EventValidator, Problem
+from router.config import ServerConfig
+from router.errors import RequestError
+from router.intake.accept import Acceptor, Altered, Malformed, Outcome
+from router.intake.limits import exact_numbers, may_alter_numbers, number_problems
+from router.observe.metrics import IngestStats
+from router.server.auth import CALLER
 
 log = logging.getLogger(__name__)
 
 JSON_TYPES = frozenset({"application/json"})
 NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "application/jsonl"})
-# The router's own actions (router/selfevent.py); producers may not send them.
-OWN_ACTION_PREFIX = f"{SERVICE}."
 READ_CHUNK_BYTES = 64 * 1024
-# storage.when_full: drop_oldest_per_target sheds this many events at a time, a few times at most.
-SHED_EVENTS = 1000
-MAX_SHEDS_PER_REQUEST = 10
 # Told to a producer refused for the bytes in flight: they free up as bodies arrive.
 BUSY_RETRY_AFTER_S = 1
-DROPPED_BUFFER_FULL = Failure(
-    reason="dropped_buffer_full",
-    message="the journal was full and storage.when_full is drop_oldest_per_target",
-)
-
-
-@dataclass(frozen=True, slots=True)
-class Malformed:
-    """An NDJSON line that is not JSON: rejected on its own, the other lines still count."""
-
-    message: str
-
-
-@dataclass(frozen=True, slots=True)
-class Altered:
-    """An event holding a number decoding would change: rejected on its own, with the paths."""
-
-    problems: list[Problem]
-    id: str | None
 
 
 @dataclass(slots=True)
@@ -153,18 +121,11 @@ class Held:
 
 @dataclass(slots=True)
 class Ingest:
-    """Everything the ingest handler needs, built once by the app."""
+    """The POST /v1/events handler, built once by the daemon over its acceptor."""
 
     server: ServerConfig
-    validator: EventValidator
-    routes: RouteTable
-    journal: Journal
     stats: IngestStats
-    storage: StorageConfig
-    dead_letters: DeadLetters
-    tail: TailHub | None = None
-    refusals: Refusals | None = None
-    redactor: Redactor | None = None
+    acceptor: Acceptor
     _slots: asyncio.Semaphore = field(init=False)
     bodies: InFlight = field(init=False)
 
@@ -173,18 +134,6 @@ class Ingest:
         self.bodies = InFlight(
             self.server.max_body_bytes_in_flight, self.server.max_bodies_per_client
         )
-
-    @asynccontextmanager
-    async def paused(self) -> AsyncIterator[None]:
-        """Hold every request slot: requests in flight finish, new ones wait. A reload swaps
-        the routes inside, so no request routes with one table and journals with the other."""
-        for _ in range(self.server.max_concurrent_requests):
-            await self._slots.acquire()
-        try:
-            yield
-        finally:
-            for _ in range(self.server.max_concurrent_requests):
-                self._slots.release()
 
     async def handle(self, request: web.Request) -> web.Response:
         """Read the body (no turn held), then take one of `server.max_concurrent_requests`
@@ -223,7 +172,7 @@ class Ingest:
         except RequestError as exc:
             self.stats.refuse(exc.code)
             return error_response(exc)
-        return await self.accept(items, request.get(CALLER))
+        return outcome_response(await self.acceptor.accept(items, request.get(CALLER)))
 
     async def read_body(self, request: web.Request, held: Held) -> bytes:
         """The body as sent, refused past server.max_body_bytes, past the bytes in flight, or
@@ -271,137 +220,6 @@ class Ingest:
             f"({self.server.max_body_bytes_in_flight} bytes); retry later",
         )
 
-    async def accept_own(self, body: dict[str, Any]) -> None:
-        """Journal an event of the router itself, routed like any producer's."""
-        response = await self.accept([body], own=True)
-        if response.status != 202:
-            raise RouterError(f"the router's own event was refused: {response.text}")
-
-    def _problems(
-        self, item: Any, caller: Caller | None, own: bool = False
-    ) -> tuple[str, list[Problem]]:
-        """What is wrong with one item, and the reason it is counted under (for metrics):
-        malformed, limits, schema, catalogue (only its action is unknown), forbidden, or
-        reserved (a producer sending one of the router's own actions)."""
-        if isinstance(item, Malformed):
-            return "malformed", [Problem("", item.message)]
-        if isinstance(item, Altered):
-            return "limits", item.problems
-        if problems := self._shape_problems(item):
-            return "limits", problems
-        if problems := self.validator.validate(item):
-            catalogue = all(p.path == "/action" and "catalogue" in p.message for p in problems)
-            return ("catalogue" if catalogue else "schema"), problems
-        if not own and (problems := reserved_action(item)):
-            return "reserved", problems
-        principal = caller.principal if caller is not None else None
-        if principal is not None and (problems := principal.problems(item)):
-            return "forbidden", problems
-        return "", []
-
-    async def accept(
-        self, items: list[Any], caller: Caller | None = None, *, own: bool = False
-    ) -> web.Response:
-        """Validate, route and journal; `caller` (when auth is on) may limit the services.
-        Only the router's own events (`own`) may carry its actions."""
-        results: list[dict[str, Any]] = []
-        routed: list[tuple[Event, Mapping[str, str]]] = []
-        forbidden = 0
-        for index, item in enumerate(items):
-            reason, problems = self._problems(item, caller, own)
-            forbidden += reason == "forbidden"
-            if problems:
-                self.stats.rejected_by_reason[reason] = (
-                    self.stats.rejected_by_reason.get(reason, 0) + 1
-                )
-                result: dict[str, Any] = {"index": index, "status": "rejected"}
-                item_id = item.id if isinstance(item, Altered) else None
-                if isinstance(item, dict) and isinstance(item.get("id"), str):
-                    item_id = item["id"]
-                if item_id is not None:
-                    result["id"] = item_id
-                result["errors"] = [p.as_dict() for p in problems]
-                results.append(result)
-                continue
-            if self.redactor is not None:
-                self.redactor.redact(item)  # before the journal: nothing after it sees a secret
-            event = Event.from_body(item)
-            decision = self.routes.match(event)
-            routed.append((event, decision.targets))
-            results.append({"index": index, "id": event.id, "status": "accepted"})
-        try:
-            await self._append(routed)
-        except JournalFullError as exc:
-            self.stats.journal_full += 1
-            return json_response(
-                {"error": {"code": "journal_full", "message": f"{exc}; retry later"}},
-                status=503,
-                headers={"Retry-After": str(self.storage.full_retry_after_s)},
-            )
-        except (OSError, sqlite3.Error) as exc:
-            log.error("journal append failed: %s", exc)
-            self.stats.refuse("journal_unavailable")
-            return json_response(
-                {
-                    "error": {
-                        "code": "journal_unavailable",
-                        "message": "the journal cannot take events now; retry later",
-                    }
-                },
-                status=503,
-                headers={"Retry-After": str(self.storage.full_retry_after_s)},
-            )
-        if self.tail is not None:
-            self.tail.publish(event for event, _ in routed)
-        self.stats.unrouted += sum(1 for _, targets in routed if not targets)
-        accepted = len(routed)
-        self.stats.accepted += accepted
-        self.stats.rejected += len(items) - accepted
-        if forbidden and caller is not None and self.refusals is not None:
-            await self.refusals.record(
-                caller,
-                403,
-                f"{counted(forbidden, 'event')} of a service the token may not send for",
-            )
-        body = {"accepted": accepted, "rejected": len(items) - accepted, "results": results}
-        return json_response(body, status=202 if accepted else 400)
-
-    def _shape_problems(self, item: Any) -> list[Problem]:
-        return shape_problems(
-            item,
-            max_depth=self.server.max_depth,
-            max_string_chars=self.server.max_string_chars,
-        )
-
-    async def _append(self, routed: list[tuple[Event, Mapping[str, str]]]) -> None:
-        """Append; when the journal is full and the operator chose drop_oldest_per_target, make
-        room by dead-lettering the oldest events of the stuck target, then try again."""
-        for _ in range(MAX_SHEDS_PER_REQUEST):
-            try:
-                await self.journal.append(routed)
-                return
-            except JournalFullError:
-                if self.storage.when_full != "drop_oldest_per_target" or not await self._shed():
-                    break  # nothing shed, but a retire it waited for may have made room
-        await self.journal.append(routed)
-
-    async def _shed(self) -> int:
-        """Dead-letter up to SHED_EVENTS of the stuck target's oldest events (never the batch
-        its worker holds); how many went."""
-        for target_id in self.journal.shed_order():
-            async with self.journal.shed(target_id, SHED_EVENTS) as entries:
-                if entries:
-                    await self.dead_letters.write(target_id, entries, DROPPED_BUFFER_FULL)
-            if entries:
-                self.stats.dropped_buffer_full += len(entries)
-                log.warning(
-                    "journal full: the oldest %s of target %s dead-lettered (dropped_buffer_full)",
-                    counted(len(entries), "event"),
-                    target_id,
-                )
-                return len(entries)
-        return 0
-
 
 def content_encoding(request: web.Request) -> str:
     """`gzip` or `identity`, checked before the body is read."""
@@ -413,21 +231,6 @@ def content_encoding(request: web.Request) -> str:
             f"Content-Encoding {encoding!r} is not supported; send gzip or identity",
         )
     return encoding
-
-
-def reserved_action(item: dict[str, Any]) -> list[Problem]:
-    """A producer's event that claims to be the router's: its login refusals, reloads and
-    API changes must not be forgeable by anyone holding an ingest token."""
-    action = item.get("action")
-    if isinstance(action, str) and action.lower().startswith(OWN_ACTION_PREFIX):
-        return [
-            Problem(
-                "/action",
-                f"{action!r} is an action of the router itself ({OWN_ACTION_PREFIX}*); "
-                "a producer may not send it",
-            )
-        ]
-    return []
 
 
 def decode(body: bytes, content_type: str) -> list[Any]:
@@ -540,6 +343,18 @@ def _too_large(limit: int) -> RequestError:
     return RequestError(
         413, "body_too_large", f"the body is larger than server.max_body_bytes ({limit} bytes)"
     )
+
+
+def outcome_response(outcome: Outcome) -> web.Response:
+    """202 when an event was accepted, 400 when none was, 503 with Retry-After when the
+    journal refused the request as a whole."""
+    if outcome.refusal is not None:
+        return json_response(
+            outcome.as_dict(),
+            status=503,
+            headers={"Retry-After": str(outcome.refusal.retry_after_s)},
+        )
+    return json_response(outcome.as_dict(), status=202 if outcome.accepted else 400)
 
 
 def json_response(body: Any, *, status: int = 200, **kwargs: Any) -> web.Response:

@@ -54,9 +54,9 @@ from aiohttp.typedefs import Handler
 
 from router.config import AuthConfig, RefusalEventsConfig, ServerConfig, TokenConfig
 from router.events import crn_service
-from router.logformat import counted
+from router.intake.validation import Problem
+from router.observe.logformat import counted
 from router.selfevent import clip, instance_crn, router_event
-from router.validation import Problem
 
 log = logging.getLogger(__name__)
 

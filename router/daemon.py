@@ -17,12 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 from router import __version__
-from router.api import ConfigSource, ManagementApi
-from router.auth import Guard
 from router.config import (
     Config,
     RefusalEventsConfig,
@@ -30,30 +27,33 @@ from router.config import (
     config_warnings,
     load_config_and_data,
 )
-from router.deadletter import DeadLetters, Failure, Letter, LetterFilter, parse_since
+from router.deadletter import DeadLetters, Failure
 from router.delivery import DeliveryWorker
-from router.errors import ConfigError, RequestError, RouterError
-from router.events import Event
-from router.ingest import Ingest, error_response, json_response
-from router.journal import Entry, SqliteJournal
-from router.listener import ClientFaultLog, DeadlineSite
-from router.logformat import counted
-from router.metrics import IngestStats, TargetStats
+from router.errors import ConfigError, RouterError
+from router.intake.accept import Acceptor
+from router.intake.http import Ingest
+from router.intake.redaction import Redactor
+from router.intake.validation import EventValidator
+from router.journal import Entry
+from router.journal.sqlite import SqliteJournal
+from router.observe.logformat import counted
+from router.observe.metrics import IngestStats, TargetStats
+from router.observe.prometheus import DaemonMetrics
 from router.probe import ProbeResult, probe
-from router.prometheus import CONTENT_TYPE, DaemonMetrics
-from router.redaction import Redactor
 from router.reload import ReloadPlan, config_digest, plan_reload
 from router.resources import schemas_dir
 from router.routing import RouteTable
 from router.selfevent import instance_crn, router_event
-from router.servertls import server_context
-from router.tail import TailHub
+from router.server.api import ConfigSource, ManagementApi
+from router.server.auth import Guard
+from router.server.listener import ClientFaultLog, DeadlineSite
+from router.server.redrive import Redrive
+from router.server.servertls import server_context
+from router.server.status import StatusEndpoints
+from router.server.tail import TailHub
 from router.targets import Target, build_target
-from router.validation import EventValidator
 
 log = logging.getLogger(__name__)
-
-REDRIVE_CHUNK = 500
 
 
 class Daemon:
@@ -68,7 +68,6 @@ class Daemon:
             schemas or schemas_dir(), unknown_actions=config.validation.unknown_actions
         )
         self.redactor = Redactor.from_schemas(schemas or schemas_dir(), config.redaction)
-        self._openapi_doc: bytes | None = None
         self.routes = RouteTable(config.routes, config.settings.default_targets)
         target_ids = [target.id for target in config.targets]
         self.journal = SqliteJournal(config.storage, target_ids)
@@ -101,10 +100,10 @@ class Daemon:
 
     def _build_app(self) -> web.Application:
         async def record(body: dict[str, Any]) -> None:
-            await ingest.accept_own(body)  # bound below; called only once requests arrive
+            await acceptor.accept_own(body)  # bound below; called only once requests arrive
 
         self.guard = Guard.build(self.config.auth, record, self.config.server)
-        self.ingest = ingest = Ingest(
+        self.acceptor = acceptor = Acceptor(
             server=self.config.server,
             validator=self.validator,
             routes=self.routes,
@@ -116,17 +115,22 @@ class Daemon:
             refusals=self.guard.refusals,
             redactor=self.redactor,
         )
+        self.ingest = ingest = Ingest(
+            server=self.config.server, stats=self.ingest_stats, acceptor=acceptor
+        )
         app = web.Application(
             client_max_size=self.config.server.max_body_bytes, middlewares=[self.guard.middleware]
         )
         app.router.add_post("/v1/events", ingest.handle)
-        app.router.add_get("/v1/status", self._status)
         app.router.add_get("/v1/tail", self.tail.handle)
-        app.router.add_post("/v1/deadletters/{target}/redrive", self._redrive)
-        app.router.add_get("/healthz", self._healthz)
-        app.router.add_get("/readyz", self._readyz)
-        app.router.add_get("/openapi.json", self._openapi)
-        app.router.add_get("/metrics", self._metrics)
+        redrive = Redrive(
+            self.dead_letters,
+            self.journal,
+            is_target=lambda target_id: target_id in self.targets,
+            is_invalid=lambda body: bool(self.validator.validate(body)),
+        )
+        app.router.add_post("/v1/deadletters/{target}/redrive", redrive.handle)
+        StatusEndpoints(self, self.metrics.render).routes(app)
         ManagementApi(self).routes(app)
         return app
 
@@ -347,11 +351,9 @@ class Daemon:
             self._leaving[target_id] = old.target(target_id)
         # From here on every new request routes with the new table; requests that routed with
         # the old one have all reached the journal (or will, via its retired-target path).
-        async with self.ingest.paused():
-            self.config = new
-            self.validator = self.ingest.validator = validator
-            self.routes = self.ingest.routes = routes
-            self.redactor = self.ingest.redactor = redactor
+        await self.acceptor.swap(validator=validator, routes=routes, redactor=redactor)
+        self.config = new  # no await since the swap: no offer sees one without the other
+        self.validator, self.routes, self.redactor = validator, routes, redactor
         for target_id in plan.changed + plan.removed:
             await self._stop_worker(target_id)
         for target_id in plan.removed:
@@ -421,7 +423,7 @@ class Daemon:
         """Journal an event of the router itself; a failure is logged, never raised into the
         operation it reports on."""
         try:
-            await self.ingest.accept_own(body)
+            await self.acceptor.accept_own(body)
         except (RouterError, OSError):
             log.exception("the router's own %s event could not be journaled", body["action"])
 
@@ -507,69 +509,9 @@ class Daemon:
             "targets": targets,
         }
 
-    async def _redrive(self, request: web.Request) -> web.StreamResponse:
-        """Put a target's dead letters (optionally by reason, since a time) back on the journal
-        for that target only. Streams NDJSON progress lines: {"done": n, "total": m}."""
-        target_id = request.match_info["target"]
-        if target_id not in self.targets:
-            return error_response(RequestError(404, "unknown_target", f"no target {target_id!r}"))
-        try:
-            since = request.query.get("since")
-            wanted = LetterFilter(
-                reason=request.query.get("reason"),
-                since=parse_since(since) if since else None,
-            )
-        except ValueError as exc:
-            return error_response(RequestError(400, "bad_filter", str(exc)))
-        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
-        await response.prepare(request)
-
-        def refuse(letter: Letter) -> str | None:
-            return "invalid_event" if self.validator.validate(letter["event"]) else None
-
-        async with self.dead_letters.take(target_id, wanted, refuse) as taken:
-            total = len(taken.letters)
-            # What matched but stays in the file, by why, so the client can say so.
-            first = {"done": 0, "total": total, "skipped": taken.skipped}
-            await response.write(orjson.dumps(first) + b"\n")
-            while taken.done < total:
-                chunk = taken.letters[taken.done : taken.done + REDRIVE_CHUNK]
-                await self.journal.append(
-                    [
-                        (Event.from_body(letter["event"]), {target_id: letter.get("route", "")})
-                        for letter in chunk
-                    ]
-                )
-                taken.done += len(chunk)
-                await response.write(orjson.dumps({"done": taken.done, "total": total}) + b"\n")
-        log.info("target %s: %s redriven", target_id, counted(total, "dead letter"))
-        await response.write_eof()
-        return response
-
-    async def _status(self, request: web.Request) -> web.Response:
-        return json_response(self.status())
-
-    async def _healthz(self, request: web.Request) -> web.Response:
-        return json_response({"status": "alive"})
-
-    async def _metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
-
-    async def _openapi(self, request: web.Request) -> web.Response:
-        """The API described (schemas/openapi.json, kept by hand; the fuzz test holds it true)."""
-        if self._openapi_doc is None:
-            path = schemas_dir() / "openapi.json"  # the daemon's API, not the event model
-            self._openapi_doc = await asyncio.to_thread(path.read_bytes)
-        return web.Response(body=self._openapi_doc, content_type="application/json")
-
-    async def _readyz(self, request: web.Request) -> web.Response:
-        if not self.ready:
-            return json_response({"status": "not ready"}, status=503)
-        if not self.journal.healthy:
-            return json_response({"status": "journal unhealthy"}, status=503)
-        if failing := self.failing_workers():
-            return json_response({"status": "delivery failing", "targets": failing}, status=503)
-        return json_response({"status": "ready"})
+    @property
+    def journal_healthy(self) -> bool:
+        return self.journal.healthy
 
     def failing_workers(self) -> list[str]:
         """Targets whose delivery worker keeps failing while events wait for it (not a target

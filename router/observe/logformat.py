@@ -12,7 +12,7 @@ import sys
 
 import orjson
 
-from router.metrics import utc_iso
+from router.observe.metrics import utc_iso
 
 
 class JsonFormatter(logging.Formatter):

@@ -29,7 +29,7 @@ from typing import Any, Final
 import orjson
 
 from router.config import RedactionConfig
-from router.validation import json_pointer
+from router.intake.validation import json_pointer
 
 log = logging.getLogger(__name__)
 

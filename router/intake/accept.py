@@ -1,0 +1,290 @@
+"""Accept events, from any way in: validate, redact, route and journal; an answer per event.
+
+`Acceptor.accept(items, caller)` takes decoded items (dicts, or the decoder's placeholders for
+a line that was not JSON or a number decoding would change) and returns an `Outcome`: each
+item accepted or rejected with its problems, or the whole offer refused when the journal
+cannot take it (then none was accepted). It knows nothing of HTTP, so every way in uses it:
+POST /v1/events (router/intake/http.py), the router's own events (router/selfevent.py), and
+whatever comes next (another process, a NATS subject). Outcome returns only once the journal
+has made every accepted event durable.
+
+A reload swaps the validator, the route table and the redactor with `swap`, which waits until
+no offer is between routing and the journal: no offer routes with one table and journals with
+the other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from router.config import ServerConfig, StorageConfig
+from router.deadletter import DeadLetters, Failure
+from router.errors import RouterError
+from router.events import Event
+from router.intake.limits import shape_problems
+from router.intake.redaction import Redactor
+from router.intake.validation import EventValidator, Problem
+from router.journal import Journal, JournalFullError, JournalUnavailableError
+from router.observe.logformat import counted
+from router.observe.metrics import IngestStats
+from router.routing import RouteTable
+from router.selfevent import SERVICE
+
+if TYPE_CHECKING:  # what an acceptor is handed, not what it imports: they speak HTTP
+    from router.server.auth import Caller, Refusals
+    from router.server.tail import TailHub
+
+log = logging.getLogger(__name__)
+
+# The router's own actions (router/selfevent.py); producers may not send them.
+OWN_ACTION_PREFIX = f"{SERVICE}."
+# storage.when_full: drop_oldest_per_target sheds this many events at a time, a few times at most.
+SHED_EVENTS = 1000
+MAX_SHEDS_PER_REQUEST = 10
+DROPPED_BUFFER_FULL = Failure(
+    reason="dropped_buffer_full",
+    message="the journal was full and storage.when_full is drop_oldest_per_target",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Malformed:
+    """An NDJSON line that is not JSON: rejected on its own, the other lines still count."""
+
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Altered:
+    """An event holding a number decoding would change: rejected on its own, with the paths."""
+
+    problems: list[Problem]
+    id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """The whole offer refused, none of it accepted: the journal is full or unavailable."""
+
+    code: str  # journal_full, journal_unavailable
+    message: str
+    retry_after_s: int
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What became of an offer: a result per item (EventBridge-style), or a refusal."""
+
+    results: list[dict[str, Any]] = field(default_factory=list)
+    accepted: int = 0
+    refusal: Refusal | None = None
+
+    @property
+    def rejected(self) -> int:
+        return len(self.results) - self.accepted
+
+    def as_dict(self) -> dict[str, Any]:
+        """The answer's body: per-item results, or the refusal as an error."""
+        if self.refusal is not None:
+            return {"error": {"code": self.refusal.code, "message": self.refusal.message}}
+        return {"accepted": self.accepted, "rejected": self.rejected, "results": self.results}
+
+
+@dataclass(slots=True)
+class Acceptor:
+    """Everything accepting needs, built once by the daemon; `swap` changes what a reload
+    changes."""
+
+    server: ServerConfig
+    validator: EventValidator
+    routes: RouteTable
+    journal: Journal
+    stats: IngestStats
+    storage: StorageConfig
+    dead_letters: DeadLetters
+    tail: TailHub | None = None
+    refusals: Refusals | None = None
+    redactor: Redactor | None = None
+    _routing: int = field(init=False, default=0)  # offers between routing and the journal
+    _open: asyncio.Event = field(init=False, default_factory=asyncio.Event)
+    _idle: asyncio.Event = field(init=False, default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self._open.set()
+        self._idle.set()
+
+    async def swap(
+        self, *, validator: EventValidator, routes: RouteTable, redactor: Redactor | None
+    ) -> None:
+        """Use a reload's validator, routes and redactor from the next offer on: offers being
+        routed and journaled finish first, new ones wait the moment it takes."""
+        self._open.clear()
+        try:
+            await self._idle.wait()
+            self.validator, self.routes, self.redactor = validator, routes, redactor
+        finally:
+            self._open.set()
+
+    @asynccontextmanager
+    async def _routing_turn(self) -> AsyncIterator[None]:
+        await self._open.wait()
+        self._routing += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._routing -= 1
+            if not self._routing:
+                self._idle.set()
+
+    async def accept_own(self, body: dict[str, Any]) -> None:
+        """Journal an event of the router itself (built by router/selfevent.py), routed like
+        any producer's; RouterError when it was not accepted."""
+        outcome = await self.accept([body], own=True)
+        if not outcome.accepted:
+            refused = orjson.dumps(outcome.as_dict()).decode()
+            raise RouterError(f"the router's own event was refused: {refused}")
+
+    async def accept(
+        self, items: list[Any], caller: Caller | None = None, *, own: bool = False
+    ) -> Outcome:
+        """Validate, route and journal; `caller` (when auth is on) may limit the services.
+        Only the router's own events (`own`) may carry its actions."""
+        results: list[dict[str, Any]] = []
+        routed: list[tuple[Event, Mapping[str, str]]] = []
+        forbidden = 0
+        async with self._routing_turn():
+            for index, item in enumerate(items):
+                reason, problems = self._problems(item, caller, own)
+                forbidden += reason == "forbidden"
+                if problems:
+                    self.stats.rejected_by_reason[reason] = (
+                        self.stats.rejected_by_reason.get(reason, 0) + 1
+                    )
+                    result: dict[str, Any] = {"index": index, "status": "rejected"}
+                    item_id = item.id if isinstance(item, Altered) else None
+                    if isinstance(item, dict) and isinstance(item.get("id"), str):
+                        item_id = item["id"]
+                    if item_id is not None:
+                        result["id"] = item_id
+                    result["errors"] = [p.as_dict() for p in problems]
+                    results.append(result)
+                    continue
+                if self.redactor is not None:
+                    self.redactor.redact(item)  # before the journal: nothing after it sees a secret
+                event = Event.from_body(item)
+                decision = self.routes.match(event)
+                routed.append((event, decision.targets))
+                results.append({"index": index, "id": event.id, "status": "accepted"})
+            try:
+                await self._append(routed)
+            except JournalFullError as exc:
+                self.stats.journal_full += 1
+                return Outcome(
+                    refusal=Refusal(
+                        "journal_full", f"{exc}; retry later", self.storage.full_retry_after_s
+                    )
+                )
+            except (OSError, JournalUnavailableError) as exc:
+                log.error("journal append failed: %s", exc)
+                self.stats.refuse("journal_unavailable")
+                return Outcome(
+                    refusal=Refusal(
+                        "journal_unavailable",
+                        "the journal cannot take events now; retry later",
+                        self.storage.full_retry_after_s,
+                    )
+                )
+            if self.tail is not None:
+                self.tail.publish(event for event, _ in routed)
+        self.stats.unrouted += sum(1 for _, targets in routed if not targets)
+        accepted = len(routed)
+        self.stats.accepted += accepted
+        self.stats.rejected += len(items) - accepted
+        if forbidden and caller is not None and self.refusals is not None:
+            await self.refusals.record(
+                caller,
+                403,
+                f"{counted(forbidden, 'event')} of a service the token may not send for",
+            )
+        return Outcome(results, accepted)
+
+    def _problems(
+        self, item: Any, caller: Caller | None, own: bool = False
+    ) -> tuple[str, list[Problem]]:
+        """What is wrong with one item, and the reason it is counted under (for metrics):
+        malformed, limits, schema, catalogue (only its action is unknown), forbidden, or
+        reserved (a producer sending one of the router's own actions)."""
+        if isinstance(item, Malformed):
+            return "malformed", [Problem("", item.message)]
+        if isinstance(item, Altered):
+            return "limits", item.problems
+        if problems := self._shape_problems(item):
+            return "limits", problems
+        if problems := self.validator.validate(item):
+            catalogue = all(p.path == "/action" and "catalogue" in p.message for p in problems)
+            return ("catalogue" if catalogue else "schema"), problems
+        if not own and (problems := reserved_action(item)):
+            return "reserved", problems
+        principal = caller.principal if caller is not None else None
+        if principal is not None and (problems := principal.problems(item)):
+            return "forbidden", problems
+        return "", []
+
+    def _shape_problems(self, item: Any) -> list[Problem]:
+        return shape_problems(
+            item,
+            max_depth=self.server.max_depth,
+            max_string_chars=self.server.max_string_chars,
+        )
+
+    async def _append(self, routed: list[tuple[Event, Mapping[str, str]]]) -> None:
+        """Append; when the journal is full and the operator chose drop_oldest_per_target, make
+        room by dead-lettering the oldest events of the stuck target, then try again."""
+        for _ in range(MAX_SHEDS_PER_REQUEST):
+            try:
+                await self.journal.append(routed)
+                return
+            except JournalFullError:
+                if self.storage.when_full != "drop_oldest_per_target" or not await self._shed():
+                    break  # nothing shed, but a retire it waited for may have made room
+        await self.journal.append(routed)
+
+    async def _shed(self) -> int:
+        """Dead-letter up to SHED_EVENTS of the stuck target's oldest events (never the batch
+        its worker holds); how many went."""
+        for target_id in self.journal.shed_order():
+            async with self.journal.shed(target_id, SHED_EVENTS) as entries:
+                if entries:
+                    await self.dead_letters.write(target_id, entries, DROPPED_BUFFER_FULL)
+            if entries:
+                self.stats.dropped_buffer_full += len(entries)
+                log.warning(
+                    "journal full: the oldest %s of target %s dead-lettered (dropped_buffer_full)",
+                    counted(len(entries), "event"),
+                    target_id,
+                )
+                return len(entries)
+        return 0
+
+
+def reserved_action(item: dict[str, Any]) -> list[Problem]:
+    """A producer's event that claims to be the router's: its login refusals, reloads and
+    API changes must not be forgeable by anyone holding an ingest token."""
+    action = item.get("action")
+    if isinstance(action, str) and action.lower().startswith(OWN_ACTION_PREFIX):
+        return [
+            Problem(
+                "/action",
+                f"{action!r} is an action of the router itself ({OWN_ACTION_PREFIX}*); "
+                "a producer may not send it",
+            )
+        ]
+    return []

@@ -1,0 +1,157 @@
+"""Shared helpers for tests and benches: the config pieces, the daemon's HTTP calls and its
+books, and a daemon as a real process (spawn, wait until ready, SIGTERM, reap).
+
+Fakes (scripted receivers, events) live in tests/fakes.py; these are the helpers that speak to
+the daemon itself, so every test module and bench/ use one copy of each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+import sqlite3
+import sys
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+
+from router.daemon import Daemon
+from tests.fakes import ScriptedReceiver, wait_for
+
+ReceiverFactory = Callable[..., Awaitable[ScriptedReceiver]]
+
+# -- config pieces -----------------------------------------------------------------------------
+
+
+def file_target(target_id: str, path: Path) -> dict[str, Any]:
+    return {"id": target_id, "target_type": "file", "file_endpoint": {"path": str(path)}}
+
+
+def http_target(target_id: str, url: str, **endpoint: Any) -> dict[str, Any]:
+    return {"id": target_id, "target_type": "http", "http_endpoint": {"url": url, **endpoint}}
+
+
+def everything_to(*target_ids: str) -> list[dict[str, Any]]:
+    return [{"name": "all", "rules": [{"locations": ["*"], "target_ids": list(target_ids)}]}]
+
+
+def patient(target: dict[str, Any]) -> dict[str, Any]:
+    """A target that retries for as long as a test needs."""
+    return target | {"retry": {"max_attempts": 100_000, "max_age_s": 3600}}
+
+
+# -- an in-process daemon: its intake and its books ----------------------------------------------
+
+
+async def post(
+    daemon: Daemon,
+    body: bytes | Any,
+    *,
+    content_type: str = "application/json",
+    headers: dict[str, str] | None = None,
+) -> tuple[int, Any]:
+    data = body if isinstance(body, bytes) else orjson.dumps(body)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"http://127.0.0.1:{daemon.port}/v1/events",
+            data=data,
+            headers={"Content-Type": content_type, **(headers or {})},
+        ) as resp,
+    ):
+        return resp.status, await resp.json(content_type=None)
+
+
+def assert_books_balance(daemon: Daemon) -> None:
+    for target_id, row in daemon.status()["targets"].items():
+        books = row["delivered"] + row["dead_lettered"] + row["pending"] + row["lost"]
+        assert row["received"] == books, target_id
+
+
+def settled(daemon: Daemon) -> bool:
+    return all(row["pending"] == 0 for row in daemon.status()["targets"].values())
+
+
+@contextmanager
+def journal_write_locked(storage: Path) -> Iterator[None]:
+    """Another process-like connection holds the journal's write lock (BEGIN IMMEDIATE) until
+    the block ends: every write of the daemon waits for it, up to SQLite's busy timeout."""
+    blocker = sqlite3.connect(storage / "journal.db", isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")
+        yield
+        blocker.execute("ROLLBACK")
+    finally:
+        blocker.close()
+
+
+# -- a daemon as a real process ------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A port nobody listens on now, for a daemon that runs as its own process."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def ready(port: int, host: str = "127.0.0.1") -> bool:
+    """Does the daemon on `port` answer /readyz with 200?"""
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://{host}:{port}/readyz") as resp,
+        ):
+            return resp.status == 200
+    except aiohttp.ClientConnectionError:
+        return False
+
+
+async def spawn(
+    config: Any,
+    *args: str,
+    stderr: int | None = asyncio.subprocess.DEVNULL,
+    env: dict[str, str] | None = None,
+    **kwargs: Any,
+) -> asyncio.subprocess.Process:
+    """`python -m router serve --config F [args]` as a real process (not waited for); other
+    keyword arguments go to create_subprocess_exec (cwd, stdin, stdout)."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "router",
+        "serve",
+        "--config",
+        str(config),
+        *args,
+        stderr=stderr,
+        env=env,
+        **kwargs,
+    )
+
+
+async def serve(config: Any, port: int, **kwargs: Any) -> asyncio.subprocess.Process:
+    """`spawn`, then wait until /readyz answers 200."""
+    proc = await spawn(config, **kwargs)
+    await wait_for(lambda: ready(port), what="the daemon to be ready")
+    return proc
+
+
+async def terminate(proc: asyncio.subprocess.Process, timeout_s: float = 15) -> int:
+    """SIGTERM and wait for the exit code (the drain's own promise is under test)."""
+    proc.send_signal(signal.SIGTERM)
+    return await asyncio.wait_for(proc.wait(), timeout_s)
+
+
+async def reap(proc: asyncio.subprocess.Process | None) -> None:
+    """A test's `finally`: kill the process if the test left it running."""
+    if proc is not None and proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()

@@ -1,0 +1,148 @@
+"""The layers of router/ as its imports show them: no cycle anywhere, and nobody but the
+command line imports the daemon (the module that composes everything else)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import router
+
+ROOT = Path(router.__file__).resolve().parent
+DAEMON = "router.daemon"  # the module that holds Daemon
+# Modules that still name the Daemon for their type hints only (under TYPE_CHECKING), reading
+# its attributes; issue 11 gives them narrow interfaces instead. The list only shrinks.
+DAEMON_TYPE_HINTS = {"router.server.api", "router.observe.prometheus"}
+
+
+def module_names() -> dict[str, Path]:
+    names = {}
+    for path in ROOT.rglob("*.py"):
+        parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        names[".".join(parts)] = path
+    return names
+
+
+MODULES = module_names()
+
+
+def imports(path: Path, *, type_hints: bool) -> set[str]:
+    """The router modules `path` imports, at run time (and, with `type_hints`, under
+    TYPE_CHECKING too); `from package import module` counts as importing the module."""
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                for branch in (child.body if type_hints else [], child.orelse):
+                    for statement in branch:
+                        visit_statement(statement)
+                continue
+            visit_statement(child)
+
+    def visit_statement(node: ast.AST) -> None:
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+        else:
+            visit(node)
+
+    visit(ast.parse(path.read_text(encoding="utf-8")))
+    return {name for name in found if name in MODULES}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def connect(module: str) -> None:
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        for other in graph[module]:
+            if other not in index:
+                connect(other)
+                low[module] = min(low[module], low[other])
+            elif other in stack:
+                low[module] = min(low[module], index[other])
+        if low[module] == index[module]:
+            component = []
+            while True:
+                other = stack.pop()
+                component.append(other)
+                if other == module:
+                    break
+            if len(component) > 1 or module in graph[module]:
+                found.append(sorted(component))
+
+    for module in sorted(graph):
+        if module not in index:
+            connect(module)
+    return found
+
+
+def test_no_module_of_the_router_imports_in_a_cycle() -> None:
+    graph = {name: imports(path, type_hints=False) - {name} for name, path in MODULES.items()}
+    assert cycles(graph) == []
+
+
+def test_the_cycle_check_finds_a_cycle() -> None:
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_only_the_command_line_imports_the_daemon() -> None:
+    importers = {
+        name for name, path in MODULES.items() if DAEMON in imports(path, type_hints=False)
+    }
+    assert importers == {"router.cli"}
+    hinted = {name for name, path in MODULES.items() if DAEMON in imports(path, type_hints=True)}
+    assert hinted - {"router.cli"} == DAEMON_TYPE_HINTS
+
+
+def test_the_acceptor_knows_no_http() -> None:
+    # Any way in (HTTP, another process, a NATS subject) hands items to the acceptor.
+    path = MODULES["router.intake.accept"]
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    top = {
+        alias.name.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    } | {
+        node.module.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module
+    }
+    assert "aiohttp" not in top
+    http_side = {
+        "router.intake.http",
+        "router.server.auth",
+        "router.server.tail",
+        "router.server.listener",
+    }
+    assert not imports(path, type_hints=False) & http_side
+
+
+def test_nothing_sqlite_leaks_past_the_journals_sqlite_backend() -> None:
+    # Intake and delivery see the Journal protocol; only the daemon picks the backend.
+    for name, path in MODULES.items():
+        if name.startswith("router.journal") or name == DAEMON:
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        modules = {
+            alias.name
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Import)
+            for alias in node.names
+        }
+        modules |= {
+            node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+        }
+        assert "sqlite3" not in modules, name
+        assert "router.journal.sqlite" not in modules, name

@@ -31,6 +31,7 @@ import orjson
 from router.deadletter import parse_since
 from router.errors import QueryError
 from router.events import crn_location
+from router.evidence.checkpoint import is_checkpoint
 from router.observe.logformat import counted
 from router.query import Query
 
@@ -209,7 +210,8 @@ def scan(
 ) -> None:
     """Print the matching lines of one archive file or object, up to `limit` in all."""
     for number, line in enumerate(lines, start=1):
-        if not line.strip():
+        # An evidence checkpoint (router/evidence) is no event: no query may match it.
+        if not line.strip() or is_checkpoint(line):
             continue
         stats.lines += 1
         try:

@@ -1,0 +1,244 @@
+"""A real Apache Kafka 4.x broker in KRaft mode (one node: broker and controller) on loopback.
+
+It runs from the Maven Central jars (`org.apache.kafka:kafka_2.13` and its runtime
+dependencies) that `.ci/fetch-kafka` keeps in the peers cache, on the machine's Java 17:
+`java -cp <jars> kafka.Kafka server.properties`, after `kafka.tools.StorageTool format`.
+A missing cache is filled by running the script (Maven needed once); a missing `java` or `mvn`
+skips the tests that need Kafka, saying what to install.
+
+Listeners, all on 127.0.0.1:
+- PLAINTEXT (`bootstrap`): no authentication.
+- SASL_PLAINTEXT (`sasl_bootstrap`): SASL PLAIN, user `token`, password the API key, which is
+  how IBM Event Streams authenticates (a wrong password is refused).
+- SASL_SSL (`sasl_ssl_bootstrap`, `tls=True`): the same over TLS, a certificate for 127.0.0.1
+  signed by a CA in `ca_file` (what Event Streams' clients really use).
+Settings make a small, quick node: one partition per topic, replication 1, no initial
+rebalance delay, internal topics with one partition, a 512 MiB heap.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+from typing import ClassVar
+
+from tests.peers._process import PeerError, ServerProcess, free_ports, missing, port_open
+from tests.peers.tls import ServerTls, make_server_tls
+
+ROOT = Path(__file__).resolve().parents[2]
+FETCH_SCRIPT = ROOT / ".ci" / "fetch-kafka"
+VERSION = (ROOT / ".ci" / "kafka.version").read_text().strip()
+"""The one place the version is named; `.ci/fetch-kafka` reads the same file."""
+
+USERNAME = "token"
+"""IBM Event Streams' SASL PLAIN user name; the password is an API key."""
+
+STARTED = "Kafka Server started"
+"""What KafkaRaftServer logs once the broker is registered, unfenced and serving."""
+
+JVM_OPTIONS = (
+    "-Xmx512m",
+    "-Xms64m",
+    # One GC thread and no G1 regions to set up: on a 2-core machine shared with the tests.
+    "-XX:+UseSerialGC",
+    "-XX:TieredStopAtLevel=1",
+    "-Djava.awt.headless=true",
+)
+
+LOG4J2 = """\
+status = warn
+appender.out.type = Console
+appender.out.name = out
+appender.out.layout.type = PatternLayout
+appender.out.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = warn
+rootLogger.appenderRef.out.ref = out
+# The started line is what readiness waits for; the rest at INFO is what an outage test reads.
+logger.raft.name = kafka.server.KafkaRaftServer
+logger.raft.level = info
+logger.broker.name = kafka.server.BrokerServer
+logger.broker.level = info
+"""
+
+
+def peers_cache() -> Path:
+    """Where fetched peers live between runs (the same default as `.ci/fetch-kafka`)."""
+    default = Path.home() / ".cache" / "event-router" / "peers"
+    return Path(os.environ.get("EVENT_ROUTER_PEERS_CACHE", default))
+
+
+def kafka_jars(version: str = VERSION) -> list[Path]:
+    """The broker's jars, fetched first if the cache lacks them (skips when that cannot be)."""
+    libs = peers_cache() / f"kafka-{version}"
+    if not (libs / ".complete").exists():
+        if shutil.which("java") is None or shutil.which("mvn") is None:
+            missing("java or mvn", "apt-get install default-jre-headless maven")
+        done = subprocess.run(
+            ["bash", str(FETCH_SCRIPT), version], capture_output=True, text=True, check=False
+        )
+        if done.returncode != 0:
+            raise PeerError(f"{FETCH_SCRIPT} {version} failed:\n{done.stdout}{done.stderr}")
+    return sorted(libs.glob("*.jar"))
+
+
+def java() -> str:
+    path = shutil.which("java")
+    if path is None:
+        missing("java", "apt-get install default-jre-headless")
+    return path
+
+
+def cluster_id() -> str:
+    """A KRaft cluster id: a random UUID in URL-safe base64 without padding (22 characters)."""
+    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+
+
+class KafkaBroker(ServerProcess):
+    """One KRaft node (broker and controller) with PLAINTEXT and SASL PLAIN listeners."""
+
+    name = "kafka"
+    start_timeout_s: ClassVar[float] = 120.0  # a cold JVM on two busy cores
+    stop_timeout_s: ClassVar[float] = 30.0
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        api_key: str = "test-api-key-6a1f0c9e",
+        tls: bool = True,
+        version: str = VERSION,
+    ) -> None:
+        super().__init__(workdir)
+        self.version = version
+        self.username = USERNAME
+        self.api_key = api_key
+        self.tls: ServerTls | None = None
+        self._with_tls = tls
+        self._classpath = ""
+        self.cluster_id = cluster_id()
+        self.choose_ports()
+
+    def choose_ports(self) -> None:
+        self.port, self.sasl_port, self.sasl_ssl_port, self.controller_port = free_ports(4)
+
+    @property
+    def bootstrap(self) -> str:
+        """PLAINTEXT listener: no authentication."""
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def sasl_bootstrap(self) -> str:
+        """SASL_PLAINTEXT listener: PLAIN, user `token`, password `api_key`."""
+        return f"127.0.0.1:{self.sasl_port}"
+
+    @property
+    def sasl_ssl_bootstrap(self) -> str:
+        """SASL_SSL listener: PLAIN over TLS; trust `ca_file`."""
+        if self.tls is None:
+            raise PeerError("this broker was made with tls=False")
+        return f"127.0.0.1:{self.sasl_ssl_port}"
+
+    @property
+    def ca_file(self) -> Path:
+        if self.tls is None:
+            raise PeerError("this broker was made with tls=False")
+        return self.tls.ca_file
+
+    def prepare(self) -> None:
+        jars = kafka_jars(self.version)
+        self._classpath = os.pathsep.join(str(jar) for jar in jars)
+        if self._with_tls:
+            self.tls = make_server_tls(self.workdir / "tls", common_name="kafka")
+            keystore = self.workdir / "tls" / "keystore.pem"
+            keystore.write_text(self.tls.key_file.read_text() + self.tls.cert_file.read_text())
+        (self.workdir / "log4j2.properties").write_text(LOG4J2)
+        (self.workdir / "server.properties").write_text(self.properties())
+        formatted = subprocess.run(
+            [
+                java(), *JVM_OPTIONS, "-cp", self._classpath, "kafka.tools.StorageTool",
+                "format", "--ignore-formatted", "--cluster-id", self.cluster_id,
+                "--config", str(self.workdir / "server.properties"),
+            ],
+            capture_output=True, text=True, check=False, cwd=self.workdir,
+        )  # fmt: skip
+        if formatted.returncode != 0:
+            raise PeerError(
+                f"formatting Kafka storage failed:\n{formatted.stdout}{formatted.stderr}"
+            )
+
+    def properties(self) -> str:
+        """server.properties for this node."""
+        listeners = {
+            "PLAINTEXT": self.port,
+            "SASL_PLAINTEXT": self.sasl_port,
+            "CONTROLLER": self.controller_port,
+        }
+        if self._with_tls:
+            listeners["SASL_SSL"] = self.sasl_ssl_port
+        advertised = {name: port for name, port in listeners.items() if name != "CONTROLLER"}
+        jaas = (
+            "org.apache.kafka.common.security.plain.PlainLoginModule required "
+            f'user_{self.username}="{self.api_key}";'
+        )
+        lines = {
+            "process.roles": "broker,controller",
+            "node.id": "1",
+            "controller.quorum.voters": f"1@127.0.0.1:{self.controller_port}",
+            "controller.listener.names": "CONTROLLER",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "listeners": ",".join(f"{n}://127.0.0.1:{p}" for n, p in listeners.items()),
+            "advertised.listeners": ",".join(f"{n}://127.0.0.1:{p}" for n, p in advertised.items()),
+            "listener.security.protocol.map": (
+                "PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT,SASL_SSL:SASL_SSL,"
+                "CONTROLLER:PLAINTEXT"
+            ),
+            "sasl.enabled.mechanisms": "PLAIN",
+            "listener.name.sasl_plaintext.plain.sasl.jaas.config": jaas,
+            "log.dirs": str(self.workdir / "data"),
+            "num.partitions": "1",
+            "default.replication.factor": "1",
+            "min.insync.replicas": "1",
+            "offsets.topic.replication.factor": "1",
+            "offsets.topic.num.partitions": "1",
+            "transaction.state.log.replication.factor": "1",
+            "transaction.state.log.min.isr": "1",
+            "transaction.state.log.num.partitions": "1",
+            "share.coordinator.state.topic.replication.factor": "1",
+            "share.coordinator.state.topic.min.isr": "1",
+            "group.initial.rebalance.delay.ms": "0",
+            "auto.create.topics.enable": "true",
+            "num.network.threads": "2",
+            "num.io.threads": "2",
+        }
+        if self.tls is not None:
+            lines |= {
+                "listener.name.sasl_ssl.plain.sasl.jaas.config": jaas,
+                "listener.name.sasl_ssl.ssl.keystore.type": "PEM",
+                "listener.name.sasl_ssl.ssl.keystore.location": str(
+                    self.workdir / "tls" / "keystore.pem"
+                ),
+            }
+        return "".join(f"{key}={value}\n" for key, value in lines.items())
+
+    def command(self) -> list[str]:
+        return [
+            java(),
+            *JVM_OPTIONS,
+            f"-Dlog4j2.configurationFile={self.workdir / 'log4j2.properties'}",
+            "-cp",
+            self._classpath,
+            "kafka.Kafka",
+            str(self.workdir / "server.properties"),
+        ]
+
+    def ready(self) -> bool:
+        return (
+            STARTED in self.log_since_start()
+            and port_open(self.port)
+            and port_open(self.sasl_port)
+            and (self.tls is None or port_open(self.sasl_ssl_port))
+        )

@@ -36,6 +36,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from router.evidence.verify import Report, Verifier, verify_files
 from router.intake.validation import EventValidator
 from router.resources import schemas_dir
 from tests.fakes import make_event
@@ -357,9 +358,12 @@ async def drive(
 # The real daemon
 
 
-def archive_config(workdir: Path, port: int, fsync: str) -> tuple[dict[str, Any], Path]:
+def archive_config(
+    workdir: Path, port: int, fsync: str, *, evidence: bool = True
+) -> tuple[dict[str, Any], Path]:
     """A config like the embedded default, with `storage.fsync` set: one file target that takes
-    every event. Returns the config and the path of the NDJSON archive."""
+    every event (its hash chain written unless `evidence` is off: --no-evidence). Returns the
+    config and the path of the NDJSON archive."""
     archive = workdir / "var" / "events.ndjson"
     config = {
         "server": {"host": "127.0.0.1", "port": port},
@@ -380,6 +384,7 @@ def archive_config(workdir: Path, port: int, fsync: str) -> tuple[dict[str, Any]
         "routes": [
             {"name": "everything", "rules": [{"locations": ["*"], "target_ids": [TARGET_ID]}]}
         ],
+        "evidence": {"enabled": evidence},
     }
     return config, archive
 
@@ -501,7 +506,8 @@ def read_archive(archive: Path) -> tuple[int, int, int]:
         present += 1
         with open(path, "rb") as f:
             for line in f:
-                if line.strip():
+                # Checkpoint lines of the evidence chain are not events.
+                if line.strip() and not line.startswith(b'{"_checkpoint":'):
                     lines += 1
                     ids.add(orjson.loads(line).get("id", ""))
     return lines, len(ids), present
@@ -559,11 +565,17 @@ class DaemonRun:
 
 
 async def run_daemon(
-    fsync: str, scenarios: Sequence[Scenario], load: Load, errors: ErrorLog, workdir: Path
+    fsync: str,
+    scenarios: Sequence[Scenario],
+    load: Load,
+    errors: ErrorLog,
+    workdir: Path,
+    *,
+    evidence: bool = True,
 ) -> DaemonRun:
     """Start a fresh daemon with `storage.fsync: <fsync>`, run every scenario against it, stop
     it with SIGTERM and check that every event it acknowledged was archived exactly once."""
-    config, archive = archive_config(workdir, free_port(), fsync)
+    config, archive = archive_config(workdir, free_port(), fsync, evidence=evidence)
     daemon = await spawn_daemon(workdir, config)
     result = DaemonRun(fsync)
     try:
@@ -631,7 +643,22 @@ async def run_daemon(
             f"exit {result.exit_code} after {result.stop_s:.2f}s",
         ),
     ]
+    if evidence:
+        report = await asyncio.to_thread(verify_archive, archive)
+        result.checks.append(
+            Check(
+                "event-router verify: the archive's chain is intact",
+                report.ok and report.events == sent,
+                report.broken or report.summary(),
+            )
+        )
     return result
+
+
+def verify_archive(archive: Path) -> Report:
+    """What `event-router verify` says of the archive and its rotated siblings."""
+    files = [archive, *archive.parent.glob(archive.name + ".*")]
+    return verify_files([path for path in files if path.exists()], Verifier())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -713,7 +740,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             # A fresh daemon and journal per mode, so no run inherits another's file or cache.
             daemon_dir = workdir / f"fsync-{fsync}"
             daemon_dir.mkdir()
-            daemons.append(await run_daemon(fsync, scenarios, load, errors, daemon_dir))
+            daemons.append(
+                await run_daemon(fsync, scenarios, load, errors, daemon_dir, evidence=args.evidence)
+            )
 
     runner, null_url = await start_null_server()
     try:
@@ -748,6 +777,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "fsync": list(args.fsync),
             "event_bytes": round(sum(map(len, scenarios[0].bodies)) / len(scenarios[0].bodies)),
             "target": "file (its own fsync on), default batch (500 events / 1 MiB / 0.2 s)",
+            "evidence": args.evidence,
         },
         "runs": [r.as_dict() for d in daemons for r in d.runs] + [n.as_dict() for n in null_runs],
         "ratio_router_over_null": ratios,
@@ -903,6 +933,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=(DURABLE_MODE, "never"),
         help="storage.fsync modes to run the daemon with, one daemon run each, in this order "
         "(default always,never)",
+    )
+    parser.add_argument(
+        "--evidence",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the archive's hash chain and checkpoints (evidence.enabled; default on): run "
+        "once with and once with --no-evidence to see what the chain costs",
     )
     parser.add_argument("--json", type=Path, help="also write the report as JSON here")
     parser.add_argument("--keep", action="store_true", help="keep the daemons' temp directory")

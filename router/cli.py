@@ -3,9 +3,9 @@ The only place that calls asyncio.run() and sys.exit().
 
 Exit codes, the same for every command (EXIT_CODES, shown in every --help): 0 done, 1 failed
 (nothing could be done: a port in use, a daemon out of reach, a target that fails its test
-write, letters none of which can be redriven), 2 a usage or config error (argparse's own code:
-an unknown option or target, a bad query, time or count, a config that does not load, a
-storage.path another daemon holds).
+write, letters none of which can be redriven, an archive that fails `verify`), 2 a usage or
+config error (argparse's own code: an unknown option or target, a bad query, time or count, a
+config that does not load, a storage.path another daemon holds).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from router import __version__
 from router.completion import SHELLS, script
@@ -29,6 +29,10 @@ from router.errors import ConfigError, StorageLockedError
 from router.observe.logformat import counted, setup_logging
 from router.observe.sdnotify import notify
 from router.resources import default_config_path
+
+if TYPE_CHECKING:
+    from router.probe import ProbeResult
+    from router.targets import Target
 
 log = logging.getLogger("router")
 
@@ -39,7 +43,8 @@ EXIT_CODES = """\
 exit codes (every command):
   0  done (a search or a redrive that matches nothing is done too)
   1  failed: nothing could be done (a port in use, the daemon out of reach, a target that
-     fails its test write, dead letters none of which can be redriven)
+     fails its test write, dead letters none of which can be redriven, an archive that
+     fails verify)
   2  usage or config error: an unknown option or target, a bad query, time or count,
      a config that does not load or does not pass check, a storage.path another daemon holds"""
 
@@ -148,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     _token_option(dlq_redrive)
     _add_query_command(commands)
     _add_tail_command(commands)
+    _add_evidence_commands(commands)
     completion = _command(
         commands,
         "completion",
@@ -188,6 +194,40 @@ def _add_query_command(commands: argparse._SubParsersAction[argparse.ArgumentPar
     )
 
 
+def _add_evidence_commands(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
+    keygen = _command(
+        commands, "keygen", "write an Ed25519 signing key (0600) and KEY.pub for checkpoints"
+    )
+    keygen.add_argument("--out", type=Path, required=True, help="the private key file to create")
+    verify = _command(
+        commands,
+        "verify",
+        "check a file target's hash chain and signed checkpoints; exit 1 at the first break",
+    )
+    verify.add_argument(
+        "paths",
+        metavar="PATH",
+        type=Path,
+        nargs="+",
+        help="the target's archive files (rotated and gzipped too) and its dead-letter file",
+    )
+    verify.add_argument(
+        "--public-key", type=Path, help="KEY.pub: check every checkpoint's signature"
+    )
+    verify.add_argument(
+        "--max-age-s",
+        type=float,
+        help="fail when the last checkpoint is older than this many seconds",
+    )
+    verify.add_argument(
+        "--partial",
+        action="store_true",
+        help="the oldest files are gone (rotated away): start at the first place given",
+    )
+
+
 def _add_tail_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     tail = _command(commands, "tail", "follow the accepted events that match a query")
     tail.add_argument("query", metavar="QUERY", nargs="?", default="", help="default: every event")
@@ -205,6 +245,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     if args.command == "query":
         sys.exit(_query(args))
+    if args.command == "keygen":
+        sys.exit(_keygen(args.out))
+    if args.command == "verify":
+        sys.exit(_verify(args))
     config_path = args.config or default_config_path()
     try:
         config, data = load_config_and_data(config_path)
@@ -264,11 +308,88 @@ async def _validate_target(config: Config, target_id: str) -> int:
         return EXIT_CONFIG
     target = build_target(target_config)
     try:
-        result = await probe(target)
+        if target_config.target_type == "file" and config.evidence.enabled:
+            result = await _open_chained_archive(target)
+        else:
+            result = await probe(target)
     finally:
         await target.close()
     print(f"{'OK' if result.ok else 'FAILED'}: {result.message}")
     return 0 if result.ok else EXIT_RUNTIME
+
+
+def _keygen(out: Path) -> int:
+    from router.evidence.keys import generate
+
+    try:
+        private, public = generate(out)
+    except FileExistsError:
+        print(f"{out} exists; keygen never overwrites a key", file=sys.stderr)
+        return EXIT_CONFIG
+    except OSError as exc:
+        print(f"cannot write {out}: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    print(f"wrote {private} (private, 0600: evidence.signing_key_file) and {public} (for auditors)")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from router.evidence.keys import SigningKeyError, load_public
+    from router.evidence.verify import Verifier, verify_files
+
+    missing = [str(path) for path in args.paths if not path.is_file()]
+    if missing:
+        print(f"no such file: {', '.join(missing)}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        key = load_public(args.public_key) if args.public_key else None
+    except SigningKeyError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_CONFIG
+
+    def progress(lines: int) -> None:
+        print(f"\rverified {lines} lines", end="", file=sys.stderr, flush=True)
+
+    show = sys.stderr.isatty()
+    verifier = Verifier(
+        public_key=key,
+        partial=args.partial,
+        max_age_s=args.max_age_s,
+        progress=progress if show else None,
+    )
+    try:
+        report = verify_files(args.paths, verifier)
+    except OSError as exc:
+        print(f"cannot read: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    if show:
+        print("\r\033[K", end="", file=sys.stderr)
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if report.broken is not None:
+        print(f"BROKEN: {report.broken}")
+        print(f"before the break: {report.summary()}")
+        return EXIT_RUNTIME
+    print(f"OK: {report.summary()}")
+    return 0
+
+
+async def _open_chained_archive(target: Target) -> ProbeResult:
+    """A file target whose archive is an evidence chain gets no test line from here: only the
+    daemon, which holds the chain's head, may take a place in it (its start-up validation and
+    the API's validate do write one). Opening the file for appending is the test."""
+    from router.probe import ProbeResult
+
+    try:
+        await target.start()
+    except OSError as exc:
+        return ProbeResult(target.id, False, f"target {target.id}: {exc}")
+    return ProbeResult(
+        target.id,
+        True,
+        f"target {target.id} can be written (no test event: its archive is an evidence chain, "
+        "written by the daemon only)",
+    )
 
 
 def _dlq(args: argparse.Namespace, config: Config) -> int:

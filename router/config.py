@@ -151,6 +151,19 @@ class ShutdownConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class EvidenceConfig:
+    """Hash-chained archives and signed checkpoints (router/evidence). Without a signing key
+    the chain and its checkpoints are written unsigned; `verify` says so."""
+
+    enabled: bool = True
+    signing_key_file: str | None = None
+    checkpoint_every_events: int = 10_000
+    checkpoint_every_s: float = 60.0
+    # A MAC'd receipt per accepted event in the ingest answer (router/evidence/receipt.py).
+    receipts: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class BatchConfig:
     """A batch goes out when full (max_events or max_bytes) or max_wait_s after its first event."""
 
@@ -297,6 +310,7 @@ class Config:
     reload: ReloadConfig = field(default_factory=ReloadConfig)
     auth: AuthConfig | None = None
     redaction: RedactionConfig = field(default_factory=RedactionConfig)
+    evidence: EvidenceConfig = field(default_factory=EvidenceConfig)
 
     def target(self, target_id: str) -> TargetConfig:
         """The target with this id (the config's cross-checks guarantee it exists)."""
@@ -705,6 +719,7 @@ def _build(data: Mapping[str, Any], problems: list[str]) -> Config:
         reload=_section(ReloadConfig, data.get("reload")),
         auth=_auth(data["auth"], problems) if "auth" in data else None,
         redaction=_redaction(data.get("redaction") or {}, problems),
+        evidence=_section(EvidenceConfig, data.get("evidence")),
     )
 
 

@@ -30,6 +30,8 @@ from router.config import (
 from router.deadletter import DeadLetters, Failure
 from router.delivery import DeliveryWorker
 from router.errors import ConfigError, RouterError
+from router.evidence.receipt import Receipts
+from router.evidence.registry import Evidence
 from router.intake.accept import Acceptor
 from router.intake.http import Ingest
 from router.intake.redaction import Redactor
@@ -37,7 +39,7 @@ from router.intake.validation import EventValidator
 from router.journal import Entry
 from router.journal.sqlite import SqliteJournal
 from router.observe.logformat import counted
-from router.observe.metrics import IngestStats, TargetStats
+from router.observe.metrics import IngestStats, TargetStats, utc_iso
 from router.observe.prometheus import DaemonMetrics
 from router.probe import ProbeResult, probe
 from router.reload import ReloadPlan, config_digest, plan_reload
@@ -47,11 +49,13 @@ from router.selfevent import instance_crn, router_event
 from router.server.api import ConfigSource, ManagementApi
 from router.server.auth import Guard
 from router.server.listener import ClientFaultLog, DeadlineSite
+from router.server.receipts import ReceiptEndpoint
 from router.server.redrive import Redrive
 from router.server.servertls import server_context
 from router.server.status import StatusEndpoints
 from router.server.tail import TailHub
 from router.targets import Target, build_target
+from router.targets.file import FileEndpointConfig, FileTarget
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +76,8 @@ class Daemon:
         target_ids = [target.id for target in config.targets]
         self.journal = SqliteJournal(config.storage, target_ids)
         self.dead_letters = DeadLetters(config.storage.dead_letter_dir())
+        self.evidence = Evidence(config.evidence, self.journal, config.storage.dead_letter_dir())
+        self.dead_letters.chain_for = self.evidence.letters_chain
         self.ingest_stats = IngestStats()
         self.target_stats = {target_id: TargetStats() for target_id in target_ids}
         self.targets: dict[str, Target] = {t.id: build_target(t) for t in config.targets}
@@ -132,6 +138,9 @@ class Daemon:
         )
         app.router.add_post("/v1/deadletters/{target}/redrive", redrive.handle)
         StatusEndpoints(self, self.metrics.render).routes(app)
+        ReceiptEndpoint(
+            self.journal.pending_for, self._file_archives, self.config.storage.dead_letter_dir()
+        ).routes(app)
         ManagementApi(self).routes(app)
         return app
 
@@ -149,6 +158,11 @@ class Daemon:
 
     async def _start(self) -> None:
         await self.journal.open()
+        await self.evidence.open()
+        if self.config.evidence.enabled and self.config.evidence.receipts:
+            self.acceptor.receipts = Receipts.load_or_create(Path(self.config.storage.path))
+        for target in self.targets.values():
+            self._chain(target)
         for target_id in sorted(self.journal.orphans):
             await self._retire(target_id)
         self._orphan_watch = asyncio.create_task(self._retire_orphans(), name="retire-orphans")
@@ -220,6 +234,7 @@ class Daemon:
         while not self.journal.orphaned.empty():  # found after the watch's last turn
             self._retire_soon(self.journal.orphaned.get_nowait())
         await asyncio.gather(*self._retiring, return_exceptions=True)
+        await self.evidence.close()  # the final checkpoints, before the archives close
         for target in self.targets.values():
             await target.close()
         self.dead_letters.close()
@@ -265,6 +280,8 @@ class Daemon:
         for pending in late:
             pending.cancel()
         await asyncio.gather(task, return_exceptions=True)
+        await self.evidence.checkpoint(target_id)
+        self.evidence.detach(target_id)
         await self.targets.pop(target_id).close()
 
     async def reload_from(
@@ -367,6 +384,7 @@ class Daemon:
             self.target_stats.pop(target_id, None)
             del self._leaving[target_id]
         for target_id, target in built.items():
+            self._chain(target)
             self.targets[target_id] = target
             try:
                 await target.start()
@@ -424,6 +442,11 @@ class Daemon:
             },
         )
         await self.record_own(body)
+
+    def _chain(self, target: Target) -> None:
+        """A file target writes its archive as a chain (router/evidence), when evidence is on."""
+        if isinstance(target, FileTarget):
+            target.chain = self.evidence.attach(target.id, target.write_line)
 
     async def record_own(self, body: dict[str, Any]) -> None:
         """Journal an event of the router itself; a failure is logged, never raised into the
@@ -494,6 +517,14 @@ class Daemon:
                 "worker_failing": target_id in failing,
                 "write_status": stats.write_status.as_dict(),
             }
+            chain = self.evidence.chains.get(target_id)
+            if chain is not None:
+                at = chain.checkpointed_at
+                targets[target_id]["evidence"] = {
+                    "chain_seq": chain.seq,
+                    "checkpoint_seq": chain.checkpointed_seq,
+                    "last_checkpoint_at": utc_iso(at) if at is not None else None,
+                }
         ingest = self.ingest_stats
         return {
             "version": __version__,
@@ -523,6 +554,14 @@ class Daemon:
     @property
     def journal_healthy(self) -> bool:
         return self.journal.healthy
+
+    def _file_archives(self) -> dict[str, Path]:
+        """The running config's file targets and their live archives (receipt lookups)."""
+        return {
+            t.id: Path(t.endpoint.path)
+            for t in self.config.targets
+            if isinstance(t.endpoint, FileEndpointConfig)
+        }
 
     def failing_workers(self) -> list[str]:
         """Targets whose delivery worker keeps failing while events wait for it (not a target

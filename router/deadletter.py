@@ -5,6 +5,10 @@ prove what happened to every accepted event that never reached a target, and red
 `take` removes the matching letters from the file, but only after the caller has put their
 events back on the journal; a crash in between leaves them in both places (sent again, never
 lost).
+
+With evidence on, each letter takes its place in the target's chain (router/evidence): the line
+carries a `_chain` link, so the archive and this file together account for every event the
+target was given.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 import orjson
 
 from router.appendfile import AppendOnlyFile, replace_atomically
+from router.evidence.chain import Chain
 from router.journal import Entry
 from router.observe.metrics import utc_iso
 
@@ -117,6 +122,8 @@ class DeadLetters:
         self._locks: dict[str, asyncio.Lock] = {}
         # Letters this process wrote, by (target id, reason): /metrics reads it.
         self.written: dict[tuple[str, str], int] = {}
+        # Set by the daemon when evidence is on: the target's chain, or None.
+        self.chain_for: Callable[[str], Chain | None] = lambda _: None
 
     def path(self, target_id: str) -> Path:
         return self.directory / f"{target_id}.ndjson"
@@ -125,7 +132,7 @@ class DeadLetters:
         return self._locks.setdefault(target_id, asyncio.Lock())
 
     async def write(self, target_id: str, entries: Sequence[Entry], failure: Failure) -> None:
-        lines = b"".join(
+        letters = [
             orjson.dumps(
                 {
                     "event": entry.event.body,
@@ -141,16 +148,32 @@ class DeadLetters:
                     "received_at": utc_iso(entry.event.received_at),
                 }
             )
-            + b"\n"
             for entry in entries
-        )
+        ]
+        chain = self.chain_for(target_id)
+        if chain is None:
+            await self._append(target_id, b"".join(letter + b"\n" for letter in letters))
+        else:
+            # Shielded as a file target's chained write is: a cancelled caller leaves the
+            # append, the head and the lock to end together.
+            await asyncio.shield(
+                asyncio.ensure_future(self._append_chained(target_id, chain, letters))
+            )
+        key = (target_id, failure.reason)
+        self.written[key] = self.written.get(key, 0) + len(entries)
+
+    async def _append_chained(self, target_id: str, chain: Chain, letters: list[bytes]) -> None:
+        async with chain.lock:
+            lines, head = chain.link(letters)
+            await self._append(target_id, b"".join(line + b"\n" for line in lines))
+            chain.advance(head)
+
+    async def _append(self, target_id: str, lines: bytes) -> None:
         async with self._lock(target_id):
             file = self._files.get(target_id)
             if file is None:
                 file = self._files[target_id] = AppendOnlyFile(self.path(target_id))
             await asyncio.to_thread(file.append, lines)
-        key = (target_id, failure.reason)
-        self.written[key] = self.written.get(key, 0) + len(entries)
 
     @asynccontextmanager
     async def take(

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from router.config import Config
 
-RESTART_ONLY = ("server", "storage", "shutdown", "auth", "reload")
+RESTART_ONLY = ("server", "storage", "shutdown", "auth", "reload", "evidence")
 
 
 @dataclass(frozen=True, slots=True)

@@ -180,9 +180,14 @@ async def wait_for(
 
 
 def read_ndjson(path: Any) -> list[dict[str, Any]]:
-    """Every JSON line of a file (an empty list when it does not exist)."""
+    """Every JSON line of a file (an empty list when it does not exist), but the checkpoint
+    lines of an evidence chain: they are not events (tests/integration/test_evidence.py)."""
     try:
         with open(path, "rb") as f:
-            return [orjson.loads(line) for line in f if line.strip()]
+            return [
+                orjson.loads(line)
+                for line in f
+                if line.strip() and not line.startswith(b'{"_checkpoint":')
+            ]
     except FileNotFoundError:
         return []

@@ -28,6 +28,7 @@ import orjson
 from router.deadletter import parse_since
 from router.errors import QueryError
 from router.events import crn_location
+from router.evidence.checkpoint import is_checkpoint
 from router.observe.logformat import counted
 from router.query import Query
 
@@ -186,7 +187,8 @@ def search(
             break
         stats.files += 1
         for number, line in enumerate(_lines(path, bar, base), start=1):
-            if not line.strip():
+            # An evidence checkpoint (router/evidence) is no event: no query may match it.
+            if not line.strip() or is_checkpoint(line):
                 continue
             stats.lines += 1
             try:

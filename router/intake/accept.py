@@ -28,6 +28,7 @@ from router.config import ServerConfig, StorageConfig
 from router.deadletter import DeadLetters, Failure
 from router.errors import RouterError
 from router.events import Event
+from router.evidence.receipt import Receipts
 from router.intake.limits import shape_problems
 from router.intake.redaction import Redactor
 from router.intake.validation import EventValidator, Problem
@@ -112,6 +113,7 @@ class Acceptor:
     tail: TailHub | None = None
     refusals: Refusals | None = None
     redactor: Redactor | None = None
+    receipts: Receipts | None = None  # evidence.receipts: one per accepted event in the answer
     _routing: int = field(init=False, default=0)  # offers between routing and the journal
     _open: asyncio.Event = field(init=False, default_factory=asyncio.Event)
     _idle: asyncio.Event = field(init=False, default_factory=asyncio.Event)
@@ -183,6 +185,8 @@ class Acceptor:
                 decision = self.routes.match(event)
                 routed.append((event, decision.targets))
                 results.append({"index": index, "id": event.id, "status": "accepted"})
+                if self.receipts is not None:
+                    results[-1]["receipt"] = self.receipts.issue(event)
             try:
                 await self._append(routed)
             except JournalFullError as exc:

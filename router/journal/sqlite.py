@@ -13,6 +13,8 @@ discarded by SQLite itself) with our own CRC32 per record on top, checked on eve
     events(seq, event_id, received_at, body, crc)      one row per accepted, routed event
     deliveries(target, seq, route)                     one row per event still owed to a target
     books(target, received, delivered, dead_lettered, lost)  moved in the same transactions
+    chains(target, seq, hash, checkpoint, checkpoint_at)     router/evidence: each target's
+                                                       chain head at its last checkpoint
 
 Concurrent `append` calls share one transaction and one fsync (group commit). All SQLite work
 runs on one dedicated thread so the event loop never blocks on disk. A record whose CRC does
@@ -65,6 +67,9 @@ CREATE TABLE IF NOT EXISTS books (
     target TEXT PRIMARY KEY, received INTEGER NOT NULL DEFAULT 0,
     delivered INTEGER NOT NULL DEFAULT 0, dead_lettered INTEGER NOT NULL DEFAULT 0,
     lost INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS chains (
+    target TEXT PRIMARY KEY, seq INTEGER NOT NULL, hash BLOB NOT NULL,
+    checkpoint BLOB, checkpoint_at REAL);
 """
 # A journal made before books had its `lost` column gets it on open.
 ADD_LOST = "ALTER TABLE books ADD COLUMN lost INTEGER NOT NULL DEFAULT 0"
@@ -740,6 +745,50 @@ class SqliteJournal:
 
     def books(self, target_id: str) -> Books:
         return self._targets[target_id].books
+
+    # -- evidence (router/evidence): chain heads and their last checkpoints ------------------
+
+    async def chain_heads(self) -> dict[str, tuple[int, bytes, bytes | None, float | None]]:
+        """Per target: the chain head at its last checkpoint, that checkpoint, and when."""
+
+        def read() -> dict[str, tuple[int, bytes, bytes | None, float | None]]:
+            assert self._db is not None
+            rows = self._db.execute(
+                "SELECT target, seq, hash, checkpoint, checkpoint_at FROM chains"
+            ).fetchall()
+            return {target: (seq, bytes(h), cp, at) for target, seq, h, cp, at in rows}
+
+        return await self._run(read)
+
+    async def pending_for(self, event_id: str) -> list[str]:
+        """The targets an event (by id) is still owed to: what a receipt's lookup shows as
+        pending. A scan of the events table: for an admin's question, not the hot path."""
+
+        def read() -> list[str]:
+            assert self._db is not None
+            rows = self._db.execute(
+                "SELECT DISTINCT d.target FROM events e JOIN deliveries d ON d.seq = e.seq "
+                "WHERE e.event_id = ? ORDER BY d.target",
+                (event_id,),
+            ).fetchall()
+            return [target for (target,) in rows]
+
+        return await self._run(read)
+
+    async def save_chain(
+        self, target_id: str, seq: int, head_hash: bytes, checkpoint: bytes, at: float
+    ) -> None:
+        """Keep a target's chain head and the checkpoint just written for it."""
+
+        def write() -> None:
+            assert self._db is not None
+            with _transaction(self._db) as db:
+                db.execute(
+                    "INSERT OR REPLACE INTO chains VALUES (?, ?, ?, ?, ?)",
+                    (target_id, seq, head_hash, checkpoint, at),
+                )
+
+        await self._run(write)
 
 
 @contextmanager

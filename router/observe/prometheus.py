@@ -67,6 +67,7 @@ class DaemonCollector(Collector):
         yield from self._targets()
         yield from self._journal()
         yield from self._auth()
+        yield from self._evidence()
 
     def _process(self) -> Iterable[Metric]:
         info = GaugeMetricFamily(
@@ -241,6 +242,36 @@ class DaemonCollector(Collector):
             "event_router_journal_checkpoint_errors",
             "fsync: interval checkpoints that failed (each is tried again the next interval).",
             value=journal.checkpoint_errors,
+        )
+
+    def _evidence(self) -> Iterable[Metric]:
+        evidence = self.daemon.evidence
+        head = GaugeMetricFamily(
+            "event_router_chain_head_seq",
+            "The last place taken in the target's hash chain (archive lines and dead letters).",
+            labels=["target"],
+        )
+        checkpointed = GaugeMetricFamily(
+            "event_router_chain_checkpoint_seq",
+            "The chain place the target's last checkpoint covers.",
+            labels=["target"],
+        )
+        checkpoint_time = GaugeMetricFamily(
+            "event_router_chain_last_checkpoint_timestamp_seconds",
+            "When the target's last checkpoint was written (Unix time); 0 before the first.",
+            labels=["target"],
+        )
+        for target_id, chain in sorted(evidence.chains.items()):
+            head.add_metric([target_id], chain.seq)
+            checkpointed.add_metric([target_id], chain.checkpointed_seq)
+            checkpoint_time.add_metric([target_id], chain.checkpointed_at or 0.0)
+        yield head
+        yield checkpointed
+        yield checkpoint_time
+        yield CounterMetricFamily(
+            "event_router_chain_checkpoint_errors",
+            "Checkpoints that could not be written (each is tried again at the next write).",
+            value=evidence.checkpoint_errors,
         )
 
     def _auth(self) -> Iterable[Metric]:

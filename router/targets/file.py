@@ -3,6 +3,11 @@
 `path` is the live file; when the next batch would take it past `max_bytes` it is renamed to
 `path.1` (older ones shift to `.2` ... up to `max_files`, the oldest is removed). A batch is
 never split across two files, so each file holds whole lines only.
+
+With evidence on (router/evidence), `chain` is set before `start`: every line then carries its
+`_chain` link, computed here, in the write, under the chain's lock, and the chain's head moves
+only once the write succeeded. At the first start a torn last line (kill -9 mid-write) is cut,
+and the chain goes on from the last whole line.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Any, Final
 from router.appendfile import AppendOnlyFile
 from router.errors import RetryableDeliveryError
 from router.events import Event
+from router.evidence.chain import Chain, cut_torn_tail, last_link
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -52,9 +58,20 @@ class FileTarget:
         self.max_bytes = endpoint.max_bytes
         self.max_files = endpoint.max_files
         self._file = AppendOnlyFile(self.path, fsync=endpoint.fsync)
+        self.chain: Chain | None = None
+        self._recovered = False
 
     async def start(self) -> None:
+        if self.chain is not None and not self._recovered:
+            async with self.chain.lock:  # no chained write runs while the tail is repaired
+                await asyncio.to_thread(self._recover, self.chain)
+            self._recovered = True
         await asyncio.to_thread(self._file.open)
+
+    def _recover(self, chain: Chain) -> None:
+        cut_torn_tail(self.path)
+        rotated = self.path.with_name(f"{self.path.name}.1")
+        chain.observe(last_link(self.path) or last_link(rotated))
 
     def unsendable(self, event: Event) -> str | None:
         return None
@@ -63,7 +80,27 @@ class FileTarget:
         yield batch  # one request (one write) takes the whole batch
 
     async def send(self, batch: Sequence[Event]) -> None:
-        data = b"".join(event.encoded() + b"\n" for event in batch)
+        chain = self.chain
+        if chain is None:
+            await self._send(b"".join(event.encoded() + b"\n" for event in batch))
+            return
+        # A worker cancelled at the drain timeout must not let go of the chain while its
+        # write still runs in a thread: the write, the head and the lock end together.
+        await asyncio.shield(asyncio.ensure_future(self._send_chained(chain, batch)))
+
+    async def _send_chained(self, chain: Chain, batch: Sequence[Event]) -> None:
+        async with chain.lock:
+            lines, head = chain.link([event.encoded() for event in batch])
+            await self._send(b"".join(line + b"\n" for line in lines))
+            chain.advance(head)
+            if chain.after_write is not None:
+                await chain.after_write(chain)
+
+    async def write_line(self, line: bytes) -> None:
+        """Append one line that is not an event (a checkpoint); the caller holds the chain lock."""
+        await asyncio.to_thread(self._write, line + b"\n")
+
+    async def _send(self, data: bytes) -> None:
         try:
             await asyncio.to_thread(self._write, data)
         except OSError as exc:

@@ -157,10 +157,12 @@ class KafkaBroker(ServerProcess):
             keystore.write_text(self.tls.key_file.read_text() + self.tls.cert_file.read_text())
         (self.workdir / "log4j2.properties").write_text(LOG4J2)
         (self.workdir / "server.properties").write_text(self.properties())
+        # --cluster-id=ID in one word: a base64 id may start with "-", which the tool's
+        # argument parser would take for an option (1 start in 64 failed that way).
         formatted = subprocess.run(
             [
                 java(), *JVM_OPTIONS, "-cp", self._classpath, "kafka.tools.StorageTool",
-                "format", "--ignore-formatted", "--cluster-id", self.cluster_id,
+                "format", "--ignore-formatted", f"--cluster-id={self.cluster_id}",
                 "--config", str(self.workdir / "server.properties"),
             ],
             capture_output=True, text=True, check=False, cwd=self.workdir,

@@ -6,7 +6,6 @@ import copy
 import json
 import os
 import re
-import time
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -731,10 +730,11 @@ def test_check_refuses_yaml_that_would_hang_or_crash_the_loader_at_once(
     # ended in a RecursionError traceback.
     path = tmp_path / "bomb.yaml"
     path.write_text(text, encoding="utf-8")
-    started = time.monotonic()
+    # No stopwatch (a shared machine makes one flaky): the message below proves the bounded
+    # loader refused the file before expanding it, and the suite's per-test timeout catches
+    # a loader that would hang again.
     with pytest.raises(SystemExit) as info:
         main(["check", "--config", str(path)])
-    assert time.monotonic() - started < 1.0  # the bound; the refusal takes microseconds
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert f"{path}: 1 problem\n" in err

@@ -1,0 +1,83 @@
+"""The bytes a chain hashes, defined once, so a verifier in any language can recompute them.
+
+A chained line is its canonical bytes C with one member added before the closing brace:
+
+    line = C[:-1] + b',"_chain":{"seq":<n>,"prev":"<64 hex>","hash":"<64 hex>"}}'
+
+C is the JSON object exactly as the router wrote it without that member: for an archive line,
+the event's compact JSON as the journal stored it; for a dead-letter line, the dead letter's
+compact JSON. To get C back from a line, cut at the LAST occurrence of `,"_chain":` and put the
+closing `}` back; the `_chain` value contains no such text, so the cut is unambiguous. Then
+
+    hash = SHA-256(prev as 32 raw bytes || C)       prev of seq 1 is 32 zero bytes
+
+A line is accepted only if rebuilding it from C and its link gives the very same bytes, so no
+byte of a line (in C or in its link) can change unnoticed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import orjson
+
+CHAIN_MEMBER = b',"_chain":'
+GENESIS = bytes(32)
+
+
+class CanonicalError(ValueError):
+    """A line is not a chained line in the canonical form."""
+
+
+@dataclass(frozen=True, slots=True)
+class Link:
+    """One place in a target's chain."""
+
+    seq: int
+    prev: bytes  # 32 bytes
+    hash: bytes  # 32 bytes
+
+
+def link_hash(prev: bytes, canonical: bytes) -> bytes:
+    """SHA-256(prev || canonical bytes)."""
+    return hashlib.sha256(prev + canonical).digest()
+
+
+def next_link(head: Link | None, canonical: bytes) -> Link:
+    """The link that follows `head` (None: the chain's first) for these canonical bytes."""
+    seq, prev = (head.seq, head.hash) if head is not None else (0, GENESIS)
+    return Link(seq + 1, prev, link_hash(prev, canonical))
+
+
+def chained_line(canonical: bytes, link: Link) -> bytes:
+    """The line written for canonical bytes C at `link` (no trailing newline)."""
+    if not canonical.startswith(b"{") or not canonical.endswith(b"}") or canonical == b"{}":
+        raise CanonicalError("canonical bytes must be a JSON object with at least one member")
+    return b'%s,"_chain":{"seq":%d,"prev":"%s","hash":"%s"}}' % (
+        canonical[:-1],
+        link.seq,
+        link.prev.hex().encode(),
+        link.hash.hex().encode(),
+    )
+
+
+def split_line(line: bytes) -> tuple[bytes, Link] | None:
+    """(canonical bytes, link) of a chained line; None for a line without a `_chain` member.
+    Raises CanonicalError when the line has one but is not in the canonical form."""
+    cut = line.rfind(CHAIN_MEMBER)
+    if cut < 0:
+        return None
+    canonical = line[:cut] + b"}"
+    try:
+        chain = orjson.loads(line[cut + len(CHAIN_MEMBER) : -1])
+        link = Link(int(chain["seq"]), bytes.fromhex(chain["prev"]), bytes.fromhex(chain["hash"]))
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise CanonicalError("its _chain member cannot be read") from exc
+    try:
+        rebuilt = chained_line(canonical, link)
+    except CanonicalError:
+        rebuilt = b""
+    if rebuilt != line:
+        raise CanonicalError("it is not in the canonical form (bytes changed around _chain)")
+    return canonical, link

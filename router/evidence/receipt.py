@@ -1,0 +1,150 @@
+"""Receipts: what a producer keeps for each accepted event, and where that event is now.
+
+With `evidence.receipts` on, every accepted event's result in the ingest answer carries
+
+    {"id": ..., "digest": "sha256:<hex>", "received_at": "<ISO 8601>", "mac": "<hex>"}
+
+`digest` is SHA-256 of the event's canonical bytes (canonical.py: the bytes a file target's
+line holds before its `_chain` member), so the receipt names one archive line exactly; `mac`
+is HMAC-SHA256 over `id \\n digest \\n received_at` with the daemon's receipt key
+(`<storage.path>/receipts.key`, 32 random bytes, 0600, made at the first start), so the router
+can tell its own receipts from forged ones. `GET /v1/receipts/{id}` (admin) answers where the
+event is, per target: pending in the journal, delivered (for a file target: at which chain
+place, file and line), or dead-lettered with the reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import os
+import secrets
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from router.deadletter import read_letters
+from router.events import Event
+from router.evidence.canonical import CanonicalError, split_line
+from router.evidence.verify import archive_order, open_lines
+from router.observe.metrics import utc_iso
+
+KEY_FILE = "receipts.key"
+KEY_BYTES = 32
+
+
+def digest(canonical: bytes) -> str:
+    return "sha256:" + hashlib.sha256(canonical).hexdigest()
+
+
+class Receipts:
+    """Issues and checks receipts with one key."""
+
+    def __init__(self, key: bytes) -> None:
+        self._key = key
+
+    @classmethod
+    def load_or_create(cls, directory: Path) -> Receipts:
+        """The key in `directory`, made (0600, never overwritten) when there is none."""
+        path = directory / KEY_FILE
+        with contextlib.suppress(FileExistsError):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_bytes(KEY_BYTES))
+                f.flush()
+                os.fsync(f.fileno())
+        return cls(path.read_bytes())
+
+    def _mac(self, event_id: str, event_digest: str, received_at: str) -> str:
+        message = f"{event_id}\n{event_digest}\n{received_at}".encode()
+        return hmac.new(self._key, message, hashlib.sha256).hexdigest()
+
+    def issue(self, event: Event) -> dict[str, str]:
+        event_digest = digest(event.encoded())
+        received_at = utc_iso(event.received_at)
+        return {
+            "id": event.id,
+            "digest": event_digest,
+            "received_at": received_at,
+            "mac": self._mac(event.id, event_digest, received_at),
+        }
+
+    def genuine(self, receipt: Mapping[str, Any]) -> bool:
+        try:
+            expected = self._mac(receipt["id"], receipt["digest"], receipt["received_at"])
+            return hmac.compare_digest(expected, str(receipt["mac"]))
+        except (KeyError, TypeError):
+            return False
+
+
+def find_in_archive(paths: Iterable[Path], event_id: str) -> dict[str, Any] | None:
+    """Where a chained archive (live file and rotations) holds the event: place, file, line."""
+    needle = b'"id":' + orjson.dumps(event_id)
+    for path in archive_order(p for p in paths if p.exists()):
+        for number, line in enumerate(open_lines(path), start=1):
+            if needle not in line:
+                continue
+            try:
+                found = split_line(line.rstrip(b"\n"))
+            except CanonicalError:
+                continue
+            if found is None:
+                continue
+            canonical, link = found
+            if orjson.loads(canonical).get("id") == event_id:
+                return {
+                    "state": "delivered",
+                    "seq": link.seq,
+                    "file": str(path),
+                    "line": number,
+                    "digest": digest(canonical),
+                }
+    return None
+
+
+def find_in_letters(path: Path, event_id: str) -> dict[str, Any] | None:
+    """The event's dead letter in a target's dead-letter file, with its reason and place."""
+    for letter in read_letters(path):
+        event = letter.get("event")
+        if isinstance(event, dict) and event.get("id") == event_id:
+            chain = letter.get("_chain")
+            return {
+                "state": "dead_lettered",
+                "reason": letter.get("reason"),
+                "message": letter.get("message"),
+                "seq": chain.get("seq") if isinstance(chain, dict) else None,
+            }
+    return None
+
+
+def archive_files(live: Path) -> list[Path]:
+    """A file target's live archive and its rotations (gzipped ones too)."""
+    return [live, *live.parent.glob(live.name + ".*")]
+
+
+def locate(
+    event_id: str,
+    archives: Mapping[str, Path],
+    letters_dir: Path,
+    *,
+    skip: Iterable[str] = (),
+) -> dict[str, Any]:
+    """Per target (but those in `skip`, already known as pending): the event's archive line
+    (file targets, by their live path) or its dead letter. Blocking: run it in a thread."""
+    known = set(skip)
+    found: dict[str, Any] = {}
+    for target_id, live in archives.items():
+        if target_id in known:
+            continue
+        if (hit := find_in_archive(archive_files(live), event_id)) is not None:
+            found[target_id] = hit
+    for path in sorted(letters_dir.glob("*.ndjson")):
+        target_id = path.name.removesuffix(".ndjson")
+        if target_id in known or target_id in found:
+            continue
+        if (hit := find_in_letters(path, event_id)) is not None:
+            found[target_id] = hit
+    return found

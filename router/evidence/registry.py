@@ -1,0 +1,160 @@
+"""The evidence of all targets in one place: their chains, checkpoints and the signing key.
+
+The daemon builds one Evidence; a file target attaches to it (its chain, and how a checkpoint
+line is appended to its archive); dead letters ask it for the chain a letter takes a place in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Protocol
+
+from router.config import EvidenceConfig
+from router.errors import ConfigError
+from router.evidence.canonical import Link
+from router.evidence.chain import Chain, cut_torn_tail, last_link
+from router.evidence.checkpoint import checkpoint_line
+from router.evidence.keys import SigningKeyError, load_private
+from router.observe.metrics import utc_iso
+
+log = logging.getLogger(__name__)
+
+# A stored row: seq, head hash, the last checkpoint line, when it was written.
+StoredChain = tuple[int, bytes, bytes | None, float | None]
+
+
+class ChainStore(Protocol):
+    """Where chain heads and checkpoints are kept across restarts (the journal)."""
+
+    async def chain_heads(self) -> dict[str, StoredChain]: ...
+
+    async def save_chain(
+        self, target_id: str, seq: int, head_hash: bytes, checkpoint: bytes, at: float
+    ) -> None: ...
+
+
+class Evidence:
+    """The chains of all targets, their checkpoints, and the signing key."""
+
+    def __init__(self, config: EvidenceConfig, store: ChainStore, dead_letter_dir: Path) -> None:
+        self.config = config
+        self.store = store
+        self.dead_letter_dir = dead_letter_dir
+        try:
+            key_file = config.signing_key_file
+            self.key = load_private(Path(key_file)) if key_file else None
+        except SigningKeyError as exc:
+            raise ConfigError("config", [f"evidence.signing_key_file: {exc}"]) from exc
+        self.chains: dict[str, Chain] = {}
+        self._stored: dict[str, StoredChain] = {}
+        self._writers: dict[str, Callable[[bytes], Awaitable[None]]] = {}
+        self._timer: asyncio.Task[None] | None = None
+        self.checkpoint_errors = 0
+
+    async def open(self) -> None:
+        """Read the stored heads (after the journal opened) and start the checkpoint timer."""
+        if not self.config.enabled:
+            return
+        self._stored = await self.store.chain_heads()
+        self._timer = asyncio.create_task(self._checkpoint_every_interval(), name="checkpoints")
+
+    async def close(self) -> None:
+        """Checkpoint every chain that moved since its last checkpoint, then stop the timer."""
+        if self._timer is not None:
+            self._timer.cancel()
+            await asyncio.gather(self._timer, return_exceptions=True)
+            self._timer = None
+        for target_id in list(self._writers):
+            await self.checkpoint(target_id)
+
+    def chain(self, target_id: str) -> Chain | None:
+        """The target's chain (None when evidence is off), created on first use from the
+        journal's stored head and the tail of the target's dead-letter file."""
+        if not self.config.enabled:
+            return None
+        chain = self.chains.get(target_id)
+        if chain is None:
+            chain = self.chains[target_id] = Chain(target_id)
+            stored = self._stored.get(target_id)
+            if stored is not None:
+                seq, head_hash, _, at = stored
+                chain.observe(Link(seq, b"", head_hash))
+                chain.checkpointed_seq = seq
+                chain.checkpointed_at = at
+            letters = self.dead_letter_dir / f"{target_id}.ndjson"
+            cut_torn_tail(letters)  # before the first letter is appended after it
+            chain.observe(last_link(letters))
+            chain.after_write = self._after_write
+        return chain
+
+    def letters_chain(self, target_id: str) -> Chain | None:
+        """The chain a dead letter for this target takes a place in: a chained (file) target's,
+        also once it left the config (retired); None for other targets, whose deliveries take
+        no places, so their dead letters alone would look like a whole chain."""
+        if target_id in self.chains or target_id in self._stored:
+            return self.chain(target_id)
+        return None
+
+    def attach(
+        self, target_id: str, write_line: Callable[[bytes], Awaitable[None]]
+    ) -> Chain | None:
+        """A chained target registers how a checkpoint line is appended to its archive."""
+        chain = self.chain(target_id)
+        if chain is not None:
+            self._writers[target_id] = write_line
+        return chain
+
+    def detach(self, target_id: str) -> None:
+        self._writers.pop(target_id, None)
+
+    async def checkpoint(self, target_id: str) -> None:
+        """Write a checkpoint now if the chain moved since the last one (a target stopping)."""
+        chain = self.chains.get(target_id)
+        if chain is not None:
+            async with chain.lock:
+                await self._checkpoint_locked(chain)
+
+    def _due(self, chain: Chain) -> bool:
+        moved = chain.seq - chain.checkpointed_seq
+        if moved <= 0:
+            return False
+        if moved >= self.config.checkpoint_every_events:
+            return True
+        last = chain.checkpointed_at or chain.opened_at
+        return time.time() - last >= self.config.checkpoint_every_s
+
+    async def _after_write(self, chain: Chain) -> None:
+        """Called by a chained write, under the chain's lock, once its lines are written."""
+        if self._due(chain):
+            await self._checkpoint_locked(chain)
+
+    async def _checkpoint_locked(self, chain: Chain) -> None:
+        write = self._writers.get(chain.target_id)
+        if write is None or chain.head is None or chain.seq <= chain.checkpointed_seq:
+            return
+        now = time.time()
+        line = checkpoint_line(chain.target_id, chain.seq, chain.head.hash, utc_iso(now), self.key)
+        try:
+            await write(line)
+            await self.store.save_chain(chain.target_id, chain.seq, chain.head.hash, line, now)
+        except Exception:
+            # A task boundary of its own: a checkpoint that cannot be written now is tried at
+            # the next write or tick; the events it would cover are written and chained.
+            self.checkpoint_errors += 1
+            log.exception("target %s: cannot write a checkpoint", chain.target_id)
+            return
+        chain.checkpointed_seq = chain.seq
+        chain.checkpointed_at = now
+
+    async def _checkpoint_every_interval(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.checkpoint_every_s)
+            for target_id in list(self._writers):
+                chain = self.chains.get(target_id)
+                if chain is not None and self._due(chain):
+                    async with chain.lock:
+                        await self._checkpoint_locked(chain)

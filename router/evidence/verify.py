@@ -1,0 +1,379 @@
+"""`event-router verify`: check a target's chain from its files alone, and name the first break.
+
+Pure: it reads lines it is given (archive files in order, and the target's dead-letter files)
+and says where they stop agreeing with the chain. What it checks, for every line:
+
+- it is a chained line in canonical form (canonical.py), or a checkpoint line;
+- its seq is the one after the previous place (dead letters fill their places from the
+  dead-letter file), so a deleted, inserted, swapped or missing (rotated file removed) line
+  shows as a gap or an out-of-order seq;
+- its hash is SHA-256(prev || canonical bytes) and its prev is the previous place's hash;
+- a checkpoint names the chain head at that point (seq and hash) and, given the public key,
+  carries a valid Ed25519 signature over its payload.
+
+Events that appear twice (the at-most-once batch re-sent after kill -9, at new places) are
+counted, not faulted: each of their places is a valid link.
+"""
+
+from __future__ import annotations
+
+import gzip
+import heapq
+import math
+import re
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from router.evidence.canonical import GENESIS, CanonicalError, Link, link_hash, split_line
+from router.evidence.checkpoint import CheckpointError, is_checkpoint, parse_checkpoint
+from router.evidence.keys import key_id
+
+RECENT_IDS = 100_000  # re-sent events are looked for among this many recent places
+PROGRESS_EVERY = 10_000
+EN_DASH = "\u2013"  # seq ranges read "4811 to 4815" with an en dash
+LETTER_KEYS = frozenset({"event", "reason", "target_id"})
+
+
+class Broken(Exception):
+    """The first place where the files disagree with the chain."""
+
+    def __init__(self, place: str, message: str) -> None:
+        self.place = place
+        self.message = message
+        super().__init__(f"{place}: {message}" if place else message)
+
+
+@dataclass(slots=True)
+class Report:
+    """What was verified, and the first break if any."""
+
+    broken: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    events: int = 0
+    dead_letters: int = 0
+    resent: int = 0
+    unchained: int = 0
+    checkpoints: int = 0
+    signed_checkpoints: int = 0
+    head_seq: int = 0
+    target: str | None = None
+    last_checkpoint_seq: int = 0
+    last_checkpoint_time: str | None = None
+    first_time: str | None = None
+    last_time: str | None = None
+    files: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.broken is None
+
+    def summary(self) -> str:
+        times = f", first {self.first_time}, last {self.last_time}" if self.first_time else ""
+        checkpoint = (
+            f"; last checkpoint at seq {self.last_checkpoint_seq} ({self.last_checkpoint_time})"
+            if self.last_checkpoint_time
+            else ""
+        )
+        return (
+            f"{self.events} events and {self.dead_letters} dead letters verified "
+            f"(chain head seq {self.head_seq}, {self.resent} re-sent), "
+            f"{self.checkpoints} checkpoints ({self.signed_checkpoints} signature-checked) "
+            f"in {self.files} files{times}{checkpoint}"
+        )
+
+
+@dataclass(slots=True)
+class _Letter:
+    place: str
+    canonical: bytes
+    link: Link
+
+
+class Verifier:
+    """Feed it the dead-letter files first, then the archive files oldest first; `finish`."""
+
+    def __init__(
+        self,
+        *,
+        public_key: Ed25519PublicKey | None = None,
+        partial: bool = False,
+        max_age_s: float | None = None,
+        now: datetime | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        self.public_key = public_key
+        self.key_id = key_id(public_key) if public_key is not None else None
+        self.partial = partial
+        self.max_age_s = max_age_s
+        self.now = now or datetime.now(UTC)
+        self.progress = progress
+        self.report = Report()
+        self._head: Link | None = None
+        self._head_place = "the start of the chain"
+        self._letters: dict[int, _Letter] = {}
+        self._letter_seqs: list[int] = []  # a heap of the letters' seqs
+        self._letter_files = 0
+        self._recent_ids: deque[str] = deque()
+        self._recent_set: set[str] = set()
+        self._lines = 0
+        self._unsigned = 0
+        self._unchecked = 0
+
+    # -- input -----------------------------------------------------------------------------
+
+    def dead_letters(self, name: str, lines: Iterable[bytes]) -> None:
+        """Every chained letter of a dead-letter file takes its place when the archive reaches
+        it (or at the end)."""
+        self.report.files += 1
+        self._letter_files += 1
+        for number, line in _numbered(name, lines):
+            place = f"{name}:{number}"
+            found = _split(place, line)
+            if found is None:
+                self.report.unchained += 1
+                continue
+            canonical, link = found
+            if link.seq in self._letters:
+                raise Broken(place, f"seq {link.seq} appears twice in the dead letters")
+            self._letters[link.seq] = _Letter(place, canonical, link)
+            heapq.heappush(self._letter_seqs, link.seq)
+
+    def archive(self, name: str, lines: Iterable[bytes]) -> None:
+        self.report.files += 1
+        for number, line in _numbered(name, lines):
+            place = f"{name}:{number}"
+            self._tick()
+            if is_checkpoint(line):
+                self._checkpoint(place, line)
+                continue
+            found = _split(place, line)
+            if found is None:
+                if self._head is not None or (self._letters and min(self._letters) == 1):
+                    raise Broken(place, "a line without a _chain member inside the chain")
+                self.report.unchained += 1  # written before evidence was turned on
+                continue
+            canonical, link = found
+            self._fill_letters(link.seq - 1)
+            if link.seq in self._letters:
+                raise Broken(
+                    place,
+                    f"seq {link.seq} is also in the dead letters ({self._letters[link.seq].place})",
+                )
+            self._take(place, canonical, link, letter=False)
+
+    def finish(self) -> Report:
+        """The report once every file was read (`Broken` raised meanwhile goes in it too)."""
+        self._fill_letters(math.inf)
+        report = self.report
+        report.head_seq = self._head.seq if self._head is not None else 0
+        if report.checkpoints == 0 and report.head_seq:
+            report.warnings.append("no checkpoint: nothing vouches for the chain's head")
+        elif report.head_seq > report.last_checkpoint_seq:
+            report.warnings.append(
+                f"seq {_span(report.last_checkpoint_seq + 1, report.head_seq)} come after the last "
+                "checkpoint (written since, or cut off by a crash); the next checkpoint covers them"
+            )
+        if self._unsigned:
+            report.warnings.append(f"{self._unsigned} checkpoints are unsigned (no signing key)")
+        if self._unchecked:
+            report.warnings.append(
+                f"{self._unchecked} signed checkpoints not checked: give --public-key"
+            )
+        if report.unchained:
+            report.warnings.append(f"{report.unchained} lines before the chain have no _chain")
+        if self.max_age_s is not None and report.last_checkpoint_time is not None:
+            at = datetime.fromisoformat(report.last_checkpoint_time.replace("Z", "+00:00"))
+            age = (self.now - at).total_seconds()
+            if age > self.max_age_s:
+                raise Broken(
+                    "",
+                    f"the last checkpoint ({report.last_checkpoint_time}) is {age:.0f} s old, "
+                    f"more than --max-age-s {self.max_age_s:g}",
+                )
+        return report
+
+    # -- the chain -------------------------------------------------------------------------
+
+    def _tick(self) -> None:
+        self._lines += 1
+        if self.progress is not None and self._lines % PROGRESS_EVERY == 0:
+            self.progress(self._lines)
+
+    def _fill_letters(self, through: float) -> None:
+        """Dead letters take their places up to seq `through`, lowest first (a missing place
+        before one of them is a gap named at that letter)."""
+        while self._letter_seqs and self._letter_seqs[0] <= through:
+            letter = self._letters.pop(heapq.heappop(self._letter_seqs))
+            self._take(letter.place, letter.canonical, letter.link, letter=True)
+
+    def _next_seq(self) -> int:
+        return self._head.seq + 1 if self._head is not None else 1
+
+    def _take(self, place: str, canonical: bytes, link: Link, *, letter: bool) -> None:
+        expected = self._next_seq()
+        if link.seq != expected and not (self._head is None and self.partial):
+            if link.seq > expected:
+                hint = "" if self._letter_files else " (dead letters: give their file too)"
+                raise Broken(
+                    "",
+                    f"gap: seq {_span(expected, link.seq - 1)} missing between "
+                    f"{self._head_place} and {place}{hint}",
+                )
+            raise Broken(
+                place,
+                f"seq {link.seq} out of order: seq {expected} was expected after "
+                f"{self._head_place} (a line inserted, moved or repeated)",
+            )
+        if link_hash(link.prev, canonical) != link.hash:
+            raise Broken(place, "hash does not match the chain (the line was changed)")
+        prev = self._head.hash if self._head is not None else GENESIS
+        if link.prev != prev and not (self._head is None and self.partial):
+            raise Broken(place, f"prev does not match the hash of {self._head_place}")
+        self._head = link
+        self._head_place = place
+        self._note(canonical, letter)
+
+    def _note(self, canonical: bytes, letter: bool) -> None:
+        report = self.report
+        if letter:
+            report.dead_letters += 1
+            return
+        report.events += 1
+        try:
+            body: Any = orjson.loads(canonical)
+        except orjson.JSONDecodeError:
+            return
+        event_time = body.get("eventTime") if isinstance(body, dict) else None
+        if isinstance(event_time, str):
+            if report.first_time is None or event_time < report.first_time:
+                report.first_time = event_time
+            if report.last_time is None or event_time > report.last_time:
+                report.last_time = event_time
+        event_id = body.get("id") if isinstance(body, dict) else None
+        if isinstance(event_id, str):
+            if event_id in self._recent_set:
+                report.resent += 1
+            else:
+                self._recent_set.add(event_id)
+                self._recent_ids.append(event_id)
+                if len(self._recent_ids) > RECENT_IDS:
+                    self._recent_set.discard(self._recent_ids.popleft())
+
+    def _checkpoint(self, place: str, line: bytes) -> None:
+        try:
+            checkpoint = parse_checkpoint(line)
+        except CheckpointError as exc:
+            raise Broken(place, str(exc)) from None
+        report = self.report
+        if report.target is None:
+            report.target = checkpoint.target
+        elif checkpoint.target != report.target:
+            raise Broken(
+                place, f"a checkpoint of target {checkpoint.target!r} in {report.target!r}'s chain"
+            )
+        self._fill_letters(checkpoint.seq)
+        if self._head is None and self.partial:
+            # The places before it are gone (rotated away): the chain goes on from its head.
+            self._head = Link(checkpoint.seq, b"", checkpoint.hash)
+            self._head_place = place
+        head = self._head
+        if head is None or head.seq != checkpoint.seq or head.hash != checkpoint.hash:
+            at = f"seq {head.seq}" if head is not None else "no place yet"
+            raise Broken(
+                place,
+                f"checkpoint (seq {checkpoint.seq}) does not match the chain ({at} at "
+                f"{self._head_place})",
+            )
+        if checkpoint.signature is None:
+            if self.public_key is not None:
+                raise Broken(place, "checkpoint is unsigned, but a public key was given")
+            self._unsigned += 1
+        elif self.public_key is None:
+            self._unchecked += 1
+        else:
+            if checkpoint.key != self.key_id or not checkpoint.signed_by(self.public_key):
+                raise Broken(place, "checkpoint signature does not verify with the public key")
+            report.signed_checkpoints += 1
+        report.checkpoints += 1
+        report.last_checkpoint_seq = checkpoint.seq
+        report.last_checkpoint_time = checkpoint.time
+
+
+def _split(place: str, line: bytes) -> tuple[bytes, Link] | None:
+    try:
+        return split_line(line)
+    except CanonicalError as exc:
+        raise Broken(place, str(exc)) from None
+
+
+def _numbered(name: str, lines: Iterable[bytes]) -> Iterator[tuple[int, bytes]]:
+    """(line number, line without its newline); a last line without one is a torn line."""
+    for number, line in enumerate(lines, start=1):
+        if not line.endswith(b"\n"):
+            raise Broken(f"{name}:{number}", "torn last line (the file was cut)")
+        if line.strip():
+            yield number, line[:-1]
+
+
+def _span(first: int, last: int) -> str:
+    return str(first) if first == last else f"{first}{EN_DASH}{last}"
+
+
+# -- files -------------------------------------------------------------------------------------
+
+ROTATED = re.compile(r"^(?P<base>.*?)(?:\.(?P<n>\d+))?(?:\.gz)?$")
+
+
+def open_lines(path: Path) -> Iterator[bytes]:
+    """A file's lines, gunzipped when its name ends in .gz."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        yield from f
+
+
+def is_dead_letter_file(path: Path) -> bool:
+    """A dead-letter file's lines are letters: objects with event, reason and target_id."""
+    for line in open_lines(path):
+        if line.strip():
+            try:
+                first = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                return False
+            return isinstance(first, dict) and first.keys() >= LETTER_KEYS
+    return False
+
+
+def archive_order(paths: Iterable[Path]) -> list[Path]:
+    """Rotated archives oldest first: `x.ndjson.3(.gz)`, `.2`, `.1`, then `x.ndjson`."""
+
+    def key(path: Path) -> tuple[str, int]:
+        match = ROTATED.match(path.name)
+        assert match is not None
+        return (str(path.parent / match["base"]), -int(match["n"] or 0))
+
+    return sorted(paths, key=key)
+
+
+def verify_files(paths: Iterable[Path], verifier: Verifier) -> Report:
+    """Verify archive files and dead-letter files of one target's chain."""
+    letters: list[Path] = []
+    archives: list[Path] = []
+    for path in paths:
+        (letters if is_dead_letter_file(path) else archives).append(path)
+    try:
+        for path in letters:
+            verifier.dead_letters(str(path), open_lines(path))
+        for path in archive_order(archives):
+            verifier.archive(str(path), open_lines(path))
+        return verifier.finish()
+    except Broken as exc:
+        verifier.report.broken = str(exc)
+        verifier.report.head_seq = verifier._head.seq if verifier._head is not None else 0
+        return verifier.report

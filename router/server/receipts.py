@@ -1,0 +1,53 @@
+"""GET /v1/receipts/{id} (admin): where an accepted event is, per target.
+
+Pending comes from the journal; delivered from the file targets' archives (with the chain
+place, file and line); dead-lettered from the dead-letter files, with the reason. A target of
+another type that took the event keeps no record here, so it is not listed; an event found
+nowhere is 404 not_found. The lookup reads archives in a thread: an auditor's question, not
+the hot path (router/evidence/receipt.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from router.errors import RequestError
+from router.evidence.receipt import locate
+from router.intake.http import error_response, json_response
+
+
+@dataclass(slots=True)
+class ReceiptEndpoint:
+    """The handler, over the journal's pending lookup and the running config's files."""
+
+    pending_for: Callable[[str], Awaitable[list[str]]]
+    archives: Callable[[], Mapping[str, Path]]  # file target id -> its live archive
+    letters_dir: Path
+
+    def routes(self, app: web.Application) -> None:
+        app.router.add_get("/v1/receipts/{id}", self.handle)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        event_id = request.match_info["id"]
+        where: dict[str, Any] = {
+            target_id: {"state": "pending"} for target_id in await self.pending_for(event_id)
+        }
+        archives = {k: v for k, v in self.archives().items() if k not in where}
+        where.update(
+            await asyncio.to_thread(locate, event_id, archives, self.letters_dir, skip=where)
+        )
+        if not where:
+            return error_response(
+                RequestError(
+                    404,
+                    "not_found",
+                    f"no event {event_id!r} in the journal, the file archives or the dead letters",
+                )
+            )
+        return json_response({"id": event_id, "targets": where})

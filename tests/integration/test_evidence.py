@@ -1,0 +1,734 @@
+"""Evidence: the file target's hash chain, signed checkpoints, and `event-router verify`.
+
+Every archive here is written by a real daemon; tampering with it is then reported at the exact
+place, and an untouched one verifies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import functools
+import gzip
+import hashlib
+import io
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+import yaml
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from router.config import EvidenceConfig, StorageConfig, parse_config
+from router.daemon import Daemon
+from router.events import Event
+from router.evidence.canonical import split_line
+from router.evidence.checkpoint import PREFIX, SIG_MEMBER, is_checkpoint
+from router.evidence.keys import generate, load_public
+from router.evidence.registry import Evidence
+from router.evidence.verify import EN_DASH, Broken, Report, Verifier, verify_files
+from router.journal.sqlite import SqliteJournal
+from router.server.api import ConfigSource
+from router.targets.file import FileEndpointConfig, FileTarget
+from tests.conftest import FAST_DELIVERY, StartDaemon
+from tests.fakes import make_event, read_ndjson, wait_for
+from tests.helpers import (
+    assert_books_balance,
+    everything_to,
+    free_port,
+    post,
+    reap,
+    serve,
+    settled,
+    terminate,
+)
+from tests.integration.test_crash import load
+from tests.integration.test_metrics import scrape, value
+
+HINT = " (dead letters: give their file too)"
+
+
+def chained_file_target(path: Path, **endpoint: Any) -> dict[str, Any]:
+    return {
+        "id": "us",
+        "target_type": "file",
+        "file_endpoint": {"path": str(path), "fsync": False, **endpoint},
+    }
+
+
+def verify(paths: list[Path], key: Path | None = None, **kwargs: Any) -> Report:
+    public = load_public(key) if key is not None else None
+    return verify_files(paths, Verifier(public_key=public, **kwargs))
+
+
+def archive_files(directory: Path, name: str = "us.ndjson") -> list[Path]:
+    return sorted(directory.glob(name + "*"))
+
+
+async def write_archive(
+    start_daemon: StartDaemon,
+    tmp_path: Path,
+    *,
+    events: int = 60,
+    per_post: int = 10,
+    **endpoint: Any,
+) -> tuple[Daemon, Path, Path]:
+    """A daemon with one chained, signed file target took `events` events (and its start-up
+    test write) and stopped: returns it, the archive directory and the public key."""
+    key, public = generate(tmp_path / "signing.key")
+    directory = tmp_path / "archive"
+    daemon = await start_daemon(
+        {
+            "targets": [chained_file_target(directory / "us.ndjson", **endpoint)],
+            "routes": everything_to("us"),
+            "startup": {"validate_targets": True},
+            "evidence": {"signing_key_file": str(key), "checkpoint_every_events": 7},
+        }
+    )
+    for start in range(0, events, per_post):
+        batch = [make_event(id=f"e-{n}") for n in range(start, start + per_post)]
+        status, _ = await post(daemon, batch)
+        assert status == 202
+        await wait_for(lambda: settled(daemon), what="delivery")
+    assert_books_balance(daemon)
+    await daemon.stop()
+    return daemon, directory, public
+
+
+def event_places(path: Path) -> list[tuple[int, int]]:
+    """(line number, seq) of every chained line of a file."""
+    places = []
+    for number, line in enumerate(path.read_bytes().split(b"\n"), start=1):
+        found = split_line(line) if line and not is_checkpoint(line) else None
+        if found is not None:
+            places.append((number, found[1].seq))
+    return places
+
+
+def middle_run(path: Path) -> tuple[int, int]:
+    """A chained line in the middle of the file whose neighbours are chained lines too."""
+    places = event_places(path)
+    for i in range(len(places) // 2, len(places) - 1):
+        (before, _), (number, seq), (after, _) = places[i - 1], places[i], places[i + 1]
+        if before == number - 1 and after == number + 1:
+            return number, seq
+    raise AssertionError("no run of three chained lines")
+
+
+def lines_of(path: Path) -> list[bytes]:
+    return path.read_bytes().splitlines(keepends=True)
+
+
+async def test_the_daemon_writes_a_chain_that_verifies_with_signed_checkpoints(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    _, directory, public = await write_archive(start_daemon, tmp_path)
+    lines = lines_of(directory / "us.ndjson")
+    first = orjson.loads(lines[0])
+    assert first["action"] == "event-router.target.validate", "the test write is in the chain"
+    assert set(first["_chain"]) == {"seq", "prev", "hash"} and first["_chain"]["seq"] == 1
+    assert any(is_checkpoint(line) for line in lines)
+    report = verify(archive_files(directory), public)
+    assert report.ok, report.broken
+    assert (report.events, report.dead_letters, report.resent) == (61, 0, 0)
+    assert report.signed_checkpoints == report.checkpoints >= 6  # one per batch of 10, at least
+    assert report.head_seq == report.last_checkpoint_seq == 61, "the shutdown checkpoint"
+    assert not report.warnings
+
+
+TAMPERINGS = [
+    "line deleted",
+    "field edited",
+    "lines swapped",
+    "file truncated",
+    "line inserted",
+]
+
+
+@pytest.mark.parametrize("tampering", TAMPERINGS)
+async def test_tampering_is_reported_at_its_exact_place(
+    start_daemon: StartDaemon, tmp_path: Path, tampering: str
+) -> None:
+    _, directory, public = await write_archive(start_daemon, tmp_path)
+    path = directory / "us.ndjson"
+    number, seq = middle_run(path)
+    lines = lines_of(path)
+    i = number - 1
+    if tampering == "line deleted":
+        del lines[i]
+        expected = f"gap: seq {seq} missing between {path}:{number - 1} and {path}:{number}{HINT}"
+    elif tampering == "field edited":
+        lines[i] = lines[i].replace(b'"id":"e-', b'"id":"x-', 1)
+        expected = f"{path}:{number}: hash does not match the chain (the line was changed)"
+    elif tampering == "lines swapped":
+        lines[i], lines[i + 1] = lines[i + 1], lines[i]
+        expected = f"gap: seq {seq} missing between {path}:{number - 1} and {path}:{number}{HINT}"
+    elif tampering == "file truncated":
+        cut = len(b"".join(lines[:i])) + len(lines[i]) // 2
+        path.write_bytes(b"".join(lines)[:cut])
+        lines = []
+        expected = f"{path}:{number}: torn last line (the file was cut)"
+    else:  # a copy of the line before, inserted
+        lines.insert(i, lines[i - 1])
+        expected = (
+            f"{path}:{number}: seq {seq - 1} out of order: seq {seq} was expected after "
+            f"{path}:{number - 1} (a line inserted, moved or repeated)"
+        )
+    if lines:
+        path.write_bytes(b"".join(lines))
+    report = verify(archive_files(directory), public)
+    assert report.broken == expected
+
+
+async def test_a_removed_rotated_file_is_a_gap_naming_both_sides(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    _, directory, public = await write_archive(
+        start_daemon, tmp_path, per_post=2, max_bytes=8192, max_files=100
+    )
+    files = archive_files(directory)
+    assert len(files) >= 4, files
+    assert verify(files, public).ok
+    older, removed, newer = (directory / f"us.ndjson.{n}" for n in (3, 2, 1))
+    first_gone, last_gone = event_places(removed)[0][1], event_places(removed)[-1][1]
+    removed.unlink()
+    report = verify(archive_files(directory), public)
+    assert report.broken == (
+        f"gap: seq {first_gone}{EN_DASH}{last_gone} missing between "
+        f"{older}:{event_places(older)[-1][0]} and {newer}:{event_places(newer)[0][0]}{HINT}"
+    )
+
+
+async def test_gzipped_rotations_verify_and_a_missing_oldest_needs_partial(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    _, directory, public = await write_archive(
+        start_daemon, tmp_path, per_post=2, max_bytes=8192, max_files=100
+    )
+    for path in archive_files(directory):
+        if path.name != "us.ndjson":
+            path.with_name(path.name + ".gz").write_bytes(gzip.compress(path.read_bytes()))
+            path.unlink()
+    assert verify(archive_files(directory), public).ok
+    rotated = [path for path in archive_files(directory) if path.name != "us.ndjson"]
+    oldest = max(rotated, key=lambda path: int(path.name.split(".")[2]))
+    oldest.unlink()
+    assert verify(archive_files(directory), public).broken.startswith(f"gap: seq 1{EN_DASH}")
+    assert verify(archive_files(directory), public, partial=True).ok
+
+
+async def test_a_checkpoint_re_signed_with_another_key_is_reported(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    _, directory, public = await write_archive(start_daemon, tmp_path)
+    path = directory / "us.ndjson"
+    lines = lines_of(path)
+    i = next(i for i, line in enumerate(lines) if is_checkpoint(line))
+    payload = lines[i][len(PREFIX) : lines[i].rfind(SIG_MEMBER)]
+    forged = base64.b64encode(Ed25519PrivateKey.generate().sign(payload))
+    lines[i] = PREFIX + payload + SIG_MEMBER + b'"' + forged + b'"}\n'
+    path.write_bytes(b"".join(lines))
+    report = verify(archive_files(directory), public)
+    assert report.broken == (
+        f"{path}:{i + 1}: checkpoint signature does not verify with the public key"
+    )
+    # Without the public key the chain still verifies, and says what it could not check.
+    unchecked = verify(archive_files(directory))
+    assert unchecked.ok
+    assert any("give --public-key" in warning for warning in unchecked.warnings)
+
+
+async def test_without_a_key_checkpoints_are_unsigned_and_verify_warns(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    path = tmp_path / "us.ndjson"
+    daemon = await start_daemon(
+        {"targets": [chained_file_target(path)], "routes": everything_to("us")}
+    )
+    await post(daemon, [make_event() for _ in range(5)])
+    await wait_for(lambda: settled(daemon), what="delivery")
+    await daemon.stop()
+    report = verify([path])
+    assert report.ok and report.events == 5
+    assert report.warnings == ["1 checkpoints are unsigned (no signing key)"]
+    _, public = generate(tmp_path / "k")
+    assert verify([path], public).broken == (
+        f"{path}:6: checkpoint is unsigned, but a public key was given"
+    )
+
+
+async def test_dead_letters_take_their_places_and_the_chain_survives_a_reload(
+    tmp_path: Path,
+) -> None:
+    """A file target that cannot write (its path is a directory) dead-letters 3 events; a
+    reload points it at a file, which takes 4 more and the reload's own audit event. The
+    archive and the dead-letter file together are one chain, and account for every event the
+    target received."""
+    broken = tmp_path / "not-yet-a-directory"
+    retry = {"max_attempts": 1, "initial_backoff_s": 0.01}
+    data: dict[str, Any] = {
+        "targets": [{**chained_file_target(broken), "retry": retry}],
+        "routes": everything_to("us"),
+    }
+    full = {
+        "server": {"host": "127.0.0.1", "port": 0},
+        "storage": {"path": str(tmp_path / "var")},
+        "delivery": FAST_DELIVERY,
+        "startup": {"validate_targets": False},
+        **data,
+    }
+    daemon = Daemon(parse_config(full), ConfigSource(None, full))
+    broken.mkdir()  # after the config check, before the start: every write fails
+    await daemon.start()
+    try:
+        await dead_letters_then_reload(daemon, full, tmp_path)
+    finally:
+        if daemon.ready:
+            await daemon.stop()
+
+
+async def dead_letters_then_reload(daemon: Daemon, data: dict[str, Any], tmp_path: Path) -> None:
+    await post(daemon, [make_event() for _ in range(3)])
+    await wait_for(lambda: settled(daemon), what="dead letters")
+    archive = tmp_path / "us.ndjson"
+    await daemon.reload(parse_config({**data, "targets": [chained_file_target(archive)]}))
+    await post(daemon, [make_event() for _ in range(4)])
+    await wait_for(lambda: settled(daemon), what="delivery")
+    row = daemon.status()["targets"]["us"]
+    # 4 events and the router's own audit event of the reload.
+    assert (row["received"], row["delivered"], row["dead_lettered"]) == (8, 5, 3)
+    assert row["evidence"]["chain_seq"] == 8
+    await daemon.stop()
+    letters = tmp_path / "var" / "deadletter" / "us.ndjson"
+    report = verify([archive, letters])
+    assert report.ok, report.broken
+    assert (report.events, report.dead_letters) == (5, 3)
+    assert report.events + report.dead_letters == row["received"]
+    # The archive alone misses the dead letters' places, and says where to find them.
+    alone = verify([archive])
+    assert alone.broken == (
+        f"gap: seq 1{EN_DASH}3 missing between the start of the chain and {archive}:1"
+        " (dead letters: give their file too)"
+    )
+
+
+# -- the property: any single-byte change fails verify ------------------------------------------
+
+
+@functools.cache
+def sample_archive() -> tuple[bytes, bytes]:
+    """A small signed archive from a real daemon, and its public key (PEM)."""
+    import tempfile
+
+    async def run(tmp: Path) -> tuple[bytes, bytes]:
+        key, public = generate(tmp / "k")
+        data = {
+            "server": {"host": "127.0.0.1", "port": 0},
+            "storage": {"path": str(tmp / "var")},
+            "delivery": FAST_DELIVERY,
+            "targets": [chained_file_target(tmp / "us.ndjson")],
+            "routes": everything_to("us"),
+            "evidence": {"signing_key_file": str(key), "checkpoint_every_events": 3},
+            "startup": {"validate_targets": True},
+        }
+        daemon = Daemon(parse_config(data), ConfigSource(None, data))
+        await daemon.start()
+        for n in range(3):
+            await post(daemon, [make_event(id=f"p-{n}-{i}") for i in range(3)])
+            await wait_for(lambda: settled(daemon), what="delivery")
+        await daemon.stop()
+        return (tmp / "us.ndjson").read_bytes(), public.read_bytes()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return asyncio.run(run(Path(tmp)))
+
+
+def verify_bytes(data: bytes, public_pem: bytes, tmp: Path) -> Report:
+    pub = tmp / "k.pub"
+    pub.write_bytes(public_pem)
+    verifier = Verifier(public_key=load_public(pub))
+    try:
+        verifier.archive("us.ndjson", io.BytesIO(data))
+        return verifier.finish()
+    except Broken as exc:
+        verifier.report.broken = str(exc)
+        return verifier.report
+
+
+def test_the_sample_archive_verifies(tmp_path: Path) -> None:
+    data, public = sample_archive()
+    report = verify_bytes(data, public, tmp_path)
+    assert report.ok and report.events == 10 and report.signed_checkpoints >= 3
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(position=st.floats(min_value=0, max_value=1, exclude_max=True), new=st.integers(0, 255))
+def test_any_single_byte_change_fails_verify(tmp_path: Path, position: float, new: int) -> None:
+    data, public = sample_archive()
+    i = int(position * len(data))
+    if data[i] == new:
+        new = (new + 1) % 256
+    changed = data[:i] + bytes([new]) + data[i + 1 :]
+    assert not verify_bytes(changed, public, tmp_path).ok, (i, data[i], new)
+
+
+# -- the command line ---------------------------------------------------------------------------
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "router", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_keygen_writes_a_private_key_0600_and_its_public_key(tmp_path: Path) -> None:
+    out = tmp_path / "signing.key"
+    done = run_cli("keygen", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert out.stat().st_mode & 0o777 == 0o600
+    assert b"PUBLIC KEY" in (tmp_path / "signing.key.pub").read_bytes()
+    again = run_cli("keygen", "--out", str(out))
+    assert again.returncode == 2 and "never overwrites" in again.stderr
+
+
+async def test_verify_command_exit_codes(start_daemon: StartDaemon, tmp_path: Path) -> None:
+    _, directory, public = await write_archive(start_daemon, tmp_path, events=20)
+    files = [str(p) for p in archive_files(directory)]
+    ok = run_cli("verify", "--public-key", str(public), *files)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert ok.stdout.startswith("OK: 21 events and 0 dead letters verified")
+    path = directory / "us.ndjson"
+    number, _ = middle_run(path)
+    lines = lines_of(path)
+    lines[number - 1] = lines[number - 1].replace(b'"id":"e-', b'"id":"y-', 1)
+    path.write_bytes(b"".join(lines))
+    broken = run_cli("verify", "--public-key", str(public), *files)
+    assert broken.returncode == 1
+    assert broken.stdout.splitlines()[0] == (
+        f"BROKEN: {path}:{number}: hash does not match the chain (the line was changed)"
+    )
+    assert "before the break:" in broken.stdout
+    assert run_cli("verify", str(tmp_path / "nope.ndjson")).returncode == 2
+    assert run_cli("verify").returncode == 2
+    shutil.rmtree(directory)
+
+
+# -- real daemon processes: SIGTERM restart, kill -9 under load, SIGHUP reload ------------------
+
+
+async def post_ids(port: int, ids: list[str]) -> int:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"http://127.0.0.1:{port}/v1/events",
+            data=orjson.dumps([make_event(id=i) for i in ids]),
+            headers={"Content-Type": "application/json"},
+        ) as resp,
+    ):
+        return resp.status
+
+
+async def drained(port: int) -> bool:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}/v1/status") as resp,
+    ):
+        status = await resp.json()
+    return all(t["pending"] == 0 for t in status["targets"].values())
+
+
+async def test_the_chain_survives_restart_kill_9_and_sighup_reload(tmp_path: Path) -> None:
+    """Three real daemons on one archive: stopped by SIGTERM, killed by kill -9 under load,
+    reloaded by SIGHUP with the target changed. The archive verifies as one chain, signed
+    throughout, and holds every acknowledged event; the batch re-sent after kill -9 is at new
+    places, counted as re-sent."""
+    port = free_port()
+    archive = tmp_path / "archive" / "us.ndjson"
+    key, public = generate(tmp_path / "signing.key")
+    data: dict[str, Any] = {
+        "server": {"host": "127.0.0.1", "port": port},
+        "storage": {"path": str(tmp_path / "var"), "fsync": "always"},
+        "startup": {"validate_targets": True},
+        "targets": [chained_file_target(archive, max_bytes=256 * 1024)],
+        "routes": everything_to("us"),
+        "evidence": {"signing_key_file": str(key), "checkpoint_every_events": 50},
+    }
+    config = tmp_path / "router.yaml"
+    config.write_text(yaml.safe_dump(data))
+    acked: list[str] = []
+    proc: asyncio.subprocess.Process | None = None
+    try:
+        proc = await serve(config, port)  # 1: events, then SIGTERM
+        ids = [f"first-{n}" for n in range(20)]
+        assert await post_ids(port, ids) == 202
+        acked += ids
+        await wait_for(lambda: drained(port), what="the first run to deliver")
+        assert await terminate(proc) == 0
+
+        proc = await serve(config, port)  # 2: kill -9 under load
+        stop_at = time.monotonic() + 30
+        posters = [
+            asyncio.create_task(load(port, acked, stop_at, w), name=f"poster-{w}") for w in range(4)
+        ]
+        await wait_for(lambda: len(acked) >= 600, timeout_s=30, what="load to be acknowledged")
+        proc.send_signal(signal.SIGKILL)
+        assert await proc.wait() == -signal.SIGKILL
+        await asyncio.gather(*posters)
+
+        proc = await serve(config, port)  # 3: drain, SIGHUP with the target changed, SIGTERM
+        await wait_for(lambda: drained(port), timeout_s=30, what="the backlog after kill -9")
+        data["targets"] = [chained_file_target(archive, max_bytes=128 * 1024)]
+        config.write_text(yaml.safe_dump(data))
+        proc.send_signal(signal.SIGHUP)
+        await wait_for(
+            lambda: any(
+                e.get("action") == "event-router.config.reload" for e in read_ndjson(archive)
+            ),
+            what="the reload to be applied",
+        )
+        ids = [f"last-{n}" for n in range(20)]
+        assert await post_ids(port, ids) == 202
+        acked += ids
+        await wait_for(lambda: drained(port), what="the last events")
+        assert await terminate(proc) == 0
+    finally:
+        await reap(proc)
+
+    files = archive_files(archive.parent)
+    report = verify(files, public)
+    assert report.ok, report.broken
+    archived = [
+        orjson.loads(line)["id"]
+        for path in files
+        for line in path.read_bytes().splitlines()
+        if not is_checkpoint(line)
+    ]
+    assert not set(acked) - set(archived), "an acknowledged event is missing"
+    assert report.events == len(archived)
+    assert report.resent == len(archived) - len(set(archived))
+    assert report.head_seq == report.last_checkpoint_seq, "the last stop wrote a checkpoint"
+    assert report.signed_checkpoints == report.checkpoints
+    print(f"{report.summary()}; {len(files)} files")
+
+
+async def test_a_torn_last_line_is_cut_at_start_and_the_chain_goes_on(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """What kill -9 in the middle of a write leaves: a last line without its newline. The next
+    start cuts it (it was never reported written; its batch is sent again) and the chain goes
+    on from the last whole line."""
+    daemon, directory, public = await write_archive(start_daemon, tmp_path, events=10)
+    path = directory / "us.ndjson"
+    whole = path.read_bytes()
+    path.write_bytes(whole + lines_of(path)[0][:300])  # the start of an event line
+    torn = len(lines_of(path))
+    assert verify([path], public).broken == f"{path}:{torn}: torn last line (the file was cut)"
+    again = await start_daemon(daemon.source.data)
+    await wait_for(lambda: path.stat().st_size > len(whole), what="the start-up test write")
+    after = path.read_bytes()
+    assert after.startswith(whole), "the torn line was cut before anything was written"
+    found = split_line(after[len(whole) :].split(b"\n")[0])
+    assert found is not None and found[1].seq == 12, "the chain goes on from the last whole line"
+    await post(again, [make_event(id=f"later-{n}") for n in range(5)])
+    await wait_for(lambda: settled(again), what="delivery")
+    await again.stop()
+    report = verify([path], public)
+    assert report.ok, report.broken
+    assert report.head_seq == 1 + 10 + 1 + 5, "two start-up test writes, 15 events"
+
+
+async def test_status_and_metrics_show_each_chain_head_and_last_checkpoint(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    daemon = await start_daemon(
+        {
+            "targets": [chained_file_target(tmp_path / "us.ndjson")],
+            "routes": everything_to("us"),
+            "evidence": {"checkpoint_every_events": 4},
+        }
+    )
+    before = time.time()
+    await post(daemon, [make_event() for _ in range(5)])
+    await wait_for(lambda: settled(daemon), what="delivery")
+    evidence = daemon.status()["targets"]["us"]["evidence"]
+    assert (evidence["chain_seq"], evidence["checkpoint_seq"]) == (5, 5)
+    samples = await scrape(daemon)
+    assert value(samples, "event_router_chain_head_seq", target="us") == 5
+    assert value(samples, "event_router_chain_checkpoint_seq", target="us") == 5
+    at = value(samples, "event_router_chain_last_checkpoint_timestamp_seconds", target="us")
+    assert before <= at <= time.time()
+    assert evidence["last_checkpoint_at"].startswith(time.strftime("%Y-", time.gmtime(at)))
+    assert value(samples, "event_router_chain_checkpoint_errors_total") == 0
+
+
+async def test_validate_target_on_the_command_line_leaves_a_chained_archive_intact(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """Only the daemon holds the chain's head: `event-router validate-target` opens a chained
+    archive for appending but writes no test line, which would break the chain."""
+    daemon, directory, public = await write_archive(start_daemon, tmp_path, events=10)
+    config = tmp_path / "router.yaml"
+    config.write_text(yaml.safe_dump(daemon.source.data))
+    before = (directory / "us.ndjson").read_bytes()
+    done = await asyncio.to_thread(run_cli, "validate-target", "--config", str(config), "us")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "no test event" in done.stdout
+    assert (directory / "us.ndjson").read_bytes() == before
+    assert verify(archive_files(directory), public).ok
+
+
+# -- receipts -------------------------------------------------------------------------------------
+
+
+async def get_json(daemon: Daemon, path: str) -> tuple[int, Any]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{daemon.port}{path}") as resp,
+    ):
+        return resp.status, await resp.json()
+
+
+async def test_receipts_name_each_event_and_say_where_it_is(
+    start_daemon: StartDaemon, receiver_factory: Any, tmp_path: Path
+) -> None:
+    """Each accepted event gets a receipt whose digest is the SHA-256 of its archive line's
+    canonical bytes; GET /v1/receipts/{id} says where it is for each target: delivered at a
+    chain place, dead-lettered with the reason, or pending."""
+    refuses = await receiver_factory([400])
+    down = await receiver_factory([503])
+    archive = tmp_path / "us.ndjson"
+    daemon = await start_daemon(
+        {
+            "targets": [
+                chained_file_target(archive),
+                {"id": "refuses", "target_type": "http", "http_endpoint": {"url": refuses.url}},
+                {
+                    "id": "down",
+                    "target_type": "http",
+                    "http_endpoint": {"url": down.url},
+                    "retry": {"max_attempts": 1000, "max_age_s": 600},
+                },
+            ],
+            "routes": everything_to("us", "refuses", "down"),
+            "evidence": {"receipts": True},
+            "shutdown": {"drain_timeout_s": 0.2},  # "down" never takes its events
+        }
+    )
+    status, answer = await post(daemon, [make_event(id="r-1"), make_event(id="r-2")])
+    assert status == 202
+    receipts = [result["receipt"] for result in answer["results"]]
+    assert [r["id"] for r in receipts] == ["r-1", "r-2"]
+    assert all(daemon.acceptor.receipts and daemon.acceptor.receipts.genuine(r) for r in receipts)
+    assert daemon.acceptor.receipts is not None
+    assert not daemon.acceptor.receipts.genuine({**receipts[0], "digest": receipts[1]["digest"]})
+    await wait_for(
+        lambda: (
+            daemon.status()["targets"]["us"]["delivered"] == 2
+            and daemon.status()["targets"]["refuses"]["dead_lettered"] == 2
+        ),
+        what="the archive and the dead letters",
+    )
+    code, where = await get_json(daemon, "/v1/receipts/r-2")
+    assert code == 200, where
+    targets = where["targets"]
+    assert targets["down"] == {"state": "pending"}
+    assert targets["refuses"]["state"] == "dead_lettered"
+    assert targets["refuses"]["reason"] == "permanent_status"
+    delivered = targets["us"]
+    assert (delivered["state"], delivered["seq"], delivered["file"]) == (
+        "delivered",
+        2,
+        str(archive),
+    )
+    assert delivered["digest"] == receipts[1]["digest"], "the receipt names the archive line"
+    line = lines_of(archive)[delivered["line"] - 1].rstrip(b"\n")
+    found = split_line(line)
+    assert found is not None
+    assert "sha256:" + hashlib.sha256(found[0]).hexdigest() == receipts[1]["digest"]
+    code, missing = await get_json(daemon, "/v1/receipts/nobody")
+    assert code == 404 and missing["error"]["code"] == "not_found"
+
+
+async def test_without_receipts_the_ingest_answer_is_unchanged(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    daemon = await start_daemon(
+        {"targets": [chained_file_target(tmp_path / "us.ndjson")], "routes": everything_to("us")}
+    )
+    _, answer = await post(daemon, [make_event(id="plain")])
+    assert answer["results"] == [{"index": 0, "id": "plain", "status": "accepted"}]
+
+
+def test_query_never_matches_a_checkpoint_line(tmp_path: Path) -> None:
+    data, _ = sample_archive()
+    archive = tmp_path / "us.ndjson"
+    archive.write_bytes(data)
+    done = run_cli("query", "NOT id:nobody", str(archive))
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 10 and not any(line.startswith('{"_checkpoint":') for line in lines)
+
+
+async def test_only_chained_targets_dead_letters_take_places(
+    start_daemon: StartDaemon, receiver_factory: Any, tmp_path: Path
+) -> None:
+    """An http target's deliveries take no places, so its dead letters carry no _chain: alone
+    they would look like a whole chain."""
+    refuses = await receiver_factory([400])
+    daemon = await start_daemon(
+        {
+            "targets": [
+                chained_file_target(tmp_path / "us.ndjson"),
+                {"id": "refuses", "target_type": "http", "http_endpoint": {"url": refuses.url}},
+            ],
+            "routes": everything_to("us", "refuses"),
+        }
+    )
+    await post(daemon, [make_event() for _ in range(3)])
+    await wait_for(lambda: settled(daemon), what="delivery and dead letters")
+    letters = read_ndjson(tmp_path / "var" / "deadletter" / "refuses.ndjson")
+    assert len(letters) == 3 and not any("_chain" in letter for letter in letters)
+    assert "evidence" not in daemon.status()["targets"]["refuses"]
+    assert daemon.status()["targets"]["us"]["evidence"]["chain_seq"] == 3
+
+
+async def test_a_send_cancelled_mid_write_keeps_the_chain_until_the_write_is_done(
+    tmp_path: Path,
+) -> None:
+    """A worker cancelled at the drain timeout while its write runs in a thread: the write
+    goes on, so the chain's lock and head must wait for it, or the shutdown checkpoint is
+    written with the old head among (or between) the new lines."""
+    storage = tmp_path / "var"
+    journal = SqliteJournal(StorageConfig(path=str(storage)), ["us"])
+    await journal.open()
+    evidence = Evidence(EvidenceConfig(), journal, storage / "deadletter")
+    await evidence.open()
+    path = tmp_path / "us.ndjson"
+    target = FileTarget("us", FileEndpointConfig(path=str(path)))
+    target.chain = evidence.attach("us", target.write_line)
+    await target.start()
+    try:
+        await target.send([Event.from_body(make_event(id="first"))])
+        batch = [Event.from_body(make_event(id=f"c-{n}")) for n in range(3000)]
+        send = asyncio.create_task(target.send(batch))
+        await wait_for(lambda: path.stat().st_size > 100_000, what="the write to be under way")
+        send.cancel()
+        await asyncio.gather(send, return_exceptions=True)
+        await evidence.close()  # the shutdown checkpoint
+    finally:
+        await target.close()
+        await journal.close()
+    report = verify([path])
+    assert report.ok, report.broken
+    assert report.head_seq == report.last_checkpoint_seq == 3001

@@ -90,6 +90,7 @@ class Daemon:
         tls = config.server.tls
         self._ssl = server_context(tls) if tls is not None else None
         self._retiring: set[asyncio.Task[None]] = set()
+        self._orphan_watch: asyncio.Task[None] | None = None
         # Held across every read-edit-apply of the running config: start-up, reloads (SIGHUP,
         # reload.watch) and management API edits, so none of them sees another half done.
         self.config_lock = asyncio.Lock()
@@ -162,9 +163,9 @@ class Daemon:
             self.acceptor.receipts = Receipts.load_or_create(Path(self.config.storage.path))
         for target in self.targets.values():
             self._chain(target)
-        self.journal.on_orphan = self._retire_soon
         for target_id in sorted(self.journal.orphans):
             await self._retire(target_id)
+        self._orphan_watch = asyncio.create_task(self._retire_orphans(), name="retire-orphans")
         await self.guard.start()
         self.tail.start()
         for warning in config_warnings(self.config):
@@ -227,6 +228,11 @@ class Daemon:
             for task in late:
                 task.cancel()
             await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        if self._orphan_watch is not None:
+            self._orphan_watch.cancel()
+            await asyncio.gather(self._orphan_watch, return_exceptions=True)
+        while not self.journal.orphaned.empty():  # found after the watch's last turn
+            self._retire_soon(self.journal.orphaned.get_nowait())
         await asyncio.gather(*self._retiring, return_exceptions=True)
         await self.evidence.close()  # the final checkpoints, before the archives close
         for target in self.targets.values():
@@ -453,6 +459,11 @@ class Daemon:
     async def probe_target(self, target_id: str) -> ProbeResult:
         """A test write to a running target (the API's validate), recorded in write_status."""
         return await probe(self.targets[target_id], self.target_stats[target_id])
+
+    async def _retire_orphans(self) -> None:
+        """Take each orphan the journal finds while running and retire it, each on its own."""
+        while True:
+            self._retire_soon(await self.journal.orphaned.get())
 
     def _retire_soon(self, target_id: str) -> None:
         """The journal found rows for a target a reload just retired: retire them too."""

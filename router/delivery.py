@@ -201,14 +201,17 @@ class DeliveryWorker:
         if not sendable:
             return 0
         dead = 0
-        start = 0
+        covered = 0
+        # A request may group events from anywhere in the batch (the COS target writes one
+        # object per account), so its entries are found by event, not by position.
+        entry_of = {id(entry.event): entry for entry in sendable}
         for request in self.target.requests([entry.event for entry in sendable]):
-            entries = sendable[start : start + len(request)]
-            start += len(request)
+            entries = [entry_of[id(event)] for event in request]
+            covered += len(entries)
             for failed, failure in await self._send(entries):
                 await self._dead_letter(failed, failure)
                 dead += len(failed)
-        assert start == len(sendable), "a target's requests() must cover the batch in order"
+        assert covered == len(sendable), "a target's requests() must cover the batch once"
         return dead
 
     async def _send(self, batch: Sequence[Entry]) -> list[tuple[Sequence[Entry], Failure]]:

@@ -140,7 +140,9 @@ class SqliteJournal:
         # Targets the config no longer has but the journal still owes events: the caller
         # retires them (dead letters with reason target_removed) before anything else.
         self.orphans: set[str] = set()
-        self.on_orphan: Callable[[str], None] | None = None
+        # Orphans found while running (rows routed just before a reload retired the target),
+        # for the owner to take and retire: the journal never calls up into its owner.
+        self.orphaned: asyncio.Queue[str] = asyncio.Queue()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -400,8 +402,7 @@ class SqliteJournal:
                     # Routed just before a reload retired this target: the rows are owed to
                     # no running worker, so they are retired (dead-lettered) as an orphan.
                     self.orphans.add(target_id)
-                    if self.on_orphan is not None:
-                        self.on_orphan(target_id)
+                    self.orphaned.put_nowait(target_id)
                     continue
                 target.books.received += count
                 target.books.pending += count

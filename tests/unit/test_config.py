@@ -329,7 +329,7 @@ ERROR_CASES = [
     pytest.param(
         minimal(targets=[{"id": "archive", "target_type": "kafka"}]),
         "targets[0].target_type: 'kafka' is not one of "
-        "['file', 'http', 'cloud_logs', 'syslog', 'event_streams']",
+        "['file', 'http', 'cloud_logs', 'syslog', 'cloud_object_storage', 'event_streams']",
         id="wrong-target-type",
     ),
     pytest.param(

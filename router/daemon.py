@@ -47,12 +47,10 @@ from router.resources import schemas_dir
 from router.routing import RouteTable
 from router.selfevent import instance_crn, router_event
 from router.server.api import ConfigSource, ManagementApi
+from router.server.app import build_app
 from router.server.auth import Guard
 from router.server.listener import ClientFaultLog, DeadlineSite
-from router.server.receipts import ReceiptEndpoint
-from router.server.redrive import Redrive
 from router.server.servertls import server_context
-from router.server.status import StatusEndpoints
 from router.server.tail import TailHub
 from router.targets import Target, build_target
 from router.targets.file import FileEndpointConfig, FileTarget
@@ -125,24 +123,22 @@ class Daemon:
         self.ingest = ingest = Ingest(
             server=self.config.server, stats=self.ingest_stats, acceptor=acceptor
         )
-        app = web.Application(
-            client_max_size=self.config.server.max_body_bytes, middlewares=[self.guard.middleware]
-        )
-        app.router.add_post("/v1/events", ingest.handle)
-        app.router.add_get("/v1/tail", self.tail.handle)
-        redrive = Redrive(
-            self.dead_letters,
-            self.journal,
+        return build_app(
+            server=self.config.server,
+            guard=self.guard,
+            ingest=ingest,
+            tail=self.tail,
+            dead_letters=self.dead_letters,
+            journal=self.journal,
+            pending_for=self.journal.pending_for,
+            health=self,
+            render_metrics=self.metrics.render,
             is_target=lambda target_id: target_id in self.targets,
             is_invalid=lambda body: bool(self.validator.validate(body)),
+            file_archives=self._file_archives,
+            letters_dir=self.config.storage.dead_letter_dir(),
+            api=ManagementApi(self),
         )
-        app.router.add_post("/v1/deadletters/{target}/redrive", redrive.handle)
-        StatusEndpoints(self, self.metrics.render).routes(app)
-        ReceiptEndpoint(
-            self.journal.pending_for, self._file_archives, self.config.storage.dead_letter_dir()
-        ).routes(app)
-        ManagementApi(self).routes(app)
-        return app
 
     @property
     def port(self) -> int:

@@ -105,6 +105,16 @@ def test_only_the_command_line_imports_the_daemon() -> None:
     assert hinted - {"router.cli"} == DAEMON_TYPE_HINTS
 
 
+def test_the_server_layer_never_names_the_daemon() -> None:
+    # The routes are assembled in server/app.py from what the daemon hands them; they read the
+    # running daemon through small Protocols (server/status.py's Health), not its module, even
+    # for type hints.
+    server = {name for name in MODULES if name.startswith("router.server.")}
+    assert "router.server.app" in server
+    naming = {name for name in server if DAEMON in imports(MODULES[name], type_hints=True)}
+    assert naming <= DAEMON_TYPE_HINTS
+
+
 def test_the_acceptor_knows_no_http() -> None:
     # Any way in (HTTP, another process, a NATS subject) hands items to the acceptor.
     path = MODULES["router.intake.accept"]

@@ -39,16 +39,16 @@ from router.intake.validation import EventValidator
 from router.journal import Entry
 from router.journal.sqlite import SqliteJournal
 from router.observe.logformat import counted
-from router.observe.metrics import IngestStats, TargetStats, utc_iso
+from router.observe.metrics import IngestStats, TargetStats, WriteStatus, utc_iso
 from router.observe.prometheus import DaemonMetrics
 from router.probe import ProbeResult, probe
 from router.reload import ReloadPlan, config_digest, plan_reload
 from router.resources import schemas_dir
 from router.routing import RouteTable
 from router.selfevent import instance_crn, router_event
-from router.server.api import ConfigSource, ManagementApi
+from router.server.api import Change, ConfigSource, ManagementApi, write_back
 from router.server.app import build_app
-from router.server.auth import Guard
+from router.server.auth import Guard, Refusals
 from router.server.listener import ClientFaultLog, DeadlineSite
 from router.server.servertls import server_context
 from router.server.tail import TailHub
@@ -137,7 +137,13 @@ class Daemon:
             is_invalid=lambda body: bool(self.validator.validate(body)),
             file_archives=self._file_archives,
             letters_dir=self.config.storage.dead_letter_dir(),
-            api=ManagementApi(self),
+            api=ManagementApi(
+                self,
+                port=lambda: self.port,
+                write_status=self._write_status,
+                probe=self.probe_target,
+                record=self.record_own,
+            ),
         )
 
     @property
@@ -452,6 +458,21 @@ class Daemon:
         except (RouterError, OSError):
             log.exception("the router's own %s event could not be journaled", body["action"])
 
+    async def edit(self, change: Change, *, initiator: str) -> None:
+        """The management API's one way to change the config: under config_lock, build the new
+        config from the running one, apply it (the API audits it, not the reload), adopt its
+        data and write it back to the file, so a restart comes back with it."""
+        async with self.config_lock:
+            new, source = await change(self.config, self.source)
+            await self.apply(new, initiator=initiator, audit=False)
+            self.source = source
+            if source.path is not None:
+                await asyncio.to_thread(write_back, source.path, source.data)
+
+    def _write_status(self, target_id: str) -> WriteStatus | None:
+        stats = self.target_stats.get(target_id)
+        return stats.write_status if stats is not None else None
+
     async def probe_target(self, target_id: str) -> ProbeResult:
         """A test write to a running target (the API's validate), recorded in write_status."""
         return await probe(self.targets[target_id], self.target_stats[target_id])
@@ -546,6 +567,14 @@ class Daemon:
             },
             "targets": targets,
         }
+
+    @property
+    def journal_max_bytes(self) -> int:
+        return self.config.storage.max_bytes
+
+    @property
+    def refusals(self) -> Refusals:
+        return self.guard.refusals
 
     @property
     def journal_healthy(self) -> bool:

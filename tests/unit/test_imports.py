@@ -10,9 +10,9 @@ import router
 
 ROOT = Path(router.__file__).resolve().parent
 DAEMON = "router.daemon"  # the module that holds Daemon
-# Modules that still name the Daemon for their type hints only (under TYPE_CHECKING), reading
-# its attributes; issue 11 gives them narrow interfaces instead. The list only shrinks.
-DAEMON_TYPE_HINTS = {"router.server.api", "router.observe.prometheus"}
+# Modules that still name the Daemon for their type hints only (under TYPE_CHECKING): none;
+# the server and the collector read it through narrow Protocols. The set only shrinks.
+DAEMON_TYPE_HINTS: set[str] = set()
 
 
 def module_names() -> dict[str, Path]:

@@ -42,7 +42,7 @@ from router.observe.logformat import counted
 from router.observe.metrics import IngestStats, TargetStats, WriteStatus, utc_iso
 from router.observe.prometheus import DaemonMetrics
 from router.probe import ProbeResult, probe
-from router.reload import ReloadPlan, config_digest, plan_reload
+from router.reload import ReloadPlan, apply_reload, config_digest, plan_reload
 from router.resources import schemas_dir
 from router.routing import RouteTable
 from router.selfevent import instance_crn, router_event
@@ -56,6 +56,46 @@ from router.targets import Target, build_target
 from router.targets.file import FileEndpointConfig, FileTarget
 
 log = logging.getLogger(__name__)
+
+
+class _Swaps:
+    """The daemon's side of a reload (router/reload.py's Swaps): each step on its parts."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    async def add_target(self, target_id: str) -> None:
+        await self.daemon.journal.add_target(target_id)
+        self.daemon.target_stats[target_id] = TargetStats()
+
+    def leave(self, target: TargetConfig) -> None:
+        self.daemon._leaving[target.id] = target
+
+    async def swap(
+        self, new: Config, validator: EventValidator, routes: RouteTable, redactor: Redactor
+    ) -> None:
+        daemon = self.daemon
+        await daemon.acceptor.swap(validator=validator, routes=routes, redactor=redactor)
+        daemon.config = new  # no await since the swap: no offer sees one without the other
+        daemon.validator, daemon.routes, daemon.redactor = validator, routes, redactor
+
+    async def stop_worker(self, target_id: str) -> None:
+        await self.daemon._stop_worker(target_id)
+
+    async def retire(self, target_id: str) -> None:
+        await self.daemon._retire(target_id)
+        self.daemon.target_stats.pop(target_id, None)
+        del self.daemon._leaving[target_id]
+
+    async def start_target(self, config: TargetConfig, target: Target) -> None:
+        daemon = self.daemon
+        daemon._chain(target)
+        daemon.targets[target.id] = target
+        try:
+            await target.start()
+        except Exception:
+            log.exception("target %s failed to start", target.id)
+        daemon._start_worker(config)
 
 
 class Daemon:
@@ -94,6 +134,7 @@ class Daemon:
         self.config_lock = asyncio.Lock()
         # Targets a reload removed whose backlog is still being retired: shown until gone.
         self._leaving: dict[str, TargetConfig] = {}
+        self._swaps = _Swaps(self)
         self.tail = TailHub(
             max_clients=config.server.max_tail_clients,
             write_timeout_s=config.server.tail_write_timeout_s,
@@ -348,58 +389,16 @@ class Daemon:
 
     async def _reload(self, new: Config, initiator: str, audit: bool) -> ReloadPlan:
         old = self.config
-        plan = plan_reload(old, new)
-        if plan.refused:
-            if audit:
-                await self._audit_reload(old, new, plan, initiator, "; ".join(plan.refused))
-            raise ConfigError("reload", list(plan.refused))
-        validator = self.validator
-        if new.validation != old.validation:
-            schemas = new.validation.schemas_dir
-            validator = EventValidator(
-                Path(schemas) if schemas else schemas_dir(),
-                unknown_actions=new.validation.unknown_actions,
+        try:
+            plan = await apply_reload(
+                old, new, validator=self.validator, redactor=self.redactor, swaps=self._swaps
             )
-        redactor = self.redactor
-        if new.redaction != old.redaction:
-            schemas = new.validation.schemas_dir
-            redactor = Redactor.from_schemas(
-                Path(schemas) if schemas else schemas_dir(), new.redaction
-            )
-        routes = RouteTable(new.routes, new.settings.default_targets)
-        fresh = {t.id: t for t in new.targets if t.id in plan.added + plan.changed}
-        built = {target_id: build_target(config) for target_id, config in fresh.items()}
-        for target_id in plan.added:
-            await self.journal.add_target(target_id)
-            self.target_stats[target_id] = TargetStats()
-        for target_id in plan.removed:
-            self._leaving[target_id] = old.target(target_id)
-        # From here on every new request routes with the new table; requests that routed with
-        # the old one have all reached the journal (or will, via its retired-target path).
-        await self.acceptor.swap(validator=validator, routes=routes, redactor=redactor)
-        self.config = new  # no await since the swap: no offer sees one without the other
-        self.validator, self.routes, self.redactor = validator, routes, redactor
-        for target_id in plan.changed + plan.removed:
-            await self._stop_worker(target_id)
-        for target_id in plan.removed:
-            await self._retire(target_id)
-            self.target_stats.pop(target_id, None)
-            del self._leaving[target_id]
-        for target_id, target in built.items():
-            self._chain(target)
-            self.targets[target_id] = target
-            try:
-                await target.start()
-            except Exception:
-                log.exception("target %s failed to start", target_id)
-            self._start_worker(fresh[target_id])
-        log.info(
-            "config reloaded: %s added, %d changed, %d removed; %s",
-            counted(len(plan.added), "target"),
-            len(plan.changed),
-            len(plan.removed),
-            counted(len(new.routes), "route"),
-        )
+        except ConfigError as exc:
+            if audit and exc.source == "reload":
+                await self._audit_reload(
+                    old, new, plan_reload(old, new), initiator, "; ".join(exc.problems)
+                )
+            raise
         if audit:
             await self._audit_reload(old, new, plan, initiator, None)
         return plan

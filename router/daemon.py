@@ -45,7 +45,7 @@ from router.probe import ProbeResult, probe
 from router.reload import ReloadPlan, apply_reload, config_digest, plan_reload
 from router.resources import schemas_dir
 from router.routing import RouteTable
-from router.selfevent import instance_crn, router_event
+from router.selfevent import reload_event
 from router.server.api import Change, ConfigSource, ManagementApi, write_back
 from router.server.app import build_app
 from router.server.auth import Guard, Refusals
@@ -412,35 +412,14 @@ class Daemon:
         failure: str | None,
     ) -> None:
         """Every reload, applied or refused, is an event from the router itself."""
-        body = router_event(
-            action="event-router.config.reload",
-            message=f"event-router: reload config {'failed' if failure else 'applied'}",
-            target={
-                "id": instance_crn("config:router.yaml"),
-                "name": "configuration",
-                "typeURI": "event-router/config",
-            },
-            outcome="failure" if failure else "success",
-            reason_code=400 if failure else 200,
-            reason_type="Bad Request" if failure else "OK",
-            severity="warning",
-            initiator={
-                "id": f"event-router-{initiator}",
-                "name": initiator,
-                "typeURI": "service/security/clientid",
-                "credential": {"type": "token"},
-            },
-            extra={
-                "requestData": {
-                    "updateType": "config",
-                    "initialValue": config_digest(old),
-                    "newValue": config_digest(new) if new else None,
-                    "targetsAdded": list(plan.added) if plan else [],
-                    "targetsChanged": list(plan.changed) if plan else [],
-                    "targetsRemoved": list(plan.removed) if plan else [],
-                    **({"reasonForFailure": failure} if failure else {}),
-                }
-            },
+        body = reload_event(
+            initiator=initiator,
+            initial=config_digest(old),
+            new=config_digest(new) if new else None,
+            added=plan.added if plan else (),
+            changed=plan.changed if plan else (),
+            removed=plan.removed if plan else (),
+            failure=failure,
         )
         await self.record_own(body)
 

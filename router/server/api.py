@@ -24,7 +24,6 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from http import HTTPStatus
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -48,7 +47,7 @@ from router.masking import masked
 from router.observe.metrics import WriteStatus, utc_iso
 from router.probe import ProbeResult
 from router.reload import config_digest
-from router.selfevent import instance_crn, router_event
+from router.selfevent import change_event, instance_crn
 from router.server.auth import CALLER
 from router.targets import TARGET_TYPES
 from router.targets.file import FileEndpointConfig
@@ -387,34 +386,15 @@ class ManagementApi:
     ) -> None:
         caller = request.get(CALLER)
         who = self._who(request)
-        body = router_event(
-            action=f"event-router.{action}",
-            message=f"event-router: {action.replace('.', ' ')} {subject}"
-            + (" -failure" if failure else ""),
-            target={
-                "id": instance_crn(subject),
-                "name": subject.split(":", 1)[-1],
-                "typeURI": f"event-router/{subject.split(':', 1)[0]}",
-            },
-            outcome="failure" if failure else "success",
-            reason_code=status if failure else 200,
-            reason_type=HTTPStatus(status).phrase if failure else "OK",
-            severity="warning" if failure or action.endswith("delete") else "normal",
-            initiator={
-                "id": f"token-{who}",
-                "name": who,
-                "typeURI": "service/security/clientid",
-                "credential": {"type": "token"},
-                "host": {"address": caller.address if caller else request.remote or ""},
-            },
-            extra={
-                "requestData": {
-                    "updateType": action.rsplit(".", 1)[-1],
-                    "initialValue": config_digest(old),
-                    "newValue": config_digest(new) if new is not None else None,
-                    **({"reasonForFailure": failure} if failure else {}),
-                }
-            },
+        body = change_event(
+            action=action,
+            subject=subject,
+            who=who,
+            address=caller.address if caller else request.remote or "",
+            initial=config_digest(old),
+            new=config_digest(new) if new is not None else None,
+            failure=failure,
+            status=status,
         )
         await self.record(body)
 

@@ -156,3 +156,16 @@ def test_nothing_sqlite_leaks_past_the_journals_sqlite_backend() -> None:
         }
         assert "sqlite3" not in modules, name
         assert "router.journal.sqlite" not in modules, name
+
+
+def test_the_routers_own_events_are_built_in_selfevent_only() -> None:
+    # One place names the router's actions (event-router.*): the catalog, the builders and the
+    # tests that look for them read the same constants.
+    naming = set()
+    for name, path in MODULES.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            text = node.value if isinstance(node, ast.Constant) else None
+            if isinstance(text, str) and text.startswith("event-router.") and text.count(".") > 1:
+                naming.add(name)
+    assert naming == {"router.selfevent"}

@@ -27,7 +27,7 @@ from router.config import (
     config_warnings,
     load_config_and_data,
 )
-from router.deadletter import DeadLetters, Failure
+from router.deadletter import DeadLetters, target_removed
 from router.delivery import DeliveryWorker
 from router.errors import ConfigError, RouterError
 from router.evidence.receipt import Receipts
@@ -468,10 +468,7 @@ class Daemon:
 
     async def _retire(self, target_id: str) -> None:
         """A target gone from the config leaves its backlog as dead letters, not lost."""
-        failure = Failure(
-            reason="target_removed",
-            message=f"target {target_id!r} is no longer in the configuration",
-        )
+        failure = target_removed(target_id)
 
         async def dead_letter(entries: list[Entry]) -> None:
             await self.dead_letters.write(target_id, entries, failure)

@@ -31,7 +31,10 @@ from router.observe.sdnotify import notify
 from router.resources import default_config_path
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from router.probe import ProbeResult
+    from router.query import Query
     from router.targets import Target
 
 log = logging.getLogger("router")
@@ -171,10 +174,12 @@ def _add_query_command(commands: argparse._SubParsersAction[argparse.ArgumentPar
     query.add_argument(
         "paths",
         metavar="PATH",
-        type=Path,
+        type=Path,  # a file to complete; `cos://` arrives as `cos:/` (see _query)
         nargs="+",
-        help="an archive file (its rotations are read too) or a directory of archives",
+        help="an archive file (its rotations are read too) or a directory of archives; or "
+        "cos://TARGET[/PREFIX]: the objects a cloud_object_storage target of --config wrote",
     )
+    _config_option(query, "YAML config, for cos:// paths")
     query.add_argument("--since", help="eventTime at or after this ISO 8601 time")
     query.add_argument("--until", help="eventTime before this ISO 8601 time")
     query.add_argument(
@@ -514,6 +519,13 @@ def _query(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_CONFIG
+    # A Path keeps one slash of `cos://`, and no trailing slash (a key prefix either way).
+    buckets = [str(path) for path in args.paths if str(path).startswith(COS_SCHEME)]
+    if buckets:
+        if len(buckets) != len(args.paths) or len(buckets) > 1:
+            print("query: give one cos://TARGET[/PREFIX] and no other PATH", file=sys.stderr)
+            return EXIT_CONFIG
+        return _query_bucket(args, query, buckets[0], since, until)
     return search(
         query,
         args.paths,
@@ -523,6 +535,56 @@ def _query(args: argparse.Namespace) -> int:
         fmt=args.format,
         progress=args.progress,
     )
+
+
+COS_SCHEME = "cos:/"
+
+
+def _query_bucket(
+    args: argparse.Namespace,
+    query: Query,
+    path: str,
+    since: datetime | None,
+    until: datetime | None,
+) -> int:
+    """Search the objects of a cloud_object_storage target, with its endpoint and
+    credentials from the config, as the daemon resolves them."""
+    from router.clients.search import search_bucket
+    from router.errors import DeliveryError
+    from router.targets.cos import CosEndpointConfig, CosTarget
+
+    target_id, _, prefix = path.removeprefix(COS_SCHEME).lstrip("/").partition("/")
+    try:
+        config, _ = load_config_and_data(args.config or default_config_path())
+    except ConfigError as exc:
+        print(f"{exc.source}: {counted(len(exc.problems), 'problem')}", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    found = [t for t in config.targets if t.id == target_id]
+    if not found or not isinstance(found[0].endpoint, CosEndpointConfig):
+        print(f"query: no cloud_object_storage target {target_id!r} in the config", file=sys.stderr)
+        return EXIT_CONFIG
+    target = CosTarget(target_id, found[0].endpoint)
+
+    async def run() -> int:
+        try:
+            return await search_bucket(
+                query,
+                target.objects(prefix),
+                since=since,
+                until=until,
+                limit=args.limit,
+                fmt=args.format,
+            )
+        finally:
+            await target.close()
+
+    try:
+        return asyncio.run(run())
+    except DeliveryError as exc:
+        print(f"query: {exc}", file=sys.stderr)
+        return 1
 
 
 def _tail(args: argparse.Namespace, config: Config) -> int:

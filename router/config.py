@@ -32,6 +32,7 @@ from router.query import Query, parse
 from router.resources import schemas_dir
 from router.targets import TARGET_TYPES
 from router.targets.cloud_logs import CloudLogsEndpointConfig
+from router.targets.cos import CosEndpointConfig, endpoint_url
 from router.targets.file import FileEndpointConfig
 from router.targets.http import HttpAuthConfig, HttpEndpointConfig, SigningConfig
 
@@ -686,7 +687,14 @@ def _build(data: Mapping[str, Any], problems: list[str]) -> Config:
                 name=raw.get("name", raw["id"]),
                 target_type=raw["target_type"],
                 endpoint=_section(endpoint_cls, endpoint),
-                batch=_section(BatchConfig, {**delivery.get("batch", {}), **raw.get("batch", {})}),
+                batch=_section(
+                    BatchConfig,
+                    {
+                        **TARGET_TYPES[raw["target_type"]].batch_defaults,
+                        **delivery.get("batch", {}),
+                        **raw.get("batch", {}),
+                    },
+                ),
                 retry=_section(RetryConfig, {**delivery.get("retry", {}), **raw.get("retry", {})}),
             )
         )
@@ -930,6 +938,10 @@ def target_listener_problems(i: int, target: TargetConfig, host: str, port: int)
         if endpoint.ingress_url:
             urls.append(("cloudlogs_endpoint.ingress_url", endpoint.ingress_url))
         urls.append(("cloudlogs_endpoint.iam_url", endpoint.iam_url))
+    elif isinstance(endpoint, CosEndpointConfig):
+        urls.append(("cos_endpoint.endpoint", endpoint_url(endpoint.endpoint)))
+        if endpoint.hmac_keys is None:
+            urls.append(("cos_endpoint.iam_url", endpoint.iam_url))
     return [
         f"targets[{i}].{key}: points at this daemon's own listener ({host}:{port}); its "
         "events would come back as new events for ever"

@@ -188,14 +188,17 @@ class DeliveryWorker:
         if not sendable:
             return 0
         dead = 0
-        start = 0
+        covered = 0
+        # A request may group events from anywhere in the batch (the COS target writes one
+        # object per account), so its entries are found by event, not by position.
+        entry_of = {id(entry.event): entry for entry in sendable}
         for request in self.target.requests([entry.event for entry in sendable]):
-            entries = sendable[start : start + len(request)]
-            start += len(request)
+            entries = [entry_of[id(event)] for event in request]
+            covered += len(entries)
             if (failure := await self._send(entries)) is not None:
                 await self._dead_letter(entries, failure)
                 dead += len(entries)
-        assert start == len(sendable), "a target's requests() must cover the batch in order"
+        assert covered == len(sendable), "a target's requests() must cover the batch once"
         return dead
 
     async def _send(self, batch: Sequence[Entry]) -> Failure | None:

@@ -21,7 +21,9 @@ from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
 MASK: Final = "REDACTED"
 
 # Config keys whose values are credentials, at any depth of an endpoint (and of `auth`).
-SECRET_KEYS: Final = frozenset({"api_key", "token", "password", "secret", "hash_key"})
+SECRET_KEYS: Final = frozenset(
+    {"api_key", "token", "password", "secret", "hash_key", "secret_access_key"}
+)
 
 # A header carrying a credential by its name; any header whose name looks like a secret
 # (below) counts too.

@@ -10,6 +10,9 @@ come out in the order they were written, and `--limit` keeps the first matches.
 `eventTime` cannot be read is left out when either bound is given. A line that is not JSON is
 counted and reported at the end, never silently skipped. On a terminal, archives larger than
 LARGE_ARCHIVE_BYTES get a progress bar on stderr, by bytes read from disk.
+
+`cos://TARGET[/PREFIX]` reads the objects a cloud_object_storage target of the config wrote
+instead (`search_bucket`), with the target's own endpoint and credentials.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from __future__ import annotations
 import gzip
 import re
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -179,28 +182,49 @@ def search(
         if limit is not None and stats.matched >= limit:
             break
         stats.files += 1
-        for number, line in enumerate(_lines(path, bar, base), start=1):
-            # An evidence checkpoint (router/evidence) is no event: no query may match it.
-            if not line.strip() or is_checkpoint(line):
-                continue
-            stats.lines += 1
-            try:
-                event = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                stats.not_json.append(f"{path}:{number}")
-                continue
-            if not isinstance(event, dict) or not _wanted(event, query, since, until):
-                continue
-            stats.matched += 1
-            if fmt == "table":
-                print(_row(_cells(event)), file=out)
-            else:
-                out.write(line.decode("utf-8", "replace").rstrip("\n") + "\n")
-            if limit is not None and stats.matched >= limit:
-                break
+        scan(_lines(path, bar, base), str(path), query, stats, since, until, limit, fmt, out)
         base += path.stat().st_size
     if bar is not None:
         bar.finish()
+    finish(stats, fmt, out, err)
+    return 0
+
+
+def scan(
+    lines: Iterable[bytes],
+    name: str,
+    query: Query,
+    stats: SearchStats,
+    since: datetime | None,
+    until: datetime | None,
+    limit: int | None,
+    fmt: str,
+    out: TextIO,
+) -> None:
+    """Print the matching lines of one archive file or object, up to `limit` in all."""
+    for number, line in enumerate(lines, start=1):
+        # An evidence checkpoint (router/evidence) is no event: no query may match it.
+        if not line.strip() or is_checkpoint(line):
+            continue
+        stats.lines += 1
+        try:
+            event = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            stats.not_json.append(f"{name}:{number}")
+            continue
+        if not isinstance(event, dict) or not _wanted(event, query, since, until):
+            continue
+        stats.matched += 1
+        if fmt == "table":
+            print(_row(_cells(event)), file=out)
+        else:
+            out.write(line.decode("utf-8", "replace").rstrip("\n") + "\n")
+        if limit is not None and stats.matched >= limit:
+            return
+
+
+def finish(stats: SearchStats, fmt: str, out: TextIO, err: TextIO) -> None:
+    """The table's count line, and what was skipped (never silently)."""
     if fmt == "table":
         print(f"({counted(stats.matched, 'event')} in {counted(stats.files, 'file')})", file=out)
     if stats.not_json:
@@ -208,6 +232,37 @@ def search(
         were = "was" if len(stats.not_json) == 1 else "were"
         lines = counted(len(stats.not_json), "line")
         print(f"{lines} {were} not JSON and {were} skipped: {shown}", file=err)
+
+
+async def search_bucket(
+    query: Query,
+    objects: AsyncIterator[tuple[str, bytes]],
+    *,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: int | None = None,
+    fmt: str = "ndjson",
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+) -> int:
+    """`search` over the objects of a bucket (key, body; gzip or plain), in key order, which
+    for the COS target's names is time order within each account and region. The exit code:
+    0, or 1 when the prefix holds no object."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    stats = SearchStats()
+    if fmt == "table":
+        print(_row({name: name for name, _ in TABLE_COLUMNS}), file=out)
+    async for key, body in objects:
+        stats.files += 1
+        data = gzip.decompress(body) if body[:2] == GZIP_MAGIC else body
+        scan(data.splitlines(), key, query, stats, since, until, limit, fmt, out)
+        if limit is not None and stats.matched >= limit:
+            break
+    if stats.files == 0:
+        print("no objects under that bucket prefix", file=err)
+        return 1
+    finish(stats, fmt, out, err)
     return 0
 
 

@@ -149,6 +149,12 @@ class Metadata:
 
 Handler = Callable[[web.Request], Awaitable[web.Response]]
 
+# atracker's own words for a failed test write to a COS bucket (its ts-07).
+COS_WRITE_TEST_FAILED = (
+    "Your request to test a target has failed because the target details are not valid. "
+    "The service could not write to the Cloud Object Storage bucket that is configured."
+)
+
 
 class ManagementApi:
     """The handlers, over the config editor and four questions for the running daemon."""
@@ -480,6 +486,12 @@ class ManagementApi:
         target_id = request.match_info["id"]
         raw = self._find(self._targets(self.editor.source.data), target_id, "target")
         result = await self.probe(target_id)
+        if not result.ok and raw["target_type"] == "cloud_object_storage":
+            # atracker answers a COS test write that failed with this error, not a target
+            # (the refusal is audited by _wrap, with this message).
+            raise ApiError(
+                400, "cos_write_test_failed", f"{COS_WRITE_TEST_FAILED} ({result.message})"
+            )
         await self._audit(
             request,
             "target.validate",

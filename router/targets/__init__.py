@@ -12,11 +12,11 @@ registry.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from router.events import Event
-from router.targets import cloud_logs, file, http, syslog
+from router.targets import cloud_logs, cos, file, http, syslog
 
 if TYPE_CHECKING:
     from router.config import TargetConfig
@@ -35,7 +35,8 @@ class Target(Protocol):
         dead-lettered with that reason at once, not retried, and the rest of its batch goes."""
 
     def requests(self, batch: Sequence[Event]) -> Iterator[Sequence[Event]]:
-        """The batch cut into what goes out in one request each, in order. The worker sends,
+        """The batch cut into what goes out in one request each, each event in exactly one
+        (in order, or grouped: the COS target makes one object per account). The worker sends,
         retries and settles each on its own, so a failed second request neither sends the
         first again nor dead-letters events the first already stored. Most targets take a
         batch in one request: `yield batch`."""
@@ -55,6 +56,9 @@ class TargetType:
     config_class: type[Any]  # the frozen dataclass that endpoint object becomes
     factory: Callable[[str, Any], Target]  # (target id, endpoint config) -> the Target
     schema: Mapping[str, Any]  # the JSON Schema of the endpoint object
+    # Batch settings of this type under `delivery.batch` and the target's own `batch`
+    # (a COS object wants megabytes and a minute, not the 0.2 s of an HTTP receiver).
+    batch_defaults: Mapping[str, Any] = field(default_factory=dict)
 
 
 TARGET_TYPES: Final[dict[str, TargetType]] = {
@@ -72,6 +76,13 @@ TARGET_TYPES: Final[dict[str, TargetType]] = {
     ),
     "syslog": TargetType(
         "syslog_endpoint", syslog.SyslogEndpointConfig, syslog.SyslogTarget, syslog.ENDPOINT_SCHEMA
+    ),
+    "cloud_object_storage": TargetType(
+        "cos_endpoint",
+        cos.CosEndpointConfig,
+        cos.CosTarget,
+        cos.ENDPOINT_SCHEMA,
+        cos.BATCH_DEFAULTS,
     ),
 }
 

@@ -328,7 +328,8 @@ ERROR_CASES = [
     ),
     pytest.param(
         minimal(targets=[{"id": "archive", "target_type": "kafka"}]),
-        "targets[0].target_type: 'kafka' is not one of ['file', 'http', 'cloud_logs', 'syslog']",
+        "targets[0].target_type: 'kafka' is not one of "
+        "['file', 'http', 'cloud_logs', 'syslog', 'cloud_object_storage']",
         id="wrong-target-type",
     ),
     pytest.param(

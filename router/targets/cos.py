@@ -1,0 +1,431 @@
+"""The `cloud_object_storage` target: gzip NDJSON objects in an IBM Cloud Object Storage bucket
+(or any S3-compatible store).
+
+Objects are named the way atracker names them since May 2025:
+`<account>/<region>/<YYYY-MM-DDTHH>/<YYYY-MM-DDTHH:MM>+<SS>_<uuid>.log`, the time being the UTC
+time the object is written and the uuid a version 7 UUID (time first, then random, so names
+sort by time and writers never collide). `account` is the account of the events in the object
+(the `a/<account>` scope of their logSourceCRN): a batch is cut into one object per account
+(`requests`), each written and settled on its own, so objects never mix accounts. `region` is
+the target's region (`region`, else the one an IBM COS endpoint names, else DEFAULT_REGION).
+
+An object is whole or absent: it is one PUT with a Content-MD5, so the store refuses a body
+that arrives cut or changed, and S3 never shows a PUT that did not complete. Batches stay far
+below the 5 GB a single PUT takes (see BATCH_DEFAULTS), so no multipart upload is needed and
+none can be left half done. A retry of the same events reuses the name of the first attempt,
+so a PUT whose answer was lost is overwritten on retry, not written twice.
+
+Auth: HMAC keys sign each request with SigV4 (botocore's own signer), or an IAM API key is
+exchanged for a bearer token (router.iam) that goes in the Authorization header of unsigned
+requests; on a 401/403 the token is refreshed and the request tried once more.
+
+Failures are classified like the http target's: connection errors, timeouts, 408, 429, 5xx and
+S3's throttling codes (SlowDown, ...) are retryable; other 4xx (NoSuchBucket, AccessDenied)
+are permanent, dead-lettered with S3's error code and message. botocore retries nothing
+itself: retries live in router/delivery.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import gzip
+import hashlib
+import logging
+import os
+import re
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Final
+
+import aiobotocore.session
+import aiohttp
+import botocore
+import botocore.exceptions
+from aiobotocore.config import AioConfig
+
+from router.errors import PermanentDeliveryError, RetryableDeliveryError
+from router.events import Event, crn_parts
+from router.iam import IamTokenSource
+from router.targets.http import batch_key, new_session, parse_retry_after
+
+if TYPE_CHECKING:
+    from types_aiobotocore_s3 import S3Client
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+
+# atracker's region when neither the target nor its endpoint names one: the region of the
+# atracker API's default service URL (us-south), where IBM's SDKs send requests by default.
+DEFAULT_REGION = "us-south"
+# The account of events whose logSourceCRN has no `a/<account>` scope (cannot happen for an
+# event that passed validation; a placeholder keeps the name valid rather than refusing).
+NO_ACCOUNT = "unknown-account"
+
+# A batch becomes one object per account. An object closes on size or age:
+# - max_bytes 8 MiB of NDJSON: varied audit events gzip about 14:1 (measured: 7.4 MB -> 0.53 MB,
+#   0.12 s, in a thread), so objects under 1 MB, which a reader (event-router query, a SIEM
+#   pulling the bucket) fetches in one request, a batch holds in memory without trouble, and
+#   far below the 5 GB of a single PUT;
+# - max_wait_s 60: an event is in the bucket within a minute of its arrival (atracker's objects
+#   carry the minute in their names) and a quiet account makes at most 60 objects an hour;
+# - max_events 20,000: ~400 bytes each at 8 MiB, so it rarely closes a batch before max_bytes.
+# The operator's `delivery.batch` and the target's own `batch` override these.
+BATCH_DEFAULTS: Final[Mapping[str, Any]] = {
+    "max_events": 20_000,
+    "max_bytes": 8 * MiB,
+    "max_wait_s": 60.0,
+}
+
+# S3 error codes that say "later", whatever the status they come with.
+RETRYABLE_CODES: Final = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestTimeout",
+        "RequestTimeTooSkewed",
+        "InternalError",
+        "ServiceUnavailable",
+        "OperationAborted",
+    }
+)
+RETRYABLE_STATUSES: Final = frozenset({408, 429})
+AUTH_STATUSES: Final = frozenset({401, 403})
+# Object names of batches still being retried, so a retry reuses its first name.
+MAX_PENDING_NAMES = 256
+# `s3[.private|.direct].<region>.cloud-object-storage.appdomain.cloud`
+_IBM_COS_HOST = re.compile(
+    r"^s3\.(?:(?:private|direct)\.)?([a-z0-9-]+)\.cloud-object-storage\.appdomain\.cloud$"
+)
+_SAFE_SEGMENT = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HmacKeysConfig:
+    """HMAC credentials of the bucket (COS service credentials with HMAC, or any S3 store's
+    access key), used to sign requests with SigV4 instead of an IAM token."""
+
+    access_key_id: str
+    secret_access_key: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CosEndpointConfig:
+    """atracker's `cos_endpoint` (endpoint, target_crn, bucket, api_key,
+    service_to_service_enabled) plus our extensions: `endpoint` may be a URL
+    (`http://host:port`) for an S3-compatible store, `hmac_keys` instead of an IAM API key,
+    `region` for the object names, and the IAM URL, timeout and TLS check."""
+
+    endpoint: str  # a host name (https) as atracker takes it, or a full URL
+    target_crn: str
+    bucket: str
+    api_key: str | None = field(default=None, repr=False)
+    # Accepted as atracker's; the daemon has no service identity of its own yet, so the
+    # api_key or hmac_keys are used either way.
+    service_to_service_enabled: bool = False
+    hmac_keys: HmacKeysConfig | None = None
+    region: str | None = None  # default: the region an IBM COS endpoint names, else us-south
+    iam_url: str = "https://iam.cloud.ibm.com"
+    timeout_s: float = 60.0
+    tls_verify: bool = True
+
+
+_SECRET = {"type": "string", "minLength": 1, "description": "Use a reference: ${env:NAME}"}
+
+# The JSON Schema of `cos_endpoint`.
+ENDPOINT_SCHEMA: Final[Mapping[str, Any]] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["endpoint", "target_crn", "bucket"],
+    "properties": {
+        "endpoint": {
+            "type": "string",
+            "minLength": 3,
+            "pattern": r"^(https?://[^\s/]+/?|[A-Za-z0-9.:-]+)$",
+            "description": "a COS host name (s3.us-south.cloud-object-storage.appdomain.cloud)"
+            " or the URL of an S3-compatible store",
+        },
+        "target_crn": {"type": "string", "minLength": 3, "pattern": "^crn:"},
+        "bucket": {"type": "string", "pattern": "^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"},
+        "api_key": _SECRET,
+        "service_to_service_enabled": {"type": "boolean"},
+        "hmac_keys": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["access_key_id", "secret_access_key"],
+            "properties": {
+                "access_key_id": {"type": "string", "minLength": 1},
+                "secret_access_key": _SECRET,
+            },
+        },
+        "region": {"type": "string", "pattern": "^[a-z0-9-]{2,64}$"},
+        "iam_url": {"type": "string", "pattern": "^https?://"},
+        "timeout_s": {"type": "number", "exclusiveMinimum": 0},
+        "tls_verify": {"type": "boolean"},
+    },
+    # atracker: an api_key is "required if service_to_service is not enabled"; we need a
+    # credential either way, an API key or HMAC keys.
+    "if": {"not": {"required": ["hmac_keys"]}},
+    "then": {"required": ["api_key"]},
+}
+
+
+def endpoint_url(endpoint: str) -> str:
+    """The URL of an endpoint given as atracker's host name or as a URL."""
+    if "://" in endpoint:
+        return endpoint.rstrip("/")
+    return f"https://{endpoint}"
+
+
+def endpoint_region(endpoint: str) -> str | None:
+    """The region an IBM COS endpoint names (`s3.private.us-east...` -> `us-east`), if any."""
+    host = endpoint.split("://", 1)[-1].split("/", 1)[0].split(":", 1)[0]
+    match = _IBM_COS_HOST.match(host)
+    return match.group(1) if match else None
+
+
+def event_account(event: Event) -> str:
+    """The account of an event: the `a/<account>` scope of its logSourceCRN."""
+    scope = crn_parts(str(event.body.get("logSourceCRN", "")))[6]
+    kind, _, account = scope.partition("/")
+    if kind == "a" and _SAFE_SEGMENT.match(account):
+        return account
+    return NO_ACCOUNT
+
+
+def uuid7(now: float, random: bytes | None = None) -> uuid.UUID:
+    """A version 7 UUID (RFC 9562): 48 bits of Unix milliseconds, then random bits."""
+    rand = int.from_bytes(random if random is not None else os.urandom(10), "big")
+    value = (int(now * 1000) & ((1 << 48) - 1)) << 80
+    value |= 0x7 << 76  # version
+    value |= ((rand >> 62) & 0xFFF) << 64  # rand_a, 12 bits
+    value |= 0b10 << 62  # variant
+    value |= rand & ((1 << 62) - 1)  # rand_b, 62 bits
+    return uuid.UUID(int=value)
+
+
+def object_key(account: str, region: str, now: float, unique: uuid.UUID) -> str:
+    """`<account>/<region>/<YYYY-MM-DDTHH>/<YYYY-MM-DDTHH:MM>+<SS>_<uuid>.log` in UTC, as in
+    atracker's own example `.../2025-04-10T21/2025-04-10T21:02+01_0196361c-....log`."""
+    at = datetime.fromtimestamp(now, UTC)
+    return f"{account}/{region}/{at:%Y-%m-%dT%H}/{at:%Y-%m-%dT%H:%M}+{at:%S}_{unique}.log"
+
+
+def ndjson_gzip(events: Sequence[Event]) -> bytes:
+    """The events as NDJSON (their stored JSON, one per line), gzipped."""
+    return gzip.compress(b"".join(event.encoded() + b"\n" for event in events), compresslevel=6)
+
+
+def packed(events: Sequence[Event]) -> tuple[bytes, str]:
+    """The object's body and its Content-MD5 (base64 of the body's MD5)."""
+    body = ndjson_gzip(events)
+    return body, base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode()
+
+
+def by_account(batch: Sequence[Event]) -> dict[str, list[Event]]:
+    """The batch's events per account, accounts in order of first appearance."""
+    groups: dict[str, list[Event]] = {}
+    for event in batch:
+        groups.setdefault(event_account(event), []).append(event)
+    return groups
+
+
+class CosTarget:
+    """Writes each account's share of a batch as one object in one bucket."""
+
+    def __init__(self, target_id: str, endpoint: CosEndpointConfig) -> None:
+        self.id = target_id
+        self.endpoint = endpoint
+        self.url = endpoint_url(endpoint.endpoint)
+        self.region = endpoint.region or endpoint_region(endpoint.endpoint) or DEFAULT_REGION
+        self.tokens: IamTokenSource | None = None
+        if endpoint.hmac_keys is None:
+            assert endpoint.api_key is not None  # the schema requires one or the other
+            self.tokens = IamTokenSource.shared(endpoint.iam_url, endpoint.api_key)
+        self._bearer = ""
+        self._names: OrderedDict[str, str] = OrderedDict()
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._client: S3Client | None = None
+        self._session: aiohttp.ClientSession | None = None  # for IAM tokens only
+
+    async def start(self) -> None:
+        if self._client is not None:
+            return
+        endpoint = self.endpoint
+        config = AioConfig(
+            region_name=self.region,
+            # IAM: unsigned requests carrying the bearer token (added in _authorize).
+            signature_version="s3v4" if endpoint.hmac_keys else botocore.UNSIGNED,
+            s3={"addressing_style": "path"},
+            retries={"total_max_attempts": 1},  # retries are delivery.py's, with backoff
+            connect_timeout=min(endpoint.timeout_s, 10.0),
+            read_timeout=endpoint.timeout_s,
+            # Content-MD5 checks each body; the newer default checksums (aws-chunked trailers)
+            # are refused by some S3-compatible stores.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        keys = endpoint.hmac_keys
+        stack = contextlib.AsyncExitStack()
+        session = aiobotocore.session.get_session()
+        client = await stack.enter_async_context(
+            session.create_client(
+                "s3",
+                endpoint_url=self.url,
+                verify=endpoint.tls_verify,
+                config=config,
+                aws_access_key_id=keys.access_key_id if keys else None,
+                aws_secret_access_key=keys.secret_access_key if keys else None,
+            )
+        )
+        if self.tokens is not None:
+            client.meta.events.register("before-send.s3", self._authorize)
+            self._session = new_session(endpoint.timeout_s, endpoint.tls_verify)
+        self._stack, self._client = stack, client
+
+    def _authorize(self, request: Any, **_: Any) -> None:
+        """Put the IAM bearer token on a request about to go out (IAM mode only)."""
+        request.headers["Authorization"] = f"Bearer {self._bearer}"
+
+    def unsendable(self, event: Event) -> str | None:
+        return None
+
+    def requests(self, batch: Sequence[Event]) -> Iterator[Sequence[Event]]:
+        """One object per account; the worker writes and settles each on its own."""
+        yield from by_account(batch).values()
+
+    async def send(self, batch: Sequence[Event]) -> None:
+        await self.start()
+        for account, events in by_account(batch).items():
+            await self._write(account, events)
+
+    def _name(self, account: str, events: Sequence[Event]) -> str:
+        """The object's name, chosen at the first attempt and kept for the retries."""
+        key = batch_key(events)
+        name = self._names.get(key)
+        if name is None:
+            now = time.time()
+            name = self._names[key] = object_key(account, self.region, now, uuid7(now))
+            while len(self._names) > MAX_PENDING_NAMES:
+                self._names.popitem(last=False)
+        return name
+
+    async def _write(self, account: str, events: Sequence[Event]) -> None:
+        name = self._name(account, events)
+        # Off the event loop: 8 MiB take ~0.2 s to gzip, a pause ingest would feel.
+        body, md5 = await asyncio.to_thread(packed, events)
+        for attempt in (1, 2):
+            token = await self._token()
+            try:
+                await self._put(name, body, md5)
+            except PermanentDeliveryError as exc:
+                if self.tokens is None or exc.status not in AUTH_STATUSES or attempt == 2:
+                    raise
+                # The token expired or was revoked early: fetch a new one and try once more.
+                self.tokens.invalidate(token)
+                continue
+            self._names.pop(batch_key(events), None)
+            log.debug("target %s: wrote %s (%d events)", self.id, name, len(events))
+            return
+
+    async def _token(self) -> str:
+        if self.tokens is None:
+            return ""
+        assert self._session is not None
+        self._bearer = await self.tokens.token(self._session, self.id)
+        return self._bearer
+
+    async def _put(self, name: str, body: bytes, md5: str) -> None:
+        """One PUT; what fails is classified as retryable or permanent."""
+        assert self._client is not None
+        where = f"PUT {self.url}/{self.endpoint.bucket}/{name}"
+        try:
+            # A deadline for the whole request: with a hung store, botocore's read timeout
+            # alone did not end a PUT (still waiting after 10 s with read_timeout 0.5 s; the
+            # PUT first waits for `100 Continue`, which aiohttp's read timeout seems not to
+            # cover).
+            async with asyncio.timeout(self.endpoint.timeout_s):
+                await self._client.put_object(
+                    Bucket=self.endpoint.bucket,
+                    Key=name,
+                    Body=body,
+                    ContentMD5=md5,
+                    ContentType="application/x-ndjson",
+                    ContentEncoding="gzip",
+                )
+        except botocore.exceptions.ClientError as exc:
+            raise classify(self.id, where, exc.response) from exc
+        except TimeoutError as exc:
+            raise RetryableDeliveryError(
+                self.id, f"{where}: no answer within {self.endpoint.timeout_s:g}s"
+            ) from exc
+        except (
+            botocore.exceptions.HTTPClientError,
+            botocore.exceptions.ConnectionError,
+            aiohttp.ClientError,
+        ) as exc:
+            raise RetryableDeliveryError(self.id, f"{where}: {exc}") from exc
+
+    async def objects(self, prefix: str = "") -> AsyncIterator[tuple[str, bytes]]:
+        """The objects under `prefix` in key order, as (key, body as stored): what
+        `event-router query cos://TARGET/PREFIX` reads. A failure raises a DeliveryError."""
+        await self.start()
+        assert self._client is not None
+        where = f"{self.url}/{self.endpoint.bucket}/{prefix}"
+        try:
+            pages = self._client.get_paginator("list_objects_v2")
+            await self._token()
+            async for page in pages.paginate(Bucket=self.endpoint.bucket, Prefix=prefix):
+                for item in page.get("Contents", []):
+                    key = item["Key"]
+                    await self._token()  # the bearer of a long listing may need renewing
+                    got = await self._client.get_object(Bucket=self.endpoint.bucket, Key=key)
+                    async with got["Body"] as stream:
+                        body = await stream.read()
+                    yield key, body
+        except botocore.exceptions.ClientError as exc:
+            raise classify(self.id, f"GET {where}", exc.response) from exc
+        except (
+            botocore.exceptions.HTTPClientError,
+            botocore.exceptions.ConnectionError,
+            aiohttp.ClientError,
+            TimeoutError,
+        ) as exc:
+            raise RetryableDeliveryError(self.id, f"GET {where}: {exc}") from exc
+
+    async def close(self) -> None:
+        stack, self._stack, self._client = self._stack, None, None
+        if stack is not None:
+            await stack.aclose()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def classify(
+    target_id: str, where: str, response: Mapping[str, Any]
+) -> RetryableDeliveryError | PermanentDeliveryError:
+    """The delivery error for an S3 error answer: S3's code and message, and whether it may
+    pass (408, 429, 5xx, a throttling code) or not (NoSuchBucket, AccessDenied, ...)."""
+    error = response.get("Error") or {}
+    meta = response.get("ResponseMetadata") or {}
+    status = int(meta.get("HTTPStatusCode") or 0) or None
+    code = str(error.get("Code") or "")
+    text = str(error.get("Message") or "")
+    message = f"{where}: {code or 'error'}" + (f": {text}" if text else "")
+    message += f" (HTTP {status})" if status else ""
+    excerpt = f"{code}: {text}" if code else text
+    later = status is not None and (status in RETRYABLE_STATUSES or status >= 500)
+    if later or code in RETRYABLE_CODES:
+        retry_after = parse_retry_after((meta.get("HTTPHeaders") or {}).get("retry-after"))
+        return RetryableDeliveryError(
+            target_id, message, status=status, response_excerpt=excerpt, retry_after_s=retry_after
+        )
+    return PermanentDeliveryError(target_id, message, status=status, response_excerpt=excerpt)

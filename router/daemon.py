@@ -27,7 +27,7 @@ from router.config import (
     config_warnings,
     load_config_and_data,
 )
-from router.deadletter import DeadLetters, Failure
+from router.deadletter import DeadLetters, target_removed
 from router.delivery import DeliveryWorker
 from router.errors import ConfigError, RouterError
 from router.evidence.receipt import Receipts
@@ -39,25 +39,63 @@ from router.intake.validation import EventValidator
 from router.journal import Entry
 from router.journal.sqlite import SqliteJournal
 from router.observe.logformat import counted
-from router.observe.metrics import IngestStats, TargetStats, utc_iso
+from router.observe.metrics import IngestStats, TargetStats, WriteStatus, utc_iso
 from router.observe.prometheus import DaemonMetrics
 from router.probe import ProbeResult, probe
-from router.reload import ReloadPlan, config_digest, plan_reload
+from router.reload import ReloadPlan, apply_reload, config_digest, plan_reload
 from router.resources import schemas_dir
 from router.routing import RouteTable
-from router.selfevent import instance_crn, router_event
-from router.server.api import ConfigSource, ManagementApi
-from router.server.auth import Guard
+from router.selfevent import reload_event
+from router.server.api import Change, ConfigSource, ManagementApi, write_back
+from router.server.app import build_app
+from router.server.auth import Guard, Refusals
 from router.server.listener import ClientFaultLog, DeadlineSite
-from router.server.receipts import ReceiptEndpoint
-from router.server.redrive import Redrive
 from router.server.servertls import server_context
-from router.server.status import StatusEndpoints
 from router.server.tail import TailHub
 from router.targets import Target, build_target
 from router.targets.file import FileEndpointConfig, FileTarget
 
 log = logging.getLogger(__name__)
+
+
+class _Swaps:
+    """The daemon's side of a reload (router/reload.py's Swaps): each step on its parts."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    async def add_target(self, target_id: str) -> None:
+        await self.daemon.journal.add_target(target_id)
+        self.daemon.target_stats[target_id] = TargetStats()
+
+    def leave(self, target: TargetConfig) -> None:
+        self.daemon._leaving[target.id] = target
+
+    async def swap(
+        self, new: Config, validator: EventValidator, routes: RouteTable, redactor: Redactor
+    ) -> None:
+        daemon = self.daemon
+        await daemon.acceptor.swap(validator=validator, routes=routes, redactor=redactor)
+        daemon.config = new  # no await since the swap: no offer sees one without the other
+        daemon.validator, daemon.routes, daemon.redactor = validator, routes, redactor
+
+    async def stop_worker(self, target_id: str) -> None:
+        await self.daemon._stop_worker(target_id)
+
+    async def retire(self, target_id: str) -> None:
+        await self.daemon._retire(target_id)
+        self.daemon.target_stats.pop(target_id, None)
+        del self.daemon._leaving[target_id]
+
+    async def start_target(self, config: TargetConfig, target: Target) -> None:
+        daemon = self.daemon
+        daemon._chain(target)
+        daemon.targets[target.id] = target
+        try:
+            await target.start()
+        except Exception:
+            log.exception("target %s failed to start", target.id)
+        daemon._start_worker(config)
 
 
 class Daemon:
@@ -96,6 +134,7 @@ class Daemon:
         self.config_lock = asyncio.Lock()
         # Targets a reload removed whose backlog is still being retired: shown until gone.
         self._leaving: dict[str, TargetConfig] = {}
+        self._swaps = _Swaps(self)
         self.tail = TailHub(
             max_clients=config.server.max_tail_clients,
             write_timeout_s=config.server.tail_write_timeout_s,
@@ -125,24 +164,28 @@ class Daemon:
         self.ingest = ingest = Ingest(
             server=self.config.server, stats=self.ingest_stats, acceptor=acceptor
         )
-        app = web.Application(
-            client_max_size=self.config.server.max_body_bytes, middlewares=[self.guard.middleware]
-        )
-        app.router.add_post("/v1/events", ingest.handle)
-        app.router.add_get("/v1/tail", self.tail.handle)
-        redrive = Redrive(
-            self.dead_letters,
-            self.journal,
+        return build_app(
+            server=self.config.server,
+            guard=self.guard,
+            ingest=ingest,
+            tail=self.tail,
+            dead_letters=self.dead_letters,
+            journal=self.journal,
+            pending_for=self.journal.pending_for,
+            health=self,
+            render_metrics=self.metrics.render,
             is_target=lambda target_id: target_id in self.targets,
             is_invalid=lambda body: bool(self.validator.validate(body)),
+            file_archives=self._file_archives,
+            letters_dir=self.config.storage.dead_letter_dir(),
+            api=ManagementApi(
+                self,
+                port=lambda: self.port,
+                write_status=self._write_status,
+                probe=self.probe_target,
+                record=self.record_own,
+            ),
         )
-        app.router.add_post("/v1/deadletters/{target}/redrive", redrive.handle)
-        StatusEndpoints(self, self.metrics.render).routes(app)
-        ReceiptEndpoint(
-            self.journal.pending_for, self._file_archives, self.config.storage.dead_letter_dir()
-        ).routes(app)
-        ManagementApi(self).routes(app)
-        return app
 
     @property
     def port(self) -> int:
@@ -346,58 +389,16 @@ class Daemon:
 
     async def _reload(self, new: Config, initiator: str, audit: bool) -> ReloadPlan:
         old = self.config
-        plan = plan_reload(old, new)
-        if plan.refused:
-            if audit:
-                await self._audit_reload(old, new, plan, initiator, "; ".join(plan.refused))
-            raise ConfigError("reload", list(plan.refused))
-        validator = self.validator
-        if new.validation != old.validation:
-            schemas = new.validation.schemas_dir
-            validator = EventValidator(
-                Path(schemas) if schemas else schemas_dir(),
-                unknown_actions=new.validation.unknown_actions,
+        try:
+            plan = await apply_reload(
+                old, new, validator=self.validator, redactor=self.redactor, swaps=self._swaps
             )
-        redactor = self.redactor
-        if new.redaction != old.redaction:
-            schemas = new.validation.schemas_dir
-            redactor = Redactor.from_schemas(
-                Path(schemas) if schemas else schemas_dir(), new.redaction
-            )
-        routes = RouteTable(new.routes, new.settings.default_targets)
-        fresh = {t.id: t for t in new.targets if t.id in plan.added + plan.changed}
-        built = {target_id: build_target(config) for target_id, config in fresh.items()}
-        for target_id in plan.added:
-            await self.journal.add_target(target_id)
-            self.target_stats[target_id] = TargetStats()
-        for target_id in plan.removed:
-            self._leaving[target_id] = old.target(target_id)
-        # From here on every new request routes with the new table; requests that routed with
-        # the old one have all reached the journal (or will, via its retired-target path).
-        await self.acceptor.swap(validator=validator, routes=routes, redactor=redactor)
-        self.config = new  # no await since the swap: no offer sees one without the other
-        self.validator, self.routes, self.redactor = validator, routes, redactor
-        for target_id in plan.changed + plan.removed:
-            await self._stop_worker(target_id)
-        for target_id in plan.removed:
-            await self._retire(target_id)
-            self.target_stats.pop(target_id, None)
-            del self._leaving[target_id]
-        for target_id, target in built.items():
-            self._chain(target)
-            self.targets[target_id] = target
-            try:
-                await target.start()
-            except Exception:
-                log.exception("target %s failed to start", target_id)
-            self._start_worker(fresh[target_id])
-        log.info(
-            "config reloaded: %s added, %d changed, %d removed; %s",
-            counted(len(plan.added), "target"),
-            len(plan.changed),
-            len(plan.removed),
-            counted(len(new.routes), "route"),
-        )
+        except ConfigError as exc:
+            if audit and exc.source == "reload":
+                await self._audit_reload(
+                    old, new, plan_reload(old, new), initiator, "; ".join(exc.problems)
+                )
+            raise
         if audit:
             await self._audit_reload(old, new, plan, initiator, None)
         return plan
@@ -411,35 +412,14 @@ class Daemon:
         failure: str | None,
     ) -> None:
         """Every reload, applied or refused, is an event from the router itself."""
-        body = router_event(
-            action="event-router.config.reload",
-            message=f"event-router: reload config {'failed' if failure else 'applied'}",
-            target={
-                "id": instance_crn("config:router.yaml"),
-                "name": "configuration",
-                "typeURI": "event-router/config",
-            },
-            outcome="failure" if failure else "success",
-            reason_code=400 if failure else 200,
-            reason_type="Bad Request" if failure else "OK",
-            severity="warning",
-            initiator={
-                "id": f"event-router-{initiator}",
-                "name": initiator,
-                "typeURI": "service/security/clientid",
-                "credential": {"type": "token"},
-            },
-            extra={
-                "requestData": {
-                    "updateType": "config",
-                    "initialValue": config_digest(old),
-                    "newValue": config_digest(new) if new else None,
-                    "targetsAdded": list(plan.added) if plan else [],
-                    "targetsChanged": list(plan.changed) if plan else [],
-                    "targetsRemoved": list(plan.removed) if plan else [],
-                    **({"reasonForFailure": failure} if failure else {}),
-                }
-            },
+        body = reload_event(
+            initiator=initiator,
+            initial=config_digest(old),
+            new=config_digest(new) if new else None,
+            added=plan.added if plan else (),
+            changed=plan.changed if plan else (),
+            removed=plan.removed if plan else (),
+            failure=failure,
         )
         await self.record_own(body)
 
@@ -455,6 +435,21 @@ class Daemon:
             await self.acceptor.accept_own(body)
         except (RouterError, OSError):
             log.exception("the router's own %s event could not be journaled", body["action"])
+
+    async def edit(self, change: Change, *, initiator: str) -> None:
+        """The management API's one way to change the config: under config_lock, build the new
+        config from the running one, apply it (the API audits it, not the reload), adopt its
+        data and write it back to the file, so a restart comes back with it."""
+        async with self.config_lock:
+            new, source = await change(self.config, self.source)
+            await self.apply(new, initiator=initiator, audit=False)
+            self.source = source
+            if source.path is not None:
+                await asyncio.to_thread(write_back, source.path, source.data)
+
+    def _write_status(self, target_id: str) -> WriteStatus | None:
+        stats = self.target_stats.get(target_id)
+        return stats.write_status if stats is not None else None
 
     async def probe_target(self, target_id: str) -> ProbeResult:
         """A test write to a running target (the API's validate), recorded in write_status."""
@@ -473,10 +468,7 @@ class Daemon:
 
     async def _retire(self, target_id: str) -> None:
         """A target gone from the config leaves its backlog as dead letters, not lost."""
-        failure = Failure(
-            reason="target_removed",
-            message=f"target {target_id!r} is no longer in the configuration",
-        )
+        failure = target_removed(target_id)
 
         async def dead_letter(entries: list[Entry]) -> None:
             await self.dead_letters.write(target_id, entries, failure)
@@ -550,6 +542,14 @@ class Daemon:
             },
             "targets": targets,
         }
+
+    @property
+    def journal_max_bytes(self) -> int:
+        return self.config.storage.max_bytes
+
+    @property
+    def refusals(self) -> Refusals:
+        return self.guard.refusals
 
     @property
     def journal_healthy(self) -> bool:

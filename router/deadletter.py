@@ -6,6 +6,11 @@ prove what happened to every accepted event that never reached a target, and red
 events back on the journal; a crash in between leaves them in both places (sent again, never
 lost).
 
+Every reason a letter is written for is named here: what delivery gives up on before any
+attempt (`unsendable`), what ingest sheds when the journal is full (`DROPPED_BUFFER_FULL`),
+and the backlog of a target the config no longer has (`target_removed`); delivery builds
+the one failure only it can see (a send's status, attempts and times) from `Failure` itself.
+
 With evidence on, each letter takes its place in the target's chain (router/evidence): the line
 carries a `_chain` link, so the archive and this file together account for every event the
 target was given.
@@ -45,6 +50,42 @@ class Failure:
     attempts: int = 0
     first_attempt_at: float | None = None
     last_attempt_at: float | None = None
+
+
+UNSENDABLE_MESSAGES = {
+    "journal_corrupt": "the journal record failed its checksum; its raw bytes are an excerpt",
+    "too_large": "the event is larger than the target takes, so retrying cannot help",
+    "too_old": "the event is older than the target accepts, so it would be dropped silently",
+    "too_far_in_future": "the event time is further ahead than the target accepts",
+}
+
+DROPPED_BUFFER_FULL = Failure(
+    reason="dropped_buffer_full",
+    message="the journal was full and storage.when_full is drop_oldest_per_target",
+)
+
+
+def unsendable_failure(reason: str) -> Failure:
+    """The dead-letter record for events refused before any attempt."""
+    return Failure(reason=reason, message=UNSENDABLE_MESSAGES.get(reason, reason))
+
+
+def target_removed(target_id: str) -> Failure:
+    """The dead-letter record for the backlog of a target gone from the config."""
+    return Failure(
+        reason="target_removed",
+        message=f"target {target_id!r} is no longer in the configuration",
+    )
+
+
+def letters_path(directory: Path, target_id: str) -> Path:
+    """A target's dead-letter file in the dead-letter directory: one per target."""
+    return directory / f"{target_id}.ndjson"
+
+
+def letter_files(directory: Path) -> dict[str, Path]:
+    """Every target's dead-letter file in the directory, by target id, in id order."""
+    return {path.name.removesuffix(".ndjson"): path for path in sorted(directory.glob("*.ndjson"))}
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +167,7 @@ class DeadLetters:
         self.chain_for: Callable[[str], Chain | None] = lambda _: None
 
     def path(self, target_id: str) -> Path:
-        return self.directory / f"{target_id}.ndjson"
+        return letters_path(self.directory, target_id)
 
     def _lock(self, target_id: str) -> asyncio.Lock:
         return self._locks.setdefault(target_id, asyncio.Lock())

@@ -28,7 +28,7 @@ from tenacity import (
 from tenacity.stop import stop_base
 
 from router.config import TargetConfig
-from router.deadletter import DeadLetters, Failure
+from router.deadletter import DeadLetters, Failure, unsendable_failure
 from router.errors import (
     DeliveryError,
     PermanentDeliveryError,
@@ -51,18 +51,6 @@ DEAD_LETTER_RETRY_S = 1.0
 ACK_RETRY_S = 1.0
 
 WORKER_RESTART_S = 1.0
-
-UNSENDABLE_MESSAGES = {
-    "journal_corrupt": "the journal record failed its checksum; its raw bytes are an excerpt",
-    "too_large": "the event is larger than the target takes, so retrying cannot help",
-    "too_old": "the event is older than the target accepts, so it would be dropped silently",
-    "too_far_in_future": "the event time is further ahead than the target accepts",
-}
-
-
-def unsendable_failure(reason: str) -> Failure:
-    """The dead-letter record for events refused before any attempt."""
-    return Failure(reason=reason, message=UNSENDABLE_MESSAGES.get(reason, reason))
 
 
 def _retry_after(state: RetryCallState) -> float | None:

@@ -2,13 +2,15 @@
 
 The routing location is segment 5 of `logSourceCRN` (an empty segment means `global`), and the
 producing service is segment 4. Both are derived once, at ingest, so routing and delivery never
-parse the CRN again.
+parse the CRN again. `eventTime` is read here too (`parse_event_time`), once per event, for
+whoever needs it as a time (a target's timestamp, a search bound).
 """
 
 from __future__ import annotations
 
 import time
 import uuid
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -40,6 +42,18 @@ def action_service(action: str) -> str:
     return head
 
 
+def parse_event_time(value: Any) -> datetime | None:
+    """An eventTime as an aware datetime; None when it is not an ISO 8601 time with an offset
+    (the schema asks for one, but a stored line read back may be anything)."""
+    if not isinstance(value, str):
+        return None
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return when if when.tzinfo else None
+
+
 def new_event_id() -> str:
     """A fresh id for an event that arrived without one."""
     return str(uuid.uuid4())
@@ -54,7 +68,7 @@ class Event:
     derived from the body once, when first asked for.
     """
 
-    __slots__ = ("_body", "_encoded", "_facts", "corrupt", "id", "received_at")
+    __slots__ = ("_body", "_encoded", "_facts", "_time", "corrupt", "id", "received_at")
 
     def __init__(
         self,
@@ -74,6 +88,7 @@ class Event:
         # True for a journal record that failed its checksum: it is dead-lettered, never sent.
         self.corrupt = corrupt
         self._facts: tuple[str, str, str] | None = ("", "", "") if corrupt else None
+        self._time: tuple[datetime | None] | None = None  # eventTime, once read
 
     @classmethod
     def from_body(
@@ -124,6 +139,13 @@ class Event:
             crn = self.body["logSourceCRN"]
             self._facts = (crn_location(crn), crn_service(crn), self.body["action"])
         return self._facts
+
+    @property
+    def event_time(self) -> datetime | None:
+        """The eventTime, parsed on first use (None when it is missing or not a time)."""
+        if self._time is None:
+            self._time = (parse_event_time(self.body.get("eventTime")),)
+        return self._time[0]
 
     @property
     def location(self) -> str:

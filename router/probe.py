@@ -15,29 +15,11 @@ import time
 from dataclasses import dataclass
 
 from router.errors import DeliveryError
-from router.events import Event
 from router.observe.metrics import TargetStats
-from router.selfevent import instance_crn, router_event
+from router.selfevent import validation_event
 from router.targets import Target
 
 log = logging.getLogger(__name__)
-
-ACTION = "event-router.target.validate"
-
-
-def validation_event(target_id: str) -> Event:
-    """A schema-valid Activity Tracker event from the router itself, naming the target."""
-    return Event.from_body(
-        router_event(
-            action=ACTION,
-            message=f"event-router: validate target {target_id}",
-            target={
-                "id": instance_crn(f"target:{target_id}"),
-                "name": target_id,
-                "typeURI": "event-router/target",
-            },
-        )
-    )
 
 
 @dataclass(frozen=True, slots=True)

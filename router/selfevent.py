@@ -2,8 +2,10 @@
 
 The router is an audited component like any other: a target test write and a refused login
 are events with the same shape a producer's would have, validated against the same schemas
-(`schemas/catalog/event-router.json` lists the actions) and routed by the same rules. This
-module builds them; it does no I/O, so whoever emits one decides where it goes.
+(`schemas/catalog/event-router.json` lists the actions) and routed by the same rules. Every
+one of them is built here (a login refused or summed up, a management API change, a config
+reload, a target's test write); this module does no I/O, so whoever emits one decides where
+it goes (the daemon's `record_own` journals them through the acceptor).
 """
 
 from __future__ import annotations
@@ -11,12 +13,22 @@ from __future__ import annotations
 import functools
 import socket
 import time
-from typing import Any
+from collections import Counter
+from collections.abc import Sequence
+from http import HTTPStatus
+from typing import Any, Final
 
 from router import __version__
+from router.events import Event
+from router.observe.logformat import counted
 from router.observe.metrics import utc_iso
 
 SERVICE = "event-router"
+LOGIN_ACTION: Final = "event-router.instance.login"
+VALIDATE_ACTION: Final = "event-router.target.validate"
+RELOAD_ACTION: Final = "event-router.config.reload"
+# Client addresses named in a summary of refused logins, the busiest first.
+SUMMARY_CLIENTS: Final = 20
 # What an event of the router quotes (a refused name, a config problem) is cut to this many
 # characters, so the event stays far below server.max_string_chars: an audit event that is
 # itself rejected would leave the action it reports unrecorded.
@@ -92,3 +104,164 @@ def router_event(
     }
     result: dict[str, Any] = clipped(body)
     return result
+
+
+def refusal_event(
+    *,
+    endpoint: str,
+    address: str,
+    agent: str,
+    principal: str | None,
+    status: int,
+    reason_type: str,
+    why: str,
+) -> dict[str, Any]:
+    """A refused request (a bad token, a client fault): who, from where, and why."""
+    body = router_event(
+        action=LOGIN_ACTION,
+        message=f"event-router: refused {endpoint} from {address or 'unknown'}: {why}",
+        target={
+            "id": instance_crn("endpoint:" + endpoint.replace(":", "")),
+            "name": endpoint,
+            "typeURI": "event-router/endpoint",
+        },
+        outcome="failure",
+        reason_code=status,
+        reason_type=reason_type,
+        severity="critical",
+        initiator={
+            "id": principal or "anonymous",
+            "name": principal or "anonymous",
+            "typeURI": "service/security/clientid",
+            "credential": {"type": "token" if principal else "unknown"},
+            "host": {"address": address, "agent": agent},
+        },
+    )
+    body["reason"]["reasonForFailure"] = clip(why)
+    return body
+
+
+def summary_event(total: int, by_address: Counter[str]) -> dict[str, Any]:
+    """The refusals the rate limits kept out of the journal, summed up, by address."""
+    busiest = dict(by_address.most_common(SUMMARY_CLIENTS))
+    body = router_event(
+        action=LOGIN_ACTION,
+        message=f"event-router: {counted(total, 'more refused attempt')} from "
+        f"{counted(len(by_address), 'address', 'addresses')}, not recorded one by one "
+        "(rate limit)",
+        target={
+            "id": instance_crn(":"),
+            "name": "event-router",
+            "typeURI": "event-router/instance",
+        },
+        outcome="failure",
+        reason_code=401,
+        reason_type="Unauthorized",
+        severity="critical",
+        extra={"requestData": {"suppressed_attempts": total, "by_address": busiest}},
+    )
+    body["initiator"]["host"]["address"] = next(iter(busiest), "")
+    body["reason"]["reasonForFailure"] = "rate-limited refusals"
+    return body
+
+
+def change_event(
+    *,
+    action: str,
+    subject: str,
+    who: str,
+    address: str,
+    initial: str,
+    new: str | None,
+    failure: str | None,
+    status: int = 400,
+) -> dict[str, Any]:
+    """A management API change (`action` such as target.create) to `subject` (target:ID),
+    applied or refused; `initial` and `new` are the config digests before and after."""
+    return router_event(
+        action=f"{SERVICE}.{action}",
+        message=f"event-router: {action.replace('.', ' ')} {subject}"
+        + (" -failure" if failure else ""),
+        target={
+            "id": instance_crn(subject),
+            "name": subject.split(":", 1)[-1],
+            "typeURI": f"event-router/{subject.split(':', 1)[0]}",
+        },
+        outcome="failure" if failure else "success",
+        reason_code=status if failure else 200,
+        reason_type=HTTPStatus(status).phrase if failure else "OK",
+        severity="warning" if failure or action.endswith("delete") else "normal",
+        initiator={
+            "id": f"token-{who}",
+            "name": who,
+            "typeURI": "service/security/clientid",
+            "credential": {"type": "token"},
+            "host": {"address": address},
+        },
+        extra={
+            "requestData": {
+                "updateType": action.rsplit(".", 1)[-1],
+                "initialValue": initial,
+                "newValue": new,
+                **({"reasonForFailure": failure} if failure else {}),
+            }
+        },
+    )
+
+
+def reload_event(
+    *,
+    initiator: str,
+    initial: str,
+    new: str | None,
+    added: Sequence[str],
+    changed: Sequence[str],
+    removed: Sequence[str],
+    failure: str | None,
+) -> dict[str, Any]:
+    """A config reload, applied or refused, with the targets it added, changed and removed."""
+    return router_event(
+        action=RELOAD_ACTION,
+        message=f"event-router: reload config {'failed' if failure else 'applied'}",
+        target={
+            "id": instance_crn("config:router.yaml"),
+            "name": "configuration",
+            "typeURI": "event-router/config",
+        },
+        outcome="failure" if failure else "success",
+        reason_code=400 if failure else 200,
+        reason_type="Bad Request" if failure else "OK",
+        severity="warning",
+        initiator={
+            "id": f"event-router-{initiator}",
+            "name": initiator,
+            "typeURI": "service/security/clientid",
+            "credential": {"type": "token"},
+        },
+        extra={
+            "requestData": {
+                "updateType": "config",
+                "initialValue": initial,
+                "newValue": new,
+                "targetsAdded": list(added),
+                "targetsChanged": list(changed),
+                "targetsRemoved": list(removed),
+                **({"reasonForFailure": failure} if failure else {}),
+            }
+        },
+    )
+
+
+def validation_event(target_id: str) -> Event:
+    """The test write of a target's validation: an event from the router, naming the target."""
+    return Event.from_body(
+        router_event(
+            action=VALIDATE_ACTION,
+            message=f"event-router: validate target {target_id}",
+            target={
+                "id": instance_crn(f"target:{target_id}"),
+                "name": target_id,
+                "typeURI": "event-router/target",
+            },
+        )
+    )

@@ -18,7 +18,7 @@ import orjson
 
 from router.clients import base_url
 from router.config import Config
-from router.deadletter import LetterFilter, read_letters
+from router.deadletter import LetterFilter, letter_files, letters_path, read_letters
 from router.observe.logformat import counted
 
 TABLE_COLUMNS = ("last_attempt_at", "reason", "status", "event_id", "action", "route")
@@ -39,7 +39,7 @@ def deadletter_dir(config: Config) -> Path:
 def list_letters(config: Config, out: TextIO | None = None) -> int:
     """One line per target: how many letters, by reason, and the time span they cover."""
     out = out or sys.stdout
-    files = sorted(deadletter_dir(config).glob("*.ndjson"))
+    files = list(letter_files(deadletter_dir(config)).values())
     if not files:
         print(f"no dead letters under {deadletter_dir(config)}", file=out)
         return 0
@@ -73,7 +73,7 @@ def show_letters(
     neither in the config nor has a dead-letter file (a removed target's letters still show)
     is a usage error: exit 2."""
     out = out or sys.stdout
-    path = deadletter_dir(config) / f"{target_id}.ndjson"
+    path = letters_path(deadletter_dir(config), target_id)
     known = [t.id for t in config.targets]
     if target_id not in known and not path.exists():
         print(

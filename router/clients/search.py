@@ -30,7 +30,7 @@ import orjson
 
 from router.deadletter import parse_since
 from router.errors import QueryError
-from router.events import crn_location
+from router.events import crn_location, parse_event_time
 from router.evidence.checkpoint import is_checkpoint
 from router.observe.logformat import counted
 from router.query import Query
@@ -96,14 +96,7 @@ def parse_time(text: str, what: str) -> datetime:
 
 
 def event_time(event: dict[str, Any]) -> datetime | None:
-    value = event.get("eventTime")
-    if not isinstance(value, str):
-        return None
-    try:
-        when = datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    return when if when.tzinfo else None
+    return parse_event_time(event.get("eventTime"))
 
 
 @dataclass(slots=True)

@@ -26,7 +26,7 @@ from typing import Any
 
 import orjson
 
-from router.deadletter import read_letters
+from router.deadletter import letter_files, read_letters
 from router.events import Event
 from router.evidence.canonical import CanonicalError, split_line
 from router.evidence.verify import archive_order, open_lines
@@ -141,8 +141,7 @@ def locate(
             continue
         if (hit := find_in_archive(archive_files(live), event_id)) is not None:
             found[target_id] = hit
-    for path in sorted(letters_dir.glob("*.ndjson")):
-        target_id = path.name.removesuffix(".ndjson")
+    for target_id, path in letter_files(letters_dir).items():
         if target_id in known or target_id in found:
             continue
         if (hit := find_in_letters(path, event_id)) is not None:

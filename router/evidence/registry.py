@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Protocol
 
 from router.config import EvidenceConfig
+from router.deadletter import letters_path
 from router.errors import ConfigError
 from router.evidence.canonical import Link
 from router.evidence.chain import Chain, cut_torn_tail, last_link
@@ -85,7 +86,7 @@ class Evidence:
                 chain.observe(Link(seq, b"", head_hash))
                 chain.checkpointed_seq = seq
                 chain.checkpointed_at = at
-            letters = self.dead_letter_dir / f"{target_id}.ndjson"
+            letters = letters_path(self.dead_letter_dir, target_id)
             cut_torn_tail(letters)  # before the first letter is appended after it
             chain.observe(last_link(letters))
             chain.after_write = self._after_write

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from router.config import ServerConfig, StorageConfig
-from router.deadletter import DeadLetters, Failure
+from router.deadletter import DROPPED_BUFFER_FULL, DeadLetters
 from router.errors import RouterError
 from router.events import Event
 from router.evidence.receipt import Receipts
@@ -49,10 +49,6 @@ OWN_ACTION_PREFIX = f"{SERVICE}."
 # storage.when_full: drop_oldest_per_target sheds this many events at a time, a few times at most.
 SHED_EVENTS = 1000
 MAX_SHEDS_PER_REQUEST = 10
-DROPPED_BUFFER_FULL = Failure(
-    reason="dropped_buffer_full",
-    message="the journal was full and storage.when_full is drop_oldest_per_target",
-)
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,8 +14,8 @@ Prometheus only needs them never to go down, and they do not.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, Final
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Final, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -24,7 +24,8 @@ from prometheus_client.registry import Collector
 from router import __version__
 
 if TYPE_CHECKING:
-    from router.daemon import Daemon
+    from router.journal import Books
+    from router.observe.metrics import IngestStats, TargetStats
 
 CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
 
@@ -33,10 +34,85 @@ CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
 SEND_BUCKETS_S: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
+class JournalGauges(Protocol):
+    """What the collector reads of the journal."""
+
+    @property
+    def healthy(self) -> bool: ...
+    @property
+    def used_bytes(self) -> int: ...
+    @property
+    def quarantined(self) -> int: ...
+    @property
+    def lost_records(self) -> int: ...
+    @property
+    def checkpoint_errors(self) -> int: ...
+    def books(self, target_id: str) -> Books: ...
+
+
+class ChainGauges(Protocol):
+    """One target's hash chain: its head and its last checkpoint."""
+
+    @property
+    def seq(self) -> int: ...
+    @property
+    def checkpointed_seq(self) -> int: ...
+    @property
+    def checkpointed_at(self) -> float | None: ...
+
+
+class EvidenceGauges(Protocol):
+    """The evidence chains, by target, and the checkpoints that failed."""
+
+    @property
+    def chains(self) -> Mapping[str, ChainGauges]: ...
+    @property
+    def checkpoint_errors(self) -> int: ...
+
+
+class LetterCounts(Protocol):
+    """Dead letters written by this process, by (target, reason)."""
+
+    @property
+    def written(self) -> Mapping[tuple[str, str], int]: ...
+
+
+class RefusalCounts(Protocol):
+    """Requests refused for their token, by reason, and refusal events suppressed."""
+
+    @property
+    def refused(self) -> Mapping[str, int]: ...
+    @property
+    def suppressed_total(self) -> int: ...
+
+
+class Observed(Protocol):
+    """What the collector reads of a running daemon at scrape time; it never writes, and it
+    never names the daemon, so observe/ stays below the layer that composes it."""
+
+    @property
+    def ready(self) -> bool: ...
+    @property
+    def ingest_stats(self) -> IngestStats: ...
+    @property
+    def target_stats(self) -> Mapping[str, TargetStats]: ...
+    @property
+    def journal(self) -> JournalGauges: ...
+    @property
+    def journal_max_bytes(self) -> int: ...
+    @property
+    def dead_letters(self) -> LetterCounts: ...
+    @property
+    def evidence(self) -> EvidenceGauges: ...
+    @property
+    def refusals(self) -> RefusalCounts: ...
+    def failing_workers(self) -> list[str]: ...
+
+
 class DaemonMetrics:
     """The registry behind one daemon's /metrics and the send-latency histogram it feeds."""
 
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: Observed) -> None:
         self.registry = CollectorRegistry()
         self.send_seconds = Histogram(
             "event_router_batch_send_seconds",
@@ -54,7 +130,7 @@ class DaemonMetrics:
 class DaemonCollector(Collector):
     """Reads the daemon's counters at scrape time."""
 
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: Observed) -> None:
         self.daemon = daemon
 
     def describe(self) -> Iterable[Metric]:
@@ -220,7 +296,7 @@ class DaemonCollector(Collector):
         yield GaugeMetricFamily(
             "event_router_journal_max_bytes",
             "storage.max_bytes: past it ingest answers 503 journal_full.",
-            value=self.daemon.config.storage.max_bytes,
+            value=self.daemon.journal_max_bytes,
         )
         yield GaugeMetricFamily(
             "event_router_journal_healthy",
@@ -275,7 +351,7 @@ class DaemonCollector(Collector):
         )
 
     def _auth(self) -> Iterable[Metric]:
-        refusals = self.daemon.guard.refusals
+        refusals = self.daemon.refusals
         refused = CounterMetricFamily(
             "event_router_auth_refusals",
             "Requests refused for their token: Unauthorized (401, none or unknown) or "

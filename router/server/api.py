@@ -24,9 +24,8 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from http import HTTPStatus
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import orjson
 from aiohttp import web
@@ -45,15 +44,13 @@ from router.config import (
 )
 from router.errors import ConfigError
 from router.masking import masked
-from router.observe.metrics import utc_iso
+from router.observe.metrics import WriteStatus, utc_iso
+from router.probe import ProbeResult
 from router.reload import config_digest
-from router.selfevent import instance_crn, router_event
+from router.selfevent import change_event, instance_crn
 from router.server.auth import CALLER
 from router.targets import TARGET_TYPES
 from router.targets.file import FileEndpointConfig
-
-if TYPE_CHECKING:
-    from router.daemon import Daemon
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +61,26 @@ class ConfigSource:
 
     path: Path | None
     data: dict[str, Any]
+
+
+Change = Callable[[Config, ConfigSource], Awaitable[tuple[Config, ConfigSource]]]
+
+
+class ConfigEditor(Protocol):
+    """The running config as the API sees it: read it, and change it through `edit`."""
+
+    @property
+    def config(self) -> Config:
+        """The config running now."""
+
+    @property
+    def source(self) -> ConfigSource:
+        """The running config as data, and its file."""
+
+    async def edit(self, change: Change, *, initiator: str) -> None:
+        """Under the config lock: `change` builds the new config and its data from the running
+        ones; apply it through the reload path (raising ConfigError if refused), adopt the
+        data, and write it back to the file. Nothing else changes the config in between."""
 
 
 class ApiError(Exception):
@@ -140,12 +157,26 @@ COS_WRITE_TEST_FAILED = (
 
 
 class ManagementApi:
-    """The handlers, bound to one daemon."""
+    """The handlers, over the config editor and four questions for the running daemon."""
 
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
-        storage = Path(daemon.config.storage.path)
-        self.meta = Metadata.load(storage / API_METADATA_FILE if daemon.source.path else None)
+    def __init__(
+        self,
+        editor: ConfigEditor,
+        *,
+        port: Callable[[], int],
+        write_status: Callable[[str], WriteStatus | None],
+        probe: Callable[[str], Awaitable[ProbeResult]],
+        record: Callable[[dict[str, Any]], Awaitable[None]],
+    ) -> None:
+        self.editor = editor
+        self.port = port  # the bound port: a target must not point back at it
+        self.write_status = write_status
+        self.probe = probe
+        self.record = record  # journals an event of the router itself, never raises
+        # API edits one at a time: a refused one puts the metadata back as it found it.
+        self._editing = asyncio.Lock()
+        storage = Path(editor.config.storage.path)
+        self.meta = Metadata.load(storage / API_METADATA_FILE if editor.source.path else None)
 
     def routes(self, app: web.Application) -> None:
         add = app.router.add_route
@@ -178,7 +209,7 @@ class ManagementApi:
                 if action is not None:
                     kind = action.split(".", 1)[0]
                     subject = exc.subject or f"{kind}:{request.match_info.get('id', 'account')}"
-                    config = self.daemon.config
+                    config = self.editor.config
                     await self._audit(
                         request, action, subject, config, None, exc.message, status=exc.status
                     )
@@ -234,14 +265,14 @@ class ManagementApi:
     def target_model(self, raw: dict[str, Any]) -> dict[str, Any]:
         target_id = raw["id"]
         key = TARGET_TYPES[raw["target_type"]].endpoint_key
-        stats = self.daemon.target_stats.get(target_id)
+        status = self.write_status(target_id)
         model: dict[str, Any] = {
             "id": target_id,
             "name": raw.get("name", target_id),
             "crn": instance_crn(f"target:{target_id}"),
             "target_type": raw["target_type"],
             key: masked(raw[key], key),
-            "write_status": stats.write_status.as_dict() if stats else {"status": "success"},
+            "write_status": status.as_dict() if status else {"status": "success"},
             "created_at": self.meta.created.get(f"target:{target_id}", ""),
             "updated_at": self.meta.updated.get(f"target:{target_id}", ""),
             "api_version": 2,
@@ -275,19 +306,26 @@ class ManagementApi:
     ) -> Any:
         """Edit a copy of the config data, check it as `check` would, apply it through the
         reload path, persist it, and audit the change. Nothing changes if any step refuses."""
-        # The daemon's config lock, held from the copy to the write: a SIGHUP reload waiting
-        # for it applies on top of this edit, and this edit waits for a reload under way.
-        async with self.daemon.config_lock:
-            source = self.daemon.source
-            data = copy.deepcopy(source.data)
+        # The config lock is held (by the editor) from the copy to the write: a SIGHUP reload
+        # waiting for it applies on top of this edit, and this edit waits for a reload under
+        # way. API edits take turns, so a refused one restores the metadata it found.
+        async with self._editing:
             saved = self.meta.snapshot()
-            old = self.daemon.config
-            try:
+            result: Any = None
+            configs: list[Config] = []  # the running one and the edited one, for the audit
+
+            async def change(old: Config, source: ConfigSource) -> tuple[Config, ConfigSource]:
+                nonlocal result
+                data = copy.deepcopy(source.data)
                 result = edit(data)
                 # In a thread: the config's own ${file:} references are read again, and a
                 # target's host may be looked up.
-                new = await asyncio.to_thread(self._check, source.data, data)
-                await self.daemon.apply(new, initiator=self._who(request), audit=False)
+                new = await asyncio.to_thread(self._check, old, source.data, data)
+                configs[:] = [old, new]
+                return new, ConfigSource(source.path, data)
+
+            try:
+                await self.editor.edit(change, initiator=self._who(request))
             except ConfigError as exc:
                 self.meta.restore(saved)
                 raise ApiError(400, "invalid_value", "; ".join(exc.problems), subject) from exc
@@ -298,14 +336,12 @@ class ManagementApi:
             except BaseException:
                 self.meta.restore(saved)
                 raise
-            self.daemon.source = ConfigSource(source.path, data)
-            if source.path is not None:
-                await asyncio.to_thread(write_back, source.path, data)
             await asyncio.to_thread(self.meta.save)
+            old, new = configs
             await self._audit(request, action, subject, old, new, None)
             return result
 
-    def _check(self, before: dict[str, Any], after: dict[str, Any]) -> Config:
+    def _check(self, running: Config, before: dict[str, Any], after: dict[str, Any]) -> Config:
         """The edited config, checked as `check` would and, for what the API changed, as an
         admin token's reach requires: no references, file targets under the archive roots,
         no target pointing back at this daemon."""
@@ -321,7 +357,6 @@ class ManagementApi:
         if problems:
             raise ConfigError("api", problems)
         new = parse_config(after, "api")
-        running = self.daemon.config
         roots = archive_roots(running)
         was = {t.id: t for t in running.targets}
         for i, target in enumerate(new.targets):
@@ -333,9 +368,7 @@ class ManagementApi:
                 problem = root_problem(endpoint.path, roots)
                 if problem is not None:
                     problems.append(f"targets[{i}].file_endpoint.path: {problem}")
-            problems.extend(
-                target_listener_problems(i, target, running.server.host, self.daemon.port)
-            )
+            problems.extend(target_listener_problems(i, target, running.server.host, self.port()))
         if problems:
             raise ConfigError("api", problems)
         return new
@@ -359,45 +392,26 @@ class ManagementApi:
     ) -> None:
         caller = request.get(CALLER)
         who = self._who(request)
-        body = router_event(
-            action=f"event-router.{action}",
-            message=f"event-router: {action.replace('.', ' ')} {subject}"
-            + (" -failure" if failure else ""),
-            target={
-                "id": instance_crn(subject),
-                "name": subject.split(":", 1)[-1],
-                "typeURI": f"event-router/{subject.split(':', 1)[0]}",
-            },
-            outcome="failure" if failure else "success",
-            reason_code=status if failure else 200,
-            reason_type=HTTPStatus(status).phrase if failure else "OK",
-            severity="warning" if failure or action.endswith("delete") else "normal",
-            initiator={
-                "id": f"token-{who}",
-                "name": who,
-                "typeURI": "service/security/clientid",
-                "credential": {"type": "token"},
-                "host": {"address": caller.address if caller else request.remote or ""},
-            },
-            extra={
-                "requestData": {
-                    "updateType": action.rsplit(".", 1)[-1],
-                    "initialValue": config_digest(old),
-                    "newValue": config_digest(new) if new is not None else None,
-                    **({"reasonForFailure": failure} if failure else {}),
-                }
-            },
+        body = change_event(
+            action=action,
+            subject=subject,
+            who=who,
+            address=caller.address if caller else request.remote or "",
+            initial=config_digest(old),
+            new=config_digest(new) if new is not None else None,
+            failure=failure,
+            status=status,
         )
-        await self.daemon.record_own(body)
+        await self.record(body)
 
     # -- targets -------------------------------------------------------------------------------
 
     async def list_targets(self, request: web.Request) -> web.Response:
-        raw = self._targets(copy.deepcopy(self.daemon.source.data))
+        raw = self._targets(copy.deepcopy(self.editor.source.data))
         return self._json({"targets": [self.target_model(t) for t in raw]})
 
     async def get_target(self, request: web.Request) -> web.Response:
-        raw = self._targets(copy.deepcopy(self.daemon.source.data))
+        raw = self._targets(copy.deepcopy(self.editor.source.data))
         return self._json(self.target_model(self._find(raw, request.match_info["id"], "target")))
 
     async def create_target(self, request: web.Request) -> web.Response:
@@ -429,7 +443,7 @@ class ManagementApi:
     async def replace_target(self, request: web.Request) -> web.Response:
         body = await self._body(request)
         target_id = request.match_info["id"]
-        self._find(self._targets(self.daemon.source.data), target_id, "target")
+        self._find(self._targets(self.editor.source.data), target_id, "target")
 
         def edit(data: dict[str, Any]) -> dict[str, Any]:
             raw = self._find(self._targets(data), target_id, "target")
@@ -448,7 +462,7 @@ class ManagementApi:
 
     async def delete_target(self, request: web.Request) -> web.Response:
         target_id = request.match_info["id"]
-        data = self.daemon.source.data
+        data = self.editor.source.data
         self._find(self._targets(data), target_id, "target")
         users = [
             f"route {route['name']!r}"
@@ -470,8 +484,8 @@ class ManagementApi:
 
     async def validate_target(self, request: web.Request) -> web.Response:
         target_id = request.match_info["id"]
-        raw = self._find(self._targets(self.daemon.source.data), target_id, "target")
-        result = await self.daemon.probe_target(target_id)
+        raw = self._find(self._targets(self.editor.source.data), target_id, "target")
+        result = await self.probe(target_id)
         if not result.ok and raw["target_type"] == "cloud_object_storage":
             # atracker answers a COS test write that failed with this error, not a target
             # (the refusal is audited by _wrap, with this message).
@@ -482,8 +496,8 @@ class ManagementApi:
             request,
             "target.validate",
             f"target:{target_id}",
-            self.daemon.config,
-            self.daemon.config,
+            self.editor.config,
+            self.editor.config,
             None if result.ok else result.message,
         )
         return self._json(self.target_model(raw))
@@ -491,11 +505,11 @@ class ManagementApi:
     # -- routes --------------------------------------------------------------------------------
 
     async def list_routes(self, request: web.Request) -> web.Response:
-        routes = self.daemon.source.data.get("routes") or []
+        routes = self.editor.source.data.get("routes") or []
         return self._json({"routes": [self.route_model(r) for r in routes]})
 
     async def get_route(self, request: web.Request) -> web.Response:
-        routes = self.daemon.source.data.get("routes") or []
+        routes = self.editor.source.data.get("routes") or []
         return self._json(self.route_model(self._find(routes, request.match_info["id"], "route")))
 
     @staticmethod
@@ -530,7 +544,7 @@ class ManagementApi:
 
     async def replace_route(self, request: web.Request) -> web.Response:
         route_id = request.match_info["id"]
-        self._find(self.daemon.source.data.get("routes") or [], route_id, "route")
+        self._find(self.editor.source.data.get("routes") or [], route_id, "route")
         raw = self._route_body(await self._body(request), route_id)
 
         def edit(data: dict[str, Any]) -> dict[str, Any]:
@@ -547,7 +561,7 @@ class ManagementApi:
 
     async def delete_route(self, request: web.Request) -> web.Response:
         route_id = request.match_info["id"]
-        self._find(self.daemon.source.data.get("routes") or [], route_id, "route")
+        self._find(self.editor.source.data.get("routes") or [], route_id, "route")
 
         def edit(data: dict[str, Any]) -> None:
             data["routes"] = [
@@ -560,7 +574,7 @@ class ManagementApi:
     # -- settings ------------------------------------------------------------------------------
 
     def settings_model(self) -> dict[str, Any]:
-        settings = self.daemon.source.data.get("settings") or {}
+        settings = self.editor.source.data.get("settings") or {}
         return {
             "default_targets": list(settings.get("default_targets", [])),
             "permitted_target_regions": self.meta.settings.get("permitted_target_regions", []),

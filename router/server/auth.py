@@ -55,14 +55,12 @@ from aiohttp.typedefs import Handler
 from router.config import AuthConfig, RefusalEventsConfig, ServerConfig, TokenConfig
 from router.events import crn_service
 from router.intake.validation import Problem
-from router.observe.logformat import counted
-from router.selfevent import clip, instance_crn, router_event
+from router.selfevent import refusal_event, summary_event
 
 log = logging.getLogger(__name__)
 
 INGEST: Final = "ingest"
 ADMIN: Final = "admin"
-LOGIN_ACTION: Final = "event-router.instance.login"
 REALM: Final = 'Bearer realm="event-router"'
 OPEN_ROUTES: Final = frozenset({"/healthz", "/readyz", "/openapi.json"})
 INGEST_ROUTES: Final = frozenset({"/v1/events"})
@@ -70,8 +68,6 @@ SAFE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
 API_PREFIX: Final = "/api/v2/"
 # Per-client buckets kept at most; beyond, the least recently refused client is forgotten.
 MAX_TRACKED_CLIENTS: Final = 10_000
-# Client addresses named in a summary event, the busiest first.
-SUMMARY_CLIENTS: Final = 20
 MAX_AGENT_CHARS: Final = 256
 
 EmitEvent = Callable[[dict[str, Any]], Awaitable[None]]
@@ -232,7 +228,7 @@ class Refusals:
             self.suppressed_total += 1
             self._pending.set()
             return
-        await self._emit(refusal_event(caller, status, reason_type, why))
+        await self._emit(caller_refused(caller, status, reason_type, why))
 
     async def _emit(self, body: dict[str, Any]) -> None:
         try:
@@ -259,54 +255,18 @@ class Refusals:
             await self.summarize()
 
 
-def refusal_event(caller: Caller, status: int, reason_type: str, why: str) -> dict[str, Any]:
+def caller_refused(caller: Caller, status: int, reason_type: str, why: str) -> dict[str, Any]:
+    """The refusal event (router/selfevent.py) for this caller."""
     principal = caller.principal
-    body = router_event(
-        action=LOGIN_ACTION,
-        message=f"event-router: refused {caller.endpoint} from {caller.address or 'unknown'}: "
-        f"{why}",
-        target={
-            "id": instance_crn("endpoint:" + caller.endpoint.replace(":", "")),
-            "name": caller.endpoint,
-            "typeURI": "event-router/endpoint",
-        },
-        outcome="failure",
-        reason_code=status,
+    return refusal_event(
+        endpoint=caller.endpoint,
+        address=caller.address,
+        agent=caller.agent,
+        principal=principal.name if principal else None,
+        status=status,
         reason_type=reason_type,
-        severity="critical",
-        initiator={
-            "id": principal.name if principal else "anonymous",
-            "name": principal.name if principal else "anonymous",
-            "typeURI": "service/security/clientid",
-            "credential": {"type": "token" if principal else "unknown"},
-            "host": {"address": caller.address, "agent": caller.agent},
-        },
+        why=why,
     )
-    body["reason"]["reasonForFailure"] = clip(why)
-    return body
-
-
-def summary_event(total: int, by_address: Counter[str]) -> dict[str, Any]:
-    busiest = dict(by_address.most_common(SUMMARY_CLIENTS))
-    body = router_event(
-        action=LOGIN_ACTION,
-        message=f"event-router: {counted(total, 'more refused attempt')} from "
-        f"{counted(len(by_address), 'address', 'addresses')}, not recorded one by one "
-        "(rate limit)",
-        target={
-            "id": instance_crn(":"),
-            "name": "event-router",
-            "typeURI": "event-router/instance",
-        },
-        outcome="failure",
-        reason_code=401,
-        reason_type="Unauthorized",
-        severity="critical",
-        extra={"requestData": {"suppressed_attempts": total, "by_address": busiest}},
-    )
-    body["initiator"]["host"]["address"] = next(iter(busiest), "")
-    body["reason"]["reasonForFailure"] = "rate-limited refusals"
-    return body
 
 
 @dataclass(slots=True)

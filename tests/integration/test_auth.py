@@ -19,8 +19,7 @@ from router.daemon import Daemon
 from router.intake.validation import EventValidator
 from router.query import parse
 from router.resources import schemas_dir
-from router.selfevent import instance_crn, router_event
-from router.server.auth import LOGIN_ACTION
+from router.selfevent import LOGIN_ACTION, instance_crn, router_event
 from tests.conftest import StartDaemon
 from tests.fakes import make_event, read_ndjson, sm_crn, wait_for
 from tests.helpers import file_target

@@ -11,8 +11,9 @@ from router.cli import main
 from router.config import parse_config
 from router.daemon import Daemon
 from router.intake.validation import EventValidator
-from router.probe import ACTION, validation_event
 from router.resources import schemas_dir
+from router.selfevent import VALIDATE_ACTION as ACTION
+from router.selfevent import validation_event
 from router.server.api import ConfigSource
 from tests.conftest import StartDaemon
 from tests.fakes import make_event, read_ndjson, wait_for

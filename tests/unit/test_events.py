@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+from typing import Any
+
 import orjson
 import pytest
 
-from router.events import Event
+from router.events import Event, parse_event_time
 from tests.fakes import make_event
 
 
@@ -33,3 +36,21 @@ def test_an_event_without_id_gets_one_and_encodes_once() -> None:
 def test_an_event_needs_a_body_or_bytes() -> None:
     with pytest.raises(ValueError):
         Event(id="nothing")
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("2026-11-30T22:43:00.5+00:00", datetime(2026, 11, 30, 22, 43, 0, 500000, tzinfo=UTC)),
+        ("2026-11-30T23:43:00+01:00", datetime(2026, 11, 30, 22, 43, tzinfo=UTC)),
+        ("2026-11-30T22:43:00", None),  # no offset: not a point in time
+        ("yesterday", None),
+        (None, None),
+        (1764542580, None),
+    ],
+)
+def test_event_time_is_read_once_as_an_aware_time(value: Any, expected: datetime | None) -> None:
+    assert parse_event_time(value) == expected
+    event = Event.from_body({"id": "e-1", "eventTime": value})
+    assert event.event_time == expected
+    assert Event.stored("e-1", orjson.dumps({"eventTime": value}), 0.0).event_time == expected

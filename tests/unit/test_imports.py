@@ -10,9 +10,9 @@ import router
 
 ROOT = Path(router.__file__).resolve().parent
 DAEMON = "router.daemon"  # the module that holds Daemon
-# Modules that still name the Daemon for their type hints only (under TYPE_CHECKING), reading
-# its attributes; issue 11 gives them narrow interfaces instead. The list only shrinks.
-DAEMON_TYPE_HINTS = {"router.server.api", "router.observe.prometheus"}
+# Modules that still name the Daemon for their type hints only (under TYPE_CHECKING): none;
+# the server and the collector read it through narrow Protocols. The set only shrinks.
+DAEMON_TYPE_HINTS: set[str] = set()
 
 
 def module_names() -> dict[str, Path]:
@@ -105,6 +105,16 @@ def test_only_the_command_line_imports_the_daemon() -> None:
     assert hinted - {"router.cli"} == DAEMON_TYPE_HINTS
 
 
+def test_the_server_layer_never_names_the_daemon() -> None:
+    # The routes are assembled in server/app.py from what the daemon hands them; they read the
+    # running daemon through small Protocols (server/status.py's Health), not its module, even
+    # for type hints.
+    server = {name for name in MODULES if name.startswith("router.server.")}
+    assert "router.server.app" in server
+    naming = {name for name in server if DAEMON in imports(MODULES[name], type_hints=True)}
+    assert naming <= DAEMON_TYPE_HINTS
+
+
 def test_the_acceptor_knows_no_http() -> None:
     # Any way in (HTTP, another process, a NATS subject) hands items to the acceptor.
     path = MODULES["router.intake.accept"]
@@ -146,3 +156,16 @@ def test_nothing_sqlite_leaks_past_the_journals_sqlite_backend() -> None:
         }
         assert "sqlite3" not in modules, name
         assert "router.journal.sqlite" not in modules, name
+
+
+def test_the_routers_own_events_are_built_in_selfevent_only() -> None:
+    # One place names the router's actions (event-router.*): the catalog, the builders and the
+    # tests that look for them read the same constants.
+    naming = set()
+    for name, path in MODULES.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            text = node.value if isinstance(node, ast.Constant) else None
+            if isinstance(text, str) and text.startswith("event-router.") and text.count(".") > 1:
+                naming.add(name)
+    assert naming == {"router.selfevent"}

@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from router.observe.logformat import counted
-from router.server.auth import summary_event
+from router.selfevent import summary_event
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,61 @@
+"""The HTTP surface assembled: every route of a running daemon on one aiohttp Application.
+
+The daemon composes the parts and hands them here; the server layer never imports the daemon.
+What changes on reload (the targets, the validator, the running config's file archives) is
+passed as callables, asked at each request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from router.config import ServerConfig
+from router.deadletter import DeadLetters
+from router.intake.http import Ingest
+from router.journal import Journal
+from router.server.auth import Guard
+from router.server.receipts import ReceiptEndpoint
+from router.server.redrive import Redrive
+from router.server.status import Health, StatusEndpoints
+from router.server.tail import TailHub
+
+
+class Routes(Protocol):
+    """A set of handlers that adds its own routes (the management API)."""
+
+    def routes(self, app: web.Application) -> None:
+        """Add the handlers to `app`."""
+
+
+def build_app(
+    *,
+    server: ServerConfig,
+    guard: Guard,
+    ingest: Ingest,
+    tail: TailHub,
+    dead_letters: DeadLetters,
+    journal: Journal,
+    pending_for: Callable[[str], Awaitable[list[str]]],
+    health: Health,
+    render_metrics: Callable[[], bytes],
+    is_target: Callable[[str], bool],
+    is_invalid: Callable[[dict[str, Any]], bool],
+    file_archives: Callable[[], Mapping[str, Path]],
+    letters_dir: Path,
+    api: Routes,
+) -> web.Application:
+    """The application: ingest, tail, redrive, status and metrics, receipts, management API,
+    all behind the guard (authentication and refusals)."""
+    app = web.Application(client_max_size=server.max_body_bytes, middlewares=[guard.middleware])
+    app.router.add_post("/v1/events", ingest.handle)
+    app.router.add_get("/v1/tail", tail.handle)
+    redrive = Redrive(dead_letters, journal, is_target=is_target, is_invalid=is_invalid)
+    app.router.add_post("/v1/deadletters/{target}/redrive", redrive.handle)
+    StatusEndpoints(health, render_metrics).routes(app)
+    ReceiptEndpoint(pending_for, file_archives, letters_dir).routes(app)
+    api.routes(app)
+    return app

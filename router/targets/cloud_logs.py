@@ -20,7 +20,6 @@ import socket
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any, Final
 
 import aiohttp
@@ -102,10 +101,8 @@ def ingress_url(target_crn: str, *, private: bool = False) -> str:
 
 def event_ms(event: Event) -> int | None:
     """The eventTime in ms since the epoch (the schema guarantees an ISO 8601 time)."""
-    try:
-        return int(datetime.fromisoformat(event.body["eventTime"]).timestamp() * 1000)
-    except (KeyError, TypeError, ValueError):
-        return None
+    when = event.event_time
+    return None if when is None else int(when.timestamp() * 1000)
 
 
 class CloudLogsTarget:

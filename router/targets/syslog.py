@@ -102,10 +102,7 @@ def header_token(value: str, limit: int) -> str:
 
 def timestamp(event: Event) -> str:
     """The eventTime as RFC 5424 wants it: RFC 3339, at most 6 fraction digits, Z or +hh:mm."""
-    try:
-        when = datetime.fromisoformat(event.body["eventTime"])
-    except (KeyError, TypeError, ValueError):
-        when = datetime.fromtimestamp(event.received_at, UTC)
+    when = event.event_time or datetime.fromtimestamp(event.received_at, UTC)
     return when.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 

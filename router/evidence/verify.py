@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from router.evidence.canonical import GENESIS, CanonicalError, Link, link_hash, split_line
 from router.evidence.checkpoint import CheckpointError, is_checkpoint, parse_checkpoint
 from router.evidence.keys import key_id
+from router.observe.logformat import counted
 
 RECENT_IDS = 100_000  # re-sent events are looked for among this many recent places
 PROGRESS_EVERY = 10_000
@@ -82,10 +83,10 @@ class Report:
             else ""
         )
         return (
-            f"{self.events} events and {self.dead_letters} dead letters verified "
-            f"(chain head seq {self.head_seq}, {self.resent} re-sent), "
-            f"{self.checkpoints} checkpoints ({self.signed_checkpoints} signature-checked) "
-            f"in {self.files} files{times}{checkpoint}"
+            f"{counted(self.events, 'event')} and {counted(self.dead_letters, 'dead letter')} "
+            f"verified (chain head seq {self.head_seq}, {self.resent} re-sent), "
+            f"{counted(self.checkpoints, 'checkpoint')} ({self.signed_checkpoints} "
+            f"signature-checked) in {counted(self.files, 'file')}{times}{checkpoint}"
         )
 
 

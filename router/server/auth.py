@@ -291,8 +291,9 @@ class Guard:
     async def start(self) -> None:
         if self.auth is None:
             log.warning(
-                "no auth section in the config: every endpoint is open to anyone who can "
-                "reach the listener; configure auth.ingest_tokens and auth.admin_tokens"
+                "no auth section in the config: ingest and reads are open to anyone who can "
+                "reach the listener, and the management API refuses changes; configure "
+                "auth.ingest_tokens and auth.admin_tokens"
             )
             return
         self._task = asyncio.create_task(self.refusals.run(), name="auth:refusal-summary")

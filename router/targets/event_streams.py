@@ -61,6 +61,7 @@ from aiokafka.errors import (
 from router import __version__
 from router.errors import PermanentDeliveryError, RetryableDeliveryError
 from router.events import Event, crn_parts
+from router.targets.http import TLS_SCHEMA
 
 log = logging.getLogger(__name__)
 
@@ -119,17 +120,6 @@ class EventStreamsEndpointConfig:
     max_message_bytes: int = 1_000_000
 
 
-_TLS_SCHEMA: Final[Mapping[str, Any]] = {
-    "type": "object",
-    "additionalProperties": False,
-    "properties": {
-        "ca_file": {"type": "string", "minLength": 1},
-        "cert_file": {"type": "string", "minLength": 1},
-        "key_file": {"type": "string", "minLength": 1},
-    },
-    "dependentRequired": {"key_file": ["cert_file"]},
-}
-
 # The JSON Schema of `eventstreams_endpoint`. The character rules of atracker's own fields are
 # its API's (3-1000 characters, `^[a-zA-Z0-9 -._:\/]+$`); `api_key` is required unless SASL
 # is off, as it is the SASL password.
@@ -151,7 +141,7 @@ ENDPOINT_SCHEMA: Final[Mapping[str, Any]] = {
             "description": "Use a reference: ${env:NAME} or ${file:/path}",
         },
         "service_to_service_enabled": {"type": "boolean"},
-        "tls": {"oneOf": [{"type": "boolean"}, _TLS_SCHEMA]},
+        "tls": {"oneOf": [{"type": "boolean"}, TLS_SCHEMA]},
         "sasl": {
             "type": "object",
             "additionalProperties": False,

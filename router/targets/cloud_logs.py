@@ -28,7 +28,7 @@ import orjson
 from router.errors import PermanentDeliveryError
 from router.events import Event, crn_parts
 from router.iam import IamTokenSource
-from router.targets.http import new_session, post
+from router.targets._net import new_session, post
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

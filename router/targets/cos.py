@@ -52,7 +52,7 @@ from aiobotocore.config import AioConfig
 from router.errors import PermanentDeliveryError, RetryableDeliveryError
 from router.events import Event, crn_parts
 from router.iam import IamTokenSource
-from router.targets.http import batch_key, new_session, parse_retry_after
+from router.targets._net import RETRYABLE_STATUSES, batch_key, new_session, parse_retry_after
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -96,7 +96,6 @@ RETRYABLE_CODES: Final = frozenset(
         "OperationAborted",
     }
 )
-RETRYABLE_STATUSES: Final = frozenset({408, 429})
 AUTH_STATUSES: Final = frozenset({401, 403})
 # Object names of batches still being retried, so a retry reuses its first name.
 MAX_PENDING_NAMES = 256

@@ -61,7 +61,7 @@ from aiokafka.errors import (
 from router import __version__
 from router.errors import PermanentDeliveryError, RetryableDeliveryError
 from router.events import Event, crn_parts
-from router.targets.http import TLS_SCHEMA
+from router.targets._net import TLS_SCHEMA
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ from typing import Any, Final, Literal
 
 from router.errors import RetryableDeliveryError
 from router.events import Event
-from router.targets.http import TLS_SCHEMA, TlsClientConfig, tls_context
+from router.targets._net import TLS_SCHEMA, TlsClientConfig, tls_context
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

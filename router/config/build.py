@@ -1,0 +1,253 @@
+"""Checked YAML data -> the frozen dataclasses: references resolved, tokens digested, rule
+filters parsed, each target's endpoint built by its type; problems collected, not raised."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import fields, is_dataclass
+from typing import Any, cast, get_args, get_type_hints
+
+from router.config.model import (
+    AuthConfig,
+    BatchConfig,
+    Config,
+    EvidenceConfig,
+    RedactionConfig,
+    RedactionKeyConfig,
+    RefusalEventsConfig,
+    ReloadConfig,
+    RetryConfig,
+    RouteConfig,
+    RuleConfig,
+    ServerConfig,
+    ServerTlsConfig,
+    SettingsConfig,
+    ShutdownConfig,
+    StartupConfig,
+    StorageConfig,
+    TargetConfig,
+    TokenConfig,
+    ValidationConfig,
+)
+from router.config.references import resolve, resolve_all
+from router.errors import QueryError
+from router.query import Query, parse
+from router.targets import TARGET_TYPES
+from router.targets.http import HttpAuthConfig, SigningConfig
+
+MIN_SIGNING_SECRET = 16  # an HMAC key shorter than this is guessable
+
+
+_HEADER_VALUE_FORBIDDEN = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def header_problems(endpoint: Mapping[str, Any], where: str) -> list[str]:
+    """Headers an endpoint sends (its `headers`, a bearer token, the signature header's name)
+    that no HTTP client would send. The value is never shown: it may be a secret."""
+    problems = []
+    values: dict[str, Any] = {
+        f"{where}.headers.{name}": value for name, value in (endpoint.get("headers") or {}).items()
+    }
+    for name in endpoint.get("headers") or {}:
+        if not _HEADER_NAME.fullmatch(name):
+            problems.append(f"{where}.headers: {name!r} is not a valid header name")
+    auth = endpoint.get("auth")
+    if isinstance(auth, HttpAuthConfig) and auth.type == "bearer":
+        values[f"{where}.auth.token"] = auth.token
+    signing = endpoint.get("signing")
+    if isinstance(signing, SigningConfig) and not _HEADER_NAME.fullmatch(signing.header):
+        problems.append(f"{where}.signing.header: {signing.header!r} is not a valid header name")
+    for path, value in values.items():
+        found = _HEADER_VALUE_FORBIDDEN.search(value) if isinstance(value, str) else None
+        if found:
+            problems.append(
+                f"{path}: a control character ({found.group()!r}) in a header value, which "
+                "an HTTP client refuses to send (an ${env:} value ending in a newline?)"
+            )
+    return problems
+
+
+def _section(cls: type[Any], data: Mapping[str, Any] | None) -> Any:
+    """Build a dataclass from a mapping whose keys the schema has already checked."""
+    known = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in (data or {}).items() if k in known})
+
+
+def _nested_sections(cls: type[Any]) -> dict[str, type[Any]]:
+    """The fields of an endpoint dataclass that are dataclasses of their own (`auth`,
+    `signing`, `tls`): their mappings become those dataclasses."""
+    hints = get_type_hints(cls)
+    nested = {}
+    for f in fields(cls):
+        for kind in get_args(hints[f.name]) or (hints[f.name],):
+            if isinstance(kind, type) and is_dataclass(kind):
+                nested[f.name] = kind
+    return nested
+
+
+def build_config(data: Mapping[str, Any], problems: list[str]) -> Config:
+    delivery = data.get("delivery") or {}
+    targets = []
+    for i, raw in enumerate(data.get("targets") or []):
+        kind = TARGET_TYPES[raw["target_type"]]  # each type's module owns its endpoint
+        key, endpoint_cls = kind.endpoint_key, kind.config_class
+        before = len(problems)
+        endpoint = {
+            name: resolve_all(value, f"targets[{i}].{key}.{name}", problems)
+            for name, value in raw[key].items()
+        }
+        for name, section_cls in _nested_sections(endpoint_cls).items():
+            if isinstance(endpoint.get(name), dict):
+                endpoint[name] = _section(section_cls, endpoint[name])
+        problems.extend(header_problems(endpoint, f"targets[{i}].{key}"))
+        signing = endpoint.get("signing")
+        where = f"targets[{i}].{key}.signing.secret"
+        # A reference that did not resolve is reported once, as such, not also as too short.
+        unresolved = any(p.startswith(f"{where}: ") for p in problems[before:])
+        if (
+            isinstance(signing, SigningConfig)
+            and not unresolved
+            and len(signing.secret) < MIN_SIGNING_SECRET
+        ):
+            problems.append(f"{where}: at least {MIN_SIGNING_SECRET} characters")
+        targets.append(
+            TargetConfig(
+                id=raw["id"],
+                name=raw.get("name", raw["id"]),
+                target_type=raw["target_type"],
+                endpoint=_section(endpoint_cls, endpoint),
+                batch=_section(
+                    BatchConfig,
+                    {
+                        **TARGET_TYPES[raw["target_type"]].batch_defaults,
+                        **delivery.get("batch", {}),
+                        **raw.get("batch", {}),
+                    },
+                ),
+                retry=_section(RetryConfig, {**delivery.get("retry", {}), **raw.get("retry", {})}),
+            )
+        )
+    routes = tuple(
+        RouteConfig(
+            id=str(raw.get("id", raw["name"])),
+            name=raw["name"],
+            rules=tuple(
+                RuleConfig(
+                    locations=tuple(rule["locations"]),
+                    target_ids=tuple(rule["target_ids"]),
+                    actions=tuple(rule.get("actions", ())),
+                    filter=_rule_filter(rule, f"routes[{r}].rules[{k}].filter", problems),
+                )
+                for k, rule in enumerate(raw["rules"])
+            ),
+        )
+        for r, raw in enumerate(data.get("routes") or [])
+    )
+    settings = data.get("settings") or {}
+    return Config(
+        server=_server(data.get("server") or {}, problems),
+        storage=_storage(data.get("storage") or {}),
+        validation=_section(ValidationConfig, data.get("validation")),
+        shutdown=_section(ShutdownConfig, data.get("shutdown")),
+        targets=tuple(targets),
+        routes=routes,
+        settings=SettingsConfig(default_targets=tuple(settings.get("default_targets", ()))),
+        startup=_section(StartupConfig, data.get("startup")),
+        reload=_section(ReloadConfig, data.get("reload")),
+        auth=_auth(data["auth"], problems) if "auth" in data else None,
+        redaction=_redaction(data.get("redaction") or {}, problems),
+        evidence=_section(EvidenceConfig, data.get("evidence")),
+    )
+
+
+def _storage(data: Mapping[str, Any]) -> StorageConfig:
+    if "archive_roots" in data:
+        data = {**data, "archive_roots": tuple(data["archive_roots"])}
+    return cast(StorageConfig, _section(StorageConfig, data))
+
+
+MIN_HASH_KEY_CHARS = 16
+
+
+def _redaction(data: Mapping[str, Any], problems: list[str]) -> RedactionConfig:
+    keys = tuple(
+        RedactionKeyConfig(key=raw) if isinstance(raw, str) else RedactionKeyConfig(**raw)
+        for raw in data.get("keys", ())
+    )
+    hash_key = None
+    if "hash_key" in data:
+        before = len(problems)
+        hash_key = resolve(data["hash_key"], "redaction.hash_key", problems)
+        if len(problems) == before and len(hash_key) < MIN_HASH_KEY_CHARS:
+            problems.append(f"redaction.hash_key: at least {MIN_HASH_KEY_CHARS} characters")
+    return RedactionConfig(keys=keys, hash_key=hash_key)
+
+
+MIN_TOKEN_CHARS = 16  # a bearer token shorter than this is guessable
+
+
+def _auth(data: Mapping[str, Any] | None, problems: list[str]) -> AuthConfig:
+    """Tokens become digests here; the plain value of a referenced token is not kept."""
+    data = data or {}
+    kinds: dict[str, tuple[TokenConfig, ...]] = {}
+    for kind in ("ingest_tokens", "admin_tokens"):
+        tokens = []
+        for i, raw in enumerate(data.get(kind) or []):
+            where = f"auth.{kind}[{i}]"
+            if "sha256" in raw:
+                digest = bytes.fromhex(raw["sha256"])
+            else:
+                before = len(problems)
+                value = resolve(raw["token"], f"{where}.token", problems)
+                if len(problems) == before and len(value) < MIN_TOKEN_CHARS:
+                    problems.append(f"{where}.token: at least {MIN_TOKEN_CHARS} characters")
+                if len(problems) > before:
+                    continue  # reported; an unresolved token must not look like a duplicate
+                digest = hashlib.sha256(value.encode()).digest()
+            tokens.append(
+                TokenConfig(
+                    name=raw["name"], digest=digest, services=tuple(raw.get("services", ()))
+                )
+            )
+        kinds[kind] = tuple(tokens)
+    return AuthConfig(
+        ingest_tokens=kinds["ingest_tokens"],
+        admin_tokens=kinds["admin_tokens"],
+        refusal_events=_section(RefusalEventsConfig, data.get("refusal_events")),
+    )
+
+
+def _server(data: Mapping[str, Any], problems: list[str]) -> ServerConfig:
+    """The listener; its TLS files must be readable now, so that `check` finds a wrong path."""
+    if "allowed_hosts" in data:
+        data = {**data, "allowed_hosts": tuple(data["allowed_hosts"])}
+    tls = data.get("tls")
+    if tls is None:
+        return cast(ServerConfig, _section(ServerConfig, data))
+    for key in ("cert_file", "key_file", "client_ca_file"):
+        if key in tls and not os.access(tls[key], os.R_OK):
+            problems.append(f"server.tls.{key}: cannot read {tls[key]!r}")
+    return cast(ServerConfig, _section(ServerConfig, {**data, "tls": ServerTlsConfig(**tls)}))
+
+
+def _rule_filter(rule: Mapping[str, Any], where: str, problems: list[str]) -> Query | None:
+    """Parse a rule's filter once, at load time, so a bad one stops `check` and `serve`."""
+    if "filter" not in rule:
+        return None
+    try:
+        return parse(rule["filter"])
+    except QueryError as exc:
+        problems.append(f"{where}: {exc} in {_excerpt(rule['filter'], exc.column)}")
+        return None
+
+
+def _excerpt(text: str, column: int, around: int = 40) -> str:
+    """A long filter quoted only around the column a problem names (a problem is one line)."""
+    start, end = max(column - 1 - around, 0), column - 1 + around
+    if start == 0 and end >= len(text):
+        return repr(text)
+    return ("..." if start else "") + repr(text[start:end]) + ("..." if end < len(text) else "")

@@ -1,0 +1,209 @@
+"""What a schema cannot say: unique ids, references that resolve, file targets that may
+write where they point, no target looping back to this daemon's own listener; and warnings."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import stat
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from router.config.model import (
+    AuthConfig,
+    Config,
+    TargetConfig,
+)
+from router.targets.cloud_logs import CloudLogsEndpointConfig
+from router.targets.cos import CosEndpointConfig, endpoint_url
+from router.targets.file import FileEndpointConfig
+from router.targets.http import HttpEndpointConfig
+
+
+def cross_check(config: Config) -> list[str]:
+    """What a schema cannot say: ids must be unique and every reference must resolve."""
+    problems: list[str] = []
+    server = config.server
+    if server.max_body_bytes_in_flight < server.max_body_bytes:
+        problems.append(
+            f"server.max_body_bytes_in_flight: {server.max_body_bytes_in_flight} is less than "
+            f"server.max_body_bytes ({server.max_body_bytes}), so a body of the largest size "
+            "allowed could never be taken"
+        )
+    known: dict[str, int] = {}
+    for i, target in enumerate(config.targets):
+        if target.id in known:
+            first = known[target.id]
+            problems.append(
+                f"targets[{i}].id: duplicate target id {target.id!r} (also targets[{first}])"
+            )
+        known.setdefault(target.id, i)
+    route_ids: dict[str, int] = {}
+    for r, route in enumerate(config.routes):
+        if route.id in route_ids:
+            problems.append(
+                f"routes[{r}]: duplicate route id {route.id!r} (also routes[{route_ids[route.id]}])"
+            )
+        route_ids.setdefault(route.id, r)
+        for k, rule in enumerate(route.rules):
+            for t, target_id in enumerate(rule.target_ids):
+                if target_id not in known:
+                    problems.append(
+                        f"routes[{r}].rules[{k}].target_ids[{t}]: unknown target {target_id!r}"
+                    )
+    for t, target_id in enumerate(config.settings.default_targets):
+        if target_id not in known:
+            problems.append(f"settings.default_targets[{t}]: unknown target {target_id!r}")
+    if config.auth is not None:
+        problems.extend(_token_problems(config.auth))
+    problems.extend(file_target_problems(config))
+    if config.server.port:
+        problems.extend(listener_problems(config, config.server.host, config.server.port))
+    return problems
+
+
+def file_target_problems(config: Config) -> list[str]:
+    """What no file target may write, wherever its config came from: something that is not a
+    regular file (a directory, a device, a FIFO), the journal's own files or the dead-letter
+    directory, or the same file as another target."""
+    problems: list[str] = []
+    reserved = {path.resolve() for path in config.storage.journal_files()}
+    dead_letters = config.storage.dead_letter_dir().resolve()
+    seen: dict[Path, int] = {}
+    for i, target in enumerate(config.targets):
+        if not isinstance(target.endpoint, FileEndpointConfig):
+            continue
+        where = f"targets[{i}].file_endpoint.path"
+        problem = file_path_problem(target.endpoint.path)
+        if problem is not None:
+            problems.append(f"{where}: {problem}")
+            continue
+        path = Path(target.endpoint.path).resolve()
+        if path in reserved:
+            problems.append(f"{where}: {str(path)!r} is one of the journal's own files")
+        elif path.is_relative_to(dead_letters):
+            problems.append(f"{where}: {str(path)!r} is in the dead-letter directory")
+        elif path in seen:
+            problems.append(
+                f"{where}: targets[{seen[path]}] already writes {str(path)!r}; two targets "
+                "writing one file interleave and rotate each other's lines"
+            )
+        seen.setdefault(path, i)
+    return problems
+
+
+def file_path_problem(path: str) -> str | None:
+    """Why `path` cannot be an archive (None if it can): a NUL byte, or an existing
+    non-regular file. A file that does not exist yet is created at start."""
+    if "\x00" in path:
+        return "a NUL byte in the path"
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"cannot look at {path!r}: {exc.strerror or exc}"
+    if stat.S_ISREG(mode):
+        return None
+    kind = "a directory" if stat.S_ISDIR(mode) else "a device, FIFO or socket"
+    return f"{path!r} is {kind}, not a regular file"
+
+
+def archive_roots(config: Config) -> tuple[Path, ...]:
+    """Where the management API may put file targets: storage.archive_roots, or else the
+    directories of the config's own file targets; resolved, symlinks followed."""
+    roots = config.storage.archive_roots or tuple(
+        str(Path(t.endpoint.path).parent)
+        for t in config.targets
+        if isinstance(t.endpoint, FileEndpointConfig) and "\x00" not in t.endpoint.path
+    )
+    return tuple(dict.fromkeys(Path(root).resolve() for root in roots))
+
+
+def listener_problems(config: Config, host: str, port: int) -> list[str]:
+    """A target that would send events back to this daemon's own listener loops them for
+    ever (each delivery is a new ingest)."""
+    problems: list[str] = []
+    for i, target in enumerate(config.targets):
+        problems.extend(target_listener_problems(i, target, host, port))
+    return problems
+
+
+def target_listener_problems(i: int, target: TargetConfig, host: str, port: int) -> list[str]:
+    endpoint = target.endpoint
+    urls: list[tuple[str, str]] = []
+    if isinstance(endpoint, HttpEndpointConfig):
+        urls.append(("http_endpoint.url", endpoint.url))
+    elif isinstance(endpoint, CloudLogsEndpointConfig):
+        if endpoint.ingress_url:
+            urls.append(("cloudlogs_endpoint.ingress_url", endpoint.ingress_url))
+        urls.append(("cloudlogs_endpoint.iam_url", endpoint.iam_url))
+    elif isinstance(endpoint, CosEndpointConfig):
+        urls.append(("cos_endpoint.endpoint", endpoint_url(endpoint.endpoint)))
+        if endpoint.hmac_keys is None:
+            urls.append(("cos_endpoint.iam_url", endpoint.iam_url))
+    return [
+        f"targets[{i}].{key}: points at this daemon's own listener ({host}:{port}); its "
+        "events would come back as new events for ever"
+        for key, url in urls
+        if reaches_listener(url, host, port)
+    ]
+
+
+def reaches_listener(url: str, host: str, port: int) -> bool:
+    """Whether `url` names the address and port this daemon listens on (a wildcard listen
+    address is reached through loopback and this host's own addresses)."""
+    try:
+        parts = urlsplit(url)
+        target_port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return False
+    if target_port != port or not parts.hostname:
+        return False
+    target = _addresses(parts.hostname)
+    listen = _addresses(host)
+    if any(address.is_unspecified for address in listen):
+        own = _addresses(socket.gethostname())
+        return any(a.is_loopback or a.is_unspecified or a in own for a in target)
+    return bool(target & listen)
+
+
+def _addresses(host: str) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        return set()
+    return {ipaddress.ip_address(str(info[4][0]).partition("%")[0]) for info in infos}
+
+
+def config_warnings(config: Config) -> list[str]:
+    """What `check` questions without refusing: the config works, but likely not as meant."""
+    warnings = []
+    if not config.targets:
+        warnings.append(
+            "targets: none; accepted events go nowhere (counted as unrouted in /v1/status)"
+        )
+    return warnings
+
+
+def _token_problems(auth: AuthConfig) -> list[str]:
+    """A name must say which token was used, and a value must say which token it is."""
+    problems: list[str] = []
+    names: dict[str, str] = {}
+    digests: dict[bytes, str] = {}
+    for kind, tokens in (
+        ("ingest_tokens", auth.ingest_tokens),
+        ("admin_tokens", auth.admin_tokens),
+    ):
+        for i, token in enumerate(tokens):
+            where = f"auth.{kind}[{i}]"
+            if token.name in names:
+                problems.append(
+                    f"{where}.name: duplicate token name {token.name!r} (also {names[token.name]})"
+                )
+            names.setdefault(token.name, where)
+            if token.digest in digests:
+                problems.append(f"{where}: the same token as {digests[token.digest]}")
+            digests.setdefault(token.digest, where)
+    return problems

@@ -1,0 +1,294 @@
+"""The config's frozen dataclasses: the one place defaults live.
+
+`schemas/config.schema.json` checks the shape and names but repeats no default; the names of
+what lives under storage.path are here too, so the journal, dead letters and the API agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from router.query import Query
+
+MiB = 1024 * 1024
+# The names of what lives under storage.path (router/journal/sqlite.py, router/deadletter.py, api).
+JOURNAL_FILE = "journal.db"
+JOURNAL_LOCK_FILE = "journal.lock"  # held by the one daemon that owns the journal
+DEAD_LETTER_DIR = "deadletter"
+API_METADATA_FILE = "api-metadata.json"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServerTlsConfig:
+    """TLS for the listener (TLS 1.2 at least). With `client_ca_file`, every client must show a
+    certificate that CA signed (mutual TLS), before any token is looked at."""
+
+    cert_file: str
+    key_file: str
+    client_ca_file: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServerConfig:
+    """The ingest listener and the limits it enforces on a request."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_body_bytes: int = 5 * MiB
+    # A gzip body may inflate to this much; past it the request is a 413 (gzip bomb guard).
+    max_inflated_bytes: int = 20 * MiB
+    max_events_per_request: int = 10_000
+    # Requests decoded, validated and journaled at once, once their body has arrived; more
+    # wait their turn with their body in memory (a slow sender holds no turn while it sends).
+    max_concurrent_requests: int = 16
+    # Bytes of request bodies held at once, arriving or waiting for a turn; past it a request
+    # is a 503 server_busy with Retry-After (memory stays bounded however many clients send).
+    max_body_bytes_in_flight: int = 64 * MiB
+    # Bodies one client address sends at once; more from it wait, unread, within
+    # read_timeout_s (one address holds at most this many times max_body_bytes).
+    max_bodies_per_client: int = 8
+    # An event nesting deeper, or holding a longer string or key, is rejected on its own.
+    max_depth: int = 32
+    max_string_chars: int = 64 * 1024
+    # The request line and each header line; past it the request is a 400 before any handler.
+    max_header_bytes: int = 8190
+    # The whole body must arrive within this, or the request is a 408 (slow clients hold a
+    # request slot while they send).
+    read_timeout_s: float = 30.0
+    # A connection must send its first request's headers within this (slowloris guard).
+    header_timeout_s: float = 10.0
+    # An idle keep-alive connection is closed after this.
+    keepalive_timeout_s: float = 75.0
+    # Clients of GET /v1/tail at once; past it, 503 too_many_tail_clients.
+    max_tail_clients: int = 32
+    # A tail client that takes nothing for this long (it stopped reading) is dropped.
+    tail_write_timeout_s: float = 10.0
+    # Names besides host, localhost and this host's name that a daemon without auth answers
+    # to (the Host header; a DNS rebinding defence, router/auth.py). IP addresses always pass.
+    allowed_hosts: tuple[str, ...] = ()
+    tls: ServerTlsConfig | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StorageConfig:
+    """The durable journal and the dead letters, under `path`.
+
+    fsync: `always` — a 2xx means the events are on disk (concurrent requests share one fsync);
+    `interval` — on disk within fsync_interval_ms, safe against a process crash at once;
+    `never` — the OS decides, safe against a process crash, not a power cut.
+    """
+
+    path: str = "./var"
+    fsync: Literal["always", "interval", "never"] = "always"
+    fsync_interval_ms: int = 1000
+    max_bytes: int = 1024 * MiB
+    # reject: 503 + Retry-After. drop_oldest_per_target: dead-letter the oldest events of the
+    # largest backlog (reason dropped_buffer_full) to make room; only if an operator chooses it.
+    when_full: Literal["reject", "drop_oldest_per_target"] = "reject"
+    # Told to producers in Retry-After when the journal is full.
+    full_retry_after_s: int = 5
+    # Where the management API may put file targets (symlinks followed). Empty: the
+    # directories of the file targets this config defines, the operator's own choice.
+    archive_roots: tuple[str, ...] = ()
+
+    def journal_files(self) -> tuple[Path, ...]:
+        """The journal's own files (and the API's metadata), which no target may write."""
+        base = Path(self.path)
+        names = (
+            JOURNAL_FILE,
+            f"{JOURNAL_FILE}-wal",
+            f"{JOURNAL_FILE}-shm",
+            JOURNAL_LOCK_FILE,
+            API_METADATA_FILE,
+        )
+        return tuple(base / name for name in names)
+
+    def dead_letter_dir(self) -> Path:
+        return Path(self.path) / DEAD_LETTER_DIR
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ValidationConfig:
+    """How strictly events are checked beyond the base event schema."""
+
+    unknown_actions: Literal["reject", "accept"] = "reject"
+    schemas_dir: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ShutdownConfig:
+    """How long SIGTERM waits for the workers to deliver what they hold."""
+
+    drain_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EvidenceConfig:
+    """Hash-chained archives and signed checkpoints (router/evidence). Without a signing key
+    the chain and its checkpoints are written unsigned; `verify` says so."""
+
+    enabled: bool = True
+    signing_key_file: str | None = None
+    checkpoint_every_events: int = 10_000
+    checkpoint_every_s: float = 60.0
+    # A MAC'd receipt per accepted event in the ingest answer (router/evidence/receipt.py).
+    receipts: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BatchConfig:
+    """A batch goes out when full (max_events or max_bytes) or max_wait_s after its first event."""
+
+    max_events: int = 500
+    max_bytes: int = 1 * MiB
+    max_wait_s: float = 0.2
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetryConfig:
+    """Exponential backoff with full jitter, bounded both by attempts and by age."""
+
+    max_attempts: int = 8
+    max_age_s: float = 300.0
+    initial_backoff_s: float = 0.5
+    max_backoff_s: float = 30.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TargetConfig:
+    """A destination, named the atracker way (`id`, `name`, `target_type`, `<type>_endpoint`)."""
+
+    id: str
+    name: str
+    target_type: str
+    endpoint: object  # the config_class of its type in TARGET_TYPES
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    retry: RetryConfig = field(default_factory=RetryConfig)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RuleConfig:
+    """One routing rule: atracker's `locations` + `target_ids`, plus our `actions` globs and
+    `filter`, a query (router.query) parsed and compiled when the config is loaded."""
+
+    locations: tuple[str, ...]
+    target_ids: tuple[str, ...]
+    actions: tuple[str, ...] = ()
+    filter: Query | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RouteConfig:
+    """An independent route; its rules are tried in order and the first match wins."""
+
+    id: str
+    name: str
+    rules: tuple[RuleConfig, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReloadConfig:
+    """Reload the config file when it changes (opt-in; SIGHUP always reloads). The file's
+    modification time, size and content digest are checked every `watch_interval_s`: the
+    standard library has no file-change notification, and a check every few seconds costs
+    nothing next to ingest."""
+
+    watch: bool = False
+    watch_interval_s: float = 2.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StartupConfig:
+    """What the daemon checks as it starts."""
+
+    # Send each target one real test event (event-router.target.validate) before its backlog.
+    # Off by default, as atracker validates on request (`event-router validate-target`, the
+    # API's validate): on every start it would put a synthetic event at the top of archives.
+    validate_targets: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SettingsConfig:
+    """Account-wide settings; `default_targets` take events that no rule sent anywhere."""
+
+    default_targets: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TokenConfig:
+    """A bearer token, kept only as the SHA-256 digest of its value (given as `sha256:` or
+    hashed from a `${env:}`/`${file:}` reference when the config is loaded)."""
+
+    name: str
+    digest: bytes = field(repr=False)
+    # An ingest token limited to these services (logSourceCRN segment 4); empty means any.
+    services: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RefusalEventsConfig:
+    """How many refused attempts become self-events: a token bucket per client address and
+    one for all clients; what the buckets refuse is counted and summed up in one event per
+    `summary_interval_s`."""
+
+    per_client_burst: int = 5
+    per_client_per_s: float = 0.2
+    global_burst: int = 50
+    global_per_s: float = 5.0
+    summary_interval_s: float = 60.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuthConfig:
+    """Who may send (ingest tokens) and who may administer (admin tokens). Without an `auth`
+    section the daemon is open, as it is bound to loopback by default."""
+
+    ingest_tokens: tuple[TokenConfig, ...] = ()
+    admin_tokens: tuple[TokenConfig, ...] = ()
+    refusal_events: RefusalEventsConfig = field(default_factory=RefusalEventsConfig)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RedactionKeyConfig:
+    """An extra key to redact: a name (at any depth of requestData/responseData, in any
+    spelling) or a dotted path from the event root (`requestData.vault.unseal_key`)."""
+
+    key: str
+    action: Literal["drop", "mask", "hash"] = "mask"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RedactionConfig:
+    """Keys redacted at ingest beside those the event schema marks `x-sensitive`. `hash_key`
+    keys the HMAC of `hash`; without one a random key is drawn at each start, so hashes
+    correlate within one run only."""
+
+    keys: tuple[RedactionKeyConfig, ...] = ()
+    hash_key: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    """Everything `serve` needs, checked and resolved."""
+
+    server: ServerConfig = field(default_factory=ServerConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
+    targets: tuple[TargetConfig, ...] = ()
+    routes: tuple[RouteConfig, ...] = ()
+    settings: SettingsConfig = field(default_factory=SettingsConfig)
+    startup: StartupConfig = field(default_factory=StartupConfig)
+    reload: ReloadConfig = field(default_factory=ReloadConfig)
+    auth: AuthConfig | None = None
+    redaction: RedactionConfig = field(default_factory=RedactionConfig)
+    evidence: EvidenceConfig = field(default_factory=EvidenceConfig)
+
+    def target(self, target_id: str) -> TargetConfig:
+        """The target with this id (the config's cross-checks guarantee it exists)."""
+        for target in self.targets:
+            if target.id == target_id:
+                return target
+        raise KeyError(target_id)

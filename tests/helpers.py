@@ -113,6 +113,32 @@ async def ready(port: int, host: str = "127.0.0.1") -> bool:
         return False
 
 
+async def drained(port: int) -> bool:
+    """Has the daemon process on `port` nothing pending for any target (its /v1/status)?"""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}/v1/status") as resp,
+    ):
+        status = await resp.json()
+    return all(t["pending"] == 0 for t in status["targets"].values())
+
+
+async def run_cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """`python -m router ARGS` as a real process: its exit code, stdout and stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "router",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
 async def spawn(
     config: Any,
     *args: str,

@@ -7,7 +7,6 @@ import asyncio
 import hashlib
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from router.resources import schemas_dir
 from router.selfevent import LOGIN_ACTION, instance_crn, router_event
 from tests.conftest import StartDaemon
 from tests.fakes import make_event, read_ndjson, sm_crn, wait_for
-from tests.helpers import file_target
+from tests.helpers import file_target, run_cli
 
 INGEST_TOKEN = "ingest-token-0123456789abcdef"
 SM_TOKEN = "sm-only-token-0123456789abcdef"
@@ -420,21 +419,6 @@ async def test_api_changes_must_be_json(guarded: tuple[Daemon, Path], tmp_path: 
     assert [t.id for t in daemon.config.targets] == ["archive"]
 
 
-async def run_cli(*args: str, env: dict[str, str]) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "router",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
-    _, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode is not None
-    return proc.returncode, err.decode()
-
-
 async def test_dlq_redrive_sends_the_admin_token(
     guarded: tuple[Daemon, Path], tmp_path: Path
 ) -> None:
@@ -442,13 +426,13 @@ async def test_dlq_redrive_sends_the_admin_token(
     url = f"http://127.0.0.1:{daemon.port}"
     base = ["dlq", "redrive", "--target", "archive", "--url", url]
     env = {k: v for k, v in os.environ.items() if k != "EVENT_ROUTER_TOKEN"}
-    code, err = await run_cli(*base, env=env)
+    code, _, err = await run_cli(*base, env=env)
     assert code == 1 and "401" in err
-    code, err = await run_cli(*base, env={**env, "EVENT_ROUTER_TOKEN": ADMIN_TOKEN})
+    code, _, err = await run_cli(*base, env={**env, "EVENT_ROUTER_TOKEN": ADMIN_TOKEN})
     assert code == 0, err
     token_file = tmp_path / "ops.token"
     token_file.write_text(ADMIN_TOKEN + "\n")
-    code, err = await run_cli(*base, "--token-file", str(token_file), env=env)
+    code, _, err = await run_cli(*base, "--token-file", str(token_file), env=env)
     assert code == 0, err
-    code, err = await run_cli(*base, env={**env, "EVENT_ROUTER_TOKEN": INGEST_TOKEN})
+    code, _, err = await run_cli(*base, env={**env, "EVENT_ROUTER_TOKEN": INGEST_TOKEN})
     assert code == 1 and "403" in err

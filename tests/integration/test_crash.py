@@ -13,7 +13,7 @@ import orjson
 import yaml
 
 from tests.fakes import ScriptedReceiver, make_event, read_ndjson, wait_for
-from tests.helpers import free_port, reap, serve, terminate
+from tests.helpers import drained, free_port, reap, serve, terminate
 
 POSTERS = 8
 EVENTS_PER_POST = 10
@@ -85,15 +85,9 @@ async def test_kill_9_under_load_loses_no_acknowledged_event(tmp_path: Path) -> 
 
         proc = await serve(config, port)
 
-        async def drained() -> bool:
-            async with (
-                aiohttp.ClientSession() as session,
-                session.get(f"http://127.0.0.1:{port}/v1/status") as resp,
-            ):
-                status = await resp.json()
-            return all(t["pending"] == 0 for t in status["targets"].values())
-
-        await wait_for(drained, timeout_s=30, what="the journal to drain after the restart")
+        await wait_for(
+            lambda: drained(port), timeout_s=30, what="the journal to drain after the restart"
+        )
         assert await terminate(proc) == 0
     finally:
         await reap(proc)
@@ -173,14 +167,9 @@ async def test_a_journal_truncated_after_sigterm_gives_back_every_surviving_even
 
         siem.statuses = [200]
 
-        async def drained() -> bool:
-            async with (
-                aiohttp.ClientSession() as session,
-                session.get(f"{base}/v1/status") as resp,
-            ):
-                return bool((await resp.json())["targets"]["siem"]["pending"] == 0)
-
-        await wait_for(drained, timeout_s=30, what="the recovered events to be delivered")
+        await wait_for(
+            lambda: drained(port), timeout_s=30, what="the recovered events to be delivered"
+        )
         assert await terminate(proc) == 0
     finally:
         await reap(proc)

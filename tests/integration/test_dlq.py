@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -13,23 +11,9 @@ import yaml
 from router.cli import main
 from tests.conftest import StartDaemon
 from tests.fakes import ScriptedReceiver, make_event, read_ndjson, wait_for
-from tests.helpers import assert_books_balance, file_target, http_target, post, settled
+from tests.helpers import assert_books_balance, file_target, http_target, post, run_cli, settled
 
 ReceiverFactory = Callable[..., Awaitable[ScriptedReceiver]]
-
-
-async def run_cli(*args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "router",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 async def test_redrive_sends_dead_letters_again_to_their_target_only(

@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import orjson
 import pytest
 import yaml
@@ -30,6 +29,7 @@ from tests.conftest import StartDaemon
 from tests.fakes import ACCOUNT, make_event, read_ndjson, wait_for
 from tests.helpers import (
     assert_books_balance,
+    drained,
     everything_to,
     free_port,
     post,
@@ -413,15 +413,9 @@ async def test_kill_9_of_the_daemon_loses_nothing_and_duplicates_at_most_a_batch
 
         proc = await serve(config, port)
 
-        async def drained() -> bool:
-            async with (
-                aiohttp.ClientSession() as session,
-                session.get(f"http://127.0.0.1:{port}/v1/status") as resp,
-            ):
-                status = await resp.json()
-            return all(t["pending"] == 0 for t in status["targets"].values())
-
-        await wait_for(drained, timeout_s=60, what="the journal to drain after the restart")
+        await wait_for(
+            lambda: drained(port), timeout_s=60, what="the journal to drain after the restart"
+        )
         assert await terminate(proc) == 0
     finally:
         await reap(proc)

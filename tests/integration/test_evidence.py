@@ -43,6 +43,7 @@ from tests.conftest import FAST_DELIVERY, StartDaemon
 from tests.fakes import make_event, read_ndjson, wait_for
 from tests.helpers import (
     assert_books_balance,
+    drained,
     everything_to,
     free_port,
     post,
@@ -437,15 +438,6 @@ async def post_ids(port: int, ids: list[str]) -> int:
         ) as resp,
     ):
         return resp.status
-
-
-async def drained(port: int) -> bool:
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(f"http://127.0.0.1:{port}/v1/status") as resp,
-    ):
-        status = await resp.json()
-    return all(t["pending"] == 0 for t in status["targets"].values())
 
 
 async def test_the_chain_survives_restart_kill_9_and_sighup_reload(tmp_path: Path) -> None:

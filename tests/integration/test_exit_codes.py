@@ -3,11 +3,9 @@ usage or config error. Each row runs the real command line as its own process.""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shlex
 import socket
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +20,7 @@ from router.events import Event
 from router.journal import Entry
 from tests.conftest import StartDaemon
 from tests.fakes import make_event
-from tests.helpers import everything_to, file_target, free_port, http_target
+from tests.helpers import everything_to, file_target, free_port, http_target, run_cli
 
 DONE, FAILED, USAGE = 0, 1, 2
 
@@ -128,20 +126,11 @@ async def write_letters(var: Path) -> None:
     letters.close()
 
 
-async def run_cli(argv: list[str]) -> tuple[int, str]:
+async def run_cli_without_token(argv: list[str]) -> tuple[int, str]:
+    """The command's exit code and its whole output, with no token from the environment."""
     env = {k: v for k, v in os.environ.items() if k != "EVENT_ROUTER_TOKEN"}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "router",
-        *argv,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode() + err.decode()
+    code, out, err = await run_cli(*argv, env=env)
+    return code, out + err
 
 
 @pytest.mark.parametrize("case", list(TABLE), ids=list(TABLE))
@@ -179,6 +168,6 @@ async def test_every_command_follows_the_exit_code_convention(
         "archive": str(archive),
         "tmp": str(tmp_path),
     }
-    code, output = await run_cli(shlex.split(expected.command.format(**values)))
+    code, output = await run_cli_without_token(shlex.split(expected.command.format(**values)))
     assert code == expected.code, output
     assert expected.says in output

@@ -7,7 +7,9 @@ time the object is written and the uuid a version 7 UUID (time first, then rando
 sort by time and writers never collide). `account` is the account of the events in the object
 (the `a/<account>` scope of their logSourceCRN): a batch is cut into one object per account
 (`requests`), each written and settled on its own, so objects never mix accounts. `region` is
-the target's region (`region`, else the one an IBM COS endpoint names, else DEFAULT_REGION).
+the target's region (`region`, which the config loader fills from atracker's target `region`,
+else the settings' metadata_region_primary; else the one an IBM COS endpoint names, else
+DEFAULT_REGION).
 
 An object is whole or absent: it is one PUT with a Content-MD5, so the store refuses a body
 that arrives cut or changed, and S3 never shows a PUT that did not complete. Batches stay far
@@ -125,12 +127,13 @@ class CosEndpointConfig:
     endpoint: str  # a host name (https) as atracker takes it, or a full URL
     target_crn: str
     bucket: str
+    # The endpoint's own, or the daemon's identity (the top-level `iam` section) when the
+    # endpoint has none or sets service_to_service_enabled (the config loader fills it in).
     api_key: str | None = field(default=None, repr=False)
-    # Accepted as atracker's; the daemon has no service identity of its own yet, so the
-    # api_key or hmac_keys are used either way.
     service_to_service_enabled: bool = False
     hmac_keys: HmacKeysConfig | None = None
-    region: str | None = None  # default: the region an IBM COS endpoint names, else us-south
+    # default: the target's region, the metadata region, the endpoint's, else us-south
+    region: str | None = None
     iam_url: str = "https://iam.cloud.ibm.com"
     timeout_s: float = 60.0
     tls_verify: bool = True
@@ -169,11 +172,13 @@ ENDPOINT_SCHEMA: Final[Mapping[str, Any]] = {
         "timeout_s": {"type": "number", "exclusiveMinimum": 0},
         "tls_verify": {"type": "boolean"},
     },
-    # atracker: an api_key is "required if service_to_service is not enabled"; we need a
-    # credential either way, an API key or HMAC keys.
-    "if": {"not": {"required": ["hmac_keys"]}},
-    "then": {"required": ["api_key"]},
 }
+
+
+def needs_api_key(endpoint: Mapping[str, Any]) -> bool:
+    """atracker: an api_key is "required if service_to_service is not enabled"; with
+    service_to_service_enabled it is the daemon's. HMAC keys stand in for either."""
+    return "hmac_keys" not in endpoint
 
 
 def endpoint_url(endpoint: str) -> str:

@@ -114,9 +114,9 @@ class EventStreamsEndpointConfig:
     brokers: Sequence[str]
     topic: str
     target_crn: str | None = None
+    # The SASL password: the endpoint's own, or the daemon's identity (the top-level `iam`
+    # section) when the endpoint has none or sets service_to_service_enabled.
     api_key: str | None = field(default=None, repr=False)
-    # atracker's field, kept and returned; this daemon has no identity of its own to use yet,
-    # so an api_key is still what authenticates.
     service_to_service_enabled: bool = False
     # true: TLS with the system's CAs (Event Streams); false: plaintext; or a CA/cert to use.
     tls: KafkaTlsConfig | bool = True
@@ -131,8 +131,8 @@ class EventStreamsEndpointConfig:
 
 
 # The JSON Schema of `eventstreams_endpoint`. The character rules of atracker's own fields are
-# its API's (3-1000 characters, `^[a-zA-Z0-9 -._:\/]+$`); `api_key` is required unless SASL
-# is off, as it is the SASL password.
+# its API's (3-1000 characters, `^[a-zA-Z0-9 -._:\/]+$`); whether an `api_key` is needed is
+# `needs_api_key`'s to say (the daemon's own may stand in).
 ENDPOINT_SCHEMA: Final[Mapping[str, Any]] = {
     "type": "object",
     "additionalProperties": False,
@@ -165,15 +165,15 @@ ENDPOINT_SCHEMA: Final[Mapping[str, Any]] = {
         "timeout_s": {"type": "number", "exclusiveMinimum": 0},
         "max_message_bytes": {"type": "integer", "minimum": 1024},
     },
-    "if": {
-        "properties": {
-            "sasl": {"properties": {"mechanism": {"const": "none"}}, "required": ["mechanism"]}
-        },
-        "required": ["sasl"],
-    },
-    "then": {},
-    "else": {"required": ["api_key"]},
 }
+
+
+def needs_api_key(endpoint: Mapping[str, Any]) -> bool:
+    """The API key is the SASL password: needed unless SASL is off."""
+    sasl = endpoint.get("sasl")
+    mechanism = sasl.get("mechanism", "plain") if isinstance(sasl, Mapping) else "plain"
+    return mechanism != "none"
+
 
 # Refused for every message of the batch: retrying with the same credentials cannot help.
 PERMANENT_FOR_BATCH: Final = (

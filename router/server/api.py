@@ -45,11 +45,11 @@ from router.config import (
 from router.errors import ConfigError
 from router.masking import masked
 from router.observe.metrics import WriteStatus, utc_iso
-from router.probe import ProbeResult
+from router.probe import ProbeResult, probe
 from router.reload import config_digest
 from router.selfevent import change_event, instance_crn
 from router.server.auth import CALLER
-from router.targets import TARGET_TYPES
+from router.targets import TARGET_TYPES, build_target
 from router.targets.file import FileEndpointConfig
 
 log = logging.getLogger(__name__)
@@ -378,6 +378,7 @@ class ManagementApi:
                 # In a thread: the config's own ${file:} references are read again, and a
                 # target's host may be looked up.
                 new = await asyncio.to_thread(self._check, old, source.data, data)
+                await self._test_write(old, new)
                 configs[:] = [old, new]
                 return new, ConfigSource(source.path, data)
 
@@ -402,6 +403,29 @@ class ManagementApi:
             old, new = configs
             await self._audit(request, action, subject, old, new, None)
             return result
+
+    @staticmethod
+    async def _test_write(running: Config, new: Config) -> None:
+        """atracker test-writes to a COS bucket when a target is created or updated and
+        refuses the change when the write fails (its ts-06/ts-07): a new or changed COS
+        target writes its test object before the change is applied, from a target of its
+        own, so a refused write changes nothing."""
+        was = {t.id: t for t in running.targets}
+        for target in new.targets:
+            before = was.get(target.id)
+            if target.target_type != "cloud_object_storage" or (
+                before is not None and before.endpoint == target.endpoint
+            ):
+                continue
+            trial = build_target(target)
+            try:
+                result = await probe(trial)
+            finally:
+                await trial.close()
+            if not result.ok:
+                raise ApiError(
+                    400, "cos_write_test_failed", f"{COS_WRITE_TEST_FAILED} ({result.message})"
+                )
 
     def _check(self, running: Config, before: dict[str, Any], after: dict[str, Any]) -> Config:
         """The edited config, checked as `check` would and, for what the API changed, as an

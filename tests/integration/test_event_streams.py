@@ -204,6 +204,42 @@ async def test_validate_writes_a_test_message_to_the_topic(
     assert row(daemon)["write_status"]["status"] == "success"
 
 
+@pytest.mark.parametrize("mechanism", ["scram-sha-256", "scram-sha-512"])
+@pytest.mark.timeout(180)
+async def test_scram_authenticates_to_a_real_broker_and_a_wrong_password_is_permanent(
+    start_daemon: StartDaemon, kafka: KafkaBroker, tmp_path: Path, mechanism: str
+) -> None:
+    """Other Kafka clusters than Event Streams: SCRAM (the broker keeps the user's salted
+    credentials in its KRaft metadata), the api_key as the password."""
+    sasl = {"mechanism": mechanism, "username": kafka.scram_user}
+    topic = f"audit-{mechanism}"
+    daemon = await start_daemon(
+        {
+            "targets": [
+                es_target(topic, kafka.sasl_bootstrap, api_key=kafka.api_key, tls=False, sasl=sasl),
+                es_target(
+                    topic, kafka.sasl_bootstrap, api_key="not-the-password", tls=False, sasl=sasl
+                )
+                | {"id": "wrong"},
+            ],
+            "routes": everything_to("es", "wrong"),
+        }
+    )
+    status, _ = await post(daemon, [make_event(id=f"{mechanism}-{i}") for i in range(5)])
+    assert status == 202
+    await wait_for(lambda: settled(daemon), timeout_s=60, what="the events settled")
+    records = await read_topic(kafka.bootstrap, topic)
+    assert sorted(r.key.decode() for r in records) == [f"{mechanism}-{i}" for i in range(5)]
+    assert (row(daemon)["delivered"], row(daemon)["dead_lettered"]) == (5, 0)
+    wrong = daemon.status()["targets"]["wrong"]
+    assert (wrong["delivered"], wrong["dead_lettered"]) == (0, 5)
+    assert (
+        f"SASL {mechanism} as {kafka.scram_user!r}"
+        in wrong["write_status"]["reason_for_last_failure"]
+    )
+    assert_books_balance(daemon)
+
+
 @pytest.mark.timeout(180)
 async def test_a_wrong_api_key_fails_permanently_and_says_so(
     start_daemon: StartDaemon,

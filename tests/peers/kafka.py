@@ -9,7 +9,10 @@ skips the tests that need Kafka, saying what to install.
 Listeners, all on 127.0.0.1:
 - PLAINTEXT (`bootstrap`): no authentication.
 - SASL_PLAINTEXT (`sasl_bootstrap`): SASL PLAIN, user `token`, password the API key, which is
-  how IBM Event Streams authenticates (a wrong password is refused).
+  how IBM Event Streams authenticates (a wrong password is refused); and SCRAM-SHA-256 and
+  SCRAM-SHA-512 for the user `scram_user` with the same password (other Kafka clusters). KRaft
+  keeps SCRAM credentials in the metadata log, so they are added when the storage is
+  formatted (`StorageTool format --add-scram`, KIP-900), before the node first starts.
 - SASL_SSL (`sasl_ssl_bootstrap`, `tls=True`): the same over TLS, a certificate for 127.0.0.1
   signed by a CA in `ca_file` (what Event Streams' clients really use).
 - PROXIED (`proxied_bootstrap`): PLAINTEXT, advertised at a port where a test runs an
@@ -41,6 +44,9 @@ VERSION = (ROOT / ".ci" / "kafka.version").read_text().strip()
 
 USERNAME = "token"
 """IBM Event Streams' SASL PLAIN user name; the password is an API key."""
+
+SCRAM_USER = "audit-producer"
+SCRAM_MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-512")
 
 STARTED = "Kafka Server started"
 """What KafkaRaftServer logs once the broker is registered, unfenced and serving."""
@@ -120,6 +126,7 @@ class KafkaBroker(ServerProcess):
         super().__init__(workdir)
         self.version = version
         self.username = USERNAME
+        self.scram_user = SCRAM_USER
         self.api_key = api_key
         self.tls: ServerTls | None = None
         self._with_tls = tls
@@ -176,6 +183,14 @@ class KafkaBroker(ServerProcess):
                 java(), *JVM_OPTIONS, "-cp", self._classpath, "kafka.tools.StorageTool",
                 "format", "--ignore-formatted", f"--cluster-id={self.cluster_id}",
                 "--config", str(self.workdir / "server.properties"),
+                *(
+                    arg
+                    for mechanism in SCRAM_MECHANISMS
+                    for arg in (
+                        "--add-scram",
+                        f"{mechanism}=[name={self.scram_user},password={self.api_key}]",
+                    )
+                ),
             ],
             capture_output=True, text=True, check=False, cwd=self.workdir,
         )  # fmt: skip
@@ -200,6 +215,7 @@ class KafkaBroker(ServerProcess):
             "org.apache.kafka.common.security.plain.PlainLoginModule required "
             f'user_{self.username}="{self.api_key}";'
         )
+        scram_jaas = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
         lines = {
             "process.roles": "broker,controller",
             "node.id": "1",
@@ -212,8 +228,12 @@ class KafkaBroker(ServerProcess):
                 "PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT,SASL_SSL:SASL_SSL,"
                 "CONTROLLER:PLAINTEXT,PROXIED:PLAINTEXT"
             ),
-            "sasl.enabled.mechanisms": "PLAIN",
+            "sasl.enabled.mechanisms": ",".join(("PLAIN", *SCRAM_MECHANISMS)),
             "listener.name.sasl_plaintext.plain.sasl.jaas.config": jaas,
+            **{
+                f"listener.name.sasl_plaintext.{mechanism.lower()}.sasl.jaas.config": scram_jaas
+                for mechanism in SCRAM_MECHANISMS
+            },
             "log.dirs": str(self.workdir / "data"),
             "num.partitions": "1",
             "default.replication.factor": "1",
@@ -233,6 +253,10 @@ class KafkaBroker(ServerProcess):
         if self.tls is not None:
             lines |= {
                 "listener.name.sasl_ssl.plain.sasl.jaas.config": jaas,
+                **{
+                    f"listener.name.sasl_ssl.{mechanism.lower()}.sasl.jaas.config": scram_jaas
+                    for mechanism in SCRAM_MECHANISMS
+                },
                 "listener.name.sasl_ssl.ssl.keystore.type": "PEM",
                 "listener.name.sasl_ssl.ssl.keystore.location": str(
                     self.workdir / "tls" / "keystore.pem"

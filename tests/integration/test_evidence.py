@@ -172,7 +172,10 @@ async def test_tampering_is_reported_at_its_exact_place(
         expected = f"{path}:{number}: hash does not match the chain (the line was changed)"
     elif tampering == "lines swapped":
         lines[i], lines[i + 1] = lines[i + 1], lines[i]
-        expected = f"gap: seq {seq} missing between {path}:{number - 1} and {path}:{number}{HINT}"
+        expected = (
+            f"{path}:{number}: swapped with {path}:{number + 1} (seq {seq + 1} and seq {seq} are "
+            "in each other's places)"
+        )
     elif tampering == "file truncated":
         cut = len(b"".join(lines[:i])) + len(lines[i]) // 2
         path.write_bytes(b"".join(lines)[:cut])

@@ -727,3 +727,74 @@ async def test_a_send_cancelled_mid_write_keeps_the_chain_until_the_write_is_don
     report = verify([path])
     assert report.ok, report.broken
     assert report.head_seq == report.last_checkpoint_seq == 3001
+
+
+# -- a redrive keeps the letters' places ----------------------------------------------------------
+
+
+async def test_a_redrive_keeps_the_letters_places_and_the_archive_still_verifies(
+    tmp_path: Path,
+) -> None:
+    """A chained file target dead-letters 3 events (its path is a directory), then can write
+    again; `dlq redrive` (the real CLI against the daemon) puts the letters back. The letters
+    keep their places (moved to the redriven file), the redriven events take new ones, and the
+    archive with both letter files verifies and reconciles with the books."""
+    archive = tmp_path / "us.ndjson"
+    retry = {"max_attempts": 1, "initial_backoff_s": 0.01}
+    data: dict[str, Any] = {
+        "server": {"host": "127.0.0.1", "port": 0},
+        "storage": {"path": str(tmp_path / "var")},
+        "delivery": FAST_DELIVERY,
+        "startup": {"validate_targets": False},
+        "targets": [{**chained_file_target(archive), "retry": retry}],
+        "routes": everything_to("us"),
+    }
+    daemon = Daemon(parse_config(data), ConfigSource(None, data))
+    archive.mkdir()  # after the config check: every write fails until it is removed
+    await daemon.start()
+    try:
+        await redrive_then_verify(daemon, data, tmp_path)
+    finally:
+        if daemon.ready:
+            await daemon.stop()
+
+
+async def redrive_then_verify(daemon: Daemon, data: dict[str, Any], tmp_path: Path) -> None:
+    archive = tmp_path / "us.ndjson"
+    await post(daemon, [make_event(id=f"d-{n}") for n in range(3)])
+    await wait_for(lambda: settled(daemon), what="dead letters")
+    archive.rmdir()
+    await post(daemon, [make_event(id=f"ok-{n}") for n in range(2)])
+    await wait_for(lambda: settled(daemon), what="delivery")
+    config = tmp_path / "router.yaml"
+    config.write_text(yaml.safe_dump(data))
+    done = await asyncio.to_thread(
+        run_cli,
+        "dlq",
+        "redrive",
+        "--config",
+        str(config),
+        "--target",
+        "us",
+        "--url",
+        f"http://127.0.0.1:{daemon.port}",
+    )
+    assert done.returncode == 0, done.stderr
+    await wait_for(lambda: settled(daemon), what="the redriven events")
+    row = daemon.status()["targets"]["us"]
+    assert (row["received"], row["delivered"], row["dead_lettered"]) == (8, 5, 3)
+    assert_books_balance(daemon)
+    await daemon.stop()
+
+    letters = tmp_path / "var" / "deadletter" / "us.ndjson"
+    redriven = tmp_path / "var" / "deadletter" / "redriven" / "us.ndjson"
+    assert read_ndjson(letters) == [], "the letters left the dead-letter file"
+    assert [r["event"]["id"] for r in read_ndjson(redriven)] == ["d-0", "d-1", "d-2"]
+    report = verify([archive, letters, redriven])
+    assert report.ok, report.broken
+    assert (report.events, report.dead_letters, report.redriven, report.redelivered) == (5, 3, 3, 3)
+    assert report.events + report.dead_letters == row["received"], "the books, from the files"
+    assert not report.warnings or all("unsigned" in w for w in report.warnings), report.warnings
+    cli = await asyncio.to_thread(run_cli, "verify", str(archive), str(letters), str(redriven))
+    assert cli.returncode == 0, cli.stdout + cli.stderr
+    assert "3 dead letters (3 redriven, 3 of them delivered again) verified" in cli.stdout

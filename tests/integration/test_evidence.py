@@ -798,3 +798,51 @@ async def redrive_then_verify(daemon: Daemon, data: dict[str, Any], tmp_path: Pa
     cli = await asyncio.to_thread(run_cli, "verify", str(archive), str(letters), str(redriven))
     assert cli.returncode == 0, cli.stdout + cli.stderr
     assert "3 dead letters (3 redriven, 3 of them delivered again) verified" in cli.stdout
+
+
+# -- the end of the chain: what the daemon reports as its head ------------------------------------
+
+
+async def test_lines_cut_after_the_last_checkpoint_fail_verify_given_the_daemons_head(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """The last checkpoint covers seq 5; seq 6-8 follow it. Cut from a copy of the archive,
+    they leave a chain that is whole as far as it goes: only the head the running daemon
+    reports (/v1/status) shows that it stops short."""
+    path = tmp_path / "us.ndjson"
+    daemon = await start_daemon(
+        {
+            "targets": [chained_file_target(path)],
+            "routes": everything_to("us"),
+            "evidence": {"checkpoint_every_events": 5, "checkpoint_every_s": 3600},
+        }
+    )
+    for batch in ([f"a-{n}" for n in range(5)], [f"b-{n}" for n in range(3)]):
+        await post(daemon, [make_event(id=i) for i in batch])
+        await wait_for(lambda: settled(daemon), what="delivery")
+    code, status = await get_json(daemon, "/v1/status")
+    assert code == 200
+    evidence = status["targets"]["us"]["evidence"]
+    assert (evidence["chain_seq"], evidence["checkpoint_seq"]) == (8, 5)
+    head = f"{evidence['chain_seq']}:{evidence['chain_hash']}"
+
+    copy = tmp_path / "copy" / "us.ndjson"
+    copy.parent.mkdir()
+    copy.write_bytes(path.read_bytes())
+    whole = await asyncio.to_thread(run_cli, "verify", "--expect-head", head, str(copy))
+    assert whole.returncode == 0, whole.stdout + whole.stderr
+    lines = lines_of(copy)
+    copy.write_bytes(b"".join(lines[:-2]))  # seq 7 and 8 cut off the end
+    alone = await asyncio.to_thread(run_cli, "verify", str(copy))
+    assert alone.returncode == 0, "without the head, the cut is only a warning"
+    assert "seq 6 come after the last checkpoint" in alone.stderr
+    cut = await asyncio.to_thread(run_cli, "verify", "--expect-head", head, str(copy))
+    assert cut.returncode == 1
+    assert cut.stdout.splitlines()[0] == (
+        f"BROKEN: seq 7{EN_DASH}8 missing at the end: the chain ends at seq 6 "
+        f"({copy}:{len(lines) - 2}) but the daemon's head is seq 8 (places cut off the end)"
+    )
+    # The last line rewritten from there on (another event at seq 8) has another hash.
+    other = await asyncio.to_thread(run_cli, "verify", "--expect-head", f"8:{'0' * 64}", str(path))
+    assert other.returncode == 1
+    assert "seq 8 does not hold the daemon's head (its hash differs)" in other.stdout

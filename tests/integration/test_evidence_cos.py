@@ -251,3 +251,43 @@ async def post_events(port: int, ids: list[str]) -> int:
         ) as resp,
     ):
         return resp.status
+
+
+async def test_the_newest_object_deleted_after_the_last_checkpoint_fails_given_the_head(
+    start_daemon: StartDaemon, s3_server: S3Server, s3: Any, tmp_path: Path
+) -> None:
+    """No checkpoint covers the newest objects yet: deleting them leaves a bucket whose chain
+    is whole as far as it goes, and only the head the daemon reports shows it stops short."""
+    daemon = await start_daemon(
+        {
+            "targets": [cos_target(s3_server.endpoint_url)],
+            "routes": everything_to("cos"),
+            "evidence": {"checkpoint_every_events": 1000, "checkpoint_every_s": 3600},
+        }
+    )
+    for n in range(3):
+        await post(daemon, [make_event(id=f"n-{n}-{i}") for i in range(4)])
+        await wait_for(lambda: settled(daemon), timeout_s=20, what="delivery")
+    evidence = daemon.status()["targets"]["cos"]["evidence"]
+    assert (evidence["chain_seq"], evidence["checkpoint_seq"]) == (12, 0)
+    head = f"{evidence['chain_seq']}:{evidence['chain_hash']}"
+    config = tmp_path / "router.yaml"
+    config.write_text(yaml.safe_dump(daemon.source.data))
+    verify = ("verify", "cos://cos", "--config", str(config), "--expect-head", head)
+    code, out, err = await run_cli(*verify)
+    assert code == 0, out + err
+    assert "no checkpoint: nothing vouches for the chain's head" in err
+
+    found = await bodies(s3)
+    newest = max(found, key=lambda key: seqs(found[key])[-1])
+    assert seqs(found[newest]) == [9, 10, 11, 12]
+    await s3.delete_object(Bucket=BUCKET, Key=newest)
+    code, out, _ = await run_cli(*verify[:4])
+    assert code == 0, "without the head, nothing shows the objects are gone"
+    code, out, _ = await run_cli(*verify)
+    assert code == 1
+    [before] = [key for key, body in found.items() if seqs(body) and seqs(body)[-1] == 8]
+    assert out.splitlines()[0] == (
+        f"BROKEN: seq 9{EN_DASH}12 missing at the end: the chain ends at seq 8 ({before}:4) "
+        "but the daemon's head is seq 12 (places cut off the end)"
+    )

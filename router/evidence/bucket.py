@@ -114,6 +114,7 @@ class BucketVerifier:
         self._unsigned = 0
         self._unchecked = 0
         self._head_place = "the start of the chain"
+        self._first_unchained: str | None = None
 
     # -- input -----------------------------------------------------------------------------
 
@@ -162,7 +163,8 @@ class BucketVerifier:
                 continue
             found = _split(place, line)
             if found is None:
-                self.report.unchained += 1  # a test write of `event-router validate-target`
+                self.report.unchained += 1
+                self._first_unchained = self._first_unchained or place
                 continue
             canonical, link = found
             if link_hash(link.prev, canonical) != link.hash:
@@ -314,6 +316,11 @@ class BucketVerifier:
             unchecked=self._unchecked,
             max_age_s=self.max_age_s,
             now=self.now,
+            unchained=(
+                f"lines have no _chain (the first at {self._first_unchained}): the test writes "
+                "of `event-router validate-target`, or written before evidence was on; the "
+                "chain does not vouch for them"
+            ),
         )
         return report
 

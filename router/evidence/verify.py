@@ -140,6 +140,7 @@ def conclude(
     unchecked: int,
     max_age_s: float | None,
     now: datetime,
+    unchained: str = "lines before the chain have no _chain",
 ) -> None:
     """The warnings of a chain read to its end, and the --max-age-s check (raises Broken)."""
     if report.checkpoints == 0 and report.head_seq:
@@ -155,7 +156,7 @@ def conclude(
     if unchecked:
         report.warnings.append(f"{unchecked} signed checkpoints not checked: give --public-key")
     if report.unchained:
-        report.warnings.append(f"{report.unchained} lines before the chain have no _chain")
+        report.warnings.append(f"{report.unchained} {unchained}")
     if report.redelivered < report.redriven:
         report.warnings.append(
             f"{report.redriven - report.redelivered} redriven letters' events are not (yet) in "

@@ -33,7 +33,9 @@ from router.resources import default_config_path
 if TYPE_CHECKING:
     from datetime import datetime
 
-    from router.evidence.verify import Report
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    from router.evidence.verify import ReceiptDigests, Report
     from router.probe import ProbeResult
     from router.query import Query
     from router.targets import Target
@@ -224,6 +226,13 @@ def _add_evidence_commands(
     )
     _config_option(verify, "YAML config, for cos:// paths")
     verify.add_argument(
+        "--receipts",
+        type=Path,
+        metavar="FILE",
+        help="receipts a producer kept (ingest answers or receipts, one JSON a line): check "
+        "each one's Ed25519 signature with --public-key and find its event in the chain",
+    )
+    verify.add_argument(
         "--expect-head",
         metavar="SEQ[:HASH]",
         help="the chain head the daemon reports (/v1/status: chain_seq, chain_hash): fail when "
@@ -368,6 +377,9 @@ def _verify(args: argparse.Namespace) -> int:
     except (SigningKeyError, ValueError) as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_CONFIG
+    receipts = _signed_receipts(args.receipts, key) if args.receipts else None
+    if isinstance(receipts, int):
+        return receipts
 
     def progress(lines: int) -> None:
         print(f"\rverified {lines} lines", end="", file=sys.stderr, flush=True)
@@ -379,6 +391,7 @@ def _verify(args: argparse.Namespace) -> int:
         "max_age_s": args.max_age_s,
         "progress": progress if show else None,
         "expect_head": expect,
+        "receipts": receipts,
     }
     try:
         report: Report | int = (
@@ -434,6 +447,31 @@ def _verify_bucket(
     except DeliveryError as exc:
         print(f"verify: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
+
+
+def _signed_receipts(path: Path, key: Ed25519PublicKey | None) -> ReceiptDigests | int:
+    """The digests of the receipts in `path`, each signature checked with the public key; or
+    the exit code: 2 without a key or a readable file, 1 for a receipt that is not signed by
+    it (printed as BROKEN, with its place)."""
+    from router.evidence.receipt import read_receipts, signed_by
+    from router.evidence.verify import ReceiptDigests
+
+    if key is None:
+        print("verify: --receipts needs --public-key (the signatures are checked)", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        receipts = read_receipts(path)
+    except (OSError, ValueError) as exc:
+        print(f"verify: cannot read the receipts: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    for place, receipt in receipts:
+        if not signed_by(receipt, key):
+            print(
+                f"BROKEN: {place}: the receipt of {receipt.get('id')!r} is not signed by the "
+                "public key (forged, changed, or issued without a signing key)"
+            )
+            return EXIT_RUNTIME
+    return ReceiptDigests(str(receipt.get("digest")) for _, receipt in receipts)
 
 
 async def _open_chained_archive(target: Target) -> ProbeResult:

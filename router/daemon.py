@@ -204,7 +204,9 @@ class Daemon:
         await self.journal.open()
         await self.evidence.open()
         if self.config.evidence.enabled and self.config.evidence.receipts:
-            self.acceptor.receipts = Receipts.load_or_create(Path(self.config.storage.path))
+            self.acceptor.receipts = Receipts.load_or_create(
+                Path(self.config.storage.path), self.evidence.key
+            )
         for target in self.targets.values():
             self._chain(target)
         for target_id in sorted(self.journal.orphans):

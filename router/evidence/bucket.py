@@ -44,6 +44,7 @@ from router.evidence.verify import (
     PROGRESS_EVERY,
     Broken,
     ExpectedHead,
+    ReceiptDigests,
     Report,
     check_head,
     conclude,
@@ -98,8 +99,10 @@ class BucketVerifier:
         now: datetime | None = None,
         progress: Callable[[int], None] | None = None,
         expect_head: ExpectedHead | None = None,
+        receipts: ReceiptDigests | None = None,
     ) -> None:
         self.public_key = public_key
+        self.receipts = receipts or ReceiptDigests()
         self.key_id = key_id(public_key) if public_key is not None else None
         self.partial = partial
         self.max_age_s = max_age_s
@@ -189,6 +192,7 @@ class BucketVerifier:
             run.hashes += link.hash
             run.lines.append(number)
             run.ids.append(self._note(canonical))
+            self.receipts.see(canonical)
 
     def _tick(self) -> None:
         self._lines += 1
@@ -310,6 +314,7 @@ class BucketVerifier:
         if self.expect_head is not None and 0 < self.expect_head.seq <= head_seq and joined:
             hash_there = hash_at(self.expect_head.seq)[0]
         check_head(self.expect_head, head_seq, self._head_place, hash_there)
+        self.receipts.count(report)
         conclude(
             report,
             unsigned=self._unsigned,

@@ -24,6 +24,7 @@ redriven event's new place in the archive is matched to its letter by id.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import heapq
 import math
 import re
@@ -100,6 +101,8 @@ class Report:
     files: int = 0
     redriven: int = 0  # letters a redrive put back on the journal (still in the chain)
     redelivered: int = 0  # of those, events found again at a later place in the archive
+    receipts: int = 0  # signed receipts given (--receipts), their signatures checked
+    receipts_found: int = 0  # of those, whose digest is an event line's in the chain
 
     @property
     def ok(self) -> bool:
@@ -117,12 +120,36 @@ class Report:
             if self.redriven
             else ""
         )
+        receipts = (
+            f"; {counted(self.receipts, 'signed receipt')}, {self.receipts_found} of them for "
+            "events in the chain"
+            if self.receipts
+            else ""
+        )
         return (
             f"{counted(self.events, 'event')} and {counted(self.dead_letters, 'dead letter')}"
             f"{redriven} verified (chain head seq {self.head_seq}, {self.resent} re-sent), "
             f"{counted(self.checkpoints, 'checkpoint')} ({self.signed_checkpoints} "
-            f"signature-checked) in {counted(self.files, 'file')}{times}{checkpoint}"
+            f"signature-checked) in {counted(self.files, 'file')}{times}{checkpoint}{receipts}"
         )
+
+
+class ReceiptDigests:
+    """The digests of signed receipts an auditor holds, found as event lines go by."""
+
+    def __init__(self, digests: Iterable[str] = ()) -> None:
+        self.wanted = set(digests)
+        self.found: set[str] = set()
+
+    def see(self, canonical: bytes) -> None:
+        if self.wanted:
+            found = "sha256:" + hashlib.sha256(canonical).hexdigest()
+            if found in self.wanted:
+                self.found.add(found)
+
+    def count(self, report: Report) -> None:
+        report.receipts = len(self.wanted)
+        report.receipts_found = len(self.found)
 
 
 @dataclass(slots=True)
@@ -157,6 +184,11 @@ def conclude(
         report.warnings.append(f"{unchecked} signed checkpoints not checked: give --public-key")
     if report.unchained:
         report.warnings.append(f"{report.unchained} {unchained}")
+    if report.receipts_found < report.receipts:
+        report.warnings.append(
+            f"{report.receipts - report.receipts_found} receipts name events not in these files "
+            "(pending, dead-lettered, or in files not given)"
+        )
     if report.redelivered < report.redriven:
         report.warnings.append(
             f"{report.redriven - report.redelivered} redriven letters' events are not (yet) in "
@@ -206,9 +238,11 @@ class Verifier:
         now: datetime | None = None,
         progress: Callable[[int], None] | None = None,
         expect_head: ExpectedHead | None = None,
+        receipts: ReceiptDigests | None = None,
     ) -> None:
         self.public_key = public_key
         self.key_id = key_id(public_key) if public_key is not None else None
+        self.receipts = receipts or ReceiptDigests()
         self.partial = partial
         self.max_age_s = max_age_s
         self.now = now or datetime.now(UTC)
@@ -285,6 +319,7 @@ class Verifier:
         report = self.report
         report.head_seq = self._head.seq if self._head is not None else 0
         check_head(self.expect_head, report.head_seq, self._head_place, self._hash_at_expected)
+        self.receipts.count(report)
         conclude(
             report,
             unsigned=self._unsigned,
@@ -382,6 +417,7 @@ class Verifier:
                     self._redriven[event["id"]] = seq
             return
         report.events += 1
+        self.receipts.see(canonical)
         try:
             body: Any = orjson.loads(canonical)
         except orjson.JSONDecodeError:

@@ -846,3 +846,50 @@ async def test_lines_cut_after_the_last_checkpoint_fail_verify_given_the_daemons
     other = await asyncio.to_thread(run_cli, "verify", "--expect-head", f"8:{'0' * 64}", str(path))
     assert other.returncode == 1
     assert "seq 8 does not hold the daemon's head (its hash differs)" in other.stdout
+
+
+# -- signed receipts: an auditor checks them with the public key alone ---------------------------
+
+
+async def test_signed_receipts_verify_with_the_public_key_and_name_archive_lines(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """With a signing key, each receipt carries an Ed25519 signature: `verify --receipts`
+    checks it with the public key (no router secret) and finds each event in the chain; a
+    receipt changed after it was issued is named at its place."""
+    key, public = generate(tmp_path / "signing.key")
+    archive = tmp_path / "us.ndjson"
+    daemon = await start_daemon(
+        {
+            "targets": [chained_file_target(archive)],
+            "routes": everything_to("us"),
+            "evidence": {"signing_key_file": str(key), "receipts": True},
+        }
+    )
+    answers = []
+    for n in range(2):
+        status, answer = await post(daemon, [make_event(id=f"r-{n}-{i}") for i in range(3)])
+        assert status == 202
+        answers.append(answer)
+    await wait_for(lambda: settled(daemon), what="delivery")
+    await daemon.stop()
+    receipt = answers[0]["results"][0]["receipt"]
+    assert set(receipt) == {"id", "digest", "received_at", "mac", "sig", "key"}
+    kept = tmp_path / "answers.ndjson"
+    kept.write_bytes(b"".join(orjson.dumps(answer) + b"\n" for answer in answers))
+
+    args = ("verify", "--public-key", str(public), "--receipts", str(kept), str(archive))
+    ok = await asyncio.to_thread(run_cli, *args)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "; 6 signed receipts, 6 of them for events in the chain" in ok.stdout
+
+    # A receipt whose digest was changed after it was issued (its signature kept): refused.
+    forged = dict(receipt, digest="sha256:" + "0" * 64)
+    kept.write_bytes(kept.read_bytes() + orjson.dumps(forged) + b"\n")
+    refused = await asyncio.to_thread(run_cli, *args)
+    assert refused.returncode == 1
+    assert refused.stdout.splitlines()[0] == (
+        f"BROKEN: {kept}:3: the receipt of 'r-0-0' is not signed by the public key (forged, "
+        "changed, or issued without a signing key)"
+    )
+    assert (await asyncio.to_thread(run_cli, *args[3:])).returncode == 2, "needs the key"

@@ -238,7 +238,8 @@ def ndjson_gzip(events: Sequence[Event]) -> bytes:
 
 def packed(events: Sequence[Event]) -> tuple[bytes, str]:
     """The object's body and its Content-MD5 (base64 of the body's MD5)."""
-    return packed_lines([event.encoded() for event in events])
+    body = ndjson_gzip(events)
+    return body, base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode()
 
 
 def packed_lines(lines: Sequence[bytes]) -> tuple[bytes, str]:

@@ -109,6 +109,7 @@ RETRYABLE_CODES: Final = frozenset(
 AUTH_STATUSES: Final = frozenset({401, 403})
 # Object names of batches still being retried, so a retry reuses its first name.
 MAX_PENDING_NAMES = 256
+CHECKPOINT_TIMEOUT_S = 10.0
 # `s3[.private|.direct].<region>.cloud-object-storage.appdomain.cloud`
 _IBM_COS_HOST = re.compile(
     r"^s3\.(?:(?:private|direct)\.)?([a-z0-9-]+)\.cloud-object-storage\.appdomain\.cloud$"
@@ -388,8 +389,12 @@ class CosTarget:
         now = time.time()
         name = object_key(self.account, self.region, now, uuid7(now))
         body, md5 = packed_lines([line])
-        await self.start()
-        await self._put_authorized(name, body, md5)
+        # A checkpoint is a few hundred bytes: a store that does not take it within
+        # CHECKPOINT_TIMEOUT_S is down, and must not hold up a shutdown for timeout_s (the
+        # journal keeps the head; the next checkpoint covers these places).
+        async with asyncio.timeout(min(self.endpoint.timeout_s, CHECKPOINT_TIMEOUT_S)):
+            await self.start()
+            await self._put_authorized(name, body, md5)
 
     async def _put_authorized(self, name: str, body: bytes, md5: str) -> None:
         """One PUT, once more with a new IAM token when the first one was refused."""

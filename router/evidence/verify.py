@@ -297,6 +297,7 @@ class Verifier:
                 continue
             found = _split(place, line)
             if found is None:
+                self._flush_ahead()
                 if self._head is not None or (self._letters and min(self._letters) == 1):
                     raise Broken(place, "a line without a _chain member inside the chain")
                 self.report.unchained += 1  # written before evidence was turned on

@@ -14,6 +14,7 @@ import orjson
 import pytest
 import yaml
 
+from router.config import parse_config
 from router.daemon import Daemon
 from router.evidence.canonical import split_line
 from router.evidence.checkpoint import is_checkpoint
@@ -290,4 +291,39 @@ async def test_the_newest_object_deleted_after_the_last_checkpoint_fails_given_t
     assert out.splitlines()[0] == (
         f"BROKEN: seq 9{EN_DASH}12 missing at the end: the chain ends at seq 8 ({before}:4) "
         "but the daemon's head is seq 12 (places cut off the end)"
+    )
+
+
+async def test_the_chain_survives_a_reload_that_changes_the_cos_target(
+    start_daemon: StartDaemon, s3_server: S3Server, s3: Any, tmp_path: Path
+) -> None:
+    """A reload that changes the target stops it (with a checkpoint object) and starts the new
+    one on the same chain: the bucket, with the reload's own audit event, is one chain."""
+    key, public = generate(tmp_path / "signing.key")
+    daemon = await start_daemon(
+        {
+            "targets": [cos_target(s3_server.endpoint_url)],
+            "routes": everything_to("cos"),
+            "evidence": {"signing_key_file": str(key)},
+        }
+    )
+    await post(daemon, [make_event(id=f"before-{i}") for i in range(5)])
+    await wait_for(lambda: settled(daemon), timeout_s=20, what="delivery")
+    data = daemon.source.data
+    changed = cos_target(s3_server.endpoint_url, region="eu-de")
+    await daemon.reload(parse_config({**data, "targets": [changed]}))
+    await post(daemon, [make_event(id=f"after-{i}") for i in range(5)])
+    await wait_for(lambda: settled(daemon), timeout_s=20, what="delivery after the reload")
+    row = daemon.status()["targets"]["cos"]
+    assert (row["received"], row["delivered"]) == (11, 11), "10 events and the reload's own"
+    await daemon.stop()
+    found = await bodies(s3)
+    assert sorted(seq for body in found.values() for seq in seqs(body)) == list(range(1, 12))
+    assert any(key.split("/")[1] == "eu-de" for key in found), "the new target wrote"
+    config = tmp_path / "router.yaml"
+    config.write_text(yaml.safe_dump({**data, "targets": [changed]}))
+    code, out, err = await verify_bucket(config, public)
+    assert code == 0, out + err
+    assert out.startswith(
+        "OK: 11 events and 0 dead letters verified (chain head seq 11, 0 re-sent)"
     )

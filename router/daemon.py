@@ -53,6 +53,7 @@ from router.server.listener import ClientFaultLog, DeadlineSite
 from router.server.servertls import server_context
 from router.server.tail import TailHub
 from router.targets import Target, build_target
+from router.targets.cos import CosTarget
 from router.targets.file import FileEndpointConfig, FileTarget
 
 log = logging.getLogger(__name__)
@@ -203,7 +204,9 @@ class Daemon:
         await self.journal.open()
         await self.evidence.open()
         if self.config.evidence.enabled and self.config.evidence.receipts:
-            self.acceptor.receipts = Receipts.load_or_create(Path(self.config.storage.path))
+            self.acceptor.receipts = Receipts.load_or_create(
+                Path(self.config.storage.path), self.evidence.key
+            )
         for target in self.targets.values():
             self._chain(target)
         for target_id in sorted(self.journal.orphans):
@@ -424,9 +427,12 @@ class Daemon:
         await self.record_own(body)
 
     def _chain(self, target: Target) -> None:
-        """A file target writes its archive as a chain (router/evidence), when evidence is on."""
+        """A file or COS target writes its archive as a chain (router/evidence), when evidence
+        is on; a bucket cannot be read back for its head, so the journal keeps that."""
         if isinstance(target, FileTarget):
             target.chain = self.evidence.attach(target.id, target.write_line)
+        elif isinstance(target, CosTarget):
+            target.chain = self.evidence.attach(target.id, target.write_line, head_in_journal=True)
 
     async def record_own(self, body: dict[str, Any]) -> None:
         """Journal an event of the router itself; a failure is logged, never raised into the
@@ -514,6 +520,7 @@ class Daemon:
                 at = chain.checkpointed_at
                 targets[target_id]["evidence"] = {
                     "chain_seq": chain.seq,
+                    "chain_hash": chain.head.hash.hex() if chain.head is not None else None,
                     "checkpoint_seq": chain.checkpointed_seq,
                     "last_checkpoint_at": utc_iso(at) if at is not None else None,
                 }

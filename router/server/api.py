@@ -709,7 +709,11 @@ class ManagementApi:
             self.meta.versions[route_id] = self.meta.versions.get(route_id, 0) + 1
             return raw
 
-        await self._apply(request, "route.update", f"route:{route_id}", edit)
+        def where(data: dict[str, Any]) -> str:
+            ids = [str(r.get("id", r["name"])) for r in data.get("routes") or []]
+            return f"routes[{ids.index(route_id)}]." if route_id in ids else ""
+
+        await self._apply(request, "route.update", f"route:{route_id}", edit, sent=where)
         return self._json(self.route_model(raw))
 
     async def delete_route(self, request: web.Request) -> web.Response:

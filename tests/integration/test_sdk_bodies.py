@@ -385,6 +385,19 @@ async def test_every_call_of_the_atracker_sdk_works_with_its_exact_bodies(
             },
             200,
         )
+        bad = await calls.call(
+            "ReplaceRoute unknown target",
+            "PUT",
+            f"/api/v2/routes/{route_id}",
+            {"name": "my-route", "rules": [{"target_ids": [unknown], "locations": ["*"]}]},
+            400,
+        )
+        calls.check(
+            "ReplaceRoute unknown target",
+            str(bad).count(f"rules[0].target_ids[0]: unknown target '{unknown}'") == 1
+            and "routes[" not in str(bad),
+            f"names rules[0].target_ids[0] as sent: {bad}",
+        )
         settings = await calls.call("GetSettings", "GET", "/api/v2/settings", None, 200)
         calls.check(
             "GetSettings",

@@ -37,6 +37,7 @@ from router.intake.http import Ingest
 from router.intake.redaction import Redactor
 from router.intake.validation import EventValidator
 from router.journal import Entry
+from router.journal.jetstream import JetStreamJournal
 from router.journal.sqlite import SqliteJournal
 from router.observe.logformat import counted
 from router.observe.metrics import IngestStats, TargetStats, WriteStatus, utc_iso
@@ -112,8 +113,14 @@ class Daemon:
         self.redactor = Redactor.from_schemas(schemas or schemas_dir(), config.redaction)
         self.routes = RouteTable(config.routes, config.settings.default_targets)
         target_ids = [target.id for target in config.targets]
-        self.journal = SqliteJournal(config.storage, target_ids)
-        self.dead_letters = DeadLetters(config.storage.dead_letter_dir())
+        self.journal: SqliteJournal | JetStreamJournal
+        self.dead_letters: DeadLetters
+        if config.storage.backend == "jetstream":
+            self.journal = JetStreamJournal(config.storage, target_ids)
+            self.dead_letters = self.journal.dead_letters
+        else:
+            self.journal = SqliteJournal(config.storage, target_ids)
+            self.dead_letters = DeadLetters(config.storage.dead_letter_dir())
         self.evidence = Evidence(config.evidence, self.journal, config.storage.dead_letter_dir())
         self.dead_letters.chain_for = self.evidence.letters_chain
         self.ingest_stats = IngestStats()
@@ -535,7 +542,7 @@ class Daemon:
                 "path": str(self.journal.path),
                 "healthy": self.journal.healthy,
                 "used_bytes": self.journal.used_bytes,
-                "max_bytes": self.config.storage.max_bytes,
+                "max_bytes": self.config.storage.journal_max_bytes(),
                 "quarantined_records": self.journal.quarantined,
                 "lost_records": self.journal.lost_records,
                 "checkpoint_errors": self.journal.checkpoint_errors,
@@ -545,7 +552,7 @@ class Daemon:
 
     @property
     def journal_max_bytes(self) -> int:
-        return self.config.storage.max_bytes
+        return self.config.storage.journal_max_bytes()
 
     @property
     def refusals(self) -> Refusals:

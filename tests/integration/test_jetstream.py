@@ -1,0 +1,269 @@
+"""storage.backend: jetstream against a real nats-server (tests/peers/nats.py) on loopback.
+
+In-process daemons here (the journal's promises one at a time): ingest answers after the
+stream acknowledged, a producer's retry is stored once, a full stream answers 503, a long
+send keeps its batch with in-progress acks, dead letters go to their stream and come back by
+a redrive, and two daemons on one stream share each target's backlog. Routers as real
+processes (kill -9, a NATS node killed) are in tests/integration/test_jetstream_cluster.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import nats
+import orjson
+import pytest
+from aiohttp import web
+
+from router.config import parse_config
+from router.daemon import Daemon
+from router.journal.jetstream import letters_stream, queue_stream
+from router.server.api import ConfigSource
+from tests.conftest import FAST_DELIVERY
+from tests.fakes import make_event, read_ndjson, wait_for
+from tests.helpers import (
+    ReceiverFactory,
+    assert_books_balance,
+    everything_to,
+    file_target,
+    http_target,
+    post,
+    settled,
+)
+from tests.peers.nats import NatsServer
+
+pytestmark = pytest.mark.peers
+
+_streams = itertools.count(1)
+_ids = itertools.count(1)
+
+
+@pytest.fixture(scope="module")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    with NatsServer(tmp_path_factory.mktemp("nats")) as server:
+        yield server
+
+
+def jetstream(servers: list[str], stream: str, **settings: Any) -> dict[str, Any]:
+    """A storage section on JetStream (evidence keeps its chain heads in SQLite: off)."""
+    return {"backend": "jetstream", "jetstream": {"servers": servers, "stream": stream, **settings}}
+
+
+@pytest.fixture
+async def start_router(tmp_path: Path, nats_server: NatsServer) -> AsyncIterator[Any]:
+    """Start in-process daemons on one fresh stream: each its own storage.path and port."""
+    stream = f"T{next(_streams)}"
+    daemons: list[Daemon] = []
+
+    async def start(data: dict[str, Any], *, name: str = "r1", **settings: Any) -> Daemon:
+        # The test server's store holds 1 GB: each stream reserves its max_bytes there.
+        settings.setdefault("max_bytes", 16 * 1024 * 1024)
+        storage = {"path": str(tmp_path / name), **jetstream([nats_server.url], stream, **settings)}
+        data = {
+            "server": {"host": "127.0.0.1", "port": 0},
+            "storage": storage,
+            "delivery": FAST_DELIVERY,
+            "shutdown": {"drain_timeout_s": 5},
+            "startup": {"validate_targets": False},
+            "evidence": {"enabled": False},
+            **data,
+        }
+        daemon = Daemon(parse_config(data), ConfigSource(None, data))
+        await daemon.start()
+        daemons.append(daemon)
+        return daemon
+
+    start.stream = stream  # type: ignore[attr-defined]
+    yield start
+    for daemon in daemons:
+        if daemon.ready:
+            await daemon.stop()
+
+
+async def stream_state(server: NatsServer, stream: str) -> Any:
+    nc = await nats.connect(server.url)
+    try:
+        return (await nc.jetstream().stream_info(stream)).state
+    finally:
+        await nc.close()
+
+
+def event(**fields: Any) -> dict[str, Any]:
+    """A valid event with an id of its own (the producer's, so a retry can repeat it)."""
+    return make_event(id=f"js-{next(_ids)}", **fields)
+
+
+def books_of(daemon: Daemon, target_id: str) -> tuple[int, int, int, int]:
+    row = daemon.status()["targets"][target_id]
+    return row["received"], row["delivered"], row["dead_lettered"], row["pending"]
+
+
+async def test_events_reach_the_file_target_and_the_books_come_from_the_stream(
+    start_router: Any, tmp_path: Path, nats_server: NatsServer
+) -> None:
+    archive = tmp_path / "a.ndjson"
+    daemon = await start_router(
+        {"targets": [file_target("archive", archive)], "routes": everything_to("archive")}
+    )
+    events = [event() for _ in range(20)]
+    status, _ = await post(daemon, events)
+    assert status == 202
+    await wait_for(lambda: books_of(daemon, "archive") == (20, 20, 0, 0), what="the books")
+    assert [e["id"] for e in read_ndjson(archive)] == [e["id"] for e in events]
+    assert_books_balance(daemon)
+    stream = queue_stream(daemon.config.storage.jetstream, "archive")
+    state = await stream_state(nats_server, stream)
+    assert (state.last_seq, state.messages) == (20, 0), "delivered events leave the stream"
+
+
+async def test_a_producers_retry_with_the_same_event_ids_is_stored_once(
+    start_router: Any, tmp_path: Path
+) -> None:
+    archive = tmp_path / "a.ndjson"
+    daemon = await start_router(
+        {"targets": [file_target("archive", archive)], "routes": everything_to("archive")}
+    )
+    events = [event() for _ in range(5)]
+    assert (await post(daemon, events))[0] == 202
+    # The answer was lost: the producer sends the same events again.
+    assert (await post(daemon, events))[0] == 202
+    await wait_for(lambda: books_of(daemon, "archive") == (5, 5, 0, 0), what="the books")
+    assert [e["id"] for e in read_ndjson(archive)] == [e["id"] for e in events]
+
+
+async def test_a_full_stream_answers_503_with_retry_after_and_takes_events_once_drained(
+    start_router: Any, receiver_factory: ReceiverFactory
+) -> None:
+    siem = await receiver_factory([503] * 10_000)
+    target = http_target("siem", siem.url) | {"retry": {"max_attempts": 100_000, "max_age_s": 3600}}
+    daemon = await start_router(
+        {"targets": [target], "routes": everything_to("siem")}, max_bytes=65536
+    )
+    big = "x" * 4000
+    refused = None
+    for _ in range(40):
+        status, body = await post(daemon, [event(requestData={"pad": big})])
+        if status == 503:
+            refused = body
+            break
+        assert status == 202
+    assert refused is not None, "a stream at max_bytes refuses"
+    assert refused["error"]["code"] == "journal_full"
+    assert "target siem's stream" in refused["error"]["message"]
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"http://127.0.0.1:{daemon.port}/v1/events", json=event(requestData={"pad": big})
+        ) as resp,
+    ):
+        assert resp.status == 503
+        assert resp.headers["Retry-After"] == str(daemon.config.storage.full_retry_after_s)
+    await wait_for(
+        lambda: books_of(daemon, "siem")[0] == books_of(daemon, "siem")[3] > 0,
+        what="the books to show the backlog pending",
+    )
+    siem.statuses = [200] * 10_000  # the target comes back: the stream drains
+    await wait_for(lambda: settled(daemon), timeout_s=30, what="the backlog to drain")
+    assert (await post(daemon, [event(requestData={"pad": big})]))[0] == 202
+
+
+async def test_a_send_longer_than_ack_wait_keeps_its_batch_with_in_progress_acks(
+    start_router: Any,
+) -> None:
+    seen: list[str] = []
+    release = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        seen.extend(event["id"] for event in orjson.loads(await request.read()))
+        await release.wait()
+        return web.Response(status=200)
+
+    app = web.Application()
+    app.router.add_post("/", slow)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        target = http_target("slow", f"http://127.0.0.1:{port}/", timeout_s=60)
+        config = {"targets": [target], "routes": everything_to("slow")}
+        first = await start_router(config, ack_wait_s=1, name="r1")
+        assert (await post(first, [event() for _ in range(3)]))[0] == 202
+        await wait_for(lambda: len(seen) == 3, what="the first router's send to start")
+        # An idle router beside it, waiting for work.
+        second = await start_router(config, ack_wait_s=1, name="r2")
+        # Three times ack_wait: without in-progress acks JetStream would have handed the
+        # batch to the second router, which would send it too.
+        deadline = asyncio.get_running_loop().time() + 3.5
+        await wait_for(lambda: asyncio.get_running_loop().time() > deadline, timeout_s=10)
+        release.set()
+        await wait_for(lambda: settled(first) and settled(second), what="the batch settled")
+        assert len(seen) == 3, f"sent once, by one router: {seen}"
+    finally:
+        release.set()
+        await runner.cleanup()
+
+
+async def test_dead_letters_go_to_their_stream_and_a_redrive_delivers_them(
+    start_router: Any, receiver_factory: ReceiverFactory, nats_server: NatsServer
+) -> None:
+    siem = await receiver_factory([400, 200])
+    daemon = await start_router(
+        {"targets": [http_target("siem", siem.url)], "routes": everything_to("siem")}
+    )
+    events = [event() for _ in range(2)]
+    await post(daemon, events)
+    await wait_for(lambda: books_of(daemon, "siem") == (2, 0, 2, 0), what="two dead letters")
+    config = daemon.config.storage.jetstream
+    state = await stream_state(nats_server, letters_stream(config, "siem"))
+    assert state.messages == 2
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"http://127.0.0.1:{daemon.port}/v1/deadletters/siem/redrive") as resp,
+    ):
+        assert resp.status == 200
+        assert b'"done":2' in await resp.read()
+    await wait_for(lambda: books_of(daemon, "siem") == (4, 2, 2, 0), what="the redrive delivered")
+    assert {e["id"] for e in siem.delivered_events} == {e["id"] for e in events}
+    assert (await stream_state(nats_server, letters_stream(config, "siem"))).messages == 0
+    assert_books_balance(daemon)
+
+
+async def test_two_routers_on_one_stream_deliver_each_event_once_and_agree_on_the_books(
+    start_router: Any, tmp_path: Path
+) -> None:
+    a, b = tmp_path / "a.ndjson", tmp_path / "b.ndjson"
+    config = {
+        "targets": [file_target("a", a), file_target("b", b)],
+        "routes": everything_to("a", "b"),
+    }
+    first = await start_router(config, name="r1")
+    # The second router's file targets write beside the first's: both archives together
+    # must hold every event once.
+    a2, b2 = tmp_path / "a2.ndjson", tmp_path / "b2.ndjson"
+    second = await start_router(
+        {"targets": [file_target("a", a2), file_target("b", b2)], "routes": config["routes"]},
+        name="r2",
+    )
+    ids: list[str] = []
+    for i in range(20):
+        events = [event() for _ in range(10)]
+        ids += [e["id"] for e in events]
+        assert (await post(first if i % 2 else second, events))[0] == 202
+
+    def done() -> bool:
+        return all(books_of(d, t) == (200, 200, 0, 0) for d in (first, second) for t in ("a", "b"))
+
+    await wait_for(done, timeout_s=30, what="both routers' books to show every event delivered")
+    for archive, other in ((a, a2), (b, b2)):
+        got = [e["id"] for e in read_ndjson(archive) + read_ndjson(other)]
+        assert sorted(got) == sorted(ids), "each event once per target"
+    for daemon in (first, second):
+        assert_books_balance(daemon)

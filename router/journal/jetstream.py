@@ -59,12 +59,12 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import APIError, NotFoundError
+from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 
 from router.appendfile import make_private_dirs
 from router.config import JOURNAL_LOCK_FILE, JetStreamConfig, StorageConfig
 from router.deadletter import DeadLetters, Failure, Letter, Taken, letter_bytes, unredrivable
-from router.errors import RouterError, StorageLockedError
+from router.errors import StorageLockedError, StorageUnavailableError
 from router.events import Event
 from router.journal import Books, Entry, JournalFullError, JournalUnavailableError
 
@@ -77,16 +77,15 @@ STREAM_NAME_IN_USE = 10058
 # Headers of a journaled message beside Nats-Msg-Id.
 ROUTE = "Router-Route"
 RECEIVED_AT = "Router-Received-At"
+# One publish try waits this long for its ack; tries go on until publish_timeout_s, after a
+# pause that starts here and doubles.
+PUBLISH_TRY_S = 2.0
+PUBLISH_RETRY_S = 0.05
 # How often the books are read back from the streams.
 BOOKS_EVERY_S = 0.5
 # The longest one fetch waits, so a stopping worker is seen promptly.
 FETCH_WAIT_S = 1.0
 STREAM_ERRORS = (nats.errors.Error, TimeoutError, OSError)
-
-
-class JetStreamSetupError(RouterError):
-    """The NATS servers cannot be reached, or a stream exists with settings the journal
-    cannot work with: the daemon does not start."""
 
 
 def stream_token(target_id: str) -> str:
@@ -141,7 +140,7 @@ async def connect(config: JetStreamConfig, *, name: str = "event-router") -> Cli
     try:
         return await nats.connect(**options)
     except (nats.errors.Error, OSError, TimeoutError) as exc:
-        raise JetStreamSetupError(
+        raise StorageUnavailableError(
             f"storage.jetstream.servers: cannot connect to {', '.join(config.servers)}: {exc}"
         ) from exc
 
@@ -158,13 +157,13 @@ async def ensure_stream(js: JetStreamContext, wanted: StreamConfig) -> None:
             return
         except APIError as exc:
             if exc.err_code != STREAM_NAME_IN_USE:  # not: another router created it meanwhile
-                raise JetStreamSetupError(
+                raise StorageUnavailableError(
                     f"storage.jetstream: cannot create stream {wanted.name}: {exc.description}"
                 ) from exc
         info = await js.stream_info(wanted.name)
     have = info.config
     if have.retention != wanted.retention or list(have.subjects or []) != wanted.subjects:
-        raise JetStreamSetupError(
+        raise StorageUnavailableError(
             f"storage.jetstream.stream: stream {wanted.name} exists with retention "
             f"{have.retention} and subjects {have.subjects}; the journal needs "
             f"{wanted.retention} and {wanted.subjects} (another application's stream?)"
@@ -176,6 +175,44 @@ async def ensure_stream(js: JetStreamContext, wanted: StreamConfig) -> None:
         wanted.discard,
     ):
         await js.update_stream(wanted)
+
+
+def _transient(exc: BaseException) -> bool:
+    """A publish that may be acknowledged if tried again: the stream has no leader for a
+    moment (a node died, an election runs), the answer timed out, or the connection is
+    moving to another server. A full stream is not transient: it is the producer's 503."""
+    if isinstance(exc, APIError):
+        return exc.code == 503 and exc.err_code != STREAM_FULL
+    return isinstance(
+        exc,
+        (
+            NoStreamResponseError,
+            nats.errors.NoRespondersError,
+            nats.errors.TimeoutError,
+            nats.errors.ConnectionReconnectingError,
+            TimeoutError,
+        ),
+    )
+
+
+async def publish_until_acked(
+    js: JetStreamContext, subject: str, payload: bytes, headers: dict[str, str], *, timeout_s: float
+) -> None:
+    """Publish and wait for the stream's ack, trying again while the failure is transient,
+    until `timeout_s` has passed. Every try carries the same Nats-Msg-Id, so a try whose ack
+    was lost is stored once."""
+    deadline = time.monotonic() + timeout_s
+    pause = PUBLISH_RETRY_S
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            await js.publish(subject, payload, headers=headers, timeout=min(left, PUBLISH_TRY_S))
+            return
+        except (nats.errors.Error, TimeoutError) as exc:
+            if not _transient(exc) or deadline - time.monotonic() < pause:
+                raise
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 1.0)
 
 
 @dataclass(slots=True)
@@ -235,7 +272,7 @@ class JetStreamJournal:
             await self._read_books()
         except (nats.errors.Error, TimeoutError) as exc:
             await self._nc.close()
-            raise JetStreamSetupError(f"storage.jetstream: cannot set up streams: {exc}") from exc
+            raise StorageUnavailableError(f"storage.jetstream: no streams: {exc}") from exc
         self._tasks = [
             asyncio.create_task(self._keep_books(), name="journal-books"),
             asyncio.create_task(self._keep_in_progress(), name="journal-in-progress"),
@@ -359,14 +396,16 @@ class JetStreamJournal:
         raise JournalUnavailableError(f"JetStream did not acknowledge: {failures[0]!r}")
 
     async def _publish(self, target_id: str, event: Event, route: str) -> None:
-        await self.js.publish(
+        await publish_until_acked(
+            self.js,
             queue_subject(self.js_config, target_id),
             event.encoded(),
-            headers={
+            {
                 "Nats-Msg-Id": self.redriving.get(event.id, event.id),
                 ROUTE: route,
                 RECEIVED_AT: repr(event.received_at),
             },
+            timeout_s=self.js_config.publish_timeout_s,
         )
 
     # -- read and settle -----------------------------------------------------------------------
@@ -608,10 +647,12 @@ class StreamDeadLetters(DeadLetters):
         js = self.journal.js
         results = await asyncio.gather(
             *(
-                js.publish(
+                publish_until_acked(
+                    js,
                     subject,
                     letter_bytes(target_id, entry, failure),
-                    headers={"Nats-Msg-Id": str(entry.seq)},
+                    {"Nats-Msg-Id": str(entry.seq)},
+                    timeout_s=config.publish_timeout_s,
                 )
                 for entry in entries
             ),
@@ -687,3 +728,28 @@ async def read_stream_letters(js: JetStreamContext, stream: str) -> list[tuple[i
             found.append((msg.seq, {"reason": "unreadable_line", "line": msg.seq}))
         seq = msg.seq + 1
     return found
+
+
+def target_of_token(token: str) -> str:
+    """stream_token's inverse: the target id a stream name's last token stands for."""
+    return re.sub(r"_([0-9A-F]{2})", lambda m: chr(int(m.group(1), 16)), token)
+
+
+async def all_letters(config: JetStreamConfig) -> dict[str, list[Letter]]:
+    """Every target's dead letters (`event-router dlq list | show`), by target id in id order:
+    each dead-letter stream of `config.stream`, also a removed target's."""
+    nc = await connect(config, name="event-router dlq")
+    try:
+        js = nc.jetstream(timeout=config.publish_timeout_s)
+        prefix = f"{config.stream}_DLQ_"
+        names = [info.config.name for info in await js.streams_info()]
+        found = {
+            target_of_token(name.removeprefix(prefix)): [
+                letter for _, letter in await read_stream_letters(js, name)
+            ]
+            for name in names
+            if name is not None and name.startswith(prefix)
+        }
+    finally:
+        await nc.close()
+    return dict(sorted(found.items()))

@@ -19,6 +19,7 @@ import aiohttp
 import nats
 import orjson
 import pytest
+import yaml
 from aiohttp import web
 
 from router.config import parse_config
@@ -34,6 +35,7 @@ from tests.helpers import (
     file_target,
     http_target,
     post,
+    run_cli,
     settled,
 )
 from tests.peers.nats import NatsServer
@@ -211,8 +213,8 @@ async def test_a_send_longer_than_ack_wait_keeps_its_batch_with_in_progress_acks
         await runner.cleanup()
 
 
-async def test_dead_letters_go_to_their_stream_and_a_redrive_delivers_them(
-    start_router: Any, receiver_factory: ReceiverFactory, nats_server: NatsServer
+async def test_dead_letters_go_to_their_stream_and_dlq_lists_shows_and_redrives_them(
+    start_router: Any, receiver_factory: ReceiverFactory, nats_server: NatsServer, tmp_path: Path
 ) -> None:
     siem = await receiver_factory([400, 200])
     daemon = await start_router(
@@ -224,16 +226,38 @@ async def test_dead_letters_go_to_their_stream_and_a_redrive_delivers_them(
     config = daemon.config.storage.jetstream
     state = await stream_state(nats_server, letters_stream(config, "siem"))
     assert state.messages == 2
-    async with (
-        aiohttp.ClientSession() as session,
-        session.post(f"http://127.0.0.1:{daemon.port}/v1/deadletters/siem/redrive") as resp,
-    ):
-        assert resp.status == 200
-        assert b'"done":2' in await resp.read()
+    # `event-router dlq` reads the letters from their stream, from any machine with the config.
+    config_file = tmp_path / "router.yaml"
+    config_file.write_text(yaml.safe_dump(daemon.source.data))
+    code, out, err = await run_cli("dlq", "list", "--config", str(config_file))
+    assert code == 0, err
+    assert [line.split()[:2] for line in out.splitlines()[1:]] == [["siem", "2"]]
+    assert "permanent_status=2" in out
+    code, out, err = await run_cli(
+        "dlq", "show", "--config", str(config_file), "--target", "siem", "--format", "ndjson"
+    )
+    assert code == 0, err
+    shown = [orjson.loads(line) for line in out.splitlines()]
+    assert [letter["event"]["id"] for letter in shown] == [e["id"] for e in events]
+    assert {letter["reason"] for letter in shown} == {"permanent_status"}
+    code, _, err = await run_cli(
+        "dlq",
+        "redrive",
+        "--config",
+        str(config_file),
+        "--target",
+        "siem",
+        "--url",
+        f"http://127.0.0.1:{daemon.port}",
+    )
+    assert code == 0, err
+    assert "redrove 2 dead letters" in err
     await wait_for(lambda: books_of(daemon, "siem") == (4, 2, 2, 0), what="the redrive delivered")
     assert {e["id"] for e in siem.delivered_events} == {e["id"] for e in events}
     assert (await stream_state(nats_server, letters_stream(config, "siem"))).messages == 0
     assert_books_balance(daemon)
+    code, out, _ = await run_cli("dlq", "list", "--config", str(config_file))
+    assert (code, out.split()[:3]) == (0, ["no", "dead", "letters"])
 
 
 async def test_two_routers_on_one_stream_deliver_each_event_once_and_agree_on_the_books(

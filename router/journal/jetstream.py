@@ -195,6 +195,15 @@ def _transient(exc: BaseException) -> bool:
     )
 
 
+def _failure(future: asyncio.Future[Any] | None) -> BaseException | None:
+    """Why a publish_async did not end in an ack (None: it did)."""
+    if future is None:
+        return nats.errors.ConnectionReconnectingError()
+    if future.cancelled():
+        return asyncio.CancelledError()
+    return future.exception()
+
+
 async def publish_until_acked(
     js: JetStreamContext, subject: str, payload: bytes, headers: dict[str, str], *, timeout_s: float
 ) -> None:
@@ -367,37 +376,81 @@ class JetStreamJournal:
     # -- append --------------------------------------------------------------------------------
 
     async def append(self, routed: Sequence[tuple[Event, Mapping[str, str]]]) -> None:
-        """Publish each event to each of its targets' streams and wait for every ack."""
-        publishes = []
-        owners = []
-        for event, targets in routed:
-            for target_id, route in targets.items():
-                if target_id not in self._targets:
-                    continue  # retired by a reload since it was routed: nobody delivers it
-                publishes.append(self._publish(target_id, event, route))
-                owners.append(target_id)
-        if not publishes:
-            return
-        results = await asyncio.gather(*publishes, return_exceptions=True)
-        failures = [r for r in results if isinstance(r, BaseException)]
-        if not failures:
-            self.healthy = True
-            return
-        for target_id, result in zip(owners, results, strict=True):
-            if isinstance(result, APIError) and result.err_code == STREAM_FULL:
-                raise JournalFullError(
-                    f"target {target_id}'s stream {queue_stream(self.js_config, target_id)} "
-                    f"holds storage.jetstream.max_bytes ({self.js_config.max_bytes})"
-                )
-        for failure in failures:
-            if not isinstance(failure, STREAM_ERRORS):
-                raise failure
-        self.healthy = False
-        raise JournalUnavailableError(f"JetStream did not acknowledge: {failures[0]!r}")
+        """Publish each event to each of its targets' streams and wait for every ack.
 
-    async def _publish(self, target_id: str, event: Event, route: str) -> None:
-        await publish_until_acked(
-            self.js,
+        All publishes go out at once (publish_async: one reply subscription, twice the rate
+        of a request per message); those that failed transiently or got no ack within
+        PUBLISH_TRY_S are published again one by one, with the same message id, until
+        publish_timeout_s."""
+        sends = [
+            (target_id, event, route)
+            for event, targets in routed
+            for target_id, route in targets.items()
+            # A target retired by a reload since the event was routed: nobody delivers it.
+            if target_id in self._targets
+        ]
+        if not sends:
+            return
+        started = time.monotonic()
+        futures: list[asyncio.Future[Any] | None] = []
+        for target_id, event, route in sends:
+            subject, payload, headers = self._message(target_id, event, route)
+            try:
+                futures.append(await self.js.publish_async(subject, payload, headers=headers))
+            except STREAM_ERRORS:
+                futures.append(None)  # the connection is away: the slow path tries again
+        waiting = [f for f in futures if f is not None]
+        if waiting:
+            _, late = await asyncio.wait(waiting, timeout=PUBLISH_TRY_S)
+            for unanswered in late:
+                unanswered.cancel()  # frees its place among publish_async's pending ones
+        again = []
+        for send, outcome in zip(sends, futures, strict=True):
+            failure = _failure(outcome)
+            if failure is None:
+                continue
+            self._raise_if_final(send[0], failure)
+            again.append(send)
+        if again:
+            left = self.js_config.publish_timeout_s - (time.monotonic() - started)
+            await self._publish_each(again, max(left, PUBLISH_RETRY_S))
+        self.healthy = True
+
+    async def _publish_each(
+        self, sends: Sequence[tuple[str, Event, str]], timeout_s: float
+    ) -> None:
+        results = await asyncio.gather(
+            *(
+                publish_until_acked(self.js, *self._message(*send), timeout_s=timeout_s)
+                for send in sends
+            ),
+            return_exceptions=True,
+        )
+        failures = [(s[0], r) for s, r in zip(sends, results, strict=True) if r is not None]
+        for target_id, failure in failures:
+            assert isinstance(failure, BaseException)
+            self._raise_if_final(target_id, failure)
+        if failures:
+            self.healthy = False
+            raise JournalUnavailableError(f"JetStream did not acknowledge: {failures[0][1]!r}")
+
+    def _raise_if_final(self, target_id: str, failure: BaseException) -> None:
+        """A full stream is the producer's 503 at once; an error that is no stream's answer
+        (a bug) is raised as it is; anything else may be tried again."""
+        if isinstance(failure, APIError) and failure.err_code == STREAM_FULL:
+            raise JournalFullError(
+                f"target {target_id}'s stream {queue_stream(self.js_config, target_id)} "
+                f"holds storage.jetstream.max_bytes ({self.js_config.max_bytes})"
+            )
+        if not isinstance(failure, (*STREAM_ERRORS, asyncio.CancelledError)):
+            raise failure
+
+    def _message(
+        self, target_id: str, event: Event, route: str
+    ) -> tuple[str, bytes, dict[str, str]]:
+        """A journaled event: its subject, its bytes, and its headers (the message id, by
+        which the stream de-duplicates, the route, and when it was received)."""
+        return (
             queue_subject(self.js_config, target_id),
             event.encoded(),
             {
@@ -405,7 +458,6 @@ class JetStreamJournal:
                 ROUTE: route,
                 RECEIVED_AT: repr(event.received_at),
             },
-            timeout_s=self.js_config.publish_timeout_s,
         )
 
     # -- read and settle -----------------------------------------------------------------------
@@ -517,22 +569,23 @@ class JetStreamJournal:
         await asyncio.shield(settling)
 
     async def _settle(self, target_id: str, batch: Sequence[Entry]) -> None:
+        """One ack per message, then one round trip (flush) that the server has them all: a
+        confirmed ack per message (ack_sync) cost a request each and halved the delivery
+        rate. An ack lost on the way can only make JetStream send the message again (at least
+        once, as after a crash), never lose it."""
         target = self._targets[target_id]
         msgs = [(e.seq, target.held[e.seq]) for e in batch if e.seq in target.held]
-        results = await asyncio.gather(
-            *(msg.ack_sync(timeout=self.js_config.publish_timeout_s) for _, msg in msgs),
-            return_exceptions=True,
-        )
-        failed = 0
-        for (seq, _), result in zip(msgs, results, strict=True):
-            if isinstance(result, BaseException):
-                failed += 1
-            else:
-                target.held.pop(seq, None)
-        if failed:
+        assert self._nc is not None
+        try:
+            for _, msg in msgs:
+                await msg.ack()
+            await self._nc.flush(timeout=max(1, int(self.js_config.publish_timeout_s)))
+        except STREAM_ERRORS as exc:
             raise JournalUnavailableError(
-                f"JetStream did not confirm the ack of {failed} of {len(msgs)} messages"
-            )
+                f"JetStream did not take the acks of {len(msgs)} messages: {exc!r}"
+            ) from exc
+        for seq, _ in msgs:
+            target.held.pop(seq, None)
 
     async def _keep_in_progress(self) -> None:
         """While a router holds a batch (a long send, retries), tell JetStream every third of

@@ -146,6 +146,8 @@ class Daemon:
             max_clients=config.server.max_tail_clients,
             write_timeout_s=config.server.tail_write_timeout_s,
         )
+        if isinstance(self.journal, JetStreamJournal):
+            self.journal.tail_sink = self.tail.publish  # the other routers' events too
         auth = config.auth
         self.client_faults = ClientFaultLog(auth.refusal_events if auth else RefusalEventsConfig())
         self.metrics = DaemonMetrics(self)

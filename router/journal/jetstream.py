@@ -25,6 +25,10 @@ still holds (in flight included), dead_lettered the dead-letter stream's last se
 delivered the rest. A stream per target (not one stream with a subject per target) is what
 makes `received` exact: JetStream keeps a sequence per stream, not per subject.
 
+Every batch a router accepts is also published, once, on the core NATS subject
+`<stream>.tail` (no stream: nothing is kept), and every router hands what the others accepted
+to its live tail (`tail_sink`), so /v1/tail on any router sees every router's events.
+
 `storage.path` keeps what is local to one router: its lock (one daemon per directory).
 """
 
@@ -38,7 +42,8 @@ import os
 import re
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +82,7 @@ STREAM_NAME_IN_USE = 10058
 # Headers of a journaled message beside Nats-Msg-Id.
 ROUTE = "Router-Route"
 RECEIVED_AT = "Router-Received-At"
+ORIGIN = "Router-Instance"
 # One publish try waits this long for its ack; tries go on until publish_timeout_s, after a
 # pause that starts here and doubles.
 PUBLISH_TRY_S = 2.0
@@ -108,6 +114,10 @@ def letters_stream(config: JetStreamConfig, target_id: str) -> str:
 
 def letters_subject(config: JetStreamConfig, target_id: str) -> str:
     return f"{config.stream}.dlq.{stream_token(target_id)}"
+
+
+def tail_subject(config: JetStreamConfig) -> str:
+    return f"{config.stream}.tail"
 
 
 async def connect(config: JetStreamConfig, *, name: str = "event-router") -> Client:
@@ -262,6 +272,10 @@ class JetStreamJournal:
         # Event id -> the message id its redrive publishes under (StreamDeadLetters.take): the
         # stream would drop a second message under the id it remembers.
         self.redriving: dict[str, str] = {}
+        # Who this router is on the tail subject, and where the other routers' events go (the
+        # daemon sets it to its TailHub.publish).
+        self.instance = uuid.uuid4().hex
+        self.tail_sink: Callable[[Iterable[Event]], None] | None = None
         self.dead_letters = StreamDeadLetters(self, storage.dead_letter_dir())
 
     @property
@@ -282,6 +296,7 @@ class JetStreamJournal:
         except (nats.errors.Error, TimeoutError) as exc:
             await self._nc.close()
             raise StorageUnavailableError(f"storage.jetstream: no streams: {exc}") from exc
+        await self._nc.subscribe(tail_subject(self.js_config), cb=self._on_tail)
         self._tasks = [
             asyncio.create_task(self._keep_books(), name="journal-books"),
             asyncio.create_task(self._keep_in_progress(), name="journal-in-progress"),
@@ -390,6 +405,7 @@ class JetStreamJournal:
             if target_id in self._targets
         ]
         if not sends:
+            await self._share_with_tails(routed)
             return
         started = time.monotonic()
         futures: list[asyncio.Future[Any] | None] = []
@@ -415,6 +431,29 @@ class JetStreamJournal:
             left = self.js_config.publish_timeout_s - (time.monotonic() - started)
             await self._publish_each(again, max(left, PUBLISH_RETRY_S))
         self.healthy = True
+        await self._share_with_tails(routed)
+
+    async def _share_with_tails(self, routed: Sequence[tuple[Event, Mapping[str, str]]]) -> None:
+        """The accepted batch, once, for the other routers' live tails: best effort, as the
+        tail is (a tail that falls behind drops events too)."""
+        assert self._nc is not None
+        lines = b"\n".join(event.encoded() for event, _ in routed)
+        with contextlib.suppress(*STREAM_ERRORS):
+            await self._nc.publish(
+                tail_subject(self.js_config), lines, headers={ORIGIN: self.instance}
+            )
+
+    async def _on_tail(self, msg: Msg) -> None:
+        """Another router's accepted batch, into this router's tail (parsed only if someone
+        tails here: TailHub.publish looks at its subscribers before it takes an event)."""
+        if self.tail_sink is None or (msg.headers or {}).get(ORIGIN) == self.instance:
+            return
+        now = time.time()
+        self.tail_sink(
+            Event.from_body(orjson.loads(line), received_at=now, encoded=line)
+            for line in msg.data.split(b"\n")
+            if line
+        )
 
     async def _publish_each(
         self, sends: Sequence[tuple[str, Event, str]], timeout_s: float

@@ -22,6 +22,7 @@ import pytest
 import yaml
 from aiohttp import web
 
+from router.clients.tail import sse_messages
 from router.config import parse_config
 from router.daemon import Daemon
 from router.journal.jetstream import letters_stream, queue_stream
@@ -98,7 +99,8 @@ async def stream_state(server: NatsServer, stream: str) -> Any:
 
 def event(**fields: Any) -> dict[str, Any]:
     """A valid event with an id of its own (the producer's, so a retry can repeat it)."""
-    return make_event(id=f"js-{next(_ids)}", **fields)
+    fields.setdefault("id", f"js-{next(_ids)}")
+    return make_event(**fields)
 
 
 def books_of(daemon: Daemon, target_id: str) -> tuple[int, int, int, int]:
@@ -291,3 +293,23 @@ async def test_two_routers_on_one_stream_deliver_each_event_once_and_agree_on_th
         assert sorted(got) == sorted(ids), "each event once per target"
     for daemon in (first, second):
         assert_books_balance(daemon)
+
+
+async def test_a_tail_on_one_router_sees_the_events_every_router_accepted(
+    start_router: Any, tmp_path: Path
+) -> None:
+    config = {"targets": [file_target("a", tmp_path / "a.ndjson")], "routes": everything_to("a")}
+    first = await start_router(config, name="r1")
+    second = await start_router(config, name="r2")
+    async with aiohttp.ClientSession() as session:
+        resp = await session.get(
+            f"http://127.0.0.1:{second.port}/v1/tail", params={"query": "outcome:success"}
+        )
+        messages = aiter(sse_messages(resp.content))
+        assert (await asyncio.wait_for(anext(messages), 10)).event == "ready"
+        # One accepted by the router being tailed, two by the other one.
+        await post(second, [event(id="local")])
+        await post(first, [event(id="remote-1"), event(id="remote-2")])
+        seen = [await asyncio.wait_for(anext(messages), 10) for _ in range(3)]
+        assert [orjson.loads(m.data)["id"] for m in seen] == ["local", "remote-1", "remote-2"]
+        resp.close()

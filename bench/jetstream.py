@@ -99,6 +99,7 @@ def router_config(
                 "stream": stream,
                 "replicas": scenario.replicas,
                 "max_bytes": 256 * 1024 * 1024,
+                "share_config": False,  # each router its own archive path
             },
         }
     config = {

@@ -109,6 +109,10 @@ class JetStreamConfig:
     ack_wait_s: float = 30.0
     # A producer's retry (same event id) within this window is stored once.
     duplicate_window_s: float = 120.0
+    # The management API on any router puts the config into the KV bucket `<stream>_CONFIG`
+    # and every router applies it (its own server and storage sections stay its own). Off:
+    # each router runs its own file, as with SQLite (say, file targets on local disks).
+    share_config: bool = True
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -29,6 +29,10 @@ Every batch a router accepts is also published, once, on the core NATS subject
 `<stream>.tail` (no stream: nothing is kept), and every router hands what the others accepted
 to its live tail (`tail_sink`), so /v1/tail on any router sees every router's events.
 
+The config is shared too (SharedConfig): the management API on any router puts the config
+into the KV bucket `<stream>_CONFIG`, and every router watches it and applies what another
+one put; the YAML file is the bootstrap (what a router runs until the bucket has a config).
+
 `storage.path` keeps what is local to one router: its lock (one daemon per directory).
 """
 
@@ -60,11 +64,19 @@ from nats.js.api import (
     ConsumerConfig,
     DeliverPolicy,
     DiscardPolicy,
+    KeyValueConfig,
     RetentionPolicy,
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
+from nats.js.errors import (
+    APIError,
+    BucketNotFoundError,
+    KeyNotFoundError,
+    NoStreamResponseError,
+    NotFoundError,
+)
+from nats.js.kv import KeyValue
 
 from router.appendfile import make_private_dirs
 from router.config import JOURNAL_LOCK_FILE, JetStreamConfig, StorageConfig
@@ -277,6 +289,7 @@ class JetStreamJournal:
         self.instance = uuid.uuid4().hex
         self.tail_sink: Callable[[Iterable[Event]], None] | None = None
         self.dead_letters = StreamDeadLetters(self, storage.dead_letter_dir())
+        self.shared_config = SharedConfig(self)
 
     @property
     def js(self) -> JetStreamContext:
@@ -716,6 +729,80 @@ class JetStreamJournal:
         self, target_id: str, seq: int, head_hash: bytes, checkpoint: bytes, at: float
     ) -> None:
         return None
+
+
+CONFIG_KEY = "config"
+
+
+class SharedConfig:
+    """The config every router of one stream runs: a KV bucket `<stream>_CONFIG` holding the
+    config's data (references unresolved, as the management API keeps it) and who put it.
+    The sections that belong to one router (LOCAL_SECTIONS) are the router's own and are
+    neither shared nor taken."""
+
+    LOCAL_SECTIONS = ("server", "storage")
+
+    def __init__(self, journal: JetStreamJournal) -> None:
+        self.journal = journal
+        self.bucket = f"{journal.js_config.stream}_CONFIG"
+        self.revision = 0  # the last revision this router applied or put
+        self._kv: KeyValue | None = None
+
+    @classmethod
+    def shareable(cls, data: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in data.items() if k not in cls.LOCAL_SECTIONS}
+
+    @classmethod
+    def merged(cls, shared: Mapping[str, Any], own: Mapping[str, Any]) -> dict[str, Any]:
+        """The shared config with this router's own local sections."""
+        return {
+            **cls.shareable(shared),
+            **{k: own[k] for k in cls.LOCAL_SECTIONS if k in own},
+        }
+
+    async def open(self) -> dict[str, Any] | None:
+        """The bucket (created if missing) and the config in it, if any."""
+        js = self.journal.js
+        try:
+            self._kv = await js.key_value(self.bucket)
+        except BucketNotFoundError:
+            self._kv = await js.create_key_value(
+                KeyValueConfig(
+                    bucket=self.bucket,
+                    history=10,
+                    replicas=self.journal.js_config.replicas,
+                    storage=StorageType.FILE,
+                )
+            )
+        try:
+            entry = await self._kv.get(CONFIG_KEY)
+        except KeyNotFoundError:
+            return None
+        self.revision = entry.revision or 0
+        return dict(orjson.loads(entry.value or b"{}")["data"])
+
+    async def put(self, data: Mapping[str, Any]) -> None:
+        """Share this router's config (its shareable sections) with every router."""
+        assert self._kv is not None
+        value = orjson.dumps({"origin": self.journal.instance, "data": self.shareable(data)})
+        self.revision = await self._kv.put(CONFIG_KEY, value)
+
+    async def watch(self, apply: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+        """Apply every config another router puts, newest first seen, until cancelled; a
+        config that fails to apply is logged by `apply`, and the next one is awaited."""
+        assert self._kv is not None
+        watcher = await self._kv.watch(CONFIG_KEY)
+        try:
+            async for entry in watcher:
+                if entry is None or entry.value is None or (entry.revision or 0) <= self.revision:
+                    continue
+                document = orjson.loads(entry.value)
+                self.revision = entry.revision or 0
+                if document.get("origin") != self.journal.instance:
+                    await apply(dict(document["data"]))
+        finally:
+            with contextlib.suppress(*STREAM_ERRORS):
+                await watcher.stop()  # type: ignore[no-untyped-call]
 
 
 # A redriven event is published again under its id plus this and the letter's sequence, so

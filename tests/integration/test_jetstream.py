@@ -10,6 +10,7 @@ processes (kill -9, a NATS node killed) are in tests/integration/test_jetstream_
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -270,13 +271,14 @@ async def test_two_routers_on_one_stream_deliver_each_event_once_and_agree_on_th
         "targets": [file_target("a", a), file_target("b", b)],
         "routes": everything_to("a", "b"),
     }
-    first = await start_router(config, name="r1")
-    # The second router's file targets write beside the first's: both archives together
-    # must hold every event once.
+    first = await start_router(config, name="r1", share_config=False)
+    # The second router's file targets write beside the first's (each router its own config,
+    # as on machines of their own): both archives together must hold every event once.
     a2, b2 = tmp_path / "a2.ndjson", tmp_path / "b2.ndjson"
     second = await start_router(
         {"targets": [file_target("a", a2), file_target("b", b2)], "routes": config["routes"]},
         name="r2",
+        share_config=False,
     )
     ids: list[str] = []
     for i in range(20):
@@ -313,3 +315,69 @@ async def test_a_tail_on_one_router_sees_the_events_every_router_accepted(
         seen = [await asyncio.wait_for(anext(messages), 10) for _ in range(3)]
         assert [orjson.loads(m.data)["id"] for m in seen] == ["local", "remote-1", "remote-2"]
         resp.close()
+
+
+ADMIN = "an-admin-token-for-the-routers-01"
+INGEST = "an-ingest-token-for-the-routers-1"
+
+
+def auth() -> dict[str, Any]:
+    return {
+        "admin_tokens": [{"name": "ops", "sha256": hashlib.sha256(ADMIN.encode()).hexdigest()}],
+        "ingest_tokens": [{"name": "sm", "sha256": hashlib.sha256(INGEST.encode()).hexdigest()}],
+    }
+
+
+async def api_call(daemon: Daemon, method: str, path: str, body: Any) -> tuple[int, Any]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(
+            method,
+            f"http://127.0.0.1:{daemon.port}{path}",
+            json=body,
+            headers={"Authorization": f"Bearer {ADMIN}"},
+        ) as resp,
+    ):
+        return resp.status, await resp.json(content_type=None)
+
+
+async def test_an_api_change_on_one_router_reaches_the_others_and_a_router_started_later(
+    start_router: Any, receiver_factory: ReceiverFactory
+) -> None:
+    siem, other = await receiver_factory([200]), await receiver_factory([200])
+    bootstrap = {
+        "auth": auth(),
+        "targets": [http_target("siem", siem.url)],
+        "routes": everything_to("siem"),
+    }
+    first = await start_router(bootstrap, name="r1")
+    second = await start_router(bootstrap, name="r2")
+    status, target = await api_call(
+        first,
+        "POST",
+        "/api/v2/targets",
+        {"name": "other", "target_type": "http", "http_endpoint": {"url": other.url}},
+    )
+    assert status == 201, target
+    status, route = await api_call(
+        first,
+        "POST",
+        "/api/v2/routes",
+        {"name": "to-other", "rules": [{"locations": ["*"], "target_ids": [target["id"]]}]},
+    )
+    assert status == 201, route
+    await wait_for(
+        lambda: target["id"] in second.targets and len(second.config.routes) == 2,
+        what="the second router to apply the shared config",
+    )
+    # An event the second router accepts now goes to the new target too (sent once, by
+    # either router: the target's consumer is shared).
+    token = {"Authorization": f"Bearer {INGEST}"}
+    assert (await post(second, [event(id="after")], headers=token))[0] == 202
+    await wait_for(lambda: "after" in [e["id"] for e in other.delivered_events], what="delivery")
+    await wait_for(lambda: settled(first) and settled(second), what="nothing pending")
+    assert [e["id"] for e in other.delivered_events].count("after") == 1
+    # A router started later from the same bootstrap YAML runs the shared config.
+    third = await start_router(bootstrap, name="r3")
+    assert target["id"] in third.targets
+    assert [r.name for r in third.config.routes] == ["all", "to-other"]

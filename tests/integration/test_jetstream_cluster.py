@@ -1,9 +1,10 @@
 """Routers as real processes over a real JetStream: share the work, survive kill -9 of a router
 and of a NATS node, and lose no acknowledged event.
 
-Each router is `python -m router serve` with storage.backend jetstream and a file target of its
-own (the same target id on every router: one shared consumer), so the archives of all routers
-together must hold every acknowledged event: exactly once when nothing dies; at least once
+Each router is `python -m router serve` with storage.backend jetstream and the same config (it
+is shared), whose file targets write under each router's own directory (`${env:ROUTER_DIR}`):
+one shared consumer per target, so the archives of all routers together must hold every
+acknowledged event: exactly once when nothing dies; at least once
 when a router is killed holding a batch (JetStream redelivers it to another router).
 """
 
@@ -90,7 +91,9 @@ def write_config(router: Router, servers: list[str], stream: str, **jetstream: A
                     {
                         "id": target_id,
                         "target_type": "file",
-                        "file_endpoint": {"path": str(router.archive(target_id))},
+                        # The same text on every router (the routers share their config),
+                        # a directory of each router's own (its environment).
+                        "file_endpoint": {"path": f"${{env:ROUTER_DIR}}/{target_id}.ndjson"},
                     }
                     for target_id in TARGETS
                 ],
@@ -114,7 +117,8 @@ async def start_routers(
         # The router's log beside its config (the child keeps its own copy of the descriptor).
         log = os.open(router.workdir / "router.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         try:
-            router.proc = await serve(config, router.port, stderr=log)
+            env = {**os.environ, "ROUTER_DIR": str(router.workdir)}
+            router.proc = await serve(config, router.port, stderr=log, env=env)
         finally:
             os.close(log)
     return routers, stream

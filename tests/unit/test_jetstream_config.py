@@ -45,6 +45,7 @@ def test_jetstream_settings_take_their_dataclass_defaults() -> None:
         1,
     )
     assert config.storage.journal_max_bytes() == JetStreamConfig().max_bytes
+    assert config.storage.jetstream.share_config
 
 
 def test_secrets_are_references_and_tls_files_must_be_readable(

@@ -687,7 +687,10 @@ class JetStreamJournal:
         return None
 
     def books(self, target_id: str) -> Books:
-        return self._targets[target_id].books
+        """The target's books as last read from its streams (a target this router just
+        retired, still shown while a reload finishes: empty)."""
+        target = self._targets.get(target_id)
+        return target.books if target is not None else Books()
 
     # -- what the SQLite journal also does -------------------------------------------------------
 

@@ -254,6 +254,8 @@ class _Target:
     held: dict[int, Msg] = field(default_factory=dict)
     # Fetched messages that did not fit the last batch's max_bytes: the next batch's head.
     carry: list[Msg] = field(default_factory=list)
+    # The stream sequence of the oldest message pending when the books were last read.
+    oldest_seq: int = 0
 
 
 class JetStreamJournal:
@@ -306,8 +308,11 @@ class JetStreamJournal:
             for target_id in self._targets:
                 await self._set_up(target_id)
             await self._read_books()
-        except (nats.errors.Error, TimeoutError) as exc:
+        except (nats.errors.Error, TimeoutError, StorageUnavailableError) as exc:
             await self._nc.close()
+            self._unlock()
+            if isinstance(exc, StorageUnavailableError):
+                raise
             raise StorageUnavailableError(f"storage.jetstream: no streams: {exc}") from exc
         await self._nc.subscribe(tail_subject(self.js_config), cb=self._on_tail)
         self._tasks = [
@@ -554,8 +559,6 @@ class JetStreamJournal:
             size += entry_bytes
         for entry, msg in zip(batch, msgs, strict=False):
             target.held[entry.seq] = msg
-        if batch:
-            target.books.oldest_received_at = batch[0].event.received_at
         return batch
 
     async def _fetch(
@@ -625,7 +628,7 @@ class JetStreamJournal:
         confirmed ack per message (ack_sync) cost a request each and halved the delivery
         rate. An ack lost on the way can only make JetStream send the message again (at least
         once, as after a crash), never lose it."""
-        target = self._targets[target_id]
+        target = self._targets.get(target_id, _Target())  # retired meanwhile: nothing held
         msgs = [(e.seq, target.held[e.seq]) for e in batch if e.seq in target.held]
         assert self._nc is not None
         try:
@@ -673,8 +676,9 @@ class JetStreamJournal:
             books.delivered = queue.last_seq - queue.messages - letters.last_seq
             if not queue.messages:
                 books.oldest_received_at = None
-            elif books.oldest_received_at is None:
+            elif queue.first_seq != target.oldest_seq:  # the oldest pending one changed
                 books.oldest_received_at = await self._received_at(target_id, queue.first_seq)
+            target.oldest_seq = queue.first_seq if queue.messages else 0
             used += queue.bytes
         self.used_bytes = used
         if self._nc is not None:

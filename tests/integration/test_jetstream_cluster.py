@@ -297,7 +297,10 @@ async def replicas_current(cluster: NatsCluster, stream: str) -> bool:
 async def test_kill_9_of_a_nats_node_under_load_ingest_keeps_answering_and_nothing_is_missing(
     tmp_path: Path, nats_cluster: NatsCluster
 ) -> None:
-    routers, prefix = await start_routers(tmp_path, nats_cluster.urls, replicas=3)
+    # A publish waits out the stream's leader election (seconds) rather than answer 503.
+    routers, prefix = await start_routers(
+        tmp_path, nats_cluster.urls, replicas=3, publish_timeout_s=30
+    )
     stream = queue_stream(JetStreamConfig(stream=prefix), "a")
     try:
         leader = await stream_leader(nats_cluster, stream)
@@ -316,7 +319,7 @@ async def test_kill_9_of_a_nats_node_under_load_ingest_keeps_answering_and_nothi
         print(f"1000 more events acknowledged {time.monotonic() - started:.1f}s after the kill")
         load.stop.set()
         await asyncio.gather(*producers)
-        assert load.answers[202] > 0
+        assert set(load.answers) == {202}, f"every request answered 202: {load.answers}"
         await wait_for(
             lambda: books_settled(routers, len(set(load.acked))),
             timeout_s=90,

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from router.cli import main
 from router.config import (
     JetStreamConfig,
     JetStreamTlsConfig,
@@ -143,3 +144,16 @@ def test_a_target_id_becomes_one_token_of_a_stream_name_and_subject(
     assert queue_stream(config, target_id) == f"ER_{token}"
     assert letters_stream(config, target_id) == f"ER_DLQ_{token}"
     assert queue_subject(config, target_id) == f"ER.q.{token}"
+
+
+def test_check_exits_2_naming_the_jetstream_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "router.yaml"
+    path.write_text(
+        "storage:\n  backend: jetstream\n  jetstream: {user: router}\nevidence: {enabled: false}\n"
+    )
+    with pytest.raises(SystemExit) as info:
+        main(["check", "--config", str(path)])
+    assert info.value.code == 2
+    assert "storage.jetstream.password: user and password go together" in capsys.readouterr().err

@@ -287,8 +287,8 @@ class Daemon:
 
     async def _apply_shared(self, data: dict[str, Any]) -> None:
         """Apply a config another router shared, with this router's own server and storage
-        (and their command-line overrides); one that does not load or apply is logged and
-        audited, and this router keeps running what it ran."""
+        (and their command-line overrides); one that does not load or apply is logged, and
+        this router keeps running what it ran."""
         merged = SharedConfig.merged(data, self.source.data)
         try:
             new = await asyncio.to_thread(parse_config, merged)
@@ -495,7 +495,7 @@ class Daemon:
             if source.path is not None:
                 await asyncio.to_thread(write_back, source.path, source.data)
             if isinstance(self.journal, JetStreamJournal) and self.journal.js_config.share_config:
-                await self.journal.shared_config.put(source.data)  # every router follows
+                await self.journal.shared_config.share(source.data)  # every router follows
 
     def _write_status(self, target_id: str) -> WriteStatus | None:
         stats = self.target_stats.get(target_id)

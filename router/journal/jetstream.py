@@ -753,6 +753,7 @@ class SharedConfig:
         self.journal = journal
         self.bucket = f"{journal.js_config.stream}_CONFIG"
         self.revision = 0  # the last revision this router applied or put
+        self.failures = 0  # shared configs that raised while being applied
         self._kv: KeyValue | None = None
 
     @classmethod
@@ -794,6 +795,14 @@ class SharedConfig:
         value = orjson.dumps({"origin": self.journal.instance, "data": self.shareable(data)})
         self.revision = await self._kv.put(CONFIG_KEY, value)
 
+    async def share(self, data: Mapping[str, Any]) -> None:
+        """`put`, for a change already applied here: NATS away is logged, not raised (the
+        change stands on this router; the others get the next one, or this one on restart)."""
+        try:
+            await self.put(data)
+        except STREAM_ERRORS as exc:
+            log.error("the config change applies here but could not be shared: %s", exc)
+
     async def watch(self, apply: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
         """Apply every config another router puts, newest first seen, until cancelled; a
         config that fails to apply is logged by `apply`, and the next one is awaited."""
@@ -805,8 +814,13 @@ class SharedConfig:
                     continue
                 document = orjson.loads(entry.value)
                 self.revision = entry.revision or 0
-                if document.get("origin") != self.journal.instance:
+                if document.get("origin") == self.journal.instance:
+                    continue
+                try:
                     await apply(dict(document["data"]))
+                except Exception:  # the task boundary: the next config is still awaited
+                    self.failures += 1
+                    log.exception("the shared config (revision %d) failed to apply", self.revision)
         finally:
             with contextlib.suppress(*STREAM_ERRORS):
                 await watcher.stop()  # type: ignore[no-untyped-call]

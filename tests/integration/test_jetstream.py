@@ -37,6 +37,7 @@ from tests.helpers import (
     file_target,
     http_target,
     post,
+    ready,
     run_cli,
     settled,
 )
@@ -381,3 +382,46 @@ async def test_an_api_change_on_one_router_reaches_the_others_and_a_router_start
     third = await start_router(bootstrap, name="r3")
     assert target["id"] in third.targets
     assert [r.name for r in third.config.routes] == ["all", "to-other"]
+
+
+async def test_with_nats_down_ingest_answers_503_and_readyz_too_until_it_is_back(
+    tmp_path: Path,
+) -> None:
+    archive = tmp_path / "a.ndjson"
+    with NatsServer(tmp_path / "own-nats") as server:
+        data = {
+            "server": {"host": "127.0.0.1", "port": 0},
+            "storage": {
+                "path": str(tmp_path / "var"),
+                **jetstream([server.url], "DOWN", publish_timeout_s=1, max_bytes=1 << 24),
+            },
+            "delivery": FAST_DELIVERY,
+            "evidence": {"enabled": False},
+            "targets": [file_target("archive", archive)],
+            "routes": everything_to("archive"),
+        }
+        daemon = Daemon(parse_config(data), ConfigSource(None, data))
+        await daemon.start()
+        try:
+            assert (await post(daemon, [event(id="before")]))[0] == 202
+            await server.astop()
+            status, body = await post(daemon, [event(id="during")])
+            assert (status, body["error"]["code"]) == (503, "journal_unavailable")
+            await wait_for(
+                lambda: not_ready(daemon.port),
+                what="/readyz to turn 503",
+            )
+            await server.astart()
+            await wait_for(lambda: ready(daemon.port), timeout_s=20, what="/readyz back to 200")
+            assert (await post(daemon, [event(id="during")]))[0] == 202  # the producer's retry
+            await wait_for(
+                lambda: [e["id"] for e in read_ndjson(archive)] == ["before", "during"],
+                timeout_s=20,
+                what="both delivered once",
+            )
+        finally:
+            await daemon.stop()
+
+
+async def not_ready(port: int) -> bool:
+    return not await ready(port)

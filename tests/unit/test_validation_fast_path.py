@@ -18,13 +18,13 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from router.intake.validation import EventValidator
+from router.intake.validation import EventValidator, compile_fast
 from router.resources import schemas_dir
 from tests.fakes import make_event
 
 SCHEMA = orjson.loads((schemas_dir() / "event.schema.json").read_bytes())
 REFERENCE = jsonschema.validators.validator_for(SCHEMA)(SCHEMA)
-FAST = fastjsonschema.compile(SCHEMA, use_default=False, use_formats=False)
+FAST = compile_fast(SCHEMA)  # what EventValidator runs first
 VALIDATOR = EventValidator(schemas_dir(), unknown_actions="accept")
 
 scalars = (
@@ -121,3 +121,25 @@ def test_fast_path_accepts_exactly_what_jsonschema_accepts(
 def test_fast_path_agrees_on_arbitrary_json(value: Any) -> None:
     reference_accepts = not any(True for _ in REFERENCE.iter_errors(value))
     assert fast_accepts(value) == reference_accepts
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    outcome=st.sampled_from(["failure", "success", "FAILURE"]) | json_values,
+    reason=st.fixed_dictionaries(
+        {"reasonCode": st.sampled_from([201, 401, "401"])},
+        optional={"reasonType": json_values},
+    )
+    | json_values,
+    drop_outcome=st.booleans(),
+)
+def test_the_outcome_failure_condition_decided_ahead_agrees_with_jsonschema(
+    outcome: Any, reason: Any, drop_outcome: bool
+) -> None:
+    """The schema's `if outcome is failure then reason needs a reasonType`, which the fast
+    path decides by a comparison rather than compiled code (validation.compile_fast)."""
+    event = copy.deepcopy(BASE) | {"outcome": outcome, "reason": reason}
+    if drop_outcome:
+        del event["outcome"]
+    reference_accepts = not any(True for _ in REFERENCE.iter_errors(event))
+    assert fast_accepts(event) == reference_accepts

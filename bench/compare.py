@@ -68,6 +68,8 @@ BATCH_SIZE = 100
 ROUTES = 30
 SCENARIOS = ("single", "batch100", "routes30")
 RSS_SAMPLE_S = 0.1
+# The floor has drained when its file has not grown for this long.
+FLOOR_SETTLE_S = 0.3
 DRAIN_TIMEOUT_S = 300.0
 READY_TIMEOUT_S = 30.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -419,17 +421,23 @@ class Load:
     connections: int
 
 
-async def drained(server: DaemonProcess, archive: Path, expected: int, router: bool) -> None:
-    """Until the file holds `expected` lines (the floor) or nothing is pending (the router)."""
+async def drained(server: DaemonProcess, archive: Path, expected: int, router: bool) -> float:
+    """Until nothing is pending (the router), or the file holds at least `expected` lines and
+    has stopped growing (the floor: requests wrk left in flight still land after it stops).
+    Returns when (monotonic) the server was first seen drained."""
     deadline = time.monotonic() + DRAIN_TIMEOUT_S
+    last, last_seen = -1, time.monotonic()
     async with aiohttp.ClientSession() as session:
         while time.monotonic() < deadline:
             if router:
                 if pending(await get_status(session, server.base_url)) == 0:
-                    return
-            elif await asyncio.to_thread(count_lines, archive) >= expected:
-                return
-            await asyncio.sleep(0.05)
+                    return time.monotonic()
+            else:
+                lines = await asyncio.to_thread(count_lines, archive)
+                if lines >= expected and lines == last:
+                    return last_seen
+                last, last_seen = lines, time.monotonic()
+            await asyncio.sleep(FLOOR_SETTLE_S if not router else 0.05)
     raise RuntimeError(f"{server.base_url} did not drain within {DRAIN_TIMEOUT_S}s")
 
 
@@ -441,14 +449,15 @@ async def measure(
     load: Load,
     workdir: Path,
     *,
-    router: bool,
+    name: str,
 ) -> Run:
     """Warm up, drain, then the measured run and its drain."""
     data, per_request = body
     body_path = workdir / f"{scenario}.json"
     body_path.write_bytes(data)
     url = f"{server.base_url}/v1/events"
-    run = Run("router" if router else "floor", scenario, per_request)
+    router = name != "floor"
+    run = Run(name, scenario, per_request)
     if load.warmup_s > 0:
         await wrk(url, body_path, load.warmup_s, load.threads, load.connections)
     await drained(server, archive, 0, router)
@@ -463,8 +472,7 @@ async def measure(
     run.errors = result.non2xx + result.socket_errors
     run.accepted_events = (result.requests - result.non2xx) * per_request
     expected = before_lines + run.accepted_events
-    await drained(server, archive, expected, router)
-    run.drain_s = time.monotonic() - load_end
+    run.drain_s = max(0.0, await drained(server, archive, expected, router) - load_end)
     run.server_cpu_s = watch.cpu_s() - cpu_before
     run.peak_rss_mb = round(await watch.stop() / 1024, 1)
     run.written_events = await asyncio.to_thread(count_lines, archive) - before_lines
@@ -485,7 +493,7 @@ async def floor_run(scenario: str, body: tuple[bytes, int], load: Load, workdir:
     try:
         await wait_ready(server)
         return await measure(
-            server, workdir / "floor.ndjson", scenario, body, load, workdir, router=False
+            server, workdir / "floor.ndjson", scenario, body, load, workdir, name="floor"
         )
     except BaseException:
         server.print_log_tail()
@@ -496,15 +504,51 @@ async def floor_run(scenario: str, body: tuple[bytes, int], load: Load, workdir:
         await reap(server.proc)
 
 
+async def spawn_router(workdir: Path, config: dict[str, Any], checkout: Path) -> DaemonProcess:
+    """`python -m router serve` from `checkout` (this one, or --baseline's)."""
+    if checkout == REPO_ROOT:
+        return await spawn_daemon(workdir, config)
+    config_path = workdir / "router.yaml"
+    config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
+    log_path = workdir / "daemon.log"
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "router",
+            "serve",
+            "--config",
+            str(config_path),
+            "--log-level",
+            "warning",
+            cwd=checkout,
+            env={**os.environ, "PYTHONPATH": str(checkout)},
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=log_fd,
+        )
+    finally:
+        os.close(log_fd)
+    return DaemonProcess(proc, "127.0.0.1", config["server"]["port"], log_path)
+
+
 async def router_run(
-    scenario: str, body: tuple[bytes, int], load: Load, workdir: Path, *, evidence: bool
+    scenario: str,
+    body: tuple[bytes, int],
+    load: Load,
+    workdir: Path,
+    *,
+    evidence: bool,
+    name: str = "router",
+    checkout: Path = REPO_ROOT,
 ) -> Run:
     os.makedirs(workdir)
     config, archive = router_config(workdir, scenario, evidence=evidence)
-    server = await spawn_daemon(workdir, config)
+    server = await spawn_router(workdir, config, checkout)
     try:
         await wait_ready(server)
-        run = await measure(server, archive, scenario, body, load, workdir, router=True)
+        run = await measure(server, archive, scenario, body, load, workdir, name=name)
         async with aiohttp.ClientSession() as session:
             books = (await get_status(session, server.base_url))["targets"][TARGET_ID]
         if books["delivered"] != books["received"] or books["dead_lettered"]:
@@ -524,23 +568,29 @@ async def router_run(
 # The report
 
 
-def ratios(runs: Sequence[Run]) -> dict[str, dict[str, float]]:
-    """router/floor per scenario (routes30: over the router's batch100)."""
+def ratios(runs: Sequence[Run]) -> dict[str, dict[str, Any]]:
+    """Per scenario: router/floor (routes30: over the router's own batch100); with --baseline
+    also base/floor and router/base."""
     by = {(r.server, r.scenario): r for r in runs}
-    out: dict[str, dict[str, float]] = {}
-    for (server, scenario), run in by.items():
-        if server != "router":
+    out: dict[str, dict[str, Any]] = {}
+
+    def ratio(a: float, b: float) -> float:
+        return round(a / b, 3) if b else float("nan")
+
+    pairs = []
+    for server, scenario in by:
+        if server == "floor":
             continue
-        base_key = ("router", "batch100") if scenario == "routes30" else ("floor", scenario)
-        base = by.get(base_key)
+        over = (server, "batch100") if scenario == "routes30" else ("floor", scenario)
+        pairs.append((f"{server} {scenario}", (server, scenario), over))
+        if server == "router" and ("base", scenario) in by:
+            pairs.append((f"router/base {scenario}", (server, scenario), ("base", scenario)))
+    for label, key, base_key in pairs:
+        run, base = by[key], by.get(base_key)
         if base is None:
             continue
-
-        def ratio(a: float, b: float) -> float:
-            return round(a / b, 3) if b else float("nan")
-
-        out[scenario] = {
-            "over": f"{base_key[0]} {base_key[1]}",  # type: ignore[dict-item]
+        out[label] = {
+            "over": f"{base_key[0]} {base_key[1]}",
             "requests_per_s": ratio(run.requests_per_s, base.requests_per_s),
             "written_per_s": ratio(run.written_per_s, base.written_per_s),
             "p99": ratio(run.p99_ms, base.p99_ms),
@@ -574,9 +624,9 @@ def format_report(report: dict[str, Any]) -> str:
             f"{100 * run['client_cpu_s'] / run['seconds'] if run['seconds'] else 0:>7.0f}%"
         )
     out.append("")
-    for scenario, r in report["ratios"].items():
+    for label, r in report["ratios"].items():
         out.append(
-            f"router {scenario:<9} / {r['over']:<16} req/s {r['requests_per_s']:.2f}x  "
+            f"{label:<20} / {r['over']:<16} req/s {r['requests_per_s']:.2f}x  "
             f"WRITTEN ev/s {r['written_per_s']:.2f}x  p99 {r['p99']:.2f}x  "
             f"CPU/ev {r['cpu_per_event']:.2f}x  RSS {r['peak_rss']:.2f}x"
         )
@@ -613,6 +663,18 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     evidence=args.evidence,
                 )
             )
+            if args.baseline is not None:
+                runs.append(
+                    await router_run(
+                        scenario,
+                        payloads[scenario],
+                        load,
+                        workdir / f"base-{scenario}",
+                        evidence=args.evidence,
+                        name="base",
+                        checkout=args.baseline.absolute(),
+                    )
+                )
             # Each run's files go once measured: a long run writes gigabytes.
             if not args.keep:
                 for path in workdir.iterdir():
@@ -655,6 +717,12 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="the archive's hash chain (evidence.enabled, on by default, as in the daemon)",
+    )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="also run the router of this checkout (e.g. a worktree of main) as `base`, "
+        "after this one's, for before/after figures from one invocation",
     )
     parser.add_argument("--short", action="store_true", help="1 s runs: a smoke test (CI)")
     parser.add_argument("--json", type=Path, help="also write the report as JSON here")

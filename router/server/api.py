@@ -162,6 +162,22 @@ COS_WRITE_TEST_FAILED = (
     "Your request to test a target has failed because the target details are not valid. "
     "The service could not write to the Cloud Object Storage bucket that is configured."
 )
+# The test writes atracker runs on create, update and validate, and how it answers a failed
+# one (its ts-07 and ts-17). atracker documents no code for Event Streams; ours follows COS's.
+WRITE_TESTS: dict[str, tuple[str, str]] = {
+    "cloud_object_storage": ("cos_write_test_failed", COS_WRITE_TEST_FAILED),
+    "event_streams": (
+        "event_streams_write_test_failed",
+        "Your request to test a target has failed because the target details are not valid. "
+        "The service could not write to the Event Streams topic that is configured.",
+    ),
+}
+
+
+def write_test_failed(target_type: str, why: str) -> ApiError:
+    """The 400 atracker answers for a test write the destination refused, with our reason."""
+    code, message = WRITE_TESTS[target_type]
+    return ApiError(400, code, f"{message} ({why})")
 
 
 # atracker's target types this daemon does not deliver to, and why.
@@ -406,14 +422,14 @@ class ManagementApi:
 
     @staticmethod
     async def _test_write(running: Config, new: Config) -> None:
-        """atracker test-writes to a COS bucket when a target is created or updated and
-        refuses the change when the write fails (its ts-06/ts-07): a new or changed COS
-        target writes its test object before the change is applied, from a target of its
-        own, so a refused write changes nothing."""
+        """atracker test-writes to a COS bucket or an Event Streams topic when a target is
+        created or updated and refuses the change when the write fails (its ts-06, ts-07,
+        ts-17): a new or changed target of those types writes its test record before the
+        change is applied, from a target of its own, so a refused write changes nothing."""
         was = {t.id: t for t in running.targets}
         for target in new.targets:
             before = was.get(target.id)
-            if target.target_type != "cloud_object_storage" or (
+            if target.target_type not in WRITE_TESTS or (
                 before is not None and before.endpoint == target.endpoint
             ):
                 continue
@@ -423,9 +439,7 @@ class ManagementApi:
             finally:
                 await trial.close()
             if not result.ok:
-                raise ApiError(
-                    400, "cos_write_test_failed", f"{COS_WRITE_TEST_FAILED} ({result.message})"
-                )
+                raise write_test_failed(target.target_type, result.message)
 
     def _check(self, running: Config, before: dict[str, Any], after: dict[str, Any]) -> Config:
         """The edited config, checked as `check` would and, for what the API changed, as an
@@ -626,12 +640,10 @@ class ManagementApi:
         target_id = request.match_info["id"]
         raw = self._find(self._targets(self.editor.source.data), target_id, "target")
         result = await self.probe(target_id)
-        if not result.ok and raw["target_type"] == "cloud_object_storage":
-            # atracker answers a COS test write that failed with this error, not a target
-            # (the refusal is audited by _wrap, with this message).
-            raise ApiError(
-                400, "cos_write_test_failed", f"{COS_WRITE_TEST_FAILED} ({result.message})"
-            )
+        if not result.ok and raw["target_type"] in WRITE_TESTS:
+            # atracker answers a failed test write with this error, not a target (the refusal
+            # is audited by _wrap, with this message).
+            raise write_test_failed(raw["target_type"], result.message)
         await self._audit(
             request,
             "target.validate",

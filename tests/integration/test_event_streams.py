@@ -426,15 +426,28 @@ async def test_the_management_api_creates_and_validates_an_event_streams_target(
     assert target["eventstreams_endpoint"]["brokers"] == [kafka.sasl_bootstrap]
     status, validated = await api.call("POST", f"/api/v2/targets/{target['id']}/validate")
     assert status == 200 and validated["write_status"]["status"] == "success"
-    [record] = await read_topic(kafka.bootstrap, "audit-api")
-    assert orjson.loads(record.value)["action"] == "event-router.target.validate"
+    records = await read_topic(kafka.bootstrap, "audit-api")  # create's test write, validate's
+    assert [orjson.loads(r.value)["action"] for r in records] == [
+        "event-router.target.validate"
+    ] * 2
 
+    # atracker test-writes on create and update (its ts-17): a refused write creates nothing
+    # and changes nothing.
     wrong = {**body, "eventstreams_endpoint": {**body["eventstreams_endpoint"], "api_key": "nope"}}
     status, refused = await api.call("POST", "/api/v2/targets", wrong | {"name": "wrong key"})
-    assert status == 201
-    status, validated = await api.call("POST", f"/api/v2/targets/{refused['id']}/validate")
-    assert validated["write_status"]["status"] == "failed"
-    assert "refused the credentials" in validated["write_status"]["reason_for_last_failure"]
+    assert status == 400, refused
+    assert refused["errors"][0]["code"] == "event_streams_write_test_failed", refused
+    assert "could not write to the Event Streams topic" in refused["errors"][0]["message"]
+    assert "refused the credentials" in refused["errors"][0]["message"]
+    assert "nope" not in str(refused)
+    status, listed = await api.call("GET", "/api/v2/targets")
+    assert [t["name"] for t in listed["targets"]] == ["audit to event streams"]
+
+    status, replaced = await api.call("PUT", f"/api/v2/targets/{target['id']}", wrong)
+    assert status == 400 and replaced["errors"][0]["code"] == "event_streams_write_test_failed"
+    assert len(await read_topic(kafka.bootstrap, "audit-api")) == 2  # refused writes add none
+    status, kept = await api.call("POST", f"/api/v2/targets/{target['id']}/validate")
+    assert status == 200 and kept["write_status"]["status"] == "success"
 
 
 @pytest.mark.timeout(240)

@@ -28,9 +28,10 @@ from router.server.api import ConfigSource
 from tests.conftest import StartDaemon
 from tests.fake_cloud_logs import API_KEY, FakeCloudLogs
 from tests.fakes import ACCOUNT, INSTANCE, make_event, wait_for
-from tests.helpers import assert_books_balance, everything_to, file_target, free_port, post, settled
+from tests.helpers import assert_books_balance, everything_to, file_target, post, settled
 from tests.integration.test_api import Client, auth
 from tests.integration.test_cloud_logs import now_iso
+from tests.peers.kafka import KafkaBroker
 from tests.peers.s3 import S3Server
 
 pytestmark = pytest.mark.peers
@@ -94,9 +95,17 @@ async def start(path: Path) -> Daemon:
     return daemon
 
 
-@pytest.mark.timeout(180)
+@pytest.fixture(scope="module")
+def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBroker]:
+    """IBM Event Streams' way in: SASL PLAIN as `token` over TLS; the password is the key
+    the SDK bodies send and the daemon's own identity (the same key here)."""
+    with KafkaBroker(tmp_path_factory.mktemp("kafka"), api_key=API_KEY) as broker:
+        yield broker
+
+
+@pytest.mark.timeout(240)
 async def test_every_call_of_the_atracker_sdk_works_with_its_exact_bodies(
-    s3_server: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    s3_server: S3Server, kafka: KafkaBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if not s3_server.front.running:
         await s3_server.astart()
@@ -122,7 +131,10 @@ async def test_every_call_of_the_atracker_sdk_works_with_its_exact_bodies(
             }
         )
     )
-    closed = f"127.0.0.1:{free_port()}"  # a broker nobody runs: the target is still created
+    # Creating an Event Streams target test-writes to its topic (atracker's ts-17). The SDK
+    # body carries no CA: the broker's is trusted the way a system CA would be.
+    monkeypatch.setenv("SSL_CERT_FILE", str(kafka.ca_file))
+    broker = kafka.sasl_ssl_bootstrap
     cos_endpoint = {
         # The SDK's fields only; the host is the loopback store's (a URL is our extension).
         "endpoint": s3_server.endpoint_url,
@@ -179,9 +191,9 @@ async def test_every_call_of_the_atracker_sdk_works_with_its_exact_bodies(
                 "target_type": "event_streams",
                 "eventstreams_endpoint": {
                     "target_crn": ES_CRN,
-                    "brokers": [closed],
+                    "brokers": [broker],
                     "topic": "my-topic",
-                    "api_key": "an-event-streams-api-key",
+                    "api_key": API_KEY,
                     "service_to_service_enabled": False,
                 },
                 "region": "us-south",
@@ -198,7 +210,7 @@ async def test_every_call_of_the_atracker_sdk_works_with_its_exact_bodies(
                 "target_type": "event_streams",
                 "eventstreams_endpoint": {
                     "target_crn": ES_CRN,
-                    "brokers": [closed],
+                    "brokers": [broker],
                     "topic": "my-topic",
                     "service_to_service_enabled": True,
                 },
@@ -321,7 +333,7 @@ async def test_every_call_of_the_atracker_sdk_works_with_its_exact_bodies(
                 "name": "an-event-streams-target-renamed",
                 "eventstreams_endpoint": {
                     "target_crn": ES_CRN,
-                    "brokers": [closed],
+                    "brokers": [broker],
                     "topic": "my-topic",
                     "service_to_service_enabled": False,
                 },

@@ -88,7 +88,8 @@ class Evidence:
             stored = self._stored.get(target_id)
             if stored is not None:
                 seq, head_hash, line, at = stored
-                chain.observe(Link(seq, b"", head_hash))
+                chain.journal_head = Link(seq, b"", head_hash)
+                chain.observe(chain.journal_head)
                 if line == b"":  # a head kept before the chain's first checkpoint
                     line, at = None, None
                 chain.checkpointed_seq = _checkpoint_seq(line, seq) if line is not None else 0
@@ -96,9 +97,17 @@ class Evidence:
                 chain.checkpoint = line
             letters = letters_path(self.dead_letter_dir, target_id)
             cut_torn_tail(letters)  # before the first letter is appended after it
-            chain.observe(last_link(letters))
+            chain.found_in_files(last_link(letters))
             chain.after_write = self._after_write
         return chain
+
+    def head_of(self, target_id: str) -> tuple[int, bytes] | None:
+        """The head the journal keeps with each of this target's acks (its `chain_head`):
+        a file target's, whose head is otherwise kept only at checkpoints."""
+        chain = self.chains.get(target_id)
+        if chain is None or chain.head is None or chain.head_in_journal:
+            return None
+        return chain.seq, chain.head.hash
 
     def letters_chain(self, target_id: str) -> Chain | None:
         """The chain a dead letter for this target takes a place in: a chained (file) target's,

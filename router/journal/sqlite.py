@@ -14,7 +14,7 @@ discarded by SQLite itself) with our own CRC32 per record on top, checked on eve
     deliveries(target, seq, route)                     one row per event still owed to a target
     books(target, received, delivered, dead_lettered, lost)  moved in the same transactions
     chains(target, seq, hash, checkpoint, checkpoint_at)     router/evidence: each target's
-                                                       chain head at its last checkpoint
+                                                       chain head and its last checkpoint
 
 Concurrent `append` calls share one transaction and one fsync (group commit). All SQLite work
 runs on one dedicated thread so the event loop never blocks on disk. A record whose CRC does
@@ -137,6 +137,10 @@ class SqliteJournal:
         self.checkpoint_errors = 0
         # False from a failed write until the next successful one (/readyz answers 503).
         self.healthy = True
+        # router/evidence: a target's chain head (seq, hash) to keep with each ack, in the same
+        # transaction, so the head known after a restart covers every line written; None for
+        # a target whose chain keeps its head itself (or has none).
+        self.chain_head: Callable[[str], tuple[int, bytes] | None] | None = None
         # Targets the config no longer has but the journal still owes events: the caller
         # retires them (dead letters with reason target_removed) before anything else.
         self.orphans: set[str] = set()
@@ -576,8 +580,12 @@ class SqliteJournal:
         target = self._targets[target_id]
         last = batch[-1].seq
         delivered = len(batch) - dead_lettered
+        # Read on the loop, after the write: the head only covers lines already written.
+        head = self.chain_head(target_id) if self.chain_head is not None else None
         try:
-            await self._run(self._ack_sync, target_id, batch[0].seq, last, delivered, dead_lettered)
+            await self._run(
+                self._ack_sync, target_id, batch[0].seq, last, delivered, dead_lettered, head
+            )
         except (sqlite3.Error, OSError):
             self._write_failed()
             raise
@@ -592,11 +600,19 @@ class SqliteJournal:
             target.books.oldest_received_at = None
 
     def _ack_sync(
-        self, target_id: str, first: int, last: int, delivered: int, dead_lettered: int
+        self,
+        target_id: str,
+        first: int,
+        last: int,
+        delivered: int,
+        dead_lettered: int,
+        head: tuple[int, bytes] | None = None,
     ) -> None:
         db = self._db
         assert db is not None
         with _transaction(db):
+            if head is not None:
+                _keep_chain_head(db, target_id, *head)
             settled = db.execute(
                 "DELETE FROM deliveries WHERE target = ? AND seq <= ?", (target_id, last)
             ).rowcount
@@ -790,6 +806,16 @@ class SqliteJournal:
                 )
 
         await self._run(write)
+
+
+def _keep_chain_head(db: sqlite3.Connection, target_id: str, seq: int, head_hash: bytes) -> None:
+    """Move a target's kept chain head forward (never back), keeping its last checkpoint
+    (a row made here holds an empty one, b"", as a bucket target's row before its first)."""
+    db.execute(
+        "INSERT INTO chains VALUES (?, ?, ?, x'', 0) ON CONFLICT (target) DO UPDATE SET "
+        "seq = excluded.seq, hash = excluded.hash WHERE excluded.seq > chains.seq",
+        (target_id, seq, head_hash),
+    )
 
 
 @contextmanager

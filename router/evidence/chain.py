@@ -28,6 +28,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from router.evidence.canonical import CanonicalError, Link, chained_line, next_link, split_line
@@ -35,6 +36,33 @@ from router.evidence.canonical import CanonicalError, Link, chained_line, next_l
 log = logging.getLogger(__name__)
 
 TAIL_BYTES = 1 << 20  # the last line of a file is looked for in its last MiB
+
+
+@dataclass(frozen=True, slots=True)
+class Planned:
+    """An object a bucket target is about to PUT, kept in the journal before the PUT (by
+    `Chain.keep_plan`): the places `base` + 1 ... `head` and the very bytes that fill them.
+
+    A kill -9 after the store took the object and before the journal kept the new head leaves
+    the journal's head at `base`; the next start then sends this object again first, under
+    its name and byte for byte (an overwrite of the same object if it had landed), so no other
+    lines ever take those places. `key` names the batch (its events' ids): the same batch sent
+    again after the restart is this object itself."""
+
+    key: str
+    name: str
+    base: Link | None
+    head: Link
+    body: bytes
+    md5: str
+
+
+def same_head(a: Link | None, b: Link | None) -> bool:
+    """Do two links name the same place (seq and hash; a head read back from the journal has
+    no `prev`)?"""
+    if a is None or b is None:
+        return a is b
+    return (a.seq, a.hash) == (b.seq, b.hash)
 
 
 class Chain:
@@ -58,6 +86,10 @@ class Chain:
         self.files_checked = False
         # What the files lacked at start that the journal's head covers (None: nothing).
         self.missing_at_start: dict[str, object] | None = None
+        # A bucket target's: the object planned before a PUT, as the journal kept it at start
+        # (None once sent again or found stale), and how a new plan is kept.
+        self.planned: Planned | None = None
+        self.keep_plan: Callable[[Planned], Awaitable[None]] | None = None
 
     @property
     def seq(self) -> int:

@@ -12,6 +12,7 @@ checkpoint (an empty one, b"", before the first).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -22,7 +23,7 @@ from router.config import EvidenceConfig
 from router.deadletter import letters_path
 from router.errors import ConfigError, RouterError
 from router.evidence.canonical import Link
-from router.evidence.chain import Chain, cut_torn_tail, last_link
+from router.evidence.chain import Chain, Planned, cut_torn_tail, last_link
 from router.evidence.checkpoint import CheckpointError, checkpoint_line, parse_checkpoint
 from router.evidence.keys import SigningKeyError, load_private
 from router.observe.metrics import utc_iso
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 
 # A stored row: seq, head hash, the last checkpoint line, when it was written.
 StoredChain = tuple[int, bytes, bytes | None, float | None]
+# A stored plan: batch key, object name, base (seq, hash), head (seq, prev, hash), body, md5.
+StoredPlan = tuple[str, str, int, bytes, int, bytes, bytes, bytes, str]
 
 
 class ChainStore(Protocol):
@@ -41,6 +44,11 @@ class ChainStore(Protocol):
     async def save_chain(
         self, target_id: str, seq: int, head_hash: bytes, checkpoint: bytes, at: float
     ) -> None: ...
+
+    # Optional (a store without them keeps no plans): the object a bucket target is about to
+    # PUT, one per target, kept before the PUT.
+    #   async def planned_objects(self) -> dict[str, StoredPlan]
+    #   async def save_planned(self, target_id: str, plan: StoredPlan) -> None
 
 
 class Evidence:
@@ -57,6 +65,7 @@ class Evidence:
             raise ConfigError("config", [f"evidence.signing_key_file: {exc}"]) from exc
         self.chains: dict[str, Chain] = {}
         self._stored: dict[str, StoredChain] = {}
+        self._plans: dict[str, StoredPlan] = {}
         self._writers: dict[str, Callable[[bytes], Awaitable[None]]] = {}
         self._timer: asyncio.Task[None] | None = None
         self.checkpoint_errors = 0
@@ -66,6 +75,9 @@ class Evidence:
         if not self.config.enabled:
             return
         self._stored = await self.store.chain_heads()
+        planned_objects = getattr(self.store, "planned_objects", None)
+        if planned_objects is not None:
+            self._plans = await planned_objects()
         self._timer = asyncio.create_task(self._checkpoint_every_interval(), name="checkpoints")
 
     async def close(self) -> None:
@@ -95,6 +107,9 @@ class Evidence:
                 chain.checkpointed_seq = _checkpoint_seq(line, seq) if line is not None else 0
                 chain.checkpointed_at = at
                 chain.checkpoint = line
+            plan = self._plans.pop(target_id, None)
+            if plan is not None:
+                chain.planned = _planned(plan)
             letters = letters_path(self.dead_letter_dir, target_id)
             cut_torn_tail(letters)  # before the first letter is appended after it
             chain.found_in_files(last_link(letters))
@@ -131,7 +146,16 @@ class Evidence:
         if chain is not None:
             self._writers[target_id] = write_line
             chain.head_in_journal = head_in_journal
+            if head_in_journal and hasattr(self.store, "save_planned"):
+                chain.keep_plan = functools.partial(self._keep_plan, target_id)
         return chain
+
+    async def _keep_plan(self, target_id: str, plan: Planned) -> None:
+        """Keep the object about to be PUT in the journal (router/evidence/chain.Planned)."""
+        base_seq, base_hash = (plan.base.seq, plan.base.hash) if plan.base else (0, b"")
+        head = plan.head
+        row = (plan.key, plan.name, base_seq, base_hash, head.seq, head.prev, head.hash)
+        await self.store.save_planned(target_id, (*row, plan.body, plan.md5))  # type: ignore[attr-defined]
 
     def detach(self, target_id: str) -> None:
         self._writers.pop(target_id, None)
@@ -198,6 +222,12 @@ class Evidence:
                 if chain is not None and self._due(chain):
                     async with chain.lock:
                         await self._checkpoint_locked(chain)
+
+
+def _planned(row: StoredPlan) -> Planned:
+    key, name, base_seq, base_hash, head_seq, head_prev, head_hash, body, md5 = row
+    base = Link(base_seq, b"", base_hash) if base_seq else None
+    return Planned(key, name, base, Link(head_seq, head_prev, head_hash), body, md5)
 
 
 def _checkpoint_seq(line: bytes, head_seq: int) -> int:

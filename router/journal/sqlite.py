@@ -15,6 +15,8 @@ discarded by SQLite itself) with our own CRC32 per record on top, checked on eve
     books(target, received, delivered, dead_lettered, lost)  moved in the same transactions
     chains(target, seq, hash, checkpoint, checkpoint_at)     router/evidence: each target's
                                                        chain head and its last checkpoint
+    planned(target, batch_key, name, base_seq, ..., body)    router/evidence: the object a
+                                                       bucket target is about to PUT
 
 Concurrent `append` calls share one transaction and one fsync (group commit). All SQLite work
 runs on one dedicated thread so the event loop never blocks on disk. A record whose CRC does
@@ -70,6 +72,10 @@ CREATE TABLE IF NOT EXISTS books (
 CREATE TABLE IF NOT EXISTS chains (
     target TEXT PRIMARY KEY, seq INTEGER NOT NULL, hash BLOB NOT NULL,
     checkpoint BLOB, checkpoint_at REAL);
+CREATE TABLE IF NOT EXISTS planned (
+    target TEXT PRIMARY KEY, batch_key TEXT NOT NULL, name TEXT NOT NULL,
+    base_seq INTEGER NOT NULL, base_hash BLOB NOT NULL, head_seq INTEGER NOT NULL,
+    head_prev BLOB NOT NULL, head_hash BLOB NOT NULL, body BLOB NOT NULL, md5 TEXT NOT NULL);
 """
 # A journal made before books had its `lost` column gets it on open.
 ADD_LOST = "ALTER TABLE books ADD COLUMN lost INTEGER NOT NULL DEFAULT 0"
@@ -776,6 +782,37 @@ class SqliteJournal:
             return {target: (seq, bytes(h), cp, at) for target, seq, h, cp, at in rows}
 
         return await self._run(read)
+
+    async def planned_objects(
+        self,
+    ) -> dict[str, tuple[str, str, int, bytes, int, bytes, bytes, bytes, str]]:
+        """Per bucket target: the object planned before its last PUT (router/evidence)."""
+
+        def read() -> dict[str, tuple[str, str, int, bytes, int, bytes, bytes, bytes, str]]:
+            assert self._db is not None
+            rows = self._db.execute("SELECT * FROM planned").fetchall()
+            return {
+                target: (key, name, bs, bytes(bh), hs, bytes(hp), bytes(hh), bytes(body), md5)
+                for target, key, name, bs, bh, hs, hp, hh, body, md5 in rows
+            }
+
+        return await self._run(read)
+
+    async def save_planned(
+        self, target_id: str, plan: tuple[str, str, int, bytes, int, bytes, bytes, bytes, str]
+    ) -> None:
+        """Keep the object a bucket target is about to PUT (one per target), durably (per
+        storage.fsync) before the PUT goes out."""
+
+        def write() -> None:
+            assert self._db is not None
+            with _transaction(self._db) as db:
+                db.execute(
+                    "INSERT OR REPLACE INTO planned VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (target_id, *plan),
+                )
+
+        await self._run(write)
 
     async def pending_for(self, event_id: str) -> list[str]:
         """The targets an event (by id) is still owed to: what a receipt's lookup shows as

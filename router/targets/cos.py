@@ -57,10 +57,10 @@ import botocore
 import botocore.exceptions
 from aiobotocore.config import AioConfig
 
-from router.errors import PermanentDeliveryError, RetryableDeliveryError
+from router.errors import PermanentDeliveryError, RetryableDeliveryError, RouterError
 from router.events import Event, crn_parts
 from router.evidence.canonical import Link
-from router.evidence.chain import Chain
+from router.evidence.chain import Chain, Planned, same_head
 from router.iam import IamTokenSource
 from router.targets._net import RETRYABLE_STATUSES, batch_key, new_session, parse_retry_after
 
@@ -291,6 +291,7 @@ class CosTarget:
         self.chain: Chain | None = None
         # Chained bodies of objects still being retried, by batch key (as their names).
         self._linked: OrderedDict[str, Linked] = OrderedDict()
+        self._kept: Linked | None = None  # the body whose plan the journal holds now
         self._stack: contextlib.AsyncExitStack | None = None
         self._client: S3Client | None = None
         self._session: aiohttp.ClientSession | None = None  # for IAM tokens only
@@ -358,36 +359,92 @@ class CosTarget:
         return name
 
     async def _write(self, account: str, events: Sequence[Event]) -> None:
-        name = self._name(account, events)
         chain = self.chain
         if chain is None:
+            name = self._name(account, events)
             # Off the event loop: 8 MiB take ~0.2 s to gzip, a pause ingest would feel.
             body, md5 = await asyncio.to_thread(packed, events)
             await self._put_authorized(name, body, md5)
         else:
             # Shielded as the file target's chained write is: the PUT, the head and the lock
             # end together.
-            await asyncio.shield(asyncio.ensure_future(self._write_chained(chain, name, events)))
+            name = await asyncio.shield(
+                asyncio.ensure_future(self._write_chained(chain, account, events))
+            )
         self._names.pop(batch_key(events), None)
         log.debug("target %s: wrote %s (%d events)", self.id, name, len(events))
 
-    async def _write_chained(self, chain: Chain, name: str, events: Sequence[Event]) -> None:
+    async def _write_chained(self, chain: Chain, account: str, events: Sequence[Event]) -> str:
         """Link the events from the chain's head (or reuse the body a first attempt linked,
-        when nothing took a place since), PUT, and move the head."""
+        when nothing took a place since), keep the plan in the journal, PUT, and move the
+        head. Returns the object's name."""
         key = batch_key(events)
         async with chain.lock:
+            await self._resend_planned(chain, key)
+            name = self._name(account, events)
             linked = self._linked.get(key)
-            if linked is None or linked.base != chain.head:
+            if linked is None or not same_head(linked.base, chain.head):
                 # Off the event loop: hashing and gzipping 20,000 lines take a good part of a
                 # second. Nothing moves the head meanwhile: this task holds the lock.
                 linked = self._linked[key] = await asyncio.to_thread(_link, chain, events)
                 while len(self._linked) > MAX_PENDING_NAMES:
                     self._linked.popitem(last=False)
+            await self._keep_plan(chain, key, name, linked)
             await self._put_authorized(name, linked.body, linked.md5)
             self._linked.pop(key, None)
             chain.advance(linked.head)
             if chain.after_write is not None:
                 await chain.after_write(chain)
+        return name
+
+    async def _keep_plan(self, chain: Chain, key: str, name: str, linked: Linked) -> None:
+        """The journal keeps the object before its (first) PUT: what a restart after kill -9
+        sends again first (Chain.planned)."""
+        if chain.keep_plan is None or linked.head is None or self._kept is linked:
+            return
+        try:
+            await chain.keep_plan(
+                Planned(key, name, linked.base, linked.head, linked.body, linked.md5)
+            )
+        except (RouterError, OSError) as exc:
+            raise RetryableDeliveryError(
+                self.id, f"cannot keep the planned object {name} in the journal: {exc}"
+            ) from exc
+        self._kept = linked
+
+    async def _resend_planned(self, chain: Chain, key: str) -> None:
+        """The first chained write after a start: an object planned before a crash whose
+        places the journal's head does not cover yet may be in the bucket. The same batch
+        sent again IS that object (its name and body are reused); anything else first sends
+        that object again, byte for byte under its name, and goes on after its places."""
+        planned = chain.planned
+        if planned is None:
+            return
+        if not same_head(planned.base, chain.head):
+            chain.planned = None  # its head was kept, or other lines took its places since
+            return
+        linked = Linked(planned.base, planned.head, planned.body, planned.md5)
+        if planned.key == key:
+            self._names[key], self._linked[key] = planned.name, linked
+            self._kept = linked  # the journal holds it already
+            chain.planned = None
+            return
+        log.warning(
+            "target %s: sending %s again (places %d-%d), planned before a crash",
+            self.id,
+            planned.name,
+            (planned.base.seq if planned.base is not None else 0) + 1,
+            planned.head.seq,
+        )
+        try:
+            await self._put_authorized(planned.name, planned.body, planned.md5)
+        except PermanentDeliveryError:
+            chain.planned = None  # the store will not take it; its places stay as they are
+            raise
+        chain.planned = None
+        chain.advance(planned.head)
+        if chain.after_write is not None:
+            await chain.after_write(chain)
 
     async def write_line(self, line: bytes) -> None:
         """Write one line that is not an event (a checkpoint) as an object of its own, under

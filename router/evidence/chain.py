@@ -90,6 +90,10 @@ class Chain:
         # (None once sent again or found stale), and how a new plan is kept.
         self.planned: Planned | None = None
         self.keep_plan: Callable[[Planned], Awaitable[None]] | None = None
+        self.drop_plan: Callable[[], Awaitable[None]] | None = None
+        # Objects whose places are taken and whose PUT is under way: no checkpoint may name
+        # a head past places the bucket may not hold yet.
+        self.in_flight = 0
 
     @property
     def seq(self) -> int:

@@ -49,6 +49,7 @@ class ChainStore(Protocol):
     # PUT, one per target, kept before the PUT.
     #   async def planned_objects(self) -> dict[str, StoredPlan]
     #   async def save_planned(self, target_id: str, plan: StoredPlan) -> None
+    #   async def drop_planned(self, target_id: str) -> None
 
 
 class Evidence:
@@ -148,6 +149,7 @@ class Evidence:
             chain.head_in_journal = head_in_journal
             if head_in_journal and hasattr(self.store, "save_planned"):
                 chain.keep_plan = functools.partial(self._keep_plan, target_id)
+                chain.drop_plan = functools.partial(self.store.drop_planned, target_id)  # type: ignore[attr-defined]
         return chain
 
     async def _keep_plan(self, target_id: str, plan: Planned) -> None:
@@ -199,6 +201,8 @@ class Evidence:
         write = self._writers.get(chain.target_id)
         if write is None or chain.head is None or chain.seq <= chain.checkpointed_seq:
             return
+        if chain.in_flight:
+            return  # the head is past places a PUT under way has not filled yet: later
         now = time.time()
         line = checkpoint_line(chain.target_id, chain.seq, chain.head.hash, utc_iso(now), self.key)
         try:

@@ -814,6 +814,16 @@ class SqliteJournal:
 
         await self._run(write)
 
+    async def drop_planned(self, target_id: str) -> None:
+        """Forget a target's planned object: its PUT failed and its places went back."""
+
+        def write() -> None:
+            assert self._db is not None
+            with _transaction(self._db) as db:
+                db.execute("DELETE FROM planned WHERE target = ?", (target_id,))
+
+        await self._run(write)
+
     async def pending_for(self, event_id: str) -> list[str]:
         """The targets an event (by id) is still owed to: what a receipt's lookup shows as
         pending. A scan of the events table: for an admin's question, not the hot path."""

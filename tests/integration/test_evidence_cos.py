@@ -415,3 +415,61 @@ async def test_kill_9_between_a_put_and_the_head_resends_the_same_object_first(
         summary = "OK: 6 events and 0 dead letters verified (chain head seq 6, 0 re-sent)"
         assert [key for key, body in found.items() if seqs(body)] == [held.split("/", 2)[2]]
     assert out.startswith(summary), out
+
+
+async def test_dead_letters_do_not_wait_for_a_put_in_flight_and_take_places_after_it(
+    start_daemon: StartDaemon, s3_server: S3Server, s3: Any, tmp_path: Path
+) -> None:
+    """A full journal sheds the COS target's oldest events as dead letters while the store
+    holds the answer to its PUT (timeout_s 120). The letters take their places after the
+    object's, without waiting for its answer, so ingest goes on; once the answer comes the
+    bucket and the dead-letter file verify as one chain."""
+    front = await HoldingFront(f"http://127.0.0.1:{s3_server.store.port}", []).start()
+    key, public = generate(tmp_path / "signing.key")
+    target = cos_target(front.url, timeout_s=120) | {"batch": {"max_events": 10}}
+    try:
+        daemon = await start_daemon(
+            {
+                "storage": {
+                    "path": str(tmp_path / "var"),
+                    "max_bytes": 1024 * 1024,
+                    "when_full": "drop_oldest_per_target",
+                },
+                "targets": [target],
+                "routes": everything_to("cos"),
+                "evidence": {"signing_key_file": str(key), "checkpoint_every_s": 3600},
+            }
+        )
+        front.holding = True
+        assert (await post(daemon, [make_event(id=f"held-{i}") for i in range(10)]))[0] == 202
+        await wait_for(lambda: bool(front.landed), what="the PUT to reach the store")
+
+        async def fill() -> None:
+            for n in range(100):
+                batch = [make_event(id=f"f{n}-{i}", message="x" * 500) for i in range(20)]
+                assert (await post(daemon, batch))[0] == 202
+
+        # Before: the shedding waited for the chain's lock, held for the whole PUT.
+        await asyncio.wait_for(fill(), timeout=30)
+        assert daemon.status()["ingest"]["dropped_buffer_full"] > 0
+        assert len(front.landed) == 1 and not front.release.is_set(), "the PUT is still held"
+        front.holding = False
+        front.release.set()
+        await wait_for(lambda: settled(daemon), timeout_s=60, what="everything settled")
+        assert_books_balance(daemon)
+        await daemon.stop()
+    finally:
+        front.release.set()
+        await front.stop()
+    found = await bodies(s3)
+    held = [seqs(body) for body in found.values() if seqs(body)[:1] == [1]]
+    assert held == [list(range(1, 11))], "the held object kept places 1-10"
+    config = tmp_path / "router.yaml"
+    data = {**daemon.source.data, "targets": [cos_target(s3_server.endpoint_url)]}
+    config.write_text(yaml.safe_dump(data))
+    code, out, err = await verify_bucket(config, public)
+    assert code == 0, out + err
+    row = daemon.status()["targets"]["cos"]
+    assert out.startswith(
+        f"OK: {row['delivered']} events and {row['dead_lettered']} dead letters verified"
+    ), out

@@ -417,14 +417,17 @@ async def test_kill_9_between_a_put_and_the_head_resends_the_same_object_first(
     assert out.startswith(summary), out
 
 
+@pytest.mark.parametrize("answer", ["stored", "503"])
 async def test_dead_letters_do_not_wait_for_a_put_in_flight_and_take_places_after_it(
-    start_daemon: StartDaemon, s3_server: S3Server, s3: Any, tmp_path: Path
+    start_daemon: StartDaemon, s3_server: S3Server, s3: Any, tmp_path: Path, answer: str
 ) -> None:
     """A full journal sheds the COS target's oldest events as dead letters while the store
     holds the answer to its PUT (timeout_s 120). The letters take their places after the
-    object's, without waiting for its answer, so ingest goes on; once the answer comes the
-    bucket and the dead-letter file verify as one chain."""
-    front = await HoldingFront(f"http://127.0.0.1:{s3_server.store.port}", []).start()
+    object's, without waiting for its answer, so ingest goes on; once the answer comes (the
+    object stored, or a 503 and a retry, which PUTs the very same bytes at the same places)
+    the bucket and the dead-letter file verify as one chain."""
+    script: list[tuple[int, str] | None] = [(503, "SlowDown")] if answer == "503" else []
+    front = await HoldingFront(f"http://127.0.0.1:{s3_server.store.port}", script).start()
     key, public = generate(tmp_path / "signing.key")
     target = cos_target(front.url, timeout_s=120) | {"batch": {"max_events": 10}}
     try:
@@ -464,6 +467,9 @@ async def test_dead_letters_do_not_wait_for_a_put_in_flight_and_take_places_afte
     found = await bodies(s3)
     held = [seqs(body) for body in found.values() if seqs(body)[:1] == [1]]
     assert held == [list(range(1, 11))], "the held object kept places 1-10"
+    first_md5 = front.headers[[h.get("Content-MD5") is not None for h in front.headers].index(True)]
+    attempts = [h for h in front.headers if h.get("Content-MD5") == first_md5["Content-MD5"]]
+    assert len(attempts) == (2 if answer == "503" else 1), "a retry PUTs the same bytes"
     config = tmp_path / "router.yaml"
     data = {**daemon.source.data, "targets": [cos_target(s3_server.endpoint_url)]}
     config.write_text(yaml.safe_dump(data))

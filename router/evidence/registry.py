@@ -23,7 +23,7 @@ from router.config import EvidenceConfig
 from router.deadletter import letters_path
 from router.errors import ConfigError, RouterError
 from router.evidence.canonical import Link
-from router.evidence.chain import Chain, Planned, cut_torn_tail, last_link
+from router.evidence.chain import Chain, Planned, cut_torn_tail, last_link, same_head
 from router.evidence.checkpoint import CheckpointError, checkpoint_line, parse_checkpoint
 from router.evidence.keys import SigningKeyError, load_private
 from router.observe.metrics import utc_iso
@@ -108,12 +108,12 @@ class Evidence:
                 chain.checkpointed_seq = _checkpoint_seq(line, seq) if line is not None else 0
                 chain.checkpointed_at = at
                 chain.checkpoint = line
-            plan = self._plans.pop(target_id, None)
-            if plan is not None:
-                chain.planned = _planned(plan)
             letters = letters_path(self.dead_letter_dir, target_id)
             cut_torn_tail(letters)  # before the first letter is appended after it
             chain.found_in_files(last_link(letters))
+            plan = self._plans.pop(target_id, None)
+            if plan is not None:
+                _take_planned_places(chain, _planned(plan))
             chain.after_write = self._after_write
         return chain
 
@@ -226,6 +226,20 @@ class Evidence:
                 if chain is not None and self._due(chain):
                     async with chain.lock:
                         await self._checkpoint_locked(chain)
+
+
+def _take_planned_places(chain: Chain, planned: Planned) -> None:
+    """At start: an object planned before a crash whose head the journal never kept may be
+    in the bucket, so its places are its own again before anything (a dead letter, a test
+    write) can take them; the target's first chained write sends it again (CosTarget), and no
+    checkpoint is written until then. Dead letters found after its places were chained after
+    them while its PUT was under way."""
+    if not same_head(planned.base, chain.journal_head):
+        return  # its PUT succeeded and the journal kept the head, or its places went back
+    chain.planned = planned
+    chain.in_flight += 1
+    if same_head(chain.head, planned.base):
+        chain.advance(planned.head)
 
 
 def _planned(row: StoredPlan) -> Planned:

@@ -461,37 +461,31 @@ class CosTarget:
         self._kept = linked
 
     async def _resend_planned(self, chain: Chain, key: str) -> None:
-        """The first chained write after a start: an object planned before a crash whose
-        places the journal's head does not cover yet may be in the bucket. The same batch
-        sent again IS that object (its name and body are reused); anything else first sends
-        that object again, byte for byte under its name, and goes on after its places. The
-        caller holds the chain's lock."""
+        """The first chained write after a start: an object planned before a crash, whose
+        places the journal's head did not cover, may be in the bucket; its places are taken
+        (Evidence.chain). The same batch sent again IS that object (its name and body are
+        reused); anything else first sends that object again, byte for byte under its name.
+        The caller holds the chain's lock."""
         planned = chain.planned
         if planned is None:
             return
-        chain.planned = None
-        if not same_head(planned.base, chain.journal_head):
-            return  # its PUT succeeded and the journal kept the head: nothing to send again
         linked = Linked(planned.base, planned.head, planned.body, planned.md5)
-        free = same_head(chain.head, planned.base)  # else dead letters took places after it
         if planned.key == key:
-            self._names[key], self._kept = planned.name, linked
-            if free:
-                self._linked[key] = linked  # the caller takes its places again
-            else:
-                self._reserved[key] = linked
-            return
-        log.warning(
-            "target %s: sending %s again (places %d-%d), planned before a crash",
-            self.id,
-            planned.name,
-            (planned.base.seq if planned.base is not None else 0) + 1,
-            planned.head.seq,
-        )
-        await self._put_authorized(planned.name, planned.body, planned.md5)
-        if free:
-            chain.advance(planned.head)
-        if chain.after_write is not None:
+            self._names[key], self._linked[key], self._reserved[key] = planned.name, linked, linked
+            self._kept = linked  # the journal holds its plan already
+        else:
+            log.warning(
+                "target %s: sending %s again (places %d-%d), planned before a crash",
+                self.id,
+                planned.name,
+                (planned.base.seq if planned.base is not None else 0) + 1,
+                planned.head.seq,
+            )
+            # A failure raises for this write (retried): the plan stays, and its places.
+            await self._put_authorized(planned.name, planned.body, planned.md5)
+        chain.planned = None
+        chain.in_flight -= 1
+        if planned.key != key and chain.after_write is not None:
             await chain.after_write(chain)
 
     async def write_line(self, line: bytes) -> None:

@@ -160,8 +160,10 @@ class Chain:
         self.head = head
 
 
-def last_link(path: Path) -> Link | None:
-    """The link of the last complete chained line of a file (gzipped if it ends .gz)."""
+def last_link(path: Path, *, furthest: bool = False) -> Link | None:
+    """The link of the last complete chained line of a file (gzipped if it ends .gz); with
+    `furthest`, the one of highest seq in its last MiB (a redriven file's letters are in the
+    order they were redriven, not by place)."""
     try:
         if path.suffix == ".gz":
             with gzip.open(path, "rb") as f:
@@ -174,14 +176,18 @@ def last_link(path: Path) -> Link | None:
     except FileNotFoundError:
         return None
     # The last piece is empty (the file ends in a newline) or a torn line: never a link.
+    best: Link | None = None
     for line in reversed(data.split(b"\n")[:-1]):
         try:
             found = split_line(line)
         except CanonicalError:
             continue
         if found is not None:
-            return found[1]
-    return None
+            if not furthest:
+                return found[1]
+            if best is None or found[1].seq > best.seq:
+                best = found[1]
+    return best
 
 
 def cut_torn_tail(path: Path) -> int:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Protocol
 
 from router.config import EvidenceConfig
-from router.deadletter import letters_path
+from router.deadletter import letters_path, redriven_path
 from router.errors import ConfigError, RouterError
 from router.evidence.canonical import Link
 from router.evidence.chain import Chain, Planned, cut_torn_tail, last_link, same_head
@@ -111,6 +111,9 @@ class Evidence:
             letters = letters_path(self.dead_letter_dir, target_id)
             cut_torn_tail(letters)  # before the first letter is appended after it
             chain.found_in_files(last_link(letters))
+            # Letters a redrive moved keep their places there (the newest may be among them).
+            redriven = redriven_path(self.dead_letter_dir, target_id)
+            chain.found_in_files(last_link(redriven, furthest=True))
             plan = self._plans.pop(target_id, None)
             if plan is not None:
                 _take_planned_places(chain, _planned(plan))

@@ -1001,3 +1001,48 @@ async def test_a_clean_restart_and_a_kill_9_report_nothing_missing(tmp_path: Pat
     report = verify([archive])
     assert report.ok, report.broken
     assert report.head_seq == 8
+
+
+async def test_letters_moved_by_a_redrive_are_not_reported_missing_at_start(
+    tmp_path: Path,
+) -> None:
+    """The newest places are dead letters, which a redrive moves (byte for byte) to the
+    redriven file: at the next start the files still reach the journal's head, no alarm."""
+    archive = tmp_path / "us.ndjson"
+    data: dict[str, Any] = {
+        "server": {"host": "127.0.0.1", "port": 0},
+        "storage": {"path": str(tmp_path / "var")},
+        "delivery": FAST_DELIVERY,
+        "startup": {"validate_targets": False},
+        "targets": [{**chained_file_target(archive), "retry": {"max_attempts": 1}}],
+        "routes": everything_to("us"),
+        "evidence": {"checkpoint_every_events": 1000, "checkpoint_every_s": 3600},
+    }
+    daemon = Daemon(parse_config(data), ConfigSource(None, data))
+    await daemon.start()
+    try:
+        await post(daemon, [make_event(id=f"ok-{n}") for n in range(2)])
+        await wait_for(lambda: settled(daemon), what="delivery")
+        moved = {**chained_file_target(tmp_path / "dir"), "retry": {"max_attempts": 1}}
+        changed = parse_config({**data, "targets": [moved]})
+        (tmp_path / "dir").mkdir()  # after the config check: every write fails
+        await daemon.reload(changed)
+        await post(daemon, [make_event(id=f"d-{n}") for n in range(3)])
+        await wait_for(lambda: settled(daemon), what="dead letters")
+        head = daemon.status()["targets"]["us"]["evidence"]["chain_seq"]
+    finally:
+        await daemon.stop()
+    letters = tmp_path / "var" / "deadletter" / "us.ndjson"
+    assert [orjson.loads(x)["_chain"]["seq"] for x in lines_of(letters)][-1] == head
+    redriven = letters.parent / "redriven" / "us.ndjson"
+    redriven.parent.mkdir()
+    redriven.write_bytes(b"".join(reversed(lines_of(letters))))  # in a redrive's order
+    letters.write_bytes(b"")
+
+    again = Daemon(parse_config(data), ConfigSource(None, data))
+    await again.start()
+    try:
+        evidence = again.status()["targets"]["us"]["evidence"]
+        assert (evidence["chain_seq"], evidence["missing_at_start"]) == (head, None)
+    finally:
+        await again.stop()

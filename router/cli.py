@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from router import __version__
 from router.completion import SHELLS, script
 from router.config import Config, config_warnings, load_config_and_data
-from router.errors import ConfigError, StorageLockedError
+from router.errors import ConfigError, StorageLockedError, StorageUnavailableError
 from router.observe.logformat import counted, setup_logging
 from router.observe.sdnotify import notify
 from router.resources import default_config_path
@@ -316,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (ConfigError, StorageLockedError) as exc:
         log.error("cannot start: %s", exc)
         sys.exit(EXIT_CONFIG)
-    except OSError as exc:
+    except (OSError, StorageUnavailableError) as exc:
         log.error("cannot start: %s", exc)
         sys.exit(EXIT_RUNTIME)
 
@@ -496,8 +496,13 @@ def _dlq(args: argparse.Namespace, config: Config) -> int:
     from router.clients import dlq
     from router.deadletter import LetterFilter, parse_since
 
+    stored = None
+    if config.storage.backend == "jetstream" and args.dlq_command != "redrive":
+        from router.journal.jetstream import all_letters
+
+        stored = asyncio.run(all_letters(config.storage.jetstream))
     if args.dlq_command == "list":
-        return dlq.list_letters(config)
+        return dlq.list_letters(config, stored=stored)
     try:
         since = parse_since(args.since) if args.since else None
     except ValueError as exc:
@@ -505,7 +510,12 @@ def _dlq(args: argparse.Namespace, config: Config) -> int:
         return EXIT_CONFIG
     if args.dlq_command == "show":
         return dlq.show_letters(
-            config, args.target, LetterFilter(args.reason, since), limit=args.limit, fmt=args.format
+            config,
+            args.target,
+            LetterFilter(args.reason, since),
+            limit=args.limit,
+            fmt=args.format,
+            stored=stored,
         )
     query = {k: v for k, v in (("reason", args.reason), ("since", args.since)) if v}
     try:

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from router.config import (
     TargetConfig,
     config_warnings,
     load_config_and_data,
+    parse_config,
 )
 from router.deadletter import DeadLetters, target_removed
 from router.delivery import DeliveryWorker
@@ -37,6 +39,7 @@ from router.intake.http import Ingest
 from router.intake.redaction import Redactor
 from router.intake.validation import EventValidator
 from router.journal import Entry
+from router.journal.jetstream import JetStreamJournal, SharedConfig
 from router.journal.sqlite import SqliteJournal
 from router.observe.logformat import counted
 from router.observe.metrics import IngestStats, TargetStats, WriteStatus, utc_iso
@@ -113,8 +116,14 @@ class Daemon:
         self.redactor = Redactor.from_schemas(schemas or schemas_dir(), config.redaction)
         self.routes = RouteTable(config.routes, config.settings.default_targets)
         target_ids = [target.id for target in config.targets]
-        self.journal = SqliteJournal(config.storage, target_ids)
-        self.dead_letters = DeadLetters(config.storage.dead_letter_dir())
+        self.journal: SqliteJournal | JetStreamJournal
+        self.dead_letters: DeadLetters
+        if config.storage.backend == "jetstream":
+            self.journal = JetStreamJournal(config.storage, target_ids)
+            self.dead_letters = self.journal.dead_letters
+        else:
+            self.journal = SqliteJournal(config.storage, target_ids)
+            self.dead_letters = DeadLetters(config.storage.dead_letter_dir())
         self.evidence = Evidence(config.evidence, self.journal, config.storage.dead_letter_dir())
         self.dead_letters.chain_for = self.evidence.letters_chain
         self.journal.chain_head = self.evidence.head_of
@@ -131,6 +140,7 @@ class Daemon:
         self._ssl = server_context(tls) if tls is not None else None
         self._retiring: set[asyncio.Task[None]] = set()
         self._orphan_watch: asyncio.Task[None] | None = None
+        self._config_watch: asyncio.Task[None] | None = None
         # Held across every read-edit-apply of the running config: start-up, reloads (SIGHUP,
         # reload.watch) and management API edits, so none of them sees another half done.
         self.config_lock = asyncio.Lock()
@@ -141,6 +151,8 @@ class Daemon:
             max_clients=config.server.max_tail_clients,
             write_timeout_s=config.server.tail_write_timeout_s,
         )
+        if isinstance(self.journal, JetStreamJournal):
+            self.journal.tail_sink = self.tail.publish  # the other routers' events too
         auth = config.auth
         self.client_faults = ClientFaultLog(auth.refusal_events if auth else RefusalEventsConfig())
         self.metrics = DaemonMetrics(self)
@@ -248,6 +260,8 @@ class Daemon:
             header_timeout_s=server.header_timeout_s,
         )
         await self._site.start()
+        if isinstance(self.journal, JetStreamJournal) and self.journal.js_config.share_config:
+            await self._join_shared_config(self.journal.shared_config)
         self.ready = True
         log.info(
             "event-router %s ready on %s://%s:%d with %s and %s",
@@ -259,8 +273,42 @@ class Daemon:
             counted(len(self.config.routes), "route"),
         )
 
+    async def _join_shared_config(self, shared: SharedConfig) -> None:
+        """storage.backend jetstream: run the config the routers share (the bucket's, else
+        this router's YAML, which it then shares), and follow what the others put there."""
+        data = await shared.open()
+        if data is None:
+            await shared.put(self.source.data)
+        elif data != SharedConfig.shareable(self.source.data):
+            await self._apply_shared(data)
+        self._config_watch = asyncio.create_task(
+            shared.watch(self._on_shared_config), name="shared-config"
+        )
+
+    async def _on_shared_config(self, data: dict[str, Any]) -> None:
+        async with self.config_lock:
+            await self._apply_shared(data)
+
+    async def _apply_shared(self, data: dict[str, Any]) -> None:
+        """Apply a config another router shared, with this router's own server and storage
+        (and their command-line overrides); one that does not load or apply is logged, and
+        this router keeps running what it ran."""
+        merged = SharedConfig.merged(data, self.source.data)
+        try:
+            new = await asyncio.to_thread(parse_config, merged)
+            new = replace(new, server=self.config.server, storage=self.config.storage)
+            await self.apply(new, initiator="shared_config")
+        except ConfigError as exc:
+            log.error("shared config refused, still running the previous config: %s", exc)
+            return
+        self.source = ConfigSource(self.source.path, merged)
+        log.info("applied the config another router shared")
+
     async def stop(self) -> None:
         self.ready = False
+        if self._config_watch is not None:
+            self._config_watch.cancel()
+            await asyncio.gather(self._config_watch, return_exceptions=True)
         await self.tail.stop()  # a tail stream would hold up the runner's cleanup
         if self._runner is not None:
             await self._runner.cleanup()  # stops listening, then waits for in-flight requests
@@ -453,6 +501,8 @@ class Daemon:
             self.source = source
             if source.path is not None:
                 await asyncio.to_thread(write_back, source.path, source.data)
+            if isinstance(self.journal, JetStreamJournal) and self.journal.js_config.share_config:
+                await self.journal.shared_config.share(source.data)  # every router follows
 
     def _write_status(self, target_id: str) -> WriteStatus | None:
         stats = self.target_stats.get(target_id)
@@ -544,7 +594,7 @@ class Daemon:
                 "path": str(self.journal.path),
                 "healthy": self.journal.healthy,
                 "used_bytes": self.journal.used_bytes,
-                "max_bytes": self.config.storage.max_bytes,
+                "max_bytes": self.config.storage.journal_max_bytes(),
                 "quarantined_records": self.journal.quarantined,
                 "lost_records": self.journal.lost_records,
                 "checkpoint_errors": self.journal.checkpoint_errors,
@@ -554,7 +604,7 @@ class Daemon:
 
     @property
     def journal_max_bytes(self) -> int:
-        return self.config.storage.max_bytes
+        return self.config.storage.journal_max_bytes()
 
     @property
     def refusals(self) -> Refusals:

@@ -83,6 +83,25 @@ def target_removed(target_id: str) -> Failure:
     )
 
 
+def letter_bytes(target_id: str, entry: Entry, failure: Failure) -> bytes:
+    """One dead letter as JSON (without its line end), wherever letters are kept."""
+    return orjson.dumps(
+        {
+            "event": entry.event.body,
+            "target_id": target_id,
+            "route": entry.route,
+            "reason": failure.reason,
+            "message": failure.message,
+            "status": failure.status,
+            "response_excerpt": failure.response_excerpt,
+            "attempts": failure.attempts,
+            "first_attempt_at": _iso(failure.first_attempt_at),
+            "last_attempt_at": _iso(failure.last_attempt_at),
+            "received_at": utc_iso(entry.event.received_at),
+        }
+    )
+
+
 def letters_path(directory: Path, target_id: str) -> Path:
     """A target's dead-letter file in the dead-letter directory: one per target."""
     return directory / f"{target_id}.ndjson"
@@ -195,24 +214,7 @@ class DeadLetters:
         return self._locks.setdefault(target_id, asyncio.Lock())
 
     async def write(self, target_id: str, entries: Sequence[Entry], failure: Failure) -> None:
-        letters = [
-            orjson.dumps(
-                {
-                    "event": entry.event.body,
-                    "target_id": target_id,
-                    "route": entry.route,
-                    "reason": failure.reason,
-                    "message": failure.message,
-                    "status": failure.status,
-                    "response_excerpt": failure.response_excerpt,
-                    "attempts": failure.attempts,
-                    "first_attempt_at": _iso(failure.first_attempt_at),
-                    "last_attempt_at": _iso(failure.last_attempt_at),
-                    "received_at": utc_iso(entry.event.received_at),
-                }
-            )
-            for entry in entries
-        ]
+        letters = [letter_bytes(target_id, entry, failure) for entry in entries]
         chain = self.chain_for(target_id)
         if chain is None:
             await self._append(target_id, b"".join(letter + b"\n" for letter in letters))

@@ -126,7 +126,8 @@ class Daemon:
             self.dead_letters = DeadLetters(config.storage.dead_letter_dir())
         self.evidence = Evidence(config.evidence, self.journal, config.storage.dead_letter_dir())
         self.dead_letters.chain_for = self.evidence.letters_chain
-        self.journal.chain_head = self.evidence.head_of
+        if isinstance(self.journal, SqliteJournal):  # evidence needs storage.backend sqlite
+            self.journal.chain_head = self.evidence.head_of
         self.ingest_stats = IngestStats()
         self.target_stats = {target_id: TargetStats() for target_id in target_ids}
         self.targets: dict[str, Target] = {t.id: build_target(t) for t in config.targets}

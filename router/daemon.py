@@ -126,6 +126,8 @@ class Daemon:
             self.dead_letters = DeadLetters(config.storage.dead_letter_dir())
         self.evidence = Evidence(config.evidence, self.journal, config.storage.dead_letter_dir())
         self.dead_letters.chain_for = self.evidence.letters_chain
+        if isinstance(self.journal, SqliteJournal):  # evidence needs storage.backend sqlite
+            self.journal.chain_head = self.evidence.head_of
         self.ingest_stats = IngestStats()
         self.target_stats = {target_id: TargetStats() for target_id in target_ids}
         self.targets: dict[str, Target] = {t.id: build_target(t) for t in config.targets}
@@ -573,6 +575,7 @@ class Daemon:
                     "chain_hash": chain.head.hash.hex() if chain.head is not None else None,
                     "checkpoint_seq": chain.checkpointed_seq,
                     "last_checkpoint_at": utc_iso(at) if at is not None else None,
+                    "missing_at_start": chain.missing_at_start,
                 }
         ingest = self.ingest_stats
         return {

@@ -12,6 +12,7 @@ checkpoint (an empty one, b"", before the first).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -19,10 +20,10 @@ from pathlib import Path
 from typing import Protocol
 
 from router.config import EvidenceConfig
-from router.deadletter import letters_path
+from router.deadletter import letters_path, redriven_path
 from router.errors import ConfigError, RouterError
 from router.evidence.canonical import Link
-from router.evidence.chain import Chain, cut_torn_tail, last_link
+from router.evidence.chain import Chain, Planned, cut_torn_tail, last_link, same_head
 from router.evidence.checkpoint import CheckpointError, checkpoint_line, parse_checkpoint
 from router.evidence.keys import SigningKeyError, load_private
 from router.observe.metrics import utc_iso
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 
 # A stored row: seq, head hash, the last checkpoint line, when it was written.
 StoredChain = tuple[int, bytes, bytes | None, float | None]
+# A stored plan: batch key, object name, base (seq, hash), head (seq, prev, hash), body, md5.
+StoredPlan = tuple[str, str, int, bytes, int, bytes, bytes, bytes, str]
 
 
 class ChainStore(Protocol):
@@ -41,6 +44,12 @@ class ChainStore(Protocol):
     async def save_chain(
         self, target_id: str, seq: int, head_hash: bytes, checkpoint: bytes, at: float
     ) -> None: ...
+
+    # Optional (a store without them keeps no plans): the object a bucket target is about to
+    # PUT, one per target, kept before the PUT.
+    #   async def planned_objects(self) -> dict[str, StoredPlan]
+    #   async def save_planned(self, target_id: str, plan: StoredPlan) -> None
+    #   async def drop_planned(self, target_id: str) -> None
 
 
 class Evidence:
@@ -57,6 +66,7 @@ class Evidence:
             raise ConfigError("config", [f"evidence.signing_key_file: {exc}"]) from exc
         self.chains: dict[str, Chain] = {}
         self._stored: dict[str, StoredChain] = {}
+        self._plans: dict[str, StoredPlan] = {}
         self._writers: dict[str, Callable[[bytes], Awaitable[None]]] = {}
         self._timer: asyncio.Task[None] | None = None
         self.checkpoint_errors = 0
@@ -66,6 +76,9 @@ class Evidence:
         if not self.config.enabled:
             return
         self._stored = await self.store.chain_heads()
+        planned_objects = getattr(self.store, "planned_objects", None)
+        if planned_objects is not None:
+            self._plans = await planned_objects()
         self._timer = asyncio.create_task(self._checkpoint_every_interval(), name="checkpoints")
 
     async def close(self) -> None:
@@ -88,7 +101,8 @@ class Evidence:
             stored = self._stored.get(target_id)
             if stored is not None:
                 seq, head_hash, line, at = stored
-                chain.observe(Link(seq, b"", head_hash))
+                chain.journal_head = Link(seq, b"", head_hash)
+                chain.observe(chain.journal_head)
                 if line == b"":  # a head kept before the chain's first checkpoint
                     line, at = None, None
                 chain.checkpointed_seq = _checkpoint_seq(line, seq) if line is not None else 0
@@ -96,9 +110,23 @@ class Evidence:
                 chain.checkpoint = line
             letters = letters_path(self.dead_letter_dir, target_id)
             cut_torn_tail(letters)  # before the first letter is appended after it
-            chain.observe(last_link(letters))
+            chain.found_in_files(last_link(letters))
+            # Letters a redrive moved keep their places there (the newest may be among them).
+            redriven = redriven_path(self.dead_letter_dir, target_id)
+            chain.found_in_files(last_link(redriven, furthest=True))
+            plan = self._plans.pop(target_id, None)
+            if plan is not None:
+                _take_planned_places(chain, _planned(plan))
             chain.after_write = self._after_write
         return chain
+
+    def head_of(self, target_id: str) -> tuple[int, bytes] | None:
+        """The head the journal keeps with each of this target's acks (its `chain_head`):
+        a file target's, whose head is otherwise kept only at checkpoints."""
+        chain = self.chains.get(target_id)
+        if chain is None or chain.head is None or chain.head_in_journal:
+            return None
+        return chain.seq, chain.head.hash
 
     def letters_chain(self, target_id: str) -> Chain | None:
         """The chain a dead letter for this target takes a place in: a chained (file) target's,
@@ -122,7 +150,17 @@ class Evidence:
         if chain is not None:
             self._writers[target_id] = write_line
             chain.head_in_journal = head_in_journal
+            if head_in_journal and hasattr(self.store, "save_planned"):
+                chain.keep_plan = functools.partial(self._keep_plan, target_id)
+                chain.drop_plan = functools.partial(self.store.drop_planned, target_id)  # type: ignore[attr-defined]
         return chain
+
+    async def _keep_plan(self, target_id: str, plan: Planned) -> None:
+        """Keep the object about to be PUT in the journal (router/evidence/chain.Planned)."""
+        base_seq, base_hash = (plan.base.seq, plan.base.hash) if plan.base else (0, b"")
+        head = plan.head
+        row = (plan.key, plan.name, base_seq, base_hash, head.seq, head.prev, head.hash)
+        await self.store.save_planned(target_id, (*row, plan.body, plan.md5))  # type: ignore[attr-defined]
 
     def detach(self, target_id: str) -> None:
         self._writers.pop(target_id, None)
@@ -166,6 +204,8 @@ class Evidence:
         write = self._writers.get(chain.target_id)
         if write is None or chain.head is None or chain.seq <= chain.checkpointed_seq:
             return
+        if chain.in_flight:
+            return  # the head is past places a PUT under way has not filled yet: later
         now = time.time()
         line = checkpoint_line(chain.target_id, chain.seq, chain.head.hash, utc_iso(now), self.key)
         try:
@@ -189,6 +229,26 @@ class Evidence:
                 if chain is not None and self._due(chain):
                     async with chain.lock:
                         await self._checkpoint_locked(chain)
+
+
+def _take_planned_places(chain: Chain, planned: Planned) -> None:
+    """At start: an object planned before a crash whose head the journal never kept may be
+    in the bucket, so its places are its own again before anything (a dead letter, a test
+    write) can take them; the target's first chained write sends it again (CosTarget), and no
+    checkpoint is written until then. Dead letters found after its places were chained after
+    them while its PUT was under way."""
+    if not same_head(planned.base, chain.journal_head):
+        return  # its PUT succeeded and the journal kept the head, or its places went back
+    chain.planned = planned
+    chain.in_flight += 1
+    if same_head(chain.head, planned.base):
+        chain.advance(planned.head)
+
+
+def _planned(row: StoredPlan) -> Planned:
+    key, name, base_seq, base_hash, head_seq, head_prev, head_hash, body, md5 = row
+    base = Link(base_seq, b"", base_hash) if base_seq else None
+    return Planned(key, name, base, Link(head_seq, head_prev, head_hash), body, md5)
 
 
 def _checkpoint_seq(line: bytes, head_seq: int) -> int:

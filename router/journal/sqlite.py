@@ -14,7 +14,9 @@ discarded by SQLite itself) with our own CRC32 per record on top, checked on eve
     deliveries(target, seq, route)                     one row per event still owed to a target
     books(target, received, delivered, dead_lettered, lost)  moved in the same transactions
     chains(target, seq, hash, checkpoint, checkpoint_at)     router/evidence: each target's
-                                                       chain head at its last checkpoint
+                                                       chain head and its last checkpoint
+    planned(target, batch_key, name, base_seq, ..., body)    router/evidence: the object a
+                                                       bucket target is about to PUT
 
 Concurrent `append` calls share one transaction and one fsync (group commit). All SQLite work
 runs on one dedicated thread so the event loop never blocks on disk. While a target keeps up,
@@ -75,6 +77,10 @@ CREATE TABLE IF NOT EXISTS books (
 CREATE TABLE IF NOT EXISTS chains (
     target TEXT PRIMARY KEY, seq INTEGER NOT NULL, hash BLOB NOT NULL,
     checkpoint BLOB, checkpoint_at REAL);
+CREATE TABLE IF NOT EXISTS planned (
+    target TEXT PRIMARY KEY, batch_key TEXT NOT NULL, name TEXT NOT NULL,
+    base_seq INTEGER NOT NULL, base_hash BLOB NOT NULL, head_seq INTEGER NOT NULL,
+    head_prev BLOB NOT NULL, head_hash BLOB NOT NULL, body BLOB NOT NULL, md5 TEXT NOT NULL);
 """
 # A journal made before books had its `lost` column gets it on open.
 ADD_LOST = "ALTER TABLE books ADD COLUMN lost INTEGER NOT NULL DEFAULT 0"
@@ -185,6 +191,10 @@ class SqliteJournal:
         self.checkpoint_errors = 0
         # False from a failed write until the next successful one (/readyz answers 503).
         self.healthy = True
+        # router/evidence: a target's chain head (seq, hash) to keep with each ack, in the same
+        # transaction, so the head known after a restart covers every line written; None for
+        # a target whose chain keeps its head itself (or has none).
+        self.chain_head: Callable[[str], tuple[int, bytes] | None] | None = None
         # Targets the config no longer has but the journal still owes events: the caller
         # retires them (dead letters with reason target_removed) before anything else.
         self.orphans: set[str] = set()
@@ -649,8 +659,12 @@ class SqliteJournal:
         target = self._targets[target_id]
         last = batch[-1].seq
         delivered = len(batch) - dead_lettered
+        # Read on the loop, after the write: the head only covers lines already written.
+        head = self.chain_head(target_id) if self.chain_head is not None else None
         try:
-            await self._run(self._ack_sync, target_id, batch[0].seq, last, delivered, dead_lettered)
+            await self._run(
+                self._ack_sync, target_id, batch[0].seq, last, delivered, dead_lettered, head
+            )
         except (sqlite3.Error, OSError):
             self._write_failed()
             raise
@@ -666,11 +680,19 @@ class SqliteJournal:
         target.settled_through(last)
 
     def _ack_sync(
-        self, target_id: str, first: int, last: int, delivered: int, dead_lettered: int
+        self,
+        target_id: str,
+        first: int,
+        last: int,
+        delivered: int,
+        dead_lettered: int,
+        head: tuple[int, bytes] | None = None,
     ) -> None:
         db = self._db
         assert db is not None
         with _transaction(db):
+            if head is not None:
+                _keep_chain_head(db, target_id, *head)
             settled = db.execute(
                 "DELETE FROM deliveries WHERE target = ? AND seq <= ?", (target_id, last)
             ).rowcount
@@ -842,6 +864,47 @@ class SqliteJournal:
 
         return await self._run(read)
 
+    async def planned_objects(
+        self,
+    ) -> dict[str, tuple[str, str, int, bytes, int, bytes, bytes, bytes, str]]:
+        """Per bucket target: the object planned before its last PUT (router/evidence)."""
+
+        def read() -> dict[str, tuple[str, str, int, bytes, int, bytes, bytes, bytes, str]]:
+            assert self._db is not None
+            rows = self._db.execute("SELECT * FROM planned").fetchall()
+            return {
+                target: (key, name, bs, bytes(bh), hs, bytes(hp), bytes(hh), bytes(body), md5)
+                for target, key, name, bs, bh, hs, hp, hh, body, md5 in rows
+            }
+
+        return await self._run(read)
+
+    async def save_planned(
+        self, target_id: str, plan: tuple[str, str, int, bytes, int, bytes, bytes, bytes, str]
+    ) -> None:
+        """Keep the object a bucket target is about to PUT (one per target), durably (per
+        storage.fsync) before the PUT goes out."""
+
+        def write() -> None:
+            assert self._db is not None
+            with _transaction(self._db) as db:
+                db.execute(
+                    "INSERT OR REPLACE INTO planned VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (target_id, *plan),
+                )
+
+        await self._run(write)
+
+    async def drop_planned(self, target_id: str) -> None:
+        """Forget a target's planned object: its PUT failed and its places went back."""
+
+        def write() -> None:
+            assert self._db is not None
+            with _transaction(self._db) as db:
+                db.execute("DELETE FROM planned WHERE target = ?", (target_id,))
+
+        await self._run(write)
+
     async def pending_for(self, event_id: str) -> list[str]:
         """The targets an event (by id) is still owed to: what a receipt's lookup shows as
         pending. A scan of the events table: for an admin's question, not the hot path."""
@@ -871,6 +934,16 @@ class SqliteJournal:
                 )
 
         await self._run(write)
+
+
+def _keep_chain_head(db: sqlite3.Connection, target_id: str, seq: int, head_hash: bytes) -> None:
+    """Move a target's kept chain head forward (never back), keeping its last checkpoint
+    (a row made here holds an empty one, b"", as a bucket target's row before its first)."""
+    db.execute(
+        "INSERT INTO chains VALUES (?, ?, ?, x'', 0) ON CONFLICT (target) DO UPDATE SET "
+        "seq = excluded.seq, hash = excluded.hash WHERE excluded.seq > chains.seq",
+        (target_id, seq, head_hash),
+    )
 
 
 @contextmanager

@@ -62,10 +62,10 @@ import botocore
 import botocore.exceptions
 from aiobotocore.config import AioConfig
 
-from router.errors import PermanentDeliveryError, RetryableDeliveryError
+from router.errors import PermanentDeliveryError, RetryableDeliveryError, RouterError
 from router.events import Event, crn_parts
 from router.evidence.canonical import Link
-from router.evidence.chain import Chain
+from router.evidence.chain import Chain, Planned, same_head
 from router.iam import IamTokenSource
 from router.targets._net import RETRYABLE_STATUSES, batch_key, new_session, parse_retry_after
 
@@ -330,6 +330,10 @@ class CosTarget:
         self.chain: Chain | None = None
         # Chained bodies of objects still being retried, by batch key (as their names).
         self._linked: OrderedDict[str, Linked] = OrderedDict()
+        self._kept: Linked | None = None  # the body whose plan the journal holds now
+        # Bodies whose places are taken, until their PUT succeeds or the places go back.
+        self._reserved: OrderedDict[str, Linked] = OrderedDict()
+        self._putting = asyncio.Lock()  # one chained object PUT at a time
         self._stack: contextlib.AsyncExitStack | None = None
         self._client: S3Client | None = None
         self._session: aiohttp.ClientSession | None = None  # for IAM tokens only
@@ -401,36 +405,131 @@ class CosTarget:
         return name
 
     async def _write(self, account: str, events: Sequence[Event]) -> None:
-        name = self._name(account, events)
         chain = self.chain
         if chain is None:
+            name = self._name(account, events)
             # Off the event loop: 8 MiB take ~0.2 s to gzip, a pause ingest would feel.
             body, md5 = await asyncio.to_thread(packed, events)
             await self._put_authorized(name, body, md5)
         else:
             # Shielded as the file target's chained write is: the PUT, the head and the lock
             # end together.
-            await asyncio.shield(asyncio.ensure_future(self._write_chained(chain, name, events)))
+            name = await asyncio.shield(
+                asyncio.ensure_future(self._write_chained(chain, account, events))
+            )
         self._names.pop(batch_key(events), None)
         log.debug("target %s: wrote %s (%d events)", self.id, name, len(events))
 
-    async def _write_chained(self, chain: Chain, name: str, events: Sequence[Event]) -> None:
-        """Link the events from the chain's head (or reuse the body a first attempt linked,
-        when nothing took a place since), PUT, and move the head."""
+    async def _write_chained(self, chain: Chain, account: str, events: Sequence[Event]) -> str:
+        """Take the object's places under the chain's lock, then PUT with the lock let go:
+        a dead letter for this target written meanwhile (a full journal shedding) takes the
+        places after the object's instead of waiting for the store's answer (up to
+        timeout_s). Objects still go one at a time, in the order of their places. Returns
+        the object's name."""
         key = batch_key(events)
-        async with chain.lock:
-            linked = self._linked.get(key)
-            if linked is None or linked.base != chain.head:
-                # Off the event loop: hashing and gzipping 20,000 lines take a good part of a
-                # second. Nothing moves the head meanwhile: this task holds the lock.
-                linked = self._linked[key] = await asyncio.to_thread(_link, chain, events)
-                while len(self._linked) > MAX_PENDING_NAMES:
-                    self._linked.popitem(last=False)
-            await self._put_authorized(name, linked.body, linked.md5)
-            self._linked.pop(key, None)
-            chain.advance(linked.head)
-            if chain.after_write is not None:
-                await chain.after_write(chain)
+        async with self._putting:
+            async with chain.lock:
+                await self._resend_planned(chain, key)
+                name = self._name(account, events)
+                linked = self._reserved.get(key)
+                if linked is None:
+                    linked = await self._take_places(chain, key, name, events)
+                chain.in_flight += 1
+            try:
+                await self._put_authorized(name, linked.body, linked.md5)
+            except Exception:
+                async with chain.lock:
+                    chain.in_flight -= 1
+                    await self._give_back_places(chain, key, linked)
+                raise
+            async with chain.lock:
+                chain.in_flight -= 1
+                self._reserved.pop(key, None)
+                self._linked.pop(key, None)
+                if chain.after_write is not None:
+                    await chain.after_write(chain)
+        return name
+
+    async def _take_places(
+        self, chain: Chain, key: str, name: str, events: Sequence[Event]
+    ) -> Linked:
+        """Link the events from the chain's head (or reuse the body a first attempt linked
+        from this same head), keep the plan in the journal, and move the head past the
+        object's places: they are this object's until its PUT succeeds or they are given
+        back. The caller holds the chain's lock."""
+        linked = self._linked.get(key)
+        if linked is None or not same_head(linked.base, chain.head):
+            # Off the event loop: hashing and gzipping 20,000 lines take a good part of a
+            # second. Nothing moves the head meanwhile: this task holds the lock.
+            linked = self._linked[key] = await asyncio.to_thread(_link, chain, events)
+            while len(self._linked) > MAX_PENDING_NAMES:
+                self._linked.popitem(last=False)
+        await self._keep_plan(chain, key, name, linked)
+        chain.advance(linked.head)
+        self._reserved[key] = linked
+        while len(self._reserved) > MAX_PENDING_NAMES:
+            self._reserved.popitem(last=False)
+        return linked
+
+    async def _give_back_places(self, chain: Chain, key: str, linked: Linked) -> None:
+        """A PUT failed: its places go back to the chain when nothing took a place after
+        them (its retry links the same events from the same head: the same bytes). Else (a
+        dead letter was written meanwhile, chained after them) the object keeps its places
+        and a retry PUTs the very same bytes there. The caller holds the chain's lock."""
+        if not same_head(chain.head, linked.head):
+            return
+        if chain.drop_plan is not None:
+            try:
+                await chain.drop_plan()  # before another line can take those places
+            except (RouterError, OSError):
+                log.exception("target %s: cannot drop the planned object", self.id)
+                return  # kept: a restart sends it again at its places
+        self._kept = None
+        self._reserved.pop(key, None)
+        chain.advance(linked.base)
+
+    async def _keep_plan(self, chain: Chain, key: str, name: str, linked: Linked) -> None:
+        """The journal keeps the object before its (first) PUT: what a restart after kill -9
+        sends again first (Chain.planned)."""
+        if chain.keep_plan is None or linked.head is None or self._kept is linked:
+            return
+        try:
+            await chain.keep_plan(
+                Planned(key, name, linked.base, linked.head, linked.body, linked.md5)
+            )
+        except (RouterError, OSError) as exc:
+            raise RetryableDeliveryError(
+                self.id, f"cannot keep the planned object {name} in the journal: {exc}"
+            ) from exc
+        self._kept = linked
+
+    async def _resend_planned(self, chain: Chain, key: str) -> None:
+        """The first chained write after a start: an object planned before a crash, whose
+        places the journal's head did not cover, may be in the bucket; its places are taken
+        (Evidence.chain). The same batch sent again IS that object (its name and body are
+        reused); anything else first sends that object again, byte for byte under its name.
+        The caller holds the chain's lock."""
+        planned = chain.planned
+        if planned is None:
+            return
+        linked = Linked(planned.base, planned.head, planned.body, planned.md5)
+        if planned.key == key:
+            self._names[key], self._linked[key], self._reserved[key] = planned.name, linked, linked
+            self._kept = linked  # the journal holds its plan already
+        else:
+            log.warning(
+                "target %s: sending %s again (places %d-%d), planned before a crash",
+                self.id,
+                planned.name,
+                (planned.base.seq if planned.base is not None else 0) + 1,
+                planned.head.seq,
+            )
+            # A failure raises for this write (retried): the plan stays, and its places.
+            await self._put_authorized(planned.name, planned.body, planned.md5)
+        chain.planned = None
+        chain.in_flight -= 1
+        if planned.key != key and chain.after_write is not None:
+            await chain.after_write(chain)
 
     async def write_line(self, line: bytes) -> None:
         """Write one line that is not an event (a checkpoint) as an object of its own, under

@@ -7,7 +7,8 @@ never split across two files, so each file holds whole lines only.
 With evidence on (router/evidence), `chain` is set before `start`: every line then carries its
 `_chain` link, computed here, in the write, under the chain's lock, and the chain's head moves
 only once the write succeeded. At the first start a torn last line (kill -9 mid-write) is cut,
-and the chain goes on from the last whole line.
+and the chain goes on from the last whole line; files that end short of the head the journal
+kept with the last ack (lines cut while the daemon was down) are reported (Chain.check_files).
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ class FileTarget:
     def _recover(self, chain: Chain) -> None:
         cut_torn_tail(self.path)
         rotated = self.path.with_name(f"{self.path.name}.1")
-        chain.observe(last_link(self.path) or last_link(rotated))
+        chain.found_in_files(last_link(self.path) or last_link(rotated))
+        chain.check_files(str(self.path))
 
     def unsendable(self, event: Event) -> str | None:
         return None

@@ -893,3 +893,156 @@ async def test_signed_receipts_verify_with_the_public_key_and_name_archive_lines
         "changed, or issued without a signing key)"
     )
     assert (await asyncio.to_thread(run_cli, *args[3:])).returncode == 2, "needs the key"
+
+
+# -- kill -9, then lines cut while the daemon is down ---------------------------------------------
+
+
+async def status_of(port: int) -> Any:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}/v1/status") as resp,
+    ):
+        assert resp.status == 200
+        return await resp.json()
+
+
+async def test_lines_cut_while_the_daemon_was_down_after_kill_9_are_reported_at_start(
+    tmp_path: Path,
+) -> None:
+    """A daemon process writes 3 batches past its last checkpoint and is killed with kill -9
+    (no shutdown checkpoint). While it is down, the last two lines are cut off the archive.
+    The next daemon knows the head it wrote (the journal keeps it with every batch): its
+    /v1/status reports the places missing at start, and `verify --expect-head` with the head
+    it reports names the cut; no --expect-head taken before the crash is needed."""
+    port = free_port()
+    archive = tmp_path / "archive" / "us.ndjson"
+    data: dict[str, Any] = {
+        "server": {"host": "127.0.0.1", "port": port},
+        "storage": {"path": str(tmp_path / "var"), "fsync": "always"},
+        "targets": [chained_file_target(archive)],
+        "routes": everything_to("us"),
+        "evidence": {"checkpoint_every_events": 1000, "checkpoint_every_s": 3600},
+    }
+    config = tmp_path / "router.yaml"
+    config.write_text(yaml.safe_dump(data))
+    proc: asyncio.subprocess.Process | None = None
+    try:
+        proc = await serve(config, port)
+        for n in range(3):
+            assert await post_ids(port, [f"c-{n}-{i}" for i in range(4)]) == 202
+            await wait_for(lambda: drained(port), what="delivery")
+        before = (await status_of(port))["targets"]["us"]["evidence"]
+        assert (before["chain_seq"], before["checkpoint_seq"]) == (12, 0)
+        proc.send_signal(signal.SIGKILL)
+        assert await proc.wait() == -signal.SIGKILL
+        lines = lines_of(archive)
+        assert len(lines) == 12
+        archive.write_bytes(b"".join(lines[:-2]))  # seq 11 and 12 cut while it is down
+
+        proc = await serve(config, port)
+        evidence = (await status_of(port))["targets"]["us"]["evidence"]
+        assert (evidence["chain_seq"], evidence["chain_hash"]) == (12, before["chain_hash"])
+        assert evidence["missing_at_start"] == {
+            "first_seq": 11,
+            "last_seq": 12,
+            "found_seq": 10,
+            "message": f"seq 11{EN_DASH}12 missing at the end of {archive} (and its dead "
+            "letters) at start: the journal's head is seq 12, the files end at seq 10 (places "
+            "cut off the end while the daemon was down)",
+        }
+        head = f"{evidence['chain_seq']}:{evidence['chain_hash']}"
+        cli = await asyncio.to_thread(run_cli, "verify", "--expect-head", head, str(archive))
+        assert cli.returncode == 1
+        assert cli.stdout.splitlines()[0] == (
+            f"BROKEN: seq 11{EN_DASH}12 missing at the end: the chain ends at seq 10 "
+            f"({archive}:10) but the daemon's head is seq 12 (places cut off the end)"
+        )
+        assert await terminate(proc) == 0
+    finally:
+        await reap(proc)
+
+
+async def test_a_clean_restart_and_a_kill_9_report_nothing_missing(tmp_path: Path) -> None:
+    """No false alarm: after kill -9 with nothing cut (and a torn last line, which was never
+    acknowledged), the files reach the journal's head and nothing is reported missing."""
+    port = free_port()
+    archive = tmp_path / "archive" / "us.ndjson"
+    data: dict[str, Any] = {
+        "server": {"host": "127.0.0.1", "port": port},
+        "storage": {"path": str(tmp_path / "var"), "fsync": "always"},
+        "targets": [chained_file_target(archive)],
+        "routes": everything_to("us"),
+        "evidence": {"checkpoint_every_events": 1000, "checkpoint_every_s": 3600},
+    }
+    config = tmp_path / "router.yaml"
+    config.write_text(yaml.safe_dump(data))
+    proc: asyncio.subprocess.Process | None = None
+    try:
+        proc = await serve(config, port)
+        assert await post_ids(port, [f"k-{i}" for i in range(4)]) == 202
+        await wait_for(lambda: drained(port), what="delivery")
+        proc.send_signal(signal.SIGKILL)
+        assert await proc.wait() == -signal.SIGKILL
+        with archive.open("ab") as f:
+            f.write(lines_of(archive)[0][:100])  # a torn write: cut at start, no alarm
+        proc = await serve(config, port)
+        evidence = (await status_of(port))["targets"]["us"]["evidence"]
+        assert evidence["chain_seq"] == 4 and evidence["missing_at_start"] is None
+        assert await post_ids(port, [f"l-{i}" for i in range(4)]) == 202
+        await wait_for(lambda: drained(port), what="delivery after the restart")
+        assert await terminate(proc) == 0
+        proc = await serve(config, port)
+        evidence = (await status_of(port))["targets"]["us"]["evidence"]
+        assert evidence["chain_seq"] == 8 and evidence["missing_at_start"] is None
+        assert await terminate(proc) == 0
+    finally:
+        await reap(proc)
+    report = verify([archive])
+    assert report.ok, report.broken
+    assert report.head_seq == 8
+
+
+async def test_letters_moved_by_a_redrive_are_not_reported_missing_at_start(
+    tmp_path: Path,
+) -> None:
+    """The newest places are dead letters, which a redrive moves (byte for byte) to the
+    redriven file: at the next start the files still reach the journal's head, no alarm."""
+    archive = tmp_path / "us.ndjson"
+    data: dict[str, Any] = {
+        "server": {"host": "127.0.0.1", "port": 0},
+        "storage": {"path": str(tmp_path / "var")},
+        "delivery": FAST_DELIVERY,
+        "startup": {"validate_targets": False},
+        "targets": [{**chained_file_target(archive), "retry": {"max_attempts": 1}}],
+        "routes": everything_to("us"),
+        "evidence": {"checkpoint_every_events": 1000, "checkpoint_every_s": 3600},
+    }
+    daemon = Daemon(parse_config(data), ConfigSource(None, data))
+    await daemon.start()
+    try:
+        await post(daemon, [make_event(id=f"ok-{n}") for n in range(2)])
+        await wait_for(lambda: settled(daemon), what="delivery")
+        moved = {**chained_file_target(tmp_path / "dir"), "retry": {"max_attempts": 1}}
+        changed = parse_config({**data, "targets": [moved]})
+        (tmp_path / "dir").mkdir()  # after the config check: every write fails
+        await daemon.reload(changed)
+        await post(daemon, [make_event(id=f"d-{n}") for n in range(3)])
+        await wait_for(lambda: settled(daemon), what="dead letters")
+        head = daemon.status()["targets"]["us"]["evidence"]["chain_seq"]
+    finally:
+        await daemon.stop()
+    letters = tmp_path / "var" / "deadletter" / "us.ndjson"
+    assert [orjson.loads(x)["_chain"]["seq"] for x in lines_of(letters)][-1] == head
+    redriven = letters.parent / "redriven" / "us.ndjson"
+    redriven.parent.mkdir()
+    redriven.write_bytes(b"".join(reversed(lines_of(letters))))  # in a redrive's order
+    letters.write_bytes(b"")
+
+    again = Daemon(parse_config(data), ConfigSource(None, data))
+    await again.start()
+    try:
+        evidence = again.status()["targets"]["us"]["evidence"]
+        assert (evidence["chain_seq"], evidence["missing_at_start"]) == (head, None)
+    finally:
+        await again.stop()

@@ -5,14 +5,17 @@ and `event-router verify cos://TARGET` checks the chain across the objects of a 
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import signal
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 import yaml
+from aiohttp import web
 
 from router.config import parse_config
 from router.daemon import Daemon
@@ -36,6 +39,7 @@ from tests.helpers import (
 from tests.integration.test_cos import (
     BUCKET,
     OTHER_ACCOUNT,
+    Front,
     cos_target,
     front_factory,
     in_account,
@@ -327,3 +331,151 @@ async def test_the_chain_survives_a_reload_that_changes_the_cos_target(
     assert out.startswith(
         "OK: 11 events and 0 dead letters verified (chain head seq 11, 0 re-sent)"
     )
+
+
+# -- kill -9 between a PUT's success and the journal's note of the head --------------------------
+
+
+@dataclass
+class HoldingFront(Front):
+    """The proxy in front of the store, which (while `holding`) passes a PUT to the store and
+    then holds its answer: the object is in the bucket, the daemon does not know it yet."""
+
+    holding: bool = False
+    landed: list[str] = field(default_factory=list)
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        answer = await super()._handle(request)
+        if request.method == "PUT" and self.holding:
+            self.landed.append(request.path)
+            await self.release.wait()
+        return answer
+
+
+@pytest.mark.parametrize("validate", [True, False], ids=["test-write-first", "same-batch"])
+async def test_kill_9_between_a_put_and_the_head_resends_the_same_object_first(
+    s3_server: S3Server, s3: Any, tmp_path: Path, validate: bool
+) -> None:
+    """A daemon process PUTs an object, the store keeps it, and the daemon is killed with
+    kill -9 before it hears the answer (so before the journal keeps the new head). With
+    start-up validation, the next daemon's test write would take the first of those places
+    (with other contents): instead the object planned before the PUT is sent again first, byte
+    for byte under its name, and the batch's events follow at new places (re-sent). Without
+    it, the same batch sent again is that object itself: the same name, no event twice."""
+    front = await HoldingFront(f"http://127.0.0.1:{s3_server.store.port}", []).start()
+    port = free_port()
+    key, public = generate(tmp_path / "signing.key")
+    data: dict[str, Any] = {
+        "server": {"host": "127.0.0.1", "port": port},
+        "storage": {"path": str(tmp_path / "var")},
+        "startup": {"validate_targets": validate},
+        "targets": [cos_target(front.url)],
+        "routes": everything_to("cos"),
+        "evidence": {"signing_key_file": str(key), "checkpoint_every_s": 3600},
+    }
+    config = tmp_path / "router.yaml"
+    config.write_text(yaml.safe_dump(data))
+    proc = None
+    try:
+        proc = await serve(config, port)
+
+        async def tested() -> bool:
+            return any(seqs(body) == [1] for body in (await bodies(s3)).values())
+
+        if validate:
+            await wait_for(tested, what="the start-up test write")
+        front.holding = True
+        assert (await post_events(port, [f"held-{i}" for i in range(6)])) == 202
+        await wait_for(lambda: bool(front.landed), what="the PUT to reach the store")
+        proc.send_signal(signal.SIGKILL)
+        assert await proc.wait() == -signal.SIGKILL
+        [held] = front.landed
+        stored = (await bodies(s3))[held.split("/", 2)[2]]
+        first = 2 if validate else 1  # after the start-up test write's place
+        assert seqs(stored) == list(range(first, first + 6))
+        front.holding = False
+        front.release.set()
+
+        proc = await serve(config, port)
+        await wait_for(lambda: drained(port), timeout_s=20, what="the re-sent batch")
+        assert await terminate(proc) == 0
+    finally:
+        front.release.set()
+        await reap(proc)
+        await front.stop()
+    found = await bodies(s3)
+    assert found[held.split("/", 2)[2]] == stored, "the held object, sent again, is the same"
+    config.write_text(yaml.safe_dump({**data, "targets": [cos_target(s3_server.endpoint_url)]}))
+    code, out, err = await verify_bucket(config, public)
+    assert code == 0, out + err
+    if validate:
+        summary = "OK: 14 events and 0 dead letters verified (chain head seq 14, 6 re-sent)"
+    else:
+        summary = "OK: 6 events and 0 dead letters verified (chain head seq 6, 0 re-sent)"
+        assert [key for key, body in found.items() if seqs(body)] == [held.split("/", 2)[2]]
+    assert out.startswith(summary), out
+
+
+@pytest.mark.parametrize("answer", ["stored", "503"])
+async def test_dead_letters_do_not_wait_for_a_put_in_flight_and_take_places_after_it(
+    start_daemon: StartDaemon, s3_server: S3Server, s3: Any, tmp_path: Path, answer: str
+) -> None:
+    """A full journal sheds the COS target's oldest events as dead letters while the store
+    holds the answer to its PUT (timeout_s 120). The letters take their places after the
+    object's, without waiting for its answer, so ingest goes on; once the answer comes (the
+    object stored, or a 503 and a retry, which PUTs the very same bytes at the same places)
+    the bucket and the dead-letter file verify as one chain."""
+    script: list[tuple[int, str] | None] = [(503, "SlowDown")] if answer == "503" else []
+    front = await HoldingFront(f"http://127.0.0.1:{s3_server.store.port}", script).start()
+    key, public = generate(tmp_path / "signing.key")
+    target = cos_target(front.url, timeout_s=120) | {"batch": {"max_events": 10}}
+    try:
+        daemon = await start_daemon(
+            {
+                "storage": {
+                    "path": str(tmp_path / "var"),
+                    "max_bytes": 1024 * 1024,
+                    "when_full": "drop_oldest_per_target",
+                },
+                "targets": [target],
+                "routes": everything_to("cos"),
+                "evidence": {"signing_key_file": str(key), "checkpoint_every_s": 3600},
+            }
+        )
+        front.holding = True
+        assert (await post(daemon, [make_event(id=f"held-{i}") for i in range(10)]))[0] == 202
+        await wait_for(lambda: bool(front.landed), what="the PUT to reach the store")
+
+        async def fill() -> None:
+            for n in range(100):
+                batch = [make_event(id=f"f{n}-{i}", message="x" * 500) for i in range(20)]
+                assert (await post(daemon, batch))[0] == 202
+
+        # Before: the shedding waited for the chain's lock, held for the whole PUT.
+        await asyncio.wait_for(fill(), timeout=30)
+        assert daemon.status()["ingest"]["dropped_buffer_full"] > 0
+        assert len(front.landed) == 1 and not front.release.is_set(), "the PUT is still held"
+        front.holding = False
+        front.release.set()
+        await wait_for(lambda: settled(daemon), timeout_s=60, what="everything settled")
+        assert_books_balance(daemon)
+        await daemon.stop()
+    finally:
+        front.release.set()
+        await front.stop()
+    found = await bodies(s3)
+    held = [seqs(body) for body in found.values() if seqs(body)[:1] == [1]]
+    assert held == [list(range(1, 11))], "the held object kept places 1-10"
+    first_md5 = front.headers[[h.get("Content-MD5") is not None for h in front.headers].index(True)]
+    attempts = [h for h in front.headers if h.get("Content-MD5") == first_md5["Content-MD5"]]
+    assert len(attempts) == (2 if answer == "503" else 1), "a retry PUTs the same bytes"
+    config = tmp_path / "router.yaml"
+    data = {**daemon.source.data, "targets": [cos_target(s3_server.endpoint_url)]}
+    config.write_text(yaml.safe_dump(data))
+    code, out, err = await verify_bucket(config, public)
+    assert code == 0, out + err
+    row = daemon.status()["targets"]["cos"]
+    assert out.startswith(
+        f"OK: {row['delivered']} events and {row['dead_lettered']} dead letters verified"
+    ), out

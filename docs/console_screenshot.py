@@ -65,7 +65,7 @@ async def main(out: Path) -> None:
                     executable_path=os.environ.get("CHROMIUM", "/usr/bin/chromium"),
                     args=["--no-sandbox"] if os.geteuid() == 0 else [],
                 )
-                page = await browser.new_page(viewport={"width": 1280, "height": 560})
+                page = await browser.new_page(viewport={"width": 1280, "height": 320})
                 await page.goto(f"http://127.0.0.1:{daemon.port}/console")
                 await page.fill("#token", TOKEN)
                 await page.click("#login-form button[type=submit]")

@@ -6,6 +6,7 @@ token, run script through an event, frame the page."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import shutil
@@ -292,4 +293,36 @@ async def test_a_dead_letter_is_shown_and_redriven_from_the_console(
     await expect(page.locator("#targets-table tr[data-target=siem] td.delivered")).to_have_text(
         "1", timeout=WAIT_MS
     )
+    assert_books_balance(daemon)
+
+
+async def test_the_page_samples_a_busy_daemon_and_keeps_its_tail_bounded(
+    start_daemon: StartDaemon, browser: Browser, tmp_path: Path
+) -> None:
+    daemon = await start_daemon(
+        {
+            "auth": auth(),
+            "targets": [file_target("archive", tmp_path / "archive.ndjson")],
+            "routes": [{"name": "all", "rules": [{"locations": ["*"], "target_ids": ["archive"]}]}],
+        }
+    )
+    page = await signed_in(browser, daemon)
+    await page.click("#tabs button[data-panel=tail]")
+    await page.click("#tail-start")  # an empty query: every event, the most a tail can take
+    await expect(page.locator("#tail-status")).to_contain_text("tailing", timeout=WAIT_MS)
+
+    batches = [[make_event(id=f"busy-{b}-{i}") for i in range(100)] for b in range(100)]
+    for start in range(0, len(batches), 10):
+        await asyncio.gather(*(ingest(daemon, batch) for batch in batches[start : start + 10]))
+    await expect(page.locator("#tail-status")).to_contain_text("events", timeout=WAIT_MS)
+    # The page keeps the newest MAX_ROWS (200) rows, however many arrived.
+    rows = page.locator("#tail-table tbody tr")
+    await expect(rows).to_have_count(200, timeout=WAIT_MS)
+    shown = await rows.evaluate_all("rows => rows.map(row => row.dataset.id)")
+    assert set(shown) <= {event["id"] for batch in batches for event in batch}
+    # And the targets panel still samples the daemon.
+    await page.click("#tabs button[data-panel=targets]")
+    await expect(page.locator("#ingest-line")).to_contain_text("10,000 accepted", timeout=WAIT_MS)
+    await wait_for(lambda: settled(daemon))
+    assert daemon.status()["ingest"]["accepted"] == 10_000
     assert_books_balance(daemon)

@@ -170,11 +170,21 @@ async def test_the_targets_panel_shows_a_backlog_grow_and_drain(
     await wait_for(lambda: len(siem.requests) > 0, what="the target to refuse a batch")
     await expect(row.locator("td.backlog")).to_have_text("3", timeout=WAIT_MS)
     await expect(row.locator("td.failure")).to_contain_text("503", timeout=WAIT_MS)
+    # Validate: a real test write through the target, refused as well.
+    probes = len(siem.requests)
+    await row.locator("button.validate").click()
+    await expect(row.locator("td.failure")).to_contain_text("validate failed", timeout=WAIT_MS)
+    await expect(row.locator("td.failure")).to_contain_text("503")
+    assert len(siem.requests) > probes
 
     siem.statuses = [200]
     await expect(row.locator("td.backlog")).to_have_text("0", timeout=WAIT_MS)
-    await expect(row.locator("td.delivered")).to_have_text("3", timeout=WAIT_MS)
-    assert {e["id"] for e in siem.delivered_events} == {f"held-{i}" for i in range(3)}
+    await wait_for(lambda: settled(daemon))
+    # The three events, and the validation's own audit event (routed like any event).
+    delivered = siem.delivered_events
+    assert {e["id"] for e in delivered} >= {f"held-{i}" for i in range(3)}
+    assert [e["action"] for e in delivered].count("event-router.target.validate") == 1
+    await expect(row.locator("td.delivered")).to_have_text(str(len(delivered)), timeout=WAIT_MS)
     assert_books_balance(daemon)
 
 

@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import os
 import shutil
+import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -72,8 +73,21 @@ async def ingest(daemon: Daemon, events: list[dict[str, Any]]) -> None:
     assert status == 202 and answer["rejected"] == 0, answer
 
 
+# What each page logged as an error: a script or style the Content-Security-Policy blocked
+# shows up here, so the tests would see the page break its own policy.
+CONSOLE_ERRORS: weakref.WeakKeyDictionary[Page, list[str]] = weakref.WeakKeyDictionary()
+
+
+def csp_violations(page: Page) -> list[str]:
+    return [text for text in CONSOLE_ERRORS.get(page, []) if "Content Security Policy" in text]
+
+
 async def signed_in(browser: Browser, daemon: Daemon, token: str = ADMIN_TOKEN) -> Page:
     page = await browser.new_page()
+    errors = CONSOLE_ERRORS.setdefault(page, [])
+    page.on(
+        "console", lambda message: errors.append(message.text) if message.type == "error" else None
+    )
     await page.goto(f"http://127.0.0.1:{daemon.port}/console")
     await page.fill("#token", token)
     await page.click("#login-form button[type=submit]")
@@ -229,6 +243,7 @@ async def test_the_tail_shows_what_a_seed_query_matches_and_nothing_else(
     await page.fill("#tail-query", "host:(")
     await page.click("#tail-start")
     await expect(page.locator("#tail-error")).to_contain_text("bad query at column")
+    assert csp_violations(page) == []
 
 
 async def test_search_pages_through_a_file_archive_with_the_query_language(
@@ -261,6 +276,7 @@ async def test_search_pages_through_a_file_archive_with_the_query_language(
     await expect(rows).to_have_count(10, timeout=WAIT_MS)
     await expect(page.locator("#search-status")).to_contain_text("end of the archive")
     await expect(rows.last).to_have_attribute("data-id", "denied-119")
+    assert csp_violations(page) == []
     assert_books_balance(daemon)
 
 
@@ -303,6 +319,7 @@ async def test_a_dead_letter_is_shown_and_redriven_from_the_console(
     await expect(page.locator("#targets-table tr[data-target=siem] td.delivered")).to_have_text(
         "1", timeout=WAIT_MS
     )
+    assert csp_violations(page) == []
     assert_books_balance(daemon)
 
 

@@ -1,6 +1,7 @@
 // The console: sign in with an admin token, then the panels. Every number on the page comes
 // from the daemon's authenticated endpoints; this file only wires the panels together.
 
+import { AlertsPanel } from "./alerts.js";
 import { forgetToken, getJson, setToken, showError, token } from "./api.js";
 import { LettersPanel } from "./letters.js";
 import { SearchPanel } from "./search.js";
@@ -14,6 +15,7 @@ const panels = {
   tail: new TailPanel($("#tail")),
   search: new SearchPanel($("#search")),
   letters: new LettersPanel($("#letters")),
+  alerts: new AlertsPanel($("#alerts")),
 };
 panels.targets.onStatus((status) => panels.search.setTargets(status));
 
@@ -25,6 +27,29 @@ function open(name) {
     section.hidden = section.id !== name;
   }
   if (name === "letters") panels.letters.refresh();
+  if (name === "tail") loadViews();
+  if (name === "alerts") panels.alerts.start();
+  else panels.alerts.stop();
+}
+
+// Views and alerts are newer than the rest of the API: a daemon without them answers 404, and
+// the page leaves out what it cannot show.
+async function loadViews() {
+  try {
+    panels.tail.setViews((await getJson("/api/v2/views")).views ?? []);
+  } catch {
+    panels.tail.setViews([]);
+  }
+}
+
+async function discover() {
+  await loadViews();
+  try {
+    await getJson("/api/v2/alerts");
+    $("#alerts-tab").hidden = false;
+  } catch {
+    $("#alerts-tab").hidden = true;
+  }
 }
 
 function signedIn(status) {
@@ -34,11 +59,13 @@ function signedIn(status) {
   $("#who").textContent = `event-router ${status.version}`;
   open("targets");
   panels.targets.start();
+  discover();
 }
 
 function signedOut(error) {
   panels.targets.stop();
   panels.tail.stop();
+  panels.alerts.stop();
   forgetToken();
   $("#login").hidden = false;
   $("#tabs").hidden = true;

@@ -28,22 +28,25 @@ export class TailPanel {
       this.start();
     });
     this.stopButton.addEventListener("click", () => this.stop("stopped"));
-    this.view.addEventListener("change", () => this.chooseView());
     this.views = new Map();
+    this.view.addEventListener("change", () => this.chooseView());
   }
 
-  // Saved views (when the daemon has them): choosing one fills the query box.
+  // Saved views (when the daemon has them): a view is sent by name (`?view=`, the daemon runs
+  // its current query), and the query box, when filled, narrows it.
   setViews(views) {
     this.views = new Map(views.map((v) => [v.name, v.query]));
+    const chosen = this.view.value;
     const options = [new Option("(no saved view)", "")];
     for (const name of this.views.keys()) options.push(new Option(name, name));
     this.view.replaceChildren(...options);
+    if (this.views.has(chosen)) this.view.value = chosen;
     this.view.hidden = this.views.size === 0;
   }
 
   chooseView() {
     const query = this.views.get(this.view.value);
-    if (query !== undefined) this.query.value = query;
+    this.query.placeholder = query === undefined ? "host:secrets-manager reason.reasonType:Unauthorized" : `narrow the view: ${query}`;
   }
 
   async start() {
@@ -61,7 +64,7 @@ export class TailPanel {
     this.statusLine.textContent = "connecting...";
     try {
       const response = await call("/v1/tail", {
-        params: { query: this.query.value },
+        params: { query: this.query.value, view: this.view.value },
         signal: controller.signal,
       });
       this.timer = setInterval(() => this.render(), RENDER_MS);

@@ -9,7 +9,8 @@ event). A page ends at `limit` matches (at most MAX_PAGE) or after SCAN_LINES li
 comes first, and names where the next one starts (`next`; null at the end of the archive as
 it is now): the file's inode and the byte offset, so the next page reads nothing twice and
 misses nothing even if the live file was rotated meanwhile (a rename keeps the inode). A cursor
-whose file is gone (removed, or compressed into a new file) is 410 `cursor_expired`. A last
+whose file is gone (removed, or compressed into a new file) is 410 `cursor_expired`; a file
+renamed away between listing and reading it is 409 `archive_changed` (ask again). A last
 line of the live file that is still being written is left for a later page.
 
 Each page is read in a thread and is bounded by SCAN_LINES, so a search holds the process for
@@ -168,6 +169,14 @@ class SearchEndpoint:
             return error_response(RequestError(400, "bad_filter", str(exc)))
         try:
             found = await asyncio.to_thread(search_page, archive, wanted_events)
+        except FileNotFoundError:
+            return error_response(
+                RequestError(
+                    409,
+                    "archive_changed",
+                    "the file target rotated its archive while this page was read; ask again",
+                )
+            )
         except CursorExpiredError:
             return error_response(
                 RequestError(

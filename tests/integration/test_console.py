@@ -353,3 +353,25 @@ async def test_the_page_samples_a_busy_daemon_and_keeps_its_tail_bounded(
     await wait_for(lambda: settled(daemon))
     assert daemon.status()["ingest"]["accepted"] == 10_000
     assert_books_balance(daemon)
+
+
+async def test_without_an_auth_section_an_empty_token_signs_in(
+    start_daemon: StartDaemon, browser: Browser, tmp_path: Path
+) -> None:
+    daemon = await start_daemon(
+        {
+            "targets": [file_target("archive", tmp_path / "archive.ndjson")],
+            "routes": [{"name": "all", "rules": [{"locations": ["*"], "target_ids": ["archive"]}]}],
+        }
+    )
+    requests: list[Request] = []
+    page = await signed_in(browser, daemon, token="")
+    page.on("request", lambda request: requests.append(request))
+    await expect(page.locator("#targets-table tr[data-target=archive]")).to_have_count(
+        1, timeout=WAIT_MS
+    )
+    await expect(page.locator("#login")).to_be_hidden()
+    await page.click("#tabs button[data-panel=letters]")
+    await expect(page.locator("#letters-table tbody")).to_contain_text("no dead letters")
+    sent = [await r.header_value("authorization") for r in requests]
+    assert sent and sent == [None] * len(sent)

@@ -10,7 +10,9 @@ targets panel (it samples /v1/status every 2 s) and a second tab tailing every e
 (`/v1/tail` with an empty query: the worst case, everything matches), alternately for
 `--rounds` rounds. It reports, per run, the events/s the daemon accepted, the p99 ack latency,
 and what the page showed: the tail's count of events seen and the ingest rate the targets panel
-last sampled. Every run checks that every acknowledged event was written to the archive once.
+last sampled, and the daemon process's CPU time per accepted event (on a small machine the
+browser competes for the same cores; the CPU per event says what the page costs the daemon
+itself). Every run checks that every acknowledged event was written to the archive once.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class Run:
     latencies: list[float] | None = None
     tail_seen: str = ""
     panel_rate: str = ""
+    cpu_s: float = 0.0  # the daemon process's CPU time (user + system) during the run
 
     @property
     def per_s(self) -> float:
@@ -57,11 +60,19 @@ class Run:
     def row(self) -> str:
         lat = sorted(self.latencies or [0.0])
         p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000
-        page = f"  page: {self.tail_seen} | {self.panel_rate}" if self.console else ""
+        page = f"\n    page: {self.tail_seen} | {self.panel_rate}" if self.console else ""
+        per_event = 1e6 * self.cpu_s / self.accepted if self.accepted else 0.0
         return (
             f"{'console' if self.console else 'no console':<11} offered {self.offered_per_s:>6}/s"
-            f"  accepted {self.per_s:>8.0f}/s  p99 {p99:6.1f} ms{page}"
+            f"  accepted {self.per_s:>8.0f}/s  p99 {p99:6.1f} ms"
+            f"  daemon CPU {per_event:5.1f} us/event{page}"
         )
+
+
+def cpu_seconds(pid: int) -> float:
+    """A process's user + system CPU time so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def digest(token: str) -> str:
@@ -145,7 +156,9 @@ async def one_run(root: Path, browser: Browser | None, rate: int, seconds: float
     run = Run(console=browser is not None, offered_per_s=rate)
     try:
         pages = await open_console(browser, port) if browser is not None else None
+        before = cpu_seconds(proc.pid)
         await offer(port, rate, seconds, run)
+        run.cpu_s = cpu_seconds(proc.pid) - before
         if pages is not None:
             targets, tail = pages
             run.tail_seen = (await tail.locator("#tail-status").inner_text()).split(": ", 1)[-1]

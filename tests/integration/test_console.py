@@ -35,6 +35,7 @@ from tests.helpers import (
 ADMIN_TOKEN = "console-admin-token-0123456789abcdef"
 INGEST_TOKEN = "console-ingest-token-0123456789abcdef"
 SEED_QUERY = "host:secrets-manager reason.reasonType:Unauthorized"
+SECRET = "hunter2-in-the-clear"
 # Playwright's expectations poll the page until this many milliseconds have passed.
 WAIT_MS = 15_000
 
@@ -227,7 +228,11 @@ async def test_the_tail_shows_what_a_seed_query_matches_and_nothing_else(
         daemon,
         [
             unauthorized("Created", id="created-1"),
-            unauthorized(id="denied-1", target=make_event()["target"] | {"name": hostile}),
+            unauthorized(
+                id="denied-1",
+                target=make_event()["target"] | {"name": hostile},
+                requestData={"secret_type": "arbitrary", "password": SECRET},
+            ),
         ],
     )
     match = page.locator("#tail-table tbody tr[data-id=denied-1]")
@@ -239,6 +244,9 @@ async def test_the_tail_shows_what_a_seed_query_matches_and_nothing_else(
     assert await page.evaluate("window.owned") is None
     await match.click()
     await expect(page.locator("#tail-detail")).to_contain_text('"reasonType": "Unauthorized"')
+    # What redaction took out at ingest never reaches the page.
+    await expect(page.locator("#tail-detail")).to_contain_text('"password": "[REDACTED]"')
+    assert SECRET not in await page.content()
 
     await page.fill("#tail-query", "host:(")
     await page.click("#tail-start")
@@ -257,7 +265,9 @@ async def test_search_pages_through_a_file_archive_with_the_query_language(
         }
     )
     events = [
-        unauthorized(id=f"denied-{i:03d}") if i % 2 else unauthorized("Created", id=f"ok-{i:03d}")
+        unauthorized(id=f"denied-{i:03d}", requestData={"password": SECRET})
+        if i % 2
+        else unauthorized("Created", id=f"ok-{i:03d}")
         for i in range(120)
     ]
     await ingest(daemon, events)
@@ -276,6 +286,9 @@ async def test_search_pages_through_a_file_archive_with_the_query_language(
     await expect(rows).to_have_count(10, timeout=WAIT_MS)
     await expect(page.locator("#search-status")).to_contain_text("end of the archive")
     await expect(rows.last).to_have_attribute("data-id", "denied-119")
+    await rows.last.click()
+    await expect(page.locator("#search-detail")).to_contain_text('"password": "[REDACTED]"')
+    assert SECRET not in await page.content()
     assert csp_violations(page) == []
     assert_books_balance(daemon)
 

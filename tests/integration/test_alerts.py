@@ -1,0 +1,364 @@
+"""Views and alerts against a real daemon: presence and absence alerts fire, resolve and
+respect their cooldown; their events reach their targets through the journal (a down target
+dead-letters them); the management API manages them with their live state."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from router.daemon import Daemon
+from router.selfevent import ALERT_RESOLVE_ACTION, ALERT_TRIGGER_ACTION
+from tests.conftest import StartDaemon
+from tests.fakes import ScriptedReceiver, make_event, read_ndjson, wait_for
+from tests.helpers import (
+    ReceiverFactory,
+    assert_books_balance,
+    everything_to,
+    file_target,
+    http_target,
+    post,
+    settled,
+)
+
+UNAUTHORIZED = "host:secrets-manager reason.reasonType:Unauthorized"
+CREATES = "host:secrets-manager action:secrets-manager.secret.create"
+ADMIN = "an-admin-token-for-alerts-0001"
+
+
+def unauthorized(event_id: str) -> dict[str, Any]:
+    return make_event(
+        id=event_id,
+        action="secrets-manager.secret.read",
+        outcome="failure",
+        reason={"reasonCode": 401, "reasonType": "Unauthorized"},
+    )
+
+
+def alert_events(receiver: ScriptedReceiver) -> list[dict[str, Any]]:
+    return [
+        e
+        for e in receiver.delivered_events
+        if e["action"] in (ALERT_TRIGGER_ACTION, ALERT_RESOLVE_ACTION)
+    ]
+
+
+def kinds(receiver: ScriptedReceiver) -> list[str]:
+    return [e["action"].rsplit(".", 1)[-1] for e in alert_events(receiver)]
+
+
+async def api(daemon: Daemon, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(
+            method,
+            f"http://127.0.0.1:{daemon.port}{path}",
+            json=body,
+            headers={"Authorization": f"Bearer {ADMIN}"},
+        ) as resp,
+    ):
+        text = await resp.text()
+        return resp.status, (await resp.json(content_type=None) if text else None)
+
+
+def base_config(tmp_path: Path, webhook: ScriptedReceiver, **sections: Any) -> dict[str, Any]:
+    """An archive for every event, and a webhook that only alerts are sent to."""
+    return {
+        "targets": [
+            file_target("archive", tmp_path / "archive.ndjson"),
+            http_target("alerts-webhook", webhook.url),
+        ],
+        "routes": everything_to("archive"),
+        **sections,
+    }
+
+
+async def test_presence_fires_once_per_cooldown_and_resolves_when_the_window_empties(
+    start_daemon: StartDaemon, receiver_factory: ReceiverFactory, tmp_path: Path
+) -> None:
+    webhook = await receiver_factory()
+    cooldown_s = 3.0
+    daemon = await start_daemon(
+        base_config(
+            tmp_path,
+            webhook,
+            alerts=[
+                {
+                    "name": "unauthorized-burst",
+                    "query": UNAUTHORIZED,
+                    "threshold": {"count": 3, "window_s": 1},
+                    "target_ids": ["alerts-webhook"],
+                    "cooldown_s": cooldown_s,
+                }
+            ],
+        )
+    )
+    # Two matches and events that do not match: nothing yet.
+    status, _ = await post(daemon, [unauthorized("u1"), make_event(id="ok1"), unauthorized("u2")])
+    assert status == 202
+    assert daemon.alerts.snapshot()["unauthorized-burst"]["matches_in_window"] == 2
+    # The third match in the window triggers, once, however many follow.
+    await post(daemon, [unauthorized(f"u{i}") for i in range(3, 9)])
+    await wait_for(lambda: kinds(webhook) == ["trigger"], what="the trigger")
+    trigger = alert_events(webhook)[0]
+    data = trigger["requestData"]
+    assert data["alert"] == "unauthorized-burst" and data["query"] == UNAUTHORIZED
+    assert data["condition"] == "presence" and data["threshold"] == 3 and data["window_s"] == 1
+    # The batch that crossed the threshold is counted whole.
+    assert data["count"] == 8
+    assert data["sample_event_ids"] == [f"u{i}" for i in range(1, 9)]
+    assert trigger["target"]["name"] == "unauthorized-burst"
+    assert "triggered" in trigger["message"]
+    # The window empties: resolved.
+    await wait_for(lambda: kinds(webhook) == ["trigger", "resolve"], what="the resolve")
+    fired_at = time.time()
+    # A new burst within the cooldown does not trigger...
+    await post(daemon, [unauthorized(f"v{i}") for i in range(3)])
+    assert daemon.alerts.snapshot()["unauthorized-burst"]["state"] == "ok"
+    # ... a burst after it does.
+    await wait_for(lambda: time.time() > fired_at + cooldown_s, timeout_s=cooldown_s + 1)
+    await post(daemon, [unauthorized(f"w{i}") for i in range(3)])
+    await wait_for(lambda: kinds(webhook)[2:] == ["trigger"], what="the second trigger")
+    assert alert_events(webhook)[2]["requestData"]["sample_event_ids"][-3:] == ["w0", "w1", "w2"]
+    assert daemon.alerts.snapshot()["unauthorized-burst"]["firings"] == 2
+    # Alert events went to the alert's targets only; every producer event to the archive.
+    await wait_for(lambda: settled(daemon))
+    archived = read_ndjson(tmp_path / "archive.ndjson")
+    assert not [e for e in archived if e["action"].startswith("event-router.alert")]
+    assert not [e for e in webhook.delivered_events if e["action"].startswith("secrets-manager")]
+    assert_books_balance(daemon)
+
+
+async def test_absence_fires_after_the_window_and_resolves_on_the_next_match(
+    start_daemon: StartDaemon, receiver_factory: ReceiverFactory, tmp_path: Path
+) -> None:
+    webhook = await receiver_factory()
+    window_s = 1.0
+    started = time.time()
+    daemon = await start_daemon(
+        base_config(
+            tmp_path,
+            webhook,
+            views=[{"name": "secret-creates", "query": CREATES}],
+            alerts=[
+                {
+                    "name": "creates-silent",
+                    "view": "secret-creates",
+                    "absence": {"window_s": window_s},
+                    "target_ids": ["alerts-webhook"],
+                }
+            ],
+        )
+    )
+    await wait_for(lambda: kinds(webhook) == ["trigger"], what="the absence trigger")
+    trigger = alert_events(webhook)[0]
+    assert time.time() - started >= window_s
+    data = trigger["requestData"]
+    assert data["condition"] == "absence" and data["view"] == "secret-creates"
+    assert data["query"] == CREATES and data["count"] == 0
+    assert daemon.alerts.snapshot()["creates-silent"]["state"] == "firing"
+    # An event that does not match changes nothing; the next match resolves.
+    await post(daemon, unauthorized("u1"))
+    await post(daemon, make_event(id="create-1"))
+    await wait_for(lambda: kinds(webhook) == ["trigger", "resolve"], what="the resolve")
+    assert alert_events(webhook)[1]["requestData"]["sample_event_ids"] == ["create-1"]
+    assert daemon.alerts.snapshot()["creates-silent"]["state"] == "ok"
+    await wait_for(lambda: settled(daemon))
+    assert_books_balance(daemon)
+
+
+async def test_an_alert_on_a_down_target_is_dead_lettered_like_any_event(
+    start_daemon: StartDaemon, receiver_factory: ReceiverFactory, tmp_path: Path
+) -> None:
+    down = await receiver_factory([503])
+    config = base_config(
+        tmp_path,
+        down,
+        alerts=[
+            {
+                "name": "any-unauthorized",
+                "query": UNAUTHORIZED,
+                "threshold": {"count": 1, "window_s": 60},
+                "target_ids": ["alerts-webhook"],
+            }
+        ],
+    )
+    config["targets"][1]["retry"] = {"max_attempts": 2, "initial_backoff_s": 0.01}
+    daemon = await start_daemon(config)
+    await post(daemon, unauthorized("u1"))
+    await wait_for(lambda: settled(daemon), what="the alert event settled")
+    letters = read_ndjson(tmp_path / "var" / "deadletter" / "alerts-webhook.ndjson")
+    assert [letter["event"]["action"] for letter in letters] == [ALERT_TRIGGER_ACTION]
+    assert letters[0]["reason"] == "retries_exhausted"
+    assert letters[0]["event"]["requestData"]["sample_event_ids"] == ["u1"]
+    assert len(down.requests) == 2
+    row = daemon.status()["targets"]["alerts-webhook"]
+    assert (row["received"], row["dead_lettered"]) == (1, 1)
+    assert_books_balance(daemon)
+
+
+@pytest.fixture
+async def managed(
+    start_daemon: StartDaemon, receiver_factory: ReceiverFactory, tmp_path: Path
+) -> tuple[Daemon, ScriptedReceiver]:
+    webhook = await receiver_factory()
+    digest = hashlib.sha256(ADMIN.encode()).hexdigest()
+    daemon = await start_daemon(
+        base_config(tmp_path, webhook, auth={"admin_tokens": [{"name": "ops", "sha256": digest}]})
+    )
+    return daemon, webhook
+
+
+async def test_views_and_alerts_through_the_api_with_live_state(
+    managed: tuple[Daemon, ScriptedReceiver], tmp_path: Path
+) -> None:
+    daemon, webhook = managed
+    status, view = await api(
+        daemon, "POST", "/api/v2/views", {"name": "unauthorized", "query": UNAUTHORIZED}
+    )
+    assert status == 201, view
+    assert view["name"] == "unauthorized" and view["query"] == UNAUTHORIZED
+    assert view["crn"].endswith(":view:unauthorized") and view["created_at"]
+    status, alert = await api(
+        daemon,
+        "POST",
+        "/api/v2/alerts",
+        {
+            "name": "burst",
+            "view": "unauthorized",
+            "threshold": {"count": 2, "window_s": 60},
+            "target_ids": ["alerts-webhook"],
+        },
+    )
+    assert status == 201, alert
+    assert alert["state"] == "ok" and alert["matches_in_window"] == 0
+    assert alert["last_fired_at"] is None and alert["effective_query"] == UNAUTHORIZED
+    assert alert["cooldown_s"] == 300 and alert["condition"] == "presence"
+    # Applied at once (hot reload): the alert counts and fires.
+    await daemon.acceptor.accept([unauthorized("u1"), unauthorized("u2")])
+    await wait_for(lambda: kinds(webhook) == ["trigger"], what="the trigger")
+    status, listed = await api(daemon, "GET", "/api/v2/alerts")
+    assert status == 200
+    (shown,) = listed["alerts"]
+    assert shown["name"] == "burst" and shown["state"] == "firing"
+    assert shown["matches_in_window"] == 2 and shown["firings"] == 1
+    assert shown["last_fired_at"].endswith("Z")
+    assert (await api(daemon, "GET", "/api/v2/alerts/burst"))[1]["state"] == "firing"
+    assert (await api(daemon, "GET", "/api/v2/views"))[1]["views"] == [
+        view | {"updated_at": view["updated_at"]}
+    ]
+
+    # Replace: the same question keeps its state; another one starts again.
+    status, replaced = await api(
+        daemon,
+        "PUT",
+        "/api/v2/alerts/burst",
+        {
+            "view": "unauthorized",
+            "threshold": {"count": 2, "window_s": 60},
+            "target_ids": ["alerts-webhook"],
+            "cooldown_s": 10,
+        },
+    )
+    assert status == 200 and replaced["cooldown_s"] == 10 and replaced["state"] == "firing"
+    status, replaced = await api(
+        daemon,
+        "PUT",
+        "/api/v2/alerts/burst",
+        {"query": CREATES, "absence": {"window_s": 600}, "target_ids": ["alerts-webhook"]},
+    )
+    assert status == 200 and replaced["state"] == "ok" and replaced["condition"] == "absence"
+
+    # Refusals name the field; nothing changes.
+    refusals = [
+        (
+            {"name": "x", "query": "a AND", "threshold": {}, "target_ids": ["alerts-webhook"]},
+            "alerts[1].query: column 6: expected a term after AND",
+        ),
+        (
+            {"name": "x", "query": "a", "threshold": {}, "target_ids": ["pager"]},
+            "alerts[1].target_ids[0]: unknown target 'pager'",
+        ),
+        (
+            {"name": "x", "view": "nope", "absence": {}, "target_ids": ["alerts-webhook"]},
+            "alerts[1].view: unknown view 'nope'",
+        ),
+        (
+            {
+                "name": "x",
+                "query": "a",
+                "threshold": {},
+                "absence": {},
+                "target_ids": ["alerts-webhook"],
+            },
+            "alerts[1]: give either threshold",
+        ),
+        (
+            {
+                "name": "x",
+                "query": "a",
+                "threshold": {"count": 0},
+                "target_ids": ["alerts-webhook"],
+            },
+            "alerts[1].threshold.count: 0 is less than the minimum of 1",
+        ),
+        (
+            {"name": "burst", "query": "a", "threshold": {}, "target_ids": ["alerts-webhook"]},
+            "alerts[1].name: duplicate alert name 'burst'",
+        ),
+        (
+            {
+                "name": "x",
+                "query": "a",
+                "threshold": {},
+                "target_ids": ["alerts-webhook"],
+                "severity": 1,
+            },
+            "unknown field(s) of a alert: severity",
+        ),
+    ]
+    for body, expected in refusals:
+        status, error = await api(daemon, "POST", "/api/v2/alerts", body)
+        assert status == 400, (body, error)
+        assert expected in error["errors"][0]["message"], error
+    assert [a.name for a in daemon.config.alerts] == ["burst"]
+    status, error = await api(daemon, "POST", "/api/v2/views", {"name": "bad", "query": "(x"})
+    assert status == 400
+    assert "views[1].query: column 1: this '(' is never closed" in error["errors"][0]["message"]
+
+    # A view an alert uses, or a target, cannot go; once unused they can.
+    status, _ = await api(
+        daemon,
+        "PUT",
+        "/api/v2/alerts/burst",
+        {"view": "unauthorized", "threshold": {}, "target_ids": ["alerts-webhook"]},
+    )
+    assert status == 200
+    status, error = await api(daemon, "DELETE", "/api/v2/views/unauthorized")
+    assert status == 409 and error["errors"][0]["code"] == "view_in_use"
+    status, error = await api(daemon, "DELETE", "/api/v2/targets/alerts-webhook")
+    assert status == 409 and "alert 'burst'" in error["errors"][0]["message"]
+    assert (await api(daemon, "DELETE", "/api/v2/alerts/burst"))[0] == 204
+    assert (await api(daemon, "DELETE", "/api/v2/views/unauthorized"))[0] == 204
+    assert (await api(daemon, "GET", "/api/v2/alerts/burst"))[0] == 404
+    assert (await api(daemon, "GET", "/api/v2/alerts"))[1] == {"alerts": []}
+    assert daemon.config.alerts == () and daemon.config.views == ()
+
+    # Every change is audited, applied or refused.
+    def audited() -> list[str]:
+        return [
+            e["action"].removeprefix("event-router.") + ("!" if e["outcome"] == "failure" else "")
+            for e in read_ndjson(tmp_path / "archive.ndjson")
+            if e["action"].startswith(("event-router.view", "event-router.alert."))
+            and not e["action"].endswith(("trigger", "resolve"))
+        ]
+
+    expected = ["view.create", "alert.create", "alert.update", "alert.update"]
+    expected += ["alert.create!"] * 7 + ["view.create!", "alert.update", "view.delete!"]
+    expected += ["alert.delete", "view.delete"]
+    await wait_for(lambda: audited() == expected, what=f"the audit trail {expected}")

@@ -4,14 +4,18 @@ dead-letters them); the management API manages them with their live state."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
+import yaml
 
+from router.cli import main
 from router.daemon import Daemon
 from router.selfevent import ALERT_RESOLVE_ACTION, ALERT_TRIGGER_ACTION
 from tests.conftest import StartDaemon
@@ -362,3 +366,90 @@ async def test_views_and_alerts_through_the_api_with_live_state(
     expected += ["alert.create!"] * 7 + ["view.create!", "alert.update", "view.delete!"]
     expected += ["alert.delete", "view.delete"]
     await wait_for(lambda: audited() == expected, what=f"the audit trail {expected}")
+
+
+# -- event-router query --view and tail --view --------------------------------------------------
+
+
+def run_main(*argv: str) -> int:
+    """main() as a thread runs it: asyncio would not let a SystemExit pass through a task."""
+    try:
+        main(list(argv))
+    except SystemExit as exited:
+        return int(exited.code or 0)
+    return 0
+
+
+def test_query_view_searches_archives_with_the_views_query(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    archive = tmp_path / "events.ndjson"
+    archive.write_bytes(
+        b"".join(
+            orjson.dumps(e) + b"\n"
+            for e in (make_event(id="c1"), unauthorized("u1"), make_event(id="c2"))
+        )
+    )
+    config = tmp_path / "router.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "targets": [file_target("archive", archive)],
+                "views": [{"name": "secret-creates", "query": CREATES}],
+            }
+        )
+    )
+    code = run_main("query", "--view", "secret-creates", str(archive), "--config", str(config))
+    out, err = capsys.readouterr()
+    assert (code, err) == (0, "")
+    assert [orjson.loads(line)["id"] for line in out.splitlines()] == ["c1", "c2"]
+    # An unknown view, or neither a view nor a query, is a usage error naming what exists.
+    assert run_main("query", "--view", "nope", str(archive), "--config", str(config)) == 2
+    assert "no view 'nope' in " in (err := capsys.readouterr().err)
+    assert "(views: secret-creates)" in err
+    assert run_main("query", str(archive)) == 2
+    assert "give a QUERY, or --view NAME" in capsys.readouterr().err
+
+
+async def test_tail_view_follows_the_running_daemons_view(
+    start_daemon: StartDaemon,
+    receiver_factory: ReceiverFactory,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    webhook = await receiver_factory()
+    daemon = await start_daemon(
+        base_config(tmp_path, webhook, views=[{"name": "unauthorized", "query": UNAUTHORIZED}])
+    )
+    url = f"http://127.0.0.1:{daemon.port}"
+    command = asyncio.create_task(
+        asyncio.to_thread(run_main, "tail", "--view", "unauthorized", "--url", url, "--limit", "2")
+    )
+    await wait_for(lambda: len(daemon.tail.subscribers) == 1, what="the command to subscribe")
+    await post(daemon, [unauthorized("u1"), make_event(id="ok"), unauthorized("u2")])
+    assert await asyncio.wait_for(command, timeout=10) == 0
+    out, err = capsys.readouterr()
+    assert [orjson.loads(line)["id"] for line in out.splitlines()] == ["u1", "u2"]
+    assert f"tailing {url} for view unauthorized ({UNAUTHORIZED})" in err
+    # A query narrows the view; an unknown view is a usage error.
+    command = asyncio.create_task(
+        asyncio.to_thread(
+            run_main,
+            "tail",
+            "initiator.name:bob",
+            "--view",
+            "unauthorized",
+            "--url",
+            url,
+            "--limit",
+            "1",
+        )
+    )
+    await wait_for(lambda: len(daemon.tail.subscribers) == 1, what="the command to subscribe")
+    bob = unauthorized("u-bob")
+    bob["initiator"]["name"] = "bob@example.com"
+    await post(daemon, [unauthorized("u3"), make_event(id="ok2", initiator=bob["initiator"]), bob])
+    assert await asyncio.wait_for(command, timeout=10) == 0
+    assert [orjson.loads(line)["id"] for line in capsys.readouterr().out.splitlines()] == ["u-bob"]
+    assert await asyncio.to_thread(run_main, "tail", "--view", "nope", "--url", url) == 2
+    assert "no view named 'nope'" in capsys.readouterr().err

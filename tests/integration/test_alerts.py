@@ -130,6 +130,18 @@ async def test_presence_fires_once_per_cooldown_and_resolves_when_the_window_emp
     await wait_for(lambda: kinds(webhook)[2:] == ["trigger"], what="the second trigger")
     assert alert_events(webhook)[2]["requestData"]["sample_event_ids"][-3:] == ["w0", "w1", "w2"]
     assert daemon.alerts.snapshot()["unauthorized-burst"]["firings"] == 2
+    # Metrics per alert: matches, firings, state, matches in the window.
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{daemon.port}/metrics") as resp,
+    ):
+        metrics = await resp.text()
+    label = '{alert="unauthorized-burst"}'
+    assert f"event_router_alert_matches_total{label} 14.0" in metrics
+    assert f"event_router_alert_firings_total{label} 2.0" in metrics
+    # (the window is 1 s: the state may have moved on since; test_views_and_alerts_... reads it)
+    assert f"event_router_alert_firing{label} " in metrics
+    assert "event_router_alert_save_errors_total 0.0" in metrics
     # Alert events went to the alert's targets only; every producer event to the archive.
     await wait_for(lambda: settled(daemon))
     archived = read_ndjson(tmp_path / "archive.ndjson")
@@ -253,6 +265,16 @@ async def test_views_and_alerts_through_the_api_with_live_state(
     assert shown["matches_in_window"] == 2 and shown["firings"] == 1
     assert shown["last_fired_at"].endswith("Z")
     assert (await api(daemon, "GET", "/api/v2/alerts/burst"))[1]["state"] == "firing"
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(
+            f"http://127.0.0.1:{daemon.port}/metrics",
+            headers={"Authorization": f"Bearer {ADMIN}"},
+        ) as resp,
+    ):
+        metrics = await resp.text()
+    assert 'event_router_alert_firing{alert="burst"} 1.0' in metrics
+    assert 'event_router_alert_window_matches{alert="burst"} 2.0' in metrics
     assert (await api(daemon, "GET", "/api/v2/views"))[1]["views"] == [
         view | {"updated_at": view["updated_at"]}
     ]

@@ -289,7 +289,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(
             f"{config_path}: OK ({counted(len(config.targets), 'target')}, "
             f"{counted(len(config.routes), 'route')}, "
-            f"{counted(len(config.settings.default_targets), 'default target')})"
+            + "".join(
+                f"{counted(len(items), kind)}, "
+                for kind, items in (("view", config.views), ("alert", config.alerts))
+                if items
+            )
+            + f"{counted(len(config.settings.default_targets), 'default target')})"
         )
         return
 

@@ -475,3 +475,73 @@ async def test_tail_view_follows_the_running_daemons_view(
     assert [orjson.loads(line)["id"] for line in capsys.readouterr().out.splitlines()] == ["u-bob"]
     assert await asyncio.to_thread(run_main, "tail", "--view", "nope", "--url", url) == 2
     assert "no view named 'nope'" in capsys.readouterr().err
+
+
+async def test_alerts_see_events_as_redacted(
+    start_daemon: StartDaemon, receiver_factory: ReceiverFactory, tmp_path: Path
+) -> None:
+    webhook = await receiver_factory()
+
+    def on(name: str, query: str) -> dict[str, Any]:
+        return {
+            "name": name,
+            "query": query,
+            "threshold": {"count": 1},
+            "target_ids": ["alerts-webhook"],
+        }
+
+    daemon = await start_daemon(
+        base_config(
+            tmp_path,
+            webhook,
+            redaction={"keys": [{"key": "requestData.token", "action": "mask"}]},
+            alerts=[
+                on("secret-value", "requestData.token:hunter2"),
+                on("masked", 'requestData.token:"[REDACTED]"'),
+            ],
+        )
+    )
+    await post(daemon, make_event(id="t1", requestData={"token": "hunter2-and-more"}))
+    await wait_for(lambda: kinds(webhook) == ["trigger"], what="the masked alert's trigger")
+    assert alert_events(webhook)[0]["requestData"]["alert"] == "masked"
+    assert daemon.alerts.snapshot()["secret-value"]["matches"] == 0
+
+
+async def test_a_reload_from_the_yaml_adds_changes_and_removes_alerts(
+    start_daemon: StartDaemon, receiver_factory: ReceiverFactory, tmp_path: Path
+) -> None:
+    webhook = await receiver_factory()
+    burst = {
+        "name": "burst",
+        "query": UNAUTHORIZED,
+        "threshold": {"count": 5, "window_s": 60},
+        "target_ids": ["alerts-webhook"],
+    }
+    data = base_config(tmp_path, webhook, alerts=[burst])
+    daemon = await start_daemon(data)
+    await post(daemon, [unauthorized("u1"), unauthorized("u2")])
+    path = tmp_path / "router.yaml"
+    # What the fixture adds, so that only the alerts differ (server and storage need a restart).
+    fixed = {
+        "server": {"host": "127.0.0.1", "port": 0},
+        "storage": {"path": str(tmp_path / "var")},
+        "shutdown": {"drain_timeout_s": 5},
+    }
+
+    async def reload(**sections: Any) -> bool:
+        path.write_text(yaml.safe_dump({**fixed, **data, **sections}))
+        return await daemon.reload_from(path)
+
+    # Same question, another cooldown, and a new alert: the window is kept.
+    silent = {"name": "silent", "query": CREATES, "absence": {"window_s": 600}}
+    silent["target_ids"] = ["alerts-webhook"]
+    assert await reload(alerts=[burst | {"cooldown_s": 10}, silent])
+    snapshot = daemon.alerts.snapshot()
+    assert snapshot["burst"]["matches_in_window"] == 2 and set(snapshot) == {"burst", "silent"}
+    # A refused reload (an unknown target) changes nothing.
+    assert not await reload(alerts=[burst | {"target_ids": ["pager"]}])
+    assert set(daemon.alerts.snapshot()) == {"burst", "silent"}
+    # Another question starts again; a removed alert is gone.
+    assert await reload(alerts=[burst | {"query": "outcome:failure"}])
+    snapshot = daemon.alerts.snapshot()
+    assert set(snapshot) == {"burst"} and snapshot["burst"]["matches_in_window"] == 0

@@ -156,7 +156,7 @@ class Acceptor:
         """Journal an event of the router itself (built by router/selfevent.py), routed like
         any producer's, or to `targets` (target id -> route name: an alert's own targets);
         RouterError when it was not accepted."""
-        outcome = await self.accept([body], own=True, targets=targets)
+        outcome = await self.accept([body], own=True, route_to=targets)
         if not outcome.accepted:
             refused = orjson.dumps(outcome.as_dict()).decode()
             raise RouterError(f"the router's own event was refused: {refused}")
@@ -167,11 +167,11 @@ class Acceptor:
         caller: Caller | None = None,
         *,
         own: bool = False,
-        targets: Mapping[str, str] | None = None,
+        route_to: Mapping[str, str] | None = None,
     ) -> Outcome:
         """Validate, route and journal; `caller` (when auth is on) may limit the services.
-        Only the router's own events (`own`) may carry its actions, and be sent to `targets`
-        rather than where the routes send them."""
+        Only the router's own events (`own`) may carry its actions, and be sent to
+        `route_to` (target id -> route name) rather than where the routes send them."""
         results: list[dict[str, Any]] = []
         routed: list[tuple[Event, Mapping[str, str]]] = []
         forbidden = 0
@@ -195,11 +195,13 @@ class Acceptor:
                 if self.redactor is not None:
                     self.redactor.redact(item)  # before the journal: nothing after it sees a secret
                 event = Event.from_body(item)
-                chosen = targets if own and targets is not None else None
-                routed.append((event, chosen or self.routes.match(event).targets))
+                decision = self.routes.match(event)
+                routed.append((event, decision.targets))
                 results.append({"index": index, "id": event.id, "status": "accepted"})
                 if self.receipts is not None:
                     results[-1]["receipt"] = self.receipts.issue(event)
+            if own and route_to:
+                routed = [(event, route_to) for event, _ in routed]
             try:
                 await self._append(routed)
             except JournalFullError as exc:
@@ -223,7 +225,7 @@ class Acceptor:
                 self.tail.publish(event for event, _ in routed)
         if self.observer is not None and routed:
             await self.observer.observe([event for event, _ in routed])
-        self.stats.unrouted += sum(1 for _, sent_to in routed if not sent_to)
+        self.stats.unrouted += sum(1 for _, targets in routed if not targets)
         accepted = len(routed)
         self.stats.accepted += accepted
         self.stats.rejected += len(items) - accepted

@@ -16,8 +16,10 @@ import pytest
 import yaml
 
 from router.cli import main
+from router.config import load_config, parse_config
 from router.daemon import Daemon
 from router.selfevent import ALERT_RESOLVE_ACTION, ALERT_TRIGGER_ACTION
+from router.server.api import ConfigSource
 from tests.conftest import StartDaemon
 from tests.fakes import ScriptedReceiver, make_event, read_ndjson, wait_for
 from tests.helpers import (
@@ -545,3 +547,35 @@ async def test_a_reload_from_the_yaml_adds_changes_and_removes_alerts(
     assert await reload(alerts=[burst | {"query": "outcome:failure"}])
     snapshot = daemon.alerts.snapshot()
     assert set(snapshot) == {"burst"} and snapshot["burst"]["matches_in_window"] == 0
+
+
+async def test_views_and_alerts_made_through_the_api_are_written_back_to_the_yaml(
+    receiver_factory: ReceiverFactory, tmp_path: Path
+) -> None:
+    webhook = await receiver_factory()
+    path = tmp_path / "router.yaml"
+    digest = hashlib.sha256(ADMIN.encode()).hexdigest()
+    data = base_config(
+        tmp_path,
+        webhook,
+        server={"host": "127.0.0.1", "port": 0},
+        storage={"path": str(tmp_path / "var")},
+        auth={"admin_tokens": [{"name": "ops", "sha256": digest}]},
+    )
+    path.write_text(yaml.safe_dump(data))
+    daemon = Daemon(parse_config(data), ConfigSource(path, data))
+    await daemon.start()
+    try:
+        view = {"name": "unauthorized", "query": UNAUTHORIZED}
+        assert (await api(daemon, "POST", "/api/v2/views", view))[0] == 201
+        alert = {"name": "burst", "view": "unauthorized", "threshold": {"count": 2}}
+        alert["target_ids"] = ["alerts-webhook"]
+        assert (await api(daemon, "POST", "/api/v2/alerts", alert))[0] == 201
+    finally:
+        await daemon.stop()
+    # A restart comes back with them.
+    written = yaml.safe_load(path.read_text())
+    assert written["views"] == [view] and written["alerts"] == [alert]
+    restarted = load_config(path)
+    assert [a.name for a in restarted.alerts] == ["burst"]
+    assert str(restarted.alerts[0].query) == UNAUTHORIZED

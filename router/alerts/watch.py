@@ -43,7 +43,8 @@ from router.selfevent import ALERT_ACTIONS, alert_event
 
 log = logging.getLogger(__name__)
 
-# An alert event the journal refused (full, unavailable) is tried again this often.
+# An alert event the journal refused (full, unavailable), or a save that failed, is tried
+# again this often.
 RETRY_S: Final = 1.0
 # How long `stop` lets alert events still being journaled finish.
 STOP_SENDING_S: Final = 5.0
@@ -66,6 +67,7 @@ class AlertWatch:
         self.alerts: dict[str, AlertConfig] = {}
         self.states: dict[str, AlertState] = {}
         self.save_errors = 0
+        self.timer_errors = 0
         self._dirty: dict[str, None] = {}  # alerts whose state changed (or went) since saved
         self._decided: list[Outgoing] = []  # events decided, not yet saved
         self._unsent: dict[str, Outgoing] = {}  # saved to the outbox, not yet journaled
@@ -184,6 +186,8 @@ class AlertWatch:
 
     def _next_due(self) -> float | None:
         times = [due(self.states[name], alert) for name, alert in self.alerts.items()]
+        if self._dirty or self._decided:  # a save failed: try again soon
+            times.append(self.clock() + RETRY_S)
         return min((t for t in times if t is not None), default=None)
 
     async def _run(self) -> None:
@@ -195,9 +199,14 @@ class AlertWatch:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self._wake.wait()
-            self._tick()
-            if self._dirty or self._decided:
-                await self._save()
+            try:
+                self._tick()
+                if self._dirty or self._decided:
+                    await self._save()
+            except Exception:  # the task boundary: the timer must outlive one bad turn
+                self.timer_errors += 1
+                log.exception("alerts: the timer's turn failed; it goes on")
+                await asyncio.sleep(RETRY_S)
 
     # -- durability ------------------------------------------------------------------------
 
@@ -213,7 +222,8 @@ class AlertWatch:
                 await asyncio.shield(self._saving)
             except (JournalUnavailableError, OSError) as exc:
                 self.save_errors += 1
-                log.error("alerts: the state could not be saved (%s); kept for the next save", exc)
+                log.error("alerts: the state could not be saved (%s); tried again soon", exc)
+                self._wake.set()  # the timer tries again every RETRY_S
                 return False
         return True
 

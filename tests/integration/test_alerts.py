@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -579,3 +580,37 @@ async def test_views_and_alerts_made_through_the_api_are_written_back_to_the_yam
     restarted = load_config(path)
     assert [a.name for a in restarted.alerts] == ["burst"]
     assert str(restarted.alerts[0].query) == UNAUTHORIZED
+
+
+async def test_a_save_that_fails_is_tried_again_and_ingest_still_answers(
+    start_daemon: StartDaemon, receiver_factory: ReceiverFactory, tmp_path: Path
+) -> None:
+    webhook = await receiver_factory()
+    daemon = await start_daemon(
+        base_config(
+            tmp_path,
+            webhook,
+            alerts=[
+                {
+                    "name": "any",
+                    "query": UNAUTHORIZED,
+                    "threshold": {"count": 1},
+                    "target_ids": ["alerts-webhook"],
+                }
+            ],
+        )
+    )
+    # Another connection holds alerts.db's write lock: every save fails (database is locked)
+    # once SQLite's busy timeout passes, as a full disk would fail it.
+    blocker = sqlite3.connect(tmp_path / "var" / "alerts.db", isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")
+        status, answer = await post(daemon, unauthorized("u1"))
+        assert status == 202 and answer["accepted"] == 1  # the event is journaled: answered
+        assert daemon.alerts.save_errors >= 1 and not webhook.requests
+        blocker.execute("ROLLBACK")
+    finally:
+        blocker.close()
+    await wait_for(lambda: kinds(webhook) == ["trigger"], what="the trigger, once saved")
+    await wait_for(lambda: settled(daemon))
+    assert_books_balance(daemon)

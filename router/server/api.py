@@ -590,6 +590,24 @@ class ManagementApi:
 
     VIEW_FIELDS = ("query",)
     ALERT_FIELDS = ("query", "view", "threshold", "absence", "target_ids", "cooldown_s")
+    READ_ONLY = frozenset(
+        {
+            "crn",
+            "created_at",
+            "updated_at",
+            "effective_query",
+            "condition",
+            "window_s",
+            "state",
+            "matches_in_window",
+            "last_fired_at",
+            "last_match_at",
+            "changed_at",
+            "watched_since",
+            "matches",
+            "firings",
+        }
+    )
 
     def named_model(self, kind: str, raw: dict[str, Any]) -> dict[str, Any]:
         """A view or an alert as the YAML holds it, with its CRN and timestamps; an alert
@@ -629,10 +647,12 @@ class ManagementApi:
         if name is not None and given != name:
             raise ApiError(400, "invalid_value", f"the name of a {kind} cannot change")
         fields = self.VIEW_FIELDS if kind == "view" else self.ALERT_FIELDS
-        unknown = sorted(set(body) - {"name", *fields})
+        # What a read answers besides the fields is ignored: a client may send back what it
+        # read, as with targets.
+        unknown = sorted(set(body) - {"name", *fields, *self.READ_ONLY})
         if unknown:
             raise ApiError(
-                400, "invalid_value", f"unknown field(s) of a {kind}: {', '.join(unknown)}"
+                400, "invalid_value", f"unknown field(s) of the {kind}: {', '.join(unknown)}"
             )
         return {"name": given, **{k: body[k] for k in fields if k in body}}
 

@@ -161,3 +161,16 @@ def test_a_threshold_without_count_or_window_takes_the_defaults() -> None:
 )
 def test_every_alert_and_view_problem_names_its_field(data: dict[str, Any], expected: str) -> None:
     assert expected in problems_of(data)
+
+
+def test_no_file_target_may_write_the_alerts_state(tmp_path: Any) -> None:
+    target = {
+        "id": "archive",
+        "target_type": "file",
+        "file_endpoint": {"path": str(tmp_path / "var" / "alerts.db")},
+    }
+    problems = problems_of({"storage": {"path": str(tmp_path / "var")}, "targets": [target]})
+    assert any(
+        p.startswith("targets[0].file_endpoint.path:") and "one of the journal's own files" in p
+        for p in problems
+    )

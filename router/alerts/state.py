@@ -2,9 +2,9 @@
 
 An alert is `ok` or `firing`. Time is the router's (when events were accepted), passed in.
 
-- Presence (`threshold: {count, window_s}`): matches are counted in time slots of a
-  hundredth of the window (so a window of any length is at most ~100 numbers, stored after
-  every change, and its edge is exact to 1%). A match that brings the count within the
+- Matches are counted in time slots of a hundredth of the window (so a window of any length
+  is at most ~100 numbers, stored after every change, and its edge is exact to 1%).
+- Presence (`threshold: {count, window_s}`): a match that brings the count within the
   window to `count` triggers, unless the alert triggered less than `cooldown_s` ago (then
   the next match after the cooldown does, if the count still holds). It resolves when the
   count falls below `count` again: a time `due` tells the caller.
@@ -103,10 +103,11 @@ def _slot_s(alert: AlertConfig) -> float:
 
 
 def in_window(state: AlertState, alert: AlertConfig, now: float) -> int:
-    """Matches within the window ending now (absence: 0 or 1, whether one came)."""
-    if alert.threshold is None:
-        last = state.last_match
-        return int(last is not None and now - last < alert.window_s)
+    """Matches within the window ending now, to 1% of the window at its far edge (for an
+    absence alert none once its last match is a window old: it knows that exactly)."""
+    last = state.last_match
+    if alert.threshold is None and (last is None or now - last >= alert.window_s):
+        return 0
     width, start = _slot_s(alert), now - alert.window_s
     return sum(count for slot, count in state.slots.items() if (slot + 1) * width > start)
 
@@ -140,11 +141,11 @@ def observe(
     state.matches += len(event_ids)
     state.last_match = now
     state.sample = [*state.sample, *event_ids[-SAMPLE_IDS:]][-SAMPLE_IDS:]
-    if alert.threshold is None:
-        return _move(state, alert, OK, now) if state.state == FIRING else None
     slot = math.floor(now / _slot_s(alert))
     state.slots[slot] = state.slots.get(slot, 0) + len(event_ids)
     _prune(state, alert, now)
+    if alert.threshold is None:
+        return _move(state, alert, OK, now) if state.state == FIRING else None
     if (
         state.state == OK
         and in_window(state, alert, now) >= alert.threshold.count
@@ -156,8 +157,8 @@ def observe(
 
 def tick(state: AlertState, alert: AlertConfig, now: float) -> Transition | None:
     """Time passed: a presence window may have emptied, an absence window run out."""
+    _prune(state, alert, now)
     if alert.threshold is not None:
-        _prune(state, alert, now)
         if state.state == FIRING and in_window(state, alert, now) < alert.threshold.count:
             return _move(state, alert, OK, now)
         return None

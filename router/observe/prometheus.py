@@ -176,7 +176,7 @@ class DaemonCollector(Collector):
             ),
             "matches_in_window": GaugeMetricFamily(
                 "event_router_alert_window_matches",
-                "Matches in the alert's current window (absence: 1 if one came within it).",
+                "Matches in the alert's current window.",
                 labels=["alert"],
             ),
         }

@@ -145,3 +145,17 @@ def test_the_fingerprint_changes_with_the_question_not_with_where_it_goes() -> N
         dataclasses.replace(alert, threshold=None, absence=AbsenceConfig(window_s=10)),
     ):
         assert fingerprint(changed) != fingerprint(alert)
+
+
+def test_an_absence_alert_counts_its_window_and_triggers_with_none_in_it() -> None:
+    alert = absence(window_s=1)
+    state = fresh(alert)
+    observe(state, alert, 0.055, ["a"])
+    observe(state, alert, 0.305, ["b"])
+    assert in_window(state, alert, 0.5) == 2
+    assert due(state, alert) == pytest.approx(1.305)
+    # The slot of the last match ends after it: the count must not include it any more.
+    fired = tick(state, alert, 1.305)
+    assert fired is not None and fired.kind == "trigger" and fired.count == 0
+    resolved = observe(state, alert, 2.0, ["c"])
+    assert resolved is not None and resolved.count == 1

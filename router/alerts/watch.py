@@ -85,7 +85,12 @@ class AlertWatch:
         the outbox a previous run left."""
         stored, outbox = await self.store.open()
         for name, data in stored.items():
-            self.states[name] = AlertState.from_dict(data)
+            try:
+                self.states[name] = AlertState.from_dict(data)
+            except (KeyError, TypeError, ValueError) as exc:
+                log.error(
+                    "alerts: the stored state of %s is unreadable (%r); it starts again", name, exc
+                )
         self.configure(alerts)
         self._unsent = {o.event_id: o for o in outbox}
         if outbox:

@@ -8,6 +8,9 @@ events), owned by this package, which is the only one that speaks SQLite:
     alerts(name, state)            one JSON document per alert (router.alerts.state.AlertState)
     outbox(event_id, body, targets) trigger and resolve events decided but not yet journaled
 
+A damaged file is moved aside (`alerts.db.corrupt-<time>`) and the alerts start again: their
+windows are counts about events, and must not keep the daemon from starting.
+
 A transition is written to the outbox in the same transaction as the state that caused it,
 then journaled, then removed from the outbox: a crash in between journals it at the next
 start under the same event id (at least once, as every delivery), and never decides it twice.
@@ -21,7 +24,9 @@ own (a power cut may take the last moments of a window; the journal keeps the ev
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -34,6 +39,8 @@ import orjson
 from router.appendfile import make_private_dirs
 from router.config import ALERTS_FILE, StorageConfig
 from router.journal import JournalUnavailableError
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -78,13 +85,37 @@ class AlertStore:
 
     def _open_sync(self) -> tuple[dict[str, dict[str, Any]], list[Outgoing]]:
         make_private_dirs(self.directory)
+        try:
+            return self._read_sync()
+        except (sqlite3.DatabaseError, orjson.JSONDecodeError) as exc:
+            # Windows are counts about events, not events: a damaged file must not keep the
+            # daemon from starting. It is kept aside; the alerts start again from now.
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+            aside = self.path.with_name(f"{ALERTS_FILE}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+            for suffix in ("", "-wal", "-shm"):
+                damaged = self.path.with_name(ALERTS_FILE + suffix)
+                if damaged.exists():
+                    damaged.rename(aside.with_name(aside.name + suffix))
+            log.error(
+                "alert state %s is damaged (%s); moved to %s, alerts start again",
+                self.path,
+                exc,
+                aside,
+            )
+            return self._read_sync()
+
+    def _read_sync(self) -> tuple[dict[str, dict[str, Any]], list[Outgoing]]:
         if not self.path.exists():
             self.path.touch(mode=0o600)
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db = db
         db.execute("PRAGMA journal_mode=WAL")
         db.execute(f"PRAGMA synchronous={self._synchronous}")
         db.executescript(SCHEMA)
-        self._db = db
+        if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+            raise sqlite3.DatabaseError("quick_check failed")
         states = {name: orjson.loads(state) for name, state in db.execute("SELECT * FROM alerts")}
         outbox = [
             Outgoing(event_id, orjson.loads(body), orjson.loads(targets))

@@ -617,3 +617,30 @@ async def test_a_save_that_fails_is_tried_again_and_ingest_still_answers(
     await wait_for(lambda: kinds(webhook) == ["trigger"], what="the trigger, once saved")
     await wait_for(lambda: settled(daemon))
     assert_books_balance(daemon)
+
+
+async def test_a_damaged_alert_state_is_moved_aside_and_the_daemon_starts(
+    start_daemon: StartDaemon, receiver_factory: ReceiverFactory, tmp_path: Path
+) -> None:
+    webhook = await receiver_factory()
+    storage = tmp_path / "var"
+    storage.mkdir(mode=0o700)
+    (storage / "alerts.db").write_bytes(b"this is not a database" * 100)
+    daemon = await start_daemon(
+        base_config(
+            tmp_path,
+            webhook,
+            alerts=[
+                {
+                    "name": "any",
+                    "query": UNAUTHORIZED,
+                    "threshold": {"count": 1},
+                    "target_ids": ["alerts-webhook"],
+                }
+            ],
+        )
+    )
+    (aside,) = storage.glob("alerts.db.corrupt-*")
+    assert aside.read_bytes().startswith(b"this is not a database")
+    await post(daemon, unauthorized("u1"))
+    await wait_for(lambda: kinds(webhook) == ["trigger"], what="the trigger")

@@ -673,7 +673,14 @@ class ManagementApi:
 
     def _create_named(self, kind: str) -> Handler:
         async def handler(request: web.Request) -> web.Response:
-            raw = self._named_body(kind, await self._body(request), None)
+            body = await self._body(request)
+            try:
+                raw = self._named_body(kind, body, None)
+            except ApiError as exc:  # audited under the name it asked for, if it gave one
+                exc.subject = (
+                    f"{kind}:{body.get('name') if isinstance(body.get('name'), str) else '-'}"
+                )
+                raise
             subject = f"{kind}:{raw['name']}"
 
             def edit(data: dict[str, Any]) -> None:

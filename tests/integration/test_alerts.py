@@ -394,6 +394,12 @@ async def test_views_and_alerts_through_the_api_with_live_state(
     expected += ["alert.create!"] * 7 + ["view.create!", "alert.update", "view.delete!"]
     expected += ["alert.delete", "view.delete"]
     await wait_for(lambda: audited() == expected, what=f"the audit trail {expected}")
+    refused = [
+        e["target"]["name"]
+        for e in read_ndjson(tmp_path / "archive.ndjson")
+        if e["action"] == "event-router.alert.create" and e["outcome"] == "failure"
+    ]
+    assert refused == ["x"] * 5 + ["burst", "x"]  # the name each refused create asked for
 
 
 # -- event-router query --view and tail --view --------------------------------------------------

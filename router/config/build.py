@@ -17,6 +17,8 @@ from router.config.model import (
     BatchConfig,
     Config,
     EvidenceConfig,
+    JetStreamConfig,
+    JetStreamTlsConfig,
     RedactionConfig,
     RedactionKeyConfig,
     RefusalEventsConfig,
@@ -163,7 +165,7 @@ def build_config(data: Mapping[str, Any], problems: list[str]) -> Config:
     settings = data.get("settings") or {}
     return Config(
         server=_server(data.get("server") or {}, problems),
-        storage=_storage(data.get("storage") or {}),
+        storage=_storage(data.get("storage") or {}, problems),
         validation=_section(ValidationConfig, data.get("validation")),
         shutdown=_section(ShutdownConfig, data.get("shutdown")),
         targets=tuple(targets),
@@ -179,10 +181,31 @@ def build_config(data: Mapping[str, Any], problems: list[str]) -> Config:
     )
 
 
-def _storage(data: Mapping[str, Any]) -> StorageConfig:
+def _storage(data: Mapping[str, Any], problems: list[str]) -> StorageConfig:
     if "archive_roots" in data:
         data = {**data, "archive_roots": tuple(data["archive_roots"])}
+    if "jetstream" in data:
+        data = {**data, "jetstream": _jetstream(data["jetstream"] or {}, problems)}
     return cast(StorageConfig, _section(StorageConfig, data))
+
+
+def _jetstream(data: Mapping[str, Any], problems: list[str]) -> JetStreamConfig:
+    """storage.jetstream: secrets (password, token) may be references; files must be readable
+    now, so that `check` finds a wrong path before `serve` fails to connect."""
+    data = dict(data)
+    for key in ("password", "token", "user"):
+        if key in data:
+            data[key] = resolve(data[key], f"storage.jetstream.{key}", problems)
+    if "servers" in data:
+        data["servers"] = tuple(data["servers"])
+    files = {"credentials_file": data.get("credentials_file")}
+    if isinstance(data.get("tls"), dict):
+        files.update({f"tls.{k}": v for k, v in data["tls"].items()})
+        data["tls"] = JetStreamTlsConfig(**data["tls"])
+    for key, path in files.items():
+        if path is not None and not os.access(path, os.R_OK):
+            problems.append(f"storage.jetstream.{key}: cannot read {path!r}")
+    return cast(JetStreamConfig, _section(JetStreamConfig, data))
 
 
 MIN_HASH_KEY_CHARS = 16

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from router import __version__
 from router.completion import SHELLS, script
 from router.config import Config, config_warnings, load_config_and_data
-from router.errors import ConfigError, StorageLockedError
+from router.errors import ConfigError, StorageLockedError, StorageUnavailableError
 from router.observe.logformat import counted, setup_logging
 from router.observe.sdnotify import notify
 from router.resources import default_config_path
@@ -33,9 +33,13 @@ from router.resources import default_config_path
 if TYPE_CHECKING:
     from datetime import datetime
 
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    from router.evidence.verify import ReceiptDigests, Report
     from router.probe import ProbeResult
     from router.query import Query
     from router.targets import Target
+    from router.targets.cos import CosTarget
 
 log = logging.getLogger("router")
 
@@ -170,7 +174,17 @@ def _add_query_command(commands: argparse._SubParsersAction[argparse.ArgumentPar
     query = _command(
         commands, "query", "search file-target archives (rotated and gzipped too) with a query"
     )
-    query.add_argument("query", metavar="QUERY", help="e.g. 'host:secrets-manager outcome:failure'")
+    query.add_argument(
+        "query",
+        metavar="QUERY",
+        nargs="?",
+        help="e.g. 'host:secrets-manager outcome:failure' (none with --view)",
+    )
+    query.add_argument(
+        "--view",
+        metavar="NAME",
+        help="the query of this view of the config (--config); every argument is then a PATH",
+    )
     query.add_argument(
         "paths",
         metavar="PATH",
@@ -209,14 +223,30 @@ def _add_evidence_commands(
     verify = _command(
         commands,
         "verify",
-        "check a file target's hash chain and signed checkpoints; exit 1 at the first break",
+        "check a target's hash chain and signed checkpoints; exit 1 at the first break",
     )
     verify.add_argument(
         "paths",
         metavar="PATH",
-        type=Path,
+        type=Path,  # `cos://` arrives as `cos:/` (see _verify)
         nargs="+",
-        help="the target's archive files (rotated and gzipped too) and its dead-letter file",
+        help="the target's archive files (rotated and gzipped too) and its dead-letter file; "
+        "or cos://TARGET[/PREFIX]: the objects a cloud_object_storage target of --config wrote "
+        "(with its dead-letter files, given or found under the config's storage.path)",
+    )
+    _config_option(verify, "YAML config, for cos:// paths")
+    verify.add_argument(
+        "--receipts",
+        type=Path,
+        metavar="FILE",
+        help="receipts a producer kept (ingest answers or receipts, one JSON a line): check "
+        "each one's Ed25519 signature with --public-key and find its event in the chain",
+    )
+    verify.add_argument(
+        "--expect-head",
+        metavar="SEQ[:HASH]",
+        help="the chain head the daemon reports (/v1/status: chain_seq, chain_hash): fail when "
+        "the files stop short of it (places cut off the end)",
     )
     verify.add_argument(
         "--public-key", type=Path, help="KEY.pub: check every checkpoint's signature"
@@ -236,6 +266,11 @@ def _add_evidence_commands(
 def _add_tail_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     tail = _command(commands, "tail", "follow the accepted events that match a query")
     tail.add_argument("query", metavar="QUERY", nargs="?", default="", help="default: every event")
+    tail.add_argument(
+        "--view",
+        metavar="NAME",
+        help="the query of this view of the running daemon (a QUERY given too narrows it)",
+    )
     _config_option(tail, "YAML config, for the daemon's address")
     tail.add_argument("--url", help="the daemon's base URL (default: from the config)")
     tail.add_argument("--limit", type=_positive_count, help="stop after this many events")
@@ -274,7 +309,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(
             f"{config_path}: OK ({counted(len(config.targets), 'target')}, "
             f"{counted(len(config.routes), 'route')}, "
-            f"{counted(len(config.settings.default_targets), 'default target')})"
+            + "".join(
+                f"{counted(len(items), kind)}, "
+                for kind, items in (("view", config.views), ("alert", config.alerts))
+                if items
+            )
+            + f"{counted(len(config.settings.default_targets), 'default target')})"
         )
         return
 
@@ -296,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (ConfigError, StorageLockedError) as exc:
         log.error("cannot start: %s", exc)
         sys.exit(EXIT_CONFIG)
-    except OSError as exc:
+    except (OSError, StorageUnavailableError) as exc:
         log.error("cannot start: %s", exc)
         sys.exit(EXIT_RUNTIME)
 
@@ -340,33 +380,50 @@ def _keygen(out: Path) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     from router.evidence.keys import SigningKeyError, load_public
-    from router.evidence.verify import Verifier, verify_files
+    from router.evidence.verify import ExpectedHead, Verifier, verify_files
 
-    missing = [str(path) for path in args.paths if not path.is_file()]
+    buckets = [str(path) for path in args.paths if str(path).startswith(COS_SCHEME)]
+    files = [path for path in args.paths if not str(path).startswith(COS_SCHEME)]
+    if len(buckets) > 1:
+        print("verify: give at most one cos://TARGET[/PREFIX]", file=sys.stderr)
+        return EXIT_CONFIG
+    missing = [str(path) for path in files if not path.is_file()]
     if missing:
         print(f"no such file: {', '.join(missing)}", file=sys.stderr)
         return EXIT_CONFIG
     try:
         key = load_public(args.public_key) if args.public_key else None
-    except SigningKeyError as exc:
+        expect = ExpectedHead.parse(args.expect_head) if args.expect_head else None
+    except (SigningKeyError, ValueError) as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_CONFIG
+    receipts = _signed_receipts(args.receipts, key) if args.receipts else None
+    if isinstance(receipts, int):
+        return receipts
 
     def progress(lines: int) -> None:
         print(f"\rverified {lines} lines", end="", file=sys.stderr, flush=True)
 
     show = sys.stderr.isatty()
-    verifier = Verifier(
-        public_key=key,
-        partial=args.partial,
-        max_age_s=args.max_age_s,
-        progress=progress if show else None,
-    )
+    options: dict[str, Any] = {
+        "public_key": key,
+        "partial": args.partial,
+        "max_age_s": args.max_age_s,
+        "progress": progress if show else None,
+        "expect_head": expect,
+        "receipts": receipts,
+    }
     try:
-        report = verify_files(args.paths, verifier)
+        report: Report | int = (
+            _verify_bucket(args, buckets[0], files, options)
+            if buckets
+            else verify_files(files, Verifier(**options))
+        )
     except OSError as exc:
         print(f"cannot read: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
+    if isinstance(report, int):
+        return report
     if show:
         print("\r\033[K", end="", file=sys.stderr)
     for warning in report.warnings:
@@ -377,6 +434,64 @@ def _verify(args: argparse.Namespace) -> int:
         return EXIT_RUNTIME
     print(f"OK: {report.summary()}")
     return 0
+
+
+def _verify_bucket(
+    args: argparse.Namespace, path: str, letters: list[Path], options: dict[str, Any]
+) -> Report | int:
+    """Verify the objects of a cloud_object_storage target of the config, with the
+    dead-letter files given, or else the target's own (and its redriven ones) when present."""
+    from router.deadletter import letters_path, redriven_path
+    from router.errors import DeliveryError
+    from router.evidence.bucket import BucketVerifier, verify_bucket
+
+    found = _cos_target(args, path, "verify")
+    if isinstance(found, int):
+        return found
+    target, prefix, config = found
+    if not letters:
+        directory = config.storage.dead_letter_dir()
+        own = [letters_path(directory, target.id), redriven_path(directory, target.id)]
+        letters = [letter for letter in own if letter.is_file()]
+        for letter in letters:
+            print(f"dead letters: {letter}", file=sys.stderr)
+
+    async def run() -> Report:
+        try:
+            return await verify_bucket(target.objects(prefix), letters, BucketVerifier(**options))
+        finally:
+            await target.close()
+
+    try:
+        return asyncio.run(run())
+    except DeliveryError as exc:
+        print(f"verify: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+
+
+def _signed_receipts(path: Path, key: Ed25519PublicKey | None) -> ReceiptDigests | int:
+    """The digests of the receipts in `path`, each signature checked with the public key; or
+    the exit code: 2 without a key or a readable file, 1 for a receipt that is not signed by
+    it (printed as BROKEN, with its place)."""
+    from router.evidence.receipt import read_receipts, signed_by
+    from router.evidence.verify import ReceiptDigests
+
+    if key is None:
+        print("verify: --receipts needs --public-key (the signatures are checked)", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        receipts = read_receipts(path)
+    except (OSError, ValueError) as exc:
+        print(f"verify: cannot read the receipts: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    for place, receipt in receipts:
+        if not signed_by(receipt, key):
+            print(
+                f"BROKEN: {place}: the receipt of {receipt.get('id')!r} is not signed by the "
+                "public key (forged, changed, or issued without a signing key)"
+            )
+            return EXIT_RUNTIME
+    return ReceiptDigests(str(receipt.get("digest")) for _, receipt in receipts)
 
 
 async def _open_chained_archive(target: Target) -> ProbeResult:
@@ -401,8 +516,13 @@ def _dlq(args: argparse.Namespace, config: Config) -> int:
     from router.clients import dlq
     from router.deadletter import LetterFilter, parse_since
 
+    stored = None
+    if config.storage.backend == "jetstream" and args.dlq_command != "redrive":
+        from router.journal.jetstream import all_letters
+
+        stored = asyncio.run(all_letters(config.storage.jetstream))
     if args.dlq_command == "list":
-        return dlq.list_letters(config)
+        return dlq.list_letters(config, stored=stored)
     try:
         since = parse_since(args.since) if args.since else None
     except ValueError as exc:
@@ -410,7 +530,12 @@ def _dlq(args: argparse.Namespace, config: Config) -> int:
         return EXIT_CONFIG
     if args.dlq_command == "show":
         return dlq.show_letters(
-            config, args.target, LetterFilter(args.reason, since), limit=args.limit, fmt=args.format
+            config,
+            args.target,
+            LetterFilter(args.reason, since),
+            limit=args.limit,
+            fmt=args.format,
+            stored=stored,
         )
     query = {k: v for k, v in (("reason", args.reason), ("since", args.since)) if v}
     try:
@@ -508,6 +633,15 @@ def _query(args: argparse.Namespace) -> int:
     from router.clients.search import describe_query_error, parse_time, search
     from router.query import QueryError, parse
 
+    if args.view is not None:
+        # Every positional is a PATH: argparse gave the first to QUERY.
+        args.paths = [Path(args.query), *args.paths] if args.query is not None else args.paths
+        args.query = _view_query(args.view, args.config)
+        if args.query is None:
+            return EXIT_CONFIG
+    elif args.query is None:
+        print("query: give a QUERY, or --view NAME", file=sys.stderr)
+        return EXIT_CONFIG
     try:
         query = parse(args.query)
     except QueryError as exc:
@@ -540,6 +674,24 @@ def _query(args: argparse.Namespace) -> int:
 COS_SCHEME = "cos:/"
 
 
+def _view_query(name: str, config_path: Path | None) -> str | None:
+    """The query of the config's view `name` (None, said on stderr, when there is none)."""
+    path = config_path or default_config_path()
+    try:
+        config, _ = load_config_and_data(path)
+    except ConfigError as exc:
+        print(f"{exc.source}: {counted(len(exc.problems), 'problem')}", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return None
+    view = config.view(name)
+    if view is None:
+        known = ", ".join(v.name for v in config.views) or "none"
+        print(f"query: no view {name!r} in {path} (views: {known})", file=sys.stderr)
+        return None
+    return str(view.query)
+
+
 def _query_bucket(
     args: argparse.Namespace,
     query: Query,
@@ -551,21 +703,11 @@ def _query_bucket(
     credentials from the config, as the daemon resolves them."""
     from router.clients.search import search_bucket
     from router.errors import DeliveryError
-    from router.targets.cos import CosEndpointConfig, CosTarget
 
-    target_id, _, prefix = path.removeprefix(COS_SCHEME).lstrip("/").partition("/")
-    try:
-        config, _ = load_config_and_data(args.config or default_config_path())
-    except ConfigError as exc:
-        print(f"{exc.source}: {counted(len(exc.problems), 'problem')}", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
-        return EXIT_CONFIG
-    found = [t for t in config.targets if t.id == target_id]
-    if not found or not isinstance(found[0].endpoint, CosEndpointConfig):
-        print(f"query: no cloud_object_storage target {target_id!r} in the config", file=sys.stderr)
-        return EXIT_CONFIG
-    target = CosTarget(target_id, found[0].endpoint)
+    found = _cos_target(args, path, "query")
+    if isinstance(found, int):
+        return found
+    target, prefix, _ = found
 
     async def run() -> int:
         try:
@@ -587,6 +729,31 @@ def _query_bucket(
         return 1
 
 
+def _cos_target(
+    args: argparse.Namespace, path: str, command: str
+) -> tuple[CosTarget, str, Config] | int:
+    """The cloud_object_storage target `cos://TARGET[/PREFIX]` names in --config, the prefix,
+    and the config; or the exit code of a config that does not load or has no such target."""
+    from router.targets.cos import CosEndpointConfig, CosTarget
+
+    target_id, _, prefix = path.removeprefix(COS_SCHEME).lstrip("/").partition("/")
+    try:
+        config, _ = load_config_and_data(args.config or default_config_path())
+    except ConfigError as exc:
+        print(f"{exc.source}: {counted(len(exc.problems), 'problem')}", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    found = [t for t in config.targets if t.id == target_id]
+    if not found or not isinstance(found[0].endpoint, CosEndpointConfig):
+        print(
+            f"{command}: no cloud_object_storage target {target_id!r} in the config",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    return CosTarget(target_id, found[0].endpoint), prefix, config
+
+
 def _tail(args: argparse.Namespace, config: Config) -> int:
     from router.clients import base_url
     from router.clients.tail import follow
@@ -598,6 +765,6 @@ def _tail(args: argparse.Namespace, config: Config) -> int:
         print(f"cannot read the token file: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     try:
-        return asyncio.run(follow(url, args.query, limit=args.limit, token=token))
+        return asyncio.run(follow(url, args.query, limit=args.limit, token=token, view=args.view))
     except KeyboardInterrupt:
         return 0  # Ctrl-C is how a tail ends

@@ -14,18 +14,21 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from router import __version__
+from router.alerts.watch import AlertWatch
 from router.config import (
     Config,
     RefusalEventsConfig,
     TargetConfig,
     config_warnings,
     load_config_and_data,
+    parse_config,
 )
 from router.deadletter import DeadLetters, target_removed
 from router.delivery import DeliveryWorker
@@ -37,6 +40,8 @@ from router.intake.http import Ingest
 from router.intake.redaction import Redactor
 from router.intake.validation import EventValidator
 from router.journal import Entry
+from router.journal.alertstate import AlertStore
+from router.journal.jetstream import JetStreamJournal, SharedConfig
 from router.journal.sqlite import SqliteJournal
 from router.observe.logformat import counted
 from router.observe.metrics import IngestStats, TargetStats, WriteStatus, utc_iso
@@ -53,6 +58,7 @@ from router.server.listener import ClientFaultLog, DeadlineSite
 from router.server.servertls import server_context
 from router.server.tail import TailHub
 from router.targets import Target, build_target
+from router.targets.cos import CosTarget
 from router.targets.file import FileEndpointConfig, FileTarget
 
 log = logging.getLogger(__name__)
@@ -78,6 +84,7 @@ class _Swaps:
         await daemon.acceptor.swap(validator=validator, routes=routes, redactor=redactor)
         daemon.config = new  # no await since the swap: no offer sees one without the other
         daemon.validator, daemon.routes, daemon.redactor = validator, routes, redactor
+        daemon.alerts.configure(new.alerts)
 
     async def stop_worker(self, target_id: str) -> None:
         await self.daemon._stop_worker(target_id)
@@ -112,8 +119,14 @@ class Daemon:
         self.redactor = Redactor.from_schemas(schemas or schemas_dir(), config.redaction)
         self.routes = RouteTable(config.routes, config.settings.default_targets)
         target_ids = [target.id for target in config.targets]
-        self.journal = SqliteJournal(config.storage, target_ids)
-        self.dead_letters = DeadLetters(config.storage.dead_letter_dir())
+        self.journal: SqliteJournal | JetStreamJournal
+        self.dead_letters: DeadLetters
+        if config.storage.backend == "jetstream":
+            self.journal = JetStreamJournal(config.storage, target_ids)
+            self.dead_letters = self.journal.dead_letters
+        else:
+            self.journal = SqliteJournal(config.storage, target_ids)
+            self.dead_letters = DeadLetters(config.storage.dead_letter_dir())
         self.evidence = Evidence(config.evidence, self.journal, config.storage.dead_letter_dir())
         self.dead_letters.chain_for = self.evidence.letters_chain
         self.ingest_stats = IngestStats()
@@ -129,6 +142,7 @@ class Daemon:
         self._ssl = server_context(tls) if tls is not None else None
         self._retiring: set[asyncio.Task[None]] = set()
         self._orphan_watch: asyncio.Task[None] | None = None
+        self._config_watch: asyncio.Task[None] | None = None
         # Held across every read-edit-apply of the running config: start-up, reloads (SIGHUP,
         # reload.watch) and management API edits, so none of them sees another half done.
         self.config_lock = asyncio.Lock()
@@ -138,7 +152,16 @@ class Daemon:
         self.tail = TailHub(
             max_clients=config.server.max_tail_clients,
             write_timeout_s=config.server.tail_write_timeout_s,
+            view=self._view_query,
         )
+        # Alerts on accepted events, their state beside the journal; their events go to
+        # their targets through the acceptor, as the router's own (router/alerts).
+        self.alerts = AlertWatch(
+            AlertStore(config.storage),
+            lambda body, targets: self.acceptor.accept_own(body, targets),
+        )
+        if isinstance(self.journal, JetStreamJournal):
+            self.journal.tail_sink = self.tail.publish  # the other routers' events too
         auth = config.auth
         self.client_faults = ClientFaultLog(auth.refusal_events if auth else RefusalEventsConfig())
         self.metrics = DaemonMetrics(self)
@@ -184,6 +207,7 @@ class Daemon:
                 write_status=self._write_status,
                 probe=self.probe_target,
                 record=self.record_own,
+                alert_states=self.alerts.snapshot,
             ),
         )
 
@@ -201,9 +225,13 @@ class Daemon:
 
     async def _start(self) -> None:
         await self.journal.open()
+        await self.alerts.open(self.config.alerts)
+        self.acceptor.observer = self.alerts
         await self.evidence.open()
         if self.config.evidence.enabled and self.config.evidence.receipts:
-            self.acceptor.receipts = Receipts.load_or_create(Path(self.config.storage.path))
+            self.acceptor.receipts = Receipts.load_or_create(
+                Path(self.config.storage.path), self.evidence.key
+            )
         for target in self.targets.values():
             self._chain(target)
         for target_id in sorted(self.journal.orphans):
@@ -222,6 +250,7 @@ class Daemon:
                 log.exception("target %s failed to start", target_id)
         for target_config in self.config.targets:
             self._start_worker(target_config)
+        self.alerts.start()
         # We inflate gzip ourselves, with a cap; aiohttp's own inflation has none.
         self._runner = web.AppRunner(
             self.app,
@@ -244,6 +273,8 @@ class Daemon:
             header_timeout_s=server.header_timeout_s,
         )
         await self._site.start()
+        if isinstance(self.journal, JetStreamJournal) and self.journal.js_config.share_config:
+            await self._join_shared_config(self.journal.shared_config)
         self.ready = True
         log.info(
             "event-router %s ready on %s://%s:%d with %s and %s",
@@ -255,13 +286,50 @@ class Daemon:
             counted(len(self.config.routes), "route"),
         )
 
+    async def _join_shared_config(self, shared: SharedConfig) -> None:
+        """storage.backend jetstream: run the config the routers share (the bucket's, else
+        this router's YAML, which it then shares), and follow what the others put there."""
+        data = await shared.open()
+        if data is None:
+            await shared.put(self.source.data)
+        elif data != SharedConfig.shareable(self.source.data):
+            await self._apply_shared(data)
+        self._config_watch = asyncio.create_task(
+            shared.watch(self._on_shared_config), name="shared-config"
+        )
+
+    async def _on_shared_config(self, data: dict[str, Any]) -> None:
+        async with self.config_lock:
+            await self._apply_shared(data)
+
+    async def _apply_shared(self, data: dict[str, Any]) -> None:
+        """Apply a config another router shared, with this router's own server and storage
+        (and their command-line overrides); one that does not load or apply is logged, and
+        this router keeps running what it ran."""
+        merged = SharedConfig.merged(data, self.source.data)
+        try:
+            new = await asyncio.to_thread(parse_config, merged)
+            new = replace(new, server=self.config.server, storage=self.config.storage)
+            await self.apply(new, initiator="shared_config")
+        except ConfigError as exc:
+            log.error("shared config refused, still running the previous config: %s", exc)
+            return
+        self.source = ConfigSource(self.source.path, merged)
+        log.info("applied the config another router shared")
+
     async def stop(self) -> None:
         self.ready = False
+        if self._config_watch is not None:
+            self._config_watch.cancel()
+            await asyncio.gather(self._config_watch, return_exceptions=True)
         await self.tail.stop()  # a tail stream would hold up the runner's cleanup
         if self._runner is not None:
             await self._runner.cleanup()  # stops listening, then waits for in-flight requests
         self.client_faults.summarize()
         await self.guard.stop()
+        # Alert events decided so far are journaled before the workers drain; then no more.
+        self.acceptor.observer = None
+        await self.alerts.stop()
         for worker in self.workers.values():
             worker.stopping.set()
         if self._tasks:
@@ -424,9 +492,12 @@ class Daemon:
         await self.record_own(body)
 
     def _chain(self, target: Target) -> None:
-        """A file target writes its archive as a chain (router/evidence), when evidence is on."""
+        """A file or COS target writes its archive as a chain (router/evidence), when evidence
+        is on; a bucket cannot be read back for its head, so the journal keeps that."""
         if isinstance(target, FileTarget):
             target.chain = self.evidence.attach(target.id, target.write_line)
+        elif isinstance(target, CosTarget):
+            target.chain = self.evidence.attach(target.id, target.write_line, head_in_journal=True)
 
     async def record_own(self, body: dict[str, Any]) -> None:
         """Journal an event of the router itself; a failure is logged, never raised into the
@@ -446,6 +517,13 @@ class Daemon:
             self.source = source
             if source.path is not None:
                 await asyncio.to_thread(write_back, source.path, source.data)
+            if isinstance(self.journal, JetStreamJournal) and self.journal.js_config.share_config:
+                await self.journal.shared_config.share(source.data)  # every router follows
+
+    def _view_query(self, name: str) -> str | None:
+        """The query of the running config's view `name` (the tail's `?view=`)."""
+        view = self.config.view(name)
+        return str(view.query) if view is not None else None
 
     def _write_status(self, target_id: str) -> WriteStatus | None:
         stats = self.target_stats.get(target_id)
@@ -514,6 +592,7 @@ class Daemon:
                 at = chain.checkpointed_at
                 targets[target_id]["evidence"] = {
                     "chain_seq": chain.seq,
+                    "chain_hash": chain.head.hash.hex() if chain.head is not None else None,
                     "checkpoint_seq": chain.checkpointed_seq,
                     "last_checkpoint_at": utc_iso(at) if at is not None else None,
                 }
@@ -535,7 +614,7 @@ class Daemon:
                 "path": str(self.journal.path),
                 "healthy": self.journal.healthy,
                 "used_bytes": self.journal.used_bytes,
-                "max_bytes": self.config.storage.max_bytes,
+                "max_bytes": self.config.storage.journal_max_bytes(),
                 "quarantined_records": self.journal.quarantined,
                 "lost_records": self.journal.lost_records,
                 "checkpoint_errors": self.journal.checkpoint_errors,
@@ -545,7 +624,7 @@ class Daemon:
 
     @property
     def journal_max_bytes(self) -> int:
-        return self.config.storage.max_bytes
+        return self.config.storage.journal_max_bytes()
 
     @property
     def refusals(self) -> Refusals:

@@ -13,7 +13,11 @@ the one failure only it can see (a send's status, attempts and times) from `Fail
 
 With evidence on, each letter takes its place in the target's chain (router/evidence): the line
 carries a `_chain` link, so the archive and this file together account for every event the
-target was given.
+target was given. A redrive therefore does not drop a chained letter: it moves the line, byte
+for byte, to `<deadletter>/redriven/<target>.ndjson` (appended and fsynced before the
+dead-letter file is rewritten without it), where it keeps its place; the redriven event takes a
+new place when it is delivered again. Letters are rewritten from their lines as read, never
+re-encoded, so no chained byte changes.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from typing import Any
 import orjson
 
 from router.appendfile import AppendOnlyFile, replace_atomically
+from router.evidence.canonical import CHAIN_MEMBER
 from router.evidence.chain import Chain
 from router.journal import Entry
 from router.observe.metrics import utc_iso
@@ -78,9 +83,36 @@ def target_removed(target_id: str) -> Failure:
     )
 
 
+def letter_bytes(target_id: str, entry: Entry, failure: Failure) -> bytes:
+    """One dead letter as JSON (without its line end), wherever letters are kept."""
+    return orjson.dumps(
+        {
+            "event": entry.event.body,
+            "target_id": target_id,
+            "route": entry.route,
+            "reason": failure.reason,
+            "message": failure.message,
+            "status": failure.status,
+            "response_excerpt": failure.response_excerpt,
+            "attempts": failure.attempts,
+            "first_attempt_at": _iso(failure.first_attempt_at),
+            "last_attempt_at": _iso(failure.last_attempt_at),
+            "received_at": utc_iso(entry.event.received_at),
+        }
+    )
+
+
 def letters_path(directory: Path, target_id: str) -> Path:
     """A target's dead-letter file in the dead-letter directory: one per target."""
     return directory / f"{target_id}.ndjson"
+
+
+REDRIVEN_DIR = "redriven"
+
+
+def redriven_path(directory: Path, target_id: str) -> Path:
+    """Where a redrive moves a target's chained letters: they keep their places there."""
+    return directory / REDRIVEN_DIR / f"{target_id}.ndjson"
 
 
 def letter_files(directory: Path) -> dict[str, Path]:
@@ -126,6 +158,12 @@ def unredrivable(letter: Letter) -> str | None:
 
 def read_letters(path: Path) -> Iterator[Letter]:
     """Every letter of a dead-letter file; a line that is not JSON is reported, not skipped."""
+    for _, letter in read_letter_lines(path):
+        yield letter
+
+
+def read_letter_lines(path: Path) -> Iterator[tuple[bytes, Letter]]:
+    """Every letter of a dead-letter file with its line as written (newline included)."""
     try:
         f = open(path, "rb")  # noqa: SIM115 - closed below, generator
     except FileNotFoundError:
@@ -135,13 +173,16 @@ def read_letters(path: Path) -> Iterator[Letter]:
             if not line.strip():
                 continue
             try:
-                yield orjson.loads(line)
+                yield line, orjson.loads(line)
             except orjson.JSONDecodeError:
-                yield {
-                    "reason": "unreadable_line",
-                    "line": number,
-                    "raw_excerpt": line[:200].decode("utf-8", "replace"),
-                }
+                yield (
+                    line,
+                    {
+                        "reason": "unreadable_line",
+                        "line": number,
+                        "raw_excerpt": line[:200].decode("utf-8", "replace"),
+                    },
+                )
 
 
 @dataclass(slots=True)
@@ -173,24 +214,7 @@ class DeadLetters:
         return self._locks.setdefault(target_id, asyncio.Lock())
 
     async def write(self, target_id: str, entries: Sequence[Entry], failure: Failure) -> None:
-        letters = [
-            orjson.dumps(
-                {
-                    "event": entry.event.body,
-                    "target_id": target_id,
-                    "route": entry.route,
-                    "reason": failure.reason,
-                    "message": failure.message,
-                    "status": failure.status,
-                    "response_excerpt": failure.response_excerpt,
-                    "attempts": failure.attempts,
-                    "first_attempt_at": _iso(failure.first_attempt_at),
-                    "last_attempt_at": _iso(failure.last_attempt_at),
-                    "received_at": utc_iso(entry.event.received_at),
-                }
-            )
-            for entry in entries
-        ]
+        letters = [letter_bytes(target_id, entry, failure) for entry in entries]
         chain = self.chain_for(target_id)
         if chain is None:
             await self._append(target_id, b"".join(letter + b"\n" for letter in letters))
@@ -230,7 +254,8 @@ class DeadLetters:
         rewrite."""
         async with self._lock(target_id):
             path = self.path(target_id)
-            letters = await asyncio.to_thread(lambda: list(read_letters(path)))
+            lines = await asyncio.to_thread(lambda: list(read_letter_lines(path)))
+            letters = [letter for _, letter in lines]
             taken = Taken([])
             for letter in letters:
                 if not wanted(letter):
@@ -245,16 +270,29 @@ class DeadLetters:
             finally:
                 if taken.done:
                     gone = {id(letter) for letter in taken.letters[: taken.done]}
-                    kept = [letter for letter in letters if id(letter) not in gone]
-                    await asyncio.to_thread(self._rewrite, target_id, kept)
+                    kept = [line for line, letter in lines if id(letter) not in gone]
+                    moved = [line for line, letter in lines if id(letter) in gone]
+                    await asyncio.to_thread(self._rewrite, target_id, kept, moved)
 
-    def _rewrite(self, target_id: str, kept: list[Letter]) -> None:
-        """Atomically replace the file (temp file, fsync, rename); the appender reopens."""
+    def _rewrite(self, target_id: str, kept: list[bytes], moved: list[bytes]) -> None:
+        """Move the chained letters among `moved` to the target's redriven file (appended,
+        fsynced), then atomically replace the dead-letter file with `kept` (temp file, fsync,
+        rename); the appender reopens. A crash in between leaves a letter in both files:
+        the same line, which verify counts once."""
+        chained = [line for line in moved if CHAIN_MEMBER in line]
+        if chained:
+            redriven = redriven_path(self.directory, target_id)
+            file = AppendOnlyFile(redriven)
+            try:
+                file.open()
+                file.append(b"".join(chained))
+            finally:
+                file.close()
         path = self.path(target_id)
-        file = self._files.pop(target_id, None)
-        if file is not None:
-            file.close()
-        replace_atomically(path, b"".join(orjson.dumps(letter) + b"\n" for letter in kept))
+        appender = self._files.pop(target_id, None)
+        if appender is not None:
+            appender.close()
+        replace_atomically(path, b"".join(kept))
 
     def close(self) -> None:
         for file in self._files.values():

@@ -54,6 +54,11 @@ class QueryError(RouterError):
         super().__init__(f"column {column}: {message}")
 
 
+class StorageUnavailableError(RouterError):
+    """The journal's storage cannot be used at start-up: storage.backend jetstream and no NATS
+    server answers, or a stream exists with settings the journal cannot work with."""
+
+
 class StorageLockedError(RouterError):
     """Another process (`pid`, None when it cannot be told) holds the journal under `path`."""
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import urlencode
@@ -18,7 +19,7 @@ import orjson
 
 from router.clients import base_url
 from router.config import Config
-from router.deadletter import LetterFilter, letter_files, letters_path, read_letters
+from router.deadletter import Letter, LetterFilter, letter_files, letters_path, read_letters
 from router.observe.logformat import counted
 
 TABLE_COLUMNS = ("last_attempt_at", "reason", "status", "event_id", "action", "route")
@@ -36,25 +37,35 @@ def deadletter_dir(config: Config) -> Path:
     return config.storage.dead_letter_dir()
 
 
-def list_letters(config: Config, out: TextIO | None = None) -> int:
-    """One line per target: how many letters, by reason, and the time span they cover."""
+def list_letters(
+    config: Config, out: TextIO | None = None, *, stored: Mapping[str, list[Letter]] | None = None
+) -> int:
+    """One line per target: how many letters, by reason, and the time span they cover.
+    `stored`: the letters of storage.backend jetstream (read from their streams), by target."""
     out = out or sys.stdout
-    files = list(letter_files(deadletter_dir(config)).values())
-    if not files:
-        print(f"no dead letters under {deadletter_dir(config)}", file=out)
+    letters_of: dict[str, Iterable[Letter]]
+    if stored is None:
+        where = str(deadletter_dir(config))
+        files = letter_files(deadletter_dir(config)).values()
+        letters_of = {path.stem: read_letters(path) for path in files}
+    else:  # a stream emptied by a redrive stays: a target with no letters is not shown
+        where = f"the JetStream streams {config.storage.jetstream.stream}_DLQ_*"
+        letters_of = {target_id: letters for target_id, letters in stored.items() if letters}
+    if not letters_of:
+        print(f"no dead letters under {where}", file=out)
         return 0
     print(f"{'target':<24} {'letters':>8}  {'first':<24} {'last':<24} reasons", file=out)
-    for path in files:
+    for target_id, letters in letters_of.items():
         reasons: Counter[str] = Counter()
         times = []
-        for letter in read_letters(path):
+        for letter in letters:
             reasons[str(letter.get("reason"))] += 1
             if at := letter.get("last_attempt_at") or letter.get("received_at"):
                 times.append(at)
         by_reason = ", ".join(f"{reason}={n}" for reason, n in reasons.most_common())
         first, last = (min(times), max(times)) if times else ("-", "-")
         print(
-            f"{path.stem:<24} {sum(reasons.values()):>8}  {first:<24} {last:<24} {by_reason}",
+            f"{target_id:<24} {sum(reasons.values()):>8}  {first:<24} {last:<24} {by_reason}",
             file=out,
         )
     return 0
@@ -68,6 +79,7 @@ def show_letters(
     limit: int | None,
     fmt: str,
     out: TextIO | None = None,
+    stored: Mapping[str, list[Letter]] | None = None,
 ) -> int:
     """The target's letters that match, as NDJSON or a readable table. A target that is
     neither in the config nor has a dead-letter file (a removed target's letters still show)
@@ -75,7 +87,8 @@ def show_letters(
     out = out or sys.stdout
     path = letters_path(deadletter_dir(config), target_id)
     known = [t.id for t in config.targets]
-    if target_id not in known and not path.exists():
+    kept = target_id in stored if stored is not None else path.exists()
+    if target_id not in known and not kept:
         print(
             f"no target {target_id!r} in the config and no dead letters for it "
             f"(targets: {', '.join(known) or 'none'})",
@@ -85,7 +98,8 @@ def show_letters(
     shown = 0
     if fmt == "table":
         print("  ".join(f"{c:<24}" for c in TABLE_COLUMNS).rstrip(), file=out)
-    for letter in read_letters(path):
+    letters = stored.get(target_id, []) if stored is not None else read_letters(path)
+    for letter in letters:
         if not wanted(letter):
             continue
         if limit is not None and shown >= limit:

@@ -11,10 +11,14 @@ from dataclasses import fields, is_dataclass
 from typing import Any, cast, get_args, get_type_hints
 
 from router.config.model import (
+    AbsenceConfig,
+    AlertConfig,
     AuthConfig,
     BatchConfig,
     Config,
     EvidenceConfig,
+    JetStreamConfig,
+    JetStreamTlsConfig,
     RedactionConfig,
     RedactionKeyConfig,
     RefusalEventsConfig,
@@ -29,8 +33,10 @@ from router.config.model import (
     StartupConfig,
     StorageConfig,
     TargetConfig,
+    ThresholdConfig,
     TokenConfig,
     ValidationConfig,
+    ViewConfig,
 )
 from router.config.references import resolve, resolve_all
 from router.errors import QueryError
@@ -147,14 +153,25 @@ def build_config(data: Mapping[str, Any], problems: list[str]) -> Config:
         )
         for r, raw in enumerate(data.get("routes") or [])
     )
+    views = tuple(
+        ViewConfig(name=raw["name"], query=query)
+        for v, raw in enumerate(data.get("views") or [])
+        if (query := _query(raw["query"], f"views[{v}].query", problems)) is not None
+    )
+    alerts = tuple(
+        _alert(raw, f"alerts[{a}]", views, problems)
+        for a, raw in enumerate(data.get("alerts") or [])
+    )
     settings = data.get("settings") or {}
     return Config(
         server=_server(data.get("server") or {}, problems),
-        storage=_storage(data.get("storage") or {}),
+        storage=_storage(data.get("storage") or {}, problems),
         validation=_section(ValidationConfig, data.get("validation")),
         shutdown=_section(ShutdownConfig, data.get("shutdown")),
         targets=tuple(targets),
         routes=routes,
+        views=views,
+        alerts=alerts,
         settings=SettingsConfig(default_targets=tuple(settings.get("default_targets", ()))),
         startup=_section(StartupConfig, data.get("startup")),
         reload=_section(ReloadConfig, data.get("reload")),
@@ -164,10 +181,31 @@ def build_config(data: Mapping[str, Any], problems: list[str]) -> Config:
     )
 
 
-def _storage(data: Mapping[str, Any]) -> StorageConfig:
+def _storage(data: Mapping[str, Any], problems: list[str]) -> StorageConfig:
     if "archive_roots" in data:
         data = {**data, "archive_roots": tuple(data["archive_roots"])}
+    if "jetstream" in data:
+        data = {**data, "jetstream": _jetstream(data["jetstream"] or {}, problems)}
     return cast(StorageConfig, _section(StorageConfig, data))
+
+
+def _jetstream(data: Mapping[str, Any], problems: list[str]) -> JetStreamConfig:
+    """storage.jetstream: secrets (password, token) may be references; files must be readable
+    now, so that `check` finds a wrong path before `serve` fails to connect."""
+    data = dict(data)
+    for key in ("password", "token", "user"):
+        if key in data:
+            data[key] = resolve(data[key], f"storage.jetstream.{key}", problems)
+    if "servers" in data:
+        data["servers"] = tuple(data["servers"])
+    files = {"credentials_file": data.get("credentials_file")}
+    if isinstance(data.get("tls"), dict):
+        files.update({f"tls.{k}": v for k, v in data["tls"].items()})
+        data["tls"] = JetStreamTlsConfig(**data["tls"])
+    for key, path in files.items():
+        if path is not None and not os.access(path, os.R_OK):
+            problems.append(f"storage.jetstream.{key}: cannot read {path!r}")
+    return cast(JetStreamConfig, _section(JetStreamConfig, data))
 
 
 MIN_HASH_KEY_CHARS = 16
@@ -238,11 +276,44 @@ def _rule_filter(rule: Mapping[str, Any], where: str, problems: list[str]) -> Qu
     """Parse a rule's filter once, at load time, so a bad one stops `check` and `serve`."""
     if "filter" not in rule:
         return None
+    return _query(rule["filter"], where, problems)
+
+
+def _query(text: str, where: str, problems: list[str]) -> Query | None:
+    """A query parsed at load time; a problem names its place, column and excerpt."""
     try:
-        return parse(rule["filter"])
+        return parse(text)
     except QueryError as exc:
-        problems.append(f"{where}: {exc} in {_excerpt(rule['filter'], exc.column)}")
+        problems.append(f"{where}: {exc} in {_excerpt(text, exc.column)}")
         return None
+
+
+def _alert(
+    raw: Mapping[str, Any], where: str, views: tuple[ViewConfig, ...], problems: list[str]
+) -> AlertConfig:
+    """An alert with the query it runs: its own, or its view's (an unknown view is the
+    cross-check's to name). What the schema cannot say about its shape is said here."""
+    query: Query | None = None
+    if ("query" in raw) == ("view" in raw):
+        problems.append(f"{where}: give either query or view (one of them, not both)")
+    if "query" in raw:
+        query = _query(raw["query"], f"{where}.query", problems)
+    elif "view" in raw:
+        query = next((v.query for v in views if v.name == raw["view"]), None)
+    if ("threshold" in raw) == ("absence" in raw):
+        problems.append(
+            f"{where}: give either threshold (presence: count in window_s) or absence "
+            "(no match for window_s), one of them, not both"
+        )
+    return AlertConfig(
+        name=raw["name"],
+        query=query,
+        view=raw.get("view"),
+        threshold=_section(ThresholdConfig, raw["threshold"]) if "threshold" in raw else None,
+        absence=_section(AbsenceConfig, raw["absence"]) if "absence" in raw else None,
+        target_ids=tuple(raw["target_ids"]),
+        **({"cooldown_s": raw["cooldown_s"]} if "cooldown_s" in raw else {}),
+    )
 
 
 def _excerpt(text: str, column: int, around: int = 40) -> str:

@@ -52,14 +52,43 @@ def cross_check(config: Config) -> list[str]:
                     problems.append(
                         f"routes[{r}].rules[{k}].target_ids[{t}]: unknown target {target_id!r}"
                     )
+    problems.extend(_view_and_alert_problems(config, known))
     for t, target_id in enumerate(config.settings.default_targets):
         if target_id not in known:
             problems.append(f"settings.default_targets[{t}]: unknown target {target_id!r}")
     if config.auth is not None:
         problems.extend(_token_problems(config.auth))
     problems.extend(file_target_problems(config))
+    problems.extend(storage_problems(config))
     if config.server.port:
         problems.extend(listener_problems(config, config.server.host, config.server.port))
+    return problems
+
+
+def _view_and_alert_problems(config: Config, targets: dict[str, int]) -> list[str]:
+    """Names are unique, an alert's view exists, its targets too."""
+    problems: list[str] = []
+    views: dict[str, int] = {}
+    for v, view in enumerate(config.views):
+        if view.name in views:
+            problems.append(
+                f"views[{v}].name: duplicate view name {view.name!r} "
+                f"(also views[{views[view.name]}])"
+            )
+        views.setdefault(view.name, v)
+    alerts: dict[str, int] = {}
+    for a, alert in enumerate(config.alerts):
+        if alert.name in alerts:
+            problems.append(
+                f"alerts[{a}].name: duplicate alert name {alert.name!r} "
+                f"(also alerts[{alerts[alert.name]}])"
+            )
+        alerts.setdefault(alert.name, a)
+        if alert.view is not None and alert.view not in views:
+            problems.append(f"alerts[{a}].view: unknown view {alert.view!r}")
+        for t, target_id in enumerate(alert.target_ids):
+            if target_id not in targets:
+                problems.append(f"alerts[{a}].target_ids[{t}]: unknown target {target_id!r}")
     return problems
 
 
@@ -177,12 +206,59 @@ def _addresses(host: str) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
     return {ipaddress.ip_address(str(info[4][0]).partition("%")[0]) for info in infos}
 
 
+def storage_problems(config: Config) -> list[str]:
+    """storage.backend: jetstream: one way to authenticate, whole pairs, and only what a
+    stream shared by several routers can do."""
+    storage = config.storage
+    if storage.backend != "jetstream":
+        return []
+    js = storage.jetstream
+    problems = []
+    if storage.when_full == "drop_oldest_per_target":
+        problems.append(
+            "storage.when_full: drop_oldest_per_target needs storage.backend sqlite; a full "
+            "JetStream stream answers 503 + Retry-After (when_full: reject)"
+        )
+    if config.evidence.enabled:
+        problems.append(
+            "evidence.enabled: hash-chained archives keep their chain heads in the SQLite "
+            "journal; set evidence.enabled: false with storage.backend jetstream"
+        )
+    ways = [
+        name
+        for name, given in (
+            ("credentials_file", js.credentials_file),
+            ("user", js.user),
+            ("token", js.token),
+        )
+        if given is not None
+    ]
+    if len(ways) > 1:
+        problems.append(
+            f"storage.jetstream: {' and '.join(ways)} are given; name one way to authenticate"
+        )
+    if (js.user is None) != (js.password is None):
+        missing = "password" if js.password is None else "user"
+        problems.append(f"storage.jetstream.{missing}: user and password go together")
+    tls = js.tls
+    if tls is not None and (tls.cert_file is None) != (tls.key_file is None):
+        missing = "key_file" if tls.key_file is None else "cert_file"
+        problems.append(f"storage.jetstream.tls.{missing}: cert_file and key_file go together")
+    return problems
+
+
 def config_warnings(config: Config) -> list[str]:
     """What `check` questions without refusing: the config works, but likely not as meant."""
     warnings = []
     if not config.targets:
         warnings.append(
             "targets: none; accepted events go nowhere (counted as unrouted in /v1/status)"
+        )
+    js = config.storage.jetstream
+    if config.storage.backend == "jetstream" and js.replicas > len(js.servers):
+        warnings.append(
+            f"storage.jetstream.replicas: {js.replicas} replicas, but only "
+            f"{len(js.servers)} listed in servers; the cluster must have that many nodes"
         )
     return warnings
 

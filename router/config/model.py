@@ -18,6 +18,7 @@ JOURNAL_FILE = "journal.db"
 JOURNAL_LOCK_FILE = "journal.lock"  # held by the one daemon that owns the journal
 DEAD_LETTER_DIR = "deadletter"
 API_METADATA_FILE = "api-metadata.json"
+ALERTS_FILE = "alerts.db"  # the alerts' windows and states (router/journal/alertstate.py)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -72,6 +73,50 @@ class ServerConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class JetStreamTlsConfig:
+    """TLS to the NATS servers: a CA to trust, and a client certificate where they ask for one."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JetStreamConfig:
+    """storage.backend: jetstream (router/journal/jetstream.py): the journal is a replicated
+    JetStream stream shared by every router that names it, so several routers take and deliver
+    one backlog. Authentication as nats-py supports it: a creds file (JWT + nkey seed), a user
+    and password, or a token; and TLS."""
+
+    servers: tuple[str, ...] = ("nats://127.0.0.1:4222",)
+    # Each target's backlog is the stream `<stream>_<target>`, its dead letters
+    # `<stream>_DLQ_<target>`; both created if missing, checked if present.
+    stream: str = "EVENT_ROUTER"
+    # Replicas of each stream: 3 in a three-node cluster keeps every acknowledged event
+    # through the loss of one node (a publish is acknowledged once a quorum stored it).
+    replicas: int = 1
+    # Each target's stream holds at most this much; full -> 503 + Retry-After, as the SQLite
+    # journal's storage.max_bytes.
+    max_bytes: int = 1024 * MiB
+    credentials_file: str | None = None
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)
+    tls: JetStreamTlsConfig | None = None
+    # How long a publish waits for the stream's acknowledgement before ingest answers 503.
+    publish_timeout_s: float = 10.0
+    # How long a fetched batch stays with one router unacknowledged before JetStream gives it
+    # to another (JetStream's own default); a longer send extends it with in-progress acks.
+    ack_wait_s: float = 30.0
+    # A producer's retry (same event id) within this window is stored once.
+    duplicate_window_s: float = 120.0
+    # The management API on any router puts the config into the KV bucket `<stream>_CONFIG`
+    # and every router applies it (its own server and storage sections stay its own). Off:
+    # each router runs its own file, as with SQLite (say, file targets on local disks).
+    share_config: bool = True
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class StorageConfig:
     """The durable journal and the dead letters, under `path`.
 
@@ -80,6 +125,11 @@ class StorageConfig:
     `never` — the OS decides, safe against a process crash, not a power cut.
     """
 
+    # sqlite: one router, the journal under `path` (the embedded default). jetstream: several
+    # routers over one NATS JetStream (storage.jetstream); `path` keeps what is local to one
+    # router (its lock, the evidence keys), nothing acknowledged.
+    backend: Literal["sqlite", "jetstream"] = "sqlite"
+    jetstream: JetStreamConfig = field(default_factory=JetStreamConfig)
     path: str = "./var"
     fsync: Literal["always", "interval", "never"] = "always"
     fsync_interval_ms: int = 1000
@@ -102,11 +152,18 @@ class StorageConfig:
             f"{JOURNAL_FILE}-shm",
             JOURNAL_LOCK_FILE,
             API_METADATA_FILE,
+            ALERTS_FILE,
+            f"{ALERTS_FILE}-wal",
+            f"{ALERTS_FILE}-shm",
         )
         return tuple(base / name for name in names)
 
     def dead_letter_dir(self) -> Path:
         return Path(self.path) / DEAD_LETTER_DIR
+
+    def journal_max_bytes(self) -> int:
+        """The journal's limit: max_bytes, or each target stream's on JetStream."""
+        return self.jetstream.max_bytes if self.backend == "jetstream" else self.max_bytes
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -186,6 +243,51 @@ class RouteConfig:
     id: str
     name: str
     rules: tuple[RuleConfig, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ViewConfig:
+    """A saved query, by name: `event-router query --view`, `tail --view`, an alert's `view`."""
+
+    name: str
+    query: Query
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ThresholdConfig:
+    """Presence: the alert fires when at least `count` events matched within `window_s`."""
+
+    count: int = 1
+    window_s: float = 60.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AbsenceConfig:
+    """Absence: the alert fires when no event matched for `window_s`."""
+
+    window_s: float = 900.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AlertConfig:
+    """An alert on accepted events (router/alerts). `query` is the one it runs: its own, or
+    its `view`'s (None only in a config that its cross-checks refuse). Exactly one of
+    `threshold` and `absence`. Its trigger and resolve events go to `target_ids`; after a
+    trigger it does not trigger again for `cooldown_s`."""
+
+    name: str
+    query: Query | None
+    view: str | None = None
+    threshold: ThresholdConfig | None = None
+    absence: AbsenceConfig | None = None
+    target_ids: tuple[str, ...] = ()
+    cooldown_s: float = 300.0
+
+    @property
+    def window_s(self) -> float:
+        """The window of either kind."""
+        kind = self.threshold or self.absence
+        return kind.window_s if kind is not None else 0.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -279,12 +381,18 @@ class Config:
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
     targets: tuple[TargetConfig, ...] = ()
     routes: tuple[RouteConfig, ...] = ()
+    views: tuple[ViewConfig, ...] = ()
+    alerts: tuple[AlertConfig, ...] = ()
     settings: SettingsConfig = field(default_factory=SettingsConfig)
     startup: StartupConfig = field(default_factory=StartupConfig)
     reload: ReloadConfig = field(default_factory=ReloadConfig)
     auth: AuthConfig | None = None
     redaction: RedactionConfig = field(default_factory=RedactionConfig)
     evidence: EvidenceConfig = field(default_factory=EvidenceConfig)
+
+    def view(self, name: str) -> ViewConfig | None:
+        """The view of this name, if the config has one."""
+        return next((view for view in self.views if view.name == name), None)
 
     def target(self, target_id: str) -> TargetConfig:
         """The target with this id (the config's cross-checks guarantee it exists)."""

@@ -40,6 +40,9 @@ class Chain:
         self.lock = asyncio.Lock()
         self.checkpointed_seq = 0  # the seq the last checkpoint covered
         self.checkpointed_at: float | None = None  # when (epoch seconds)
+        self.checkpoint: bytes | None = None  # the last checkpoint line
+        # The journal keeps the head after every write (a bucket cannot be read back for it).
+        self.head_in_journal = False
         self.opened_at = time.time()  # the first checkpoint_every_s counts from here
         # Set by Evidence: writes a checkpoint when due (count or time) after a write.
         self.after_write: Callable[[Chain], Awaitable[None]] | None = None

@@ -8,13 +8,17 @@ With `evidence.receipts` on, every accepted event's result in the ingest answer 
 line holds before its `_chain` member), so the receipt names one archive line exactly; `mac`
 is HMAC-SHA256 over `id \\n digest \\n received_at` with the daemon's receipt key
 (`<storage.path>/receipts.key`, 32 random bytes, 0600, made at the first start), so the router
-can tell its own receipts from forged ones. `GET /v1/receipts/{id}` (admin) answers where the
+can tell its own receipts from forged ones. With a signing key (`evidence.signing_key_file`)
+a receipt also carries `sig`, the Ed25519 signature of the same three lines, and `key`, the
+key's id: anyone holding the public key can check it (`event-router verify --receipts`), without
+the router's secret. `GET /v1/receipts/{id}` (admin) answers where the
 event is, per target: pending in the journal, delivered (for a file target: at which chain
 place, file and line), or dead-lettered with the reason.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import hmac
@@ -25,10 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from router.deadletter import letter_files, read_letters
 from router.events import Event
 from router.evidence.canonical import CanonicalError, split_line
+from router.evidence.keys import key_id
 from router.evidence.verify import archive_order, open_lines
 from router.observe.metrics import utc_iso
 
@@ -40,14 +47,55 @@ def digest(canonical: bytes) -> str:
     return "sha256:" + hashlib.sha256(canonical).hexdigest()
 
 
-class Receipts:
-    """Issues and checks receipts with one key."""
+def receipt_message(event_id: str, event_digest: str, received_at: str) -> bytes:
+    """The bytes a receipt's mac and sig are over: its three fields, one per line."""
+    return f"{event_id}\n{event_digest}\n{received_at}".encode()
 
-    def __init__(self, key: bytes) -> None:
+
+def signed_by(receipt: Mapping[str, Any], public_key: Ed25519PublicKey) -> bool:
+    """Whether a receipt carries a valid Ed25519 signature by this key."""
+    try:
+        message = receipt_message(receipt["id"], receipt["digest"], receipt["received_at"])
+        signature = base64.b64decode(receipt["sig"], validate=True)
+        public_key.verify(signature, message)
+    except (KeyError, TypeError, ValueError, InvalidSignature):
+        return False
+    return receipt.get("key") == key_id(public_key)
+
+
+def read_receipts(path: Path) -> list[tuple[str, Mapping[str, Any]]]:
+    """The receipts a producer kept, with their places: a file of ingest answers or receipts,
+    one JSON object a line (an answer's `results[i].receipt`, or the receipt itself)."""
+    found: list[tuple[str, Mapping[str, Any]]] = []
+    for number, line in enumerate(path.read_bytes().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{number}: not JSON") from exc
+        results = item.get("results") if isinstance(item, dict) else None
+        if isinstance(results, list):
+            for i, result in enumerate(results):
+                if isinstance(result, dict) and isinstance(result.get("receipt"), dict):
+                    found.append((f"{path}:{number}: results[{i}]", result["receipt"]))
+        elif isinstance(item, dict):
+            found.append((f"{path}:{number}", item.get("receipt", item)))
+    return found
+
+
+class Receipts:
+    """Issues and checks receipts with one key (and signs them with the signing key, if any)."""
+
+    def __init__(self, key: bytes, signing_key: Ed25519PrivateKey | None = None) -> None:
         self._key = key
+        self._signing_key = signing_key
+        self._key_id = key_id(signing_key.public_key()) if signing_key is not None else None
 
     @classmethod
-    def load_or_create(cls, directory: Path) -> Receipts:
+    def load_or_create(
+        cls, directory: Path, signing_key: Ed25519PrivateKey | None = None
+    ) -> Receipts:
         """The key in `directory`, made (0600, never overwritten) when there is none."""
         path = directory / KEY_FILE
         with contextlib.suppress(FileExistsError):
@@ -56,21 +104,26 @@ class Receipts:
                 f.write(secrets.token_bytes(KEY_BYTES))
                 f.flush()
                 os.fsync(f.fileno())
-        return cls(path.read_bytes())
+        return cls(path.read_bytes(), signing_key)
 
     def _mac(self, event_id: str, event_digest: str, received_at: str) -> str:
-        message = f"{event_id}\n{event_digest}\n{received_at}".encode()
+        message = receipt_message(event_id, event_digest, received_at)
         return hmac.new(self._key, message, hashlib.sha256).hexdigest()
 
     def issue(self, event: Event) -> dict[str, str]:
         event_digest = digest(event.encoded())
         received_at = utc_iso(event.received_at)
-        return {
+        receipt = {
             "id": event.id,
             "digest": event_digest,
             "received_at": received_at,
             "mac": self._mac(event.id, event_digest, received_at),
         }
+        if self._signing_key is not None and self._key_id is not None:
+            message = receipt_message(event.id, event_digest, received_at)
+            receipt["sig"] = base64.b64encode(self._signing_key.sign(message)).decode()
+            receipt["key"] = self._key_id
+        return receipt
 
     def genuine(self, receipt: Mapping[str, Any]) -> bool:
         try:

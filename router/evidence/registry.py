@@ -1,7 +1,12 @@
 """The evidence of all targets in one place: their chains, checkpoints and the signing key.
 
-The daemon builds one Evidence; a file target attaches to it (its chain, and how a checkpoint
-line is appended to its archive); dead letters ask it for the chain a letter takes a place in.
+The daemon builds one Evidence; a chained target (file, cloud_object_storage) attaches to it
+(its chain, and how a checkpoint line is written into its archive); dead letters ask it for
+the chain a letter takes a place in.
+
+A bucket cannot be read back for its chain's head at start, so a target attached with
+`head_in_journal` has its head saved in the journal after every write, with its last
+checkpoint (an empty one, b"", before the first).
 """
 
 from __future__ import annotations
@@ -15,10 +20,10 @@ from typing import Protocol
 
 from router.config import EvidenceConfig
 from router.deadletter import letters_path
-from router.errors import ConfigError
+from router.errors import ConfigError, RouterError
 from router.evidence.canonical import Link
 from router.evidence.chain import Chain, cut_torn_tail, last_link
-from router.evidence.checkpoint import checkpoint_line
+from router.evidence.checkpoint import CheckpointError, checkpoint_line, parse_checkpoint
 from router.evidence.keys import SigningKeyError, load_private
 from router.observe.metrics import utc_iso
 
@@ -82,10 +87,13 @@ class Evidence:
             chain = self.chains[target_id] = Chain(target_id)
             stored = self._stored.get(target_id)
             if stored is not None:
-                seq, head_hash, _, at = stored
+                seq, head_hash, line, at = stored
                 chain.observe(Link(seq, b"", head_hash))
-                chain.checkpointed_seq = seq
+                if line == b"":  # a head kept before the chain's first checkpoint
+                    line, at = None, None
+                chain.checkpointed_seq = _checkpoint_seq(line, seq) if line is not None else 0
                 chain.checkpointed_at = at
+                chain.checkpoint = line
             letters = letters_path(self.dead_letter_dir, target_id)
             cut_torn_tail(letters)  # before the first letter is appended after it
             chain.observe(last_link(letters))
@@ -101,12 +109,19 @@ class Evidence:
         return None
 
     def attach(
-        self, target_id: str, write_line: Callable[[bytes], Awaitable[None]]
+        self,
+        target_id: str,
+        write_line: Callable[[bytes], Awaitable[None]],
+        *,
+        head_in_journal: bool = False,
     ) -> Chain | None:
-        """A chained target registers how a checkpoint line is appended to its archive."""
+        """A chained target registers how a checkpoint line is written into its archive;
+        `head_in_journal`: its archive cannot give the head back (a bucket), so the journal
+        keeps it after every write."""
         chain = self.chain(target_id)
         if chain is not None:
             self._writers[target_id] = write_line
+            chain.head_in_journal = head_in_journal
         return chain
 
     def detach(self, target_id: str) -> None:
@@ -132,6 +147,20 @@ class Evidence:
         """Called by a chained write, under the chain's lock, once its lines are written."""
         if self._due(chain):
             await self._checkpoint_locked(chain)
+        if chain.head_in_journal and chain.head is not None:
+            # The places are taken whether or not this row is written: a failure here is the
+            # journal's, and the next write saves the head again. Before the first checkpoint
+            # the row holds an empty one (b"", time 0).
+            try:
+                await self.store.save_chain(
+                    chain.target_id,
+                    chain.seq,
+                    chain.head.hash,
+                    chain.checkpoint or b"",
+                    chain.checkpointed_at or 0.0,
+                )
+            except (RouterError, OSError):
+                log.exception("target %s: cannot keep the chain head", chain.target_id)
 
     async def _checkpoint_locked(self, chain: Chain) -> None:
         write = self._writers.get(chain.target_id)
@@ -150,6 +179,7 @@ class Evidence:
             return
         chain.checkpointed_seq = chain.seq
         chain.checkpointed_at = now
+        chain.checkpoint = line
 
     async def _checkpoint_every_interval(self) -> None:
         while True:
@@ -159,3 +189,12 @@ class Evidence:
                 if chain is not None and self._due(chain):
                     async with chain.lock:
                         await self._checkpoint_locked(chain)
+
+
+def _checkpoint_seq(line: bytes, head_seq: int) -> int:
+    """The seq a stored checkpoint covers: the head's for a target whose row moves at each
+    checkpoint, possibly less for one whose head is kept after every write."""
+    try:
+        return parse_checkpoint(line).seq
+    except CheckpointError:
+        return head_seq

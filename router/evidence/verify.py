@@ -12,12 +12,19 @@ and says where they stop agreeing with the chain. What it checks, for every line
   carries a valid Ed25519 signature over its payload.
 
 Events that appear twice (the at-most-once batch re-sent after kill -9, at new places) are
-counted, not faulted: each of their places is a valid link.
+counted, not faulted: each of their places is a valid link. Two adjacent lines in each other's
+places are named as swapped. Given the head the daemon reports (`--expect-head`, from
+/v1/status), places cut off the end after the last checkpoint show too.
+
+Letters a `dlq redrive` put back on the journal are moved, line for line, to
+`<deadletter>/redriven/<target>.ndjson`: given that file too, their places are filled, and each
+redriven event's new place in the archive is matched to its letter by id.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import heapq
 import math
 import re
@@ -31,6 +38,7 @@ from typing import Any
 import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from router.deadletter import REDRIVEN_DIR
 from router.evidence.canonical import GENESIS, CanonicalError, Link, link_hash, split_line
 from router.evidence.checkpoint import CheckpointError, is_checkpoint, parse_checkpoint
 from router.evidence.keys import key_id
@@ -49,6 +57,27 @@ class Broken(Exception):
         self.place = place
         self.message = message
         super().__init__(f"{place}: {message}" if place else message)
+
+
+@dataclass(frozen=True, slots=True)
+class ExpectedHead:
+    """The head a running daemon reports for the target (/v1/status: chain_seq, chain_hash):
+    the files must reach it, or places were cut off their end."""
+
+    seq: int
+    hash: bytes | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> ExpectedHead:
+        """`SEQ` or `SEQ:HASH` (the hash as 64 hex digits)."""
+        seq, _, digest = text.partition(":")
+        try:
+            head = cls(int(seq), bytes.fromhex(digest) if digest else None)
+        except ValueError as exc:
+            raise ValueError(f"--expect-head: {text!r} is not SEQ or SEQ:HASH") from exc
+        if head.seq < 1 or (head.hash is not None and len(head.hash) != 32):
+            raise ValueError(f"--expect-head: {text!r} is not SEQ or SEQ:HASH")
+        return head
 
 
 @dataclass(slots=True)
@@ -70,6 +99,10 @@ class Report:
     first_time: str | None = None
     last_time: str | None = None
     files: int = 0
+    redriven: int = 0  # letters a redrive put back on the journal (still in the chain)
+    redelivered: int = 0  # of those, events found again at a later place in the archive
+    receipts: int = 0  # signed receipts given (--receipts), their signatures checked
+    receipts_found: int = 0  # of those, whose digest is an event line's in the chain
 
     @property
     def ok(self) -> bool:
@@ -82,12 +115,41 @@ class Report:
             if self.last_checkpoint_time
             else ""
         )
-        return (
-            f"{counted(self.events, 'event')} and {counted(self.dead_letters, 'dead letter')} "
-            f"verified (chain head seq {self.head_seq}, {self.resent} re-sent), "
-            f"{counted(self.checkpoints, 'checkpoint')} ({self.signed_checkpoints} "
-            f"signature-checked) in {counted(self.files, 'file')}{times}{checkpoint}"
+        redriven = (
+            f" ({self.redriven} redriven, {self.redelivered} of them delivered again)"
+            if self.redriven
+            else ""
         )
+        receipts = (
+            f"; {counted(self.receipts, 'signed receipt')}, {self.receipts_found} of them for "
+            "events in the chain"
+            if self.receipts
+            else ""
+        )
+        return (
+            f"{counted(self.events, 'event')} and {counted(self.dead_letters, 'dead letter')}"
+            f"{redriven} verified (chain head seq {self.head_seq}, {self.resent} re-sent), "
+            f"{counted(self.checkpoints, 'checkpoint')} ({self.signed_checkpoints} "
+            f"signature-checked) in {counted(self.files, 'file')}{times}{checkpoint}{receipts}"
+        )
+
+
+class ReceiptDigests:
+    """The digests of signed receipts an auditor holds, found as event lines go by."""
+
+    def __init__(self, digests: Iterable[str] = ()) -> None:
+        self.wanted = set(digests)
+        self.found: set[str] = set()
+
+    def see(self, canonical: bytes) -> None:
+        if self.wanted:
+            found = "sha256:" + hashlib.sha256(canonical).hexdigest()
+            if found in self.wanted:
+                self.found.add(found)
+
+    def count(self, report: Report) -> None:
+        report.receipts = len(self.wanted)
+        report.receipts_found = len(self.found)
 
 
 @dataclass(slots=True)
@@ -95,6 +157,73 @@ class _Letter:
     place: str
     canonical: bytes
     link: Link
+    redriven: bool = False
+
+
+def conclude(
+    report: Report,
+    *,
+    unsigned: int,
+    unchecked: int,
+    max_age_s: float | None,
+    now: datetime,
+    unchained: str = "lines before the chain have no _chain",
+) -> None:
+    """The warnings of a chain read to its end, and the --max-age-s check (raises Broken)."""
+    if report.checkpoints == 0 and report.head_seq:
+        report.warnings.append("no checkpoint: nothing vouches for the chain's head")
+    elif report.head_seq > report.last_checkpoint_seq:
+        report.warnings.append(
+            f"seq {_span(report.last_checkpoint_seq + 1, report.head_seq)} come after the last "
+            "checkpoint (written since, or cut off by a crash); the next checkpoint covers them "
+            "(--expect-head with the daemon's head checks them now)"
+        )
+    if unsigned:
+        report.warnings.append(f"{unsigned} checkpoints are unsigned (no signing key)")
+    if unchecked:
+        report.warnings.append(f"{unchecked} signed checkpoints not checked: give --public-key")
+    if report.unchained:
+        report.warnings.append(f"{report.unchained} {unchained}")
+    if report.receipts_found < report.receipts:
+        report.warnings.append(
+            f"{report.receipts - report.receipts_found} receipts name events not in these files "
+            "(pending, dead-lettered, or in files not given)"
+        )
+    if report.redelivered < report.redriven:
+        report.warnings.append(
+            f"{report.redriven - report.redelivered} redriven letters' events are not (yet) in "
+            "the archive after their letters"
+        )
+    if max_age_s is not None and report.last_checkpoint_time is not None:
+        at = datetime.fromisoformat(report.last_checkpoint_time.replace("Z", "+00:00"))
+        age = (now - at).total_seconds()
+        if age > max_age_s:
+            raise Broken(
+                "",
+                f"the last checkpoint ({report.last_checkpoint_time}) is {age:.0f} s old, "
+                f"more than --max-age-s {max_age_s:g}",
+            )
+
+
+def check_head(
+    expected: ExpectedHead | None, head_seq: int, head_place: str, hash_there: bytes | None
+) -> None:
+    """The chain read must reach the head the daemon reported, with the same hash there."""
+    if expected is None:
+        return
+    if head_seq < expected.seq:
+        raise Broken(
+            "",
+            f"seq {_span(head_seq + 1, expected.seq)} missing at the end: the chain ends at "
+            f"seq {head_seq} ({head_place}) but the daemon's head is seq {expected.seq} "
+            "(places cut off the end)",
+        )
+    if expected.hash is not None and hash_there != expected.hash:
+        raise Broken(
+            "",
+            f"seq {expected.seq} does not hold the daemon's head (its hash differs): the chain "
+            "was rewritten from there or before",
+        )
 
 
 class Verifier:
@@ -108,9 +237,12 @@ class Verifier:
         max_age_s: float | None = None,
         now: datetime | None = None,
         progress: Callable[[int], None] | None = None,
+        expect_head: ExpectedHead | None = None,
+        receipts: ReceiptDigests | None = None,
     ) -> None:
         self.public_key = public_key
         self.key_id = key_id(public_key) if public_key is not None else None
+        self.receipts = receipts or ReceiptDigests()
         self.partial = partial
         self.max_age_s = max_age_s
         self.now = now or datetime.now(UTC)
@@ -126,12 +258,17 @@ class Verifier:
         self._lines = 0
         self._unsigned = 0
         self._unchecked = 0
+        self.expect_head = expect_head
+        self._hash_at_expected: bytes | None = None
+        self._ahead: tuple[str, bytes, Link] | None = None  # a line one place early: swapped?
+        self._redriven: dict[str, int] = {}  # event id -> the seq of its redriven letter
 
     # -- input -----------------------------------------------------------------------------
 
-    def dead_letters(self, name: str, lines: Iterable[bytes]) -> None:
+    def dead_letters(self, name: str, lines: Iterable[bytes], *, redriven: bool = False) -> None:
         """Every chained letter of a dead-letter file takes its place when the archive reaches
-        it (or at the end)."""
+        it (or at the end). `redriven`: the letters a redrive moved out of the dead-letter file
+        (a redrive cut short leaves a letter in both files: the same line, counted once)."""
         self.report.files += 1
         self._letter_files += 1
         for number, line in _numbered(name, lines):
@@ -141,9 +278,13 @@ class Verifier:
                 self.report.unchained += 1
                 continue
             canonical, link = found
-            if link.seq in self._letters:
+            known = self._letters.get(link.seq)
+            if known is not None:
+                if known.link == link and known.canonical == canonical:
+                    known.redriven = known.redriven or redriven
+                    continue
                 raise Broken(place, f"seq {link.seq} appears twice in the dead letters")
-            self._letters[link.seq] = _Letter(place, canonical, link)
+            self._letters[link.seq] = _Letter(place, canonical, link, redriven)
             heapq.heappush(self._letter_seqs, link.seq)
 
     def archive(self, name: str, lines: Iterable[bytes]) -> None:
@@ -156,6 +297,7 @@ class Verifier:
                 continue
             found = _split(place, line)
             if found is None:
+                self._flush_ahead()
                 if self._head is not None or (self._letters and min(self._letters) == 1):
                     raise Broken(place, "a line without a _chain member inside the chain")
                 self.report.unchained += 1  # written before evidence was turned on
@@ -167,38 +309,60 @@ class Verifier:
                     place,
                     f"seq {link.seq} is also in the dead letters ({self._letters[link.seq].place})",
                 )
+            if self._swapped(place, canonical, link):
+                continue
             self._take(place, canonical, link, letter=False)
 
     def finish(self) -> Report:
         """The report once every file was read (`Broken` raised meanwhile goes in it too)."""
+        self._flush_ahead()
         self._fill_letters(math.inf)
         report = self.report
         report.head_seq = self._head.seq if self._head is not None else 0
-        if report.checkpoints == 0 and report.head_seq:
-            report.warnings.append("no checkpoint: nothing vouches for the chain's head")
-        elif report.head_seq > report.last_checkpoint_seq:
-            report.warnings.append(
-                f"seq {_span(report.last_checkpoint_seq + 1, report.head_seq)} come after the last "
-                "checkpoint (written since, or cut off by a crash); the next checkpoint covers them"
-            )
-        if self._unsigned:
-            report.warnings.append(f"{self._unsigned} checkpoints are unsigned (no signing key)")
-        if self._unchecked:
-            report.warnings.append(
-                f"{self._unchecked} signed checkpoints not checked: give --public-key"
-            )
-        if report.unchained:
-            report.warnings.append(f"{report.unchained} lines before the chain have no _chain")
-        if self.max_age_s is not None and report.last_checkpoint_time is not None:
-            at = datetime.fromisoformat(report.last_checkpoint_time.replace("Z", "+00:00"))
-            age = (self.now - at).total_seconds()
-            if age > self.max_age_s:
-                raise Broken(
-                    "",
-                    f"the last checkpoint ({report.last_checkpoint_time}) is {age:.0f} s old, "
-                    f"more than --max-age-s {self.max_age_s:g}",
-                )
+        check_head(self.expect_head, report.head_seq, self._head_place, self._hash_at_expected)
+        self.receipts.count(report)
+        conclude(
+            report,
+            unsigned=self._unsigned,
+            unchecked=self._unchecked,
+            max_age_s=self.max_age_s,
+            now=self.now,
+        )
         return report
+
+    def _swapped(self, place: str, canonical: bytes, link: Link) -> bool:
+        """Hold a line one place early (the next place missing) until the next line says
+        whether the two were swapped; True when the line was held or the pair taken."""
+        ahead = self._ahead
+        if ahead is None:
+            if link.seq == self._next_seq() + 1 and self._head is not None:
+                self._ahead = (place, canonical, link)
+                return True
+            return False
+        self._ahead = None
+        ahead_place, ahead_canonical, ahead_link = ahead
+        head = self._head
+        if (
+            head is not None
+            and link.seq == head.seq + 1
+            and link.prev == head.hash
+            and ahead_link.prev == link.hash
+            and link_hash(link.prev, canonical) == link.hash
+            and link_hash(ahead_link.prev, ahead_canonical) == ahead_link.hash
+        ):
+            raise Broken(
+                ahead_place,
+                f"swapped with {place} (seq {ahead_link.seq} and seq {link.seq} are in each "
+                "other's places)",
+            )
+        self._take(ahead_place, ahead_canonical, ahead_link, letter=False)  # raises the gap
+        return False
+
+    def _flush_ahead(self) -> None:
+        """A line held one place early that no swap explains: its gap."""
+        if self._ahead is not None:
+            ahead, self._ahead = self._ahead, None
+            self._take(ahead[0], ahead[1], ahead[2], letter=False)
 
     # -- the chain -------------------------------------------------------------------------
 
@@ -212,12 +376,12 @@ class Verifier:
         before one of them is a gap named at that letter)."""
         while self._letter_seqs and self._letter_seqs[0] <= through:
             letter = self._letters.pop(heapq.heappop(self._letter_seqs))
-            self._take(letter.place, letter.canonical, letter.link, letter=True)
+            self._take(letter.place, letter.canonical, letter.link, letter=letter)
 
     def _next_seq(self) -> int:
         return self._head.seq + 1 if self._head is not None else 1
 
-    def _take(self, place: str, canonical: bytes, link: Link, *, letter: bool) -> None:
+    def _take(self, place: str, canonical: bytes, link: Link, *, letter: bool | _Letter) -> None:
         expected = self._next_seq()
         if link.seq != expected and not (self._head is None and self.partial):
             if link.seq > expected:
@@ -239,14 +403,22 @@ class Verifier:
             raise Broken(place, f"prev does not match the hash of {self._head_place}")
         self._head = link
         self._head_place = place
-        self._note(canonical, letter)
+        if self.expect_head is not None and link.seq == self.expect_head.seq:
+            self._hash_at_expected = link.hash
+        self._note(canonical, link.seq, letter)
 
-    def _note(self, canonical: bytes, letter: bool) -> None:
+    def _note(self, canonical: bytes, seq: int, letter: bool | _Letter) -> None:
         report = self.report
         if letter:
             report.dead_letters += 1
+            if isinstance(letter, _Letter) and letter.redriven:
+                report.redriven += 1
+                event = orjson.loads(canonical).get("event")
+                if isinstance(event, dict) and isinstance(event.get("id"), str):
+                    self._redriven[event["id"]] = seq
             return
         report.events += 1
+        self.receipts.see(canonical)
         try:
             body: Any = orjson.loads(canonical)
         except orjson.JSONDecodeError:
@@ -258,7 +430,9 @@ class Verifier:
             if report.last_time is None or event_time > report.last_time:
                 report.last_time = event_time
         event_id = body.get("id") if isinstance(body, dict) else None
-        if isinstance(event_id, str):
+        if isinstance(event_id, str) and self._redriven.pop(event_id, seq) < seq:
+            report.redelivered += 1  # its redriven letter was at an earlier place
+        elif isinstance(event_id, str):
             if event_id in self._recent_set:
                 report.resent += 1
             else:
@@ -268,6 +442,7 @@ class Verifier:
                     self._recent_set.discard(self._recent_ids.popleft())
 
     def _checkpoint(self, place: str, line: bytes) -> None:
+        self._flush_ahead()
         try:
             checkpoint = parse_checkpoint(line)
         except CheckpointError as exc:
@@ -370,7 +545,8 @@ def verify_files(paths: Iterable[Path], verifier: Verifier) -> Report:
         (letters if is_dead_letter_file(path) else archives).append(path)
     try:
         for path in letters:
-            verifier.dead_letters(str(path), open_lines(path))
+            redriven = path.parent.name == REDRIVEN_DIR
+            verifier.dead_letters(str(path), open_lines(path), redriven=redriven)
         for path in archive_order(archives):
             verifier.archive(str(path), open_lines(path))
         return verifier.finish()

@@ -749,7 +749,8 @@ class SqliteJournal:
     # -- evidence (router/evidence): chain heads and their last checkpoints ------------------
 
     async def chain_heads(self) -> dict[str, tuple[int, bytes, bytes | None, float | None]]:
-        """Per target: the chain head at its last checkpoint, that checkpoint, and when."""
+        """Per target: the chain head at its last checkpoint (a bucket target's: after its last
+        write), that checkpoint (b"" before the first), and when."""
 
         def read() -> dict[str, tuple[int, bytes, bytes | None, float | None]]:
             assert self._db is not None

@@ -15,6 +15,14 @@ below the 5 GB a single PUT takes (see BATCH_DEFAULTS), so no multipart upload i
 none can be left half done. A retry of the same events reuses the name of the first attempt,
 so a PUT whose answer was lost is overwritten on retry, not written twice.
 
+With evidence on (router/evidence), `chain` is set before `start`: every line of an object then
+carries its `_chain` link, as a file target's line does. The lines are linked under the chain's
+lock when the object is first written, and the body is kept for the retries, so a retried PUT
+(which may overwrite a first one whose answer was lost) carries the very same bytes and places;
+the head moves once a PUT succeeded, and the journal keeps it (a bucket is not read back at
+start). Checkpoints are small objects of their own, named like the others under the account of
+the target's `target_crn`.
+
 Auth: HMAC keys sign each request with SigV4 (botocore's own signer), or an IAM API key is
 exchanged for a bearer token (router.iam) that goes in the Authorization header of unsigned
 requests; on a 401/403 the token is refreshed and the request tried once more.
@@ -51,6 +59,8 @@ from aiobotocore.config import AioConfig
 
 from router.errors import PermanentDeliveryError, RetryableDeliveryError
 from router.events import Event, crn_parts
+from router.evidence.canonical import Link
+from router.evidence.chain import Chain
 from router.iam import IamTokenSource
 from router.targets._net import RETRYABLE_STATUSES, batch_key, new_session, parse_retry_after
 
@@ -99,6 +109,7 @@ RETRYABLE_CODES: Final = frozenset(
 AUTH_STATUSES: Final = frozenset({401, 403})
 # Object names of batches still being retried, so a retry reuses its first name.
 MAX_PENDING_NAMES = 256
+CHECKPOINT_TIMEOUT_S = 10.0
 # `s3[.private|.direct].<region>.cloud-object-storage.appdomain.cloud`
 _IBM_COS_HOST = re.compile(
     r"^s3\.(?:(?:private|direct)\.)?([a-z0-9-]+)\.cloud-object-storage\.appdomain\.cloud$"
@@ -192,8 +203,12 @@ def endpoint_region(endpoint: str) -> str | None:
 
 def event_account(event: Event) -> str:
     """The account of an event: the `a/<account>` scope of its logSourceCRN."""
-    scope = crn_parts(str(event.body.get("logSourceCRN", "")))[6]
-    kind, _, account = scope.partition("/")
+    return crn_account(str(event.body.get("logSourceCRN", "")))
+
+
+def crn_account(crn: str) -> str:
+    """The account of a CRN's `a/<account>` scope (NO_ACCOUNT when it has none)."""
+    kind, _, account = crn_parts(crn)[6].partition("/")
     if kind == "a" and _SAFE_SEGMENT.match(account):
         return account
     return NO_ACCOUNT
@@ -228,6 +243,28 @@ def packed(events: Sequence[Event]) -> tuple[bytes, str]:
     return body, base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode()
 
 
+def packed_lines(lines: Sequence[bytes]) -> tuple[bytes, str]:
+    """Lines (no newlines) as a gzip NDJSON body, and its Content-MD5."""
+    body = gzip.compress(b"".join(line + b"\n" for line in lines), compresslevel=6)
+    return body, base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode()
+
+
+@dataclass(frozen=True, slots=True)
+class Linked:
+    """A chained object's body, linked from `base` to `head`: what every attempt PUTs."""
+
+    base: Link | None
+    head: Link | None
+    body: bytes
+    md5: str
+
+
+def _link(chain: Chain, events: Sequence[Event]) -> Linked:
+    """The chained object for these events from the chain's head (the head does not move)."""
+    lines, head = chain.link([event.encoded() for event in events])
+    return Linked(chain.head, head, *packed_lines(lines))
+
+
 def by_account(batch: Sequence[Event]) -> dict[str, list[Event]]:
     """The batch's events per account, accounts in order of first appearance."""
     groups: dict[str, list[Event]] = {}
@@ -244,12 +281,16 @@ class CosTarget:
         self.endpoint = endpoint
         self.url = endpoint_url(endpoint.endpoint)
         self.region = endpoint.region or endpoint_region(endpoint.endpoint) or DEFAULT_REGION
+        self.account = crn_account(endpoint.target_crn)
         self.tokens: IamTokenSource | None = None
         if endpoint.hmac_keys is None:
             assert endpoint.api_key is not None  # the schema requires one or the other
             self.tokens = IamTokenSource.shared(endpoint.iam_url, endpoint.api_key)
         self._bearer = ""
         self._names: OrderedDict[str, str] = OrderedDict()
+        self.chain: Chain | None = None
+        # Chained bodies of objects still being retried, by batch key (as their names).
+        self._linked: OrderedDict[str, Linked] = OrderedDict()
         self._stack: contextlib.AsyncExitStack | None = None
         self._client: S3Client | None = None
         self._session: aiohttp.ClientSession | None = None  # for IAM tokens only
@@ -318,8 +359,51 @@ class CosTarget:
 
     async def _write(self, account: str, events: Sequence[Event]) -> None:
         name = self._name(account, events)
-        # Off the event loop: 8 MiB take ~0.2 s to gzip, a pause ingest would feel.
-        body, md5 = await asyncio.to_thread(packed, events)
+        chain = self.chain
+        if chain is None:
+            # Off the event loop: 8 MiB take ~0.2 s to gzip, a pause ingest would feel.
+            body, md5 = await asyncio.to_thread(packed, events)
+            await self._put_authorized(name, body, md5)
+        else:
+            # Shielded as the file target's chained write is: the PUT, the head and the lock
+            # end together.
+            await asyncio.shield(asyncio.ensure_future(self._write_chained(chain, name, events)))
+        self._names.pop(batch_key(events), None)
+        log.debug("target %s: wrote %s (%d events)", self.id, name, len(events))
+
+    async def _write_chained(self, chain: Chain, name: str, events: Sequence[Event]) -> None:
+        """Link the events from the chain's head (or reuse the body a first attempt linked,
+        when nothing took a place since), PUT, and move the head."""
+        key = batch_key(events)
+        async with chain.lock:
+            linked = self._linked.get(key)
+            if linked is None or linked.base != chain.head:
+                # Off the event loop: hashing and gzipping 20,000 lines take a good part of a
+                # second. Nothing moves the head meanwhile: this task holds the lock.
+                linked = self._linked[key] = await asyncio.to_thread(_link, chain, events)
+                while len(self._linked) > MAX_PENDING_NAMES:
+                    self._linked.popitem(last=False)
+            await self._put_authorized(name, linked.body, linked.md5)
+            self._linked.pop(key, None)
+            chain.advance(linked.head)
+            if chain.after_write is not None:
+                await chain.after_write(chain)
+
+    async def write_line(self, line: bytes) -> None:
+        """Write one line that is not an event (a checkpoint) as an object of its own, under
+        the account of the target's CRN; the caller holds the chain lock."""
+        now = time.time()
+        name = object_key(self.account, self.region, now, uuid7(now))
+        body, md5 = packed_lines([line])
+        # A checkpoint is a few hundred bytes: a store that does not take it within
+        # CHECKPOINT_TIMEOUT_S is down, and must not hold up a shutdown for timeout_s (the
+        # journal keeps the head; the next checkpoint covers these places).
+        async with asyncio.timeout(min(self.endpoint.timeout_s, CHECKPOINT_TIMEOUT_S)):
+            await self.start()
+            await self._put_authorized(name, body, md5)
+
+    async def _put_authorized(self, name: str, body: bytes, md5: str) -> None:
+        """One PUT, once more with a new IAM token when the first one was refused."""
         for attempt in (1, 2):
             token = await self._token()
             try:
@@ -330,8 +414,6 @@ class CosTarget:
                 # The token expired or was revoked early: fetch a new one and try once more.
                 self.tokens.invalidate(token)
                 continue
-            self._names.pop(batch_key(events), None)
-            log.debug("target %s: wrote %s (%d events)", self.id, name, len(events))
             return
 
     async def _token(self) -> str:

@@ -172,7 +172,10 @@ async def test_tampering_is_reported_at_its_exact_place(
         expected = f"{path}:{number}: hash does not match the chain (the line was changed)"
     elif tampering == "lines swapped":
         lines[i], lines[i + 1] = lines[i + 1], lines[i]
-        expected = f"gap: seq {seq} missing between {path}:{number - 1} and {path}:{number}{HINT}"
+        expected = (
+            f"{path}:{number}: swapped with {path}:{number + 1} (seq {seq + 1} and seq {seq} are "
+            "in each other's places)"
+        )
     elif tampering == "file truncated":
         cut = len(b"".join(lines[:i])) + len(lines[i]) // 2
         path.write_bytes(b"".join(lines)[:cut])
@@ -724,3 +727,169 @@ async def test_a_send_cancelled_mid_write_keeps_the_chain_until_the_write_is_don
     report = verify([path])
     assert report.ok, report.broken
     assert report.head_seq == report.last_checkpoint_seq == 3001
+
+
+# -- a redrive keeps the letters' places ----------------------------------------------------------
+
+
+async def test_a_redrive_keeps_the_letters_places_and_the_archive_still_verifies(
+    tmp_path: Path,
+) -> None:
+    """A chained file target dead-letters 3 events (its path is a directory), then can write
+    again; `dlq redrive` (the real CLI against the daemon) puts the letters back. The letters
+    keep their places (moved to the redriven file), the redriven events take new ones, and the
+    archive with both letter files verifies and reconciles with the books."""
+    archive = tmp_path / "us.ndjson"
+    retry = {"max_attempts": 1, "initial_backoff_s": 0.01}
+    data: dict[str, Any] = {
+        "server": {"host": "127.0.0.1", "port": 0},
+        "storage": {"path": str(tmp_path / "var")},
+        "delivery": FAST_DELIVERY,
+        "startup": {"validate_targets": False},
+        "targets": [{**chained_file_target(archive), "retry": retry}],
+        "routes": everything_to("us"),
+    }
+    daemon = Daemon(parse_config(data), ConfigSource(None, data))
+    archive.mkdir()  # after the config check: every write fails until it is removed
+    await daemon.start()
+    try:
+        await redrive_then_verify(daemon, data, tmp_path)
+    finally:
+        if daemon.ready:
+            await daemon.stop()
+
+
+async def redrive_then_verify(daemon: Daemon, data: dict[str, Any], tmp_path: Path) -> None:
+    archive = tmp_path / "us.ndjson"
+    await post(daemon, [make_event(id=f"d-{n}") for n in range(3)])
+    await wait_for(lambda: settled(daemon), what="dead letters")
+    archive.rmdir()
+    await post(daemon, [make_event(id=f"ok-{n}") for n in range(2)])
+    await wait_for(lambda: settled(daemon), what="delivery")
+    config = tmp_path / "router.yaml"
+    config.write_text(yaml.safe_dump(data))
+    done = await asyncio.to_thread(
+        run_cli,
+        "dlq",
+        "redrive",
+        "--config",
+        str(config),
+        "--target",
+        "us",
+        "--url",
+        f"http://127.0.0.1:{daemon.port}",
+    )
+    assert done.returncode == 0, done.stderr
+    await wait_for(lambda: settled(daemon), what="the redriven events")
+    row = daemon.status()["targets"]["us"]
+    assert (row["received"], row["delivered"], row["dead_lettered"]) == (8, 5, 3)
+    assert_books_balance(daemon)
+    await daemon.stop()
+
+    letters = tmp_path / "var" / "deadletter" / "us.ndjson"
+    redriven = tmp_path / "var" / "deadletter" / "redriven" / "us.ndjson"
+    assert read_ndjson(letters) == [], "the letters left the dead-letter file"
+    assert [r["event"]["id"] for r in read_ndjson(redriven)] == ["d-0", "d-1", "d-2"]
+    report = verify([archive, letters, redriven])
+    assert report.ok, report.broken
+    assert (report.events, report.dead_letters, report.redriven, report.redelivered) == (5, 3, 3, 3)
+    assert report.events + report.dead_letters == row["received"], "the books, from the files"
+    assert not report.warnings or all("unsigned" in w for w in report.warnings), report.warnings
+    cli = await asyncio.to_thread(run_cli, "verify", str(archive), str(letters), str(redriven))
+    assert cli.returncode == 0, cli.stdout + cli.stderr
+    assert "3 dead letters (3 redriven, 3 of them delivered again) verified" in cli.stdout
+
+
+# -- the end of the chain: what the daemon reports as its head ------------------------------------
+
+
+async def test_lines_cut_after_the_last_checkpoint_fail_verify_given_the_daemons_head(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """The last checkpoint covers seq 5; seq 6-8 follow it. Cut from a copy of the archive,
+    they leave a chain that is whole as far as it goes: only the head the running daemon
+    reports (/v1/status) shows that it stops short."""
+    path = tmp_path / "us.ndjson"
+    daemon = await start_daemon(
+        {
+            "targets": [chained_file_target(path)],
+            "routes": everything_to("us"),
+            "evidence": {"checkpoint_every_events": 5, "checkpoint_every_s": 3600},
+        }
+    )
+    for batch in ([f"a-{n}" for n in range(5)], [f"b-{n}" for n in range(3)]):
+        await post(daemon, [make_event(id=i) for i in batch])
+        await wait_for(lambda: settled(daemon), what="delivery")
+    code, status = await get_json(daemon, "/v1/status")
+    assert code == 200
+    evidence = status["targets"]["us"]["evidence"]
+    assert (evidence["chain_seq"], evidence["checkpoint_seq"]) == (8, 5)
+    head = f"{evidence['chain_seq']}:{evidence['chain_hash']}"
+
+    copy = tmp_path / "copy" / "us.ndjson"
+    copy.parent.mkdir()
+    copy.write_bytes(path.read_bytes())
+    whole = await asyncio.to_thread(run_cli, "verify", "--expect-head", head, str(copy))
+    assert whole.returncode == 0, whole.stdout + whole.stderr
+    lines = lines_of(copy)
+    copy.write_bytes(b"".join(lines[:-2]))  # seq 7 and 8 cut off the end
+    alone = await asyncio.to_thread(run_cli, "verify", str(copy))
+    assert alone.returncode == 0, "without the head, the cut is only a warning"
+    assert "seq 6 come after the last checkpoint" in alone.stderr
+    cut = await asyncio.to_thread(run_cli, "verify", "--expect-head", head, str(copy))
+    assert cut.returncode == 1
+    assert cut.stdout.splitlines()[0] == (
+        f"BROKEN: seq 7{EN_DASH}8 missing at the end: the chain ends at seq 6 "
+        f"({copy}:{len(lines) - 2}) but the daemon's head is seq 8 (places cut off the end)"
+    )
+    # The last line rewritten from there on (another event at seq 8) has another hash.
+    other = await asyncio.to_thread(run_cli, "verify", "--expect-head", f"8:{'0' * 64}", str(path))
+    assert other.returncode == 1
+    assert "seq 8 does not hold the daemon's head (its hash differs)" in other.stdout
+
+
+# -- signed receipts: an auditor checks them with the public key alone ---------------------------
+
+
+async def test_signed_receipts_verify_with_the_public_key_and_name_archive_lines(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """With a signing key, each receipt carries an Ed25519 signature: `verify --receipts`
+    checks it with the public key (no router secret) and finds each event in the chain; a
+    receipt changed after it was issued is named at its place."""
+    key, public = generate(tmp_path / "signing.key")
+    archive = tmp_path / "us.ndjson"
+    daemon = await start_daemon(
+        {
+            "targets": [chained_file_target(archive)],
+            "routes": everything_to("us"),
+            "evidence": {"signing_key_file": str(key), "receipts": True},
+        }
+    )
+    answers = []
+    for n in range(2):
+        status, answer = await post(daemon, [make_event(id=f"r-{n}-{i}") for i in range(3)])
+        assert status == 202
+        answers.append(answer)
+    await wait_for(lambda: settled(daemon), what="delivery")
+    await daemon.stop()
+    receipt = answers[0]["results"][0]["receipt"]
+    assert set(receipt) == {"id", "digest", "received_at", "mac", "sig", "key"}
+    kept = tmp_path / "answers.ndjson"
+    kept.write_bytes(b"".join(orjson.dumps(answer) + b"\n" for answer in answers))
+
+    args = ("verify", "--public-key", str(public), "--receipts", str(kept), str(archive))
+    ok = await asyncio.to_thread(run_cli, *args)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "; 6 signed receipts, 6 of them for events in the chain" in ok.stdout
+
+    # A receipt whose digest was changed after it was issued (its signature kept): refused.
+    forged = dict(receipt, digest="sha256:" + "0" * 64)
+    kept.write_bytes(kept.read_bytes() + orjson.dumps(forged) + b"\n")
+    refused = await asyncio.to_thread(run_cli, *args)
+    assert refused.returncode == 1
+    assert refused.stdout.splitlines()[0] == (
+        f"BROKEN: {kept}:3: the receipt of 'r-0-0' is not signed by the public key (forged, "
+        "changed, or issued without a signing key)"
+    )
+    assert (await asyncio.to_thread(run_cli, *args[3:])).returncode == 2, "needs the key"

@@ -1,0 +1,955 @@
+"""The journal on NATS JetStream: several routers share one replicated backlog per target.
+
+Each target's backlog is a work-queue stream, `<stream>_<target>` (subject `<stream>.q.<target>`),
+with `storage.jetstream.replicas` replicas and `max_bytes`, refusing new messages when full.
+`append` publishes every event to the stream of each of its targets, with Nats-Msg-Id = the
+event id (a producer's retry after a lost answer is stored once) and returns only once JetStream
+acknowledged every publish, that is once a quorum of the stream's replicas stored it; only then
+does the producer get its 2xx. A full stream is JournalFullError (503 + Retry-After); no answer
+is JournalUnavailableError (503).
+
+Each target has one durable pull consumer, `delivery`, which every router bound to the stream
+shares: JetStream hands each message to one of them (work-queue semantics), so each event goes
+to the target once, whichever router sends it. A batch is acked (and leaves the stream) once
+the target took it or it was dead-lettered; a long send keeps its messages with in-progress
+acks every third of ack_wait_s; a router that dies holding a batch leaves it to be redelivered
+to another after ack_wait_s. A stopping router hands back (naks) what it holds.
+
+Dead letters go to a stream per target, `<stream>_DLQ_<target>` (StreamDeadLetters), with
+Nats-Msg-Id = the event's sequence in the target's stream, so a batch dead-lettered by a router
+that died before its ack, and dead-lettered again by the next, is one letter.
+
+The books are the streams' state, the same on every router: received is the target stream's
+last sequence (every event ever stored; a dedup'd retry takes none), pending the messages it
+still holds (in flight included), dead_lettered the dead-letter stream's last sequence, and
+delivered the rest. A stream per target (not one stream with a subject per target) is what
+makes `received` exact: JetStream keeps a sequence per stream, not per subject.
+
+Every batch a router accepts is also published, once, on the core NATS subject
+`<stream>.tail` (no stream: nothing is kept), and every router hands what the others accepted
+to its live tail (`tail_sink`), so /v1/tail on any router sees every router's events.
+
+The config is shared too (SharedConfig): the management API on any router puts the config
+into the KV bucket `<stream>_CONFIG`, and every router watches it and applies what another
+one put; the YAML file is the bootstrap (what a router runs until the bucket has a config).
+
+`storage.path` keeps what is local to one router: its lock (one daemon per directory).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import re
+import ssl
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nats
+import nats.errors
+import orjson
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import (
+    APIError,
+    BucketNotFoundError,
+    KeyNotFoundError,
+    NoStreamResponseError,
+    NotFoundError,
+)
+from nats.js.kv import KeyValue
+
+from router.appendfile import make_private_dirs
+from router.config import JOURNAL_LOCK_FILE, JetStreamConfig, StorageConfig
+from router.deadletter import DeadLetters, Failure, Letter, Taken, letter_bytes, unredrivable
+from router.errors import StorageLockedError, StorageUnavailableError
+from router.events import Event
+from router.journal import Books, Entry, JournalFullError, JournalUnavailableError
+
+log = logging.getLogger(__name__)
+
+CONSUMER = "delivery"
+# JetStream's error code for a stream at its max_bytes / max_msgs (discard: new).
+STREAM_FULL = 10077
+STREAM_NAME_IN_USE = 10058
+# Headers of a journaled message beside Nats-Msg-Id.
+ROUTE = "Router-Route"
+RECEIVED_AT = "Router-Received-At"
+ORIGIN = "Router-Instance"
+# One publish try waits this long for its ack; tries go on until publish_timeout_s, after a
+# pause that starts here and doubles.
+PUBLISH_TRY_S = 2.0
+PUBLISH_RETRY_S = 0.05
+# How often the books are read back from the streams.
+BOOKS_EVERY_S = 0.5
+# The longest one fetch waits, so a stopping worker is seen promptly.
+FETCH_WAIT_S = 1.0
+STREAM_ERRORS = (nats.errors.Error, TimeoutError, OSError)
+
+
+def stream_token(target_id: str) -> str:
+    """A target id as one token of a stream name and a subject: target ids may hold `.` and
+    `:`, which neither allows; every character but letters, digits and `-` becomes `_XX`."""
+    return re.sub(r"[^A-Za-z0-9-]", lambda m: f"_{ord(m.group()):02X}", target_id)
+
+
+def queue_stream(config: JetStreamConfig, target_id: str) -> str:
+    return f"{config.stream}_{stream_token(target_id)}"
+
+
+def queue_subject(config: JetStreamConfig, target_id: str) -> str:
+    return f"{config.stream}.q.{stream_token(target_id)}"
+
+
+def letters_stream(config: JetStreamConfig, target_id: str) -> str:
+    return f"{config.stream}_DLQ_{stream_token(target_id)}"
+
+
+def letters_subject(config: JetStreamConfig, target_id: str) -> str:
+    return f"{config.stream}.dlq.{stream_token(target_id)}"
+
+
+def tail_subject(config: JetStreamConfig) -> str:
+    return f"{config.stream}.tail"
+
+
+async def connect(config: JetStreamConfig, *, name: str = "event-router") -> Client:
+    """A NATS connection as storage.jetstream says: its servers, credentials and TLS; it
+    reconnects for ever (the journal answers 503 while it is away)."""
+    options: dict[str, Any] = {
+        "servers": list(config.servers),
+        "name": name,
+        "max_reconnect_attempts": -1,
+        "reconnect_time_wait": 0.5,
+        "connect_timeout": 5,
+        "allow_reconnect": True,
+    }
+    if config.credentials_file is not None:
+        options["user_credentials"] = config.credentials_file
+    if config.user is not None:
+        options["user"], options["password"] = config.user, config.password
+    if config.token is not None:
+        options["token"] = config.token
+    if config.tls is not None:
+        context = ssl.create_default_context(cafile=config.tls.ca_file)
+        if config.tls.cert_file is not None:
+            context.load_cert_chain(config.tls.cert_file, config.tls.key_file)
+        options["tls"] = context
+
+    async def quiet(exc: Exception) -> None:
+        log.warning("nats: %s", exc)
+
+    options["error_cb"] = quiet
+    try:
+        return await nats.connect(**options)
+    except (nats.errors.Error, OSError, TimeoutError) as exc:
+        raise StorageUnavailableError(
+            f"storage.jetstream.servers: cannot connect to {', '.join(config.servers)}: {exc}"
+        ) from exc
+
+
+async def ensure_stream(js: JetStreamContext, wanted: StreamConfig) -> None:
+    """Create the stream if missing; if present, check what the journal relies on (retention,
+    subjects) and bring the limits (replicas, max_bytes, dedup window) to the config's."""
+    assert wanted.name is not None
+    try:
+        info = await js.stream_info(wanted.name)
+    except NotFoundError:
+        try:
+            await js.add_stream(wanted)
+            return
+        except APIError as exc:
+            if exc.err_code != STREAM_NAME_IN_USE:  # not: another router created it meanwhile
+                raise StorageUnavailableError(
+                    f"storage.jetstream: cannot create stream {wanted.name}: {exc.description}"
+                ) from exc
+        info = await js.stream_info(wanted.name)
+    have = info.config
+    if have.retention != wanted.retention or list(have.subjects or []) != wanted.subjects:
+        raise StorageUnavailableError(
+            f"storage.jetstream.stream: stream {wanted.name} exists with retention "
+            f"{have.retention} and subjects {have.subjects}; the journal needs "
+            f"{wanted.retention} and {wanted.subjects} (another application's stream?)"
+        )
+    if (have.num_replicas, have.max_bytes, have.duplicate_window, have.discard) != (
+        wanted.num_replicas,
+        wanted.max_bytes,
+        wanted.duplicate_window,
+        wanted.discard,
+    ):
+        await js.update_stream(wanted)
+
+
+def _transient(exc: BaseException) -> bool:
+    """A publish that may be acknowledged if tried again: the stream has no leader for a
+    moment (a node died, an election runs), the answer timed out, or the connection is
+    moving to another server. A full stream is not transient: it is the producer's 503."""
+    if isinstance(exc, APIError):
+        return exc.code == 503 and exc.err_code != STREAM_FULL
+    return isinstance(
+        exc,
+        (
+            NoStreamResponseError,
+            nats.errors.NoRespondersError,
+            nats.errors.TimeoutError,
+            nats.errors.ConnectionReconnectingError,
+            TimeoutError,
+        ),
+    )
+
+
+def _failure(future: asyncio.Future[Any] | None) -> BaseException | None:
+    """Why a publish_async did not end in an ack (None: it did)."""
+    if future is None:
+        return nats.errors.ConnectionReconnectingError()
+    if future.cancelled():
+        return asyncio.CancelledError()
+    return future.exception()
+
+
+async def publish_until_acked(
+    js: JetStreamContext, subject: str, payload: bytes, headers: dict[str, str], *, timeout_s: float
+) -> None:
+    """Publish and wait for the stream's ack, trying again while the failure is transient,
+    until `timeout_s` has passed. Every try carries the same Nats-Msg-Id, so a try whose ack
+    was lost is stored once."""
+    deadline = time.monotonic() + timeout_s
+    pause = PUBLISH_RETRY_S
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            await js.publish(subject, payload, headers=headers, timeout=min(left, PUBLISH_TRY_S))
+            return
+        except (nats.errors.Error, TimeoutError) as exc:
+            if not _transient(exc) or deadline - time.monotonic() < pause:
+                raise
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 1.0)
+
+
+@dataclass(slots=True)
+class _Target:
+    books: Books = field(default_factory=Books)
+    sub: JetStreamContext.PullSubscription | None = None
+    # Messages this router holds (fetched, not yet acked), by stream sequence.
+    held: dict[int, Msg] = field(default_factory=dict)
+    # Fetched messages that did not fit the last batch's max_bytes: the next batch's head.
+    carry: list[Msg] = field(default_factory=list)
+    # The stream sequence of the oldest message pending when the books were last read.
+    oldest_seq: int = 0
+
+
+class JetStreamJournal:
+    """The journal over JetStream. `open()` connects and sets up the streams and consumers;
+    `close()` hands back what this router holds and disconnects."""
+
+    def __init__(self, storage: StorageConfig, target_ids: Sequence[str]) -> None:
+        self.config = storage
+        self.js_config = storage.jetstream
+        self.directory = Path(storage.path)
+        self.path = f"jetstream:{self.js_config.stream}"
+        self.max_bytes = self.js_config.max_bytes
+        self._targets = {target_id: _Target() for target_id in target_ids}
+        self._nc: Client | None = None
+        self._js: JetStreamContext | None = None
+        self._lock_fd: int | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._settling: set[asyncio.Task[None]] = set()
+        self.used_bytes = 0
+        self.quarantined = 0
+        self.lost_records = 0
+        self.checkpoint_errors = 0
+        self.healthy = True
+        # What the SQLite journal finds at start-up or while running; a shared stream has no
+        # orphans of its own (another router may still deliver a target this one dropped).
+        self.orphans: set[str] = set()
+        self.orphaned: asyncio.Queue[str] = asyncio.Queue()
+        # Event id -> the message id its redrive publishes under (StreamDeadLetters.take): the
+        # stream would drop a second message under the id it remembers.
+        self.redriving: dict[str, str] = {}
+        # Who this router is on the tail subject, and where the other routers' events go (the
+        # daemon sets it to its TailHub.publish).
+        self.instance = uuid.uuid4().hex
+        self.tail_sink: Callable[[Iterable[Event]], None] | None = None
+        self.dead_letters = StreamDeadLetters(self, storage.dead_letter_dir())
+        self.shared_config = SharedConfig(self)
+
+    @property
+    def js(self) -> JetStreamContext:
+        assert self._js is not None, "the journal is not open"
+        return self._js
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        await asyncio.to_thread(self._lock)
+        self._nc = await connect(self.js_config)
+        self._js = self._nc.jetstream(timeout=self.js_config.publish_timeout_s)
+        try:
+            for target_id in self._targets:
+                await self._set_up(target_id)
+            await self._read_books()
+        except (nats.errors.Error, TimeoutError, StorageUnavailableError) as exc:
+            await self._nc.close()
+            self._unlock()
+            if isinstance(exc, StorageUnavailableError):
+                raise
+            raise StorageUnavailableError(f"storage.jetstream: no streams: {exc}") from exc
+        await self._nc.subscribe(tail_subject(self.js_config), cb=self._on_tail)
+        self._tasks = [
+            asyncio.create_task(self._keep_books(), name="journal-books"),
+            asyncio.create_task(self._keep_in_progress(), name="journal-in-progress"),
+        ]
+
+    async def _set_up(self, target_id: str) -> None:
+        """The target's stream, its dead-letter stream and its shared durable consumer."""
+        c = self.js_config
+        common: dict[str, Any] = {
+            "storage": StorageType.FILE,
+            "num_replicas": c.replicas,
+            "duplicate_window": c.duplicate_window_s,
+        }
+        await ensure_stream(
+            self.js,
+            StreamConfig(
+                name=queue_stream(c, target_id),
+                subjects=[queue_subject(c, target_id)],
+                retention=RetentionPolicy.WORK_QUEUE,
+                max_bytes=c.max_bytes,
+                discard=DiscardPolicy.NEW,
+                **common,
+            ),
+        )
+        await ensure_stream(
+            self.js,
+            StreamConfig(
+                name=letters_stream(c, target_id),
+                subjects=[letters_subject(c, target_id)],
+                retention=RetentionPolicy.LIMITS,
+                max_bytes=-1,
+                discard=DiscardPolicy.NEW,
+                **common,
+            ),
+        )
+        stream = queue_stream(c, target_id)
+        consumer = ConsumerConfig(
+            durable_name=CONSUMER,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=c.ack_wait_s,
+            max_deliver=-1,
+            max_ack_pending=-1,
+            num_replicas=c.replicas,
+        )
+        try:
+            await self.js.consumer_info(stream, CONSUMER)
+        except NotFoundError:
+            with contextlib.suppress(APIError):  # another router created it meanwhile
+                await self.js.add_consumer(stream, consumer)
+        target = self._targets[target_id]
+        target.sub = await self.js.pull_subscribe_bind(CONSUMER, stream)
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._settling, return_exceptions=True)
+        if self._nc is not None and self._nc.is_connected:
+            # What this router still holds goes to the other routers now, not after ack_wait.
+            held = [m for t in self._targets.values() for m in (*t.held.values(), *t.carry)]
+            with contextlib.suppress(*STREAM_ERRORS):
+                await asyncio.gather(*(m.nak() for m in held))
+                await self._nc.flush(timeout=2)
+        if self._nc is not None:
+            with contextlib.suppress(*STREAM_ERRORS):
+                await self._nc.close()
+        self._unlock()
+
+    def _lock(self) -> None:
+        """Own `storage.path` for the life of the process, as the SQLite journal does: two
+        routers on one machine each need a directory of their own."""
+        make_private_dirs(self.directory)
+        fd = os.open(self.directory / JOURNAL_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode("ascii", "replace").strip()
+            os.close(fd)
+            raise StorageLockedError(
+                str(self.directory), int(holder) if holder.isdigit() else None
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # -- append --------------------------------------------------------------------------------
+
+    async def append(self, routed: Sequence[tuple[Event, Mapping[str, str]]]) -> None:
+        """Publish each event to each of its targets' streams and wait for every ack.
+
+        All publishes go out at once (publish_async: one reply subscription, twice the rate
+        of a request per message); those that failed transiently or got no ack within
+        PUBLISH_TRY_S are published again one by one, with the same message id, until
+        publish_timeout_s."""
+        sends = [
+            (target_id, event, route)
+            for event, targets in routed
+            for target_id, route in targets.items()
+            # A target retired by a reload since the event was routed: nobody delivers it.
+            if target_id in self._targets
+        ]
+        if not sends:
+            await self._share_with_tails(routed)
+            return
+        started = time.monotonic()
+        futures: list[asyncio.Future[Any] | None] = []
+        for target_id, event, route in sends:
+            subject, payload, headers = self._message(target_id, event, route)
+            try:
+                futures.append(await self.js.publish_async(subject, payload, headers=headers))
+            except STREAM_ERRORS:
+                futures.append(None)  # the connection is away: the slow path tries again
+        waiting = [f for f in futures if f is not None]
+        if waiting:
+            _, late = await asyncio.wait(waiting, timeout=PUBLISH_TRY_S)
+            for unanswered in late:
+                unanswered.cancel()  # frees its place among publish_async's pending ones
+        again = []
+        for send, outcome in zip(sends, futures, strict=True):
+            failure = _failure(outcome)
+            if failure is None:
+                continue
+            self._raise_if_final(send[0], failure)
+            again.append(send)
+        if again:
+            left = self.js_config.publish_timeout_s - (time.monotonic() - started)
+            await self._publish_each(again, max(left, PUBLISH_RETRY_S))
+        self.healthy = True
+        await self._share_with_tails(routed)
+
+    async def _share_with_tails(self, routed: Sequence[tuple[Event, Mapping[str, str]]]) -> None:
+        """The accepted batch, once, for the other routers' live tails: best effort, as the
+        tail is (a tail that falls behind drops events too)."""
+        assert self._nc is not None
+        lines = b"\n".join(event.encoded() for event, _ in routed)
+        with contextlib.suppress(*STREAM_ERRORS):
+            await self._nc.publish(
+                tail_subject(self.js_config), lines, headers={ORIGIN: self.instance}
+            )
+
+    async def _on_tail(self, msg: Msg) -> None:
+        """Another router's accepted batch, into this router's tail (parsed only if someone
+        tails here: TailHub.publish looks at its subscribers before it takes an event)."""
+        if self.tail_sink is None or (msg.headers or {}).get(ORIGIN) == self.instance:
+            return
+        now = time.time()
+        self.tail_sink(
+            Event.from_body(orjson.loads(line), received_at=now, encoded=line)
+            for line in msg.data.split(b"\n")
+            if line
+        )
+
+    async def _publish_each(
+        self, sends: Sequence[tuple[str, Event, str]], timeout_s: float
+    ) -> None:
+        results = await asyncio.gather(
+            *(
+                publish_until_acked(self.js, *self._message(*send), timeout_s=timeout_s)
+                for send in sends
+            ),
+            return_exceptions=True,
+        )
+        failures = [(s[0], r) for s, r in zip(sends, results, strict=True) if r is not None]
+        for target_id, failure in failures:
+            assert isinstance(failure, BaseException)
+            self._raise_if_final(target_id, failure)
+        if failures:
+            self.healthy = False
+            raise JournalUnavailableError(f"JetStream did not acknowledge: {failures[0][1]!r}")
+
+    def _raise_if_final(self, target_id: str, failure: BaseException) -> None:
+        """A full stream is the producer's 503 at once; an error that is no stream's answer
+        (a bug) is raised as it is; anything else may be tried again."""
+        if isinstance(failure, APIError) and failure.err_code == STREAM_FULL:
+            raise JournalFullError(
+                f"target {target_id}'s stream {queue_stream(self.js_config, target_id)} "
+                f"holds storage.jetstream.max_bytes ({self.js_config.max_bytes})"
+            )
+        if not isinstance(failure, (*STREAM_ERRORS, asyncio.CancelledError)):
+            raise failure
+
+    def _message(
+        self, target_id: str, event: Event, route: str
+    ) -> tuple[str, bytes, dict[str, str]]:
+        """A journaled event: its subject, its bytes, and its headers (the message id, by
+        which the stream de-duplicates, the route, and when it was received)."""
+        return (
+            queue_subject(self.js_config, target_id),
+            event.encoded(),
+            {
+                "Nats-Msg-Id": self.redriving.get(event.id, event.id),
+                ROUTE: route,
+                RECEIVED_AT: repr(event.received_at),
+            },
+        )
+
+    # -- read and settle -----------------------------------------------------------------------
+
+    async def next_batch(
+        self,
+        target_id: str,
+        *,
+        max_events: int,
+        max_bytes: int,
+        max_wait_s: float,
+        stopping: asyncio.Event,
+    ) -> list[Entry]:
+        """The next batch JetStream hands this router; empty once `stopping` is set: what is
+        left stays in the stream for the other routers (and this one's next start)."""
+        target = self._targets[target_id]
+        msgs = target.carry
+        target.carry = []
+        while not msgs:
+            if stopping.is_set():
+                return []
+            msgs = await self._fetch(target, max_events, FETCH_WAIT_S, stopping)
+        # Linger for more, up to max_wait_s after the first, unless stopping.
+        deadline = time.monotonic() + max_wait_s
+        while len(msgs) < max_events and not stopping.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0.01:
+                break
+            more = await self._fetch(target, max_events - len(msgs), remaining, stopping)
+            if not more:
+                break
+            msgs.extend(more)
+        batch: list[Entry] = []
+        size = 0
+        for i, msg in enumerate(msgs):
+            entry = self._entry(msg)
+            entry_bytes = len(msg.data) + 1
+            if batch and size + entry_bytes > max_bytes:
+                target.carry = msgs[i:]
+                break
+            batch.append(entry)
+            size += entry_bytes
+        for entry, msg in zip(batch, msgs, strict=False):
+            target.held[entry.seq] = msg
+        return batch
+
+    async def _fetch(
+        self, target: _Target, count: int, wait_s: float, stopping: asyncio.Event
+    ) -> list[Msg]:
+        """Up to `count` messages, waiting at most `wait_s` for the first; none if the servers
+        are away (the worker comes back), or once `stopping` is set."""
+        assert target.sub is not None
+        fetch = asyncio.ensure_future(target.sub.fetch(count, timeout=max(wait_s, 0.05)))
+        stop = asyncio.ensure_future(stopping.wait())
+        try:
+            await asyncio.wait([fetch, stop], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if not fetch.done():
+            fetch.cancel()
+            with contextlib.suppress(asyncio.CancelledError, *STREAM_ERRORS):
+                await fetch
+            return []
+        try:
+            return list(fetch.result())
+        except TimeoutError:
+            return []
+        except (nats.errors.Error, OSError) as exc:
+            log.warning("journal: fetching from JetStream failed: %s", exc)
+            await asyncio.sleep(FETCH_WAIT_S)
+            return []
+
+    def _entry(self, msg: Msg) -> Entry:
+        """A stored message as an Entry; one whose body is not a JSON object (or whose headers
+        are gone) is dead-lettered as journal_corrupt, as a record failing its checksum is."""
+        seq = msg.metadata.sequence.stream
+        headers = msg.headers or {}
+        event_id = headers.get("Nats-Msg-Id")
+        try:
+            received_at = float(headers[RECEIVED_AT])
+        except (KeyError, ValueError):
+            received_at = None
+        if event_id is None or received_at is None or not msg.data.startswith(b"{"):
+            self.quarantined += 1
+            log.error("journal: message %d is not an event; quarantined", seq)
+            return Entry(
+                seq,
+                Event.corrupt_record(seq, msg.data, event_id=event_id, received_at=received_at),
+                headers.get(ROUTE, ""),
+            )
+        # A redriven event's message id carries a suffix (below); the event's id does not.
+        return Entry(
+            seq,
+            Event.stored(event_id.split(REDRIVE_SEP, 1)[0], msg.data, received_at),
+            headers.get(ROUTE, ""),
+        )
+
+    async def ack(self, target_id: str, batch: Sequence[Entry], *, dead_lettered: int) -> None:
+        """Ack the batch: it leaves the stream. Shielded from a cancelled worker, as in the
+        SQLite journal; safe to call again after it raised (acked messages are not acked
+        twice). `dead_lettered` needs no counting here: the letters are in their stream."""
+        if not batch:
+            return
+        settling = asyncio.create_task(self._settle(target_id, batch), name=f"ack:{target_id}")
+        self._settling.add(settling)
+        settling.add_done_callback(self._settling.discard)
+        await asyncio.shield(settling)
+
+    async def _settle(self, target_id: str, batch: Sequence[Entry]) -> None:
+        """One ack per message, then one round trip (flush) that the server has them all: a
+        confirmed ack per message (ack_sync) cost a request each and halved the delivery
+        rate. An ack lost on the way can only make JetStream send the message again (at least
+        once, as after a crash), never lose it."""
+        target = self._targets.get(target_id, _Target())  # retired meanwhile: nothing held
+        msgs = [(e.seq, target.held[e.seq]) for e in batch if e.seq in target.held]
+        assert self._nc is not None
+        try:
+            for _, msg in msgs:
+                await msg.ack()
+            await self._nc.flush(timeout=max(1, int(self.js_config.publish_timeout_s)))
+        except STREAM_ERRORS as exc:
+            raise JournalUnavailableError(
+                f"JetStream did not take the acks of {len(msgs)} messages: {exc!r}"
+            ) from exc
+        for seq, _ in msgs:
+            target.held.pop(seq, None)
+
+    async def _keep_in_progress(self) -> None:
+        """While a router holds a batch (a long send, retries), tell JetStream every third of
+        ack_wait_s that it is still at work, so the batch is not given to another router."""
+        every = self.js_config.ack_wait_s / 3
+        while True:
+            await asyncio.sleep(every)
+            held = [m for t in self._targets.values() for m in (*t.held.values(), *t.carry)]
+            if held:
+                with contextlib.suppress(*STREAM_ERRORS):
+                    await asyncio.gather(*(m.in_progress() for m in held))
+
+    # -- books -------------------------------------------------------------------------------
+
+    async def _keep_books(self) -> None:
+        while True:
+            await asyncio.sleep(BOOKS_EVERY_S)
+            try:
+                await self._read_books()
+            except STREAM_ERRORS as exc:
+                log.debug("journal: cannot read the books from JetStream: %s", exc)
+
+    async def _read_books(self) -> None:
+        """Every target's books from its two streams: the same on every router."""
+        used = 0
+        for target_id, target in list(self._targets.items()):
+            queue = (await self.js.stream_info(queue_stream(self.js_config, target_id))).state
+            letters = (await self.js.stream_info(letters_stream(self.js_config, target_id))).state
+            books = target.books
+            books.received = queue.last_seq
+            books.pending = queue.messages
+            books.dead_lettered = letters.last_seq
+            books.delivered = queue.last_seq - queue.messages - letters.last_seq
+            if not queue.messages:
+                books.oldest_received_at = None
+            elif queue.first_seq != target.oldest_seq:  # the oldest pending one changed
+                books.oldest_received_at = await self._received_at(target_id, queue.first_seq)
+            target.oldest_seq = queue.first_seq if queue.messages else 0
+            used += queue.bytes
+        self.used_bytes = used
+        if self._nc is not None:
+            self.healthy = self._nc.is_connected
+
+    async def _received_at(self, target_id: str, seq: int) -> float | None:
+        with contextlib.suppress(*STREAM_ERRORS, KeyError, ValueError):
+            msg = await self.js.get_msg(queue_stream(self.js_config, target_id), seq)
+            return float((msg.headers or {})[RECEIVED_AT])
+        return None
+
+    def books(self, target_id: str) -> Books:
+        """The target's books as last read from its streams (a target this router just
+        retired, still shown while a reload finishes: empty)."""
+        target = self._targets.get(target_id)
+        return target.books if target is not None else Books()
+
+    # -- what the SQLite journal also does -------------------------------------------------------
+
+    def shed_order(self) -> list[str]:
+        """Never shed: storage.when_full drop_oldest_per_target needs the SQLite journal."""
+        return []
+
+    @asynccontextmanager
+    async def shed(self, target_id: str, count: int) -> AsyncIterator[list[Entry]]:
+        yield []
+
+    async def add_target(self, target_id: str) -> None:
+        """A target joins at run time (a config reload): its streams and consumer."""
+        if target_id in self._targets:
+            return
+        self._targets[target_id] = _Target()
+        await self._set_up(target_id)
+
+    async def retire(
+        self, target_id: str, dead_letter: Callable[[list[Entry]], Awaitable[None]]
+    ) -> int:
+        """A target removed by a reload stops being delivered by this router; its stream
+        stays, with its backlog, for the routers that still have it (or this one again)."""
+        target = self._targets.pop(target_id, None)
+        if target is not None:
+            with contextlib.suppress(*STREAM_ERRORS):
+                await asyncio.gather(*(m.nak() for m in (*target.held.values(), *target.carry)))
+        return 0
+
+    async def pending_for(self, event_id: str) -> list[str]:
+        """Receipts' lookup: not answered from a shared stream (no index by event id)."""
+        return []
+
+    async def chain_heads(self) -> dict[str, tuple[int, bytes, bytes | None, float | None]]:
+        """Evidence needs storage.backend sqlite (the config refuses it here): none kept."""
+        return {}
+
+    async def save_chain(
+        self, target_id: str, seq: int, head_hash: bytes, checkpoint: bytes, at: float
+    ) -> None:
+        return None
+
+
+CONFIG_KEY = "config"
+
+
+class SharedConfig:
+    """The config every router of one stream runs: a KV bucket `<stream>_CONFIG` holding the
+    config's data (references unresolved, as the management API keeps it) and who put it.
+    The sections that belong to one router (LOCAL_SECTIONS) are the router's own and are
+    neither shared nor taken."""
+
+    LOCAL_SECTIONS = ("server", "storage")
+
+    def __init__(self, journal: JetStreamJournal) -> None:
+        self.journal = journal
+        self.bucket = f"{journal.js_config.stream}_CONFIG"
+        self.revision = 0  # the last revision this router applied or put
+        self.failures = 0  # shared configs that raised while being applied
+        self._kv: KeyValue | None = None
+
+    @classmethod
+    def shareable(cls, data: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in data.items() if k not in cls.LOCAL_SECTIONS}
+
+    @classmethod
+    def merged(cls, shared: Mapping[str, Any], own: Mapping[str, Any]) -> dict[str, Any]:
+        """The shared config with this router's own local sections."""
+        return {
+            **cls.shareable(shared),
+            **{k: own[k] for k in cls.LOCAL_SECTIONS if k in own},
+        }
+
+    async def open(self) -> dict[str, Any] | None:
+        """The bucket (created if missing) and the config in it, if any."""
+        js = self.journal.js
+        try:
+            self._kv = await js.key_value(self.bucket)
+        except BucketNotFoundError:
+            self._kv = await js.create_key_value(
+                KeyValueConfig(
+                    bucket=self.bucket,
+                    history=10,
+                    replicas=self.journal.js_config.replicas,
+                    storage=StorageType.FILE,
+                )
+            )
+        try:
+            entry = await self._kv.get(CONFIG_KEY)
+        except KeyNotFoundError:
+            return None
+        self.revision = entry.revision or 0
+        return dict(orjson.loads(entry.value or b"{}")["data"])
+
+    async def put(self, data: Mapping[str, Any]) -> None:
+        """Share this router's config (its shareable sections) with every router."""
+        assert self._kv is not None
+        value = orjson.dumps({"origin": self.journal.instance, "data": self.shareable(data)})
+        self.revision = await self._kv.put(CONFIG_KEY, value)
+
+    async def share(self, data: Mapping[str, Any]) -> None:
+        """`put`, for a change already applied here: NATS away is logged, not raised (the
+        change stands on this router; the others get the next one, or this one on restart)."""
+        try:
+            await self.put(data)
+        except STREAM_ERRORS as exc:
+            log.error("the config change applies here but could not be shared: %s", exc)
+
+    async def watch(self, apply: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+        """Apply every config another router puts, newest first seen, until cancelled; a
+        config that fails to apply is logged by `apply`, and the next one is awaited."""
+        assert self._kv is not None
+        watcher = await self._kv.watch(CONFIG_KEY)
+        try:
+            async for entry in watcher:
+                if entry is None or entry.value is None or (entry.revision or 0) <= self.revision:
+                    continue
+                document = orjson.loads(entry.value)
+                self.revision = entry.revision or 0
+                if document.get("origin") == self.journal.instance:
+                    continue
+                try:
+                    await apply(dict(document["data"]))
+                except Exception:  # the task boundary: the next config is still awaited
+                    self.failures += 1
+                    log.exception("the shared config (revision %d) failed to apply", self.revision)
+        finally:
+            with contextlib.suppress(*STREAM_ERRORS):
+                await watcher.stop()  # type: ignore[no-untyped-call]
+
+
+# A redriven event is published again under its id plus this and the letter's sequence, so
+# that the stream's de-duplication (which remembers the id) does not drop it.
+REDRIVE_SEP = "#redrive-"
+
+
+class StreamDeadLetters(DeadLetters):
+    """Dead letters in a stream per target, shared by every router: `write` publishes one
+    message per letter (Nats-Msg-Id = the event's sequence in the target's stream, so a batch
+    dead-lettered twice, by a router that died before its ack and by the next, is one letter);
+    `take` reads them for a redrive and deletes those put back on the journal."""
+
+    def __init__(self, journal: JetStreamJournal, directory: Path) -> None:
+        super().__init__(directory)
+        self.journal = journal
+
+    async def write(self, target_id: str, entries: Sequence[Entry], failure: Failure) -> None:
+        config = self.journal.js_config
+        subject = letters_subject(config, target_id)
+        js = self.journal.js
+        results = await asyncio.gather(
+            *(
+                publish_until_acked(
+                    js,
+                    subject,
+                    letter_bytes(target_id, entry, failure),
+                    {"Nats-Msg-Id": str(entry.seq)},
+                    timeout_s=config.publish_timeout_s,
+                )
+                for entry in entries
+            ),
+            return_exceptions=True,
+        )
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            # OSError: delivery keeps the batch pending and tries again, as for a full disk.
+            raise OSError(f"cannot write dead letters to JetStream: {failed[0]!r}")
+        key = (target_id, failure.reason)
+        self.written[key] = self.written.get(key, 0) + len(entries)
+
+    async def letters(self, target_id: str) -> list[tuple[int, Letter]]:
+        """Every letter of the target, with its sequence in the dead-letter stream."""
+        return await read_stream_letters(
+            self.journal.js, letters_stream(self.journal.js_config, target_id)
+        )
+
+    @asynccontextmanager
+    async def take(
+        self,
+        target_id: str,
+        wanted: Callable[[Letter], bool],
+        refuse: Callable[[Letter], str | None] = lambda _: None,
+    ) -> AsyncIterator[Taken]:
+        async with self._lock(target_id):
+            stored = await self.letters(target_id)
+            taken = Taken([])
+            seqs: dict[int, int] = {}
+            for seq, letter in stored:
+                if not wanted(letter):
+                    continue
+                why = unredrivable(letter) or refuse(letter)
+                if why is None:
+                    seqs[id(letter)] = seq
+                    # The redriven event is published under a message id of its own.
+                    event_id = str(letter["event"].get("id"))
+                    self.journal.redriving[event_id] = f"{event_id}{REDRIVE_SEP}{seq}"
+                    taken.letters.append(letter)
+                else:
+                    taken.skipped[why] = taken.skipped.get(why, 0) + 1
+            try:
+                yield taken
+            finally:
+                for letter in taken.letters:
+                    self.journal.redriving.pop(str(letter["event"].get("id")), None)
+                stream = letters_stream(self.journal.js_config, target_id)
+                for letter in taken.letters[: taken.done]:
+                    with contextlib.suppress(*STREAM_ERRORS):
+                        await self.journal.js.delete_msg(stream, seqs[id(letter)])
+
+    def close(self) -> None:
+        return None
+
+
+async def read_stream_letters(js: JetStreamContext, stream: str) -> list[tuple[int, Letter]]:
+    """Every message of a dead-letter stream, decoded, in order."""
+    try:
+        state = (await js.stream_info(stream)).state
+    except NotFoundError:
+        return []
+    found: list[tuple[int, Letter]] = []
+    seq = state.first_seq
+    while state.messages and seq <= state.last_seq:
+        try:
+            msg = await js.get_msg(stream, seq, next=True)
+        except NotFoundError:
+            break
+        assert msg.seq is not None
+        try:
+            found.append((msg.seq, orjson.loads(msg.data or b"")))
+        except orjson.JSONDecodeError:
+            found.append((msg.seq, {"reason": "unreadable_line", "line": msg.seq}))
+        seq = msg.seq + 1
+    return found
+
+
+def target_of_token(token: str) -> str:
+    """stream_token's inverse: the target id a stream name's last token stands for."""
+    return re.sub(r"_([0-9A-F]{2})", lambda m: chr(int(m.group(1), 16)), token)
+
+
+async def all_letters(config: JetStreamConfig) -> dict[str, list[Letter]]:
+    """Every target's dead letters (`event-router dlq list | show`), by target id in id order:
+    each dead-letter stream of `config.stream`, also a removed target's."""
+    nc = await connect(config, name="event-router dlq")
+    try:
+        js = nc.jetstream(timeout=config.publish_timeout_s)
+        prefix = f"{config.stream}_DLQ_"
+        names = [info.config.name for info in await js.streams_info()]
+        found = {
+            target_of_token(name.removeprefix(prefix)): [
+                letter for _, letter in await read_stream_letters(js, name)
+            ]
+            for name in names
+            if name is not None and name.startswith(prefix)
+        }
+    finally:
+        await nc.close()
+    return dict(sorted(found.items()))

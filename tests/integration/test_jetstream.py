@@ -1,0 +1,460 @@
+"""storage.backend: jetstream against a real nats-server (tests/peers/nats.py) on loopback.
+
+In-process daemons here (the journal's promises one at a time): ingest answers after the
+stream acknowledged, a producer's retry is stored once, a full stream answers 503, a long
+send keeps its batch with in-progress acks, dead letters go to their stream and come back by
+a redrive, and two daemons on one stream share each target's backlog. Routers as real
+processes (kill -9, a NATS node killed) are in tests/integration/test_jetstream_cluster.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import nats
+import orjson
+import pytest
+import yaml
+from aiohttp import web
+
+from router.clients.tail import sse_messages
+from router.config import parse_config
+from router.daemon import Daemon
+from router.journal.jetstream import letters_stream, queue_stream
+from router.server.api import ConfigSource
+from tests.conftest import FAST_DELIVERY
+from tests.fakes import make_event, read_ndjson, wait_for
+from tests.helpers import (
+    ReceiverFactory,
+    assert_books_balance,
+    everything_to,
+    file_target,
+    http_target,
+    post,
+    ready,
+    run_cli,
+    settled,
+)
+from tests.peers.nats import NatsServer
+
+pytestmark = pytest.mark.peers
+
+_streams = itertools.count(1)
+_ids = itertools.count(1)
+
+
+@pytest.fixture(scope="module")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    with NatsServer(tmp_path_factory.mktemp("nats")) as server:
+        yield server
+
+
+def jetstream(servers: list[str], stream: str, **settings: Any) -> dict[str, Any]:
+    """A storage section on JetStream (evidence keeps its chain heads in SQLite: off)."""
+    return {"backend": "jetstream", "jetstream": {"servers": servers, "stream": stream, **settings}}
+
+
+@pytest.fixture
+async def start_router(tmp_path: Path, nats_server: NatsServer) -> AsyncIterator[Any]:
+    """Start in-process daemons on one fresh stream: each its own storage.path and port."""
+    stream = f"T{next(_streams)}"
+    daemons: list[Daemon] = []
+
+    async def start(data: dict[str, Any], *, name: str = "r1", **settings: Any) -> Daemon:
+        # The test server's store holds 1 GB: each stream reserves its max_bytes there.
+        settings.setdefault("max_bytes", 16 * 1024 * 1024)
+        storage = {"path": str(tmp_path / name), **jetstream([nats_server.url], stream, **settings)}
+        data = {
+            "server": {"host": "127.0.0.1", "port": 0},
+            "storage": storage,
+            "delivery": FAST_DELIVERY,
+            "shutdown": {"drain_timeout_s": 5},
+            "startup": {"validate_targets": False},
+            "evidence": {"enabled": False},
+            **data,
+        }
+        daemon = Daemon(parse_config(data), ConfigSource(None, data))
+        await daemon.start()
+        daemons.append(daemon)
+        return daemon
+
+    start.stream = stream  # type: ignore[attr-defined]
+    yield start
+    for daemon in daemons:
+        if daemon.ready:
+            await daemon.stop()
+
+
+async def stream_state(server: NatsServer, stream: str) -> Any:
+    nc = await nats.connect(server.url)
+    try:
+        return (await nc.jetstream().stream_info(stream)).state
+    finally:
+        await nc.close()
+
+
+def event(**fields: Any) -> dict[str, Any]:
+    """A valid event with an id of its own (the producer's, so a retry can repeat it)."""
+    fields.setdefault("id", f"js-{next(_ids)}")
+    return make_event(**fields)
+
+
+def books_of(daemon: Daemon, target_id: str) -> tuple[int, int, int, int]:
+    row = daemon.status()["targets"][target_id]
+    return row["received"], row["delivered"], row["dead_lettered"], row["pending"]
+
+
+async def test_events_reach_the_file_target_and_the_books_come_from_the_stream(
+    start_router: Any, tmp_path: Path, nats_server: NatsServer
+) -> None:
+    archive = tmp_path / "a.ndjson"
+    daemon = await start_router(
+        {"targets": [file_target("archive", archive)], "routes": everything_to("archive")}
+    )
+    events = [event() for _ in range(20)]
+    status, _ = await post(daemon, events)
+    assert status == 202
+    await wait_for(lambda: books_of(daemon, "archive") == (20, 20, 0, 0), what="the books")
+    assert [e["id"] for e in read_ndjson(archive)] == [e["id"] for e in events]
+    assert_books_balance(daemon)
+    stream = queue_stream(daemon.config.storage.jetstream, "archive")
+    state = await stream_state(nats_server, stream)
+    assert (state.last_seq, state.messages) == (20, 0), "delivered events leave the stream"
+
+
+async def test_a_producers_retry_with_the_same_event_ids_is_stored_once(
+    start_router: Any, tmp_path: Path
+) -> None:
+    archive = tmp_path / "a.ndjson"
+    daemon = await start_router(
+        {"targets": [file_target("archive", archive)], "routes": everything_to("archive")}
+    )
+    events = [event() for _ in range(5)]
+    assert (await post(daemon, events))[0] == 202
+    # The answer was lost: the producer sends the same events again.
+    assert (await post(daemon, events))[0] == 202
+    await wait_for(lambda: books_of(daemon, "archive") == (5, 5, 0, 0), what="the books")
+    assert [e["id"] for e in read_ndjson(archive)] == [e["id"] for e in events]
+
+
+async def test_a_full_stream_answers_503_with_retry_after_and_takes_events_once_drained(
+    start_router: Any, receiver_factory: ReceiverFactory
+) -> None:
+    siem = await receiver_factory([503] * 10_000)
+    target = http_target("siem", siem.url) | {"retry": {"max_attempts": 100_000, "max_age_s": 3600}}
+    daemon = await start_router(
+        {"targets": [target], "routes": everything_to("siem")}, max_bytes=65536
+    )
+    big = "x" * 4000
+    refused = None
+    for _ in range(40):
+        status, body = await post(daemon, [event(requestData={"pad": big})])
+        if status == 503:
+            refused = body
+            break
+        assert status == 202
+    assert refused is not None, "a stream at max_bytes refuses"
+    assert refused["error"]["code"] == "journal_full"
+    assert "target siem's stream" in refused["error"]["message"]
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"http://127.0.0.1:{daemon.port}/v1/events", json=event(requestData={"pad": big})
+        ) as resp,
+    ):
+        assert resp.status == 503
+        assert resp.headers["Retry-After"] == str(daemon.config.storage.full_retry_after_s)
+    await wait_for(
+        lambda: books_of(daemon, "siem")[0] == books_of(daemon, "siem")[3] > 0,
+        what="the books to show the backlog pending",
+    )
+    siem.statuses = [200] * 10_000  # the target comes back: the stream drains
+    await wait_for(lambda: settled(daemon), timeout_s=30, what="the backlog to drain")
+    assert (await post(daemon, [event(requestData={"pad": big})]))[0] == 202
+
+
+async def test_a_send_longer_than_ack_wait_keeps_its_batch_with_in_progress_acks(
+    start_router: Any,
+) -> None:
+    seen: list[str] = []
+    release = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        seen.extend(event["id"] for event in orjson.loads(await request.read()))
+        await release.wait()
+        return web.Response(status=200)
+
+    app = web.Application()
+    app.router.add_post("/", slow)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        target = http_target("slow", f"http://127.0.0.1:{port}/", timeout_s=60)
+        config = {"targets": [target], "routes": everything_to("slow")}
+        first = await start_router(config, ack_wait_s=1, name="r1")
+        assert (await post(first, [event() for _ in range(3)]))[0] == 202
+        await wait_for(lambda: len(seen) == 3, what="the first router's send to start")
+        # An idle router beside it, waiting for work.
+        second = await start_router(config, ack_wait_s=1, name="r2")
+        # Three times ack_wait: without in-progress acks JetStream would have handed the
+        # batch to the second router, which would send it too.
+        deadline = asyncio.get_running_loop().time() + 3.5
+        await wait_for(lambda: asyncio.get_running_loop().time() > deadline, timeout_s=10)
+        release.set()
+        await wait_for(lambda: settled(first) and settled(second), what="the batch settled")
+        assert len(seen) == 3, f"sent once, by one router: {seen}"
+    finally:
+        release.set()
+        await runner.cleanup()
+
+
+async def test_dead_letters_go_to_their_stream_and_dlq_lists_shows_and_redrives_them(
+    start_router: Any, receiver_factory: ReceiverFactory, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    siem = await receiver_factory([400, 200])
+    daemon = await start_router(
+        {"targets": [http_target("siem", siem.url)], "routes": everything_to("siem")}
+    )
+    events = [event() for _ in range(2)]
+    await post(daemon, events)
+    await wait_for(lambda: books_of(daemon, "siem") == (2, 0, 2, 0), what="two dead letters")
+    config = daemon.config.storage.jetstream
+    state = await stream_state(nats_server, letters_stream(config, "siem"))
+    assert state.messages == 2
+    # `event-router dlq` reads the letters from their stream, from any machine with the config.
+    config_file = tmp_path / "router.yaml"
+    config_file.write_text(yaml.safe_dump(daemon.source.data))
+    code, out, err = await run_cli("dlq", "list", "--config", str(config_file))
+    assert code == 0, err
+    assert [line.split()[:2] for line in out.splitlines()[1:]] == [["siem", "2"]]
+    assert "permanent_status=2" in out
+    code, out, err = await run_cli(
+        "dlq", "show", "--config", str(config_file), "--target", "siem", "--format", "ndjson"
+    )
+    assert code == 0, err
+    shown = [orjson.loads(line) for line in out.splitlines()]
+    assert [letter["event"]["id"] for letter in shown] == [e["id"] for e in events]
+    assert {letter["reason"] for letter in shown} == {"permanent_status"}
+    code, _, err = await run_cli(
+        "dlq",
+        "redrive",
+        "--config",
+        str(config_file),
+        "--target",
+        "siem",
+        "--url",
+        f"http://127.0.0.1:{daemon.port}",
+    )
+    assert code == 0, err
+    assert "redrove 2 dead letters" in err
+    await wait_for(lambda: books_of(daemon, "siem") == (4, 2, 2, 0), what="the redrive delivered")
+    assert {e["id"] for e in siem.delivered_events} == {e["id"] for e in events}
+    assert (await stream_state(nats_server, letters_stream(config, "siem"))).messages == 0
+    assert_books_balance(daemon)
+    code, out, _ = await run_cli("dlq", "list", "--config", str(config_file))
+    assert (code, out.split()[:3]) == (0, ["no", "dead", "letters"])
+
+
+async def test_two_routers_on_one_stream_deliver_each_event_once_and_agree_on_the_books(
+    start_router: Any, tmp_path: Path
+) -> None:
+    a, b = tmp_path / "a.ndjson", tmp_path / "b.ndjson"
+    config = {
+        "targets": [file_target("a", a), file_target("b", b)],
+        "routes": everything_to("a", "b"),
+    }
+    first = await start_router(config, name="r1", share_config=False)
+    # The second router's file targets write beside the first's (each router its own config,
+    # as on machines of their own): both archives together must hold every event once.
+    a2, b2 = tmp_path / "a2.ndjson", tmp_path / "b2.ndjson"
+    second = await start_router(
+        {"targets": [file_target("a", a2), file_target("b", b2)], "routes": config["routes"]},
+        name="r2",
+        share_config=False,
+    )
+    ids: list[str] = []
+    for i in range(20):
+        events = [event() for _ in range(10)]
+        ids += [e["id"] for e in events]
+        assert (await post(first if i % 2 else second, events))[0] == 202
+
+    def done() -> bool:
+        return all(books_of(d, t) == (200, 200, 0, 0) for d in (first, second) for t in ("a", "b"))
+
+    await wait_for(done, timeout_s=30, what="both routers' books to show every event delivered")
+    for archive, other in ((a, a2), (b, b2)):
+        got = [e["id"] for e in read_ndjson(archive) + read_ndjson(other)]
+        assert sorted(got) == sorted(ids), "each event once per target"
+    for daemon in (first, second):
+        assert_books_balance(daemon)
+
+
+async def test_a_tail_on_one_router_sees_the_events_every_router_accepted(
+    start_router: Any, tmp_path: Path
+) -> None:
+    config = {"targets": [file_target("a", tmp_path / "a.ndjson")], "routes": everything_to("a")}
+    first = await start_router(config, name="r1")
+    second = await start_router(config, name="r2")
+    async with aiohttp.ClientSession() as session:
+        resp = await session.get(
+            f"http://127.0.0.1:{second.port}/v1/tail", params={"query": "outcome:success"}
+        )
+        messages = aiter(sse_messages(resp.content))
+        assert (await asyncio.wait_for(anext(messages), 10)).event == "ready"
+        # One accepted by the router being tailed, two by the other one.
+        await post(second, [event(id="local")])
+        await post(first, [event(id="remote-1"), event(id="remote-2")])
+        seen = [await asyncio.wait_for(anext(messages), 10) for _ in range(3)]
+        assert [orjson.loads(m.data)["id"] for m in seen] == ["local", "remote-1", "remote-2"]
+        resp.close()
+
+
+ADMIN = "an-admin-token-for-the-routers-01"
+INGEST = "an-ingest-token-for-the-routers-1"
+
+
+def auth() -> dict[str, Any]:
+    return {
+        "admin_tokens": [{"name": "ops", "sha256": hashlib.sha256(ADMIN.encode()).hexdigest()}],
+        "ingest_tokens": [{"name": "sm", "sha256": hashlib.sha256(INGEST.encode()).hexdigest()}],
+    }
+
+
+async def api_call(daemon: Daemon, method: str, path: str, body: Any) -> tuple[int, Any]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(
+            method,
+            f"http://127.0.0.1:{daemon.port}{path}",
+            json=body,
+            headers={"Authorization": f"Bearer {ADMIN}"},
+        ) as resp,
+    ):
+        return resp.status, await resp.json(content_type=None)
+
+
+async def test_an_api_change_on_one_router_reaches_the_others_and_a_router_started_later(
+    start_router: Any, receiver_factory: ReceiverFactory
+) -> None:
+    siem, other = await receiver_factory([200]), await receiver_factory([200])
+    bootstrap = {
+        "auth": auth(),
+        "targets": [http_target("siem", siem.url)],
+        "routes": everything_to("siem"),
+    }
+    first = await start_router(bootstrap, name="r1")
+    second = await start_router(bootstrap, name="r2")
+    status, target = await api_call(
+        first,
+        "POST",
+        "/api/v2/targets",
+        {"name": "other", "target_type": "http", "http_endpoint": {"url": other.url}},
+    )
+    assert status == 201, target
+    status, route = await api_call(
+        first,
+        "POST",
+        "/api/v2/routes",
+        {"name": "to-other", "rules": [{"locations": ["*"], "target_ids": [target["id"]]}]},
+    )
+    assert status == 201, route
+    await wait_for(
+        lambda: target["id"] in second.targets and len(second.config.routes) == 2,
+        what="the second router to apply the shared config",
+    )
+    # An event the second router accepts now goes to the new target too (sent once, by
+    # either router: the target's consumer is shared).
+    token = {"Authorization": f"Bearer {INGEST}"}
+    assert (await post(second, [event(id="after")], headers=token))[0] == 202
+    await wait_for(lambda: "after" in [e["id"] for e in other.delivered_events], what="delivery")
+    await wait_for(lambda: settled(first) and settled(second), what="nothing pending")
+    assert [e["id"] for e in other.delivered_events].count("after") == 1
+    # A router started later from the same bootstrap YAML runs the shared config.
+    third = await start_router(bootstrap, name="r3")
+    assert target["id"] in third.targets
+    assert [r.name for r in third.config.routes] == ["all", "to-other"]
+
+
+async def test_with_nats_down_ingest_answers_503_and_readyz_too_until_it_is_back(
+    tmp_path: Path,
+) -> None:
+    archive = tmp_path / "a.ndjson"
+    with NatsServer(tmp_path / "own-nats") as server:
+        data = {
+            "server": {"host": "127.0.0.1", "port": 0},
+            "storage": {
+                "path": str(tmp_path / "var"),
+                **jetstream([server.url], "DOWN", publish_timeout_s=1, max_bytes=1 << 24),
+            },
+            "delivery": FAST_DELIVERY,
+            "evidence": {"enabled": False},
+            "targets": [file_target("archive", archive)],
+            "routes": everything_to("archive"),
+        }
+        daemon = Daemon(parse_config(data), ConfigSource(None, data))
+        await daemon.start()
+        try:
+            assert (await post(daemon, [event(id="before")]))[0] == 202
+            await server.astop()
+            status, body = await post(daemon, [event(id="during")])
+            assert (status, body["error"]["code"]) == (503, "journal_unavailable")
+            await wait_for(
+                lambda: not_ready(daemon.port),
+                what="/readyz to turn 503",
+            )
+            await server.astart()
+            await wait_for(lambda: ready(daemon.port), timeout_s=20, what="/readyz back to 200")
+            assert (await post(daemon, [event(id="during")]))[0] == 202  # the producer's retry
+            await wait_for(
+                lambda: [e["id"] for e in read_ndjson(archive)] == ["before", "during"],
+                timeout_s=20,
+                what="both delivered once",
+            )
+        finally:
+            await daemon.stop()
+
+
+async def not_ready(port: int) -> bool:
+    return not await ready(port)
+
+
+async def test_an_alert_fires_through_a_jetstream_journal(
+    start_router: Any, receiver_factory: ReceiverFactory, tmp_path: Path
+) -> None:
+    # The alerts' windows live in <storage.path>/alerts.db whatever the backend; their
+    # events go to their targets through the stream like any event.
+    webhook = await receiver_factory()
+    daemon = await start_router(
+        {
+            "targets": [
+                file_target("archive", tmp_path / "a.ndjson"),
+                http_target("alerts-webhook", webhook.url),
+            ],
+            "routes": everything_to("archive"),
+            "alerts": [
+                {
+                    "name": "creates",
+                    "query": "action:secrets-manager.secret.create",
+                    "threshold": {"count": 2, "window_s": 60},
+                    "target_ids": ["alerts-webhook"],
+                }
+            ],
+        }
+    )
+    status, _ = await post(daemon, [event(), event()])
+    assert status == 202
+    await wait_for(lambda: len(webhook.delivered_events) == 1, what="the alert's trigger")
+    (trigger,) = webhook.delivered_events
+    assert trigger["requestData"]["alert"] == "creates" and trigger["requestData"]["count"] == 2
+    assert (tmp_path / "r1" / "alerts.db").exists()
+    await wait_for(lambda: books_of(daemon, "alerts-webhook") == (1, 1, 0, 0), what="the books")
+    assert_books_balance(daemon)

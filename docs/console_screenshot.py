@@ -1,6 +1,7 @@
-"""Take docs/console.png, the README's picture of the console: a real daemon on 127.0.0.1 with
-a file archive, a SIEM that answers 503 (a backlog and a last failure) and one that refuses
-(dead letters), some traffic, and the page in Debian's chromium through Playwright.
+"""Take docs/console*.png, the README's pictures of the console: a real daemon on 127.0.0.1
+with a file archive, a SIEM that answers 503 (a backlog and a last failure) and one that
+refuses (dead letters), a saved view and two alerts, some traffic, and the page in Debian's
+chromium through Playwright.
 
     .venv/bin/python -m docs.console_screenshot [DIRECTORY]
 """
@@ -30,7 +31,8 @@ DOCS = Path(__file__).parent
 
 
 async def main(out: Path) -> None:
-    """`out`/console.png (the targets) and `out`/console-tail.png (a seed query's tail)."""
+    """`out`/console.png (the targets), console-tail.png (a saved view's tail) and
+    console-alerts.png."""
     held = await ScriptedReceiver(statuses=[503]).start()
     refusing = await ScriptedReceiver(statuses=[200] * 40 + [400]).start()
     with tempfile.TemporaryDirectory() as tmp:
@@ -47,6 +49,22 @@ async def main(out: Path) -> None:
                 file_target("archive", Path(tmp) / "events.ndjson"),
                 patient(http_target("siem-eu", held.url)),
                 http_target("siem-us", refusing.url) | {"batch": {"max_events": 5}},
+            ],
+            "views": [{"name": "unauthorized", "query": SEED_QUERY}],
+            "alerts": [
+                {
+                    "name": "unauthorized-burst",
+                    "view": "unauthorized",
+                    "threshold": {"count": 5, "window_s": 60},
+                    "target_ids": ["archive"],
+                    "cooldown_s": 300,
+                },
+                {
+                    "name": "secrets-manager-silent",
+                    "query": "host:secrets-manager",
+                    "absence": {"window_s": 900},
+                    "target_ids": ["archive"],
+                },
             ],
             "routes": [
                 {
@@ -74,7 +92,7 @@ async def main(out: Path) -> None:
                 await tail.fill("#token", TOKEN)  # sessionStorage: one tab's, not the browser's
                 await tail.click("#login-form button[type=submit]")
                 await tail.click("#tabs button[data-panel=tail]")
-                await tail.fill("#tail-query", SEED_QUERY)
+                await tail.select_option("#tail-view", "unauthorized")
                 await tail.click("#tail-start")
                 for second in range(12):
                     events = [
@@ -96,6 +114,11 @@ async def main(out: Path) -> None:
                 await expect(row).not_to_have_text("0", timeout=10_000)
                 await page.screenshot(path=str(out / "console.png"))
                 await tail.screenshot(path=str(out / "console-tail.png"))
+                await tail.set_viewport_size({"width": 1280, "height": 200})
+                await tail.click("#tabs button[data-panel=alerts]")
+                firing = tail.locator("#alerts-table tr[data-alert=unauthorized-burst] td.state")
+                await expect(firing).to_have_text("firing", timeout=10_000)
+                await tail.screenshot(path=str(out / "console-alerts.png"))
                 await browser.close()
         finally:
             await daemon.stop()

@@ -1,8 +1,8 @@
 """The console (/console) driven in a real headless browser: Playwright for Python with
 Debian's chromium (.ci/run installs it), against a real daemon on 127.0.0.1 and real
-receivers. What an operator does: sign in, watch a target's backlog, tail with a seed query,
-search an archive, redrive a dead letter; and what an attacker cannot: read data with a wrong
-token, run script through an event, frame the page."""
+receivers. What an operator does: sign in, watch a target's backlog, tail with a seed query
+or a saved view, search an archive, redrive a dead letter, watch an alert fire; and what an
+attacker cannot: read data with a wrong token, run script through an event, frame the page."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import pytest
 from playwright.async_api import Browser, Page, Request, async_playwright, expect
 
 from router.daemon import Daemon
+from router.selfevent import ALERT_TRIGGER_ACTION
 from tests.conftest import StartDaemon
 from tests.fakes import make_event, wait_for
 from tests.helpers import (
@@ -36,6 +37,7 @@ ADMIN_TOKEN = "console-admin-token-0123456789abcdef"
 INGEST_TOKEN = "console-ingest-token-0123456789abcdef"
 SEED_QUERY = "host:secrets-manager reason.reasonType:Unauthorized"
 SECRET = "hunter2-in-the-clear"
+CREATES_QUERY = "host:secrets-manager action:secrets-manager.secret.create"
 # Playwright's expectations poll the page until this many milliseconds have passed.
 WAIT_MS = 15_000
 
@@ -388,3 +390,70 @@ async def test_without_an_auth_section_an_empty_token_signs_in(
     await expect(page.locator("#letters-table tbody")).to_contain_text("no dead letters")
     sent = [await r.header_value("authorization") for r in requests]
     assert sent and sent == [None] * len(sent)
+
+
+async def test_a_saved_view_filters_the_tail_and_the_alerts_panel_shows_an_alert_fire(
+    start_daemon: StartDaemon,
+    browser: Browser,
+    receiver_factory: ReceiverFactory,
+    tmp_path: Path,
+) -> None:
+    webhook = await receiver_factory()
+    daemon = await start_daemon(
+        {
+            "auth": auth(),
+            "targets": [
+                file_target("archive", tmp_path / "archive.ndjson"),
+                http_target("alerts-webhook", webhook.url),
+            ],
+            "routes": [{"name": "all", "rules": [{"locations": ["*"], "target_ids": ["archive"]}]}],
+            "views": [
+                {"name": "secret-creates", "query": CREATES_QUERY},
+                {"name": "unauthorized", "query": SEED_QUERY},
+            ],
+            "alerts": [
+                {
+                    "name": "unauthorized-burst",
+                    "view": "unauthorized",
+                    "threshold": {"count": 2, "window_s": 600},
+                    "target_ids": ["alerts-webhook"],
+                    "cooldown_s": 300,
+                }
+            ],
+        }
+    )
+    page = await signed_in(browser, daemon)
+    await page.click("#tabs button[data-panel=tail]")
+    await expect(page.locator("#tail-view option")).to_have_text(
+        ["(no saved view)", "secret-creates", "unauthorized"], timeout=WAIT_MS
+    )
+    await page.select_option("#tail-view", "unauthorized")
+    await page.click("#tail-start")
+    # The daemon runs the view's query (sent by name), and says which.
+    await expect(page.locator("#tail-status")).to_contain_text(
+        f"tailing {SEED_QUERY}", timeout=WAIT_MS
+    )
+    await ingest(daemon, [unauthorized("Created", id="created-1"), unauthorized(id="denied-1")])
+    await expect(page.locator("#tail-table tbody tr[data-id=denied-1]")).to_have_count(
+        1, timeout=WAIT_MS
+    )
+    assert await page.locator("#tail-table tbody tr").count() == 1
+
+    await page.click("#tabs button[data-panel=alerts]")
+    row = page.locator("#alerts-table tr[data-alert=unauthorized-burst]")
+    await expect(row.locator("td.state")).to_have_text("ok", timeout=WAIT_MS)
+    await expect(row.locator("td.window-matches")).to_have_text("1 / 2")
+    await expect(row).to_contain_text(SEED_QUERY)
+    await expect(row.locator("td.last-fired")).to_have_text("-")
+
+    await ingest(daemon, [unauthorized(id="denied-2")])
+    await expect(row.locator("td.state")).to_have_text("firing", timeout=WAIT_MS)
+    await expect(row.locator("td.window-matches")).to_have_text("2 / 2")
+    await expect(row.locator("td.firings")).to_have_text("1")
+    await expect(row.locator("td.last-fired")).not_to_have_text("-")
+    # The firing is an event of the router, delivered to the alert's target.
+    await wait_for(lambda: bool(webhook.delivered_events), what="the alert's event")
+    assert [e["action"] for e in webhook.delivered_events] == [ALERT_TRIGGER_ACTION]
+    assert csp_violations(page) == []
+    await wait_for(lambda: settled(daemon))
+    assert_books_balance(daemon)

@@ -32,23 +32,14 @@ function open(name) {
   else panels.alerts.stop();
 }
 
-// Views and alerts are newer than the rest of the API: a daemon without them answers 404, and
-// the page leaves out what it cannot show.
+// The saved views, for the tail's list (read again each time the tail panel opens: views
+// change through the API and on reload).
 async function loadViews() {
   try {
     panels.tail.setViews((await getJson("/api/v2/views")).views ?? []);
-  } catch {
+  } catch (error) {
     panels.tail.setViews([]);
-  }
-}
-
-async function discover() {
-  await loadViews();
-  try {
-    await getJson("/api/v2/alerts");
-    $("#alerts-tab").hidden = false;
-  } catch {
-    $("#alerts-tab").hidden = true;
+    showError($("#tail-error"), error);
   }
 }
 
@@ -59,7 +50,7 @@ function signedIn(status) {
   $("#who").textContent = `event-router ${status.version}`;
   open("targets");
   panels.targets.start();
-  discover();
+  loadViews();
 }
 
 function signedOut(error) {

@@ -26,6 +26,8 @@ from router.intake.http import error_response, json_response
 
 DEFAULT_PAGE: Final = 50
 MAX_PAGE: Final = 200
+# The largest offset taken: an integer JSON (and the console's JavaScript) holds exactly.
+MAX_OFFSET: Final = 2**53 - 1
 
 
 def summary(directory: Path) -> dict[str, Any]:
@@ -105,12 +107,12 @@ def _page_request(request: web.Request) -> tuple[LetterFilter, int, int]:
         reason=request.query.get("reason") or None,
         since=parse_since(since) if since else None,
     )
-    offset = _number(request, "offset", 0, 0, None)
+    offset = _number(request, "offset", 0, 0, MAX_OFFSET)
     limit = _number(request, "limit", DEFAULT_PAGE, 1, MAX_PAGE)
     return wanted, offset, limit
 
 
-def _number(request: web.Request, name: str, default: int, low: int, high: int | None) -> int:
+def _number(request: web.Request, name: str, default: int, low: int, high: int) -> int:
     text = request.query.get(name)
     if text is None:
         return default
@@ -118,7 +120,6 @@ def _number(request: web.Request, name: str, default: int, low: int, high: int |
         value = int(text)
     except ValueError:
         raise ValueError(f"{name}: {text!r} is not a whole number") from None
-    if value < low or (high is not None and value > high):
-        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
-        raise ValueError(f"{name}: {value} must be {bound}")
+    if not low <= value <= high:
+        raise ValueError(f"{name}: {text!r} must be a number from {low} to {high}")
     return value

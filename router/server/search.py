@@ -60,7 +60,9 @@ class Cursor:
     @classmethod
     def parse(cls, text: str) -> Cursor:
         inode, _, offset = text.partition("-")
-        if not (inode.isdigit() and offset.isdigit()):
+        if not (inode.isascii() and inode.isdigit() and offset.isascii() and offset.isdigit()):
+            raise ValueError(f"cursor: {text!r} is not one this endpoint gave")
+        if int(inode) >= 2**64 or int(offset) >= 2**63:  # what a file offset can be
             raise ValueError(f"cursor: {text!r} is not one this endpoint gave")
         return cls(int(inode), int(offset))
 

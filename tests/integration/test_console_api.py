@@ -65,6 +65,10 @@ def test_a_cursor_into_a_file_compressed_since_has_expired(tmp_path: Path) -> No
     archive.unlink()
     with pytest.raises(CursorExpiredError):
         search_page(archive, SearchRequest(query=None, cursor=Cursor.parse(first["next"])))
+    # A cursor no page gave (past any file offset) is refused before any file is read.
+    for made_up in ("1-99999999999999999999999", "x-1", "1"):
+        with pytest.raises(ValueError):
+            Cursor.parse(made_up)
     # From the start, the compressed rotation is read like any other.
     assert ids(search_page(archive, SearchRequest(query=None))) == ["a0", "a1", "a2", "a3"]
 
@@ -136,6 +140,10 @@ async def test_search_and_dead_letter_endpoints_answer_with_pages_and_errors(
         status, page = await get("/v1/deadletters/nobody")
         assert (status, page["letters"]) == (200, [])
         status, error = await get("/v1/deadletters/siem", limit="0")
+        assert (status, error["error"]["code"]) == (400, "bad_filter")
+        # An offset past any file (and past what JSON numbers hold exactly): refused, not a 500
+        # (found by the fuzz test).
+        status, error = await get("/v1/deadletters/siem", offset=str(10**27))
         assert (status, error["error"]["code"]) == (400, "bad_filter")
 
         status, found = await get("/v1/search", target="archive", query="id:e3")

@@ -176,7 +176,17 @@ def _add_query_command(commands: argparse._SubParsersAction[argparse.ArgumentPar
     query = _command(
         commands, "query", "search file-target archives (rotated and gzipped too) with a query"
     )
-    query.add_argument("query", metavar="QUERY", help="e.g. 'host:secrets-manager outcome:failure'")
+    query.add_argument(
+        "query",
+        metavar="QUERY",
+        nargs="?",
+        help="e.g. 'host:secrets-manager outcome:failure' (none with --view)",
+    )
+    query.add_argument(
+        "--view",
+        metavar="NAME",
+        help="the query of this view of the config (--config); every argument is then a PATH",
+    )
     query.add_argument(
         "paths",
         metavar="PATH",
@@ -258,6 +268,11 @@ def _add_evidence_commands(
 def _add_tail_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     tail = _command(commands, "tail", "follow the accepted events that match a query")
     tail.add_argument("query", metavar="QUERY", nargs="?", default="", help="default: every event")
+    tail.add_argument(
+        "--view",
+        metavar="NAME",
+        help="the query of this view of the running daemon (a QUERY given too narrows it)",
+    )
     _config_option(tail, "YAML config, for the daemon's address")
     tail.add_argument("--url", help="the daemon's base URL (default: from the config)")
     tail.add_argument("--limit", type=_positive_count, help="stop after this many events")
@@ -296,7 +311,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(
             f"{config_path}: OK ({counted(len(config.targets), 'target')}, "
             f"{counted(len(config.routes), 'route')}, "
-            f"{counted(len(config.settings.default_targets), 'default target')})"
+            + "".join(
+                f"{counted(len(items), kind)}, "
+                for kind, items in (("view", config.views), ("alert", config.alerts))
+                if items
+            )
+            + f"{counted(len(config.settings.default_targets), 'default target')})"
         )
         return
 
@@ -619,6 +639,15 @@ def _query(args: argparse.Namespace) -> int:
     from router.clients.search import describe_query_error, parse_time, search
     from router.query import QueryError, parse
 
+    if args.view is not None:
+        # Every positional is a PATH: argparse gave the first to QUERY.
+        args.paths = [Path(args.query), *args.paths] if args.query is not None else args.paths
+        args.query = _view_query(args.view, args.config)
+        if args.query is None:
+            return EXIT_CONFIG
+    elif args.query is None:
+        print("query: give a QUERY, or --view NAME", file=sys.stderr)
+        return EXIT_CONFIG
     try:
         query = parse(args.query)
     except QueryError as exc:
@@ -649,6 +678,24 @@ def _query(args: argparse.Namespace) -> int:
 
 
 COS_SCHEME = "cos:/"
+
+
+def _view_query(name: str, config_path: Path | None) -> str | None:
+    """The query of the config's view `name` (None, said on stderr, when there is none)."""
+    path = config_path or default_config_path()
+    try:
+        config, _ = load_config_and_data(path)
+    except ConfigError as exc:
+        print(f"{exc.source}: {counted(len(exc.problems), 'problem')}", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return None
+    view = config.view(name)
+    if view is None:
+        known = ", ".join(v.name for v in config.views) or "none"
+        print(f"query: no view {name!r} in {path} (views: {known})", file=sys.stderr)
+        return None
+    return str(view.query)
 
 
 def _query_bucket(
@@ -724,6 +771,6 @@ def _tail(args: argparse.Namespace, config: Config) -> int:
         print(f"cannot read the token file: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     try:
-        return asyncio.run(follow(url, args.query, limit=args.limit, token=token))
+        return asyncio.run(follow(url, args.query, limit=args.limit, token=token, view=args.view))
     except KeyboardInterrupt:
         return 0  # Ctrl-C is how a tail ends

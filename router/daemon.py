@@ -21,6 +21,7 @@ from typing import Any
 from aiohttp import web
 
 from router import __version__
+from router.alerts.watch import AlertWatch
 from router.config import (
     Config,
     RefusalEventsConfig,
@@ -39,6 +40,7 @@ from router.intake.http import Ingest
 from router.intake.redaction import Redactor
 from router.intake.validation import EventValidator
 from router.journal import Entry
+from router.journal.alertstate import AlertStore
 from router.journal.jetstream import JetStreamJournal, SharedConfig
 from router.journal.sqlite import SqliteJournal
 from router.observe.logformat import counted
@@ -82,6 +84,7 @@ class _Swaps:
         await daemon.acceptor.swap(validator=validator, routes=routes, redactor=redactor)
         daemon.config = new  # no await since the swap: no offer sees one without the other
         daemon.validator, daemon.routes, daemon.redactor = validator, routes, redactor
+        daemon.alerts.configure(new.alerts)
 
     async def stop_worker(self, target_id: str) -> None:
         await self.daemon._stop_worker(target_id)
@@ -151,6 +154,13 @@ class Daemon:
         self.tail = TailHub(
             max_clients=config.server.max_tail_clients,
             write_timeout_s=config.server.tail_write_timeout_s,
+            view=self._view_query,
+        )
+        # Alerts on accepted events, their state beside the journal; their events go to
+        # their targets through the acceptor, as the router's own (router/alerts).
+        self.alerts = AlertWatch(
+            AlertStore(config.storage),
+            lambda body, targets: self.acceptor.accept_own(body, targets),
         )
         if isinstance(self.journal, JetStreamJournal):
             self.journal.tail_sink = self.tail.publish  # the other routers' events too
@@ -199,6 +209,7 @@ class Daemon:
                 write_status=self._write_status,
                 probe=self.probe_target,
                 record=self.record_own,
+                alert_states=self.alerts.snapshot,
             ),
         )
 
@@ -216,6 +227,8 @@ class Daemon:
 
     async def _start(self) -> None:
         await self.journal.open()
+        await self.alerts.open(self.config.alerts)
+        self.acceptor.observer = self.alerts
         await self.evidence.open()
         if self.config.evidence.enabled and self.config.evidence.receipts:
             self.acceptor.receipts = Receipts.load_or_create(
@@ -239,6 +252,7 @@ class Daemon:
                 log.exception("target %s failed to start", target_id)
         for target_config in self.config.targets:
             self._start_worker(target_config)
+        self.alerts.start()
         # We inflate gzip ourselves, with a cap; aiohttp's own inflation has none.
         self._runner = web.AppRunner(
             self.app,
@@ -315,6 +329,9 @@ class Daemon:
             await self._runner.cleanup()  # stops listening, then waits for in-flight requests
         self.client_faults.summarize()
         await self.guard.stop()
+        # Alert events decided so far are journaled before the workers drain; then no more.
+        self.acceptor.observer = None
+        await self.alerts.stop()
         for worker in self.workers.values():
             worker.stopping.set()
         if self._tasks:
@@ -504,6 +521,11 @@ class Daemon:
                 await asyncio.to_thread(write_back, source.path, source.data)
             if isinstance(self.journal, JetStreamJournal) and self.journal.js_config.share_config:
                 await self.journal.shared_config.share(source.data)  # every router follows
+
+    def _view_query(self, name: str) -> str | None:
+        """The query of the running config's view `name` (the tail's `?view=`)."""
+        view = self.config.view(name)
+        return str(view.query) if view is not None else None
 
     def _write_status(self, target_id: str) -> WriteStatus | None:
         stats = self.target_stats.get(target_id)

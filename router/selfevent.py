@@ -27,6 +27,9 @@ SERVICE = "event-router"
 LOGIN_ACTION: Final = "event-router.instance.login"
 VALIDATE_ACTION: Final = "event-router.target.validate"
 RELOAD_ACTION: Final = "event-router.config.reload"
+ALERT_TRIGGER_ACTION: Final = "event-router.alert.trigger"
+ALERT_RESOLVE_ACTION: Final = "event-router.alert.resolve"
+ALERT_ACTIONS: Final = frozenset({ALERT_TRIGGER_ACTION, ALERT_RESOLVE_ACTION})
 # Client addresses named in a summary of refused logins, the busiest first.
 SUMMARY_CLIENTS: Final = 20
 # What an event of the router quotes (a refused name, a config problem) is cut to this many
@@ -247,6 +250,53 @@ def reload_event(
                 "targetsChanged": list(changed),
                 "targetsRemoved": list(removed),
                 **({"reasonForFailure": failure} if failure else {}),
+            }
+        },
+    )
+
+
+def alert_event(
+    *,
+    kind: str,
+    name: str,
+    query: str,
+    view: str | None,
+    presence: bool,
+    count: int,
+    threshold: int | None,
+    window_s: float,
+    sample: Sequence[str],
+    firings: int,
+) -> dict[str, Any]:
+    """An alert's trigger (`kind` trigger) or resolve: its name, query (and view), the
+    matches in its window when it happened, its threshold or absence window, and the ids of
+    the latest matching events, so a receiver can look them up (`event-router query`)."""
+    triggered = kind == "trigger"
+    if presence:
+        what = f"{counted(count, 'match', 'matches')} in {window_s:g} s (threshold {threshold})"
+    else:
+        what = f"no match for {window_s:g} s" if triggered else "a match came"
+    return router_event(
+        action=ALERT_TRIGGER_ACTION if triggered else ALERT_RESOLVE_ACTION,
+        message=f"event-router: alert {name} {'triggered' if triggered else 'resolved'}: {what}",
+        target={
+            "id": instance_crn(f"alert:{name}"),
+            "name": name,
+            "typeURI": "event-router/alert",
+        },
+        severity="warning" if triggered else "normal",
+        extra={
+            "requestData": {
+                "alert": name,
+                "query": query,
+                **({"view": view} if view else {}),
+                "condition": "presence" if presence else "absence",
+                "state": "firing" if triggered else "ok",
+                "count": count,
+                **({"threshold": threshold} if presence else {}),
+                "window_s": window_s,
+                "firings": firings,
+                "sample_event_ids": list(sample),
             }
         },
     )

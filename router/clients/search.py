@@ -212,7 +212,7 @@ def scan(
         except orjson.JSONDecodeError:
             stats.not_json.append(f"{name}:{number}")
             continue
-        if not isinstance(event, dict) or not _wanted(event, query, since, until):
+        if not isinstance(event, dict) or not wanted(event, query, since, until):
             continue
         stats.matched += 1
         if fmt == "table":
@@ -266,9 +266,11 @@ async def search_bucket(
     return 0
 
 
-def _wanted(
-    event: dict[str, Any], query: Query, since: datetime | None, until: datetime | None
+def wanted(
+    event: dict[str, Any], query: Query | None, since: datetime | None, until: datetime | None
 ) -> bool:
+    """Whether a search keeps `event`: within the bounds on `eventTime` (when given) and
+    matching `query` (None: every event, as the console's search with an empty query box)."""
     if since is not None or until is not None:
         when = event_time(event)
         if when is None:
@@ -277,7 +279,7 @@ def _wanted(
             return False
         if until is not None and when >= until:
             return False
-    return query.matches(event)
+    return query is None or query.matches(event)
 
 
 def _cells(event: dict[str, Any]) -> dict[str, str]:

@@ -52,12 +52,15 @@ async def follow(
     token: str | None = None,
     out: TextIO | None = None,
     err: TextIO | None = None,
+    view: str | None = None,
 ) -> int:
     """`event-router tail`: print matching events as NDJSON until interrupted (or `limit`
-    events). The exit code: 0, 1 when the daemon cannot be reached, 2 for a bad query."""
+    events); `view`: the daemon's saved view of that name (narrowed by `query`, if any).
+    The exit code: 0, 1 when the daemon cannot be reached, 2 for a bad query or view."""
     out = out or sys.stdout
     err = err or sys.stderr
-    url = f"{base_url.rstrip('/')}/v1/tail?{urlencode({'query': query})}"
+    params = {"query": query, **({"view": view} if view is not None else {})}
+    url = f"{base_url.rstrip('/')}/v1/tail?{urlencode(params)}"
     shown = 0
     timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
     try:
@@ -74,6 +77,9 @@ async def follow(
             if resp.status != 200:
                 body = await resp.json(content_type=None)
                 error = body.get("error", {})
+                if error.get("code") == "unknown_view":
+                    print(f"tail: {error['message']} in the running daemon's config", file=err)
+                    return 2
                 if error.get("code") == "bad_query":
                     column = int(error["column"])
                     print(f"bad query: {error['message']}\n  {query}", file=err)
@@ -83,7 +89,9 @@ async def follow(
                 return 1
             async for message in sse_messages(resp.content):
                 if message.event == "ready":
-                    print(f"tailing {base_url} for {query or 'every event'}", file=err)
+                    shown_query = orjson.loads(message.data)["query"]
+                    what = f"view {view} ({shown_query})" if view else query or "every event"
+                    print(f"tailing {base_url} for {what}", file=err)
                 elif message.event == "dropped":
                     dropped = orjson.loads(message.data)["dropped"]
                     print(f"(too slow: {counted(dropped, 'event')} dropped so far)", file=err)

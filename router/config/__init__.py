@@ -31,10 +31,13 @@ from router.config.load import (
     secret_literals,
 )
 from router.config.model import (
+    ALERTS_FILE,
     API_METADATA_FILE,
     DEAD_LETTER_DIR,
     JOURNAL_FILE,
     JOURNAL_LOCK_FILE,
+    AbsenceConfig,
+    AlertConfig,
     AuthConfig,
     BatchConfig,
     Config,
@@ -57,12 +60,15 @@ from router.config.model import (
     StartupConfig,
     StorageConfig,
     TargetConfig,
+    ThresholdConfig,
     TokenConfig,
     ValidationConfig,
+    ViewConfig,
 )
 from router.config.references import MAX_REFERENCE_BYTES, read_reference, references
 
 __all__ = [
+    "ALERTS_FILE",
     "API_METADATA_FILE",
     "DEAD_LETTER_DIR",
     "JOURNAL_FILE",
@@ -74,6 +80,8 @@ __all__ = [
     "MIN_HASH_KEY_CHARS",
     "MIN_SIGNING_SECRET",
     "MIN_TOKEN_CHARS",
+    "AbsenceConfig",
+    "AlertConfig",
     "AuthConfig",
     "BatchConfig",
     "BoundedLoader",
@@ -97,8 +105,10 @@ __all__ = [
     "StartupConfig",
     "StorageConfig",
     "TargetConfig",
+    "ThresholdConfig",
     "TokenConfig",
     "ValidationConfig",
+    "ViewConfig",
     "archive_roots",
     "config_schema",
     "config_warnings",

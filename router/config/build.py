@@ -11,6 +11,8 @@ from dataclasses import fields, is_dataclass
 from typing import Any, cast, get_args, get_type_hints
 
 from router.config.model import (
+    AbsenceConfig,
+    AlertConfig,
     AuthConfig,
     BatchConfig,
     Config,
@@ -32,8 +34,10 @@ from router.config.model import (
     StartupConfig,
     StorageConfig,
     TargetConfig,
+    ThresholdConfig,
     TokenConfig,
     ValidationConfig,
+    ViewConfig,
 )
 from router.config.references import resolve, resolve_all
 from router.errors import QueryError
@@ -201,6 +205,15 @@ def build_config(data: Mapping[str, Any], problems: list[str]) -> Config:
         )
         for r, raw in enumerate(data.get("routes") or [])
     )
+    views = tuple(
+        ViewConfig(name=raw["name"], query=query)
+        for v, raw in enumerate(data.get("views") or [])
+        if (query := _query(raw["query"], f"views[{v}].query", problems)) is not None
+    )
+    alerts = tuple(
+        _alert(raw, f"alerts[{a}]", views, problems)
+        for a, raw in enumerate(data.get("alerts") or [])
+    )
     return Config(
         server=_server(data.get("server") or {}, problems),
         storage=_storage(data.get("storage") or {}, problems),
@@ -208,6 +221,8 @@ def build_config(data: Mapping[str, Any], problems: list[str]) -> Config:
         shutdown=_section(ShutdownConfig, data.get("shutdown")),
         targets=tuple(targets),
         routes=routes,
+        views=views,
+        alerts=alerts,
         settings=SettingsConfig(
             default_targets=tuple(settings.get("default_targets", ())),
             metadata_region_primary=settings.get("metadata_region_primary"),
@@ -319,11 +334,44 @@ def _rule_filter(rule: Mapping[str, Any], where: str, problems: list[str]) -> Qu
     """Parse a rule's filter once, at load time, so a bad one stops `check` and `serve`."""
     if "filter" not in rule:
         return None
+    return _query(rule["filter"], where, problems)
+
+
+def _query(text: str, where: str, problems: list[str]) -> Query | None:
+    """A query parsed at load time; a problem names its place, column and excerpt."""
     try:
-        return parse(rule["filter"])
+        return parse(text)
     except QueryError as exc:
-        problems.append(f"{where}: {exc} in {_excerpt(rule['filter'], exc.column)}")
+        problems.append(f"{where}: {exc} in {_excerpt(text, exc.column)}")
         return None
+
+
+def _alert(
+    raw: Mapping[str, Any], where: str, views: tuple[ViewConfig, ...], problems: list[str]
+) -> AlertConfig:
+    """An alert with the query it runs: its own, or its view's (an unknown view is the
+    cross-check's to name). What the schema cannot say about its shape is said here."""
+    query: Query | None = None
+    if ("query" in raw) == ("view" in raw):
+        problems.append(f"{where}: give either query or view (one of them, not both)")
+    if "query" in raw:
+        query = _query(raw["query"], f"{where}.query", problems)
+    elif "view" in raw:
+        query = next((v.query for v in views if v.name == raw["view"]), None)
+    if ("threshold" in raw) == ("absence" in raw):
+        problems.append(
+            f"{where}: give either threshold (presence: count in window_s) or absence "
+            "(no match for window_s), one of them, not both"
+        )
+    return AlertConfig(
+        name=raw["name"],
+        query=query,
+        view=raw.get("view"),
+        threshold=_section(ThresholdConfig, raw["threshold"]) if "threshold" in raw else None,
+        absence=_section(AbsenceConfig, raw["absence"]) if "absence" in raw else None,
+        target_ids=tuple(raw["target_ids"]),
+        **({"cooldown_s": raw["cooldown_s"]} if "cooldown_s" in raw else {}),
+    )
 
 
 def _excerpt(text: str, column: int, around: int = 40) -> str:

@@ -52,6 +52,7 @@ def cross_check(config: Config) -> list[str]:
                     problems.append(
                         f"routes[{r}].rules[{k}].target_ids[{t}]: unknown target {target_id!r}"
                     )
+    problems.extend(_view_and_alert_problems(config, known))
     for t, target_id in enumerate(config.settings.default_targets):
         if target_id not in known:
             problems.append(f"settings.default_targets[{t}]: unknown target {target_id!r}")
@@ -61,6 +62,33 @@ def cross_check(config: Config) -> list[str]:
     problems.extend(storage_problems(config))
     if config.server.port:
         problems.extend(listener_problems(config, config.server.host, config.server.port))
+    return problems
+
+
+def _view_and_alert_problems(config: Config, targets: dict[str, int]) -> list[str]:
+    """Names are unique, an alert's view exists, its targets too."""
+    problems: list[str] = []
+    views: dict[str, int] = {}
+    for v, view in enumerate(config.views):
+        if view.name in views:
+            problems.append(
+                f"views[{v}].name: duplicate view name {view.name!r} "
+                f"(also views[{views[view.name]}])"
+            )
+        views.setdefault(view.name, v)
+    alerts: dict[str, int] = {}
+    for a, alert in enumerate(config.alerts):
+        if alert.name in alerts:
+            problems.append(
+                f"alerts[{a}].name: duplicate alert name {alert.name!r} "
+                f"(also alerts[{alerts[alert.name]}])"
+            )
+        alerts.setdefault(alert.name, a)
+        if alert.view is not None and alert.view not in views:
+            problems.append(f"alerts[{a}].view: unknown view {alert.view!r}")
+        for t, target_id in enumerate(alert.target_ids):
+            if target_id not in targets:
+                problems.append(f"alerts[{a}].target_ids[{t}]: unknown target {target_id!r}")
     return problems
 
 

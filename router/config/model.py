@@ -18,6 +18,7 @@ JOURNAL_FILE = "journal.db"
 JOURNAL_LOCK_FILE = "journal.lock"  # held by the one daemon that owns the journal
 DEAD_LETTER_DIR = "deadletter"
 API_METADATA_FILE = "api-metadata.json"
+ALERTS_FILE = "alerts.db"  # the alerts' windows and states (router/journal/alertstate.py)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -151,6 +152,9 @@ class StorageConfig:
             f"{JOURNAL_FILE}-shm",
             JOURNAL_LOCK_FILE,
             API_METADATA_FILE,
+            ALERTS_FILE,
+            f"{ALERTS_FILE}-wal",
+            f"{ALERTS_FILE}-shm",
         )
         return tuple(base / name for name in names)
 
@@ -244,6 +248,51 @@ class RouteConfig:
     name: str
     rules: tuple[RuleConfig, ...]
     managed_by: Literal["account", "enterprise"] = "account"  # atracker's, kept and returned
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ViewConfig:
+    """A saved query, by name: `event-router query --view`, `tail --view`, an alert's `view`."""
+
+    name: str
+    query: Query
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ThresholdConfig:
+    """Presence: the alert fires when at least `count` events matched within `window_s`."""
+
+    count: int = 1
+    window_s: float = 60.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AbsenceConfig:
+    """Absence: the alert fires when no event matched for `window_s`."""
+
+    window_s: float = 900.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AlertConfig:
+    """An alert on accepted events (router/alerts). `query` is the one it runs: its own, or
+    its `view`'s (None only in a config that its cross-checks refuse). Exactly one of
+    `threshold` and `absence`. Its trigger and resolve events go to `target_ids`; after a
+    trigger it does not trigger again for `cooldown_s`."""
+
+    name: str
+    query: Query | None
+    view: str | None = None
+    threshold: ThresholdConfig | None = None
+    absence: AbsenceConfig | None = None
+    target_ids: tuple[str, ...] = ()
+    cooldown_s: float = 300.0
+
+    @property
+    def window_s(self) -> float:
+        """The window of either kind."""
+        kind = self.threshold or self.absence
+        return kind.window_s if kind is not None else 0.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -354,6 +403,8 @@ class Config:
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
     targets: tuple[TargetConfig, ...] = ()
     routes: tuple[RouteConfig, ...] = ()
+    views: tuple[ViewConfig, ...] = ()
+    alerts: tuple[AlertConfig, ...] = ()
     settings: SettingsConfig = field(default_factory=SettingsConfig)
     startup: StartupConfig = field(default_factory=StartupConfig)
     reload: ReloadConfig = field(default_factory=ReloadConfig)
@@ -361,6 +412,10 @@ class Config:
     iam: IamConfig | None = None
     redaction: RedactionConfig = field(default_factory=RedactionConfig)
     evidence: EvidenceConfig = field(default_factory=EvidenceConfig)
+
+    def view(self, name: str) -> ViewConfig | None:
+        """The view of this name, if the config has one."""
+        return next((view for view in self.views if view.name == name), None)
 
     def target(self, target_id: str) -> TargetConfig:
         """The target with this id (the config's cross-checks guarantee it exists)."""

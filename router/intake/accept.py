@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
@@ -94,6 +94,13 @@ class Outcome:
         return {"accepted": self.accepted, "rejected": self.rejected, "results": self.results}
 
 
+class Observer(Protocol):
+    """Looks at every batch of accepted events once the journal has them (the alerts)."""
+
+    async def observe(self, events: Sequence[Event]) -> None:
+        """Take note of `events` (redacted, journaled) before the producer is answered."""
+
+
 @dataclass(slots=True)
 class Acceptor:
     """Everything accepting needs, built once by the daemon; `swap` changes what a reload
@@ -110,6 +117,7 @@ class Acceptor:
     refusals: Refusals | None = None
     redactor: Redactor | None = None
     receipts: Receipts | None = None  # evidence.receipts: one per accepted event in the answer
+    observer: Observer | None = None  # the alerts (router/alerts), set once they are open
     _routing: int = field(init=False, default=0)  # offers between routing and the journal
     _open: asyncio.Event = field(init=False, default_factory=asyncio.Event)
     _idle: asyncio.Event = field(init=False, default_factory=asyncio.Event)
@@ -142,19 +150,28 @@ class Acceptor:
             if not self._routing:
                 self._idle.set()
 
-    async def accept_own(self, body: dict[str, Any]) -> None:
+    async def accept_own(
+        self, body: dict[str, Any], targets: Mapping[str, str] | None = None
+    ) -> None:
         """Journal an event of the router itself (built by router/selfevent.py), routed like
-        any producer's; RouterError when it was not accepted."""
-        outcome = await self.accept([body], own=True)
+        any producer's, or to `targets` (target id -> route name: an alert's own targets);
+        RouterError when it was not accepted."""
+        outcome = await self.accept([body], own=True, route_to=targets)
         if not outcome.accepted:
             refused = orjson.dumps(outcome.as_dict()).decode()
             raise RouterError(f"the router's own event was refused: {refused}")
 
     async def accept(
-        self, items: list[Any], caller: Caller | None = None, *, own: bool = False
+        self,
+        items: list[Any],
+        caller: Caller | None = None,
+        *,
+        own: bool = False,
+        route_to: Mapping[str, str] | None = None,
     ) -> Outcome:
         """Validate, route and journal; `caller` (when auth is on) may limit the services.
-        Only the router's own events (`own`) may carry its actions."""
+        Only the router's own events (`own`) may carry its actions, and be sent to
+        `route_to` (target id -> route name) rather than where the routes send them."""
         results: list[dict[str, Any]] = []
         routed: list[tuple[Event, Mapping[str, str]]] = []
         forbidden = 0
@@ -187,6 +204,8 @@ class Acceptor:
                 results.append({"index": index, "id": event.id, "status": "accepted"})
                 if self.receipts is not None:
                     results[-1]["receipt"] = self.receipts.issue(event)
+            if own and route_to:
+                routed = [(event, route_to) for event, _ in routed]
             try:
                 await self._append(routed)
             except JournalFullError as exc:
@@ -208,6 +227,8 @@ class Acceptor:
                 )
             if self.tail is not None:
                 self.tail.publish(event for event, _ in routed)
+        if self.observer is not None and routed:
+            await self.observer.observe([event for event, _ in routed])
         self.stats.unrouted += sum(1 for _, targets in routed if not targets)
         accepted = len(routed)
         self.stats.accepted += accepted

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -86,6 +86,14 @@ class RefusalCounts(Protocol):
     def suppressed_total(self) -> int: ...
 
 
+class AlertGauges(Protocol):
+    """The alerts (router/alerts): each one's state and counters, and failed saves."""
+
+    @property
+    def save_errors(self) -> int: ...
+    def snapshot(self) -> dict[str, dict[str, Any]]: ...
+
+
 class Observed(Protocol):
     """What the collector reads of a running daemon at scrape time; it never writes, and it
     never names the daemon, so observe/ stays below the layer that composes it."""
@@ -106,6 +114,8 @@ class Observed(Protocol):
     def evidence(self) -> EvidenceGauges: ...
     @property
     def refusals(self) -> RefusalCounts: ...
+    @property
+    def alerts(self) -> AlertGauges: ...
     def failing_workers(self) -> list[str]: ...
 
 
@@ -144,6 +154,42 @@ class DaemonCollector(Collector):
         yield from self._journal()
         yield from self._auth()
         yield from self._evidence()
+        yield from self._alerts()
+
+    def _alerts(self) -> Iterable[Metric]:
+        alerts = self.daemon.alerts
+        snapshot = alerts.snapshot()
+        families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {
+            "matches": CounterMetricFamily(
+                "event_router_alert_matches",
+                "Accepted events that matched the alert's query since it was first watched "
+                "(a changed query, kind or window starts again).",
+                labels=["alert"],
+            ),
+            "firings": CounterMetricFamily(
+                "event_router_alert_firings",
+                "Times the alert triggered (event-router.alert.trigger events).",
+                labels=["alert"],
+            ),
+            "state": GaugeMetricFamily(
+                "event_router_alert_firing", "1 while the alert is firing.", labels=["alert"]
+            ),
+            "matches_in_window": GaugeMetricFamily(
+                "event_router_alert_window_matches",
+                "Matches in the alert's current window.",
+                labels=["alert"],
+            ),
+        }
+        for name, state in snapshot.items():
+            for key, family in families.items():
+                value = state[key]
+                family.add_metric([name], int(value == "firing") if key == "state" else value)
+        yield from families.values()
+        yield CounterMetricFamily(
+            "event_router_alert_save_errors",
+            "Alert states that could not be saved (a full disk); kept for the next save.",
+            value=alerts.save_errors,
+        )
 
     def _process(self) -> Iterable[Metric]:
         info = GaugeMetricFamily(

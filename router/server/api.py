@@ -1,4 +1,5 @@
-"""The atracker-compatible management API: `/api/v2/targets`, `/api/v2/routes`, `/api/v2/settings`.
+"""The atracker-compatible management API: `/api/v2/targets`, `/api/v2/routes`, `/api/v2/settings`,
+and our own `/api/v2/views` and `/api/v2/alerts` in the same conventions.
 
 Requests and answers use atracker's v2 models, field names and status codes (201 on create,
 201 on PUT settings, 204 on DELETE, errors as `{"trace", "status_code", "errors": [{"code",
@@ -220,8 +221,10 @@ class ManagementApi:
         write_status: Callable[[str], WriteStatus | None],
         probe: Callable[[str], Awaitable[ProbeResult]],
         record: Callable[[dict[str, Any]], Awaitable[None]],
+        alert_states: Callable[[], dict[str, dict[str, Any]]] = dict,
     ) -> None:
         self.editor = editor
+        self.alert_states = alert_states  # per alert: state, matches in window, last firing
         self.port = port  # the bound port: a target must not point back at it
         self.write_status = write_status
         self.probe = probe
@@ -248,6 +251,13 @@ class ManagementApi:
         add("GET", "/api/v2/routes/{id}", self._wrap(self.get_route))
         add("PUT", "/api/v2/routes/{id}", self._wrap(self.replace_route, "route.update"))
         add("DELETE", "/api/v2/routes/{id}", self._wrap(self.delete_route, "route.delete"))
+        for kind in ("view", "alert"):
+            base = f"/api/v2/{kind}s"
+            add("POST", base, self._wrap(self._create_named(kind), f"{kind}.create"))
+            add("GET", base, self._wrap(self._list_named(kind)))
+            add("GET", base + "/{id}", self._wrap(self._get_named(kind)))
+            add("PUT", base + "/{id}", self._wrap(self._replace_named(kind), f"{kind}.update"))
+            add("DELETE", base + "/{id}", self._wrap(self._delete_named(kind), f"{kind}.delete"))
         add("GET", "/api/v2/settings", self._wrap(self.get_settings))
         add("PUT", "/api/v2/settings", self._wrap(self.put_settings, "setting.update"))
 
@@ -623,6 +633,11 @@ class ManagementApi:
             for route in data.get("routes") or []
             if any(target_id in rule.get("target_ids", []) for rule in route["rules"])
         ]
+        users += [
+            f"alert {alert['name']!r}"
+            for alert in data.get("alerts") or []
+            if target_id in alert.get("target_ids", [])
+        ]
         if target_id in (data.get("settings") or {}).get("default_targets", []):
             users.append("the default targets")
         if users:
@@ -739,6 +754,151 @@ class ManagementApi:
 
         await self._apply(request, "route.delete", f"route:{route_id}", edit)
         return web.Response(status=204)
+
+    # -- views and alerts (ours; named, not numbered) --------------------------------------------
+
+    VIEW_FIELDS = ("query",)
+    ALERT_FIELDS = ("query", "view", "threshold", "absence", "target_ids", "cooldown_s")
+    READ_ONLY = frozenset(
+        {
+            "crn",
+            "created_at",
+            "updated_at",
+            "effective_query",
+            "condition",
+            "window_s",
+            "state",
+            "matches_in_window",
+            "last_fired_at",
+            "last_match_at",
+            "changed_at",
+            "watched_since",
+            "matches",
+            "firings",
+        }
+    )
+
+    def named_model(self, kind: str, raw: dict[str, Any]) -> dict[str, Any]:
+        """A view or an alert as the YAML holds it, with its CRN and timestamps; an alert
+        also with the query it runs and its live state (for the console)."""
+        name = str(raw["name"])
+        fields = self.VIEW_FIELDS if kind == "view" else self.ALERT_FIELDS
+        model: dict[str, Any] = {
+            "name": name,
+            "crn": instance_crn(f"{kind}:{name}"),
+            **{k: raw[k] for k in fields if k in raw},
+        }
+        if kind == "alert":
+            config = next((a for a in self.editor.config.alerts if a.name == name), None)
+            if config is not None:
+                model["cooldown_s"] = config.cooldown_s
+                model["effective_query"] = str(config.query)
+                model["condition"] = "presence" if config.threshold else "absence"
+                model["window_s"] = config.window_s
+                if config.threshold is not None:
+                    model["threshold"] = {
+                        "count": config.threshold.count,
+                        "window_s": config.threshold.window_s,
+                    }
+                else:
+                    model["absence"] = {"window_s": config.window_s}
+            model.update(self.alert_states().get(name, {"state": "ok"}))
+        model["created_at"] = self.meta.created.get(f"{kind}:{name}", "")
+        model["updated_at"] = self.meta.updated.get(f"{kind}:{name}", "")
+        return model
+
+    def _named_body(self, kind: str, body: dict[str, Any], name: str | None) -> dict[str, Any]:
+        """The YAML entry for a view or an alert: its name and the fields of its kind (the
+        config check says what is wrong with them, naming the field)."""
+        given = body.get("name", name)
+        if not isinstance(given, str) or not given:
+            raise ApiError(400, "binding_error", f"a {kind} needs a name (a string)")
+        if name is not None and given != name:
+            raise ApiError(400, "invalid_value", f"the name of a {kind} cannot change")
+        fields = self.VIEW_FIELDS if kind == "view" else self.ALERT_FIELDS
+        # What a read answers besides the fields is ignored: a client may send back what it
+        # read, as with targets.
+        unknown = sorted(set(body) - {"name", *fields, *self.READ_ONLY})
+        if unknown:
+            raise ApiError(
+                400, "invalid_value", f"unknown field(s) of the {kind}: {', '.join(unknown)}"
+            )
+        return {"name": given, **{k: body[k] for k in fields if k in body}}
+
+    def _list_named(self, kind: str) -> Handler:
+        async def handler(request: web.Request) -> web.Response:
+            items = self.editor.source.data.get(f"{kind}s") or []
+            return self._json({f"{kind}s": [self.named_model(kind, raw) for raw in items]})
+
+        return handler
+
+    def _get_named(self, kind: str) -> Handler:
+        async def handler(request: web.Request) -> web.Response:
+            items = self.editor.source.data.get(f"{kind}s") or []
+            raw = self._find(items, request.match_info["id"], kind)
+            return self._json(self.named_model(kind, raw))
+
+        return handler
+
+    def _create_named(self, kind: str) -> Handler:
+        async def handler(request: web.Request) -> web.Response:
+            body = await self._body(request)
+            try:
+                raw = self._named_body(kind, body, None)
+            except ApiError as exc:  # audited under the name it asked for, if it gave one
+                exc.subject = (
+                    f"{kind}:{body.get('name') if isinstance(body.get('name'), str) else '-'}"
+                )
+                raise
+            subject = f"{kind}:{raw['name']}"
+
+            def edit(data: dict[str, Any]) -> None:
+                data.setdefault(f"{kind}s", []).append(raw)
+                self.meta.touch(subject, created=True)
+
+            await self._apply(request, f"{kind}.create", subject, edit)
+            return self._json(self.named_model(kind, raw), status=201)
+
+        return handler
+
+    def _replace_named(self, kind: str) -> Handler:
+        async def handler(request: web.Request) -> web.Response:
+            name = request.match_info["id"]
+            self._find(self.editor.source.data.get(f"{kind}s") or [], name, kind)
+            raw = self._named_body(kind, await self._body(request), name)
+
+            def edit(data: dict[str, Any]) -> None:
+                items = data.setdefault(f"{kind}s", [])
+                items[items.index(self._find(items, name, kind))] = raw
+                self.meta.touch(f"{kind}:{name}")
+
+            await self._apply(request, f"{kind}.update", f"{kind}:{name}", edit)
+            return self._json(self.named_model(kind, raw))
+
+        return handler
+
+    def _delete_named(self, kind: str) -> Handler:
+        async def handler(request: web.Request) -> web.Response:
+            name = request.match_info["id"]
+            data = self.editor.source.data
+            self._find(data.get(f"{kind}s") or [], name, kind)
+            users = [
+                f"alert {alert['name']!r}"
+                for alert in data.get("alerts") or []
+                if kind == "view" and alert.get("view") == name
+            ]
+            if users:
+                raise ApiError(
+                    409, "view_in_use", f"view {name} is still used by {', '.join(users)}"
+                )
+
+            def edit(data: dict[str, Any]) -> None:
+                data[f"{kind}s"] = [i for i in data.get(f"{kind}s") or [] if i["name"] != name]
+
+            await self._apply(request, f"{kind}.delete", f"{kind}:{name}", edit)
+            return web.Response(status=204)
+
+        return handler
 
     # -- settings ------------------------------------------------------------------------------
 

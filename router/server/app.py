@@ -18,8 +18,11 @@ from router.deadletter import DeadLetters
 from router.intake.http import Ingest
 from router.journal import Journal
 from router.server.auth import Guard
+from router.server.console import ConsolePage
+from router.server.letters import LetterEndpoints
 from router.server.receipts import ReceiptEndpoint
 from router.server.redrive import Redrive
+from router.server.search import SearchEndpoint
 from router.server.status import Health, StatusEndpoints
 from router.server.tail import TailHub
 
@@ -48,14 +51,18 @@ def build_app(
     letters_dir: Path,
     api: Routes,
 ) -> web.Application:
-    """The application: ingest, tail, redrive, status and metrics, receipts, management API,
-    all behind the guard (authentication and refusals)."""
+    """The application: ingest, tail, dead letters and redrive, archive search, status and
+    metrics, receipts, management API, all behind the guard (authentication and refusals),
+    and the console page that calls them."""
     app = web.Application(client_max_size=server.max_body_bytes, middlewares=[guard.middleware])
     app.router.add_post("/v1/events", ingest.handle)
     app.router.add_get("/v1/tail", tail.handle)
     redrive = Redrive(dead_letters, journal, is_target=is_target, is_invalid=is_invalid)
     app.router.add_post("/v1/deadletters/{target}/redrive", redrive.handle)
+    LetterEndpoints(letters_dir).routes(app)
+    SearchEndpoint(file_archives).routes(app)
     StatusEndpoints(health, render_metrics).routes(app)
     ReceiptEndpoint(pending_for, file_archives, letters_dir).routes(app)
     api.routes(app)
+    ConsolePage().routes(app)
     return app

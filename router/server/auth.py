@@ -3,6 +3,7 @@ as an Activity Tracker event of the router itself.
 
     route                                   needs
     GET /healthz, /readyz, /openapi.json    nothing (probes and the API description)
+    GET /console, /console/{name}           nothing (the console's static files: no data)
     POST /v1/events                         an ingest token
     anything else (status, tail, redrive)   an admin token
 
@@ -62,7 +63,9 @@ log = logging.getLogger(__name__)
 INGEST: Final = "ingest"
 ADMIN: Final = "admin"
 REALM: Final = 'Bearer realm="event-router"'
-OPEN_ROUTES: Final = frozenset({"/healthz", "/readyz", "/openapi.json"})
+OPEN_ROUTES: Final = frozenset(
+    {"/healthz", "/readyz", "/openapi.json", "/console", "/console/{name}"}
+)
 INGEST_ROUTES: Final = frozenset({"/v1/events"})
 SAFE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
 API_PREFIX: Final = "/api/v2/"

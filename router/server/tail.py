@@ -1,4 +1,5 @@
-"""The live tail: `GET /v1/tail?query=...` streams accepted events that match a query as
+"""The live tail: `GET /v1/tail?query=...` (or `?view=NAME`, a saved view's query, which a
+`query` given too narrows) streams accepted events that match a query as
 Server-Sent Events (`event-router tail 'QUERY'`, router/clients/tail.py, follows that stream
 in a terminal).
 
@@ -30,7 +31,7 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -107,8 +108,10 @@ class TailHub:
         max_clients: int = 32,
         write_timeout_s: float = 10.0,
         queue_events: int = QUEUE_EVENTS,
+        view: Callable[[str], str | None] = lambda name: None,
     ) -> None:
         self.subscribers: set[Subscriber] = set()
+        self.view = view  # a saved view's query by name (`?view=`), from the running config
         self.max_clients = max_clients
         self.write_timeout_s = write_timeout_s
         self.queue_events = queue_events
@@ -214,6 +217,14 @@ class TailHub:
                 headers={"Retry-After": str(FULL_RETRY_AFTER_S)},
             )
         text = request.query.get("query", "")
+        if "view" in request.query:
+            name = request.query["view"]
+            saved = self.view(name)
+            if saved is None:
+                unknown = {"code": "unknown_view", "message": f"no view named {name!r}"}
+                return web.json_response({"error": unknown}, status=404, dumps=_dumps)
+            # A query given too narrows the view.
+            text = f"({saved}) ({text})" if text.strip() else saved
         query: Query | None = None
         if text.strip():
             try:

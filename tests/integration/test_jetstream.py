@@ -425,3 +425,36 @@ async def test_with_nats_down_ingest_answers_503_and_readyz_too_until_it_is_back
 
 async def not_ready(port: int) -> bool:
     return not await ready(port)
+
+
+async def test_an_alert_fires_through_a_jetstream_journal(
+    start_router: Any, receiver_factory: ReceiverFactory, tmp_path: Path
+) -> None:
+    # The alerts' windows live in <storage.path>/alerts.db whatever the backend; their
+    # events go to their targets through the stream like any event.
+    webhook = await receiver_factory()
+    daemon = await start_router(
+        {
+            "targets": [
+                file_target("archive", tmp_path / "a.ndjson"),
+                http_target("alerts-webhook", webhook.url),
+            ],
+            "routes": everything_to("archive"),
+            "alerts": [
+                {
+                    "name": "creates",
+                    "query": "action:secrets-manager.secret.create",
+                    "threshold": {"count": 2, "window_s": 60},
+                    "target_ids": ["alerts-webhook"],
+                }
+            ],
+        }
+    )
+    status, _ = await post(daemon, [event(), event()])
+    assert status == 202
+    await wait_for(lambda: len(webhook.delivered_events) == 1, what="the alert's trigger")
+    (trigger,) = webhook.delivered_events
+    assert trigger["requestData"]["alert"] == "creates" and trigger["requestData"]["count"] == 2
+    assert (tmp_path / "r1" / "alerts.db").exists()
+    await wait_for(lambda: books_of(daemon, "alerts-webhook") == (1, 1, 0, 0), what="the books")
+    assert_books_balance(daemon)

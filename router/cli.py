@@ -22,6 +22,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import uvloop
+
 from router import __version__
 from router.completion import SHELLS, script
 from router.config import Config, config_warnings, load_config_and_data
@@ -332,7 +334,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     server = overrides(config).server
     setup_logging(args.log_format, args.log_level)
     try:
-        asyncio.run(_serve(config_path, data, replace(config, server=server), overrides))
+        # uvloop: the event loop's socket and timer work in C. Measured with bench.compare
+        # (two A/B runs on one invocation each): 0.59x and 0.94x the CPU per event of asyncio's
+        # loop with one event per POST, no difference beyond noise with 100 per POST.
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(_serve(config_path, data, replace(config, server=server), overrides))
     except (ConfigError, StorageLockedError) as exc:
         log.error("cannot start: %s", exc)
         sys.exit(EXIT_CONFIG)

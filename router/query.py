@@ -28,7 +28,11 @@ the column of the level too many, like any other syntax error, rather than a sta
 the recursive parser (or in compiling and printing the tree it would build).
 
 A parsed query is compiled once into a tree of closures, so evaluating it costs a few
-microseconds; `str(query)` prints a canonical form that parses back to the same query.
+microseconds; `str(query)` prints a canonical form that parses back to the same query. The
+closures read an event through `Fields`, which extracts each dotted path once: queries that
+test the same field of one event (route filters, one per route) share the extraction. `assume`
+decides the terms on fields whose values are already known (routing knows host, location and
+action before it looks at a filter), so a filter those facts rule out never runs.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import math
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Final
 
 import orjson
@@ -50,6 +55,7 @@ __all__ = [
     "And",
     "Compare",
     "Exists",
+    "Fields",
     "Match",
     "MatchOp",
     "Node",
@@ -58,6 +64,7 @@ __all__ = [
     "Query",
     "QueryError",
     "Text",
+    "assume",
     "parse",
     "virtual_field",
 ]
@@ -129,7 +136,26 @@ class Or:
 
 
 Node = Match | Exists | Compare | Text | Not | And | Or
-Predicate = Callable[[Mapping[str, Any]], bool]
+
+
+class Fields:
+    """One event as the queries see it: each dotted path's values extracted once, on first
+    use, however many terms (of however many queries) test it."""
+
+    __slots__ = ("_leaves", "body")
+
+    def __init__(self, body: Mapping[str, Any]) -> None:
+        self.body = body
+        self._leaves: dict[str, list[Any]] = {}
+
+    def leaves(self, path: str) -> list[Any]:
+        found = self._leaves.get(path)
+        if found is None:
+            found = self._leaves[path] = _getter(path)(self.body)
+        return found
+
+
+Predicate = Callable[[Fields], bool]
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,7 +170,11 @@ class Query:
 
     def matches(self, event: Mapping[str, Any]) -> bool:
         """Does the event (its JSON body) match? Never raises on odd shapes: they don't match."""
-        return self._predicate(event)
+        return self._predicate(Fields(event))
+
+    def matches_fields(self, fields: Fields) -> bool:
+        """`matches`, on an event whose fields other queries may have extracted already."""
+        return self._predicate(fields)
 
     def __str__(self) -> str:
         return _print(self.root)
@@ -201,6 +231,7 @@ def _leaves(value: Any, keys: tuple[str, ...], start: int = 0) -> list[Any]:
     return [value]
 
 
+@lru_cache(maxsize=1024)
 def _getter(path: str) -> Getter:
     if path in VIRTUAL_FIELDS:
 
@@ -251,10 +282,10 @@ def _text_test(op: MatchOp, values: tuple[str, ...]) -> Callable[[str], bool]:
 
 def _compile(node: Node) -> Predicate:
     if isinstance(node, Match):
-        get, test = _getter(node.field), _text_test(node.op, node.values)
+        path, test = node.field, _text_test(node.op, node.values)
 
-        def match(event: Mapping[str, Any]) -> bool:
-            for leaf in get(event):
+        def match(event: Fields) -> bool:
+            for leaf in event.leaves(path):
                 text = _json_text(leaf)
                 if text is not None and test(text):
                     return True
@@ -262,13 +293,13 @@ def _compile(node: Node) -> Predicate:
 
         return match
     if isinstance(node, Exists):
-        get = _getter(node.field)
-        return lambda event: any(leaf is not None for leaf in get(event))
+        path = node.field
+        return lambda event: any(leaf is not None for leaf in event.leaves(path))
     if isinstance(node, Compare):
         return _compile_compare(node)
     if isinstance(node, Text):
         needle = node.text.casefold()
-        return lambda event: any(needle in text.casefold() for text in _texts(event))
+        return lambda event: any(needle in text.casefold() for text in _texts(event.body))
     if isinstance(node, Not):
         operand = _compile(node.operand)
         return lambda event: not operand(event)
@@ -287,16 +318,48 @@ _COMPARE: Final[Mapping[str, Callable[[float, float], bool]]] = {
 
 
 def _compile_compare(node: Compare) -> Predicate:
-    get, compare, number = _getter(node.field), _COMPARE[node.op], node.number
+    path, compare, number = node.field, _COMPARE[node.op], node.number
 
-    def match(event: Mapping[str, Any]) -> bool:
-        for leaf in get(event):
+    def match(event: Fields) -> bool:
+        for leaf in event.leaves(path):
             is_number = isinstance(leaf, int | float) and not isinstance(leaf, bool)
             if is_number and compare(leaf, number):
                 return True
         return False
 
     return match
+
+
+def assume(node: Node, known: Mapping[str, str]) -> Node | bool:
+    """`node` with every term on a field of `known` (field -> its one string value) decided:
+    True or False when that decides the whole node, else the node that is left to evaluate.
+    For an event whose fields in `known` have those values, the result (a bool, or the
+    remaining node's match) is what `node` gives."""
+    if isinstance(node, Match):
+        if node.field not in known:
+            return node
+        return _text_test(node.op, node.values)(known[node.field])
+    if isinstance(node, Exists):
+        return True if node.field in known else node  # a string is a value other than null
+    if isinstance(node, Compare):
+        return False if node.field in known else node  # a string is never a JSON number
+    if isinstance(node, Text):
+        return node
+    if isinstance(node, Not):
+        operand = assume(node.operand, known)
+        return (not operand) if isinstance(operand, bool) else Not(operand)
+    decides = isinstance(node, Or)  # the value that decides an Or (True) or an And (False)
+    left: list[Node] = []
+    for part in node.operands:
+        value = assume(part, known)
+        if isinstance(value, bool):
+            if value is decides:
+                return decides
+            continue
+        left.append(value)
+    if not left:
+        return not decides
+    return left[0] if len(left) == 1 else type(node)(tuple(left))
 
 
 def _texts(value: Any) -> Iterator[str]:

@@ -21,11 +21,10 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
 
 from router.config import RouteConfig, RuleConfig
 from router.events import Event
-from router.query import Query
+from router.query import Fields, Query, assume
 
 WILDCARD = "*"
 DEFAULT_ROUTE = "(default_targets)"
@@ -69,17 +68,21 @@ class _Rule:
         return self.actions is None or self.actions.match(action) is not None
 
 
-# Per route, the rules that match a (location, action) in order, up to the first without a
-# filter (no later rule can be reached past it).
-_Plan = tuple[tuple[str, tuple[_Rule, ...]], ...]
+# Per route, the candidate rules for one (location, host, action): each with its targets and
+# what is left of its filter once those facts are known (None: nothing left, it matches), in
+# order, up to the first that matches outright (no later rule can be reached past it).
+_Plan = tuple[tuple[str, tuple[tuple[tuple[str, ...], Query | None], ...]], ...]
 
 
 class RouteTable:
     """The compiled routes and default targets.
 
-    Location and action decide most of a match, so that part is cached per (location,
-    action): without filters the cache holds the whole Decision; with filters it holds the
-    candidate rules, and only their filters run per event.
+    Location, host and action decide most of a match, so that part is planned once per
+    (location, host, action) and cached: rules whose location or actions do not match are
+    left out, and so is every rule whose filter those three facts rule out (a team's
+    `host:svcN` filter on another service's events), while a filter they satisfy is dropped
+    from its rule. Without filters left the cache holds the whole Decision; otherwise the
+    remaining filters run per event, reading each field of the event once between them.
     """
 
     def __init__(self, routes: Sequence[RouteConfig], default_targets: Sequence[str]) -> None:
@@ -89,33 +92,38 @@ class RouteTable:
 
     def match(self, event: Event) -> Decision:
         """Where `event` goes."""
-        plan = self._plan(event.location, event.action)
+        plan = self._plan(event.location, event.service, event.action)
         if isinstance(plan, Decision):
             return plan
-        return self._decide(plan, event.body)
+        return self._decide(plan, Fields(event.body))
 
-    def _make_plan(self, location: str, action: str) -> Decision | _Plan:
-        plan: list[tuple[str, tuple[_Rule, ...]]] = []
+    def _make_plan(self, location: str, host: str, action: str) -> Decision | _Plan:
+        known = {"location": location, "host": host, "action": action}
+        plan: list[tuple[str, tuple[tuple[tuple[str, ...], Query | None], ...]]] = []
         for name, rules in self._routes:
-            candidates: list[_Rule] = []
+            candidates: list[tuple[tuple[str, ...], Query | None]] = []
             for rule in rules:
-                if rule.matches(location, action):
-                    candidates.append(rule)
-                    if rule.filter is None:
-                        break
+                if not rule.matches(location, action):
+                    continue
+                left = True if rule.filter is None else assume(rule.filter.root, known)
+                if left is False:
+                    continue  # ruled out: the route's next rule is tried, as when it fails
+                candidates.append((rule.target_ids, None if left is True else Query(left)))
+                if left is True:
+                    break
             if candidates:
                 plan.append((name, tuple(candidates)))
         frozen = tuple(plan)
-        if all(rule.filter is None for _, rules in frozen for rule in rules):
-            return self._decide(frozen, {})
+        if all(query is None for _, rules in frozen for _, query in rules):
+            return self._decide(frozen, Fields({}))
         return frozen
 
-    def _decide(self, plan: _Plan, body: Mapping[str, Any]) -> Decision:
+    def _decide(self, plan: _Plan, fields: Fields) -> Decision:
         targets: dict[str, str] = {}
         for name, rules in plan:
-            for rule in rules:
-                if rule.filter is None or rule.filter.matches(body):
-                    for target_id in rule.target_ids:
+            for target_ids, query in rules:
+                if query is None or query.matches_fields(fields):
+                    for target_id in target_ids:
                         targets.setdefault(target_id, name)
                     break
         if not targets:

@@ -17,6 +17,7 @@ from router.config.model import (
     BatchConfig,
     Config,
     EvidenceConfig,
+    IamConfig,
     JetStreamConfig,
     JetStreamTlsConfig,
     RedactionConfig,
@@ -41,7 +42,7 @@ from router.config.model import (
 from router.config.references import resolve, resolve_all
 from router.errors import QueryError
 from router.query import Query, parse
-from router.targets import TARGET_TYPES
+from router.targets import TARGET_TYPES, TargetType
 from router.targets.http import HttpAuthConfig, SigningConfig
 
 MIN_SIGNING_SECRET = 16  # an HMAC key shorter than this is guessable
@@ -95,8 +96,46 @@ def _nested_sections(cls: type[Any]) -> dict[str, type[Any]]:
     return nested
 
 
+def _identity(
+    kind: TargetType,
+    endpoint: dict[str, Any],
+    where: str,
+    iam: IamConfig | None,
+    problems: list[str],
+) -> None:
+    """Fill in the daemon's own identity where a target uses it: an endpoint without an
+    api_key, or one that sets service_to_service_enabled, authenticates with the top-level
+    `iam` key (and every target without an iam_url of its own exchanges keys at its URL)."""
+    names = {f.name for f in fields(kind.config_class)}
+    if iam is not None and "api_key" in names:
+        if "api_key" not in endpoint or endpoint.get("service_to_service_enabled") is True:
+            endpoint["api_key"] = iam.api_key
+        if iam.iam_url is not None and "iam_url" in names and "iam_url" not in endpoint:
+            endpoint["iam_url"] = iam.iam_url
+    if (
+        kind.needs_api_key is not None
+        and kind.needs_api_key(endpoint)
+        and "api_key" not in endpoint
+    ):
+        problems.append(
+            f"{where}.api_key: required (or service_to_service_enabled with the daemon's own "
+            "identity in the top-level iam section)"
+        )
+        endpoint["api_key"] = ""  # the dataclass still builds; the problem stops the load
+
+
+def _iam(data: Mapping[str, Any] | None, problems: list[str]) -> IamConfig | None:
+    if data is None:
+        return None
+    return IamConfig(
+        api_key=resolve(data["api_key"], "iam.api_key", problems), iam_url=data.get("iam_url")
+    )
+
+
 def build_config(data: Mapping[str, Any], problems: list[str]) -> Config:
     delivery = data.get("delivery") or {}
+    iam = _iam(data.get("iam"), problems)
+    settings = data.get("settings") or {}
     targets = []
     for i, raw in enumerate(data.get("targets") or []):
         kind = TARGET_TYPES[raw["target_type"]]  # each type's module owns its endpoint
@@ -106,6 +145,16 @@ def build_config(data: Mapping[str, Any], problems: list[str]) -> Config:
             name: resolve_all(value, f"targets[{i}].{key}.{name}", problems)
             for name, value in raw[key].items()
         }
+        _identity(kind, endpoint, f"targets[{i}].{key}", iam, problems)
+        # atracker's target region names the objects (COS) and the region header (Event
+        # Streams); without one, the metadata region stands in.
+        region = raw.get("region") or settings.get("metadata_region_primary")
+        if (
+            region
+            and "region" not in endpoint
+            and "region" in {f.name for f in fields(endpoint_cls)}
+        ):
+            endpoint["region"] = region
         for name, section_cls in _nested_sections(endpoint_cls).items():
             if isinstance(endpoint.get(name), dict):
                 endpoint[name] = _section(section_cls, endpoint[name])
@@ -126,6 +175,8 @@ def build_config(data: Mapping[str, Any], problems: list[str]) -> Config:
                 name=raw.get("name", raw["id"]),
                 target_type=raw["target_type"],
                 endpoint=_section(endpoint_cls, endpoint),
+                region=raw.get("region"),
+                managed_by=raw.get("managed_by", "account"),
                 batch=_section(
                     BatchConfig,
                     {
@@ -150,6 +201,7 @@ def build_config(data: Mapping[str, Any], problems: list[str]) -> Config:
                 )
                 for k, rule in enumerate(raw["rules"])
             ),
+            managed_by=raw.get("managed_by", "account"),
         )
         for r, raw in enumerate(data.get("routes") or [])
     )
@@ -162,7 +214,6 @@ def build_config(data: Mapping[str, Any], problems: list[str]) -> Config:
         _alert(raw, f"alerts[{a}]", views, problems)
         for a, raw in enumerate(data.get("alerts") or [])
     )
-    settings = data.get("settings") or {}
     return Config(
         server=_server(data.get("server") or {}, problems),
         storage=_storage(data.get("storage") or {}, problems),
@@ -172,10 +223,17 @@ def build_config(data: Mapping[str, Any], problems: list[str]) -> Config:
         routes=routes,
         views=views,
         alerts=alerts,
-        settings=SettingsConfig(default_targets=tuple(settings.get("default_targets", ()))),
+        settings=SettingsConfig(
+            default_targets=tuple(settings.get("default_targets", ())),
+            metadata_region_primary=settings.get("metadata_region_primary"),
+            metadata_region_backup=settings.get("metadata_region_backup"),
+            permitted_target_regions=tuple(settings.get("permitted_target_regions", ())),
+            private_api_endpoint_only=settings.get("private_api_endpoint_only", False),
+        ),
         startup=_section(StartupConfig, data.get("startup")),
         reload=_section(ReloadConfig, data.get("reload")),
         auth=_auth(data["auth"], problems) if "auth" in data else None,
+        iam=iam,
         redaction=_redaction(data.get("redaction") or {}, problems),
         evidence=_section(EvidenceConfig, data.get("evidence")),
     )

@@ -221,6 +221,10 @@ class TargetConfig:
     name: str
     target_type: str
     endpoint: object  # the config_class of its type in TARGET_TYPES
+    # atracker's target region (COS object names, Event Streams' region header); unset, the
+    # settings' metadata_region_primary stands in where a region is needed.
+    region: str | None = None
+    managed_by: Literal["account", "enterprise"] = "account"  # atracker's, kept and returned
     batch: BatchConfig = field(default_factory=BatchConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
 
@@ -243,6 +247,7 @@ class RouteConfig:
     id: str
     name: str
     rules: tuple[RuleConfig, ...]
+    managed_by: Literal["account", "enterprise"] = "account"  # atracker's, kept and returned
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -313,9 +318,26 @@ class StartupConfig:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SettingsConfig:
-    """Account-wide settings; `default_targets` take events that no rule sent anywhere."""
+    """Account-wide settings; `default_targets` take events that no rule sent anywhere. The
+    rest are atracker's: the metadata region is the region of targets that name none;
+    `permitted_target_regions`, if not empty, bounds where targets may be created."""
 
     default_targets: tuple[str, ...] = ()
+    metadata_region_primary: str | None = None
+    metadata_region_backup: str | None = None
+    permitted_target_regions: tuple[str, ...] = ()
+    private_api_endpoint_only: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IamConfig:
+    """The daemon's own IBM Cloud identity (an API key of a service ID): what authenticates
+    targets that have no api_key of their own or set `service_to_service_enabled`, as
+    atracker's own service identity does for its targets. `iam_url` (unset: each target's
+    default) is where every target without its own exchanges keys for tokens."""
+
+    api_key: str = field(repr=False)
+    iam_url: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -387,6 +409,7 @@ class Config:
     startup: StartupConfig = field(default_factory=StartupConfig)
     reload: ReloadConfig = field(default_factory=ReloadConfig)
     auth: AuthConfig | None = None
+    iam: IamConfig | None = None
     redaction: RedactionConfig = field(default_factory=RedactionConfig)
     evidence: EvidenceConfig = field(default_factory=EvidenceConfig)
 

@@ -177,7 +177,8 @@ class Acceptor:
         forbidden = 0
         async with self._routing_turn():
             for index, item in enumerate(items):
-                reason, problems = self._problems(item, caller, own)
+                encoded = _encode(item)
+                reason, problems = self._problems(item, caller, own, encoded)
                 forbidden += reason == "forbidden"
                 if problems:
                     self.stats.rejected_by_reason[reason] = (
@@ -192,9 +193,12 @@ class Acceptor:
                     result["errors"] = [p.as_dict() for p in problems]
                     results.append(result)
                     continue
-                if self.redactor is not None:
-                    self.redactor.redact(item)  # before the journal: nothing after it sees a secret
-                event = Event.from_body(item)
+                # Redaction comes before the journal: nothing after it sees a secret. Its
+                # changes (rare) mean the body is serialised again; otherwise the bytes made for
+                # the limits are the event's bytes, for the journal, the targets and the tail.
+                if self.redactor is not None and self.redactor.redact(item):
+                    encoded = None
+                event = Event.from_body(item, encoded=encoded)
                 decision = self.routes.match(event)
                 routed.append((event, decision.targets))
                 results.append({"index": index, "id": event.id, "status": "accepted"})
@@ -238,7 +242,7 @@ class Acceptor:
         return Outcome(results, accepted)
 
     def _problems(
-        self, item: Any, caller: Caller | None, own: bool = False
+        self, item: Any, caller: Caller | None, own: bool = False, encoded: bytes | None = None
     ) -> tuple[str, list[Problem]]:
         """What is wrong with one item, and the reason it is counted under (for metrics):
         malformed, limits, schema, catalogue (only its action is unknown), forbidden, or
@@ -247,7 +251,7 @@ class Acceptor:
             return "malformed", [Problem("", item.message)]
         if isinstance(item, Altered):
             return "limits", item.problems
-        if problems := self._shape_problems(item):
+        if problems := self._shape_problems(item, encoded):
             return "limits", problems
         if problems := self.validator.validate(item):
             catalogue = all(p.path == "/action" and "catalogue" in p.message for p in problems)
@@ -259,11 +263,12 @@ class Acceptor:
             return "forbidden", problems
         return "", []
 
-    def _shape_problems(self, item: Any) -> list[Problem]:
+    def _shape_problems(self, item: Any, encoded: bytes | None) -> list[Problem]:
         return shape_problems(
             item,
             max_depth=self.server.max_depth,
             max_string_chars=self.server.max_string_chars,
+            encoded=encoded,
         )
 
     async def _append(self, routed: list[tuple[Event, Mapping[str, str]]]) -> None:
@@ -294,6 +299,18 @@ class Acceptor:
                 )
                 return len(entries)
         return 0
+
+
+def _encode(item: Any) -> bytes | None:
+    """An item's compact JSON, made once: the shape limits read it, and an accepted event
+    keeps it. None for what is not an object, or what orjson will not write (nested past its
+    own depth limit): the limits walk the item instead."""
+    if not isinstance(item, dict):
+        return None
+    try:
+        return orjson.dumps(item)
+    except orjson.JSONEncodeError:
+        return None
 
 
 def reserved_action(item: dict[str, Any]) -> list[Problem]:

@@ -69,9 +69,28 @@ def _fits(node: Any, depth: int, max_depth: int, max_chars: int) -> bool:
     return True
 
 
-def shape_problems(event: Any, *, max_depth: int, max_string_chars: int) -> list[Problem]:
+def encoded_fits(encoded: bytes, *, max_depth: int, max_string_chars: int) -> bool:
+    """Does the event whose compact JSON is `encoded` keep within the shape limits, as its
+    bytes alone can tell? True settles it without a walk; False only means "walk it".
+
+    No string or key has more characters than the event has bytes, and no container nests
+    deeper than there are `{` and `[` bytes (those inside strings only add to the count), so
+    a small event settles both limits with a length and two byte counts, at C speed."""
+    return (
+        len(encoded) <= max_string_chars and encoded.count(b"{") + encoded.count(b"[") <= max_depth
+    )
+
+
+def shape_problems(
+    event: Any, *, max_depth: int, max_string_chars: int, encoded: bytes | None = None
+) -> list[Problem]:
     """Where `event` nests deeper than `max_depth` or holds a string (or key) longer than
-    `max_string_chars`; an empty list when it does neither."""
+    `max_string_chars`; an empty list when it does neither. `encoded`: the event's compact
+    JSON, when the caller has it (see encoded_fits)."""
+    if encoded is not None and encoded_fits(
+        encoded, max_depth=max_depth, max_string_chars=max_string_chars
+    ):
+        return []
     if _fits(event, 1, max_depth, max_string_chars):
         return []  # nearly every event: the detailed walk below runs only to name the places
     problems: list[Problem] = []

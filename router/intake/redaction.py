@@ -24,6 +24,7 @@ import pathlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Final
 
 import orjson
@@ -42,9 +43,14 @@ ACTIONS: Final = frozenset({"drop", "mask", "hash"})
 Path = tuple[str, ...]
 
 
+@lru_cache(maxsize=8192)
 def normalize(key: str) -> str:
-    """One spelling per key: case-folded, only letters and digits."""
-    return re.sub(r"[^0-9a-z]", "", key.casefold())
+    """One spelling per key: case-folded, only letters and digits. Cached: the keys of a
+    service's request and response details repeat from one event to the next."""
+    return _NOT_ALNUM.sub("", key.casefold())
+
+
+_NOT_ALNUM: Final = re.compile(r"[^0-9a-z]")
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,8 +11,9 @@ each with a JSON pointer, so a producer can fix all of them in one round trip.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, cast
 
@@ -82,9 +83,11 @@ class EventValidator:
         cls = jsonschema.validators.validator_for(schema)
         cls.check_schema(schema)
         self._validator = cls(schema)
-        self._fast = fastjsonschema.compile(schema, use_default=False, use_formats=False)
+        self._fast = compile_fast(schema)
         self.catalogues: Mapping[str, Catalogue] = load_catalogues(schemas)
         self._reject_unknown_actions = unknown_actions == "reject"
+        # Events of one producer repeat one (action, CRN) pair: each is checked once.
+        self._catalogue_verdict = lru_cache(maxsize=4096)(self._catalogue_check)
 
     def validate(self, event: Any) -> list[Problem]:
         """Every problem of `event`; an empty list means it may be accepted."""
@@ -105,17 +108,20 @@ class EventValidator:
         action, crn = event.get("action"), event.get("logSourceCRN")
         if not isinstance(action, str):
             return []
+        return list(self._catalogue_verdict(action, crn if isinstance(crn, str) else None))
+
+    def _catalogue_check(self, action: str, crn: str | None) -> tuple[Problem, ...]:
         services = {action_service(action)}
         if isinstance(crn, str):
             services.add(crn_service(crn))
-        return [
+        return tuple(
             Problem(
                 "/action",
                 f"{action!r} is not an action of the {name} catalogue ({catalogue.source})",
             )
             for name in sorted(services)
             if (catalogue := self.catalogues.get(name)) and action not in catalogue.actions
-        ]
+        )
 
     @staticmethod
     def _problem(error: jsonschema.ValidationError) -> Problem:
@@ -137,6 +143,46 @@ class EventValidator:
         if error.validator == "const":
             return Problem(path, f"must be {error.validator_value!r}")
         return Problem(path, error.message)
+
+
+def compile_fast(schema: dict[str, Any]) -> Callable[[Any], Any]:
+    """The fast path: fastjsonschema's compiled code for `schema`, raising
+    JsonSchemaException on an event the schema may reject.
+
+    A top-level `if` that only asks whether one required field equals a constant (the event
+    schema's `outcome: failure` asks for a reasonType) is decided here, by a comparison: the
+    compiled `if` would raise and catch an exception for every event it does not hold for,
+    which cost a third of the fast path. The `then` runs, compiled, only when it holds."""
+    condition, then = schema.get("if"), schema.get("then")
+    if not (isinstance(condition, dict) and isinstance(then, dict)) or "else" in schema:
+        return fastjsonschema.compile(schema, use_default=False, use_formats=False)
+    properties = condition.get("properties")
+    if not (
+        set(condition) == {"properties", "required"}
+        and isinstance(properties, dict)
+        and len(properties) == 1
+        and condition["required"] == list(properties)
+        and isinstance(rule := next(iter(properties.values())), dict)
+        and set(rule) == {"const"}
+        and isinstance(rule["const"], str)
+    ):
+        return fastjsonschema.compile(schema, use_default=False, use_formats=False)
+    name, value = next(iter(properties)), rule["const"]
+    rest = {key: part for key, part in schema.items() if key not in ("if", "then")}
+    fast_rest = fastjsonschema.compile(rest, use_default=False, use_formats=False)
+    fast_then = fastjsonschema.compile(
+        {**then, **{key: schema[key] for key in ("$defs", "$schema") if key in schema}},
+        use_default=False,
+        use_formats=False,
+    )
+
+    def fast(event: Any) -> Any:
+        fast_rest(event)
+        if isinstance(event, dict) and event.get(name) == value:  # a str equals only a str
+            fast_then(event)
+        return event
+
+    return fast
 
 
 def _excerpt(value: Any) -> str:

@@ -17,7 +17,10 @@ discarded by SQLite itself) with our own CRC32 per record on top, checked on eve
                                                        chain head at its last checkpoint
 
 Concurrent `append` calls share one transaction and one fsync (group commit). All SQLite work
-runs on one dedicated thread so the event loop never blocks on disk. A record whose CRC does
+runs on one dedicated thread so the event loop never blocks on disk. While a target keeps up,
+its worker takes its batches from memory (the committed events' bytes, kept per target up to
+MEMORY_BYTES): the database stays the record, read only by a target that fell behind (until it
+catches up) or after a restart. A record whose CRC does
 not match is quarantined with a log line and a counter, and dead-lettered. A database file that
 fails its integrity check at start-up is moved aside and every record whose bytes survive is
 read back from its pages (router/journal/salvage.py); what did not survive is counted as lost in the
@@ -28,7 +31,9 @@ an exclusive lock on the directory for its life: one journal, one daemon.
 from __future__ import annotations
 
 import asyncio
+import collections
 import fcntl
+import itertools
 import logging
 import mmap
 import os
@@ -79,6 +84,9 @@ RETIRE_CHUNK = 1000
 FREE_PAGES_BEFORE_SHRINK = 4096
 SHRINK_STEP_PAGES = 1024
 SYNCHRONOUS = {"always": "FULL", "interval": "NORMAL", "never": "OFF"}
+# Per target, the bytes of committed events kept in memory for its worker; a target further
+# behind than this reads its backlog from the database until it has caught up.
+MEMORY_BYTES = 8 * 1024 * 1024
 # While the journal is unhealthy (a write failed), a small write is tried this often, so that
 # /readyz turns 200 again once the disk takes writes, without waiting for a producer.
 HEALTH_PROBE_S = 1.0
@@ -108,6 +116,46 @@ class _Target:
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     # Held while the worker reads a batch and while shedding, so they never take the same rows.
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # While `in_memory`, `memory` holds every committed entry of this target past its cursor,
+    # in seq order (`memory_bytes` of event bytes): its batches come from there, not SQLite.
+    in_memory: bool = False
+    memory: collections.deque[Entry] = field(default_factory=collections.deque)
+    memory_bytes: int = 0
+    batches_from_memory: int = 0
+    batches_from_disk: int = 0
+    # Acks under way: a worker (a new one, after a reload stopped the last during its ack)
+    # takes its next batch from memory only once they are done, as a read of the database
+    # would queue behind their writes on the journal's thread.
+    acks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def remember(self, entry: Entry) -> None:
+        """Keep a committed entry for the worker, or fall back to reading the database once
+        the worker is MEMORY_BYTES behind."""
+        if not self.in_memory:
+            return
+        size = len(entry.event.encoded())
+        if self.memory_bytes + size > MEMORY_BYTES:
+            self.forget()
+            return
+        self.memory.append(entry)
+        self.memory_bytes += size
+
+    def forget(self) -> None:
+        """Read from the database from now on (until the backlog is empty again)."""
+        self.in_memory = False
+        self.memory.clear()
+        self.memory_bytes = 0
+
+    def settled_through(self, last: int) -> None:
+        """Entries up to `last` are settled: out of memory. With nothing pending any more,
+        every entry committed from now on is remembered: the worker has caught up."""
+        while self.memory and self.memory[0].seq <= last:
+            self.memory_bytes -= len(self.memory.popleft().event.encoded())
+        if self.books.pending == 0 and not self.in_memory:
+            # Exactly 0: the batch just settled held no row of a commit not yet counted (a
+            # commit is counted right after it returns, and only the latest can be pending
+            # its count), so no entry can be both in that batch and remembered.
+            self.in_memory = True
 
 
 class SqliteJournal:
@@ -242,6 +290,7 @@ class SqliteJournal:
         self._next_seq = (db.execute("SELECT MAX(seq) FROM events").fetchone()[0] or 0) + 1
         for target_id, target in self._targets.items():
             target.books = self._books_sync(target_id)
+            target.in_memory = target.books.pending == 0
         self.lost_records = db.execute("SELECT COALESCE(SUM(lost), 0) FROM books").fetchone()[0]
         for (target_id,) in db.execute("SELECT DISTINCT target FROM deliveries").fetchall():
             if target_id not in self._targets:
@@ -385,7 +434,7 @@ class SqliteJournal:
         """Write everything queued in one transaction; requests queued meanwhile go next."""
         while self._queue:
             group, self._queue = self._queue, []
-            rows, deliveries, received = self._rows(group)
+            rows, deliveries, received, entries = self._rows(group)
             try:
                 await self._run(self._write_sync, rows, deliveries, received)
             except Exception as exc:
@@ -406,6 +455,8 @@ class SqliteJournal:
                     continue
                 target.books.received += count
                 target.books.pending += count
+                for entry in entries.get(target_id, ()):
+                    target.remember(entry)
                 target.wakeup.set()
             for pending in group:
                 if not pending.done.done():
@@ -413,20 +464,28 @@ class SqliteJournal:
 
     def _rows(
         self, group: Sequence[_Pending]
-    ) -> tuple[list[tuple[Any, ...]], list[tuple[str, int, str]], dict[str, int]]:
+    ) -> tuple[
+        list[tuple[Any, ...]], list[tuple[str, int, str]], dict[str, int], dict[str, list[Entry]]
+    ]:
+        """The rows of one commit, and per target the entries its worker may take from memory
+        once it is durable: each event as the journal stores it (its bytes, no parsed body),
+        so memory holds what a read of the database would give and nothing more."""
         rows: list[tuple[Any, ...]] = []
         deliveries: list[tuple[str, int, str]] = []
         received: dict[str, int] = {}
+        entries: dict[str, list[Entry]] = {}
         for pending in group:
             for event, targets in pending.routed:
                 seq = self._next_seq
                 self._next_seq += 1
                 body = event.encoded()
                 rows.append((seq, event.id, event.received_at, body, zlib.crc32(body)))
+                stored = Event.stored(event.id, body, event.received_at)
                 for target_id, route in targets.items():
                     deliveries.append((target_id, seq, route))
                     received[target_id] = received.get(target_id, 0) + 1
-        return rows, deliveries, received
+                    entries.setdefault(target_id, []).append(Entry(seq, stored, route))
+        return rows, deliveries, received, entries
 
     def _write_sync(
         self,
@@ -502,9 +561,19 @@ class SqliteJournal:
                 target.wakeup.clear()
                 await _first_of(target.wakeup, stopping, timeout_s=remaining)
             async with target.lock:
-                entries = await self._run(self._read_sync, target_id, target.cursor, max_events)
+                while target.acks:
+                    await asyncio.gather(*target.acks, return_exceptions=True)
+                from_memory = target.in_memory
+                if from_memory:
+                    entries = list(itertools.islice(target.memory, max_events))
+                else:
+                    entries = await self._run(self._read_sync, target_id, target.cursor, max_events)
                 batch = _fit(entries, max_bytes)
                 if batch:
+                    if from_memory:
+                        target.batches_from_memory += 1
+                    else:
+                        target.batches_from_disk += 1
                     # Marked in flight under the lock, so shedding can never take these rows.
                     target.books.oldest_received_at = batch[0].event.received_at
                     target.in_flight_through = batch[-1].seq
@@ -564,6 +633,10 @@ class SqliteJournal:
         )
         self._settling.add(settling)
         settling.add_done_callback(self._settled)
+        target = self._targets.get(target_id)
+        if target is not None:
+            target.acks.add(settling)
+            settling.add_done_callback(target.acks.discard)
         with _unavailable_on_sqlite_errors():
             await asyncio.shield(settling)
 
@@ -590,6 +663,7 @@ class SqliteJournal:
         target.books.dead_lettered += dead_lettered
         if not target.books.pending:
             target.books.oldest_received_at = None
+        target.settled_through(last)
 
     def _ack_sync(
         self, target_id: str, first: int, last: int, delivered: int, dead_lettered: int
@@ -652,6 +726,7 @@ class SqliteJournal:
                 yield []
                 return
             after = max(target.cursor, target.in_flight_through)
+            target.forget()  # the rows shed leave the database; memory is read again from it
             entries = await self._run(self._read_sync, target_id, after, count)
             yield entries
             if entries:
@@ -684,6 +759,7 @@ class SqliteJournal:
             return
         self._targets[target_id] = target = _Target()
         target.books = await self._run(self._books_sync, target_id)
+        target.in_memory = target.books.pending == 0
 
     def _books_sync(self, target_id: str) -> Books:
         assert self._db is not None
@@ -745,6 +821,11 @@ class SqliteJournal:
 
     def books(self, target_id: str) -> Books:
         return self._targets[target_id].books
+
+    def batch_sources(self, target_id: str) -> tuple[int, int]:
+        """How many of the target's batches came from memory, and how many from the database."""
+        target = self._targets[target_id]
+        return target.batches_from_memory, target.batches_from_disk
 
     # -- evidence (router/evidence): chain heads and their last checkpoints ------------------
 

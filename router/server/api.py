@@ -46,11 +46,11 @@ from router.config import (
 from router.errors import ConfigError
 from router.masking import masked
 from router.observe.metrics import WriteStatus, utc_iso
-from router.probe import ProbeResult
+from router.probe import ProbeResult, probe
 from router.reload import config_digest
 from router.selfevent import change_event, instance_crn
 from router.server.auth import CALLER
-from router.targets import TARGET_TYPES
+from router.targets import TARGET_TYPES, build_target
 from router.targets.file import FileEndpointConfig
 
 log = logging.getLogger(__name__)
@@ -134,6 +134,14 @@ class Metadata:
             self.created[key] = now
         self.updated[key] = now
 
+    def seen(self, keys: list[str]) -> bool:
+        """Record when the daemon first saw each of `keys` (targets and routes of the YAML
+        have no other creation time); True if any was new, to be saved."""
+        new = [key for key in keys if key not in self.created]
+        for key in new:
+            self.touch(key, created=True)
+        return bool(new)
+
     def save(self) -> None:
         if self.path is None:
             return
@@ -155,6 +163,51 @@ COS_WRITE_TEST_FAILED = (
     "Your request to test a target has failed because the target details are not valid. "
     "The service could not write to the Cloud Object Storage bucket that is configured."
 )
+# The test writes atracker runs on create, update and validate, and how it answers a failed
+# one (its ts-07 and ts-17). atracker documents no code for Event Streams; ours follows COS's.
+WRITE_TESTS: dict[str, tuple[str, str]] = {
+    "cloud_object_storage": ("cos_write_test_failed", COS_WRITE_TEST_FAILED),
+    "event_streams": (
+        "event_streams_write_test_failed",
+        "Your request to test a target has failed because the target details are not valid. "
+        "The service could not write to the Event Streams topic that is configured.",
+    ),
+}
+
+
+def write_test_failed(target_type: str, why: str) -> ApiError:
+    """The 400 atracker answers for a test write the destination refused, with our reason."""
+    code, message = WRITE_TESTS[target_type]
+    return ApiError(400, code, f"{message} ({why})")
+
+
+# atracker's target types this daemon does not deliver to, and why.
+UNSUPPORTED_TYPES = {
+    "app_config": (
+        "target_type 'app_config' is not supported: atracker sends App Configuration events "
+        "from its own source regions under its service-to-service authorisation, which a "
+        "self-hosted router cannot act for; use an http target to the instance instead"
+    ),
+}
+# What the management API returns but keeps outside the endpoint: atracker's target fields.
+MANAGED_BY = ("account", "enterprise")
+_REQUIRED = re.compile(r"^(?P<where>[^:]*): '(?P<name>[^']+)' is a required property$")
+
+
+def as_sent(problem: str, prefix: str) -> str:
+    """A config problem about the item a request sent, named as the caller sent it
+    (`cos_endpoint.bucket: a required property`, not `targets[3].cos_endpoint: ...`)."""
+    if not problem.startswith(prefix):
+        return problem
+    problem = problem[len(prefix) :]
+    required = _REQUIRED.match(problem)
+    if required:
+        where = required["where"]
+        name = (
+            f"{where}.{required['name']}" if where and where != "(top level)" else required["name"]
+        )
+        return f"{name}: required"
+    return problem
 
 
 class ManagementApi:
@@ -281,14 +334,25 @@ class ManagementApi:
             "name": raw.get("name", target_id),
             "crn": instance_crn(f"target:{target_id}"),
             "target_type": raw["target_type"],
+            **({"region": raw["region"]} if "region" in raw else {}),
             key: masked(raw[key], key),
             "write_status": status.as_dict() if status else {"status": "success"},
             "created_at": self.meta.created.get(f"target:{target_id}", ""),
             "updated_at": self.meta.updated.get(f"target:{target_id}", ""),
             "api_version": 2,
-            "managed_by": "account",
+            "managed_by": raw.get("managed_by", "account"),
         }
         return model
+
+    async def _first_seen(self) -> None:
+        """Give the YAML's targets and routes their creation time the first time the API
+        shows them (kept in the metadata file, so a restart shows the same)."""
+        data = self.editor.source.data
+        keys = [f"target:{t['id']}" for t in data.get("targets") or []]
+        keys += [f"route:{r.get('id', r['name'])}" for r in data.get("routes") or []]
+        async with self._editing:
+            if self.meta.seen(keys):
+                await asyncio.to_thread(self.meta.save)
 
     def route_model(self, raw: dict[str, Any]) -> dict[str, Any]:
         route_id = str(raw.get("id", raw["name"]))
@@ -308,11 +372,17 @@ class ManagementApi:
             "created_at": self.meta.created.get(f"route:{route_id}", ""),
             "updated_at": self.meta.updated.get(f"route:{route_id}", ""),
             "api_version": 2,
-            "managed_by": "account",
+            "managed_by": raw.get("managed_by", "account"),
         }
 
     async def _apply(
-        self, request: web.Request, action: str, subject: str, edit: Callable[[dict[str, Any]], Any]
+        self,
+        request: web.Request,
+        action: str,
+        subject: str,
+        edit: Callable[[dict[str, Any]], Any],
+        *,
+        sent: Callable[[dict[str, Any]], str] | None = None,
     ) -> Any:
         """Edit a copy of the config data, check it as `check` would, apply it through the
         reload path, persist it, and audit the change. Nothing changes if any step refuses."""
@@ -324,13 +394,17 @@ class ManagementApi:
             result: Any = None
             configs: list[Config] = []  # the running one and the edited one, for the audit
 
+            prefix = ""  # where the item the caller sent sits in the config
+
             async def change(old: Config, source: ConfigSource) -> tuple[Config, ConfigSource]:
-                nonlocal result
+                nonlocal result, prefix
                 data = copy.deepcopy(source.data)
                 result = edit(data)
+                prefix = sent(data) if sent is not None else ""
                 # In a thread: the config's own ${file:} references are read again, and a
                 # target's host may be looked up.
                 new = await asyncio.to_thread(self._check, old, source.data, data)
+                await self._test_write(old, new)
                 configs[:] = [old, new]
                 return new, ConfigSource(source.path, data)
 
@@ -338,7 +412,12 @@ class ManagementApi:
                 await self.editor.edit(change, initiator=self._who(request))
             except ConfigError as exc:
                 self.meta.restore(saved)
-                raise ApiError(400, "invalid_value", "; ".join(exc.problems), subject) from exc
+                problems = (
+                    [as_sent(problem, prefix) for problem in exc.problems]
+                    if prefix
+                    else exc.problems
+                )
+                raise ApiError(400, "invalid_value", "; ".join(problems), subject) from exc
             except ApiError as exc:
                 self.meta.restore(saved)  # a refused change changes nothing, versions included
                 exc.subject = subject
@@ -350,6 +429,27 @@ class ManagementApi:
             old, new = configs
             await self._audit(request, action, subject, old, new, None)
             return result
+
+    @staticmethod
+    async def _test_write(running: Config, new: Config) -> None:
+        """atracker test-writes to a COS bucket or an Event Streams topic when a target is
+        created or updated and refuses the change when the write fails (its ts-06, ts-07,
+        ts-17): a new or changed target of those types writes its test record before the
+        change is applied, from a target of its own, so a refused write changes nothing."""
+        was = {t.id: t for t in running.targets}
+        for target in new.targets:
+            before = was.get(target.id)
+            if target.target_type not in WRITE_TESTS or (
+                before is not None and before.endpoint == target.endpoint
+            ):
+                continue
+            trial = build_target(target)
+            try:
+                result = await probe(trial)
+            finally:
+                await trial.close()
+            if not result.ok:
+                raise write_test_failed(target.target_type, result.message)
 
     def _check(self, running: Config, before: dict[str, Any], after: dict[str, Any]) -> Config:
         """The edited config, checked as `check` would and, for what the API changed, as an
@@ -416,11 +516,22 @@ class ManagementApi:
 
     # -- targets -------------------------------------------------------------------------------
 
+    def _region_of(self, raw: dict[str, Any]) -> str | None:
+        """A target's region: its own, else the metadata region (atracker's default)."""
+        settings = self.editor.source.data.get("settings") or {}
+        region = raw.get("region") or settings.get("metadata_region_primary")
+        return str(region) if region else None
+
     async def list_targets(self, request: web.Request) -> web.Response:
+        await self._first_seen()
         raw = self._targets(copy.deepcopy(self.editor.source.data))
+        region = request.query.get("region")
+        if region is not None:  # atracker: "Limit the query to the specified region"
+            raw = [t for t in raw if self._region_of(t) == region]
         return self._json({"targets": [self.target_model(t) for t in raw]})
 
     async def get_target(self, request: web.Request) -> web.Response:
+        await self._first_seen()
         raw = self._targets(copy.deepcopy(self.editor.source.data))
         return self._json(self.target_model(self._find(raw, request.match_info["id"], "target")))
 
@@ -428,6 +539,8 @@ class ManagementApi:
         body = await self._body(request)
         target_id = str(uuid.uuid4())
         target_type = str(body.get("target_type"))
+        if target_type in UNSUPPORTED_TYPES:
+            raise ApiError(400, "invalid_value", UNSUPPORTED_TYPES[target_type])
         if target_type not in TARGET_TYPES:
             raise ApiError(
                 400,
@@ -435,20 +548,46 @@ class ManagementApi:
                 f"target_type {target_type!r} is not one of {sorted(TARGET_TYPES)}",
             )
         key = TARGET_TYPES[target_type].endpoint_key
-        raw = {
+        raw: dict[str, Any] = {
             "id": target_id,
             "name": body.get("name", target_id),
             "target_type": target_type,
+            # atracker's target fields, kept in the config beside the endpoint
+            **{name: body[name] for name in ("region", "managed_by") if name in body},
             key: body.get(key),
         }
+        self._permitted(raw)
 
         def edit(data: dict[str, Any]) -> dict[str, Any]:
             self._targets(data).append(raw)
+            if "region" in raw and not (data.get("settings") or {}).get("metadata_region_primary"):
+                # atracker: "the location where the first target is created is automatically
+                # configured as the metadata location".
+                data.setdefault("settings", {})["metadata_region_primary"] = raw["region"]
             self.meta.touch(f"target:{target_id}", created=True)
             return raw
 
-        await self._apply(request, "target.create", f"target:{target_id}", edit)
+        await self._apply(
+            request,
+            "target.create",
+            f"target:{target_id}",
+            edit,
+            sent=lambda data: f"targets[{len(self._targets(data)) - 1}].",
+        )
         return self._json(self.target_model(raw), status=201)
+
+    def _permitted(self, raw: dict[str, Any]) -> None:
+        """atracker's region_not_allowed: a target's region outside permitted_target_regions."""
+        settings = self.editor.source.data.get("settings") or {}
+        permitted = settings.get("permitted_target_regions") or []
+        region = self._region_of(raw)
+        if permitted and region is not None and region not in permitted:
+            raise ApiError(
+                400,
+                "region_not_allowed",
+                "Your request has failed due to the region requested not being permitted. "
+                f"Requested: {region}, Permitted: [{' '.join(permitted)}]",
+            )
 
     async def replace_target(self, request: web.Request) -> web.Response:
         body = await self._body(request)
@@ -459,15 +598,30 @@ class ManagementApi:
             raw = self._find(self._targets(data), target_id, "target")
             if "target_type" in body and body["target_type"] != raw["target_type"]:
                 raise ApiError(400, "invalid_value", "the target_type of a target cannot change")
+            for name in ("region", "managed_by"):
+                if name in body and body[name] != raw.get(
+                    name, MANAGED_BY[0] if name == "managed_by" else None
+                ):
+                    raise ApiError(400, "invalid_value", f"the {name} of a target cannot change")
             key = TARGET_TYPES[raw["target_type"]].endpoint_key
             if "name" in body:
                 raw["name"] = body["name"]
             if key in body:
-                raw[key] = _keep_masked(body[key], raw[key])
+                # atracker's SDK never sends a secret back, nor our extension fields: what
+                # the body leaves out of the endpoint stays as it was.
+                sent = body[key]
+                if isinstance(sent, dict) and isinstance(raw[key], dict):
+                    raw[key] = {**raw[key], **_keep_masked(sent, raw[key])}
+                else:
+                    raw[key] = sent
             self.meta.touch(f"target:{target_id}")
             return raw
 
-        raw = await self._apply(request, "target.update", f"target:{target_id}", edit)
+        def where(data: dict[str, Any]) -> str:
+            ids = [str(t.get("id")) for t in self._targets(data)]
+            return f"targets[{ids.index(target_id)}]." if target_id in ids else ""
+
+        raw = await self._apply(request, "target.update", f"target:{target_id}", edit, sent=where)
         return self._json(self.target_model(raw))
 
     async def delete_target(self, request: web.Request) -> web.Response:
@@ -501,12 +655,10 @@ class ManagementApi:
         target_id = request.match_info["id"]
         raw = self._find(self._targets(self.editor.source.data), target_id, "target")
         result = await self.probe(target_id)
-        if not result.ok and raw["target_type"] == "cloud_object_storage":
-            # atracker answers a COS test write that failed with this error, not a target
-            # (the refusal is audited by _wrap, with this message).
-            raise ApiError(
-                400, "cos_write_test_failed", f"{COS_WRITE_TEST_FAILED} ({result.message})"
-            )
+        if not result.ok and raw["target_type"] in WRITE_TESTS:
+            # atracker answers a failed test write with this error, not a target (the refusal
+            # is audited by _wrap, with this message).
+            raise write_test_failed(raw["target_type"], result.message)
         await self._audit(
             request,
             "target.validate",
@@ -520,10 +672,12 @@ class ManagementApi:
     # -- routes --------------------------------------------------------------------------------
 
     async def list_routes(self, request: web.Request) -> web.Response:
+        await self._first_seen()
         routes = self.editor.source.data.get("routes") or []
         return self._json({"routes": [self.route_model(r) for r in routes]})
 
     async def get_route(self, request: web.Request) -> web.Response:
+        await self._first_seen()
         routes = self.editor.source.data.get("routes") or []
         return self._json(self.route_model(self._find(routes, request.match_info["id"], "route")))
 
@@ -542,7 +696,8 @@ class ManagementApi:
                     **{k: rule[k] for k in ("actions", "filter") if k in rule},
                 }
             )
-        return {"id": route_id, "name": body["name"], "rules": rules}
+        managed = {"managed_by": body["managed_by"]} if "managed_by" in body else {}
+        return {"id": route_id, "name": body["name"], "rules": rules, **managed}
 
     async def create_route(self, request: web.Request) -> web.Response:
         route_id = str(uuid.uuid4())
@@ -554,7 +709,13 @@ class ManagementApi:
             self.meta.versions[route_id] = 0
             return raw
 
-        await self._apply(request, "route.create", f"route:{route_id}", edit)
+        await self._apply(
+            request,
+            "route.create",
+            f"route:{route_id}",
+            edit,
+            sent=lambda data: f"routes[{len(data['routes']) - 1}].",
+        )
         return self._json(self.route_model(raw), status=201)
 
     async def replace_route(self, request: web.Request) -> web.Response:
@@ -566,12 +727,20 @@ class ManagementApi:
             routes = data.setdefault("routes", [])
             old = self._find(routes, route_id, "route")
             raw["id"] = old.get("id", old["name"])
+            if raw.setdefault("managed_by", old.get("managed_by", "account")) != old.get(
+                "managed_by", "account"
+            ):
+                raise ApiError(400, "invalid_value", "the managed_by of a route cannot change")
             routes[routes.index(old)] = raw
             self.meta.touch(f"route:{route_id}")
             self.meta.versions[route_id] = self.meta.versions.get(route_id, 0) + 1
             return raw
 
-        await self._apply(request, "route.update", f"route:{route_id}", edit)
+        def where(data: dict[str, Any]) -> str:
+            ids = [str(r.get("id", r["name"])) for r in data.get("routes") or []]
+            return f"routes[{ids.index(route_id)}]." if route_id in ids else ""
+
+        await self._apply(request, "route.update", f"route:{route_id}", edit, sent=where)
         return self._json(self.route_model(raw))
 
     async def delete_route(self, request: web.Request) -> web.Response:
@@ -734,17 +903,19 @@ class ManagementApi:
     # -- settings ------------------------------------------------------------------------------
 
     def settings_model(self) -> dict[str, Any]:
-        settings = self.editor.source.data.get("settings") or {}
+        """atracker's settings from the config's `settings` (older daemons kept the atracker
+        fields in the metadata file: read there when the config has none). An unset metadata
+        region is left out, as atracker leaves it until the first target is created."""
+        settings = {**self.meta.settings, **(self.editor.source.data.get("settings") or {})}
         return {
             "default_targets": list(settings.get("default_targets", [])),
-            "permitted_target_regions": self.meta.settings.get("permitted_target_regions", []),
-            "metadata_region_primary": self.meta.settings.get("metadata_region_primary", "local"),
-            **(
-                {"metadata_region_backup": self.meta.settings["metadata_region_backup"]}
-                if "metadata_region_backup" in self.meta.settings
-                else {}
-            ),
-            "private_api_endpoint_only": self.meta.settings.get("private_api_endpoint_only", False),
+            "permitted_target_regions": list(settings.get("permitted_target_regions", [])),
+            **{
+                name: settings[name]
+                for name in ("metadata_region_primary", "metadata_region_backup")
+                if settings.get(name) and settings[name] != "local"
+            },
+            "private_api_endpoint_only": settings.get("private_api_endpoint_only", False),
             "api_version": 2,
         }
 
@@ -765,17 +936,21 @@ class ManagementApi:
             )
 
         def edit(data: dict[str, Any]) -> None:
-            data.setdefault("settings", {})["default_targets"] = defaults
-            for name in (
-                "metadata_region_primary",
-                "metadata_region_backup",
-                "private_api_endpoint_only",
-                "permitted_target_regions",
-            ):
-                if name in body:
-                    self.meta.settings[name] = body[name]
+            # A full replacement, as atracker's: what the body leaves out is reset.
+            settings = data.setdefault("settings", {})
+            settings["default_targets"] = defaults
+            settings["permitted_target_regions"] = body.get("permitted_target_regions", [])
+            for name in ("metadata_region_primary", "private_api_endpoint_only"):
+                settings[name] = body[name]
+            if "metadata_region_backup" in body:
+                settings["metadata_region_backup"] = body["metadata_region_backup"]
+            else:
+                settings.pop("metadata_region_backup", None)
+            self.meta.settings.clear()  # the config holds them now
 
-        await self._apply(request, "setting.update", "setting:account", edit)
+        await self._apply(
+            request, "setting.update", "setting:account", edit, sent=lambda data: "settings."
+        )
         return self._json(self.settings_model(), status=201)
 
 

@@ -59,6 +59,10 @@ class TargetType:
     # Batch settings of this type under `delivery.batch` and the target's own `batch`
     # (a COS object wants megabytes and a minute, not the 0.2 s of an HTTP receiver).
     batch_defaults: Mapping[str, Any] = field(default_factory=dict)
+    # Whether an endpoint (its checked YAML mapping) needs an `api_key`: its own, or the
+    # daemon's identity from the top-level `iam` section, which the config loader fills in
+    # when the endpoint has none or sets service_to_service_enabled.
+    needs_api_key: Callable[[Mapping[str, Any]], bool] | None = None
 
 
 TARGET_TYPES: Final[dict[str, TargetType]] = {
@@ -73,6 +77,7 @@ TARGET_TYPES: Final[dict[str, TargetType]] = {
         cloud_logs.CloudLogsEndpointConfig,
         cloud_logs.CloudLogsTarget,
         cloud_logs.ENDPOINT_SCHEMA,
+        needs_api_key=cloud_logs.needs_api_key,
     ),
     "syslog": TargetType(
         "syslog_endpoint", syslog.SyslogEndpointConfig, syslog.SyslogTarget, syslog.ENDPOINT_SCHEMA
@@ -83,12 +88,14 @@ TARGET_TYPES: Final[dict[str, TargetType]] = {
         cos.CosTarget,
         cos.ENDPOINT_SCHEMA,
         cos.BATCH_DEFAULTS,
+        needs_api_key=cos.needs_api_key,
     ),
     "event_streams": TargetType(
         "eventstreams_endpoint",
         event_streams.EventStreamsEndpointConfig,
         event_streams.EventStreamsTarget,
         event_streams.ENDPOINT_SCHEMA,
+        needs_api_key=event_streams.needs_api_key,
     ),
 }
 

@@ -34,11 +34,14 @@ from router.targets._net import new_session, post
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CloudLogsEndpointConfig:
     """An IBM Cloud Logs instance (Coralogix-compatible `/logs/v1/singles`), reached with an
-    IAM token exchanged for `api_key`. The ingress URL is derived from `target_crn` unless
-    `ingress_url` overrides it (Coralogix, a test server)."""
+    IAM token exchanged for `api_key`: the endpoint's own, else the daemon's identity (the
+    top-level `iam` section), as atracker's model has only `target_crn` (Cloud Logs takes
+    service-to-service authorisation only). The ingress URL is derived from `target_crn`
+    unless `ingress_url` overrides it (Coralogix, a test server)."""
 
     target_crn: str
-    api_key: str = field(repr=False)
+    # Always set once loaded: the endpoint's own, else the daemon's (the loader refuses neither).
+    api_key: str = field(default="", repr=False)
     ingress_url: str | None = None
     iam_url: str = "https://iam.cloud.ibm.com"
     private: bool = False
@@ -57,7 +60,7 @@ class CloudLogsEndpointConfig:
 ENDPOINT_SCHEMA: Final[Mapping[str, Any]] = {
     "type": "object",
     "additionalProperties": False,
-    "required": ["target_crn", "api_key"],
+    "required": ["target_crn"],
     "properties": {
         "target_crn": {
             "type": "string",
@@ -83,6 +86,12 @@ ENDPOINT_SCHEMA: Final[Mapping[str, Any]] = {
         "max_event_bytes": {"type": "integer", "minimum": 1024},
     },
 }
+
+
+def needs_api_key(endpoint: Mapping[str, Any]) -> bool:
+    """Cloud Logs takes IAM tokens only: an API key (its own or the daemon's) always."""
+    return True
+
 
 INGEST_PATH = "/logs/v1/singles"
 SEVERITY = {"normal": 3, "warning": 4, "critical": 6}

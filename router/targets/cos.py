@@ -7,13 +7,18 @@ time the object is written and the uuid a version 7 UUID (time first, then rando
 sort by time and writers never collide). `account` is the account of the events in the object
 (the `a/<account>` scope of their logSourceCRN): a batch is cut into one object per account
 (`requests`), each written and settled on its own, so objects never mix accounts. `region` is
-the target's region (`region`, else the one an IBM COS endpoint names, else DEFAULT_REGION).
+the target's region (`region`, which the config loader fills from atracker's target `region`,
+else the settings' metadata_region_primary; else the one an IBM COS endpoint names, else
+DEFAULT_REGION).
 
 An object is whole or absent: it is one PUT with a Content-MD5, so the store refuses a body
 that arrives cut or changed, and S3 never shows a PUT that did not complete. Batches stay far
 below the 5 GB a single PUT takes (see BATCH_DEFAULTS), so no multipart upload is needed and
 none can be left half done. A retry of the same events reuses the name of the first attempt,
 so a PUT whose answer was lost is overwritten on retry, not written twice.
+
+An account's share of a batch is cut into objects of at most `max_object_bytes` of NDJSON
+(MAX_OBJECT_BYTES, below S3's 5 GB single PUT, whatever batch.max_bytes says).
 
 With evidence on (router/evidence), `chain` is set before `start`: every line of an object then
 carries its `_chain` link, as a file target's line does. The lines are linked under the chain's
@@ -87,6 +92,11 @@ NO_ACCOUNT = "unknown-account"
 #   carry the minute in their names) and a quiet account makes at most 60 objects an hour;
 # - max_events 20,000: ~400 bytes each at 8 MiB, so it rarely closes a batch before max_bytes.
 # The operator's `delivery.batch` and the target's own `batch` override these.
+# S3 takes at most 5 GB in one PUT (IBM COS: 5 GiB). An object's NDJSON is cut at this, so its
+# gzip (at worst a few bytes and 0.03% over its input, for events that do not compress) stays
+# one PUT whatever an operator sets as batch.max_bytes.
+MAX_OBJECT_BYTES: Final = 4_000_000_000
+CHAIN_MEMBER_BYTES: Final = 192  # a line's `_chain` member, counted whether evidence is on or not
 BATCH_DEFAULTS: Final[Mapping[str, Any]] = {
     "max_events": 20_000,
     "max_bytes": 8 * MiB,
@@ -136,15 +146,19 @@ class CosEndpointConfig:
     endpoint: str  # a host name (https) as atracker takes it, or a full URL
     target_crn: str
     bucket: str
+    # The endpoint's own, or the daemon's identity (the top-level `iam` section) when the
+    # endpoint has none or sets service_to_service_enabled (the config loader fills it in).
     api_key: str | None = field(default=None, repr=False)
-    # Accepted as atracker's; the daemon has no service identity of its own yet, so the
-    # api_key or hmac_keys are used either way.
     service_to_service_enabled: bool = False
     hmac_keys: HmacKeysConfig | None = None
-    region: str | None = None  # default: the region an IBM COS endpoint names, else us-south
+    # default: the target's region, the metadata region, the endpoint's, else us-south
+    region: str | None = None
     iam_url: str = "https://iam.cloud.ibm.com"
     timeout_s: float = 60.0
     tls_verify: bool = True
+    # NDJSON bytes of one object at most; a batch's share of an account is cut into objects
+    # of this size (never above MAX_OBJECT_BYTES: a single PUT).
+    max_object_bytes: int = MAX_OBJECT_BYTES
 
 
 _SECRET = {"type": "string", "minLength": 1, "description": "Use a reference: ${env:NAME}"}
@@ -179,12 +193,15 @@ ENDPOINT_SCHEMA: Final[Mapping[str, Any]] = {
         "iam_url": {"type": "string", "pattern": "^https?://"},
         "timeout_s": {"type": "number", "exclusiveMinimum": 0},
         "tls_verify": {"type": "boolean"},
+        "max_object_bytes": {"type": "integer", "minimum": 1024, "maximum": MAX_OBJECT_BYTES},
     },
-    # atracker: an api_key is "required if service_to_service is not enabled"; we need a
-    # credential either way, an API key or HMAC keys.
-    "if": {"not": {"required": ["hmac_keys"]}},
-    "then": {"required": ["api_key"]},
 }
+
+
+def needs_api_key(endpoint: Mapping[str, Any]) -> bool:
+    """atracker: an api_key is "required if service_to_service is not enabled"; with
+    service_to_service_enabled it is the daemon's. HMAC keys stand in for either."""
+    return "hmac_keys" not in endpoint
 
 
 def endpoint_url(endpoint: str) -> str:
@@ -241,6 +258,28 @@ def packed(events: Sequence[Event]) -> tuple[bytes, str]:
     """The object's body and its Content-MD5 (base64 of the body's MD5)."""
     body = ndjson_gzip(events)
     return body, base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode()
+
+
+def line_bytes(event: Event) -> int:
+    """What an event takes in an object: its JSON, the newline, and room for a `_chain`
+    member (`,"_chain":{"seq":N,"prev":"<64 hex>","hash":"<64 hex>"}`) if evidence is on."""
+    return len(event.encoded()) + 1 + CHAIN_MEMBER_BYTES
+
+
+def cut(events: Sequence[Event], max_bytes: int) -> Iterator[list[Event]]:
+    """The events in order, in parts of at most `max_bytes` of NDJSON each (an event alone
+    larger than that is refused before, as unsendable)."""
+    part: list[Event] = []
+    size = 0
+    for event in events:
+        length = line_bytes(event)
+        if part and size + length > max_bytes:
+            yield part
+            part, size = [], 0
+        part.append(event)
+        size += length
+    if part:
+        yield part
 
 
 def packed_lines(lines: Sequence[bytes]) -> tuple[bytes, str]:
@@ -335,11 +374,15 @@ class CosTarget:
         request.headers["Authorization"] = f"Bearer {self._bearer}"
 
     def unsendable(self, event: Event) -> str | None:
+        if line_bytes(event) > self.endpoint.max_object_bytes:
+            return "too_large"
         return None
 
     def requests(self, batch: Sequence[Event]) -> Iterator[Sequence[Event]]:
-        """One object per account; the worker writes and settles each on its own."""
-        yield from by_account(batch).values()
+        """One object per account, cut at max_object_bytes; the worker writes and settles
+        each on its own."""
+        for events in by_account(batch).values():
+            yield from cut(events, self.endpoint.max_object_bytes)
 
     async def send(self, batch: Sequence[Event]) -> None:
         await self.start()

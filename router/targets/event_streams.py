@@ -10,16 +10,25 @@ The producer is idempotent with acks=all, and a batch counts as delivered only w
 acknowledged every one of its messages. Every message of a batch is handed to the producer at
 once and the acknowledgements are awaited together, for at most `timeout_s`. A message's
 future is kept across the worker's retries: a retry waits again for a message still in
-flight (the producer itself re-sends it under the same sequence number, so the broker keeps it
-once) and sends only what failed, never a message Kafka already acknowledged. Failures:
-connections, timeouts and what Kafka marks retriable are retryable; refused credentials,
-topic and cluster authorisation are permanent for the batch; a message the broker refuses as
-too large (sent alone, since Kafka judges a whole record batch) is permanent for that event
-only, which the worker dead-letters while the rest of the batch counts as delivered. When
-Kafka no longer accepts the producer's sequence numbers (aiokafka can let a batch expire
-during a long outage after it took its numbers), a new producer takes over.
+flight and sends only what Kafka refused, never a message Kafka acknowledged.
 
-Across a crash of the daemon the promise is at-least-once: a message Kafka stored whose
+Exactly once within a daemon's run, across broker outages: the one safe way to send a message
+again whose answer was lost (Kafka may have stored it) is the producer's own retry, under the
+same producer id and sequence number, which the broker recognises as a duplicate. So the
+producer never gives a batch up while it waits for a partition leader (`_keep_batches`:
+aiokafka would, after request_timeout_ms, even when idempotent), and this target sends a
+message again itself only once Kafka has answered that it refused it. When Kafka no longer
+accepts the producer's sequence numbers (a refused batch leaves a hole in them), a new
+producer takes over, but only after every message the old one had in flight has its answer:
+those it refused go again, nothing whose fate is unknown does.
+
+Failures: connections, timeouts and what Kafka marks retriable are retryable; refused
+credentials, topic and cluster authorisation are permanent for the batch; a message the broker
+refuses as too large (sent alone, since Kafka judges a whole record batch) is permanent for
+that event only, which the worker dead-letters while the rest of the batch counts as delivered.
+
+Where the fate of a message cannot be known, the promise is at-least-once: across a crash or
+a stop of the daemon (or a reload that replaces this target), a message Kafka stored whose
 acknowledgement the journal never recorded is sent again, by a new producer, after restart.
 """
 
@@ -28,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import ssl
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -104,9 +114,9 @@ class EventStreamsEndpointConfig:
     brokers: Sequence[str]
     topic: str
     target_crn: str | None = None
+    # The SASL password: the endpoint's own, or the daemon's identity (the top-level `iam`
+    # section) when the endpoint has none or sets service_to_service_enabled.
     api_key: str | None = field(default=None, repr=False)
-    # atracker's field, kept and returned; this daemon has no identity of its own to use yet,
-    # so an api_key is still what authenticates.
     service_to_service_enabled: bool = False
     # true: TLS with the system's CAs (Event Streams); false: plaintext; or a CA/cert to use.
     tls: KafkaTlsConfig | bool = True
@@ -121,8 +131,8 @@ class EventStreamsEndpointConfig:
 
 
 # The JSON Schema of `eventstreams_endpoint`. The character rules of atracker's own fields are
-# its API's (3-1000 characters, `^[a-zA-Z0-9 -._:\/]+$`); `api_key` is required unless SASL
-# is off, as it is the SASL password.
+# its API's (3-1000 characters, `^[a-zA-Z0-9 -._:\/]+$`); whether an `api_key` is needed is
+# `needs_api_key`'s to say (the daemon's own may stand in).
 ENDPOINT_SCHEMA: Final[Mapping[str, Any]] = {
     "type": "object",
     "additionalProperties": False,
@@ -155,15 +165,15 @@ ENDPOINT_SCHEMA: Final[Mapping[str, Any]] = {
         "timeout_s": {"type": "number", "exclusiveMinimum": 0},
         "max_message_bytes": {"type": "integer", "minimum": 1024},
     },
-    "if": {
-        "properties": {
-            "sasl": {"properties": {"mechanism": {"const": "none"}}, "required": ["mechanism"]}
-        },
-        "required": ["sasl"],
-    },
-    "then": {},
-    "else": {"required": ["api_key"]},
 }
+
+
+def needs_api_key(endpoint: Mapping[str, Any]) -> bool:
+    """The API key is the SASL password: needed unless SASL is off."""
+    sasl = endpoint.get("sasl")
+    mechanism = sasl.get("mechanism", "plain") if isinstance(sasl, Mapping) else "plain"
+    return mechanism != "none"
+
 
 # Refused for every message of the batch: retrying with the same credentials cannot help.
 PERMANENT_FOR_BATCH: Final = (
@@ -176,9 +186,9 @@ PERMANENT_FOR_BATCH: Final = (
     TransactionalIdAuthorizationFailed,
     InvalidTopicError,
 )
-# The producer's sequence numbers no longer match the broker's, for good: aiokafka lets a
-# batch that waited past request_timeout_ms for a leader expire after it took its sequence
-# numbers, and every later batch is then out of order. Retryable, with a new producer.
+# The producer's sequence numbers no longer match the broker's, for good (a batch Kafka refused
+# for good took its numbers, and every later batch is then out of order), or the broker no
+# longer knows the producer. Kafka refused these messages: retryable, with a new producer.
 PRODUCER_BROKEN: Final = (
     OutOfOrderSequenceNumber,
     UnknownProducerId,
@@ -276,6 +286,9 @@ class EventStreamsTarget:
         self._connecting = asyncio.Lock()
         # event id -> its message in flight or acknowledged, kept until its batch is settled.
         self._flights: dict[str, _Flight] = {}
+        # Every message the current producer has and Kafka has not answered yet, whatever its
+        # batch: a new producer may take over only once this is empty.
+        self._unanswered: set[asyncio.Future[Any]] = set()
 
     async def start(self) -> None:
         """Connect; a failure is raised classified, and the next send tries again."""
@@ -292,6 +305,7 @@ class EventStreamsTarget:
                 max_request_size=self.endpoint.max_message_bytes + RECORD_OVERHEAD_BYTES,
                 **client_settings(self.endpoint),
             )
+            _keep_batches(producer)
             try:
                 await producer.start()
             except (KafkaError, OSError) as exc:
@@ -335,6 +349,13 @@ class EventStreamsTarget:
 
     async def send(self, batch: Sequence[Event]) -> None:
         if self._producer is not None and self._broken():
+            await self._await(list(self._unanswered))
+            if self._unanswered:
+                raise RetryableDeliveryError(
+                    self.id,
+                    "Kafka refused the producer's sequence; a new producer takes over once the "
+                    f"{len(self._unanswered)} messages still in flight are answered",
+                )
             await self._renew()
         producer = await self._connect()
         self._forget_others(batch)
@@ -379,11 +400,12 @@ class EventStreamsTarget:
         )
 
     async def _renew(self) -> None:
-        """Replace a broken producer with a new one (a new producer id). What the old one
-        still had in flight is given up and sent again by the new one: Kafka may have stored
-        some of it, which is the one way a duplicate arises within a daemon's run."""
+        """Replace a broken producer with a new one (a new producer id), once Kafka answered
+        every message the old one sent: what it refused is sent again by the new one, and
+        nothing is left whose fate is unknown."""
         log.warning("target %s: Kafka refused the producer's sequence; starting a new one", self.id)
         producer, self._producer = self._producer, None
+        self._unanswered.clear()
         self._flights = {
             event_id: flight
             for event_id, flight in self._flights.items()
@@ -424,6 +446,8 @@ class EventStreamsTarget:
             refused[event.id] = describe(exc)
             return
         self._flights[event.id] = _Flight(future, alone=alone)
+        self._unanswered.add(future)
+        future.add_done_callback(self._unanswered.discard)
 
     async def _await(self, futures: list[asyncio.Future[Any]]) -> None:
         """Wait for the acknowledgements, at most timeout_s; what is still in flight stays so
@@ -501,8 +525,30 @@ class EventStreamsTarget:
         unacknowledged stay pending in the journal and go again after a restart."""
         producer, self._producer = self._producer, None
         self._flights.clear()
+        self._unanswered.clear()
         if producer is not None:
             await _stop(producer, min(self.endpoint.timeout_s, CLOSE_FLUSH_S), self.id)
+
+
+def _keep_batches(producer: AIOKafkaProducer) -> None:
+    """Never let the producer give a batch up while it waits for a partition leader.
+
+    aiokafka fails a batch that waited request_timeout_ms for a leader (its accumulator's
+    batch time-to-live, checked in `drain_by_nodes`), idempotent or not. A broker shutting
+    down answers "no leader" for its partitions, so a short outage does it: a batch sent
+    before, whose answer was lost, fails although Kafka stored it (sent again, it would be
+    stored twice), and one not sent yet leaves a hole in the sequence numbers. Only the
+    producer's own retries send a batch again safely, so batches wait as long as it takes;
+    how long a send waits for them is `timeout_s`, after which the worker retries and waits
+    again. aiokafka has no setting for this; a version without the attribute fails here,
+    loudly, rather than bring the duplicates back."""
+    accumulator = getattr(producer, "_message_accumulator", None)
+    if accumulator is None or not hasattr(accumulator, "_batch_ttl"):
+        raise RuntimeError(
+            "aiokafka's MessageAccumulator no longer has _batch_ttl; the event_streams target "
+            "cannot keep its batches from expiring (see router/targets/event_streams.py)"
+        )
+    accumulator._batch_ttl = math.inf
 
 
 async def _stop(producer: AIOKafkaProducer, timeout_s: float, target_id: str) -> None:

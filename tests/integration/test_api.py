@@ -158,9 +158,8 @@ async def test_a_target_in_use_cannot_be_deleted_and_errors_have_atracker_shape(
         {"name": "bad", "rules": [{"locations": ["*"], "target_ids": ["ghost"]}]},
     )
     assert status == 400 and error["errors"][0]["code"] == "invalid_value"
-    assert (
-        "routes[1].rules[0].target_ids[0]: unknown target 'ghost'" in error["errors"][0]["message"]
-    )
+    # named as the caller sent it: the route's own rules, not its place in the config
+    assert error["errors"][0]["message"] == "rules[0].target_ids[0]: unknown target 'ghost'"
     assert [r.name for r in daemon.config.routes] == ["all"], "a refused change changes nothing"
     assert (await api.call("DELETE", "/api/v2/routes/all"))[0] == 204
     assert (await api.call("DELETE", "/api/v2/targets/archive"))[0] == 204
@@ -484,7 +483,7 @@ async def test_file_targets_from_the_api_stay_under_the_archive_roots(
         )
         message = error["errors"][0]["message"] if error else ""
         assert status == 400, path
-        assert "targets[1].file_endpoint.path: " in message and why in message, message
+        assert message.startswith("file_endpoint.path: ") and why in message, message
     status, error = await api.call(
         "PUT", "/api/v2/targets/archive", {"file_endpoint": {"path": "/tmp/elsewhere.ndjson"}}
     )
@@ -515,7 +514,7 @@ async def test_references_in_api_bodies_are_refused(
         )
         assert status == 400
         assert "a reference" in error["errors"][0]["message"]
-        assert "targets[1].http_endpoint." in error["errors"][0]["message"]
+        assert error["errors"][0]["message"].startswith("http_endpoint.")
     assert [t.id for t in daemon.config.targets] == ["archive"] and siem.requests == []
 
 

@@ -423,6 +423,61 @@ async def test_validate_writes_a_test_object_and_a_refused_write_is_cos_write_te
     }
 
 
+async def test_creating_a_cos_target_writes_a_test_object_and_a_refused_write_creates_nothing(
+    start_daemon: StartDaemon, s3_server: S3Server, s3: Any
+) -> None:
+    """atracker test-writes when a COS target is created or updated, and refuses the change
+    with cos_write_test_failed when the write fails."""
+    daemon = await start_daemon({"auth": auth(), "targets": [], "routes": []})
+    api = Client(daemon)
+    body = {
+        "name": "archive",
+        "target_type": "cloud_object_storage",
+        "cos_endpoint": cos_target(s3_server.endpoint_url)["cos_endpoint"]
+        | {"hmac_keys": {"access_key_id": "id", "secret_access_key": "a-secret-of-the-store"}},
+    }
+    status, target = await api.call("POST", "/api/v2/targets", body)
+    assert status == 201, target
+    [(key, [event])] = (await objects(s3)).items()
+    assert event["action"] == "event-router.target.validate"
+    assert KEY.match(key)
+
+    elsewhere = body | {"cos_endpoint": body["cos_endpoint"] | {"bucket": "no-such-bucket"}}
+    status, refused = await api.call("POST", "/api/v2/targets", elsewhere)
+    assert status == 400
+    [error] = refused["errors"]
+    assert error["code"] == "cos_write_test_failed"
+    assert "NoSuchBucket" in error["message"]
+    status, listed = await api.call("GET", "/api/v2/targets")
+    assert [t["id"] for t in listed["targets"]] == [target["id"]], "nothing created"
+
+    status, refused = await api.call("PUT", f"/api/v2/targets/{target['id']}", elsewhere)
+    assert status == 400 and refused["errors"][0]["code"] == "cos_write_test_failed"
+    assert daemon.config.target(target["id"]).endpoint.bucket == BUCKET, "nothing changed"
+
+
+async def test_an_accounts_share_is_cut_into_objects_of_at_most_max_object_bytes(
+    start_daemon: StartDaemon, s3_server: S3Server, s3: Any
+) -> None:
+    """A batch never makes an object past max_object_bytes (by default below S3's 5 GB
+    single PUT): one account's share of a batch is cut into several objects."""
+    target = cos_target(s3_server.endpoint_url, max_object_bytes=4096)
+    target["batch"] = {"max_wait_s": 0.5, "max_events": 1000}
+    daemon = await start_daemon({"targets": [target], "routes": everything_to("cos")})
+    sent = [in_account(ACCOUNT, id=f"cut-{i}") for i in range(40)]
+    status, _ = await post(daemon, sent)
+    assert status == 202
+    await wait_for(lambda: settled(daemon), timeout_s=20, what="everything settled")
+
+    found = await objects(s3)
+    assert ids(found) == sorted(e["id"] for e in sent), "every event in exactly one object"
+    assert len(found) > 1
+    for events in found.values():
+        assert sum(len(orjson.dumps(e)) + 1 for e in events) <= 4096
+    assert daemon.status()["targets"]["cos"]["dead_lettered"] == 0
+    assert_books_balance(daemon)
+
+
 def test_query_reads_the_objects_a_cos_target_wrote(
     s3_server: S3Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

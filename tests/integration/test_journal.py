@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from router.daemon import Daemon
+from router.journal import sqlite as sqlite_journal
 from router.journal.sqlite import FREE_PAGES_BEFORE_SHRINK
 from router.observe.metrics import utc_iso
 from tests.conftest import StartDaemon
@@ -562,4 +563,46 @@ async def test_a_failed_checkpoint_is_logged_and_the_interval_sync_carries_on(
     await wait_for(lambda: db.stat().st_size > full, what="a checkpoint after the failure")
     assert any(r.levelno == logging.ERROR for r in caplog.records if "checkpoint" in r.getMessage())
     assert daemon.status()["targets"]["down"]["pending"] == 520
+    assert_books_balance(daemon)
+
+
+async def test_a_target_that_keeps_up_takes_batches_from_memory_and_one_behind_reads_the_journal(
+    start_daemon: StartDaemon,
+    receiver_factory: ReceiverFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The archive keeps up: every batch from memory. The SIEM refuses until it is more than
+    the memory budget behind: it reads its backlog from the database, and once caught up it
+    takes its batches from memory again. Both get every event once, in order."""
+    monkeypatch.setattr(sqlite_journal, "MEMORY_BYTES", 8 * 1024)  # a few events
+    siem = await receiver_factory([503])
+    archive = tmp_path / "archive.ndjson"
+    daemon = await start_daemon(
+        {
+            "targets": [patient(http_target("siem", siem.url)), file_target("archive", archive)],
+            "routes": everything_to("siem", "archive"),
+        }
+    )
+    journal = daemon.journal
+    ids: list[str] = []
+    for _ in range(4):
+        _, body = await post(daemon, [make_event() for _ in range(5)])
+        ids += [r["id"] for r in body["results"]]
+        await wait_for(lambda: daemon.status()["targets"]["archive"]["pending"] == 0)
+    assert journal.batch_sources("archive")[1] == 0, "the archive never read the database"
+    assert journal.batch_sources("archive")[0] >= 4
+
+    siem.statuses = [200]
+    await wait_for(lambda: settled(daemon), what="the SIEM to catch up")
+    from_memory, from_disk = journal.batch_sources("siem")
+    assert from_disk >= 1, "20 events are past the SIEM's memory budget: read from the journal"
+    _, body = await post(daemon, [make_event() for _ in range(2)])
+    ids += [r["id"] for r in body["results"]]
+    await wait_for(lambda: settled(daemon))
+    assert journal.batch_sources("siem")[0] > from_memory, "caught up: from memory again"
+    assert journal.batch_sources("siem")[1] == from_disk
+
+    assert [e["id"] for e in siem.delivered_events] == ids
+    assert [e["id"] for e in read_ndjson(archive)] == ids
     assert_books_balance(daemon)

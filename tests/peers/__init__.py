@@ -7,7 +7,9 @@ need:
 
 - `kafka.KafkaBroker`: Apache Kafka 4.x in KRaft mode (one broker+controller) from the Maven
   Central jars that `.ci/fetch-kafka` caches; PLAINTEXT, SASL_PLAINTEXT and SASL_SSL (PLAIN,
-  user `token` and an API key, as IBM Event Streams authenticates).
+  user `token` and an API key, as IBM Event Streams authenticates; SCRAM-SHA-256/512), and a
+  PROXIED listener reached through `kafka.AnswerDropper`, which can cut the answers to
+  produce requests (the broker stored them; the client cannot know).
 - `s3.S3Server`: moto's server mode, an S3-compatible store; it keeps its objects across a
   restart.
 - `nats.NatsServer` / `nats.NatsCluster`: nats-server with JetStream, one node or three.

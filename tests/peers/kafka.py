@@ -9,18 +9,26 @@ skips the tests that need Kafka, saying what to install.
 Listeners, all on 127.0.0.1:
 - PLAINTEXT (`bootstrap`): no authentication.
 - SASL_PLAINTEXT (`sasl_bootstrap`): SASL PLAIN, user `token`, password the API key, which is
-  how IBM Event Streams authenticates (a wrong password is refused).
+  how IBM Event Streams authenticates (a wrong password is refused); and SCRAM-SHA-256 and
+  SCRAM-SHA-512 for the user `scram_user` with the same password (other Kafka clusters). KRaft
+  keeps SCRAM credentials in the metadata log, so they are added when the storage is
+  formatted (`StorageTool format --add-scram`, KIP-900), before the node first starts.
 - SASL_SSL (`sasl_ssl_bootstrap`, `tls=True`): the same over TLS, a certificate for 127.0.0.1
   signed by a CA in `ca_file` (what Event Streams' clients really use).
+- PROXIED (`proxied_bootstrap`): PLAINTEXT, advertised at a port where a test runs an
+  `AnswerDropper` in front of it, so clients reach the broker only through the test's hands.
 Settings make a small, quick node: one partition per topic, replication 1, no initial
 rebalance delay, internal topics with one partition, a 512 MiB heap.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import os
 import shutil
+import struct
 import subprocess
 import uuid
 from pathlib import Path
@@ -36,6 +44,9 @@ VERSION = (ROOT / ".ci" / "kafka.version").read_text().strip()
 
 USERNAME = "token"
 """IBM Event Streams' SASL PLAIN user name; the password is an API key."""
+
+SCRAM_USER = "audit-producer"
+SCRAM_MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-512")
 
 STARTED = "Kafka Server started"
 """What KafkaRaftServer logs once the broker is registered, unfenced and serving."""
@@ -115,6 +126,7 @@ class KafkaBroker(ServerProcess):
         super().__init__(workdir)
         self.version = version
         self.username = USERNAME
+        self.scram_user = SCRAM_USER
         self.api_key = api_key
         self.tls: ServerTls | None = None
         self._with_tls = tls
@@ -123,7 +135,9 @@ class KafkaBroker(ServerProcess):
         self.choose_ports()
 
     def choose_ports(self) -> None:
-        self.port, self.sasl_port, self.sasl_ssl_port, self.controller_port = free_ports(4)
+        ports = free_ports(6)
+        self.port, self.sasl_port, self.sasl_ssl_port, self.controller_port = ports[:4]
+        self.proxied_port, self.proxy_port = ports[4:]
 
     @property
     def bootstrap(self) -> str:
@@ -141,6 +155,11 @@ class KafkaBroker(ServerProcess):
         if self.tls is None:
             raise PeerError("this broker was made with tls=False")
         return f"127.0.0.1:{self.sasl_ssl_port}"
+
+    @property
+    def proxied_bootstrap(self) -> str:
+        """PLAINTEXT, as the broker advertises it: through the `AnswerDropper` on proxy_port."""
+        return f"127.0.0.1:{self.proxy_port}"
 
     @property
     def ca_file(self) -> Path:
@@ -164,6 +183,14 @@ class KafkaBroker(ServerProcess):
                 java(), *JVM_OPTIONS, "-cp", self._classpath, "kafka.tools.StorageTool",
                 "format", "--ignore-formatted", f"--cluster-id={self.cluster_id}",
                 "--config", str(self.workdir / "server.properties"),
+                *(
+                    arg
+                    for mechanism in SCRAM_MECHANISMS
+                    for arg in (
+                        "--add-scram",
+                        f"{mechanism}=[name={self.scram_user},password={self.api_key}]",
+                    )
+                ),
             ],
             capture_output=True, text=True, check=False, cwd=self.workdir,
         )  # fmt: skip
@@ -178,14 +205,17 @@ class KafkaBroker(ServerProcess):
             "PLAINTEXT": self.port,
             "SASL_PLAINTEXT": self.sasl_port,
             "CONTROLLER": self.controller_port,
+            "PROXIED": self.proxied_port,
         }
         if self._with_tls:
             listeners["SASL_SSL"] = self.sasl_ssl_port
         advertised = {name: port for name, port in listeners.items() if name != "CONTROLLER"}
+        advertised["PROXIED"] = self.proxy_port
         jaas = (
             "org.apache.kafka.common.security.plain.PlainLoginModule required "
             f'user_{self.username}="{self.api_key}";'
         )
+        scram_jaas = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
         lines = {
             "process.roles": "broker,controller",
             "node.id": "1",
@@ -196,10 +226,14 @@ class KafkaBroker(ServerProcess):
             "advertised.listeners": ",".join(f"{n}://127.0.0.1:{p}" for n, p in advertised.items()),
             "listener.security.protocol.map": (
                 "PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT,SASL_SSL:SASL_SSL,"
-                "CONTROLLER:PLAINTEXT"
+                "CONTROLLER:PLAINTEXT,PROXIED:PLAINTEXT"
             ),
-            "sasl.enabled.mechanisms": "PLAIN",
+            "sasl.enabled.mechanisms": ",".join(("PLAIN", *SCRAM_MECHANISMS)),
             "listener.name.sasl_plaintext.plain.sasl.jaas.config": jaas,
+            **{
+                f"listener.name.sasl_plaintext.{mechanism.lower()}.sasl.jaas.config": scram_jaas
+                for mechanism in SCRAM_MECHANISMS
+            },
             "log.dirs": str(self.workdir / "data"),
             "num.partitions": "1",
             "default.replication.factor": "1",
@@ -219,6 +253,10 @@ class KafkaBroker(ServerProcess):
         if self.tls is not None:
             lines |= {
                 "listener.name.sasl_ssl.plain.sasl.jaas.config": jaas,
+                **{
+                    f"listener.name.sasl_ssl.{mechanism.lower()}.sasl.jaas.config": scram_jaas
+                    for mechanism in SCRAM_MECHANISMS
+                },
                 "listener.name.sasl_ssl.ssl.keystore.type": "PEM",
                 "listener.name.sasl_ssl.ssl.keystore.location": str(
                     self.workdir / "tls" / "keystore.pem"
@@ -244,3 +282,93 @@ class KafkaBroker(ServerProcess):
             and port_open(self.sasl_port)
             and (self.tls is None or port_open(self.sasl_ssl_port))
         )
+
+
+PRODUCE_API_KEY = 0
+"""Kafka's request type for Produce (the first int16 of a request header)."""
+
+
+class AnswerDropper:
+    """A loopback TCP proxy in front of the broker's PROXIED listener that reads Kafka's
+    framing (a 4-byte size, then for a request its api key and correlation id, for a response
+    its correlation id). While `dropping` is set, every Produce request still reaches the
+    broker, which stores it, but its answer never reaches the client: the connection is cut
+    instead. That is the case an idempotent producer exists for (the broker took a batch,
+    the client cannot know), made to happen on purpose rather than by a lucky kill."""
+
+    def __init__(self, broker: KafkaBroker) -> None:
+        self.broker = broker
+        self.dropping = False
+        self.dropped = 0  # Produce answers cut so far
+        self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> AnswerDropper:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.broker.proxy_port)
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._connections):
+            task.cancel()
+        await asyncio.gather(*self._connections, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        try:
+            up_reader, up_writer = await asyncio.open_connection(
+                "127.0.0.1", self.broker.proxied_port
+            )
+        except OSError:
+            writer.close()
+            self._connections.discard(task)
+            return
+        kinds: dict[int, int] = {}  # correlation id -> api key, for the answers to come
+        try:
+            await asyncio.gather(
+                self._requests(reader, up_writer, kinds), self._answers(up_reader, writer, kinds)
+            )
+        except (OSError, asyncio.IncompleteReadError, _Cut):
+            pass
+        finally:
+            for w in (writer, up_writer):
+                with contextlib.suppress(OSError, RuntimeError):
+                    w.close()
+            self._connections.discard(task)
+
+    @staticmethod
+    async def _frame(reader: asyncio.StreamReader) -> bytes:
+        size = await reader.readexactly(4)
+        return size + await reader.readexactly(struct.unpack(">i", size)[0])
+
+    async def _requests(
+        self, reader: asyncio.StreamReader, up: asyncio.StreamWriter, kinds: dict[int, int]
+    ) -> None:
+        while True:
+            frame = await self._frame(reader)
+            api_key, _, correlation = struct.unpack(">hhi", frame[4:12])
+            kinds[correlation] = api_key
+            up.write(frame)
+            await up.drain()
+
+    async def _answers(
+        self, up: asyncio.StreamReader, writer: asyncio.StreamWriter, kinds: dict[int, int]
+    ) -> None:
+        while True:
+            frame = await self._frame(up)
+            (correlation,) = struct.unpack(">i", frame[4:8])
+            if self.dropping and kinds.pop(correlation, None) == PRODUCE_API_KEY:
+                self.dropped += 1
+                raise _Cut
+            kinds.pop(correlation, None)
+            writer.write(frame)
+            await writer.drain()
+
+
+class _Cut(Exception):
+    """An answer was dropped: the connection ends here, as a lost network would end it."""

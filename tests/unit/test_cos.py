@@ -131,7 +131,10 @@ def test_a_cos_target_without_a_credential_is_refused_by_name() -> None:
     target = cos()
     del target["cos_endpoint"]["api_key"]
     problems = problems_of(minimal(targets=[target], routes=[]))
-    assert problems == ["targets[0].cos_endpoint: 'api_key' is a required property"]
+    assert problems == [
+        "targets[0].cos_endpoint.api_key: required (or service_to_service_enabled with the "
+        "daemon's own identity in the top-level iam section)"
+    ]
 
 
 def test_another_types_endpoint_is_refused_on_a_cos_target_and_the_reverse() -> None:

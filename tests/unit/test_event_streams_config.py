@@ -89,9 +89,10 @@ def test_a_ca_file_makes_a_tls_section() -> None:
 
 def test_api_key_is_required_unless_sasl_is_off() -> None:
     body = {k: v for k, v in ATRACKER_BODY.items() if k != "api_key"}
-    assert "targets[0].eventstreams_endpoint: 'api_key' is a required property" in problems(
-        {"eventstreams_endpoint": body}
-    )
+    assert (
+        "targets[0].eventstreams_endpoint.api_key: required (or service_to_service_enabled "
+        "with the daemon's own identity in the top-level iam section)"
+    ) in problems({"eventstreams_endpoint": body})
     assert endpoint({**body, "sasl": {"mechanism": "none"}}).api_key is None
 
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import uuid
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 import pytest
 
-from router.events import Event, parse_event_time
+from router.events import Event, new_event_id, parse_event_time
 from tests.fakes import make_event
 
 
@@ -54,3 +56,26 @@ def test_event_time_is_read_once_as_an_aware_time(value: Any, expected: datetime
     event = Event.from_body({"id": "e-1", "eventTime": value})
     assert event.event_time == expected
     assert Event.stored("e-1", orjson.dumps({"eventTime": value}), 0.0).event_time == expected
+
+
+def test_new_event_ids_are_distinct_version_4_uuids_in_canonical_form() -> None:
+    ids = [new_event_id() for _ in range(3000)]
+    assert len(set(ids)) == len(ids)
+    for text in ids:
+        parsed = uuid.UUID(text)
+        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122 and str(parsed) == text
+
+
+def test_a_forked_child_never_repeats_its_parents_next_ids() -> None:
+    new_event_id()  # the parent holds a block of random bytes now
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next ids, to the parent
+        os.write(write, " ".join(new_event_id() for _ in range(10)).encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    with os.fdopen(read) as pipe:
+        child = set(pipe.read().split())
+    parent = {new_event_id() for _ in range(10)}
+    assert len(child) == 10 and not child & parent

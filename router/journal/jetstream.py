@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
 import os
 import re
@@ -78,12 +77,12 @@ from nats.js.errors import (
 )
 from nats.js.kv import KeyValue
 
-from router.appendfile import make_private_dirs
-from router.config import JOURNAL_LOCK_FILE, JetStreamConfig, StorageConfig
+from router.config import JetStreamConfig, StorageConfig
 from router.deadletter import DeadLetters, Failure, Letter, Taken, letter_bytes, unredrivable
-from router.errors import StorageLockedError, StorageUnavailableError
+from router.errors import StorageUnavailableError
 from router.events import Event
 from router.journal import Books, Entry, JournalFullError, JournalUnavailableError
+from router.journal.lock import lock_storage
 
 log = logging.getLogger(__name__)
 
@@ -385,21 +384,7 @@ class JetStreamJournal:
         self._unlock()
 
     def _lock(self) -> None:
-        """Own `storage.path` for the life of the process, as the SQLite journal does: two
-        routers on one machine each need a directory of their own."""
-        make_private_dirs(self.directory)
-        fd = os.open(self.directory / JOURNAL_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode("ascii", "replace").strip()
-            os.close(fd)
-            raise StorageLockedError(
-                str(self.directory), int(holder) if holder.isdigit() else None
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
+        self._lock_fd = lock_storage(self.directory)
 
     def _unlock(self) -> None:
         if self._lock_fd is not None:

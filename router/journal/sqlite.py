@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import fcntl
 import itertools
 import logging
 import mmap
@@ -49,11 +48,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from router.appendfile import make_private_dirs
-from router.config import JOURNAL_FILE, JOURNAL_LOCK_FILE, StorageConfig
-from router.errors import StorageLockedError
+from router.config import JOURNAL_FILE, StorageConfig
 from router.events import Event
 from router.journal import Books, Entry, JournalFullError, JournalUnavailableError
+from router.journal.lock import lock_storage
 from router.journal.salvage import BooksRow, DeliveryRow, EventRow, scan
 from router.observe.logformat import counted
 
@@ -62,7 +60,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DB_NAME = JOURNAL_FILE
-LOCK_NAME = JOURNAL_LOCK_FILE
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY, event_id TEXT NOT NULL, received_at REAL NOT NULL,
@@ -225,22 +222,7 @@ class SqliteJournal:
         self._unlock()
 
     def _lock(self) -> None:
-        """Own `storage.path` for the life of the process: a second daemon on the same journal
-        would hand out the same sequence numbers and settle the other's deliveries. The kernel
-        drops the lock when the process dies, even by kill -9, so a stale lock cannot exist."""
-        path = self.directory / LOCK_NAME
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode("ascii", "replace").strip()
-            os.close(fd)
-            raise StorageLockedError(
-                str(self.directory), int(holder) if holder.isdigit() else None
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
+        self._lock_fd = lock_storage(self.directory)
 
     def _unlock(self) -> None:
         if self._lock_fd is not None:
@@ -290,7 +272,6 @@ class SqliteJournal:
         return db
 
     def _open_sync(self) -> None:
-        make_private_dirs(self.directory)
         self._lock()
         if self.path.exists() and not self._intact(self.path):
             self._quarantine_file()

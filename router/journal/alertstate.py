@@ -27,9 +27,9 @@ import asyncio
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -39,6 +39,7 @@ import orjson
 from router.appendfile import make_private_dirs
 from router.config import ALERTS_FILE, StorageConfig
 from router.journal import JournalUnavailableError
+from router.journal.sqlite import transaction
 
 log = logging.getLogger(__name__)
 
@@ -168,15 +169,6 @@ class AlertStore:
             self._db.close()
             self._db = None
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        db = self._db
-        assert db is not None, "the alert store is not open"
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
+    def _transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+        assert self._db is not None, "the alert store is not open"
+        return transaction(self._db)

@@ -253,7 +253,7 @@ class SqliteJournal:
     def _probe_sync(self) -> None:
         """A real write (a page of the books table rewritten to the WAL), changing nothing."""
         if self._db is not None:
-            with _transaction(self._db) as db:
+            with transaction(self._db) as db:
                 db.execute("UPDATE books SET received = received")
 
     def _connect(self, path: Path) -> sqlite3.Connection:
@@ -331,7 +331,7 @@ class SqliteJournal:
         os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         fresh = self._connect(self.path)
         try:
-            with _transaction(fresh):
+            with transaction(fresh):
                 books = _copy_salvaged(aside, fresh)
                 recovered, lost = self._settle_salvaged(fresh, books)
         finally:
@@ -486,7 +486,7 @@ class SqliteJournal:
     ) -> None:
         db = self._db
         assert db is not None
-        with _transaction(db):
+        with transaction(db):
             db.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?)", rows)
             db.executemany("INSERT INTO deliveries VALUES (?, ?, ?)", deliveries)
             db.executemany(
@@ -671,7 +671,7 @@ class SqliteJournal:
     ) -> None:
         db = self._db
         assert db is not None
-        with _transaction(db):
+        with transaction(db):
             if head is not None:
                 _keep_chain_head(db, target_id, *head)
             settled = db.execute(
@@ -741,7 +741,7 @@ class SqliteJournal:
     def _shed_sync(self, target_id: str, seqs: list[tuple[str, int]]) -> int:
         """Remove these delivery rows; the books move by the rows actually removed."""
         assert self._db is not None
-        with _transaction(self._db) as db:
+        with transaction(self._db) as db:
             removed = db.executemany(
                 "DELETE FROM deliveries WHERE target = ? AND seq = ?", seqs
             ).rowcount
@@ -868,7 +868,7 @@ class SqliteJournal:
 
         def write() -> None:
             assert self._db is not None
-            with _transaction(self._db) as db:
+            with transaction(self._db) as db:
                 db.execute(
                     "INSERT OR REPLACE INTO planned VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (target_id, *plan),
@@ -881,7 +881,7 @@ class SqliteJournal:
 
         def write() -> None:
             assert self._db is not None
-            with _transaction(self._db) as db:
+            with transaction(self._db) as db:
                 db.execute("DELETE FROM planned WHERE target = ?", (target_id,))
 
         await self._run(write)
@@ -908,7 +908,7 @@ class SqliteJournal:
 
         def write() -> None:
             assert self._db is not None
-            with _transaction(self._db) as db:
+            with transaction(self._db) as db:
                 db.execute(
                     "INSERT OR REPLACE INTO chains VALUES (?, ?, ?, ?, ?)",
                     (target_id, seq, head_hash, checkpoint, at),
@@ -928,7 +928,7 @@ def _keep_chain_head(db: sqlite3.Connection, target_id: str, seq: int, head_hash
 
 
 @contextmanager
-def _transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any error."""
     db.execute("BEGIN IMMEDIATE")
     try:

@@ -174,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_query_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     query = _command(
-        commands, "query", "search file-target archives (rotated and gzipped too) with a query"
+        commands,
+        "query",
+        "search file-target archives (rotated and gzipped too) or a COS bucket with a query",
     )
     query.add_argument(
         "query",

@@ -144,7 +144,7 @@ def test_a_threshold_without_count_or_window_takes_the_defaults() -> None:
         ),
         pytest.param(
             config(alerts=[alert(threshold={"window_s": 0})]),
-            "alerts[0].threshold.window_s: 0 is less than or equal to the minimum of 0",
+            "alerts[0].threshold.window_s: 0 is less than the minimum of 1",
             id="zero-window",
         ),
         pytest.param(

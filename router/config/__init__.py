@@ -16,6 +16,7 @@ from router.config.crosscheck import (
     listener_problems,
     reaches_listener,
     target_listener_problems,
+    target_network_problems,
 )
 from router.config.load import (
     MAX_ALIAS_NODES,
@@ -125,4 +126,5 @@ __all__ = [
     "references",
     "secret_literals",
     "target_listener_problems",
+    "target_network_problems",
 ]

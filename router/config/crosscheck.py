@@ -1,5 +1,8 @@
 """What a schema cannot say: unique ids, references that resolve, file targets that may
-write where they point, no target looping back to this daemon's own listener; and warnings."""
+write where they point, target addresses that can be connected to, no target looping back to
+this daemon's own listener; and warnings. What bounds an admin token further (no target on
+an address a host keeps for itself, such as a cloud's metadata service) is here too, for the
+management API to apply."""
 
 from __future__ import annotations
 
@@ -17,8 +20,19 @@ from router.config.model import (
 )
 from router.targets.cloud_logs import CloudLogsEndpointConfig
 from router.targets.cos import CosEndpointConfig, endpoint_url
+from router.targets.event_streams import EventStreamsEndpointConfig
 from router.targets.file import FileEndpointConfig
 from router.targets.http import HttpEndpointConfig
+from router.targets.syslog import SyslogEndpointConfig
+
+IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+# Addresses of cloud metadata services outside the link-local ranges (AWS's IPv6 one,
+# Alibaba's): they answer an instance's credentials to whoever asks from the host.
+METADATA_ADDRESSES: frozenset[IpAddress] = frozenset(
+    ipaddress.ip_address(a) for a in ("fd00:ec2::254", "100.100.100.200")
+)
+# IPv4 addresses written inside IPv6 ones that reach them: NAT64's well-known prefix.
+NAT64_PREFIX = ipaddress.IPv6Network("64:ff9b::/96")
 
 
 def cross_check(config: Config) -> list[str]:
@@ -59,6 +73,8 @@ def cross_check(config: Config) -> list[str]:
     if config.auth is not None:
         problems.extend(_token_problems(config.auth))
     problems.extend(file_target_problems(config))
+    for i, target in enumerate(config.targets):
+        problems.extend(target_address_problems(i, target))
     problems.extend(storage_problems(config))
     if config.server.port:
         problems.extend(listener_problems(config, config.server.host, config.server.port))
@@ -178,6 +194,98 @@ def target_listener_problems(i: int, target: TargetConfig, host: str, port: int)
         for key, url in urls
         if reaches_listener(url, host, port)
     ]
+
+
+def destinations(target: TargetConfig) -> list[tuple[str, str]]:
+    """Where a target connects, as (field, URL); a Kafka broker or a syslog host is written
+    `//host:port`, so every one reads with urlsplit."""
+    endpoint = target.endpoint
+    if isinstance(endpoint, HttpEndpointConfig):
+        return [("http_endpoint.url", endpoint.url)]
+    if isinstance(endpoint, CloudLogsEndpointConfig):
+        urls = [("cloudlogs_endpoint.iam_url", endpoint.iam_url)]
+        if endpoint.ingress_url:
+            urls.insert(0, ("cloudlogs_endpoint.ingress_url", endpoint.ingress_url))
+        return urls
+    if isinstance(endpoint, CosEndpointConfig):
+        urls = [("cos_endpoint.endpoint", endpoint_url(endpoint.endpoint))]
+        if endpoint.hmac_keys is None:
+            urls.append(("cos_endpoint.iam_url", endpoint.iam_url))
+        return urls
+    if isinstance(endpoint, EventStreamsEndpointConfig):
+        return [
+            (f"eventstreams_endpoint.brokers[{b}]", f"//{broker}")
+            for b, broker in enumerate(endpoint.brokers)
+        ]
+    if isinstance(endpoint, SyslogEndpointConfig):
+        host = f"[{endpoint.host}]" if ":" in endpoint.host else endpoint.host
+        return [("syslog_endpoint.host", f"//{host}:{endpoint.port or 514}")]
+    return []
+
+
+def address_problem(url: str) -> str | None:
+    """Why no connection can be made to `url` (None if one can be tried): it does not parse,
+    names no host, or a port outside 1-65535. Such a target would fail every attempt."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        return f"{url!r} is not a URL one can connect to ({exc})"
+    if not parts.hostname:
+        return f"{url!r} names no host"
+    if port == 0:
+        return f"{url!r}: port 0 cannot be connected to"
+    return None
+
+
+def target_address_problems(i: int, target: TargetConfig) -> list[str]:
+    """Every address of a target that cannot be connected to, with its field."""
+    return [
+        f"targets[{i}].{key}: {problem}"
+        for key, url in destinations(target)
+        if (problem := address_problem(url)) is not None
+    ]
+
+
+def kept_by_the_host(address: IpAddress) -> bool:
+    """An address no target set through the API may reach: link-local (169.254.0.0/16, where
+    clouds answer instance metadata and credentials; fe80::/10), a metadata service's,
+    unspecified, multicast or IPv4's reserved 240.0.0.0/4; also when written inside an IPv6
+    address. (IPv6's "reserved" ::/8 holds loopback, which targets on this host use.)"""
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        elif address in NAT64_PREFIX:
+            address = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return (
+        address.is_link_local
+        or address.is_unspecified
+        or address.is_multicast
+        or (isinstance(address, ipaddress.IPv4Address) and address.is_reserved)  # 240/4
+        or address in METADATA_ADDRESSES
+    )
+
+
+def target_network_problems(i: int, target: TargetConfig, before: TargetConfig | None) -> list[str]:
+    """The management API's bound on where a target may connect: no address a host keeps for
+    itself (`kept_by_the_host`), as its name resolves now. A host the running target already
+    had is the operator's choice and stays (the YAML is not bounded by this)."""
+    had = {urlsplit(url).hostname for _, url in destinations(before)} if before else set()
+    problems = []
+    for key, url in destinations(target):
+        if address_problem(url) is not None:
+            continue  # said by target_address_problems
+        host = urlsplit(url).hostname
+        if host is None or host in had:
+            continue
+        kept = sorted(str(a) for a in _addresses(host) if kept_by_the_host(a))
+        if kept:
+            problems.append(
+                f"targets[{i}].{key}: {host!r} is {', '.join(kept)}, a link-local, "
+                "metadata-service, multicast or unspecified address; the management API does "
+                "not point targets there (only the operator's config file may)"
+            )
+    return problems
 
 
 def reaches_listener(url: str, host: str, port: int) -> bool:

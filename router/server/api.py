@@ -42,6 +42,7 @@ from router.config import (
     parse_config,
     references,
     target_listener_problems,
+    target_network_problems,
 )
 from router.errors import ConfigError
 from router.masking import masked
@@ -479,6 +480,7 @@ class ManagementApi:
                 if problem is not None:
                     problems.append(f"targets[{i}].file_endpoint.path: {problem}")
             problems.extend(target_listener_problems(i, target, running.server.host, self.port()))
+            problems.extend(target_network_problems(i, target, before_target))
         if problems:
             raise ConfigError("api", problems)
         return new

@@ -95,3 +95,142 @@ async def test_an_alert_window_the_daemon_cannot_count_in_is_refused_naming_the_
     status, listed = await call(daemon, "GET", "/api/v2/alerts")
     assert status == 200 and listed["alerts"] == []
     await ingest_still_works(daemon, "after-tiny-window")
+
+
+COS_CRN = "crn:v1:bluemix:public:cloud-object-storage:global:a/abc123:def456::"
+ES_CRN = "crn:v1:bluemix:public:messagehub:us-south:a/abc123:def456::"
+LOGS_CRN = "crn:v1:bluemix:public:logs:us-south:a/abc123:0a1b2c3d-0000-4000-8000-000000000000::"
+HMAC = {"access_key_id": "an-access-key-id", "secret_access_key": "a-secret-access-key-0001"}
+
+
+def http(url: str) -> dict[str, Any]:
+    return {"name": "t", "target_type": "http", "http_endpoint": {"url": url}}
+
+
+def cos(endpoint: str) -> dict[str, Any]:
+    return {
+        "name": "t",
+        "target_type": "cloud_object_storage",
+        "cos_endpoint": {
+            "endpoint": endpoint,
+            "target_crn": COS_CRN,
+            "bucket": "audit-archive",
+            "hmac_keys": HMAC,
+        },
+    }
+
+
+def event_streams(broker: str) -> dict[str, Any]:
+    return {
+        "name": "t",
+        "target_type": "event_streams",
+        "eventstreams_endpoint": {
+            "target_crn": ES_CRN,
+            "brokers": [broker],
+            "topic": "audit",
+            "api_key": "an-event-streams-key-0001",
+            "timeout_s": 2,
+        },
+    }
+
+
+def syslog(host: str, port: int = 514) -> dict[str, Any]:
+    return {"name": "t", "target_type": "syslog", "syslog_endpoint": {"host": host, "port": port}}
+
+
+def cloud_logs(ingress_url: str) -> dict[str, Any]:
+    return {
+        "name": "t",
+        "target_type": "cloud_logs",
+        "cloudlogs_endpoint": {
+            "target_crn": LOGS_CRN,
+            "api_key": "a-cloud-logs-key-0001",
+            "ingress_url": ingress_url,
+            "iam_url": "http://127.0.0.1:9/",
+        },
+    }
+
+
+@pytest.mark.parametrize(
+    ("target", "field"),
+    [
+        (http("http://[::1"), "http_endpoint.url"),
+        (http("http://127.0.0.1:99999/"), "http_endpoint.url"),
+        (http("http:///no-host"), "http_endpoint.url"),
+        (cos("http://127.0.0.1:70000"), "cos_endpoint.endpoint"),
+        (event_streams("127.0.0.1:99999"), "eventstreams_endpoint.brokers[0]"),
+        (cloud_logs("https://[fe80::1"), "cloudlogs_endpoint.ingress_url"),
+    ],
+)
+async def test_a_target_address_that_cannot_be_connected_to_is_refused_naming_the_field(
+    daemon: Daemon, target: dict[str, Any], field: str
+) -> None:
+    """`http://[::1` and a port past 65535 passed the schema (a `^https?://` pattern), were
+    created with 201, and then failed every delivery attempt as retryable until the retries
+    ran out: bad input must be a 400 naming the field."""
+    status, answer = await call(daemon, "POST", "/api/v2/targets", target)
+    assert status == 400, answer
+    assert field in message(answer)
+    await ingest_still_works(daemon, "after-bad-url")
+
+
+@pytest.mark.parametrize(
+    ("target", "field"),
+    [
+        (http("http://169.254.169.254/latest/meta-data/"), "http_endpoint.url"),
+        (http("http://[fe80::1]:8080/"), "http_endpoint.url"),
+        (http("http://[::ffff:169.254.169.254]/"), "http_endpoint.url"),
+        (http("http://2852039166/"), "http_endpoint.url"),  # 169.254.169.254 as one number
+        (http("http://[fd00:ec2::254]/"), "http_endpoint.url"),
+        (http("http://0.0.0.0:8080/"), "http_endpoint.url"),
+        (http("http://224.0.0.1:8080/"), "http_endpoint.url"),
+        (cos("http://169.254.169.254"), "cos_endpoint.endpoint"),
+        (event_streams("169.254.169.254:9092"), "eventstreams_endpoint.brokers[0]"),
+        (syslog("169.254.169.254"), "syslog_endpoint.host"),
+        (cloud_logs("http://169.254.169.254/"), "cloudlogs_endpoint.ingress_url"),
+    ],
+)
+async def test_an_admin_token_cannot_point_a_target_at_link_local_or_metadata_addresses(
+    daemon: Daemon, target: dict[str, Any], field: str
+) -> None:
+    """A cloud's instance metadata service answers on 169.254.169.254 (fd00:ec2::254 on
+    AWS's IPv6): a target there, created through the API, sent events to it and quoted its
+    answers in write_status and dead letters, and a COS or Event Streams create connected
+    to it at once for its test write. The API refuses these addresses before any connection,
+    however they are spelt (IPv4-mapped IPv6, one decimal number)."""
+    status, answer = await call(daemon, "POST", "/api/v2/targets", target)
+    assert status == 400, answer
+    assert field in message(answer)
+    assert "link-local" in message(answer)
+    status, listed = await call(daemon, "GET", "/api/v2/targets")
+    assert [t["id"] for t in listed["targets"]] == ["archive"]
+    await ingest_still_works(daemon, "after-metadata-target")
+
+
+async def test_the_operators_yaml_may_still_name_a_link_local_address(
+    start_daemon: StartDaemon, tmp_path: Path, receiver_factory: ReceiverFactory
+) -> None:
+    """The refusal bounds the API, not the operator: a YAML target on a link-local address
+    loads, and the API may edit its other fields (the address is the operator's)."""
+    data = {
+        "auth": auth(),
+        "targets": [
+            file_target("archive", tmp_path / "archive.ndjson"),
+            {
+                "id": "imds",
+                "target_type": "syslog",
+                "syslog_endpoint": {"host": "169.254.1.1", "port": 514},
+            },
+        ],
+        "routes": everything_to("archive"),
+    }
+    daemon = await start_daemon(data)
+    status, got = await call(daemon, "GET", "/api/v2/targets/imds")
+    assert status == 200, got
+    status, answer = await call(
+        daemon,
+        "PUT",
+        "/api/v2/targets/imds",
+        {"name": "renamed", "target_type": "syslog", "syslog_endpoint": got["syslog_endpoint"]},
+    )
+    assert status == 200, answer

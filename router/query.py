@@ -25,7 +25,9 @@ operators only in upper case; parentheses group.
 
 Parentheses and NOT nest at most MAX_NESTING levels deep: a deeper query is a QueryError at
 the column of the level too many, like any other syntax error, rather than a stack overflow in
-the recursive parser (or in compiling and printing the tree it would build).
+the recursive parser (or in compiling and printing the tree it would build). A query holds at
+most MAX_TERMS terms and MAX_QUERY_CHARS characters: an alert runs its query on every
+accepted event, so its size bounds what one API call can add to ingest's cost per event.
 
 A parsed query is compiled once into a tree of closures, so evaluating it costs a few
 microseconds; `str(query)` prints a canonical form that parses back to the same query. The
@@ -52,6 +54,8 @@ from router.events import GLOBAL, crn_parts
 
 __all__ = [
     "MAX_NESTING",
+    "MAX_QUERY_CHARS",
+    "MAX_TERMS",
     "And",
     "Compare",
     "Exists",
@@ -142,17 +146,26 @@ class Fields:
     """One event as the queries see it: each dotted path's values extracted once, on first
     use, however many terms (of however many queries) test it."""
 
-    __slots__ = ("_leaves", "body")
+    __slots__ = ("_folded", "_leaves", "body")
 
     def __init__(self, body: Mapping[str, Any]) -> None:
         self.body = body
         self._leaves: dict[str, list[Any]] = {}
+        self._folded: str | None = None
 
     def leaves(self, path: str) -> list[Any]:
         found = self._leaves.get(path)
         if found is None:
             found = self._leaves[path] = _getter(path)(self.body)
         return found
+
+    def folded_text(self) -> str:
+        """Every value's text, casefolded, joined by NUL: a word without a NUL is in one of
+        the values exactly when it is in this (casefolding maps each character on its own),
+        so each word of a query costs one substring search, not a walk of the event."""
+        if self._folded is None:
+            self._folded = TEXT_SEPARATOR.join(_texts(self.body)).casefold()
+        return self._folded
 
 
 Predicate = Callable[[Fields], bool]
@@ -213,6 +226,7 @@ VIRTUAL_FIELDS: Final = frozenset({"host", "app", "location"})
 # -- evaluation ------------------------------------------------------------------------------
 
 Getter = Callable[[Mapping[str, Any]], list[Any]]
+TEXT_SEPARATOR: Final = "\x00"
 
 
 def _leaves(value: Any, keys: tuple[str, ...], start: int = 0) -> list[Any]:
@@ -299,7 +313,9 @@ def _compile(node: Node) -> Predicate:
         return _compile_compare(node)
     if isinstance(node, Text):
         needle = node.text.casefold()
-        return lambda event: any(needle in text.casefold() for text in _texts(event.body))
+        if TEXT_SEPARATOR in needle:
+            return lambda event: any(needle in text.casefold() for text in _texts(event.body))
+        return lambda event: needle in event.folded_text()
     if isinstance(node, Not):
         operand = _compile(node.operand)
         return lambda event: not operand(event)
@@ -434,6 +450,11 @@ _ENDS_TERM = frozenset("()")
 # Levels of parentheses and NOT, together: far more than a person writes, far less than the
 # interpreter's stack (each level costs the parser four frames).
 MAX_NESTING: Final = 100
+# Terms (a list `f:[a,b]` is one) and characters in one query: far more than a person
+# writes (a flat OR of 5,000 ids parses), few enough that running it on every event stays
+# within milliseconds.
+MAX_TERMS: Final = 5000
+MAX_QUERY_CHARS: Final = 65536
 
 
 @dataclass(frozen=True, slots=True)
@@ -449,6 +470,7 @@ class _Lexer:
     def __init__(self, text: str) -> None:
         self.text = text
         self.pos = 0
+        self.terms = 0
 
     def error(self, message: str, pos: int | None = None) -> QueryError:
         return QueryError(message, (self.pos if pos is None else pos) + 1)
@@ -476,10 +498,10 @@ class _Lexer:
                 if not phrase:
                     raise self.error("an empty phrase matches everything; remove it", start)
                 self.end_of_term()
-                out.append(_Token("term", start + 1, Text(phrase)))
+                out.append(self.term(start, Text(phrase)))
             elif found := _FIELD.match(text, start):
                 self.pos = found.end()
-                out.append(_Token("term", start + 1, self.field_term(found.group()[:-1], start)))
+                out.append(self.term(start, self.field_term(found.group()[:-1], start)))
             else:
                 word = self.bare("")
                 if word in KEYWORDS:
@@ -491,7 +513,14 @@ class _Lexer:
                         start,
                     )
                 else:
-                    out.append(_Token("term", start + 1, Text(word)))
+                    out.append(self.term(start, Text(word)))
+
+    def term(self, start: int, node: Node) -> _Token:
+        """A term's token, counted: past MAX_TERMS the query is refused at this one."""
+        self.terms += 1
+        if self.terms > MAX_TERMS:
+            raise self.error(f"a query holds at most {MAX_TERMS} terms", start)
+        return _Token("term", start + 1, node)
 
     def bare(self, stop: str) -> str:
         """A run of characters up to a space, a parenthesis or one of `stop`."""
@@ -690,4 +719,6 @@ def _join(kind: type[And] | type[Or], operands: list[Node]) -> Node:
 
 def parse(text: str) -> Query:
     """Parse and compile a query; raise QueryError naming the 1-based column of the problem."""
+    if len(text) > MAX_QUERY_CHARS:
+        raise QueryError(f"a query is at most {MAX_QUERY_CHARS} characters", MAX_QUERY_CHARS + 1)
     return Query(_Parser(text).parse())

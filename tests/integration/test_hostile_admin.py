@@ -234,3 +234,45 @@ async def test_the_operators_yaml_may_still_name_a_link_local_address(
         {"name": "renamed", "target_type": "syslog", "syslog_endpoint": got["syslog_endpoint"]},
     )
     assert status == 200, answer
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        (
+            "/api/v2/alerts",
+            {
+                "name": "slow",
+                "query": " ".join(f"-w{i}" for i in range(5001)),
+                "target_ids": ["archive"],
+            },
+            "query",
+        ),
+        ("/api/v2/views", {"name": "slow", "query": "x:[" + "a," * 40_000 + "a]"}, "query"),
+        (
+            "/api/v2/routes",
+            {
+                "name": "slow",
+                "rules": [
+                    {
+                        "locations": ["*"],
+                        "target_ids": ["archive"],
+                        "filter": " OR ".join(f"w{i}" for i in range(5001)),
+                    }
+                ],
+            },
+            "rules[0].filter",
+        ),
+    ],
+)
+async def test_a_query_too_large_to_run_on_every_event_is_refused(
+    daemon: Daemon, path: str, body: dict[str, Any], field: str
+) -> None:
+    """An alert runs its query on every accepted event, a route filter on every event it
+    could route: a query of 100,000 words took about a second per event, so one API call
+    could stall ingest. A query is at most 5,000 terms and 65,536 characters."""
+    status, answer = await call(daemon, "POST", path, body)
+    assert status == 400, answer
+    assert field in message(answer)
+    assert "at most" in message(answer)
+    await ingest_still_works(daemon, "after-huge-query")

@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 
 from router.query import (
     MAX_NESTING,
+    MAX_QUERY_CHARS,
+    MAX_TERMS,
     And,
     Compare,
     Exists,
@@ -538,3 +540,33 @@ def test_any_string_parses_to_a_stable_query_or_fails_at_a_column(text: str) -> 
     again = parse(str(query))
     assert again == query
     assert str(again) == str(query)
+
+
+def test_a_query_of_more_terms_than_the_limit_is_a_query_error_at_the_first_one_too_many() -> None:
+    words = [f"w{i}" for i in range(MAX_TERMS + 1)]
+    assert parse(" ".join(words[:-1])).matches(EVENT) is False
+    with pytest.raises(QueryError) as caught:
+        parse(" ".join(words))
+    assert caught.value.column == len(" ".join(words[:-1])) + 2
+    assert f"at most {MAX_TERMS} terms" in caught.value.message
+
+
+def test_a_query_longer_than_the_limit_is_a_query_error() -> None:
+    with pytest.raises(QueryError) as caught:
+        parse("x:" + "a" * MAX_QUERY_CHARS)
+    assert caught.value.column == MAX_QUERY_CHARS + 1
+    assert f"at most {MAX_QUERY_CHARS} characters" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("STRASSE", True),  # casefolded: ß is ss
+        ("ab", False),  # never across two values
+        ('"a\x00b"', False),  # nor across them with the separator a search may use
+        ('"e\x00x"', True),  # a NUL within one value is matched
+    ],
+)
+def test_a_word_is_matched_within_one_value_after_casefolding(query: str, expected: bool) -> None:
+    event = {"a": "Straße", "b": ["xa", "by"], "c": "the\x00x"}
+    assert parse(query).matches(event) is expected

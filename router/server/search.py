@@ -194,7 +194,8 @@ class SearchEndpoint:
 def _search_request(request: web.Request, query: Query | None) -> SearchRequest:
     since, until = request.query.get("since"), request.query.get("until")
     limit_text = request.query.get("limit", str(DEFAULT_PAGE))
-    if not limit_text.isdigit() or not 1 <= int(limit_text) <= MAX_PAGE:
+    # isascii: str.isdigit() also takes '²' (which int() refuses) and other scripts' digits.
+    if not (limit_text.isascii() and limit_text.isdigit()) or not 1 <= int(limit_text) <= MAX_PAGE:
         raise ValueError(f"limit: {limit_text!r} must be a number from 1 to {MAX_PAGE}")
     cursor = request.query.get("cursor")
     return SearchRequest(

@@ -276,3 +276,24 @@ async def test_a_query_too_large_to_run_on_every_event_is_refused(
     assert field in message(answer)
     assert "at most" in message(answer)
     await ingest_still_works(daemon, "after-huge-query")
+
+
+@pytest.mark.parametrize(
+    ("path", "field"),
+    [
+        ("/v1/search?target=archive&limit=%C2%B2", "limit"),  # '²': a digit to str.isdigit
+        ("/v1/search?target=archive&limit=%D9%A3", "limit"),  # '٣', Arabic-Indic three
+        ("/v1/search?target=archive&cursor=%C2%B2-1", "cursor"),
+        ("/v1/search?target=archive&since=yesterday", "since"),
+        ("/v1/deadletters/archive?limit=%C2%B2", "limit"),
+        ("/v1/deadletters/archive?offset=1e3", "offset"),
+    ],
+)
+async def test_a_bad_page_parameter_is_a_400_naming_it(
+    daemon: Daemon, path: str, field: str
+) -> None:
+    """`limit=²` passed str.isdigit() and then failed int(): the 400 quoted Python's
+    `invalid literal for int() with base 10` instead of naming the parameter."""
+    status, answer = await call(daemon, "GET", path)
+    assert status == 400, answer
+    assert answer["error"]["message"].startswith(f"{field}: "), answer

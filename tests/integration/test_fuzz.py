@@ -1,7 +1,9 @@
 """Fuzzing the real daemon, in a subprocess: schemathesis drives every operation of the
 daemon's own OpenAPI document (GET /openapi.json), and hypothesis posts generated bodies to
-POST /v1/events. Pass: no 5xx, the process still alive, and every event that was accepted
-passes the event schema. The number of inputs tried is printed at the end (pytest -s)."""
+POST /v1/events and to the management API (/api/v2/..., which that document does not
+describe): near-valid targets of every type, routes, views, alerts and settings. Pass: no
+5xx, the process still alive, and every event that was accepted passes the event schema. The
+number of inputs tried is printed at the end (pytest -s)."""
 
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ from tests.fakes import make_event, read_ndjson
 
 SCHEMATHESIS_EXAMPLES = 100  # per operation, at most
 BODY_EXAMPLES = 150
-TRIED: dict[str, int] = {"schemathesis": 0, "hypothesis_bodies": 0}
+API_EXAMPLES = 150
+TRIED: dict[str, int] = {"schemathesis": 0, "hypothesis_bodies": 0, "api_bodies": 0}
 
 
 MAX_PEAK_RSS_MB = 300
@@ -180,6 +183,168 @@ def test_generated_bodies_get_no_server_error(
     assert served.process.poll() is None, "the daemon died"
 
 
+# Where generated targets may point: only this machine (nothing is looked up or reached
+# elsewhere), and addresses the API must refuse rather than fail on.
+ADDRESSES = st.sampled_from(
+    [
+        "http://127.0.0.1:1/",
+        "http://[::1",
+        "http://127.0.0.1:99999/",
+        "http://169.254.169.254/",
+        "http://[::ffff:169.254.169.254]/",
+        "http:///",
+        "file:///etc/passwd",
+        "",
+    ]
+)
+BROKERS = st.sampled_from(["127.0.0.1:1", "127.0.0.1:99999", "169.254.169.254:9092", "x", ""])
+COS_CRN = "crn:v1:bluemix:public:cloud-object-storage:global:a/abc123:def456::"
+ES_CRN = "crn:v1:bluemix:public:messagehub:us-south:a/abc123:def456::"
+LOGS_CRN = "crn:v1:bluemix:public:logs:us-south:a/abc123:0a1b2c3d-0000-4000-8000-000000000000::"
+
+
+def api_bodies() -> st.SearchStrategy[tuple[str, str, Any]]:
+    """(method, path, body): a valid body of each kind with one field replaced by a
+    generated value or removed, or generated JSON; addresses only from ADDRESSES/BROKERS."""
+    targets = st.one_of(
+        st.builds(
+            lambda url: {"target_type": "http", "http_endpoint": {"url": url, "timeout_s": 2}},
+            ADDRESSES,
+        ),
+        st.builds(
+            lambda url: {
+                "target_type": "cloud_object_storage",
+                "cos_endpoint": {
+                    "endpoint": url.rstrip("/"),
+                    "target_crn": COS_CRN,
+                    "bucket": "audit-archive",
+                    "hmac_keys": {"access_key_id": "key-id", "secret_access_key": "secret-key-01"},
+                    "timeout_s": 2,
+                },
+            },
+            ADDRESSES,
+        ),
+        st.builds(
+            lambda broker: {
+                "target_type": "event_streams",
+                "eventstreams_endpoint": {
+                    "target_crn": ES_CRN,
+                    "brokers": [broker],
+                    "topic": "audit",
+                    "api_key": "an-event-streams-key-01",
+                    "tls": False,
+                    "timeout_s": 2,
+                },
+            },
+            BROKERS,
+        ),
+        st.builds(
+            lambda url: {
+                "target_type": "cloud_logs",
+                "cloudlogs_endpoint": {
+                    "target_crn": LOGS_CRN,
+                    "api_key": "a-cloud-logs-key-01",
+                    "ingress_url": url,
+                    "iam_url": "http://127.0.0.1:1/",
+                },
+            },
+            ADDRESSES,
+        ),
+        st.builds(
+            lambda port: {
+                "target_type": "syslog",
+                "syslog_endpoint": {"host": "127.0.0.1", "port": port},
+            },
+            st.integers(),
+        ),
+    ).map(lambda target: {"name": "fuzz", **target})
+    rule = {"locations": ["*"], "target_ids": ["archive"], "filter": "outcome:failure"}
+    names = st.integers(0, 10**12).map(lambda n: f"fuzz-{n}")  # a new view or alert each time
+    kinds = [
+        ("POST", "/api/v2/targets", targets),
+        ("POST", "/api/v2/routes", st.just({"name": "fuzz", "rules": [rule]})),
+        ("POST", "/api/v2/views", names.map(lambda name: {"name": name, "query": "outcome:f"})),
+        (
+            "POST",
+            "/api/v2/alerts",
+            # A query the create's own audit event matches: the new alert counts it at once.
+            names.map(
+                lambda name: {
+                    "name": name,
+                    "query": "event-router",
+                    "threshold": {"count": 3, "window_s": 60},
+                    "target_ids": ["archive"],
+                }
+            ),
+        ),
+        (
+            "PUT",
+            "/api/v2/settings",
+            st.just(
+                {
+                    "default_targets": [],
+                    "metadata_region_primary": "us-south",
+                    "permitted_target_regions": [],
+                    "private_api_endpoint_only": False,
+                }
+            ),
+        ),
+    ]
+
+    def mutate(kind: tuple[str, str, st.SearchStrategy[Any]]) -> st.SearchStrategy[Any]:
+        method, path, valid = kind
+        mutated = st.builds(_mutated, valid, st.data())
+        # Mostly near-valid bodies: random JSON is refused at once as the wrong shape.
+        bodies = st.one_of(valid, mutated, mutated, mutated, json_values)
+        return st.tuples(st.just(method), st.just(path), bodies)
+
+    return st.one_of([mutate(kind) for kind in kinds])
+
+
+# Values at the edges of what a number or a string may be: hypothesis reaches them rarely.
+EDGE_VALUES = st.sampled_from(
+    [5e-324, 1e-300, 1e308, -1e308, 2**63, -(2**63), 2**53 + 1, 0, -1, "", "x" * 70_000, "\x00"]
+)
+
+
+def _mutated(body: dict[str, Any], data: st.DataObject) -> dict[str, Any]:
+    """`body` with one key, at any depth (each as likely), replaced by a generated or edge
+    value, or removed."""
+    body = json.loads(json.dumps(body))
+    places = list(_places(body))
+    holder, key = places[data.draw(st.integers(0, len(places) - 1))]
+    if data.draw(st.integers(0, 3)) == 0:
+        del holder[key]
+    else:
+        holder[key] = data.draw(EDGE_VALUES | json_values)
+    return body
+
+
+def _places(body: dict[str, Any]) -> Iterator[tuple[dict[str, Any], str]]:
+    for key, value in body.items():
+        yield body, key
+        if isinstance(value, dict):
+            yield from _places(value)
+
+
+@settings(max_examples=API_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+@given(call=api_bodies())
+def test_generated_management_api_bodies_get_no_server_error(
+    served: Served, call: tuple[str, str, Any]
+) -> None:
+    TRIED["api_bodies"] += 1
+    method, path, body = call
+    response = requests.request(
+        method,
+        served.url + path,
+        data=json.dumps(body),
+        headers={"Content-Type": "application/json", **bearer(ADMIN_TOKEN)},
+        timeout=60,
+    )
+    assert response.status_code < 500, response.text
+    assert served.process.poll() is None, "the daemon died"
+
+
 def test_every_accepted_event_passes_the_schema(served: Served) -> None:
     """Runs after the fuzzers (pytest keeps a module's order)."""
     validator = EventValidator(schemas_dir())
@@ -193,10 +358,12 @@ def test_every_accepted_event_passes_the_schema(served: Served) -> None:
     peak_mb = peak_rss_mb(served.process.pid)
     print(
         f"\nfuzz: {TRIED['schemathesis']} schemathesis cases, {TRIED['hypothesis_bodies']} "
-        f"generated bodies; {accepted} events accepted, {len(archived)} archived and re-validated; "
+        f"generated bodies, {TRIED['api_bodies']} management API bodies; {accepted} events "
+        f"accepted, {len(archived)} archived and re-validated; "
         f"daemon peak RSS {peak_mb:.0f} MB"
     )
     # Memory stays bounded: bodies are capped (256 KiB here, inflated 20 MiB) and requests
     # limited in number, so no input may grow the daemon far past its idle ~50 MB.
     assert peak_mb < MAX_PEAK_RSS_MB
     assert TRIED["schemathesis"] > 0 and TRIED["hypothesis_bodies"] >= BODY_EXAMPLES
+    assert TRIED["api_bodies"] >= API_EXAMPLES

@@ -73,6 +73,12 @@ class AppendOnlyFile:
             self._cut_back(fd, start)
             raise
 
+    def fsync_now(self) -> None:
+        """fsync what was appended (for a file opened with fsync=False, once at the end)."""
+        self.open()
+        assert self._fd is not None
+        os.fsync(self._fd)
+
     def _cut_back(self, fd: int, length: int) -> None:
         """Drop what a failed append wrote. If even that fails, the next append does it first
         (a write there cannot start past `length` meanwhile: this object is the only writer)."""

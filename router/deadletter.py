@@ -23,6 +23,8 @@ re-encoded, so no chained byte changes.
 from __future__ import annotations
 
 import asyncio
+import os
+from array import array
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -32,7 +34,7 @@ from typing import Any
 
 import orjson
 
-from router.appendfile import AppendOnlyFile, replace_atomically
+from router.appendfile import AppendOnlyFile
 from router.evidence.canonical import CHAIN_MEMBER
 from router.evidence.chain import Chain
 from router.journal import Entry
@@ -164,35 +166,80 @@ def read_letters(path: Path) -> Iterator[Letter]:
 
 def read_letter_lines(path: Path) -> Iterator[tuple[bytes, Letter]]:
     """Every letter of a dead-letter file with its line as written (newline included)."""
+    for _, line, letter in read_letter_lines_at(path):
+        yield line, letter
+
+
+def read_letter_lines_at(path: Path) -> Iterator[tuple[int, bytes, Letter]]:
+    """`read_letter_lines`, with each line's byte offset in the file."""
     try:
         f = open(path, "rb")  # noqa: SIM115 - closed below, generator
     except FileNotFoundError:
         return
     with f:
+        offset = 0
         for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield line, orjson.loads(line)
-            except orjson.JSONDecodeError:
-                yield (
-                    line,
-                    {
-                        "reason": "unreadable_line",
-                        "line": number,
-                        "raw_excerpt": line[:200].decode("utf-8", "replace"),
-                    },
-                )
+            at, offset = offset, offset + len(line)
+            if line.strip():
+                yield at, line, _parse_letter(line, number)
+
+
+def _parse_letter(line: bytes, number: int) -> Letter:
+    try:
+        letter: Letter = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return {
+            "reason": "unreadable_line",
+            "line": number,
+            "raw_excerpt": line[:200].decode("utf-8", "replace"),
+        }
+    return letter
 
 
 @dataclass(slots=True)
 class Taken:
     """Letters taken out for a redrive, and how many of them are back on the journal; and,
-    by why, the letters that matched but cannot be redriven (they stay in the file)."""
+    by why, the letters that matched but cannot be redriven (they stay in the file). The
+    caller reads them `chunk` by chunk and counts in `done` those it journaled."""
 
     letters: list[Letter]
     done: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return len(self.letters)
+
+    async def chunk(self, size: int) -> list[Letter]:
+        """The next `size` letters (at most) after the `done` ones."""
+        return self.letters[self.done : self.done + size]
+
+
+@dataclass(slots=True)
+class FileTaken(Taken):
+    """Letters taken from a dead-letter file, held as their byte offsets only (a file of a
+    million letters is gigabytes once parsed) and read back a chunk at a time, in a thread.
+    The file does not change meanwhile: appends wait for the take's lock."""
+
+    path: Path = field(default_factory=Path)
+    offsets: array[int] = field(default_factory=lambda: array("q"))
+
+    @property
+    def total(self) -> int:
+        return len(self.offsets)
+
+    async def chunk(self, size: int) -> list[Letter]:
+        wanted = self.offsets[self.done : self.done + size]
+        return await asyncio.to_thread(_letters_at, self.path, wanted)
+
+
+def _letters_at(path: Path, offsets: Sequence[int]) -> list[Letter]:
+    letters = []
+    with open(path, "rb") as f:
+        for offset in offsets:
+            f.seek(offset)
+            letters.append(_parse_letter(f.readline(), 0))
+    return letters
 
 
 class DeadLetters:
@@ -251,53 +298,98 @@ class DeadLetters:
         goes to `skipped`, as do letters without an event). The caller counts in `done` those
         it has put back on the journal, in order; at the end of the block, even on error, the
         file is rewritten without them. New letters wait meanwhile, so none is lost in the
-        rewrite."""
+        rewrite. The file is read in a thread (a pass to choose, a chunk at a time to
+        redrive, a pass to rewrite), holding offsets, never the whole file."""
         async with self._lock(target_id):
             path = self.path(target_id)
-            lines = await asyncio.to_thread(lambda: list(read_letter_lines(path)))
-            letters = [letter for _, letter in lines]
-            taken = Taken([])
-            for letter in letters:
-                if not wanted(letter):
-                    continue
-                why = unredrivable(letter) or refuse(letter)
-                if why is None:
-                    taken.letters.append(letter)
-                else:
-                    taken.skipped[why] = taken.skipped.get(why, 0) + 1
+            taken = FileTaken([], path=path)
+
+            def choose() -> None:
+                for offset, _, letter in read_letter_lines_at(path):
+                    if not wanted(letter):
+                        continue
+                    why = unredrivable(letter) or refuse(letter)
+                    if why is None:
+                        taken.offsets.append(offset)
+                    else:
+                        taken.skipped[why] = taken.skipped.get(why, 0) + 1
+
+            await asyncio.to_thread(choose)
             try:
                 yield taken
             finally:
                 if taken.done:
-                    gone = {id(letter) for letter in taken.letters[: taken.done]}
-                    kept = [line for line, letter in lines if id(letter) not in gone]
-                    moved = [line for line, letter in lines if id(letter) in gone]
-                    await asyncio.to_thread(self._rewrite, target_id, kept, moved)
+                    gone = taken.offsets[: taken.done]
+                    await asyncio.to_thread(self._rewrite, target_id, gone)
 
-    def _rewrite(self, target_id: str, kept: list[bytes], moved: list[bytes]) -> None:
-        """Move the chained letters among `moved` to the target's redriven file (appended,
-        fsynced), then atomically replace the dead-letter file with `kept` (temp file, fsync,
-        rename); the appender reopens. A crash in between leaves a letter in both files:
-        the same line, which verify counts once."""
-        chained = [line for line in moved if CHAIN_MEMBER in line]
-        if chained:
-            redriven = redriven_path(self.directory, target_id)
-            file = AppendOnlyFile(redriven)
-            try:
-                file.open()
-                file.append(b"".join(chained))
-            finally:
-                file.close()
+    def _rewrite(self, target_id: str, gone: Sequence[int]) -> None:
+        """Move the chained letters among the lines at `gone` (sorted offsets) to the
+        target's redriven file (appended, fsynced), then atomically replace the dead-letter
+        file with the other lines (temp file, fsync, rename); the appender reopens. A crash
+        in between leaves a letter in both files: the same line, which verify counts once.
+        Both files are written as the old one is read, a buffer at a time."""
         path = self.path(target_id)
+        temp = path.with_name(path.name + ".tmp")
+        temp.unlink(missing_ok=True)
+        kept = AppendOnlyFile(temp, fsync=False)
+        redriven = AppendOnlyFile(redriven_path(self.directory, target_id), fsync=False)
+        moved = False
+        try:
+            keep, move = _Buffer(kept), _Buffer(redriven)
+            kept.open()  # an empty file is still the new dead-letter file
+            next_gone = iter(gone)
+            upcoming = next(next_gone, None)
+            with open(path, "rb") as f:
+                offset = 0
+                for line in f:
+                    at, offset = offset, offset + len(line)
+                    if at != upcoming:
+                        keep.add(line)
+                        continue
+                    upcoming = next(next_gone, None)
+                    if CHAIN_MEMBER in line:
+                        move.add(line)
+                        moved = True
+            keep.flush()
+            move.flush()
+            if moved:
+                redriven.fsync_now()
+            kept.fsync_now()
+        finally:
+            kept.close()
+            redriven.close()
         appender = self._files.pop(target_id, None)
         if appender is not None:
             appender.close()
-        replace_atomically(path, b"".join(kept))
+        os.replace(temp, path)
 
     def close(self) -> None:
         for file in self._files.values():
             file.close()
         self._files.clear()
+
+
+class _Buffer:
+    """Lines gathered into appends of about REWRITE_BUFFER_BYTES."""
+
+    def __init__(self, file: AppendOnlyFile) -> None:
+        self.file = file
+        self.lines: list[bytes] = []
+        self.size = 0
+
+    def add(self, line: bytes) -> None:
+        self.lines.append(line)
+        self.size += len(line)
+        if self.size >= REWRITE_BUFFER_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.lines:
+            self.file.append(b"".join(self.lines))
+            self.lines, self.size = [], 0
+
+
+REWRITE_BUFFER_BYTES = 1 << 20
 
 
 def _iso(ts: float | None) -> str | None:

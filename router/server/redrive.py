@@ -58,12 +58,12 @@ class Redrive:
             return "invalid_event" if self.is_invalid(letter["event"]) else None
 
         async with self.dead_letters.take(target_id, wanted, refuse) as taken:
-            total = len(taken.letters)
+            total = taken.total
             # What matched but stays in the file, by why, so the client can say so.
             first = {"done": 0, "total": total, "skipped": taken.skipped}
             await response.write(orjson.dumps(first) + b"\n")
             while taken.done < total:
-                chunk = taken.letters[taken.done : taken.done + REDRIVE_CHUNK]
+                chunk = await taken.chunk(REDRIVE_CHUNK)
                 await self.journal.append(
                     [
                         (Event.from_body(letter["event"]), {target_id: letter.get("route", "")})

@@ -31,7 +31,8 @@ class ConfigError(RouterError):
 
     def __init__(self, source: str, problems: Sequence[str]) -> None:
         self.source = source
-        self.problems = list(problems)
+        # Problems quote what they are about; a URL among it shows no password or token.
+        self.problems = [mask_text(problem) for problem in problems]
         super().__init__(f"{source}: " + "; ".join(self.problems))
 
 

@@ -23,7 +23,7 @@ from router.config.model import (
     Config,
 )
 from router.errors import ConfigError
-from router.masking import SECRET_KEYS
+from router.masking import MASK, SECRET_KEYS, mask_headers, mask_text, masked
 from router.resources import schemas_dir
 from router.targets import TARGET_TYPES
 
@@ -230,6 +230,21 @@ def _schema_problems(data: Any) -> list[str]:
     return [f"{format_path(error.absolute_path)}: {_describe(error)}" for error in errors]
 
 
+def _shown(value: Any, path: list[str | int]) -> Any:
+    """How a problem may quote `value`, found at `path`: a credential (under a secret key or
+    a secret-looking header, at any depth) as REDACTED, anything else as the API shows
+    endpoint data (router/masking.py); `value` itself when nothing in it is a secret."""
+    keys = [part for part in path if isinstance(part, str)]
+    key = keys[-1] if keys else ""
+    under_headers = len(keys) >= 2 and keys[-2] == "headers"
+    if key in SECRET_KEYS or (under_headers and mask_headers({key: ""})[key] == MASK):
+        return MASK
+    # A string keeps its references (`${env:NAME}` names no secret, and `check` should say
+    # which one it means); a URL in it is masked.
+    shown = mask_text(value) if isinstance(value, str) else masked(value, key)
+    return value if shown == value else shown
+
+
 def _describe(error: jsonschema.ValidationError) -> str:
     if error.validator == "additionalProperties":
         schema = error.schema if isinstance(error.schema, dict) else {}
@@ -238,6 +253,10 @@ def _describe(error: jsonschema.ValidationError) -> str:
         )
         return "unknown key " + ", ".join(repr(k) for k in extra)
     message = str(error.message)
+    shown = _shown(error.instance, list(error.absolute_path))
+    if shown is not error.instance:
+        # A problem goes to the API's answer and its audit event: never quote a secret.
+        message = message.replace(repr(error.instance), repr(shown))
     if isinstance(error.instance, str) and len(error.instance) > MAX_QUOTED_VALUE_CHARS:
         # A problem names the place; a 100,000-character value quoted whole helps nobody.
         short = f"{error.instance[:MAX_QUOTED_VALUE_CHARS]!r}... ({len(error.instance)} characters)"

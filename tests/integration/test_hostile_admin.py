@@ -16,8 +16,14 @@ import pytest
 
 from router.daemon import Daemon
 from tests.conftest import StartDaemon
-from tests.fakes import make_event
-from tests.helpers import ReceiverFactory, assert_books_balance, everything_to, file_target
+from tests.fakes import make_event, read_ndjson, wait_for
+from tests.helpers import (
+    ReceiverFactory,
+    assert_books_balance,
+    everything_to,
+    file_target,
+    settled,
+)
 
 ADMIN = "an-admin-token-for-hostile-0001"
 INGEST = "an-ingest-token-for-hostile-001"
@@ -297,3 +303,50 @@ async def test_a_bad_page_parameter_is_a_400_naming_it(
     status, answer = await call(daemon, "GET", path)
     assert status == 400, answer
     assert answer["error"]["message"].startswith(f"{field}: "), answer
+
+
+SECRET = "hunter2-do-not-echo"
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        http(f"http://user:{SECRET}@127.0.0.1:99999/"),  # refused by the address check
+        http(f"ftp://user:{SECRET}@127.0.0.1/"),  # refused by the schema's pattern
+        http(f"http://127.0.0.1:99999/?token={SECRET}"),
+        {
+            **cos("http://127.0.0.1:1"),
+            "cos_endpoint": {**cos("x")["cos_endpoint"], "api_key": [SECRET], "hmac_keys": 1},
+        },
+        {
+            **cos("http://127.0.0.1:1"),
+            "cos_endpoint": {
+                **cos("x")["cos_endpoint"],
+                "hmac_keys": {"access_key_id": "id", "secret_access_key": {"v": SECRET}},
+            },
+        },
+        {
+            "name": "t",
+            "target_type": "http",
+            "http_endpoint": {"url": "http://127.0.0.1:1/", "headers": {"X-Api-Key": [SECRET]}},
+        },
+        {
+            "name": "t",
+            "target_type": "http",
+            "http_endpoint": {"url": "http://127.0.0.1:1/", "auth": {"type": "x", "token": SECRET}},
+        },
+    ],
+)
+async def test_a_refused_change_never_quotes_a_secret_in_its_answer_or_its_audit_event(
+    daemon: Daemon, tmp_path: Path, target: dict[str, Any]
+) -> None:
+    """A problem quoted the value it was about: a URL's password, an api_key sent as a list,
+    a whole `auth` object with its token. The answer, and the refused change's audit event
+    (journaled, archived, sent to every target its routes name), carried the secret."""
+    status, answer = await call(daemon, "POST", "/api/v2/targets", target)
+    assert status == 400, answer
+    assert SECRET not in orjson.dumps(answer).decode()
+    await wait_for(lambda: settled(daemon))
+    audit = [e for e in read_ndjson(tmp_path / "archive.ndjson") if e["outcome"] == "failure"]
+    assert audit, "the refusal is audited"
+    assert SECRET not in orjson.dumps(audit).decode()

@@ -4,6 +4,7 @@ filters parsed, each target's endpoint built by its type; problems collected, no
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -310,10 +311,17 @@ def _auth(data: Mapping[str, Any] | None, problems: list[str]) -> AuthConfig:
                 )
             )
         kinds[kind] = tuple(tokens)
+    networks = tuple(data.get("api_target_networks") or ())
+    for i, network in enumerate(networks):
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError as exc:
+            problems.append(f"auth.api_target_networks[{i}]: {exc}")
     return AuthConfig(
         ingest_tokens=kinds["ingest_tokens"],
         admin_tokens=kinds["admin_tokens"],
         refusal_events=_section(RefusalEventsConfig, data.get("refusal_events")),
+        api_target_networks=networks,
     )
 
 

@@ -266,11 +266,15 @@ def kept_by_the_host(address: IpAddress) -> bool:
     )
 
 
-def target_network_problems(i: int, target: TargetConfig, before: TargetConfig | None) -> list[str]:
-    """The management API's bound on where a target may connect: no address a host keeps for
-    itself (`kept_by_the_host`), as its name resolves now. A host the running target already
+def target_network_problems(
+    i: int, target: TargetConfig, before: TargetConfig | None, networks: tuple[str, ...] = ()
+) -> list[str]:
+    """The management API's bound on where a target may connect, as its names resolve now:
+    inside `networks` (auth.api_target_networks) when the operator lists some, and never an
+    address a host keeps for itself (`kept_by_the_host`). A host the running target already
     had is the operator's choice and stays (the YAML is not bounded by this)."""
     had = {urlsplit(url).hostname for _, url in destinations(before)} if before else set()
+    allowed = [ipaddress.ip_network(network, strict=False) for network in networks]
     problems = []
     for key, url in destinations(target):
         if address_problem(url) is not None:
@@ -278,14 +282,31 @@ def target_network_problems(i: int, target: TargetConfig, before: TargetConfig |
         host = urlsplit(url).hostname
         if host is None or host in had:
             continue
-        kept = sorted(str(a) for a in _addresses(host) if kept_by_the_host(a))
+        addresses = _addresses(host)
+        kept = sorted(str(a) for a in addresses if kept_by_the_host(a))
+        outside = sorted(
+            str(a) for a in addresses if not any(_within(a, network) for network in allowed)
+        )
         if kept:
             problems.append(
                 f"targets[{i}].{key}: {host!r} is {', '.join(kept)}, a link-local, "
                 "metadata-service, multicast or unspecified address; the management API does "
                 "not point targets there (only the operator's config file may)"
             )
+        elif allowed and (outside or not addresses):
+            where = ", ".join(outside) if addresses else "no address (it does not resolve)"
+            problems.append(
+                f"targets[{i}].{key}: {host!r} is {where}, outside auth.api_target_networks "
+                f"({', '.join(networks)}), where the operator lets the management API point "
+                "targets"
+            )
     return problems
+
+
+def _within(address: IpAddress, network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.version == network.version and address in network
 
 
 def reaches_listener(url: str, host: str, port: int) -> bool:

@@ -372,6 +372,9 @@ class AuthConfig:
     ingest_tokens: tuple[TokenConfig, ...] = ()
     admin_tokens: tuple[TokenConfig, ...] = ()
     refusal_events: RefusalEventsConfig = field(default_factory=RefusalEventsConfig)
+    # Where a target the management API creates or changes may connect (CIDR networks);
+    # empty: anywhere but the addresses a host keeps for itself (crosscheck.kept_by_the_host).
+    api_target_networks: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -469,6 +469,7 @@ class ManagementApi:
             raise ConfigError("api", problems)
         new = parse_config(after, "api")
         roots = archive_roots(running)
+        networks = running.auth.api_target_networks if running.auth is not None else ()
         was = {t.id: t for t in running.targets}
         for i, target in enumerate(new.targets):
             before_target = was.get(target.id)
@@ -480,7 +481,7 @@ class ManagementApi:
                 if problem is not None:
                     problems.append(f"targets[{i}].file_endpoint.path: {problem}")
             problems.extend(target_listener_problems(i, target, running.server.host, self.port()))
-            problems.extend(target_network_problems(i, target, before_target))
+            problems.extend(target_network_problems(i, target, before_target, networks))
         if problems:
             raise ConfigError("api", problems)
         return new

@@ -14,7 +14,9 @@ import aiohttp
 import orjson
 import pytest
 
+from router.config import parse_config
 from router.daemon import Daemon
+from router.errors import ConfigError
 from tests.conftest import StartDaemon
 from tests.fakes import make_event, read_ndjson, wait_for
 from tests.helpers import (
@@ -350,3 +352,56 @@ async def test_a_refused_change_never_quotes_a_secret_in_its_answer_or_its_audit
     audit = [e for e in read_ndjson(tmp_path / "archive.ndjson") if e["outcome"] == "failure"]
     assert audit, "the refusal is audited"
     assert SECRET not in orjson.dumps(audit).decode()
+
+
+async def test_auth_api_target_networks_bound_where_api_targets_may_connect(
+    start_daemon: StartDaemon, tmp_path: Path, receiver_factory: ReceiverFactory
+) -> None:
+    """Without an operator's list, an admin token could point a target at any port of the
+    daemon's host: an Event Streams create's test write answered `ConnectionRefusedError`
+    for a closed port and something else for an open one, a port scanner. With
+    `auth.api_target_networks`, a target the API creates or changes may only connect inside
+    those networks; the YAML's own targets are the operator's and stay as they are."""
+    receiver = await receiver_factory()
+    daemon = await start_daemon(
+        {
+            "auth": {**auth(), "api_target_networks": ["10.0.0.0/8", "fd00:1::/64"]},
+            "targets": [
+                file_target("archive", tmp_path / "archive.ndjson"),
+                {"id": "own", "target_type": "http", "http_endpoint": {"url": receiver.url}},
+            ],
+            "routes": everything_to("archive", "own"),
+        }
+    )
+    for target, field in [
+        (http(receiver.url), "http_endpoint.url"),
+        (event_streams("127.0.0.1:22"), "eventstreams_endpoint.brokers[0]"),
+        (http("http://localhost:8080/"), "http_endpoint.url"),
+        (http("http://no-such-host.invalid/"), "http_endpoint.url"),
+    ]:
+        status, answer = await call(daemon, "POST", "/api/v2/targets", target)
+        assert status == 400, answer
+        assert field in message(answer) and "api_target_networks" in message(answer)
+        assert "Kafka" not in message(answer)  # refused before any test write
+    # Inside the networks: created (nothing listens there; deliveries are only retried).
+    status, answer = await call(daemon, "POST", "/api/v2/targets", http("http://10.1.2.3:9/"))
+    assert status == 201, answer
+    # The operator's own target, changed in another field, keeps its address.
+    status, own = await call(daemon, "GET", "/api/v2/targets/own")
+    endpoint = {**own["http_endpoint"], "timeout_s": 5}
+    status, answer = await call(
+        daemon,
+        "PUT",
+        "/api/v2/targets/own",
+        {"name": "own", "target_type": "http", "http_endpoint": endpoint},
+    )
+    assert status == 200, answer
+    await ingest_still_works(daemon, "after-networks")
+
+
+@pytest.mark.parametrize("network", ["10.0.0.0/33", "not-a-network", "10.0.0.1/8x"])
+def test_a_bad_api_target_network_is_a_config_problem(tmp_path: Path, network: str) -> None:
+    data = {"auth": {**auth(), "api_target_networks": [network]}}
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data)
+    assert any(p.startswith("auth.api_target_networks[0]: ") for p in caught.value.problems)

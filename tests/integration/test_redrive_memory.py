@@ -26,7 +26,8 @@ def peak_rss_mb(pid: int) -> float:
 
 
 def write_letters(path: Path, count: int) -> None:
-    """`count` letters of a target that refused them, as the daemon writes them."""
+    """`count` letters of a target that refused them, as the daemon writes them, and one of
+    another reason."""
     path.parent.mkdir(parents=True, exist_ok=True)
     event = make_event()
     with open(path, "wb") as out:
@@ -46,6 +47,9 @@ def write_letters(path: Path, count: int) -> None:
                 "received_at": "2026-12-01T00:00:00.000Z",
             }
             out.write(orjson.dumps(letter) + b"\n")
+        # One letter of another reason, which stays.
+        other = {"event": make_event(id="stays"), "target_id": "archive", "reason": "too_large"}
+        out.write(orjson.dumps(other) + b"\n")
 
 
 async def test_a_redrive_of_a_large_dead_letter_file_holds_a_chunk_not_the_file(
@@ -56,10 +60,6 @@ async def test_a_redrive_of_a_large_dead_letter_file_holds_a_chunk_not_the_file(
     archive = tmp_path / "archive.ndjson"
     letters = storage / "deadletter" / "archive.ndjson"
     write_letters(letters, LETTERS)
-    # One letter of another reason stays.
-    with open(letters, "ab") as out:
-        other = {"event": make_event(id="stays"), "target_id": "archive", "reason": "too_large"}
-        out.write(orjson.dumps(other) + b"\n")
     config = tmp_path / "router.yaml"
     config.write_text(
         yaml.safe_dump(
@@ -69,7 +69,11 @@ async def test_a_redrive_of_a_large_dead_letter_file_holds_a_chunk_not_the_file(
                 "startup": {"validate_targets": False},
                 "evidence": {"enabled": False},
                 "targets": [
-                    {"id": "archive", "target_type": "file", "file_endpoint": {"path": str(archive)}}
+                    {
+                        "id": "archive",
+                        "target_type": "file",
+                        "file_endpoint": {"path": str(archive)},
+                    }
                 ],
                 "routes": [
                     {"name": "all", "rules": [{"locations": ["*"], "target_ids": ["archive"]}]}

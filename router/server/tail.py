@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Final
@@ -55,6 +56,8 @@ SEND_BUFFER_BYTES: Final = 256 * 1024
 # Events accepted within this interval reach the clients together (one wake and one write
 # each): what a client costs depends on the interval, not on the rate of requests.
 FLUSH_S: Final = 0.1
+# The longest the fan-out holds the loop at a time while it encodes and matches a round.
+SLICE_S: Final = 0.005
 # Told to a client refused past the cap: tails are long-lived, a slot frees up slowly.
 FULL_RETRY_AFTER_S: Final = 30
 # An SSE id must not hold a line break (it would end the field and start another).
@@ -172,18 +175,25 @@ class TailHub:
             while not self._inbox.empty():
                 batches.append(self._inbox.get_nowait())
             try:
-                self._offer(batches)
+                await self._offer(batches)
             except Exception:
                 # A task boundary: one bad batch must not end the tail for everyone.
                 log.exception("the tail could not fan out %d batches", len(batches))
 
-    def _offer(self, batches: list[tuple[int, list[Event]]]) -> None:
+    async def _offer(self, batches: list[tuple[int, list[Event]]]) -> None:
         """Encode each event once and match it once per distinct query, then give every
-        subscriber its share in one call (only of batches published after it subscribed)."""
+        subscriber its share in one call (only of batches published after it subscribed).
+        Matching runs on the loop, so it hands the loop back every SLICE_S: many clients
+        with large queries make the tail fall behind (and drop, counted), never the daemon
+        stop answering."""
         lost, self._lost = self._lost, 0
-        messages = [
-            (number, event, sse_event(event)) for number, batch in batches for event in batch
-        ]
+        turn = _Turn()
+        messages = []
+        for number, batch in batches:
+            for event in batch:
+                messages.append((number, event, sse_event(event)))
+                if turn.due():
+                    await asyncio.sleep(0)
         shares: dict[tuple[Query | None, int], list[bytes]] = {}
         first = batches[0][0]
         for subscriber in list(self.subscribers):
@@ -191,11 +201,13 @@ class TailHub:
             query, since = subscriber.query, max(subscriber.since, first - 1)
             share = shares.get((query, since))
             if share is None:
-                share = shares[(query, since)] = [
-                    message
-                    for number, event, message in messages
-                    if number > since and (query is None or query.matches(event.body))
-                ]
+                share = []
+                for number, event, message in messages:
+                    if number > since and (query is None or query.matches(event.body)):
+                        share.append(message)
+                    if turn.due():
+                        await asyncio.sleep(0)
+                shares[(query, since)] = share
             subscriber.offer(share)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -286,6 +298,25 @@ class TailHub:
                 await response.write(data)
         except TimeoutError as exc:
             raise SlowClientError from exc
+
+
+class _Turn:
+    """Hands the loop back once SLICE_S of work has gone by (the clock read every CHECK_EVERY
+    steps, so a cheap step costs a counter)."""
+
+    CHECK_EVERY: Final = 64
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.since = time.monotonic()
+
+    def due(self) -> bool:
+        """Whether to hand the loop back now (then the next slice starts)."""
+        self.steps += 1
+        if self.steps % self.CHECK_EVERY or time.monotonic() - self.since < SLICE_S:
+            return False
+        self.since = time.monotonic()
+        return True
 
 
 def _bound_send_buffer(request: web.Request) -> None:

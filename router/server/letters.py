@@ -12,7 +12,6 @@ after redaction.
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from aiohttp import web
 from router.deadletter import Letter, LetterFilter, letter_files, parse_since, read_letters
 from router.errors import RequestError
 from router.intake.http import error_response, json_response
+from router.server.reads import in_read_thread
 
 DEFAULT_PAGE: Final = 50
 MAX_PAGE: Final = 200
@@ -85,7 +85,7 @@ class LetterEndpoints:
         app.router.add_get("/v1/deadletters/{target}", self.show)
 
     async def list_targets(self, request: web.Request) -> web.Response:
-        return json_response(await asyncio.to_thread(summary, self.directory))
+        return json_response(await in_read_thread(summary, self.directory))
 
     async def show(self, request: web.Request) -> web.Response:
         target_id = request.match_info["target"]
@@ -93,11 +93,11 @@ class LetterEndpoints:
             wanted, offset, limit = _page_request(request)
         except ValueError as exc:
             return error_response(RequestError(400, "bad_filter", str(exc)))
-        path = (await asyncio.to_thread(letter_files, self.directory)).get(target_id)
+        path = (await in_read_thread(letter_files, self.directory)).get(target_id)
         if path is None:
             empty = {"letters": [], "offset": offset, "total": 0, "next_offset": None}
             return json_response({"target": target_id, **empty})
-        found = await asyncio.to_thread(page, path, wanted, offset, limit)
+        found = await in_read_thread(page, path, wanted, offset, limit)
         return json_response({"target": target_id, **found})
 
 

@@ -9,7 +9,6 @@ the hot path (router/evidence/receipt.py).
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from aiohttp import web
 from router.errors import RequestError
 from router.evidence.receipt import locate
 from router.intake.http import error_response, json_response
+from router.server.reads import in_read_thread
 
 
 @dataclass(slots=True)
@@ -39,9 +39,7 @@ class ReceiptEndpoint:
             target_id: {"state": "pending"} for target_id in await self.pending_for(event_id)
         }
         archives = {k: v for k, v in self.archives().items() if k not in where}
-        where.update(
-            await asyncio.to_thread(locate, event_id, archives, self.letters_dir, skip=where)
-        )
+        where.update(await in_read_thread(locate, event_id, archives, self.letters_dir, skip=where))
         if not where:
             return error_response(
                 RequestError(

@@ -20,7 +20,6 @@ archive holds events as journaled, after redaction.
 
 from __future__ import annotations
 
-import asyncio
 import gzip
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from router.errors import QueryError, RequestError
 from router.evidence.checkpoint import is_checkpoint
 from router.intake.http import error_response, json_response
 from router.query import Query, parse
+from router.server.reads import in_read_thread
 
 DEFAULT_PAGE: Final = 50
 MAX_PAGE: Final = 200
@@ -170,7 +170,7 @@ class SearchEndpoint:
         except ValueError as exc:
             return error_response(RequestError(400, "bad_filter", str(exc)))
         try:
-            found = await asyncio.to_thread(search_page, archive, wanted_events)
+            found = await in_read_thread(search_page, archive, wanted_events)
         except FileNotFoundError:
             return error_response(
                 RequestError(

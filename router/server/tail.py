@@ -41,7 +41,7 @@ from aiohttp import web
 
 from router.errors import QueryError
 from router.events import Event
-from router.query import Query, parse
+from router.query import And, Query, parse
 from router.server.listener import on_close
 
 log = logging.getLogger(__name__)
@@ -229,21 +229,23 @@ class TailHub:
                 headers={"Retry-After": str(FULL_RETRY_AFTER_S)},
             )
         text = request.query.get("query", "")
+        saved: str | None = None
         if "view" in request.query:
             name = request.query["view"]
             saved = self.view(name)
             if saved is None:
                 unknown = {"code": "unknown_view", "message": f"no view named {name!r}"}
                 return web.json_response({"error": unknown}, status=404, dumps=_dumps)
-            # A query given too narrows the view.
-            text = f"({saved}) ({text})" if text.strip() else saved
         query: Query | None = None
-        if text.strip():
-            try:
-                query = parse(text)
-            except QueryError as exc:
-                error = {"code": "bad_query", "message": exc.message, "column": exc.column}
-                return web.json_response({"error": error}, status=400, dumps=_dumps)
+        try:
+            # Each parsed on its own (a column is the caller's, a query must stand alone);
+            # a query given too narrows the view.
+            parts = [parse(part) for part in (saved, text) if part is not None and part.strip()]
+        except QueryError as exc:
+            error = {"code": "bad_query", "message": exc.message, "column": exc.column}
+            return web.json_response({"error": error}, status=400, dumps=_dumps)
+        if parts:
+            query = parts[0] if len(parts) == 1 else Query(And(tuple(p.root for p in parts)))
         response = web.StreamResponse(
             headers={
                 "Content-Type": "text/event-stream",

@@ -263,6 +263,10 @@ class FakeIam:
     expires_in_s: float = 3600
     statuses: Sequence[int] = (0,)
     key: IamSigningKey = field(default_factory=IamSigningKey)
+    # What a test may get wrong on purpose: the tokens' audience, or a key that signs them
+    # but that /identity/keys does not publish (a forged token).
+    audience: str = IAM_AUDIENCE
+    forger: IamSigningKey | None = None
     grants: list[IamGrant] = field(default_factory=list)
     url: str = ""
     _runner: web.AppRunner | None = None
@@ -308,7 +312,7 @@ class FakeIam:
         now = int(time.time())
         claims = {
             "iss": IAM_ISSUER,
-            "aud": IAM_AUDIENCE,
+            "aud": self.audience,
             "sub": subject,
             "iam_id": subject,
             "grant_type": form["grant_type"],
@@ -317,7 +321,7 @@ class FakeIam:
             "exp": now + int(self.expires_in_s),
             "jti": f"grant-{len(self.grants)}",
         }
-        grant.token = self.key.sign(claims)
+        grant.token = (self.forger or self.key).sign(claims)
         return web.json_response(
             {
                 "access_token": grant.token,

@@ -54,6 +54,7 @@ from typing import Any, Final, Literal, NoReturn
 
 import aiohttp
 from aiokafka import AIOKafkaProducer
+from aiokafka import conn as aiokafka_conn
 from aiokafka.abc import AbstractTokenProvider
 from aiokafka.conn import create_conn
 from aiokafka.errors import (
@@ -331,6 +332,52 @@ class IamTokenProvider(AbstractTokenProvider):  # type: ignore[misc]  # aiokafka
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+class _OAuthBearerAuthenticator(aiokafka_conn.OAuthAuthenticator):  # type: ignore[misc]
+    """aiokafka 0.14 takes whatever the broker answers to the token for success. A broker that
+    refuses it answers with an RFC 7628 error (a JSON challenge, `{"status":"invalid_token"}`)
+    and waits for the client's %x01; aiokafka instead sends its next request (Metadata), which
+    the broker answers with an error response aiokafka reads as "no brokers", and the
+    producer then loops for ever on an empty cluster, never saying why. This answers the
+    challenge with %x01, as Kafka's own client does, so the broker ends the exchange with its
+    authentication failure (SaslAuthenticationFailed with its reason)."""
+
+    def __init__(self, *, sasl_oauth_token_provider: AbstractTokenProvider) -> None:
+        super().__init__(sasl_oauth_token_provider=sasl_oauth_token_provider)
+        self._challenge: bytes | None = None
+
+    async def step(self, payload: bytes | None) -> tuple[bytes, bool] | None:
+        if not self._token_sent:
+            result: tuple[bytes, bool] = await super().step(payload)
+            return result
+        if payload and self._challenge is None:
+            self._challenge = bytes(payload)
+            return b"\x01", True
+        if self._challenge is not None:  # a broker that did not end it: refused all the same
+            why = self._challenge.decode("utf-8", "replace")
+            raise SaslAuthenticationFailed(f"the broker refused the token: {why}")
+        return None
+
+
+def _check_oauth_answers() -> None:
+    """Make aiokafka's connections read the broker's answer to an OAUTHBEARER token (see
+    _OAuthBearerAuthenticator). aiokafka has no setting for the authenticator; a version
+    without the method fails here, loudly, rather than loop silently on a refused token."""
+    connection = aiokafka_conn.AIOKafkaConnection
+    if not callable(getattr(connection, "authenticator_oauth", None)):
+        raise RuntimeError(
+            "aiokafka's AIOKafkaConnection no longer has authenticator_oauth; the event_streams "
+            "target cannot check the broker's answer to its token (router/targets/event_streams.py)"
+        )
+
+    def authenticator_oauth(self: Any) -> _OAuthBearerAuthenticator:
+        return _OAuthBearerAuthenticator(sasl_oauth_token_provider=self._sasl_oauth_token_provider)
+
+    connection.authenticator_oauth = authenticator_oauth
+
+
+_check_oauth_answers()
 
 
 @dataclass(slots=True)

@@ -99,6 +99,12 @@ and goes again after a restart whatever happens; waiting only spares duplicates.
 RECORD_OVERHEAD_BYTES: Final = 512
 """Room a message takes beside its key, value and headers (record and batch framing)."""
 
+METADATA_BACKOFF_S: Final = 0.1
+METADATA_BACKOFF_MAX_S: Final = 2.0
+"""How long aiokafka waits after a failed metadata update before the next: doubling from the
+first to the second (Kafka's own client: reconnect.backoff.ms 50, reconnect.backoff.max.ms
+1000). A broker back after an outage is seen within METADATA_BACKOFF_MAX_S."""
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class KafkaTlsConfig:
@@ -424,6 +430,7 @@ class EventStreamsTarget:
                 **client_settings(self.endpoint, self.tokens),
             )
             _keep_batches(producer)
+            _pace_metadata_updates(producer)
             try:
                 await producer.start()
             except (KafkaError, OSError) as exc:
@@ -683,6 +690,38 @@ def _keep_batches(producer: AIOKafkaProducer) -> None:
             "cannot keep its batches from expiring (see router/targets/event_streams.py)"
         )
     accumulator._batch_ttl = math.inf
+
+
+def _pace_metadata_updates(producer: AIOKafkaProducer) -> None:
+    """Back off after a failed metadata update, as Kafka's own client does between reconnects.
+
+    aiokafka 0.14 has none: with the broker down, its sender asks for metadata, the update
+    fails at once (connection refused), and it asks again at once, so one outage of a few
+    seconds logged ~3,600 "Unable connect" and as many "Unable to update metadata" ERROR lines
+    and kept a core busy. Its retry_backoff_ms paces produce retries, not this loop. A version
+    without the method fails here, loudly."""
+    client = producer.client
+    update = getattr(client, "_metadata_update", None)
+    if update is None:
+        raise RuntimeError(
+            "aiokafka's AIOKafkaClient no longer has _metadata_update; the event_streams target "
+            "cannot pace its metadata updates (see router/targets/event_streams.py)"
+        )
+    failures = 0
+
+    async def paced(cluster_metadata: Any, topics: Any) -> bool:
+        nonlocal failures
+        updated = bool(await update(cluster_metadata, topics))
+        if updated:
+            failures = 0
+        else:
+            failures += 1
+            await asyncio.sleep(
+                min(METADATA_BACKOFF_MAX_S, METADATA_BACKOFF_S * 2 ** min(failures - 1, 16))
+            )
+        return updated
+
+    client._metadata_update = paced
 
 
 async def _stop(producer: AIOKafkaProducer, timeout_s: float, target_id: str) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 import router.iam
 from router.config import parse_config
@@ -175,3 +176,19 @@ def test_no_endpoint_takes_a_trusted_profile_or_a_token_file_of_its_own(
     problems = iam_problems(profile_iam(token_file), own)
     unknown = "cloudlogs_endpoint: unknown key 'trusted_profile'"
     assert any(unknown in problem for problem in problems), problems
+
+
+def test_the_readmes_iam_examples_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### The daemon's own identity (`iam`)", 1)[1].split("\n### ", 1)[0]
+    blocks = [part.split("```", 1)[0] for part in section.split("```yaml\n")[1:]]
+    assert len(blocks) == 2, "an API key and a trusted profile"
+    monkeypatch.setenv("IBMCLOUD_API_KEY", "a-key")
+    token = tmp_path / "sa-token"
+    token.write_text("a-cr-token")
+    # The example names no file: the SDK's default list, here pointed at a file of the test's.
+    monkeypatch.setattr(router.iam, "DEFAULT_CR_TOKEN_FILES", (str(token),))
+    key, profile = (endpoint_of(logs(), yaml.safe_load(block)["iam"]) for block in blocks)
+    assert (key.api_key, key.trusted_profile) == ("a-key", None)
+    assert profile.trusted_profile == TrustedProfileConfig(profile_id=PROFILE_ID)
+    assert profile.iam_url == key.iam_url == "https://iam.cloud.ibm.com"

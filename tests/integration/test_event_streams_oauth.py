@@ -60,6 +60,7 @@ def iam(iam_thread: FakeIam) -> FakeIam:
     iam_thread.cr_tokens = {CR_TOKEN}
     iam_thread.audience = IAM_AUDIENCE
     iam_thread.forger = None
+    iam_thread.expires_in_s = 3600
     IamTokenSource._shared.clear()  # each test gets its own token cache
     return iam_thread
 
@@ -169,4 +170,43 @@ async def test_iam_refusing_the_grant_dead_letters_with_iams_reason(
     assert "IAM refused the grant" in letter["message"]
     assert "BXNIM0438E" in letter["response_excerpt"]
     assert CR_TOKEN not in str(letter)
+    assert_books_balance(daemon)
+
+
+@pytest.mark.timeout(240)
+async def test_tokens_that_expire_under_load_are_renewed_and_every_event_arrives_once(
+    start_daemon: StartDaemon, iam: FakeIam, kafka: KafkaBroker, tmp_path: Path
+) -> None:
+    """The broker ends a session when its token expires (connections.max.reauth.ms set);
+    aiokafka cannot re-authenticate, so it is disconnected and connects again, asking for a
+    token: the cached one is past 80% of its lifetime by then, and IAM is asked for a new
+    one. Under a steady stream, across several expiries, every event arrives once."""
+    iam.expires_in_s = 3
+    daemon = await start(start_daemon, iam, kafka, tmp_path, "audit-expiring")
+    sent: list[str] = []
+    enough = asyncio.Event()
+
+    async def steady_stream() -> None:
+        n = 0
+        while not enough.is_set():
+            ids = [f"exp-{n}-{i}" for i in range(5)]
+            status, _ = await post(daemon, [make_event(id=event_id) for event_id in ids])
+            assert status == 202
+            sent.extend(ids)
+            n += 1
+            await asyncio.sleep(0.05)  # a steady stream, not one burst
+
+    stream = asyncio.create_task(steady_stream())
+    try:
+        await wait_for(lambda: len(iam.issued) >= 4, timeout_s=90, what="three renewals")
+    finally:
+        enough.set()
+        await stream
+    await wait_for(lambda: settled(daemon), timeout_s=90, what="everything delivered")
+
+    keys = [r.key.decode() for r in await read_topic(kafka.bootstrap, "audit-expiring")]
+    assert sorted(keys) == sorted(sent), "every event once, through every expiry"
+    assert len(set(iam.issued)) == len(iam.issued), "each renewal is a new token"
+    row = daemon.status()["targets"]["es"]
+    assert (row["delivered"], row["dead_lettered"]) == (len(sent), 0)
     assert_books_balance(daemon)

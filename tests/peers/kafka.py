@@ -121,6 +121,9 @@ class OAuthValidation:
     jwks_url: str
     issuer: str
     audience: str
+    # A session ends when its token expires (KIP-368): a client that cannot re-authenticate,
+    # as aiokafka cannot, is disconnected then and must connect again with a new token.
+    max_reauth_ms: int = 600_000
 
 
 class KafkaBroker(ServerProcess):
@@ -307,6 +310,7 @@ class KafkaBroker(ServerProcess):
             f"{prefix}.oauthbearer.sasl.oauthbearer.jwks.endpoint.url": oauth.jwks_url,
             f"{prefix}.oauthbearer.sasl.oauthbearer.expected.issuer": oauth.issuer,
             f"{prefix}.oauthbearer.sasl.oauthbearer.expected.audience": oauth.audience,
+            f"{prefix}.oauthbearer.connections.max.reauth.ms": str(oauth.max_reauth_ms),
         }
 
     def command(self) -> list[str]:

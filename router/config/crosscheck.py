@@ -20,7 +20,7 @@ from router.config.model import (
 )
 from router.targets.cloud_logs import CloudLogsEndpointConfig
 from router.targets.cos import CosEndpointConfig, endpoint_url
-from router.targets.event_streams import EventStreamsEndpointConfig
+from router.targets.event_streams import EventStreamsEndpointConfig, sasl_mechanism
 from router.targets.file import FileEndpointConfig
 from router.targets.http import HttpEndpointConfig
 from router.targets.syslog import SyslogEndpointConfig
@@ -188,6 +188,10 @@ def target_listener_problems(i: int, target: TargetConfig, host: str, port: int)
         urls.append(("cos_endpoint.endpoint", endpoint_url(endpoint.endpoint)))
         if endpoint.hmac_keys is None:
             urls.append(("cos_endpoint.iam_url", endpoint.iam_url))
+    elif isinstance(endpoint, EventStreamsEndpointConfig) and sasl_mechanism(endpoint) == (
+        "oauthbearer"
+    ):
+        urls.append(("eventstreams_endpoint.iam_url", endpoint.iam_url))
     return [
         f"targets[{i}].{key}: points at this daemon's own listener ({host}:{port}); its "
         "events would come back as new events for ever"
@@ -213,10 +217,13 @@ def destinations(target: TargetConfig) -> list[tuple[str, str]]:
             urls.append(("cos_endpoint.iam_url", endpoint.iam_url))
         return urls
     if isinstance(endpoint, EventStreamsEndpointConfig):
-        return [
+        urls = [
             (f"eventstreams_endpoint.brokers[{b}]", f"//{broker}")
             for b, broker in enumerate(endpoint.brokers)
         ]
+        if sasl_mechanism(endpoint) == "oauthbearer":
+            urls.append(("eventstreams_endpoint.iam_url", endpoint.iam_url))
+        return urls
     if isinstance(endpoint, SyslogEndpointConfig):
         host = f"[{endpoint.host}]" if ":" in endpoint.host else endpoint.host
         return [("syslog_endpoint.host", f"//{host}:{endpoint.port or 514}")]

@@ -195,6 +195,17 @@ async def test_a_target_address_that_cannot_be_connected_to_is_refused_naming_th
         (cos("http://169.254.169.254"), "cos_endpoint.endpoint"),
         (event_streams("169.254.169.254:9092"), "eventstreams_endpoint.brokers[0]"),
         (syslog("169.254.169.254"), "syslog_endpoint.host"),
+        (
+            {
+                **event_streams("127.0.0.1:1"),
+                "eventstreams_endpoint": {
+                    **event_streams("127.0.0.1:1")["eventstreams_endpoint"],
+                    "sasl": {"mechanism": "oauthbearer"},
+                    "iam_url": "http://169.254.169.254/",
+                },
+            },
+            "eventstreams_endpoint.iam_url",
+        ),
         (cloud_logs("http://169.254.169.254/"), "cloudlogs_endpoint.ingress_url"),
     ],
 )

@@ -1,16 +1,29 @@
-"""A redrive of a large dead-letter file, against a real daemon process: its memory stays
-bounded by a chunk, not by the file, and every letter still goes back exactly once."""
+"""Redrives against a real daemon: of a large dead-letter file (a process), with memory
+bounded by a chunk, not by the file; and several at once of one target's letters. Every
+letter goes back exactly once."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import aiohttp
 import orjson
 import yaml
 
+from tests.conftest import StartDaemon
 from tests.fakes import make_event, read_ndjson, wait_for
-from tests.helpers import drained, free_port, reap, serve, terminate
+from tests.helpers import (
+    assert_books_balance,
+    drained,
+    everything_to,
+    file_target,
+    free_port,
+    reap,
+    serve,
+    settled,
+    terminate,
+)
 
 LETTERS = 60_000
 # The daemon idles at ~50 MB; holding every letter of the file (72 MB of NDJSON) as parsed
@@ -100,3 +113,33 @@ async def test_a_redrive_of_a_large_dead_letter_file_holds_a_chunk_not_the_file(
         assert await terminate(proc) == 0
     finally:
         await reap(proc)
+
+
+async def test_concurrent_redrives_of_one_target_send_each_letter_once(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """Three redrives of the same letters at once: the first takes them, the others wait
+    for it and find none left; each event reaches the archive once."""
+    letters = tmp_path / "var" / "deadletter" / "archive.ndjson"
+    await asyncio.to_thread(write_letters, letters, 3000)
+    archive = tmp_path / "archive.ndjson"
+    daemon = await start_daemon(
+        {"targets": [file_target("archive", archive)], "routes": everything_to("archive")}
+    )
+    url = f"http://127.0.0.1:{daemon.port}/v1/deadletters/archive/redrive?reason=permanent_status"
+
+    async def redrive(session: aiohttp.ClientSession) -> int:
+        async with session.post(url) as resp:
+            assert resp.status == 200
+            lines = [orjson.loads(line) for line in (await resp.read()).splitlines()]
+        assert lines[-1]["done"] == lines[0]["total"]
+        return int(lines[0]["total"])
+
+    async with aiohttp.ClientSession() as session:
+        totals = await asyncio.gather(*(redrive(session) for _ in range(3)))
+    assert sorted(totals) == [0, 0, 3000]
+    await wait_for(lambda: settled(daemon), timeout_s=60, what="the redriven letters")
+    ids = [event["id"] for event in read_ndjson(archive)]
+    assert len(ids) == len(set(ids)) == 3000
+    assert [letter["event"]["id"] for letter in read_ndjson(letters)] == ["stays"]
+    assert_books_balance(daemon)

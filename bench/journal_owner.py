@@ -122,6 +122,8 @@ async def run_once(requests: int, rate: float) -> None:
     }
     daemon = Daemon(parse_config(data), ConfigSource(None, data))
     await daemon.start()
+    gc.collect()  # as `serve` does after start (router/cli.py)
+    gc.freeze()
     base = orjson.dumps(bench_event())
     frames = []
     for _ in range(requests):
@@ -169,6 +171,7 @@ async def run_once(requests: int, rate: float) -> None:
         flush=True,
     )
     await daemon.stop()
+    gc.unfreeze()  # the next run starts as this one did
 
 
 def main() -> None:

@@ -744,6 +744,9 @@ class SqliteJournal:
             if entries:
                 seqs = [(target_id, entry.seq) for entry in entries]
                 removed = await self._run(self._shed_sync, target_id, seqs)
+                # A commit that landed before the read may have been remembered and shed both:
+                # memory must only ever hold unsettled entries (see _Target.in_memory).
+                target.forget()
                 target.books.pending -= removed
                 target.books.dead_lettered += removed
 

@@ -119,11 +119,13 @@ class _Target:
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     # Held while the worker reads a batch and while shedding, so they never take the same rows.
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    # While `in_memory`, `memory` holds every committed entry of this target past its cursor,
-    # in seq order (`memory_bytes` of event bytes): its batches come from there, not SQLite.
-    in_memory: bool = False
+    # `memory` holds committed entries of this target past its cursor, in seq order
+    # (`memory_bytes` of event bytes, at most MEMORY_BYTES): while they are all it has pending
+    # (`in_memory`), its batches come from there, not SQLite. A target further behind than
+    # MEMORY_BYTES stops `remembering` (memory is freed) until its backlog would fit again.
     memory: collections.deque[Entry] = field(default_factory=collections.deque)
     memory_bytes: int = 0
+    remembering: bool = True
     batches_from_memory: int = 0
     batches_from_disk: int = 0
     # Acks under way: a worker (a new one, after a reload stopped the last during its ack)
@@ -131,12 +133,25 @@ class _Target:
     # would queue behind their writes on the journal's thread.
     acks: set[asyncio.Task[None]] = field(default_factory=set)
 
+    @property
+    def in_memory(self) -> bool:
+        """Memory holds every entry still pending, so a batch can come from there. Memory only
+        ever holds committed, unsettled entries of this target, in seq order (settled ones
+        leave it in `settled_through`, shed ones with `forget`), so as many of them as are
+        pending are all of them: a worker that fell behind reads the database until it has
+        settled what memory lacks, then takes memory again, whether or not new events keep
+        coming (a busy journal owner never has 0 pending)."""
+        return len(self.memory) == self.books.pending
+
     def remember(self, entry: Entry) -> None:
-        """Keep a committed entry for the worker, or fall back to reading the database once
-        the worker is MEMORY_BYTES behind."""
-        if not self.in_memory:
-            return
+        """Keep a committed entry for the worker. Past MEMORY_BYTES, memory is dropped and the
+        worker reads the database; remembering starts again once all the target has pending
+        would fit in MEMORY_BYTES (a backlog of a million events holds no memory meanwhile)."""
         size = len(entry.event.encoded())
+        if not self.remembering:
+            if self.books.pending * size > MEMORY_BYTES:
+                return
+            self.remembering = True
         if self.memory_bytes + size > MEMORY_BYTES:
             self.forget()
             return
@@ -144,21 +159,16 @@ class _Target:
         self.memory_bytes += size
 
     def forget(self) -> None:
-        """Read from the database from now on (until the backlog is empty again)."""
-        self.in_memory = False
+        """Drop what memory holds and stop remembering (rows shed leave the database; a target
+        past its budget): the worker reads the database until it is close enough again."""
+        self.remembering = False
         self.memory.clear()
         self.memory_bytes = 0
 
     def settled_through(self, last: int) -> None:
-        """Entries up to `last` are settled: out of memory. With nothing pending any more,
-        every entry committed from now on is remembered: the worker has caught up."""
+        """Entries up to `last` are settled: out of memory."""
         while self.memory and self.memory[0].seq <= last:
             self.memory_bytes -= len(self.memory.popleft().event.encoded())
-        if self.books.pending == 0 and not self.in_memory:
-            # Exactly 0: the batch just settled held no row of a commit not yet counted (a
-            # commit is counted right after it returns, and only the latest can be pending
-            # its count), so no entry can be both in that batch and remembered.
-            self.in_memory = True
 
 
 class SqliteJournal:
@@ -281,7 +291,6 @@ class SqliteJournal:
         self._next_seq = (db.execute("SELECT MAX(seq) FROM events").fetchone()[0] or 0) + 1
         for target_id, target in self._targets.items():
             target.books = self._books_sync(target_id)
-            target.in_memory = target.books.pending == 0
         self.lost_records = db.execute("SELECT COALESCE(SUM(lost), 0) FROM books").fetchone()[0]
         for (target_id,) in db.execute("SELECT DISTINCT target FROM deliveries").fetchall():
             if target_id not in self._targets:
@@ -735,6 +744,9 @@ class SqliteJournal:
             if entries:
                 seqs = [(target_id, entry.seq) for entry in entries]
                 removed = await self._run(self._shed_sync, target_id, seqs)
+                # A commit that landed before the read may have been remembered and shed both:
+                # memory must only ever hold unsettled entries (see _Target.in_memory).
+                target.forget()
                 target.books.pending -= removed
                 target.books.dead_lettered += removed
 
@@ -762,7 +774,6 @@ class SqliteJournal:
             return
         self._targets[target_id] = target = _Target()
         target.books = await self._run(self._books_sync, target_id)
-        target.in_memory = target.books.pending == 0
 
     def _books_sync(self, target_id: str) -> Books:
         assert self._db is not None

@@ -15,9 +15,12 @@ import aiohttp
 import pytest
 import yaml
 
+from router.config import StorageConfig
 from router.daemon import Daemon
+from router.events import Event
+from router.journal import Entry
 from router.journal import sqlite as sqlite_journal
-from router.journal.sqlite import FREE_PAGES_BEFORE_SHRINK
+from router.journal.sqlite import FREE_PAGES_BEFORE_SHRINK, SqliteJournal
 from router.observe.metrics import utc_iso
 from tests.conftest import StartDaemon
 from tests.fakes import ScriptedReceiver, make_event, read_ndjson, wait_for
@@ -606,3 +609,56 @@ async def test_a_target_that_keeps_up_takes_batches_from_memory_and_one_behind_r
     assert [e["id"] for e in siem.delivered_events] == ids
     assert [e["id"] for e in read_ndjson(archive)] == ids
     assert_books_balance(daemon)
+
+
+async def test_a_target_that_fell_behind_takes_memory_again_once_close_while_busy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker that fell more than MEMORY_BYTES behind reads the journal until its backlog
+    would fit in memory again, then takes its batches from memory once it has settled what
+    memory lacks, though new events keep it from ever being idle (a busy journal owner).
+    Every event once, in order, and the books balance at every step."""
+    event_bytes = len(Event.from_body(make_event(id="x" * 36)).encoded())
+    monkeypatch.setattr(sqlite_journal, "MEMORY_BYTES", 8 * event_bytes)  # 8 events
+    journal = SqliteJournal(StorageConfig(path=str(tmp_path / "var"), fsync="never"), ["t"])
+    await journal.open()
+    stopping = asyncio.Event()
+    ids: list[str] = []
+    taken: list[str] = []
+
+    async def append(count: int) -> None:
+        events = [Event.from_body(make_event()) for _ in range(count)]
+        ids.extend(event.id for event in events)
+        await journal.append([(event, {"t": "all"}) for event in events])
+
+    async def take() -> list[Entry]:
+        batch = await journal.next_batch(
+            "t", max_events=15, max_bytes=1 << 20, max_wait_s=0, stopping=stopping
+        )
+        taken.extend(entry.event.id for entry in batch)
+        return batch
+
+    def balanced() -> bool:
+        books = journal.books("t")
+        return books.received == books.delivered + books.dead_lettered + books.pending
+
+    try:
+        for _ in range(20):  # 20 events, one commit each: past the budget
+            await append(1)
+        first = await take()
+        assert journal.batch_sources("t") == (0, 1), "20 behind: read from the journal"
+        await journal.ack("t", first, dead_lettered=0)
+        await append(1)  # 6 pending: they would fit, so this one is remembered
+        second = await take()
+        assert len(second) == 6 and journal.batch_sources("t") == (0, 2)
+        await append(2)  # busy: more arrive while the batch is out
+        await journal.ack("t", second, dead_lettered=0)
+        assert journal.books("t").pending == 2 and balanced()
+        third = await take()
+        assert journal.batch_sources("t") == (1, 2), "memory holds all 2 pending: from memory"
+        assert len(third) == 2
+        await journal.ack("t", third, dead_lettered=0)
+        assert taken == ids
+        assert journal.books("t").pending == 0 and balanced()
+    finally:
+        await journal.close()

@@ -1,0 +1,451 @@
+"""`server.workers: 2` as real processes: worker processes take POST /v1/events on the shared
+port and hand records to the journal owner; everything else is one daemon's.
+
+kill -9 of a worker or of the owner under load loses nothing acknowledged; SIGTERM drains
+every process; systemd hears READY and STOPPING once; status, metrics and the tail show one
+daemon; a reload reaches the workers before it is reported done; a bad body gets the answer
+one process gives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import os
+import signal
+import socket
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+import yaml
+
+from tests.fakes import ScriptedReceiver, make_event, read_ndjson, wait_for
+from tests.helpers import drained, free_port, reap, serve, spawn, terminate
+
+WORKERS = 2
+POSTERS = 8
+EVENTS_PER_POST = 10
+LOAD_S = 1.5
+INGEST_TOKEN = "ingest-token-for-the-workers-test"
+ADMIN_TOKEN = "admin-token-for-the-workers-test"
+
+
+def workers_config(
+    tmp_path: Path,
+    port: int,
+    *,
+    workers: int = WORKERS,
+    siem_url: str | None = None,
+    auth: bool = False,
+    **extra: Any,
+) -> Path:
+    """A daemon with a file target (and an http one), `workers` worker processes."""
+    targets: list[dict[str, Any]] = [
+        {
+            "id": "archive",
+            "target_type": "file",
+            "file_endpoint": {"path": str(tmp_path / "var" / "archive.ndjson")},
+        }
+    ]
+    if siem_url is not None:
+        targets.append({"id": "siem", "target_type": "http", "http_endpoint": {"url": siem_url}})
+    config: dict[str, Any] = {
+        "server": {"host": "127.0.0.1", "port": port, "workers": workers},
+        "storage": {"path": str(tmp_path / "var"), "fsync": "always"},
+        "startup": {"validate_targets": False},
+        "targets": targets,
+        "routes": [
+            {
+                "name": "all",
+                "rules": [{"locations": ["*"], "target_ids": [t["id"] for t in targets]}],
+            }
+        ],
+        **extra,
+    }
+    if auth:
+        config["auth"] = {
+            "ingest_tokens": [
+                {"name": "producer", "sha256": hashlib.sha256(INGEST_TOKEN.encode()).hexdigest()}
+            ],
+            "admin_tokens": [
+                {"name": "ops", "sha256": hashlib.sha256(ADMIN_TOKEN.encode()).hexdigest()}
+            ],
+        }
+    path = tmp_path / "router.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def children(pid: int) -> set[int]:
+    """The processes whose parent is `pid` (the owner's workers)."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.add(int(entry))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def headers(token: str | None = None) -> dict[str, str]:
+    found = {"Content-Type": "application/json"}
+    if token is not None:
+        found["Authorization"] = f"Bearer {token}"
+    return found
+
+
+async def status_of(port: int, token: str | None = None) -> dict[str, Any]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}/v1/status", headers=headers(token)) as resp,
+    ):
+        assert resp.status == 200
+        return dict(await resp.json())
+
+
+def assert_books_balance(status: dict[str, Any]) -> None:
+    for target_id, row in status["targets"].items():
+        assert row["received"] == (
+            row["delivered"] + row["dead_lettered"] + row["pending"] + row["lost"]
+        ), (target_id, row)
+
+
+async def load(
+    port: int, acked: list[str], stop_at: float, poster: int, owner_gone: asyncio.Event
+) -> None:
+    """Post batches until stop_at (a connection that breaks is opened again: a worker died)
+    or until the owner is gone; record the ids answered 202."""
+    n = 0
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < stop_at and not owner_gone.is_set():
+            ids = [f"p{poster}-{n}-{i}" for i in range(EVENTS_PER_POST)]
+            n += 1
+            try:
+                async with session.post(
+                    f"http://127.0.0.1:{port}/v1/events",
+                    data=orjson.dumps([make_event(id=i) for i in ids]),
+                    headers=headers(),
+                ) as resp:
+                    if resp.status == 202:
+                        acked.extend(ids)
+            except (aiohttp.ClientError, ConnectionError):
+                continue
+
+
+def assert_all_delivered(acked: list[str], archive: Path, siem: ScriptedReceiver) -> None:
+    archived = [e["id"] for e in read_ndjson(archive)]
+    sent = [e["id"] for e in siem.delivered_events]
+    for name, got in (("archive", archived), ("siem", sent)):
+        missing = set(acked) - set(got)
+        assert not missing, f"{name} lost {len(missing)} of {len(acked)} acknowledged events"
+
+
+async def test_a_worker_killed_under_load_loses_no_acknowledged_event(tmp_path: Path) -> None:
+    siem = await ScriptedReceiver(statuses=[200]).start()
+    port = free_port()
+    config = workers_config(tmp_path, port, siem_url=siem.url)
+    proc: asyncio.subprocess.Process | None = None
+    try:
+        proc = await serve(config, port)
+        workers = children(proc.pid)
+        assert len(workers) == WORKERS
+        acked: list[str] = []
+        gone = asyncio.Event()
+        stop_at = time.monotonic() + LOAD_S + 10
+        posters = [
+            asyncio.create_task(load(port, acked, stop_at, p, gone), name=f"poster-{p}")
+            for p in range(POSTERS)
+        ]
+        await wait_for(lambda: len(acked) >= 300, what="some load to be acknowledged")
+        victim = min(workers)
+        os.kill(victim, signal.SIGKILL)
+        before = len(acked)
+        await wait_for(lambda: len(acked) >= before + 300, what="load acknowledged after the kill")
+        await wait_for(
+            lambda: len(children(proc.pid) - workers) == 1,
+            what="the owner to start a worker in place of the killed one",
+        )
+        stop_at = time.monotonic()
+        gone.set()
+        await asyncio.gather(*posters)
+        await wait_for(lambda: drained(port), timeout_s=30, what="the journal to drain")
+        status = await status_of(port)
+        assert_books_balance(status)
+        assert status["targets"]["archive"]["received"] >= len(acked)
+        assert await terminate(proc) == 0
+    finally:
+        await reap(proc)
+        await siem.stop()
+    assert_all_delivered(acked, tmp_path / "var" / "archive.ndjson", siem)
+
+
+async def test_the_owner_killed_under_load_loses_no_acknowledged_event(tmp_path: Path) -> None:
+    siem = await ScriptedReceiver(statuses=[200]).start()
+    port = free_port()
+    config = workers_config(tmp_path, port, siem_url=siem.url)
+    proc: asyncio.subprocess.Process | None = None
+    try:
+        proc = await serve(config, port)
+        workers = children(proc.pid)
+        acked: list[str] = []
+        gone = asyncio.Event()
+        stop_at = time.monotonic() + LOAD_S + 10
+        posters = [
+            asyncio.create_task(load(port, acked, stop_at, p, gone), name=f"poster-{p}")
+            for p in range(POSTERS)
+        ]
+        await wait_for(lambda: len(acked) >= 500, what="some load to be acknowledged")
+        proc.send_signal(signal.SIGKILL)
+        assert await proc.wait() == -signal.SIGKILL
+        await wait_for(
+            lambda: not any(alive(pid) for pid in workers),
+            what="the workers to stop once their owner is gone",
+        )
+        gone.set()
+        await asyncio.gather(*posters)
+        assert acked, "nothing was acknowledged before the kill"
+
+        proc = await serve(config, port)
+        await wait_for(lambda: drained(port), timeout_s=30, what="the journal to drain")
+        status = await status_of(port)
+        assert_books_balance(status)
+        assert await terminate(proc) == 0
+    finally:
+        await reap(proc)
+        await siem.stop()
+    assert_all_delivered(acked, tmp_path / "var" / "archive.ndjson", siem)
+
+
+async def test_sigterm_drains_every_process(tmp_path: Path) -> None:
+    port = free_port()
+    config = workers_config(tmp_path, port)
+    proc = await serve(config, port, stderr=asyncio.subprocess.PIPE)
+    try:
+        workers = children(proc.pid)
+        assert len(workers) == WORKERS
+        acked: list[str] = []
+        gone = asyncio.Event()
+        posters = [
+            asyncio.create_task(
+                load(port, acked, time.monotonic() + 30, p, gone), name=f"poster-{p}"
+            )
+            for p in range(POSTERS)
+        ]
+        await wait_for(lambda: len(acked) >= 200, what="some load to be acknowledged")
+        code = await terminate(proc)
+        gone.set()
+        await asyncio.gather(*posters)
+        assert code == 0
+        assert not any(alive(pid) for pid in workers), "a worker outlived its owner's stop"
+    finally:
+        await reap(proc)
+    archived = [e["id"] for e in read_ndjson(tmp_path / "var" / "archive.ndjson")]
+    assert set(acked) <= set(archived), "SIGTERM left acknowledged events undelivered"
+    assert proc.stderr is not None
+    log = [orjson.loads(line) for line in (await proc.stderr.read()).splitlines()]
+    stopped = [line["message"] for line in log if line["message"].startswith("event-router stop")]
+    assert len(stopped) == 1 and "0 pending" in stopped[0], stopped
+    assert f"accepted {len(set(archived))} events" in stopped[0], stopped
+
+
+@pytest.fixture
+def notify_socket() -> Iterator[tuple[socket.socket, str]]:
+    with (
+        tempfile.TemporaryDirectory(prefix="sdn-") as directory,
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock,
+    ):
+        path = os.path.join(directory, "notify")
+        sock.bind(path)
+        sock.setblocking(False)
+        yield sock, path
+
+
+async def receive(sock: socket.socket) -> list[str]:
+    data = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(sock, 65536), 30)
+    return data.decode().split("\n")
+
+
+async def test_notify_says_ready_and_stopping_once_and_a_reload_reaches_the_workers_first(
+    tmp_path: Path, notify_socket: tuple[socket.socket, str]
+) -> None:
+    sock, path = notify_socket
+    siem = await ScriptedReceiver(statuses=[200]).start()
+    port = free_port()
+    config = workers_config(tmp_path, port, siem_url=siem.url)
+    data = yaml.safe_load(config.read_text())
+    proc = await spawn(config, env={**os.environ, "NOTIFY_SOCKET": path})
+    try:
+        first = await receive(sock)
+        assert first[0] == "READY=1"
+        assert len(children(proc.pid)) == WORKERS, "READY=1 before the workers listen"
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{port}/readyz") as resp,
+        ):
+            assert resp.status == 200
+
+        # The reload sends everything to siem only: once READY=1 says it is done, no worker
+        # may still route to the archive.
+        data["routes"] = [{"name": "siem", "rules": [{"locations": ["*"], "target_ids": ["siem"]}]}]
+        config.write_text(yaml.safe_dump(data))
+        proc.send_signal(signal.SIGHUP)
+        assert (await receive(sock))[0] == "RELOADING=1"
+        reloaded = await receive(sock)
+        assert reloaded[0] == "READY=1" and "STATUS=reloaded" in reloaded
+        ids = [f"after-reload-{n}" for n in range(40)]
+        for event_id in ids:  # one connection each: the kernel spreads them over the workers
+            async with (
+                aiohttp.ClientSession() as session,
+                session.post(
+                    f"http://127.0.0.1:{port}/v1/events",
+                    data=orjson.dumps(make_event(id=event_id)),
+                    headers=headers(),
+                ) as resp,
+            ):
+                assert resp.status == 202
+        await wait_for(lambda: drained(port), what="delivery")
+        status = await status_of(port)
+        # Those, and the reload's own audit event (routed by the new routes, too).
+        assert status["targets"]["siem"]["received"] == len(ids) + 1
+        assert status["targets"]["archive"]["received"] == 0
+
+        proc.send_signal(signal.SIGTERM)
+        stopping = await receive(sock)
+        assert stopping[0] == "STOPPING=1"
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+        with pytest.raises(BlockingIOError):
+            sock.recv(65536)  # nothing more: no worker spoke to the service manager
+    finally:
+        await reap(proc)
+        await siem.stop()
+    assert set(ids) <= {e["id"] for e in siem.delivered_events}
+
+
+async def test_status_metrics_and_tail_show_one_daemon(tmp_path: Path) -> None:
+    port = free_port()
+    config = workers_config(tmp_path, port, auth=True)
+    base = f"http://127.0.0.1:{port}"
+    proc = await serve(config, port)
+    try:
+        async with aiohttp.ClientSession() as session:
+            tail = await session.get(f"{base}/v1/tail", headers=headers(ADMIN_TOKEN))
+            assert tail.status == 200
+            assert (await tail.content.readuntil(b"\n\n")).startswith(b"event: ready")
+            ids = []
+            for n in range(20):  # one connection each: both workers take some
+                ids.append(f"one-daemon-{n}")
+                async with (
+                    aiohttp.ClientSession() as fresh,
+                    fresh.post(
+                        f"{base}/v1/events",
+                        data=orjson.dumps(make_event(id=ids[-1])),
+                        headers=headers(INGEST_TOKEN),
+                    ) as resp,
+                ):
+                    assert resp.status == 202
+            async with (
+                aiohttp.ClientSession() as fresh,
+                fresh.post(
+                    f"{base}/v1/events", data=orjson.dumps(make_event()), headers=headers()
+                ) as resp,
+            ):
+                assert resp.status == 401
+            seen: set[str] = set()
+            while not set(ids) <= seen:
+                chunk = await asyncio.wait_for(tail.content.readuntil(b"\n\n"), 15)
+                for line in chunk.split(b"\n"):
+                    if line.startswith(b"data: "):
+                        seen.add(orjson.loads(line[6:]).get("id"))
+            tail.close()
+
+            status = await status_of(port, ADMIN_TOKEN)
+            assert status["ingest"]["requests"] == 20  # the 401 never reached ingest
+            # The 20, and the refusal: an event of the router itself, journaled by the owner.
+            assert status["ingest"]["accepted"] == 21
+            assert status["auth"]["refused"] == {"Unauthorized": 1}
+            assert status["auth"]["refusal_events"] == 1
+            assert status["targets"]["archive"]["received"] == 21
+            assert_books_balance(status)
+            async with session.get(f"{base}/metrics", headers=headers(ADMIN_TOKEN)) as resp:
+                metrics = await resp.text()
+            assert "event_router_events_accepted_total 21.0" in metrics
+            assert "event_router_ingest_requests_total 20.0" in metrics
+            async with session.get(f"{base}/v1/status") as resp:
+                assert resp.status == 401
+        assert await terminate(proc) == 0
+    finally:
+        await reap(proc)
+
+
+BAD_BODIES: list[tuple[str, bytes, dict[str, str]]] = [
+    ("malformed json", b'{"action": ', {}),
+    ("empty", b"", {}),
+    ("schema", orjson.dumps({"action": "x"}), {}),
+    ("half bad", orjson.dumps([make_event(id="good-1"), {"id": "bad-1"}]), {}),
+    ("reserved action", orjson.dumps(make_event(action="event-router.config.update")), {}),
+    ("media type", b"{}", {"Content-Type": "text/plain"}),
+    ("encoding", b"{}", {"Content-Encoding": "br"}),
+    ("bad gzip", b"not gzip at all", {"Content-Encoding": "gzip"}),
+    ("gzip bomb", gzip.compress(b" " * (3 * 1024 * 1024)), {"Content-Encoding": "gzip"}),
+    ("too many", orjson.dumps([make_event() for _ in range(6)]), {}),
+    ("ndjson line", b'{"x": 1}\nnot json\n', {"Content-Type": "application/x-ndjson"}),
+    ("no token", orjson.dumps(make_event()), {"Authorization": "Bearer wrong"}),
+]
+
+
+async def answers(tmp_path: Path, workers: int) -> list[tuple[int, Any]]:
+    port = free_port()
+    directory = tmp_path / f"workers-{workers}"
+    directory.mkdir()
+    config = workers_config(directory, port, workers=workers, auth=True)
+    data = yaml.safe_load(config.read_text())
+    data["server"] |= {"max_events_per_request": 5, "max_inflated_bytes": 2 * 1024 * 1024}
+    config.write_text(yaml.safe_dump(data))
+    proc = await serve(config, port)
+    found = []
+    try:
+        for _, body, extra in BAD_BODIES:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.post(
+                    f"http://127.0.0.1:{port}/v1/events",
+                    data=body,
+                    headers={**headers(INGEST_TOKEN), **extra},
+                ) as resp,
+            ):
+                answer = await resp.json()
+                for result in answer.get("results", []):
+                    if result.get("status") == "accepted":
+                        result.pop("id")  # assigned at random
+                found.append((resp.status, answer))
+        assert await terminate(proc) == 0
+    finally:
+        await reap(proc)
+    return found
+
+
+async def test_a_bad_body_gets_the_same_answer_from_a_worker(tmp_path: Path) -> None:
+    one, two = await answers(tmp_path, 1), await answers(tmp_path, WORKERS)
+    for (name, _, _), alone, worker in zip(BAD_BODIES, one, two, strict=True):
+        assert worker == alone, name
+    assert all(status >= 400 for status, _ in one[:2])

@@ -81,15 +81,17 @@ def merged(*parts: IngestStats) -> IngestStats:
 
 
 def reserve(host: str, port: int) -> socket.socket:
-    """A socket bound to the port (SO_REUSEPORT, never listening): it picks the port when the
-    config says 0, and holds it while workers come and go; the workers listen beside it."""
+    """A socket bound to the port, never listening: it picks the port when the config says 0,
+    and holds it while workers come and go; the workers listen beside it. It binds without
+    SO_REUSEPORT, so a port anyone holds (another daemon's workers too) is refused as one
+    process would refuse it, and allows the workers' SO_REUSEPORT only once it holds the port."""
     family, kind, proto, _, address = socket.getaddrinfo(
         host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )[0]
     sock = socket.socket(family, kind, proto)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(address)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     except OSError:
         sock.close()
         raise

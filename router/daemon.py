@@ -647,6 +647,7 @@ class Daemon:
                 "dropped_buffer_full": ingest.dropped_buffer_full,
             },
             "auth": self.guard.stats(),
+            **({"workers": self.worker_pool.status()} if self.worker_pool is not None else {}),
             "journal": {
                 "path": str(self.journal.path),
                 "healthy": self.journal.healthy,

@@ -74,6 +74,7 @@ class Channel:
         self._waiting: dict[int, asyncio.Future[Any]] = {}
         self._running: set[asyncio.Task[None]] = set()
         self._reading: asyncio.Task[None] | None = None
+        self._outbox: list[bytes] = []
         self.closed = asyncio.Event()
 
     @classmethod
@@ -99,8 +100,19 @@ class Channel:
             self._waiting.pop(call_id, None)
 
     def _send(self, kind: int, call_id: int, value: Any) -> None:
+        """Queue a frame; the frames queued in one turn of the loop go out in one write (a
+        group commit answers every call it held at once: one syscall and one wake-up of the
+        other side, not one per call)."""
         payload = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-        self._writer.write(HEADER.pack(len(payload), kind, call_id) + payload)
+        if not self._outbox:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._outbox.append(HEADER.pack(len(payload), kind, call_id))
+        self._outbox.append(payload)
+
+    def _flush(self) -> None:
+        frames, self._outbox = self._outbox, []
+        if frames and not self._writer.is_closing():
+            self._writer.writelines(frames)
 
     async def _read(self) -> None:
         try:

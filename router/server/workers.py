@@ -90,6 +90,9 @@ def reserve(host: str, port: int) -> socket.socket:
     )[0]
     sock = socket.socket(family, kind, proto)
     try:
+        # SO_REUSEADDR as any listener has it (connections of a previous run in TIME_WAIT do
+        # not hold the port); on Linux it never lets two sockets bind a port one listens on.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     except OSError:
@@ -185,6 +188,9 @@ class WorkerPool:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             raise
+        if self._stopping:  # started again while the daemon began to stop: stop it too
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
 
     def _handlers(self, index: int) -> dict[str, Callable[..., Any]]:
         async def drained(stats: IngestStats) -> None:
@@ -261,9 +267,13 @@ class WorkerPool:
         running = [h.stats for h in self._handles.values() if h.stats is not None]
         return merged(own, self._banked, *running)
 
-    @property
-    def pids(self) -> list[int]:
-        return [handle.proc.pid for handle in self._handles.values()]
+    def status(self) -> dict[str, Any]:
+        """For /v1/status: how many workers run of how many, and how often one was replaced."""
+        return {
+            "configured": self.count,
+            "running": sum(1 for h in self._handles.values() if h.proc.returncode is None),
+            "restarts": self.restarts,
+        }
 
     async def stop(self) -> None:
         """Stop every worker (they finish what is in flight), then free the port."""
@@ -281,7 +291,8 @@ class WorkerPool:
                     with contextlib.suppress(ProcessLookupError):
                         proc.kill()
             await asyncio.gather(*waits)
-        await asyncio.gather(*self._watches, return_exceptions=True)
+        while self._watches:  # a worker started again meanwhile is stopped by its _spawn
+            await asyncio.gather(*list(self._watches), return_exceptions=True)
         if self._reservation is not None:
             self._reservation.close()
         if self._dir is not None:

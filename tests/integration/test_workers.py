@@ -192,6 +192,7 @@ async def test_a_worker_killed_under_load_loses_no_acknowledged_event(tmp_path: 
         status = await status_of(port)
         assert_books_balance(status)
         assert status["targets"]["archive"]["received"] >= len(acked)
+        assert status["workers"] == {"configured": WORKERS, "running": WORKERS, "restarts": 1}
         assert await terminate(proc) == 0
     finally:
         await reap(proc)

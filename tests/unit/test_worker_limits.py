@@ -69,3 +69,13 @@ def test_workers_listen_beside_the_owners_reservation() -> None:
         worker.listen()
         with socket.create_connection(("127.0.0.1", held.getsockname()[1]), timeout=5):
             pass
+
+
+def test_the_owner_refuses_a_port_another_process_listens_on_with_so_reuseaddr_too() -> None:
+    with socket.socket() as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        with pytest.raises(OSError):
+            reserve("127.0.0.1", other.getsockname()[1])

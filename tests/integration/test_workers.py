@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import hashlib
+import hmac
 import os
 import signal
 import socket
@@ -27,7 +28,7 @@ import pytest
 import yaml
 
 from tests.fakes import ScriptedReceiver, make_event, read_ndjson, wait_for
-from tests.helpers import drained, free_port, reap, serve, spawn, terminate
+from tests.helpers import drained, free_port, ready, reap, spawn, terminate
 
 WORKERS = 2
 POSTERS = 8
@@ -35,6 +36,18 @@ EVENTS_PER_POST = 10
 LOAD_S = 1.5
 INGEST_TOKEN = "ingest-token-for-the-workers-test"
 ADMIN_TOKEN = "admin-token-for-the-workers-test"
+
+
+# Three processes start on a machine the other tests keep busy: more than tests.helpers.serve's
+# ten seconds may pass before the last worker listens.
+START_TIMEOUT_S = 60
+
+
+async def serve(config: Path, port: int, **kwargs: Any) -> asyncio.subprocess.Process:
+    """`serve` with workers, once /readyz answers 200 through them."""
+    proc = await spawn(config, **kwargs)
+    await wait_for(lambda: ready(port), timeout_s=START_TIMEOUT_S, what="the daemon to be ready")
+    return proc
 
 
 def workers_config(
@@ -123,6 +136,11 @@ async def status_of(port: int, token: str | None = None) -> dict[str, Any]:
         return dict(await resp.json())
 
 
+async def nothing_pending(port: int, token: str) -> bool:
+    status = await status_of(port, token)
+    return all(t["pending"] == 0 for t in status["targets"].values())
+
+
 def assert_books_balance(status: dict[str, Any]) -> None:
     for target_id, row in status["targets"].items():
         assert row["received"] == (
@@ -180,9 +198,14 @@ async def test_a_worker_killed_under_load_loses_no_acknowledged_event(tmp_path: 
         victim = min(workers)
         os.kill(victim, signal.SIGKILL)
         before = len(acked)
-        await wait_for(lambda: len(acked) >= before + 300, what="load acknowledged after the kill")
         await wait_for(
-            lambda: len(children(proc.pid) - workers) == 1,
+            lambda: len(acked) >= before + 300,
+            timeout_s=START_TIMEOUT_S,
+            what="load acknowledged after the kill",
+        )
+        await wait_for(
+            lambda: len(children(proc.pid) - workers) == 1 and ready(port),
+            timeout_s=START_TIMEOUT_S,
             what="the owner to start a worker in place of the killed one",
         )
         stop_at = time.monotonic()
@@ -282,7 +305,9 @@ def notify_socket() -> Iterator[tuple[socket.socket, str]]:
 
 
 async def receive(sock: socket.socket) -> list[str]:
-    data = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(sock, 65536), 30)
+    data = await asyncio.wait_for(
+        asyncio.get_running_loop().sock_recv(sock, 65536), START_TIMEOUT_S
+    )
     return data.decode().split("\n")
 
 
@@ -450,3 +475,65 @@ async def test_a_bad_body_gets_the_same_answer_from_a_worker(tmp_path: Path) -> 
     for (name, _, _), alone, worker in zip(BAD_BODIES, one, two, strict=True):
         assert worker == alone, name
     assert all(status >= 400 for status, _ in one[:2])
+
+
+async def test_receipts_and_an_api_route_change_work_through_the_workers(tmp_path: Path) -> None:
+    """A worker issues receipts with the owner's key; GET /v1/receipts/{id} and a management
+    API change pass through a worker to the owner, and the change reaches every worker before
+    the API answers."""
+    siem = await ScriptedReceiver(statuses=[200]).start()
+    port = free_port()
+    config = workers_config(tmp_path, port, siem_url=siem.url, auth=True)
+    data = yaml.safe_load(config.read_text())
+    data["evidence"] = {"receipts": True}
+    data["routes"] = [{"name": "all", "rules": [{"locations": ["*"], "target_ids": ["archive"]}]}]
+    config.write_text(yaml.safe_dump(data))
+    base = f"http://127.0.0.1:{port}"
+    proc = await serve(config, port)
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(
+                f"{base}/v1/events",
+                data=orjson.dumps(make_event(id="with-receipt")),
+                headers=headers(INGEST_TOKEN),
+            ) as resp:
+                assert resp.status == 202
+                receipt = (await resp.json())["results"][0]["receipt"]
+            key = (tmp_path / "var" / "receipts.key").read_bytes()
+            message = f"{receipt['id']}\n{receipt['digest']}\n{receipt['received_at']}".encode()
+            assert receipt["mac"] == hmac.new(key, message, hashlib.sha256).hexdigest()
+            await wait_for(lambda: nothing_pending(port, ADMIN_TOKEN), what="delivery")
+            async with session.get(
+                f"{base}/v1/receipts/with-receipt", headers=headers(ADMIN_TOKEN)
+            ) as resp:
+                assert resp.status == 200
+                where = await resp.json()
+            assert where["targets"]["archive"]["state"] == "delivered"
+            assert where["targets"]["archive"]["digest"] == receipt["digest"]
+
+            async with session.put(
+                f"{base}/api/v2/routes/all",
+                data=orjson.dumps(
+                    {"name": "all", "rules": [{"locations": ["*"], "target_ids": ["siem"]}]}
+                ),
+                headers=headers(ADMIN_TOKEN),
+            ) as resp:
+                assert resp.status == 200, await resp.text()
+        ids = [f"after-api-{n}" for n in range(20)]
+        for event_id in ids:  # one connection each: the kernel spreads them over the workers
+            async with (
+                aiohttp.ClientSession() as fresh,
+                fresh.post(
+                    f"{base}/v1/events",
+                    data=orjson.dumps(make_event(id=event_id)),
+                    headers=headers(INGEST_TOKEN),
+                ) as resp,
+            ):
+                assert resp.status == 202
+        await wait_for(lambda: set(ids) <= {e["id"] for e in siem.delivered_events})
+        archived = {e["id"] for e in read_ndjson(tmp_path / "var" / "archive.ndjson")}
+        assert not archived & set(ids), "a worker routed with the routes the API replaced"
+        assert await terminate(proc) == 0
+    finally:
+        await reap(proc)
+        await siem.stop()

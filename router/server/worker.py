@@ -60,6 +60,8 @@ log = logging.getLogger(__name__)
 # trusts them on its unix socket, which only this daemon's processes can reach).
 PEER_HEADER: Final = "X-Event-Router-Peer"
 SCHEME_HEADER: Final = "X-Event-Router-Scheme"
+# The caller sent no Host (HTTP/1.0): the client library always sends one, so this says so.
+NO_HOST_HEADER: Final = "X-Event-Router-No-Host"
 # Hop-by-hop headers (RFC 9110 7.6.1) and the length, which the proxy sets itself.
 HOP_HEADERS: Final = frozenset(
     {
@@ -75,6 +77,7 @@ HOP_HEADERS: Final = frozenset(
         "content-length",
         PEER_HEADER.lower(),
         SCHEME_HEADER.lower(),
+        NO_HOST_HEADER.lower(),
     }
 )
 INGEST_PATH: Final = "/v1/events"
@@ -163,6 +166,8 @@ class OwnerProxy:
         )
         headers[PEER_HEADER] = request.remote or ""
         headers[SCHEME_HEADER] = request.scheme
+        if "Host" not in request.headers:
+            headers[NO_HOST_HEADER] = "1"
         url = URL(f"http://owner{request.raw_path}", encoded=True)
         try:
             async with self._session.request(

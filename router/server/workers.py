@@ -52,7 +52,7 @@ from router.observe.logformat import JsonFormatter
 from router.observe.metrics import IngestStats
 from router.server import WORKER_COMMAND
 from router.server.auth import Caller, Refusals
-from router.server.worker import PEER_HEADER, SCHEME_HEADER, WorkerSetup
+from router.server.worker import NO_HOST_HEADER, PEER_HEADER, SCHEME_HEADER, WorkerSetup
 
 log = logging.getLogger(__name__)
 
@@ -302,11 +302,13 @@ class WorkerPool:
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """On the owner's unix socket: the caller's address and scheme as the worker saw
         them, and the workers' counters fetched before an answer that shows them."""
-        peer = request.headers.get(PEER_HEADER)
-        if peer is not None:
-            request = request.clone(
-                remote=peer, scheme=request.headers.get(SCHEME_HEADER, request.scheme)
-            )
+        if PEER_HEADER in request.headers:
+            sent = request.headers.copy()
+            peer = sent.pop(PEER_HEADER)
+            scheme = sent.pop(SCHEME_HEADER, request.scheme)
+            if sent.pop(NO_HOST_HEADER, None) is not None:
+                sent.pop("Host", None)  # the worker's client library's, not the caller's
+            request = request.clone(remote=peer, scheme=scheme, headers=sent)
         if request.path in COUNTED_PATHS or request.path.startswith("/api/"):
             await self.refresh()
         return await handler(request)

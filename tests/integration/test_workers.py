@@ -537,3 +537,30 @@ async def test_receipts_and_an_api_route_change_work_through_the_workers(tmp_pat
     finally:
         await reap(proc)
         await siem.stop()
+
+
+async def http10_status(port: int, extra: bytes = b"") -> bytes:
+    """GET /v1/status as HTTP/1.0 (no Host unless in `extra`): the status line."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"GET /v1/status HTTP/1.0\r\n" + extra + b"\r\n")
+        await writer.drain()
+        return await asyncio.wait_for(reader.readline(), 15)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def test_without_auth_the_owner_checks_the_callers_host_not_the_workers(
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    proc = await serve(workers_config(tmp_path, port), port)
+    try:
+        assert b" 200 " in await http10_status(port), "a caller that sent no Host is answered"
+        refused = await http10_status(port, b"Host: evil.example\r\n")
+        assert b" 403 " in refused, "a rebinding page's Host is refused, as by one process"
+        assert b" 200 " in await http10_status(port, f"Host: 127.0.0.1:{port}\r\n".encode())
+        assert await terminate(proc) == 0
+    finally:
+        await reap(proc)

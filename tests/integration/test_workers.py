@@ -44,9 +44,16 @@ START_TIMEOUT_S = 60
 
 
 async def serve(config: Path, port: int, **kwargs: Any) -> asyncio.subprocess.Process:
-    """`serve` with workers, once /readyz answers 200 through them."""
+    """`serve` with workers, once /readyz answers 200 through them (a daemon that does not
+    get there is killed, not left running: its caller has no process to reap)."""
     proc = await spawn(config, **kwargs)
-    await wait_for(lambda: ready(port), timeout_s=START_TIMEOUT_S, what="the daemon to be ready")
+    try:
+        await wait_for(
+            lambda: ready(port), timeout_s=START_TIMEOUT_S, what="the daemon to be ready"
+        )
+    except BaseException:
+        await reap(proc)
+        raise
     return proc
 
 

@@ -201,7 +201,11 @@ async def test_a_worker_killed_under_load_loses_no_acknowledged_event(tmp_path: 
             asyncio.create_task(load(port, acked, stop_at, p, gone), name=f"poster-{p}")
             for p in range(POSTERS)
         ]
-        await wait_for(lambda: len(acked) >= 300, what="some load to be acknowledged")
+        await wait_for(
+            lambda: len(acked) >= 300,
+            timeout_s=START_TIMEOUT_S,
+            what="some load to be acknowledged",
+        )
         victim = min(workers)
         os.kill(victim, signal.SIGKILL)
         before = len(acked)
@@ -218,7 +222,9 @@ async def test_a_worker_killed_under_load_loses_no_acknowledged_event(tmp_path: 
         stop_at = time.monotonic()
         gone.set()
         await asyncio.gather(*posters)
-        await wait_for(lambda: drained(port), timeout_s=30, what="the journal to drain")
+        await wait_for(
+            lambda: drained(port), timeout_s=START_TIMEOUT_S, what="the journal to drain"
+        )
         status = await status_of(port)
         assert_books_balance(status)
         assert status["targets"]["archive"]["received"] >= len(acked)
@@ -245,11 +251,16 @@ async def test_the_owner_killed_under_load_loses_no_acknowledged_event(tmp_path:
             asyncio.create_task(load(port, acked, stop_at, p, gone), name=f"poster-{p}")
             for p in range(POSTERS)
         ]
-        await wait_for(lambda: len(acked) >= 500, what="some load to be acknowledged")
+        await wait_for(
+            lambda: len(acked) >= 500,
+            timeout_s=START_TIMEOUT_S,
+            what="some load to be acknowledged",
+        )
         proc.send_signal(signal.SIGKILL)
         assert await proc.wait() == -signal.SIGKILL
         await wait_for(
             lambda: not any(alive(pid) for pid in workers),
+            timeout_s=START_TIMEOUT_S,
             what="the workers to stop once their owner is gone",
         )
         gone.set()
@@ -257,7 +268,9 @@ async def test_the_owner_killed_under_load_loses_no_acknowledged_event(tmp_path:
         assert acked, "nothing was acknowledged before the kill"
 
         proc = await serve(config, port)
-        await wait_for(lambda: drained(port), timeout_s=30, what="the journal to drain")
+        await wait_for(
+            lambda: drained(port), timeout_s=START_TIMEOUT_S, what="the journal to drain"
+        )
         status = await status_of(port)
         assert_books_balance(status)
         assert await terminate(proc) == 0
@@ -282,7 +295,11 @@ async def test_sigterm_drains_every_process(tmp_path: Path) -> None:
             )
             for p in range(POSTERS)
         ]
-        await wait_for(lambda: len(acked) >= 200, what="some load to be acknowledged")
+        await wait_for(
+            lambda: len(acked) >= 200,
+            timeout_s=START_TIMEOUT_S,
+            what="some load to be acknowledged",
+        )
         code = await terminate(proc)
         gone.set()
         await asyncio.gather(*posters)

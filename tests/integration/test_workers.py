@@ -27,8 +27,10 @@ import orjson
 import pytest
 import yaml
 
+from tests.conftest import StartDaemon
 from tests.fakes import ScriptedReceiver, make_event, read_ndjson, wait_for
 from tests.helpers import drained, free_port, ready, reap, spawn, terminate
+from tests.integration.test_server_tls import client_context, post_event, tls_config
 
 WORKERS = 2
 POSTERS = 8
@@ -588,3 +590,33 @@ async def test_without_auth_the_owner_checks_the_callers_host_not_the_workers(
         assert await terminate(proc) == 0
     finally:
         await reap(proc)
+
+
+async def test_an_in_process_daemon_with_workers_speaks_tls_through_them(
+    start_daemon: StartDaemon, pki: Path, tmp_path: Path
+) -> None:
+    """port 0, TLS in the workers, and the owner told the caller's scheme: a same-origin
+    change from https://host:port passes the owner's Origin check."""
+    config = tls_config(pki, tmp_path)
+    config["server"]["workers"] = WORKERS
+    daemon = await start_daemon(config)
+    url = f"https://127.0.0.1:{daemon.port}"
+    context = client_context(pki, with_cert=False)
+    assert await post_event(url, context) == 202
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{url}/v1/status", ssl=context) as resp:
+            status = await resp.json()
+        assert status["ingest"]["accepted"] == 1
+        assert status["workers"]["running"] == WORKERS
+        async with session.post(
+            f"{url}/v1/deadletters/archive/redrive",
+            ssl=context,
+            headers={"Origin": url},
+        ) as resp:
+            assert resp.status == 200, await resp.text()  # nothing to redrive, and allowed
+        async with session.post(
+            f"{url}/v1/deadletters/archive/redrive",
+            ssl=context,
+            headers={"Origin": f"http://127.0.0.1:{daemon.port}"},
+        ) as resp:
+            assert resp.status == 403 and (await resp.json())["error"]["code"] == "cross_origin"

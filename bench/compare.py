@@ -2,7 +2,7 @@
 against `event-router serve`, one after the other, with the ratios of the two.
 
 `python -m bench.compare [--seconds 15] [--warmup 3] [--threads 2] [--connections 50]
-[--scenarios single,batch100,routes30] [--json PATH] [--short]`
+[--scenarios single,batch100,routes30] [--workers 1,2] [--json PATH] [--short]`
 
 The floor is what any durable HTTP ingest must at least do: a bare aiohttp handler that reads
 the body, `json.loads` it, appends one line per event to a file and fsyncs it before answering
@@ -22,6 +22,9 @@ server CPU per accepted event (user + system over the server's whole process tre
 - `batch100`: a JSON array of 100 such events per POST (floor and router);
 - `routes30`: batch100 against a router with 30 routes of 3 rules each (locations, action globs
   and a query filter in every route): compared with the router's batch100, not with the floor.
+
+`--workers 1,2` runs the router once per `server.workers` value in each scenario (`router` is
+1, `wN` is N worker processes and the journal owner; CPU and RSS are summed over all of them).
 
 `--short` runs every scenario for a second with a brief warm-up (a smoke test of the bench
 itself, for CI; its figures mean nothing).
@@ -156,8 +159,12 @@ def many_routes(count: int) -> list[dict[str, Any]]:
     return routes
 
 
-def router_config(workdir: Path, scenario: str, *, evidence: bool) -> tuple[dict[str, Any], Path]:
+def router_config(
+    workdir: Path, scenario: str, *, evidence: bool, workers: int = 1
+) -> tuple[dict[str, Any], Path]:
     config, archive = archive_config(workdir, free_port(), "always", evidence=evidence)
+    if workers != 1:
+        config["server"]["workers"] = workers
     if scenario == "routes30":
         config["routes"] = many_routes(ROUTES)
         config["settings"] = {"default_targets": [TARGET_ID]}
@@ -542,9 +549,10 @@ async def router_run(
     evidence: bool,
     name: str = "router",
     checkout: Path = REPO_ROOT,
+    workers: int = 1,
 ) -> Run:
     os.makedirs(workdir)
-    config, archive = router_config(workdir, scenario, evidence=evidence)
+    config, archive = router_config(workdir, scenario, evidence=evidence, workers=workers)
     server = await spawn_router(workdir, config, checkout)
     try:
         await wait_ready(server)
@@ -585,6 +593,8 @@ def ratios(runs: Sequence[Run]) -> dict[str, dict[str, Any]]:
         pairs.append((f"{server} {scenario}", (server, scenario), over))
         if server == "router" and ("base", scenario) in by:
             pairs.append((f"router/base {scenario}", (server, scenario), ("base", scenario)))
+        if server.startswith("w") and ("router", scenario) in by:
+            pairs.append((f"{server}/router {scenario}", (server, scenario), ("router", scenario)))
     for label, key, base_key in pairs:
         run, base = by[key], by.get(base_key)
         if base is None:
@@ -654,15 +664,19 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         scenario, payloads[scenario], load, workdir / f"floor-{scenario}"
                     )
                 )
-            runs.append(
-                await router_run(
-                    scenario,
-                    payloads[scenario],
-                    load,
-                    workdir / f"router-{scenario}",
-                    evidence=args.evidence,
+            for workers in args.workers:
+                name = worker_run_name(workers)
+                runs.append(
+                    await router_run(
+                        scenario,
+                        payloads[scenario],
+                        load,
+                        workdir / f"{name}-{scenario}",
+                        evidence=args.evidence,
+                        name=name,
+                        workers=workers,
+                    )
                 )
-            )
             if args.baseline is not None:
                 runs.append(
                     await router_run(
@@ -696,6 +710,21 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def worker_run_name(workers: int) -> str:
+    """`router` for one process (server.workers 1), `wN` for N worker processes."""
+    return "router" if workers == 1 else f"w{workers}"
+
+
+def worker_counts(value: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(part) for part in value.split(",") if part.strip())
+    except ValueError:
+        counts = ()
+    if not counts or any(count < 1 for count in counts) or len(set(counts)) != len(counts):
+        raise argparse.ArgumentTypeError("expected distinct counts such as 1,2")
+    return counts
+
+
 def scenario_list(value: str) -> tuple[str, ...]:
     names = tuple(name.strip() for name in value.split(",") if name.strip())
     if not names or any(name not in SCENARIOS for name in names):
@@ -712,6 +741,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=2, help="wrk threads (default 2)")
     parser.add_argument("--connections", type=int, default=50, help="wrk connections (50)")
     parser.add_argument("--scenarios", type=scenario_list, default=SCENARIOS)
+    parser.add_argument(
+        "--workers",
+        type=worker_counts,
+        default=(1,),
+        help="run the router once per server.workers value, e.g. 1,2 (default 1); a run with "
+        "N workers is named wN and compared with the floor and with `router` (1)",
+    )
     parser.add_argument(
         "--evidence",
         action=argparse.BooleanOptionalAction,

@@ -32,6 +32,7 @@ from router.errors import ConfigError, StorageLockedError, StorageUnavailableErr
 from router.observe.logformat import counted, setup_logging
 from router.observe.sdnotify import notify
 from router.resources import default_config_path
+from router.server import WORKER_COMMAND
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -283,6 +284,9 @@ def _add_tail_command(commands: argparse._SubParsersAction[argparse.ArgumentPars
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    if arguments[:1] == [WORKER_COMMAND]:
+        sys.exit(_worker(arguments[1:]))
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "completion":
@@ -348,6 +352,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (OSError, StorageUnavailableError) as exc:
         log.error("cannot start: %s", exc)
         sys.exit(EXIT_RUNTIME)
+
+
+def _worker(argv: Sequence[str]) -> int:
+    """A worker process of `server.workers` (router/server/workers.py starts it; not a command
+    for people, so not in --help): its setup comes over the inherited socket `--fd`."""
+    from router.server.worker import run_worker
+
+    parser = argparse.ArgumentParser(prog=f"event-router {WORKER_COMMAND}")
+    parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--log-format", choices=["json", "text"], default="json")
+    parser.add_argument("--log-level", default="info")
+    args = parser.parse_args(argv)
+    setup_logging(args.log_format, args.log_level)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(run_worker(args.fd))
 
 
 async def _validate_target(config: Config, target_id: str) -> int:

@@ -54,9 +54,10 @@ from router.selfevent import reload_event
 from router.server.api import Change, ConfigSource, ManagementApi, write_back
 from router.server.app import build_app
 from router.server.auth import Guard, Refusals
-from router.server.listener import ClientFaultLog, DeadlineSite
+from router.server.listener import ClientFaultLog, DeadlineSite, DeadlineUnixSite
 from router.server.servertls import server_context
 from router.server.tail import TailHub
+from router.server.workers import WorkerPool
 from router.targets import Target, build_target
 from router.targets.cos import CosTarget
 from router.targets.file import FileEndpointConfig, FileTarget
@@ -85,6 +86,8 @@ class _Swaps:
         daemon.config = new  # no await since the swap: no offer sees one without the other
         daemon.validator, daemon.routes, daemon.redactor = validator, routes, redactor
         daemon.alerts.configure(new.alerts)
+        if daemon.worker_pool is not None:  # the workers route with it too before this returns
+            await daemon.worker_pool.configure(new)
 
     async def stop_worker(self, target_id: str) -> None:
         await self.daemon._stop_worker(target_id)
@@ -131,13 +134,14 @@ class Daemon:
         self.dead_letters.chain_for = self.evidence.letters_chain
         if isinstance(self.journal, SqliteJournal):  # evidence needs storage.backend sqlite
             self.journal.chain_head = self.evidence.head_of
-        self.ingest_stats = IngestStats()
+        self._ingest = IngestStats()  # this process's; with workers, theirs too: ingest_stats
+        self.worker_pool: WorkerPool | None = None
         self.target_stats = {target_id: TargetStats() for target_id in target_ids}
         self.targets: dict[str, Target] = {t.id: build_target(t) for t in config.targets}
         self.workers: dict[str, DeliveryWorker] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._runner: web.AppRunner | None = None
-        self._site: DeadlineSite | None = None
+        self._site: DeadlineSite | DeadlineUnixSite | None = None
         self.ready = False
         # Loaded before anything starts: a certificate that does not load stops `serve` early.
         tls = config.server.tls
@@ -179,7 +183,7 @@ class Daemon:
             validator=self.validator,
             routes=self.routes,
             journal=self.journal,
-            stats=self.ingest_stats,
+            stats=self._ingest,
             storage=self.config.storage,
             dead_letters=self.dead_letters,
             tail=self.tail,
@@ -187,8 +191,16 @@ class Daemon:
             redactor=self.redactor,
         )
         self.ingest = ingest = Ingest(
-            server=self.config.server, stats=self.ingest_stats, acceptor=acceptor
+            server=self.config.server, stats=self._ingest, acceptor=acceptor
         )
+        if self.config.server.workers > 1:
+            self.worker_pool = WorkerPool(
+                count=self.config.server.workers,
+                config=lambda: self.config,
+                acceptor=acceptor,
+                refusals=self.guard.refusals,
+                drain_timeout_s=self.config.shutdown.drain_timeout_s,
+            )
         self.api = ManagementApi(
             self,
             port=lambda: self.port,
@@ -212,13 +224,23 @@ class Daemon:
             file_archives=self._file_archives,
             letters_dir=self.config.storage.dead_letter_dir(),
             api=self.api,
+            middlewares=[self.worker_pool.middleware] if self.worker_pool is not None else [],
         )
 
     @property
     def port(self) -> int:
         """The bound port (useful when the config asks for port 0)."""
         assert self._runner is not None, "the daemon is not started"
+        if self.worker_pool is not None:
+            return self.worker_pool.port
         return int(self._runner.addresses[0][1])
+
+    @property
+    def ingest_stats(self) -> IngestStats:
+        """What ingest did, summed over this process and its workers (server.workers)."""
+        if self.worker_pool is None:
+            return self._ingest
+        return self.worker_pool.ingest_stats(self._ingest)
 
     async def start(self) -> None:
         # A reload asked for during start-up (SIGHUP, reload.watch) waits until it is done,
@@ -268,14 +290,24 @@ class Daemon:
         )
         await self._runner.setup()
         server = self.config.server
-        self._site = DeadlineSite(
-            self._runner,
-            server.host,
-            server.port,
-            ssl_context=self._ssl,
-            header_timeout_s=server.header_timeout_s,
-        )
-        await self._site.start()
+        if self.worker_pool is not None:
+            # The workers take the port; this process answers them on its own socket.
+            self._site = DeadlineUnixSite(
+                self._runner,
+                self.worker_pool.owner_socket,
+                header_timeout_s=server.header_timeout_s,
+            )
+            await self._site.start()
+            await self.worker_pool.start(server.host, server.port)
+        else:
+            self._site = DeadlineSite(
+                self._runner,
+                server.host,
+                server.port,
+                ssl_context=self._ssl,
+                header_timeout_s=server.header_timeout_s,
+            )
+            await self._site.start()
         if isinstance(self.journal, JetStreamJournal) and self.journal.js_config.share_config:
             await self._join_shared_config(self.journal.shared_config)
         self.ready = True
@@ -331,6 +363,8 @@ class Daemon:
             self._config_watch.cancel()
             await asyncio.gather(self._config_watch, return_exceptions=True)
         await self.tail.stop()  # a tail stream would hold up the runner's cleanup
+        if self.worker_pool is not None:
+            await self.worker_pool.stop()  # they finish what is in flight: journaled here
         if self._runner is not None:
             await self._runner.cleanup()  # stops listening, then waits for in-flight requests
         self.client_faults.summarize()
@@ -460,7 +494,7 @@ class Daemon:
         return plan
 
     def _count_reload(self, outcome: str) -> None:
-        reloads = self.ingest_stats.reloads
+        reloads = self._ingest.reloads
         reloads[outcome] = reloads.get(outcome, 0) + 1
 
     async def _reload(self, new: Config, initiator: str, audit: bool) -> ReloadPlan:
@@ -623,6 +657,7 @@ class Daemon:
                 "dropped_buffer_full": ingest.dropped_buffer_full,
             },
             "auth": self.guard.stats(),
+            **({"workers": self.worker_pool.status()} if self.worker_pool is not None else {}),
             "journal": {
                 "path": str(self.journal.path),
                 "healthy": self.journal.healthy,

@@ -71,6 +71,11 @@ class ServerConfig:
     # to (the Host header; a DNS rebinding defence, router/auth.py). IP addresses always pass.
     allowed_hosts: tuple[str, ...] = ()
     tls: ServerTlsConfig | None = None
+    # Processes that take POST /v1/events (router/server/workers.py): 1 is one process doing
+    # everything; N > 1 starts N worker processes sharing the port (SO_REUSEPORT) that read,
+    # decode, validate, redact and route, and hand finished records to this process, the one
+    # journal owner, which also answers every other endpoint through them.
+    workers: int = 1
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

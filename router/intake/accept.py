@@ -241,6 +241,21 @@ class Acceptor:
             )
         return Outcome(results, accepted)
 
+    async def commit(self, routed: Sequence[tuple[Event, Mapping[str, str]]]) -> None:
+        """The journal owner's part of an offer a worker process accepted (server.workers,
+        router/intake/handoff.py): journal what the worker routed, shedding as `accept` would,
+        then show it to the tail and the alerts. JournalFullError or JournalUnavailableError
+        when it was not journaled: the worker refuses the offer with them."""
+        try:
+            await self._append(list(routed))
+        except OSError as exc:
+            log.error("journal append failed: %s", exc)
+            raise JournalUnavailableError(f"the journal cannot take events now: {exc}") from exc
+        if self.tail is not None:
+            self.tail.publish(event for event, _ in routed)
+        if self.observer is not None and routed:
+            await self.observer.observe([event for event, _ in routed])
+
     def _problems(
         self, item: Any, caller: Caller | None, own: bool = False, encoded: bytes | None = None
     ) -> tuple[str, list[Problem]]:

@@ -7,11 +7,12 @@ passed as callables, asked at each request.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from router.config import ServerConfig
 from router.deadletter import DeadLetters
@@ -50,11 +51,15 @@ def build_app(
     file_archives: Callable[[], Mapping[str, Path]],
     letters_dir: Path,
     api: Routes,
+    middlewares: Sequence[Middleware] = (),
 ) -> web.Application:
     """The application: ingest, tail, dead letters and redrive, archive search, status and
     metrics, receipts, management API, all behind the guard (authentication and refusals),
-    and the console page that calls them."""
-    app = web.Application(client_max_size=server.max_body_bytes, middlewares=[guard.middleware])
+    and the console page that calls them. `middlewares` run before the guard (the journal
+    owner's, when worker processes pass it the requests: router/server/workers.py)."""
+    app = web.Application(
+        client_max_size=server.max_body_bytes, middlewares=[*middlewares, guard.middleware]
+    )
     app.router.add_post("/v1/events", ingest.handle)
     app.router.add_get("/v1/tail", tail.handle)
     redrive = Redrive(dead_letters, journal, is_target=is_target, is_invalid=is_invalid)

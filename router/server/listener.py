@@ -193,3 +193,24 @@ class DeadlineSite(web.TCPSite):
             reuse_address=self._reuse_address,
             reuse_port=self._reuse_port,
         )
+
+
+class DeadlineUnixSite(web.UnixSite):
+    """A UnixSite whose connections get a HeaderDeadline (and so `on_close`): the journal
+    owner's listener when worker processes take the port (router/server/workers.py)."""
+
+    def __init__(self, runner: web.BaseRunner, path: str, *, header_timeout_s: float) -> None:
+        super().__init__(runner, path)
+        self._header_timeout_s = header_timeout_s
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)
+        server = self._runner.server
+        assert server is not None
+
+        def protocol() -> asyncio.Protocol:
+            return HeaderDeadline(server(), self._header_timeout_s)
+
+        self._server = await asyncio.get_running_loop().create_unix_server(
+            protocol, self._path, backlog=self._backlog
+        )

@@ -69,3 +69,34 @@ async def test_short_compare_measures_floor_router_and_baseline_and_their_ratios
         for scenario in ("single", "batch100", "routes30")
     }
     assert "WRITTEN ev/s" in out.decode()
+
+
+@pytest.mark.timeout(120)
+async def test_short_compare_runs_the_router_with_one_and_with_two_workers(
+    tmp_path: Path,
+) -> None:
+    report_path = tmp_path / "compare.json"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bench.compare",
+        "--short",
+        "--scenarios",
+        "batch100",
+        "--workers",
+        "1,2",
+        "--json",
+        str(report_path),
+        cwd=REPO_ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 110)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    report = json.loads(report_path.read_text())
+    runs = {(r["server"], r["scenario"]): r for r in report["runs"]}
+    assert set(runs) == {("floor", "batch100"), ("router", "batch100"), ("w2", "batch100")}
+    for run in runs.values():
+        in_flight = report["meta"]["connections"] * run["events_per_request"]
+        assert 0 <= run["written_events"] - run["accepted_events"] <= in_flight, run
+    assert set(report["ratios"]) == {"router batch100", "w2 batch100", "w2/router batch100"}

@@ -1,0 +1,235 @@
+"""The hand-off between a worker process and the journal owner (`server.workers` > 1).
+
+A worker does the CPU work of an offer (decode, limits, validation, redaction, routing,
+serialisation) and hands the owner finished records: each event's id, arrival time, its bytes
+as the journal stores them, and the targets its routes chose. The owner journals them (group
+commit, with every other worker's records and its own) and answers once they are durable; only
+then does the worker answer the producer. `HandoffJournal` is the worker's side of that: the
+Journal protocol's `append` over the channel, so the worker's Acceptor is the same Acceptor as
+in one process, books, limits, answers and all.
+
+The channel is one unix stream socket per worker (a socketpair the owner made): frames of
+`!IBI` (payload length, kind, call id) and a pickled payload. Either side may call the other
+(`Channel.call(op, *args)`) and each call is answered once (a value, or an error the caller
+raises again); calls run concurrently, answers arrive in any order. Pickle is safe here: the
+socket joins a parent and the children it started from the same code, and nobody else can
+reach it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import pickle
+import struct
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Final
+
+from router.errors import RouterError
+from router.events import Event
+from router.journal import Books, Entry, JournalFullError, JournalUnavailableError
+
+log = logging.getLogger(__name__)
+
+HEADER: Final = struct.Struct("!IBI")
+CALL: Final = 1
+ANSWER: Final = 2
+FAILED: Final = 3
+# A frame larger than this is a broken peer, not a message (an offer is at most
+# server.max_inflated_bytes of events, well below it).
+MAX_FRAME_BYTES: Final = 1 << 30
+# Errors that cross the channel as themselves; anything else arrives as ChannelError.
+KNOWN_ERRORS: Final[Mapping[str, type[RouterError]]] = {
+    "JournalFullError": JournalFullError,
+    "JournalUnavailableError": JournalUnavailableError,
+}
+
+Handler = Callable[..., Awaitable[Any]]
+# One record handed over: event id, arrival time (epoch s), the event's bytes, target -> route.
+Record = tuple[str, float, bytes, Mapping[str, str]]
+
+
+class ChannelError(RouterError):
+    """The other side failed a call, or went away before answering it."""
+
+
+class Channel:
+    """Calls both ways over one stream socket; see the module docstring."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        handlers: Mapping[str, Handler],
+        *,
+        name: str,
+    ) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._handlers = handlers
+        self.name = name
+        self._next_id = 0
+        self._waiting: dict[int, asyncio.Future[Any]] = {}
+        self._running: set[asyncio.Task[None]] = set()
+        self._reading: asyncio.Task[None] | None = None
+        self._outbox: list[bytes] = []
+        self.closed = asyncio.Event()
+
+    @classmethod
+    async def over(cls, sock: Any, handlers: Mapping[str, Handler], *, name: str) -> Channel:
+        reader, writer = await asyncio.open_unix_connection(sock=sock, limit=MAX_FRAME_BYTES)
+        return cls(reader, writer, handlers, name=name)
+
+    def start(self) -> None:
+        self._reading = asyncio.create_task(self._read(), name=f"channel:{self.name}")
+
+    async def call(self, op: str, *args: Any) -> Any:
+        """Run `op` on the other side and return its answer (raising what it raised)."""
+        if self.closed.is_set():
+            raise ChannelError(f"{self.name}: the channel is closed")
+        self._next_id = call_id = (self._next_id + 1) & 0xFFFFFFFF
+        answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiting[call_id] = answer
+        try:
+            self._send(CALL, call_id, (op, args))
+            await self._writer.drain()
+            return await answer
+        finally:
+            self._waiting.pop(call_id, None)
+
+    def _send(self, kind: int, call_id: int, value: Any) -> None:
+        """Queue a frame; the frames queued in one turn of the loop go out in one write (a
+        group commit answers every call it held at once: one syscall and one wake-up of the
+        other side, not one per call)."""
+        payload = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        if not self._outbox:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._outbox.append(HEADER.pack(len(payload), kind, call_id))
+        self._outbox.append(payload)
+
+    def _flush(self) -> None:
+        frames, self._outbox = self._outbox, []
+        if frames and not self._writer.is_closing():
+            self._writer.writelines(frames)
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                header = await self._reader.readexactly(HEADER.size)
+                size, kind, call_id = HEADER.unpack(header)
+                if size > MAX_FRAME_BYTES:
+                    raise ChannelError(f"{self.name}: a frame of {size} bytes")
+                value = pickle.loads(await self._reader.readexactly(size))
+                if kind == CALL:
+                    task = asyncio.create_task(self._answer(call_id, *value), name=self.name)
+                    self._running.add(task)
+                    task.add_done_callback(self._running.discard)
+                    continue
+                answer = self._waiting.get(call_id)
+                if answer is None or answer.done():
+                    continue
+                if kind == ANSWER:
+                    answer.set_result(value)
+                else:
+                    error_type, message = value
+                    answer.set_exception(KNOWN_ERRORS.get(error_type, ChannelError)(message))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the other side is gone
+        except Exception:
+            log.exception("%s: the channel failed", self.name)
+        finally:
+            self._closed()
+
+    async def _answer(self, call_id: int, op: str, args: Sequence[Any]) -> None:
+        try:
+            result = await self._handlers[op](*args)
+        except Exception as exc:
+            if not isinstance(exc, tuple(KNOWN_ERRORS.values())):
+                log.exception("%s: %s failed", self.name, op)
+            reply = (FAILED, (type(exc).__name__, str(exc)))
+        else:
+            reply = (ANSWER, result)
+        if self.closed.is_set():
+            return
+        with contextlib.suppress(ConnectionError):
+            self._send(reply[0], call_id, reply[1])
+            await self._writer.drain()
+
+    def _closed(self) -> None:
+        if self.closed.is_set():
+            return
+        self.closed.set()
+        for answer in self._waiting.values():
+            if not answer.done():
+                answer.set_exception(ChannelError(f"{self.name}: the other side went away"))
+        self._writer.close()
+
+    async def close(self) -> None:
+        """Stop reading and answering; calls still waiting fail with ChannelError."""
+        self._closed()
+        if self._reading is not None:
+            self._reading.cancel()
+            await asyncio.gather(self._reading, return_exceptions=True)
+        for task in list(self._running):
+            task.cancel()
+        await asyncio.gather(*self._running, return_exceptions=True)
+        with contextlib.suppress(ConnectionError):
+            await self._writer.wait_closed()
+
+
+def records(routed: Sequence[tuple[Event, Mapping[str, str]]]) -> list[Record]:
+    """What the owner needs of routed events: the journal stores bytes, never the body."""
+    return [(event.id, event.received_at, event.encoded(), targets) for event, targets in routed]
+
+
+def events(handed: Sequence[Record]) -> list[tuple[Event, Mapping[str, str]]]:
+    """Records back as routed events, as the journal reads them back (bytes only)."""
+    return [
+        (Event.stored(event_id, encoded, received_at), targets)
+        for event_id, received_at, encoded, targets in handed
+    ]
+
+
+class HandoffJournal:
+    """The Journal protocol as a worker sees it: `append` hands the records to the owner and
+    returns once they are durable there (JournalFullError and JournalUnavailableError come
+    back as themselves); delivery never runs in a worker, so the rest is empty."""
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+
+    async def append(self, routed: Sequence[tuple[Event, Mapping[str, str]]]) -> None:
+        handed = records([(event, targets) for event, targets in routed if targets])
+        if not handed:
+            return
+        try:
+            await self.channel.call("append", handed)
+        except ChannelError as exc:
+            raise JournalUnavailableError(f"the journal owner did not answer: {exc}") from exc
+
+    async def next_batch(
+        self,
+        target_id: str,
+        *,
+        max_events: int,
+        max_bytes: int,
+        max_wait_s: float,
+        stopping: asyncio.Event,
+    ) -> list[Entry]:
+        raise NotImplementedError("delivery runs in the journal owner")
+
+    async def ack(self, target_id: str, batch: Sequence[Entry], *, dead_lettered: int) -> None:
+        raise NotImplementedError("delivery runs in the journal owner")
+
+    def books(self, target_id: str) -> Books:
+        return Books()
+
+    def shed_order(self) -> list[str]:
+        """Nothing to shed here: the owner sheds (drop_oldest_per_target) before it answers
+        journal_full."""
+        return []
+
+    def shed(self, target_id: str, count: int) -> AbstractAsyncContextManager[list[Entry]]:
+        raise NotImplementedError("the journal owner sheds")

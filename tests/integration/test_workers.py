@@ -1,0 +1,622 @@
+"""`server.workers: 2` as real processes: worker processes take POST /v1/events on the shared
+port and hand records to the journal owner; everything else is one daemon's.
+
+kill -9 of a worker or of the owner under load loses nothing acknowledged; SIGTERM drains
+every process; systemd hears READY and STOPPING once; status, metrics and the tail show one
+daemon; a reload reaches the workers before it is reported done; a bad body gets the answer
+one process gives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import hmac
+import os
+import signal
+import socket
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+import yaml
+
+from tests.conftest import StartDaemon
+from tests.fakes import ScriptedReceiver, make_event, read_ndjson, wait_for
+from tests.helpers import drained, free_port, ready, reap, spawn, terminate
+from tests.integration.test_server_tls import client_context, post_event, tls_config
+
+WORKERS = 2
+POSTERS = 8
+EVENTS_PER_POST = 10
+LOAD_S = 1.5
+INGEST_TOKEN = "ingest-token-for-the-workers-test"
+ADMIN_TOKEN = "admin-token-for-the-workers-test"
+
+
+# Three processes start on a machine the other tests keep busy: more than tests.helpers.serve's
+# ten seconds may pass before the last worker listens.
+START_TIMEOUT_S = 60
+
+
+async def serve(config: Path, port: int, **kwargs: Any) -> asyncio.subprocess.Process:
+    """`serve` with workers, once /readyz answers 200 through them (a daemon that does not
+    get there is killed, not left running: its caller has no process to reap)."""
+    proc = await spawn(config, **kwargs)
+    try:
+        await wait_for(
+            lambda: ready(port), timeout_s=START_TIMEOUT_S, what="the daemon to be ready"
+        )
+    except BaseException:
+        await reap(proc)
+        raise
+    return proc
+
+
+def workers_config(
+    tmp_path: Path,
+    port: int,
+    *,
+    workers: int = WORKERS,
+    siem_url: str | None = None,
+    auth: bool = False,
+    **extra: Any,
+) -> Path:
+    """A daemon with a file target (and an http one), `workers` worker processes."""
+    targets: list[dict[str, Any]] = [
+        {
+            "id": "archive",
+            "target_type": "file",
+            "file_endpoint": {"path": str(tmp_path / "var" / "archive.ndjson")},
+        }
+    ]
+    if siem_url is not None:
+        targets.append({"id": "siem", "target_type": "http", "http_endpoint": {"url": siem_url}})
+    config: dict[str, Any] = {
+        "server": {"host": "127.0.0.1", "port": port, "workers": workers},
+        "storage": {"path": str(tmp_path / "var"), "fsync": "always"},
+        "startup": {"validate_targets": False},
+        "targets": targets,
+        "routes": [
+            {
+                "name": "all",
+                "rules": [{"locations": ["*"], "target_ids": [t["id"] for t in targets]}],
+            }
+        ],
+        **extra,
+    }
+    if auth:
+        config["auth"] = {
+            "ingest_tokens": [
+                {"name": "producer", "sha256": hashlib.sha256(INGEST_TOKEN.encode()).hexdigest()}
+            ],
+            "admin_tokens": [
+                {"name": "ops", "sha256": hashlib.sha256(ADMIN_TOKEN.encode()).hexdigest()}
+            ],
+        }
+    path = tmp_path / "router.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def children(pid: int) -> set[int]:
+    """The processes whose parent is `pid` (the owner's workers)."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.add(int(entry))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def headers(token: str | None = None) -> dict[str, str]:
+    found = {"Content-Type": "application/json"}
+    if token is not None:
+        found["Authorization"] = f"Bearer {token}"
+    return found
+
+
+async def status_of(port: int, token: str | None = None) -> dict[str, Any]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}/v1/status", headers=headers(token)) as resp,
+    ):
+        assert resp.status == 200
+        return dict(await resp.json())
+
+
+async def nothing_pending(port: int, token: str) -> bool:
+    status = await status_of(port, token)
+    return all(t["pending"] == 0 for t in status["targets"].values())
+
+
+def assert_books_balance(status: dict[str, Any]) -> None:
+    for target_id, row in status["targets"].items():
+        assert row["received"] == (
+            row["delivered"] + row["dead_lettered"] + row["pending"] + row["lost"]
+        ), (target_id, row)
+
+
+async def load(
+    port: int, acked: list[str], stop_at: float, poster: int, owner_gone: asyncio.Event
+) -> None:
+    """Post batches until stop_at (a connection that breaks is opened again: a worker died)
+    or until the owner is gone; record the ids answered 202."""
+    n = 0
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < stop_at and not owner_gone.is_set():
+            ids = [f"p{poster}-{n}-{i}" for i in range(EVENTS_PER_POST)]
+            n += 1
+            try:
+                async with session.post(
+                    f"http://127.0.0.1:{port}/v1/events",
+                    data=orjson.dumps([make_event(id=i) for i in ids]),
+                    headers=headers(),
+                ) as resp:
+                    if resp.status == 202:
+                        acked.extend(ids)
+            except (aiohttp.ClientError, ConnectionError):
+                continue
+
+
+def assert_all_delivered(acked: list[str], archive: Path, siem: ScriptedReceiver) -> None:
+    archived = [e["id"] for e in read_ndjson(archive)]
+    sent = [e["id"] for e in siem.delivered_events]
+    for name, got in (("archive", archived), ("siem", sent)):
+        missing = set(acked) - set(got)
+        assert not missing, f"{name} lost {len(missing)} of {len(acked)} acknowledged events"
+
+
+async def test_a_worker_killed_under_load_loses_no_acknowledged_event(tmp_path: Path) -> None:
+    siem = await ScriptedReceiver(statuses=[200]).start()
+    port = free_port()
+    config = workers_config(tmp_path, port, siem_url=siem.url)
+    proc: asyncio.subprocess.Process | None = None
+    try:
+        proc = await serve(config, port)
+        workers = children(proc.pid)
+        assert len(workers) == WORKERS
+        acked: list[str] = []
+        gone = asyncio.Event()
+        stop_at = time.monotonic() + LOAD_S + 10
+        posters = [
+            asyncio.create_task(load(port, acked, stop_at, p, gone), name=f"poster-{p}")
+            for p in range(POSTERS)
+        ]
+        await wait_for(
+            lambda: len(acked) >= 300,
+            timeout_s=START_TIMEOUT_S,
+            what="some load to be acknowledged",
+        )
+        victim = min(workers)
+        os.kill(victim, signal.SIGKILL)
+        before = len(acked)
+        await wait_for(
+            lambda: len(acked) >= before + 300,
+            timeout_s=START_TIMEOUT_S,
+            what="load acknowledged after the kill",
+        )
+        await wait_for(
+            lambda: len(children(proc.pid) - workers) == 1 and ready(port),
+            timeout_s=START_TIMEOUT_S,
+            what="the owner to start a worker in place of the killed one",
+        )
+        stop_at = time.monotonic()
+        gone.set()
+        await asyncio.gather(*posters)
+        await wait_for(
+            lambda: drained(port), timeout_s=START_TIMEOUT_S, what="the journal to drain"
+        )
+        status = await status_of(port)
+        assert_books_balance(status)
+        assert status["targets"]["archive"]["received"] >= len(acked)
+        assert status["workers"] == {"configured": WORKERS, "running": WORKERS, "restarts": 1}
+        assert await terminate(proc) == 0
+    finally:
+        await reap(proc)
+        await siem.stop()
+    assert_all_delivered(acked, tmp_path / "var" / "archive.ndjson", siem)
+
+
+async def test_the_owner_killed_under_load_loses_no_acknowledged_event(tmp_path: Path) -> None:
+    siem = await ScriptedReceiver(statuses=[200]).start()
+    port = free_port()
+    config = workers_config(tmp_path, port, siem_url=siem.url)
+    proc: asyncio.subprocess.Process | None = None
+    try:
+        proc = await serve(config, port)
+        workers = children(proc.pid)
+        acked: list[str] = []
+        gone = asyncio.Event()
+        stop_at = time.monotonic() + LOAD_S + 10
+        posters = [
+            asyncio.create_task(load(port, acked, stop_at, p, gone), name=f"poster-{p}")
+            for p in range(POSTERS)
+        ]
+        await wait_for(
+            lambda: len(acked) >= 500,
+            timeout_s=START_TIMEOUT_S,
+            what="some load to be acknowledged",
+        )
+        proc.send_signal(signal.SIGKILL)
+        assert await proc.wait() == -signal.SIGKILL
+        await wait_for(
+            lambda: not any(alive(pid) for pid in workers),
+            timeout_s=START_TIMEOUT_S,
+            what="the workers to stop once their owner is gone",
+        )
+        gone.set()
+        await asyncio.gather(*posters)
+        assert acked, "nothing was acknowledged before the kill"
+
+        proc = await serve(config, port)
+        await wait_for(
+            lambda: drained(port), timeout_s=START_TIMEOUT_S, what="the journal to drain"
+        )
+        status = await status_of(port)
+        assert_books_balance(status)
+        assert await terminate(proc) == 0
+    finally:
+        await reap(proc)
+        await siem.stop()
+    assert_all_delivered(acked, tmp_path / "var" / "archive.ndjson", siem)
+
+
+async def test_sigterm_drains_every_process(tmp_path: Path) -> None:
+    port = free_port()
+    config = workers_config(tmp_path, port)
+    proc = await serve(config, port, stderr=asyncio.subprocess.PIPE)
+    try:
+        workers = children(proc.pid)
+        assert len(workers) == WORKERS
+        acked: list[str] = []
+        gone = asyncio.Event()
+        posters = [
+            asyncio.create_task(
+                load(port, acked, time.monotonic() + 30, p, gone), name=f"poster-{p}"
+            )
+            for p in range(POSTERS)
+        ]
+        await wait_for(
+            lambda: len(acked) >= 200,
+            timeout_s=START_TIMEOUT_S,
+            what="some load to be acknowledged",
+        )
+        code = await terminate(proc)
+        gone.set()
+        await asyncio.gather(*posters)
+        assert code == 0
+        assert not any(alive(pid) for pid in workers), "a worker outlived its owner's stop"
+    finally:
+        await reap(proc)
+    archived = [e["id"] for e in read_ndjson(tmp_path / "var" / "archive.ndjson")]
+    assert set(acked) <= set(archived), "SIGTERM left acknowledged events undelivered"
+    assert proc.stderr is not None
+    log = [orjson.loads(line) for line in (await proc.stderr.read()).splitlines()]
+    stopped = [line["message"] for line in log if line["message"].startswith("event-router stop")]
+    assert len(stopped) == 1 and "0 pending" in stopped[0], stopped
+    assert f"accepted {len(set(archived))} events" in stopped[0], stopped
+
+
+@pytest.fixture
+def notify_socket() -> Iterator[tuple[socket.socket, str]]:
+    with (
+        tempfile.TemporaryDirectory(prefix="sdn-") as directory,
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock,
+    ):
+        path = os.path.join(directory, "notify")
+        sock.bind(path)
+        sock.setblocking(False)
+        yield sock, path
+
+
+async def receive(sock: socket.socket) -> list[str]:
+    data = await asyncio.wait_for(
+        asyncio.get_running_loop().sock_recv(sock, 65536), START_TIMEOUT_S
+    )
+    return data.decode().split("\n")
+
+
+async def test_notify_says_ready_and_stopping_once_and_a_reload_reaches_the_workers_first(
+    tmp_path: Path, notify_socket: tuple[socket.socket, str]
+) -> None:
+    sock, path = notify_socket
+    siem = await ScriptedReceiver(statuses=[200]).start()
+    port = free_port()
+    config = workers_config(tmp_path, port, siem_url=siem.url)
+    data = yaml.safe_load(config.read_text())
+    proc = await spawn(config, env={**os.environ, "NOTIFY_SOCKET": path})
+    try:
+        first = await receive(sock)
+        assert first[0] == "READY=1"
+        assert len(children(proc.pid)) == WORKERS, "READY=1 before the workers listen"
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{port}/readyz") as resp,
+        ):
+            assert resp.status == 200
+
+        # The reload sends everything to siem only: once READY=1 says it is done, no worker
+        # may still route to the archive.
+        data["routes"] = [{"name": "siem", "rules": [{"locations": ["*"], "target_ids": ["siem"]}]}]
+        config.write_text(yaml.safe_dump(data))
+        proc.send_signal(signal.SIGHUP)
+        assert (await receive(sock))[0] == "RELOADING=1"
+        reloaded = await receive(sock)
+        assert reloaded[0] == "READY=1" and "STATUS=reloaded" in reloaded
+        ids = [f"after-reload-{n}" for n in range(40)]
+        for event_id in ids:  # one connection each: the kernel spreads them over the workers
+            async with (
+                aiohttp.ClientSession() as session,
+                session.post(
+                    f"http://127.0.0.1:{port}/v1/events",
+                    data=orjson.dumps(make_event(id=event_id)),
+                    headers=headers(),
+                ) as resp,
+            ):
+                assert resp.status == 202
+        await wait_for(lambda: drained(port), what="delivery")
+        status = await status_of(port)
+        # Those, and the reload's own audit event (routed by the new routes, too).
+        assert status["targets"]["siem"]["received"] == len(ids) + 1
+        assert status["targets"]["archive"]["received"] == 0
+
+        proc.send_signal(signal.SIGTERM)
+        stopping = await receive(sock)
+        assert stopping[0] == "STOPPING=1"
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+        with pytest.raises(BlockingIOError):
+            sock.recv(65536)  # nothing more: no worker spoke to the service manager
+    finally:
+        await reap(proc)
+        await siem.stop()
+    assert set(ids) <= {e["id"] for e in siem.delivered_events}
+
+
+async def test_status_metrics_and_tail_show_one_daemon(tmp_path: Path) -> None:
+    port = free_port()
+    config = workers_config(tmp_path, port, auth=True)
+    base = f"http://127.0.0.1:{port}"
+    proc = await serve(config, port)
+    try:
+        async with aiohttp.ClientSession() as session:
+            tail = await session.get(f"{base}/v1/tail", headers=headers(ADMIN_TOKEN))
+            assert tail.status == 200
+            assert (await tail.content.readuntil(b"\n\n")).startswith(b"event: ready")
+            ids = []
+            for n in range(20):  # one connection each: both workers take some
+                ids.append(f"one-daemon-{n}")
+                async with (
+                    aiohttp.ClientSession() as fresh,
+                    fresh.post(
+                        f"{base}/v1/events",
+                        data=orjson.dumps(make_event(id=ids[-1])),
+                        headers=headers(INGEST_TOKEN),
+                    ) as resp,
+                ):
+                    assert resp.status == 202
+            async with (
+                aiohttp.ClientSession() as fresh,
+                fresh.post(
+                    f"{base}/v1/events", data=orjson.dumps(make_event()), headers=headers()
+                ) as resp,
+            ):
+                assert resp.status == 401
+            seen: set[str] = set()
+            while not set(ids) <= seen:
+                chunk = await asyncio.wait_for(tail.content.readuntil(b"\n\n"), 15)
+                for line in chunk.split(b"\n"):
+                    if line.startswith(b"data: "):
+                        seen.add(orjson.loads(line[6:]).get("id"))
+            tail.close()
+
+            status = await status_of(port, ADMIN_TOKEN)
+            assert status["ingest"]["requests"] == 20  # the 401 never reached ingest
+            # The 20, and the refusal: an event of the router itself, journaled by the owner.
+            assert status["ingest"]["accepted"] == 21
+            assert status["auth"]["refused"] == {"Unauthorized": 1}
+            assert status["auth"]["refusal_events"] == 1
+            assert status["targets"]["archive"]["received"] == 21
+            assert_books_balance(status)
+            async with session.get(f"{base}/metrics", headers=headers(ADMIN_TOKEN)) as resp:
+                metrics = await resp.text()
+            assert "event_router_events_accepted_total 21.0" in metrics
+            assert "event_router_ingest_requests_total 20.0" in metrics
+            async with session.get(f"{base}/v1/status") as resp:
+                assert resp.status == 401
+        assert await terminate(proc) == 0
+    finally:
+        await reap(proc)
+
+
+BAD_BODIES: list[tuple[str, bytes, dict[str, str]]] = [
+    ("malformed json", b'{"action": ', {}),
+    ("empty", b"", {}),
+    ("schema", orjson.dumps({"action": "x"}), {}),
+    ("half bad", orjson.dumps([make_event(id="good-1"), {"id": "bad-1"}]), {}),
+    ("reserved action", orjson.dumps(make_event(action="event-router.config.update")), {}),
+    ("media type", b"{}", {"Content-Type": "text/plain"}),
+    ("encoding", b"{}", {"Content-Encoding": "br"}),
+    ("bad gzip", b"not gzip at all", {"Content-Encoding": "gzip"}),
+    ("gzip bomb", gzip.compress(b" " * (3 * 1024 * 1024)), {"Content-Encoding": "gzip"}),
+    ("too many", orjson.dumps([make_event() for _ in range(6)]), {}),
+    ("ndjson line", b'{"x": 1}\nnot json\n', {"Content-Type": "application/x-ndjson"}),
+    ("no token", orjson.dumps(make_event()), {"Authorization": "Bearer wrong"}),
+]
+
+
+async def answers(tmp_path: Path, workers: int) -> list[tuple[int, Any]]:
+    port = free_port()
+    directory = tmp_path / f"workers-{workers}"
+    directory.mkdir()
+    config = workers_config(directory, port, workers=workers, auth=True)
+    data = yaml.safe_load(config.read_text())
+    data["server"] |= {"max_events_per_request": 5, "max_inflated_bytes": 2 * 1024 * 1024}
+    config.write_text(yaml.safe_dump(data))
+    proc = await serve(config, port)
+    found = []
+    try:
+        for _, body, extra in BAD_BODIES:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.post(
+                    f"http://127.0.0.1:{port}/v1/events",
+                    data=body,
+                    headers={**headers(INGEST_TOKEN), **extra},
+                ) as resp,
+            ):
+                answer = await resp.json()
+                for result in answer.get("results", []):
+                    if result.get("status") == "accepted":
+                        result.pop("id")  # assigned at random
+                found.append((resp.status, answer))
+        assert await terminate(proc) == 0
+    finally:
+        await reap(proc)
+    return found
+
+
+async def test_a_bad_body_gets_the_same_answer_from_a_worker(tmp_path: Path) -> None:
+    one, two = await answers(tmp_path, 1), await answers(tmp_path, WORKERS)
+    for (name, _, _), alone, worker in zip(BAD_BODIES, one, two, strict=True):
+        assert worker == alone, name
+    assert all(status >= 400 for status, _ in one[:2])
+
+
+async def test_receipts_and_an_api_route_change_work_through_the_workers(tmp_path: Path) -> None:
+    """A worker issues receipts with the owner's key; GET /v1/receipts/{id} and a management
+    API change pass through a worker to the owner, and the change reaches every worker before
+    the API answers."""
+    siem = await ScriptedReceiver(statuses=[200]).start()
+    port = free_port()
+    config = workers_config(tmp_path, port, siem_url=siem.url, auth=True)
+    data = yaml.safe_load(config.read_text())
+    data["evidence"] = {"receipts": True}
+    data["routes"] = [{"name": "all", "rules": [{"locations": ["*"], "target_ids": ["archive"]}]}]
+    config.write_text(yaml.safe_dump(data))
+    base = f"http://127.0.0.1:{port}"
+    proc = await serve(config, port)
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(
+                f"{base}/v1/events",
+                data=orjson.dumps(make_event(id="with-receipt")),
+                headers=headers(INGEST_TOKEN),
+            ) as resp:
+                assert resp.status == 202
+                receipt = (await resp.json())["results"][0]["receipt"]
+            key = (tmp_path / "var" / "receipts.key").read_bytes()
+            message = f"{receipt['id']}\n{receipt['digest']}\n{receipt['received_at']}".encode()
+            assert receipt["mac"] == hmac.new(key, message, hashlib.sha256).hexdigest()
+            await wait_for(lambda: nothing_pending(port, ADMIN_TOKEN), what="delivery")
+            async with session.get(
+                f"{base}/v1/receipts/with-receipt", headers=headers(ADMIN_TOKEN)
+            ) as resp:
+                assert resp.status == 200
+                where = await resp.json()
+            assert where["targets"]["archive"]["state"] == "delivered"
+            assert where["targets"]["archive"]["digest"] == receipt["digest"]
+
+            async with session.put(
+                f"{base}/api/v2/routes/all",
+                data=orjson.dumps(
+                    {"name": "all", "rules": [{"locations": ["*"], "target_ids": ["siem"]}]}
+                ),
+                headers=headers(ADMIN_TOKEN),
+            ) as resp:
+                assert resp.status == 200, await resp.text()
+        ids = [f"after-api-{n}" for n in range(20)]
+        for event_id in ids:  # one connection each: the kernel spreads them over the workers
+            async with (
+                aiohttp.ClientSession() as fresh,
+                fresh.post(
+                    f"{base}/v1/events",
+                    data=orjson.dumps(make_event(id=event_id)),
+                    headers=headers(INGEST_TOKEN),
+                ) as resp,
+            ):
+                assert resp.status == 202
+        await wait_for(lambda: set(ids) <= {e["id"] for e in siem.delivered_events})
+        archived = {e["id"] for e in read_ndjson(tmp_path / "var" / "archive.ndjson")}
+        assert not archived & set(ids), "a worker routed with the routes the API replaced"
+        assert await terminate(proc) == 0
+    finally:
+        await reap(proc)
+        await siem.stop()
+
+
+async def http10_status(port: int, extra: bytes = b"") -> bytes:
+    """GET /v1/status as HTTP/1.0 (no Host unless in `extra`): the status line."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"GET /v1/status HTTP/1.0\r\n" + extra + b"\r\n")
+        await writer.drain()
+        return await asyncio.wait_for(reader.readline(), 15)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def test_without_auth_the_owner_checks_the_callers_host_not_the_workers(
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    proc = await serve(workers_config(tmp_path, port), port)
+    try:
+        assert b" 200 " in await http10_status(port), "a caller that sent no Host is answered"
+        refused = await http10_status(port, b"Host: evil.example\r\n")
+        assert b" 403 " in refused, "a rebinding page's Host is refused, as by one process"
+        assert b" 200 " in await http10_status(port, f"Host: 127.0.0.1:{port}\r\n".encode())
+        assert await terminate(proc) == 0
+    finally:
+        await reap(proc)
+
+
+async def test_an_in_process_daemon_with_workers_speaks_tls_through_them(
+    start_daemon: StartDaemon, pki: Path, tmp_path: Path
+) -> None:
+    """port 0, TLS in the workers, and the owner told the caller's scheme: a same-origin
+    change from https://host:port passes the owner's Origin check."""
+    config = tls_config(pki, tmp_path)
+    config["server"]["workers"] = WORKERS
+    daemon = await start_daemon(config)
+    url = f"https://127.0.0.1:{daemon.port}"
+    context = client_context(pki, with_cert=False)
+    assert await post_event(url, context) == 202
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{url}/v1/status", ssl=context) as resp:
+            status = await resp.json()
+        assert status["ingest"]["accepted"] == 1
+        assert status["workers"]["running"] == WORKERS
+        async with session.post(
+            f"{url}/v1/deadletters/archive/redrive",
+            ssl=context,
+            headers={"Origin": url},
+        ) as resp:
+            assert resp.status == 200, await resp.text()  # nothing to redrive, and allowed
+        async with session.post(
+            f"{url}/v1/deadletters/archive/redrive",
+            ssl=context,
+            headers={"Origin": f"http://127.0.0.1:{daemon.port}"},
+        ) as resp:
+            assert resp.status == 403 and (await resp.json())["error"]["code"] == "cross_origin"

@@ -50,7 +50,7 @@ from router.probe import ProbeResult, probe
 from router.reload import ReloadPlan, apply_reload, config_digest, plan_reload
 from router.resources import schemas_dir
 from router.routing import RouteTable
-from router.selfevent import reload_event
+from router.selfevent import chain_missing_event, reload_event
 from router.server.api import Change, ConfigSource, ManagementApi, write_back
 from router.server.app import build_app
 from router.server.auth import Guard, Refusals
@@ -102,6 +102,7 @@ class _Swaps:
             await target.start()
         except Exception:
             log.exception("target %s failed to start", target.id)
+        await daemon._announce_missing()
         daemon._start_worker(config)
 
 
@@ -250,6 +251,7 @@ class Daemon:
                 # One broken target must not keep the others from starting; its worker will
                 # keep retrying and its write_status tells the story.
                 log.exception("target %s failed to start", target_id)
+        await self._announce_missing()
         for target_config in self.config.targets:
             self._start_worker(target_config)
         self.alerts.start()
@@ -500,6 +502,12 @@ class Daemon:
             target.chain = self.evidence.attach(target.id, target.write_line)
         elif isinstance(target, CosTarget):
             target.chain = self.evidence.attach(target.id, target.write_line, head_in_journal=True)
+
+    async def _announce_missing(self) -> None:
+        """A chained archive found cut at start (its places missing_at_start) is an event of
+        the router itself, routed like any other, once per chain."""
+        for target_id, missing in self.evidence.missing_to_announce():
+            await self.record_own(chain_missing_event(target_id, missing))
 
     async def record_own(self, body: dict[str, Any]) -> None:
         """Journal an event of the router itself; a failure is logged, never raised into the

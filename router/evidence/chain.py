@@ -86,6 +86,7 @@ class Chain:
         self.files_checked = False
         # What the files lacked at start that the journal's head covers (None: nothing).
         self.missing_at_start: dict[str, object] | None = None
+        self.missing_announced = False  # the router's own event about it was recorded
         # A bucket target's: the object planned before a PUT, as the journal kept it at start
         # (None once sent again or found stale), and how a new plan is kept.
         self.planned: Planned | None = None

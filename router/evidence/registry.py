@@ -120,6 +120,17 @@ class Evidence:
             chain.after_write = self._after_write
         return chain
 
+    def missing_to_announce(self) -> list[tuple[str, dict[str, object]]]:
+        """The chains found cut at start (Chain.check_files) and not announced yet, each
+        once: the daemon records an event of its own for each, so alerting on the router's
+        events sees a cut archive, not only the log and /v1/status."""
+        found = []
+        for target_id, chain in self.chains.items():
+            if chain.missing_at_start is not None and not chain.missing_announced:
+                chain.missing_announced = True
+                found.append((target_id, chain.missing_at_start))
+        return found
+
     def head_of(self, target_id: str) -> tuple[int, bytes] | None:
         """The head the journal keeps with each of this target's acks (its `chain_head`):
         a file target's, whose head is otherwise kept only at checkpoints."""

@@ -49,6 +49,7 @@ from router.evidence.verify import (
     Report,
     check_head,
     conclude,
+    letter_place,
     open_lines,
 )
 
@@ -133,18 +134,17 @@ class BucketVerifier:
                 raise Broken(place, "torn last line (the file was cut)")
             if not line.strip():
                 continue
-            found = _split(place, line[:-1])
+            found = letter_place(place, line[:-1])
             if found is None:
                 self.report.unchained += 1
                 continue
-            canonical, link = found
+            canonical, link, event_id = found
             if link_hash(link.prev, canonical) != link.hash:
                 raise Broken(place, "hash does not match the chain (the line was changed)")
             run = _Run(name, link.seq, link.prev, letter=True, redriven=redriven)
             run.hashes += link.hash
             run.lines.append(number)
-            event = orjson.loads(canonical).get("event")
-            run.ids.append(_id_hash(event.get("id") if isinstance(event, dict) else None))
+            run.ids.append(_id_hash(event_id))
             self._runs.append(run)
 
     def object(self, key: str, body: bytes) -> None:

@@ -95,6 +95,10 @@ class Chain:
         # Objects whose places are taken and whose PUT is under way: no checkpoint may name
         # a head past places the bucket may not hold yet.
         self.in_flight = 0
+        # Event id -> its chained line in a bucket object whose PUT failed after later places
+        # were taken: the object keeps its places, and a letter giving the event up stands at
+        # its place (router/deadletter), so no place is left empty.
+        self.held: dict[str, bytes] = {}
 
     @property
     def seq(self) -> int:

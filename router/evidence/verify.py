@@ -38,7 +38,7 @@ from typing import Any
 import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from router.deadletter import REDRIVEN_DIR
+from router.deadletter import OBJECT_LINE_MEMBER, REDRIVEN_DIR, object_line_place
 from router.evidence.canonical import GENESIS, CanonicalError, Link, link_hash, split_line
 from router.evidence.checkpoint import CheckpointError, is_checkpoint, parse_checkpoint
 from router.evidence.keys import key_id
@@ -157,7 +157,28 @@ class _Letter:
     place: str
     canonical: bytes
     link: Link
+    event_id: str | None
     redriven: bool = False
+
+
+def letter_place(place: str, line: bytes) -> tuple[bytes, Link, str | None] | None:
+    """A dead letter's place in the chain: (canonical bytes, link, its event's id). The place
+    is the letter's own link, or the object line it carries when it stands at the place of a
+    given-up object's line (router/deadletter); None for a letter without either."""
+    found = _split(place, line)
+    if found is None and OBJECT_LINE_MEMBER not in line:
+        return None
+    try:
+        letter = orjson.loads(found[0] if found is not None else line)
+        if found is None and isinstance(letter, dict):
+            found = object_line_place(letter)
+    except (orjson.JSONDecodeError, CanonicalError) as exc:
+        raise Broken(place, f"a letter that stands at an object line's place: {exc}") from None
+    if found is None or not isinstance(letter, dict):
+        return None
+    event = letter.get("event")
+    event_id = event.get("id") if isinstance(event, dict) else None
+    return found[0], found[1], event_id if isinstance(event_id, str) else None
 
 
 def conclude(
@@ -273,18 +294,18 @@ class Verifier:
         self._letter_files += 1
         for number, line in _numbered(name, lines):
             place = f"{name}:{number}"
-            found = _split(place, line)
+            found = letter_place(place, line)
             if found is None:
                 self.report.unchained += 1
                 continue
-            canonical, link = found
+            canonical, link, event_id = found
             known = self._letters.get(link.seq)
             if known is not None:
                 if known.link == link and known.canonical == canonical:
                     known.redriven = known.redriven or redriven
                     continue
                 raise Broken(place, f"seq {link.seq} appears twice in the dead letters")
-            self._letters[link.seq] = _Letter(place, canonical, link, redriven)
+            self._letters[link.seq] = _Letter(place, canonical, link, event_id, redriven)
             heapq.heappush(self._letter_seqs, link.seq)
 
     def archive(self, name: str, lines: Iterable[bytes]) -> None:
@@ -413,9 +434,8 @@ class Verifier:
             report.dead_letters += 1
             if isinstance(letter, _Letter) and letter.redriven:
                 report.redriven += 1
-                event = orjson.loads(canonical).get("event")
-                if isinstance(event, dict) and isinstance(event.get("id"), str):
-                    self._redriven[event["id"]] = seq
+                if letter.event_id is not None:
+                    self._redriven[letter.event_id] = seq
             return
         report.events += 1
         self.receipts.see(canonical)

@@ -59,6 +59,7 @@ from router.server.servertls import server_context
 from router.server.tail import TailHub
 from router.targets import Target, build_target
 from router.targets.cos import CosTarget
+from router.targets.event_streams import EventStreamsTarget
 from router.targets.file import FileEndpointConfig, FileTarget
 
 log = logging.getLogger(__name__)
@@ -497,10 +498,13 @@ class Daemon:
 
     def _chain(self, target: Target) -> None:
         """A file or COS target writes its archive as a chain (router/evidence), when evidence
-        is on; a bucket cannot be read back for its head, so the journal keeps that."""
+        is on, and an event_streams target its topic with evidence.event_streams; a bucket or
+        a topic is not read back for its head, so the journal keeps that."""
         if isinstance(target, FileTarget):
             target.chain = self.evidence.attach(target.id, target.write_line)
-        elif isinstance(target, CosTarget):
+        elif isinstance(target, CosTarget) or (
+            isinstance(target, EventStreamsTarget) and self.config.evidence.event_streams
+        ):
             target.chain = self.evidence.attach(target.id, target.write_line, head_in_journal=True)
 
     async def _announce_missing(self) -> None:

@@ -303,6 +303,15 @@ def alert_event(
     )
 
 
+def router_target(target_id: str) -> dict[str, str]:
+    """The `target` of an event about one of the router's targets."""
+    return {
+        "id": instance_crn(f"target:{target_id}"),
+        "name": target_id,
+        "typeURI": "event-router/target",
+    }
+
+
 def chain_missing_event(target_id: str, missing: dict[str, Any]) -> dict[str, Any]:
     """A chained target's files found short of the head the journal kept, at start: places
     written and acknowledged were cut off its archive while the router was down. `missing`
@@ -311,11 +320,7 @@ def chain_missing_event(target_id: str, missing: dict[str, Any]) -> dict[str, An
     return router_event(
         action=CHAIN_MISSING_ACTION,
         message=f"event-router: chain of target {target_id} cut: {missing['message']}",
-        target={
-            "id": instance_crn(f"target:{target_id}"),
-            "name": target_id,
-            "typeURI": "event-router/target",
-        },
+        target=router_target(target_id),
         outcome="failure",
         reason_code=409,
         reason_type="Conflict",
@@ -338,10 +343,6 @@ def validation_event(target_id: str) -> Event:
         router_event(
             action=VALIDATE_ACTION,
             message=f"event-router: validate target {target_id}",
-            target={
-                "id": instance_crn(f"target:{target_id}"),
-                "name": target_id,
-                "typeURI": "event-router/target",
-            },
+            target=router_target(target_id),
         )
     )

@@ -30,6 +30,17 @@ that event only, which the worker dead-letters while the rest of the batch count
 Where the fate of a message cannot be known, the promise is at-least-once: across a crash or
 a stop of the daemon (or a reload that replaces this target), a message Kafka stored whose
 acknowledgement the journal never recorded is sent again, by a new producer, after restart.
+
+With `evidence.event_streams` (router/evidence), `chain` is set before `start`: the value stays
+the event's JSON, unchanged, and the message's place in the target's chain travels in headers
+(`chain_seq`, `chain_prev`, `chain_hash`: router/evidence/canonical.py); checkpoints are
+messages of their own in the topic (header `type`=`checkpoint`). A batch's events take their
+places when the batch is first produced, under the chain's lock, and keep them until Kafka
+acknowledged them: a retry (or a new producer, or a new target after a reload) sends a message
+again with the very same headers, and an event given up has its letter stand at its place
+(router/deadletter). The journal keeps the batch's lines before they are produced (the plan,
+as for a bucket object): after kill -9 the next start sends them again first, byte for byte at
+their places, and the events of the batch sent again are those very messages.
 """
 
 from __future__ import annotations
@@ -39,11 +50,12 @@ import contextlib
 import logging
 import math
 import ssl
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, NoReturn
 
-from aiokafka import AIOKafkaProducer
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.conn import create_conn
 from aiokafka.errors import (
     AuthenticationFailedError,
@@ -69,9 +81,19 @@ from aiokafka.errors import (
 )
 
 from router import __version__
-from router.errors import PermanentDeliveryError, RetryableDeliveryError
+from router.errors import PermanentDeliveryError, RetryableDeliveryError, RouterError
 from router.events import Event, crn_parts
-from router.targets._net import TLS_SCHEMA
+from router.evidence.canonical import (
+    CHECKPOINT_TYPE,
+    TYPE_HEADER,
+    Link,
+    chained_line,
+    link_headers,
+    next_link,
+    split_line,
+)
+from router.evidence.chain import Chain, Planned
+from router.targets._net import TLS_SCHEMA, batch_key
 
 log = logging.getLogger(__name__)
 
@@ -289,6 +311,9 @@ class EventStreamsTarget:
         # Every message the current producer has and Kafka has not answered yet, whatever its
         # batch: a new producer may take over only once this is empty.
         self._unanswered: set[asyncio.Future[Any]] = set()
+        self.chain: Chain | None = None
+        # With a chain: the places of the batch being sent, event id -> link (Chain.held).
+        self._links: dict[str, Link] = {}
 
     async def start(self) -> None:
         """Connect; a failure is raised classified, and the next send tries again."""
@@ -359,6 +384,8 @@ class EventStreamsTarget:
             await self._renew()
         producer = await self._connect()
         self._forget_others(batch)
+        if self.chain is not None:
+            await self._take_places(self.chain, producer, batch)
         refused: dict[str, str] = {}
         try:
             for event in batch:
@@ -385,7 +412,14 @@ class EventStreamsTarget:
                         await self._await([self._flights[event.id].future])
         except (KafkaError, OSError) as exc:
             self._raise_for(exc)
-        self._settle(batch, refused)
+        try:
+            self._settle(batch, refused)
+        except PermanentDeliveryError as exc:
+            if self.chain is not None and exc.refused is not None:
+                await self._placed(self.chain, batch, exc.refused)  # the rest were acknowledged
+            raise
+        if self.chain is not None:
+            await self._placed(self.chain, batch, {})
 
     def _broken(self) -> bool:
         """Did Kafka refuse a message because the producer's own state is off, or did the
@@ -435,11 +469,12 @@ class EventStreamsTarget:
     ) -> None:
         """Hand one message to the producer; one it refuses at once is refused for good."""
         try:
+            link = self._links.get(event.id)
             future = await producer.send(
                 self.endpoint.topic,
                 value=event.encoded(),
                 key=event.id.encode(),
-                headers=headers(event, self.region),
+                headers=headers(event, self.region) + (link_headers(link) if link else []),
             )
         except PERMANENT_FOR_EVENT as exc:
             self._flights.pop(event.id, None)
@@ -520,6 +555,121 @@ class EventStreamsTarget:
             raise RetryableDeliveryError(self.id, f"producing to Kafka: {describe(exc)}") from exc
         raise PermanentDeliveryError(self.id, f"producing to Kafka: {describe(exc)}") from exc
 
+    # -- the chain (evidence.event_streams) ------------------------------------------------
+
+    async def _take_places(
+        self, chain: Chain, producer: AIOKafkaProducer, batch: Sequence[Event]
+    ) -> None:
+        """Each event of the batch gets its place: the one it holds (`Chain.held`: placed by
+        an earlier attempt, a reload's former target, or the plan a restart sent again), else
+        the next one, taken under the chain's lock after the journal kept the new lines (the
+        plan). A place stays held until Kafka acknowledged the event's whole batch (or its
+        letter stands there), so every attempt sends the very same headers."""
+        async with chain.lock:
+            await self._resend_planned(chain, producer, batch)
+            self._links = {}
+            new: list[Event] = []
+            for event in batch:
+                held = chain.held.get(event.id)
+                found = split_line(held) if held is not None else None
+                if found is not None and found[0] == event.encoded():
+                    self._links[event.id] = found[1]
+                else:
+                    new.append(event)
+            if not new:
+                return
+            base = head = chain.head
+            placed: list[tuple[Event, Link, bytes]] = []
+            for event in new:
+                head = next_link(head, event.encoded())
+                placed.append((event, head, chained_line(event.encoded(), head)))
+            if chain.keep_plan is not None and head is not None:
+                body = b"".join(line + b"\n" for _, _, line in placed)
+                try:
+                    await chain.keep_plan(Planned(batch_key(new), "", base, head, body, ""))
+                except (RouterError, OSError) as exc:
+                    raise RetryableDeliveryError(
+                        self.id, f"cannot keep the batch's chain places in the journal: {exc}"
+                    ) from exc
+            for event, link, line in placed:
+                self._links[event.id] = link
+                chain.held[event.id] = line
+            chain.advance(head)
+
+    async def _resend_planned(
+        self, chain: Chain, producer: AIOKafkaProducer, batch: Sequence[Event]
+    ) -> None:
+        """The first chained send after a start: the lines planned before a crash, whose
+        places the journal's head did not cover, may be in the topic; they are sent again
+        first, byte for byte at their places (a copy of one Kafka kept is the same message
+        twice), and the batch's events among them are those messages, acknowledged, not sent
+        again. A failure raises for this send (retried): the plan stays, and its places. The
+        caller holds the chain's lock."""
+        planned = chain.planned
+        if planned is None:
+            return
+        placed = [
+            (line, Event.from_body(orjson.loads(found[0]), encoded=found[0]), found[1])
+            for line in planned.body.splitlines()
+            if (found := split_line(line)) is not None
+        ]
+        log.warning(
+            "target %s: sending %d messages again at their places %d-%d, planned before a crash",
+            self.id,
+            len(placed),
+            (planned.base.seq if planned.base is not None else 0) + 1,
+            planned.head.seq,
+        )
+        try:
+            futures = [
+                await producer.send(
+                    self.endpoint.topic,
+                    value=event.encoded(),
+                    key=event.id.encode(),
+                    headers=headers(event, self.region) + link_headers(link),
+                )
+                for _, event, link in placed
+            ]
+            await self._await(futures)
+        except (KafkaError, OSError) as exc:
+            self._raise_for(exc)
+        if not all(future.done() and _failure(future) is None for future in futures):
+            raise RetryableDeliveryError(
+                self.id, "the messages planned before a crash are not all acknowledged yet"
+            )
+        wanted = self._ids(batch)
+        for (line, event, _), future in zip(placed, futures, strict=True):
+            if event.id in wanted:  # this batch's: sent, held until the batch is settled
+                self._flights[event.id] = _Flight(future)
+                chain.held[event.id] = line
+        chain.planned = None
+        chain.in_flight -= 1
+
+    async def _placed(self, chain: Chain, batch: Sequence[Event], refused: dict[str, str]) -> None:
+        """The batch is settled: the acknowledged events' places are in the topic (no longer
+        held; the journal keeps the head, and a checkpoint when one is due); a refused
+        event's place stays held for its letter."""
+        async with chain.lock:
+            for event in batch:
+                if event.id not in refused:
+                    chain.held.pop(event.id, None)
+            self._links = {}
+            if chain.after_write is not None:
+                await chain.after_write(chain)
+
+    async def write_line(self, line: bytes) -> None:
+        """Produce one message that is not an event (a checkpoint), marked by its `type`
+        header, and wait for Kafka to acknowledge it; the caller holds the chain lock."""
+        producer = await self._connect()
+        async with asyncio.timeout(min(self.endpoint.timeout_s, CLOSE_FLUSH_S * 2)):
+            future = await producer.send(
+                self.endpoint.topic,
+                value=line,
+                key=b"checkpoint",
+                headers=[(TYPE_HEADER, CHECKPOINT_TYPE)],
+            )
+            await future
+
     async def close(self) -> None:
         """Flush what is in flight for a few seconds, then stop. Messages still
         unacknowledged stay pending in the journal and go again after a restart."""
@@ -576,3 +726,49 @@ def _failure(future: asyncio.Future[Any]) -> BaseException | None:
         closed: BaseException = ProducerClosed()
         return closed
     return future.exception()
+
+
+async def read_topic(
+    target_id: str, endpoint: EventStreamsEndpointConfig
+) -> AsyncIterator[tuple[str, dict[str, bytes], bytes]]:
+    """Every message of the endpoint's topic, every partition, from its start to the end
+    offsets it had when reading began: (`topic[partition]@offset`, headers, value). For
+    `event-router verify kafka://TARGET`; a topic that cannot be read raises DeliveryError."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=list(endpoint.brokers),
+        enable_auto_commit=False,
+        **client_settings(endpoint),
+    )
+    try:
+        await consumer.start()
+        # The consumer's own partitions_for_topic knows only topics it subscribed to.
+        cluster = await consumer._client.fetch_all_metadata()
+    except (KafkaError, OSError) as exc:
+        await consumer.stop()
+        raise RetryableDeliveryError(target_id, f"cannot read from Kafka: {describe(exc)}") from exc
+    try:
+        numbers = cluster.partitions_for_topic(endpoint.topic)
+        if not numbers:
+            raise PermanentDeliveryError(target_id, f"Kafka has no topic {endpoint.topic!r}")
+        partitions = [TopicPartition(endpoint.topic, n) for n in sorted(numbers)]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        end = await consumer.end_offsets(partitions)
+        left = {tp for tp in partitions if end[tp] > 0}
+        while left:
+            got = await consumer.getmany(*left, timeout_ms=int(endpoint.timeout_s * 1000))
+            if not got:
+                raise RetryableDeliveryError(
+                    target_id, f"Kafka sent nothing for {endpoint.timeout_s:g}s while reading"
+                )
+            for tp, records in sorted(got.items(), key=lambda item: item[0].partition):
+                for record in records:
+                    if record.offset < end[tp]:
+                        name = f"{tp.topic}[{tp.partition}]@{record.offset}"
+                        yield name, dict(record.headers), record.value or b""
+                if await consumer.position(tp) >= end[tp]:
+                    left.discard(tp)
+    except KafkaError as exc:
+        raise RetryableDeliveryError(target_id, f"reading from Kafka: {describe(exc)}") from exc
+    finally:
+        await consumer.stop()

@@ -36,7 +36,14 @@ from router.evidence.canonical import split_line
 from router.evidence.checkpoint import PREFIX, SIG_MEMBER, is_checkpoint
 from router.evidence.keys import generate, load_public
 from router.evidence.registry import Evidence
-from router.evidence.verify import EN_DASH, Broken, Report, Verifier, verify_files
+from router.evidence.verify import (
+    EN_DASH,
+    Broken,
+    Report,
+    Verifier,
+    VerifyOptions,
+    verify_files,
+)
 from router.journal.sqlite import SqliteJournal
 from router.server.api import ConfigSource
 from router.targets.file import FileEndpointConfig, FileTarget
@@ -69,7 +76,7 @@ def chained_file_target(path: Path, **endpoint: Any) -> dict[str, Any]:
 
 def verify(paths: list[Path], key: Path | None = None, **kwargs: Any) -> Report:
     public = load_public(key) if key is not None else None
-    return verify_files(paths, Verifier(public_key=public, **kwargs))
+    return verify_files(paths, Verifier(VerifyOptions(public_key=public, **kwargs)))
 
 
 def archive_files(directory: Path, name: str = "us.ndjson") -> list[Path]:
@@ -360,7 +367,7 @@ def sample_archive() -> tuple[bytes, bytes]:
 def verify_bytes(data: bytes, public_pem: bytes, tmp: Path) -> Report:
     pub = tmp / "k.pub"
     pub.write_bytes(public_pem)
-    verifier = Verifier(public_key=load_public(pub))
+    verifier = Verifier(VerifyOptions(public_key=load_public(pub)))
     try:
         verifier.archive("us.ndjson", io.BytesIO(data))
         return verifier.finish()
@@ -908,6 +915,21 @@ async def status_of(port: int) -> Any:
         return await resp.json()
 
 
+def process_config(tmp_path: Path, port: int, archive: Path, routes: list[Any]) -> Path:
+    """The config file of a daemon process with one chained file target and no checkpoint
+    while it runs (only at a stop)."""
+    data: dict[str, Any] = {
+        "server": {"host": "127.0.0.1", "port": port},
+        "storage": {"path": str(tmp_path / "var"), "fsync": "always"},
+        "targets": [chained_file_target(archive)],
+        "routes": routes,
+        "evidence": {"checkpoint_every_events": 1000, "checkpoint_every_s": 3600},
+    }
+    config = tmp_path / "router.yaml"
+    config.write_text(yaml.safe_dump(data))
+    return config
+
+
 async def test_lines_cut_while_the_daemon_was_down_after_kill_9_are_reported_at_start(
     tmp_path: Path,
 ) -> None:
@@ -920,23 +942,8 @@ async def test_lines_cut_while_the_daemon_was_down_after_kill_9_are_reported_at_
     and leave the cut a gap in the middle, the next test's case.)"""
     port = free_port()
     archive = tmp_path / "archive" / "us.ndjson"
-    data: dict[str, Any] = {
-        "server": {"host": "127.0.0.1", "port": port},
-        "storage": {"path": str(tmp_path / "var"), "fsync": "always"},
-        "targets": [chained_file_target(archive)],
-        "routes": [
-            {
-                "name": "all",
-                "rules": [
-                    {"locations": ["global"], "target_ids": []},
-                    {"locations": ["*"], "target_ids": ["us"]},
-                ],
-            }
-        ],
-        "evidence": {"checkpoint_every_events": 1000, "checkpoint_every_s": 3600},
-    }
-    config = tmp_path / "router.yaml"
-    config.write_text(yaml.safe_dump(data))
+    not_global = [{"locations": ["global"], "target_ids": []}, *everything_to("us")[0]["rules"]]
+    config = process_config(tmp_path, port, archive, [{"name": "all", "rules": not_global}])
     proc: asyncio.subprocess.Process | None = None
     try:
         proc = await serve(config, port)
@@ -1000,15 +1007,7 @@ async def test_an_archive_cut_while_stopped_is_a_metric_and_an_event_of_the_rout
     journal's head), with the numbers."""
     port = free_port()
     archive = tmp_path / "archive" / "us.ndjson"
-    data: dict[str, Any] = {
-        "server": {"host": "127.0.0.1", "port": port},
-        "storage": {"path": str(tmp_path / "var"), "fsync": "always"},
-        "targets": [chained_file_target(archive)],
-        "routes": everything_to("us"),
-        "evidence": {"checkpoint_every_events": 1000, "checkpoint_every_s": 3600},
-    }
-    config = tmp_path / "router.yaml"
-    config.write_text(yaml.safe_dump(data))
+    config = process_config(tmp_path, port, archive, everything_to("us"))
     proc: asyncio.subprocess.Process | None = None
     try:
         proc = await serve(config, port)
@@ -1069,15 +1068,7 @@ async def test_a_clean_restart_and_a_kill_9_report_nothing_missing(tmp_path: Pat
     acknowledged), the files reach the journal's head and nothing is reported missing."""
     port = free_port()
     archive = tmp_path / "archive" / "us.ndjson"
-    data: dict[str, Any] = {
-        "server": {"host": "127.0.0.1", "port": port},
-        "storage": {"path": str(tmp_path / "var"), "fsync": "always"},
-        "targets": [chained_file_target(archive)],
-        "routes": everything_to("us"),
-        "evidence": {"checkpoint_every_events": 1000, "checkpoint_every_s": 3600},
-    }
-    config = tmp_path / "router.yaml"
-    config.write_text(yaml.safe_dump(data))
+    config = process_config(tmp_path, port, archive, everything_to("us"))
     proc: asyncio.subprocess.Process | None = None
     try:
         proc = await serve(config, port)

@@ -417,6 +417,52 @@ async def test_kill_9_between_a_put_and_the_head_resends_the_same_object_first(
     assert out.startswith(summary), out
 
 
+async def shed_while_held(
+    start_daemon: StartDaemon,
+    front: HoldingFront,
+    tmp_path: Path,
+    target: dict[str, Any],
+    key: Path,
+) -> Daemon:
+    """A daemon with the COS target and a small journal that sheds when full: the front
+    holds the answer to the PUT of its first object (events held-0 ... held-9), and 2,000
+    events more fill the journal, so its oldest are dead-lettered meanwhile (within 30 s)."""
+    daemon = await start_daemon(
+        {
+            "storage": {
+                "path": str(tmp_path / "var"),
+                "max_bytes": 1024 * 1024,
+                "when_full": "drop_oldest_per_target",
+            },
+            "targets": [target],
+            "routes": everything_to("cos"),
+            "evidence": {"signing_key_file": str(key), "checkpoint_every_s": 3600},
+        }
+    )
+    front.holding = True
+    assert (await post(daemon, [make_event(id=f"held-{i}") for i in range(10)]))[0] == 202
+    await wait_for(lambda: bool(front.landed), what="the PUT to reach the store")
+
+    async def fill() -> None:
+        for n in range(100):
+            batch = [make_event(id=f"f{n}-{i}", message="x" * 500) for i in range(20)]
+            assert (await post(daemon, batch))[0] == 202
+
+    await asyncio.wait_for(fill(), timeout=30)
+    assert daemon.status()["ingest"]["dropped_buffer_full"] > 0
+    return daemon
+
+
+async def release_and_stop(daemon: Daemon, front: HoldingFront) -> None:
+    """Let the held PUT's answer through, wait until everything settled (the books balance),
+    and stop the daemon."""
+    front.holding = False
+    front.release.set()
+    await wait_for(lambda: settled(daemon), timeout_s=60, what="everything settled")
+    assert_books_balance(daemon)
+    await daemon.stop()
+
+
 @pytest.mark.parametrize("answer", ["stored", "503"])
 async def test_dead_letters_do_not_wait_for_a_put_in_flight_and_take_places_after_it(
     start_daemon: StartDaemon, s3_server: S3Server, s3: Any, tmp_path: Path, answer: str
@@ -431,36 +477,10 @@ async def test_dead_letters_do_not_wait_for_a_put_in_flight_and_take_places_afte
     key, public = generate(tmp_path / "signing.key")
     target = cos_target(front.url, timeout_s=120) | {"batch": {"max_events": 10}}
     try:
-        daemon = await start_daemon(
-            {
-                "storage": {
-                    "path": str(tmp_path / "var"),
-                    "max_bytes": 1024 * 1024,
-                    "when_full": "drop_oldest_per_target",
-                },
-                "targets": [target],
-                "routes": everything_to("cos"),
-                "evidence": {"signing_key_file": str(key), "checkpoint_every_s": 3600},
-            }
-        )
-        front.holding = True
-        assert (await post(daemon, [make_event(id=f"held-{i}") for i in range(10)]))[0] == 202
-        await wait_for(lambda: bool(front.landed), what="the PUT to reach the store")
-
-        async def fill() -> None:
-            for n in range(100):
-                batch = [make_event(id=f"f{n}-{i}", message="x" * 500) for i in range(20)]
-                assert (await post(daemon, batch))[0] == 202
-
         # Before: the shedding waited for the chain's lock, held for the whole PUT.
-        await asyncio.wait_for(fill(), timeout=30)
-        assert daemon.status()["ingest"]["dropped_buffer_full"] > 0
+        daemon = await shed_while_held(start_daemon, front, tmp_path, target, key)
         assert len(front.landed) == 1 and not front.release.is_set(), "the PUT is still held"
-        front.holding = False
-        front.release.set()
-        await wait_for(lambda: settled(daemon), timeout_s=60, what="everything settled")
-        assert_books_balance(daemon)
-        await daemon.stop()
+        await release_and_stop(daemon, front)
     finally:
         front.release.set()
         await front.stop()
@@ -498,30 +518,8 @@ async def test_an_object_given_up_after_a_later_dead_letter_leaves_no_gap(
         "retry": {"max_attempts": 1, "initial_backoff_s": 0.01},
     }
     try:
-        daemon = await start_daemon(
-            {
-                "storage": {
-                    "path": str(tmp_path / "var"),
-                    "max_bytes": 1024 * 1024,
-                    "when_full": "drop_oldest_per_target",
-                },
-                "targets": [target],
-                "routes": everything_to("cos"),
-                "evidence": {"signing_key_file": str(key), "checkpoint_every_s": 3600},
-            }
-        )
-        front.holding = True
-        assert (await post(daemon, [make_event(id=f"held-{i}") for i in range(10)]))[0] == 202
-        await wait_for(lambda: bool(front.landed), what="the PUT to reach the front")
-        for n in range(100):
-            batch = [make_event(id=f"f{n}-{i}", message="x" * 500) for i in range(20)]
-            assert (await post(daemon, batch))[0] == 202
-        assert daemon.status()["ingest"]["dropped_buffer_full"] > 0
-        front.holding = False
-        front.release.set()
-        await wait_for(lambda: settled(daemon), timeout_s=60, what="everything settled")
-        assert_books_balance(daemon)
-        await daemon.stop()
+        daemon = await shed_while_held(start_daemon, front, tmp_path, target, key)
+        await release_and_stop(daemon, front)
     finally:
         front.release.set()
         await front.stop()

@@ -191,6 +191,14 @@ class Daemon:
         self.ingest = ingest = Ingest(
             server=self.config.server, stats=self.ingest_stats, acceptor=acceptor
         )
+        self.api = ManagementApi(
+            self,
+            port=lambda: self.port,
+            write_status=self._write_status,
+            probe=self.probe_target,
+            record=self.record_own,
+            alert_states=self.alerts.snapshot,
+        )
         return build_app(
             server=self.config.server,
             guard=self.guard,
@@ -205,14 +213,7 @@ class Daemon:
             is_invalid=lambda body: bool(self.validator.validate(body)),
             file_archives=self._file_archives,
             letters_dir=self.config.storage.dead_letter_dir(),
-            api=ManagementApi(
-                self,
-                port=lambda: self.port,
-                write_status=self._write_status,
-                probe=self.probe_target,
-                record=self.record_own,
-                alert_states=self.alerts.snapshot,
-            ),
+            api=self.api,
         )
 
     @property
@@ -299,8 +300,13 @@ class Daemon:
             await shared.put(self.source.data)
         elif data != SharedConfig.shareable(self.source.data):
             await self._apply_shared(data)
+        if shared.metadata is None:
+            await shared.share_metadata(self.api.meta.document())
+        else:  # not adopt_meta: an API edit may be waiting, with its lock, for the config lock
+            self.api.meta.adopt(shared.metadata)
+            await asyncio.to_thread(self.api.meta.save)
         self._config_watch = asyncio.create_task(
-            shared.watch(self._on_shared_config), name="shared-config"
+            shared.watch(self._on_shared_config, self.api.adopt_meta), name="shared-config"
         )
 
     async def _on_shared_config(self, data: dict[str, Any]) -> None:
@@ -533,6 +539,10 @@ class Daemon:
                 await asyncio.to_thread(write_back, source.path, source.data)
             if isinstance(self.journal, JetStreamJournal) and self.journal.js_config.share_config:
                 await self.journal.shared_config.share(source.data)  # every router follows
+
+    async def share_metadata(self, document: dict[str, Any]) -> None:
+        if isinstance(self.journal, JetStreamJournal) and self.journal.js_config.share_config:
+            await self.journal.shared_config.share_metadata(document)
 
     def _view_query(self, name: str) -> str | None:
         """The query of the running config's view `name` (the tail's `?view=`)."""

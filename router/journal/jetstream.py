@@ -724,20 +724,23 @@ class JetStreamJournal:
 
 
 CONFIG_KEY = "config"
+METADATA_KEY = "metadata"  # the management API's timestamps and versions (server.api.Metadata)
 
 
 class SharedConfig:
     """The config every router of one stream runs: a KV bucket `<stream>_CONFIG` holding the
-    config's data (references unresolved, as the management API keeps it) and who put it.
-    The sections that belong to one router (LOCAL_SECTIONS) are the router's own and are
-    neither shared nor taken."""
+    config's data (references unresolved, as the management API keeps it) and who put it,
+    and beside it the management API's metadata. The sections that belong to one router
+    (LOCAL_SECTIONS) are the router's own and are neither shared nor taken."""
 
     LOCAL_SECTIONS = ("server", "storage")
 
     def __init__(self, journal: JetStreamJournal) -> None:
         self.journal = journal
         self.bucket = f"{journal.js_config.stream}_CONFIG"
-        self.revision = 0  # the last revision this router applied or put
+        self.revision = 0  # the last config revision this router applied or put
+        self.metadata_revision = 0  # the same for the metadata
+        self.metadata: dict[str, Any] | None = None  # what `open` found
         self.failures = 0  # shared configs that raised while being applied
         self._kv: KeyValue | None = None
 
@@ -768,6 +771,12 @@ class SharedConfig:
                 )
             )
         try:
+            entry = await self._kv.get(METADATA_KEY)
+            self.metadata_revision = entry.revision or 0
+            self.metadata = dict(orjson.loads(entry.value or b"{}")["metadata"])
+        except KeyNotFoundError:
+            self.metadata = None
+        try:
             entry = await self._kv.get(CONFIG_KEY)
         except KeyNotFoundError:
             return None
@@ -788,24 +797,45 @@ class SharedConfig:
         except STREAM_ERRORS as exc:
             log.error("the config change applies here but could not be shared: %s", exc)
 
-    async def watch(self, apply: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
-        """Apply every config another router puts, newest first seen, until cancelled; a
-        config that fails to apply is logged by `apply`, and the next one is awaited."""
+    async def share_metadata(self, metadata: Mapping[str, Any]) -> None:
+        """Share the management API's metadata; NATS away is logged, as in `share`."""
         assert self._kv is not None
-        watcher = await self._kv.watch(CONFIG_KEY)
+        value = orjson.dumps({"origin": self.journal.instance, "metadata": metadata})
+        try:
+            self.metadata_revision = await self._kv.put(METADATA_KEY, value)
+        except STREAM_ERRORS as exc:
+            log.error("the API metadata could not be shared: %s", exc)
+
+    async def watch(
+        self,
+        apply: Callable[[dict[str, Any]], Awaitable[None]],
+        adopt: Callable[[dict[str, Any]], Awaitable[None]],
+    ) -> None:
+        """Apply every config, and adopt all metadata, another router puts, newest first seen,
+        until cancelled; one that fails is logged, and the next one is awaited."""
+        assert self._kv is not None
+        watcher = await self._kv.watch(">")
         try:
             async for entry in watcher:
-                if entry is None or entry.value is None or (entry.revision or 0) <= self.revision:
+                if entry is None or entry.value is None:
+                    continue
+                revision = entry.revision or 0
+                if entry.key == CONFIG_KEY and revision > self.revision:
+                    self.revision = revision
+                    what, take, field = "config", apply, "data"
+                elif entry.key == METADATA_KEY and revision > self.metadata_revision:
+                    self.metadata_revision = revision
+                    what, take, field = "API metadata", adopt, "metadata"
+                else:
                     continue
                 document = orjson.loads(entry.value)
-                self.revision = entry.revision or 0
                 if document.get("origin") == self.journal.instance:
                     continue
                 try:
-                    await apply(dict(document["data"]))
-                except Exception:  # the task boundary: the next config is still awaited
+                    await take(dict(document[field]))
+                except Exception:  # the task boundary: the next one is still awaited
                     self.failures += 1
-                    log.exception("the shared config (revision %d) failed to apply", self.revision)
+                    log.exception("the shared %s (revision %d) failed to apply", what, revision)
         finally:
             with contextlib.suppress(*STREAM_ERRORS):
                 await watcher.stop()  # type: ignore[no-untyped-call]

@@ -23,7 +23,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -82,6 +82,10 @@ class ConfigEditor(Protocol):
         """Under the config lock: `change` builds the new config and its data from the running
         ones; apply it through the reload path (raising ConfigError if refused), adopt the
         data, and write it back to the file. Nothing else changes the config in between."""
+
+    async def share_metadata(self, document: dict[str, Any]) -> None:
+        """Hand the API's metadata to every router that runs the same shared config (so each
+        answers the same timestamps and versions); nothing without one. Never raises."""
 
 
 class ApiError(Exception):
@@ -142,18 +146,26 @@ class Metadata:
             self.touch(key, created=True)
         return bool(new)
 
+    def document(self) -> dict[str, Any]:
+        return {
+            "created": self.created,
+            "updated": self.updated,
+            "versions": self.versions,
+            "settings": self.settings,
+        }
+
+    def adopt(self, document: Mapping[str, Any]) -> None:
+        """Take the metadata another router shared; what only this router knew stays (its
+        first sight of a YAML item the other has not shown yet)."""
+        self.created = {**self.created, **document["created"]}
+        self.updated = {**self.updated, **document["updated"]}
+        self.versions = {**self.versions, **document["versions"]}
+        self.settings = dict(document["settings"])
+
     def save(self) -> None:
         if self.path is None:
             return
-        body = orjson.dumps(
-            {
-                "created": self.created,
-                "updated": self.updated,
-                "versions": self.versions,
-                "settings": self.settings,
-            }
-        )
-        replace_atomically(self.path, body)
+        replace_atomically(self.path, orjson.dumps(self.document()))
 
 
 Handler = Callable[[web.Request], Awaitable[web.Response]]
@@ -352,7 +364,19 @@ class ManagementApi:
         keys += [f"route:{r.get('id', r['name'])}" for r in data.get("routes") or []]
         async with self._editing:
             if self.meta.seen(keys):
-                await asyncio.to_thread(self.meta.save)
+                await self._save_meta()
+
+    async def _save_meta(self) -> None:
+        await asyncio.to_thread(self.meta.save)
+        await self.editor.share_metadata(copy.deepcopy(self.meta.document()))
+
+    async def adopt_meta(self, document: Mapping[str, Any]) -> None:
+        """Metadata another router shared (see ConfigEditor.share_metadata). Between API
+        edits, so a refused one does not put back what was shared meanwhile. The caller must
+        not hold the config lock, which an edit takes inside this one."""
+        async with self._editing:
+            self.meta.adopt(document)
+            await asyncio.to_thread(self.meta.save)
 
     def route_model(self, raw: dict[str, Any]) -> dict[str, Any]:
         route_id = str(raw.get("id", raw["name"]))
@@ -425,7 +449,7 @@ class ManagementApi:
             except BaseException:
                 self.meta.restore(saved)
                 raise
-            await asyncio.to_thread(self.meta.save)
+            await self._save_meta()
             old, new = configs
             await self._audit(request, action, subject, old, new, None)
             return result

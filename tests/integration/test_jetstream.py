@@ -329,7 +329,7 @@ def auth() -> dict[str, Any]:
     }
 
 
-async def api_call(daemon: Daemon, method: str, path: str, body: Any) -> tuple[int, Any]:
+async def api_call(daemon: Daemon, method: str, path: str, body: Any = None) -> tuple[int, Any]:
     async with (
         aiohttp.ClientSession() as session,
         session.request(
@@ -382,6 +382,54 @@ async def test_an_api_change_on_one_router_reaches_the_others_and_a_router_start
     third = await start_router(bootstrap, name="r3")
     assert target["id"] in third.targets
     assert [r.name for r in third.config.routes] == ["all", "to-other"]
+
+
+async def test_every_router_answers_the_same_timestamps_and_route_versions(
+    start_router: Any, receiver_factory: ReceiverFactory
+) -> None:
+    """The management API's metadata (created_at, updated_at, route versions, settings) is
+    shared with the config: the SDK sees one service whichever router answers."""
+    siem = await receiver_factory([200])
+    bootstrap = {
+        "auth": auth(),
+        "targets": [http_target("siem", siem.url)],
+        "routes": everything_to("siem"),
+    }
+    first = await start_router(bootstrap, name="r1")
+    second = await start_router(bootstrap, name="r2")
+    # The YAML's target gets its creation time when a router first shows it.
+    status, listed = await api_call(first, "GET", "/api/v2/targets")
+    assert status == 200, listed
+    status, target = await api_call(
+        first,
+        "POST",
+        "/api/v2/targets",
+        {"name": "other", "target_type": "http", "http_endpoint": {"url": siem.url}},
+    )
+    assert status == 201, target
+    status, route = await api_call(
+        first,
+        "POST",
+        "/api/v2/routes",
+        {"name": "to-other", "rules": [{"locations": ["*"], "target_ids": [target["id"]]}]},
+    )
+    assert status == 201, route
+    changed = {**route, "name": "to-other-renamed"}
+    status, route = await api_call(first, "PUT", f"/api/v2/routes/{route['id']}", changed)
+    assert status == 200, route
+    assert route["version"] == 1
+    paths = ["/api/v2/targets", f"/api/v2/targets/{target['id']}", f"/api/v2/routes/{route['id']}"]
+    expected = [(await api_call(first, "GET", path))[1] for path in paths]
+
+    async def answers(daemon: Daemon) -> list[Any]:
+        return [(await api_call(daemon, "GET", path))[1] for path in paths]
+
+    async def agree(daemon: Daemon) -> bool:
+        return await answers(daemon) == expected
+
+    await wait_for(lambda: agree(second), what="the second router's answers to match")
+    third = await start_router(bootstrap, name="r3")  # joins later: takes what is shared
+    assert await answers(third) == expected
 
 
 async def test_with_nats_down_ingest_answers_503_and_readyz_too_until_it_is_back(

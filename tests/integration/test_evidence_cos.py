@@ -22,6 +22,7 @@ from router.daemon import Daemon
 from router.evidence.canonical import split_line
 from router.evidence.checkpoint import is_checkpoint
 from router.evidence.keys import generate
+from router.evidence.receipt import find_in_letters
 from tests.conftest import StartDaemon
 from tests.fakes import ACCOUNT, make_event, wait_for
 from tests.helpers import (
@@ -533,6 +534,12 @@ async def test_an_object_given_up_after_a_later_dead_letter_leaves_no_gap(
     assert {letter["reason"] for letter in given_up} == {"retries_exhausted"}
     held = [split_line(letter["object_line"].encode()) for letter in given_up]
     assert [found[1].seq for found in held if found] == list(range(1, 11)), "at its places"
+    assert find_in_letters(letters, "held-3") == {
+        "state": "dead_lettered",
+        "reason": "retries_exhausted",
+        "message": given_up[3]["message"],
+        "seq": 4,
+    }, "GET /v1/receipts/{id} names the place it stands at"
     config = tmp_path / "router.yaml"
     data = {**daemon.source.data, "targets": [cos_target(s3_server.endpoint_url)]}
     config.write_text(yaml.safe_dump(data))

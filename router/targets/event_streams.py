@@ -383,9 +383,9 @@ class EventStreamsTarget:
                 )
             await self._renew()
         producer = await self._connect()
-        self._forget_others(batch)
         if self.chain is not None:
             await self._take_places(self.chain, producer, batch)
+        self._forget_others(batch)
         refused: dict[str, str] = {}
         try:
             for event in batch:
@@ -567,6 +567,7 @@ class EventStreamsTarget:
         letter stands there), so every attempt sends the very same headers."""
         async with chain.lock:
             await self._resend_planned(chain, producer, batch)
+            await self._fill_orphans(chain, producer, batch)
             self._links = {}
             new: list[Event] = []
             for event in batch:
@@ -608,18 +609,53 @@ class EventStreamsTarget:
         planned = chain.planned
         if planned is None:
             return
-        placed = [
-            (line, Event.from_body(orjson.loads(found[0]), encoded=found[0]), found[1])
-            for line in planned.body.splitlines()
-            if (found := split_line(line)) is not None
-        ]
         log.warning(
-            "target %s: sending %d messages again at their places %d-%d, planned before a crash",
+            "target %s: sending messages again at their places %d-%d, planned before a crash",
             self.id,
-            len(placed),
             (planned.base.seq if planned.base is not None else 0) + 1,
             planned.head.seq,
         )
+        sent = await self._send_again(producer, planned.body.splitlines())
+        wanted = self._ids(batch)
+        for line, event, future in sent:
+            if event.id in wanted:  # this batch's: sent, held until the batch is settled
+                self._flights[event.id] = _Flight(future)
+                chain.held[event.id] = line
+        chain.planned = None
+        chain.in_flight -= 1
+
+    async def _fill_orphans(
+        self, chain: Chain, producer: AIOKafkaProducer, batch: Sequence[Event]
+    ) -> None:
+        """Places held by events that are not in this batch and whose message is not in
+        flight: a test write that failed (it is never sent again), or a batch a reload cut
+        differently. A message Kafka acknowledged is in the topic; any other is sent again,
+        byte for byte at its place, so no place stays empty (the event's own batch, if it
+        comes, takes that place again: the same message twice). The caller holds the lock."""
+        wanted = self._ids(batch)
+        orphans: list[bytes] = []
+        for event_id, line in list(chain.held.items()):
+            flight = self._flights.get(event_id)
+            if event_id in wanted or (flight is not None and not flight.future.done()):
+                continue
+            if flight is not None and _failure(flight.future) is None:
+                del chain.held[event_id]
+            else:
+                orphans.append(line)
+        if orphans:
+            for _, event, _ in await self._send_again(producer, orphans):
+                chain.held.pop(event.id, None)
+
+    async def _send_again(
+        self, producer: AIOKafkaProducer, lines: Sequence[bytes]
+    ) -> list[tuple[bytes, Event, asyncio.Future[Any]]]:
+        """Produce chained lines again as they were, each at its place, and wait until Kafka
+        acknowledged every one (else raise, retryable)."""
+        placed = [
+            (line, Event.from_body(orjson.loads(found[0]), encoded=found[0]), found[1])
+            for line in lines
+            if (found := split_line(line)) is not None
+        ]
         try:
             futures = [
                 await producer.send(
@@ -633,17 +669,26 @@ class EventStreamsTarget:
             await self._await(futures)
         except (KafkaError, OSError) as exc:
             self._raise_for(exc)
-        if not all(future.done() and _failure(future) is None for future in futures):
-            raise RetryableDeliveryError(
-                self.id, "the messages planned before a crash are not all acknowledged yet"
-            )
-        wanted = self._ids(batch)
-        for (line, event, _), future in zip(placed, futures, strict=True):
-            if event.id in wanted:  # this batch's: sent, held until the batch is settled
-                self._flights[event.id] = _Flight(future)
-                chain.held[event.id] = line
-        chain.planned = None
-        chain.in_flight -= 1
+        done: list[tuple[bytes, Event, asyncio.Future[Any]]] = []
+        for (line, event, link), future in zip(placed, futures, strict=True):
+            error = _failure(future) if future.done() else ProducerClosed()
+            if error is not None and is_retryable(error):
+                raise RetryableDeliveryError(
+                    self.id,
+                    f"{len(futures)} messages sent again at their places are not all "
+                    f"acknowledged yet ({describe(error)})",
+                )
+            if error is not None:
+                # Refused for good: that place stays empty, and verify names it as a gap.
+                log.error(
+                    "target %s: Kafka refused the message at seq %d for good (%s); its place "
+                    "in the chain stays empty",
+                    self.id,
+                    link.seq,
+                    describe(error),
+                )
+            done.append((line, event, future))
+        return done
 
     async def _placed(self, chain: Chain, batch: Sequence[Event], refused: dict[str, str]) -> None:
         """The batch is settled: the acknowledged events' places are in the topic (no longer

@@ -44,7 +44,7 @@ from tests.integration.test_event_streams import (
     plaintext,
     read_topic,
 )
-from tests.peers.kafka import KafkaBroker
+from tests.peers.kafka import AnswerDropper, KafkaBroker
 
 pytestmark = pytest.mark.peers
 __all__ = ["kafka"]  # fixtures used by name
@@ -276,3 +276,48 @@ async def test_the_chain_survives_kill_9_under_load_and_the_topic_verifies(
     code, out, err = await verify_topic(config, public, "es")
     assert code == 0, out + err
     print(out)
+
+
+@pytest.mark.timeout(240)
+async def test_a_test_write_whose_answer_was_lost_does_not_hold_its_place_for_ever(
+    start_daemon: StartDaemon, kafka: KafkaBroker, tmp_path: Path
+) -> None:
+    """The start-up test write takes place 1, but the broker's answer to it is lost (the
+    daemon reaches Kafka through an AnswerDropper): the probe fails, and nothing will ever
+    settle that event. The next send finds its place held by no batch: the message Kafka
+    took (or, if it had not, a copy sent again) fills it, so the place is let go, the chain
+    checkpoints again, and the topic verifies up to a checkpoint at its head."""
+    await create_topic(kafka, "chain-probe")
+    async with AnswerDropper(kafka) as dropper:
+        dropper.dropping = True
+        target = es_target("chain-probe", kafka.proxied_bootstrap, timeout_s=2, **plaintext())
+        daemon = await start_daemon(
+            {
+                "storage": {"path": str(tmp_path / "var")},
+                "startup": {"validate_targets": True},
+                "targets": [target | {"retry": {"initial_backoff_s": 0.2, "max_backoff_s": 1}}],
+                "routes": everything_to("es"),
+                "evidence": {"event_streams": True, "checkpoint_every_events": 5},
+            }
+        )
+        await wait_for(
+            lambda: daemon.status()["targets"]["es"]["write_status"]["status"] == "failed",
+            timeout_s=30,
+            what="the test write to fail",
+        )
+        assert daemon.status()["targets"]["es"]["evidence"]["chain_seq"] == 1
+        dropper.dropping = False
+        for start in (0, 10):
+            batch = [make_event(id=f"p-{n}") for n in range(start, start + 10)]
+            assert (await post(daemon, batch))[0] == 202
+            await wait_for(lambda: settled(daemon), timeout_s=60, what="delivery")
+        evidence = daemon.status()["targets"]["es"]["evidence"]
+        assert evidence["chain_seq"] == 21 and evidence["checkpoint_seq"] == 21, evidence
+        assert_books_balance(daemon)
+        await daemon.stop()
+    config = tmp_path / "router.yaml"
+    data = {**daemon.source.data, "targets": [chained("chain-probe", kafka.bootstrap, "es")]}
+    config.write_text(yaml.safe_dump(data))
+    code, out, err = await run_cli("verify", "kafka://es", "--config", str(config))
+    assert code == 0, out + err
+    assert "chain head seq 21" in out and "last checkpoint at seq 21" in out, out

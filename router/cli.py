@@ -496,7 +496,11 @@ def _verify_topic(
     start to its end offsets when read), with the target's dead-letter files."""
     from router.errors import DeliveryError
     from router.evidence.bucket import BucketVerifier, verify_topic
-    from router.targets.event_streams import EventStreamsEndpointConfig, read_topic
+    from router.targets.event_streams import (
+        EventStreamsEndpointConfig,
+        EventStreamsTarget,
+        read_topic,
+    )
 
     target_id = path.removeprefix(KAFKA_SCHEME).strip("/")
     found = _config_target(args, target_id, EventStreamsEndpointConfig, "event_streams")
@@ -504,10 +508,17 @@ def _verify_topic(
         return found
     target, config = found
     assert isinstance(target.endpoint, EventStreamsEndpointConfig)
-    messages = read_topic(target_id, target.endpoint)
+    topic = EventStreamsTarget(target_id, target.endpoint)
     letters = letters or _own_letters(config, target_id)
+
+    async def run() -> Report:
+        try:
+            return await verify_topic(read_topic(topic), letters, BucketVerifier(options))
+        finally:
+            await topic.close()
+
     try:
-        return asyncio.run(verify_topic(messages, letters, BucketVerifier(options)))
+        return asyncio.run(run())
     except DeliveryError as exc:
         print(f"verify: {exc}", file=sys.stderr)
         return EXIT_RUNTIME

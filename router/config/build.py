@@ -41,8 +41,10 @@ from router.config.model import (
 )
 from router.config.references import resolve, resolve_all
 from router.errors import QueryError
+from router.iam import PROFILE_SELECTORS, CrTokenError, TrustedProfileConfig, read_cr_token
 from router.query import Query, parse
 from router.targets import TARGET_TYPES, TargetType
+from router.targets.event_streams import EventStreamsEndpointConfig
 from router.targets.http import HttpAuthConfig, SigningConfig
 
 MIN_SIGNING_SECRET = 16  # an HMAC key shorter than this is guessable
@@ -105,17 +107,40 @@ def _identity(
 ) -> None:
     """Fill in the daemon's own identity where a target uses it: an endpoint without an
     api_key, or one that sets service_to_service_enabled, authenticates with the top-level
-    `iam` key (and every target without an iam_url of its own exchanges keys at its URL)."""
+    `iam` identity (its API key, or its trusted profile), exchanged at the `iam` section's IAM
+    URL only: a target that names another would send the daemon's key (or its CR token) to a
+    URL of its own choosing, which an admin token could otherwise do through the API. Every
+    target with a key of its own and no iam_url exchanges it at the `iam` section's URL."""
     names = {f.name for f in fields(kind.config_class)}
-    if iam is not None and "api_key" in names:
-        if "api_key" not in endpoint or endpoint.get("service_to_service_enabled") is True:
+    uses_daemons = (
+        iam is not None
+        and "api_key" in names
+        and ("api_key" not in endpoint or endpoint.get("service_to_service_enabled") is True)
+    )
+    if iam is not None and uses_daemons:
+        if iam.trusted_profile is not None:
+            endpoint.pop("api_key", None)
+            endpoint["trusted_profile"] = iam.trusted_profile
+            problems.extend(_profile_problems(kind, endpoint, where))
+        else:
             endpoint["api_key"] = iam.api_key
-        if iam.iam_url is not None and "iam_url" in names and "iam_url" not in endpoint:
-            endpoint["iam_url"] = iam.iam_url
+        daemons_url = iam.iam_url or _default(kind.config_class, "iam_url")
+        own = endpoint.get("iam_url")
+        if own is not None and own.rstrip("/") != str(daemons_url).rstrip("/"):
+            problems.append(
+                f"{where}.iam_url: this target uses the daemon's own identity (the top-level "
+                f"iam section), which is exchanged for tokens at {daemons_url} only; set "
+                "iam.iam_url instead, or give the target an api_key of its own"
+            )
+        elif "iam_url" in names:
+            endpoint["iam_url"] = daemons_url
+    if iam is not None and iam.iam_url is not None and "iam_url" in names:
+        endpoint.setdefault("iam_url", iam.iam_url)
     if (
         kind.needs_api_key is not None
         and kind.needs_api_key(endpoint)
         and "api_key" not in endpoint
+        and "trusted_profile" not in endpoint
     ):
         problems.append(
             f"{where}.api_key: required (or service_to_service_enabled with the daemon's own "
@@ -124,12 +149,67 @@ def _identity(
         endpoint["api_key"] = ""  # the dataclass still builds; the problem stops the load
 
 
+def _default(cls: type[Any], name: str) -> Any:
+    return next(f.default for f in fields(cls) if f.name == name)
+
+
+def _profile_problems(kind: TargetType, endpoint: Mapping[str, Any], where: str) -> list[str]:
+    """A trusted profile has no key: Kafka takes its IAM token by SASL OAUTHBEARER only."""
+    sasl = endpoint.get("sasl")
+    mechanism = sasl.get("mechanism") if isinstance(sasl, Mapping) else None
+    if kind.config_class is EventStreamsEndpointConfig and mechanism not in (
+        None,
+        "oauthbearer",
+        "none",
+    ):
+        return [
+            f"{where}.sasl.mechanism: {mechanism!r} needs a password, and the daemon's "
+            "identity is a trusted profile, which has none: leave the mechanism unset "
+            "(OAUTHBEARER with the profile's IAM token) or give the target an api_key"
+        ]
+    return []
+
+
 def _iam(data: Mapping[str, Any] | None, problems: list[str]) -> IamConfig | None:
+    """The top-level `iam` section: exactly one of api_key or trusted_profile."""
     if data is None:
         return None
-    return IamConfig(
-        api_key=resolve(data["api_key"], "iam.api_key", problems), iam_url=data.get("iam_url")
-    )
+    given = [name for name in ("api_key", "trusted_profile") if name in data]
+    if len(given) != 1:
+        problems.append(
+            "iam: exactly one of api_key or trusted_profile, "
+            + ("not both" if given else "and neither is given")
+        )
+    if "api_key" in data:
+        return IamConfig(
+            api_key=resolve(data["api_key"], "iam.api_key", problems), iam_url=data.get("iam_url")
+        )
+    if "trusted_profile" in data:
+        profile = _trusted_profile(data["trusted_profile"], problems)
+        return IamConfig(trusted_profile=profile, iam_url=data.get("iam_url"))
+    return IamConfig(api_key="", iam_url=data.get("iam_url"))
+
+
+def _trusted_profile(data: Mapping[str, Any], problems: list[str]) -> TrustedProfileConfig:
+    """iam.trusted_profile: one profile selector (references allowed), and a token file that
+    is readable now, so that `check` finds a wrong path before the first token request. The
+    file is read again at every token request, so its path is never a ${file:} reference."""
+    where = "iam.trusted_profile"
+    chosen = [name for name in PROFILE_SELECTORS if name in data]
+    if len(chosen) != 1:
+        problems.append(
+            f"{where}: exactly one of {', '.join(PROFILE_SELECTORS)}"
+            + (f", not {' and '.join(chosen)}" if chosen else "")
+        )
+    values = {name: resolve(data[name], f"{where}.{name}", problems) for name in chosen}
+    if not chosen:
+        values["profile_id"] = "unset"  # the dataclass still builds; the problem stops the load
+    path = data.get("cr_token_file")
+    try:
+        read_cr_token(path)
+    except CrTokenError as exc:
+        problems.append(f"{where}.cr_token_file: {exc}")
+    return TrustedProfileConfig(**values, cr_token_file=path)
 
 
 def build_config(data: Mapping[str, Any], problems: list[str]) -> Config:

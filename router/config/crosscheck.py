@@ -17,6 +17,7 @@ from router.config.model import (
 )
 from router.targets.cloud_logs import CloudLogsEndpointConfig
 from router.targets.cos import CosEndpointConfig, endpoint_url
+from router.targets.event_streams import EventStreamsEndpointConfig, sasl_mechanism
 from router.targets.file import FileEndpointConfig
 from router.targets.http import HttpEndpointConfig
 
@@ -172,6 +173,10 @@ def target_listener_problems(i: int, target: TargetConfig, host: str, port: int)
         urls.append(("cos_endpoint.endpoint", endpoint_url(endpoint.endpoint)))
         if endpoint.hmac_keys is None:
             urls.append(("cos_endpoint.iam_url", endpoint.iam_url))
+    elif isinstance(endpoint, EventStreamsEndpointConfig) and sasl_mechanism(endpoint) == (
+        "oauthbearer"
+    ):
+        urls.append(("eventstreams_endpoint.iam_url", endpoint.iam_url))
     return [
         f"targets[{i}].{key}: points at this daemon's own listener ({host}:{port}); its "
         "events would come back as new events for ever"

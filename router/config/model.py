@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from router.iam import TrustedProfileConfig
 from router.query import Query
 
 MiB = 1024 * 1024
@@ -335,12 +336,15 @@ class SettingsConfig:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class IamConfig:
-    """The daemon's own IBM Cloud identity (an API key of a service ID): what authenticates
-    targets that have no api_key of their own or set `service_to_service_enabled`, as
-    atracker's own service identity does for its targets. `iam_url` (unset: each target's
-    default) is where every target without its own exchanges keys for tokens."""
+    """The daemon's own IBM Cloud identity: what authenticates targets that have no api_key
+    of their own or set `service_to_service_enabled`, as atracker's own service identity does
+    for its targets. Exactly one of an API key (of a service ID) or a trusted profile that the
+    daemon's compute resource assumes with its compute-resource token (no key to keep at all).
+    `iam_url` (unset: IBM's) is where the daemon's identity is exchanged for tokens, and where
+    every target without an iam_url of its own exchanges its key."""
 
-    api_key: str = field(repr=False)
+    api_key: str | None = field(default=None, repr=False)
+    trusted_profile: TrustedProfileConfig | None = None
     iam_url: str | None = None
 
 

@@ -27,21 +27,23 @@ import orjson
 
 from router.errors import PermanentDeliveryError
 from router.events import Event, crn_parts
-from router.iam import IamTokenSource
+from router.iam import SET_BY_LOADER, TrustedProfileConfig, token_source
 from router.targets._net import new_session, post
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CloudLogsEndpointConfig:
     """An IBM Cloud Logs instance (Coralogix-compatible `/logs/v1/singles`), reached with an
-    IAM token exchanged for `api_key`: the endpoint's own, else the daemon's identity (the
-    top-level `iam` section), as atracker's model has only `target_crn` (Cloud Logs takes
-    service-to-service authorisation only). The ingress URL is derived from `target_crn`
-    unless `ingress_url` overrides it (Coralogix, a test server)."""
+    IAM token for `api_key`: the endpoint's own, else the daemon's identity (the top-level
+    `iam` section: a key or a trusted profile), as atracker's model has only `target_crn`
+    (Cloud Logs takes service-to-service authorisation only). The ingress URL is derived
+    from `target_crn` unless `ingress_url` overrides it (Coralogix, a test server)."""
 
     target_crn: str
-    # Always set once loaded: the endpoint's own, else the daemon's (the loader refuses neither).
+    # Once loaded, one of the two is set: the endpoint's own key, else the daemon's identity
+    # (its key, or its trusted profile: never in the YAML's endpoint, the loader sets it).
     api_key: str = field(default="", repr=False)
+    trusted_profile: TrustedProfileConfig | None = field(default=None, metadata=SET_BY_LOADER)
     ingress_url: str | None = None
     iam_url: str = "https://iam.cloud.ibm.com"
     private: bool = False
@@ -123,7 +125,7 @@ class CloudLogsTarget:
         base = endpoint.ingress_url or ingress_url(endpoint.target_crn, private=endpoint.private)
         self.url = base.rstrip("/") + INGEST_PATH
         self.computer_name = endpoint.computer_name or socket.gethostname()
-        self.tokens = IamTokenSource.shared(endpoint.iam_url, endpoint.api_key)
+        self.tokens = token_source(endpoint.iam_url, endpoint.api_key, endpoint.trusted_profile)
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:

@@ -28,9 +28,10 @@ the head moves once a PUT succeeded, and the journal keeps it (a bucket is not r
 start). Checkpoints are small objects of their own, named like the others under the account of
 the target's `target_crn`.
 
-Auth: HMAC keys sign each request with SigV4 (botocore's own signer), or an IAM API key is
-exchanged for a bearer token (router.iam) that goes in the Authorization header of unsigned
-requests; on a 401/403 the token is refreshed and the request tried once more.
+Auth: HMAC keys sign each request with SigV4 (botocore's own signer), or an IAM API key (or
+the daemon's trusted profile) is exchanged for a bearer token (router.iam) that goes in the
+Authorization header of unsigned requests; on a 401/403 the token is refreshed and the request
+tried once more.
 
 Failures are classified like the http target's: connection errors, timeouts, 408, 429, 5xx and
 S3's throttling codes (SlowDown, ...) are retryable; other 4xx (NoSuchBucket, AccessDenied)
@@ -66,7 +67,7 @@ from router.errors import PermanentDeliveryError, RetryableDeliveryError, Router
 from router.events import Event, crn_parts
 from router.evidence.canonical import Link
 from router.evidence.chain import Chain, Planned, same_head
-from router.iam import IamTokenSource
+from router.iam import SET_BY_LOADER, IamTokenSource, TrustedProfileConfig, token_source
 from router.targets._net import RETRYABLE_STATUSES, batch_key, new_session, parse_retry_after
 
 if TYPE_CHECKING:
@@ -149,6 +150,8 @@ class CosEndpointConfig:
     # The endpoint's own, or the daemon's identity (the top-level `iam` section) when the
     # endpoint has none or sets service_to_service_enabled (the config loader fills it in).
     api_key: str | None = field(default=None, repr=False)
+    # The daemon's identity when it is a trusted profile (set by the loader, never in the YAML).
+    trusted_profile: TrustedProfileConfig | None = field(default=None, metadata=SET_BY_LOADER)
     service_to_service_enabled: bool = False
     hmac_keys: HmacKeysConfig | None = None
     # default: the target's region, the metadata region, the endpoint's, else us-south
@@ -328,8 +331,8 @@ class CosTarget:
         self.account = crn_account(endpoint.target_crn)
         self.tokens: IamTokenSource | None = None
         if endpoint.hmac_keys is None:
-            assert endpoint.api_key is not None  # the schema requires one or the other
-            self.tokens = IamTokenSource.shared(endpoint.iam_url, endpoint.api_key)
+            # The loader requires a key or the daemon's identity where there are no HMAC keys.
+            self.tokens = token_source(endpoint.iam_url, endpoint.api_key, endpoint.trusted_profile)
         self._bearer = ""
         self._names: OrderedDict[str, str] = OrderedDict()
         self.chain: Chain | None = None

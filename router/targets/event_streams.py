@@ -6,6 +6,15 @@ stored, and the headers are atracker's own (`type`=`audit`, `account` from the l
 Event Streams takes SASL PLAIN over TLS with the user `token` and an API key as the password;
 for other Kafka clusters `tls` may be off or trust another CA, and `sasl` may be SCRAM or none.
 
+With the daemon's own identity as a trusted profile (top-level `iam`, for a target with
+service_to_service_enabled or no api_key) there is no key to send: the client authenticates
+with SASL OAUTHBEARER, the bearer being an IAM access token for the profile (router.iam: the
+compute-resource token exchanged, cached and refreshed before it expires), as Event Streams
+takes IAM tokens. `sasl.mechanism: oauthbearer` asks for the same with an API key (an IAM
+token for the key instead of the key as a password). aiokafka asks for a token at every new
+connection (`IamTokenProvider`); IAM refusing the grant is permanent and reported as IAM's
+answer, Kafka refusing the token as Kafka's.
+
 The producer is idempotent with acks=all, and a batch counts as delivered only when Kafka
 acknowledged every one of its messages. Every message of a batch is handed to the producer at
 once and the acknowledgements are awaited together, for at most `timeout_s`. A message's
@@ -54,8 +63,11 @@ from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, NoReturn
 
+import aiohttp
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import conn as aiokafka_conn
+from aiokafka.abc import AbstractTokenProvider
 from aiokafka.conn import create_conn
 from aiokafka.errors import (
     AuthenticationFailedError,
@@ -65,6 +77,7 @@ from aiokafka.errors import (
     InvalidProducerEpoch,
     InvalidProducerIdMapping,
     InvalidTopicError,
+    KafkaConnectionError,
     KafkaError,
     KafkaTimeoutError,
     MessageSizeTooLargeError,
@@ -93,7 +106,8 @@ from router.evidence.canonical import (
     split_line,
 )
 from router.evidence.chain import Chain, Planned
-from router.targets._net import TLS_SCHEMA, batch_key
+from router.iam import SET_BY_LOADER, IamTokenSource, TrustedProfileConfig, token_source
+from router.targets._net import TLS_SCHEMA, batch_key, new_session
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +121,12 @@ and goes again after a restart whatever happens; waiting only spares duplicates.
 RECORD_OVERHEAD_BYTES: Final = 512
 """Room a message takes beside its key, value and headers (record and batch framing)."""
 
+METADATA_BACKOFF_S: Final = 0.1
+METADATA_BACKOFF_MAX_S: Final = 2.0
+"""How long aiokafka waits after a failed metadata update before the next: doubling from the
+first to the second (Kafka's own client: reconnect.backoff.ms 50, reconnect.backoff.max.ms
+1000). A broker back after an outage is seen within METADATA_BACKOFF_MAX_S."""
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class KafkaTlsConfig:
@@ -119,9 +139,11 @@ class KafkaTlsConfig:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class KafkaSaslConfig:
-    """How the client authenticates; the password is always the endpoint's `api_key`."""
+    """How the client authenticates: a password mechanism with the endpoint's `api_key` as
+    the password, or OAUTHBEARER with an IAM token (for the key, or the daemon's trusted
+    profile, which makes OAUTHBEARER the mechanism whatever this says)."""
 
-    mechanism: Literal["plain", "scram-sha-256", "scram-sha-512", "none"] = "plain"
+    mechanism: Literal["plain", "scram-sha-256", "scram-sha-512", "oauthbearer", "none"] = "plain"
     username: str = EVENT_STREAMS_USER
 
 
@@ -139,6 +161,10 @@ class EventStreamsEndpointConfig:
     # The SASL password: the endpoint's own, or the daemon's identity (the top-level `iam`
     # section) when the endpoint has none or sets service_to_service_enabled.
     api_key: str | None = field(default=None, repr=False)
+    # The daemon's identity when it is a trusted profile (set by the loader from the top-level
+    # `iam` section), and where IAM exchanges it or the key for tokens (SASL OAUTHBEARER).
+    trusted_profile: TrustedProfileConfig | None = field(default=None, metadata=SET_BY_LOADER)
+    iam_url: str = "https://iam.cloud.ibm.com"
     service_to_service_enabled: bool = False
     # true: TLS with the system's CAs (Event Streams); false: plaintext; or a CA/cert to use.
     tls: KafkaTlsConfig | bool = True
@@ -173,12 +199,15 @@ ENDPOINT_SCHEMA: Final[Mapping[str, Any]] = {
             "description": "Use a reference: ${env:NAME} or ${file:/path}",
         },
         "service_to_service_enabled": {"type": "boolean"},
+        "iam_url": {"type": "string", "pattern": "^https?://"},
         "tls": {"oneOf": [{"type": "boolean"}, TLS_SCHEMA]},
         "sasl": {
             "type": "object",
             "additionalProperties": False,
             "properties": {
-                "mechanism": {"enum": ["plain", "scram-sha-256", "scram-sha-512", "none"]},
+                "mechanism": {
+                    "enum": ["plain", "scram-sha-256", "scram-sha-512", "oauthbearer", "none"]
+                },
                 "username": {"type": "string", "minLength": 1},
             },
         },
@@ -191,7 +220,8 @@ ENDPOINT_SCHEMA: Final[Mapping[str, Any]] = {
 
 
 def needs_api_key(endpoint: Mapping[str, Any]) -> bool:
-    """The API key is the SASL password: needed unless SASL is off."""
+    """The API key is the SASL password (or what IAM exchanges for the OAUTHBEARER token):
+    needed unless SASL is off or the daemon's trusted profile stands in."""
     sasl = endpoint.get("sasl")
     mechanism = sasl.get("mechanism", "plain") if isinstance(sasl, Mapping) else "plain"
     return mechanism != "none"
@@ -240,8 +270,17 @@ def is_retryable(exc: BaseException) -> bool:
     return bool(getattr(exc, "retriable", False))
 
 
+def sasl_mechanism(endpoint: EventStreamsEndpointConfig) -> str:
+    """The mechanism in use: a trusted profile has no password, so it is OAUTHBEARER."""
+    if endpoint.sasl.mechanism == "none":
+        return "none"
+    if not endpoint.api_key and endpoint.trusted_profile is not None:
+        return "oauthbearer"
+    return endpoint.sasl.mechanism
+
+
 def security_protocol(endpoint: EventStreamsEndpointConfig) -> str:
-    sasl = endpoint.sasl.mechanism != "none"
+    sasl = sasl_mechanism(endpoint) != "none"
     if endpoint.tls is False:
         return "SASL_PLAINTEXT" if sasl else "PLAINTEXT"
     return "SASL_SSL" if sasl else "SSL"
@@ -258,15 +297,20 @@ def ssl_context(endpoint: EventStreamsEndpointConfig) -> ssl.SSLContext | None:
     return context
 
 
-def client_settings(endpoint: EventStreamsEndpointConfig) -> dict[str, Any]:
-    """What aiokafka needs to reach and authenticate to the cluster (producer and probe)."""
+def client_settings(
+    endpoint: EventStreamsEndpointConfig, tokens: AbstractTokenProvider | None = None
+) -> dict[str, Any]:
+    """What aiokafka needs to reach and authenticate to the cluster (producer and probe);
+    `tokens` gives the OAUTHBEARER tokens when that is the mechanism."""
     settings: dict[str, Any] = {
         "client_id": endpoint.client_id,
         "security_protocol": security_protocol(endpoint),
         "ssl_context": ssl_context(endpoint),
         "request_timeout_ms": int(endpoint.timeout_s * 1000),
     }
-    if endpoint.sasl.mechanism != "none":
+    if sasl_mechanism(endpoint) == "oauthbearer":
+        settings |= {"sasl_mechanism": "OAUTHBEARER", "sasl_oauth_token_provider": tokens}
+    elif endpoint.sasl.mechanism != "none":
         settings |= {
             "sasl_mechanism": endpoint.sasl.mechanism.upper(),
             "sasl_plain_username": endpoint.sasl.username,
@@ -288,6 +332,82 @@ def headers(event: Event, region: str | None) -> list[tuple[str, bytes]]:
     ]
 
 
+class IamTokenProvider(AbstractTokenProvider):  # type: ignore[misc]  # aiokafka is untyped
+    """aiokafka's OAUTHBEARER callback: an IAM access token (router.iam, cached and refreshed
+    before it expires) for every connection aiokafka opens. aiokafka copes only with Kafka's
+    own errors while it connects, so an IAM failure is kept in `error`, for the target to
+    report as what it is, and raised to aiokafka as a connection error it retries."""
+
+    def __init__(self, target_id: str, source: IamTokenSource, timeout_s: float) -> None:
+        self.target_id = target_id
+        self.source = source
+        self.timeout_s = timeout_s
+        self.error: RetryableDeliveryError | PermanentDeliveryError | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    async def token(self) -> str:
+        if self._session is None:
+            self._session = new_session(self.timeout_s, True)
+        try:
+            token = await self.source.token(self._session, self.target_id)
+        except (RetryableDeliveryError, PermanentDeliveryError) as exc:
+            self.error = exc
+            raise KafkaConnectionError(f"no IAM token for SASL OAUTHBEARER: {exc}") from None
+        self.error = None
+        return token
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+class _OAuthBearerAuthenticator(aiokafka_conn.OAuthAuthenticator):  # type: ignore[misc]
+    """aiokafka 0.14 takes whatever the broker answers to the token for success. A broker that
+    refuses it answers with an RFC 7628 error (a JSON challenge, `{"status":"invalid_token"}`)
+    and waits for the client's %x01; aiokafka instead sends its next request (Metadata), which
+    the broker answers with an error response aiokafka reads as "no brokers", and the
+    producer then loops for ever on an empty cluster, never saying why. This answers the
+    challenge with %x01, as Kafka's own client does, so the broker ends the exchange with its
+    authentication failure (SaslAuthenticationFailed with its reason)."""
+
+    def __init__(self, *, sasl_oauth_token_provider: AbstractTokenProvider) -> None:
+        super().__init__(sasl_oauth_token_provider=sasl_oauth_token_provider)
+        self._challenge: bytes | None = None
+
+    async def step(self, payload: bytes | None) -> tuple[bytes, bool] | None:
+        if not self._token_sent:
+            result: tuple[bytes, bool] = await super().step(payload)
+            return result
+        if payload and self._challenge is None:
+            self._challenge = bytes(payload)
+            return b"\x01", True
+        if self._challenge is not None:  # a broker that did not end it: refused all the same
+            why = self._challenge.decode("utf-8", "replace")
+            raise SaslAuthenticationFailed(f"the broker refused the token: {why}")
+        return None
+
+
+def _check_oauth_answers() -> None:
+    """Make aiokafka's connections read the broker's answer to an OAUTHBEARER token (see
+    _OAuthBearerAuthenticator). aiokafka has no setting for the authenticator; a version
+    without the method fails here, loudly, rather than loop silently on a refused token."""
+    connection = aiokafka_conn.AIOKafkaConnection
+    if not callable(getattr(connection, "authenticator_oauth", None)):
+        raise RuntimeError(
+            "aiokafka's AIOKafkaConnection no longer has authenticator_oauth; the event_streams "
+            "target cannot check the broker's answer to its token (router/targets/event_streams.py)"
+        )
+
+    def authenticator_oauth(self: Any) -> _OAuthBearerAuthenticator:
+        return _OAuthBearerAuthenticator(sasl_oauth_token_provider=self._sasl_oauth_token_provider)
+
+    connection.authenticator_oauth = authenticator_oauth
+
+
+_check_oauth_answers()
+
+
 @dataclass(slots=True)
 class _Flight:
     """One event's message: its future from the producer, and whether it went alone."""
@@ -306,6 +426,10 @@ class EventStreamsTarget:
         self.region = endpoint.region or crn_region or None
         self._producer: AIOKafkaProducer | None = None
         self._connecting = asyncio.Lock()
+        self.tokens: IamTokenProvider | None = None
+        if sasl_mechanism(endpoint) == "oauthbearer":
+            source = token_source(endpoint.iam_url, endpoint.api_key, endpoint.trusted_profile)
+            self.tokens = IamTokenProvider(target_id, source, endpoint.timeout_s)
         # event id -> its message in flight or acknowledged, kept until its batch is settled.
         self._flights: dict[str, _Flight] = {}
         # Every message the current producer has and Kafka has not answered yet, whatever its
@@ -328,9 +452,10 @@ class EventStreamsTarget:
                 acks="all",
                 enable_idempotence=True,
                 max_request_size=self.endpoint.max_message_bytes + RECORD_OVERHEAD_BYTES,
-                **client_settings(self.endpoint),
+                **client_settings(self.endpoint, self.tokens),
             )
             _keep_batches(producer)
+            _pace_metadata_updates(producer)
             try:
                 await producer.start()
             except (KafkaError, OSError) as exc:
@@ -345,24 +470,35 @@ class EventStreamsTarget:
         """aiokafka says only "Unable to bootstrap"; one connection of our own to each broker
         says why: refused credentials are permanent, an unreachable broker is not."""
         reasons = []
-        settings = client_settings(self.endpoint)
+        settings = client_settings(self.endpoint, self.tokens)
         for broker in self.endpoint.brokers:
             host, _, port = broker.rpartition(":")
             try:
                 conn = await create_conn(host, int(port), **settings)
             except (KafkaError, OSError, TimeoutError) as error:
+                if self.tokens is not None and self.tokens.error is not None:
+                    # No token to show Kafka: IAM's answer is the reason, permanent or not.
+                    return self.tokens.error
                 if isinstance(error, PERMANENT_FOR_BATCH):
-                    sasl = self.endpoint.sasl
                     return PermanentDeliveryError(
                         self.id,
-                        f"Kafka at {broker} refused the credentials (SASL {sasl.mechanism} as "
-                        f"{sasl.username!r}; is api_key right?): {describe(error)}",
+                        f"Kafka at {broker} refused {self._credentials()}: {describe(error)}",
                     )
                 reasons.append(f"{broker}: {describe(error)}")
             else:
                 conn.close()
         detail = "; ".join(reasons) or describe(exc)
         return RetryableDeliveryError(self.id, f"cannot connect to Kafka ({detail})")
+
+    def _credentials(self) -> str:
+        """What Kafka refused, in words an operator can act on."""
+        if self.tokens is not None:
+            return (
+                f"the IAM token of {self.tokens.source.describe()} (SASL OAUTHBEARER; does the "
+                "cluster trust IAM's tokens, and may this identity write to it?)"
+            )
+        sasl = self.endpoint.sasl
+        return f"the credentials (SASL {sasl.mechanism} as {sasl.username!r}; is api_key right?)"
 
     def unsendable(self, event: Event) -> str | None:
         if len(event.encoded()) + len(event.id) > self.endpoint.max_message_bytes:
@@ -510,6 +646,9 @@ class EventStreamsTarget:
                 failures[describe(error)] = failures.get(describe(error), 0) + 1
             else:
                 refused[event.id] = describe(error)
+        if waiting and self.tokens is not None and self.tokens.error is not None:
+            # The producer cannot reconnect without a token: IAM's answer is the reason.
+            raise self.tokens.error
         if waiting or failures:
             parts = [f"{waiting} not acknowledged within {self.endpoint.timeout_s:g}s"] * bool(
                 waiting
@@ -723,6 +862,8 @@ class EventStreamsTarget:
         self._unanswered.clear()
         if producer is not None:
             await _stop(producer, min(self.endpoint.timeout_s, CLOSE_FLUSH_S), self.id)
+        if self.tokens is not None:
+            await self.tokens.close()
 
 
 def _keep_batches(producer: AIOKafkaProducer) -> None:
@@ -744,6 +885,38 @@ def _keep_batches(producer: AIOKafkaProducer) -> None:
             "cannot keep its batches from expiring (see router/targets/event_streams.py)"
         )
     accumulator._batch_ttl = math.inf
+
+
+def _pace_metadata_updates(producer: AIOKafkaProducer) -> None:
+    """Back off after a failed metadata update, as Kafka's own client does between reconnects.
+
+    aiokafka 0.14 has none: with the broker down, its sender asks for metadata, the update
+    fails at once (connection refused), and it asks again at once, so one outage of a few
+    seconds logged ~3,600 "Unable connect" and as many "Unable to update metadata" ERROR lines
+    and kept a core busy. Its retry_backoff_ms paces produce retries, not this loop. A version
+    without the method fails here, loudly."""
+    client = producer.client
+    update = getattr(client, "_metadata_update", None)
+    if update is None:
+        raise RuntimeError(
+            "aiokafka's AIOKafkaClient no longer has _metadata_update; the event_streams target "
+            "cannot pace its metadata updates (see router/targets/event_streams.py)"
+        )
+    failures = 0
+
+    async def paced(cluster_metadata: Any, topics: Any) -> bool:
+        nonlocal failures
+        updated = bool(await update(cluster_metadata, topics))
+        if updated:
+            failures = 0
+        else:
+            failures += 1
+            await asyncio.sleep(
+                min(METADATA_BACKOFF_MAX_S, METADATA_BACKOFF_S * 2 ** min(failures - 1, 16))
+            )
+        return updated
+
+    client._metadata_update = paced
 
 
 async def _stop(producer: AIOKafkaProducer, timeout_s: float, target_id: str) -> None:
@@ -774,15 +947,17 @@ def _failure(future: asyncio.Future[Any]) -> BaseException | None:
 
 
 async def read_topic(
-    target_id: str, endpoint: EventStreamsEndpointConfig
+    target: EventStreamsTarget,
 ) -> AsyncIterator[tuple[str, dict[str, bytes], bytes]]:
-    """Every message of the endpoint's topic, every partition, from its start to the end
-    offsets it had when reading began: (`topic[partition]@offset`, headers, value). For
-    `event-router verify kafka://TARGET`; a topic that cannot be read raises DeliveryError."""
+    """Every message of the target's topic, every partition, from its start to the end
+    offsets it had when reading began: (`topic[partition]@offset`, headers, value), with the
+    target's own connection settings and credentials. For `event-router verify
+    kafka://TARGET`; a topic that cannot be read raises DeliveryError."""
+    target_id, endpoint = target.id, target.endpoint
     consumer = AIOKafkaConsumer(
         bootstrap_servers=list(endpoint.brokers),
         enable_auto_commit=False,
-        **client_settings(endpoint),
+        **client_settings(endpoint, target.tokens),
     )
     try:
         await consumer.start()

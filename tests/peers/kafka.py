@@ -17,6 +17,11 @@ Listeners, all on 127.0.0.1:
   signed by a CA in `ca_file` (what Event Streams' clients really use).
 - PROXIED (`proxied_bootstrap`): PLAINTEXT, advertised at a port where a test runs an
   `AnswerDropper` in front of it, so clients reach the broker only through the test's hands.
+- OAUTH (`oauth_bootstrap`, only with `oauth=OAuthValidation(...)`): SASL_PLAINTEXT with
+  OAUTHBEARER, each token VALIDATED by Kafka's own OAuthBearerValidatorCallbackHandler: an
+  RS256 JWT whose signature checks against the keys the JWKS URL serves (a loopback IAM's
+  `/identity/keys`), with the expected issuer and audience and not expired. Kafka 4 fetches
+  such a URL only if the JVM's `org.apache.kafka.sasl.oauthbearer.allowed.urls` lists it.
 Settings make a small, quick node: one partition per topic, replication 1, no initial
 rebalance delay, internal topics with one partition, a 512 MiB heap.
 """
@@ -31,6 +36,7 @@ import shutil
 import struct
 import subprocess
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -108,6 +114,18 @@ def cluster_id() -> str:
     return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
 
 
+@dataclass(frozen=True)
+class OAuthValidation:
+    """What the OAUTH listener checks a bearer token against."""
+
+    jwks_url: str
+    issuer: str
+    audience: str
+    # A session ends when its token expires (KIP-368): a client that cannot re-authenticate,
+    # as aiokafka cannot, is disconnected then and must connect again with a new token.
+    max_reauth_ms: int = 600_000
+
+
 class KafkaBroker(ServerProcess):
     """One KRaft node (broker and controller) with PLAINTEXT and SASL PLAIN listeners."""
 
@@ -122,6 +140,7 @@ class KafkaBroker(ServerProcess):
         api_key: str = "test-api-key-6a1f0c9e",
         tls: bool = True,
         version: str = VERSION,
+        oauth: OAuthValidation | None = None,
     ) -> None:
         super().__init__(workdir)
         self.version = version
@@ -130,14 +149,15 @@ class KafkaBroker(ServerProcess):
         self.api_key = api_key
         self.tls: ServerTls | None = None
         self._with_tls = tls
+        self.oauth = oauth
         self._classpath = ""
         self.cluster_id = cluster_id()
         self.choose_ports()
 
     def choose_ports(self) -> None:
-        ports = free_ports(6)
+        ports = free_ports(7)
         self.port, self.sasl_port, self.sasl_ssl_port, self.controller_port = ports[:4]
-        self.proxied_port, self.proxy_port = ports[4:]
+        self.proxied_port, self.proxy_port, self.oauth_port = ports[4:]
 
     @property
     def bootstrap(self) -> str:
@@ -160,6 +180,13 @@ class KafkaBroker(ServerProcess):
     def proxied_bootstrap(self) -> str:
         """PLAINTEXT, as the broker advertises it: through the `AnswerDropper` on proxy_port."""
         return f"127.0.0.1:{self.proxy_port}"
+
+    @property
+    def oauth_bootstrap(self) -> str:
+        """SASL_PLAINTEXT listener: OAUTHBEARER, tokens validated against `oauth`."""
+        if self.oauth is None:
+            raise PeerError("this broker was made without oauth=")
+        return f"127.0.0.1:{self.oauth_port}"
 
     @property
     def ca_file(self) -> Path:
@@ -209,6 +236,8 @@ class KafkaBroker(ServerProcess):
         }
         if self._with_tls:
             listeners["SASL_SSL"] = self.sasl_ssl_port
+        if self.oauth is not None:
+            listeners["OAUTH"] = self.oauth_port
         advertised = {name: port for name, port in listeners.items() if name != "CONTROLLER"}
         advertised["PROXIED"] = self.proxy_port
         jaas = (
@@ -226,7 +255,7 @@ class KafkaBroker(ServerProcess):
             "advertised.listeners": ",".join(f"{n}://127.0.0.1:{p}" for n, p in advertised.items()),
             "listener.security.protocol.map": (
                 "PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT,SASL_SSL:SASL_SSL,"
-                "CONTROLLER:PLAINTEXT,PROXIED:PLAINTEXT"
+                "CONTROLLER:PLAINTEXT,PROXIED:PLAINTEXT,OAUTH:SASL_PLAINTEXT"
             ),
             "sasl.enabled.mechanisms": ",".join(("PLAIN", *SCRAM_MECHANISMS)),
             "listener.name.sasl_plaintext.plain.sasl.jaas.config": jaas,
@@ -262,13 +291,38 @@ class KafkaBroker(ServerProcess):
                     self.workdir / "tls" / "keystore.pem"
                 ),
             }
+        if self.oauth is not None:
+            lines |= self._oauth_properties(self.oauth)
         return "".join(f"{key}={value}\n" for key, value in lines.items())
+
+    @staticmethod
+    def _oauth_properties(oauth: OAuthValidation) -> dict[str, str]:
+        """The OAUTH listener: OAUTHBEARER only, validated by Kafka's JWT validator."""
+        prefix = "listener.name.oauth"
+        return {
+            f"{prefix}.sasl.enabled.mechanisms": "OAUTHBEARER",
+            f"{prefix}.oauthbearer.sasl.jaas.config": (
+                "org.apache.kafka.common.security.oauthbearer.OAuthBearerLoginModule required;"
+            ),
+            f"{prefix}.oauthbearer.sasl.server.callback.handler.class": (
+                "org.apache.kafka.common.security.oauthbearer.OAuthBearerValidatorCallbackHandler"
+            ),
+            f"{prefix}.oauthbearer.sasl.oauthbearer.jwks.endpoint.url": oauth.jwks_url,
+            f"{prefix}.oauthbearer.sasl.oauthbearer.expected.issuer": oauth.issuer,
+            f"{prefix}.oauthbearer.sasl.oauthbearer.expected.audience": oauth.audience,
+            f"{prefix}.oauthbearer.connections.max.reauth.ms": str(oauth.max_reauth_ms),
+        }
 
     def command(self) -> list[str]:
         return [
             java(),
             *JVM_OPTIONS,
             f"-Dlog4j2.configurationFile={self.workdir / 'log4j2.properties'}",
+            *(
+                [f"-Dorg.apache.kafka.sasl.oauthbearer.allowed.urls={self.oauth.jwks_url}"]
+                if self.oauth is not None
+                else []
+            ),
             "-cp",
             self._classpath,
             "kafka.Kafka",
@@ -281,6 +335,7 @@ class KafkaBroker(ServerProcess):
             and port_open(self.port)
             and port_open(self.sasl_port)
             and (self.tls is None or port_open(self.sasl_ssl_port))
+            and (self.oauth is None or port_open(self.oauth_port))
         )
 
 

@@ -17,7 +17,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from router.query import Query
     from router.targets import Target
     from router.targets.cos import CosTarget
+    from router.targets.event_streams import EventStreamsTarget
 
 log = logging.getLogger("router")
 
@@ -454,7 +455,6 @@ def _verify_bucket(
 ) -> Report | int:
     """Verify the objects of a cloud_object_storage target of the config, with the
     dead-letter files given, or else the target's own (and its redriven ones) when present."""
-    from router.errors import DeliveryError
     from router.evidence.bucket import BucketVerifier, verify_bucket
 
     found = _cos_target(args, path, "verify")
@@ -462,10 +462,20 @@ def _verify_bucket(
         return found
     target, prefix, config = found
     letters = letters or _own_letters(config, target.id)
+    verifier = BucketVerifier(options)
+    return _run_verify(lambda: verify_bucket(target.objects(prefix), letters, verifier), target)
+
+
+def _run_verify(
+    check: Callable[[], Awaitable[Report]], target: CosTarget | EventStreamsTarget
+) -> Report | int:
+    """Run a bucket's or a topic's check and close the target's client; a store that cannot
+    be read is said on stderr (exit 1)."""
+    from router.errors import DeliveryError
 
     async def run() -> Report:
         try:
-            return await verify_bucket(target.objects(prefix), letters, BucketVerifier(options))
+            return await check()
         finally:
             await target.close()
 
@@ -494,7 +504,6 @@ def _verify_topic(
 ) -> Report | int:
     """Verify the topic of an event_streams target of the config (every partition, from its
     start to its end offsets when read), with the target's dead-letter files."""
-    from router.errors import DeliveryError
     from router.evidence.bucket import BucketVerifier, verify_topic
     from router.targets.event_streams import (
         EventStreamsEndpointConfig,
@@ -510,18 +519,8 @@ def _verify_topic(
     assert isinstance(target.endpoint, EventStreamsEndpointConfig)
     topic = EventStreamsTarget(target_id, target.endpoint)
     letters = letters or _own_letters(config, target_id)
-
-    async def run() -> Report:
-        try:
-            return await verify_topic(read_topic(topic), letters, BucketVerifier(options))
-        finally:
-            await topic.close()
-
-    try:
-        return asyncio.run(run())
-    except DeliveryError as exc:
-        print(f"verify: {exc}", file=sys.stderr)
-        return EXIT_RUNTIME
+    verifier = BucketVerifier(options)
+    return _run_verify(lambda: verify_topic(read_topic(topic), letters, verifier), topic)
 
 
 def _signed_receipts(path: Path, key: Ed25519PublicKey | None) -> ReceiptDigests | int:

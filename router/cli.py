@@ -18,7 +18,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,7 +27,7 @@ import uvloop
 
 from router import __version__
 from router.completion import SHELLS, script
-from router.config import Config, config_warnings, load_config_and_data
+from router.config import Config, TargetConfig, config_warnings, load_config_and_data
 from router.errors import ConfigError, StorageLockedError, StorageUnavailableError
 from router.observe.logformat import counted, setup_logging
 from router.observe.sdnotify import notify
@@ -39,11 +39,12 @@ if TYPE_CHECKING:
 
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-    from router.evidence.verify import ReceiptDigests, Report
+    from router.evidence.verify import ReceiptDigests, Report, VerifyOptions
     from router.probe import ProbeResult
     from router.query import Query
     from router.targets import Target
     from router.targets.cos import CosTarget
+    from router.targets.event_streams import EventStreamsTarget
 
 log = logging.getLogger("router")
 
@@ -234,13 +235,15 @@ def _add_evidence_commands(
     verify.add_argument(
         "paths",
         metavar="PATH",
-        type=Path,  # `cos://` arrives as `cos:/` (see _verify)
+        type=Path,  # `cos://` arrives as `cos:/`, `kafka://` as `kafka:/` (see _verify)
         nargs="+",
         help="the target's archive files (rotated and gzipped too) and its dead-letter file; "
-        "or cos://TARGET[/PREFIX]: the objects a cloud_object_storage target of --config wrote "
-        "(with its dead-letter files, given or found under the config's storage.path)",
+        "or cos://TARGET[/PREFIX]: the objects a cloud_object_storage target of --config wrote; "
+        "or kafka://TARGET: the topic of an event_streams target of --config "
+        "(evidence.event_streams); with their dead-letter files, given or found under the "
+        "config's storage.path",
     )
-    _config_option(verify, "YAML config, for cos:// paths")
+    _config_option(verify, "YAML config, for cos:// and kafka:// paths")
     verify.add_argument(
         "--receipts",
         type=Path,
@@ -408,12 +411,13 @@ def _keygen(out: Path) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     from router.evidence.keys import SigningKeyError, load_public
-    from router.evidence.verify import ExpectedHead, Verifier, verify_files
+    from router.evidence.verify import ExpectedHead, Verifier, VerifyOptions, verify_files
 
-    buckets = [str(path) for path in args.paths if str(path).startswith(COS_SCHEME)]
-    files = [path for path in args.paths if not str(path).startswith(COS_SCHEME)]
-    if len(buckets) > 1:
-        print("verify: give at most one cos://TARGET[/PREFIX]", file=sys.stderr)
+    schemes = (COS_SCHEME, KAFKA_SCHEME)
+    stores = [str(path) for path in args.paths if str(path).startswith(schemes)]
+    files = [path for path in args.paths if not str(path).startswith(schemes)]
+    if len(stores) > 1:
+        print("verify: give at most one cos://TARGET[/PREFIX] or kafka://TARGET", file=sys.stderr)
         return EXIT_CONFIG
     missing = [str(path) for path in files if not path.is_file()]
     if missing:
@@ -433,20 +437,22 @@ def _verify(args: argparse.Namespace) -> int:
         print(f"\rverified {lines} lines", end="", file=sys.stderr, flush=True)
 
     show = sys.stderr.isatty()
-    options: dict[str, Any] = {
-        "public_key": key,
-        "partial": args.partial,
-        "max_age_s": args.max_age_s,
-        "progress": progress if show else None,
-        "expect_head": expect,
-        "receipts": receipts,
-    }
+    options = VerifyOptions(
+        public_key=key,
+        partial=args.partial,
+        max_age_s=args.max_age_s,
+        progress=progress if show else None,
+        expect_head=expect,
+        receipts=receipts,
+    )
     try:
-        report: Report | int = (
-            _verify_bucket(args, buckets[0], files, options)
-            if buckets
-            else verify_files(files, Verifier(**options))
-        )
+        report: Report | int
+        if not stores:
+            report = verify_files(files, Verifier(options))
+        elif stores[0].startswith(KAFKA_SCHEME):
+            report = _verify_topic(args, stores[0], files, options)
+        else:
+            report = _verify_bucket(args, stores[0], files, options)
     except OSError as exc:
         print(f"cannot read: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
@@ -465,28 +471,31 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _verify_bucket(
-    args: argparse.Namespace, path: str, letters: list[Path], options: dict[str, Any]
+    args: argparse.Namespace, path: str, letters: list[Path], options: VerifyOptions
 ) -> Report | int:
     """Verify the objects of a cloud_object_storage target of the config, with the
     dead-letter files given, or else the target's own (and its redriven ones) when present."""
-    from router.deadletter import letters_path, redriven_path
-    from router.errors import DeliveryError
     from router.evidence.bucket import BucketVerifier, verify_bucket
 
     found = _cos_target(args, path, "verify")
     if isinstance(found, int):
         return found
     target, prefix, config = found
-    if not letters:
-        directory = config.storage.dead_letter_dir()
-        own = [letters_path(directory, target.id), redriven_path(directory, target.id)]
-        letters = [letter for letter in own if letter.is_file()]
-        for letter in letters:
-            print(f"dead letters: {letter}", file=sys.stderr)
+    letters = letters or _own_letters(config, target.id)
+    verifier = BucketVerifier(options)
+    return _run_verify(lambda: verify_bucket(target.objects(prefix), letters, verifier), target)
+
+
+def _run_verify(
+    check: Callable[[], Awaitable[Report]], target: CosTarget | EventStreamsTarget
+) -> Report | int:
+    """Run a bucket's or a topic's check and close the target's client; a store that cannot
+    be read is said on stderr (exit 1)."""
+    from router.errors import DeliveryError
 
     async def run() -> Report:
         try:
-            return await verify_bucket(target.objects(prefix), letters, BucketVerifier(**options))
+            return await check()
         finally:
             await target.close()
 
@@ -495,6 +504,43 @@ def _verify_bucket(
     except DeliveryError as exc:
         print(f"verify: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
+
+
+def _own_letters(config: Config, target_id: str) -> list[Path]:
+    """A target's dead-letter files under the config's storage.path (and its redriven ones),
+    those that exist, each said on stderr: for verifying a bucket or topic without them."""
+    from router.deadletter import letters_path, redriven_path
+
+    directory = config.storage.dead_letter_dir()
+    own = [letters_path(directory, target_id), redriven_path(directory, target_id)]
+    letters = [letter for letter in own if letter.is_file()]
+    for letter in letters:
+        print(f"dead letters: {letter}", file=sys.stderr)
+    return letters
+
+
+def _verify_topic(
+    args: argparse.Namespace, path: str, letters: list[Path], options: VerifyOptions
+) -> Report | int:
+    """Verify the topic of an event_streams target of the config (every partition, from its
+    start to its end offsets when read), with the target's dead-letter files."""
+    from router.evidence.bucket import BucketVerifier, verify_topic
+    from router.targets.event_streams import (
+        EventStreamsEndpointConfig,
+        EventStreamsTarget,
+        read_topic,
+    )
+
+    target_id = path.removeprefix(KAFKA_SCHEME).strip("/")
+    found = _config_target(args, target_id, EventStreamsEndpointConfig, "event_streams")
+    if isinstance(found, int):
+        return found
+    target, config = found
+    assert isinstance(target.endpoint, EventStreamsEndpointConfig)
+    topic = EventStreamsTarget(target_id, target.endpoint)
+    letters = letters or _own_letters(config, target_id)
+    verifier = BucketVerifier(options)
+    return _run_verify(lambda: verify_topic(read_topic(topic), letters, verifier), topic)
 
 
 def _signed_receipts(path: Path, key: Ed25519PublicKey | None) -> ReceiptDigests | int:
@@ -708,6 +754,7 @@ def _query(args: argparse.Namespace) -> int:
 
 
 COS_SCHEME = "cos:/"
+KAFKA_SCHEME = "kafka:/"
 
 
 def _view_query(name: str, config_path: Path | None) -> str | None:
@@ -773,6 +820,23 @@ def _cos_target(
     from router.targets.cos import CosEndpointConfig, CosTarget
 
     target_id, _, prefix = path.removeprefix(COS_SCHEME).lstrip("/").partition("/")
+    found = _config_target(args, target_id, CosEndpointConfig, "cloud_object_storage", command)
+    if isinstance(found, int):
+        return found
+    target, config = found
+    assert isinstance(target.endpoint, CosEndpointConfig)
+    return CosTarget(target_id, target.endpoint), prefix, config
+
+
+def _config_target(
+    args: argparse.Namespace,
+    target_id: str,
+    endpoint_type: type,
+    type_name: str,
+    command: str = "verify",
+) -> tuple[TargetConfig, Config] | int:
+    """The target `target_id` of --config (of the type whose endpoint is `endpoint_type`)
+    and the config; or the exit code of a config that does not load or has no such target."""
     try:
         config, _ = load_config_and_data(args.config or default_config_path())
     except ConfigError as exc:
@@ -781,13 +845,10 @@ def _cos_target(
             print(f"  {problem}", file=sys.stderr)
         return EXIT_CONFIG
     found = [t for t in config.targets if t.id == target_id]
-    if not found or not isinstance(found[0].endpoint, CosEndpointConfig):
-        print(
-            f"{command}: no cloud_object_storage target {target_id!r} in the config",
-            file=sys.stderr,
-        )
+    if not found or not isinstance(found[0].endpoint, endpoint_type):
+        print(f"{command}: no {type_name} target {target_id!r} in the config", file=sys.stderr)
         return EXIT_CONFIG
-    return CosTarget(target_id, found[0].endpoint), prefix, config
+    return found[0], config
 
 
 def _tail(args: argparse.Namespace, config: Config) -> int:

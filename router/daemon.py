@@ -50,7 +50,7 @@ from router.probe import ProbeResult, probe
 from router.reload import ReloadPlan, apply_reload, config_digest, plan_reload
 from router.resources import schemas_dir
 from router.routing import RouteTable
-from router.selfevent import reload_event
+from router.selfevent import chain_missing_event, reload_event
 from router.server.api import Change, ConfigSource, ManagementApi, write_back
 from router.server.app import build_app
 from router.server.auth import Guard, Refusals
@@ -60,6 +60,7 @@ from router.server.tail import TailHub
 from router.server.workers import WorkerPool
 from router.targets import Target, build_target
 from router.targets.cos import CosTarget
+from router.targets.event_streams import EventStreamsTarget
 from router.targets.file import FileEndpointConfig, FileTarget
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,7 @@ class _Swaps:
             await target.start()
         except Exception:
             log.exception("target %s failed to start", target.id)
+        await daemon._announce_missing()
         daemon._start_worker(config)
 
 
@@ -273,6 +275,7 @@ class Daemon:
                 # One broken target must not keep the others from starting; its worker will
                 # keep retrying and its write_status tells the story.
                 log.exception("target %s failed to start", target_id)
+        await self._announce_missing()
         for target_config in self.config.targets:
             self._start_worker(target_config)
         self.alerts.start()
@@ -535,11 +538,20 @@ class Daemon:
 
     def _chain(self, target: Target) -> None:
         """A file or COS target writes its archive as a chain (router/evidence), when evidence
-        is on; a bucket cannot be read back for its head, so the journal keeps that."""
+        is on, and an event_streams target its topic with evidence.event_streams; a bucket or
+        a topic is not read back for its head, so the journal keeps that."""
         if isinstance(target, FileTarget):
             target.chain = self.evidence.attach(target.id, target.write_line)
-        elif isinstance(target, CosTarget):
+        elif isinstance(target, CosTarget) or (
+            isinstance(target, EventStreamsTarget) and self.config.evidence.event_streams
+        ):
             target.chain = self.evidence.attach(target.id, target.write_line, head_in_journal=True)
+
+    async def _announce_missing(self) -> None:
+        """A chained archive found cut at start (its places missing_at_start) is an event of
+        the router itself, routed like any other, once per chain."""
+        for target_id, missing in self.evidence.missing_to_announce():
+            await self.record_own(chain_missing_event(target_id, missing))
 
     async def record_own(self, body: dict[str, Any]) -> None:
         """Journal an event of the router itself; a failure is logged, never raised into the

@@ -18,6 +18,13 @@ for byte, to `<deadletter>/redriven/<target>.ndjson` (appended and fsynced befor
 dead-letter file is rewritten without it), where it keeps its place; the redriven event takes a
 new place when it is delivered again. Letters are rewritten from their lines as read, never
 re-encoded, so no chained byte changes.
+
+A bucket target's object whose PUT failed after later places were taken (a dead letter chained
+after it) keeps its places, and holds them in the chain (`Chain.held`). If its events are then
+given up, each letter stands at the place its event held: instead of a `_chain` link of its own
+it carries that object line, byte for byte, as `object_line` (a JSON string), so the chain
+still has every place; `verify` checks that line as the place and the letter's `event` against
+it.
 """
 
 from __future__ import annotations
@@ -30,12 +37,12 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
 from router.appendfile import AppendOnlyFile
-from router.evidence.canonical import CHAIN_MEMBER
+from router.evidence.canonical import CHAIN_MEMBER, CanonicalError, Link, split_line
 from router.evidence.chain import Chain
 from router.journal import Entry
 from router.observe.metrics import utc_iso
@@ -102,6 +109,40 @@ def letter_bytes(target_id: str, entry: Entry, failure: Failure) -> bytes:
             "received_at": utc_iso(entry.event.received_at),
         }
     )
+
+
+# The member of a letter standing at the place of a given-up object's line: that line.
+OBJECT_LINE: Final = "object_line"
+OBJECT_LINE_MEMBER: Final = b',"object_line":'
+
+
+def placed_letter_bytes(target_id: str, entry: Entry, failure: Failure, line: bytes) -> bytes:
+    """A letter standing at the place of the chained object line `line` of its event."""
+    return letter_bytes(target_id, entry, failure)[:-1] + b"%s%s}" % (
+        OBJECT_LINE_MEMBER,
+        orjson.dumps(line.decode()),
+    )
+
+
+def holds_a_place(line: bytes) -> bool:
+    """Does a letter line take a place in its target's chain (its own link, or an object
+    line's)? Such letters a redrive moves to the redriven file, where they keep it."""
+    return CHAIN_MEMBER in line or OBJECT_LINE_MEMBER in line
+
+
+def object_line_place(letter: Letter) -> tuple[bytes, Link] | None:
+    """The place (canonical bytes and link of the object line) a letter stands at, or None
+    for a letter without an object line; raises CanonicalError when that line is not a
+    chained line in canonical form, or not the chained line of the letter's own event."""
+    held = letter.get(OBJECT_LINE)
+    if held is None:
+        return None
+    if not isinstance(held, str):
+        raise CanonicalError(f"its {OBJECT_LINE} is not a string")
+    found = split_line(held.encode())
+    if found is None or orjson.loads(found[0]) != letter.get("event"):
+        raise CanonicalError(f"its {OBJECT_LINE} is not the chained line of its event")
+    return found
 
 
 def letters_path(directory: Path, target_id: str) -> Path:
@@ -261,23 +302,37 @@ class DeadLetters:
         return self._locks.setdefault(target_id, asyncio.Lock())
 
     async def write(self, target_id: str, entries: Sequence[Entry], failure: Failure) -> None:
-        letters = [letter_bytes(target_id, entry, failure) for entry in entries]
         chain = self.chain_for(target_id)
         if chain is None:
+            letters = [letter_bytes(target_id, entry, failure) for entry in entries]
             await self._append(target_id, b"".join(letter + b"\n" for letter in letters))
         else:
             # Shielded as a file target's chained write is: a cancelled caller leaves the
             # append, the head and the lock to end together.
             await asyncio.shield(
-                asyncio.ensure_future(self._append_chained(target_id, chain, letters))
+                asyncio.ensure_future(self._append_chained(target_id, chain, entries, failure))
             )
         key = (target_id, failure.reason)
         self.written[key] = self.written.get(key, 0) + len(entries)
 
-    async def _append_chained(self, target_id: str, chain: Chain, letters: list[bytes]) -> None:
+    async def _append_chained(
+        self, target_id: str, chain: Chain, entries: Sequence[Entry], failure: Failure
+    ) -> None:
+        """Each letter takes the next place, or stands at the place its event's object line
+        holds (Chain.held); the held places are let go only once the letters are written."""
         async with chain.lock:
-            lines, head = chain.link(letters)
-            await self._append(target_id, b"".join(line + b"\n" for line in lines))
+            placed: list[bytes] = []
+            linked: list[bytes] = []
+            for entry in entries:
+                held = chain.held.get(entry.event.id)
+                if held is None:
+                    linked.append(letter_bytes(target_id, entry, failure))
+                else:
+                    placed.append(placed_letter_bytes(target_id, entry, failure, held))
+            lines, head = chain.link(linked)
+            await self._append(target_id, b"".join(line + b"\n" for line in placed + lines))
+            for entry in entries:
+                chain.held.pop(entry.event.id, None)
             chain.advance(head)
 
     async def _append(self, target_id: str, lines: bytes) -> None:
@@ -323,7 +378,7 @@ class DeadLetters:
                     await asyncio.to_thread(self._rewrite, target_id, gone)
 
     def _rewrite(self, target_id: str, gone: Sequence[int]) -> None:
-        """Move the chained letters among the lines at `gone` (sorted offsets) to the
+        """Move the letters that hold a place among the lines at `gone` (sorted offsets) to the
         target's redriven file (appended, fsynced), then atomically replace the dead-letter
         file with the other lines (temp file, fsync, rename); the appender reopens. A crash
         in between leaves a letter in both files: the same line, which verify counts once.
@@ -347,7 +402,7 @@ class DeadLetters:
                         keep.add(line)
                         continue
                     upcoming = next(next_gone, None)
-                    if CHAIN_MEMBER in line:
+                    if holds_a_place(line):
                         move.add(line)
                         moved = True
             keep.flush()

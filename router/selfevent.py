@@ -27,6 +27,7 @@ SERVICE = "event-router"
 LOGIN_ACTION: Final = "event-router.instance.login"
 VALIDATE_ACTION: Final = "event-router.target.validate"
 RELOAD_ACTION: Final = "event-router.config.reload"
+CHAIN_MISSING_ACTION: Final = "event-router.chain.missing"
 ALERT_TRIGGER_ACTION: Final = "event-router.alert.trigger"
 ALERT_RESOLVE_ACTION: Final = "event-router.alert.resolve"
 ALERT_ACTIONS: Final = frozenset({ALERT_TRIGGER_ACTION, ALERT_RESOLVE_ACTION})
@@ -302,16 +303,46 @@ def alert_event(
     )
 
 
+def router_target(target_id: str) -> dict[str, str]:
+    """The `target` of an event about one of the router's targets."""
+    return {
+        "id": instance_crn(f"target:{target_id}"),
+        "name": target_id,
+        "typeURI": "event-router/target",
+    }
+
+
+def chain_missing_event(target_id: str, missing: dict[str, Any]) -> dict[str, Any]:
+    """A chained target's files found short of the head the journal kept, at start: places
+    written and acknowledged were cut off its archive while the router was down. `missing`
+    is the chain's report (first_seq, last_seq, found_seq, message), so an operator's alerting
+    sees a cut archive with its numbers, not only the log line."""
+    return router_event(
+        action=CHAIN_MISSING_ACTION,
+        message=f"event-router: chain of target {target_id} cut: {missing['message']}",
+        target=router_target(target_id),
+        outcome="failure",
+        reason_code=409,
+        reason_type="Conflict",
+        severity="critical",
+        extra={
+            "requestData": {
+                "target_id": target_id,
+                "first_seq": missing["first_seq"],
+                "last_seq": missing["last_seq"],
+                "found_seq": missing["found_seq"],
+                "reasonForFailure": missing["message"],
+            }
+        },
+    )
+
+
 def validation_event(target_id: str) -> Event:
     """The test write of a target's validation: an event from the router, naming the target."""
     return Event.from_body(
         router_event(
             action=VALIDATE_ACTION,
             message=f"event-router: validate target {target_id}",
-            target={
-                "id": instance_crn(f"target:{target_id}"),
-                "name": target_id,
-                "typeURI": "event-router/target",
-            },
+            target=router_target(target_id),
         )
     )

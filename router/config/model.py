@@ -198,6 +198,10 @@ class EvidenceConfig:
     checkpoint_every_s: float = 60.0
     # A MAC'd receipt per accepted event in the ingest answer (router/evidence/receipt.py).
     receipts: bool = False
+    # Chain the event_streams targets too: each message's place in Kafka headers, checkpoints
+    # as messages of their own in the topic (consumers skip header type=checkpoint). Off by
+    # default: those checkpoint messages are new to a topic's consumers.
+    event_streams: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

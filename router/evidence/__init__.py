@@ -5,7 +5,9 @@ the line before (canonical.py: the bytes hashed, defined once); dead letters wri
 target take their places in the same chain, in its dead-letter file. Every N links or T
 seconds, and when the target stops, a checkpoint of the chain head, signed with Ed25519 when
 `evidence.signing_key_file` is set (checkpoint.py), is written into the archive and kept in the
-journal. verify.py reads the files back and names the first place where they disagree.
+journal. verify.py reads the files back and names the first place where they disagree;
+bucket.py does the same over a bucket's objects or a Kafka topic's messages (whose place in the
+chain travels in headers: canonical.py).
 
 The hashing happens in the target's write, on the delivery worker, never at ingest.
 

@@ -12,6 +12,11 @@ a redrive's dead letter, counted once), else the bucket was changed. Checkpoints
 their own: each must name a place and its hash exactly, and be signed by the public key.
 Dead letters (the target's dead-letter files) are runs of one place each.
 
+A Kafka topic (`verify kafka://TARGET`, the event_streams target) is read the same way: each
+message of every partition is a run of one place, its link in its headers and its value the
+canonical bytes; checkpoints are messages of their own. A message sent again after a crash is
+a place held twice by the same line (counted once); a forged one holds it with other contents.
+
 Memory: a hash, a line number and an id's hash per place (48 bytes), so a million events take
 about 50 MB.
 """
@@ -22,33 +27,34 @@ import bisect
 import gzip
 import zlib
 from array import array
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from router.deadletter import REDRIVEN_DIR
-from router.evidence.canonical import GENESIS, CanonicalError, Link, link_hash, split_line
-from router.evidence.checkpoint import (
-    Checkpoint,
-    CheckpointError,
-    is_checkpoint,
-    parse_checkpoint,
+from router.evidence.canonical import (
+    CHECKPOINT_TYPE,
+    GENESIS,
+    TYPE_HEADER,
+    CanonicalError,
+    Link,
+    chained_line,
+    header_link,
+    link_hash,
+    split_line,
 )
-from router.evidence.keys import key_id
+from router.evidence.checkpoint import Checkpoint, is_checkpoint
 from router.evidence.verify import (
     EN_DASH,
-    PROGRESS_EVERY,
     Broken,
-    ExpectedHead,
-    ReceiptDigests,
+    ChainChecks,
     Report,
+    VerifyOptions,
     check_head,
-    conclude,
+    letter_place,
     open_lines,
 )
 
@@ -79,7 +85,8 @@ class _Run:
         return bytes(self.hashes[i : i + 32])
 
     def place(self, seq: int) -> str:
-        return f"{self.name}:{self.lines[seq - self.first]}"
+        number = self.lines[seq - self.first]
+        return f"{self.name}:{number}" if number else self.name  # 0: a message, one place
 
 
 @dataclass(slots=True)
@@ -90,35 +97,14 @@ class _Mark:
     checkpoint: Checkpoint
 
 
-class BucketVerifier:
+class BucketVerifier(ChainChecks):
     """Feed it dead-letter files and objects in any order, then `finish`."""
 
-    def __init__(
-        self,
-        *,
-        public_key: Ed25519PublicKey | None = None,
-        partial: bool = False,
-        max_age_s: float | None = None,
-        now: datetime | None = None,
-        progress: Callable[[int], None] | None = None,
-        expect_head: ExpectedHead | None = None,
-        receipts: ReceiptDigests | None = None,
-    ) -> None:
-        self.public_key = public_key
-        self.receipts = receipts or ReceiptDigests()
-        self.key_id = key_id(public_key) if public_key is not None else None
-        self.partial = partial
-        self.max_age_s = max_age_s
-        self.now = now or datetime.now(UTC)
-        self.progress = progress
-        self.expect_head = expect_head
-        self.report = Report()
+    def __init__(self, options: VerifyOptions | None = None) -> None:
+        super().__init__(options)
         self._runs: list[_Run] = []
         self._marks: list[_Mark] = []
         self._letter_files = 0
-        self._lines = 0
-        self._unsigned = 0
-        self._unchecked = 0
         self._head_place = "the start of the chain"
         self._first_unchained: str | None = None
 
@@ -133,19 +119,47 @@ class BucketVerifier:
                 raise Broken(place, "torn last line (the file was cut)")
             if not line.strip():
                 continue
-            found = _split(place, line[:-1])
+            found = letter_place(place, line[:-1])
             if found is None:
                 self.report.unchained += 1
                 continue
-            canonical, link = found
+            canonical, link, event_id = found
             if link_hash(link.prev, canonical) != link.hash:
                 raise Broken(place, "hash does not match the chain (the line was changed)")
             run = _Run(name, link.seq, link.prev, letter=True, redriven=redriven)
             run.hashes += link.hash
             run.lines.append(number)
-            event = orjson.loads(canonical).get("event")
-            run.ids.append(_id_hash(event.get("id") if isinstance(event, dict) else None))
+            run.ids.append(_id_hash(event_id))
             self._runs.append(run)
+
+    def message(self, name: str, headers: dict[str, bytes], value: bytes) -> None:
+        """One Kafka message of a chained topic: a place (its link in its headers, its value
+        the canonical bytes), a checkpoint (header `type`=`checkpoint`), or a message without
+        a chain (counted, not vouched for)."""
+        self._tick()
+        if headers.get(TYPE_HEADER) == CHECKPOINT_TYPE:
+            self._checkpoint(name, value)
+            return
+        try:
+            link = header_link(headers)
+        except CanonicalError as exc:
+            raise Broken(name, str(exc)) from None
+        if link is None:
+            self.report.unchained += 1
+            self._first_unchained = self._first_unchained or name
+            return
+        if link_hash(link.prev, value) != link.hash:
+            raise Broken(name, "hash does not match the chain (the message was changed)")
+        try:
+            chained_line(value, link)
+        except CanonicalError as exc:
+            raise Broken(name, str(exc)) from None
+        run = _Run(name, link.seq, link.prev)
+        run.hashes += link.hash
+        run.lines.append(0)
+        run.ids.append(_id_hash(self._note(value)))
+        self.receipts.see(value)
+        self._runs.append(run)
 
     def object(self, key: str, body: bytes) -> None:
         """One object as stored (gzip or plain NDJSON): its lines must be consecutive places."""
@@ -197,11 +211,6 @@ class BucketVerifier:
             run.ids.append(_id_hash(self._note(canonical)))
             self.receipts.see(canonical)
 
-    def _tick(self) -> None:
-        self._lines += 1
-        if self.progress is not None and self._lines % PROGRESS_EVERY == 0:
-            self.progress(self._lines)
-
     def _note(self, canonical: bytes) -> str | None:
         """The event's id, and its time in the report's span."""
         try:
@@ -221,27 +230,8 @@ class BucketVerifier:
         return event_id if isinstance(event_id, str) else None
 
     def _checkpoint(self, place: str, line: bytes) -> None:
-        try:
-            checkpoint = parse_checkpoint(line)
-        except CheckpointError as exc:
-            raise Broken(place, str(exc)) from None
-        report = self.report
-        if report.target is None:
-            report.target = checkpoint.target
-        elif checkpoint.target != report.target:
-            raise Broken(
-                place, f"a checkpoint of target {checkpoint.target!r} in {report.target!r}'s chain"
-            )
-        if checkpoint.signature is None:
-            if self.public_key is not None:
-                raise Broken(place, "checkpoint is unsigned, but a public key was given")
-            self._unsigned += 1
-        elif self.public_key is None:
-            self._unchecked += 1
-        else:
-            if checkpoint.key != self.key_id or not checkpoint.signed_by(self.public_key):
-                raise Broken(place, "checkpoint signature does not verify with the public key")
-            report.signed_checkpoints += 1
+        checkpoint = self._read_checkpoint(place, line)
+        self._check_signature(place, checkpoint)
         self._marks.append(_Mark(place, checkpoint))
 
     # -- the chain -------------------------------------------------------------------------
@@ -253,7 +243,14 @@ class BucketVerifier:
         # segment starts with its time) holds it; the other repeats it.
         runs = sorted(
             self._runs,
-            key=lambda run: (run.first, -len(run.lines), run.name.rsplit("/", 1)[-1]),
+            key=lambda run: (
+                run.first,
+                -len(run.lines),
+                # A Kafka message and a letter standing at its place (it was given up, then
+                # landed): the letter holds it, as the books count the event.
+                not run.letter,
+                run.name.rsplit("/", 1)[-1],
+            ),
         )
         marks = sorted(self._marks, key=lambda mark: mark.checkpoint.seq)
         joined: list[_Run] = []  # the runs that hold the places, in seq order
@@ -317,18 +314,10 @@ class BucketVerifier:
         if self.expect_head is not None and 0 < self.expect_head.seq <= head_seq and joined:
             hash_there = hash_at(self.expect_head.seq)[0]
         check_head(self.expect_head, head_seq, self._head_place, hash_there)
-        self.receipts.count(report)
-        conclude(
-            report,
-            unsigned=self._unsigned,
-            unchecked=self._unchecked,
-            max_age_s=self.max_age_s,
-            now=self.now,
-            unchained=(
-                f"lines have no _chain (the first at {self._first_unchained}): the test writes "
-                "of `event-router validate-target`, or written before evidence was on; the "
-                "chain does not vouch for them"
-            ),
+        self._conclude(
+            f"lines have no _chain (the first at {self._first_unchained}): the test writes "
+            "of `event-router validate-target`, or written before evidence was on; the "
+            "chain does not vouch for them"
         )
         return report
 
@@ -416,12 +405,38 @@ async def verify_bucket(
     verifier: BucketVerifier,
 ) -> Report:
     """Verify a target's objects (key, body, any order) with its dead-letter files."""
+
+    async def feed() -> None:
+        async for key, body in objects:
+            verifier.object(key, body)
+
+    return await _verify(feed, letter_files, verifier)
+
+
+async def verify_topic(
+    messages: AsyncIterator[tuple[str, dict[str, bytes], bytes]],
+    letter_files: Iterable[Path],
+    verifier: BucketVerifier,
+) -> Report:
+    """Verify a topic's messages (name, headers, value; any order) with the target's
+    dead-letter files."""
+
+    async def feed() -> None:
+        verifier.report.files += 1  # the topic
+        async for name, headers, value in messages:
+            verifier.message(name, headers, value)
+
+    return await _verify(feed, letter_files, verifier)
+
+
+async def _verify(
+    feed: Callable[[], Awaitable[None]], letter_files: Iterable[Path], verifier: BucketVerifier
+) -> Report:
     try:
         for path in letter_files:
             redriven = path.parent.name == REDRIVEN_DIR
             verifier.dead_letters(str(path), open_lines(path), redriven=redriven)
-        async for key, body in objects:
-            verifier.object(key, body)
+        await feed()
         return verifier.finish()
     except Broken as exc:
         verifier.report.broken = str(exc)

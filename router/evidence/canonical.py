@@ -81,3 +81,42 @@ def split_line(line: bytes) -> tuple[bytes, Link] | None:
     if rebuilt != line:
         raise CanonicalError("it is not in the canonical form (bytes changed around _chain)")
     return canonical, link
+
+
+# A chained Kafka message (the event_streams target) keeps its value, the event's canonical
+# bytes C, unchanged, and carries its link in three headers, the numbers as ASCII digits and
+# the hashes as 64 lowercase hex digits; its line is then chained_line(C, link), the same bytes
+# a file line or dead letter would be. A checkpoint is a message whose value is the checkpoint
+# line and whose `type` header is `checkpoint` (an event's is `audit`).
+SEQ_HEADER = "chain_seq"
+PREV_HEADER = "chain_prev"
+HASH_HEADER = "chain_hash"
+TYPE_HEADER = "type"
+CHECKPOINT_TYPE = b"checkpoint"
+
+
+def link_headers(link: Link) -> list[tuple[str, bytes]]:
+    """The headers that carry a message's link."""
+    return [
+        (SEQ_HEADER, b"%d" % link.seq),
+        (PREV_HEADER, link.prev.hex().encode()),
+        (HASH_HEADER, link.hash.hex().encode()),
+    ]
+
+
+def header_link(headers: dict[str, bytes]) -> Link | None:
+    """The link a message's headers carry; None for a message without any chain header.
+    Raises CanonicalError for headers that are not exactly what link_headers writes."""
+    found = [headers.get(name) for name in (SEQ_HEADER, PREV_HEADER, HASH_HEADER)]
+    if all(value is None for value in found):
+        return None
+    seq, prev, digest = found
+    if seq is None or prev is None or digest is None:
+        raise CanonicalError("one of its chain headers is missing")
+    try:
+        link = Link(int(seq), bytes.fromhex(prev.decode()), bytes.fromhex(digest.decode()))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CanonicalError("its chain headers cannot be read") from exc
+    if link_headers(link) != [(SEQ_HEADER, seq), (PREV_HEADER, prev), (HASH_HEADER, digest)]:
+        raise CanonicalError("its chain headers are not in the canonical form")
+    return link

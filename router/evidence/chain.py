@@ -86,6 +86,7 @@ class Chain:
         self.files_checked = False
         # What the files lacked at start that the journal's head covers (None: nothing).
         self.missing_at_start: dict[str, object] | None = None
+        self.missing_announced = False  # the router's own event about it was recorded
         # A bucket target's: the object planned before a PUT, as the journal kept it at start
         # (None once sent again or found stale), and how a new plan is kept.
         self.planned: Planned | None = None
@@ -94,6 +95,10 @@ class Chain:
         # Objects whose places are taken and whose PUT is under way: no checkpoint may name
         # a head past places the bucket may not hold yet.
         self.in_flight = 0
+        # Event id -> its chained line in a bucket object whose PUT failed after later places
+        # were taken: the object keeps its places, and a letter giving the event up stands at
+        # its place (router/deadletter), so no place is left empty.
+        self.held: dict[str, bytes] = {}
 
     @property
     def seq(self) -> int:

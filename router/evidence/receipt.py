@@ -32,7 +32,7 @@ import orjson
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from router.deadletter import letter_files, read_letters
+from router.deadletter import letter_files, object_line_place, read_letters
 from router.events import Event
 from router.evidence.canonical import CanonicalError, split_line
 from router.evidence.keys import key_id
@@ -163,13 +163,24 @@ def find_in_letters(path: Path, event_id: str) -> dict[str, Any] | None:
     for letter in read_letters(path):
         event = letter.get("event")
         if isinstance(event, dict) and event.get("id") == event_id:
-            chain = letter.get("_chain")
             return {
                 "state": "dead_lettered",
                 "reason": letter.get("reason"),
                 "message": letter.get("message"),
-                "seq": chain.get("seq") if isinstance(chain, dict) else None,
+                "seq": _letter_seq(letter),
             }
+    return None
+
+
+def _letter_seq(letter: dict[str, Any]) -> int | None:
+    """A letter's place: its own link's, or that of the object line it stands at."""
+    chain = letter.get("_chain")
+    if isinstance(chain, dict):
+        seq = chain.get("seq")
+        return seq if isinstance(seq, int) else None
+    with contextlib.suppress(CanonicalError):
+        place = object_line_place(letter)
+        return place[1].seq if place is not None else None
     return None
 
 

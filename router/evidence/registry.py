@@ -1,10 +1,11 @@
 """The evidence of all targets in one place: their chains, checkpoints and the signing key.
 
-The daemon builds one Evidence; a chained target (file, cloud_object_storage) attaches to it
+The daemon builds one Evidence; a chained target (file, cloud_object_storage, and
+event_streams with `evidence.event_streams`) attaches to it
 (its chain, and how a checkpoint line is written into its archive); dead letters ask it for
 the chain a letter takes a place in.
 
-A bucket cannot be read back for its chain's head at start, so a target attached with
+A bucket (or a topic) is not read back for its chain's head at start, so a target attached with
 `head_in_journal` has its head saved in the journal after every write, with its last
 checkpoint (an empty one, b"", before the first).
 """
@@ -120,6 +121,17 @@ class Evidence:
             chain.after_write = self._after_write
         return chain
 
+    def missing_to_announce(self) -> list[tuple[str, dict[str, object]]]:
+        """The chains found cut at start (Chain.check_files) and not announced yet, each
+        once: the daemon records an event of its own for each, so alerting on the router's
+        events sees a cut archive, not only the log and /v1/status."""
+        found = []
+        for target_id, chain in self.chains.items():
+            if chain.missing_at_start is not None and not chain.missing_announced:
+                chain.missing_announced = True
+                found.append((target_id, chain.missing_at_start))
+        return found
+
     def head_of(self, target_id: str) -> tuple[int, bytes] | None:
         """The head the journal keeps with each of this target's acks (its `chain_head`):
         a file target's, whose head is otherwise kept only at checkpoints."""
@@ -204,8 +216,10 @@ class Evidence:
         write = self._writers.get(chain.target_id)
         if write is None or chain.head is None or chain.seq <= chain.checkpointed_seq:
             return
-        if chain.in_flight:
-            return  # the head is past places a PUT under way has not filled yet: later
+        if chain.in_flight or chain.held:
+            # The head is past places a PUT (or a Kafka message) under way has not filled
+            # yet, or that a message not acknowledged holds: later.
+            return
         now = time.time()
         line = checkpoint_line(chain.target_id, chain.seq, chain.head.hash, utc_iso(now), self.key)
         try:

@@ -38,9 +38,14 @@ from typing import Any
 import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from router.deadletter import REDRIVEN_DIR
+from router.deadletter import OBJECT_LINE_MEMBER, REDRIVEN_DIR, object_line_place
 from router.evidence.canonical import GENESIS, CanonicalError, Link, link_hash, split_line
-from router.evidence.checkpoint import CheckpointError, is_checkpoint, parse_checkpoint
+from router.evidence.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    is_checkpoint,
+    parse_checkpoint,
+)
 from router.evidence.keys import key_id
 from router.observe.logformat import counted
 
@@ -157,7 +162,28 @@ class _Letter:
     place: str
     canonical: bytes
     link: Link
+    event_id: str | None
     redriven: bool = False
+
+
+def letter_place(place: str, line: bytes) -> tuple[bytes, Link, str | None] | None:
+    """A dead letter's place in the chain: (canonical bytes, link, its event's id). The place
+    is the letter's own link, or the object line it carries when it stands at the place of a
+    given-up object's line (router/deadletter); None for a letter without either."""
+    found = _split(place, line)
+    if found is None and OBJECT_LINE_MEMBER not in line:
+        return None
+    try:
+        letter = orjson.loads(found[0] if found is not None else line)
+        if found is None and isinstance(letter, dict):
+            found = object_line_place(letter)
+    except (orjson.JSONDecodeError, CanonicalError) as exc:
+        raise Broken(place, f"a letter that stands at an object line's place: {exc}") from None
+    if found is None or not isinstance(letter, dict):
+        return None
+    event = letter.get("event")
+    event_id = event.get("id") if isinstance(event, dict) else None
+    return found[0], found[1], event_id if isinstance(event_id, str) else None
 
 
 def conclude(
@@ -226,28 +252,93 @@ def check_head(
         )
 
 
-class Verifier:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VerifyOptions:
+    """What every verifier (files, a bucket, a topic) is told: the public key checkpoints must
+    be signed with, whether the oldest places may be missing (`partial`), how old the last
+    checkpoint may be, the time to judge that by, a progress callback, the head the daemon
+    reports, and the digests of receipts to find."""
+
+    public_key: Ed25519PublicKey | None = None
+    partial: bool = False
+    max_age_s: float | None = None
+    now: datetime | None = None
+    progress: Callable[[int], None] | None = None
+    expect_head: ExpectedHead | None = None
+    receipts: ReceiptDigests | None = None
+
+
+class ChainChecks:
+    """What every verifier shares: its options, report and progress, and the checks of a
+    checkpoint on its own (its target, its signature)."""
+
+    def __init__(self, options: VerifyOptions | None = None) -> None:
+        options = options or VerifyOptions()
+        self.public_key = options.public_key
+        self.key_id = key_id(options.public_key) if options.public_key is not None else None
+        self.receipts = options.receipts or ReceiptDigests()
+        self.partial = options.partial
+        self.max_age_s = options.max_age_s
+        self.now = options.now or datetime.now(UTC)
+        self.progress = options.progress
+        self.expect_head = options.expect_head
+        self.report = Report()
+        self._lines = 0
+        self._unsigned = 0
+        self._unchecked = 0
+
+    def _tick(self) -> None:
+        self._lines += 1
+        if self.progress is not None and self._lines % PROGRESS_EVERY == 0:
+            self.progress(self._lines)
+
+    def _read_checkpoint(self, place: str, line: bytes) -> Checkpoint:
+        """A checkpoint line, which must be of this chain's target."""
+        try:
+            checkpoint = parse_checkpoint(line)
+        except CheckpointError as exc:
+            raise Broken(place, str(exc)) from None
+        report = self.report
+        if report.target is None:
+            report.target = checkpoint.target
+        elif checkpoint.target != report.target:
+            raise Broken(
+                place, f"a checkpoint of target {checkpoint.target!r} in {report.target!r}'s chain"
+            )
+        return checkpoint
+
+    def _check_signature(self, place: str, checkpoint: Checkpoint) -> None:
+        """Signed by the public key when one was given (counted as signature-checked,
+        unchecked or unsigned)."""
+        if checkpoint.signature is None:
+            if self.public_key is not None:
+                raise Broken(place, "checkpoint is unsigned, but a public key was given")
+            self._unsigned += 1
+        elif self.public_key is None:
+            self._unchecked += 1
+        else:
+            if checkpoint.key != self.key_id or not checkpoint.signed_by(self.public_key):
+                raise Broken(place, "checkpoint signature does not verify with the public key")
+            self.report.signed_checkpoints += 1
+
+    def _conclude(self, unchained: str | None = None) -> None:
+        """The receipts found, the warnings, and the --max-age-s check (raises Broken)."""
+        self.receipts.count(self.report)
+        conclude(
+            self.report,
+            unsigned=self._unsigned,
+            unchecked=self._unchecked,
+            max_age_s=self.max_age_s,
+            now=self.now,
+            **({"unchained": unchained} if unchained is not None else {}),
+        )
+
+
+class Verifier(ChainChecks):
     """Feed it the dead-letter files first, then the archive files oldest first; `finish`."""
 
-    def __init__(
-        self,
-        *,
-        public_key: Ed25519PublicKey | None = None,
-        partial: bool = False,
-        max_age_s: float | None = None,
-        now: datetime | None = None,
-        progress: Callable[[int], None] | None = None,
-        expect_head: ExpectedHead | None = None,
-        receipts: ReceiptDigests | None = None,
-    ) -> None:
-        self.public_key = public_key
-        self.key_id = key_id(public_key) if public_key is not None else None
-        self.receipts = receipts or ReceiptDigests()
-        self.partial = partial
-        self.max_age_s = max_age_s
-        self.now = now or datetime.now(UTC)
-        self.progress = progress
-        self.report = Report()
+    def __init__(self, options: VerifyOptions | None = None) -> None:
+        super().__init__(options)
         self._head: Link | None = None
         self._head_place = "the start of the chain"
         self._letters: dict[int, _Letter] = {}
@@ -255,10 +346,6 @@ class Verifier:
         self._letter_files = 0
         self._recent_ids: deque[str] = deque()
         self._recent_set: set[str] = set()
-        self._lines = 0
-        self._unsigned = 0
-        self._unchecked = 0
-        self.expect_head = expect_head
         self._hash_at_expected: bytes | None = None
         self._ahead: tuple[str, bytes, Link] | None = None  # a line one place early: swapped?
         self._redriven: dict[str, int] = {}  # event id -> the seq of its redriven letter
@@ -273,18 +360,18 @@ class Verifier:
         self._letter_files += 1
         for number, line in _numbered(name, lines):
             place = f"{name}:{number}"
-            found = _split(place, line)
+            found = letter_place(place, line)
             if found is None:
                 self.report.unchained += 1
                 continue
-            canonical, link = found
+            canonical, link, event_id = found
             known = self._letters.get(link.seq)
             if known is not None:
                 if known.link == link and known.canonical == canonical:
                     known.redriven = known.redriven or redriven
                     continue
                 raise Broken(place, f"seq {link.seq} appears twice in the dead letters")
-            self._letters[link.seq] = _Letter(place, canonical, link, redriven)
+            self._letters[link.seq] = _Letter(place, canonical, link, event_id, redriven)
             heapq.heappush(self._letter_seqs, link.seq)
 
     def archive(self, name: str, lines: Iterable[bytes]) -> None:
@@ -320,14 +407,7 @@ class Verifier:
         report = self.report
         report.head_seq = self._head.seq if self._head is not None else 0
         check_head(self.expect_head, report.head_seq, self._head_place, self._hash_at_expected)
-        self.receipts.count(report)
-        conclude(
-            report,
-            unsigned=self._unsigned,
-            unchecked=self._unchecked,
-            max_age_s=self.max_age_s,
-            now=self.now,
-        )
+        self._conclude()
         return report
 
     def _swapped(self, place: str, canonical: bytes, link: Link) -> bool:
@@ -365,11 +445,6 @@ class Verifier:
             self._take(ahead[0], ahead[1], ahead[2], letter=False)
 
     # -- the chain -------------------------------------------------------------------------
-
-    def _tick(self) -> None:
-        self._lines += 1
-        if self.progress is not None and self._lines % PROGRESS_EVERY == 0:
-            self.progress(self._lines)
 
     def _fill_letters(self, through: float) -> None:
         """Dead letters take their places up to seq `through`, lowest first (a missing place
@@ -413,9 +488,8 @@ class Verifier:
             report.dead_letters += 1
             if isinstance(letter, _Letter) and letter.redriven:
                 report.redriven += 1
-                event = orjson.loads(canonical).get("event")
-                if isinstance(event, dict) and isinstance(event.get("id"), str):
-                    self._redriven[event["id"]] = seq
+                if letter.event_id is not None:
+                    self._redriven[letter.event_id] = seq
             return
         report.events += 1
         self.receipts.see(canonical)
@@ -443,17 +517,8 @@ class Verifier:
 
     def _checkpoint(self, place: str, line: bytes) -> None:
         self._flush_ahead()
-        try:
-            checkpoint = parse_checkpoint(line)
-        except CheckpointError as exc:
-            raise Broken(place, str(exc)) from None
+        checkpoint = self._read_checkpoint(place, line)
         report = self.report
-        if report.target is None:
-            report.target = checkpoint.target
-        elif checkpoint.target != report.target:
-            raise Broken(
-                place, f"a checkpoint of target {checkpoint.target!r} in {report.target!r}'s chain"
-            )
         self._fill_letters(checkpoint.seq)
         if self._head is None and self.partial:
             # The places before it are gone (rotated away): the chain goes on from its head.
@@ -467,16 +532,7 @@ class Verifier:
                 f"checkpoint (seq {checkpoint.seq}) does not match the chain ({at} at "
                 f"{self._head_place})",
             )
-        if checkpoint.signature is None:
-            if self.public_key is not None:
-                raise Broken(place, "checkpoint is unsigned, but a public key was given")
-            self._unsigned += 1
-        elif self.public_key is None:
-            self._unchecked += 1
-        else:
-            if checkpoint.key != self.key_id or not checkpoint.signed_by(self.public_key):
-                raise Broken(place, "checkpoint signature does not verify with the public key")
-            report.signed_checkpoints += 1
+        self._check_signature(place, checkpoint)
         report.checkpoints += 1
         report.last_checkpoint_seq = checkpoint.seq
         report.last_checkpoint_time = checkpoint.time

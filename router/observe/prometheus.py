@@ -59,6 +59,8 @@ class ChainGauges(Protocol):
     def checkpointed_seq(self) -> int: ...
     @property
     def checkpointed_at(self) -> float | None: ...
+    @property
+    def missing_at_start(self) -> Mapping[str, object] | None: ...
 
 
 class EvidenceGauges(Protocol):
@@ -383,13 +385,21 @@ class DaemonCollector(Collector):
             "When the target's last checkpoint was written (Unix time); 0 before the first.",
             labels=["target"],
         )
+        missing = GaugeMetricFamily(
+            "event_router_chain_missing_at_start",
+            "Places of the target's chain that the journal's head covers but its files lacked "
+            "at start (cut off the archive while the daemon was down); 0 when none.",
+            labels=["target"],
+        )
         for target_id, chain in sorted(evidence.chains.items()):
             head.add_metric([target_id], chain.seq)
             checkpointed.add_metric([target_id], chain.checkpointed_seq)
             checkpoint_time.add_metric([target_id], chain.checkpointed_at or 0.0)
+            missing.add_metric([target_id], _missing_places(chain.missing_at_start))
         yield head
         yield checkpointed
         yield checkpoint_time
+        yield missing
         yield CounterMetricFamily(
             "event_router_chain_checkpoint_errors",
             "Checkpoints that could not be written (each is tried again at the next write).",
@@ -412,3 +422,12 @@ class DaemonCollector(Collector):
             "Refusals the rate limits kept out of the journal (counted in summary events).",
             value=refusals.suppressed_total,
         )
+
+
+def _missing_places(missing: Mapping[str, object] | None) -> int:
+    """How many places a chain's `missing_at_start` report names (first_seq ... last_seq)."""
+    if missing is None:
+        return 0
+    first, last = missing["first_seq"], missing["last_seq"]
+    assert isinstance(first, int) and isinstance(last, int)
+    return last - first + 1

@@ -291,6 +291,11 @@ def packed_lines(lines: Sequence[bytes]) -> tuple[bytes, str]:
     return body, base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode()
 
 
+def object_lines(body: bytes) -> list[bytes]:
+    """The lines (no newlines) of a gzip NDJSON body packed_lines made."""
+    return gzip.decompress(body).split(b"\n")[:-1]
+
+
 @dataclass(frozen=True, slots=True)
 class Linked:
     """A chained object's body, linked from `base` to `head`: what every attempt PUTs."""
@@ -337,6 +342,9 @@ class CosTarget:
         # Bodies whose places are taken, until their PUT succeeds or the places go back.
         self._reserved: OrderedDict[str, Linked] = OrderedDict()
         self._putting = asyncio.Lock()  # one chained object PUT at a time
+        # Objects whose lines the chain holds (a PUT failed, places kept): batch key -> the
+        # id of its first event, whose letter taking the place tells they were given up.
+        self._held: dict[str, str] = {}
         self._stack: contextlib.AsyncExitStack | None = None
         self._client: S3Client | None = None
         self._session: aiohttp.ClientSession | None = None  # for IAM tokens only
@@ -433,6 +441,7 @@ class CosTarget:
         async with self._putting:
             async with chain.lock:
                 await self._resend_planned(chain, key)
+                self._forget_given_up(chain)
                 name = self._name(account, events)
                 linked = self._reserved.get(key)
                 if linked is None:
@@ -443,12 +452,15 @@ class CosTarget:
             except Exception:
                 async with chain.lock:
                     chain.in_flight -= 1
-                    await self._give_back_places(chain, key, linked)
+                    await self._give_back_places(chain, key, linked, events)
                 raise
             async with chain.lock:
                 chain.in_flight -= 1
                 self._reserved.pop(key, None)
                 self._linked.pop(key, None)
+                self._held.pop(key, None)
+                for event in events:
+                    chain.held.pop(event.id, None)
                 if chain.after_write is not None:
                     await chain.after_write(chain)
         return name
@@ -474,12 +486,20 @@ class CosTarget:
             self._reserved.popitem(last=False)
         return linked
 
-    async def _give_back_places(self, chain: Chain, key: str, linked: Linked) -> None:
+    async def _give_back_places(
+        self, chain: Chain, key: str, linked: Linked, events: Sequence[Event]
+    ) -> None:
         """A PUT failed: its places go back to the chain when nothing took a place after
         them (its retry links the same events from the same head: the same bytes). Else (a
         dead letter was written meanwhile, chained after them) the object keeps its places
-        and a retry PUTs the very same bytes there. The caller holds the chain's lock."""
+        and a retry PUTs the very same bytes there; its lines are held in the chain, so that
+        if its events are given up their letters stand at those places (router/deadletter).
+        The caller holds the chain's lock."""
         if not same_head(chain.head, linked.head):
+            if key not in self._held:
+                lines = await asyncio.to_thread(object_lines, linked.body)
+                chain.held.update(zip((event.id for event in events), lines, strict=True))
+                self._held[key] = events[0].id
             return
         if chain.drop_plan is not None:
             try:
@@ -490,6 +510,17 @@ class CosTarget:
         self._kept = None
         self._reserved.pop(key, None)
         chain.advance(linked.base)
+
+    def _forget_given_up(self, chain: Chain) -> None:
+        """Objects whose places were held and whose events were then given up: letters stand
+        at their places now, so those events (redriven, the same batch again) take new
+        places, in a new object. The caller holds the chain's lock."""
+        for key, first_id in list(self._held.items()):
+            if first_id not in chain.held:
+                del self._held[key]
+                self._reserved.pop(key, None)
+                self._linked.pop(key, None)
+                self._names.pop(key, None)
 
     async def _keep_plan(self, chain: Chain, key: str, name: str, linked: Linked) -> None:
         """The journal keeps the object before its (first) PUT: what a restart after kill -9

@@ -39,6 +39,17 @@ that event only, which the worker dead-letters while the rest of the batch count
 Where the fate of a message cannot be known, the promise is at-least-once: across a crash or
 a stop of the daemon (or a reload that replaces this target), a message Kafka stored whose
 acknowledgement the journal never recorded is sent again, by a new producer, after restart.
+
+With `evidence.event_streams` (router/evidence), `chain` is set before `start`: the value stays
+the event's JSON, unchanged, and the message's place in the target's chain travels in headers
+(`chain_seq`, `chain_prev`, `chain_hash`: router/evidence/canonical.py); checkpoints are
+messages of their own in the topic (header `type`=`checkpoint`). A batch's events take their
+places when the batch is first produced, under the chain's lock, and keep them until Kafka
+acknowledged them: a retry (or a new producer, or a new target after a reload) sends a message
+again with the very same headers, and an event given up has its letter stand at its place
+(router/deadletter). The journal keeps the batch's lines before they are produced (the plan,
+as for a bucket object): after kill -9 the next start sends them again first, byte for byte at
+their places, and the events of the batch sent again are those very messages.
 """
 
 from __future__ import annotations
@@ -48,12 +59,13 @@ import contextlib
 import logging
 import math
 import ssl
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, NoReturn
 
 import aiohttp
-from aiokafka import AIOKafkaProducer
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka import conn as aiokafka_conn
 from aiokafka.abc import AbstractTokenProvider
 from aiokafka.conn import create_conn
@@ -82,10 +94,20 @@ from aiokafka.errors import (
 )
 
 from router import __version__
-from router.errors import PermanentDeliveryError, RetryableDeliveryError
+from router.errors import PermanentDeliveryError, RetryableDeliveryError, RouterError
 from router.events import Event, crn_parts
+from router.evidence.canonical import (
+    CHECKPOINT_TYPE,
+    TYPE_HEADER,
+    Link,
+    chained_line,
+    link_headers,
+    next_link,
+    split_line,
+)
+from router.evidence.chain import Chain, Planned
 from router.iam import SET_BY_LOADER, IamTokenSource, TrustedProfileConfig, token_source
-from router.targets._net import TLS_SCHEMA, new_session
+from router.targets._net import TLS_SCHEMA, batch_key, new_session
 
 log = logging.getLogger(__name__)
 
@@ -413,6 +435,9 @@ class EventStreamsTarget:
         # Every message the current producer has and Kafka has not answered yet, whatever its
         # batch: a new producer may take over only once this is empty.
         self._unanswered: set[asyncio.Future[Any]] = set()
+        self.chain: Chain | None = None
+        # With a chain: the places of the batch being sent, event id -> link (Chain.held).
+        self._links: dict[str, Link] = {}
 
     async def start(self) -> None:
         """Connect; a failure is raised classified, and the next send tries again."""
@@ -494,6 +519,8 @@ class EventStreamsTarget:
                 )
             await self._renew()
         producer = await self._connect()
+        if self.chain is not None:
+            await self._take_places(self.chain, producer, batch)
         self._forget_others(batch)
         refused: dict[str, str] = {}
         try:
@@ -521,7 +548,14 @@ class EventStreamsTarget:
                         await self._await([self._flights[event.id].future])
         except (KafkaError, OSError) as exc:
             self._raise_for(exc)
-        self._settle(batch, refused)
+        try:
+            self._settle(batch, refused)
+        except PermanentDeliveryError as exc:
+            if self.chain is not None and exc.refused is not None:
+                await self._placed(self.chain, batch, exc.refused)  # the rest were acknowledged
+            raise
+        if self.chain is not None:
+            await self._placed(self.chain, batch, {})
 
     def _broken(self) -> bool:
         """Did Kafka refuse a message because the producer's own state is off, or did the
@@ -571,11 +605,12 @@ class EventStreamsTarget:
     ) -> None:
         """Hand one message to the producer; one it refuses at once is refused for good."""
         try:
+            link = self._links.get(event.id)
             future = await producer.send(
                 self.endpoint.topic,
                 value=event.encoded(),
                 key=event.id.encode(),
-                headers=headers(event, self.region),
+                headers=headers(event, self.region) + (link_headers(link) if link else []),
             )
         except PERMANENT_FOR_EVENT as exc:
             self._flights.pop(event.id, None)
@@ -658,6 +693,166 @@ class EventStreamsTarget:
         if is_retryable(exc):
             raise RetryableDeliveryError(self.id, f"producing to Kafka: {describe(exc)}") from exc
         raise PermanentDeliveryError(self.id, f"producing to Kafka: {describe(exc)}") from exc
+
+    # -- the chain (evidence.event_streams) ------------------------------------------------
+
+    async def _take_places(
+        self, chain: Chain, producer: AIOKafkaProducer, batch: Sequence[Event]
+    ) -> None:
+        """Each event of the batch gets its place: the one it holds (`Chain.held`: placed by
+        an earlier attempt, a reload's former target, or the plan a restart sent again), else
+        the next one, taken under the chain's lock after the journal kept the new lines (the
+        plan). A place stays held until Kafka acknowledged the event's whole batch (or its
+        letter stands there), so every attempt sends the very same headers."""
+        async with chain.lock:
+            await self._resend_planned(chain, producer, batch)
+            await self._fill_orphans(chain, producer, batch)
+            self._links = {}
+            new: list[Event] = []
+            for event in batch:
+                held = chain.held.get(event.id)
+                found = split_line(held) if held is not None else None
+                if found is not None and found[0] == event.encoded():
+                    self._links[event.id] = found[1]
+                else:
+                    new.append(event)
+            if not new:
+                return
+            base = head = chain.head
+            placed: list[tuple[Event, Link, bytes]] = []
+            for event in new:
+                head = next_link(head, event.encoded())
+                placed.append((event, head, chained_line(event.encoded(), head)))
+            if chain.keep_plan is not None and head is not None:
+                body = b"".join(line + b"\n" for _, _, line in placed)
+                try:
+                    await chain.keep_plan(Planned(batch_key(new), "", base, head, body, ""))
+                except (RouterError, OSError) as exc:
+                    raise RetryableDeliveryError(
+                        self.id, f"cannot keep the batch's chain places in the journal: {exc}"
+                    ) from exc
+            for event, link, line in placed:
+                self._links[event.id] = link
+                chain.held[event.id] = line
+            chain.advance(head)
+
+    async def _resend_planned(
+        self, chain: Chain, producer: AIOKafkaProducer, batch: Sequence[Event]
+    ) -> None:
+        """The first chained send after a start: the lines planned before a crash, whose
+        places the journal's head did not cover, may be in the topic; they are sent again
+        first, byte for byte at their places (a copy of one Kafka kept is the same message
+        twice), and the batch's events among them are those messages, acknowledged, not sent
+        again. A failure raises for this send (retried): the plan stays, and its places. The
+        caller holds the chain's lock."""
+        planned = chain.planned
+        if planned is None:
+            return
+        log.warning(
+            "target %s: sending messages again at their places %d-%d, planned before a crash",
+            self.id,
+            (planned.base.seq if planned.base is not None else 0) + 1,
+            planned.head.seq,
+        )
+        sent = await self._send_again(producer, planned.body.splitlines())
+        wanted = self._ids(batch)
+        for line, event, future in sent:
+            if event.id in wanted:  # this batch's: sent, held until the batch is settled
+                self._flights[event.id] = _Flight(future)
+                chain.held[event.id] = line
+        chain.planned = None
+        chain.in_flight -= 1
+
+    async def _fill_orphans(
+        self, chain: Chain, producer: AIOKafkaProducer, batch: Sequence[Event]
+    ) -> None:
+        """Places held by events that are not in this batch and whose message is not in
+        flight: a test write that failed (it is never sent again), or a batch a reload cut
+        differently. A message Kafka acknowledged is in the topic; any other is sent again,
+        byte for byte at its place, so no place stays empty (the event's own batch, if it
+        comes, takes that place again: the same message twice). The caller holds the lock."""
+        wanted = self._ids(batch)
+        orphans: list[bytes] = []
+        for event_id, line in list(chain.held.items()):
+            flight = self._flights.get(event_id)
+            if event_id in wanted or (flight is not None and not flight.future.done()):
+                continue
+            if flight is not None and _failure(flight.future) is None:
+                del chain.held[event_id]
+            else:
+                orphans.append(line)
+        if orphans:
+            for _, event, _ in await self._send_again(producer, orphans):
+                chain.held.pop(event.id, None)
+
+    async def _send_again(
+        self, producer: AIOKafkaProducer, lines: Sequence[bytes]
+    ) -> list[tuple[bytes, Event, asyncio.Future[Any]]]:
+        """Produce chained lines again as they were, each at its place, and wait until Kafka
+        acknowledged every one (else raise, retryable)."""
+        placed = [
+            (line, Event.from_body(orjson.loads(found[0]), encoded=found[0]), found[1])
+            for line in lines
+            if (found := split_line(line)) is not None
+        ]
+        try:
+            futures = [
+                await producer.send(
+                    self.endpoint.topic,
+                    value=event.encoded(),
+                    key=event.id.encode(),
+                    headers=headers(event, self.region) + link_headers(link),
+                )
+                for _, event, link in placed
+            ]
+            await self._await(futures)
+        except (KafkaError, OSError) as exc:
+            self._raise_for(exc)
+        done: list[tuple[bytes, Event, asyncio.Future[Any]]] = []
+        for (line, event, link), future in zip(placed, futures, strict=True):
+            error = _failure(future) if future.done() else ProducerClosed()
+            if error is not None and is_retryable(error):
+                raise RetryableDeliveryError(
+                    self.id,
+                    f"{len(futures)} messages sent again at their places are not all "
+                    f"acknowledged yet ({describe(error)})",
+                )
+            if error is not None:
+                # Refused for good: that place stays empty, and verify names it as a gap.
+                log.error(
+                    "target %s: Kafka refused the message at seq %d for good (%s); its place "
+                    "in the chain stays empty",
+                    self.id,
+                    link.seq,
+                    describe(error),
+                )
+            done.append((line, event, future))
+        return done
+
+    async def _placed(self, chain: Chain, batch: Sequence[Event], refused: dict[str, str]) -> None:
+        """The batch is settled: the acknowledged events' places are in the topic (no longer
+        held; the journal keeps the head, and a checkpoint when one is due); a refused
+        event's place stays held for its letter."""
+        async with chain.lock:
+            for event in batch:
+                if event.id not in refused:
+                    chain.held.pop(event.id, None)
+            self._links = {}
+            if chain.after_write is not None:
+                await chain.after_write(chain)
+
+    async def write_line(self, line: bytes) -> None:
+        """Produce one message that is not an event (a checkpoint), marked by its `type`
+        header, and wait for Kafka to acknowledge it; the caller holds the chain lock."""
+        producer = await self._connect()
+        async with asyncio.timeout(min(self.endpoint.timeout_s, CLOSE_FLUSH_S * 2)):
+            future = await producer.send(
+                self.endpoint.topic,
+                value=line,
+                key=b"checkpoint",
+                headers=[(TYPE_HEADER, CHECKPOINT_TYPE)],
+            )
+            await future
 
     async def close(self) -> None:
         """Flush what is in flight for a few seconds, then stop. Messages still
@@ -749,3 +944,51 @@ def _failure(future: asyncio.Future[Any]) -> BaseException | None:
         closed: BaseException = ProducerClosed()
         return closed
     return future.exception()
+
+
+async def read_topic(
+    target: EventStreamsTarget,
+) -> AsyncIterator[tuple[str, dict[str, bytes], bytes]]:
+    """Every message of the target's topic, every partition, from its start to the end
+    offsets it had when reading began: (`topic[partition]@offset`, headers, value), with the
+    target's own connection settings and credentials. For `event-router verify
+    kafka://TARGET`; a topic that cannot be read raises DeliveryError."""
+    target_id, endpoint = target.id, target.endpoint
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=list(endpoint.brokers),
+        enable_auto_commit=False,
+        **client_settings(endpoint, target.tokens),
+    )
+    try:
+        await consumer.start()
+        # The consumer's own partitions_for_topic knows only topics it subscribed to.
+        cluster = await consumer._client.fetch_all_metadata()
+    except (KafkaError, OSError) as exc:
+        await consumer.stop()
+        raise RetryableDeliveryError(target_id, f"cannot read from Kafka: {describe(exc)}") from exc
+    try:
+        numbers = cluster.partitions_for_topic(endpoint.topic)
+        if not numbers:
+            raise PermanentDeliveryError(target_id, f"Kafka has no topic {endpoint.topic!r}")
+        partitions = [TopicPartition(endpoint.topic, n) for n in sorted(numbers)]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        end = await consumer.end_offsets(partitions)
+        left = {tp for tp in partitions if end[tp] > 0}
+        while left:
+            got = await consumer.getmany(*left, timeout_ms=int(endpoint.timeout_s * 1000))
+            if not got:
+                raise RetryableDeliveryError(
+                    target_id, f"Kafka sent nothing for {endpoint.timeout_s:g}s while reading"
+                )
+            for tp, records in sorted(got.items(), key=lambda item: item[0].partition):
+                for record in records:
+                    if record.offset < end[tp]:
+                        name = f"{tp.topic}[{tp.partition}]@{record.offset}"
+                        yield name, dict(record.headers), record.value or b""
+                if await consumer.position(tp) >= end[tp]:
+                    left.discard(tp)
+    except KafkaError as exc:
+        raise RetryableDeliveryError(target_id, f"reading from Kafka: {describe(exc)}") from exc
+    finally:
+        await consumer.stop()

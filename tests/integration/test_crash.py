@@ -39,6 +39,30 @@ async def load(port: int, acked: list[str], stop_at: float, worker: int) -> None
                 return
 
 
+async def kill_9_under_load(config: Path, port: int, *, at_least: int = 1000) -> list[str]:
+    """A daemon process of `config` under load from 4 posters, killed with kill -9 once
+    `at_least` events were acknowledged, then started again until its journal drained and
+    stopped: the ids answered 202."""
+    proc: asyncio.subprocess.Process | None = None
+    try:
+        proc = await serve(config, port)
+        acked: list[str] = []
+        stop_at = time.monotonic() + 30
+        posters = [asyncio.create_task(load(port, acked, stop_at, w)) for w in range(4)]
+        await wait_for(lambda: len(acked) >= at_least, timeout_s=60, what="load acknowledged")
+        proc.send_signal(signal.SIGKILL)
+        assert await proc.wait() == -signal.SIGKILL
+        await asyncio.gather(*posters)
+        proc = await serve(config, port)
+        await wait_for(
+            lambda: drained(port), timeout_s=60, what="the journal to drain after the restart"
+        )
+        assert await terminate(proc) == 0
+    finally:
+        await reap(proc)
+    return acked
+
+
 async def test_kill_9_under_load_loses_no_acknowledged_event(tmp_path: Path) -> None:
     receiver = await ScriptedReceiver(statuses=[200]).start()
     port = free_port()

@@ -11,8 +11,6 @@ message over the broker's limit is dead-lettered alone, with its reason.
 from __future__ import annotations
 
 import asyncio
-import signal
-import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,18 +28,14 @@ from tests.conftest import StartDaemon
 from tests.fakes import ACCOUNT, make_event, read_ndjson, wait_for
 from tests.helpers import (
     assert_books_balance,
-    drained,
     everything_to,
     free_port,
     post,
-    reap,
-    serve,
     settled,
-    terminate,
 )
 from tests.integration.test_api import Client
 from tests.integration.test_api import auth as api_auth
-from tests.integration.test_crash import load
+from tests.integration.test_crash import kill_9_under_load
 from tests.peers.kafka import AnswerDropper, KafkaBroker
 
 pytestmark = pytest.mark.peers
@@ -473,26 +467,7 @@ async def test_kill_9_of_the_daemon_loses_nothing_and_duplicates_at_most_a_batch
             }
         )
     )
-    proc: asyncio.subprocess.Process | None = None
-    try:
-        proc = await serve(config, port)
-        acked: list[str] = []
-        stop_at = time.monotonic() + 30
-        posters = [asyncio.create_task(load(port, acked, stop_at, w)) for w in range(4)]
-        await wait_for(lambda: len(acked) >= 1000, timeout_s=60, what="load acknowledged")
-        proc.send_signal(signal.SIGKILL)
-        assert await proc.wait() == -signal.SIGKILL
-        await asyncio.gather(*posters)
-
-        proc = await serve(config, port)
-
-        await wait_for(
-            lambda: drained(port), timeout_s=60, what="the journal to drain after the restart"
-        )
-        assert await terminate(proc) == 0
-    finally:
-        await reap(proc)
-
+    acked = await kill_9_under_load(config, port)
     keys = [r.key.decode() for r in await read_topic(kafka.bootstrap, "audit-crash")]
     missing = set(acked) - set(keys)
     assert not missing, f"lost {len(missing)} of {len(acked)} acknowledged events"

@@ -27,6 +27,7 @@ import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
 
 from router.config import EvidenceConfig, StorageConfig, parse_config
 from router.daemon import Daemon
@@ -35,7 +36,14 @@ from router.evidence.canonical import split_line
 from router.evidence.checkpoint import PREFIX, SIG_MEMBER, is_checkpoint
 from router.evidence.keys import generate, load_public
 from router.evidence.registry import Evidence
-from router.evidence.verify import EN_DASH, Broken, Report, Verifier, verify_files
+from router.evidence.verify import (
+    EN_DASH,
+    Broken,
+    Report,
+    Verifier,
+    VerifyOptions,
+    verify_files,
+)
 from router.journal.sqlite import SqliteJournal
 from router.server.api import ConfigSource
 from router.targets.file import FileEndpointConfig, FileTarget
@@ -68,7 +76,7 @@ def chained_file_target(path: Path, **endpoint: Any) -> dict[str, Any]:
 
 def verify(paths: list[Path], key: Path | None = None, **kwargs: Any) -> Report:
     public = load_public(key) if key is not None else None
-    return verify_files(paths, Verifier(public_key=public, **kwargs))
+    return verify_files(paths, Verifier(VerifyOptions(public_key=public, **kwargs)))
 
 
 def archive_files(directory: Path, name: str = "us.ndjson") -> list[Path]:
@@ -359,7 +367,7 @@ def sample_archive() -> tuple[bytes, bytes]:
 def verify_bytes(data: bytes, public_pem: bytes, tmp: Path) -> Report:
     pub = tmp / "k.pub"
     pub.write_bytes(public_pem)
-    verifier = Verifier(public_key=load_public(pub))
+    verifier = Verifier(VerifyOptions(public_key=load_public(pub)))
     try:
         verifier.archive("us.ndjson", io.BytesIO(data))
         return verifier.finish()
@@ -907,6 +915,21 @@ async def status_of(port: int) -> Any:
         return await resp.json()
 
 
+def process_config(tmp_path: Path, port: int, archive: Path, routes: list[Any]) -> Path:
+    """The config file of a daemon process with one chained file target and no checkpoint
+    while it runs (only at a stop)."""
+    data: dict[str, Any] = {
+        "server": {"host": "127.0.0.1", "port": port},
+        "storage": {"path": str(tmp_path / "var"), "fsync": "always"},
+        "targets": [chained_file_target(archive)],
+        "routes": routes,
+        "evidence": {"checkpoint_every_events": 1000, "checkpoint_every_s": 3600},
+    }
+    config = tmp_path / "router.yaml"
+    config.write_text(yaml.safe_dump(data))
+    return config
+
+
 async def test_lines_cut_while_the_daemon_was_down_after_kill_9_are_reported_at_start(
     tmp_path: Path,
 ) -> None:
@@ -914,18 +937,13 @@ async def test_lines_cut_while_the_daemon_was_down_after_kill_9_are_reported_at_
     (no shutdown checkpoint). While it is down, the last two lines are cut off the archive.
     The next daemon knows the head it wrote (the journal keeps it with every batch): its
     /v1/status reports the places missing at start, and `verify --expect-head` with the head
-    it reports names the cut; no --expect-head taken before the crash is needed."""
+    it reports names the cut; no --expect-head taken before the crash is needed. (The router's
+    own events, global, go nowhere here: its event about the cut would otherwise take seq 13
+    and leave the cut a gap in the middle, the next test's case.)"""
     port = free_port()
     archive = tmp_path / "archive" / "us.ndjson"
-    data: dict[str, Any] = {
-        "server": {"host": "127.0.0.1", "port": port},
-        "storage": {"path": str(tmp_path / "var"), "fsync": "always"},
-        "targets": [chained_file_target(archive)],
-        "routes": everything_to("us"),
-        "evidence": {"checkpoint_every_events": 1000, "checkpoint_every_s": 3600},
-    }
-    config = tmp_path / "router.yaml"
-    config.write_text(yaml.safe_dump(data))
+    not_global = [{"locations": ["global"], "target_ids": []}, *everything_to("us")[0]["rules"]]
+    config = process_config(tmp_path, port, archive, [{"name": "all", "rules": not_global}])
     proc: asyncio.subprocess.Process | None = None
     try:
         proc = await serve(config, port)
@@ -963,20 +981,94 @@ async def test_lines_cut_while_the_daemon_was_down_after_kill_9_are_reported_at_
         await reap(proc)
 
 
+async def metrics_of(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of a daemon process's /metrics, keyed by (name, labels)."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}/metrics") as resp,
+    ):
+        assert resp.status == 200
+        text = await resp.text()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+async def test_an_archive_cut_while_stopped_is_a_metric_and_an_event_of_the_router(
+    tmp_path: Path,
+) -> None:
+    """A daemon process writes 12 events and stops (SIGTERM: a shutdown checkpoint). While it
+    is down, the checkpoint and the last three events are cut off the archive. The next start
+    reports the cut where an operator's alerting looks: the gauge
+    event_router_chain_missing_at_start{target} (3 places), and an event of the router itself,
+    event-router.chain.missing, routed like any other (here into the very archive, after the
+    journal's head), with the numbers."""
+    port = free_port()
+    archive = tmp_path / "archive" / "us.ndjson"
+    config = process_config(tmp_path, port, archive, everything_to("us"))
+    proc: asyncio.subprocess.Process | None = None
+    try:
+        proc = await serve(config, port)
+        assert await post_ids(port, [f"m-{i}" for i in range(12)]) == 202
+        await wait_for(lambda: drained(port), what="delivery")
+        samples = await metrics_of(port)
+        assert samples[("event_router_chain_missing_at_start", frozenset({("target", "us")}))] == 0
+        assert await terminate(proc) == 0
+        lines = lines_of(archive)
+        assert len(lines) == 13 and is_checkpoint(lines[-1])
+        archive.write_bytes(b"".join(lines[:9]))  # seq 10-12 and the checkpoint cut
+
+        proc = await serve(config, port)
+        samples = await metrics_of(port)
+        assert samples[("event_router_chain_missing_at_start", frozenset({("target", "us")}))] == 3
+        await wait_for(lambda: drained(port), what="the router's own event delivered")
+        [own] = [e for e in read_ndjson(archive) if e["action"] == "event-router.chain.missing"]
+        assert own["_chain"]["seq"] == 13, "after the journal's head, not in the cut places"
+        assert own["outcome"] == "failure" and own["severity"] == "critical"
+        assert own["target"]["name"] == "us"
+        message = (
+            f"seq 10{EN_DASH}12 missing at the end of {archive} (and its dead letters) at "
+            "start: the journal's head is seq 12, the files end at seq 9 (places cut off the "
+            "end while the daemon was down)"
+        )
+        assert own["requestData"] == {
+            "target_id": "us",
+            "first_seq": 10,
+            "last_seq": 12,
+            "found_seq": 9,
+            "reasonForFailure": message,
+        }
+        status = await status_of(port)
+        assert status["targets"]["us"]["evidence"]["missing_at_start"]["message"] == message
+        assert status["targets"]["us"]["received"] == 13  # 12 events and the router's own
+        assert await terminate(proc) == 0
+        # Announced once: a later clean start finds the files at the journal's head.
+        proc = await serve(config, port)
+        samples = await metrics_of(port)
+        assert samples[("event_router_chain_missing_at_start", frozenset({("target", "us")}))] == 0
+        books = (await status_of(port))["targets"]["us"]
+        assert books["received"] == books["delivered"] + books["dead_lettered"] + books["pending"]
+        assert await terminate(proc) == 0
+    finally:
+        await reap(proc)
+    actions = [e["action"] for e in read_ndjson(archive)]
+    assert actions.count("event-router.chain.missing") == 1
+    # The archive itself shows the cut: the router's event about it came after the places.
+    cli = await asyncio.to_thread(run_cli, "verify", str(archive))
+    assert cli.returncode == 1
+    assert cli.stdout.startswith(
+        f"BROKEN: gap: seq 10{EN_DASH}12 missing between {archive}:9 and {archive}:10"
+    ), cli.stdout
+
+
 async def test_a_clean_restart_and_a_kill_9_report_nothing_missing(tmp_path: Path) -> None:
     """No false alarm: after kill -9 with nothing cut (and a torn last line, which was never
     acknowledged), the files reach the journal's head and nothing is reported missing."""
     port = free_port()
     archive = tmp_path / "archive" / "us.ndjson"
-    data: dict[str, Any] = {
-        "server": {"host": "127.0.0.1", "port": port},
-        "storage": {"path": str(tmp_path / "var"), "fsync": "always"},
-        "targets": [chained_file_target(archive)],
-        "routes": everything_to("us"),
-        "evidence": {"checkpoint_every_events": 1000, "checkpoint_every_s": 3600},
-    }
-    config = tmp_path / "router.yaml"
-    config.write_text(yaml.safe_dump(data))
+    config = process_config(tmp_path, port, archive, everything_to("us"))
     proc: asyncio.subprocess.Process | None = None
     try:
         proc = await serve(config, port)

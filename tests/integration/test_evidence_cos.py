@@ -22,6 +22,7 @@ from router.daemon import Daemon
 from router.evidence.canonical import split_line
 from router.evidence.checkpoint import is_checkpoint
 from router.evidence.keys import generate
+from router.evidence.receipt import find_in_letters
 from tests.conftest import StartDaemon
 from tests.fakes import ACCOUNT, make_event, wait_for
 from tests.helpers import (
@@ -417,6 +418,52 @@ async def test_kill_9_between_a_put_and_the_head_resends_the_same_object_first(
     assert out.startswith(summary), out
 
 
+async def shed_while_held(
+    start_daemon: StartDaemon,
+    front: HoldingFront,
+    tmp_path: Path,
+    target: dict[str, Any],
+    key: Path,
+) -> Daemon:
+    """A daemon with the COS target and a small journal that sheds when full: the front
+    holds the answer to the PUT of its first object (events held-0 ... held-9), and 2,000
+    events more fill the journal, so its oldest are dead-lettered meanwhile (within 30 s)."""
+    daemon = await start_daemon(
+        {
+            "storage": {
+                "path": str(tmp_path / "var"),
+                "max_bytes": 1024 * 1024,
+                "when_full": "drop_oldest_per_target",
+            },
+            "targets": [target],
+            "routes": everything_to("cos"),
+            "evidence": {"signing_key_file": str(key), "checkpoint_every_s": 3600},
+        }
+    )
+    front.holding = True
+    assert (await post(daemon, [make_event(id=f"held-{i}") for i in range(10)]))[0] == 202
+    await wait_for(lambda: bool(front.landed), what="the PUT to reach the store")
+
+    async def fill() -> None:
+        for n in range(100):
+            batch = [make_event(id=f"f{n}-{i}", message="x" * 500) for i in range(20)]
+            assert (await post(daemon, batch))[0] == 202
+
+    await asyncio.wait_for(fill(), timeout=30)
+    assert daemon.status()["ingest"]["dropped_buffer_full"] > 0
+    return daemon
+
+
+async def release_and_stop(daemon: Daemon, front: HoldingFront) -> None:
+    """Let the held PUT's answer through, wait until everything settled (the books balance),
+    and stop the daemon."""
+    front.holding = False
+    front.release.set()
+    await wait_for(lambda: settled(daemon), timeout_s=60, what="everything settled")
+    assert_books_balance(daemon)
+    await daemon.stop()
+
+
 @pytest.mark.parametrize("answer", ["stored", "503"])
 async def test_dead_letters_do_not_wait_for_a_put_in_flight_and_take_places_after_it(
     start_daemon: StartDaemon, s3_server: S3Server, s3: Any, tmp_path: Path, answer: str
@@ -431,36 +478,10 @@ async def test_dead_letters_do_not_wait_for_a_put_in_flight_and_take_places_afte
     key, public = generate(tmp_path / "signing.key")
     target = cos_target(front.url, timeout_s=120) | {"batch": {"max_events": 10}}
     try:
-        daemon = await start_daemon(
-            {
-                "storage": {
-                    "path": str(tmp_path / "var"),
-                    "max_bytes": 1024 * 1024,
-                    "when_full": "drop_oldest_per_target",
-                },
-                "targets": [target],
-                "routes": everything_to("cos"),
-                "evidence": {"signing_key_file": str(key), "checkpoint_every_s": 3600},
-            }
-        )
-        front.holding = True
-        assert (await post(daemon, [make_event(id=f"held-{i}") for i in range(10)]))[0] == 202
-        await wait_for(lambda: bool(front.landed), what="the PUT to reach the store")
-
-        async def fill() -> None:
-            for n in range(100):
-                batch = [make_event(id=f"f{n}-{i}", message="x" * 500) for i in range(20)]
-                assert (await post(daemon, batch))[0] == 202
-
         # Before: the shedding waited for the chain's lock, held for the whole PUT.
-        await asyncio.wait_for(fill(), timeout=30)
-        assert daemon.status()["ingest"]["dropped_buffer_full"] > 0
+        daemon = await shed_while_held(start_daemon, front, tmp_path, target, key)
         assert len(front.landed) == 1 and not front.release.is_set(), "the PUT is still held"
-        front.holding = False
-        front.release.set()
-        await wait_for(lambda: settled(daemon), timeout_s=60, what="everything settled")
-        assert_books_balance(daemon)
-        await daemon.stop()
+        await release_and_stop(daemon, front)
     finally:
         front.release.set()
         await front.stop()
@@ -476,6 +497,57 @@ async def test_dead_letters_do_not_wait_for_a_put_in_flight_and_take_places_afte
     code, out, err = await verify_bucket(config, public)
     assert code == 0, out + err
     row = daemon.status()["targets"]["cos"]
+    assert out.startswith(
+        f"OK: {row['delivered']} events and {row['dead_lettered']} dead letters verified"
+    ), out
+
+
+async def test_an_object_given_up_after_a_later_dead_letter_leaves_no_gap(
+    start_daemon: StartDaemon, s3_server: S3Server, s3: Any, tmp_path: Path
+) -> None:
+    """The COS target's object takes places 1-10 and its PUT is held; meanwhile a full journal
+    sheds events as dead letters, which take the places after it. Then the store answers 503
+    and the object is given up (retry.max_attempts 1): its ten events are dead-lettered AT its
+    places 1-10 (the letters carry the object's chained lines), not at new places, so the
+    bucket and the dead-letter file still hold every place: verify passes, and its counts are
+    the books' (received = delivered + dead_lettered + pending)."""
+    script: list[tuple[int, str] | None] = [(503, "SlowDown")]
+    front = await HoldingFront(f"http://127.0.0.1:{s3_server.store.port}", script).start()
+    key, public = generate(tmp_path / "signing.key")
+    target = cos_target(front.url, timeout_s=120) | {
+        "batch": {"max_events": 10},
+        "retry": {"max_attempts": 1, "initial_backoff_s": 0.01},
+    }
+    try:
+        daemon = await shed_while_held(start_daemon, front, tmp_path, target, key)
+        await release_and_stop(daemon, front)
+    finally:
+        front.release.set()
+        await front.stop()
+    found = await bodies(s3)
+    assert not [body for body in found.values() if seqs(body)[:1] == [1]], "never stored"
+    letters = tmp_path / "var" / "deadletter" / "cos.ndjson"
+    given_up = [
+        orjson.loads(line) for line in letters.read_bytes().splitlines() if b"held-" in line
+    ]
+    assert [letter["event"]["id"] for letter in given_up] == [f"held-{i}" for i in range(10)]
+    assert {letter["reason"] for letter in given_up} == {"retries_exhausted"}
+    held = [split_line(letter["object_line"].encode()) for letter in given_up]
+    assert [found[1].seq for found in held if found] == list(range(1, 11)), "at its places"
+    assert find_in_letters(letters, "held-3") == {
+        "state": "dead_lettered",
+        "reason": "retries_exhausted",
+        "message": given_up[3]["message"],
+        "seq": 4,
+    }, "GET /v1/receipts/{id} names the place it stands at"
+    config = tmp_path / "router.yaml"
+    data = {**daemon.source.data, "targets": [cos_target(s3_server.endpoint_url)]}
+    config.write_text(yaml.safe_dump(data))
+    code, out, err = await verify_bucket(config, public)
+    assert code == 0, out + err
+    row = daemon.status()["targets"]["cos"]
+    assert row["received"] == row["delivered"] + row["dead_lettered"] + row["pending"]
+    assert row["pending"] == 0
     assert out.startswith(
         f"OK: {row['delivered']} events and {row['dead_lettered']} dead letters verified"
     ), out

@@ -131,3 +131,32 @@ def test_a_checkpoint_beyond_the_objects_names_the_missing_places() -> None:
         "a/3:1: checkpoint (seq 3) names places the bucket does not hold: the chain ends at "
         "seq 2 (a/1:2), so seq 3 are missing (objects deleted)"
     )
+
+
+def standing_letter(line: bytes) -> bytes:
+    """A letter standing at the place of an object's chained line (router/deadletter)."""
+    body = orjson.loads(letter("e-2"))
+    body["event"] = orjson.loads(line[: line.rfind(b',"_chain":')] + b"}")
+    return orjson.dumps({**body, "object_line": line.decode()})
+
+
+def test_a_letter_standing_at_a_given_up_objects_place_fills_it() -> None:
+    """An object given up after a later place was taken: its events' letters carry its lines
+    and fill its places; if the object landed after all, each place counts once (the object's
+    run holds them); a letter whose event is not its object line's is named."""
+    parts, _ = chain_of(("given-up", [event(1), event(2)]), ("a/2", [event(3)]))
+    letters = [standing_letter(line) for line in parts["given-up"]]
+    objects = [("a/2", gz(parts["a/2"]))]
+    report = run(objects, letters)
+    assert report.ok, report.broken
+    assert (report.events, report.dead_letters, report.head_seq) == (1, 2, 3)
+    landed = run([*objects, ("a/1", gz(parts["given-up"]))], letters)
+    assert landed.ok, landed.broken
+    assert (landed.events, landed.dead_letters) == (3, 0), "the object's run holds them"
+    forged = orjson.loads(letters[0])
+    forged["event"]["id"] = "e-9"
+    broken = run(objects, [orjson.dumps(forged), letters[1]])
+    assert broken.broken == (
+        "dl:1: a letter that stands at an object line's place: its object_line is not the "
+        "chained line of its event"
+    )

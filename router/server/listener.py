@@ -167,6 +167,19 @@ class HeaderDeadline(asyncio.Protocol):
             self._transport.close()
 
 
+def deadline_protocol(
+    runner: web.BaseRunner, header_timeout_s: float
+) -> Callable[[], asyncio.Protocol]:
+    """The protocol factory of a site whose connections get a HeaderDeadline."""
+    server = runner.server
+    assert server is not None
+
+    def protocol() -> asyncio.Protocol:
+        return HeaderDeadline(server(), header_timeout_s)
+
+    return protocol
+
+
 class DeadlineSite(web.TCPSite):
     """A TCPSite whose connections get a HeaderDeadline."""
 
@@ -178,14 +191,8 @@ class DeadlineSite(web.TCPSite):
 
     async def start(self) -> None:
         await web.BaseSite.start(self)
-        server = self._runner.server
-        assert server is not None
-
-        def protocol() -> asyncio.Protocol:
-            return HeaderDeadline(server(), self._header_timeout_s)
-
         self._server = await asyncio.get_running_loop().create_server(
-            protocol,
+            deadline_protocol(self._runner, self._header_timeout_s),
             self._host,
             self._port,
             ssl=self._ssl_context,
@@ -205,12 +212,8 @@ class DeadlineUnixSite(web.UnixSite):
 
     async def start(self) -> None:
         await web.BaseSite.start(self)
-        server = self._runner.server
-        assert server is not None
-
-        def protocol() -> asyncio.Protocol:
-            return HeaderDeadline(server(), self._header_timeout_s)
-
         self._server = await asyncio.get_running_loop().create_unix_server(
-            protocol, self._path, backlog=self._backlog
+            deadline_protocol(self._runner, self._header_timeout_s),
+            self._path,
+            backlog=self._backlog,
         )

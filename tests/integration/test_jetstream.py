@@ -342,6 +342,26 @@ async def api_call(daemon: Daemon, method: str, path: str, body: Any = None) -> 
         return resp.status, await resp.json(content_type=None)
 
 
+async def add_target_and_route(daemon: Daemon, url: str) -> tuple[dict[str, Any], Any]:
+    """Through `daemon`'s management API: an http target `other` at `url` and a route of
+    every location to it."""
+    status, target = await api_call(
+        daemon,
+        "POST",
+        "/api/v2/targets",
+        {"name": "other", "target_type": "http", "http_endpoint": {"url": url}},
+    )
+    assert status == 201, target
+    status, route = await api_call(
+        daemon,
+        "POST",
+        "/api/v2/routes",
+        {"name": "to-other", "rules": [{"locations": ["*"], "target_ids": [target["id"]]}]},
+    )
+    assert status == 201, route
+    return target, route
+
+
 async def test_an_api_change_on_one_router_reaches_the_others_and_a_router_started_later(
     start_router: Any, receiver_factory: ReceiverFactory
 ) -> None:
@@ -353,20 +373,7 @@ async def test_an_api_change_on_one_router_reaches_the_others_and_a_router_start
     }
     first = await start_router(bootstrap, name="r1")
     second = await start_router(bootstrap, name="r2")
-    status, target = await api_call(
-        first,
-        "POST",
-        "/api/v2/targets",
-        {"name": "other", "target_type": "http", "http_endpoint": {"url": other.url}},
-    )
-    assert status == 201, target
-    status, route = await api_call(
-        first,
-        "POST",
-        "/api/v2/routes",
-        {"name": "to-other", "rules": [{"locations": ["*"], "target_ids": [target["id"]]}]},
-    )
-    assert status == 201, route
+    target, _ = await add_target_and_route(first, other.url)
     await wait_for(
         lambda: target["id"] in second.targets and len(second.config.routes) == 2,
         what="the second router to apply the shared config",
@@ -400,20 +407,7 @@ async def test_every_router_answers_the_same_timestamps_and_route_versions(
     # The YAML's target gets its creation time when a router first shows it.
     status, listed = await api_call(first, "GET", "/api/v2/targets")
     assert status == 200, listed
-    status, target = await api_call(
-        first,
-        "POST",
-        "/api/v2/targets",
-        {"name": "other", "target_type": "http", "http_endpoint": {"url": siem.url}},
-    )
-    assert status == 201, target
-    status, route = await api_call(
-        first,
-        "POST",
-        "/api/v2/routes",
-        {"name": "to-other", "rules": [{"locations": ["*"], "target_ids": [target["id"]]}]},
-    )
-    assert status == 201, route
+    target, route = await add_target_and_route(first, siem.url)
     changed = {**route, "name": "to-other-renamed"}
     status, route = await api_call(first, "PUT", f"/api/v2/routes/{route['id']}", changed)
     assert status == 200, route

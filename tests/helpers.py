@@ -162,10 +162,17 @@ async def spawn(
     )
 
 
-async def serve(config: Any, port: int, **kwargs: Any) -> asyncio.subprocess.Process:
-    """`spawn`, then wait until /readyz answers 200."""
+async def serve(
+    config: Any, port: int, *, timeout_s: float = 10.0, **kwargs: Any
+) -> asyncio.subprocess.Process:
+    """`spawn`, then wait until /readyz answers 200; a daemon that does not get there is
+    killed, not left running (its caller has no process to reap)."""
     proc = await spawn(config, **kwargs)
-    await wait_for(lambda: ready(port), what="the daemon to be ready")
+    try:
+        await wait_for(lambda: ready(port), timeout_s=timeout_s, what="the daemon to be ready")
+    except BaseException:
+        await reap(proc)
+        raise
     return proc
 
 

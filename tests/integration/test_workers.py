@@ -27,6 +27,7 @@ import orjson
 import pytest
 import yaml
 
+from tests import helpers
 from tests.conftest import StartDaemon
 from tests.fakes import ScriptedReceiver, make_event, read_ndjson, wait_for
 from tests.helpers import drained, free_port, ready, reap, spawn, terminate
@@ -46,17 +47,8 @@ START_TIMEOUT_S = 60
 
 
 async def serve(config: Path, port: int, **kwargs: Any) -> asyncio.subprocess.Process:
-    """`serve` with workers, once /readyz answers 200 through them (a daemon that does not
-    get there is killed, not left running: its caller has no process to reap)."""
-    proc = await spawn(config, **kwargs)
-    try:
-        await wait_for(
-            lambda: ready(port), timeout_s=START_TIMEOUT_S, what="the daemon to be ready"
-        )
-    except BaseException:
-        await reap(proc)
-        raise
-    return proc
+    """`serve`, with the time three processes may take to start on a busy machine."""
+    return await helpers.serve(config, port, timeout_s=START_TIMEOUT_S, **kwargs)
 
 
 def workers_config(

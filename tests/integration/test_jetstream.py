@@ -200,15 +200,18 @@ async def test_a_send_longer_than_ack_wait_keeps_its_batch_with_in_progress_acks
     try:
         target = http_target("slow", f"http://127.0.0.1:{port}/", timeout_s=60)
         config = {"targets": [target], "routes": everything_to("slow")}
-        first = await start_router(config, ack_wait_s=1, name="r1")
+        # ack_wait 3 s, in-progress acks every second: these daemons share the test's event
+        # loop, and starting the second one on a loaded machine can hold it for most of a
+        # second (with 1 s, a late in-progress ack once let the batch go to the other router).
+        first = await start_router(config, ack_wait_s=3, name="r1")
         assert (await post(first, [event() for _ in range(3)]))[0] == 202
         await wait_for(lambda: len(seen) == 3, what="the first router's send to start")
         # An idle router beside it, waiting for work.
-        second = await start_router(config, ack_wait_s=1, name="r2")
+        second = await start_router(config, ack_wait_s=3, name="r2")
         # Three times ack_wait: without in-progress acks JetStream would have handed the
         # batch to the second router, which would send it too.
-        deadline = asyncio.get_running_loop().time() + 3.5
-        await wait_for(lambda: asyncio.get_running_loop().time() > deadline, timeout_s=10)
+        deadline = asyncio.get_running_loop().time() + 9.5
+        await wait_for(lambda: asyncio.get_running_loop().time() > deadline, timeout_s=15)
         release.set()
         await wait_for(lambda: settled(first) and settled(second), what="the batch settled")
         assert len(seen) == 3, f"sent once, by one router: {seen}"

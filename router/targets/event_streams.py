@@ -24,7 +24,7 @@ flight and sends only what Kafka refused, never a message Kafka acknowledged.
 Exactly once within a daemon's run, across broker outages: the one safe way to send a message
 again whose answer was lost (Kafka may have stored it) is the producer's own retry, under the
 same producer id and sequence number, which the broker recognises as a duplicate. So the
-producer never gives a batch up while it waits for a partition leader (`_keep_batches`:
+producer never gives a batch up while it waits for a partition leader (`_aiokafka.keep_batches`:
 aiokafka would, after request_timeout_ms, even when idempotent), and this target sends a
 message again itself only once Kafka has answered that it refused it. When Kafka no longer
 accepts the producer's sequence numbers (a refused batch leaves a hole in them), a new
@@ -55,9 +55,7 @@ their places, and the events of the batch sent again are those very messages.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import math
 import ssl
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -66,7 +64,6 @@ from typing import Any, Final, Literal, NoReturn
 import aiohttp
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka import conn as aiokafka_conn
 from aiokafka.abc import AbstractTokenProvider
 from aiokafka.conn import create_conn
 from aiokafka.errors import (
@@ -107,6 +104,12 @@ from router.evidence.canonical import (
 )
 from router.evidence.chain import Chain, Planned
 from router.iam import SET_BY_LOADER, IamTokenSource, TrustedProfileConfig, token_source
+from router.targets._aiokafka import (
+    check_oauth_answers,
+    keep_batches,
+    pace_metadata_updates,
+    stop_producer,
+)
 from router.targets._net import TLS_SCHEMA, batch_key, new_session
 
 log = logging.getLogger(__name__)
@@ -120,12 +123,6 @@ and goes again after a restart whatever happens; waiting only spares duplicates.
 
 RECORD_OVERHEAD_BYTES: Final = 512
 """Room a message takes beside its key, value and headers (record and batch framing)."""
-
-METADATA_BACKOFF_S: Final = 0.1
-METADATA_BACKOFF_MAX_S: Final = 2.0
-"""How long aiokafka waits after a failed metadata update before the next: doubling from the
-first to the second (Kafka's own client: reconnect.backoff.ms 50, reconnect.backoff.max.ms
-1000). A broker back after an outage is seen within METADATA_BACKOFF_MAX_S."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -362,50 +359,7 @@ class IamTokenProvider(AbstractTokenProvider):  # type: ignore[misc]  # aiokafka
             self._session = None
 
 
-class _OAuthBearerAuthenticator(aiokafka_conn.OAuthAuthenticator):  # type: ignore[misc]
-    """aiokafka 0.14 takes whatever the broker answers to the token for success. A broker that
-    refuses it answers with an RFC 7628 error (a JSON challenge, `{"status":"invalid_token"}`)
-    and waits for the client's %x01; aiokafka instead sends its next request (Metadata), which
-    the broker answers with an error response aiokafka reads as "no brokers", and the
-    producer then loops for ever on an empty cluster, never saying why. This answers the
-    challenge with %x01, as Kafka's own client does, so the broker ends the exchange with its
-    authentication failure (SaslAuthenticationFailed with its reason)."""
-
-    def __init__(self, *, sasl_oauth_token_provider: AbstractTokenProvider) -> None:
-        super().__init__(sasl_oauth_token_provider=sasl_oauth_token_provider)
-        self._challenge: bytes | None = None
-
-    async def step(self, payload: bytes | None) -> tuple[bytes, bool] | None:
-        if not self._token_sent:
-            result: tuple[bytes, bool] = await super().step(payload)
-            return result
-        if payload and self._challenge is None:
-            self._challenge = bytes(payload)
-            return b"\x01", True
-        if self._challenge is not None:  # a broker that did not end it: refused all the same
-            why = self._challenge.decode("utf-8", "replace")
-            raise SaslAuthenticationFailed(f"the broker refused the token: {why}")
-        return None
-
-
-def _check_oauth_answers() -> None:
-    """Make aiokafka's connections read the broker's answer to an OAUTHBEARER token (see
-    _OAuthBearerAuthenticator). aiokafka has no setting for the authenticator; a version
-    without the method fails here, loudly, rather than loop silently on a refused token."""
-    connection = aiokafka_conn.AIOKafkaConnection
-    if not callable(getattr(connection, "authenticator_oauth", None)):
-        raise RuntimeError(
-            "aiokafka's AIOKafkaConnection no longer has authenticator_oauth; the event_streams "
-            "target cannot check the broker's answer to its token (router/targets/event_streams.py)"
-        )
-
-    def authenticator_oauth(self: Any) -> _OAuthBearerAuthenticator:
-        return _OAuthBearerAuthenticator(sasl_oauth_token_provider=self._sasl_oauth_token_provider)
-
-    connection.authenticator_oauth = authenticator_oauth
-
-
-_check_oauth_answers()
+check_oauth_answers()
 
 
 @dataclass(slots=True)
@@ -454,8 +408,8 @@ class EventStreamsTarget:
                 max_request_size=self.endpoint.max_message_bytes + RECORD_OVERHEAD_BYTES,
                 **client_settings(self.endpoint, self.tokens),
             )
-            _keep_batches(producer)
-            _pace_metadata_updates(producer)
+            keep_batches(producer)
+            pace_metadata_updates(producer)
             try:
                 await producer.start()
             except (KafkaError, OSError) as exc:
@@ -582,7 +536,7 @@ class EventStreamsTarget:
             if flight.future.done() and _failure(flight.future) is None
         }
         if producer is not None:
-            await _stop(producer, min(self.endpoint.timeout_s, CLOSE_FLUSH_S), self.id)
+            await stop_producer(producer, min(self.endpoint.timeout_s, CLOSE_FLUSH_S), self.id)
 
     @staticmethod
     def _ids(batch: Sequence[Event]) -> set[str]:
@@ -861,81 +815,9 @@ class EventStreamsTarget:
         self._flights.clear()
         self._unanswered.clear()
         if producer is not None:
-            await _stop(producer, min(self.endpoint.timeout_s, CLOSE_FLUSH_S), self.id)
+            await stop_producer(producer, min(self.endpoint.timeout_s, CLOSE_FLUSH_S), self.id)
         if self.tokens is not None:
             await self.tokens.close()
-
-
-def _keep_batches(producer: AIOKafkaProducer) -> None:
-    """Never let the producer give a batch up while it waits for a partition leader.
-
-    aiokafka fails a batch that waited request_timeout_ms for a leader (its accumulator's
-    batch time-to-live, checked in `drain_by_nodes`), idempotent or not. A broker shutting
-    down answers "no leader" for its partitions, so a short outage does it: a batch sent
-    before, whose answer was lost, fails although Kafka stored it (sent again, it would be
-    stored twice), and one not sent yet leaves a hole in the sequence numbers. Only the
-    producer's own retries send a batch again safely, so batches wait as long as it takes;
-    how long a send waits for them is `timeout_s`, after which the worker retries and waits
-    again. aiokafka has no setting for this; a version without the attribute fails here,
-    loudly, rather than bring the duplicates back."""
-    accumulator = getattr(producer, "_message_accumulator", None)
-    if accumulator is None or not hasattr(accumulator, "_batch_ttl"):
-        raise RuntimeError(
-            "aiokafka's MessageAccumulator no longer has _batch_ttl; the event_streams target "
-            "cannot keep its batches from expiring (see router/targets/event_streams.py)"
-        )
-    accumulator._batch_ttl = math.inf
-
-
-def _pace_metadata_updates(producer: AIOKafkaProducer) -> None:
-    """Back off after a failed metadata update, as Kafka's own client does between reconnects.
-
-    aiokafka 0.14 has none: with the broker down, its sender asks for metadata, the update
-    fails at once (connection refused), and it asks again at once, so one outage of a few
-    seconds logged ~3,600 "Unable connect" and as many "Unable to update metadata" ERROR lines
-    and kept a core busy. Its retry_backoff_ms paces produce retries, not this loop. A version
-    without the method fails here, loudly."""
-    client = producer.client
-    update = getattr(client, "_metadata_update", None)
-    if update is None:
-        raise RuntimeError(
-            "aiokafka's AIOKafkaClient no longer has _metadata_update; the event_streams target "
-            "cannot pace its metadata updates (see router/targets/event_streams.py)"
-        )
-    failures = 0
-
-    async def paced(cluster_metadata: Any, topics: Any) -> bool:
-        nonlocal failures
-        updated = bool(await update(cluster_metadata, topics))
-        if updated:
-            failures = 0
-        else:
-            failures += 1
-            await asyncio.sleep(
-                min(METADATA_BACKOFF_MAX_S, METADATA_BACKOFF_S * 2 ** min(failures - 1, 16))
-            )
-        return updated
-
-    client._metadata_update = paced
-
-
-async def _stop(producer: AIOKafkaProducer, timeout_s: float, target_id: str) -> None:
-    """Flush for at most `timeout_s`, then stop: an idempotent producer retries for ever, so
-    its sender task is cancelled first when the flush does not end (aiokafka's stop() would
-    wait for it)."""
-    try:
-        await asyncio.wait_for(producer.flush(), timeout_s)
-    except (KafkaError, TimeoutError) as exc:
-        log.warning(
-            "target %s: closing a producer with messages unacknowledged (%r)", target_id, exc
-        )
-        sender = getattr(producer, "_sender", None)
-        task = getattr(sender, "sender_task", None)
-        if task is not None and not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, KafkaError):
-                await task
-    await producer.stop()
 
 
 def _failure(future: asyncio.Future[Any]) -> BaseException | None:

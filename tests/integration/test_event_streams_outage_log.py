@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from router.targets.event_streams import METADATA_BACKOFF_MAX_S
+from router.targets._aiokafka import METADATA_BACKOFF_MAX_S
 from tests.conftest import StartDaemon
 from tests.fakes import make_event, wait_for
 from tests.helpers import assert_books_balance, everything_to, post, settled

@@ -1,0 +1,140 @@
+"""What the event_streams target changes in aiokafka 0.14, and why: each a defect met
+against a real Kafka broker (tests/integration/test_event_streams*.py). aiokafka has no
+setting for any of them, so each reaches into one of its internals and fails loudly at start
+when a version no longer has it, rather than bring the defect back silently."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from typing import Any, Final
+
+from aiokafka import AIOKafkaProducer
+from aiokafka import conn as aiokafka_conn
+from aiokafka.abc import AbstractTokenProvider
+from aiokafka.errors import KafkaError, SaslAuthenticationFailed
+
+log = logging.getLogger(__name__)
+
+METADATA_BACKOFF_S: Final = 0.1
+METADATA_BACKOFF_MAX_S: Final = 2.0
+"""How long aiokafka waits after a failed metadata update before the next: doubling from the
+first to the second (Kafka's own client: reconnect.backoff.ms 50, reconnect.backoff.max.ms
+1000). A broker back after an outage is seen within METADATA_BACKOFF_MAX_S."""
+
+
+class _OAuthBearerAuthenticator(aiokafka_conn.OAuthAuthenticator):  # type: ignore[misc]
+    """aiokafka 0.14 takes whatever the broker answers to the token for success. A broker that
+    refuses it answers with an RFC 7628 error (a JSON challenge, `{"status":"invalid_token"}`)
+    and waits for the client's %x01; aiokafka instead sends its next request (Metadata), which
+    the broker answers with an error response aiokafka reads as "no brokers", and the
+    producer then loops for ever on an empty cluster, never saying why. This answers the
+    challenge with %x01, as Kafka's own client does, so the broker ends the exchange with its
+    authentication failure (SaslAuthenticationFailed with its reason)."""
+
+    def __init__(self, *, sasl_oauth_token_provider: AbstractTokenProvider) -> None:
+        super().__init__(sasl_oauth_token_provider=sasl_oauth_token_provider)
+        self._challenge: bytes | None = None
+
+    async def step(self, payload: bytes | None) -> tuple[bytes, bool] | None:
+        if not self._token_sent:
+            result: tuple[bytes, bool] = await super().step(payload)
+            return result
+        if payload and self._challenge is None:
+            self._challenge = bytes(payload)
+            return b"\x01", True
+        if self._challenge is not None:  # a broker that did not end it: refused all the same
+            why = self._challenge.decode("utf-8", "replace")
+            raise SaslAuthenticationFailed(f"the broker refused the token: {why}")
+        return None
+
+
+def check_oauth_answers() -> None:
+    """Make aiokafka's connections read the broker's answer to an OAUTHBEARER token (see
+    _OAuthBearerAuthenticator). aiokafka has no setting for the authenticator; a version
+    without the method fails here, loudly, rather than loop silently on a refused token."""
+    connection = aiokafka_conn.AIOKafkaConnection
+    if not callable(getattr(connection, "authenticator_oauth", None)):
+        raise RuntimeError(
+            "aiokafka's AIOKafkaConnection no longer has authenticator_oauth; the event_streams "
+            "target cannot check the broker's answer to its token (router/targets/_aiokafka.py)"
+        )
+
+    def authenticator_oauth(self: Any) -> _OAuthBearerAuthenticator:
+        return _OAuthBearerAuthenticator(sasl_oauth_token_provider=self._sasl_oauth_token_provider)
+
+    connection.authenticator_oauth = authenticator_oauth
+
+
+def keep_batches(producer: AIOKafkaProducer) -> None:
+    """Never let the producer give a batch up while it waits for a partition leader.
+
+    aiokafka fails a batch that waited request_timeout_ms for a leader (its accumulator's
+    batch time-to-live, checked in `drain_by_nodes`), idempotent or not. A broker shutting
+    down answers "no leader" for its partitions, so a short outage does it: a batch sent
+    before, whose answer was lost, fails although Kafka stored it (sent again, it would be
+    stored twice), and one not sent yet leaves a hole in the sequence numbers. Only the
+    producer's own retries send a batch again safely, so batches wait as long as it takes;
+    how long a send waits for them is `timeout_s`, after which the worker retries and waits
+    again. aiokafka has no setting for this; a version without the attribute fails here,
+    loudly, rather than bring the duplicates back."""
+    accumulator = getattr(producer, "_message_accumulator", None)
+    if accumulator is None or not hasattr(accumulator, "_batch_ttl"):
+        raise RuntimeError(
+            "aiokafka's MessageAccumulator no longer has _batch_ttl; the event_streams target "
+            "cannot keep its batches from expiring (see router/targets/_aiokafka.py)"
+        )
+    accumulator._batch_ttl = math.inf
+
+
+def pace_metadata_updates(producer: AIOKafkaProducer) -> None:
+    """Back off after a failed metadata update, as Kafka's own client does between reconnects.
+
+    aiokafka 0.14 has none: with the broker down, its sender asks for metadata, the update
+    fails at once (connection refused), and it asks again at once, so one outage of a few
+    seconds logged ~3,600 "Unable connect" and as many "Unable to update metadata" ERROR lines
+    and kept a core busy. Its retry_backoff_ms paces produce retries, not this loop. A version
+    without the method fails here, loudly."""
+    client = producer.client
+    update = getattr(client, "_metadata_update", None)
+    if update is None:
+        raise RuntimeError(
+            "aiokafka's AIOKafkaClient no longer has _metadata_update; the event_streams target "
+            "cannot pace its metadata updates (see router/targets/_aiokafka.py)"
+        )
+    failures = 0
+
+    async def paced(cluster_metadata: Any, topics: Any) -> bool:
+        nonlocal failures
+        updated = bool(await update(cluster_metadata, topics))
+        if updated:
+            failures = 0
+        else:
+            failures += 1
+            await asyncio.sleep(
+                min(METADATA_BACKOFF_MAX_S, METADATA_BACKOFF_S * 2 ** min(failures - 1, 16))
+            )
+        return updated
+
+    client._metadata_update = paced
+
+
+async def stop_producer(producer: AIOKafkaProducer, timeout_s: float, target_id: str) -> None:
+    """Flush for at most `timeout_s`, then stop: an idempotent producer retries for ever, so
+    its sender task is cancelled first when the flush does not end (aiokafka's stop() would
+    wait for it)."""
+    try:
+        await asyncio.wait_for(producer.flush(), timeout_s)
+    except (KafkaError, TimeoutError) as exc:
+        log.warning(
+            "target %s: closing a producer with messages unacknowledged (%r)", target_id, exc
+        )
+        sender = getattr(producer, "_sender", None)
+        task = getattr(sender, "sender_task", None)
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, KafkaError):
+                await task
+    await producer.stop()

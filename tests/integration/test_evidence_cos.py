@@ -347,8 +347,11 @@ class HoldingFront(Front):
     release: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def _handle(self, request: web.Request) -> web.Response:
+        # Whether to hold is decided when the PUT arrives: a PUT already on its way (the
+        # start-up test write, seen in the bucket before its answer came back) is not held.
+        hold = request.method == "PUT" and self.holding
         answer = await super()._handle(request)
-        if request.method == "PUT" and self.holding:
+        if hold:
             self.landed.append(request.path)
             await self.release.wait()
         return answer

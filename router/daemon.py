@@ -47,8 +47,14 @@ from router.observe.logformat import counted
 from router.observe.metrics import IngestStats, TargetStats, WriteStatus, utc_iso
 from router.observe.prometheus import DaemonMetrics
 from router.probe import ProbeResult, probe
-from router.reload import ReloadPlan, apply_reload, config_digest, plan_reload
-from router.resources import schemas_dir
+from router.reload import (
+    ReloadPlan,
+    apply_reload,
+    config_digest,
+    plan_reload,
+    redactor_for,
+    validator_for,
+)
 from router.routing import RouteTable
 from router.selfevent import chain_missing_event, reload_event
 from router.server.api import Change, ConfigSource, ManagementApi, write_back
@@ -117,11 +123,8 @@ class Daemon:
         self.config = config
         # The config as data and its file: what the management API edits and writes back.
         self.source = source or ConfigSource(None, {})
-        schemas = Path(config.validation.schemas_dir) if config.validation.schemas_dir else None
-        self.validator = EventValidator(
-            schemas or schemas_dir(), unknown_actions=config.validation.unknown_actions
-        )
-        self.redactor = Redactor.from_schemas(schemas or schemas_dir(), config.redaction)
+        self.validator = validator_for(config)
+        self.redactor = redactor_for(config)
         self.routes = RouteTable(config.routes, config.settings.default_targets)
         target_ids = [target.id for target in config.targets]
         self.journal: SqliteJournal | JetStreamJournal

@@ -68,6 +68,35 @@ def plan_reload(old: Config, new: Config) -> ReloadPlan:
     )
 
 
+def validator_for(config: Config) -> EventValidator:
+    """The validator `config` asks for (its schemas directory, else the packaged schemas)."""
+    schemas = config.validation.schemas_dir
+    return EventValidator(
+        Path(schemas) if schemas else schemas_dir(),
+        unknown_actions=config.validation.unknown_actions,
+    )
+
+
+def redactor_for(config: Config) -> Redactor:
+    """The redactor `config` asks for: its redaction section over the schemas validation
+    reads (they name the fields to redact)."""
+    schemas = config.validation.schemas_dir
+    return Redactor.from_schemas(Path(schemas) if schemas else schemas_dir(), config.redaction)
+
+
+def checkers_for(
+    old: Config, new: Config, validator: EventValidator, redactor: Redactor
+) -> tuple[EventValidator, Redactor]:
+    """The validator and redactor for `new`, given those running for `old`: each built again
+    only when a section it is built from changed (the redactor reads validation's schemas
+    too), for the daemon's reload and each worker process's alike."""
+    if new.validation != old.validation:
+        validator = validator_for(new)
+    if new.redaction != old.redaction or new.validation != old.validation:
+        redactor = redactor_for(new)
+    return validator, redactor
+
+
 def config_digest(config: Config) -> str:
     """A stable digest of a config (its dataclass repr, which hides secrets), for audit
     events that say what changed without saying what the secrets are."""
@@ -115,15 +144,7 @@ async def apply_reload(
     plan = plan_reload(old, new)
     if plan.refused:
         raise ConfigError("reload", list(plan.refused))
-    if new.validation != old.validation:
-        schemas = new.validation.schemas_dir
-        validator = EventValidator(
-            Path(schemas) if schemas else schemas_dir(),
-            unknown_actions=new.validation.unknown_actions,
-        )
-    if new.redaction != old.redaction:
-        schemas = new.validation.schemas_dir
-        redactor = Redactor.from_schemas(Path(schemas) if schemas else schemas_dir(), new.redaction)
+    validator, redactor = checkers_for(old, new, validator, redactor)
     routes = RouteTable(new.routes, new.settings.default_targets)
     fresh = {t.id: t for t in new.targets if t.id in plan.added + plan.changed}
     built = {target_id: build_target(config) for target_id, config in fresh.items()}

@@ -45,10 +45,8 @@ from router.evidence.receipt import Receipts
 from router.intake.accept import Acceptor
 from router.intake.handoff import Channel, ChannelError, HandoffJournal
 from router.intake.http import Ingest, json_response
-from router.intake.redaction import Redactor
-from router.intake.validation import EventValidator
 from router.observe.metrics import IngestStats
-from router.resources import schemas_dir
+from router.reload import checkers_for, redactor_for, validator_for
 from router.routing import RouteTable
 from router.server.auth import Caller, Guard, Refusals
 from router.server.listener import ClientFaultLog, DeadlineSite, on_close
@@ -234,7 +232,7 @@ class Worker:
         async with self._lock:
             assert self.channel is not None
             config = self.config = setup.config
-            validator, redactor = _validator(config), _redactor(config)
+            validator, redactor = validator_for(config), redactor_for(config)
             guard = Guard.build(config.auth, _never, config.server)
             guard.refusals = refusals = OwnerRefusals(config, self.channel)
             self.acceptor = acceptor = Acceptor(
@@ -299,16 +297,10 @@ class Worker:
         (offers being routed and handed over finish first, as in one process)."""
         async with self._lock:
             assert self.acceptor is not None and self.config is not None
+            assert self.acceptor.redactor is not None  # setup gave it one
             old, self.config = self.config, config
-            validator = (
-                _validator(config)
-                if config.validation != old.validation
-                else self.acceptor.validator
-            )
-            redactor = (
-                _redactor(config)
-                if config.redaction != old.redaction or config.validation != old.validation
-                else self.acceptor.redactor
+            validator, redactor = checkers_for(
+                old, config, self.acceptor.validator, self.acceptor.redactor
             )
             await self.acceptor.swap(
                 validator=validator,
@@ -344,19 +336,6 @@ def _ingest_only(guard: Guard) -> Callable[..., Any]:
         return await handler(request)  # type: ignore[no-any-return]
 
     return middleware
-
-
-def _validator(config: Config) -> EventValidator:
-    schemas = config.validation.schemas_dir
-    return EventValidator(
-        Path(schemas) if schemas else schemas_dir(),
-        unknown_actions=config.validation.unknown_actions,
-    )
-
-
-def _redactor(config: Config) -> Redactor:
-    schemas = config.validation.schemas_dir
-    return Redactor.from_schemas(Path(schemas) if schemas else schemas_dir(), config.redaction)
 
 
 def _receipts(config: Config) -> Receipts | None:

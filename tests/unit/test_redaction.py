@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import copy
+import shutil
+from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from router.config import RedactionConfig, RedactionKeyConfig, parse_config
 from router.errors import ConfigError
 from router.intake.redaction import HASH_PREFIX, MASK, Redactor, normalize
 from router.intake.validation import EventValidator
+from router.reload import checkers_for, redactor_for, validator_for
 from router.resources import schemas_dir
 from tests.fakes import make_event
 
@@ -113,3 +117,24 @@ def test_hash_key_comes_from_a_reference(monkeypatch: pytest.MonkeyPatch) -> Non
     assert config.redaction.hash_key == "0123456789abcdef0123"
     assert config.redaction.keys == (RedactionKeyConfig(key="x", action="mask"),)
     assert "0123456789abcdef0123" not in repr(config)
+
+
+def test_a_reload_to_other_schemas_redacts_by_their_marks(tmp_path: Path) -> None:
+    """The redactor reads validation's schemas: a reload that points validation elsewhere
+    (redaction itself unchanged) redacts by the new schemas' x-sensitive marks, in the daemon
+    and in every worker process alike (reload.checkers_for serves both)."""
+    schema = orjson.loads((schemas_dir() / "event.schema.json").read_bytes())
+    schema["$defs"]["serviceData"]["properties"]["ticket"] = {"x-sensitive": "mask"}
+    shutil.copytree(schemas_dir(), tmp_path / "schemas")
+    (tmp_path / "schemas" / "event.schema.json").write_bytes(orjson.dumps(schema))
+    old = parse_config({})
+    new = parse_config({"validation": {"schemas_dir": str(tmp_path / "schemas")}})
+    validator, redactor = validator_for(old), redactor_for(old)
+    event = make_event(requestData={"ticket": "T-1"})
+    assert redactor.redact(copy.deepcopy(event)) == 0
+
+    validator, redactor = checkers_for(old, new, validator, redactor)
+    redacted = copy.deepcopy(event)
+    assert redactor.redact(redacted) == 1
+    assert redacted["requestData"]["ticket"] == MASK
+    assert validator.validate(redacted) == []

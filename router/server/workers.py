@@ -309,7 +309,7 @@ class WorkerPool:
             if sent.pop(NO_HOST_HEADER, None) is not None:
                 sent.pop("Host", None)  # the worker's client library's, not the caller's
             request = request.clone(remote=peer, scheme=scheme, headers=sent)
-        if request.path in COUNTED_PATHS or request.path.startswith("/api/"):
+        if request.path in COUNTED_PATHS:
             await self.refresh()
         return await handler(request)
 

@@ -152,20 +152,24 @@ class IamTokenSource:
     @classmethod
     def shared(cls, iam_url: str, api_key: str) -> IamTokenSource:
         """The one source for this IAM URL and key (the key is stored hashed in the index)."""
-        key = (iam_url.rstrip("/"), "apikey:" + hashlib.sha256(api_key.encode()).hexdigest())
-        source = cls._shared.get(key)
-        if source is None:
-            source = cls._shared[key] = cls(iam_url, api_key)
-        return source
+        identity = "apikey:" + hashlib.sha256(api_key.encode()).hexdigest()
+        return cls._one(iam_url, identity, lambda: cls(iam_url, api_key))
 
     @classmethod
     def shared_profile(cls, iam_url: str, profile: TrustedProfileConfig) -> IamTokenSource:
         """The one source for this IAM URL, trusted profile and token file."""
         name, value = profile.selector
-        key = (iam_url.rstrip("/"), f"profile:{name}={value}:{profile.cr_token_file}")
+        identity = f"profile:{name}={value}:{profile.cr_token_file}"
+        return cls._one(iam_url, identity, lambda: cls(iam_url, profile=profile))
+
+    @classmethod
+    def _one(
+        cls, iam_url: str, identity: str, make: Callable[[], IamTokenSource]
+    ) -> IamTokenSource:
+        key = (iam_url.rstrip("/"), identity)
         source = cls._shared.get(key)
         if source is None:
-            source = cls._shared[key] = cls(iam_url, profile=profile)
+            source = cls._shared[key] = make()
         return source
 
     def __repr__(self) -> str:  # never show the key, even in a debugger or a traceback

@@ -176,22 +176,9 @@ def listener_problems(config: Config, host: str, port: int) -> list[str]:
 
 
 def target_listener_problems(i: int, target: TargetConfig, host: str, port: int) -> list[str]:
-    endpoint = target.endpoint
-    urls: list[tuple[str, str]] = []
-    if isinstance(endpoint, HttpEndpointConfig):
-        urls.append(("http_endpoint.url", endpoint.url))
-    elif isinstance(endpoint, CloudLogsEndpointConfig):
-        if endpoint.ingress_url:
-            urls.append(("cloudlogs_endpoint.ingress_url", endpoint.ingress_url))
-        urls.append(("cloudlogs_endpoint.iam_url", endpoint.iam_url))
-    elif isinstance(endpoint, CosEndpointConfig):
-        urls.append(("cos_endpoint.endpoint", endpoint_url(endpoint.endpoint)))
-        if endpoint.hmac_keys is None:
-            urls.append(("cos_endpoint.iam_url", endpoint.iam_url))
-    elif isinstance(endpoint, EventStreamsEndpointConfig) and sasl_mechanism(endpoint) == (
-        "oauthbearer"
-    ):
-        urls.append(("eventstreams_endpoint.iam_url", endpoint.iam_url))
+    # The addresses spoken to over HTTP (a broker or a syslog host, written `//host:port`,
+    # would not take a POST as an event).
+    urls = [(key, url) for key, url in destinations(target) if not url.startswith("//")]
     return [
         f"targets[{i}].{key}: points at this daemon's own listener ({host}:{port}); its "
         "events would come back as new events for ever"

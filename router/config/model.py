@@ -67,6 +67,11 @@ class ServerConfig:
     max_tail_clients: int = 32
     # A tail client that takes nothing for this long (it stopped reading) is dropped.
     tail_write_timeout_s: float = 10.0
+    # Alerts and views the management API creates no more of (each alert runs its query on
+    # every accepted event; each view is held and parsed for the tail): an admin token may not
+    # add them without end. The operator's YAML is not bounded by these.
+    max_alerts: int = 100
+    max_views: int = 100
     # Names besides host, localhost and this host's name that a daemon without auth answers
     # to (the Host header; a DNS rebinding defence, router/auth.py). IP addresses always pass.
     allowed_hosts: tuple[str, ...] = ()

@@ -880,13 +880,26 @@ class ManagementApi:
             subject = f"{kind}:{raw['name']}"
 
             def edit(data: dict[str, Any]) -> None:
-                data.setdefault(f"{kind}s", []).append(raw)
+                items = data.setdefault(f"{kind}s", [])
+                self._within_limit(kind, len(items))
+                items.append(raw)
                 self.meta.touch(subject, created=True)
 
             await self._apply(request, f"{kind}.create", subject, edit)
             return self._json(self.named_model(kind, raw), status=201)
 
         return handler
+
+    def _within_limit(self, kind: str, count: int) -> None:
+        """server.max_alerts / max_views: how many the API lets exist before it creates one."""
+        limit: int = getattr(self.editor.config.server, f"max_{kind}s")
+        if count >= limit:
+            raise ApiError(
+                400,
+                "limit_reached",
+                f"{kind}s: there are {count} {kind}s, at most server.max_{kind}s ({limit}) "
+                f"through the management API; delete a {kind} first",
+            )
 
     def _replace_named(self, kind: str) -> Handler:
         async def handler(request: web.Request) -> web.Response:

@@ -12,6 +12,7 @@ from typing import Literal
 
 from router.iam import TrustedProfileConfig
 from router.query import Query
+from router.targets._net import AddressBound
 
 MiB = 1024 * 1024
 # The names of what lives under storage.path (router/journal/sqlite.py, router/deadletter.py, api).
@@ -242,6 +243,10 @@ class TargetConfig:
     managed_by: Literal["account", "enterprise"] = "account"  # atracker's, kept and returned
     batch: BatchConfig = field(default_factory=BatchConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
+    # The hosts the management API set on this target (its YAML `api_hosts`, written by the
+    # API) and auth.api_target_networks: checked again each time it connects (DNS rebinding).
+    # None: every host is the operator's.
+    bound: AddressBound | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -391,7 +396,8 @@ class AuthConfig:
     admin_tokens: tuple[TokenConfig, ...] = ()
     refusal_events: RefusalEventsConfig = field(default_factory=RefusalEventsConfig)
     # Where a target the management API creates or changes may connect (CIDR networks);
-    # empty: anywhere but the addresses a host keeps for itself (crosscheck.kept_by_the_host).
+    # empty: anywhere but loopback and the addresses a host keeps for itself (targets/_net.py
+    # api_refusal, applied when the API takes a target and again each time it connects).
     api_target_networks: tuple[str, ...] = ()
 
 

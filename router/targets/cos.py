@@ -68,7 +68,14 @@ from router.events import Event, crn_parts
 from router.evidence.canonical import Link
 from router.evidence.chain import Chain, Planned, same_head
 from router.iam import SET_BY_LOADER, IamTokenSource, TrustedProfileConfig, token_source
-from router.targets._net import RETRYABLE_STATUSES, batch_key, new_session, parse_retry_after
+from router.targets._net import (
+    RETRYABLE_STATUSES,
+    AddressBound,
+    BoundResolver,
+    batch_key,
+    new_session,
+    parse_retry_after,
+)
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -348,6 +355,7 @@ class CosTarget:
         self._stack: contextlib.AsyncExitStack | None = None
         self._client: S3Client | None = None
         self._session: aiohttp.ClientSession | None = None  # for IAM tokens only
+        self.bound: AddressBound | None = None  # set by build_target (targets/__init__.py)
 
     async def start(self) -> None:
         if self._client is not None:
@@ -365,6 +373,8 @@ class CosTarget:
             # are refused by some S3-compatible stores.
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
+            # A bucket endpoint the management API set is checked where it resolves.
+            connector_args={"resolver": BoundResolver(self.bound)} if self.bound else None,
         )
         keys = endpoint.hmac_keys
         stack = contextlib.AsyncExitStack()
@@ -381,7 +391,7 @@ class CosTarget:
         )
         if self.tokens is not None:
             client.meta.events.register("before-send.s3", self._authorize)
-            self._session = new_session(endpoint.timeout_s, endpoint.tls_verify)
+            self._session = new_session(endpoint.timeout_s, endpoint.tls_verify, self.bound)
         self._stack, self._client = stack, client
 
     def _authorize(self, request: Any, **_: Any) -> None:

@@ -110,7 +110,7 @@ from router.targets._aiokafka import (
     pace_metadata_updates,
     stop_producer,
 )
-from router.targets._net import TLS_SCHEMA, batch_key, new_session
+from router.targets._net import TLS_SCHEMA, AddressBound, batch_key, new_session
 
 log = logging.getLogger(__name__)
 
@@ -341,10 +341,11 @@ class IamTokenProvider(AbstractTokenProvider):  # type: ignore[misc]  # aiokafka
         self.timeout_s = timeout_s
         self.error: RetryableDeliveryError | PermanentDeliveryError | None = None
         self._session: aiohttp.ClientSession | None = None
+        self.bound: AddressBound | None = None  # the target's (EventStreamsTarget.bound)
 
     async def token(self) -> str:
         if self._session is None:
-            self._session = new_session(self.timeout_s, True)
+            self._session = new_session(self.timeout_s, True, self.bound)
         try:
             token = await self.source.token(self._session, self.target_id)
         except (RetryableDeliveryError, PermanentDeliveryError) as exc:
@@ -392,6 +393,18 @@ class EventStreamsTarget:
         self.chain: Chain | None = None
         # With a chain: the places of the batch being sent, event id -> link (Chain.held).
         self._links: dict[str, Link] = {}
+
+    @property
+    def bound(self) -> AddressBound | None:
+        """Where the management API lets this target connect (set by build_target). Its IAM
+        URL is checked when the token session connects; the brokers are not yet (aiokafka
+        opens their connections itself): they are checked when the API takes the target."""
+        return self.tokens.bound if self.tokens is not None else None
+
+    @bound.setter
+    def bound(self, bound: AddressBound | None) -> None:
+        if self.tokens is not None:
+            self.tokens.bound = bound
 
     async def start(self) -> None:
         """Connect; a failure is raised classified, and the next send tries again."""

@@ -31,7 +31,7 @@ from router.targets.cos import CosEndpointConfig, CosTarget
 from tests.conftest import StartDaemon
 from tests.fake_cloud_logs import API_KEY, FakeCloudLogs
 from tests.fakes import ACCOUNT, INSTANCE, make_event, read_ndjson, wait_for
-from tests.integration.test_api import Client, auth
+from tests.integration.test_api import Client, loopback_auth
 from tests.integration.test_delivery import assert_books_balance, everything_to, settled
 from tests.integration.test_ingest import post
 from tests.peers.s3 import S3Server
@@ -396,7 +396,7 @@ async def test_validate_writes_a_test_object_and_a_refused_write_is_cos_write_te
     missing["cos_endpoint"]["bucket"] = "no-such-bucket"
     daemon = await start_daemon(
         {
-            "auth": auth(),
+            "auth": loopback_auth(),
             "targets": [cos_target(s3_server.endpoint_url), missing],
             "routes": [],
         }
@@ -428,7 +428,7 @@ async def test_creating_a_cos_target_writes_a_test_object_and_a_refused_write_cr
 ) -> None:
     """atracker test-writes when a COS target is created or updated, and refuses the change
     with cos_write_test_failed when the write fails."""
-    daemon = await start_daemon({"auth": auth(), "targets": [], "routes": []})
+    daemon = await start_daemon({"auth": loopback_auth(), "targets": [], "routes": []})
     api = Client(daemon)
     body = {
         "name": "archive",

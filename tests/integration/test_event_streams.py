@@ -33,8 +33,7 @@ from tests.helpers import (
     post,
     settled,
 )
-from tests.integration.test_api import Client
-from tests.integration.test_api import auth as api_auth
+from tests.integration.test_api import Client, loopback_auth
 from tests.integration.test_crash import kill_9_under_load
 from tests.peers.kafka import AnswerDropper, KafkaBroker
 
@@ -400,7 +399,7 @@ async def test_an_event_over_max_message_bytes_is_dead_lettered_before_any_attem
 async def test_the_management_api_creates_and_validates_an_event_streams_target(
     start_daemon: StartDaemon, kafka: KafkaBroker, tmp_path: Path
 ) -> None:
-    daemon = await start_daemon({"auth": api_auth(), "targets": [], "routes": []})
+    daemon = await start_daemon({"auth": loopback_auth(), "targets": [], "routes": []})
     api = Client(daemon)
     body = {
         "name": "audit to event streams",

@@ -68,6 +68,9 @@ class ServerConfig:
     max_tail_clients: int = 32
     # A tail client that takes nothing for this long (it stopped reading) is dropped.
     tail_write_timeout_s: float = 10.0
+    # Bytes of events one tail client may have waiting (queued, or written and not yet read
+    # by it); past it, events are dropped for that client and counted (router/server/tail.py).
+    tail_queue_bytes: int = 4 * MiB
     # Alerts and views the management API creates no more of (each alert runs its query on
     # every accepted event; each view is held and parsed for the tail): an admin token may not
     # add them without end. The operator's YAML is not bounded by these.

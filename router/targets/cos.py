@@ -128,6 +128,8 @@ AUTH_STATUSES: Final = frozenset({401, 403})
 # Object names of batches still being retried, so a retry reuses its first name.
 MAX_PENDING_NAMES = 256
 CHECKPOINT_TIMEOUT_S = 10.0
+# The longest a HEAD asking whether a PUT without an answer was stored may take.
+LANDED_TIMEOUT_S: Final = 10.0
 # `s3[.private|.direct].<region>.cloud-object-storage.appdomain.cloud`
 _IBM_COS_HOST = re.compile(
     r"^s3\.(?:(?:private|direct)\.)?([a-z0-9-]+)\.cloud-object-storage\.appdomain\.cloud$"
@@ -630,6 +632,8 @@ class CosTarget:
         except botocore.exceptions.ClientError as exc:
             raise classify(self.id, where, exc.response) from exc
         except TimeoutError as exc:
+            if await self._landed(name, md5):
+                return
             raise RetryableDeliveryError(
                 self.id, f"{where}: no answer within {self.endpoint.timeout_s:g}s"
             ) from exc
@@ -638,7 +642,32 @@ class CosTarget:
             botocore.exceptions.ConnectionError,
             aiohttp.ClientError,
         ) as exc:
+            if await self._landed(name, md5):
+                return
             raise RetryableDeliveryError(self.id, f"{where}: {exc}") from exc
+
+    async def _landed(self, name: str, md5: str) -> bool:
+        """Whether an object whose PUT got no answer (a timeout, a lost connection) is in the
+        bucket with these very bytes: a single PUT's ETag is its body's MD5. The store may
+        have written it and its answer been lost: then it is delivered, once, and the books
+        say so as `verify` does; else (or when the store does not answer this either) the PUT
+        failed, and its retry writes the same name and bytes."""
+        assert self._client is not None
+        try:
+            async with asyncio.timeout(min(self.endpoint.timeout_s, LANDED_TIMEOUT_S)):
+                head = await self._client.head_object(Bucket=self.endpoint.bucket, Key=name)
+        except (
+            botocore.exceptions.ClientError,
+            botocore.exceptions.HTTPClientError,
+            botocore.exceptions.ConnectionError,
+            aiohttp.ClientError,
+            TimeoutError,
+        ):
+            return False
+        landed = str(head.get("ETag", "")).strip('"') == base64.b64decode(md5).hex()
+        if landed:
+            log.info("target %s: %s was stored though its PUT got no answer", self.id, name)
+        return landed
 
     async def objects(self, prefix: str = "") -> AsyncIterator[tuple[str, bytes]]:
         """The objects under `prefix` in key order, as (key, body as stored): what

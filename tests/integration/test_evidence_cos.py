@@ -554,3 +554,53 @@ async def test_an_object_given_up_after_a_later_dead_letter_leaves_no_gap(
     assert out.startswith(
         f"OK: {row['delivered']} events and {row['dead_lettered']} dead letters verified"
     ), out
+
+
+async def test_a_put_that_timed_out_but_landed_is_counted_alike_by_the_books_and_verify(
+    start_daemon: StartDaemon, s3_server: S3Server, s3: Any, tmp_path: Path
+) -> None:
+    """The store keeps an object and its answer comes after the target's timeout_s: the PUT
+    timed out, the one attempt allowed (retry.max_attempts 1) was spent, and the ten events
+    were dead-lettered, while the bucket held them. `verify` counted them as events and the
+    books as dead letters. The target now asks the store (HEAD) whether an object whose PUT
+    had no answer is there with its bytes (its ETag is the body's MD5): it is, so the events
+    are delivered, once, in the books and in verify alike."""
+    front = await HoldingFront(f"http://127.0.0.1:{s3_server.store.port}", []).start()
+    key, public = generate(tmp_path / "signing.key")
+    target = cos_target(front.url, timeout_s=1) | {
+        "batch": {"max_events": 10},
+        "retry": {"max_attempts": 1, "initial_backoff_s": 0.01},
+    }
+    try:
+        daemon = await start_daemon(
+            {
+                "targets": [target],
+                "routes": everything_to("cos"),
+                "evidence": {"signing_key_file": str(key), "checkpoint_every_s": 3600},
+            }
+        )
+        front.holding = True
+        assert (await post(daemon, [make_event(id=f"late-{i}") for i in range(10)]))[0] == 202
+        await wait_for(lambda: settled(daemon), timeout_s=30, what="the batch settled")
+        assert len(front.landed) == 1, "the PUT reached the store, its answer held"
+        assert_books_balance(daemon)
+        front.holding = False
+        front.release.set()
+        await daemon.stop()
+    finally:
+        front.release.set()
+        await front.stop()
+    found = await bodies(s3)
+    assert [seqs(body) for body in found.values() if seqs(body)[:1] == [1]] == [
+        list(range(1, 11))
+    ], "the object is in the bucket"
+    row = daemon.status()["targets"]["cos"]
+    config = tmp_path / "router.yaml"
+    data = {**daemon.source.data, "targets": [cos_target(s3_server.endpoint_url)]}
+    config.write_text(yaml.safe_dump(data))
+    code, out, err = await verify_bucket(config, public)
+    assert code == 0, out + err
+    assert out.startswith(
+        f"OK: {row['delivered']} events and {row['dead_lettered']} dead letters verified"
+    ), (out, row)
+    assert (row["delivered"], row["dead_lettered"]) == (10, 0)

@@ -461,10 +461,12 @@ class CosTarget:
                 chain.in_flight += 1
             try:
                 await self._put_authorized(name, linked.body, linked.md5)
-            except Exception:
+            except Exception as exc:
                 async with chain.lock:
                     chain.in_flight -= 1
-                    await self._give_back_places(chain, key, linked, events)
+                    await self._give_back_places(
+                        chain, key, linked, events, unanswered=unanswered(exc)
+                    )
                 raise
             async with chain.lock:
                 chain.in_flight -= 1
@@ -499,15 +501,23 @@ class CosTarget:
         return linked
 
     async def _give_back_places(
-        self, chain: Chain, key: str, linked: Linked, events: Sequence[Event]
+        self,
+        chain: Chain,
+        key: str,
+        linked: Linked,
+        events: Sequence[Event],
+        *,
+        unanswered: bool = False,
     ) -> None:
         """A PUT failed: its places go back to the chain when nothing took a place after
         them (its retry links the same events from the same head: the same bytes). Else (a
-        dead letter was written meanwhile, chained after them) the object keeps its places
-        and a retry PUTs the very same bytes there; its lines are held in the chain, so that
-        if its events are given up their letters stand at those places (router/deadletter).
-        The caller holds the chain's lock."""
-        if not same_head(chain.head, linked.head):
+        dead letter was written meanwhile, chained after them), or when the PUT got no answer
+        (the store may yet write the object, after its HEAD found nothing), the object keeps
+        its places and a retry PUTs the very same bytes there; its lines are held in the
+        chain, so that if its events are given up their letters stand at those places
+        (router/deadletter), and an object that lands after all holds the lines its letters
+        carry. The caller holds the chain's lock."""
+        if unanswered or not same_head(chain.head, linked.head):
             if key not in self._held:
                 lines = await asyncio.to_thread(object_lines, linked.body)
                 chain.held.update(zip((event.id for event in events), lines, strict=True))
@@ -703,6 +713,21 @@ class CosTarget:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def unanswered(exc: BaseException) -> bool:
+    """Whether a failed PUT may yet have been stored: it got no answer (a timeout, a
+    connection lost once it was sent), rather than a refusal or no connection at all."""
+    cause = exc.__cause__
+    if isinstance(cause, botocore.exceptions.EndpointConnectionError):
+        return False  # never connected: nothing was sent
+    return isinstance(
+        cause,
+        TimeoutError
+        | botocore.exceptions.HTTPClientError
+        | botocore.exceptions.ConnectionError
+        | aiohttp.ClientError,
+    )
 
 
 def classify(

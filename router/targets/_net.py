@@ -167,9 +167,16 @@ class AddressBound:
             tuple(ipaddress.ip_network(network, strict=False) for network in networks),
         )
 
-    def refusal(self, host: str, addresses: Sequence[str]) -> str | None:
-        """Why `host`, resolved to `addresses`, may not be connected to (None: it may)."""
-        if host.lower().strip("[]") not in self.hosts:
+    def applies(self, host: str) -> bool:
+        return host.lower().strip("[]") in self.hosts
+
+    def refusal(
+        self, host: str, addresses: Sequence[str], *, every_host: bool = False
+    ) -> str | None:
+        """Why `host`, resolved to `addresses`, may not be connected to (None: it may). Only
+        the hosts the API set are bounded, unless `every_host` (a Kafka broker a bootstrap
+        broker the API set names: the API's choice too)."""
+        if not (every_host or self.applies(host)):
             return None
         for text in addresses:
             why = api_refusal(ipaddress.ip_address(text.partition("%")[0]), self.networks)
@@ -211,17 +218,19 @@ class BoundResolver(AbstractResolver):
         await self._resolver.close()
 
 
-async def bound_address(host: str, port: int, bound: AddressBound | None) -> str:
+async def bound_address(
+    host: str, port: int, bound: AddressBound | None, *, every_host: bool = False
+) -> str:
     """Where to open a plain socket to `host` (syslog): the host itself when no bound applies,
     else the one address it resolved to and passed the bound, so the connection goes where
-    the check looked (a second lookup could answer otherwise)."""
-    if bound is None or host.lower().strip("[]") not in bound.hosts:
+    the check looked (a second lookup could answer otherwise). Raises AddressRefusedError."""
+    if bound is None or not (every_host or bound.applies(host)):
         return host
     infos = await asyncio.get_running_loop().getaddrinfo(
         host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
     )
     addresses = [str(info[4][0]) for info in infos]
-    why = bound.refusal(host, addresses)
+    why = bound.refusal(host, addresses, every_host=every_host)
     if why is not None:
         raise AddressRefusedError(why)
     return addresses[0]

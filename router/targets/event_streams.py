@@ -105,12 +105,13 @@ from router.evidence.canonical import (
 from router.evidence.chain import Chain, Planned
 from router.iam import SET_BY_LOADER, IamTokenSource, TrustedProfileConfig, token_source
 from router.targets._aiokafka import (
+    bound_connections,
     check_oauth_answers,
     keep_batches,
     pace_metadata_updates,
     stop_producer,
 )
-from router.targets._net import TLS_SCHEMA, AddressBound, batch_key, new_session
+from router.targets._net import TLS_SCHEMA, AddressBound, batch_key, bound_address, new_session
 
 log = logging.getLogger(__name__)
 
@@ -380,6 +381,7 @@ class EventStreamsTarget:
         crn_region = crn_parts(endpoint.target_crn)[5] if endpoint.target_crn else ""
         self.region = endpoint.region or crn_region or None
         self._producer: AIOKafkaProducer | None = None
+        self._bound: AddressBound | None = None
         self._connecting = asyncio.Lock()
         self.tokens: IamTokenProvider | None = None
         if sasl_mechanism(endpoint) == "oauthbearer":
@@ -396,15 +398,30 @@ class EventStreamsTarget:
 
     @property
     def bound(self) -> AddressBound | None:
-        """Where the management API lets this target connect (set by build_target). Its IAM
-        URL is checked when the token session connects; the brokers are not yet (aiokafka
-        opens their connections itself): they are checked when the API takes the target."""
-        return self.tokens.bound if self.tokens is not None else None
+        """Where the management API lets this target connect (set by build_target): its
+        bootstrap brokers are checked before the producer starts, every broker connection
+        aiokafka opens after (_aiokafka.bound_connections), and its IAM URL when the token
+        session connects."""
+        return self._bound
 
     @bound.setter
     def bound(self, bound: AddressBound | None) -> None:
+        self._bound = bound
         if self.tokens is not None:
             self.tokens.bound = bound
+
+    async def _check_brokers(self) -> None:
+        """The bootstrap brokers' addresses, checked against the bound before aiokafka (or
+        _why_unreachable) connects to them."""
+        bound = self._bound
+        if bound is None:
+            return
+        for broker in self.endpoint.brokers:
+            host, _, port = broker.rpartition(":")
+            try:
+                await bound_address(host.strip("[]"), int(port), bound, every_host=True)
+            except OSError as exc:
+                raise RetryableDeliveryError(self.id, f"Kafka at {broker}: {exc}") from exc
 
     async def start(self) -> None:
         """Connect; a failure is raised classified, and the next send tries again."""
@@ -414,6 +431,7 @@ class EventStreamsTarget:
         async with self._connecting:
             if self._producer is not None:
                 return self._producer
+            await self._check_brokers()
             producer = AIOKafkaProducer(
                 bootstrap_servers=list(self.endpoint.brokers),
                 acks="all",
@@ -423,6 +441,8 @@ class EventStreamsTarget:
             )
             keep_batches(producer)
             pace_metadata_updates(producer)
+            if self._bound is not None:
+                bound_connections(producer, self.id, self._bound)
             try:
                 await producer.start()
             except (KafkaError, OSError) as exc:

@@ -197,6 +197,26 @@ class AddressRefusedError(OSError):
         super().__init__(errno.EACCES, why)
 
 
+def address_refused(exc: BaseException) -> AddressRefusedError | None:
+    """The AddressRefusedError behind an error a client library wrapped (aiohttp's connection
+    error, botocore's EndpointConnectionError), so its reason reaches write_status."""
+    seen: set[int] = set()
+    stack: list[BaseException] = [exc]
+    while stack:
+        error = stack.pop()
+        if id(error) in seen:
+            continue
+        seen.add(id(error))
+        if isinstance(error, AddressRefusedError):
+            return error
+        kwargs = getattr(error, "kwargs", None)
+        wrapped = kwargs.get("error") if isinstance(kwargs, dict) else None
+        for inner in (error.__cause__, error.__context__, wrapped):
+            if isinstance(inner, BaseException):
+                stack.append(inner)
+    return None
+
+
 class BoundResolver(AbstractResolver):
     """aiohttp's resolver, checking every answer against a target's AddressBound before the
     connector may connect (the connector caches what passed, for its DNS cache's lifetime)."""

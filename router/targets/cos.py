@@ -72,6 +72,7 @@ from router.targets._net import (
     RETRYABLE_STATUSES,
     AddressBound,
     BoundResolver,
+    address_refused,
     batch_key,
     new_session,
     parse_retry_after,
@@ -654,7 +655,8 @@ class CosTarget:
         ) as exc:
             if await self._landed(name, md5):
                 return
-            raise RetryableDeliveryError(self.id, f"{where}: {exc}") from exc
+            refused = address_refused(exc)
+            raise RetryableDeliveryError(self.id, f"{where}: {refused or exc}") from exc
 
     async def _landed(self, name: str, md5: str) -> bool:
         """Whether an object whose PUT got no answer (a timeout, a lost connection) is in the

@@ -14,7 +14,8 @@ slow reader of large events holds megabytes, not a thousand events' worth), and 
 that finds no room is dropped for that subscriber and counted (it is told, with a `dropped`
 event carrying the running count, before its next events). `/v1/status` shows what the
 tail holds (`tail.held_bytes`). When the fan-out falls behind, whole batches are dropped for
-everyone, and counted the same way, so ingest never waits for it.
+everyone, and counted the same way, so ingest never waits for it: past INBOX_BATCHES batches
+or `server.tail_queue_bytes` of events waiting (one batch always fits; `tail.backlog_bytes`).
 
 A client's stream writes everything waiting for it at once; a write that does not complete
 within `server.tail_write_timeout_s` (a client that stopped reading) drops the client: its
@@ -146,7 +147,8 @@ class TailHub:
         self.queue_bytes = queue_bytes
         self.dropped_clients = 0
         self.refused_clients = 0
-        self._inbox: asyncio.Queue[tuple[int, list[Event]]] = asyncio.Queue(INBOX_BATCHES)
+        self._inbox: asyncio.Queue[tuple[int, list[Event], int]] = asyncio.Queue(INBOX_BATCHES)
+        self._inbox_bytes = 0  # of the events waiting in the inbox
         self._published = 0  # batches published so far: each batch's number
         self._lost = 0  # events of batches the inbox had no room for, not yet told
         self._task: asyncio.Task[None] | None = None
@@ -165,6 +167,7 @@ class TailHub:
             "dropped_clients": self.dropped_clients,
             "refused_clients": self.refused_clients,
             "backlog_batches": self.backlog,
+            "backlog_bytes": self._inbox_bytes,
         }
 
     def start(self) -> None:
@@ -194,10 +197,16 @@ class TailHub:
             return
         batch = list(events)
         self._published += 1
+        size = sum(len(event.encoded()) for event in batch)
+        if self._inbox_bytes and self._inbox_bytes + size > self.queue_bytes:
+            self._lost += len(batch)
+            return
         try:
-            self._inbox.put_nowait((self._published, batch))
+            self._inbox.put_nowait((self._published, batch, size))
         except asyncio.QueueFull:
             self._lost += len(batch)
+            return
+        self._inbox_bytes += size
 
     def close(self) -> None:
         for subscriber in self.subscribers:
@@ -205,12 +214,14 @@ class TailHub:
 
     async def _fan_out(self) -> None:
         while True:
-            batches = [await self._inbox.get()]
+            taken = [await self._inbox.get()]
             # What arrives within FLUSH_S goes out together: a client wakes and is written to
             # once per interval, however many requests brought the events.
             await asyncio.sleep(FLUSH_S)
             while not self._inbox.empty():
-                batches.append(self._inbox.get_nowait())
+                taken.append(self._inbox.get_nowait())
+            self._inbox_bytes -= sum(size for _, _, size in taken)
+            batches = [(number, batch) for number, batch, _ in taken]
             try:
                 await self._offer(batches)
             except Exception:

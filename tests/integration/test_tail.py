@@ -419,3 +419,25 @@ async def test_a_subscriber_keeps_what_fits_in_bytes_and_counts_the_rest() -> No
         assert hub.status()["held_bytes"] == len(client.pending[0]) > 1000
     finally:
         await hub.stop()
+
+
+async def test_batches_waiting_for_the_fan_out_are_bounded_in_bytes() -> None:
+    """While the fan-out is behind (here: not running), ingest's batches wait for it: up to
+    1000 batches whatever their size, a gigabyte of large events. They are bounded in bytes
+    too (server.tail_queue_bytes, one batch always fits); a batch past it is dropped for
+    every client and counted, as a batch past the count is."""
+    hub = TailHub(queue_bytes=100_000)
+    client = hub.subscribe(None)
+    large = [accepted(make_event(requestData={"blob": "x" * 30_000})) for _ in range(2)]
+    for _ in range(20):
+        hub.publish(large)
+    waiting = hub.status()["backlog_bytes"]
+    assert 0 < waiting <= 100_000 and 1 <= hub.backlog < 20, waiting
+    hub.start()
+    try:
+        await wait_for(lambda: hub.backlog == 0 and bool(client.pending), what="the fan-out")
+        # Every event reached the client or was counted as dropped for it.
+        assert len(client.pending) + client.dropped == 40
+        assert hub.status()["backlog_bytes"] == 0
+    finally:
+        await hub.stop()

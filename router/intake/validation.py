@@ -99,9 +99,9 @@ class EventValidator:
             accepted = self._accepts(event)
         except RecursionError:  # a recursive schema over a deep event: jsonschema decides
             accepted = False
-        problems = (
-            [] if accepted else [self._problem(e) for e in self._validator.iter_errors(event)]
-        )
+        if accepted:  # nearly every event: only the catalogue may object (all at /action)
+            return self._catalogue_problems(event) if self._reject_unknown_actions else []
+        problems = [self._problem(e) for e in self._validator.iter_errors(event)]
         if self._reject_unknown_actions and not any(p.path == "/action" for p in problems):
             problems.extend(self._catalogue_problems(event))
         problems.sort(key=lambda p: p.path)

@@ -5,6 +5,7 @@ every JSON type; a keyword it does not compile leaves the schema to fastjsonsche
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import jsonschema
@@ -12,7 +13,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from router.intake.schemacode import compile_exact
+from router.intake.schemacode import (
+    REMEMBERED_MAX_CHARS,
+    REMEMBERED_PER_PATTERN,
+    compile_exact,
+    remembered,
+)
 
 KEYS = ["a", "b", "c"]
 TYPES = ["object", "array", "string", "boolean", "null", "integer", "number"]
@@ -140,3 +146,15 @@ def test_if_then_else_decide_as_jsonschema_does(parts: dict[str, Any], values: l
     assert valid is not None
     for value in values:
         assert valid(value) is reference.is_valid(value), value
+
+
+@settings(max_examples=200, deadline=None)
+@given(texts=st.lists(st.sampled_from(["a", "a\n", "ba", ""]) | st.text(max_size=300), max_size=50))
+def test_a_remembered_verdict_is_the_search_s_verdict(texts: list[str]) -> None:
+    """Verdicts are remembered per pattern (a table that empties when full, long texts never
+    kept); each is what re.search says, whatever came before it."""
+    pattern = re.compile("^a$|b")
+    matches = remembered(pattern)
+    filler = [f"x{n}" for n in range(REMEMBERED_PER_PATTERN + 1)]
+    for text in [*texts, *filler, *texts, "b" * (REMEMBERED_MAX_CHARS + 1), *texts]:
+        assert matches(text) is (pattern.search(text) is not None)

@@ -114,6 +114,7 @@ def test_the_compiled_schema_decides_as_jsonschema_does(
         {"unevaluatedProperties": False},
         {"properties": {"a": {"$id": "https://elsewhere.example/a", "type": "string"}}},
         {"$ref": "https://elsewhere.example/schema.json"},
+        {"$ref": "#here", "$defs": {"d": {"$anchor": "here", "type": "string"}}},
         {"$schema": "http://json-schema.org/draft-07/schema#", "type": "object"},
         {"properties": {"a": {"multipleOf": 2}}},
     ],

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import resource
+import shutil
 import sqlite3
 import sys
 from collections.abc import Awaitable, Callable
@@ -20,6 +21,7 @@ from router.daemon import Daemon
 from router.events import Event
 from router.journal import Entry
 from router.journal import sqlite as sqlite_journal
+from router.journal.salvage import frame, frame_offsets, record_at
 from router.journal.sqlite import FREE_PAGES_BEFORE_SHRINK, SqliteJournal
 from router.observe.metrics import utc_iso
 from tests.conftest import StartDaemon
@@ -48,6 +50,22 @@ def damage(path: Path) -> None:
     with open(path, "r+b") as f:
         f.seek(path.stat().st_size // 2)
         f.write(b"\xff" * 8192)
+
+
+def tamper_record(path: Path, seq: int, body: bytes) -> float:
+    """Put other bytes in the body of record `seq` in its batch, keeping its CRC (which then
+    fails); returns the record's arrival time."""
+    with sqlite3.connect(path) as db:
+        [(first, last, blob)] = db.execute(
+            "SELECT first_seq, last_seq, records FROM batches WHERE first_seq <= ? "
+            "ORDER BY first_seq DESC LIMIT 1",
+            (seq,),
+        )
+        records = [record_at(blob, at) for at in frame_offsets(blob, first, last).values()]
+        [received_at] = [r[2] for r in records if r[0] == seq]
+        tampered = [(s, i, at, body if s == seq else b, crc) for s, i, at, b, crc in records]
+        db.execute("UPDATE batches SET records = ? WHERE first_seq = ?", (frame(tampered), first))
+    return received_at
 
 
 def overwrite_root_page(path: Path, table: str) -> None:
@@ -193,9 +211,7 @@ async def test_a_record_failing_its_checksum_is_dead_lettered_and_the_rest_deliv
     first = await start_daemon(config)
     await post(first, [make_event(id=f"e{i}") for i in range(4)])
     await first.stop()
-    with sqlite3.connect(tmp_path / "var" / "journal.db") as db:
-        db.execute("UPDATE events SET body = CAST('{\"tampered\": true}' AS BLOB) WHERE seq = 2")
-        [(received_at,)] = db.execute("SELECT received_at FROM events WHERE seq = 2")
+    received_at = tamper_record(tmp_path / "var" / "journal.db", 2, b'{"tampered": true}')
 
     siem.statuses = [200]
     second = await start_daemon(config)
@@ -662,3 +678,79 @@ async def test_a_target_that_fell_behind_takes_memory_again_once_close_while_bus
         assert journal.books("t").pending == 0 and balanced()
     finally:
         await journal.close()
+
+
+async def test_a_journal_of_one_row_per_event_opens_and_delivers_what_it_owed(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """journal_v1.db was written by the journal before batches (main at 3f5e11e, one events
+    row per event and one deliveries row per target): 30 events in 3 commits to `siem` and
+    `archive`, the middle one routed to one or the other by two routes (e15 to both), the
+    archive's first 10 settled, then e21's body changed under its CRC. It opens, moves into
+    batches, and every event still owed reaches its target once, in order; e21 is
+    dead-lettered as corrupt with the route it had; the books go on from where they were."""
+    storage = tmp_path / "var"
+    storage.mkdir()
+    shutil.copy(Path(__file__).with_name("journal_v1.db"), storage / "journal.db")
+    siem, archive = tmp_path / "siem.ndjson", tmp_path / "archive.ndjson"
+    daemon = await start_daemon(
+        {
+            "targets": [file_target("siem", siem), file_target("archive", archive)],
+            "routes": everything_to("siem", "archive"),
+        }
+    )
+    await wait_for(lambda: settled(daemon), what="the old journal's backlog to drain")
+    to_siem = [i for i in range(30) if i < 10 or i >= 20 or i % 2 == 0 or i == 15]
+    to_archive = [i for i in range(10, 30) if i >= 20 or i % 2]
+    assert [e["id"] for e in read_ndjson(siem)] == [f"e{i}" for i in to_siem if i != 21]
+    assert [e["id"] for e in read_ndjson(archive)] == [f"e{i}" for i in to_archive if i != 21]
+    for target_id in ("siem", "archive"):
+        [letter] = read_ndjson(storage / "deadletter" / f"{target_id}.ndjson")
+        assert (letter["reason"], letter["event"]["id"], letter["route"]) == (
+            "journal_corrupt",
+            "e21",
+            "all",
+        )
+    rows = daemon.status()["targets"]
+    assert (rows["siem"]["received"], rows["siem"]["delivered"]) == (26, 25)
+    assert (rows["archive"]["received"], rows["archive"]["delivered"]) == (25, 24)
+    assert_books_balance(daemon)
+    with sqlite3.connect(storage / "journal.db") as db:
+        for table in ("events", "deliveries", "batches", "owed"):
+            assert db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] == 0, table
+
+
+async def test_a_batch_torn_by_a_truncation_gives_back_the_events_before_the_cut(
+    start_daemon: StartDaemon, receiver_factory: ReceiverFactory, tmp_path: Path
+) -> None:
+    """One commit of 100 events is one batch row whose frame runs through a chain of
+    overflow pages. Cut the file in the middle of it: the events wholly before the cut are
+    delivered, in order, and the rest are counted lost, none quarantined."""
+    siem = await receiver_factory([503])
+    config = {
+        "targets": [patient(http_target("siem", siem.url))],
+        "routes": everything_to("siem"),
+        "shutdown": {"drain_timeout_s": 0.2},
+    }
+    first = await start_daemon(config)
+    ids = [f"e{i:02}" for i in range(100)]
+    await post(first, [make_event(id=i, message="x" * 3000) for i in ids])
+    await first.stop()
+    journal = tmp_path / "var" / "journal.db"
+    os.truncate(journal, journal.stat().st_size // 2)
+
+    siem.statuses = [200]
+    second = await start_daemon(config)
+    await wait_for(lambda: settled(second), what="the events before the cut to be delivered")
+    delivered = [e["id"] for e in siem.delivered_events]
+    row = second.status()["targets"]["siem"]
+    assert 0 < len(delivered) < 100
+    assert delivered == ids[: len(delivered)]
+    assert (row["received"], row["delivered"], row["lost"]) == (
+        100,
+        len(delivered),
+        100 - len(delivered),
+    )
+    assert second.status()["journal"]["lost_records"] == 100 - len(delivered)
+    assert second.status()["journal"]["quarantined_records"] == 0
+    assert_books_balance(second)

@@ -110,6 +110,9 @@ CREATE TABLE IF NOT EXISTS planned (
 ADD_LOST = "ALTER TABLE books ADD COLUMN lost INTEGER NOT NULL DEFAULT 0"
 # The route of a delivery that salvage restored from a surviving event alone.
 SALVAGED_ROUTE = "salvaged"
+# A commit's events are framed into batch rows of about this many bytes of bodies: a read of a
+# few events of a large commit loads one of them, not all of it.
+BATCH_BYTES = 1 << 20
 # Events of the layout before batches moved into one batch row at a time.
 MIGRATE_CHUNK = 1000
 RETIRE_CHUNK = 1000
@@ -471,10 +474,10 @@ class SqliteJournal:
         """Write everything queued in one transaction; requests queued meanwhile go next."""
         while self._queue:
             group, self._queue = self._queue, []
-            batch, runs, entries = self._rows(group)
+            batches, runs, entries = self._rows(group)
             received = {target_id: len(taken) for target_id, taken in entries.items()}
             try:
-                await self._run(self._write_sync, batch, runs, received)
+                await self._run(self._write_sync, batches, runs, received)
             except Exception as exc:
                 self._write_failed()
                 log.exception("journal write failed")
@@ -502,17 +505,20 @@ class SqliteJournal:
 
     def _rows(
         self, group: Sequence[_Pending]
-    ) -> tuple[tuple[int, int, bytes], list[list[Any]], dict[str, list[Entry]]]:
-        """One commit: its batch row (first seq, last seq, the frame of its records), its owed
-        runs ([target, last seq, first seq, batch, route]: consecutive seqs a target gets by
-        one route), and per target the entries its worker may take from memory once it is
-        durable: each event as the journal stores it (its bytes, no parsed body), so memory
-        holds what a read of the database would give and nothing more."""
-        parts: list[bytes] = []
+    ) -> tuple[list[tuple[int, int, list[bytes]]], list[list[Any]], dict[str, list[Entry]]]:
+        """One commit: its batches (first seq, last seq, the parts of the frame of their
+        records, up to about BATCH_BYTES each), its owed runs ([target, last seq, first seq,
+        batch, route]: consecutive seqs of one batch a target gets by one route), and per
+        target the entries its worker may take from memory once it is durable: each event as
+        the journal stores it (its bytes, no parsed body), so memory holds what a read of the
+        database would give and nothing more."""
+        batches: list[tuple[int, int, list[bytes]]] = []
         runs: list[list[Any]] = []
         current: dict[str, list[Any]] = {}
         entries: dict[str, list[Entry]] = {}
         first = seq = self._next_seq
+        parts: list[bytes] = []
+        size = 0
         pack = RECORD.pack
         crc32 = zlib.crc32
         stored = Event.stored
@@ -520,11 +526,15 @@ class SqliteJournal:
             for event, targets in pending.routed:
                 body = event.encoded()
                 raw_id = event.id.encode()
+                if size > BATCH_BYTES:
+                    batches.append((first, seq - 1, parts))
+                    first, parts, size, current = seq, [], 0, {}
                 parts += (
                     pack(len(body), crc32(body), seq, event.received_at, len(raw_id)),
                     raw_id,
                     body,
                 )
+                size += len(body)
                 kept = stored(event.id, body, event.received_at)
                 for target_id, route in targets.items():
                     run = current.get(target_id)
@@ -538,16 +548,24 @@ class SqliteJournal:
                         entries[target_id] = taken = []
                     taken.append(Entry(seq, kept, route))
                 seq += 1
+        batches.append((first, seq - 1, parts))
         self._next_seq = seq
-        return (first, seq - 1, b"".join(parts)), runs, entries
+        return batches, runs, entries
 
     def _write_sync(
-        self, batch: tuple[int, int, bytes], runs: list[list[Any]], received: dict[str, int]
+        self,
+        batches: list[tuple[int, int, list[bytes]]],
+        runs: list[list[Any]],
+        received: dict[str, int],
     ) -> None:
         db = self._db
         assert db is not None
         with transaction(db):
-            db.execute("INSERT INTO batches VALUES (?, ?, ?)", batch)
+            # Each frame is joined as SQLite takes it: a large commit is never copied whole.
+            db.executemany(
+                "INSERT INTO batches VALUES (?, ?, ?)",
+                ((first, last, b"".join(parts)) for first, last, parts in batches),
+            )
             db.executemany("INSERT INTO owed VALUES (?, ?, ?, ?, ?)", runs)
             db.executemany(
                 "UPDATE books SET received = received + ? WHERE target = ?",
@@ -648,15 +666,26 @@ class SqliteJournal:
             (target_id, after, limit),
         ).fetchall()
         entries: list[Entry] = []
+        unpack, size, crc32 = RECORD.unpack_from, RECORD.size, zlib.crc32
         for first, last, batch, route in runs:
             blob, offsets = self._batch_frame(batch)
             for seq in range(max(first, after + 1), last + 1):
                 at = offsets.get(seq)
-                if at is None:
-                    event = self._decode(seq, None, None, None, None)
-                else:
-                    _, event_id, received_at, body, crc = record_at(blob, at)
-                    event = self._decode(seq, event_id, received_at, body, crc)
+                event = None
+                if at is not None:
+                    # record_at and _decode, inlined: this is the read of every backlog.
+                    length, crc, _, received_at, id_length = unpack(blob, at)
+                    start = at + size + id_length
+                    body = blob[start : start + length]
+                    if crc32(body) == crc and body[:1] == b"{":
+                        try:
+                            event_id = blob[at + size : start].decode()
+                        except UnicodeDecodeError:
+                            pass
+                        else:
+                            event = Event(id=event_id, encoded=body, received_at=received_at)
+                if event is None:
+                    event = self._decode(seq, *_record_or_none(blob, at))
                 entries.append(Entry(seq, event, route))
                 if len(entries) == limit:
                     return entries
@@ -1067,6 +1096,15 @@ def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         if db.in_transaction:
             db.execute("ROLLBACK")
         raise
+
+
+def _record_or_none(
+    blob: bytes, at: int | None
+) -> tuple[str | None, float | None, bytes | None, int | None]:
+    """(event_id, received_at, body, crc) of the record at `at`, all None if there is none."""
+    if at is None:
+        return None, None, None, None
+    return record_at(blob, at)[1:]
 
 
 def _move_into_batches(db: sqlite3.Connection) -> None:

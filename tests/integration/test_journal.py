@@ -754,3 +754,61 @@ async def test_a_batch_torn_by_a_truncation_gives_back_the_events_before_the_cut
     assert second.status()["journal"]["lost_records"] == 100 - len(delivered)
     assert second.status()["journal"]["quarantined_records"] == 0
     assert_books_balance(second)
+
+
+async def test_a_commit_framed_into_several_batches_reads_sheds_and_frees_them_all(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit larger than BATCH_BYTES is several batch rows, and a target's runs break at
+    their edges. Read back from the journal (memory off), in batches that end inside a run,
+    with a run of the oldest shed from the middle of one: each target gets each of its
+    events once, in order, with its route; the books balance at every step; and once both
+    targets are past them every batch row is gone."""
+    monkeypatch.setattr(sqlite_journal, "BATCH_BYTES", 2048)
+    monkeypatch.setattr(sqlite_journal, "MEMORY_BYTES", 0)
+    journal = SqliteJournal(StorageConfig(path=str(tmp_path / "var"), fsync="never"), ["a", "b"])
+    await journal.open()
+    stopping = asyncio.Event()
+    events = [Event.from_body(make_event(id=f"e{i:02}", message="x" * 300)) for i in range(40)]
+    routes = [{"a": "all", "b": "all"} if i % 4 else {"a": "fourth"} for i in range(40)]
+    taken: dict[str, list[tuple[str, str]]] = {"a": [], "b": []}
+
+    async def take(target_id: str, count: int) -> list[Entry]:
+        batch = await journal.next_batch(
+            target_id, max_events=count, max_bytes=1 << 20, max_wait_s=0, stopping=stopping
+        )
+        taken[target_id] += [(e.event.id, e.route) for e in batch]
+        return batch
+
+    def balanced() -> bool:
+        return all(
+            (b := journal.books(t)).received == b.delivered + b.dead_lettered + b.pending
+            for t in ("a", "b")
+        )
+
+    def rows(table: str) -> int:
+        with sqlite3.connect(tmp_path / "var" / "journal.db") as db:
+            return int(db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
+
+    try:
+        await journal.append(list(zip(events, routes, strict=True)))
+        assert rows("batches") > 3, "one commit, framed into several batch rows"
+        assert (journal.books("a").pending, journal.books("b").pending) == (40, 30)
+        await journal.ack("a", await take("a", 7), dead_lettered=0)
+        in_flight = await take("b", 5)
+        async with journal.shed("b", 6) as shed:
+            dropped = [e.event.id for e in shed]
+        assert journal.books("b").dead_lettered == 6 and balanced()
+        await journal.ack("b", in_flight, dead_lettered=0)
+        while journal.books("a").pending:
+            await journal.ack("a", await take("a", 9), dead_lettered=0)
+        while journal.books("b").pending:
+            await journal.ack("b", await take("b", 4), dead_lettered=0)
+        assert balanced()
+    finally:
+        await journal.close()
+    assert taken["a"] == [(e.id, r["a"]) for e, r in zip(events, routes, strict=True)]
+    to_b = [e.id for e, r in zip(events, routes, strict=True) if "b" in r]
+    assert [i for i, _ in taken["b"]] == [i for i in to_b if i not in dropped]
+    assert dropped == to_b[5:11]
+    assert rows("batches") == 0 and rows("owed") == 0

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import logging
 import mmap
@@ -113,7 +114,7 @@ SALVAGED_ROUTE = "salvaged"
 # A commit's events are framed into batch rows of about this many bytes of bodies: a read of a
 # few events of a large commit loads one of them, not all of it.
 BATCH_BYTES = 1 << 20
-# Events of the layout before batches moved into one batch row at a time.
+# Events of the layout before batches moved into one batch row (and one transaction) at a time.
 MIGRATE_CHUNK = 1000
 RETIRE_CHUNK = 1000
 FREE_PAGES_BEFORE_SHRINK = 4096
@@ -324,8 +325,7 @@ class SqliteJournal:
         self.path.touch(mode=0o600, exist_ok=True)
         self._db = self._connect(self.path)
         db = self._db
-        with transaction(db):
-            _move_into_batches(db)
+        _move_into_batches(db, commit_each=True)
         self._page_size = db.execute("PRAGMA page_size").fetchone()[0]
         self._next_seq = (db.execute("SELECT MAX(last_seq) FROM batches").fetchone()[0] or 0) + 1
         for target_id, target in self._targets.items():
@@ -382,7 +382,7 @@ class SqliteJournal:
             with transaction(fresh):
                 books = _copy_salvaged(aside, fresh)
                 recovered, lost = self._settle_salvaged(fresh, books)
-                _move_into_batches(fresh)
+                _move_into_batches(fresh, commit_each=False)
         finally:
             fresh.close()
         log.error(
@@ -1107,54 +1107,65 @@ def _record_or_none(
     return record_at(blob, at)[1:]
 
 
-def _move_into_batches(db: sqlite3.Connection) -> None:
+def _move_into_batches(db: sqlite3.Connection, *, commit_each: bool) -> None:
     """Move what the layout before batches holds (a journal written by an older version, or
-    the rows salvage recovered) into batches of MIGRATE_CHUNK events and their owed runs,
-    inside the caller's transaction: each record keeps its CRC as stored, so a record that
-    failed its checksum still fails it, and a delivery whose event is gone is still owed (and
-    quarantined when read), as before."""
-    top = db.execute(
-        "SELECT MAX(seq) FROM (SELECT MAX(seq) AS seq FROM events "
-        "UNION ALL SELECT MAX(seq) FROM deliveries)"
-    ).fetchone()[0]
-    if top is None:
-        return
-    targets = [target for (target,) in db.execute("SELECT DISTINCT target FROM deliveries")]
-    after = 0
-    while after < top:
-        rows = db.execute(
-            "SELECT seq, event_id, received_at, body, crc FROM events WHERE seq > ? "
-            "ORDER BY seq LIMIT ?",
-            (after, MIGRATE_CHUNK),
-        ).fetchall()
-        first, last = after + 1, rows[-1][0] if len(rows) == MIGRATE_CHUNK else top
+    the rows salvage recovered) into batches of MIGRATE_CHUNK events and their owed runs. Each
+    chunk leaves the old tables as it enters the new ones, in one transaction of its own when
+    `commit_each` (a kill during a large move loses nothing; the next open moves the rest).
+    A record keeps its CRC as stored, so one that failed its checksum still fails it, and a
+    delivery whose event is gone is still owed (and quarantined when read), as before."""
+    moved = 0
+    while True:
+        with transaction(db) if commit_each else contextlib.nullcontext(db):
+            chunk = _move_chunk(db)
+        if chunk is None:
+            break
+        moved += chunk
+    if moved:
+        log.info("journal: %s moved into batches", counted(moved, "event", "events"))
+
+
+def _move_chunk(db: sqlite3.Connection) -> int | None:
+    """Move the first MIGRATE_CHUNK events of the old tables (and the deliveries up to the
+    last of them) into one batch; returns how many events it moved (None: nothing was left)."""
+    first, top = db.execute(
+        "SELECT MIN(lo), MAX(hi) FROM (SELECT MIN(seq) AS lo, MAX(seq) AS hi FROM events "
+        "UNION ALL SELECT MIN(seq), MAX(seq) FROM deliveries)"
+    ).fetchone()
+    if first is None:
+        return None
+    rows = db.execute(
+        "SELECT seq, event_id, received_at, body, crc FROM events WHERE seq >= ? "
+        "ORDER BY seq LIMIT ?",
+        (first, MIGRATE_CHUNK),
+    ).fetchall()
+    last = rows[-1][0] if len(rows) == MIGRATE_CHUNK else top
+    runs: list[list[Any]] = []
+    for (target_id,) in db.execute("SELECT DISTINCT target FROM deliveries").fetchall():
+        run: list[Any] | None = None
+        for seq, route in db.execute(
+            "SELECT seq, route FROM deliveries WHERE target = ? AND seq BETWEEN ? AND ? "
+            "ORDER BY seq",
+            (target_id, first, last),
+        ):
+            if run is not None and run[1] == seq - 1 and run[4] == route:
+                run[1] = seq
+            else:
+                run = [target_id, seq, seq, first, route]
+                runs.append(run)
+        db.execute(
+            "DELETE FROM deliveries WHERE target = ? AND seq BETWEEN ? AND ?",
+            (target_id, first, last),
+        )
+    if runs:  # events no target is owed any more (there should be none) are dropped
         records = [
             (seq, event_id, at, body if isinstance(body, bytes) else str(body).encode(), crc)
             for seq, event_id, at, body, crc in rows
         ]
         db.execute("INSERT INTO batches VALUES (?, ?, ?)", (first, last, frame(records)))
-        runs: list[list[Any]] = []
-        for target_id in targets:
-            run: list[Any] | None = None
-            for seq, route in db.execute(
-                "SELECT seq, route FROM deliveries WHERE target = ? AND seq BETWEEN ? AND ? "
-                "ORDER BY seq",
-                (target_id, first, last),
-            ):
-                if run is not None and run[1] == seq - 1 and run[4] == route:
-                    run[1] = seq
-                else:
-                    run = [target_id, seq, seq, first, route]
-                    runs.append(run)
         db.executemany("INSERT INTO owed VALUES (?, ?, ?, ?, ?)", runs)
-        after = last
-    db.execute("DELETE FROM deliveries")
-    db.execute("DELETE FROM events")
-    # Events no target was owed any more (there should be none): nothing would ever free them.
-    db.execute(
-        "DELETE FROM batches WHERE NOT EXISTS (SELECT 1 FROM owed WHERE batch = batches.first_seq)"
-    )
-    log.info("journal: rows of the layout before batches (up to seq %d) moved into batches", top)
+    db.execute("DELETE FROM events WHERE seq BETWEEN ? AND ?", (first, last))
+    return len(rows)
 
 
 def _copy_salvaged(aside: Path, fresh: sqlite3.Connection) -> dict[str, tuple[int, ...]]:

@@ -9,6 +9,7 @@ import resource
 import shutil
 import sqlite3
 import sys
+import zlib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -812,3 +813,58 @@ async def test_a_commit_framed_into_several_batches_reads_sheds_and_frees_them_a
     assert [i for i, _ in taken["b"]] == [i for i in to_b if i not in dropped]
     assert dropped == to_b[5:11]
     assert rows("batches") == 0 and rows("owed") == 0
+
+
+async def test_a_move_into_batches_cut_short_goes_on_at_the_next_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large journal of the layout before batches moves a chunk per transaction: a crash
+    after the first chunk loses nothing, and the next open moves the rest."""
+    storage = tmp_path / "var"
+    storage.mkdir()
+    shutil.copy(Path(__file__).with_name("journal_v1.db"), storage / "journal.db")
+    with sqlite3.connect(storage / "journal.db") as db:  # 2,500 more events, owed to siem
+        for seq in range(31, 2531):
+            body = b'{"id": "e%d"}' % (seq - 1)
+            db.execute(
+                "INSERT INTO events VALUES (?, ?, ?, ?, ?)",
+                (seq, f"e{seq - 1}", 1.0, body, zlib.crc32(body)),
+            )
+            db.execute("INSERT INTO deliveries VALUES ('siem', ?, 'all')", (seq,))
+        db.execute("UPDATE books SET received = received + 2500 WHERE target = 'siem'")
+    config = StorageConfig(path=str(storage), fsync="never")
+    move_chunk = sqlite_journal._move_chunk
+    moves = 0
+
+    def crash_after_one(db: sqlite3.Connection) -> int | None:
+        nonlocal moves
+        moves += 1
+        if moves == 2:
+            raise KeyboardInterrupt("killed")
+        return move_chunk(db)
+
+    monkeypatch.setattr(sqlite_journal, "_move_chunk", crash_after_one)
+    crashed = SqliteJournal(config, ["siem", "archive"])
+    with pytest.raises(KeyboardInterrupt):
+        await crashed.open()
+    assert crashed._db is not None
+    crashed._db.close()  # what the kill would have done
+    crashed._executor.shutdown()
+    crashed._unlock()
+    monkeypatch.setattr(sqlite_journal, "_move_chunk", move_chunk)
+    with sqlite3.connect(storage / "journal.db") as db:
+        assert db.execute("SELECT COUNT(*) FROM batches").fetchone()[0] == 1
+        assert db.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 2530 - 1000
+
+    journal = SqliteJournal(config, ["siem", "archive"])
+    await journal.open()
+    try:
+        assert journal.books("siem").received == 26 + 2500
+        batch = await journal.next_batch(
+            "siem", max_events=3000, max_bytes=1 << 30, max_wait_s=0, stopping=asyncio.Event()
+        )
+        ids = [e.event.id for e in batch]
+        assert ids[-2500:] == [f"e{i}" for i in range(30, 2530)]
+        assert len(ids) == journal.books("siem").pending == 2526
+    finally:
+        await journal.close()

@@ -722,11 +722,15 @@ async def test_a_journal_of_one_row_per_event_opens_and_delivers_what_it_owed(
 
 
 async def test_a_batch_torn_by_a_truncation_gives_back_the_events_before_the_cut(
-    start_daemon: StartDaemon, receiver_factory: ReceiverFactory, tmp_path: Path
+    start_daemon: StartDaemon,
+    receiver_factory: ReceiverFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """One commit of 100 events is one batch row whose frame runs through a chain of
+    """One commit of 100 events framed as one batch row, whose frame runs through a chain of
     overflow pages. Cut the file in the middle of it: the events wholly before the cut are
     delivered, in order, and the rest are counted lost, none quarantined."""
+    monkeypatch.setattr(sqlite_journal, "BATCH_BYTES", 1 << 20)
     siem = await receiver_factory([503])
     config = {
         "targets": [patient(http_target("siem", siem.url))],

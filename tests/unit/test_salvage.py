@@ -12,6 +12,7 @@ import pytest
 
 from router.config import StorageConfig
 from router.events import Event
+from router.journal import sqlite as sqlite_journal
 from router.journal.salvage import (
     RECORD,
     BooksRow,
@@ -151,10 +152,14 @@ def test_a_batch_gives_each_record_and_the_runs_owed(tmp_path: Path) -> None:
     ]
 
 
-def test_a_torn_batch_gives_every_record_before_the_cut(tmp_path: Path) -> None:
-    """One commit of 100 events of 3 KB: its blob runs through a chain of overflow pages.
-    Cut the file in the middle of that chain: the records wholly before the cut come back,
-    whole and in order; the one cut and all after it do not (the journal counts them lost)."""
+def test_a_torn_batch_gives_every_record_before_the_cut(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One commit of 100 events of 3 KB framed as one batch: its blob runs through a chain of
+    overflow pages. Cut the file in the middle of that chain: the records wholly before the
+    cut come back, whole and in order; the one cut and all after it do not (the journal
+    counts them lost)."""
+    monkeypatch.setattr(sqlite_journal, "BATCH_BYTES", 1 << 20)
     path = tmp_path / "journal.db"
     batched(path, [[{"a": "all"}] * 100], {})
     data = path.read_bytes()

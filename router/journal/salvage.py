@@ -15,7 +15,7 @@ page, follows overflow chains as far as they survive, and returns the journal's 
     events      table leaf, (NULL = seq as rowid, TEXT, REAL, BLOB, INTEGER): the layout before
                 batches, one row per event
     deliveries  index page (WITHOUT ROWID), (TEXT, INTEGER, TEXT): the layout before owed runs
-    books       table leaf, (TEXT, INTEGER, INTEGER, INTEGER[, INTEGER])
+    books       table leaf, (TEXT, INTEGER, INTEGER, INTEGER[, INTEGER[, INTEGER]])
 
 Every event found comes back as an EventRow, whether from a batch's frame or an events row;
 one whose CRC does not match its body is returned as not intact (the journal dead-letters it).
@@ -77,10 +77,12 @@ class DeliveryRow:
 
 @dataclass(frozen=True, slots=True)
 class BooksRow:
-    """One target's counters: received, delivered, dead_lettered and, when present, lost."""
+    """One target's counters: received, delivered, dead_lettered and, when present, lost;
+    and the seq up to which it settled everything (0 when the row predates that column)."""
 
     target: str
     counts: tuple[int, ...]
+    settled: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,7 +221,8 @@ def _classify(kind: int, rowid: int | None, values: list[Value], whole: bool) ->
             case [str(target), int(), int(), int(), *rest] if whole and all(
                 type(v) is int for v in rest
             ):
-                yield BooksRow(target, tuple(v for v in values[1:] if isinstance(v, int)))
+                counts = tuple(v for v in values[1:] if isinstance(v, int))
+                yield BooksRow(target, counts[:4], counts[4] if len(counts) > 4 else 0)
     elif kind in (INDEX_LEAF, INDEX_INTERIOR) and whole:
         match values:
             case [str(target), int(seq), str(route)]:

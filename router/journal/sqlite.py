@@ -98,7 +98,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
 CREATE TABLE IF NOT EXISTS books (
     target TEXT PRIMARY KEY, received INTEGER NOT NULL DEFAULT 0,
     delivered INTEGER NOT NULL DEFAULT 0, dead_lettered INTEGER NOT NULL DEFAULT 0,
-    lost INTEGER NOT NULL DEFAULT 0);
+    lost INTEGER NOT NULL DEFAULT 0, settled INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS chains (
     target TEXT PRIMARY KEY, seq INTEGER NOT NULL, hash BLOB NOT NULL,
     checkpoint BLOB, checkpoint_at REAL);
@@ -107,8 +107,11 @@ CREATE TABLE IF NOT EXISTS planned (
     base_seq INTEGER NOT NULL, base_hash BLOB NOT NULL, head_seq INTEGER NOT NULL,
     head_prev BLOB NOT NULL, head_hash BLOB NOT NULL, body BLOB NOT NULL, md5 TEXT NOT NULL);
 """
-# A journal made before books had its `lost` column gets it on open.
-ADD_LOST = "ALTER TABLE books ADD COLUMN lost INTEGER NOT NULL DEFAULT 0"
+# A journal made before books had its `lost` (then `settled`) column gets it on open, in order.
+ADD_COLUMNS = {
+    "lost": "ALTER TABLE books ADD COLUMN lost INTEGER NOT NULL DEFAULT 0",
+    "settled": "ALTER TABLE books ADD COLUMN settled INTEGER NOT NULL DEFAULT 0",
+}
 # The route of a delivery that salvage restored from a surviving event alone.
 SALVAGED_ROUTE = "salvaged"
 # A commit's events are framed into batch rows of about this many bytes of bodies: a read of a
@@ -316,8 +319,10 @@ class SqliteJournal:
         db.execute("PRAGMA secure_delete=FAST")
         db.execute(f"PRAGMA synchronous={SYNCHRONOUS[self.config.fsync]}")
         db.executescript(SCHEMA)
-        if "lost" not in {row[1] for row in db.execute("PRAGMA table_info(books)")}:
-            db.execute(ADD_LOST)
+        columns = {row[1] for row in db.execute("PRAGMA table_info(books)")}
+        for column, add in ADD_COLUMNS.items():
+            if column not in columns:
+                db.execute(add)
         return db
 
     def _open_sync(self) -> None:
@@ -382,8 +387,8 @@ class SqliteJournal:
         fresh = self._connect(self.path)
         try:
             with transaction(fresh):
-                books = _copy_salvaged(aside, fresh)
-                recovered, lost = self._settle_salvaged(fresh, books)
+                books, settled = _copy_salvaged(aside, fresh)
+                recovered, lost = self._settle_salvaged(fresh, books, settled)
                 _move_into_batches(fresh, commit_each=False)
         finally:
             fresh.close()
@@ -396,12 +401,19 @@ class SqliteJournal:
         )
 
     def _settle_salvaged(
-        self, fresh: sqlite3.Connection, books: dict[str, tuple[int, ...]]
+        self,
+        fresh: sqlite3.Connection,
+        books: dict[str, tuple[int, ...]],
+        settled: Mapping[str, int],
     ) -> tuple[int, int]:
         """Make the salvaged rows a journal again: drop deliveries whose event is gone, give
         each surviving event whose delivery rows are gone to the targets the books say are
         owed events (at least once: better sent twice than lost), and write books that still
-        balance, with what is missing as lost. Returns (deliveries recovered, deliveries lost)."""
+        balance, with what is missing as lost. Returns (deliveries recovered, deliveries lost).
+
+        A batch row keeps events a target has settled until every target has passed them, so
+        an heir is only given events past its `settled` seq (every seq up to it was delivered
+        or dead-lettered): what it had settled is not sent again."""
         gone = dict(
             fresh.execute(
                 "SELECT target, COUNT(*) FROM deliveries WHERE seq NOT IN (SELECT seq FROM events) "
@@ -431,7 +443,7 @@ class SqliteJournal:
         ]
         fresh.executemany(
             "INSERT INTO deliveries VALUES (?, ?, ?)",
-            [(t, seq, SALVAGED_ROUTE) for t in heirs for seq in unowned],
+            [(t, seq, SALVAGED_ROUTE) for t in heirs for seq in unowned if seq > settled.get(t, 0)],
         )
         fresh.execute("DELETE FROM events WHERE seq NOT IN (SELECT seq FROM deliveries)")
         pending = dict(fresh.execute("SELECT target, COUNT(*) FROM deliveries GROUP BY target"))
@@ -448,9 +460,9 @@ class SqliteJournal:
             lost_now += missing
             received = delivered + dead + pending.get(target_id, 0) + lost
             fresh.execute(
-                "INSERT INTO books(target, received, delivered, dead_lettered, lost) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (target_id, received, delivered, dead, lost),
+                "INSERT INTO books(target, received, delivered, dead_lettered, lost, settled) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (target_id, received, delivered, dead, lost, settled.get(target_id, 0)),
             )
         return sum(pending.values()), lost_now
 
@@ -805,9 +817,9 @@ class SqliteJournal:
             ).rowcount
             if touched or trimmed > 0:  # none: an earlier attempt committed, then failed after
                 db.execute(
-                    "UPDATE books SET delivered = delivered + ?, dead_lettered = dead_lettered + ? "
-                    "WHERE target = ?",
-                    (delivered, dead_lettered, target_id),
+                    "UPDATE books SET delivered = delivered + ?, "
+                    "dead_lettered = dead_lettered + ?, settled = MAX(settled, ?) WHERE target = ?",
+                    (delivered, dead_lettered, last, target_id),
                 )
             self._drop_unowned(db, {batch for (batch,) in touched})
         self._give_back_space(self._update_size())
@@ -1170,11 +1182,15 @@ def _move_chunk(db: sqlite3.Connection) -> int | None:
     return len(rows)
 
 
-def _copy_salvaged(aside: Path, fresh: sqlite3.Connection) -> dict[str, tuple[int, ...]]:
+def _copy_salvaged(
+    aside: Path, fresh: sqlite3.Connection
+) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
     """Copy every row the damaged file's pages (and its log) still hold into `fresh`, in the
     layout of one row per event and per delivery (moved into batches once settled); an intact
-    copy of an event wins over one that fails its checksum. Returns the books rows."""
+    copy of an event wins over one that fails its checksum. Returns the books rows' counts and
+    each target's settled seq."""
     books: dict[str, tuple[int, ...]] = {}
+    settled: dict[str, int] = {}
     wal_path = aside.with_name(aside.name + "-wal")
     wal = wal_path.read_bytes() if wal_path.exists() else b""
     with open(aside, "rb") as f:
@@ -1200,10 +1216,11 @@ def _copy_salvaged(aside: Path, fresh: sqlite3.Connection) -> dict[str, tuple[in
                     )
                 elif isinstance(row, BooksRow):
                     books[row.target] = row.counts
+                    settled[row.target] = row.settled
         finally:
             if isinstance(data, mmap.mmap):
                 data.close()
-    return books
+    return books, settled
 
 
 def _fit(entries: list[Entry], max_bytes: int) -> list[Entry]:

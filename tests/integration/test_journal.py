@@ -507,6 +507,42 @@ async def test_a_journal_whose_books_page_is_gone_still_delivers_every_surviving
     assert_books_balance(second)
 
 
+async def test_a_salvage_gives_a_target_only_the_events_past_what_it_had_settled(
+    start_daemon: StartDaemon, receiver_factory: ReceiverFactory, tmp_path: Path
+) -> None:
+    """A commit's events stay in their batch row until every target has passed them, so a
+    salvage that lost the rows saying what a target is owed must not hand that target the
+    events it had already settled again (before: each of them was sent twice)."""
+    fast = await receiver_factory([200])
+    slow = await receiver_factory([503])
+    config = {
+        "targets": [patient(http_target("fast", fast.url)), patient(http_target("slow", slow.url))],
+        "routes": everything_to("fast", "slow"),
+        "shutdown": {"drain_timeout_s": 0.2},
+    }
+    first = await start_daemon(config)
+    await post(first, [make_event(id=f"a{i}") for i in range(100)])
+    await wait_for(lambda: first.status()["targets"]["fast"]["pending"] == 0)
+    fast.statuses = [503]
+    await post(first, [make_event(id=f"b{i}") for i in range(100)])
+    await first.stop()
+    overwrite_root_page(tmp_path / "var" / "journal.db", "owed")
+
+    fast.statuses = [200]
+    slow.statuses = [200]
+    before = len(fast.delivered_events)
+    second = await start_daemon(config)
+    await wait_for(lambda: settled(second), what="the salvaged events to be delivered")
+    again = [e["id"] for e in fast.delivered_events[before:]]
+    assert sorted(again) == sorted(f"b{i}" for i in range(100)), "fast gets only what it owed"
+    assert sorted(e["id"] for e in slow.delivered_events) == sorted(
+        [f"a{i}" for i in range(100)] + [f"b{i}" for i in range(100)]
+    )
+    row = second.status()["targets"]["fast"]
+    assert (row["received"], row["delivered"], row["lost"]) == (200, 200, 0)
+    assert_books_balance(second)
+
+
 async def readyz(daemon: Daemon) -> int:
     async with (
         aiohttp.ClientSession() as session,

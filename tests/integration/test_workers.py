@@ -612,3 +612,76 @@ async def test_an_in_process_daemon_with_workers_speaks_tls_through_them(
             headers={"Origin": f"http://127.0.0.1:{daemon.port}"},
         ) as resp:
             assert resp.status == 403 and (await resp.json())["error"]["code"] == "cross_origin"
+
+
+async def test_a_daemon_with_workers_routes_by_a_rules_filter_and_runs_a_views_alert(
+    tmp_path: Path,
+) -> None:
+    """The config travels to each worker by pickle: a rule's filter, a view and an alert's
+    query (compiled predicates) reach the workers, which route by the filter."""
+    port = free_port()
+    config = workers_config(tmp_path, port)
+    data = yaml.safe_load(config.read_text())
+    data["targets"].append(
+        {
+            "id": "denied",
+            "target_type": "file",
+            "file_endpoint": {"path": str(tmp_path / "var" / "denied.ndjson")},
+        }
+    )
+    data["routes"] = [
+        {
+            "name": "denied",
+            "rules": [
+                {
+                    "locations": ["*"],
+                    "filter": "reason.reasonType:Unauthorized",
+                    "target_ids": ["denied"],
+                },
+                {"locations": ["*"], "target_ids": ["archive"]},
+            ],
+        }
+    ]
+    data["views"] = [{"name": "refusals", "query": "reason.reasonType:Unauthorized"}]
+    data["alerts"] = [
+        {
+            "name": "refused",
+            "view": "refusals",
+            "threshold": {"count": 1000},
+            "target_ids": ["denied"],
+        },
+        {
+            "name": "quiet",
+            "query": "severity:critical",
+            "absence": {"window_s": 3600},
+            "target_ids": ["archive"],
+        },
+    ]
+    config.write_text(yaml.safe_dump(data))
+    proc = await serve(config, port)
+    try:
+        assert len(children(proc.pid)) == WORKERS
+        denied = [f"denied-{n}" for n in range(10)]
+        allowed = [f"allowed-{n}" for n in range(10)]
+        for event_id in [x for pair in zip(denied, allowed, strict=True) for x in pair]:
+            reason = "Unauthorized" if event_id in denied else "Created"
+            event = make_event(id=event_id, reason={"reasonCode": 401, "reasonType": reason})
+            async with (  # one connection each: the kernel spreads them over the workers
+                aiohttp.ClientSession() as fresh,
+                fresh.post(
+                    f"http://127.0.0.1:{port}/v1/events",
+                    data=orjson.dumps(event),
+                    headers=headers(),
+                ) as resp,
+            ):
+                assert resp.status == 202, await resp.text()
+        await wait_for(lambda: drained(port), timeout_s=START_TIMEOUT_S, what="delivery")
+        status = await status_of(port)
+        assert_books_balance(status)
+        assert await terminate(proc) == 0
+    finally:
+        await reap(proc)
+    got_denied = {e["id"] for e in read_ndjson(tmp_path / "var" / "denied.ndjson")}
+    got_archive = {e["id"] for e in read_ndjson(tmp_path / "var" / "archive.ndjson")}
+    assert got_denied == set(denied)
+    assert set(allowed) <= got_archive and not got_archive & set(denied)

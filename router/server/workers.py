@@ -64,6 +64,9 @@ STATS_TIMEOUT_S: Final = 5.0
 STOP_MARGIN_S: Final = 5.0
 # Paths whose answers show the ingest counters: the workers' are fetched first.
 COUNTED_PATHS: Final = frozenset({"/v1/status", "/metrics"})
+# The owner's socket directory: `event-router-<owner pid>-<random>` under the temporary
+# directory; one whose owner is gone (kill -9 removes nothing) is removed at the next start.
+SOCKET_DIR_PREFIX: Final = "event-router-"
 
 
 def merged(*parts: IngestStats) -> IngestStats:
@@ -159,7 +162,8 @@ class WorkerPool:
             # A directory only this user can enter: whoever reaches the socket is trusted with
             # the caller headers. Short, under the system's temporary directory: a unix
             # socket's path has a limit of 107 bytes.
-            self._dir = tempfile.mkdtemp(prefix="event-router-")
+            remove_orphaned_socket_dirs()
+            self._dir = tempfile.mkdtemp(prefix=f"{SOCKET_DIR_PREFIX}{os.getpid()}-")
         return os.path.join(self._dir, "owner.sock")
 
     async def start(self, host: str, port: int) -> int:
@@ -337,6 +341,35 @@ class WorkerPool:
         if request.path in COUNTED_PATHS:
             await self.refresh()
         return await handler(request)
+
+
+def remove_orphaned_socket_dirs(base: str | None = None) -> None:
+    """Remove the socket directories of owners that are gone: this user's own, named after a
+    process id that no longer runs (one whose id runs again is left: it is harmless)."""
+    base = base or tempfile.gettempdir()
+    with contextlib.suppress(OSError), os.scandir(base) as entries:
+        for entry in entries:
+            owner, _, rest = entry.name.removeprefix(SOCKET_DIR_PREFIX).partition("-")
+            if not (entry.name.startswith(SOCKET_DIR_PREFIX) and owner.isdigit() and rest):
+                continue
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if not entry.is_dir(follow_symlinks=False) or info.st_uid != os.getuid():
+                continue
+            if not _running(int(owner)):
+                shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def _log_options() -> list[str]:

@@ -10,6 +10,7 @@ one process gives.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import hashlib
 import hmac
@@ -872,4 +873,40 @@ async def test_a_killed_workers_counters_stay_in_status_and_metrics(tmp_path: Pa
     finally:
         poller.cancel()
         await asyncio.gather(poller, return_exceptions=True)
+        await reap(proc)
+
+
+def owner_socket(pid: int) -> Path:
+    """The unix socket the owner listens on for its workers (its listening socket's path)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    with open("/proc/net/unix", encoding="utf-8") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if len(fields) == 8 and fields[6] in inodes and fields[7].endswith("/owner.sock"):
+                return Path(fields[7])
+    raise AssertionError(f"process {pid} listens on no owner.sock")
+
+
+async def test_a_killed_owners_socket_directory_is_removed_at_the_next_start(
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    config = workers_config(tmp_path, port)
+    proc = await serve(config, port)
+    try:
+        left = owner_socket(proc.pid).parent
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+        assert left.exists(), "kill -9 leaves it (nothing runs at a kill)"
+        proc = await serve(config, port)
+        assert not left.exists(), "the next start did not remove the dead owner's directory"
+        mine = owner_socket(proc.pid).parent
+        assert await terminate(proc) == 0
+        assert not mine.exists(), "a clean stop removes its own"
+    finally:
         await reap(proc)

@@ -285,9 +285,8 @@ class IamTokenProvider:
     """aiokafka's OAUTHBEARER callback: an IAM access token (router.iam, cached and refreshed
     before it expires) for every connection aiokafka opens. aiokafka copes only with Kafka's
     own errors while it connects, so an IAM failure is kept in `error`, for the target to
-    report as what it is, and raised to aiokafka as a connection error it retries. An
-    aiokafka AbstractTokenProvider once aiokafka is imported (router/targets/_aiokafka.py
-    registers it)."""
+    report as what it is, and raised to aiokafka as a connection error it retries. aiokafka's
+    AbstractTokenProvider by registration (EventStreamsTarget, which imports aiokafka)."""
 
     def __init__(self, target_id: str, source: IamTokenSource, timeout_s: float) -> None:
         self.target_id = target_id

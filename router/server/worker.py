@@ -237,11 +237,12 @@ class Worker:
             validator, redactor = validator_for(config), redactor_for(config)
             guard = Guard.build(config.auth, _never, config.server)
             guard.refusals = refusals = OwnerRefusals(config, self.channel)
+            self.journal = journal = HandoffJournal(self.channel)
             self.acceptor = acceptor = Acceptor(
                 server=config.server,
                 validator=validator,
                 routes=RouteTable(config.routes, config.settings.default_targets),
-                journal=(journal := HandoffJournal(self.channel)),
+                journal=journal,
                 stats=self.stats,
                 storage=config.storage,
                 dead_letters=DeadLetters(config.storage.dead_letter_dir()),
@@ -249,7 +250,6 @@ class Worker:
                 redactor=redactor,
                 receipts=_receipts(config),
             )
-            self.journal = journal
             ingest = Ingest(
                 server=share(config.server, setup.count), stats=self.stats, acceptor=acceptor
             )

@@ -163,6 +163,7 @@ class Daemon:
         self.tail = TailHub(
             max_clients=config.server.max_tail_clients,
             write_timeout_s=config.server.tail_write_timeout_s,
+            queue_bytes=config.server.tail_queue_bytes,
             view=self._view_query,
         )
         # Alerts on accepted events, their state beside the journal; their events go to
@@ -672,6 +673,7 @@ class Daemon:
                 "dropped_buffer_full": ingest.dropped_buffer_full,
             },
             "auth": self.guard.stats(),
+            "tail": self.tail.status(),
             **({"workers": self.worker_pool.status()} if self.worker_pool is not None else {}),
             "journal": {
                 "path": str(self.journal.path),

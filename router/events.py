@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -22,6 +23,14 @@ def crn_parts(crn: str) -> list[str]:
     """Split a CRN into its ten segments; the resource (last) keeps any further colons."""
     parts = crn.split(":", 9)
     return parts + [""] * (10 - len(parts))
+
+
+@lru_cache(maxsize=4096)
+def crn_facts(crn: str) -> tuple[str, str]:
+    """(location, service) of a CRN, for routing; remembered, since a producer's events repeat
+    their logSourceCRN (the split cost a third of routing an event)."""
+    parts = crn_parts(crn)
+    return parts[5] or GLOBAL, parts[4]
 
 
 def crn_location(crn: str) -> str:
@@ -165,10 +174,12 @@ class Event:
             self._body = orjson.loads(self._encoded)
         return self._body
 
-    def _routing_facts(self) -> tuple[str, str, str]:
+    @property
+    def facts(self) -> tuple[str, str, str]:
+        """(location, service, action): what routing decides on, derived once."""
         if self._facts is None:
-            parts = crn_parts(self.body["logSourceCRN"])
-            self._facts = (parts[5] or GLOBAL, parts[4], self.body["action"])
+            body = self.body
+            self._facts = (*crn_facts(body["logSourceCRN"]), body["action"])
         return self._facts
 
     @property
@@ -180,15 +191,15 @@ class Event:
 
     @property
     def location(self) -> str:
-        return self._routing_facts()[0]
+        return self.facts[0]
 
     @property
     def service(self) -> str:
-        return self._routing_facts()[1]
+        return self.facts[1]
 
     @property
     def action(self) -> str:
-        return self._routing_facts()[2]
+        return self.facts[2]
 
     def encoded(self) -> bytes:
         """The body as compact JSON, computed once and shared by every target."""

@@ -92,7 +92,7 @@ class RouteTable:
 
     def match(self, event: Event) -> Decision:
         """Where `event` goes."""
-        plan = self._plan(event.location, event.service, event.action)
+        plan = self._plan(*event.facts)
         if isinstance(plan, Decision):
             return plan
         return self._decide(plan, Fields(event.body))

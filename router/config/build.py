@@ -3,6 +3,7 @@ filters parsed, each target's endpoint built by its type; problems collected, no
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
 import os
@@ -45,6 +46,7 @@ from router.errors import QueryError
 from router.iam import PROFILE_SELECTORS, CrTokenError, TrustedProfileConfig, read_cr_token
 from router.query import Query, parse
 from router.targets import TARGET_TYPES, TargetType
+from router.targets._net import AddressBound
 from router.targets.event_streams import EventStreamsEndpointConfig
 from router.targets.http import HttpAuthConfig, SigningConfig
 
@@ -267,6 +269,7 @@ def build_config(data: Mapping[str, Any], problems: list[str]) -> Config:
                     },
                 ),
                 retry=_section(RetryConfig, {**delivery.get("retry", {}), **raw.get("retry", {})}),
+                bound=_bound(raw, data.get("auth") or {}),
             )
         )
     routes = tuple(
@@ -403,6 +406,19 @@ def _auth(data: Mapping[str, Any] | None, problems: list[str]) -> AuthConfig:
         refusal_events=_section(RefusalEventsConfig, data.get("refusal_events")),
         api_target_networks=networks,
     )
+
+
+def _bound(raw: Mapping[str, Any], auth: Mapping[str, Any]) -> AddressBound | None:
+    """Where a target the management API set hosts on may connect (None: the YAML's own).
+    A network that does not parse is reported by _auth; it bounds nothing here."""
+    hosts = raw.get("api_hosts") or ()
+    if not hosts:
+        return None
+    networks = []
+    for network in auth.get("api_target_networks") or ():
+        with contextlib.suppress(ValueError):
+            networks.append(str(ipaddress.ip_network(network, strict=False)))
+    return AddressBound.build(hosts, networks)
 
 
 def _server(data: Mapping[str, Any], problems: list[str]) -> ServerConfig:

@@ -18,21 +18,13 @@ from router.config.model import (
     Config,
     TargetConfig,
 )
+from router.targets._net import IpAddress, api_refusal
 from router.targets.cloud_logs import CloudLogsEndpointConfig
 from router.targets.cos import CosEndpointConfig, endpoint_url
 from router.targets.event_streams import EventStreamsEndpointConfig, sasl_mechanism
 from router.targets.file import FileEndpointConfig
 from router.targets.http import HttpEndpointConfig
 from router.targets.syslog import SyslogEndpointConfig
-
-IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-# Addresses of cloud metadata services outside the link-local ranges (AWS's IPv6 one,
-# Alibaba's): they answer an instance's credentials to whoever asks from the host.
-METADATA_ADDRESSES: frozenset[IpAddress] = frozenset(
-    ipaddress.ip_address(a) for a in ("fd00:ec2::254", "100.100.100.200")
-)
-# IPv4 addresses written inside IPv6 ones that reach them: NAT64's well-known prefix.
-NAT64_PREFIX = ipaddress.IPv6Network("64:ff9b::/96")
 
 
 def cross_check(config: Config) -> list[str]:
@@ -241,66 +233,54 @@ def target_address_problems(i: int, target: TargetConfig) -> list[str]:
     ]
 
 
-def kept_by_the_host(address: IpAddress) -> bool:
-    """An address no target set through the API may reach: link-local (169.254.0.0/16, where
-    clouds answer instance metadata and credentials; fe80::/10), a metadata service's,
-    unspecified, multicast or IPv4's reserved 240.0.0.0/4; also when written inside an IPv6
-    address. (IPv6's "reserved" ::/8 holds loopback, which targets on this host use.)"""
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        elif address in NAT64_PREFIX:
-            address = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
-    return (
-        address.is_link_local
-        or address.is_unspecified
-        or address.is_multicast
-        or (isinstance(address, ipaddress.IPv4Address) and address.is_reserved)  # 240/4
-        or address in METADATA_ADDRESSES
-    )
-
-
 def target_network_problems(
     i: int, target: TargetConfig, before: TargetConfig | None, networks: tuple[str, ...] = ()
 ) -> list[str]:
-    """The management API's bound on where a target may connect, as its names resolve now:
-    inside `networks` (auth.api_target_networks) when the operator lists some, and never an
-    address a host keeps for itself (`kept_by_the_host`). A host the running target already
-    had is the operator's choice and stays (the YAML is not bounded by this)."""
-    had = {urlsplit(url).hostname for _, url in destinations(before)} if before else set()
+    """The management API's bound on where a target may connect, as its names resolve now
+    (`api_refusal`: never an address a host keeps for itself; inside `networks`,
+    auth.api_target_networks, when the operator lists some; else anywhere but loopback). A
+    host of the running target that the API did not set is the operator's choice and stays
+    (the YAML is not bounded by this). The same rule is applied again when the target
+    connects (targets/_net.AddressBound), as a name may resolve elsewhere by then."""
     allowed = [ipaddress.ip_network(network, strict=False) for network in networks]
     problems = []
     for key, url in destinations(target):
         if address_problem(url) is not None:
             continue  # said by target_address_problems
         host = urlsplit(url).hostname
-        if host is None or host in had:
+        if host is None or host in operators_hosts(before):
             continue
         addresses = _addresses(host)
-        kept = sorted(str(a) for a in addresses if kept_by_the_host(a))
-        outside = sorted(
-            str(a) for a in addresses if not any(_within(a, network) for network in allowed)
-        )
-        if kept:
+        refusals = [why for a in sorted(addresses, key=str) if (why := api_refusal(a, allowed))]
+        if refusals:
+            problems.append(f"targets[{i}].{key}: {host!r}: {refusals[0]}")
+        elif allowed and not addresses:
             problems.append(
-                f"targets[{i}].{key}: {host!r} is {', '.join(kept)}, a link-local, "
-                "metadata-service, multicast or unspecified address; the management API does "
-                "not point targets there (only the operator's config file may)"
-            )
-        elif allowed and (outside or not addresses):
-            where = ", ".join(outside) if addresses else "no address (it does not resolve)"
-            problems.append(
-                f"targets[{i}].{key}: {host!r} is {where}, outside auth.api_target_networks "
-                f"({', '.join(networks)}), where the operator lets the management API point "
-                "targets"
+                f"targets[{i}].{key}: {host!r} does not resolve, so it is not inside "
+                f"auth.api_target_networks ({', '.join(networks)}), where the operator lets the "
+                "management API point targets"
             )
     return problems
 
 
-def _within(address: IpAddress, network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address.version == network.version and address in network
+def target_hosts(target: TargetConfig) -> set[str]:
+    """The names and addresses a target connects to."""
+    return {host for _, url in destinations(target) if (host := _hostname(url)) is not None}
+
+
+def operators_hosts(before: TargetConfig | None) -> set[str]:
+    """The hosts of a running target that the management API did not set (its YAML's)."""
+    if before is None:
+        return set()
+    api_hosts = before.bound.hosts if before.bound is not None else frozenset()
+    return {host for host in target_hosts(before) if host not in api_hosts}
+
+
+def _hostname(url: str) -> str | None:
+    try:
+        return urlsplit(url).hostname
+    except ValueError:
+        return None
 
 
 def reaches_listener(url: str, host: str, port: int) -> bool:
@@ -321,7 +301,7 @@ def reaches_listener(url: str, host: str, port: int) -> bool:
     return bool(target & listen)
 
 
-def _addresses(host: str) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+def _addresses(host: str) -> set[IpAddress]:
     try:
         infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
     except (OSError, UnicodeError):

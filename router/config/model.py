@@ -12,6 +12,7 @@ from typing import Literal
 
 from router.iam import TrustedProfileConfig
 from router.query import Query
+from router.targets._net import AddressBound
 
 MiB = 1024 * 1024
 # The names of what lives under storage.path (router/journal/sqlite.py, router/deadletter.py, api).
@@ -67,6 +68,14 @@ class ServerConfig:
     max_tail_clients: int = 32
     # A tail client that takes nothing for this long (it stopped reading) is dropped.
     tail_write_timeout_s: float = 10.0
+    # Bytes of events one tail client may have waiting (queued, or written and not yet read
+    # by it); past it, events are dropped for that client and counted (router/server/tail.py).
+    tail_queue_bytes: int = 4 * MiB
+    # Alerts and views the management API creates no more of (each alert runs its query on
+    # every accepted event; each view is held and parsed for the tail): an admin token may not
+    # add them without end. The operator's YAML is not bounded by these.
+    max_alerts: int = 100
+    max_views: int = 100
     # Names besides host, localhost and this host's name that a daemon without auth answers
     # to (the Host header; a DNS rebinding defence, router/auth.py). IP addresses always pass.
     allowed_hosts: tuple[str, ...] = ()
@@ -237,6 +246,10 @@ class TargetConfig:
     managed_by: Literal["account", "enterprise"] = "account"  # atracker's, kept and returned
     batch: BatchConfig = field(default_factory=BatchConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
+    # The hosts the management API set on this target (its YAML `api_hosts`, written by the
+    # API) and auth.api_target_networks: checked again each time it connects (DNS rebinding).
+    # None: every host is the operator's.
+    bound: AddressBound | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -386,7 +399,8 @@ class AuthConfig:
     admin_tokens: tuple[TokenConfig, ...] = ()
     refusal_events: RefusalEventsConfig = field(default_factory=RefusalEventsConfig)
     # Where a target the management API creates or changes may connect (CIDR networks);
-    # empty: anywhere but the addresses a host keeps for itself (crosscheck.kept_by_the_host).
+    # empty: anywhere but loopback and the addresses a host keeps for itself (targets/_net.py
+    # api_refusal, applied when the API takes a target and again each time it connects).
     api_target_networks: tuple[str, ...] = ()
 
 

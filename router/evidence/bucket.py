@@ -8,7 +8,9 @@ kept as a run of places: its first seq, that place's prev, and the hash of every
 every object is read, the runs are put in seq order and joined: a run's first prev must be the
 hash of the place before it; a missing place is a gap named by the lines on either side; a
 place held twice must hold the same line both times (an object written again after a crash, or
-a redrive's dead letter, counted once), else the bucket was changed. Checkpoints are objects of
+a redrive's dead letter, counted once), else the bucket was changed. A dead letter standing at
+an object's line (its PUT had no answer, its events were given up, and the store wrote it
+after all) counts as a dead letter, as the daemon's books count it. Checkpoints are objects of
 their own: each must name a place and its hash exactly, and be signed by the public key.
 Dead letters (the target's dead-letter files) are runs of one place each.
 
@@ -262,6 +264,7 @@ class BucketVerifier(ChainChecks):
         repeats: list[tuple[_Run, _Run]] = []  # (a run repeating places, the run holding them)
         seen: set[int] = set()  # event ids (hashed) already placed: re-sent events
         redriven: dict[int, int] = {}  # event id (hashed) -> the seq of its redriven letter
+        landed = 0  # letters at the places of an object stored after all
         next_mark = 0
 
         def hash_at(seq: int) -> tuple[bytes, _Run]:
@@ -283,6 +286,15 @@ class BucketVerifier(ChainChecks):
                 if not run.letter:  # an object written again: its lines count once
                     report.resent += end - run.first + 1
                     repeats.append((run, hash_at(run.first)[1]))
+                else:
+                    for seq in range(run.first, end + 1):
+                        if not hash_at(seq)[1].letter:
+                            # An object stored after its events were given up (its PUT got
+                            # no answer in time): the letter carries its line, and counts as
+                            # the books count the event, a dead letter.
+                            report.events -= 1
+                            landed += 1
+                            self._count(run, seq, seen, redriven)
                 if run.last <= head_seq:
                     continue
                 start = head_seq + 1
@@ -314,6 +326,12 @@ class BucketVerifier(ChainChecks):
         if self.expect_head is not None and 0 < self.expect_head.seq <= head_seq and joined:
             hash_there = hash_at(self.expect_head.seq)[0]
         check_head(self.expect_head, head_seq, self._head_place, hash_there)
+        if landed:
+            report.warnings.append(
+                f"{landed} dead-lettered events are in the bucket too: their object was stored "
+                "after they were given up (its PUT had no answer in time); counted as dead "
+                "letters, as the daemon's books count them"
+            )
         self._conclude(
             f"lines have no _chain (the first at {self._first_unchained}): the test writes "
             "of `event-router validate-target`, or written before evidence was on; the "

@@ -161,8 +161,8 @@ class Redactor:
                         if found is not None:
                             self._apply(node, key, found)
                             places.append((*where, key))
-                        else:
-                            stack.append((node[key], (*where, key)))
+                        elif isinstance(value := node[key], (dict, list)):
+                            stack.append((value, (*where, key)))
                 elif isinstance(node, list):
                     stack.extend((item, (*where, i)) for i, item in enumerate(node))
         if places:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import io
 import logging
 import re
@@ -38,9 +39,12 @@ from router.appendfile import replace_atomically
 from router.config import (
     API_METADATA_FILE,
     Config,
+    TargetConfig,
     archive_roots,
+    operators_hosts,
     parse_config,
     references,
+    target_hosts,
     target_listener_problems,
     target_network_problems,
 )
@@ -52,6 +56,7 @@ from router.reload import config_digest
 from router.selfevent import change_event, instance_crn
 from router.server.auth import CALLER
 from router.targets import TARGET_TYPES, build_target
+from router.targets._net import AddressBound
 from router.targets.file import FileEndpointConfig
 
 log = logging.getLogger(__name__)
@@ -495,10 +500,12 @@ class ManagementApi:
         roots = archive_roots(running)
         networks = running.auth.api_target_networks if running.auth is not None else ()
         was = {t.id: t for t in running.targets}
+        bounded = list(new.targets)
         for i, target in enumerate(new.targets):
             before_target = was.get(target.id)
             if before_target is not None and before_target.endpoint == target.endpoint:
                 continue  # the same endpoint: the operator's own, or checked when it came
+            bounded[i] = self._mark_api_hosts(raw[i], target, before_target, networks)
             endpoint = target.endpoint
             if isinstance(endpoint, FileEndpointConfig):
                 problem = root_problem(endpoint.path, roots)
@@ -508,7 +515,25 @@ class ManagementApi:
             problems.extend(target_network_problems(i, target, before_target, networks))
         if problems:
             raise ConfigError("api", problems)
-        return new
+        return dataclasses.replace(new, targets=tuple(bounded))
+
+    @staticmethod
+    def _mark_api_hosts(
+        raw: dict[str, Any],
+        target: TargetConfig,
+        before: TargetConfig | None,
+        networks: tuple[str, ...],
+    ) -> TargetConfig:
+        """Write down in the target's YAML (`api_hosts`) the hosts this change set, those the
+        operator did not: each time the target connects, they are checked again against
+        auth.api_target_networks (a name may resolve elsewhere later, DNS rebinding), also
+        after a restart or a reload, which read them back from the YAML."""
+        hosts = sorted(target_hosts(target) - operators_hosts(before))
+        if not hosts:
+            raw.pop("api_hosts", None)
+            return dataclasses.replace(target, bound=None)
+        raw["api_hosts"] = hosts
+        return dataclasses.replace(target, bound=AddressBound.build(hosts, networks))
 
     @staticmethod
     def _who(request: web.Request) -> str:
@@ -880,13 +905,26 @@ class ManagementApi:
             subject = f"{kind}:{raw['name']}"
 
             def edit(data: dict[str, Any]) -> None:
-                data.setdefault(f"{kind}s", []).append(raw)
+                items = data.setdefault(f"{kind}s", [])
+                self._within_limit(kind, len(items))
+                items.append(raw)
                 self.meta.touch(subject, created=True)
 
             await self._apply(request, f"{kind}.create", subject, edit)
             return self._json(self.named_model(kind, raw), status=201)
 
         return handler
+
+    def _within_limit(self, kind: str, count: int) -> None:
+        """server.max_alerts / max_views: how many the API lets exist before it creates one."""
+        limit: int = getattr(self.editor.config.server, f"max_{kind}s")
+        if count >= limit:
+            raise ApiError(
+                400,
+                "limit_reached",
+                f"{kind}s: there are {count} {kind}s, at most server.max_{kind}s ({limit}) "
+                f"through the management API; delete a {kind} first",
+            )
 
     def _replace_named(self, kind: str) -> Handler:
         async def handler(request: web.Request) -> web.Response:

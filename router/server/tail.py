@@ -8,11 +8,14 @@ which queues the batch once and returns: what it costs ingest does not depend on
 clients tail. A background task (`tail:fan-out`) takes what arrived within FLUSH_S, encodes
 each event's SSE message once, matches it once per distinct query, and hands every subscriber
 its share in one call (so a client costs the fan-out once per interval, not once per event
-or request); each subscriber holds at most
-`QUEUE_EVENTS` of them, and an event that finds no room is dropped for that subscriber and
-counted (it is told, with a `dropped` event carrying the running count, before its next
-events). When the fan-out falls behind, whole batches are dropped for everyone, and counted
-the same way, so ingest never waits for it.
+or request); each subscriber holds at most `QUEUE_EVENTS` of them and at most
+`server.tail_queue_bytes` (queued and taken for a write the client has not read yet, so a
+slow reader of large events holds megabytes, not a thousand events' worth), and an event
+that finds no room is dropped for that subscriber and counted (it is told, with a `dropped`
+event carrying the running count, before its next events). `/v1/status` shows what the
+tail holds (`tail.held_bytes`). When the fan-out falls behind, whole batches are dropped for
+everyone, and counted the same way, so ingest never waits for it: past INBOX_BATCHES batches
+or `server.tail_queue_bytes` of events waiting (one batch always fits; `tail.backlog_bytes`).
 
 A client's stream writes everything waiting for it at once; a write that does not complete
 within `server.tail_write_timeout_s` (a client that stopped reading) drops the client: its
@@ -39,6 +42,7 @@ from typing import Final
 import orjson
 from aiohttp import web
 
+from router.config import ServerConfig
 from router.errors import QueryError
 from router.events import Event
 from router.query import And, Query, parse
@@ -47,6 +51,7 @@ from router.server.listener import on_close
 log = logging.getLogger(__name__)
 
 QUEUE_EVENTS = 1000
+QUEUE_BYTES: Final = ServerConfig().tail_queue_bytes  # its default lives in the config
 # Batches waiting for the fan-out task; past it a batch is dropped for every subscriber.
 INBOX_BATCHES: Final = 1000
 KEEPALIVE_S = 15.0
@@ -70,27 +75,47 @@ class Subscriber:
 
     query: Query | None
     limit: int = QUEUE_EVENTS
+    limit_bytes: int = QUEUE_BYTES
     since: int = 0  # the last batch published before it subscribed: it gets only later ones
     pending: list[bytes] = field(default_factory=list)  # SSE messages, oldest first
+    pending_bytes: int = 0
+    writing_bytes: int = 0  # taken for the write under way, not yet taken by the client
     dropped: int = 0
     closed: bool = False
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
+    @property
+    def held_bytes(self) -> int:
+        return self.pending_bytes + self.writing_bytes
+
     def offer(self, messages: list[bytes]) -> None:
-        """Keep what fits in the queue; count the rest as dropped."""
+        """Keep what fits in the queue, in events and in bytes (the oldest first; one message
+        always fits a client that holds nothing, however large); count the rest as dropped."""
         room = max(self.limit - len(self.pending), 0)
-        if len(messages) > room:
-            self.dropped += len(messages) - room
-            messages = messages[:room]
-        if messages:
-            self.pending.extend(messages)
+        kept = 0
+        held = self.held_bytes
+        for message in messages[:room]:
+            if held and held + len(message) > self.limit_bytes:
+                break
+            held += len(message)
+            kept += 1
+        self.dropped += len(messages) - kept
+        if kept:
+            self.pending.extend(messages[:kept])
+            self.pending_bytes = held - self.writing_bytes
             self.wake.set()
 
     def take(self) -> list[bytes]:
-        """Everything waiting, to be written at once."""
+        """Everything waiting, to be written at once (held until `written`)."""
         taken, self.pending = self.pending, []
+        self.writing_bytes += self.pending_bytes
+        self.pending_bytes = 0
         self.wake.clear()
         return taken
+
+    def written(self) -> None:
+        """The client took what `take` gave: it is no longer held."""
+        self.writing_bytes = 0
 
     def close(self) -> None:
         self.closed = True
@@ -111,6 +136,7 @@ class TailHub:
         max_clients: int = 32,
         write_timeout_s: float = 10.0,
         queue_events: int = QUEUE_EVENTS,
+        queue_bytes: int = QUEUE_BYTES,
         view: Callable[[str], str | None] = lambda name: None,
     ) -> None:
         self.subscribers: set[Subscriber] = set()
@@ -118,9 +144,11 @@ class TailHub:
         self.max_clients = max_clients
         self.write_timeout_s = write_timeout_s
         self.queue_events = queue_events
+        self.queue_bytes = queue_bytes
         self.dropped_clients = 0
         self.refused_clients = 0
-        self._inbox: asyncio.Queue[tuple[int, list[Event]]] = asyncio.Queue(INBOX_BATCHES)
+        self._inbox: asyncio.Queue[tuple[int, list[Event], int]] = asyncio.Queue(INBOX_BATCHES)
+        self._inbox_bytes = 0  # of the events waiting in the inbox
         self._published = 0  # batches published so far: each batch's number
         self._lost = 0  # events of batches the inbox had no room for, not yet told
         self._task: asyncio.Task[None] | None = None
@@ -129,6 +157,18 @@ class TailHub:
     def backlog(self) -> int:
         """Batches published and not yet fanned out."""
         return self._inbox.qsize()
+
+    def status(self) -> dict[str, int]:
+        """What the tail holds and has refused, for /v1/status."""
+        return {
+            "clients": len(self.subscribers),
+            "held_bytes": sum(s.held_bytes for s in self.subscribers),
+            "dropped_events": sum(s.dropped for s in self.subscribers),
+            "dropped_clients": self.dropped_clients,
+            "refused_clients": self.refused_clients,
+            "backlog_batches": self.backlog,
+            "backlog_bytes": self._inbox_bytes,
+        }
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._fan_out(), name="tail:fan-out")
@@ -143,7 +183,7 @@ class TailHub:
             self._task = None
 
     def subscribe(self, query: Query | None) -> Subscriber:
-        subscriber = Subscriber(query, self.queue_events, since=self._published)
+        subscriber = Subscriber(query, self.queue_events, self.queue_bytes, since=self._published)
         self.subscribers.add(subscriber)
         return subscriber
 
@@ -157,10 +197,16 @@ class TailHub:
             return
         batch = list(events)
         self._published += 1
+        size = sum(len(event.encoded()) for event in batch)
+        if self._inbox_bytes and self._inbox_bytes + size > self.queue_bytes:
+            self._lost += len(batch)
+            return
         try:
-            self._inbox.put_nowait((self._published, batch))
+            self._inbox.put_nowait((self._published, batch, size))
         except asyncio.QueueFull:
             self._lost += len(batch)
+            return
+        self._inbox_bytes += size
 
     def close(self) -> None:
         for subscriber in self.subscribers:
@@ -168,12 +214,14 @@ class TailHub:
 
     async def _fan_out(self) -> None:
         while True:
-            batches = [await self._inbox.get()]
+            taken = [await self._inbox.get()]
             # What arrives within FLUSH_S goes out together: a client wakes and is written to
             # once per interval, however many requests brought the events.
             await asyncio.sleep(FLUSH_S)
             while not self._inbox.empty():
-                batches.append(self._inbox.get_nowait())
+                taken.append(self._inbox.get_nowait())
+            self._inbox_bytes -= sum(size for _, _, size in taken)
+            batches = [(number, batch) for number, batch, _ in taken]
             try:
                 await self._offer(batches)
             except Exception:
@@ -293,6 +341,7 @@ class TailHub:
                 notice = b"event: dropped\ndata: " + orjson.dumps({"dropped": told}) + b"\n\n"
                 messages.insert(0, notice)
             await self._write(response, b"".join(messages))
+            subscriber.written()
 
     async def _write(self, response: web.StreamResponse, data: bytes) -> None:
         try:

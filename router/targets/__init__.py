@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol, runtime_checkable
 
 from router.events import Event
 from router.targets import cloud_logs, cos, event_streams, file, http, syslog
+from router.targets._net import AddressBound
 
 if TYPE_CHECKING:
     from router.config import TargetConfig
@@ -100,8 +101,20 @@ TARGET_TYPES: Final[dict[str, TargetType]] = {
 }
 
 
+@runtime_checkable
+class Bounded(Protocol):
+    """A target that checks where its names resolve before it connects (a target type that
+    connects over the network has `bound`, None until build_target sets it)."""
+
+    bound: AddressBound | None
+
+
 def build_target(config: TargetConfig) -> Target:
-    """The Target for a configured target (the config schema guarantees a known type)."""
+    """The Target for a configured target (the config schema guarantees a known type), bound
+    to where the management API lets it connect if the API set any of its hosts."""
     kind = TARGET_TYPES[config.target_type]
     assert isinstance(config.endpoint, kind.config_class)
-    return kind.factory(config.id, config.endpoint)
+    target = kind.factory(config.id, config.endpoint)
+    if config.bound is not None and isinstance(target, Bounded):
+        target.bound = config.bound
+    return target

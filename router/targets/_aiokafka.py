@@ -38,6 +38,8 @@ from aiokafka.errors import (
     UnsupportedSaslMechanismError,
 )
 
+from router.targets._net import AddressBound, bound_address
+
 __all__ = [
     "AIOKafkaConsumer",
     "AIOKafkaProducer",
@@ -147,6 +149,34 @@ def keep_batches(producer: AIOKafkaProducer) -> None:
             "cannot keep its batches from expiring (see router/targets/_aiokafka.py)"
         )
     accumulator._batch_ttl = math.inf
+
+
+def bound_connections(producer: AIOKafkaProducer, target_id: str, bound: AddressBound) -> None:
+    """Check the address of every broker a target the management API made connects to (those
+    the brokers it was given name in their metadata too) against its bound, each time a
+    connection is opened (router/targets/_net.AddressBound; the bootstrap brokers are
+    checked by the target before it starts the producer). A refused broker is one aiokafka
+    cannot connect to: it logs why and tries again later. aiokafka has no setting for this;
+    a version without `_get_conn` fails here, loudly."""
+    client = producer.client
+    get_conn = getattr(client, "_get_conn", None)
+    if get_conn is None:
+        raise RuntimeError(
+            "aiokafka's AIOKafkaClient no longer has _get_conn; the event_streams target "
+            "cannot check where it connects (see router/targets/_aiokafka.py)"
+        )
+
+    async def checked(node_id: Any, **kwargs: Any) -> Any:
+        broker = client.cluster.broker_metadata(node_id)
+        if broker is not None:
+            try:
+                await bound_address(broker.host, broker.port, bound, every_host=True)
+            except OSError as exc:
+                log.warning("target %s: broker %s:%s %s", target_id, broker.host, broker.port, exc)
+                return None  # what aiokafka's own _get_conn answers for a failed connection
+        return await get_conn(node_id, **kwargs)
+
+    client._get_conn = checked
 
 
 def pace_metadata_updates(producer: AIOKafkaProducer) -> None:

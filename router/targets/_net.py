@@ -8,12 +8,21 @@ into a body-less GET whose 200 would count as delivered (an SSO gateway or an ht
 proxy does this), so a 3xx is a permanent failure that names its Location. A batch's
 idempotency key is derived from its event ids, so a receiver (or an object name) can recognise
 a batch it already took when a retry follows a lost response.
+
+Where a target the management API made may connect is checked twice: on its addresses when
+the API takes it (router/config/crosscheck.py), and on every address its names resolve to when
+it connects (`AddressBound`), since a name's owner may point it elsewhere in between (DNS
+rebinding). One rule, `api_refusal`, serves both.
 """
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
+import errno
 import hashlib
+import ipaddress
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -21,6 +30,8 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
 
 from router import __version__
 from router.errors import PermanentDeliveryError, RetryableDeliveryError
@@ -76,11 +87,184 @@ def batch_key(batch: Sequence[Event]) -> str:
     return digest.hexdigest()
 
 
-def new_session(timeout_s: float, tls: bool | ssl.SSLContext) -> aiohttp.ClientSession:
-    """A keep-alive session for one target, with its timeout and TLS settings."""
+IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+# Addresses of cloud metadata services outside the link-local ranges (AWS's IPv6 one,
+# Alibaba's): they answer an instance's credentials to whoever asks from the host.
+METADATA_ADDRESSES: frozenset[IpAddress] = frozenset(
+    ipaddress.ip_address(a) for a in ("fd00:ec2::254", "100.100.100.200")
+)
+# IPv4 addresses written inside IPv6 ones that reach them: NAT64's well-known prefix.
+NAT64_PREFIX = ipaddress.IPv6Network("64:ff9b::/96")
+
+
+def _as_ipv4(address: IpAddress) -> IpAddress:
+    """The IPv4 address an IPv6 one reaches when it carries one (mapped, or NAT64)."""
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return address.ipv4_mapped
+        if address in NAT64_PREFIX:
+            return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return address
+
+
+def kept_by_the_host(address: IpAddress) -> bool:
+    """An address no target set through the API may reach: link-local (169.254.0.0/16, where
+    clouds answer instance metadata and credentials; fe80::/10), a metadata service's,
+    unspecified, multicast or IPv4's reserved 240.0.0.0/4; also when written inside an IPv6
+    address. (IPv6's "reserved" ::/8 holds loopback, which `api_refusal` treats on its own.)"""
+    address = _as_ipv4(address)
+    return (
+        address.is_link_local
+        or address.is_unspecified
+        or address.is_multicast
+        or (isinstance(address, ipaddress.IPv4Address) and address.is_reserved)  # 240/4
+        or address in METADATA_ADDRESSES
+    )
+
+
+def within(address: IpAddress, network: IpNetwork) -> bool:
+    address = _as_ipv4(address) if address.version != network.version else address
+    return address.version == network.version and address in network
+
+
+def api_refusal(address: IpAddress, networks: Sequence[IpNetwork]) -> str | None:
+    """Why a target the management API made may not connect to `address` (None: it may).
+    Never an address the host keeps for itself; with `networks` (auth.api_target_networks)
+    only inside them; without, anywhere but loopback, so that an admin token cannot make the
+    daemon probe its own host's ports (the operator opens loopback by listing it)."""
+    if kept_by_the_host(address):
+        return (
+            f"{address} is a link-local, metadata-service, multicast or unspecified address, "
+            "where no target the management API made connects"
+        )
+    if networks:
+        if not any(within(address, network) for network in networks):
+            listed = ", ".join(str(n) for n in networks)
+            return f"{address} is outside auth.api_target_networks ({listed})"
+        return None
+    if _as_ipv4(address).is_loopback:
+        return (
+            f"{address} is a loopback address, which targets the management API made reach "
+            "only when auth.api_target_networks lists it"
+        )
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class AddressBound:
+    """The bound on a target the management API made, applied when it connects: `hosts` are
+    the names and addresses the API set (the rest of its endpoint is the operator's), and
+    each address they resolve to must pass `api_refusal` with `networks`."""
+
+    hosts: frozenset[str]
+    networks: tuple[IpNetwork, ...] = ()
+
+    @classmethod
+    def build(cls, hosts: Sequence[str], networks: Sequence[str]) -> AddressBound:
+        return cls(
+            frozenset(host.lower() for host in hosts),
+            tuple(ipaddress.ip_network(network, strict=False) for network in networks),
+        )
+
+    def applies(self, host: str) -> bool:
+        return host.lower().strip("[]") in self.hosts
+
+    def refusal(
+        self, host: str, addresses: Sequence[str], *, every_host: bool = False
+    ) -> str | None:
+        """Why `host`, resolved to `addresses`, may not be connected to (None: it may). Only
+        the hosts the API set are bounded, unless `every_host` (a Kafka broker a bootstrap
+        broker the API set names: the API's choice too)."""
+        if not (every_host or self.applies(host)):
+            return None
+        for text in addresses:
+            why = api_refusal(ipaddress.ip_address(text.partition("%")[0]), self.networks)
+            if why is not None:
+                return (
+                    f"not connected: {host!r} now resolves to {why} (a host the management "
+                    "API set is checked again at each connection, against "
+                    "auth.api_target_networks and the addresses a host keeps for itself)"
+                )
+        return None
+
+
+class AddressRefusedError(OSError):
+    """A resolved address a target's AddressBound refuses: no connection is made. EACCES with
+    the reason as strerror, which aiohttp's connection error quotes."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(errno.EACCES, why)
+
+
+def address_refused(exc: BaseException) -> AddressRefusedError | None:
+    """The AddressRefusedError behind an error a client library wrapped (aiohttp's connection
+    error, botocore's EndpointConnectionError), so its reason reaches write_status."""
+    seen: set[int] = set()
+    stack: list[BaseException] = [exc]
+    while stack:
+        error = stack.pop()
+        if id(error) in seen:
+            continue
+        seen.add(id(error))
+        if isinstance(error, AddressRefusedError):
+            return error
+        kwargs = getattr(error, "kwargs", None)
+        wrapped = kwargs.get("error") if isinstance(kwargs, dict) else None
+        for inner in (error.__cause__, error.__context__, wrapped):
+            if isinstance(inner, BaseException):
+                stack.append(inner)
+    return None
+
+
+class BoundResolver(AbstractResolver):
+    """aiohttp's resolver, checking every answer against a target's AddressBound before the
+    connector may connect (the connector caches what passed, for its DNS cache's lifetime)."""
+
+    def __init__(self, bound: AddressBound) -> None:
+        self.bound = bound
+        self._resolver = DefaultResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        results = await self._resolver.resolve(host, port, family)
+        why = self.bound.refusal(host, [result["host"] for result in results])
+        if why is not None:
+            raise AddressRefusedError(why)
+        return results
+
+    async def close(self) -> None:
+        await self._resolver.close()
+
+
+async def bound_address(
+    host: str, port: int, bound: AddressBound | None, *, every_host: bool = False
+) -> str:
+    """Where to open a plain socket to `host` (syslog): the host itself when no bound applies,
+    else the one address it resolved to and passed the bound, so the connection goes where
+    the check looked (a second lookup could answer otherwise). Raises AddressRefusedError."""
+    if bound is None or not (every_host or bound.applies(host)):
+        return host
+    infos = await asyncio.get_running_loop().getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+    )
+    addresses = [str(info[4][0]) for info in infos]
+    why = bound.refusal(host, addresses, every_host=every_host)
+    if why is not None:
+        raise AddressRefusedError(why)
+    return addresses[0]
+
+
+def new_session(
+    timeout_s: float, tls: bool | ssl.SSLContext, bound: AddressBound | None = None
+) -> aiohttp.ClientSession:
+    """A keep-alive session for one target, with its timeout and TLS settings; a target the
+    management API made checks where its names resolve before it connects (`bound`)."""
+    resolver = BoundResolver(bound) if bound is not None and bound.hosts else None
     return aiohttp.ClientSession(
         timeout=aiohttp.ClientTimeout(total=timeout_s),
-        connector=aiohttp.TCPConnector(ssl=tls),
+        connector=aiohttp.TCPConnector(ssl=tls, resolver=resolver),
         headers={"User-Agent": f"event-router/{__version__}"},
     )
 

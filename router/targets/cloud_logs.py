@@ -28,7 +28,7 @@ import orjson
 from router.errors import PermanentDeliveryError
 from router.events import Event, crn_parts
 from router.iam import SET_BY_LOADER, TrustedProfileConfig, token_source
-from router.targets._net import new_session, post
+from router.targets._net import AddressBound, new_session, post
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -127,10 +127,13 @@ class CloudLogsTarget:
         self.computer_name = endpoint.computer_name or socket.gethostname()
         self.tokens = token_source(endpoint.iam_url, endpoint.api_key, endpoint.trusted_profile)
         self._session: aiohttp.ClientSession | None = None
+        self.bound: AddressBound | None = None  # set by build_target (targets/__init__.py)
 
     async def start(self) -> None:
         if self._session is None:
-            self._session = new_session(self.endpoint.timeout_s, self.endpoint.tls_verify)
+            self._session = new_session(
+                self.endpoint.timeout_s, self.endpoint.tls_verify, self.bound
+            )
 
     def unsendable(self, event: Event) -> str | None:
         if len(self._record(event)) > self.endpoint.max_event_bytes:

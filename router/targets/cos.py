@@ -66,7 +66,15 @@ from router.events import Event, crn_parts
 from router.evidence.canonical import Link
 from router.evidence.chain import Chain, Planned, same_head
 from router.iam import SET_BY_LOADER, IamTokenSource, TrustedProfileConfig, token_source
-from router.targets._net import RETRYABLE_STATUSES, batch_key, new_session, parse_retry_after
+from router.targets._net import (
+    RETRYABLE_STATUSES,
+    AddressBound,
+    BoundResolver,
+    address_refused,
+    batch_key,
+    new_session,
+    parse_retry_after,
+)
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -119,6 +127,8 @@ AUTH_STATUSES: Final = frozenset({401, 403})
 # Object names of batches still being retried, so a retry reuses its first name.
 MAX_PENDING_NAMES = 256
 CHECKPOINT_TIMEOUT_S = 10.0
+# The longest a HEAD asking whether a PUT without an answer was stored may take.
+LANDED_TIMEOUT_S: Final = 10.0
 # `s3[.private|.direct].<region>.cloud-object-storage.appdomain.cloud`
 _IBM_COS_HOST = re.compile(
     r"^s3\.(?:(?:private|direct)\.)?([a-z0-9-]+)\.cloud-object-storage\.appdomain\.cloud$"
@@ -346,6 +356,7 @@ class CosTarget:
         self._stack: contextlib.AsyncExitStack | None = None
         self._client: S3Client | None = None
         self._session: aiohttp.ClientSession | None = None  # for IAM tokens only
+        self.bound: AddressBound | None = None  # set by build_target (targets/__init__.py)
 
     async def start(self) -> None:
         if self._client is not None:
@@ -368,6 +379,8 @@ class CosTarget:
             # are refused by some S3-compatible stores.
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
+            # A bucket endpoint the management API set is checked where it resolves.
+            connector_args={"resolver": BoundResolver(self.bound)} if self.bound else None,
         )
         keys = endpoint.hmac_keys
         stack = contextlib.AsyncExitStack()
@@ -384,7 +397,7 @@ class CosTarget:
         )
         if self.tokens is not None:
             client.meta.events.register("before-send.s3", self._authorize)
-            self._session = new_session(endpoint.timeout_s, endpoint.tls_verify)
+            self._session = new_session(endpoint.timeout_s, endpoint.tls_verify, self.bound)
         self._stack, self._client = stack, client
 
     def _authorize(self, request: Any, **_: Any) -> None:
@@ -452,10 +465,12 @@ class CosTarget:
                 chain.in_flight += 1
             try:
                 await self._put_authorized(name, linked.body, linked.md5)
-            except Exception:
+            except Exception as exc:
                 async with chain.lock:
                     chain.in_flight -= 1
-                    await self._give_back_places(chain, key, linked, events)
+                    await self._give_back_places(
+                        chain, key, linked, events, unanswered=unanswered(exc)
+                    )
                 raise
             async with chain.lock:
                 chain.in_flight -= 1
@@ -490,15 +505,23 @@ class CosTarget:
         return linked
 
     async def _give_back_places(
-        self, chain: Chain, key: str, linked: Linked, events: Sequence[Event]
+        self,
+        chain: Chain,
+        key: str,
+        linked: Linked,
+        events: Sequence[Event],
+        *,
+        unanswered: bool = False,
     ) -> None:
         """A PUT failed: its places go back to the chain when nothing took a place after
         them (its retry links the same events from the same head: the same bytes). Else (a
-        dead letter was written meanwhile, chained after them) the object keeps its places
-        and a retry PUTs the very same bytes there; its lines are held in the chain, so that
-        if its events are given up their letters stand at those places (router/deadletter).
-        The caller holds the chain's lock."""
-        if not same_head(chain.head, linked.head):
+        dead letter was written meanwhile, chained after them), or when the PUT got no answer
+        (the store may yet write the object, after its HEAD found nothing), the object keeps
+        its places and a retry PUTs the very same bytes there; its lines are held in the
+        chain, so that if its events are given up their letters stand at those places
+        (router/deadletter), and an object that lands after all holds the lines its letters
+        carry. The caller holds the chain's lock."""
+        if unanswered or not same_head(chain.head, linked.head):
             if key not in self._held:
                 lines = await asyncio.to_thread(object_lines, linked.body)
                 chain.held.update(zip((event.id for event in events), lines, strict=True))
@@ -623,6 +646,8 @@ class CosTarget:
         except botocore.exceptions.ClientError as exc:
             raise classify(self.id, where, exc.response) from exc
         except TimeoutError as exc:
+            if await self._landed(name, md5):
+                return
             raise RetryableDeliveryError(
                 self.id, f"{where}: no answer within {self.endpoint.timeout_s:g}s"
             ) from exc
@@ -631,7 +656,33 @@ class CosTarget:
             botocore.exceptions.ConnectionError,
             aiohttp.ClientError,
         ) as exc:
-            raise RetryableDeliveryError(self.id, f"{where}: {exc}") from exc
+            if await self._landed(name, md5):
+                return
+            refused = address_refused(exc)
+            raise RetryableDeliveryError(self.id, f"{where}: {refused or exc}") from exc
+
+    async def _landed(self, name: str, md5: str) -> bool:
+        """Whether an object whose PUT got no answer (a timeout, a lost connection) is in the
+        bucket with these very bytes: a single PUT's ETag is its body's MD5. The store may
+        have written it and its answer been lost: then it is delivered, once, and the books
+        say so as `verify` does; else (or when the store does not answer this either) the PUT
+        failed, and its retry writes the same name and bytes."""
+        assert self._client is not None
+        try:
+            async with asyncio.timeout(min(self.endpoint.timeout_s, LANDED_TIMEOUT_S)):
+                head = await self._client.head_object(Bucket=self.endpoint.bucket, Key=name)
+        except (
+            botocore.exceptions.ClientError,
+            botocore.exceptions.HTTPClientError,
+            botocore.exceptions.ConnectionError,
+            aiohttp.ClientError,
+            TimeoutError,
+        ):
+            return False
+        landed = str(head.get("ETag", "")).strip('"') == base64.b64decode(md5).hex()
+        if landed:
+            log.info("target %s: %s was stored though its PUT got no answer", self.id, name)
+        return landed
 
     async def objects(self, prefix: str = "") -> AsyncIterator[tuple[str, bytes]]:
         """The objects under `prefix` in key order, as (key, body as stored): what
@@ -667,6 +718,21 @@ class CosTarget:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def unanswered(exc: BaseException) -> bool:
+    """Whether a failed PUT may yet have been stored: it got no answer (a timeout, a
+    connection lost once it was sent), rather than a refusal or no connection at all."""
+    cause = exc.__cause__
+    if isinstance(cause, botocore.exceptions.EndpointConnectionError):
+        return False  # never connected: nothing was sent
+    return isinstance(
+        cause,
+        TimeoutError
+        | botocore.exceptions.HTTPClientError
+        | botocore.exceptions.ConnectionError
+        | aiohttp.ClientError,
+    )
 
 
 def classify(

@@ -78,7 +78,7 @@ from router.evidence.canonical import (
 )
 from router.evidence.chain import Chain, Planned
 from router.iam import SET_BY_LOADER, IamTokenSource, TrustedProfileConfig, token_source
-from router.targets._net import TLS_SCHEMA, batch_key, new_session
+from router.targets._net import TLS_SCHEMA, AddressBound, batch_key, bound_address, new_session
 
 if TYPE_CHECKING:
     from aiokafka import AIOKafkaProducer
@@ -294,10 +294,11 @@ class IamTokenProvider:
         self.timeout_s = timeout_s
         self.error: RetryableDeliveryError | PermanentDeliveryError | None = None
         self._session: aiohttp.ClientSession | None = None
+        self.bound: AddressBound | None = None  # the target's (EventStreamsTarget.bound)
 
     async def token(self) -> str:
         if self._session is None:
-            self._session = new_session(self.timeout_s, True)
+            self._session = new_session(self.timeout_s, True, self.bound)
         try:
             token = await self.source.token(self._session, self.target_id)
         except (RetryableDeliveryError, PermanentDeliveryError) as exc:
@@ -334,6 +335,7 @@ class EventStreamsTarget:
         crn_region = crn_parts(endpoint.target_crn)[5] if endpoint.target_crn else ""
         self.region = endpoint.region or crn_region or None
         self._producer: AIOKafkaProducer | None = None
+        self._bound: AddressBound | None = None
         self._connecting = asyncio.Lock()
         self.tokens: IamTokenProvider | None = None
         if sasl_mechanism(endpoint) == "oauthbearer":
@@ -348,6 +350,33 @@ class EventStreamsTarget:
         # With a chain: the places of the batch being sent, event id -> link (Chain.held).
         self._links: dict[str, Link] = {}
 
+    @property
+    def bound(self) -> AddressBound | None:
+        """Where the management API lets this target connect (set by build_target): its
+        bootstrap brokers are checked before the producer starts, every broker connection
+        aiokafka opens after (_aiokafka.bound_connections), and its IAM URL when the token
+        session connects."""
+        return self._bound
+
+    @bound.setter
+    def bound(self, bound: AddressBound | None) -> None:
+        self._bound = bound
+        if self.tokens is not None:
+            self.tokens.bound = bound
+
+    async def _check_brokers(self) -> None:
+        """The bootstrap brokers' addresses, checked against the bound before aiokafka (or
+        _why_unreachable) connects to them."""
+        bound = self._bound
+        if bound is None:
+            return
+        for broker in self.endpoint.brokers:
+            host, _, port = broker.rpartition(":")
+            try:
+                await bound_address(host.strip("[]"), int(port), bound, every_host=True)
+            except OSError as exc:
+                raise RetryableDeliveryError(self.id, f"Kafka at {broker}: {exc}") from exc
+
     async def start(self) -> None:
         """Connect; a failure is raised classified, and the next send tries again."""
         await self._connect()
@@ -358,6 +387,7 @@ class EventStreamsTarget:
         async with self._connecting:
             if self._producer is not None:
                 return self._producer
+            await self._check_brokers()
             producer = kafka.AIOKafkaProducer(
                 bootstrap_servers=list(self.endpoint.brokers),
                 acks="all",
@@ -367,6 +397,8 @@ class EventStreamsTarget:
             )
             kafka.keep_batches(producer)
             kafka.pace_metadata_updates(producer)
+            if self._bound is not None:
+                kafka.bound_connections(producer, self.id, self._bound)
             try:
                 await producer.start()
             except (kafka.KafkaError, OSError) as exc:

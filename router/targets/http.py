@@ -24,6 +24,7 @@ import aiohttp
 from router.events import Event
 from router.targets._net import (
     TLS_SCHEMA,
+    AddressBound,
     TlsClientConfig,
     batch_key,
     new_session,
@@ -137,6 +138,7 @@ class HttpTarget:
     def __init__(self, target_id: str, endpoint: HttpEndpointConfig) -> None:
         self.id = target_id
         self.endpoint = endpoint
+        self.bound: AddressBound | None = None  # set by build_target (targets/__init__.py)
         self._headers = {
             "Content-Type": "application/json",
             **auth_header(endpoint.auth),
@@ -147,7 +149,9 @@ class HttpTarget:
     async def start(self) -> None:
         if self._session is None:
             self._session = new_session(
-                self.endpoint.timeout_s, tls_context(self.endpoint.tls_verify, self.endpoint.tls)
+                self.endpoint.timeout_s,
+                tls_context(self.endpoint.tls_verify, self.endpoint.tls),
+                self.bound,
             )
 
     def unsendable(self, event: Event) -> str | None:

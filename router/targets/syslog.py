@@ -35,7 +35,13 @@ from typing import Any, Final, Literal
 
 from router.errors import RetryableDeliveryError
 from router.events import Event
-from router.targets._net import TLS_SCHEMA, TlsClientConfig, tls_context
+from router.targets._net import (
+    TLS_SCHEMA,
+    AddressBound,
+    TlsClientConfig,
+    bound_address,
+    tls_context,
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -119,6 +125,7 @@ class SyslogTarget:
         )
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self.bound: AddressBound | None = None  # set by build_target (targets/__init__.py)
 
     async def start(self) -> None:
         """Connections are opened on first send, so a receiver that is down delays nothing."""
@@ -179,9 +186,10 @@ class SyslogTarget:
             await self.close()  # what the receiver had before it closed is out of our hands
         writer = self._writer
         if writer is None:
+            host = await bound_address(self.endpoint.host, self.port, self.bound)
             self._reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(
-                    self.endpoint.host,
+                    host,
                     self.port,
                     ssl=self._ssl or None,
                     server_hostname=self.endpoint.host if self._ssl else None,

@@ -650,3 +650,47 @@ async def test_a_damaged_alert_state_is_moved_aside_and_the_daemon_starts(
     assert aside.read_bytes().startswith(b"this is not a database")
     await post(daemon, unauthorized("u1"))
     await wait_for(lambda: kinds(webhook) == ["trigger"], what="the trigger")
+
+
+async def test_the_api_creates_no_more_alerts_or_views_than_the_server_limit(
+    start_daemon: StartDaemon, receiver_factory: ReceiverFactory, tmp_path: Path
+) -> None:
+    """Each alert runs its query on every accepted event and each view is kept in memory: an
+    admin token may not add them without end. Past the limit, a 400 names the field and the
+    setting; deleting one makes room again."""
+    webhook = await receiver_factory()
+    digest = hashlib.sha256(ADMIN.encode()).hexdigest()
+    daemon = await start_daemon(
+        base_config(
+            tmp_path,
+            webhook,
+            auth={"admin_tokens": [{"name": "ops", "sha256": digest}]},
+            server={"max_alerts": 2, "max_views": 1},
+        )
+    )
+
+    def alert(name: str) -> dict[str, Any]:
+        return {
+            "name": name,
+            "query": UNAUTHORIZED,
+            "threshold": {"count": 2, "window_s": 60},
+            "target_ids": ["alerts-webhook"],
+        }
+
+    for name in ("a1", "a2"):
+        status, answer = await api(daemon, "POST", "/api/v2/alerts", alert(name))
+        assert status == 201, answer
+    status, answer = await api(daemon, "POST", "/api/v2/alerts", alert("a3"))
+    assert status == 400, answer
+    message = answer["errors"][0]["message"]
+    assert message.startswith("alerts: ") and "server.max_alerts (2)" in message, message
+    assert [a.name for a in daemon.config.alerts] == ["a1", "a2"]
+    assert (await api(daemon, "DELETE", "/api/v2/alerts/a1", None))[0] == 204
+    assert (await api(daemon, "POST", "/api/v2/alerts", alert("a3")))[0] == 201
+
+    assert (await api(daemon, "POST", "/api/v2/views", {"name": "v1", "query": "x"}))[0] == 201
+    status, answer = await api(daemon, "POST", "/api/v2/views", {"name": "v2", "query": "x"})
+    assert status == 400, answer
+    assert "views: " in answer["errors"][0]["message"]
+    assert "server.max_views (1)" in answer["errors"][0]["message"]
+    assert [v.name for v in daemon.config.views] == ["v1"]

@@ -43,6 +43,13 @@ def auth() -> dict[str, Any]:
     }
 
 
+def loopback_auth() -> dict[str, Any]:
+    """auth() for tests whose API-made targets are loopback receivers standing in for remote
+    services: the operator lets the API point targets at loopback (auth.api_target_networks);
+    by default it may not."""
+    return {**auth(), "api_target_networks": ["127.0.0.0/8"]}
+
+
 class Client:
     """What an SDK does: JSON bodies, a bearer token, atracker's paths."""
 

@@ -31,12 +31,14 @@ from router.targets.cos import CosEndpointConfig, CosTarget
 from tests.conftest import StartDaemon
 from tests.fake_cloud_logs import API_KEY, FakeCloudLogs
 from tests.fakes import ACCOUNT, INSTANCE, make_event, read_ndjson, wait_for
-from tests.integration.test_api import Client, auth
+from tests.integration.test_api import Client, loopback_auth
 from tests.integration.test_delivery import assert_books_balance, everything_to, settled
+from tests.integration.test_hostile_admin import dns
 from tests.integration.test_ingest import post
 from tests.peers.s3 import S3Server
 
 pytestmark = pytest.mark.peers
+__all__ = ["dns"]  # a fixture, used by name
 
 OTHER_ACCOUNT = "f12375ed17a24ecfb1f32afcf47285f3"
 COS_CRN = f"crn:v1:bluemix:public:cloud-object-storage:global:a/{ACCOUNT}:{INSTANCE}::"
@@ -396,7 +398,7 @@ async def test_validate_writes_a_test_object_and_a_refused_write_is_cos_write_te
     missing["cos_endpoint"]["bucket"] = "no-such-bucket"
     daemon = await start_daemon(
         {
-            "auth": auth(),
+            "auth": loopback_auth(),
             "targets": [cos_target(s3_server.endpoint_url), missing],
             "routes": [],
         }
@@ -428,7 +430,7 @@ async def test_creating_a_cos_target_writes_a_test_object_and_a_refused_write_cr
 ) -> None:
     """atracker test-writes when a COS target is created or updated, and refuses the change
     with cos_write_test_failed when the write fails."""
-    daemon = await start_daemon({"auth": auth(), "targets": [], "routes": []})
+    daemon = await start_daemon({"auth": loopback_auth(), "targets": [], "routes": []})
     api = Client(daemon)
     body = {
         "name": "archive",
@@ -535,3 +537,45 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 
 def ids_of(out: str) -> list[str]:
     return [orjson.loads(line)["id"] for line in out.splitlines()]
+
+
+async def test_a_bucket_endpoint_name_that_rebinds_after_the_api_checked_it_is_not_put_to(
+    start_daemon: StartDaemon, s3_server: S3Server, s3: Any, dns: dict[str, str]
+) -> None:
+    """An endpoint name the management API set resolves inside auth.api_target_networks when
+    the target is made (its test write reaches the store), then to 0.0.0.0 (this host's own
+    listeners): the target's S3 client checks every address it resolves, so no PUT goes
+    there, and the events are dead-lettered with the reason."""
+    port = s3_server.endpoint_url.rpartition(":")[2]
+    dns["localhost"] = "127.0.0.1"  # a name moto reads as path-style
+    daemon = await start_daemon(
+        {
+            "auth": {**loopback_auth(), "api_target_networks": ["127.0.0.1/32"]},
+            "delivery": {
+                "batch": {"max_wait_s": 0.2},
+                "retry": {"max_attempts": 2, "initial_backoff_s": 0.05},
+            },
+            "targets": [],
+            "routes": [],
+        }
+    )
+    api = Client(daemon)
+    body = {
+        "name": "archive",
+        "target_type": "cloud_object_storage",
+        "cos_endpoint": cos_target(f"http://localhost:{port}")["cos_endpoint"]
+        | {"hmac_keys": {"access_key_id": "id", "secret_access_key": "a-secret-of-the-store"}},
+    }
+    status, target = await api.call("POST", "/api/v2/targets", body)
+    assert status == 201, target
+    written = len(await objects(s3))  # the create's test write
+    dns["localhost"] = "0.0.0.0"
+    route = {"name": "r", "rules": [{"locations": ["*"], "target_ids": [target["id"]]}]}
+    assert (await api.call("POST", "/api/v2/routes", route))[0] == 201
+    await wait_for(lambda: settled(daemon), timeout_s=30, what="the events settled")
+    row = daemon.status()["targets"][target["id"]]
+    assert row["delivered"] == 0 and row["dead_lettered"] == row["received"] >= 1, row
+    why = row["write_status"]["reason_for_last_failure"]
+    assert "0.0.0.0" in why and "auth.api_target_networks" in why, why
+    assert len(await objects(s3)) == written
+    assert_books_balance(daemon)

@@ -11,6 +11,7 @@ message over the broker's limit is dead-lettered alone, with its reason.
 from __future__ import annotations
 
 import asyncio
+import copy
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,12 +34,13 @@ from tests.helpers import (
     post,
     settled,
 )
-from tests.integration.test_api import Client
-from tests.integration.test_api import auth as api_auth
+from tests.integration.test_api import INGEST, Client, loopback_auth
 from tests.integration.test_crash import kill_9_under_load
+from tests.integration.test_hostile_admin import dns
 from tests.peers.kafka import AnswerDropper, KafkaBroker
 
 pytestmark = pytest.mark.peers
+__all__ = ["dns"]  # a fixture, used by name
 
 ES_CRN = "crn:v1:bluemix:public:messagehub:eu-de:a/a1b2c3d4:7e1b2c3d-0000-4c1d-9e2f-5a6b7c8d9e0f::"
 
@@ -400,7 +402,7 @@ async def test_an_event_over_max_message_bytes_is_dead_lettered_before_any_attem
 async def test_the_management_api_creates_and_validates_an_event_streams_target(
     start_daemon: StartDaemon, kafka: KafkaBroker, tmp_path: Path
 ) -> None:
-    daemon = await start_daemon({"auth": api_auth(), "targets": [], "routes": []})
+    daemon = await start_daemon({"auth": loopback_auth(), "targets": [], "routes": []})
     api = Client(daemon)
     body = {
         "name": "audit to event streams",
@@ -474,3 +476,53 @@ async def test_kill_9_of_the_daemon_loses_nothing_and_duplicates_at_most_a_batch
     duplicates = len(keys) - len(set(keys))
     print(f"acked {len(acked)}; in the topic {len(keys)}; duplicates after kill -9: {duplicates}")
     assert duplicates <= 50, "at most one batch in flight at the kill"
+
+
+@pytest.mark.timeout(180)
+async def test_a_broker_name_that_rebinds_after_the_api_checked_it_is_not_connected_to(
+    start_daemon: StartDaemon, kafka: KafkaBroker, dns: dict[str, str]
+) -> None:
+    """A broker name the management API set resolves inside auth.api_target_networks when the
+    target is made (its test write reaches the broker), then to 0.0.0.0 (this host's own
+    listeners) by the time the daemon starts again. The hosts the API set are kept in the
+    YAML (api_hosts), so the restarted daemon checks the name again before aiokafka connects
+    to it: nothing reaches the broker, and the event is dead-lettered with the reason."""
+    port = kafka.sasl_bootstrap.rpartition(":")[2]
+    dns["kafka.example"] = "127.0.0.1"
+    auth = {**loopback_auth(), "api_target_networks": ["127.0.0.1/32"]}
+    daemon = await start_daemon({"auth": auth, "targets": [], "routes": []})
+    api = Client(daemon)
+    body = {
+        "name": "rebinding",
+        "target_type": "event_streams",
+        "eventstreams_endpoint": {
+            "target_crn": ES_CRN,
+            "brokers": [f"kafka.example:{port}"],
+            "topic": "audit-rebound",
+            "api_key": kafka.api_key,
+            "tls": False,
+            "timeout_s": 5,
+        },
+    }
+    status, target = await api.call("POST", "/api/v2/targets", body)
+    assert status == 201, target
+    route = {"name": "r", "rules": [{"locations": ["*"], "target_ids": [target["id"]]}]}
+    assert (await api.call("POST", "/api/v2/routes", route))[0] == 201
+    await wait_for(lambda: settled(daemon), timeout_s=60, what="the audit events delivered")
+    before = len(await read_topic(kafka.bootstrap, "audit-rebound"))
+    delivered = daemon.status()["targets"][target["id"]]["delivered"]
+    await daemon.stop()
+
+    dns["kafka.example"] = "0.0.0.0"
+    data = copy.deepcopy(daemon.source.data)
+    data["delivery"] = {"retry": {"max_attempts": 2, "initial_backoff_s": 0.05}}
+    again = await start_daemon(data)
+    headers = {"Authorization": f"Bearer {INGEST}"}
+    assert (await post(again, [make_event(id="rebound")], headers=headers))[0] == 202
+    await wait_for(lambda: settled(again), timeout_s=60, what="the event settled")
+    row = again.status()["targets"][target["id"]]
+    assert (row["delivered"], row["dead_lettered"]) == (delivered, 1), row
+    why = row["write_status"]["reason_for_last_failure"]
+    assert "0.0.0.0" in why and "auth.api_target_networks" in why, why
+    assert len(await read_topic(kafka.bootstrap, "audit-rebound")) == before
+    assert_books_balance(again)

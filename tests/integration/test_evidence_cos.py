@@ -554,3 +554,134 @@ async def test_an_object_given_up_after_a_later_dead_letter_leaves_no_gap(
     assert out.startswith(
         f"OK: {row['delivered']} events and {row['dead_lettered']} dead letters verified"
     ), out
+
+
+async def test_a_put_that_timed_out_but_landed_is_counted_alike_by_the_books_and_verify(
+    start_daemon: StartDaemon, s3_server: S3Server, s3: Any, tmp_path: Path
+) -> None:
+    """The store keeps an object and its answer comes after the target's timeout_s: the PUT
+    timed out, the one attempt allowed (retry.max_attempts 1) was spent, and the ten events
+    were dead-lettered, while the bucket held them. `verify` counted them as events and the
+    books as dead letters. The target now asks the store (HEAD) whether an object whose PUT
+    had no answer is there with its bytes (its ETag is the body's MD5): it is, so the events
+    are delivered, once, in the books and in verify alike."""
+    front = await HoldingFront(f"http://127.0.0.1:{s3_server.store.port}", []).start()
+    key, public = generate(tmp_path / "signing.key")
+    target = cos_target(front.url, timeout_s=1) | {
+        "batch": {"max_events": 10},
+        "retry": {"max_attempts": 1, "initial_backoff_s": 0.01},
+    }
+    try:
+        daemon = await start_daemon(
+            {
+                "targets": [target],
+                "routes": everything_to("cos"),
+                "evidence": {"signing_key_file": str(key), "checkpoint_every_s": 3600},
+            }
+        )
+        front.holding = True
+        assert (await post(daemon, [make_event(id=f"late-{i}") for i in range(10)]))[0] == 202
+        await wait_for(lambda: settled(daemon), timeout_s=30, what="the batch settled")
+        assert len(front.landed) == 1, "the PUT reached the store, its answer held"
+        assert_books_balance(daemon)
+        front.holding = False
+        front.release.set()
+        await daemon.stop()
+    finally:
+        front.release.set()
+        await front.stop()
+    found = await bodies(s3)
+    assert [seqs(body) for body in found.values() if seqs(body)[:1] == [1]] == [
+        list(range(1, 11))
+    ], "the object is in the bucket"
+    row = daemon.status()["targets"]["cos"]
+    config = tmp_path / "router.yaml"
+    data = {**daemon.source.data, "targets": [cos_target(s3_server.endpoint_url)]}
+    config.write_text(yaml.safe_dump(data))
+    code, out, err = await verify_bucket(config, public)
+    assert code == 0, out + err
+    assert out.startswith(
+        f"OK: {row['delivered']} events and {row['dead_lettered']} dead letters verified"
+    ), (out, row)
+    assert (row["delivered"], row["dead_lettered"]) == (10, 0)
+
+
+@dataclass
+class LateFront(Front):
+    """The proxy in front of the store, which (while `holding`) keeps a PUT until `release`
+    before it passes it on: the store writes the object after the daemon gave up on it."""
+
+    holding: bool = False
+    arrived: list[str] = field(default_factory=list)
+    landed: list[str] = field(default_factory=list)
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+    _tasks: set[asyncio.Task[web.Response]] = field(default_factory=set)
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        if not (request.method == "PUT" and self.holding):
+            return await super()._handle(request)
+        self.arrived.append(request.path)
+        await request.read()  # the whole body, kept by the request for the pass below
+        # Passed on in a task of its own: the daemon hangs up first, which ends this handler.
+        task = asyncio.create_task(self._late(request))
+        self._tasks.add(task)
+        return await asyncio.shield(task)
+
+    async def _late(self, request: web.Request) -> web.Response:
+        await self.release.wait()
+        answer = await super()._handle(request)
+        self.landed.append(request.path)
+        return answer
+
+
+async def test_an_object_stored_after_its_events_were_given_up_is_counted_as_the_books_do(
+    start_daemon: StartDaemon, s3_server: S3Server, s3: Any, tmp_path: Path
+) -> None:
+    """A PUT gets no answer, its HEAD finds nothing, the one attempt allowed is spent and the
+    events are dead-lettered; then the store writes the object after all. The object's places
+    were given back, so the letters took them with lines of their own and the landed object
+    held the same places with others: verify said BROKEN. A PUT without an answer now keeps
+    its places (its letters carry its lines), and verify counts a letter standing at a landed
+    object's line as the books do, a dead letter, and says so."""
+    front = await LateFront(f"http://127.0.0.1:{s3_server.store.port}", []).start()
+    key, public = generate(tmp_path / "signing.key")
+    target = cos_target(front.url, timeout_s=1) | {
+        "batch": {"max_events": 10},
+        "retry": {"max_attempts": 1, "initial_backoff_s": 0.01},
+    }
+    try:
+        daemon = await start_daemon(
+            {
+                "targets": [target],
+                "routes": everything_to("cos"),
+                "evidence": {"signing_key_file": str(key), "checkpoint_every_s": 3600},
+            }
+        )
+        front.holding = True
+        assert (await post(daemon, [make_event(id=f"late-{i}") for i in range(10)]))[0] == 202
+        await wait_for(lambda: settled(daemon), timeout_s=30, what="the batch given up")
+        assert len(front.arrived) == 1 and not front.landed
+        front.holding = False
+        front.release.set()
+        await wait_for(lambda: bool(front.landed), timeout_s=30, what="the late object")
+        assert (await post(daemon, [make_event(id=f"next-{i}") for i in range(10)]))[0] == 202
+        await wait_for(lambda: settled(daemon), timeout_s=30, what="the next batch")
+        assert_books_balance(daemon)
+        await daemon.stop()
+    finally:
+        front.release.set()
+        await front.stop()
+    found = await bodies(s3)
+    assert sorted(seqs(body) for body in found.values() if seqs(body)) == [
+        list(range(1, 11)),
+        list(range(11, 21)),
+    ], "the late object at places 1-10, the next batch after it"
+    row = daemon.status()["targets"]["cos"]
+    assert (row["delivered"], row["dead_lettered"]) == (10, 10)
+    config = tmp_path / "router.yaml"
+    data = {**daemon.source.data, "targets": [cos_target(s3_server.endpoint_url)]}
+    config.write_text(yaml.safe_dump(data))
+    code, out, err = await verify_bucket(config, public)
+    assert code == 0, out + err
+    assert out.startswith("OK: 10 events and 10 dead letters verified"), out
+    assert "10 dead-lettered events are in the bucket too" in out + err, out + err

@@ -6,7 +6,10 @@ checks the answer and that ingest still answers 202 afterwards."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import socket
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -416,3 +419,165 @@ def test_a_bad_api_target_network_is_a_config_problem(tmp_path: Path, network: s
     with pytest.raises(ConfigError) as caught:
         parse_config(data)
     assert any(p.startswith("auth.api_target_networks[0]: ") for p in caught.value.problems)
+
+
+@pytest.fixture
+def dns(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """A name server the test controls: a name in this table resolves to the address it holds
+    at that moment, every other name as the system resolves it. Every lookup of the daemon
+    goes through socket.getaddrinfo (the API's check in a thread, aiohttp's threaded resolver,
+    asyncio's open_connection), so this is the DNS the daemon sees, rebinding included."""
+    table: dict[str, str] = {}
+    system = socket.getaddrinfo
+
+    def getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        name = host.decode() if isinstance(host, bytes) else host
+        return system(table.get(name, host), port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return table
+
+
+@pytest.fixture
+async def listener() -> AsyncIterator[tuple[int, list[bytes]]]:
+    """A TCP port on 127.0.0.1 that records what each connection sends (a syslog receiver)."""
+    received: list[bytes] = []
+
+    async def take(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        received.append(await reader.read(65536))
+        writer.close()
+
+    server = await asyncio.start_server(take, "127.0.0.1", 0)
+    yield server.sockets[0].getsockname()[1], received
+    server.close()
+    await server.wait_closed()
+
+
+async def test_a_name_that_rebinds_after_the_check_is_refused_when_the_daemon_connects(
+    start_daemon: StartDaemon,
+    tmp_path: Path,
+    receiver_factory: ReceiverFactory,
+    dns: dict[str, str],
+    listener: tuple[int, list[bytes]],
+) -> None:
+    """DNS rebinding: a name that resolves inside auth.api_target_networks when the API checks
+    the target, and to an address the operator did not allow when the daemon connects
+    (0.0.0.0 reaches this host's own listeners, as 169.254.169.254 would reach a cloud's
+    metadata service). The names were checked only when the target was made, so the daemon
+    connected to whatever the name said later. Now every address is checked again when a
+    target the API made connects: nothing is sent, and the events are dead-lettered with the
+    reason. A name that still resolves inside the networks is delivered to."""
+    receiver = await receiver_factory()
+    syslog_port, syslog_received = listener
+    dns.update({"good.example": "127.0.0.1", "http.example": "127.0.0.1"})
+    dns["syslog.example"] = "127.0.0.1"
+    daemon = await start_daemon(
+        {
+            "auth": {**auth(), "api_target_networks": ["127.0.0.1/32"]},
+            "delivery": {"retry": {"max_attempts": 2, "initial_backoff_s": 0.05}},
+            "targets": [file_target("archive", tmp_path / "archive.ndjson")],
+            "routes": everything_to("archive"),
+        }
+    )
+    port = receiver.url.split(":")[2].split("/")[0]
+    made = {}
+    for name, target in [
+        ("good", http(f"http://good.example:{port}/ingest")),
+        ("http", http(f"http://http.example:{port}/ingest")),
+        ("syslog", syslog("syslog.example", syslog_port)),
+    ]:
+        status, answer = await call(daemon, "POST", "/api/v2/targets", target)
+        assert status == 201, answer
+        made[name] = answer["id"]
+    # The names' owner points them elsewhere once the checks are done.
+    dns.update({"http.example": "0.0.0.0", "syslog.example": "0.0.0.0"})
+    route = {"name": "all-api", "rules": [{"locations": ["*"], "target_ids": list(made.values())}]}
+    status, answer = await call(daemon, "POST", "/api/v2/routes", route)
+    assert status == 201, answer
+    await ingest_still_works(daemon, "rebound")
+    await wait_for(lambda: settled(daemon), what="every target settled")
+    rows = daemon.status()["targets"]
+    assert rows[made["good"]]["delivered"] == rows[made["good"]]["received"] >= 1
+    assert receiver.requests and all(
+        r.headers["Host"].startswith("good.") for r in receiver.requests
+    )
+    assert syslog_received == []
+    for name in ("http", "syslog"):
+        row = rows[made[name]]
+        assert row["delivered"] == 0 and row["dead_lettered"] == row["received"] >= 1, row
+        why = row["write_status"]["reason_for_last_failure"]
+        assert "0.0.0.0" in why and "auth.api_target_networks" in why, why
+    assert_books_balance(daemon)
+    # The hosts the API set are written in the YAML, so a restart or a reload bounds them too.
+    saved = {t["id"]: t for t in daemon.source.data["targets"]}
+    assert saved[made["http"]]["api_hosts"] == ["http.example"]
+    assert saved[made["syslog"]]["api_hosts"] == ["syslog.example"]
+    reloaded = parse_config(daemon.source.data).target(made["http"]).bound
+    assert reloaded is not None and reloaded == daemon.config.target(made["http"]).bound
+
+
+async def test_without_api_target_networks_an_admin_token_cannot_point_a_target_at_loopback(
+    start_daemon: StartDaemon, tmp_path: Path, receiver_factory: ReceiverFactory
+) -> None:
+    """With an admin token and no auth.api_target_networks, a target the API made could
+    connect to any port on the daemon's own host (loopback), and a COS or Event Streams
+    create's test write told open ports from closed ones: a port scanner. Loopback is now
+    refused unless the operator lists it in auth.api_target_networks; the YAML's own loopback
+    targets stay the operator's."""
+    receiver = await receiver_factory()
+    daemon = await start_daemon(
+        {
+            "auth": auth(),
+            "targets": [
+                file_target("archive", tmp_path / "archive.ndjson"),
+                {"id": "own", "target_type": "http", "http_endpoint": {"url": receiver.url}},
+            ],
+            "routes": everything_to("archive", "own"),
+        }
+    )
+    for target, field in [
+        (http(receiver.url), "http_endpoint.url"),
+        (http("http://localhost:22/"), "http_endpoint.url"),
+        (http("http://[::ffff:127.0.0.1]:22/"), "http_endpoint.url"),
+        (event_streams("127.0.0.1:22"), "eventstreams_endpoint.brokers[0]"),
+        (syslog("127.0.0.2", 22), "syslog_endpoint.host"),
+        (cos("http://127.0.0.1:22"), "cos_endpoint.endpoint"),
+    ]:
+        status, answer = await call(daemon, "POST", "/api/v2/targets", target)
+        assert status == 400, (target, answer)
+        assert field in message(answer) and "loopback" in message(answer), message(answer)
+        assert "api_target_networks" in message(answer)
+        assert "Kafka" not in message(answer)  # refused before any test write
+    status, own = await call(daemon, "GET", "/api/v2/targets/own")
+    endpoint = {**own["http_endpoint"], "timeout_s": 5}
+    status, answer = await call(
+        daemon,
+        "PUT",
+        "/api/v2/targets/own",
+        {"name": "own", "target_type": "http", "http_endpoint": endpoint},
+    )
+    assert status == 200, answer
+    await ingest_still_works(daemon, "after-loopback")
+
+
+async def test_api_target_networks_may_let_api_targets_reach_loopback(
+    start_daemon: StartDaemon, tmp_path: Path, receiver_factory: ReceiverFactory
+) -> None:
+    """The operator who wants API targets on this host says so: with 127.0.0.0/8 listed, a
+    loopback target is created and delivered to."""
+    receiver = await receiver_factory()
+    daemon = await start_daemon(
+        {
+            "auth": {**auth(), "api_target_networks": ["127.0.0.0/8"]},
+            "targets": [file_target("archive", tmp_path / "archive.ndjson")],
+            "routes": everything_to("archive"),
+        }
+    )
+    status, answer = await call(daemon, "POST", "/api/v2/targets", http(receiver.url))
+    assert status == 201, answer
+    route = {"name": "to-it", "rules": [{"locations": ["*"], "target_ids": [answer["id"]]}]}
+    assert (await call(daemon, "POST", "/api/v2/routes", route))[0] == 201
+    await ingest_still_works(daemon, "to-loopback")
+    await wait_for(lambda: settled(daemon), what="delivered")
+    assert "to-loopback" in [e["id"] for e in receiver.delivered_events]
+    assert_books_balance(daemon)

@@ -329,6 +329,8 @@ def auth() -> dict[str, Any]:
     return {
         "admin_tokens": [{"name": "ops", "sha256": hashlib.sha256(ADMIN.encode()).hexdigest()}],
         "ingest_tokens": [{"name": "sm", "sha256": hashlib.sha256(INGEST.encode()).hexdigest()}],
+        # The API makes targets on loopback receivers, which the operator must allow.
+        "api_target_networks": ["127.0.0.0/8"],
     }
 
 

@@ -29,7 +29,7 @@ from tests.conftest import StartDaemon
 from tests.fake_cloud_logs import API_KEY, FakeCloudLogs
 from tests.fakes import ACCOUNT, INSTANCE, make_event, wait_for
 from tests.helpers import assert_books_balance, everything_to, file_target, post, settled
-from tests.integration.test_api import Client, auth
+from tests.integration.test_api import Client, loopback_auth
 from tests.integration.test_cloud_logs import now_iso
 from tests.peers.kafka import KafkaBroker
 from tests.peers.s3 import S3Server
@@ -121,7 +121,7 @@ async def test_every_call_of_the_atracker_sdk_works_with_its_exact_bodies(
                 "server": {"host": "127.0.0.1", "port": 0},
                 "storage": {"path": str(tmp_path / "var")},
                 "startup": {"validate_targets": False},
-                "auth": auth(),
+                "auth": loopback_auth(),
                 # The daemon's own IBM Cloud identity, for targets that have no key of their own.
                 "iam": {"api_key": "${env:IBMCLOUD_API_KEY}", "iam_url": iam.url},
                 "targets": [file_target("archive", tmp_path / "archive.ndjson")],

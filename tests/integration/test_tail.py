@@ -346,3 +346,98 @@ async def test_tail_command_sends_the_admin_token(
     await daemon.acceptor.accept([make_event(id="seen")])
     assert await asyncio.wait_for(command, timeout=10) == 0
     assert orjson.loads(capsys.readouterr().out)["id"] == "seen"
+
+
+async def test_a_slow_tail_reader_of_large_events_holds_a_bounded_number_of_bytes(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """A tail client that reads nothing (but is not yet dropped) had up to 1000 events queued
+    whatever their size: with 30 KB events, 30 MB per client, 32 clients a gigabyte. The
+    queue is bounded in bytes too (server.tail_queue_bytes); what does not fit is dropped
+    for that client and counted, as the count bound does. /v1/status shows what it holds:
+    the messages queued for each client and those written that it has not read yet."""
+    limit = 1024 * 1024
+    daemon = await start_daemon(
+        {
+            "server": {
+                "host": "127.0.0.1",
+                "port": 0,
+                "tail_write_timeout_s": 120,
+                "tail_queue_bytes": limit,
+            },
+            "storage": {"path": str(tmp_path / "var"), "fsync": "never"},
+            "targets": [file_target("archive", tmp_path / "archive.ndjson")],
+            "routes": [{"name": "all", "rules": [{"locations": ["*"], "target_ids": ["archive"]}]}],
+        }
+    )
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", daemon.port))
+    _, writer = await asyncio.open_connection(sock=sock)
+    writer.write(b"GET /v1/tail HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")  # and never read a byte
+    try:
+        await wait_for(lambda: len(daemon.tail.subscribers) == 1, what="the client to subscribe")
+        [subscriber] = daemon.tail.subscribers
+        large = [make_event(requestData={"blob": "x" * 30_000}) for _ in range(20)]
+        deadline = asyncio.get_running_loop().time() + 60
+        while subscriber.dropped == 0:
+            assert asyncio.get_running_loop().time() < deadline, "nothing was ever dropped"
+            status, _ = await post(daemon, large)
+            assert status == 202  # ingest never waits for the tail
+            await wait_for(lambda: daemon.tail.backlog == 0, what="the fan-out")
+        assert daemon.tail.subscribers == {subscriber}  # not dropped: only slow
+        tail = daemon.status()["tail"]
+        queued = sum(len(message) for message in subscriber.pending)
+        assert queued <= tail["held_bytes"] <= limit, (queued, tail)
+        assert tail["clients"] == 1 and tail["dropped_events"] == subscriber.dropped > 0
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def test_a_subscriber_keeps_what_fits_in_bytes_and_counts_the_rest() -> None:
+    """The byte bound keeps the oldest messages that fit, counts the rest as dropped, and
+    counts a write the client has not taken yet as held; one message always fits a client
+    that holds nothing, however large."""
+    hub = TailHub(queue_bytes=1000)
+    hub.start()
+    try:
+        client = hub.subscribe(None)
+        hub.publish([accepted(make_event(id=f"e-{i}")) for i in range(50)])
+        await wait_for(lambda: hub.backlog == 0 and bool(client.pending), what="the fan-out")
+        size = len(client.pending[0])
+        assert len(client.pending) == 1000 // size and client.dropped == 50 - 1000 // size
+        assert client.held_bytes == sum(map(len, client.pending)) <= 1000
+        taken = client.take()  # being written, not yet read by the client: still held
+        assert client.held_bytes == sum(map(len, taken))
+        client.written()
+        assert client.held_bytes == 0
+        huge = make_event(id="huge", requestData={"blob": "x" * 5000})
+        hub.publish([accepted(huge)])
+        await wait_for(lambda: bool(client.pending), what="the large event")
+        assert hub.status()["held_bytes"] == len(client.pending[0]) > 1000
+    finally:
+        await hub.stop()
+
+
+async def test_batches_waiting_for_the_fan_out_are_bounded_in_bytes() -> None:
+    """While the fan-out is behind (here: not running), ingest's batches wait for it: up to
+    1000 batches whatever their size, a gigabyte of large events. They are bounded in bytes
+    too (server.tail_queue_bytes, one batch always fits); a batch past it is dropped for
+    every client and counted, as a batch past the count is."""
+    hub = TailHub(queue_bytes=100_000)
+    client = hub.subscribe(None)
+    large = [accepted(make_event(requestData={"blob": "x" * 30_000})) for _ in range(2)]
+    for _ in range(20):
+        hub.publish(large)
+    waiting = hub.status()["backlog_bytes"]
+    assert 0 < waiting <= 100_000 and 1 <= hub.backlog < 20, waiting
+    hub.start()
+    try:
+        await wait_for(lambda: hub.backlog == 0 and bool(client.pending), what="the fan-out")
+        # Every event reached the client or was counted as dropped for it.
+        assert len(client.pending) + client.dropped == 40
+        assert hub.status()["backlog_bytes"] == 0
+    finally:
+        await hub.stop()

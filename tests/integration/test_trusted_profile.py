@@ -21,7 +21,7 @@ from router.iam import CR_TOKEN_GRANT_TYPE, IamTokenSource, TrustedProfileConfig
 from tests.conftest import StartDaemon
 from tests.fakes import FakeIam, ScriptedReceiver, make_event, read_ndjson, wait_for
 from tests.helpers import assert_books_balance, everything_to, post, settled
-from tests.integration.test_api import Client, auth
+from tests.integration.test_api import Client, loopback_auth
 from tests.integration.test_cloud_logs import LOGS_CRN, now_iso
 from tests.integration.test_cos import (  # noqa: F401  (fixtures)
     cos_target,
@@ -273,7 +273,7 @@ async def test_an_admin_token_can_use_the_profile_but_never_name_a_file_or_anoth
     thief = await receiver_factory()
     daemon = await start_daemon(
         {
-            "auth": auth(),
+            "auth": loopback_auth(),
             "iam": profile_iam(iam, token_file),
             "targets": [logs_target(ingress)],
             "routes": everything_to("logs"),

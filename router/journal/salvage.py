@@ -7,10 +7,22 @@ is documented at https://www.sqlite.org/fileformat2.html), with the newest commi
 page from the write-ahead log in place of the file's, parses the cells of every table and index
 page, follows overflow chains as far as they survive, and returns the journal's rows by shape:
 
-    events      table leaf, (NULL = seq as rowid, TEXT, REAL, BLOB, INTEGER); kept only when
-                the CRC matches its body, so garbage never passes for an event
-    deliveries  index page (WITHOUT ROWID), (TEXT, INTEGER, TEXT)
+    batches     table leaf, (NULL = first seq as rowid, INTEGER, BLOB): one commit's events as a
+                frame of records (below), each with its own CRC; a blob whose overflow chain
+                is cut still gives every record before the cut
+    owed        index page (WITHOUT ROWID), (TEXT, INTEGER, INTEGER, INTEGER, TEXT): a run
+                of seqs a target is owed
+    events      table leaf, (NULL = seq as rowid, TEXT, REAL, BLOB, INTEGER): the layout before
+                batches, one row per event
+    deliveries  index page (WITHOUT ROWID), (TEXT, INTEGER, TEXT): the layout before owed runs
     books       table leaf, (TEXT, INTEGER, INTEGER, INTEGER[, INTEGER])
+
+Every event found comes back as an EventRow, whether from a batch's frame or an events row;
+one whose CRC does not match its body is returned as not intact (the journal dead-letters it).
+
+A frame is its records back to back, each `RECORD` (body length, CRC32 of the body, seq,
+received_at, id length) then the id's UTF-8 bytes then the body. The journal writes frames and
+reads them back with `frame_records`, which is also how salvage reads a torn one.
 
 Pages on the freelist hold settled rows that were not yet overwritten; they are skipped (by the
 freelist and by the pointer map), so salvage never resurrects what was already delivered.
@@ -21,7 +33,7 @@ from __future__ import annotations
 
 import struct
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from mmap import mmap
 
@@ -33,6 +45,8 @@ DEFAULT_PAGE_SIZE = 4096
 TABLE_LEAF, INDEX_LEAF, INDEX_INTERIOR = 13, 10, 2
 PTRMAP_FREE = 2
 MAX_RECORD_BYTES = 1 << 30  # no journal record comes near; a larger length is garbage
+# A frame's record header: body length, CRC32 of the body, seq, received_at, id length.
+RECORD = struct.Struct("<IIqdH")
 
 Value = int | float | str | bytes | None
 
@@ -69,7 +83,89 @@ class BooksRow:
     counts: tuple[int, ...]
 
 
-Row = EventRow | DeliveryRow | BooksRow
+@dataclass(frozen=True, slots=True)
+class OwedRow:
+    """A run of seqs owed to a target: first..last, all in the batch starting at `batch`."""
+
+    target: str
+    first: int
+    last: int
+    batch: int
+    route: str
+
+
+Row = EventRow | DeliveryRow | OwedRow | BooksRow
+
+
+def frame(records: Iterable[tuple[int, str, float, bytes, int]]) -> bytes:
+    """A batch's blob: each (seq, event_id, received_at, body, crc) as one record."""
+    parts: list[bytes] = []
+    for seq, event_id, received_at, body, crc in records:
+        raw_id = event_id.encode()
+        parts += (RECORD.pack(len(body), crc, seq, received_at, len(raw_id)), raw_id, body)
+    return b"".join(parts)
+
+
+def frame_offsets(blob: bytes, first: int, last: int) -> dict[int, int]:
+    """Where each record of a batch (seqs first..last, ascending) starts in its blob. A
+    header that cannot be a record's (its seq out of order or its bytes past the end: a
+    damaged or torn frame) is skipped by searching on for the next whole record whose CRC
+    matches, so damage costs the records it touched and no more."""
+    offsets: dict[int, int] = {}
+    unpack = RECORD.unpack_from
+    size = RECORD.size
+    end = len(blob)
+    at, previous = 0, first - 1
+    while at + size <= end:
+        length, _, seq, _, id_length = unpack(blob, at)
+        stop = at + size + id_length + length
+        if previous < seq <= last and stop <= end:
+            offsets[seq] = at
+            previous, at = seq, stop
+        else:
+            at = _resync(blob, at + 1, previous, last)
+    return offsets
+
+
+def _resync(blob: bytes, at: int, previous: int, last: int) -> int:
+    """The next offset from `at` where a whole record with a later seq and a matching CRC
+    starts; the end of the blob if there is none."""
+    size = RECORD.size
+    end = len(blob)
+    while at + size <= end:
+        length, crc, seq, _, id_length = RECORD.unpack_from(blob, at)
+        start = at + size + id_length
+        if (
+            previous < seq <= last
+            and start + length <= end
+            and zlib.crc32(blob[start : start + length]) == crc
+        ):
+            return at
+        at += 1
+    return end
+
+
+def record_at(blob: bytes, at: int) -> tuple[int, str | None, float, bytes, int]:
+    """The record starting at `at`: (seq, event_id or None if it is not UTF-8, received_at,
+    body, crc as stored)."""
+    length, crc, seq, received_at, id_length = RECORD.unpack_from(blob, at)
+    start = at + RECORD.size
+    raw_id = blob[start : start + id_length]
+    try:
+        event_id: str | None = raw_id.decode()
+    except UnicodeDecodeError:
+        event_id = None
+    start += id_length
+    return seq, event_id, received_at, blob[start : start + length], crc
+
+
+def frame_records(blob: bytes, first: int, last: int) -> Iterator[EventRow]:
+    """Every record a batch's blob still holds, as EventRows (intact or not); one whose id is
+    not even text is garbage, not a record."""
+    for at in frame_offsets(blob, first, last).values():
+        seq, event_id, received_at, body, crc = record_at(blob, at)
+        if event_id is not None:
+            yield EventRow(seq, event_id, received_at, body, crc)
 
 
 class Pages(Mapping[int, bytes]):
@@ -107,24 +203,29 @@ def scan(db: bytes | mmap, wal: bytes = b"") -> Iterator[Row]:
     for number in pages:
         if number in skip:
             continue
-        for kind, rowid, values in _cells(pages[number], pages, pages.usable):
-            row = _classify(kind, rowid, values)
-            if row is not None:
-                yield row
+        for kind, rowid, values, whole in _cells(pages[number], pages, pages.usable):
+            yield from _classify(kind, rowid, values, whole)
 
 
-def _classify(kind: int, rowid: int | None, values: list[Value]) -> Row | None:
+def _classify(kind: int, rowid: int | None, values: list[Value], whole: bool) -> Iterator[Row]:
+    """The rows a cell holds by its shape; a cell cut short (`whole` false) only when it is a
+    batch, whose records before the cut are still whole."""
     if kind == TABLE_LEAF and rowid is not None:
         match values:
-            case [None, str(event_id), int() | float() as at, bytes(body), int(crc)]:
-                return EventRow(rowid, event_id, float(at), body, crc)
-            case [str(target), int(), int(), int(), *rest] if all(type(v) is int for v in rest):
-                return BooksRow(target, tuple(v for v in values[1:] if isinstance(v, int)))
-    elif kind in (INDEX_LEAF, INDEX_INTERIOR):
+            case [None, int(last), bytes(blob)]:
+                yield from frame_records(blob, rowid, last)
+            case [None, str(event_id), int() | float() as at, bytes(body), int(crc)] if whole:
+                yield EventRow(rowid, event_id, float(at), body, crc)
+            case [str(target), int(), int(), int(), *rest] if whole and all(
+                type(v) is int for v in rest
+            ):
+                yield BooksRow(target, tuple(v for v in values[1:] if isinstance(v, int)))
+    elif kind in (INDEX_LEAF, INDEX_INTERIOR) and whole:
         match values:
             case [str(target), int(seq), str(route)]:
-                return DeliveryRow(target, seq, route)
-    return None
+                yield DeliveryRow(target, seq, route)
+            case [str(target), int(last), int(first), int(batch), str(route)]:
+                yield OwedRow(target, first, last, batch, route)
 
 
 def _page_size(db: bytes | mmap) -> int:
@@ -200,8 +301,10 @@ def _ptrmap_pages(pages: Pages) -> set[int]:
 
 def _cells(
     page: bytes, pages: Mapping[int, bytes], usable: int
-) -> Iterator[tuple[int, int | None, list[Value]]]:
-    """(page kind, rowid of a table cell, column values) for each cell that parses."""
+) -> Iterator[tuple[int, int | None, list[Value], bool]]:
+    """(page kind, rowid of a table cell, column values, whether the cell is whole) for each
+    cell that parses; a cell whose overflow chain is cut gives what comes before the cut, its
+    last value short."""
     kind = page[0]
     if kind not in (TABLE_LEAF, INDEX_LEAF, INDEX_INTERIOR):
         return
@@ -220,7 +323,7 @@ def _cells(
 
 def _cell(
     kind: int, page: bytes, at: int, pages: Mapping[int, bytes], usable: int
-) -> tuple[int, int | None, list[Value]]:
+) -> tuple[int, int | None, list[Value], bool]:
     if kind == INDEX_INTERIOR:
         at += 4  # the left child's page number
     size, at = _varint(page, at)
@@ -230,13 +333,15 @@ def _cell(
     if kind == TABLE_LEAF:
         rowid, at = _varint(page, at)
     payload = _payload(kind, page, at, size, pages, usable)
-    return kind, rowid, _record(payload)
+    whole = len(payload) == size
+    return kind, rowid, _record(payload, whole), whole
 
 
 def _payload(
     kind: int, page: bytes, at: int, size: int, pages: Mapping[int, bytes], usable: int
 ) -> bytes:
-    """The cell's payload: the part on the page, then its overflow pages in turn."""
+    """The cell's payload: the part on the page, then its overflow pages in turn, as far as
+    the chain survives (shorter than `size` where it is cut)."""
     most = usable - 35 if kind == TABLE_LEAF else (usable - 12) * 64 // 255 - 23
     least = (usable - 12) * 32 // 255 - 23
     if size <= most:
@@ -253,7 +358,7 @@ def _payload(
     while got < size:
         next_page = pages.get(overflow)
         if next_page is None or overflow in seen:
-            raise ValueError("overflow chain broken")
+            break  # the chain is cut: what came before it is all there is
         seen.add(overflow)
         take = min(size - got, usable - 4)
         parts.append(next_page[4 : 4 + take])
@@ -262,7 +367,9 @@ def _payload(
     return b"".join(parts)
 
 
-def _record(payload: bytes) -> list[Value]:
+def _record(payload: bytes, whole: bool = True) -> list[Value]:
+    """The record's values; from a payload cut short (not `whole`), the values before the cut
+    and the one it cut, short."""
     header_size, at = _varint(payload, 0)
     if header_size > len(payload):
         raise ValueError("record header runs past the payload")
@@ -273,6 +380,9 @@ def _record(payload: bytes) -> list[Value]:
     values: list[Value] = []
     at = header_size
     for serial in types:
+        if not whole and serial >= 12 and at + (serial - 12) // 2 > len(payload):
+            values.append(payload[at:])  # cut: only a blob (a batch's frame) is kept so
+            return values
         value, at = _value(payload, at, serial)
         values.append(value)
     if at != len(payload):

@@ -10,13 +10,24 @@ another target failed. After a crash at most the batch in flight per target is s
 Storage is SQLite in WAL mode (stdlib, crash-safe, checksummed WAL frames, so a torn tail is
 discarded by SQLite itself) with our own CRC32 per record on top, checked on every read:
 
-    events(seq, event_id, received_at, body, crc)      one row per accepted, routed event
-    deliveries(target, seq, route)                     one row per event still owed to a target
+    batches(first_seq, last_seq, records)              one row per commit: its events as a
+                                                       frame of records (salvage.frame), each
+                                                       with its seq, id, arrival time and CRC
+    owed(target, last_seq, first_seq, batch, route)    one row per run of consecutive seqs of
+                                                       one batch owed to a target by one route
+                                                       (one per commit and target when routing
+                                                       sends the whole commit there)
     books(target, received, delivered, dead_lettered, lost)  moved in the same transactions
     chains(target, seq, hash, checkpoint, checkpoint_at)     router/evidence: each target's
                                                        chain head and its last checkpoint
     planned(target, batch_key, name, base_seq, ..., body)    router/evidence: the object a
                                                        bucket target is about to PUT
+
+An ack deletes the target's runs up to the batch's last seq (trimming the run it ends in) and
+then every batch of those runs that no run points into any more: a few rows per commit, not
+two per event. `events(seq, ...)` and `deliveries(target, seq, route)` are the layout before
+batches, one row per event and per delivery: a journal written that way (or rebuilt by salvage)
+is moved into batches when it opens, and they stay empty.
 
 Concurrent `append` calls share one transaction and one fsync (group commit). All SQLite work
 runs on one dedicated thread so the event loop never blocks on disk. While a target keeps up,
@@ -34,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import logging
 import mmap
@@ -52,7 +64,17 @@ from router.config import JOURNAL_FILE, StorageConfig
 from router.events import Event
 from router.journal import Books, Entry, JournalFullError, JournalUnavailableError
 from router.journal.lock import lock_storage
-from router.journal.salvage import BooksRow, DeliveryRow, EventRow, scan
+from router.journal.salvage import (
+    RECORD,
+    BooksRow,
+    DeliveryRow,
+    EventRow,
+    OwedRow,
+    frame,
+    frame_offsets,
+    record_at,
+    scan,
+)
 from router.observe.logformat import counted
 
 log = logging.getLogger(__name__)
@@ -61,6 +83,12 @@ T = TypeVar("T")
 
 DB_NAME = JOURNAL_FILE
 SCHEMA = """
+CREATE TABLE IF NOT EXISTS batches (
+    first_seq INTEGER PRIMARY KEY, last_seq INTEGER NOT NULL, records BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS owed (
+    target TEXT NOT NULL, last_seq INTEGER NOT NULL, first_seq INTEGER NOT NULL,
+    batch INTEGER NOT NULL, route TEXT NOT NULL, PRIMARY KEY (target, last_seq)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS owed_batch ON owed(batch);
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY, event_id TEXT NOT NULL, received_at REAL NOT NULL,
     body BLOB NOT NULL, crc INTEGER NOT NULL);
@@ -83,6 +111,13 @@ CREATE TABLE IF NOT EXISTS planned (
 ADD_LOST = "ALTER TABLE books ADD COLUMN lost INTEGER NOT NULL DEFAULT 0"
 # The route of a delivery that salvage restored from a surviving event alone.
 SALVAGED_ROUTE = "salvaged"
+# A commit's events are framed into batch rows of about this many bytes of bodies: a read of a
+# few events of a large commit loads one of them, not all of it; and a frame stays below glibc's
+# mmap threshold (128 KiB), which a larger one, once freed, raises for good (1 MiB frames cost
+# bench.journal_owner 4-6 MB of peak RSS and saved no CPU there).
+BATCH_BYTES = 1 << 16
+# Events of the layout before batches moved into one batch row (and one transaction) at a time.
+MIGRATE_CHUNK = 1000
 RETIRE_CHUNK = 1000
 FREE_PAGES_BEFORE_SHRINK = 4096
 SHRINK_STEP_PAGES = 1024
@@ -183,6 +218,10 @@ class SqliteJournal:
         self._db: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
         self._next_seq = 1
+        self._page_size = 4096
+        # The journal thread's last batch read, and where each of its records starts: a
+        # target reading its backlog takes a large commit in several batches.
+        self._frame: tuple[int, bytes, dict[int, int]] = (0, b"", {})
         self._queue: list[_Pending] = []
         self._flusher: asyncio.Task[None] | None = None
         self._interval_syncer: asyncio.Task[None] | None = None
@@ -288,11 +327,13 @@ class SqliteJournal:
         self.path.touch(mode=0o600, exist_ok=True)
         self._db = self._connect(self.path)
         db = self._db
-        self._next_seq = (db.execute("SELECT MAX(seq) FROM events").fetchone()[0] or 0) + 1
+        _move_into_batches(db, commit_each=True)
+        self._page_size = db.execute("PRAGMA page_size").fetchone()[0]
+        self._next_seq = (db.execute("SELECT MAX(last_seq) FROM batches").fetchone()[0] or 0) + 1
         for target_id, target in self._targets.items():
             target.books = self._books_sync(target_id)
         self.lost_records = db.execute("SELECT COALESCE(SUM(lost), 0) FROM books").fetchone()[0]
-        for (target_id,) in db.execute("SELECT DISTINCT target FROM deliveries").fetchall():
+        for (target_id,) in db.execute("SELECT DISTINCT target FROM owed").fetchall():
             if target_id not in self._targets:
                 self.orphans.add(target_id)
         self._update_size()
@@ -343,6 +384,7 @@ class SqliteJournal:
             with transaction(fresh):
                 books = _copy_salvaged(aside, fresh)
                 recovered, lost = self._settle_salvaged(fresh, books)
+                _move_into_batches(fresh, commit_each=False)
         finally:
             fresh.close()
         log.error(
@@ -434,9 +476,10 @@ class SqliteJournal:
         """Write everything queued in one transaction; requests queued meanwhile go next."""
         while self._queue:
             group, self._queue = self._queue, []
-            rows, deliveries, received, entries = self._rows(group)
+            batches, runs, entries = self._rows(group)
+            received = {target_id: len(taken) for target_id, taken in entries.items()}
             try:
-                await self._run(self._write_sync, rows, deliveries, received)
+                await self._run(self._write_sync, batches, runs, received)
             except Exception as exc:
                 self._write_failed()
                 log.exception("journal write failed")
@@ -455,7 +498,7 @@ class SqliteJournal:
                     continue
                 target.books.received += count
                 target.books.pending += count
-                for entry in entries.get(target_id, ()):
+                for entry in entries[target_id]:
                     target.remember(entry)
                 target.wakeup.set()
             for pending in group:
@@ -464,52 +507,83 @@ class SqliteJournal:
 
     def _rows(
         self, group: Sequence[_Pending]
-    ) -> tuple[
-        list[tuple[Any, ...]], list[tuple[str, int, str]], dict[str, int], dict[str, list[Entry]]
-    ]:
-        """The rows of one commit, and per target the entries its worker may take from memory
-        once it is durable: each event as the journal stores it (its bytes, no parsed body),
-        so memory holds what a read of the database would give and nothing more."""
-        rows: list[tuple[Any, ...]] = []
-        deliveries: list[tuple[str, int, str]] = []
-        received: dict[str, int] = {}
+    ) -> tuple[list[tuple[int, int, list[bytes]]], list[list[Any]], dict[str, list[Entry]]]:
+        """One commit: its batches (first seq, last seq, the parts of the frame of their
+        records, up to about BATCH_BYTES each), its owed runs ([target, last seq, first seq,
+        batch, route]: consecutive seqs of one batch a target gets by one route), and per
+        target the entries its worker may take from memory once it is durable: each event as
+        the journal stores it (its bytes, no parsed body), so memory holds what a read of the
+        database would give and nothing more."""
+        batches: list[tuple[int, int, list[bytes]]] = []
+        runs: list[list[Any]] = []
+        current: dict[str, list[Any]] = {}
         entries: dict[str, list[Entry]] = {}
+        first = seq = self._next_seq
+        parts: list[bytes] = []
+        size = 0
+        pack = RECORD.pack
+        crc32 = zlib.crc32
+        stored = Event.stored
         for pending in group:
             for event, targets in pending.routed:
-                seq = self._next_seq
-                self._next_seq += 1
                 body = event.encoded()
-                rows.append((seq, event.id, event.received_at, body, zlib.crc32(body)))
-                stored = Event.stored(event.id, body, event.received_at)
+                raw_id = event.id.encode()
+                if size > BATCH_BYTES:
+                    batches.append((first, seq - 1, parts))
+                    first, parts, size, current = seq, [], 0, {}
+                parts += (
+                    pack(len(body), crc32(body), seq, event.received_at, len(raw_id)),
+                    raw_id,
+                    body,
+                )
+                size += len(body)
+                kept = stored(event.id, body, event.received_at)
                 for target_id, route in targets.items():
-                    deliveries.append((target_id, seq, route))
-                    received[target_id] = received.get(target_id, 0) + 1
-                    entries.setdefault(target_id, []).append(Entry(seq, stored, route))
-        return rows, deliveries, received, entries
+                    run = current.get(target_id)
+                    if run is not None and run[1] == seq - 1 and run[4] == route:
+                        run[1] = seq
+                    else:
+                        current[target_id] = run = [target_id, seq, seq, first, route]
+                        runs.append(run)
+                    taken = entries.get(target_id)
+                    if taken is None:
+                        entries[target_id] = taken = []
+                    taken.append(Entry(seq, kept, route))
+                seq += 1
+        batches.append((first, seq - 1, parts))
+        self._next_seq = seq
+        return batches, runs, entries
 
     def _write_sync(
         self,
-        rows: list[tuple[Any, ...]],
-        deliveries: list[tuple[str, int, str]],
+        batches: list[tuple[int, int, list[bytes]]],
+        runs: list[list[Any]],
         received: dict[str, int],
     ) -> None:
         db = self._db
         assert db is not None
         with transaction(db):
-            db.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?)", rows)
-            db.executemany("INSERT INTO deliveries VALUES (?, ?, ?)", deliveries)
+            # Each frame is joined as SQLite takes it: a large commit is never copied whole.
+            db.executemany(
+                "INSERT INTO batches VALUES (?, ?, ?)",
+                ((first, last, b"".join(parts)) for first, last, parts in batches),
+            )
+            db.executemany("INSERT INTO owed VALUES (?, ?, ?, ?, ?)", runs)
             db.executemany(
                 "UPDATE books SET received = received + ? WHERE target = ?",
                 [(count, target_id) for target_id, count in received.items()],
             )
         self._update_size()
 
-    def _update_size(self) -> None:
+    def _update_size(self) -> int:
+        """The pages in use, in bytes (one statement: the page size is read once, at open).
+        Returns the free pages."""
         assert self._db is not None
-        page_size = self._db.execute("PRAGMA page_size").fetchone()[0]
-        pages = self._db.execute("PRAGMA page_count").fetchone()[0]
-        free = self._db.execute("PRAGMA freelist_count").fetchone()[0]
-        self.used_bytes = (pages - free) * page_size
+        pages, free = self._db.execute(
+            "SELECT * FROM pragma_page_count(), pragma_freelist_count()"
+        ).fetchone()
+        self.used_bytes = (pages - free) * self._page_size
+        return int(free)
 
     async def _sync_every_interval(self) -> None:
         """fsync: interval — commits reach the OS at once and the disk every interval. A
@@ -584,17 +658,53 @@ class SqliteJournal:
             await _first_of(target.wakeup, stopping, timeout_s=1.0)
 
     def _read_sync(self, target_id: str, after: int, limit: int) -> list[Entry]:
+        """The target's first `limit` entries past seq `after`: its runs, each read from its
+        batch's frame (a seq its frame lacks is a quarantine marker, as a record that fails
+        its checksum is)."""
         assert self._db is not None
-        rows = self._db.execute(
-            "SELECT d.seq, d.route, e.event_id, e.received_at, e.body, e.crc FROM deliveries d "
-            "LEFT JOIN events e ON e.seq = d.seq "
-            "WHERE d.target = ? AND d.seq > ? ORDER BY d.seq LIMIT ?",
+        runs = self._db.execute(
+            "SELECT first_seq, last_seq, batch, route FROM owed "
+            "WHERE target = ? AND last_seq > ? ORDER BY last_seq LIMIT ?",
             (target_id, after, limit),
         ).fetchall()
-        entries = []
-        for seq, route, event_id, received_at, body, crc in rows:
-            entries.append(Entry(seq, self._decode(seq, event_id, received_at, body, crc), route))
+        entries: list[Entry] = []
+        unpack, size, crc32 = RECORD.unpack_from, RECORD.size, zlib.crc32
+        for first, last, batch, route in runs:
+            blob, offsets = self._batch_frame(batch)
+            for seq in range(max(first, after + 1), last + 1):
+                at = offsets.get(seq)
+                event = None
+                if at is not None:
+                    # record_at and _decode, inlined: this is the read of every backlog.
+                    length, crc, _, received_at, id_length = unpack(blob, at)
+                    start = at + size + id_length
+                    body = blob[start : start + length]
+                    if crc32(body) == crc and body[:1] == b"{":
+                        try:
+                            event_id = blob[at + size : start].decode()
+                        except UnicodeDecodeError:
+                            pass
+                        else:
+                            event = Event(id=event_id, encoded=body, received_at=received_at)
+                if event is None:
+                    event = self._decode(seq, *_record_or_none(blob, at))
+                entries.append(Entry(seq, event, route))
+                if len(entries) == limit:
+                    return entries
         return entries
+
+    def _batch_frame(self, batch: int) -> tuple[bytes, dict[int, int]]:
+        """A batch's blob and where each of its records starts, kept for the next read (a
+        target reads a large commit in several batches; a batch is never rewritten)."""
+        if self._frame[0] != batch:
+            assert self._db is not None
+            row = self._db.execute(
+                "SELECT last_seq, records FROM batches WHERE first_seq = ?", (batch,)
+            ).fetchone()
+            blob = bytes(row[1]) if row is not None else b""
+            offsets = frame_offsets(blob, batch, row[0]) if row is not None else {}
+            self._frame = (batch, blob, offsets)
+        return self._frame[1], self._frame[2]
 
     def _decode(
         self,
@@ -619,7 +729,7 @@ class SqliteJournal:
                 self.quarantined += 1
                 log.error("journal record %d is missing or fails its checksum; quarantined", seq)
             return Event.corrupt_record(seq, body, event_id=event_id, received_at=received_at)
-        return Event.stored(event_id, bytes(body), received_at)
+        return Event.stored(event_id, body, received_at)
 
     async def ack(self, target_id: str, batch: Sequence[Entry], *, dead_lettered: int) -> None:
         """Settle the batch. A caller cancelled meanwhile (a worker stopped at the drain
@@ -683,29 +793,43 @@ class SqliteJournal:
         with transaction(db):
             if head is not None:
                 _keep_chain_head(db, target_id, *head)
-            settled = db.execute(
-                "DELETE FROM deliveries WHERE target = ? AND seq <= ?", (target_id, last)
+            touched = db.execute(
+                "DELETE FROM owed WHERE target = ? AND last_seq <= ? RETURNING batch",
+                (target_id, last),
+            ).fetchall()
+            # The run the batch ends in, if it goes on past it, now starts after it.
+            trimmed = db.execute(
+                "UPDATE owed SET first_seq = ?1 + 1 WHERE target = ?2 AND first_seq <= ?1 AND "
+                "last_seq = (SELECT MIN(last_seq) FROM owed WHERE target = ?2 AND last_seq > ?1)",
+                (last, target_id),
             ).rowcount
-            if settled:  # none: an earlier attempt committed, then failed after the commit
+            if touched or trimmed > 0:  # none: an earlier attempt committed, then failed after
                 db.execute(
                     "UPDATE books SET delivered = delivered + ?, dead_lettered = dead_lettered + ? "
                     "WHERE target = ?",
                     (delivered, dead_lettered, target_id),
                 )
-            db.execute(
-                f"DELETE FROM events WHERE seq BETWEEN ? AND ? AND {self._unowned()}",
-                (first, last, *self._owners()),
-            )
-        self._give_back_space()
-        self._update_size()
+            self._drop_unowned(db, {batch for (batch,) in touched})
+        self._give_back_space(self._update_size())
 
-    def _give_back_space(self) -> None:
+    def _drop_unowned(self, db: sqlite3.Connection, batches: set[int]) -> None:
+        """Delete those of these batches that no target is owed anything of any more."""
+        db.executemany(
+            "DELETE FROM batches WHERE first_seq = ?1 AND NOT EXISTS "
+            "(SELECT 1 FROM owed WHERE batch = ?1)",
+            [(batch,) for batch in batches],
+        )
+        if self._frame[0] in batches:
+            self._frame = (0, b"", {})
+
+    def _give_back_space(self, free_pages: int) -> None:
         """Shrink the file a step at a time once many pages are free, so that a drained
         backlog does not keep its disk space forever, and no single ack pays for all of it."""
         assert self._db is not None
-        if self._db.execute("PRAGMA freelist_count").fetchone()[0] > FREE_PAGES_BEFORE_SHRINK:
+        if free_pages > FREE_PAGES_BEFORE_SHRINK:
             # executescript steps the pragma to completion; execute() frees one page only.
             self._db.executescript(f"PRAGMA incremental_vacuum({SHRINK_STEP_PAGES});")
+            self._update_size()
 
     def shed_order(self) -> list[str]:
         """Targets with a backlog, the stuck one first: the one whose worker has held its
@@ -742,7 +866,7 @@ class SqliteJournal:
             entries = await self._run(self._read_sync, target_id, after, count)
             yield entries
             if entries:
-                seqs = [(target_id, entry.seq) for entry in entries]
+                seqs = [entry.seq for entry in entries]
                 removed = await self._run(self._shed_sync, target_id, seqs)
                 # A commit that landed before the read may have been remembered and shed both:
                 # memory must only ever hold unsettled entries (see _Target.in_memory).
@@ -750,23 +874,45 @@ class SqliteJournal:
                 target.books.pending -= removed
                 target.books.dead_lettered += removed
 
-    def _shed_sync(self, target_id: str, seqs: list[tuple[str, int]]) -> int:
-        """Remove these delivery rows; the books move by the rows actually removed."""
+    def _shed_sync(self, target_id: str, seqs: list[int]) -> int:
+        """Take these seqs out of the target's runs (splitting a run around them), and delete
+        the batches no one is owed anything of any more; the books move by the seqs actually
+        removed."""
         assert self._db is not None
+        if not seqs:
+            return 0
+        gone = set(seqs)
         with transaction(self._db) as db:
-            removed = db.executemany(
-                "DELETE FROM deliveries WHERE target = ? AND seq = ?", seqs
-            ).rowcount
+            runs = db.execute(
+                "SELECT last_seq, first_seq, batch, route FROM owed WHERE target = ?1 AND "
+                "last_seq BETWEEN ?2 AND "
+                "(SELECT MIN(last_seq) FROM owed WHERE target = ?1 AND last_seq >= ?3)",
+                (target_id, min(gone), max(gone)),
+            ).fetchall()
+            removed = 0
+            kept: list[tuple[str, int, int, int, str]] = []
+            for last, first, batch, route in runs:
+                piece: list[int] = []
+                for seq in [*range(first, last + 1), None]:
+                    if seq is not None and seq not in gone:
+                        piece.append(seq)
+                        continue
+                    if piece:
+                        kept.append((target_id, piece[-1], piece[0], batch, route))
+                        piece = []
+                    removed += seq is not None
             db.executemany(
-                f"DELETE FROM events WHERE seq = ? AND {self._unowned()}",
-                [(seq, *self._owners()) for _, seq in seqs],
+                "DELETE FROM owed WHERE target = ? AND last_seq = ?",
+                [(target_id, last) for last, *_ in runs],
             )
+            db.executemany("INSERT INTO owed VALUES (?, ?, ?, ?, ?)", kept)
             db.execute(
                 "UPDATE books SET dead_lettered = dead_lettered + ? WHERE target = ?",
                 (removed, target_id),
             )
+            self._drop_unowned(db, {batch for _, _, batch, _ in runs})
         self._update_size()
-        return max(removed, 0)
+        return removed
 
     async def add_target(self, target_id: str) -> None:
         """A target joins at run time (a config reload): it gets its books and a cursor."""
@@ -783,7 +929,8 @@ class SqliteJournal:
             (target_id,),
         ).fetchone()
         pending = self._db.execute(
-            "SELECT COUNT(*) FROM deliveries WHERE target = ?", (target_id,)
+            "SELECT COALESCE(SUM(last_seq - first_seq + 1), 0) FROM owed WHERE target = ?",
+            (target_id,),
         ).fetchone()[0]
         return Books(received, delivered, dead, pending, lost=lost)
 
@@ -808,7 +955,7 @@ class SqliteJournal:
                     if not entries:
                         break
                     await dead_letter(entries)
-                    seqs = [(target_id, e.seq) for e in entries]
+                    seqs = [e.seq for e in entries]
                     removed = await self._run(self._shed_sync, target_id, seqs)
                 total += removed
                 if target is not None:
@@ -820,18 +967,6 @@ class SqliteJournal:
 
     def _retire_lock(self, target_id: str) -> asyncio.Lock:
         return self._retire_locks.setdefault(target_id, asyncio.Lock())
-
-    def _owners(self) -> tuple[str, ...]:
-        """Every target that may still have delivery rows: configured ones and orphans."""
-        return (*self._targets, *self.orphans)
-
-    def _unowned(self) -> str:
-        """SQL: the event row is owed to no target any more, so its space can be reclaimed.
-        Naming the targets lets SQLite use the (target, seq) primary key for each lookup."""
-        marks = ", ".join("?" * len(self._owners()))
-        return (
-            f"NOT EXISTS (SELECT 1 FROM deliveries WHERE target IN ({marks}) AND seq = events.seq)"
-        )
 
     def books(self, target_id: str) -> Books:
         return self._targets[target_id].books
@@ -899,16 +1034,28 @@ class SqliteJournal:
 
     async def pending_for(self, event_id: str) -> list[str]:
         """The targets an event (by id) is still owed to: what a receipt's lookup shows as
-        pending. A scan of the events table: for an admin's question, not the hot path."""
+        pending. A scan of the batches for the id's bytes: for an admin's question, not the
+        hot path."""
 
         def read() -> list[str]:
             assert self._db is not None
-            rows = self._db.execute(
-                "SELECT DISTINCT d.target FROM events e JOIN deliveries d ON d.seq = e.seq "
-                "WHERE e.event_id = ? ORDER BY d.target",
-                (event_id,),
-            ).fetchall()
-            return [target for (target,) in rows]
+            db = self._db
+            targets: set[str] = set()
+            for first, last, blob in db.execute(
+                "SELECT first_seq, last_seq, records FROM batches WHERE instr(records, ?) > 0",
+                (event_id.encode(),),
+            ).fetchall():
+                for seq, at in frame_offsets(blob, first, last).items():
+                    if record_at(blob, at)[1] == event_id:
+                        targets.update(
+                            target
+                            for (target,) in db.execute(
+                                "SELECT target FROM owed WHERE batch = ?1 AND first_seq <= ?2 "
+                                "AND last_seq >= ?2",
+                                (first, seq),
+                            )
+                        )
+            return sorted(targets)
 
         return await self._run(read)
 
@@ -953,9 +1100,80 @@ def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         raise
 
 
+def _record_or_none(
+    blob: bytes, at: int | None
+) -> tuple[str | None, float | None, bytes | None, int | None]:
+    """(event_id, received_at, body, crc) of the record at `at`, all None if there is none."""
+    if at is None:
+        return None, None, None, None
+    return record_at(blob, at)[1:]
+
+
+def _move_into_batches(db: sqlite3.Connection, *, commit_each: bool) -> None:
+    """Move what the layout before batches holds (a journal written by an older version, or
+    the rows salvage recovered) into batches of MIGRATE_CHUNK events and their owed runs. Each
+    chunk leaves the old tables as it enters the new ones, in one transaction of its own when
+    `commit_each` (a kill during a large move loses nothing; the next open moves the rest).
+    A record keeps its CRC as stored, so one that failed its checksum still fails it, and a
+    delivery whose event is gone is still owed (and quarantined when read), as before."""
+    moved = 0
+    while True:
+        with transaction(db) if commit_each else contextlib.nullcontext(db):
+            chunk = _move_chunk(db)
+        if chunk is None:
+            break
+        moved += chunk
+    if moved:
+        log.info("journal: %s moved into batches", counted(moved, "event", "events"))
+
+
+def _move_chunk(db: sqlite3.Connection) -> int | None:
+    """Move the first MIGRATE_CHUNK events of the old tables (and the deliveries up to the
+    last of them) into one batch; returns how many events it moved (None: nothing was left)."""
+    first, top = db.execute(
+        "SELECT MIN(lo), MAX(hi) FROM (SELECT MIN(seq) AS lo, MAX(seq) AS hi FROM events "
+        "UNION ALL SELECT MIN(seq), MAX(seq) FROM deliveries)"
+    ).fetchone()
+    if first is None:
+        return None
+    rows = db.execute(
+        "SELECT seq, event_id, received_at, body, crc FROM events WHERE seq >= ? "
+        "ORDER BY seq LIMIT ?",
+        (first, MIGRATE_CHUNK),
+    ).fetchall()
+    last = rows[-1][0] if len(rows) == MIGRATE_CHUNK else top
+    runs: list[list[Any]] = []
+    for (target_id,) in db.execute("SELECT DISTINCT target FROM deliveries").fetchall():
+        run: list[Any] | None = None
+        for seq, route in db.execute(
+            "SELECT seq, route FROM deliveries WHERE target = ? AND seq BETWEEN ? AND ? "
+            "ORDER BY seq",
+            (target_id, first, last),
+        ):
+            if run is not None and run[1] == seq - 1 and run[4] == route:
+                run[1] = seq
+            else:
+                run = [target_id, seq, seq, first, route]
+                runs.append(run)
+        db.execute(
+            "DELETE FROM deliveries WHERE target = ? AND seq BETWEEN ? AND ?",
+            (target_id, first, last),
+        )
+    if runs:  # events no target is owed any more (there should be none) are dropped
+        records = [
+            (seq, event_id, at, body if isinstance(body, bytes) else str(body).encode(), crc)
+            for seq, event_id, at, body, crc in rows
+        ]
+        db.execute("INSERT INTO batches VALUES (?, ?, ?)", (first, last, frame(records)))
+        db.executemany("INSERT INTO owed VALUES (?, ?, ?, ?, ?)", runs)
+    db.execute("DELETE FROM events WHERE seq BETWEEN ? AND ?", (first, last))
+    return len(rows)
+
+
 def _copy_salvaged(aside: Path, fresh: sqlite3.Connection) -> dict[str, tuple[int, ...]]:
-    """Copy every row the damaged file's pages (and its log) still hold into `fresh`; an
-    intact copy of an event wins over one that fails its checksum. Returns the books rows."""
+    """Copy every row the damaged file's pages (and its log) still hold into `fresh`, in the
+    layout of one row per event and per delivery (moved into batches once settled); an intact
+    copy of an event wins over one that fails its checksum. Returns the books rows."""
     books: dict[str, tuple[int, ...]] = {}
     wal_path = aside.with_name(aside.name + "-wal")
     wal = wal_path.read_bytes() if wal_path.exists() else b""
@@ -974,6 +1192,11 @@ def _copy_salvaged(aside: Path, fresh: sqlite3.Connection) -> dict[str, tuple[in
                     fresh.execute(
                         "INSERT OR IGNORE INTO deliveries VALUES (?, ?, ?)",
                         (row.target, row.seq, row.route),
+                    )
+                elif isinstance(row, OwedRow):
+                    fresh.executemany(
+                        "INSERT OR IGNORE INTO deliveries VALUES (?, ?, ?)",
+                        [(row.target, seq, row.route) for seq in range(row.first, row.last + 1)],
                     )
                 elif isinstance(row, BooksRow):
                     books[row.target] = row.counts

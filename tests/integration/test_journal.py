@@ -6,8 +6,10 @@ import asyncio
 import logging
 import os
 import resource
+import shutil
 import sqlite3
 import sys
+import zlib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from router.daemon import Daemon
 from router.events import Event
 from router.journal import Entry
 from router.journal import sqlite as sqlite_journal
+from router.journal.salvage import frame, frame_offsets, record_at
 from router.journal.sqlite import FREE_PAGES_BEFORE_SHRINK, SqliteJournal
 from router.observe.metrics import utc_iso
 from tests.conftest import StartDaemon
@@ -48,6 +51,22 @@ def damage(path: Path) -> None:
     with open(path, "r+b") as f:
         f.seek(path.stat().st_size // 2)
         f.write(b"\xff" * 8192)
+
+
+def tamper_record(path: Path, seq: int, body: bytes) -> float:
+    """Put other bytes in the body of record `seq` in its batch, keeping its CRC (which then
+    fails); returns the record's arrival time."""
+    with sqlite3.connect(path) as db:
+        [(first, last, blob)] = db.execute(
+            "SELECT first_seq, last_seq, records FROM batches WHERE first_seq <= ? "
+            "ORDER BY first_seq DESC LIMIT 1",
+            (seq,),
+        )
+        records = [record_at(blob, at) for at in frame_offsets(blob, first, last).values()]
+        [received_at] = [r[2] for r in records if r[0] == seq]
+        tampered = [(s, i, at, body if s == seq else b, crc) for s, i, at, b, crc in records]
+        db.execute("UPDATE batches SET records = ? WHERE first_seq = ?", (frame(tampered), first))
+    return received_at
 
 
 def overwrite_root_page(path: Path, table: str) -> None:
@@ -193,9 +212,7 @@ async def test_a_record_failing_its_checksum_is_dead_lettered_and_the_rest_deliv
     first = await start_daemon(config)
     await post(first, [make_event(id=f"e{i}") for i in range(4)])
     await first.stop()
-    with sqlite3.connect(tmp_path / "var" / "journal.db") as db:
-        db.execute("UPDATE events SET body = CAST('{\"tampered\": true}' AS BLOB) WHERE seq = 2")
-        [(received_at,)] = db.execute("SELECT received_at FROM events WHERE seq = 2")
+    received_at = tamper_record(tmp_path / "var" / "journal.db", 2, b'{"tampered": true}')
 
     siem.statuses = [200]
     second = await start_daemon(config)
@@ -660,5 +677,198 @@ async def test_a_target_that_fell_behind_takes_memory_again_once_close_while_bus
         await journal.ack("t", third, dead_lettered=0)
         assert taken == ids
         assert journal.books("t").pending == 0 and balanced()
+    finally:
+        await journal.close()
+
+
+async def test_a_journal_of_one_row_per_event_opens_and_delivers_what_it_owed(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """journal_v1.db was written by the journal before batches (main at 3f5e11e, one events
+    row per event and one deliveries row per target): 30 events in 3 commits to `siem` and
+    `archive`, the middle one routed to one or the other by two routes (e15 to both), the
+    archive's first 10 settled, then e21's body changed under its CRC. It opens, moves into
+    batches, and every event still owed reaches its target once, in order; e21 is
+    dead-lettered as corrupt with the route it had; the books go on from where they were."""
+    storage = tmp_path / "var"
+    storage.mkdir()
+    shutil.copy(Path(__file__).with_name("journal_v1.db"), storage / "journal.db")
+    siem, archive = tmp_path / "siem.ndjson", tmp_path / "archive.ndjson"
+    daemon = await start_daemon(
+        {
+            "targets": [file_target("siem", siem), file_target("archive", archive)],
+            "routes": everything_to("siem", "archive"),
+        }
+    )
+    await wait_for(lambda: settled(daemon), what="the old journal's backlog to drain")
+    to_siem = [i for i in range(30) if i < 10 or i >= 20 or i % 2 == 0 or i == 15]
+    to_archive = [i for i in range(10, 30) if i >= 20 or i % 2]
+    assert [e["id"] for e in read_ndjson(siem)] == [f"e{i}" for i in to_siem if i != 21]
+    assert [e["id"] for e in read_ndjson(archive)] == [f"e{i}" for i in to_archive if i != 21]
+    for target_id in ("siem", "archive"):
+        [letter] = read_ndjson(storage / "deadletter" / f"{target_id}.ndjson")
+        assert (letter["reason"], letter["event"]["id"], letter["route"]) == (
+            "journal_corrupt",
+            "e21",
+            "all",
+        )
+    rows = daemon.status()["targets"]
+    assert (rows["siem"]["received"], rows["siem"]["delivered"]) == (26, 25)
+    assert (rows["archive"]["received"], rows["archive"]["delivered"]) == (25, 24)
+    assert_books_balance(daemon)
+    with sqlite3.connect(storage / "journal.db") as db:
+        for table in ("events", "deliveries", "batches", "owed"):
+            assert db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] == 0, table
+
+
+async def test_a_batch_torn_by_a_truncation_gives_back_the_events_before_the_cut(
+    start_daemon: StartDaemon,
+    receiver_factory: ReceiverFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One commit of 100 events framed as one batch row, whose frame runs through a chain of
+    overflow pages. Cut the file in the middle of it: the events wholly before the cut are
+    delivered, in order, and the rest are counted lost, none quarantined."""
+    monkeypatch.setattr(sqlite_journal, "BATCH_BYTES", 1 << 20)
+    siem = await receiver_factory([503])
+    config = {
+        "targets": [patient(http_target("siem", siem.url))],
+        "routes": everything_to("siem"),
+        "shutdown": {"drain_timeout_s": 0.2},
+    }
+    first = await start_daemon(config)
+    ids = [f"e{i:02}" for i in range(100)]
+    await post(first, [make_event(id=i, message="x" * 3000) for i in ids])
+    await first.stop()
+    journal = tmp_path / "var" / "journal.db"
+    os.truncate(journal, journal.stat().st_size // 2)
+
+    siem.statuses = [200]
+    second = await start_daemon(config)
+    await wait_for(lambda: settled(second), what="the events before the cut to be delivered")
+    delivered = [e["id"] for e in siem.delivered_events]
+    row = second.status()["targets"]["siem"]
+    assert 0 < len(delivered) < 100
+    assert delivered == ids[: len(delivered)]
+    assert (row["received"], row["delivered"], row["lost"]) == (
+        100,
+        len(delivered),
+        100 - len(delivered),
+    )
+    assert second.status()["journal"]["lost_records"] == 100 - len(delivered)
+    assert second.status()["journal"]["quarantined_records"] == 0
+    assert_books_balance(second)
+
+
+async def test_a_commit_framed_into_several_batches_reads_sheds_and_frees_them_all(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit larger than BATCH_BYTES is several batch rows, and a target's runs break at
+    their edges. Read back from the journal (memory off), in batches that end inside a run,
+    with a run of the oldest shed from the middle of one: each target gets each of its
+    events once, in order, with its route; the books balance at every step; and once both
+    targets are past them every batch row is gone."""
+    monkeypatch.setattr(sqlite_journal, "BATCH_BYTES", 2048)
+    monkeypatch.setattr(sqlite_journal, "MEMORY_BYTES", 0)
+    journal = SqliteJournal(StorageConfig(path=str(tmp_path / "var"), fsync="never"), ["a", "b"])
+    await journal.open()
+    stopping = asyncio.Event()
+    events = [Event.from_body(make_event(id=f"e{i:02}", message="x" * 300)) for i in range(40)]
+    routes = [{"a": "all", "b": "all"} if i % 4 else {"a": "fourth"} for i in range(40)]
+    taken: dict[str, list[tuple[str, str]]] = {"a": [], "b": []}
+
+    async def take(target_id: str, count: int) -> list[Entry]:
+        batch = await journal.next_batch(
+            target_id, max_events=count, max_bytes=1 << 20, max_wait_s=0, stopping=stopping
+        )
+        taken[target_id] += [(e.event.id, e.route) for e in batch]
+        return batch
+
+    def balanced() -> bool:
+        return all(
+            (b := journal.books(t)).received == b.delivered + b.dead_lettered + b.pending
+            for t in ("a", "b")
+        )
+
+    def rows(table: str) -> int:
+        with sqlite3.connect(tmp_path / "var" / "journal.db") as db:
+            return int(db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
+
+    try:
+        await journal.append(list(zip(events, routes, strict=True)))
+        assert rows("batches") > 3, "one commit, framed into several batch rows"
+        assert (journal.books("a").pending, journal.books("b").pending) == (40, 30)
+        await journal.ack("a", await take("a", 7), dead_lettered=0)
+        in_flight = await take("b", 5)
+        async with journal.shed("b", 6) as shed:
+            dropped = [e.event.id for e in shed]
+        assert journal.books("b").dead_lettered == 6 and balanced()
+        await journal.ack("b", in_flight, dead_lettered=0)
+        while journal.books("a").pending:
+            await journal.ack("a", await take("a", 9), dead_lettered=0)
+        while journal.books("b").pending:
+            await journal.ack("b", await take("b", 4), dead_lettered=0)
+        assert balanced()
+    finally:
+        await journal.close()
+    assert taken["a"] == [(e.id, r["a"]) for e, r in zip(events, routes, strict=True)]
+    to_b = [e.id for e, r in zip(events, routes, strict=True) if "b" in r]
+    assert [i for i, _ in taken["b"]] == [i for i in to_b if i not in dropped]
+    assert dropped == to_b[5:11]
+    assert rows("batches") == 0 and rows("owed") == 0
+
+
+async def test_a_move_into_batches_cut_short_goes_on_at_the_next_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large journal of the layout before batches moves a chunk per transaction: a crash
+    after the first chunk loses nothing, and the next open moves the rest."""
+    storage = tmp_path / "var"
+    storage.mkdir()
+    shutil.copy(Path(__file__).with_name("journal_v1.db"), storage / "journal.db")
+    with sqlite3.connect(storage / "journal.db") as db:  # 2,500 more events, owed to siem
+        for seq in range(31, 2531):
+            body = b'{"id": "e%d"}' % (seq - 1)
+            db.execute(
+                "INSERT INTO events VALUES (?, ?, ?, ?, ?)",
+                (seq, f"e{seq - 1}", 1.0, body, zlib.crc32(body)),
+            )
+            db.execute("INSERT INTO deliveries VALUES ('siem', ?, 'all')", (seq,))
+        db.execute("UPDATE books SET received = received + 2500 WHERE target = 'siem'")
+    config = StorageConfig(path=str(storage), fsync="never")
+    move_chunk = sqlite_journal._move_chunk
+    moves = 0
+
+    def crash_after_one(db: sqlite3.Connection) -> int | None:
+        nonlocal moves
+        moves += 1
+        if moves == 2:
+            raise KeyboardInterrupt("killed")
+        return move_chunk(db)
+
+    monkeypatch.setattr(sqlite_journal, "_move_chunk", crash_after_one)
+    crashed = SqliteJournal(config, ["siem", "archive"])
+    with pytest.raises(KeyboardInterrupt):
+        await crashed.open()
+    assert crashed._db is not None
+    crashed._db.close()  # what the kill would have done
+    crashed._executor.shutdown()
+    crashed._unlock()
+    monkeypatch.setattr(sqlite_journal, "_move_chunk", move_chunk)
+    with sqlite3.connect(storage / "journal.db") as db:
+        assert db.execute("SELECT COUNT(*) FROM batches").fetchone()[0] == 1
+        assert db.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 2530 - 1000
+
+    journal = SqliteJournal(config, ["siem", "archive"])
+    await journal.open()
+    try:
+        assert journal.books("siem").received == 26 + 2500
+        batch = await journal.next_batch(
+            "siem", max_events=3000, max_bytes=1 << 30, max_wait_s=0, stopping=asyncio.Event()
+        )
+        ids = [e.event.id for e in batch]
+        assert ids[-2500:] == [f"e{i}" for i in range(30, 2530)]
+        assert len(ids) == journal.books("siem").pending == 2526
     finally:
         await journal.close()

@@ -35,6 +35,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from bench.compare import cpu_s, tree
 from bench.load import (
     Check,
     DaemonProcess,
@@ -45,7 +46,6 @@ from bench.load import (
     get_status,
     kill_if_running,
     pending,
-    proc_cpu_s,
     proc_status_kb,
     spawn_daemon,
     stop_daemon,
@@ -138,11 +138,13 @@ def closed_port() -> int:
     raise RuntimeError(f"no closed port on 127.0.0.1 after {CLOSED_PORT_TRIES} tries")
 
 
-def backlog_config(workdir: Path, port: int, target_port: int, max_bytes: int) -> dict[str, Any]:
+def backlog_config(
+    workdir: Path, port: int, target_port: int, max_bytes: int, workers: int = 1
+) -> dict[str, Any]:
     """fsync always, a journal big enough for the whole backlog, one http target that is down
     and retried without limit (so nothing is dead-lettered), taking every event."""
     return {
-        "server": {"host": "127.0.0.1", "port": port},
+        "server": {"host": "127.0.0.1", "port": port, "workers": workers},
         "storage": {"path": str(workdir / "var"), "fsync": "always", "max_bytes": max_bytes},
         "shutdown": {"drain_timeout_s": DRAIN_TIMEOUT_S},
         # The start-up test write would add one event the load generator did not send.
@@ -165,6 +167,29 @@ def backlog_config(workdir: Path, port: int, target_port: int, max_bytes: int) -
             {"name": "everything", "rules": [{"locations": ["*"], "target_ids": [TARGET_ID]}]}
         ],
     }
+
+
+def tree_kb(pid: int, name: str) -> int:
+    """A /proc/<pid>/status figure (VmRSS, VmHWM) summed over the daemon's processes: the
+    journal owner and its workers with server.workers > 1 (summed peaks: an upper bound)."""
+    return sum(proc_status_kb(one, name) or 0 for one in tree(pid))
+
+
+def proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of the daemon's processes (owner and workers)."""
+    return cpu_s(tree(pid))
+
+
+class TreeRssSampler(RssSampler):
+    """RssSampler over the daemon's processes: each sample is their VmRSS summed."""
+
+    __slots__ = ()
+
+    def _sample(self) -> None:
+        rss = tree_kb(self.pid, "VmRSS")
+        if rss:
+            self.max_kb = max(self.max_kb, rss)
+            self.samples.append((time.monotonic() - self._started, rss))
 
 
 def proc_write_bytes(pid: int) -> int:
@@ -238,7 +263,7 @@ async def ingest(
         nonlocal next_report, last_report
         now = time.perf_counter() - started
         window_s, window_events = now - last_report[0], result.acked_events - last_report[1]
-        rss_kb = proc_status_kb(daemon.pid, "VmRSS") or 0
+        rss_kb = tree_kb(daemon.pid, "VmRSS")
         row = {
             "acked": result.acked_events,
             "elapsed_s": round(now, 2),
@@ -423,16 +448,18 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         else:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="er-backlog-")))
         target_port = closed_port()
-        config = backlog_config(workdir, free_port(), target_port, args.max_bytes)
+        config = backlog_config(
+            workdir, free_port(), target_port, args.max_bytes, workers=args.workers
+        )
         daemon = await spawn_daemon(workdir, config)
-        sampler = RssSampler(daemon.pid, interval_s=RSS_SAMPLE_S)
+        sampler = TreeRssSampler(daemon.pid, interval_s=RSS_SAMPLE_S)
         runner: web.AppRunner | None = None
         try:
             async with aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=CONTROL_TIMEOUT_S)
             ) as control:
                 await wait_ready(daemon)
-                idle_rss_kb = proc_status_kb(daemon.pid, "VmRSS") or 0
+                idle_rss_kb = tree_kb(daemon.pid, "VmRSS")
                 written_before = proc_write_bytes(daemon.pid)
                 sampler.start()
                 print(
@@ -452,7 +479,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
                 ingest_end_s = sampler.elapsed_s()
                 after_ingest = await get_status(control, daemon.base_url)
-                rss_end_ingest_kb = proc_status_kb(daemon.pid, "VmRSS") or 0
+                rss_end_ingest_kb = tree_kb(daemon.pid, "VmRSS")
                 disk_after_ingest = journal_disk_bytes(workdir)
                 written_ingest = proc_write_bytes(daemon.pid) - written_before
 
@@ -465,8 +492,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 runner = await start_receiver(receiver, target_port)
                 opened_at = time.monotonic()
                 drained = await drain(daemon, control, receiver, opened_at, args.drain_timeout)
-                rss_end_drain_kb = proc_status_kb(daemon.pid, "VmRSS") or 0
-                hwm_kb = proc_status_kb(daemon.pid, "VmHWM") or 0
+                rss_end_drain_kb = tree_kb(daemon.pid, "VmRSS")
+                hwm_kb = tree_kb(daemon.pid, "VmHWM")
                 await sampler.stop()
                 disk_after_drain = journal_disk_bytes(workdir)
                 written_drain = proc_write_bytes(daemon.pid) - written_before - written_ingest
@@ -529,6 +556,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "events": args.events,
             "batch_size": args.batch_size,
             "concurrency": args.concurrency,
+            "workers": args.workers,
             "progress_every": args.progress_every,
             "event_bytes": round(sum(map(len, payloads.variants)) / len(payloads.variants)),
             "storage": {"fsync": "always", "max_bytes": args.max_bytes},
@@ -610,7 +638,8 @@ def format_report(report: dict[str, Any]) -> str:
     out = [
         "",
         f"event-router backlog: {meta['events']} events in batches of {meta['batch_size']}, "
-        f"{meta['concurrency']} in flight, {meta['cpus']} CPUs, Python {meta['python']}, "
+        f"{meta['concurrency']} in flight, server.workers {meta['workers']}, "
+        f"{meta['cpus']} CPUs, Python {meta['python']}, "
         f"aiohttp {meta['aiohttp']}, ~{meta['event_bytes']} B/event, storage.fsync always, "
         f"target {meta['target']}",
         "",
@@ -687,6 +716,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=600.0,
         help="give up waiting for the backlog to drain after this many seconds (default 600)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="server.workers (default 1); RSS and CPU are summed over the owner and workers",
     )
     parser.add_argument("--json", type=Path, help="also write the report as JSON here")
     parser.add_argument("--keep", action="store_true", help="keep the daemon's temp directory")

@@ -181,6 +181,11 @@ class Query:
     def __post_init__(self) -> None:
         object.__setattr__(self, "_predicate", _compile(self.root))
 
+    def __reduce__(self) -> tuple[type[Query], tuple[Node]]:
+        """Pickled as its tree and compiled again on load: the config crosses to each worker
+        process by pickle (router/server/workers.py), and a compiled predicate is closures."""
+        return (Query, (self.root,))
+
     def matches(self, event: Mapping[str, Any]) -> bool:
         """Does the event (its JSON body) match? Never raises on odd shapes: they don't match."""
         return self._predicate(Fields(event))

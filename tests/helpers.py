@@ -168,8 +168,13 @@ async def serve(
     """`spawn`, then wait until /readyz answers 200; a daemon that does not get there is
     killed, not left running (its caller has no process to reap)."""
     proc = await spawn(config, **kwargs)
+
+    async def up_or_gone() -> bool:
+        return proc.returncode is not None or await ready(port)
+
     try:
-        await wait_for(lambda: ready(port), timeout_s=timeout_s, what="the daemon to be ready")
+        await wait_for(up_or_gone, timeout_s=timeout_s, what="the daemon to be ready")
+        assert proc.returncode is None, f"the daemon exited with {proc.returncode} as it started"
     except BaseException:
         await reap(proc)
         raise

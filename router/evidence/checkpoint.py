@@ -15,13 +15,17 @@ from __future__ import annotations
 
 import base64
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from router.evidence.keys import key_id
+
+if TYPE_CHECKING:  # cryptography is loaded where a key is (router/evidence/keys.py)
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
 
 PREFIX = b'{"_checkpoint":'
 SIG_MEMBER = b',"sig":'
@@ -44,6 +48,8 @@ class Checkpoint:
     signature: bytes | None
 
     def signed_by(self, public_key: Ed25519PublicKey) -> bool:
+        from cryptography.exceptions import InvalidSignature
+
         if self.signature is None:
             return False
         try:

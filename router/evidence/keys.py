@@ -9,11 +9,19 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from typing import TYPE_CHECKING
 
 from router.errors import RouterError
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
+
+# cryptography (about 8 MB) is imported where a key is made, read or named, not with this
+# module: a worker process (router/server/worker.py) and a daemon that signs nothing never
+# load it.
 
 
 class SigningKeyError(RouterError):
@@ -22,6 +30,8 @@ class SigningKeyError(RouterError):
 
 def key_id(public_key: Ed25519PublicKey) -> str:
     """First 16 hex digits of SHA-256 of the raw public key: names the key in checkpoints."""
+    from cryptography.hazmat.primitives import serialization
+
     raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return hashlib.sha256(raw).hexdigest()[:16]
 
@@ -29,6 +39,9 @@ def key_id(public_key: Ed25519PublicKey) -> str:
 def generate(out: Path) -> tuple[Path, Path]:
     """Write a new private key to `out` (0600, refusing to overwrite) and its public key to
     `out.pub`. Returns both paths."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     key = Ed25519PrivateKey.generate()
     private = key.private_bytes(
         serialization.Encoding.PEM,
@@ -47,6 +60,9 @@ def generate(out: Path) -> tuple[Path, Path]:
 
 
 def load_private(path: Path) -> Ed25519PrivateKey:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except (OSError, ValueError, TypeError) as exc:
@@ -57,6 +73,9 @@ def load_private(path: Path) -> Ed25519PrivateKey:
 
 
 def load_public(path: Path) -> Ed25519PublicKey:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     try:
         key = serialization.load_pem_public_key(path.read_bytes())
     except (OSError, ValueError) as exc:

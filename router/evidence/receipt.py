@@ -26,11 +26,9 @@ import os
 import secrets
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from router.deadletter import letter_files, object_line_place, read_letters
 from router.events import Event
@@ -38,6 +36,12 @@ from router.evidence.canonical import CanonicalError, split_line
 from router.evidence.keys import key_id
 from router.evidence.verify import archive_order, open_lines
 from router.observe.metrics import utc_iso
+
+if TYPE_CHECKING:  # cryptography is loaded where a key is (router/evidence/keys.py)
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
 
 KEY_FILE = "receipts.key"
 KEY_BYTES = 32
@@ -54,6 +58,8 @@ def receipt_message(event_id: str, event_digest: str, received_at: str) -> bytes
 
 def signed_by(receipt: Mapping[str, Any], public_key: Ed25519PublicKey) -> bool:
     """Whether a receipt carries a valid Ed25519 signature by this key."""
+    from cryptography.exceptions import InvalidSignature
+
     try:
         message = receipt_message(receipt["id"], receipt["digest"], receipt["received_at"])
         signature = base64.b64decode(receipt["sig"], validate=True)

@@ -33,10 +33,9 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from router.deadletter import OBJECT_LINE_MEMBER, REDRIVEN_DIR, object_line_place
 from router.evidence.canonical import GENESIS, CanonicalError, Link, link_hash, split_line
@@ -48,6 +47,9 @@ from router.evidence.checkpoint import (
 )
 from router.evidence.keys import key_id
 from router.observe.logformat import counted
+
+if TYPE_CHECKING:  # cryptography is loaded where a key is (router/evidence/keys.py)
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 RECENT_IDS = 100_000  # re-sent events are looked for among this many recent places
 PROGRESS_EVERY = 10_000

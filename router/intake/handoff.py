@@ -166,6 +166,11 @@ class Channel:
                 answer.set_exception(ChannelError(f"{self.name}: the other side went away"))
         self._writer.close()
 
+    async def settle(self) -> None:
+        """Wait for the calls the other side made to finish here (it may be gone: a worker
+        killed while the owner journals its records, which are then durable all the same)."""
+        await asyncio.gather(*self._running, return_exceptions=True)
+
     async def close(self) -> None:
         """Stop reading and answering; calls still waiting fail with ChannelError."""
         self._closed()
@@ -199,6 +204,9 @@ class HandoffJournal:
 
     def __init__(self, channel: Channel) -> None:
         self.channel = channel
+        # Events the owner answered durable: the owner counts what it journaled for this
+        # worker too, and the difference at the worker's death is what it accepted unreported.
+        self.handed = 0
 
     async def append(self, routed: Sequence[tuple[Event, Mapping[str, str]]]) -> None:
         handed = records([(event, targets) for event, targets in routed if targets])
@@ -208,6 +216,7 @@ class HandoffJournal:
             await self.channel.call("append", handed)
         except ChannelError as exc:
             raise JournalUnavailableError(f"the journal owner did not answer: {exc}") from exc
+        self.handed += len(handed)
 
     async def next_batch(
         self,

@@ -28,6 +28,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -220,6 +221,7 @@ class Worker:
     def __init__(self) -> None:
         self.channel: Channel | None = None
         self.stats = IngestStats()
+        self.journal: HandoffJournal | None = None
         self.config: Config | None = None
         self.acceptor: Acceptor | None = None
         self._runner: web.AppRunner | None = None
@@ -235,11 +237,12 @@ class Worker:
             validator, redactor = validator_for(config), redactor_for(config)
             guard = Guard.build(config.auth, _never, config.server)
             guard.refusals = refusals = OwnerRefusals(config, self.channel)
+            self.journal = journal = HandoffJournal(self.channel)
             self.acceptor = acceptor = Acceptor(
                 server=config.server,
                 validator=validator,
                 routes=RouteTable(config.routes, config.settings.default_targets),
-                journal=HandoffJournal(self.channel),
+                journal=journal,
                 stats=self.stats,
                 storage=config.storage,
                 dead_letters=DeadLetters(config.storage.dead_letter_dir()),
@@ -308,9 +311,16 @@ class Worker:
                 redactor=redactor,
             )
 
-    async def report(self) -> IngestStats:
-        """The ingest counters of this process (the owner sums every process's)."""
-        return self.stats
+    async def report(self) -> tuple[IngestStats, int]:
+        """The ingest counters of this process (the owner sums every process's), and how many
+        of its events the owner has answered durable so far (HandoffJournal.handed)."""
+        return self.stats, self.journal.handed if self.journal is not None else 0
+
+    async def modules(self) -> list[str]:
+        """What this process has imported: a worker imports what ingest needs and no target's
+        client (router/targets/cos.py, event_streams.py), no signing library, no management
+        API; the owner asks, for a test or for an operator weighing a worker's memory."""
+        return sorted(sys.modules)
 
     async def drain(self) -> None:
         """Stop listening and finish the requests in flight; once, however often asked."""
@@ -358,6 +368,7 @@ async def run_worker(fd: int) -> int:
             "setup": worker.setup,
             "configure": worker.configure,
             "stats": worker.report,
+            "modules": worker.modules,
         },
         name="journal-owner",
     )
@@ -381,6 +392,6 @@ async def run_worker(fd: int) -> int:
         return 1
     await worker.drain()
     with contextlib.suppress(ChannelError):  # if the owner went away, it has what it last asked
-        await channel.call("drained", worker.stats)
+        await channel.call("drained", *await worker.report())
     await channel.close()
     return 0

@@ -64,6 +64,9 @@ STATS_TIMEOUT_S: Final = 5.0
 STOP_MARGIN_S: Final = 5.0
 # Paths whose answers show the ingest counters: the workers' are fetched first.
 COUNTED_PATHS: Final = frozenset({"/v1/status", "/metrics"})
+# The owner's socket directory: `event-router-<owner pid>-<random>` under the temporary
+# directory; one whose owner is gone (kill -9 removes nothing) is removed at the next start.
+SOCKET_DIR_PREFIX: Final = "event-router-"
 
 
 def merged(*parts: IngestStats) -> IngestStats:
@@ -103,12 +106,26 @@ def reserve(host: str, port: int) -> socket.socket:
 
 @dataclass(slots=True)
 class _Handle:
-    """One running worker process, its channel and the counters it last reported."""
+    """One running worker process, its channel and the counters it last reported; the events
+    this process journaled for it, and how many of them the worker had counted when it last
+    reported (a worker killed between reports took the rest of its counters with it)."""
 
     index: int
     proc: asyncio.subprocess.Process
     channel: Channel
     stats: IngestStats | None = None
+    journaled: int = 0
+    handed: int = 0
+
+    def reported(self, stats: IngestStats, handed: int) -> None:
+        self.stats, self.handed = stats, handed
+
+    def last_counters(self) -> IngestStats:
+        """What it reported, and what it accepted since: every event this process journaled
+        for it that its report did not count yet."""
+        stats = self.stats if self.stats is not None else IngestStats()
+        stats.accepted += max(0, self.journaled - self.handed)
+        return stats
 
 
 class WorkerPool:
@@ -145,7 +162,8 @@ class WorkerPool:
             # A directory only this user can enter: whoever reaches the socket is trusted with
             # the caller headers. Short, under the system's temporary directory: a unix
             # socket's path has a limit of 107 bytes.
-            self._dir = tempfile.mkdtemp(prefix="event-router-")
+            remove_orphaned_socket_dirs()
+            self._dir = tempfile.mkdtemp(prefix=f"{SOCKET_DIR_PREFIX}{os.getpid()}-")
         return os.path.join(self._dir, "owner.sock")
 
     async def start(self, host: str, port: int) -> int:
@@ -175,8 +193,10 @@ class WorkerPool:
             raise
         finally:
             child.close()
-        channel = await Channel.over(parent, self._handlers(index), name=f"worker-{index}")
+        mine: list[_Handle] = []  # the handle its channel's calls are counted for
+        channel = await Channel.over(parent, self._handlers(mine), name=f"worker-{index}")
         handle = self._handles[index] = _Handle(index, proc, channel)
+        mine.append(handle)
         channel.start()
         watch = asyncio.create_task(self._watch(handle), name=f"worker-watch-{index}")
         self._watches.add(watch)
@@ -192,16 +212,17 @@ class WorkerPool:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
 
-    def _handlers(self, index: int) -> dict[str, Callable[..., Any]]:
-        async def drained(stats: IngestStats) -> None:
-            handle = self._handles.get(index)
-            if handle is not None:
-                handle.stats = stats
+    def _handlers(self, mine: list[_Handle]) -> dict[str, Callable[..., Any]]:
+        async def drained(stats: IngestStats, handed: int) -> None:
+            for handle in mine:
+                handle.reported(stats, handed)
 
-        return {"append": self._append, "refused": self._refused, "drained": drained}
+        async def append(handed: list[Record]) -> None:
+            await self._acceptor.commit(events(handed))
+            for handle in mine:
+                handle.journaled += len(handed)
 
-    async def _append(self, handed: list[Record]) -> None:
-        await self._acceptor.commit(events(handed))
+        return {"append": append, "refused": self._refused, "drained": drained}
 
     async def _refused(self, caller: Caller, status: int, why: str) -> None:
         await self._refusals.record(caller, status, why)
@@ -210,11 +231,13 @@ class WorkerPool:
         """Bank an exited worker's counters and, unless the daemon is stopping, start another
         in its place."""
         code = await handle.proc.wait()
+        with contextlib.suppress(TimeoutError):  # its last records: journaled, then counted
+            async with asyncio.timeout(STATS_TIMEOUT_S):
+                await handle.channel.settle()
         await handle.channel.close()
         if self._handles.get(handle.index) is handle:
             del self._handles[handle.index]
-        if handle.stats is not None:
-            self._banked = merged(self._banked, handle.stats)
+        self._banked = merged(self._banked, handle.last_counters())
         if self._stopping:
             return
         self.restarts += 1
@@ -255,11 +278,17 @@ class WorkerPool:
         async def one(handle: _Handle) -> None:
             try:
                 async with asyncio.timeout(STATS_TIMEOUT_S):
-                    handle.stats = await handle.channel.call("stats")
+                    handle.reported(*await handle.channel.call("stats"))
             except (ChannelError, TimeoutError):
                 pass  # gone or stuck: its last counters stand
 
         await asyncio.gather(*(one(handle) for handle in list(self._handles.values())))
+
+    async def modules(self) -> dict[int, list[str]]:
+        """Each running worker's imported modules, by process id (Worker.modules)."""
+        handles = list(self._handles.values())
+        found = await asyncio.gather(*(h.channel.call("modules") for h in handles))
+        return {h.proc.pid: names for h, names in zip(handles, found, strict=True)}
 
     def ingest_stats(self, own: IngestStats) -> IngestStats:
         """The daemon's ingest counters: the owner's own (its events, sheds, reloads), the
@@ -312,6 +341,35 @@ class WorkerPool:
         if request.path in COUNTED_PATHS:
             await self.refresh()
         return await handler(request)
+
+
+def remove_orphaned_socket_dirs(base: str | None = None) -> None:
+    """Remove the socket directories of owners that are gone: this user's own, named after a
+    process id that no longer runs (one whose id runs again is left: it is harmless)."""
+    base = base or tempfile.gettempdir()
+    with contextlib.suppress(OSError), os.scandir(base) as entries:
+        for entry in entries:
+            owner, _, rest = entry.name.removeprefix(SOCKET_DIR_PREFIX).partition("-")
+            if not (entry.name.startswith(SOCKET_DIR_PREFIX) and owner.isdigit() and rest):
+                continue
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if not entry.is_dir(follow_symlinks=False) or info.st_uid != os.getuid():
+                continue
+            if not _running(int(owner)):
+                shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def _log_options() -> list[str]:

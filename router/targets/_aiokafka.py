@@ -11,14 +11,74 @@ import logging
 import math
 from typing import Any, Final
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka import conn as aiokafka_conn
 from aiokafka.abc import AbstractTokenProvider
-from aiokafka.errors import KafkaError, SaslAuthenticationFailed
+from aiokafka.conn import create_conn
+from aiokafka.errors import (
+    AuthenticationFailedError,
+    ClusterAuthorizationFailedError,
+    CorruptRecordException,
+    IllegalSaslStateError,
+    InvalidProducerEpoch,
+    InvalidProducerIdMapping,
+    InvalidTopicError,
+    KafkaError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    OutOfOrderSequenceNumber,
+    ProducerClosed,
+    ProducerFenced,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+    SaslAuthenticationFailed,
+    TopicAuthorizationFailedError,
+    TransactionalIdAuthorizationFailed,
+    UnknownProducerId,
+    UnsupportedSaslMechanismError,
+)
 
 from router.targets._net import AddressBound, bound_address
 
+__all__ = [
+    "AIOKafkaConsumer",
+    "AIOKafkaProducer",
+    "AbstractTokenProvider",
+    "KafkaError",
+    "ProducerClosed",
+    "TopicPartition",
+    "create_conn",
+]
+
 log = logging.getLogger(__name__)
+
+# How the event_streams target classes aiokafka's errors (router/targets/event_streams.py
+# imports this module, and so aiokafka, with its first target).
+# Refused for every message of the batch: retrying with the same credentials cannot help.
+PERMANENT_FOR_BATCH: Final = (
+    AuthenticationFailedError,
+    SaslAuthenticationFailed,
+    IllegalSaslStateError,
+    UnsupportedSaslMechanismError,
+    TopicAuthorizationFailedError,
+    ClusterAuthorizationFailedError,
+    TransactionalIdAuthorizationFailed,
+    InvalidTopicError,
+)
+# The producer's sequence numbers no longer match the broker's, for good (a batch Kafka refused
+# for good took its numbers, and every later batch is then out of order), or the broker no
+# longer knows the producer. Kafka refused these messages: retryable, with a new producer.
+PRODUCER_BROKEN: Final = (
+    OutOfOrderSequenceNumber,
+    UnknownProducerId,
+    InvalidProducerEpoch,
+    InvalidProducerIdMapping,
+    ProducerFenced,
+)
+RETRYABLE: Final = (*PRODUCER_BROKEN, KafkaTimeoutError, ProducerClosed, TimeoutError, OSError)
+# Refused for one message: the others of its batch may go.
+TOO_LARGE: Final = (MessageSizeTooLargeError, RecordTooLargeError, RecordListTooLargeError)
+PERMANENT_FOR_EVENT: Final = (*TOO_LARGE, CorruptRecordException)
 
 METADATA_BACKOFF_S: Final = 0.1
 METADATA_BACKOFF_MAX_S: Final = 2.0
@@ -168,3 +228,7 @@ async def stop_producer(producer: AIOKafkaProducer, timeout_s: float, target_id:
             with contextlib.suppress(asyncio.CancelledError, KafkaError):
                 await task
     await producer.stop()
+
+
+# At import, that is, as the first event_streams target is made: fails then, loudly.
+check_oauth_answers()

@@ -57,11 +57,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
 
-import aiobotocore.session
 import aiohttp
 import botocore
 import botocore.exceptions
-from aiobotocore.config import AioConfig
 
 from router.errors import PermanentDeliveryError, RetryableDeliveryError, RouterError
 from router.events import Event, crn_parts
@@ -363,6 +361,11 @@ class CosTarget:
     async def start(self) -> None:
         if self._client is not None:
             return
+        # The S3 client is imported by the process that sends (about 10 MB: not in a worker
+        # process, nor in a daemon without this target type).
+        import aiobotocore.session
+        from aiobotocore.config import AioConfig
+
         endpoint = self.endpoint
         config = AioConfig(
             region_name=self.region,

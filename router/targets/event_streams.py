@@ -59,36 +59,10 @@ import logging
 import ssl
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal, NoReturn
+from typing import TYPE_CHECKING, Any, Final, Literal, NoReturn
 
 import aiohttp
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.abc import AbstractTokenProvider
-from aiokafka.conn import create_conn
-from aiokafka.errors import (
-    AuthenticationFailedError,
-    ClusterAuthorizationFailedError,
-    CorruptRecordException,
-    IllegalSaslStateError,
-    InvalidProducerEpoch,
-    InvalidProducerIdMapping,
-    InvalidTopicError,
-    KafkaConnectionError,
-    KafkaError,
-    KafkaTimeoutError,
-    MessageSizeTooLargeError,
-    OutOfOrderSequenceNumber,
-    ProducerClosed,
-    ProducerFenced,
-    RecordListTooLargeError,
-    RecordTooLargeError,
-    SaslAuthenticationFailed,
-    TopicAuthorizationFailedError,
-    TransactionalIdAuthorizationFailed,
-    UnknownProducerId,
-    UnsupportedSaslMechanismError,
-)
 
 from router import __version__
 from router.errors import PermanentDeliveryError, RetryableDeliveryError, RouterError
@@ -104,14 +78,16 @@ from router.evidence.canonical import (
 )
 from router.evidence.chain import Chain, Planned
 from router.iam import SET_BY_LOADER, IamTokenSource, TrustedProfileConfig, token_source
-from router.targets._aiokafka import (
-    bound_connections,
-    check_oauth_answers,
-    keep_batches,
-    pace_metadata_updates,
-    stop_producer,
-)
 from router.targets._net import TLS_SCHEMA, AddressBound, batch_key, bound_address, new_session
+
+if TYPE_CHECKING:
+    from aiokafka import AIOKafkaProducer
+    from aiokafka.abc import AbstractTokenProvider
+
+# aiokafka (with its workarounds and this target's classes of its errors, all in
+# router/targets/_aiokafka.py) is imported by the first target of this type, not with this
+# module: the config names this module's classes, and neither a worker process nor a daemon
+# without this target type needs a Kafka client.
 
 log = logging.getLogger(__name__)
 
@@ -225,33 +201,6 @@ def needs_api_key(endpoint: Mapping[str, Any]) -> bool:
     return mechanism != "none"
 
 
-# Refused for every message of the batch: retrying with the same credentials cannot help.
-PERMANENT_FOR_BATCH: Final = (
-    AuthenticationFailedError,
-    SaslAuthenticationFailed,
-    IllegalSaslStateError,
-    UnsupportedSaslMechanismError,
-    TopicAuthorizationFailedError,
-    ClusterAuthorizationFailedError,
-    TransactionalIdAuthorizationFailed,
-    InvalidTopicError,
-)
-# The producer's sequence numbers no longer match the broker's, for good (a batch Kafka refused
-# for good took its numbers, and every later batch is then out of order), or the broker no
-# longer knows the producer. Kafka refused these messages: retryable, with a new producer.
-PRODUCER_BROKEN: Final = (
-    OutOfOrderSequenceNumber,
-    UnknownProducerId,
-    InvalidProducerEpoch,
-    InvalidProducerIdMapping,
-    ProducerFenced,
-)
-RETRYABLE: Final = (*PRODUCER_BROKEN, KafkaTimeoutError, ProducerClosed, TimeoutError, OSError)
-# Refused for one message: the others of its batch may go.
-TOO_LARGE: Final = (MessageSizeTooLargeError, RecordTooLargeError, RecordListTooLargeError)
-PERMANENT_FOR_EVENT: Final = (*TOO_LARGE, CorruptRecordException)
-
-
 def describe(exc: BaseException) -> str:
     """`MessageSizeTooLargeError: [Error 10] ...`: the class says what Kafka answered."""
     text = str(exc)
@@ -261,9 +210,11 @@ def describe(exc: BaseException) -> str:
 def is_retryable(exc: BaseException) -> bool:
     """What may pass: lost connections, timeouts, leader elections and what Kafka itself
     marks retriable. A producer closed under us (a reload) is retried by a new one."""
-    if isinstance(exc, PERMANENT_FOR_BATCH + PERMANENT_FOR_EVENT):
+    import router.targets._aiokafka as kafka
+
+    if isinstance(exc, kafka.PERMANENT_FOR_BATCH + kafka.PERMANENT_FOR_EVENT):
         return False
-    if isinstance(exc, RETRYABLE):
+    if isinstance(exc, kafka.RETRYABLE):
         return True
     return bool(getattr(exc, "retriable", False))
 
@@ -330,11 +281,12 @@ def headers(event: Event, region: str | None) -> list[tuple[str, bytes]]:
     ]
 
 
-class IamTokenProvider(AbstractTokenProvider):  # type: ignore[misc]  # aiokafka is untyped
+class IamTokenProvider:
     """aiokafka's OAUTHBEARER callback: an IAM access token (router.iam, cached and refreshed
     before it expires) for every connection aiokafka opens. aiokafka copes only with Kafka's
     own errors while it connects, so an IAM failure is kept in `error`, for the target to
-    report as what it is, and raised to aiokafka as a connection error it retries."""
+    report as what it is, and raised to aiokafka as a connection error it retries. aiokafka's
+    AbstractTokenProvider by registration (EventStreamsTarget, which imports aiokafka)."""
 
     def __init__(self, target_id: str, source: IamTokenSource, timeout_s: float) -> None:
         self.target_id = target_id
@@ -350,6 +302,8 @@ class IamTokenProvider(AbstractTokenProvider):  # type: ignore[misc]  # aiokafka
         try:
             token = await self.source.token(self._session, self.target_id)
         except (RetryableDeliveryError, PermanentDeliveryError) as exc:
+            from aiokafka.errors import KafkaConnectionError
+
             self.error = exc
             raise KafkaConnectionError(f"no IAM token for SASL OAUTHBEARER: {exc}") from None
         self.error = None
@@ -359,9 +313,6 @@ class IamTokenProvider(AbstractTokenProvider):  # type: ignore[misc]  # aiokafka
         if self._session is not None:
             await self._session.close()
             self._session = None
-
-
-check_oauth_answers()
 
 
 @dataclass(slots=True)
@@ -376,6 +327,9 @@ class EventStreamsTarget:
     """Produces each event as one Kafka message to one topic."""
 
     def __init__(self, target_id: str, endpoint: EventStreamsEndpointConfig) -> None:
+        import router.targets._aiokafka as kafka  # checks aiokafka's internals: fails here, loudly
+
+        kafka.AbstractTokenProvider.register(IamTokenProvider)
         self.id = target_id
         self.endpoint = endpoint
         crn_region = crn_parts(endpoint.target_crn)[5] if endpoint.target_crn else ""
@@ -428,24 +382,26 @@ class EventStreamsTarget:
         await self._connect()
 
     async def _connect(self) -> AIOKafkaProducer:
+        import router.targets._aiokafka as kafka
+
         async with self._connecting:
             if self._producer is not None:
                 return self._producer
             await self._check_brokers()
-            producer = AIOKafkaProducer(
+            producer = kafka.AIOKafkaProducer(
                 bootstrap_servers=list(self.endpoint.brokers),
                 acks="all",
                 enable_idempotence=True,
                 max_request_size=self.endpoint.max_message_bytes + RECORD_OVERHEAD_BYTES,
                 **client_settings(self.endpoint, self.tokens),
             )
-            keep_batches(producer)
-            pace_metadata_updates(producer)
+            kafka.keep_batches(producer)
+            kafka.pace_metadata_updates(producer)
             if self._bound is not None:
-                bound_connections(producer, self.id, self._bound)
+                kafka.bound_connections(producer, self.id, self._bound)
             try:
                 await producer.start()
-            except (KafkaError, OSError) as exc:
+            except (kafka.KafkaError, OSError) as exc:
                 await producer.stop()
                 raise await self._why_unreachable(exc) from exc
             self._producer = producer
@@ -456,17 +412,19 @@ class EventStreamsTarget:
     ) -> RetryableDeliveryError | PermanentDeliveryError:
         """aiokafka says only "Unable to bootstrap"; one connection of our own to each broker
         says why: refused credentials are permanent, an unreachable broker is not."""
+        import router.targets._aiokafka as kafka
+
         reasons = []
         settings = client_settings(self.endpoint, self.tokens)
         for broker in self.endpoint.brokers:
             host, _, port = broker.rpartition(":")
             try:
-                conn = await create_conn(host, int(port), **settings)
-            except (KafkaError, OSError, TimeoutError) as error:
+                conn = await kafka.create_conn(host, int(port), **settings)
+            except (kafka.KafkaError, OSError, TimeoutError) as error:
                 if self.tokens is not None and self.tokens.error is not None:
                     # No token to show Kafka: IAM's answer is the reason, permanent or not.
                     return self.tokens.error
-                if isinstance(error, PERMANENT_FOR_BATCH):
+                if isinstance(error, kafka.PERMANENT_FOR_BATCH):
                     return PermanentDeliveryError(
                         self.id,
                         f"Kafka at {broker} refused {self._credentials()}: {describe(error)}",
@@ -496,6 +454,8 @@ class EventStreamsTarget:
         yield batch  # every message goes at once; the batch is settled when all are acked
 
     async def send(self, batch: Sequence[Event]) -> None:
+        import router.targets._aiokafka as kafka
+
         if self._producer is not None and self._broken():
             await self._await(list(self._unanswered))
             if self._unanswered:
@@ -516,7 +476,7 @@ class EventStreamsTarget:
                 if flight is None:
                     await self._produce(producer, event, refused)
                 elif flight.future.done() and (error := _failure(flight.future)) is not None:
-                    if isinstance(error, TOO_LARGE) and not flight.alone:
+                    if isinstance(error, kafka.TOO_LARGE) and not flight.alone:
                         continue  # goes alone below
                     if not is_retryable(error):
                         refused[event.id] = describe(error)
@@ -528,12 +488,12 @@ class EventStreamsTarget:
                 flight = self._flights.get(event.id)
                 if flight is None or flight.alone or not flight.future.done():
                     continue
-                if isinstance(_failure(flight.future), TOO_LARGE):
+                if isinstance(_failure(flight.future), kafka.TOO_LARGE):
                     # Kafka judges a whole record batch: alone, the message is judged itself.
                     await self._produce(producer, event, refused, alone=True)
                     if event.id in self._flights:
                         await self._await([self._flights[event.id].future])
-        except (KafkaError, OSError) as exc:
+        except (kafka.KafkaError, OSError) as exc:
             self._raise_for(exc)
         try:
             self._settle(batch, refused)
@@ -547,12 +507,14 @@ class EventStreamsTarget:
     def _broken(self) -> bool:
         """Did Kafka refuse a message because the producer's own state is off, or did the
         producer's sender task end (aiokafka ends it on some of those errors)?"""
+        import router.targets._aiokafka as kafka
+
         sender = getattr(self._producer, "_sender", None)
         task = getattr(sender, "sender_task", None)
         if task is not None and task.done():
             return True
         return any(
-            f.future.done() and isinstance(_failure(f.future), PRODUCER_BROKEN)
+            f.future.done() and isinstance(_failure(f.future), kafka.PRODUCER_BROKEN)
             for f in self._flights.values()
         )
 
@@ -560,6 +522,8 @@ class EventStreamsTarget:
         """Replace a broken producer with a new one (a new producer id), once Kafka answered
         every message the old one sent: what it refused is sent again by the new one, and
         nothing is left whose fate is unknown."""
+        import router.targets._aiokafka as kafka
+
         log.warning("target %s: Kafka refused the producer's sequence; starting a new one", self.id)
         producer, self._producer = self._producer, None
         self._unanswered.clear()
@@ -569,7 +533,9 @@ class EventStreamsTarget:
             if flight.future.done() and _failure(flight.future) is None
         }
         if producer is not None:
-            await stop_producer(producer, min(self.endpoint.timeout_s, CLOSE_FLUSH_S), self.id)
+            await kafka.stop_producer(
+                producer, min(self.endpoint.timeout_s, CLOSE_FLUSH_S), self.id
+            )
 
     @staticmethod
     def _ids(batch: Sequence[Event]) -> set[str]:
@@ -591,6 +557,8 @@ class EventStreamsTarget:
         alone: bool = False,
     ) -> None:
         """Hand one message to the producer; one it refuses at once is refused for good."""
+        import router.targets._aiokafka as kafka
+
         try:
             link = self._links.get(event.id)
             future = await producer.send(
@@ -599,7 +567,7 @@ class EventStreamsTarget:
                 key=event.id.encode(),
                 headers=headers(event, self.region) + (link_headers(link) if link else []),
             )
-        except PERMANENT_FOR_EVENT as exc:
+        except kafka.PERMANENT_FOR_EVENT as exc:
             self._flights.pop(event.id, None)
             refused[event.id] = describe(exc)
             return
@@ -615,6 +583,8 @@ class EventStreamsTarget:
 
     def _settle(self, batch: Sequence[Event], refused: dict[str, str]) -> None:
         """Raise unless Kafka acknowledged every message that was not refused for good."""
+        import router.targets._aiokafka as kafka
+
         waiting = 0
         failures: dict[str, int] = {}
         for event in batch:
@@ -627,7 +597,7 @@ class EventStreamsTarget:
             error = _failure(flight.future)
             if error is None:
                 continue
-            if isinstance(error, PERMANENT_FOR_BATCH):
+            if isinstance(error, kafka.PERMANENT_FOR_BATCH):
                 self._refuse_all(batch, error)
             if is_retryable(error):
                 failures[describe(error)] = failures.get(describe(error), 0) + 1
@@ -777,6 +747,8 @@ class EventStreamsTarget:
     ) -> list[tuple[bytes, Event, asyncio.Future[Any]]]:
         """Produce chained lines again as they were, each at its place, and wait until Kafka
         acknowledged every one (else raise, retryable)."""
+        import router.targets._aiokafka as kafka
+
         placed = [
             (line, Event.from_body(orjson.loads(found[0]), encoded=found[0]), found[1])
             for line in lines
@@ -793,11 +765,11 @@ class EventStreamsTarget:
                 for _, event, link in placed
             ]
             await self._await(futures)
-        except (KafkaError, OSError) as exc:
+        except (kafka.KafkaError, OSError) as exc:
             self._raise_for(exc)
         done: list[tuple[bytes, Event, asyncio.Future[Any]]] = []
         for (line, event, link), future in zip(placed, futures, strict=True):
-            error = _failure(future) if future.done() else ProducerClosed()
+            error = _failure(future) if future.done() else kafka.ProducerClosed()
             if error is not None and is_retryable(error):
                 raise RetryableDeliveryError(
                     self.id,
@@ -844,11 +816,15 @@ class EventStreamsTarget:
     async def close(self) -> None:
         """Flush what is in flight for a few seconds, then stop. Messages still
         unacknowledged stay pending in the journal and go again after a restart."""
+        import router.targets._aiokafka as kafka
+
         producer, self._producer = self._producer, None
         self._flights.clear()
         self._unanswered.clear()
         if producer is not None:
-            await stop_producer(producer, min(self.endpoint.timeout_s, CLOSE_FLUSH_S), self.id)
+            await kafka.stop_producer(
+                producer, min(self.endpoint.timeout_s, CLOSE_FLUSH_S), self.id
+            )
         if self.tokens is not None:
             await self.tokens.close()
 
@@ -856,7 +832,9 @@ class EventStreamsTarget:
 def _failure(future: asyncio.Future[Any]) -> BaseException | None:
     """A done future's exception (a cancelled one counts as a retryable failure)."""
     if future.cancelled():
-        closed: BaseException = ProducerClosed()
+        import router.targets._aiokafka as kafka
+
+        closed: BaseException = kafka.ProducerClosed()
         return closed
     return future.exception()
 
@@ -868,8 +846,10 @@ async def read_topic(
     offsets it had when reading began: (`topic[partition]@offset`, headers, value), with the
     target's own connection settings and credentials. For `event-router verify
     kafka://TARGET`; a topic that cannot be read raises DeliveryError."""
+    import router.targets._aiokafka as kafka
+
     target_id, endpoint = target.id, target.endpoint
-    consumer = AIOKafkaConsumer(
+    consumer = kafka.AIOKafkaConsumer(
         bootstrap_servers=list(endpoint.brokers),
         enable_auto_commit=False,
         **client_settings(endpoint, target.tokens),
@@ -878,14 +858,14 @@ async def read_topic(
         await consumer.start()
         # The consumer's own partitions_for_topic knows only topics it subscribed to.
         cluster = await consumer._client.fetch_all_metadata()
-    except (KafkaError, OSError) as exc:
+    except (kafka.KafkaError, OSError) as exc:
         await consumer.stop()
         raise RetryableDeliveryError(target_id, f"cannot read from Kafka: {describe(exc)}") from exc
     try:
         numbers = cluster.partitions_for_topic(endpoint.topic)
         if not numbers:
             raise PermanentDeliveryError(target_id, f"Kafka has no topic {endpoint.topic!r}")
-        partitions = [TopicPartition(endpoint.topic, n) for n in sorted(numbers)]
+        partitions = [kafka.TopicPartition(endpoint.topic, n) for n in sorted(numbers)]
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
         end = await consumer.end_offsets(partitions)
@@ -903,7 +883,7 @@ async def read_topic(
                         yield name, dict(record.headers), record.value or b""
                 if await consumer.position(tp) >= end[tp]:
                     left.discard(tp)
-    except KafkaError as exc:
+    except kafka.KafkaError as exc:
         raise RetryableDeliveryError(target_id, f"reading from Kafka: {describe(exc)}") from exc
     finally:
         await consumer.stop()

@@ -505,3 +505,36 @@ async def test_an_alert_fires_through_a_jetstream_journal(
     assert (tmp_path / "r1" / "alerts.db").exists()
     await wait_for(lambda: books_of(daemon, "alerts-webhook") == (1, 1, 0, 0), what="the books")
     assert_books_balance(daemon)
+
+
+async def test_worker_processes_hand_to_a_jetstream_journal_and_every_event_arrives_once(
+    start_router: Any, tmp_path: Path
+) -> None:
+    """server.workers: 2 over JetStream: the workers (real processes) hand their records to
+    the owner, which publishes them to the stream; a producer's retry, through whichever
+    worker takes its new connection, is stored once."""
+    archive = tmp_path / "a.ndjson"
+    daemon = await start_router(
+        {
+            "server": {"host": "127.0.0.1", "port": 0, "workers": 2},
+            "targets": [file_target("archive", archive)],
+            "routes": everything_to("archive"),
+        }
+    )
+    batches = [[event() for _ in range(5)] for _ in range(40)]
+    # One connection each (post opens its own): the kernel spreads them over the workers.
+    answers = await asyncio.gather(*(post(daemon, batch) for batch in batches))
+    assert [status for status, _ in answers] == [202] * len(batches)
+    assert (await post(daemon, batches[0]))[0] == 202  # a retry: the same ids again
+    total = sum(len(batch) for batch in batches)
+    await wait_for(lambda: books_of(daemon, "archive") == (total, total, 0, 0), what="the books")
+    ids = [e["id"] for e in read_ndjson(archive)]
+    assert sorted(ids) == sorted(e["id"] for batch in batches for e in batch)
+    assert_books_balance(daemon)
+    async with (  # through a worker: the owner asks every worker for its counters first
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{daemon.port}/v1/status") as resp,
+    ):
+        status = await resp.json()
+    assert status["workers"]["running"] == 2
+    assert status["ingest"]["accepted"] == total + len(batches[0])

@@ -138,7 +138,11 @@ async def test_a_receiver_that_is_down_is_retried_until_it_comes_up(
     try:
         await wait_for(lambda: len(frames) == 1)
         assert b'id="late"' in frames[0]
-        assert daemon.status()["targets"]["siem"]["write_status"]["status"] == "success"
+        # The receiver has the frame before the daemon has settled its batch: wait for that.
+        await wait_for(
+            lambda: daemon.status()["targets"]["siem"]["write_status"]["status"] == "success",
+            what="the target's write status to turn to success",
+        )
     finally:
         server.close()
 

@@ -10,6 +10,7 @@ one process gives.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import hashlib
 import hmac
@@ -612,3 +613,300 @@ async def test_an_in_process_daemon_with_workers_speaks_tls_through_them(
             headers={"Origin": f"http://127.0.0.1:{daemon.port}"},
         ) as resp:
             assert resp.status == 403 and (await resp.json())["error"]["code"] == "cross_origin"
+
+
+async def test_a_daemon_with_workers_routes_by_a_rules_filter_and_runs_a_views_alert(
+    tmp_path: Path,
+) -> None:
+    """The config travels to each worker by pickle: a rule's filter, a view and an alert's
+    query (compiled predicates) reach the workers, which route by the filter."""
+    port = free_port()
+    config = workers_config(tmp_path, port)
+    data = yaml.safe_load(config.read_text())
+    data["targets"].append(
+        {
+            "id": "denied",
+            "target_type": "file",
+            "file_endpoint": {"path": str(tmp_path / "var" / "denied.ndjson")},
+        }
+    )
+    data["routes"] = [
+        {
+            "name": "denied",
+            "rules": [
+                {
+                    "locations": ["*"],
+                    "filter": "reason.reasonType:Unauthorized",
+                    "target_ids": ["denied"],
+                },
+                {"locations": ["*"], "target_ids": ["archive"]},
+            ],
+        }
+    ]
+    data["views"] = [{"name": "refusals", "query": "reason.reasonType:Unauthorized"}]
+    data["alerts"] = [
+        {
+            "name": "refused",
+            "view": "refusals",
+            "threshold": {"count": 1000},
+            "target_ids": ["denied"],
+        },
+        {
+            "name": "quiet",
+            "query": "severity:critical",
+            "absence": {"window_s": 3600},
+            "target_ids": ["archive"],
+        },
+    ]
+    config.write_text(yaml.safe_dump(data))
+    proc = await serve(config, port)
+    try:
+        assert len(children(proc.pid)) == WORKERS
+        denied = [f"denied-{n}" for n in range(10)]
+        allowed = [f"allowed-{n}" for n in range(10)]
+        for event_id in [x for pair in zip(denied, allowed, strict=True) for x in pair]:
+            reason = "Unauthorized" if event_id in denied else "Created"
+            event = make_event(id=event_id, reason={"reasonCode": 401, "reasonType": reason})
+            async with (  # one connection each: the kernel spreads them over the workers
+                aiohttp.ClientSession() as fresh,
+                fresh.post(
+                    f"http://127.0.0.1:{port}/v1/events",
+                    data=orjson.dumps(event),
+                    headers=headers(),
+                ) as resp,
+            ):
+                assert resp.status == 202, await resp.text()
+        await wait_for(lambda: drained(port), timeout_s=START_TIMEOUT_S, what="delivery")
+        status = await status_of(port)
+        assert_books_balance(status)
+        assert await terminate(proc) == 0
+    finally:
+        await reap(proc)
+    got_denied = {e["id"] for e in read_ndjson(tmp_path / "var" / "denied.ndjson")}
+    got_archive = {e["id"] for e in read_ndjson(tmp_path / "var" / "archive.ndjson")}
+    assert got_denied == set(denied)
+    assert set(allowed) <= got_archive and not got_archive & set(denied)
+
+
+# What a worker never needs: the targets' clients (the owner delivers), the signing library
+# (a worker signs nothing unless receipts have a signing key), NATS (the owner's journal), the
+# management API, console and search (the owner answers them).
+NOT_IN_A_WORKER = (
+    "aiokafka",
+    "aiobotocore",
+    "cryptography",
+    "nats",
+    "router.daemon",
+    "router.delivery",
+    "router.journal.sqlite",
+    "router.journal.jetstream",
+    "router.server.api",
+    "router.server.app",
+    "router.server.console",
+    "router.server.search",
+    "router.server.tail",
+)
+
+
+async def test_a_worker_imports_no_target_client_even_when_the_config_names_every_type(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """The config a worker receives names a target of every type: unpickling it loads their
+    modules, not their clients (each worker's sys.modules, asked over its channel)."""
+    closed = free_port()  # nothing listens: the owner's delivery retries, nothing is sent
+    targets: list[dict[str, Any]] = [
+        {
+            "id": "archive",
+            "target_type": "file",
+            "file_endpoint": {"path": str(tmp_path / "var" / "archive.ndjson")},
+        },
+        {
+            "id": "bucket",
+            "target_type": "cloud_object_storage",
+            "cos_endpoint": {
+                "endpoint": f"http://127.0.0.1:{closed}",
+                "target_crn": "crn:v1:bluemix:public:cloud-object-storage:global:a/abc123:def456::",
+                "bucket": "audit-archive",
+                "hmac_keys": {"access_key_id": "key-id", "secret_access_key": "secret-key-01"},
+            },
+        },
+        {
+            "id": "kafka",
+            "target_type": "event_streams",
+            "eventstreams_endpoint": {
+                "target_crn": "crn:v1:bluemix:public:messagehub:us-south:a/abc123:def456::",
+                "brokers": [f"127.0.0.1:{closed}"],
+                "topic": "audit",
+                "api_key": "an-event-streams-key-01",
+                "tls": False,
+            },
+        },
+    ]
+    daemon = await start_daemon(
+        {
+            "server": {"host": "127.0.0.1", "port": 0, "workers": WORKERS},
+            "evidence": {"receipts": True},
+            "targets": targets,
+            "routes": [{"name": "all", "rules": [{"locations": ["*"], "target_ids": ["archive"]}]}],
+        }
+    )
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"http://127.0.0.1:{daemon.port}/v1/events",
+            data=orjson.dumps(make_event()),
+            headers=headers(),
+        ) as resp,
+    ):
+        assert resp.status == 202
+        assert "receipt" in (await resp.json())["results"][0]
+    assert daemon.worker_pool is not None
+    found = await daemon.worker_pool.modules()
+    assert len(found) == WORKERS
+    for pid, modules in found.items():
+        assert {"router.targets.cos", "router.targets.event_streams"} <= set(modules), pid
+        heavy = sorted(
+            m for m in modules if any(m == h or m.startswith(f"{h}.") for h in NOT_IN_A_WORKER)
+        )
+        assert heavy == [], f"worker {pid} imported {heavy}"
+
+
+def mapped(pid: int) -> set[str]:
+    """The files a process has mapped (its shared libraries among them)."""
+    with open(f"/proc/{pid}/maps", encoding="utf-8") as f:
+        return {line.split()[-1] for line in f if "/" in line}
+
+
+async def test_a_daemon_without_kafka_or_signing_loads_neither_library(tmp_path: Path) -> None:
+    """The owner and its workers, as running processes: no Kafka target and no signing key,
+    so neither aiokafka's nor cryptography's compiled modules are mapped in any of them."""
+    port = free_port()
+    proc = await serve(workers_config(tmp_path, port, evidence={"receipts": True}), port)
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                f"http://127.0.0.1:{port}/v1/events",
+                data=orjson.dumps(make_event()),
+                headers=headers(),
+            ) as resp,
+        ):
+            assert resp.status == 202
+        await wait_for(lambda: drained(port), timeout_s=START_TIMEOUT_S, what="delivery")
+        processes = {proc.pid, *children(proc.pid)}
+        assert len(processes) == WORKERS + 1
+        for pid in processes:
+            libraries = mapped(pid)
+            assert any("/aiohttp/" in path for path in libraries), "the check sees libraries"
+            loaded = sorted(p for p in libraries if "/aiokafka/" in p or "/cryptography/" in p)
+            assert loaded == [], f"process {pid} mapped {loaded}"
+        assert await terminate(proc) == 0
+    finally:
+        await reap(proc)
+
+
+async def test_a_killed_workers_counters_stay_in_status_and_metrics(tmp_path: Path) -> None:
+    """kill -9 of every worker under load: what they accepted since the last status was asked
+    stays counted (the owner banks what it journaled for them), and /v1/status's and
+    /metrics' counters never go backwards."""
+    port = free_port()
+    proc = await serve(workers_config(tmp_path, port), port)
+    seen: list[tuple[str, int]] = []
+    polling = asyncio.Event()
+
+    async def poll() -> None:
+        async with aiohttp.ClientSession() as session:
+            while True:
+                await polling.wait()
+                status = await status_of(port)
+                seen.append(("status", status["ingest"]["accepted"]))
+                async with session.get(f"http://127.0.0.1:{port}/metrics") as resp:
+                    text = await resp.text()
+                accepted = [
+                    line
+                    for line in text.splitlines()
+                    if line.startswith("event_router_events_accepted_total ")
+                ]
+                seen.append(("metrics", int(float(accepted[0].split()[1]))))
+
+    poller = asyncio.create_task(poll(), name="poller")
+    try:
+        workers = children(proc.pid)
+        acked: list[str] = []
+        gone = asyncio.Event()
+        posters = [
+            asyncio.create_task(
+                load(port, acked, time.monotonic() + 60, p, gone), name=f"poster-{p}"
+            )
+            for p in range(POSTERS)
+        ]
+        polling.set()
+        await wait_for(lambda: len(acked) >= 300, timeout_s=START_TIMEOUT_S, what="some load")
+        polling.clear()
+        await wait_for(lambda: len(seen) >= 2, timeout_s=START_TIMEOUT_S, what="a status")
+        before = len(acked)
+        # Unasked, the workers accept more; then both die before anyone asks again.
+        await wait_for(
+            lambda: len(acked) >= before + 300, timeout_s=START_TIMEOUT_S, what="more load"
+        )
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        polling.set()
+        await wait_for(
+            lambda: len(children(proc.pid) - workers) == WORKERS,
+            timeout_s=START_TIMEOUT_S,
+            what="the owner to start new workers",
+        )
+        await wait_for(lambda: len(acked) >= before + 600, timeout_s=START_TIMEOUT_S, what="load")
+        gone.set()
+        await asyncio.gather(*posters)
+        await wait_for(lambda: drained(port), timeout_s=START_TIMEOUT_S, what="delivery")
+        polling.clear()
+        status = await status_of(port)
+        assert_books_balance(status)
+        # Every event the journal took was accepted by a worker, and is counted once.
+        assert status["ingest"]["accepted"] == status["targets"]["archive"]["received"]
+        for kind in ("status", "metrics"):
+            values = [value for what, value in seen if what == kind]
+            assert values == sorted(values), f"{kind} went backwards: {values}"
+        assert await terminate(proc) == 0
+    finally:
+        poller.cancel()
+        await asyncio.gather(poller, return_exceptions=True)
+        await reap(proc)
+
+
+def owner_socket(pid: int) -> Path:
+    """The unix socket the owner listens on for its workers (its listening socket's path)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    with open("/proc/net/unix", encoding="utf-8") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if len(fields) == 8 and fields[6] in inodes and fields[7].endswith("/owner.sock"):
+                return Path(fields[7])
+    raise AssertionError(f"process {pid} listens on no owner.sock")
+
+
+async def test_a_killed_owners_socket_directory_is_removed_at_the_next_start(
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    config = workers_config(tmp_path, port)
+    proc = await serve(config, port)
+    try:
+        left = owner_socket(proc.pid).parent
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+        assert left.exists(), "kill -9 leaves it (nothing runs at a kill)"
+        proc = await serve(config, port)
+        assert not left.exists(), "the next start did not remove the dead owner's directory"
+        mine = owner_socket(proc.pid).parent
+        assert await terminate(proc) == 0
+        assert not mine.exists(), "a clean stop removes its own"
+    finally:
+        await reap(proc)

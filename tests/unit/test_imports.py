@@ -4,6 +4,8 @@ command line imports the daemon (the module that composes everything else)."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import router
@@ -169,3 +171,19 @@ def test_the_routers_own_events_are_built_in_selfevent_only() -> None:
             if isinstance(text, str) and text.startswith("event-router.") and text.count(".") > 1:
                 naming.add(name)
     assert naming == {"router.selfevent"}
+
+
+def test_the_daemon_and_a_worker_import_no_target_client_until_a_target_needs_it() -> None:
+    # Each client costs megabytes in every process that imports it (about 10 MB botocore's,
+    # 8 MB cryptography's, 3 MB aiokafka's): the first target of its type imports it.
+    code = (
+        "import sys, router.cli, router.daemon, router.server.worker, router.config;"
+        "print(' '.join(sorted(sys.modules)))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    loaded = set(done.stdout.split())
+    assert "router.targets.event_streams" in loaded and "router.targets.cos" in loaded
+    heavy = {"aiokafka", "aiobotocore", "cryptography"}
+    assert sorted(m for m in loaded if m.split(".")[0] in heavy) == []

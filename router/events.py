@@ -63,6 +63,14 @@ def parse_event_time(value: Any) -> datetime | None:
     return when if when.tzinfo else None
 
 
+def dumps(value: Any) -> bytes:
+    """orjson.dumps, trimmed to its length. orjson hands back the buffer it wrote into, which
+    keeps its whole allocation (8 KiB for a 1 KB event): an event kept by the journal's memory
+    or a request waiting for its durable answer held eight times its bytes. One copy of the
+    bytes (~0.3 us a 1 KB event) frees the buffer at once."""
+    return memoryview(orjson.dumps(value)).tobytes()
+
+
 # Random bytes for ids, drawn from the OS in blocks: one getrandom call per 256 ids rather than
 # one per id (uuid.uuid4 made it 5 % of the CPU of a batched ingest).
 _ID_BLOCK = 256
@@ -129,7 +137,7 @@ class Event:
     ) -> Event:
         """Wrap a body that passed validation; assigns an id when the producer sent none.
 
-        `encoded`, when given, is the body's compact JSON as the body is now (orjson.dumps):
+        `encoded`, when given, is the body's compact JSON as the body is now (`dumps`):
         the event keeps it as its bytes, with the new id appended to it as orjson would write
         it (a new key goes last), so the body is serialised once on the whole way in."""
         if not body.get("id"):
@@ -204,7 +212,7 @@ class Event:
     def encoded(self) -> bytes:
         """The body as compact JSON, computed once and shared by every target."""
         if self._encoded is None:
-            self._encoded = orjson.dumps(self.body)
+            self._encoded = dumps(self.body)
         return self._encoded
 
     def __repr__(self) -> str:

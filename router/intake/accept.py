@@ -27,7 +27,7 @@ import orjson
 from router.config import ServerConfig, StorageConfig
 from router.deadletter import DROPPED_BUFFER_FULL, DeadLetters
 from router.errors import RouterError
-from router.events import Event
+from router.events import Event, dumps
 from router.evidence.receipt import Receipts
 from router.intake.limits import shape_problems
 from router.intake.redaction import Redactor
@@ -323,7 +323,7 @@ def _encode(item: Any) -> bytes | None:
     if not isinstance(item, dict):
         return None
     try:
-        return orjson.dumps(item)
+        return dumps(item)
     except orjson.JSONEncodeError:
         return None
 

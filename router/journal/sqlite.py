@@ -51,6 +51,8 @@ import logging
 import mmap
 import os
 import sqlite3
+import struct
+import sys
 import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
@@ -125,8 +127,9 @@ RETIRE_CHUNK = 1000
 FREE_PAGES_BEFORE_SHRINK = 4096
 SHRINK_STEP_PAGES = 1024
 SYNCHRONOUS = {"always": "FULL", "interval": "NORMAL", "never": "OFF"}
-# Per target, the bytes of committed events kept in memory for its worker; a target further
-# behind than this reads its backlog from the database until it has caught up.
+# Per target, what the committed events kept in memory for its worker keep alive (`held_bytes`:
+# their bytes and ids and the objects around them); a target further behind than this reads
+# its backlog from the database until it has caught up.
 MEMORY_BYTES = 8 * 1024 * 1024
 # While the journal is unhealthy (a write failed), a small write is tried this often, so that
 # /readyz turns 200 again once the disk takes writes, without waiting for a producer.
@@ -148,6 +151,25 @@ class _Pending:
     done: asyncio.Future[None]
 
 
+def _entry_overhead() -> int:
+    """What remembering an entry costs beyond its event's bytes and id characters: the Entry,
+    the Event, the bytes' and the id's object headers, its arrival time, its seq and the
+    deque's slot (290 bytes on CPython 3.11 x86-64: a third more than a 1 KB event's bytes)."""
+    event = Event.stored("", b"", 0.0)
+    entry = Entry(1 << 40, event, "")
+    parts = (entry, event, event.encoded(), event.id, event.received_at, entry.seq)
+    return sum(sys.getsizeof(part) for part in parts) + struct.calcsize("P")
+
+
+ENTRY_OVERHEAD = _entry_overhead()
+
+
+def held_bytes(entry: Entry) -> int:
+    """What a remembered entry keeps alive, as the memory budget counts it (the route's name
+    is shared by every entry of its route)."""
+    return len(entry.event.encoded()) + len(entry.event.id) + ENTRY_OVERHEAD
+
+
 @dataclass(slots=True)
 class _Target:
     books: Books = field(default_factory=Books)
@@ -158,9 +180,10 @@ class _Target:
     # Held while the worker reads a batch and while shedding, so they never take the same rows.
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # `memory` holds committed entries of this target past its cursor, in seq order
-    # (`memory_bytes` of event bytes, at most MEMORY_BYTES): while they are all it has pending
-    # (`in_memory`), its batches come from there, not SQLite. A target further behind than
-    # MEMORY_BYTES stops `remembering` (memory is freed) until its backlog would fit again.
+    # (`memory_bytes`: what they keep alive, `held_bytes`, at most MEMORY_BYTES): while they
+    # are all it has pending (`in_memory`), its batches come from there, not SQLite. A target
+    # further behind than MEMORY_BYTES stops `remembering` (memory is freed) until its
+    # backlog would fit again.
     memory: collections.deque[Entry] = field(default_factory=collections.deque)
     memory_bytes: int = 0
     remembering: bool = True
@@ -185,7 +208,7 @@ class _Target:
         """Keep a committed entry for the worker. Past MEMORY_BYTES, memory is dropped and the
         worker reads the database; remembering starts again once all the target has pending
         would fit in MEMORY_BYTES (a backlog of a million events holds no memory meanwhile)."""
-        size = len(entry.event.encoded())
+        size = held_bytes(entry)
         if not self.remembering:
             if self.books.pending * size > MEMORY_BYTES:
                 return
@@ -206,7 +229,7 @@ class _Target:
     def settled_through(self, last: int) -> None:
         """Entries up to `last` are settled: out of memory."""
         while self.memory and self.memory[0].seq <= last:
-            self.memory_bytes -= len(self.memory.popleft().event.encoded())
+            self.memory_bytes -= held_bytes(self.memory.popleft())
 
 
 class SqliteJournal:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import resource
 import shutil
 import sqlite3
 import sys
+import tracemalloc
 import zlib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -671,7 +673,8 @@ async def test_a_target_that_fell_behind_takes_memory_again_once_close_while_bus
     would fit in memory again, then takes its batches from memory once it has settled what
     memory lacks, though new events keep it from ever being idle (a busy journal owner).
     Every event once, in order, and the books balance at every step."""
-    event_bytes = len(Event.from_body(make_event(id="x" * 36)).encoded())
+    event = Event.from_body(make_event(id="x" * 36))
+    event_bytes = sqlite_journal.held_bytes(Entry(1, event, "all"))
     monkeypatch.setattr(sqlite_journal, "MEMORY_BYTES", 8 * event_bytes)  # 8 events
     journal = SqliteJournal(StorageConfig(path=str(tmp_path / "var"), fsync="never"), ["t"])
     await journal.open()
@@ -906,5 +909,46 @@ async def test_a_move_into_batches_cut_short_goes_on_at_the_next_open(
         ids = [e.event.id for e in batch]
         assert ids[-2500:] == [f"e{i}" for i in range(30, 2530)]
         assert len(ids) == journal.books("siem").pending == 2526
+    finally:
+        await journal.close()
+
+
+async def test_a_targets_memory_counts_what_it_holds(tmp_path: Path) -> None:
+    """The memory budget bounds what memory really costs: the bytes each remembered entry
+    keeps alive (its event's bytes and id, the Entry, the Event, its arrival time and seq),
+    not only the event's bytes, which were three quarters of it. Every event is still taken
+    from memory, once, and the books balance."""
+    journal = SqliteJournal(StorageConfig(path=str(tmp_path / "var"), fsync="never"), ["t"])
+    await journal.open()
+    stopping = asyncio.Event()
+    try:
+        await journal.append([(Event.from_body(make_event()), {"t": "all"})])  # warm up
+        ids: list[str] = []
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            memory_before = journal._targets["t"].memory_bytes
+            for _ in range(4):
+                events = [Event.from_body(make_event()) for _ in range(500)]
+                ids += [event.id for event in events]
+                await journal.append([(event, {"t": "all"}) for event in events])
+                del events
+            gc.collect()
+            held = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        counted = journal._targets["t"].memory_bytes - memory_before
+        assert len(journal._targets["t"].memory) == 2001, "all under the budget: remembered"
+        assert held <= counted * 1.05, f"memory holds {held} bytes but counts {counted}"
+        taken: list[str] = []
+        while journal.books("t").pending:
+            batch = await journal.next_batch(
+                "t", max_events=1000, max_bytes=1 << 24, max_wait_s=0, stopping=stopping
+            )
+            taken += [entry.event.id for entry in batch]
+            await journal.ack("t", batch, dead_lettered=0)
+        assert taken[1:] == ids and journal.batch_sources("t") == (3, 0)
+        books = journal.books("t")
+        assert books.received == books.delivered + books.dead_lettered + books.pending == 2001
     finally:
         await journal.close()

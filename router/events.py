@@ -215,5 +215,12 @@ class Event:
             self._encoded = dumps(self.body)
         return self._encoded
 
+    def keep_bytes_only(self) -> None:
+        """Let the parsed body go and keep the bytes (made first if need be): the body is
+        parsed again only if something asks for it."""
+        if not self.corrupt:
+            self.encoded()
+            self._body = None
+
     def __repr__(self) -> str:
         return f"Event(id={self.id!r})"

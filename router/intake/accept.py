@@ -171,10 +171,13 @@ class Acceptor:
     ) -> Outcome:
         """Validate, route and journal; `caller` (when auth is on) may limit the services.
         Only the router's own events (`own`) may carry its actions, and be sent to
-        `route_to` (target id -> route name) rather than where the routes send them."""
+        `route_to` (target id -> route name) rather than where the routes send them. Where
+        nothing after the journal reads the bodies (a worker), `items` is emptied while the
+        journal works (`_keep_bytes_only`)."""
         results: list[dict[str, Any]] = []
         routed: list[tuple[Event, Mapping[str, str]]] = []
         forbidden = 0
+        received = len(items)
         async with self._routing_turn():
             for index, item in enumerate(items):
                 encoded = _encode(item)
@@ -206,6 +209,8 @@ class Acceptor:
                     results[-1]["receipt"] = self.receipts.issue(event)
             if own and route_to:
                 routed = [(event, route_to) for event, _ in routed]
+            if self.tail is None and self.observer is None:
+                _keep_bytes_only(items, routed)
             try:
                 await self._append(routed)
             except JournalFullError as exc:
@@ -232,7 +237,7 @@ class Acceptor:
         self.stats.unrouted += sum(1 for _, targets in routed if not targets)
         accepted = len(routed)
         self.stats.accepted += accepted
-        self.stats.rejected += len(items) - accepted
+        self.stats.rejected += received - accepted
         if forbidden and caller is not None and self.refusals is not None:
             await self.refusals.record(
                 caller,
@@ -314,6 +319,16 @@ class Acceptor:
                 )
                 return len(entries)
         return 0
+
+
+def _keep_bytes_only(items: list[Any], routed: Sequence[tuple[Event, Mapping[str, str]]]) -> None:
+    """Nothing after the journal reads these events' bodies (a worker process: no tail, no
+    alerts; the owner runs them on the bytes), so while the request waits for its durable
+    answer it keeps only their bytes: the parsed items, most of a large request's memory
+    (3.7 MB of a 1,000-event request), are let go, from the caller's `items` too."""
+    for event, _ in routed:
+        event.keep_bytes_only()
+    items.clear()
 
 
 def _encode(item: Any) -> bytes | None:

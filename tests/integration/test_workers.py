@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import gzip
 import hashlib
 import hmac
@@ -28,6 +29,13 @@ import orjson
 import pytest
 import yaml
 
+from router.config import parse_config
+from router.deadletter import DeadLetters
+from router.intake.accept import Acceptor
+from router.intake.handoff import Channel, HandoffJournal
+from router.observe.metrics import IngestStats
+from router.reload import validator_for
+from router.routing import RouteTable
 from tests import helpers
 from tests.conftest import StartDaemon
 from tests.fakes import ScriptedReceiver, make_event, read_ndjson, wait_for
@@ -910,3 +918,57 @@ async def test_a_killed_owners_socket_directory_is_removed_at_the_next_start(
         assert not mine.exists(), "a clean stop removes its own"
     finally:
         await reap(proc)
+
+
+async def test_a_workers_request_waiting_for_the_owner_keeps_only_its_events_bytes(
+    tmp_path: Path,
+) -> None:
+    """In a worker nothing after the journal reads an event's body (no tail, no alerts: the
+    owner runs them on the bytes), so a request waiting for the owner's durable answer holds
+    only its events' bytes: the parsed items (most of a large request's memory) are let go.
+    The answer and what the owner journals are unchanged."""
+    config = parse_config(
+        {
+            "storage": {"path": str(tmp_path / "var")},
+            "targets": [helpers.file_target("archive", tmp_path / "archive.ndjson")],
+            "routes": helpers.everything_to("archive"),
+        }
+    )
+    handed: list[Any] = []
+    answer = asyncio.Event()
+
+    async def append(records: list[Any]) -> None:
+        handed.extend(records)
+        await answer.wait()
+
+    owner_side, worker_side = socket.socketpair()
+    owner = await Channel.over(owner_side, {"append": append}, name="owner")
+    worker = await Channel.over(worker_side, {}, name="worker")
+    owner.start()
+    worker.start()
+    try:
+        acceptor = Acceptor(
+            server=config.server,
+            validator=validator_for(config),
+            routes=RouteTable(config.routes, config.settings.default_targets),
+            journal=HandoffJournal(worker),
+            stats=IngestStats(),
+            storage=config.storage,
+            dead_letters=DeadLetters(config.storage.dead_letter_dir()),
+        )
+        bodies = [make_event() for _ in range(5)]
+        accepting = asyncio.create_task(acceptor.accept([*bodies, {"not": "an event"}]))
+        await wait_for(lambda: len(handed) == 5, what="the records handed to the owner")
+        gc.collect()
+        for body in bodies:
+            held_by = [r for r in gc.get_referrers(body) if r is not bodies]
+            assert not held_by, f"a parsed item is kept while waiting: {held_by!r:.200}"
+        answer.set()
+        outcome = await accepting
+        assert outcome.accepted == 5 and acceptor.stats.rejected == 1
+        assert [r["id"] for r in outcome.results[:5]] == [body["id"] for body in bodies]
+        assert [orjson.loads(encoded) for _, _, encoded, _ in handed] == bodies
+        assert [targets for *_, targets in handed] == [{"archive": "all"}] * 5
+    finally:
+        await worker.close()
+        await owner.close()

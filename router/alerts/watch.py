@@ -137,6 +137,11 @@ class AlertWatch:
         self.alerts = wanted
         self._wake.set()
 
+    @property
+    def reads_bodies(self) -> bool:
+        """Whether `observe` reads the events' bodies: only an alert with a query does."""
+        return any(alert.query is not None for alert in self.alerts.values())
+
     # -- events and time -------------------------------------------------------------------
 
     async def observe(self, events: Sequence[Event]) -> None:

@@ -97,6 +97,11 @@ class Outcome:
 class Observer(Protocol):
     """Looks at every batch of accepted events once the journal has them (the alerts)."""
 
+    @property
+    def reads_bodies(self) -> bool:
+        """Whether `observe` reads the events' bodies (else a request lets them go while the
+        journal works)."""
+
     async def observe(self, events: Sequence[Event]) -> None:
         """Take note of `events` (redacted, journaled) before the producer is answered."""
 
@@ -172,8 +177,8 @@ class Acceptor:
         """Validate, route and journal; `caller` (when auth is on) may limit the services.
         Only the router's own events (`own`) may carry its actions, and be sent to
         `route_to` (target id -> route name) rather than where the routes send them. Where
-        nothing after the journal reads the bodies (a worker), `items` is emptied while the
-        journal works (`_keep_bytes_only`)."""
+        nothing after the journal reads the bodies (no alert query, nobody tailing), `items` is
+        emptied while the journal works (`_keep_bytes_only`)."""
         results: list[dict[str, Any]] = []
         routed: list[tuple[Event, Mapping[str, str]]] = []
         forbidden = 0
@@ -209,7 +214,9 @@ class Acceptor:
                     results[-1]["receipt"] = self.receipts.issue(event)
             if own and route_to:
                 routed = [(event, route_to) for event, _ in routed]
-            if self.tail is None and self.observer is None:
+            if (self.observer is None or not self.observer.reads_bodies) and (
+                self.tail is None or not self.tail.subscribers
+            ):
                 _keep_bytes_only(items, routed)
             try:
                 await self._append(routed)
@@ -322,10 +329,11 @@ class Acceptor:
 
 
 def _keep_bytes_only(items: list[Any], routed: Sequence[tuple[Event, Mapping[str, str]]]) -> None:
-    """Nothing after the journal reads these events' bodies (a worker process: no tail, no
-    alerts; the owner runs them on the bytes), so while the request waits for its durable
-    answer it keeps only their bytes: the parsed items, most of a large request's memory
-    (3.7 MB of a 1,000-event request), are let go, from the caller's `items` too."""
+    """Nothing after the journal reads these events' bodies (no alert query, nobody tailing; a
+    worker process has neither: the owner runs them on the bytes), so while the request waits
+    for its durable answer it keeps only their bytes: the parsed items, most of a large
+    request's memory (3.7 MB of a 1,000-event request), are let go, from the caller's `items`
+    too. A client that starts tailing meanwhile gets bodies parsed again from the bytes."""
     for event, _ in routed:
         event.keep_bytes_only()
     items.clear()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import gzip
 import uuid
 from pathlib import Path
@@ -15,7 +16,14 @@ import pytest
 from router.daemon import Daemon
 from tests.conftest import StartDaemon
 from tests.fakes import make_event, read_ndjson, wait_for
-from tests.helpers import file_target, post
+from tests.helpers import (
+    assert_books_balance,
+    everything_to,
+    file_target,
+    journal_write_locked,
+    post,
+    settled,
+)
 
 
 @pytest.fixture
@@ -387,3 +395,34 @@ async def test_requests_past_the_concurrency_limit_wait_their_turn(
     )
     assert [status for status, _ in answers] == [202] * 20
     await wait_for(lambda: len(read_ndjson(path)) == 100)
+
+
+async def test_a_request_waiting_for_the_journal_keeps_only_its_events_bytes_when_none_tails(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """With nobody tailing and no alerts, nothing after the journal reads an accepted event's
+    body: while the journal's write waits (its lock held by another connection), the request
+    keeps only its events' bytes. Once the write goes through, every event is delivered as
+    it was sent, and the books balance."""
+    archive = tmp_path / "archive.ndjson"
+    daemon = await start_daemon(
+        {"targets": [file_target("archive", archive)], "routes": everything_to("archive")}
+    )
+    await wait_for(lambda: settled(daemon))
+    journal = daemon.journal
+    bodies = [make_event() for _ in range(5)]
+    with journal_write_locked(tmp_path / "var"):
+        accepting = asyncio.create_task(daemon.acceptor.accept([*bodies, {"not": "an event"}]))
+        await wait_for(
+            lambda: journal._flusher is not None and not journal._flusher.done(),
+            what="the journal's write to wait for the lock",
+        )
+        gc.collect()
+        for body in bodies:
+            held_by = [r for r in gc.get_referrers(body) if r is not bodies]
+            assert not held_by, f"a parsed item is kept while waiting: {held_by!r:.200}"
+    outcome = await accepting
+    assert outcome.accepted == 5
+    await wait_for(lambda: settled(daemon))
+    assert [line["id"] for line in read_ndjson(archive)] == [body["id"] for body in bodies]
+    assert_books_balance(daemon)

@@ -153,26 +153,35 @@ class Ingest:
                     response.headers["Retry-After"] = str(BUSY_RETRY_AFTER_S)
                 return response
             async with self._slots:
-                return await self._handle(request, body)
+                taken = [body]
+                del body  # `_handle` lets it go once it is decoded
+                return await self._handle(request, taken)
 
-    async def _handle(self, request: web.Request, body: bytes) -> web.Response:
+    async def _handle(self, request: web.Request, taken: list[bytes]) -> web.Response:
+        """Decode the body `taken` holds (taking it out), then accept the events: a request
+        waiting for its durable answer holds its events' bytes, not also the body they came
+        in (up to server.max_body_bytes)."""
         try:
-            if content_encoding(request) == "gzip":
-                body = inflate(body, self.server.max_inflated_bytes)
-            items = decode(body, request.content_type)
-            if not items:
-                raise RequestError(400, "no_events", "the body holds no event")
-            if len(items) > self.server.max_events_per_request:
-                raise RequestError(
-                    413,
-                    "too_many_events",
-                    f"{len(items)} events in one request; the limit is "
-                    f"{self.server.max_events_per_request}",
-                )
+            items = self._decode(request, taken.pop())
         except RequestError as exc:
             self.stats.refuse(exc.code)
             return error_response(exc)
         return outcome_response(await self.acceptor.accept(items, request.get(CALLER)))
+
+    def _decode(self, request: web.Request, body: bytes) -> list[Any]:
+        if content_encoding(request) == "gzip":
+            body = inflate(body, self.server.max_inflated_bytes)
+        items = decode(body, request.content_type)
+        if not items:
+            raise RequestError(400, "no_events", "the body holds no event")
+        if len(items) > self.server.max_events_per_request:
+            raise RequestError(
+                413,
+                "too_many_events",
+                f"{len(items)} events in one request; the limit is "
+                f"{self.server.max_events_per_request}",
+            )
+        return items
 
     async def read_body(self, request: web.Request, held: Held) -> bytes:
         """The body as sent, refused past server.max_body_bytes, past the bytes in flight, or

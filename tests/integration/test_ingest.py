@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import gzip
+import tracemalloc
 import uuid
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import orjson
 import pytest
 
 from router.daemon import Daemon
+from router.intake import http as http_intake
 from tests.conftest import StartDaemon
 from tests.fakes import make_event, read_ndjson, wait_for
 from tests.helpers import (
@@ -425,4 +427,45 @@ async def test_a_request_waiting_for_the_journal_keeps_only_its_events_bytes_whe
     assert outcome.accepted == 5
     await wait_for(lambda: settled(daemon))
     assert [line["id"] for line in read_ndjson(archive)] == [body["id"] for body in bodies]
+    assert_books_balance(daemon)
+
+
+async def test_a_request_waiting_for_the_journal_no_longer_holds_the_body_it_came_in(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """Once its events are decoded, a request waiting for its durable answer holds their
+    bytes, not also the body they came in (up to server.max_body_bytes): while the journal's
+    write waits (its lock held by another connection), what the intake's HTTP layer allocated
+    for it and still holds is a sliver (each event's action string, kept for routing, and
+    orjson's cache of keys), not the body. The events arrive; the books balance."""
+    archive = tmp_path / "archive.ndjson"
+    daemon = await start_daemon(
+        {"targets": [file_target("archive", archive)], "routes": everything_to("archive")}
+    )
+    await wait_for(lambda: settled(daemon))
+    journal = daemon.journal
+    bodies = [make_event() for _ in range(200)]
+    sent = orjson.dumps(bodies)
+    tracemalloc.start()
+    try:
+        with journal_write_locked(tmp_path / "var"):
+            posting = asyncio.create_task(post(daemon, sent))
+            await wait_for(
+                lambda: journal._flusher is not None and not journal._flusher.done(),
+                what="the journal's write to wait for the lock",
+            )
+            gc.collect()
+            stats = (
+                tracemalloc.take_snapshot()
+                .filter_traces([tracemalloc.Filter(True, http_intake.__file__)])
+                .statistics("lineno")
+            )
+            held = sum(stat.size for stat in stats)
+        status, answer = await posting
+    finally:
+        tracemalloc.stop()
+    assert held < len(sent) // 4, f"the intake holds {held} bytes of a {len(sent)}-byte body"
+    assert status == 202 and len(answer["results"]) == 200
+    await wait_for(lambda: settled(daemon))
+    assert len(read_ndjson(archive)) == 200
     assert_books_balance(daemon)

@@ -76,6 +76,11 @@ class ServerConfig:
     # add them without end. The operator's YAML is not bounded by these.
     max_alerts: int = 100
     max_views: int = 100
+    # Targets and routes the management API creates no more of, counting the YAML's (each
+    # target runs a delivery worker with its own connections; each route is planned for every
+    # event): atracker's own limits per account, 16 and 30.
+    max_targets: int = 16
+    max_routes: int = 30
     # Names besides host, localhost and this host's name that a daemon without auth answers
     # to (the Host header; a DNS rebinding defence, router/auth.py). IP addresses always pass.
     allowed_hosts: tuple[str, ...] = ()

@@ -611,6 +611,7 @@ class ManagementApi:
         self._permitted(raw)
 
         def edit(data: dict[str, Any]) -> dict[str, Any]:
+            self._within_limit("target", len(self._targets(data)), code="target_limit_reached")
             self._targets(data).append(raw)
             if "region" in raw and not (data.get("settings") or {}).get("metadata_region_primary"):
                 # atracker: "the location where the first target is created is automatically
@@ -756,6 +757,7 @@ class ManagementApi:
         raw = self._route_body(await self._body(request), route_id)
 
         def edit(data: dict[str, Any]) -> dict[str, Any]:
+            self._within_limit("route", len(data.get("routes") or []))
             data.setdefault("routes", []).append(raw)
             self.meta.touch(f"route:{route_id}", created=True)
             self.meta.versions[route_id] = 0
@@ -915,13 +917,14 @@ class ManagementApi:
 
         return handler
 
-    def _within_limit(self, kind: str, count: int) -> None:
-        """server.max_alerts / max_views: how many the API lets exist before it creates one."""
+    def _within_limit(self, kind: str, count: int, *, code: str = "limit_reached") -> None:
+        """server.max_alerts / max_views / max_targets / max_routes: how many the API lets
+        exist before it creates one."""
         limit: int = getattr(self.editor.config.server, f"max_{kind}s")
         if count >= limit:
             raise ApiError(
                 400,
-                "limit_reached",
+                code,
                 f"{kind}s: there are {count} {kind}s, at most server.max_{kind}s ({limit}) "
                 f"through the management API; delete a {kind} first",
             )

@@ -146,6 +146,50 @@ async def test_targets_routes_and_settings_round_trip(daemon: Daemon, tmp_path: 
     assert (await api.call("GET", "/api/v2/settings"))[1] == settings
 
 
+async def test_the_api_creates_no_more_targets_or_routes_than_the_server_limit(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """Each target starts a delivery worker with its own connections and each route is planned
+    for every event: an admin token may not add them without end. Past server.max_targets
+    (atracker's 16 by default, with its code `target_limit_reached`) and server.max_routes
+    (atracker's 30), a 400 names the setting, counting the operator's own; a delete makes room."""
+    daemon = await start_daemon(
+        {
+            "auth": auth(),
+            "server": {"max_targets": 2, "max_routes": 2},
+            "targets": [file_target("archive", tmp_path / "archive.ndjson")],
+            "routes": everything_to("archive"),
+        }
+    )
+    api = Client(daemon)
+
+    def target(name: str) -> dict[str, Any]:
+        path = str(tmp_path / f"{name}.ndjson")
+        return {"name": name, "target_type": "file", "file_endpoint": {"path": path}}
+
+    status, made = await api.call("POST", "/api/v2/targets", target("second"))
+    assert status == 201, made
+    status, answer = await api.call("POST", "/api/v2/targets", target("third"))
+    assert status == 400, answer
+    [error] = answer["errors"]
+    assert error["code"] == "target_limit_reached", error
+    assert "server.max_targets (2)" in error["message"], error
+    assert [t.id for t in daemon.config.targets] == ["archive", made["id"]]
+
+    def route(name: str) -> dict[str, Any]:
+        return {"name": name, "rules": [{"locations": ["us-south"], "target_ids": [made["id"]]}]}
+
+    status, kept = await api.call("POST", "/api/v2/routes", route("r2"))
+    assert status == 201, kept
+    status, answer = await api.call("POST", "/api/v2/routes", route("r3"))
+    assert status == 400, answer
+    [error] = answer["errors"]
+    assert error["code"] == "limit_reached" and "server.max_routes (2)" in error["message"], error
+    assert len(daemon.config.routes) == 2
+    assert (await api.call("DELETE", f"/api/v2/routes/{kept['id']}"))[0] == 204
+    assert (await api.call("POST", "/api/v2/routes", route("r3")))[0] == 201
+
+
 async def test_a_target_in_use_cannot_be_deleted_and_errors_have_atracker_shape(
     daemon: Daemon,
 ) -> None:

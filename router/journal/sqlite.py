@@ -797,9 +797,7 @@ class SqliteJournal:
         # Read on the loop, after the write: the head only covers lines already written.
         head = self.chain_head(target_id) if self.chain_head is not None else None
         try:
-            await self._run(
-                self._ack_sync, target_id, batch[0].seq, last, delivered, dead_lettered, head
-            )
+            await self._run(self._ack_sync, target_id, last, delivered, dead_lettered, head)
         except (sqlite3.Error, OSError):
             self._write_failed()
             raise
@@ -817,7 +815,6 @@ class SqliteJournal:
     def _ack_sync(
         self,
         target_id: str,
-        first: int,
         last: int,
         delivered: int,
         dead_lettered: int,

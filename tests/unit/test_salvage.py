@@ -117,7 +117,7 @@ def batched(path: Path, commits: list[list[dict[str, str]]], acks: dict[str, int
                     n += 1
                 await journal.append(routed)
             for target_id, last in acks.items():
-                await journal._run(journal._ack_sync, target_id, 1, last, last, 0)
+                await journal._run(journal._ack_sync, target_id, last, last, 0)
         finally:
             await journal.close()
 

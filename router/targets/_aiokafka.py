@@ -151,6 +151,18 @@ def keep_batches(producer: AIOKafkaProducer) -> None:
     accumulator._batch_ttl = math.inf
 
 
+def _client_method(client: Any, name: str, purpose: str) -> Any:
+    """AIOKafkaClient's private method `name`, which a workaround here replaces; a version
+    without it fails at start, loudly, rather than silently losing the workaround."""
+    method = getattr(client, name, None)
+    if method is None:
+        raise RuntimeError(
+            f"aiokafka's AIOKafkaClient no longer has {name}; the event_streams target "
+            f"cannot {purpose} (see router/targets/_aiokafka.py)"
+        )
+    return method
+
+
 def bound_connections(producer: AIOKafkaProducer, target_id: str, bound: AddressBound) -> None:
     """Check the address of every broker a target the management API made connects to (those
     the brokers it was given name in their metadata too) against its bound, each time a
@@ -159,12 +171,7 @@ def bound_connections(producer: AIOKafkaProducer, target_id: str, bound: Address
     cannot connect to: it logs why and tries again later. aiokafka has no setting for this;
     a version without `_get_conn` fails here, loudly."""
     client = producer.client
-    get_conn = getattr(client, "_get_conn", None)
-    if get_conn is None:
-        raise RuntimeError(
-            "aiokafka's AIOKafkaClient no longer has _get_conn; the event_streams target "
-            "cannot check where it connects (see router/targets/_aiokafka.py)"
-        )
+    get_conn = _client_method(client, "_get_conn", "check where it connects")
 
     async def checked(node_id: Any, **kwargs: Any) -> Any:
         broker = client.cluster.broker_metadata(node_id)
@@ -188,12 +195,7 @@ def pace_metadata_updates(producer: AIOKafkaProducer) -> None:
     and kept a core busy. Its retry_backoff_ms paces produce retries, not this loop. A version
     without the method fails here, loudly."""
     client = producer.client
-    update = getattr(client, "_metadata_update", None)
-    if update is None:
-        raise RuntimeError(
-            "aiokafka's AIOKafkaClient no longer has _metadata_update; the event_streams target "
-            "cannot pace its metadata updates (see router/targets/_aiokafka.py)"
-        )
+    update = _client_method(client, "_metadata_update", "pace its metadata updates")
     failures = 0
 
     async def paced(cluster_metadata: Any, topics: Any) -> bool:

@@ -18,6 +18,7 @@ byte of a line (in C or in its link) can change unnoticed.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import orjson
@@ -120,3 +121,30 @@ def header_link(headers: dict[str, bytes]) -> Link | None:
     if link_headers(link) != [(SEQ_HEADER, seq), (PREV_HEADER, prev), (HASH_HEADER, digest)]:
         raise CanonicalError("its chain headers are not in the canonical form")
     return link
+
+
+def chained_block(canonicals: Sequence[bytes], head: Link | None) -> tuple[bytes, Link | None]:
+    """The lines for these canonical bytes from `head` on, each ended by a newline and joined
+    into the one buffer a write takes, and the head they lead to: byte for byte
+    b"".join(chained_line(c, link) + b"\\n" ...) over `next_link`'s links. A file target's
+    batch is linked here (a third of the CPU of linking event by event): each canonical is
+    copied once, into the buffer, and its hash and hex made once (a link's hash is the next
+    one's prev), with one Link, the head, made for the whole batch."""
+    if not canonicals:
+        return b"", head
+    seq, prev = (head.seq, head.hash) if head is not None else (0, GENESIS)
+    prev_hex = prev.hex().encode()
+    parts: list[bytes] = []
+    sha256 = hashlib.sha256
+    for canonical in canonicals:
+        if canonical[:1] != b"{" or canonical[-1:] != b"}" or canonical == b"{}":
+            raise CanonicalError("canonical bytes must be a JSON object with at least one member")
+        seq += 1
+        digest = sha256(prev)
+        digest.update(canonical)
+        last, prev = prev, digest.digest()
+        hash_hex = prev.hex().encode()
+        parts.append(canonical[:-1])
+        parts.append(b',"_chain":{"seq":%d,"prev":"%s","hash":"%s"}}\n' % (seq, prev_hex, hash_hex))
+        prev_hex = hash_hex
+    return b"".join(parts), Link(seq, last, prev)

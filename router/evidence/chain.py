@@ -27,11 +27,18 @@ import gzip
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from router.evidence.canonical import CanonicalError, Link, chained_line, next_link, split_line
+from router.evidence.canonical import (
+    CanonicalError,
+    Link,
+    chained_block,
+    chained_line,
+    next_link,
+    split_line,
+)
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +167,11 @@ class Chain:
             head = next_link(head, canonical)
             lines.append(chained_line(canonical, head))
         return lines, head
+
+    def link_block(self, canonicals: Sequence[bytes]) -> tuple[bytes, Link | None]:
+        """`link`'s lines, each ended by a newline, as the one buffer a file write takes
+        (canonical.chained_block), and the head they lead to. Nothing moves until `advance`."""
+        return chained_block(canonicals, self.head)
 
     def advance(self, head: Link | None) -> None:
         self.head = head

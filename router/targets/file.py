@@ -92,8 +92,8 @@ class FileTarget:
 
     async def _send_chained(self, chain: Chain, batch: Sequence[Event]) -> None:
         async with chain.lock:
-            lines, head = chain.link([event.encoded() for event in batch])
-            await self._send(b"".join(line + b"\n" for line in lines))
+            data, head = chain.link_block([event.encoded() for event in batch])
+            await self._send(data)
             chain.advance(head)
             if chain.after_write is not None:
                 await chain.after_write(chain)

@@ -33,6 +33,7 @@ from router.config import EvidenceConfig, StorageConfig, parse_config
 from router.daemon import Daemon
 from router.events import Event
 from router.evidence.canonical import split_line
+from router.evidence.chain import Chain
 from router.evidence.checkpoint import PREFIX, SIG_MEMBER, is_checkpoint
 from router.evidence.keys import generate, load_public
 from router.evidence.registry import Evidence
@@ -735,6 +736,41 @@ async def test_a_send_cancelled_mid_write_keeps_the_chain_until_the_write_is_don
     report = verify([path])
     assert report.ok, report.broken
     assert report.head_seq == report.last_checkpoint_seq == 3001
+
+
+async def test_a_file_targets_batches_are_the_lines_linked_one_by_one_and_verify(
+    tmp_path: Path,
+) -> None:
+    """The file target links a batch into one buffer (Chain.link_block) for its one write:
+    the archive holds exactly the lines Chain.link makes event by event, a batch that follows
+    goes on from the head the first left, and verify accepts the file."""
+    storage = tmp_path / "var"
+    journal = SqliteJournal(StorageConfig(path=str(storage)), ["us"])
+    await journal.open()
+    evidence = Evidence(EvidenceConfig(), journal, storage / "deadletter")
+    await evidence.open()
+    path = tmp_path / "us.ndjson"
+    target = FileTarget("us", FileEndpointConfig(path=str(path)))
+    target.chain = evidence.attach("us", target.write_line)
+    await target.start()
+    batches = [
+        [Event.from_body(make_event(id=f"b{b}-{n}")) for n in range(size)]
+        for b, size in enumerate((1, 250, 3))
+    ]
+    try:
+        for batch in batches:
+            await target.send(batch)
+    finally:
+        await target.close()
+        await evidence.close()
+        await journal.close()
+    expected = Chain("us").link([event.encoded() for batch in batches for event in batch])[0]
+    lines = path.read_bytes().split(b"\n")
+    assert lines[-1] == b""
+    assert [line for line in lines[:-1] if not is_checkpoint(line)] == expected
+    report = verify([path])
+    assert report.ok, report.broken
+    assert report.events == report.head_seq == 254
 
 
 # -- a redrive keeps the letters' places ----------------------------------------------------------

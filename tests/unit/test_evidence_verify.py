@@ -8,7 +8,15 @@ import io
 import orjson
 import pytest
 
-from router.evidence.canonical import GENESIS, CanonicalError, Link, chained_line, split_line
+from router.evidence.canonical import (
+    GENESIS,
+    CanonicalError,
+    Link,
+    chained_block,
+    chained_line,
+    next_link,
+    split_line,
+)
 from router.evidence.chain import Chain
 from router.evidence.verify import Broken, Report, Verifier
 
@@ -79,3 +87,34 @@ def test_a_place_in_both_files_is_reported() -> None:
     archive, letters = interleaved()
     report = run(archive, [*letters, archive[4]])
     assert report.broken == "us.ndjson:5: seq 7 is also in the dead letters (dl.ndjson:4)"
+
+
+@pytest.mark.parametrize("start", [0, 1, 41])
+def test_a_block_of_lines_is_byte_for_byte_the_lines_linked_one_by_one(start: int) -> None:
+    """chained_block (a file target's batch, joined for its one write) gives the very bytes of
+    chained_line over next_link's links, each ended by a newline, and the same head."""
+    head = None
+    for n in range(start):
+        head = next_link(head, event(n))
+    canonicals = [event(start + n) for n in range(5)] + [letter(7)]
+    expected, link = [], head
+    for canonical in canonicals:
+        link = next_link(link, canonical)
+        expected.append(chained_line(canonical, link) + b"\n")
+    block, block_head = chained_block(canonicals, head)
+    assert block == b"".join(expected)
+    assert block_head == link and block_head is not None and block_head.seq == start + 6
+    assert chained_block([], head) == (b"", head)
+    chain = Chain("us", head)
+    assert chain.link_block(canonicals) == (block, link)
+    assert chain.head == head, "nothing moves until advance"
+    report = run(block.splitlines(), []) if start == 0 else None
+    assert report is None or (report.ok and report.events == 6), report
+
+
+@pytest.mark.parametrize("bad", [b"", b"{}", b"[1]", b'{"id":"a"', b'"id"'])
+def test_a_block_refuses_what_chained_line_refuses(bad: bytes) -> None:
+    with pytest.raises(CanonicalError):
+        chained_line(bad, Link(1, GENESIS, GENESIS))
+    with pytest.raises(CanonicalError):
+        chained_block([event(1), bad], None)

@@ -156,6 +156,14 @@ class Event:
         """An event as the journal kept it: parsed only if a target needs its fields."""
         return cls(id=event_id, encoded=encoded, received_at=received_at)
 
+    def as_stored(self) -> Event:
+        """This event as the journal keeps it (its id, bytes and arrival time, no parsed body):
+        itself when that is all it holds already (intake let its body go, a worker process
+        handed over its bytes), so the journal's owner makes no copy of it (~0.6 us)."""
+        if self._body is None and not self.corrupt:
+            return self
+        return Event.stored(self.id, self.encoded(), self.received_at)
+
     @classmethod
     def corrupt_record(
         cls,

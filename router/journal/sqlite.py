@@ -558,7 +558,6 @@ class SqliteJournal:
         size = 0
         pack = RECORD.pack
         crc32 = zlib.crc32
-        stored = Event.stored
         for pending in group:
             for event, targets in pending.routed:
                 body = event.encoded()
@@ -572,7 +571,7 @@ class SqliteJournal:
                     body,
                 )
                 size += len(body)
-                kept = stored(event.id, body, event.received_at)
+                kept = event.as_stored()
                 for target_id, route in targets.items():
                     run = current.get(target_id)
                     if run is not None and run[1] == seq - 1 and run[4] == route:

@@ -913,11 +913,14 @@ async def test_a_move_into_batches_cut_short_goes_on_at_the_next_open(
         await journal.close()
 
 
-async def test_a_targets_memory_counts_what_it_holds(tmp_path: Path) -> None:
+@pytest.mark.parametrize("bytes_only", [False, True])
+async def test_a_targets_memory_counts_what_it_holds(tmp_path: Path, bytes_only: bool) -> None:
     """The memory budget bounds what memory really costs: the bytes each remembered entry
     keeps alive (its event's bytes and id, the Entry, the Event, its arrival time and seq),
     not only the event's bytes, which were three quarters of it. Every event is still taken
-    from memory, once, and the books balance."""
+    from memory, once, and the books balance. An event that holds its bytes only (intake
+    let its body go; a worker process's) is kept as it is, one that holds its body as a copy
+    of its bytes: either way memory holds no parsed body."""
     journal = SqliteJournal(StorageConfig(path=str(tmp_path / "var"), fsync="never"), ["t"])
     await journal.open()
     stopping = asyncio.Event()
@@ -930,9 +933,16 @@ async def test_a_targets_memory_counts_what_it_holds(tmp_path: Path) -> None:
             memory_before = journal._targets["t"].memory_bytes
             for _ in range(4):
                 events = [Event.from_body(make_event()) for _ in range(500)]
+                if bytes_only:
+                    for event in events:
+                        event.keep_bytes_only()
                 ids += [event.id for event in events]
                 await journal.append([(event, {"t": "all"}) for event in events])
-                del events
+                kept = [entry.event for entry in list(journal._targets["t"].memory)[-500:]]
+                assert [event.id for event in kept] == ids[-500:]
+                assert all(event._body is None for event in kept)
+                assert all(a is b for a, b in zip(kept, events, strict=True)) is bytes_only
+                del events, kept
             gc.collect()
             held = tracemalloc.get_traced_memory()[0] - before
         finally:

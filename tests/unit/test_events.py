@@ -27,6 +27,20 @@ def test_a_stored_event_is_parsed_only_when_its_body_is_needed() -> None:
     assert event.body["id"] == "x"
 
 
+def test_the_journal_keeps_an_event_as_its_bytes_copying_only_one_that_holds_its_body() -> None:
+    raw = orjson.dumps(make_event(id="x"))
+    stored = Event.stored("x", raw, received_at=1.0)
+    assert stored.as_stored() is stored, "bytes only already: no copy"
+    parsed = Event.from_body(make_event(id="y"), received_at=2.0)
+    kept = parsed.as_stored()
+    assert kept is not parsed and kept._body is None and parsed._body is not None
+    assert (kept.id, kept.encoded(), kept.received_at) == ("y", parsed.encoded(), 2.0)
+    parsed.keep_bytes_only()
+    assert parsed.as_stored() is parsed, "intake let the body go: no copy"
+    corrupt = Event.corrupt_record(7, b"{", event_id="z")
+    assert corrupt.as_stored() is not corrupt and not corrupt.as_stored().corrupt
+
+
 def test_an_event_without_id_gets_one_and_encodes_once() -> None:
     body = make_event()
     body.pop("id", None)

@@ -68,7 +68,11 @@ class TargetType:
 
 TARGET_TYPES: Final[dict[str, TargetType]] = {
     "file": TargetType(
-        "file_endpoint", file.FileEndpointConfig, file.FileTarget, file.ENDPOINT_SCHEMA
+        "file_endpoint",
+        file.FileEndpointConfig,
+        file.FileTarget,
+        file.ENDPOINT_SCHEMA,
+        file.BATCH_DEFAULTS,
     ),
     "http": TargetType(
         "http_endpoint", http.HttpEndpointConfig, http.HttpTarget, http.ENDPOINT_SCHEMA

@@ -33,6 +33,7 @@ from router.config import (
 )
 from router.errors import ConfigError
 from router.resources import schemas_dir
+from router.targets.file import BATCH_DEFAULTS as FILE_BATCH
 from router.targets.file import FileEndpointConfig
 from router.targets.http import HttpEndpointConfig
 
@@ -148,9 +149,14 @@ def test_section_overrides_only_the_fields_it_names() -> None:
 
 
 def test_target_without_batch_or_retry_takes_dataclass_defaults() -> None:
-    target = parse_config(minimal()).targets[0]
-    assert (target.batch, target.retry) == (BatchConfig(), RetryConfig())
-    assert target.endpoint == FileEndpointConfig(path="/tmp/a.ndjson")
+    """...and its type's batch defaults over them: a file target's batch is one write and one
+    fsync, so it takes larger batches than a receiver's request (targets/file.py)."""
+    archive, siem = parse_config(minimal(targets=[ARCHIVE, SIEM])).targets
+    assert (siem.batch, siem.retry) == (BatchConfig(), RetryConfig())
+    assert (archive.batch, archive.retry) == (BatchConfig(**FILE_BATCH), RetryConfig())
+    assert archive.batch.max_events > BatchConfig().max_events
+    assert archive.batch.max_wait_s == BatchConfig().max_wait_s
+    assert archive.endpoint == FileEndpointConfig(path="/tmp/a.ndjson")
 
 
 def test_names_default_to_ids() -> None:
@@ -170,13 +176,13 @@ DELIVERY = {
     [
         pytest.param(
             ARCHIVE,
-            BatchConfig(max_events=100, max_wait_s=1.0),
+            BatchConfig(max_events=100, max_bytes=FILE_BATCH["max_bytes"], max_wait_s=1.0),
             RetryConfig(max_attempts=3, max_backoff_s=5.0),
             id="delivery-defaults",
         ),
         pytest.param(
             {**ARCHIVE, "batch": {"max_events": 10}},
-            BatchConfig(max_events=10, max_wait_s=1.0),
+            BatchConfig(max_events=10, max_bytes=FILE_BATCH["max_bytes"], max_wait_s=1.0),
             RetryConfig(max_attempts=3, max_backoff_s=5.0),
             id="own-batch-field",
         ),
@@ -188,7 +194,7 @@ DELIVERY = {
         ),
         pytest.param(
             {**ARCHIVE, "retry": {"initial_backoff_s": 2.0, "max_age_s": 60}},
-            BatchConfig(max_events=100, max_wait_s=1.0),
+            BatchConfig(max_events=100, max_bytes=FILE_BATCH["max_bytes"], max_wait_s=1.0),
             RetryConfig(max_attempts=3, max_backoff_s=5.0, initial_backoff_s=2.0, max_age_s=60),
             id="own-retry-fields",
         ),

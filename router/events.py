@@ -153,8 +153,18 @@ class Event:
 
     @classmethod
     def stored(cls, event_id: str, encoded: bytes, received_at: float) -> Event:
-        """An event as the journal kept it: parsed only if a target needs its fields."""
-        return cls(id=event_id, encoded=encoded, received_at=received_at)
+        """An event as the journal kept it: parsed only if a target needs its fields. Every
+        event read back from the journal or handed over by a worker process is made here, so
+        without __init__'s keyword arguments and checks (it has its bytes): 0.25 us, not 0.6."""
+        event = object.__new__(cls)
+        event.id = event_id
+        event._body = None
+        event._encoded = encoded
+        event.received_at = received_at
+        event.corrupt = False
+        event._facts = None
+        event._time = None
+        return event
 
     def as_stored(self) -> Event:
         """This event as the journal keeps it (its id, bytes and arrival time, no parsed body):

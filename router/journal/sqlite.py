@@ -227,6 +227,12 @@ class _Target:
         self.memory.append(entry)
         self.memory_bytes += size
 
+    def may_remember(self) -> bool:
+        """Could an entry committed now be remembered? Not once remembering stopped while the
+        target is further behind than memory would hold even of empty events: `remember`
+        would drop each entry at once, so the journal does not make them."""
+        return self.remembering or self.books.pending * ENTRY_OVERHEAD <= MEMORY_BYTES
+
     def forget(self) -> None:
         """Drop what memory holds and stop remembering (rows shed leave the database; a target
         past its budget): the worker reads the database until it is close enough again."""
@@ -528,7 +534,9 @@ class SqliteJournal:
         while self._queue:
             group, self._queue = self._queue, []
             batches, runs, entries = self._rows(group)
-            received = {target_id: len(taken) for target_id, taken in entries.items()}
+            received: dict[str, int] = {}
+            for target_id, last, first, *_ in runs:
+                received[target_id] = received.get(target_id, 0) + last - first + 1
             try:
                 await self._run(self._write_sync, batches, runs, received)
             except Exception as exc:
@@ -549,7 +557,7 @@ class SqliteJournal:
                     continue
                 target.books.received += count
                 target.books.pending += count
-                for entry in entries[target_id]:
+                for entry in entries.get(target_id, ()):
                     target.remember(entry)
                 target.wakeup.set()
             for pending in group:
@@ -564,7 +572,8 @@ class SqliteJournal:
         batch, route]: consecutive seqs of one batch a target gets by one route), and per
         target the entries its worker may take from memory once it is durable: each event as
         the journal stores it (its bytes, no parsed body), so memory holds what a read of the
-        database would give and nothing more."""
+        database would give and nothing more. None are made for a target that could not
+        remember them (`may_remember`: too far behind; under load, every one of them)."""
         batches: list[tuple[int, int, list[bytes]]] = []
         runs: list[list[Any]] = []
         current: dict[str, list[Any]] = {}
@@ -574,6 +583,7 @@ class SqliteJournal:
         size = 0
         pack = RECORD.pack
         crc32 = zlib.crc32
+        keep = {target_id for target_id, target in self._targets.items() if target.may_remember()}
         for pending in group:
             for event, targets in pending.routed:
                 body = event.encoded()
@@ -595,10 +605,11 @@ class SqliteJournal:
                     else:
                         current[target_id] = run = [target_id, seq, seq, first, route]
                         runs.append(run)
-                    taken = entries.get(target_id)
-                    if taken is None:
-                        entries[target_id] = taken = []
-                    taken.append(Entry(seq, kept, route))
+                    if target_id in keep:
+                        taken = entries.get(target_id)
+                        if taken is None:
+                            entries[target_id] = taken = []
+                        taken.append(Entry(seq, kept, route))
                 seq += 1
         batches.append((first, seq - 1, parts))
         self._next_seq = seq
@@ -735,7 +746,7 @@ class SqliteJournal:
                         except UnicodeDecodeError:
                             pass
                         else:
-                            event = Event(id=event_id, encoded=body, received_at=received_at)
+                            event = Event.stored(event_id, body, received_at)
                 if event is None:
                     event = self._decode(seq, *_record_or_none(blob, at))
                 entries.append(Entry(seq, event, route))

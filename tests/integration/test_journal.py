@@ -669,6 +669,61 @@ async def test_a_target_that_keeps_up_takes_batches_from_memory_and_one_behind_r
     assert_books_balance(daemon)
 
 
+async def test_a_target_far_behind_gets_no_entries_made_for_memory_and_still_takes_all(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A target further behind than memory could hold even of empty events would drop every
+    entry a commit made for it at once: the journal makes none (under load that was an Entry
+    per event, thrown away). It still reads every event once, in order, from the journal,
+    takes memory again once close, and the books balance."""
+    event = Event.from_body(make_event(id="x" * 36))
+    monkeypatch.setattr(
+        sqlite_journal, "MEMORY_BYTES", 8 * sqlite_journal.held_bytes(Entry(1, event, "all"))
+    )
+    made: list[int] = []
+
+    class CountedEntry(Entry):
+        __slots__ = ()
+
+        def __init__(self, seq: int, event: Event, route: str) -> None:
+            made.append(seq)
+            super().__init__(seq, event, route)
+
+    monkeypatch.setattr(sqlite_journal, "Entry", CountedEntry)
+    journal = SqliteJournal(StorageConfig(path=str(tmp_path / "var"), fsync="never"), ["t"])
+    await journal.open()
+    stopping = asyncio.Event()
+    ids: list[str] = []
+    try:
+        for _ in range(60):  # one commit each: remembered, then past the budget, then far past
+            events = [Event.from_body(make_event())]
+            ids += [e.id for e in events]
+            await journal.append([(e, {"t": "all"}) for e in events])
+        assert not journal._targets["t"].remembering
+        made.clear()
+        events = [Event.from_body(make_event()) for _ in range(5)]
+        ids += [e.id for e in events]
+        await journal.append([(e, {"t": "all"}) for e in events])
+        assert made == [], "no entries made for a target that could not remember them"
+        taken: list[str] = []
+        while journal.books("t").pending:
+            batch = await journal.next_batch(
+                "t", max_events=10, max_bytes=1 << 20, max_wait_s=0, stopping=stopping
+            )
+            taken += [entry.event.id for entry in batch]
+            await journal.ack("t", batch, dead_lettered=0)
+            events = [Event.from_body(make_event())] if len(ids) < 80 else []
+            ids += [e.id for e in events]
+            await journal.append([(e, {"t": "all"}) for e in events])
+        assert taken == ids
+        from_memory, from_disk = journal.batch_sources("t")
+        assert from_disk >= 5 and from_memory >= 1, "read back while behind, memory once close"
+        books = journal.books("t")
+        assert books.received == books.delivered + books.pending == len(ids)
+    finally:
+        await journal.close()
+
+
 async def test_a_target_that_fell_behind_takes_memory_again_once_close_while_busy(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -19,6 +19,8 @@ def test_a_stored_event_is_parsed_only_when_its_body_is_needed() -> None:
     event = Event.stored("x", raw, received_at=1.0)
     assert event.encoded() is raw, "the stored bytes are sent as they are"
     assert event._body is None
+    assert (event.id, event.received_at, event.corrupt) == ("x", 1.0, False)
+    assert event.event_time is not None
     assert (event.location, event.service, event.action) == (
         "eu-de-1",
         "secrets-manager",

@@ -35,6 +35,7 @@ from router.errors import (
     RetryableDeliveryError,
     UnexpectedDeliveryError,
 )
+from router.events import Event
 from router.journal import Entry, Journal, JournalUnavailableError
 from router.observe.logformat import counted
 from router.observe.metrics import TargetStats
@@ -190,23 +191,31 @@ class DeliveryWorker:
             return 0
         dead = 0
         covered = 0
-        # A request may group events from anywhere in the batch (the COS target writes one
-        # object per account), so its entries are found by event, not by position.
-        entry_of = {id(entry.event): entry for entry in sendable}
-        for request in self.target.requests([entry.event for entry in sendable]):
-            entries = [entry_of[id(event)] for event in request]
+        events = [entry.event for entry in sendable]
+        entry_of: dict[int, Entry] | None = None
+        for request in self.target.requests(events):
+            if request is events:  # the whole batch in one request (`yield batch`): as it is
+                entries: Sequence[Entry] = sendable
+            else:
+                # A request may group events from anywhere in the batch (the COS target writes
+                # one object per account), so its entries are found by event, not by position.
+                if entry_of is None:
+                    entry_of = {id(entry.event): entry for entry in sendable}
+                entries = [entry_of[id(event)] for event in request]
             covered += len(entries)
-            for failed, failure in await self._send(entries):
+            for failed, failure in await self._send(entries, request):
                 await self._dead_letter(failed, failure)
                 dead += len(failed)
         assert covered == len(sendable), "a target's requests() must cover the batch once"
         return dead
 
-    async def _send(self, batch: Sequence[Entry]) -> list[tuple[Sequence[Entry], Failure]]:
-        """Send with retries; what was given up and why (nothing when all was delivered).
-        A target that refused only some events names them (PermanentDeliveryError.refused):
-        only those are given up, each with its own reason, and the rest were delivered."""
-        events = [entry.event for entry in batch]
+    async def _send(
+        self, batch: Sequence[Entry], events: Sequence[Event]
+    ) -> list[tuple[Sequence[Entry], Failure]]:
+        """Send `events` (the batch's, in its order) with retries; what was given up and why
+        (nothing when all was delivered). A target that refused only some events names them
+        (PermanentDeliveryError.refused): only those are given up, each with its own reason,
+        and the rest were delivered."""
         retry = self.config.retry
         first_attempt = time.time()
         attempts = 0

@@ -124,16 +124,8 @@ BATCH_BYTES = 1 << 16
 # Events of the layout before batches moved into one batch row (and one transaction) at a time.
 MIGRATE_CHUNK = 1000
 RETIRE_CHUNK = 1000
-# A drained backlog's space goes back to the file system once this much of the file is free,
-# this much per ack at most (in bytes: a journal made before PAGE_SIZE keeps its 4 KiB pages).
-FREE_BYTES_BEFORE_SHRINK = 16 * 1024 * 1024
-SHRINK_STEP_BYTES = 4 * 1024 * 1024
-# The page size of a new journal file. A commit's batch rows (BATCH_BYTES of bodies each) are
-# overflow chains of pages: with 16 KiB pages a quarter as many as with SQLite's default 4 KiB,
-# so an ack that deletes them, and the WAL frames a commit writes, cost less per event
-# (bench.journal_owner: the journal thread's CPU per event 11.0-15.7 -> 8.3-10.0 us, its acks
-# 2.9-3.7 -> 1.2-1.3 us; 64 KiB pages made the acks dearer again, 4.1-5.9 us).
-PAGE_SIZE = 16 * 1024
+FREE_PAGES_BEFORE_SHRINK = 4096
+SHRINK_STEP_PAGES = 1024
 SYNCHRONOUS = {"always": "FULL", "interval": "NORMAL", "never": "OFF"}
 # Per target, what the committed events kept in memory for its worker keep alive (`held_bytes`:
 # their bytes and ids and the objects around them); a target further behind than this reads
@@ -347,8 +339,6 @@ class SqliteJournal:
 
     def _connect(self, path: Path) -> sqlite3.Connection:
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        # Like auto_vacuum, only takes effect on a new file (before its first table).
-        db.execute(f"PRAGMA page_size={PAGE_SIZE}")
         # Only takes effect on a new file: pages freed by reclaimed events can then be returned
         # to the file system after a large backlog drains (see _give_back_space).
         db.execute("PRAGMA auto_vacuum=INCREMENTAL")
@@ -511,7 +501,7 @@ class SqliteJournal:
         routed = [(event, targets) for event, targets in routed if targets]
         if not routed:
             return
-        if self.config.max_bytes and self.used_bytes >= self.config.max_bytes and self._owes():
+        if self.config.max_bytes and self.used_bytes >= self.config.max_bytes:
             raise JournalFullError(
                 f"the journal holds {self.used_bytes} bytes, storage.max_bytes is "
                 f"{self.config.max_bytes}"
@@ -522,12 +512,6 @@ class SqliteJournal:
             self._flusher = asyncio.create_task(self._flush(), name="journal-flush")
         with _unavailable_on_sqlite_errors():
             await asyncio.shield(done)
-
-    def _owes(self) -> bool:
-        """Is anything pending? A journal that owes nothing is never full: what it holds then
-        is its tables' own pages (13 of them, 208 KiB at PAGE_SIZE, more than the smallest
-        storage.max_bytes), which no drain could ever free."""
-        return any(target.books.pending for target in self._targets.values())
 
     async def _flush(self) -> None:
         """Write everything queued in one transaction; requests queued meanwhile go next."""
@@ -884,10 +868,9 @@ class SqliteJournal:
         """Shrink the file a step at a time once many pages are free, so that a drained
         backlog does not keep its disk space forever, and no single ack pays for all of it."""
         assert self._db is not None
-        if free_pages * self._page_size > FREE_BYTES_BEFORE_SHRINK:
+        if free_pages > FREE_PAGES_BEFORE_SHRINK:
             # executescript steps the pragma to completion; execute() frees one page only.
-            step = SHRINK_STEP_BYTES // self._page_size
-            self._db.executescript(f"PRAGMA incremental_vacuum({step});")
+            self._db.executescript(f"PRAGMA incremental_vacuum({SHRINK_STEP_PAGES});")
             self._update_size()
 
     def shed_order(self) -> list[str]:

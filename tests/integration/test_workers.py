@@ -813,6 +813,69 @@ async def test_a_daemon_without_kafka_or_signing_loads_neither_library(tmp_path:
         await reap(proc)
 
 
+def imported(log: Path) -> set[str]:
+    """Every module the daemon's processes imported, from the lines PYTHONPROFILEIMPORTTIME
+    writes to stderr (the owner's workers inherit both): one line per first import."""
+    names = set()
+    for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
+        if line.startswith("import time:") and not line.endswith("| imported package"):
+            names.add(line.rsplit("|", 1)[1].strip())
+    return names
+
+
+def loaded(names: set[str], *packages: str) -> list[str]:
+    return sorted(n for n in names if any(n == p or n.startswith(f"{p}.") for p in packages))
+
+
+# What a daemon imports only when its config asks for it: NATS with storage.backend jetstream,
+# the round-trip YAML library when the management API writes the config file back.
+NOT_CONFIGURED = ("nats", "router.journal.jetstream", "ruamel")
+
+
+@pytest.mark.parametrize("workers", [1, WORKERS])
+async def test_a_daemon_imports_nats_and_ruamel_only_when_it_uses_them(
+    tmp_path: Path, workers: int
+) -> None:
+    """The owner (or the one process) and its workers, as running processes: storage.backend
+    sqlite, so neither imports NATS, and until the management API changes the config none
+    imports the round-trip YAML library; an API change then writes the file back with it."""
+    port = free_port()
+    config = workers_config(tmp_path, port, workers=workers, auth=True)
+    log = tmp_path / "daemon.log"
+    with log.open("ab") as stderr:
+        proc = await serve(
+            config, port, stderr=stderr, env=os.environ | {"PYTHONPROFILEIMPORTTIME": "1"}
+        )
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(
+                f"http://127.0.0.1:{port}/v1/events",
+                data=orjson.dumps(make_event()),
+                headers=headers(INGEST_TOKEN),
+            ) as resp:
+                assert resp.status == 202
+            await wait_for(lambda: nothing_pending(port, ADMIN_TOKEN), what="delivery")
+            assert_books_balance(await status_of(port, ADMIN_TOKEN))
+            before = imported(log)
+            assert "router.daemon" in before and "aiohttp" in before, "the check sees imports"
+            assert loaded(before, *NOT_CONFIGURED) == []
+
+            async with session.put(
+                f"http://127.0.0.1:{port}/api/v2/routes/all",
+                data=orjson.dumps(
+                    {"name": "all", "rules": [{"locations": ["*"], "target_ids": ["archive"]}]}
+                ),
+                headers=headers(ADMIN_TOKEN),
+            ) as resp:
+                assert resp.status == 200, await resp.text()
+        assert "ruamel.yaml" in imported(log)
+        assert (tmp_path / "router.yaml.prev").exists(), "the API wrote the file back"
+        assert await terminate(proc) == 0
+    finally:
+        await reap(proc)
+    assert loaded(imported(log), "nats", "router.journal.jetstream") == []
+
+
 async def test_a_killed_workers_counters_stay_in_status_and_metrics(tmp_path: Path) -> None:
     """kill -9 of every worker under load: what they accepted since the last status was asked
     stays counted (the owner banks what it journaled for them), and /v1/status's and

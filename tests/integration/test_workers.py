@@ -696,12 +696,13 @@ async def test_a_daemon_with_workers_routes_by_a_rules_filter_and_runs_a_views_a
     assert set(allowed) <= got_archive and not got_archive & set(denied)
 
 
-# What a worker never needs: the targets' clients (the owner delivers), the signing library
-# (a worker signs nothing unless receipts have a signing key), NATS (the owner's journal), the
-# management API, console and search (the owner answers them).
+# What a worker never needs: the targets' clients (the owner delivers; botocore's exceptions
+# too), the signing library (a worker signs nothing unless receipts have a signing key), NATS
+# (the owner's journal), the management API, console and search (the owner answers them).
 NOT_IN_A_WORKER = (
     "aiokafka",
     "aiobotocore",
+    "botocore",
     "cryptography",
     "nats",
     "router.daemon",
@@ -828,17 +829,19 @@ def loaded(names: set[str], *packages: str) -> list[str]:
 
 
 # What a daemon imports only when its config asks for it: NATS with storage.backend jetstream,
-# the round-trip YAML library when the management API writes the config file back.
-NOT_CONFIGURED = ("nats", "router.journal.jetstream", "ruamel")
+# botocore with a cloud_object_storage target, the round-trip YAML library when the management
+# API writes the config file back.
+NOT_CONFIGURED = ("nats", "router.journal.jetstream", "botocore", "ruamel")
 
 
 @pytest.mark.parametrize("workers", [1, WORKERS])
-async def test_a_daemon_imports_nats_and_ruamel_only_when_it_uses_them(
+async def test_a_daemon_imports_nats_botocore_and_ruamel_only_when_it_uses_them(
     tmp_path: Path, workers: int
 ) -> None:
     """The owner (or the one process) and its workers, as running processes: storage.backend
-    sqlite, so neither imports NATS, and until the management API changes the config none
-    imports the round-trip YAML library; an API change then writes the file back with it."""
+    sqlite and no cloud_object_storage target, so none imports NATS or botocore, and until
+    the management API changes the config none imports the round-trip YAML library; an API
+    change then writes the file back with it."""
     port = free_port()
     config = workers_config(tmp_path, port, workers=workers, auth=True)
     log = tmp_path / "daemon.log"
@@ -873,7 +876,7 @@ async def test_a_daemon_imports_nats_and_ruamel_only_when_it_uses_them(
         assert await terminate(proc) == 0
     finally:
         await reap(proc)
-    assert loaded(imported(log), "nats", "router.journal.jetstream") == []
+    assert loaded(imported(log), "nats", "router.journal.jetstream", "botocore") == []
 
 
 async def test_a_killed_workers_counters_stay_in_status_and_metrics(tmp_path: Path) -> None:

@@ -698,11 +698,13 @@ async def test_a_daemon_with_workers_routes_by_a_rules_filter_and_runs_a_views_a
 
 # What a worker never needs: the targets' clients (the owner delivers; botocore's exceptions
 # too), the signing library (a worker signs nothing unless receipts have a signing key), NATS
-# (the owner's journal), the management API, console and search (the owner answers them).
+# (the owner's journal), the management API, console and search (the owner answers them), a
+# YAML parser (it is handed the config the owner read).
 NOT_IN_A_WORKER = (
     "aiokafka",
     "aiobotocore",
     "botocore",
+    "yaml",
     "cryptography",
     "nats",
     "router.daemon",

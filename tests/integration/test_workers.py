@@ -20,6 +20,7 @@ import signal
 import socket
 import tempfile
 import time
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,12 +28,14 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+import uvloop
 import yaml
 
 from router.config import parse_config
 from router.deadletter import DeadLetters
+from router.events import Event
 from router.intake.accept import Acceptor
-from router.intake.handoff import Channel, HandoffJournal
+from router.intake.handoff import Channel, HandoffJournal, events, records
 from router.observe.metrics import IngestStats
 from router.reload import validator_for
 from router.routing import RouteTable
@@ -988,6 +991,54 @@ async def test_a_killed_owners_socket_directory_is_removed_at_the_next_start(
         await reap(proc)
 
 
+def test_records_waiting_to_reach_the_owner_are_their_events_own_bytes() -> None:
+    """Records the owner has not read yet wait in the worker's transport (on uvloop, as
+    `serve` runs) as the events' own bytes, not as a second, pickled copy of them: a worker
+    holding a large request for a slow owner holds its events once. They arrive intact."""
+    expected = [
+        (f"event-{n:05d}", float(n), orjson.dumps(make_event(id=f"event-{n:05d}")), {"a": "r"})
+        for n in range(4000)
+    ]
+    routed = [(Event.stored(i, encoded, at), targets) for i, at, encoded, targets in expected]
+    size = sum(len(encoded) for _, _, encoded, _ in expected)
+
+    async def hand_over() -> None:
+        handed: list[Any] = []
+
+        async def append(batch: list[Any], data: list[bytes]) -> None:
+            handed.extend(events(batch, data))
+
+        owner_side, worker_side = socket.socketpair()
+        worker = await Channel.over(worker_side, {}, name="worker")
+        worker.start()
+        owner: Channel | None = None
+        try:
+            tracemalloc.start()
+            try:
+                before = tracemalloc.get_traced_memory()[0]
+                meta, data = records(routed)
+                call = asyncio.create_task(worker.call("append", meta, data=data))
+                for _ in range(10):  # the frame is queued, then written as far as it goes
+                    await asyncio.sleep(0)
+                waiting = tracemalloc.get_traced_memory()[0] - before
+            finally:
+                tracemalloc.stop()
+            assert not call.done(), "the owner has read nothing yet"
+            assert waiting < size // 4, f"{waiting} bytes held for {size} bytes of events"
+            owner = await Channel.over(owner_side, {"append": append}, name="owner")
+            owner.start()
+            await asyncio.wait_for(call, 30)
+            got = [(e.id, e.received_at, e.encoded(), targets) for e, targets in handed]
+            assert got == expected
+        finally:
+            await worker.close()
+            if owner is not None:
+                await owner.close()
+            owner_side.close()
+
+    uvloop.run(hand_over())
+
+
 async def test_a_workers_request_waiting_for_the_owner_keeps_only_its_events_bytes(
     tmp_path: Path,
 ) -> None:
@@ -1005,8 +1056,8 @@ async def test_a_workers_request_waiting_for_the_owner_keeps_only_its_events_byt
     handed: list[Any] = []
     answer = asyncio.Event()
 
-    async def append(records: list[Any]) -> None:
-        handed.extend(records)
+    async def append(records: list[Any], data: list[bytes]) -> None:
+        handed.extend(events(records, data))
         await answer.wait()
 
     owner_side, worker_side = socket.socketpair()
@@ -1035,8 +1086,8 @@ async def test_a_workers_request_waiting_for_the_owner_keeps_only_its_events_byt
         outcome = await accepting
         assert outcome.accepted == 5 and acceptor.stats.rejected == 1
         assert [r["id"] for r in outcome.results[:5]] == [body["id"] for body in bodies]
-        assert [orjson.loads(encoded) for _, _, encoded, _ in handed] == bodies
-        assert [targets for *_, targets in handed] == [{"archive": "all"}] * 5
+        assert [orjson.loads(event.encoded()) for event, _ in handed] == bodies
+        assert [targets for _, targets in handed] == [{"archive": "all"}] * 5
     finally:
         await worker.close()
         await owner.close()

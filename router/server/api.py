@@ -734,10 +734,10 @@ class ManagementApi:
         routes = self.editor.source.data.get("routes") or []
         return self._json(self.route_model(self._find(routes, request.match_info["id"], "route")))
 
-    @staticmethod
-    def _route_body(body: dict[str, Any], route_id: str) -> dict[str, Any]:
+    def _route_body(self, body: dict[str, Any], route_id: str) -> dict[str, Any]:
         if not isinstance(body.get("rules"), list) or "name" not in body:
             raise ApiError(400, "binding_error", "a route needs a name and a list of rules")
+        self._within_route_limits(body["rules"])
         rules = []
         for rule in body["rules"]:
             if not isinstance(rule, dict):
@@ -751,6 +751,38 @@ class ManagementApi:
             )
         managed = {"managed_by": body["managed_by"]} if "managed_by" in body else {}
         return {"id": route_id, "name": body["name"], "rules": rules, **managed}
+
+    def _within_route_limits(self, rules: list[Any]) -> None:
+        """atracker's limits on one route (server.max_rules_per_route, max_locations_per_rule,
+        max_target_ids_per_rule), in its words ("rules per route limit 10 is reached"), so an
+        admin token cannot make a route that every event is planned against thousands of
+        times. A route of no rules, and a rule's other faults, are left to the config check
+        (the schema's `minItems: 1`, for the YAML too), which names them.
+
+        The YAML is not refused past these, as it is not past server.max_routes or outside the
+        archive roots: they bound what a token may make, while the file is the operator's, whose
+        rules (with our `actions` and `filter`) may need more than atracker's, and a config that
+        ran before an upgrade must not stop loading. A YAML route past them can be read through
+        the API but replaced only within them."""
+        server = self.editor.config.server
+        if len(rules) > server.max_rules_per_route:
+            raise ApiError(
+                400,
+                "invalid_value",
+                f"rules per route limit {server.max_rules_per_route} is reached "
+                f"({len(rules)} given; server.max_rules_per_route)",
+            )
+        for n, rule in enumerate(rules):
+            for name in ("locations", "target_ids"):
+                given = rule.get(name) if isinstance(rule, dict) else None
+                limit: int = getattr(server, f"max_{name}_per_rule")
+                if isinstance(given, list) and len(given) > limit:
+                    raise ApiError(
+                        400,
+                        "invalid_value",
+                        f"rules[{n}].{name}: {name} per rule limit {limit} is reached "
+                        f"({len(given)} given; server.max_{name}_per_rule)",
+                    )
 
     async def create_route(self, request: web.Request) -> web.Response:
         route_id = str(uuid.uuid4())

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import socket
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -526,3 +527,114 @@ async def test_a_broker_name_that_rebinds_after_the_api_checked_it_is_not_connec
     assert "0.0.0.0" in why and "auth.api_target_networks" in why, why
     assert len(await read_topic(kafka.bootstrap, "audit-rebound")) == before
     assert_books_balance(again)
+
+
+@pytest.fixture
+async def connects(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The address of every TCP connection this loop opens (asyncio's create_connection,
+    and so aiokafka and aiohttp, connect through loop.sock_connect), as it was connected to."""
+    loop = asyncio.get_running_loop()
+    opened: list[str] = []
+    sock_connect = loop.sock_connect
+
+    async def recorded(sock: socket.socket, address: Any) -> None:
+        opened.append(str(address[0]))
+        await sock_connect(sock, address)
+
+    monkeypatch.setattr(loop, "sock_connect", recorded)
+    return opened
+
+
+def bounded(target: dict[str, Any], *hosts: str) -> dict[str, Any]:
+    """A target as the management API leaves it in the YAML: the hosts it set, checked again
+    at every connection against auth.api_target_networks."""
+    return target | {"api_hosts": list(hosts)}
+
+
+@pytest.mark.timeout(180)
+async def test_a_broker_is_connected_to_at_the_address_its_check_resolved(
+    start_daemon: StartDaemon,
+    kafka: KafkaBroker,
+    api_key: str,
+    dns: dict[str, str],
+    connects: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The window between the check and the connection: a name server that answers a
+    broker's name with 127.0.0.1 once (inside auth.api_target_networks) and with 0.0.0.0
+    (this host's own listeners) from then on, as a rebinding name with a zero TTL does.
+    aiokafka looked the name up again itself after the target's check, so it connected to
+    0.0.0.0, an address no check had seen. Now each connection goes to the address its own
+    check resolved: the events are delivered through 127.0.0.1 and nothing connects to
+    0.0.0.0."""
+    port = kafka.sasl_bootstrap.rpartition(":")[2]
+    answers = ["127.0.0.1"]
+    system = socket.getaddrinfo  # the dns fixture's: answers the table, else the system
+
+    def rebinding(host: Any, *args: Any, **kwargs: Any) -> Any:
+        name = host.decode() if isinstance(host, bytes) else host
+        if name == "kafka.example":
+            dns[name] = answers.pop(0) if answers else "0.0.0.0"
+        return system(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    target = es_target(
+        "audit-pinned", f"kafka.example:{port}", api_key="${env:EVENT_STREAMS_API_KEY}"
+    )
+    target["eventstreams_endpoint"] |= {"tls": False, "timeout_s": 5}
+    daemon = await start_daemon(
+        {
+            "auth": {**loopback_auth(), "api_target_networks": ["127.0.0.1/32"]},
+            "delivery": {"retry": {"max_attempts": 3, "initial_backoff_s": 0.05}},
+            "targets": [bounded(target, "kafka.example")],
+            "routes": everything_to("es"),
+        }
+    )
+    ids = [f"pinned-{n}" for n in range(5)]
+    events = [make_event(id=i) for i in ids]
+    assert (await post(daemon, events, headers={"Authorization": f"Bearer {INGEST}"}))[0] == 202
+    await wait_for(lambda: settled(daemon), timeout_s=60, what="the events settled")
+    assert "0.0.0.0" not in connects, connects
+    assert not answers, "the name was looked up"
+    row = daemon.status()["targets"]["es"]
+    assert row["delivered"] == row["received"] == len(ids), row
+    records = await read_topic(kafka.bootstrap, "audit-pinned")
+    assert sorted(r.key.decode() for r in records) == ids
+    assert_books_balance(daemon)
+
+
+@pytest.mark.timeout(180)
+async def test_a_bounded_broker_over_tls_is_verified_against_its_name(
+    start_daemon: StartDaemon,
+    kafka: KafkaBroker,
+    api_key: str,
+    dns: dict[str, str],
+) -> None:
+    """A target the API bounds connects to the address it checked, but its TLS handshake
+    still names the broker as configured: the broker's certificate (for 127.0.0.1 and
+    localhost) passes for `localhost` and fails for `kafka.example`, though both resolve to
+    127.0.0.1 (were the checked address the name TLS verifies, both would pass)."""
+    port = kafka.sasl_ssl_bootstrap.rpartition(":")[2]
+    dns.update({"localhost": "127.0.0.1", "kafka.example": "127.0.0.1"})
+    targets = []
+    for target_id, name in (("named", "localhost"), ("misnamed", "kafka.example")):
+        target = es_target(f"audit-tls-{target_id}", f"{name}:{port}", **ibm_way(kafka))
+        target["eventstreams_endpoint"]["timeout_s"] = 5
+        targets.append(bounded(target, name) | {"id": target_id})
+    daemon = await start_daemon(
+        {
+            "auth": {**loopback_auth(), "api_target_networks": ["127.0.0.1/32"]},
+            "delivery": {"retry": {"max_attempts": 2, "initial_backoff_s": 0.05}},
+            "targets": targets,
+            "routes": everything_to("named", "misnamed"),
+        }
+    )
+    headers = {"Authorization": f"Bearer {INGEST}"}
+    assert (await post(daemon, [make_event(id="tls-1")], headers=headers))[0] == 202
+    await wait_for(lambda: settled(daemon), timeout_s=60, what="the event settled")
+    rows = daemon.status()["targets"]
+    assert rows["named"]["delivered"] == rows["named"]["received"] == 1, rows["named"]
+    assert rows["misnamed"]["dead_lettered"] == rows["misnamed"]["received"] == 1
+    why = rows["misnamed"]["write_status"]["reason_for_last_failure"]
+    assert "CERTIFICATE_VERIFY_FAILED" in why and "kafka.example" in why, why
+    assert_books_balance(daemon)

@@ -551,56 +551,101 @@ def bounded(target: dict[str, Any], *hosts: str) -> dict[str, Any]:
     return target | {"api_hosts": list(hosts)}
 
 
+@pytest.fixture
+def rebinding(dns: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    """A name server for rebinding names: each name added to the returned counter answers
+    127.0.0.1 (inside auth.api_target_networks) to its first lookup and 0.0.0.0 (this host's
+    own listeners) to every later one, as a zero-TTL name whose owner flips it once it has
+    been checked; the counter counts its lookups. One connection made to the address of the
+    first answer is all that can succeed."""
+    lookups: Counter[str] = Counter()
+    system = socket.getaddrinfo  # the dns fixture's: answers its table, else the system
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        name = host.decode() if isinstance(host, bytes) else host
+        if name in lookups:
+            dns[name] = "0.0.0.0" if lookups[name] else "127.0.0.1"
+            lookups[name] += 1
+        return system(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return lookups
+
+
+def rebinding_config(target: dict[str, Any], *hosts: str) -> dict[str, Any]:
+    """A daemon with `target` as the management API leaves it in the YAML (`hosts` its
+    api_hosts), allowed to reach 127.0.0.1 only, retrying for as long as a test needs."""
+    target["eventstreams_endpoint"] |= {"tls": False, "timeout_s": 5}
+    return {
+        "auth": {**loopback_auth(), "api_target_networks": ["127.0.0.1/32"]},
+        "delivery": {"retry": {"max_attempts": 100, "initial_backoff_s": 0.05}},
+        "targets": [bounded(target, *hosts)],
+        "routes": everything_to("es"),
+    }
+
+
+async def deliver_rebinding(
+    start_daemon: StartDaemon, config: dict[str, Any], bootstrap: str, topic: str
+) -> list[str]:
+    """Post 5 events to a daemon of `config`; when they settle, every one delivered (read
+    back from the topic) and the books balance."""
+    daemon = await start_daemon(config)
+    ids = [f"{topic}-{n}" for n in range(5)]
+    events = [make_event(id=i) for i in ids]
+    assert (await post(daemon, events, headers={"Authorization": f"Bearer {INGEST}"}))[0] == 202
+    await wait_for(lambda: settled(daemon), timeout_s=60, what="the events settled")
+    row = daemon.status()["targets"]["es"]
+    assert row["delivered"] == row["received"] == len(ids), row
+    assert sorted(r.key.decode() for r in await read_topic(bootstrap, topic)) == ids
+    assert_books_balance(daemon)
+    return ids
+
+
 @pytest.mark.timeout(180)
 async def test_a_broker_is_connected_to_at_the_address_its_check_resolved(
     start_daemon: StartDaemon,
     kafka: KafkaBroker,
     api_key: str,
-    dns: dict[str, str],
+    rebinding: Counter[str],
     connects: list[str],
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The window between the check and the connection: a name server that answers a
-    broker's name with 127.0.0.1 once (inside auth.api_target_networks) and with 0.0.0.0
-    (this host's own listeners) from then on, as a rebinding name with a zero TTL does.
-    aiokafka looked the name up again itself after the target's check, so it connected to
-    0.0.0.0, an address no check had seen. Now each connection goes to the address its own
-    check resolved: the events are delivered through 127.0.0.1 and nothing connects to
+    """The window between the check and the connection: the bootstrap broker's name
+    answers 127.0.0.1 once, then 0.0.0.0. aiokafka looked the name up again itself after
+    the target's check (127.0.0.1), so it connected to 0.0.0.0, an address no check had
+    seen, and sent it the SASL credentials. Now each connection goes to the address its own
+    check resolved: the events are delivered through 127.0.0.1, nothing connects to
     0.0.0.0."""
     port = kafka.sasl_bootstrap.rpartition(":")[2]
-    answers = ["127.0.0.1"]
-    system = socket.getaddrinfo  # the dns fixture's: answers the table, else the system
-
-    def rebinding(host: Any, *args: Any, **kwargs: Any) -> Any:
-        name = host.decode() if isinstance(host, bytes) else host
-        if name == "kafka.example":
-            dns[name] = answers.pop(0) if answers else "0.0.0.0"
-        return system(host, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    rebinding["kafka.example"] = 0
     target = es_target(
         "audit-pinned", f"kafka.example:{port}", api_key="${env:EVENT_STREAMS_API_KEY}"
     )
-    target["eventstreams_endpoint"] |= {"tls": False, "timeout_s": 5}
-    daemon = await start_daemon(
-        {
-            "auth": {**loopback_auth(), "api_target_networks": ["127.0.0.1/32"]},
-            "delivery": {"retry": {"max_attempts": 3, "initial_backoff_s": 0.05}},
-            "targets": [bounded(target, "kafka.example")],
-            "routes": everything_to("es"),
-        }
-    )
-    ids = [f"pinned-{n}" for n in range(5)]
-    events = [make_event(id=i) for i in ids]
-    assert (await post(daemon, events, headers={"Authorization": f"Bearer {INGEST}"}))[0] == 202
-    await wait_for(lambda: settled(daemon), timeout_s=60, what="the events settled")
+    config = rebinding_config(target, "kafka.example")
+    await deliver_rebinding(start_daemon, config, kafka.bootstrap, "audit-pinned")
+    assert rebinding["kafka.example"] >= 1
     assert "0.0.0.0" not in connects, connects
-    assert not answers, "the name was looked up"
-    row = daemon.status()["targets"]["es"]
-    assert row["delivered"] == row["received"] == len(ids), row
-    records = await read_topic(kafka.bootstrap, "audit-pinned")
-    assert sorted(r.key.decode() for r in records) == ids
-    assert_books_balance(daemon)
+
+
+@pytest.mark.timeout(240)
+async def test_a_broker_its_metadata_names_is_connected_to_at_the_address_checked(
+    start_daemon: StartDaemon,
+    tmp_path: Path,
+    rebinding: Counter[str],
+    connects: list[str],
+) -> None:
+    """The same window for a broker the cluster's metadata names (Event Streams advertises
+    its brokers by name): the target bootstraps from an address, the broker's advertised
+    name answers 127.0.0.1 once, then 0.0.0.0, and aiokafka connects to the address that
+    name's check resolved, never to 0.0.0.0."""
+    rebinding["kafka-0.example"] = 0
+    with KafkaBroker(
+        tmp_path / "kafka", tls=False, sasl_advertised_host="kafka-0.example"
+    ) as named:
+        target = es_target("audit-named", named.sasl_bootstrap, api_key=named.api_key)
+        config = rebinding_config(target, "127.0.0.1")
+        await deliver_rebinding(start_daemon, config, named.bootstrap, "audit-named")
+    assert rebinding["kafka-0.example"] >= 1
+    assert "0.0.0.0" not in connects, connects
 
 
 @pytest.mark.timeout(180)

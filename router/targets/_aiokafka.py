@@ -11,6 +11,7 @@ import logging
 import math
 from collections.abc import Iterator
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any, Final
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -165,23 +166,32 @@ def _client_method(client: Any, name: str, purpose: str) -> Any:
     return method
 
 
-# The target whose aiokafka client opens a connection now, and its bound: set around that
-# client's bootstrap and _get_conn (`bound_connections`), in the task that connects, and
-# read by `create_conn`. Unset, a connection is aiokafka's own.
-_CONNECTING_FOR: ContextVar[tuple[str, AddressBound] | None] = ContextVar(
-    "event_router_kafka_bound", default=None
-)
+@dataclass(slots=True)
+class Connections:
+    """One target's aiokafka client as `create_conn` sees it: whose it is, its bound (None:
+    it connects where aiokafka would) and why its last connection failed (aiokafka logs that
+    and tries again; a producer start that never ends names it, see event_streams.py)."""
+
+    target_id: str
+    bound: AddressBound | None
+    failure: str | None = None
+
+
+# The client that opens a connection now: set around its bootstrap and _get_conn
+# (`watch_connections`), in the task that connects, and read by `create_conn`. Unset, a
+# connection is aiokafka's own.
+_CONNECTING: ContextVar[Connections | None] = ContextVar("event_router_kafka", default=None)
 _aiokafka_create_conn: Final = aiokafka_conn.create_conn
 
 
 @contextlib.contextmanager
-def connecting_for(target_id: str, bound: AddressBound | None) -> Iterator[None]:
-    """Connections `create_conn` opens in this block are `bound`'s (none: aiokafka's own)."""
-    token = _CONNECTING_FOR.set(None if bound is None else (target_id, bound))
+def connecting(connections: Connections) -> Iterator[None]:
+    """Connections `create_conn` opens in this block are `connections`'."""
+    token = _CONNECTING.set(connections)
     try:
         yield
     finally:
-        _CONNECTING_FOR.reset(token)
+        _CONNECTING.reset(token)
 
 
 class _PinnedLoop:
@@ -205,23 +215,33 @@ class _PinnedLoop:
 
 
 async def create_conn(host: str, port: int, **settings: Any) -> Any:
-    """aiokafka's create_conn, which its clients call for every connection (`pin_connections`).
+    """aiokafka's create_conn, which its clients call for every connection (`pin_connections`);
+    inside `connecting`, a failure is remembered for the target.
 
-    For a target the management API made (`connecting_for`), the broker's name is looked up
-    once, every address checked against the target's bound, and the connection opened to
-    the address that passed: aiokafka would look the name up again itself in
-    loop.create_connection, and a name rebinding in between would take it to an address no
-    check saw (with the SASL credentials). A refused broker is one it cannot connect to: an
-    OSError, which aiokafka logs and tries again later, as for a broker that is down."""
-    scope = _CONNECTING_FOR.get()
-    if scope is None:
+    For a target the management API made (a bound), the broker's name is looked up once,
+    every address checked against the bound, and the connection opened to the address that
+    passed: aiokafka would look the name up again itself in loop.create_connection, and a
+    name rebinding in between would take it to an address no check saw (with the SASL
+    credentials). A refused broker is one it cannot connect to: an OSError, which aiokafka
+    logs and tries again later, as for a broker that is down."""
+    connections = _CONNECTING.get()
+    if connections is None:
         return await _aiokafka_create_conn(host, port, **settings)
-    target_id, bound = scope
     try:
-        address = await bound_address(host, port, bound, every_host=True)
-    except OSError as exc:
-        log.warning("target %s: broker %s:%s %s", target_id, host, port, exc)
+        if connections.bound is None:
+            conn = await _aiokafka_create_conn(host, port, **settings)
+        else:
+            conn = await _pinned_conn(host, port, connections.bound, settings)
+    except (OSError, KafkaError, TimeoutError) as exc:
+        connections.failure = f"{host}:{port}: {type(exc).__name__}: {exc}"
         raise
+    connections.failure = None
+    return conn
+
+
+async def _pinned_conn(host: str, port: int, bound: AddressBound, settings: Any) -> Any:
+    """A connection to the one address of `host` that `bound` checked (see create_conn)."""
+    address = await bound_address(host, port, bound, every_host=True)
     conn = aiokafka_conn.AIOKafkaConnection(host, port, **settings)
     loop = _PinnedLoop(conn._loop, address)
     conn._loop = loop
@@ -241,7 +261,7 @@ async def create_conn(host: str, port: int, **settings: Any) -> Any:
 
 def pin_connections() -> None:
     """Have aiokafka's clients open their connections through `create_conn` (which changes
-    nothing for a client outside `connecting_for`). aiokafka has no setting for where a
+    nothing for a client outside `connecting`). aiokafka has no setting for where a
     connection goes; a version whose client no longer calls create_conn, or whose connection
     no longer connects through its loop, fails here, loudly, rather than reopen the window."""
     names = aiokafka_conn.AIOKafkaConnection.connect.__code__.co_names
@@ -257,26 +277,27 @@ def pin_connections() -> None:
     aiokafka_client.create_conn = create_conn
 
 
-def bound_connections(producer: AIOKafkaProducer, target_id: str, bound: AddressBound) -> None:
-    """Connect a target the management API made only to addresses its bound lets it reach,
-    each the one its check resolved (`create_conn`): the bootstrap brokers and those their
-    metadata names (router/targets/_net.AddressBound), each time a connection is opened.
-    aiokafka has no setting for this; a version without `bootstrap` or `_get_conn` fails
-    here, loudly."""
+def watch_connections(producer: AIOKafkaProducer, connections: Connections) -> None:
+    """Open every connection of the producer's client, to the bootstrap brokers and to those
+    their metadata names, through `create_conn` as `connections`': a target the management
+    API made reaches only the addresses its bound lets it (router/targets/_net.AddressBound),
+    each the one its check resolved, and each time a connection is opened; every target
+    keeps why its last connection failed. aiokafka has no setting for this; a version
+    without `bootstrap` or `_get_conn` fails here, loudly."""
     client = producer.client
     bootstrap = _client_method(client, "bootstrap", "check where it connects")
     get_conn = _client_method(client, "_get_conn", "check where it connects")
 
-    async def checked_bootstrap() -> Any:
-        with connecting_for(target_id, bound):
+    async def watched_bootstrap() -> Any:
+        with connecting(connections):
             return await bootstrap()
 
-    async def checked(node_id: Any, **kwargs: Any) -> Any:
-        with connecting_for(target_id, bound):
+    async def watched(node_id: Any, **kwargs: Any) -> Any:
+        with connecting(connections):
             return await get_conn(node_id, **kwargs)
 
-    client.bootstrap = checked_bootstrap
-    client._get_conn = checked
+    client.bootstrap = watched_bootstrap
+    client._get_conn = watched
 
 
 def pace_metadata_updates(producer: AIOKafkaProducer) -> None:

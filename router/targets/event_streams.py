@@ -354,7 +354,7 @@ class EventStreamsTarget:
     def bound(self) -> AddressBound | None:
         """Where the management API lets this target connect (set by build_target): every
         broker connection aiokafka opens, bootstrap included, goes to the address its check
-        resolved (_aiokafka.bound_connections), and its IAM URL is checked when the token
+        resolved (_aiokafka.watch_connections), and its IAM URL is checked when the token
         session connects."""
         return self._bound
 
@@ -383,10 +383,20 @@ class EventStreamsTarget:
             )
             kafka.keep_batches(producer)
             kafka.pace_metadata_updates(producer)
-            if self._bound is not None:
-                kafka.bound_connections(producer, self.id, self._bound)
+            connections = kafka.Connections(self.id, self._bound)
+            kafka.watch_connections(producer, connections)
+            # Bootstrapping tries each broker for up to timeout_s, and the producer id takes
+            # one request more; past that, aiokafka would wait for ever for a broker the
+            # metadata names to answer, and with it the daemon's start or this worker.
+            limit_s = self.endpoint.timeout_s * (len(self.endpoint.brokers) + 1)
             try:
-                await producer.start()
+                await asyncio.wait_for(producer.start(), limit_s)
+            except TimeoutError as exc:  # before OSError, of which it is one
+                await producer.stop()
+                why = connections.failure or "no broker the cluster's metadata names answered"
+                raise RetryableDeliveryError(
+                    self.id, f"cannot connect to Kafka: no producer id within {limit_s:g} s ({why})"
+                ) from exc
             except (kafka.KafkaError, OSError) as exc:
                 await producer.stop()
                 raise await self._why_unreachable(exc) from exc
@@ -405,7 +415,7 @@ class EventStreamsTarget:
         for broker in self.endpoint.brokers:
             host, _, port = broker.rpartition(":")
             try:
-                with kafka.connecting_for(self.id, self._bound):
+                with kafka.connecting(kafka.Connections(self.id, self._bound)):
                     conn = await kafka.create_conn(host.strip("[]"), int(port), **settings)
             except (kafka.KafkaError, OSError, TimeoutError) as error:
                 if self.tokens is not None and self.tokens.error is not None:

@@ -683,3 +683,32 @@ async def test_a_bounded_broker_over_tls_is_verified_against_its_name(
     why = rows["misnamed"]["write_status"]["reason_for_last_failure"]
     assert "CERTIFICATE_VERIFY_FAILED" in why and "kafka.example" in why, why
     assert_books_balance(daemon)
+
+
+@pytest.mark.timeout(180)
+async def test_a_broker_its_metadata_names_that_cannot_be_reached_does_not_hold_up_the_start(
+    start_daemon: StartDaemon, tmp_path: Path, dns: dict[str, str]
+) -> None:
+    """The cluster answers at its bootstrap address, but the broker its metadata names may
+    not be connected to (here: a name that resolves to 0.0.0.0, outside the networks the
+    operator allows; as well a broker behind an address this host cannot reach). The
+    producer waited for a producer id from that broker for ever, inside the target's start,
+    so the daemon never opened its port. Now the start gives up after the endpoint's
+    timeout_s: the daemon answers, and the events are retried, then dead-lettered with the
+    reason."""
+    dns["kafka-0.example"] = "0.0.0.0"
+    with KafkaBroker(
+        tmp_path / "kafka", tls=False, sasl_advertised_host="kafka-0.example"
+    ) as named:
+        target = es_target("audit-unreachable", named.sasl_bootstrap, api_key=named.api_key)
+        config = rebinding_config(target, "127.0.0.1")
+        config["delivery"] = {"retry": {"max_attempts": 2, "initial_backoff_s": 0.05}}
+        daemon = await start_daemon(config)
+        headers = {"Authorization": f"Bearer {INGEST}"}
+        assert (await post(daemon, [make_event(id="held-up")], headers=headers))[0] == 202
+        await wait_for(lambda: settled(daemon), timeout_s=90, what="the event settled")
+    row = daemon.status()["targets"]["es"]
+    assert row["delivered"] == 0 and row["dead_lettered"] == row["received"] >= 1, row
+    why = row["write_status"]["reason_for_last_failure"]
+    assert "kafka-0.example" in why and "0.0.0.0" in why, why
+    assert_books_balance(daemon)

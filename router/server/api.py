@@ -38,6 +38,7 @@ from router.config import (
     Config,
     TargetConfig,
     archive_roots,
+    daemons_iam_url,
     operators_hosts,
     parse_config,
     references,
@@ -502,14 +503,17 @@ class ManagementApi:
             before_target = was.get(target.id)
             if before_target is not None and before_target.endpoint == target.endpoint:
                 continue  # the same endpoint: the operator's own, or checked when it came
-            bounded[i] = self._mark_api_hosts(raw[i], target, before_target, networks)
+            daemons_iam = daemons_iam_url(running, target)
+            bounded[i] = self._mark_api_hosts(raw[i], target, before_target, networks, daemons_iam)
             endpoint = target.endpoint
             if isinstance(endpoint, FileEndpointConfig):
                 problem = root_problem(endpoint.path, roots)
                 if problem is not None:
                     problems.append(f"targets[{i}].file_endpoint.path: {problem}")
             problems.extend(target_listener_problems(i, target, running.server.host, self.port()))
-            problems.extend(target_network_problems(i, target, before_target, networks))
+            problems.extend(
+                target_network_problems(i, target, before_target, networks, daemons_iam)
+            )
         if problems:
             raise ConfigError("api", problems)
         return dataclasses.replace(new, targets=tuple(bounded))
@@ -520,12 +524,14 @@ class ManagementApi:
         target: TargetConfig,
         before: TargetConfig | None,
         networks: tuple[str, ...],
+        daemons_iam: str | None,
     ) -> TargetConfig:
         """Write down in the target's YAML (`api_hosts`) the hosts this change set, those the
         operator did not: each time the target connects, they are checked again against
         auth.api_target_networks (a name may resolve elsewhere later, DNS rebinding), also
-        after a restart or a reload, which read them back from the YAML."""
-        hosts = sorted(target_hosts(target) - operators_hosts(before))
+        after a restart or a reload, which read them back from the YAML. The daemon's own
+        IAM (`daemons_iam`) is the operator's, not this change's."""
+        hosts = sorted(target_hosts(target, daemons_iam) - operators_hosts(before))
         if not hosts:
             raw.pop("api_hosts", None)
             return dataclasses.replace(target, bound=None)

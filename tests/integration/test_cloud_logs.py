@@ -414,3 +414,55 @@ async def test_names_the_api_set_that_rebind_after_its_check_are_not_connected_t
     assert_books_balance(daemon)
     saved = {t["id"]: t for t in daemon.source.data["targets"]}
     assert saved[made["iam"]]["api_hosts"] == ["iam-logs.example", "iam.example"]
+
+
+async def test_a_target_on_the_daemons_own_identity_exchanges_it_at_the_operators_iam(
+    start_daemon: StartDaemon, cloud_logs: FakeCloudLogs, dns: dict[str, str]
+) -> None:
+    """A Cloud Logs target the management API makes without a key of its own authenticates
+    with the daemon's identity (the top-level iam section), exchanged at the IAM URL the
+    operator set there. That host is the operator's choice, not the admin token's: it lies
+    outside auth.api_target_networks here, and the target must still be made (it was
+    refused: "cloudlogs_endpoint.iam_url: ... outside auth.api_target_networks"), must not
+    be bound to the networks at its connections, and must deliver. The ingress the API set
+    is still checked and written down in api_hosts."""
+    port = cloud_logs.url.rpartition(":")[2]
+    # 0.0.0.0 reaches this host's listeners, and is outside 127.0.0.1/32.
+    dns.update({"logs.example": "127.0.0.1", "operator-iam.example": "0.0.0.0"})
+    daemon = await start_daemon(
+        {
+            "auth": {**loopback_auth(), "api_target_networks": ["127.0.0.1/32"]},
+            "iam": {"api_key": API_KEY, "iam_url": f"http://operator-iam.example:{port}"},
+            "targets": [],
+            "routes": [],
+        }
+    )
+    api = Client(daemon)
+    endpoint = {"target_crn": LOGS_CRN, "ingress_url": f"http://logs.example:{port}"}
+    body = {"name": "own-identity", "target_type": "cloud_logs", "cloudlogs_endpoint": endpoint}
+    status, answer = await api.call("POST", "/api/v2/targets", body)
+    assert status == 201, answer
+    target_id = answer["id"]
+    saved = {t["id"]: t for t in daemon.source.data["targets"]}
+    assert saved[target_id]["api_hosts"] == ["logs.example"]
+    # An ingress the API sets outside the networks is still refused.
+    outside = {**endpoint, "ingress_url": f"http://operator-iam.example:{port}"}
+    status, answer = await api.call(
+        "POST",
+        "/api/v2/targets",
+        {"name": "outside", "target_type": "cloud_logs", "cloudlogs_endpoint": outside},
+    )
+    assert status == 400, answer
+    assert "cloudlogs_endpoint.ingress_url" in str(answer), answer
+    route = {"name": "all-api", "rules": [{"locations": ["*"], "target_ids": [target_id]}]}
+    assert (await api.call("POST", "/api/v2/routes", route))[0] == 201
+    ids = [f"own-identity-{n}" for n in range(3)]
+    events = [make_event(id=i, eventTime=now_iso()) for i in ids]
+    status, _ = await post(daemon, events, headers={"Authorization": f"Bearer {INGEST}"})
+    assert status == 202
+    await wait_for(lambda: settled(daemon), timeout_s=30, what="the target settled")
+    row = daemon.status()["targets"][target_id]
+    assert row["delivered"] == row["received"] >= len(ids), row
+    assert set(ids) <= {r["text"]["id"] for r in cloud_logs.records}
+    assert cloud_logs.token_requests >= 1
+    assert_books_balance(daemon)

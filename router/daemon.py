@@ -137,8 +137,9 @@ class Daemon:
             self.dead_letters = DeadLetters(config.storage.dead_letter_dir())
         self.evidence = Evidence(config.evidence, self.journal, config.storage.dead_letter_dir())
         self.dead_letters.chain_for = self.evidence.letters_chain
-        if isinstance(self.journal, SqliteJournal):  # evidence needs storage.backend sqlite
-            self.journal.chain_head = self.evidence.head_of
+        # A file target's head, kept with each ack (SQLite: in its transaction; JetStream: in
+        # the router's chain record after it).
+        self.journal.chain_head = self.evidence.head_of
         self._ingest = IngestStats()  # this process's; with workers, theirs too: ingest_stats
         self.worker_pool: WorkerPool | None = None
         self.target_stats = {target_id: TargetStats() for target_id in target_ids}

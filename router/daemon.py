@@ -261,9 +261,7 @@ class Daemon:
         self.acceptor.observer = self.alerts
         await self.evidence.open()
         if self.config.evidence.enabled and self.config.evidence.receipts:
-            self.acceptor.receipts = Receipts.load_or_create(
-                Path(self.config.storage.path), self.evidence.key
-            )
+            await self._load_receipts()
         for target in self.targets.values():
             self._chain(target)
         for target_id in sorted(self.journal.orphans):
@@ -540,6 +538,22 @@ class Daemon:
             failure=failure,
         )
         await self.record_own(body)
+
+    async def _load_receipts(self) -> None:
+        """The receipt key in storage.path (made at the first start); with storage.backend
+        jetstream the one every router of the stream shares, written there for the workers."""
+        directory = Path(self.config.storage.path)
+        receipts = Receipts.load_or_create(directory, self.evidence.key)
+        if isinstance(self.journal, JetStreamJournal):
+            shared = await self.journal.chains.shared_key(receipts.key)
+            if shared != receipts.key:
+                log.warning(
+                    "evidence.receipts: this router takes the receipt key the stream's routers "
+                    "share; its own (kept in %s) no longer checks the receipts it issued",
+                    directory / "receipts.key.own",
+                )
+                receipts = Receipts.adopt(directory, shared, self.evidence.key)
+        self.acceptor.receipts = receipts
 
     def _chain(self, target: Target) -> None:
         """A file or COS target writes its archive as a chain (router/evidence), when evidence

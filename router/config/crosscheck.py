@@ -349,8 +349,8 @@ def storage_problems(config: Config) -> list[str]:
 def _shared_chain_problems(config: Config) -> list[str]:
     """Evidence on JetStream chains a file target per router (each router's file is a chain
     of its own, its record in the stream's KV bucket); a chain that every router writes (a
-    bucket's objects, a topic's messages) would need a lease shared by the routers, and the
-    receipt key is each router's own: both refused, naming what works."""
+    bucket's objects, a topic's messages) would need a lease shared by the routers: refused,
+    naming what works."""
     evidence = config.evidence
     if not evidence.enabled:
         return []
@@ -368,12 +368,6 @@ def _shared_chain_problems(config: Config) -> list[str]:
             "target's topic: one chain written by several routers is not supported with "
             "storage.backend jetstream (file targets are, a chain per router); set "
             "evidence.event_streams: false"
-        )
-    if evidence.receipts:
-        problems.append(
-            "evidence.receipts: each router's receipt key is its own (storage.path), so a "
-            "receipt one router issued is not another's: not supported with storage.backend "
-            "jetstream; set evidence.receipts: false"
         )
     return problems
 

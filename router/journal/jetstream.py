@@ -794,6 +794,8 @@ class JetStreamJournal:
 
 
 CHAIN_ID_FILE = "chain-id"
+# The receipt key's name in the chain bucket (no `.`: never a chain's key).
+RECEIPT_KEY = "receipt-key"
 
 
 def read_chain_id(directory: Path) -> str:
@@ -963,6 +965,17 @@ class ChainRecords:
             return None if value.get("plan") == kept else {**value, "plan": kept}
 
         await self._write(target_id, change)
+
+    async def shared_key(self, proposed: bytes) -> bytes:
+        """The receipt key every router of the stream issues with (router/evidence/receipt):
+        the first one put in the bucket, `proposed` if none is yet."""
+        kv = await self._bucket()
+        with _unavailable("share", RECEIPT_KEY):
+            try:
+                await kv.create(RECEIPT_KEY, proposed)
+                return proposed
+            except KeyWrongLastSequenceError:
+                return bytes((await kv.get(RECEIPT_KEY)).value or b"")
 
     def announce_fenced(self, target_id: str) -> bool:
         """True the first time it is asked about a fenced record (log it once)."""

@@ -93,10 +93,10 @@ async def start_router(tmp_path: Path, nats_server: NatsServer) -> AsyncIterator
     stream = f"E{next(_streams)}"
     daemons: list[Daemon] = []
 
-    async def start(name: str, **evidence: Any) -> Daemon:
+    async def start(name: str, *, workers: int = 1, **evidence: Any) -> Daemon:
         archive = tmp_path / name / "archive.ndjson"
         data = {
-            "server": {"host": "127.0.0.1", "port": 0},
+            "server": {"host": "127.0.0.1", "port": 0, "workers": workers},
             "storage": storage(
                 tmp_path / name / "var", [nats_server.url], stream, share_config=False
             ),
@@ -234,6 +234,32 @@ async def test_a_stale_holder_of_a_chain_has_its_writes_refused(
             await new.close()
     finally:
         await old.close()
+
+
+async def test_every_router_issues_receipts_with_the_one_key_the_stream_shares(
+    start_router: Any, tmp_path: Path
+) -> None:
+    # A router that had a key of its own before (its first start on SQLite, say) keeps its
+    # receipts checkable by the others only if they all take one key: the first one shared.
+    own = tmp_path / "r2" / "var"
+    own.mkdir(parents=True)
+    (own / "receipts.key").write_bytes(b"\x01" * 32)
+    first = await start_router("r1", receipts=True)
+    second = await start_router("r2", receipts=True)
+    third = await start_router("r3", workers=2, receipts=True)  # worker processes issue them
+    keys = {(tmp_path / name / "var" / "receipts.key").read_bytes() for name in ("r1", "r2", "r3")}
+    assert len(keys) == 1 and b"\x01" * 32 not in keys
+    receipts = []
+    for daemon in (first, second, third):
+        status, answer = await post(daemon, [event()])
+        assert status == 202
+        receipts.append(answer["results"][0]["receipt"])
+    for daemon in (first, second, third):
+        issuer = daemon.acceptor.receipts
+        assert issuer is not None
+        assert all(issuer.genuine(receipt) for receipt in receipts), "one key for all"
+    forged = {**receipts[0], "digest": "sha256:" + "0" * 64}
+    assert not first.acceptor.receipts.genuine(forged)  # type: ignore[union-attr]
 
 
 # -- routers as processes: kill -9 under load ------------------------------------------------

@@ -114,12 +114,6 @@ def test_secrets_are_references_and_tls_files_must_be_readable(
             "evidence.event_streams: false",
         ),
         (
-            {**on_jetstream(), "evidence": {"enabled": True, "receipts": True}},
-            "evidence.receipts: each router's receipt key is its own (storage.path), so a "
-            "receipt one router issued is not another's: not supported with storage.backend "
-            "jetstream; set evidence.receipts: false",
-        ),
-        (
             {
                 "storage": {
                     "backend": "jetstream",

@@ -667,13 +667,16 @@ class Daemon:
             chain = self.evidence.chains.get(target_id)
             if chain is not None:
                 at = chain.checkpointed_at
-                targets[target_id]["evidence"] = {
+                evidence: dict[str, Any] = {
                     "chain_seq": chain.seq,
                     "chain_hash": chain.head.hash.hex() if chain.head is not None else None,
                     "checkpoint_seq": chain.checkpointed_seq,
                     "last_checkpoint_at": utc_iso(at) if at is not None else None,
                     "missing_at_start": chain.missing_at_start,
                 }
+                if isinstance(self.journal, JetStreamJournal):  # where its record is
+                    evidence |= self.journal.chains.where(target_id)
+                targets[target_id]["evidence"] = evidence
         ingest = self.ingest_stats
         return {
             "version": __version__,

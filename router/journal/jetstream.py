@@ -977,6 +977,15 @@ class ChainRecords:
             except KeyWrongLastSequenceError:
                 return bytes((await kv.get(RECEIPT_KEY)).value or b"")
 
+    def where(self, target_id: str) -> dict[str, Any]:
+        """For /v1/status: the chain's record (`bucket:key`), and whether this process lost
+        it to another one (fenced)."""
+        record = self._records.get(target_id)
+        return {
+            "chain_record": f"{self.bucket}:{self._key(target_id)}",
+            "chain_fenced": record is not None and record.fenced,
+        }
+
     def announce_fenced(self, target_id: str) -> bool:
         """True the first time it is asked about a fenced record (log it once)."""
         record = self._records.get(target_id)

@@ -144,6 +144,7 @@ async def test_each_router_chains_its_own_file_and_keeps_the_head_in_the_chain_b
     start_router: Any, tmp_path: Path, nats_server: NatsServer
 ) -> None:
     first, second = await start_router("r1"), await start_router("r2")
+    stream = start_router.stream
     ids = []
     for i in range(12):
         events = [event() for _ in range(10)]
@@ -161,8 +162,10 @@ async def test_each_router_chains_its_own_file_and_keeps_the_head_in_the_chain_b
         assert isinstance(journal, JetStreamJournal)
         chain_ids.append(journal.chain_id)
         head = chain_of(daemon)
-        record = await kv_record(nats_server, start_router.stream, journal.chain_id, "archive")
+        record = await kv_record(nats_server, stream, journal.chain_id, "archive")
         assert (record["seq"], record["hash"]) == (head["chain_seq"], head["chain_hash"])
+        key = chain_key(journal.chain_id, "archive")
+        assert (head["chain_record"], head["chain_fenced"]) == (f"{stream}_CHAIN:{key}", False)
         await verify_ok(str(archive), "--expect-head", f"{head['chain_seq']}:{head['chain_hash']}")
         assert_books_balance(daemon)
     assert chain_ids[0] != chain_ids[1], "a chain per router"
@@ -219,6 +222,8 @@ async def test_a_stale_holder_of_a_chain_has_its_writes_refused(
             await new.save_chain("t", 7, b"\x07" * 32, b"cp7", 2.0)
             with pytest.raises(ChainFencedError):
                 await old.save_chain("t", 6, b"\x06" * 32, b"cp6", 3.0)
+            assert old.chains.where("t")["chain_fenced"]
+            assert not new.chains.where("t")["chain_fenced"]
             with pytest.raises(ChainFencedError):  # and stays refused
                 await old.save_planned("t", ("k", "n", 6, b"\x06" * 32, 8, b"", b"\x08", b"", ""))
             record = await kv_record(nats_server, stream, new.chain_id, "t")

@@ -767,7 +767,7 @@ class JetStreamJournal:
 
     async def chain_heads(self) -> dict[str, tuple[int, bytes, bytes | None, float | None]]:
         """Per target: this router's chain head, its last checkpoint (b"" before the first)
-        and when; the records are taken for this process (ChainRecords.take)."""
+        and when; each record is taken for this process (ChainRecords: fencing)."""
         return await self.chains.heads(list(self._targets))
 
     async def save_chain(
@@ -975,7 +975,13 @@ class ChainRecords:
                 await kv.create(RECEIPT_KEY, proposed)
                 return proposed
             except KeyWrongLastSequenceError:
-                return bytes((await kv.get(RECEIPT_KEY)).value or b"")
+                shared = bytes((await kv.get(RECEIPT_KEY)).value or b"")
+        if len(shared) != len(proposed):
+            raise StorageUnavailableError(
+                f"storage.jetstream: {self.bucket} holds a {RECEIPT_KEY} of {len(shared)} bytes, "
+                f"not a receipt key of {len(proposed)}"
+            )
+        return shared
 
     def where(self, target_id: str) -> dict[str, Any]:
         """For /v1/status: the chain's record (`bucket:key`), and whether this process lost

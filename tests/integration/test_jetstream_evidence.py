@@ -29,6 +29,7 @@ import yaml
 
 from router.config import StorageConfig, parse_config
 from router.daemon import Daemon
+from router.errors import StorageUnavailableError
 from router.journal import ChainFencedError
 from router.journal.jetstream import CHAIN_ID_FILE, JetStreamJournal, chain_key
 from router.server.api import ConfigSource
@@ -108,7 +109,11 @@ async def start_router(tmp_path: Path, nats_server: NatsServer) -> AsyncIterator
             "routes": everything_to("archive"),
         }
         daemon = Daemon(parse_config(data), ConfigSource(None, data))
-        await daemon.start()
+        try:
+            await daemon.start()
+        except BaseException:
+            await daemon.stop()  # as `serve` does after a start that failed
+            raise
         daemons.append(daemon)
         return daemon
 
@@ -265,6 +270,20 @@ async def test_every_router_issues_receipts_with_the_one_key_the_stream_shares(
         assert all(issuer.genuine(receipt) for receipt in receipts), "one key for all"
     forged = {**receipts[0], "digest": "sha256:" + "0" * 64}
     assert not first.acceptor.receipts.genuine(forged)  # type: ignore[union-attr]
+
+
+async def test_a_shared_receipt_key_that_is_not_a_key_stops_the_start(
+    start_router: Any, nats_server: NatsServer
+) -> None:
+    await start_router("r1")  # makes the bucket (evidence on, no receipts)
+    nc = await nats.connect(nats_server.url)
+    try:
+        kv = await nc.jetstream().key_value(f"{start_router.stream}_CHAIN")
+        await kv.put("receipt-key", b"short")
+    finally:
+        await nc.close()
+    with pytest.raises(StorageUnavailableError, match="receipt-key of 5 bytes"):
+        await start_router("r2", receipts=True)
 
 
 # -- routers as processes: kill -9 under load ------------------------------------------------

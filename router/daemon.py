@@ -232,6 +232,11 @@ class Daemon:
             letters_dir=self.config.storage.dead_letter_dir(),
             api=self.api,
             middlewares=[self.worker_pool.middleware] if self.worker_pool is not None else [],
+            letters_for=(
+                self.journal.dead_letters.find
+                if isinstance(self.journal, JetStreamJournal)
+                else None
+            ),
         )
 
     @property

@@ -94,7 +94,9 @@ async def start_router(tmp_path: Path, nats_server: NatsServer) -> AsyncIterator
     stream = f"E{next(_streams)}"
     daemons: list[Daemon] = []
 
-    async def start(name: str, *, workers: int = 1, **evidence: Any) -> Daemon:
+    async def start(
+        name: str, *, workers: int = 1, also: tuple[dict[str, Any], ...] = (), **evidence: Any
+    ) -> Daemon:
         archive = tmp_path / name / "archive.ndjson"
         data = {
             "server": {"host": "127.0.0.1", "port": 0, "workers": workers},
@@ -105,8 +107,8 @@ async def start_router(tmp_path: Path, nats_server: NatsServer) -> AsyncIterator
             "shutdown": {"drain_timeout_s": 5},
             "startup": {"validate_targets": False},
             "evidence": {"enabled": True, "checkpoint_every_events": 25, **evidence},
-            "targets": [file_target("archive", archive)],
-            "routes": everything_to("archive"),
+            "targets": [file_target("archive", archive), *also],
+            "routes": everything_to("archive", *(target["id"] for target in also)),
         }
         daemon = Daemon(parse_config(data), ConfigSource(None, data))
         try:
@@ -270,6 +272,29 @@ async def test_every_router_issues_receipts_with_the_one_key_the_stream_shares(
         assert all(issuer.genuine(receipt) for receipt in receipts), "one key for all"
     forged = {**receipts[0], "digest": "sha256:" + "0" * 64}
     assert not first.acceptor.receipts.genuine(forged)  # type: ignore[union-attr]
+
+
+async def test_a_receipt_lookup_finds_dead_letters_in_their_stream_whichever_router_wrote_them(
+    start_router: Any, receiver_factory: Any, tmp_path: Path
+) -> None:
+    refuses = await receiver_factory([400])
+    target = {"id": "refuses", "target_type": "http", "http_endpoint": {"url": refuses.url}}
+    writer = await start_router("r1", also=(target,), receipts=True)
+    asked = await start_router("r2", receipts=True)  # no such target: another router's letters
+    assert (await post(writer, [make_event(id="lookup-1")]))[0] == 202
+    await wait_for(
+        lambda: writer.status()["targets"]["refuses"]["dead_lettered"] == 1, what="the letter"
+    )
+    for daemon in (writer, asked):
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{daemon.port}/v1/receipts/lookup-1") as resp,
+        ):
+            assert resp.status == 200, await resp.text()
+            where = (await resp.json())["targets"]
+        assert where["refuses"]["state"] == "dead_lettered"
+        assert where["refuses"]["reason"] == "permanent_status"
+    assert where == {"refuses": where["refuses"]}  # r2's own archive does not hold it
 
 
 async def test_a_shared_receipt_key_that_is_not_a_key_stops_the_start(

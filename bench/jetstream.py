@@ -231,10 +231,12 @@ async def run(scenario: Scenario, args: argparse.Namespace, base: Path) -> Resul
         result.cpu_s = {k: round(cpu_after[k] - cpu_before[k], 3) for k in cpu_before}
         for proc in procs:
             await terminate(proc, 60)
+        # The file target rotates at 100 MiB: a long run's archive is several files.
         lines = [
             e["id"]
             for i in range(scenario.routers)
-            for e in read_ndjson(workdir / f"r{i + 1}" / "archive.ndjson")
+            for path in (workdir / f"r{i + 1}").glob("archive.ndjson*")
+            for e in read_ndjson(path)
         ]
         result.archived_lines = len(lines)
         result.missing = len(set(acked) - set(lines))

@@ -272,6 +272,25 @@ async def publish_until_acked(
         pause = min(pause * 2, 1.0)
 
 
+async def confirm_ack(nc: Client, msg: Msg, *, timeout_s: float) -> None:
+    """Ack `msg` as a request and wait for the consumer's confirmation, trying again while
+    the failure is transient (no consumer leader for a moment, the connection moving to
+    another server) until `timeout_s` has passed. The message may have been acked already
+    (by a plain ack that did arrive): the server answers that too, and nothing changes."""
+    deadline = time.monotonic() + timeout_s
+    pause = PUBLISH_RETRY_S
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            await nc.request(msg.reply, b"", timeout=max(min(left, PUBLISH_TRY_S), 0.05))
+            return
+        except (nats.errors.Error, TimeoutError) as exc:
+            if not _transient(exc) or deadline - time.monotonic() < pause:
+                raise
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 1.0)
+
+
 @dataclass(slots=True)
 class _Target:
     books: Books = field(default_factory=Books)
@@ -643,23 +662,47 @@ class JetStreamJournal:
         await asyncio.shield(settling)
 
     async def _settle(self, target_id: str, batch: Sequence[Entry]) -> None:
-        """One ack per message, then one round trip (flush) that the server has them all: a
-        confirmed ack per message (ack_sync) cost a request each and halved the delivery
-        rate. An ack lost on the way can only make JetStream send the message again (at least
-        once, as after a crash), never lose it."""
+        """Ack every message and have the consumer confirm them. A fire-and-forget ack sent
+        while the consumer's leader dies is lost without a word, and JetStream hands the
+        message out again after ack_wait_s: a node kill under load delivered 266 of 2,140
+        events twice that way. Confirming each ack cost about 35 us of CPU per event, so the
+        batch's acks go out as before and only the last is a request: acks from one
+        connection reach the consumer's leader in order and its confirmation comes once the
+        ack has a quorum, so it vouches for the ones before it. Without it (a leader died or
+        changed on the way) every ack of the batch is confirmed on its own, each tried again
+        until publish_timeout_s; one still unconfirmed raises: its message may then come back
+        (at least once, as after a crash), never be lost."""
         target = self._targets.get(target_id, _Target())  # retired meanwhile: nothing held
         msgs = [(e.seq, target.held[e.seq]) for e in batch if e.seq in target.held]
         # Read on the loop, after the write: the head only covers lines already written.
         head = self.chain_head(target_id) if self.chain_head is not None else None
-        assert self._nc is not None
+        if not msgs:
+            if head is not None:  # an ack tried again after it went through
+                await self._keep_head(target_id, *head)
+            return
+        nc = self._nc
+        assert nc is not None
+        timeout_s = self.js_config.publish_timeout_s
         try:
-            for _, msg in msgs:
+            for _, msg in msgs[:-1]:
                 await msg.ack()
-            await self._nc.flush(timeout=max(1, int(self.js_config.publish_timeout_s)))
+            await nc.request(msgs[-1][1].reply, b"", timeout=min(timeout_s, PUBLISH_TRY_S))
         except STREAM_ERRORS as exc:
-            raise JournalUnavailableError(
-                f"JetStream did not take the acks of {len(msgs)} messages: {exc!r}"
-            ) from exc
+            if not _transient(exc):
+                raise JournalUnavailableError(f"JetStream did not take the acks: {exc!r}") from exc
+            results = await asyncio.gather(
+                *(confirm_ack(nc, msg, timeout_s=timeout_s) for _, msg in msgs),
+                return_exceptions=True,
+            )
+            confirmed = {seq for (seq, _), r in zip(msgs, results, strict=True) if r is None}
+            for seq in confirmed:
+                target.held.pop(seq, None)
+            if len(confirmed) < len(msgs):
+                failure = next(r for r in results if r is not None)
+                raise JournalUnavailableError(
+                    f"JetStream did not confirm the acks of {len(msgs) - len(confirmed)} of "
+                    f"{len(msgs)} messages: {failure!r}"
+                ) from exc
         for seq, _ in msgs:
             target.held.pop(seq, None)
         if head is not None:

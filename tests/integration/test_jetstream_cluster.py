@@ -171,12 +171,17 @@ def delivered(routers: list[Router], target_id: str) -> Counter[str]:
     return Counter(e["id"] for r in routers for e in read_ndjson(r.archive(target_id)))
 
 
-async def books_settled(routers: list[Router], received: int) -> bool:
-    """Every live router's books show `received` events per target, none pending."""
+async def books_settled(
+    routers: list[Router], received: int, seen: list[Any] | None = None
+) -> bool:
+    """Every live router's books show `received` events per target, none pending; `seen`
+    keeps the last books read, for the failure message when they never settle."""
     for router in routers:
         if router.proc is None or router.proc.returncode is not None:
             continue
         targets = (await router.status())["targets"]
+        if seen is not None:
+            seen[:] = [router.name, received, {t: targets[t] for t in TARGETS}]
         for target_id in TARGETS:
             row = targets[target_id]
             if (row["received"], row["pending"]) != (received, 0):
@@ -320,14 +325,24 @@ async def test_kill_9_of_a_nats_node_under_load_ingest_keeps_answering_and_nothi
         load.stop.set()
         await asyncio.gather(*producers)
         assert set(load.answers) == {202}, f"every request answered 202: {load.answers}"
-        await wait_for(
-            lambda: books_settled(routers, len(set(load.acked))),
-            timeout_s=90,
-            what="both routers to drain with a node dead",
-        )
+        seen: list[Any] = []
+        started = time.monotonic()
+        try:
+            await wait_for(
+                lambda: books_settled(routers, len(set(load.acked)), seen),
+                timeout_s=90,
+                what="both routers to drain with a node dead",
+            )
+        except AssertionError as e:
+            logs = {r.name: (r.workdir / "router.log").read_text()[-3000:] for r in routers}
+            raise AssertionError(f"{e}; last books {seen}; router logs {logs}") from None
+        print(f"both routers drained {time.monotonic() - started:.1f}s after the load stopped")
         for target_id in TARGETS:
-            missing = set(load.acked) - set(delivered(routers, target_id))
+            counts = delivered(routers, target_id)
+            missing = set(load.acked) - set(counts)
             assert not missing, f"{target_id}: {len(missing)} acknowledged events missing"
+            twice = sum(n - 1 for n in counts.values())
+            assert not twice, f"{target_id}: {twice} events delivered again after the node died"
         print(f"node kill: answers {dict(load.answers)}, failovers {load.failovers}")
         # Back on its ports and store, the node catches up with the stream.
         await node.astart()

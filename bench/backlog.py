@@ -175,6 +175,17 @@ def tree_kb(pid: int, name: str) -> int:
     return sum(proc_status_kb(one, name) or 0 for one in tree(pid))
 
 
+def by_process_mb(pid: int, name: str) -> dict[str, float]:
+    """A /proc/<pid>/status figure per process, in MB: the owner first, then its workers (by
+    process id): where a sum over processes goes."""
+    found = {}
+    for index, one in enumerate([pid, *sorted(set(tree(pid)) - {pid})]):
+        kb = proc_status_kb(one, name)
+        if kb is not None:
+            found["owner" if index == 0 else f"worker {one}"] = round(kb / 1024, 1)
+    return found
+
+
 def proc_cpu_s(pid: int) -> float:
     """User + system CPU seconds of the daemon's processes (owner and workers)."""
     return cpu_s(tree(pid))
@@ -460,6 +471,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             ) as control:
                 await wait_ready(daemon)
                 idle_rss_kb = tree_kb(daemon.pid, "VmRSS")
+                idle_by_process = by_process_mb(daemon.pid, "VmRSS")
                 written_before = proc_write_bytes(daemon.pid)
                 sampler.start()
                 print(
@@ -494,6 +506,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 drained = await drain(daemon, control, receiver, opened_at, args.drain_timeout)
                 rss_end_drain_kb = tree_kb(daemon.pid, "VmRSS")
                 hwm_kb = tree_kb(daemon.pid, "VmHWM")
+                hwm_by_process = by_process_mb(daemon.pid, "VmHWM")
                 await sampler.stop()
                 disk_after_drain = journal_disk_bytes(workdir)
                 written_drain = proc_write_bytes(daemon.pid) - written_before - written_ingest
@@ -610,6 +623,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "rss": {
             "idle_mb": round(idle_rss_kb / 1024, 1),
             "vmhwm_mb": round(hwm_kb / 1024, 1),
+            "idle_by_process_mb": idle_by_process,
+            "vmhwm_by_process_mb": hwm_by_process,
             "peak_sample_mb": round(sampler.max_kb / 1024, 1),
             "peak_during_ingest_mb": round(max(ingest_samples, default=0) / 1024, 1),
             "end_of_ingest_mb": round(rss_end_ingest_kb / 1024, 1),
@@ -659,6 +674,11 @@ def format_report(report: dict[str, Any]) -> str:
         f"peak RSS is VmHWM read before SIGTERM; RSS idle {rss['idle_mb']} MB, highest 0.5 s "
         f"sample {rss['peak_sample_mb']} MB (during ingest {rss['peak_during_ingest_mb']} MB), "
         f"at end of drain {rss['end_of_drain_mb']} MB",
+        "per process, idle / peak (VmHWM) MB: "
+        + ", ".join(
+            f"{name} {rss['idle_by_process_mb'].get(name, '-')} / {peak}"
+            for name, peak in rss["vmhwm_by_process_mb"].items()
+        ),
         f"ingest: {ing['elapsed_s']}s, {ing['requests']} requests, {ing['errors']} errors, "
         f"ack latency p50 {ing['latency_ms']['p50']} ms p99 {ing['latency_ms']['p99']} ms "
         f"max {ing['latency_ms']['max']} ms, daemon CPU {ing['daemon_cpu_pct']}%"

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -41,7 +41,6 @@ from router.intake.redaction import Redactor
 from router.intake.validation import EventValidator
 from router.journal import Entry
 from router.journal.alertstate import AlertStore
-from router.journal.jetstream import JetStreamJournal, SharedConfig
 from router.journal.sqlite import SqliteJournal
 from router.observe.logformat import counted
 from router.observe.metrics import IngestStats, TargetStats, WriteStatus, utc_iso
@@ -68,6 +67,11 @@ from router.targets import Target, build_target
 from router.targets.cos import CosTarget
 from router.targets.event_streams import EventStreamsTarget
 from router.targets.file import FileEndpointConfig, FileTarget
+
+if TYPE_CHECKING:
+    # Imported where storage.backend jetstream asks for it: NATS's client costs every process
+    # that imports it about a megabyte.
+    from router.journal.jetstream import JetStreamJournal, SharedConfig
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +134,8 @@ class Daemon:
         self.journal: SqliteJournal | JetStreamJournal
         self.dead_letters: DeadLetters
         if config.storage.backend == "jetstream":
+            from router.journal.jetstream import JetStreamJournal
+
             self.journal = JetStreamJournal(config.storage, target_ids)
             self.dead_letters = self.journal.dead_letters
         else:
@@ -173,8 +179,8 @@ class Daemon:
             AlertStore(config.storage),
             lambda body, targets: self.acceptor.accept_own(body, targets),
         )
-        if isinstance(self.journal, JetStreamJournal):
-            self.journal.tail_sink = self.tail.publish  # the other routers' events too
+        if self.jetstream is not None:
+            self.jetstream.tail_sink = self.tail.publish  # the other routers' events too
         auth = config.auth
         self.client_faults = ClientFaultLog(auth.refusal_events if auth else RefusalEventsConfig())
         self.metrics = DaemonMetrics(self)
@@ -319,8 +325,9 @@ class Daemon:
                 header_timeout_s=server.header_timeout_s,
             )
             await self._site.start()
-        if isinstance(self.journal, JetStreamJournal) and self.journal.js_config.share_config:
-            await self._join_shared_config(self.journal.shared_config)
+        shared = self._shared_config()
+        if shared is not None:
+            await self._join_shared_config(shared)
         self.ready = True
         log.info(
             "event-router %s ready on %s://%s:%d with %s and %s",
@@ -332,9 +339,23 @@ class Daemon:
             counted(len(self.config.routes), "route"),
         )
 
+    @property
+    def jetstream(self) -> JetStreamJournal | None:
+        """The journal when storage.backend is jetstream (only then is its module imported)."""
+        return None if isinstance(self.journal, SqliteJournal) else self.journal
+
+    def _shared_config(self) -> SharedConfig | None:
+        """The config the routers share (storage.jetstream.share_config), if they share one."""
+        jetstream = self.jetstream
+        if jetstream is None or not jetstream.js_config.share_config:
+            return None
+        return jetstream.shared_config
+
     async def _join_shared_config(self, shared: SharedConfig) -> None:
         """storage.backend jetstream: run the config the routers share (the bucket's, else
         this router's YAML, which it then shares), and follow what the others put there."""
+        from router.journal.jetstream import SharedConfig  # the journal imported it
+
         data = await shared.open()
         if data is None:
             await shared.put(self.source.data)
@@ -357,6 +378,8 @@ class Daemon:
         """Apply a config another router shared, with this router's own server and storage
         (and their command-line overrides); one that does not load or apply is logged, and
         this router keeps running what it ran."""
+        from router.journal.jetstream import SharedConfig  # the journal imported it
+
         merged = SharedConfig.merged(data, self.source.data)
         try:
             new = await asyncio.to_thread(parse_config, merged)
@@ -595,12 +618,14 @@ class Daemon:
             self.source = source
             if source.path is not None:
                 await asyncio.to_thread(write_back, source.path, source.data)
-            if isinstance(self.journal, JetStreamJournal) and self.journal.js_config.share_config:
-                await self.journal.shared_config.share(source.data)  # every router follows
+            shared = self._shared_config()
+            if shared is not None:
+                await shared.share(source.data)  # every router follows
 
     async def share_metadata(self, document: dict[str, Any]) -> None:
-        if isinstance(self.journal, JetStreamJournal) and self.journal.js_config.share_config:
-            await self.journal.shared_config.share_metadata(document)
+        shared = self._shared_config()
+        if shared is not None:
+            await shared.share_metadata(document)
 
     def _view_query(self, name: str) -> str | None:
         """The query of the running config's view `name` (the tail's `?view=`)."""

@@ -8,14 +8,14 @@ that passes `check` is exactly a config that `serve` runs.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import jsonschema
-import yaml
 
 from router.config.build import build_config
 from router.config.crosscheck import cross_check
@@ -26,6 +26,9 @@ from router.errors import ConfigError
 from router.masking import MASK, SECRET_KEYS, mask_headers, mask_text, masked
 from router.resources import schemas_dir
 from router.targets import TARGET_TYPES
+
+if TYPE_CHECKING:
+    import yaml
 
 
 def format_path(parts: Iterable[str | int]) -> str:
@@ -87,66 +90,76 @@ MAX_ALIAS_NODES: Final = 10_000
 MAX_YAML_DEPTH: Final = 64
 
 
-class BoundedLoader(yaml.SafeLoader):
-    """PyYAML's SafeLoader that counts, as it composes, the nodes aliases repeat: an alias
-    costs the size of what it names, written out. Past MAX_ALIAS_NODES, or past MAX_YAML_DEPTH
-    levels, or an alias inside the node it names (a loop), the file is refused before any of it
-    is built, so the refusal costs what the file's text costs, not what it would expand to."""
+@functools.cache
+def bounded_loader() -> type[yaml.SafeLoader]:
+    """BoundedLoader, built on first use: PyYAML is imported by a process that reads a config
+    file, not by a worker process (server.workers), which is handed the config as data."""
+    import yaml
 
-    def __init__(self, stream: str) -> None:
-        super().__init__(stream)
-        self._repeated = 0
-        self._depth = 0
-        self._open_anchors: set[str] = set()
-        self._sizes: dict[int, int] = {}  # id(node) -> nodes written out; composed nodes live on
+    class BoundedLoader(yaml.SafeLoader):
+        """PyYAML's SafeLoader that counts, as it composes, the nodes aliases repeat: an
+        alias costs the size of what it names, written out. Past MAX_ALIAS_NODES, or past
+        MAX_YAML_DEPTH levels, or an alias inside the node it names (a loop), the file is
+        refused before any of it is built, so the refusal costs what the file's text costs,
+        not what it would expand to."""
 
-    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
-        event = self.peek_event()  # type: ignore[no-untyped-call]
-        if isinstance(event, yaml.AliasEvent):
-            if event.anchor in self._open_anchors:
-                raise self._refuse(
-                    f"alias *{event.anchor} refers to a node that holds it (a loop)", event
-                )
-            node = super().compose_node(parent, index)
-            assert node is not None  # an alias names a composed node, or PyYAML refused it
-            self._repeated += self._size(node)
-            if self._repeated > MAX_ALIAS_NODES:
-                raise self._refuse(
-                    f"aliases here expand to more than {MAX_ALIAS_NODES} nodes in all (a YAML "
-                    "alias bomb?); write the repeated parts out, or repeat less",
-                    event,
-                )
-            return node
-        anchor = event.anchor
-        self._depth += 1
-        if self._depth > MAX_YAML_DEPTH:
-            raise self._refuse(f"nested deeper than {MAX_YAML_DEPTH} levels", event)
-        if anchor is not None:
-            self._open_anchors.add(anchor)
-        try:
-            return super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
-            self._open_anchors.discard(anchor)
+        def __init__(self, stream: str) -> None:
+            super().__init__(stream)
+            self._repeated = 0
+            self._depth = 0
+            self._open_anchors: set[str] = set()
+            # id(node) -> nodes written out; composed nodes live on
+            self._sizes: dict[int, int] = {}
 
-    def _size(self, node: yaml.Node) -> int:
-        """How many nodes `node` stands for once its aliases are written out (memoised, so a
-        shared node is counted once however often it is shared)."""
-        size = self._sizes.get(id(node))
-        if size is None:
-            if isinstance(node, yaml.SequenceNode):
-                size = 1 + sum(self._size(item) for item in node.value)
-            elif isinstance(node, yaml.MappingNode):
-                size = 1 + sum(self._size(k) + self._size(v) for k, v in node.value)
-            else:
-                size = 1
-            self._sizes[id(node)] = size
-        return size
+        def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+            event = self.peek_event()  # type: ignore[no-untyped-call]
+            if isinstance(event, yaml.AliasEvent):
+                if event.anchor in self._open_anchors:
+                    raise self._refuse(
+                        f"alias *{event.anchor} refers to a node that holds it (a loop)", event
+                    )
+                node = super().compose_node(parent, index)
+                assert node is not None  # an alias names a composed node, or PyYAML refused it
+                self._repeated += self._size(node)
+                if self._repeated > MAX_ALIAS_NODES:
+                    raise self._refuse(
+                        f"aliases here expand to more than {MAX_ALIAS_NODES} nodes in all (a YAML "
+                        "alias bomb?); write the repeated parts out, or repeat less",
+                        event,
+                    )
+                return node
+            anchor = event.anchor
+            self._depth += 1
+            if self._depth > MAX_YAML_DEPTH:
+                raise self._refuse(f"nested deeper than {MAX_YAML_DEPTH} levels", event)
+            if anchor is not None:
+                self._open_anchors.add(anchor)
+            try:
+                return super().compose_node(parent, index)
+            finally:
+                self._depth -= 1
+                self._open_anchors.discard(anchor)
 
-    @staticmethod
-    def _refuse(problem: str, event: yaml.Event) -> yaml.YAMLError:
-        mark = cast(yaml.Mark | None, event.start_mark)
-        return yaml.composer.ComposerError(None, None, problem, mark)
+        def _size(self, node: yaml.Node) -> int:
+            """How many nodes `node` stands for once its aliases are written out (memoised, so a
+            shared node is counted once however often it is shared)."""
+            size = self._sizes.get(id(node))
+            if size is None:
+                if isinstance(node, yaml.SequenceNode):
+                    size = 1 + sum(self._size(item) for item in node.value)
+                elif isinstance(node, yaml.MappingNode):
+                    size = 1 + sum(self._size(k) + self._size(v) for k, v in node.value)
+                else:
+                    size = 1
+                self._sizes[id(node)] = size
+            return size
+
+        @staticmethod
+        def _refuse(problem: str, event: yaml.Event) -> yaml.YAMLError:
+            mark = cast(yaml.Mark | None, event.start_mark)
+            return yaml.composer.ComposerError(None, None, problem, mark)
+
+    return BoundedLoader
 
 
 def read_config_data(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -157,7 +170,9 @@ def read_config_data(path: str | os.PathLike[str]) -> dict[str, Any]:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(source, [f"cannot read the file: {exc.strerror or exc}"]) from exc
-    loader = BoundedLoader(text)
+    import yaml
+
+    loader = bounded_loader()(text)
     loader.name = source  # a problem's mark names the operator's file, not "<unicode string>"
     try:
         data = loader.get_single_data()

@@ -9,9 +9,13 @@ Journal protocol's `append` over the channel, so the worker's Acceptor is the sa
 in one process, books, limits, answers and all.
 
 The channel is one unix stream socket per worker (a socketpair the owner made): frames of
-`!IBI` (payload length, kind, call id) and a pickled payload. Either side may call the other
-(`Channel.call(op, *args)`) and each call is answered once (a value, or an error the caller
-raises again); calls run concurrently, answers arrive in any order. Pickle is safe here: the
+`!IBII` (payload length, kind, call id, data blobs) and a pickled payload, then for a call
+with `data` the length of each blob (`!I`) and the blobs as they are. Either side may call the
+other (`Channel.call(op, *args, data=blobs)`: the handler gets the blobs as a last argument)
+and each call is answered once (a value, or an error the caller raises again); calls run
+concurrently, answers arrive in any order. The events' bytes are such blobs: the transport
+sends the very bytes the events hold, so a worker whose owner is slow to read holds them once,
+not also a pickled copy (about 1 MB per waiting 1,000-event request). Pickle is safe here: the
 socket joins a parent and the children it started from the same code, and nobody else can
 reach it.
 """
@@ -33,7 +37,8 @@ from router.journal import Books, Entry, JournalFullError, JournalUnavailableErr
 
 log = logging.getLogger(__name__)
 
-HEADER: Final = struct.Struct("!IBI")
+HEADER: Final = struct.Struct("!IBII")
+BLOB_LENGTH: Final = struct.Struct("!I")
 CALL: Final = 1
 ANSWER: Final = 2
 FAILED: Final = 3
@@ -47,8 +52,9 @@ KNOWN_ERRORS: Final[Mapping[str, type[RouterError]]] = {
 }
 
 Handler = Callable[..., Awaitable[Any]]
-# One record handed over: event id, arrival time (epoch s), the event's bytes, target -> route.
-Record = tuple[str, float, bytes, Mapping[str, str]]
+# One record handed over: event id, arrival time (epoch s) and target -> route; its event's bytes
+# go beside it, as a data blob.
+Record = tuple[str, float, Mapping[str, str]]
 
 
 class ChannelError(RouterError):
@@ -85,29 +91,34 @@ class Channel:
     def start(self) -> None:
         self._reading = asyncio.create_task(self._read(), name=f"channel:{self.name}")
 
-    async def call(self, op: str, *args: Any) -> Any:
-        """Run `op` on the other side and return its answer (raising what it raised)."""
+    async def call(self, op: str, *args: Any, data: Sequence[bytes] = ()) -> Any:
+        """Run `op` on the other side and return its answer (raising what it raised); `data`,
+        when given, is sent as it is and reaches the handler as a last argument (a list of
+        bytes)."""
         if self.closed.is_set():
             raise ChannelError(f"{self.name}: the channel is closed")
         self._next_id = call_id = (self._next_id + 1) & 0xFFFFFFFF
         answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiting[call_id] = answer
         try:
-            self._send(CALL, call_id, (op, args))
+            self._send(CALL, call_id, (op, args), data)
             await self._writer.drain()
             return await answer
         finally:
             self._waiting.pop(call_id, None)
 
-    def _send(self, kind: int, call_id: int, value: Any) -> None:
+    def _send(self, kind: int, call_id: int, value: Any, data: Sequence[bytes] = ()) -> None:
         """Queue a frame; the frames queued in one turn of the loop go out in one write (a
         group commit answers every call it held at once: one syscall and one wake-up of the
-        other side, not one per call)."""
+        other side, not one per call). `data` is queued as it is, not copied."""
         payload = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
         if not self._outbox:
             asyncio.get_running_loop().call_soon(self._flush)
-        self._outbox.append(HEADER.pack(len(payload), kind, call_id))
+        self._outbox.append(HEADER.pack(len(payload), kind, call_id, len(data)))
         self._outbox.append(payload)
+        if data:
+            self._outbox.append(struct.pack(f"!{len(data)}I", *map(len, data)))
+            self._outbox.extend(data)
 
     def _flush(self) -> None:
         frames, self._outbox = self._outbox, []
@@ -118,12 +129,15 @@ class Channel:
         try:
             while True:
                 header = await self._reader.readexactly(HEADER.size)
-                size, kind, call_id = HEADER.unpack(header)
-                if size > MAX_FRAME_BYTES:
+                size, kind, call_id, blobs = HEADER.unpack(header)
+                if size + blobs * BLOB_LENGTH.size > MAX_FRAME_BYTES:
                     raise ChannelError(f"{self.name}: a frame of {size} bytes")
                 value = pickle.loads(await self._reader.readexactly(size))
                 if kind == CALL:
-                    task = asyncio.create_task(self._answer(call_id, *value), name=self.name)
+                    op, args = value
+                    if blobs:
+                        args = (*args, await self._read_blobs(blobs))
+                    task = asyncio.create_task(self._answer(call_id, op, args), name=self.name)
                     self._running.add(task)
                     task.add_done_callback(self._running.discard)
                     continue
@@ -141,6 +155,20 @@ class Channel:
             log.exception("%s: the channel failed", self.name)
         finally:
             self._closed()
+
+    async def _read_blobs(self, count: int) -> list[bytes]:
+        """A call's data: `count` lengths, then the blobs, each as bytes of its own."""
+        size = count * BLOB_LENGTH.size
+        lengths = struct.unpack(f"!{count}I", await self._reader.readexactly(size))
+        total = sum(lengths)
+        if total > MAX_FRAME_BYTES:
+            raise ChannelError(f"{self.name}: {total} bytes of data in one frame")
+        block = memoryview(await self._reader.readexactly(total))
+        blobs, start = [], 0
+        for length in lengths:
+            blobs.append(bytes(block[start : start + length]))
+            start += length
+        return blobs
 
     async def _answer(self, call_id: int, op: str, args: Sequence[Any]) -> None:
         try:
@@ -184,16 +212,22 @@ class Channel:
             await self._writer.wait_closed()
 
 
-def records(routed: Sequence[tuple[Event, Mapping[str, str]]]) -> list[Record]:
-    """What the owner needs of routed events: the journal stores bytes, never the body."""
-    return [(event.id, event.received_at, event.encoded(), targets) for event, targets in routed]
+def records(
+    routed: Sequence[tuple[Event, Mapping[str, str]]],
+) -> tuple[list[Record], list[bytes]]:
+    """What the owner needs of routed events, and their bytes (the journal stores bytes, never
+    the body), sent as the call's data."""
+    handed = [(event.id, event.received_at, targets) for event, targets in routed]
+    return handed, [event.encoded() for event, _ in routed]
 
 
-def events(handed: Sequence[Record]) -> list[tuple[Event, Mapping[str, str]]]:
-    """Records back as routed events, as the journal reads them back (bytes only)."""
+def events(
+    handed: Sequence[Record], data: Sequence[bytes]
+) -> list[tuple[Event, Mapping[str, str]]]:
+    """Records and their bytes back as routed events, as the journal reads them back."""
     return [
         (Event.stored(event_id, encoded, received_at), targets)
-        for event_id, received_at, encoded, targets in handed
+        for (event_id, received_at, targets), encoded in zip(handed, data, strict=True)
     ]
 
 
@@ -209,11 +243,11 @@ class HandoffJournal:
         self.handed = 0
 
     async def append(self, routed: Sequence[tuple[Event, Mapping[str, str]]]) -> None:
-        handed = records([(event, targets) for event, targets in routed if targets])
+        handed, data = records([(event, targets) for event, targets in routed if targets])
         if not handed:
             return
         try:
-            await self.channel.call("append", handed)
+            await self.channel.call("append", handed, data=data)
         except ChannelError as exc:
             raise JournalUnavailableError(f"the journal owner did not answer: {exc}") from exc
         self.handed += len(handed)

@@ -31,9 +31,6 @@ from typing import Any, Protocol
 
 import orjson
 from aiohttp import web
-from ruamel.yaml import YAML
-from ruamel.yaml.comments import CommentedMap, CommentedSeq
-from ruamel.yaml.error import YAMLError
 
 from router.appendfile import replace_atomically
 from router.config import (
@@ -1026,6 +1023,12 @@ def write_back(path: Path, data: dict[str, Any]) -> None:
     """Write the edited config over its file, keeping the operator's comments, key order and
     layout wherever the data did not change (round-trip YAML), atomically, with the previous
     file kept as `<file>.prev`."""
+    # Imported by the first change written back: the round-trip library costs a megabyte in a
+    # daemon whose config nobody edits through the API.
+    from ruamel.yaml import YAML
+    from ruamel.yaml.comments import CommentedMap
+    from ruamel.yaml.error import YAMLError
+
     round_trip = YAML()  # the round-trip loader and dumper: comments are part of the data
     round_trip.preserve_quotes = True
     round_trip.width = 100
@@ -1045,6 +1048,8 @@ def _merge(old: Any, new: Any) -> Any:
     """`new`, built on the nodes of `old` where they hold the same place, so the comments
     attached to them stay. Lists of objects are matched by `id` (or `name`), others by
     position."""
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq  # imported by write_back
+
     if isinstance(new, dict) and isinstance(old, CommentedMap):
         for key in [k for k in old if k not in new]:
             del old[key]

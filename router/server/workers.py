@@ -217,8 +217,8 @@ class WorkerPool:
             for handle in mine:
                 handle.reported(stats, handed)
 
-        async def append(handed: list[Record]) -> None:
-            await self._acceptor.commit(events(handed))
+        async def append(handed: list[Record], data: list[bytes]) -> None:
+            await self._acceptor.commit(events(handed, data))
             for handle in mine:
                 handle.journaled += len(handed)
 

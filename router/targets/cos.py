@@ -58,8 +58,6 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
 
 import aiohttp
-import botocore
-import botocore.exceptions
 
 from router.errors import PermanentDeliveryError, RetryableDeliveryError, RouterError
 from router.events import Event, crn_parts
@@ -362,8 +360,9 @@ class CosTarget:
         if self._client is not None:
             return
         # The S3 client is imported by the process that sends (about 10 MB: not in a worker
-        # process, nor in a daemon without this target type).
+        # process, nor in a daemon without this target type); botocore with it.
         import aiobotocore.session
+        import botocore
         from aiobotocore.config import AioConfig
 
         endpoint = self.endpoint
@@ -627,6 +626,8 @@ class CosTarget:
 
     async def _put(self, name: str, body: bytes, md5: str) -> None:
         """One PUT; what fails is classified as retryable or permanent."""
+        import botocore.exceptions  # imported by start(), with the client
+
         assert self._client is not None
         where = f"PUT {self.url}/{self.endpoint.bucket}/{name}"
         try:
@@ -667,6 +668,8 @@ class CosTarget:
         have written it and its answer been lost: then it is delivered, once, and the books
         say so as `verify` does; else (or when the store does not answer this either) the PUT
         failed, and its retry writes the same name and bytes."""
+        import botocore.exceptions  # imported by start(), with the client
+
         assert self._client is not None
         try:
             async with asyncio.timeout(min(self.endpoint.timeout_s, LANDED_TIMEOUT_S)):
@@ -688,6 +691,8 @@ class CosTarget:
         """The objects under `prefix` in key order, as (key, body as stored): what
         `event-router query cos://TARGET/PREFIX` reads. A failure raises a DeliveryError."""
         await self.start()
+        import botocore.exceptions  # imported by start(), with the client
+
         assert self._client is not None
         where = f"{self.url}/{self.endpoint.bucket}/{prefix}"
         try:
@@ -723,6 +728,8 @@ class CosTarget:
 def unanswered(exc: BaseException) -> bool:
     """Whether a failed PUT may yet have been stored: it got no answer (a timeout, a
     connection lost once it was sent), rather than a refusal or no connection at all."""
+    import botocore.exceptions  # a COS target's: imported by its start()
+
     cause = exc.__cause__
     if isinstance(cause, botocore.exceptions.EndpointConnectionError):
         return False  # never connected: nothing was sent

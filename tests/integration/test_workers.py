@@ -20,6 +20,7 @@ import signal
 import socket
 import tempfile
 import time
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,12 +28,14 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+import uvloop
 import yaml
 
 from router.config import parse_config
 from router.deadletter import DeadLetters
+from router.events import Event
 from router.intake.accept import Acceptor
-from router.intake.handoff import Channel, HandoffJournal
+from router.intake.handoff import Channel, HandoffJournal, events, records
 from router.observe.metrics import IngestStats
 from router.reload import validator_for
 from router.routing import RouteTable
@@ -696,12 +699,15 @@ async def test_a_daemon_with_workers_routes_by_a_rules_filter_and_runs_a_views_a
     assert set(allowed) <= got_archive and not got_archive & set(denied)
 
 
-# What a worker never needs: the targets' clients (the owner delivers), the signing library
-# (a worker signs nothing unless receipts have a signing key), NATS (the owner's journal), the
-# management API, console and search (the owner answers them).
+# What a worker never needs: the targets' clients (the owner delivers; botocore's exceptions
+# too), the signing library (a worker signs nothing unless receipts have a signing key), NATS
+# (the owner's journal), the management API, console and search (the owner answers them), a
+# YAML parser (it is handed the config the owner read).
 NOT_IN_A_WORKER = (
     "aiokafka",
     "aiobotocore",
+    "botocore",
+    "yaml",
     "cryptography",
     "nats",
     "router.daemon",
@@ -813,6 +819,71 @@ async def test_a_daemon_without_kafka_or_signing_loads_neither_library(tmp_path:
         await reap(proc)
 
 
+def imported(log: Path) -> set[str]:
+    """Every module the daemon's processes imported, from the lines PYTHONPROFILEIMPORTTIME
+    writes to stderr (the owner's workers inherit both): one line per first import."""
+    names = set()
+    for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
+        if line.startswith("import time:") and not line.endswith("| imported package"):
+            names.add(line.rsplit("|", 1)[1].strip())
+    return names
+
+
+def loaded(names: set[str], *packages: str) -> list[str]:
+    return sorted(n for n in names if any(n == p or n.startswith(f"{p}.") for p in packages))
+
+
+# What a daemon imports only when its config asks for it: NATS with storage.backend jetstream,
+# botocore with a cloud_object_storage target, the round-trip YAML library when the management
+# API writes the config file back.
+NOT_CONFIGURED = ("nats", "router.journal.jetstream", "botocore", "ruamel")
+
+
+@pytest.mark.parametrize("workers", [1, WORKERS])
+async def test_a_daemon_imports_nats_botocore_and_ruamel_only_when_it_uses_them(
+    tmp_path: Path, workers: int
+) -> None:
+    """The owner (or the one process) and its workers, as running processes: storage.backend
+    sqlite and no cloud_object_storage target, so none imports NATS or botocore, and until
+    the management API changes the config none imports the round-trip YAML library; an API
+    change then writes the file back with it."""
+    port = free_port()
+    config = workers_config(tmp_path, port, workers=workers, auth=True)
+    log = tmp_path / "daemon.log"
+    with log.open("ab") as stderr:
+        proc = await serve(
+            config, port, stderr=stderr, env=os.environ | {"PYTHONPROFILEIMPORTTIME": "1"}
+        )
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(
+                f"http://127.0.0.1:{port}/v1/events",
+                data=orjson.dumps(make_event()),
+                headers=headers(INGEST_TOKEN),
+            ) as resp:
+                assert resp.status == 202
+            await wait_for(lambda: nothing_pending(port, ADMIN_TOKEN), what="delivery")
+            assert_books_balance(await status_of(port, ADMIN_TOKEN))
+            before = imported(log)
+            assert "router.daemon" in before and "aiohttp" in before, "the check sees imports"
+            assert loaded(before, *NOT_CONFIGURED) == []
+
+            async with session.put(
+                f"http://127.0.0.1:{port}/api/v2/routes/all",
+                data=orjson.dumps(
+                    {"name": "all", "rules": [{"locations": ["*"], "target_ids": ["archive"]}]}
+                ),
+                headers=headers(ADMIN_TOKEN),
+            ) as resp:
+                assert resp.status == 200, await resp.text()
+        assert "ruamel.yaml" in imported(log)
+        assert (tmp_path / "router.yaml.prev").exists(), "the API wrote the file back"
+        assert await terminate(proc) == 0
+    finally:
+        await reap(proc)
+    assert loaded(imported(log), "nats", "router.journal.jetstream", "botocore") == []
+
+
 async def test_a_killed_workers_counters_stay_in_status_and_metrics(tmp_path: Path) -> None:
     """kill -9 of every worker under load: what they accepted since the last status was asked
     stays counted (the owner banks what it journaled for them), and /v1/status's and
@@ -920,6 +991,54 @@ async def test_a_killed_owners_socket_directory_is_removed_at_the_next_start(
         await reap(proc)
 
 
+def test_records_waiting_to_reach_the_owner_are_their_events_own_bytes() -> None:
+    """Records the owner has not read yet wait in the worker's transport (on uvloop, as
+    `serve` runs) as the events' own bytes, not as a second, pickled copy of them: a worker
+    holding a large request for a slow owner holds its events once. They arrive intact."""
+    expected = [
+        (f"event-{n:05d}", float(n), orjson.dumps(make_event(id=f"event-{n:05d}")), {"a": "r"})
+        for n in range(4000)
+    ]
+    routed = [(Event.stored(i, encoded, at), targets) for i, at, encoded, targets in expected]
+    size = sum(len(encoded) for _, _, encoded, _ in expected)
+
+    async def hand_over() -> None:
+        handed: list[Any] = []
+
+        async def append(batch: list[Any], data: list[bytes]) -> None:
+            handed.extend(events(batch, data))
+
+        owner_side, worker_side = socket.socketpair()
+        worker = await Channel.over(worker_side, {}, name="worker")
+        worker.start()
+        owner: Channel | None = None
+        try:
+            tracemalloc.start()
+            try:
+                before = tracemalloc.get_traced_memory()[0]
+                meta, data = records(routed)
+                call = asyncio.create_task(worker.call("append", meta, data=data))
+                for _ in range(10):  # the frame is queued, then written as far as it goes
+                    await asyncio.sleep(0)
+                waiting = tracemalloc.get_traced_memory()[0] - before
+            finally:
+                tracemalloc.stop()
+            assert not call.done(), "the owner has read nothing yet"
+            assert waiting < size // 4, f"{waiting} bytes held for {size} bytes of events"
+            owner = await Channel.over(owner_side, {"append": append}, name="owner")
+            owner.start()
+            await asyncio.wait_for(call, 30)
+            got = [(e.id, e.received_at, e.encoded(), targets) for e, targets in handed]
+            assert got == expected
+        finally:
+            await worker.close()
+            if owner is not None:
+                await owner.close()
+            owner_side.close()
+
+    uvloop.run(hand_over())
+
+
 async def test_a_workers_request_waiting_for_the_owner_keeps_only_its_events_bytes(
     tmp_path: Path,
 ) -> None:
@@ -937,8 +1056,8 @@ async def test_a_workers_request_waiting_for_the_owner_keeps_only_its_events_byt
     handed: list[Any] = []
     answer = asyncio.Event()
 
-    async def append(records: list[Any]) -> None:
-        handed.extend(records)
+    async def append(records: list[Any], data: list[bytes]) -> None:
+        handed.extend(events(records, data))
         await answer.wait()
 
     owner_side, worker_side = socket.socketpair()
@@ -967,8 +1086,8 @@ async def test_a_workers_request_waiting_for_the_owner_keeps_only_its_events_byt
         outcome = await accepting
         assert outcome.accepted == 5 and acceptor.stats.rejected == 1
         assert [r["id"] for r in outcome.results[:5]] == [body["id"] for body in bodies]
-        assert [orjson.loads(encoded) for _, _, encoded, _ in handed] == bodies
-        assert [targets for *_, targets in handed] == [{"archive": "all"}] * 5
+        assert [orjson.loads(event.encoded()) for event, _ in handed] == bodies
+        assert [targets for _, targets in handed] == [{"archive": "all"}] * 5
     finally:
         await worker.close()
         await owner.close()

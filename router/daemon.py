@@ -238,11 +238,7 @@ class Daemon:
             letters_dir=self.config.storage.dead_letter_dir(),
             api=self.api,
             middlewares=[self.worker_pool.middleware] if self.worker_pool is not None else [],
-            letters_for=(
-                self.journal.dead_letters.find
-                if isinstance(self.journal, JetStreamJournal)
-                else None
-            ),
+            letters_for=self.jetstream.dead_letters.find if self.jetstream is not None else None,
         )
 
     @property
@@ -572,8 +568,8 @@ class Daemon:
         jetstream the one every router of the stream shares, written there for the workers."""
         directory = Path(self.config.storage.path)
         receipts = Receipts.load_or_create(directory, self.evidence.key)
-        if isinstance(self.journal, JetStreamJournal):
-            shared = await self.journal.chains.shared_key(receipts.key)
+        if (jetstream := self.jetstream) is not None:
+            shared = await jetstream.chains.shared_key(receipts.key)
             if shared != receipts.key:
                 log.warning(
                     "evidence.receipts: this router takes the receipt key the stream's routers "
@@ -704,8 +700,8 @@ class Daemon:
                     "last_checkpoint_at": utc_iso(at) if at is not None else None,
                     "missing_at_start": chain.missing_at_start,
                 }
-                if isinstance(self.journal, JetStreamJournal):  # where its record is
-                    evidence |= self.journal.chains.where(target_id)
+                if (jetstream := self.jetstream) is not None:  # where its record is
+                    evidence |= jetstream.chains.where(target_id)
                 targets[target_id]["evidence"] = evidence
         ingest = self.ingest_stats
         return {

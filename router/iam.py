@@ -237,8 +237,13 @@ class IamTokenSource:
                     )
                 body = await resp.json(content_type=None)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            # A connection that could not be made says why (host, port and the socket's
+            # reason: refused, no such name, an address a target's AddressBound refuses);
+            # it never holds the form. Anything else is named by its class only.
+            why = str(exc) if isinstance(exc, aiohttp.ClientConnectorError) else ""
             raise RetryableDeliveryError(
-                target_id, f"IAM token request to {self.token_url} failed: {type(exc).__name__}"
+                target_id,
+                f"IAM token request to {self.token_url} failed: {why or type(exc).__name__}",
             ) from None  # the cause could carry the form body, and with it the key
         try:
             token = str(body["access_token"])

@@ -11,6 +11,7 @@ from router.config.build import MIN_HASH_KEY_CHARS, MIN_SIGNING_SECRET, MIN_TOKE
 from router.config.crosscheck import (
     archive_roots,
     config_warnings,
+    daemons_iam_url,
     file_path_problem,
     file_target_problems,
     listener_problems,
@@ -115,6 +116,7 @@ __all__ = [
     "bounded_loader",
     "config_schema",
     "config_warnings",
+    "daemons_iam_url",
     "file_path_problem",
     "file_target_problems",
     "format_path",

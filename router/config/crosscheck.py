@@ -10,6 +10,7 @@ import ipaddress
 import os
 import socket
 import stat
+from dataclasses import fields, is_dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -233,20 +234,41 @@ def target_address_problems(i: int, target: TargetConfig) -> list[str]:
     ]
 
 
+def daemons_iam_url(config: Config, target: TargetConfig) -> str | None:
+    """The target's iam_url when it is where the daemon's own identity is exchanged (the
+    top-level iam section's iam_url, IBM's when it names none): the loader puts it into a
+    target that uses that identity or names no IAM of its own, so it is the operator's
+    choice, not the management API's, whatever host it has."""
+    endpoint = target.endpoint
+    url = getattr(endpoint, "iam_url", None)
+    if config.iam is None or not isinstance(url, str) or not is_dataclass(endpoint):
+        return None
+    field = next(f for f in fields(endpoint) if f.name == "iam_url")
+    daemons = config.iam.iam_url or str(field.default)
+    return url if url.rstrip("/") == daemons.rstrip("/") else None
+
+
 def target_network_problems(
-    i: int, target: TargetConfig, before: TargetConfig | None, networks: tuple[str, ...] = ()
+    i: int,
+    target: TargetConfig,
+    before: TargetConfig | None,
+    networks: tuple[str, ...] = (),
+    daemons_iam: str | None = None,
 ) -> list[str]:
     """The management API's bound on where a target may connect, as its names resolve now
     (`api_refusal`: never an address a host keeps for itself; inside `networks`,
     auth.api_target_networks, when the operator lists some; else anywhere but loopback). A
     host of the running target that the API did not set is the operator's choice and stays
-    (the YAML is not bounded by this). The same rule is applied again when the target
-    connects (targets/_net.AddressBound), as a name may resolve elsewhere by then."""
+    (the YAML is not bounded by this), as does the daemon's own IAM (`daemons_iam`, from
+    daemons_iam_url). The same rule is applied again when the target connects
+    (targets/_net.AddressBound), as a name may resolve elsewhere by then."""
     allowed = [ipaddress.ip_network(network, strict=False) for network in networks]
     problems = []
     for key, url in destinations(target):
         if address_problem(url) is not None:
             continue  # said by target_address_problems
+        if key.endswith(".iam_url") and url == daemons_iam:
+            continue
         host = urlsplit(url).hostname
         if host is None or host in operators_hosts(before):
             continue
@@ -263,9 +285,15 @@ def target_network_problems(
     return problems
 
 
-def target_hosts(target: TargetConfig) -> set[str]:
-    """The names and addresses a target connects to."""
-    return {host for _, url in destinations(target) if (host := _hostname(url)) is not None}
+def target_hosts(target: TargetConfig, daemons_iam: str | None = None) -> set[str]:
+    """The names and addresses a target connects to (but for the daemon's own IAM, when
+    `daemons_iam` names it: see daemons_iam_url)."""
+    return {
+        host
+        for key, url in destinations(target)
+        if not (key.endswith(".iam_url") and url == daemons_iam)
+        and (host := _hostname(url)) is not None
+    }
 
 
 def operators_hosts(before: TargetConfig | None) -> set[str]:

@@ -81,6 +81,13 @@ class ServerConfig:
     # event): atracker's own limits per account, 16 and 30.
     max_targets: int = 16
     max_routes: int = 30
+    # What one route the management API creates or replaces may hold (routing tries each rule,
+    # and each rule's locations, for every event; each target id is a copy): atracker's limits,
+    # 10 rules per route, 8 locations and 3 target_ids per rule. A route needs 1 rule anyway.
+    # The operator's YAML is not bounded by these (its routes are not the API's to limit).
+    max_rules_per_route: int = 10
+    max_locations_per_rule: int = 8
+    max_target_ids_per_rule: int = 3
     # Names besides host, localhost and this host's name that a daemon without auth answers
     # to (the Host header; a DNS rebinding defence, router/auth.py). IP addresses always pass.
     allowed_hosts: tuple[str, ...] = ()

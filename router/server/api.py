@@ -38,6 +38,7 @@ from router.config import (
     Config,
     TargetConfig,
     archive_roots,
+    daemons_iam_url,
     operators_hosts,
     parse_config,
     references,
@@ -502,14 +503,17 @@ class ManagementApi:
             before_target = was.get(target.id)
             if before_target is not None and before_target.endpoint == target.endpoint:
                 continue  # the same endpoint: the operator's own, or checked when it came
-            bounded[i] = self._mark_api_hosts(raw[i], target, before_target, networks)
+            daemons_iam = daemons_iam_url(running, target)
+            bounded[i] = self._mark_api_hosts(raw[i], target, before_target, networks, daemons_iam)
             endpoint = target.endpoint
             if isinstance(endpoint, FileEndpointConfig):
                 problem = root_problem(endpoint.path, roots)
                 if problem is not None:
                     problems.append(f"targets[{i}].file_endpoint.path: {problem}")
             problems.extend(target_listener_problems(i, target, running.server.host, self.port()))
-            problems.extend(target_network_problems(i, target, before_target, networks))
+            problems.extend(
+                target_network_problems(i, target, before_target, networks, daemons_iam)
+            )
         if problems:
             raise ConfigError("api", problems)
         return dataclasses.replace(new, targets=tuple(bounded))
@@ -520,12 +524,14 @@ class ManagementApi:
         target: TargetConfig,
         before: TargetConfig | None,
         networks: tuple[str, ...],
+        daemons_iam: str | None,
     ) -> TargetConfig:
         """Write down in the target's YAML (`api_hosts`) the hosts this change set, those the
         operator did not: each time the target connects, they are checked again against
         auth.api_target_networks (a name may resolve elsewhere later, DNS rebinding), also
-        after a restart or a reload, which read them back from the YAML."""
-        hosts = sorted(target_hosts(target) - operators_hosts(before))
+        after a restart or a reload, which read them back from the YAML. The daemon's own
+        IAM (`daemons_iam`) is the operator's, not this change's."""
+        hosts = sorted(target_hosts(target, daemons_iam) - operators_hosts(before))
         if not hosts:
             raw.pop("api_hosts", None)
             return dataclasses.replace(target, bound=None)
@@ -731,10 +737,10 @@ class ManagementApi:
         routes = self.editor.source.data.get("routes") or []
         return self._json(self.route_model(self._find(routes, request.match_info["id"], "route")))
 
-    @staticmethod
-    def _route_body(body: dict[str, Any], route_id: str) -> dict[str, Any]:
+    def _route_body(self, body: dict[str, Any], route_id: str) -> dict[str, Any]:
         if not isinstance(body.get("rules"), list) or "name" not in body:
             raise ApiError(400, "binding_error", "a route needs a name and a list of rules")
+        self._within_route_limits(body["rules"])
         rules = []
         for rule in body["rules"]:
             if not isinstance(rule, dict):
@@ -748,6 +754,38 @@ class ManagementApi:
             )
         managed = {"managed_by": body["managed_by"]} if "managed_by" in body else {}
         return {"id": route_id, "name": body["name"], "rules": rules, **managed}
+
+    def _within_route_limits(self, rules: list[Any]) -> None:
+        """atracker's limits on one route (server.max_rules_per_route, max_locations_per_rule,
+        max_target_ids_per_rule), in its words ("rules per route limit 10 is reached"), so an
+        admin token cannot make a route that every event is planned against thousands of
+        times. A route of no rules, and a rule's other faults, are left to the config check
+        (the schema's `minItems: 1`, for the YAML too), which names them.
+
+        The YAML is not refused past these, as it is not past server.max_routes or outside the
+        archive roots: they bound what a token may make, while the file is the operator's, whose
+        rules (with our `actions` and `filter`) may need more than atracker's, and a config that
+        ran before an upgrade must not stop loading. A YAML route past them can be read through
+        the API but replaced only within them."""
+        server = self.editor.config.server
+        if len(rules) > server.max_rules_per_route:
+            raise ApiError(
+                400,
+                "invalid_value",
+                f"rules per route limit {server.max_rules_per_route} is reached "
+                f"({len(rules)} given; server.max_rules_per_route)",
+            )
+        for n, rule in enumerate(rules):
+            for name in ("locations", "target_ids"):
+                given = rule.get(name) if isinstance(rule, dict) else None
+                limit: int = getattr(server, f"max_{name}_per_rule")
+                if isinstance(given, list) and len(given) > limit:
+                    raise ApiError(
+                        400,
+                        "invalid_value",
+                        f"rules[{n}].{name}: {name} per rule limit {limit} is reached "
+                        f"({len(given)} given; server.max_{name}_per_rule)",
+                    )
 
     async def create_route(self, request: web.Request) -> web.Response:
         route_id = str(uuid.uuid4())

@@ -9,12 +9,15 @@ import asyncio
 import contextlib
 import logging
 import math
+from collections.abc import Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any, Final
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import client as aiokafka_client
 from aiokafka import conn as aiokafka_conn
 from aiokafka.abc import AbstractTokenProvider
-from aiokafka.conn import create_conn
 from aiokafka.errors import (
     AuthenticationFailedError,
     ClusterAuthorizationFailedError,
@@ -38,7 +41,7 @@ from aiokafka.errors import (
     UnsupportedSaslMechanismError,
 )
 
-from router.targets._net import AddressBound, bound_address
+from router.targets._net import AddressBound, AddressRefusedError, bound_address
 
 __all__ = [
     "AIOKafkaConsumer",
@@ -163,27 +166,138 @@ def _client_method(client: Any, name: str, purpose: str) -> Any:
     return method
 
 
-def bound_connections(producer: AIOKafkaProducer, target_id: str, bound: AddressBound) -> None:
-    """Check the address of every broker a target the management API made connects to (those
-    the brokers it was given name in their metadata too) against its bound, each time a
-    connection is opened (router/targets/_net.AddressBound; the bootstrap brokers are
-    checked by the target before it starts the producer). A refused broker is one aiokafka
-    cannot connect to: it logs why and tries again later. aiokafka has no setting for this;
-    a version without `_get_conn` fails here, loudly."""
+@dataclass(slots=True)
+class Connections:
+    """One target's aiokafka client as `create_conn` sees it: whose it is, its bound (None:
+    it connects where aiokafka would) and why its last connection failed (aiokafka logs that
+    and tries again; a producer start that never ends names it, see event_streams.py)."""
+
+    target_id: str
+    bound: AddressBound | None
+    failure: str | None = None
+
+
+# The client that opens a connection now: set around its bootstrap and _get_conn
+# (`watch_connections`), in the task that connects, and read by `create_conn`. Unset, a
+# connection is aiokafka's own.
+_CONNECTING: ContextVar[Connections | None] = ContextVar("event_router_kafka", default=None)
+_aiokafka_create_conn: Final = aiokafka_conn.create_conn
+
+
+@contextlib.contextmanager
+def connecting(connections: Connections) -> Iterator[None]:
+    """Connections `create_conn` opens in this block are `connections`'."""
+    token = _CONNECTING.set(connections)
+    try:
+        yield
+    finally:
+        _CONNECTING.reset(token)
+
+
+class _PinnedLoop:
+    """The event loop as one aiokafka connection sees it while it connects, except that its
+    socket goes to `address`, the one the connection's check resolved, while TLS still names
+    the broker's host (SNI and the certificate's name check), as asyncio does for a name."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, address: str) -> None:
+        self.loop, self.address, self.used = loop, address, False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.loop, name)
+
+    async def create_connection(
+        self, factory: Any, host: str, port: int, *, ssl: Any = None, **kwargs: Any
+    ) -> Any:
+        self.used = True
+        return await self.loop.create_connection(
+            factory, self.address, port, ssl=ssl, server_hostname=host if ssl else None, **kwargs
+        )
+
+
+async def create_conn(host: str, port: int, **settings: Any) -> Any:
+    """aiokafka's create_conn, which its clients call for every connection (`pin_connections`);
+    inside `connecting`, a failure is remembered for the target.
+
+    For a target the management API made (a bound), the broker's name is looked up once,
+    every address checked against the bound, and the connection opened to the address that
+    passed: aiokafka would look the name up again itself in loop.create_connection, and a
+    name rebinding in between would take it to an address no check saw (with the SASL
+    credentials). A refused broker is one it cannot connect to: an OSError, which aiokafka
+    logs and tries again later, as for a broker that is down."""
+    connections = _CONNECTING.get()
+    if connections is None:
+        return await _aiokafka_create_conn(host, port, **settings)
+    try:
+        if connections.bound is None:
+            conn = await _aiokafka_create_conn(host, port, **settings)
+        else:
+            conn = await _pinned_conn(host, port, connections.bound, settings)
+    except (OSError, KafkaError, TimeoutError) as exc:
+        connections.failure = f"{host}:{port}: {type(exc).__name__}: {exc}"
+        raise
+    connections.failure = None
+    return conn
+
+
+async def _pinned_conn(host: str, port: int, bound: AddressBound, settings: Any) -> Any:
+    """A connection to the one address of `host` that `bound` checked (see create_conn)."""
+    address = await bound_address(host, port, bound, every_host=True)
+    conn = aiokafka_conn.AIOKafkaConnection(host, port, **settings)
+    loop = _PinnedLoop(conn._loop, address)
+    conn._loop = loop
+    try:
+        await conn.connect()
+    finally:
+        conn._loop = loop.loop  # the streams made while connecting keep the pinned view
+    if not loop.used:  # an aiokafka that connects otherwise: refused, loudly
+        conn.close()
+        raise AddressRefusedError(
+            "aiokafka's AIOKafkaConnection.connect no longer opens its socket through its "
+            "loop's create_connection; the event_streams target cannot connect to the address "
+            "it checked (see router/targets/_aiokafka.py)"
+        )
+    return conn
+
+
+def pin_connections() -> None:
+    """Have aiokafka's clients open their connections through `create_conn` (which changes
+    nothing for a client outside `connecting`). aiokafka has no setting for where a
+    connection goes; a version whose client no longer calls create_conn, or whose connection
+    no longer connects through its loop, fails here, loudly, rather than reopen the window."""
+    names = aiokafka_conn.AIOKafkaConnection.connect.__code__.co_names
+    if getattr(aiokafka_client, "create_conn", None) not in (
+        _aiokafka_create_conn,
+        create_conn,
+    ) or ("_loop" not in names or "create_connection" not in names):
+        raise RuntimeError(
+            "aiokafka's client no longer connects through aiokafka.conn.create_conn and the "
+            "connection's loop; the event_streams target cannot connect to the address it "
+            "checked (see router/targets/_aiokafka.py)"
+        )
+    aiokafka_client.create_conn = create_conn
+
+
+def watch_connections(producer: AIOKafkaProducer, connections: Connections) -> None:
+    """Open every connection of the producer's client, to the bootstrap brokers and to those
+    their metadata names, through `create_conn` as `connections`': a target the management
+    API made reaches only the addresses its bound lets it (router/targets/_net.AddressBound),
+    each the one its check resolved, and each time a connection is opened; every target
+    keeps why its last connection failed. aiokafka has no setting for this; a version
+    without `bootstrap` or `_get_conn` fails here, loudly."""
     client = producer.client
+    bootstrap = _client_method(client, "bootstrap", "check where it connects")
     get_conn = _client_method(client, "_get_conn", "check where it connects")
 
-    async def checked(node_id: Any, **kwargs: Any) -> Any:
-        broker = client.cluster.broker_metadata(node_id)
-        if broker is not None:
-            try:
-                await bound_address(broker.host, broker.port, bound, every_host=True)
-            except OSError as exc:
-                log.warning("target %s: broker %s:%s %s", target_id, broker.host, broker.port, exc)
-                return None  # what aiokafka's own _get_conn answers for a failed connection
-        return await get_conn(node_id, **kwargs)
+    async def watched_bootstrap() -> Any:
+        with connecting(connections):
+            return await bootstrap()
 
-    client._get_conn = checked
+    async def watched(node_id: Any, **kwargs: Any) -> Any:
+        with connecting(connections):
+            return await get_conn(node_id, **kwargs)
+
+    client.bootstrap = watched_bootstrap
+    client._get_conn = watched
 
 
 def pace_metadata_updates(producer: AIOKafkaProducer) -> None:
@@ -234,3 +348,4 @@ async def stop_producer(producer: AIOKafkaProducer, timeout_s: float, target_id:
 
 # At import, that is, as the first event_streams target is made: fails then, loudly.
 check_oauth_answers()
+pin_connections()

@@ -78,7 +78,7 @@ from router.evidence.canonical import (
 )
 from router.evidence.chain import Chain, Planned
 from router.iam import SET_BY_LOADER, IamTokenSource, TrustedProfileConfig, token_source
-from router.targets._net import TLS_SCHEMA, AddressBound, batch_key, bound_address, new_session
+from router.targets._net import TLS_SCHEMA, AddressBound, batch_key, new_session
 
 if TYPE_CHECKING:
     from aiokafka import AIOKafkaProducer
@@ -352,9 +352,9 @@ class EventStreamsTarget:
 
     @property
     def bound(self) -> AddressBound | None:
-        """Where the management API lets this target connect (set by build_target): its
-        bootstrap brokers are checked before the producer starts, every broker connection
-        aiokafka opens after (_aiokafka.bound_connections), and its IAM URL when the token
+        """Where the management API lets this target connect (set by build_target): every
+        broker connection aiokafka opens, bootstrap included, goes to the address its check
+        resolved (_aiokafka.watch_connections), and its IAM URL is checked when the token
         session connects."""
         return self._bound
 
@@ -363,19 +363,6 @@ class EventStreamsTarget:
         self._bound = bound
         if self.tokens is not None:
             self.tokens.bound = bound
-
-    async def _check_brokers(self) -> None:
-        """The bootstrap brokers' addresses, checked against the bound before aiokafka (or
-        _why_unreachable) connects to them."""
-        bound = self._bound
-        if bound is None:
-            return
-        for broker in self.endpoint.brokers:
-            host, _, port = broker.rpartition(":")
-            try:
-                await bound_address(host.strip("[]"), int(port), bound, every_host=True)
-            except OSError as exc:
-                raise RetryableDeliveryError(self.id, f"Kafka at {broker}: {exc}") from exc
 
     async def start(self) -> None:
         """Connect; a failure is raised classified, and the next send tries again."""
@@ -387,7 +374,6 @@ class EventStreamsTarget:
         async with self._connecting:
             if self._producer is not None:
                 return self._producer
-            await self._check_brokers()
             producer = kafka.AIOKafkaProducer(
                 bootstrap_servers=list(self.endpoint.brokers),
                 acks="all",
@@ -397,10 +383,20 @@ class EventStreamsTarget:
             )
             kafka.keep_batches(producer)
             kafka.pace_metadata_updates(producer)
-            if self._bound is not None:
-                kafka.bound_connections(producer, self.id, self._bound)
+            connections = kafka.Connections(self.id, self._bound)
+            kafka.watch_connections(producer, connections)
+            # Bootstrapping tries each broker for up to timeout_s, and the producer id takes
+            # one request more; past that, aiokafka would wait for ever for a broker the
+            # metadata names to answer, and with it the daemon's start or this worker.
+            limit_s = self.endpoint.timeout_s * (len(self.endpoint.brokers) + 1)
             try:
-                await producer.start()
+                await asyncio.wait_for(producer.start(), limit_s)
+            except TimeoutError as exc:  # before OSError, of which it is one
+                await producer.stop()
+                why = connections.failure or "no broker the cluster's metadata names answered"
+                raise RetryableDeliveryError(
+                    self.id, f"cannot connect to Kafka: no producer id within {limit_s:g} s ({why})"
+                ) from exc
             except (kafka.KafkaError, OSError) as exc:
                 await producer.stop()
                 raise await self._why_unreachable(exc) from exc
@@ -419,7 +415,8 @@ class EventStreamsTarget:
         for broker in self.endpoint.brokers:
             host, _, port = broker.rpartition(":")
             try:
-                conn = await kafka.create_conn(host, int(port), **settings)
+                with kafka.connecting(kafka.Connections(self.id, self._bound)):
+                    conn = await kafka.create_conn(host.strip("[]"), int(port), **settings)
             except (kafka.KafkaError, OSError, TimeoutError) as error:
                 if self.tokens is not None and self.tokens.error is not None:
                     # No token to show Kafka: IAM's answer is the reason, permanent or not.

@@ -190,6 +190,53 @@ async def test_the_api_creates_no_more_targets_or_routes_than_the_server_limit(
     assert (await api.call("POST", "/api/v2/routes", route("r3")))[0] == 201
 
 
+async def test_the_api_refuses_a_route_past_atrackers_limits_per_route(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """atracker's limits per route: 1 to 10 rules, at most 8 locations and 3 target_ids per
+    rule (server.max_rules_per_route, max_locations_per_rule, max_target_ids_per_rule).
+    Routing plans every rule and location for every event, so an admin token may not make a
+    route of thousands; past a limit, create and replace are `400 invalid_value` in atracker's
+    words, naming the field and the limit, and nothing changes. The YAML is not bounded by
+    them: its own route of 12 rules loads (the limits bound the API, not the operator's
+    file)."""
+    ids = ["a", "b", "c", "d"]
+    regions = ["us-south", "us-east", "eu-de", "eu-gb", "eu-es", "jp-tok", "jp-osa", "au-syd"]
+    daemon = await start_daemon(
+        {
+            "auth": auth(),
+            "targets": [file_target(i, tmp_path / f"{i}.ndjson") for i in ids],
+            "routes": [
+                {"name": "operators", "rules": [{"locations": ["*"], "target_ids": ids}] * 12}
+            ],
+        }
+    )
+    api = Client(daemon)
+
+    def route(rules: int = 1, locations: int = 1, targets: int = 1) -> dict[str, Any]:
+        rule = {"locations": [*regions, "ca-tor"][:locations], "target_ids": ids[:targets]}
+        return {"name": "team", "rules": [rule] * rules}
+
+    status, kept = await api.call("POST", "/api/v2/routes", route(10, 8, 3))
+    assert status == 201, kept  # each limit itself is allowed
+    path = f"/api/v2/routes/{kept['id']}"
+    refused = {
+        "rules per route limit 10 is reached": route(rules=11),
+        "rules[0].locations: locations per rule limit 8 is reached": route(locations=9),
+        "rules[0].target_ids: target_ids per rule limit 3 is reached": route(targets=4),
+        "rules: [] should be non-empty": route(rules=0),  # the schema's, for the YAML too
+    }
+    for message, body in refused.items():
+        for method, where in (("POST", "/api/v2/routes"), ("PUT", path)):
+            status, answer = await api.call(method, where, body)
+            assert status == 400, (method, message, answer)
+            [error] = answer["errors"]
+            assert error["code"] == "invalid_value", error
+            assert error["message"].startswith(message), (method, error)
+    assert [len(r.rules) for r in daemon.config.routes] == [12, 10], "nothing changed"
+    assert (await api.call("GET", path))[1]["version"] == 0
+
+
 async def test_a_target_in_use_cannot_be_deleted_and_errors_have_atracker_shape(
     daemon: Daemon,
 ) -> None:

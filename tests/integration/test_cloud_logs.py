@@ -18,6 +18,10 @@ from tests.conftest import StartDaemon
 from tests.fake_cloud_logs import API_KEY, FakeCloudLogs
 from tests.fakes import INSTANCE, RedirectingReceiver, make_event, read_ndjson, wait_for
 from tests.helpers import assert_books_balance, everything_to, post, settled
+from tests.integration.test_api import INGEST, Client, loopback_auth
+from tests.integration.test_hostile_admin import dns
+
+__all__ = ["dns"]  # a fixture, used by name
 
 LOGS_CRN = "crn:v1:bluemix:public:logs:us-south:a/a1b2c3d4:4a7e3c1b-0000-4c1d-9e2f-5a6b7c8d9e0f::"
 
@@ -344,4 +348,121 @@ async def test_a_test_write_that_raises_unexpectedly_is_a_failed_validation(
     row = daemon.status()["targets"]["logs"]
     assert row["write_status"]["status"] == "failed"
     assert "ValueError" in row["write_status"]["reason_for_last_failure"]
+    assert_books_balance(daemon)
+
+
+async def test_names_the_api_set_that_rebind_after_its_check_are_not_connected_to(
+    start_daemon: StartDaemon, cloud_logs: FakeCloudLogs, dns: dict[str, str]
+) -> None:
+    """DNS rebinding, for Cloud Logs: the ingress and IAM names of targets the management API
+    made resolve inside auth.api_target_networks when it checks them, then to 0.0.0.0 (this
+    host's own listeners, as 169.254.169.254 would be a cloud's metadata service). Each
+    connection checks its address again: nothing is sent to a rebound ingress, and no API key
+    to a rebound IAM; their events are dead-lettered with the reason, while a target whose
+    names still resolve inside the networks is delivered to."""
+    port = cloud_logs.url.rpartition(":")[2]
+    names = {
+        "good": ("good-logs.example", "good-iam.example"),
+        "ingress": ("logs.example", "ingress-iam.example"),
+        "iam": ("iam-logs.example", "iam.example"),
+    }
+    dns.update({name: "127.0.0.1" for pair in names.values() for name in pair})
+    daemon = await start_daemon(
+        {
+            "auth": {**loopback_auth(), "api_target_networks": ["127.0.0.1/32"]},
+            "delivery": {"retry": {"max_attempts": 2, "initial_backoff_s": 0.05}},
+            "targets": [],
+            "routes": [],
+        }
+    )
+    api = Client(daemon)
+    made = {}
+    for name, (ingress, iam) in names.items():
+        endpoint = {
+            "target_crn": LOGS_CRN,
+            "api_key": API_KEY,
+            "ingress_url": f"http://{ingress}:{port}",
+            "iam_url": f"http://{iam}:{port}",
+        }
+        body = {"name": name, "target_type": "cloud_logs", "cloudlogs_endpoint": endpoint}
+        status, answer = await api.call("POST", "/api/v2/targets", body)
+        assert status == 201, answer
+        made[name] = answer["id"]
+    # The names' owner points them elsewhere once the checks are done.
+    dns.update({"logs.example": "0.0.0.0", "iam.example": "0.0.0.0"})
+    route = {"name": "all-api", "rules": [{"locations": ["*"], "target_ids": list(made.values())}]}
+    assert (await api.call("POST", "/api/v2/routes", route))[0] == 201
+    ids = [f"rebound-{n}" for n in range(3)]
+    events = [make_event(id=i, eventTime=now_iso()) for i in ids]
+    status, _ = await post(daemon, events, headers={"Authorization": f"Bearer {INGEST}"})
+    assert status == 202
+    await wait_for(lambda: settled(daemon), timeout_s=30, what="every target settled")
+    rows = daemon.status()["targets"]
+    # (the route's own change event reaches the targets too)
+    assert rows[made["good"]]["delivered"] == rows[made["good"]]["received"] > len(ids)
+    delivered = [r["text"]["id"] for r in cloud_logs.records]
+    assert len(delivered) == rows[made["good"]]["delivered"], "the good target's only"
+    assert set(ids) <= set(delivered)
+    # One token for the good target, one for the target whose ingress rebound (its IAM name
+    # did not): the rebound IAM name was never sent the key.
+    assert cloud_logs.token_requests == 2
+    for name in ("ingress", "iam"):
+        row = rows[made[name]]
+        assert row["delivered"] == 0 and row["dead_lettered"] == row["received"] > len(ids), row
+        why = row["write_status"]["reason_for_last_failure"]
+        assert "0.0.0.0" in why and "auth.api_target_networks" in why, (name, why)
+    assert_books_balance(daemon)
+    saved = {t["id"]: t for t in daemon.source.data["targets"]}
+    assert saved[made["iam"]]["api_hosts"] == ["iam-logs.example", "iam.example"]
+
+
+async def test_a_target_on_the_daemons_own_identity_exchanges_it_at_the_operators_iam(
+    start_daemon: StartDaemon, cloud_logs: FakeCloudLogs, dns: dict[str, str]
+) -> None:
+    """A Cloud Logs target the management API makes without a key of its own authenticates
+    with the daemon's identity (the top-level iam section), exchanged at the IAM URL the
+    operator set there. That host is the operator's choice, not the admin token's: it lies
+    outside auth.api_target_networks here, and the target must still be made (it was
+    refused: "cloudlogs_endpoint.iam_url: ... outside auth.api_target_networks"), must not
+    be bound to the networks at its connections, and must deliver. The ingress the API set
+    is still checked and written down in api_hosts."""
+    port = cloud_logs.url.rpartition(":")[2]
+    # 0.0.0.0 reaches this host's listeners, and is outside 127.0.0.1/32.
+    dns.update({"logs.example": "127.0.0.1", "operator-iam.example": "0.0.0.0"})
+    daemon = await start_daemon(
+        {
+            "auth": {**loopback_auth(), "api_target_networks": ["127.0.0.1/32"]},
+            "iam": {"api_key": API_KEY, "iam_url": f"http://operator-iam.example:{port}"},
+            "targets": [],
+            "routes": [],
+        }
+    )
+    api = Client(daemon)
+    endpoint = {"target_crn": LOGS_CRN, "ingress_url": f"http://logs.example:{port}"}
+    body = {"name": "own-identity", "target_type": "cloud_logs", "cloudlogs_endpoint": endpoint}
+    status, answer = await api.call("POST", "/api/v2/targets", body)
+    assert status == 201, answer
+    target_id = answer["id"]
+    saved = {t["id"]: t for t in daemon.source.data["targets"]}
+    assert saved[target_id]["api_hosts"] == ["logs.example"]
+    # An ingress the API sets outside the networks is still refused.
+    outside = {**endpoint, "ingress_url": f"http://operator-iam.example:{port}"}
+    status, answer = await api.call(
+        "POST",
+        "/api/v2/targets",
+        {"name": "outside", "target_type": "cloud_logs", "cloudlogs_endpoint": outside},
+    )
+    assert status == 400, answer
+    assert "cloudlogs_endpoint.ingress_url" in str(answer), answer
+    route = {"name": "all-api", "rules": [{"locations": ["*"], "target_ids": [target_id]}]}
+    assert (await api.call("POST", "/api/v2/routes", route))[0] == 201
+    ids = [f"own-identity-{n}" for n in range(3)]
+    events = [make_event(id=i, eventTime=now_iso()) for i in ids]
+    status, _ = await post(daemon, events, headers={"Authorization": f"Bearer {INGEST}"})
+    assert status == 202
+    await wait_for(lambda: settled(daemon), timeout_s=30, what="the target settled")
+    row = daemon.status()["targets"][target_id]
+    assert row["delivered"] == row["received"] >= len(ids), row
+    assert set(ids) <= {r["text"]["id"] for r in cloud_logs.records}
+    assert cloud_logs.token_requests >= 1
     assert_books_balance(daemon)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import socket
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -526,3 +527,188 @@ async def test_a_broker_name_that_rebinds_after_the_api_checked_it_is_not_connec
     assert "0.0.0.0" in why and "auth.api_target_networks" in why, why
     assert len(await read_topic(kafka.bootstrap, "audit-rebound")) == before
     assert_books_balance(again)
+
+
+@pytest.fixture
+async def connects(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The address of every TCP connection this loop opens (asyncio's create_connection,
+    and so aiokafka and aiohttp, connect through loop.sock_connect), as it was connected to."""
+    loop = asyncio.get_running_loop()
+    opened: list[str] = []
+    sock_connect = loop.sock_connect
+
+    async def recorded(sock: socket.socket, address: Any) -> None:
+        opened.append(str(address[0]))
+        await sock_connect(sock, address)
+
+    monkeypatch.setattr(loop, "sock_connect", recorded)
+    return opened
+
+
+def bounded(target: dict[str, Any], *hosts: str) -> dict[str, Any]:
+    """A target as the management API leaves it in the YAML: the hosts it set, checked again
+    at every connection against auth.api_target_networks."""
+    return target | {"api_hosts": list(hosts)}
+
+
+@pytest.fixture
+def rebinding(dns: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    """A name server for rebinding names: each name added to the returned counter answers
+    127.0.0.1 (inside auth.api_target_networks) to its first lookup and 0.0.0.0 (this host's
+    own listeners) to every later one, as a zero-TTL name whose owner flips it once it has
+    been checked; the counter counts its lookups. One connection made to the address of the
+    first answer is all that can succeed."""
+    lookups: Counter[str] = Counter()
+    system = socket.getaddrinfo  # the dns fixture's: answers its table, else the system
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        name = host.decode() if isinstance(host, bytes) else host
+        if name in lookups:
+            dns[name] = "0.0.0.0" if lookups[name] else "127.0.0.1"
+            lookups[name] += 1
+        return system(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return lookups
+
+
+def rebinding_config(target: dict[str, Any], *hosts: str) -> dict[str, Any]:
+    """A daemon with `target` as the management API leaves it in the YAML (`hosts` its
+    api_hosts), allowed to reach 127.0.0.1 only, retrying for as long as a test needs."""
+    target["eventstreams_endpoint"] |= {"tls": False, "timeout_s": 5}
+    return {
+        "auth": {**loopback_auth(), "api_target_networks": ["127.0.0.1/32"]},
+        "delivery": {"retry": {"max_attempts": 100, "initial_backoff_s": 0.05}},
+        "targets": [bounded(target, *hosts)],
+        "routes": everything_to("es"),
+    }
+
+
+async def deliver_rebinding(
+    start_daemon: StartDaemon, config: dict[str, Any], bootstrap: str, topic: str
+) -> list[str]:
+    """Post 5 events to a daemon of `config`; when they settle, every one delivered (read
+    back from the topic) and the books balance."""
+    daemon = await start_daemon(config)
+    ids = [f"{topic}-{n}" for n in range(5)]
+    events = [make_event(id=i) for i in ids]
+    assert (await post(daemon, events, headers={"Authorization": f"Bearer {INGEST}"}))[0] == 202
+    await wait_for(lambda: settled(daemon), timeout_s=60, what="the events settled")
+    row = daemon.status()["targets"]["es"]
+    assert row["delivered"] == row["received"] == len(ids), row
+    assert sorted(r.key.decode() for r in await read_topic(bootstrap, topic)) == ids
+    assert_books_balance(daemon)
+    return ids
+
+
+@pytest.mark.timeout(180)
+async def test_a_broker_is_connected_to_at_the_address_its_check_resolved(
+    start_daemon: StartDaemon,
+    kafka: KafkaBroker,
+    api_key: str,
+    rebinding: Counter[str],
+    connects: list[str],
+) -> None:
+    """The window between the check and the connection: the bootstrap broker's name
+    answers 127.0.0.1 once, then 0.0.0.0. aiokafka looked the name up again itself after
+    the target's check (127.0.0.1), so it connected to 0.0.0.0, an address no check had
+    seen, and sent it the SASL credentials. Now each connection goes to the address its own
+    check resolved: the events are delivered through 127.0.0.1, nothing connects to
+    0.0.0.0."""
+    port = kafka.sasl_bootstrap.rpartition(":")[2]
+    rebinding["kafka.example"] = 0
+    target = es_target(
+        "audit-pinned", f"kafka.example:{port}", api_key="${env:EVENT_STREAMS_API_KEY}"
+    )
+    config = rebinding_config(target, "kafka.example")
+    await deliver_rebinding(start_daemon, config, kafka.bootstrap, "audit-pinned")
+    assert rebinding["kafka.example"] >= 1
+    assert "0.0.0.0" not in connects, connects
+
+
+@pytest.mark.timeout(240)
+async def test_a_broker_its_metadata_names_is_connected_to_at_the_address_checked(
+    start_daemon: StartDaemon,
+    tmp_path: Path,
+    rebinding: Counter[str],
+    connects: list[str],
+) -> None:
+    """The same window for a broker the cluster's metadata names (Event Streams advertises
+    its brokers by name): the target bootstraps from an address, the broker's advertised
+    name answers 127.0.0.1 once, then 0.0.0.0, and aiokafka connects to the address that
+    name's check resolved, never to 0.0.0.0."""
+    rebinding["kafka-0.example"] = 0
+    with KafkaBroker(
+        tmp_path / "kafka", tls=False, sasl_advertised_host="kafka-0.example"
+    ) as named:
+        target = es_target("audit-named", named.sasl_bootstrap, api_key=named.api_key)
+        config = rebinding_config(target, "127.0.0.1")
+        await deliver_rebinding(start_daemon, config, named.bootstrap, "audit-named")
+    assert rebinding["kafka-0.example"] >= 1
+    assert "0.0.0.0" not in connects, connects
+
+
+@pytest.mark.timeout(180)
+async def test_a_bounded_broker_over_tls_is_verified_against_its_name(
+    start_daemon: StartDaemon,
+    kafka: KafkaBroker,
+    api_key: str,
+    dns: dict[str, str],
+) -> None:
+    """A target the API bounds connects to the address it checked, but its TLS handshake
+    still names the broker as configured: the broker's certificate (for 127.0.0.1 and
+    localhost) passes for `localhost` and fails for `kafka.example`, though both resolve to
+    127.0.0.1 (were the checked address the name TLS verifies, both would pass)."""
+    port = kafka.sasl_ssl_bootstrap.rpartition(":")[2]
+    dns.update({"localhost": "127.0.0.1", "kafka.example": "127.0.0.1"})
+    targets = []
+    for target_id, name in (("named", "localhost"), ("misnamed", "kafka.example")):
+        target = es_target(f"audit-tls-{target_id}", f"{name}:{port}", **ibm_way(kafka))
+        target["eventstreams_endpoint"]["timeout_s"] = 5
+        targets.append(bounded(target, name) | {"id": target_id})
+    daemon = await start_daemon(
+        {
+            "auth": {**loopback_auth(), "api_target_networks": ["127.0.0.1/32"]},
+            "delivery": {"retry": {"max_attempts": 2, "initial_backoff_s": 0.05}},
+            "targets": targets,
+            "routes": everything_to("named", "misnamed"),
+        }
+    )
+    headers = {"Authorization": f"Bearer {INGEST}"}
+    assert (await post(daemon, [make_event(id="tls-1")], headers=headers))[0] == 202
+    await wait_for(lambda: settled(daemon), timeout_s=60, what="the event settled")
+    rows = daemon.status()["targets"]
+    assert rows["named"]["delivered"] == rows["named"]["received"] == 1, rows["named"]
+    assert rows["misnamed"]["dead_lettered"] == rows["misnamed"]["received"] == 1
+    why = rows["misnamed"]["write_status"]["reason_for_last_failure"]
+    assert "CERTIFICATE_VERIFY_FAILED" in why and "kafka.example" in why, why
+    assert_books_balance(daemon)
+
+
+@pytest.mark.timeout(180)
+async def test_a_broker_its_metadata_names_that_cannot_be_reached_does_not_hold_up_the_start(
+    start_daemon: StartDaemon, tmp_path: Path, dns: dict[str, str]
+) -> None:
+    """The cluster answers at its bootstrap address, but the broker its metadata names may
+    not be connected to (here: a name that resolves to 0.0.0.0, outside the networks the
+    operator allows; as well a broker behind an address this host cannot reach). The
+    producer waited for a producer id from that broker for ever, inside the target's start,
+    so the daemon never opened its port. Now the start gives up after the endpoint's
+    timeout_s: the daemon answers, and the events are retried, then dead-lettered with the
+    reason."""
+    dns["kafka-0.example"] = "0.0.0.0"
+    with KafkaBroker(
+        tmp_path / "kafka", tls=False, sasl_advertised_host="kafka-0.example"
+    ) as named:
+        target = es_target("audit-unreachable", named.sasl_bootstrap, api_key=named.api_key)
+        config = rebinding_config(target, "127.0.0.1")
+        config["delivery"] = {"retry": {"max_attempts": 2, "initial_backoff_s": 0.05}}
+        daemon = await start_daemon(config)
+        headers = {"Authorization": f"Bearer {INGEST}"}
+        assert (await post(daemon, [make_event(id="held-up")], headers=headers))[0] == 202
+        await wait_for(lambda: settled(daemon), timeout_s=90, what="the event settled")
+    row = daemon.status()["targets"]["es"]
+    assert row["delivered"] == 0 and row["dead_lettered"] == row["received"] >= 1, row
+    why = row["write_status"]["reason_for_last_failure"]
+    assert "kafka-0.example" in why and "0.0.0.0" in why, why
+    assert_books_balance(daemon)

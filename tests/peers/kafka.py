@@ -141,8 +141,12 @@ class KafkaBroker(ServerProcess):
         tls: bool = True,
         version: str = VERSION,
         oauth: OAuthValidation | None = None,
+        sasl_advertised_host: str = "127.0.0.1",
     ) -> None:
         super().__init__(workdir)
+        # The host the SASL_PLAINTEXT listener names in its metadata (a broker name like
+        # Event Streams' own, for a client to look up; the broker itself never does).
+        self.sasl_advertised_host = sasl_advertised_host
         self.version = version
         self.username = USERNAME
         self.scram_user = SCRAM_USER
@@ -252,7 +256,10 @@ class KafkaBroker(ServerProcess):
             "controller.listener.names": "CONTROLLER",
             "inter.broker.listener.name": "PLAINTEXT",
             "listeners": ",".join(f"{n}://127.0.0.1:{p}" for n, p in listeners.items()),
-            "advertised.listeners": ",".join(f"{n}://127.0.0.1:{p}" for n, p in advertised.items()),
+            "advertised.listeners": ",".join(
+                f"{n}://{self.sasl_advertised_host if n == 'SASL_PLAINTEXT' else '127.0.0.1'}:{p}"
+                for n, p in advertised.items()
+            ),
             "listener.security.protocol.map": (
                 "PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT,SASL_SSL:SASL_SSL,"
                 "CONTROLLER:PLAINTEXT,PROXIED:PLAINTEXT,OAUTH:SASL_PLAINTEXT"

@@ -1,7 +1,8 @@
 """Scale-out bench: routers on NATS JetStream (storage.backend jetstream) against one router on
 SQLite, with real `event-router serve` processes and real nats-server processes on loopback.
 
-`python -m bench.jetstream [--seconds S] [--concurrency C] [--batch-size B] [--json PATH]`
+`python -m bench.jetstream [--seconds S] [--concurrency C] [--batch-size B] [--json PATH]
+[--evidence]`
 
 Scenarios: SQLite (fsync always) with one router; JetStream on one node (replicas 1) with one
 router and with two; JetStream on a three-node cluster with replicas 1 and 3, one router and
@@ -12,7 +13,9 @@ events/s delivered (until the backlog drained), and CPU per event of every proce
 router, each nats-server), because on this machine the processes share the cores: per-process
 CPU per event is what predicts scaling on machines of their own. Each run is checked: every
 acknowledged event is in the routers' archives (file targets), and the count of lines equals
-the events acknowledged (nothing twice when nothing died).
+the events acknowledged (nothing twice when nothing died). `--evidence` runs the routers with
+evidence on: each archive chained (on JetStream a chain per router, its head kept in the KV
+bucket after every acknowledged batch).
 """
 
 from __future__ import annotations
@@ -88,7 +91,13 @@ class Result:
 
 
 def router_config(
-    workdir: Path, port: int, scenario: Scenario, servers: Sequence[str], stream: str
+    workdir: Path,
+    port: int,
+    scenario: Scenario,
+    servers: Sequence[str],
+    stream: str,
+    *,
+    evidence: bool = False,
 ) -> Path:
     storage: dict[str, Any] = {"path": str(workdir / "var"), "fsync": "always"}
     if scenario.backend == "jetstream":
@@ -105,7 +114,7 @@ def router_config(
     config = {
         "server": {"host": "127.0.0.1", "port": port, "max_concurrent_requests": 64},
         "storage": storage,
-        "evidence": {"enabled": False},
+        "evidence": {"enabled": evidence},
         "startup": {"validate_targets": False},
         "targets": [
             {
@@ -181,7 +190,7 @@ async def drive(
 
 async def run(scenario: Scenario, args: argparse.Namespace, base: Path) -> Result:
     workdir = Path(tempfile.mkdtemp(prefix="js-", dir=base))
-    result = Result(scenario.name)
+    result = Result(scenario.name + (", evidence" if args.evidence else ""))
     nats: list[NatsServer] = []
     cluster: NatsCluster | None = None
     servers: list[str] = []
@@ -198,7 +207,9 @@ async def run(scenario: Scenario, args: argparse.Namespace, base: Path) -> Resul
         for i, port in enumerate(ports):
             # Each router lists the servers starting at a different node, spreading connections.
             own = servers[i % len(servers) :] + servers[: i % len(servers)] if servers else []
-            config = router_config(workdir / f"r{i + 1}", port, scenario, own, "BENCH")
+            config = router_config(
+                workdir / f"r{i + 1}", port, scenario, own, "BENCH", evidence=args.evidence
+            )
             procs.append(await spawn(config))
         for port in ports:
             await wait(lambda port=port: ready(port), READY_TIMEOUT_S, "a router to be ready")
@@ -262,6 +273,7 @@ async def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--only", help="run the scenarios whose name contains this")
     parser.add_argument("--json", type=Path, help="write the results here too")
+    parser.add_argument("--evidence", action="store_true", help="chained archives (evidence on)")
     args = parser.parse_args(argv)
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-jetstream-") as base:

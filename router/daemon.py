@@ -143,8 +143,9 @@ class Daemon:
             self.dead_letters = DeadLetters(config.storage.dead_letter_dir())
         self.evidence = Evidence(config.evidence, self.journal, config.storage.dead_letter_dir())
         self.dead_letters.chain_for = self.evidence.letters_chain
-        if isinstance(self.journal, SqliteJournal):  # evidence needs storage.backend sqlite
-            self.journal.chain_head = self.evidence.head_of
+        # A file target's head, kept with each ack (SQLite: in its transaction; JetStream: in
+        # the router's chain record after it).
+        self.journal.chain_head = self.evidence.head_of
         self._ingest = IngestStats()  # this process's; with workers, theirs too: ingest_stats
         self.worker_pool: WorkerPool | None = None
         self.target_stats = {target_id: TargetStats() for target_id in target_ids}
@@ -237,6 +238,7 @@ class Daemon:
             letters_dir=self.config.storage.dead_letter_dir(),
             api=self.api,
             middlewares=[self.worker_pool.middleware] if self.worker_pool is not None else [],
+            letters_for=self.jetstream.dead_letters.find if self.jetstream is not None else None,
         )
 
     @property
@@ -266,9 +268,7 @@ class Daemon:
         self.acceptor.observer = self.alerts
         await self.evidence.open()
         if self.config.evidence.enabled and self.config.evidence.receipts:
-            self.acceptor.receipts = Receipts.load_or_create(
-                Path(self.config.storage.path), self.evidence.key
-            )
+            await self._load_receipts()
         for target in self.targets.values():
             self._chain(target)
         for target_id in sorted(self.journal.orphans):
@@ -563,6 +563,22 @@ class Daemon:
         )
         await self.record_own(body)
 
+    async def _load_receipts(self) -> None:
+        """The receipt key in storage.path (made at the first start); with storage.backend
+        jetstream the one every router of the stream shares, written there for the workers."""
+        directory = Path(self.config.storage.path)
+        receipts = Receipts.load_or_create(directory, self.evidence.key)
+        if (jetstream := self.jetstream) is not None:
+            shared = await jetstream.chains.shared_key(receipts.key)
+            if shared != receipts.key:
+                log.warning(
+                    "evidence.receipts: this router takes the receipt key the stream's routers "
+                    "share; its own (kept in %s) no longer checks the receipts it issued",
+                    directory / "receipts.key.own",
+                )
+                receipts = Receipts.adopt(directory, shared, self.evidence.key)
+        self.acceptor.receipts = receipts
+
     def _chain(self, target: Target) -> None:
         """A file or COS target writes its archive as a chain (router/evidence), when evidence
         is on, and an event_streams target its topic with evidence.event_streams; a bucket or
@@ -677,13 +693,16 @@ class Daemon:
             chain = self.evidence.chains.get(target_id)
             if chain is not None:
                 at = chain.checkpointed_at
-                targets[target_id]["evidence"] = {
+                evidence: dict[str, Any] = {
                     "chain_seq": chain.seq,
                     "chain_hash": chain.head.hash.hex() if chain.head is not None else None,
                     "checkpoint_seq": chain.checkpointed_seq,
                     "last_checkpoint_at": utc_iso(at) if at is not None else None,
                     "missing_at_start": chain.missing_at_start,
                 }
+                if (jetstream := self.jetstream) is not None:  # where its record is
+                    evidence |= jetstream.chains.where(target_id)
+                targets[target_id]["evidence"] = evidence
         ingest = self.ingest_stats
         return {
             "version": __version__,

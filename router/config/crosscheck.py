@@ -350,11 +350,7 @@ def storage_problems(config: Config) -> list[str]:
             "storage.when_full: drop_oldest_per_target needs storage.backend sqlite; a full "
             "JetStream stream answers 503 + Retry-After (when_full: reject)"
         )
-    if config.evidence.enabled:
-        problems.append(
-            "evidence.enabled: hash-chained archives keep their chain heads in the SQLite "
-            "journal; set evidence.enabled: false with storage.backend jetstream"
-        )
+    problems.extend(_shared_chain_problems(config))
     ways = [
         name
         for name, given in (
@@ -375,6 +371,32 @@ def storage_problems(config: Config) -> list[str]:
     if tls is not None and (tls.cert_file is None) != (tls.key_file is None):
         missing = "key_file" if tls.key_file is None else "cert_file"
         problems.append(f"storage.jetstream.tls.{missing}: cert_file and key_file go together")
+    return problems
+
+
+def _shared_chain_problems(config: Config) -> list[str]:
+    """Evidence on JetStream chains a file target per router (each router's file is a chain
+    of its own, its record in the stream's KV bucket); a chain that every router writes (a
+    bucket's objects, a topic's messages) would need a lease shared by the routers: refused,
+    naming what works."""
+    evidence = config.evidence
+    if not evidence.enabled:
+        return []
+    problems = [
+        f"targets[{i}]: evidence.enabled chains a cloud_object_storage target's objects, "
+        "which every router of a JetStream stream writes into one bucket: one chain written "
+        "by several routers is not supported with storage.backend jetstream (file targets "
+        "are, a chain per router); set evidence.enabled: false, or use storage.backend sqlite"
+        for i, target in enumerate(config.targets)
+        if target.target_type == "cloud_object_storage"
+    ]
+    if evidence.event_streams:
+        problems.append(
+            "evidence.event_streams: every router of a JetStream stream writes an event_streams "
+            "target's topic: one chain written by several routers is not supported with "
+            "storage.backend jetstream (file targets are, a chain per router); set "
+            "evidence.event_streams: false"
+        )
     return problems
 
 

@@ -8,12 +8,14 @@ With `evidence.receipts` on, every accepted event's result in the ingest answer 
 line holds before its `_chain` member), so the receipt names one archive line exactly; `mac`
 is HMAC-SHA256 over `id \\n digest \\n received_at` with the daemon's receipt key
 (`<storage.path>/receipts.key`, 32 random bytes, 0600, made at the first start), so the router
-can tell its own receipts from forged ones. With a signing key (`evidence.signing_key_file`)
-a receipt also carries `sig`, the Ed25519 signature of the same three lines, and `key`, the
-key's id: anyone holding the public key can check it (`event-router verify --receipts`), without
-the router's secret. `GET /v1/receipts/{id}` (admin) answers where the
-event is, per target: pending in the journal, delivered (for a file target: at which chain
-place, file and line), or dead-lettered with the reason.
+can tell its own receipts from forged ones. With storage.backend jetstream every router of the
+stream issues with one key, the first one put in the stream's chain bucket (Receipts.adopt).
+With a signing key (`evidence.signing_key_file`) a receipt also carries `sig`, the Ed25519
+signature of the same three lines, and `key`, the key's id: anyone holding the public key can
+check it (`event-router verify --receipts`), without the router's secret.
+`GET /v1/receipts/{id}` (admin) answers where the event is, per target: pending in the journal,
+delivered (for a file target: at which chain place, file and line), or dead-lettered with the
+reason.
 """
 
 from __future__ import annotations
@@ -111,6 +113,35 @@ class Receipts:
                 f.flush()
                 os.fsync(f.fileno())
         return cls(path.read_bytes(), signing_key)
+
+    @property
+    def key(self) -> bytes:
+        return self._key
+
+    @classmethod
+    def adopt(
+        cls, directory: Path, key: bytes, signing_key: Ed25519PrivateKey | None = None
+    ) -> Receipts:
+        """A key every router of a JetStream stream shares (its chain bucket holds it), put in
+        `directory` in place of this router's own, where its worker processes read it. The
+        key it replaces is kept beside it, once (`receipts.key.own`): the receipts this router
+        issued with it no longer check by their mac (with a signing key, by their sig)."""
+        path = directory / KEY_FILE
+        with contextlib.suppress(FileExistsError, FileNotFoundError):
+            own = path.read_bytes()
+            fd = os.open(
+                path.with_name(KEY_FILE + ".own"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600
+            )
+            with os.fdopen(fd, "wb") as f:
+                f.write(own)
+        partial = path.with_name(KEY_FILE + ".new")
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+        return cls(key, signing_key)
 
     def _mac(self, event_id: str, event_digest: str, received_at: str) -> str:
         message = receipt_message(event_id, event_digest, received_at)

@@ -29,6 +29,12 @@ class JournalUnavailableError(RouterError):
     a worker retries its ack. Each backend turns its own errors into this one."""
 
 
+class ChainFencedError(RouterError):
+    """A chain's record (router/evidence: its head, checkpoint and plan) was taken by another
+    process since this one last wrote it: this one's writes to it are refused from then on
+    (fencing), so two writers never fork one record."""
+
+
 @dataclass(frozen=True, slots=True)
 class Entry:
     """One event owed to one target, with the route that sent it there."""

@@ -52,6 +52,7 @@ def build_app(
     letters_dir: Path,
     api: Routes,
     middlewares: Sequence[Middleware] = (),
+    letters_for: Callable[[str], Awaitable[Mapping[str, dict[str, Any]]]] | None = None,
 ) -> web.Application:
     """The application: ingest, tail, dead letters and redrive, archive search, status and
     metrics, receipts, management API, all behind the guard (authentication and refusals),
@@ -67,7 +68,7 @@ def build_app(
     LetterEndpoints(letters_dir).routes(app)
     SearchEndpoint(file_archives).routes(app)
     StatusEndpoints(health, render_metrics).routes(app)
-    ReceiptEndpoint(pending_for, file_archives, letters_dir).routes(app)
+    ReceiptEndpoint(pending_for, file_archives, letters_dir, letters_for).routes(app)
     api.routes(app)
     ConsolePage().routes(app)
     return app

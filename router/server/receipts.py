@@ -1,7 +1,8 @@
 """GET /v1/receipts/{id} (admin): where an accepted event is, per target.
 
 Pending comes from the journal; delivered from the file targets' archives (with the chain
-place, file and line); dead-lettered from the dead-letter files, with the reason. A target of
+place, file and line); dead-lettered from the dead-letter files, with the reason (with
+storage.backend jetstream: from the dead-letter streams, whichever router wrote them). A target of
 another type that took the event keeps no record here, so it is not listed; an event found
 nowhere is 404 not_found. The lookup reads archives in a thread: an auditor's question, not
 the hot path (router/evidence/receipt.py).
@@ -19,6 +20,7 @@ from aiohttp import web
 from router.errors import RequestError
 from router.evidence.receipt import locate
 from router.intake.http import error_response, json_response
+from router.journal import JournalUnavailableError
 from router.server.reads import in_read_thread
 
 
@@ -29,6 +31,9 @@ class ReceiptEndpoint:
     pending_for: Callable[[str], Awaitable[list[str]]]
     archives: Callable[[], Mapping[str, Path]]  # file target id -> its live archive
     letters_dir: Path
+    # Dead letters kept elsewhere than in letters_dir (the JetStream journal's streams):
+    # target id -> where the event is.
+    letters_for: Callable[[str], Awaitable[Mapping[str, dict[str, Any]]]] | None = None
 
     def routes(self, app: web.Application) -> None:
         app.router.add_get("/v1/receipts/{id}", self.handle)
@@ -38,6 +43,12 @@ class ReceiptEndpoint:
         where: dict[str, Any] = {
             target_id: {"state": "pending"} for target_id in await self.pending_for(event_id)
         }
+        if self.letters_for is not None:
+            try:
+                letters = await self.letters_for(event_id)
+            except JournalUnavailableError as exc:
+                return error_response(RequestError(503, "journal_unavailable", str(exc)))
+            where.update({k: v for k, v in letters.items() if k not in where})
         archives = {k: v for k, v in self.archives().items() if k not in where}
         where.update(await in_read_thread(locate, event_id, archives, self.letters_dir, skip=where))
         if not where:

@@ -18,6 +18,13 @@ from router.config import (
 from router.errors import ConfigError
 from router.journal.jetstream import letters_stream, queue_stream, queue_subject, stream_token
 
+COS_ENDPOINT = {
+    "endpoint": "s3.private.us-east.cloud-object-storage.appdomain.cloud",
+    "target_crn": "crn:v1:bluemix:public:cloud-object-storage:global:a/abc:0b5a3c6e::",
+    "bucket": "audit-archive",
+    "api_key": "${env:HOME}",
+}
+
 
 def on_jetstream(**jetstream: Any) -> dict[str, Any]:
     return {
@@ -83,9 +90,28 @@ def test_secrets_are_references_and_tls_files_must_be_readable(
             "storage.jetstream.tls.key_file: cert_file and key_file go together",
         ),
         (
-            {**on_jetstream(), "evidence": {"enabled": True}},
-            "evidence.enabled: hash-chained archives keep their chain heads in the SQLite "
-            "journal; set evidence.enabled: false with storage.backend jetstream",
+            {
+                **on_jetstream(),
+                "evidence": {"enabled": True},
+                "targets": [
+                    {
+                        "id": "cos",
+                        "target_type": "cloud_object_storage",
+                        "cos_endpoint": COS_ENDPOINT,
+                    }
+                ],
+            },
+            "targets[0]: evidence.enabled chains a cloud_object_storage target's objects, "
+            "which every router of a JetStream stream writes into one bucket: one chain written "
+            "by several routers is not supported with storage.backend jetstream (file targets "
+            "are, a chain per router); set evidence.enabled: false, or use storage.backend sqlite",
+        ),
+        (
+            {**on_jetstream(), "evidence": {"enabled": True, "event_streams": True}},
+            "evidence.event_streams: every router of a JetStream stream writes an event_streams "
+            "target's topic: one chain written by several routers is not supported with "
+            "storage.backend jetstream (file targets are, a chain per router); set "
+            "evidence.event_streams: false",
         ),
         (
             {
@@ -119,6 +145,19 @@ def test_cross_check_names_the_field(data: dict[str, Any], expected: str) -> Non
 def test_schema_refuses_a_bad_jetstream_section(jetstream: dict[str, Any], where: str) -> None:
     found = problems(on_jetstream(**jetstream))
     assert any(p.startswith(where) for p in found), found
+
+
+def test_file_targets_are_chained_on_jetstream_a_chain_per_router() -> None:
+    config = parse_config(
+        {
+            "storage": {"backend": "jetstream"},
+            "targets": [
+                {"id": "a", "target_type": "file", "file_endpoint": {"path": "/tmp/a.ndjson"}}
+            ],
+        }
+    )
+    assert config.storage.backend == "jetstream"
+    assert config.evidence.enabled
 
 
 def test_sqlite_backend_ignores_the_jetstream_section_and_evidence_stays_allowed() -> None:

@@ -295,6 +295,11 @@ class DeadLetters:
         # Set by the daemon when evidence is on: the target's chain, or None.
         self.chain_for: Callable[[str], Chain | None] = lambda _: None
 
+    async def every_target(self) -> dict[str, list[Letter]] | None:
+        """Every target's letters, where they are not files in `directory` (None: they are,
+        and readers go through the files a letter at a time)."""
+        return None
+
     def path(self, target_id: str) -> Path:
         return letters_path(self.directory, target_id)
 

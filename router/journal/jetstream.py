@@ -1304,6 +1304,14 @@ class StreamDeadLetters(DeadLetters):
         key = (target_id, failure.reason)
         self.written[key] = self.written.get(key, 0) + len(entries)
 
+    async def every_target(self) -> dict[str, list[Letter]]:
+        """Every target's letters from its dead-letter stream (a removed target's too), for
+        GET /v1/deadletters, whichever router wrote them."""
+        try:
+            return await letters_by_target(self.journal.js, self.journal.js_config)
+        except STREAM_ERRORS as exc:
+            raise StorageUnavailableError(f"JetStream did not answer: {exc!r}") from exc
+
     async def letters(self, target_id: str) -> list[tuple[int, Letter]]:
         """Every letter of the target, with its sequence in the dead-letter stream."""
         return await read_stream_letters(
@@ -1405,16 +1413,22 @@ async def all_letters(config: JetStreamConfig) -> dict[str, list[Letter]]:
     each dead-letter stream of `config.stream`, also a removed target's."""
     nc = await connect(config, name="event-router dlq")
     try:
-        js = nc.jetstream(timeout=config.publish_timeout_s)
-        prefix = f"{config.stream}_DLQ_"
-        names = [info.config.name for info in await js.streams_info()]
-        found = {
-            target_of_token(name.removeprefix(prefix)): [
-                letter for _, letter in await read_stream_letters(js, name)
-            ]
-            for name in names
-            if name is not None and name.startswith(prefix)
-        }
+        return await letters_by_target(nc.jetstream(timeout=config.publish_timeout_s), config)
     finally:
         await nc.close()
+
+
+async def letters_by_target(
+    js: JetStreamContext, config: JetStreamConfig
+) -> dict[str, list[Letter]]:
+    """Every dead-letter stream of `config.stream`, by target id in id order."""
+    prefix = f"{config.stream}_DLQ_"
+    names = [info.config.name for info in await js.streams_info()]
+    found = {
+        target_of_token(name.removeprefix(prefix)): [
+            letter for _, letter in await read_stream_letters(js, name)
+        ]
+        for name in names
+        if name is not None and name.startswith(prefix)
+    }
     return dict(sorted(found.items()))

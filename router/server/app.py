@@ -65,7 +65,7 @@ def build_app(
     app.router.add_get("/v1/tail", tail.handle)
     redrive = Redrive(dead_letters, journal, is_target=is_target, is_invalid=is_invalid)
     app.router.add_post("/v1/deadletters/{target}/redrive", redrive.handle)
-    LetterEndpoints(letters_dir).routes(app)
+    LetterEndpoints(letters_dir, dead_letters).routes(app)
     SearchEndpoint(file_archives).routes(app)
     StatusEndpoints(health, render_metrics).routes(app)
     ReceiptEndpoint(pending_for, file_archives, letters_dir, letters_for).routes(app)

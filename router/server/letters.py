@@ -13,14 +13,22 @@ after redaction.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
 from aiohttp import web
 
-from router.deadletter import Letter, LetterFilter, letter_files, parse_since, read_letters
-from router.errors import RequestError
+from router.deadletter import (
+    DeadLetters,
+    Letter,
+    LetterFilter,
+    letter_files,
+    parse_since,
+    read_letters,
+)
+from router.errors import RequestError, StorageUnavailableError
 from router.intake.http import error_response, json_response
 from router.server.reads import in_read_thread
 
@@ -31,13 +39,18 @@ MAX_OFFSET: Final = 2**53 - 1
 
 
 def summary(directory: Path) -> dict[str, Any]:
+    """Per target with letters in `directory`'s files: see summarize."""
+    return summarize((t, read_letters(path)) for t, path in letter_files(directory).items())
+
+
+def summarize(by_target: Iterable[tuple[str, Iterable[Letter]]]) -> dict[str, Any]:
     """Per target with letters: how many, by reason, first and last attempt (or receipt)
-    time. A file a redrive emptied is no target with dead letters."""
+    time. A target whose letters a redrive took is no target with dead letters."""
     targets: dict[str, Any] = {}
-    for target_id, path in letter_files(directory).items():
+    for target_id, letters in by_target:
         reasons: Counter[str] = Counter()
         first = last = None
-        for letter in read_letters(path):
+        for letter in letters:
             reasons[str(letter.get("reason"))] += 1
             at = letter.get("last_attempt_at") or letter.get("received_at")
             if isinstance(at, str):
@@ -54,37 +67,58 @@ def summary(directory: Path) -> dict[str, Any]:
     return {"targets": targets}
 
 
-def page(path: Path, wanted: LetterFilter, offset: int, limit: int) -> dict[str, Any]:
-    """The letters of one file that `wanted` keeps, `limit` from `offset`, and how many
-    matched in all."""
-    letters: list[Letter] = []
+def page(
+    letters: Iterable[Letter], wanted: LetterFilter, offset: int, limit: int
+) -> dict[str, Any]:
+    """The letters that `wanted` keeps, `limit` from `offset`, and how many matched in all."""
+    kept: list[Letter] = []
     matched = 0
-    for letter in read_letters(path):
+    for letter in letters:
         if not wanted(letter):
             continue
         if offset <= matched < offset + limit:
-            letters.append(letter)
+            kept.append(letter)
         matched += 1
     following = offset + limit
     return {
-        "letters": letters,
+        "letters": kept,
         "offset": offset,
         "total": matched,
         "next_offset": following if following < matched else None,
     }
 
 
+def file_page(path: Path, wanted: LetterFilter, offset: int, limit: int) -> dict[str, Any]:
+    return page(read_letters(path), wanted, offset, limit)
+
+
 @dataclass(slots=True)
 class LetterEndpoints:
-    """The handlers, over the dead-letter directory."""
+    """The handlers, over the dead-letter directory, or over what `dead_letters` keeps
+    elsewhere (DeadLetters.every_target: JetStream's dead-letter streams)."""
 
     directory: Path
+    dead_letters: DeadLetters | None = None
 
     def routes(self, app: web.Application) -> None:
         app.router.add_get("/v1/deadletters", self.list_targets)
         app.router.add_get("/v1/deadletters/{target}", self.show)
 
+    async def _elsewhere(self) -> dict[str, list[Letter]] | None:
+        if self.dead_letters is None:
+            return None
+        try:
+            return await self.dead_letters.every_target()
+        except StorageUnavailableError as exc:
+            raise RequestError(503, "journal_unavailable", str(exc)) from exc
+
     async def list_targets(self, request: web.Request) -> web.Response:
+        try:
+            elsewhere = await self._elsewhere()
+        except RequestError as exc:
+            return error_response(exc)
+        if elsewhere is not None:
+            return json_response(summarize(elsewhere.items()))
         return json_response(await in_read_thread(summary, self.directory))
 
     async def show(self, request: web.Request) -> web.Response:
@@ -93,11 +127,18 @@ class LetterEndpoints:
             wanted, offset, limit = _page_request(request)
         except ValueError as exc:
             return error_response(RequestError(400, "bad_filter", str(exc)))
+        try:
+            elsewhere = await self._elsewhere()
+        except RequestError as exc:
+            return error_response(exc)
+        if elsewhere is not None:
+            found = page(elsewhere.get(target_id, []), wanted, offset, limit)
+            return json_response({"target": target_id, **found})
         path = (await in_read_thread(letter_files, self.directory)).get(target_id)
         if path is None:
             empty = {"letters": [], "offset": offset, "total": 0, "next_offset": None}
             return json_response({"target": target_id, **empty})
-        found = await in_read_thread(page, path, wanted, offset, limit)
+        found = await in_read_thread(file_page, path, wanted, offset, limit)
         return json_response({"target": target_id, **found})
 
 

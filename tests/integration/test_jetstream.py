@@ -267,6 +267,44 @@ async def test_dead_letters_go_to_their_stream_and_dlq_lists_shows_and_redrives_
     assert (code, out.split()[:3]) == (0, ["no", "dead", "letters"])
 
 
+async def test_the_http_dead_letter_reads_come_from_the_streams_whichever_router_wrote_them(
+    start_router: Any, receiver_factory: ReceiverFactory
+) -> None:
+    """GET /v1/deadletters and /v1/deadletters/{target} (what the console shows) read the
+    dead-letter streams on JetStream, as `event-router dlq` does: they read the local
+    dead-letter files, which this backend never writes, so every router answered "no dead
+    letters" with letters in the streams."""
+    siem = await receiver_factory([400])
+    config = {"targets": [http_target("siem", siem.url)], "routes": everything_to("siem")}
+    first = await start_router(config, name="r1", share_config=False)
+    second = await start_router(config, name="r2", share_config=False)
+    events = [event() for _ in range(3)]
+    await post(first, events)
+    await wait_for(lambda: books_of(first, "siem") == (3, 0, 3, 0), what="three dead letters")
+    for daemon in (first, second):  # the second router wrote none of them
+        async with aiohttp.ClientSession() as session:
+            base = f"http://127.0.0.1:{daemon.port}/v1/deadletters"
+            async with session.get(base) as resp:
+                assert resp.status == 200
+                listed = (await resp.json())["targets"]
+            async with session.get(f"{base}/siem", params={"limit": "2"}) as resp:
+                assert resp.status == 200
+                shown = await resp.json()
+            async with session.get(f"{base}/siem", params={"offset": "2"}) as resp:
+                rest = await resp.json()
+            async with session.get(f"{base}/siem", params={"reason": "expired"}) as resp:
+                none = await resp.json()
+        assert list(listed) == ["siem"], listed
+        assert listed["siem"]["letters"] == 3
+        assert listed["siem"]["reasons"] == {"permanent_status": 3}
+        assert (shown["total"], shown["next_offset"], len(shown["letters"])) == (3, 2, 2)
+        # (one batch's letters are published together: the stream holds them in any order)
+        pages = [letter["event"]["id"] for letter in shown["letters"] + rest["letters"]]
+        assert sorted(pages) == sorted(e["id"] for e in events)
+        assert none["total"] == 0 and none["letters"] == []
+    assert_books_balance(first)
+
+
 async def test_two_routers_on_one_stream_deliver_each_event_once_and_agree_on_the_books(
     start_router: Any, tmp_path: Path
 ) -> None:

@@ -258,18 +258,11 @@ async def publish_until_acked(
     """Publish and wait for the stream's ack, trying again while the failure is transient,
     until `timeout_s` has passed. Every try carries the same Nats-Msg-Id, so a try whose ack
     was lost is stored once."""
-    deadline = time.monotonic() + timeout_s
-    pause = PUBLISH_RETRY_S
-    while True:
-        left = deadline - time.monotonic()
-        try:
-            await js.publish(subject, payload, headers=headers, timeout=min(left, PUBLISH_TRY_S))
-            return
-        except (nats.errors.Error, TimeoutError) as exc:
-            if not _transient(exc) or deadline - time.monotonic() < pause:
-                raise
-        await asyncio.sleep(pause)
-        pause = min(pause * 2, 1.0)
+
+    async def publish(try_s: float) -> object:
+        return await js.publish(subject, payload, headers=headers, timeout=try_s)
+
+    await until_answered(publish, timeout_s)
 
 
 async def confirm_ack(nc: Client, msg: Msg, *, timeout_s: float) -> None:
@@ -277,12 +270,23 @@ async def confirm_ack(nc: Client, msg: Msg, *, timeout_s: float) -> None:
     the failure is transient (no consumer leader for a moment, the connection moving to
     another server) until `timeout_s` has passed. The message may have been acked already
     (by a plain ack that did arrive): the server answers that too, and nothing changes."""
+
+    async def ack(try_s: float) -> object:
+        return await nc.request(msg.reply, b"", timeout=try_s)
+
+    await until_answered(ack, timeout_s)
+
+
+async def until_answered(attempt: Callable[[float], Awaitable[object]], timeout_s: float) -> None:
+    """Await `attempt(seconds this try may wait)` until it is answered, trying again while its
+    failure is transient (_transient), after a pause that starts at PUBLISH_RETRY_S and
+    doubles up to a second, until `timeout_s` has passed; then its failure is raised."""
     deadline = time.monotonic() + timeout_s
     pause = PUBLISH_RETRY_S
     while True:
         left = deadline - time.monotonic()
         try:
-            await nc.request(msg.reply, b"", timeout=max(min(left, PUBLISH_TRY_S), 0.05))
+            await attempt(max(min(left, PUBLISH_TRY_S), 0.05))
             return
         except (nats.errors.Error, TimeoutError) as exc:
             if not _transient(exc) or deadline - time.monotonic() < pause:

@@ -300,6 +300,10 @@ class DeadLetters:
         and readers go through the files a letter at a time)."""
         return None
 
+    async def target_letters(self, target_id: str) -> list[Letter] | None:
+        """One target's letters, where they are not a file in `directory` (None: they are)."""
+        return None
+
     def path(self, target_id: str) -> Path:
         return letters_path(self.directory, target_id)
 

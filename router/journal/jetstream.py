@@ -1316,6 +1316,19 @@ class StreamDeadLetters(DeadLetters):
         except STREAM_ERRORS as exc:
             raise StorageUnavailableError(f"JetStream did not answer: {exc!r}") from exc
 
+    async def target_letters(self, target_id: str) -> list[Letter]:
+        """One target's letters from its dead-letter stream (only that stream is read). The
+        id comes from a URL: it is looked for among the streams' names before it becomes a
+        subject, as a subject past the server's line limit has it close the connection."""
+        name = letters_stream(self.journal.js_config, target_id)
+        js = self.journal.js
+        try:
+            if name not in {info.config.name for info in await js.streams_info()}:
+                return []
+            return [letter for _, letter in await read_stream_letters(js, name)]
+        except STREAM_ERRORS as exc:
+            raise StorageUnavailableError(f"JetStream did not answer: {exc!r}") from exc
+
     async def letters(self, target_id: str) -> list[tuple[int, Letter]]:
         """Every letter of the target, with its sequence in the dead-letter stream."""
         return await read_stream_letters(

@@ -95,7 +95,7 @@ def file_page(path: Path, wanted: LetterFilter, offset: int, limit: int) -> dict
 @dataclass(slots=True)
 class LetterEndpoints:
     """The handlers, over the dead-letter directory, or over what `dead_letters` keeps
-    elsewhere (DeadLetters.every_target: JetStream's dead-letter streams)."""
+    elsewhere (every_target and target_letters: JetStream's dead-letter streams)."""
 
     directory: Path
     dead_letters: DeadLetters | None = None
@@ -104,19 +104,11 @@ class LetterEndpoints:
         app.router.add_get("/v1/deadletters", self.list_targets)
         app.router.add_get("/v1/deadletters/{target}", self.show)
 
-    async def _elsewhere(self) -> dict[str, list[Letter]] | None:
-        if self.dead_letters is None:
-            return None
-        try:
-            return await self.dead_letters.every_target()
-        except StorageUnavailableError as exc:
-            raise RequestError(503, "journal_unavailable", str(exc)) from exc
-
     async def list_targets(self, request: web.Request) -> web.Response:
         try:
-            elsewhere = await self._elsewhere()
-        except RequestError as exc:
-            return error_response(exc)
+            elsewhere = await self.dead_letters.every_target() if self.dead_letters else None
+        except StorageUnavailableError as exc:
+            return error_response(RequestError(503, "journal_unavailable", str(exc)))
         if elsewhere is not None:
             return json_response(summarize(elsewhere.items()))
         return json_response(await in_read_thread(summary, self.directory))
@@ -128,12 +120,11 @@ class LetterEndpoints:
         except ValueError as exc:
             return error_response(RequestError(400, "bad_filter", str(exc)))
         try:
-            elsewhere = await self._elsewhere()
-        except RequestError as exc:
-            return error_response(exc)
-        if elsewhere is not None:
-            found = page(elsewhere.get(target_id, []), wanted, offset, limit)
-            return json_response({"target": target_id, **found})
+            own = await self.dead_letters.target_letters(target_id) if self.dead_letters else None
+        except StorageUnavailableError as exc:
+            return error_response(RequestError(503, "journal_unavailable", str(exc)))
+        if own is not None:
+            return json_response({"target": target_id, **page(own, wanted, offset, limit)})
         path = (await in_read_thread(letter_files, self.directory)).get(target_id)
         if path is None:
             empty = {"letters": [], "offset": offset, "total": 0, "next_offset": None}

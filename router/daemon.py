@@ -238,7 +238,6 @@ class Daemon:
             letters_dir=self.config.storage.dead_letter_dir(),
             api=self.api,
             middlewares=[self.worker_pool.middleware] if self.worker_pool is not None else [],
-            letters_for=self.jetstream.dead_letters.find if self.jetstream is not None else None,
         )
 
     @property

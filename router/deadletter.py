@@ -304,6 +304,11 @@ class DeadLetters:
         """One target's letters, where they are not a file in `directory` (None: they are)."""
         return None
 
+    async def find(self, event_id: str) -> dict[str, dict[str, Any]] | None:
+        """Per target, where the event's dead letter is, where letters are not files in
+        `directory` (None: they are, and receipts' lookup reads them there)."""
+        return None
+
     def path(self, target_id: str) -> Path:
         return letters_path(self.directory, target_id)
 

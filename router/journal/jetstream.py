@@ -1339,26 +1339,18 @@ class StreamDeadLetters(DeadLetters):
         """Receipts' lookup: per target, the event's dead letter and its reason, from every
         dead-letter stream of the journal (whichever router wrote it; a removed target's
         too). A scan of the letters: an auditor's question, not the hot path."""
-        js = self.journal.js
-        prefix = f"{self.journal.js_config.stream}_DLQ_"
         found: dict[str, dict[str, Any]] = {}
-        try:
-            names = [info.config.name for info in await js.streams_info()]
-            for name in names:
-                if name is None or not name.startswith(prefix):
-                    continue
-                for _, letter in await read_stream_letters(js, name):
-                    event = letter.get("event")
-                    if isinstance(event, dict) and event.get("id") == event_id:
-                        found[target_of_token(name.removeprefix(prefix))] = {
-                            "state": "dead_lettered",
-                            "reason": letter.get("reason"),
-                            "message": letter.get("message"),
-                            "seq": None,  # letters take no places on JetStream
-                        }
-                        break
-        except STREAM_ERRORS as exc:
-            raise JournalUnavailableError(f"cannot read the dead-letter streams: {exc!r}") from exc
+        for target_id, letters in (await self.every_target()).items():
+            for letter in letters:
+                event = letter.get("event")
+                if isinstance(event, dict) and event.get("id") == event_id:
+                    found[target_id] = {
+                        "state": "dead_lettered",
+                        "reason": letter.get("reason"),
+                        "message": letter.get("message"),
+                        "seq": None,  # letters take no places on JetStream
+                    }
+                    break
         return found
 
     @asynccontextmanager

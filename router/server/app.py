@@ -52,7 +52,6 @@ def build_app(
     letters_dir: Path,
     api: Routes,
     middlewares: Sequence[Middleware] = (),
-    letters_for: Callable[[str], Awaitable[Mapping[str, dict[str, Any]]]] | None = None,
 ) -> web.Application:
     """The application: ingest, tail, dead letters and redrive, archive search, status and
     metrics, receipts, management API, all behind the guard (authentication and refusals),
@@ -68,7 +67,7 @@ def build_app(
     LetterEndpoints(letters_dir, dead_letters).routes(app)
     SearchEndpoint(file_archives).routes(app)
     StatusEndpoints(health, render_metrics).routes(app)
-    ReceiptEndpoint(pending_for, file_archives, letters_dir, letters_for).routes(app)
+    ReceiptEndpoint(pending_for, file_archives, letters_dir, dead_letters).routes(app)
     api.routes(app)
     ConsolePage().routes(app)
     return app

@@ -17,10 +17,10 @@ from typing import Any
 
 from aiohttp import web
 
-from router.errors import RequestError
+from router.deadletter import DeadLetters
+from router.errors import RequestError, StorageUnavailableError
 from router.evidence.receipt import locate
 from router.intake.http import error_response, json_response
-from router.journal import JournalUnavailableError
 from router.server.reads import in_read_thread
 
 
@@ -31,9 +31,9 @@ class ReceiptEndpoint:
     pending_for: Callable[[str], Awaitable[list[str]]]
     archives: Callable[[], Mapping[str, Path]]  # file target id -> its live archive
     letters_dir: Path
-    # Dead letters kept elsewhere than in letters_dir (the JetStream journal's streams):
-    # target id -> where the event is.
-    letters_for: Callable[[str], Awaitable[Mapping[str, dict[str, Any]]]] | None = None
+    # Dead letters kept elsewhere than in letters_dir answer find (the JetStream journal's
+    # streams); None from it: they are files in letters_dir.
+    dead_letters: DeadLetters | None = None
 
     def routes(self, app: web.Application) -> None:
         app.router.add_get("/v1/receipts/{id}", self.handle)
@@ -43,11 +43,11 @@ class ReceiptEndpoint:
         where: dict[str, Any] = {
             target_id: {"state": "pending"} for target_id in await self.pending_for(event_id)
         }
-        if self.letters_for is not None:
-            try:
-                letters = await self.letters_for(event_id)
-            except JournalUnavailableError as exc:
-                return error_response(RequestError(503, "journal_unavailable", str(exc)))
+        try:
+            letters = await self.dead_letters.find(event_id) if self.dead_letters else None
+        except StorageUnavailableError as exc:
+            return error_response(RequestError(503, "journal_unavailable", str(exc)))
+        if letters is not None:
             where.update({k: v for k, v in letters.items() if k not in where})
         archives = {k: v for k, v in self.archives().items() if k not in where}
         where.update(await in_read_thread(locate, event_id, archives, self.letters_dir, skip=where))

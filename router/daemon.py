@@ -349,12 +349,10 @@ class Daemon:
     async def _join_shared_config(self, shared: SharedConfig) -> None:
         """storage.backend jetstream: run the config the routers share (the bucket's, else
         this router's YAML, which it then shares), and follow what the others put there."""
-        from router.journal.jetstream import SharedConfig  # the journal imported it
-
         data = await shared.open()
         if data is None:
             await shared.put(self.source.data)
-        elif data != SharedConfig.shareable(self.source.data):
+        elif data != shared.shareable(self.source.data):
             await self._apply_shared(data)
         if shared.metadata is None:
             await shared.share_metadata(self.api.meta.document())

@@ -27,7 +27,7 @@ import orjson
 from router.config import ServerConfig, StorageConfig
 from router.deadletter import DROPPED_BUFFER_FULL, DeadLetters
 from router.errors import RouterError
-from router.events import Event, dumps
+from router.events import Event
 from router.evidence.receipt import Receipts
 from router.intake.limits import shape_problems
 from router.intake.redaction import Redactor
@@ -206,7 +206,7 @@ class Acceptor:
                 # the limits are the event's bytes, for the journal, the targets and the tail.
                 if self.redactor is not None and self.redactor.redact(item):
                     encoded = None
-                event = Event.from_body(item, encoded=encoded)
+                event = Event.from_body(item, encoded=encoded, spare=True)
                 decision = self.routes.match(event)
                 routed.append((event, decision.targets))
                 results.append({"index": index, "id": event.id, "status": "accepted"})
@@ -341,12 +341,13 @@ def _keep_bytes_only(items: list[Any], routed: Sequence[tuple[Event, Mapping[str
 
 def _encode(item: Any) -> bytes | None:
     """An item's compact JSON, made once: the shape limits read it, and an accepted event
-    keeps it. None for what is not an object, or what orjson will not write (nested past its
-    own depth limit): the limits walk the item instead."""
+    keeps a copy of its length (orjson's buffer has room to spare: Event.from_body's `spare`).
+    None for what is not an object, or what orjson will not write (nested past its own depth
+    limit): the limits walk the item instead."""
     if not isinstance(item, dict):
         return None
     try:
-        return dumps(item)
+        return orjson.dumps(item)
     except orjson.JSONEncodeError:
         return None
 

@@ -20,6 +20,7 @@ import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
@@ -29,7 +30,7 @@ from router.deadletter import DROPPED_BUFFER_FULL, DeadLetters
 from router.errors import RouterError
 from router.events import Event
 from router.evidence.receipt import Receipts
-from router.intake.limits import shape_problems
+from router.intake.limits import encoded_fits, shape_problems
 from router.intake.redaction import Redactor
 from router.intake.validation import EventValidator, Problem
 from router.journal import Journal, JournalFullError, JournalUnavailableError
@@ -291,11 +292,13 @@ class Acceptor:
         return "", []
 
     def _shape_problems(self, item: Any, encoded: bytes | None) -> list[Problem]:
+        server = self.server
+        if encoded is not None and encoded_fits(
+            encoded, max_depth=server.max_depth, max_string_chars=server.max_string_chars
+        ):
+            return []  # nearly every event: settled by its bytes, without shape_problems' call
         return shape_problems(
-            item,
-            max_depth=self.server.max_depth,
-            max_string_chars=self.server.max_string_chars,
-            encoded=encoded,
+            item, max_depth=server.max_depth, max_string_chars=server.max_string_chars
         )
 
     async def _append(self, routed: list[tuple[Event, Mapping[str, str]]]) -> None:
@@ -356,7 +359,7 @@ def reserved_action(item: dict[str, Any]) -> list[Problem]:
     """A producer's event that claims to be the router's: its login refusals, reloads and
     API changes must not be forgeable by anyone holding an ingest token."""
     action = item.get("action")
-    if isinstance(action, str) and action.lower().startswith(OWN_ACTION_PREFIX):
+    if isinstance(action, str) and _own_action(action):
         return [
             Problem(
                 "/action",
@@ -365,3 +368,9 @@ def reserved_action(item: dict[str, Any]) -> list[Problem]:
             )
         ]
     return []
+
+
+@lru_cache(maxsize=4096)
+def _own_action(action: str) -> bool:
+    """Remembered: a producer's events repeat their action (lower() copies it, 0.2 us)."""
+    return action.lower().startswith(OWN_ACTION_PREFIX)

@@ -124,13 +124,12 @@ BATCH_BYTES = 1 << 16
 # Events of the layout before batches moved into one batch row (and one transaction) at a time.
 MIGRATE_CHUNK = 1000
 RETIRE_CHUNK = 1000
-# Free pages are given back to the file system past FREE_PAGES_BEFORE_SHRINK (see
-# _give_back_space): by rebuilding the file while at most REBUILD_MAX_USED_PAGES are in use
-# (about 1-20 ms), else SHRINK_STEP_PAGES at a time while the free pages outnumber those in use
-# FREE_TIMES_USED_BEFORE_STEPS times.
+# Free pages are given back to the file system (see _give_back_space) past
+# FREE_PAGES_BEFORE_SHRINK, once they are FREE_PER_USED times the pages in use: by rebuilding
+# the file while at most REBUILD_MAX_USED_PAGES are in use, else SHRINK_STEP_PAGES at a time.
 FREE_PAGES_BEFORE_SHRINK = 4096
-REBUILD_MAX_USED_PAGES = 1024
-FREE_TIMES_USED_BEFORE_STEPS = 8
+FREE_PER_USED = 16
+REBUILD_MAX_USED_PAGES = 4096
 SHRINK_STEP_PAGES = 1024
 SYNCHRONOUS = {"always": "FULL", "interval": "NORMAL", "never": "OFF"}
 # Per target, what the committed events kept in memory for its worker keep alive (`held_bytes`:
@@ -871,29 +870,28 @@ class SqliteJournal:
             self._frame = (0, b"", {})
 
     def _give_back_space(self, free_pages: int) -> None:
-        """Once many pages are free, give them back to the file system, so that a drained
-        backlog does not keep its disk space forever, at what it costs per page freed.
+        """Once many pages are free and a backlog has (nearly) drained, give them back to the
+        file system, so that a drained backlog does not keep its disk space forever, at what
+        it costs per page freed.
 
-        While the journal still holds a backlog of about the size of what is free, nothing is
-        done: the next commits reuse those pages. `incremental_vacuum` costs about 8 us of CPU
-        per page it frees (it takes each one off the freelist and moves its pointer map),
-        ~2.5 us per 1 KB event a drain freed, the most of an ack's cost in
-        bench.journal_owner; rebuilding the file (VACUUM) costs about its pages in use instead,
-        a few ms once a backlog has drained to a few hundred. So a nearly drained journal is
-        rebuilt, and only a journal that keeps a larger backlog in a file mostly free shrinks a
-        step at a time, so that no single ack pays for all of it. A failure here (a full disk
-        for the rebuild) leaves the space for later: the ack itself has committed."""
+        While the journal still holds a backlog of more than a sixteenth of what is free,
+        nothing is done: the next commits reuse those pages. `incremental_vacuum` costs 8-50 us
+        of CPU per page it frees (it takes each one off the freelist, the more the longer the
+        list, and moves its pointer map): ~2.5 us per 1 KB event a drain freed, the most of an
+        ack's cost in bench.journal_owner. Rebuilding the file (VACUUM) costs about its pages
+        in use instead (20-40 us each: a few ms for a drained journal, ~150 ms at most), so a
+        drained journal is rebuilt, and only one that keeps a larger backlog in a file mostly
+        free shrinks a step at a time, so that no single ack pays for all of it. A failure
+        here (a full disk for the rebuild) leaves the space for later: the ack has committed."""
         assert self._db is not None
-        if free_pages <= FREE_PAGES_BEFORE_SHRINK:
-            return
         used_pages = self.used_bytes // self._page_size
+        if free_pages <= FREE_PAGES_BEFORE_SHRINK or free_pages < FREE_PER_USED * used_pages:
+            return
         if used_pages <= REBUILD_MAX_USED_PAGES:
             statement = "VACUUM;"
-        elif used_pages * FREE_TIMES_USED_BEFORE_STEPS < free_pages:
+        else:
             # executescript steps the pragma to completion; execute() frees one page only.
             statement = f"PRAGMA incremental_vacuum({SHRINK_STEP_PAGES});"
-        else:
-            return
         try:
             self._db.executescript(statement)
         except sqlite3.Error as exc:

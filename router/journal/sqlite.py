@@ -54,13 +54,14 @@ import sqlite3
 import struct
 import sys
 import time
-import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+
+from isal.isal_zlib import crc32
 
 from router.config import JOURNAL_FILE, StorageConfig
 from router.events import Event
@@ -571,7 +572,6 @@ class SqliteJournal:
         parts: list[bytes] = []
         size = 0
         pack = RECORD.pack
-        crc32 = zlib.crc32
         keep = {target_id for target_id, target in self._targets.items() if target.may_remember()}
         for pending in group:
             for event, targets in pending.routed:
@@ -718,7 +718,7 @@ class SqliteJournal:
             (target_id, after, limit),
         ).fetchall()
         entries: list[Entry] = []
-        unpack, size, crc32 = RECORD.unpack_from, RECORD.size, zlib.crc32
+        unpack, size = RECORD.unpack_from, RECORD.size
         for first, last, batch, route in runs:
             blob, offsets = self._batch_frame(batch)
             for seq in range(max(first, after + 1), last + 1):
@@ -770,7 +770,7 @@ class SqliteJournal:
             body is None
             or event_id is None
             or received_at is None
-            or zlib.crc32(body) != crc
+            or crc32(body) != crc
             or not body.startswith(b"{")
         ):
             # A batch that did not fit is read again: count and log each record once.

@@ -514,6 +514,34 @@ async def test_a_refused_admin_action_is_recorded_even_when_it_quotes_a_huge_val
     assert "does not match" in failure and len(failure) < 5000
 
 
+async def test_a_refused_admin_action_is_recorded_whatever_characters_its_url_holds(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    """The id from the URL is quoted in the audit event's target CRN: a line break in it (which
+    a CRN cannot hold) had the event rejected, so the refusal went unrecorded."""
+    api = Client(daemon)
+    ids = ["archive%0AX-Injected:1", "a%0Ab%0Dc", "%E2%80%A8x%0A%0A"]
+    for target_id in ids:
+        assert (await api.call("DELETE", f"/api/v2/targets/{target_id}"))[0] == 404
+        assert (await api.call("PUT", f"/api/v2/views/{target_id}", {"name": "v"}))[0] == 404
+
+    def refused() -> list[dict[str, Any]]:
+        return [
+            e
+            for e in read_ndjson(tmp_path / "archive.ndjson")
+            if e["action"] in ("event-router.target.delete", "event-router.view.update")
+        ]
+
+    await wait_for(lambda: len(refused()) == 2 * len(ids), what="every refusal audited")
+    assert {e["target"]["name"] for e in refused()} == {
+        "archive\nX-Injected:1",
+        "a\nb\rc",
+        "\u2028x\n\n",
+    }
+    # The CRN quotes them escaped, so it stays one line of the CRN's pattern.
+    assert not any("\n" in e["target"]["id"] for e in refused())
+
+
 async def test_a_refused_change_changes_nothing_version_included(daemon: Daemon) -> None:
     api = Client(daemon)
     before = (await api.call("GET", "/api/v2/settings"))[1]

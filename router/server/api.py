@@ -54,7 +54,7 @@ from router.reload import config_digest
 from router.selfevent import change_event, instance_crn
 from router.server.auth import CALLER
 from router.targets import TARGET_TYPES, build_target
-from router.targets._net import AddressBound
+from router.targets._net import TLS_FILE_KEYS, AddressBound
 from router.targets.file import FileEndpointConfig
 
 log = logging.getLogger(__name__)
@@ -492,6 +492,13 @@ class ManagementApi:
             for where in references(target, f"targets[{i}]")
             if not _same_at(where.removeprefix(f"targets[{i}]"), target, old.get(target.get("id")))
         ]
+        problems.extend(
+            f"{where}: a file on the daemon's host, which the API does not read; TLS files "
+            "are the operator's to set in the config file"
+            for i, target in enumerate(raw)
+            for where in host_files(target, f"targets[{i}]")
+            if not _same_at(where.removeprefix(f"targets[{i}]"), target, old.get(target.get("id")))
+        )
         if problems:
             raise ConfigError("api", problems)
         new = parse_config(after, "api")
@@ -1133,6 +1140,18 @@ def root_problem(path: str, roots: tuple[Path, ...]) -> str | None:
         f"{path!r} is outside the archive roots ({allowed}); the API writes files only there "
         "(storage.archive_roots, by default the directories of the config's file targets)"
     )
+
+
+def host_files(value: Any, where: str) -> list[str]:
+    """The places in a target's data (any depth) that name a file on the daemon's host for
+    it to read (a TLS CA, certificate or key): an admin token would have the daemon read any
+    file it can, and present a key found there to a server of the caller's choosing."""
+    if isinstance(value, list):
+        return [p for n, v in enumerate(value) for p in host_files(v, f"{where}[{n}]")]
+    if not isinstance(value, dict):
+        return []
+    places = [f"{where}.{k}" for k, v in value.items() if k in TLS_FILE_KEYS and v is not None]
+    return places + [p for k, v in value.items() for p in host_files(v, f"{where}.{k}")]
 
 
 def _same_at(where: str, new: Any, old: Any) -> bool:

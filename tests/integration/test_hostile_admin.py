@@ -668,3 +668,39 @@ async def test_an_admin_token_cannot_make_the_daemon_read_a_file_through_a_targe
     assert status == 200, answer
     assert daemon.config.target("own").endpoint.tls.ca_file == str(operators_ca)  # type: ignore[union-attr]
     await ingest_still_works(daemon, "after-tls-files")
+
+
+@pytest.mark.parametrize(
+    "name", ["Content-Length", "transfer-encoding", "Content-Encoding", "Connection", "Upgrade"]
+)
+async def test_a_header_that_frames_the_request_is_refused_naming_it(
+    start_daemon: StartDaemon, receiver_factory: ReceiverFactory, tmp_path: Path, name: str
+) -> None:
+    """The HTTP client frames each POST itself. A target header `Content-Length: 1` was sent
+    as given with the whole body after it: the receiver read one byte of JSON, and the rest
+    of the batch as the next request on the connection (request smuggling, its method and
+    path taken from event bytes an ingest token chose); Transfer-Encoding and
+    Content-Encoding made every delivery unreadable. Refused, naming the header, from the API
+    and from the operator's YAML alike (no such target can ever deliver)."""
+    receiver = await receiver_factory()
+    daemon = await start_daemon(
+        {
+            "auth": {**auth(), "api_target_networks": ["127.0.0.0/8"]},
+            "targets": [file_target("archive", tmp_path / "archive.ndjson")],
+            "routes": everything_to("archive"),
+        }
+    )
+    target = {**http(receiver.url), "http_endpoint": {"url": receiver.url, "headers": {name: "1"}}}
+    status, answer = await call(daemon, "POST", "/api/v2/targets", target)
+    assert status == 400, answer
+    assert f"http_endpoint.headers.{name}" in message(answer), message(answer)
+    yaml_target = {"id": "siem", **target}
+    with pytest.raises(ConfigError) as refused:
+        parse_config({"targets": [yaml_target], "routes": everything_to("siem")})
+    assert any(f"targets[0].http_endpoint.headers.{name}" in p for p in refused.value.problems)
+    signing = {"secret": "a-signing-secret-of-enough-length", "header": name}
+    yaml_target["http_endpoint"] = {"url": receiver.url, "signing": signing}
+    with pytest.raises(ConfigError) as refused:
+        parse_config({"targets": [yaml_target], "routes": everything_to("siem")})
+    assert any("targets[0].http_endpoint.signing.header" in p for p in refused.value.problems)
+    await ingest_still_works(daemon, f"after-{name}")

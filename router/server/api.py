@@ -1085,15 +1085,21 @@ def write_back(path: Path, data: dict[str, Any]) -> None:
     if not isinstance(document, CommentedMap):
         document = CommentedMap()
     out = io.StringIO()
-    round_trip.dump(_merge(document, data), out)
+    round_trip.dump(_merge(document, data, _shared_nodes(document)), out)
     replace_atomically(path, out.getvalue().encode(), keep_previous=True)
 
 
-def _merge(old: Any, new: Any) -> Any:
+def _merge(old: Any, new: Any, shared: frozenset[int] = frozenset()) -> Any:
     """`new`, built on the nodes of `old` where they hold the same place, so the comments
     attached to them stay. Lists of objects are matched by `id` (or `name`), others by
-    position."""
+    position. A node that `old` holds in several places (`shared`: an anchor and its aliases)
+    is changed in a copy of its own, so a change at one place changes no other."""
     from ruamel.yaml.comments import CommentedMap, CommentedSeq  # imported by write_back
+
+    def merged(node: Any, value: Any) -> Any:
+        if id(node) in shared:
+            node = copy.deepcopy(node)
+        return _merge(node, value, shared)
 
     if isinstance(new, dict) and isinstance(old, CommentedMap):
         for key in [k for k in old if k not in new]:
@@ -1104,7 +1110,7 @@ def _merge(old: Any, new: Any) -> Any:
                 # (before the next section) belongs to the last key and must stay last.
                 old.insert(min(position, len(old)), key, value)
             elif old[key] != value:
-                old[key] = _merge(old[key], value)
+                old[key] = merged(old[key], value)
         return old
     if isinstance(new, list) and isinstance(old, CommentedSeq):
         wanted = [_item_key(item, i) for i, item in enumerate(new)]
@@ -1113,12 +1119,32 @@ def _merge(old: Any, new: Any) -> Any:
                 del old[i]
         for i, item in enumerate(new):
             if i < len(old) and _item_key(old[i], i) == wanted[i]:
-                old[i] = _merge(old[i], item) if old[i] != item else old[i]
+                old[i] = merged(old[i], item) if old[i] != item else old[i]
             else:
                 old.insert(i, item)
         del old[len(new) :]
         return old
     return new
+
+
+def _shared_nodes(document: Any) -> frozenset[int]:
+    """The mappings and lists a round-trip document holds in more than one place (what YAML
+    aliases repeat), by id."""
+    seen: set[int] = set()
+    shared: set[int] = set()
+
+    def walk(node: Any) -> None:
+        if not isinstance(node, dict | list):
+            return
+        if id(node) in seen:
+            shared.add(id(node))
+            return
+        seen.add(id(node))
+        for child in node.values() if isinstance(node, dict) else node:
+            walk(child)
+
+    walk(document)
+    return frozenset(shared)
 
 
 def _item_key(item: Any, index: int) -> Any:

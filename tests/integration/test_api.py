@@ -728,6 +728,58 @@ async def test_write_back_keeps_comments_and_key_order(tmp_path: Path) -> None:
     assert written.startswith(text.split("targets:")[0]), "untouched sections stay as written"
 
 
+SHARED = """\
+server: {{host: 127.0.0.1, port: 0}}
+storage: {{path: {var}}}
+startup: {{validate_targets: false}}
+targets:
+  - id: first
+    target_type: http
+    http_endpoint: &siem   # both targets send to one SIEM
+      url: {url}
+      timeout_s: 5
+  - id: second
+    target_type: http
+    http_endpoint: *siem
+routes:
+  - name: all
+    rules: [{{locations: ["*"], target_ids: [first, second]}}]
+auth: {auth}
+"""
+
+
+@pytest.mark.parametrize("changed", ["first", "second"])
+async def test_write_back_changes_only_the_target_changed_where_the_yaml_shares_a_node(
+    tmp_path: Path, receiver_factory: ReceiverFactory, changed: str
+) -> None:
+    """Two targets whose endpoint is one YAML node (an anchor and its alias): the write-back
+    merged each target's data into that one node in turn, so the file kept the change of
+    whichever came last: a PUT to `first` was lost on restart, and a PUT to `second` moved
+    `first` to the new URL too (a target no request named)."""
+    old, new = await receiver_factory(), await receiver_factory()
+    path = tmp_path / "router.yaml"
+    text = SHARED.format(var=tmp_path / "var", url=old.url, auth=json.dumps(loopback_auth()))
+    path.write_text(text)
+    data = yaml.safe_load(text)
+    daemon = Daemon(parse_config(data), ConfigSource(path, data))
+    await daemon.start()
+    try:
+        status, answer = await Client(daemon).call(
+            "PUT",
+            f"/api/v2/targets/{changed}",
+            {"name": changed, "target_type": "http", "http_endpoint": {"url": new.url}},
+        )
+        assert status == 200, answer
+        urls = {t.id: t.endpoint.url for t in daemon.config.targets}  # type: ignore[union-attr]
+    finally:
+        await daemon.stop()
+    assert urls == {"first": old.url, "second": old.url, changed: new.url}
+    written = yaml.safe_load(path.read_text())
+    assert {t["id"]: t["http_endpoint"]["url"] for t in written["targets"]} == urls
+    assert written == daemon.source.data
+    assert "# both targets send to one SIEM" in path.read_text()
+
+
 def test_prev_files_are_not_tracked() -> None:
     repo = Path(__file__).resolve().parents[2]
     ignored = subprocess.run(

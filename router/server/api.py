@@ -32,7 +32,7 @@ from typing import Any, Protocol
 import orjson
 from aiohttp import web
 
-from router.appendfile import replace_atomically
+from router.appendfile import replace_atomically, replace_with_staged, write_staged
 from router.config import (
     API_METADATA_FILE,
     Config,
@@ -46,7 +46,7 @@ from router.config import (
     target_listener_problems,
     target_network_problems,
 )
-from router.errors import ConfigError
+from router.errors import ConfigError, ConfigWriteError
 from router.masking import masked
 from router.observe.metrics import WriteStatus, utc_iso
 from router.probe import ProbeResult, probe
@@ -438,6 +438,14 @@ class ManagementApi:
 
             try:
                 await self.editor.edit(change, initiator=self._who(request))
+            except ConfigWriteError as exc:
+                self.meta.restore(saved)
+                raise ApiError(
+                    503,
+                    "config_not_written",
+                    f"{exc}; nothing was changed: try again once it can be written",
+                    subject,
+                ) from exc
             except ConfigError as exc:
                 self.meta.restore(saved)
                 problems = (
@@ -1064,10 +1072,18 @@ class ManagementApi:
         return self._json(self.settings_model(), status=201)
 
 
-def write_back(path: Path, data: dict[str, Any]) -> None:
-    """Write the edited config over its file, keeping the operator's comments, key order and
-    layout wherever the data did not change (round-trip YAML), atomically, with the previous
-    file kept as `<file>.prev`."""
+def commit_write_back(path: Path, staged: Path) -> None:
+    """Put the file stage_write_back wrote in place of the config file (two renames)."""
+    replace_with_staged(path, staged, keep_previous=True)
+
+
+def stage_write_back(path: Path, data: dict[str, Any]) -> Path:
+    """The edited config, to be written over its file, keeping the operator's comments, key
+    order and layout wherever the data did not change (round-trip YAML): written (and
+    fsynced) to a temp file beside it, the part of a write-back that a full disk fails, done
+    before the change is applied, so a change that cannot be written is not applied either.
+    Returns the temp file; commit_write_back puts it in place (the previous file kept as
+    `<file>.prev`)."""
     # Imported by the first change written back: the round-trip library costs a megabyte in a
     # daemon whose config nobody edits through the API.
     from ruamel.yaml import YAML
@@ -1086,7 +1102,7 @@ def write_back(path: Path, data: dict[str, Any]) -> None:
         document = CommentedMap()
     out = io.StringIO()
     round_trip.dump(_merge(document, data, _shared_nodes(document)), out)
-    replace_atomically(path, out.getvalue().encode(), keep_previous=True)
+    return write_staged(path, out.getvalue().encode())
 
 
 def _merge(old: Any, new: Any, shared: frozenset[int] = frozenset()) -> Any:
@@ -1094,7 +1110,7 @@ def _merge(old: Any, new: Any, shared: frozenset[int] = frozenset()) -> Any:
     attached to them stay. Lists of objects are matched by `id` (or `name`), others by
     position. A node that `old` holds in several places (`shared`: an anchor and its aliases)
     is changed in a copy of its own, so a change at one place changes no other."""
-    from ruamel.yaml.comments import CommentedMap, CommentedSeq  # imported by write_back
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq  # imported by stage_write_back
 
     def merged(node: Any, value: Any) -> Any:
         if id(node) in shared:

@@ -16,10 +16,14 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+import yaml
 
+from router.config import parse_config
+from router.daemon import Daemon
 from router.evidence.verify import Verifier, verify_files
+from router.server.api import ConfigSource
 from tests.conftest import StartDaemon
-from tests.fakes import ScriptedReceiver, make_event, wait_for
+from tests.fakes import ScriptedReceiver, make_event, read_ndjson, wait_for
 from tests.helpers import (
     assert_books_balance,
     everything_to,
@@ -29,6 +33,8 @@ from tests.helpers import (
     post,
     settled,
 )
+from tests.integration.test_api import Client as ApiClient
+from tests.integration.test_api import auth as api_auth
 
 ReceiverFactory = Callable[..., Awaitable[ScriptedReceiver]]
 Mount = Callable[[Path, str], Path]
@@ -61,6 +67,16 @@ def tmpfs() -> Iterator[Mount]:
 
 def grow(path: Path, size: str) -> None:
     subprocess.run(["mount", "-o", f"remount,size={size}", str(path)], check=True)
+
+
+def fill_up(directory: Path) -> Path:
+    """A file that takes every byte left on the file system of `directory`."""
+    filler = directory / "filler"
+    with pytest.raises(OSError), open(filler, "wb") as f:
+        while True:
+            f.write(b"x" * 4096)
+            f.flush()
+    return filler
 
 
 def lines_by_id(path: Path, key: Callable[[Any], object]) -> Counter[object]:
@@ -171,3 +187,58 @@ async def test_a_full_journal_disk_answers_503_journal_unavailable_counted_then_
     delivered = [e["id"] for e in siem.delivered_events]
     assert sorted(delivered) == sorted([*accepted, "after"]), "the refused request left nothing"
     assert_books_balance(daemon)
+
+
+async def test_an_api_change_whose_config_file_cannot_be_written_changes_nothing(
+    tmp_path: Path, tmpfs: Mount
+) -> None:
+    """The config file's disk is full: the change was applied (the target created and
+    running), then writing the file failed: a 500, with the change live but not in the file
+    (gone at the next restart) and never audited. Now the file is written (to its temp file)
+    before anything is applied: a 503 naming the file and why, nothing changed, the refusal
+    audited; once there is room, the same request is applied and written."""
+    etc = tmpfs(tmp_path / "etc", "64k")
+    path = etc / "router.yaml"
+    data = {
+        "server": {"host": "127.0.0.1", "port": 0},
+        "storage": {"path": str(tmp_path / "var")},
+        "startup": {"validate_targets": False},
+        "auth": api_auth(),
+        "targets": [file_target("archive", tmp_path / "archive.ndjson")],
+        "routes": everything_to("archive"),
+    }
+    text = "# the operator's config\n" + yaml.safe_dump(data)
+    path.write_text(text)
+    filler = fill_up(etc)
+    daemon = Daemon(parse_config(data), ConfigSource(path, data))
+    await daemon.start()
+    try:
+        api = ApiClient(daemon)
+        new_target = {"target_type": "file", "file_endpoint": {"path": str(tmp_path / "b.ndjson")}}
+        status, answer = await api.call("POST", "/api/v2/targets", new_target)
+        assert status == 503, answer
+        error = answer["errors"][0]
+        assert error["code"] == "config_not_written", error
+        assert str(path) in error["message"] and "No space left" in error["message"]
+        assert [t.id for t in daemon.config.targets] == ["archive"]
+        assert [t["id"] for t in (await api.call("GET", "/api/v2/targets"))[1]["targets"]] == [
+            "archive"
+        ]
+        assert path.read_text() == text
+        assert sorted(p.name for p in etc.iterdir()) == ["filler", "router.yaml"]
+
+        def refusals() -> list[dict[str, Any]]:
+            return [
+                e
+                for e in read_ndjson(tmp_path / "archive.ndjson")
+                if e["action"] == "event-router.target.create" and e["outcome"] == "failure"
+            ]
+
+        await wait_for(lambda: len(refusals()) == 1, what="the refusal audited")
+        filler.unlink()
+        status, answer = await api.call("POST", "/api/v2/targets", new_target)
+        assert status == 201, answer
+        assert answer["id"] in [t["id"] for t in yaml.safe_load(path.read_text())["targets"]]
+        assert_books_balance(daemon)
+    finally:
+        await daemon.stop()

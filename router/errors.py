@@ -37,13 +37,13 @@ class ConfigError(RouterError):
 
 
 class ConfigWriteError(RouterError):
-    """A management API change whose config file could not be written (a full disk): it was
-    not applied."""
+    """A management API change whose config file (`what`), or the API's metadata file, could
+    not be written (a full disk): it was not applied."""
 
-    def __init__(self, path: str, reason: str) -> None:
+    def __init__(self, path: str, reason: str, what: str = "the config file") -> None:
         self.path = path
         self.reason = reason
-        super().__init__(f"the config file {path} could not be written: {reason}")
+        super().__init__(f"{what} {path} could not be written: {reason}")
 
 
 class RequestError(RouterError):

@@ -171,6 +171,23 @@ class Metadata:
             return
         replace_atomically(self.path, orjson.dumps(self.document()))
 
+    def stage(self) -> list[Path]:
+        """The metadata written (and fsynced) to a temp file, for `commit` once the change it
+        belongs to is applied; none without a file. ConfigWriteError when the storage cannot
+        take it (a full disk): the change is refused before it is applied."""
+        if self.path is None:
+            return []
+        try:
+            return [write_staged(self.path, orjson.dumps(self.document()))]
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise ConfigWriteError(str(self.path), reason, "the API's metadata file") from exc
+
+    def commit(self, staged: list[Path]) -> None:
+        if self.path is not None:
+            for temp in staged:
+                replace_with_staged(self.path, temp)
+
 
 Handler = Callable[[web.Request], Awaitable[web.Response]]
 
@@ -371,7 +388,20 @@ class ManagementApi:
                 await self._save_meta()
 
     async def _save_meta(self) -> None:
-        await asyncio.to_thread(self.meta.save)
+        """Save what a read added (first sightings): a full disk is a warning, not a failed
+        read; the metadata stays in memory and goes out with the next change."""
+        try:
+            await asyncio.to_thread(self.meta.save)
+        except OSError as exc:
+            log.warning("the API's metadata could not be saved (kept in memory): %s", exc)
+        await self.editor.share_metadata(copy.deepcopy(self.meta.document()))
+
+    async def _commit_meta(self, staged: list[Path]) -> None:
+        """Put the metadata staged for an applied change in place, and share it."""
+        try:
+            await asyncio.to_thread(self.meta.commit, staged)
+        except OSError as exc:  # a rename, in a directory that took the file: not expected
+            log.warning("the API's metadata could not be saved (kept in memory): %s", exc)
         await self.editor.share_metadata(copy.deepcopy(self.meta.document()))
 
     async def adopt_meta(self, document: Mapping[str, Any]) -> None:
@@ -380,7 +410,10 @@ class ManagementApi:
         not hold the config lock, which an edit takes inside this one."""
         async with self._editing:
             self.meta.adopt(document)
-            await asyncio.to_thread(self.meta.save)
+            try:
+                await asyncio.to_thread(self.meta.save)
+            except OSError as exc:
+                log.warning("the API's metadata could not be saved (kept in memory): %s", exc)
 
     def route_model(self, raw: dict[str, Any]) -> dict[str, Any]:
         route_id = str(raw.get("id", raw["name"]))
@@ -423,6 +456,7 @@ class ManagementApi:
             configs: list[Config] = []  # the running one and the edited one, for the audit
 
             prefix = ""  # where the item the caller sent sits in the config
+            staged: list[Path] = []  # the metadata's temp file, put in place once applied
 
             async def change(old: Config, source: ConfigSource) -> tuple[Config, ConfigSource]:
                 nonlocal result, prefix
@@ -433,11 +467,17 @@ class ManagementApi:
                 # target's host may be looked up.
                 new = await asyncio.to_thread(self._check, old, source.data, data)
                 await self._test_write(old, new)
+                staged[:] = await asyncio.to_thread(self.meta.stage)
                 configs[:] = [old, new]
                 return new, ConfigSource(source.path, data)
 
             try:
-                await self.editor.edit(change, initiator=self._who(request))
+                try:
+                    await self.editor.edit(change, initiator=self._who(request))
+                except BaseException:
+                    for temp in staged:
+                        temp.unlink(missing_ok=True)
+                    raise
             except ConfigWriteError as exc:
                 self.meta.restore(saved)
                 raise ApiError(
@@ -461,7 +501,7 @@ class ManagementApi:
             except BaseException:
                 self.meta.restore(saved)
                 raise
-            await self._save_meta()
+            await self._commit_meta(staged)
             old, new = configs
             await self._audit(request, action, subject, old, new, None)
             return result

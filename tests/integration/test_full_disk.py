@@ -242,3 +242,44 @@ async def test_an_api_change_whose_config_file_cannot_be_written_changes_nothing
         assert_books_balance(daemon)
     finally:
         await daemon.stop()
+
+
+async def test_an_api_change_when_the_storage_is_full_changes_nothing_and_reads_still_answer(
+    tmp_path: Path, tmpfs: Mount
+) -> None:
+    """The storage (journal, the API's metadata) is full: a change was applied and written to
+    the config file, then saving its metadata failed: a 500, never audited; and a read that
+    first showed a YAML target (saving its creation time) was a 500 too. Now a change's
+    metadata is written before it is applied (503 naming the file, nothing changed), and a
+    read answers, its metadata kept in memory."""
+    var = tmpfs(tmp_path / "var", "1m")
+    path = tmp_path / "router.yaml"
+    data = {
+        "server": {"host": "127.0.0.1", "port": 0},
+        "storage": {"path": str(var)},
+        "startup": {"validate_targets": False},
+        "auth": api_auth(),
+        "targets": [file_target("archive", tmp_path / "archive.ndjson")],
+        "routes": everything_to("archive"),
+    }
+    path.write_text(yaml.safe_dump(data))
+    daemon = Daemon(parse_config(data), ConfigSource(path, data))
+    await daemon.start()
+    api = ApiClient(daemon)
+    filler = fill_up(var)
+    text = path.read_text()
+    status, answer = await api.call("POST", "/api/v2/views", {"name": "failures", "query": "x"})
+    assert status == 503, answer
+    error = answer["errors"][0]
+    assert error["code"] == "config_not_written", error
+    assert "api-metadata.json" in error["message"] and "No space left" in error["message"]
+    assert daemon.config.views == () and path.read_text() == text
+    status, answer = await api.call("GET", "/api/v2/targets")  # first sight of the YAML's
+    assert status == 200, answer
+    assert [t["id"] for t in answer["targets"]] == ["archive"]
+    assert not list(var.glob("*.tmp"))
+    filler.unlink()
+    status, answer = await api.call("POST", "/api/v2/views", {"name": "failures", "query": "x"})
+    assert status == 201, answer
+    assert [v.name for v in daemon.config.views] == ["failures"]
+    await daemon.stop()

@@ -6,6 +6,7 @@ mount grows and everything drains. Needs root (mount); skipped with the reason o
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
 from collections import Counter
@@ -28,10 +29,14 @@ from tests.helpers import (
     assert_books_balance,
     everything_to,
     file_target,
+    free_port,
     http_target,
     patient,
     post,
+    reap,
+    serve,
     settled,
+    terminate,
 )
 from tests.integration.test_api import Client as ApiClient
 from tests.integration.test_api import auth as api_auth
@@ -283,3 +288,41 @@ async def test_an_api_change_when_the_storage_is_full_changes_nothing_and_reads_
     assert status == 201, answer
     assert [v.name for v in daemon.config.views] == ["failures"]
     await daemon.stop()
+
+
+async def test_sigterm_with_the_storage_full_stops_cleanly(tmp_path: Path, tmpfs: Mount) -> None:
+    """The alert store's last checkpoint at close failed on a full disk and the stop ended
+    there, exit 1 with a traceback: targets and the journal never closed. A checkpoint that
+    cannot be written leaves the WAL, replayed at the next start, as the journal's does."""
+    var = tmpfs(tmp_path / "var", "1m")
+    port = free_port()
+    config = tmp_path / "router.yaml"
+    archive = tmp_path / "archive.ndjson"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "server": {"host": "127.0.0.1", "port": port},
+                "storage": {"path": str(var)},
+                "startup": {"validate_targets": False},
+                "targets": [file_target("archive", archive)],
+                "routes": everything_to("archive"),
+            }
+        )
+    )
+    proc = await serve(config, port, stderr=asyncio.subprocess.PIPE)
+    try:
+        url = f"http://127.0.0.1:{port}/v1/events"
+        async with aiohttp.ClientSession() as session:
+            async with session.post(url, json=[make_event(id="before")]) as resp:
+                assert resp.status == 202
+            await wait_for(lambda: [e["id"] for e in read_ndjson(archive)] == ["before"])
+            fill_up(var)
+            async with session.post(url, json=[make_event(id="refused")]) as resp:
+                assert resp.status == 503
+        assert await terminate(proc) == 0
+        assert proc.stderr is not None
+        err = (await proc.stderr.read()).decode()
+        assert "event-router stopped" in err  # the summary, after the journal closed
+        assert "alert store checkpoint at close failed" in err
+    finally:
+        await reap(proc)

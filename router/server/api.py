@@ -124,10 +124,26 @@ class Metadata:
 
     @classmethod
     def load(cls, path: Path | None) -> Metadata:
+        """The metadata in `path`. A damaged file (not JSON, or not this shape) must not keep
+        the daemon from starting, nor fail every API read: it is moved aside
+        (`api-metadata.json.corrupt-<time>`, as a damaged alerts.db) and the metadata starts
+        again (the YAML's items are seen anew)."""
         if path is None or not path.exists():
             return cls(path)
-        data = orjson.loads(path.read_bytes())
-        return cls(path, data["created"], data["updated"], data["versions"], data["settings"])
+        problem: str | None
+        try:
+            data = orjson.loads(path.read_bytes())
+            parts = [data[key] for key in ("created", "updated", "versions", "settings")]
+        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+            problem = f"{type(exc).__name__}: {exc}"
+        else:
+            problem = _metadata_problem(*parts)
+            if problem is None:
+                return cls(path, *parts)
+        aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+        path.rename(aside)
+        log.error("the API's metadata %s is damaged (%s); moved to %s", path, problem, aside)
+        return cls(path)
 
     def snapshot(self) -> tuple[dict[str, Any], ...]:
         """Everything a change may edit, to put back if the change is refused."""
@@ -187,6 +203,22 @@ class Metadata:
         if self.path is not None:
             for temp in staged:
                 replace_with_staged(self.path, temp)
+
+
+def _metadata_problem(created: Any, updated: Any, versions: Any, settings: Any) -> str | None:
+    """What is wrong with the parts of a metadata file, if anything."""
+    for name, part, kind in (
+        ("created", created, str),
+        ("updated", updated, str),
+        ("versions", versions, int),
+    ):
+        if not isinstance(part, dict) or not all(
+            isinstance(key, str) and isinstance(value, kind) for key, value in part.items()
+        ):
+            return f"{name}: not a map of names to {kind.__name__} values"
+    if not isinstance(settings, dict):
+        return "settings: not a map"
+    return None
 
 
 Handler = Callable[[web.Request], Awaitable[web.Response]]

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 import yaml
 
@@ -778,6 +779,54 @@ async def test_write_back_changes_only_the_target_changed_where_the_yaml_shares_
     assert {t["id"]: t["http_endpoint"]["url"] for t in written["targets"]} == urls
     assert written == daemon.source.data
     assert "# both targets send to one SIEM" in path.read_text()
+
+
+@pytest.mark.parametrize(
+    "damaged",
+    [
+        b"\x00\xffnot json",
+        b'{"created": {"target:archive": "2024-',
+        b"",
+        b"[1, 2]",
+        b'{"created": {}}',
+        b'{"created": [], "updated": 1, "versions": "x", "settings": null}',
+        b'{"created": {"a": 1}, "updated": {}, "versions": {"a": "x"}, "settings": {}}',
+    ],
+)
+async def test_a_damaged_api_metadata_file_is_moved_aside_and_the_daemon_starts(
+    tmp_path: Path, damaged: bytes
+) -> None:
+    """The API's metadata (timestamps, route versions) beside the journal was read as it was:
+    a damaged file (a bad disk, an edit by hand) stopped the daemon from starting with a
+    traceback (JSONDecodeError, KeyError, TypeError), or had every API read answer 500. It is
+    moved aside (api-metadata.json.corrupt-<time>), as a damaged alerts.db is, and the API
+    starts its metadata again."""
+    path = tmp_path / "router.yaml"
+    data = {
+        "server": {"host": "127.0.0.1", "port": 0},
+        "storage": {"path": str(tmp_path / "var")},
+        "startup": {"validate_targets": False},
+        "auth": auth(),
+        "targets": [file_target("archive", tmp_path / "archive.ndjson")],
+        "routes": everything_to("archive"),
+    }
+    path.write_text(yaml.safe_dump(data))
+    (tmp_path / "var").mkdir()
+    (tmp_path / "var" / "api-metadata.json").write_bytes(damaged)
+    daemon = Daemon(parse_config(data), ConfigSource(path, data))
+    await daemon.start()
+    try:
+        api = Client(daemon)
+        for read in ("/api/v2/targets", "/api/v2/routes", "/api/v2/settings", "/api/v2/views"):
+            status, answer = await api.call("GET", read)
+            assert status == 200, (read, answer)
+        status, answer = await api.call("POST", "/api/v2/views", {"name": "v", "query": "x"})
+        assert status == 201, answer
+    finally:
+        await daemon.stop()
+    [aside] = (tmp_path / "var").glob("api-metadata.json.corrupt-*")
+    assert aside.read_bytes() == damaged
+    assert orjson.loads((tmp_path / "var" / "api-metadata.json").read_bytes())["created"]
 
 
 def test_prev_files_are_not_tracked() -> None:

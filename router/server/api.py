@@ -360,6 +360,15 @@ class ManagementApi:
                 "unsupported_media_type",
                 f"Content-Type {request.content_type!r}: send application/json",
             )
+        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding != "identity":
+            # The body is read as it came (the server does not inflate): say so, rather than
+            # call the compressed bytes broken JSON.
+            raise ApiError(
+                415,
+                "unsupported_media_type",
+                f"Content-Encoding {encoding!r}: the management API takes uncompressed JSON",
+            )
         try:
             body = orjson.loads(await request.read())
         except orjson.JSONDecodeError as exc:

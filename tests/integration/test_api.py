@@ -4,6 +4,7 @@ them, against a real daemon: models, status codes, errors, masking, persistence,
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hashlib
 import json
 import os
@@ -268,6 +269,33 @@ async def test_a_target_in_use_cannot_be_deleted_and_errors_have_atracker_shape(
 async def test_the_api_needs_an_admin_token(daemon: Daemon) -> None:
     assert (await Client(daemon, token=None).call("GET", "/api/v2/targets"))[0] == 401
     assert (await Client(daemon, token=INGEST).call("GET", "/api/v2/targets"))[0] == 403
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br"])
+async def test_a_compressed_api_body_is_refused_naming_the_content_encoding(
+    daemon: Daemon, encoding: str
+) -> None:
+    """The management API reads its bodies as they come: a gzip body was answered 400 'the
+    input parameters ... are in the wrong format: ... at line 1 column 1', as if the JSON were
+    broken. It is a 415 that names the Content-Encoding."""
+    body = gzip.compress(orjson.dumps({"name": "v", "query": "x"}))
+    async with (
+        aiohttp.ClientSession(auto_decompress=False) as session,
+        session.post(
+            f"http://127.0.0.1:{daemon.port}/api/v2/views",
+            data=body,
+            headers={
+                "Authorization": f"Bearer {ADMIN}",
+                "Content-Type": "application/json",
+                "Content-Encoding": encoding,
+            },
+        ) as resp,
+    ):
+        assert resp.status == 415
+        error = (await resp.json())["errors"][0]
+    assert error["code"] == "unsupported_media_type"
+    assert f"Content-Encoding {encoding!r}" in error["message"]
+    assert daemon.config.views == ()
 
 
 async def test_credentials_come_back_masked_and_stay_references_in_the_file(

@@ -24,7 +24,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -39,6 +39,7 @@ from router.config import (
     TargetConfig,
     archive_roots,
     daemons_iam_url,
+    file_references,
     operators_hosts,
     parse_config,
     references,
@@ -603,7 +604,10 @@ class ManagementApi:
             bounded[i] = self._mark_api_hosts(raw[i], target, before_target, networks, daemons_iam)
             endpoint = target.endpoint
             if isinstance(endpoint, FileEndpointConfig):
-                problem = root_problem(endpoint.path, roots)
+                others = new.targets[:i] + new.targets[i + 1 :]
+                problem = root_problem(endpoint.path, roots) or daemon_file_problem(
+                    endpoint.path, after, self.editor.source.path, others
+                )
                 if problem is not None:
                     problems.append(f"targets[{i}].file_endpoint.path: {problem}")
             problems.extend(target_listener_problems(i, target, running.server.host, self.port()))
@@ -1275,6 +1279,49 @@ def host_files(value: Any, where: str) -> list[str]:
         return []
     places = [f"{where}.{k}" for k, v in value.items() if k in TLS_FILE_KEYS and v is not None]
     return places + [p for k, v in value.items() for p in host_files(v, f"{where}.{k}")]
+
+
+def daemon_file_problem(
+    path: str, data: Mapping[str, Any], config_path: Path | None, others: Sequence[TargetConfig]
+) -> str | None:
+    """Why the API may not put a file target at `path` inside the archive roots (None if it
+    may): a file the daemon reads (daemon_files), or where another file target's archive
+    rotates to (`archive.ndjson.1`, `.2.gz`): appended events would break the config at the
+    next start, a key, a secret, or another archive's chain."""
+    resolved = Path(path).resolve()
+    if resolved in daemon_files(data, config_path):
+        return (
+            f"{path!r} is a file the daemon reads (its config file, a key, a certificate or "
+            "a ${file:} secret); the API writes archives only"
+        )
+    for other in others:
+        if isinstance(other.endpoint, FileEndpointConfig):
+            archive = Path(other.endpoint.path).resolve()
+            if resolved.parent == archive.parent and resolved.name.startswith(archive.name + "."):
+                return f"{path!r} is where the archive {str(archive)!r} rotates to"
+    return None
+
+
+def daemon_files(data: Mapping[str, Any], config_path: Path | None) -> set[Path]:
+    """The files the daemon reads, resolved: its config file (with the write-back's `.prev`
+    and `.tmp`), every file the config names under a `*_file` key (keys, certificates,
+    credentials, a token file; a signing key's `.pub` beside it) and every `${file:}`."""
+    named: list[str] = list(file_references(data))
+
+    def walk(value: Any) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if isinstance(key, str) and key.endswith("_file") and isinstance(item, str):
+                    named.extend((item, item + ".pub"))
+                walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+
+    walk(data)
+    if config_path is not None:
+        named.extend(str(config_path) + suffix for suffix in ("", ".prev", ".tmp"))
+    return {Path(name).resolve() for name in named if "\x00" not in name}
 
 
 def _same_at(where: str, new: Any, old: Any) -> bool:

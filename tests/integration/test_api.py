@@ -20,6 +20,7 @@ import yaml
 
 from router.config import parse_config
 from router.daemon import Daemon
+from router.evidence.keys import generate
 from router.server.api import ConfigSource
 from tests.conftest import StartDaemon
 from tests.fakes import make_event, read_ndjson, wait_for
@@ -650,6 +651,82 @@ async def test_file_targets_from_the_api_stay_under_the_archive_roots(
         "POST", "/api/v2/targets", {"target_type": "file", "file_endpoint": {"path": str(ok)}}
     )
     assert status == 201
+
+
+async def test_a_file_target_from_the_api_never_writes_a_file_the_daemon_reads(
+    tmp_path: Path, pki: Path
+) -> None:
+    """The operator keeps the config file, the evidence signing key, a ${file:} secret and a
+    target's CA beside the archive, in the one archive root. A file target
+    from the API could be put on any of them, or on another archive's rotations: the daemon
+    then appended events to its own config (the next start failed on it), to its keys, or into
+    another archive's rotated, chained files. Each is refused, naming it."""
+    archive = tmp_path / "archive.ndjson"
+    key = tmp_path / "signing.key"
+    generate(key)
+    secret = tmp_path / "siem.token"
+    secret.write_text("a-token-from-a-file\n")
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes((pki / "ca.pem").read_bytes())
+    path = tmp_path / "router.yaml"
+    data = {
+        "server": {"host": "127.0.0.1", "port": 0},
+        "storage": {"path": str(tmp_path / "var")},
+        "startup": {"validate_targets": False},
+        "auth": auth(),
+        "evidence": {"signing_key_file": str(key)},
+        "targets": [
+            {**file_target("archive", archive), "file_endpoint": {"path": str(archive)}},
+            {
+                "id": "siem",
+                "target_type": "http",
+                "http_endpoint": {
+                    "url": "http://127.0.0.1:9/",
+                    "headers": {"X-Token": f"${{file:{secret}}}"},
+                    "tls": {"ca_file": str(ca)},
+                },
+            },
+        ],
+        "routes": everything_to("archive"),
+    }
+    text = yaml.safe_dump(data)
+    path.write_text(text)
+    daemon = Daemon(parse_config(data), ConfigSource(path, data))
+    await daemon.start()
+    try:
+        api = Client(daemon)
+        refused = {
+            path: "a file the daemon reads",
+            tmp_path / "router.yaml.prev": "a file the daemon reads",
+            tmp_path / "router.yaml.tmp": "a file the daemon reads",
+            key: "a file the daemon reads",
+            tmp_path / "signing.key.pub": "a file the daemon reads",
+            secret: "a file the daemon reads",
+            ca: "a file the daemon reads",
+            tmp_path / "var" / "receipts.key": "the journal's own files",
+            tmp_path / "var" / "api-metadata.json.tmp": "the journal's own files",
+            tmp_path / "archive.ndjson.1": "rotates",
+            tmp_path / "archive.ndjson.2.gz": "rotates",
+        }
+        for where, why in refused.items():
+            status, error = await api.call(
+                "POST",
+                "/api/v2/targets",
+                {"target_type": "file", "file_endpoint": {"path": str(where)}},
+            )
+            assert status == 400, (where, error)
+            message = error["errors"][0]["message"]
+            assert message.startswith("file_endpoint.path: ") and why in message, message
+        assert [t.id for t in daemon.config.targets] == ["archive", "siem"]
+        status, _ = await api.call(
+            "POST",
+            "/api/v2/targets",
+            {"target_type": "file", "file_endpoint": {"path": str(tmp_path / "other.ndjson")}},
+        )
+        assert status == 201
+    finally:
+        await daemon.stop()
+    assert yaml.safe_load(path.read_text())["evidence"] == data["evidence"]
 
 
 async def test_references_in_api_bodies_are_refused(

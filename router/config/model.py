@@ -182,6 +182,13 @@ class StorageConfig:
             ALERTS_FILE,
             f"{ALERTS_FILE}-wal",
             f"{ALERTS_FILE}-shm",
+            # The receipt key (router/evidence/receipt.py), the one it replaced, the one being
+            # made, and the metadata's temp file: events appended to any of them would stop
+            # the next start, or be read as the next metadata.
+            "receipts.key",
+            "receipts.key.own",
+            "receipts.key.new",
+            f"{API_METADATA_FILE}.tmp",
         )
         return tuple(base / name for name in names)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import itertools
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,9 @@ from aiohttp import web
 from router.clients.tail import sse_messages
 from router.config import parse_config
 from router.daemon import Daemon
-from router.journal.jetstream import letters_stream, queue_stream
+from router.events import Event
+from router.journal import JournalUnavailableError
+from router.journal.jetstream import JetStreamJournal, letters_stream, queue_stream
 from router.server.api import ConfigSource
 from tests.conftest import FAST_DELIVERY
 from tests.fakes import make_event, read_ndjson, wait_for
@@ -218,6 +221,89 @@ async def test_a_send_longer_than_ack_wait_keeps_its_batch_with_in_progress_acks
     finally:
         release.set()
         await runner.cleanup()
+
+
+async def test_a_batch_gathered_longer_than_ack_wait_is_kept_and_sent_once(
+    start_router: Any, receiver_factory: ReceiverFactory
+) -> None:
+    """What a router fetched and still gathers into a batch (max_wait_s) is its own too:
+    kept with in-progress acks from the fetch, not only once the batch is out, or JetStream
+    hands it to another router meanwhile and both send it."""
+    siem = await receiver_factory([200])
+    config = {
+        "targets": [http_target("siem", siem.url)],
+        "routes": everything_to("siem"),
+        # A batch waits 6 s for more after its first event, twice ack_wait.
+        "delivery": {"batch": {"max_wait_s": 6, "max_events": 1000}},
+    }
+    routers = [await start_router(config, ack_wait_s=3, name=n) for n in ("r1", "r2")]
+    events = [event() for _ in range(5)]
+    ids = [e["id"] for e in events]
+    assert (await post(routers[0], events))[0] == 202
+    await wait_for(
+        lambda: all(settled(r) for r in routers) and bool(siem.requests),
+        timeout_s=30,
+        what="the batch to be delivered",
+    )
+    for router in routers:  # a batch still gathered goes out as its router stops
+        await router.stop()
+    sent = [e["id"] for e in siem.delivered_events]
+    assert sorted(sent) == sorted(ids), f"each event once, by one router: {sent}"
+
+
+def stopped(pid: int) -> bool:
+    """Has SIGSTOP stopped every thread of the process (it acts on each thread on its own)?"""
+    tasks = Path(f"/proc/{pid}/task")
+    return all(
+        (t / "stat").read_text().rsplit(")", 1)[1].split()[0] in "tT" for t in tasks.iterdir()
+    )
+
+
+async def open_journal(
+    path: Path, server: NatsServer, target_ids: list[str], **settings: Any
+) -> JetStreamJournal:
+    """A JetStreamJournal of its own, on a fresh stream, open."""
+    settings.setdefault("max_bytes", 16 * 1024 * 1024)
+    storage = {"path": str(path), **jetstream([server.url], f"T{next(_streams)}", **settings)}
+    journal = JetStreamJournal(parse_config({"storage": storage}).storage, target_ids)
+    await journal.open()
+    return journal
+
+
+async def test_an_ack_tried_again_after_an_unconfirmed_one_settles_the_batch(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    """The delivery worker tries a batch's ack again after it raised (no confirmation: the
+    server hung). The first try's plain acks went out; the second must send them again, not
+    refuse because they were sent (nats-py's Msg.ack refuses a message it acked before):
+    refused, the batch was never settled and stayed held, for ever, after a node died."""
+    journal = await open_journal(tmp_path / "var", nats_server, ["t"], publish_timeout_s=1)
+    try:
+        await journal.append(
+            [(Event.from_body(event(), received_at=time.time()), {"t": "all"}) for _ in range(3)]
+        )
+        batch = await journal.next_batch(
+            "t", max_events=10, max_bytes=1 << 20, max_wait_s=0.2, stopping=asyncio.Event()
+        )
+        assert len(batch) == 3
+        nats_server.pause()
+        try:
+            await wait_for(lambda: stopped(nats_server.pid), what="the server to stop")
+            with pytest.raises(JournalUnavailableError):
+                await journal.ack("t", batch, dead_lettered=0)
+        finally:
+            nats_server.resume()
+        await journal.ack("t", batch, dead_lettered=0)
+
+        async def settled_in_stream() -> bool:
+            return bool(
+                (await stream_state(nats_server, queue_stream(journal.js_config, "t"))).messages
+                == 0
+            )
+
+        await wait_for(settled_in_stream, what="the batch to leave the stream")
+    finally:
+        await journal.close()
 
 
 async def test_dead_letters_go_to_their_stream_and_dlq_lists_shows_and_redrives_them(

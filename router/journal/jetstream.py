@@ -89,6 +89,7 @@ from nats.js.api import (
     RetentionPolicy,
     StorageType,
     StreamConfig,
+    StreamState,
 )
 from nats.js.errors import (
     APIError,
@@ -101,7 +102,17 @@ from nats.js.errors import (
 from nats.js.kv import KeyValue
 
 from router.config import JetStreamConfig, StorageConfig
-from router.deadletter import DeadLetters, Failure, Letter, Taken, letter_bytes, unredrivable
+from router.deadletter import (
+    DeadLetters,
+    Failure,
+    Letter,
+    LetterFilter,
+    LetterTally,
+    Taken,
+    letter_bytes,
+    page_answer,
+    unredrivable,
+)
 from router.errors import StorageUnavailableError
 from router.events import Event
 from router.journal import (
@@ -1362,6 +1373,9 @@ class StreamDeadLetters(DeadLetters):
     def __init__(self, journal: JetStreamJournal, directory: Path) -> None:
         super().__init__(directory)
         self.journal = journal
+        # Per dead-letter stream: its letters summed up (GET /v1/deadletters), and the last
+        # sequence they include.
+        self._tallies: dict[str, tuple[int, LetterTally]] = {}
 
     async def write(self, target_id: str, entries: Sequence[Entry], failure: Failure) -> None:
         config = self.journal.js_config
@@ -1395,18 +1409,97 @@ class StreamDeadLetters(DeadLetters):
         except STREAM_ERRORS as exc:
             raise StorageUnavailableError(f"JetStream did not answer: {exc!r}") from exc
 
-    async def target_letters(self, target_id: str) -> list[Letter]:
-        """One target's letters from its dead-letter stream (only that stream is read). The
-        id comes from a URL: it is looked for among the streams' names before it becomes a
-        subject, as a subject past the server's line limit has it close the connection."""
-        name = letters_stream(self.journal.js_config, target_id)
-        js = self.journal.js
+    async def summary(self) -> dict[str, Any]:
+        """GET /v1/deadletters from the dead-letter streams (a removed target's too), whichever
+        router wrote them: per target, the count from the stream's state; the reasons and the
+        time span from its letters, each read once: a request reads the letters written since
+        the one before (all of them again only after some were deleted: a redrive). Every
+        read waits READ_TRY_S: NATS away is StorageUnavailableError (503), at once."""
+        js = self.journal.reads
+        prefix = f"{self.journal.js_config.stream}_DLQ_"
+        targets: dict[str, Any] = {}
         try:
-            if name not in {info.config.name for info in await js.streams_info()}:
-                return []
-            return [letter for _, letter in await read_stream_letters(js, name)]
+            streams = [
+                (info.config.name, info.state)
+                for info in await js.streams_info()
+                if info.config.name is not None and info.config.name.startswith(prefix)
+            ]
+            for name, state in streams:
+                if not state.messages:
+                    self._tallies.pop(name, None)
+                    continue
+                tally = await self._tally(js, name, state)
+                targets[target_of_token(name.removeprefix(prefix))] = tally.row(state.messages)
         except STREAM_ERRORS as exc:
             raise StorageUnavailableError(f"JetStream did not answer: {exc!r}") from exc
+        return {"targets": dict(sorted(targets.items()))}
+
+    async def _tally(self, js: JetStreamContext, name: str, state: StreamState) -> LetterTally:
+        """The stream's letters up to `state.last_seq` summed up: the last tally and the
+        letters written since, or, if that does not give the stream's count (letters were
+        deleted), all of them read again."""
+        last_seq, tally = self._tallies.get(name, (0, LetterTally()))
+        if last_seq > state.last_seq:  # the stream was made again
+            last_seq, tally = 0, LetterTally()
+        async for _, letter in stream_letters(js, name, last_seq + 1, state.last_seq):
+            tally.add(letter)
+        if tally.letters != state.messages:
+            tally = LetterTally()
+            async for _, letter in stream_letters(js, name, state.first_seq, state.last_seq):
+                tally.add(letter)
+        self._tallies[name] = (state.last_seq, tally)
+        return tally
+
+    async def page(
+        self, target_id: str, wanted: LetterFilter, offset: int, limit: int
+    ) -> dict[str, Any]:
+        """A page of one target's letters from its dead-letter stream, read a letter at a time
+        and kept a page at a time, as from a file. Unfiltered, the total is the stream's
+        count and the page is read from its sequence (from the first letter, skipping
+        `offset`, where letters were deleted in between); filtered, every letter is read to
+        count the matches, as a file is. The id comes from a URL: it is looked for among the
+        streams' names before it becomes a subject, as a subject past the server's line
+        limit has it close the connection."""
+        name = letters_stream(self.journal.js_config, target_id)
+        js = self.journal.reads
+        try:
+            states = {info.config.name: info.state for info in await js.streams_info()}
+            state = states.get(name)
+            if state is None or not state.messages:
+                return page_answer([], offset, limit, 0)
+            if wanted.reason is None and wanted.since is None:
+                return await self._plain_page(js, name, state, offset, limit)
+            kept: list[Letter] = []
+            matched = 0
+            async for _, letter in stream_letters(js, name, state.first_seq, state.last_seq):
+                if not wanted(letter):
+                    continue
+                if offset <= matched < offset + limit:
+                    kept.append(letter)
+                matched += 1
+            return page_answer(kept, offset, limit, matched)
+        except STREAM_ERRORS as exc:
+            raise StorageUnavailableError(f"JetStream did not answer: {exc!r}") from exc
+
+    async def _plain_page(
+        self, js: JetStreamContext, name: str, state: StreamState, offset: int, limit: int
+    ) -> dict[str, Any]:
+        """`limit` letters from the `offset`th, of every letter in the stream."""
+        if offset >= state.messages:
+            return page_answer([], offset, limit, state.messages)
+        skip = offset
+        first = state.first_seq
+        if not state.num_deleted:  # no gaps: the offset-th letter's sequence is known
+            first, skip = state.first_seq + offset, 0
+        kept: list[Letter] = []
+        async for _, letter in stream_letters(js, name, first, state.last_seq):
+            if skip:
+                skip -= 1
+                continue
+            kept.append(letter)
+            if len(kept) == limit:
+                break
+        return page_answer(kept, offset, limit, state.messages)
 
     async def letters(self, target_id: str) -> list[tuple[int, Letter]]:
         """Every letter of the target, with its sequence in the dead-letter stream."""
@@ -1475,20 +1568,34 @@ async def read_stream_letters(js: JetStreamContext, stream: str) -> list[tuple[i
         state = (await js.stream_info(stream)).state
     except NotFoundError:
         return []
-    found: list[tuple[int, Letter]] = []
-    seq = state.first_seq
-    while state.messages and seq <= state.last_seq:
+    if not state.messages:
+        return []
+    return [found async for found in stream_letters(js, stream, state.first_seq, state.last_seq)]
+
+
+async def stream_letters(
+    js: JetStreamContext, stream: str, first: int, last: int
+) -> AsyncIterator[tuple[int, Letter]]:
+    """The letters of a dead-letter stream from sequence `first` to `last`, decoded, one at a
+    time (with their sequences), skipping the deleted ones."""
+    seq = first
+    while seq <= last:
         try:
-            msg = await js.get_msg(stream, seq, next=True)
+            # The first message from `seq` on, of any subject: `next` alone (no subject)
+            # asks for `seq` itself, and a deleted letter (a partial redrive's) ended the
+            # read there, hiding every letter after it.
+            msg = await js.get_msg(stream, seq, subject=">", next=True)
         except NotFoundError:
-            break
+            return
         assert msg.seq is not None
+        if msg.seq > last:
+            return
         try:
-            found.append((msg.seq, orjson.loads(msg.data or b"")))
+            letter = orjson.loads(msg.data or b"")
         except orjson.JSONDecodeError:
-            found.append((msg.seq, {"reason": "unreadable_line", "line": msg.seq}))
+            letter = {"reason": "unreadable_line", "line": msg.seq}
+        yield msg.seq, letter
         seq = msg.seq + 1
-    return found
 
 
 def target_of_token(token: str) -> str:

@@ -29,7 +29,12 @@ from router.config import parse_config
 from router.daemon import Daemon
 from router.events import Event
 from router.journal import JournalUnavailableError
-from router.journal.jetstream import JetStreamJournal, letters_stream, queue_stream
+from router.journal.jetstream import (
+    JetStreamJournal,
+    letters_stream,
+    queue_stream,
+    read_stream_letters,
+)
 from router.server.api import ConfigSource
 from tests.conftest import FAST_DELIVERY
 from tests.fakes import make_event, read_ndjson, wait_for
@@ -398,6 +403,122 @@ async def test_the_http_dead_letter_reads_come_from_the_streams_whichever_router
         assert (await resp.json())["total"] == 0
     assert (await post(first, [event()]))[0] == 202
     assert_books_balance(first)
+
+
+async def get_json(daemon: Daemon, path: str, **params: str) -> tuple[int, Any]:
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session,
+        session.get(f"http://127.0.0.1:{daemon.port}{path}", params=params) as resp,
+    ):
+        return resp.status, await resp.json()
+
+
+def nats_requests(server: NatsServer) -> int:
+    """Messages the server received from its clients so far (every JetStream API request)."""
+    return int(server.monitor("/varz")["in_msgs"])
+
+
+async def test_dead_letter_pages_are_read_a_page_at_a_time_and_the_summary_counts_from_the_stream(
+    start_router: Any, receiver_factory: ReceiverFactory, nats_server: NatsServer
+) -> None:
+    """GET /v1/deadletters/{target} on JetStream reads the page, not the whole stream (it read
+    every letter, one request each, for every page), and GET /v1/deadletters counts from the
+    stream's state and reads each letter once (it read every letter of every stream per
+    request); the answers are the file layout's: the same pages, totals and reasons."""
+    siem = await receiver_factory([400])
+    daemon = await start_router(
+        {"targets": [http_target("siem", siem.url)], "routes": everything_to("siem")}
+    )
+    count = 250  # more than MAX_PAGE (200)
+    assert (await post(daemon, [event() for _ in range(count)]))[0] == 202
+    await wait_for(
+        lambda: books_of(daemon, "siem") == (count, 0, count, 0), what="the dead letters"
+    )
+    stream = letters_stream(daemon.config.storage.jetstream, "siem")
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        stored = [letter["event"]["id"] for _, letter in await read_stream_letters(js, stream)]
+        assert len(stored) == count
+
+        before = nats_requests(nats_server)
+        status, page = await get_json(daemon, "/v1/deadletters/siem", offset="200", limit="50")
+        asked = nats_requests(nats_server) - before
+        assert status == 200
+        assert [letter["event"]["id"] for letter in page["letters"]] == stored[200:250]
+        assert (page["offset"], page["total"], page["next_offset"]) == (200, count, None)
+        # 50 letters and the streams' list, not 250 letters (plus the books read meanwhile).
+        assert asked < 120, f"{asked} requests to NATS for a page of 50"
+
+        status, summary = await get_json(daemon, "/v1/deadletters")
+        assert status == 200
+        assert summary["targets"]["siem"]["letters"] == count
+        assert summary["targets"]["siem"]["reasons"] == {"permanent_status": count}
+        before = nats_requests(nats_server)
+        status, again = await get_json(daemon, "/v1/deadletters")
+        asked = nats_requests(nats_server) - before
+        assert (status, again) == (200, summary)
+        assert asked < 40, f"{asked} requests to NATS for a summary whose letters were read"
+
+        # Letters taken out in between (as a redrive deletes them): pages skip the gap.
+        for seq in range(11, 21):
+            await js.delete_msg(stream, seq)
+        left = stored[:10] + stored[20:]
+        pages: list[str] = []
+        offset: int | None = 0
+        while offset is not None:
+            status, page = await get_json(
+                daemon, "/v1/deadletters/siem", offset=str(offset), limit="200"
+            )
+            assert status == 200 and page["total"] == len(left)
+            pages += [letter["event"]["id"] for letter in page["letters"]]
+            offset = page["next_offset"]
+        assert pages == left
+        status, page = await get_json(
+            daemon, "/v1/deadletters/siem", reason="permanent_status", offset="230", limit="200"
+        )
+        assert [letter["event"]["id"] for letter in page["letters"]] == left[230:]
+        assert (page["total"], page["next_offset"]) == (len(left), None)
+        status, page = await get_json(daemon, "/v1/deadletters/siem", reason="expired")
+        assert (page["total"], page["letters"]) == (0, [])
+        status, summary = await get_json(daemon, "/v1/deadletters")
+        assert summary["targets"]["siem"]["letters"] == len(left)
+        assert summary["targets"]["siem"]["reasons"] == {"permanent_status": len(left)}
+    finally:
+        await nc.close()
+
+
+async def test_the_dead_letter_reads_answer_503_at_once_while_nats_does_not_answer(
+    start_router: Any, receiver_factory: ReceiverFactory, nats_server: NatsServer
+) -> None:
+    """Hung (SIGSTOP) or stopped, NATS gives GET /v1/deadletters[/{target}] a 503
+    journal_unavailable within the read's wait, never a 500 or a request left hanging."""
+    siem = await receiver_factory([400])
+    daemon = await start_router(
+        {"targets": [http_target("siem", siem.url)], "routes": everything_to("siem")}
+    )
+    await post(daemon, [event() for _ in range(2)])
+    await wait_for(lambda: books_of(daemon, "siem") == (2, 0, 2, 0), what="two dead letters")
+    paths = ("/v1/deadletters", "/v1/deadletters/siem")
+    nats_server.pause()
+    try:
+        for path in paths:
+            status, answer = await get_json(daemon, path)
+            assert (status, answer["error"]["code"]) == (503, "journal_unavailable"), answer
+    finally:
+        nats_server.resume()
+    await nats_server.astop()
+    try:
+        for path in paths:
+            status, answer = await get_json(daemon, path)
+            assert (status, answer["error"]["code"]) == (503, "journal_unavailable"), answer
+    finally:
+        await nats_server.astart()
+
+    async def answered() -> bool:
+        return (await get_json(daemon, "/v1/deadletters/siem"))[0] == 200
+
+    await wait_for(answered, timeout_s=30, what="the reads to come back with NATS")
 
 
 async def test_two_routers_on_one_stream_deliver_each_event_once_and_agree_on_the_books(

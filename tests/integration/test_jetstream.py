@@ -13,7 +13,7 @@ import asyncio
 import hashlib
 import itertools
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -55,12 +55,6 @@ pytestmark = pytest.mark.peers
 
 _streams = itertools.count(1)
 _ids = itertools.count(1)
-
-
-@pytest.fixture(scope="module")
-def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
-    with NatsServer(tmp_path_factory.mktemp("nats")) as server:
-        yield server
 
 
 def jetstream(servers: list[str], stream: str, **settings: Any) -> dict[str, Any]:

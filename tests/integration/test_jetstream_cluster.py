@@ -16,7 +16,6 @@ import os
 import signal
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,12 +37,6 @@ pytestmark = pytest.mark.peers
 TARGETS = ("a", "b")
 EVENTS_PER_POST = 20
 _streams = itertools.count(1)
-
-
-@pytest.fixture(scope="module")
-def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
-    with NatsServer(tmp_path_factory.mktemp("nats")) as server:
-        yield server
 
 
 @dataclass
@@ -270,12 +263,6 @@ async def test_kill_9_of_one_router_under_load_the_other_finishes_and_nothing_ac
     finally:
         for router in routers:
             await reap(router.proc)
-
-
-@pytest.fixture(scope="module")
-def nats_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
-    with NatsCluster(tmp_path_factory.mktemp("nats-cluster")) as cluster:
-        yield cluster
 
 
 async def stream_leader(cluster: NatsCluster, stream: str) -> str:

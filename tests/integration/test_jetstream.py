@@ -259,14 +259,32 @@ def stopped(pid: int) -> bool:
 
 
 async def open_journal(
-    path: Path, server: NatsServer, target_ids: list[str], **settings: Any
+    path: Path, server: NatsServer, target_ids: list[str], stream: str = "", **settings: Any
 ) -> JetStreamJournal:
-    """A JetStreamJournal of its own, on a fresh stream, open."""
+    """A JetStreamJournal of its own, on `stream` (a fresh one if not named), open."""
     settings.setdefault("max_bytes", 16 * 1024 * 1024)
-    storage = {"path": str(path), **jetstream([server.url], f"T{next(_streams)}", **settings)}
+    stream = stream or f"T{next(_streams)}"
+    storage = {"path": str(path), **jetstream([server.url], stream, **settings)}
     journal = JetStreamJournal(parse_config({"storage": storage}).storage, target_ids)
     await journal.open()
     return journal
+
+
+async def test_a_consumer_made_with_another_ack_wait_gets_the_configs(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    """The shared consumer is made once; a router whose storage.jetstream.ack_wait_s differs
+    (changed in the config, or a stream made by an older router) brings it to its own, and
+    keeps its in-progress acks to what the consumer has."""
+    first = await open_journal(tmp_path / "a", nats_server, ["t"], ack_wait_s=30)
+    stream = first.js_config.stream
+    await first.close()
+    second = await open_journal(tmp_path / "b", nats_server, ["t"], stream, ack_wait_s=7)
+    try:
+        info = await second.js.consumer_info(queue_stream(second.js_config, "t"), "delivery")
+        assert info.config.ack_wait == 7
+    finally:
+        await second.close()
 
 
 async def test_an_ack_tried_again_after_an_unconfirmed_one_settles_the_batch(

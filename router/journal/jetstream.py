@@ -330,6 +330,8 @@ class _Target:
     # The consumer's ack_wait as the server has it (the config's, unless another router
     # with another storage section set it since): the in-progress acks keep to the shorter.
     ack_wait_s: float = 0.0
+    # The stream sequence of the oldest message pending when the books were last read.
+    oldest_seq: int = 0
 
     def hold(self, msgs: Sequence[Msg]) -> None:
         """Fetched messages: this router holds them (and keeps them) until they are acked."""
@@ -349,9 +351,6 @@ class _Target:
         for seq in due:
             self.touched[seq] = now
         return [self.held[seq] for seq in due]
-
-    # The stream sequence of the oldest message pending when the books were last read.
-    oldest_seq: int = 0
 
 
 class JetStreamJournal:
@@ -468,8 +467,8 @@ class JetStreamJournal:
 
     async def _ensure_consumer(self, stream: str) -> float:
         """Create the stream's shared consumer if missing, or bring its ack_wait to the
-        config's (a consumer made before the default became short keeps 30 s otherwise);
-        the ack_wait the consumer has."""
+        config's (otherwise a consumer kept the ack_wait it was made with, whatever
+        ack_wait_s said since); the ack_wait the consumer has."""
         c = self.js_config
         consumer = ConsumerConfig(
             durable_name=CONSUMER,

@@ -54,13 +54,14 @@ import sqlite3
 import struct
 import sys
 import time
-import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+
+from isal.isal_zlib import crc32
 
 from router.config import JOURNAL_FILE, StorageConfig
 from router.events import Event
@@ -124,7 +125,12 @@ BATCH_BYTES = 1 << 16
 # Events of the layout before batches moved into one batch row (and one transaction) at a time.
 MIGRATE_CHUNK = 1000
 RETIRE_CHUNK = 1000
+# Free pages are given back to the file system (see _give_back_space) past
+# FREE_PAGES_BEFORE_SHRINK, once they are FREE_PER_USED times the pages in use: by rebuilding
+# the file while at most REBUILD_MAX_USED_PAGES are in use, else SHRINK_STEP_PAGES at a time.
 FREE_PAGES_BEFORE_SHRINK = 4096
+FREE_PER_USED = 16
+REBUILD_MAX_USED_PAGES = 4096
 SHRINK_STEP_PAGES = 1024
 SYNCHRONOUS = {"always": "FULL", "interval": "NORMAL", "never": "OFF"}
 # Per target, what the committed events kept in memory for its worker keep alive (`held_bytes`:
@@ -566,7 +572,6 @@ class SqliteJournal:
         parts: list[bytes] = []
         size = 0
         pack = RECORD.pack
-        crc32 = zlib.crc32
         keep = {target_id for target_id, target in self._targets.items() if target.may_remember()}
         for pending in group:
             for event, targets in pending.routed:
@@ -713,7 +718,7 @@ class SqliteJournal:
             (target_id, after, limit),
         ).fetchall()
         entries: list[Entry] = []
-        unpack, size, crc32 = RECORD.unpack_from, RECORD.size, zlib.crc32
+        unpack, size = RECORD.unpack_from, RECORD.size
         for first, last, batch, route in runs:
             blob, offsets = self._batch_frame(batch)
             for seq in range(max(first, after + 1), last + 1):
@@ -765,7 +770,7 @@ class SqliteJournal:
             body is None
             or event_id is None
             or received_at is None
-            or zlib.crc32(body) != crc
+            or crc32(body) != crc
             or not body.startswith(b"{")
         ):
             # A batch that did not fit is read again: count and log each record once.
@@ -865,13 +870,33 @@ class SqliteJournal:
             self._frame = (0, b"", {})
 
     def _give_back_space(self, free_pages: int) -> None:
-        """Shrink the file a step at a time once many pages are free, so that a drained
-        backlog does not keep its disk space forever, and no single ack pays for all of it."""
+        """Once many pages are free and a backlog has (nearly) drained, give them back to the
+        file system, so that a drained backlog does not keep its disk space forever, at what
+        it costs per page freed.
+
+        While the journal still holds a backlog of more than a sixteenth of what is free,
+        nothing is done: the next commits reuse those pages. `incremental_vacuum` costs 8-50 us
+        of CPU per page it frees (it takes each one off the freelist, the more the longer the
+        list, and moves its pointer map): ~2.5 us per 1 KB event a drain freed, the most of an
+        ack's cost in bench.journal_owner. Rebuilding the file (VACUUM) costs about its pages
+        in use instead (20-40 us each: a few ms for a drained journal, ~150 ms at most), so a
+        drained journal is rebuilt, and only one that keeps a larger backlog in a file mostly
+        free shrinks a step at a time, so that no single ack pays for all of it. A failure
+        here (a full disk for the rebuild) leaves the space for later: the ack has committed."""
         assert self._db is not None
-        if free_pages > FREE_PAGES_BEFORE_SHRINK:
+        used_pages = self.used_bytes // self._page_size
+        if free_pages <= FREE_PAGES_BEFORE_SHRINK or free_pages < FREE_PER_USED * used_pages:
+            return
+        if used_pages <= REBUILD_MAX_USED_PAGES:
+            statement = "VACUUM;"
+        else:
             # executescript steps the pragma to completion; execute() frees one page only.
-            self._db.executescript(f"PRAGMA incremental_vacuum({SHRINK_STEP_PAGES});")
-            self._update_size()
+            statement = f"PRAGMA incremental_vacuum({SHRINK_STEP_PAGES});"
+        try:
+            self._db.executescript(statement)
+        except sqlite3.Error as exc:
+            log.warning("journal: could not give free pages back (%s); trying again later", exc)
+        self._update_size()
 
     def shed_order(self) -> list[str]:
         """Targets with a backlog, the stuck one first: the one whose worker has held its

@@ -318,6 +318,62 @@ async def test_a_drained_backlog_gives_its_disk_space_back(
     assert free_pages <= FREE_PAGES_BEFORE_SHRINK, "freed pages were returned to the file system"
 
 
+async def test_a_backlog_keeps_its_free_pages_for_the_next_commits_and_drained_gives_all_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pages an ack frees while the journal still holds a backlog of about their size stay in
+    the file for the next commits to reuse: giving them back a step at a time cost about 8 us
+    of CPU per page, most of an ack, and the file grew back at once. Once the backlog has
+    drained, the file is rebuilt to what it still holds. Every event is taken once, in order,
+    and the books balance."""
+    monkeypatch.setattr(sqlite_journal, "FREE_PAGES_BEFORE_SHRINK", 64)
+    monkeypatch.setattr(sqlite_journal, "REBUILD_MAX_USED_PAGES", 48)
+    journal = SqliteJournal(StorageConfig(path=str(tmp_path / "var"), fsync="never"), ["t"])
+    await journal.open()
+    stopping = asyncio.Event()
+    ids: list[str] = []
+    taken: list[str] = []
+
+    async def append(count: int) -> None:
+        events = [Event.from_body(make_event(message="x" * 4000)) for _ in range(count)]
+        ids.extend(event.id for event in events)
+        await journal.append([(event, {"t": "all"}) for event in events])
+
+    async def settle(count: int) -> None:
+        batch = await journal.next_batch(
+            "t", max_events=count, max_bytes=1 << 24, max_wait_s=0, stopping=stopping
+        )
+        taken.extend(entry.event.id for entry in batch)
+        await journal.ack("t", batch, dead_lettered=0)
+
+    def pages() -> tuple[int, int]:
+        assert journal._db is not None
+        page_count, free = journal._db.execute(
+            "SELECT * FROM pragma_page_count(), pragma_freelist_count()"
+        ).fetchone()
+        return int(page_count), int(free)
+
+    try:
+        for _ in range(4):
+            await append(50)
+        full, _ = await journal._run(pages)
+        await settle(120)
+        size, free = await journal._run(pages)
+        assert free > 64 and size == full, "a backlog of about its size left: pages kept"
+        await append(50)
+        assert (await journal._run(pages))[0] <= full + 8, "the next commit took the free pages"
+        while journal.books("t").pending:
+            await settle(60)
+        size, free = await journal._run(pages)
+        assert free <= 64 and size - free <= 48, f"drained: given back ({size} pages, {free} free)"
+        assert size < full // 4
+        assert taken == ids
+        books = journal.books("t")
+        assert books.received == books.delivered + books.pending == len(ids)
+    finally:
+        await journal.close()
+
+
 async def test_drop_oldest_per_target_dead_letters_the_oldest_when_full(
     start_daemon: StartDaemon, receiver_factory: ReceiverFactory, tmp_path: Path
 ) -> None:

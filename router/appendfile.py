@@ -102,13 +102,27 @@ class AppendOnlyFile:
 def replace_atomically(path: Path, data: bytes, *, keep_previous: bool = False) -> None:
     """Write a private temp file, fsync it, rename it over `path`: a crash leaves the old file
     or the new one, never half of either. `keep_previous` keeps the old one as `<path>.prev`."""
+    replace_with_staged(path, write_staged(path, data), keep_previous=keep_previous)
+
+
+def write_staged(path: Path, data: bytes) -> Path:
+    """The first half of replace_atomically: `data` in a private temp file beside `path`,
+    fsynced, returned. A write that fails (a full disk) leaves no temp file behind."""
     temp = path.with_name(path.name + ".tmp")
     temp.unlink(missing_ok=True)
     staged = AppendOnlyFile(temp)
     try:
         staged.append(data)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
     finally:
         staged.close()
+    return temp
+
+
+def replace_with_staged(path: Path, temp: Path, *, keep_previous: bool = False) -> None:
+    """The second half of replace_atomically: the staged temp file renamed over `path`."""
     if keep_previous and path.exists():
         os.replace(path, path.with_name(path.name + ".prev"))
     os.replace(temp, path)

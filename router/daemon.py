@@ -32,7 +32,7 @@ from router.config import (
 )
 from router.deadletter import DeadLetters, target_removed
 from router.delivery import DeliveryWorker
-from router.errors import ConfigError, RouterError
+from router.errors import ConfigError, ConfigWriteError, RouterError
 from router.evidence.receipt import Receipts
 from router.evidence.registry import Evidence
 from router.intake.accept import Acceptor
@@ -56,7 +56,13 @@ from router.reload import (
 )
 from router.routing import RouteTable
 from router.selfevent import chain_missing_event, reload_event
-from router.server.api import Change, ConfigSource, ManagementApi, write_back
+from router.server.api import (
+    Change,
+    ConfigSource,
+    ManagementApi,
+    commit_write_back,
+    stage_write_back,
+)
 from router.server.app import build_app
 from router.server.auth import Guard, Refusals
 from router.server.listener import ClientFaultLog, DeadlineSite, DeadlineUnixSite
@@ -607,10 +613,24 @@ class Daemon:
         data and write it back to the file, so a restart comes back with it."""
         async with self.config_lock:
             new, source = await change(self.config, self.source)
-            await self.apply(new, initiator=initiator, audit=False)
-            self.source = source
+            # The file is written before the change is applied (then renamed into place): a
+            # change its file cannot take (a full disk) changes nothing, rather than running
+            # until the next restart forgets it.
+            staged = None
             if source.path is not None:
-                await asyncio.to_thread(write_back, source.path, source.data)
+                try:
+                    staged = await asyncio.to_thread(stage_write_back, source.path, source.data)
+                except OSError as exc:
+                    raise ConfigWriteError(str(source.path), exc.strerror or str(exc)) from exc
+            try:
+                await self.apply(new, initiator=initiator, audit=False)
+            except BaseException:
+                if staged is not None:
+                    staged.unlink(missing_ok=True)
+                raise
+            self.source = source
+            if source.path is not None and staged is not None:
+                await asyncio.to_thread(commit_write_back, source.path, staged)
             shared = self._shared_config()
             if shared is not None:
                 await shared.share(source.data)  # every router follows

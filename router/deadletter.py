@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import os
 from array import array
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -191,6 +192,48 @@ def parse_since(text: str) -> datetime:
     return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
+@dataclass(slots=True)
+class LetterTally:
+    """One target's letters summed up for GET /v1/deadletters: how many, by reason, and the
+    first and last attempt (or receipt) time among them."""
+
+    reasons: Counter[str] = field(default_factory=Counter)
+    first: str | None = None
+    last: str | None = None
+
+    def add(self, letter: Letter) -> None:
+        self.reasons[str(letter.get("reason"))] += 1
+        at = letter.get("last_attempt_at") or letter.get("received_at")
+        if isinstance(at, str):
+            self.first = at if self.first is None else min(self.first, at)
+            self.last = at if self.last is None else max(self.last, at)
+
+    @property
+    def letters(self) -> int:
+        return sum(self.reasons.values())
+
+    def row(self, letters: int | None = None) -> dict[str, Any]:
+        """The summary's row (`letters`: the count where it is known without the reasons)."""
+        return {
+            "letters": self.letters if letters is None else letters,
+            "reasons": dict(self.reasons.most_common()),
+            "first": self.first,
+            "last": self.last,
+        }
+
+
+def page_answer(kept: list[Letter], offset: int, limit: int, matched: int) -> dict[str, Any]:
+    """A page of a target's letters as GET /v1/deadletters/{target} answers it: the letters,
+    where they start, how many matched in all, and where the next page starts (or None)."""
+    following = offset + limit
+    return {
+        "letters": kept,
+        "offset": offset,
+        "total": matched,
+        "next_offset": following if following < matched else None,
+    }
+
+
 def unredrivable(letter: Letter) -> str | None:
     """Why a letter can never be redriven (its reason, or `unreadable_line`); None if it can."""
     if "event" not in letter:
@@ -300,8 +343,15 @@ class DeadLetters:
         and readers go through the files a letter at a time)."""
         return None
 
-    async def target_letters(self, target_id: str) -> list[Letter] | None:
-        """One target's letters, where they are not a file in `directory` (None: they are)."""
+    async def summary(self) -> dict[str, Any] | None:
+        """GET /v1/deadletters, where letters are not files in `directory` (None: they are)."""
+        return None
+
+    async def page(
+        self, target_id: str, wanted: LetterFilter, offset: int, limit: int
+    ) -> dict[str, Any] | None:
+        """A page of one target's letters (page_answer), where they are not a file in
+        `directory` (None: they are)."""
         return None
 
     async def find(self, event_id: str) -> dict[str, dict[str, Any]] | None:

@@ -36,6 +36,16 @@ class ConfigError(RouterError):
         super().__init__(f"{source}: " + "; ".join(self.problems))
 
 
+class ConfigWriteError(RouterError):
+    """A management API change whose config file (`what`), or the API's metadata file, could
+    not be written (a full disk): it was not applied."""
+
+    def __init__(self, path: str, reason: str, what: str = "the config file") -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"{what} {path} could not be written: {reason}")
+
+
 class RequestError(RouterError):
     """An ingest request refused as a whole; becomes an HTTP 4xx answer."""
 

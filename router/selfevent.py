@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Sequence
 from http import HTTPStatus
 from typing import Any, Final
+from urllib.parse import quote
 
 from router import __version__
 from router.events import Event
@@ -65,7 +66,12 @@ def instance_name() -> str:
 
 
 def instance_crn(resource: str = "") -> str:
-    """The CRN of this router instance (its logSourceCRN), or of one of its resources."""
+    """The CRN of this router instance (its logSourceCRN), or of one of its resources. A
+    resource quoted from a request (an id in a management API URL) may hold a line break,
+    which the CRN pattern cannot: its unprintable characters are percent-escaped, or the
+    event that quotes it (a refused change's audit) would be rejected and go unrecorded."""
+    if not resource.isprintable():
+        resource = "".join(c if c.isprintable() else quote(c, safe="") for c in resource)
     return f"crn:v1:local:local:{SERVICE}:global:a/local:{instance_name()}:{resource}"
 
 

@@ -1,9 +1,9 @@
-"""Shared fixtures: a real daemon on 127.0.0.1:0 and real scripted HTTP receivers."""
+"""Shared fixtures: a real daemon on 127.0.0.1:0, real scripted HTTP receivers, and real NATS."""
 
 from __future__ import annotations
 
 import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,7 @@ from router.config import parse_config
 from router.daemon import Daemon
 from router.server.api import ConfigSource
 from tests.fakes import ScriptedReceiver
+from tests.peers.nats import NatsCluster, NatsServer
 
 FAST_DELIVERY = {
     "batch": {"max_wait_s": 0.01},
@@ -121,3 +122,19 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
             str(d / f"{name}.pem"),
         )
     return d
+
+
+# NATS JetStream (tests/peers/nats.py), for the modules that test on it: one server (or one
+# cluster) per module, its streams named apart by each test.
+
+
+@pytest.fixture(scope="module")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    with NatsServer(tmp_path_factory.mktemp("nats")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def nats_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
+    with NatsCluster(tmp_path_factory.mktemp("nats-cluster")) as cluster:
+        yield cluster

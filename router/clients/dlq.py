@@ -141,6 +141,7 @@ async def redrive(
         endpoint += "?" + urlencode(query)
     done = total = 0
     skipped: dict[str, int] = {}
+    stopped_by = ""  # the daemon's reason for ending a redrive early (a full journal)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
         async with (
@@ -156,6 +157,8 @@ async def redrive(
                     progress = orjson.loads(line)
                     done, total = progress["done"], progress["total"]
                     skipped = progress.get("skipped", skipped)
+                    if "error" in progress:
+                        stopped_by = f": {progress['error']['message']}"
                     if total:
                         draw_progress(done, total, err)
     except aiohttp.ClientError as exc:
@@ -164,7 +167,7 @@ async def redrive(
     if total:
         print(file=err)
     if done < total:
-        print(f"redrive stopped after {done} of {counted(total, 'letter')}", file=err)
+        print(f"redrive stopped after {done} of {counted(total, 'letter')}{stopped_by}", file=err)
         return 1
     for why, count in sorted(skipped.items()):
         because = SKIPPED_BECAUSE.get(why, "it cannot be redriven")

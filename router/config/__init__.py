@@ -69,7 +69,12 @@ from router.config.model import (
     ValidationConfig,
     ViewConfig,
 )
-from router.config.references import MAX_REFERENCE_BYTES, read_reference, references
+from router.config.references import (
+    MAX_REFERENCE_BYTES,
+    file_references,
+    read_reference,
+    references,
+)
 
 __all__ = [
     "ALERTS_FILE",
@@ -118,6 +123,7 @@ __all__ = [
     "config_warnings",
     "daemons_iam_url",
     "file_path_problem",
+    "file_references",
     "file_target_problems",
     "format_path",
     "listener_problems",

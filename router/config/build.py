@@ -55,6 +55,22 @@ MIN_SIGNING_SECRET = 16  # an HMAC key shorter than this is guessable
 
 _HEADER_VALUE_FORBIDDEN = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+# Headers that frame the request or manage the connection: the HTTP client sets them for each
+# request. One given as a target header was sent as given: `Content-Length: 1` with the whole
+# batch after it had the receiver read the rest as a second request (smuggled, its method and
+# path made of event bytes); the others made every delivery unreadable.
+_CLIENT_HEADERS = frozenset(
+    {
+        "content-length",
+        "transfer-encoding",
+        "content-encoding",
+        "connection",
+        "keep-alive",
+        "upgrade",
+        "te",
+        "trailer",
+    }
+)
 
 
 def header_problems(endpoint: Mapping[str, Any], where: str) -> list[str]:
@@ -67,12 +83,22 @@ def header_problems(endpoint: Mapping[str, Any], where: str) -> list[str]:
     for name in endpoint.get("headers") or {}:
         if not _HEADER_NAME.fullmatch(name):
             problems.append(f"{where}.headers: {name!r} is not a valid header name")
+        elif name.lower() in _CLIENT_HEADERS:
+            problems.append(
+                f"{where}.headers.{name}: frames the request, which the HTTP client does for "
+                "each one; it may not be set"
+            )
     auth = endpoint.get("auth")
     if isinstance(auth, HttpAuthConfig) and auth.type == "bearer":
         values[f"{where}.auth.token"] = auth.token
     signing = endpoint.get("signing")
     if isinstance(signing, SigningConfig) and not _HEADER_NAME.fullmatch(signing.header):
         problems.append(f"{where}.signing.header: {signing.header!r} is not a valid header name")
+    elif isinstance(signing, SigningConfig) and signing.header.lower() in _CLIENT_HEADERS:
+        problems.append(
+            f"{where}.signing.header: {signing.header!r} frames the request, which the HTTP "
+            "client does for each one"
+        )
     for path, value in values.items():
         found = _HEADER_VALUE_FORBIDDEN.search(value) if isinstance(value, str) else None
         if found:

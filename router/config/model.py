@@ -132,8 +132,12 @@ class JetStreamConfig:
     tls: JetStreamTlsConfig | None = None
     # How long a publish waits for the stream's acknowledgement before ingest answers 503.
     publish_timeout_s: float = 10.0
-    # How long a fetched batch stays with one router unacknowledged before JetStream gives it
-    # to another (JetStream's own default); a longer send extends it with in-progress acks.
+    # How long a fetched message stays with one router unacknowledged before JetStream gives
+    # it to another (JetStream's own default). The router keeps what it holds (a long send, a
+    # target's retries) with in-progress acks every quarter of it. Shorter brings a dead
+    # router's batches back sooner, but not below what a NATS node's death takes (the new
+    # consumer leader's election and the routers' reconnection): 5 s had batches that live
+    # routers held redelivered, and sent twice, after a node was killed under load.
     ack_wait_s: float = 30.0
     # A producer's retry (same event id) within this window is stored once.
     duplicate_window_s: float = 120.0
@@ -182,6 +186,13 @@ class StorageConfig:
             ALERTS_FILE,
             f"{ALERTS_FILE}-wal",
             f"{ALERTS_FILE}-shm",
+            # The receipt key (router/evidence/receipt.py), the one it replaced, the one being
+            # made, and the metadata's temp file: events appended to any of them would stop
+            # the next start, or be read as the next metadata.
+            "receipts.key",
+            "receipts.key.own",
+            "receipts.key.new",
+            f"{API_METADATA_FILE}.tmp",
         )
         return tuple(base / name for name in names)
 

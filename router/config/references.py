@@ -28,6 +28,17 @@ def references(value: Any, where: str) -> list[str]:
     return []
 
 
+def file_references(value: Any) -> list[str]:
+    """The paths that `${file:}` references in `value` (any depth) read."""
+    if isinstance(value, str):
+        return [ref for kind, ref in _REF.findall(value) if kind == "file"]
+    if isinstance(value, dict):
+        return [path for v in value.values() for path in file_references(v)]
+    if isinstance(value, list):
+        return [path for v in value for path in file_references(v)]
+    return []
+
+
 def resolve(value: str, where: str, problems: list[str]) -> str:
     """Expand `${env:NAME}` and `${file:/path}` so secrets stay out of the YAML."""
 

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from router.deadletter import letter_files, object_line_place, read_letters
+from router.errors import StorageUnavailableError
 from router.events import Event
 from router.evidence.canonical import CanonicalError, split_line
 from router.evidence.keys import key_id
@@ -104,15 +105,32 @@ class Receipts:
     def load_or_create(
         cls, directory: Path, signing_key: Ed25519PrivateKey | None = None
     ) -> Receipts:
-        """The key in `directory`, made (0600, never overwritten) when there is none."""
+        """The key in `directory`, made (0600, never overwritten) when there is none: written
+        whole to a temp file, fsynced, then linked in place, so a crash or a full disk leaves
+        no key file rather than an empty one. A file that does not hold a key of KEY_BYTES is
+        StorageUnavailableError naming it: a MAC with an empty key is one anyone can make."""
         path = directory / KEY_FILE
-        with contextlib.suppress(FileExistsError):
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(secrets.token_bytes(KEY_BYTES))
-                f.flush()
-                os.fsync(f.fileno())
-        return cls(path.read_bytes(), signing_key)
+        if not path.exists():
+            partial = path.with_name(KEY_FILE + ".new")
+            partial.unlink(missing_ok=True)
+            try:
+                fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(secrets.token_bytes(KEY_BYTES))
+                    f.flush()
+                    os.fsync(f.fileno())
+                with contextlib.suppress(FileExistsError):  # another process made one first
+                    os.link(partial, path)
+            finally:
+                partial.unlink(missing_ok=True)
+        key = path.read_bytes()
+        if len(key) != KEY_BYTES:
+            raise StorageUnavailableError(
+                f"evidence.receipts: {path} holds {len(key)} bytes, not a {KEY_BYTES}-byte "
+                "key (a start cut short as it made it?); remove it and a new key is made, "
+                "with which the receipts issued before no longer check"
+            )
+        return cls(key, signing_key)
 
     @property
     def key(self) -> bytes:

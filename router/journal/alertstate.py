@@ -165,6 +165,10 @@ class AlertStore:
         assert self._db is not None
         try:
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            # A full disk, say: the log keeps every commit, and the next open replays it (as
+            # the journal's own close); the stop goes on to close the rest.
+            log.warning("alert store checkpoint at close failed (%s); the WAL keeps it", exc)
         finally:
             self._db.close()
             self._db = None

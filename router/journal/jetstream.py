@@ -11,9 +11,11 @@ is JournalUnavailableError (503).
 Each target has one durable pull consumer, `delivery`, which every router bound to the stream
 shares: JetStream hands each message to one of them (work-queue semantics), so each event goes
 to the target once, whichever router sends it. A batch is acked (and leaves the stream) once
-the target took it or it was dead-lettered; a long send keeps its messages with in-progress
-acks every third of ack_wait_s; a router that dies holding a batch leaves it to be redelivered
-to another after ack_wait_s. A stopping router hands back (naks) what it holds.
+the target took it or it was dead-lettered. Everything a router holds (fetched and not yet
+acked: the batch being sent or retried, what it lingers for, what did not fit the last batch)
+is kept with in-progress acks once it is held a quarter of ack_wait_s; a router that dies
+holding a batch leaves it to be redelivered to another after ack_wait_s. A stopping router
+hands back (naks) what it holds.
 
 Dead letters go to a stream per target, `<stream>_DLQ_<target>` (StreamDeadLetters), with
 Nats-Msg-Id = the event's sequence in the target's stream, so a batch dead-lettered by a router
@@ -87,6 +89,7 @@ from nats.js.api import (
     RetentionPolicy,
     StorageType,
     StreamConfig,
+    StreamState,
 )
 from nats.js.errors import (
     APIError,
@@ -99,7 +102,17 @@ from nats.js.errors import (
 from nats.js.kv import KeyValue
 
 from router.config import JetStreamConfig, StorageConfig
-from router.deadletter import DeadLetters, Failure, Letter, Taken, letter_bytes, unredrivable
+from router.deadletter import (
+    DeadLetters,
+    Failure,
+    Letter,
+    LetterFilter,
+    LetterTally,
+    Taken,
+    letter_bytes,
+    page_answer,
+    unredrivable,
+)
 from router.errors import StorageUnavailableError
 from router.events import Event
 from router.journal import (
@@ -127,8 +140,16 @@ PUBLISH_TRY_S = 2.0
 PUBLISH_RETRY_S = 0.05
 # How often the books are read back from the streams.
 BOOKS_EVERY_S = 0.5
+# How long a read (the books, the dead letters) waits for its answer. Not publish_timeout_s:
+# a request whose answer was lost (its server died on the way) waited all of that, and the
+# books of a router connected to a killed node stood still for 24 of publish_timeout_s's 30 s.
+READ_TRY_S = 2.0
 # The longest one fetch waits, so a stopping worker is seen promptly.
 FETCH_WAIT_S = 1.0
+# What a router holds gets an in-progress ack once it is held this share of ack_wait_s (and
+# again each time as long): at most half of ack_wait_s passes between two, which leaves the
+# other half for an event loop held up or a connection moving to another server.
+IN_PROGRESS_SHARE = 4
 STREAM_ERRORS = (nats.errors.Error, TimeoutError, OSError)
 
 
@@ -299,12 +320,37 @@ async def until_answered(attempt: Callable[[float], Awaitable[object]], timeout_
 class _Target:
     books: Books = field(default_factory=Books)
     sub: JetStreamContext.PullSubscription | None = None
-    # Messages this router holds (fetched, not yet acked), by stream sequence.
+    # Messages this router holds (fetched, not yet acked), by stream sequence: the batch
+    # out, the messages being gathered for the next one and `carry`.
     held: dict[int, Msg] = field(default_factory=dict)
+    # When each held message was fetched or last told in progress (time.monotonic()).
+    touched: dict[int, float] = field(default_factory=dict)
     # Fetched messages that did not fit the last batch's max_bytes: the next batch's head.
     carry: list[Msg] = field(default_factory=list)
+    # The consumer's ack_wait as the server has it (the config's, unless another router
+    # with another storage section set it since): the in-progress acks keep to the shorter.
+    ack_wait_s: float = 0.0
     # The stream sequence of the oldest message pending when the books were last read.
     oldest_seq: int = 0
+
+    def hold(self, msgs: Sequence[Msg]) -> None:
+        """Fetched messages: this router holds them (and keeps them) until they are acked."""
+        now = time.monotonic()
+        for msg in msgs:
+            seq = msg.metadata.sequence.stream
+            self.held[seq] = msg
+            self.touched[seq] = now
+
+    def release(self, seq: int) -> None:
+        self.held.pop(seq, None)
+        self.touched.pop(seq, None)
+
+    def due(self, now: float, every_s: float) -> list[Msg]:
+        """The held messages not fetched or told in progress for `every_s`, marked as told."""
+        due = [seq for seq, at in self.touched.items() if now - at >= every_s]
+        for seq in due:
+            self.touched[seq] = now
+        return [self.held[seq] for seq in due]
 
 
 class JetStreamJournal:
@@ -320,6 +366,7 @@ class JetStreamJournal:
         self._targets = {target_id: _Target() for target_id in target_ids}
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
+        self._reads: JetStreamContext | None = None
         self._lock_fd: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._settling: set[asyncio.Task[None]] = set()
@@ -353,6 +400,12 @@ class JetStreamJournal:
         assert self._js is not None, "the journal is not open"
         return self._js
 
+    @property
+    def reads(self) -> JetStreamContext:
+        """The JetStream API for reads, each waiting READ_TRY_S for its answer."""
+        assert self._reads is not None, "the journal is not open"
+        return self._reads
+
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def open(self) -> None:
@@ -360,6 +413,7 @@ class JetStreamJournal:
         self.chain_id = await asyncio.to_thread(read_chain_id, self.directory)
         self._nc = await connect(self.js_config)
         self._js = self._nc.jetstream(timeout=self.js_config.publish_timeout_s)
+        self._reads = self._nc.jetstream(timeout=min(READ_TRY_S, self.js_config.publish_timeout_s))
         try:
             for target_id in self._targets:
                 await self._set_up(target_id)
@@ -407,6 +461,15 @@ class JetStreamJournal:
             ),
         )
         stream = queue_stream(c, target_id)
+        target = self._targets[target_id]
+        target.ack_wait_s = await self._ensure_consumer(stream)
+        target.sub = await self.js.pull_subscribe_bind(CONSUMER, stream)
+
+    async def _ensure_consumer(self, stream: str) -> float:
+        """Create the stream's shared consumer if missing, or bring its ack_wait to the
+        config's (otherwise a consumer kept the ack_wait it was made with, whatever
+        ack_wait_s said since); the ack_wait the consumer has."""
+        c = self.js_config
         consumer = ConsumerConfig(
             durable_name=CONSUMER,
             ack_policy=AckPolicy.EXPLICIT,
@@ -417,12 +480,24 @@ class JetStreamJournal:
             num_replicas=c.replicas,
         )
         try:
-            await self.js.consumer_info(stream, CONSUMER)
+            info = await self.js.consumer_info(stream, CONSUMER)
         except NotFoundError:
             with contextlib.suppress(APIError):  # another router created it meanwhile
                 await self.js.add_consumer(stream, consumer)
-        target = self._targets[target_id]
-        target.sub = await self.js.pull_subscribe_bind(CONSUMER, stream)
+            info = await self.js.consumer_info(stream, CONSUMER)
+        else:
+            if info.config.ack_wait != c.ack_wait_s:
+                try:
+                    info = await self.js.add_consumer(stream, consumer)  # an update
+                except APIError as exc:
+                    log.warning(
+                        "stream %s: consumer %s keeps ack_wait %ss: %s",
+                        stream,
+                        CONSUMER,
+                        info.config.ack_wait,
+                        exc.description,
+                    )
+        return float(info.config.ack_wait or c.ack_wait_s)
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -431,7 +506,7 @@ class JetStreamJournal:
         await asyncio.gather(*self._settling, return_exceptions=True)
         if self._nc is not None and self._nc.is_connected:
             # What this router still holds goes to the other routers now, not after ack_wait.
-            held = [m for t in self._targets.values() for m in (*t.held.values(), *t.carry)]
+            held = [m for t in self._targets.values() for m in t.held.values()]
             with contextlib.suppress(*STREAM_ERRORS):
                 await asyncio.gather(*(m.nak() for m in held))
                 await self._nc.flush(timeout=2)
@@ -599,8 +674,6 @@ class JetStreamJournal:
                 break
             batch.append(entry)
             size += entry_bytes
-        for entry, msg in zip(batch, msgs, strict=False):
-            target.held[entry.seq] = msg
         return batch
 
     async def _fetch(
@@ -621,13 +694,15 @@ class JetStreamJournal:
                 await fetch
             return []
         try:
-            return list(fetch.result())
+            msgs = list(fetch.result())
         except TimeoutError:
             return []
         except (nats.errors.Error, OSError) as exc:
             log.warning("journal: fetching from JetStream failed: %s", exc)
             await asyncio.sleep(FETCH_WAIT_S)
             return []
+        target.hold(msgs)  # from now on kept with in-progress acks, until acked or handed back
+        return msgs
 
     def _entry(self, msg: Msg) -> Entry:
         """A stored message as an Entry; one whose body is not a JSON object (or whose headers
@@ -689,7 +764,9 @@ class JetStreamJournal:
         timeout_s = self.js_config.publish_timeout_s
         try:
             for _, msg in msgs[:-1]:
-                await msg.ack()
+                # The ack itself, not Msg.ack(): that refuses a message it acked before, and
+                # an ack tried again after one that raised has sent these already.
+                await nc.publish(msg.reply)
             await nc.request(msgs[-1][1].reply, b"", timeout=min(timeout_s, PUBLISH_TRY_S))
         except STREAM_ERRORS as exc:
             if not _transient(exc):
@@ -699,16 +776,16 @@ class JetStreamJournal:
                 return_exceptions=True,
             )
             confirmed = {seq for (seq, _), r in zip(msgs, results, strict=True) if r is None}
-            for seq in confirmed:
-                target.held.pop(seq, None)
             if len(confirmed) < len(msgs):
+                for seq in confirmed:
+                    target.release(seq)
                 failure = next(r for r in results if r is not None)
                 raise JournalUnavailableError(
                     f"JetStream did not confirm the acks of {len(msgs) - len(confirmed)} of "
                     f"{len(msgs)} messages: {failure!r}"
                 ) from exc
         for seq, _ in msgs:
-            target.held.pop(seq, None)
+            target.release(seq)
         if head is not None:
             await self._keep_head(target_id, *head)
 
@@ -725,15 +802,25 @@ class JetStreamJournal:
             log.warning("target %s: cannot keep the chain head: %s", target_id, exc)
 
     async def _keep_in_progress(self) -> None:
-        """While a router holds a batch (a long send, retries), tell JetStream every third of
-        ack_wait_s that it is still at work, so the batch is not given to another router."""
-        every = self.js_config.ack_wait_s / 3
+        """While a router holds messages (a long send, retries of a target that is down, a
+        batch being gathered, the carry), tell JetStream they are still being worked on, so
+        they are not given to another router: each once it is held a quarter of ack_wait_s
+        and then every quarter (IN_PROGRESS_SHARE). A batch settled sooner (a target keeping
+        up) costs nothing here."""
         while True:
+            every = (
+                min(
+                    (t.ack_wait_s or self.js_config.ack_wait_s for t in self._targets.values()),
+                    default=self.js_config.ack_wait_s,
+                )
+                / IN_PROGRESS_SHARE
+            )
             await asyncio.sleep(every)
-            held = [m for t in self._targets.values() for m in (*t.held.values(), *t.carry)]
-            if held:
+            now = time.monotonic()
+            due = [m for t in list(self._targets.values()) for m in t.due(now, every)]
+            if due:
                 with contextlib.suppress(*STREAM_ERRORS):
-                    await asyncio.gather(*(m.in_progress() for m in held))
+                    await asyncio.gather(*(m.in_progress() for m in due))
 
     # -- books -------------------------------------------------------------------------------
 
@@ -749,8 +836,10 @@ class JetStreamJournal:
         """Every target's books from its two streams: the same on every router."""
         used = 0
         for target_id, target in list(self._targets.items()):
-            queue = (await self.js.stream_info(queue_stream(self.js_config, target_id))).state
-            letters = (await self.js.stream_info(letters_stream(self.js_config, target_id))).state
+            queue = (await self.reads.stream_info(queue_stream(self.js_config, target_id))).state
+            letters = (
+                await self.reads.stream_info(letters_stream(self.js_config, target_id))
+            ).state
             books = target.books
             books.received = queue.last_seq
             books.pending = queue.messages
@@ -768,7 +857,7 @@ class JetStreamJournal:
 
     async def _received_at(self, target_id: str, seq: int) -> float | None:
         with contextlib.suppress(*STREAM_ERRORS, KeyError, ValueError):
-            msg = await self.js.get_msg(queue_stream(self.js_config, target_id), seq)
+            msg = await self.reads.get_msg(queue_stream(self.js_config, target_id), seq)
             return float((msg.headers or {})[RECEIVED_AT])
         return None
 
@@ -803,7 +892,7 @@ class JetStreamJournal:
         target = self._targets.pop(target_id, None)
         if target is not None:
             with contextlib.suppress(*STREAM_ERRORS):
-                await asyncio.gather(*(m.nak() for m in (*target.held.values(), *target.carry)))
+                await asyncio.gather(*(m.nak() for m in target.held.values()))
         return 0
 
     async def pending_for(self, event_id: str) -> list[str]:
@@ -1283,6 +1372,9 @@ class StreamDeadLetters(DeadLetters):
     def __init__(self, journal: JetStreamJournal, directory: Path) -> None:
         super().__init__(directory)
         self.journal = journal
+        # Per dead-letter stream: its letters summed up (GET /v1/deadletters), and the last
+        # sequence they include.
+        self._tallies: dict[str, tuple[int, LetterTally]] = {}
 
     async def write(self, target_id: str, entries: Sequence[Entry], failure: Failure) -> None:
         config = self.journal.js_config
@@ -1316,18 +1408,97 @@ class StreamDeadLetters(DeadLetters):
         except STREAM_ERRORS as exc:
             raise StorageUnavailableError(f"JetStream did not answer: {exc!r}") from exc
 
-    async def target_letters(self, target_id: str) -> list[Letter]:
-        """One target's letters from its dead-letter stream (only that stream is read). The
-        id comes from a URL: it is looked for among the streams' names before it becomes a
-        subject, as a subject past the server's line limit has it close the connection."""
-        name = letters_stream(self.journal.js_config, target_id)
-        js = self.journal.js
+    async def summary(self) -> dict[str, Any]:
+        """GET /v1/deadletters from the dead-letter streams (a removed target's too), whichever
+        router wrote them: per target, the count from the stream's state; the reasons and the
+        time span from its letters, each read once: a request reads the letters written since
+        the one before (all of them again only after some were deleted: a redrive). Every
+        read waits READ_TRY_S: NATS away is StorageUnavailableError (503), at once."""
+        js = self.journal.reads
+        prefix = f"{self.journal.js_config.stream}_DLQ_"
+        targets: dict[str, Any] = {}
         try:
-            if name not in {info.config.name for info in await js.streams_info()}:
-                return []
-            return [letter for _, letter in await read_stream_letters(js, name)]
+            streams = [
+                (info.config.name, info.state)
+                for info in await js.streams_info()
+                if info.config.name is not None and info.config.name.startswith(prefix)
+            ]
+            for name, state in streams:
+                if not state.messages:
+                    self._tallies.pop(name, None)
+                    continue
+                tally = await self._tally(js, name, state)
+                targets[target_of_token(name.removeprefix(prefix))] = tally.row(state.messages)
         except STREAM_ERRORS as exc:
             raise StorageUnavailableError(f"JetStream did not answer: {exc!r}") from exc
+        return {"targets": dict(sorted(targets.items()))}
+
+    async def _tally(self, js: JetStreamContext, name: str, state: StreamState) -> LetterTally:
+        """The stream's letters up to `state.last_seq` summed up: the last tally and the
+        letters written since, or, if that does not give the stream's count (letters were
+        deleted), all of them read again."""
+        last_seq, tally = self._tallies.get(name, (0, LetterTally()))
+        if last_seq > state.last_seq:  # the stream was made again
+            last_seq, tally = 0, LetterTally()
+        async for _, letter in stream_letters(js, name, last_seq + 1, state.last_seq):
+            tally.add(letter)
+        if tally.letters != state.messages:
+            tally = LetterTally()
+            async for _, letter in stream_letters(js, name, state.first_seq, state.last_seq):
+                tally.add(letter)
+        self._tallies[name] = (state.last_seq, tally)
+        return tally
+
+    async def page(
+        self, target_id: str, wanted: LetterFilter, offset: int, limit: int
+    ) -> dict[str, Any]:
+        """A page of one target's letters from its dead-letter stream, read a letter at a time
+        and kept a page at a time, as from a file. Unfiltered, the total is the stream's
+        count and the page is read from its sequence (from the first letter, skipping
+        `offset`, where letters were deleted in between); filtered, every letter is read to
+        count the matches, as a file is. The id comes from a URL: it is looked for among the
+        streams' names before it becomes a subject, as a subject past the server's line
+        limit has it close the connection."""
+        name = letters_stream(self.journal.js_config, target_id)
+        js = self.journal.reads
+        try:
+            states = {info.config.name: info.state for info in await js.streams_info()}
+            state = states.get(name)
+            if state is None or not state.messages:
+                return page_answer([], offset, limit, 0)
+            if wanted.reason is None and wanted.since is None:
+                return await self._plain_page(js, name, state, offset, limit)
+            kept: list[Letter] = []
+            matched = 0
+            async for _, letter in stream_letters(js, name, state.first_seq, state.last_seq):
+                if not wanted(letter):
+                    continue
+                if offset <= matched < offset + limit:
+                    kept.append(letter)
+                matched += 1
+            return page_answer(kept, offset, limit, matched)
+        except STREAM_ERRORS as exc:
+            raise StorageUnavailableError(f"JetStream did not answer: {exc!r}") from exc
+
+    async def _plain_page(
+        self, js: JetStreamContext, name: str, state: StreamState, offset: int, limit: int
+    ) -> dict[str, Any]:
+        """`limit` letters from the `offset`th, of every letter in the stream."""
+        if offset >= state.messages:
+            return page_answer([], offset, limit, state.messages)
+        skip = offset
+        first = state.first_seq
+        if not state.num_deleted:  # no gaps: the offset-th letter's sequence is known
+            first, skip = state.first_seq + offset, 0
+        kept: list[Letter] = []
+        async for _, letter in stream_letters(js, name, first, state.last_seq):
+            if skip:
+                skip -= 1
+                continue
+            kept.append(letter)
+            if len(kept) == limit:
+                break
+        return page_answer(kept, offset, limit, state.messages)
 
     async def letters(self, target_id: str) -> list[tuple[int, Letter]]:
         """Every letter of the target, with its sequence in the dead-letter stream."""
@@ -1396,20 +1567,34 @@ async def read_stream_letters(js: JetStreamContext, stream: str) -> list[tuple[i
         state = (await js.stream_info(stream)).state
     except NotFoundError:
         return []
-    found: list[tuple[int, Letter]] = []
-    seq = state.first_seq
-    while state.messages and seq <= state.last_seq:
+    if not state.messages:
+        return []
+    return [found async for found in stream_letters(js, stream, state.first_seq, state.last_seq)]
+
+
+async def stream_letters(
+    js: JetStreamContext, stream: str, first: int, last: int
+) -> AsyncIterator[tuple[int, Letter]]:
+    """The letters of a dead-letter stream from sequence `first` to `last`, decoded, one at a
+    time (with their sequences), skipping the deleted ones."""
+    seq = first
+    while seq <= last:
         try:
-            msg = await js.get_msg(stream, seq, next=True)
+            # The first message from `seq` on, of any subject: `next` alone (no subject)
+            # asks for `seq` itself, and a deleted letter (a partial redrive's) ended the
+            # read there, hiding every letter after it.
+            msg = await js.get_msg(stream, seq, subject=">", next=True)
         except NotFoundError:
-            break
+            return
         assert msg.seq is not None
+        if msg.seq > last:
+            return
         try:
-            found.append((msg.seq, orjson.loads(msg.data or b"")))
+            letter = orjson.loads(msg.data or b"")
         except orjson.JSONDecodeError:
-            found.append((msg.seq, {"reason": "unreadable_line", "line": msg.seq}))
+            letter = {"reason": "unreadable_line", "line": msg.seq}
+        yield msg.seq, letter
         seq = msg.seq + 1
-    return found
 
 
 def target_of_token(token: str) -> str:

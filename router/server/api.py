@@ -24,7 +24,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,13 +32,14 @@ from typing import Any, Protocol
 import orjson
 from aiohttp import web
 
-from router.appendfile import replace_atomically
+from router.appendfile import replace_atomically, replace_with_staged, write_staged
 from router.config import (
     API_METADATA_FILE,
     Config,
     TargetConfig,
     archive_roots,
     daemons_iam_url,
+    file_references,
     operators_hosts,
     parse_config,
     references,
@@ -46,7 +47,7 @@ from router.config import (
     target_listener_problems,
     target_network_problems,
 )
-from router.errors import ConfigError
+from router.errors import ConfigError, ConfigWriteError
 from router.masking import masked
 from router.observe.metrics import WriteStatus, utc_iso
 from router.probe import ProbeResult, probe
@@ -54,7 +55,7 @@ from router.reload import config_digest
 from router.selfevent import change_event, instance_crn
 from router.server.auth import CALLER
 from router.targets import TARGET_TYPES, build_target
-from router.targets._net import AddressBound
+from router.targets._net import TLS_FILE_KEYS, AddressBound
 from router.targets.file import FileEndpointConfig
 
 log = logging.getLogger(__name__)
@@ -124,10 +125,26 @@ class Metadata:
 
     @classmethod
     def load(cls, path: Path | None) -> Metadata:
+        """The metadata in `path`. A damaged file (not JSON, or not this shape) must not keep
+        the daemon from starting, nor fail every API read: it is moved aside
+        (`api-metadata.json.corrupt-<time>`, as a damaged alerts.db) and the metadata starts
+        again (the YAML's items are seen anew)."""
         if path is None or not path.exists():
             return cls(path)
-        data = orjson.loads(path.read_bytes())
-        return cls(path, data["created"], data["updated"], data["versions"], data["settings"])
+        problem: str | None
+        try:
+            data = orjson.loads(path.read_bytes())
+            parts = [data[key] for key in ("created", "updated", "versions", "settings")]
+        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+            problem = f"{type(exc).__name__}: {exc}"
+        else:
+            problem = _metadata_problem(*parts)
+            if problem is None:
+                return cls(path, *parts)
+        aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+        path.rename(aside)
+        log.error("the API's metadata %s is damaged (%s); moved to %s", path, problem, aside)
+        return cls(path)
 
     def snapshot(self) -> tuple[dict[str, Any], ...]:
         """Everything a change may edit, to put back if the change is refused."""
@@ -170,6 +187,39 @@ class Metadata:
         if self.path is None:
             return
         replace_atomically(self.path, orjson.dumps(self.document()))
+
+    def stage(self) -> list[Path]:
+        """The metadata written (and fsynced) to a temp file, for `commit` once the change it
+        belongs to is applied; none without a file. ConfigWriteError when the storage cannot
+        take it (a full disk): the change is refused before it is applied."""
+        if self.path is None:
+            return []
+        try:
+            return [write_staged(self.path, orjson.dumps(self.document()))]
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise ConfigWriteError(str(self.path), reason, "the API's metadata file") from exc
+
+    def commit(self, staged: list[Path]) -> None:
+        if self.path is not None:
+            for temp in staged:
+                replace_with_staged(self.path, temp)
+
+
+def _metadata_problem(created: Any, updated: Any, versions: Any, settings: Any) -> str | None:
+    """What is wrong with the parts of a metadata file, if anything."""
+    for name, part, kind in (
+        ("created", created, str),
+        ("updated", updated, str),
+        ("versions", versions, int),
+    ):
+        if not isinstance(part, dict) or not all(
+            isinstance(key, str) and isinstance(value, kind) for key, value in part.items()
+        ):
+            return f"{name}: not a map of names to {kind.__name__} values"
+    if not isinstance(settings, dict):
+        return "settings: not a map"
+    return None
 
 
 Handler = Callable[[web.Request], Awaitable[web.Response]]
@@ -311,6 +361,15 @@ class ManagementApi:
                 "unsupported_media_type",
                 f"Content-Type {request.content_type!r}: send application/json",
             )
+        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding != "identity":
+            # The body is read as it came (the server does not inflate): say so, rather than
+            # call the compressed bytes broken JSON.
+            raise ApiError(
+                415,
+                "unsupported_media_type",
+                f"Content-Encoding {encoding!r}: the management API takes uncompressed JSON",
+            )
         try:
             body = orjson.loads(await request.read())
         except orjson.JSONDecodeError as exc:
@@ -371,7 +430,20 @@ class ManagementApi:
                 await self._save_meta()
 
     async def _save_meta(self) -> None:
-        await asyncio.to_thread(self.meta.save)
+        """Save what a read added (first sightings): a full disk is a warning, not a failed
+        read; the metadata stays in memory and goes out with the next change."""
+        try:
+            await asyncio.to_thread(self.meta.save)
+        except OSError as exc:
+            log.warning("the API's metadata could not be saved (kept in memory): %s", exc)
+        await self.editor.share_metadata(copy.deepcopy(self.meta.document()))
+
+    async def _commit_meta(self, staged: list[Path]) -> None:
+        """Put the metadata staged for an applied change in place, and share it."""
+        try:
+            await asyncio.to_thread(self.meta.commit, staged)
+        except OSError as exc:  # a rename, in a directory that took the file: not expected
+            log.warning("the API's metadata could not be saved (kept in memory): %s", exc)
         await self.editor.share_metadata(copy.deepcopy(self.meta.document()))
 
     async def adopt_meta(self, document: Mapping[str, Any]) -> None:
@@ -380,7 +452,10 @@ class ManagementApi:
         not hold the config lock, which an edit takes inside this one."""
         async with self._editing:
             self.meta.adopt(document)
-            await asyncio.to_thread(self.meta.save)
+            try:
+                await asyncio.to_thread(self.meta.save)
+            except OSError as exc:
+                log.warning("the API's metadata could not be saved (kept in memory): %s", exc)
 
     def route_model(self, raw: dict[str, Any]) -> dict[str, Any]:
         route_id = str(raw.get("id", raw["name"]))
@@ -423,6 +498,7 @@ class ManagementApi:
             configs: list[Config] = []  # the running one and the edited one, for the audit
 
             prefix = ""  # where the item the caller sent sits in the config
+            staged: list[Path] = []  # the metadata's temp file, put in place once applied
 
             async def change(old: Config, source: ConfigSource) -> tuple[Config, ConfigSource]:
                 nonlocal result, prefix
@@ -433,11 +509,25 @@ class ManagementApi:
                 # target's host may be looked up.
                 new = await asyncio.to_thread(self._check, old, source.data, data)
                 await self._test_write(old, new)
+                staged[:] = await asyncio.to_thread(self.meta.stage)
                 configs[:] = [old, new]
                 return new, ConfigSource(source.path, data)
 
             try:
-                await self.editor.edit(change, initiator=self._who(request))
+                try:
+                    await self.editor.edit(change, initiator=self._who(request))
+                except BaseException:
+                    for temp in staged:
+                        temp.unlink(missing_ok=True)
+                    raise
+            except ConfigWriteError as exc:
+                self.meta.restore(saved)
+                raise ApiError(
+                    503,
+                    "config_not_written",
+                    f"{exc}; nothing was changed: try again once it can be written",
+                    subject,
+                ) from exc
             except ConfigError as exc:
                 self.meta.restore(saved)
                 problems = (
@@ -453,7 +543,7 @@ class ManagementApi:
             except BaseException:
                 self.meta.restore(saved)
                 raise
-            await self._save_meta()
+            await self._commit_meta(staged)
             old, new = configs
             await self._audit(request, action, subject, old, new, None)
             return result
@@ -492,6 +582,13 @@ class ManagementApi:
             for where in references(target, f"targets[{i}]")
             if not _same_at(where.removeprefix(f"targets[{i}]"), target, old.get(target.get("id")))
         ]
+        problems.extend(
+            f"{where}: a file on the daemon's host, which the API does not read; TLS files "
+            "are the operator's to set in the config file"
+            for i, target in enumerate(raw)
+            for where in host_files(target, f"targets[{i}]")
+            if not _same_at(where.removeprefix(f"targets[{i}]"), target, old.get(target.get("id")))
+        )
         if problems:
             raise ConfigError("api", problems)
         new = parse_config(after, "api")
@@ -507,7 +604,10 @@ class ManagementApi:
             bounded[i] = self._mark_api_hosts(raw[i], target, before_target, networks, daemons_iam)
             endpoint = target.endpoint
             if isinstance(endpoint, FileEndpointConfig):
-                problem = root_problem(endpoint.path, roots)
+                others = new.targets[:i] + new.targets[i + 1 :]
+                problem = root_problem(endpoint.path, roots) or daemon_file_problem(
+                    endpoint.path, after, self.editor.source.path, others
+                )
                 if problem is not None:
                     problems.append(f"targets[{i}].file_endpoint.path: {problem}")
             problems.extend(target_listener_problems(i, target, running.server.host, self.port()))
@@ -1057,10 +1157,18 @@ class ManagementApi:
         return self._json(self.settings_model(), status=201)
 
 
-def write_back(path: Path, data: dict[str, Any]) -> None:
-    """Write the edited config over its file, keeping the operator's comments, key order and
-    layout wherever the data did not change (round-trip YAML), atomically, with the previous
-    file kept as `<file>.prev`."""
+def commit_write_back(path: Path, staged: Path) -> None:
+    """Put the file stage_write_back wrote in place of the config file (two renames)."""
+    replace_with_staged(path, staged, keep_previous=True)
+
+
+def stage_write_back(path: Path, data: dict[str, Any]) -> Path:
+    """The edited config, to be written over its file, keeping the operator's comments, key
+    order and layout wherever the data did not change (round-trip YAML): written (and
+    fsynced) to a temp file beside it, the part of a write-back that a full disk fails, done
+    before the change is applied, so a change that cannot be written is not applied either.
+    Returns the temp file; commit_write_back puts it in place (the previous file kept as
+    `<file>.prev`)."""
     # Imported by the first change written back: the round-trip library costs a megabyte in a
     # daemon whose config nobody edits through the API.
     from ruamel.yaml import YAML
@@ -1078,15 +1186,21 @@ def write_back(path: Path, data: dict[str, Any]) -> None:
     if not isinstance(document, CommentedMap):
         document = CommentedMap()
     out = io.StringIO()
-    round_trip.dump(_merge(document, data), out)
-    replace_atomically(path, out.getvalue().encode(), keep_previous=True)
+    round_trip.dump(_merge(document, data, _shared_nodes(document)), out)
+    return write_staged(path, out.getvalue().encode())
 
 
-def _merge(old: Any, new: Any) -> Any:
+def _merge(old: Any, new: Any, shared: frozenset[int] = frozenset()) -> Any:
     """`new`, built on the nodes of `old` where they hold the same place, so the comments
     attached to them stay. Lists of objects are matched by `id` (or `name`), others by
-    position."""
-    from ruamel.yaml.comments import CommentedMap, CommentedSeq  # imported by write_back
+    position. A node that `old` holds in several places (`shared`: an anchor and its aliases)
+    is changed in a copy of its own, so a change at one place changes no other."""
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq  # imported by stage_write_back
+
+    def merged(node: Any, value: Any) -> Any:
+        if id(node) in shared:
+            node = copy.deepcopy(node)
+        return _merge(node, value, shared)
 
     if isinstance(new, dict) and isinstance(old, CommentedMap):
         for key in [k for k in old if k not in new]:
@@ -1097,7 +1211,7 @@ def _merge(old: Any, new: Any) -> Any:
                 # (before the next section) belongs to the last key and must stay last.
                 old.insert(min(position, len(old)), key, value)
             elif old[key] != value:
-                old[key] = _merge(old[key], value)
+                old[key] = merged(old[key], value)
         return old
     if isinstance(new, list) and isinstance(old, CommentedSeq):
         wanted = [_item_key(item, i) for i, item in enumerate(new)]
@@ -1106,12 +1220,32 @@ def _merge(old: Any, new: Any) -> Any:
                 del old[i]
         for i, item in enumerate(new):
             if i < len(old) and _item_key(old[i], i) == wanted[i]:
-                old[i] = _merge(old[i], item) if old[i] != item else old[i]
+                old[i] = merged(old[i], item) if old[i] != item else old[i]
             else:
                 old.insert(i, item)
         del old[len(new) :]
         return old
     return new
+
+
+def _shared_nodes(document: Any) -> frozenset[int]:
+    """The mappings and lists a round-trip document holds in more than one place (what YAML
+    aliases repeat), by id."""
+    seen: set[int] = set()
+    shared: set[int] = set()
+
+    def walk(node: Any) -> None:
+        if not isinstance(node, dict | list):
+            return
+        if id(node) in seen:
+            shared.add(id(node))
+            return
+        seen.add(id(node))
+        for child in node.values() if isinstance(node, dict) else node:
+            walk(child)
+
+    walk(document)
+    return frozenset(shared)
 
 
 def _item_key(item: Any, index: int) -> Any:
@@ -1133,6 +1267,61 @@ def root_problem(path: str, roots: tuple[Path, ...]) -> str | None:
         f"{path!r} is outside the archive roots ({allowed}); the API writes files only there "
         "(storage.archive_roots, by default the directories of the config's file targets)"
     )
+
+
+def host_files(value: Any, where: str) -> list[str]:
+    """The places in a target's data (any depth) that name a file on the daemon's host for
+    it to read (a TLS CA, certificate or key): an admin token would have the daemon read any
+    file it can, and present a key found there to a server of the caller's choosing."""
+    if isinstance(value, list):
+        return [p for n, v in enumerate(value) for p in host_files(v, f"{where}[{n}]")]
+    if not isinstance(value, dict):
+        return []
+    places = [f"{where}.{k}" for k, v in value.items() if k in TLS_FILE_KEYS and v is not None]
+    return places + [p for k, v in value.items() for p in host_files(v, f"{where}.{k}")]
+
+
+def daemon_file_problem(
+    path: str, data: Mapping[str, Any], config_path: Path | None, others: Sequence[TargetConfig]
+) -> str | None:
+    """Why the API may not put a file target at `path` inside the archive roots (None if it
+    may): a file the daemon reads (daemon_files), or where another file target's archive
+    rotates to (`archive.ndjson.1`, `.2.gz`): appended events would break the config at the
+    next start, a key, a secret, or another archive's chain."""
+    resolved = Path(path).resolve()
+    if resolved in daemon_files(data, config_path):
+        return (
+            f"{path!r} is a file the daemon reads (its config file, a key, a certificate or "
+            "a ${file:} secret); the API writes archives only"
+        )
+    for other in others:
+        if isinstance(other.endpoint, FileEndpointConfig):
+            archive = Path(other.endpoint.path).resolve()
+            if resolved.parent == archive.parent and resolved.name.startswith(archive.name + "."):
+                return f"{path!r} is where the archive {str(archive)!r} rotates to"
+    return None
+
+
+def daemon_files(data: Mapping[str, Any], config_path: Path | None) -> set[Path]:
+    """The files the daemon reads, resolved: its config file (with the write-back's `.prev`
+    and `.tmp`), every file the config names under a `*_file` key (keys, certificates,
+    credentials, a token file; a signing key's `.pub` beside it) and every `${file:}`."""
+    named: list[str] = list(file_references(data))
+
+    def walk(value: Any) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if isinstance(key, str) and key.endswith("_file") and isinstance(item, str):
+                    named.extend((item, item + ".pub"))
+                walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+
+    walk(data)
+    if config_path is not None:
+        named.extend(str(config_path) + suffix for suffix in ("", ".prev", ".tmp"))
+    return {Path(name).resolve() for name in named if "\x00" not in name}
 
 
 def _same_at(where: str, new: Any, old: Any) -> bool:

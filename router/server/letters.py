@@ -7,12 +7,13 @@ the time span they cover; a target's page gives its letters that match `reason` 
 Files are read in a thread, when someone asks: an operator's question, never the hot path.
 Only files in the dead-letter directory are read, found by listing it, so a target id from a
 URL never becomes a path. Letters are shown as written: their events are the journaled ones,
-after redaction.
+after redaction. On JetStream (storage.backend jetstream) the dead letters' own summary and
+page (StreamDeadLetters) answer instead, with the same parameters and fields, from the
+dead-letter streams; NATS not answering is a 503.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,9 @@ from router.deadletter import (
     DeadLetters,
     Letter,
     LetterFilter,
+    LetterTally,
     letter_files,
+    page_answer,
     parse_since,
     read_letters,
 )
@@ -48,22 +51,11 @@ def summarize(by_target: Iterable[tuple[str, Iterable[Letter]]]) -> dict[str, An
     time. A target whose letters a redrive took is no target with dead letters."""
     targets: dict[str, Any] = {}
     for target_id, letters in by_target:
-        reasons: Counter[str] = Counter()
-        first = last = None
+        tally = LetterTally()
         for letter in letters:
-            reasons[str(letter.get("reason"))] += 1
-            at = letter.get("last_attempt_at") or letter.get("received_at")
-            if isinstance(at, str):
-                first = at if first is None else min(first, at)
-                last = at if last is None else max(last, at)
-        if not reasons:
-            continue
-        targets[target_id] = {
-            "letters": sum(reasons.values()),
-            "reasons": dict(reasons.most_common()),
-            "first": first,
-            "last": last,
-        }
+            tally.add(letter)
+        if tally.letters:
+            targets[target_id] = tally.row()
     return {"targets": targets}
 
 
@@ -79,13 +71,7 @@ def page(
         if offset <= matched < offset + limit:
             kept.append(letter)
         matched += 1
-    following = offset + limit
-    return {
-        "letters": kept,
-        "offset": offset,
-        "total": matched,
-        "next_offset": following if following < matched else None,
-    }
+    return page_answer(kept, offset, limit, matched)
 
 
 def file_page(path: Path, wanted: LetterFilter, offset: int, limit: int) -> dict[str, Any]:
@@ -95,7 +81,7 @@ def file_page(path: Path, wanted: LetterFilter, offset: int, limit: int) -> dict
 @dataclass(slots=True)
 class LetterEndpoints:
     """The handlers, over the dead-letter directory, or over what `dead_letters` keeps
-    elsewhere (every_target and target_letters: JetStream's dead-letter streams)."""
+    elsewhere (its summary and page: JetStream's dead-letter streams)."""
 
     directory: Path
     dead_letters: DeadLetters | None = None
@@ -106,11 +92,11 @@ class LetterEndpoints:
 
     async def list_targets(self, request: web.Request) -> web.Response:
         try:
-            elsewhere = await self.dead_letters.every_target() if self.dead_letters else None
+            elsewhere = await self.dead_letters.summary() if self.dead_letters else None
         except StorageUnavailableError as exc:
             return error_response(RequestError(503, "journal_unavailable", str(exc)))
         if elsewhere is not None:
-            return json_response(summarize(elsewhere.items()))
+            return json_response(elsewhere)
         return json_response(await in_read_thread(summary, self.directory))
 
     async def show(self, request: web.Request) -> web.Response:
@@ -120,11 +106,15 @@ class LetterEndpoints:
         except ValueError as exc:
             return error_response(RequestError(400, "bad_filter", str(exc)))
         try:
-            own = await self.dead_letters.target_letters(target_id) if self.dead_letters else None
+            own = (
+                await self.dead_letters.page(target_id, wanted, offset, limit)
+                if self.dead_letters
+                else None
+            )
         except StorageUnavailableError as exc:
             return error_response(RequestError(503, "journal_unavailable", str(exc)))
         if own is not None:
-            return json_response({"target": target_id, **page(own, wanted, offset, limit)})
+            return json_response({"target": target_id, **own})
         path = (await in_read_thread(letter_files, self.directory)).get(target_id)
         if path is None:
             empty = {"letters": [], "offset": offset, "total": 0, "next_offset": None}

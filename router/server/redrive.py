@@ -2,7 +2,9 @@
 
 Only for that target, optionally only letters of one reason or since a time; letters whose
 event the validator would now refuse stay in the file, counted by why. The answer streams
-NDJSON progress lines, {"done": n, "total": m}, so `event-router dlq redrive` can draw it.
+NDJSON progress lines, {"done": n, "total": m}, so `event-router dlq redrive` can draw it. A
+journal that refuses the letters (full at storage.max_bytes, or failing) ends the stream with a
+line that also holds `error` ({"code", "message"}); what was not put back stays in the file.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from router.deadletter import DeadLetters, Letter, LetterFilter, parse_since
 from router.errors import RequestError
 from router.events import Event
 from router.intake.http import error_response
-from router.journal import Journal
+from router.journal import Journal, JournalFullError, JournalUnavailableError
 from router.observe.logformat import counted
 
 log = logging.getLogger(__name__)
@@ -64,14 +66,35 @@ class Redrive:
             await response.write(orjson.dumps(first) + b"\n")
             while taken.done < total:
                 chunk = await taken.chunk(REDRIVE_CHUNK)
-                await self.journal.append(
-                    [
-                        (Event.from_body(letter["event"]), {target_id: letter.get("route", "")})
-                        for letter in chunk
-                    ]
-                )
+                try:
+                    await self.journal.append(
+                        [
+                            (Event.from_body(letter["event"]), {target_id: letter.get("route", "")})
+                            for letter in chunk
+                        ]
+                    )
+                except (JournalFullError, JournalUnavailableError) as exc:
+                    # The answer is under way: its last line says why it stopped; the letters
+                    # not put back stay in the file (take keeps all but `done`).
+                    await response.write(_stopped(taken.done, total, exc))
+                    log.warning(
+                        "target %s: redrive stopped after %d of %s: %s",
+                        target_id,
+                        taken.done,
+                        counted(total, "dead letter"),
+                        exc,
+                    )
+                    break
                 taken.done += len(chunk)
                 await response.write(orjson.dumps({"done": taken.done, "total": total}) + b"\n")
-        log.info("target %s: %s redriven", target_id, counted(total, "dead letter"))
+            else:
+                log.info("target %s: %s redriven", target_id, counted(total, "dead letter"))
         await response.write_eof()
         return response
+
+
+def _stopped(done: int, total: int, exc: JournalFullError | JournalUnavailableError) -> bytes:
+    """The progress line that ends a redrive the journal refused, with its reason."""
+    code = "journal_full" if isinstance(exc, JournalFullError) else "journal_unavailable"
+    error = {"code": code, "message": f"{exc}; retry later"}
+    return orjson.dumps({"done": done, "total": total, "error": error}) + b"\n"

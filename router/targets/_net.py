@@ -51,6 +51,10 @@ class TlsClientConfig:
     key_file: str | None = None
 
 
+# The keys of a `tls` object that name files on the daemon's host, read when the target
+# starts: the operator's to set; the management API refuses them (router/server/api.py).
+TLS_FILE_KEYS: Final = frozenset({"ca_file", "cert_file", "key_file"})
+
 # The JSON Schema of a `tls` object (the http and syslog endpoints have one).
 TLS_SCHEMA: Final[Mapping[str, Any]] = {
     "type": "object",

@@ -4,6 +4,7 @@ them, against a real daemon: models, status codes, errors, masking, persistence,
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hashlib
 import json
 import os
@@ -13,11 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 import yaml
 
 from router.config import parse_config
 from router.daemon import Daemon
+from router.evidence.keys import generate
 from router.server.api import ConfigSource
 from tests.conftest import StartDaemon
 from tests.fakes import make_event, read_ndjson, wait_for
@@ -269,6 +272,33 @@ async def test_the_api_needs_an_admin_token(daemon: Daemon) -> None:
     assert (await Client(daemon, token=INGEST).call("GET", "/api/v2/targets"))[0] == 403
 
 
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br"])
+async def test_a_compressed_api_body_is_refused_naming_the_content_encoding(
+    daemon: Daemon, encoding: str
+) -> None:
+    """The management API reads its bodies as they come: a gzip body was answered 400 'the
+    input parameters ... are in the wrong format: ... at line 1 column 1', as if the JSON were
+    broken. It is a 415 that names the Content-Encoding."""
+    body = gzip.compress(orjson.dumps({"name": "v", "query": "x"}))
+    async with (
+        aiohttp.ClientSession(auto_decompress=False) as session,
+        session.post(
+            f"http://127.0.0.1:{daemon.port}/api/v2/views",
+            data=body,
+            headers={
+                "Authorization": f"Bearer {ADMIN}",
+                "Content-Type": "application/json",
+                "Content-Encoding": encoding,
+            },
+        ) as resp,
+    ):
+        assert resp.status == 415
+        error = (await resp.json())["errors"][0]
+    assert error["code"] == "unsupported_media_type"
+    assert f"Content-Encoding {encoding!r}" in error["message"]
+    assert daemon.config.views == ()
+
+
 async def test_credentials_come_back_masked_and_stay_references_in_the_file(
     start_daemon: StartDaemon,
     receiver_factory: ReceiverFactory,
@@ -514,6 +544,34 @@ async def test_a_refused_admin_action_is_recorded_even_when_it_quotes_a_huge_val
     assert "does not match" in failure and len(failure) < 5000
 
 
+async def test_a_refused_admin_action_is_recorded_whatever_characters_its_url_holds(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    """The id from the URL is quoted in the audit event's target CRN: a line break in it (which
+    a CRN cannot hold) had the event rejected, so the refusal went unrecorded."""
+    api = Client(daemon)
+    ids = ["archive%0AX-Injected:1", "a%0Ab%0Dc", "%E2%80%A8x%0A%0A"]
+    for target_id in ids:
+        assert (await api.call("DELETE", f"/api/v2/targets/{target_id}"))[0] == 404
+        assert (await api.call("PUT", f"/api/v2/views/{target_id}", {"name": "v"}))[0] == 404
+
+    def refused() -> list[dict[str, Any]]:
+        return [
+            e
+            for e in read_ndjson(tmp_path / "archive.ndjson")
+            if e["action"] in ("event-router.target.delete", "event-router.view.update")
+        ]
+
+    await wait_for(lambda: len(refused()) == 2 * len(ids), what="every refusal audited")
+    assert {e["target"]["name"] for e in refused()} == {
+        "archive\nX-Injected:1",
+        "a\nb\rc",
+        "\u2028x\n\n",
+    }
+    # The CRN quotes them escaped, so it stays one line of the CRN's pattern.
+    assert not any("\n" in e["target"]["id"] for e in refused())
+
+
 async def test_a_refused_change_changes_nothing_version_included(daemon: Daemon) -> None:
     api = Client(daemon)
     before = (await api.call("GET", "/api/v2/settings"))[1]
@@ -593,6 +651,82 @@ async def test_file_targets_from_the_api_stay_under_the_archive_roots(
         "POST", "/api/v2/targets", {"target_type": "file", "file_endpoint": {"path": str(ok)}}
     )
     assert status == 201
+
+
+async def test_a_file_target_from_the_api_never_writes_a_file_the_daemon_reads(
+    tmp_path: Path, pki: Path
+) -> None:
+    """The operator keeps the config file, the evidence signing key, a ${file:} secret and a
+    target's CA beside the archive, in the one archive root. A file target
+    from the API could be put on any of them, or on another archive's rotations: the daemon
+    then appended events to its own config (the next start failed on it), to its keys, or into
+    another archive's rotated, chained files. Each is refused, naming it."""
+    archive = tmp_path / "archive.ndjson"
+    key = tmp_path / "signing.key"
+    generate(key)
+    secret = tmp_path / "siem.token"
+    secret.write_text("a-token-from-a-file\n")
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes((pki / "ca.pem").read_bytes())
+    path = tmp_path / "router.yaml"
+    data = {
+        "server": {"host": "127.0.0.1", "port": 0},
+        "storage": {"path": str(tmp_path / "var")},
+        "startup": {"validate_targets": False},
+        "auth": auth(),
+        "evidence": {"signing_key_file": str(key)},
+        "targets": [
+            {**file_target("archive", archive), "file_endpoint": {"path": str(archive)}},
+            {
+                "id": "siem",
+                "target_type": "http",
+                "http_endpoint": {
+                    "url": "http://127.0.0.1:9/",
+                    "headers": {"X-Token": f"${{file:{secret}}}"},
+                    "tls": {"ca_file": str(ca)},
+                },
+            },
+        ],
+        "routes": everything_to("archive"),
+    }
+    text = yaml.safe_dump(data)
+    path.write_text(text)
+    daemon = Daemon(parse_config(data), ConfigSource(path, data))
+    await daemon.start()
+    try:
+        api = Client(daemon)
+        refused = {
+            path: "a file the daemon reads",
+            tmp_path / "router.yaml.prev": "a file the daemon reads",
+            tmp_path / "router.yaml.tmp": "a file the daemon reads",
+            key: "a file the daemon reads",
+            tmp_path / "signing.key.pub": "a file the daemon reads",
+            secret: "a file the daemon reads",
+            ca: "a file the daemon reads",
+            tmp_path / "var" / "receipts.key": "the journal's own files",
+            tmp_path / "var" / "api-metadata.json.tmp": "the journal's own files",
+            tmp_path / "archive.ndjson.1": "rotates",
+            tmp_path / "archive.ndjson.2.gz": "rotates",
+        }
+        for where, why in refused.items():
+            status, error = await api.call(
+                "POST",
+                "/api/v2/targets",
+                {"target_type": "file", "file_endpoint": {"path": str(where)}},
+            )
+            assert status == 400, (where, error)
+            message = error["errors"][0]["message"]
+            assert message.startswith("file_endpoint.path: ") and why in message, message
+        assert [t.id for t in daemon.config.targets] == ["archive", "siem"]
+        status, _ = await api.call(
+            "POST",
+            "/api/v2/targets",
+            {"target_type": "file", "file_endpoint": {"path": str(tmp_path / "other.ndjson")}},
+        )
+        assert status == 201
+    finally:
+        await daemon.stop()
+    assert yaml.safe_load(path.read_text())["evidence"] == data["evidence"]
 
 
 async def test_references_in_api_bodies_are_refused(
@@ -698,6 +832,106 @@ async def test_write_back_keeps_comments_and_key_order(tmp_path: Path) -> None:
     previous = path.with_name("router.yaml.prev").read_text()  # the file before the last change
     assert all(comment in previous for comment in comments)
     assert written.startswith(text.split("targets:")[0]), "untouched sections stay as written"
+
+
+SHARED = """\
+server: {{host: 127.0.0.1, port: 0}}
+storage: {{path: {var}}}
+startup: {{validate_targets: false}}
+targets:
+  - id: first
+    target_type: http
+    http_endpoint: &siem   # both targets send to one SIEM
+      url: {url}
+      timeout_s: 5
+  - id: second
+    target_type: http
+    http_endpoint: *siem
+routes:
+  - name: all
+    rules: [{{locations: ["*"], target_ids: [first, second]}}]
+auth: {auth}
+"""
+
+
+@pytest.mark.parametrize("changed", ["first", "second"])
+async def test_write_back_changes_only_the_target_changed_where_the_yaml_shares_a_node(
+    tmp_path: Path, receiver_factory: ReceiverFactory, changed: str
+) -> None:
+    """Two targets whose endpoint is one YAML node (an anchor and its alias): the write-back
+    merged each target's data into that one node in turn, so the file kept the change of
+    whichever came last: a PUT to `first` was lost on restart, and a PUT to `second` moved
+    `first` to the new URL too (a target no request named)."""
+    old, new = await receiver_factory(), await receiver_factory()
+    path = tmp_path / "router.yaml"
+    text = SHARED.format(var=tmp_path / "var", url=old.url, auth=json.dumps(loopback_auth()))
+    path.write_text(text)
+    data = yaml.safe_load(text)
+    daemon = Daemon(parse_config(data), ConfigSource(path, data))
+    await daemon.start()
+    try:
+        status, answer = await Client(daemon).call(
+            "PUT",
+            f"/api/v2/targets/{changed}",
+            {"name": changed, "target_type": "http", "http_endpoint": {"url": new.url}},
+        )
+        assert status == 200, answer
+        urls = {t.id: t.endpoint.url for t in daemon.config.targets}  # type: ignore[union-attr]
+    finally:
+        await daemon.stop()
+    assert urls == {"first": old.url, "second": old.url, changed: new.url}
+    written = yaml.safe_load(path.read_text())
+    assert {t["id"]: t["http_endpoint"]["url"] for t in written["targets"]} == urls
+    assert written == daemon.source.data
+    assert "# both targets send to one SIEM" in path.read_text()
+
+
+@pytest.mark.parametrize(
+    "damaged",
+    [
+        b"\x00\xffnot json",
+        b'{"created": {"target:archive": "2024-',
+        b"",
+        b"[1, 2]",
+        b'{"created": {}}',
+        b'{"created": [], "updated": 1, "versions": "x", "settings": null}',
+        b'{"created": {"a": 1}, "updated": {}, "versions": {"a": "x"}, "settings": {}}',
+    ],
+)
+async def test_a_damaged_api_metadata_file_is_moved_aside_and_the_daemon_starts(
+    tmp_path: Path, damaged: bytes
+) -> None:
+    """The API's metadata (timestamps, route versions) beside the journal was read as it was:
+    a damaged file (a bad disk, an edit by hand) stopped the daemon from starting with a
+    traceback (JSONDecodeError, KeyError, TypeError), or had every API read answer 500. It is
+    moved aside (api-metadata.json.corrupt-<time>), as a damaged alerts.db is, and the API
+    starts its metadata again."""
+    path = tmp_path / "router.yaml"
+    data = {
+        "server": {"host": "127.0.0.1", "port": 0},
+        "storage": {"path": str(tmp_path / "var")},
+        "startup": {"validate_targets": False},
+        "auth": auth(),
+        "targets": [file_target("archive", tmp_path / "archive.ndjson")],
+        "routes": everything_to("archive"),
+    }
+    path.write_text(yaml.safe_dump(data))
+    (tmp_path / "var").mkdir()
+    (tmp_path / "var" / "api-metadata.json").write_bytes(damaged)
+    daemon = Daemon(parse_config(data), ConfigSource(path, data))
+    await daemon.start()
+    try:
+        api = Client(daemon)
+        for read in ("/api/v2/targets", "/api/v2/routes", "/api/v2/settings", "/api/v2/views"):
+            status, answer = await api.call("GET", read)
+            assert status == 200, (read, answer)
+        status, answer = await api.call("POST", "/api/v2/views", {"name": "v", "query": "x"})
+        assert status == 201, answer
+    finally:
+        await daemon.stop()
+    [aside] = (tmp_path / "var").glob("api-metadata.json.corrupt-*")
+    assert aside.read_bytes() == damaged
+    assert orjson.loads((tmp_path / "var" / "api-metadata.json").read_bytes())["created"]
 
 
 def test_prev_files_are_not_tracked() -> None:

@@ -5,13 +5,23 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import aiohttp
+import orjson
 import pytest
 import yaml
 
 from router.cli import main
 from tests.conftest import StartDaemon
 from tests.fakes import ScriptedReceiver, make_event, read_ndjson, wait_for
-from tests.helpers import assert_books_balance, file_target, http_target, post, run_cli, settled
+from tests.helpers import (
+    assert_books_balance,
+    file_target,
+    http_target,
+    patient,
+    post,
+    run_cli,
+    settled,
+)
 
 ReceiverFactory = Callable[..., Awaitable[ScriptedReceiver]]
 
@@ -109,3 +119,58 @@ async def test_redrive_of_an_unknown_target_is_refused(
     )
     assert code == 2, "an unknown target is a usage error, as for dlq show and validate-target"
     assert "404" in err and "no target 'nope'" in err
+
+
+async def test_a_redrive_the_journal_cannot_take_stops_with_the_reason_and_loses_no_letter(
+    start_daemon: StartDaemon, receiver_factory: ReceiverFactory, tmp_path: Path
+) -> None:
+    """With the journal at storage.max_bytes, a redrive's append is refused: the answer (200,
+    already streaming) was cut off mid-stream with a traceback in the log, and the CLI said it
+    could not reach the daemon. Now the stream ends with a line naming the reason, the CLI
+    says it, and every letter stays in the file."""
+    siem = await receiver_factory([400])
+    slow = await receiver_factory([503])
+    daemon = await start_daemon(
+        {
+            "storage": {"path": str(tmp_path / "var"), "max_bytes": 65536},
+            "targets": [
+                http_target("siem", siem.url) | {"retry": {"max_attempts": 1}},
+                patient(http_target("slow", slow.url)),
+            ],
+            "routes": [
+                {"name": "all", "rules": [{"locations": ["*"], "target_ids": ["siem"]}]},
+                {"name": "east", "rules": [{"locations": ["us-east"], "target_ids": ["slow"]}]},
+            ],
+        }
+    )
+    await post(daemon, [make_event(id=f"d{i}") for i in range(20)])
+    await wait_for(lambda: daemon.status()["targets"]["siem"]["dead_lettered"] == 20)
+    padded = {"pad": "x" * 2000}
+    for n in range(100):  # the slow target's backlog fills the journal
+        status, _ = await post(
+            daemon,
+            [make_event(id=f"f{n}-{i}", location="us-east", requestData=padded) for i in range(20)],
+        )
+        if status == 503:
+            break
+    assert status == 503
+    await wait_for(lambda: daemon.status()["targets"]["siem"]["pending"] == 0)
+    letters = tmp_path / "var" / "deadletter" / "siem.ndjson"
+    before = read_ndjson(letters)
+    assert len(before) == daemon.status()["targets"]["siem"]["dead_lettered"]
+
+    url = f"http://127.0.0.1:{daemon.port}"
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{url}/v1/deadletters/siem/redrive") as resp,
+    ):
+        assert resp.status == 200
+        lines = [orjson.loads(line) for line in (await resp.read()).splitlines()]
+    assert lines[-1]["error"]["code"] == "journal_full", lines
+    assert "storage.max_bytes" in lines[-1]["error"]["message"]
+    code, _, err = await run_cli("dlq", "redrive", "--target", "siem", "--url", url)
+    assert code == 1, err
+    assert "redrive stopped after 0 of" in err and "storage.max_bytes" in err, err
+    assert read_ndjson(letters) == before
+    assert daemon.ready
+    assert_books_balance(daemon)

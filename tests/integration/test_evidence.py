@@ -664,6 +664,48 @@ async def test_receipts_name_each_event_and_say_where_it_is(
     assert code == 404 and missing["error"]["code"] == "not_found"
 
 
+@pytest.mark.parametrize("length", [0, 5])
+async def test_a_receipt_key_file_of_the_wrong_length_stops_the_start_naming_it(
+    start_daemon: StartDaemon, tmp_path: Path, length: int
+) -> None:
+    """The receipt key was made by creating its file, then writing it: a crash or a full disk
+    in between left an empty receipts.key, which the next start took as the key. Receipts
+    MACed with an empty key are receipts anyone can make. A key file that does not hold a key
+    (as a receipt-key of the wrong length in a JetStream bucket) stops the start, naming it;
+    a new key file is written whole (a temp file, fsynced, linked in place) or not at all."""
+    storage = tmp_path / "var"
+    storage.mkdir()
+    (storage / "receipts.key").write_bytes(b"k" * length)
+    config = {
+        "targets": [chained_file_target(tmp_path / "us.ndjson")],
+        "routes": everything_to("us"),
+        "evidence": {"receipts": True},
+    }
+    config_file = tmp_path / "router.yaml"
+    config_file.write_text(
+        yaml.safe_dump(
+            {
+                "server": {"host": "127.0.0.1", "port": 0},
+                "storage": {"path": str(storage)},
+                "startup": {"validate_targets": False},
+                **config,
+            }
+        )
+    )
+    refused = run_cli("serve", "--config", str(config_file))
+    assert refused.returncode == 1, refused.stderr
+    assert f"receipts.key holds {length} bytes" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    (storage / "receipts.key").unlink()
+    daemon = await start_daemon(config)
+    assert len((storage / "receipts.key").read_bytes()) == 32
+    assert not list(storage.glob("receipts.key.*"))
+    status, answer = await post(daemon, [make_event(id="k-1")])
+    assert status == 202
+    assert daemon.acceptor.receipts is not None
+    assert daemon.acceptor.receipts.genuine(answer["results"][0]["receipt"])
+
+
 async def test_without_receipts_the_ingest_answer_is_unchanged(
     start_daemon: StartDaemon, tmp_path: Path
 ) -> None:

@@ -6,6 +6,7 @@ mount grows and everything drains. Needs root (mount); skipped with the reason o
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
 from collections import Counter
@@ -16,19 +17,29 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+import yaml
 
+from router.config import parse_config
+from router.daemon import Daemon
 from router.evidence.verify import Verifier, verify_files
+from router.server.api import ConfigSource
 from tests.conftest import StartDaemon
-from tests.fakes import ScriptedReceiver, make_event, wait_for
+from tests.fakes import ScriptedReceiver, make_event, read_ndjson, wait_for
 from tests.helpers import (
     assert_books_balance,
     everything_to,
     file_target,
+    free_port,
     http_target,
     patient,
     post,
+    reap,
+    serve,
     settled,
+    terminate,
 )
+from tests.integration.test_api import Client as ApiClient
+from tests.integration.test_api import auth as api_auth
 
 ReceiverFactory = Callable[..., Awaitable[ScriptedReceiver]]
 Mount = Callable[[Path, str], Path]
@@ -61,6 +72,16 @@ def tmpfs() -> Iterator[Mount]:
 
 def grow(path: Path, size: str) -> None:
     subprocess.run(["mount", "-o", f"remount,size={size}", str(path)], check=True)
+
+
+def fill_up(directory: Path) -> Path:
+    """A file that takes every byte left on the file system of `directory`."""
+    filler = directory / "filler"
+    with pytest.raises(OSError), open(filler, "wb") as f:
+        while True:
+            f.write(b"x" * 4096)
+            f.flush()
+    return filler
 
 
 def lines_by_id(path: Path, key: Callable[[Any], object]) -> Counter[object]:
@@ -171,3 +192,137 @@ async def test_a_full_journal_disk_answers_503_journal_unavailable_counted_then_
     delivered = [e["id"] for e in siem.delivered_events]
     assert sorted(delivered) == sorted([*accepted, "after"]), "the refused request left nothing"
     assert_books_balance(daemon)
+
+
+async def test_an_api_change_whose_config_file_cannot_be_written_changes_nothing(
+    tmp_path: Path, tmpfs: Mount
+) -> None:
+    """The config file's disk is full: the change was applied (the target created and
+    running), then writing the file failed: a 500, with the change live but not in the file
+    (gone at the next restart) and never audited. Now the file is written (to its temp file)
+    before anything is applied: a 503 naming the file and why, nothing changed, the refusal
+    audited; once there is room, the same request is applied and written."""
+    etc = tmpfs(tmp_path / "etc", "64k")
+    path = etc / "router.yaml"
+    data = {
+        "server": {"host": "127.0.0.1", "port": 0},
+        "storage": {"path": str(tmp_path / "var")},
+        "startup": {"validate_targets": False},
+        "auth": api_auth(),
+        "targets": [file_target("archive", tmp_path / "archive.ndjson")],
+        "routes": everything_to("archive"),
+    }
+    text = "# the operator's config\n" + yaml.safe_dump(data)
+    path.write_text(text)
+    filler = fill_up(etc)
+    daemon = Daemon(parse_config(data), ConfigSource(path, data))
+    await daemon.start()
+    try:
+        api = ApiClient(daemon)
+        new_target = {"target_type": "file", "file_endpoint": {"path": str(tmp_path / "b.ndjson")}}
+        status, answer = await api.call("POST", "/api/v2/targets", new_target)
+        assert status == 503, answer
+        error = answer["errors"][0]
+        assert error["code"] == "config_not_written", error
+        assert str(path) in error["message"] and "No space left" in error["message"]
+        assert [t.id for t in daemon.config.targets] == ["archive"]
+        assert [t["id"] for t in (await api.call("GET", "/api/v2/targets"))[1]["targets"]] == [
+            "archive"
+        ]
+        assert path.read_text() == text
+        assert sorted(p.name for p in etc.iterdir()) == ["filler", "router.yaml"]
+
+        def refusals() -> list[dict[str, Any]]:
+            return [
+                e
+                for e in read_ndjson(tmp_path / "archive.ndjson")
+                if e["action"] == "event-router.target.create" and e["outcome"] == "failure"
+            ]
+
+        await wait_for(lambda: len(refusals()) == 1, what="the refusal audited")
+        filler.unlink()
+        status, answer = await api.call("POST", "/api/v2/targets", new_target)
+        assert status == 201, answer
+        assert answer["id"] in [t["id"] for t in yaml.safe_load(path.read_text())["targets"]]
+        assert_books_balance(daemon)
+    finally:
+        await daemon.stop()
+
+
+async def test_an_api_change_when_the_storage_is_full_changes_nothing_and_reads_still_answer(
+    tmp_path: Path, tmpfs: Mount
+) -> None:
+    """The storage (journal, the API's metadata) is full: a change was applied and written to
+    the config file, then saving its metadata failed: a 500, never audited; and a read that
+    first showed a YAML target (saving its creation time) was a 500 too. Now a change's
+    metadata is written before it is applied (503 naming the file, nothing changed), and a
+    read answers, its metadata kept in memory."""
+    var = tmpfs(tmp_path / "var", "1m")
+    path = tmp_path / "router.yaml"
+    data = {
+        "server": {"host": "127.0.0.1", "port": 0},
+        "storage": {"path": str(var)},
+        "startup": {"validate_targets": False},
+        "auth": api_auth(),
+        "targets": [file_target("archive", tmp_path / "archive.ndjson")],
+        "routes": everything_to("archive"),
+    }
+    path.write_text(yaml.safe_dump(data))
+    daemon = Daemon(parse_config(data), ConfigSource(path, data))
+    await daemon.start()
+    api = ApiClient(daemon)
+    filler = fill_up(var)
+    text = path.read_text()
+    status, answer = await api.call("POST", "/api/v2/views", {"name": "failures", "query": "x"})
+    assert status == 503, answer
+    error = answer["errors"][0]
+    assert error["code"] == "config_not_written", error
+    assert "api-metadata.json" in error["message"] and "No space left" in error["message"]
+    assert daemon.config.views == () and path.read_text() == text
+    status, answer = await api.call("GET", "/api/v2/targets")  # first sight of the YAML's
+    assert status == 200, answer
+    assert [t["id"] for t in answer["targets"]] == ["archive"]
+    assert not list(var.glob("*.tmp"))
+    filler.unlink()
+    status, answer = await api.call("POST", "/api/v2/views", {"name": "failures", "query": "x"})
+    assert status == 201, answer
+    assert [v.name for v in daemon.config.views] == ["failures"]
+    await daemon.stop()
+
+
+async def test_sigterm_with_the_storage_full_stops_cleanly(tmp_path: Path, tmpfs: Mount) -> None:
+    """The alert store's last checkpoint at close failed on a full disk and the stop ended
+    there, exit 1 with a traceback: targets and the journal never closed. A checkpoint that
+    cannot be written leaves the WAL, replayed at the next start, as the journal's does."""
+    var = tmpfs(tmp_path / "var", "1m")
+    port = free_port()
+    config = tmp_path / "router.yaml"
+    archive = tmp_path / "archive.ndjson"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "server": {"host": "127.0.0.1", "port": port},
+                "storage": {"path": str(var)},
+                "startup": {"validate_targets": False},
+                "targets": [file_target("archive", archive)],
+                "routes": everything_to("archive"),
+            }
+        )
+    )
+    proc = await serve(config, port, stderr=asyncio.subprocess.PIPE)
+    try:
+        url = f"http://127.0.0.1:{port}/v1/events"
+        async with aiohttp.ClientSession() as session:
+            async with session.post(url, json=[make_event(id="before")]) as resp:
+                assert resp.status == 202
+            await wait_for(lambda: [e["id"] for e in read_ndjson(archive)] == ["before"])
+            fill_up(var)
+            async with session.post(url, json=[make_event(id="refused")]) as resp:
+                assert resp.status == 503
+        assert await terminate(proc) == 0
+        assert proc.stderr is not None
+        err = (await proc.stderr.read()).decode()
+        assert "event-router stopped" in err  # the summary, after the journal closed
+        assert "alert store checkpoint at close failed" in err
+    finally:
+        await reap(proc)

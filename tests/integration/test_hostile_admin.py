@@ -581,3 +581,126 @@ async def test_api_target_networks_may_let_api_targets_reach_loopback(
     await wait_for(lambda: settled(daemon), what="delivered")
     assert "to-loopback" in [e["id"] for e in receiver.delivered_events]
     assert_books_balance(daemon)
+
+
+async def test_an_admin_token_cannot_make_the_daemon_read_a_file_through_a_targets_tls(
+    start_daemon: StartDaemon, tmp_path: Path, receiver_factory: ReceiverFactory, pki: Path
+) -> None:
+    """A target's tls.ca_file, cert_file and key_file name files on the daemon's host, which
+    the daemon reads when the target starts: from the API they made the daemon read any file
+    it could (/etc/shadow, /proc/self/environ, the operator's own keys, the error telling
+    whether it exists), and present a key it found there to a server the caller chose. The API
+    refuses them, naming the field; the operator's own value may be sent back unchanged."""
+    receiver = await receiver_factory()
+    operators_ca = pki / "ca.pem"
+    secret = tmp_path / "secret.txt"
+    secret.write_text("the operator's secret\n")
+    daemon = await start_daemon(
+        {
+            "auth": {**auth(), "api_target_networks": ["127.0.0.0/8"]},
+            "targets": [
+                file_target("archive", tmp_path / "archive.ndjson"),
+                {
+                    "id": "own",
+                    "target_type": "http",
+                    "http_endpoint": {"url": receiver.url, "tls": {"ca_file": str(operators_ca)}},
+                },
+            ],
+            "routes": everything_to("archive", "own"),
+        }
+    )
+    targets_before = daemon.config.targets
+    tls_sets = [
+        {"ca_file": str(secret)},
+        {"cert_file": str(secret)},
+        {"cert_file": str(operators_ca), "key_file": str(secret)},
+    ]
+    for tls in tls_sets:
+        for target, field in [
+            (
+                {**http(receiver.url), "http_endpoint": {"url": receiver.url, "tls": tls}},
+                "http_endpoint.tls",
+            ),
+            (
+                {
+                    **syslog("127.0.0.1", 1),
+                    "syslog_endpoint": {"host": "127.0.0.1", "port": 1, "tls": tls},
+                },
+                "syslog_endpoint.tls",
+            ),
+            (
+                {
+                    **event_streams("127.0.0.1:1"),
+                    "eventstreams_endpoint": {
+                        **event_streams("127.0.0.1:1")["eventstreams_endpoint"],
+                        "tls": tls,
+                    },
+                },
+                "eventstreams_endpoint.tls",
+            ),
+        ]:
+            status, answer = await call(daemon, "POST", "/api/v2/targets", target)
+            assert status == 400, (target, answer)
+            for key in tls:
+                assert f"{field}.{key}" in message(answer), message(answer)
+            assert "Kafka" not in message(answer)  # refused before any test write
+    # Nor may a change point the operator's target at another file.
+    status, own = await call(daemon, "GET", "/api/v2/targets/own")
+    assert status == 200, own
+    endpoint = own["http_endpoint"]
+    for tls in tls_sets:
+        status, answer = await call(
+            daemon,
+            "PUT",
+            "/api/v2/targets/own",
+            {"name": "own", "target_type": "http", "http_endpoint": {**endpoint, "tls": tls}},
+        )
+        assert status == 400, answer
+        assert "http_endpoint.tls." in message(answer), message(answer)
+    assert daemon.config.targets == targets_before
+    # What the operator set may come back as it was read.
+    status, answer = await call(
+        daemon,
+        "PUT",
+        "/api/v2/targets/own",
+        {"name": "own", "target_type": "http", "http_endpoint": {**endpoint, "timeout_s": 5}},
+    )
+    assert status == 200, answer
+    assert daemon.config.target("own").endpoint.tls.ca_file == str(operators_ca)  # type: ignore[union-attr]
+    await ingest_still_works(daemon, "after-tls-files")
+
+
+@pytest.mark.parametrize(
+    "name", ["Content-Length", "transfer-encoding", "Content-Encoding", "Connection", "Upgrade"]
+)
+async def test_a_header_that_frames_the_request_is_refused_naming_it(
+    start_daemon: StartDaemon, receiver_factory: ReceiverFactory, tmp_path: Path, name: str
+) -> None:
+    """The HTTP client frames each POST itself. A target header `Content-Length: 1` was sent
+    as given with the whole body after it: the receiver read one byte of JSON, and the rest
+    of the batch as the next request on the connection (request smuggling, its method and
+    path taken from event bytes an ingest token chose); Transfer-Encoding and
+    Content-Encoding made every delivery unreadable. Refused, naming the header, from the API
+    and from the operator's YAML alike (no such target can ever deliver)."""
+    receiver = await receiver_factory()
+    daemon = await start_daemon(
+        {
+            "auth": {**auth(), "api_target_networks": ["127.0.0.0/8"]},
+            "targets": [file_target("archive", tmp_path / "archive.ndjson")],
+            "routes": everything_to("archive"),
+        }
+    )
+    target = {**http(receiver.url), "http_endpoint": {"url": receiver.url, "headers": {name: "1"}}}
+    status, answer = await call(daemon, "POST", "/api/v2/targets", target)
+    assert status == 400, answer
+    assert f"http_endpoint.headers.{name}" in message(answer), message(answer)
+    yaml_target = {"id": "siem", **target}
+    with pytest.raises(ConfigError) as refused:
+        parse_config({"targets": [yaml_target], "routes": everything_to("siem")})
+    assert any(f"targets[0].http_endpoint.headers.{name}" in p for p in refused.value.problems)
+    signing = {"secret": "a-signing-secret-of-enough-length", "header": name}
+    yaml_target["http_endpoint"] = {"url": receiver.url, "signing": signing}
+    with pytest.raises(ConfigError) as refused:
+        parse_config({"targets": [yaml_target], "routes": everything_to("siem")})
+    assert any("targets[0].http_endpoint.signing.header" in p for p in refused.value.problems)
+    await ingest_still_works(daemon, f"after-{name}")

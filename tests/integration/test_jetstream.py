@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import itertools
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,14 @@ from aiohttp import web
 from router.clients.tail import sse_messages
 from router.config import parse_config
 from router.daemon import Daemon
-from router.journal.jetstream import letters_stream, queue_stream
+from router.events import Event
+from router.journal import JournalUnavailableError
+from router.journal.jetstream import (
+    JetStreamJournal,
+    letters_stream,
+    queue_stream,
+    read_stream_letters,
+)
 from router.server.api import ConfigSource
 from tests.conftest import FAST_DELIVERY
 from tests.fakes import make_event, read_ndjson, wait_for
@@ -47,12 +55,6 @@ pytestmark = pytest.mark.peers
 
 _streams = itertools.count(1)
 _ids = itertools.count(1)
-
-
-@pytest.fixture(scope="module")
-def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
-    with NatsServer(tmp_path_factory.mktemp("nats")) as server:
-        yield server
 
 
 def jetstream(servers: list[str], stream: str, **settings: Any) -> dict[str, Any]:
@@ -220,6 +222,107 @@ async def test_a_send_longer_than_ack_wait_keeps_its_batch_with_in_progress_acks
         await runner.cleanup()
 
 
+async def test_a_batch_gathered_longer_than_ack_wait_is_kept_and_sent_once(
+    start_router: Any, receiver_factory: ReceiverFactory
+) -> None:
+    """What a router fetched and still gathers into a batch (max_wait_s) is its own too:
+    kept with in-progress acks from the fetch, not only once the batch is out, or JetStream
+    hands it to another router meanwhile and both send it."""
+    siem = await receiver_factory([200])
+    config = {
+        "targets": [http_target("siem", siem.url)],
+        "routes": everything_to("siem"),
+        # A batch waits 6 s for more after its first event, twice ack_wait.
+        "delivery": {"batch": {"max_wait_s": 6, "max_events": 1000}},
+    }
+    routers = [await start_router(config, ack_wait_s=3, name=n) for n in ("r1", "r2")]
+    events = [event() for _ in range(5)]
+    ids = [e["id"] for e in events]
+    assert (await post(routers[0], events))[0] == 202
+    await wait_for(
+        lambda: all(settled(r) for r in routers) and bool(siem.requests),
+        timeout_s=30,
+        what="the batch to be delivered",
+    )
+    for router in routers:  # a batch still gathered goes out as its router stops
+        await router.stop()
+    sent = [e["id"] for e in siem.delivered_events]
+    assert sorted(sent) == sorted(ids), f"each event once, by one router: {sent}"
+
+
+def stopped(pid: int) -> bool:
+    """Has SIGSTOP stopped every thread of the process (it acts on each thread on its own)?"""
+    tasks = Path(f"/proc/{pid}/task")
+    return all(
+        (t / "stat").read_text().rsplit(")", 1)[1].split()[0] in "tT" for t in tasks.iterdir()
+    )
+
+
+async def open_journal(
+    path: Path, server: NatsServer, target_ids: list[str], stream: str = "", **settings: Any
+) -> JetStreamJournal:
+    """A JetStreamJournal of its own, on `stream` (a fresh one if not named), open."""
+    settings.setdefault("max_bytes", 16 * 1024 * 1024)
+    stream = stream or f"T{next(_streams)}"
+    storage = {"path": str(path), **jetstream([server.url], stream, **settings)}
+    journal = JetStreamJournal(parse_config({"storage": storage}).storage, target_ids)
+    await journal.open()
+    return journal
+
+
+async def test_a_consumer_made_with_another_ack_wait_gets_the_configs(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    """The shared consumer is made once; a router whose storage.jetstream.ack_wait_s differs
+    (changed in the config, or a stream made by an older router) brings it to its own, and
+    keeps its in-progress acks to what the consumer has."""
+    first = await open_journal(tmp_path / "a", nats_server, ["t"], ack_wait_s=30)
+    stream = first.js_config.stream
+    await first.close()
+    second = await open_journal(tmp_path / "b", nats_server, ["t"], stream, ack_wait_s=7)
+    try:
+        info = await second.js.consumer_info(queue_stream(second.js_config, "t"), "delivery")
+        assert info.config.ack_wait == 7
+    finally:
+        await second.close()
+
+
+async def test_an_ack_tried_again_after_an_unconfirmed_one_settles_the_batch(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    """The delivery worker tries a batch's ack again after it raised (no confirmation: the
+    server hung). The first try's plain acks went out; the second must send them again, not
+    refuse because they were sent (nats-py's Msg.ack refuses a message it acked before):
+    refused, the batch was never settled and stayed held, for ever, after a node died."""
+    journal = await open_journal(tmp_path / "var", nats_server, ["t"], publish_timeout_s=1)
+    try:
+        await journal.append(
+            [(Event.from_body(event(), received_at=time.time()), {"t": "all"}) for _ in range(3)]
+        )
+        batch = await journal.next_batch(
+            "t", max_events=10, max_bytes=1 << 20, max_wait_s=0.2, stopping=asyncio.Event()
+        )
+        assert len(batch) == 3
+        nats_server.pause()
+        try:
+            await wait_for(lambda: stopped(nats_server.pid), what="the server to stop")
+            with pytest.raises(JournalUnavailableError):
+                await journal.ack("t", batch, dead_lettered=0)
+        finally:
+            nats_server.resume()
+        await journal.ack("t", batch, dead_lettered=0)
+
+        async def settled_in_stream() -> bool:
+            return bool(
+                (await stream_state(nats_server, queue_stream(journal.js_config, "t"))).messages
+                == 0
+            )
+
+        await wait_for(settled_in_stream, what="the batch to leave the stream")
+    finally:
+        await journal.close()
+
+
 async def test_dead_letters_go_to_their_stream_and_dlq_lists_shows_and_redrives_them(
     start_router: Any, receiver_factory: ReceiverFactory, nats_server: NatsServer, tmp_path: Path
 ) -> None:
@@ -312,6 +415,122 @@ async def test_the_http_dead_letter_reads_come_from_the_streams_whichever_router
         assert (await resp.json())["total"] == 0
     assert (await post(first, [event()]))[0] == 202
     assert_books_balance(first)
+
+
+async def get_json(daemon: Daemon, path: str, **params: str) -> tuple[int, Any]:
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session,
+        session.get(f"http://127.0.0.1:{daemon.port}{path}", params=params) as resp,
+    ):
+        return resp.status, await resp.json()
+
+
+def nats_requests(server: NatsServer) -> int:
+    """Messages the server received from its clients so far (every JetStream API request)."""
+    return int(server.monitor("/varz")["in_msgs"])
+
+
+async def test_dead_letter_pages_are_read_a_page_at_a_time_and_the_summary_counts_from_the_stream(
+    start_router: Any, receiver_factory: ReceiverFactory, nats_server: NatsServer
+) -> None:
+    """GET /v1/deadletters/{target} on JetStream reads the page, not the whole stream (it read
+    every letter, one request each, for every page), and GET /v1/deadletters counts from the
+    stream's state and reads each letter once (it read every letter of every stream per
+    request); the answers are the file layout's: the same pages, totals and reasons."""
+    siem = await receiver_factory([400])
+    daemon = await start_router(
+        {"targets": [http_target("siem", siem.url)], "routes": everything_to("siem")}
+    )
+    count = 250  # more than MAX_PAGE (200)
+    assert (await post(daemon, [event() for _ in range(count)]))[0] == 202
+    await wait_for(
+        lambda: books_of(daemon, "siem") == (count, 0, count, 0), what="the dead letters"
+    )
+    stream = letters_stream(daemon.config.storage.jetstream, "siem")
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        stored = [letter["event"]["id"] for _, letter in await read_stream_letters(js, stream)]
+        assert len(stored) == count
+
+        before = nats_requests(nats_server)
+        status, page = await get_json(daemon, "/v1/deadletters/siem", offset="200", limit="50")
+        asked = nats_requests(nats_server) - before
+        assert status == 200
+        assert [letter["event"]["id"] for letter in page["letters"]] == stored[200:250]
+        assert (page["offset"], page["total"], page["next_offset"]) == (200, count, None)
+        # 50 letters and the streams' list, not 250 letters (plus the books read meanwhile).
+        assert asked < 120, f"{asked} requests to NATS for a page of 50"
+
+        status, summary = await get_json(daemon, "/v1/deadletters")
+        assert status == 200
+        assert summary["targets"]["siem"]["letters"] == count
+        assert summary["targets"]["siem"]["reasons"] == {"permanent_status": count}
+        before = nats_requests(nats_server)
+        status, again = await get_json(daemon, "/v1/deadletters")
+        asked = nats_requests(nats_server) - before
+        assert (status, again) == (200, summary)
+        assert asked < 40, f"{asked} requests to NATS for a summary whose letters were read"
+
+        # Letters taken out in between (as a redrive deletes them): pages skip the gap.
+        for seq in range(11, 21):
+            await js.delete_msg(stream, seq)
+        left = stored[:10] + stored[20:]
+        pages: list[str] = []
+        offset: int | None = 0
+        while offset is not None:
+            status, page = await get_json(
+                daemon, "/v1/deadletters/siem", offset=str(offset), limit="200"
+            )
+            assert status == 200 and page["total"] == len(left)
+            pages += [letter["event"]["id"] for letter in page["letters"]]
+            offset = page["next_offset"]
+        assert pages == left
+        status, page = await get_json(
+            daemon, "/v1/deadletters/siem", reason="permanent_status", offset="230", limit="200"
+        )
+        assert [letter["event"]["id"] for letter in page["letters"]] == left[230:]
+        assert (page["total"], page["next_offset"]) == (len(left), None)
+        status, page = await get_json(daemon, "/v1/deadletters/siem", reason="expired")
+        assert (page["total"], page["letters"]) == (0, [])
+        status, summary = await get_json(daemon, "/v1/deadletters")
+        assert summary["targets"]["siem"]["letters"] == len(left)
+        assert summary["targets"]["siem"]["reasons"] == {"permanent_status": len(left)}
+    finally:
+        await nc.close()
+
+
+async def test_the_dead_letter_reads_answer_503_at_once_while_nats_does_not_answer(
+    start_router: Any, receiver_factory: ReceiverFactory, nats_server: NatsServer
+) -> None:
+    """Hung (SIGSTOP) or stopped, NATS gives GET /v1/deadletters[/{target}] a 503
+    journal_unavailable within the read's wait, never a 500 or a request left hanging."""
+    siem = await receiver_factory([400])
+    daemon = await start_router(
+        {"targets": [http_target("siem", siem.url)], "routes": everything_to("siem")}
+    )
+    await post(daemon, [event() for _ in range(2)])
+    await wait_for(lambda: books_of(daemon, "siem") == (2, 0, 2, 0), what="two dead letters")
+    paths = ("/v1/deadletters", "/v1/deadletters/siem")
+    nats_server.pause()
+    try:
+        for path in paths:
+            status, answer = await get_json(daemon, path)
+            assert (status, answer["error"]["code"]) == (503, "journal_unavailable"), answer
+    finally:
+        nats_server.resume()
+    await nats_server.astop()
+    try:
+        for path in paths:
+            status, answer = await get_json(daemon, path)
+            assert (status, answer["error"]["code"]) == (503, "journal_unavailable"), answer
+    finally:
+        await nats_server.astart()
+
+    async def answered() -> bool:
+        return (await get_json(daemon, "/v1/deadletters/siem"))[0] == 200
+
+    await wait_for(answered, timeout_s=30, what="the reads to come back with NATS")
 
 
 async def test_two_routers_on_one_stream_deliver_each_event_once_and_agree_on_the_books(

@@ -17,7 +17,7 @@ import os
 import shutil
 import signal
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -52,12 +52,6 @@ pytestmark = pytest.mark.peers
 
 _streams = itertools.count(1)
 _ids = itertools.count(1)
-
-
-@pytest.fixture(scope="module")
-def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
-    with NatsServer(tmp_path_factory.mktemp("nats")) as server:
-        yield server
 
 
 def storage(path: Path, servers: list[str], stream: str, **settings: Any) -> dict[str, Any]:

@@ -280,18 +280,6 @@ async def test_s3_endpoint_outage_refuses_writes_and_keeps_the_objects(
 # NATS JetStream --------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
-    with NatsServer(tmp_path_factory.mktemp("nats")) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def nats_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
-    with NatsCluster(tmp_path_factory.mktemp("nats-cluster")) as cluster:
-        yield cluster
-
-
 async def publish_acked(js: JetStreamContext, subject: str, event_id: str) -> bool:
     """Publish with Nats-Msg-Id; True when stored, False when the stream saw the id before."""
     ack = await js.publish(subject, event_id.encode(), headers={"Nats-Msg-Id": event_id})

@@ -819,6 +819,36 @@ async def test_a_daemon_without_kafka_or_signing_loads_neither_library(tmp_path:
         await reap(proc)
 
 
+def environ(pid: int) -> dict[str, str]:
+    """A running process's environment, as it was started."""
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        pairs = [entry.partition(b"=") for entry in f.read().split(b"\0") if entry]
+    return {key.decode(): value.decode() for key, _, value in pairs}
+
+
+async def test_workers_start_with_mallocs_thresholds_pinned_unless_the_operator_set_them(
+    tmp_path: Path,
+) -> None:
+    """Each worker process, as it runs, has glibc's mmap and trim thresholds pinned (left to
+    itself glibc raises them to a worker's largest burst and keeps that memory); a threshold
+    the operator set for the daemon is the worker's too."""
+    port = free_port()
+    env = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "262144"}
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    proc = await serve(workers_config(tmp_path, port), port, env=env)
+    try:
+        workers = children(proc.pid)
+        assert len(workers) == WORKERS
+        for pid in workers:
+            found = environ(pid)
+            assert found.get("MALLOC_MMAP_THRESHOLD_") == "131072", pid
+            assert found.get("MALLOC_TRIM_THRESHOLD_") == "262144", pid
+        assert "MALLOC_MMAP_THRESHOLD_" not in environ(proc.pid), "the owner's is left as it is"
+        assert await terminate(proc) == 0
+    finally:
+        await reap(proc)
+
+
 def imported(log: Path) -> set[str]:
     """Every module the daemon's processes imported, from the lines PYTHONPROFILEIMPORTTIME
     writes to stderr (the owner's workers inherit both): one line per first import."""

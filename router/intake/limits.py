@@ -75,10 +75,13 @@ def encoded_fits(encoded: bytes, *, max_depth: int, max_string_chars: int) -> bo
 
     No string or key has more characters than the event has bytes, and no container nests
     deeper than there are `{` and `[` bytes (those inside strings only add to the count), so
-    a small event settles both limits with a length and two byte counts, at C speed."""
-    return (
-        len(encoded) <= max_string_chars and encoded.count(b"{") + encoded.count(b"[") <= max_depth
-    )
+    a small event settles both limits with a length and a byte count or two, at C speed: the
+    `[` are counted only when there is one (a count reads every byte, one at a time, 0.35 us
+    for a 1 KB event; looking for one byte is memchr's job, ~0.03 us)."""
+    if len(encoded) > max_string_chars:
+        return False
+    opens = encoded.count(b"{")
+    return opens <= max_depth and (b"[" not in encoded or opens + encoded.count(b"[") <= max_depth)
 
 
 def shape_problems(

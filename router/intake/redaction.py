@@ -39,6 +39,9 @@ HASH_PREFIX: Final = "hmac-sha256:"
 MAX_RECORDED_PATHS: Final = 50
 NESTED_SCOPES: Final = ("requestData", "responseData")
 ACTIONS: Final = frozenset({"drop", "mask", "hash"})
+# A tuple, not `dict | list`: isinstance takes 60 % longer over a union.
+_CONTAINERS: Final = (dict, list)
+MAX_REMEMBERED_KEYS: Final = 8192  # per scope: keys as spelled, each with its action
 
 Path = tuple[str, ...]
 
@@ -115,6 +118,9 @@ class Redactor:
         self._key = hash_key.encode() if hash_key is not None else os.urandom(32)
         self.redacted_events = 0
         self.redacted_values = 0
+        # Per scope, the action of each key as spelled ("" for none): a service's keys repeat
+        # from one event to the next, and one look-up replaces normalising each.
+        self._actions: dict[Path, dict[str, str]] = {scope: {} for scope in policy.nested}
 
     @classmethod
     def from_schemas(cls, schemas: pathlib.Path, config: RedactionConfig) -> Redactor:
@@ -152,19 +158,8 @@ class Redactor:
             node: Any = event
             for part in scope:
                 node = node.get(part) if isinstance(node, dict) else None
-            stack: list[tuple[Any, tuple[str | int, ...]]] = [(node, scope)]
-            while stack:
-                node, where = stack.pop()
-                if isinstance(node, dict):
-                    for key in list(node):
-                        found = keys.get(normalize(key))
-                        if found is not None:
-                            self._apply(node, key, found)
-                            places.append((*where, key))
-                        elif isinstance(value := node[key], (dict, list)):
-                            stack.append((value, (*where, key)))
-                elif isinstance(node, list):
-                    stack.extend((item, (*where, i)) for i, item in enumerate(node))
+            if isinstance(node, _CONTAINERS) and node:  # most events: {} or a few plain fields
+                self._redact_below(node, scope, keys, places)
         if places:
             event["redaction"] = {
                 "by": "event-router",
@@ -174,3 +169,39 @@ class Redactor:
             self.redacted_events += 1
             self.redacted_values += len(places)
         return len(places)
+
+    def _redact_below(
+        self,
+        top: dict[str, Any] | list[Any],
+        scope: Path,
+        keys: Mapping[str, str],
+        places: list[tuple[str | int, ...]],
+    ) -> None:
+        """Redact every key of `keys` (normalized) at any depth below `top`, recording the
+        paths. Containers are walked only when they hold something (an empty one cannot hide
+        a key), and a dict's keys are looked at in one pass, its redactions applied after."""
+        actions = self._actions[scope]
+        if len(actions) > MAX_REMEMBERED_KEYS:
+            actions.clear()
+        stack: list[tuple[Any, tuple[str | int, ...]]] = [(top, scope)]
+        while stack:
+            node, where = stack.pop()
+            if isinstance(node, dict):
+                found: list[tuple[str, str]] = []
+                for key, value in node.items():
+                    action = actions.get(key)
+                    if action is None:
+                        action = actions[key] = keys.get(normalize(key), "")
+                    if action:
+                        found.append((key, action))
+                    elif isinstance(value, _CONTAINERS) and value:
+                        stack.append((value, (*where, key)))
+                for key, action in found:
+                    self._apply(node, key, action)
+                    places.append((*where, key))
+            else:
+                stack.extend(
+                    (item, (*where, i))
+                    for i, item in enumerate(node)
+                    if isinstance(item, _CONTAINERS) and item
+                )

@@ -9,6 +9,8 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from router.events import Event, new_event_id, parse_event_time
 from tests.fakes import make_event
@@ -49,6 +51,40 @@ def test_an_event_without_id_gets_one_and_encodes_once() -> None:
     event = Event.from_body(body)
     assert event.id and body["id"] == event.id
     assert event.encoded() is event.encoded()
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63) | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner),
+    max_leaves=6,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    body=st.dictionaries(st.sampled_from(["a", "b", "id", "é"]), json_values, max_size=4),
+    spare=st.booleans(),
+    time=st.none() | st.just(5.0),
+)
+def test_the_bytes_an_event_keeps_are_its_body_s_compact_json(
+    body: dict[str, Any], spare: bool, time: float | None
+) -> None:
+    """Made once, at intake, from the body's bytes as orjson wrote them (`spare`: its own
+    buffer, copied to its length), with the id the router assigned appended as orjson would
+    write it, or made again from the body when it cannot be appended (an empty object, a
+    falsy id replaced where it stood): always the bytes orjson writes for the final body."""
+    raw = orjson.dumps(body)
+    producer_id = body.get("id")
+    event = Event.from_body(body, encoded=raw, spare=spare, received_at=time)
+    assert event.encoded() == orjson.dumps(body)
+    assert event.id == body["id"] and event.id
+    if producer_id:
+        assert event.id == producer_id
+        assert (event.encoded() is raw) is not spare
+    else:
+        assert event.encoded() is not raw
+    assert (event.corrupt, event._body) == (False, body)
+    assert event.received_at == time if time is not None else event.received_at > 0
 
 
 def test_an_event_needs_a_body_or_bytes() -> None:

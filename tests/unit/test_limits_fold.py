@@ -48,3 +48,16 @@ def test_an_event_keeps_its_bytes_with_the_new_id_as_a_fresh_encoding_writes_the
     wrapped = Event.from_body(event, encoded=encoded)
     assert wrapped.encoded() == orjson.dumps(event)
     assert orjson.loads(wrapped.encoded())["id"] == wrapped.id
+
+
+@settings(max_examples=300, deadline=None)
+@given(event=objects, max_depth=st.integers(0, 8), max_chars=st.integers(1, 400))
+def test_brackets_are_counted_only_when_there_is_one_with_the_same_answer(
+    event: dict[str, Any], max_depth: int, max_chars: int
+) -> None:
+    """The `[` are counted only when one is there: the answer is the two counts' answer."""
+    encoded = orjson.dumps(event)
+    both = encoded.count(b"{") + encoded.count(b"[")
+    assert encoded_fits(encoded, max_depth=max_depth, max_string_chars=max_chars) is (
+        len(encoded) <= max_chars and both <= max_depth
+    )

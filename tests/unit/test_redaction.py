@@ -9,11 +9,13 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from router.config import RedactionConfig, RedactionKeyConfig, parse_config
 from router.errors import ConfigError
-from router.intake.redaction import HASH_PREFIX, MASK, Redactor, normalize
-from router.intake.validation import EventValidator
+from router.intake.redaction import HASH_PREFIX, MASK, MAX_RECORDED_PATHS, Redactor, normalize
+from router.intake.validation import EventValidator, json_pointer
 from router.reload import checkers_for, redactor_for, validator_for
 from router.resources import schemas_dir
 from tests.fakes import make_event
@@ -138,3 +140,76 @@ def test_a_reload_to_other_schemas_redacts_by_their_marks(tmp_path: Path) -> Non
     assert redactor.redact(redacted) == 1
     assert redacted["requestData"]["ticket"] == MASK
     assert validator.validate(redacted) == []
+
+
+def reference_redact(redactor: Redactor, event: dict[str, Any]) -> int:
+    """The policy as first written: every key of a dict listed, normalised and looked up,
+    each container pushed as met. The redactor must leave an event exactly as this does."""
+    places: list[tuple[str | int, ...]] = []
+    for path, action in redactor.policy.exact.items():
+        parent: Any = event
+        for part in path[:-1]:
+            parent = parent.get(part) if isinstance(parent, dict) else None
+        if isinstance(parent, dict) and path[-1] in parent:
+            redactor._apply(parent, path[-1], action)
+            places.append(path)
+    for scope, keys in redactor.policy.nested.items():
+        node: Any = event
+        for part in scope:
+            node = node.get(part) if isinstance(node, dict) else None
+        stack: list[tuple[Any, tuple[str | int, ...]]] = [(node, scope)]
+        while stack:
+            node, where = stack.pop()
+            if isinstance(node, dict):
+                for key in list(node):
+                    found = keys.get(normalize(key))
+                    if found is not None:
+                        redactor._apply(node, key, found)
+                        places.append((*where, key))
+                    elif isinstance(value := node[key], dict | list):
+                        stack.append((value, (*where, key)))
+            elif isinstance(node, list):
+                stack.extend((item, (*where, i)) for i, item in enumerate(node))
+    if places:
+        event["redaction"] = {
+            "by": "event-router",
+            "count": len(places),
+            "paths": sorted(json_pointer(p) for p in places)[:MAX_RECORDED_PATHS],
+        }
+    return len(places)
+
+
+KEYS_SEEN = ["api_key", "API-Key", "password", "Token", "payload", "name", "secret_type", "a"]
+details = st.recursive(
+    st.none() | st.integers(-5, 5) | st.text(max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.sampled_from(KEYS_SEEN) | st.text(max_size=6), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    request=details,
+    response=details,
+    top=st.dictionaries(st.sampled_from(["api_key", "password", "note"]), details, max_size=2),
+)
+def test_the_redactor_leaves_every_event_as_the_policy_first_written_does(
+    request: Any, response: Any, top: dict[str, Any]
+) -> None:
+    """The walk skips empty containers, looks at a dict's keys in one pass and remembers each
+    spelling's action; the event it leaves, its `redaction` record and the count are those
+    of the straightforward walk, on any nesting of dicts and lists, twice over (the second
+    time from what it remembered)."""
+    chosen = redactor(
+        RedactionKeyConfig(key="vault_token", action="mask"),
+        RedactionKeyConfig(key="initiator.name", action="hash"),
+    )
+    for _ in range(2):
+        event = make_event(requestData=copy.deepcopy(request), responseData=copy.deepcopy(response))
+        event.update(copy.deepcopy(top))
+        expected = copy.deepcopy(event)
+        assert chosen.redact(event) == reference_redact(chosen, expected)
+        assert event == expected

@@ -1,7 +1,10 @@
 """The event schema compiler (router/intake/schemacode.py) answers jsonschema's verdict exactly,
 on schemas hypothesis writes from every keyword it compiles, nested and combined (`not`, `if`
 and `oneOf` need exact verdicts of their parts, not merely safe ones), and on instances of
-every JSON type; a keyword it does not compile leaves the schema to fastjsonschema."""
+every JSON type; a keyword it does not compile leaves the schema to fastjsonschema. Its fast
+path (exact builtin types only) says yes only where jsonschema does, also for subclasses of
+str, dict, list, int and float, NaN and infinities, and says yes to every valid instance of
+the types orjson decodes to."""
 
 from __future__ import annotations
 
@@ -16,7 +19,9 @@ from hypothesis import strategies as st
 from router.intake.schemacode import (
     REMEMBERED_MAX_CHARS,
     REMEMBERED_PER_PATTERN,
+    anchored,
     compile_exact,
+    compile_parts,
     remembered,
 )
 
@@ -159,3 +164,157 @@ def test_a_remembered_verdict_is_the_search_s_verdict(texts: list[str]) -> None:
     filler = [f"x{n}" for n in range(REMEMBERED_PER_PATTERN + 1)]
     for text in [*texts, *filler, *texts, "b" * (REMEMBERED_MAX_CHARS + 1), *texts]:
         assert matches(text) is (pattern.search(text) is not None)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    source=st.sampled_from(
+        ["^a", "\\Aa", "(?m)^a", "^a|b", "(^a)b", "^(a|b)$", "(?:^a)z", "a^", "x$", "(?i)^A$"]
+    ),
+    texts=st.lists(st.text(alphabet="abAzx\n", max_size=6), max_size=30),
+)
+def test_an_anchored_pattern_tried_at_the_start_only_says_what_search_says(
+    source: str, texts: list[str]
+) -> None:
+    """A pattern anchored at the start is tried there only (match, not search); the set of
+    texts it is remembered to match (the fast path's look-up) holds only texts that match."""
+    pattern = re.compile(source)
+    assert anchored(pattern) is (source in ("^a", "\\Aa", "^(a|b)$", "(?:^a)z", "(?i)^A$"))
+    matching: set[str] = set()
+    matches = remembered(pattern, matching)
+    for text in texts + texts:
+        assert matches(text) is (pattern.search(text) is not None)
+    assert all(pattern.search(text) is not None for text in matching)
+
+
+class Text(str):
+    """Subclasses: jsonschema judges them as their base type; the fast path leaves them to the
+    exact code."""
+
+
+class Object(dict[str, Any]):
+    pass
+
+
+class Items(list[Any]):
+    pass
+
+
+class Whole(int):
+    pass
+
+
+class Real(float):
+    pass
+
+
+odd_scalars = (
+    scalars
+    | st.sampled_from([float("nan"), float("inf"), -float("inf"), -0.0])
+    | st.sampled_from(["", "a", "b\n", "az", "12", "x"]).map(Text)
+    | st.integers(-3, 3).map(Whole)
+    | st.sampled_from([0.5, 2.0, -1.5]).map(Real)
+)
+odd_instances = st.recursive(
+    odd_scalars,
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.lists(inner, max_size=3).map(Items)
+        | st.dictionaries(st.sampled_from(KEYS), inner)
+        | st.dictionaries(st.sampled_from(KEYS), inner).map(Object)
+    ),
+    max_leaves=10,
+)
+
+
+def decoded_types_only(value: Any) -> bool:
+    """Is `value` made only of what orjson decodes JSON to, floats aside (an integer-valued
+    float passes `type: integer`, which the fast path leaves to the exact code)?"""
+    if type(value) is dict:
+        return all(decoded_types_only(item) for item in value.values())
+    if type(value) is list:
+        return all(decoded_types_only(item) for item in value)
+    return value is None or type(value) in (bool, int, str)
+
+
+def fast_verdict(fast: Any, value: Any) -> bool:
+    try:
+        return bool(fast(value))
+    except KeyError:  # a required property missing: the exact code decides
+        return False
+
+
+@settings(max_examples=600, deadline=None)
+@given(
+    schema=schemas,
+    definition=leaf_schemas,
+    values=st.lists(odd_instances | instances, min_size=1, max_size=5),
+)
+def test_the_fast_path_says_yes_only_where_jsonschema_does(
+    schema: Any, definition: Any, values: list[Any]
+) -> None:
+    """The compiled function's two parts: the fast one (exact builtin types) may only say yes
+    to what jsonschema accepts, and, for the types orjson decodes to, says yes to all of it
+    (else it would only cost time); the function as a whole is jsonschema's verdict."""
+    root = schema if isinstance(schema, dict) else {"allOf": [schema]}
+    if definition == {"$ref": "#/$defs/d"}:
+        definition = True
+    root = {**root, "$defs": {"d": definition}}
+    jsonschema.Draft202012Validator.check_schema(root)
+    reference = jsonschema.Draft202012Validator(root)
+    parts = compile_parts(root)
+    assert parts is not None
+    for value in values:
+        verdict = reference.is_valid(value)
+        assert parts.valid(value) is verdict, value
+        assert parts.exact(value) is verdict, value
+        fast = fast_verdict(parts.fast, value)
+        assert verdict or not fast, value
+        if verdict and decoded_types_only(value):
+            assert fast, value
+
+
+BOUNDARY_VALUES = [
+    *("x" * n for n in range(4)),
+    *([0] * n for n in range(4)),
+    *range(-1, 4),
+    *(n + 0.5 for n in range(-1, 3)),
+    2.0,
+    float("nan"),
+    Text("xx"),
+    Whole(2),
+]
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {key: bound}
+        for bound in (0, 1, 2)
+        for key in (
+            "minLength",
+            "maxLength",
+            "minItems",
+            "maxItems",
+            "minimum",
+            "maximum",
+            "exclusiveMinimum",
+            "exclusiveMaximum",
+        )
+    ]
+    + [{"type": kind, "minimum": 1, "maximum": 2} for kind in ("integer", "number")]
+    + [{"type": "string", "minLength": 1, "maxLength": 2}],
+)
+def test_the_fast_path_on_either_side_of_every_bound(schema: dict[str, Any]) -> None:
+    """Each bound just met, just missed and just exceeded, by every kind of value: the fast
+    path says yes only where jsonschema does, and to every exact-typed value it accepts."""
+    reference = jsonschema.Draft202012Validator(schema)
+    parts = compile_parts(schema)
+    assert parts is not None
+    for value in BOUNDARY_VALUES:
+        verdict = reference.is_valid(value)
+        fast = fast_verdict(parts.fast, value)
+        assert parts.valid(value) is verdict, value
+        assert verdict or not fast, value
+        if verdict and decoded_types_only(value):
+            assert fast, value

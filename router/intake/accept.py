@@ -31,7 +31,7 @@ from router.errors import RouterError
 from router.events import Event
 from router.evidence.receipt import Receipts
 from router.intake.limits import encoded_fits, shape_problems
-from router.intake.redaction import Redactor
+from router.intake.redaction import REMEMBERED_MAX_CHARS, Redactor
 from router.intake.validation import EventValidator, Problem
 from router.journal import Journal, JournalFullError, JournalUnavailableError
 from router.observe.logformat import counted
@@ -359,7 +359,11 @@ def reserved_action(item: dict[str, Any]) -> list[Problem]:
     """A producer's event that claims to be the router's: its login refusals, reloads and
     API changes must not be forgeable by anyone holding an ingest token."""
     action = item.get("action")
-    if isinstance(action, str) and _own_action(action):
+    if isinstance(action, str) and (
+        _own_action(action)
+        if len(action) <= REMEMBERED_MAX_CHARS
+        else action.lower().startswith(OWN_ACTION_PREFIX)
+    ):
         return [
             Problem(
                 "/action",
@@ -372,5 +376,6 @@ def reserved_action(item: dict[str, Any]) -> list[Problem]:
 
 @lru_cache(maxsize=4096)
 def _own_action(action: str) -> bool:
-    """Remembered: a producer's events repeat their action (lower() copies it, 0.2 us)."""
+    """Remembered for short actions (an operator's schema may allow long ones, which would pin
+    4,096 of them): a producer's events repeat their action (lower() copies it, 0.2 us)."""
     return action.lower().startswith(OWN_ACTION_PREFIX)

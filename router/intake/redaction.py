@@ -24,7 +24,6 @@ import pathlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any, Final
 
 import orjson
@@ -42,14 +41,16 @@ ACTIONS: Final = frozenset({"drop", "mask", "hash"})
 # A tuple, not `dict | list`: isinstance takes 60 % longer over a union.
 _CONTAINERS: Final = (dict, list)
 MAX_REMEMBERED_KEYS: Final = 8192  # per scope: keys as spelled, each with its action
+# Only keys this short are remembered: a producer's keys repeat and are short, while keys of
+# up to server.max_string_chars, each new, would otherwise pin 8,192 of them (512 MiB at 64 KiB).
+REMEMBERED_MAX_CHARS: Final = 256
 
 Path = tuple[str, ...]
 
 
-@lru_cache(maxsize=8192)
 def normalize(key: str) -> str:
-    """One spelling per key: case-folded, only letters and digits. Cached: the keys of a
-    service's request and response details repeat from one event to the next."""
+    """One spelling per key: case-folded, only letters and digits. The redactor remembers
+    each short key's action as spelled, so this runs once per new key."""
     return _NOT_ALNUM.sub("", key.casefold())
 
 
@@ -191,7 +192,9 @@ class Redactor:
                 for key, value in node.items():
                     action = actions.get(key)
                     if action is None:
-                        action = actions[key] = keys.get(normalize(key), "")
+                        action = keys.get(normalize(key), "")
+                        if len(key) <= REMEMBERED_MAX_CHARS:
+                            actions[key] = action
                     if action:
                         found.append((key, action))
                     elif isinstance(value, _CONTAINERS) and value:

@@ -213,3 +213,35 @@ def test_the_redactor_leaves_every_event_as_the_policy_first_written_does(
         expected = copy.deepcopy(event)
         assert chosen.redact(event) == reference_redact(chosen, expected)
         assert event == expected
+
+
+def test_long_keys_are_redacted_each_time_and_never_remembered() -> None:
+    """A producer's keys are remembered with their actions, but only short ones: a key of up
+    to server.max_string_chars, new in each event, would otherwise pin thousands of them."""
+    r = redactor()
+    for n in range(50):
+        sensitive = "-" * 1000 + f"{n:04d}" + "_" * 10 + "password"  # normalizes to "…password"
+        event = make_event(
+            requestData={
+                "x" * 1000 + str(n): "benign",
+                "-" * 2000 + "password": "hunter2",
+                sensitive: "hunter3",
+                "keep": "short keys are remembered",
+            }
+        )
+        assert r.redact(event) == 1
+        assert event["requestData"]["-" * 2000 + "password"] == MASK
+        assert event["requestData"][sensitive] == "hunter3"  # "0000password" is not a key
+    remembered = [key for actions in r._actions.values() for key in actions]
+    assert "keep" in remembered
+    assert max(map(len, remembered)) <= 256, "a long key was remembered"
+
+
+def test_a_long_action_is_judged_without_being_remembered() -> None:
+    from router.intake.accept import _own_action, reserved_action
+
+    before = _own_action.cache_info().currsize
+    for n in range(20):
+        assert reserved_action({"action": "a" * 600 + f".object.verb{n}"}) == []
+    assert reserved_action({"action": "event-router." + "x" * 600 + ".verb"}) != []
+    assert _own_action.cache_info().currsize == before

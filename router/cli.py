@@ -656,8 +656,12 @@ async def _serve(
     loop.add_signal_handler(signal.SIGHUP, reload_requested)
     watcher: asyncio.Task[None] | None = None
     if config.reload.watch:
+        # The file as it is now, before start-up yields: a change made while the daemon starts
+        # (say, just after /readyz turned 200) is one the watch must see.
+        seen = _fingerprint(path)
         watcher = asyncio.create_task(
-            _watch(path, config.reload.watch_interval_s, reload_requested), name="config-watch"
+            _watch(path, config.reload.watch_interval_s, reload_requested, seen),
+            name="config-watch",
         )
     try:
         await daemon.start()
@@ -686,21 +690,26 @@ async def _serve(
         await daemon.stop()
 
 
-async def _watch(path: Path, interval_s: float, changed: Callable[[], None]) -> None:
-    """reload.watch: call `changed` when the file's content changes (checked by mtime and size
-    first, then by digest, so a touch alone does not reload)."""
+def _fingerprint(path: Path) -> tuple[float, int, str] | None:
+    """The file's mtime, size and content digest; None while it is being replaced."""
+    try:
+        stat = path.stat()
+        return stat.st_mtime, stat.st_size, hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
 
-    def fingerprint() -> tuple[float, int, str] | None:
-        try:
-            stat = path.stat()
-            return stat.st_mtime, stat.st_size, hashlib.sha256(path.read_bytes()).hexdigest()
-        except OSError:
-            return None  # being replaced: look again next time
 
-    last = await asyncio.to_thread(fingerprint)
+async def _watch(
+    path: Path,
+    interval_s: float,
+    changed: Callable[[], None],
+    last: tuple[float, int, str] | None,
+) -> None:
+    """reload.watch: call `changed` when the file's content changes from `last` (checked by
+    mtime and size first, then by digest, so a touch alone does not reload)."""
     while True:
         await asyncio.sleep(interval_s)
-        current = await asyncio.to_thread(fingerprint)
+        current = await asyncio.to_thread(_fingerprint, path)
         if current is None or last is None or current[:2] == last[:2]:
             last = current or last
             continue

@@ -297,14 +297,21 @@ async def test_reload_watch_applies_a_changed_file(tmp_path: Path) -> None:
     port = free_port()
     files = ConfigFile(tmp_path, port, reload={"watch": True, "watch_interval_s": 0.05})
     files.write(extra=False)
-    proc = await serve(files.path, port)
+    log_path = tmp_path / "daemon.log"
+    with log_path.open("wb") as log_file:
+        proc = await serve(files.path, port, stderr=log_file)
     try:
         files.write(extra=True)
 
         async def has_extra() -> bool:
             return "extra" in await status_targets(port)
 
-        await wait_for(has_extra, what="the watched change to be applied")
+        try:
+            # Generous: once in a CI run (1,520 tests) the change was not seen within 10 s.
+            await wait_for(has_extra, timeout_s=30, what="the watched change to be applied")
+        except AssertionError as exc:
+            tail = log_path.read_text()[-4000:]
+            raise AssertionError(f"{exc}; the daemon's log:\n{tail}") from exc
         assert await terminate(proc) == 0
     finally:
         await reap(proc)

@@ -222,6 +222,28 @@ class LetterTally:
         }
 
 
+@dataclass(slots=True)
+class LetterPage:
+    """One page of the letters a filter keeps, gathered a letter at a time (from a file or a
+    stream): the `limit` matches from the `offset`th, and how many matched in all."""
+
+    wanted: LetterFilter
+    offset: int
+    limit: int
+    kept: list[Letter] = field(default_factory=list)
+    matched: int = 0
+
+    def add(self, letter: Letter) -> None:
+        if not self.wanted(letter):
+            return
+        if self.offset <= self.matched < self.offset + self.limit:
+            self.kept.append(letter)
+        self.matched += 1
+
+    def answer(self) -> dict[str, Any]:
+        return page_answer(self.kept, self.offset, self.limit, self.matched)
+
+
 def page_answer(kept: list[Letter], offset: int, limit: int, matched: int) -> dict[str, Any]:
     """A page of a target's letters as GET /v1/deadletters/{target} answers it: the letters,
     where they start, how many matched in all, and where the next page starts (or None)."""
@@ -337,11 +359,6 @@ class DeadLetters:
         self.written: dict[tuple[str, str], int] = {}
         # Set by the daemon when evidence is on: the target's chain, or None.
         self.chain_for: Callable[[str], Chain | None] = lambda _: None
-
-    async def every_target(self) -> dict[str, list[Letter]] | None:
-        """Every target's letters, where they are not files in `directory` (None: they are,
-        and readers go through the files a letter at a time)."""
-        return None
 
     async def summary(self) -> dict[str, Any] | None:
         """GET /v1/deadletters, where letters are not files in `directory` (None: they are)."""

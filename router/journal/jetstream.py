@@ -107,6 +107,7 @@ from router.deadletter import (
     Failure,
     Letter,
     LetterFilter,
+    LetterPage,
     LetterTally,
     Taken,
     letter_bytes,
@@ -1401,8 +1402,8 @@ class StreamDeadLetters(DeadLetters):
         self.written[key] = self.written.get(key, 0) + len(entries)
 
     async def every_target(self) -> dict[str, list[Letter]]:
-        """Every target's letters from its dead-letter stream (a removed target's too), for
-        GET /v1/deadletters, whichever router wrote them."""
+        """Every target's letters from its dead-letter stream (a removed target's too),
+        whichever router wrote them: what `find` searches."""
         try:
             return await letters_by_target(self.journal.js, self.journal.js_config)
         except STREAM_ERRORS as exc:
@@ -1468,15 +1469,10 @@ class StreamDeadLetters(DeadLetters):
                 return page_answer([], offset, limit, 0)
             if wanted.reason is None and wanted.since is None:
                 return await self._plain_page(js, name, state, offset, limit)
-            kept: list[Letter] = []
-            matched = 0
+            found = LetterPage(wanted, offset, limit)
             async for _, letter in stream_letters(js, name, state.first_seq, state.last_seq):
-                if not wanted(letter):
-                    continue
-                if offset <= matched < offset + limit:
-                    kept.append(letter)
-                matched += 1
-            return page_answer(kept, offset, limit, matched)
+                found.add(letter)
+            return found.answer()
         except STREAM_ERRORS as exc:
             raise StorageUnavailableError(f"JetStream did not answer: {exc!r}") from exc
 

@@ -25,6 +25,7 @@ from router.deadletter import (
     DeadLetters,
     Letter,
     LetterFilter,
+    LetterPage,
     LetterTally,
     letter_files,
     page_answer,
@@ -63,15 +64,10 @@ def page(
     letters: Iterable[Letter], wanted: LetterFilter, offset: int, limit: int
 ) -> dict[str, Any]:
     """The letters that `wanted` keeps, `limit` from `offset`, and how many matched in all."""
-    kept: list[Letter] = []
-    matched = 0
+    found = LetterPage(wanted, offset, limit)
     for letter in letters:
-        if not wanted(letter):
-            continue
-        if offset <= matched < offset + limit:
-            kept.append(letter)
-        matched += 1
-    return page_answer(kept, offset, limit, matched)
+        found.add(letter)
+    return found.answer()
 
 
 def file_page(path: Path, wanted: LetterFilter, offset: int, limit: int) -> dict[str, Any]:
@@ -117,8 +113,7 @@ class LetterEndpoints:
             return json_response({"target": target_id, **own})
         path = (await in_read_thread(letter_files, self.directory)).get(target_id)
         if path is None:
-            empty = {"letters": [], "offset": offset, "total": 0, "next_offset": None}
-            return json_response({"target": target_id, **empty})
+            return json_response({"target": target_id, **page_answer([], offset, limit, 0)})
         found = await in_read_thread(file_page, path, wanted, offset, limit)
         return json_response({"target": target_id, **found})
 

@@ -430,21 +430,23 @@ class ManagementApi:
                 await self._save_meta()
 
     async def _save_meta(self) -> None:
-        """Save what a read added (first sightings): a full disk is a warning, not a failed
-        read; the metadata stays in memory and goes out with the next change."""
-        try:
-            await asyncio.to_thread(self.meta.save)
-        except OSError as exc:
-            log.warning("the API's metadata could not be saved (kept in memory): %s", exc)
+        """Save what a read added (first sightings), and share it."""
+        await self._write_meta(self.meta.save)
         await self.editor.share_metadata(copy.deepcopy(self.meta.document()))
 
     async def _commit_meta(self, staged: list[Path]) -> None:
         """Put the metadata staged for an applied change in place, and share it."""
-        try:
-            await asyncio.to_thread(self.meta.commit, staged)
-        except OSError as exc:  # a rename, in a directory that took the file: not expected
-            log.warning("the API's metadata could not be saved (kept in memory): %s", exc)
+        await self._write_meta(self.meta.commit, staged)
         await self.editor.share_metadata(copy.deepcopy(self.meta.document()))
+
+    async def _write_meta(self, write: Callable[..., None], *args: Any) -> None:
+        """Save the metadata, or put a change's staged file in place: a failure (a full
+        disk; for the rename, not expected) is a warning, not a failed read or change: the
+        metadata stays in memory and goes out with the next write."""
+        try:
+            await asyncio.to_thread(write, *args)
+        except OSError as exc:
+            log.warning("the API's metadata could not be saved (kept in memory): %s", exc)
 
     async def adopt_meta(self, document: Mapping[str, Any]) -> None:
         """Metadata another router shared (see ConfigEditor.share_metadata). Between API
@@ -452,10 +454,7 @@ class ManagementApi:
         not hold the config lock, which an edit takes inside this one."""
         async with self._editing:
             self.meta.adopt(document)
-            try:
-                await asyncio.to_thread(self.meta.save)
-            except OSError as exc:
-                log.warning("the API's metadata could not be saved (kept in memory): %s", exc)
+            await self._write_meta(self.meta.save)
 
     def route_model(self, raw: dict[str, Any]) -> dict[str, Any]:
         route_id = str(raw.get("id", raw["name"]))

@@ -752,7 +752,7 @@ async def test_a_target_far_behind_gets_no_entries_made_for_memory_and_still_tak
             events = [Event.from_body(make_event())]
             ids += [e.id for e in events]
             await journal.append([(e, {"t": "all"}) for e in events])
-        assert not journal._targets["t"].remembering
+        assert not journal._targets["t"].may_remember()
         made.clear()
         events = [Event.from_body(make_event()) for _ in range(5)]
         ids += [e.id for e in events]
@@ -813,20 +813,73 @@ async def test_a_target_that_fell_behind_takes_memory_again_once_close_while_bus
         for _ in range(20):  # 20 events, one commit each: past the budget
             await append(1)
         first = await take()
-        assert journal.batch_sources("t") == (0, 1), "20 behind: read from the journal"
+        assert len(first) == 8 and journal.batch_sources("t") == (1, 0), "what memory held"
         await journal.ack("t", first, dead_lettered=0)
-        await append(1)  # 6 pending: they would fit, so this one is remembered
+        await append(1)  # 13 pending: too far behind to be remembered
         second = await take()
-        assert len(second) == 6 and journal.batch_sources("t") == (0, 2)
-        await append(2)  # busy: more arrive while the batch is out
+        assert len(second) == 13 and journal.batch_sources("t") == (1, 1), "the journal"
+        await append(2)  # busy: more arrive while the batch is out, still too far behind
         await journal.ack("t", second, dead_lettered=0)
         assert journal.books("t").pending == 2 and balanced()
+        await append(1)  # 3 pending: they would fit, so this one is remembered
         third = await take()
-        assert journal.batch_sources("t") == (1, 2), "memory holds all 2 pending: from memory"
-        assert len(third) == 2
+        assert len(third) == 2 and journal.batch_sources("t") == (1, 2), "only what it lacks"
+        await append(1)
         await journal.ack("t", third, dead_lettered=0)
+        fourth = await take()
+        assert journal.batch_sources("t") == (2, 2), "memory holds all 2 pending: from memory"
+        assert len(fourth) == 2
+        await journal.ack("t", fourth, dead_lettered=0)
         assert taken == ids
         assert journal.books("t").pending == 0 and balanced()
+    finally:
+        await journal.close()
+
+
+async def test_a_target_past_its_memory_budget_takes_what_memory_holds_and_reads_only_the_rest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker that fell past the memory budget (intake outran it for a moment) still takes
+    the oldest events memory holds from memory; only those committed while memory was full
+    are read from the journal, in one read that stops where memory starts again. Before,
+    memory was dropped whole at the budget and every one of them read back (with one
+    process, most batches under load). Every event once, in order; the books balance."""
+    event = Event.from_body(make_event(id="x" * 36))
+    event_bytes = sqlite_journal.held_bytes(Entry(1, event, "all"))
+    monkeypatch.setattr(sqlite_journal, "MEMORY_BYTES", 8 * event_bytes)  # 8 events
+    journal = SqliteJournal(StorageConfig(path=str(tmp_path / "var"), fsync="never"), ["t"])
+    await journal.open()
+    stopping = asyncio.Event()
+    ids: list[str] = []
+    taken: list[str] = []
+    sources: list[tuple[int, int]] = []
+
+    async def append(count: int) -> None:
+        events = [Event.from_body(make_event()) for _ in range(count)]
+        ids.extend(event.id for event in events)
+        await journal.append([(event, {"t": "all"}) for event in events])
+
+    async def deliver(max_events: int) -> int:
+        batch = await journal.next_batch(
+            "t", max_events=max_events, max_bytes=1 << 20, max_wait_s=0, stopping=stopping
+        )
+        taken.extend(entry.event.id for entry in batch)
+        await journal.ack("t", batch, dead_lettered=0)
+        sources.append(journal.batch_sources("t"))
+        books = journal.books("t")
+        assert books.received == books.delivered + books.pending
+        return len(batch)
+
+    try:
+        for _ in range(11):  # one commit each: 8 fit, 3 past the budget
+            await append(1)
+        assert await deliver(5) == 5 and sources[-1] == (1, 0), "the oldest 5, from memory"
+        await append(1)  # busy: memory still holds 3, this one joins the 3 it lacks
+        assert await deliver(5) == 3 and sources[-1] == (2, 0), "the rest memory held"
+        assert await deliver(10) == 4 and sources[-1] == (2, 1), "what memory lacked"
+        await append(2)  # caught up: remembered again
+        assert await deliver(10) == 2 and sources[-1] == (3, 1)
+        assert taken == ids and journal.books("t").pending == 0
     finally:
         await journal.close()
 

@@ -32,9 +32,10 @@ is moved into batches when it opens, and they stay empty.
 Concurrent `append` calls share one transaction and one fsync (group commit). All SQLite work
 runs on one dedicated thread so the event loop never blocks on disk. While a target keeps up,
 its worker takes its batches from memory (the committed events' bytes, kept per target up to
-MEMORY_BYTES): the database stays the record, read only for what memory did not hold (events
-committed while the target was further behind than that) or after a restart. A record whose CRC does
-not match is quarantined with a log line and a counter, and dead-lettered. A database file that
+MEMORY_BYTES or MEMORY_BATCHES of its batches): the database stays the record, read only for
+what memory did not hold (events committed while the target was further behind than that) or
+after a restart. A record whose CRC does not match is quarantined with a log line and a
+counter, and dead-lettered. A database file that
 fails its integrity check at start-up is moved aside and every record whose bytes survive is
 read back from its pages (router/journal/salvage.py); what did not survive is counted as lost in the
 books, so received = delivered + dead_lettered + pending + lost still holds. The process holds
@@ -137,6 +138,12 @@ SYNCHRONOUS = {"always": "FULL", "interval": "NORMAL", "never": "OFF"}
 # their bytes and ids and the objects around them); what a target further behind than this did
 # not keep is read from the database, once the worker has taken what memory held.
 MEMORY_BYTES = 8 * 1024 * 1024
+# ... or, for a target whose batches are larger, this many of its batches (`max_bytes`): the
+# batch its worker holds, the next one filling meanwhile, and room for the cycles that take
+# longer (a checkpoint, a busy event loop). A file target's 4 MiB batches of 2,000 events
+# overflowed 8 MiB (about 5,600 events as `held_bytes` counts them) whenever one process's
+# intake outran a cycle or two.
+MEMORY_BATCHES = 4
 # While the journal is unhealthy (a write failed), a small write is tried this often, so that
 # /readyz turns 200 again once the disk takes writes, without waiting for a producer.
 HEALTH_PROBE_S = 1.0
@@ -186,15 +193,16 @@ class _Target:
     # Held while the worker reads a batch and while shedding, so they never take the same rows.
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # `memory` holds committed entries of this target past its cursor, in seq order
-    # (`memory_bytes`: what they keep alive, `held_bytes`, at most MEMORY_BYTES), with no
+    # (`memory_bytes`: what they keep alive, `held_bytes`, at most `budget`), with no
     # pending entry of the target between two of them. While it starts at the target's oldest
     # pending entry (`in_memory`), batches come from there, not SQLite. Once full, memory keeps
     # what it holds (the worker's next batches) and counts what it did not take
     # (`overflow`: the newest pending entries); once the worker has taken all it held, it
-    # reads those from the database. A target further behind than MEMORY_BYTES then stops
+    # reads those from the database. A target further behind than its budget then stops
     # `remembering` until its backlog would fit again.
     memory: collections.deque[Entry] = field(default_factory=collections.deque)
     memory_bytes: int = 0
+    budget: int = field(default_factory=lambda: MEMORY_BYTES)  # then `next_batch`'s
     remembering: bool = True
     overflow: int = 0
     batches_from_memory: int = 0
@@ -232,20 +240,20 @@ class _Target:
             self.overflow += count  # newer than all memory holds, and not in it
 
     def remember(self, entry: Entry) -> None:
-        """Keep a committed entry for the worker. Once MEMORY_BYTES is full, memory keeps what
+        """Keep a committed entry for the worker. Once its budget is full, memory keeps what
         it holds (the oldest pending, the next batches) and this entry is counted in
         `overflow`, as is every later one until the worker has taken all memory held; then
-        remembering starts again once all the target has pending would fit in MEMORY_BYTES
+        remembering starts again once all the target has pending would fit in the budget
         (a backlog of a million events holds no memory meanwhile)."""
         if self.overflow:
             self.overflow += 1
             return
         size = held_bytes(entry)
         if not self.memory and not self.remembering:
-            if self.books.pending * size > MEMORY_BYTES:
+            if self.books.pending * size > self.budget:
                 return
             self.remembering = True
-        if self.memory_bytes + size > MEMORY_BYTES:
+        if self.memory_bytes + size > self.budget:
             if self.memory:
                 self.overflow = 1
             else:
@@ -260,7 +268,7 @@ class _Target:
         even of empty events: `remember` would drop each entry at once, so the journal does
         not make them."""
         return not self.overflow and (
-            self.remembering or self.books.pending * ENTRY_OVERHEAD <= MEMORY_BYTES
+            self.remembering or self.books.pending * ENTRY_OVERHEAD <= self.budget
         )
 
     def forget(self) -> None:
@@ -705,6 +713,7 @@ class SqliteJournal:
         stopping: asyncio.Event,
     ) -> list[Entry]:
         target = self._targets[target_id]
+        target.budget = max(MEMORY_BYTES, MEMORY_BATCHES * max_bytes)
         while True:
             while not target.books.pending:
                 if stopping.is_set():

@@ -690,6 +690,7 @@ async def test_a_target_that_keeps_up_takes_batches_from_memory_and_one_behind_r
     the memory budget behind: it reads its backlog from the database, and once caught up it
     takes its batches from memory again. Both get every event once, in order."""
     monkeypatch.setattr(sqlite_journal, "MEMORY_BYTES", 8 * 1024)  # a few events
+    monkeypatch.setattr(sqlite_journal, "MEMORY_BATCHES", 0)  # whatever the batches' size
     siem = await receiver_factory([503])
     archive = tmp_path / "archive.ndjson"
     daemon = await start_daemon(
@@ -733,6 +734,7 @@ async def test_a_target_far_behind_gets_no_entries_made_for_memory_and_still_tak
     monkeypatch.setattr(
         sqlite_journal, "MEMORY_BYTES", 8 * sqlite_journal.held_bytes(Entry(1, event, "all"))
     )
+    monkeypatch.setattr(sqlite_journal, "MEMORY_BATCHES", 0)
     made: list[int] = []
 
     class CountedEntry(Entry):
@@ -787,6 +789,7 @@ async def test_a_target_that_fell_behind_takes_memory_again_once_close_while_bus
     event = Event.from_body(make_event(id="x" * 36))
     event_bytes = sqlite_journal.held_bytes(Entry(1, event, "all"))
     monkeypatch.setattr(sqlite_journal, "MEMORY_BYTES", 8 * event_bytes)  # 8 events
+    monkeypatch.setattr(sqlite_journal, "MEMORY_BATCHES", 0)
     journal = SqliteJournal(StorageConfig(path=str(tmp_path / "var"), fsync="never"), ["t"])
     await journal.open()
     stopping = asyncio.Event()
@@ -847,6 +850,7 @@ async def test_a_target_past_its_memory_budget_takes_what_memory_holds_and_reads
     event = Event.from_body(make_event(id="x" * 36))
     event_bytes = sqlite_journal.held_bytes(Entry(1, event, "all"))
     monkeypatch.setattr(sqlite_journal, "MEMORY_BYTES", 8 * event_bytes)  # 8 events
+    monkeypatch.setattr(sqlite_journal, "MEMORY_BATCHES", 0)
     journal = SqliteJournal(StorageConfig(path=str(tmp_path / "var"), fsync="never"), ["t"])
     await journal.open()
     stopping = asyncio.Event()
@@ -880,6 +884,46 @@ async def test_a_target_past_its_memory_budget_takes_what_memory_holds_and_reads
         await append(2)  # caught up: remembered again
         assert await deliver(10) == 2 and sources[-1] == (3, 1)
         assert taken == ids and journal.books("t").pending == 0
+    finally:
+        await journal.close()
+
+
+async def test_a_target_with_large_batches_keeps_that_many_of_them_in_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Memory holds MEMORY_BATCHES of a target's batches (by their max_bytes) where that is
+    more than MEMORY_BYTES: the batch out, the next filling, and room for a slow cycle. A file
+    target's 2,000-event batches overflowed 8 MiB whenever intake outran a cycle or two."""
+    event = Event.from_body(make_event(id="x" * 36))
+    event_bytes = sqlite_journal.held_bytes(Entry(1, event, "all"))
+    monkeypatch.setattr(sqlite_journal, "MEMORY_BYTES", 8 * event_bytes)  # 8 events
+    monkeypatch.setattr(sqlite_journal, "MEMORY_BATCHES", 4)  # of 4 events: 16
+    journal = SqliteJournal(StorageConfig(path=str(tmp_path / "var"), fsync="never"), ["t"])
+    await journal.open()
+    stopping = asyncio.Event()
+    ids: list[str] = []
+    taken: list[str] = []
+
+    async def append() -> None:
+        event = Event.from_body(make_event())
+        ids.append(event.id)
+        await journal.append([(event, {"t": "all"})])
+
+    try:
+        await append()
+        while journal.books("t").pending:
+            batch = await journal.next_batch(
+                "t", max_events=4, max_bytes=4 * event_bytes, max_wait_s=0, stopping=stopping
+            )
+            taken.extend(entry.event.id for entry in batch)
+            await journal.ack("t", batch, dead_lettered=0)
+            if len(ids) == 1:  # the worker's batches are known: 15 more, one commit each
+                for _ in range(15):
+                    await append()
+        assert taken == ids
+        assert journal.batch_sources("t") == (5, 0), "all 16 held: 1, then 4 + 4 + 4 + 3"
+        books = journal.books("t")
+        assert books.received == books.delivered == 16 and books.pending == 0
     finally:
         await journal.close()
 
@@ -974,6 +1018,7 @@ async def test_a_commit_framed_into_several_batches_reads_sheds_and_frees_them_a
     targets are past them every batch row is gone."""
     monkeypatch.setattr(sqlite_journal, "BATCH_BYTES", 2048)
     monkeypatch.setattr(sqlite_journal, "MEMORY_BYTES", 0)
+    monkeypatch.setattr(sqlite_journal, "MEMORY_BATCHES", 0)
     journal = SqliteJournal(StorageConfig(path=str(tmp_path / "var"), fsync="never"), ["a", "b"])
     await journal.open()
     stopping = asyncio.Event()

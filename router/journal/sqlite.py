@@ -150,6 +150,10 @@ MEMORY_BYTES = 8 * 1024 * 1024
 # overflowed 8 MiB (about 5,600 events as `held_bytes` counts them) whenever one process's
 # intake outran a cycle or two.
 MEMORY_BATCHES = 4
+# A target whose worker settled a batch within this long keeps what memory holds once it is
+# full (its next batches); one that did not (its target down, a batch retried) lets it go, as
+# a target that never settled one does: a target down for a million events holds no memory.
+MOVING_S = 5.0
 # While the journal is unhealthy (a write failed), a small write is tried this often, so that
 # /readyz turns 200 again once the disk takes writes, without waiting for a producer.
 HEALTH_PROBE_S = 1.0
@@ -211,6 +215,7 @@ class _Target:
     budget: int = field(default_factory=lambda: MEMORY_BYTES)  # then `next_batch`'s
     remembering: bool = True
     overflow: int = 0
+    settled_at: float = float("-inf")  # when its worker last settled a batch (monotonic)
     batches_from_memory: int = 0
     batches_from_disk: int = 0
     # Acks under way: a worker (a new one, after a reload stopped the last during its ack)
@@ -247,8 +252,9 @@ class _Target:
 
     def remember(self, entry: Entry) -> None:
         """Keep a committed entry for the worker. Once its budget is full, memory keeps what
-        it holds (the oldest pending, the next batches) and this entry is counted in
-        `overflow`, as is every later one until the worker has taken all memory held; then
+        it holds (the oldest pending, the next batches) if the worker is moving (it settled a
+        batch within MOVING_S), else lets it go; this entry is counted in `overflow`, as is
+        every later one until the worker has taken all memory held; then
         remembering starts again once all the target has pending would fit in the budget
         (a backlog of a million events holds no memory meanwhile)."""
         if self.overflow:
@@ -260,10 +266,10 @@ class _Target:
                 return
             self.remembering = True
         if self.memory_bytes + size > self.budget:
-            if self.memory:
+            if self.memory and time.monotonic() - self.settled_at < MOVING_S:
                 self.overflow = 1
             else:
-                self.remembering = False
+                self.forget()
             return
         self.memory.append(entry)
         self.memory_bytes += size
@@ -289,6 +295,7 @@ class _Target:
         """Entries up to `last` are settled: out of memory. Once the worker has taken all that
         a full memory held, what it did not take (`overflow`) is read from the database, and
         remembering waits until the backlog would fit."""
+        self.settled_at = time.monotonic()
         while self.memory and self.memory[0].seq <= last:
             self.memory_bytes -= held_bytes(self.memory.popleft())
         if not self.memory and self.overflow:

@@ -819,23 +819,18 @@ async def test_a_target_that_fell_behind_takes_memory_again_once_close_while_bus
         for _ in range(20):  # 20 events, one commit each: past the budget
             await append(1)
         first = await take()
-        assert len(first) == 8 and journal.batch_sources("t") == (1, 0), "what memory held"
+        assert journal.batch_sources("t") == (0, 1), "20 behind: read from the journal"
         await journal.ack("t", first, dead_lettered=0)
-        await append(1)  # 13 pending: too far behind to be remembered
+        await append(1)  # 6 pending: they would fit, so this one is remembered
         second = await take()
-        assert len(second) == 13 and journal.batch_sources("t") == (1, 1), "the journal"
-        await append(2)  # busy: more arrive while the batch is out, still too far behind
+        assert len(second) == 5 and journal.batch_sources("t") == (0, 2), "what memory lacks"
+        await append(2)  # busy: more arrive while the batch is out
         await journal.ack("t", second, dead_lettered=0)
-        assert journal.books("t").pending == 2 and balanced()
-        await append(1)  # 3 pending: they would fit, so this one is remembered
+        assert journal.books("t").pending == 3 and balanced()
         third = await take()
-        assert len(third) == 2 and journal.batch_sources("t") == (1, 2), "only what it lacks"
-        await append(1)
+        assert journal.batch_sources("t") == (1, 2), "memory holds all 3 pending: from memory"
+        assert len(third) == 3
         await journal.ack("t", third, dead_lettered=0)
-        fourth = await take()
-        assert journal.batch_sources("t") == (2, 2), "memory holds all 2 pending: from memory"
-        assert len(fourth) == 2
-        await journal.ack("t", fourth, dead_lettered=0)
         assert taken == ids
         assert journal.books("t").pending == 0 and balanced()
     finally:
@@ -845,15 +840,17 @@ async def test_a_target_that_fell_behind_takes_memory_again_once_close_while_bus
 async def test_a_target_past_its_memory_budget_takes_what_memory_holds_and_reads_only_the_rest(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A worker that fell past the memory budget (intake outran it for a moment) still takes
-    the oldest events memory holds from memory; only those committed while memory was full
-    are read from the journal, in one read that stops where memory starts again. Before,
-    memory was dropped whole at the budget and every one of them read back (with one
-    process, most batches under load). Every event once, in order; the books balance."""
+    """A moving worker (it settled a batch within MOVING_S) that fell past the memory budget
+    (intake outran it for a moment) still takes the oldest events memory holds from memory;
+    only those committed while memory was full are read from the journal, in one read that
+    stops where memory starts again. Before, memory was dropped whole at the budget and
+    every one of them read back (with one process, most batches under load). Every event
+    once, in order; the books balance."""
     event = Event.from_body(make_event(id="x" * 36))
     event_bytes = sqlite_journal.held_bytes(Entry(1, event, "all"))
     monkeypatch.setattr(sqlite_journal, "MEMORY_BYTES", 8 * event_bytes)  # 8 events
     monkeypatch.setattr(sqlite_journal, "MEMORY_BATCHES", 0)
+    monkeypatch.setattr(sqlite_journal, "MOVING_S", 3600.0)  # however slow the machine
     journal = SqliteJournal(StorageConfig(path=str(tmp_path / "var"), fsync="never"), ["t"])
     await journal.open()
     stopping = asyncio.Event()
@@ -878,17 +875,47 @@ async def test_a_target_past_its_memory_budget_takes_what_memory_holds_and_reads
         return len(batch)
 
     try:
+        await append(1)
+        assert await deliver(1) == 1 and sources[-1] == (1, 0), "the worker is moving"
         for _ in range(11):  # one commit each: 8 fit, 3 past the budget
             await append(1)
-        assert await deliver(5) == 5 and sources[-1] == (1, 0), "the oldest 5, from memory"
+        assert await deliver(5) == 5 and sources[-1] == (2, 0), "the oldest 5, from memory"
         await append(1)  # busy: memory still holds 3, this one joins the 3 it lacks
-        assert await deliver(5) == 3 and sources[-1] == (2, 0), "the rest memory held"
-        assert await deliver(10) == 4 and sources[-1] == (2, 1), "what memory lacked"
+        assert await deliver(5) == 3 and sources[-1] == (3, 0), "the rest memory held"
+        assert await deliver(10) == 4 and sources[-1] == (3, 1), "what memory lacked"
         await append(2)  # caught up: remembered again
-        assert await deliver(10) == 2 and sources[-1] == (3, 1)
+        assert await deliver(10) == 2 and sources[-1] == (4, 1)
         assert taken == ids and journal.books("t").pending == 0
     finally:
         await journal.close()
+
+
+async def test_a_target_down_from_the_start_lets_memory_go_at_its_budget(
+    start_daemon: StartDaemon, receiver_factory: ReceiverFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A target whose worker has settled nothing (down, its first batch retried) keeps no
+    memory past its budget: what it would hold is freed at the budget and nothing more is
+    kept while it is that far behind (a million-event backlog holds no memory), as before
+    memory kept its head for a moving worker. When it comes back it gets every event once."""
+    event = Event.from_body(make_event(id="x" * 36))
+    event_bytes = sqlite_journal.held_bytes(Entry(1, event, "all"))
+    monkeypatch.setattr(sqlite_journal, "MEMORY_BYTES", 8 * event_bytes)  # 8 events
+    monkeypatch.setattr(sqlite_journal, "MEMORY_BATCHES", 0)
+    monkeypatch.setattr(sqlite_journal, "MOVING_S", 3600.0)  # it never settled: not moving
+    siem = await receiver_factory([503])  # refuses (retried) until told otherwise
+    daemon = await start_daemon(
+        {"targets": [patient(http_target("siem", siem.url))], "routes": everything_to("siem")}
+    )
+    ids: list[str] = []
+    for _ in range(4):
+        _, body = await post(daemon, [make_event() for _ in range(5)])
+        ids += [r["id"] for r in body["results"]]
+    target = daemon.journal._targets["siem"]
+    assert target.books.pending == 20 and not target.memory and not target.remembering
+    siem.statuses = [200]
+    await wait_for(lambda: settled(daemon), what="the SIEM to come back and catch up")
+    assert [e["id"] for e in siem.delivered_events] == ids
+    assert_books_balance(daemon)
 
 
 async def test_a_target_with_large_batches_keeps_that_many_of_them_in_memory(

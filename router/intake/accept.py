@@ -72,7 +72,9 @@ class Decoded(list[Any]):
     """The items of one body as the decoder hands them, with each one's compact JSON where
     the decoder has made it already (it encodes every object once to know that it can: an
     integer outside the 64-bit range is kept exact by msgspec and refused by orjson's encoder),
-    so that `accept` does not make it again; None where `accept` makes it."""
+    so that `accept` does not make it again; None where `accept` makes it. Exact-size bytes,
+    not orjson's buffers (4 to 8 KiB each, whatever the event's size): a request's events are
+    all held here at once, up to server.max_events_per_request of them."""
 
     __slots__ = ("encoded",)
 
@@ -201,7 +203,10 @@ class Acceptor:
         made = items.encoded if isinstance(items, Decoded) else None
         async with self._routing_turn():
             for index, item in enumerate(items):
-                encoded = _made(made, index) or _encode(item)
+                encoded = _made(made, index)
+                spare = encoded is None  # made here: orjson's own buffer (see _encode)
+                if spare:
+                    encoded = _encode(item)
                 reason, problems = self._problems(item, caller, own, encoded)
                 forbidden += reason == "forbidden"
                 if problems:
@@ -222,7 +227,7 @@ class Acceptor:
                 # the limits are the event's bytes, for the journal, the targets and the tail.
                 if self.redactor is not None and self.redactor.redact(item):
                     encoded = None
-                event = Event.from_body(item, encoded=encoded, spare=True)
+                event = Event.from_body(item, encoded=encoded, spare=spare)
                 decision = self.routes.match(event)
                 routed.append((event, decision.targets))
                 results.append({"index": index, "id": event.id, "status": "accepted"})
@@ -358,8 +363,8 @@ def _keep_bytes_only(items: list[Any], routed: Sequence[tuple[Event, Mapping[str
 
 
 def _made(made: list[bytes | None] | None, index: int) -> bytes | None:
-    """The bytes the decoder made for item `index`, taken out of its list: an event keeps a
-    copy of them (Event.from_body's `spare`), so the request holds each event's bytes once."""
+    """The bytes the decoder made for item `index`, taken out of its list: the event keeps
+    them, or they go, so the request holds each event's bytes once."""
     if made is None:
         return None
     encoded, made[index] = made[index], None

@@ -285,10 +285,11 @@ def decode(body: bytes, content_type: str) -> list[Any]:
 
 def _encoded(item: Any) -> bytes | None:
     """An object's compact JSON, for the acceptor (None for what is not an object, which the
-    acceptor does not encode either); orjson.JSONEncodeError for an item holding an integer
-    outside the 64-bit range (or nested past orjson's depth), whatever the item."""
+    acceptor does not encode either), copied out of orjson's buffer to its size (`Decoded`);
+    orjson.JSONEncodeError for an item holding an integer outside the 64-bit range (or nested
+    past orjson's depth), whatever the item."""
     if isinstance(item, dict):
-        return orjson.dumps(item)
+        return memoryview(orjson.dumps(item)).tobytes()
     if isinstance(item, list):
         orjson.dumps(item)  # not an event, yet its numbers still decide its answer
     return None

@@ -32,9 +32,10 @@ is moved into batches when it opens, and they stay empty.
 Concurrent `append` calls share one transaction and one fsync (group commit). All SQLite work
 runs on one dedicated thread so the event loop never blocks on disk. While a target keeps up,
 its worker takes its batches from memory (the committed events' bytes, kept per target up to
-MEMORY_BYTES): the database stays the record, read only by a target that fell behind (until it
-catches up) or after a restart. A record whose CRC does
-not match is quarantined with a log line and a counter, and dead-lettered. A database file that
+MEMORY_BYTES or MEMORY_BATCHES of its batches): the database stays the record, read only for
+what memory did not hold (events committed while the target was further behind than that) or
+after a restart. A record whose CRC does not match is quarantined with a log line and a
+counter, and dead-lettered. A database file that
 fails its integrity check at start-up is moved aside and every record whose bytes survive is
 read back from its pages (router/journal/salvage.py); what did not survive is counted as lost in the
 books, so received = delivered + dead_lettered + pending + lost still holds. The process holds
@@ -144,9 +145,19 @@ REBUILD_MAX_USED_BYTES = 16 * 1024 * 1024
 SHRINK_STEP_BYTES = 4 * 1024 * 1024
 SYNCHRONOUS = {"always": "FULL", "interval": "NORMAL", "never": "OFF"}
 # Per target, what the committed events kept in memory for its worker keep alive (`held_bytes`:
-# their bytes and ids and the objects around them); a target further behind than this reads
-# its backlog from the database until it has caught up.
+# their bytes and ids and the objects around them); what a target further behind than this did
+# not keep is read from the database, once the worker has taken what memory held.
 MEMORY_BYTES = 8 * 1024 * 1024
+# ... or, for a target whose batches are larger, this many of its batches (`max_bytes`): the
+# batch its worker holds, the next one filling meanwhile, and room for the cycles that take
+# longer (a checkpoint, a busy event loop). A file target's 4 MiB batches of 2,000 events
+# overflowed 8 MiB (about 5,600 events as `held_bytes` counts them) whenever one process's
+# intake outran a cycle or two.
+MEMORY_BATCHES = 4
+# A target whose worker settled a batch within this long keeps what memory holds once it is
+# full (its next batches); one that did not (its target down, a batch retried) lets it go, as
+# a target that never settled one does: a target down for a million events holds no memory.
+MOVING_S = 5.0
 # While the journal is unhealthy (a write failed), a small write is tried this often, so that
 # /readyz turns 200 again once the disk takes writes, without waiting for a producer.
 HEALTH_PROBE_S = 1.0
@@ -196,13 +207,19 @@ class _Target:
     # Held while the worker reads a batch and while shedding, so they never take the same rows.
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # `memory` holds committed entries of this target past its cursor, in seq order
-    # (`memory_bytes`: what they keep alive, `held_bytes`, at most MEMORY_BYTES): while they
-    # are all it has pending (`in_memory`), its batches come from there, not SQLite. A target
-    # further behind than MEMORY_BYTES stops `remembering` (memory is freed) until its
-    # backlog would fit again.
+    # (`memory_bytes`: what they keep alive, `held_bytes`, at most `budget`), with no
+    # pending entry of the target between two of them. While it starts at the target's oldest
+    # pending entry (`in_memory`), batches come from there, not SQLite. Once full, memory keeps
+    # what it holds (the worker's next batches) and counts what it did not take
+    # (`overflow`: the newest pending entries); once the worker has taken all it held, it
+    # reads those from the database. A target further behind than its budget then stops
+    # `remembering` until its backlog would fit again.
     memory: collections.deque[Entry] = field(default_factory=collections.deque)
     memory_bytes: int = 0
+    budget: int = field(default_factory=lambda: MEMORY_BYTES)  # then `next_batch`'s
     remembering: bool = True
+    overflow: int = 0
+    settled_at: float = float("-inf")  # when its worker last settled a batch (monotonic)
     batches_from_memory: int = 0
     batches_from_disk: int = 0
     # Acks under way: a worker (a new one, after a reload stopped the last during its ack)
@@ -211,47 +228,83 @@ class _Target:
     acks: set[asyncio.Task[None]] = field(default_factory=set)
 
     @property
+    def unheld_before(self) -> int:
+        """Pending entries older than everything memory holds (all of them when it holds
+        none): what the worker reads from the database before memory serves again. Memory only
+        ever holds committed, unsettled entries of this target, in seq order, and those it
+        lacks past its newest are counted in `overflow`, so the rest of `pending` is these."""
+        return self.books.pending - len(self.memory) - self.overflow
+
+    @property
     def in_memory(self) -> bool:
-        """Memory holds every entry still pending, so a batch can come from there. Memory only
-        ever holds committed, unsettled entries of this target, in seq order (settled ones
-        leave it in `settled_through`, shed ones with `forget`), so as many of them as are
-        pending are all of them: a worker that fell behind reads the database until it has
-        settled what memory lacks, then takes memory again, whether or not new events keep
-        coming (a busy journal owner never has 0 pending)."""
-        return len(self.memory) == self.books.pending
+        """Memory starts at the oldest entry still pending, so the next batch can come from
+        there: a worker that fell behind reads the database until it has settled what memory
+        lacks, then takes memory again, whether or not new events keep coming (a busy journal
+        owner never has 0 pending)."""
+        return bool(self.memory) and self.unheld_before == 0
+
+    def committed(self, count: int, entries: Sequence[Entry]) -> None:
+        """`count` entries of this target are durable; `entries` are they, made for memory,
+        or none (`may_remember` said they could not be kept)."""
+        self.books.received += count
+        self.books.pending += count
+        if len(entries) == count:
+            for entry in entries:
+                self.remember(entry)
+        elif self.memory:
+            self.overflow += count  # newer than all memory holds, and not in it
 
     def remember(self, entry: Entry) -> None:
-        """Keep a committed entry for the worker. Past MEMORY_BYTES, memory is dropped and the
-        worker reads the database; remembering starts again once all the target has pending
-        would fit in MEMORY_BYTES (a backlog of a million events holds no memory meanwhile)."""
+        """Keep a committed entry for the worker. Once its budget is full, memory keeps what
+        it holds (the oldest pending, the next batches) if the worker is moving (it settled a
+        batch within MOVING_S), else lets it go; this entry is counted in `overflow`, as is
+        every later one until the worker has taken all memory held; then
+        remembering starts again once all the target has pending would fit in the budget
+        (a backlog of a million events holds no memory meanwhile)."""
+        if self.overflow:
+            self.overflow += 1
+            return
         size = held_bytes(entry)
-        if not self.remembering:
-            if self.books.pending * size > MEMORY_BYTES:
+        if not self.memory and not self.remembering:
+            if self.books.pending * size > self.budget:
                 return
             self.remembering = True
-        if self.memory_bytes + size > MEMORY_BYTES:
-            self.forget()
+        if self.memory_bytes + size > self.budget:
+            if self.memory and time.monotonic() - self.settled_at < MOVING_S:
+                self.overflow = 1
+            else:
+                self.forget()
             return
         self.memory.append(entry)
         self.memory_bytes += size
 
     def may_remember(self) -> bool:
-        """Could an entry committed now be remembered? Not once remembering stopped while the
-        target is further behind than memory would hold even of empty events: `remember`
-        would drop each entry at once, so the journal does not make them."""
-        return self.remembering or self.books.pending * ENTRY_OVERHEAD <= MEMORY_BYTES
+        """Could an entry committed now be remembered? Not while memory is full (`overflow`),
+        nor once remembering stopped while the target is further behind than memory would hold
+        even of empty events: `remember` would drop each entry at once, so the journal does
+        not make them."""
+        return not self.overflow and (
+            self.remembering or self.books.pending * ENTRY_OVERHEAD <= self.budget
+        )
 
     def forget(self) -> None:
-        """Drop what memory holds and stop remembering (rows shed leave the database; a target
-        past its budget): the worker reads the database until it is close enough again."""
+        """Drop what memory holds and stop remembering (rows shed leave the database): the
+        worker reads the database until it is close enough again."""
         self.remembering = False
+        self.overflow = 0
         self.memory.clear()
         self.memory_bytes = 0
 
     def settled_through(self, last: int) -> None:
-        """Entries up to `last` are settled: out of memory."""
+        """Entries up to `last` are settled: out of memory. Once the worker has taken all that
+        a full memory held, what it did not take (`overflow`) is read from the database, and
+        remembering waits until the backlog would fit."""
+        self.settled_at = time.monotonic()
         while self.memory and self.memory[0].seq <= last:
             self.memory_bytes -= held_bytes(self.memory.popleft())
+        if not self.memory and self.overflow:
+            self.overflow = 0
+            self.remembering = False
 
 
 class SqliteJournal:
@@ -556,10 +609,7 @@ class SqliteJournal:
                     self.orphans.add(target_id)
                     self.orphaned.put_nowait(target_id)
                     continue
-                target.books.received += count
-                target.books.pending += count
-                for entry in entries.get(target_id, ()):
-                    target.remember(entry)
+                target.committed(count, entries.get(target_id, ()))
                 target.wakeup.set()
             for pending in group:
                 if not pending.done.done():
@@ -681,6 +731,7 @@ class SqliteJournal:
         stopping: asyncio.Event,
     ) -> list[Entry]:
         target = self._targets[target_id]
+        target.budget = max(MEMORY_BYTES, MEMORY_BATCHES * max_bytes)
         while True:
             while not target.books.pending:
                 if stopping.is_set():
@@ -702,7 +753,9 @@ class SqliteJournal:
                 if from_memory:
                     entries = list(itertools.islice(target.memory, max_events))
                 else:
-                    entries = await self._run(self._read_sync, target_id, target.cursor, max_events)
+                    # What memory lacks, and no more: what it holds goes out from there.
+                    limit = min(max_events, max(target.unheld_before, 1))
+                    entries = await self._run(self._read_sync, target_id, target.cursor, limit)
                 batch = _fit(entries, max_bytes)
                 if batch:
                     if from_memory:

@@ -693,6 +693,7 @@ async def test_a_target_that_keeps_up_takes_batches_from_memory_and_one_behind_r
     the memory budget behind: it reads its backlog from the database, and once caught up it
     takes its batches from memory again. Both get every event once, in order."""
     monkeypatch.setattr(sqlite_journal, "MEMORY_BYTES", 8 * 1024)  # a few events
+    monkeypatch.setattr(sqlite_journal, "MEMORY_BATCHES", 0)  # whatever the batches' size
     siem = await receiver_factory([503])
     archive = tmp_path / "archive.ndjson"
     daemon = await start_daemon(
@@ -736,6 +737,7 @@ async def test_a_target_far_behind_gets_no_entries_made_for_memory_and_still_tak
     monkeypatch.setattr(
         sqlite_journal, "MEMORY_BYTES", 8 * sqlite_journal.held_bytes(Entry(1, event, "all"))
     )
+    monkeypatch.setattr(sqlite_journal, "MEMORY_BATCHES", 0)
     made: list[int] = []
 
     class CountedEntry(Entry):
@@ -755,7 +757,7 @@ async def test_a_target_far_behind_gets_no_entries_made_for_memory_and_still_tak
             events = [Event.from_body(make_event())]
             ids += [e.id for e in events]
             await journal.append([(e, {"t": "all"}) for e in events])
-        assert not journal._targets["t"].remembering
+        assert not journal._targets["t"].may_remember()
         made.clear()
         events = [Event.from_body(make_event()) for _ in range(5)]
         ids += [e.id for e in events]
@@ -790,6 +792,7 @@ async def test_a_target_that_fell_behind_takes_memory_again_once_close_while_bus
     event = Event.from_body(make_event(id="x" * 36))
     event_bytes = sqlite_journal.held_bytes(Entry(1, event, "all"))
     monkeypatch.setattr(sqlite_journal, "MEMORY_BYTES", 8 * event_bytes)  # 8 events
+    monkeypatch.setattr(sqlite_journal, "MEMORY_BATCHES", 0)
     journal = SqliteJournal(StorageConfig(path=str(tmp_path / "var"), fsync="never"), ["t"])
     await journal.open()
     stopping = asyncio.Event()
@@ -820,16 +823,137 @@ async def test_a_target_that_fell_behind_takes_memory_again_once_close_while_bus
         await journal.ack("t", first, dead_lettered=0)
         await append(1)  # 6 pending: they would fit, so this one is remembered
         second = await take()
-        assert len(second) == 6 and journal.batch_sources("t") == (0, 2)
+        assert len(second) == 5 and journal.batch_sources("t") == (0, 2), "what memory lacks"
         await append(2)  # busy: more arrive while the batch is out
         await journal.ack("t", second, dead_lettered=0)
-        assert journal.books("t").pending == 2 and balanced()
+        assert journal.books("t").pending == 3 and balanced()
         third = await take()
-        assert journal.batch_sources("t") == (1, 2), "memory holds all 2 pending: from memory"
-        assert len(third) == 2
+        assert journal.batch_sources("t") == (1, 2), "memory holds all 3 pending: from memory"
+        assert len(third) == 3
         await journal.ack("t", third, dead_lettered=0)
         assert taken == ids
         assert journal.books("t").pending == 0 and balanced()
+    finally:
+        await journal.close()
+
+
+async def test_a_target_past_its_memory_budget_takes_what_memory_holds_and_reads_only_the_rest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A moving worker (it settled a batch within MOVING_S) that fell past the memory budget
+    (intake outran it for a moment) still takes the oldest events memory holds from memory;
+    only those committed while memory was full are read from the journal, in one read that
+    stops where memory starts again. Before, memory was dropped whole at the budget and
+    every one of them read back (with one process, most batches under load). Every event
+    once, in order; the books balance."""
+    event = Event.from_body(make_event(id="x" * 36))
+    event_bytes = sqlite_journal.held_bytes(Entry(1, event, "all"))
+    monkeypatch.setattr(sqlite_journal, "MEMORY_BYTES", 8 * event_bytes)  # 8 events
+    monkeypatch.setattr(sqlite_journal, "MEMORY_BATCHES", 0)
+    monkeypatch.setattr(sqlite_journal, "MOVING_S", 3600.0)  # however slow the machine
+    journal = SqliteJournal(StorageConfig(path=str(tmp_path / "var"), fsync="never"), ["t"])
+    await journal.open()
+    stopping = asyncio.Event()
+    ids: list[str] = []
+    taken: list[str] = []
+    sources: list[tuple[int, int]] = []
+
+    async def append(count: int) -> None:
+        events = [Event.from_body(make_event()) for _ in range(count)]
+        ids.extend(event.id for event in events)
+        await journal.append([(event, {"t": "all"}) for event in events])
+
+    async def deliver(max_events: int) -> int:
+        batch = await journal.next_batch(
+            "t", max_events=max_events, max_bytes=1 << 20, max_wait_s=0, stopping=stopping
+        )
+        taken.extend(entry.event.id for entry in batch)
+        await journal.ack("t", batch, dead_lettered=0)
+        sources.append(journal.batch_sources("t"))
+        books = journal.books("t")
+        assert books.received == books.delivered + books.pending
+        return len(batch)
+
+    try:
+        await append(1)
+        assert await deliver(1) == 1 and sources[-1] == (1, 0), "the worker is moving"
+        for _ in range(11):  # one commit each: 8 fit, 3 past the budget
+            await append(1)
+        assert await deliver(5) == 5 and sources[-1] == (2, 0), "the oldest 5, from memory"
+        await append(1)  # busy: memory still holds 3, this one joins the 3 it lacks
+        assert await deliver(5) == 3 and sources[-1] == (3, 0), "the rest memory held"
+        assert await deliver(10) == 4 and sources[-1] == (3, 1), "what memory lacked"
+        await append(2)  # caught up: remembered again
+        assert await deliver(10) == 2 and sources[-1] == (4, 1)
+        assert taken == ids and journal.books("t").pending == 0
+    finally:
+        await journal.close()
+
+
+async def test_a_target_down_from_the_start_lets_memory_go_at_its_budget(
+    start_daemon: StartDaemon, receiver_factory: ReceiverFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A target whose worker has settled nothing (down, its first batch retried) keeps no
+    memory past its budget: what it would hold is freed at the budget and nothing more is
+    kept while it is that far behind (a million-event backlog holds no memory), as before
+    memory kept its head for a moving worker. When it comes back it gets every event once."""
+    event = Event.from_body(make_event(id="x" * 36))
+    event_bytes = sqlite_journal.held_bytes(Entry(1, event, "all"))
+    monkeypatch.setattr(sqlite_journal, "MEMORY_BYTES", 8 * event_bytes)  # 8 events
+    monkeypatch.setattr(sqlite_journal, "MEMORY_BATCHES", 0)
+    monkeypatch.setattr(sqlite_journal, "MOVING_S", 3600.0)  # it never settled: not moving
+    siem = await receiver_factory([503])  # refuses (retried) until told otherwise
+    daemon = await start_daemon(
+        {"targets": [patient(http_target("siem", siem.url))], "routes": everything_to("siem")}
+    )
+    ids: list[str] = []
+    for _ in range(4):
+        _, body = await post(daemon, [make_event() for _ in range(5)])
+        ids += [r["id"] for r in body["results"]]
+    target = daemon.journal._targets["siem"]
+    assert target.books.pending == 20 and not target.memory and not target.remembering
+    siem.statuses = [200]
+    await wait_for(lambda: settled(daemon), what="the SIEM to come back and catch up")
+    assert [e["id"] for e in siem.delivered_events] == ids
+    assert_books_balance(daemon)
+
+
+async def test_a_target_with_large_batches_keeps_that_many_of_them_in_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Memory holds MEMORY_BATCHES of a target's batches (by their max_bytes) where that is
+    more than MEMORY_BYTES: the batch out, the next filling, and room for a slow cycle. A file
+    target's 2,000-event batches overflowed 8 MiB whenever intake outran a cycle or two."""
+    event = Event.from_body(make_event(id="x" * 36))
+    event_bytes = sqlite_journal.held_bytes(Entry(1, event, "all"))
+    monkeypatch.setattr(sqlite_journal, "MEMORY_BYTES", 8 * event_bytes)  # 8 events
+    monkeypatch.setattr(sqlite_journal, "MEMORY_BATCHES", 4)  # of 4 events: 16
+    journal = SqliteJournal(StorageConfig(path=str(tmp_path / "var"), fsync="never"), ["t"])
+    await journal.open()
+    stopping = asyncio.Event()
+    ids: list[str] = []
+    taken: list[str] = []
+
+    async def append() -> None:
+        event = Event.from_body(make_event())
+        ids.append(event.id)
+        await journal.append([(event, {"t": "all"})])
+
+    try:
+        await append()
+        while journal.books("t").pending:
+            batch = await journal.next_batch(
+                "t", max_events=4, max_bytes=4 * event_bytes, max_wait_s=0, stopping=stopping
+            )
+            taken.extend(entry.event.id for entry in batch)
+            await journal.ack("t", batch, dead_lettered=0)
+            if len(ids) == 1:  # the worker's batches are known: 15 more, one commit each
+                for _ in range(15):
+                    await append()
+        assert taken == ids
+        assert journal.batch_sources("t") == (5, 0), "all 16 held: 1, then 4 + 4 + 4 + 3"
+        books = journal.books("t")
+        assert books.received == books.delivered == 16 and books.pending == 0
     finally:
         await journal.close()
 
@@ -924,6 +1048,7 @@ async def test_a_commit_framed_into_several_batches_reads_sheds_and_frees_them_a
     targets are past them every batch row is gone."""
     monkeypatch.setattr(sqlite_journal, "BATCH_BYTES", 2048)
     monkeypatch.setattr(sqlite_journal, "MEMORY_BYTES", 0)
+    monkeypatch.setattr(sqlite_journal, "MEMORY_BATCHES", 0)
     journal = SqliteJournal(StorageConfig(path=str(tmp_path / "var"), fsync="never"), ["a", "b"])
     await journal.open()
     stopping = asyncio.Event()

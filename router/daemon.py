@@ -243,6 +243,7 @@ class Daemon:
             file_archives=self._file_archives,
             letters_dir=self.config.storage.dead_letter_dir(),
             api=self.api,
+            client_faults=self.client_faults,
             middlewares=[self.worker_pool.middleware] if self.worker_pool is not None else [],
         )
 

@@ -352,8 +352,7 @@ class ManagementApi:
 
     # -- helpers -------------------------------------------------------------------------------
 
-    @staticmethod
-    async def _body(request: web.Request) -> dict[str, Any]:
+    async def _body(self, request: web.Request) -> dict[str, Any]:
         if request.content_type != "application/json":
             # A browser may send text/plain across sites without asking first; JSON it may not.
             raise ApiError(
@@ -372,6 +371,14 @@ class ManagementApi:
             )
         try:
             body = orjson.loads(await request.read())
+        except web.HTTPRequestEntityTooLarge as exc:
+            # aiohttp's own refusal (client_max_size), made an ApiError so that it is audited.
+            raise ApiError(
+                413,
+                "body_too_large",
+                "the body is larger than server.max_body_bytes "
+                f"({self.editor.config.server.max_body_bytes} bytes)",
+            ) from exc
         except orjson.JSONDecodeError as exc:
             raise ApiError(
                 400,

@@ -159,6 +159,7 @@ class Daemon:
         self.workers: dict[str, DeliveryWorker] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._runner: web.AppRunner | None = None
+        self._stopped = False
         self._site: DeadlineSite | DeadlineUnixSite | None = None
         self.ready = False
         # Loaded before anything starts: a certificate that does not load stops `serve` early.
@@ -263,10 +264,20 @@ class Daemon:
         return self.worker_pool.ingest_stats(self._ingest)
 
     async def start(self) -> None:
+        """Start inside-out. A start that fails lets go of what it took (the journal's lock
+        and files, threads, tasks, the port): the command line exits after one, but a process
+        that embeds the daemon, or a test, may start another on the same journal."""
         # A reload asked for during start-up (SIGHUP, reload.watch) waits until it is done,
         # then applies to the config start-up ran with.
         async with self.config_lock:
-            await self._start()
+            try:
+                await self._start()
+            except BaseException:
+                try:
+                    await self.stop()
+                except Exception:
+                    log.exception("a failed start could not let go of everything it took")
+                raise
 
     async def _start(self) -> None:
         await self.journal.open()
@@ -392,6 +403,10 @@ class Daemon:
         log.info("applied the config another router shared")
 
     async def stop(self) -> None:
+        """Stop in reverse; once (a failed start has stopped, and the caller may stop too)."""
+        if self._stopped:
+            return
+        self._stopped = True
         self.ready = False
         if self._config_watch is not None:
             self._config_watch.cancel()

@@ -60,8 +60,8 @@ from router.server.api import (
     Change,
     ConfigSource,
     ManagementApi,
-    commit_write_back,
-    stage_write_back,
+    undo_write_back,
+    write_back,
 )
 from router.server.app import build_app
 from router.server.auth import Guard, Refusals
@@ -625,31 +625,46 @@ class Daemon:
 
     async def edit(self, change: Change, *, initiator: str) -> None:
         """The management API's one way to change the config: under config_lock, build the new
-        config from the running one, apply it (the API audits it, not the reload), adopt its
-        data and write it back to the file, so a restart comes back with it."""
+        config from the running one, write it back to the file, so a restart comes back with
+        it, and apply it (the API audits it, not the reload), then adopt its data."""
         async with self.config_lock:
             new, source = await change(self.config, self.source)
-            # The file is written before the change is applied (then renamed into place): a
-            # change its file cannot take (a full disk) changes nothing, rather than running
-            # until the next restart forgets it.
-            staged = None
+            # The API changes no server section; the running one is the file's with the command
+            # line's --host/--port, which a config built from the file's data does not have.
+            new = replace(new, server=self.config.server)
+            # The file is put in place before the change is applied: a change its file cannot
+            # take (a full disk, a file that cannot be renamed over) changes nothing, rather
+            # than running until the next restart forgets it.
+            existed = None
             if source.path is not None:
                 try:
-                    staged = await asyncio.to_thread(stage_write_back, source.path, source.data)
+                    existed = await asyncio.to_thread(write_back, source.path, source.data)
                 except OSError as exc:
                     raise ConfigWriteError(str(source.path), exc.strerror or str(exc)) from exc
             try:
                 await self.apply(new, initiator=initiator, audit=False)
             except BaseException:
-                if staged is not None:
-                    staged.unlink(missing_ok=True)
+                if source.path is not None and existed is not None:
+                    await self._undo_write_back(source.path, existed)
                 raise
             self.source = source
-            if source.path is not None and staged is not None:
-                await asyncio.to_thread(commit_write_back, source.path, staged)
             shared = self._shared_config()
             if shared is not None:
                 await shared.share(source.data)  # every router follows
+
+    async def _undo_write_back(self, path: Path, existed: bool) -> None:
+        """The previous config file back in place of a change refused as it was applied."""
+        try:
+            await asyncio.to_thread(undo_write_back, path, existed)
+        except OSError as exc:
+            log.error(
+                "%s holds a management API change that was refused as it was applied, and "
+                "its previous version could not be put back (%s): the next start or reload "
+                "would apply it; the previous version is %s.prev",
+                path,
+                exc,
+                path,
+            )
 
     async def share_metadata(self, document: dict[str, Any]) -> None:
         shared = self._shared_config()

@@ -7,9 +7,11 @@ Requests and answers use atracker's v2 models, field names and status codes (201
 target types and rule extensions (`actions`, `filter`) appear in the same models.
 
 Every change edits the config *data* (the YAML as written, secrets still `${env:}`/`${file:}`
-references), checks it exactly as `check` would, applies it through the hot-reload path, and
-then writes the YAML back atomically (temp file, fsync, rename; the previous version kept as
-`<file>.prev`) so that a restart comes back with it. Credentials come back masked. Every change
+references), checks it exactly as `check` would, writes the YAML back atomically (temp file,
+fsync, rename; the previous version kept as `<file>.prev`) so that a restart comes back with
+it, and then applies it through the hot-reload path: a file that cannot be written changes
+nothing (503 `config_not_written`), and a change refused as it is applied puts the previous
+file back. Credentials come back masked. Every change
 is an audit event from the router itself (event-router.target.create, ...), with the token's
 name as the initiator. The admin token guards all of it (router/auth.py).
 """
@@ -21,6 +23,7 @@ import copy
 import dataclasses
 import io
 import logging
+import os
 import re
 import time
 import uuid
@@ -1163,9 +1166,26 @@ class ManagementApi:
         return self._json(self.settings_model(), status=201)
 
 
-def commit_write_back(path: Path, staged: Path) -> None:
-    """Put the file stage_write_back wrote in place of the config file (two renames)."""
-    replace_with_staged(path, staged, keep_previous=True)
+def write_back(path: Path, data: dict[str, Any]) -> bool:
+    """The edited config written over its file, before the change is applied: staged (see
+    stage_write_back), then renamed into place, the previous file kept as `<file>.prev`. A
+    failure (a full disk, a file that cannot be renamed over, such as one a container mounts
+    on its own) raises with the file as it was and no temp file left. Whether there was a
+    previous file, for `undo_write_back` if the change is then refused."""
+    staged = stage_write_back(path, data)
+    try:
+        return replace_with_staged(path, staged, keep_previous=True)
+    finally:
+        staged.unlink(missing_ok=True)  # gone once renamed; left only by a failure
+
+
+def undo_write_back(path: Path, existed: bool) -> None:
+    """Put back the config file `write_back` replaced, for a change refused as it was
+    applied (the `.prev` of the change before goes: it is the file again)."""
+    if existed:
+        os.replace(path.with_name(path.name + ".prev"), path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def stage_write_back(path: Path, data: dict[str, Any]) -> Path:
@@ -1173,8 +1193,7 @@ def stage_write_back(path: Path, data: dict[str, Any]) -> Path:
     order and layout wherever the data did not change (round-trip YAML): written (and
     fsynced) to a temp file beside it, the part of a write-back that a full disk fails, done
     before the change is applied, so a change that cannot be written is not applied either.
-    Returns the temp file; commit_write_back puts it in place (the previous file kept as
-    `<file>.prev`)."""
+    Returns the temp file; write_back puts it in place."""
     # Imported by the first change written back: the round-trip library costs a megabyte in a
     # daemon whose config nobody edits through the API.
     from ruamel.yaml import YAML

@@ -11,13 +11,16 @@ targets and the journal, and log one summary line.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
+import orjson
 from aiohttp import web
 
 from router import __version__
@@ -126,6 +129,106 @@ class _Swaps:
         daemon._start_worker(config)
 
 
+# The router's own events kept while the journal cannot take them, at most; and how often the
+# oldest is tried again meanwhile (each try is a real write: the journal's own probe's pace).
+MAX_KEPT_OWN_EVENTS: Final = 10_000
+OWN_EVENT_RETRY_S: Final = 1.0
+
+
+class OwnEvents:
+    """The router's own events (audit of API changes and reloads, refused logins) on their
+    way to the journal. One the journal cannot take (storage.path full or failing) is not
+    dropped with an error line: it is logged whole at once, kept, and journaled, in order and
+    with its own eventTime, as soon as the journal takes writes again, so an audit record is
+    late, never lost while the daemon runs. Past MAX_KEPT_OWN_EVENTS an event is counted as
+    lost, its log line its only record; so are those still kept when the daemon stops."""
+
+    def __init__(self, journal: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+        self._journal = journal  # raises RouterError or OSError when the event is not durable
+        self.kept: deque[dict[str, Any]] = deque()
+        self.lost = 0
+        self._retry: asyncio.Task[None] | None = None
+        self._flushing = asyncio.Lock()
+
+    async def record(self, body: dict[str, Any]) -> None:
+        """Journal `body`, or keep it; never raises into the operation it reports on."""
+        if self.kept:  # behind the ones that wait, so the record keeps its order
+            self._keep(body, "earlier events of the router wait for the journal")
+            return
+        try:
+            await self._journal(body)
+        except (RouterError, OSError) as exc:
+            self._keep(body, str(exc))
+
+    def _keep(self, body: dict[str, Any], why: str) -> None:
+        line = orjson.dumps(body).decode()
+        if len(self.kept) >= MAX_KEPT_OWN_EVENTS:
+            self.lost += 1
+            log.error(
+                "the router's own %s event could not be journaled (%s) and %d wait already; "
+                "this line is its only record: %s",
+                body.get("action"),
+                why,
+                len(self.kept),
+                line,
+            )
+            return
+        self.kept.append(body)
+        log.error(
+            "the router's own %s event could not be journaled (%s); kept to be journaled when "
+            "the journal takes writes again: %s",
+            body.get("action"),
+            why,
+            line,
+        )
+        if self._retry is None or self._retry.done():
+            self._retry = asyncio.create_task(self._retry_kept(), name="own-events-retry")
+
+    async def _retry_kept(self) -> None:
+        while self.kept:
+            await asyncio.sleep(OWN_EVENT_RETRY_S)
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Journal the kept events, oldest first, until the journal refuses one."""
+        if not self.kept:
+            return
+        journaled = 0
+        async with self._flushing:  # one at a time: each journals the oldest, then drops it
+            while self.kept:
+                try:
+                    await self._journal(self.kept[0])
+                except (RouterError, OSError):
+                    return
+                self.kept.popleft()
+                journaled += 1
+        if journaled:
+            log.info(
+                "%s of the router itself, kept while the journal could not write, journaled",
+                counted(journaled, "event"),
+            )
+
+    async def close(self) -> None:
+        """A last try before the journal closes; what is still kept is lost but logged."""
+        if self._retry is not None:
+            self._retry.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._retry
+            self._retry = None
+        await self.flush()
+        if self.kept:
+            self.lost += len(self.kept)
+            log.error(
+                "%s of the router itself never reached the journal; each is in this log "
+                '("kept to be journaled")',
+                counted(len(self.kept), "event"),
+            )
+            self.kept.clear()
+
+    def status(self) -> dict[str, int]:
+        return {"unrecorded": len(self.kept), "lost": self.lost}
+
+
 class Daemon:
     """One running event-router: its components, its HTTP app, and their lifecycle."""
 
@@ -194,10 +297,11 @@ class Daemon:
         self.app = self._build_app()
 
     def _build_app(self) -> web.Application:
-        async def record(body: dict[str, Any]) -> None:
+        async def journal_own(body: dict[str, Any]) -> None:
             await acceptor.accept_own(body)  # bound below; called only once requests arrive
 
-        self.guard = Guard.build(self.config.auth, record, self.config.server)
+        self.own_events = OwnEvents(journal_own)
+        self.guard = Guard.build(self.config.auth, self.own_events.record, self.config.server)
         self.acceptor = acceptor = Acceptor(
             server=self.config.server,
             validator=self.validator,
@@ -228,6 +332,7 @@ class Daemon:
             probe=self.probe_target,
             record=self.record_own,
             alert_states=self.alerts.snapshot,
+            can_record=self._can_record,
         )
         return build_app(
             server=self.config.server,
@@ -418,6 +523,7 @@ class Daemon:
             await self._runner.cleanup()  # stops listening, then waits for in-flight requests
         self.client_faults.summarize()
         await self.guard.stop()
+        await self.own_events.close()  # the guard's last summary among them
         # Alert events decided so far are journaled before the workers drain; then no more.
         self.acceptor.observer = None
         await self.alerts.stop()
@@ -615,13 +721,17 @@ class Daemon:
         for target_id, missing in self.evidence.missing_to_announce():
             await self.record_own(chain_missing_event(target_id, missing))
 
+    async def _can_record(self) -> bool:
+        """Whether the journal takes the router's own events now: the ones kept meanwhile are
+        journaled first (a real write), and a journal whose last write failed (a producer's
+        too) must have written since."""
+        await self.own_events.flush()
+        return self.journal.healthy and not self.own_events.kept
+
     async def record_own(self, body: dict[str, Any]) -> None:
-        """Journal an event of the router itself; a failure is logged, never raised into the
-        operation it reports on."""
-        try:
-            await self.acceptor.accept_own(body)
-        except (RouterError, OSError):
-            log.exception("the router's own %s event could not be journaled", body["action"])
+        """Journal an event of the router itself, or keep it until the journal can (OwnEvents);
+        never raised into the operation it reports on."""
+        await self.own_events.record(body)
 
     async def edit(self, change: Change, *, initiator: str) -> None:
         """The management API's one way to change the config: under config_lock, build the new
@@ -765,6 +875,7 @@ class Daemon:
                 "dropped_buffer_full": ingest.dropped_buffer_full,
             },
             "auth": self.guard.stats(),
+            "own_events": self.own_events.status(),
             "tail": self.tail.status(),
             **({"workers": self.worker_pool.status()} if self.worker_pool is not None else {}),
             "journal": {

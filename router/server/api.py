@@ -291,8 +291,12 @@ class ManagementApi:
         probe: Callable[[str], Awaitable[ProbeResult]],
         record: Callable[[dict[str, Any]], Awaitable[None]],
         alert_states: Callable[[], dict[str, dict[str, Any]]] = dict,
+        can_record: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
         self.editor = editor
+        # False while the journal cannot write: a change would run with its audit event only
+        # kept in memory (the daemon's OwnEvents), so none is applied then.
+        self.can_record = can_record
         self.alert_states = alert_states  # per alert: state, matches in window, last firing
         self.port = port  # the bound port: a target must not point back at it
         self.write_status = write_status
@@ -349,6 +353,8 @@ class ManagementApi:
                     body=error_body(exc.status, exc.code, exc.message),
                     status=exc.status,
                     content_type="application/json",
+                    # As ingest's 503s: a full disk or a failing journal passes.
+                    headers={"Retry-After": "1"} if exc.status == 503 else None,
                 )
 
         return wrapped
@@ -498,6 +504,14 @@ class ManagementApi:
     ) -> Any:
         """Edit a copy of the config data, check it as `check` would, apply it through the
         reload path, persist it, and audit the change. Nothing changes if any step refuses."""
+        if self.can_record is not None and not await self.can_record():
+            raise ApiError(
+                503,
+                "journal_unavailable",
+                "the journal cannot write now (storage.path full or failing), so this change "
+                "could not be audited; nothing was changed: retry later",
+                subject,
+            )
         # The config lock is held (by the editor) from the copy to the write: a SIGHUP reload
         # waiting for it applies on top of this edit, and this edit waits for a reload under
         # way. API edits take turns, so a refused one restores the metadata it found.

@@ -223,6 +223,11 @@ def _exception_message(request: web.Request, exc: web.HTTPException, max_body_by
         return f"{request.method} is not allowed on {path}; it takes {allowed or 'no method'}"
     if exc.status == 413:
         return f"the body is larger than server.max_body_bytes ({max_body_bytes} bytes)"
+    return exception_text(exc)
+
+
+def exception_text(exc: web.HTTPException) -> str:
+    """What an HTTPException says: its text, unless that is only its status line."""
     default = f"{exc.status}: {exc.reason}"
     return quoted(exc.text) if exc.text and exc.text != default else str(exc.reason)
 
@@ -236,10 +241,24 @@ def _description(status: int) -> str:
 
 class JsonErrorHandler(RequestHandler):
     """aiohttp's protocol, answering its own errors in the daemon's JSON: a request it cannot
-    parse, a handler that raised or timed out. aiohttp makes these answers in its protocol,
-    past every middleware, and offers no hook for their body."""
+    parse, a handler that raised or timed out, an HTTPException raised outside the middleware
+    (the `Expect:` handler's 417). aiohttp makes these answers in its protocol, past every
+    middleware, and offers no hook for their body."""
 
     __slots__ = ()  # the layout of aiohttp's class, so that an instance can take this class
+
+    async def finish_response(
+        self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        if isinstance(resp, web.HTTPException) and resp.status >= 400:
+            headers = {k: v for k, v in resp.headers.items() if k.lower() not in BODY_HEADERS}
+            resp = web.Response(
+                body=error_json(resp.status, code_for(resp.status), exception_text(resp)),
+                status=resp.status,
+                content_type="application/json",
+                headers=headers,
+            )
+        return await super().finish_response(request, resp, start_time)
 
     def handle_error(
         self,

@@ -341,3 +341,13 @@ async def test_worker_processes_answer_json_and_refuse_transfer_codings(tmp_path
         assert await terminate(proc) == 0
     finally:
         await reap(proc)
+
+
+async def test_an_expectation_aiohttp_does_not_know_is_a_json_417(daemon: Daemon) -> None:
+    """aiohttp answers `Expect:` before any middleware runs."""
+    status, headers, body = await exchange(
+        daemon.port, request("POST", "/v1/events", "Expect: something-else", "Content-Length: 0")
+    )
+    assert status == 417
+    error = error_of(headers, body)
+    assert error["code"] == "expectation_failed" and "something-else" in error["message"], error

@@ -156,8 +156,9 @@ class OwnerProxy:
             await self._session.close()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        """The body goes on as it arrives (chunked): the owner reads it within its own limits,
+        and what it refuses (an API change past server.max_body_bytes) it also audits."""
         assert self._session is not None
-        body = await request.read()
         headers = CIMultiDict(
             (name, value)
             for name, value in request.headers.items()
@@ -170,7 +171,11 @@ class OwnerProxy:
         url = URL(f"http://owner{request.raw_path}", encoded=True)
         try:
             async with self._session.request(
-                request.method, url, headers=headers, data=body or None, allow_redirects=False
+                request.method,
+                url,
+                headers=headers,
+                data=request.content if request.body_exists else None,
+                allow_redirects=False,
             ) as upstream:
                 return await self._relay(request, upstream)
         except aiohttp.ClientConnectionError as exc:

@@ -324,18 +324,30 @@ async def test_worker_processes_answer_json_and_refuse_transfer_codings(tmp_path
         assert error_of(headers, body)["code"] == "method_not_allowed"
         status, headers, body = await exchange(port, request("GET", "/nope"))
         assert status == 404 and error_of(headers, body)["code"] == "not_found"
-        big = b" " * (MAX_BODY_BYTES + 1)
+        # A change too large to take is refused by the owner, which audits it (a worker
+        # that refused it itself left it unaudited); however large, it gets its answer.
+        big = orjson.dumps({"name": "v", "query": "x" * 50 * MAX_BODY_BYTES})
         status, headers, body = await exchange(
             port,
             request(
                 "POST",
-                "/v1/deadletters/archive/redrive",
+                "/api/v2/views",
                 f"Authorization: Bearer {ADMIN_TOKEN}",
+                "Content-Type: application/json",
                 f"Content-Length: {len(big)}",
                 body=big,
             ),
         )
-        assert status == 413 and error_of(headers, body)["code"] == "body_too_large"
+        assert status == 413 and headers["content-type"].startswith("application/json"), body
+        assert orjson.loads(body)["errors"][0]["code"] == "body_too_large"
+        archive = tmp_path / "var" / "archive.ndjson"
+        await wait_for(
+            lambda: any(
+                e["action"] == "event-router.view.create" and e["outcome"] == "failure"
+                for e in read_ndjson(archive)
+            ),
+            what="the refused change audited",
+        )
         status, _, body = await exchange(port, b"GARBAGE\r\n\r\n")
         assert status == 400 and orjson.loads(body)["error"]["code"] == "malformed_request"
         assert await terminate(proc) == 0

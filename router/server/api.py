@@ -1185,7 +1185,9 @@ def write_back(path: Path, data: dict[str, Any]) -> bool:
     stage_write_back), then renamed into place, the previous file kept as `<file>.prev`. A
     failure (a full disk, a file that cannot be renamed over, such as one a container mounts
     on its own) raises with the file as it was and no temp file left. Whether there was a
-    previous file, for `undo_write_back` if the change is then refused."""
+    previous file, for `undo_write_back` if the change is then refused. A config file that is
+    a symbolic link is written where it points (the file the operator edits), the link kept."""
+    path = path.resolve()
     staged = stage_write_back(path, data)
     try:
         return replace_with_staged(path, staged, keep_previous=True)
@@ -1196,6 +1198,7 @@ def write_back(path: Path, data: dict[str, Any]) -> bool:
 def undo_write_back(path: Path, existed: bool) -> None:
     """Put back the config file `write_back` replaced, for a change refused as it was
     applied (the `.prev` of the change before goes: it is the file again)."""
+    path = path.resolve()
     if existed:
         os.replace(path.with_name(path.name + ".prev"), path)
     else:
@@ -1358,8 +1361,9 @@ def daemon_files(data: Mapping[str, Any], config_path: Path | None) -> set[Path]
                 walk(item)
 
     walk(data)
-    if config_path is not None:
-        named.extend(str(config_path) + suffix for suffix in ("", ".prev", ".tmp"))
+    if config_path is not None:  # the write-back's files are beside the file a link names
+        for base in (config_path, config_path.resolve()):
+            named.extend(str(base) + suffix for suffix in ("", ".prev", ".tmp"))
     return {Path(name).resolve() for name in named if "\x00" not in name}
 
 

@@ -176,3 +176,37 @@ async def test_api_changes_apply_when_the_command_line_overrides_the_port(tmp_pa
         assert await terminate(proc) == 0
     finally:
         await reap(proc)
+
+
+async def test_a_symlinked_config_file_is_written_where_it_points(tmp_path: Path) -> None:
+    """/etc/event-router/router.yaml as a link into the operator's checkout: the write-back
+    renamed its new file over the link, so the link became a copy, the file the operator
+    edits (and versions) never got the change, and their later edits there were no longer
+    the daemon's config. The change goes to the file the link points to; the link stays."""
+    real = tmp_path / "checkout" / "router.yaml"
+    real.parent.mkdir()
+    link = tmp_path / "etc" / "router.yaml"
+    link.parent.mkdir()
+    link.symlink_to(real)
+    data = operator_config(tmp_path)
+    text = yaml.safe_dump(data)
+    real.write_text(text)
+    daemon = Daemon(parse_config(data), ConfigSource(link, data))
+    await daemon.start()
+    try:
+        api = ApiClient(daemon)
+        status, answer = await api.call("POST", "/api/v2/views", {"name": "v", "query": "x"})
+        assert status == 201, answer
+        assert link.is_symlink() and link.resolve() == real
+        assert [v["name"] for v in yaml.safe_load(real.read_text())["views"]] == ["v"]
+        assert (real.parent / "router.yaml.prev").read_text() == text
+        assert sorted(p.name for p in link.parent.iterdir()) == ["router.yaml"]
+        # The API may not put an archive over the write-back's files where they now are.
+        status, answer = await api.call(
+            "POST",
+            "/api/v2/targets",
+            {"target_type": "file", "file_endpoint": {"path": str(real) + ".prev"}},
+        )
+        assert status == 400, answer
+    finally:
+        await daemon.stop()

@@ -35,10 +35,10 @@ from router.config import (
 )
 from router.deadletter import DeadLetters, target_removed
 from router.delivery import DeliveryWorker
-from router.errors import ConfigError, ConfigWriteError, RouterError
+from router.errors import ConfigError, ConfigWriteError
 from router.evidence.receipt import Receipts
 from router.evidence.registry import Evidence
-from router.intake.accept import Acceptor
+from router.intake.accept import Acceptor, Outcome
 from router.intake.http import Ingest
 from router.intake.redaction import Redactor
 from router.intake.validation import EventValidator
@@ -58,7 +58,7 @@ from router.reload import (
     validator_for,
 )
 from router.routing import RouteTable
-from router.selfevent import chain_missing_event, reload_event
+from router.selfevent import chain_missing_event, clipped, reload_event
 from router.server.api import (
     Change,
     ConfigSource,
@@ -133,6 +133,10 @@ class _Swaps:
 # oldest is tried again meanwhile (each try is a real write: the journal's own probe's pace).
 MAX_KEPT_OWN_EVENTS: Final = 10_000
 OWN_EVENT_RETRY_S: Final = 1.0
+# A rejected own event is tried again with its strings cut to server.max_string_chars less
+# this (the cut string says how much was cut), and never below MIN_CLIPPED_CHARS.
+CLIP_MARGIN_CHARS: Final = 40
+MIN_CLIPPED_CHARS: Final = 16
 
 
 class OwnEvents:
@@ -141,10 +145,18 @@ class OwnEvents:
     dropped with an error line: it is logged whole at once, kept, and journaled, in order and
     with its own eventTime, as soon as the journal takes writes again, so an audit record is
     late, never lost while the daemon runs. Past MAX_KEPT_OWN_EVENTS an event is counted as
-    lost, its log line its only record; so are those still kept when the daemon stops."""
+    lost, its log line its only record; so are those still kept when the daemon stops. One
+    the acceptor rejects (its strings past the operator's server.max_string_chars, a bug) is
+    tried once more with its strings cut to fit, else lost the same way: waiting cannot help
+    it, and kept it would hold every later one back."""
 
-    def __init__(self, journal: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
-        self._journal = journal  # raises RouterError or OSError when the event is not durable
+    def __init__(
+        self,
+        journal: Callable[[dict[str, Any]], Awaitable[Outcome]],
+        max_string_chars: Callable[[], int],
+    ) -> None:
+        self._journal = journal  # raises OSError when the journal fails outright
+        self._max_string_chars = max_string_chars
         self.kept: deque[dict[str, Any]] = deque()
         self.lost = 0
         self._retry: asyncio.Task[None] | None = None
@@ -155,23 +167,37 @@ class OwnEvents:
         if self.kept:  # behind the ones that wait, so the record keeps its order
             self._keep(body, "earlier events of the router wait for the journal")
             return
+        why = await self._try(body)
+        if why is not None:
+            self._keep(body, why)
+
+    async def _try(self, body: dict[str, Any]) -> str | None:
+        """None once `body` is journaled (or rejected for good, and logged); else why the
+        journal did not take it."""
         try:
-            await self._journal(body)
-        except (RouterError, OSError) as exc:
-            self._keep(body, str(exc))
+            outcome = await self._journal(body)
+            if outcome.refusal is None and not outcome.accepted:
+                limit = max(MIN_CLIPPED_CHARS, self._max_string_chars() - CLIP_MARGIN_CHARS)
+                outcome = await self._journal(clipped(body, limit))
+                if outcome.refusal is None and not outcome.accepted:
+                    self._lose(body, f"it was rejected: {orjson.dumps(outcome.results).decode()}")
+                    return None
+        except OSError as exc:
+            return str(exc)
+        return outcome.refusal.message if outcome.refusal is not None else None
+
+    def _lose(self, body: dict[str, Any], why: str) -> None:
+        self.lost += 1
+        log.error(
+            "the router's own %s event cannot be journaled (%s); this line is its only record: %s",
+            body.get("action"),
+            why,
+            orjson.dumps(body).decode(),
+        )
 
     def _keep(self, body: dict[str, Any], why: str) -> None:
-        line = orjson.dumps(body).decode()
         if len(self.kept) >= MAX_KEPT_OWN_EVENTS:
-            self.lost += 1
-            log.error(
-                "the router's own %s event could not be journaled (%s) and %d wait already; "
-                "this line is its only record: %s",
-                body.get("action"),
-                why,
-                len(self.kept),
-                line,
-            )
+            self._lose(body, f"{why}, and {len(self.kept)} wait already")
             return
         self.kept.append(body)
         log.error(
@@ -179,7 +205,7 @@ class OwnEvents:
             "the journal takes writes again: %s",
             body.get("action"),
             why,
-            line,
+            orjson.dumps(body).decode(),
         )
         if self._retry is None or self._retry.done():
             self._retry = asyncio.create_task(self._retry_kept(), name="own-events-retry")
@@ -196,9 +222,7 @@ class OwnEvents:
         journaled = 0
         async with self._flushing:  # one at a time: each journals the oldest, then drops it
             while self.kept:
-                try:
-                    await self._journal(self.kept[0])
-                except (RouterError, OSError):
+                if await self._try(self.kept[0]) is not None:
                     return
                 self.kept.popleft()
                 journaled += 1
@@ -297,10 +321,11 @@ class Daemon:
         self.app = self._build_app()
 
     def _build_app(self) -> web.Application:
-        async def journal_own(body: dict[str, Any]) -> None:
-            await acceptor.accept_own(body)  # bound below; called only once requests arrive
+        async def journal_own(body: dict[str, Any]) -> Outcome:
+            # Bound below; called only once requests arrive.
+            return await acceptor.accept([body], own=True)
 
-        self.own_events = OwnEvents(journal_own)
+        self.own_events = OwnEvents(journal_own, lambda: self.config.server.max_string_chars)
         self.guard = Guard.build(self.config.auth, self.own_events.record, self.config.server)
         self.acceptor = acceptor = Acceptor(
             server=self.config.server,

@@ -435,3 +435,35 @@ async def test_no_change_is_applied_while_the_journal_cannot_record_its_audit(
         what="the refusal and the change audited",
     )
     assert_books_balance(daemon)
+
+
+async def test_an_own_event_past_the_string_limit_is_cut_to_fit_and_blocks_no_change(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """An operator's server.max_string_chars below what a refused change's audit event quotes
+    (here the 400-character id it names) rejected the event: the refusal went unaudited (one
+    error line). It is journaled with its strings cut to fit. And only what the journal could
+    not take waits for it: a rejected event, kept, would hold every later change at 503."""
+    daemon = await start_daemon(
+        {
+            "server": {"host": "127.0.0.1", "port": 0, "max_string_chars": 256},
+            "auth": api_auth(),
+            "targets": [file_target("archive", tmp_path / "archive.ndjson")],
+            "routes": everything_to("archive"),
+        }
+    )
+    api = ApiClient(daemon)
+    status, answer = await api.call("DELETE", "/api/v2/targets/" + "x" * 400)
+    assert status == 404, answer  # its audit event names the 400-character id
+    for name in ("first", "second"):
+        status, answer = await api.call("POST", "/api/v2/views", {"name": name, "query": "x"})
+        assert status == 201, answer
+    # The refusal is on the record, its long strings cut to the operator's limit.
+    await wait_for(
+        lambda: any(
+            e["action"] == "event-router.target.delete" and e["outcome"] == "failure"
+            for e in read_ndjson(tmp_path / "archive.ndjson")
+        ),
+        what="the refusal audited",
+    )
+    assert daemon.status()["own_events"] == {"unrecorded": 0, "lost": 0}

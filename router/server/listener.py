@@ -18,14 +18,15 @@ ERROR and its traceback: that one is ours.
 Every error the daemon answers is JSON, `{"error": {"code", "message"}}` (the management API's
 own shape under /api/v2/), including the answers aiohttp makes by itself: a request it cannot
 parse (400 `malformed_request`), a handler that failed (500 `internal_error`, the traceback
-in the log only) or timed out (504), which its protocol makes (`json_protocol_errors`), and
-the HTTPExceptions its router and body reader raise: no route (404), a method the route does
-not take (405, its Allow header kept), a body past `server.max_body_bytes` (413), made JSON by
-the `json_answers` middleware. That middleware also refuses a body framed with a transfer
-coding other than `chunked` (`Transfer-Encoding: gzip, chunked`): aiohttp reads such a body
-as chunked and leaves the gzip on, so compressed bytes would be taken as the body. The daemon
-applies no transfer coding: a 400 `unsupported_transfer_encoding` naming the header, before
-any handler (a body is compressed with Content-Encoding, where a route takes it).
+in the log only) or timed out (504), an `Expect:` it does not know (417), which its protocol
+makes (`JsonErrorHandler`), and the HTTPExceptions its router and body reader raise: no
+route (404), a method the route does not take (405, its Allow header kept), a body past
+`server.max_body_bytes` (413), made JSON by the `json_answers` middleware. That middleware
+also refuses a body framed with a transfer coding other than `chunked` (`Transfer-Encoding:
+gzip, chunked`): aiohttp reads such a body as chunked and leaves the gzip on, so compressed
+bytes would be taken as the body. The daemon applies no transfer coding: a 400
+`unsupported_transfer_encoding` naming the header, before any handler (a body is compressed
+with Content-Encoding, where a route takes it).
 """
 
 from __future__ import annotations
@@ -183,7 +184,9 @@ def json_answers(
         codings = request.headers.getall("Transfer-Encoding", [])
         if codings and [c.strip().lower() for c in ",".join(codings).split(",")] != ["chunked"]:
             sent = quoted(", ".join(codings))
-            faults.refused(request.remote or "an unknown address", f"Transfer-Encoding {sent!r}")
+            faults.refused(
+                request.remote or "an unknown address", f"400 Transfer-Encoding {sent!r}"
+            )
             response = answer(
                 request,
                 400,

@@ -129,9 +129,11 @@ class _Swaps:
         daemon._start_worker(config)
 
 
-# The router's own events kept while the journal cannot take them, at most; and how often the
-# oldest is tried again meanwhile (each try is a real write: the journal's own probe's pace).
-MAX_KEPT_OWN_EVENTS: Final = 10_000
+# The router's own events kept while the journal cannot take them, at most (about 10 KB each
+# at worst, their strings clipped to selfevent.MAX_QUOTED_CHARS: a hostile admin's refused
+# changes pin 10 MB); and how often the oldest is tried again meanwhile (each try is a real
+# write: the journal's own probe's pace).
+MAX_KEPT_OWN_EVENTS: Final = 1_000
 OWN_EVENT_RETRY_S: Final = 1.0
 # A rejected own event is tried again with its strings cut to server.max_string_chars less
 # this (the cut string says how much was cut), and never below MIN_CLIPPED_CHARS.

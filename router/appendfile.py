@@ -121,8 +121,18 @@ def write_staged(path: Path, data: bytes) -> Path:
     return temp
 
 
-def replace_with_staged(path: Path, temp: Path, *, keep_previous: bool = False) -> None:
-    """The second half of replace_atomically: the staged temp file renamed over `path`."""
-    if keep_previous and path.exists():
-        os.replace(path, path.with_name(path.name + ".prev"))
-    os.replace(temp, path)
+def replace_with_staged(path: Path, temp: Path, *, keep_previous: bool = False) -> bool:
+    """The second half of replace_atomically: the staged temp file renamed over `path`.
+    Whether there was a file at `path` (with `keep_previous`, now `<path>.prev`). A rename
+    that fails leaves `path` as it was (the previous file renamed back) and raises."""
+    previous = path.with_name(path.name + ".prev")
+    existed = path.exists()
+    if keep_previous and existed:
+        os.replace(path, previous)
+    try:
+        os.replace(temp, path)
+    except BaseException:
+        if keep_previous and existed:
+            os.replace(previous, path)
+        raise
+    return existed

@@ -11,13 +11,16 @@ targets and the journal, and log one summary line.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
+import orjson
 from aiohttp import web
 
 from router import __version__
@@ -32,10 +35,10 @@ from router.config import (
 )
 from router.deadletter import DeadLetters, target_removed
 from router.delivery import DeliveryWorker
-from router.errors import ConfigError, ConfigWriteError, RouterError
+from router.errors import ConfigError, ConfigWriteError
 from router.evidence.receipt import Receipts
 from router.evidence.registry import Evidence
-from router.intake.accept import Acceptor
+from router.intake.accept import Acceptor, Outcome
 from router.intake.http import Ingest
 from router.intake.redaction import Redactor
 from router.intake.validation import EventValidator
@@ -55,13 +58,13 @@ from router.reload import (
     validator_for,
 )
 from router.routing import RouteTable
-from router.selfevent import chain_missing_event, reload_event
+from router.selfevent import chain_missing_event, clipped, reload_event
 from router.server.api import (
     Change,
     ConfigSource,
     ManagementApi,
-    commit_write_back,
-    stage_write_back,
+    undo_write_back,
+    write_back,
 )
 from router.server.app import build_app
 from router.server.auth import Guard, Refusals
@@ -126,6 +129,132 @@ class _Swaps:
         daemon._start_worker(config)
 
 
+# The router's own events kept while the journal cannot take them, at most (about 10 KB each
+# at worst, their strings clipped to selfevent.MAX_QUOTED_CHARS: a hostile admin's refused
+# changes pin 10 MB); and how often the oldest is tried again meanwhile (each try is a real
+# write: the journal's own probe's pace).
+MAX_KEPT_OWN_EVENTS: Final = 1_000
+OWN_EVENT_RETRY_S: Final = 1.0
+# A rejected own event is tried again with its strings cut to server.max_string_chars less
+# this (the cut string says how much was cut), and never below MIN_CLIPPED_CHARS.
+CLIP_MARGIN_CHARS: Final = 40
+MIN_CLIPPED_CHARS: Final = 16
+
+
+class OwnEvents:
+    """The router's own events (audit of API changes and reloads, refused logins) on their
+    way to the journal. One the journal cannot take (storage.path full or failing) is not
+    dropped with an error line: it is logged whole at once, kept, and journaled, in order and
+    with its own eventTime, as soon as the journal takes writes again, so an audit record is
+    late, never lost while the daemon runs. Past MAX_KEPT_OWN_EVENTS an event is counted as
+    lost, its log line its only record; so are those still kept when the daemon stops. One
+    the acceptor rejects (its strings past the operator's server.max_string_chars, a bug) is
+    tried once more with its strings cut to fit, else lost the same way: waiting cannot help
+    it, and kept it would hold every later one back."""
+
+    def __init__(
+        self,
+        journal: Callable[[dict[str, Any]], Awaitable[Outcome]],
+        max_string_chars: Callable[[], int],
+    ) -> None:
+        self._journal = journal  # raises OSError when the journal fails outright
+        self._max_string_chars = max_string_chars
+        self.kept: deque[dict[str, Any]] = deque()
+        self.lost = 0
+        self._retry: asyncio.Task[None] | None = None
+        self._flushing = asyncio.Lock()
+
+    async def record(self, body: dict[str, Any]) -> None:
+        """Journal `body`, or keep it; never raises into the operation it reports on."""
+        if self.kept:  # behind the ones that wait, so the record keeps its order
+            self._keep(body, "earlier events of the router wait for the journal")
+            return
+        why = await self._try(body)
+        if why is not None:
+            self._keep(body, why)
+
+    async def _try(self, body: dict[str, Any]) -> str | None:
+        """None once `body` is journaled (or rejected for good, and logged); else why the
+        journal did not take it."""
+        try:
+            outcome = await self._journal(body)
+            if outcome.refusal is None and not outcome.accepted:
+                limit = max(MIN_CLIPPED_CHARS, self._max_string_chars() - CLIP_MARGIN_CHARS)
+                outcome = await self._journal(clipped(body, limit))
+                if outcome.refusal is None and not outcome.accepted:
+                    self._lose(body, f"it was rejected: {orjson.dumps(outcome.results).decode()}")
+                    return None
+        except OSError as exc:
+            return str(exc)
+        return outcome.refusal.message if outcome.refusal is not None else None
+
+    def _lose(self, body: dict[str, Any], why: str) -> None:
+        self.lost += 1
+        log.error(
+            "the router's own %s event cannot be journaled (%s); this line is its only record: %s",
+            body.get("action"),
+            why,
+            orjson.dumps(body).decode(),
+        )
+
+    def _keep(self, body: dict[str, Any], why: str) -> None:
+        if len(self.kept) >= MAX_KEPT_OWN_EVENTS:
+            self._lose(body, f"{why}, and {len(self.kept)} wait already")
+            return
+        self.kept.append(body)
+        log.error(
+            "the router's own %s event could not be journaled (%s); kept to be journaled when "
+            "the journal takes writes again: %s",
+            body.get("action"),
+            why,
+            orjson.dumps(body).decode(),
+        )
+        if self._retry is None or self._retry.done():
+            self._retry = asyncio.create_task(self._retry_kept(), name="own-events-retry")
+
+    async def _retry_kept(self) -> None:
+        while self.kept:
+            await asyncio.sleep(OWN_EVENT_RETRY_S)
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Journal the kept events, oldest first, until the journal refuses one."""
+        if not self.kept:
+            return
+        journaled = 0
+        async with self._flushing:  # one at a time: each journals the oldest, then drops it
+            while self.kept:
+                if await self._try(self.kept[0]) is not None:
+                    return
+                self.kept.popleft()
+                journaled += 1
+        if journaled:
+            log.info(
+                "%s of the router itself, kept while the journal could not write, journaled",
+                counted(journaled, "event"),
+            )
+
+    async def close(self) -> None:
+        """A last try before the journal closes; what is still kept is lost but logged."""
+        if self._retry is not None:
+            self._retry.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._retry
+            self._retry = None
+        await self.flush()
+        if self.kept:
+            self.lost += len(self.kept)
+            log.error(
+                "%s of the router itself never reached the journal; each is in this log "
+                '("kept to be journaled")',
+                counted(len(self.kept), "event"),
+            )
+            self.kept.clear()
+
+    def status(self) -> dict[str, int]:
+        return {"unrecorded": len(self.kept), "lost": self.lost}
+
+
 class Daemon:
     """One running event-router: its components, its HTTP app, and their lifecycle."""
 
@@ -159,6 +288,7 @@ class Daemon:
         self.workers: dict[str, DeliveryWorker] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._runner: web.AppRunner | None = None
+        self._stopped = False
         self._site: DeadlineSite | DeadlineUnixSite | None = None
         self.ready = False
         # Loaded before anything starts: a certificate that does not load stops `serve` early.
@@ -193,10 +323,12 @@ class Daemon:
         self.app = self._build_app()
 
     def _build_app(self) -> web.Application:
-        async def record(body: dict[str, Any]) -> None:
-            await acceptor.accept_own(body)  # bound below; called only once requests arrive
+        async def journal_own(body: dict[str, Any]) -> Outcome:
+            # Bound below; called only once requests arrive.
+            return await acceptor.accept([body], own=True)
 
-        self.guard = Guard.build(self.config.auth, record, self.config.server)
+        self.own_events = OwnEvents(journal_own, lambda: self.config.server.max_string_chars)
+        self.guard = Guard.build(self.config.auth, self.own_events.record, self.config.server)
         self.acceptor = acceptor = Acceptor(
             server=self.config.server,
             validator=self.validator,
@@ -227,6 +359,7 @@ class Daemon:
             probe=self.probe_target,
             record=self.record_own,
             alert_states=self.alerts.snapshot,
+            can_record=self._can_record,
         )
         return build_app(
             server=self.config.server,
@@ -243,6 +376,7 @@ class Daemon:
             file_archives=self._file_archives,
             letters_dir=self.config.storage.dead_letter_dir(),
             api=self.api,
+            client_faults=self.client_faults,
             middlewares=[self.worker_pool.middleware] if self.worker_pool is not None else [],
         )
 
@@ -262,10 +396,20 @@ class Daemon:
         return self.worker_pool.ingest_stats(self._ingest)
 
     async def start(self) -> None:
+        """Start inside-out. A start that fails lets go of what it took (the journal's lock
+        and files, threads, tasks, the port): the command line exits after one, but a process
+        that embeds the daemon, or a test, may start another on the same journal."""
         # A reload asked for during start-up (SIGHUP, reload.watch) waits until it is done,
         # then applies to the config start-up ran with.
         async with self.config_lock:
-            await self._start()
+            try:
+                await self._start()
+            except BaseException:
+                try:
+                    await self.stop()
+                except Exception:
+                    log.exception("a failed start could not let go of everything it took")
+                raise
 
     async def _start(self) -> None:
         await self.journal.open()
@@ -391,6 +535,10 @@ class Daemon:
         log.info("applied the config another router shared")
 
     async def stop(self) -> None:
+        """Stop in reverse; once (a failed start has stopped, and the caller may stop too)."""
+        if self._stopped:
+            return
+        self._stopped = True
         self.ready = False
         if self._config_watch is not None:
             self._config_watch.cancel()
@@ -402,6 +550,7 @@ class Daemon:
             await self._runner.cleanup()  # stops listening, then waits for in-flight requests
         self.client_faults.summarize()
         await self.guard.stop()
+        await self.own_events.close()  # the guard's last summary among them
         # Alert events decided so far are journaled before the workers drain; then no more.
         self.acceptor.observer = None
         await self.alerts.stop()
@@ -599,41 +748,60 @@ class Daemon:
         for target_id, missing in self.evidence.missing_to_announce():
             await self.record_own(chain_missing_event(target_id, missing))
 
+    async def _can_record(self) -> bool:
+        """Whether the journal takes the router's own events now: the ones kept meanwhile are
+        journaled first (a real write), and a journal whose last write failed (a producer's
+        too) must have written since."""
+        await self.own_events.flush()
+        return self.journal.healthy and not self.own_events.kept
+
     async def record_own(self, body: dict[str, Any]) -> None:
-        """Journal an event of the router itself; a failure is logged, never raised into the
-        operation it reports on."""
-        try:
-            await self.acceptor.accept_own(body)
-        except (RouterError, OSError):
-            log.exception("the router's own %s event could not be journaled", body["action"])
+        """Journal an event of the router itself, or keep it until the journal can (OwnEvents);
+        never raised into the operation it reports on."""
+        await self.own_events.record(body)
 
     async def edit(self, change: Change, *, initiator: str) -> None:
         """The management API's one way to change the config: under config_lock, build the new
-        config from the running one, apply it (the API audits it, not the reload), adopt its
-        data and write it back to the file, so a restart comes back with it."""
+        config from the running one, write it back to the file, so a restart comes back with
+        it, and apply it (the API audits it, not the reload), then adopt its data."""
         async with self.config_lock:
             new, source = await change(self.config, self.source)
-            # The file is written before the change is applied (then renamed into place): a
-            # change its file cannot take (a full disk) changes nothing, rather than running
-            # until the next restart forgets it.
-            staged = None
+            # The API changes no server section; the running one is the file's with the command
+            # line's --host/--port, which a config built from the file's data does not have.
+            new = replace(new, server=self.config.server)
+            # The file is put in place before the change is applied: a change its file cannot
+            # take (a full disk, a file that cannot be renamed over) changes nothing, rather
+            # than running until the next restart forgets it.
+            existed = None
             if source.path is not None:
                 try:
-                    staged = await asyncio.to_thread(stage_write_back, source.path, source.data)
+                    existed = await asyncio.to_thread(write_back, source.path, source.data)
                 except OSError as exc:
                     raise ConfigWriteError(str(source.path), exc.strerror or str(exc)) from exc
             try:
                 await self.apply(new, initiator=initiator, audit=False)
             except BaseException:
-                if staged is not None:
-                    staged.unlink(missing_ok=True)
+                if source.path is not None and existed is not None:
+                    await self._undo_write_back(source.path, existed)
                 raise
             self.source = source
-            if source.path is not None and staged is not None:
-                await asyncio.to_thread(commit_write_back, source.path, staged)
             shared = self._shared_config()
             if shared is not None:
                 await shared.share(source.data)  # every router follows
+
+    async def _undo_write_back(self, path: Path, existed: bool) -> None:
+        """The previous config file back in place of a change refused as it was applied."""
+        try:
+            await asyncio.to_thread(undo_write_back, path, existed)
+        except OSError as exc:
+            log.error(
+                "%s holds a management API change that was refused as it was applied, and "
+                "its previous version could not be put back (%s): the next start or reload "
+                "would apply it; the previous version is %s.prev",
+                path,
+                exc,
+                path,
+            )
 
     async def share_metadata(self, document: dict[str, Any]) -> None:
         shared = self._shared_config()
@@ -734,6 +902,7 @@ class Daemon:
                 "dropped_buffer_full": ingest.dropped_buffer_full,
             },
             "auth": self.guard.stats(),
+            "own_events": self.own_events.status(),
             "tail": self.tail.status(),
             **({"workers": self.worker_pool.status()} if self.worker_pool is not None else {}),
             "journal": {

@@ -47,14 +47,14 @@ def clip(text: str, limit: int = MAX_QUOTED_CHARS) -> str:
     return f"{text[:limit]}... ({len(text) - limit} more characters)"
 
 
-def clipped(value: Any) -> Any:
-    """Every string of `value`, at any depth, clipped."""
+def clipped(value: Any, limit: int = MAX_QUOTED_CHARS) -> Any:
+    """Every string of `value`, at any depth, clipped to `limit`."""
     if isinstance(value, str):
-        return clip(value)
+        return clip(value, limit)
     if isinstance(value, dict):
-        return {k: clipped(v) for k, v in value.items()}
+        return {k: clipped(v, limit) for k, v in value.items()}
     if isinstance(value, list):
-        return [clipped(v) for v in value]
+        return [clipped(v, limit) for v in value]
     return value
 
 

@@ -163,11 +163,11 @@ async def spawn(
 
 
 async def serve(
-    config: Any, port: int, *, timeout_s: float = 10.0, **kwargs: Any
+    config: Any, port: int, *args: str, timeout_s: float = 10.0, **kwargs: Any
 ) -> asyncio.subprocess.Process:
-    """`spawn`, then wait until /readyz answers 200; a daemon that does not get there is
-    killed, not left running (its caller has no process to reap)."""
-    proc = await spawn(config, **kwargs)
+    """`spawn` (with `args`), then wait until /readyz answers 200; a daemon that does not get
+    there is killed, not left running (its caller has no process to reap)."""
+    proc = await spawn(config, *args, **kwargs)
 
     async def up_or_gone() -> bool:
         return proc.returncode is not None or await ready(port)

@@ -7,9 +7,11 @@ Requests and answers use atracker's v2 models, field names and status codes (201
 target types and rule extensions (`actions`, `filter`) appear in the same models.
 
 Every change edits the config *data* (the YAML as written, secrets still `${env:}`/`${file:}`
-references), checks it exactly as `check` would, applies it through the hot-reload path, and
-then writes the YAML back atomically (temp file, fsync, rename; the previous version kept as
-`<file>.prev`) so that a restart comes back with it. Credentials come back masked. Every change
+references), checks it exactly as `check` would, writes the YAML back atomically (temp file,
+fsync, rename; the previous version kept as `<file>.prev`) so that a restart comes back with
+it, and then applies it through the hot-reload path: a file that cannot be written changes
+nothing (503 `config_not_written`), and a change refused as it is applied puts the previous
+file back. Credentials come back masked. Every change
 is an audit event from the router itself (event-router.target.create, ...), with the token's
 name as the initiator. The admin token guards all of it (router/auth.py).
 """
@@ -21,6 +23,7 @@ import copy
 import dataclasses
 import io
 import logging
+import os
 import re
 import time
 import uuid
@@ -288,8 +291,12 @@ class ManagementApi:
         probe: Callable[[str], Awaitable[ProbeResult]],
         record: Callable[[dict[str, Any]], Awaitable[None]],
         alert_states: Callable[[], dict[str, dict[str, Any]]] = dict,
+        can_record: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
         self.editor = editor
+        # False while the journal cannot write: a change would run with its audit event only
+        # kept in memory (the daemon's OwnEvents), so none is applied then.
+        self.can_record = can_record
         self.alert_states = alert_states  # per alert: state, matches in window, last firing
         self.port = port  # the bound port: a target must not point back at it
         self.write_status = write_status
@@ -346,14 +353,15 @@ class ManagementApi:
                     body=error_body(exc.status, exc.code, exc.message),
                     status=exc.status,
                     content_type="application/json",
+                    # As ingest's 503s: a full disk or a failing journal passes.
+                    headers={"Retry-After": "1"} if exc.status == 503 else None,
                 )
 
         return wrapped
 
     # -- helpers -------------------------------------------------------------------------------
 
-    @staticmethod
-    async def _body(request: web.Request) -> dict[str, Any]:
+    async def _body(self, request: web.Request) -> dict[str, Any]:
         if request.content_type != "application/json":
             # A browser may send text/plain across sites without asking first; JSON it may not.
             raise ApiError(
@@ -372,6 +380,14 @@ class ManagementApi:
             )
         try:
             body = orjson.loads(await request.read())
+        except web.HTTPRequestEntityTooLarge as exc:
+            # aiohttp's own refusal (client_max_size), made an ApiError so that it is audited.
+            raise ApiError(
+                413,
+                "body_too_large",
+                "the body is larger than server.max_body_bytes "
+                f"({self.editor.config.server.max_body_bytes} bytes)",
+            ) from exc
         except orjson.JSONDecodeError as exc:
             raise ApiError(
                 400,
@@ -488,6 +504,14 @@ class ManagementApi:
     ) -> Any:
         """Edit a copy of the config data, check it as `check` would, apply it through the
         reload path, persist it, and audit the change. Nothing changes if any step refuses."""
+        if self.can_record is not None and not await self.can_record():
+            raise ApiError(
+                503,
+                "journal_unavailable",
+                "the journal cannot write now (storage.path full or failing), so this change "
+                "could not be audited; nothing was changed: retry later",
+                subject,
+            )
         # The config lock is held (by the editor) from the copy to the write: a SIGHUP reload
         # waiting for it applies on top of this edit, and this edit waits for a reload under
         # way. API edits take turns, so a refused one restores the metadata it found.
@@ -1156,9 +1180,29 @@ class ManagementApi:
         return self._json(self.settings_model(), status=201)
 
 
-def commit_write_back(path: Path, staged: Path) -> None:
-    """Put the file stage_write_back wrote in place of the config file (two renames)."""
-    replace_with_staged(path, staged, keep_previous=True)
+def write_back(path: Path, data: dict[str, Any]) -> bool:
+    """The edited config written over its file, before the change is applied: staged (see
+    stage_write_back), then renamed into place, the previous file kept as `<file>.prev`. A
+    failure (a full disk, a file that cannot be renamed over, such as one a container mounts
+    on its own) raises with the file as it was and no temp file left. Whether there was a
+    previous file, for `undo_write_back` if the change is then refused. A config file that is
+    a symbolic link is written where it points (the file the operator edits), the link kept."""
+    path = path.resolve()
+    staged = stage_write_back(path, data)
+    try:
+        return replace_with_staged(path, staged, keep_previous=True)
+    finally:
+        staged.unlink(missing_ok=True)  # gone once renamed; left only by a failure
+
+
+def undo_write_back(path: Path, existed: bool) -> None:
+    """Put back the config file `write_back` replaced, for a change refused as it was
+    applied (the `.prev` of the change before goes: it is the file again)."""
+    path = path.resolve()
+    if existed:
+        os.replace(path.with_name(path.name + ".prev"), path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def stage_write_back(path: Path, data: dict[str, Any]) -> Path:
@@ -1166,8 +1210,7 @@ def stage_write_back(path: Path, data: dict[str, Any]) -> Path:
     order and layout wherever the data did not change (round-trip YAML): written (and
     fsynced) to a temp file beside it, the part of a write-back that a full disk fails, done
     before the change is applied, so a change that cannot be written is not applied either.
-    Returns the temp file; commit_write_back puts it in place (the previous file kept as
-    `<file>.prev`)."""
+    Returns the temp file; write_back puts it in place."""
     # Imported by the first change written back: the round-trip library costs a megabyte in a
     # daemon whose config nobody edits through the API.
     from ruamel.yaml import YAML
@@ -1318,8 +1361,9 @@ def daemon_files(data: Mapping[str, Any], config_path: Path | None) -> set[Path]
                 walk(item)
 
     walk(data)
-    if config_path is not None:
-        named.extend(str(config_path) + suffix for suffix in ("", ".prev", ".tmp"))
+    if config_path is not None:  # the write-back's files are beside the file a link names
+        for base in (config_path, config_path.resolve()):
+            named.extend(str(base) + suffix for suffix in ("", ".prev", ".tmp"))
     return {Path(name).resolve() for name in named if "\x00" not in name}
 
 

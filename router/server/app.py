@@ -18,9 +18,11 @@ from router.config import ServerConfig
 from router.deadletter import DeadLetters
 from router.intake.http import Ingest
 from router.journal import Journal
-from router.server.auth import Guard
+from router.server.api import error_body
+from router.server.auth import API_PREFIX, Guard
 from router.server.console import ConsolePage
 from router.server.letters import LetterEndpoints
+from router.server.listener import ClientFaultLog, json_answers
 from router.server.receipts import ReceiptEndpoint
 from router.server.redrive import Redrive
 from router.server.search import SearchEndpoint
@@ -51,14 +53,22 @@ def build_app(
     file_archives: Callable[[], Mapping[str, Path]],
     letters_dir: Path,
     api: Routes,
+    client_faults: ClientFaultLog,
     middlewares: Sequence[Middleware] = (),
 ) -> web.Application:
     """The application: ingest, tail, dead letters and redrive, archive search, status and
     metrics, receipts, management API, all behind the guard (authentication and refusals),
-    and the console page that calls them. `middlewares` run before the guard (the journal
-    owner's, when worker processes pass it the requests: router/server/workers.py)."""
+    and the console page that calls them. Every error is JSON, aiohttp's own answers too
+    (router/server/listener.py); `middlewares` run after that and before the guard (the
+    journal owner's, when worker processes pass it the requests: router/server/workers.py)."""
+    answers = json_answers(
+        max_body_bytes=server.max_body_bytes,
+        faults=client_faults,
+        shapes={API_PREFIX: error_body},
+    )
     app = web.Application(
-        client_max_size=server.max_body_bytes, middlewares=[*middlewares, guard.middleware]
+        client_max_size=server.max_body_bytes,
+        middlewares=[answers, *middlewares, guard.middleware],
     )
     app.router.add_post("/v1/events", ingest.handle)
     app.router.add_get("/v1/tail", tail.handle)

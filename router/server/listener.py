@@ -14,6 +14,19 @@ lines). `ClientFaultLog`, the logger aiohttp's handlers report to, makes each on
 instead, within the same rate limits as refused tokens (`auth.refusal_events`), and sums up
 what the limits held back in one line per `summary_interval_s`. Any other error keeps its
 ERROR and its traceback: that one is ours.
+
+Every error the daemon answers is JSON, `{"error": {"code", "message"}}` (the management API's
+own shape under /api/v2/), including the answers aiohttp makes by itself: a request it cannot
+parse (400 `malformed_request`), a handler that failed (500 `internal_error`, the traceback
+in the log only) or timed out (504), an `Expect:` it does not know (417), which its protocol
+makes (`JsonErrorHandler`), and the HTTPExceptions its router and body reader raise: no
+route (404), a method the route does not take (405, its Allow header kept), a body past
+`server.max_body_bytes` (413), made JSON by the `json_answers` middleware. That middleware
+also refuses a body framed with a transfer coding other than `chunked` (`Transfer-Encoding:
+gzip, chunked`): aiohttp reads such a body as chunked and leaves the gzip on, so compressed
+bytes would be taken as the body. The daemon applies no transfer coding: a 400
+`unsupported_transfer_encoding` naming the header, before any handler (a body is compressed
+with Content-Encoding, where a route takes it).
 """
 
 from __future__ import annotations
@@ -21,11 +34,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from http import HTTPStatus
 from typing import Any, Final
 
+import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.typedefs import Handler, Middleware
+from aiohttp.web_protocol import RequestHandler
 
 from router.config import RefusalEventsConfig
 from router.server.auth import RateLimit
@@ -38,6 +55,13 @@ MAX_QUOTED_CHARS: Final = 200
 # Addresses named in a summary line, the busiest first.
 SUMMARY_ADDRESSES: Final = 5
 CLIENT_FAULTS: Final = (HttpProcessingError, ConnectionError)
+# The error codes of aiohttp's own answers that are not their status's phrase in snake case.
+CODES: Final = {400: "malformed_request", 413: "body_too_large", 500: "internal_error"}
+# Headers of an HTTPException that describe its plain-text body, not the answer.
+BODY_HEADERS: Final = frozenset({"content-type", "content-length", "content-encoding"})
+
+# An error answer's body from its status, code and message (the management API has its own).
+ErrorBody = Callable[[int, str, str], bytes]
 
 
 class ClientFaultLog(logging.LoggerAdapter[logging.Logger]):
@@ -91,13 +115,184 @@ class ClientFaultLog(logging.LoggerAdapter[logging.Logger]):
 def describe(error: BaseException) -> str:
     """A client fault in one short line: a status and what was wrong, whitespace folded."""
     if isinstance(error, HttpProcessingError):
-        # aiohttp's message may end with the offending line and a caret under the spot.
-        lines = [line for line in error.message.splitlines() if line.strip() not in ("", "^")]
-        text = f"{error.code} {' '.join(lines)}"
+        text = f"{error.code} {parse_problem(error)}"
     else:
         text = f"the client went away ({type(error).__name__}: {error})"
-    text = " ".join(text.split())
+    return quoted(text)
+
+
+def parse_problem(error: HttpProcessingError) -> str:
+    """What aiohttp's parser found wrong, on one line: its message may end with the offending
+    line and a caret under the spot."""
+    lines = [line for line in error.message.splitlines() if line.strip() not in ("", "^")]
+    return " ".join(" ".join(lines).split())
+
+
+def quoted(text: str) -> str:
+    """`text` cut to a length a log line or an answer may quote."""
     return text if len(text) <= MAX_QUOTED_CHARS else text[: MAX_QUOTED_CHARS - 3] + "..."
+
+
+def error_json(status: int, code: str, message: str) -> bytes:
+    """The daemon's error body (router/intake/http.py's `error_response` writes the same)."""
+    return orjson.dumps({"error": {"code": code, "message": message}})
+
+
+def code_for(status: int) -> str:
+    """The error code of an answer aiohttp made: `method_not_allowed` for a 405."""
+    if status in CODES:
+        return CODES[status]
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        return f"http_{status}"
+    return "_".join(phrase.lower().replace("-", " ").split())
+
+
+def json_answers(
+    *,
+    max_body_bytes: int,
+    faults: ClientFaultLog,
+    shapes: Mapping[str, ErrorBody] | None = None,
+) -> Middleware:
+    """The first middleware of an app: refuses a transfer coding other than chunked, and
+    turns the HTTPExceptions aiohttp raises (404, 405, 413, ...) into the daemon's JSON error
+    body, with their status and headers (Allow). `shapes` maps a path prefix to the error
+    body of the routes under it (the management API's); the rest get `error_json`."""
+    prefixes = dict(shapes or {})
+
+    def answer(
+        request: web.Request,
+        status: int,
+        code: str,
+        message: str,
+        headers: Mapping[str, str] | None = None,
+    ) -> web.Response:
+        body = next(
+            (shape for prefix, shape in prefixes.items() if request.path.startswith(prefix)),
+            error_json,
+        )
+        return web.Response(
+            body=body(status, code, message),
+            status=status,
+            content_type="application/json",
+            headers=headers,
+        )
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        codings = request.headers.getall("Transfer-Encoding", [])
+        if codings and [c.strip().lower() for c in ",".join(codings).split(",")] != ["chunked"]:
+            sent = quoted(", ".join(codings))
+            faults.refused(
+                request.remote or "an unknown address", f"400 Transfer-Encoding {sent!r}"
+            )
+            response = answer(
+                request,
+                400,
+                "unsupported_transfer_encoding",
+                f"Transfer-Encoding {sent!r} is not supported: send the body as it is "
+                "(Content-Length) or with Transfer-Encoding: chunked alone; compress it with "
+                "Content-Encoding: gzip where the route takes that (POST /v1/events)",
+            )
+            response.force_close()  # the body was never read, nor could it be
+            return response
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            headers = {k: v for k, v in exc.headers.items() if k.lower() not in BODY_HEADERS}
+            response = answer(
+                request,
+                exc.status,
+                code_for(exc.status),
+                _exception_message(request, exc, max_body_bytes),
+                headers,
+            )
+            if exc.status == 413:
+                response.force_close()  # the rest of the body was never read
+            return response
+
+    return middleware
+
+
+def _exception_message(request: web.Request, exc: web.HTTPException, max_body_bytes: int) -> str:
+    path = quoted(request.path)
+    if exc.status == 404:
+        return f"no route {request.method} {path}"
+    if exc.status == 405:
+        allowed = exc.headers.get("Allow", "")
+        return f"{request.method} is not allowed on {path}; it takes {allowed or 'no method'}"
+    if exc.status == 413:
+        return f"the body is larger than server.max_body_bytes ({max_body_bytes} bytes)"
+    return exception_text(exc)
+
+
+def exception_text(exc: web.HTTPException) -> str:
+    """What an HTTPException says: its text, unless that is only its status line."""
+    default = f"{exc.status}: {exc.reason}"
+    return quoted(exc.text) if exc.text and exc.text != default else str(exc.reason)
+
+
+def _description(status: int) -> str:
+    try:
+        return HTTPStatus(status).description
+    except ValueError:
+        return f"HTTP status {status}"
+
+
+class JsonErrorHandler(RequestHandler):
+    """aiohttp's protocol, answering its own errors in the daemon's JSON: a request it cannot
+    parse, a handler that raised or timed out, an HTTPException raised outside the middleware
+    (the `Expect:` handler's 417). aiohttp makes these answers in its protocol, past every
+    middleware, and offers no hook for their body."""
+
+    __slots__ = ()  # the layout of aiohttp's class, so that an instance can take this class
+
+    async def finish_response(
+        self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        if isinstance(resp, web.HTTPException) and resp.status >= 400:
+            headers = {k: v for k, v in resp.headers.items() if k.lower() not in BODY_HEADERS}
+            resp = web.Response(
+                body=error_json(resp.status, code_for(resp.status), exception_text(resp)),
+                status=resp.status,
+                content_type="application/json",
+                headers=headers,
+            )
+        return await super().finish_response(request, resp, start_time)
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        # aiohttp's own logs the error (to ClientFaultLog) and refuses once an answer started.
+        super().handle_error(request, status, exc, message)
+        if isinstance(exc, HttpProcessingError):
+            why = quoted(parse_problem(exc))
+        elif status == 500:
+            why = "the daemon failed to answer this request; the error is in its log"
+        else:  # 504: a handler ran out of time
+            why = _description(status)
+        response = web.Response(
+            body=error_json(status, code_for(status), why),
+            status=status,
+            content_type="application/json",
+        )
+        response.force_close()
+        return response
+
+
+def json_protocol_errors(protocol: RequestHandler) -> RequestHandler:
+    """The protocol aiohttp's server made, as a JsonErrorHandler. The server builds each
+    connection's protocol from arguments it keeps to itself, so the instance it made takes
+    the subclass (same slots, same state) rather than being built again."""
+    protocol.__class__ = JsonErrorHandler
+    return protocol
 
 
 # The connections open now, by transport: how a long-lived handler (the tail) learns at once
@@ -175,7 +370,7 @@ def deadline_protocol(
     assert server is not None
 
     def protocol() -> asyncio.Protocol:
-        return HeaderDeadline(server(), header_timeout_s)
+        return HeaderDeadline(json_protocol_errors(server()), header_timeout_s)
 
     return protocol
 

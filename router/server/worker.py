@@ -50,7 +50,7 @@ from router.observe.metrics import IngestStats
 from router.reload import checkers_for, redactor_for, validator_for
 from router.routing import RouteTable
 from router.server.auth import Caller, Guard, Refusals
-from router.server.listener import ClientFaultLog, DeadlineSite, on_close
+from router.server.listener import ClientFaultLog, DeadlineSite, json_answers, on_close
 from router.server.servertls import server_context
 
 log = logging.getLogger(__name__)
@@ -156,8 +156,9 @@ class OwnerProxy:
             await self._session.close()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        """The body goes on as it arrives (chunked): the owner reads it within its own limits,
+        and what it refuses (an API change past server.max_body_bytes) it also audits."""
         assert self._session is not None
-        body = await request.read()
         headers = CIMultiDict(
             (name, value)
             for name, value in request.headers.items()
@@ -170,7 +171,11 @@ class OwnerProxy:
         url = URL(f"http://owner{request.raw_path}", encoded=True)
         try:
             async with self._session.request(
-                request.method, url, headers=headers, data=body or None, allow_redirects=False
+                request.method,
+                url,
+                headers=headers,
+                data=request.content if request.body_exists else None,
+                allow_redirects=False,
             ) as upstream:
                 return await self._relay(request, upstream)
         except aiohttp.ClientConnectionError as exc:
@@ -255,9 +260,15 @@ class Worker:
             )
             self._proxy = proxy = OwnerProxy(setup.owner_socket)
             await proxy.start()
+            faults = ClientFaultLog(
+                config.auth.refusal_events if config.auth else RefusalEventsConfig()
+            )
+            # Errors in JSON and transfer codings refused here too: what the proxy passes on
+            # arrives at the owner plain, with its framing gone.
+            answers = json_answers(max_body_bytes=config.server.max_body_bytes, faults=faults)
             app = web.Application(
                 client_max_size=config.server.max_body_bytes,
-                middlewares=[_ingest_only(guard)],
+                middlewares=[answers, _ingest_only(guard)],
             )
             app.router.add_post(INGEST_PATH, ingest.handle)
             app.router.add_route("*", "/{path:.*}", proxy.handle)
@@ -271,9 +282,7 @@ class Worker:
                 max_line_size=server.max_header_bytes,
                 max_field_size=server.max_header_bytes,
                 keepalive_timeout=server.keepalive_timeout_s,
-                logger=ClientFaultLog(
-                    config.auth.refusal_events if config.auth else RefusalEventsConfig()
-                ),
+                logger=faults,
             )
             await self._runner.setup()
             site = DeadlineSite(

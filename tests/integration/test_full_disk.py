@@ -38,6 +38,7 @@ from tests.helpers import (
     settled,
     terminate,
 )
+from tests.integration.test_api import INGEST
 from tests.integration.test_api import Client as ApiClient
 from tests.integration.test_api import auth as api_auth
 
@@ -326,3 +327,143 @@ async def test_sigterm_with_the_storage_full_stops_cleanly(tmp_path: Path, tmpfs
         assert "alert store checkpoint at close failed" in err
     finally:
         await reap(proc)
+
+
+async def fill_the_journal(daemon: Daemon) -> None:
+    """Producers' events until the journal's file cannot grow: its write fails (503), and it
+    stays unhealthy until one succeeds. (A full disk alone may leave room in the WAL.)"""
+    for n in range(200):
+        status, answer = await post(
+            daemon,
+            [make_event(id=f"fill-{n}-{i}", message="x" * 2500) for i in range(20)],
+            headers={"Authorization": f"Bearer {INGEST}"},
+        )
+        if status == 503:
+            assert not daemon.journal.healthy
+            return
+        assert status == 202, answer
+    raise AssertionError("the journal never filled up")
+
+
+def audited(archive: Path, action: str, outcome: str) -> list[dict[str, Any]]:
+    return [
+        e
+        for e in read_ndjson(archive)
+        if e["action"] == f"event-router.{action}" and e["outcome"] == outcome
+    ]
+
+
+async def test_a_refused_change_on_a_full_storage_disk_is_audited_once_there_is_room(
+    tmp_path: Path, tmpfs: Mount, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The storage is full: a change is refused (503, its metadata cannot be written) and so
+    is its own audit event by the journal: it was only logged as an error, without the event,
+    and never journaled. Now the whole event goes to the log at once, is kept, counted in
+    /v1/status, and journaled (with the time of the refusal) as soon as the journal takes
+    writes again."""
+    var = tmpfs(tmp_path / "var", "1m")
+    path = tmp_path / "router.yaml"
+    archive = tmp_path / "archive.ndjson"
+    data = {
+        "server": {"host": "127.0.0.1", "port": 0},
+        "storage": {"path": str(var)},
+        "startup": {"validate_targets": False},
+        "auth": api_auth(),
+        "targets": [file_target("archive", archive)],
+        "routes": everything_to("archive"),
+    }
+    path.write_text(yaml.safe_dump(data))
+    daemon = Daemon(parse_config(data), ConfigSource(path, data))
+    await daemon.start()
+    try:
+        api = ApiClient(daemon)
+        filler = fill_up(var)
+        await fill_the_journal(daemon)
+        status, answer = await api.call("POST", "/api/v2/views", {"name": "v", "query": "x"})
+        assert status == 503, answer
+        assert daemon.status()["own_events"]["unrecorded"] == 1
+        logged = [
+            r.getMessage() for r in caplog.records if "kept to be journaled" in r.getMessage()
+        ]
+        assert len(logged) == 1 and "event-router.view.create" in logged[0], logged
+        assert "ops-alice" in logged[0], "the log line holds the whole event"
+        filler.unlink()
+        await wait_for(
+            lambda: len(audited(archive, "view.create", "failure")) == 1,
+            what="the refusal journaled once the disk has room",
+        )
+        assert daemon.status()["own_events"] == {"unrecorded": 0, "lost": 0}
+        assert_books_balance(daemon)
+    finally:
+        await daemon.stop()
+
+
+async def test_no_change_is_applied_while_the_journal_cannot_record_its_audit(
+    start_daemon: StartDaemon, tmp_path: Path, tmpfs: Mount
+) -> None:
+    """Without a config file no metadata is staged, so nothing stopped a change on a full
+    storage disk: it was applied (201) and its audit event lost. While the journal cannot
+    write (its last write failed), a change is refused before anything is applied, 503
+    journal_unavailable, as ingest is; both the refusal and, once there is room, the change
+    are audited."""
+    var = tmpfs(tmp_path / "var", "1m")
+    archive = tmp_path / "archive.ndjson"
+    daemon = await start_daemon(
+        {
+            "storage": {"path": str(var)},
+            "auth": api_auth(),
+            "targets": [file_target("archive", archive)],
+            "routes": everything_to("archive"),
+        }
+    )
+    api = ApiClient(daemon)
+    filler = fill_up(var)
+    await fill_the_journal(daemon)
+    status, answer = await api.call("POST", "/api/v2/views", {"name": "v", "query": "x"})
+    assert status == 503, answer
+    assert answer["errors"][0]["code"] == "journal_unavailable", answer
+    assert daemon.config.views == ()
+    filler.unlink()
+    await wait_for(lambda: daemon.journal.healthy, what="the journal to take writes again")
+    status, answer = await api.call("POST", "/api/v2/views", {"name": "v", "query": "x"})
+    assert status == 201, answer
+    await wait_for(
+        lambda: (
+            len(audited(archive, "view.create", "failure")) == 1
+            and len(audited(archive, "view.create", "success")) == 1
+        ),
+        what="the refusal and the change audited",
+    )
+    assert_books_balance(daemon)
+
+
+async def test_an_own_event_past_the_string_limit_is_cut_to_fit_and_blocks_no_change(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """An operator's server.max_string_chars below what a refused change's audit event quotes
+    (here the 400-character id it names) rejected the event: the refusal went unaudited (one
+    error line). It is journaled with its strings cut to fit. And only what the journal could
+    not take waits for it: a rejected event, kept, would hold every later change at 503."""
+    daemon = await start_daemon(
+        {
+            "server": {"host": "127.0.0.1", "port": 0, "max_string_chars": 256},
+            "auth": api_auth(),
+            "targets": [file_target("archive", tmp_path / "archive.ndjson")],
+            "routes": everything_to("archive"),
+        }
+    )
+    api = ApiClient(daemon)
+    status, answer = await api.call("DELETE", "/api/v2/targets/" + "x" * 400)
+    assert status == 404, answer  # its audit event names the 400-character id
+    for name in ("first", "second"):
+        status, answer = await api.call("POST", "/api/v2/views", {"name": name, "query": "x"})
+        assert status == 201, answer
+    # The refusal is on the record, its long strings cut to the operator's limit.
+    await wait_for(
+        lambda: any(
+            e["action"] == "event-router.target.delete" and e["outcome"] == "failure"
+            for e in read_ndjson(tmp_path / "archive.ndjson")
+        ),
+        what="the refusal audited",
+    )
+    assert daemon.status()["own_events"] == {"unrecorded": 0, "lost": 0}

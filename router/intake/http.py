@@ -290,8 +290,7 @@ def _encoded(item: Any) -> bytes | None:
     past orjson's depth), whatever the item."""
     if isinstance(item, dict):
         return memoryview(orjson.dumps(item)).tobytes()
-    if isinstance(item, list):
-        orjson.dumps(item)  # not an event, yet its numbers still decide its answer
+    orjson.dumps(item)  # not an event (a list, a number), yet its numbers decide its answer
     return None
 
 

@@ -330,6 +330,8 @@ def made_bytes(items: list[Any]) -> Iterator[tuple[Any, bytes]]:
 @example(body=b'{"a":' * 1010 + b"1" + b"}" * 1010, content_type=JSON)
 @example(body=b"[" * 300 + b"]" * 300, content_type=NDJSON)
 @example(body=b'"\\ud800"', content_type=JSON)
+@example(body=b"[90000000000000000000]", content_type=JSON)  # an item that is a number
+@example(body=b"90000000000000000000", content_type=NDJSON)
 @example(body=b"\xef\xbb\xbf{}", content_type=JSON)
 @example(body=b"\n \n\r\n", content_type=NDJSON)
 def test_decode_answers_every_body_as_the_exact_path_does(

@@ -102,6 +102,9 @@ class Channel:
         self._waiting[call_id] = answer
         try:
             self._send(CALL, call_id, (op, args), data)
+            # From here the transport alone holds what was sent, until the other side has it:
+            # a caller that let its own copies go waits for the answer without them.
+            del args, data
             await self._writer.drain()
             return await answer
         finally:
@@ -216,9 +219,10 @@ def records(
     routed: Sequence[tuple[Event, Mapping[str, str]]],
 ) -> tuple[list[Record], list[bytes]]:
     """What the owner needs of routed events, and their bytes (the journal stores bytes, never
-    the body), sent as the call's data."""
+    the body), sent as the call's data. The bytes are taken from the events (Event.hand_over):
+    once sent, the owner has them and the worker, waiting for the durable answer, does not."""
     handed = [(event.id, event.received_at, targets) for event, targets in routed]
-    return handed, [event.encoded() for event, _ in routed]
+    return handed, [event.hand_over() for event, _ in routed]
 
 
 def events(
@@ -236,6 +240,10 @@ class HandoffJournal:
     returns once they are durable there (JournalFullError and JournalUnavailableError come
     back as themselves); delivery never runs in a worker, so the rest is empty."""
 
+    # The owner answers journal_full only once it has shed (storage.when_full) and tried again:
+    # the Acceptor asks this journal once (Acceptor._append).
+    MAKES_ROOM_ITSELF: Final = True
+
     def __init__(self, channel: Channel) -> None:
         self.channel = channel
         # Events the owner answered durable: the owner counts what it journaled for this
@@ -243,14 +251,21 @@ class HandoffJournal:
         self.handed = 0
 
     async def append(self, routed: Sequence[tuple[Event, Mapping[str, str]]]) -> None:
+        """Hand the routed events' records to the owner and wait for its durable answer. The
+        events' bytes go with the call (records): the events keep only their ids, so a refused
+        offer cannot be offered again from them; the owner has shed and tried again before it
+        answers journal_full (MAKES_ROOM_ITSELF)."""
         handed, data = records([(event, targets) for event, targets in routed if targets])
-        if not handed:
+        count = len(handed)
+        if not count:
             return
+        call = self.channel.call("append", handed, data=data)
+        del handed, data  # the call holds them until they are sent, and no longer
         try:
-            await self.channel.call("append", handed, data=data)
+            await call
         except ChannelError as exc:
             raise JournalUnavailableError(f"the journal owner did not answer: {exc}") from exc
-        self.handed += len(handed)
+        self.handed += count
 
     async def next_batch(
         self,

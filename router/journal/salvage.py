@@ -42,6 +42,8 @@ WAL_MAGICS = (0x377F0682, 0x377F0683)
 WAL_HEADER_BYTES = 32
 WAL_FRAME_HEADER_BYTES = 24
 DEFAULT_PAGE_SIZE = 4096
+PAGE_SIZES = tuple(1 << n for n in range(9, 17))
+PTRMAP_PROBE = 8  # pointer-map entries read to tell a page size when the header is damaged
 TABLE_LEAF, INDEX_LEAF, INDEX_INTERIOR = 13, 10, 2
 PTRMAP_FREE = 2
 MAX_RECORD_BYTES = 1 << 30  # no journal record comes near; a larger length is garbage
@@ -176,7 +178,7 @@ class Pages(Mapping[int, bytes]):
 
     def __init__(self, db: bytes | mmap, wal: bytes) -> None:
         self.db = db
-        self.size = _page_size(db)
+        self.size = _page_size(db, wal)
         self.header = bytes(db[:100])
         self.count = len(db) // self.size  # a torn last page is dropped
         self.logged = _wal_pages(wal, self.size)
@@ -231,14 +233,43 @@ def _classify(kind: int, rowid: int | None, values: list[Value], whole: bool) ->
                 yield OwedRow(target, first, last, batch, route)
 
 
-def _page_size(db: bytes | mmap) -> int:
+def _page_size(db: bytes | mmap, wal: bytes) -> int:
+    """The file's page size: from its header; if the header is damaged, from the log's header,
+    then from where the first pointer-map page is (every journal since auto_vacuum has one at
+    page 2); else SQLite's default, the size of journals older than both."""
     header = bytes(db[:100])
     if header.startswith(MAGIC) and len(header) == 100:
         size = int.from_bytes(header[16:18], "big")
         size = 65536 if size == 1 else size
-        if size >= 512 and size & (size - 1) == 0:
+        if _a_page_size(size):
+            return size
+    if len(wal) >= WAL_HEADER_BYTES and int.from_bytes(wal[:4], "big") in WAL_MAGICS:
+        size = int.from_bytes(wal[8:12], "big")
+        if _a_page_size(size):
+            return size
+    for size in PAGE_SIZES:
+        if _looks_like_ptrmap(db, size):
             return size
     return DEFAULT_PAGE_SIZE
+
+
+def _a_page_size(size: int) -> bool:
+    return 512 <= size <= 65536 and size & (size - 1) == 0
+
+
+def _looks_like_ptrmap(db: bytes | mmap, size: int) -> bool:
+    """Whether page 2 at this page size reads as a pointer map: an entry (a type and a parent
+    page within the file) for each of the first pages after it. At a wrong size, that place
+    lies inside page 1's unused middle, all zeros, or inside some other page's bytes."""
+    count = len(db) // size
+    entries = min(PTRMAP_PROBE, count - 2)
+    if entries < 1:
+        return False
+    page = bytes(db[size : size + 5 * entries])
+    return all(
+        1 <= page[5 * i] <= 5 and int.from_bytes(page[5 * i + 1 : 5 * i + 5], "big") <= count
+        for i in range(entries)
+    )
 
 
 def _wal_pages(wal: bytes, page_size: int) -> dict[int, bytes]:

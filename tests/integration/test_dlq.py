@@ -132,7 +132,7 @@ async def test_a_redrive_the_journal_cannot_take_stops_with_the_reason_and_loses
     slow = await receiver_factory([503])
     daemon = await start_daemon(
         {
-            "storage": {"path": str(tmp_path / "var"), "max_bytes": 65536},
+            "storage": {"path": str(tmp_path / "var"), "max_bytes": 512 * 1024},
             "targets": [
                 http_target("siem", siem.url) | {"retry": {"max_attempts": 1}},
                 patient(http_target("slow", slow.url)),

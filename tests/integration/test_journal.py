@@ -25,7 +25,7 @@ from router.events import Event
 from router.journal import Entry
 from router.journal import sqlite as sqlite_journal
 from router.journal.salvage import frame, frame_offsets, record_at
-from router.journal.sqlite import FREE_PAGES_BEFORE_SHRINK, SqliteJournal
+from router.journal.sqlite import FREE_BYTES_BEFORE_SHRINK, SqliteJournal
 from router.observe.metrics import utc_iso
 from tests.conftest import StartDaemon
 from tests.fakes import ScriptedReceiver, make_event, read_ndjson, wait_for
@@ -50,9 +50,11 @@ ReceiverFactory = Callable[..., Awaitable[ScriptedReceiver]]
 
 def damage(path: Path) -> None:
     """Garbage over two pages in the middle of the file (the events b-tree lives there)."""
+    with sqlite3.connect(path) as db:
+        page_size = db.execute("PRAGMA page_size").fetchone()[0]
     with open(path, "r+b") as f:
-        f.seek(path.stat().st_size // 2)
-        f.write(b"\xff" * 8192)
+        f.seek(path.stat().st_size // 2 // page_size * page_size)
+        f.write(b"\xff" * 2 * page_size)
 
 
 def tamper_record(path: Path, seq: int, body: bytes) -> float:
@@ -162,7 +164,7 @@ async def test_a_full_journal_answers_503_then_resumes_when_the_target_drains(
     siem = await receiver_factory([503])
     daemon = await start_daemon(
         {
-            "storage": {"path": str(tmp_path / "var"), "max_bytes": 65536},
+            "storage": {"path": str(tmp_path / "var"), "max_bytes": 512 * 1024},
             "targets": [patient(http_target("siem", siem.url))],
             "routes": everything_to("siem"),
             "shutdown": {"drain_timeout_s": 0.2},
@@ -313,9 +315,9 @@ async def test_a_drained_backlog_gives_its_disk_space_back(
         free_pages = db.execute("PRAGMA freelist_count").fetchone()[0]
         page_size = db.execute("PRAGMA page_size").fetchone()[0]
     assert daemon.status()["journal"]["used_bytes"] < full // 10
-    # Without giving space back the whole backlog (over 6,000 pages) would stay on the freelist.
-    assert full // page_size > FREE_PAGES_BEFORE_SHRINK * 3 // 2
-    assert free_pages <= FREE_PAGES_BEFORE_SHRINK, "freed pages were returned to the file system"
+    # Without giving space back the whole backlog (over 20 MB) would stay on the freelist.
+    assert full > FREE_BYTES_BEFORE_SHRINK * 5 // 4
+    assert free_pages * page_size <= FREE_BYTES_BEFORE_SHRINK, "freed pages were given back"
 
 
 async def test_a_backlog_keeps_its_free_pages_for_the_next_commits_and_drained_gives_all_back(
@@ -326,8 +328,9 @@ async def test_a_backlog_keeps_its_free_pages_for_the_next_commits_and_drained_g
     of CPU per page, most of an ack, and the file grew back at once. Once the backlog has
     drained, the file is rebuilt to what it still holds. Every event is taken once, in order,
     and the books balance."""
-    monkeypatch.setattr(sqlite_journal, "FREE_PAGES_BEFORE_SHRINK", 64)
-    monkeypatch.setattr(sqlite_journal, "REBUILD_MAX_USED_PAGES", 48)
+    monkeypatch.setattr(sqlite_journal, "PAGE_BYTES", 4096)
+    monkeypatch.setattr(sqlite_journal, "FREE_BYTES_BEFORE_SHRINK", 64 * 4096)
+    monkeypatch.setattr(sqlite_journal, "REBUILD_MAX_USED_BYTES", 48 * 4096)
     journal = SqliteJournal(StorageConfig(path=str(tmp_path / "var"), fsync="never"), ["t"])
     await journal.open()
     stopping = asyncio.Event()

@@ -27,9 +27,12 @@ from router.journal.salvage import (
 from router.journal.sqlite import SCHEMA, SqliteJournal
 
 
-def journal(path: Path, bodies: list[bytes]) -> sqlite3.Connection:
+def journal(
+    path: Path, bodies: list[bytes], page_size: int = sqlite_journal.PAGE_BYTES
+) -> sqlite3.Connection:
     """A journal file made the way SqliteJournal makes it, holding `bodies` for target t."""
     db = sqlite3.connect(path, isolation_level=None)
+    db.execute(f"PRAGMA page_size={page_size}")
     db.execute("PRAGMA auto_vacuum=INCREMENTAL")
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA secure_delete=FAST")
@@ -122,6 +125,38 @@ def batched(path: Path, commits: list[list[dict[str, str]]], acks: dict[str, int
             await journal.close()
 
     asyncio.run(write())
+
+
+@pytest.mark.parametrize("page_size", [4096, 16384])  # journals made before and since 16 KiB
+def test_a_damaged_file_header_still_tells_the_page_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, page_size: int
+) -> None:
+    """The page size is in the file's first 100 bytes; with those destroyed, every page would
+    be read at the wrong offsets. It is found from the pointer map's place instead (and from
+    the log's header while a log is there), so every record still comes back."""
+    monkeypatch.setattr(sqlite_journal, "PAGE_BYTES", page_size)
+    path = tmp_path / "journal.db"
+    batched(path, [[{"a": "all"}] * 40, [{"a": "all"}] * 40], {})
+    data = bytearray(path.read_bytes())
+    assert int.from_bytes(data[16:18], "big") == page_size
+    data[:100] = bytes(100)
+    events = {r.seq: r for r in scan(bytes(data)) if isinstance(r, EventRow)}
+    assert sorted(events) == list(range(1, 81))
+    assert all(e.intact and e.event_id == f"e{e.seq - 1}" for e in events.values())
+
+
+def test_a_damaged_file_header_takes_the_page_size_from_the_log(tmp_path: Path) -> None:
+    path = tmp_path / "journal.db"
+    db = journal(path, [b'{"n": %d}' % i for i in range(50)], page_size=8192)
+    db.execute("PRAGMA wal_autocheckpoint=0")
+    db.execute("DELETE FROM events WHERE seq <= 10")  # only in the WAL
+    data = bytearray(path.read_bytes())
+    assert len(data) < 3 * 8192, "the pages are in the log only: no pointer map to look at"
+    data[:100] = bytes(100)
+    wal = path.with_name(path.name + "-wal").read_bytes()
+    db.close()
+    events = {r.seq for r in scan(bytes(data), wal) if isinstance(r, EventRow)}
+    assert 11 in events and 50 in events
 
 
 def test_a_batch_gives_each_record_and_the_runs_owed(tmp_path: Path) -> None:

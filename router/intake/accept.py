@@ -1,7 +1,8 @@
 """Accept events, from any way in: validate, redact, route and journal; an answer per event.
 
 `Acceptor.accept(items, caller)` takes decoded items (dicts, or the decoder's placeholders for
-a line that was not JSON or a number decoding would change) and returns an `Outcome`: each
+a line that was not JSON or a number decoding would change; `Decoded` when the decoder made
+each object's bytes already) and returns an `Outcome`: each
 item accepted or rejected with its problems, or the whole offer refused when the journal
 cannot take it (then none was accepted). It knows nothing of HTTP, so every way in uses it:
 POST /v1/events (router/intake/http.py), the router's own events (router/selfevent.py), and
@@ -65,6 +66,21 @@ class Altered:
 
     problems: list[Problem]
     id: str | None
+
+
+class Decoded(list[Any]):
+    """The items of one body as the decoder hands them, with each one's compact JSON where
+    the decoder has made it already (it encodes every object once to know that it can: an
+    integer outside the 64-bit range is kept exact by msgspec and refused by orjson's encoder),
+    so that `accept` does not make it again; None where `accept` makes it. Exact-size bytes,
+    not orjson's buffers (4 to 8 KiB each, whatever the event's size): a request's events are
+    all held here at once, up to server.max_events_per_request of them."""
+
+    __slots__ = ("encoded",)
+
+    def __init__(self, items: list[Any], encoded: list[bytes | None]) -> None:
+        super().__init__(items)
+        self.encoded = encoded
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,9 +200,13 @@ class Acceptor:
         routed: list[tuple[Event, Mapping[str, str]]] = []
         forbidden = 0
         received = len(items)
+        made = items.encoded if isinstance(items, Decoded) else None
         async with self._routing_turn():
             for index, item in enumerate(items):
-                encoded = _encode(item)
+                encoded = _made(made, index)
+                spare = encoded is None  # made here: orjson's own buffer (see _encode)
+                if spare:
+                    encoded = _encode(item)
                 reason, problems = self._problems(item, caller, own, encoded)
                 forbidden += reason == "forbidden"
                 if problems:
@@ -207,7 +227,7 @@ class Acceptor:
                 # the limits are the event's bytes, for the journal, the targets and the tail.
                 if self.redactor is not None and self.redactor.redact(item):
                     encoded = None
-                event = Event.from_body(item, encoded=encoded, spare=True)
+                event = Event.from_body(item, encoded=encoded, spare=spare)
                 decision = self.routes.match(event)
                 routed.append((event, decision.targets))
                 results.append({"index": index, "id": event.id, "status": "accepted"})
@@ -345,6 +365,15 @@ def _keep_bytes_only(items: list[Any], routed: Sequence[tuple[Event, Mapping[str
     for event, _ in routed:
         event.keep_bytes_only()
     items.clear()
+
+
+def _made(made: list[bytes | None] | None, index: int) -> bytes | None:
+    """The bytes the decoder made for item `index`, taken out of its list: the event keeps
+    them, or they go, so the request holds each event's bytes once."""
+    if made is None:
+        return None
+    encoded, made[index] = made[index], None
+    return encoded
 
 
 def _encode(item: Any) -> bytes | None:

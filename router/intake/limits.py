@@ -10,8 +10,13 @@ Numbers: orjson keeps integers from -2**63 to 2**64-1 exactly and reads every ot
 64-bit float, so 2**70 would be stored as 1.1805916207174113e+21, an audit field altered in
 transit. An event holding a number the float cannot hold as written (by value: 1.50 is stored
 as 1.5, the same number) is rejected with the number's path instead. Finding one needs the
-literal text, so only a body with a long number literal (or a three-digit exponent) is parsed
-a second time, by the standard library, keeping every number exact.
+literal text. The intake decodes with msgspec, which hands every literal with a fraction or an
+exponent to `held_float` and keeps every integer exact (an integer outside the 64-bit range
+then fails to encode, which the decoder checks), so a body without such a number is never
+scanned. A body holding one (`NumberAltered`) takes the exact path: orjson, then
+`may_alter_numbers`, whose scan sends a body with a long number literal (or a three-digit
+exponent) to `exact_numbers`, a second parse by the standard library keeping every number
+exact, and `number_problems` names each item's numbers that decoding would change.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from typing import Any, Final
 
 from router.intake.validation import Problem, json_pointer
@@ -40,6 +45,13 @@ for _char in b":,[":
     _CLASSES[_char] = ord(":")
 NUMBER_CLASSES: Final = bytes(_CLASSES)
 SUSPECT_NUMBER: Final = re.compile(rb": *-?0(?:0{15}|0*e-?000)")
+# A literal this short with neither e nor E has at most 15 significant digits and a magnitude
+# far inside the float's range: a 64-bit float holds it as written (DBL_DIG is 15).
+SHORT_FLOAT_CHARS: Final = 15
+
+
+class NumberAltered(ValueError):
+    """A number literal that a 64-bit float cannot hold as written (raised by `held_float`)."""
 
 
 def _fits(node: Any, depth: int, max_depth: int, max_chars: int) -> bool:
@@ -144,7 +156,7 @@ def exact_numbers(text: bytes) -> Any | None:
     """`text` parsed again with every number kept exact (int, Decimal); None if it does not
     parse that way (the caller's decoder has the last word on what is JSON)."""
     try:
-        return json.loads(text, parse_float=Decimal)
+        return json.loads(text, parse_float=exact_decimal)
     except ValueError:  # not JSON after all, or an integer with too many digits to convert
         return None
 
@@ -165,7 +177,7 @@ def number_problems(exact: Any) -> list[Problem]:
             problems.append(Problem(json_pointer(path), "integer outside the 64-bit range"))
         elif isinstance(node, Decimal):
             stored = float(node)
-            if not math.isfinite(stored) or Decimal(repr(stored)) != node:
+            if not holds(stored, node):
                 problems.append(
                     Problem(
                         json_pointer(path),
@@ -174,3 +186,36 @@ def number_problems(exact: Any) -> list[Problem]:
                     )
                 )
     return problems
+
+
+def holds(stored: float, exact: Decimal) -> bool:
+    """Is `stored` (a float) the number `exact` was written as, by value?"""
+    return math.isfinite(stored) and Decimal(repr(stored)) == exact
+
+
+def held_float(text: str) -> float:
+    """The float of a number literal with a fraction or an exponent (msgspec's float_hook), or
+    NumberAltered when a 64-bit float cannot hold it as written: its body then takes the exact
+    path, which names the number's path. A short literal is settled by its length alone."""
+    stored = float(text)
+    if len(text) <= SHORT_FLOAT_CHARS and "e" not in text and "E" not in text:
+        return stored
+    if not holds(stored, exact_decimal(text)):
+        raise NumberAltered(text)
+    return stored
+
+
+def exact_decimal(text: str) -> Decimal:
+    """The number a JSON literal with a fraction or an exponent is, exactly; past the exponents
+    a Decimal has (+-999,999,999,999,999,999, where Decimal() raises InvalidOperation), a
+    stand-in that a float holds exactly when the literal's is held: a zero of its sign for a
+    zero, else the smallest or largest Decimal of its sign (which a float stores as 0.0 or inf,
+    as it stores the literal)."""
+    try:
+        return Decimal(text)
+    except InvalidOperation:
+        mantissa, _, exponent = text.lower().partition("e")
+        sign = "-" if mantissa.startswith("-") else ""
+        if not mantissa.strip("-0."):
+            return Decimal(f"{sign}0")
+        return Decimal(f"{sign}1e{'-' if exponent.startswith('-') else ''}999999999999999999")

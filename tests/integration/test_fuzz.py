@@ -7,6 +7,7 @@ number of inputs tried is printed at the end (pytest -s)."""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -28,11 +29,18 @@ from schemathesis.checks import not_a_server_error
 from router.intake.validation import EventValidator
 from router.resources import schemas_dir
 from tests.fakes import make_event, read_ndjson
+from tests.unit.test_decode import bodies as hostile_bodies
 
 SCHEMATHESIS_EXAMPLES = 100  # per operation, at most
 BODY_EXAMPLES = 150
+HOSTILE_EXAMPLES = 150
 API_EXAMPLES = 150
-TRIED: dict[str, int] = {"schemathesis": 0, "hypothesis_bodies": 0, "api_bodies": 0}
+TRIED: dict[str, int] = {
+    "schemathesis": 0,
+    "hypothesis_bodies": 0,
+    "hostile_bodies": 0,
+    "api_bodies": 0,
+}
 
 
 MAX_PEAK_RSS_MB = 300
@@ -180,6 +188,27 @@ def test_generated_bodies_get_no_server_error(
     response = requests.post(f"{served.url}/v1/events", data=body, headers=headers, timeout=30)
     assert response.status_code < 500, response.text
     assert response.status_code in (202, 400, 413, 415), response.text
+    assert served.process.poll() is None, "the daemon died"
+
+
+@settings(max_examples=HOSTILE_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    body=hostile_bodies,
+    content_type=st.sampled_from(["application/json", "application/x-ndjson"]),
+    compress=st.booleans(),
+)
+def test_hostile_json_gets_no_server_error(
+    served: Served, body: bytes, content_type: str, compress: bool
+) -> None:
+    """tests/unit/test_decode.py's bodies (duplicate keys, lone surrogates, NaN, 1e400, huge
+    integers, deep nesting, a BOM, invalid UTF-8, NDJSON with blank lines), over HTTP."""
+    TRIED["hostile_bodies"] += 1
+    headers = {"Content-Type": content_type, **bearer(INGEST_TOKEN)}
+    if compress:
+        body = gzip.compress(body)
+        headers["Content-Encoding"] = "gzip"
+    response = requests.post(f"{served.url}/v1/events", data=body, headers=headers, timeout=30)
+    assert response.status_code in (202, 400), response.text
     assert served.process.poll() is None, "the daemon died"
 
 
@@ -358,7 +387,8 @@ def test_every_accepted_event_passes_the_schema(served: Served) -> None:
     peak_mb = peak_rss_mb(served.process.pid)
     print(
         f"\nfuzz: {TRIED['schemathesis']} schemathesis cases, {TRIED['hypothesis_bodies']} "
-        f"generated bodies, {TRIED['api_bodies']} management API bodies; {accepted} events "
+        f"generated bodies, {TRIED['hostile_bodies']} hostile JSON bodies, "
+        f"{TRIED['api_bodies']} management API bodies; {accepted} events "
         f"accepted, {len(archived)} archived and re-validated; "
         f"daemon peak RSS {peak_mb:.0f} MB"
     )
@@ -366,4 +396,5 @@ def test_every_accepted_event_passes_the_schema(served: Served) -> None:
     # limited in number, so no input may grow the daemon far past its idle ~50 MB.
     assert peak_mb < MAX_PEAK_RSS_MB
     assert TRIED["schemathesis"] > 0 and TRIED["hypothesis_bodies"] >= BODY_EXAMPLES
+    assert TRIED["hostile_bodies"] >= HOSTILE_EXAMPLES
     assert TRIED["api_bodies"] >= API_EXAMPLES

@@ -133,6 +133,9 @@ def with_number(literal: bytes, **fields: Any) -> bytes:
         (b"0.1000000000000000055511151231257827", "a 64-bit float"),
         (b"12345678.123456789", "a 64-bit float"),
         (b"1e-400", "a 64-bit float"),
+        # An exponent past a Decimal's (which raised from the check: a 500).
+        (b"1e-99999999999999999999", "stored as 0.0"),
+        (b"-2.5E-1000000000000000000", "stored as -0.0"),
     ],
 )
 async def test_a_number_the_decoder_would_change_rejects_its_event_naming_the_path(
@@ -162,6 +165,7 @@ async def test_a_number_the_decoder_would_change_rejects_its_event_naming_the_pa
 async def test_numbers_a_64_bit_value_holds_are_kept_exactly(archive: tuple[Daemon, Path]) -> None:
     daemon, path = archive
     literals = [b"18446744073709551615", b"-9223372036854775808", b"0.1", b"1.5", b"1e300"]
+    literals.append(b"0e99999999999999999999")  # zero, whatever its exponent (was a 500)
     for n, literal in enumerate(literals):
         status, _ = await post(daemon, with_number(literal, id=f"n{n}"))
         assert status == 202
@@ -169,7 +173,7 @@ async def test_numbers_a_64_bit_value_holds_are_kept_exactly(archive: tuple[Daem
     lines = path.read_bytes().splitlines()
     assert b'"n":18446744073709551615}' in lines[0]
     assert b'"n":-9223372036854775808}' in lines[1]
-    assert [e["requestData"]["n"] for e in read_ndjson(path)[2:]] == [0.1, 1.5, 1e300]
+    assert [e["requestData"]["n"] for e in read_ndjson(path)[2:]] == [0.1, 1.5, 1e300, 0.0]
 
 
 async def test_gzip_body_is_inflated(archive: tuple[Daemon, Path]) -> None:

@@ -328,3 +328,108 @@ async def test_a_client_that_hangs_up_mid_body_is_a_warning_not_a_traceback(
     assert daemon.ingest.bodies.held_bytes == 0
     status, _ = await post(daemon, make_event())
     assert status == 202
+
+
+# -- hostile JSON: the decoder (msgspec first, orjson and the number scan behind it) answers
+# each with a 4xx naming what is wrong, never a 5xx; tests/unit/test_decode.py holds the two
+# decoders to the same answers on generated bodies.
+
+
+def with_value(literal: bytes, **fields: Any) -> bytes:
+    """An event whose requestData.n is `literal` exactly as written."""
+    event = orjson.dumps(make_event(requestData={"n": "LITERAL GOES HERE"}, **fields))
+    return event.replace(b'"LITERAL GOES HERE"', literal)
+
+
+def deep(depth: int) -> bytes:
+    return b'{"n":' * depth + b"1" + b"}" * depth
+
+
+NDJSON = "application/x-ndjson"
+HOSTILE = [
+    # (body, content type, status, the refusal's code or None, text in its message or the
+    # first event's first error)
+    (with_value(b"1e400"), "application/json", 400, "malformed_json", "line 1 column"),
+    (with_value(b"-1E+400"), NDJSON, 400, None, "line 1: invalid JSON at column"),
+    (with_value(b"1" + b"0" * 400), "application/json", 400, "malformed_json", "(byte "),
+    (with_value(b"NaN"), "application/json", 400, "malformed_json", "line 1 column"),
+    (with_value(b"-Infinity"), NDJSON, 400, None, "line 1: invalid JSON at column"),
+    (with_value(b'"\\ud800"'), "application/json", 400, "malformed_json", "surrogate"),
+    (with_value(b'"\\udc00\\ud800"'), NDJSON, 400, None, "surrogate"),
+    (with_value(b'"\xed\xa0\x80"'), "application/json", 400, "malformed_json", "invalid UTF-8"),
+    (with_value(b'"\xff"'), NDJSON, 400, None, "line 1: invalid UTF-8 at column"),
+    (b"\xef\xbb\xbf" + with_value(b"1"), "application/json", 400, "malformed_json", "(BOM)"),
+    (with_value(b"1") + b"\x0c", "application/json", 400, "malformed_json", "after document"),
+    (with_value(b"2" + b"0" * 30), "application/json", 400, None, "64-bit range"),
+    (with_value(b"12345678.123456789"), NDJSON, 400, None, "a 64-bit float cannot hold"),
+    (with_value(deep(1010)), "application/json", 400, None, "deeper than server.max_depth"),
+    (with_value(deep(1030)), "application/json", 400, "malformed_json", "depth limit"),
+    (
+        b"[" + with_value(b"1") + b"," + b"[" * 1100 + b"]" * 1100 + b"]",
+        "application/json",
+        400,
+        "malformed_json",
+        "depth limit",
+    ),
+    (b"\n \r\n\t\n", NDJSON, 400, "no_events", "no event"),
+]
+
+
+@pytest.mark.parametrize(("body", "content_type", "status", "code", "text"), HOSTILE)
+async def test_hostile_json_is_a_4xx_that_says_why(
+    limited: Daemon, body: bytes, content_type: str, status: int, code: str | None, text: str
+) -> None:
+    answer_status, answer = await post(limited, body, content_type=content_type)
+    assert answer_status == status, answer
+    if code is not None:
+        assert answer["error"]["code"] == code
+        assert text in answer["error"]["message"], answer
+    else:
+        assert text in answer["results"][0]["errors"][0]["message"], answer
+    assert limited.ingest_stats.accepted == 0
+
+
+async def test_hostile_json_that_is_valid_is_kept_as_written(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """Duplicate keys (the last one counts, as in every JSON decoder Python has), -0 and -0.0,
+    integers at the 64-bit edges, floats a double holds, zeros with any exponent, escapes, and
+    NDJSON with blank lines and CRLF: all accepted, and archived as orjson writes them."""
+    daemon = await start_daemon(everything_to_archive(tmp_path))
+    dup = orjson.dumps(make_event(id="first"))[:-1] + b',"id":"last"}'
+    lines = [
+        dup,
+        with_value(b"-0", id="minus-zero"),
+        with_value(b"-0.0", id="minus-zero-float"),
+        with_value(b"18446744073709551615", id="max-u64"),
+        with_value(b"-9223372036854775808", id="min-i64"),
+        with_value(b"0.30000000000000004", id="long-float"),
+        with_value(b"0e99999999999999999999", id="zero-exponent"),
+        with_value(b'"\\ud83d\\ude00\\u0000"', id="escapes"),
+    ]
+    body = b"\r\n\n".join(lines) + b"\n\n \n"
+    status, answer = await post(daemon, body, content_type=NDJSON)
+    assert (status, answer["accepted"]) == (202, len(lines)), answer
+    archive = tmp_path / "archive.ndjson"
+    await wait_for(lambda: archive.exists() and len(archive.read_bytes().splitlines()) == 8)
+    archived = archive.read_bytes().splitlines()
+    assert [orjson.loads(line)["id"] for line in archived] == [
+        "last",
+        "minus-zero",
+        "minus-zero-float",
+        "max-u64",
+        "min-i64",
+        "long-float",
+        "zero-exponent",
+        "escapes",
+    ]
+    numbers = [line.split(b'"requestData":{"n":')[1].split(b"}")[0] for line in archived[1:]]
+    assert numbers == [
+        b"0",
+        b"-0.0",
+        b"18446744073709551615",
+        b"-9223372036854775808",
+        b"0.30000000000000004",
+        b"0.0",
+        orjson.dumps("\U0001f600\x00"),
+    ]

@@ -125,12 +125,16 @@ BATCH_BYTES = 1 << 16
 # Events of the layout before batches moved into one batch row (and one transaction) at a time.
 MIGRATE_CHUNK = 1000
 RETIRE_CHUNK = 1000
-# The page size of a new journal. A batch row's bodies (BATCH_BYTES) overflow into a chain of
-# pages, each written to the WAL with its own frame header and checksum and copied again at the
-# checkpoint: 16 KiB pages chain a quarter as many as SQLite's default 4 KiB (bench.journal_owner:
-# the journal thread's CPU per 1 KB event 8.7 -> ~6 us). An existing journal keeps its own size
-# (WAL mode cannot change it); every figure below is in bytes so that either works.
-PAGE_BYTES = 16384
+# The page size of a new journal: SQLite's default. Larger pages pay for batches and cost
+# single events: a batch row's bodies (BATCH_BYTES)
+# overflow into a chain of pages, each its own WAL frame, so 16 KiB pages cut the journal
+# thread's CPU per batched event by ~2-3 us (bench.journal_owner 11.0-11.3 -> 7.7-8.7); but
+# every small commit writes whole pages, ~3x the WAL bytes (55 -> 157 KB per insert and ack
+# of one event) at +20-35 % CPU, single events fell to 0.72x in bench.compare, and the owner's
+# peak RSS rose ~5 MB (two workers' 1M backlog past 200 MB). An existing journal keeps the
+# size it was made with (WAL mode cannot change it), so every figure below is in bytes, and
+# salvage reads the size from the file.
+PAGE_BYTES = 4096
 # Free pages are given back to the file system (see _give_back_space) past
 # FREE_BYTES_BEFORE_SHRINK, once they are FREE_PER_USED times the pages in use: by rebuilding
 # the file while at most REBUILD_MAX_USED_BYTES are in use, else SHRINK_STEP_BYTES at a time.

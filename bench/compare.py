@@ -2,7 +2,8 @@
 against `event-router serve`, one after the other, with the ratios of the two.
 
 `python -m bench.compare [--seconds 15] [--warmup 3] [--threads 2] [--connections 50]
-[--scenarios single,batch100,routes30] [--workers 1,2] [--json PATH] [--short]`
+[--scenarios single,batch100,routes30] [--workers 1,2] [--baseline DIR [--baseline-workers N]]
+[--json PATH] [--short]`
 
 The floor is what any durable HTTP ingest must at least do: a bare aiohttp handler that reads
 the body, `json.loads` it, appends one line per event to a file and fsyncs it before answering
@@ -687,6 +688,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         evidence=args.evidence,
                         name="base",
                         checkout=args.baseline.absolute(),
+                        workers=args.baseline_workers,
                     )
                 )
             # Each run's files go once measured: a long run writes gigabytes.
@@ -759,6 +761,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="also run the router of this checkout (e.g. a worktree of main) as `base`, "
         "after this one's, for before/after figures from one invocation",
+    )
+    parser.add_argument(
+        "--baseline-workers",
+        type=int,
+        default=1,
+        help="server.workers of the baseline's router (default 1): 2 compares w2 before/after",
     )
     parser.add_argument("--short", action="store_true", help="1 s runs: a smoke test (CI)")
     parser.add_argument("--json", type=Path, help="also write the report as JSON here")

@@ -226,7 +226,8 @@ class Event:
     @property
     def body(self) -> dict[str, Any]:
         if self._body is None:
-            assert self._encoded is not None
+            if self._encoded is None:
+                raise RuntimeError(f"event {self.id} was handed over: its body is gone")
             self._body = orjson.loads(self._encoded)
         return self._body
 
@@ -269,6 +270,16 @@ class Event:
         if not self.corrupt:
             self.encoded()
             self._body = None
+
+    def hand_over(self) -> bytes:
+        """The event's bytes, let go here: a worker process hands them to the journal owner
+        and, while it waits for the owner's durable answer, keeps only the id and arrival
+        time (about 1 MB less per waiting 1,000-event request). Its body and bytes are gone
+        for good: asking for them afterwards is a bug, and raises."""
+        encoded = self.encoded()
+        self._body = self._encoded = None
+        self._facts = self._time = None
+        return encoded
 
     def __repr__(self) -> str:
         return f"Event(id={self.id!r})"

@@ -323,7 +323,12 @@ class Acceptor:
 
     async def _append(self, routed: list[tuple[Event, Mapping[str, str]]]) -> None:
         """Append; when the journal is full and the operator chose drop_oldest_per_target, make
-        room by dead-lettering the oldest events of the stuck target, then try again."""
+        room by dead-lettering the oldest events of the stuck target, then try again. A journal
+        that does so itself before it answers full (a worker process's HandoffJournal: the
+        owner's Acceptor sheds) is asked once: it took the events' bytes with it."""
+        if getattr(self.journal, "MAKES_ROOM_ITSELF", False):
+            await self.journal.append(routed)
+            return
         for _ in range(MAX_SHEDS_PER_REQUEST):
             try:
                 await self.journal.append(routed)

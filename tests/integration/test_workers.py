@@ -36,6 +36,7 @@ from router.deadletter import DeadLetters
 from router.events import Event
 from router.intake.accept import Acceptor
 from router.intake.handoff import Channel, HandoffJournal, events, records
+from router.journal import JournalFullError
 from router.observe.metrics import IngestStats
 from router.reload import validator_for
 from router.routing import RouteTable
@@ -1021,16 +1022,17 @@ async def test_a_killed_owners_socket_directory_is_removed_at_the_next_start(
         await reap(proc)
 
 
-def test_records_waiting_to_reach_the_owner_are_their_events_own_bytes() -> None:
+def test_records_waiting_to_reach_the_owner_are_held_once() -> None:
     """Records the owner has not read yet wait in the worker's transport (on uvloop, as
-    `serve` runs) as the events' own bytes, not as a second, pickled copy of them: a worker
-    holding a large request for a slow owner holds its events once. They arrive intact."""
+    `serve` runs) once: the events let their own bytes go as they are sent (joined into one
+    buffer, not also a pickled copy), so a worker holding a large request for a slow owner
+    holds its events' bytes once. They arrive intact."""
+    bodies = [make_event(id=f"event-{n:05d}") for n in range(4000)]
+    size = sum(len(orjson.dumps(body)) for body in bodies)
     expected = [
-        (f"event-{n:05d}", float(n), orjson.dumps(make_event(id=f"event-{n:05d}")), {"a": "r"})
-        for n in range(4000)
+        (body["id"], float(n), hashlib.sha256(orjson.dumps(body)).hexdigest(), {"a": "r"})
+        for n, body in enumerate(bodies)
     ]
-    routed = [(Event.stored(i, encoded, at), targets) for i, at, encoded, targets in expected]
-    size = sum(len(encoded) for _, _, encoded, _ in expected)
 
     async def hand_over() -> None:
         handed: list[Any] = []
@@ -1046,21 +1048,33 @@ def test_records_waiting_to_reach_the_owner_are_their_events_own_bytes() -> None
             tracemalloc.start()
             try:
                 before = tracemalloc.get_traced_memory()[0]
+                routed = [
+                    (Event.stored(i, orjson.dumps(body), at), targets)
+                    for body, (i, at, _, targets) in zip(bodies, expected, strict=True)
+                ]
+                made = tracemalloc.get_traced_memory()[0] - before
                 meta, data = records(routed)
                 call = asyncio.create_task(worker.call("append", meta, data=data))
+                del data
                 for _ in range(10):  # the frame is queued, then written as far as it goes
                     await asyncio.sleep(0)
                 waiting = tracemalloc.get_traced_memory()[0] - before
             finally:
                 tracemalloc.stop()
             assert not call.done(), "the owner has read nothing yet"
-            assert waiting < size // 4, f"{waiting} bytes held for {size} bytes of events"
+            assert made >= size, "the events' bytes are traced"
+            assert waiting < made + size // 4, f"{waiting} bytes held for {size} bytes of events"
             owner = await Channel.over(owner_side, {"append": append}, name="owner")
             owner.start()
             await asyncio.wait_for(call, 30)
-            got = [(e.id, e.received_at, e.encoded(), targets) for e, targets in handed]
+            got = [
+                (e.id, e.received_at, hashlib.sha256(e.encoded()).hexdigest(), targets)
+                for e, targets in handed
+            ]
             assert got == expected
         finally:
+            if owner is None:
+                owner_side.close()  # else the worker's close waits for a reader forever
             await worker.close()
             if owner is not None:
                 await owner.close()
@@ -1118,6 +1132,132 @@ async def test_a_workers_request_waiting_for_the_owner_keeps_only_its_events_byt
         assert [r["id"] for r in outcome.results[:5]] == [body["id"] for body in bodies]
         assert [orjson.loads(event.encoded()) for event, _ in handed] == bodies
         assert [targets for _, targets in handed] == [{"archive": "all"}] * 5
+    finally:
+        await worker.close()
+        await owner.close()
+
+
+def _acceptor_over(channel: Channel, tmp_path: Path) -> Acceptor:
+    """A worker's Acceptor as worker.py builds it, over a HandoffJournal on `channel`."""
+    config = parse_config(
+        {
+            "storage": {"path": str(tmp_path / "var")},
+            "targets": [helpers.file_target("archive", tmp_path / "archive.ndjson")],
+            "routes": helpers.everything_to("archive"),
+        }
+    )
+    return Acceptor(
+        server=config.server,
+        validator=validator_for(config),
+        routes=RouteTable(config.routes, config.settings.default_targets),
+        journal=HandoffJournal(channel),
+        stats=IngestStats(),
+        storage=config.storage,
+        dead_letters=DeadLetters(config.storage.dead_letter_dir()),
+    )
+
+
+async def test_a_workers_request_lets_its_events_bytes_go_once_the_owner_has_them(
+    tmp_path: Path,
+) -> None:
+    """The owner has an offer's records (it journals them): the worker, waiting for the durable
+    answer, no longer holds the events' bytes it made (about 1 MB per waiting 1,000-event
+    request before). Measured as the memory still allocated by router/events.py, where intake
+    makes an event's bytes, while the request waits. The answer and what the owner journals
+    are unchanged."""
+    digests: list[str] = []
+    answer = asyncio.Event()
+
+    async def append(records: list[Any], data: list[bytes]) -> None:
+        digests.extend(hashlib.sha256(blob).hexdigest() for blob in data)
+        del data[:]  # the owner's copies: journaled and let go here
+        await answer.wait()
+
+    owner_side, worker_side = socket.socketpair()
+    owner = await Channel.over(owner_side, {"append": append}, name="owner")
+    worker = await Channel.over(worker_side, {}, name="worker")
+    owner.start()
+    worker.start()
+    try:
+        acceptor = _acceptor_over(worker, tmp_path)
+        bodies = [make_event(requestData={"note": "x" * 2000}) for _ in range(300)]
+        size = sum(len(orjson.dumps(body)) for body in bodies)
+        tracemalloc.start(10)
+        try:
+            accepting = asyncio.create_task(acceptor.accept(list(bodies)))
+            await wait_for(lambda: len(digests) == len(bodies), what="the owner has the records")
+            gc.collect()
+            snapshot = tracemalloc.take_snapshot()
+        finally:
+            tracemalloc.stop()
+        made = snapshot.filter_traces([tracemalloc.Filter(True, "*/router/events.py")])
+        held = sum(stat.size for stat in made.statistics("filename"))
+        assert held < size // 10, f"{held} bytes still held for {size} bytes of events"
+        answer.set()
+        outcome = await accepting
+        assert outcome.accepted == len(bodies) and outcome.refusal is None
+        assert [r["id"] for r in outcome.results] == [body["id"] for body in bodies]
+        assert digests == [hashlib.sha256(orjson.dumps(body)).hexdigest() for body in bodies]
+    finally:
+        await worker.close()
+        await owner.close()
+
+
+async def test_a_worker_asks_the_owner_once_when_the_journal_is_full(tmp_path: Path) -> None:
+    """The owner answers journal_full only after it has shed (storage.when_full) and tried
+    again itself, so the worker refuses the offer at once: it does not send the records a
+    second time (it no longer holds their bytes once sent)."""
+    calls: list[int] = []
+
+    async def append(records: list[Any], data: list[bytes]) -> None:
+        calls.append(len(records))
+        raise JournalFullError("the journal holds storage.max_bytes")
+
+    owner_side, worker_side = socket.socketpair()
+    owner = await Channel.over(owner_side, {"append": append}, name="owner")
+    worker = await Channel.over(worker_side, {}, name="worker")
+    owner.start()
+    worker.start()
+    try:
+        acceptor = _acceptor_over(worker, tmp_path)
+        outcome = await acceptor.accept([make_event() for _ in range(3)])
+        assert outcome.refusal is not None and outcome.refusal.code == "journal_full"
+        assert outcome.accepted == 0 and acceptor.stats.journal_full == 1
+        assert calls == [3]
+    finally:
+        await worker.close()
+        await owner.close()
+
+
+async def test_a_calls_data_goes_out_as_one_buffer_however_many_events_it_holds() -> None:
+    """The transport writes a frame's events as one joined buffer: written as a thousand
+    buffers they cost the worker 0.7-1.4 us an event (uvloop walks each one), joined about
+    0.1 us. The blobs arrive as they were sent, each its own bytes."""
+    blobs = [orjson.dumps(make_event(id=f"event-{n:04d}")) for n in range(1000)]
+    got: list[list[bytes]] = []
+
+    async def append(meta: list[Any], data: list[bytes]) -> None:
+        got.append(data)
+
+    owner_side, worker_side = socket.socketpair()
+    owner = await Channel.over(owner_side, {"append": append}, name="owner")
+    worker = await Channel.over(worker_side, {}, name="worker")
+    written: list[int] = []
+    writelines = worker._writer.writelines
+
+    def counted(buffers: Any) -> None:
+        buffers = list(buffers)
+        written.append(len(buffers))
+        writelines(buffers)
+
+    worker._writer.writelines = counted  # type: ignore[method-assign]
+    owner.start()
+    worker.start()
+    try:
+        await worker.call("append", ["meta"], data=blobs)
+        assert written == [4], "header, payload, lengths, the blobs joined"
+        assert got == [blobs]
+        assert len({id(blob) for blob in got[0]}) == len(blobs)
     finally:
         await worker.close()
         await owner.close()

@@ -21,7 +21,7 @@ import socket
 import tempfile
 import time
 import tracemalloc
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -1090,13 +1090,6 @@ async def test_a_workers_request_waiting_for_the_owner_keeps_only_its_events_byt
     owner runs them on the bytes), so a request waiting for the owner's durable answer holds
     only its events' bytes: the parsed items (most of a large request's memory) are let go.
     The answer and what the owner journals are unchanged."""
-    config = parse_config(
-        {
-            "storage": {"path": str(tmp_path / "var")},
-            "targets": [helpers.file_target("archive", tmp_path / "archive.ndjson")],
-            "routes": helpers.everything_to("archive"),
-        }
-    )
     handed: list[Any] = []
     answer = asyncio.Event()
 
@@ -1104,21 +1097,8 @@ async def test_a_workers_request_waiting_for_the_owner_keeps_only_its_events_byt
         handed.extend(events(records, data))
         await answer.wait()
 
-    owner_side, worker_side = socket.socketpair()
-    owner = await Channel.over(owner_side, {"append": append}, name="owner")
-    worker = await Channel.over(worker_side, {}, name="worker")
-    owner.start()
-    worker.start()
-    try:
-        acceptor = Acceptor(
-            server=config.server,
-            validator=validator_for(config),
-            routes=RouteTable(config.routes, config.settings.default_targets),
-            journal=HandoffJournal(worker),
-            stats=IngestStats(),
-            storage=config.storage,
-            dead_letters=DeadLetters(config.storage.dead_letter_dir()),
-        )
+    async with channel_pair(append) as worker:
+        acceptor = _acceptor_over(worker, tmp_path)
         bodies = [make_event() for _ in range(5)]
         accepting = asyncio.create_task(acceptor.accept([*bodies, {"not": "an event"}]))
         await wait_for(lambda: len(handed) == 5, what="the records handed to the owner")
@@ -1132,6 +1112,19 @@ async def test_a_workers_request_waiting_for_the_owner_keeps_only_its_events_byt
         assert [r["id"] for r in outcome.results[:5]] == [body["id"] for body in bodies]
         assert [orjson.loads(event.encoded()) for event, _ in handed] == bodies
         assert [targets for _, targets in handed] == [{"archive": "all"}] * 5
+
+
+@contextlib.asynccontextmanager
+async def channel_pair(append: Any) -> AsyncIterator[Channel]:
+    """A worker's channel to an owner whose `append` is given, over a socket pair, both
+    started; closed when done."""
+    owner_side, worker_side = socket.socketpair()
+    owner = await Channel.over(owner_side, {"append": append}, name="owner")
+    worker = await Channel.over(worker_side, {}, name="worker")
+    owner.start()
+    worker.start()
+    try:
+        yield worker
     finally:
         await worker.close()
         await owner.close()
@@ -1173,12 +1166,7 @@ async def test_a_workers_request_lets_its_events_bytes_go_once_the_owner_has_the
         del data[:]  # the owner's copies: journaled and let go here
         await answer.wait()
 
-    owner_side, worker_side = socket.socketpair()
-    owner = await Channel.over(owner_side, {"append": append}, name="owner")
-    worker = await Channel.over(worker_side, {}, name="worker")
-    owner.start()
-    worker.start()
-    try:
+    async with channel_pair(append) as worker:
         acceptor = _acceptor_over(worker, tmp_path)
         bodies = [make_event(requestData={"note": "x" * 2000}) for _ in range(300)]
         size = sum(len(orjson.dumps(body)) for body in bodies)
@@ -1198,9 +1186,6 @@ async def test_a_workers_request_lets_its_events_bytes_go_once_the_owner_has_the
         assert outcome.accepted == len(bodies) and outcome.refusal is None
         assert [r["id"] for r in outcome.results] == [body["id"] for body in bodies]
         assert digests == [hashlib.sha256(orjson.dumps(body)).hexdigest() for body in bodies]
-    finally:
-        await worker.close()
-        await owner.close()
 
 
 async def test_a_worker_asks_the_owner_once_when_the_journal_is_full(tmp_path: Path) -> None:
@@ -1213,20 +1198,12 @@ async def test_a_worker_asks_the_owner_once_when_the_journal_is_full(tmp_path: P
         calls.append(len(records))
         raise JournalFullError("the journal holds storage.max_bytes")
 
-    owner_side, worker_side = socket.socketpair()
-    owner = await Channel.over(owner_side, {"append": append}, name="owner")
-    worker = await Channel.over(worker_side, {}, name="worker")
-    owner.start()
-    worker.start()
-    try:
+    async with channel_pair(append) as worker:
         acceptor = _acceptor_over(worker, tmp_path)
         outcome = await acceptor.accept([make_event() for _ in range(3)])
         assert outcome.refusal is not None and outcome.refusal.code == "journal_full"
         assert outcome.accepted == 0 and acceptor.stats.journal_full == 1
         assert calls == [3]
-    finally:
-        await worker.close()
-        await owner.close()
 
 
 async def test_a_calls_data_goes_out_as_one_buffer_however_many_events_it_holds() -> None:

@@ -132,6 +132,10 @@ class JetStreamConfig:
     tls: JetStreamTlsConfig | None = None
     # How long a publish waits for the stream's acknowledgement before ingest answers 503.
     publish_timeout_s: float = 10.0
+    # How long a starting router tries the servers before it gives up (exit 1, naming them;
+    # systemd's Restart= then tries again): long enough for NATS started beside it. Once
+    # connected, it reconnects for ever (the journal answers 503 while NATS is away).
+    start_timeout_s: float = 30.0
     # How long a fetched message stays with one router unacknowledged before JetStream gives
     # it to another (JetStream's own default). The router keeps what it holds (a long send, a
     # target's retries) with in-progress acks every quarter of it. Shorter brings a dead

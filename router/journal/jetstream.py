@@ -182,7 +182,10 @@ def tail_subject(config: JetStreamConfig) -> str:
 
 async def connect(config: JetStreamConfig, *, name: str = "event-router") -> Client:
     """A NATS connection as storage.jetstream says: its servers, credentials and TLS; it
-    reconnects for ever (the journal answers 503 while it is away)."""
+    reconnects for ever (the journal answers 503 while it is away). The first connection is
+    tried for `start_timeout_s`: nats-py, told to reconnect for ever, also tries a first
+    connection for ever, and a router started with no server to reach hung at start-up with
+    a warning every half second instead of saying why it cannot start."""
     options: dict[str, Any] = {
         "servers": list(config.servers),
         "name": name,
@@ -207,11 +210,17 @@ async def connect(config: JetStreamConfig, *, name: str = "event-router") -> Cli
         log.warning("nats: %s", exc)
 
     options["error_cb"] = quiet
+    servers = ", ".join(config.servers)
     try:
-        return await nats.connect(**options)
-    except (nats.errors.Error, OSError, TimeoutError) as exc:
+        return await asyncio.wait_for(nats.connect(**options), config.start_timeout_s)
+    except TimeoutError as exc:
         raise StorageUnavailableError(
-            f"storage.jetstream.servers: cannot connect to {', '.join(config.servers)}: {exc}"
+            f"storage.jetstream.servers: none of {servers} answered in "
+            f"storage.jetstream.start_timeout_s ({config.start_timeout_s:g} s)"
+        ) from exc
+    except (nats.errors.Error, OSError) as exc:
+        raise StorageUnavailableError(
+            f"storage.jetstream.servers: cannot connect to {servers}: {exc}"
         ) from exc
 
 

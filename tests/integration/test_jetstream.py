@@ -43,11 +43,13 @@ from tests.helpers import (
     assert_books_balance,
     everything_to,
     file_target,
+    free_port,
     http_target,
     post,
     ready,
     run_cli,
     settled,
+    spawn,
 )
 from tests.peers.nats import NatsServer
 
@@ -110,6 +112,39 @@ def event(**fields: Any) -> dict[str, Any]:
 def books_of(daemon: Daemon, target_id: str) -> tuple[int, int, int, int]:
     row = daemon.status()["targets"][target_id]
     return row["received"], row["delivered"], row["dead_lettered"], row["pending"]
+
+
+async def test_a_router_started_with_no_nats_server_to_reach_says_so_and_exits(
+    tmp_path: Path,
+) -> None:
+    """nats-py, told to reconnect for ever, also tries its first connection for ever: serve
+    hung at start-up, a warning every half second, never saying it could not start. It now
+    gives up after storage.jetstream.start_timeout_s, exit 1, naming the servers."""
+    url = f"nats://127.0.0.1:{free_port()}"  # nobody listens there
+    config = tmp_path / "router.yaml"
+    storage = {"path": str(tmp_path / "var"), **jetstream([url], "T0", start_timeout_s=1)}
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "server": {"host": "127.0.0.1", "port": free_port()},
+                "storage": storage,
+                "evidence": {"enabled": False},
+                "targets": [file_target("archive", tmp_path / "archive.ndjson")],
+                "routes": everything_to("archive"),
+            }
+        ),
+        encoding="utf-8",
+    )
+    proc = await spawn(config, stderr=asyncio.subprocess.PIPE)
+    try:
+        _, stderr = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:  # still trying: the defect
+            proc.kill()
+            await proc.wait()
+    err = stderr.decode()
+    assert proc.returncode == 1, err
+    assert "cannot start" in err and url in err and "start_timeout_s (1 s)" in err, err
 
 
 async def test_events_reach_the_file_target_and_the_books_come_from_the_stream(

@@ -159,6 +159,11 @@ def exact_numbers(text: bytes) -> Any | None:
         return json.loads(text, parse_float=exact_decimal)
     except ValueError:  # not JSON after all, or an integer with too many digits to convert
         return None
+    except RecursionError:
+        # The standard library recurses per level: an item nested about 900 deep (orjson
+        # takes 1,024) ran out of stack here, a 500. Such an item is far past server.max_depth
+        # (at most 256: schemas/config.schema.json), so the shape limits refuse it.
+        return None
 
 
 def number_problems(exact: Any) -> list[Problem]:

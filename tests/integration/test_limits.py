@@ -363,6 +363,21 @@ HOSTILE = [
     (with_value(b"2" + b"0" * 30), "application/json", 400, None, "64-bit range"),
     (with_value(b"12345678.123456789"), NDJSON, 400, None, "a 64-bit float cannot hold"),
     (with_value(deep(1010)), "application/json", 400, None, "deeper than server.max_depth"),
+    # A number the scan suspects, about 1,000 levels down: the exact parse ran out of stack (500).
+    (
+        deep(1000).replace(b"1}", b"0.1000000000000000055511151231257827}", 1),
+        NDJSON,
+        400,
+        None,
+        "deeper",
+    ),
+    (
+        deep(1000).replace(b"1}", b"0.1000000000000000055511151231257827}", 1),
+        "application/json",
+        400,
+        None,
+        "deeper than server.max_depth",
+    ),
     (with_value(deep(1030)), "application/json", 400, "malformed_json", "depth limit"),
     (
         b"[" + with_value(b"1") + b"," + b"[" * 1100 + b"]" * 1100 + b"]",

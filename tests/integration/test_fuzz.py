@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -105,9 +106,15 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
             url = message.split(" ready on ")[1].split()[0]
             break
     assert url, "the daemon did not start"
+    # Drained while the tests run: a pipe nobody reads fills (64 KiB, a dozen tracebacks) and
+    # then blocks the daemon's next log line, which turned one 500 into every later request
+    # timing out.
+    logged: list[bytes] = []
+    drain = threading.Thread(target=logged.extend, args=(process.stderr,), daemon=True)
+    drain.start()
     yield Served(process, url, archive)
     process.send_signal(signal.SIGTERM)
-    process.stderr.read()
+    drain.join(timeout=30)
     process.stderr.close()
     assert process.wait(timeout=30) == 0
 

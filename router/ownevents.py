@@ -1,6 +1,7 @@
-"""The router's own events (audit of API changes and reloads, refused logins, alerts) on their
-way to the journal: kept while the journal cannot take them (a full disk), journaled in order
-once it can, so an audit record is late rather than lost while the daemon runs."""
+"""The router's own events (audit of API changes and reloads, refused logins, chain notices) on
+their way to the journal: kept while the journal cannot take them (a full disk), journaled in
+order once it can, so an audit record is late rather than lost while the daemon runs. Alert
+events do not come here: they have a durable outbox of their own (router/alerts/watch.py)."""
 
 from __future__ import annotations
 
@@ -34,15 +35,16 @@ MIN_CLIPPED_CHARS: Final = 16
 
 
 class OwnEvents:
-    """The router's own events (audit of API changes and reloads, refused logins) on their
-    way to the journal. One the journal cannot take (storage.path full or failing) is not
-    dropped with an error line: it is logged whole at once, kept, and journaled, in order and
-    with its own eventTime, as soon as the journal takes writes again, so an audit record is
-    late, never lost while the daemon runs. Past MAX_KEPT_OWN_EVENTS an event is counted as
-    lost, its log line its only record; so are those still kept when the daemon stops. One
-    the acceptor rejects (its strings past the operator's server.max_string_chars, a bug) is
-    tried once more with its strings cut to fit, else lost the same way: waiting cannot help
-    it, and kept it would hold every later one back."""
+    """The router's own events (audit of API changes and reloads, refused logins, chain
+    notices) on their way to the journal. One the journal cannot take (storage.path full or
+    failing) is not dropped with an error line: it is logged whole at once, kept, and
+    journaled, in order and with its own eventTime, as soon as the journal takes writes
+    again, so an audit record is late, never lost while the daemon runs. Past
+    MAX_KEPT_OWN_EVENTS an event is counted as lost, its log line its only record; so are
+    those still kept when the daemon stops. One the acceptor rejects (its strings past the
+    operator's server.max_string_chars, a bug) is tried once more with its strings cut to
+    fit, else lost the same way: waiting cannot help it, and kept it would hold every later
+    one back."""
 
     def __init__(
         self,

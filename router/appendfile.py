@@ -125,14 +125,26 @@ def replace_with_staged(path: Path, temp: Path, *, keep_previous: bool = False) 
     """The second half of replace_atomically: the staged temp file renamed over `path`.
     Whether there was a file at `path` (with `keep_previous`, now `<path>.prev`). A rename
     that fails leaves `path` as it was (the previous file renamed back) and raises."""
-    previous = path.with_name(path.name + ".prev")
     existed = path.exists()
     if keep_previous and existed:
-        os.replace(path, previous)
+        os.replace(path, _previous(path))
     try:
         os.replace(temp, path)
     except BaseException:
-        if keep_previous and existed:
-            os.replace(previous, path)
+        if keep_previous:
+            restore_previous(path, existed)
         raise
     return existed
+
+
+def restore_previous(path: Path, existed: bool) -> None:
+    """Undo replace_with_staged(keep_previous=True), given what it returned: `<path>.prev`
+    back in place, or no file where there was none."""
+    if existed:
+        os.replace(_previous(path), path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _previous(path: Path) -> Path:
+    return path.with_name(path.name + ".prev")

@@ -23,7 +23,6 @@ import copy
 import dataclasses
 import io
 import logging
-import os
 import re
 import time
 import uuid
@@ -35,7 +34,12 @@ from typing import Any, Protocol
 import orjson
 from aiohttp import web
 
-from router.appendfile import replace_atomically, replace_with_staged, write_staged
+from router.appendfile import (
+    replace_atomically,
+    replace_with_staged,
+    restore_previous,
+    write_staged,
+)
 from router.config import (
     API_METADATA_FILE,
     Config,
@@ -1198,11 +1202,7 @@ def write_back(path: Path, data: dict[str, Any]) -> bool:
 def undo_write_back(path: Path, existed: bool) -> None:
     """Put back the config file `write_back` replaced, for a change refused as it was
     applied (the `.prev` of the change before goes: it is the file again)."""
-    path = path.resolve()
-    if existed:
-        os.replace(path.with_name(path.name + ".prev"), path)
-    else:
-        path.unlink(missing_ok=True)
+    restore_previous(path.resolve(), existed)
 
 
 def stage_write_back(path: Path, data: dict[str, Any]) -> Path:

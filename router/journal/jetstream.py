@@ -72,7 +72,7 @@ from collections.abc import (
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import nats
 import nats.errors
@@ -366,6 +366,8 @@ class _Target:
 class JetStreamJournal:
     """The journal over JetStream. `open()` connects and sets up the streams and consumers;
     `close()` hands back what this router holds and disconnects."""
+
+    MAKES_ROOM_ITSELF: ClassVar[bool] = False  # the Acceptor sheds when this one is full
 
     def __init__(self, storage: StorageConfig, target_ids: Sequence[str]) -> None:
         self.config = storage

@@ -293,7 +293,7 @@ class Daemon:
         for target in self.targets.values():
             self._chain(target)
         for target_id in sorted(self.journal.orphans):
-            await self._retire(target_id)
+            await self._retire(target_id, orphan=True)
         self._orphan_watch = asyncio.create_task(self._retire_orphans(), name="retire-orphans")
         await self.guard.start()
         self.tail.start()
@@ -700,18 +700,21 @@ class Daemon:
 
     def _retire_soon(self, target_id: str) -> None:
         """The journal found rows for a target a reload just retired: retire them too."""
-        task = asyncio.create_task(self._retire(target_id), name=f"retire:{target_id}")
+        task = asyncio.create_task(
+            self._retire(target_id, orphan=True), name=f"retire:{target_id}"
+        )
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
 
-    async def _retire(self, target_id: str) -> None:
-        """A target gone from the config leaves its backlog as dead letters, not lost."""
+    async def _retire(self, target_id: str, *, orphan: bool = False) -> None:
+        """A target gone from the config leaves its backlog as dead letters, not lost (an
+        `orphan`'s, unless a reload added the target back meanwhile: see Journal.retire)."""
         failure = target_removed(target_id)
 
         async def dead_letter(entries: list[Entry]) -> None:
             await self.dead_letters.write(target_id, entries, failure)
 
-        count = await self.journal.retire(target_id, dead_letter)
+        count = await self.journal.retire(target_id, dead_letter, orphan=orphan)
         if count:
             log.warning(
                 "target %s was removed from the config: %s dead-lettered",

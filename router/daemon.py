@@ -107,8 +107,8 @@ class _Swaps:
         if daemon.worker_pool is not None:  # the workers route with it too before this returns
             await daemon.worker_pool.configure(new)
 
-    async def stop_worker(self, target_id: str) -> None:
-        await self.daemon._stop_worker(target_id)
+    async def stop_worker(self, target_id: str, *, drain: bool = True) -> None:
+        await self.daemon._stop_worker(target_id, drain=drain)
 
     async def retire(self, target_id: str) -> None:
         await self.daemon._retire(target_id)
@@ -478,12 +478,14 @@ class Daemon:
             worker.run(), name=f"deliver:{target_config.id}"
         )
 
-    async def _stop_worker(self, target_id: str) -> None:
-        """Let the target's worker deliver what it can within the drain timeout, then stop it
-        and close the target. Whatever it did not deliver stays in the journal."""
+    async def _stop_worker(self, target_id: str, *, drain: bool = True) -> None:
+        """Let the target's worker deliver what it can within the drain timeout (unless not
+        to `drain`), then stop it (an attempt under way finishes: DeliveryWorker._uncut) and
+        close the target. Whatever it did not deliver stays in the journal."""
         worker, task = self.workers.pop(target_id), self._tasks.pop(target_id)
         worker.stopping.set()
-        _, late = await asyncio.wait([task], timeout=self.config.shutdown.drain_timeout_s)
+        timeout = self.config.shutdown.drain_timeout_s if drain else 0
+        _, late = await asyncio.wait([task], timeout=timeout)
         for pending in late:
             pending.cancel()
         await asyncio.gather(task, return_exceptions=True)
@@ -700,9 +702,7 @@ class Daemon:
 
     def _retire_soon(self, target_id: str) -> None:
         """The journal found rows for a target a reload just retired: retire them too."""
-        task = asyncio.create_task(
-            self._retire(target_id, orphan=True), name=f"retire:{target_id}"
-        )
+        task = asyncio.create_task(self._retire(target_id, orphan=True), name=f"retire:{target_id}")
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
 

@@ -159,9 +159,7 @@ class DeliveryWorker:
         refused: dict[str, list[Entry]] = {}
         for entry in batch:
             reason = (
-                "journal_corrupt"
-                if entry.event.corrupt
-                else (self.target.unsendable(entry.event))
+                "journal_corrupt" if entry.event.corrupt else (self.target.unsendable(entry.event))
             )
             if reason is None:
                 sendable.append(entry)
@@ -179,12 +177,10 @@ class DeliveryWorker:
         timeout, a reload) does not cut it off: what the target took (or the dead-letter file)
         cannot be taken back, so a write cut off would leave its batch pending and a later
         worker would send it again (a changed target's, after a reload) or dead-letter it too
-        (a removed one's). It finishes (bounded by the target's own timeouts), its batch is
-        settled as usual, and the worker stops then; no retry nor other request of the batch
-        is started once cancelled."""
-        if self._cancelled:
-            work.close()
-            raise asyncio.CancelledError
+        (a removed one's). It finishes (bounded by the target's own timeouts), and so does
+        the rest of its batch (its other requests, its dead letters), each without a retry
+        (`_pause`): a batch that went out whole is settled as usual, and the worker stops
+        then; one that did not stays pending, to be sent again (at least once)."""
         running = asyncio.ensure_future(work)
         while not running.done():
             try:

@@ -849,7 +849,8 @@ class SqliteJournal:
         """Settle the batch. A caller cancelled meanwhile (a worker stopped at the drain
         timeout) does not cancel the settling: once the commit may happen, the cursor and the
         books in memory must follow it, or they would show the batch pending forever. Safe to
-        call again after it raised: a batch already settled is not counted twice."""
+        call again, after it raised or after it settled: a batch already settled is counted
+        once, in the database and in the books shown."""
         if not batch:
             return
         settling = asyncio.create_task(
@@ -881,7 +882,11 @@ class SqliteJournal:
             self._write_failed()
             raise
         self.healthy = True
-        target.cursor = max(target.cursor, last)
+        if last <= target.cursor:
+            # Settled before (the same seqs acked again): the commit changed nothing, and
+            # neither do the books shown, nor the batch its worker may hold now.
+            return
+        target.cursor = last
         target.in_flight_through = 0
         target.in_flight_since = float("inf")
         target.books.pending -= len(batch)

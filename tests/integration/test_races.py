@@ -17,7 +17,7 @@ import orjson
 import pytest
 import yaml
 
-from router.config import parse_config
+from router.config import StorageConfig, parse_config
 from router.daemon import Daemon
 from router.events import Event
 from router.evidence.keys import generate, load_public
@@ -422,3 +422,44 @@ async def test_a_chained_archive_restarted_by_reloads_under_load_verifies_with_n
     )
     assert report.ok, report.broken
     assert (report.events, report.resent, report.dead_letters) == (len(acked), 0, 0)
+
+
+async def test_an_ack_that_comes_twice_counts_once_in_the_books_it_shows(tmp_path: Path) -> None:
+    """The journal's books in memory (what /v1/status shows) follow its database: an ack of a
+    batch that was settled already (the same seqs again) moves neither."""
+    storage = StorageConfig(path=str(tmp_path / "var"), fsync="never")
+    journal = sqlite.SqliteJournal(storage, ["t"])
+    await journal.open()
+    try:
+        await journal.append(
+            [(Event.from_body(make_event(id=f"e{n}")), {"t": "all"}) for n in range(10)]
+        )
+        stopping = asyncio.Event()
+        take = {"max_events": 4, "max_bytes": 1 << 20, "max_wait_s": 0, "stopping": stopping}
+        first = await journal.next_batch("t", **take)
+        await journal.ack("t", first, dead_lettered=0)
+        second = await journal.next_batch("t", **take)
+        await journal.ack("t", second, dead_lettered=1)
+        await journal.ack("t", second, dead_lettered=1)  # the same seqs again
+        await journal.ack("t", first, dead_lettered=0)  # and an older batch
+        shown = journal.books("t")
+    finally:
+        await journal.close()
+    reopened = sqlite.SqliteJournal(storage, ["t"])
+    await reopened.open()
+    try:
+        stored = reopened.books("t")
+    finally:
+        await reopened.close()
+    assert (stored.received, stored.delivered, stored.dead_lettered, stored.pending) == (
+        10,
+        7,
+        1,
+        2,
+    )
+    assert (shown.received, shown.delivered, shown.dead_lettered, shown.pending) == (
+        stored.received,
+        stored.delivered,
+        stored.dead_lettered,
+        stored.pending,
+    )

@@ -278,7 +278,7 @@ class Daemon:
                 await self._start()
             except BaseException:
                 try:
-                    await self.stop()
+                    await self._stop()  # config_lock is ours: no reload is under way
                 except Exception:
                     log.exception("a failed start could not let go of everything it took")
                 raise
@@ -407,9 +407,19 @@ class Daemon:
         log.info("applied the config another router shared")
 
     async def stop(self) -> None:
-        """Stop in reverse; once (a failed start has stopped, and the caller may stop too)."""
+        """Stop in reverse, once a reload or an API change under way is done (it stops and
+        starts workers and retires targets: cut off, the journal closed under it and a worker
+        it started was left running); none starts after this (`apply` refuses it)."""
         if self._stopped:
             return
+        self._stopped = True
+        self.ready = False
+        async with self.config_lock:
+            pass
+        await self._stop()
+
+    async def _stop(self) -> None:
+        """Stop in reverse; once (a failed start has stopped, and the caller may stop too)."""
         self._stopped = True
         self.ready = False
         if self._config_watch is not None:
@@ -541,6 +551,8 @@ class Daemon:
         the running config and nothing may change that in between (the management API)."""
         if not self.config_lock.locked():
             raise RuntimeError("Daemon.apply needs config_lock held")
+        if self._stopped:
+            raise ConfigError("reload", ["the daemon is stopping"])
         try:
             plan = await self._reload(new, initiator, audit)
         except ConfigError:

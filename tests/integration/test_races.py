@@ -23,6 +23,7 @@ from router.events import Event
 from router.evidence.keys import generate, load_public
 from router.evidence.verify import Verifier, VerifyOptions, verify_files
 from router.journal import sqlite
+from router.server.api import ConfigSource
 from tests.conftest import StartDaemon
 from tests.fakes import make_event, read_ndjson, wait_for
 from tests.helpers import (
@@ -463,3 +464,48 @@ async def test_an_ack_that_comes_twice_counts_once_in_the_books_it_shows(tmp_pat
         stored.dead_lettered,
         stored.pending,
     )
+
+
+async def test_a_stop_during_a_reload_lets_the_reload_finish_first(
+    receiver_factory: ReceiverFactory, tmp_path: Path
+) -> None:
+    """SIGTERM while a reload drains a removed target (down) and is about to start a new one:
+    the stop waits for the reload, so the removed target's backlog is dead-lettered once, the
+    new target's worker is stopped with the others (none left running on a closed journal),
+    and the next start finds the books balanced and nothing to redo."""
+    down = await receiver_factory([503])
+    a = file_target("a", tmp_path / "a.ndjson")
+    data = {
+        "server": {"host": "127.0.0.1", "port": 0},
+        "storage": {"path": str(tmp_path / "var")},
+        "startup": {"validate_targets": False},
+        "shutdown": {"drain_timeout_s": 1},
+        "targets": [a, patient(http_target("down", down.url))],
+        "routes": everything_to("a", "down"),
+    }
+    daemon = Daemon(parse_config(data), ConfigSource(None, data))
+    await daemon.start()
+    ids = [f"e{n}" for n in range(50)]
+    status, _ = await post(daemon, [make_event(id=i) for i in ids])
+    assert status == 202
+    await wait_for(lambda: len(down.requests) >= 2, what="the down target tried")
+    b = file_target("b", tmp_path / "b.ndjson")
+    new = data | {"targets": [a, b], "routes": everything_to("a", "b")}
+    reload = asyncio.create_task(daemon.reload(parse_config(new), audit=False))
+    await wait_for(lambda: "b" in {t.id for t in daemon.config.targets}, what="the swap")
+    await daemon.stop()
+    assert reload.done()
+    plan = await reload
+    assert plan.removed == ("down",) and plan.added == ("b",)
+    running = [t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("deliver:")]
+    assert not running, f"delivery workers left running after the stop: {running}"
+    again = Daemon(parse_config(new), ConfigSource(None, new))
+    await again.start()
+    try:
+        assert not again.journal.orphans, "the removed target's backlog was retired before"
+        await wait_for(lambda: settled(again))
+        assert_books_balance(again)
+    finally:
+        await again.stop()
+    assert letters(again, "down") == Counter(ids)
+    assert lines(tmp_path / "a.ndjson") == Counter(ids)

@@ -25,7 +25,7 @@ from router.evidence.verify import Verifier, VerifyOptions, verify_files
 from router.journal import sqlite
 from router.server.api import ConfigSource
 from tests.conftest import StartDaemon
-from tests.fakes import make_event, read_ndjson, wait_for
+from tests.fakes import ScriptedReceiver, make_event, read_ndjson, wait_for
 from tests.helpers import (
     ReceiverFactory,
     assert_books_balance,
@@ -509,3 +509,65 @@ async def test_a_stop_during_a_reload_lets_the_reload_finish_first(
         await again.stop()
     assert letters(again, "down") == Counter(ids)
     assert lines(tmp_path / "a.ndjson") == Counter(ids)
+
+
+async def test_the_owner_killed_during_a_sighup_loses_no_acknowledged_event(
+    tmp_path: Path,
+) -> None:
+    """server.workers 2 under load: a SIGHUP removes a target with a backlog (its receiver is
+    down) and the journal owner is killed with SIGKILL while that reload drains or retires it.
+    Started again with the new config, the daemon retires what was still owed to the removed
+    target (dead letters), the archive has every acknowledged event (at most the batch in
+    flight twice, the at-least-once of a crash), and the books balance."""
+    down = await ScriptedReceiver(statuses=[503]).start()
+    port = free_port()
+    path = workers_config(tmp_path, port, shutdown={"drain_timeout_s": 5})
+    base = yaml.safe_load(path.read_text())
+    archive = tmp_path / "var" / "archive.ndjson"
+    retry = {"max_attempts": 100_000, "max_age_s": 3600, "max_backoff_s": 0.05}
+    stuck = http_target("down", down.url) | {"retry": retry}
+
+    def write(with_down: bool) -> None:
+        targets = [file_target("archive", archive), *([stuck] if with_down else [])]
+        routes = everything_to(*(t["id"] for t in targets))
+        path.write_text(yaml.safe_dump({**base, "targets": targets, "routes": routes}))
+
+    write(True)
+    proc: asyncio.subprocess.Process | None = None
+    try:
+        proc = await serve(path, port)
+        acked: list[str] = []
+        gone = asyncio.Event()
+        posters = [
+            asyncio.create_task(
+                load(port, acked, time.monotonic() + 120, p, gone), name=f"poster-{p}"
+            )
+            for p in range(POSTERS)
+        ]
+        await wait_for(lambda: len(acked) >= 500, timeout_s=START_TIMEOUT_S)
+        write(False)
+        tried = len(down.requests)
+        proc.send_signal(signal.SIGHUP)
+        # The reload drains the removed target for 5 s: killed while it still tries.
+        await wait_for(lambda: len(down.requests) >= tried + 3, what="the removed target tried")
+        proc.send_signal(signal.SIGKILL)
+        assert await proc.wait() == -signal.SIGKILL
+        gone.set()
+        await asyncio.gather(*posters)
+        proc = await serve(path, port)
+        await wait_for(lambda: drained(port), timeout_s=START_TIMEOUT_S, what="the drain")
+        status = await status_of(port)
+        assert list(status["targets"]) == ["archive"]
+        row = status["targets"]["archive"]
+        assert row["received"] == row["delivered"] + row["dead_lettered"] + row["pending"]
+        assert await terminate(proc) == 0
+    finally:
+        await reap(proc)
+        await down.stop()
+    archived = lines(archive)
+    assert set(acked) <= set(archived), f"{len(set(acked) - set(archived))} acknowledged lost"
+    assert sum(count - 1 for count in archived.values()) <= 2000, "more than a batch twice"
+    letters_path = tmp_path / "var" / "deadletter" / "down.ndjson"
+    dead = Counter(x["event"]["id"] for x in read_ndjson(letters_path))
+    assert dead, "the removed target's backlog was dead-lettered"
+    assert set(dead) <= set(archived), "every event owed to it was routed to the archive too"

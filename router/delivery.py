@@ -195,7 +195,9 @@ class DeliveryWorker:
         running.result()
 
     async def _pause(self, seconds: float) -> None:
-        """The wait between attempts: cancellable as ever, and none once cancelled."""
+        """A wait before trying again (a send, a dead-letter write, an ack): cancellable as
+        ever, and none once a cancellation came during a write (`_uncut`): the worker stops
+        there, and what it could not settle stays pending, to be sent again."""
         if self._cancelled:
             raise asyncio.CancelledError
         await asyncio.sleep(seconds)
@@ -215,7 +217,7 @@ class DeliveryWorker:
                     len(batch),
                     exc,
                 )
-                await asyncio.sleep(ACK_RETRY_S)
+                await self._pause(ACK_RETRY_S)  # a stop cut short ends here (resent later)
                 continue
             return
 

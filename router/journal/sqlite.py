@@ -914,7 +914,8 @@ class SqliteJournal:
         """Settle the batch. A caller cancelled meanwhile (a worker stopped at the drain
         timeout) does not cancel the settling: once the commit may happen, the cursor and the
         books in memory must follow it, or they would show the batch pending forever. Safe to
-        call again after it raised: a batch already settled is not counted twice."""
+        call again, after it raised or after it settled: a batch already settled is counted
+        once, in the database and in the books shown."""
         if not batch:
             return
         settling = asyncio.create_task(
@@ -946,7 +947,11 @@ class SqliteJournal:
             self._write_failed()
             raise
         self.healthy = True
-        target.cursor = max(target.cursor, last)
+        if last <= target.cursor:
+            # Settled before (the same seqs acked again): the commit changed nothing, and
+            # neither do the books shown, nor the batch its worker may hold now.
+            return
+        target.cursor = last
         target.in_flight_through = 0
         target.in_flight_since = float("inf")
         target.books.pending -= len(batch)
@@ -1111,11 +1116,16 @@ class SqliteJournal:
         return removed
 
     async def add_target(self, target_id: str) -> None:
-        """A target joins at run time (a config reload): it gets its books and a cursor."""
-        if target_id in self._targets:
-            return
-        self._targets[target_id] = target = _Target()
-        target.books = await self._run(self._books_sync, target_id)
+        """A target joins at run time (a config reload): it gets its books and a cursor. A
+        target added back under an id whose orphaned rows are being retired waits for that
+        retire (those rows were the removed target's); rows still owed to the id once it is
+        back are its backlog, counted in its books, and no longer orphans."""
+        async with self._retire_lock(target_id):
+            if target_id in self._targets:
+                return
+            self._targets[target_id] = target = _Target()
+            self.orphans.discard(target_id)
+            target.books = await self._run(self._books_sync, target_id)
 
     def _books_sync(self, target_id: str) -> Books:
         assert self._db is not None
@@ -1131,7 +1141,11 @@ class SqliteJournal:
         return Books(received, delivered, dead, pending, lost=lost)
 
     async def retire(
-        self, target_id: str, dead_letter: Callable[[list[Entry]], Awaitable[None]]
+        self,
+        target_id: str,
+        dead_letter: Callable[[list[Entry]], Awaitable[None]],
+        *,
+        orphan: bool = False,
     ) -> int:
         """A target leaves (an orphan at start-up, or removed by a reload; its worker has
         stopped): hand everything still owed to it to `dead_letter`, a chunk at a time so a
@@ -1140,8 +1154,13 @@ class SqliteJournal:
 
         Each chunk is read, dead-lettered and removed under the target's lock, as a shed is,
         so a full journal shedding this target meanwhile never takes the same rows; and one
-        retire at a time per target (a reload's and one for late rows routed just before it)."""
+        retire at a time per target (a reload's and one for late rows routed just before it).
+        An `orphan`'s retire (rows found owed to a target the config no longer had) does
+        nothing once a reload has added the target back: the rows are its running worker's
+        backlog then, and retiring them would dead-letter what it delivers and forget it."""
         async with self._retire_lock(target_id):
+            if orphan and target_id in self._targets:
+                return 0
             target = self._targets.get(target_id)
             lock = target.lock if target is not None else asyncio.Lock()
             total = 0

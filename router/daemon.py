@@ -107,8 +107,8 @@ class _Swaps:
         if daemon.worker_pool is not None:  # the workers route with it too before this returns
             await daemon.worker_pool.configure(new)
 
-    async def stop_worker(self, target_id: str) -> None:
-        await self.daemon._stop_worker(target_id)
+    async def stop_worker(self, target_id: str, *, drain: bool = True) -> None:
+        await self.daemon._stop_worker(target_id, drain=drain)
 
     async def retire(self, target_id: str) -> None:
         await self.daemon._retire(target_id)
@@ -281,7 +281,7 @@ class Daemon:
                 await self._start()
             except BaseException:
                 try:
-                    await self.stop()
+                    await self._stop()  # config_lock is ours: no reload is under way
                 except Exception:
                     log.exception("a failed start could not let go of everything it took")
                 raise
@@ -296,7 +296,7 @@ class Daemon:
         for target in self.targets.values():
             self._chain(target)
         for target_id in sorted(self.journal.orphans):
-            await self._retire(target_id)
+            await self._retire(target_id, orphan=True)
         self._orphan_watch = asyncio.create_task(self._retire_orphans(), name="retire-orphans")
         await self.guard.start()
         self.tail.start()
@@ -411,9 +411,19 @@ class Daemon:
         log.info("applied the config another router shared")
 
     async def stop(self) -> None:
-        """Stop in reverse; once (a failed start has stopped, and the caller may stop too)."""
+        """Stop in reverse, once a reload or an API change under way is done (it stops and
+        starts workers and retires targets: cut off, the journal closed under it and a worker
+        it started was left running); none starts after this (`apply` refuses it)."""
         if self._stopped:
             return
+        self._stopped = True
+        self.ready = False
+        async with self.config_lock:
+            pass
+        await self._stop()
+
+    async def _stop(self) -> None:
+        """Stop in reverse; once (a failed start has stopped, and the caller may stop too)."""
         self._stopped = True
         self.ready = False
         if self._config_watch is not None:
@@ -482,12 +492,14 @@ class Daemon:
             worker.run(), name=f"deliver:{target_config.id}"
         )
 
-    async def _stop_worker(self, target_id: str) -> None:
-        """Let the target's worker deliver what it can within the drain timeout, then stop it
-        and close the target. Whatever it did not deliver stays in the journal."""
+    async def _stop_worker(self, target_id: str, *, drain: bool = True) -> None:
+        """Let the target's worker deliver what it can within the drain timeout (unless not
+        to `drain`), then stop it (an attempt under way finishes: DeliveryWorker._uncut) and
+        close the target. Whatever it did not deliver stays in the journal."""
         worker, task = self.workers.pop(target_id), self._tasks.pop(target_id)
         worker.stopping.set()
-        _, late = await asyncio.wait([task], timeout=self.config.shutdown.drain_timeout_s)
+        timeout = self.config.shutdown.drain_timeout_s if drain else 0
+        _, late = await asyncio.wait([task], timeout=timeout)
         for pending in late:
             pending.cancel()
         await asyncio.gather(task, return_exceptions=True)
@@ -543,6 +555,8 @@ class Daemon:
         the running config and nothing may change that in between (the management API)."""
         if not self.config_lock.locked():
             raise RuntimeError("Daemon.apply needs config_lock held")
+        if self._stopped:
+            raise ConfigError("reload", ["the daemon is stopping"])
         try:
             plan = await self._reload(new, initiator, audit)
         except ConfigError:
@@ -704,18 +718,19 @@ class Daemon:
 
     def _retire_soon(self, target_id: str) -> None:
         """The journal found rows for a target a reload just retired: retire them too."""
-        task = asyncio.create_task(self._retire(target_id), name=f"retire:{target_id}")
+        task = asyncio.create_task(self._retire(target_id, orphan=True), name=f"retire:{target_id}")
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
 
-    async def _retire(self, target_id: str) -> None:
-        """A target gone from the config leaves its backlog as dead letters, not lost."""
+    async def _retire(self, target_id: str, *, orphan: bool = False) -> None:
+        """A target gone from the config leaves its backlog as dead letters, not lost (an
+        `orphan`'s, unless a reload added the target back meanwhile: see Journal.retire)."""
         failure = target_removed(target_id)
 
         async def dead_letter(entries: list[Entry]) -> None:
             await self.dead_letters.write(target_id, entries, failure)
 
-        count = await self.journal.retire(target_id, dead_letter)
+        count = await self.journal.retire(target_id, dead_letter, orphan=orphan)
         if count:
             log.warning(
                 "target %s was removed from the config: %s dead-lettered",

@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import replace
+from typing import Any
 
 from prometheus_client import Histogram
 from tenacity import (
@@ -100,6 +101,9 @@ class DeliveryWorker:
         self.dead_letters = dead_letters
         self.stats = stats
         self.stopping = asyncio.Event()
+        # Set when the worker was cancelled (the drain timeout, a reload) while a send was
+        # under way: that attempt finishes and its batch is settled first (see _attempt).
+        self._cancelled = False
         retry = config.retry
         self._backoff = wait_random_exponential(
             multiplier=retry.initial_backoff_s, max=retry.max_backoff_s
@@ -144,25 +148,59 @@ class DeliveryWorker:
             )
             if not batch:
                 return
-            dead = 0
-            sendable: list[Entry] = []
-            refused: dict[str, list[Entry]] = {}
-            for entry in batch:
-                reason = (
-                    "journal_corrupt"
-                    if entry.event.corrupt
-                    else (self.target.unsendable(entry.event))
-                )
-                if reason is None:
-                    sendable.append(entry)
-                else:
-                    refused.setdefault(reason, []).append(entry)
-            for reason, entries in refused.items():
-                await self._dead_letter(entries, unsendable_failure(reason))
-                dead += len(entries)
-            dead += await self._send_each_request(sendable)
-            await self._ack(batch, dead)
-            self.stats.worker_errors_in_a_row = 0
+            await self._settle_batch(batch)
+            if self._cancelled:  # its attempt finished and the batch is settled: stop now
+                raise asyncio.CancelledError
+
+    async def _settle_batch(self, batch: Sequence[Entry]) -> None:
+        """Send the batch (or dead-letter what cannot be sent) and record the outcome."""
+        dead = 0
+        sendable: list[Entry] = []
+        refused: dict[str, list[Entry]] = {}
+        unsendable = self.target.unsendable  # looked up once a batch, not per event
+        for entry in batch:
+            event = entry.event
+            reason = "journal_corrupt" if event.corrupt else unsendable(event)
+            if reason is None:
+                sendable.append(entry)
+            else:
+                refused.setdefault(reason, []).append(entry)
+        for reason, entries in refused.items():
+            await self._dead_letter(entries, unsendable_failure(reason))
+            dead += len(entries)
+        dead += await self._send_each_request(sendable)
+        await self._ack(batch, dead)
+        self.stats.worker_errors_in_a_row = 0
+
+    async def _uncut(self, work: Coroutine[Any, Any, None]) -> None:
+        """A send or a dead-letter write. A cancellation that comes while it runs (the drain
+        timeout, a reload) does not cut it off: what the target took (or the dead-letter file)
+        cannot be taken back, so a write cut off would leave its batch pending and a later
+        worker would send it again (a changed target's, after a reload) or dead-letter it too
+        (a removed one's). It finishes (bounded by the target's own timeouts), and so does
+        the rest of its batch (its other requests, its dead letters), each without a retry
+        (`_pause`): a batch that went out whole is settled as usual, and the worker stops
+        then; one that did not stays pending, to be sent again (at least once)."""
+        running = asyncio.ensure_future(work)
+        while not running.done():
+            try:
+                await asyncio.shield(running)
+            except asyncio.CancelledError:
+                if running.cancelled():
+                    raise
+                self._cancelled = True
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()  # raised again once the batch is settled
+        running.result()
+
+    async def _pause(self, seconds: float) -> None:
+        """A wait before trying again (a send, a dead-letter write, an ack): cancellable as
+        ever, and none once a cancellation came during a write (`_uncut`): the worker stops
+        there, and what it could not settle stays pending, to be sent again."""
+        if self._cancelled:
+            raise asyncio.CancelledError
+        await asyncio.sleep(seconds)
 
     async def _ack(self, batch: Sequence[Entry], dead: int) -> None:
         """Record the batch's known outcome, retrying until the journal takes it. Letting the
@@ -179,7 +217,7 @@ class DeliveryWorker:
                     len(batch),
                     exc,
                 )
-                await asyncio.sleep(ACK_RETRY_S)
+                await self._pause(ACK_RETRY_S)  # a stop cut short ends here (resent later)
                 continue
             return
 
@@ -229,6 +267,7 @@ class DeliveryWorker:
                 outlasted,
             ),
             wait=self._wait,
+            sleep=self._pause,
             before_sleep=self._before_sleep,
             reraise=True,
         )
@@ -238,7 +277,7 @@ class DeliveryWorker:
                     attempts += 1
                     started = time.monotonic()
                     try:
-                        await self.target.send(events)
+                        await self._uncut(self.target.send(events))
                     except DeliveryError as exc:
                         self._observe_send(started, "failed")
                         self.stats.record_failure(str(exc), time.time())
@@ -330,13 +369,13 @@ class DeliveryWorker:
     async def _dead_letter(self, batch: Sequence[Entry], failure: Failure) -> None:
         while True:
             try:
-                await self.dead_letters.write(self.config.id, batch, failure)
+                await self._uncut(self.dead_letters.write(self.config.id, batch, failure))
             except OSError as exc:
                 log.error(
                     "target %s: cannot write dead letters (%s); the batch stays pending",
                     self.config.id,
                     exc,
                 )
-                await asyncio.sleep(DEAD_LETTER_RETRY_S)
+                await self._pause(DEAD_LETTER_RETRY_S)
                 continue
             return

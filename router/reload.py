@@ -5,8 +5,8 @@ sections cannot change under a running daemon: the listener (`server`), where th
 (`storage`) and the shutdown policy; a new config that changes them is refused as a whole with
 the reason, and the running config stays. Everything else is applied: targets are added,
 removed (their backlog is delivered within the drain timeout, the rest dead-lettered with
-reason `target_removed`) or restarted with their new settings (their backlog stays and
-continues from its cursor).
+reason `target_removed`) or restarted with their new settings (at once: their backlog stays
+and continues from its cursor).
 
 `plan_reload` is the pure comparison; `apply_reload` builds what the new config needs before
 it touches anything running (so a refusal costs nothing), then takes the daemon's steps in
@@ -118,8 +118,9 @@ class Swaps(Protocol):
     ) -> None:
         """From the next request on, validate, route and redact with these, and run `new`."""
 
-    async def stop_worker(self, target_id: str) -> None:
-        """Drain a target's worker within the drain timeout, stop it, close the target."""
+    async def stop_worker(self, target_id: str, *, drain: bool = True) -> None:
+        """Drain a target's worker within the drain timeout (or not at all: a changed target
+        keeps its backlog), stop it, close the target."""
 
     async def retire(self, target_id: str) -> None:
         """Dead-letter a removed target's backlog and forget it."""
@@ -155,7 +156,11 @@ async def apply_reload(
     # From here on every new request routes with the new table; requests that routed with
     # the old one have all reached the journal (or will, via its retired-target path).
     await swaps.swap(new, validator, routes, redactor)
-    for target_id in plan.changed + plan.removed:
+    # A changed target keeps its backlog for its new worker: the old one stops after the
+    # attempt it is making, not after draining it (into an endpoint the reload may be fixing).
+    for target_id in plan.changed:
+        await swaps.stop_worker(target_id, drain=False)
+    for target_id in plan.removed:
         await swaps.stop_worker(target_id)
     for target_id in plan.removed:
         await swaps.retire(target_id)

@@ -901,10 +901,17 @@ class JetStreamJournal:
         await self._set_up(target_id)
 
     async def retire(
-        self, target_id: str, dead_letter: Callable[[list[Entry]], Awaitable[None]]
+        self,
+        target_id: str,
+        dead_letter: Callable[[list[Entry]], Awaitable[None]],
+        *,
+        orphan: bool = False,
     ) -> int:
         """A target removed by a reload stops being delivered by this router; its stream
-        stays, with its backlog, for the routers that still have it (or this one again)."""
+        stays, with its backlog, for the routers that still have it (or this one again). A
+        shared stream has no orphans (`orphan` is the SQLite journal's)."""
+        if orphan:
+            return 0
         target = self._targets.pop(target_id, None)
         if target is not None:
             with contextlib.suppress(*STREAM_ERRORS):

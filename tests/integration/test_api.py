@@ -412,14 +412,15 @@ async def test_an_api_edit_during_a_sighup_reload_keeps_both_changes(
     down = await receiver_factory([503])
     path = tmp_path / "router.yaml"
     stuck = http_target("down", down.url) | {"retry": {"max_attempts": 100_000, "max_age_s": 3600}}
+    gone = stuck | {"id": "gone"}
     data = {
         "server": {"host": "127.0.0.1", "port": 0},
         "storage": {"path": str(tmp_path / "var")},
         "startup": {"validate_targets": False},
         "shutdown": {"drain_timeout_s": 2},
         "auth": auth(),
-        "targets": [file_target("archive", tmp_path / "archive.ndjson"), stuck],
-        "routes": everything_to("archive", "down"),
+        "targets": [file_target("archive", tmp_path / "archive.ndjson"), stuck, gone],
+        "routes": everything_to("archive", "down", "gone"),
     }
     path.write_text(yaml.safe_dump(data))
     path.chmod(0o600)
@@ -427,12 +428,20 @@ async def test_an_api_edit_during_a_sighup_reload_keeps_both_changes(
     await daemon.start()
     try:
         await daemon.acceptor.accept([make_event(id="held")])
-        await wait_for(lambda: len(down.requests) >= 1, what="the stuck target's first attempt")
-        # The file gains a target and changes the stuck one, whose worker holds the reload
-        # for the drain timeout: the API edit arrives meanwhile.
+        await wait_for(lambda: len(down.requests) >= 2, what="the stuck targets' first attempts")
+        # The file gains a target, changes a stuck one and removes the other, whose worker
+        # holds the reload for the drain timeout: the API edit arrives meanwhile.
         changed = stuck | {"retry": {"max_attempts": 100_000, "max_age_s": 3601}}
         extra = file_target("extra", tmp_path / "extra.ndjson")
-        path.write_text(yaml.safe_dump(data | {"targets": [data["targets"][0], changed, extra]}))
+        path.write_text(
+            yaml.safe_dump(
+                data
+                | {
+                    "targets": [data["targets"][0], changed, extra],
+                    "routes": everything_to("archive", "down"),
+                }
+            )
+        )
         reload = asyncio.create_task(daemon.reload_from(path))
         await wait_for(
             lambda: "extra" in {t.id for t in daemon.config.targets},

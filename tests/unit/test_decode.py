@@ -17,6 +17,7 @@ answer per event.
 from __future__ import annotations
 
 import asyncio
+import json
 import tracemalloc
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, cast
@@ -322,6 +323,34 @@ def made_bytes(items: list[Any]) -> Iterator[tuple[Any, bytes]]:
                 yield item, encoded
 
 
+def replaced_by_a_key(body: bytes) -> bool:
+    """Whether the body is one the exact path refuses only for a value a later duplicate key
+    replaces. The exact path's orjson parses every value as it goes, and refuses an integer
+    past a float's range ("number is infinity when parsed as double") even where the object
+    keeps the later key's value instead; msgspec holds any integer, and the event is what the
+    later key says, as with any duplicate key. So: JSON (Python's parser, which holds any
+    integer) finds a key twice in one object, and with every such key's earlier value
+    dropped, the exact path accepts the body."""
+    duplicated = False
+
+    def last_wins(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        nonlocal duplicated
+        duplicated |= len({key for key, _ in pairs}) != len(pairs)
+        return dict(pairs)
+
+    lines = body.splitlines() or [body]
+    try:
+        kept = [json.loads(line, object_pairs_hook=last_wins) for line in lines if line.strip()]
+    except (ValueError, RecursionError):
+        return False
+    if not duplicated:
+        return False
+    try:
+        return all(decode_exact(json.dumps(item).encode(), JSON) is not None for item in kept)
+    except (RequestError, ValueError, RecursionError):
+        return False
+
+
 @settings(max_examples=600, deadline=None, suppress_health_check=list(HealthCheck))
 @given(body=bodies, content_type=st.sampled_from([JSON, NDJSON]))
 @example(body=_event_with(b"100000000000000000000000", "requestData"), content_type=JSON)
@@ -336,10 +365,14 @@ def made_bytes(items: list[Any]) -> Iterator[tuple[Any, bytes]]:
 @example(body=b"90000000000000000000", content_type=NDJSON)
 @example(body=b"\xef\xbb\xbf{}", content_type=JSON)
 @example(body=b"\n \n\r\n", content_type=NDJSON)
+@example(body=b'{"a":' + b"9" * 400 + b',"a":0}', content_type=JSON)  # see replaced_by_a_key
 def test_decode_answers_every_body_as_the_exact_path_does(
     acceptor: Acceptor, body: bytes, content_type: str
 ) -> None:
-    assert decoded(decode, body, content_type) == decoded(decode_exact, body, content_type)
+    fast, exact = decoded(decode, body, content_type), decoded(decode_exact, body, content_type)
+    replaced = fast[0] == "items" and exact[0] == "refused" and replaced_by_a_key(body)
+    if not replaced:
+        assert fast == exact
     try:
         items = decode(body, content_type)
     except RequestError:
@@ -347,9 +380,10 @@ def test_decode_answers_every_body_as_the_exact_path_does(
     else:
         for item, encoded in made_bytes(items):
             assert encoded == orjson.dumps(item)
-    assert answered(acceptor, decode, body, content_type) == answered(
-        acceptor, decode_exact, body, content_type
-    )
+    if not replaced:
+        assert answered(acceptor, decode, body, content_type) == answered(
+            acceptor, decode_exact, body, content_type
+        )
 
 
 @pytest.mark.parametrize(

@@ -75,13 +75,18 @@ class Decoded(list[Any]):
     integer outside the 64-bit range is kept exact by msgspec and refused by orjson's encoder),
     so that `accept` does not make it again; None where `accept` makes it. Exact-size bytes,
     not orjson's buffers (4 to 8 KiB each, whatever the event's size): a request's events are
-    all held here at once, up to server.max_events_per_request of them."""
+    all held here at once, up to server.max_events_per_request of them. `ids`: for an object
+    without an `id`, the fresh id its bytes end with (as orjson writes a key added last), which
+    the event takes if it is accepted (Event.from_body's `appended_id`); else None."""
 
-    __slots__ = ("encoded",)
+    __slots__ = ("encoded", "ids")
 
-    def __init__(self, items: list[Any], encoded: list[bytes | None]) -> None:
+    def __init__(
+        self, items: list[Any], encoded: list[bytes | None], ids: list[str | None] | None = None
+    ) -> None:
         super().__init__(items)
         self.encoded = encoded
+        self.ids: list[str | None] = ids if ids is not None else [None] * len(items)
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,7 +206,10 @@ class Acceptor:
         routed: list[tuple[Event, Mapping[str, str]]] = []
         forbidden = 0
         received = len(items)
-        made = items.encoded if isinstance(items, Decoded) else None
+        made: list[bytes | None] | None = None
+        ids: list[str | None] = []
+        if isinstance(items, Decoded):
+            made, ids = items.encoded, items.ids
         async with self._routing_turn():
             # Bound once per offer, not looked up per event: what the loop below asks of
             # nearly every event (the settled shape, the fast validation, the reserved
@@ -217,9 +225,10 @@ class Acceptor:
             received_at = time.time()
             for index, item in enumerate(items):
                 if made is None:
-                    encoded = None
+                    encoded = appended_id = None
                 else:  # taken out of the list: the event keeps them, or they go
                     encoded, made[index] = made[index], None
+                    appended_id = ids[index]
                 spare = encoded is None  # made here: orjson's own buffer (see _encode)
                 if spare:
                     encoded = _encode(item)
@@ -242,7 +251,13 @@ class Acceptor:
                 # the limits are the event's bytes, for the journal, the targets and the tail.
                 if redact is not None and redact(item):
                     encoded = None
-                event = from_body(item, encoded=encoded, spare=spare, received_at=received_at)
+                event = from_body(
+                    item,
+                    encoded=encoded,
+                    spare=spare,
+                    received_at=received_at,
+                    appended_id=appended_id,
+                )
                 routed.append((event, match(event).targets))
                 if receipts is None:
                     results.append({"index": index, "id": event.id, "status": "accepted"})

@@ -45,6 +45,8 @@ SCENARIOS = ("batch100", "routes30")
 class NullJournal:
     """Takes every offer at once: the journal's cost is another helper's bench."""
 
+    MAKES_ROOM_ITSELF = False
+
     async def append(self, routed: Sequence[tuple[Event, Mapping[str, str]]]) -> None:
         return None
 

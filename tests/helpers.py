@@ -193,3 +193,10 @@ async def reap(proc: asyncio.subprocess.Process | None) -> None:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
         await proc.wait()
+
+
+def log_lines(path: Path) -> list[dict[str, Any]]:
+    """The JSON log lines a daemon wrote to `path`, its stderr. A test that reads the log
+    after the fact sends it to a file: a pipe nobody reads until the end blocks the daemon
+    once it logged 64 KiB, and the test then sees a hang instead of what it tests."""
+    return [orjson.loads(line) for line in path.read_bytes().splitlines()]

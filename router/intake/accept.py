@@ -382,7 +382,7 @@ class Acceptor:
         room by dead-lettering the oldest events of the stuck target, then try again. A journal
         that does so itself before it answers full (a worker process's HandoffJournal: the
         owner's Acceptor sheds) is asked once: it took the events' bytes with it."""
-        if getattr(self.journal, "MAKES_ROOM_ITSELF", False):
+        if self.journal.MAKES_ROOM_ITSELF:
             await self.journal.append(routed)
             return
         for _ in range(MAX_SHEDS_PER_REQUEST):

@@ -34,7 +34,7 @@ from array import array
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from itertools import accumulate
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
 from router.errors import RouterError
 from router.events import Event
@@ -245,7 +245,7 @@ class HandoffJournal:
 
     # The owner answers journal_full only once it has shed (storage.when_full) and tried again:
     # the Acceptor asks this journal once (Acceptor._append).
-    MAKES_ROOM_ITSELF: Final = True
+    MAKES_ROOM_ITSELF: ClassVar[bool] = True
 
     def __init__(self, channel: Channel) -> None:
         self.channel = channel

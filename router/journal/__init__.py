@@ -14,7 +14,7 @@ import asyncio
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 from router.errors import RouterError
 from router.events import Event
@@ -59,6 +59,11 @@ class Books:
 
 class Journal(Protocol):
     """What ingest and delivery need from the hand-off between them."""
+
+    # True where `append` has already made room (storage.when_full: the owner's Acceptor shed
+    # the stuck target) before it raises JournalFullError, as a worker's hand-off does: the
+    # worker's Acceptor then asks once, and does not shed in its own process.
+    MAKES_ROOM_ITSELF: ClassVar[bool]
 
     async def append(self, routed: Sequence[tuple[Event, Mapping[str, str]]]) -> None:
         """Make each event durable for each of its targets (target id -> route name)."""

@@ -72,7 +72,7 @@ from collections.abc import (
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import nats
 import nats.errors
@@ -151,6 +151,10 @@ FETCH_WAIT_S = 1.0
 # again each time as long): at most half of ack_wait_s passes between two, which leaves the
 # other half for an event loop held up or a connection moving to another server.
 IN_PROGRESS_SHARE = 4
+# Letters a dead-letter read takes per fetch, and how long its consumer outlives a reader that
+# died before deleting it (the server removes it then).
+LETTERS_PER_FETCH = 256
+LETTER_READER_IDLE_S = 30.0
 STREAM_ERRORS = (nats.errors.Error, TimeoutError, OSError)
 
 
@@ -366,6 +370,8 @@ class _Target:
 class JetStreamJournal:
     """The journal over JetStream. `open()` connects and sets up the streams and consumers;
     `close()` hands back what this router holds and disconnects."""
+
+    MAKES_ROOM_ITSELF: ClassVar[bool] = False  # the Acceptor sheds when this one is full
 
     def __init__(self, storage: StorageConfig, target_ids: Sequence[str]) -> None:
         self.config = storage
@@ -1495,15 +1501,13 @@ class StreamDeadLetters(DeadLetters):
         first = state.first_seq
         if not state.num_deleted:  # no gaps: the offset-th letter's sequence is known
             first, skip = state.first_seq + offset, 0
-        kept: list[Letter] = []
-        async for _, letter in stream_letters(js, name, first, state.last_seq):
-            if skip:
-                skip -= 1
-                continue
-            kept.append(letter)
-            if len(kept) == limit:
-                break
-        return page_answer(kept, offset, limit, state.messages)
+        kept = [
+            letter
+            async for _, letter in stream_letters(
+                js, name, first, state.last_seq, limit=skip + limit
+            )
+        ]
+        return page_answer(kept[skip:], offset, limit, state.messages)
 
     async def letters(self, target_id: str) -> list[tuple[int, Letter]]:
         """Every letter of the target, with its sequence in the dead-letter stream."""
@@ -1578,28 +1582,59 @@ async def read_stream_letters(js: JetStreamContext, stream: str) -> list[tuple[i
 
 
 async def stream_letters(
-    js: JetStreamContext, stream: str, first: int, last: int
+    js: JetStreamContext, stream: str, first: int, last: int, *, limit: int | None = None
 ) -> AsyncIterator[tuple[int, Letter]]:
-    """The letters of a dead-letter stream from sequence `first` to `last`, decoded, one at a
-    time (with their sequences), skipping the deleted ones."""
-    seq = first
-    while seq <= last:
+    """The letters of a dead-letter stream from sequence `first` to `last` (at most `limit`),
+    decoded, with their sequences, skipping the deleted ones. An ephemeral consumer of its own
+    (no acks, in memory) fetches them LETTERS_PER_FETCH at a time: read one request per letter,
+    a filtered page of a 5,000-letter stream took 2.2 s, a 100,000-letter one minutes. The
+    generator ends by itself at `last` or `limit`, so its consumer is deleted at once (a
+    caller that stops early leaves it to LETTER_READER_IDLE_S)."""
+    wanted = last - first + 1 if limit is None else min(limit, last - first + 1)
+    if wanted <= 0:
+        return
+    info = await js.add_consumer(
+        stream,
+        ConsumerConfig(
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=first,
+            ack_policy=AckPolicy.NONE,
+            inactive_threshold=LETTER_READER_IDLE_S,
+            mem_storage=True,
+            num_replicas=1,
+        ),
+    )
+    assert info.name is not None
+    try:
+        pending = info.num_pending or 0
+        sub = await js.pull_subscribe_bind(consumer=info.name, stream=stream)
         try:
-            # The first message from `seq` on, of any subject: `next` alone (no subject)
-            # asks for `seq` itself, and a deleted letter (a partial redrive's) ended the
-            # read there, hiding every letter after it.
-            msg = await js.get_msg(stream, seq, subject=">", next=True)
-        except NotFoundError:
-            return
-        assert msg.seq is not None
-        if msg.seq > last:
-            return
-        try:
-            letter = orjson.loads(msg.data or b"")
-        except orjson.JSONDecodeError:
-            letter = {"reason": "unreadable_line", "line": msg.seq}
-        yield msg.seq, letter
-        seq = msg.seq + 1
+            while pending and wanted:
+                try:
+                    msgs = await sub.fetch(min(LETTERS_PER_FETCH, pending, wanted), READ_TRY_S)
+                except nats.errors.TimeoutError:
+                    # Nothing came: the rest was deleted meanwhile (a redrive), or NATS is
+                    # away, in which case asking the consumer raises for the caller.
+                    if not (await sub.consumer_info()).num_pending:
+                        return
+                    raise
+                for msg in msgs:
+                    seq, pending = msg.metadata.sequence.stream, msg.metadata.num_pending
+                    if seq > last:
+                        return
+                    try:
+                        letter = orjson.loads(msg.data or b"")
+                    except orjson.JSONDecodeError:
+                        letter = {"reason": "unreadable_line", "line": seq}
+                    yield seq, letter
+                    wanted -= 1
+                    if seq == last or not wanted:
+                        return
+        finally:
+            await sub.unsubscribe()
+    finally:
+        with contextlib.suppress(*STREAM_ERRORS):
+            await js.delete_consumer(stream, info.name)
 
 
 def target_of_token(token: str) -> str:

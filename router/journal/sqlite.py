@@ -60,7 +60,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from isal.isal_zlib import crc32
 
@@ -309,6 +309,8 @@ class _Target:
 
 class SqliteJournal:
     """The durable journal. `open()` recovers state; `close()` checkpoints and closes."""
+
+    MAKES_ROOM_ITSELF: ClassVar[bool] = False  # the Acceptor sheds when this one is full
 
     def __init__(self, storage: StorageConfig, target_ids: Sequence[str]) -> None:
         self.config = storage

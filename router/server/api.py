@@ -61,6 +61,7 @@ from router.probe import ProbeResult, probe
 from router.reload import config_digest
 from router.selfevent import change_event, instance_crn
 from router.server.auth import CALLER
+from router.server.listener import api_error_json
 from router.targets import TARGET_TYPES, build_target
 from router.targets._net import TLS_FILE_KEYS, AddressBound
 from router.targets.file import FileEndpointConfig
@@ -107,16 +108,6 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
         self.subject = subject  # what a refused change was about, for its audit event
-
-
-def error_body(status: int, code: str, message: str) -> bytes:
-    return orjson.dumps(
-        {
-            "trace": str(uuid.uuid4()),
-            "status_code": status,
-            "errors": [{"code": code, "message": message}],
-        }
-    )
 
 
 @dataclass(slots=True)
@@ -354,7 +345,7 @@ class ManagementApi:
                         request, action, subject, config, None, exc.message, status=exc.status
                     )
                 return web.Response(
-                    body=error_body(exc.status, exc.code, exc.message),
+                    body=api_error_json(exc.status, exc.code, exc.message),
                     status=exc.status,
                     content_type="application/json",
                     # As ingest's 503s: a full disk or a failing journal passes.

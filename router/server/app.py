@@ -18,8 +18,7 @@ from router.config import ServerConfig
 from router.deadletter import DeadLetters
 from router.intake.http import Ingest
 from router.journal import Journal
-from router.server.api import error_body
-from router.server.auth import API_PREFIX, Guard
+from router.server.auth import Guard
 from router.server.console import ConsolePage
 from router.server.letters import LetterEndpoints
 from router.server.listener import ClientFaultLog, json_answers
@@ -61,11 +60,7 @@ def build_app(
     and the console page that calls them. Every error is JSON, aiohttp's own answers too
     (router/server/listener.py); `middlewares` run after that and before the guard (the
     journal owner's, when worker processes pass it the requests: router/server/workers.py)."""
-    answers = json_answers(
-        max_body_bytes=server.max_body_bytes,
-        faults=client_faults,
-        shapes={API_PREFIX: error_body},
-    )
+    answers = json_answers(max_body_bytes=server.max_body_bytes, faults=client_faults)
     app = web.Application(
         client_max_size=server.max_body_bytes,
         middlewares=[answers, *middlewares, guard.middleware],

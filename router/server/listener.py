@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping
 from http import HTTPStatus
@@ -45,7 +46,7 @@ from aiohttp.typedefs import Handler, Middleware
 from aiohttp.web_protocol import RequestHandler
 
 from router.config import RefusalEventsConfig
-from router.server.auth import RateLimit
+from router.server.auth import API_PREFIX, RateLimit
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +60,6 @@ CLIENT_FAULTS: Final = (HttpProcessingError, ConnectionError)
 CODES: Final = {400: "malformed_request", 413: "body_too_large", 500: "internal_error"}
 # Headers of an HTTPException that describe its plain-text body, not the answer.
 BODY_HEADERS: Final = frozenset({"content-type", "content-length", "content-encoding"})
-
-# An error answer's body from its status, code and message (the management API has its own).
-ErrorBody = Callable[[int, str, str], bytes]
 
 
 class ClientFaultLog(logging.LoggerAdapter[logging.Logger]):
@@ -138,6 +136,18 @@ def error_json(status: int, code: str, message: str) -> bytes:
     return orjson.dumps({"error": {"code": code, "message": message}})
 
 
+def api_error_json(status: int, code: str, message: str) -> bytes:
+    """The management API's error body (under API_PREFIX), in atracker's shape: a trace id,
+    the status and a list of errors, so that its SDKs read our refusals as theirs."""
+    return orjson.dumps(
+        {
+            "trace": str(uuid.uuid4()),
+            "status_code": status,
+            "errors": [{"code": code, "message": message}],
+        }
+    )
+
+
 def code_for(status: int) -> str:
     """The error code of an answer aiohttp made: `method_not_allowed` for a 405."""
     if status in CODES:
@@ -149,17 +159,11 @@ def code_for(status: int) -> str:
     return "_".join(phrase.lower().replace("-", " ").split())
 
 
-def json_answers(
-    *,
-    max_body_bytes: int,
-    faults: ClientFaultLog,
-    shapes: Mapping[str, ErrorBody] | None = None,
-) -> Middleware:
-    """The first middleware of an app: refuses a transfer coding other than chunked, and
-    turns the HTTPExceptions aiohttp raises (404, 405, 413, ...) into the daemon's JSON error
-    body, with their status and headers (Allow). `shapes` maps a path prefix to the error
-    body of the routes under it (the management API's); the rest get `error_json`."""
-    prefixes = dict(shapes or {})
+def json_answers(*, max_body_bytes: int, faults: ClientFaultLog) -> Middleware:
+    """The first middleware of an app, the journal owner's and each worker's: refuses a
+    transfer coding other than chunked, and turns the HTTPExceptions aiohttp raises (404,
+    405, 413, ...) into JSON error bodies, with their status and headers (Allow): the
+    management API's in its shape (`api_error_json`), the rest in `error_json`."""
 
     def answer(
         request: web.Request,
@@ -168,10 +172,7 @@ def json_answers(
         message: str,
         headers: Mapping[str, str] | None = None,
     ) -> web.Response:
-        body = next(
-            (shape for prefix, shape in prefixes.items() if request.path.startswith(prefix)),
-            error_json,
-        )
+        body = api_error_json if request.path.startswith(API_PREFIX) else error_json
         return web.Response(
             body=body(status, code, message),
             status=status,

@@ -521,11 +521,17 @@ async def test_dead_letter_pages_are_read_a_page_at_a_time_and_the_summary_count
             pages += [letter["event"]["id"] for letter in page["letters"]]
             offset = page["next_offset"]
         assert pages == left
+        before = nats_requests(nats_server)
         status, page = await get_json(
             daemon, "/v1/deadletters/siem", reason="permanent_status", offset="230", limit="200"
         )
+        asked = nats_requests(nats_server) - before
         assert [letter["event"]["id"] for letter in page["letters"]] == left[230:]
         assert (page["total"], page["next_offset"]) == (len(left), None)
+        # A filtered page counts every letter, read in batches, not one request per letter
+        # (240 requests; a 100,000-letter stream took minutes); the reader leaves no consumer.
+        assert asked < 40, f"{asked} requests to NATS for a filtered page of 240 letters"
+        assert (await js.stream_info(stream)).state.consumer_count == 0
         status, page = await get_json(daemon, "/v1/deadletters/siem", reason="expired")
         assert (page["total"], page["letters"]) == (0, [])
         status, summary = await get_json(daemon, "/v1/deadletters")

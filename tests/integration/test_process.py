@@ -12,7 +12,7 @@ import orjson
 import yaml
 
 from tests.fakes import make_event, read_ndjson
-from tests.helpers import free_port, reap, serve, spawn, terminate
+from tests.helpers import free_port, log_lines, reap, serve, spawn, terminate
 
 
 def write_config(tmp_path: Path, port: int) -> Path:
@@ -37,7 +37,9 @@ def write_config(tmp_path: Path, port: int) -> Path:
 async def test_sigterm_drains_and_exits_zero(tmp_path: Path) -> None:
     port = free_port()
     config = write_config(tmp_path, port)
-    proc = await serve(config, port, stderr=asyncio.subprocess.PIPE)
+    log_path = tmp_path / "daemon.log"
+    with log_path.open("wb") as stderr:
+        proc = await serve(config, port, stderr=stderr)
     try:
         async with (
             aiohttp.ClientSession() as session,
@@ -52,8 +54,7 @@ async def test_sigterm_drains_and_exits_zero(tmp_path: Path) -> None:
     finally:
         await reap(proc)
     assert len(read_ndjson(tmp_path / "var" / "events.ndjson")) == 50
-    assert proc.stderr is not None
-    log = [orjson.loads(line) for line in (await proc.stderr.read()).splitlines()]
+    log = log_lines(log_path)
     assert any("stopped" in line["message"] and "50 delivered" in line["message"] for line in log)
     assert all({"time", "level", "logger", "message"} <= line.keys() for line in log)
 

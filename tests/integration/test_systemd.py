@@ -21,7 +21,7 @@ import pytest
 from router.config import ShutdownConfig
 from router.observe.sdnotify import notify
 from tests.fakes import make_event
-from tests.helpers import free_port, ready, spawn
+from tests.helpers import free_port, log_lines, ready, spawn
 from tests.integration.test_process import write_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -68,9 +68,9 @@ async def test_daemon_notifies_ready_reloading_and_stopping(
     sock, path = notify_socket
     port = free_port()
     config = write_config(tmp_path, port)
-    proc = await spawn(
-        config, stderr=asyncio.subprocess.PIPE, env={**os.environ, "NOTIFY_SOCKET": path}
-    )
+    log_path = tmp_path / "daemon.log"
+    with log_path.open("wb") as stderr:
+        proc = await spawn(config, stderr=stderr, env={**os.environ, "NOTIFY_SOCKET": path})
     try:
         first = await receive(sock)
         assert first[0] == "READY=1"
@@ -101,8 +101,7 @@ async def test_daemon_notifies_ready_reloading_and_stopping(
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
-    assert proc.stderr is not None
-    log = [orjson.loads(line) for line in (await proc.stderr.read()).splitlines()]
+    log = log_lines(log_path)
     assert any(line["message"].startswith("config reloaded") for line in log)
 
 

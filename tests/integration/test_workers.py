@@ -43,7 +43,7 @@ from router.routing import RouteTable
 from tests import helpers
 from tests.conftest import StartDaemon
 from tests.fakes import ScriptedReceiver, make_event, read_ndjson, wait_for
-from tests.helpers import drained, free_port, ready, reap, spawn, terminate
+from tests.helpers import drained, free_port, log_lines, ready, reap, spawn, terminate
 from tests.integration.test_server_tls import client_context, post_event, tls_config
 
 WORKERS = 2
@@ -290,7 +290,9 @@ async def test_the_owner_killed_under_load_loses_no_acknowledged_event(tmp_path:
 async def test_sigterm_drains_every_process(tmp_path: Path) -> None:
     port = free_port()
     config = workers_config(tmp_path, port)
-    proc = await serve(config, port, stderr=asyncio.subprocess.PIPE)
+    log_path = tmp_path / "daemon.log"
+    with log_path.open("wb") as stderr:
+        proc = await serve(config, port, stderr=stderr)
     try:
         workers = children(proc.pid)
         assert len(workers) == WORKERS
@@ -316,8 +318,7 @@ async def test_sigterm_drains_every_process(tmp_path: Path) -> None:
         await reap(proc)
     archived = [e["id"] for e in read_ndjson(tmp_path / "var" / "archive.ndjson")]
     assert set(acked) <= set(archived), "SIGTERM left acknowledged events undelivered"
-    assert proc.stderr is not None
-    log = [orjson.loads(line) for line in (await proc.stderr.read()).splitlines()]
+    log = log_lines(log_path)
     stopped = [line["message"] for line in log if line["message"].startswith("event-router stop")]
     assert len(stopped) == 1 and "0 pending" in stopped[0], stopped
     assert f"accepted {len(set(archived))} events" in stopped[0], stopped

@@ -47,6 +47,8 @@ JSON, NDJSON = sorted(JSON_TYPES)[0], sorted(NDJSON_TYPES)[0]
 class NullJournal:
     """Takes every offer at once."""
 
+    MAKES_ROOM_ITSELF = False
+
     async def append(self, routed: Sequence[tuple[Event, Mapping[str, str]]]) -> None:
         return None
 

@@ -147,12 +147,10 @@ class DeliveryWorker:
             dead = 0
             sendable: list[Entry] = []
             refused: dict[str, list[Entry]] = {}
+            unsendable = self.target.unsendable  # looked up once a batch, not per event
             for entry in batch:
-                reason = (
-                    "journal_corrupt"
-                    if entry.event.corrupt
-                    else (self.target.unsendable(entry.event))
-                )
+                event = entry.event
+                reason = "journal_corrupt" if event.corrupt else unsendable(event)
                 if reason is None:
                     sendable.append(entry)
                 else:

@@ -128,13 +128,15 @@ def chained_block(canonicals: Sequence[bytes], head: Link | None) -> tuple[bytes
     into the one buffer a write takes, and the head they lead to: byte for byte
     b"".join(chained_line(c, link) + b"\\n" ...) over `next_link`'s links. A file target's
     batch is linked here (a third of the CPU of linking event by event): each canonical is
-    copied once, into the buffer, and its hash and hex made once (a link's hash is the next
-    one's prev), with one Link, the head, made for the whole batch."""
+    copied once, into the buffer (through a view of all but its closing brace: a slice of
+    it was a copy of its own, as much CPU as its hash, 2 MB of fresh pages for a batch of
+    2,000 1 KB events), and its hash and hex made once (a link's hash is the next one's
+    prev), with one Link, the head, made for the whole batch."""
     if not canonicals:
         return b"", head
     seq, prev = (head.seq, head.hash) if head is not None else (0, GENESIS)
     prev_hex = prev.hex().encode()
-    parts: list[bytes] = []
+    parts: list[bytes | memoryview] = []
     sha256 = hashlib.sha256
     for canonical in canonicals:
         if canonical[:1] != b"{" or canonical[-1:] != b"}" or canonical == b"{}":
@@ -144,7 +146,7 @@ def chained_block(canonicals: Sequence[bytes], head: Link | None) -> tuple[bytes
         digest.update(canonical)
         last, prev = prev, digest.digest()
         hash_hex = prev.hex().encode()
-        parts.append(canonical[:-1])
+        parts.append(memoryview(canonical)[:-1])  # a view: join copies it, once
         parts.append(b',"_chain":{"seq":%d,"prev":"%s","hash":"%s"}}\n' % (seq, prev_hex, hash_hex))
         prev_hex = hash_hex
     return b"".join(parts), Link(seq, last, prev)

@@ -95,7 +95,8 @@ class FileTarget:
     async def send(self, batch: Sequence[Event]) -> None:
         chain = self.chain
         if chain is None:
-            await self._send(b"".join(event.encoded() + b"\n" for event in batch))
+            # Each line's newline by the join, not by a copy of each event's bytes plus one.
+            await self._send(b"\n".join([*(event.encoded() for event in batch), b""]))
             return
         # A worker cancelled at the drain timeout must not let go of the chain while its
         # write still runs in a thread: the write, the head and the lock end together.

@@ -1201,3 +1201,56 @@ async def test_a_targets_memory_counts_what_it_holds(tmp_path: Path, bytes_only:
         assert books.received == books.delivered + books.dead_lettered + books.pending == 2001
     finally:
         await journal.close()
+
+
+@pytest.mark.parametrize("memory", [True, False])
+async def test_events_routed_in_changing_ways_reach_each_target_from_memory_as_from_the_journal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, memory: bool
+) -> None:
+    """One commit whose events change targets and routes every few events, across several
+    batch rows: each target gets exactly its events, once, in order, each with its route and
+    seq, whether its worker takes them from memory or reads them from the journal; memory
+    counts what it holds as `held_bytes` does, entry by entry, and lets it all go once
+    settled; and the books balance."""
+    monkeypatch.setattr(sqlite_journal, "BATCH_BYTES", 2048)
+    if not memory:
+        monkeypatch.setattr(sqlite_journal, "MEMORY_BYTES", 0)
+        monkeypatch.setattr(sqlite_journal, "MEMORY_BATCHES", 0)
+    journal = SqliteJournal(StorageConfig(path=str(tmp_path / "var"), fsync="never"), ["a", "b"])
+    await journal.open()
+    stopping = asyncio.Event()
+    events = [Event.from_body(make_event(id=f"e{i:02}", message="x" * 300)) for i in range(60)]
+    shapes = [{"a": "all", "b": "all"}, {"a": "all"}, {"b": "bees", "a": "all"}, {"a": "ays"}]
+    routes = [dict(shapes[(i // 3) % len(shapes)]) for i in range(60)]  # equal, not the same
+    expected = {
+        t: [
+            (i + 1, e.id, r[t])
+            for i, (e, r) in enumerate(zip(events, routes, strict=True))
+            if t in r
+        ]
+        for t in ("a", "b")
+    }
+    try:
+        await journal.append(list(zip(events, routes, strict=True)))
+        for target_id in ("a", "b"):
+            target = journal._targets[target_id]
+            held = list(target.memory)
+            assert len(held) == (len(expected[target_id]) if memory else 0)
+            assert target.memory_bytes == sum(sqlite_journal.held_bytes(e) for e in held)
+            taken: list[tuple[int, str, str]] = []
+            while journal.books(target_id).pending:
+                batch = await journal.next_batch(
+                    target_id, max_events=7, max_bytes=1 << 20, max_wait_s=0, stopping=stopping
+                )
+                assert all(type(e) is Entry for e in batch)
+                taken += [(e.seq, e.event.id, e.route) for e in batch]
+                await journal.ack(target_id, batch, dead_lettered=0)
+            assert taken == expected[target_id]
+            assert (target.memory_bytes, len(target.memory)) == (0, 0)
+            assert journal.batch_sources(target_id)[0 if memory else 1] > 0
+            assert journal.batch_sources(target_id)[1 if memory else 0] == 0
+            books = journal.books(target_id)
+            assert books.received == books.delivered + books.dead_lettered + books.pending
+            assert books.delivered == len(expected[target_id])
+    finally:
+        await journal.close()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import tracemalloc
+import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, cast
 
@@ -317,8 +318,14 @@ def answered(acceptor: Acceptor, decoder: Decoder, body: bytes, content_type: st
 
 
 def made_bytes(items: list[Any]) -> Iterator[tuple[Any, bytes]]:
+    """Each item the decoder made bytes for, as those bytes hold it: with the fresh id the
+    decoder appended to an object without one (the event's id if it is accepted)."""
     if isinstance(items, Decoded):
-        for item, encoded in zip(items, items.encoded, strict=True):
+        for item, encoded, fresh in zip(items, items.encoded, items.ids, strict=True):
+            if fresh is not None:
+                assert isinstance(item, dict) and "id" not in item
+                assert str(uuid.UUID(fresh)) == fresh
+                item = {**item, "id": fresh}
             if encoded is not None:
                 yield item, encoded
 
@@ -395,7 +402,8 @@ def test_a_body_whose_numbers_hold_is_decoded_once_with_its_bytes(literal: bytes
     exact path returns a plain list, without the bytes)."""
     items = decode(b"[" + _event_with(literal, "requestData") + b"]", JSON)
     assert isinstance(items, Decoded)
-    assert items.encoded == [orjson.dumps(items[0])]
+    [(item, encoded)] = made_bytes(items)  # with the fresh id appended (make_event has none)
+    assert encoded == orjson.dumps(item) and item["id"] == items.ids[0]
     number = items[0]["requestData"]["n"]
     assert (type(number), number) == (type(orjson.loads(literal)), orjson.loads(literal))
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -74,13 +75,18 @@ class Decoded(list[Any]):
     integer outside the 64-bit range is kept exact by msgspec and refused by orjson's encoder),
     so that `accept` does not make it again; None where `accept` makes it. Exact-size bytes,
     not orjson's buffers (4 to 8 KiB each, whatever the event's size): a request's events are
-    all held here at once, up to server.max_events_per_request of them."""
+    all held here at once, up to server.max_events_per_request of them. `ids`: for an object
+    without an `id`, the fresh id its bytes end with (as orjson writes a key added last), which
+    the event takes if it is accepted (Event.from_body's `appended_id`); else None."""
 
-    __slots__ = ("encoded",)
+    __slots__ = ("encoded", "ids")
 
-    def __init__(self, items: list[Any], encoded: list[bytes | None]) -> None:
+    def __init__(
+        self, items: list[Any], encoded: list[bytes | None], ids: list[str | None] | None = None
+    ) -> None:
         super().__init__(items)
         self.encoded = encoded
+        self.ids: list[str | None] = ids if ids is not None else [None] * len(items)
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,39 +206,70 @@ class Acceptor:
         routed: list[tuple[Event, Mapping[str, str]]] = []
         forbidden = 0
         received = len(items)
-        made = items.encoded if isinstance(items, Decoded) else None
+        made: list[bytes | None] | None = None
+        ids: list[str | None] = []
+        if isinstance(items, Decoded):
+            made, ids = items.encoded, items.ids
         async with self._routing_turn():
+            # Bound once per offer, not looked up per event: what the loop below asks of
+            # nearly every event (the settled shape, the fast validation, the reserved
+            # actions) is answered without a call into `_problems`, which runs only for an
+            # event one of them is unsure of, and decides and words its rejection.
+            max_depth, max_chars = self.server.max_depth, self.server.max_string_chars
+            clean = self.validator.clean
+            principal = caller.principal if caller is not None else None
+            redact = self.redactor.redact if self.redactor is not None else None
+            match = self.routes.match
+            receipts = self.receipts
+            from_body = Event.from_body
+            received_at = time.time()
             for index, item in enumerate(items):
-                encoded = _made(made, index)
+                if made is None:
+                    encoded = appended_id = None
+                else:  # taken out of the list: the event keeps them, or they go
+                    encoded, made[index] = made[index], None
+                    appended_id = ids[index]
                 spare = encoded is None  # made here: orjson's own buffer (see _encode)
                 if spare:
                     encoded = _encode(item)
-                reason, problems = self._problems(item, caller, own, encoded)
-                forbidden += reason == "forbidden"
-                if problems:
-                    self.stats.rejected_by_reason[reason] = (
-                        self.stats.rejected_by_reason.get(reason, 0) + 1
-                    )
-                    result: dict[str, Any] = {"index": index, "status": "rejected"}
-                    item_id = item.id if isinstance(item, Altered) else None
-                    if isinstance(item, dict) and isinstance(item.get("id"), str):
-                        item_id = item["id"]
-                    if item_id is not None:
-                        result["id"] = item_id
-                    result["errors"] = [p.as_dict() for p in problems]
-                    results.append(result)
-                    continue
+                if not (  # bytes are made only for a dict
+                    encoded is not None
+                    and len(encoded) <= max_chars
+                    and (opens := encoded.count(b"{")) <= max_depth
+                    and (b"[" not in encoded or opens + encoded.count(b"[") <= max_depth)
+                    and clean(item)
+                    and (own or not reserved_action(item))
+                    and (principal is None or not principal.problems(item))
+                ):
+                    reason, problems = self._problems(item, caller, own, encoded)
+                    forbidden += reason == "forbidden"
+                    if problems:
+                        self._reject(results, index, item, reason, problems)
+                        continue
                 # Redaction comes before the journal: nothing after it sees a secret. Its
                 # changes (rare) mean the body is serialised again; otherwise the bytes made for
                 # the limits are the event's bytes, for the journal, the targets and the tail.
-                if self.redactor is not None and self.redactor.redact(item):
+                if redact is not None and redact(item):
                     encoded = None
-                event = Event.from_body(item, encoded=encoded, spare=spare)
-                decision = self.routes.match(event)
-                routed.append((event, decision.targets))
-                results.append({"index": index, "id": event.id, "status": "accepted"})
-                if self.receipts is not None:
-                    results[-1]["receipt"] = self.receipts.issue(event)
+                event = from_body(
+                    item,
+                    encoded=encoded,
+                    spare=spare,
+                    received_at=received_at,
+                    appended_id=appended_id,
+                )
+                routed.append((event, match(event).targets))
+                if receipts is None:
+                    results.append({"index": index, "id": event.id, "status": "accepted"})
+                else:
+                    results.append(
+                        {
+                            "index": index,
+                            "id": event.id,
+                            "status": "accepted",
+                            "receipt": receipts.issue(event),
+                        }
+                    )
             if own and route_to:
                 routed = [(event, route_to) for event, _ in routed]
             if (self.observer is None or not self.observer.reads_bodies) and (
@@ -288,6 +325,25 @@ class Acceptor:
             self.tail.publish(event for event, _ in routed)
         if self.observer is not None and routed:
             await self.observer.observe([event for event, _ in routed])
+
+    def _reject(
+        self,
+        results: list[dict[str, Any]],
+        index: int,
+        item: Any,
+        reason: str,
+        problems: list[Problem],
+    ) -> None:
+        """Count a rejected item under its reason and give it its result."""
+        self.stats.rejected_by_reason[reason] = self.stats.rejected_by_reason.get(reason, 0) + 1
+        result: dict[str, Any] = {"index": index, "status": "rejected"}
+        item_id = item.id if isinstance(item, Altered) else None
+        if isinstance(item, dict) and isinstance(item.get("id"), str):
+            item_id = item["id"]
+        if item_id is not None:
+            result["id"] = item_id
+        result["errors"] = [p.as_dict() for p in problems]
+        results.append(result)
 
     def _problems(
         self, item: Any, caller: Caller | None, own: bool = False, encoded: bytes | None = None
@@ -365,15 +421,6 @@ def _keep_bytes_only(items: list[Any], routed: Sequence[tuple[Event, Mapping[str
     for event, _ in routed:
         event.keep_bytes_only()
     items.clear()
-
-
-def _made(made: list[bytes | None] | None, index: int) -> bytes | None:
-    """The bytes the decoder made for item `index`, taken out of its list: the event keeps
-    them, or they go, so the request holds each event's bytes once."""
-    if made is None:
-        return None
-    encoded, made[index] = made[index], None
-    return encoded
 
 
 def _encode(item: Any) -> bytes | None:

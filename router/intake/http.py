@@ -33,6 +33,7 @@ from aiohttp import web
 
 from router.config import ServerConfig
 from router.errors import RequestError
+from router.events import new_event_id, with_id
 from router.intake.accept import Acceptor, Altered, Decoded, Malformed, Outcome
 from router.intake.limits import (
     NumberAltered,
@@ -266,32 +267,49 @@ def decode(body: bytes, content_type: str) -> list[Any]:
     if content_type in NDJSON_TYPES:
         items: list[Any] = []
         made: list[bytes | None] = []
+        ids: list[str | None] = []
         for number, start, line in _lines(body):
             try:
                 item = FAITHFUL.decode(line)
-                made.append(_encoded(item))
+                _encode_into(item, made, ids)
             except UNSURE:
                 item = _decode_line(number, start, line, True)
                 made.append(None)
+                ids.append(None)
             items.append(item)
-        return Decoded(items, made)
+        return Decoded(items, made, ids)
     try:
         value = FAITHFUL.decode(body)
         items = value if isinstance(value, list) else [value]
-        return Decoded(items, [_encoded(item) for item in items])
+        made, ids = [], []
+        for item in items:
+            _encode_into(item, made, ids)
+        return Decoded(items, made, ids)
     except UNSURE:
         return decode_exact(body, content_type)
 
 
-def _encoded(item: Any) -> bytes | None:
-    """An object's compact JSON, for the acceptor (None for what is not an object, which the
-    acceptor does not encode either), copied out of orjson's buffer to its size (`Decoded`);
-    orjson.JSONEncodeError for an item holding an integer outside the 64-bit range (or nested
-    past orjson's depth), whatever the item."""
-    if isinstance(item, dict):
-        return memoryview(orjson.dumps(item)).tobytes()
-    orjson.dumps(item)  # not an event (a list, a number), yet its numbers decide its answer
-    return None
+def _encode_into(item: Any, made: list[bytes | None], ids: list[str | None]) -> None:
+    """Append an item's compact JSON to `made`, for the acceptor (None for what is not an
+    object, which the acceptor does not encode either), copied out of orjson's buffer to its
+    size (`Decoded`); orjson.JSONEncodeError for an item holding an integer outside the 64-bit
+    range (or nested past orjson's depth), whatever the item. An object without an `id` gets
+    one in that copy, appended as orjson writes a key added last (Event.from_body adds it to
+    the body if the event is accepted), and the id goes to `ids` (else None): the copy is made
+    once, where appending the id later copied the bytes again."""
+    if not isinstance(item, dict):
+        orjson.dumps(item)  # not an event (a list, a number), yet its numbers decide its answer
+        made.append(None)
+        ids.append(None)
+        return
+    buffer = orjson.dumps(item)
+    if "id" in item or len(buffer) <= 2:  # an id of its own, or {} (never an event)
+        made.append(memoryview(buffer).tobytes())
+        ids.append(None)
+        return
+    fresh = new_event_id()
+    made.append(with_id(buffer, fresh))
+    ids.append(fresh)
 
 
 def decode_exact(body: bytes, content_type: str) -> list[Any]:

@@ -107,6 +107,22 @@ class EventValidator:
         problems.sort(key=lambda p: p.path)
         return problems
 
+    def clean(self, event: dict[str, Any]) -> bool:
+        """True only when `validate(event)` finds nothing: the fast path accepts it and the
+        catalogue knows its action. False means "ask validate", which decides and explains
+        (jsonschema has the last word on every rejection)."""
+        try:
+            if not self._accepts(event):
+                return False
+        except RecursionError:
+            return False
+        if not self._reject_unknown_actions:
+            return True
+        action, crn = event.get("action"), event.get("logSourceCRN")
+        return not isinstance(action, str) or not self._catalogue_verdict(
+            action, crn if isinstance(crn, str) else None
+        )
+
     def _catalogue_problems(self, event: dict[str, Any]) -> list[Problem]:
         """Checked beside the schema's findings, so a producer learns everything in one answer."""
         action, crn = event.get("action"), event.get("logSourceCRN")

@@ -17,7 +17,9 @@ answer per event.
 from __future__ import annotations
 
 import asyncio
+import json
 import tracemalloc
+import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, cast
 
@@ -316,10 +318,44 @@ def answered(acceptor: Acceptor, decoder: Decoder, body: bytes, content_type: st
 
 
 def made_bytes(items: list[Any]) -> Iterator[tuple[Any, bytes]]:
+    """Each item the decoder made bytes for, as those bytes hold it: with the fresh id the
+    decoder appended to an object without one (the event's id if it is accepted)."""
     if isinstance(items, Decoded):
-        for item, encoded in zip(items, items.encoded, strict=True):
+        for item, encoded, fresh in zip(items, items.encoded, items.ids, strict=True):
+            if fresh is not None:
+                assert isinstance(item, dict) and "id" not in item
+                assert str(uuid.UUID(fresh)) == fresh
+                item = {**item, "id": fresh}
             if encoded is not None:
                 yield item, encoded
+
+
+def replaced_by_a_key(body: bytes) -> bool:
+    """Whether the body is one the exact path refuses only for a value a later duplicate key
+    replaces. The exact path's orjson parses every value as it goes, and refuses an integer
+    past a float's range ("number is infinity when parsed as double") even where the object
+    keeps the later key's value instead; msgspec holds any integer, and the event is what the
+    later key says, as with any duplicate key. So: JSON (Python's parser, which holds any
+    integer) finds a key twice in one object, and with every such key's earlier value
+    dropped, the exact path accepts the body."""
+    duplicated = False
+
+    def last_wins(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        nonlocal duplicated
+        duplicated |= len({key for key, _ in pairs}) != len(pairs)
+        return dict(pairs)
+
+    lines = body.splitlines() or [body]
+    try:
+        kept = [json.loads(line, object_pairs_hook=last_wins) for line in lines if line.strip()]
+    except (ValueError, RecursionError):
+        return False
+    if not duplicated:
+        return False
+    try:
+        return all(decode_exact(json.dumps(item).encode(), JSON) is not None for item in kept)
+    except (RequestError, ValueError, RecursionError):
+        return False
 
 
 @settings(max_examples=600, deadline=None, suppress_health_check=list(HealthCheck))
@@ -336,10 +372,14 @@ def made_bytes(items: list[Any]) -> Iterator[tuple[Any, bytes]]:
 @example(body=b"90000000000000000000", content_type=NDJSON)
 @example(body=b"\xef\xbb\xbf{}", content_type=JSON)
 @example(body=b"\n \n\r\n", content_type=NDJSON)
+@example(body=b'{"a":' + b"9" * 400 + b',"a":0}', content_type=JSON)  # see replaced_by_a_key
 def test_decode_answers_every_body_as_the_exact_path_does(
     acceptor: Acceptor, body: bytes, content_type: str
 ) -> None:
-    assert decoded(decode, body, content_type) == decoded(decode_exact, body, content_type)
+    fast, exact = decoded(decode, body, content_type), decoded(decode_exact, body, content_type)
+    replaced = fast[0] == "items" and exact[0] == "refused" and replaced_by_a_key(body)
+    if not replaced:
+        assert fast == exact
     try:
         items = decode(body, content_type)
     except RequestError:
@@ -347,9 +387,10 @@ def test_decode_answers_every_body_as_the_exact_path_does(
     else:
         for item, encoded in made_bytes(items):
             assert encoded == orjson.dumps(item)
-    assert answered(acceptor, decode, body, content_type) == answered(
-        acceptor, decode_exact, body, content_type
-    )
+    if not replaced:
+        assert answered(acceptor, decode, body, content_type) == answered(
+            acceptor, decode_exact, body, content_type
+        )
 
 
 @pytest.mark.parametrize(
@@ -361,7 +402,8 @@ def test_a_body_whose_numbers_hold_is_decoded_once_with_its_bytes(literal: bytes
     exact path returns a plain list, without the bytes)."""
     items = decode(b"[" + _event_with(literal, "requestData") + b"]", JSON)
     assert isinstance(items, Decoded)
-    assert items.encoded == [orjson.dumps(items[0])]
+    [(item, encoded)] = made_bytes(items)  # with the fresh id appended (make_event has none)
+    assert encoded == orjson.dumps(item) and item["id"] == items.ids[0]
     number = items[0]["requestData"]["n"]
     assert (type(number), number) == (type(orjson.loads(literal)), orjson.loads(literal))
 

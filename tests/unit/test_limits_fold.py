@@ -11,6 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from router.events import Event
+from router.intake.accept import Decoded
+from router.intake.http import decode
 from router.intake.limits import encoded_fits, shape_problems
 
 json_values = st.recursive(
@@ -61,3 +63,19 @@ def test_brackets_are_counted_only_when_there_is_one_with_the_same_answer(
     assert encoded_fits(encoded, max_depth=max_depth, max_string_chars=max_chars) is (
         len(encoded) <= max_chars and both <= max_depth
     )
+
+
+@settings(max_examples=300, deadline=None)
+@given(event=objects)
+def test_an_event_keeps_the_bytes_the_decoder_made_with_its_fresh_id(event: dict[str, Any]) -> None:
+    """The decoder appends a fresh id to the bytes of an object without one: accepted, the
+    event takes that id, and its bytes are still a fresh encoding of its body."""
+    items = decode(orjson.dumps([event]), "application/json")
+    assert isinstance(items, Decoded)
+    [encoded], [fresh] = items.encoded, items.ids
+    assert (fresh is None) is ("id" in event or not event)
+    wrapped = Event.from_body(items[0], encoded=encoded, appended_id=fresh)
+    assert wrapped.encoded() == orjson.dumps(items[0])
+    assert orjson.loads(wrapped.encoded())["id"] == wrapped.id
+    if fresh is not None:
+        assert wrapped.id == fresh and wrapped.encoded() is encoded  # not made again

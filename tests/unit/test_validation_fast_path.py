@@ -31,6 +31,7 @@ ACCEPTS = compile_accepts(SCHEMA)  # what EventValidator runs first
 EXACT = compile_exact(SCHEMA)
 FAST = compile_fast(SCHEMA)  # the fallback, for schemas the exact compiler does not write
 VALIDATOR = EventValidator(schemas_dir(), unknown_actions="accept")
+CATALOGUED = EventValidator(schemas_dir())  # unknown actions rejected: the catalogue decides too
 
 scalars = (
     st.none()
@@ -46,6 +47,7 @@ scalars = (
             "crn:v1:bluemix:public:secrets-manager:us-south:a/acct:inst::",
             "crn:v1:bluemix:public:secrets-manager::a/acct:::",
             "secrets-manager.secret.create",
+            "secrets-manager.secret.explode",  # not in the catalogue
             "success",
             "failure",
             "normal",
@@ -134,6 +136,10 @@ def test_fast_path_accepts_exactly_what_jsonschema_accepts(
     # And the validator's answer is jsonschema's, messages included.
     problems = VALIDATOR.validate(event)
     assert (problems == []) == reference_accepts
+    # The accept loop's shortcut (EventValidator.clean) says clean exactly when validate
+    # finds nothing: the event schema compiles to exact code.
+    assert VALIDATOR.clean(event) is (problems == [])
+    assert CATALOGUED.clean(event) is (CATALOGUED.validate(event) == [])
 
 
 @settings(max_examples=300, deadline=None)

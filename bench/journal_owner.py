@@ -108,7 +108,8 @@ def thread_cpu() -> dict[str, float]:
 async def run_once(requests: int, rate: float) -> None:
     workdir = tempfile.mkdtemp(prefix="journal-owner-")
     data = {
-        "server": {"host": "127.0.0.1", "port": 0},
+        # One process: the owner's part is what is measured, not worker processes beside it.
+        "server": {"host": "127.0.0.1", "port": 0, "workers": 1},
         "storage": {"path": f"{workdir}/var", "fsync": "always"},
         "startup": {"validate_targets": False},
         "targets": [

@@ -21,7 +21,7 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import uvloop
 
@@ -113,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     _config_option(serve)
     serve.add_argument("--host", help="listen on this address instead of server.host")
     serve.add_argument("--port", type=int, help="listen on this port instead of server.port")
+    serve.add_argument(
+        "--workers",
+        type=_workers_setting,
+        help="processes taking POST /v1/events instead of server.workers: a number, or auto "
+        "(one per CPU this process may use)",
+    )
     serve.add_argument(
         "--log-format",
         choices=["json", "text"],
@@ -328,16 +334,21 @@ def main(argv: Sequence[str] | None = None) -> None:
             )
             + f"{counted(len(config.settings.default_targets), 'default target')})"
         )
+        from router.server.workers import resolve_workers
+
+        print(resolve_workers(config.server.workers).describe())
         return
 
     def overrides(loaded: Config) -> Config:
-        """--host/--port win over the file, at start and at every reload."""
+        """--host/--port/--workers win over the file, at start and at every reload (where
+        the file's server.workers alone changing is then no change)."""
         return replace(
             loaded,
             server=replace(
                 loaded.server,
                 host=args.host or loaded.server.host,
                 port=loaded.server.port if args.port is None else args.port,
+                workers=loaded.server.workers if args.workers is None else args.workers,
             ),
         )
 
@@ -355,6 +366,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (OSError, StorageUnavailableError) as exc:
         log.error("cannot start: %s", exc)
         sys.exit(EXIT_RUNTIME)
+
+
+def _workers_setting(text: str) -> int | Literal["auto"]:
+    """--workers: `auto`, or a number of processes within server.workers' bounds."""
+    from router.server.workers import MAX_WORKERS
+
+    if text == "auto":
+        return "auto"
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if not 1 <= count <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"auto or a number from 1 to {MAX_WORKERS}: {text!r}")
+    return count
 
 
 def _worker(argv: Sequence[str]) -> int:

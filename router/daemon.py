@@ -69,7 +69,7 @@ from router.server.auth import Guard, Refusals
 from router.server.listener import ClientFaultLog, DeadlineSite, DeadlineUnixSite
 from router.server.servertls import server_context
 from router.server.tail import TailHub
-from router.server.workers import WorkerPool
+from router.server.workers import WorkerPool, resolve_workers
 from router.targets import Target, build_target
 from router.targets.cos import CosTarget
 from router.targets.event_streams import EventStreamsTarget
@@ -154,6 +154,9 @@ class Daemon:
         # the router's chain record after it).
         self.journal.chain_head = self.evidence.head_of
         self._ingest = IngestStats()  # this process's; with workers, theirs too: ingest_stats
+        # server.workers as processes, resolved here once ("auto": the CPUs this process may
+        # use); a reload compares the setting, so it never starts or stops workers.
+        self.worker_count = resolve_workers(config.server.workers)
         self.worker_pool: WorkerPool | None = None
         self.target_stats = {target_id: TargetStats() for target_id in target_ids}
         self.targets: dict[str, Target] = {t.id: build_target(t) for t in config.targets}
@@ -216,9 +219,9 @@ class Daemon:
         self.ingest = ingest = Ingest(
             server=self.config.server, stats=self._ingest, acceptor=acceptor
         )
-        if self.config.server.workers > 1:
+        if self.worker_count.count > 1:
             self.worker_pool = WorkerPool(
-                count=self.config.server.workers,
+                count=self.worker_count.count,
                 config=lambda: self.config,
                 acceptor=acceptor,
                 refusals=self.guard.refusals,
@@ -347,13 +350,14 @@ class Daemon:
             await self._join_shared_config(shared)
         self.ready = True
         log.info(
-            "event-router %s ready on %s://%s:%d with %s and %s",
+            "event-router %s ready on %s://%s:%d with %s and %s; %s",
             __version__,
             "https" if self._ssl else "http",
             server.host,
             self.port,
             counted(len(self.targets), "target"),
             counted(len(self.config.routes), "route"),
+            self.worker_count.describe(),
         )
 
     @property
@@ -791,7 +795,8 @@ class Daemon:
             "auth": self.guard.stats(),
             "own_events": self.own_events.status(),
             "tail": self.tail.status(),
-            **({"workers": self.worker_pool.status()} if self.worker_pool is not None else {}),
+            "workers": self.worker_count.status()
+            | (self.worker_pool.status() if self.worker_pool is not None else {}),
             "journal": {
                 "path": str(self.journal.path),
                 "healthy": self.journal.healthy,

@@ -38,6 +38,10 @@ async def start_daemon(tmp_path: Path) -> AsyncIterator[StartDaemon]:
             "startup": {"validate_targets": False},
             **data,
         }
+        # One process unless the caller names server.workers: these tests inspect the
+        # in-process Daemon (its counters, acceptor, journal), which worker processes would
+        # hold instead. The default (auto) is what the `serve` process tests run.
+        data["server"] = {"workers": 1, **data["server"]}
         daemon = Daemon(parse_config(data), ConfigSource(None, data))
         await daemon.start()
         daemons.append(daemon)

@@ -162,8 +162,14 @@ async def spawn(
     )
 
 
+# How long `serve` may take to answer /readyz: by default (server.workers auto) a daemon is a
+# journal owner and a worker process per CPU, each importing and building what it needs, on a
+# machine the other tests keep busy (7 to 9 s there for one process or three).
+SERVE_TIMEOUT_S = 60.0
+
+
 async def serve(
-    config: Any, port: int, *args: str, timeout_s: float = 10.0, **kwargs: Any
+    config: Any, port: int, *args: str, timeout_s: float = SERVE_TIMEOUT_S, **kwargs: Any
 ) -> asyncio.subprocess.Process:
     """`spawn` (with `args`), then wait until /readyz answers 200; a daemon that does not get
     there is killed, not left running (its caller has no process to reap)."""

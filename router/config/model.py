@@ -95,8 +95,10 @@ class ServerConfig:
     # Processes that take POST /v1/events (router/server/workers.py): 1 is one process doing
     # everything; N > 1 starts N worker processes sharing the port (SO_REUSEPORT) that read,
     # decode, validate, redact and route, and hand finished records to this process, the one
-    # journal owner, which also answers every other endpoint through them.
-    workers: int = 1
+    # journal owner, which also answers every other endpoint through them. "auto": one per CPU
+    # this process may use (its affinity, bounded by a cgroup CPU quota), resolved once when
+    # the daemon starts (resolve_workers); one usable CPU is one process.
+    workers: int | Literal["auto"] = "auto"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -535,7 +535,7 @@ async def test_a_reload_from_the_yaml_adds_changes_and_removes_alerts(
     path = tmp_path / "router.yaml"
     # What the fixture adds, so that only the alerts differ (server and storage need a restart).
     fixed = {
-        "server": {"host": "127.0.0.1", "port": 0},
+        "server": {"host": "127.0.0.1", "port": 0, "workers": daemon.config.server.workers},
         "storage": {"path": str(tmp_path / "var")},
         "shutdown": {"drain_timeout_s": 5},
     }

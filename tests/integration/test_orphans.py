@@ -22,7 +22,7 @@ async def test_rows_for_a_retired_target_are_dead_lettered_target_removed(
     await daemon.reload(
         parse_config(
             {
-                "server": {"host": "127.0.0.1", "port": 0},
+                "server": {"host": "127.0.0.1", "port": 0, "workers": running.server.workers},
                 "storage": {"path": running.storage.path},
                 "startup": {"validate_targets": False},
                 "shutdown": {"drain_timeout_s": 5},

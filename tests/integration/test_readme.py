@@ -24,6 +24,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from router.server.workers import resolve_workers
 from tests.fakes import read_ndjson, wait_for
 from tests.helpers import free_port, ready
 
@@ -211,8 +212,11 @@ async def test_the_quick_start_and_the_examples_run_as_written(quick_start: Quic
     not_the_daemons = [line for line in lines if not DAEMON_LINE.fullmatch(line)]
     assert not_the_daemons == [], "\n".join(lines)
     messages = [orjson.loads(line)["message"] for line in lines]
-    assert f"event-router 0.1.0 ready on http://127.0.0.1:{port} with 1 target and 1 route" in (
-        messages
+    # The default config says no server.workers: auto, one worker per usable CPU.
+    workers = resolve_workers("auto").describe()
+    assert (
+        f"event-router 0.1.0 ready on http://127.0.0.1:{port} with 1 target and 1 route; {workers}"
+        in messages
     )
     assert not any("test event" in m for m in messages), "no start-up test write by default"
 

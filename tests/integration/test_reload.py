@@ -44,7 +44,7 @@ def with_base(daemon: Daemon, data: dict[str, Any]) -> dict[str, Any]:
     """A new config for a running test daemon: same server, storage and shutdown sections."""
     running = daemon.config
     return {
-        "server": {"host": "127.0.0.1", "port": 0},
+        "server": {"host": "127.0.0.1", "port": 0, "workers": running.server.workers},
         "storage": {"path": running.storage.path},
         "delivery": {
             "batch": {"max_wait_s": 0.01},

@@ -235,7 +235,13 @@ async def test_a_worker_killed_under_load_loses_no_acknowledged_event(tmp_path: 
         status = await status_of(port)
         assert_books_balance(status)
         assert status["targets"]["archive"]["received"] >= len(acked)
-        assert status["workers"] == {"configured": WORKERS, "running": WORKERS, "restarts": 1}
+        assert status["workers"] == {
+            "setting": WORKERS,
+            "configured": WORKERS,
+            "basis": "server.workers",
+            "running": WORKERS,
+            "restarts": 1,
+        }
         assert await terminate(proc) == 0
     finally:
         await reap(proc)

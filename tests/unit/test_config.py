@@ -33,12 +33,15 @@ from router.config import (
 )
 from router.errors import ConfigError
 from router.resources import schemas_dir
+from router.server.workers import resolve_workers
 from router.targets.file import BATCH_DEFAULTS as FILE_BATCH
 from router.targets.file import FileEndpointConfig
 from router.targets.http import HttpEndpointConfig
 
 MiB = 1024 * 1024
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "config"
+# What `check` says of a config without server.workers (tests/unit/test_worker_count.py).
+AUTO_WORKERS = resolve_workers("auto").describe()
 SHIPPED_CONFIGS = [CONFIG_DIR / "router.yaml", *sorted((CONFIG_DIR / "examples").glob("*.yaml"))]
 
 ARCHIVE = {"id": "archive", "target_type": "file", "file_endpoint": {"path": "/tmp/a.ndjson"}}
@@ -602,7 +605,7 @@ def test_check_command_prints_ok_for_a_good_config(
     )
     main(["check", "--config", str(path)])
     out, err = capsys.readouterr()
-    assert out == f"{path}: OK (1 target, 1 route, 1 default target)\n"
+    assert out == f"{path}: OK (1 target, 1 route, 1 default target)\n{AUTO_WORKERS}\n"
     assert err == ""
 
 
@@ -611,7 +614,7 @@ def test_check_command_without_config_checks_the_embedded_default(
 ) -> None:
     main(["check"])
     out, _ = capsys.readouterr()
-    assert out.endswith("router.yaml: OK (1 target, 1 route, 0 default targets)\n")
+    assert out.endswith(f"router.yaml: OK (1 target, 1 route, 0 default targets)\n{AUTO_WORKERS}\n")
 
 
 @pytest.mark.parametrize(
@@ -915,7 +918,7 @@ def test_check_warns_about_a_config_without_targets(
     path.write_text(yaml.safe_dump({"routes": []}), encoding="utf-8")
     main(["check", "--config", str(path)])
     out, err = capsys.readouterr()
-    assert out == f"{path}: OK (0 targets, 0 routes, 0 default targets)\n"
+    assert out == f"{path}: OK (0 targets, 0 routes, 0 default targets)\n{AUTO_WORKERS}\n"
     assert err == (
         "warning: targets: none; accepted events go nowhere (counted as unrouted in /v1/status)\n"
     )

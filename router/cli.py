@@ -334,7 +334,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             )
             + f"{counted(len(config.settings.default_targets), 'default target')})"
         )
-        from router.server.workers import resolve_workers
+        from router.server.workercount import resolve_workers
 
         print(resolve_workers(config.server.workers).describe())
         return
@@ -370,7 +370,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def _workers_setting(text: str) -> int | Literal["auto"]:
     """--workers: `auto`, or a number of processes within server.workers' bounds."""
-    from router.server.workers import MAX_WORKERS
+    from router.server.workercount import MAX_WORKERS
 
     if text == "auto":
         return "auto"

@@ -69,7 +69,8 @@ from router.server.auth import Guard, Refusals
 from router.server.listener import ClientFaultLog, DeadlineSite, DeadlineUnixSite
 from router.server.servertls import server_context
 from router.server.tail import TailHub
-from router.server.workers import WorkerPool, resolve_workers
+from router.server.workercount import resolve_workers
+from router.server.workers import WorkerPool
 from router.targets import Target, build_target
 from router.targets.cos import CosTarget
 from router.targets.event_streams import EventStreamsTarget

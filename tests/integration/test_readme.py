@@ -24,7 +24,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from router.server.workers import resolve_workers
+from router.server.workercount import resolve_workers
 from tests.fakes import read_ndjson, wait_for
 from tests.helpers import free_port, ready
 

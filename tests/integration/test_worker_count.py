@@ -17,7 +17,7 @@ import aiohttp
 import orjson
 import yaml
 
-from router.server.workers import resolve_workers
+from router.server.workercount import resolve_workers
 from tests import helpers
 from tests.fakes import make_event, wait_for
 from tests.helpers import free_port, reap, terminate

@@ -33,7 +33,7 @@ from router.config import (
 )
 from router.errors import ConfigError
 from router.resources import schemas_dir
-from router.server.workers import resolve_workers
+from router.server.workercount import resolve_workers
 from router.targets.file import BATCH_DEFAULTS as FILE_BATCH
 from router.targets.file import FileEndpointConfig
 from router.targets.http import HttpEndpointConfig

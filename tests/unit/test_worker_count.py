@@ -12,7 +12,7 @@ import yaml
 
 from router.cli import main
 from router.config import ServerConfig, config_schema, parse_config
-from router.server.workers import (
+from router.server.workercount import (
     MAX_WORKERS,
     WorkerCount,
     cgroup_cpu_quota,

@@ -13,8 +13,10 @@ import yaml
 from router.cli import main
 from router.config import ServerConfig, config_schema, parse_config
 from router.server.workercount import (
+    AUTO_MAX_WORKERS,
     MAX_WORKERS,
     WorkerCount,
+    auto_count,
     cgroup_cpu_quota,
     resolve_workers,
     usable_cpus,
@@ -105,7 +107,7 @@ def test_a_cgroup_quota_is_the_cpus_worth_of_time_it_allows(
 def test_without_a_quota_auto_is_the_cpus_of_this_process_affinity(tmp_path: Path) -> None:
     root, proc = cgroups(tmp_path, "0::/\n", {"cpu.max": "max 100000\n"})
     count = resolve_workers("auto", cgroup_root=root, proc_cgroup=proc)
-    assert count == WorkerCount("auto", min(AFFINITY, MAX_WORKERS), count.basis)
+    assert count == WorkerCount("auto", min(AFFINITY, AUTO_MAX_WORKERS), count.basis)
     assert "affinity" in count.basis
 
 
@@ -127,7 +129,21 @@ def test_a_quota_above_the_affinity_does_not_raise_the_count(tmp_path: Path) -> 
 def test_this_machine_resolves_auto_to_at_least_one_process() -> None:
     """The real /sys/fs/cgroup and /proc/self/cgroup, whatever they hold."""
     count = resolve_workers("auto")
-    assert 1 <= count.count <= min(AFFINITY, MAX_WORKERS)
+    assert 1 <= count.count <= min(AFFINITY, AUTO_MAX_WORKERS)
+
+
+@pytest.mark.parametrize(
+    ("cpus", "workers"),
+    [(1, 1), (2, 2), (AUTO_MAX_WORKERS, AUTO_MAX_WORKERS), (96, AUTO_MAX_WORKERS)],
+)
+def test_auto_stops_at_what_one_journal_owner_can_take(cpus: int, workers: int) -> None:
+    """A 96-CPU host does not get 96 workers (about 4.6 GB busy) for one journal owner that
+    two of them already outrun; a number set in the config still goes up to MAX_WORKERS."""
+    count = auto_count(cpus, f"{cpus} CPUs in this process's affinity")
+    assert count.count == workers
+    assert count.basis.startswith(f"{cpus} CPUs")
+    assert (f"at most {AUTO_MAX_WORKERS}" in count.basis) == (cpus > AUTO_MAX_WORKERS)
+    assert resolve_workers(MAX_WORKERS).count == MAX_WORKERS
 
 
 def test_a_number_is_itself_whatever_the_cpus(tmp_path: Path) -> None:

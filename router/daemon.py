@@ -313,7 +313,6 @@ class Daemon:
         await self._announce_missing()
         for target_config in self.config.targets:
             self._start_worker(target_config)
-        self.alerts.start()
         # We inflate gzip ourselves, with a cap; aiohttp's own inflation has none.
         self._runner = web.AppRunner(
             self.app,
@@ -346,6 +345,7 @@ class Daemon:
                 header_timeout_s=server.header_timeout_s,
             )
             await self._site.start()
+        self.alerts.start()  # events come in from here on
         shared = self._shared_config()
         if shared is not None:
             await self._join_shared_config(shared)

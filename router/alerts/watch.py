@@ -77,6 +77,7 @@ class AlertWatch:
         self._saving: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._timer: asyncio.Task[None] | None = None
+        self._new: set[str] = set()  # alerts first watched before `start`
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -99,6 +100,18 @@ class AlertWatch:
             )
 
     def start(self) -> None:
+        """The daemon takes events from now on (it listens: its worker processes too). An
+        alert first watched in this run counts its absence window from here, not from `open`:
+        start-up between the two (the journal, the targets, worker processes importing and
+        binding) took seconds on a busy machine, and a short window fired before any producer
+        could have sent an event."""
+        now = self.clock()
+        for name in self._new:
+            state = self.states.get(name)
+            if state is not None and state.last_match is None and state.since < now:
+                state.since = now
+                self._dirty[name] = None
+        self._new.clear()
         self._timer = asyncio.create_task(self._run(), name="alerts-timer")
         for outgoing in list(self._unsent.values()):
             self._send_soon(outgoing)
@@ -134,6 +147,8 @@ class AlertWatch:
             if state is None or state.fingerprint != fingerprint(alert):
                 self.states[name] = AlertState(fingerprint(alert), since=now)
                 self._dirty[name] = None
+                if self._timer is None:  # before start: watched from when events come in
+                    self._new.add(name)
         self.alerts = wanted
         self._wake.set()
 

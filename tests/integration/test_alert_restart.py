@@ -43,10 +43,7 @@ def write_config(
     config.write_text(
         yaml.safe_dump(
             {
-                # One process: an absence window counts from when the alerts open, before
-                # worker processes listen; on a busy machine their start outlasts the 4 s
-                # window and the alert fires before the first event (reported, not fixed).
-                "server": {"host": "127.0.0.1", "port": port, "workers": 1},
+                "server": {"host": "127.0.0.1", "port": port},
                 "storage": {"path": str(tmp_path / "var")},
                 "targets": [
                     {

@@ -4,6 +4,8 @@ here with two workers while their own modules pin one process for its internals.
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,7 @@ import pytest
 from router.daemon import Daemon
 from tests.conftest import StartDaemon
 from tests.integration import test_api
+from tests.integration.test_workers import children
 
 WORKERS = {"host": "127.0.0.1", "port": 0, "workers": 2}
 
@@ -46,3 +49,43 @@ async def test_a_refused_admin_action_with_a_line_break_in_its_url_is_audited(
     await test_api.test_a_refused_admin_action_is_recorded_whatever_characters_its_url_holds(
         api_daemon, tmp_path
     )
+
+
+def process_started_at(pid: int) -> float:
+    """When a process was started, as time.time() would have said then (to the kernel's clock
+    tick): its /proc/PID/stat start time counts ticks since boot, CLOCK_BOOTTIME's zero."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    since_boot = int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    return since_boot + time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+async def test_an_absence_window_counts_from_when_the_workers_take_events(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """An alert first watched counted its absence window from when the alerts opened, early in
+    start-up, before the worker processes were even started: on a busy machine their start
+    outlasted a 4 s window, and the alert fired before any producer could send an event. Its
+    window now starts once they listen, after each of them was started."""
+    daemon = await start_daemon(
+        with_workers(
+            {
+                "targets": [test_api.file_target("archive", tmp_path / "archive.ndjson")],
+                "routes": [
+                    {"name": "all", "rules": [{"locations": ["*"], "target_ids": ["archive"]}]}
+                ],
+                "alerts": [
+                    {
+                        "name": "silent",
+                        "query": "host:secrets-manager",
+                        "absence": {"window_s": 60},
+                        "target_ids": ["archive"],
+                    }
+                ],
+            }
+        )
+    )
+    assert daemon.worker_pool is not None
+    workers = children(os.getpid())  # this test's in-process daemon's workers
+    assert len(workers) == 2
+    since = daemon.alerts.states["silent"].since
+    assert since >= max(process_started_at(pid) for pid in workers)

@@ -137,6 +137,8 @@ class Daemon:
         self.source = source or ConfigSource(None, {})
         self.validator = validator_for(config)
         self.redactor = redactor_for(config)
+        if config.redaction.hash_key is None:
+            log.info("redaction.hash_key is not set: hashed values correlate within this run only")
         self.routes = RouteTable(config.routes, config.settings.default_targets)
         target_ids = [target.id for target in config.targets]
         self.journal: SqliteJournal | JetStreamJournal

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import logging
 import os
 import pathlib
 import re
@@ -30,8 +29,6 @@ import orjson
 
 from router.config import RedactionConfig
 from router.intake.validation import json_pointer
-
-log = logging.getLogger(__name__)
 
 MASK: Final = "[REDACTED]"
 HASH_PREFIX: Final = "hmac-sha256:"
@@ -109,14 +106,29 @@ def _collect(
         _collect(root, sub, (*path, key), exact, nested, depth + 1)
 
 
+# The key of `hash` where redaction.hash_key is not set: drawn once per run of the daemon, so
+# that equal values hash equally within the run, across reloads that build the redactor again
+# and across worker processes, which take their owner's (router/server/worker.py): each worker
+# had drawn its own, and one API key hashed two ways depending on the worker a producer reached.
+_run_hash_key = os.urandom(32)
+
+
+def run_hash_key() -> bytes:
+    return _run_hash_key
+
+
+def take_run_hash_key(key: bytes) -> None:
+    """A worker process hashes under its owner's run key (WorkerSetup)."""
+    global _run_hash_key
+    _run_hash_key = key
+
+
 class Redactor:
     """Applies a Policy to event bodies, in place."""
 
     def __init__(self, policy: Policy, hash_key: str | None) -> None:
         self.policy = policy
-        if hash_key is None:
-            log.info("redaction.hash_key is not set: hashed values correlate within this run only")
-        self._key = hash_key.encode() if hash_key is not None else os.urandom(32)
+        self._key = hash_key.encode() if hash_key is not None else _run_hash_key
         self.redacted_events = 0
         self.redacted_values = 0
         # Per scope, the action of each key as spelled ("" for none): a service's keys repeat

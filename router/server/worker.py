@@ -46,6 +46,7 @@ from router.evidence.receipt import Receipts
 from router.intake.accept import Acceptor
 from router.intake.handoff import Channel, ChannelError, HandoffJournal
 from router.intake.http import Ingest, json_response
+from router.intake.redaction import take_run_hash_key
 from router.observe.metrics import IngestStats
 from router.reload import checkers_for, redactor_for, validator_for
 from router.routing import RouteTable
@@ -95,6 +96,7 @@ class WorkerSetup:
     owner_socket: str
     index: int
     count: int
+    run_hash_key: bytes  # redaction's key without redaction.hash_key: the owner's, for all
 
 
 def share(server: ServerConfig, count: int) -> ServerConfig:
@@ -239,6 +241,7 @@ class Worker:
         async with self._lock:
             assert self.channel is not None
             config = self.config = setup.config
+            take_run_hash_key(setup.run_hash_key)
             validator, redactor = validator_for(config), redactor_for(config)
             guard = Guard.build(config.auth, _never, config.server)
             guard.refusals = refusals = OwnerRefusals(config, self.channel)

@@ -48,6 +48,7 @@ import router
 from router.config import Config
 from router.intake.accept import Acceptor
 from router.intake.handoff import Channel, ChannelError, Record, events
+from router.intake.redaction import run_hash_key
 from router.observe.logformat import JsonFormatter
 from router.observe.metrics import IngestStats
 from router.server import WORKER_COMMAND
@@ -211,7 +212,9 @@ class WorkerPool:
         watch = asyncio.create_task(self._watch(handle), name=f"worker-watch-{index}")
         self._watches.add(watch)
         watch.add_done_callback(self._watches.discard)
-        setup = WorkerSetup(self._config(), self.port, self.owner_socket, index, self.count)
+        setup = WorkerSetup(
+            self._config(), self.port, self.owner_socket, index, self.count, run_hash_key()
+        )
         try:
             await channel.call("setup", setup)
         except BaseException:

@@ -9,10 +9,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from router.daemon import Daemon
 from tests.conftest import StartDaemon
+from tests.fakes import make_event, read_ndjson, wait_for
 from tests.integration import test_api
 from tests.integration.test_workers import children
 
@@ -89,3 +91,33 @@ async def test_an_absence_window_counts_from_when_the_workers_take_events(
     assert len(workers) == 2
     since = daemon.alerts.states["silent"].since
     assert since >= max(process_started_at(pid) for pid in workers)
+
+
+async def test_hashed_values_correlate_across_the_workers_without_a_hash_key(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """Without redaction.hash_key the key of `hash` is drawn at start, so equal values hash
+    equally within one run: each worker process drew its own, and the same API key hashed to
+    two values, depending on which worker the producer's connection reached."""
+    archive = tmp_path / "archive.ndjson"
+    daemon = await start_daemon(
+        with_workers(
+            {
+                "targets": [test_api.file_target("archive", archive)],
+                "routes": [
+                    {"name": "all", "rules": [{"locations": ["*"], "target_ids": ["archive"]}]}
+                ],
+            }
+        )
+    )
+    sent = 24  # each on a connection of its own: the kernel spreads them over both workers
+    for n in range(sent):
+        event = make_event(id=f"k{n}", responseData={"apiKey": "k-123"})
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(f"http://127.0.0.1:{daemon.port}/v1/events", json=[event]) as resp,
+        ):
+            assert resp.status == 202
+    await wait_for(lambda: len(read_ndjson(archive)) == sent, what="every event written")
+    hashed = {event["responseData"]["apiKey"] for event in read_ndjson(archive)}
+    assert len(hashed) == 1 and "k-123" not in next(iter(hashed)), hashed

@@ -1,6 +1,8 @@
-"""Worker processes behave as one daemon: tests of other modules that found a difference when
-the whole suite ran with server.workers "auto" (two workers on the 2-CPU machine), run again
-here with two workers while their own modules pin one process for its internals."""
+"""Worker processes behave as one daemon: what differed with two workers (server.workers "auto"
+on the 2-CPU machine) from one process. Tests of other modules that found a difference when the
+whole suite ran with the default, run again here with two workers while their own modules pin
+one process for its internals, and state that each process held for itself (redaction's run
+key, the alerts' clock) where one daemon holds one."""
 
 from __future__ import annotations
 

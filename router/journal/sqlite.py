@@ -261,20 +261,15 @@ class _Target:
         owner never has 0 pending)."""
         return bool(self.memory) and self.unheld_before == 0
 
-    def committed(self, count: int, entries: Sequence[Entry], held: int = -1) -> None:
+    def committed(self, count: int, entries: Sequence[Entry], held: int) -> None:
         """`count` entries of this target are durable; `entries` are they, made for memory,
-        or none (`may_remember` said they could not be kept). `held`, when known, is what they
-        keep alive (the sum of their `held_bytes`): when all of them fit, they are remembered
-        at once, as `remember` would one by one."""
+        or none (`may_remember` said they could not be kept). `held` is what they keep alive
+        (the sum of their `held_bytes`): when all of them fit, they are remembered at once, as
+        `remember` would one by one."""
         self.books.received += count
         self.books.pending += count
         if len(entries) == count:
-            if (
-                held >= 0
-                and self.remembering
-                and not self.overflow
-                and self.memory_bytes + held <= self.budget
-            ):
+            if self.remembering and not self.overflow and self.memory_bytes + held <= self.budget:
                 self.memory.extend(entries)
                 self.memory_bytes += held
                 return
@@ -330,17 +325,8 @@ class _Target:
         remembering waits until the backlog would fit."""
         self.settled_at = time.monotonic()
         memory = self.memory
-        taken = 0
-        for entry in memory:  # a prefix: memory is in seq order
-            if entry.seq > last:
-                break
-            taken += 1
-        if taken:
-            gone = [memory.popleft() for _ in range(taken)]
-            self.memory_bytes -= (
-                sum([len(e.event.encoded()) + len(e.event.id) for e in gone])
-                + taken * ENTRY_OVERHEAD
-            )
+        while memory and memory[0].seq <= last:
+            self.memory_bytes -= held_bytes(memory.popleft())
         if not self.memory and self.overflow:
             self.overflow = 0
             self.remembering = False
@@ -703,7 +689,7 @@ class SqliteJournal:
                 )
                 size += len(body)
                 kept = event.as_stored()
-                held = len(body) + len(event_id) + ENTRY_OVERHEAD
+                held = len(body) + len(event_id) + ENTRY_OVERHEAD  # each entry's held_bytes
                 if targets != routed_as:
                     extended = []
                     for target_id, route in targets.items():

@@ -61,7 +61,7 @@ from router.probe import ProbeResult, probe
 from router.reload import config_digest
 from router.selfevent import change_event, instance_crn
 from router.server.auth import CALLER
-from router.server.listener import api_error_json
+from router.server.listener import api_error_json, json_error
 from router.targets import TARGET_TYPES, build_target
 from router.targets._net import TLS_FILE_KEYS, AddressBound
 from router.targets.file import FileEndpointConfig
@@ -344,12 +344,13 @@ class ManagementApi:
                     await self._audit(
                         request, action, subject, config, None, exc.message, status=exc.status
                     )
-                return web.Response(
-                    body=api_error_json(exc.status, exc.code, exc.message),
-                    status=exc.status,
-                    content_type="application/json",
+                return json_error(
+                    exc.status,
+                    exc.code,
+                    exc.message,
                     # As ingest's 503s: a full disk or a failing journal passes.
                     headers={"Retry-After": "1"} if exc.status == 503 else None,
+                    body=api_error_json,
                 )
 
         return wrapped

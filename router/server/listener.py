@@ -148,6 +148,23 @@ def api_error_json(status: int, code: str, message: str) -> bytes:
     )
 
 
+def json_error(
+    status: int,
+    code: str,
+    message: str,
+    *,
+    headers: Mapping[str, str] | None = None,
+    body: Callable[[int, str, str], bytes] = error_json,
+) -> web.Response:
+    """An error answer: `body` (`error_json`, or the management API's `api_error_json`)."""
+    return web.Response(
+        body=body(status, code, message),
+        status=status,
+        content_type="application/json",
+        headers=headers,
+    )
+
+
 def code_for(status: int) -> str:
     """The error code of an answer aiohttp made: `method_not_allowed` for a 405."""
     if status in CODES:
@@ -173,12 +190,7 @@ def json_answers(*, max_body_bytes: int, faults: ClientFaultLog) -> Middleware:
         headers: Mapping[str, str] | None = None,
     ) -> web.Response:
         body = api_error_json if request.path.startswith(API_PREFIX) else error_json
-        return web.Response(
-            body=body(status, code, message),
-            status=status,
-            content_type="application/json",
-            headers=headers,
-        )
+        return json_error(status, code, message, headers=headers, body=body)
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -256,11 +268,8 @@ class JsonErrorHandler(RequestHandler):
     ) -> tuple[web.StreamResponse, bool]:
         if isinstance(resp, web.HTTPException) and resp.status >= 400:
             headers = {k: v for k, v in resp.headers.items() if k.lower() not in BODY_HEADERS}
-            resp = web.Response(
-                body=error_json(resp.status, code_for(resp.status), exception_text(resp)),
-                status=resp.status,
-                content_type="application/json",
-                headers=headers,
+            resp = json_error(
+                resp.status, code_for(resp.status), exception_text(resp), headers=headers
             )
         return await super().finish_response(request, resp, start_time)
 
@@ -279,11 +288,7 @@ class JsonErrorHandler(RequestHandler):
             why = "the daemon failed to answer this request; the error is in its log"
         else:  # 504: a handler ran out of time
             why = _description(status)
-        response = web.Response(
-            body=error_json(status, code_for(status), why),
-            status=status,
-            content_type="application/json",
-        )
+        response = json_error(status, code_for(status), why)
         response.force_close()
         return response
 

@@ -44,6 +44,7 @@ from router.intake.limits import (
 )
 from router.observe.metrics import IngestStats
 from router.server.auth import CALLER
+from router.server.listener import too_large_text
 
 log = logging.getLogger(__name__)
 
@@ -420,9 +421,7 @@ def inflate(body: bytes, max_bytes: int) -> bytes:
 
 
 def _too_large(limit: int) -> RequestError:
-    return RequestError(
-        413, "body_too_large", f"the body is larger than server.max_body_bytes ({limit} bytes)"
-    )
+    return RequestError(413, "body_too_large", too_large_text(limit))
 
 
 def outcome_response(outcome: Outcome) -> web.Response:

@@ -61,7 +61,7 @@ from router.probe import ProbeResult, probe
 from router.reload import config_digest
 from router.selfevent import change_event, instance_crn
 from router.server.auth import CALLER
-from router.server.listener import api_error_json, json_error
+from router.server.listener import api_error_json, json_error, too_large_text
 from router.targets import TARGET_TYPES, build_target
 from router.targets._net import TLS_FILE_KEYS, AddressBound
 from router.targets.file import FileEndpointConfig
@@ -379,10 +379,7 @@ class ManagementApi:
         except web.HTTPRequestEntityTooLarge as exc:
             # aiohttp's own refusal (client_max_size), made an ApiError so that it is audited.
             raise ApiError(
-                413,
-                "body_too_large",
-                "the body is larger than server.max_body_bytes "
-                f"({self.editor.config.server.max_body_bytes} bytes)",
+                413, "body_too_large", too_large_text(self.editor.config.server.max_body_bytes)
             ) from exc
         except orjson.JSONDecodeError as exc:
             raise ApiError(

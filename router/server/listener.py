@@ -131,6 +131,11 @@ def quoted(text: str) -> str:
     return text if len(text) <= MAX_QUOTED_CHARS else text[: MAX_QUOTED_CHARS - 3] + "..."
 
 
+def too_large_text(max_body_bytes: int) -> str:
+    """What a 413 says, wherever the body was refused (aiohttp's reader, ingest, the API)."""
+    return f"the body is larger than server.max_body_bytes ({max_body_bytes} bytes)"
+
+
 def error_json(status: int, code: str, message: str) -> bytes:
     """The daemon's error body (router/intake/http.py's `error_response` writes the same)."""
     return orjson.dumps({"error": {"code": code, "message": message}})
@@ -238,7 +243,7 @@ def _exception_message(request: web.Request, exc: web.HTTPException, max_body_by
         allowed = exc.headers.get("Allow", "")
         return f"{request.method} is not allowed on {path}; it takes {allowed or 'no method'}"
     if exc.status == 413:
-        return f"the body is larger than server.max_body_bytes ({max_body_bytes} bytes)"
+        return too_large_text(max_body_bytes)
     return exception_text(exc)
 
 

@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers",
         type=_workers_setting,
         help="processes taking POST /v1/events instead of server.workers: a number, or auto "
-        "(one per CPU this process may use)",
+        "(one per CPU this process may use, at most 4)",
     )
     serve.add_argument(
         "--log-format",

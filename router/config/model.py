@@ -96,8 +96,8 @@ class ServerConfig:
     # everything; N > 1 starts N worker processes sharing the port (SO_REUSEPORT) that read,
     # decode, validate, redact and route, and hand finished records to this process, the one
     # journal owner, which also answers every other endpoint through them. "auto": one per CPU
-    # this process may use (its affinity, bounded by a cgroup CPU quota), resolved once when
-    # the daemon starts (resolve_workers); one usable CPU is one process.
+    # this process may use (its affinity, bounded by a cgroup CPU quota), at most 4, resolved
+    # once when the daemon starts (router/server/workercount.py); one usable CPU is one process.
     workers: int | Literal["auto"] = "auto"
 
 

@@ -21,7 +21,7 @@ from router.server.workercount import resolve_workers
 from tests import helpers
 from tests.fakes import make_event, wait_for
 from tests.helpers import free_port, reap, terminate
-from tests.integration.test_workers import START_TIMEOUT_S, children, serve, status_of
+from tests.integration.test_workers import children, serve, status_of
 
 AUTO = resolve_workers("auto")
 
@@ -160,7 +160,7 @@ async def test_workers_on_the_command_line_win_over_the_file_at_start_and_at_rel
     port = free_port()
     config = write_config(tmp_path, port, workers=2)
     data = yaml.safe_load(config.read_text())
-    proc = await helpers.serve(config, port, "--workers", "1", timeout_s=START_TIMEOUT_S)
+    proc = await helpers.serve(config, port, "--workers", "1")
     try:
         assert_shows(await status_of(port), 1, 1)
         assert children(proc.pid) == set()

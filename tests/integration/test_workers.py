@@ -54,14 +54,10 @@ INGEST_TOKEN = "ingest-token-for-the-workers-test"
 ADMIN_TOKEN = "admin-token-for-the-workers-test"
 
 
-# Three processes start on a machine the other tests keep busy: more than tests.helpers.serve's
-# ten seconds may pass before the last worker listens.
-START_TIMEOUT_S = 60
-
-
-async def serve(config: Path, port: int, **kwargs: Any) -> asyncio.subprocess.Process:
-    """`serve`, with the time three processes may take to start on a busy machine."""
-    return await helpers.serve(config, port, timeout_s=START_TIMEOUT_S, **kwargs)
+# Three processes start on a machine the other tests keep busy: what `serve` waits for them
+# (tests.helpers.serve), also how long a test waits for what they do under load.
+START_TIMEOUT_S = helpers.SERVE_TIMEOUT_S
+serve = helpers.serve
 
 
 def workers_config(

@@ -214,10 +214,16 @@ class DeliveryWorker:
         refused: dict[str, list[Entry]] = {}
         unsendable = self.target.unsendable  # looked up once a batch, not per event
         known = self.unrecorded.of(target_id)
-        for entry in batch:
-            if known is not None and (settled := known.get(entry.seq)) is not None:
-                dead += 1 if settled else 0
-                continue
+        unsettled = batch
+        if known is not None:  # rarely: the loop below stays the same for every other batch
+            unsettled = []
+            for entry in batch:
+                settled = known.get(entry.seq)
+                if settled is None:
+                    unsettled.append(entry)
+                elif settled:
+                    dead += 1
+        for entry in unsettled:
             event = entry.event
             reason = "journal_corrupt" if event.corrupt else unsendable(event)
             if reason is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
+import os
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -53,6 +54,12 @@ BASE_EVENT: dict[str, Any] = {
     "requestData": {"secret_type": "arbitrary"},
     "responseData": {},
 }
+
+
+def incompressible(chars: int) -> str:
+    """`chars` characters that deflate can hardly shrink (random base64): a message that takes
+    its room in the journal, which packs large frames (router/journal/salvage.py `pack`)."""
+    return base64.b64encode(os.urandom(chars)).decode()[:chars]
 
 
 def make_event(

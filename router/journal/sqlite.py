@@ -12,7 +12,8 @@ discarded by SQLite itself) with our own CRC32 per record on top, checked on eve
 
     batches(first_seq, last_seq, records)              one row per commit: its events as a
                                                        frame of records (salvage.frame), each
-                                                       with its seq, id, arrival time and CRC
+                                                       with its seq, id, arrival time and CRC,
+                                                       deflated when large (salvage.pack)
     owed(target, last_seq, first_seq, batch, route)    one row per run of consecutive seqs of
                                                        one batch owed to a target by one route
                                                        (one per commit and target when routing
@@ -69,6 +70,7 @@ from router.events import Event
 from router.journal import Books, Entry, JournalFullError, JournalUnavailableError
 from router.journal.lock import lock_storage
 from router.journal.salvage import (
+    PACKED,
     RECORD,
     BooksRow,
     DeliveryRow,
@@ -76,8 +78,10 @@ from router.journal.salvage import (
     OwedRow,
     frame,
     frame_offsets,
+    pack,
     record_at,
     scan,
+    unpack,
 )
 from router.observe.logformat import counted
 
@@ -725,10 +729,11 @@ class SqliteJournal:
         db = self._db
         assert db is not None
         with transaction(db):
-            # Each frame is joined as SQLite takes it: a large commit is never copied whole.
+            # Each frame is joined and packed as SQLite takes it: a large commit is never
+            # copied whole.
             db.executemany(
                 "INSERT INTO batches VALUES (?, ?, ?)",
-                ((first, last, b"".join(parts)) for first, last, parts in batches),
+                ((first, last, pack(b"".join(parts))) for first, last, parts in batches),
             )
             db.executemany("INSERT INTO owed VALUES (?, ?, ?, ?, ?)", runs)
             db.executemany(
@@ -866,7 +871,7 @@ class SqliteJournal:
             row = self._db.execute(
                 "SELECT last_seq, records FROM batches WHERE first_seq = ?", (batch,)
             ).fetchone()
-            blob = bytes(row[1]) if row is not None else b""
+            blob = unpack(bytes(row[1])) if row is not None else b""
             offsets = frame_offsets(blob, batch, row[0]) if row is not None else {}
             self._frame = (batch, blob, offsets)
         return self._frame[1], self._frame[2]
@@ -1248,17 +1253,22 @@ class SqliteJournal:
 
     async def pending_for(self, event_id: str) -> list[str]:
         """The targets an event (by id) is still owed to: what a receipt's lookup shows as
-        pending. A scan of the batches for the id's bytes: for an admin's question, not the
-        hot path."""
+        pending. A scan of the batches for the id's bytes (every packed one inflated): for an
+        admin's question, not the hot path."""
 
         def read() -> list[str]:
             assert self._db is not None
             db = self._db
             targets: set[str] = set()
-            for first, last, blob in db.execute(
-                "SELECT first_seq, last_seq, records FROM batches WHERE instr(records, ?) > 0",
-                (event_id.encode(),),
+            raw_id = event_id.encode()
+            for first, last, stored in db.execute(
+                "SELECT first_seq, last_seq, records FROM batches "
+                "WHERE instr(records, ?1) > 0 OR substr(records, 1, ?3) = ?2",
+                (raw_id, PACKED, len(PACKED)),
             ).fetchall():
+                blob = unpack(stored)
+                if raw_id not in blob:
+                    continue
                 for seq, at in frame_offsets(blob, first, last).items():
                     if record_at(blob, at)[1] == event_id:
                         targets.update(
@@ -1378,7 +1388,7 @@ def _move_chunk(db: sqlite3.Connection) -> int | None:
             (seq, event_id, at, body if isinstance(body, bytes) else str(body).encode(), crc)
             for seq, event_id, at, body, crc in rows
         ]
-        db.execute("INSERT INTO batches VALUES (?, ?, ?)", (first, last, frame(records)))
+        db.execute("INSERT INTO batches VALUES (?, ?, ?)", (first, last, pack(frame(records))))
         db.executemany("INSERT INTO owed VALUES (?, ?, ?, ?, ?)", runs)
     db.execute("DELETE FROM events WHERE seq BETWEEN ? AND ?", (first, last))
     return len(rows)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sqlite3
 from pathlib import Path
 
 import aiohttp
 import yaml
 
 from router.config.model import BatchConfig
+from router.journal.salvage import PACKED
 from router.targets.file import BATCH_DEFAULTS as FILE_BATCH
 from tests.fakes import ScriptedReceiver, make_event, read_ndjson, wait_for
 from tests.helpers import Load, drained, free_port, reap, serve, terminate
@@ -103,6 +105,92 @@ async def test_kill_9_under_load_loses_no_acknowledged_event(tmp_path: Path) -> 
     print(f"acked {len(acked)}; duplicates after kill -9: {duplicates}")
     # One batch of each target, at its default size: a file batch is 2,000 events, an http 500.
     in_flight = {"archive": FILE_BATCH["max_events"], "siem": BatchConfig().max_events}
+    assert all(duplicates[name] <= in_flight[name] for name in duplicates), (duplicates, in_flight)
+
+
+async def test_kill_9_while_packed_frames_are_written_loses_no_acknowledged_event(
+    tmp_path: Path,
+) -> None:
+    """100 events per POST: the journal's commits are frames stored packed (deflated). kill -9
+    under that load with the http target down, so packed frames are what the journal holds at
+    the kill (checked in the file and its log as the kill left them); after the restart every
+    acknowledged event reaches both targets, at most a batch twice, and the books balance."""
+    receiver = await ScriptedReceiver(statuses=[503]).start()
+    port = free_port()
+    archive = tmp_path / "var" / "archive.ndjson"
+    config = tmp_path / "router.yaml"
+    retry = {"max_attempts": 100_000, "max_age_s": 3600, "max_backoff_s": 0.2}
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "server": {"host": "127.0.0.1", "port": port},
+                "storage": {"path": str(tmp_path / "var"), "fsync": "always"},
+                "startup": {"validate_targets": False},
+                "targets": [
+                    {
+                        "id": "archive",
+                        "target_type": "file",
+                        "file_endpoint": {"path": str(archive)},
+                    },
+                    {
+                        "id": "siem",
+                        "target_type": "http",
+                        "http_endpoint": {"url": receiver.url},
+                        "retry": retry,
+                    },
+                ],
+                "routes": [
+                    {
+                        "name": "all",
+                        "rules": [{"locations": ["*"], "target_ids": ["archive", "siem"]}],
+                    }
+                ],
+            }
+        )
+    )
+    base = f"http://127.0.0.1:{port}"
+    proc: asyncio.subprocess.Process | None = None
+    try:
+        proc = await serve(config, port)
+        load = Load(port, posters=4, per_post=100, for_at_most_s=30)
+        acked = load.acked
+        await wait_for(lambda: len(acked) >= 3000, timeout_s=60, what="load acknowledged")
+        proc.send_signal(signal.SIGKILL)
+        assert await proc.wait() == -signal.SIGKILL
+        await load.stop()
+        journal = tmp_path / "var" / "journal.db"
+        with sqlite3.connect(f"file:{journal}?mode=ro", uri=True) as db:
+            packed = db.execute(
+                "SELECT COUNT(*) FROM batches WHERE substr(records, 1, ?) = ?",
+                (len(PACKED), PACKED),
+            ).fetchone()[0]
+        db.close()
+        assert packed > 0, "the journal held packed frames at the kill"
+
+        receiver.statuses = [200]
+        proc = await serve(config, port)
+        await wait_for(
+            lambda: drained(port), timeout_s=60, what="the journal to drain after the restart"
+        )
+        async with aiohttp.ClientSession() as session, session.get(f"{base}/v1/status") as resp:
+            status = await resp.json()
+        assert await terminate(proc) == 0
+    finally:
+        await reap(proc)
+        await receiver.stop()
+
+    for row in status["targets"].values():
+        assert row["received"] == row["delivered"] + row["dead_lettered"] + row["pending"]
+        assert row["received"] >= len(acked) and row["lost"] == 0 and row["dead_lettered"] == 0
+    archived = [e["id"] for e in read_ndjson(archive)]
+    sent = [e["id"] for e in receiver.delivered_events]
+    for name, got in (("archive", archived), ("siem", sent)):
+        missing = set(acked) - set(got)
+        assert not missing, f"{name} lost {len(missing)} of {len(acked)} acknowledged events"
+    in_flight = {"archive": FILE_BATCH["max_events"], "siem": BatchConfig().max_events}
+    duplicates = {
+        name: len(got) - len(set(got)) for name, got in (("archive", archived), ("siem", sent))
+    }
     assert all(duplicates[name] <= in_flight[name] for name in duplicates), (duplicates, in_flight)
 
 

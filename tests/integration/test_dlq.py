@@ -12,7 +12,7 @@ import yaml
 
 from router.cli import main
 from tests.conftest import StartDaemon
-from tests.fakes import ScriptedReceiver, make_event, read_ndjson, wait_for
+from tests.fakes import ScriptedReceiver, incompressible, make_event, read_ndjson, wait_for
 from tests.helpers import (
     assert_books_balance,
     file_target,
@@ -145,12 +145,13 @@ async def test_a_redrive_the_journal_cannot_take_stops_with_the_reason_and_loses
     )
     await post(daemon, [make_event(id=f"d{i}") for i in range(20)])
     await wait_for(lambda: daemon.status()["targets"]["siem"]["dead_lettered"] == 20)
-    padded = {"pad": "x" * 2000}
-    for n in range(100):  # the slow target's backlog fills the journal
-        status, _ = await post(
-            daemon,
-            [make_event(id=f"f{n}-{i}", location="us-east", requestData=padded) for i in range(20)],
-        )
+    for n in range(100):  # the slow target's backlog fills the journal (packed frames: bytes
+        # deflate hardly shrinks)
+        padded = [{"pad": incompressible(2000)} for _ in range(20)]
+        events = [
+            make_event(id=f"f{n}-{i}", location="us-east", requestData=padded[i]) for i in range(20)
+        ]
+        status, _ = await post(daemon, events)
         if status == 503:
             break
     assert status == 503

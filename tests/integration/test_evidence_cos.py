@@ -24,7 +24,7 @@ from router.evidence.checkpoint import is_checkpoint
 from router.evidence.keys import generate
 from router.evidence.receipt import find_in_letters
 from tests.conftest import StartDaemon
-from tests.fakes import ACCOUNT, make_event, wait_for
+from tests.fakes import ACCOUNT, incompressible, make_event, wait_for
 from tests.helpers import (
     assert_books_balance,
     drained,
@@ -449,7 +449,7 @@ async def shed_while_held(
 
     async def fill() -> None:
         for n in range(100):
-            batch = [make_event(id=f"f{n}-{i}", message="x" * 500) for i in range(20)]
+            batch = [make_event(id=f"f{n}-{i}", message=incompressible(1500)) for i in range(20)]
             assert (await post(daemon, batch))[0] == 202
 
     await asyncio.wait_for(fill(), timeout=30)

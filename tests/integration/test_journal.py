@@ -24,11 +24,11 @@ from router.daemon import Daemon
 from router.events import Event
 from router.journal import Entry
 from router.journal import sqlite as sqlite_journal
-from router.journal.salvage import frame, frame_offsets, record_at
+from router.journal.salvage import PACKED, frame, frame_offsets, record_at, unpack
 from router.journal.sqlite import FREE_BYTES_BEFORE_SHRINK, SqliteJournal
 from router.observe.metrics import utc_iso
 from tests.conftest import StartDaemon
-from tests.fakes import ScriptedReceiver, make_event, read_ndjson, wait_for
+from tests.fakes import ScriptedReceiver, incompressible, make_event, read_ndjson, wait_for
 from tests.helpers import (
     assert_books_balance,
     everything_to,
@@ -61,11 +61,12 @@ def tamper_record(path: Path, seq: int, body: bytes) -> float:
     """Put other bytes in the body of record `seq` in its batch, keeping its CRC (which then
     fails); returns the record's arrival time."""
     with sqlite3.connect(path) as db:
-        [(first, last, blob)] = db.execute(
+        [(first, last, stored)] = db.execute(
             "SELECT first_seq, last_seq, records FROM batches WHERE first_seq <= ? "
             "ORDER BY first_seq DESC LIMIT 1",
             (seq,),
         )
+        blob = unpack(stored)
         records = [record_at(blob, at) for at in frame_offsets(blob, first, last).values()]
         [received_at] = [r[2] for r in records if r[0] == seq]
         tampered = [(s, i, at, body if s == seq else b, crc) for s, i, at, b, crc in records]
@@ -243,9 +244,12 @@ async def test_a_damaged_journal_file_is_quarantined_and_intact_records_delivere
         "shutdown": {"drain_timeout_s": 0.2},
     }
     first = await start_daemon(config)
-    big = "x" * 3000  # several pages of events, so damage hits some and spares others
+    # Several pages of events, so damage hits some and spares others (bytes deflate cannot
+    # shrink: the journal packs these frames).
     for i in range(20):
-        await post(first, [make_event(id=f"e{i}-{j}", message=big) for j in range(10)])
+        await post(
+            first, [make_event(id=f"e{i}-{j}", message=incompressible(3000)) for j in range(10)]
+        )
     await first.stop()
     damage(tmp_path / "var" / "journal.db")
 
@@ -303,9 +307,8 @@ async def test_a_drained_backlog_gives_its_disk_space_back(
     daemon = await start_daemon(
         {"targets": [patient(http_target("siem", siem.url))], "routes": everything_to("siem")}
     )
-    filler = "x" * 4000
-    for _ in range(40):
-        await post(daemon, [make_event(message=filler) for _ in range(125)])
+    for _ in range(50):  # bytes deflate hardly shrinks (random base64): frames are packed
+        await post(daemon, [make_event(message=incompressible(5000)) for _ in range(125)])
     full = daemon.status()["journal"]["used_bytes"]
     assert full > 20_000_000
     siem.statuses = [200]
@@ -338,7 +341,7 @@ async def test_a_backlog_keeps_its_free_pages_for_the_next_commits_and_drained_g
     taken: list[str] = []
 
     async def append(count: int) -> None:
-        events = [Event.from_body(make_event(message="x" * 4000)) for _ in range(count)]
+        events = [Event.from_body(make_event(message=incompressible(6000))) for _ in range(count)]
         ids.extend(event.id for event in events)
         await journal.append([(event, {"t": "all"}) for event in events])
 
@@ -402,7 +405,8 @@ async def test_drop_oldest_per_target_dead_letters_the_oldest_when_full(
     posted: list[str] = []
     for n in range(100):
         ids = [f"e{n}-{i}" for i in range(20)]
-        status, _ = await post(daemon, [make_event(id=i, message="x" * 500) for i in ids])
+        events = [make_event(id=i, message=incompressible(1500)) for i in ids]
+        status, _ = await post(daemon, events)
         assert status == 202, "drop_oldest_per_target does not refuse ingest"
         posted += ids
     assert daemon.status()["ingest"]["dropped_buffer_full"] > 0
@@ -998,15 +1002,18 @@ async def test_a_journal_of_one_row_per_event_opens_and_delivers_what_it_owed(
             assert db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] == 0, table
 
 
+@pytest.mark.parametrize("message", ["x" * 3000, "incompressible"])
 async def test_a_batch_torn_by_a_truncation_gives_back_the_events_before_the_cut(
     start_daemon: StartDaemon,
     receiver_factory: ReceiverFactory,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    message: str,
 ) -> None:
-    """One commit of 100 events framed as one batch row, whose frame runs through a chain of
-    overflow pages. Cut the file in the middle of it: the events wholly before the cut are
-    delivered, in order, and the rest are counted lost, none quarantined."""
+    """One commit of 100 events framed as one batch row, whose frame (packed: deflated, by
+    ~100x or hardly at all) runs through a chain of overflow pages. Cut the file in the middle
+    of it: the events wholly before the cut are delivered, in order, and the rest are counted
+    lost, none quarantined."""
     monkeypatch.setattr(sqlite_journal, "BATCH_BYTES", 1 << 20)
     siem = await receiver_factory([503])
     config = {
@@ -1016,9 +1023,13 @@ async def test_a_batch_torn_by_a_truncation_gives_back_the_events_before_the_cut
     }
     first = await start_daemon(config)
     ids = [f"e{i:02}" for i in range(100)]
-    await post(first, [make_event(id=i, message="x" * 3000) for i in ids])
+    text = incompressible if message == "incompressible" else lambda _: message
+    await post(first, [make_event(id=i, message=text(3000)) for i in ids])
     await first.stop()
     journal = tmp_path / "var" / "journal.db"
+    with sqlite3.connect(journal) as db:
+        [(blob,)] = db.execute("SELECT records FROM batches")
+    assert blob.startswith(PACKED)
     os.truncate(journal, journal.stat().st_size // 2)
 
     siem.statuses = [200]
@@ -1252,5 +1263,32 @@ async def test_events_routed_in_changing_ways_reach_each_target_from_memory_as_f
             books = journal.books(target_id)
             assert books.received == books.delivered + books.dead_lettered + books.pending
             assert books.delivered == len(expected[target_id])
+    finally:
+        await journal.close()
+
+
+async def test_an_event_in_a_packed_frame_is_found_pending_until_its_target_settles_it(
+    tmp_path: Path,
+) -> None:
+    """A receipt's lookup (pending_for) finds an event by id in a frame stored packed, whose
+    bytes do not hold the id as they are; once the target has settled it, no longer, though
+    its frame stays for the events after it."""
+    journal = SqliteJournal(StorageConfig(path=str(tmp_path / "var"), fsync="never"), ["t"])
+    await journal.open()
+    events = [Event.from_body(make_event(id=f"e{i:03}", message="x" * 1000)) for i in range(100)]
+    try:
+        await journal.append([(event, {"t": "all"}) for event in events])
+        with sqlite3.connect(tmp_path / "var" / "journal.db") as db:
+            blobs = [blob for (blob,) in db.execute("SELECT records FROM batches")]
+        assert all(blob.startswith(PACKED) for blob in blobs)
+        assert not any(b"e050" in blob for blob in blobs), "the ids are not in the packed bytes"
+        assert await journal.pending_for("e050") == ["t"]
+        assert await journal.pending_for("e999") == []
+        batch = await journal.next_batch(
+            "t", max_events=60, max_bytes=1 << 24, max_wait_s=0, stopping=asyncio.Event()
+        )
+        await journal.ack("t", batch, dead_lettered=0)
+        assert await journal.pending_for("e010") == []
+        assert await journal.pending_for("e080") == ["t"]
     finally:
         await journal.close()

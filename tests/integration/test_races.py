@@ -24,7 +24,7 @@ from router.evidence.verify import Verifier, VerifyOptions, verify_files
 from router.journal import sqlite
 from router.server.api import ConfigSource
 from tests.conftest import StartDaemon
-from tests.fakes import ScriptedReceiver, make_event, read_ndjson, wait_for
+from tests.fakes import ScriptedReceiver, incompressible, make_event, read_ndjson, wait_for
 from tests.helpers import (
     Load,
     ReceiverFactory,
@@ -238,7 +238,9 @@ async def test_a_full_journal_shedding_under_load_and_reloads_answers_truthfully
                 n += 1
                 async with session.post(
                     f"http://127.0.0.1:{daemon.port}/v1/events",
-                    data=orjson.dumps([make_event(id=i, message="x" * 500) for i in ids]),
+                    data=orjson.dumps(
+                        [make_event(id=i, message=incompressible(1500)) for i in ids]
+                    ),
                     headers={"Content-Type": "application/json"},
                 ) as resp:
                     assert resp.status in (202, 503), resp.status

@@ -14,6 +14,7 @@ from router.config import StorageConfig
 from router.events import Event
 from router.journal import sqlite as sqlite_journal
 from router.journal.salvage import (
+    PACKED,
     RECORD,
     BooksRow,
     DeliveryRow,
@@ -22,7 +23,9 @@ from router.journal.salvage import (
     frame,
     frame_offsets,
     frame_records,
+    pack,
     scan,
+    unpack,
 )
 from router.journal.sqlite import SCHEMA, SqliteJournal
 
@@ -219,3 +222,46 @@ def test_damage_inside_a_frame_costs_the_records_it_touches_only() -> None:
     found = {r.seq: r for r in frame_records(bytes(blob), 1, 10)}
     assert sorted(found) == [1, 2, 3, 4, 5, 7, 8, 9, 10]
     assert [seq for seq, r in found.items() if not r.intact] == [3]
+
+
+def records_of(count: int, body_bytes: int) -> list[tuple[int, str, float, bytes, int]]:
+    """`count` records whose bodies (JSON, as alike as audit events are) are `body_bytes` long."""
+    out = []
+    for seq in range(1, count + 1):
+        body = b'{"n": %d, "message": "%s"}' % (seq, b"secret %d " % seq * body_bytes)
+        body = body[: body_bytes - 2] + b'"}'
+        out.append((seq, f"e{seq}", 1.5, body, zlib.crc32(body)))
+    return out
+
+
+def test_a_large_frame_is_packed_and_a_small_one_stays_plain() -> None:
+    small = frame(records_of(3, 1000))
+    assert pack(small) == small and unpack(small) == small
+    large = frame(records_of(100, 1000))
+    packed = pack(large)
+    assert packed.startswith(PACKED) and len(packed) < len(large) // 4
+    assert unpack(packed) == large
+    assert [r.seq for r in frame_records(packed, 1, 100)] == list(range(1, 101))
+
+
+def test_a_packed_frame_cut_short_gives_the_records_before_the_cut() -> None:
+    records = records_of(100, 1000)
+    packed = pack(frame(records))
+    found = list(frame_records(packed[: len(packed) // 2], 1, 100))
+    assert 0 < len(found) < 100
+    assert [r.seq for r in found] == list(range(1, len(found) + 1))
+    assert all(r.intact and r.body == records[r.seq - 1][3] for r in found)
+
+
+def test_garbage_inside_a_packed_frame_costs_what_inflates_after_it_only() -> None:
+    """Records before the damage come back whole; what inflates after it is garbage or no
+    record at all, never a record taken as intact with other bytes."""
+    records = records_of(100, 1000)
+    blob = bytearray(pack(frame(records)))
+    middle = len(blob) // 2
+    blob[middle : middle + 64] = b"\x00" * 64
+    found = list(frame_records(bytes(blob), 1, 100))
+    assert found and found[0].seq == 1
+    assert all(r.body == records[r.seq - 1][3] for r in found if r.intact)
+    intact = [r.seq for r in found if r.intact]
+    assert intact[: len(intact) // 2] == list(range(1, len(intact) // 2 + 1))

@@ -303,6 +303,13 @@ class WorkerPool:
         found = await asyncio.gather(*(h.channel.call("modules") for h in handles))
         return {h.proc.pid: names for h, names in zip(handles, found, strict=True)}
 
+    async def frozen(self) -> dict[int, int]:
+        """How many objects each running worker froze after its setup (Worker.frozen), by
+        process id."""
+        handles = list(self._handles.values())
+        found = await asyncio.gather(*(h.channel.call("frozen") for h in handles))
+        return {h.proc.pid: count for h, count in zip(handles, found, strict=True)}
+
     def ingest_stats(self, own: IngestStats) -> IngestStats:
         """The daemon's ingest counters: the owner's own (its events, sheds, reloads), the
         exited workers' and the running workers' as last reported."""

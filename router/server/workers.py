@@ -47,7 +47,7 @@ from aiohttp.typedefs import Handler
 import router
 from router.config import Config
 from router.intake.accept import Acceptor
-from router.intake.handoff import Channel, ChannelError, Record, events
+from router.intake.handoff import Channel, ChannelError, Records, events
 from router.intake.redaction import run_hash_key
 from router.observe.logformat import JsonFormatter
 from router.observe.metrics import IngestStats
@@ -230,10 +230,10 @@ class WorkerPool:
             for handle in mine:
                 handle.reported(stats, handed)
 
-        async def append(handed: list[Record], data: list[bytes]) -> None:
+        async def append(handed: Records, data: list[bytes]) -> None:
             await self._acceptor.commit(events(handed, data))
             for handle in mine:
-                handle.journaled += len(handed)
+                handle.journaled += len(data)
 
         return {"append": append, "refused": self._refused, "drained": drained}
 

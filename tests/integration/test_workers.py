@@ -1242,14 +1242,16 @@ async def test_a_calls_data_goes_out_as_one_buffer_however_many_events_it_holds(
     owner = await Channel.over(owner_side, {"append": append}, name="owner")
     worker = await Channel.over(worker_side, {}, name="worker")
     written: list[int] = []
-    writelines = worker._writer.writelines
+    transport = worker._transport
+    assert transport is not None
+    writelines = transport.writelines
 
     def counted(buffers: Any) -> None:
         buffers = list(buffers)
         written.append(len(buffers))
         writelines(buffers)
 
-    worker._writer.writelines = counted  # type: ignore[method-assign]
+    transport.writelines = counted  # type: ignore[method-assign]
     owner.start()
     worker.start()
     try:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from router.server.api import ConfigSource
 from tests.conftest import StartDaemon
 from tests.fakes import ScriptedReceiver, make_event, read_ndjson, wait_for
 from tests.helpers import (
+    Load,
     ReceiverFactory,
     assert_books_balance,
     everything_to,
@@ -42,12 +42,10 @@ from tests.helpers import (
 from tests.integration.test_evidence import chained_file_target
 from tests.integration.test_reload import with_base
 from tests.integration.test_workers import (
-    POSTERS,
     START_TIMEOUT_S,
     WORKERS,
     children,
     drained,
-    load,
     serve,
     status_of,
     workers_config,
@@ -300,13 +298,8 @@ async def test_sighups_while_workers_are_killed_lose_and_repeat_nothing(tmp_path
     proc: asyncio.subprocess.Process | None = None
     try:
         proc = await serve(path, port)
-        acked: list[str] = []
-        gone = asyncio.Event()
-        stop_at = time.monotonic() + 120
-        posters = [
-            asyncio.create_task(load(port, acked, stop_at, p, gone), name=f"poster-{p}")
-            for p in range(POSTERS)
-        ]
+        load = Load(port, through_restarts=True)
+        acked = load.acked
         for n in range(4):
             await wait_for(lambda n=n: len(acked) >= 300 * (n + 1), timeout_s=START_TIMEOUT_S)
             with_extra = n % 2 == 1
@@ -330,8 +323,7 @@ async def test_sighups_while_workers_are_killed_lose_and_repeat_nothing(tmp_path
                 timeout_s=START_TIMEOUT_S,
                 what="a worker started in place of the killed one",
             )
-        gone.set()
-        await asyncio.gather(*posters)
+        await load.stop()
         await wait_for(lambda: drained(port), timeout_s=START_TIMEOUT_S, what="the drain")
         status = await status_of(port)
         for target_id, row in status["targets"].items():
@@ -529,14 +521,8 @@ async def test_the_owner_killed_during_a_sighup_loses_no_acknowledged_event(
     proc: asyncio.subprocess.Process | None = None
     try:
         proc = await serve(path, port)
-        acked: list[str] = []
-        gone = asyncio.Event()
-        posters = [
-            asyncio.create_task(
-                load(port, acked, time.monotonic() + 120, p, gone), name=f"poster-{p}"
-            )
-            for p in range(POSTERS)
-        ]
+        load = Load(port, through_restarts=True)
+        acked = load.acked
         await wait_for(lambda: len(acked) >= 500, timeout_s=START_TIMEOUT_S)
         write(False)
         tried = len(down.requests)
@@ -545,8 +531,7 @@ async def test_the_owner_killed_during_a_sighup_loses_no_acknowledged_event(
         await wait_for(lambda: len(down.requests) >= tried + 3, what="the removed target tried")
         proc.send_signal(signal.SIGKILL)
         assert await proc.wait() == -signal.SIGKILL
-        gone.set()
-        await asyncio.gather(*posters)
+        await load.stop()
         proc = await serve(path, port)
         await wait_for(lambda: drained(port), timeout_s=START_TIMEOUT_S, what="the drain")
         status = await status_of(port)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -299,6 +300,14 @@ class Worker:
                 reuse_port=True,
             )
             await site.start()
+            # What setup built (modules, config, schemas, validator, routes, aiohttp) lives as
+            # long as the process: frozen out of the collector's sight as serve's own start-up
+            # is (router/cli.py), so a full collection walks only what came after. Measured
+            # under bench.compare's batch100 load with gc callbacks in each worker: the
+            # collector's CPU 2.0-2.2 -> 0.9 us per event of the daemon in each of two
+            # workers (7 full collections in 15 s, each over ~47,000 objects before).
+            gc.collect()
+            gc.freeze()
             log.info(
                 "worker %d of %d (pid %d) takes POST %s on port %d",
                 setup.index + 1,
@@ -335,6 +344,11 @@ class Worker:
         client (router/targets/cos.py, event_streams.py), no signing library, no management
         API; the owner asks, for a test or for an operator weighing a worker's memory."""
         return sorted(sys.modules)
+
+    async def frozen(self) -> int:
+        """How many objects setup froze out of the garbage collector's sight (gc.freeze): the
+        owner asks, for a test."""
+        return gc.get_freeze_count()
 
     async def drain(self) -> None:
         """Stop listening and finish the requests in flight; once, however often asked."""
@@ -383,6 +397,7 @@ async def run_worker(fd: int) -> int:
             "configure": worker.configure,
             "stats": worker.report,
             "modules": worker.modules,
+            "frozen": worker.frozen,
         },
         name="journal-owner",
     )

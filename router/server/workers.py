@@ -47,7 +47,7 @@ from aiohttp.typedefs import Handler
 import router
 from router.config import Config
 from router.intake.accept import Acceptor
-from router.intake.handoff import Channel, ChannelError, Record, events
+from router.intake.handoff import Channel, ChannelError, Records, events
 from router.intake.redaction import run_hash_key
 from router.observe.logformat import JsonFormatter
 from router.observe.metrics import IngestStats
@@ -244,10 +244,10 @@ class WorkerPool:
             for handle in mine:
                 handle.reported(stats, handed)
 
-        async def append(handed: list[Record], data: list[bytes]) -> None:
+        async def append(handed: Records, data: list[bytes]) -> None:
             await self._acceptor.commit(events(handed, data))
             for handle in mine:
-                handle.journaled += len(handed)
+                handle.journaled += len(data)
 
         return {"append": append, "refused": self._refused, "drained": drained}
 
@@ -318,6 +318,13 @@ class WorkerPool:
         handles = list(self._handles.values())
         found = await asyncio.gather(*(h.channel.call("modules") for h in handles))
         return {h.proc.pid: names for h, names in zip(handles, found, strict=True)}
+
+    async def frozen(self) -> dict[int, int]:
+        """How many objects each running worker froze after its setup (Worker.frozen), by
+        process id."""
+        handles = list(self._handles.values())
+        found = await asyncio.gather(*(h.channel.call("frozen") for h in handles))
+        return {h.proc.pid: count for h, count in zip(handles, found, strict=True)}
 
     def ingest_stats(self, own: IngestStats) -> IngestStats:
         """The daemon's ingest counters: the owner's own (its events, sheds, reloads), the

@@ -743,6 +743,25 @@ async def test_a_worker_imports_no_target_client_even_when_the_config_names_ever
         assert heavy == [], f"worker {pid} imported {heavy}"
 
 
+async def test_each_worker_freezes_what_its_setup_built(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """A worker's start-up heap (modules, config, validator, routes) is frozen out of the
+    garbage collector's sight, as serve's is: a full collection walks only what came after
+    (it walked ~47,000 objects in each worker before, ~1 us of CPU per batched event)."""
+    daemon = await start_daemon(
+        {
+            "server": {"host": "127.0.0.1", "port": 0, "workers": WORKERS},
+            "targets": [helpers.file_target("archive", tmp_path / "archive.ndjson")],
+            "routes": helpers.everything_to("archive"),
+        }
+    )
+    assert daemon.worker_pool is not None
+    frozen = await daemon.worker_pool.frozen()
+    assert len(frozen) == WORKERS
+    assert all(count > 10_000 for count in frozen.values()), frozen
+
+
 def mapped(pid: int) -> set[str]:
     """The files a process has mapped (its shared libraries among them)."""
     with open(f"/proc/{pid}/maps", encoding="utf-8") as f:
@@ -1170,14 +1189,16 @@ async def test_a_calls_data_goes_out_as_one_buffer_however_many_events_it_holds(
     owner = await Channel.over(owner_side, {"append": append}, name="owner")
     worker = await Channel.over(worker_side, {}, name="worker")
     written: list[int] = []
-    writelines = worker._writer.writelines
+    transport = worker._transport
+    assert transport is not None
+    writelines = transport.writelines
 
     def counted(buffers: Any) -> None:
         buffers = list(buffers)
         written.append(len(buffers))
         writelines(buffers)
 
-    worker._writer.writelines = counted  # type: ignore[method-assign]
+    transport.writelines = counted  # type: ignore[method-assign]
     owner.start()
     worker.start()
     try:

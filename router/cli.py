@@ -28,7 +28,12 @@ import uvloop
 from router import __version__
 from router.completion import SHELLS, script
 from router.config import Config, TargetConfig, config_warnings, load_config_and_data
-from router.errors import ConfigError, StorageLockedError, StorageUnavailableError
+from router.errors import (
+    ConfigError,
+    JournalFormatError,
+    StorageLockedError,
+    StorageUnavailableError,
+)
 from router.observe.logformat import counted, setup_logging
 from router.observe.sdnotify import notify
 from router.resources import default_config_path
@@ -360,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         # loop with one event per POST, no difference beyond noise with 100 per POST.
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(_serve(config_path, data, replace(config, server=server), overrides))
-    except (ConfigError, StorageLockedError) as exc:
+    except (ConfigError, JournalFormatError, StorageLockedError) as exc:
         log.error("cannot start: %s", exc)
         sys.exit(EXIT_CONFIG)
     except (OSError, StorageUnavailableError) as exc:

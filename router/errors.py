@@ -70,6 +70,11 @@ class StorageUnavailableError(RouterError):
     server answers, or a stream exists with settings the journal cannot work with."""
 
 
+class JournalFormatError(RouterError):
+    """The journal under storage.path was written by a newer event-router, in a format this one
+    does not know: opening it could take what it cannot read for damage."""
+
+
 class StorageLockedError(RouterError):
     """Another process (`pid`, None when it cannot be told) holds the journal under `path`."""
 

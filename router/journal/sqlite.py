@@ -66,6 +66,7 @@ from typing import Any, ClassVar, TypeVar
 from isal.isal_zlib import crc32
 
 from router.config import JOURNAL_FILE, StorageConfig
+from router.errors import JournalFormatError
 from router.events import Event
 from router.journal import Books, Entry, JournalFullError, JournalUnavailableError
 from router.journal.lock import lock_storage
@@ -120,6 +121,12 @@ ADD_COLUMNS = {
     "lost": "ALTER TABLE books ADD COLUMN lost INTEGER NOT NULL DEFAULT 0",
     "settled": "ALTER TABLE books ADD COLUMN settled INTEGER NOT NULL DEFAULT 0",
 }
+# The journal's format, kept in SQLite's user_version. 0: every journal before format 2;
+# 2: a batch frame may be stored packed (salvage.pack), which a router that does not know it
+# would take for damage, dead-lettering the frame's events as journal_corrupt without their
+# bodies. A journal of an older format is brought up to this one on open; one newer than this
+# is refused, untouched (JournalFormatError).
+FORMAT = 2
 # The route of a delivery that salvage restored from a surviving event alone.
 SALVAGED_ROUTE = "salvaged"
 # A commit's events are framed into batch rows of about this many bytes of bodies: a read of a
@@ -439,6 +446,13 @@ class SqliteJournal:
 
     def _connect(self, path: Path) -> sqlite3.Connection:
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        found = db.execute("PRAGMA user_version").fetchone()[0]
+        if found > FORMAT:
+            db.close()
+            raise JournalFormatError(
+                f"journal {path} is format {found}, written by a newer event-router; this one "
+                f"reads up to format {FORMAT}: run that version (or drain the journal with it)"
+            )
         # Both only take effect on a new file: pages freed by reclaimed events can then be
         # returned to the file system after a large backlog drains (see _give_back_space).
         db.execute(f"PRAGMA page_size={PAGE_BYTES}")
@@ -453,6 +467,8 @@ class SqliteJournal:
         for column, add in ADD_COLUMNS.items():
             if column not in columns:
                 db.execute(add)
+        if found < FORMAT:
+            db.execute(f"PRAGMA user_version = {FORMAT}")
         return db
 
     def _open_sync(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -444,6 +445,45 @@ def serve_config(tmp_path: Path, name: str, port: int, storage: Path) -> Path:
         )
     )
     return path
+
+
+async def test_a_journal_carries_its_format_and_one_from_a_newer_router_is_not_opened(
+    tmp_path: Path,
+) -> None:
+    """Journal frames may be stored packed (salvage.pack) since format 2: a router that does
+    not know them would take every packed frame for damage and dead-letter its events as
+    journal_corrupt, without their bodies. So the journal says its format (SQLite's
+    user_version), an older one is brought up to date on open, and a daemon refuses, exit 2,
+    to open one newer than it knows, naming both formats and touching nothing."""
+    storage = tmp_path / "var"
+    journal = SqliteJournal(StorageConfig(path=str(storage), fsync="never"), ["archive"])
+    await journal.open()
+    await journal.close()
+    path = storage / sqlite_journal.DB_NAME
+
+    def set_format(found: int, to: int) -> None:
+        with contextlib.closing(sqlite3.connect(path)) as db:  # the last close checkpoints
+            assert db.execute("PRAGMA user_version").fetchone()[0] == found
+            db.execute(f"PRAGMA user_version = {to}")
+
+    set_format(sqlite_journal.FORMAT, 0)  # as every journal before format 2
+    journal = SqliteJournal(StorageConfig(path=str(storage), fsync="never"), ["archive"])
+    await journal.open()
+    await journal.close()
+    set_format(sqlite_journal.FORMAT, sqlite_journal.FORMAT + 1)
+    before = path.read_bytes()
+    port = free_port()
+    proc = await spawn(
+        serve_config(tmp_path, "router", port, storage), stderr=asyncio.subprocess.PIPE
+    )
+    _, stderr = await asyncio.wait_for(proc.communicate(), 30)
+    message = stderr.decode()
+    assert proc.returncode == 2, message
+    assert str(path) in message, message
+    assert f"format {sqlite_journal.FORMAT + 1}" in message, message
+    assert f"up to format {sqlite_journal.FORMAT}" in message, message
+    assert path.read_bytes() == before
+    assert not list(storage.glob("*.corrupt-*")), "a newer journal is not damage"
 
 
 async def test_a_second_daemon_on_the_same_storage_path_exits_2_naming_the_holder(

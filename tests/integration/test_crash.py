@@ -15,7 +15,17 @@ from router.config.model import BatchConfig
 from router.journal.salvage import PACKED
 from router.targets.file import BATCH_DEFAULTS as FILE_BATCH
 from tests.fakes import ScriptedReceiver, make_event, read_ndjson, wait_for
-from tests.helpers import Load, drained, free_port, reap, serve, terminate
+from tests.helpers import (
+    Load,
+    drained,
+    everything_to,
+    file_target,
+    free_port,
+    http_target,
+    reap,
+    serve,
+    terminate,
+)
 
 LOAD_S = 1.5
 
@@ -43,10 +53,9 @@ async def kill_9_under_load(config: Path, port: int, *, at_least: int = 1000) ->
     return acked
 
 
-async def test_kill_9_under_load_loses_no_acknowledged_event(tmp_path: Path) -> None:
-    receiver = await ScriptedReceiver(statuses=[200]).start()
-    port = free_port()
-    archive = tmp_path / "var" / "archive.ndjson"
+def archive_and_siem(tmp_path: Path, port: int, siem_url: str, **siem: object) -> Path:
+    """The kill -9 tests' config: every event to a file target and an http one (`siem`: more
+    of its target settings), fsync always; its path."""
     config = tmp_path / "router.yaml"
     config.write_text(
         yaml.safe_dump(
@@ -55,22 +64,40 @@ async def test_kill_9_under_load_loses_no_acknowledged_event(tmp_path: Path) -> 
                 "storage": {"path": str(tmp_path / "var"), "fsync": "always"},
                 "startup": {"validate_targets": False},
                 "targets": [
-                    {
-                        "id": "archive",
-                        "target_type": "file",
-                        "file_endpoint": {"path": str(archive)},
-                    },
-                    {"id": "siem", "target_type": "http", "http_endpoint": {"url": receiver.url}},
+                    file_target("archive", tmp_path / "var" / "archive.ndjson"),
+                    http_target("siem", siem_url) | siem,
                 ],
-                "routes": [
-                    {
-                        "name": "all",
-                        "rules": [{"locations": ["*"], "target_ids": ["archive", "siem"]}],
-                    }
-                ],
+                "routes": everything_to("archive", "siem"),
             }
         )
     )
+    return config
+
+
+def assert_delivered_at_least_once(
+    acked: list[str], archive: Path, receiver: ScriptedReceiver
+) -> None:
+    """Every acknowledged event reached both targets; at least once: a batch in flight at
+    the kill may arrive twice, nothing more (one batch of each target at its default size:
+    a file batch is 2,000 events, an http one 500)."""
+    archived = [e["id"] for e in read_ndjson(archive)]
+    sent = [e["id"] for e in receiver.delivered_events]
+    for name, got in (("archive", archived), ("siem", sent)):
+        missing = set(acked) - set(got)
+        assert not missing, f"{name} lost {len(missing)} of {len(acked)} acknowledged events"
+    duplicates = {
+        name: len(got) - len(set(got)) for name, got in (("archive", archived), ("siem", sent))
+    }
+    print(f"acked {len(acked)}; duplicates after kill -9: {duplicates}")
+    in_flight = {"archive": FILE_BATCH["max_events"], "siem": BatchConfig().max_events}
+    assert all(duplicates[name] <= in_flight[name] for name in duplicates), (duplicates, in_flight)
+
+
+async def test_kill_9_under_load_loses_no_acknowledged_event(tmp_path: Path) -> None:
+    receiver = await ScriptedReceiver(statuses=[200]).start()
+    port = free_port()
+    archive = tmp_path / "var" / "archive.ndjson"
+    config = archive_and_siem(tmp_path, port, receiver.url)
     proc: asyncio.subprocess.Process | None = None
     try:
         proc = await serve(config, port)
@@ -93,19 +120,7 @@ async def test_kill_9_under_load_loses_no_acknowledged_event(tmp_path: Path) -> 
         await reap(proc)
         await receiver.stop()
 
-    archived = [e["id"] for e in read_ndjson(archive)]
-    sent = [e["id"] for e in receiver.delivered_events]
-    for name, got in (("archive", archived), ("siem", sent)):
-        missing = set(acked) - set(got)
-        assert not missing, f"{name} lost {len(missing)} of {len(acked)} acknowledged events"
-    # At-least-once: a batch in flight at the kill may arrive twice, nothing more.
-    duplicates = {
-        name: len(got) - len(set(got)) for name, got in (("archive", archived), ("siem", sent))
-    }
-    print(f"acked {len(acked)}; duplicates after kill -9: {duplicates}")
-    # One batch of each target, at its default size: a file batch is 2,000 events, an http 500.
-    in_flight = {"archive": FILE_BATCH["max_events"], "siem": BatchConfig().max_events}
-    assert all(duplicates[name] <= in_flight[name] for name in duplicates), (duplicates, in_flight)
+    assert_delivered_at_least_once(acked, archive, receiver)
 
 
 async def test_kill_9_while_packed_frames_are_written_loses_no_acknowledged_event(
@@ -118,36 +133,8 @@ async def test_kill_9_while_packed_frames_are_written_loses_no_acknowledged_even
     receiver = await ScriptedReceiver(statuses=[503]).start()
     port = free_port()
     archive = tmp_path / "var" / "archive.ndjson"
-    config = tmp_path / "router.yaml"
     retry = {"max_attempts": 100_000, "max_age_s": 3600, "max_backoff_s": 0.2}
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "server": {"host": "127.0.0.1", "port": port},
-                "storage": {"path": str(tmp_path / "var"), "fsync": "always"},
-                "startup": {"validate_targets": False},
-                "targets": [
-                    {
-                        "id": "archive",
-                        "target_type": "file",
-                        "file_endpoint": {"path": str(archive)},
-                    },
-                    {
-                        "id": "siem",
-                        "target_type": "http",
-                        "http_endpoint": {"url": receiver.url},
-                        "retry": retry,
-                    },
-                ],
-                "routes": [
-                    {
-                        "name": "all",
-                        "rules": [{"locations": ["*"], "target_ids": ["archive", "siem"]}],
-                    }
-                ],
-            }
-        )
-    )
+    config = archive_and_siem(tmp_path, port, receiver.url, retry=retry)
     base = f"http://127.0.0.1:{port}"
     proc: asyncio.subprocess.Process | None = None
     try:
@@ -182,16 +169,7 @@ async def test_kill_9_while_packed_frames_are_written_loses_no_acknowledged_even
     for row in status["targets"].values():
         assert row["received"] == row["delivered"] + row["dead_lettered"] + row["pending"]
         assert row["received"] >= len(acked) and row["lost"] == 0 and row["dead_lettered"] == 0
-    archived = [e["id"] for e in read_ndjson(archive)]
-    sent = [e["id"] for e in receiver.delivered_events]
-    for name, got in (("archive", archived), ("siem", sent)):
-        missing = set(acked) - set(got)
-        assert not missing, f"{name} lost {len(missing)} of {len(acked)} acknowledged events"
-    in_flight = {"archive": FILE_BATCH["max_events"], "siem": BatchConfig().max_events}
-    duplicates = {
-        name: len(got) - len(set(got)) for name, got in (("archive", archived), ("siem", sent))
-    }
-    assert all(duplicates[name] <= in_flight[name] for name in duplicates), (duplicates, in_flight)
+    assert_delivered_at_least_once(acked, archive, receiver)
 
 
 async def test_a_journal_truncated_after_sigterm_gives_back_every_surviving_event(

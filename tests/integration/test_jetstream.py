@@ -109,6 +109,14 @@ def event(**fields: Any) -> dict[str, Any]:
     return make_event(**fields)
 
 
+def one_batch(count: int) -> dict[str, Any]:
+    """FAST_DELIVERY, but a batch waits (up to 5 s) until it holds `count` events: for a test
+    that needs events posted together to go out together. An idle router's fetch comes back
+    with the first event JetStream stored, and FAST_DELIVERY's max_wait_s (0.01 s) lingers
+    for no more: three events posted at once came as batches of 1 and 2 in 27 of 200 tries."""
+    return {**FAST_DELIVERY, "batch": {"max_events": count, "max_wait_s": 5}}
+
+
 def books_of(daemon: Daemon, target_id: str) -> tuple[int, int, int, int]:
     row = daemon.status()["targets"][target_id]
     return row["received"], row["delivered"], row["dead_lettered"], row["pending"]
@@ -236,7 +244,9 @@ async def test_a_send_longer_than_ack_wait_keeps_its_batch_with_in_progress_acks
     port = runner.addresses[0][1]
     try:
         target = http_target("slow", f"http://127.0.0.1:{port}/", timeout_s=60)
-        config = {"targets": [target], "routes": everything_to("slow")}
+        # The three events in one batch: sent alone, the first held the slow target and the
+        # other two waited in the stream for the second router (the wait below timed out).
+        config = {"targets": [target], "routes": everything_to("slow"), "delivery": one_batch(3)}
         # ack_wait 3 s, in-progress acks every second: these daemons share the test's event
         # loop, and starting the second one on a loaded machine can hold it for most of a
         # second (with 1 s, a late in-progress ack once let the batch go to the other router).
@@ -362,8 +372,13 @@ async def test_dead_letters_go_to_their_stream_and_dlq_lists_shows_and_redrives_
     start_router: Any, receiver_factory: ReceiverFactory, nats_server: NatsServer, tmp_path: Path
 ) -> None:
     siem = await receiver_factory([400, 200])
+    # Both events in the batch the target refuses: in two, the second was delivered.
     daemon = await start_router(
-        {"targets": [http_target("siem", siem.url)], "routes": everything_to("siem")}
+        {
+            "targets": [http_target("siem", siem.url)],
+            "routes": everything_to("siem"),
+            "delivery": one_batch(2),
+        }
     )
     events = [event() for _ in range(2)]
     await post(daemon, events)

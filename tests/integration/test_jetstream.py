@@ -66,7 +66,10 @@ def jetstream(servers: list[str], stream: str, **settings: Any) -> dict[str, Any
 
 @pytest.fixture
 async def start_router(tmp_path: Path, nats_server: NatsServer) -> AsyncIterator[Any]:
-    """Start in-process daemons on one fresh stream: each its own storage.path and port."""
+    """Start in-process daemons on one fresh stream: each its own storage.path and port, one
+    process unless the test names server.workers (as tests.conftest's start_daemon): since
+    the default became auto, each daemon here started a worker process per CPU, which the
+    tests neither needed nor looked at, on a machine they share with the daemons' loop."""
     stream = f"T{next(_streams)}"
     daemons: list[Daemon] = []
 
@@ -83,6 +86,7 @@ async def start_router(tmp_path: Path, nats_server: NatsServer) -> AsyncIterator
             "evidence": {"enabled": False},
             **data,
         }
+        data["server"] = {"workers": 1, **data["server"]}
         daemon = Daemon(parse_config(data), ConfigSource(None, data))
         await daemon.start()
         daemons.append(daemon)

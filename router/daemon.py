@@ -31,7 +31,7 @@ from router.config import (
     parse_config,
 )
 from router.deadletter import DeadLetters, target_removed
-from router.delivery import DeliveryWorker
+from router.delivery import DeliveryWorker, Unrecorded
 from router.errors import ConfigError, ConfigWriteError
 from router.evidence.receipt import Receipts
 from router.evidence.registry import Evidence
@@ -164,6 +164,10 @@ class Daemon:
         self.target_stats = {target_id: TargetStats() for target_id in target_ids}
         self.targets: dict[str, Target] = {t.id: build_target(t) for t in config.targets}
         self.workers: dict[str, DeliveryWorker] = {}
+        # What stopped workers settled but left pending (a stop mid-batch, an ack the journal
+        # could not take): their next worker and a retire go by it, so nothing is sent twice
+        # and nothing delivered is dead-lettered.
+        self.unrecorded = Unrecorded()
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._runner: web.AppRunner | None = None
         self._stopped = False
@@ -489,6 +493,7 @@ class Daemon:
             self.target_stats[target_config.id],
             probe_first=self.config.startup.validate_targets,
             send_seconds=self.metrics.send_seconds,
+            unrecorded=self.unrecorded,
         )
         self.workers[target_config.id] = worker
         self._tasks[target_config.id] = asyncio.create_task(
@@ -727,13 +732,30 @@ class Daemon:
 
     async def _retire(self, target_id: str, *, orphan: bool = False) -> None:
         """A target gone from the config leaves its backlog as dead letters, not lost (an
-        `orphan`'s, unless a reload added the target back meanwhile: see Journal.retire)."""
+        `orphan`'s, unless a reload added the target back meanwhile: see Journal.retire).
+        What its last worker settled but could not record (Unrecorded) is not dead-lettered:
+        counted delivered, or dead-lettered already, as it was."""
         failure = target_removed(target_id)
+        known = None if orphan else self.unrecorded.of(target_id)
 
-        async def dead_letter(entries: list[Entry]) -> None:
-            await self.dead_letters.write(target_id, entries, failure)
+        async def dead_letter(entries: list[Entry]) -> int:
+            delivered = 0
+            if known is not None:
+                owed = []
+                for entry in entries:
+                    settled = known.get(entry.seq)
+                    if settled is None:
+                        owed.append(entry)
+                    elif not settled:
+                        delivered += 1
+                entries = owed
+            if entries:
+                await self.dead_letters.write(target_id, entries, failure)
+            return delivered
 
         count = await self.journal.retire(target_id, dead_letter, orphan=orphan)
+        if not orphan:
+            self.unrecorded.forget(target_id)
         if count:
             log.warning(
                 "target %s was removed from the config: %s dead-lettered",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Iterable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -79,6 +79,54 @@ class RetryAfterOutlastsAgeStop(stop_base):
         return self.fired
 
 
+class Unrecorded:
+    """Per target, what a worker settled (delivered, or wrote as dead letters) but left its
+    batch pending in the journal: a stop (the drain timeout, a reload) came while it was still
+    sending the batch's other requests (a COS batch is an object per account), or while the
+    journal could not take the ack (its write lock held past SQLite's busy timeout, a full
+    disk). The daemon keeps one for all its workers, so that the target's next worker (a
+    changed target's, or the same one restarted after an error) neither sends those events
+    again nor writes their dead letters twice, and the retire of a removed target counts them
+    as what they were instead of dead-lettering them as target_removed. Kept in memory: a
+    process that stops with some (the journal still unwritable at the stop) sends them again
+    at its next start, at least once, as after a crash.
+
+    Nothing is noted on the hot path: only a batch left without its ack is, and an ack that
+    lands past a target's notes forgets them."""
+
+    def __init__(self) -> None:
+        # target id -> seq -> True if dead-lettered, False if the target took it
+        self._by_target: dict[str, dict[int, bool]] = {}
+
+    def note(self, target_id: str, parts: Iterable[tuple[Sequence[Entry], bool]]) -> None:
+        """These parts of a batch were settled (each: its entries, and whether as dead
+        letters), and the batch is left pending."""
+        known: dict[int, bool] | None = None
+        for entries, dead in parts:
+            if known is None:
+                known = self._by_target.setdefault(target_id, {})
+            for entry in entries:
+                known[entry.seq] = dead
+        if known is not None and not known:
+            del self._by_target[target_id]
+
+    def of(self, target_id: str) -> dict[int, bool] | None:
+        """The target's settled seqs (True: dead-lettered), or None (nearly always)."""
+        return self._by_target.get(target_id)
+
+    def forget(self, target_id: str, through: int | None = None) -> None:
+        """The journal recorded the target's batches through seq `through` (None: the target
+        is retired): their notes go."""
+        known = self._by_target.get(target_id)
+        if known is None:
+            return
+        if through is not None:
+            for seq in [seq for seq in known if seq <= through]:
+                del known[seq]
+        if through is None or not known:
+            del self._by_target[target_id]
+
+
 class DeliveryWorker:
     """Delivers one target's backlog until told to stop and the backlog is empty."""
 
@@ -92,8 +140,11 @@ class DeliveryWorker:
         *,
         probe_first: bool = False,
         send_seconds: Histogram | None = None,
+        unrecorded: Unrecorded | None = None,
     ) -> None:
         self.probe_first = probe_first
+        # What this target's workers settled and left pending (the daemon's, shared by all).
+        self.unrecorded = unrecorded if unrecorded is not None else Unrecorded()
         self.send_seconds = send_seconds  # labelled (target, outcome); /metrics shows it
         self.target = target
         self.config = config
@@ -153,23 +204,45 @@ class DeliveryWorker:
                 raise asyncio.CancelledError
 
     async def _settle_batch(self, batch: Sequence[Entry]) -> None:
-        """Send the batch (or dead-letter what cannot be sent) and record the outcome."""
+        """Send the batch (or dead-letter what cannot be sent) and record the outcome. What an
+        earlier worker of the target settled of it already (Unrecorded) is neither sent nor
+        dead-lettered again, only recorded; what this one settles and leaves without an ack
+        (a stop, an error) is noted there for the next."""
+        target_id = self.config.id
         dead = 0
         sendable: list[Entry] = []
         refused: dict[str, list[Entry]] = {}
         unsendable = self.target.unsendable  # looked up once a batch, not per event
-        for entry in batch:
+        known = self.unrecorded.of(target_id)
+        unsettled = batch
+        if known is not None:  # rarely: the loop below stays the same for every other batch
+            unsettled = []
+            for entry in batch:
+                settled = known.get(entry.seq)
+                if settled is None:
+                    unsettled.append(entry)
+                elif settled:
+                    dead += 1
+        for entry in unsettled:
             event = entry.event
             reason = "journal_corrupt" if event.corrupt else unsendable(event)
             if reason is None:
                 sendable.append(entry)
             else:
                 refused.setdefault(reason, []).append(entry)
-        for reason, entries in refused.items():
-            await self._dead_letter(entries, unsendable_failure(reason))
-            dead += len(entries)
-        dead += await self._send_each_request(sendable)
-        await self._ack(batch, dead)
+        done: list[tuple[Sequence[Entry], bool]] = []  # settled so far: (entries, dead letters)
+        try:
+            for reason, entries in refused.items():
+                await self._dead_letter(entries, unsendable_failure(reason))
+                done.append((entries, True))
+                dead += len(entries)
+            dead += await self._send_each_request(sendable, done)
+            await self._ack(batch, dead)
+        except BaseException:
+            self.unrecorded.note(target_id, done)
+            raise
+        if known is not None:
+            self.unrecorded.forget(target_id, through=batch[-1].seq)
         self.stats.worker_errors_in_a_row = 0
 
     async def _uncut(self, work: Coroutine[Any, Any, None]) -> None:
@@ -221,10 +294,14 @@ class DeliveryWorker:
                 continue
             return
 
-    async def _send_each_request(self, sendable: Sequence[Entry]) -> int:
+    async def _send_each_request(
+        self, sendable: Sequence[Entry], done: list[tuple[Sequence[Entry], bool]]
+    ) -> int:
         """Send the batch in the requests the target cuts it into, each retried and settled on
         its own: a failure of one request neither sends an earlier one again nor dead-letters
-        events an earlier one delivered. Returns how many events were dead-lettered."""
+        events an earlier one delivered. Each part settled is added to `done` as it is (what
+        the target took, then its dead letters once written), so a stop between requests
+        leaves them noted (Unrecorded). Returns how many events were dead-lettered."""
         if not sendable:
             return 0
         dead = 0
@@ -241,8 +318,15 @@ class DeliveryWorker:
                     entry_of = {id(entry.event): entry for entry in sendable}
                 entries = [entry_of[id(event)] for event in request]
             covered += len(entries)
-            for failed, failure in await self._send(entries, request):
+            failures = await self._send(entries, request)
+            if not failures:
+                done.append((entries, False))
+                continue
+            given_up = {entry.seq for failed, _ in failures for entry in failed}
+            done.append(([entry for entry in entries if entry.seq not in given_up], False))
+            for failed, failure in failures:
                 await self._dead_letter(failed, failure)
+                done.append((failed, True))
                 dead += len(failed)
         assert covered == len(sendable), "a target's requests() must cover the batch once"
         return dead

@@ -22,7 +22,7 @@ import aiohttp
 import orjson
 
 from router.daemon import Daemon
-from tests.fakes import ScriptedReceiver, wait_for
+from tests.fakes import ScriptedReceiver, make_event, wait_for
 
 ReceiverFactory = Callable[..., Awaitable[ScriptedReceiver]]
 
@@ -66,6 +66,67 @@ async def post(
         ) as resp,
     ):
         return resp.status, await resp.json(content_type=None)
+
+
+class Load:
+    """Posters putting a daemon under load for a kill -9, a SIGTERM or a reload test: each
+    posts batches of `per_post` events to /v1/events on its own session until `stop()` (or
+    `for_at_most_s`), and `acked` keeps the ids answered 202: what must then be delivered.
+
+    A connection that breaks ends its poster (the daemon died), or with `through_restarts`
+    is opened again (a worker died and another takes the port; the owner restarts)."""
+
+    def __init__(
+        self,
+        port: int,
+        *,
+        posters: int = 8,
+        per_post: int = 10,
+        headers: dict[str, str] | None = None,
+        through_restarts: bool = False,
+        for_at_most_s: float = 120,
+    ) -> None:
+        self.acked: list[str] = []
+        self._url = f"http://127.0.0.1:{port}/v1/events"
+        self._per_post = per_post
+        self._headers = {"Content-Type": "application/json", **(headers or {})}
+        self._through_restarts = through_restarts
+        self._stopped = asyncio.Event()
+        self._until = asyncio.get_running_loop().time() + for_at_most_s
+        self._posters = [
+            asyncio.create_task(self._post(n), name=f"poster-{n}") for n in range(posters)
+        ]
+
+    async def _post(self, poster: int) -> None:
+        loop = asyncio.get_running_loop()
+        n = 0
+        async with aiohttp.ClientSession() as session:
+            while not self._stopped.is_set() and loop.time() < self._until:
+                ids = [f"p{poster}-{n}-{i}" for i in range(self._per_post)]
+                n += 1
+                try:
+                    async with session.post(
+                        self._url,
+                        data=orjson.dumps([make_event(id=i) for i in ids]),
+                        headers=self._headers,
+                    ) as resp:
+                        if resp.status == 202:
+                            self.acked.extend(ids)
+                except (aiohttp.ClientError, ConnectionError):
+                    if not self._through_restarts:
+                        return
+
+    async def stop(self) -> list[str]:
+        """Stop posting and wait for the posters' last answers: the ids acknowledged."""
+        self._stopped.set()
+        await asyncio.gather(*self._posters)
+        return self.acked
+
+    async def __aenter__(self) -> Load:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.stop()
 
 
 def assert_books_balance(daemon: Daemon) -> None:

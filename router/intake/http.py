@@ -43,8 +43,8 @@ from router.intake.limits import (
     number_problems,
 )
 from router.observe.metrics import IngestStats
+from router.server.answers import too_large_text
 from router.server.auth import CALLER
-from router.server.listener import too_large_text
 
 log = logging.getLogger(__name__)
 

@@ -265,14 +265,21 @@ class _Writer:
             return ""
         return _TYPE_CHECKS[kind].format(x=x) + " and "
 
-    def _strings(self, schema: Any, x: str, out: list[str], ind: str, known: str | None) -> None:
-        guard = self._guard(x, "string", known)
-        for key, test in (("minLength", "<"), ("maxLength", ">")):
+    @staticmethod
+    def _lengths(
+        schema: Any, keys: tuple[str, str], x: str, guard: str, out: list[str], ind: str
+    ) -> None:
+        """A string's or an array's length bounds (`keys`: its minimum and maximum)."""
+        for key, test in zip(keys, ("<", ">"), strict=True):
             if key in schema:
                 if not isinstance(schema[key], int):
                     raise Unsupported(key)
                 out.append(f"{ind}if {guard}len({x}) {test} {schema[key]!r}:")
                 out.append(f"{ind}    return False")
+
+    def _strings(self, schema: Any, x: str, out: list[str], ind: str, known: str | None) -> None:
+        guard = self._guard(x, "string", known)
+        self._lengths(schema, ("minLength", "maxLength"), x, guard, out, ind)
         if "pattern" in schema:
             try:
                 pattern = re.compile(schema["pattern"])
@@ -354,12 +361,7 @@ class _Writer:
 
     def _array(self, schema: Any, x: str, out: list[str], ind: str, known: str | None) -> None:
         guard = self._guard(x, "array", known)
-        for key, test in (("minItems", "<"), ("maxItems", ">")):
-            if key in schema:
-                if not isinstance(schema[key], int):
-                    raise Unsupported(key)
-                out.append(f"{ind}if {guard}len({x}) {test} {schema[key]!r}:")
-                out.append(f"{ind}    return False")
+        self._lengths(schema, ("minItems", "maxItems"), x, guard, out, ind)
         if "items" in schema:
             item = self._name("i")
             inner = ind + "        " if guard else ind + "    "

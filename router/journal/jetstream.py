@@ -903,7 +903,7 @@ class JetStreamJournal:
     async def retire(
         self,
         target_id: str,
-        dead_letter: Callable[[list[Entry]], Awaitable[None]],
+        dead_letter: Callable[[list[Entry]], Awaitable[int]],
         *,
         orphan: bool = False,
     ) -> int:

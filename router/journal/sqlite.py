@@ -1061,10 +1061,11 @@ class SqliteJournal:
                 target.books.pending -= removed
                 target.books.dead_lettered += removed
 
-    def _shed_sync(self, target_id: str, seqs: list[int]) -> int:
+    def _shed_sync(self, target_id: str, seqs: list[int], delivered: int = 0) -> int:
         """Take these seqs out of the target's runs (splitting a run around them), and delete
         the batches no one is owed anything of any more; the books move by the seqs actually
-        removed."""
+        removed: `delivered` of them (a retire's, which the target had taken) as delivered,
+        the rest as dead-lettered."""
         assert self._db is not None
         if not seqs:
             return 0
@@ -1093,9 +1094,11 @@ class SqliteJournal:
                 [(target_id, last) for last, *_ in runs],
             )
             db.executemany("INSERT INTO owed VALUES (?, ?, ?, ?, ?)", kept)
+            delivered = min(delivered, removed)
             db.execute(
-                "UPDATE books SET dead_lettered = dead_lettered + ? WHERE target = ?",
-                (removed, target_id),
+                "UPDATE books SET dead_lettered = dead_lettered + ?, delivered = delivered + ? "
+                "WHERE target = ?",
+                (removed - delivered, delivered, target_id),
             )
             self._drop_unowned(db, {batch for _, _, batch, _ in runs})
         self._update_size()
@@ -1129,18 +1132,23 @@ class SqliteJournal:
     async def retire(
         self,
         target_id: str,
-        dead_letter: Callable[[list[Entry]], Awaitable[None]],
+        dead_letter: Callable[[list[Entry]], Awaitable[int]],
         *,
         orphan: bool = False,
     ) -> int:
         """A target leaves (an orphan at start-up, or removed by a reload; its worker has
         stopped): hand everything still owed to it to `dead_letter`, a chunk at a time so a
         large backlog never sits in memory, drop it from the journal, and forget the target.
-        Returns how many events were dead-lettered.
+        `dead_letter` returns how many of a chunk the target had taken already (a stopped
+        worker's batch whose ack the journal could not take: router/delivery.Unrecorded),
+        which are counted delivered, not dead-lettered. Returns how many events were
+        dead-lettered.
 
         Each chunk is read, dead-lettered and removed under the target's lock, as a shed is,
         so a full journal shedding this target meanwhile never takes the same rows; and one
         retire at a time per target (a reload's and one for late rows routed just before it).
+        An ack still under way (its worker stopped at the drain timeout while it waited for
+        the journal) lands or fails first, so what it records is never read as owed.
         An `orphan`'s retire (rows found owed to a target the config no longer had) does
         nothing once a reload has added the target back: the rows are its running worker's
         backlog then, and retiring them would dead-letter what it delivers and forget it."""
@@ -1152,16 +1160,21 @@ class SqliteJournal:
             total = 0
             while True:
                 async with lock:
+                    if target is not None:
+                        while target.acks:
+                            await asyncio.gather(*target.acks, return_exceptions=True)
                     entries = await self._run(self._read_sync, target_id, 0, RETIRE_CHUNK)
                     if not entries:
                         break
-                    await dead_letter(entries)
+                    taken = await dead_letter(entries)
                     seqs = [e.seq for e in entries]
-                    removed = await self._run(self._shed_sync, target_id, seqs)
-                total += removed
+                    removed = await self._run(self._shed_sync, target_id, seqs, taken)
+                delivered = min(taken, removed)
+                total += removed - delivered
                 if target is not None:
                     target.books.pending -= removed
-                    target.books.dead_lettered += removed
+                    target.books.delivered += delivered
+                    target.books.dead_lettered += removed - delivered
             self._targets.pop(target_id, None)
             self.orphans.discard(target_id)
             return total

@@ -60,8 +60,8 @@ from router.observe.metrics import WriteStatus, utc_iso
 from router.probe import ProbeResult, probe
 from router.reload import config_digest
 from router.selfevent import change_event, instance_crn
+from router.server.answers import api_error_json, json_error, too_large_text
 from router.server.auth import CALLER
-from router.server.listener import api_error_json, json_error, too_large_text
 from router.targets import TARGET_TYPES, build_target
 from router.targets._net import TLS_FILE_KEYS, AddressBound
 from router.targets.file import FileEndpointConfig

@@ -49,7 +49,6 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
@@ -57,6 +56,7 @@ from router.config import AuthConfig, RefusalEventsConfig, ServerConfig, TokenCo
 from router.events import crn_service
 from router.intake.validation import Problem
 from router.selfevent import refusal_event, summary_event
+from router.server.answers import API_PREFIX, error_body, json_error
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,6 @@ OPEN_ROUTES: Final = frozenset(
 )
 INGEST_ROUTES: Final = frozenset({"/v1/events"})
 SAFE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
-API_PREFIX: Final = "/api/v2/"
 # Per-client buckets kept at most; beyond, the least recently refused client is forgotten.
 MAX_TRACKED_CLIENTS: Final = 10_000
 MAX_AGENT_CHARS: Final = 256
@@ -327,24 +326,28 @@ class Guard:
         if changes and not same_origin(request):
             why = f"Origin {request.headers['Origin']!r} is not this daemon's"
             await self.refusals.record(caller_of(request), 403, why)
-            return _refusal(403, "cross_origin", f"{why}; changes come from its own origin only")
+            return _refusal(
+                request, 403, "cross_origin", f"{why}; changes come from its own origin only"
+            )
         if self._tokens is None:
             return await self._open(request, handler, changes)
         need = INGEST if route.canonical in INGEST_ROUTES else ADMIN
         if need == ADMIN and self.auth is not None and not self.auth.admin_tokens:
             why = "no admin token is configured"
             await self.refusals.record(caller_of(request), 403, why)
-            return _refusal(403, "forbidden", f"{why}; configure auth.admin_tokens")
+            return _refusal(request, 403, "forbidden", f"{why}; configure auth.admin_tokens")
         presented = bearer_token(request)
         principal = self._tokens.lookup(presented) if presented is not None else None
         if principal is None:
             why = "no bearer token" if presented is None else "unknown token"
             await self.refusals.record(caller_of(request), 401, why)
-            return _refusal(401, "unauthorized", f"{why}; send Authorization: Bearer <token>")
+            return _refusal(
+                request, 401, "unauthorized", f"{why}; send Authorization: Bearer <token>"
+            )
         if principal.kind != need:
             why = f"token {principal.name!r} is an {principal.kind} token, not an {need} token"
             await self.refusals.record(caller_of(request, principal), 403, why)
-            return _refusal(403, "forbidden", why)
+            return _refusal(request, 403, "forbidden", why)
         request[CALLER] = caller_of(request, principal)
         return await handler(request)
 
@@ -359,6 +362,7 @@ class Guard:
             why = f"Host {host[:MAX_AGENT_CHARS]!r} is not one of this daemon's names"
             await self.refusals.record(caller_of(request), 403, why)
             return _refusal(
+                request,
                 403,
                 "unknown_host",
                 f"{why}; without auth tokens it answers only to server.host, localhost, its "
@@ -368,6 +372,7 @@ class Guard:
             why = "no admin token is configured, so the management API only reads"
             await self.refusals.record(caller_of(request), 403, why)
             return _refusal(
+                request,
                 403,
                 "forbidden",
                 f"{why}; configure auth.admin_tokens (and auth.ingest_tokens) to change "
@@ -417,14 +422,11 @@ def same_origin(request: web.Request) -> bool:
     return scheme == request.scheme and netloc.rstrip("/") == host
 
 
-def _refusal(status: int, code: str, message: str) -> web.Response:
+def _refusal(request: web.Request, status: int, code: str, message: str) -> web.Response:
+    """A refusal before the handler, in the shape of the path's answers (atracker's under
+    the management API)."""
     headers = {"WWW-Authenticate": REALM} if status == 401 else {}
-    response = web.Response(
-        body=orjson.dumps({"error": {"code": code, "message": message}}),
-        status=status,
-        content_type="application/json",
-        headers=headers,
-    )
+    response = json_error(status, code, message, headers=headers, body=error_body(request.path))
     # The body was never read; do not keep the connection waiting for it.
     response.force_close()
     return response

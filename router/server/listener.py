@@ -33,20 +33,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping
 from http import HTTPStatus
 from typing import Any, Final
 
-import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler, Middleware
 from aiohttp.web_protocol import RequestHandler
 
 from router.config import RefusalEventsConfig
-from router.server.auth import API_PREFIX, RateLimit
+from router.server.answers import error_body, json_error, too_large_text
+from router.server.auth import RateLimit
 
 log = logging.getLogger(__name__)
 
@@ -131,45 +130,6 @@ def quoted(text: str) -> str:
     return text if len(text) <= MAX_QUOTED_CHARS else text[: MAX_QUOTED_CHARS - 3] + "..."
 
 
-def too_large_text(max_body_bytes: int) -> str:
-    """What a 413 says, wherever the body was refused (aiohttp's reader, ingest, the API)."""
-    return f"the body is larger than server.max_body_bytes ({max_body_bytes} bytes)"
-
-
-def error_json(status: int, code: str, message: str) -> bytes:
-    """The daemon's error body (router/intake/http.py's `error_response` writes the same)."""
-    return orjson.dumps({"error": {"code": code, "message": message}})
-
-
-def api_error_json(status: int, code: str, message: str) -> bytes:
-    """The management API's error body (under API_PREFIX), in atracker's shape: a trace id,
-    the status and a list of errors, so that its SDKs read our refusals as theirs."""
-    return orjson.dumps(
-        {
-            "trace": str(uuid.uuid4()),
-            "status_code": status,
-            "errors": [{"code": code, "message": message}],
-        }
-    )
-
-
-def json_error(
-    status: int,
-    code: str,
-    message: str,
-    *,
-    headers: Mapping[str, str] | None = None,
-    body: Callable[[int, str, str], bytes] = error_json,
-) -> web.Response:
-    """An error answer: `body` (`error_json`, or the management API's `api_error_json`)."""
-    return web.Response(
-        body=body(status, code, message),
-        status=status,
-        content_type="application/json",
-        headers=headers,
-    )
-
-
 def code_for(status: int) -> str:
     """The error code of an answer aiohttp made: `method_not_allowed` for a 405."""
     if status in CODES:
@@ -194,8 +154,7 @@ def json_answers(*, max_body_bytes: int, faults: ClientFaultLog) -> Middleware:
         message: str,
         headers: Mapping[str, str] | None = None,
     ) -> web.Response:
-        body = api_error_json if request.path.startswith(API_PREFIX) else error_json
-        return json_error(status, code, message, headers=headers, body=body)
+        return json_error(status, code, message, headers=headers, body=error_body(request.path))
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:

@@ -37,7 +37,7 @@ import socket
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -139,6 +139,15 @@ class _Handle:
         return stats
 
 
+def for_workers(config: Config) -> Config:
+    """The config a worker process is sent: all but the targets. A worker validates, redacts
+    and routes (a route names its targets by id) and builds no target, so it holds none of
+    their endpoints: no target's credentials in a process that faces the network, and no
+    endpoint class it could not import (a target type registered at run time in the owner
+    only, tests/integration/test_toy_target.py: a fresh process knows the shipped types)."""
+    return replace(config, targets=())
+
+
 class WorkerPool:
     """The owner's side: starts, watches, reconfigures and stops the workers, and serves their
     hand-offs; see the module docstring."""
@@ -213,7 +222,12 @@ class WorkerPool:
         self._watches.add(watch)
         watch.add_done_callback(self._watches.discard)
         setup = WorkerSetup(
-            self._config(), self.port, self.owner_socket, index, self.count, run_hash_key()
+            for_workers(self._config()),
+            self.port,
+            self.owner_socket,
+            index,
+            self.count,
+            run_hash_key(),
         )
         try:
             await channel.call("setup", setup)
@@ -272,9 +286,11 @@ class WorkerPool:
         """A reload: every worker validates, redacts and routes with `config` before this
         returns. A worker that cannot is stopped (its replacement starts with `config`)."""
 
+        sent = for_workers(config)
+
         async def one(handle: _Handle) -> None:
             try:
-                await handle.channel.call("configure", config)
+                await handle.channel.call("configure", sent)
             except ChannelError:
                 if handle.channel.closed.is_set():
                     return  # gone: its replacement is set up with the running config

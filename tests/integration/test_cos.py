@@ -35,6 +35,7 @@ from tests.integration.test_api import Client, loopback_auth
 from tests.integration.test_delivery import assert_books_balance, everything_to, settled
 from tests.integration.test_hostile_admin import dns
 from tests.integration.test_ingest import post
+from tests.integration.test_reload import with_base
 from tests.peers.s3 import S3Server
 
 pytestmark = pytest.mark.peers
@@ -578,4 +579,53 @@ async def test_a_bucket_endpoint_name_that_rebinds_after_the_api_checked_it_is_n
     why = row["write_status"]["reason_for_last_failure"]
     assert "0.0.0.0" in why and "auth.api_target_networks" in why, why
     assert len(await objects(s3)) == written
+    assert_books_balance(daemon)
+
+
+@pytest.mark.parametrize("reload_does", ["change", "remove"])
+async def test_an_object_written_before_a_reload_stops_its_worker_is_not_written_again(
+    start_daemon: StartDaemon, front_factory: Any, s3: Any, tmp_path: Path, reload_does: str
+) -> None:
+    """A batch of two accounts is two objects, each written and settled on its own: the first
+    is written, the second is refused (503) and retried when a reload stops the worker
+    mid-batch (the batch stays pending). A changed target's new worker writes only the second
+    (every event in the bucket once, not the first account's twice); a removed target's
+    retire dead-letters only the second account's events, not those written already."""
+    front = await front_factory([None] + [(503, "SlowDown")] * 10_000)
+    target = cos_target(front.url)
+    daemon = await start_daemon(
+        {
+            "targets": [target],
+            "routes": everything_to("cos"),
+            "shutdown": {"drain_timeout_s": 0.5},
+        }
+    )
+    body = [in_account(ACCOUNT, id=f"a-{i}") for i in range(5)]
+    body += [in_account(OTHER_ACCOUNT, id=f"b-{i}") for i in range(5)]
+    assert (await post(daemon, body))[0] == 202
+    stats = daemon.target_stats["cos"]
+    await wait_for(lambda: stats.retries >= 2, timeout_s=20, what="the second object retried")
+    if reload_does == "change":
+        data = {
+            "targets": [target | {"batch": {"max_wait_s": 0.1}}],
+            "routes": everything_to("cos"),
+        }
+    else:
+        keep = {"id": "keep", "target_type": "file", "file_endpoint": {"path": str(tmp_path / "k")}}
+        data = {"targets": [keep], "routes": everything_to("keep")}
+    await daemon.reload(parse_config(with_base(daemon, data)), audit=False)
+    front.script.clear()
+    await wait_for(lambda: settled(daemon), timeout_s=20, what="everything settled")
+
+    found = await objects(s3)
+    letters = read_ndjson(tmp_path / "var" / "deadletter" / "cos.ndjson")
+    if reload_does == "change":
+        assert ids(found) == sorted(e["id"] for e in body), "every event in exactly one object"
+        assert len(found) == 2 and not letters
+        row = daemon.status()["targets"]["cos"]
+        assert (row["received"], row["delivered"], row["dead_lettered"]) == (10, 10, 0)
+    else:
+        assert ids(found) == [f"a-{i}" for i in range(5)], "the first object, once"
+        assert sorted(x["event"]["id"] for x in letters) == [f"b-{i}" for i in range(5)]
+        assert {x["reason"] for x in letters} == {"target_removed"}
     assert_books_balance(daemon)

@@ -5,40 +5,17 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import time
 from pathlib import Path
 
 import aiohttp
-import orjson
 import yaml
 
 from router.config.model import BatchConfig
 from router.targets.file import BATCH_DEFAULTS as FILE_BATCH
 from tests.fakes import ScriptedReceiver, make_event, read_ndjson, wait_for
-from tests.helpers import drained, free_port, reap, serve, terminate
+from tests.helpers import Load, drained, free_port, reap, serve, terminate
 
-POSTERS = 8
-EVENTS_PER_POST = 10
 LOAD_S = 1.5
-
-
-async def load(port: int, acked: list[str], stop_at: float, worker: int) -> None:
-    """Post batches until stop_at or until the daemon dies; record the ids answered 202."""
-    n = 0
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < stop_at:
-            ids = [f"w{worker}-{n}-{i}" for i in range(EVENTS_PER_POST)]
-            n += 1
-            try:
-                async with session.post(
-                    f"http://127.0.0.1:{port}/v1/events",
-                    data=orjson.dumps([make_event(id=i) for i in ids]),
-                    headers={"Content-Type": "application/json"},
-                ) as resp:
-                    if resp.status == 202:
-                        acked.extend(ids)
-            except (aiohttp.ClientError, ConnectionError):
-                return
 
 
 async def kill_9_under_load(config: Path, port: int, *, at_least: int = 1000) -> list[str]:
@@ -48,13 +25,12 @@ async def kill_9_under_load(config: Path, port: int, *, at_least: int = 1000) ->
     proc: asyncio.subprocess.Process | None = None
     try:
         proc = await serve(config, port)
-        acked: list[str] = []
-        stop_at = time.monotonic() + 30
-        posters = [asyncio.create_task(load(port, acked, stop_at, w)) for w in range(4)]
+        load = Load(port, posters=4, for_at_most_s=30)
+        acked = load.acked
         await wait_for(lambda: len(acked) >= at_least, timeout_s=60, what="load acknowledged")
         proc.send_signal(signal.SIGKILL)
         assert await proc.wait() == -signal.SIGKILL
-        await asyncio.gather(*posters)
+        await load.stop()
         proc = await serve(config, port)
         await wait_for(
             lambda: drained(port), timeout_s=60, what="the journal to drain after the restart"
@@ -96,17 +72,13 @@ async def test_kill_9_under_load_loses_no_acknowledged_event(tmp_path: Path) -> 
     proc: asyncio.subprocess.Process | None = None
     try:
         proc = await serve(config, port)
-        acked: list[str] = []
-        stop_at = time.monotonic() + LOAD_S + 5
-        posters = [
-            asyncio.create_task(load(port, acked, stop_at, w), name=f"poster-{w}")
-            for w in range(POSTERS)
-        ]
+        load = Load(port, for_at_most_s=LOAD_S + 5)
+        acked = load.acked
         await wait_for(lambda: len(acked) >= 500, what="some load to be acknowledged")
         await asyncio.sleep(LOAD_S)  # keep the load running while the daemon dies
         proc.send_signal(signal.SIGKILL)
         assert await proc.wait() == -signal.SIGKILL
-        await asyncio.gather(*posters)
+        await load.stop()
         assert acked, "nothing was acknowledged before the kill"
 
         proc = await serve(config, port)

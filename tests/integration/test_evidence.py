@@ -51,6 +51,7 @@ from router.targets.file import FileEndpointConfig, FileTarget
 from tests.conftest import FAST_DELIVERY, StartDaemon
 from tests.fakes import make_event, read_ndjson, wait_for
 from tests.helpers import (
+    Load,
     assert_books_balance,
     drained,
     everything_to,
@@ -61,7 +62,6 @@ from tests.helpers import (
     settled,
     terminate,
 )
-from tests.integration.test_crash import load
 from tests.integration.test_metrics import scrape, value
 
 HINT = " (dead letters: give their file too)"
@@ -481,14 +481,11 @@ async def test_the_chain_survives_restart_kill_9_and_sighup_reload(tmp_path: Pat
         assert await terminate(proc) == 0
 
         proc = await serve(config, port)  # 2: kill -9 under load
-        stop_at = time.monotonic() + 30
-        posters = [
-            asyncio.create_task(load(port, acked, stop_at, w), name=f"poster-{w}") for w in range(4)
-        ]
-        await wait_for(lambda: len(acked) >= 600, timeout_s=30, what="load to be acknowledged")
+        load = Load(port, posters=4, for_at_most_s=30)
+        await wait_for(lambda: len(load.acked) >= 600, timeout_s=30, what="load acknowledged")
         proc.send_signal(signal.SIGKILL)
         assert await proc.wait() == -signal.SIGKILL
-        await asyncio.gather(*posters)
+        acked += await load.stop()
 
         proc = await serve(config, port)  # 3: drain, SIGHUP with the target changed, SIGTERM
         await wait_for(lambda: drained(port), timeout_s=30, what="the backlog after kill -9")

@@ -131,6 +131,30 @@ async def test_a_management_api_405_is_in_the_apis_own_error_shape(daemon: Daemo
     assert answer["status_code"] == 405 and answer["errors"][0]["code"] == "method_not_allowed"
 
 
+async def test_management_api_refusals_of_auth_are_in_the_apis_own_error_shape(
+    daemon: Daemon,
+) -> None:
+    """A 401 or 403 on /api/v2 (no token, an unknown one, an ingest token) is in atracker's
+    shape, like every other answer there, so its SDKs read `errors[0]`; elsewhere the daemon's
+    own shape. The auth middleware wrote its refusals in the daemon's shape everywhere."""
+    for presented, status, code in (
+        (None, 401, "unauthorized"),
+        ("not-a-token-of-this-daemon", 401, "unauthorized"),
+        (INGEST, 403, "forbidden"),
+    ):
+        headers = () if presented is None else (f"Authorization: Bearer {presented}",)
+        got, answer_headers, body = await exchange(
+            daemon.port, request("GET", "/api/v2/targets", *headers)
+        )
+        assert got == status, body
+        assert api_error_of(answer_headers, body, status)["code"] == code
+        if status == 401:
+            assert answer_headers["www-authenticate"].startswith("Bearer"), answer_headers
+    got, answer_headers, body = await exchange(daemon.port, request("GET", "/v1/status"))
+    assert got == 401
+    assert error_of(answer_headers, body)["code"] == "unauthorized"
+
+
 async def test_an_api_body_past_the_limit_is_a_json_413_and_audited(
     daemon: Daemon, tmp_path: Path
 ) -> None:

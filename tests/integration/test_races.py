@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -27,12 +26,14 @@ from router.server.api import ConfigSource
 from tests.conftest import StartDaemon
 from tests.fakes import ScriptedReceiver, make_event, read_ndjson, wait_for
 from tests.helpers import (
+    Load,
     ReceiverFactory,
     assert_books_balance,
     everything_to,
     file_target,
     free_port,
     http_target,
+    journal_write_locked,
     patient,
     post,
     reap,
@@ -42,12 +43,10 @@ from tests.helpers import (
 from tests.integration.test_evidence import chained_file_target
 from tests.integration.test_reload import with_base
 from tests.integration.test_workers import (
-    POSTERS,
     START_TIMEOUT_S,
     WORKERS,
     children,
     drained,
-    load,
     serve,
     status_of,
     workers_config,
@@ -300,13 +299,8 @@ async def test_sighups_while_workers_are_killed_lose_and_repeat_nothing(tmp_path
     proc: asyncio.subprocess.Process | None = None
     try:
         proc = await serve(path, port)
-        acked: list[str] = []
-        gone = asyncio.Event()
-        stop_at = time.monotonic() + 120
-        posters = [
-            asyncio.create_task(load(port, acked, stop_at, p, gone), name=f"poster-{p}")
-            for p in range(POSTERS)
-        ]
+        load = Load(port, through_restarts=True)
+        acked = load.acked
         for n in range(4):
             await wait_for(lambda n=n: len(acked) >= 300 * (n + 1), timeout_s=START_TIMEOUT_S)
             with_extra = n % 2 == 1
@@ -330,8 +324,7 @@ async def test_sighups_while_workers_are_killed_lose_and_repeat_nothing(tmp_path
                 timeout_s=START_TIMEOUT_S,
                 what="a worker started in place of the killed one",
             )
-        gone.set()
-        await asyncio.gather(*posters)
+        await load.stop()
         await wait_for(lambda: drained(port), timeout_s=START_TIMEOUT_S, what="the drain")
         status = await status_of(port)
         for target_id, row in status["targets"].items():
@@ -529,14 +522,8 @@ async def test_the_owner_killed_during_a_sighup_loses_no_acknowledged_event(
     proc: asyncio.subprocess.Process | None = None
     try:
         proc = await serve(path, port)
-        acked: list[str] = []
-        gone = asyncio.Event()
-        posters = [
-            asyncio.create_task(
-                load(port, acked, time.monotonic() + 120, p, gone), name=f"poster-{p}"
-            )
-            for p in range(POSTERS)
-        ]
+        load = Load(port, through_restarts=True)
+        acked = load.acked
         await wait_for(lambda: len(acked) >= 500, timeout_s=START_TIMEOUT_S)
         write(False)
         tried = len(down.requests)
@@ -545,8 +532,7 @@ async def test_the_owner_killed_during_a_sighup_loses_no_acknowledged_event(
         await wait_for(lambda: len(down.requests) >= tried + 3, what="the removed target tried")
         proc.send_signal(signal.SIGKILL)
         assert await proc.wait() == -signal.SIGKILL
-        gone.set()
-        await asyncio.gather(*posters)
+        await load.stop()
         proc = await serve(path, port)
         await wait_for(lambda: drained(port), timeout_s=START_TIMEOUT_S, what="the drain")
         status = await status_of(port)
@@ -564,3 +550,49 @@ async def test_the_owner_killed_during_a_sighup_loses_no_acknowledged_event(
     dead = Counter(x["event"]["id"] for x in read_ndjson(letters_path))
     assert dead, "the removed target's backlog was dead-lettered"
     assert set(dead) <= set(archived), "every event owed to it was routed to the archive too"
+
+
+@pytest.mark.parametrize("reload_does", ["remove", "change"])
+async def test_a_batch_delivered_whose_ack_fails_at_the_drain_timeout_is_not_sent_or_letter_again(
+    start_daemon: StartDaemon, receiver_factory: ReceiverFactory, tmp_path: Path, reload_does: str
+) -> None:
+    """A batch the target took, whose ack cannot be recorded (the journal's write lock held
+    longer than SQLite's busy timeout, 5 s) when a reload stops the worker at the drain
+    timeout (2 s): the removed target does not dead-letter it as target_removed, and the
+    changed one does not send it again. Its outcome is recorded once the journal can take it:
+    delivered, in the books."""
+    siem = await receiver_factory([503])
+    target = patient(http_target("siem", siem.url))
+    keep = file_target("keep", tmp_path / "keep.ndjson")
+    daemon = await start_daemon(
+        {
+            "targets": [target, keep],
+            "routes": everything_to("siem", "keep"),
+            "shutdown": {"drain_timeout_s": 2},
+        }
+    )
+    ids = [f"e{n}" for n in range(5)]
+    status, _ = await post(daemon, [make_event(id=i) for i in ids])
+    assert status == 202
+    await wait_for(lambda: len(siem.requests) >= 1, what="the batch tried")
+    keep_row = lambda: daemon.status()["targets"]["keep"]  # noqa: E731
+    await wait_for(lambda: keep_row()["pending"] == 0, what="the other target's share")
+    if reload_does == "remove":
+        new = config(daemon, [keep], "keep")
+    else:
+        new = config(daemon, [target | {"batch": {"max_events": 50}}, keep], "siem", "keep")
+    with journal_write_locked(tmp_path / "var"):
+        siem.statuses = [200]
+        await wait_for(lambda: len(siem.delivered_events) == len(ids), what="the delivery")
+        reload = asyncio.create_task(daemon.reload(new, audit=False), name="reload")
+        # The ack waits for the lock for SQLite's busy timeout, then fails: only then is the
+        # lock let go.
+        await wait_for(lambda: not daemon.journal.healthy, timeout_s=30, what="the ack to fail")
+    await reload
+    await wait_for(lambda: settled(daemon), timeout_s=30)
+    assert Counter(e["id"] for e in siem.delivered_events) == Counter(ids), "delivered once"
+    assert not letters(daemon, "siem"), "nothing delivered is dead-lettered"
+    if reload_does == "change":
+        row = daemon.status()["targets"]["siem"]
+        assert (row["received"], row["delivered"], row["dead_lettered"]) == (5, 5, 0)
+    assert_books_balance(daemon)

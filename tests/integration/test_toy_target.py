@@ -11,11 +11,13 @@ from types import ModuleType
 
 import pytest
 
+from router.config import parse_config
 from router.errors import ConfigError
 from router.targets import TARGET_TYPES, TargetType
 from tests.conftest import StartDaemon
 from tests.fakes import make_event, wait_for
 from tests.helpers import assert_books_balance, everything_to, post, settled
+from tests.integration.test_reload import with_base
 
 TOY_MODULE = '''
 """A toy target type: it keeps every batch it is sent."""
@@ -117,3 +119,32 @@ async def test_the_toy_types_schema_is_the_one_the_loader_checks(
             }
         )
     assert info.value.problems == ["targets[0].toy_endpoint: unknown key 'x'"]
+
+
+async def test_a_toy_target_type_registered_in_the_owner_only_works_with_worker_processes(
+    toy: ModuleType, start_daemon: StartDaemon
+) -> None:
+    """server.workers 2: the worker processes start afresh, without the toy type (nor its
+    module on their path). They validate, redact and route; they build no target, so they are
+    sent the config without the targets, at start and at a reload that adds one."""
+    play = {"id": "play", "target_type": "toy", "toy_endpoint": {"label": "box"}}
+    daemon = await start_daemon(
+        {
+            "server": {"host": "127.0.0.1", "port": 0, "workers": 2},
+            "targets": [play],
+            "routes": everything_to("play"),
+        }
+    )
+    status, body = await post(daemon, [make_event(), make_event()])
+    assert status == 202
+    more = {"id": "more", "target_type": "toy", "toy_endpoint": {"label": "bag"}}
+    data = with_base(daemon, {"targets": [play, more], "routes": everything_to("play", "more")})
+    await daemon.reload(parse_config(data), audit=False)
+    status, again = await post(daemon, [make_event()])
+    assert status == 202
+    await wait_for(lambda: settled(daemon), what="delivery to the toy targets")
+    first = [r["id"] for r in body["results"]]
+    last = [r["id"] for r in again["results"]]
+    sent = sorted((target_id, event_id) for target_id, _, ids in toy.SENT for event_id in ids)
+    assert sent == sorted([("play", i) for i in first + last] + [("more", i) for i in last])
+    assert_books_balance(daemon)

@@ -19,7 +19,6 @@ import os
 import signal
 import socket
 import tempfile
-import time
 import tracemalloc
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -43,13 +42,10 @@ from router.routing import RouteTable
 from tests import helpers
 from tests.conftest import StartDaemon
 from tests.fakes import ScriptedReceiver, make_event, read_ndjson, wait_for
-from tests.helpers import drained, free_port, log_lines, ready, reap, spawn, terminate
+from tests.helpers import Load, drained, free_port, log_lines, ready, reap, spawn, terminate
 from tests.integration.test_server_tls import client_context, post_event, tls_config
 
 WORKERS = 2
-POSTERS = 8
-EVENTS_PER_POST = 10
-LOAD_S = 1.5
 INGEST_TOKEN = "ingest-token-for-the-workers-test"
 ADMIN_TOKEN = "admin-token-for-the-workers-test"
 
@@ -158,28 +154,6 @@ def assert_books_balance(status: dict[str, Any]) -> None:
         ), (target_id, row)
 
 
-async def load(
-    port: int, acked: list[str], stop_at: float, poster: int, owner_gone: asyncio.Event
-) -> None:
-    """Post batches until stop_at (a connection that breaks is opened again: a worker died)
-    or until the owner is gone; record the ids answered 202."""
-    n = 0
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < stop_at and not owner_gone.is_set():
-            ids = [f"p{poster}-{n}-{i}" for i in range(EVENTS_PER_POST)]
-            n += 1
-            try:
-                async with session.post(
-                    f"http://127.0.0.1:{port}/v1/events",
-                    data=orjson.dumps([make_event(id=i) for i in ids]),
-                    headers=headers(),
-                ) as resp:
-                    if resp.status == 202:
-                        acked.extend(ids)
-            except (aiohttp.ClientError, ConnectionError):
-                continue
-
-
 def assert_all_delivered(acked: list[str], archive: Path, siem: ScriptedReceiver) -> None:
     archived = [e["id"] for e in read_ndjson(archive)]
     sent = [e["id"] for e in siem.delivered_events]
@@ -197,13 +171,8 @@ async def test_a_worker_killed_under_load_loses_no_acknowledged_event(tmp_path: 
         proc = await serve(config, port)
         workers = children(proc.pid)
         assert len(workers) == WORKERS
-        acked: list[str] = []
-        gone = asyncio.Event()
-        stop_at = time.monotonic() + LOAD_S + 10
-        posters = [
-            asyncio.create_task(load(port, acked, stop_at, p, gone), name=f"poster-{p}")
-            for p in range(POSTERS)
-        ]
+        load = Load(port, through_restarts=True)
+        acked = load.acked
         await wait_for(
             lambda: len(acked) >= 300,
             timeout_s=START_TIMEOUT_S,
@@ -222,9 +191,7 @@ async def test_a_worker_killed_under_load_loses_no_acknowledged_event(tmp_path: 
             timeout_s=START_TIMEOUT_S,
             what="the owner to start a worker in place of the killed one",
         )
-        stop_at = time.monotonic()
-        gone.set()
-        await asyncio.gather(*posters)
+        await load.stop()
         await wait_for(
             lambda: drained(port), timeout_s=START_TIMEOUT_S, what="the journal to drain"
         )
@@ -253,13 +220,8 @@ async def test_the_owner_killed_under_load_loses_no_acknowledged_event(tmp_path:
     try:
         proc = await serve(config, port)
         workers = children(proc.pid)
-        acked: list[str] = []
-        gone = asyncio.Event()
-        stop_at = time.monotonic() + LOAD_S + 10
-        posters = [
-            asyncio.create_task(load(port, acked, stop_at, p, gone), name=f"poster-{p}")
-            for p in range(POSTERS)
-        ]
+        load = Load(port, through_restarts=True)
+        acked = load.acked
         await wait_for(
             lambda: len(acked) >= 500,
             timeout_s=START_TIMEOUT_S,
@@ -272,8 +234,7 @@ async def test_the_owner_killed_under_load_loses_no_acknowledged_event(tmp_path:
             timeout_s=START_TIMEOUT_S,
             what="the workers to stop once their owner is gone",
         )
-        gone.set()
-        await asyncio.gather(*posters)
+        await load.stop()
         assert acked, "nothing was acknowledged before the kill"
 
         proc = await serve(config, port)
@@ -298,22 +259,15 @@ async def test_sigterm_drains_every_process(tmp_path: Path) -> None:
     try:
         workers = children(proc.pid)
         assert len(workers) == WORKERS
-        acked: list[str] = []
-        gone = asyncio.Event()
-        posters = [
-            asyncio.create_task(
-                load(port, acked, time.monotonic() + 30, p, gone), name=f"poster-{p}"
-            )
-            for p in range(POSTERS)
-        ]
+        load = Load(port, through_restarts=True, for_at_most_s=30)
+        acked = load.acked
         await wait_for(
             lambda: len(acked) >= 200,
             timeout_s=START_TIMEOUT_S,
             what="some load to be acknowledged",
         )
         code = await terminate(proc)
-        gone.set()
-        await asyncio.gather(*posters)
+        await load.stop()
         assert code == 0
         assert not any(alive(pid) for pid in workers), "a worker outlived its owner's stop"
     finally:
@@ -945,14 +899,8 @@ async def test_a_killed_workers_counters_stay_in_status_and_metrics(tmp_path: Pa
     poller = asyncio.create_task(poll(), name="poller")
     try:
         workers = children(proc.pid)
-        acked: list[str] = []
-        gone = asyncio.Event()
-        posters = [
-            asyncio.create_task(
-                load(port, acked, time.monotonic() + 60, p, gone), name=f"poster-{p}"
-            )
-            for p in range(POSTERS)
-        ]
+        load = Load(port, through_restarts=True, for_at_most_s=60)
+        acked = load.acked
         polling.set()
         await wait_for(lambda: len(acked) >= 300, timeout_s=START_TIMEOUT_S, what="some load")
         polling.clear()
@@ -971,8 +919,7 @@ async def test_a_killed_workers_counters_stay_in_status_and_metrics(tmp_path: Pa
             what="the owner to start new workers",
         )
         await wait_for(lambda: len(acked) >= before + 600, timeout_s=START_TIMEOUT_S, what="load")
-        gone.set()
-        await asyncio.gather(*posters)
+        await load.stop()
         await wait_for(lambda: drained(port), timeout_s=START_TIMEOUT_S, what="delivery")
         polling.clear()
         status = await status_of(port)

@@ -66,7 +66,10 @@ def jetstream(servers: list[str], stream: str, **settings: Any) -> dict[str, Any
 
 @pytest.fixture
 async def start_router(tmp_path: Path, nats_server: NatsServer) -> AsyncIterator[Any]:
-    """Start in-process daemons on one fresh stream: each its own storage.path and port."""
+    """Start in-process daemons on one fresh stream: each its own storage.path and port, one
+    process unless the test names server.workers (as tests.conftest's start_daemon): since
+    the default became auto, each daemon here started a worker process per CPU, which the
+    tests neither needed nor looked at, on a machine they share with the daemons' loop."""
     stream = f"T{next(_streams)}"
     daemons: list[Daemon] = []
 
@@ -83,6 +86,7 @@ async def start_router(tmp_path: Path, nats_server: NatsServer) -> AsyncIterator
             "evidence": {"enabled": False},
             **data,
         }
+        data["server"] = {"workers": 1, **data["server"]}
         daemon = Daemon(parse_config(data), ConfigSource(None, data))
         await daemon.start()
         daemons.append(daemon)
@@ -107,6 +111,14 @@ def event(**fields: Any) -> dict[str, Any]:
     """A valid event with an id of its own (the producer's, so a retry can repeat it)."""
     fields.setdefault("id", f"js-{next(_ids)}")
     return make_event(**fields)
+
+
+def one_batch(count: int) -> dict[str, Any]:
+    """FAST_DELIVERY, but a batch waits (up to 5 s) until it holds `count` events: for a test
+    that needs events posted together to go out together. An idle router's fetch comes back
+    with the first event JetStream stored, and FAST_DELIVERY's max_wait_s (0.01 s) lingers
+    for no more: three events posted at once came as batches of 1 and 2 in 27 of 200 tries."""
+    return {**FAST_DELIVERY, "batch": {"max_events": count, "max_wait_s": 5}}
 
 
 def books_of(daemon: Daemon, target_id: str) -> tuple[int, int, int, int]:
@@ -236,7 +248,9 @@ async def test_a_send_longer_than_ack_wait_keeps_its_batch_with_in_progress_acks
     port = runner.addresses[0][1]
     try:
         target = http_target("slow", f"http://127.0.0.1:{port}/", timeout_s=60)
-        config = {"targets": [target], "routes": everything_to("slow")}
+        # The three events in one batch: sent alone, the first held the slow target and the
+        # other two waited in the stream for the second router (the wait below timed out).
+        config = {"targets": [target], "routes": everything_to("slow"), "delivery": one_batch(3)}
         # ack_wait 3 s, in-progress acks every second: these daemons share the test's event
         # loop, and starting the second one on a loaded machine can hold it for most of a
         # second (with 1 s, a late in-progress ack once let the batch go to the other router).
@@ -362,8 +376,13 @@ async def test_dead_letters_go_to_their_stream_and_dlq_lists_shows_and_redrives_
     start_router: Any, receiver_factory: ReceiverFactory, nats_server: NatsServer, tmp_path: Path
 ) -> None:
     siem = await receiver_factory([400, 200])
+    # Both events in the batch the target refuses: in two, the second was delivered.
     daemon = await start_router(
-        {"targets": [http_target("siem", siem.url)], "routes": everything_to("siem")}
+        {
+            "targets": [http_target("siem", siem.url)],
+            "routes": everything_to("siem"),
+            "delivery": one_batch(2),
+        }
     )
     events = [event() for _ in range(2)]
     await post(daemon, events)

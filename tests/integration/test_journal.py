@@ -476,7 +476,10 @@ async def test_a_journal_carries_its_format_and_one_from_a_newer_router_is_not_o
     proc = await spawn(
         serve_config(tmp_path, "router", port, storage), stderr=asyncio.subprocess.PIPE
     )
-    _, stderr = await asyncio.wait_for(proc.communicate(), 30)
+    try:
+        _, stderr = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        await reap(proc)  # a daemon that opened the journal after all does not outlive the test
     message = stderr.decode()
     assert proc.returncode == 2, message
     assert str(path) in message, message

@@ -1277,11 +1277,13 @@ class SqliteJournal:
             db = self._db
             targets: set[str] = set()
             raw_id = event_id.encode()
+            # A row at a time: every packed frame is a candidate, and with a large backlog
+            # fetching them all at once held the whole journal's frames in memory.
             for first, last, stored in db.execute(
                 "SELECT first_seq, last_seq, records FROM batches "
                 "WHERE instr(records, ?1) > 0 OR substr(records, 1, ?3) = ?2",
                 (raw_id, PACKED, len(PACKED)),
-            ).fetchall():
+            ):
                 blob = unpack(stored)
                 if raw_id not in blob:
                     continue

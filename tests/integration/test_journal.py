@@ -1310,6 +1310,38 @@ async def test_events_routed_in_changing_ways_reach_each_target_from_memory_as_f
         await journal.close()
 
 
+async def test_a_receipts_lookup_reads_the_packed_frames_a_row_at_a_time(tmp_path: Path) -> None:
+    """Every packed frame is a candidate for pending_for (its bytes do not show the id): they
+    were fetched all at once, so a lookup with a backlog held the journal's frames in memory
+    (67 MB for a 67 MB journal). A row at a time, it holds a frame or two."""
+    journal = SqliteJournal(StorageConfig(path=str(tmp_path / "var"), fsync="never"), ["t"])
+    await journal.open()
+    try:
+        for n in range(80):
+            await journal.append(
+                [
+                    (
+                        Event.from_body(make_event(id=f"e{n}-{i}", message=incompressible(900))),
+                        {"t": "all"},
+                    )
+                    for i in range(100)
+                ]
+            )
+        with sqlite3.connect(tmp_path / "var" / "journal.db") as db:
+            stored = db.execute("SELECT SUM(length(records)) FROM batches").fetchone()[0]
+        assert stored > 5_000_000
+        tracemalloc.start()
+        try:
+            assert await journal.pending_for("e79-99") == ["t"]
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        # A frame is at most 64 KiB of records (BATCH_BYTES) and what unpacking one takes.
+        assert peak < 1_000_000, f"a lookup held {peak} bytes of {stored} stored"
+    finally:
+        await journal.close()
+
+
 async def test_an_event_in_a_packed_frame_is_found_pending_until_its_target_settles_it(
     tmp_path: Path,
 ) -> None:

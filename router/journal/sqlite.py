@@ -354,6 +354,9 @@ class SqliteJournal:
         self.path = self.directory / DB_NAME
         self._targets = {target_id: _Target() for target_id in target_ids}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal")
+        # An operator's lookups (pending_for) read on a connection and thread of their own, so
+        # a scan of a large backlog never holds up the writer's appends and acks.
+        self._reads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal-read")
         self._db: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
         self._next_seq = 1
@@ -407,6 +410,7 @@ class SqliteJournal:
         if self._db is not None:
             await self._run(self._close_sync)
         self._executor.shutdown(wait=True)
+        self._reads.shutdown(wait=True)
         self._unlock()
 
     def _lock(self) -> None:
@@ -1270,11 +1274,16 @@ class SqliteJournal:
     async def pending_for(self, event_id: str) -> list[str]:
         """The targets an event (by id) is still owed to: what a receipt's lookup shows as
         pending. A scan of the batches for the id's bytes (every packed one inflated): for an
-        admin's question, not the hot path."""
+        admin's question, not the hot path, so on a read-only connection in a thread of its
+        own (WAL: it reads a snapshot beside the writer, which it never waits for or holds)."""
 
         def read() -> list[str]:
-            assert self._db is not None
-            db = self._db
+            with contextlib.closing(
+                sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True)
+            ) as db:
+                return lookup(db)
+
+        def lookup(db: sqlite3.Connection) -> list[str]:
             targets: set[str] = set()
             raw_id = event_id.encode()
             # A row at a time: every packed frame is a candidate, and with a large backlog
@@ -1299,7 +1308,7 @@ class SqliteJournal:
                         )
             return sorted(targets)
 
-        return await self._run(read)
+        return await asyncio.get_running_loop().run_in_executor(self._reads, read)
 
     async def save_chain(
         self, target_id: str, seq: int, head_hash: bytes, checkpoint: bytes, at: float

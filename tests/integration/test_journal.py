@@ -1330,12 +1330,14 @@ async def test_a_receipts_lookup_does_not_wait_for_or_hold_the_journals_writer(
     try:
         await journal.append([(Event.from_body(make_event(id="r1")), {"t": "all"})])
         writer = asyncio.get_running_loop().run_in_executor(journal._executor, hold)
-        await asyncio.to_thread(held.wait, 10)
-        assert await asyncio.wait_for(journal.pending_for("r1"), 30) == ["t"]
-        assert await asyncio.wait_for(journal.pending_for("r2"), 30) == []
+        try:
+            await asyncio.to_thread(held.wait, 10)
+            assert await asyncio.wait_for(journal.pending_for("r1"), 30) == ["t"]
+            assert await asyncio.wait_for(journal.pending_for("r2"), 30) == []
+        finally:
+            release.set()
+            await writer
     finally:
-        release.set()
-        await writer
         await journal.close()
 
 

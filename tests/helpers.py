@@ -74,7 +74,9 @@ class Load:
     `for_at_most_s`), and `acked` keeps the ids answered 202: what must then be delivered.
 
     A connection that breaks ends its poster (the daemon died), or with `through_restarts`
-    is opened again (a worker died and another takes the port; the owner restarts)."""
+    is opened again (a worker died and another takes the port; the owner restarts). With
+    `strict` every request must be answered 202 on a connection that holds (a reload test's
+    daemon never refuses nor dies): anything else fails the poster, and `stop()` raises it."""
 
     def __init__(
         self,
@@ -84,9 +86,11 @@ class Load:
         per_post: int = 10,
         headers: dict[str, str] | None = None,
         through_restarts: bool = False,
+        strict: bool = False,
         for_at_most_s: float = 120,
     ) -> None:
         self.acked: list[str] = []
+        self._strict = strict
         self._url = f"http://127.0.0.1:{port}/v1/events"
         self._per_post = per_post
         self._headers = {"Content-Type": "application/json", **(headers or {})}
@@ -110,9 +114,12 @@ class Load:
                         data=orjson.dumps([make_event(id=i) for i in ids]),
                         headers=self._headers,
                     ) as resp:
+                        assert resp.status == 202 or not self._strict, resp.status
                         if resp.status == 202:
                             self.acked.extend(ids)
                 except (aiohttp.ClientError, ConnectionError):
+                    if self._strict:
+                        raise
                     if not self._through_restarts:
                         return
 

@@ -68,23 +68,6 @@ def config(daemon: Daemon, targets: list[dict[str, Any]], *ids: str) -> Any:
     return parse_config(with_base(daemon, {"targets": targets, "routes": everything_to(*ids)}))
 
 
-async def post_until(port: int, worker: int, acked: list[str], done: asyncio.Event) -> None:
-    """One poster: requests of 10 events, one at a time, each answered 202 (its ids added to
-    `acked`), until `done` is set."""
-    n = 0
-    async with aiohttp.ClientSession() as session:
-        while not done.is_set():
-            ids = [f"w{worker}-{n}-{i}" for i in range(10)]
-            n += 1
-            async with session.post(
-                f"http://127.0.0.1:{port}/v1/events",
-                data=orjson.dumps([make_event(id=i) for i in ids]),
-                headers={"Content-Type": "application/json"},
-            ) as resp:
-                assert resp.status == 202
-                acked.extend(ids)
-
-
 async def test_a_target_re_added_while_its_orphans_are_retired_keeps_its_own_events(
     start_daemon: StartDaemon, tmp_path: Path
 ) -> None:
@@ -146,19 +129,11 @@ async def test_reloads_under_load_send_each_event_once_to_each_target(
         ([a, b, c | smaller], ("a", "b", "c")),  # ... and back at once
         ([a, b | smaller, c], ("a", "b", "c")),
     ]
-    acked: list[str] = []
-    done = asyncio.Event()
-    posters = [
-        asyncio.create_task(post_until(daemon.port, w, acked, done), name=f"poster-{w}")
-        for w in range(4)
-    ]
-    try:
+    async with Load(daemon.port, posters=4, strict=True) as load:
+        acked = load.acked
         for n, (targets, routed) in enumerate(steps):
             await wait_for(lambda n=n: len(acked) >= 300 * (n + 1), timeout_s=30)
             await daemon.reload(config(daemon, targets, *routed), audit=False)
-    finally:
-        done.set()
-        await asyncio.gather(*posters)
     await wait_for(lambda: settled(daemon), timeout_s=60)
     want = Counter(acked)
     assert lines(tmp_path / "a.ndjson") == want, "a: each acknowledged event once"
@@ -386,21 +361,13 @@ async def test_a_chained_archive_restarted_by_reloads_under_load_verifies_with_n
     daemon = await start_daemon(
         {"targets": [us], "routes": everything_to("us"), "evidence": evidence}
     )
-    acked: list[str] = []
-    done = asyncio.Event()
-    posters = [
-        asyncio.create_task(post_until(daemon.port, w, acked, done), name=f"poster-{w}")
-        for w in range(4)
-    ]
-    try:
+    async with Load(daemon.port, posters=4, strict=True) as load:
+        acked = load.acked
         for n in range(5):
             await wait_for(lambda n=n: len(acked) >= 300 * (n + 1), timeout_s=30)
             batch = {"batch": {"max_events": 3 + n, "max_wait_s": 0.005}}
             data = with_base(daemon, {"targets": [us | batch], "routes": everything_to("us")})
             await daemon.reload(parse_config(data | {"evidence": evidence}), audit=False)
-    finally:
-        done.set()
-        await asyncio.gather(*posters)
     await wait_for(lambda: settled(daemon), timeout_s=60)
     assert_books_balance(daemon)
     await daemon.stop()

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import orjson
 import pytest
 import yaml
 
@@ -22,6 +20,7 @@ from router.journal.sqlite import SqliteJournal
 from tests.conftest import StartDaemon
 from tests.fakes import make_event, read_ndjson, wait_for
 from tests.helpers import (
+    Load,
     ReceiverFactory,
     assert_books_balance,
     everything_to,
@@ -189,30 +188,12 @@ async def test_reloads_under_load_lose_nothing(start_daemon: StartDaemon, tmp_pa
         "routes": everything_to("archive"),
     }
     daemon = await start_daemon(with_side)
-    acked: list[str] = []
-    stop_at = time.monotonic() + 30
-
-    async def load(worker: int) -> None:
-        n = 0
-        async with aiohttp.ClientSession() as session:
-            while time.monotonic() < stop_at and not done.is_set():
-                ids = [f"w{worker}-{n}-{i}" for i in range(10)]
-                n += 1
-                async with session.post(
-                    f"http://127.0.0.1:{daemon.port}/v1/events",
-                    data=orjson.dumps([make_event(id=i) for i in ids]),
-                    headers={"Content-Type": "application/json"},
-                ) as resp:
-                    assert resp.status == 202
-                    acked.extend(ids)
-
-    done = asyncio.Event()
-    posters = [asyncio.create_task(load(w), name=f"poster-{w}") for w in range(4)]
-    for n in range(6):
-        await wait_for(lambda n=n: len(acked) >= 200 * (n + 1))
-        await daemon.reload(parse_config(with_base(daemon, without_side if n % 2 else with_side)))
-    done.set()
-    await asyncio.gather(*posters)
+    async with Load(daemon.port, posters=4, strict=True, for_at_most_s=30) as load:
+        acked = load.acked
+        for n in range(6):
+            await wait_for(lambda n=n: len(acked) >= 200 * (n + 1))
+            side_or_not = without_side if n % 2 else with_side
+            await daemon.reload(parse_config(with_base(daemon, side_or_not)))
     await wait_for(lambda: settled(daemon), timeout_s=30)
     archived = {e["id"] for e in read_ndjson(archive)}
     assert set(acked) <= archived, f"{len(set(acked) - archived)} acknowledged events lost"

@@ -5,7 +5,8 @@ Exit codes, the same for every command (EXIT_CODES, shown in every --help): 0 do
 (nothing could be done: a port in use, a daemon out of reach, a target that fails its test
 write, letters none of which can be redriven, an archive that fails `verify`), 2 a usage or
 config error (argparse's own code: an unknown option or target, a bad query, time or count, a
-config that does not load, a storage.path another daemon holds).
+config that does not load, a storage.path another daemon holds or whose journal a newer
+event-router wrote).
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ exit codes (every command):
      fails its test write, dead letters none of which can be redriven, an archive that
      fails verify)
   2  usage or config error: an unknown option or target, a bad query, time or count,
-     a config that does not load or does not pass check, a storage.path another daemon holds"""
+     a config that does not load or does not pass check, a storage.path another daemon holds
+     or whose journal a newer event-router wrote"""
 
 
 def _positive_count(text: str) -> int:

@@ -21,6 +21,7 @@ from router.deadletter import DeadLetters
 from router.errors import RequestError, StorageUnavailableError
 from router.evidence.receipt import locate
 from router.intake.http import error_response, json_response
+from router.journal import JournalUnavailableError
 from router.server.reads import in_read_thread
 
 
@@ -40,9 +41,11 @@ class ReceiptEndpoint:
 
     async def handle(self, request: web.Request) -> web.Response:
         event_id = request.match_info["id"]
-        where: dict[str, Any] = {
-            target_id: {"state": "pending"} for target_id in await self.pending_for(event_id)
-        }
+        try:
+            pending = await self.pending_for(event_id)
+        except JournalUnavailableError as exc:  # a damaged journal file, say
+            return error_response(RequestError(503, "journal_unavailable", str(exc)))
+        where: dict[str, Any] = {target_id: {"state": "pending"} for target_id in pending}
         try:
             letters = await self.dead_letters.find(event_id) if self.dead_letters else None
         except StorageUnavailableError as exc:

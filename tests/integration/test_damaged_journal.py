@@ -1,0 +1,121 @@
+"""A journal damaged under a running daemon or left damaged by a newer one: what the daemon
+answers and what it refuses to touch (tests/integration/test_journal.py holds the salvage of a
+damaged journal of this router's own format)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+import yaml
+
+from router.config import StorageConfig
+from router.events import Event
+from router.journal import sqlite as sqlite_journal
+from router.journal.sqlite import SqliteJournal
+from tests.conftest import StartDaemon
+from tests.fakes import ScriptedReceiver, incompressible, make_event
+from tests.helpers import (
+    everything_to,
+    file_target,
+    free_port,
+    http_target,
+    patient,
+    post,
+    reap,
+    spawn,
+)
+
+ReceiverFactory = Callable[..., Awaitable[ScriptedReceiver]]
+
+
+def overwrite_root_page(path: Path, table: str) -> None:
+    """Garbage over the root page of `table`, in the file (the log emptied into it first, so
+    that a reader finds the page there and not a copy in the log)."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        [(root,)] = db.execute("SELECT rootpage FROM sqlite_master WHERE name = ?", (table,))
+        page_size = db.execute("PRAGMA page_size").fetchone()[0]
+    with open(path, "r+b") as f:
+        f.seek((root - 1) * page_size)
+        f.write(b"\xff" * page_size)
+
+
+async def test_a_receipt_lookup_in_a_journal_damaged_under_the_daemon_answers_503(
+    start_daemon: StartDaemon, receiver_factory: ReceiverFactory, tmp_path: Path
+) -> None:
+    """The lookup reads the journal on a connection of its own: SQLite's error on a damaged
+    page (database disk image is malformed) was a 500 internal_error with a traceback. It
+    is the journal that cannot answer: 503 journal_unavailable, saying why."""
+    receiver = await receiver_factory([503] * 100_000)  # the events stay pending
+    daemon = await start_daemon(
+        {"targets": [patient(http_target("h", receiver.url))], "routes": everything_to("h")}
+    )
+    for n in range(10):
+        status, _ = await post(
+            daemon, [make_event(id=f"e{n}-{i}", message=incompressible(900)) for i in range(50)]
+        )
+        assert status == 202
+    url = f"http://127.0.0.1:{daemon.port}/v1/receipts/e3-3"
+    async with aiohttp.ClientSession() as session:
+        async with session.get(url) as resp:
+            assert resp.status == 200
+            assert (await resp.json())["targets"] == {"h": {"state": "pending"}}
+        overwrite_root_page(tmp_path / "var" / sqlite_journal.DB_NAME, "batches")
+        async with session.get(url) as resp:
+            body = await resp.json()
+            assert resp.status == 503, body
+    assert body["error"]["code"] == "journal_unavailable"
+    assert "malformed" in body["error"]["message"]
+
+
+async def test_a_damaged_journal_from_a_newer_router_is_refused_not_salvaged(
+    tmp_path: Path,
+) -> None:
+    """A journal of a newer format is refused, exit 2, untouched: its frames may be of a kind
+    this router cannot read. Damaged as well, it was salvaged instead (the format was looked
+    at only after the integrity check): moved aside and rebuilt by this router, from frames
+    it may take for garbage, its books counting their events lost."""
+    storage = tmp_path / "var"
+    journal = SqliteJournal(StorageConfig(path=str(storage), fsync="never"), ["archive"])
+    await journal.open()
+    for n in range(20):
+        await journal.append(
+            [
+                (Event.from_body(make_event(id=f"e{n}-{i}", message="x" * 900)), {"archive": "all"})
+                for i in range(50)
+            ]
+        )
+    await journal.close()
+    path = storage / sqlite_journal.DB_NAME
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute(f"PRAGMA user_version = {sqlite_journal.FORMAT + 1}")
+    overwrite_root_page(path, "owed")
+    before = path.read_bytes()
+    port = free_port()
+    config = tmp_path / "router.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "server": {"host": "127.0.0.1", "port": port},
+                "storage": {"path": str(storage)},
+                "startup": {"validate_targets": False},
+                "targets": [file_target("archive", storage / "archive.ndjson")],
+                "routes": everything_to("archive"),
+            }
+        )
+    )
+    proc = await spawn(config, stderr=asyncio.subprocess.PIPE)
+    try:
+        _, stderr = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        await reap(proc)
+    message = stderr.decode()
+    assert proc.returncode == 2, message
+    assert f"format {sqlite_journal.FORMAT + 1}" in message, message
+    assert not list(storage.glob("*.corrupt-*")), message
+    assert path.read_bytes() == before

@@ -157,6 +157,13 @@ def bearer_token(request: web.Request) -> str | None:
     return token
 
 
+def repeated_authorization(request: web.Request) -> bool:
+    """Whether the request carries more than one Authorization header. The field holds one
+    credential (RFC 9110): which of several counts is a guess that a proxy in front may
+    make otherwise (the last), so none counts, whichever comes first."""
+    return len(request.headers.getall("Authorization", ())) > 1
+
+
 @dataclass(slots=True)
 class TokenBucket:
     """`burst` at once, refilled at `per_s`."""
@@ -337,9 +344,18 @@ class Guard:
             await self.refusals.record(caller_of(request), 403, why)
             return _refusal(request, 403, "forbidden", f"{why}; configure auth.admin_tokens")
         presented = bearer_token(request)
-        principal = self._tokens.lookup(presented) if presented is not None else None
+        repeated = repeated_authorization(request)
+        principal = None
+        if presented is not None and not repeated:
+            principal = self._tokens.lookup(presented)
         if principal is None:
-            why = "no bearer token" if presented is None else "unknown token"
+            why = (
+                "more than one Authorization header"
+                if repeated
+                else "no bearer token"
+                if presented is None
+                else "unknown token"
+            )
             await self.refusals.record(caller_of(request), 401, why)
             return _refusal(
                 request, 401, "unauthorized", f"{why}; send Authorization: Bearer <token>"

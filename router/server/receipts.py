@@ -53,7 +53,11 @@ class ReceiptEndpoint:
         if letters is not None:
             where.update({k: v for k, v in letters.items() if k not in where})
         archives = {k: v for k, v in self.archives().items() if k not in where}
-        where.update(await in_read_thread(locate, event_id, archives, self.letters_dir, skip=where))
+        try:
+            found = await in_read_thread(locate, event_id, archives, self.letters_dir, skip=where)
+        except StorageUnavailableError as exc:  # an archive file cut short, say
+            return error_response(RequestError(503, "archive_unreadable", str(exc)))
+        where.update(found)
         if not where:
             return error_response(
                 RequestError(

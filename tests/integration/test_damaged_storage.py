@@ -1,11 +1,12 @@
-"""A journal damaged under a running daemon or left damaged by a newer one: what the daemon
-answers and what it refuses to touch (tests/integration/test_journal.py holds the salvage of a
-damaged journal of this router's own format)."""
+"""Storage damaged under a running daemon (a journal page, an archive's gzipped rotation) or
+a journal left damaged by a newer router: what the daemon answers and what it refuses to touch
+(tests/integration/test_journal.py holds the salvage of a damaged journal of its own format)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import sqlite3
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -18,7 +19,7 @@ from router.events import Event
 from router.journal import sqlite as sqlite_journal
 from router.journal.sqlite import SqliteJournal
 from tests.conftest import StartDaemon
-from tests.fakes import ScriptedReceiver, incompressible, make_event
+from tests.fakes import ScriptedReceiver, incompressible, make_event, wait_for
 from tests.helpers import (
     everything_to,
     file_target,
@@ -27,6 +28,7 @@ from tests.helpers import (
     patient,
     post,
     reap,
+    settled,
     spawn,
 )
 
@@ -119,3 +121,34 @@ async def test_a_damaged_journal_from_a_newer_router_is_refused_not_salvaged(
     assert f"format {sqlite_journal.FORMAT + 1}" in message, message
     assert not list(storage.glob("*.corrupt-*")), message
     assert path.read_bytes() == before
+
+
+async def test_a_receipt_lookup_beside_an_archive_rotation_cut_short_answers_what_it_can(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """A rotation gzipped by hand (logrotate) and cut short, or being gzipped as the lookup
+    reads it, beside a file target's archive: every receipt lookup was a 500 (EOFError from
+    gzip), even for an event in the live file. The event found elsewhere is answered; one
+    found nowhere is 503 archive_unreadable naming the file, since it may be in there."""
+    live = tmp_path / "archive.ndjson"
+    whole = gzip.compress(b'{"id":"old"}\n' * 5000)
+    cut = tmp_path / "archive.ndjson.2.gz"
+    cut.write_bytes(whole[: len(whole) // 2])
+    daemon = await start_daemon(
+        {"targets": [file_target("archive", live)], "routes": everything_to("archive")}
+    )
+    status, _ = await post(daemon, [make_event(id="e1")])
+    assert status == 202
+    await wait_for(lambda: settled(daemon))
+    base = f"http://127.0.0.1:{daemon.port}/v1/receipts"
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{base}/e1") as resp:
+            found = await resp.json()
+            assert resp.status == 200, found
+        async with session.get(f"{base}/nowhere") as resp:
+            missing = await resp.json()
+            assert resp.status == 503, missing
+    assert found["targets"]["archive"]["state"] == "delivered"
+    assert found["targets"]["archive"]["file"] == str(live)
+    assert missing["error"]["code"] == "archive_unreadable"
+    assert str(cut) in missing["error"]["message"]

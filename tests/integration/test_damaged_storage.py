@@ -152,3 +152,28 @@ async def test_a_receipt_lookup_beside_an_archive_rotation_cut_short_answers_wha
     assert found["targets"]["archive"]["file"] == str(live)
     assert missing["error"]["code"] == "archive_unreadable"
     assert str(cut) in missing["error"]["message"]
+
+
+async def test_a_search_through_an_archive_rotation_cut_short_answers_503_naming_it(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """GET /v1/search reading into a gzipped rotation cut short was a 500 (EOFError): it
+    is 503 archive_unreadable naming the file; a page that ends before it is answered."""
+    live = tmp_path / "archive.ndjson"
+    whole = gzip.compress(b'{"id":"old"}\n' * 5000)
+    cut = tmp_path / "archive.ndjson.2.gz"
+    cut.write_bytes(whole[: len(whole) // 2])
+    daemon = await start_daemon(
+        {"targets": [file_target("archive", live)], "routes": everything_to("archive")}
+    )
+    base = f"http://127.0.0.1:{daemon.port}/v1/search?target=archive"
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{base}&limit=10") as resp:
+            first = await resp.json()
+            assert resp.status == 200, first
+        async with session.get(f"{base}&query=id:new") as resp:
+            through = await resp.json()
+            assert resp.status == 503, through
+    assert [event["id"] for event in first["events"]] == ["old"] * 10
+    assert through["error"]["code"] == "archive_unreadable"
+    assert str(cut) in through["error"]["message"]

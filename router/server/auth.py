@@ -8,11 +8,11 @@ as an Activity Tracker event of the router itself.
     anything else (status, tail, redrive)   an admin token
 
 Routes not in OPEN_ROUTES or INGEST_ROUTES need an admin token, so an endpoint added later is
-closed until someone decides otherwise. A missing or unknown token is a 401 with
-`WWW-Authenticate: Bearer realm="event-router"`; a known token on a route its kind does not
-open is a 403. Tokens are kept as SHA-256 digests and the digest of what a caller presents is
-compared with every one of them by `hmac.compare_digest`, so neither the answer nor its timing
-tells how close a guess came.
+closed until someone decides otherwise. A missing or unknown token, or more than one
+Authorization header, is a 401 with `WWW-Authenticate: Bearer realm="event-router"`; a known
+token on a route its kind does not open is a 403. Tokens are kept as SHA-256 digests and the
+digest of what a caller presents is compared with every one of them by `hmac.compare_digest`,
+so neither the answer nor its timing tells how close a guess came.
 
 Browsers are callers too, on behalf of whatever page they show. A request that changes
 something (any method but GET, HEAD and OPTIONS) and carries an `Origin` other than the

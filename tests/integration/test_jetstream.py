@@ -29,6 +29,7 @@ from router.config import parse_config
 from router.daemon import Daemon
 from router.events import Event
 from router.journal import JournalUnavailableError
+from router.journal import jetstream as jetstream_journal
 from router.journal.jetstream import (
     JetStreamJournal,
     letters_stream,
@@ -297,6 +298,105 @@ async def test_a_batch_gathered_longer_than_ack_wait_is_kept_and_sent_once(
         await router.stop()
     sent = [e["id"] for e in siem.delivered_events]
     assert sorted(sent) == sorted(ids), f"each event once, by one router: {sent}"
+
+
+class GatedReceiver:
+    """An HTTP target that holds every request until `release` is set, recording the events
+    of each request it answered 200 (delivered once released)."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.arrived: list[list[str]] = []
+        self.delivered: list[str] = []
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> GatedReceiver:
+        async def take(request: web.Request) -> web.Response:
+            ids = [e["id"] for e in orjson.loads(await request.read())]
+            self.arrived.append(ids)
+            await self.release.wait()
+            self.delivered.extend(ids)
+            return web.Response(status=200)
+
+        app = web.Application()
+        app.router.add_post("/", take)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}/"
+        return self
+
+    async def stop(self) -> None:
+        self.release.set()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+@pytest.mark.timeout(120)
+async def test_what_a_stopping_routers_last_pull_request_brings_goes_to_the_next_router_at_once(
+    start_router: Any, tmp_path: Path, nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A router that stopped while a fetch waited for more events cut the fetch short: the
+    events the fetch had taken were dropped with it, and its pull request stayed on the server
+    until it expired, JetStream handing it the events that came meanwhile, which reached the
+    router's inbox after the fetch was gone. Neither acked nor handed back, they went to no
+    router until ack_wait passed (300 s here; 30 s by default, at every stop of a rolling
+    restart). The stopping router hands them back (nak): the next router sends them at once,
+    each once."""
+    # The gathering fetch (max_wait_s) waits 10 s: time enough, on a loaded machine, for the
+    # events below to reach it before and after the stop.
+    monkeypatch.setattr(jetstream_journal, "FETCH_WAIT_S", 10.0)
+    siem = await GatedReceiver().start()
+    try:
+        target = http_target("siem", siem.url) | {"batch": {"max_events": 100, "max_wait_s": 10}}
+        config = {"targets": [target], "routes": everything_to("siem")}
+        first = await start_router(config, ack_wait_s=300, name="r1", share_config=False)
+        stream = start_router.stream
+        first_event = event()
+        assert (await post(first, [first_event]))[0] == 202
+        # Another router that only takes events in (no delivery worker): the producer below.
+        producer = await open_journal(
+            tmp_path / "producer", nats_server, ["siem"], stream, ack_wait_s=300
+        )
+        try:
+            consumer = (queue_stream(producer.js_config, "siem"), "delivery")
+
+            async def held_by_the_first(count: int) -> bool:
+                info = await producer.js.consumer_info(*consumer)
+                return (info.num_ack_pending, info.num_pending) == (count, 0)
+
+            # The first router fetched the event and gathers more for its batch: it has one
+            # more when it stops.
+            await wait_for(lambda: held_by_the_first(1), what="the first router to fetch")
+            gathered = event()
+            assert (await post(first, [gathered]))[0] == 202
+            await wait_for(lambda: held_by_the_first(2), what="the fetch to take one more")
+            stopping = asyncio.create_task(first.stop())
+            # It stops gathering and sends its batch of one (the target holds it).
+            await wait_for(lambda: bool(siem.arrived), what="the batch sent as it stops")
+            later = [event() for _ in range(3)]
+            await producer.append(
+                [(Event.from_body(e, received_at=time.time()), {"siem": "all"}) for e in later]
+            )
+            # JetStream handed them to the stopping router's last pull request.
+            await wait_for(lambda: held_by_the_first(5), what="the events to reach the pull")
+            siem.release.set()
+            await stopping
+            second = await start_router(config, ack_wait_s=300, name="r2", share_config=False)
+            ids = sorted(e["id"] for e in [first_event, gathered, *later])
+            await wait_for(
+                lambda: set(siem.delivered) >= set(ids),
+                timeout_s=60,
+                what=f"every event delivered (ack_wait 300 s): {siem.arrived}",
+            )
+            await wait_for(lambda: books_of(second, "siem") == (5, 5, 0, 0), what="the books")
+            assert sorted(siem.delivered) == ids, "each event once"
+        finally:
+            await producer.close()
+    finally:
+        await siem.stop()
 
 
 def stopped(pid: int) -> bool:

@@ -357,6 +357,9 @@ class _Target:
     touched: dict[int, float] = field(default_factory=dict)
     # Fetched messages that did not fit the last batch's max_bytes: the next batch's head.
     carry: list[Msg] = field(default_factory=list)
+    # The stream sequences of the batch handed out last: what of it is still held (not
+    # acked) when the next batch is asked for was left unsettled by its worker.
+    out: list[int] = field(default_factory=list)
     # The consumer's ack_wait as the server has it (the config's, unless another router
     # with another storage section set it since): the in-progress acks keep to the shorter.
     ack_wait_s: float = 0.0
@@ -732,9 +735,18 @@ class JetStreamJournal:
         stopping: asyncio.Event,
     ) -> list[Entry]:
         """The next batch JetStream hands this router; empty once `stopping` is set: what is
-        left stays in the stream for the other routers (and this one's next start)."""
+        left stays in the stream for the other routers (and this one's next start).
+
+        The last batch, if it is not acked, comes first again, as the SQLite journal's cursor
+        gives it: its worker stopped without settling it (a reload changing the target stops
+        it at once, an error restarts it), and the target's next worker sends it (the daemon's
+        Unrecorded knows what of it was settled). Held with in-progress acks and handed out
+        no more, it went to no endpoint until the router stopped."""
         target = self._targets[target_id]
         msgs = target.carry
+        if target.out:
+            msgs = [target.held[seq] for seq in target.out if seq in target.held] + msgs
+            target.out = []
         target.carry = []
         while not msgs:
             if stopping.is_set():
@@ -760,6 +772,7 @@ class JetStreamJournal:
                 break
             batch.append(entry)
             size += entry_bytes
+        target.out = [entry.seq for entry in batch]
         return batch
 
     async def _fetch(

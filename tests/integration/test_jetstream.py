@@ -46,6 +46,7 @@ from tests.helpers import (
     file_target,
     free_port,
     http_target,
+    patient,
     post,
     ready,
     run_cli,
@@ -820,6 +821,48 @@ async def test_an_api_change_on_one_router_reaches_the_others_and_a_router_start
     third = await start_router(bootstrap, name="r3")
     assert target["id"] in third.targets
     assert [r.name for r in third.config.routes] == ["all", "to-other"]
+
+
+@pytest.mark.timeout(120)
+async def test_the_batch_a_reload_cut_short_goes_to_the_changed_targets_next_worker(
+    start_router: Any, receiver_factory: ReceiverFactory
+) -> None:
+    """A reload that changes a target (here through the management API: a new URL) stops
+    its worker at once, in the middle of the batch the old endpoint refuses; the target's
+    next worker sends that batch again, as the SQLite journal's cursor has it. The JetStream
+    journal kept the batch held (with in-progress acks) and gave the next worker only what
+    it fetched since: the batch went to no endpoint until the router stopped."""
+    refusing = await receiver_factory([503])
+    siem = await receiver_factory([200])
+    config = {
+        "auth": auth(),
+        "targets": [patient(http_target("siem", refusing.url))],
+        "routes": everything_to("siem"),
+    }
+    router = await start_router(config, ack_wait_s=300)
+    token = {"Authorization": f"Bearer {INGEST}"}
+    events = [event() for _ in range(3)]
+    assert (await post(router, events, headers=token))[0] == 202
+    await wait_for(lambda: len(refusing.requests) >= 2, what="the old endpoint to refuse")
+    status, answer = await api_call(
+        router, "PUT", "/api/v2/targets/siem", {"http_endpoint": {"url": siem.url}}
+    )
+    assert status == 200, answer
+    later = [event() for _ in range(2)]
+    assert (await post(router, later, headers=token))[0] == 202
+    ids = {e["id"] for e in events + later}
+
+    def delivered() -> list[str]:
+        return [e["id"] for e in siem.delivered_events]
+
+    await wait_for(
+        lambda: set(delivered()) >= ids,
+        timeout_s=60,
+        what=f"every event at the new endpoint (ack_wait 300 s): {ids - set(delivered())}",
+    )
+    # The events and the router's own (its target.update) each once, nothing pending.
+    await wait_for(lambda: books_of(router, "siem") == (6, 6, 0, 0), what="the books")
+    assert len(delivered()) == len(set(delivered())) == 6, delivered()
 
 
 async def test_every_router_answers_the_same_timestamps_and_route_versions(

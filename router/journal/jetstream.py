@@ -360,6 +360,9 @@ class _Target:
     # The stream sequences of the batch handed out last: what of it is still held (not
     # acked) when the next batch is asked for was left unsettled by its worker.
     out: list[int] = field(default_factory=list)
+    # Held messages whose ack got no confirmation: settled (the daemon acks nothing else),
+    # so a hand-back acks them again rather than nak them.
+    unconfirmed: set[int] = field(default_factory=set)
     # The consumer's ack_wait as the server has it (the config's, unless another router
     # with another storage section set it since): the in-progress acks keep to the shorter.
     ack_wait_s: float = 0.0
@@ -580,9 +583,10 @@ class JetStreamJournal:
 
         A message handed back was never sent by this router, or its batch was not settled
         (the drain timeout cut it short): sent again by another router, it is at least once,
-        as after a crash. An acked one was released; a nak of one whose ack got no answer
-        changes nothing if the ack landed (acks and naks go out in order on one connection),
-        and if it did not, JetStream would hand it out again after ack_wait anyway."""
+        as after a crash. A settled one is not handed back: an acked one was released, and
+        one whose ack got no confirmation (`unconfirmed`) is acked again instead, since a nak
+        that landed where its ack did not (a connection lost on the way) would have another
+        router send it again at once, and the target has it."""
         nc = self._nc
         connected = nc is not None and nc.is_connected
         running = [t for t in targets if t.fetching is not None]
@@ -600,8 +604,17 @@ class JetStreamJournal:
             await asyncio.sleep(PULL_ARRIVAL_S)
         with contextlib.suppress(*STREAM_ERRORS):
             await nc.flush(timeout=2)
-            msgs = [m for t in targets for m in (*t.held.values(), *await t.buffered())]
-            await asyncio.gather(*(m.nak() for m in msgs))
+            settled = [m for t in targets for seq, m in t.held.items() if seq in t.unconfirmed]
+            naks = [
+                m
+                for t in targets
+                for m in (
+                    *(m for seq, m in t.held.items() if seq not in t.unconfirmed),
+                    *await t.buffered(),
+                )
+            ]
+            # The ack itself, not Msg.ack() (see _settle).
+            await asyncio.gather(*(nc.publish(m.reply) for m in settled), *(m.nak() for m in naks))
             await nc.flush(timeout=2)
 
     def _lock(self) -> None:
@@ -878,6 +891,7 @@ class JetStreamJournal:
                 await nc.publish(msg.reply)
             await nc.request(msgs[-1][1].reply, b"", timeout=min(timeout_s, PUBLISH_TRY_S))
         except STREAM_ERRORS as exc:
+            target.unconfirmed.update(seq for seq, _ in msgs)
             if not _transient(exc):
                 raise JournalUnavailableError(f"JetStream did not take the acks: {exc!r}") from exc
             results = await asyncio.gather(
@@ -885,6 +899,7 @@ class JetStreamJournal:
                 return_exceptions=True,
             )
             confirmed = {seq for (seq, _), r in zip(msgs, results, strict=True) if r is None}
+            target.unconfirmed -= confirmed
             if len(confirmed) < len(msgs):
                 for seq in confirmed:
                     target.release(seq)
@@ -895,6 +910,8 @@ class JetStreamJournal:
                 ) from exc
         for seq, _ in msgs:
             target.release(seq)
+        if target.unconfirmed:  # confirmed now, by an ack tried again
+            target.unconfirmed.difference_update(seq for seq, _ in msgs)
         if head is not None:
             await self._keep_head(target_id, *head)
 

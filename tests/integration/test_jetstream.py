@@ -10,6 +10,7 @@ processes (kill -9, a NATS node killed) are in tests/integration/test_jetstream_
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import itertools
 import time
@@ -31,6 +32,7 @@ from router.events import Event
 from router.journal import JournalUnavailableError
 from router.journal import jetstream as jetstream_journal
 from router.journal.jetstream import (
+    STREAM_ERRORS,
     JetStreamJournal,
     letters_stream,
     queue_stream,
@@ -471,6 +473,50 @@ async def test_an_ack_tried_again_after_an_unconfirmed_one_settles_the_batch(
         await wait_for(settled_in_stream, what="the batch to leave the stream")
     finally:
         await journal.close()
+
+
+async def test_a_batch_whose_acks_were_lost_is_acked_again_as_the_router_stops(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    """A settled batch whose acks got no answer and were lost (the server hung, then died
+    with them unread, and came back): the router still holds it when it stops. Handed back
+    with a nak, it went at once to another router, which sent the target what it has; the
+    stopping router acks it again instead, and the batch leaves the stream."""
+    journal = await open_journal(
+        tmp_path / "var", nats_server, ["t"], publish_timeout_s=1, ack_wait_s=300
+    )
+    stream = queue_stream(journal.js_config, "t")
+    try:
+        await journal.append(
+            [(Event.from_body(event(), received_at=time.time()), {"t": "all"}) for _ in range(3)]
+        )
+        batch = await journal.next_batch(
+            "t", max_events=10, max_bytes=1 << 20, max_wait_s=0.2, stopping=asyncio.Event()
+        )
+        assert len(batch) == 3
+        nats_server.pause()
+        try:
+            await wait_for(lambda: stopped(nats_server.pid), what="the server to stop")
+            with pytest.raises(JournalUnavailableError):
+                await journal.ack("t", batch, dead_lettered=0)
+        finally:
+            await nats_server.akill()  # a stopped process dies too, its socket unread
+        await nats_server.astart()
+
+        async def delivered_unacked() -> bool:
+            with contextlib.suppress(*STREAM_ERRORS):
+                info = await journal.reads.consumer_info(stream, "delivery")
+                return (info.num_ack_pending, info.num_pending) == (3, 0)
+            return False
+
+        await wait_for(delivered_unacked, what="the router back, the acks lost")
+    finally:
+        await journal.close()
+
+    async def left_the_stream() -> bool:
+        return bool((await stream_state(nats_server, stream)).messages == 0)
+
+    await wait_for(left_the_stream, what="the batch acked, not handed back")
 
 
 async def test_dead_letters_go_to_their_stream_and_dlq_lists_shows_and_redrives_them(

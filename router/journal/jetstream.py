@@ -357,9 +357,10 @@ class _Target:
     touched: dict[int, float] = field(default_factory=dict)
     # Fetched messages that did not fit the last batch's max_bytes: the next batch's head.
     carry: list[Msg] = field(default_factory=list)
-    # The stream sequences of the batch handed out last: what of it is still held (not
-    # acked) when the next batch is asked for was left unsettled by its worker.
-    out: list[int] = field(default_factory=list)
+    # The batch handed out last: what of it is still held (not acked) when the next batch is
+    # asked for was left unsettled by its worker. Settled, none of it is held, or only what
+    # is `unconfirmed`; unsettled, all of it.
+    out: Sequence[Entry] = ()
     # Held messages whose ack got no confirmation: settled (the daemon acks nothing else),
     # so a hand-back acks them again rather than nak them.
     unconfirmed: set[int] = field(default_factory=set)
@@ -757,9 +758,10 @@ class JetStreamJournal:
         no more, it went to no endpoint until the router stopped."""
         target = self._targets[target_id]
         msgs = target.carry
-        if target.out:
-            msgs = [target.held[seq] for seq in target.out if seq in target.held] + msgs
-            target.out = []
+        out, held = target.out, target.held
+        if out and (out[0].seq in held or out[-1].seq in held or target.unconfirmed):
+            msgs = [held[e.seq] for e in out if e.seq in held] + msgs
+        target.out = ()
         target.carry = []
         while not msgs:
             if stopping.is_set():
@@ -785,7 +787,7 @@ class JetStreamJournal:
                 break
             batch.append(entry)
             size += entry_bytes
-        target.out = [entry.seq for entry in batch]
+        target.out = batch
         return batch
 
     async def _fetch(

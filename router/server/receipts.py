@@ -22,6 +22,7 @@ from router.errors import RequestError, StorageUnavailableError
 from router.evidence.receipt import locate
 from router.intake.http import error_response, json_response
 from router.journal import JournalUnavailableError
+from router.selfevent import clip
 from router.server.reads import in_read_thread
 
 
@@ -63,7 +64,9 @@ class ReceiptEndpoint:
                 RequestError(
                     404,
                     "not_found",
-                    f"no event {event_id!r} in the journal, the file archives or the dead letters",
+                    # Clipped: an event id has at most 256 characters, a URL's may have thousands.
+                    f"no event {clip(event_id, 256)!r} in the journal, the file archives or "
+                    "the dead letters",
                 )
             )
         return json_response({"id": event_id, "targets": where})

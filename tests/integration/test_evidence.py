@@ -659,6 +659,10 @@ async def test_receipts_name_each_event_and_say_where_it_is(
     assert "sha256:" + hashlib.sha256(found[0]).hexdigest() == receipts[1]["digest"]
     code, missing = await get_json(daemon, "/v1/receipts/nobody")
     assert code == 404 and missing["error"]["code"] == "not_found"
+    # An id as long as a URL may be is not echoed whole: the answer stays small.
+    code, missing = await get_json(daemon, "/v1/receipts/" + "x" * 7000)
+    assert code == 404 and missing["error"]["code"] == "not_found"
+    assert len(missing["error"]["message"]) < 500, len(missing["error"]["message"])
 
 
 @pytest.mark.parametrize("length", [0, 5])

@@ -1,5 +1,6 @@
 """The HTTP surface of a running daemon: the listener (listener.py, servertls.py), who may
-call what (auth.py), the management API (api.py) and the live tail (tail.py). The ingest
+call what (auth.py), the management API (api.py; its metadata in metadata.py, which files
+it may have the daemon touch in fileguard.py) and the live tail (tail.py). The ingest
 endpoint itself is router/intake/http.py.
 """
 

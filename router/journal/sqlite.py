@@ -697,8 +697,9 @@ class SqliteJournal:
         first = seq = self._next_seq
         parts: list[bytes] = []
         size = 0
-        pack = RECORD.pack
-        entry = _entry
+        pack, crc, frame_bytes, overhead = RECORD.pack, crc32, BATCH_BYTES, ENTRY_OVERHEAD
+        # _entry, inlined (0.36 -> 0.29 us an entry): one per event and target remembering.
+        new, set_seq, set_event, set_route = _ENTRY_NEW, _ENTRY_SEQ, _ENTRY_EVENT, _ENTRY_ROUTE
         keep = {target_id for target_id, target in self._targets.items() if target.may_remember()}
         # What the previous event's targets extended: per target its run, and when the target
         # remembers, [its entry list, their held bytes] (the same list for every event after).
@@ -712,17 +713,18 @@ class SqliteJournal:
                 body = event.encoded()
                 event_id = event.id
                 raw_id = event_id.encode()
-                if size > BATCH_BYTES:
+                length = len(body)
+                if size > frame_bytes:
                     batches.append((first, seq - 1, parts))
                     first, parts, size, current, routed_as = seq, [], 0, {}, None
                 parts += (
-                    pack(len(body), crc32(body), seq, event.received_at, len(raw_id)),
+                    pack(length, crc(body), seq, event.received_at, len(raw_id)),
                     raw_id,
                     body,
                 )
-                size += len(body)
+                size += length
                 kept = event.as_stored()
-                held = len(body) + len(event_id) + ENTRY_OVERHEAD  # each entry's held_bytes
+                held = length + len(event_id) + overhead  # each entry's held_bytes
                 if targets is not routed_as and targets != routed_as:
                     extended = []
                     for target_id, route in targets.items():
@@ -740,7 +742,11 @@ class SqliteJournal:
                 for run, kept_for in extended:
                     run[1] = seq
                     if kept_for is not None:
-                        kept_for[0].append(entry(seq, kept, run[4]))
+                        entry = new(Entry)
+                        set_seq(entry, seq)
+                        set_event(entry, kept)
+                        set_route(entry, run[4])
+                        kept_for[0].append(entry)
                         kept_for[1] += held
                 seq += 1
         batches.append((first, seq - 1, parts))

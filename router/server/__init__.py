@@ -7,5 +7,5 @@ endpoint itself is router/intake/http.py.
 from typing import Final
 
 # The hidden command line of a worker process of `server.workers` (router/server/workers.py
-# starts it, router/cli.py runs it); here so the command line need not import the server.
+# starts it, router/cli/serve.py runs it); here so the command line need not import the server.
 WORKER_COMMAND: Final = "_worker"

@@ -172,13 +172,16 @@ MOVING_S = 5.0
 # While the journal is unhealthy (a write failed), a small write is tried this often, so that
 # /readyz turns 200 again once the disk takes writes, without waiting for a producer.
 HEALTH_PROBE_S = 1.0
-# With fsync always, while appends overlap (the last commit held more than one), a commit waits
-# this long for more before it starts: each commit costs the journal's thread ~0.3 ms of CPU
-# whatever its size (SqliteJournal alone, groups of 100 -> 2,000 events: 3.9-4.6 -> 1.27 us an
-# event), and under load a commit took what arrived during the last one's fsync, ~250 events.
-# bench.compare's batch100 with two workers (6 s, loaded host): 3.8-4.0 -> 2.4-2.5 commits per
-# 1,000 events, p50/p99 within the run-to-run spread. A lone client's appends never wait.
+# With fsync always, while batched appends overlap (the last commit held more than one append
+# and at least LINGER_MIN_EVENTS events), a commit waits this long for more before it starts:
+# each commit costs the journal's thread ~0.3 ms of CPU whatever its size (SqliteJournal alone,
+# groups of 100 -> 2,000 events: 3.9-4.6 -> 1.27 us an event), and under load a commit took
+# what arrived during the last one's fsync, ~250 events. bench.compare's batch100 with two
+# workers (6 s, loaded host): 3.8-4.0 -> 2.4-2.5 commits per 1,000 events, p50/p99 within the
+# run-to-run spread. Single events do not wait: a client holding N requests in flight sends at
+# N per round trip, and 4 ms more on each cost bench.compare's `single` a third of its req/s.
 GROUP_LINGER_S = 0.004
+LINGER_MIN_EVENTS = 200
 
 
 @contextmanager
@@ -377,7 +380,7 @@ class SqliteJournal:
         # target reading its backlog takes a large commit in several batches.
         self._frame: tuple[int, bytes, dict[int, int]] = (0, b"", {})
         self._queue: list[_Pending] = []
-        self._last_group = 1  # appends in the last commit (see GROUP_LINGER_S)
+        self._lingers = False  # the next commit waits for more (see GROUP_LINGER_S)
         self._flusher: asyncio.Task[None] | None = None
         self._interval_syncer: asyncio.Task[None] | None = None
         self._prober: asyncio.Task[None] | None = None
@@ -652,11 +655,15 @@ class SqliteJournal:
     async def _flush(self) -> None:
         """Write everything queued in one transaction; requests queued meanwhile go next."""
         while self._queue:
-            if self._last_group > 1 and self.config.fsync == "always":
+            if self._lingers:
                 await asyncio.sleep(GROUP_LINGER_S)
             group, self._queue = self._queue, []
-            self._last_group = len(group)
             batches, runs, entries, held = self._rows(group)
+            self._lingers = (
+                len(group) > 1
+                and batches[-1][1] - batches[0][0] + 1 >= LINGER_MIN_EVENTS
+                and self.config.fsync == "always"
+            )
             received: dict[str, int] = {}
             for target_id, last, first, *_ in runs:
                 received[target_id] = received.get(target_id, 0) + last - first + 1

@@ -79,13 +79,20 @@ def with_id(encoded: bytes, event_id: str) -> bytes:
 
 # Ids are made a block at a time: one getrandom call and a few slice copies per 256 ids
 # (uuid.uuid4 made it 5 % of the CPU of a batched ingest; formatting each id alone, 0.8 us).
+# Each id comes with the bytes that append it to an object's compact JSON as its last member
+# (`,"id":"<id>"}`), cut from the same block: intake appends them to an event's bytes.
 _ID_BLOCK = 256
-_ids: list[str] = []
+_ids: list[tuple[str, bytes]] = []
+_MEMBER_HEAD = b',"id":"'
+_MEMBER_TAIL = b'"}'
+_MEMBER = len(_MEMBER_HEAD) + 36 + len(_MEMBER_TAIL)
 # Byte 6 of a version 4 UUID starts with the version (4), byte 8 with the variant (binary 10).
 _VERSION = bytes((byte & 0x0F) | 0x40 for byte in range(256))
 _VARIANT = bytes((byte & 0x3F) | 0x80 for byte in range(256))
-# Where each of an id's 32 hex digits goes in its canonical text (8-4-4-4-12, dashes between).
-_DIGIT_AT = [n + (n >= 8) + (n >= 12) + (n >= 16) + (n >= 20) for n in range(32)]
+# Where each of an id's 32 hex digits goes in its member's bytes (8-4-4-4-12, dashes between).
+_DIGIT_AT = [
+    len(_MEMBER_HEAD) + n + (n >= 8) + (n >= 12) + (n >= 16) + (n >= 20) for n in range(32)
+]
 
 
 def _forget_random() -> None:
@@ -96,24 +103,37 @@ def _forget_random() -> None:
 os.register_at_fork(after_in_child=_forget_random)
 
 
-def _id_block() -> list[str]:
-    """_ID_BLOCK fresh ids: random bytes, the version and variant bits set in all of them
-    at once (a slice of every 16th byte, translated), hex digits spread into the dashed form
-    one digit position at a time (32 slice copies), then cut into ids."""
+def _id_block() -> list[tuple[str, bytes]]:
+    """_ID_BLOCK fresh ids, each with its member's bytes: random bytes, the version and
+    variant bits set in all of them at once (a slice of every 16th byte, translated), hex
+    digits spread into the members one digit position at a time (32 slice copies), then cut
+    into ids and members."""
     random = bytearray(os.urandom(16 * _ID_BLOCK))
     random[6::16] = random[6::16].translate(_VERSION)
     random[8::16] = random[8::16].translate(_VARIANT)
     digits = random.hex().encode()
-    text = bytearray(b"-" * (36 * _ID_BLOCK))
+    text = bytearray((_MEMBER_HEAD + b"-" * 36 + _MEMBER_TAIL) * _ID_BLOCK)
     for digit, at in enumerate(_DIGIT_AT):
-        text[at::36] = digits[digit::32]
-    whole = text.decode()
-    return [whole[start : start + 36] for start in range(0, len(whole), 36)]
+        text[at::_MEMBER] = digits[digit::32]
+    members = bytes(text)
+    whole = members.decode()
+    head = len(_MEMBER_HEAD)
+    return [
+        (whole[start + head : start + head + 36], members[start : start + _MEMBER])
+        for start in range(0, len(members), _MEMBER)
+    ]
 
 
 def new_event_id() -> str:
     """A fresh id for an event that arrived without one: a random (version 4) UUID, in its
     canonical text form, as str(uuid.uuid4()) writes it."""
+    return new_event_id_member()[0]
+
+
+def new_event_id_member() -> tuple[str, bytes]:
+    """A fresh id (as new_event_id) and the bytes that add it to an object's compact JSON as
+    its last member, as orjson writes a key added last: `encoded[:-1] + member` is what
+    `with_id(encoded, id)` makes, without encoding the id again (0.28 us, not 0.55)."""
     if not _ids:
         _ids.extend(_id_block())
     return _ids.pop()

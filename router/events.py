@@ -219,6 +219,24 @@ class Event:
         return event
 
     @classmethod
+    def accepted(
+        cls, body: dict[str, Any], event_id: str, encoded: bytes, received_at: float
+    ) -> Event:
+        """What from_body makes of a body that holds its id (`event_id`, as body["id"] is)
+        and whose compact JSON, as the body is now, is `encoded` (exact-size bytes, not
+        orjson's buffer): intake's common case, made without from_body's keywords and checks
+        (0.2 us a call of an event's 0.5)."""
+        event = object.__new__(cls)
+        event.id = event_id
+        event._body = body
+        event._encoded = encoded
+        event.received_at = received_at
+        event.corrupt = False
+        event._facts = None
+        event._time = None
+        return event
+
+    @classmethod
     def stored(cls, event_id: str, encoded: bytes, received_at: float) -> Event:
         """An event as the journal kept it: parsed only if a target needs its fields. Every
         event read back from the journal or handed over by a worker process is made here, so
@@ -305,7 +323,8 @@ class Event:
         """Let the parsed body go and keep the bytes (made first if need be): the body is
         parsed again only if something asks for it."""
         if not self.corrupt:
-            self.encoded()
+            if self._encoded is None:
+                self._encoded = dumps(self.body)
             self._body = None
 
     def hand_over(self) -> bytes:
@@ -313,7 +332,9 @@ class Event:
         and, while it waits for the owner's durable answer, keeps only the id and arrival
         time (about 1 MB less per waiting 1,000-event request). Its body and bytes are gone
         for good: asking for them afterwards is a bug, and raises."""
-        encoded = self.encoded()
+        encoded = self._encoded
+        if encoded is None:
+            encoded = self.encoded()
         self._body = self._encoded = None
         self._facts = self._time = None
         return encoded

@@ -221,7 +221,7 @@ class Acceptor:
             redact = self.redactor.redact if self.redactor is not None else None
             match = self.routes.match
             receipts = self.receipts
-            from_body = Event.from_body
+            from_body, with_bytes = Event.from_body, Event.accepted
             received_at = time.time()
             for index, item in enumerate(items):
                 if made is None:
@@ -252,13 +252,24 @@ class Acceptor:
                 # the limits are the event's bytes, for the journal, the targets and the tail.
                 if redact is not None and redact(item):
                     encoded = None
-                event = from_body(
-                    item,
-                    encoded=encoded,
-                    spare=spare,
-                    received_at=received_at,
-                    appended_id=appended_id,
-                )
+                # The decoder's bytes as they stand (nearly every event): with the id it
+                # appended to them, or with the producer's own; else from_body decides.
+                event = None
+                if encoded is not None and not spare:
+                    if appended_id is not None:
+                        if "id" not in item:
+                            item["id"] = appended_id  # added last: where the bytes hold it
+                            event = with_bytes(item, appended_id, encoded, received_at)
+                    elif event_id := item.get("id"):
+                        event = with_bytes(item, event_id, encoded, received_at)
+                if event is None:
+                    event = from_body(
+                        item,
+                        encoded=encoded,
+                        spare=spare,
+                        received_at=received_at,
+                        appended_id=appended_id,
+                    )
                 routed.append((event, match(event).targets))
                 if receipts is None:
                     results.append({"index": index, "id": event.id, "status": "accepted"})

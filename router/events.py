@@ -289,10 +289,12 @@ class Event:
     @property
     def facts(self) -> tuple[str, str, str]:
         """(location, service, action): what routing decides on, derived once."""
-        if self._facts is None:
-            body = self.body
-            self._facts = (*crn_facts(body["logSourceCRN"]), body["action"])
-        return self._facts
+        facts = self._facts
+        if facts is None:
+            body = self._body if self._body is not None else self.body
+            location, service = crn_facts(body["logSourceCRN"])
+            facts = self._facts = (location, service, body["action"])
+        return facts
 
     @property
     def event_time(self) -> datetime | None:

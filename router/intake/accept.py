@@ -222,6 +222,7 @@ class Acceptor:
             match = self.routes.match
             receipts = self.receipts
             from_body, with_bytes = Event.from_body, Event.accepted
+            own_action = _own_action
             received_at = time.time()
             for index, item in enumerate(items):
                 if made is None:
@@ -239,7 +240,12 @@ class Acceptor:
                     and (opens := encoded.count(b"{")) <= max_depth
                     and (b"[" not in encoded or opens + encoded.count(b"[") <= max_depth)
                     and clean(item)
-                    and (own or not reserved_action(item))
+                    # not reserved_action(item), written out; a long action asks _problems
+                    and (
+                        own
+                        or not isinstance(action := item.get("action"), str)
+                        or (len(action) <= REMEMBERED_MAX_CHARS and not own_action(action))
+                    )
                     and (principal is None or not principal.problems(item))
                 ):
                     reason, problems = self._problems(item, caller, own, encoded)

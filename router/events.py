@@ -130,6 +130,17 @@ def new_event_id() -> str:
     return new_event_id_member()[0]
 
 
+def encoded_with_new_id(body: dict[str, Any]) -> tuple[str, bytes]:
+    """A fresh id for a body without one, and the body's compact JSON with that id appended
+    as orjson writes a key added last (what with_id(dumps(body), id) makes, in half its
+    time): intake's bytes of an event without an id. Exact-size bytes (see dumps); an empty
+    body (`{}`) gets `{,...}`, so it is never asked for one."""
+    if not _ids:
+        _ids.extend(_id_block())
+    fresh, member = _ids.pop()
+    return fresh, orjson.dumps(body)[:-1] + member
+
+
 def new_event_id_member() -> tuple[str, bytes]:
     """A fresh id (as new_event_id) and the bytes that add it to an object's compact JSON as
     its last member, as orjson writes a key added last: `encoded[:-1] + member` is what

@@ -12,7 +12,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from router.events import Event, new_event_id, new_event_id_member, parse_event_time, with_id
+from router.events import (
+    Event,
+    encoded_with_new_id,
+    new_event_id,
+    new_event_id_member,
+    parse_event_time,
+    with_id,
+)
 from tests.fakes import make_event
 
 
@@ -129,6 +136,10 @@ def test_an_ids_member_appends_it_as_with_id_does() -> None:
         assert parsed.version == 4 and parsed.variant == uuid.RFC_4122 and str(parsed) == event_id
         assert encoded[:-1] + member == with_id(encoded, event_id)
         assert orjson.loads(encoded[:-1] + member)["id"] == event_id
+    body = {"action": "a.b.c", "n": [1, {"x": None}]}
+    fresh, made = encoded_with_new_id(body)
+    assert made == with_id(orjson.dumps(body), fresh) and "id" not in body
+    assert fresh not in {event_id for event_id, _ in pairs}
 
 
 def test_a_forked_child_never_repeats_its_parents_next_ids() -> None:

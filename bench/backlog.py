@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import contextlib
 import errno
-import json
 import math
 import os
 import platform
@@ -43,6 +42,7 @@ from bench.load import (
     RssSampler,
     build_events,
     check_events,
+    finish,
     get_status,
     kill_if_running,
     pending,
@@ -752,12 +752,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if min(args.events, args.batch_size, args.concurrency, args.progress_every) < 1:
         raise SystemExit("--events, --batch-size, --concurrency, --progress-every must be >= 1")
-    report = asyncio.run(run(args))
-    print(format_report(report))
-    if args.json is not None:
-        args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        print(f"JSON report: {args.json}")
-    sys.exit(0 if report["correctness"]["pass"] else 1)
+    finish(asyncio.run(run(args)), format_report, args.json)
 
 
 if __name__ == "__main__":

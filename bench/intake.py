@@ -101,7 +101,7 @@ async def run_once(acceptor: Acceptor, bodies: list[bytes]) -> float:
 async def main_async(args: argparse.Namespace) -> None:
     acceptor = build(args.scenario)
     event = bench_event()
-    gc.collect()  # as `serve` does after start (router/cli.py)
+    gc.collect()  # as `serve` does after start (router/cli/serve.py)
     gc.freeze()
     for _ in range(args.repeat):
         bodies = [body(event, n) for n in range(args.requests)]

@@ -123,7 +123,7 @@ async def run_once(requests: int, rate: float) -> None:
     }
     daemon = Daemon(parse_config(data), ConfigSource(None, data))
     await daemon.start()
-    gc.collect()  # as `serve` does after start (router/cli.py)
+    gc.collect()  # as `serve` does after start (router/cli/serve.py)
     gc.freeze()
     base = orjson.dumps(bench_event())
     frames = []

@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -950,11 +950,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.concurrency < 1 or args.batch_size < 1 or (args.requests or 1) < 1:
         raise SystemExit("--concurrency, --batch-size and --requests must be at least 1")
-    report = asyncio.run(run(args))
-    print(format_report(report))
-    if args.json is not None:
-        args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        print(f"JSON report: {args.json}")
+    finish(asyncio.run(run(args)), format_report, args.json)
+
+
+def finish(
+    report: dict[str, Any], text: Callable[[dict[str, Any]], str], json_path: Path | None
+) -> None:
+    """Print the report (and write it as JSON if asked); exit 1 when its correctness check
+    failed, so a bench that lost or repeated events fails its caller (CI's smoke runs)."""
+    print(text(report))
+    if json_path is not None:
+        json_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        print(f"JSON report: {json_path}")
     sys.exit(0 if report["correctness"]["pass"] else 1)
 
 

@@ -29,6 +29,8 @@ from router.config import (
     config_warnings,
     load_config_and_data,
     parse_config,
+    undo_write_back,
+    write_back,
 )
 from router.deadletter import DeadLetters, target_removed
 from router.delivery import DeliveryWorker, Unrecorded
@@ -57,13 +59,7 @@ from router.reload import (
 )
 from router.routing import RouteTable
 from router.selfevent import chain_missing_event, reload_event
-from router.server.api import (
-    Change,
-    ConfigSource,
-    ManagementApi,
-    undo_write_back,
-    write_back,
-)
+from router.server.api import Change, ConfigSource, ManagementApi
 from router.server.app import build_app
 from router.server.auth import Guard, Refusals
 from router.server.listener import ClientFaultLog, DeadlineSite, DeadlineUnixSite

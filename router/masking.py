@@ -121,3 +121,16 @@ def masked(value: Any, key: str = "") -> Any:
         # reference's value is an operator's secret even where its name is not.
         return mask_text(_REFERENCE.sub(MASK, value))
     return value
+
+
+def keep_masked(new: Any, old: Any, key: str = "") -> Any:
+    """A client that read a target back sends what it was shown (REDACTED secrets, masked
+    URLs and headers): where a value is exactly the masked form of the stored one, keep the
+    stored one."""
+    if isinstance(new, dict) and isinstance(old, dict):
+        shown = masked(old, key)
+        return {
+            k: old[k] if k in old and v == shown.get(k) else keep_masked(v, old.get(k), k)
+            for k, v in new.items()
+        }
+    return new

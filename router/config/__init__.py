@@ -3,7 +3,8 @@
 One job per module: `model` (the frozen dataclasses, the one place defaults live), `load`
 (the bounded YAML reading, the JSON Schema check, load_config), `build` (checked data ->
 dataclasses), `references` (`${env:}`/`${file:}`, bounded reads), `crosscheck` (what a schema
-cannot say, and warnings). The public names are re-exported here, so `from router.config
+cannot say, and warnings), `writeback` (the management API's changes written back into the
+operator's file, comments kept). The public names are re-exported here, so `from router.config
 import X` is the one way in.
 """
 
@@ -75,6 +76,7 @@ from router.config.references import (
     read_reference,
     references,
 )
+from router.config.writeback import undo_write_back, write_back
 
 __all__ = [
     "ALERTS_FILE",
@@ -139,4 +141,6 @@ __all__ = [
     "target_hosts",
     "target_listener_problems",
     "target_network_problems",
+    "undo_write_back",
+    "write_back",
 ]

@@ -38,21 +38,9 @@ def cross_check(config: Config) -> list[str]:
             f"server.max_body_bytes ({server.max_body_bytes}), so a body of the largest size "
             "allowed could never be taken"
         )
-    known: dict[str, int] = {}
-    for i, target in enumerate(config.targets):
-        if target.id in known:
-            first = known[target.id]
-            problems.append(
-                f"targets[{i}].id: duplicate target id {target.id!r} (also targets[{first}])"
-            )
-        known.setdefault(target.id, i)
-    route_ids: dict[str, int] = {}
+    known = _first_places([t.id for t in config.targets], "targets", ".id", "target id", problems)
+    _first_places([r.id for r in config.routes], "routes", "", "route id", problems)
     for r, route in enumerate(config.routes):
-        if route.id in route_ids:
-            problems.append(
-                f"routes[{r}]: duplicate route id {route.id!r} (also routes[{route_ids[route.id]}])"
-            )
-        route_ids.setdefault(route.id, r)
         for k, rule in enumerate(route.rules):
             for t, target_id in enumerate(rule.target_ids):
                 if target_id not in known:
@@ -74,25 +62,27 @@ def cross_check(config: Config) -> list[str]:
     return problems
 
 
+def _first_places(
+    names: list[str], section: str, field: str, kind: str, problems: list[str]
+) -> dict[str, int]:
+    """Each name's first place in `section`; a problem for every later place that repeats
+    it, naming the first (ids and names are how the API, routes and alerts refer to them)."""
+    first: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if name in first:
+            problems.append(
+                f"{section}[{i}]{field}: duplicate {kind} {name!r} (also {section}[{first[name]}])"
+            )
+        first.setdefault(name, i)
+    return first
+
+
 def _view_and_alert_problems(config: Config, targets: dict[str, int]) -> list[str]:
     """Names are unique, an alert's view exists, its targets too."""
     problems: list[str] = []
-    views: dict[str, int] = {}
-    for v, view in enumerate(config.views):
-        if view.name in views:
-            problems.append(
-                f"views[{v}].name: duplicate view name {view.name!r} "
-                f"(also views[{views[view.name]}])"
-            )
-        views.setdefault(view.name, v)
-    alerts: dict[str, int] = {}
+    views = _first_places([v.name for v in config.views], "views", ".name", "view name", problems)
+    _first_places([a.name for a in config.alerts], "alerts", ".name", "alert name", problems)
     for a, alert in enumerate(config.alerts):
-        if alert.name in alerts:
-            problems.append(
-                f"alerts[{a}].name: duplicate alert name {alert.name!r} "
-                f"(also alerts[{alerts[alert.name]}])"
-            )
-        alerts.setdefault(alert.name, a)
         if alert.view is not None and alert.view not in views:
             problems.append(f"alerts[{a}].view: unknown view {alert.view!r}")
         for t, target_id in enumerate(alert.target_ids):

@@ -13,7 +13,7 @@ it, and then applies it through the hot-reload path: a file that cannot be writt
 nothing (503 `config_not_written`), and a change refused as it is applied puts the previous
 file back. Credentials come back masked. Every change
 is an audit event from the router itself (event-router.target.create, ...), with the token's
-name as the initiator. The admin token guards all of it (router/auth.py).
+name as the initiator. The admin token guards all of it (router/server/auth.py).
 """
 
 from __future__ import annotations
@@ -21,32 +21,23 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
-import io
 import logging
 import re
-import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import orjson
 from aiohttp import web
 
-from router.appendfile import (
-    replace_atomically,
-    replace_with_staged,
-    restore_previous,
-    write_staged,
-)
 from router.config import (
     API_METADATA_FILE,
     Config,
     TargetConfig,
     archive_roots,
     daemons_iam_url,
-    file_references,
     operators_hosts,
     parse_config,
     references,
@@ -55,15 +46,17 @@ from router.config import (
     target_network_problems,
 )
 from router.errors import ConfigError, ConfigWriteError
-from router.masking import masked
-from router.observe.metrics import WriteStatus, utc_iso
+from router.masking import keep_masked, masked
+from router.observe.metrics import WriteStatus
 from router.probe import ProbeResult, probe
 from router.reload import config_digest
 from router.selfevent import change_event, instance_crn
 from router.server.answers import api_error_json, json_error, too_large_text
 from router.server.auth import CALLER
+from router.server.fileguard import daemon_file_problem, host_files, root_problem, same_at
+from router.server.metadata import Metadata
 from router.targets import TARGET_TYPES, build_target
-from router.targets._net import TLS_FILE_KEYS, AddressBound
+from router.targets._net import AddressBound
 from router.targets.file import FileEndpointConfig
 
 log = logging.getLogger(__name__)
@@ -108,116 +101,6 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
         self.subject = subject  # what a refused change was about, for its audit event
-
-
-@dataclass(slots=True)
-class Metadata:
-    """What atracker returns but our YAML does not hold: timestamps, route versions and the
-    settings fields we accept and echo. Kept beside the journal."""
-
-    path: Path | None
-    created: dict[str, str] = field(default_factory=dict)
-    updated: dict[str, str] = field(default_factory=dict)
-    versions: dict[str, int] = field(default_factory=dict)
-    settings: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def load(cls, path: Path | None) -> Metadata:
-        """The metadata in `path`. A damaged file (not JSON, or not this shape) must not keep
-        the daemon from starting, nor fail every API read: it is moved aside
-        (`api-metadata.json.corrupt-<time>`, as a damaged alerts.db) and the metadata starts
-        again (the YAML's items are seen anew)."""
-        if path is None or not path.exists():
-            return cls(path)
-        problem: str | None
-        try:
-            data = orjson.loads(path.read_bytes())
-            parts = [data[key] for key in ("created", "updated", "versions", "settings")]
-        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
-            problem = f"{type(exc).__name__}: {exc}"
-        else:
-            problem = _metadata_problem(*parts)
-            if problem is None:
-                return cls(path, *parts)
-        aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
-        path.rename(aside)
-        log.error("the API's metadata %s is damaged (%s); moved to %s", path, problem, aside)
-        return cls(path)
-
-    def snapshot(self) -> tuple[dict[str, Any], ...]:
-        """Everything a change may edit, to put back if the change is refused."""
-        return copy.deepcopy((self.created, self.updated, self.versions, self.settings))
-
-    def restore(self, saved: tuple[dict[str, Any], ...]) -> None:
-        self.created, self.updated, self.versions, self.settings = saved
-
-    def touch(self, key: str, *, created: bool = False) -> None:
-        now = utc_iso(time.time())
-        if created or key not in self.created:
-            self.created[key] = now
-        self.updated[key] = now
-
-    def seen(self, keys: list[str]) -> bool:
-        """Record when the daemon first saw each of `keys` (targets and routes of the YAML
-        have no other creation time); True if any was new, to be saved."""
-        new = [key for key in keys if key not in self.created]
-        for key in new:
-            self.touch(key, created=True)
-        return bool(new)
-
-    def document(self) -> dict[str, Any]:
-        return {
-            "created": self.created,
-            "updated": self.updated,
-            "versions": self.versions,
-            "settings": self.settings,
-        }
-
-    def adopt(self, document: Mapping[str, Any]) -> None:
-        """Take the metadata another router shared; what only this router knew stays (its
-        first sight of a YAML item the other has not shown yet)."""
-        self.created = {**self.created, **document["created"]}
-        self.updated = {**self.updated, **document["updated"]}
-        self.versions = {**self.versions, **document["versions"]}
-        self.settings = dict(document["settings"])
-
-    def save(self) -> None:
-        if self.path is None:
-            return
-        replace_atomically(self.path, orjson.dumps(self.document()))
-
-    def stage(self) -> list[Path]:
-        """The metadata written (and fsynced) to a temp file, for `commit` once the change it
-        belongs to is applied; none without a file. ConfigWriteError when the storage cannot
-        take it (a full disk): the change is refused before it is applied."""
-        if self.path is None:
-            return []
-        try:
-            return [write_staged(self.path, orjson.dumps(self.document()))]
-        except OSError as exc:
-            reason = exc.strerror or str(exc)
-            raise ConfigWriteError(str(self.path), reason, "the API's metadata file") from exc
-
-    def commit(self, staged: list[Path]) -> None:
-        if self.path is not None:
-            for temp in staged:
-                replace_with_staged(self.path, temp)
-
-
-def _metadata_problem(created: Any, updated: Any, versions: Any, settings: Any) -> str | None:
-    """What is wrong with the parts of a metadata file, if anything."""
-    for name, part, kind in (
-        ("created", created, str),
-        ("updated", updated, str),
-        ("versions", versions, int),
-    ):
-        if not isinstance(part, dict) or not all(
-            isinstance(key, str) and isinstance(value, kind) for key, value in part.items()
-        ):
-            return f"{name}: not a map of names to {kind.__name__} values"
-    if not isinstance(settings, dict):
-        return "settings: not a map"
-    return None
 
 
 Handler = Callable[[web.Request], Awaitable[web.Response]]
@@ -596,14 +479,14 @@ class ManagementApi:
             "file, the API does not resolve them"
             for i, target in enumerate(raw)
             for where in references(target, f"targets[{i}]")
-            if not _same_at(where.removeprefix(f"targets[{i}]"), target, old.get(target.get("id")))
+            if not same_at(where.removeprefix(f"targets[{i}]"), target, old.get(target.get("id")))
         ]
         problems.extend(
             f"{where}: a file on the daemon's host, which the API does not read; TLS files "
             "are the operator's to set in the config file"
             for i, target in enumerate(raw)
             for where in host_files(target, f"targets[{i}]")
-            if not _same_at(where.removeprefix(f"targets[{i}]"), target, old.get(target.get("id")))
+            if not same_at(where.removeprefix(f"targets[{i}]"), target, old.get(target.get("id")))
         )
         if problems:
             raise ConfigError("api", problems)
@@ -783,7 +666,7 @@ class ManagementApi:
                 # the body leaves out of the endpoint stays as it was.
                 sent = body[key]
                 if isinstance(sent, dict) and isinstance(raw[key], dict):
-                    raw[key] = {**raw[key], **_keep_masked(sent, raw[key])}
+                    raw[key] = {**raw[key], **keep_masked(sent, raw[key])}
                 else:
                     raw[key] = sent
             self.meta.touch(f"target:{target_id}")
@@ -1171,211 +1054,3 @@ class ManagementApi:
             request, "setting.update", "setting:account", edit, sent=lambda data: "settings."
         )
         return self._json(self.settings_model(), status=201)
-
-
-def write_back(path: Path, data: dict[str, Any]) -> bool:
-    """The edited config written over its file, before the change is applied: staged (see
-    stage_write_back), then renamed into place, the previous file kept as `<file>.prev`. A
-    failure (a full disk, a file that cannot be renamed over, such as one a container mounts
-    on its own) raises with the file as it was and no temp file left. Whether there was a
-    previous file, for `undo_write_back` if the change is then refused. A config file that is
-    a symbolic link is written where it points (the file the operator edits), the link kept."""
-    path = path.resolve()
-    staged = stage_write_back(path, data)
-    try:
-        return replace_with_staged(path, staged, keep_previous=True)
-    finally:
-        staged.unlink(missing_ok=True)  # gone once renamed; left only by a failure
-
-
-def undo_write_back(path: Path, existed: bool) -> None:
-    """Put back the config file `write_back` replaced, for a change refused as it was
-    applied (the `.prev` of the change before goes: it is the file again)."""
-    restore_previous(path.resolve(), existed)
-
-
-def stage_write_back(path: Path, data: dict[str, Any]) -> Path:
-    """The edited config, to be written over its file, keeping the operator's comments, key
-    order and layout wherever the data did not change (round-trip YAML): written (and
-    fsynced) to a temp file beside it, the part of a write-back that a full disk fails, done
-    before the change is applied, so a change that cannot be written is not applied either.
-    Returns the temp file; write_back puts it in place."""
-    # Imported by the first change written back: the round-trip library costs a megabyte in a
-    # daemon whose config nobody edits through the API.
-    from ruamel.yaml import YAML
-    from ruamel.yaml.comments import CommentedMap
-    from ruamel.yaml.error import YAMLError
-
-    round_trip = YAML()  # the round-trip loader and dumper: comments are part of the data
-    round_trip.preserve_quotes = True
-    round_trip.width = 100
-    round_trip.indent(mapping=2, sequence=4, offset=2)  # `  - id:`, as config/router.yaml
-    try:
-        document = round_trip.load(path.read_text(encoding="utf-8"))
-    except (OSError, YAMLError):
-        document = None
-    if not isinstance(document, CommentedMap):
-        document = CommentedMap()
-    out = io.StringIO()
-    round_trip.dump(_merge(document, data, _shared_nodes(document)), out)
-    return write_staged(path, out.getvalue().encode())
-
-
-def _merge(old: Any, new: Any, shared: frozenset[int] = frozenset()) -> Any:
-    """`new`, built on the nodes of `old` where they hold the same place, so the comments
-    attached to them stay. Lists of objects are matched by `id` (or `name`), others by
-    position. A node that `old` holds in several places (`shared`: an anchor and its aliases)
-    is changed in a copy of its own, so a change at one place changes no other."""
-    from ruamel.yaml.comments import CommentedMap, CommentedSeq  # imported by stage_write_back
-
-    def merged(node: Any, value: Any) -> Any:
-        if id(node) in shared:
-            node = copy.deepcopy(node)
-        return _merge(node, value, shared)
-
-    if isinstance(new, dict) and isinstance(old, CommentedMap):
-        for key in [k for k in old if k not in new]:
-            del old[key]
-        for position, (key, value) in enumerate(new.items()):
-            if key not in old:
-                # At its place, not after the map's last key: a comment trailing the map
-                # (before the next section) belongs to the last key and must stay last.
-                old.insert(min(position, len(old)), key, value)
-            elif old[key] != value:
-                old[key] = merged(old[key], value)
-        return old
-    if isinstance(new, list) and isinstance(old, CommentedSeq):
-        wanted = [_item_key(item, i) for i, item in enumerate(new)]
-        for i in reversed(range(len(old))):
-            if _item_key(old[i], i) not in wanted:
-                del old[i]
-        for i, item in enumerate(new):
-            if i < len(old) and _item_key(old[i], i) == wanted[i]:
-                old[i] = merged(old[i], item) if old[i] != item else old[i]
-            else:
-                old.insert(i, item)
-        del old[len(new) :]
-        return old
-    return new
-
-
-def _shared_nodes(document: Any) -> frozenset[int]:
-    """The mappings and lists a round-trip document holds in more than one place (what YAML
-    aliases repeat), by id."""
-    seen: set[int] = set()
-    shared: set[int] = set()
-
-    def walk(node: Any) -> None:
-        if not isinstance(node, dict | list):
-            return
-        if id(node) in seen:
-            shared.add(id(node))
-            return
-        seen.add(id(node))
-        for child in node.values() if isinstance(node, dict) else node:
-            walk(child)
-
-    walk(document)
-    return frozenset(shared)
-
-
-def _item_key(item: Any, index: int) -> Any:
-    if isinstance(item, dict) and ("id" in item or "name" in item):
-        return ("key", str(item.get("id", item.get("name"))))
-    return ("index", index)
-
-
-def root_problem(path: str, roots: tuple[Path, ...]) -> str | None:
-    """Why the API may not put a file target at `path` (None if it may): outside every
-    archive root once resolved, symlinks followed."""
-    if "\x00" in path:
-        return None  # the config's own check names it
-    resolved = Path(path).resolve()
-    if any(resolved.is_relative_to(root) for root in roots):
-        return None
-    allowed = ", ".join(repr(str(root)) for root in roots) or "none"
-    return (
-        f"{path!r} is outside the archive roots ({allowed}); the API writes files only there "
-        "(storage.archive_roots, by default the directories of the config's file targets)"
-    )
-
-
-def host_files(value: Any, where: str) -> list[str]:
-    """The places in a target's data (any depth) that name a file on the daemon's host for
-    it to read (a TLS CA, certificate or key): an admin token would have the daemon read any
-    file it can, and present a key found there to a server of the caller's choosing."""
-    if isinstance(value, list):
-        return [p for n, v in enumerate(value) for p in host_files(v, f"{where}[{n}]")]
-    if not isinstance(value, dict):
-        return []
-    places = [f"{where}.{k}" for k, v in value.items() if k in TLS_FILE_KEYS and v is not None]
-    return places + [p for k, v in value.items() for p in host_files(v, f"{where}.{k}")]
-
-
-def daemon_file_problem(
-    path: str, data: Mapping[str, Any], config_path: Path | None, others: Sequence[TargetConfig]
-) -> str | None:
-    """Why the API may not put a file target at `path` inside the archive roots (None if it
-    may): a file the daemon reads (daemon_files), or where another file target's archive
-    rotates to (`archive.ndjson.1`, `.2.gz`): appended events would break the config at the
-    next start, a key, a secret, or another archive's chain."""
-    resolved = Path(path).resolve()
-    if resolved in daemon_files(data, config_path):
-        return (
-            f"{path!r} is a file the daemon reads (its config file, a key, a certificate or "
-            "a ${file:} secret); the API writes archives only"
-        )
-    for other in others:
-        if isinstance(other.endpoint, FileEndpointConfig):
-            archive = Path(other.endpoint.path).resolve()
-            if resolved.parent == archive.parent and resolved.name.startswith(archive.name + "."):
-                return f"{path!r} is where the archive {str(archive)!r} rotates to"
-    return None
-
-
-def daemon_files(data: Mapping[str, Any], config_path: Path | None) -> set[Path]:
-    """The files the daemon reads, resolved: its config file (with the write-back's `.prev`
-    and `.tmp`), every file the config names under a `*_file` key (keys, certificates,
-    credentials, a token file; a signing key's `.pub` beside it) and every `${file:}`."""
-    named: list[str] = list(file_references(data))
-
-    def walk(value: Any) -> None:
-        if isinstance(value, dict):
-            for key, item in value.items():
-                if isinstance(key, str) and key.endswith("_file") and isinstance(item, str):
-                    named.extend((item, item + ".pub"))
-                walk(item)
-        elif isinstance(value, list):
-            for item in value:
-                walk(item)
-
-    walk(data)
-    if config_path is not None:  # the write-back's files are beside the file a link names
-        for base in (config_path, config_path.resolve()):
-            named.extend(str(base) + suffix for suffix in ("", ".prev", ".tmp"))
-    return {Path(name).resolve() for name in named if "\x00" not in name}
-
-
-def _same_at(where: str, new: Any, old: Any) -> bool:
-    """Whether `new` and `old` hold the same value at the dotted/indexed path `where`."""
-    for part in re.findall(r"\.([^.\[]+)|\[(\d+)\]", where):
-        key, index = part
-        try:
-            new = new[key] if key else new[int(index)]
-            old = old[key] if key else old[int(index)]
-        except (KeyError, IndexError, TypeError):
-            return False
-    return bool(new == old)
-
-
-def _keep_masked(new: Any, old: Any, key: str = "") -> Any:
-    """A client that read a target back sends what it was shown (REDACTED secrets, masked
-    URLs and headers): where a value is exactly the masked form of the stored one, keep the
-    stored one."""
-    if isinstance(new, dict) and isinstance(old, dict):
-        shown = masked(old, key)
-        return {
-            k: old[k] if k in old and v == shown.get(k) else _keep_masked(v, old.get(k), k)
-            for k, v in new.items()
-        }
-    return new

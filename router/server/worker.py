@@ -312,7 +312,7 @@ class Worker:
             await site.start()
             # What setup built (modules, config, schemas, validator, routes, aiohttp) lives as
             # long as the process: frozen out of the collector's sight as serve's own start-up
-            # is (router/cli.py), so a full collection walks only what came after. Measured
+            # is (router/cli/serve.py), so a full collection walks only what came after. Measured
             # under bench.compare's batch100 load with gc callbacks in each worker: the
             # collector's CPU 2.0-2.2 -> 0.9 us per event of the daemon in each of two
             # workers (7 full collections in 15 s, each over ~47,000 objects before).

@@ -52,7 +52,7 @@ class TlsClientConfig:
 
 
 # The keys of a `tls` object that name files on the daemon's host, read when the target
-# starts: the operator's to set; the management API refuses them (router/server/api.py).
+# starts: the operator's to set; the management API refuses them (router/server/fileguard.py).
 TLS_FILE_KEYS: Final = frozenset({"ca_file", "cert_file", "key_file"})
 
 # The JSON Schema of a `tls` object (the http and syslog endpoints have one).

@@ -309,7 +309,7 @@ async def test_credentials_come_back_masked_and_stay_references_in_the_file(
     siem = await receiver_factory([200])
     path = tmp_path / "router.yaml"
     data = {
-        "server": {"host": "127.0.0.1", "port": 0},
+        "server": {"host": "127.0.0.1", "port": 0, "workers": 1},
         "storage": {"path": str(tmp_path / "var")},
         "startup": {"validate_targets": False},
         "auth": auth(),
@@ -414,7 +414,7 @@ async def test_an_api_edit_during_a_sighup_reload_keeps_both_changes(
     stuck = http_target("down", down.url) | {"retry": {"max_attempts": 100_000, "max_age_s": 3600}}
     gone = stuck | {"id": "gone"}
     data = {
-        "server": {"host": "127.0.0.1", "port": 0},
+        "server": {"host": "127.0.0.1", "port": 0, "workers": 1},
         "storage": {"path": str(tmp_path / "var")},
         "startup": {"validate_targets": False},
         "shutdown": {"drain_timeout_s": 2},
@@ -679,7 +679,7 @@ async def test_a_file_target_from_the_api_never_writes_a_file_the_daemon_reads(
     ca.write_bytes((pki / "ca.pem").read_bytes())
     path = tmp_path / "router.yaml"
     data = {
-        "server": {"host": "127.0.0.1", "port": 0},
+        "server": {"host": "127.0.0.1", "port": 0, "workers": 1},
         "storage": {"path": str(tmp_path / "var")},
         "startup": {"validate_targets": False},
         "auth": auth(),
@@ -777,6 +777,7 @@ COMMENTED = """\
 server:
   host: 127.0.0.1   # loopback only
   port: 0
+  workers: 1        # one process
 
 storage:
   path: {var}        # the journal lives here
@@ -844,7 +845,7 @@ async def test_write_back_keeps_comments_and_key_order(tmp_path: Path) -> None:
 
 
 SHARED = """\
-server: {{host: 127.0.0.1, port: 0}}
+server: {{host: 127.0.0.1, port: 0, workers: 1}}
 storage: {{path: {var}}}
 startup: {{validate_targets: false}}
 targets:
@@ -917,7 +918,7 @@ async def test_a_damaged_api_metadata_file_is_moved_aside_and_the_daemon_starts(
     starts its metadata again."""
     path = tmp_path / "router.yaml"
     data = {
-        "server": {"host": "127.0.0.1", "port": 0},
+        "server": {"host": "127.0.0.1", "port": 0, "workers": 1},
         "storage": {"path": str(tmp_path / "var")},
         "startup": {"validate_targets": False},
         "auth": auth(),

@@ -26,6 +26,7 @@ from tests.fakes import make_event, wait_for
 from tests.helpers import (
     ReceiverFactory,
     assert_books_balance,
+    everything_to,
     file_target,
     http_target,
     patient,
@@ -58,6 +59,15 @@ def auth() -> dict[str, Any]:
     return {
         "ingest_tokens": [{"name": "producer", "sha256": digest(INGEST_TOKEN)}],
         "admin_tokens": [{"name": "ops", "sha256": digest(ADMIN_TOKEN)}],
+    }
+
+
+def archived(tmp_path: Path, **extra: Any) -> dict[str, Any]:
+    """A daemon's config with every event routed to one file target, `archive`."""
+    return {
+        "targets": [file_target("archive", tmp_path / "archive.ndjson")],
+        "routes": everything_to("archive"),
+        **extra,
     }
 
 
@@ -109,13 +119,7 @@ def unauthorized(reason_type: str = "Unauthorized", **fields: Any) -> dict[str, 
 async def test_a_wrong_token_shows_the_refusal_and_no_data(
     start_daemon: StartDaemon, browser: Browser, tmp_path: Path
 ) -> None:
-    daemon = await start_daemon(
-        {
-            "auth": auth(),
-            "targets": [file_target("archive", tmp_path / "archive.ndjson")],
-            "routes": [{"name": "all", "rules": [{"locations": ["*"], "target_ids": ["archive"]}]}],
-        }
-    )
+    daemon = await start_daemon(archived(tmp_path, auth=auth()))
     requests: list[Request] = []
     page = await browser.new_page()
     page.on("request", lambda request: requests.append(request))
@@ -142,7 +146,7 @@ async def test_the_page_is_static_and_locked_down(
         {
             "auth": auth(),
             "targets": [file_target("vault-7", tmp_path / "archive.ndjson")],
-            "routes": [{"name": "all", "rules": [{"locations": ["*"], "target_ids": ["vault-7"]}]}],
+            "routes": everything_to("vault-7"),
         }
     )
     base = f"http://127.0.0.1:{daemon.port}"
@@ -176,7 +180,7 @@ async def test_the_targets_panel_shows_a_backlog_grow_and_drain(
         {
             "auth": auth(),
             "targets": [patient(http_target("siem", siem.url))],
-            "routes": [{"name": "all", "rules": [{"locations": ["*"], "target_ids": ["siem"]}]}],
+            "routes": everything_to("siem"),
         }
     )
     page = await signed_in(browser, daemon)
@@ -208,13 +212,7 @@ async def test_the_targets_panel_shows_a_backlog_grow_and_drain(
 async def test_the_tail_shows_what_a_seed_query_matches_and_nothing_else(
     start_daemon: StartDaemon, browser: Browser, tmp_path: Path
 ) -> None:
-    daemon = await start_daemon(
-        {
-            "auth": auth(),
-            "targets": [file_target("archive", tmp_path / "archive.ndjson")],
-            "routes": [{"name": "all", "rules": [{"locations": ["*"], "target_ids": ["archive"]}]}],
-        }
-    )
+    daemon = await start_daemon(archived(tmp_path, auth=auth()))
     page = await signed_in(browser, daemon)
     await page.click("#tabs button[data-panel=tail]")
     await page.fill("#tail-query", SEED_QUERY)
@@ -259,13 +257,7 @@ async def test_the_tail_shows_what_a_seed_query_matches_and_nothing_else(
 async def test_search_pages_through_a_file_archive_with_the_query_language(
     start_daemon: StartDaemon, browser: Browser, tmp_path: Path
 ) -> None:
-    daemon = await start_daemon(
-        {
-            "auth": auth(),
-            "targets": [file_target("archive", tmp_path / "archive.ndjson")],
-            "routes": [{"name": "all", "rules": [{"locations": ["*"], "target_ids": ["archive"]}]}],
-        }
-    )
+    daemon = await start_daemon(archived(tmp_path, auth=auth()))
     events = [
         unauthorized(id=f"denied-{i:03d}", requestData={"password": SECRET})
         if i % 2
@@ -303,7 +295,7 @@ async def test_a_dead_letter_is_shown_and_redriven_from_the_console(
         {
             "auth": auth(),
             "targets": [http_target("siem", siem.url) | {"retry": {"max_attempts": 1}}],
-            "routes": [{"name": "all", "rules": [{"locations": ["*"], "target_ids": ["siem"]}]}],
+            "routes": everything_to("siem"),
         }
     )
     await ingest(daemon, [unauthorized(id="refused-1")])
@@ -341,13 +333,7 @@ async def test_a_dead_letter_is_shown_and_redriven_from_the_console(
 async def test_the_page_samples_a_busy_daemon_and_keeps_its_tail_bounded(
     start_daemon: StartDaemon, browser: Browser, tmp_path: Path
 ) -> None:
-    daemon = await start_daemon(
-        {
-            "auth": auth(),
-            "targets": [file_target("archive", tmp_path / "archive.ndjson")],
-            "routes": [{"name": "all", "rules": [{"locations": ["*"], "target_ids": ["archive"]}]}],
-        }
-    )
+    daemon = await start_daemon(archived(tmp_path, auth=auth()))
     page = await signed_in(browser, daemon)
     await page.click("#tabs button[data-panel=tail]")
     await page.click("#tail-start")  # an empty query: every event, the most a tail can take
@@ -373,12 +359,7 @@ async def test_the_page_samples_a_busy_daemon_and_keeps_its_tail_bounded(
 async def test_without_an_auth_section_an_empty_token_signs_in(
     start_daemon: StartDaemon, browser: Browser, tmp_path: Path
 ) -> None:
-    daemon = await start_daemon(
-        {
-            "targets": [file_target("archive", tmp_path / "archive.ndjson")],
-            "routes": [{"name": "all", "rules": [{"locations": ["*"], "target_ids": ["archive"]}]}],
-        }
-    )
+    daemon = await start_daemon(archived(tmp_path))
     requests: list[Request] = []
     page = await signed_in(browser, daemon, token="")
     page.on("request", lambda request: requests.append(request))
@@ -406,7 +387,7 @@ async def test_a_saved_view_filters_the_tail_and_the_alerts_panel_shows_an_alert
                 file_target("archive", tmp_path / "archive.ndjson"),
                 http_target("alerts-webhook", webhook.url),
             ],
-            "routes": [{"name": "all", "rules": [{"locations": ["*"], "target_ids": ["archive"]}]}],
+            "routes": everything_to("archive"),
             "views": [
                 {"name": "secret-creates", "query": CREATES_QUERY},
                 {"name": "unauthorized", "query": SEED_QUERY},

@@ -389,7 +389,7 @@ async def test_a_worker_that_keeps_failing_shows_in_write_status_metrics_and_rea
 
     archive = tmp_path / "archive.ndjson"
     data = {
-        "server": {"host": "127.0.0.1", "port": 0},
+        "server": {"host": "127.0.0.1", "port": 0, "workers": 1},
         "storage": {"path": str(tmp_path / "var")},
         "startup": {"validate_targets": False},
         "targets": [file_target("archive", archive)],

@@ -293,7 +293,7 @@ async def test_dead_letters_take_their_places_and_the_chain_survives_a_reload(
         "routes": everything_to("us"),
     }
     full = {
-        "server": {"host": "127.0.0.1", "port": 0},
+        "server": {"host": "127.0.0.1", "port": 0, "workers": 1},
         "storage": {"path": str(tmp_path / "var")},
         "delivery": FAST_DELIVERY,
         "startup": {"validate_targets": False},
@@ -345,7 +345,7 @@ def sample_archive() -> tuple[bytes, bytes]:
     async def run(tmp: Path) -> tuple[bytes, bytes]:
         key, public = generate(tmp / "k")
         data = {
-            "server": {"host": "127.0.0.1", "port": 0},
+            "server": {"host": "127.0.0.1", "port": 0, "workers": 1},
             "storage": {"path": str(tmp / "var")},
             "delivery": FAST_DELIVERY,
             "targets": [chained_file_target(tmp / "us.ndjson")],
@@ -825,7 +825,7 @@ async def test_a_redrive_keeps_the_letters_places_and_the_archive_still_verifies
     archive = tmp_path / "us.ndjson"
     retry = {"max_attempts": 1, "initial_backoff_s": 0.01}
     data: dict[str, Any] = {
-        "server": {"host": "127.0.0.1", "port": 0},
+        "server": {"host": "127.0.0.1", "port": 0, "workers": 1},
         "storage": {"path": str(tmp_path / "var")},
         "delivery": FAST_DELIVERY,
         "startup": {"validate_targets": False},
@@ -1177,7 +1177,7 @@ async def test_letters_moved_by_a_redrive_are_not_reported_missing_at_start(
     redriven file: at the next start the files still reach the journal's head, no alarm."""
     archive = tmp_path / "us.ndjson"
     data: dict[str, Any] = {
-        "server": {"host": "127.0.0.1", "port": 0},
+        "server": {"host": "127.0.0.1", "port": 0, "workers": 1},
         "storage": {"path": str(tmp_path / "var")},
         "delivery": FAST_DELIVERY,
         "startup": {"validate_targets": False},

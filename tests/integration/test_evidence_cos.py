@@ -421,6 +421,26 @@ async def test_kill_9_between_a_put_and_the_head_resends_the_same_object_first(
     assert out.startswith(summary), out
 
 
+def one_try(url: str, *, timeout_s: float) -> dict[str, Any]:
+    """The COS target in objects of 10 events, each given one attempt (retry.max_attempts 1):
+    an object that fails is given up at once, as the tests of given-up objects need."""
+    return cos_target(url, timeout_s=timeout_s) | {
+        "batch": {"max_events": 10},
+        "retry": {"max_attempts": 1, "initial_backoff_s": 0.01},
+    }
+
+
+def signed_to_cos(target: dict[str, Any], key: Path, **extra: Any) -> dict[str, Any]:
+    """A config routing every event to `target` (id `cos`), chained and signed with `key`,
+    checkpoints only at the first write and at shutdown."""
+    return {
+        "targets": [target],
+        "routes": everything_to("cos"),
+        "evidence": {"signing_key_file": str(key), "checkpoint_every_s": 3600},
+        **extra,
+    }
+
+
 async def shed_while_held(
     start_daemon: StartDaemon,
     front: HoldingFront,
@@ -432,16 +452,15 @@ async def shed_while_held(
     holds the answer to the PUT of its first object (events held-0 ... held-9), and 2,000
     events more fill the journal, so its oldest are dead-lettered meanwhile (within 30 s)."""
     daemon = await start_daemon(
-        {
-            "storage": {
+        signed_to_cos(
+            target,
+            key,
+            storage={
                 "path": str(tmp_path / "var"),
                 "max_bytes": 1024 * 1024,
                 "when_full": "drop_oldest_per_target",
             },
-            "targets": [target],
-            "routes": everything_to("cos"),
-            "evidence": {"signing_key_file": str(key), "checkpoint_every_s": 3600},
-        }
+        )
     )
     front.holding = True
     assert (await post(daemon, [make_event(id=f"held-{i}") for i in range(10)]))[0] == 202
@@ -517,10 +536,7 @@ async def test_an_object_given_up_after_a_later_dead_letter_leaves_no_gap(
     script: list[tuple[int, str] | None] = [(503, "SlowDown")]
     front = await HoldingFront(f"http://127.0.0.1:{s3_server.store.port}", script).start()
     key, public = generate(tmp_path / "signing.key")
-    target = cos_target(front.url, timeout_s=120) | {
-        "batch": {"max_events": 10},
-        "retry": {"max_attempts": 1, "initial_backoff_s": 0.01},
-    }
+    target = one_try(front.url, timeout_s=120)
     try:
         daemon = await shed_while_held(start_daemon, front, tmp_path, target, key)
         await release_and_stop(daemon, front)
@@ -567,18 +583,8 @@ async def test_a_put_that_timed_out_but_landed_is_counted_alike_by_the_books_and
     are delivered, once, in the books and in verify alike."""
     front = await HoldingFront(f"http://127.0.0.1:{s3_server.store.port}", []).start()
     key, public = generate(tmp_path / "signing.key")
-    target = cos_target(front.url, timeout_s=1) | {
-        "batch": {"max_events": 10},
-        "retry": {"max_attempts": 1, "initial_backoff_s": 0.01},
-    }
     try:
-        daemon = await start_daemon(
-            {
-                "targets": [target],
-                "routes": everything_to("cos"),
-                "evidence": {"signing_key_file": str(key), "checkpoint_every_s": 3600},
-            }
-        )
+        daemon = await start_daemon(signed_to_cos(one_try(front.url, timeout_s=1), key))
         front.holding = True
         assert (await post(daemon, [make_event(id=f"late-{i}") for i in range(10)]))[0] == 202
         await wait_for(lambda: settled(daemon), timeout_s=30, what="the batch settled")
@@ -645,18 +651,8 @@ async def test_an_object_stored_after_its_events_were_given_up_is_counted_as_the
     object's line as the books do, a dead letter, and says so."""
     front = await LateFront(f"http://127.0.0.1:{s3_server.store.port}", []).start()
     key, public = generate(tmp_path / "signing.key")
-    target = cos_target(front.url, timeout_s=1) | {
-        "batch": {"max_events": 10},
-        "retry": {"max_attempts": 1, "initial_backoff_s": 0.01},
-    }
     try:
-        daemon = await start_daemon(
-            {
-                "targets": [target],
-                "routes": everything_to("cos"),
-                "evidence": {"signing_key_file": str(key), "checkpoint_every_s": 3600},
-            }
-        )
+        daemon = await start_daemon(signed_to_cos(one_try(front.url, timeout_s=1), key))
         front.holding = True
         assert (await post(daemon, [make_event(id=f"late-{i}") for i in range(10)]))[0] == 202
         await wait_for(lambda: settled(daemon), timeout_s=30, what="the batch given up")

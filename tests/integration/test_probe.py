@@ -58,7 +58,7 @@ async def test_by_default_a_start_writes_no_test_event_into_the_targets(tmp_path
     sent (the probe, when on, goes before the backlog, so it would be the first line)."""
     archive = tmp_path / "archive.ndjson"
     data = {
-        "server": {"host": "127.0.0.1", "port": 0},
+        "server": {"host": "127.0.0.1", "port": 0, "workers": 1},
         "storage": {"path": str(tmp_path / "var")},
         "targets": [file_target("archive", archive)],
         "routes": everything_to("archive"),

@@ -431,7 +431,7 @@ async def test_a_stop_during_a_reload_lets_the_reload_finish_first(
     down = await receiver_factory([503])
     a = file_target("a", tmp_path / "a.ndjson")
     data = {
-        "server": {"host": "127.0.0.1", "port": 0},
+        "server": {"host": "127.0.0.1", "port": 0, "workers": 1},
         "storage": {"path": str(tmp_path / "var")},
         "startup": {"validate_targets": False},
         "shutdown": {"drain_timeout_s": 1},

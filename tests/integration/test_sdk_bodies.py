@@ -118,7 +118,7 @@ async def test_every_call_of_the_atracker_sdk_works_with_its_exact_bodies(
     path.write_text(
         yaml.safe_dump(
             {
-                "server": {"host": "127.0.0.1", "port": 0},
+                "server": {"host": "127.0.0.1", "port": 0, "workers": 1},
                 "storage": {"path": str(tmp_path / "var")},
                 "startup": {"validate_targets": False},
                 "auth": loopback_auth(),

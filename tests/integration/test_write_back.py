@@ -62,7 +62,7 @@ def unmount(path: Path, mounted: list[Path]) -> None:
 
 def operator_config(tmp_path: Path) -> dict[str, Any]:
     return {
-        "server": {"host": "127.0.0.1", "port": 0},
+        "server": {"host": "127.0.0.1", "port": 0, "workers": 1},
         "storage": {"path": str(tmp_path / "var")},
         "startup": {"validate_targets": False},
         "auth": api_auth(),

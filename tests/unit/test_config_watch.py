@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from router.cli import _fingerprint, _watch
+from router.cli.serve import fingerprint, watch
 from tests.fakes import wait_for
 
 
@@ -16,12 +16,12 @@ async def test_a_change_made_before_the_watch_first_looks_is_seen(tmp_path: Path
     path = tmp_path / "router.yaml"
     path.write_text("targets: []\n")
     changes: list[str] = []
-    watch = asyncio.create_task(
-        _watch(path, 0.01, lambda: changes.append("changed"), _fingerprint(path))
+    watching = asyncio.create_task(
+        watch(path, 0.01, lambda: changes.append("changed"), fingerprint(path))
     )
     path.write_text("targets: []\nroutes: []\n")  # before the task has run at all
     try:
         await wait_for(lambda: bool(changes), timeout_s=10, what="the change to be seen")
     finally:
-        watch.cancel()
-        await asyncio.gather(watch, return_exceptions=True)
+        watching.cancel()
+        await asyncio.gather(watching, return_exceptions=True)

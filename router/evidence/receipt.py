@@ -26,6 +26,7 @@ import hashlib
 import hmac
 import os
 import secrets
+import zlib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -189,27 +190,44 @@ class Receipts:
 
 
 def find_in_archive(paths: Iterable[Path], event_id: str) -> dict[str, Any] | None:
-    """Where a chained archive (live file and rotations) holds the event: place, file, line."""
-    needle = b'"id":' + orjson.dumps(event_id)
+    """Where a chained archive (live file and rotations) holds the event: place, file, line.
+    A file that cannot be read to its end (a rotation gzipped by hand and cut short, or
+    being gzipped now) does not keep the others from answering; if none holds the event,
+    StorageUnavailableError names it, as the event may be in what could not be read."""
+    unreadable: list[str] = []
     for path in archive_order(p for p in paths if p.exists()):
-        for number, line in enumerate(open_lines(path), start=1):
-            if needle not in line:
-                continue
-            try:
-                found = split_line(line.rstrip(b"\n"))
-            except CanonicalError:
-                continue
-            if found is None:
-                continue
-            canonical, link = found
-            if orjson.loads(canonical).get("id") == event_id:
-                return {
-                    "state": "delivered",
-                    "seq": link.seq,
-                    "file": str(path),
-                    "line": number,
-                    "digest": digest(canonical),
-                }
+        try:
+            hit = _find_in_file(path, event_id)
+        except (OSError, EOFError, zlib.error) as exc:
+            unreadable.append(f"{path}: {exc}")
+            continue
+        if hit is not None:
+            return hit
+    if unreadable:
+        raise StorageUnavailableError(f"cannot read {'; '.join(unreadable)}")
+    return None
+
+
+def _find_in_file(path: Path, event_id: str) -> dict[str, Any] | None:
+    needle = b'"id":' + orjson.dumps(event_id)
+    for number, line in enumerate(open_lines(path), start=1):
+        if needle not in line:
+            continue
+        try:
+            found = split_line(line.rstrip(b"\n"))
+        except CanonicalError:
+            continue
+        if found is None:
+            continue
+        canonical, link = found
+        if orjson.loads(canonical).get("id") == event_id:
+            return {
+                "state": "delivered",
+                "seq": link.seq,
+                "file": str(path),
+                "line": number,
+                "digest": digest(canonical),
+            }
     return None
 
 

@@ -15,7 +15,11 @@ the target took it or it was dead-lettered. Everything a router holds (fetched a
 acked: the batch being sent or retried, what it lingers for, what did not fit the last batch)
 is kept with in-progress acks once it is held a quarter of ack_wait_s; a router that dies
 holding a batch leaves it to be redelivered to another after ack_wait_s. A stopping router
-hands back (naks) what it holds.
+hands back (naks) what it holds, including what its last fetch brings: a stop does not cut a
+fetch short (nats-py's fetch, cancelled, leaves its pull request on the server, which goes on
+handing it messages), it leaves it to end (FETCH_WAIT_S at most), and what it brought is
+handed back with the rest (_hand_back). Left unacked, those went to no router until
+ack_wait_s passed, at every stop of a rolling restart.
 
 Dead letters go to a stream per target, `<stream>_DLQ_<target>` (StreamDeadLetters), with
 Nats-Msg-Id = the event's sequence in the target's stream, so a batch dead-lettered by a router
@@ -79,6 +83,7 @@ import nats.errors
 import orjson
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -91,6 +96,7 @@ from nats.js.api import (
     StreamConfig,
     StreamState,
 )
+from nats.js.client import DEFAULT_JS_SUB_PENDING_BYTES_LIMIT, DEFAULT_JS_SUB_PENDING_MSGS_LIMIT
 from nats.js.errors import (
     APIError,
     BucketNotFoundError,
@@ -145,8 +151,12 @@ BOOKS_EVERY_S = 0.5
 # a request whose answer was lost (its server died on the way) waited all of that, and the
 # books of a router connected to a killed node stood still for 24 of publish_timeout_s's 30 s.
 READ_TRY_S = 2.0
-# The longest one fetch waits, so a stopping worker is seen promptly.
+# The longest one fetch waits (a batch gathered for longer fetches again): a stopping router
+# waits this long at most for its last fetch to end.
 FETCH_WAIT_S = 1.0
+# A pull request expires on the server this long after it arrived there, a little after its
+# fetch timed out: the margin for its way there, before a stopping router takes what it brought.
+PULL_ARRIVAL_S = 0.1
 # What a router holds gets an in-progress ack once it is held this share of ack_wait_s (and
 # again each time as long): at most half of ack_wait_s passes between two, which leaves the
 # other half for an event loop held up or a connection moving to another server.
@@ -334,6 +344,12 @@ async def until_answered(attempt: Callable[[float], Awaitable[object]], timeout_
 class _Target:
     books: Books = field(default_factory=Books)
     sub: JetStreamContext.PullSubscription | None = None
+    # The subscription on `sub`'s inbox: what the pull requests brought and no fetch took yet
+    # waits there (a fetch takes it first; a stopping router hands it back).
+    inbox: Subscription | None = None
+    # A fetch its worker stopped waiting for (a stop, a cancelled worker): the next fetch
+    # takes it over, or the hand-back waits for it. Never cancelled (see _fetch).
+    fetching: asyncio.Future[list[Msg]] | None = None
     # Messages this router holds (fetched, not yet acked), by stream sequence: the batch
     # out, the messages being gathered for the next one and `carry`.
     held: dict[int, Msg] = field(default_factory=dict)
@@ -341,6 +357,13 @@ class _Target:
     touched: dict[int, float] = field(default_factory=dict)
     # Fetched messages that did not fit the last batch's max_bytes: the next batch's head.
     carry: list[Msg] = field(default_factory=list)
+    # The batch handed out last: what of it is still held (not acked) when the next batch is
+    # asked for was left unsettled by its worker. Settled, none of it is held, or only what
+    # is `unconfirmed`; unsettled, all of it.
+    out: Sequence[Entry] = ()
+    # Held messages whose ack got no confirmation: settled (the daemon acks nothing else),
+    # so a hand-back acks them again rather than nak them.
+    unconfirmed: set[int] = field(default_factory=set)
     # The consumer's ack_wait as the server has it (the config's, unless another router
     # with another storage section set it since): the in-progress acks keep to the shorter.
     ack_wait_s: float = 0.0
@@ -358,6 +381,17 @@ class _Target:
     def release(self, seq: int) -> None:
         self.held.pop(seq, None)
         self.touched.pop(seq, None)
+
+    async def buffered(self) -> list[Msg]:
+        """What the pull requests brought that no fetch took, out of the inbox (a message the
+        server sent as the request expired, after its fetch timed out). Status messages (a
+        request's end) are no messages."""
+        found: list[Msg] = []
+        while self.inbox is not None and self.inbox.pending_msgs:
+            msg = await self.inbox.next_msg(timeout=None)  # there: it does not wait
+            if not JetStreamContext.is_status_msg(msg):
+                found.append(msg)
+        return found
 
     def due(self, now: float, every_s: float) -> list[Msg]:
         """The held messages not fetched or told in progress for `every_s`, marked as told."""
@@ -479,7 +513,22 @@ class JetStreamJournal:
         stream = queue_stream(c, target_id)
         target = self._targets[target_id]
         target.ack_wait_s = await self._ensure_consumer(stream)
-        target.sub = await self.js.pull_subscribe_bind(CONSUMER, stream)
+        # What js.pull_subscribe_bind does, keeping the inbox's subscription: its buffer is
+        # where a stopping router finds what its last pull requests brought (hand_back).
+        assert self._nc is not None
+        inbox = await self._nc.subscribe(
+            self._nc.new_inbox(),
+            pending_msgs_limit=DEFAULT_JS_SUB_PENDING_MSGS_LIMIT,
+            pending_bytes_limit=DEFAULT_JS_SUB_PENDING_BYTES_LIMIT,
+        )
+        target.inbox = inbox
+        target.sub = JetStreamContext.PullSubscription(
+            js=self.js,
+            sub=inbox,
+            stream=stream,
+            consumer=CONSUMER,
+            deliver=inbox.subject.encode(),
+        )
 
     async def _ensure_consumer(self, stream: str) -> float:
         """Create the stream's shared consumer if missing, or bring its ack_wait to the
@@ -520,16 +569,54 @@ class JetStreamJournal:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(*self._settling, return_exceptions=True)
-        if self._nc is not None and self._nc.is_connected:
-            # What this router still holds goes to the other routers now, not after ack_wait.
-            held = [m for t in self._targets.values() for m in t.held.values()]
-            with contextlib.suppress(*STREAM_ERRORS):
-                await asyncio.gather(*(m.nak() for m in held))
-                await self._nc.flush(timeout=2)
+        await self._hand_back(list(self._targets.values()))
         if self._nc is not None:
             with contextlib.suppress(*STREAM_ERRORS):
                 await self._nc.close()
         self._unlock()
+
+    async def _hand_back(self, targets: Sequence[_Target]) -> None:
+        """What this router holds of `targets` goes to the other routers now, not after
+        ack_wait: a nak for each message it holds, for each one a fetch left running brings
+        (it is awaited: FETCH_WAIT_S at most), and for each one the pull requests brought
+        that no fetch took (a round trip first brings every one the server sent; a margin
+        before it, PULL_ARRIVAL_S, lets a request that just timed out end on the server too).
+
+        A message handed back was never sent by this router, or its batch was not settled
+        (the drain timeout cut it short): sent again by another router, it is at least once,
+        as after a crash. A settled one is not handed back: an acked one was released, and
+        one whose ack got no confirmation (`unconfirmed`) is acked again instead, since a nak
+        that landed where its ack did not (a connection lost on the way) would have another
+        router send it again at once, and the target has it."""
+        nc = self._nc
+        connected = nc is not None and nc.is_connected
+        running = [t for t in targets if t.fetching is not None]
+        for target in running:
+            fetch, target.fetching = target.fetching, None
+            assert fetch is not None
+            if connected:  # it ends by its own timeout; one that does not (a bug) is cut off
+                await asyncio.wait([fetch], timeout=2 * FETCH_WAIT_S)
+            fetch.cancel()
+            if fetch.done() and not fetch.cancelled() and fetch.exception() is None:
+                target.hold(fetch.result())
+        if nc is None or not connected:
+            return  # JetStream hands them out again after ack_wait
+        if running:
+            await asyncio.sleep(PULL_ARRIVAL_S)
+        with contextlib.suppress(*STREAM_ERRORS):
+            await nc.flush(timeout=2)
+            settled = [m for t in targets for seq, m in t.held.items() if seq in t.unconfirmed]
+            naks = [
+                m
+                for t in targets
+                for m in (
+                    *(m for seq, m in t.held.items() if seq not in t.unconfirmed),
+                    *await t.buffered(),
+                )
+            ]
+            # The ack itself, not Msg.ack() (see _settle).
+            await asyncio.gather(*(nc.publish(m.reply) for m in settled), *(m.nak() for m in naks))
+            await nc.flush(timeout=2)
 
     def _lock(self) -> None:
         self._lock_fd = lock_storage(self.directory)
@@ -662,9 +749,19 @@ class JetStreamJournal:
         stopping: asyncio.Event,
     ) -> list[Entry]:
         """The next batch JetStream hands this router; empty once `stopping` is set: what is
-        left stays in the stream for the other routers (and this one's next start)."""
+        left stays in the stream for the other routers (and this one's next start).
+
+        The last batch, if it is not acked, comes first again, as the SQLite journal's cursor
+        gives it: its worker stopped without settling it (a reload changing the target stops
+        it at once, an error restarts it), and the target's next worker sends it (the daemon's
+        Unrecorded knows what of it was settled). Held with in-progress acks and handed out
+        no more, it went to no endpoint until the router stopped."""
         target = self._targets[target_id]
         msgs = target.carry
+        out, held = target.out, target.held
+        if out and (out[0].seq in held or out[-1].seq in held or target.unconfirmed):
+            msgs = [held[e.seq] for e in out if e.seq in held] + msgs
+        target.out = ()
         target.carry = []
         while not msgs:
             if stopping.is_set():
@@ -676,9 +773,9 @@ class JetStreamJournal:
             remaining = deadline - time.monotonic()
             if remaining <= 0.01:
                 break
-            more = await self._fetch(target, max_events - len(msgs), remaining, stopping)
-            if not more:
-                break
+            more = await self._fetch(
+                target, max_events - len(msgs), min(remaining, FETCH_WAIT_S), stopping
+            )
             msgs.extend(more)
         batch: list[Entry] = []
         size = 0
@@ -690,25 +787,36 @@ class JetStreamJournal:
                 break
             batch.append(entry)
             size += entry_bytes
+        target.out = batch
         return batch
 
     async def _fetch(
         self, target: _Target, count: int, wait_s: float, stopping: asyncio.Event
     ) -> list[Msg]:
         """Up to `count` messages, waiting at most `wait_s` for the first; none if the servers
-        are away (the worker comes back), or once `stopping` is set."""
+        are away (the worker comes back), or once `stopping` is set.
+
+        A stop does not cancel the fetch: nats-py's fetch, cancelled, leaves its pull request on
+        the server until it expires (and drops what it took from its inbox and had not
+        returned yet), and JetStream counts every message it hands that request delivered:
+        they reached the inbox after the fetch was gone, and went to no router until ack_wait.
+        The fetch is left to end (`fetching`): the next fetch of the target takes it over (a
+        worker started again by a reload), or the hand-back of a stopping router or a retired
+        target waits for it and hands back what it brought."""
         assert target.sub is not None
-        fetch = asyncio.ensure_future(target.sub.fetch(count, timeout=max(wait_s, 0.05)))
+        fetch = target.fetching
+        if fetch is None:
+            fetch = asyncio.ensure_future(target.sub.fetch(count, timeout=max(wait_s, 0.05)))
+        target.fetching = fetch
         stop = asyncio.ensure_future(stopping.wait())
-        try:
-            await asyncio.wait([fetch, stop], return_when=asyncio.FIRST_COMPLETED)
+        waits: list[asyncio.Future[Any]] = [fetch, stop]
+        try:  # a cancelled worker leaves the fetch running too: asyncio.wait cancels neither
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stop.cancel()
         if not fetch.done():
-            fetch.cancel()
-            with contextlib.suppress(asyncio.CancelledError, *STREAM_ERRORS):
-                await fetch
             return []
+        target.fetching = None
         try:
             msgs = list(fetch.result())
         except TimeoutError:
@@ -785,6 +893,7 @@ class JetStreamJournal:
                 await nc.publish(msg.reply)
             await nc.request(msgs[-1][1].reply, b"", timeout=min(timeout_s, PUBLISH_TRY_S))
         except STREAM_ERRORS as exc:
+            target.unconfirmed.update(seq for seq, _ in msgs)
             if not _transient(exc):
                 raise JournalUnavailableError(f"JetStream did not take the acks: {exc!r}") from exc
             results = await asyncio.gather(
@@ -792,6 +901,7 @@ class JetStreamJournal:
                 return_exceptions=True,
             )
             confirmed = {seq for (seq, _), r in zip(msgs, results, strict=True) if r is None}
+            target.unconfirmed -= confirmed
             if len(confirmed) < len(msgs):
                 for seq in confirmed:
                     target.release(seq)
@@ -802,6 +912,8 @@ class JetStreamJournal:
                 ) from exc
         for seq, _ in msgs:
             target.release(seq)
+        if target.unconfirmed:  # confirmed now, by an ack tried again
+            target.unconfirmed.difference_update(seq for seq, _ in msgs)
         if head is not None:
             await self._keep_head(target_id, *head)
 
@@ -914,8 +1026,10 @@ class JetStreamJournal:
             return 0
         target = self._targets.pop(target_id, None)
         if target is not None:
-            with contextlib.suppress(*STREAM_ERRORS):
-                await asyncio.gather(*(m.nak() for m in target.held.values()))
+            await self._hand_back([target])
+            if target.inbox is not None:
+                with contextlib.suppress(*STREAM_ERRORS):
+                    await target.inbox.unsubscribe()
         return 0
 
     async def pending_for(self, event_id: str) -> list[str]:

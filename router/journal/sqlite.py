@@ -71,6 +71,7 @@ from router.events import Event
 from router.journal import Books, Entry, JournalFullError, JournalUnavailableError
 from router.journal.lock import lock_storage
 from router.journal.salvage import (
+    MAGIC,
     PACKED,
     RECORD,
     BooksRow,
@@ -181,6 +182,29 @@ def _unavailable_on_sqlite_errors() -> Iterator[None]:
         yield
     except sqlite3.Error as exc:
         raise JournalUnavailableError(str(exc)) from exc
+
+
+def _newer(path: Path, found: int) -> JournalFormatError:
+    return JournalFormatError(
+        f"journal {path} is format {found}, written by a newer event-router; this one "
+        f"reads up to format {FORMAT}: run that version (or drain the journal with it)"
+    )
+
+
+def _format_of(path: Path) -> int | None:
+    """The format (user_version) a journal file says it is, read before anything else opens
+    it; None where there is no file or its header does not say (then salvage reads it)."""
+    if not path.exists():
+        return None
+    try:
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            return int(db.execute("PRAGMA user_version").fetchone()[0])
+    except sqlite3.Error:
+        with open(path, "rb") as f:
+            header = f.read(100)
+        if len(header) < 100 or not header.startswith(MAGIC):
+            return None
+        return int.from_bytes(header[60:64], "big", signed=True)
 
 
 @dataclass(slots=True)
@@ -453,10 +477,7 @@ class SqliteJournal:
         found = db.execute("PRAGMA user_version").fetchone()[0]
         if found > FORMAT:
             db.close()
-            raise JournalFormatError(
-                f"journal {path} is format {found}, written by a newer event-router; this one "
-                f"reads up to format {FORMAT}: run that version (or drain the journal with it)"
-            )
+            raise _newer(path, found)
         # Both only take effect on a new file: pages freed by reclaimed events can then be
         # returned to the file system after a large backlog drains (see _give_back_space).
         db.execute(f"PRAGMA page_size={PAGE_BYTES}")
@@ -477,6 +498,11 @@ class SqliteJournal:
 
     def _open_sync(self) -> None:
         self._lock()
+        # The format first: a newer journal that is damaged too is not this router's to
+        # salvage (its frames may be of a kind this one would take for garbage).
+        found = _format_of(self.path)
+        if found is not None and found > FORMAT:
+            raise _newer(self.path, found)
         if self.path.exists() and not self._intact(self.path):
             self._quarantine_file()
         self.path.touch(mode=0o600, exist_ok=True)
@@ -1278,9 +1304,13 @@ class SqliteJournal:
         own (WAL: it reads a snapshot beside the writer, which it never waits for or holds)."""
 
         def read() -> list[str]:
-            with contextlib.closing(
-                sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True)
-            ) as db:
+            # A damaged page is the journal's failure, not the caller's: 503, not 500.
+            with (
+                _unavailable_on_sqlite_errors(),
+                contextlib.closing(
+                    sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True)
+                ) as db,
+            ):
                 return lookup(db)
 
         def lookup(db: sqlite3.Connection) -> list[str]:

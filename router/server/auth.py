@@ -8,11 +8,11 @@ as an Activity Tracker event of the router itself.
     anything else (status, tail, redrive)   an admin token
 
 Routes not in OPEN_ROUTES or INGEST_ROUTES need an admin token, so an endpoint added later is
-closed until someone decides otherwise. A missing or unknown token is a 401 with
-`WWW-Authenticate: Bearer realm="event-router"`; a known token on a route its kind does not
-open is a 403. Tokens are kept as SHA-256 digests and the digest of what a caller presents is
-compared with every one of them by `hmac.compare_digest`, so neither the answer nor its timing
-tells how close a guess came.
+closed until someone decides otherwise. A missing or unknown token, or more than one
+Authorization header, is a 401 with `WWW-Authenticate: Bearer realm="event-router"`; a known
+token on a route its kind does not open is a 403. Tokens are kept as SHA-256 digests and the
+digest of what a caller presents is compared with every one of them by `hmac.compare_digest`,
+so neither the answer nor its timing tells how close a guess came.
 
 Browsers are callers too, on behalf of whatever page they show. A request that changes
 something (any method but GET, HEAD and OPTIONS) and carries an `Origin` other than the
@@ -155,6 +155,13 @@ def bearer_token(request: web.Request) -> str | None:
     if scheme.lower() != "bearer" or not token:
         return None
     return token
+
+
+def repeated_authorization(request: web.Request) -> bool:
+    """Whether the request carries more than one Authorization header. The field holds one
+    credential (RFC 9110): which of several counts is a guess that a proxy in front may
+    make otherwise (the last), so none counts, whichever comes first."""
+    return len(request.headers.getall("Authorization", ())) > 1
 
 
 @dataclass(slots=True)
@@ -337,9 +344,18 @@ class Guard:
             await self.refusals.record(caller_of(request), 403, why)
             return _refusal(request, 403, "forbidden", f"{why}; configure auth.admin_tokens")
         presented = bearer_token(request)
-        principal = self._tokens.lookup(presented) if presented is not None else None
+        repeated = repeated_authorization(request)
+        principal = None
+        if presented is not None and not repeated:
+            principal = self._tokens.lookup(presented)
         if principal is None:
-            why = "no bearer token" if presented is None else "unknown token"
+            why = (
+                "more than one Authorization header"
+                if repeated
+                else "no bearer token"
+                if presented is None
+                else "unknown token"
+            )
             await self.refusals.record(caller_of(request), 401, why)
             return _refusal(
                 request, 401, "unauthorized", f"{why}; send Authorization: Bearer <token>"

@@ -21,6 +21,7 @@ from router.deadletter import DeadLetters
 from router.errors import RequestError, StorageUnavailableError
 from router.evidence.receipt import locate
 from router.intake.http import error_response, json_response
+from router.journal import JournalUnavailableError
 from router.server.reads import in_read_thread
 
 
@@ -40,9 +41,11 @@ class ReceiptEndpoint:
 
     async def handle(self, request: web.Request) -> web.Response:
         event_id = request.match_info["id"]
-        where: dict[str, Any] = {
-            target_id: {"state": "pending"} for target_id in await self.pending_for(event_id)
-        }
+        try:
+            pending = await self.pending_for(event_id)
+        except JournalUnavailableError as exc:  # a damaged journal file, say
+            return error_response(RequestError(503, "journal_unavailable", str(exc)))
+        where: dict[str, Any] = {target_id: {"state": "pending"} for target_id in pending}
         try:
             letters = await self.dead_letters.find(event_id) if self.dead_letters else None
         except StorageUnavailableError as exc:
@@ -50,7 +53,11 @@ class ReceiptEndpoint:
         if letters is not None:
             where.update({k: v for k, v in letters.items() if k not in where})
         archives = {k: v for k, v in self.archives().items() if k not in where}
-        where.update(await in_read_thread(locate, event_id, archives, self.letters_dir, skip=where))
+        try:
+            found = await in_read_thread(locate, event_id, archives, self.letters_dir, skip=where)
+        except StorageUnavailableError as exc:  # an archive file cut short, say
+            return error_response(RequestError(503, "archive_unreadable", str(exc)))
+        where.update(found)
         if not where:
             return error_response(
                 RequestError(

@@ -21,6 +21,7 @@ archive holds events as journaled, after redaction.
 from __future__ import annotations
 
 import gzip
+import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -31,7 +32,7 @@ import orjson
 from aiohttp import web
 
 from router.clients.search import GZIP_MAGIC, archive_files, parse_time, wanted
-from router.errors import QueryError, RequestError
+from router.errors import QueryError, RequestError, StorageUnavailableError
 from router.evidence.checkpoint import is_checkpoint
 from router.intake.http import error_response, json_response
 from router.query import Query, parse
@@ -96,24 +97,28 @@ def search_page(archive: Path, wanted_events: SearchRequest) -> dict[str, Any]:
             magic = raw.read(2)
             raw.seek(0)
             stream = gzip.GzipFile(fileobj=raw) if magic == GZIP_MAGIC else raw
-            stream.seek(offset)
-            position, offset = offset, 0
-            for line in _complete_lines(stream):
-                if len(found) >= wanted_events.limit or scanned >= wanted_events.scan_lines:
-                    return _page(found, Cursor(inode, position), scanned, not_json)
-                position += len(line)
-                scanned += 1
-                if not line.strip() or is_checkpoint(line):
-                    continue
-                try:
-                    event = orjson.loads(line)
-                except orjson.JSONDecodeError:
-                    not_json += 1
-                    continue
-                if isinstance(event, dict) and wanted(
-                    event, wanted_events.query, wanted_events.since, wanted_events.until
-                ):
-                    found.append(event)
+            try:
+                stream.seek(offset)
+                position, offset = offset, 0
+                for line in _complete_lines(stream):
+                    if len(found) >= wanted_events.limit or scanned >= wanted_events.scan_lines:
+                        return _page(found, Cursor(inode, position), scanned, not_json)
+                    position += len(line)
+                    scanned += 1
+                    if not line.strip() or is_checkpoint(line):
+                        continue
+                    try:
+                        event = orjson.loads(line)
+                    except orjson.JSONDecodeError:
+                        not_json += 1
+                        continue
+                    if isinstance(event, dict) and wanted(
+                        event, wanted_events.query, wanted_events.since, wanted_events.until
+                    ):
+                        found.append(event)
+            except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+                # A rotation gzipped by hand and cut short (or being gzipped now).
+                raise StorageUnavailableError(f"cannot read {path}: {exc}") from exc
     return _page(found, None, scanned, not_json)
 
 
@@ -179,6 +184,8 @@ class SearchEndpoint:
                     "the file target rotated its archive while this page was read; ask again",
                 )
             )
+        except StorageUnavailableError as exc:
+            return error_response(RequestError(503, "archive_unreadable", str(exc)))
         except CursorExpiredError:
             return error_response(
                 RequestError(

@@ -126,6 +126,44 @@ async def test_a_wrong_or_malformed_token_is_401(
     assert status == 401 and headers["WWW-Authenticate"].startswith("Bearer")
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_a_request_with_two_authorization_headers_is_401_whichever_comes_first(
+    start_daemon: StartDaemon, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int
+) -> None:
+    """Authorization holds one credential: with two, the valid one first was taken (200 or
+    202) and the same two the other way round refused, where a proxy in front may take the
+    last. Neither counts: 401, naming the repeated header, in a worker process too."""
+    monkeypatch.setenv("TEST_INGEST_TOKEN", INGEST_TOKEN)
+    path = tmp_path / "archive.ndjson"
+    daemon = await start_daemon(
+        {
+            "server": {"host": "127.0.0.1", "port": 0, "workers": workers},
+            "auth": auth_config(tmp_path),
+            "targets": [file_target("archive", path)],
+            "routes": [{"name": "all", "rules": [{"locations": ["*"], "target_ids": ["archive"]}]}],
+        }
+    )
+    calls = [
+        ("POST", "/v1/events", INGEST_TOKEN, orjson.dumps(make_event())),
+        ("GET", "/v1/status", ADMIN_TOKEN, None),
+        ("GET", "/api/v2/targets", ADMIN_TOKEN, None),
+    ]
+    async with aiohttp.ClientSession() as session:
+        for method, route, token, data in calls:
+            for pair in ((token, "other-token-0123456789"), ("other-token-0123456789", token)):
+                headers = [("Authorization", f"Bearer {value}") for value in pair]
+                headers.append(("Content-Type", "application/json"))
+                async with session.request(
+                    method, f"http://127.0.0.1:{daemon.port}{route}", data=data, headers=headers
+                ) as resp:
+                    answer = await resp.json()
+                    assert resp.status == 401, (route, pair, answer)
+                    assert resp.headers["WWW-Authenticate"] == 'Bearer realm="event-router"'
+                error = refusal_of(route, answer)
+                assert error["code"] == "unauthorized"
+                assert "more than one Authorization header" in error["message"]
+
+
 @pytest.mark.parametrize("token", [INGEST_TOKEN, SM_TOKEN])
 async def test_ingest_tokens_from_a_reference_or_a_digest_are_accepted(
     guarded: tuple[Daemon, Path], token: str

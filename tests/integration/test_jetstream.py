@@ -10,6 +10,7 @@ processes (kill -9, a NATS node killed) are in tests/integration/test_jetstream_
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import itertools
 import time
@@ -29,7 +30,9 @@ from router.config import parse_config
 from router.daemon import Daemon
 from router.events import Event
 from router.journal import JournalUnavailableError
+from router.journal import jetstream as jetstream_journal
 from router.journal.jetstream import (
+    STREAM_ERRORS,
     JetStreamJournal,
     letters_stream,
     queue_stream,
@@ -45,6 +48,7 @@ from tests.helpers import (
     file_target,
     free_port,
     http_target,
+    patient,
     post,
     ready,
     run_cli,
@@ -299,6 +303,105 @@ async def test_a_batch_gathered_longer_than_ack_wait_is_kept_and_sent_once(
     assert sorted(sent) == sorted(ids), f"each event once, by one router: {sent}"
 
 
+class GatedReceiver:
+    """An HTTP target that holds every request until `release` is set, recording the events
+    of each request it answered 200 (delivered once released)."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.arrived: list[list[str]] = []
+        self.delivered: list[str] = []
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> GatedReceiver:
+        async def take(request: web.Request) -> web.Response:
+            ids = [e["id"] for e in orjson.loads(await request.read())]
+            self.arrived.append(ids)
+            await self.release.wait()
+            self.delivered.extend(ids)
+            return web.Response(status=200)
+
+        app = web.Application()
+        app.router.add_post("/", take)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}/"
+        return self
+
+    async def stop(self) -> None:
+        self.release.set()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+@pytest.mark.timeout(120)
+async def test_what_a_stopping_routers_last_pull_request_brings_goes_to_the_next_router_at_once(
+    start_router: Any, tmp_path: Path, nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A router that stopped while a fetch waited for more events cut the fetch short: the
+    events the fetch had taken were dropped with it, and its pull request stayed on the server
+    until it expired, JetStream handing it the events that came meanwhile, which reached the
+    router's inbox after the fetch was gone. Neither acked nor handed back, they went to no
+    router until ack_wait passed (300 s here; 30 s by default, at every stop of a rolling
+    restart). The stopping router hands them back (nak): the next router sends them at once,
+    each once."""
+    # The gathering fetch (max_wait_s) waits 10 s: time enough, on a loaded machine, for the
+    # events below to reach it before and after the stop.
+    monkeypatch.setattr(jetstream_journal, "FETCH_WAIT_S", 10.0)
+    siem = await GatedReceiver().start()
+    try:
+        target = http_target("siem", siem.url) | {"batch": {"max_events": 100, "max_wait_s": 10}}
+        config = {"targets": [target], "routes": everything_to("siem")}
+        first = await start_router(config, ack_wait_s=300, name="r1", share_config=False)
+        stream = start_router.stream
+        first_event = event()
+        assert (await post(first, [first_event]))[0] == 202
+        # Another router that only takes events in (no delivery worker): the producer below.
+        producer = await open_journal(
+            tmp_path / "producer", nats_server, ["siem"], stream, ack_wait_s=300
+        )
+        try:
+            consumer = (queue_stream(producer.js_config, "siem"), "delivery")
+
+            async def held_by_the_first(count: int) -> bool:
+                info = await producer.js.consumer_info(*consumer)
+                return (info.num_ack_pending, info.num_pending) == (count, 0)
+
+            # The first router fetched the event and gathers more for its batch: it has one
+            # more when it stops.
+            await wait_for(lambda: held_by_the_first(1), what="the first router to fetch")
+            gathered = event()
+            assert (await post(first, [gathered]))[0] == 202
+            await wait_for(lambda: held_by_the_first(2), what="the fetch to take one more")
+            stopping = asyncio.create_task(first.stop())
+            # It stops gathering and sends its batch of one (the target holds it).
+            await wait_for(lambda: bool(siem.arrived), what="the batch sent as it stops")
+            later = [event() for _ in range(3)]
+            await producer.append(
+                [(Event.from_body(e, received_at=time.time()), {"siem": "all"}) for e in later]
+            )
+            # JetStream handed them to the stopping router's last pull request.
+            await wait_for(lambda: held_by_the_first(5), what="the events to reach the pull")
+            siem.release.set()
+            await stopping
+            second = await start_router(config, ack_wait_s=300, name="r2", share_config=False)
+            ids = sorted(e["id"] for e in [first_event, gathered, *later])
+            await wait_for(
+                lambda: set(siem.delivered) >= set(ids),
+                timeout_s=60,
+                what=f"every event delivered (ack_wait 300 s): {siem.arrived}",
+            )
+            await wait_for(lambda: books_of(second, "siem") == (5, 5, 0, 0), what="the books")
+            assert sorted(siem.delivered) == ids, "each event once"
+        finally:
+            await producer.close()
+    finally:
+        await siem.stop()
+
+
 def stopped(pid: int) -> bool:
     """Has SIGSTOP stopped every thread of the process (it acts on each thread on its own)?"""
     tasks = Path(f"/proc/{pid}/task")
@@ -370,6 +473,50 @@ async def test_an_ack_tried_again_after_an_unconfirmed_one_settles_the_batch(
         await wait_for(settled_in_stream, what="the batch to leave the stream")
     finally:
         await journal.close()
+
+
+async def test_a_batch_whose_acks_were_lost_is_acked_again_as_the_router_stops(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    """A settled batch whose acks got no answer and were lost (the server hung, then died
+    with them unread, and came back): the router still holds it when it stops. Handed back
+    with a nak, it went at once to another router, which sent the target what it has; the
+    stopping router acks it again instead, and the batch leaves the stream."""
+    journal = await open_journal(
+        tmp_path / "var", nats_server, ["t"], publish_timeout_s=1, ack_wait_s=300
+    )
+    stream = queue_stream(journal.js_config, "t")
+    try:
+        await journal.append(
+            [(Event.from_body(event(), received_at=time.time()), {"t": "all"}) for _ in range(3)]
+        )
+        batch = await journal.next_batch(
+            "t", max_events=10, max_bytes=1 << 20, max_wait_s=0.2, stopping=asyncio.Event()
+        )
+        assert len(batch) == 3
+        nats_server.pause()
+        try:
+            await wait_for(lambda: stopped(nats_server.pid), what="the server to stop")
+            with pytest.raises(JournalUnavailableError):
+                await journal.ack("t", batch, dead_lettered=0)
+        finally:
+            await nats_server.akill()  # a stopped process dies too, its socket unread
+        await nats_server.astart()
+
+        async def delivered_unacked() -> bool:
+            with contextlib.suppress(*STREAM_ERRORS):
+                info = await journal.reads.consumer_info(stream, "delivery")
+                return (info.num_ack_pending, info.num_pending) == (3, 0)
+            return False
+
+        await wait_for(delivered_unacked, what="the router back, the acks lost")
+    finally:
+        await journal.close()
+
+    async def left_the_stream() -> bool:
+        return bool((await stream_state(nats_server, stream)).messages == 0)
+
+    await wait_for(left_the_stream, what="the batch acked, not handed back")
 
 
 async def test_dead_letters_go_to_their_stream_and_dlq_lists_shows_and_redrives_them(
@@ -720,6 +867,48 @@ async def test_an_api_change_on_one_router_reaches_the_others_and_a_router_start
     third = await start_router(bootstrap, name="r3")
     assert target["id"] in third.targets
     assert [r.name for r in third.config.routes] == ["all", "to-other"]
+
+
+@pytest.mark.timeout(120)
+async def test_the_batch_a_reload_cut_short_goes_to_the_changed_targets_next_worker(
+    start_router: Any, receiver_factory: ReceiverFactory
+) -> None:
+    """A reload that changes a target (here through the management API: a new URL) stops
+    its worker at once, in the middle of the batch the old endpoint refuses; the target's
+    next worker sends that batch again, as the SQLite journal's cursor has it. The JetStream
+    journal kept the batch held (with in-progress acks) and gave the next worker only what
+    it fetched since: the batch went to no endpoint until the router stopped."""
+    refusing = await receiver_factory([503])
+    siem = await receiver_factory([200])
+    config = {
+        "auth": auth(),
+        "targets": [patient(http_target("siem", refusing.url))],
+        "routes": everything_to("siem"),
+    }
+    router = await start_router(config, ack_wait_s=300)
+    token = {"Authorization": f"Bearer {INGEST}"}
+    events = [event() for _ in range(3)]
+    assert (await post(router, events, headers=token))[0] == 202
+    await wait_for(lambda: len(refusing.requests) >= 2, what="the old endpoint to refuse")
+    status, answer = await api_call(
+        router, "PUT", "/api/v2/targets/siem", {"http_endpoint": {"url": siem.url}}
+    )
+    assert status == 200, answer
+    later = [event() for _ in range(2)]
+    assert (await post(router, later, headers=token))[0] == 202
+    ids = {e["id"] for e in events + later}
+
+    def delivered() -> list[str]:
+        return [e["id"] for e in siem.delivered_events]
+
+    await wait_for(
+        lambda: set(delivered()) >= ids,
+        timeout_s=60,
+        what=f"every event at the new endpoint (ack_wait 300 s): {ids - set(delivered())}",
+    )
+    # The events and the router's own (its target.update) each once, nothing pending.
+    await wait_for(lambda: books_of(router, "siem") == (6, 6, 0, 0), what="the books")
+    assert len(delivered()) == len(set(delivered())) == 6, delivered()
 
 
 async def test_every_router_answers_the_same_timestamps_and_route_versions(

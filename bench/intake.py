@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
-import gc
 import os
 import pstats
 import tempfile
@@ -38,6 +37,7 @@ from router.journal import Journal
 from router.observe.metrics import IngestStats
 from router.reload import redactor_for, validator_for
 from router.routing import RouteTable
+from router.server.collector import settle
 from router.server.tail import TailHub
 
 SCENARIOS = ("batch100", "routes30")
@@ -101,8 +101,7 @@ async def run_once(acceptor: Acceptor, bodies: list[bytes]) -> float:
 async def main_async(args: argparse.Namespace) -> None:
     acceptor = build(args.scenario)
     event = bench_event()
-    gc.collect()  # as `serve` does after start (router/cli/serve.py)
-    gc.freeze()
+    settle()  # the collector as `serve` and each worker set it after start
     for _ in range(args.repeat):
         bodies = [body(event, n) for n in range(args.requests)]
         if args.profile:

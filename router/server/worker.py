@@ -52,6 +52,7 @@ from router.observe.metrics import IngestStats
 from router.reload import checkers_for, redactor_for, validator_for
 from router.routing import RouteTable
 from router.server.auth import Caller, Guard, Refusals
+from router.server.collector import settle
 from router.server.listener import ClientFaultLog, DeadlineSite, json_answers, on_close
 from router.server.servertls import server_context
 
@@ -86,16 +87,6 @@ INGEST_PATH: Final = "/v1/events"
 OWNER_CONNECT_TIMEOUT_S: Final = 10.0
 # After the owner went away: what a request in flight still gets to finish.
 ORPHANED_STOP_S: Final = 1.0
-# The collector's youngest generation is collected once this many more container objects
-# were made than freed (Python's default: 700). A worker's requests in flight each hold an
-# Event, a result and a routed pair per event while they wait for the owner's durable answer
-# (7,500 objects for 25 requests of 100): at 700 the young collection ran every ~70 events,
-# walking and promoting them again and again. Measured with 25 requests of 100 in flight over
-# bench.intake's acceptor (gc callbacks, 60,000 events): the collector's CPU 1.35-3.14 us per
-# event at 700 (610 collections), 0.75 at 2,000, 0.18 at 5,000, 0.01-0.04 at 10,000 (one).
-# Cycles still go: the count keeps growing with what survives, and at most this many
-# objects wait a little longer.
-YOUNG_COLLECTION_THRESHOLD: Final = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,15 +301,7 @@ class Worker:
                 reuse_port=True,
             )
             await site.start()
-            # What setup built (modules, config, schemas, validator, routes, aiohttp) lives as
-            # long as the process: frozen out of the collector's sight as serve's own start-up
-            # is (router/cli/serve.py), so a full collection walks only what came after. Measured
-            # under bench.compare's batch100 load with gc callbacks in each worker: the
-            # collector's CPU 2.0-2.2 -> 0.9 us per event of the daemon in each of two
-            # workers (7 full collections in 15 s, each over ~47,000 objects before).
-            gc.collect()
-            gc.freeze()
-            gc.set_threshold(YOUNG_COLLECTION_THRESHOLD, *gc.get_threshold()[1:])
+            settle()  # the collector, as serve's own (router/server/collector.py)
             log.info(
                 "worker %d of %d (pid %d) takes POST %s on port %d",
                 setup.index + 1,

@@ -39,7 +39,7 @@ from router.journal import JournalFullError
 from router.observe.metrics import IngestStats
 from router.reload import validator_for
 from router.routing import RouteTable
-from router.server.worker import YOUNG_COLLECTION_THRESHOLD
+from router.server.collector import YOUNG_THRESHOLD
 from tests import helpers
 from tests.conftest import StartDaemon
 from tests.fakes import ScriptedReceiver, make_event, read_ndjson, wait_for
@@ -764,7 +764,7 @@ async def test_each_worker_freezes_what_its_setup_built_and_collects_young_less_
     # and its young collections wait for more than a few requests' events in flight
     for handle in daemon.worker_pool._handles.values():
         threshold = await handle.channel.call("collector")
-        assert threshold[0] == YOUNG_COLLECTION_THRESHOLD > 700, threshold
+        assert threshold[0] == YOUNG_THRESHOLD > 700, threshold
 
 
 def mapped(pid: int) -> set[str]:

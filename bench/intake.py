@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
-import gc
+import os
 import pstats
 import tempfile
 import time
@@ -37,6 +37,7 @@ from router.journal import Journal
 from router.observe.metrics import IngestStats
 from router.reload import redactor_for, validator_for
 from router.routing import RouteTable
+from router.server.collector import settle
 from router.server.tail import TailHub
 
 SCENARIOS = ("batch100", "routes30")
@@ -81,21 +82,26 @@ def body(event: dict[str, Any], request: int) -> bytes:
 
 
 async def run_once(acceptor: Acceptor, bodies: list[bytes]) -> float:
-    """CPU seconds per event over `bodies`."""
+    """CPU seconds per event over `bodies`. The run is marked for callgrind's instruction
+    count: `valgrind --tool=callgrind --zero-before=os_sched_yield --dump-before=os_getpgrp
+    python -m bench.intake --requests 20 --repeat 2` dumps one file per run (`.2`, the
+    second run, has its caches warm)."""
+    os.sched_yield()  # the start, for callgrind (--zero-before=os_sched_yield)
     cpu = time.process_time()
     for body in bodies:
         items = decode(body, "application/json")
         outcome = await acceptor.accept(items)
         assert outcome.accepted == BATCH_SIZE, outcome.results[0]
         outcome_response(outcome)
-    return (time.process_time() - cpu) / (len(bodies) * BATCH_SIZE)
+    cpu = time.process_time() - cpu
+    os.getpgrp()  # the end (--dump-before=os_getpgrp)
+    return cpu / (len(bodies) * BATCH_SIZE)
 
 
 async def main_async(args: argparse.Namespace) -> None:
     acceptor = build(args.scenario)
     event = bench_event()
-    gc.collect()  # as `serve` does after start (router/cli/serve.py)
-    gc.freeze()
+    settle()  # the collector as `serve` and each worker set it after start
     for _ in range(args.repeat):
         bodies = [body(event, n) for n in range(args.requests)]
         if args.profile:

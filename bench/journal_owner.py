@@ -33,6 +33,7 @@ from router.config import parse_config
 from router.daemon import Daemon
 from router.events import Event, new_event_id
 from router.server.api import ConfigSource
+from router.server.collector import settle
 from tests.fakes import wait_for
 
 PER_REQUEST = 100
@@ -123,8 +124,7 @@ async def run_once(requests: int, rate: float) -> None:
     }
     daemon = Daemon(parse_config(data), ConfigSource(None, data))
     await daemon.start()
-    gc.collect()  # as `serve` does after start (router/cli/serve.py)
-    gc.freeze()
+    settle()  # the collector as `serve` and each worker set it after start
     base = orjson.dumps(bench_event())
     frames = []
     for _ in range(requests):

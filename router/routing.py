@@ -20,13 +20,14 @@ import fnmatch
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from typing import cast
 
 from router.config import RouteConfig, RuleConfig
 from router.events import Event
 from router.query import Fields, Query, assume
 
 WILDCARD = "*"
+PLANS_KEPT = 4096
 DEFAULT_ROUTE = "(default_targets)"
 
 
@@ -88,14 +89,27 @@ class RouteTable:
     def __init__(self, routes: Sequence[RouteConfig], default_targets: Sequence[str]) -> None:
         self._routes = [(route.name, [_Rule(rule) for rule in route.rules]) for route in routes]
         self._default_targets = tuple(default_targets)
-        self._plan = lru_cache(maxsize=4096)(self._make_plan)
+        # Plans by (location, host, action), the event's facts tuple itself the key: a look-up
+        # without lru_cache's packing of three arguments into a key of its own.
+        self._plans: dict[tuple[str, str, str], Decision | _Plan] = {}
 
     def match(self, event: Event) -> Decision:
         """Where `event` goes."""
-        plan = self._plan(*event.facts)
-        if isinstance(plan, Decision):
+        facts = event.facts
+        plan = self._plans.get(facts)
+        if plan is None:
+            plan = self._plan(facts)
+        if type(plan) is Decision:
             return plan
-        return self._decide(plan, Fields(event.body))
+        return self._decide(cast(_Plan, plan), Fields(event.body))
+
+    def _plan(self, facts: tuple[str, str, str]) -> Decision | _Plan:
+        """The plan for `facts`, made and remembered (up to PLANS_KEPT of them: a producer's
+        events repeat a few, and a flood of distinct actions only refills the table)."""
+        if len(self._plans) >= PLANS_KEPT:
+            self._plans.clear()
+        plan = self._plans[facts] = self._make_plan(*facts)
+        return plan
 
     def _make_plan(self, location: str, host: str, action: str) -> Decision | _Plan:
         known = {"location": location, "host": host, "action": action}

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import hashlib
 import logging
 import signal
@@ -28,6 +27,7 @@ from router.errors import (
 from router.observe.logformat import counted, setup_logging
 from router.observe.sdnotify import notify
 from router.server import WORKER_COMMAND
+from router.server.collector import settle
 
 log = logging.getLogger("router")
 
@@ -117,14 +117,7 @@ async def serve_daemon(
         )
     try:
         await daemon.start()
-        # What start-up built (modules, config, schemas, validators, routes) lives as long as
-        # the process: frozen out of the collector's sight, a full collection walks only what
-        # came after. Measured with bench.compare's load (gc callbacks in the daemon): the
-        # collector's CPU per event 19-23 -> 9-12 us with 100 events per POST (full
-        # collections 12-14 -> 2-3 us: each walked ~82,000 objects, ~50 ms), 14 -> 0.3 us of
-        # full collections with one event per POST. Collected first: no garbage is frozen.
-        gc.collect()
-        gc.freeze()
+        settle()  # the collector, once start-up is done (router/server/collector.py)
         # READY=1 exactly when /readyz turns 200: systemd starts dependent units only then.
         notify(
             "READY=1",

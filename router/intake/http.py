@@ -33,7 +33,7 @@ from aiohttp import web
 
 from router.config import ServerConfig
 from router.errors import RequestError
-from router.events import new_event_id, with_id
+from router.events import encoded_with_new_id
 from router.intake.accept import Acceptor, Altered, Decoded, Malformed, Outcome
 from router.intake.limits import (
     NumberAltered,
@@ -282,12 +282,30 @@ def decode(body: bytes, content_type: str) -> list[Any]:
     try:
         value = FAITHFUL.decode(body)
         items = value if isinstance(value, list) else [value]
-        made, ids = [], []
-        for item in items:
-            _encode_into(item, made, ids)
-        return Decoded(items, made, ids)
+        return Decoded(items, *_encoded(items))
     except UNSURE:
         return decode_exact(body, content_type)
+
+
+def _encoded(items: list[Any]) -> tuple[list[bytes | None], list[str | None]]:
+    """`_encode_into` for every item of a body, in one loop with what it calls bound once:
+    a batch's 100 calls of `_encode_into` cost more than their work (0.3 us an event)."""
+    made: list[bytes | None] = []
+    ids: list[str | None] = []
+    keep, fresh_id, dumps = made.append, ids.append, orjson.dumps
+    for item in items:
+        if not isinstance(item, dict):
+            dumps(item)  # see _encode_into
+            keep(None)
+            fresh_id(None)
+        elif "id" in item or not item:
+            keep(memoryview(dumps(item)).tobytes())
+            fresh_id(None)
+        else:
+            fresh, encoded = encoded_with_new_id(item)
+            keep(encoded)
+            fresh_id(fresh)
+    return made, ids
 
 
 def _encode_into(item: Any, made: list[bytes | None], ids: list[str | None]) -> None:
@@ -303,13 +321,12 @@ def _encode_into(item: Any, made: list[bytes | None], ids: list[str | None]) -> 
         made.append(None)
         ids.append(None)
         return
-    buffer = orjson.dumps(item)
-    if "id" in item or len(buffer) <= 2:  # an id of its own, or {} (never an event)
-        made.append(memoryview(buffer).tobytes())
+    if "id" in item or not item:  # an id of its own, or {} (never an event)
+        made.append(memoryview(orjson.dumps(item)).tobytes())
         ids.append(None)
         return
-    fresh = new_event_id()
-    made.append(with_id(buffer, fresh))
+    fresh, encoded = encoded_with_new_id(item)
+    made.append(encoded)
     ids.append(fresh)
 
 

@@ -134,8 +134,12 @@ class Redactor:
         # Per scope, the action of each key as spelled ("" for none): a service's keys repeat
         # from one event to the next, and one look-up replaces normalising each.
         self._actions: dict[Path, dict[str, str]] = {scope: {} for scope in policy.nested}
+        # Bound once: per event, redact reads a one-part scope (requestData) with one get, and
+        # skips the exact paths' loop when there are none (the event schema marks none).
+        self._exact = tuple(policy.exact.items())
         self._scopes = [
-            (scope, keys, self._actions[scope]) for scope, keys in policy.nested.items()
+            (scope[0] if len(scope) == 1 else None, scope, keys, self._actions[scope])
+            for scope, keys in policy.nested.items()
         ]
 
     @classmethod
@@ -163,19 +167,23 @@ class Redactor:
     def redact(self, event: dict[str, Any]) -> int:
         """Redact `event` in place; how many values went. Iterative, so depth costs no stack."""
         places: list[tuple[str | int, ...]] = []
-        for path, action in self.policy.exact.items():
+        for path, action in self._exact:
             parent: Any = event
             for part in path[:-1]:
                 parent = parent.get(part) if isinstance(parent, dict) else None
             if isinstance(parent, dict) and path[-1] in parent:
                 self._apply(parent, path[-1], action)
                 places.append(path)
-        for scope, keys, actions in self._scopes:
-            node: Any = event
-            for part in scope:
-                node = node.get(part) if isinstance(node, dict) else None
-            if not (isinstance(node, _CONTAINERS) and node):
-                continue  # most events: {} or null
+        for head, scope, keys, actions in self._scopes:
+            node: Any
+            if head is not None:
+                node = event.get(head)
+            else:
+                node = event
+                for part in scope:
+                    node = node.get(part) if isinstance(node, dict) else None
+            if not node:
+                continue  # most events: {} or null (no empty container can hide a key)
             if isinstance(node, dict):
                 # The next most: a few plain fields, each key known to need nothing. Told
                 # here without the walk's set-up; a key not yet known, or a container that
@@ -185,6 +193,8 @@ class Redactor:
                         break
                 else:
                     continue
+            elif not isinstance(node, list):
+                continue
             self._redact_below(node, scope, keys, places)
         if places:
             event["redaction"] = {

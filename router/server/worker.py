@@ -52,6 +52,7 @@ from router.observe.metrics import IngestStats
 from router.reload import checkers_for, redactor_for, validator_for
 from router.routing import RouteTable
 from router.server.auth import Caller, Guard, Refusals
+from router.server.collector import settle
 from router.server.listener import ClientFaultLog, DeadlineSite, json_answers, on_close
 from router.server.servertls import server_context
 
@@ -300,14 +301,7 @@ class Worker:
                 reuse_port=True,
             )
             await site.start()
-            # What setup built (modules, config, schemas, validator, routes, aiohttp) lives as
-            # long as the process: frozen out of the collector's sight as serve's own start-up
-            # is (router/cli/serve.py), so a full collection walks only what came after. Measured
-            # under bench.compare's batch100 load with gc callbacks in each worker: the
-            # collector's CPU 2.0-2.2 -> 0.9 us per event of the daemon in each of two
-            # workers (7 full collections in 15 s, each over ~47,000 objects before).
-            gc.collect()
-            gc.freeze()
+            settle()  # the collector, as serve's own (router/server/collector.py)
             log.info(
                 "worker %d of %d (pid %d) takes POST %s on port %d",
                 setup.index + 1,
@@ -349,6 +343,10 @@ class Worker:
         """How many objects setup froze out of the garbage collector's sight (gc.freeze): the
         owner asks, for a test."""
         return gc.get_freeze_count()
+
+    async def collector(self) -> tuple[int, ...]:
+        """The collector's thresholds (gc.get_threshold), for a test."""
+        return gc.get_threshold()
 
     async def drain(self) -> None:
         """Stop listening and finish the requests in flight; once, however often asked."""
@@ -398,6 +396,7 @@ async def run_worker(fd: int) -> int:
             "stats": worker.report,
             "modules": worker.modules,
             "frozen": worker.frozen,
+            "collector": worker.collector,
         },
         name="journal-owner",
     )

@@ -39,6 +39,7 @@ from router.journal import JournalFullError
 from router.observe.metrics import IngestStats
 from router.reload import validator_for
 from router.routing import RouteTable
+from router.server.collector import YOUNG_THRESHOLD
 from tests import helpers
 from tests.conftest import StartDaemon
 from tests.fakes import ScriptedReceiver, make_event, read_ndjson, wait_for
@@ -743,7 +744,7 @@ async def test_a_worker_imports_no_target_client_even_when_the_config_names_ever
         assert heavy == [], f"worker {pid} imported {heavy}"
 
 
-async def test_each_worker_freezes_what_its_setup_built(
+async def test_each_worker_freezes_what_its_setup_built_and_collects_young_less_often(
     start_daemon: StartDaemon, tmp_path: Path
 ) -> None:
     """A worker's start-up heap (modules, config, validator, routes) is frozen out of the
@@ -760,6 +761,10 @@ async def test_each_worker_freezes_what_its_setup_built(
     frozen = await daemon.worker_pool.frozen()
     assert len(frozen) == WORKERS
     assert all(count > 10_000 for count in frozen.values()), frozen
+    # and its young collections wait for more than a few requests' events in flight
+    for handle in daemon.worker_pool._handles.values():
+        threshold = await handle.channel.call("collector")
+        assert threshold[0] == YOUNG_THRESHOLD > 700, threshold
 
 
 def mapped(pid: int) -> set[str]:

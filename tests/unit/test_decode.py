@@ -438,3 +438,97 @@ def test_the_bytes_made_while_decoding_are_held_at_their_size() -> None:
         tracemalloc.stop()
     assert isinstance(items, Decoded) and len(items.encoded) == 2000
     assert held < 1024 * 1024, f"{held} bytes held for 2,000 events of 8 bytes"
+
+
+class RecordingJournal(NullJournal):
+    """Takes every offer at once, and keeps what it was offered."""
+
+    def __init__(self) -> None:
+        self.offered: list[tuple[Event, Mapping[str, str]]] = []
+
+    async def append(self, routed: Sequence[tuple[Event, Mapping[str, str]]]) -> None:
+        self.offered.extend(routed)
+
+
+class BodyReader:
+    """An observer that reads the events' bodies (as an alert query does): the acceptor keeps
+    them, as the decoder and the acceptor made them, rather than parse them again from the
+    bytes."""
+
+    reads_bodies = True
+
+    async def observe(self, events: Sequence[Event]) -> None:
+        return None
+
+
+def journaled(acceptor: Acceptor, items: list[Any]) -> list[tuple[Any, list[tuple[str, Any]]]]:
+    """What the acceptor hands the journal for `items`: each event's id (None for an id the
+    router made: new each time) and body, checked to be what its bytes hold."""
+    journal = RecordingJournal()
+    sent = [item.get("id") if isinstance(item, dict) else None for item in items]
+    with_journal = Acceptor(
+        server=acceptor.server,
+        validator=acceptor.validator,
+        routes=acceptor.routes,
+        journal=cast(Journal, journal),
+        stats=IngestStats(),
+        storage=acceptor.storage,
+        dead_letters=acceptor.dead_letters,
+        redactor=acceptor.redactor,
+        observer=BodyReader(),
+    )
+    outcome = asyncio.run(with_journal.accept(items))
+    assert [event.id for event, _ in journal.offered] == [
+        result["id"] for result in outcome.results if result["status"] == "accepted"
+    ]
+    found = []
+    for event, _ in journal.offered:
+        body = event.body
+        assert event.encoded() == orjson.dumps(body) and body["id"] == event.id
+        assert list(body.items()) == list(orjson.loads(event.encoded()).items())
+        kept = event.id if event.id in sent else None
+        # in the order of its members: with the bytes equal to orjson's, the same bytes
+        found.append((kept, list({**body, "id": kept}.items())))
+    return found
+
+
+ids = st.one_of(st.none(), st.just(""), st.text(min_size=1, max_size=8), st.integers(0, 9))
+request_data = st.one_of(
+    st.just({}),
+    st.none(),
+    st.dictionaries(
+        st.sampled_from(["secret_type", "apiKey", "API_KEY", "payload", "note", "nested"]),
+        st.one_of(
+            st.text(max_size=5),
+            st.dictionaries(st.sampled_from(["password", "x"]), st.integers(-(2**63), 2**63)),
+        ),
+        max_size=3,
+    ),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    events=st.lists(st.tuples(ids, request_data, st.booleans()), min_size=1, max_size=5),
+    content_type=st.sampled_from([JSON, NDJSON]),
+)
+def test_the_events_journaled_are_the_same_whichever_way_decoded(
+    acceptor: Acceptor, events: list[tuple[Any, Any, bool]], content_type: str
+) -> None:
+    """Events with and without an id of their own (a falsy one too), with values redaction
+    takes: `decode`'s bytes and fresh ids (Event.accepted) reach the journal as the exact
+    path's events (Event.from_body, bytes made by the acceptor), byte for byte but the ids the
+    router made, which are new each time."""
+    made = []
+    for event_id, data, with_id in events:
+        event = make_event(requestData=data)
+        if with_id and event_id is not None:
+            event["id"] = event_id
+        made.append(event)
+    if content_type == JSON:
+        body = orjson.dumps(made)
+    else:
+        body = b"\n".join(orjson.dumps(event) for event in made)
+    fast = decode(body, content_type)
+    assert isinstance(fast, Decoded)
+    assert journaled(acceptor, fast) == journaled(acceptor, decode_exact(body, content_type))

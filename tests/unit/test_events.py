@@ -12,7 +12,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from router.events import Event, new_event_id, parse_event_time
+from router.events import (
+    Event,
+    encoded_with_new_id,
+    new_event_id,
+    new_event_id_member,
+    parse_event_time,
+    with_id,
+)
 from tests.fakes import make_event
 
 
@@ -116,6 +123,23 @@ def test_new_event_ids_are_distinct_version_4_uuids_in_canonical_form() -> None:
     for text in ids:
         parsed = uuid.UUID(text)
         assert parsed.version == 4 and parsed.variant == uuid.RFC_4122 and str(parsed) == text
+
+
+def test_an_ids_member_appends_it_as_with_id_does() -> None:
+    """The bytes intake appends to an event's compact JSON (new_event_id_member) are with_id's,
+    for every id of more than one block, and the ids are as new_event_id's."""
+    encoded = orjson.dumps({"action": "a.b.c", "n": [1, {"x": None}]})
+    pairs = [new_event_id_member() for _ in range(600)]
+    assert len({event_id for event_id, _ in pairs}) == 600
+    for event_id, member in pairs:
+        parsed = uuid.UUID(event_id)
+        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122 and str(parsed) == event_id
+        assert encoded[:-1] + member == with_id(encoded, event_id)
+        assert orjson.loads(encoded[:-1] + member)["id"] == event_id
+    body = {"action": "a.b.c", "n": [1, {"x": None}]}
+    fresh, made = encoded_with_new_id(body)
+    assert made == with_id(orjson.dumps(body), fresh) and "id" not in body
+    assert fresh not in {event_id for event_id, _ in pairs}
 
 
 def test_a_forked_child_never_repeats_its_parents_next_ids() -> None:

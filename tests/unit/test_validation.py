@@ -670,3 +670,25 @@ def test_long_rejected_value_is_shown_as_an_excerpt(validator: EventValidator) -
     assert validator.validate(make_event(logSourceCRN=crn)) == [
         Problem("/logSourceCRN", f"{excerpt} {LOG_SOURCE_CRN_ERROR}")
     ]
+
+
+@pytest.mark.parametrize(
+    ("change", "clean"),
+    [
+        ({}, True),
+        ({"reason": {"reasonCode": 201.0, "reasonType": "Created"}}, True),  # fast: unsure
+        ({"outcome": None}, False),
+        ({"message": 5}, False),
+    ],
+)
+def test_clean_is_true_exactly_when_validate_finds_nothing(
+    validator: EventValidator, change: dict[str, Any], clean: bool
+) -> None:
+    """clean asks the compiled fast function first and the exact code when it is unsure
+    (an integer written as 201.0, which jsonschema calls an integer), or when a required key
+    is missing (the fast function's KeyError): its answer is validate's, either way."""
+    event = make_event(**change)
+    assert validator.clean(event) is clean and (validator.validate(event) == []) is clean
+    missing = make_event()
+    del missing["severity"]
+    assert validator.clean(missing) is False and validator.validate(missing) != []

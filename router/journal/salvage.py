@@ -18,15 +18,23 @@ page, follows overflow chains as far as they survive, and returns the journal's 
     books       table leaf, (TEXT, INTEGER, INTEGER, INTEGER[, INTEGER[, INTEGER]])
 
 Every event found comes back as an EventRow, whether from a batch's frame or an events row;
-one whose CRC does not match its body is returned as not intact (the journal dead-letters it).
+one that fails its CRC is returned as not intact (the journal dead-letters it).
 
-A frame is its records back to back, each `RECORD` (body length, CRC32 of the body, seq,
-received_at, id length) then the id's UTF-8 bytes then the body. The journal writes frames and
-reads them back with `frame_records`, which is also how salvage reads a torn one. A frame of
-PACK_MIN_BYTES or more is stored packed (`pack`): PACKED, then the frame as raw deflate. A torn
-packed blob inflates to the records before the cut, as a torn plain one holds them; garbage
-inside one inflates to garbage from there on (the records after it fail their CRC or do not
-parse), where a plain frame would lose only the records the garbage touched.
+A frame is COVERED, then its records back to back, each `RECORD` (body length, CRC, seq,
+received_at, id length) then the id's UTF-8 bytes then the body. The CRC covers the whole
+record but itself (`covered_crc`): a record whose seq, arrival time, id or length was changed
+fails it as one whose body was, so a damaged record is not taken for another seq's event and
+sent to the targets owed that seq. Frames written before format 3 have no marker and a CRC of
+the body alone (an old record header never starts with COVERED: its body length is past
+MAX_RECORD_BYTES); they are read by that rule, as before. The journal writes frames and reads
+them back with `frame_records`, which is also how salvage reads a torn one. A frame of
+PACK_MIN_BYTES or more is stored packed (`pack`): PACKED, then the frame (marker and all) as
+raw deflate. A torn packed blob inflates to the records before the cut, as a torn plain one
+holds them; garbage inside one inflates to garbage from there on, where a plain frame would
+lose only the records the garbage touched: every record after it fails its CRC (its header
+is covered too, so one that parses under a seq not its own fails as well) or does not parse,
+but for the one garbage in 2**32 that matches a CRC by chance. Garbage over the marker costs
+the whole frame: its records are then read by the other rule, and fail it.
 
 Pages on the freelist hold settled rows that were not yet overwritten; they are skipped (by the
 freelist and by the pointer map), so salvage never resurrects what was already delivered.
@@ -43,6 +51,7 @@ from mmap import mmap
 from typing import cast
 
 from isal import isal_zlib
+from isal.isal_zlib import crc32
 
 MAGIC = b"SQLite format 3\x00"
 WAL_MAGICS = (0x377F0682, 0x377F0683)
@@ -54,8 +63,20 @@ PTRMAP_PROBE = 8  # pointer-map entries read to tell a page size when the header
 TABLE_LEAF, INDEX_LEAF, INDEX_INTERIOR = 13, 10, 2
 PTRMAP_FREE = 2
 MAX_RECORD_BYTES = 1 << 30  # no journal record comes near; a larger length is garbage
-# A frame's record header: body length, CRC32 of the body, seq, received_at, id length.
+# A frame's record header: body length, CRC, seq, received_at, id length.
 RECORD = struct.Struct("<IIqdH")
+# The header as two parts: LEAD (body length, CRC) and TAIL (seq, received_at, id length),
+# where the bytes a format-3 CRC covers start (at CRC_END).
+LEAD = struct.Struct("<II")
+TAIL = struct.Struct("<qdH")
+CRC_END = LEAD.size
+# A frame whose records' CRCs cover their headers too (format 3 on) starts with COVERED; read
+# as a record header, a body length no record has (past MAX_RECORD_BYTES, as PACKED), so a
+# frame written before, whose records' CRCs cover their bodies only, never starts with it.
+COVERED = b"\xfe\xff\xff\xff"
+# What a record that fails its CRC is given as its body's CRC once read (EventRow.crc, and the
+# events table salvage fills): the body's own CRC with every bit flipped, which never matches.
+NOT_INTACT = 0xFFFFFFFF
 
 # A packed frame starts with PACKED: read as a record header, a body length no record has (past
 # MAX_RECORD_BYTES), so a plain frame never starts with it, and a reader that knew only plain
@@ -81,7 +102,10 @@ Value = int | float | str | bytes | None
 
 @dataclass(frozen=True, slots=True)
 class EventRow:
-    """One events row as stored, with whether its CRC matched its body."""
+    """One events row as stored, with whether its CRC matched its body. `crc` is a CRC of the
+    body alone, as the events table keeps it: of a record read from a format-3 frame, whose
+    CRC covers its header too, the body's CRC when the record passed its own, and one that
+    never matches (NOT_INTACT flipped) when it did not."""
 
     seq: int
     event_id: str
@@ -127,17 +151,32 @@ class OwedRow:
 Row = EventRow | DeliveryRow | OwedRow | BooksRow
 
 
+def covered_crc(seq: int, raw_id: bytes, received_at: float, body: bytes) -> int:
+    """A format-3 record's CRC: CRC32 of its bytes from the seq to the end of the body (its
+    TAIL, id and body), started from the body length (crc32's `value`): every field of the
+    record but the CRC. Chained (the body is not copied to compute it); the journal inlines
+    it in its append."""
+    return crc32(body, crc32(TAIL.pack(seq, received_at, len(raw_id)) + raw_id, len(body)))
+
+
 def frame(records: Iterable[tuple[int, str, float, bytes, int]]) -> bytes:
-    """A batch's blob: each (seq, event_id, received_at, body, crc) as one record."""
-    parts: list[bytes] = []
+    """A batch's blob (format 3): each (seq, event_id, received_at, body, crc) as one record,
+    `crc` the body's alone (EventRow's): a record whose body fails it fails its CRC here too.
+    (Salvage frames what it found this way: a record found in a format-2 frame had its body
+    checked, not its header, which its new CRC then covers as found.)"""
+    parts: list[bytes] = [COVERED]
     for seq, event_id, received_at, body, crc in records:
         raw_id = event_id.encode()
-        parts += (RECORD.pack(len(body), crc, seq, received_at, len(raw_id)), raw_id, body)
+        stored = covered_crc(seq, raw_id, received_at, body)
+        if crc32(body) != crc:
+            stored ^= NOT_INTACT
+        parts += (RECORD.pack(len(body), stored, seq, received_at, len(raw_id)), raw_id, body)
     return b"".join(parts)
 
 
 def pack(plain: bytes) -> bytes:
-    """A frame as the journal stores it: packed when it is PACK_MIN_BYTES or larger."""
+    """A frame as the journal stores it: packed when it is PACK_MIN_BYTES or larger (its
+    marker, COVERED or none, packed with it)."""
     if len(plain) < PACK_MIN_BYTES:
         return plain
     return PACKED + isal_zlib.compress(plain, PACK_LEVEL, RAW_DEFLATE)
@@ -172,12 +211,15 @@ def frame_offsets(blob: bytes, first: int, last: int) -> dict[int, int]:
     """Where each record of a batch (seqs first..last, ascending) starts in its blob. A
     header that cannot be a record's (its seq out of order or its bytes past the end: a
     damaged or torn frame) is skipped by searching on for the next whole record whose CRC
-    matches, so damage costs the records it touched and no more."""
+    matches, so damage costs the records it touched and no more. A header is not checked
+    against its CRC here (the reader checks it): one whose seq was changed to a later seq of
+    the batch takes that seq's place, and fails its CRC there."""
     offsets: dict[int, int] = {}
     unpack = RECORD.unpack_from
     size = RECORD.size
     end = len(blob)
-    at, previous = 0, first - 1
+    covered = blob.startswith(COVERED)
+    at, previous = len(COVERED) if covered else 0, first - 1
     while at + size <= end:
         length, _, seq, _, id_length = unpack(blob, at)
         stop = at + size + id_length + length
@@ -185,13 +227,13 @@ def frame_offsets(blob: bytes, first: int, last: int) -> dict[int, int]:
             offsets[seq] = at
             previous, at = seq, stop
         else:
-            at = _resync(blob, at + 1, previous, last)
+            at = _resync(blob, at + 1, previous, last, covered)
     return offsets
 
 
-def _resync(blob: bytes, at: int, previous: int, last: int) -> int:
+def _resync(blob: bytes, at: int, previous: int, last: int, covered: bool) -> int:
     """The next offset from `at` where a whole record with a later seq and a matching CRC
-    starts; the end of the blob if there is none."""
+    (by the frame's rule, `covered` or not) starts; the end of the blob if there is none."""
     size = RECORD.size
     end = len(blob)
     while at + size <= end:
@@ -200,16 +242,26 @@ def _resync(blob: bytes, at: int, previous: int, last: int) -> int:
         if (
             previous < seq <= last
             and start + length <= end
-            and zlib.crc32(blob[start : start + length]) == crc
+            and _crc_of(blob, at, start, length, covered) == crc
         ):
             return at
         at += 1
     return end
 
 
+def _crc_of(blob: bytes, at: int, start: int, length: int, covered: bool) -> int:
+    """The CRC the record at `at` (its body at `start`) should have by its frame's rule."""
+    body = blob[start : start + length]
+    if covered:
+        return crc32(body, crc32(blob[at + CRC_END : start], length))
+    return crc32(body)
+
+
 def record_at(blob: bytes, at: int) -> tuple[int, str | None, float, bytes, int]:
     """The record starting at `at`: (seq, event_id or None if it is not UTF-8, received_at,
-    body, crc as stored)."""
+    body, crc). `crc` is a CRC of the body alone, as EventRow's: in a frame of format 3
+    (COVERED) the record's own CRC, over its header and body, is checked here, and a record
+    that fails it is given one its body never matches."""
     length, crc, seq, received_at, id_length = RECORD.unpack_from(blob, at)
     start = at + RECORD.size
     raw_id = blob[start : start + id_length]
@@ -218,7 +270,11 @@ def record_at(blob: bytes, at: int) -> tuple[int, str | None, float, bytes, int]
     except UnicodeDecodeError:
         event_id = None
     start += id_length
-    return seq, event_id, received_at, blob[start : start + length], crc
+    body = blob[start : start + length]
+    if blob.startswith(COVERED):
+        intact = _crc_of(blob, at, start, length, True) == crc
+        crc = crc32(body) ^ (0 if intact else NOT_INTACT)
+    return seq, event_id, received_at, body, crc
 
 
 def frame_records(blob: bytes, first: int, last: int) -> Iterator[EventRow]:

@@ -10,6 +10,7 @@ import os
 import resource
 import shutil
 import sqlite3
+import struct
 import sys
 import threading
 import tracemalloc
@@ -26,7 +27,16 @@ from router.daemon import Daemon
 from router.events import Event
 from router.journal import Entry
 from router.journal import sqlite as sqlite_journal
-from router.journal.salvage import PACKED, frame, frame_offsets, record_at, unpack
+from router.journal.salvage import (
+    COVERED,
+    PACKED,
+    RECORD,
+    frame,
+    frame_offsets,
+    pack,
+    record_at,
+    unpack,
+)
 from router.journal.sqlite import FREE_BYTES_BEFORE_SHRINK, SqliteJournal
 from router.observe.metrics import utc_iso
 from tests.conftest import StartDaemon
@@ -1404,5 +1414,151 @@ async def test_an_event_in_a_packed_frame_is_found_pending_until_its_target_sett
         await journal.ack("t", batch, dead_lettered=0)
         assert await journal.pending_for("e010") == []
         assert await journal.pending_for("e080") == ["t"]
+    finally:
+        await journal.close()
+
+
+def rewrite_frames(path: Path, change: Callable[[bytes, int, int], bytes]) -> None:
+    """Put `change(plain frame, first seq, last seq)` in place of every batch's frame, stored
+    as the journal stores it (packed when large, salvage.pack)."""
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        for first, last, stored in db.execute(
+            "SELECT first_seq, last_seq, records FROM batches"
+        ).fetchall():
+            plain = change(unpack(stored), first, last)
+            db.execute("UPDATE batches SET records = ? WHERE first_seq = ?", (pack(plain), first))
+
+
+def as_format_2(plain: bytes, first: int, last: int) -> bytes:
+    """The frame as a format-2 journal (session 11's e1a9b8f) wrote it: its records back to
+    back, no marker, each CRC over its body only."""
+    parts = []
+    for at in frame_offsets(plain, first, last).values():
+        seq, event_id, received_at, body, _ = record_at(plain, at)
+        assert event_id is not None
+        raw_id = event_id.encode()
+        parts += (RECORD.pack(len(body), zlib.crc32(body), seq, received_at, len(raw_id)), raw_id)
+        parts.append(body)
+    return b"".join(parts)
+
+
+async def take_all(journal: SqliteJournal, target_id: str) -> list[tuple[int, str, str, bool]]:
+    """(seq, id, route, corrupt) of every entry a target's worker is given, each settled."""
+    taken: list[tuple[int, str, str, bool]] = []
+    while journal.books(target_id).pending:
+        batch = await journal.next_batch(
+            target_id, max_events=7, max_bytes=1 << 20, max_wait_s=0, stopping=asyncio.Event()
+        )
+        taken += [(e.seq, e.event.id, e.route, e.event.corrupt) for e in batch]
+        await journal.ack(target_id, batch, dead_lettered=sum(e.event.corrupt for e in batch))
+    return taken
+
+
+def alternating(count: int, message: str) -> list[tuple[Event, dict[str, str]]]:
+    """Events e00.. routed by turns: even ones to target a only, odd ones to b only."""
+    return [
+        (
+            Event.from_body(make_event(id=f"e{i:02}", message=message)),
+            {"a": "ays"} if i % 2 == 0 else {"b": "bees"},
+        )
+        for i in range(count)
+    ]
+
+
+@pytest.mark.parametrize("stored", ["plain", "packed"])
+async def test_a_record_whose_seq_was_changed_is_dead_lettered_never_sent_to_that_seqs_targets(
+    tmp_path: Path, stored: str
+) -> None:
+    """A record's CRC covers its header (seq, arrival time, id, body length) as well as its
+    body, since format 3. Change the seq in the header of record 5 (e04, routed to a only) to
+    6, the seq of e05 (routed to b only), keeping its CRC: under a CRC of the body alone the
+    record still passed, and b was sent e04 as seq 6 (a leak: a target e04's routes did not
+    name) while a's seq 5 was dead-lettered. Now the changed record fails its CRC: seq 5 and
+    6 are dead-lettered as journal_corrupt, every other event reaches its own target, and
+    neither target is sent an event its routes did not name, nor does a receipt's lookup
+    place e04 at b."""
+    message = "x" * 300 if stored == "packed" else "short"
+    routed = alternating(40 if stored == "packed" else 12, message)
+    storage = tmp_path / "var"
+    journal = SqliteJournal(StorageConfig(path=str(storage), fsync="never"), ["a", "b"])
+    await journal.open()
+    await journal.append(routed)
+    await journal.close()
+    path = storage / sqlite_journal.DB_NAME
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        [(blob,)] = db.execute("SELECT records FROM batches")
+    assert blob.startswith(PACKED) == (stored == "packed")
+
+    def change_seq(plain: bytes, first: int, last: int) -> bytes:
+        changed = bytearray(plain)
+        struct.pack_into("<q", changed, frame_offsets(plain, first, last)[5] + 8, 6)
+        return bytes(changed)
+
+    rewrite_frames(path, change_seq)
+    journal = SqliteJournal(StorageConfig(path=str(storage), fsync="never"), ["a", "b"])
+    await journal.open()
+    try:
+        assert "b" not in await journal.pending_for("e04")
+        for target_id, route in (("a", "ays"), ("b", "bees")):
+            taken = await take_all(journal, target_id)
+            own = {
+                i + 1: event.id for i, (event, routes) in enumerate(routed) if target_id in routes
+            }
+            leaked = [(s, i) for s, i, _, bad in taken if not bad and i not in own.values()]
+            assert not leaked, f"{target_id} was sent events its routes did not name: {leaked}"
+            assert [seq for seq, *_ in taken] == sorted(own)
+            assert all(r == route for _, _, r, _ in taken)
+            assert {seq for seq, _, _, corrupt in taken if corrupt} == {5, 6} & set(own)
+            assert all(own[seq] == i for seq, i, _, corrupt in taken if not corrupt)
+        assert journal.quarantined == 2
+    finally:
+        await journal.close()
+
+
+async def test_a_format_2_journal_reads_as_before_and_its_new_frames_follow_the_new_rule(
+    tmp_path: Path,
+) -> None:
+    """A journal of format 2 holds frames whose CRCs cover their bodies only, plain and
+    packed. Opened by this router (format 3), it is brought up to format 3 and every one of
+    its events reaches its own targets, none quarantined; the frames written after follow
+    the new rule (a marker first, CRCs over header and body), and the old ones stay as
+    they were."""
+    storage = tmp_path / "var"
+    path = storage / sqlite_journal.DB_NAME
+    journal = SqliteJournal(StorageConfig(path=str(storage), fsync="never"), ["a", "b"])
+    await journal.open()
+    old = alternating(10, "short") + alternating(40, "x" * 300)
+    await journal.append(old[:10])
+    await journal.append(old[10:])
+    await journal.close()
+    rewrite_frames(path, as_format_2)
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("PRAGMA user_version = 2")
+        old_frames = db.execute("SELECT first_seq, records FROM batches").fetchall()
+    assert [blob.startswith(PACKED) for _, blob in old_frames] == [False, True]
+    assert not any(unpack(blob).startswith(COVERED) for _, blob in old_frames)
+
+    journal = SqliteJournal(StorageConfig(path=str(storage), fsync="never"), ["a", "b"])
+    await journal.open()
+    new = alternating(6, "short") + alternating(40, "x" * 300)
+    try:
+        await journal.append(new[:6])
+        await journal.append(new[6:])
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            assert db.execute("PRAGMA user_version").fetchone()[0] == sqlite_journal.FORMAT == 3
+            frames = db.execute("SELECT first_seq, records FROM batches").fetchall()
+        assert frames[:2] == old_frames
+        assert [blob.startswith(PACKED) for _, blob in frames[2:]] == [False, True]
+        assert all(unpack(blob).startswith(COVERED) for _, blob in frames[2:])
+        assert await journal.pending_for("e05") == ["b"]
+        for target_id in ("a", "b"):
+            taken = await take_all(journal, target_id)
+            own = [
+                (seq, event.id, routes[target_id], False)
+                for seq, (event, routes) in enumerate(old + new, start=1)
+                if target_id in routes
+            ]
+            assert taken == own
+        assert journal.quarantined == 0
     finally:
         await journal.close()

@@ -15,6 +15,7 @@ import aiohttp
 import yaml
 
 from router.config import StorageConfig
+from router.daemon import Daemon
 from router.events import Event
 from router.journal import sqlite as sqlite_journal
 from router.journal.sqlite import SqliteJournal
@@ -123,13 +124,11 @@ async def test_a_damaged_journal_from_a_newer_router_is_refused_not_salvaged(
     assert path.read_bytes() == before
 
 
-async def test_a_receipt_lookup_beside_an_archive_rotation_cut_short_answers_what_it_can(
+async def beside_a_cut_rotation(
     start_daemon: StartDaemon, tmp_path: Path
-) -> None:
-    """A rotation gzipped by hand (logrotate) and cut short, or being gzipped as the lookup
-    reads it, beside a file target's archive: every receipt lookup was a 500 (EOFError from
-    gzip), even for an event in the live file. The event found elsewhere is answered; one
-    found nowhere is 503 archive_unreadable naming the file, since it may be in there."""
+) -> tuple[Daemon, Path, Path]:
+    """A daemon whose file target's archive has, beside it, a rotation gzipped by hand and
+    cut short (5,000 events of id `old`): the daemon, the live archive and the cut file."""
     live = tmp_path / "archive.ndjson"
     whole = gzip.compress(b'{"id":"old"}\n' * 5000)
     cut = tmp_path / "archive.ndjson.2.gz"
@@ -137,6 +136,17 @@ async def test_a_receipt_lookup_beside_an_archive_rotation_cut_short_answers_wha
     daemon = await start_daemon(
         {"targets": [file_target("archive", live)], "routes": everything_to("archive")}
     )
+    return daemon, live, cut
+
+
+async def test_a_receipt_lookup_beside_an_archive_rotation_cut_short_answers_what_it_can(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """A rotation gzipped by hand (logrotate) and cut short, or being gzipped as the lookup
+    reads it, beside a file target's archive: every receipt lookup was a 500 (EOFError from
+    gzip), even for an event in the live file. The event found elsewhere is answered; one
+    found nowhere is 503 archive_unreadable naming the file, since it may be in there."""
+    daemon, live, cut = await beside_a_cut_rotation(start_daemon, tmp_path)
     status, _ = await post(daemon, [make_event(id="e1")])
     assert status == 202
     await wait_for(lambda: settled(daemon))
@@ -159,13 +169,7 @@ async def test_a_search_through_an_archive_rotation_cut_short_answers_503_naming
 ) -> None:
     """GET /v1/search reading into a gzipped rotation cut short was a 500 (EOFError): it
     is 503 archive_unreadable naming the file; a page that ends before it is answered."""
-    live = tmp_path / "archive.ndjson"
-    whole = gzip.compress(b'{"id":"old"}\n' * 5000)
-    cut = tmp_path / "archive.ndjson.2.gz"
-    cut.write_bytes(whole[: len(whole) // 2])
-    daemon = await start_daemon(
-        {"targets": [file_target("archive", live)], "routes": everything_to("archive")}
-    )
+    daemon, _, cut = await beside_a_cut_rotation(start_daemon, tmp_path)
     base = f"http://127.0.0.1:{daemon.port}/v1/search?target=archive"
     async with aiohttp.ClientSession() as session:
         async with session.get(f"{base}&limit=10") as resp:

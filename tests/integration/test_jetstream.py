@@ -29,7 +29,7 @@ from router.clients.tail import sse_messages
 from router.config import parse_config
 from router.daemon import Daemon
 from router.events import Event
-from router.journal import JournalUnavailableError
+from router.journal import Entry, JournalUnavailableError
 from router.journal import jetstream as jetstream_journal
 from router.journal.jetstream import (
     STREAM_ERRORS,
@@ -439,6 +439,18 @@ async def test_a_consumer_made_with_another_ack_wait_gets_the_configs(
         await second.close()
 
 
+async def three_taken(journal: JetStreamJournal) -> list[Entry]:
+    """Three events appended for target `t`, then taken by it as one batch (held, unacked)."""
+    await journal.append(
+        [(Event.from_body(event(), received_at=time.time()), {"t": "all"}) for _ in range(3)]
+    )
+    batch = await journal.next_batch(
+        "t", max_events=10, max_bytes=1 << 20, max_wait_s=0.2, stopping=asyncio.Event()
+    )
+    assert len(batch) == 3
+    return batch
+
+
 async def test_an_ack_tried_again_after_an_unconfirmed_one_settles_the_batch(
     tmp_path: Path, nats_server: NatsServer
 ) -> None:
@@ -448,13 +460,7 @@ async def test_an_ack_tried_again_after_an_unconfirmed_one_settles_the_batch(
     refused, the batch was never settled and stayed held, for ever, after a node died."""
     journal = await open_journal(tmp_path / "var", nats_server, ["t"], publish_timeout_s=1)
     try:
-        await journal.append(
-            [(Event.from_body(event(), received_at=time.time()), {"t": "all"}) for _ in range(3)]
-        )
-        batch = await journal.next_batch(
-            "t", max_events=10, max_bytes=1 << 20, max_wait_s=0.2, stopping=asyncio.Event()
-        )
-        assert len(batch) == 3
+        batch = await three_taken(journal)
         nats_server.pause()
         try:
             await wait_for(lambda: stopped(nats_server.pid), what="the server to stop")
@@ -487,13 +493,7 @@ async def test_a_batch_whose_acks_were_lost_is_acked_again_as_the_router_stops(
     )
     stream = queue_stream(journal.js_config, "t")
     try:
-        await journal.append(
-            [(Event.from_body(event(), received_at=time.time()), {"t": "all"}) for _ in range(3)]
-        )
-        batch = await journal.next_batch(
-            "t", max_events=10, max_bytes=1 << 20, max_wait_s=0.2, stopping=asyncio.Event()
-        )
-        assert len(batch) == 3
+        batch = await three_taken(journal)
         nats_server.pause()
         try:
             await wait_for(lambda: stopped(nats_server.pid), what="the server to stop")

@@ -162,6 +162,19 @@ def journal_write_locked(storage: Path) -> Iterator[None]:
 # -- a daemon as a real process ------------------------------------------------------------------
 
 
+def overwrite_root_page(path: Path, table: str) -> None:
+    """Garbage over the root page of `table` (a small table: all of it) in the journal file,
+    the log emptied into it first, so that a reader finds the page there and not a copy in
+    the log."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        [(root,)] = db.execute("SELECT rootpage FROM sqlite_master WHERE name = ?", (table,))
+        page_size = db.execute("PRAGMA page_size").fetchone()[0]
+    with open(path, "r+b") as f:
+        f.seek((root - 1) * page_size)
+        f.write(b"\xff" * page_size)
+
+
 def free_port() -> int:
     """A port nobody listens on now, for a daemon that runs as its own process."""
     with socket.socket() as s:

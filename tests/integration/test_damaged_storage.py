@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import gzip
 import sqlite3
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -20,32 +19,20 @@ from router.events import Event
 from router.journal import sqlite as sqlite_journal
 from router.journal.sqlite import SqliteJournal
 from tests.conftest import StartDaemon
-from tests.fakes import ScriptedReceiver, incompressible, make_event, wait_for
+from tests.fakes import incompressible, make_event, wait_for
 from tests.helpers import (
+    ReceiverFactory,
     everything_to,
     file_target,
     free_port,
     http_target,
+    overwrite_root_page,
     patient,
     post,
     reap,
     settled,
     spawn,
 )
-
-ReceiverFactory = Callable[..., Awaitable[ScriptedReceiver]]
-
-
-def overwrite_root_page(path: Path, table: str) -> None:
-    """Garbage over the root page of `table`, in the file (the log emptied into it first, so
-    that a reader finds the page there and not a copy in the log)."""
-    with contextlib.closing(sqlite3.connect(path)) as db:
-        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        [(root,)] = db.execute("SELECT rootpage FROM sqlite_master WHERE name = ?", (table,))
-        page_size = db.execute("PRAGMA page_size").fetchone()[0]
-    with open(path, "r+b") as f:
-        f.seek((root - 1) * page_size)
-        f.write(b"\xff" * page_size)
 
 
 async def test_a_receipt_lookup_in_a_journal_damaged_under_the_daemon_answers_503(

@@ -451,6 +451,17 @@ async def three_taken(journal: JetStreamJournal) -> list[Entry]:
     return batch
 
 
+async def ack_refused_while_paused(
+    journal: JetStreamJournal, nats_server: NatsServer, batch: list[Entry]
+) -> None:
+    """The server paused (SIGSTOP: it hangs, its socket open): the batch's ack gets no
+    confirmation and raises. The caller brings the server back (or kills it)."""
+    nats_server.pause()
+    await wait_for(lambda: stopped(nats_server.pid), what="the server to stop")
+    with pytest.raises(JournalUnavailableError):
+        await journal.ack("t", batch, dead_lettered=0)
+
+
 async def test_an_ack_tried_again_after_an_unconfirmed_one_settles_the_batch(
     tmp_path: Path, nats_server: NatsServer
 ) -> None:
@@ -461,11 +472,8 @@ async def test_an_ack_tried_again_after_an_unconfirmed_one_settles_the_batch(
     journal = await open_journal(tmp_path / "var", nats_server, ["t"], publish_timeout_s=1)
     try:
         batch = await three_taken(journal)
-        nats_server.pause()
         try:
-            await wait_for(lambda: stopped(nats_server.pid), what="the server to stop")
-            with pytest.raises(JournalUnavailableError):
-                await journal.ack("t", batch, dead_lettered=0)
+            await ack_refused_while_paused(journal, nats_server, batch)
         finally:
             nats_server.resume()
         await journal.ack("t", batch, dead_lettered=0)
@@ -494,11 +502,8 @@ async def test_a_batch_whose_acks_were_lost_is_acked_again_as_the_router_stops(
     stream = queue_stream(journal.js_config, "t")
     try:
         batch = await three_taken(journal)
-        nats_server.pause()
         try:
-            await wait_for(lambda: stopped(nats_server.pid), what="the server to stop")
-            with pytest.raises(JournalUnavailableError):
-                await journal.ack("t", batch, dead_lettered=0)
+            await ack_refused_while_paused(journal, nats_server, batch)
         finally:
             await nats_server.akill()  # a stopped process dies too, its socket unread
         await nats_server.astart()

@@ -48,6 +48,7 @@ from tests.helpers import (
     free_port,
     http_target,
     journal_write_locked,
+    overwrite_root_page,
     patient,
     post,
     reap,
@@ -84,16 +85,6 @@ def tamper_record(path: Path, seq: int, body: bytes) -> float:
         tampered = [(s, i, at, body if s == seq else b, crc) for s, i, at, b, crc in records]
         db.execute("UPDATE batches SET records = ? WHERE first_seq = ?", (frame(tampered), first))
     return received_at
-
-
-def overwrite_root_page(path: Path, table: str) -> None:
-    """Garbage over the page that holds `table` (a small table: all of it)."""
-    with sqlite3.connect(path) as db:
-        [(root,)] = db.execute("SELECT rootpage FROM sqlite_master WHERE name = ?", (table,))
-        page_size = db.execute("PRAGMA page_size").fetchone()[0]
-    with open(path, "r+b") as f:
-        f.seek((root - 1) * page_size)
-        f.write(b"\xff" * page_size)
 
 
 async def test_pending_events_survive_a_restart_and_the_books_too(

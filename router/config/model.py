@@ -112,7 +112,7 @@ class JetStreamTlsConfig:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class JetStreamConfig:
-    """storage.backend: jetstream (router/journal/jetstream.py): the journal is a replicated
+    """storage.backend: jetstream (router/journal/jetstream/): the journal is a replicated
     JetStream stream shared by every router that names it, so several routers take and deliver
     one backlog. Authentication as nats-py supports it: a creds file (JWT + nkey seed), a user
     and password, or a token; and TLS."""

@@ -30,7 +30,6 @@ from router.config import parse_config
 from router.daemon import Daemon
 from router.events import Event
 from router.journal import Entry, JournalUnavailableError
-from router.journal import jetstream as jetstream_journal
 from router.journal.jetstream import (
     STREAM_ERRORS,
     JetStreamJournal,
@@ -38,6 +37,7 @@ from router.journal.jetstream import (
     queue_stream,
     read_stream_letters,
 )
+from router.journal.jetstream import journal as jetstream_journal
 from router.server.api import ConfigSource
 from tests.conftest import FAST_DELIVERY
 from tests.fakes import make_event, read_ndjson, wait_for

@@ -77,6 +77,12 @@ COVERED = b"\xfe\xff\xff\xff"
 # What a record that fails its CRC is given as its body's CRC once read (EventRow.crc, and the
 # events table salvage fills): the body's own CRC with every bit flipped, which never matches.
 NOT_INTACT = 0xFFFFFFFF
+# A record `frame` was given with a body failing its CRC but whose identity was vouched for
+# (an events row of an intact SQLite file, keyed by its seq: `vouched`) is stored with its
+# covered CRC XOR this instead of NOT_INTACT: it still fails its CRC, and the reader, finding
+# this mark (`vouched_at`), knows the header is the row's own and only the body was damaged.
+# Damage matches it by chance as rarely as it matches the CRC itself (1 in 2**32).
+VOUCHED_NOT_INTACT = 0x7FFFFFFF
 
 # A packed frame starts with PACKED: read as a record header, a body length no record has (past
 # MAX_RECORD_BYTES), so a plain frame never starts with it, and a reader that knew only plain
@@ -159,17 +165,19 @@ def covered_crc(seq: int, raw_id: bytes, received_at: float, body: bytes) -> int
     return crc32(body, crc32(TAIL.pack(seq, received_at, len(raw_id)) + raw_id, len(body)))
 
 
-def frame(records: Iterable[tuple[int, str, float, bytes, int]]) -> bytes:
+def frame(records: Iterable[tuple[int, str, float, bytes, int]], *, vouched: bool = False) -> bytes:
     """A batch's blob (format 3): each (seq, event_id, received_at, body, crc) as one record,
-    `crc` the body's alone (EventRow's): a record whose body fails it fails its CRC here too.
-    (Salvage frames what it found this way: a record found in a format-2 frame had its body
-    checked, not its header, which its new CRC then covers as found.)"""
+    `crc` the body's alone (EventRow's): a record whose body fails it fails its CRC here too,
+    marked VOUCHED_NOT_INTACT when its seq and id are `vouched` for (an intact SQLite file's
+    events rows), else NOT_INTACT. (Salvage frames what it found this way, not vouched: a
+    record found in a format-2 frame had its body checked, not its header, which its new
+    CRC then covers as found.)"""
     parts: list[bytes] = [COVERED]
     for seq, event_id, received_at, body, crc in records:
         raw_id = event_id.encode()
         stored = covered_crc(seq, raw_id, received_at, body)
         if crc32(body) != crc:
-            stored ^= NOT_INTACT
+            stored ^= VOUCHED_NOT_INTACT if vouched else NOT_INTACT
         parts += (RECORD.pack(len(body), stored, seq, received_at, len(raw_id)), raw_id, body)
     return b"".join(parts)
 
@@ -275,6 +283,24 @@ def record_at(blob: bytes, at: int) -> tuple[int, str | None, float, bytes, int]
         intact = _crc_of(blob, at, start, length, True) == crc
         crc = crc32(body) ^ (0 if intact else NOT_INTACT)
     return seq, event_id, received_at, body, crc
+
+
+def vouched_at(blob: bytes, at: int) -> bool:
+    """Whether the record at `at` is the one written under the seq its header names: its
+    frame's CRCs cover their headers (format 3) and its CRC matches, or is `frame`'s mark of
+    a vouched-for record whose body failed its CRC before it was framed."""
+    if not blob.startswith(COVERED):
+        return False  # a CRC of the body alone says nothing of the seq beside it
+    length, crc, _, _, id_length = RECORD.unpack_from(blob, at)
+    start = at + RECORD.size + id_length
+    return _crc_of(blob, at, start, length, True) ^ crc in (0, VOUCHED_NOT_INTACT)
+
+
+def record_bytes(blob: bytes, at: int) -> bytes:
+    """The record starting at `at` as it lies in its frame: its header, then as many bytes
+    as its header says its id and body hold (cut at the frame's end)."""
+    length, _, _, _, id_length = RECORD.unpack_from(blob, at)
+    return blob[at : at + RECORD.size + id_length + length]
 
 
 def frame_records(blob: bytes, first: int, last: int) -> Iterator[EventRow]:

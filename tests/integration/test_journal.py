@@ -38,7 +38,6 @@ from router.journal.salvage import (
     unpack,
 )
 from router.journal.sqlite import FREE_BYTES_BEFORE_SHRINK, SqliteJournal
-from router.observe.metrics import utc_iso
 from tests.conftest import StartDaemon
 from tests.fakes import ScriptedReceiver, incompressible, make_event, read_ndjson, wait_for
 from tests.helpers import (
@@ -220,7 +219,7 @@ async def test_a_record_failing_its_checksum_is_dead_lettered_and_the_rest_deliv
     first = await start_daemon(config)
     await post(first, [make_event(id=f"e{i}") for i in range(4)])
     await first.stop()
-    received_at = tamper_record(tmp_path / "var" / "journal.db", 2, b'{"tampered": true}')
+    tamper_record(tmp_path / "var" / "journal.db", 2, b'{"tampered": true}')
 
     siem.statuses = [200]
     second = await start_daemon(config)
@@ -229,9 +228,11 @@ async def test_a_record_failing_its_checksum_is_dead_lettered_and_the_rest_deliv
     [letter] = read_ndjson(tmp_path / "var" / "deadletter" / "siem.ndjson")
     assert letter["reason"] == "journal_corrupt"
     assert letter["event"]["journal_seq"] == 2
-    # The id and arrival time columns survived: the letter keeps them (`dlq show` shows the id).
-    assert letter["event"]["id"] == "e1"
-    assert letter["received_at"] == utc_iso(received_at)
+    # Its header survived, but a record that fails its CRC is not vouched for by it (its seq
+    # or id may be what was damaged): the letter says where the record lies, no byte of it.
+    assert "id" not in letter["event"] and "raw_excerpt" not in letter["event"]
+    assert letter["event"]["journal_frame"] == 1
+    assert letter["event"]["raw_length"] == RECORD.size + len(b"e1") + len(b'{"tampered": true}')
     assert second.status()["journal"]["quarantined_records"] == 1
     row = second.status()["targets"]["siem"]
     assert (row["received"], row["delivered"], row["dead_lettered"]) == (4, 3, 1)
@@ -272,7 +273,9 @@ async def test_a_damaged_journal_file_is_quarantined_and_intact_records_delivere
     assert status["journal"]["lost_records"] >= 1
     assert len(delivered) + len(letters) + status["journal"]["lost_records"] == 200
     assert {letter["reason"] for letter in letters} <= {"journal_corrupt"}
-    assert all(letter["event"]["id"].startswith("e") for letter in letters)
+    # No letter holds a byte of a record that failed its CRC: where it lies, its length, its hash.
+    assert all(letter["event"].keys() >= {"journal_seq", "raw_sha256"} for letter in letters)
+    assert not any("raw_excerpt" in letter["event"] for letter in letters)
     assert_books_balance(second)
 
 
@@ -1174,12 +1177,12 @@ async def test_a_move_into_batches_cut_short_goes_on_at_the_next_open(
     move_chunk = sqlite_journal._move_chunk
     moves = 0
 
-    def crash_after_one(db: sqlite3.Connection) -> int | None:
+    def crash_after_one(db: sqlite3.Connection, vouched: bool) -> int | None:
         nonlocal moves
         moves += 1
         if moves == 2:
             raise KeyboardInterrupt("killed")
-        return move_chunk(db)
+        return move_chunk(db, vouched)
 
     monkeypatch.setattr(sqlite_journal, "_move_chunk", crash_after_one)
     crashed = SqliteJournal(config, ["siem", "archive"])

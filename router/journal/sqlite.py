@@ -72,8 +72,10 @@ from router.events import Event
 from router.journal import Books, Entry, JournalFullError, JournalUnavailableError
 from router.journal.lock import lock_storage
 from router.journal.salvage import (
+    BATCH_BYTES,
     COVERED,
     CRC_END,
+    DEFAULT_BOUND,
     LEAD,
     MAGIC,
     PACKED,
@@ -82,6 +84,8 @@ from router.journal.salvage import (
     BooksRow,
     DeliveryRow,
     EventRow,
+    FrameBound,
+    OverlongFrameError,
     OwedRow,
     frame,
     frame_offsets,
@@ -140,12 +144,8 @@ ADD_COLUMNS = {
 FORMAT = 3
 # The route of a delivery that salvage restored from a surviving event alone.
 SALVAGED_ROUTE = "salvaged"
-# A commit's events are framed into batch rows of about this many bytes of bodies: a read of a
-# few events of a large commit loads one of them, not all of it; and a frame stays below glibc's
-# mmap threshold (128 KiB), which a larger one, once freed, raises for good (1 MiB frames cost
-# bench.journal_owner 4-6 MB of peak RSS and saved no CPU there).
-BATCH_BYTES = 1 << 16
-# Events of the layout before batches moved into one batch row (and one transaction) at a time.
+# Events of the layout before batches moved into one batch row (and one transaction) at a time
+# (fewer when their bodies pass BATCH_BYTES: a frame holds what salvage.FrameBound allows).
 MIGRATE_CHUNK = 1000
 RETIRE_CHUNK = 1000
 # The page size of a new journal: SQLite's default. Larger pages pay for batches and cost
@@ -397,8 +397,16 @@ class SqliteJournal:
 
     MAKES_ROOM_ITSELF: ClassVar[bool] = False  # the Acceptor sheds when this one is full
 
-    def __init__(self, storage: StorageConfig, target_ids: Sequence[str]) -> None:
+    def __init__(
+        self,
+        storage: StorageConfig,
+        target_ids: Sequence[str],
+        *,
+        bound: FrameBound = DEFAULT_BOUND,
+    ) -> None:
         self.config = storage
+        # How far a packed frame is inflated: past it, the frame is damage (salvage.unpack).
+        self.bound = bound
         self.directory = Path(storage.path)
         self.path = self.directory / DB_NAME
         self._targets = {target_id: _Target() for target_id in target_ids}
@@ -589,7 +597,7 @@ class SqliteJournal:
         fresh = self._connect(self.path)
         try:
             with transaction(fresh):
-                books, settled = _copy_salvaged(aside, fresh)
+                books, settled = _copy_salvaged(aside, fresh, self.bound)
                 recovered, lost = self._settle_salvaged(fresh, books, settled)
                 _move_into_batches(fresh, commit_each=False, vouched=False)
         finally:
@@ -974,10 +982,28 @@ class SqliteJournal:
             row = self._db.execute(
                 "SELECT last_seq, records FROM batches WHERE first_seq = ?", (batch,)
             ).fetchone()
-            blob = unpack(bytes(row[1])) if row is not None else b""
+            blob = self._unpack(bytes(row[1]), batch, row[0]) if row is not None else b""
             offsets = frame_offsets(blob, batch, row[0]) if row is not None else {}
             self._frame = (batch, blob, offsets)
         return self._frame[1], self._frame[2]
+
+    def _unpack(self, stored: bytes, first: int, last: int) -> bytes:
+        """The frame of batch first..last, inflated no further than it can legitimately hold
+        (self.bound): one that goes on past that is damaged, read as cut there, and the
+        records past the cut are quarantined as missing (a deflate bomb never fills memory)."""
+        try:
+            return unpack(stored, self.bound.of(first, last))
+        except OverlongFrameError as exc:
+            log.error(
+                "journal frame %d (seqs %d-%d, %d bytes stored) inflates past %d bytes, the "
+                "most it can hold; read as cut there, the records past it quarantined",
+                first,
+                first,
+                last,
+                len(stored),
+                exc.most,
+            )
+            return exc.prefix
 
     def _quarantined(self, seq: int, batch: int, blob: bytes, at: int | None) -> Event:
         """The quarantine marker, dead-lettered and not sent, for a record owed under `seq`
@@ -1381,7 +1407,7 @@ class SqliteJournal:
                 "WHERE instr(records, ?1) > 0 OR substr(records, 1, ?3) = ?2",
                 (raw_id, PACKED, len(PACKED)),
             ):
-                blob = unpack(stored)
+                blob = self._unpack(stored, first, last)
                 if raw_id not in blob:
                     continue
                 for seq, at in frame_offsets(blob, first, last).items():
@@ -1463,8 +1489,9 @@ def _move_into_batches(db: sqlite3.Connection, *, commit_each: bool, vouched: bo
 
 
 def _move_chunk(db: sqlite3.Connection, vouched: bool) -> int | None:
-    """Move the first MIGRATE_CHUNK events of the old tables (and the deliveries up to the
-    last of them) into one batch; returns how many events it moved (None: nothing was left)."""
+    """Move the first MIGRATE_CHUNK events of the old tables (fewer once their bodies pass
+    BATCH_BYTES, as a commit's frames are cut) and the deliveries up to the last of them into
+    one batch; returns how many events it moved (None: nothing was left)."""
     first, top = db.execute(
         "SELECT MIN(lo), MAX(hi) FROM (SELECT MIN(seq) AS lo, MAX(seq) AS hi FROM events "
         "UNION ALL SELECT MIN(seq), MAX(seq) FROM deliveries)"
@@ -1476,7 +1503,13 @@ def _move_chunk(db: sqlite3.Connection, vouched: bool) -> int | None:
         "ORDER BY seq LIMIT ?",
         (first, MIGRATE_CHUNK),
     ).fetchall()
-    last = rows[-1][0] if len(rows) == MIGRATE_CHUNK else top
+    size, cut = 0, False
+    for kept, row in enumerate(rows, 1):
+        size += len(row[3])
+        if size > BATCH_BYTES and kept < len(rows):
+            rows, cut = rows[:kept], True
+            break
+    last = rows[-1][0] if cut or len(rows) == MIGRATE_CHUNK else top
     runs: list[list[Any]] = []
     for (target_id,) in db.execute("SELECT DISTINCT target FROM deliveries").fetchall():
         run: list[Any] | None = None
@@ -1509,7 +1542,7 @@ def _move_chunk(db: sqlite3.Connection, vouched: bool) -> int | None:
 
 
 def _copy_salvaged(
-    aside: Path, fresh: sqlite3.Connection
+    aside: Path, fresh: sqlite3.Connection, bound: FrameBound
 ) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
     """Copy every row the damaged file's pages (and its log) still hold into `fresh`, in the
     layout of one row per event and per delivery (moved into batches once settled); an intact
@@ -1523,7 +1556,7 @@ def _copy_salvaged(
         empty = os.fstat(f.fileno()).st_size == 0
         data = b"" if empty else mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         try:
-            for row in scan(data, wal):
+            for row in scan(data, wal, bound):
                 if isinstance(row, EventRow):
                     fresh.execute(
                         f"INSERT OR {'REPLACE' if row.intact else 'IGNORE'} INTO events "

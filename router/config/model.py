@@ -149,7 +149,8 @@ class JetStreamConfig:
     tls: JetStreamTlsConfig | None = None
     # How long a publish waits for the stream's acknowledgement before ingest answers 503.
     publish_timeout_s: float = 10.0
-    # How long a starting router tries the servers before it gives up (exit 1, naming them;
+    # How long a starting router tries the servers, and waits for a cluster that cannot place
+    # its streams yet (a node still joining), before it gives up (exit 1, naming them;
     # systemd's Restart= then tries again): long enough for NATS started beside it. Once
     # connected, it reconnects for ever (the journal answers 503 while NATS is away).
     start_timeout_s: float = 30.0

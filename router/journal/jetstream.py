@@ -76,7 +76,7 @@ from collections.abc import (
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import nats
 import nats.errors
@@ -132,11 +132,18 @@ from router.journal import (
 from router.journal.lock import lock_storage
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 CONSUMER = "delivery"
 # JetStream's error code for a stream at its max_bytes / max_msgs (discard: new).
 STREAM_FULL = 10077
 STREAM_NAME_IN_USE = 10058
+# JetStream's answers to a create the cluster cannot place yet: too few peers online for the
+# replicas (a node restarting: "no suitable peers for placement, peer offline"), or the meta
+# group without a leader for a moment. A starting router tries again (PLACE_RETRY_S apart)
+# until start_timeout_s, as it does for the first connection.
+NOT_PLACEABLE_YET = frozenset({10005, 10008})
+PLACE_RETRY_S = 0.5
 # Headers of a journaled message beside Nats-Msg-Id.
 ROUTE = "Router-Route"
 RECEIVED_AT = "Router-Received-At"
@@ -238,15 +245,45 @@ async def connect(config: JetStreamConfig, *, name: str = "event-router") -> Cli
         ) from exc
 
 
-async def ensure_stream(js: JetStreamContext, wanted: StreamConfig) -> None:
-    """Create the stream if missing; if present, check what the journal relies on (retention,
+async def placed(create: Callable[[], Awaitable[_T]], what: str, timeout_s: float) -> _T:
+    """`create()`, tried again while the cluster cannot place it yet (NOT_PLACEABLE_YET, or no
+    answer in time), for up to `timeout_s`: a router started beside NATS, or while a node
+    restarts, waits for the cluster (with one warning saying so) instead of exiting; past
+    `timeout_s` the last refusal is raised."""
+    until = time.monotonic() + timeout_s
+    warned = False
+    while True:
+        try:
+            return await create()
+        except (APIError, nats.errors.TimeoutError) as exc:
+            # A create that timed out (an election under way) may have landed: trying it
+            # again with the same config is answered as a create.
+            if isinstance(exc, APIError) and exc.err_code not in NOT_PLACEABLE_YET:
+                raise
+            if time.monotonic() >= until:
+                raise
+            if not warned:
+                log.warning(
+                    "storage.jetstream: cannot place %s yet (%s); trying again for up to "
+                    "storage.jetstream.start_timeout_s (%g s)",
+                    what,
+                    exc.description if isinstance(exc, APIError) else "no answer",
+                    timeout_s,
+                )
+                warned = True
+        await asyncio.sleep(PLACE_RETRY_S)
+
+
+async def ensure_stream(js: JetStreamContext, wanted: StreamConfig, timeout_s: float) -> None:
+    """Create the stream if missing (waiting up to `timeout_s` for the cluster to be able to
+    place it: see `placed`); if present, check what the journal relies on (retention,
     subjects) and bring the limits (replicas, max_bytes, dedup window) to the config's."""
     assert wanted.name is not None
     try:
         info = await js.stream_info(wanted.name)
     except NotFoundError:
         try:
-            await js.add_stream(wanted)
+            await placed(lambda: js.add_stream(wanted), f"stream {wanted.name}", timeout_s)
             return
         except APIError as exc:
             if exc.err_code != STREAM_NAME_IN_USE:  # not: another router created it meanwhile
@@ -498,6 +535,7 @@ class JetStreamJournal:
                 discard=DiscardPolicy.NEW,
                 **common,
             ),
+            c.start_timeout_s,
         )
         await ensure_stream(
             self.js,
@@ -509,6 +547,7 @@ class JetStreamJournal:
                 discard=DiscardPolicy.NEW,
                 **common,
             ),
+            c.start_timeout_s,
         )
         stream = queue_stream(c, target_id)
         target = self._targets[target_id]
@@ -548,7 +587,11 @@ class JetStreamJournal:
             info = await self.js.consumer_info(stream, CONSUMER)
         except NotFoundError:
             with contextlib.suppress(APIError):  # another router created it meanwhile
-                await self.js.add_consumer(stream, consumer)
+                await placed(
+                    lambda: self.js.add_consumer(stream, consumer),
+                    f"consumer {stream}/{CONSUMER}",
+                    c.start_timeout_s,
+                )
             info = await self.js.consumer_info(stream, CONSUMER)
         else:
             if info.config.ack_wait != c.ack_wait_s:
@@ -1138,14 +1181,17 @@ class ChainRecords:
             try:
                 self._kv = await js.key_value(self.bucket)
             except BucketNotFoundError:
+                config = KeyValueConfig(
+                    bucket=self.bucket,
+                    history=1,
+                    replicas=self.journal.js_config.replicas,
+                    storage=StorageType.FILE,
+                )
                 with contextlib.suppress(APIError):  # another router created it meanwhile
-                    await js.create_key_value(
-                        KeyValueConfig(
-                            bucket=self.bucket,
-                            history=1,
-                            replicas=self.journal.js_config.replicas,
-                            storage=StorageType.FILE,
-                        )
+                    await placed(
+                        lambda: js.create_key_value(config),
+                        f"bucket {self.bucket}",
+                        self.journal.js_config.start_timeout_s,
                     )
                 self._kv = await js.key_value(self.bucket)
         return self._kv
@@ -1416,13 +1462,16 @@ class SharedConfig:
         try:
             self._kv = await js.key_value(self.bucket)
         except BucketNotFoundError:
-            self._kv = await js.create_key_value(
-                KeyValueConfig(
-                    bucket=self.bucket,
-                    history=10,
-                    replicas=self.journal.js_config.replicas,
-                    storage=StorageType.FILE,
-                )
+            config = KeyValueConfig(
+                bucket=self.bucket,
+                history=10,
+                replicas=self.journal.js_config.replicas,
+                storage=StorageType.FILE,
+            )
+            self._kv = await placed(
+                lambda: js.create_key_value(config),
+                f"bucket {self.bucket}",
+                self.journal.js_config.start_timeout_s,
             )
         try:
             entry = await self._kv.get(METADATA_KEY)

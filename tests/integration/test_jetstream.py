@@ -1058,3 +1058,50 @@ async def test_worker_processes_hand_to_a_jetstream_journal_and_every_event_arri
         status = await resp.json()
     assert status["workers"]["running"] == 2
     assert status["ingest"]["accepted"] == total + len(batches[0])
+
+
+@pytest.mark.timeout(120)
+async def test_a_batch_held_by_a_router_whose_reload_removes_the_target_goes_to_another_at_once(
+    start_router: Any, receiver_factory: ReceiverFactory
+) -> None:
+    """A reload that removes a target from one router (the stream stays, shared: other routers
+    keep the target) hands back what that router held of it, as a stopping router does:
+    here a batch its endpoint kept refusing. Another router that keeps the target sends it
+    at once, each event once, not after ack_wait (300 s here)."""
+    refusing = await receiver_factory([503])
+    siem = await receiver_factory([200])
+    other = await receiver_factory([200])
+    config = {
+        "targets": [patient(http_target("siem", refusing.url))],
+        "routes": everything_to("siem"),
+    }
+    first = await start_router(config, ack_wait_s=300, name="r1", share_config=False)
+    events = [event() for _ in range(3)]
+    assert (await post(first, events))[0] == 202
+    await wait_for(lambda: len(refusing.requests) >= 2, what="the first router to hold the batch")
+    second = await start_router(
+        {"targets": [http_target("siem", siem.url)], "routes": everything_to("siem")},
+        ack_wait_s=300,
+        name="r2",
+        share_config=False,
+    )
+    assert first.source is not None
+    without = {
+        **first.source.data,
+        "targets": [http_target("other", other.url)],
+        "routes": everything_to("other"),
+    }
+    await first.reload(parse_config(without))
+    ids = sorted(e["id"] for e in events)
+
+    def delivered() -> list[str]:
+        return sorted(e["id"] for e in siem.delivered_events)
+
+    await wait_for(
+        lambda: set(delivered()) >= set(ids),
+        timeout_s=60,
+        what=f"the held batch at the second router's endpoint (ack_wait 300 s): {delivered()}",
+    )
+    await wait_for(lambda: books_of(second, "siem") == (3, 3, 0, 0), what="the books")
+    assert delivered() == ids, "each event once"
+    assert "siem" not in first.status()["targets"]

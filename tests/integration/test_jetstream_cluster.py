@@ -11,6 +11,7 @@ when a router is killed holding a batch (JetStream redelivers it to another rout
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import signal
@@ -352,3 +353,53 @@ async def test_kill_9_of_a_nats_node_under_load_ingest_keeps_answering_and_nothi
         for n in nats_cluster.nodes:
             if not n.running:
                 await n.astart()
+
+
+@pytest.mark.timeout(180)
+async def test_a_router_waits_for_a_nats_node_still_joining_then_takes_events(
+    tmp_path: Path,
+) -> None:
+    """A router started beside NATS (one compose file, one boot) found its streams
+    unplaceable while a node had not joined yet ("no suitable peers for placement") and
+    exited 1 at once. It now says what it waits for and tries again until start_timeout_s:
+    once the node has joined it starts, and what it takes is delivered. Four nodes, three
+    started, four replicas: the fourth node's joining is what the router waits for."""
+    cluster = NatsCluster(tmp_path / "nats", size=4)
+    late = cluster.nodes[-1]
+    routers: list[Router] = []
+    starting: asyncio.Task[tuple[list[Router], str]] | None = None
+    try:
+        for node in cluster.nodes[:-1]:
+            node.spawn()
+        for node in cluster.nodes[:-1]:
+            await asyncio.to_thread(node.wait_ready)
+        starting = asyncio.create_task(
+            start_routers(tmp_path, cluster.urls, count=1, replicas=4, start_timeout_s=120)
+        )
+        log = tmp_path / "r1" / "router.log"
+
+        def waiting() -> bool:
+            if starting.done():
+                raise AssertionError(f"with a node yet to join: {starting.exception() or 'up'}")
+            return log.exists() and b"cannot place" in log.read_bytes()
+
+        await wait_for(waiting, timeout_s=60, what="the router to say it waits for the node")
+        await late.astart()
+        routers, _ = await starting
+        ids = [f"after-the-join-{i}" for i in range(EVENTS_PER_POST)]
+        async with aiohttp.ClientSession() as session:
+            body = orjson.dumps([make_event(id=i) for i in ids])
+            await Load(routers)._post(session, body, ids, 0)
+        await wait_for(lambda: books_settled(routers, len(ids)), timeout_s=60, what="delivered")
+        for target_id in TARGETS:
+            assert set(delivered(routers, target_id)) == set(ids), target_id
+        assert routers[0].proc is not None
+        assert await terminate(routers[0].proc) == 0
+    finally:
+        if starting is not None and not starting.done():
+            starting.cancel()  # serve() reaps a daemon it was still waiting for
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+        for router in routers:
+            await reap(router.proc)
+        cluster.stop()

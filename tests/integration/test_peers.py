@@ -15,7 +15,7 @@ import asyncio
 import gzip
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -339,10 +339,24 @@ async def test_jetstream_cluster_keeps_taking_publishes_with_the_stream_leader_k
     nc = await nats.connect(servers=nats_cluster.urls, max_reconnect_attempts=-1)
     try:
         js = nc.jetstream(timeout=2)
-        await js.add_stream(StreamConfig(name="REPLICATED", subjects=["rep.>"], num_replicas=3))
+
+        async def answered(request: Awaitable[Any]) -> Any:
+            """The API's answer, asked again while none comes in time: a cluster just
+            started, or whose node just died, answers its first requests late."""
+            try:
+                return await request
+            except (TimeoutError, nats.errors.TimeoutError):
+                return None
+
+        config = StreamConfig(name="REPLICATED", subjects=["rep.>"], num_replicas=3)
+        await eventually(
+            lambda: answered(js.add_stream(config)), timeout_s=30, what="the stream created"
+        )
         for i in range(5):
             await publish_until_acked(js, "rep.in", f"r-{i}")
-        info = await js.stream_info("REPLICATED")
+        info = await eventually(
+            lambda: answered(js.stream_info("REPLICATED")), timeout_s=30, what="stream info"
+        )
         assert info.cluster is not None and len(info.cluster.replicas or []) == 2
         leader = next(n for n in nats_cluster.nodes if n.server_name == info.cluster.leader)
 
@@ -351,7 +365,10 @@ async def test_jetstream_cluster_keeps_taking_publishes_with_the_stream_leader_k
         for i in range(5, 15):
             await publish_until_acked(js, "rep.in", f"r-{i}")
 
-        state = (await js.stream_info("REPLICATED")).state
+        info = await eventually(
+            lambda: answered(js.stream_info("REPLICATED")), timeout_s=30, what="stream info"
+        )
+        state = info.state
         assert state.messages == 15
 
         # Back on the same ports and store directory, it catches up from the other two.

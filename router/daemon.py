@@ -43,6 +43,7 @@ from router.intake.redaction import Redactor
 from router.intake.validation import EventValidator
 from router.journal import Entry
 from router.journal.alertstate import AlertStore
+from router.journal.salvage import FrameBound
 from router.journal.sqlite import SqliteJournal
 from router.observe.logformat import counted
 from router.observe.metrics import IngestStats, TargetStats, WriteStatus, utc_iso
@@ -145,7 +146,9 @@ class Daemon:
             self.journal = JetStreamJournal(config.storage, target_ids)
             self.dead_letters = self.journal.dead_letters
         else:
-            self.journal = SqliteJournal(config.storage, target_ids)
+            self.journal = SqliteJournal(
+                config.storage, target_ids, bound=FrameBound(config.server.max_event_bytes())
+            )
             self.dead_letters = DeadLetters(config.storage.dead_letter_dir())
         self.evidence = Evidence(config.evidence, self.journal, config.storage.dead_letter_dir())
         self.dead_letters.chain_for = self.evidence.letters_chain

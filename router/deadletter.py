@@ -68,7 +68,10 @@ class Failure:
 
 
 UNSENDABLE_MESSAGES = {
-    "journal_corrupt": "the journal record failed its checksum; its raw bytes are an excerpt",
+    "journal_corrupt": (
+        "the journal record failed its checksum; the event holds an excerpt of its bytes, or "
+        "where they lie and their sha256 when the record may not be the one owed here"
+    ),
     "too_large": "the event is larger than the target takes, so retrying cannot help",
     "too_old": "the event is older than the target accepts, so it would be dropped silently",
     "too_far_in_future": "the event time is further ahead than the target accepts",

@@ -8,8 +8,10 @@ whoever needs it as a time (a target's timestamp, a search bound).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
+from collections.abc import Mapping
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -279,8 +281,12 @@ class Event:
         event_id: str | None = None,
         received_at: float | None = None,
     ) -> Event:
-        """Stands in for an unreadable journal record, so that its fate is still written down,
-        under the event's own id and arrival time when those columns survived."""
+        """Stands in for an unreadable journal record whose identity the journal vouches for
+        (its seq is the key it is stored under: a JetStream message's stream sequence; a
+        record whose CRC over its header passed but whose body is no event), so that its
+        fate is still written down, under the event's own id and arrival time when those
+        survived, with an excerpt of its bytes. A record the journal cannot vouch for is
+        `unvouched_record`: its bytes may be another event's."""
         excerpt = (raw or b"")[:512].decode("utf-8", "replace")
         body: dict[str, Any] = {"journal_seq": seq, "raw_excerpt": excerpt}
         if event_id is not None:
@@ -288,6 +294,19 @@ class Event:
         return cls(
             id=event_id or f"journal-seq-{seq}", body=body, received_at=received_at, corrupt=True
         )
+
+    @classmethod
+    def unvouched_record(cls, seq: int, raw: bytes | None, *, where: Mapping[str, Any]) -> Event:
+        """Stands in for a journal record owed under `seq` that is missing, or that failed a
+        check its header is part of (a frame's record whose CRC failed: its seq, id, length
+        may be damaged, so its bytes may be another event's, owed to other targets). Not a
+        byte of it is written down, nor the id or arrival time its header claims: only what
+        lets an operator find and check it, `where` it lies (journal file, frame, offset) and
+        the length and sha256 of its `raw` bytes (None: there was no record to point at)."""
+        body: dict[str, Any] = {"journal_seq": seq, **where}
+        body["raw_length"] = len(raw or b"")
+        body["raw_sha256"] = None if raw is None else hashlib.sha256(raw).hexdigest()
+        return cls(id=f"journal-seq-{seq}", body=body, corrupt=True)
 
     @property
     def body(self) -> dict[str, Any]:

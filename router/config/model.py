@@ -33,6 +33,14 @@ class ServerTlsConfig:
     client_ca_file: str | None = None
 
 
+# How much larger than the body it came in an event can be once journaled: compact JSON is no
+# larger than its text but for a few spellings (1E5 becomes 100000.0), and intake adds an id to
+# an event without one and may put a mask, a hash or a redaction record in place of a value. A
+# few percent in practice; this bound is what a journal frame and a worker's hand-off of one
+# request are allowed to hold beyond the body itself (ServerConfig.max_event_bytes).
+STORED_GROWTH = 2
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ServerConfig:
     """The ingest listener and the limits it enforces on a request."""
@@ -99,6 +107,13 @@ class ServerConfig:
     # this process may use (its affinity, bounded by a cgroup CPU quota), at most 4, resolved
     # once when the daemon starts (router/server/workercount.py); one usable CPU is one process.
     workers: int | Literal["auto"] = "auto"
+
+    def max_event_bytes(self) -> int:
+        """The most bytes one request's events can take once journaled (one event: at most
+        as many), derived from the largest body a request may have, as sent or inflated: what
+        bounds the inflation of a journal frame (router/journal/salvage.py FrameBound) and a
+        worker's hand-off frame (router/intake/handoff.py)."""
+        return STORED_GROWTH * max(self.max_body_bytes, self.max_inflated_bytes)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -9,18 +9,19 @@ Journal protocol's `append` over the channel, so the worker's Acceptor is the sa
 in one process, books, limits, answers and all.
 
 The channel is one unix stream socket per worker (a socketpair the owner made): frames of
-`!IBII` (payload length, kind, call id, data blobs) and a pickled payload, then for a call
-with `data` the length of each blob (an array of unsigned ints in this machine's order: both
-ends are processes of it) and the blobs joined, as one buffer. Either side may call the other
-(`Channel.call(op, *args, data=blobs)`: the handler gets the blobs as a last argument) and each
-call is answered once (a value, or an error the caller raises again); calls run concurrently,
-answers arrive in any order. The events' bytes are such blobs. Joined, they cost one copy
-(~0.1 us a 1 KB event) where the transport took 0.7-1.4 us an event to write them as a
-thousand buffers; the worker lets the events' own bytes go as it sends them (Event.hand_over),
-so a worker whose owner is slow to read still holds them once, and a request waiting for the
-owner's durable answer not at all (about 1 MB per waiting 1,000-event request). Pickle is safe
-here: the socket joins a parent and the children it started from the same code, and nobody
-else can reach it.
+`!IBII` (payload length, kind, call id, data blobs) and a pickled payload, then for a call with
+`data` the length of each blob (an array of unsigned ints in this machine's order: both ends are
+processes of it) and the blobs joined, as one buffer (the owner takes no frame from a worker
+longer than `max_handoff_bytes`: a larger claim is the worker's protocol fault, never
+allocated). Either side may call the other (`Channel.call(op, *args, data=blobs)`: the handler
+gets the blobs as a last argument) and each call is answered once (a value, or an error the
+caller raises again); calls run concurrently, answers arrive in any order. The events' bytes are
+such blobs. Joined, they cost one copy (~0.1 us a 1 KB event) where the transport took 0.7-1.4
+us an event to write them as a thousand buffers; the worker lets the events' own bytes go as it
+sends them (Event.hand_over), so a worker whose owner is slow to read still holds them once, and
+a request waiting for the owner's durable answer not at all (about 1 MB per waiting 1,000-event
+request). Pickle is safe here: the socket joins a parent and the children it started from the
+same code, and nobody else can reach it.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, ClassVar, Final, cast
 
+from router.config import ServerConfig
 from router.errors import RouterError
 from router.events import Event
 from router.journal import Books, Entry, JournalFullError, JournalUnavailableError
@@ -50,9 +52,33 @@ FAILED: Final = 3
 # the least room left at its end before what is not taken yet moves to its start.
 READ_BYTES: Final = 256 * 1024
 MIN_READ_BYTES: Final = 64 * 1024
-# A frame larger than this is a broken peer, not a message (an offer is at most
-# server.max_inflated_bytes of events, well below it).
+# The most a worker takes in one frame from its owner, whom it trusts (the config it is set up
+# with, reloads, answers): a larger one is a broken owner, not a message.
 MAX_FRAME_BYTES: Final = 1 << 30
+# Per event of an offer, beside its bytes: its id (256 characters at most, 1 KiB in UTF-8), its
+# arrival time, its blob's length and its routes (target -> route: the same mappings and
+# strings for every event routed alike, which pickle writes once), generously.
+HANDOFF_RECORD_BYTES: Final = 2048
+# Besides offers, what a worker sends fits in this: its counters, a refusal, its answers.
+HANDOFF_OTHER_BYTES: Final = 1 << 20
+
+
+def max_handoff_bytes(server: ServerConfig) -> int:
+    """The largest frame a worker sends its owner: one request's events as journaled (at most
+    server.max_event_bytes()) and their records (server.max_events_per_request of them), or
+    anything else it sends. The owner takes no larger frame from a worker: a header claiming
+    more is the worker's protocol fault (`ProtocolFault`), and a worker refuses an offer that
+    would come to more rather than send it (`Channel.max_send_bytes`)."""
+    return (
+        server.max_event_bytes()
+        + server.max_events_per_request * HANDOFF_RECORD_BYTES
+        + HANDOFF_OTHER_BYTES
+    )
+
+
+# What a Channel takes from the other side unless told: what a worker with the default server
+# limits sends (the owner's side; the owner passes its own config's).
+DEFAULT_MAX_FRAME_BYTES: Final = max_handoff_bytes(ServerConfig())
 # Errors that cross the channel as themselves; anything else arrives as ChannelError.
 KNOWN_ERRORS: Final[Mapping[str, type[RouterError]]] = {
     "JournalFullError": JournalFullError,
@@ -82,6 +108,10 @@ class ChannelError(RouterError):
     """The other side failed a call, or went away before answering it."""
 
 
+class ProtocolFault(ChannelError):
+    """The other side sent what it never would if sound: a frame longer than it may send."""
+
+
 class Channel(asyncio.BufferedProtocol):
     """Calls both ways over one stream socket; see the module docstring.
 
@@ -91,9 +121,24 @@ class Channel(asyncio.BufferedProtocol):
     StreamReader each event's bytes were copied four times on their way in (the transport's
     bytes, the reader's buffer, readexactly's bytes, the blob's slice)."""
 
-    def __init__(self, handlers: Mapping[str, Handler], *, name: str) -> None:
+    def __init__(
+        self,
+        handlers: Mapping[str, Handler],
+        *,
+        name: str,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        on_fault: Callable[[str], object] | None = None,
+    ) -> None:
         self._handlers = handlers
         self.name = name
+        # The longest frame taken from the other side: a header claiming more is its protocol
+        # fault, and the channel is dropped before anything is allocated for it (`on_fault`
+        # is told why: the owner stops that worker, to be started again as after a crash).
+        self.max_frame_bytes = max_frame_bytes
+        self._on_fault = on_fault
+        # The longest frame the other side takes: a call that would come to more fails here,
+        # unsent (a worker's offer whose events grew past what the owner takes).
+        self.max_send_bytes = MAX_FRAME_BYTES
         self._next_id = 0
         self._waiting: dict[int, asyncio.Future[Any]] = {}
         self._running: set[asyncio.Task[None]] = set()
@@ -115,8 +160,16 @@ class Channel(asyncio.BufferedProtocol):
         self.closed = asyncio.Event()
 
     @classmethod
-    async def over(cls, sock: Any, handlers: Mapping[str, Handler], *, name: str) -> Channel:
-        channel = cls(handlers, name=name)
+    async def over(
+        cls,
+        sock: Any,
+        handlers: Mapping[str, Handler],
+        *,
+        name: str,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        on_fault: Callable[[str], object] | None = None,
+    ) -> Channel:
+        channel = cls(handlers, name=name, max_frame_bytes=max_frame_bytes, on_fault=on_fault)
         await asyncio.get_running_loop().create_unix_connection(lambda: channel, sock=sock)
         return channel
 
@@ -180,6 +233,11 @@ class Channel(asyncio.BufferedProtocol):
         try:
             while self._take():
                 pass
+        except ProtocolFault as exc:
+            log.error("%s; the channel is dropped", exc)
+            if self._on_fault is not None:
+                self._on_fault(str(exc))
+            self._closed()
         except Exception:
             log.exception("%s: the channel failed", self.name)
             self._closed()
@@ -194,16 +252,17 @@ class Channel(asyncio.BufferedProtocol):
                 return False
             size, kind, call_id, blobs = HEADER.unpack_from(buffer, start)
             head = HEADER.size + size + blobs * BLOB_LENGTH_SIZE
-            if head > MAX_FRAME_BYTES:
-                raise ChannelError(f"{self.name}: a frame of {size} bytes")
+            # Checked before self._need asks get_buffer for room: a claim is never allocated.
+            if head > self.max_frame_bytes:
+                raise self._fault(head)
             if end - start < head:
                 self._need = head
                 return False
             lengths = array(BLOB_LENGTH)
             lengths.frombytes(buffer[start + head - blobs * BLOB_LENGTH_SIZE : start + head])
             total = head + sum(lengths)
-            if total > MAX_FRAME_BYTES:
-                raise ChannelError(f"{self.name}: {total} bytes in one frame")
+            if total > self.max_frame_bytes:
+                raise self._fault(total)
             self._frame = (total, size, kind, call_id, blobs, lengths.tolist())
         total, size, kind, call_id, blobs, sizes = self._frame
         if end - start < total:
@@ -226,6 +285,12 @@ class Channel(asyncio.BufferedProtocol):
                 self._buffer = bytearray(READ_BYTES)
         self._arrived(kind, call_id, value, data)
         return True
+
+    def _fault(self, claimed: int) -> ProtocolFault:
+        return ProtocolFault(
+            f"{self.name}: a frame of {claimed} bytes, more than the {self.max_frame_bytes} "
+            "it may send"
+        )
 
     def _arrived(self, kind: int, call_id: int, value: Any, data: list[bytes]) -> None:
         if kind == CALL:
@@ -254,10 +319,19 @@ class Channel(asyncio.BufferedProtocol):
         if self.closed.is_set():
             raise ChannelError(f"{self.name}: the channel is closed")
         self._next_id = call_id = (self._next_id + 1) & 0xFFFFFFFF
+        parts = frame(CALL, call_id, (op, args), data)
+        # Only a call with data (an offer) can come near what the other side takes: its other
+        # calls and its answers are a few KB (HANDOFF_OTHER_BYTES leaves room for them).
+        if data and (size := sum(map(len, parts))) > self.max_send_bytes:
+            raise ChannelError(
+                f"{self.name}: a {op} of {size} bytes is more than the other side takes "
+                f"({self.max_send_bytes})"
+            )
         answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiting[call_id] = answer
         try:
-            self._send(CALL, call_id, (op, args), data)
+            self._send(parts)
+            del parts
             # From here the transport alone holds what was sent, until the other side has it:
             # a caller that let its own copies go waits for the answer without them.
             del args, data
@@ -273,13 +347,13 @@ class Channel(asyncio.BufferedProtocol):
             self._drained.append(waiter)
             await waiter
 
-    def _send(self, kind: int, call_id: int, value: Any, data: Sequence[bytes] = ()) -> None:
-        """Queue a frame; the frames queued in one turn of the loop go out in one write (a
-        group commit answers every call it held at once: one syscall and one wake-up of the
-        other side, not one per call). `data` goes as its lengths and one joined buffer."""
+    def _send(self, parts: list[bytes]) -> None:
+        """Queue a frame (`frame`'s parts); the frames queued in one turn of the loop go out in
+        one write (a group commit answers every call it held at once: one syscall and one
+        wake-up of the other side, not one per call)."""
         if not self._outbox:
             asyncio.get_running_loop().call_soon(self._flush)
-        self._outbox.extend(frame(kind, call_id, value, data))
+        self._outbox.extend(parts)
 
     def _flush(self) -> None:
         frames, self._outbox = self._outbox, []
@@ -297,7 +371,7 @@ class Channel(asyncio.BufferedProtocol):
             reply = (ANSWER, result)
         if self.closed.is_set():
             return
-        self._send(reply[0], call_id, reply[1])
+        self._send(frame(reply[0], call_id, reply[1]))
         await self._drain()
 
     def _closed(self) -> None:

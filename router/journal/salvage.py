@@ -53,6 +53,8 @@ from typing import cast
 from isal import isal_zlib
 from isal.isal_zlib import crc32
 
+from router.config import ServerConfig
+
 MAGIC = b"SQLite format 3\x00"
 WAL_MAGICS = (0x377F0682, 0x377F0683)
 WAL_HEADER_BYTES = 32
@@ -77,6 +79,12 @@ COVERED = b"\xfe\xff\xff\xff"
 # What a record that fails its CRC is given as its body's CRC once read (EventRow.crc, and the
 # events table salvage fills): the body's own CRC with every bit flipped, which never matches.
 NOT_INTACT = 0xFFFFFFFF
+# A record `frame` was given with a body failing its CRC but whose identity was vouched for
+# (an events row of an intact SQLite file, keyed by its seq: `vouched`) is stored with its
+# covered CRC XOR this instead of NOT_INTACT: it still fails its CRC, and the reader, finding
+# this mark (`vouched_at`), knows the header is the row's own and only the body was damaged.
+# Damage matches it by chance as rarely as it matches the CRC itself (1 in 2**32).
+VOUCHED_NOT_INTACT = 0x7FFFFFFF
 
 # A packed frame starts with PACKED: read as a record header, a body length no record has (past
 # MAX_RECORD_BYTES), so a plain frame never starts with it, and a reader that knew only plain
@@ -92,12 +100,55 @@ PACKED = b"\xff\xff\xff\xff"
 # saved), and bench.journal_owner's writes took 1.2, 1.2, 1.2 against 1.6, 1.5, 1.4 us an event
 # (alternated). Any level inflates the same: frames written at level 1 read as before.
 PACK_MIN_BYTES = 16 * 1024
+# A commit's events are framed into batch rows of about this many bytes of bodies: a frame's
+# records are added while the bodies before them come to BATCH_BYTES or less, so a frame holds
+# at most BATCH_BYTES of bodies and then one more event. A read of a few events of a large
+# commit loads one of them, not all of it; and a frame stays below glibc's mmap threshold
+# (128 KiB), which a larger one, once freed, raises for good (1 MiB frames cost
+# bench.journal_owner 4-6 MB of peak RSS and saved no CPU there).
+BATCH_BYTES = 1 << 16
+# An event's id is at most 256 characters (schemas/event.schema.json), each at most 4 bytes.
+MAX_ID_BYTES = 4 * 256
+# The most records a frame holds: each body is 2 bytes ({}) at least, and a frame's bodies but
+# its last come to at most BATCH_BYTES (a frame moved from the layout before batches holds 1,000
+# records at most, fewer than this).
+MAX_FRAME_RECORDS = BATCH_BYTES // 2 + 1
 PACK_LEVEL = 0
 RAW_DEFLATE = -15  # window bits: no zlib header or trailer (every record has its own CRC)
 # What inflating garbage raises: isal's stubs declare `error` an instance; it is the class.
 INFLATE_ERROR = cast("type[Exception]", isal_zlib.error)
 
 Value = int | float | str | bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class FrameBound:
+    """What a frame can legitimately inflate to, from the largest event the router takes
+    (ServerConfig.max_event_bytes): a packed frame that inflates past it is damage or a
+    deflate bomb (a 0.9 MB blob inflated to 207 MB), and is read as cut there (`unpack`)."""
+
+    max_event_bytes: int
+
+    def of(self, first: int, last: int) -> int:
+        """The most bytes the frame of records first..last holds: its marker, BATCH_BYTES of
+        bodies and one more event, and for each record its header and the longest id."""
+        records = min(max(last - first + 1, 1), MAX_FRAME_RECORDS)
+        per_record = RECORD.size + MAX_ID_BYTES
+        return len(COVERED) + BATCH_BYTES + self.max_event_bytes + records * per_record
+
+
+# The bound of a router with the default server limits (salvage's scan, when not told).
+DEFAULT_BOUND = FrameBound(ServerConfig().max_event_bytes())
+
+
+class OverlongFrameError(ValueError):
+    """A packed frame inflates past its bound: `prefix` is what inflated up to it, to be read
+    as a frame cut there (its records past the cut are missing, so quarantined)."""
+
+    def __init__(self, most: int, prefix: bytes) -> None:
+        super().__init__(f"a packed frame inflates past {most} bytes, the most it can hold")
+        self.most = most
+        self.prefix = prefix
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,17 +210,19 @@ def covered_crc(seq: int, raw_id: bytes, received_at: float, body: bytes) -> int
     return crc32(body, crc32(TAIL.pack(seq, received_at, len(raw_id)) + raw_id, len(body)))
 
 
-def frame(records: Iterable[tuple[int, str, float, bytes, int]]) -> bytes:
+def frame(records: Iterable[tuple[int, str, float, bytes, int]], *, vouched: bool = False) -> bytes:
     """A batch's blob (format 3): each (seq, event_id, received_at, body, crc) as one record,
-    `crc` the body's alone (EventRow's): a record whose body fails it fails its CRC here too.
-    (Salvage frames what it found this way: a record found in a format-2 frame had its body
-    checked, not its header, which its new CRC then covers as found.)"""
+    `crc` the body's alone (EventRow's): a record whose body fails it fails its CRC here too,
+    marked VOUCHED_NOT_INTACT when its seq and id are `vouched` for (an intact SQLite file's
+    events rows), else NOT_INTACT. (Salvage frames what it found this way, not vouched: a
+    record found in a format-2 frame had its body checked, not its header, which its new
+    CRC then covers as found.)"""
     parts: list[bytes] = [COVERED]
     for seq, event_id, received_at, body, crc in records:
         raw_id = event_id.encode()
         stored = covered_crc(seq, raw_id, received_at, body)
         if crc32(body) != crc:
-            stored ^= NOT_INTACT
+            stored ^= VOUCHED_NOT_INTACT if vouched else NOT_INTACT
         parts += (RECORD.pack(len(body), stored, seq, received_at, len(raw_id)), raw_id, body)
     return b"".join(parts)
 
@@ -182,27 +235,45 @@ def pack(plain: bytes) -> bytes:
     return PACKED + isal_zlib.compress(plain, PACK_LEVEL, RAW_DEFLATE)
 
 
-def unpack(blob: bytes) -> bytes:
+def unpack(blob: bytes, most: int) -> bytes:
     """A stored frame's records (see `pack`); of a packed one cut short or damaged, what
-    inflates before the cut or the damage (a decompressor object yields that much)."""
+    inflates before the cut or the damage (a decompressor object yields that much). Never
+    more than `most` bytes (FrameBound.of): a packed frame that inflates past it raises
+    OverlongFrameError, holding its first `most` bytes. A plain one is as long as stored."""
     if not blob.startswith(PACKED):
         return blob
     inflate = isal_zlib.decompressobj(RAW_DEFLATE)
     try:
-        return inflate.decompress(memoryview(blob)[len(PACKED) :])
+        plain = inflate.decompress(memoryview(blob)[len(PACKED) :], most)
     except INFLATE_ERROR:
-        return _inflate_prefix(blob)
+        plain = _inflate_prefix(blob, most)
+        if len(plain) >= most:
+            raise OverlongFrameError(most, plain) from None
+        return plain
+    # A legitimate frame stays below its bound (every id counted at its longest), so one
+    # that fills it and has not ended goes on past it.
+    if len(plain) >= most and not inflate.eof:
+        raise OverlongFrameError(most, plain)
+    return plain
 
 
-def _inflate_prefix(blob: bytes) -> bytes:
-    """What a damaged packed frame inflates to before the damage: fed a piece at a time, so
-    the output of the pieces before the error is kept."""
+def _inflate_prefix(blob: bytes, most: int) -> bytes:
+    """What a damaged packed frame inflates to before the damage, `most` bytes at most: fed
+    a piece at a time, so the output of the pieces before the error is kept."""
     inflate = isal_zlib.decompressobj(RAW_DEFLATE)
     out: list[bytes] = []
+    got = 0
     for at in range(len(PACKED), len(blob), 512):
+        piece = blob[at : at + 512]
         try:
-            out.append(inflate.decompress(blob[at : at + 512]))
+            while piece and got < most:
+                inflated = inflate.decompress(piece, most - got)
+                out.append(inflated)
+                got += len(inflated)
+                piece = inflate.unconsumed_tail
         except INFLATE_ERROR:
+            break
+        if got >= most:
             break
     return b"".join(out)
 
@@ -226,6 +297,8 @@ def frame_offsets(blob: bytes, first: int, last: int) -> dict[int, int]:
         if previous < seq <= last and stop <= end:
             offsets[seq] = at
             previous, at = seq, stop
+            if seq == last:
+                break  # no record can come after the last: what follows is not searched
         else:
             at = _resync(blob, at + 1, previous, last, covered)
     return offsets
@@ -277,10 +350,34 @@ def record_at(blob: bytes, at: int) -> tuple[int, str | None, float, bytes, int]
     return seq, event_id, received_at, body, crc
 
 
-def frame_records(blob: bytes, first: int, last: int) -> Iterator[EventRow]:
+def vouched_at(blob: bytes, at: int) -> bool:
+    """Whether the record at `at` is the one written under the seq its header names: its
+    frame's CRCs cover their headers (format 3) and its CRC matches, or is `frame`'s mark of
+    a vouched-for record whose body failed its CRC before it was framed."""
+    if not blob.startswith(COVERED):
+        return False  # a CRC of the body alone says nothing of the seq beside it
+    length, crc, _, _, id_length = RECORD.unpack_from(blob, at)
+    start = at + RECORD.size + id_length
+    return _crc_of(blob, at, start, length, True) ^ crc in (0, VOUCHED_NOT_INTACT)
+
+
+def record_bytes(blob: bytes, at: int) -> bytes:
+    """The record starting at `at` as it lies in its frame: its header, then as many bytes
+    as its header says its id and body hold (cut at the frame's end)."""
+    length, _, _, _, id_length = RECORD.unpack_from(blob, at)
+    return blob[at : at + RECORD.size + id_length + length]
+
+
+def frame_records(
+    blob: bytes, first: int, last: int, bound: FrameBound = DEFAULT_BOUND
+) -> Iterator[EventRow]:
     """Every record a batch's blob (as stored: plain or packed) still holds, as EventRows
-    (intact or not); one whose id is not even text is garbage, not a record."""
-    blob = unpack(blob)
+    (intact or not); one whose id is not even text is garbage, not a record. A packed blob
+    that inflates past its `bound` is read as cut there."""
+    try:
+        blob = unpack(blob, bound.of(first, last))
+    except OverlongFrameError as exc:
+        blob = exc.prefix
     for at in frame_offsets(blob, first, last).values():
         seq, event_id, received_at, body, crc = record_at(blob, at)
         if event_id is not None:
@@ -313,26 +410,29 @@ class Pages(Mapping[int, bytes]):
         return len(set(range(1, self.count + 1)) | set(self.logged))
 
 
-def scan(db: bytes | mmap, wal: bytes = b"") -> Iterator[Row]:
+def scan(db: bytes | mmap, wal: bytes = b"", bound: FrameBound = DEFAULT_BOUND) -> Iterator[Row]:
     """Every journal row whose bytes survive in the database file `db` (bytes or an mmap) and
     its write-ahead log `wal`, in page order. An events row may come more than once (a page
-    and an older copy of it elsewhere); prefer the intact one."""
+    and an older copy of it elsewhere); prefer the intact one. A packed frame is inflated no
+    further than its `bound`."""
     pages = Pages(db, wal)
     skip = _free_pages(pages) | _ptrmap_pages(pages) | {1}
     for number in pages:
         if number in skip:
             continue
         for kind, rowid, values, whole in _cells(pages[number], pages, pages.usable):
-            yield from _classify(kind, rowid, values, whole)
+            yield from _classify(kind, rowid, values, whole, bound)
 
 
-def _classify(kind: int, rowid: int | None, values: list[Value], whole: bool) -> Iterator[Row]:
+def _classify(
+    kind: int, rowid: int | None, values: list[Value], whole: bool, bound: FrameBound
+) -> Iterator[Row]:
     """The rows a cell holds by its shape; a cell cut short (`whole` false) only when it is a
     batch, whose records before the cut are still whole."""
     if kind == TABLE_LEAF and rowid is not None:
         match values:
             case [None, int(last), bytes(blob)]:
-                yield from frame_records(blob, rowid, last)
+                yield from frame_records(blob, rowid, last, bound)
             case [None, str(event_id), int() | float() as at, bytes(body), int(crc)] if whole:
                 yield EventRow(rowid, event_id, float(at), body, crc)
             case [str(target), int(), int(), int(), *rest] if whole and all(

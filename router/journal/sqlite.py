@@ -72,8 +72,10 @@ from router.events import Event
 from router.journal import Books, Entry, JournalFullError, JournalUnavailableError
 from router.journal.lock import lock_storage
 from router.journal.salvage import (
+    BATCH_BYTES,
     COVERED,
     CRC_END,
+    DEFAULT_BOUND,
     LEAD,
     MAGIC,
     PACKED,
@@ -82,13 +84,17 @@ from router.journal.salvage import (
     BooksRow,
     DeliveryRow,
     EventRow,
+    FrameBound,
+    OverlongFrameError,
     OwedRow,
     frame,
     frame_offsets,
     pack,
     record_at,
+    record_bytes,
     scan,
     unpack,
+    vouched_at,
 )
 from router.observe.logformat import counted
 
@@ -138,12 +144,8 @@ ADD_COLUMNS = {
 FORMAT = 3
 # The route of a delivery that salvage restored from a surviving event alone.
 SALVAGED_ROUTE = "salvaged"
-# A commit's events are framed into batch rows of about this many bytes of bodies: a read of a
-# few events of a large commit loads one of them, not all of it; and a frame stays below glibc's
-# mmap threshold (128 KiB), which a larger one, once freed, raises for good (1 MiB frames cost
-# bench.journal_owner 4-6 MB of peak RSS and saved no CPU there).
-BATCH_BYTES = 1 << 16
-# Events of the layout before batches moved into one batch row (and one transaction) at a time.
+# Events of the layout before batches moved into one batch row (and one transaction) at a time
+# (fewer when their bodies pass BATCH_BYTES: a frame holds what salvage.FrameBound allows).
 MIGRATE_CHUNK = 1000
 RETIRE_CHUNK = 1000
 # The page size of a new journal: SQLite's default. Larger pages pay for batches and cost
@@ -395,8 +397,16 @@ class SqliteJournal:
 
     MAKES_ROOM_ITSELF: ClassVar[bool] = False  # the Acceptor sheds when this one is full
 
-    def __init__(self, storage: StorageConfig, target_ids: Sequence[str]) -> None:
+    def __init__(
+        self,
+        storage: StorageConfig,
+        target_ids: Sequence[str],
+        *,
+        bound: FrameBound = DEFAULT_BOUND,
+    ) -> None:
         self.config = storage
+        # How far a packed frame is inflated: past it, the frame is damage (salvage.unpack).
+        self.bound = bound
         self.directory = Path(storage.path)
         self.path = self.directory / DB_NAME
         self._targets = {target_id: _Target() for target_id in target_ids}
@@ -532,7 +542,7 @@ class SqliteJournal:
         self.path.touch(mode=0o600, exist_ok=True)
         self._db = self._connect(self.path)
         db = self._db
-        _move_into_batches(db, commit_each=True)
+        _move_into_batches(db, commit_each=True, vouched=True)
         self._page_size = db.execute("PRAGMA page_size").fetchone()[0]
         self._next_seq = (db.execute("SELECT MAX(last_seq) FROM batches").fetchone()[0] or 0) + 1
         for target_id, target in self._targets.items():
@@ -587,9 +597,9 @@ class SqliteJournal:
         fresh = self._connect(self.path)
         try:
             with transaction(fresh):
-                books, settled = _copy_salvaged(aside, fresh)
+                books, settled = _copy_salvaged(aside, fresh, self.bound)
                 recovered, lost = self._settle_salvaged(fresh, books, settled)
-                _move_into_batches(fresh, commit_each=False)
+                _move_into_batches(fresh, commit_each=False, vouched=False)
         finally:
             fresh.close()
         log.error(
@@ -958,7 +968,7 @@ class SqliteJournal:
                         else:
                             event = Event.stored(event_id, body, received_at)
                 if event is None:
-                    event = self._decode(seq, *_record_or_none(blob, at))
+                    event = self._quarantined(seq, batch, blob, at)
                 entries.append(_entry(seq, event, route))
                 if len(entries) == limit:
                     return entries
@@ -972,35 +982,54 @@ class SqliteJournal:
             row = self._db.execute(
                 "SELECT last_seq, records FROM batches WHERE first_seq = ?", (batch,)
             ).fetchone()
-            blob = unpack(bytes(row[1])) if row is not None else b""
+            blob = self._unpack(bytes(row[1]), batch, row[0]) if row is not None else b""
             offsets = frame_offsets(blob, batch, row[0]) if row is not None else {}
             self._frame = (batch, blob, offsets)
         return self._frame[1], self._frame[2]
 
-    def _decode(
-        self,
-        seq: int,
-        event_id: str | None,
-        received_at: float | None,
-        body: bytes | None,
-        crc: int | None,
-    ) -> Event:
-        """The stored event, unparsed; a record that is missing or fails its checksum (or
-        is not a JSON object) becomes a quarantine marker that is dead-lettered, not sent."""
-        if (
-            body is None
-            or event_id is None
-            or received_at is None
-            or crc32(body) != crc
-            or not body.startswith(b"{")
-        ):
-            # A batch that did not fit is read again: count and log each record once.
-            if seq not in self._quarantined_seqs:
-                self._quarantined_seqs.add(seq)
-                self.quarantined += 1
-                log.error("journal record %d is missing or fails its checksum; quarantined", seq)
+    def _unpack(self, stored: bytes, first: int, last: int) -> bytes:
+        """The frame of batch first..last, inflated no further than it can legitimately hold
+        (self.bound): one that goes on past that is damaged, read as cut there, and the
+        records past the cut are quarantined as missing (a deflate bomb never fills memory)."""
+        try:
+            return unpack(stored, self.bound.of(first, last))
+        except OverlongFrameError as exc:
+            log.error(
+                "journal frame %d (seqs %d-%d, %d bytes stored) inflates past %d bytes, the "
+                "most it can hold; read as cut there, the records past it quarantined",
+                first,
+                first,
+                last,
+                len(stored),
+                exc.most,
+            )
+            return exc.prefix
+
+    def _quarantined(self, seq: int, batch: int, blob: bytes, at: int | None) -> Event:
+        """The quarantine marker, dead-lettered and not sent, for a record owed under `seq`
+        that is missing from its batch's frame, fails its checksum, or is not a JSON object.
+
+        Its letter holds an excerpt of its bytes, its id and arrival time only when the record
+        is vouched for (salvage.vouched_at): its CRC covers its header and matched (format 3),
+        so it is the record written under this seq and only its body is no event; or it was
+        moved into its frame from an events row of an intact file (keyed by its seq) whose body
+        had failed its CRC already, and is marked so. Any other record that failed its CRC
+        is not: its seq, id or length may be what was damaged, so it may be another event's,
+        owed to targets this one's routes never named, standing at this seq (a body slice by
+        a damaged length may run into the records after it, too). Its letter says where it
+        lies and the length and sha256 of its bytes (Event.unvouched_record), none of them."""
+        # A batch that did not fit is read again: count and log each record once.
+        if seq not in self._quarantined_seqs:
+            self._quarantined_seqs.add(seq)
+            self.quarantined += 1
+            log.error("journal record %d is missing or fails its checksum; quarantined", seq)
+        if at is not None and vouched_at(blob, at):
+            _, event_id, received_at, body, _ = record_at(blob, at)
             return Event.corrupt_record(seq, body, event_id=event_id, received_at=received_at)
-        return Event.stored(event_id, body, received_at)
+        where = {"journal_file": str(self.path), "journal_frame": batch, "frame_offset": at}
+        return Event.unvouched_record(
+            seq, None if at is None else record_bytes(blob, at), where=where
+        )
 
     async def ack(self, target_id: str, batch: Sequence[Entry], *, dead_lettered: int) -> None:
         """Settle the batch. A caller cancelled meanwhile (a worker stopped at the drain
@@ -1378,7 +1407,7 @@ class SqliteJournal:
                 "WHERE instr(records, ?1) > 0 OR substr(records, 1, ?3) = ?2",
                 (raw_id, PACKED, len(PACKED)),
             ):
-                blob = unpack(stored)
+                blob = self._unpack(stored, first, last)
                 if raw_id not in blob:
                     continue
                 for seq, at in frame_offsets(blob, first, last).items():
@@ -1438,26 +1467,20 @@ def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         raise
 
 
-def _record_or_none(
-    blob: bytes, at: int | None
-) -> tuple[str | None, float | None, bytes | None, int | None]:
-    """(event_id, received_at, body, crc) of the record at `at`, all None if there is none."""
-    if at is None:
-        return None, None, None, None
-    return record_at(blob, at)[1:]
-
-
-def _move_into_batches(db: sqlite3.Connection, *, commit_each: bool) -> None:
+def _move_into_batches(db: sqlite3.Connection, *, commit_each: bool, vouched: bool) -> None:
     """Move what the layout before batches holds (a journal written by an older version, or
     the rows salvage recovered) into batches of MIGRATE_CHUNK events and their owed runs. Each
     chunk leaves the old tables as it enters the new ones, in one transaction of its own when
     `commit_each` (a kill during a large move loses nothing; the next open moves the rest).
     A record keeps its CRC as stored, so one that failed its checksum still fails it, and a
-    delivery whose event is gone is still owed (and quarantined when read), as before."""
+    delivery whose event is gone is still owed (and quarantined when read), as before.
+    `vouched`: the rows are an intact file's, each keyed by its seq, so a record that failed
+    its checksum is framed with the mark that its header is its own (salvage.frame); rows
+    salvage read from damaged pages are not."""
     moved = 0
     while True:
         with transaction(db) if commit_each else contextlib.nullcontext(db):
-            chunk = _move_chunk(db)
+            chunk = _move_chunk(db, vouched)
         if chunk is None:
             break
         moved += chunk
@@ -1465,9 +1488,10 @@ def _move_into_batches(db: sqlite3.Connection, *, commit_each: bool) -> None:
         log.info("journal: %s moved into batches", counted(moved, "event", "events"))
 
 
-def _move_chunk(db: sqlite3.Connection) -> int | None:
-    """Move the first MIGRATE_CHUNK events of the old tables (and the deliveries up to the
-    last of them) into one batch; returns how many events it moved (None: nothing was left)."""
+def _move_chunk(db: sqlite3.Connection, vouched: bool) -> int | None:
+    """Move the first MIGRATE_CHUNK events of the old tables (fewer once their bodies pass
+    BATCH_BYTES, as a commit's frames are cut) and the deliveries up to the last of them into
+    one batch; returns how many events it moved (None: nothing was left)."""
     first, top = db.execute(
         "SELECT MIN(lo), MAX(hi) FROM (SELECT MIN(seq) AS lo, MAX(seq) AS hi FROM events "
         "UNION ALL SELECT MIN(seq), MAX(seq) FROM deliveries)"
@@ -1479,7 +1503,13 @@ def _move_chunk(db: sqlite3.Connection) -> int | None:
         "ORDER BY seq LIMIT ?",
         (first, MIGRATE_CHUNK),
     ).fetchall()
-    last = rows[-1][0] if len(rows) == MIGRATE_CHUNK else top
+    size, cut = 0, False
+    for kept, row in enumerate(rows, 1):
+        size += len(row[3])
+        if size > BATCH_BYTES and kept < len(rows):
+            rows, cut = rows[:kept], True
+            break
+    last = rows[-1][0] if cut or len(rows) == MIGRATE_CHUNK else top
     runs: list[list[Any]] = []
     for (target_id,) in db.execute("SELECT DISTINCT target FROM deliveries").fetchall():
         run: list[Any] | None = None
@@ -1502,14 +1532,17 @@ def _move_chunk(db: sqlite3.Connection) -> int | None:
             (seq, event_id, at, body if isinstance(body, bytes) else str(body).encode(), crc)
             for seq, event_id, at, body, crc in rows
         ]
-        db.execute("INSERT INTO batches VALUES (?, ?, ?)", (first, last, pack(frame(records))))
+        db.execute(
+            "INSERT INTO batches VALUES (?, ?, ?)",
+            (first, last, pack(frame(records, vouched=vouched))),
+        )
         db.executemany("INSERT INTO owed VALUES (?, ?, ?, ?, ?)", runs)
     db.execute("DELETE FROM events WHERE seq BETWEEN ? AND ?", (first, last))
     return len(rows)
 
 
 def _copy_salvaged(
-    aside: Path, fresh: sqlite3.Connection
+    aside: Path, fresh: sqlite3.Connection, bound: FrameBound
 ) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
     """Copy every row the damaged file's pages (and its log) still hold into `fresh`, in the
     layout of one row per event and per delivery (moved into batches once settled); an intact
@@ -1523,7 +1556,7 @@ def _copy_salvaged(
         empty = os.fstat(f.fileno()).st_size == 0
         data = b"" if empty else mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         try:
-            for row in scan(data, wal):
+            for row in scan(data, wal, bound):
                 if isinstance(row, EventRow):
                     fresh.execute(
                         f"INSERT OR {'REPLACE' if row.intact else 'IGNORE'} INTO events "

@@ -45,7 +45,13 @@ from router.deadletter import DeadLetters
 from router.evidence.keys import load_private
 from router.evidence.receipt import Receipts
 from router.intake.accept import Acceptor
-from router.intake.handoff import Channel, ChannelError, HandoffJournal
+from router.intake.handoff import (
+    MAX_FRAME_BYTES,
+    Channel,
+    ChannelError,
+    HandoffJournal,
+    max_handoff_bytes,
+)
 from router.intake.http import Ingest, json_response
 from router.intake.redaction import take_run_hash_key
 from router.observe.metrics import IngestStats
@@ -243,6 +249,8 @@ class Worker:
         async with self._lock:
             assert self.channel is not None
             config = self.config = setup.config
+            # The owner takes no larger frame: an offer that would be larger is refused here.
+            self.channel.max_send_bytes = max_handoff_bytes(config.server)
             take_run_hash_key(setup.run_hash_key)
             validator, redactor = validator_for(config), redactor_for(config)
             guard = Guard.build(config.auth, _never, config.server)
@@ -399,6 +407,7 @@ async def run_worker(fd: int) -> int:
             "collector": worker.collector,
         },
         name="journal-owner",
+        max_frame_bytes=MAX_FRAME_BYTES,  # the owner's frames: its config, its reloads
     )
     worker.channel = channel
     channel.start()

@@ -47,7 +47,7 @@ from aiohttp.typedefs import Handler
 import router
 from router.config import Config
 from router.intake.accept import Acceptor
-from router.intake.handoff import Channel, ChannelError, Records, events
+from router.intake.handoff import Channel, ChannelError, Records, events, max_handoff_bytes
 from router.intake.redaction import run_hash_key
 from router.observe.logformat import JsonFormatter
 from router.observe.metrics import IngestStats
@@ -214,7 +214,13 @@ class WorkerPool:
         finally:
             child.close()
         mine: list[_Handle] = []  # the handle its channel's calls are counted for
-        channel = await Channel.over(parent, self._handlers(mine), name=f"worker-{index}")
+        channel = await Channel.over(
+            parent,
+            self._handlers(mine),
+            name=f"worker-{index}",
+            max_frame_bytes=max_handoff_bytes(self._config().server),
+            on_fault=lambda _: _kill(proc),
+        )
         handle = self._handles[index] = _Handle(index, proc, channel)
         mine.append(handle)
         channel.start()
@@ -396,6 +402,13 @@ def remove_orphaned_socket_dirs(base: str | None = None) -> None:
                 continue
             if not _running(int(owner)):
                 shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _kill(proc: asyncio.subprocess.Process) -> None:
+    """Stop a worker that broke the hand-off's protocol at once: its watch starts another,
+    as after a crash (what it was answering was never acknowledged)."""
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
 
 
 def _running(pid: int) -> bool:

@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
+import hashlib
 import sqlite3
+import struct
 from pathlib import Path
 
 import aiohttp
@@ -17,11 +19,13 @@ from router.config import StorageConfig
 from router.daemon import Daemon
 from router.events import Event
 from router.journal import sqlite as sqlite_journal
+from router.journal.salvage import PACKED, RECORD, TAIL, frame_offsets, record_at
 from router.journal.sqlite import SqliteJournal
 from tests.conftest import StartDaemon
-from tests.fakes import incompressible, make_event, wait_for
+from tests.fakes import incompressible, make_event, read_ndjson, wait_for
 from tests.helpers import (
     ReceiverFactory,
+    assert_books_balance,
     everything_to,
     file_target,
     free_port,
@@ -168,3 +172,100 @@ async def test_a_search_through_an_archive_rotation_cut_short_answers_503_naming
     assert [event["id"] for event in first["events"]] == ["old"] * 10
     assert through["error"]["code"] == "archive_unreadable"
     assert str(cut) in through["error"]["message"]
+
+
+async def test_a_record_whose_header_was_damaged_on_disk_leaks_no_body_to_another_target(
+    start_daemon: StartDaemon, receiver_factory: ReceiverFactory, tmp_path: Path
+) -> None:
+    """Two targets, different routes, their events side by side in one frame. The seq in the
+    header of one of west's records is changed on disk to the next seq, east's: the record
+    then stands at east's seq and fails its CRC there. Its letter in east's file carried
+    its body (west's event) as an excerpt, and its id. A record that fails its CRC is not
+    vouched for by its own header: neither target's letters hold a byte of any event's body
+    or id, and each letter says where the record lies (file, frame, offset) and the length
+    and sha256 of its bytes, so an operator can find it."""
+    east, west = await receiver_factory([503]), await receiver_factory([503])
+    routes = [
+        {"name": "east", "rules": [{"locations": ["us-south"], "target_ids": ["east"]}]},
+        {"name": "west", "rules": [{"locations": ["eu-de"], "target_ids": ["west"]}]},
+    ]
+    config = {
+        "targets": [patient(http_target("east", east.url)), patient(http_target("west", west.url))],
+        "routes": routes,
+        "shutdown": {"drain_timeout_s": 0.2},
+    }
+    events = [
+        make_event(
+            id=f"evt-{side}-{i}",
+            location="us-south" if side == "east" else "eu-de",
+            message=f"secret-{side}-{i}-" + incompressible(200),
+        )
+        for i in range(3)
+        for side in ("west", "east")
+    ]
+    first = await start_daemon(config)
+    status, _ = await post(first, events)  # one commit, one plain frame (below 16 KiB)
+    assert status == 202
+    await first.stop()
+
+    path = tmp_path / "var" / sqlite_journal.DB_NAME
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        frames = db.execute("SELECT first_seq, last_seq, records FROM batches").fetchall()
+    [(batch, last, stored)] = [row for row in frames if b"evt-west-1" in row[2]]
+    assert not stored.startswith(PACKED)
+    records = {
+        record_at(stored, at)[1]: (seq, at)
+        for seq, at in frame_offsets(stored, batch, last).items()
+    }
+    west_seq, west_at = records["evt-west-1"]
+    east_seq, _ = records["evt-east-1"]
+    assert east_seq == west_seq + 1
+    # The damage, on disk: west's record's seq field becomes east's seq.
+    length, _, _, received_at, id_length = RECORD.unpack_from(stored, west_at)
+    header = TAIL.pack(west_seq, received_at, id_length) + b"evt-west-1"
+    data = bytearray(path.read_bytes())
+    assert data.count(header) == 1
+    at = data.index(header)
+    data[at : at + 8] = struct.pack("<q", east_seq)
+    path.write_bytes(data)
+    damaged = stored.replace(header, TAIL.pack(east_seq, received_at, id_length) + b"evt-west-1")
+    raw = damaged[west_at : west_at + RECORD.size + id_length + length]
+
+    east.statuses, west.statuses = [200], [200]
+    second = await start_daemon(config)
+    await wait_for(lambda: settled(second), what="both backlogs to settle")
+    letters = tmp_path / "var" / "deadletter"
+    for target, other in (("east", "west"), ("west", "east")):
+        text = (letters / f"{target}.ndjson").read_text()
+        for event in events:
+            assert event["message"] not in text and event["id"] not in text, (target, event["id"])
+        assert f"secret-{other}" not in text
+    [east_letter] = read_ndjson(letters / "east.ndjson")
+    [west_letter] = read_ndjson(letters / "west.ndjson")
+    assert east_letter["reason"] == west_letter["reason"] == "journal_corrupt"
+    assert east_letter["route"] == "east" and west_letter["route"] == "west"
+    assert east_letter["event"] == {
+        "journal_seq": east_seq,
+        "journal_file": str(path),
+        "journal_frame": batch,
+        "frame_offset": west_at,
+        "raw_length": len(raw),
+        "raw_sha256": hashlib.sha256(raw).hexdigest(),
+    }
+    # West's own seq lost its record (it now stands at east's): nothing to point at but the frame.
+    assert west_letter["event"] == {
+        "journal_seq": west_seq,
+        "journal_file": str(path),
+        "journal_frame": batch,
+        "frame_offset": None,
+        "raw_length": 0,
+        "raw_sha256": None,
+    }
+    delivered = {e["id"] for r in (east, west) for e in r.delivered_events}
+    assert delivered == {e["id"] for e in events} - {"evt-west-1", "evt-east-1"}
+    status = second.status()
+    assert status["journal"]["quarantined_records"] == 2
+    for target in ("east", "west"):
+        row = status["targets"][target]
+        assert (row["received"], row["delivered"], row["dead_lettered"]) == (3, 2, 1)
+    assert_books_balance(second)

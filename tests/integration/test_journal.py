@@ -29,6 +29,7 @@ from router.journal import Entry
 from router.journal import sqlite as sqlite_journal
 from router.journal.salvage import (
     COVERED,
+    DEFAULT_BOUND,
     PACKED,
     RECORD,
     frame,
@@ -38,7 +39,6 @@ from router.journal.salvage import (
     unpack,
 )
 from router.journal.sqlite import FREE_BYTES_BEFORE_SHRINK, SqliteJournal
-from router.observe.metrics import utc_iso
 from tests.conftest import StartDaemon
 from tests.fakes import ScriptedReceiver, incompressible, make_event, read_ndjson, wait_for
 from tests.helpers import (
@@ -79,7 +79,7 @@ def tamper_record(path: Path, seq: int, body: bytes) -> float:
             "ORDER BY first_seq DESC LIMIT 1",
             (seq,),
         )
-        blob = unpack(stored)
+        blob = unpack(stored, DEFAULT_BOUND.of(first, last))
         records = [record_at(blob, at) for at in frame_offsets(blob, first, last).values()]
         [received_at] = [r[2] for r in records if r[0] == seq]
         tampered = [(s, i, at, body if s == seq else b, crc) for s, i, at, b, crc in records]
@@ -220,7 +220,7 @@ async def test_a_record_failing_its_checksum_is_dead_lettered_and_the_rest_deliv
     first = await start_daemon(config)
     await post(first, [make_event(id=f"e{i}") for i in range(4)])
     await first.stop()
-    received_at = tamper_record(tmp_path / "var" / "journal.db", 2, b'{"tampered": true}')
+    tamper_record(tmp_path / "var" / "journal.db", 2, b'{"tampered": true}')
 
     siem.statuses = [200]
     second = await start_daemon(config)
@@ -229,9 +229,11 @@ async def test_a_record_failing_its_checksum_is_dead_lettered_and_the_rest_deliv
     [letter] = read_ndjson(tmp_path / "var" / "deadletter" / "siem.ndjson")
     assert letter["reason"] == "journal_corrupt"
     assert letter["event"]["journal_seq"] == 2
-    # The id and arrival time columns survived: the letter keeps them (`dlq show` shows the id).
-    assert letter["event"]["id"] == "e1"
-    assert letter["received_at"] == utc_iso(received_at)
+    # Its header survived, but a record that fails its CRC is not vouched for by it (its seq
+    # or id may be what was damaged): the letter says where the record lies, no byte of it.
+    assert "id" not in letter["event"] and "raw_excerpt" not in letter["event"]
+    assert letter["event"]["journal_frame"] == 1
+    assert letter["event"]["raw_length"] == RECORD.size + len(b"e1") + len(b'{"tampered": true}')
     assert second.status()["journal"]["quarantined_records"] == 1
     row = second.status()["targets"]["siem"]
     assert (row["received"], row["delivered"], row["dead_lettered"]) == (4, 3, 1)
@@ -272,7 +274,9 @@ async def test_a_damaged_journal_file_is_quarantined_and_intact_records_delivere
     assert status["journal"]["lost_records"] >= 1
     assert len(delivered) + len(letters) + status["journal"]["lost_records"] == 200
     assert {letter["reason"] for letter in letters} <= {"journal_corrupt"}
-    assert all(letter["event"]["id"].startswith("e") for letter in letters)
+    # No letter holds a byte of a record that failed its CRC: where it lies, its length, its hash.
+    assert all(letter["event"].keys() >= {"journal_seq", "raw_sha256"} for letter in letters)
+    assert not any("raw_excerpt" in letter["event"] for letter in letters)
     assert_books_balance(second)
 
 
@@ -1174,12 +1178,12 @@ async def test_a_move_into_batches_cut_short_goes_on_at_the_next_open(
     move_chunk = sqlite_journal._move_chunk
     moves = 0
 
-    def crash_after_one(db: sqlite3.Connection) -> int | None:
+    def crash_after_one(db: sqlite3.Connection, vouched: bool) -> int | None:
         nonlocal moves
         moves += 1
         if moves == 2:
             raise KeyboardInterrupt("killed")
-        return move_chunk(db)
+        return move_chunk(db, vouched)
 
     monkeypatch.setattr(sqlite_journal, "_move_chunk", crash_after_one)
     crashed = SqliteJournal(config, ["siem", "archive"])
@@ -1416,7 +1420,7 @@ def rewrite_frames(path: Path, change: Callable[[bytes, int, int], bytes]) -> No
         for first, last, stored in db.execute(
             "SELECT first_seq, last_seq, records FROM batches"
         ).fetchall():
-            plain = change(unpack(stored), first, last)
+            plain = change(unpack(stored, DEFAULT_BOUND.of(first, last)), first, last)
             db.execute("UPDATE batches SET records = ? WHERE first_seq = ?", (pack(plain), first))
 
 
@@ -1527,7 +1531,9 @@ async def test_a_format_2_journal_reads_as_before_and_its_new_frames_follow_the_
         db.execute("PRAGMA user_version = 2")
         old_frames = db.execute("SELECT first_seq, records FROM batches").fetchall()
     assert [blob.startswith(PACKED) for _, blob in old_frames] == [False, True]
-    assert not any(unpack(blob).startswith(COVERED) for _, blob in old_frames)
+    assert not any(
+        unpack(blob, DEFAULT_BOUND.of(1, 1)).startswith(COVERED) for _, blob in old_frames
+    )
 
     journal = SqliteJournal(StorageConfig(path=str(storage), fsync="never"), ["a", "b"])
     await journal.open()
@@ -1540,7 +1546,9 @@ async def test_a_format_2_journal_reads_as_before_and_its_new_frames_follow_the_
             frames = db.execute("SELECT first_seq, records FROM batches").fetchall()
         assert frames[:2] == old_frames
         assert [blob.startswith(PACKED) for _, blob in frames[2:]] == [False, True]
-        assert all(unpack(blob).startswith(COVERED) for _, blob in frames[2:])
+        assert all(
+            unpack(blob, DEFAULT_BOUND.of(1, 1)).startswith(COVERED) for _, blob in frames[2:]
+        )
         assert await journal.pending_for("e05") == ["b"]
         for target_id in ("a", "b"):
             taken = await take_all(journal, target_id)
@@ -1551,5 +1559,55 @@ async def test_a_format_2_journal_reads_as_before_and_its_new_frames_follow_the_
             ]
             assert taken == own
         assert journal.quarantined == 0
+    finally:
+        await journal.close()
+
+
+async def test_a_deflate_bomb_in_the_journal_inflates_no_further_than_a_frame_can_hold(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A batch row of a real journal replaced on disk by a crafted packed frame: its three
+    records, then 207 MB of spaces, deflated to about 200 KB. Reading the backlog inflated
+    all of it (207 MB in memory for one frame; a few such rows, an out-of-memory). It now
+    stops at what a frame of three records can hold with the default server limits (the
+    largest event, ServerConfig.max_event_bytes, and BATCH_BYTES of others), reads the frame
+    as cut there and says so: the three records come back whole."""
+    storage = tmp_path / "var"
+    journal = SqliteJournal(StorageConfig(path=str(storage), fsync="never"), ["t"])
+    await journal.open()
+    events = [Event.from_body(make_event(id=f"e{i}")) for i in range(3)]
+    await journal.append([(event, {"t": "all"}) for event in events])
+    await journal.close()
+    path = storage / "journal.db"
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        [(first, last, stored)] = db.execute("SELECT first_seq, last_seq, records FROM batches")
+        assert not stored.startswith(PACKED)
+        deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+        parts = [PACKED, deflate.compress(stored)]
+        spaces = b" " * (1 << 20)
+        parts += [deflate.compress(spaces) for _ in range(207)]
+        bomb = b"".join([*parts, deflate.flush()])
+        assert len(bomb) < 1 << 20
+        db.execute("UPDATE batches SET records = ? WHERE first_seq = ?", (bomb, first))
+    del parts, spaces
+
+    journal = SqliteJournal(StorageConfig(path=str(storage), fsync="never"), ["t"])
+    await journal.open()
+    try:
+        tracemalloc.start()
+        try:
+            batch = await journal.next_batch(
+                "t", max_events=10, max_bytes=1 << 20, max_wait_s=0, stopping=asyncio.Event()
+            )
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert [(e.seq, e.event.id, e.event.corrupt) for e in batch] == [
+            (first + i, f"e{i}", False) for i in range(3)
+        ]
+        most = DEFAULT_BOUND.of(first, last)
+        assert most < 64 << 20
+        assert peak < most + (8 << 20), f"reading the frame held {peak} bytes"
+        assert f"inflates past {most} bytes" in caplog.text
     finally:
         await journal.close()

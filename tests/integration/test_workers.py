@@ -20,6 +20,7 @@ import signal
 import socket
 import tempfile
 import tracemalloc
+from array import array
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,11 +31,19 @@ import pytest
 import uvloop
 import yaml
 
-from router.config import parse_config
+from router.config import ServerConfig, parse_config
 from router.deadletter import DeadLetters
 from router.events import Event
 from router.intake.accept import Acceptor
-from router.intake.handoff import Channel, HandoffJournal, events, records
+from router.intake.handoff import (
+    CALL,
+    HEADER,
+    Channel,
+    HandoffJournal,
+    events,
+    max_handoff_bytes,
+    records,
+)
 from router.journal import JournalFullError
 from router.observe.metrics import IngestStats
 from router.reload import validator_for
@@ -1218,3 +1227,67 @@ async def test_a_calls_data_goes_out_as_one_buffer_however_many_events_it_holds(
     finally:
         await worker.close()
         await owner.close()
+
+
+@pytest.mark.parametrize("claim", ["payload", "blobs"])
+async def test_a_frame_claiming_more_than_a_worker_can_send_drops_its_channel_unallocated(
+    claim: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A frame header from a worker may claim up to 1 GiB (its payload's length, or the
+    lengths of its blobs after it): the owner grew its read buffer to the claim, and waited
+    for the rest. A worker sends at most one request's events and their records
+    (max_handoff_bytes, from the server limits): a larger claim is the worker's protocol
+    fault. The owner drops the channel at once, allocating nothing for it, and says why
+    (the worker then stops and is started again, as after a crash)."""
+    faults: list[str] = []
+    owner_side, worker_side = socket.socketpair()
+    owner = await Channel.over(
+        owner_side, {"append": lambda *_: None}, name="worker-7", on_fault=faults.append
+    )
+    owner.start()
+    claimed = 512 << 20
+    assert max_handoff_bytes(ServerConfig()) < claimed
+    if claim == "payload":
+        frame = HEADER.pack(claimed, CALL, 1, 0)
+    else:
+        frame = HEADER.pack(4, CALL, 1, 2) + b"\x80\x05N." + array("I", [1, claimed]).tobytes()
+    loop = asyncio.get_running_loop()
+    worker_side.setblocking(False)
+    tracemalloc.start()
+    try:
+        await loop.sock_sendall(worker_side, frame)
+        await wait_for(owner.closed.is_set, what="the owner to drop the channel")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        await owner.close()
+    assert peak < 4 << 20, f"the owner allocated {peak} bytes for the claim"
+    assert await loop.sock_recv(worker_side, 1) == b"", "the worker sees its channel closed"
+    worker_side.close()
+    whole = HEADER.size + claimed + (0 if claim == "payload" else 4 + 2 * 4 + 1)
+    assert f"worker-7: a frame of {whole} bytes" in caplog.text
+    assert len(faults) == 1
+
+
+async def test_a_worker_refuses_an_offer_larger_than_its_owner_takes_and_keeps_its_channel(
+    tmp_path: Path,
+) -> None:
+    """An offer whose records would come to more than the owner takes from a worker
+    (max_handoff_bytes, set at the worker's setup) is not sent: the owner would take it for a
+    protocol fault and stop the worker, so a producer could stop workers at will. It is
+    refused (journal_unavailable), and the channel goes on taking the next offer."""
+    calls: list[int] = []
+
+    async def append(meta: list[Any], data: list[bytes]) -> None:
+        calls.append(len(data))
+
+    async with channel_pair(append) as worker:
+        worker.max_send_bytes = 64 * 1024
+        acceptor = _acceptor_over(worker, tmp_path)
+        large = [make_event(requestData={"note": "x" * 2000}) for _ in range(100)]
+        outcome = await acceptor.accept(large)
+        assert outcome.refusal is not None and outcome.refusal.code == "journal_unavailable"
+        assert calls == [] and not worker.closed.is_set()
+        outcome = await acceptor.accept([make_event() for _ in range(3)])
+        assert outcome.refusal is None and outcome.accepted == 3
+        assert calls == [3]

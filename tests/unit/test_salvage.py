@@ -17,11 +17,14 @@ from router.events import Event
 from router.journal import sqlite as sqlite_journal
 from router.journal.salvage import (
     COVERED,
+    DEFAULT_BOUND,
     PACKED,
     RECORD,
     BooksRow,
     DeliveryRow,
     EventRow,
+    FrameBound,
+    OverlongFrameError,
     OwedRow,
     frame,
     frame_offsets,
@@ -239,11 +242,11 @@ def records_of(count: int, body_bytes: int) -> list[tuple[int, str, float, bytes
 
 def test_a_large_frame_is_packed_and_a_small_one_stays_plain() -> None:
     small = frame(records_of(3, 1000))
-    assert pack(small) == small and unpack(small) == small
+    assert pack(small) == small and unpack(small, DEFAULT_BOUND.of(1, 3)) == small
     large = frame(records_of(100, 1000))
     packed = pack(large)
     assert packed.startswith(PACKED) and len(packed) < len(large) // 4
-    assert unpack(packed) == large
+    assert unpack(packed, DEFAULT_BOUND.of(1, 100)) == large
     assert [r.seq for r in frame_records(packed, 1, 100)] == list(range(1, 101))
 
 
@@ -296,7 +299,7 @@ def test_a_record_whose_header_was_changed_fails_its_crc_as_one_whose_body_was()
     assert {r.seq for r in found if not r.intact} == {4, 6, 8}
     assert all(r.event_id == f"e{r.seq}" and r.received_at == 1.5 for r in found if r.intact)
     packed = bytearray(pack(frame(records_of(100, 1000))))
-    plain = bytearray(unpack(bytes(packed)))
+    plain = bytearray(unpack(bytes(packed), DEFAULT_BOUND.of(1, 100)))
     struct.pack_into("<q", plain, frame_offsets(bytes(plain), 1, 100)[50] + 8, 51)
     assert [r.seq for r in frame_records(pack(bytes(plain)), 1, 100) if not r.intact] == [51]
 
@@ -333,3 +336,38 @@ def test_random_damage_in_a_packed_frame_never_gives_a_record_intact_under_anoth
         for r in frame_records(bytes(damaged), 1, 60):
             if r.intact:
                 assert (r.event_id, r.received_at, r.body) == records[r.seq - 1][1:4]
+
+
+def deflate_bomb(plain: bytes, padding: int) -> bytes:
+    """A packed frame: `plain`, then `padding` spaces, deflated a MiB at a time (never held)."""
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+    parts = [PACKED, deflate.compress(plain)]
+    chunk = b" " * (1 << 20)
+    for _ in range(padding >> 20):
+        parts.append(deflate.compress(chunk))
+    parts.append(deflate.flush())
+    return b"".join(parts)
+
+
+def test_a_packed_frame_inflating_past_its_bound_is_read_as_cut_there() -> None:
+    """A frame's inflation stops at what a frame of its records can hold (FrameBound): a
+    crafted frame whose third record claims a 64 MiB body, 64 KiB of it stored, inflated in
+    full; now the first two records come back, the third (cut) is missing, and no more than
+    the bound was made."""
+    records = records_of(3, 1000)
+    seq, event_id, at, body, _ = records[2]
+    huge = body[:-2] + b" " * (64 << 20) + b'"}'
+    head = frame(records[:2])
+    third = RECORD.pack(len(huge), 0, seq, at, len(event_id)) + event_id.encode()
+    bomb = deflate_bomb(head + third + huge[:-2], 64 << 20)
+    assert len(bomb) < 128 * 1024
+    bound = FrameBound(max_event_bytes=1 << 20)
+    most = bound.of(1, 3)
+    with pytest.raises(OverlongFrameError) as raised:
+        unpack(bomb, most)
+    assert len(raised.value.prefix) == most < 2 << 20
+    found = list(frame_records(bomb, 1, 3, bound))
+    assert [(r.seq, r.intact) for r in found] == [(1, True), (2, True)]
+    # A frame that ends within its bound is inflated whole, damaged or not.
+    whole = frame(records_of(30, 1000))
+    assert unpack(pack(whole), bound.of(1, 30)) == whole

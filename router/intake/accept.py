@@ -224,6 +224,9 @@ class Acceptor:
             from_body, with_bytes = Event.from_body, Event.accepted
             own_action = _own_action
             received_at = time.time()
+            # What the accepted events may take once journaled: a journal frame and a worker's
+            # hand-off are sized for it (ServerConfig.max_event_bytes).
+            room = self.server.max_event_bytes()
             for index, item in enumerate(items):
                 if made is None:
                     encoded = appended_id = None
@@ -276,6 +279,12 @@ class Acceptor:
                         received_at=received_at,
                         appended_id=appended_id,
                     )
+                size = len(event.encoded())
+                if size > room:
+                    problem = _too_large(size, room, self.server.max_event_bytes())
+                    self._reject(results, index, item, "limits", [problem])
+                    continue
+                room -= size
                 routed.append((event, match(event).targets))
                 if receipts is None:
                     results.append({"index": index, "id": event.id, "status": "accepted"})
@@ -428,6 +437,20 @@ class Acceptor:
                 )
                 return len(entries)
         return 0
+
+
+def _too_large(size: int, room: int, limit: int) -> Problem:
+    """Why an event that grew once journaled (compact JSON: 1E9 is 1000000000.0; a hash in
+    place of a short redacted value) was refused: it does not fit in what is left of what one
+    request's events may take once journaled."""
+    where = "" if room == limit else f" (the events before it in this request left {room})"
+    return Problem(
+        "",
+        f"the event takes {size} bytes once journaled (compact JSON, with its id and "
+        f"redactions); one request's events may take {limit} bytes once journaled{where}, "
+        "twice the larger of server.max_body_bytes and server.max_inflated_bytes: "
+        + ("send it in another request" if size <= limit else "send it smaller"),
+    )
 
 
 def _keep_bytes_only(items: list[Any], routed: Sequence[tuple[Event, Mapping[str, str]]]) -> None:

@@ -473,3 +473,44 @@ async def test_a_request_waiting_for_the_journal_no_longer_holds_the_body_it_cam
     await wait_for(lambda: settled(daemon))
     assert len(read_ndjson(archive)) == 200
     assert_books_balance(daemon)
+
+
+async def test_events_that_grow_past_what_a_request_may_journal_are_rejected_naming_why(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """A request's events may take at most server.max_event_bytes() once journaled (twice the
+    larger body limit): what a journal frame and a worker's hand-off are sized for. An event
+    can grow past it by itself (1E9 is written 1000000000.0; a redaction puts a hash where a
+    short value was): it was accepted, then read back as a cut frame, its records and those
+    after it in that frame dead-lettered as corrupt. It is now rejected (400, the limit in
+    the message); the events before it in the request, within the limit, are accepted."""
+    archive = tmp_path / "archive.ndjson"
+    daemon = await start_daemon(
+        {
+            "server": {"max_body_bytes": 16384, "max_inflated_bytes": 16384},
+            "targets": [file_target("archive", archive)],
+            "routes": everything_to("archive"),
+        }
+    )
+    limit = daemon.config.server.max_event_bytes()
+    small = make_event(id="small-1")
+    grown = make_event(id="grown-1")
+    # 3,000 numbers of 4 bytes as sent, 13 each once journaled: about 39 KB past 32 KB.
+    grown["requestData"] = {"sizes": "@"}
+    text = orjson.dumps([small, grown]).decode()
+    text = text.replace('"@"', "[" + ",".join(["1E9"] * 3000) + "]")
+    assert len(text) < 16384
+    status, answer = await post(daemon, text.encode())
+    assert status == 202, answer
+    assert (answer["accepted"], answer["rejected"]) == (1, 1), answer
+    assert answer["results"][0]["status"] == "accepted"
+    rejected = answer["results"][1]
+    assert rejected["status"] == "rejected" and rejected["id"] == grown["id"]
+    message = rejected["errors"][0]["message"]
+    assert f"{limit} bytes" in message and "journaled" in message, message
+    again = orjson.dumps([grown | {"id": "grown-2"}]).replace(b'"@"', b"[1E9]")
+    status, answer = await post(daemon, again)
+    assert (status, answer["accepted"]) == (202, 1), "the same event, small, is accepted"
+    await wait_for(lambda: settled(daemon))
+    assert [e["id"] for e in read_ndjson(archive)] == ["small-1", "grown-2"]
+    assert_books_balance(daemon)

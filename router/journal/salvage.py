@@ -72,6 +72,9 @@ RECORD = struct.Struct("<IIqdH")
 LEAD = struct.Struct("<II")
 TAIL = struct.Struct("<qdH")
 CRC_END = LEAD.size
+# Where a header's seq is, and how it is written.
+SEQ_AT = LEAD.size
+SEQ = struct.Struct("<q")
 # A frame whose records' CRCs cover their headers too (format 3 on) starts with COVERED; read
 # as a record header, a body length no record has (past MAX_RECORD_BYTES, as PACKED), so a
 # frame written before, whose records' CRCs cover their bodies only, never starts with it.
@@ -306,10 +309,28 @@ def frame_offsets(blob: bytes, first: int, last: int) -> dict[int, int]:
 
 def _resync(blob: bytes, at: int, previous: int, last: int, covered: bool) -> int:
     """The next offset from `at` where a whole record with a later seq and a matching CRC
-    (by the frame's rule, `covered` or not) starts; the end of the blob if there is none."""
+    (by the frame's rule, `covered` or not) starts; the end of the blob if there is none.
+
+    Every seq of (previous, last] ends, little-endian, in the same high bytes (zeros, for any
+    journal under 2**56 events), and a header holds its seq SEQ_AT bytes in: only where those
+    bytes stand can a record start, so the search goes from one to the next with bytes.find
+    (JSON bodies hold no zero byte) instead of trying every offset in Python, which took the
+    journal's thread ~0.5 us per damaged byte (20 s for a frame of the largest size)."""
     size = RECORD.size
     end = len(blob)
+    if previous >= last:
+        return end
+    low, high = SEQ.pack(previous + 1), SEQ.pack(last)
+    shared = next((n for n in range(SEQ.size) if low[-1 - n] != high[-1 - n]), SEQ.size)
+    tail, before = high[SEQ.size - shared :], SEQ_AT + SEQ.size - shared
     while at + size <= end:
+        if shared:
+            found = blob.find(tail, at + before)
+            if found < 0:
+                return end
+            at = found - before
+            if at + size > end:
+                return end
         length, crc, seq, _, id_length = RECORD.unpack_from(blob, at)
         start = at + size + id_length
         if (

@@ -35,6 +35,7 @@ from router.journal.jetstream import (
     JetStreamJournal,
     letters_stream,
     queue_stream,
+    queue_subject,
     read_stream_letters,
 )
 from router.journal.jetstream import journal as jetstream_journal
@@ -1105,3 +1106,34 @@ async def test_a_batch_held_by_a_router_whose_reload_removes_the_target_goes_to_
     await wait_for(lambda: books_of(second, "siem") == (3, 3, 0, 0), what="the books")
     assert delivered() == ids, "each event once"
     assert "siem" not in first.status()["targets"]
+
+
+async def test_a_message_with_an_impossible_arrival_time_is_dead_lettered_not_delivered(
+    start_router: Any, tmp_path: Path, nats_server: NatsServer
+) -> None:
+    """The arrival time comes from a header of the stored message: one that is not a finite
+    time a date can hold ("nan", "1e300", as a damaged or foreign message may have) is not an
+    arrival time, so the message is quarantined (journal_corrupt) as one without it is; an
+    event after it is delivered as ever."""
+    archive = tmp_path / "a.ndjson"
+    daemon = await start_router(
+        {"targets": [file_target("archive", archive)], "routes": everything_to("archive")}
+    )
+    config = daemon.config.storage.jetstream
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        for n, arrival in enumerate(("nan", "1e300", "-inf")):
+            body = orjson.dumps(event(id=f"odd-{n}"))
+            headers = {"Nats-Msg-Id": f"odd-{n}", "Router-Received-At": arrival}
+            headers["Router-Route"] = "all"
+            await js.publish(queue_subject(config, "archive"), body, headers=headers)
+    finally:
+        await nc.close()
+    after = event()
+    assert (await post(daemon, [after]))[0] == 202
+    await wait_for(lambda: books_of(daemon, "archive") == (4, 1, 3, 0), what="the books")
+    assert [e["id"] for e in read_ndjson(archive)] == [after["id"]]
+    status, page = await get_json(daemon, "/v1/deadletters/archive")
+    assert status == 200, page
+    assert [letter["reason"] for letter in page["letters"]] == ["journal_corrupt"] * 3

@@ -14,6 +14,7 @@ import pytest
 
 from router.config import StorageConfig
 from router.events import Event
+from router.journal import salvage
 from router.journal import sqlite as sqlite_journal
 from router.journal.salvage import (
     COVERED,
@@ -373,3 +374,66 @@ def test_a_packed_frame_inflating_past_its_bound_is_read_as_cut_there() -> None:
     # A frame that ends within its bound is inflated whole, damaged or not.
     whole = frame(records_of(30, 1000))
     assert unpack(pack(whole), bound.of(1, 30)) == whole
+
+
+def resync_every_offset(blob: bytes, at: int, previous: int, last: int, covered: bool) -> int:
+    """The search as it was, an offset at a time: the oracle for the one that jumps."""
+    while at + RECORD.size <= len(blob):
+        length, crc, seq, _, id_length = RECORD.unpack_from(blob, at)
+        start = at + RECORD.size + id_length
+        if previous < seq <= last and start + length <= len(blob):
+            body = blob[start : start + length]
+            want = zlib.crc32(body, zlib.crc32(blob[at + 8 : start], length))
+            if (want if covered else zlib.crc32(body)) == crc:
+                return at
+        at += 1
+    return len(blob)
+
+
+@pytest.mark.parametrize("first", [1, 250, 65_530, 5_000_000_000])
+def test_the_search_for_the_next_record_finds_what_trying_every_offset_finds(
+    first: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Damage of every kind (random bytes, zeroed runs, a garbled length, bytes cut out) in
+    frames whose seqs cross a byte boundary (255/256, 65,535/65,536) or not: the records found
+    after it are those the offset-by-offset search finds."""
+    rng = random.Random(first)
+    for _ in range(150):
+        count = rng.randint(2, 40)
+        records = [
+            (seq, f"e{seq}", 1.5, body, zlib.crc32(body))
+            for seq in range(first, first + count)
+            for body in [b'{"n": %d, "pad": "%s"}' % (seq, b"x" * rng.randint(0, 300))]
+        ]
+        damaged = bytearray(frame(records))
+        for _ in range(rng.randint(1, 4)):
+            at = rng.randrange(len(damaged))
+            kind = rng.randrange(4)
+            if kind == 0:
+                damaged[at] = rng.randrange(256)
+            elif kind == 1:
+                damaged[at : at + rng.randint(1, 200)] = bytes(rng.randint(1, 200))
+            elif kind == 2:
+                damaged[at : at + 4] = rng.randbytes(4)
+            else:
+                del damaged[at : at + rng.randint(1, 50)]
+        last = first + count - 1
+        got = frame_offsets(bytes(damaged), first, last)
+        monkeypatch.setattr(salvage, "_resync", resync_every_offset)
+        want = frame_offsets(bytes(damaged), first, last)
+        monkeypatch.undo()
+        assert got == want
+
+
+def test_megabytes_of_damage_between_two_records_cost_those_bytes_only() -> None:
+    """8 MiB of garbage (no zero byte, as JSON has none) after record 2: records 3-5 are found
+    after it, whole."""
+    records = [
+        (seq, f"e{seq}", 1.5, b'{"n": %d}' % seq, zlib.crc32(b'{"n": %d}' % seq))
+        for seq in range(1, 6)
+    ]
+    plain = frame(records)
+    cut = frame_offsets(plain, 1, 5)[3]
+    blob = plain[:cut] + b"\x7f" * (8 << 20) + plain[cut:]
+    found = {r.seq: r for r in frame_records(blob, 1, 5)}
+    assert sorted(found) == [1, 2, 3, 4, 5] and all(r.intact for r in found.values())

@@ -25,10 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import (
-    APIError,
-    BucketNotFoundError,
     KeyNotFoundError,
     KeyWrongLastSequenceError,
 )
@@ -36,7 +33,7 @@ from nats.js.kv import KeyValue
 
 from router.errors import StorageUnavailableError
 from router.journal import ChainFencedError, JournalUnavailableError
-from router.journal.jetstream.streams import STREAM_ERRORS, placed, stream_token
+from router.journal.jetstream.streams import STREAM_ERRORS, open_bucket, stream_token
 
 if TYPE_CHECKING:
     from router.journal.jetstream.journal import JetStreamJournal
@@ -111,23 +108,9 @@ class ChainRecords:
 
     async def _bucket(self) -> KeyValue:
         if self._kv is None:
-            js = self.journal.js
-            try:
-                self._kv = await js.key_value(self.bucket)
-            except BucketNotFoundError:
-                config = KeyValueConfig(
-                    bucket=self.bucket,
-                    history=1,
-                    replicas=self.journal.js_config.replicas,
-                    storage=StorageType.FILE,
-                )
-                with contextlib.suppress(APIError):  # another router created it meanwhile
-                    await placed(
-                        lambda: js.create_key_value(config),
-                        f"bucket {self.bucket}",
-                        self.journal.js_config.start_timeout_s,
-                    )
-                self._kv = await js.key_value(self.bucket)
+            self._kv = await open_bucket(
+                self.journal.js, self.journal.js_config, self.bucket, history=1
+            )
         return self._kv
 
     def _key(self, target_id: str) -> str:

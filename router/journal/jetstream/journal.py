@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import time
 import uuid
@@ -105,6 +106,23 @@ PULL_ARRIVAL_S = 0.1
 # again each time as long): at most half of ack_wait_s passes between two, which leaves the
 # other half for an event loop held up or a connection moving to another server.
 IN_PROGRESS_SHARE = 4
+
+
+# The latest arrival time a date can hold (9999-12-31T23:59:59Z): past it, or not finite, a
+# Router-Received-At header is damage or a foreign message's, not a time.
+LATEST_ARRIVAL = 253_402_300_799.0
+
+
+def arrival(headers: Mapping[str, str]) -> float | None:
+    """A stored message's arrival time, from its Router-Received-At header; None when it is
+    missing or not a time (the message is then quarantined, journal_corrupt): "nan" or 1e300
+    passed float() and stood as the event's arrival, and formatting it raised later, in a
+    dead letter's timestamp or the books' oldest arrival."""
+    try:
+        at = float(headers[RECEIVED_AT])
+    except (KeyError, ValueError):
+        return None
+    return at if math.isfinite(at) and 0 <= at <= LATEST_ARRIVAL else None
 
 
 def _failure(future: asyncio.Future[Any] | None) -> BaseException | None:
@@ -550,10 +568,7 @@ class JetStreamJournal:
         seq = msg.metadata.sequence.stream
         headers = msg.headers or {}
         event_id = headers.get("Nats-Msg-Id")
-        try:
-            received_at = float(headers[RECEIVED_AT])
-        except (KeyError, ValueError):
-            received_at = None
+        received_at = arrival(headers)
         if event_id is None or received_at is None or not msg.data.startswith(b"{"):
             self.quarantined += 1
             log.error("journal: message %d is not an event; quarantined", seq)
@@ -700,9 +715,9 @@ class JetStreamJournal:
             self.healthy = self._nc.is_connected
 
     async def _received_at(self, target_id: str, seq: int) -> float | None:
-        with contextlib.suppress(*STREAM_ERRORS, KeyError, ValueError):
+        with contextlib.suppress(*STREAM_ERRORS):
             msg = await self.reads.get_msg(queue_stream(self.js_config, target_id), seq)
-            return float((msg.headers or {})[RECEIVED_AT])
+            return arrival(msg.headers or {})
         return None
 
     def books(self, target_id: str) -> Books:

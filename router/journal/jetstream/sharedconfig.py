@@ -13,11 +13,10 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError
+from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
-from router.journal.jetstream.streams import STREAM_ERRORS, placed
+from router.journal.jetstream.streams import STREAM_ERRORS, open_bucket
 
 if TYPE_CHECKING:
     from router.journal.jetstream.journal import JetStreamJournal
@@ -59,21 +58,9 @@ class SharedConfig:
 
     async def open(self) -> dict[str, Any] | None:
         """The bucket (created if missing) and the config in it, if any."""
-        js = self.journal.js
-        try:
-            self._kv = await js.key_value(self.bucket)
-        except BucketNotFoundError:
-            config = KeyValueConfig(
-                bucket=self.bucket,
-                history=10,
-                replicas=self.journal.js_config.replicas,
-                storage=StorageType.FILE,
-            )
-            self._kv = await placed(
-                lambda: js.create_key_value(config),
-                f"bucket {self.bucket}",
-                self.journal.js_config.start_timeout_s,
-            )
+        self._kv = await open_bucket(
+            self.journal.js, self.journal.js_config, self.bucket, history=10
+        )
         try:
             entry = await self._kv.get(METADATA_KEY)
             self.metadata_revision = entry.revision or 0

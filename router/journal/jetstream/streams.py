@@ -31,11 +31,13 @@ from nats.js.api import (
     ConsumerConfig,
     DeliverPolicy,
     DiscardPolicy,
+    KeyValueConfig,
     RetentionPolicy,
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
+from nats.js.errors import APIError, BucketNotFoundError, NoStreamResponseError, NotFoundError
+from nats.js.kv import KeyValue
 
 from router.config import JetStreamConfig
 from router.errors import StorageUnavailableError
@@ -201,39 +203,54 @@ async def ensure_stream(js: JetStreamContext, wanted: StreamConfig, timeout_s: f
         await js.update_stream(wanted)
 
 
+async def open_bucket(
+    js: JetStreamContext, config: JetStreamConfig, bucket: str, *, history: int
+) -> KeyValue:
+    """The KV bucket, created if missing (on file, with the journal's replicas, waiting for
+    the cluster to place it: see `placed`); one another router created meanwhile is opened."""
+    try:
+        return await js.key_value(bucket)
+    except BucketNotFoundError:
+        pass
+    wanted = KeyValueConfig(
+        bucket=bucket, history=history, replicas=config.replicas, storage=StorageType.FILE
+    )
+    with contextlib.suppress(APIError):  # another router created it meanwhile
+        return await placed(
+            lambda: js.create_key_value(wanted), f"bucket {bucket}", config.start_timeout_s
+        )
+    return await js.key_value(bucket)
+
+
 async def ensure_target_streams(
     js: JetStreamContext, config: JetStreamConfig, target_id: str
 ) -> None:
     """The target's stream and its dead-letter stream (see ensure_stream)."""
-    common: dict[str, Any] = {
-        "storage": StorageType.FILE,
-        "num_replicas": config.replicas,
-        "duplicate_window": config.duplicate_window_s,
-    }
-    await ensure_stream(
-        js,
-        StreamConfig(
-            name=queue_stream(config, target_id),
-            subjects=[queue_subject(config, target_id)],
-            retention=RetentionPolicy.WORK_QUEUE,
-            max_bytes=config.max_bytes,
-            discard=DiscardPolicy.NEW,
-            **common,
+    for name, subject, retention, max_bytes in (
+        (
+            queue_stream(config, target_id),
+            queue_subject(config, target_id),
+            RetentionPolicy.WORK_QUEUE,
+            config.max_bytes,
         ),
-        config.start_timeout_s,
-    )
-    await ensure_stream(
-        js,
-        StreamConfig(
-            name=letters_stream(config, target_id),
-            subjects=[letters_subject(config, target_id)],
-            retention=RetentionPolicy.LIMITS,
-            max_bytes=-1,
-            discard=DiscardPolicy.NEW,
-            **common,
+        (
+            letters_stream(config, target_id),
+            letters_subject(config, target_id),
+            RetentionPolicy.LIMITS,
+            -1,
         ),
-        config.start_timeout_s,
-    )
+    ):
+        wanted = StreamConfig(
+            name=name,
+            subjects=[subject],
+            retention=retention,
+            max_bytes=max_bytes,
+            discard=DiscardPolicy.NEW,
+            storage=StorageType.FILE,
+            num_replicas=config.replicas,
+            duplicate_window=config.duplicate_window_s,
+        )
+        await ensure_stream(js, wanted, config.start_timeout_s)
 
 
 async def ensure_consumer(js: JetStreamContext, config: JetStreamConfig, stream: str) -> float:

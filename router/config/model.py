@@ -15,7 +15,7 @@ from router.query import Query
 from router.targets._net import AddressBound
 
 MiB = 1024 * 1024
-# The names of what lives under storage.path (router/journal/sqlite.py, router/deadletter.py, api).
+# The names of what lives under storage.path (router/journal/sqlite/, router/deadletter.py, api).
 JOURNAL_FILE = "journal.db"
 JOURNAL_LOCK_FILE = "journal.lock"  # held by the one daemon that owns the journal
 DEAD_LETTER_DIR = "deadletter"

@@ -3,7 +3,7 @@
 Intake appends each accepted event with the targets its routes chose, and answers the
 producer only once `append` returned; each delivery worker reads its own target's backlog
 with `next_batch` and settles a batch with `ack`. This module is what they see: the Journal
-protocol, its Entry and Books, and its errors, nothing of a backend. sqlite.py is the journal
+protocol, its Entry and Books, and its errors, nothing of a backend. sqlite/ is the journal
 on local disk (SQLite in WAL mode, a CRC per record; salvage.py reads back what survives of a
 damaged file); another backend (a JetStream stream) implements the same protocol.
 """

@@ -39,6 +39,11 @@ from router.journal.salvage import (
     unpack,
 )
 from router.journal.sqlite import FREE_BYTES_BEFORE_SHRINK, SqliteJournal
+from router.journal.sqlite import backlog as sqlite_backlog
+from router.journal.sqlite import commit as sqlite_commit
+from router.journal.sqlite import database as sqlite_database
+from router.journal.sqlite import migrate as sqlite_migrate
+from router.journal.sqlite import space as sqlite_space
 from tests.conftest import StartDaemon
 from tests.fakes import ScriptedReceiver, incompressible, make_event, read_ndjson, wait_for
 from tests.helpers import (
@@ -338,9 +343,9 @@ async def test_a_backlog_keeps_its_free_pages_for_the_next_commits_and_drained_g
     of CPU per page, most of an ack, and the file grew back at once. Once the backlog has
     drained, the file is rebuilt to what it still holds. Every event is taken once, in order,
     and the books balance."""
-    monkeypatch.setattr(sqlite_journal, "PAGE_BYTES", 4096)
-    monkeypatch.setattr(sqlite_journal, "FREE_BYTES_BEFORE_SHRINK", 64 * 4096)
-    monkeypatch.setattr(sqlite_journal, "REBUILD_MAX_USED_BYTES", 48 * 4096)
+    monkeypatch.setattr(sqlite_database, "PAGE_BYTES", 4096)
+    monkeypatch.setattr(sqlite_space, "FREE_BYTES_BEFORE_SHRINK", 64 * 4096)
+    monkeypatch.setattr(sqlite_space, "REBUILD_MAX_USED_BYTES", 48 * 4096)
     journal = SqliteJournal(StorageConfig(path=str(tmp_path / "var"), fsync="never"), ["t"])
     await journal.open()
     stopping = asyncio.Event()
@@ -745,8 +750,8 @@ async def test_a_target_that_keeps_up_takes_batches_from_memory_and_one_behind_r
     """The archive keeps up: every batch from memory. The SIEM refuses until it is more than
     the memory budget behind: it reads its backlog from the database, and once caught up it
     takes its batches from memory again. Both get every event once, in order."""
-    monkeypatch.setattr(sqlite_journal, "MEMORY_BYTES", 8 * 1024)  # a few events
-    monkeypatch.setattr(sqlite_journal, "MEMORY_BATCHES", 0)  # whatever the batches' size
+    monkeypatch.setattr(sqlite_backlog, "MEMORY_BYTES", 8 * 1024)  # a few events
+    monkeypatch.setattr(sqlite_backlog, "MEMORY_BATCHES", 0)  # whatever the batches' size
     siem = await receiver_factory([503])
     archive = tmp_path / "archive.ndjson"
     daemon = await start_daemon(
@@ -788,9 +793,9 @@ async def test_a_target_far_behind_gets_no_entries_made_for_memory_and_still_tak
     takes memory again once close, and the books balance."""
     event = Event.from_body(make_event(id="x" * 36))
     monkeypatch.setattr(
-        sqlite_journal, "MEMORY_BYTES", 8 * sqlite_journal.held_bytes(Entry(1, event, "all"))
+        sqlite_backlog, "MEMORY_BYTES", 8 * sqlite_journal.held_bytes(Entry(1, event, "all"))
     )
-    monkeypatch.setattr(sqlite_journal, "MEMORY_BATCHES", 0)
+    monkeypatch.setattr(sqlite_backlog, "MEMORY_BATCHES", 0)
     made: list[int] = []
 
     class CountedEntry(Entry):
@@ -800,7 +805,7 @@ async def test_a_target_far_behind_gets_no_entries_made_for_memory_and_still_tak
             made.append(seq)
             super().__init__(seq, event, route)
 
-    monkeypatch.setattr(sqlite_journal, "Entry", CountedEntry)
+    monkeypatch.setattr(sqlite_commit, "Entry", CountedEntry)
     journal = SqliteJournal(StorageConfig(path=str(tmp_path / "var"), fsync="never"), ["t"])
     await journal.open()
     stopping = asyncio.Event()
@@ -844,8 +849,8 @@ async def test_a_target_that_fell_behind_takes_memory_again_once_close_while_bus
     Every event once, in order, and the books balance at every step."""
     event = Event.from_body(make_event(id="x" * 36))
     event_bytes = sqlite_journal.held_bytes(Entry(1, event, "all"))
-    monkeypatch.setattr(sqlite_journal, "MEMORY_BYTES", 8 * event_bytes)  # 8 events
-    monkeypatch.setattr(sqlite_journal, "MEMORY_BATCHES", 0)
+    monkeypatch.setattr(sqlite_backlog, "MEMORY_BYTES", 8 * event_bytes)  # 8 events
+    monkeypatch.setattr(sqlite_backlog, "MEMORY_BATCHES", 0)
     journal = SqliteJournal(StorageConfig(path=str(tmp_path / "var"), fsync="never"), ["t"])
     await journal.open()
     stopping = asyncio.Event()
@@ -901,9 +906,9 @@ async def test_a_target_past_its_memory_budget_takes_what_memory_holds_and_reads
     once, in order; the books balance."""
     event = Event.from_body(make_event(id="x" * 36))
     event_bytes = sqlite_journal.held_bytes(Entry(1, event, "all"))
-    monkeypatch.setattr(sqlite_journal, "MEMORY_BYTES", 8 * event_bytes)  # 8 events
-    monkeypatch.setattr(sqlite_journal, "MEMORY_BATCHES", 0)
-    monkeypatch.setattr(sqlite_journal, "MOVING_S", 3600.0)  # however slow the machine
+    monkeypatch.setattr(sqlite_backlog, "MEMORY_BYTES", 8 * event_bytes)  # 8 events
+    monkeypatch.setattr(sqlite_backlog, "MEMORY_BATCHES", 0)
+    monkeypatch.setattr(sqlite_backlog, "MOVING_S", 3600.0)  # however slow the machine
     journal = SqliteJournal(StorageConfig(path=str(tmp_path / "var"), fsync="never"), ["t"])
     await journal.open()
     stopping = asyncio.Event()
@@ -952,9 +957,9 @@ async def test_a_target_down_from_the_start_lets_memory_go_at_its_budget(
     memory kept its head for a moving worker. When it comes back it gets every event once."""
     event = Event.from_body(make_event(id="x" * 36))
     event_bytes = sqlite_journal.held_bytes(Entry(1, event, "all"))
-    monkeypatch.setattr(sqlite_journal, "MEMORY_BYTES", 8 * event_bytes)  # 8 events
-    monkeypatch.setattr(sqlite_journal, "MEMORY_BATCHES", 0)
-    monkeypatch.setattr(sqlite_journal, "MOVING_S", 3600.0)  # it never settled: not moving
+    monkeypatch.setattr(sqlite_backlog, "MEMORY_BYTES", 8 * event_bytes)  # 8 events
+    monkeypatch.setattr(sqlite_backlog, "MEMORY_BATCHES", 0)
+    monkeypatch.setattr(sqlite_backlog, "MOVING_S", 3600.0)  # it never settled: not moving
     siem = await receiver_factory([503])  # refuses (retried) until told otherwise
     daemon = await start_daemon(
         {"targets": [patient(http_target("siem", siem.url))], "routes": everything_to("siem")}
@@ -979,8 +984,8 @@ async def test_a_target_with_large_batches_keeps_that_many_of_them_in_memory(
     target's 2,000-event batches overflowed 8 MiB whenever intake outran a cycle or two."""
     event = Event.from_body(make_event(id="x" * 36))
     event_bytes = sqlite_journal.held_bytes(Entry(1, event, "all"))
-    monkeypatch.setattr(sqlite_journal, "MEMORY_BYTES", 8 * event_bytes)  # 8 events
-    monkeypatch.setattr(sqlite_journal, "MEMORY_BATCHES", 4)  # of 4 events: 16
+    monkeypatch.setattr(sqlite_backlog, "MEMORY_BYTES", 8 * event_bytes)  # 8 events
+    monkeypatch.setattr(sqlite_backlog, "MEMORY_BATCHES", 4)  # of 4 events: 16
     journal = SqliteJournal(StorageConfig(path=str(tmp_path / "var"), fsync="never"), ["t"])
     await journal.open()
     stopping = asyncio.Event()
@@ -1063,7 +1068,7 @@ async def test_a_batch_torn_by_a_truncation_gives_back_the_events_before_the_cut
     ~100x or hardly at all) runs through a chain of overflow pages. Cut the file in the middle
     of it: the events wholly before the cut are delivered, in order, and the rest are counted
     lost, none quarantined."""
-    monkeypatch.setattr(sqlite_journal, "BATCH_BYTES", 1 << 20)
+    monkeypatch.setattr(sqlite_commit, "BATCH_BYTES", 1 << 20)
     siem = await receiver_factory([503])
     config = {
         "targets": [patient(http_target("siem", siem.url))],
@@ -1106,9 +1111,9 @@ async def test_a_commit_framed_into_several_batches_reads_sheds_and_frees_them_a
     with a run of the oldest shed from the middle of one: each target gets each of its
     events once, in order, with its route; the books balance at every step; and once both
     targets are past them every batch row is gone."""
-    monkeypatch.setattr(sqlite_journal, "BATCH_BYTES", 2048)
-    monkeypatch.setattr(sqlite_journal, "MEMORY_BYTES", 0)
-    monkeypatch.setattr(sqlite_journal, "MEMORY_BATCHES", 0)
+    monkeypatch.setattr(sqlite_commit, "BATCH_BYTES", 2048)
+    monkeypatch.setattr(sqlite_backlog, "MEMORY_BYTES", 0)
+    monkeypatch.setattr(sqlite_backlog, "MEMORY_BATCHES", 0)
     journal = SqliteJournal(StorageConfig(path=str(tmp_path / "var"), fsync="never"), ["a", "b"])
     await journal.open()
     stopping = asyncio.Event()
@@ -1175,7 +1180,7 @@ async def test_a_move_into_batches_cut_short_goes_on_at_the_next_open(
             db.execute("INSERT INTO deliveries VALUES ('siem', ?, 'all')", (seq,))
         db.execute("UPDATE books SET received = received + 2500 WHERE target = 'siem'")
     config = StorageConfig(path=str(storage), fsync="never")
-    move_chunk = sqlite_journal._move_chunk
+    move_chunk = sqlite_migrate._move_chunk
     moves = 0
 
     def crash_after_one(db: sqlite3.Connection, vouched: bool) -> int | None:
@@ -1185,7 +1190,7 @@ async def test_a_move_into_batches_cut_short_goes_on_at_the_next_open(
             raise KeyboardInterrupt("killed")
         return move_chunk(db, vouched)
 
-    monkeypatch.setattr(sqlite_journal, "_move_chunk", crash_after_one)
+    monkeypatch.setattr(sqlite_migrate, "_move_chunk", crash_after_one)
     crashed = SqliteJournal(config, ["siem", "archive"])
     with pytest.raises(KeyboardInterrupt):
         await crashed.open()
@@ -1193,7 +1198,7 @@ async def test_a_move_into_batches_cut_short_goes_on_at_the_next_open(
     crashed._db.close()  # what the kill would have done
     crashed._executor.shutdown()
     crashed._unlock()
-    monkeypatch.setattr(sqlite_journal, "_move_chunk", move_chunk)
+    monkeypatch.setattr(sqlite_migrate, "_move_chunk", move_chunk)
     with sqlite3.connect(storage / "journal.db") as db:
         assert db.execute("SELECT COUNT(*) FROM batches").fetchone()[0] == 1
         assert db.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 2530 - 1000
@@ -1275,10 +1280,10 @@ async def test_events_routed_in_changing_ways_reach_each_target_from_memory_as_f
     one mapping (as a worker process's hand-off gives them) or have equal ones; memory counts
     what it holds as `held_bytes` does, entry by entry, and lets it all go once settled; and
     the books balance."""
-    monkeypatch.setattr(sqlite_journal, "BATCH_BYTES", 2048)
+    monkeypatch.setattr(sqlite_commit, "BATCH_BYTES", 2048)
     if not memory:
-        monkeypatch.setattr(sqlite_journal, "MEMORY_BYTES", 0)
-        monkeypatch.setattr(sqlite_journal, "MEMORY_BATCHES", 0)
+        monkeypatch.setattr(sqlite_backlog, "MEMORY_BYTES", 0)
+        monkeypatch.setattr(sqlite_backlog, "MEMORY_BATCHES", 0)
     journal = SqliteJournal(StorageConfig(path=str(tmp_path / "var"), fsync="never"), ["a", "b"])
     await journal.open()
     stopping = asyncio.Event()

@@ -22,6 +22,7 @@ from router.events import Event
 from router.evidence.keys import generate, load_public
 from router.evidence.verify import Verifier, VerifyOptions, verify_files
 from router.journal import sqlite
+from router.journal.sqlite import backlog as sqlite_backlog
 from router.server.api import ConfigSource
 from tests.conftest import StartDaemon
 from tests.fakes import ScriptedReceiver, incompressible, make_event, read_ndjson, wait_for
@@ -145,7 +146,7 @@ async def test_reloads_under_load_send_each_event_once_to_each_target(
     assert_books_balance(daemon)
 
 
-@pytest.mark.parametrize("moving_s", [sqlite.MOVING_S, 0.02])
+@pytest.mark.parametrize("moving_s", [sqlite_backlog.MOVING_S, 0.02])
 async def test_a_target_down_and_back_while_memory_overflows_gets_each_event_once(
     start_daemon: StartDaemon,
     receiver_factory: ReceiverFactory,
@@ -157,7 +158,7 @@ async def test_a_target_down_and_back_while_memory_overflows_gets_each_event_onc
     journal for what memory lacks, then from memory again. With the "moving" window cut short
     (0.02 s) it expires again and again as batches fail and succeed, so memory is let go and
     taken up at every turn. Each acknowledged event reaches the target exactly once."""
-    monkeypatch.setattr(sqlite, "MOVING_S", moving_s)
+    monkeypatch.setattr(sqlite_backlog, "MOVING_S", moving_s)
     siem = await receiver_factory([200] * 5 + [503] * 30 + [200] * 10 + [503] * 30 + [200])
     target = patient(http_target("siem", siem.url)) | {"batch": {"max_events": 300}}
     daemon = await start_daemon({"targets": [target], "routes": everything_to("siem")})

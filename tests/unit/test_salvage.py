@@ -35,6 +35,8 @@ from router.journal.salvage import (
     unpack,
 )
 from router.journal.sqlite import SCHEMA, SqliteJournal
+from router.journal.sqlite import commit as sqlite_commit
+from router.journal.sqlite import database as sqlite_database
 
 
 def journal(
@@ -144,7 +146,7 @@ def test_a_damaged_file_header_still_tells_the_page_size(
     """The page size is in the file's first 100 bytes; with those destroyed, every page would
     be read at the wrong offsets. It is found from the pointer map's place instead (and from
     the log's header while a log is there), so every record still comes back."""
-    monkeypatch.setattr(sqlite_journal, "PAGE_BYTES", page_size)
+    monkeypatch.setattr(sqlite_database, "PAGE_BYTES", page_size)
     path = tmp_path / "journal.db"
     batched(path, [[{"a": "all"}] * 40, [{"a": "all"}] * 40], {})
     data = bytearray(path.read_bytes())
@@ -204,7 +206,7 @@ def test_a_torn_batch_gives_every_record_before_the_cut(
     overflow pages. Cut the file in the middle of that chain: the records wholly before the
     cut come back, whole and in order; the one cut and all after it do not (the journal
     counts them lost)."""
-    monkeypatch.setattr(sqlite_journal, "BATCH_BYTES", 1 << 20)
+    monkeypatch.setattr(sqlite_commit, "BATCH_BYTES", 1 << 20)
     path = tmp_path / "journal.db"
     batched(path, [[{"a": "all"}] * 100], {})
     data = path.read_bytes()

@@ -39,7 +39,7 @@ import orjson
 from router.appendfile import make_private_dirs
 from router.config import ALERTS_FILE, StorageConfig
 from router.journal import JournalUnavailableError
-from router.journal.sqlite import transaction
+from router.journal.sqlite import close_checkpointed, transaction
 
 log = logging.getLogger(__name__)
 
@@ -163,15 +163,8 @@ class AlertStore:
 
     def _close_sync(self) -> None:
         assert self._db is not None
-        try:
-            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        except sqlite3.Error as exc:
-            # A full disk, say: the log keeps every commit, and the next open replays it (as
-            # the journal's own close); the stop goes on to close the rest.
-            log.warning("alert store checkpoint at close failed (%s); the WAL keeps it", exc)
-        finally:
-            self._db.close()
-            self._db = None
+        db, self._db = self._db, None
+        close_checkpointed(db, "alert store")
 
     def _transaction(self) -> AbstractContextManager[sqlite3.Connection]:
         assert self._db is not None, "the alert store is not open"

@@ -58,7 +58,14 @@ RETIRE_CHUNK from journal.py; MIGRATE_CHUNK and `_move_chunk` from migrate.py.
 """
 
 from router.journal.sqlite.backlog import held_bytes
-from router.journal.sqlite.database import DB_NAME, FORMAT, PAGE_BYTES, SCHEMA, transaction
+from router.journal.sqlite.database import (
+    DB_NAME,
+    FORMAT,
+    PAGE_BYTES,
+    SCHEMA,
+    close_checkpointed,
+    transaction,
+)
 from router.journal.sqlite.journal import SqliteJournal
 from router.journal.sqlite.space import FREE_BYTES_BEFORE_SHRINK
 
@@ -69,6 +76,7 @@ __all__ = [
     "PAGE_BYTES",
     "SCHEMA",
     "SqliteJournal",
+    "close_checkpointed",
     "held_bytes",
     "transaction",
 ]

@@ -27,6 +27,7 @@ batches when it opens (migrate.py), and they stay empty.
 from __future__ import annotations
 
 import contextlib
+import logging
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,6 +37,8 @@ from router.config import JOURNAL_FILE
 from router.errors import JournalFormatError
 from router.journal import JournalUnavailableError
 from router.journal.salvage import MAGIC
+
+log = logging.getLogger(__name__)
 
 DB_NAME = JOURNAL_FILE
 SCHEMA = """
@@ -174,3 +177,15 @@ def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         if db.in_transaction:
             db.execute("ROLLBACK")
         raise
+
+
+def close_checkpointed(db: sqlite3.Connection, what: str) -> None:
+    """Close `db` after folding its write-ahead log into the file. A checkpoint that fails
+    (a full disk, say) leaves the log, which the next open replays: logged, naming `what`,
+    and the close (and the stop around it) goes on."""
+    try:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    except sqlite3.Error as exc:
+        log.warning("%s checkpoint at close failed (%s); the WAL keeps it", what, exc)
+    finally:
+        db.close()

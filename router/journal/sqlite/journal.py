@@ -39,6 +39,7 @@ from router.journal.sqlite.commit import Pending
 from router.journal.sqlite.database import (
     DB_NAME,
     FORMAT,
+    close_checkpointed,
     connect,
     format_of,
     intact,
@@ -215,14 +216,8 @@ class SqliteJournal:
 
     def _close_sync(self) -> None:
         assert self._db is not None
-        try:
-            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        except sqlite3.Error as exc:
-            # A full disk, say: the log keeps every commit, and the next open replays it.
-            log.warning("journal checkpoint at close failed (%s); the WAL keeps it", exc)
-        finally:
-            self._db.close()
-            self._db = None
+        db, self._db = self._db, None
+        close_checkpointed(db, "journal")
 
     # -- append (group commit) -----------------------------------------------------------------
 

@@ -349,12 +349,13 @@ async def test_what_a_stopping_routers_last_pull_request_brings_goes_to_the_next
     router until ack_wait passed (300 s here; 30 s by default, at every stop of a rolling
     restart). The stopping router hands them back (nak): the next router sends them at once,
     each once."""
-    # The gathering fetch (max_wait_s) waits 10 s: time enough, on a loaded machine, for the
-    # events below to reach it before and after the stop.
-    monkeypatch.setattr(jetstream_journal, "FETCH_WAIT_S", 10.0)
+    # The gathering fetch (max_wait_s) waits 25 s: time enough, on a loaded machine, for the
+    # events below to reach it before and after the stop (10 s was not, once, in a CI run
+    # beside another session's tests). The test takes about that long.
+    monkeypatch.setattr(jetstream_journal, "FETCH_WAIT_S", 25.0)
     siem = await GatedReceiver().start()
     try:
-        target = http_target("siem", siem.url) | {"batch": {"max_events": 100, "max_wait_s": 10}}
+        target = http_target("siem", siem.url) | {"batch": {"max_events": 100, "max_wait_s": 25}}
         config = {"targets": [target], "routes": everything_to("siem")}
         first = await start_router(config, ack_wait_s=300, name="r1", share_config=False)
         stream = start_router.stream

@@ -403,6 +403,49 @@ async def test_requests_past_the_concurrency_limit_wait_their_turn(
     await wait_for(lambda: len(read_ndjson(path)) == 100)
 
 
+async def test_a_request_past_the_concurrency_limit_waits_for_a_turn_before_the_journal(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """One turn (server.max_concurrent_requests: 1), held by a request whose journal write
+    waits (the lock held by another connection): the next requests wait for the turn, none
+    reaches the journal meanwhile. Once the lock is free every one is answered 202 and
+    delivered. (The test above passed with the turns taken out: twenty requests of 202 are
+    what no limit at all answers too.)"""
+    path = tmp_path / "archive.ndjson"
+    daemon = await start_daemon(
+        {
+            "server": {"host": "127.0.0.1", "port": 0, "max_concurrent_requests": 1},
+            "targets": [file_target("archive", path)],
+            "routes": everything_to("archive"),
+        }
+    )
+    await wait_for(lambda: settled(daemon))
+    journal, turns = daemon.journal, daemon.ingest._slots
+    ids = [f"turn-{n}" for n in range(4)]
+
+    def waiting() -> int:
+        return len(turns._waiters or ())  # type: ignore[attr-defined]
+
+    with journal_write_locked(tmp_path / "var"):
+        first = asyncio.create_task(post(daemon, [make_event(id=ids[0])]))
+        await wait_for(
+            lambda: (
+                journal._flusher is not None and not journal._flusher.done() and not journal._queue
+            ),
+            what="the first request's write to wait for the lock",
+        )
+        more = [asyncio.create_task(post(daemon, [make_event(id=i)])) for i in ids[1:]]
+        await wait_for(
+            lambda: waiting() == 3 or bool(journal._queue),
+            what="the next requests to wait for a turn, or to reach the journal",
+        )
+        assert (waiting(), len(journal._queue)) == (3, 0), "a request past the limit went on"
+    answers = await asyncio.gather(first, *more)
+    assert [status for status, _ in answers] == [202] * 4
+    await wait_for(lambda: settled(daemon))
+    assert sorted(e["id"] for e in read_ndjson(path)) == ids
+
+
 async def test_a_request_waiting_for_the_journal_keeps_only_its_events_bytes_when_none_tails(
     start_daemon: StartDaemon, tmp_path: Path
 ) -> None:

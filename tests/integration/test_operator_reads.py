@@ -75,6 +75,11 @@ async def test_a_flood_of_receipt_lookups_and_searches_does_not_hold_up_delivery
         paths += [f"/v1/search?target=archive&query=nowhere{i}" for i in range(LOOKUPS)]
         flood = [asyncio.create_task(read(session, path)) for path in paths]
         try:
+            # Reads answered (so the flood is real), and by then every one of them is queued
+            # for a thread: the event comes behind them all. (Posted at once, it could reach
+            # a thread before most of the reads did, and the test passed, now and then, with
+            # the reads on the default pool again.)
+            await wait_for(lambda: finished >= 2, timeout_s=30, what="the first reads answered")
             status, answer = await post(
                 daemon, [make_event(id="fresh")], headers={"Authorization": f"Bearer {INGEST}"}
             )
@@ -87,3 +92,4 @@ async def test_a_flood_of_receipt_lookups_and_searches_does_not_hold_up_delivery
             assert finished < len(paths) // 2, f"delivered after {finished} reads of {len(paths)}"
         finally:
             await asyncio.gather(*flood, return_exceptions=True)
+    assert finished == len(paths), "every read answered"

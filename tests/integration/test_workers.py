@@ -918,10 +918,16 @@ async def test_a_killed_workers_counters_stay_in_status_and_metrics(tmp_path: Pa
         async with aiohttp.ClientSession() as session:
             while True:
                 await polling.wait()
-                status = await status_of(port)
-                seen.append(("status", status["ingest"]["accepted"]))
-                async with session.get(f"http://127.0.0.1:{port}/metrics") as resp:
-                    text = await resp.text()
+                try:
+                    status = await status_of(port)
+                    seen.append(("status", status["ingest"]["accepted"]))
+                    async with session.get(f"http://127.0.0.1:{port}/metrics") as resp:
+                        text = await resp.text()
+                except aiohttp.ClientConnectionError:
+                    # No worker listens between the kill and the new ones: ask again. (This
+                    # error ended the poller: no counter was seen after the kill.)
+                    await asyncio.sleep(0.01)
+                    continue
                 accepted = [
                     line
                     for line in text.splitlines()
@@ -945,16 +951,23 @@ async def test_a_killed_workers_counters_stay_in_status_and_metrics(tmp_path: Pa
         )
         for pid in workers:
             os.kill(pid, signal.SIGKILL)
+        killed = len(seen)
         polling.set()
         await wait_for(
             lambda: len(children(proc.pid) - workers) == WORKERS,
             timeout_s=START_TIMEOUT_S,
             what="the owner to start new workers",
         )
+        # Counters asked of the new workers, as soon as they answer (the poller used to end
+        # at the kill, so that no counter after it was ever compared).
+        await wait_for(
+            lambda: len(seen) >= killed + 2, timeout_s=START_TIMEOUT_S, what="a status after"
+        )
         await wait_for(lambda: len(acked) >= before + 600, timeout_s=START_TIMEOUT_S, what="load")
         await load.stop()
         await wait_for(lambda: drained(port), timeout_s=START_TIMEOUT_S, what="delivery")
         polling.clear()
+        assert not poller.done(), poller.exception()
         status = await status_of(port)
         assert_books_balance(status)
         # Every event the journal took was accepted by a worker, and is counted once.

@@ -226,7 +226,7 @@ class Acceptor:
             received_at = time.time()
             # What the accepted events may take once journaled: a journal frame and a worker's
             # hand-off are sized for it (ServerConfig.max_event_bytes).
-            room = self.server.max_event_bytes()
+            room = limit = self.server.max_event_bytes()
             for index, item in enumerate(items):
                 if made is None:
                     encoded = appended_id = None
@@ -281,7 +281,7 @@ class Acceptor:
                     )
                 size = len(event.encoded())
                 if size > room:
-                    problem = _too_large(size, room, self.server.max_event_bytes())
+                    problem = _too_large(size, room, limit)
                     self._reject(results, index, item, "limits", [problem])
                     continue
                 room -= size

@@ -68,12 +68,11 @@ MAX_RECORD_BYTES = 1 << 30  # no journal record comes near; a larger length is g
 # A frame's record header: body length, CRC, seq, received_at, id length.
 RECORD = struct.Struct("<IIqdH")
 # The header as two parts: LEAD (body length, CRC) and TAIL (seq, received_at, id length),
-# where the bytes a format-3 CRC covers start (at CRC_END).
+# where the bytes a format-3 CRC covers start (at CRC_END, the seq's offset).
 LEAD = struct.Struct("<II")
 TAIL = struct.Struct("<qdH")
 CRC_END = LEAD.size
-# Where a header's seq is, and how it is written.
-SEQ_AT = LEAD.size
+# A header's seq, as TAIL writes it (at CRC_END).
 SEQ = struct.Struct("<q")
 # A frame whose records' CRCs cover their headers too (format 3 on) starts with COVERED; read
 # as a record header, a body length no record has (past MAX_RECORD_BYTES, as PACKED), so a
@@ -312,7 +311,7 @@ def _resync(blob: bytes, at: int, previous: int, last: int, covered: bool) -> in
     (by the frame's rule, `covered` or not) starts; the end of the blob if there is none.
 
     Every seq of (previous, last] ends, little-endian, in the same high bytes (zeros, for any
-    journal under 2**56 events), and a header holds its seq SEQ_AT bytes in: only where those
+    journal under 2**56 events), and a header holds its seq CRC_END bytes in: only where those
     bytes stand can a record start, so the search goes from one to the next with bytes.find
     (JSON bodies hold no zero byte) instead of trying every offset in Python, which took the
     journal's thread ~0.5 us per damaged byte (20 s for a frame of the largest size)."""
@@ -322,7 +321,7 @@ def _resync(blob: bytes, at: int, previous: int, last: int, covered: bool) -> in
         return end
     low, high = SEQ.pack(previous + 1), SEQ.pack(last)
     shared = next((n for n in range(SEQ.size) if low[-1 - n] != high[-1 - n]), SEQ.size)
-    tail, before = high[SEQ.size - shared :], SEQ_AT + SEQ.size - shared
+    tail, before = high[SEQ.size - shared :], CRC_END + SEQ.size - shared
     while at + size <= end:
         if shared:
             found = blob.find(tail, at + before)
